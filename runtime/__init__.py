@@ -1,0 +1,1 @@
+"""The light inference side: schedule tables, samplers, engines. Never imports ddpm.train."""

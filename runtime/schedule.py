@@ -1,0 +1,77 @@
+"""Diffusion schedule tables, computed once in float64 (numpy) and cast by whoever consumes them.
+
+Used by training (q(x_t|x_0)), the samplers, and the exporter (which writes the tables into the export metadata).
+Notation of Ho et al. 2020 (arXiv 2006.11239): alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s, with t = 0..T-1
+here (the paper's t = 1..T shifted by one).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+SCHEDULES = ("linear", "cosine")
+
+
+def make_betas(name: str, T: int) -> np.ndarray:
+    if name == "linear":
+        # DDPM paper section 4: beta linear from 1e-4 to 0.02 over T=1000 steps (rescaled by 1000/T for other T,
+        # as in Nichol & Dhariwal 2021, and clipped at 0.999 so that abar_t never reaches 0 for tiny T).
+        scale = 1000.0 / T
+        return np.clip(np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64), 0.0, 0.999)
+    if name == "cosine":
+        # Nichol & Dhariwal 2021 eq. 17: abar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2), s = 0.008;
+        # beta_t = 1 - abar_t / abar_{t-1}, clipped at 0.999.
+        s = 0.008
+        steps = np.arange(T + 1, dtype=np.float64) / T
+        f = np.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        return np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
+    raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    T: int
+    betas: np.ndarray                          # beta_t
+    alphas: np.ndarray                         # alpha_t = 1 - beta_t
+    alphas_cumprod: np.ndarray                 # abar_t = prod_{s<=t} alpha_s
+    alphas_cumprod_prev: np.ndarray            # abar_{t-1}, with abar_{-1} = 1
+    sqrt_alphas_cumprod: np.ndarray            # sqrt(abar_t): q(x_t|x_0) mean factor (eq. 4)
+    sqrt_one_minus_alphas_cumprod: np.ndarray  # sqrt(1 - abar_t): q(x_t|x_0) std (eq. 4)
+    sqrt_recip_alphas_cumprod: np.ndarray      # 1/sqrt(abar_t): x0 = x_t/sqrt(abar_t) - ...
+    sqrt_recipm1_alphas_cumprod: np.ndarray    # sqrt(1/abar_t - 1): ... - sqrt(1/abar_t - 1) eps   (eq. 15)
+    posterior_variance: np.ndarray             # beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)   (eq. 7)
+    posterior_log_variance_clipped: np.ndarray  # log beta~_t, with beta~_0 (= 0) replaced by beta~_1
+    posterior_mean_coef1: np.ndarray           # mu~ = coef1 x_0 + coef2 x_t: beta_t sqrt(abar_{t-1}) / (1 - abar_t)
+    posterior_mean_coef2: np.ndarray           # (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t)   (eq. 7)
+
+    @classmethod
+    def make(cls, name: str = "linear", T: int = 1000) -> "Schedule":
+        if T < 2:
+            raise ValueError("T must be >= 2")
+        betas = make_betas(name, T)
+        alphas = 1.0 - betas
+        ac = np.cumprod(alphas)
+        ac_prev = np.append(1.0, ac[:-1])
+        post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+        return cls(
+            name=name, T=T, betas=betas, alphas=alphas, alphas_cumprod=ac, alphas_cumprod_prev=ac_prev,
+            sqrt_alphas_cumprod=np.sqrt(ac), sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
+            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac), sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1.0),
+            posterior_variance=post_var,
+            posterior_log_variance_clipped=np.log(np.append(post_var[1], post_var[1:])),
+            posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
+            posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+        )
+
+    @classmethod
+    def from_betas(cls, name: str, betas) -> "Schedule":
+        """Rebuild from stored betas (export metadata), checking they are what `name` gives."""
+        betas = np.asarray(betas, dtype=np.float64)
+        sched = cls.make(name, len(betas))
+        if not np.allclose(sched.betas, betas, rtol=1e-6, atol=1e-12):
+            raise ValueError(f"stored betas do not match the {name!r} schedule with T={len(betas)}")
+        return sched

@@ -1,0 +1,41 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm.train.data import write_idx
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The real MNIST files (../shared/data/mnist in this workplace, or $DDPM_DATA)."""
+    for cand in (os.environ.get("DDPM_DATA"), SHARED_MNIST):
+        if cand and (Path(cand) / "train-images-idx3-ubyte.gz").exists():
+            return Path(cand)
+    pytest.skip("real MNIST files not found (set DDPM_DATA)")
+
+
+def make_fake_mnist(folder: Path, n: int = 256, seed: int = 0) -> Path:
+    """Tiny MNIST-shaped data: class k is a bright bar at row 2k+4 (learnable, distinguishable)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = (rng.random((n, 28, 28)) * 30).astype(np.uint8)
+    for i, k in enumerate(labels):
+        images[i, 2 * k + 4: 2 * k + 6, 4:24] = 255
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, m in (("train", n), ("t10k", n // 4)):
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images[:m])
+        write_idx(folder / f"{split}-labels-idx1-ubyte", labels[:m])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fake_mnist(tmp_path_factory) -> Path:
+    return make_fake_mnist(tmp_path_factory.mktemp("fake_mnist"))

@@ -1,0 +1,128 @@
+import gzip
+import hashlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ddpm.train.data import FILES, DataError, ensure_mnist, find_file, load_mnist, parse_idx, read_idx, write_idx
+
+
+def test_real_mnist(mnist_dir):
+    x, y = load_mnist(mnist_dir, "train")
+    assert x.shape == (60000, 28, 28) and x.dtype == np.uint8 and y.shape == (60000,)
+    assert y[:5].tolist() == [5, 0, 4, 1, 9]
+    assert np.bincount(y).tolist()[1] == 6742       # the well-known count of 1s in MNIST train
+    xt, yt = load_mnist(mnist_dir, "test")
+    assert xt.shape == (10000, 28, 28) and yt[:3].tolist() == [7, 2, 1]
+    for name, md5 in FILES.items():   # the canonical content checksums we check downloads against
+        assert hashlib.md5(gzip.decompress(find_file(mnist_dir, name).read_bytes())).hexdigest() == md5
+
+
+def test_plain_and_gzip_roundtrip(tmp_path):
+    a = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    for name in ("a-idx3-ubyte", "b-idx3-ubyte.gz"):
+        write_idx(tmp_path / name, a)
+        assert np.array_equal(read_idx(tmp_path / name), a)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda b: b[:-10], "truncated"),
+    (lambda b: b + b"\x00" * 3, "trailing garbage"),
+    (lambda b: b"\x01" + b[1:], "bad magic"),
+    (lambda b: b[:2] + b"\x42" + b[3:], "element type"),
+    (lambda b: b[:6], "header truncated"),
+    (lambda b: b"", "bad magic"),
+])
+def test_broken_files_give_clear_errors(tmp_path, mutate, message):
+    a = np.zeros((3, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "ok", a)
+    bad = tmp_path / "train-images-idx3-ubyte"
+    bad.write_bytes(mutate((tmp_path / "ok").read_bytes()))
+    with pytest.raises(DataError, match=message) as e:
+        read_idx(bad)
+    assert str(bad) in str(e.value)
+
+
+def test_corrupt_gzip(tmp_path):
+    p = tmp_path / "train-labels-idx1-ubyte.gz"
+    good = gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 2, 1, 2]))
+    p.write_bytes(good[:-6])
+    with pytest.raises(DataError, match="cannot read"):
+        read_idx(p)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_arbitrary_bytes_never_crash(data):
+    try:
+        parse_idx(data, "x")
+    except DataError:
+        pass
+
+
+@settings(max_examples=50, deadline=None)
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=3), seed=st.integers(0, 2**32 - 1))
+def test_parse_roundtrip(shape, seed):
+    a = np.random.default_rng(seed).integers(0, 256, shape).astype(np.uint8)
+    data = bytes([0, 0, 8, a.ndim]) + np.array(a.shape, dtype=">u4").tobytes() + a.tobytes()
+    assert np.array_equal(parse_idx(data), a)
+
+
+def test_mismatched_images_and_labels(tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((4, 28, 28), np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(3, np.uint8))
+    with pytest.raises(DataError, match="4 images but .* 3 labels"):
+        load_mnist(tmp_path)
+
+
+def test_missing_files_without_network(tmp_path, monkeypatch):
+    import ddpm.train.data as data
+
+    monkeypatch.setattr(data, "MIRRORS", ("http://127.0.0.1:9/",))   # nothing listens there
+    with pytest.raises(DataError) as e:
+        ensure_mnist(tmp_path, progress=lambda *_: None)
+    msg = str(e.value)
+    assert "train-images-idx3-ubyte" in msg and "--data" in msg and "Download failed" in msg
+    with pytest.raises(DataError, match="--data"):
+        ensure_mnist(tmp_path, download=False)
+
+
+def test_download_checks_md5(tmp_path, monkeypatch):
+    """A mirror serving wrong content is rejected by the MD5 check and nothing is written."""
+    import http.server
+    import threading
+    import ddpm.train.data as data
+
+    served = tmp_path / "srv"
+    served.mkdir()
+    for name in FILES:
+        (served / f"{name}.gz").write_bytes(gzip.compress(b"not mnist"))
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(served), **k)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(data, "MIRRORS", (f"http://127.0.0.1:{httpd.server_address[1]}/",))
+        with pytest.raises(DataError, match="MD5 mismatch"):
+            ensure_mnist(tmp_path / "dl", progress=lambda *_: None)
+        assert not any((tmp_path / "dl").glob("*.gz")) if (tmp_path / "dl").exists() else True
+    finally:
+        httpd.shutdown()
+
+
+def test_download_from_mirror(tmp_path, monkeypatch, mnist_dir):
+    """The download path for real: the real files served on loopback, fetched, MD5-checked, then readable."""
+    import http.server
+    import threading
+    import ddpm.train.data as data
+
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(mnist_dir), **k)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(data, "MIRRORS", ("http://127.0.0.1:9/", f"http://127.0.0.1:{httpd.server_address[1]}/"))
+        ensure_mnist(tmp_path, progress=lambda *_: None)
+    finally:
+        httpd.shutdown()
+    x, y = load_mnist(tmp_path, "test")
+    assert x.shape == (10000, 28, 28) and y[0] == 7

@@ -1,0 +1,1 @@
+"""Training side: MNIST data and the training loop."""

@@ -1,0 +1,58 @@
+"""torchrun support: a tiny context that is a no-op in a single process.
+
+Under `torchrun --nproc_per_node N` (WORLD_SIZE > 1) it initialises the process group (NCCL on GPUs, gloo on CPU),
+wraps the model in DistributedDataParallel and averages logged losses over ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as td
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            td.barrier()
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return t
+        t = t.clone()
+        td.all_reduce(t, op=td.ReduceOp.SUM)
+        return t / self.world
+
+    def teardown(self) -> None:
+        if self.world > 1 and td.is_initialized():
+            td.destroy_process_group()
+
+
+def setup(device: str = "auto") -> DistContext:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not td.is_initialized():
+        td.init_process_group("nccl" if use_cuda else "gloo")
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    return DistContext(rank, world, local, dev)

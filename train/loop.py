@@ -1,0 +1,237 @@
+"""The DDPM training loop: eps-MSE (Ho et al. 2020, Algorithm 1), Adam, EMA, classifier-free label dropout.
+
+Every step's randomness (batch indices, t, noise, dropped labels) comes from a generator seeded by (seed, step), so
+an interrupted run resumed from its checkpoint continues exactly as if it had never stopped, and a distributed run
+(each rank takes its shard of the same global batch) sees the same data as a single process.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..model import PRESETS, UNet
+from ..model.config import ModelConfig
+from ..model.io import CKPT_FILE, MODEL_FILE, CheckpointError, load_checkpoint, save_checkpoint, save_model
+from ..runtime.schedule import Schedule
+from . import dist
+from .data import ensure_mnist, load_mnist, resolve_data_dir
+
+
+class TrainingError(Exception):
+    """Training cannot go on (bad options, NaN loss, incompatible resume); the message says why."""
+
+
+@dataclass
+class TrainConfig:
+    data: str | None = None         # MNIST folder (None: $DDPM_DATA or the cache folder)
+    out: str = "runs/ddpm"          # run directory: options.json, ckpt.pt, model.safetensors, samples.png
+    preset: str = "small"           # model size: tiny | small | large
+    steps: int = 10000              # total optimizer steps
+    batch_size: int = 128           # global batch (split over ranks under torchrun)
+    lr: float = 2e-4                # Adam learning rate (after warm-up)
+    warmup: int = 200               # linear learning-rate warm-up steps
+    schedule: str = "linear"        # beta schedule: linear | cosine
+    timesteps: int = 1000           # T
+    ema_decay: float = 0.999        # EMA of the weights (warmed up as min(decay, (1+n)/(10+n)))
+    p_uncond: float = 0.1           # probability of replacing a label by "no label" (classifier-free guidance)
+    grad_clip: float = 1.0          # gradient norm clip
+    seed: int = 0                   # everything random derives from it
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    ckpt_every: int = 1000          # checkpoint + sample grid every this many steps (and at the end)
+    log_every: int = 10             # loss check (NaN) and progress refresh interval
+
+    def model_config(self) -> ModelConfig:
+        if self.preset not in PRESETS:
+            raise TrainingError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[self.preset], schedule=self.schedule, timesteps=self.timesteps).validate()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device {name!r} asked for, but no CUDA GPU is available")
+    return dev
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 1]).generate_state(1, np.uint64)[0]) >> 1)
+
+
+class BatchOrder:
+    """Epoch-wise random permutations of the dataset, indexed by global step (drop_last)."""
+
+    def __init__(self, n: int, batch: int, seed: int):
+        if batch > n:
+            raise TrainingError(f"batch size {batch} exceeds the dataset size {n}")
+        self.n, self.batch, self.seed, self._epoch, self._perm = n, batch, seed, -1, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        per_epoch = self.n // self.batch
+        epoch, k = divmod(step, per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch, 2]).generate_state(1, np.uint64)[0]) >> 1)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm[k * self.batch:(k + 1) * self.batch]
+
+
+def make_batch(step: int, cfg: TrainConfig, order: BatchOrder, images: torch.Tensor, labels: torch.Tensor, T: int,
+               null_label: int):
+    """The global batch of a step: (x0 in [-1,1], y with dropped labels, t, noise), all on CPU."""
+    g = step_generator(cfg.seed, step)
+    idx = order.indices(step)
+    x0 = images[idx].unsqueeze(1).float() / 127.5 - 1.0
+    y = labels[idx].clone()
+    # t ~ Uniform{0, ..., T-1}: every timestep, t=0 and t=T-1 included (Algorithm 1, shifted by one)
+    t = torch.randint(0, T, (len(idx),), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    y[torch.rand(len(idx), generator=g) < cfg.p_uncond] = null_label
+    return x0, y, t, noise
+
+
+def diffusion_loss(model, x0, y, t, noise, sqrt_ac, sqrt_1m_ac, autocast_dtype=None) -> torch.Tensor:
+    """Simple eps-MSE: || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1-abar_t) eps, t, y) ||^2   (DDPM eq. 14)."""
+    x_t = sqrt_ac[t].view(-1, 1, 1, 1) * x0 + sqrt_1m_ac[t].view(-1, 1, 1, 1) * noise
+    with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        pred = model(x_t, t, y)
+    return F.mse_loss(pred.float(), noise)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach(), 1.0 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+def write_samples(ema: UNet, cfg: ModelConfig, path: Path, seed: int = 0, n: int = 40, steps: int = 25) -> None:
+    """A grid of class-conditional samples (4 rows of 0..9, DDIM) from the EMA model."""
+    from ..runtime.images import save_grid, to_uint8
+    from ..runtime.noise import make_noise
+    from ..runtime.samplers import ddim_plan, guided, sample
+
+    dev = next(ema.parameters()).device
+    plan = ddim_plan(Schedule.make(cfg.schedule, cfg.timesteps), min(steps, cfg.timesteps))
+    x_T, _ = make_noise(seed, 0, n, plan.steps, stochastic=False)
+    labels = torch.arange(n, device=dev) % cfg.num_classes
+    x = sample(guided(ema, labels, cfg.null_label, 1.0), x_T.to(dev), plan)
+    save_grid(to_uint8(x), path, nrow=10)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Train; returns a summary (steps, seconds, steps/s, last loss). Writes everything under cfg.out."""
+    from tqdm import tqdm
+
+    for name, value, low in (("steps", cfg.steps, 1), ("batch_size", cfg.batch_size, 1), ("ckpt_every", cfg.ckpt_every, 1),
+                             ("log_every", cfg.log_every, 1), ("warmup", cfg.warmup, 0)):
+        if value < low:
+            raise TrainingError(f"{name} must be >= {low}, got {value}")
+    if not (cfg.lr > 0 and 0 <= cfg.ema_decay < 1 and 0 <= cfg.p_uncond < 1):
+        raise TrainingError("need lr > 0, 0 <= ema_decay < 1 and 0 <= p_uncond < 1")
+    mcfg = cfg.model_config()
+    ctx = dist.setup(cfg.device)
+    device = ctx.device if ctx.world > 1 else resolve_device(cfg.device)
+    if cfg.batch_size % ctx.world:
+        raise TrainingError(f"global batch {cfg.batch_size} is not divisible by {ctx.world} processes")
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+
+    data_dir = ensure_mnist(resolve_data_dir(cfg.data), download=ctx.rank == 0, progress=log) if ctx.rank == 0 else None
+    ctx.barrier()
+    images, labels = load_mnist(resolve_data_dir(cfg.data) if data_dir is None else data_dir, "train")
+    images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+
+    model = UNet(mcfg).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    start = 0
+    if resume:
+        if not (out / CKPT_FILE).is_file():
+            raise TrainingError(f"--resume: no {CKPT_FILE} in {out}")
+        try:
+            ckpt = load_checkpoint(out / CKPT_FILE)
+        except CheckpointError as e:
+            raise TrainingError(str(e)) from None
+        if ModelConfig.from_dict(ckpt["model_config"]) != mcfg:
+            raise TrainingError(f"--resume: {out / CKPT_FILE} was trained with another model config "
+                                f"({ckpt['model_config']}); use the same --preset/--schedule")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start = int(ckpt["step"])
+        if start >= cfg.steps:
+            raise TrainingError(f"--resume: the checkpoint is already at step {start} >= --steps {cfg.steps}")
+    if ctx.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        opts = dict(dataclasses.asdict(cfg), model_config=mcfg.to_dict(), world_size=ctx.world, resumed_from=start,
+                    device=str(device), torch=torch.__version__)
+        (out / "options.json").write_text(json.dumps(opts, indent=2) + "\n")
+
+    ddp_model = ctx.wrap(model)
+    sched = Schedule.make(mcfg.schedule, mcfg.timesteps)
+    sqrt_ac = torch.tensor(sched.sqrt_alphas_cumprod, dtype=torch.float32, device=device)
+    sqrt_1m_ac = torch.tensor(sched.sqrt_one_minus_alphas_cumprod, dtype=torch.float32, device=device)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    order = BatchOrder(len(images), cfg.batch_size, cfg.seed)
+    shard = slice(ctx.rank, None, ctx.world)   # this rank's share of every global batch
+
+    def checkpoint(step: int) -> None:
+        if ctx.rank == 0:
+            state = {"step": step, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                     "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
+                     "torch_rng": torch.get_rng_state()}
+            save_checkpoint(out / CKPT_FILE, state)
+            save_model(out / MODEL_FILE, mcfg, ema.state_dict(), step=step)
+            write_samples(ema, mcfg, out / "samples.png", seed=cfg.seed)
+        ctx.barrier()
+
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress or ctx.rank != 0, unit="step", dynamic_ncols=True)
+    losses = torch.zeros(cfg.log_every, device=device)   # this window's losses, checked (NaN) at the window's end
+    history: list[float] = []
+    t0, last, pending = time.perf_counter(), float("nan"), 0
+    model.train()
+    for step in range(start, cfg.steps):
+        x0, y, t, noise = (v[shard].to(device, non_blocking=True)
+                           for v in make_batch(step, cfg, order, images, labels, mcfg.timesteps, mcfg.null_label))
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+        loss = diffusion_loss(ddp_model, x0, y, t, noise, sqrt_ac, sqrt_1m_ac, amp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        losses[pending] = loss.detach()
+        pending += 1
+        done = step + 1
+        at_ckpt = done % cfg.ckpt_every == 0 or done == cfg.steps
+        if pending == cfg.log_every or at_ckpt:
+            window = ctx.mean(losses[:pending])   # one host sync per window, not per step
+            if not bool(torch.isfinite(window).all()):
+                bar.close()
+                raise TrainingError(f"loss became non-finite by step {done}; stopped, the last good checkpoint "
+                                    f"in {out} is kept (try a lower --lr)")
+            history.extend(window.tolist())
+            last, pending = history[-1], 0
+            bar.set_postfix(loss=f"{window.mean().item():.4f}")
+            bar.update(len(window))
+        if at_ckpt:
+            checkpoint(done)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    ctx.teardown()
+    return {"steps": cfg.steps - start, "seconds": seconds, "steps_per_s": (cfg.steps - start) / seconds,
+            "loss": last, "losses": history}
