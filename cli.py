@@ -87,5 +87,284 @@ def train(threads, resume, **opts):
                    f"({summary['steps_per_s']:.2f} steps/s), last loss {summary['loss']:.4f}; run in {opts['out']}")
 
 
+# ------------------------------------------------------------------------------------------------------------- gen
+ENGINES = ["torch"]   # eager PyTorch; the preallocated runtime engines register below once present
+
+
+def _load(ckpt):
+    """(LoadedModel, path label) for --ckpt or the bundled default model."""
+    from .model.io import CheckpointError, default_model_path, load_model
+
+    path = ckpt or default_model_path()
+    try:
+        return load_model(path)
+    except CheckpointError as e:
+        hint = "" if ckpt else " (the bundled default model is missing: reinstall the package)"
+        raise _fail(f"{e}{hint}") from None
+
+
+def _plan(loaded, sampler, steps, eta, variance):
+    from .runtime.samplers import make_plan
+    from .runtime.schedule import Schedule
+
+    cfg = loaded.cfg
+    if steps is not None and not 1 <= steps <= cfg.timesteps:
+        raise click.BadParameter(f"must be in 1..{cfg.timesteps} (the model's T)", param_hint="--steps")
+    if sampler == "ddpm" and steps not in (None, cfg.timesteps):
+        raise click.BadParameter(f"DDPM runs all T={cfg.timesteps} steps; use --sampler ddim for fewer",
+                                 param_hint="--steps")
+    return make_plan(Schedule.make(cfg.schedule, cfg.timesteps), sampler, steps, eta, variance)
+
+
+def _device(name):
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise click.BadParameter("no CUDA GPU is available", param_hint="--device")
+    return name
+
+
+def sampling_options(f):
+    """Options shared by gen, inpaint, eval and bench (the sampler and its conditioning)."""
+    opts = [
+        click.option("--ckpt", type=click.Path(), default=None,
+                     help="Checkpoint: model.safetensors, ckpt.pt or a run folder [default: the bundled model]."),
+        click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddim", show_default=True,
+                     help="DDPM ancestral (all T steps) or DDIM."),
+        click.option("--steps", type=click.IntRange(min=1), default=None,
+                     help="DDIM steps [default: 50 for ddim, T for ddpm]."),
+        click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+                     help="DDIM eta: 0 deterministic, 1 DDPM-like."),
+        click.option("--variance", type=click.Choice(["small", "large"]), default="small", show_default=True,
+                     help="DDPM posterior variance: beta~_t (small) or beta_t (large)."),
+        click.option("--guidance", "-w", type=click.FloatRange(min=0), default=1.0, show_default=True,
+                     help="Classifier-free guidance w: eps_u + w (eps_c - eps_u); 0 = conditional model alone."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Seed of the noise stream (same seed, same digits, any batch size or engine)."),
+        click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="Samples per batch."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _threads(n):
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+@main.command()
+@click.option("-n", "num", type=click.IntRange(min=1), default=64, show_default=True, help="Number of digits.")
+@click.option("--label", type=click.IntRange(0, 9), default=None,
+              help="Draw only this class [default: classes 0-9 in turn].")
+@click.option("--uncond", is_flag=True, help="Unconditional sampling (the reserved 'no label').")
+@click.option("--engine", type=click.Choice(ENGINES), default="torch", show_default=True, help="Inference engine.")
+@click.option("--out", type=click.Path(dir_okay=False), default="digits.png", show_default=True,
+              help="x.png: a grid image; x.npz: images (N,28,28) uint8 and labels (N,) (-1 unconditional).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@sampling_options
+def gen(num, label, uncond, engine, out, quiet, ckpt, sampler, steps, eta, variance, guidance, seed, batch,
+        device, threads):
+    """Generate digits.
+
+    \b
+    Examples:
+      ddpm gen -n 64 --out digits.png                      # DDIM-50, classes 0-9 in turn, guidance 1
+      ddpm gen -n 16 --label 7 --guidance 3 --out sevens.png
+      ddpm gen -n 64 --sampler ddpm --out ddpm.png         # the full 1000-step DDPM loop
+      ddpm gen -n 10000 --batch 256 --out samples.npz      # for ddpm eval
+    """
+    import time
+
+    import numpy as np
+
+    from .runtime.generate import generate, labels_for
+
+    if label is not None and uncond:
+        raise click.UsageError("--label and --uncond exclude each other")
+    if not out.endswith((".png", ".npz")):
+        raise click.BadParameter("must end in .png or .npz", param_hint="--out")
+    _threads(threads)
+    loaded = _load(ckpt)
+    plan = _plan(loaded, sampler, steps, eta, variance)
+    eng = make_engine(engine, loaded, _device(device))
+    labels = labels_for(num, label, uncond, loaded.cfg.num_classes)
+    t0 = time.perf_counter()
+    images = generate(eng, num, plan, labels, guidance, seed, batch, progress=not quiet)
+    seconds = time.perf_counter() - t0
+    _save_images(out, images, labels, nrow=10 if label is None and not uncond else None)
+    click.echo(f"{num} digits ({plan.name}, guidance {guidance:g}, {eng.name}) in {seconds:.1f}s -> {out}")
+
+
+def make_engine(name, loaded, device):
+    from .runtime.generate import EagerEngine
+
+    if name == "torch":
+        return EagerEngine(loaded.model, loaded.cfg.null_label, device)
+    raise click.BadParameter(f"unknown engine {name!r}", param_hint="--engine")
+
+
+def _save_images(out, images, labels, nrow=None):
+    import numpy as np
+    from pathlib import Path
+
+    from .model.io import atomic_write
+    from .runtime.images import save_grid
+
+    if out.endswith(".npz"):
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, images=images, labels=np.asarray(labels, dtype=np.int64))
+        atomic_write(out, write)
+    else:
+        save_grid(images, out, nrow=nrow)
+
+
+# --------------------------------------------------------------------------------------------------------- inpaint
+def _load_png(path, what):
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(path).convert("L")
+    except (OSError, UnidentifiedImageError) as e:
+        raise click.BadParameter(f"cannot read {path}: {e}", param_hint=what) from None
+    if img.size != (28, 28):
+        img = img.resize((28, 28), Image.LANCZOS)
+    return np.asarray(img, dtype=np.uint8)
+
+
+@main.command()
+@click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The digit to complete (PNG, resized to 28x28; white on black like MNIST).")
+@click.option("--mask", "mask_spec", default="bottom", show_default=True,
+              help="What to regenerate: top, bottom, left, right, or a PNG whose white pixels are KEPT.")
+@click.option("-n", "num", type=click.IntRange(1, 256), default=8, show_default=True, help="Completions.")
+@click.option("--label", type=click.IntRange(0, 9), default=None, help="Class of the completions [default: none].")
+@click.option("--resample", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="RePaint resampling per step (1 = none).")
+@click.option("--out", type=click.Path(dir_okay=False), default="inpaint.png", show_default=True,
+              help="Grid: the masked input, then the completions.")
+@sampling_options
+def inpaint(image, mask_spec, num, label, resample, out, ckpt, sampler, steps, eta, variance, guidance, seed, batch,
+            device, threads):
+    """Fill in the masked part of a 28x28 digit (RePaint-style inpainting).
+
+    \b
+    Examples:
+      ddpm inpaint --image seven.png --mask bottom -n 8 --out completions.png
+      ddpm inpaint --image digit.png --mask keep.png --label 3
+    """
+    import numpy as np
+    import torch
+
+    from .runtime.images import save_grid, to_uint8
+    from .runtime.samplers import guided, inpaint as run_inpaint
+
+    _threads(threads)
+    known = _load_png(image, "--image")
+    halves = {"top": np.s_[:14, :], "bottom": np.s_[14:, :], "left": np.s_[:, :14], "right": np.s_[:, 14:]}
+    if mask_spec in halves:
+        keep = np.ones((28, 28), dtype=np.float32)
+        keep[halves[mask_spec]] = 0
+    elif mask_spec.lower().endswith(".png"):
+        keep = (_load_png(mask_spec, "--mask") >= 128).astype(np.float32)
+    else:
+        raise click.BadParameter("top, bottom, left, right or a PNG file", param_hint="--mask")
+    loaded = _load(ckpt)
+    plan = _plan(loaded, sampler, steps, eta, variance)
+    dev = _device(device)
+    model = loaded.model.to(dev)
+    x0 = torch.from_numpy(known).float().div(127.5).sub(1).expand(num, 1, 28, 28).to(dev)
+    mask = torch.from_numpy(keep).expand(num, 1, 28, 28).to(dev)
+    labels = None if label is None else torch.full((num,), label, device=dev)
+    g = torch.Generator().manual_seed(seed)
+    x = run_inpaint(guided(model, labels, loaded.cfg.null_label, guidance), x0, mask, plan, g, resample)
+    shown = np.where(keep > 0, known, 64).astype(np.uint8)
+    save_grid(np.concatenate([shown[None], to_uint8(x)]), out, nrow=num + 1)
+    click.echo(f"{num} completions ({plan.name}, resample {resample}) -> {out}")
+
+
+# ------------------------------------------------------------------------------------------------------------ eval
+@main.command("eval")
+@click.option("--samples", "sample_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="npz files from `ddpm gen --out x.npz` (repeat to compare); without it, samples are generated.")
+@click.option("-n", "num", type=click.IntRange(min=2), default=10000, show_default=True,
+              help="Samples to generate when no --samples are given.")
+@click.option("--uncond", is_flag=True, help="Generate unconditional samples (class histogram) instead of 0-9 in turn.")
+@click.option("--engine", type=click.Choice(ENGINES), default="torch", show_default=True, help="Engine for generating.")
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="MNIST folder (real test set, floor); else $DDPM_DATA or the cache folder.")
+@click.option("--classifier", type=click.Path(dir_okay=False), default=None,
+              help="Classifier weights [default: the bundled one].")
+@click.option("--train-classifier", is_flag=True, help="Retrain the classifier (3 epochs) and use it.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@sampling_options
+def eval_cmd(sample_files, num, uncond, engine, data, classifier, train_classifier, json_out, quiet, ckpt, sampler,
+             steps, eta, variance, guidance, seed, batch, device, threads):
+    """Measure sample quality with an MNIST classifier.
+
+    Frechet distance of the classifier's penultimate features to the real test set, beside the floor (N real
+    training images, same N), accuracy of class-conditional samples, class histogram of unconditional ones.
+
+    \b
+    Examples:
+      ddpm eval -n 10000                                    # the default model, DDIM-50, guidance 1
+      ddpm gen -n 2000 --sampler ddpm --out ddpm.npz && ddpm eval --samples ddpm.npz
+      ddpm eval --samples a.npz --samples b.npz --json quality.json
+    """
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from .bench import quality
+    from .train.data import DataError, ensure_mnist, resolve_data_dir
+
+    _threads(threads)
+    try:
+        data_dir = ensure_mnist(resolve_data_dir(data), progress=click.echo)
+        clf_path = Path(classifier or quality.CLASSIFIER_FILE)
+        if train_classifier:
+            clf_path = Path(click.get_app_dir("ddpm")) / "classifier.safetensors" if classifier is None else clf_path
+            acc = quality.train_classifier(data_dir, clf_path, progress=not quiet)
+            click.echo(f"classifier retrained: test accuracy {100 * acc:.2f}% -> {clf_path}")
+        if not clf_path.is_file():
+            raise click.ClickException(f"classifier weights {clf_path} not found (use --train-classifier)")
+        ref = quality.Reference.load(data_dir, clf_path)
+    except DataError as e:
+        raise _fail(e) from None
+
+    rows = []
+    for f in sample_files:
+        try:
+            with np.load(f) as z:
+                images, labels = z["images"], z["labels"]
+            rows.append(ref.evaluate(images, labels, Path(f).name))
+        except (OSError, KeyError, ValueError) as e:
+            raise click.ClickException(f"{f}: not a samples file from `ddpm gen --out x.npz` ({e})") from None
+    if not sample_files:
+        from .runtime.generate import generate, labels_for
+
+        loaded = _load(ckpt)
+        plan = _plan(loaded, sampler, steps, eta, variance)
+        labels = labels_for(num, None, uncond, loaded.cfg.num_classes)
+        images = generate(make_engine(engine, loaded, _device(device)), num, plan, labels, guidance, seed, batch,
+                          progress=not quiet)
+        name = f"{plan.name} w={guidance:g}" + (" uncond" if uncond else "")
+        rows.append(ref.evaluate(images, labels, name))
+    click.echo(quality.format_table(rows))
+    if json_out:
+        Path(json_out).write_text(json.dumps(rows, indent=2) + "\n")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,1 @@
+"""Measurements: sample quality (ddpm eval) and engine speed (ddpm bench)."""
