@@ -366,5 +366,68 @@ def eval_cmd(sample_files, num, uncond, engine, data, classifier, train_classifi
         Path(json_out).write_text(json.dumps(rows, indent=2) + "\n")
 
 
+# ---------------------------------------------------------------------------------------------------------- export
+def default_export_dir(loaded) -> str:
+    """Where exports of a checkpoint live unless told otherwise: the cache, keyed by the weights' hash."""
+    import os
+    from pathlib import Path
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddpm" / "exports"
+    return str(cache / loaded.hash[:16])
+
+
+@main.command("export")
+@click.option("--ckpt", type=click.Path(), default=None, help="Checkpoint [default: the bundled model].")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Export folder [default: ~/.cache/ddpm/exports/<weights hash>, where gen/bench look].")
+@click.option("--fp16", is_flag=True, help="Also write a half-precision model (model_fp16.onnx).")
+@click.option("--opset", type=click.IntRange(17, 21), default=17, show_default=True, help="ONNX opset.")
+@click.option("--trt", "build_trt", is_flag=True, help="Also build TensorRT engine(s) (needs TensorRT and a GPU).")
+@click.option("--batch", "batch_range", default="1-256", show_default=True,
+              help="TensorRT batch range MIN-MAX (one optimisation profile).")
+def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range):
+    """Export the EMA noise predictor to ONNX (and TensorRT), verified against PyTorch.
+
+    Inputs x (B,1,28,28), t (B,) and y (B,) are graph inputs with a dynamic batch; output eps. Beside the model,
+    export.json holds the checkpoint hash, config and schedule tables, so a runtime needs only the folder.
+
+    \b
+    Examples:
+      ddpm export --fp16
+      ddpm export --ckpt runs/ddpm --out exports/mine --fp16 --trt --batch 1-64
+    """
+    from .export.onnx_export import ExportFailed, export
+
+    try:
+        lo, hi = (int(v) for v in batch_range.split("-"))
+    except ValueError:
+        lo, hi = 0, 0
+    if not 1 <= lo <= hi:
+        raise click.BadParameter("MIN-MAX with 1 <= MIN <= MAX, e.g. 1-256", param_hint="--batch")
+    if build_trt:   # fail before the ONNX work if TensorRT cannot run here
+        from .export.trt import TensorRTUnavailable, gpu_name, import_trt
+
+        try:
+            import_trt(), gpu_name()
+        except TensorRTUnavailable as e:
+            raise _fail(e) from None
+    loaded = _load(ckpt)
+    out = out or default_export_dir(loaded)
+    try:
+        res = export(loaded, out, fp16=fp16, opset=opset, log=click.echo)
+    except ExportFailed as e:
+        raise click.ClickException(f"export failed, nothing written: {e}") from None
+    for precision, f in res.meta["files"].items():
+        click.echo(f"{precision}: {res.out / f['name']} ({f['bytes'] / 1e6:.2f} MB)")
+    if build_trt:
+        from .export.trt import ensure_engine
+        from .runtime.bundle import Bundle
+
+        bundle = Bundle.load(res.out)
+        for precision in res.meta["files"]:
+            click.echo(f"TensorRT {precision}: {ensure_engine(bundle, precision, lo, hi, log=click.echo)}")
+    click.echo(f"export folder: {res.out}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,166 @@
+"""Export the EMA noise predictor to ONNX, verify it against PyTorch, write the metadata.
+
+The chain (each step a function): to_onnx -> verify -> metadata -> publish. Everything is written into a temporary
+folder beside the target and renamed into place only after verification passed, so a failed export leaves nothing
+half-written behind.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model.io import LoadedModel
+from ..runtime.bundle import EXPORT_FORMAT, META_FILE, file_sha256
+from ..runtime.schedule import Schedule
+
+INPUTS, OUTPUT = ("x", "t", "y"), "eps"
+FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}
+# verify(): fp32 max abs error, fp16 max abs error relative to eps's scale (std of the fp32 reference output)
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+
+
+class ExportFailed(Exception):
+    """Export or its verification failed; the message carries the figures."""
+
+
+def to_onnx(model: torch.nn.Module, path: Path, precision: str, opset: int = 17) -> None:
+    """Trace eps_theta(x, t, y) to ONNX: x (B,1,28,28), t (B,) int64, y (B,) int64 as inputs, dynamic batch."""
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    model = model.to(dtype).eval()
+    c, h, w = model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size
+    args = (torch.zeros(2, c, h, w, dtype=dtype), torch.tensor([0, 1]), torch.tensor([0, model.cfg.null_label]))
+    kw = {}
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        kw["dynamo"] = False   # the TorchScript exporter: present from torch 2.4 on, fast, no onnxscript needed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, str(path), input_names=list(INPUTS), output_names=[OUTPUT],
+                          dynamic_axes={n: {0: "batch"} for n in (*INPUTS, OUTPUT)}, opset_version=opset,
+                          do_constant_folding=True, **kw)
+
+
+def ort_session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def verify(path: Path, reference: torch.nn.Module, precision: str, T: int, batches=(1, 5), seed: int = 0) -> dict:
+    """Compare onnxruntime with fp32 PyTorch on random inputs, t=0 and t=T-1 included; returns the figures."""
+    sess = ort_session(path)
+    g = torch.Generator().manual_seed(seed)
+    worst, scale = 0.0, 0.0
+    for b in batches:
+        x = torch.randn(b, 1, 28, 28, generator=g)
+        t = torch.randint(0, T, (b,), generator=g)
+        t[0] = 0
+        t[-1] = T - 1
+        y = torch.randint(0, reference.cfg.num_classes + 1, (b,), generator=g)
+        with torch.no_grad():
+            ref = reference(x, t, y).numpy()
+        feed = {"x": x.numpy().astype(np.float16 if precision == "fp16" else np.float32), "t": t.numpy(), "y": y.numpy()}
+        out = sess.run([OUTPUT], feed)[0].astype(np.float32)
+        if out.shape != ref.shape:
+            raise ExportFailed(f"{path.name}: output shape {out.shape} at batch {b}, expected {ref.shape}")
+        worst = max(worst, float(np.abs(out - ref).max()))
+        scale = max(scale, float(ref.std()))
+    err = worst / scale if precision == "fp16" else worst
+    res = {"max_abs_error": worst, "eps_std": scale, "error": err, "tolerance": TOLERANCE[precision],
+           "measure": "max abs error / eps std" if precision == "fp16" else "max abs error", "batches": list(batches)}
+    if not err <= TOLERANCE[precision]:
+        raise ExportFailed(f"{path.name} ({precision}) disagrees with PyTorch: {res['measure']} {err:.3g} > "
+                           f"{TOLERANCE[precision]:g} (max abs {worst:.3g}, eps std {scale:.3g})")
+    return res
+
+
+def metadata(loaded: LoadedModel, files: dict, opset: int) -> dict:
+    import onnx
+
+    cfg = loaded.cfg
+    sched = Schedule.make(cfg.schedule, cfg.timesteps)
+    return {
+        "format": EXPORT_FORMAT, "version": 1,
+        "checkpoint_hash": loaded.hash, "checkpoint": str(loaded.path), "step": loaded.info.get("step"),
+        "model_config": cfg.to_dict(), "image_shape": [cfg.in_channels, cfg.image_size, cfg.image_size],
+        "num_classes": cfg.num_classes, "null_label": cfg.null_label,
+        "schedule": cfg.schedule, "T": cfg.timesteps,
+        "betas": sched.betas.tolist(), "alphas_cumprod": sched.alphas_cumprod.tolist(),
+        "inputs": {"x": "float (B,C,H,W), fp16 in the fp16 model", "t": "int64 (B,)", "y": "int64 (B,)"},
+        "outputs": {"eps": "same dtype and shape as x"},
+        "opset": opset, "torch": torch.__version__, "onnx": onnx.__version__,
+        "fp16_kept_in_fp32": ["timestep sinusoids (fp16 loses their phase at large t)",
+                              "GroupNorm mean/variance (fp16 sums over 28x28xC overflow precision)"],
+        "files": files,
+    }
+
+
+def _embed_metadata(path: Path, meta: dict) -> None:
+    import onnx
+
+    m = onnx.load(str(path))
+    del m.metadata_props[:]
+    for k, v in (("ddpm", json.dumps({k: v for k, v in meta.items() if k != "files"})),):
+        m.metadata_props.add(key=k, value=v)
+    onnx.save(m, str(path))
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    meta: dict
+
+
+def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int = 17, log=print) -> ExportResult:
+    """checkpoint -> ONNX fp32 (+ fp16) -> verified -> metadata -> renamed into `out`."""
+    import onnx
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        files = {}
+        for precision in ["fp32"] + (["fp16"] if fp16 else []):
+            path = tmp / FILES[precision]
+            model = _fresh_copy(loaded)
+            to_onnx(model, path, precision, opset)
+            onnx.checker.check_model(str(path))
+            parity = verify(path, loaded.model, precision, loaded.cfg.timesteps)
+            log(f"{FILES[precision]}: {parity['measure']} {parity['error']:.3g} (tolerance {parity['tolerance']:g})")
+            files[precision] = {"name": FILES[precision], "parity": parity}
+        meta = metadata(loaded, files, opset)
+        for precision, f in files.items():
+            _embed_metadata(tmp / f["name"], meta)
+            f["sha256"] = file_sha256(tmp / f["name"])
+            f["bytes"] = (tmp / f["name"]).stat().st_size
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it 0700
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        return ExportResult(out, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fresh_copy(loaded: LoadedModel) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(loaded.model)

@@ -1,0 +1,81 @@
+"""An export folder, as a runtime sees it: the ONNX files, their metadata, the schedule; nothing else needed.
+
+    export.json        metadata (also stored in each ONNX file's metadata_props): checkpoint hash, model config,
+                       image shape, classes and the reserved label, schedule name, T, betas, alphas_cumprod, files
+    model.onnx         fp32 eps_theta(x, t, y)
+    model_fp16.onnx    fp16 weights/activations (timestep embedding and GroupNorm statistics in fp32), if exported
+    *.plan, *.plan.json  TensorRT engines and what they were built for (TensorRT version, GPU, batch range)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .schedule import Schedule
+
+EXPORT_FORMAT = "ddpm-export"
+META_FILE = "export.json"
+
+
+class ExportError(Exception):
+    """An export folder that is missing, corrupted, stale or does not match the checkpoint asked for."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    root: Path
+    meta: dict
+
+    @classmethod
+    def load(cls, root, expected_hash: str | None = None) -> "Bundle":
+        root = Path(root)
+        meta_path = root / META_FILE
+        if not meta_path.is_file():
+            raise ExportError(f"{root} is not an export folder (no {META_FILE}); create one with `ddpm export`")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ExportError(f"{meta_path} is unreadable ({e}); re-run `ddpm export`") from None
+        if meta.get("format") != EXPORT_FORMAT:
+            raise ExportError(f"{meta_path} is not ddpm export metadata")
+        if expected_hash is not None and meta["checkpoint_hash"] != expected_hash:
+            raise ExportError(f"{root} was exported from checkpoint {meta['checkpoint_hash'][:12]}, not from the "
+                              f"checkpoint asked for ({expected_hash[:12]}); re-run `ddpm export` for it")
+        return cls(root, meta)
+
+    @property
+    def schedule(self) -> Schedule:
+        return Schedule.from_betas(self.meta["schedule"], self.meta["betas"])
+
+    @property
+    def null_label(self) -> int:
+        return int(self.meta["null_label"])
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.meta["image_shape"])
+
+    def onnx_path(self, precision: str = "fp32") -> Path:
+        """The ONNX file of a precision, checked against the sha256 recorded at export time."""
+        files = self.meta["files"]
+        if precision not in files:
+            raise ExportError(f"{self.root} has no {precision} model (exported: {', '.join(files)}); "
+                              f"re-run `ddpm export{' --fp16' if precision == 'fp16' else ''}`")
+        path = self.root / files[precision]["name"]
+        if not path.is_file():
+            raise ExportError(f"{path} is missing; re-run `ddpm export`")
+        if file_sha256(path) != files[precision]["sha256"]:
+            raise ExportError(f"{path} is corrupted or truncated (its sha256 differs from export.json); "
+                              f"re-run `ddpm export`")
+        return path

@@ -1,0 +1,126 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ddpm.cli import main
+from ddpm.export import onnx_export
+from ddpm.export.onnx_export import ExportFailed, export, ort_session
+from ddpm.runtime.bundle import Bundle, ExportError
+from helpers import tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    loaded = tiny_checkpoint(root)
+    res = export(loaded, root / "exp", fp16=True, log=lambda *_: None)
+    return loaded, res.out
+
+
+def _run(sess, x, t, y, dtype=np.float32):
+    return sess.run(["eps"], {"x": x.numpy().astype(dtype), "t": t.numpy(), "y": y.numpy()})[0].astype(np.float32)
+
+
+def test_parity_dynamic_batch_and_inputs_used(exported):
+    loaded, out = exported
+    b = Bundle.load(out)
+    fp32, fp16 = ort_session(b.onnx_path("fp32")), ort_session(b.onnx_path("fp16"))
+    for n in (1, 3, 8):
+        g = torch.Generator().manual_seed(n)
+        x, t, y = torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 100, (n,), generator=g), torch.randint(0, 11, (n,), generator=g)
+        with torch.no_grad():
+            ref = loaded.model(x, t, y).numpy()
+        assert np.abs(_run(fp32, x, t, y) - ref).max() <= 1e-4
+        assert np.abs(_run(fp16, x, t, y, np.float16) - ref).max() <= 2e-2 * ref.std()
+    x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([0, 99]), torch.tensor([3, 10])
+    base = _run(fp32, x, t, y)
+    assert np.abs(_run(fp32, x, t.flip(0), y) - base).max() > 1e-3           # timestep is a real input
+    assert np.abs(_run(fp32, x, t, torch.tensor([4, 10])) - base).max() > 1e-3  # and so is the label
+
+
+def test_graph_inputs_and_metadata(exported):
+    loaded, out = exported
+    m = onnx.load(str(out / "model.onnx"))
+    assert [i.name for i in m.graph.input] == ["x", "t", "y"] and [o.name for o in m.graph.output] == ["eps"]
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert m.opset_import[0].version >= 17
+    onnx.checker.check_model(m)
+    m16 = onnx.load(str(out / "model_fp16.onnx"))
+    assert m16.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert m16.graph.input[1].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    embedded = json.loads({p.key: p.value for p in m.metadata_props}["ddpm"])
+    meta = json.loads((out / "export.json").read_text())
+    assert embedded["checkpoint_hash"] == meta["checkpoint_hash"] == loaded.hash
+    b = Bundle.load(out, expected_hash=loaded.hash)
+    assert b.null_label == 10 and b.image_shape == (1, 28, 28) and meta["T"] == 100
+    assert np.allclose(b.schedule.alphas_cumprod, meta["alphas_cumprod"])
+    for f in meta["files"].values():
+        assert f["parity"]["error"] <= f["parity"]["tolerance"]
+
+
+def test_hash_mismatch_refused(exported):
+    _, out = exported
+    with pytest.raises(ExportError, match="not from the checkpoint asked for"):
+        Bundle.load(out, expected_hash="0" * 64)
+
+
+def test_corrupted_and_truncated_onnx(exported, tmp_path):
+    import shutil
+
+    _, out = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    data = (copy / "model.onnx").read_bytes()
+    (copy / "model.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ExportError, match="corrupted or truncated"):
+        Bundle.load(copy).onnx_path("fp32")
+    (copy / "export.json").write_text("{not json")
+    with pytest.raises(ExportError, match="unreadable"):
+        Bundle.load(copy)
+    with pytest.raises(ExportError, match="not an export folder"):
+        Bundle.load(tmp_path / "nothing")
+
+
+def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
+    loaded = tiny_checkpoint(tmp_path)
+    monkeypatch.setitem(onnx_export.TOLERANCE, "fp32", 0.0)
+    monkeypatch.setattr(onnx_export, "verify", _always_fails)
+    with pytest.raises(ExportFailed, match="disagrees"):
+        export(loaded, tmp_path / "exp", log=lambda *_: None)
+    assert not (tmp_path / "exp").exists() and not list(tmp_path.glob(".exp.*"))
+
+
+def _always_fails(path, *a, **k):
+    raise ExportFailed(f"{path.name} (fp32) disagrees with PyTorch: max abs error 1 > 0")
+
+
+def test_cli_export_and_trt_without_tensorrt(tmp_path):
+    tiny_checkpoint(tmp_path)
+    r = CliRunner().invoke(main, ["export", "--ckpt", str(tmp_path), "--out", str(tmp_path / "e"), "--fp16"])
+    assert r.exit_code == 0, r.output
+    assert "model_fp16.onnx" in r.output and (tmp_path / "e" / "export.json").is_file()
+    r = CliRunner().invoke(main, ["export", "--ckpt", str(tmp_path), "--batch", "5-2"])
+    assert r.exit_code == 2 and "--batch" in r.output
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        r = CliRunner().invoke(main, ["export", "--ckpt", str(tmp_path), "--out", str(tmp_path / "t"), "--trt"])
+        assert r.exit_code == 1 and "TensorRT is not installed" in r.output and "pip install" in r.output
+        assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.gpu
+def test_trt_engine_build(exported):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU")
+    from ddpm.export.trt import ensure_engine, plan_is_current
+
+    _, out = exported
+    b = Bundle.load(out)
+    plan = ensure_engine(b, "fp32", 1, 8, log=lambda *_: None)
+    assert plan.is_file() and plan_is_current(b.onnx_path("fp32"), 1, 8, b.meta["files"]["fp32"]["sha256"])[0]
