@@ -88,7 +88,7 @@ def train(threads, resume, **opts):
 
 
 # ------------------------------------------------------------------------------------------------------------- gen
-ENGINES = ["torch"]   # eager PyTorch; the preallocated runtime engines register below once present
+ENGINES = ["torch", "runtime-torch", "onnx", "trt"]   # see ddpm.runtime.engines
 
 
 def _load(ckpt):
@@ -160,18 +160,68 @@ def _threads(n):
         torch.set_num_threads(n)
 
 
+def engine_options(f):
+    """--engine and the runtime's options (gen, eval)."""
+    opts = [
+        click.option("--engine", type=click.Choice(ENGINES), default="torch", show_default=True,
+                     help="torch: eager PyTorch; runtime-torch, onnx, trt: the preallocated runtime."),
+        click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None,
+                     help="Export folder for onnx/trt [default: the checkpoint's, exported on first use]."),
+        click.option("--fp16", is_flag=True, help="Half-precision model (runtime engines)."),
+        click.option("--no-cuda-graph", is_flag=True, help="GPU: run the loop step by step instead of one CUDA graph."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def ensure_export(loaded, export_dir, fp16):
+    """The export folder for the checkpoint: --export (hash-checked) or the cache one, exported when missing."""
+    from pathlib import Path
+
+    from .runtime.bundle import Bundle, ExportError
+
+    explicit = export_dir is not None
+    root = Path(export_dir or default_export_dir(loaded))
+    if not explicit and (not (root / "export.json").exists() or (fp16 and not (root / "model_fp16.onnx").exists())):
+        from .export.onnx_export import ExportFailed, export
+
+        click.echo(f"exporting the model to {root} (once)", err=True)
+        try:
+            export(loaded, root, fp16=True, log=lambda *_: None)
+        except ExportFailed as e:
+            raise click.ClickException(f"export failed: {e}") from None
+    try:
+        return Bundle.load(root, expected_hash=loaded.hash)
+    except ExportError as e:
+        raise _fail(e) from None
+
+
+def make_engine(name, loaded, device, export_dir=None, fp16=False, cuda_graph=True, max_batch=512):
+    from .runtime.engines import NEEDS_EXPORT, make_engine as build
+    from .runtime.nets import EngineUnavailable
+    from .runtime.bundle import ExportError
+
+    bundle = ensure_export(loaded, export_dir, fp16) if name in NEEDS_EXPORT else None
+    try:
+        return build(name, device, loaded.model, loaded.cfg.null_label, bundle, fp16, cuda_graph,
+                     max_batch=max_batch, log=lambda m: click.echo(m, err=True))
+    except (EngineUnavailable, ExportError) as e:
+        raise _fail(e) from None
+
+
 @main.command()
 @click.option("-n", "num", type=click.IntRange(min=1), default=64, show_default=True, help="Number of digits.")
 @click.option("--label", type=click.IntRange(0, 9), default=None,
               help="Draw only this class [default: classes 0-9 in turn].")
 @click.option("--uncond", is_flag=True, help="Unconditional sampling (the reserved 'no label').")
-@click.option("--engine", type=click.Choice(ENGINES), default="torch", show_default=True, help="Inference engine.")
+@engine_options
 @click.option("--out", type=click.Path(dir_okay=False), default="digits.png", show_default=True,
               help="x.png: a grid image; x.npz: images (N,28,28) uint8 and labels (N,) (-1 unconditional).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @sampling_options
-def gen(num, label, uncond, engine, out, quiet, ckpt, sampler, steps, eta, variance, guidance, seed, batch,
-        device, threads):
+def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet, ckpt, sampler, steps, eta, variance,
+        guidance, seed, batch, device, threads):
     """Generate digits.
 
     \b
@@ -180,6 +230,8 @@ def gen(num, label, uncond, engine, out, quiet, ckpt, sampler, steps, eta, varia
       ddpm gen -n 16 --label 7 --guidance 3 --out sevens.png
       ddpm gen -n 64 --sampler ddpm --out ddpm.png         # the full 1000-step DDPM loop
       ddpm gen -n 10000 --batch 256 --out samples.npz      # for ddpm eval
+      ddpm gen -n 64 --engine onnx                         # the preallocated runtime on onnxruntime
+      ddpm gen -n 64 --engine trt --fp16                   # TensorRT (GPU)
     """
     import time
 
@@ -194,21 +246,13 @@ def gen(num, label, uncond, engine, out, quiet, ckpt, sampler, steps, eta, varia
     _threads(threads)
     loaded = _load(ckpt)
     plan = _plan(loaded, sampler, steps, eta, variance)
-    eng = make_engine(engine, loaded, _device(device))
+    eng = make_engine(engine, loaded, _device(device), export_dir, fp16, not no_cuda_graph, 2 * batch)
     labels = labels_for(num, label, uncond, loaded.cfg.num_classes)
     t0 = time.perf_counter()
     images = generate(eng, num, plan, labels, guidance, seed, batch, progress=not quiet)
     seconds = time.perf_counter() - t0
     _save_images(out, images, labels, nrow=10 if label is None and not uncond else None)
     click.echo(f"{num} digits ({plan.name}, guidance {guidance:g}, {eng.name}) in {seconds:.1f}s -> {out}")
-
-
-def make_engine(name, loaded, device):
-    from .runtime.generate import EagerEngine
-
-    if name == "torch":
-        return EagerEngine(loaded.model, loaded.cfg.null_label, device)
-    raise click.BadParameter(f"unknown engine {name!r}", param_hint="--engine")
 
 
 def _save_images(out, images, labels, nrow=None):
@@ -299,7 +343,7 @@ def inpaint(image, mask_spec, num, label, resample, out, ckpt, sampler, steps, e
 @click.option("-n", "num", type=click.IntRange(min=2), default=10000, show_default=True,
               help="Samples to generate when no --samples are given.")
 @click.option("--uncond", is_flag=True, help="Generate unconditional samples (class histogram) instead of 0-9 in turn.")
-@click.option("--engine", type=click.Choice(ENGINES), default="torch", show_default=True, help="Engine for generating.")
+@engine_options
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="MNIST folder (real test set, floor); else $DDPM_DATA or the cache folder.")
 @click.option("--classifier", type=click.Path(dir_okay=False), default=None,
@@ -308,7 +352,7 @@ def inpaint(image, mask_spec, num, label, resample, out, ckpt, sampler, steps, e
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @sampling_options
-def eval_cmd(sample_files, num, uncond, engine, data, classifier, train_classifier, json_out, quiet, ckpt, sampler,
+def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph, data, classifier, train_classifier, json_out, quiet, ckpt, sampler,
              steps, eta, variance, guidance, seed, batch, device, threads):
     """Measure sample quality with an MNIST classifier.
 
@@ -357,8 +401,8 @@ def eval_cmd(sample_files, num, uncond, engine, data, classifier, train_classifi
         loaded = _load(ckpt)
         plan = _plan(loaded, sampler, steps, eta, variance)
         labels = labels_for(num, None, uncond, loaded.cfg.num_classes)
-        images = generate(make_engine(engine, loaded, _device(device)), num, plan, labels, guidance, seed, batch,
-                          progress=not quiet)
+        eng = make_engine(engine, loaded, _device(device), export_dir, fp16, not no_cuda_graph, 2 * batch)
+        images = generate(eng, num, plan, labels, guidance, seed, batch, progress=not quiet)
         name = f"{plan.name} w={guidance:g}" + (" uncond" if uncond else "")
         rows.append(ref.evaluate(images, labels, name))
     click.echo(quality.format_table(rows))

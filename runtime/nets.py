@@ -1,0 +1,142 @@
+"""Noise predictors for the preallocated runtime: each binds its inputs/outputs ONCE to buffers the runner owns.
+
+    net = SomeNet(...); net.bind(x_in, t_in, y_in, eps_out); net()   # eps_out <- eps_theta(x_in, t_in, y_in)
+
+After bind() the net reads its inputs from and writes its output into those exact buffers on every call; nothing is
+returned and nothing is allocated by the caller. Buffers: x_in/eps_out (N,C,H,W) in the net's dtype, t_in/y_in (N,)
+int64, all on the net's device. Rebinding is needed only when the runner allocates new buffers (another batch size).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class EngineUnavailable(Exception):
+    """An engine that cannot run here; the message names what is missing."""
+
+
+class TorchNet:
+    """The PyTorch model itself (fp32 or fp16) inside the runtime: same buffers, CUDA-graph capturable."""
+
+    name = "runtime-torch"
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32):
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.device, self.dtype = device, dtype
+
+    def bind(self, x_in, t_in, y_in, eps_out) -> None:
+        self.io = (x_in, t_in, y_in, eps_out)
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        x_in, t_in, y_in, eps_out = self.io
+        eps_out.copy_(self.model(x_in, t_in, y_in))
+
+    def versions(self) -> dict:
+        return {"torch": torch.__version__}
+
+
+_ORT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+class OnnxNet:
+    """onnxruntime with IO binding to the runner's buffers: CUDA EP on a GPU (onnxruntime-gpu), else the CPU EP."""
+
+    name = "onnx"
+
+    def __init__(self, onnx_path: Path, device: torch.device, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise EngineUnavailable("the onnx engine needs onnxruntime: pip install onnxruntime") from None
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.intra_op_num_threads = threads or torch.get_num_threads()
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise EngineUnavailable("the onnx engine on a GPU needs onnxruntime-gpu (this onnxruntime has "
+                                        f"{', '.join(ort.get_available_providers())}): pip install 'ddpm[gpu]'")
+            # ORT launches on torch's current stream, so the runner's in-place ops and ORT's kernels stay ordered
+            # without any host synchronisation.
+            stream = torch.cuda.current_stream(device).cuda_stream
+            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0, "user_compute_stream": str(stream),
+                                                    "do_copy_in_default_stream": "0"})]
+        else:
+            providers = ["CPUExecutionProvider"]
+        try:
+            self.sess = ort.InferenceSession(str(onnx_path), so, providers=providers)
+        except Exception as e:   # onnxruntime raises its own exception types for bad files
+            raise EngineUnavailable(f"onnxruntime cannot load {onnx_path}: {e}") from None
+        self.device = device
+        self.dtype = torch.float16 if self.sess.get_inputs()[0].type == "tensor(float16)" else torch.float32
+        self.provider = self.sess.get_providers()[0]
+
+    def bind(self, x_in, t_in, y_in, eps_out) -> None:
+        b = self.sess.io_binding()
+        dev, idx = ("cuda", self.device.index or 0) if self.device.type == "cuda" else ("cpu", 0)
+        for name, buf in (("x", x_in), ("t", t_in), ("y", y_in)):
+            b.bind_input(name, dev, idx, _ORT_TYPES[buf.dtype], list(buf.shape), buf.data_ptr())
+        b.bind_output("eps", dev, idx, _ORT_TYPES[eps_out.dtype], list(eps_out.shape), eps_out.data_ptr())
+        self.binding, self.io = b, (x_in, t_in, y_in, eps_out)   # keep the buffers alive with the binding
+
+    def __call__(self) -> None:
+        self.sess.run_with_iobinding(self.binding)
+
+    def versions(self) -> dict:
+        import onnxruntime as ort
+
+        return {"onnxruntime": ort.__version__, "provider": self.provider}
+
+
+def trt_check(ok, what: str) -> None:
+    """Every TensorRT call that reports success as a bool goes through here."""
+    if not ok:
+        raise RuntimeError(f"TensorRT: {what} failed")
+
+
+class TrtNet:
+    """A TensorRT engine: tensor addresses bound once, execute_async_v3 on torch's current stream.
+
+    Written against the TensorRT 10/11 Python API; not run in this project's workplace (see README).
+    """
+
+    name = "trt"
+
+    def __init__(self, plan_path: Path, device: torch.device):
+        from ..export.trt import TensorRTUnavailable, import_trt
+
+        if device.type != "cuda":
+            raise EngineUnavailable("the trt engine needs a CUDA GPU")
+        try:
+            trt = import_trt()
+        except TensorRTUnavailable as e:
+            raise EngineUnavailable(str(e)) from None
+        self.trt, self.device = trt, device
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+        if self.engine is None:
+            raise EngineUnavailable(f"TensorRT could not deserialize {plan_path}; rebuild it with `ddpm export --trt`")
+        self.context = self.engine.create_execution_context()
+        self.dtype = torch.float16 if self.engine.get_tensor_dtype("x") == trt.DataType.HALF else torch.float32
+
+    def bind(self, x_in, t_in, y_in, eps_out) -> None:
+        for name, buf in (("x", x_in), ("t", t_in), ("y", y_in)):
+            trt_check(self.context.set_input_shape(name, tuple(buf.shape)), f"set_input_shape({name}, {tuple(buf.shape)})")
+        for name, buf in (("x", x_in), ("t", t_in), ("y", y_in), ("eps", eps_out)):
+            trt_check(self.context.set_tensor_address(name, buf.data_ptr()), f"set_tensor_address({name})")
+        self.io = (x_in, t_in, y_in, eps_out)
+
+    def __call__(self) -> None:
+        trt_check(self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream), "execute_async_v3")
+
+    def versions(self) -> dict:
+        return {"tensorrt": self.trt.__version__}
