@@ -473,5 +473,64 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range):
     click.echo(f"export folder: {res.out}")
 
 
+# ----------------------------------------------------------------------------------------------------------- bench
+def _int_list(ctx, param, value):
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        items = []
+    if not items or min(items) < 1:
+        raise click.BadParameter("a comma-separated list of positive integers, e.g. 1,8,64")
+    return items
+
+
+@main.command()
+@click.option("--engines", default="torch,runtime-torch,onnx,trt", show_default=True,
+              help="Comma-separated engines; unavailable ones are reported as skipped.")
+@click.option("--batch", "batches", default="1,8,64", show_default=True, callback=_int_list,
+              help="Comma-separated batch sizes.")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddim", show_default=True, help="Sampler.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="DDIM steps [default: 50].")
+@click.option("--guidance", "-w", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Classifier-free guidance (doubles the network batch when > 0).")
+@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per engine and batch.")
+@click.option("--fp16", is_flag=True, help="Half-precision models for the runtime engines (eager stays fp32).")
+@click.option("--no-cuda-graph", is_flag=True, help="GPU: run the runtime's loop step by step.")
+@click.option("--quick", is_flag=True, help="A smoke test: DDIM 3 steps, batch 1,2, 2 runs.")
+@click.option("--ckpt", type=click.Path(), default=None, help="Checkpoint [default: the bundled model].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (torch and onnxruntime alike).")
+@click.option("--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
+              help="Folder for bench.json, bench.md and bench.png.")
+def bench(engines, batches, sampler, steps, guidance, repeat, fp16, no_cuda_graph, quick, ckpt, device, threads, out):
+    """Time every engine against eager PyTorch on the same work, in one run.
+
+    \b
+    Examples:
+      ddpm bench                                     # DDIM-50, batch 1,8,64, all engines
+      ddpm bench --sampler ddpm --batch 1,64 --repeat 2
+      ddpm bench --engines torch,onnx --fp16 --out bench-fp16
+    """
+    from pathlib import Path
+
+    from .bench.speed import format_table, run_bench, write_outputs
+
+    names = [e.strip() for e in engines.split(",") if e.strip()]
+    unknown = [n for n in names if n not in ENGINES]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown engine(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(ENGINES)}",
+                                 param_hint="--engines")
+    if quick:
+        sampler, steps, batches, repeat = "ddim", 3, [1, 2], 2
+    _threads(threads)
+    loaded = _load(ckpt)
+    plan = _plan(loaded, sampler, steps, 0.0, "small")
+    res = run_bench(loaded, lambda: ensure_export(loaded, None, fp16), names, batches, plan, guidance, repeat, fp16,
+                    _device(device), not no_cuda_graph, log=lambda m: click.echo(m, err=True))
+    click.echo(format_table(res))
+    files = write_outputs(res, Path(out))
+    click.echo("wrote " + ", ".join(map(str, files)) + ("" if len(files) == 3 else " (no plot: pip install 'ddpm[plot]')"))
+
+
 if __name__ == "__main__":
     main()

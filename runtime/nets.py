@@ -23,6 +23,7 @@ class TorchNet:
     """The PyTorch model itself (fp32 or fp16) inside the runtime: same buffers, CUDA-graph capturable."""
 
     name = "runtime-torch"
+    computes_with_torch = True   # the runner must leave torch's CPU threads to it
 
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32):
         self.model = model.to(device=device, dtype=dtype).eval()
@@ -47,6 +48,7 @@ class OnnxNet:
     """onnxruntime with IO binding to the runner's buffers: CUDA EP on a GPU (onnxruntime-gpu), else the CPU EP."""
 
     name = "onnx"
+    computes_with_torch = False
 
     def __init__(self, onnx_path: Path, device: torch.device, threads: int | None = None):
         try:
@@ -109,6 +111,7 @@ class TrtNet:
     """
 
     name = "trt"
+    computes_with_torch = False
 
     def __init__(self, plan_path: Path, device: torch.device):
         from ..export.trt import TensorRTUnavailable, import_trt

@@ -14,11 +14,26 @@ x = c x0 + d eps + e x + sigma z.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
 
 from .samplers import Plan
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Temporarily run torch's CPU ops on n threads (None: leave as is)."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 class Runner:
@@ -52,6 +67,9 @@ class Runner:
         self.net.bind(self.x_in, self.t_in, self.y_in, self.eps)
         self.use_graph = cuda_graph and dev.type == "cuda"
         self.graph = None
+        # On a CPU, when the network is not torch (onnxruntime has its own thread pool), the runner's small in-place
+        # updates run on one torch thread: two thread pools spinning on the same cores slow both (measured: README).
+        self.update_threads = 1 if dev.type == "cpu" and not net.computes_with_torch else None
 
     # ------------------------------------------------------------------------------------------------- the loop
     def _step(self, i: int) -> None:
@@ -124,7 +142,8 @@ class Runner:
                 for i in range(self.steps):
                     callback(i)
         else:
-            self._loop(callback)
+            with torch_threads(self.update_threads):
+                self._loop(callback)
         return self.x.cpu()
 
 

@@ -1,0 +1,184 @@
+"""`ddpm bench`: every engine against eager PyTorch on the same work, in one run.
+
+For each batch size, every available engine runs R full generations (noise from the seeded stream, the whole
+reverse loop, the images back on the host), after one warm-up each; engines alternate run by run so that drift on
+a shared machine hits them alike. On a GPU each run is timed with CUDA events, synchronising only at its ends; on a
+CPU with a monotonic clock.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..runtime.engines import engine_versions, make_engine
+from ..runtime.noise import make_noise
+from ..runtime.nets import EngineUnavailable
+
+
+@dataclass
+class Case:
+    engine: str
+    batch: int
+    times: list[float] = field(default_factory=list)
+    peak_mem_mb: float | None = None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def time_run(engine, batch: int, plan, guidance: float, seed: int, device: torch.device) -> float:
+    """Seconds for one full generation of `batch` images: noise, loop, images on the host."""
+    labels = torch.arange(batch) % 10
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        x_T, z = make_noise(seed, 0, batch, plan.steps, stochastic=plan.stochastic)
+        engine.run(x_T, z, labels, plan, guidance)
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000.0
+    t0 = time.perf_counter()
+    x_T, z = make_noise(seed, 0, batch, plan.steps, stochastic=plan.stochastic)
+    engine.run(x_T, z, labels, plan, guidance)
+    return time.perf_counter() - t0
+
+
+def kernel_floor(engine, batch: int, plan, guidance: float, device: torch.device) -> float | None:
+    """GPU only: summed CUDA kernel time of one loop step (profiler) x steps, in seconds."""
+    if device.type != "cuda" or not hasattr(engine, "runner"):
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    r = engine.runner(batch, plan, guidance != 0)
+    x_T, z = make_noise(0, 0, batch, plan.steps, stochastic=plan.stochastic)
+    r.load(x_T, z, torch.arange(batch) % 10, guidance)
+    r._step(0)
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        r._step(plan.steps // 2)
+        torch.cuda.synchronize(device)
+    kernel_us = sum(e.device_time for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    return kernel_us * 1e-6 * plan.steps
+
+
+def run_bench(loaded, bundle_fn, engines, batches, plan, guidance=1.0, repeat=3, fp16=False, device="cpu",
+              cuda_graph=True, seed=0, log=print) -> dict:
+    device = torch.device(device)
+    ready, skipped = {}, {}
+    for name in engines:
+        try:
+            bundle = bundle_fn() if name in ("onnx", "trt") else None
+            ready[name] = make_engine(name, device, loaded.model, loaded.cfg.null_label, bundle,
+                                      fp16=fp16 and name != "torch", cuda_graph=cuda_graph,
+                                      max_batch=2 * max(batches), log=log)
+        except EngineUnavailable as e:
+            skipped[name] = str(e)
+            log(f"skipped {name}: {e}")
+    cases = []
+    for batch in batches:
+        group = {name: Case(name, batch) for name in ready}
+        for name, eng in ready.items():   # warm-up: buffers, ORT arenas, CUDA graph capture, cuDNN autotune
+            time_run(eng, batch, plan, guidance, seed, device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+        for r in range(repeat):
+            for name, eng in ready.items():       # alternate engines run by run
+                group[name].times.append(time_run(eng, batch, plan, guidance, seed, device))
+                if device.type == "cuda":
+                    group[name].peak_mem_mb = max(group[name].peak_mem_mb or 0, torch.cuda.max_memory_allocated(device) / 2**20)
+            log(f"batch {batch}, repeat {r + 1}/{repeat}: " +
+                ", ".join(f"{n} {group[n].times[-1]:.3f}s" for n in ready))
+        for name, eng in ready.items():
+            c = group[name]
+            floor = kernel_floor(eng, batch, plan, guidance, device)
+            cases.append({"engine": name, "batch": batch, "times_s": c.times, "median_s": statistics.median(c.times),
+                          "min_s": min(c.times), "max_s": max(c.times),
+                          "ms_per_step": 1000 * statistics.median(c.times) / plan.steps,
+                          "images_per_s": batch / statistics.median(c.times),
+                          "peak_mem_mb": c.peak_mem_mb, "floor_s": floor,
+                          "vs_floor": statistics.median(c.times) / floor if floor else None})
+        base = next((c for c in cases if c["engine"] == "torch" and c["batch"] == batch), None)
+        for c in cases:
+            if c["batch"] == batch:
+                c["speedup_vs_eager"] = base["median_s"] / c["median_s"] if base else None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"device": device_name(device), "sampler": plan.name, "steps": plan.steps, "guidance": guidance,
+            "fp16": fp16, "repeat": repeat, "cuda_graph": cuda_graph and device.type == "cuda",
+            "versions": {n: engine_versions(e) for n, e in ready.items()}, "skipped": skipped,
+            "process_peak_rss_mb": rss, "results": cases}
+
+
+def format_table(res: dict, markdown: bool = False) -> str:
+    cols = ["engine", "batch", "median s", "min-max s", "ms/step", "img/s", "vs eager", "peak MB", "vs floor"]
+    rows = []
+    for c in res["results"]:
+        rows.append([c["engine"], str(c["batch"]), f"{c['median_s']:.3f}", f"{c['min_s']:.3f}-{c['max_s']:.3f}",
+                     f"{c['ms_per_step']:.2f}", f"{c['images_per_s']:.1f}",
+                     f"{c['speedup_vs_eager']:.2f}x" if c.get("speedup_vs_eager") else "-",
+                     f"{c['peak_mem_mb']:.0f}" if c["peak_mem_mb"] else "-",
+                     f"{c['vs_floor']:.2f}x" if c["vs_floor"] else "-"])
+    head = (f"{res['device']}; {res['sampler']} ({res['steps']} steps), guidance {res['guidance']:g}, "
+            f"fp16 {res['fp16']}, {res['repeat']} runs each, CUDA graph {res['cuda_graph']}")
+    if markdown:
+        lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    else:
+        widths = [max(len(x) for x in col) for col in zip(cols, *rows)]
+        fmt = lambda r: "  ".join(x.rjust(w) for x, w in zip(r, widths))
+        lines = [head, fmt(cols), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+    for name, why in res["skipped"].items():
+        lines.append(f"skipped {name}: {why}")
+    lines.append("versions: " + "; ".join(f"{n}: " + ", ".join(f"{k} {v}" for k, v in vs.items())
+                                          for n, vs in res["versions"].items()))
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> bool:
+    """time per image against batch size per engine; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(c["engine"] for c in res["results"]):
+        pts = [(c["batch"], 1000 * c["median_s"] / c["batch"]) for c in res["results"] if c["engine"] == name]
+        ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms per image (full loop)",
+           title=f"{res['sampler']} on {res['device']}"[:70])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(res: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "bench.json", out / "bench.md"]
+    files[0].write_text(json.dumps(res, indent=1) + "\n")
+    files[1].write_text(format_table(res, markdown=True) + "\n")
+    if plot(res, out / "bench.png"):
+        files.append(out / "bench.png")
+    return files
