@@ -243,16 +243,28 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet,
         raise click.UsageError("--label and --uncond exclude each other")
     if not out.endswith((".png", ".npz")):
         raise click.BadParameter("must end in .png or .npz", param_hint="--out")
+    from .train import dist
+
     _threads(threads)
     loaded = _load(ckpt)
     plan = _plan(loaded, sampler, steps, eta, variance)
-    eng = make_engine(engine, loaded, _device(device), export_dir, fp16, not no_cuda_graph, 2 * batch)
+    ctx = dist.setup(device)   # under torchrun: each rank draws its share of the samples
+    dev = ctx.device if ctx.world > 1 else _device(device)
+    eng = make_engine(engine, loaded, dev, export_dir, fp16, not no_cuda_graph, 2 * batch)
     labels = labels_for(num, label, uncond, loaded.cfg.num_classes)
+    lo, hi = ctx.shard(num)
     t0 = time.perf_counter()
-    images = generate(eng, num, plan, labels, guidance, seed, batch, progress=not quiet)
+    # sample k's noise depends only on (seed, k): the shards together are exactly the single-process samples
+    mine = generate(eng, hi - lo, plan, labels[lo:hi], guidance, seed, batch, start=lo,
+                    progress=not quiet and ctx.rank == 0)
+    parts = ctx.gather(mine)
     seconds = time.perf_counter() - t0
-    _save_images(out, images, labels, nrow=10 if label is None and not uncond else None)
-    click.echo(f"{num} digits ({plan.name}, guidance {guidance:g}, {eng.name}) in {seconds:.1f}s -> {out}")
+    ctx.teardown()
+    if ctx.rank == 0:
+        images = np.concatenate(parts)
+        _save_images(out, images, labels, nrow=10 if label is None and not uncond else None)
+        procs = f", {ctx.world} processes" if ctx.world > 1 else ""
+        click.echo(f"{num} digits ({plan.name}, guidance {guidance:g}, {eng.name}{procs}) in {seconds:.1f}s -> {out}")
 
 
 def _save_images(out, images, labels, nrow=None):

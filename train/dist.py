@@ -39,6 +39,19 @@ class DistContext:
         td.all_reduce(t, op=td.ReduceOp.SUM)
         return t / self.world
 
+    def gather(self, obj):
+        """Rank 0 gets the list of every rank's obj (in rank order); the others get None."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.rank == 0 else None
+        td.gather_object(obj, out, dst=0)
+        return out
+
+    def shard(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous share [lo, hi) of n items."""
+        per = -(-n // self.world)
+        return min(n, self.rank * per), min(n, (self.rank + 1) * per)
+
     def teardown(self) -> None:
         if self.world > 1 and td.is_initialized():
             td.destroy_process_group()

@@ -224,8 +224,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
                 bar.close()
                 raise TrainingError(f"loss became non-finite by step {done}; stopped, the last good checkpoint "
                                     f"in {out} is kept (try a lower --lr)")
+            first = done - pending
             history.extend(window.tolist())
             last, pending = history[-1], 0
+            if ctx.rank == 0:
+                with open(out / "log.jsonl", "a") as f:
+                    f.writelines(json.dumps({"step": first + k + 1, "loss": v}) + "\n" for k, v in enumerate(window.tolist()))
             bar.set_postfix(loss=f"{window.mean().item():.4f}")
             bar.update(len(window))
         if at_ckpt:
