@@ -294,7 +294,7 @@ def _load_png(path, what):
         raise click.BadParameter(f"cannot read {path}: {e}", param_hint=what) from None
     if img.size != (28, 28):
         img = img.resize((28, 28), Image.LANCZOS)
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)   # a writable copy
 
 
 @main.command()

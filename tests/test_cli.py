@@ -1,0 +1,93 @@
+"""The CLI end to end with a tiny model: gen, inpaint, bench --quick, and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from ddpm.cli import main
+from helpers import tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ck")
+    tiny_checkpoint(root)
+    return root
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+def test_gen_png_and_npz(ckpt, tmp_path):
+    r = invoke("gen", "--ckpt", ckpt, "-n", 12, "--steps", 3, "--out", tmp_path / "g.png", "-q")
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "g.png").size[0] > 28 * 10
+    r = invoke("gen", "--ckpt", ckpt, "-n", 5, "--steps", 3, "--label", 4, "--out", tmp_path / "g.npz", "-q")
+    z = np.load(tmp_path / "g.npz")
+    assert z["images"].shape == (5, 28, 28) and z["images"].dtype == np.uint8 and z["labels"].tolist() == [4] * 5
+    r = invoke("gen", "--ckpt", ckpt, "-n", 3, "--steps", 3, "--uncond", "--out", tmp_path / "u.npz", "-q")
+    assert np.load(tmp_path / "u.npz")["labels"].tolist() == [-1] * 3
+    r = invoke("gen", "--ckpt", ckpt, "-n", 2, "--sampler", "ddpm", "--out", tmp_path / "d.npz", "-q")   # T=100
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-n", "0"], "-n"),
+    (["--steps", "0"], "--steps"),
+    (["--steps", "101"], "--steps"),                 # the tiny model's T is 100
+    (["--sampler", "ddpm", "--steps", "10"], "DDPM runs all"),
+    (["--label", "10"], "--label"),
+    (["--guidance", "-1"], "--guidance"),
+    (["--eta", "2"], "--eta"),
+    (["--engine", "tvm"], "--engine"),
+    (["--out", "x.jpg"], "--out"),
+    (["--label", "3", "--uncond"], "exclude each other"),
+])
+def test_gen_bad_input(ckpt, args, message):
+    r = invoke("gen", "--ckpt", ckpt, *args)
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+def test_gen_bad_checkpoints(tmp_path):
+    for path, message in ((tmp_path / "missing.pt", "does not exist"), (tmp_path, "holds neither")):
+        r = invoke("gen", "--ckpt", path, "-n", 1)
+        assert r.exit_code == 1 and message in r.output
+    (tmp_path / "foreign.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    r = invoke("gen", "--ckpt", tmp_path / "foreign.safetensors", "-n", 1)
+    assert r.exit_code == 1 and "Error:" in r.output and "Traceback" not in r.output
+
+
+def test_inpaint(ckpt, tmp_path):
+    digit = np.zeros((28, 28), np.uint8)
+    digit[4:24, 12:16] = 255
+    Image.fromarray(digit).save(tmp_path / "one.png")
+    r = invoke("inpaint", "--ckpt", ckpt, "--image", tmp_path / "one.png", "--mask", "bottom", "-n", 3, "--steps", 4,
+               "--resample", 2, "--out", tmp_path / "in.png")
+    assert r.exit_code == 0, r.output
+    grid = np.asarray(Image.open(tmp_path / "in.png"))
+    assert grid.shape[1] == 2 * (4 * 30 + 2)                    # input + 3 completions, scaled x2
+    r = invoke("inpaint", "--ckpt", ckpt, "--image", tmp_path / "one.png", "--mask", "diagonal")
+    assert r.exit_code == 2 and "--mask" in r.output
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    r = invoke("inpaint", "--ckpt", ckpt, "--image", tmp_path / "bad.png")
+    assert r.exit_code == 2 and "cannot read" in r.output
+
+
+def test_bench_quick(ckpt, tmp_path):
+    r = invoke("bench", "--quick", "--ckpt", ckpt, "--out", tmp_path / "b", env={"XDG_CACHE_HOME": str(tmp_path / "c")})
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "b" / "bench.json").read_text())
+    engines = {c["engine"] for c in res["results"]}
+    assert {"torch", "runtime-torch", "onnx"} <= engines and res["steps"] == 3
+    for c in res["results"]:
+        assert len(c["times_s"]) == 2 and c["median_s"] > 0 and c["speedup_vs_eager"] > 0
+    assert "trt" in res["skipped"] or "trt" in engines      # never silently dropped
+    assert "| engine |" in (tmp_path / "b" / "bench.md").read_text()
+    r = invoke("bench", "--ckpt", ckpt, "--batch", "0,2")
+    assert r.exit_code == 2 and "--batch" in r.output
+    r = invoke("bench", "--ckpt", ckpt, "--engines", "torch,tvm")
+    assert r.exit_code == 2 and "tvm" in r.output
