@@ -76,7 +76,8 @@ def kernel_floor(engine, batch: int, plan, guidance: float, device: torch.device
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         r._step(plan.steps // 2)
         torch.cuda.synchronize(device)
-    kernel_us = sum(e.device_time for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    kernel_us = sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0) for e in kernels)
     return kernel_us * 1e-6 * plan.steps
 
 
@@ -107,9 +108,12 @@ def run_bench(loaded, bundle_fn, engines, batches, plan, guidance=1.0, repeat=3,
                     group[name].peak_mem_mb = max(group[name].peak_mem_mb or 0, torch.cuda.max_memory_allocated(device) / 2**20)
             log(f"batch {batch}, repeat {r + 1}/{repeat}: " +
                 ", ".join(f"{n} {group[n].times[-1]:.3f}s" for n in ready))
+        floors = {name: kernel_floor(eng, batch, plan, guidance, device) for name, eng in ready.items()}
+        if floors.get("torch") is None:   # eager runs the same kernels as the runtime's torch model
+            floors["torch"] = floors.get("runtime-torch")
         for name, eng in ready.items():
             c = group[name]
-            floor = kernel_floor(eng, batch, plan, guidance, device)
+            floor = floors[name]
             cases.append({"engine": name, "batch": batch, "times_s": c.times, "median_s": statistics.median(c.times),
                           "min_s": min(c.times), "max_s": max(c.times),
                           "ms_per_step": 1000 * statistics.median(c.times) / plan.steps,

@@ -24,6 +24,7 @@ class TorchNet:
 
     name = "runtime-torch"
     computes_with_torch = True   # the runner must leave torch's CPU threads to it
+    graph_capturable = True      # its kernels run on torch's current stream, so a CUDA graph can capture them
 
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32):
         self.model = model.to(device=device, dtype=dtype).eval()
@@ -49,6 +50,9 @@ class OnnxNet:
 
     name = "onnx"
     computes_with_torch = False
+    # ORT launches on the stream it was created with, not on a capture stream: the runner does not capture it
+    # (onnxruntime's own CUDA-graph mode would be the way, see README)
+    graph_capturable = False
 
     def __init__(self, onnx_path: Path, device: torch.device, threads: int | None = None):
         try:
@@ -112,6 +116,7 @@ class TrtNet:
 
     name = "trt"
     computes_with_torch = False
+    graph_capturable = True      # enqueued on torch's current stream (the capture stream during capture)
 
     def __init__(self, plan_path: Path, device: torch.device):
         from ..export.trt import TensorRTUnavailable, import_trt

@@ -65,7 +65,7 @@ class Runner:
         self.z_views = [self.z[:, i] for i in range(S)] if self.z is not None else None
         self.coef_views = [(self.a[i], self.b[i], self.c[i], self.d[i], self.e[i], self.sigma[i]) for i in range(S)]
         self.net.bind(self.x_in, self.t_in, self.y_in, self.eps)
-        self.use_graph = cuda_graph and dev.type == "cuda"
+        self.use_graph = cuda_graph and dev.type == "cuda" and net.graph_capturable
         self.graph = None
         # On a CPU, when the network is not torch (onnxruntime has its own thread pool), the runner's small in-place
         # updates run on one torch thread: two thread pools spinning on the same cores slow both (measured: README).
