@@ -92,7 +92,7 @@ ENGINES = ["torch", "runtime-torch", "onnx", "trt"]   # see ddpm.runtime.engines
 
 
 def _load(ckpt):
-    """(LoadedModel, path label) for --ckpt or the bundled default model."""
+    """The LoadedModel of --ckpt, or of the bundled default model."""
     from .model.io import CheckpointError, default_model_path, load_model
 
     path = ckpt or default_model_path()
@@ -127,7 +127,7 @@ def _device(name):
 
 
 def sampling_options(f):
-    """Options shared by gen, inpaint, eval and bench (the sampler and its conditioning)."""
+    """Options shared by gen, inpaint and eval (the sampler and its conditioning)."""
     opts = [
         click.option("--ckpt", type=click.Path(), default=None,
                      help="Checkpoint: model.safetensors, ckpt.pt or a run folder [default: the bundled model]."),
