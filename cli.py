@@ -83,8 +83,9 @@ def train(threads, resume, **opts):
     except (DataError, TrainingError) as e:
         raise _fail(e) from None
     if summary["steps"]:
-        click.echo(f"trained {summary['steps']} steps in {summary['seconds']:.1f}s "
-                   f"({summary['steps_per_s']:.2f} steps/s), last loss {summary['loss']:.4f}; run in {opts['out']}")
+        click.echo(f"trained {summary['steps']} steps in {summary['seconds']:.1f}s ({summary['steps_per_s']:.2f} steps/s; "
+                   f"checkpoints took {summary['checkpoint_seconds']:.1f}s more), last loss {summary['loss']:.4f}; "
+                   f"run in {opts['out']}")
 
 
 # ------------------------------------------------------------------------------------------------------------- gen

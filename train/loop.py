@@ -188,7 +188,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     order = BatchOrder(len(images), cfg.batch_size, cfg.seed)
     shard = slice(ctx.rank, None, ctx.world)   # this rank's share of every global batch
 
+    ckpt_seconds = [0.0]
+
     def checkpoint(step: int) -> None:
+        t = time.perf_counter()
         if ctx.rank == 0:
             state = {"step": step, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                      "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
@@ -197,6 +200,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
             save_model(out / MODEL_FILE, mcfg, ema.state_dict(), step=step)
             write_samples(ema, mcfg, out / "samples.png", seed=cfg.seed)
         ctx.barrier()
+        ckpt_seconds[0] += time.perf_counter() - t
 
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or ctx.rank != 0, unit="step", dynamic_ncols=True)
     losses = torch.zeros(cfg.log_every, device=device)   # this window's losses, checked (NaN) at the window's end
@@ -235,7 +239,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         if at_ckpt:
             checkpoint(done)
     bar.close()
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - ckpt_seconds[0]   # training steps only, not checkpoints and grids
     ctx.teardown()
     return {"steps": cfg.steps - start, "seconds": seconds, "steps_per_s": (cfg.steps - start) / seconds,
-            "loss": last, "losses": history}
+            "checkpoint_seconds": ckpt_seconds[0], "loss": last, "losses": history}
