@@ -141,7 +141,7 @@ def sampling_options(f):
         click.option("--variance", type=click.Choice(["small", "large"]), default="small", show_default=True,
                      help="DDPM posterior variance: beta~_t (small) or beta_t (large)."),
         click.option("--guidance", "-w", type=click.FloatRange(min=0), default=1.0, show_default=True,
-                     help="Classifier-free guidance w: eps_u + w (eps_c - eps_u); 0 = conditional model alone."),
+                     help="Classifier-free guidance w: eps_c + w (eps_c - eps_u); 0 = conditional model alone."),
         click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Seed of the noise stream (same seed, same digits, any batch size or engine)."),
         click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True,

@@ -54,7 +54,7 @@ class Runner:
         self.eps32 = self.eps if net.dtype == f32 else torch.empty((n, *image_shape), device=dev, dtype=f32)
         self.t_in = torch.empty(n, device=dev, dtype=torch.int64)
         self.y_in = torch.full((n,), null_label, device=dev, dtype=torch.int64)
-        self.w = torch.zeros((), device=dev, dtype=f32)  # guidance weight: a buffer, so changing it needs no recapture
+        self.w_neg = torch.zeros((), device=dev, dtype=f32)  # -w, the guidance weight: a buffer, so no recapture
         # -- per-step tables, on the device once
         self.t_table = torch.as_tensor(plan.timesteps, dtype=torch.int64).to(dev)[:, None].expand(S, n).contiguous()
         coef = lambda v: torch.as_tensor(v, dtype=f32).to(dev)
@@ -86,10 +86,10 @@ class Runner:
         if eps is not self.eps:
             eps.copy_(self.eps)
         if self.guided:
-            # 2. classifier-free guidance: eps = eps_u + w (eps_c - eps_u), written into the cond half
+            # 2. classifier-free guidance: eps = eps_c + w (eps_c - eps_u), written into the uncond half
             cond, uncond = eps[:B], eps[B:]
-            cond.sub_(uncond).mul_(self.w).add_(uncond)
-            eps = cond
+            uncond.sub_(cond).mul_(self.w_neg).add_(cond)      # (eps_u - eps_c)(-w) + eps_c
+            eps = uncond
         # 3. x0 = a x - b eps, clipped to the data range
         torch.mul(self.x, a, out=self.x0)
         self.x0.addcmul_(eps, b, value=-1.0)
@@ -128,7 +128,7 @@ class Runner:
             self.z.copy_(z, non_blocking=True)
         if labels is not None:
             self.y_in[: self.batch].copy_(labels, non_blocking=True)
-        self.w.fill_(guidance)
+        self.w_neg.fill_(-guidance)
 
     @torch.no_grad()
     def run(self, x_T, z, labels, guidance: float = 0.0, callback=None) -> torch.Tensor:

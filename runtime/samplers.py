@@ -78,11 +78,16 @@ def ddim_plan(sched: Schedule, steps: int = 50, eta: float = 0.0, clip: bool = T
     ab_prev = np.append(sched.alphas_cumprod[t[1:]], 1.0)
     # 1. x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)                              (DDIM eq. 12, "predicted x0")
     # 2. sigma = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev)         (eq. 16)
-    # 3. x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps + sigma z     (eq. 12)
+    # 3. x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps' + sigma z     (eq. 12)
+    #    with eps' = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t), the noise that is consistent with x0_hat: equal to
+    #    eps when x0_hat is not clipped; when it is, the direction term does not re-inject what clipping removed
+    #    (that leak made guided samples blobby). Folded into the table: x_prev = c x0_hat + e x_t + sigma z.
     sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
-    d = np.sqrt(np.clip(1 - ab_prev - sigma ** 2, 0.0, None))
-    return Plan(f"ddim{steps}-eta{eta:g}", t, 1 / np.sqrt(ab), np.sqrt(1 / ab - 1), np.sqrt(ab_prev), d,
-                np.zeros(len(t)), sigma, ab_prev, clip)
+    dir_ = np.sqrt(np.clip(1 - ab_prev - sigma ** 2, 0.0, None))
+    e = dir_ / np.sqrt(1 - ab)
+    c = np.sqrt(ab_prev) - e * np.sqrt(ab)
+    return Plan(f"ddim{steps}-eta{eta:g}", t, 1 / np.sqrt(ab), np.sqrt(1 / ab - 1), c, np.zeros(len(t)), e, sigma,
+                ab_prev, clip)
 
 
 def make_plan(sched: Schedule, sampler: str, steps: int | None = None, eta: float = 0.0,
@@ -164,9 +169,9 @@ def inpaint(eps_fn: EpsFn, known: torch.Tensor, mask: torch.Tensor, plan: Plan, 
 
 def guided(model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], labels: torch.Tensor | None,
            null_label: int, w: float = 0.0) -> EpsFn:
-    """eps_fn for class labels with classifier-free guidance (Ho & Salimans 2022):
+    """eps_fn for class labels with classifier-free guidance (Ho & Salimans 2022, eq. 6):
 
-        eps = eps_uncond + w (eps_cond - eps_uncond)  =  (1 + w) eps_cond - w eps_uncond
+        eps = eps_cond + w (eps_cond - eps_uncond)  =  (1 + w) eps_cond - w eps_uncond
 
     w = 0 is the conditional model alone (one batch); w > 0 evaluates both halves in one doubled batch.
     labels=None samples unconditionally with the reserved null label.
@@ -179,5 +184,5 @@ def guided(model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.
         y = torch.cat([labels, torch.full_like(labels, null_label)])
         eps = model_fn(torch.cat([x, x]), torch.full((2 * n,), t, dtype=torch.long, device=x.device), y)
         cond, uncond = eps.chunk(2)
-        return uncond + w * (cond - uncond)
+        return cond + w * (cond - uncond)
     return eps_fn

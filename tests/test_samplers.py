@@ -78,16 +78,29 @@ def test_ddpm_step_statistics():
     assert out.var().item() == pytest.approx(SCHED.posterior_variance[t], rel=0.02)
 
 
-def test_ddim_eta1_full_equals_ddpm():
-    """DDIM with eta=1 over all T steps is DDPM with the "fixed small" variance, step for step."""
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_eta1_full_equals_ddpm(clip):
+    """DDIM with eta=1 over all T steps is DDPM with the "fixed small" variance, table for table, clipping included."""
     sched = Schedule.make("cosine", 100)
-    a, b = ddim_plan(sched, 100, eta=1.0, clip=False), ddpm_plan(sched, clip=False)
-    assert np.allclose(a.sigma, b.sigma, atol=1e-12)
+    a, b = ddim_plan(sched, 100, eta=1.0, clip=clip), ddpm_plan(sched, clip=clip)
+    for k in ("timesteps", "a", "b", "c", "d", "e", "sigma", "abar_prev"):
+        assert np.allclose(getattr(a, k), getattr(b, k), rtol=1e-9, atol=1e-12), k
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(8, 1, 3, 3, generator=g, dtype=torch.float64)
     z = torch.randn(100, 8, 1, 3, 3, generator=g, dtype=torch.float64)
     eps = lambda x, t: torch.sin(3 * x + t / 50)   # any eps function will do
     assert torch.allclose(sample(eps, x_T, a, lambda i: z[i]), sample(eps, x_T, b, lambda i: z[i]), atol=1e-9)
+
+
+def test_ddim_direction_uses_noise_consistent_with_clipped_x0():
+    """Unclipped, eps' = eps and the table is DDIM eq. 12 as written; clipped, x0 never leaks back via eps."""
+    plan = ddim_plan(SCHED, 10)
+    i = 3
+    ab, ab_prev = 1 / plan.a[i] ** 2, plan.abar_prev[i]
+    x, eps = torch.tensor([0.3], dtype=torch.float64), torch.tensor([-0.2], dtype=torch.float64)
+    x0 = plan.a[i] * x - plan.b[i] * eps
+    eq12 = ab_prev ** 0.5 * x0 + (1 - ab_prev) ** 0.5 * eps
+    assert torch.allclose(plan.c[i] * x0 + plan.d[i] * eps + plan.e[i] * x, eq12, atol=1e-12)
 
 
 def test_timesteps_and_plan_errors():
@@ -118,20 +131,27 @@ def test_guidance():
         cond = m(x, torch.full((4,), 300), y)
         uncond = m(x, torch.full((4,), 300), torch.full((4,), 10))
         assert torch.equal(guided(m, y, 10, 0.0)(x, 300), cond)                         # w=0: conditional alone
-        assert torch.allclose(guided(m, y, 10, 2.5)(x, 300), uncond + 2.5 * (cond - uncond), atol=1e-5)
+        assert torch.allclose(guided(m, y, 10, 2.5)(x, 300), cond + 2.5 * (cond - uncond), atol=1e-5)
         assert torch.equal(guided(m, None, 10, 2.5)(x, 300), uncond)                    # unconditional: null label
 
 
 def test_same_seed_same_digits_across_batch_splits():
+    """The noise stream is bit-identical however the samples are split; the images then agree up to the rounding of
+    batch-size-dependent convolution sums (at most 1 grey level on a handful of pixels)."""
+    full = make_noise(3, 0, 7, 4)
+    parts = [make_noise(3, lo, n, 4) for lo, n in ((0, 3), (3, 3), (6, 1))]
+    assert torch.equal(full[0], torch.cat([p[0] for p in parts])) and torch.equal(full[1], torch.cat([p[1] for p in parts]))
     eng = EagerEngine(_model(), 10)
     plan = ddim_plan(Schedule.make("linear", 100), 4, eta=0.5)    # stochastic: per-step noise matters too
     labels = labels_for(7, None, False)
-    a = generate(eng, 7, plan, labels, 1.0, seed=3, batch=7, progress=False)
-    b = generate(eng, 7, plan, labels, 1.0, seed=3, batch=3, progress=False)
+    a = generate(eng, 7, plan, labels, 1.0, seed=3, batch=7, progress=False).astype(int)
+    b = generate(eng, 7, plan, labels, 1.0, seed=3, batch=3, progress=False).astype(int)
     c = np.concatenate([generate(eng, 4, plan, labels[:4], 1.0, seed=3, batch=2, progress=False),
-                        generate(eng, 3, plan, labels[4:], 1.0, seed=3, batch=2, start=4, progress=False)])
-    assert np.array_equal(a, b) and np.array_equal(a, c)
-    assert not np.array_equal(a, generate(eng, 7, plan, labels, 1.0, seed=4, batch=7, progress=False))
+                        generate(eng, 3, plan, labels[4:], 1.0, seed=3, batch=2, start=4, progress=False)]).astype(int)
+    for other in (b, c):
+        diff = np.abs(a - other)
+        assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3
+    assert np.abs(a - generate(eng, 7, plan, labels, 1.0, seed=4, batch=7, progress=False)).mean() > 20
 
 
 def test_noise_stream_is_pinned():
