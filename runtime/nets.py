@@ -46,15 +46,22 @@ _ORT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64:
 
 
 class OnnxNet:
-    """onnxruntime with IO binding to the runner's buffers: CUDA EP on a GPU (onnxruntime-gpu), else the CPU EP."""
+    """onnxruntime with IO binding to the runner's buffers: CUDA EP on a GPU (onnxruntime-gpu), else the CPU EP.
+
+    GPU: the whole batch in one call. CPU: the batch in slices of at most `chunk` images, one call each, every slice
+    bound once to views of the runner's buffers. Per image, onnxruntime's CPU convolutions are fastest at about 16
+    images: a 128-image call is 25-40% slower per image, its activations no longer fit the caches (README
+    "Benchmarks").
+    """
 
     name = "onnx"
     computes_with_torch = False
     # ORT launches on the stream it was created with, not on a capture stream: the runner does not capture it
     # (onnxruntime's own CUDA-graph mode would be the way, see README)
     graph_capturable = False
+    CPU_CHUNK = 16
 
-    def __init__(self, onnx_path: Path, device: torch.device, threads: int | None = None):
+    def __init__(self, onnx_path: Path, device: torch.device, threads: int | None = None, chunk: int | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -84,17 +91,26 @@ class OnnxNet:
         self.device = device
         self.dtype = torch.float16 if self.sess.get_inputs()[0].type == "tensor(float16)" else torch.float32
         self.provider = self.sess.get_providers()[0]
+        self.chunk = chunk or (None if device.type == "cuda" else self.CPU_CHUNK)
 
     def bind(self, x_in, t_in, y_in, eps_out) -> None:
-        b = self.sess.io_binding()
+        """One IO binding per slice of the batch (one in all on a GPU), each to views of the runner's buffers."""
         dev, idx = ("cuda", self.device.index or 0) if self.device.type == "cuda" else ("cpu", 0)
-        for name, buf in (("x", x_in), ("t", t_in), ("y", y_in)):
-            b.bind_input(name, dev, idx, _ORT_TYPES[buf.dtype], list(buf.shape), buf.data_ptr())
-        b.bind_output("eps", dev, idx, _ORT_TYPES[eps_out.dtype], list(eps_out.shape), eps_out.data_ptr())
-        self.binding, self.io = b, (x_in, t_in, y_in, eps_out)   # keep the buffers alive with the binding
+        n = x_in.shape[0]
+        step = self.chunk or n
+        self.bindings = []
+        for lo in range(0, n, step):
+            b = self.sess.io_binding()
+            for name, buf in (("x", x_in), ("t", t_in), ("y", y_in), ("eps", eps_out)):
+                part = buf[lo:lo + step]
+                bind = b.bind_output if name == "eps" else b.bind_input
+                bind(name, dev, idx, _ORT_TYPES[buf.dtype], list(part.shape), part.data_ptr())
+            self.bindings.append(b)
+        self.io = (x_in, t_in, y_in, eps_out)   # keep the buffers alive with the bindings
 
     def __call__(self) -> None:
-        self.sess.run_with_iobinding(self.binding)
+        for b in self.bindings:
+            self.sess.run_with_iobinding(b)
 
     def versions(self) -> dict:
         import onnxruntime as ort

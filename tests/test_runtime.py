@@ -63,7 +63,9 @@ def _allocated_bytes(fn) -> int:
 def test_onnx_loop_allocates_nothing(setup, fp16):
     bundle = setup[1]
     plan = ddim_plan(bundle.schedule, 5, eta=0.5)     # stochastic and guided: every buffer in use
-    r = Runner(OnnxNet(bundle.onnx_path("fp16" if fp16 else "fp32"), CPU), 3, plan, True, 10)
+    # chunk=4: the guided batch of 6 runs as two slices, each bound once to views of the buffers
+    r = Runner(OnnxNet(bundle.onnx_path("fp16" if fp16 else "fp32"), CPU, chunk=4), 3, plan, True, 10)
+    assert len(r.net.bindings) == 2
     x_T, z = make_noise(0, 0, 3, plan.steps)
     ptrs = [b.data_ptr() for b in (r.x, r.x_in, r.eps, r.t_in, r.y_in, r.z)]
     r.load(x_T, z, torch.tensor([1, 2, 3]), 1.5)
@@ -75,6 +77,23 @@ def test_onnx_loop_allocates_nothing(setup, fp16):
     r2 = Runner(TorchNet(setup[0].model, CPU), 3, plan, True, 10)
     r2.load(x_T, z, torch.tensor([1, 2, 3]), 1.5)
     assert _allocated_bytes(r2._loop) > 0
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 16])
+def test_onnx_slices_compute_the_whole_batch(setup, chunk):
+    """On a CPU the network runs over slices of the batch; together they give the whole batch's eps."""
+    loaded, bundle = setup
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(7, 1, 28, 28, generator=g), torch.randint(0, 100, (7,), generator=g), torch.arange(7) % 11
+    eps = torch.full_like(x, float("nan"))
+    net = OnnxNet(bundle.onnx_path("fp32"), CPU, chunk=chunk)
+    net.bind(x, t, y, eps)
+    assert len(net.bindings) == -(-7 // chunk)
+    for _ in range(2):   # and again: the bindings stay valid
+        eps.fill_(float("nan"))
+        net()
+        with torch.no_grad():
+            assert torch.allclose(eps, loaded.model(x, t, y), atol=1e-4)
 
 
 def test_runner_matches_reference_step_for_step(setup):
