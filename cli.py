@@ -38,6 +38,8 @@ def main():
 @click.option("--out", "out", type=click.Path(file_okay=False), default="runs/ddpm", show_default=True,
               help="Run directory (options.json, ckpt.pt, model.safetensors, samples.png).")
 @click.option("--resume", is_flag=True, help="Continue from --out/ckpt.pt.")
+@click.option("--init", type=click.Path(exists=True), default=None,
+              help="Start from these weights (model.safetensors, ckpt.pt or a run folder) instead of from scratch.")
 # model and diffusion
 @click.option("--preset", type=click.Choice(["tiny", "small", "large"]), default="small", show_default=True,
               help="Model size: small trains on a CPU, large wants a GPU.")
@@ -69,6 +71,7 @@ def train(threads, resume, **opts):
     Examples:
       ddpm train --preset small --steps 200 --out runs/try
       ddpm train --out runs/try --steps 400 --resume
+      ddpm train --init runs/try --steps 2000 --seed 1 --out runs/more   # fine-tune from a model
       torchrun --nproc_per_node 2 -m ddpm.cli train --batch 128   # DDP, global batch 128
     """
     import torch

@@ -59,6 +59,23 @@ def test_train_writes_run_and_resume_is_exact(fake_mnist, tmp_path):
     assert load_model(run).info["step"] == 6
 
 
+def test_init_starts_from_given_weights(fake_mnist, tmp_path):
+    train(_cfg(fake_mnist, tmp_path / "a"), progress=False, log=lambda *_: None)
+    start = load_model(tmp_path / "a").model.state_dict()   # the EMA weights of run a
+    # a tiny learning rate: after one step the model is still, to 1e-6, where it started
+    train(_cfg(fake_mnist, tmp_path / "b", steps=1, lr=1e-12, init=str(tmp_path / "a")), progress=False,
+          log=lambda *_: None)
+    tuned = load_checkpoint(tmp_path / "b" / "ckpt.pt")["model"]
+    assert all(torch.allclose(tuned[k], v, atol=1e-6) for k, v in start.items())
+    train(_cfg(fake_mnist, tmp_path / "c", steps=1, lr=1e-12), progress=False, log=lambda *_: None)   # from scratch
+    assert not torch.allclose(load_checkpoint(tmp_path / "c" / "ckpt.pt")["model"]["conv_in.weight"],
+                              start["conv_in.weight"], atol=1e-6)
+    with pytest.raises(TrainingError, match="another config"):
+        train(_cfg(fake_mnist, tmp_path / "d", schedule="cosine", init=str(tmp_path / "a")), progress=False)
+    with pytest.raises(TrainingError, match="--init: .* does not exist"):
+        train(_cfg(fake_mnist, tmp_path / "d", init=str(tmp_path / "nothing.pt")), progress=False)
+
+
 def test_resume_refuses_other_config_and_finished_runs(fake_mnist, tmp_path):
     train(_cfg(fake_mnist, tmp_path, steps=3), progress=False, log=lambda *_: None)
     with pytest.raises(TrainingError, match="another model config"):

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from ..model import PRESETS, UNet
 from ..model.config import ModelConfig
-from ..model.io import CKPT_FILE, MODEL_FILE, CheckpointError, load_checkpoint, save_checkpoint, save_model
+from ..model.io import (CKPT_FILE, MODEL_FILE, CheckpointError, load_checkpoint, read_weights, save_checkpoint,
+                        save_model)
 from ..runtime.schedule import Schedule
 from . import dist
 from .data import ensure_mnist, load_mnist, resolve_data_dir
@@ -35,6 +36,7 @@ class TrainingError(Exception):
 class TrainConfig:
     data: str | None = None         # MNIST folder (None: $DDPM_DATA or the cache folder)
     out: str = "runs/ddpm"          # run directory: options.json, ckpt.pt, model.safetensors, samples.png
+    init: str | None = None         # start model and EMA from these weights (a model file or run folder): fine-tuning
     preset: str = "small"           # model size: tiny | small | large
     steps: int = 10000              # total optimizer steps
     batch_size: int = 128           # global batch (split over ranks under torchrun)
@@ -153,7 +155,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     images, labels = load_mnist(resolve_data_dir(cfg.data) if data_dir is None else data_dir, "train")
     images, labels = torch.from_numpy(images), torch.from_numpy(labels)
 
-    model = UNet(mcfg).to(device)
+    model = UNet(mcfg)
+    if cfg.init and not resume:   # on --resume the checkpoint already holds the weights
+        try:
+            init_cfg, state, _ = read_weights(cfg.init)
+        except CheckpointError as e:
+            raise TrainingError(f"--init: {e}") from None
+        if init_cfg != mcfg:
+            raise TrainingError(f"--init: {cfg.init} holds a model with another config ({init_cfg.to_dict()}); "
+                                f"use the same --preset/--schedule/--timesteps")
+        model.load_state_dict(state)
+    model = model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     start = 0
