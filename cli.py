@@ -167,8 +167,9 @@ def _threads(n):
 def engine_options(f):
     """--engine and the runtime's options (gen, eval)."""
     opts = [
-        click.option("--engine", type=click.Choice(ENGINES), default="torch", show_default=True,
-                     help="torch: eager PyTorch; runtime-torch, onnx, trt: the preallocated runtime."),
+        click.option("--engine", type=click.Choice(["auto", *ENGINES]), default="auto", show_default=True,
+                     help="torch: eager PyTorch (the reference); runtime-torch, onnx, trt: the preallocated runtime; "
+                          "auto: onnx on a CPU, runtime-torch on a GPU (same digits, faster)."),
         click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None,
                      help="Export folder for onnx/trt [default: the checkpoint's, exported on first use]."),
         click.option("--fp16", is_flag=True, help="Half-precision model (runtime engines)."),
@@ -201,11 +202,18 @@ def ensure_export(loaded, export_dir, fp16):
         raise _fail(e) from None
 
 
-def make_engine(name, loaded, device, export_dir=None, fp16=False, cuda_graph=True, max_batch=512):
-    from .runtime.engines import NEEDS_EXPORT, make_engine as build
+def make_engine(name, loaded, device, export_dir=None, fp16=False, cuda_graph=True, max_batch=512, ctx=None):
+    """The engine `name` (auto resolved) on `device`; under torchrun (ctx) rank 0 exports before the others look."""
+    from .runtime.engines import NEEDS_EXPORT, auto_engine, make_engine as build
     from .runtime.nets import EngineUnavailable
     from .runtime.bundle import ExportError
 
+    if name == "auto":
+        name = auto_engine(device)
+    if name in NEEDS_EXPORT and ctx is not None and ctx.world > 1:
+        if ctx.rank == 0:
+            ensure_export(loaded, export_dir, fp16)
+        ctx.barrier()
     bundle = ensure_export(loaded, export_dir, fp16) if name in NEEDS_EXPORT else None
     try:
         return build(name, device, loaded.model, loaded.cfg.null_label, bundle, fp16, cuda_graph,
@@ -234,6 +242,7 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet,
       ddpm gen -n 16 --label 7 --guidance 3 --out sevens.png
       ddpm gen -n 64 --sampler ddpm --out ddpm.png         # the full 1000-step DDPM loop
       ddpm gen -n 10000 --batch 256 --out samples.npz      # for ddpm eval
+      ddpm gen -n 64 --engine torch                        # eager PyTorch, the reference (same digits)
       ddpm gen -n 64 --engine onnx                         # the preallocated runtime on onnxruntime
       ddpm gen -n 64 --engine trt --fp16                   # TensorRT (GPU)
     """
@@ -254,7 +263,7 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet,
     plan = _plan(loaded, sampler, steps, eta, variance)
     ctx = dist.setup(device)   # under torchrun: each rank draws its share of the samples
     dev = ctx.device if ctx.world > 1 else _device(device)
-    eng = make_engine(engine, loaded, dev, export_dir, fp16, not no_cuda_graph, 2 * batch)
+    eng = make_engine(engine, loaded, dev, export_dir, fp16, not no_cuda_graph, 2 * batch, ctx)
     labels = labels_for(num, label, uncond, loaded.cfg.num_classes)
     lo, hi = ctx.shard(num)
     t0 = time.perf_counter()

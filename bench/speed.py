@@ -149,6 +149,8 @@ def format_table(res: dict, markdown: bool = False) -> str:
         widths = [max(len(x) for x in col) for col in zip(cols, *rows)]
         fmt = lambda r: "  ".join(x.rjust(w) for x, w in zip(r, widths))
         lines = [head, fmt(cols), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+    if all(c["peak_mem_mb"] is None for c in res["results"]):   # CPU: no per-engine figure
+        lines.append(f"peak memory (CPU): the whole process's peak RSS, {res['process_peak_rss_mb']:.0f} MB")
     for name, why in res["skipped"].items():
         lines.append(f"skipped {name}: {why}")
     lines.append("versions: " + "; ".join(f"{n}: " + ", ".join(f"{k} {v}" for k, v in vs.items())

@@ -9,6 +9,7 @@ int64, all on the net's device. Rebinding is needed only when the runner allocat
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,8 @@ class TorchNet:
     graph_capturable = True      # its kernels run on torch's current stream, so a CUDA graph can capture them
 
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32):
-        self.model = model.to(device=device, dtype=dtype).eval()
+        # a copy: Module.to() converts in place, and the caller's model (the eager reference) must stay fp32
+        self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
         self.device, self.dtype = device, dtype
 
     def bind(self, x_in, t_in, y_in, eps_out) -> None:

@@ -13,6 +13,18 @@ SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Exports made on first use (engine auto/onnx) go to a throwaway cache, never into the user's home."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     """The real MNIST files (../shared/data/mnist in this workplace, or $DDPM_DATA)."""

@@ -25,6 +25,7 @@ def invoke(*args, env=None):
 def test_gen_png_and_npz(ckpt, tmp_path):
     r = invoke("gen", "--ckpt", ckpt, "-n", 12, "--steps", 3, "--out", tmp_path / "g.png", "-q")
     assert r.exit_code == 0, r.output
+    assert ", onnx)" in r.output                     # --engine auto on a CPU: the onnx runtime
     assert Image.open(tmp_path / "g.png").size[0] > 28 * 10
     r = invoke("gen", "--ckpt", ckpt, "-n", 5, "--steps", 3, "--label", 4, "--out", tmp_path / "g.npz", "-q")
     z = np.load(tmp_path / "g.npz")
@@ -87,6 +88,12 @@ def test_bench_quick(ckpt, tmp_path):
         assert len(c["times_s"]) == 2 and c["median_s"] > 0 and c["speedup_vs_eager"] > 0
     assert "trt" in res["skipped"] or "trt" in engines      # never silently dropped
     assert "| engine |" in (tmp_path / "b" / "bench.md").read_text()
+    # fp16 runtime engines beside the fp32 eager reference, in one process
+    r = invoke("bench", "--quick", "--fp16", "--ckpt", ckpt, "--out", tmp_path / "b16",
+               env={"XDG_CACHE_HOME": str(tmp_path / "c")})
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "b16" / "bench.json").read_text())
+    assert res["fp16"] and {"torch", "runtime-torch", "onnx"} <= {c["engine"] for c in res["results"]}
     r = invoke("bench", "--ckpt", ckpt, "--batch", "0,2")
     assert r.exit_code == 2 and "--batch" in r.output
     r = invoke("bench", "--ckpt", ckpt, "--engines", "torch,tvm")
