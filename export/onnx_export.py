@@ -134,12 +134,12 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         files = {}
+        reference = _fresh_copy(loaded)
         for precision in ["fp32"] + (["fp16"] if fp16 else []):
             path = tmp / FILES[precision]
-            model = _fresh_copy(loaded)
-            to_onnx(model, path, precision, opset)
+            to_onnx(_fresh_copy(loaded), path, precision, opset)
             onnx.checker.check_model(str(path))
-            parity = verify(path, loaded.model, precision, loaded.cfg.timesteps)
+            parity = verify(path, reference, precision, loaded.cfg.timesteps)
             log(f"{FILES[precision]}: {parity['measure']} {parity['error']:.3g} (tolerance {parity['tolerance']:g})")
             files[precision] = {"name": FILES[precision], "parity": parity}
         meta = metadata(loaded, files, opset)
@@ -161,6 +161,7 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
 
 
 def _fresh_copy(loaded: LoadedModel) -> torch.nn.Module:
+    """A CPU fp32 copy of the model, whatever device or dtype the caller's model is on now."""
     import copy
 
-    return copy.deepcopy(loaded.model)
+    return copy.deepcopy(loaded.model).to("cpu", torch.float32).eval()

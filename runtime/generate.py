@@ -7,6 +7,7 @@ preallocated runtime engines live in `runtime.runner`.
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Protocol
 
 import numpy as np
@@ -31,7 +32,8 @@ class EagerEngine:
 
     def __init__(self, model: torch.nn.Module, null_label: int, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        # a copy: Module.to() moves in place, and the caller's model stays where it was (export reads it on the CPU)
+        self.model = copy.deepcopy(model).to(self.device).eval()
         self.null_label = null_label
 
     @torch.no_grad()
