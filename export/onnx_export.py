@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..model.io import LoadedModel
+from ..model.io import LoadedModel, copy_to
 from ..runtime.bundle import EXPORT_FORMAT, META_FILE, file_sha256
 from ..runtime.schedule import Schedule
 
@@ -134,10 +134,10 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         files = {}
-        reference = _fresh_copy(loaded)
+        reference = copy_to(loaded.model, "cpu", torch.float32)   # whatever device or dtype the caller's model has
         for precision in ["fp32"] + (["fp16"] if fp16 else []):
             path = tmp / FILES[precision]
-            to_onnx(_fresh_copy(loaded), path, precision, opset)
+            to_onnx(copy_to(loaded.model, "cpu", torch.float32), path, precision, opset)
             onnx.checker.check_model(str(path))
             parity = verify(path, reference, precision, loaded.cfg.timesteps)
             log(f"{FILES[precision]}: {parity['measure']} {parity['error']:.3g} (tolerance {parity['tolerance']:g})")
@@ -159,9 +159,3 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-
-def _fresh_copy(loaded: LoadedModel) -> torch.nn.Module:
-    """A CPU fp32 copy of the model, whatever device or dtype the caller's model is on now."""
-    import copy
-
-    return copy.deepcopy(loaded.model).to("cpu", torch.float32).eval()

@@ -10,6 +10,7 @@ half-written checkpoint behind:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -147,6 +148,15 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the stored config ({str(e).splitlines()[0]})") from None
     return LoadedModel(model.eval(), cfg, weights_hash(cfg, state), resolve_model_path(path), info)
+
+
+def copy_to(model: torch.nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A copy of `model` on `device` (and `dtype`), in eval mode.
+
+    Module.to() moves and converts in place, so whoever needs the model elsewhere (an engine on the GPU, an fp16
+    engine, the export on the CPU) takes a copy and leaves the caller's model as it was.
+    """
+    return copy.deepcopy(model).to(device=device, dtype=dtype).eval()
 
 
 def default_model_path() -> Path:

@@ -7,12 +7,12 @@ preallocated runtime engines live in `runtime.runner`.
 
 from __future__ import annotations
 
-import copy
 from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
+from ..model.io import copy_to
 from .images import to_uint8
 from .noise import make_noise
 from .samplers import Plan, guided, sample
@@ -32,8 +32,7 @@ class EagerEngine:
 
     def __init__(self, model: torch.nn.Module, null_label: int, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
-        # a copy: Module.to() moves in place, and the caller's model stays where it was (export reads it on the CPU)
-        self.model = copy.deepcopy(model).to(self.device).eval()
+        self.model = copy_to(model, self.device)   # the caller's model stays where it was
         self.null_label = null_label
 
     @torch.no_grad()

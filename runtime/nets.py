@@ -9,11 +9,12 @@ int64, all on the net's device. Rebinding is needed only when the runner allocat
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..model.io import copy_to
 
 
 class EngineUnavailable(Exception):
@@ -28,8 +29,7 @@ class TorchNet:
     graph_capturable = True      # its kernels run on torch's current stream, so a CUDA graph can capture them
 
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32):
-        # a copy: Module.to() converts in place, and the caller's model (the eager reference) must stay fp32
-        self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+        self.model = copy_to(model, device, dtype)   # the caller's model (the eager reference) stays fp32
         self.device, self.dtype = device, dtype
 
     def bind(self, x_in, t_in, y_in, eps_out) -> None:
