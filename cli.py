@@ -57,6 +57,12 @@ def main():
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True,
               help="Adam learning rate.")
 @click.option("--warmup", type=click.IntRange(min=0), default=200, show_default=True, help="LR warm-up steps.")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default=None,
+              help="After the warm-up: constant, or a cosine decay to 1% of --lr at the last of --steps "
+                   "[default: constant; --resume keeps the run's].")
+@click.option("--loss-weight", type=click.Choice(["eps", "min-snr"]), default=None,
+              help="eps: plain eps-MSE; min-snr: weight min(SNR,5)/SNR per timestep (Hang et al. 2023) "
+                   "[default: eps; --resume keeps the run's].")
 @click.option("--ema", "ema_decay", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True,
               help="EMA decay.")
 @click.option("--p-uncond", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,

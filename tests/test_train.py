@@ -120,3 +120,60 @@ def test_cli_missing_data_is_one_clear_error(tmp_path, monkeypatch):
                                   "--device", "cpu", "--steps", "1"])
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
     assert "Error: MNIST files missing" in r.output and "--data" in r.output and "Traceback" not in r.output
+
+
+def test_learning_rate_schedules_by_hand():
+    cfg = TrainConfig(lr=1e-3, warmup=10, steps=110, lr_schedule="cosine", lr_final=0.01)
+    lr = lambda s: loop.learning_rate(cfg, s)
+    assert lr(0) == pytest.approx(1e-4) and lr(4) == pytest.approx(5e-4)        # warm-up: (s+1)/10
+    assert lr(10) == pytest.approx(1e-3)                                        # cosine starts at lr
+    assert lr(59.5) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))               # half-way: the mean of the two ends
+    assert lr(109) == pytest.approx(1e-5)                                       # the last step: lr_final * lr
+    assert all(lr(s) > lr(s + 1) for s in range(10, 109))                       # decays monotonically
+    const = TrainConfig(lr=1e-3, warmup=10, steps=110, lr_schedule="constant")
+    assert loop.learning_rate(const, 4) == pytest.approx(5e-4) and loop.learning_rate(const, 109) == 1e-3
+
+
+def test_min_snr_weights_by_hand():
+    sched = Schedule.make("linear", 1000)
+    w = loop.loss_weights("min-snr", sched.alphas_cumprod)
+    ac = sched.alphas_cumprod
+    for t in (0, 10, 100, 500, 999):
+        snr = ac[t] / (1 - ac[t])
+        assert w[t].item() == pytest.approx(min(snr, 5.0) / snr, rel=1e-6)
+    assert w[0].item() < 1e-3 and w[999].item() == 1.0       # low noise (high SNR) is down-weighted, high noise kept
+    assert torch.equal(loop.loss_weights("eps", ac), torch.ones(1000))
+    # the weighted loss is the batch mean of w[t_i] * MSE_i
+    model = UNet(PRESETS["tiny"]).eval()
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(4, 1, 28, 28, generator=g) * 2 - 1, torch.randn(4, 1, 28, 28, generator=g)
+    y, t = torch.tensor([0, 1, 2, 10]), torch.tensor([0, 10, 500, 999])
+    sa = torch.tensor(sched.sqrt_alphas_cumprod, dtype=torch.float32)
+    s1 = torch.tensor(sched.sqrt_one_minus_alphas_cumprod, dtype=torch.float32)
+    per = torch.stack([diffusion_loss(model, x0[i:i + 1], y[i:i + 1], t[i:i + 1], noise[i:i + 1], sa, s1)
+                       for i in range(4)])
+    with torch.no_grad():
+        assert diffusion_loss(model, x0, y, t, noise, sa, s1, weights=w).item() == pytest.approx(
+            (w[t] * per).mean().item(), rel=1e-5)
+
+
+def test_cosine_min_snr_resume_is_exact_and_kept(fake_mnist, tmp_path):
+    kw = dict(lr_schedule="cosine", loss_weight="min-snr")
+    full = train(_cfg(fake_mnist, tmp_path / "full", **kw), progress=False, log=lambda *_: None)
+    run = tmp_path / "run"
+    train(_cfg(fake_mnist, run, steps=3, **kw), progress=False, log=lambda *_: None)
+    # --resume without the options keeps the run's own: the same weights as the uninterrupted run
+    resumed = train(_cfg(fake_mnist, run), resume=True, progress=False, log=lambda *_: None)
+    a, b = load_checkpoint(tmp_path / "full" / "ckpt.pt"), load_checkpoint(run / "ckpt.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert full["losses"][-2:] == resumed["losses"][-2:]
+    opts = json.loads((run / "options.json").read_text())
+    assert opts["lr_schedule"] == "cosine" and opts["loss_weight"] == "min-snr"
+    assert b["train_config"]["lr_schedule"] == "cosine"
+    # and a different one is refused
+    with pytest.raises(TrainingError, match="lr_schedule='cosine'"):
+        train(_cfg(fake_mnist, run, steps=9, lr_schedule="constant"), resume=True, progress=False,
+              log=lambda *_: None)
+    # cosine differs from constant: the runs are not the same
+    plain = train(_cfg(fake_mnist, tmp_path / "plain"), progress=False, log=lambda *_: None)
+    assert plain["losses"][-1] != full["losses"][-1]

@@ -13,6 +13,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +52,45 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     ckpt_every: int = 1000          # checkpoint + sample grid every this many steps (and at the end)
     log_every: int = 10             # loss check (NaN) and progress refresh interval
+    # None below: "constant"/"eps" for a new run, the checkpoint's own setting on --resume
+    lr_schedule: str | None = None  # after the warm-up: constant | cosine (decay to lr_final * lr at the last step)
+    lr_final: float = 0.01          # cosine: the learning rate at the last step, as a fraction of lr
+    loss_weight: str | None = None  # eps: plain eps-MSE | min-snr: min(SNR_t, 5) / SNR_t per sample (Hang et al. 2023)
+
+    lr_schedule_default: ClassVar[str] = "constant"
+    loss_weight_default: ClassVar[str] = "eps"
 
     def model_config(self) -> ModelConfig:
         if self.preset not in PRESETS:
             raise TrainingError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
         return dataclasses.replace(PRESETS[self.preset], schedule=self.schedule, timesteps=self.timesteps).validate()
+
+
+LR_SCHEDULES = ("constant", "cosine")
+LOSS_WEIGHTS = ("eps", "min-snr")
+MIN_SNR_GAMMA = 5.0   # Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy": gamma = 5
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warm-up over cfg.warmup steps, then constant or
+    a half cosine from cfg.lr down to cfg.lr_final * cfg.lr at the last step (cfg.steps - 1)."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup))
+    if cfg.lr_schedule == "constant" or step < cfg.warmup:
+        return cfg.lr * warm
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - 1 - cfg.warmup))
+    return cfg.lr * (cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def loss_weights(name: str, alphas_cumprod) -> torch.Tensor:
+    """(T,) float32 per-timestep weights of the eps-MSE: 1 for "eps"; min(SNR_t, gamma) / SNR_t for "min-snr", with
+    SNR_t = abar_t / (1 - abar_t) (Hang et al. 2023, eq. 7 written for eps prediction; gamma = 5)."""
+    ac = torch.as_tensor(np.asarray(alphas_cumprod), dtype=torch.float64)
+    if name == "eps":
+        return torch.ones_like(ac, dtype=torch.float32)
+    if name == "min-snr":
+        snr = ac / (1.0 - ac)
+        return (snr.clamp(max=MIN_SNR_GAMMA) / snr).float()
+    raise TrainingError(f"unknown loss weighting {name!r}; choose from {', '.join(LOSS_WEIGHTS)}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,12 +137,19 @@ def make_batch(step: int, cfg: TrainConfig, order: BatchOrder, images: torch.Ten
     return x0, y, t, noise
 
 
-def diffusion_loss(model, x0, y, t, noise, sqrt_ac, sqrt_1m_ac, autocast_dtype=None) -> torch.Tensor:
-    """Simple eps-MSE: || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1-abar_t) eps, t, y) ||^2   (DDPM eq. 14)."""
+def diffusion_loss(model, x0, y, t, noise, sqrt_ac, sqrt_1m_ac, autocast_dtype=None, weights=None) -> torch.Tensor:
+    """Simple eps-MSE: || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1-abar_t) eps, t, y) ||^2   (DDPM eq. 14).
+
+    weights: optional (T,) per-timestep weights (see `loss_weights`); the loss is then the batch mean of
+    weights[t_i] * MSE_i, with MSE_i the mean over sample i's pixels.
+    """
     x_t = sqrt_ac[t].view(-1, 1, 1, 1) * x0 + sqrt_1m_ac[t].view(-1, 1, 1, 1) * noise
     with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         pred = model(x_t, t, y)
-    return F.mse_loss(pred.float(), noise)
+    if weights is None:
+        return F.mse_loss(pred.float(), noise)
+    per_sample = (pred.float() - noise).pow(2).flatten(1).mean(1)
+    return (weights[t] * per_sample).mean()
 
 
 @torch.no_grad()
@@ -140,8 +182,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
                              ("log_every", cfg.log_every, 1), ("warmup", cfg.warmup, 0)):
         if value < low:
             raise TrainingError(f"{name} must be >= {low}, got {value}")
-    if not (cfg.lr > 0 and 0 <= cfg.ema_decay < 1 and 0 <= cfg.p_uncond < 1):
-        raise TrainingError("need lr > 0, 0 <= ema_decay < 1 and 0 <= p_uncond < 1")
+    if not (cfg.lr > 0 and 0 <= cfg.ema_decay < 1 and 0 <= cfg.p_uncond < 1 and 0 <= cfg.lr_final <= 1):
+        raise TrainingError("need lr > 0, 0 <= ema_decay < 1, 0 <= p_uncond < 1 and 0 <= lr_final <= 1")
+    if cfg.lr_schedule not in (None, *LR_SCHEDULES):
+        raise TrainingError(f"unknown learning-rate schedule {cfg.lr_schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
+    if cfg.loss_weight not in (None, *LOSS_WEIGHTS):
+        raise TrainingError(f"unknown loss weighting {cfg.loss_weight!r}; choose from {', '.join(LOSS_WEIGHTS)}")
     mcfg = cfg.model_config()
     ctx = dist.setup(cfg.device)
     device = ctx.device if ctx.world > 1 else resolve_device(cfg.device)
@@ -176,6 +222,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
             ckpt = load_checkpoint(out / CKPT_FILE)
         except CheckpointError as e:
             raise TrainingError(str(e)) from None
+        stored = ckpt.get("train_config", {})
+        for key in ("lr_schedule", "loss_weight"):   # how the run optimises: --resume keeps it
+            have = stored.get(key) or getattr(TrainConfig, key + "_default")
+            if getattr(cfg, key) not in (None, have):
+                raise TrainingError(f"--resume: {out / CKPT_FILE} was trained with {key}={have!r}, "
+                                    f"not {getattr(cfg, key)!r}; resume with the same setting or leave it out")
+            cfg = dataclasses.replace(cfg, **{key: have})
         if ModelConfig.from_dict(ckpt["model_config"]) != mcfg:
             raise TrainingError(f"--resume: {out / CKPT_FILE} was trained with another model config "
                                 f"({ckpt['model_config']}); use the same --preset/--schedule")
@@ -186,6 +239,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         start = int(ckpt["step"])
         if start >= cfg.steps:
             raise TrainingError(f"--resume: the checkpoint is already at step {start} >= --steps {cfg.steps}")
+    cfg = dataclasses.replace(cfg, lr_schedule=cfg.lr_schedule or TrainConfig.lr_schedule_default,
+                              loss_weight=cfg.loss_weight or TrainConfig.loss_weight_default)
     if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         opts = dict(dataclasses.asdict(cfg), model_config=mcfg.to_dict(), world_size=ctx.world, resumed_from=start,
@@ -196,6 +251,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     sched = Schedule.make(mcfg.schedule, mcfg.timesteps)
     sqrt_ac = torch.tensor(sched.sqrt_alphas_cumprod, dtype=torch.float32, device=device)
     sqrt_1m_ac = torch.tensor(sched.sqrt_one_minus_alphas_cumprod, dtype=torch.float32, device=device)
+    weights = None if cfg.loss_weight == "eps" else loss_weights(cfg.loss_weight, sched.alphas_cumprod).to(device)
     amp = torch.bfloat16 if device.type == "cuda" else None
     order = BatchOrder(len(images), cfg.batch_size, cfg.seed)
     shard = slice(ctx.rank, None, ctx.world)   # this rank's share of every global batch
@@ -223,8 +279,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         x0, y, t, noise = (v[shard].to(device, non_blocking=True)
                            for v in make_batch(step, cfg, order, images, labels, mcfg.timesteps, mcfg.null_label))
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-        loss = diffusion_loss(ddp_model, x0, y, t, noise, sqrt_ac, sqrt_1m_ac, amp)
+            group["lr"] = learning_rate(cfg, step)
+        loss = diffusion_loss(ddp_model, x0, y, t, noise, sqrt_ac, sqrt_1m_ac, amp, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
