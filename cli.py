@@ -130,13 +130,12 @@ def _plan(loaded, sampler, steps, eta, variance):
 
 
 def _device(name):
-    import torch
+    from .runtime.engines import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise click.BadParameter("no CUDA GPU is available", param_hint="--device")
-    return name
+    try:
+        return resolve_device(name)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
 
 
 def sampling_options(f):
@@ -344,7 +343,7 @@ def inpaint(image, mask_spec, num, label, resample, out, ckpt, sampler, steps, e
     import torch
 
     from .runtime.images import save_grid, to_uint8
-    from .runtime.samplers import guided, inpaint as run_inpaint
+    from .runtime.eager import guided, inpaint as run_inpaint
 
     _threads(threads)
     known = _load_png(image, "--image")

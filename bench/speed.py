@@ -46,18 +46,18 @@ def device_name(device: torch.device) -> str:
 
 def time_run(engine, batch: int, plan, guidance: float, seed: int, device: torch.device) -> float:
     """Seconds for one full generation of `batch` images: noise, loop, images on the host."""
-    labels = torch.arange(batch) % 10
+    labels = np.arange(batch) % 10
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
         start.record()
-        x_T, z = make_noise(seed, 0, batch, plan.steps, stochastic=plan.stochastic)
+        x_T, z = make_noise(seed, 0, batch, plan.num_slots)
         engine.run(x_T, z, labels, plan, guidance)
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1000.0
     t0 = time.perf_counter()
-    x_T, z = make_noise(seed, 0, batch, plan.steps, stochastic=plan.stochastic)
+    x_T, z = make_noise(seed, 0, batch, plan.num_slots)
     engine.run(x_T, z, labels, plan, guidance)
     return time.perf_counter() - t0
 
@@ -69,13 +69,14 @@ def kernel_floor(engine, batch: int, plan, guidance: float, device: torch.device
     from torch.profiler import ProfilerActivity, profile
 
     r = engine.runner(batch, plan, guidance != 0)
-    x_T, z = make_noise(0, 0, batch, plan.steps, stochastic=plan.stochastic)
-    r.load(x_T, z, torch.arange(batch) % 10, guidance)
-    r._step(0)
-    torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        r._step(plan.steps // 2)
+    x_T, z = make_noise(0, 0, batch, plan.num_slots)
+    with r.net.stream_context():
+        r.load(x_T, z, np.arange(batch) % 10, guidance)
+        r.step(0)
         torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            r.step(plan.steps // 2)
+            torch.cuda.synchronize(device)
     kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
     kernel_us = sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0) for e in kernels)
     return kernel_us * 1e-6 * plan.steps
@@ -88,7 +89,7 @@ def run_bench(loaded, bundle_fn, engines, batches, plan, guidance=1.0, repeat=3,
     for name in engines:
         try:
             bundle = bundle_fn() if name in ("onnx", "trt") else None
-            ready[name] = make_engine(name, device, loaded.model, loaded.cfg.null_label, bundle,
+            ready[name] = make_engine(name, str(device), loaded.model, loaded.cfg.null_label, bundle,
                                       fp16=fp16 and name != "torch", cuda_graph=cuda_graph,
                                       max_batch=2 * max(batches), log=log)
         except EngineUnavailable as e:

@@ -2,50 +2,90 @@
 
     torch          eager PyTorch, the plain per-step loop (the reference and the baseline)
     runtime-torch  the same PyTorch model inside the preallocated runtime (CUDA graph on a GPU)
-    onnx           onnxruntime in the runtime (CUDA EP with IO binding when onnxruntime-gpu and a GPU exist, else CPU)
+    onnx           onnxruntime in the runtime (numpy buffers on a CPU, no PyTorch needed; CUDA EP with IO binding
+                   when onnxruntime-gpu and a GPU exist)
     trt            TensorRT in the runtime (needs tensorrt and a GPU)
+
+Only `torch`, `runtime-torch`, `trt` and GPUs import PyTorch; `onnx` on a CPU runs on the base install.
 """
 
 from __future__ import annotations
 
-import torch
-
-from .generate import EagerEngine
-from .nets import EngineUnavailable, OnnxNet, TorchNet, TrtNet
+from .nets import EngineUnavailable, OnnxNet
 from .runner import RuntimeEngine
 
 ENGINES = ("torch", "runtime-torch", "onnx", "trt")
 NEEDS_EXPORT = ("onnx", "trt")
+NEEDS_TORCH = ("torch", "runtime-torch", "trt")
+TORCH_HINT = "pip install 'ddpm[torch]'"
 
 
-def auto_engine(device: torch.device | str) -> str:
+def have_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_device(name: str = "auto") -> str:
+    """'auto' -> 'cuda' when PyTorch sees a GPU, else 'cpu'; 'cpu', 'cuda', 'cuda:N' checked. ValueError otherwise."""
+    name = str(name)
+    if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise ValueError(f"unknown device {name!r}: auto, cpu, cuda or cuda:N")
+    if name == "cpu":
+        return name
+    cuda = False
+    if have_torch():
+        import torch
+
+        cuda = torch.cuda.is_available()
+        if cuda and name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+            raise ValueError(f"no GPU {name} (this machine has {torch.cuda.device_count()})")
+    if name == "auto":
+        return "cuda" if cuda else "cpu"
+    if not cuda:
+        raise ValueError("no CUDA GPU is available" + ("" if have_torch() else f" (and no PyTorch: {TORCH_HINT})"))
+    return name
+
+
+def auto_engine(device: str) -> str:
     """What `--engine auto` runs: the fastest engine that needs nothing beyond the base install on this device.
 
     On a GPU the PyTorch model in the runtime (one CUDA graph); on a CPU onnxruntime (measured 1.6-2.4x faster than
     eager PyTorch, README "Benchmarks"). Both give the same digits as the eager reference (within 1 grey level).
     """
-    return "runtime-torch" if torch.device(device).type == "cuda" else "onnx"
+    return "runtime-torch" if str(device).startswith("cuda") else "onnx"
 
 
-def make_engine(name: str, device: torch.device | str, model: torch.nn.Module | None = None, null_label: int = 10,
-                bundle=None, fp16: bool = False, cuda_graph: bool = True, threads: int | None = None,
-                max_batch: int = 512, log=print):
-    """An engine ready to run. `model` is needed by torch/runtime-torch, `bundle` (an export folder) by onnx/trt."""
-    device = torch.device(device)
+def make_engine(name: str, device: str = "cpu", model=None, null_label: int = 10, bundle=None, fp16: bool = False,
+                cuda_graph: bool = True, threads: int | None = None, max_batch: int = 512, log=print):
+    """An engine ready to run. `model` (a torch UNet) is needed by torch/runtime-torch, `bundle` (an export folder,
+    runtime.bundle.Bundle) by onnx/trt. Raises EngineUnavailable with what is missing."""
+    device = str(device)
     if name not in ENGINES:
         raise EngineUnavailable(f"unknown engine {name!r}; engines: {', '.join(ENGINES)}")
+    if (name in NEEDS_TORCH or device.startswith("cuda")) and not have_torch():
+        raise EngineUnavailable(f"the {name} engine{' on a GPU' if name == 'onnx' else ''} needs PyTorch: {TORCH_HINT}")
+    if name in ("torch", "runtime-torch") and model is None:
+        raise EngineUnavailable(f"the {name} engine needs the PyTorch model (a checkpoint), not only an export")
     if name == "torch":
+        from .eager import EagerEngine
+
         if fp16:
             raise EngineUnavailable("the eager torch engine is the fp32 reference; use --engine runtime-torch --fp16")
         return EagerEngine(model, null_label, device)
     if name == "runtime-torch":
-        net = TorchNet(model, device, torch.float16 if fp16 else torch.float32)
+        from .nets import TorchNet
+
+        net = TorchNet(model, device, "float16" if fp16 else "float32")
     elif name == "onnx":
         net = OnnxNet(bundle.onnx_path("fp16" if fp16 else "fp32"), device, threads)
     else:
         from ..export.trt import TensorRTUnavailable, ensure_engine
+        from .nets import TrtNet
 
-        if device.type != "cuda":
+        if not device.startswith("cuda"):
             raise EngineUnavailable("the trt engine needs a CUDA GPU (none selected or available)")
         try:
             plan = ensure_engine(bundle, "fp16" if fp16 else "fp32", 1, max_batch, log=log)
@@ -59,7 +99,11 @@ def make_engine(name: str, device: torch.device | str, model: torch.nn.Module | 
 
 def engine_versions(engine) -> dict:
     net = getattr(engine, "net", None)
-    v = {"torch": torch.__version__}
+    v = {}
+    if have_torch():
+        import torch
+
+        v["torch"] = torch.__version__
     if net is not None:
         v.update(net.versions())
     return v

@@ -1,8 +1,8 @@
 """generate(): N samples in batches from any engine, with the seeded noise stream and a progress bar.
 
-An engine is any object with `run(x_T, z, labels, plan, guidance, callback) -> x_0` for one batch (CPU tensors in,
-CPU tensor out); `labels` is None for unconditional sampling. The eager PyTorch reference is `EagerEngine`; the
-preallocated runtime engines live in `runtime.runner`.
+An engine is any object with `run(x_T, z, labels, plan, guidance, callback) -> x_0` for one batch (numpy arrays in,
+a numpy array out); `labels` is None for unconditional sampling. The eager PyTorch reference is
+`runtime.eager.EagerEngine`; the preallocated runtime engines live in `runtime.runner`. Nothing here needs PyTorch.
 """
 
 from __future__ import annotations
@@ -10,39 +10,17 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 import numpy as np
-import torch
 
-from ..model.io import copy_to
 from .images import to_uint8
 from .noise import make_noise
-from .samplers import Plan, guided, sample
+from .samplers import Plan
 
 
 class Engine(Protocol):
     name: str
 
-    def run(self, x_T: torch.Tensor, z: torch.Tensor | None, labels: torch.Tensor | None, plan: Plan,
-            guidance: float, callback: Callable[[int], None] | None = None) -> torch.Tensor: ...
-
-
-class EagerEngine:
-    """Eager PyTorch: the plain per-step loop a user would write (the reference and the benchmark baseline)."""
-
-    name = "torch"
-
-    def __init__(self, model: torch.nn.Module, null_label: int, device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
-        self.model = copy_to(model, self.device)   # the caller's model stays where it was
-        self.null_label = null_label
-
-    @torch.no_grad()
-    def run(self, x_T, z, labels, plan, guidance, callback=None):
-        dev = self.device
-        eps_fn = guided(self.model, None if labels is None else labels.to(dev), self.null_label, guidance)
-        zd = None if z is None else z.to(dev)
-        x = sample(eps_fn, x_T.to(dev), plan, noise=None if zd is None else (lambda i: zd[:, i]),
-                   callback=None if callback is None else (lambda i, _x: callback(i)))
-        return x.cpu()
+    def run(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, plan: Plan,
+            guidance: float, callback: Callable[[int], None] | None = None) -> np.ndarray: ...
 
 
 def labels_for(n: int, label: int | None, uncond: bool, num_classes: int = 10) -> np.ndarray:
@@ -69,8 +47,8 @@ def generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidance: f
                desc=f"{engine.name} {plan.name}")
     for lo in range(0, n, batch):
         hi = min(n, lo + batch)
-        x_T, z = make_noise(seed, start + lo, hi - lo, plan.steps, image_shape, plan.stochastic)
-        y = None if labels[lo] < 0 else torch.from_numpy(labels[lo:hi])
+        x_T, z = make_noise(seed, start + lo, hi - lo, plan.num_slots, image_shape)
+        y = None if labels[lo] < 0 else labels[lo:hi].astype(np.int64)
         x = engine.run(x_T, z, y, plan, guidance, callback=lambda i: bar.update(1))
         out[lo:hi] = to_uint8(x)
     bar.close()

@@ -1,88 +1,151 @@
-"""Noise predictors for the preallocated runtime: each binds its inputs/outputs ONCE to buffers the runner owns.
+"""Noise predictors for the preallocated runtime. A net hands out *bound calls*, each tied to one runner's buffers:
 
-    net = SomeNet(...); net.bind(x_in, t_in, y_in, eps_out); net()   # eps_out <- eps_theta(x_in, t_in, y_in)
+    call = net.bind(x_in, t_in, y_in, eps_out)   # once, when the runner is built
+    call()                                       # eps_out <- eps_theta(x_in, t_in, y_in), every step
 
-After bind() the net reads its inputs from and writes its output into those exact buffers on every call; nothing is
-returned and nothing is allocated by the caller. Buffers: x_in/eps_out (N,C,H,W) in the net's dtype, t_in/y_in (N,)
-int64, all on the net's device. Rebinding is needed only when the runner allocates new buffers (another batch size).
+Every bound call owns its binding (onnxruntime IO bindings, a TensorRT execution context with its own shapes and
+addresses, the torch tensors), so two runners of one net never see each other's buffers. Buffers: x_in/eps_out
+(N,C,H,W) in the net's dtype, t_in/y_in (N,) int64, all on the net's device, as the arrays of `net.make_ops()`
+(numpy on a CPU for onnxruntime; torch tensors otherwise). Nothing is returned and nothing is allocated by the
+caller. On a GPU every net works on its own CUDA stream (`stream_context()`), never the legacy default stream.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..model.io import copy_to
+from .ops import NumpyOps, TorchOps
 
 
 class EngineUnavailable(Exception):
     """An engine that cannot run here; the message names what is missing."""
 
 
-class TorchNet:
-    """The PyTorch model itself (fp32 or fp16) inside the runtime: same buffers, CUDA-graph capturable."""
+def _is_cuda(device) -> bool:
+    return str(device).startswith("cuda")
+
+
+class _CudaStream:
+    """Mixin: the net's own CUDA stream (TensorRT warns that the legacy default stream adds device syncs)."""
+
+    stream = None
+
+    def _make_stream(self) -> None:
+        if _is_cuda(self.device):
+            import torch
+
+            self.stream = torch.cuda.Stream(torch.device(self.device))
+
+    def stream_context(self):
+        if self.stream is None:
+            return nullcontext()
+        import torch
+
+        return torch.cuda.stream(self.stream)
+
+
+class TorchNet(_CudaStream):
+    """The PyTorch model itself (fp32 or fp16) inside the runtime: torch tensors, CUDA-graph capturable."""
 
     name = "runtime-torch"
-    computes_with_torch = True   # the runner must leave torch's CPU threads to it
     graph_capturable = True      # its kernels run on torch's current stream, so a CUDA graph can capture them
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32):
-        self.model = copy_to(model, device, dtype)   # the caller's model (the eager reference) stays fp32
-        self.device, self.dtype = device, dtype
+    def __init__(self, model, device, dtype: str = "float32"):
+        import torch
 
-    def bind(self, x_in, t_in, y_in, eps_out) -> None:
-        self.io = (x_in, t_in, y_in, eps_out)
+        from ..model.io import copy_to
 
-    @torch.no_grad()
-    def __call__(self) -> None:
-        x_in, t_in, y_in, eps_out = self.io
-        eps_out.copy_(self.model(x_in, t_in, y_in))
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = copy_to(model, self.device, getattr(torch, dtype))   # the caller's model stays as it was
+        self._make_stream()
+
+    def make_ops(self) -> TorchOps:
+        return TorchOps(self.device)
+
+    def bind(self, x_in, t_in, y_in, eps_out):
+        import torch
+
+        model = self.model
+
+        @torch.no_grad()
+        def call() -> None:
+            eps_out.copy_(model(x_in, t_in, y_in))
+        return call
 
     def versions(self) -> dict:
+        import torch
+
         return {"torch": torch.__version__}
 
 
-_ORT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+_ORT_TYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+_ORT_NAMES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
+IO = (("x", "input"), ("t", "input"), ("y", "input"), ("eps", "output"))
 
 
-class OnnxNet:
+def _buffer_dtype(buf) -> str:
+    return str(buf.dtype).replace("torch.", "")
+
+
+def check_io(found: dict, bufs: dict, what: str) -> None:
+    """found: name -> (mode, dtype) of the model's I/O; bufs: name -> buffer. Raise EngineUnavailable on mismatch."""
+    want = {name: mode for name, mode in IO}
+    if set(found) != set(want):
+        raise EngineUnavailable(f"{what} has inputs/outputs {sorted(found)}, the runtime needs x, t, y -> eps; "
+                                f"re-export it with `ddpm export`")
+    for name, mode in want.items():
+        got_mode, got_dtype = found[name]
+        if got_mode != mode:
+            raise EngineUnavailable(f"{what}: tensor {name!r} is an {got_mode}, the runtime binds it as an {mode}")
+        if got_dtype != _buffer_dtype(bufs[name]):
+            raise EngineUnavailable(f"{what}: tensor {name!r} is {got_dtype}, the runner's buffer is "
+                                    f"{_buffer_dtype(bufs[name])}")
+
+
+class OnnxNet(_CudaStream):
     """onnxruntime with IO binding to the runner's buffers: CUDA EP on a GPU (onnxruntime-gpu), else the CPU EP.
 
-    GPU: the whole batch in one call. CPU: the batch in slices of at most `chunk` images, one call each, every slice
-    bound once to views of the runner's buffers. Per image, onnxruntime's CPU convolutions are fastest at about 16
-    images: a 128-image call is 25-40% slower per image, its activations no longer fit the caches (README
-    "Benchmarks").
+    CPU: numpy buffers (no PyTorch needed), the batch run in slices of at most `chunk` images, one call each, every
+    slice bound once to views of the runner's buffers. Per image, onnxruntime's CPU convolutions are fastest at about
+    16 images: a 128-image call is 25-40% slower per image, its activations no longer fit the caches (README
+    "Benchmarks"). GPU: torch tensors, the whole batch in one call, on the net's stream.
     """
 
     name = "onnx"
-    computes_with_torch = False
     # ORT launches on the stream it was created with, not on a capture stream: the runner does not capture it
     # (onnxruntime's own CUDA-graph mode would be the way, see README)
     graph_capturable = False
     CPU_CHUNK = 16
 
-    def __init__(self, onnx_path: Path, device: torch.device, threads: int | None = None, chunk: int | None = None):
+    def __init__(self, onnx_path: Path, device="cpu", threads: int | None = None, chunk: int | None = None,
+                 spinning: bool = True):
         try:
             import onnxruntime as ort
         except ImportError:
             raise EngineUnavailable("the onnx engine needs onnxruntime: pip install onnxruntime") from None
+        self.device = str(device)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.intra_op_num_threads = threads or torch.get_num_threads()
+        so.intra_op_num_threads = threads or 0     # 0: onnxruntime's default (one per physical core)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        if device.type == "cuda":
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if _is_cuda(self.device):
+            import torch
+
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise EngineUnavailable("the onnx engine on a GPU needs onnxruntime-gpu (this onnxruntime has "
                                         f"{', '.join(ort.get_available_providers())}): pip install 'ddpm[gpu]'")
-            # ORT launches on torch's current stream, so the runner's in-place ops and ORT's kernels stay ordered
+            self._make_stream()
+            # ORT launches on the net's stream, so the runner's in-place ops and ORT's kernels stay ordered
             # without any host synchronisation.
-            stream = torch.cuda.current_stream(device).cuda_stream
-            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0, "user_compute_stream": str(stream),
+            providers = [("CUDAExecutionProvider", {"device_id": torch.device(self.device).index or 0,
+                                                    "user_compute_stream": str(self.stream.cuda_stream),
                                                     "do_copy_in_default_stream": "0"})]
         else:
             providers = ["CPUExecutionProvider"]
@@ -90,34 +153,55 @@ class OnnxNet:
             self.sess = ort.InferenceSession(str(onnx_path), so, providers=providers)
         except Exception as e:   # onnxruntime raises its own exception types for bad files
             raise EngineUnavailable(f"onnxruntime cannot load {onnx_path}: {e}") from None
-        self.device = device
-        self.dtype = torch.float16 if self.sess.get_inputs()[0].type == "tensor(float16)" else torch.float32
+        self.path = Path(onnx_path)
+        io = {a.name: ("input", _ORT_NAMES.get(a.type, a.type)) for a in self.sess.get_inputs()}
+        io.update({a.name: ("output", _ORT_NAMES.get(a.type, a.type)) for a in self.sess.get_outputs()})
+        self.io_types = io
+        self.dtype = io.get("x", ("input", "float32"))[1]
         self.provider = self.sess.get_providers()[0]
-        self.chunk = chunk or (None if device.type == "cuda" else self.CPU_CHUNK)
+        self.chunk = chunk or (None if _is_cuda(self.device) else self.CPU_CHUNK)
 
-    def bind(self, x_in, t_in, y_in, eps_out) -> None:
-        """One IO binding per slice of the batch (one in all on a GPU), each to views of the runner's buffers."""
-        dev, idx = ("cuda", self.device.index or 0) if self.device.type == "cuda" else ("cpu", 0)
+    def make_ops(self):
+        return TorchOps(self.device) if _is_cuda(self.device) else NumpyOps()
+
+    def bind(self, x_in, t_in, y_in, eps_out):
+        """A call with its own IO bindings: one per slice of the batch (one in all on a GPU), each to views of the
+        given buffers."""
+        bufs = {"x": x_in, "t": t_in, "y": y_in, "eps": eps_out}
+        check_io(self.io_types, bufs, str(self.path))
+        if _is_cuda(self.device):
+            import torch
+
+            dev, idx, ptr = "cuda", torch.device(self.device).index or 0, (lambda a: a.data_ptr())
+        else:
+            dev, idx, ptr = "cpu", 0, (lambda a: a.ctypes.data)
         n = x_in.shape[0]
         step = self.chunk or n
-        self.bindings = []
+        bindings = []
         for lo in range(0, n, step):
             b = self.sess.io_binding()
-            for name, buf in (("x", x_in), ("t", t_in), ("y", y_in), ("eps", eps_out)):
+            for name, buf in bufs.items():
                 part = buf[lo:lo + step]
                 bind = b.bind_output if name == "eps" else b.bind_input
-                bind(name, dev, idx, _ORT_TYPES[buf.dtype], list(part.shape), part.data_ptr())
-            self.bindings.append(b)
-        self.io = (x_in, t_in, y_in, eps_out)   # keep the buffers alive with the bindings
-
-    def __call__(self) -> None:
-        for b in self.bindings:
-            self.sess.run_with_iobinding(b)
+                bind(name, dev, idx, _ORT_TYPES[_buffer_dtype(buf)], list(part.shape), ptr(part))
+            bindings.append(b)
+        return _OnnxCall(self.sess, bindings, bufs)
 
     def versions(self) -> dict:
         import onnxruntime as ort
 
         return {"onnxruntime": ort.__version__, "provider": self.provider}
+
+
+class _OnnxCall:
+    """One runner's bound onnxruntime call (it keeps the buffers alive with the bindings)."""
+
+    def __init__(self, sess, bindings, bufs):
+        self.sess, self.bindings, self.bufs = sess, bindings, bufs
+
+    def __call__(self) -> None:
+        for b in self.bindings:
+            self.sess.run_with_iobinding(b)
 
 
 def trt_check(ok, what: str) -> None:
@@ -126,43 +210,75 @@ def trt_check(ok, what: str) -> None:
         raise RuntimeError(f"TensorRT: {what} failed")
 
 
-class TrtNet:
-    """A TensorRT engine: tensor addresses bound once, execute_async_v3 on torch's current stream.
+class TrtNet(_CudaStream):
+    """A TensorRT engine: one execution context per bound call, shapes and addresses set once, execute_async_v3 on
+    the net's stream.
 
     Written against the TensorRT 10/11 Python API; not run in this project's workplace (see README).
     """
 
     name = "trt"
-    computes_with_torch = False
     graph_capturable = True      # enqueued on torch's current stream (the capture stream during capture)
 
-    def __init__(self, plan_path: Path, device: torch.device):
+    def __init__(self, plan_path: Path, device):
+        import torch
+
         from ..export.trt import TensorRTUnavailable, import_trt
 
-        if device.type != "cuda":
+        if not _is_cuda(device):
             raise EngineUnavailable("the trt engine needs a CUDA GPU")
         try:
             trt = import_trt()
         except TensorRTUnavailable as e:
             raise EngineUnavailable(str(e)) from None
-        self.trt, self.device = trt, device
+        self.trt, self.device = trt, torch.device(device)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
         if self.engine is None:
             raise EngineUnavailable(f"TensorRT could not deserialize {plan_path}; rebuild it with `ddpm export --trt`")
-        self.context = self.engine.create_execution_context()
-        self.dtype = torch.float16 if self.engine.get_tensor_dtype("x") == trt.DataType.HALF else torch.float32
+        self.path = Path(plan_path)
+        names = {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.INT64: "int64"}
+        io = {}
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            mode = "input" if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
+            dtype = self.engine.get_tensor_dtype(name)
+            io[name] = (mode, names.get(dtype, str(dtype)))
+        self.io_types = io
+        self.dtype = io.get("x", ("input", "float32"))[1]
+        self._make_stream()
 
-    def bind(self, x_in, t_in, y_in, eps_out) -> None:
-        for name, buf in (("x", x_in), ("t", t_in), ("y", y_in)):
-            trt_check(self.context.set_input_shape(name, tuple(buf.shape)), f"set_input_shape({name}, {tuple(buf.shape)})")
-        for name, buf in (("x", x_in), ("t", t_in), ("y", y_in), ("eps", eps_out)):
-            trt_check(self.context.set_tensor_address(name, buf.data_ptr()), f"set_tensor_address({name})")
-        self.io = (x_in, t_in, y_in, eps_out)
+    def make_ops(self) -> TorchOps:
+        return TorchOps(self.device)
 
-    def __call__(self) -> None:
-        trt_check(self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream), "execute_async_v3")
+    def bind(self, x_in, t_in, y_in, eps_out):
+        bufs = {"x": x_in, "t": t_in, "y": y_in, "eps": eps_out}
+        check_io(self.io_types, bufs, str(self.path))
+        context = self.engine.create_execution_context()
+        if context is None:
+            raise RuntimeError("TensorRT: create_execution_context failed (out of GPU memory?)")
+        for name in ("x", "t", "y"):
+            trt_check(context.set_input_shape(name, tuple(bufs[name].shape)),
+                      f"set_input_shape({name}, {tuple(bufs[name].shape)}) (outside the engine's batch range?)")
+        for name, buf in bufs.items():
+            trt_check(context.set_tensor_address(name, buf.data_ptr()), f"set_tensor_address({name})")
+        if not context.all_binding_shapes_specified:
+            raise RuntimeError("TensorRT: not every input shape is specified")
+        return _TrtCall(context, bufs)
 
     def versions(self) -> dict:
         return {"tensorrt": self.trt.__version__}
+
+
+class _TrtCall:
+    """One runner's TensorRT execution context, bound to its buffers; enqueued on torch's current stream (the
+    net's stream, or the capture stream while a CUDA graph is captured)."""
+
+    def __init__(self, context, bufs):
+        self.context, self.bufs = context, bufs
+
+    def __call__(self) -> None:
+        import torch
+
+        trt_check(self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream), "execute_async_v3")

@@ -1,170 +1,228 @@
-"""The lightweight runtime: the whole reverse loop on buffers allocated once, optionally one CUDA graph.
+"""The lightweight runtime: the whole reverse loop on buffers allocated once (on a GPU, optionally one CUDA graph).
 
 A `Runner` owns every buffer one (net, batch size, plan, guided?) combination needs: the image x, the network's
-input/output (x_in, t_in, y_in, eps; the guidance halves are the two halves of x_in/eps), the workspace x0, the
-per-step tables (timesteps, coefficients a..e, sigma) and the noise table z, all on the device. `run()` copies the
-starting noise, noise table and labels in, then runs the loop, which only reads tables and writes buffers in place:
-no allocation, no `.item()`, no host copy. On a GPU the loop is captured once as a CUDA graph after a warm-up and
-replayed for every later run. Outputs: `run()` returns a CPU copy of x; the device buffers are overwritten by the
-next run.
+input/output (x_in, t_in, y_in, eps; the guidance halves are the two halves of x_in/eps), the x0_hat workspace (one
+buffer per prediction the plan's multistep rows remember), the per-row tables (timesteps, coefficients) and the
+noise table z (slot-major, so that every row's noise is one contiguous block). It also owns its *bound calls* of the network: `net.bind(...)` returns a call bound to this
+runner's buffers (its own onnxruntime IO bindings, its own TensorRT execution context, its own tensors for torch),
+so runners of one engine never feed the network from each other's buffers, whatever order they run in.
 
-The arithmetic is `samplers.sample`'s, step for step (see its docstring): x0 = a x - b eps (clipped),
-x = c x0 + d eps + e x + sigma z.
+`run()` copies the starting noise, noise table and labels in, then runs the loop, which only reads tables and
+writes buffers in place: no allocation, no host synchronisation. On a GPU the loop is captured once as a CUDA
+graph after a warm-up and replayed for every later run. `run()` returns a host copy of x (numpy, float32) that the
+next run cannot overwrite.
+
+The arithmetic is the plan's (runtime.samplers, its module docstring), written once in `Runner.step` against the
+array operations of runtime.ops, so the numpy runner (onnxruntime on a CPU, no PyTorch needed) and the torch
+runner (PyTorch, TensorRT, onnxruntime on a GPU) run the same step.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import hashlib
+import warnings
+from collections import OrderedDict
 from typing import Callable
 
-import torch
+import numpy as np
 
 from .samplers import Plan
 
 
-@contextmanager
-def torch_threads(n: int | None):
-    """Temporarily run torch's CPU ops on n threads (None: leave as is)."""
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+def plan_key(plan: Plan) -> str:
+    """A digest of everything in a plan that a runner bakes into its tables."""
+    h = hashlib.sha1(f"{plan.name}|{plan.clip}".encode())
+    for name in ("timesteps", "x0_x", "x0_eps", "w_x", "w_x0", "w_x0_prev", "w_x0_prev2", "sigma", "z_slot", "cfg",
+                 "calls_net"):
+        h.update(np.ascontiguousarray(getattr(plan, name)).tobytes())
+    return h.hexdigest()
 
 
 class Runner:
+    """One (net, batch, plan, guided) combination with all its buffers and its own bound network calls."""
+
     def __init__(self, net, batch: int, plan: Plan, guided: bool, null_label: int, image_shape=(1, 28, 28),
-                 cuda_graph: bool = True):
-        dev, f32 = net.device, torch.float32
-        self.net, self.batch, self.plan, self.guided = net, batch, plan, guided
+                 cuda_graph: bool = True, edit=None):
+        ops = self.ops = net.make_ops()
+        self.net, self.batch, self.plan, self.guided, self.edit = net, batch, plan, guided, edit
+        self.null_label = null_label
         self.steps = S = plan.steps
-        n = 2 * batch if guided else batch            # the network's batch: [cond | uncond] halves when guided
-        shape = (batch, *image_shape)
-        # -- state and network I/O
-        self.x = torch.empty(shape, device=dev, dtype=f32)
-        self.x0 = torch.empty(shape, device=dev, dtype=f32)
-        # the network reads x directly when it can (fp32, one half); else its own input buffer
-        self.aliased = net.dtype == f32 and not guided
-        self.x_in = self.x if self.aliased else torch.empty((n, *image_shape), device=dev, dtype=net.dtype)
-        self.eps = torch.empty((n, *image_shape), device=dev, dtype=net.dtype)
-        self.eps32 = self.eps if net.dtype == f32 else torch.empty((n, *image_shape), device=dev, dtype=f32)
-        self.t_in = torch.empty(n, device=dev, dtype=torch.int64)
-        self.y_in = torch.full((n,), null_label, device=dev, dtype=torch.int64)
-        self.w_neg = torch.zeros((), device=dev, dtype=f32)  # -w, the guidance weight: a buffer, so no recapture
-        # -- per-step tables, on the device once
-        self.t_table = torch.as_tensor(plan.timesteps, dtype=torch.int64).to(dev)[:, None].expand(S, n).contiguous()
-        coef = lambda v: torch.as_tensor(v, dtype=f32).to(dev)
-        self.a, self.b, self.c = coef(plan.a), coef(plan.b), coef(plan.c)
-        self.d, self.e, self.sigma = coef(plan.d), coef(plan.e), coef(plan.sigma)
-        self.z = torch.empty((batch, S, *image_shape), device=dev, dtype=f32) if plan.stochastic else None
-        # views made once, so that the loop does not even create tensor objects for them
-        self.z_views = [self.z[:, i] for i in range(S)] if self.z is not None else None
-        self.coef_views = [(self.a[i], self.b[i], self.c[i], self.d[i], self.e[i], self.sigma[i]) for i in range(S)]
-        self.net.bind(self.x_in, self.t_in, self.y_in, self.eps)
-        self.use_graph = cuda_graph and dev.type == "cuda" and net.graph_capturable
+        B, n = batch, (2 * batch if guided else batch)   # the network's batch: [cond | uncond] halves when guided
+        shape = (B, *image_shape)
+        # -- state, workspace and network I/O
+        self.x = ops.empty(shape)
+        self.x0 = [ops.empty(shape) for _ in range(1 + plan.history)]   # ring: this row's x0_hat and the remembered
+        ops.set_scratch(ops.empty(shape))
+        self.aliased = net.dtype == "float32" and not guided  # the network reads x itself: fp32, one half
+        self.x_in = self.x if self.aliased else ops.empty((n, *image_shape), net.dtype)
+        self.eps = ops.empty((n, *image_shape), net.dtype)
+        self.eps32 = self.eps if net.dtype == "float32" else ops.empty((n, *image_shape))
+        self.t_in = ops.empty((n,), "int64")
+        self.y_in = ops.full((n,), null_label, "int64")
+        self.w_neg = ops.scalar_buffer()                       # -w, the guidance weight: a buffer, so no recapture
+        # -- per-row tables, on the device once; views and scalars made once, so the loop makes no objects
+        self.t_table = ops.table(np.repeat(plan.timesteps[:, None], n, axis=1), "int64")
+        self.t_rows = [self.t_table[i] for i in range(S)]
+        cols = ("x0_x", "x0_eps", "w_x", "w_x0", "w_x0_prev", "w_x0_prev2", "sigma")
+        self.coef = dict(zip(cols, (ops.scalars(getattr(plan, c)) for c in cols)))
+        Q = plan.num_slots
+        self.z = ops.empty((Q, B, *image_shape)) if Q else None   # slot-major: every slot a contiguous block
+        self.z_rows = [self.z[int(s)] if s >= 0 else None for s in plan.z_slot] if Q else [None] * S
+        # the x0_hat ring position of every row: network rows take turns
+        k = np.cumsum(plan.calls_net) - 1
+        R = len(self.x0)
+        self.ring = [(int(k[i]) % R, int(k[i] - 1) % R, int(k[i] - 2) % R) for i in range(S)]
+        # -- the network calls bound to THIS runner's buffers (#12): the whole batch, and the conditional half alone
+        # for guided runs with rows outside the guidance interval
+        self.call = net.bind(self.x_in, self.t_in, self.y_in, self.eps)
+        self.call_cond = (net.bind(self.x_in[:B], self.t_in[:B], self.y_in[:B], self.eps[:B])
+                          if guided and not plan.cfg[plan.calls_net].all() else None)
+        if edit is not None:
+            edit.setup(self)
+        self.use_graph = cuda_graph and net.graph_capturable and getattr(ops.device, "type", "cpu") == "cuda"
         self.graph = None
-        # On a CPU, when the network is not torch (onnxruntime has its own thread pool), the runner's small in-place
-        # updates run on one torch thread: two thread pools spinning on the same cores slow both (measured: README).
-        self.update_threads = 1 if dev.type == "cpu" and not net.computes_with_torch else None
 
     # ------------------------------------------------------------------------------------------------- the loop
-    def _step(self, i: int) -> None:
-        B = self.batch
-        a, b, c, d, e, sigma = self.coef_views[i]
-        # 1. network input: x (twice when guided), the step's timesteps from the table
-        if not self.aliased:
-            self.x_in[:B].copy_(self.x)
-            if self.guided:
-                self.x_in[B:].copy_(self.x)
-        self.t_in.copy_(self.t_table[i])
-        self.net()
-        eps = self.eps32
-        if eps is not self.eps:
-            eps.copy_(self.eps)
-        if self.guided:
-            # 2. classifier-free guidance: eps = eps_c + w (eps_c - eps_u), written into the uncond half
-            cond, uncond = eps[:B], eps[B:]
-            uncond.sub_(cond).mul_(self.w_neg).add_(cond)      # (eps_u - eps_c)(-w) + eps_c
-            eps = uncond
-        # 3. x0 = a x - b eps, clipped to the data range
-        torch.mul(self.x, a, out=self.x0)
-        self.x0.addcmul_(eps, b, value=-1.0)
-        if self.plan.clip:
-            self.x0.clamp_(-1.0, 1.0)
-        # 4. x = c x0 + d eps + e x + sigma z
-        self.x.mul_(e)
-        self.x.addcmul_(self.x0, c)
-        self.x.addcmul_(eps, d)
-        if self.z_views is not None:
-            self.x.addcmul_(self.z_views[i], sigma)
+    def step(self, i: int) -> None:
+        """Row i of the plan, in place (runtime.samplers' module docstring has the equations)."""
+        ops, B, c, p = self.ops, self.batch, self.coef, self.plan
+        x = self.x
+        if p.calls_net[i]:
+            x0, x0_prev, x0_prev2 = (self.x0[j] for j in self.ring[i])
+            both = self.guided and p.cfg[i]
+            # 1. network input: x (into both halves when guided), the row's timesteps
+            if not self.aliased:
+                ops.copy_(self.x_in[:B], x)
+                if both:
+                    ops.copy_(self.x_in[B:], x)
+            ops.copy_(self.t_in, self.t_rows[i])
+            (self.call if both or not self.guided else self.call_cond)()
+            eps = self.eps32
+            if eps is not self.eps:
+                ops.copy_(eps[: (2 * B if both else B)], self.eps[: (2 * B if both else B)])
+            if both:
+                # 2. classifier-free guidance: eps = eps_c + w (eps_c - eps_u), written into the uncond half
+                cond, eps = eps[:B], eps[B:]
+                ops.sub_(eps, cond)
+                ops.scale_(eps, self.w_neg)                 # (eps_u - eps_c)(-w)
+                ops.add_(eps, cond)
+            else:
+                eps = eps[:B]
+            # 3. x0_hat = x0_x x - x0_eps eps, clipped to the data range
+            ops.mul_into(x0, x, c["x0_x"][i])
+            ops.axmy_(x0, c["x0_eps"][i], eps)
+            if p.clip:
+                ops.clamp_(x0, -1.0, 1.0)
+            if self.edit is not None:
+                self.edit.on_x0(self, i, x0)
+            # 4. x = w_x x + w_x0 x0_hat + w_x0_prev x0_hat' + w_x0_prev2 x0_hat''
+            ops.scale_(x, c["w_x"][i])
+            ops.axpy_(x, c["w_x0"][i], x0)
+            if p.w_x0_prev[i]:
+                ops.axpy_(x, c["w_x0_prev"][i], x0_prev)
+            if p.w_x0_prev2[i]:
+                ops.axpy_(x, c["w_x0_prev2"][i], x0_prev2)
+        else:
+            ops.scale_(x, c["w_x"][i])
+        # 5. + sigma z
+        if self.z_rows[i] is not None:
+            ops.axpy_(x, c["sigma"][i], self.z_rows[i])
+        if self.edit is not None:
+            self.edit.on_x(self, i)
 
-    def _loop(self, callback: Callable[[int], None] | None = None) -> None:
+    def loop(self, callback: Callable[[int], None] | None = None) -> None:
         for i in range(self.steps):
-            self._step(i)
+            self.step(i)
             if callback is not None:
                 callback(i)
 
     def _capture(self) -> None:
         """Warm up on a side stream (lazy inits, cuDNN/TensorRT autotuning), then capture the whole loop."""
-        side = torch.cuda.Stream(self.x.device)
-        side.wait_stream(torch.cuda.current_stream(self.x.device))
+        import torch
+
+        dev = self.x.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
-            self._loop()
-        torch.cuda.current_stream(self.x.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._loop()
+            self.loop()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.loop()
+        self.graph = graph
 
     # ---------------------------------------------------------------------------------------------------- run
-    @torch.no_grad()
-    def load(self, x_T: torch.Tensor, z: torch.Tensor | None, labels: torch.Tensor | None, guidance: float) -> None:
-        """Copy a run's inputs into the buffers (before the loop; host -> device on a GPU)."""
-        self.x.copy_(x_T, non_blocking=True)
-        if self.z is not None:
-            self.z.copy_(z, non_blocking=True)
-        if labels is not None:
-            self.y_in[: self.batch].copy_(labels, non_blocking=True)
-        self.w_neg.fill_(-guidance)
+    def load(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, guidance: float) -> None:
+        """Copy a run's inputs into the buffers (before the loop; host -> device on a GPU).
 
-    @torch.no_grad()
-    def run(self, x_T, z, labels, guidance: float = 0.0, callback=None) -> torch.Tensor:
-        self.load(x_T, z, labels, guidance)
-        if self.use_graph:
-            if self.graph is None:
-                self._capture()
-                self.load(x_T, z, labels, guidance)   # the warm-up consumed the buffers
-            self.graph.replay()
-            if callback is not None:
-                for i in range(self.steps):
-                    callback(i)
+        x_T (B,C,H,W) float32, z (B,num_slots,C,H,W) float32 or None, labels (B,) int64 or None (the null label),
+        guidance w >= 0.
+        """
+        ops, B = self.ops, self.batch
+        if x_T.shape != tuple(self.x.shape):
+            raise ValueError(f"x_T has shape {x_T.shape}, this runner takes {tuple(self.x.shape)}")
+        ops.load(self.x, x_T)
+        if self.z is not None:
+            want = (B, self.plan.num_slots, *self.x.shape[1:])
+            if z is None or z.shape != want:
+                raise ValueError(f"the plan needs noise z of shape {want}, got {None if z is None else z.shape}")
+            ops.load(self.z, np.swapaxes(z, 0, 1))
+        if labels is None:
+            ops.fill_(self.y_in[:B], self.null_label)
         else:
-            with torch_threads(self.update_threads):
-                self._loop(callback)
-        return self.x.cpu()
+            ops.load(self.y_in[:B], np.asarray(labels, dtype=np.int64))
+        ops.set_scalar(self.w_neg, -float(guidance))
+        if self.edit is not None:
+            self.edit.load(self)
+
+    def run(self, x_T, z, labels, guidance: float = 0.0, callback=None) -> np.ndarray:
+        """One batch: x_0 (B,C,H,W) float32 on the host, a copy the next run cannot overwrite."""
+        with self.net.stream_context():
+            self.load(x_T, z, labels, guidance)
+            if self.use_graph and self.graph is None:
+                try:
+                    self._capture()
+                except Exception as e:   # a net that cannot be captured after all: say so once, run step by step
+                    warnings.warn(f"CUDA-graph capture of the {self.net.name} loop failed ({type(e).__name__}: {e}); "
+                                  f"running it step by step", RuntimeWarning, stacklevel=2)
+                    self.use_graph = False
+                self.load(x_T, z, labels, guidance)   # the warm-up consumed the buffers
+            if self.use_graph:
+                self.graph.replay()
+                if callback is not None:
+                    for i in range(self.steps):
+                        callback(i)
+            else:
+                self.loop(callback)
+            return self.ops.to_host(self.x)
 
 
 class RuntimeEngine:
-    """An engine (see runtime.generate) that keeps one Runner per (batch, plan, guided) and reuses it."""
+    """An engine (see runtime.generate) that keeps the runners of its latest (batch, plan, guided) combinations.
 
-    def __init__(self, net, null_label: int, image_shape=(1, 28, 28), cuda_graph: bool = True):
-        self.net, self.null_label, self.image_shape, self.cuda_graph = net, null_label, image_shape, cuda_graph
+    Every runner owns its buffers and its bound network calls, so any sequence of calls gives the same digits as
+    each call alone. At most `max_runners` are kept (least recently used dropped), so a long-lived engine that sees
+    many batch sizes does not grow without bound.
+    """
+
+    def __init__(self, net, null_label: int, image_shape=(1, 28, 28), cuda_graph: bool = True, max_runners: int = 8):
+        self.net, self.null_label, self.image_shape, self.cuda_graph = net, null_label, tuple(image_shape), cuda_graph
         self.name = net.name
-        self.runners: dict = {}
+        self.max_runners = max_runners
+        self.runners: OrderedDict = OrderedDict()
 
-    def runner(self, batch: int, plan: Plan, guided: bool) -> Runner:
-        key = (batch, plan.name, plan.steps, plan.clip, guided)
-        if key not in self.runners:
+    def runner(self, batch: int, plan: Plan, guided: bool, edit=None) -> Runner:
+        key = (batch, plan_key(plan), guided, None if edit is None else edit.key)
+        if key in self.runners:
+            self.runners.move_to_end(key)
+        else:
             self.runners[key] = Runner(self.net, batch, plan, guided, self.null_label, self.image_shape,
-                                       self.cuda_graph)
+                                       self.cuda_graph, edit)
+            while len(self.runners) > self.max_runners:
+                self.runners.popitem(last=False)
         return self.runners[key]
 
     def run(self, x_T, z, labels, plan, guidance, callback=None):
+        """x_T (B,C,H,W) float32, z (B,Q,C,H,W) or None, labels (B,) int64 or None -> x_0 (B,C,H,W) float32."""
         guided = labels is not None and guidance != 0   # w = 0: the conditional model alone, one batch
-        r = self.runner(x_T.shape[0], plan, guided)
-        if labels is None:
-            r.y_in.fill_(self.null_label)
-        return r.run(x_T, z, labels, guidance, callback)
+        return self.runner(x_T.shape[0], plan, guided).run(x_T, z, labels, guidance, callback)

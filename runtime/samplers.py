@@ -1,48 +1,102 @@
-"""Samplers: plain functions over a noise predictor eps_fn(x, t) -> eps, the starting noise and the schedule.
+"""Samplers as tables: every reverse process here is a `Plan`, one row of coefficients per step (numpy only).
 
-Every reverse process here is first turned into a `Plan`, a table with one row per step:
+A row i that calls the network (all rows of the samplers here) computes, from the state x and eps = eps_theta(x, t_i):
 
-    x0_hat = a[i] * x - b[i] * eps                        (predicted clean image; clipped to [-1, 1] if plan.clip)
-    x      = c[i] * x0_hat + d[i] * eps + e[i] * x + sigma[i] * z_i
+    x0_hat_i = x0_x[i] * x - x0_eps[i] * eps                  (predicted clean image; clipped to [-1, 1] if plan.clip)
+    x        = w_x[i] * x + w_x0[i] * x0_hat_i + w_x0_prev[i] * x0_hat_{i-1} + w_x0_prev2[i] * x0_hat_{i-2}
+               + sigma[i] * z[z_slot[i]]
 
-DDPM (Ho et al. 2020) and DDIM (Song et al. 2021) only differ in the table, so the eager reference loop below
-(`sample`) and the preallocated runtime (`runtime.runner`) run the same plan with the same noise z_i.
+where x0_hat_{i-1}, x0_hat_{i-2} are the predictions of the previous network rows (the history that multistep
+solvers use) and z the sample's fresh noise (runtime.noise; z_slot -1: none). A row with calls_net False only
+rescales and adds noise (x = w_x x + sigma z), as a forward jump does. DDPM (Ho et al. 2020) and DDIM (Song et al.
+2021) only differ in the table; the eager reference (runtime.eager) and the preallocated runtime (runtime.runner)
+run the same plan with the same noise. Classifier-free guidance, when asked for, is applied on the rows where
+`cfg` is True; the other rows run the conditional model alone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
-import torch
 
 from .schedule import Schedule
 
-EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
-NoiseFn = Callable[[int], torch.Tensor]
+SAMPLERS = ("ddpm", "ddim")
+DEFAULT_STEPS = 50
 
 
 @dataclass(frozen=True)
 class Plan:
     name: str
-    timesteps: np.ndarray   # (S,) int64: the network's t at step i (decreasing)
-    a: np.ndarray           # x0_hat = a x - b eps: 1/sqrt(abar_t)
-    b: np.ndarray           #                       sqrt(1/abar_t - 1)
-    c: np.ndarray           # weight of x0_hat in the next x
-    d: np.ndarray           # weight of eps in the next x
-    e: np.ndarray           # weight of the current x in the next x
-    sigma: np.ndarray       # std of the fresh noise z_i added at step i
-    abar_prev: np.ndarray   # abar of the timestep reached after step i (1 after the last): for inpainting
+    timesteps: np.ndarray   # (S,) int64: the network's t at row i (decreasing)
+    x0_x: np.ndarray        # x0_hat = x0_x x - x0_eps eps: 1/sqrt(abar_t)
+    x0_eps: np.ndarray      #                              sqrt(1/abar_t - 1)
+    w_x: np.ndarray         # weight of the current x in the next x
+    w_x0: np.ndarray        # weight of this row's x0_hat in the next x
+    w_x0_prev: np.ndarray   # weight of the previous network row's x0_hat (multistep solvers)
+    w_x0_prev2: np.ndarray  # weight of the x0_hat two network rows back (multistep solvers)
+    sigma: np.ndarray       # std of the fresh noise added at row i
+    abar_next: np.ndarray   # abar of the noise level reached after row i (1 after the last): for editing
+    z_slot: np.ndarray      # (S,) int64: which of the sample's noise slots row i adds (-1: none); see runtime.noise
+    cfg: np.ndarray         # (S,) bool: apply classifier-free guidance at row i (else the conditional model alone)
+    calls_net: np.ndarray   # (S,) bool: row i evaluates the network (False: a rescale-and-noise row)
     clip: bool = True       # clip x0_hat to [-1, 1] (the data range)
+
+    @classmethod
+    def make(cls, name: str, timesteps, x0_x, x0_eps, w_x, w_x0, sigma, abar_next, clip: bool = True,
+             w_x0_prev=None, w_x0_prev2=None, cfg=None, calls_net=None) -> "Plan":
+        """A plan from its columns; the history weights default to 0, cfg and calls_net to True, and the noise slots
+        are numbered in row order over the rows with sigma > 0."""
+        S = len(timesteps)
+        f64 = lambda v: np.zeros(S) if v is None else np.asarray(v, dtype=np.float64)
+        sigma = f64(sigma)
+        z_slot = np.where(sigma > 0, np.cumsum(sigma > 0) - 1, -1).astype(np.int64)
+        flag = lambda v: np.ones(S, dtype=bool) if v is None else np.asarray(v, dtype=bool)
+        plan = cls(name, np.asarray(timesteps, dtype=np.int64), f64(x0_x), f64(x0_eps), f64(w_x), f64(w_x0),
+                   f64(w_x0_prev), f64(w_x0_prev2), sigma, f64(abar_next), z_slot, flag(cfg), flag(calls_net), clip)
+        return plan.validate()
+
+    def validate(self) -> "Plan":
+        S = len(self.timesteps)
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, np.ndarray) and v.shape != (S,):
+                raise ValueError(f"plan column {f.name} has shape {v.shape}, expected ({S},)")
+            if isinstance(v, np.ndarray) and v.dtype == np.float64 and not np.isfinite(v).all():
+                raise ValueError(f"plan column {f.name} is not finite")
+        if S == 0:
+            raise ValueError("a plan needs at least one row")
+        if (self.sigma < 0).any():
+            raise ValueError("sigma must be >= 0")
+        return self
 
     @property
     def steps(self) -> int:
+        """Rows of the plan (the progress bar's unit)."""
         return len(self.timesteps)
 
     @property
+    def calls(self) -> int:
+        """Network evaluations per sample (twice that in images when guided)."""
+        return int(self.calls_net.sum())
+
+    @property
+    def num_slots(self) -> int:
+        """Noise slots the plan draws per sample, besides x_T (runtime.noise)."""
+        return int(self.z_slot.max()) + 1 if (self.z_slot >= 0).any() else 0
+
+    @property
     def stochastic(self) -> bool:
-        return bool(np.any(self.sigma > 0))
+        return self.num_slots > 0
+
+    @property
+    def history(self) -> int:
+        """How many earlier x0_hat predictions the rows read (0, 1 or 2)."""
+        return 2 if self.w_x0_prev2.any() else 1 if self.w_x0_prev.any() else 0
+
+    def with_cfg(self, cfg) -> "Plan":
+        return replace(self, cfg=np.asarray(cfg, dtype=bool)).validate()
 
 
 def ddpm_plan(sched: Schedule, variance: str = "small", clip: bool = True) -> Plan:
@@ -55,9 +109,9 @@ def ddpm_plan(sched: Schedule, variance: str = "small", clip: bool = True) -> Pl
     # 3. x_{t-1} = mu~ + sigma_t z, sigma_t^2 = beta~_t ("fixed small") or beta_t ("fixed large"); z = 0 at t = 0
     var = sched.posterior_variance[t] if variance == "small" else sched.betas[t]
     sigma = np.where(t > 0, np.sqrt(var), 0.0)
-    return Plan(f"ddpm-{variance}", t.astype(np.int64), sched.sqrt_recip_alphas_cumprod[t],
-                sched.sqrt_recipm1_alphas_cumprod[t], sched.posterior_mean_coef1[t], np.zeros(sched.T),
-                sched.posterior_mean_coef2[t], sigma, sched.alphas_cumprod_prev[t], clip)
+    return Plan.make(f"ddpm-{variance}", t, sched.sqrt_recip_alphas_cumprod[t], sched.sqrt_recipm1_alphas_cumprod[t],
+                     w_x=sched.posterior_mean_coef2[t], w_x0=sched.posterior_mean_coef1[t], sigma=sigma,
+                     abar_next=sched.alphas_cumprod_prev[t], clip=clip)
 
 
 def ddim_timesteps(T: int, steps: int) -> np.ndarray:
@@ -69,9 +123,9 @@ def ddim_timesteps(T: int, steps: int) -> np.ndarray:
     return np.round(np.linspace(0, T - 1, steps)).astype(np.int64)[::-1].copy()
 
 
-def ddim_plan(sched: Schedule, steps: int = 50, eta: float = 0.0, clip: bool = True) -> Plan:
+def ddim_plan(sched: Schedule, steps: int = DEFAULT_STEPS, eta: float = 0.0, clip: bool = True) -> Plan:
     """DDIM (Song et al. 2021) on a subsequence of timesteps; eta=0 deterministic, eta=1 DDPM-like."""
-    if not 0.0 <= eta <= 1.0:
+    if not 0.0 <= eta <= 1.0:   # also refuses NaN
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     t = ddim_timesteps(sched.T, steps)
     ab = sched.alphas_cumprod[t]
@@ -81,108 +135,27 @@ def ddim_plan(sched: Schedule, steps: int = 50, eta: float = 0.0, clip: bool = T
     # 3. x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps' + sigma z     (eq. 12)
     #    with eps' = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t), the noise that is consistent with x0_hat: equal to
     #    eps when x0_hat is not clipped; when it is, the direction term does not re-inject what clipping removed
-    #    (that leak made guided samples blobby). Folded into the table: x_prev = c x0_hat + e x_t + sigma z.
+    #    (that leak made guided samples blobby). Folded into the table: x_prev = w_x0 x0_hat + w_x x_t + sigma z.
     sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
     dir_ = np.sqrt(np.clip(1 - ab_prev - sigma ** 2, 0.0, None))
-    e = dir_ / np.sqrt(1 - ab)
-    c = np.sqrt(ab_prev) - e * np.sqrt(ab)
-    return Plan(f"ddim{steps}-eta{eta:g}", t, 1 / np.sqrt(ab), np.sqrt(1 / ab - 1), c, np.zeros(len(t)), e, sigma,
-                ab_prev, clip)
+    w_x = dir_ / np.sqrt(1 - ab)
+    w_x0 = np.sqrt(ab_prev) - w_x * np.sqrt(ab)
+    return Plan.make(f"ddim{steps}-eta{eta:g}", t, 1 / np.sqrt(ab), np.sqrt(1 / ab - 1), w_x=w_x, w_x0=w_x0,
+                     sigma=sigma, abar_next=ab_prev, clip=clip)
+
+
+def default_steps(T: int) -> int:
+    """The default number of steps of the few-step samplers: DEFAULT_STEPS, or T for a model with fewer."""
+    return min(DEFAULT_STEPS, T)
 
 
 def make_plan(sched: Schedule, sampler: str, steps: int | None = None, eta: float = 0.0,
               variance: str = "small") -> Plan:
+    """The plan of a sampler by name (SAMPLERS); steps None: its default. ValueError for what does not fit."""
     if sampler == "ddpm":
         if steps not in (None, sched.T):
             raise ValueError(f"the DDPM sampler runs all T={sched.T} steps; use --sampler ddim for fewer")
         return ddpm_plan(sched, variance)
     if sampler == "ddim":
-        return ddim_plan(sched, steps or 50, eta)
-    raise ValueError(f"unknown sampler {sampler!r} (ddpm or ddim)")
-
-
-@torch.no_grad()
-def sample(eps_fn: EpsFn, x: torch.Tensor, plan: Plan, noise: NoiseFn | None = None,
-           callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Run a plan from the starting noise x (= x_T); noise(i) gives z_i (default: randn_like). Eager reference."""
-    noise = noise or (lambda i: torch.randn_like(x))
-    for i, t in enumerate(plan.timesteps.tolist()):
-        eps = eps_fn(x, t)
-        # 1. predicted clean image
-        x0 = plan.a[i] * x - plan.b[i] * eps
-        if plan.clip:
-            x0 = x0.clamp(-1.0, 1.0)
-        # 2. mean of the next state, 3. plus fresh noise
-        x = plan.c[i] * x0 + plan.d[i] * eps + plan.e[i] * x
-        if plan.sigma[i] > 0:
-            x = x + plan.sigma[i] * noise(i)
-        if callback is not None:
-            callback(i, x)
-    return x
-
-
-def sample_ddpm(eps_fn: EpsFn, x: torch.Tensor, sched: Schedule, noise: NoiseFn | None = None,
-                variance: str = "small", **kw) -> torch.Tensor:
-    """DDPM ancestral sampler, T steps."""
-    return sample(eps_fn, x, ddpm_plan(sched, variance), noise, **kw)
-
-
-def sample_ddim(eps_fn: EpsFn, x: torch.Tensor, sched: Schedule, steps: int = 50, eta: float = 0.0,
-                noise: NoiseFn | None = None, **kw) -> torch.Tensor:
-    """DDIM sampler, any number of steps, eta in [0, 1]."""
-    return sample(eps_fn, x, ddim_plan(sched, steps, eta), noise, **kw)
-
-
-@torch.no_grad()
-def inpaint(eps_fn: EpsFn, known: torch.Tensor, mask: torch.Tensor, plan: Plan, generator: torch.Generator | None = None,
-            resample: int = 1) -> torch.Tensor:
-    """RePaint (Lugmayr et al. 2022): generate where mask == 0, keep `known` where mask == 1.
-
-    Each step the known region is re-noised from q(x_prev | x_0) (eq. 4 of DDPM) and the unknown region comes from
-    the reverse step; with resample > 1 each step is redone after a one-step jump back to x_t (RePaint's
-    "resampling", jump length 1), which harmonises the two regions.
-    """
-    if resample < 1:
-        raise ValueError("resample must be >= 1")
-    randn = lambda: torch.randn(known.shape, generator=generator, dtype=known.dtype).to(known.device)
-    mask = mask.to(known.dtype)
-    x = randn()
-    for i, t in enumerate(plan.timesteps.tolist()):
-        abar_t = plan.abar_prev[i - 1] if i > 0 else 1.0 / plan.a[0] ** 2
-        for r in range(resample):
-            eps = eps_fn(x, t)
-            x0 = plan.a[i] * x - plan.b[i] * eps
-            if plan.clip:
-                x0 = x0.clamp(-1.0, 1.0)
-            x_unknown = plan.c[i] * x0 + plan.d[i] * eps + plan.e[i] * x + plan.sigma[i] * randn()
-            ab = plan.abar_prev[i]
-            x_known = ab ** 0.5 * known + (1 - ab) ** 0.5 * randn()
-            x_prev = mask * x_known + (1 - mask) * x_unknown
-            if r < resample - 1:
-                # jump back: x_t ~ q(x_t | x_prev) = N(sqrt(abar_t/abar_prev) x_prev, (1 - abar_t/abar_prev) I)
-                ratio = abar_t / ab
-                x = ratio ** 0.5 * x_prev + (1 - ratio) ** 0.5 * randn()
-            else:
-                x = x_prev
-    return x
-
-
-def guided(model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], labels: torch.Tensor | None,
-           null_label: int, w: float = 0.0) -> EpsFn:
-    """eps_fn for class labels with classifier-free guidance (Ho & Salimans 2022, eq. 6):
-
-        eps = eps_cond + w (eps_cond - eps_uncond)  =  (1 + w) eps_cond - w eps_uncond
-
-    w = 0 is the conditional model alone (one batch); w > 0 evaluates both halves in one doubled batch.
-    labels=None samples unconditionally with the reserved null label.
-    """
-    def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
-        n = x.shape[0]
-        if labels is None or w == 0:
-            y = labels if labels is not None else torch.full((n,), null_label, dtype=torch.long, device=x.device)
-            return model_fn(x, torch.full((n,), t, dtype=torch.long, device=x.device), y)
-        y = torch.cat([labels, torch.full_like(labels, null_label)])
-        eps = model_fn(torch.cat([x, x]), torch.full((2 * n,), t, dtype=torch.long, device=x.device), y)
-        cond, uncond = eps.chunk(2)
-        return cond + w * (cond - uncond)
-    return eps_fn
+        return ddim_plan(sched, steps or default_steps(sched.T), eta)
+    raise ValueError(f"unknown sampler {sampler!r} ({' or '.join(SAMPLERS)})")

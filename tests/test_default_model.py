@@ -5,7 +5,8 @@ import pytest
 
 from ddpm.bench.quality import load_classifier, predict
 from ddpm.model.io import default_model_path, load_model
-from ddpm.runtime.generate import EagerEngine, generate, labels_for
+from ddpm.runtime.eager import EagerEngine
+from ddpm.runtime.generate import generate, labels_for
 from ddpm.runtime.samplers import ddim_plan
 from ddpm.runtime.schedule import Schedule
 

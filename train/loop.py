@@ -163,14 +163,15 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 def write_samples(ema: UNet, cfg: ModelConfig, path: Path, seed: int = 0, n: int = 40, steps: int = 25) -> None:
     """A grid of class-conditional samples (4 rows of 0..9, DDIM) from the EMA model."""
     from ..runtime.images import save_grid, to_uint8
+    from ..runtime.eager import guided, sample
     from ..runtime.noise import make_noise
-    from ..runtime.samplers import ddim_plan, guided, sample
+    from ..runtime.samplers import ddim_plan
 
     dev = next(ema.parameters()).device
     plan = ddim_plan(Schedule.make(cfg.schedule, cfg.timesteps), min(steps, cfg.timesteps))
-    x_T, _ = make_noise(seed, 0, n, plan.steps, stochastic=False)
+    x_T, _ = make_noise(seed, 0, n, plan.num_slots)
     labels = torch.arange(n, device=dev) % cfg.num_classes
-    x = sample(guided(ema, labels, cfg.null_label, 1.0), x_T.to(dev), plan)
+    x = sample(guided(ema, labels, cfg.null_label, 1.0), torch.from_numpy(x_T).to(dev), plan)
     save_grid(to_uint8(x), path, nrow=10)
 
 

@@ -1,0 +1,163 @@
+"""The few in-place array operations the runtime's loop is made of, for numpy (CPU, no PyTorch) and for PyTorch.
+
+The runner writes its step once against this vocabulary (runtime.runner.Runner.step), so the numpy runner that
+drives onnxruntime on a CPU and the torch runner that drives PyTorch, TensorRT or onnxruntime on a GPU run the same
+arithmetic. Every operation writes into an existing buffer and allocates nothing the size of an image: numpy's
+`y += s * x` would make a temporary, so `axpy_` goes through a scratch buffer the runner allocates once.
+
+Scalars: a per-row coefficient is whatever `scalars()` returns for a table (Python floats for numpy, 0-d device
+tensors for torch, so that a captured CUDA graph reads them from device memory); a per-run value (the guidance
+weight) lives in a 0-d buffer from `scalar_buffer()` and is set with `set_scalar()` before the loop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DTYPES = ("float32", "float16", "int64")
+
+
+class NumpyOps:
+    """numpy arrays on the host."""
+
+    name = "numpy"
+    device = "cpu"
+
+    def empty(self, shape, dtype: str = "float32"):
+        return np.empty(shape, dtype=dtype)
+
+    def full(self, shape, value, dtype: str = "float32"):
+        return np.full(shape, value, dtype=dtype)
+
+    def table(self, values, dtype: str = "float32"):
+        """A host table on the device (here: a contiguous copy)."""
+        return np.ascontiguousarray(np.asarray(values, dtype=dtype))
+
+    def scalars(self, values) -> list:
+        return [float(v) for v in np.asarray(values, dtype=np.float32)]
+
+    def scalar_buffer(self):
+        return np.zeros((), dtype=np.float32)
+
+    def set_scalar(self, buf, value: float) -> None:
+        buf[...] = value
+
+    def set_scratch(self, scratch) -> None:
+        self.scratch = scratch
+
+    # -- in place
+    def copy_(self, dst, src) -> None:
+        np.copyto(dst, src, casting="same_kind")
+
+    def fill_(self, dst, value) -> None:
+        dst.fill(value)
+
+    def scale_(self, x, s) -> None:
+        np.multiply(x, s, out=x)
+
+    def add_(self, y, x) -> None:
+        np.add(y, x, out=y)
+
+    def sub_(self, y, x) -> None:
+        np.subtract(y, x, out=y)
+
+    def axpy_(self, y, s, x) -> None:
+        """y += s * x, for image-shaped float32 y and x."""
+        tmp = self.scratch[: x.shape[0]]
+        np.multiply(x, s, out=tmp)
+        np.add(y, tmp, out=y)
+
+    def axmy_(self, y, s, x) -> None:
+        """y -= s * x, for image-shaped float32 y and x."""
+        tmp = self.scratch[: x.shape[0]]
+        np.multiply(x, s, out=tmp)
+        np.subtract(y, tmp, out=y)
+
+    def mul_into(self, out, x, s) -> None:
+        np.multiply(x, s, out=out)
+
+    def clamp_(self, x, lo: float, hi: float) -> None:
+        np.clip(x, lo, hi, out=x)
+
+    # -- host <-> device
+    def load(self, dst, host: np.ndarray) -> None:
+        np.copyto(dst, host, casting="same_kind")
+
+    def to_host(self, x) -> np.ndarray:
+        return np.array(x, dtype=np.float32, copy=True)
+
+    def data_ptr(self, x) -> int:
+        return x.ctypes.data
+
+
+class TorchOps:
+    """PyTorch tensors on a device (CPU or CUDA)."""
+
+    name = "torch"
+
+    def __init__(self, device):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self._dtypes = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+
+    def empty(self, shape, dtype: str = "float32"):
+        return self.torch.empty(shape, dtype=self._dtypes[dtype], device=self.device)
+
+    def full(self, shape, value, dtype: str = "float32"):
+        return self.torch.full(shape, value, dtype=self._dtypes[dtype], device=self.device)
+
+    def table(self, values, dtype: str = "float32"):
+        return self.torch.as_tensor(np.ascontiguousarray(values), dtype=self._dtypes[dtype]).to(self.device)
+
+    def scalars(self, values) -> list:
+        t = self.table(values)
+        return [t[i] for i in range(len(t))]   # 0-d views made once: the loop creates no tensor objects for them
+
+    def scalar_buffer(self):
+        return self.torch.zeros((), dtype=self.torch.float32, device=self.device)
+
+    def set_scalar(self, buf, value: float) -> None:
+        buf.fill_(value)
+
+    def set_scratch(self, scratch) -> None:
+        self.scratch = scratch
+
+    # -- in place
+    def copy_(self, dst, src) -> None:
+        dst.copy_(src)
+
+    def fill_(self, dst, value) -> None:
+        dst.fill_(value)
+
+    def scale_(self, x, s) -> None:
+        x.mul_(s)
+
+    def add_(self, y, x) -> None:
+        y.add_(x)
+
+    def sub_(self, y, x) -> None:
+        y.sub_(x)
+
+    def axpy_(self, y, s, x) -> None:
+        y.addcmul_(x, s)
+
+    def axmy_(self, y, s, x) -> None:
+        y.addcmul_(x, s, value=-1.0)
+
+    def mul_into(self, out, x, s) -> None:
+        self.torch.mul(x, s, out=out)
+
+    def clamp_(self, x, lo: float, hi: float) -> None:
+        x.clamp_(lo, hi)
+
+    # -- host <-> device
+    def load(self, dst, host: np.ndarray) -> None:
+        dst.copy_(self.torch.from_numpy(np.ascontiguousarray(host)), non_blocking=True)
+
+    def to_host(self, x) -> np.ndarray:
+        return x.detach().to("cpu", dtype=self.torch.float32, copy=True).numpy()
+
+    def data_ptr(self, x) -> int:
+        return x.data_ptr()
