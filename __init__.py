@@ -9,3 +9,7 @@ Layout (the repository root is this package):
 """
 
 __version__ = "0.1.0"
+
+from .api import DdpmError, Model, load  # noqa: E402  (numpy-only imports: `import ddpm` never imports PyTorch)
+
+__all__ = ["DdpmError", "Model", "load", "__version__"]

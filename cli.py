@@ -9,17 +9,63 @@ import sys
 
 import click
 
+from .api import GUIDANCE, DdpmError   # numpy-only imports
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
-# The recommended classifier-free guidance for the shipped model: the best Frechet distance with >= 98% conditional
-# accuracy (assets/MODEL_CARD.md has the sweep).
-GUIDANCE = 0.3
 
 
 def _fail(e: BaseException) -> click.ClickException:
     return click.ClickException(str(e))
 
 
-@click.group(context_settings=CONTEXT)
+class Group(click.Group):
+    """The `ddpm` group: errors meant for the user (DdpmError, a missing PyTorch) become one line and exit 1."""
+
+    def invoke(self, ctx):
+        from .model.io import TorchMissing
+
+        try:
+            return super().invoke(ctx)
+        except (DdpmError, TorchMissing) as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _needs_torch(command: str) -> None:
+    """One line instead of an ImportError when a command needs PyTorch and it is not installed."""
+    from .model.io import require_torch
+
+    require_torch(f"ddpm {command}")
+
+
+def _dist(device):
+    """The torchrun context (train.dist) under torchrun; a single-process stand-in otherwise (no PyTorch needed)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _needs_torch("under torchrun")
+        from .train import dist
+
+        return dist.setup(device)
+    return _Single()
+
+
+class _Single:
+    rank, world = 0, 1
+
+    def barrier(self):
+        pass
+
+    def shard(self, n):
+        return 0, n
+
+    def gather(self, obj):
+        return [obj]
+
+    def teardown(self):
+        pass
+
+
+@click.group(cls=Group, context_settings=CONTEXT)
 @click.version_option(package_name="ddpm")
 def main():
     """Denoising diffusion on MNIST: train, generate, export to ONNX/TensorRT, benchmark.
@@ -83,6 +129,7 @@ def train(threads, resume, **opts):
       ddpm train --init runs/try --steps 2000 --seed 1 --out runs/more   # fine-tune from a model
       torchrun --nproc_per_node 2 -m ddpm.cli train --batch 128   # DDP, global batch 128
     """
+    _needs_torch("train")
     import torch
 
     from .train.data import DataError
@@ -104,29 +151,20 @@ def train(threads, resume, **opts):
 ENGINES = ["torch", "runtime-torch", "onnx", "trt"]   # see ddpm.runtime.engines
 
 
-def _load(ckpt):
-    """The LoadedModel of --ckpt, or of the bundled default model."""
-    from .model.io import CheckpointError, default_model_path, load_model
+def _model(ckpt, export_dir=None):
+    """The api.Model of --ckpt (and/or --export), or of the bundled default model."""
+    from . import api
 
-    path = ckpt or default_model_path()
+    return api.load(ckpt, export_dir)
+
+
+def _plan(model, sampler, steps, eta, variance):
+    from . import api
+
     try:
-        return load_model(path)
-    except CheckpointError as e:
-        hint = "" if ckpt else " (the bundled default model is missing: reinstall the package)"
-        raise _fail(f"{e}{hint}") from None
-
-
-def _plan(loaded, sampler, steps, eta, variance):
-    from .runtime.samplers import make_plan
-    from .runtime.schedule import Schedule
-
-    cfg = loaded.cfg
-    if steps is not None and not 1 <= steps <= cfg.timesteps:
-        raise click.BadParameter(f"must be in 1..{cfg.timesteps} (the model's T)", param_hint="--steps")
-    if sampler == "ddpm" and steps not in (None, cfg.timesteps):
-        raise click.BadParameter(f"DDPM runs all T={cfg.timesteps} steps; use --sampler ddim for fewer",
-                                 param_hint="--steps")
-    return make_plan(Schedule.make(cfg.schedule, cfg.timesteps), sampler, steps, eta, variance)
+        return model.plan(sampler, steps, eta, variance)
+    except api.DdpmError as e:
+        raise click.BadParameter(str(e), param_hint="--steps" if "steps" in str(e) else "--sampler") from None
 
 
 def _device(name):
@@ -167,8 +205,10 @@ def sampling_options(f):
 
 def _threads(n):
     if n:
-        import torch
-
+        try:
+            import torch
+        except ImportError:
+            return
         torch.set_num_threads(n)
 
 
@@ -188,46 +228,10 @@ def engine_options(f):
     return f
 
 
-def ensure_export(loaded, export_dir, fp16):
-    """The export folder for the checkpoint: --export (hash-checked) or the cache one, exported when missing."""
-    from pathlib import Path
-
-    from .runtime.bundle import Bundle, ExportError
-
-    explicit = export_dir is not None
-    root = Path(export_dir or default_export_dir(loaded))
-    if not explicit and (not (root / "export.json").exists() or (fp16 and not (root / "model_fp16.onnx").exists())):
-        from .export.onnx_export import ExportFailed, export
-
-        click.echo(f"exporting the model to {root} (once)", err=True)
-        try:
-            export(loaded, root, fp16=True, log=lambda *_: None)
-        except ExportFailed as e:
-            raise click.ClickException(f"export failed: {e}") from None
-    try:
-        return Bundle.load(root, expected_hash=loaded.hash)
-    except ExportError as e:
-        raise _fail(e) from None
-
-
-def make_engine(name, loaded, device, export_dir=None, fp16=False, cuda_graph=True, max_batch=512, ctx=None):
-    """The engine `name` (auto resolved) on `device`; under torchrun (ctx) rank 0 exports before the others look."""
-    from .runtime.engines import NEEDS_EXPORT, auto_engine, make_engine as build
-    from .runtime.nets import EngineUnavailable
-    from .runtime.bundle import ExportError
-
-    if name == "auto":
-        name = auto_engine(device)
-    if name in NEEDS_EXPORT and ctx is not None and ctx.world > 1:
-        if ctx.rank == 0:
-            ensure_export(loaded, export_dir, fp16)
-        ctx.barrier()
-    bundle = ensure_export(loaded, export_dir, fp16) if name in NEEDS_EXPORT else None
-    try:
-        return build(name, device, loaded.model, loaded.cfg.null_label, bundle, fp16, cuda_graph,
-                     max_batch=max_batch, log=lambda m: click.echo(m, err=True))
-    except (EngineUnavailable, ExportError) as e:
-        raise _fail(e) from None
+def make_engine(name, model, device, fp16=False, cuda_graph=True, max_batch=512, ctx=None, threads=None):
+    """The engine `name` (auto resolved) on `device`, its messages on stderr; ctx: the torchrun context."""
+    return model.engine(name, device, fp16, cuda_graph, threads, max_batch, dist=ctx,
+                        log=lambda m: click.echo(m, err=True))
 
 
 @main.command()
@@ -258,21 +262,19 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet,
 
     import numpy as np
 
-    from .runtime.generate import generate, labels_for
+    from .runtime.generate import generate
 
     if label is not None and uncond:
         raise click.UsageError("--label and --uncond exclude each other")
     if not out.endswith((".png", ".npz")):
         raise click.BadParameter("must end in .png or .npz", param_hint="--out")
-    from .train import dist
-
     _threads(threads)
-    loaded = _load(ckpt)
-    plan = _plan(loaded, sampler, steps, eta, variance)
-    ctx = dist.setup(device)   # under torchrun: each rank draws its share of the samples
-    dev = ctx.device if ctx.world > 1 else _device(device)
-    eng = make_engine(engine, loaded, dev, export_dir, fp16, not no_cuda_graph, 2 * batch, ctx)
-    labels = labels_for(num, label, uncond, loaded.cfg.num_classes)
+    model = _model(ckpt, export_dir)
+    plan = _plan(model, sampler, steps, eta, variance)
+    ctx = _dist(device)   # under torchrun: each rank draws its share of the samples
+    dev = str(ctx.device) if ctx.world > 1 else _device(device)
+    eng = make_engine(engine, model, dev, fp16, not no_cuda_graph, 2 * batch, ctx, threads)
+    labels = model.labels(num, label, uncond)
     lo, hi = ctx.shard(num)
     t0 = time.perf_counter()
     # sample k's noise depends only on (seed, k): the shards together are exactly the single-process samples
@@ -339,11 +341,12 @@ def inpaint(image, mask_spec, num, label, resample, out, ckpt, sampler, steps, e
       ddpm inpaint --image seven.png --mask bottom -n 8 --out completions.png
       ddpm inpaint --image digit.png --mask keep.png --label 3
     """
+    _needs_torch("inpaint")
     import numpy as np
     import torch
 
-    from .runtime.images import save_grid, to_uint8
     from .runtime.eager import guided, inpaint as run_inpaint
+    from .runtime.images import save_grid, to_uint8
 
     _threads(threads)
     known = _load_png(image, "--image")
@@ -355,10 +358,10 @@ def inpaint(image, mask_spec, num, label, resample, out, ckpt, sampler, steps, e
         keep = (_load_png(mask_spec, "--mask") >= 128).astype(np.float32)
     else:
         raise click.BadParameter("top, bottom, left, right or a PNG file", param_hint="--mask")
-    loaded = _load(ckpt)
+    loaded = _model(ckpt)
     plan = _plan(loaded, sampler, steps, eta, variance)
     dev = _device(device)
-    model = loaded.model.to(dev)
+    model = loaded.torch_model.to(dev)
     x0 = torch.from_numpy(known).float().div(127.5).sub(1).expand(num, 1, 28, 28).to(dev)
     mask = torch.from_numpy(keep).expand(num, 1, 28, 28).to(dev)
     labels = None if label is None else torch.full((num,), label, device=dev)
@@ -398,6 +401,7 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
       ddpm gen -n 2000 --sampler ddpm --out ddpm.npz && ddpm eval --samples ddpm.npz
       ddpm eval --samples a.npz --samples b.npz --json quality.json
     """
+    _needs_torch("eval (its MNIST classifier)")
     import json
     from pathlib import Path
 
@@ -429,12 +433,12 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
         except (OSError, KeyError, ValueError) as e:
             raise click.ClickException(f"{f}: not a samples file from `ddpm gen --out x.npz` ({e})") from None
     if not sample_files:
-        from .runtime.generate import generate, labels_for
+        from .runtime.generate import generate
 
-        loaded = _load(ckpt)
-        plan = _plan(loaded, sampler, steps, eta, variance)
-        labels = labels_for(num, None, uncond, loaded.cfg.num_classes)
-        eng = make_engine(engine, loaded, _device(device), export_dir, fp16, not no_cuda_graph, 2 * batch)
+        model = _model(ckpt, export_dir)
+        plan = _plan(model, sampler, steps, eta, variance)
+        labels = model.labels(num, None, uncond)
+        eng = make_engine(engine, model, _device(device), fp16, not no_cuda_graph, 2 * batch, threads=threads)
         images = generate(eng, num, plan, labels, guidance, seed, batch, progress=not quiet)
         name = f"{plan.name} w={guidance:g}" + (" uncond" if uncond else "")
         rows.append(ref.evaluate(images, labels, name))
@@ -444,15 +448,6 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
 
 
 # ---------------------------------------------------------------------------------------------------------- export
-def default_export_dir(loaded) -> str:
-    """Where exports of a checkpoint live unless told otherwise: the cache, keyed by the weights' hash."""
-    import os
-    from pathlib import Path
-
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddpm" / "exports"
-    return str(cache / loaded.hash[:16])
-
-
 @main.command("export")
 @click.option("--ckpt", type=click.Path(), default=None, help="Checkpoint [default: the bundled model].")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -473,6 +468,7 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range):
       ddpm export --fp16
       ddpm export --ckpt runs/ddpm --out exports/mine --fp16 --trt --batch 1-64
     """
+    _needs_torch("export")
     from .export.onnx_export import ExportFailed, export
 
     try:
@@ -488,8 +484,14 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range):
             import_trt(), gpu_name()
         except TensorRTUnavailable as e:
             raise _fail(e) from None
-    loaded = _load(ckpt)
-    out = out or default_export_dir(loaded)
+    from . import api
+    from .model.io import CheckpointError, load_model
+
+    try:
+        loaded = load_model(ckpt or api.default_model_path())
+    except CheckpointError as e:
+        raise _fail(e) from None
+    out = out or str(api.cache_dir() / "exports" / loaded.hash[:16])
     try:
         res = export(loaded, out, fp16=fp16, opset=opset, log=click.echo)
     except ExportFailed as e:
@@ -556,10 +558,10 @@ def bench(engines, batches, sampler, steps, guidance, repeat, fp16, no_cuda_grap
     if quick:
         sampler, steps, batches, repeat = "ddim", 3, [1, 2], 2
     _threads(threads)
-    loaded = _load(ckpt)
-    plan = _plan(loaded, sampler, steps, 0.0, "small")
-    res = run_bench(loaded, lambda: ensure_export(loaded, None, fp16), names, batches, plan, guidance, repeat, fp16,
-                    _device(device), not no_cuda_graph, log=lambda m: click.echo(m, err=True))
+    model = _model(ckpt)
+    plan = _plan(model, sampler, steps, 0.0, "small")
+    res = run_bench(model, names, batches, plan, guidance, repeat, fp16, _device(device), not no_cuda_graph,
+                    threads=threads, log=lambda m: click.echo(m, err=True))
     click.echo(format_table(res))
     files = write_outputs(res, Path(out))
     click.echo("wrote " + ", ".join(map(str, files)) + ("" if len(files) == 3 else " (no plot: pip install 'ddpm[plot]')"))

@@ -9,6 +9,7 @@ CPU with a monotonic clock.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -17,11 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..runtime.engines import engine_versions, make_engine
+from ..runtime.engines import engine_versions
 from ..runtime.noise import make_noise
-from ..runtime.nets import EngineUnavailable
 
 
 @dataclass
@@ -32,22 +31,31 @@ class Case:
     peak_mem_mb: float | None = None
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+def _cuda(device) -> bool:
+    return str(device).startswith("cuda")
+
+
+def device_name(device) -> str:
+    if _cuda(device):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+                return f"{line.split(':', 1)[1].strip()} ({cpus} CPUs)"
     except OSError:
         pass
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return f"{platform.processor() or platform.machine()} ({cpus} CPUs)"
 
 
-def time_run(engine, batch: int, plan, guidance: float, seed: int, device: torch.device) -> float:
+def time_run(engine, batch: int, plan, guidance: float, seed: int, device) -> float:
     """Seconds for one full generation of `batch` images: noise, loop, images on the host."""
     labels = np.arange(batch) % 10
-    if device.type == "cuda":
+    if _cuda(device):
+        import torch
+
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
         start.record()
@@ -62,10 +70,11 @@ def time_run(engine, batch: int, plan, guidance: float, seed: int, device: torch
     return time.perf_counter() - t0
 
 
-def kernel_floor(engine, batch: int, plan, guidance: float, device: torch.device) -> float | None:
+def kernel_floor(engine, batch: int, plan, guidance: float, device) -> float | None:
     """GPU only: summed CUDA kernel time of one loop step (profiler) x steps, in seconds."""
-    if device.type != "cuda" or not hasattr(engine, "runner"):
+    if not _cuda(device) or not hasattr(engine, "runner"):
         return None
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
     r = engine.runner(batch, plan, guidance != 0)
@@ -82,17 +91,18 @@ def kernel_floor(engine, batch: int, plan, guidance: float, device: torch.device
     return kernel_us * 1e-6 * plan.steps
 
 
-def run_bench(loaded, bundle_fn, engines, batches, plan, guidance=1.0, repeat=3, fp16=False, device="cpu",
-              cuda_graph=True, seed=0, log=print) -> dict:
-    device = torch.device(device)
+def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False, device="cpu",
+              cuda_graph=True, seed=0, threads=None, log=print) -> dict:
+    """Time `engines` (names) of `model` (api.Model) at every batch size on `plan`; engines that cannot run here are
+    reported as skipped with the reason. Returns the results as a dict (see format_table)."""
+    from ..api import DdpmError
+
     ready, skipped = {}, {}
     for name in engines:
         try:
-            bundle = bundle_fn() if name in ("onnx", "trt") else None
-            ready[name] = make_engine(name, str(device), loaded.model, loaded.cfg.null_label, bundle,
-                                      fp16=fp16 and name != "torch", cuda_graph=cuda_graph,
-                                      max_batch=2 * max(batches), log=log)
-        except EngineUnavailable as e:
+            ready[name] = model.engine(name, device, fp16 and name != "torch", cuda_graph, threads,
+                                       max_batch=2 * max(batches), log=log)
+        except DdpmError as e:
             skipped[name] = str(e)
             log(f"skipped {name}: {e}")
     cases = []
@@ -100,12 +110,14 @@ def run_bench(loaded, bundle_fn, engines, batches, plan, guidance=1.0, repeat=3,
         group = {name: Case(name, batch) for name in ready}
         for name, eng in ready.items():   # warm-up: buffers, ORT arenas, CUDA graph capture, cuDNN autotune
             time_run(eng, batch, plan, guidance, seed, device)
-            if device.type == "cuda":
+            if _cuda(device):
+                import torch
+
                 torch.cuda.reset_peak_memory_stats(device)
         for r in range(repeat):
             for name, eng in ready.items():       # alternate engines run by run
                 group[name].times.append(time_run(eng, batch, plan, guidance, seed, device))
-                if device.type == "cuda":
+                if _cuda(device):
                     group[name].peak_mem_mb = max(group[name].peak_mem_mb or 0, torch.cuda.max_memory_allocated(device) / 2**20)
             log(f"batch {batch}, repeat {r + 1}/{repeat}: " +
                 ", ".join(f"{n} {group[n].times[-1]:.3f}s" for n in ready))
@@ -127,7 +139,7 @@ def run_bench(loaded, bundle_fn, engines, batches, plan, guidance=1.0, repeat=3,
                 c["speedup_vs_eager"] = base["median_s"] / c["median_s"] if base else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"device": device_name(device), "sampler": plan.name, "steps": plan.steps, "guidance": guidance,
-            "fp16": fp16, "repeat": repeat, "cuda_graph": cuda_graph and device.type == "cuda",
+            "fp16": fp16, "repeat": repeat, "cuda_graph": cuda_graph and _cuda(device),
             "versions": {n: engine_versions(e) for n, e in ready.items()}, "skipped": skipped,
             "process_peak_rss_mb": rss, "results": cases}
 

@@ -95,7 +95,7 @@ def metadata(loaded: LoadedModel, files: dict, opset: int) -> dict:
     sched = Schedule.make(cfg.schedule, cfg.timesteps)
     return {
         "format": EXPORT_FORMAT, "version": 1,
-        "checkpoint_hash": loaded.hash, "checkpoint": str(loaded.path), "step": loaded.info.get("step"),
+        "checkpoint_hash": loaded.hash, "checkpoint": Path(loaded.path).name, "step": loaded.info.get("step"),
         "model_config": cfg.to_dict(), "image_shape": [cfg.in_channels, cfg.image_size, cfg.image_size],
         "num_classes": cfg.num_classes, "null_label": cfg.null_label,
         "schedule": cfg.schedule, "T": cfg.timesteps,

@@ -20,6 +20,19 @@ NEEDS_TORCH = ("torch", "runtime-torch", "trt")
 TORCH_HINT = "pip install 'ddpm[torch]'"
 
 
+def _nvidia_driver_absent() -> bool:
+    """True where no CUDA GPU can be visible (Linux without the NVIDIA driver, or CUDA_VISIBLE_DEVICES empty), so
+    that `auto` need not import PyTorch (2-5 s) to find out."""
+    import glob
+    import os
+    import sys
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return True
+    return sys.platform.startswith("linux") and not os.path.exists("/proc/driver/nvidia/version") \
+        and not glob.glob("/dev/nvidia[0-9]*")
+
+
 def have_torch() -> bool:
     try:
         import torch  # noqa: F401
@@ -33,8 +46,8 @@ def resolve_device(name: str = "auto") -> str:
     name = str(name)
     if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
         raise ValueError(f"unknown device {name!r}: auto, cpu, cuda or cuda:N")
-    if name == "cpu":
-        return name
+    if name == "cpu" or (name == "auto" and _nvidia_driver_absent()):
+        return "cpu"
     cuda = False
     if have_torch():
         import torch

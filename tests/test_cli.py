@@ -40,7 +40,7 @@ def test_gen_png_and_npz(ckpt, tmp_path):
     (["-n", "0"], "-n"),
     (["--steps", "0"], "--steps"),
     (["--steps", "101"], "--steps"),                 # the tiny model's T is 100
-    (["--sampler", "ddpm", "--steps", "10"], "DDPM runs all"),
+    (["--sampler", "ddpm", "--steps", "10"], "DDPM sampler runs all"),
     (["--label", "10"], "--label"),
     (["--guidance", "-1"], "--guidance"),
     (["--eta", "2"], "--eta"),

@@ -23,3 +23,15 @@ def test_default_model_draws_recognisable_digits():
     assert images.std() > 40                                   # ink on a dark background, not a flat image
     accuracy = (predict(load_classifier(), images) == labels).mean()
     assert accuracy >= 0.9, f"classifier agrees with only {accuracy:.0%} of the requested labels"
+
+
+def test_shipped_export_belongs_to_the_shipped_model():
+    """The default model ships with its verified ONNX export, so generating needs no export at first use."""
+    import ddpm
+    from ddpm.runtime.bundle import Bundle
+
+    model = ddpm.load()
+    assert model.export_dir == ddpm.api.default_export_dir()
+    bundle = Bundle.load(model.export_dir, expected_hash=load_model(default_model_path()).hash)
+    assert bundle.onnx_path("fp32").is_file()          # and its sha256 matches export.json
+    assert bundle.meta["files"]["fp32"]["parity"]["error"] <= 1e-4

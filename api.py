@@ -1,0 +1,260 @@
+"""The Python API: load a model, generate digits, as numpy arrays. The `ddpm` command is a thin layer over it.
+
+    import ddpm
+
+    model = ddpm.load()                      # the shipped default model (or a checkpoint, run folder, export folder)
+    images = model.generate(16, label=7)     # (16, 28, 28) uint8, white digits on black like MNIST
+    images = model.generate(64, seed=3, guidance=1.0, engine="torch")
+
+Sampling needs nothing but numpy and onnxruntime on a CPU (the `onnx` engine, the default there) when the model
+comes with an ONNX export: the shipped default does, any other checkpoint is exported once into the cache, which
+needs PyTorch (`pip install 'ddpm[torch]'`). Errors are `DdpmError` subclasses whose message is meant for a user.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .model.config import ModelConfig
+from .model.io import CheckpointError, TorchMissing, default_model_path, read_model_info, resolve_model_path
+from .runtime.bundle import META_FILE, Bundle, ExportError
+from .runtime.nets import EngineUnavailable
+
+# The recommended classifier-free guidance for the shipped model (assets/MODEL_CARD.md has the sweep).
+GUIDANCE = 0.3
+DEFAULT_SAMPLER = "ddim"
+
+
+class DdpmError(Exception):
+    """Anything a user can fix: a bad argument, a missing file or package. str(e) is the one-line message."""
+
+
+def default_export_dir() -> Path:
+    """The verified ONNX export shipped with the default model."""
+    return Path(__file__).resolve().parent / "assets" / "default_export"
+
+
+def cache_dir() -> Path:
+    """Where exports of checkpoints live unless told otherwise: $XDG_CACHE_HOME/ddpm (default ~/.cache/ddpm)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddpm"
+
+
+def _wrap(e: BaseException) -> DdpmError:
+    return DdpmError(str(e))
+
+
+@dataclass
+class Model:
+    """A diffusion model ready to sample: its config, the weights' identity and the ways to run it.
+
+    Made by `load()`. `cfg` is the model config (ModelConfig: image size, classes, schedule, T). `hash` identifies
+    the weights (sha256, model.io.weights_hash). `path` is the checkpoint file (None for an export folder alone);
+    `export_dir` the export folder the onnx/trt engines read (None until needed; then the shipped one, the cached
+    one, or one exported on first use).
+    """
+
+    cfg: ModelConfig
+    hash: str
+    path: Path | None
+    export_dir: Path | None = None
+    info: dict = field(default_factory=dict)
+    _torch_model: object = field(default=None, repr=False)
+    _engines: dict = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    # ------------------------------------------------------------------------------------------- what it runs on
+    @property
+    def null_label(self) -> int:
+        """The reserved "no label" class index (unconditional sampling, classifier-free guidance)."""
+        return self.cfg.null_label
+
+    @property
+    def torch_model(self):
+        """The PyTorch UNet (CPU, fp32, eval mode), loaded on first use. Raises DdpmError without PyTorch or weights."""
+        if self._torch_model is None:
+            if self.path is None:
+                raise DdpmError("this model is an export folder only; the torch engines need its checkpoint (--ckpt)")
+            from .model.io import load_model
+
+            try:
+                self._torch_model = load_model(self.path).model
+            except (CheckpointError, TorchMissing) as e:
+                raise _wrap(e) from None
+        return self._torch_model
+
+    def bundle(self, fp16: bool = False) -> Bundle:
+        """The export folder (runtime.bundle.Bundle) of these weights, exported into the cache on first use (needs
+        PyTorch). fp16: make sure it holds the fp16 model too. Raises DdpmError."""
+        cache = cache_dir() / "exports" / self.hash[:16]
+        missing = lambda root: not (root / META_FILE).is_file() or (fp16 and not (root / "model_fp16.onnx").is_file())
+        root = self.export_dir or cache
+        if missing(root) and self.path is not None and (self.export_dir is None or root == default_export_dir()):
+            root = cache                      # the shipped export is fp32 only: an fp16 one goes to the cache
+            if missing(root):
+                self._export(root, fp16)
+        try:
+            b = Bundle.load(root, expected_hash=None if self.path is None else self.hash)
+        except ExportError as e:
+            raise _wrap(e) from None
+        self.export_dir = root
+        return b
+
+    def _export(self, root: Path, fp16: bool) -> None:
+        from .model.io import require_torch
+
+        try:
+            require_torch("exporting this checkpoint to ONNX (once, for the onnx engine)")
+        except TorchMissing as e:
+            raise DdpmError(f"{e}; or pass an export folder made elsewhere with `ddpm export`") from None
+        from .export.onnx_export import ExportFailed, export
+        from .model.io import LoadedModel
+
+        loaded = LoadedModel(self.torch_model, self.cfg, self.hash, self.path, self.info)
+        try:
+            export(loaded, root, fp16=True, log=lambda *_: None)   # fp16 too: a later --fp16 needs no second export
+        except ExportFailed as e:
+            raise DdpmError(f"export failed: {e}") from None
+
+    def engine(self, name: str = "auto", device: str = "auto", fp16: bool = False, cuda_graph: bool = True,
+               threads: int | None = None, max_batch: int = 512, dist=None, log=None):
+        """A runtime engine (runtime.engines), made once per (name, device, fp16, cuda_graph, threads) and reused.
+
+        name: auto | torch | runtime-torch | onnx | trt (auto: onnx on a CPU, runtime-torch on a GPU). device: auto,
+        cpu, cuda, cuda:N. dist: under torchrun, the process group context (rank, world, barrier()): rank 0 makes a
+        missing export while the others wait, so that no rank reads a half-made folder. Raises DdpmError when the
+        engine cannot run here (the message says what is missing).
+        """
+        from .runtime.engines import (ENGINES, NEEDS_EXPORT, NEEDS_TORCH, TORCH_HINT, auto_engine, have_torch,
+                                      make_engine, resolve_device)
+
+        try:
+            dev = resolve_device(device)
+        except ValueError as e:
+            raise _wrap(e) from None
+        name = auto_engine(dev) if name == "auto" else name
+        if name not in ENGINES:
+            raise DdpmError(f"unknown engine {name!r}; engines: auto, {', '.join(ENGINES)}")
+        if name in NEEDS_TORCH and not have_torch():
+            raise DdpmError(f"the {name} engine needs PyTorch: {TORCH_HINT}")
+        key = (name, dev, fp16, cuda_graph, threads)
+        if name in NEEDS_EXPORT and dist is not None and dist.world > 1:
+            if dist.rank == 0:
+                self.bundle(fp16)
+            dist.barrier()
+        with self._lock:
+            if key not in self._engines:
+                bundle = self.bundle(fp16) if name in NEEDS_EXPORT else None
+                model = self.torch_model if name in ("torch", "runtime-torch") else None
+                try:
+                    self._engines[key] = make_engine(name, dev, model, self.null_label, bundle, fp16, cuda_graph,
+                                                     threads, max_batch, log=log or (lambda *_: None))
+                except (EngineUnavailable, ExportError) as e:
+                    raise _wrap(e) from None
+            return self._engines[key]
+
+    # ------------------------------------------------------------------------------------------------- sampling
+    def plan(self, sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0,
+             variance: str = "small"):
+        """The sampler's table (runtime.samplers.Plan) for this model's schedule. Raises DdpmError for steps outside
+        1..T, DDPM with fewer than T steps, eta outside [0, 1], an unknown sampler."""
+        from .runtime.samplers import make_plan
+        from .runtime.schedule import Schedule
+
+        T = self.cfg.timesteps
+        if steps is not None and not 1 <= steps <= T:
+            raise DdpmError(f"steps must be in 1..{T} (the model's T), got {steps}")
+        try:
+            return make_plan(Schedule.make(self.cfg.schedule, T), sampler, steps, eta, variance)
+        except ValueError as e:
+            raise _wrap(e) from None
+
+    def labels(self, n: int, label=None, uncond: bool = False) -> np.ndarray:
+        """(n,) int64 labels: the classes 0..9 in turn (label None), one class (an int), or given per sample (a
+        sequence); -1 everywhere when uncond. Raises DdpmError for labels outside 0..num_classes-1."""
+        from .runtime.generate import labels_for
+
+        if uncond:
+            if label is not None:
+                raise DdpmError("a label and uncond exclude each other")
+            return labels_for(n, None, True)
+        if label is None or np.ndim(label) == 0:
+            if label is not None and not (isinstance(label, (int, np.integer)) and 0 <= label < self.cfg.num_classes):
+                raise DdpmError(f"label must be an integer in 0..{self.cfg.num_classes - 1}, got {label!r}")
+            return labels_for(n, None if label is None else int(label), False, self.cfg.num_classes)
+        arr = np.asarray(label)
+        if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or \
+                arr.max() >= self.cfg.num_classes:
+            raise DdpmError(f"labels must be {n} integers in 0..{self.cfg.num_classes - 1}")
+        return arr.astype(np.int64)
+
+    def generate(self, n: int = 64, label=None, uncond: bool = False, guidance: float = GUIDANCE,
+                 sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
+                 seed: int = 0, batch: int = 64, engine: str = "auto", device: str = "auto", fp16: bool = False,
+                 start: int = 0, progress: bool = False, plan=None) -> np.ndarray:
+        """n digits as (n, H, W) uint8 (0 black .. 255 white, MNIST's convention).
+
+        label: None (classes 0..9 in turn), an int, or n ints. uncond: the unconditional model (no label).
+        guidance: classifier-free guidance w >= 0, eps = eps_c + w (eps_c - eps_u) (Ho & Salimans 2022, eq. 6).
+        sampler/steps/eta/variance: see runtime.samplers (plan: a ready Plan instead). seed: 0..2^64-1; sample k of a
+        seed is the same digit whatever n, batch, engine or process (runtime.noise); start: the index of the first.
+        Raises DdpmError for bad arguments or an engine that cannot run here.
+        """
+        from .runtime.generate import generate
+
+        _check_count("n", n, 0)
+        _check_count("batch", batch, 1)
+        _check_guidance(guidance)
+        labels = self.labels(n, label, uncond)
+        plan = plan or self.plan(sampler, steps, eta, variance)
+        eng = self.engine(engine, device, fp16, max_batch=2 * batch)
+        try:
+            return generate(eng, n, plan, labels, guidance, seed, batch, start=start, progress=progress,
+                            image_shape=(self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size))
+        except ValueError as e:
+            raise _wrap(e) from None
+
+
+def _check_count(name: str, v, low: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+        raise DdpmError(f"{name} must be an integer >= {low}, got {v!r}")
+
+
+def _check_guidance(w) -> None:
+    if not isinstance(w, (int, float, np.floating, np.integer)) or not np.isfinite(w) or w < 0:
+        raise DdpmError(f"guidance must be a finite number >= 0, got {w!r}")
+
+
+def load(path: str | os.PathLike | None = None, export: str | os.PathLike | None = None) -> Model:
+    """A Model from a checkpoint (model.safetensors, ckpt.pt or a run folder), from an export folder (`ddpm export`;
+    as `path` or `export`), or the shipped default model when both are None.
+
+    With `path` and `export` both given, the export must have been made from that checkpoint (its hash is checked).
+    Reading a model.safetensors or an export folder needs no PyTorch; a ckpt.pt does. Raises DdpmError.
+    """
+    try:
+        if path is not None and Path(path).is_dir() and (Path(path) / META_FILE).is_file() and export is None:
+            export, path = path, None
+        if path is None and export is not None:
+            b = Bundle.load(export)
+            cfg = ModelConfig.from_dict(b.meta["model_config"]).validate()
+            return Model(cfg, b.meta["checkpoint_hash"], None, Path(export), {"step": b.meta.get("step")})
+        default = path is None
+        cfg, h, info, file = read_model_info(default_model_path() if default else path)
+        shipped = default_export_dir()
+        export_dir = Path(export) if export is not None else (shipped if default and (shipped / META_FILE).is_file()
+                                                             else None)
+        model = Model(cfg, h, file, export_dir, info)
+        if export is not None:
+            model.bundle()      # checks now that the export belongs to these weights
+        return model
+    except (CheckpointError, TorchMissing, ExportError) as e:
+        hint = " (the bundled default model is missing: reinstall the package)" if path is None and export is None \
+            else ""
+        raise DdpmError(f"{e}{hint}") from None
+    except (TypeError, ValueError, KeyError) as e:
+        raise DdpmError(f"{export or path}: not a usable model ({type(e).__name__}: {e})") from None

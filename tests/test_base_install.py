@@ -1,0 +1,56 @@
+"""The base install (numpy + onnxruntime, no PyTorch) generates the same digits as the full install."""
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_runtime_imports_no_torch():
+    """Generating on a CPU never imports PyTorch: the modules it needs, and the CLI's, stay torch-free."""
+    code = ("import sys, ddpm, ddpm.api, ddpm.cli, ddpm.runtime.runner, ddpm.runtime.generate, ddpm.runtime.engines, "
+            "ddpm.bench.speed; m = ddpm.load(); m.generate(2, steps=2); "
+            "assert 'torch' not in sys.modules, sorted(k for k in sys.modules if k.startswith('torch'))[:5]")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def base_venv(tmp_path_factory):
+    """A venv with `pip install <repo>` and no extras (skipped when no package index is reachable)."""
+    root = tmp_path_factory.mktemp("base") / "venv"
+    venv.create(root, with_pip=True)
+    py = root / "bin" / "python"
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-e", str(REPO)],
+                       capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        pytest.skip(f"could not install the base package into a venv (no package index?): {r.stderr[-500:]}")
+    return root
+
+
+@pytest.mark.slow
+def test_base_install_generates_the_same_digits(base_venv, tmp_path):
+    py, ddpm = base_venv / "bin" / "python", base_venv / "bin" / "ddpm"
+    r = subprocess.run([str(py), "-c", "import torch"], capture_output=True, text=True)
+    assert r.returncode != 0, "the base install must not bring PyTorch"
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    args = ["gen", "-n", "8", "-q", "--steps", "10", "--seed", "5"]
+    r = subprocess.run([str(ddpm), *args, "--out", str(tmp_path / "base.npz")], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # the full install (this process's environment), eager PyTorch: the reference
+    r = subprocess.run([sys.executable, "-m", "ddpm.cli", *args, "--engine", "torch", "--out", str(tmp_path / "full.npz")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    base, full = (np.load(tmp_path / f)["images"].astype(int) for f in ("base.npz", "full.npz"))
+    assert base.std() > 20 and np.abs(base - full).max() <= 1
+    # commands that need PyTorch say so in one line
+    for cmd in (["train", "--steps", "1"], ["export"], ["eval", "-n", "2"], ["gen", "-n", "1", "--engine", "torch"]):
+        r = subprocess.run([str(ddpm), *cmd], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 1 and "pip install 'ddpm[torch]'" in r.stderr and "Traceback" not in r.stderr, cmd
