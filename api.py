@@ -211,7 +211,7 @@ class Model:
         _check_guidance(guidance)
         labels = self.labels(n, label, uncond)
         plan = plan or self.plan(sampler, steps, eta, variance)
-        eng = self.engine(engine, device, fp16, max_batch=2 * batch)
+        eng = self.engine(engine, device, fp16, max_batch=2 * batch if guidance and not uncond else batch)
         try:
             return generate(eng, n, plan, labels, guidance, seed, batch, start=start, progress=progress,
                             image_shape=(self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size))
