@@ -33,9 +33,9 @@ def setup(tmp_path_factory):
     return loaded, Bundle.load(root / "exp", expected_hash=loaded.hash)
 
 
-def _engine(name, setup, fp16=False, device=CPU):
+def _engine(name, setup, fp16=False, device=CPU, max_batch=512):
     loaded, bundle = setup
-    return make_engine(name, device, loaded.model, 10, bundle, fp16=fp16)
+    return make_engine(name, device, loaded.model, 10, bundle, fp16=fp16, max_batch=max_batch)
 
 
 PLANS = {"ddim": lambda s: ddim_plan(s, 8), "ddim-eta1": lambda s: ddim_plan(s, 6, eta=1.0), "ddpm": ddpm_plan}
@@ -237,11 +237,22 @@ def _random_calls(n, seed):
     return calls
 
 
-@pytest.mark.parametrize("name, fp16", [("runtime-torch", False), ("onnx", False), ("onnx", True)])
-def test_any_sequence_of_calls_gives_the_eager_digits(setup, name, fp16):
+ON_GPU = [pytest.param(name, fp16, "cuda", marks=pytest.mark.gpu)
+          for name in ("runtime-torch", "onnx", "trt") for fp16 in (False, True)]
+
+
+@pytest.mark.parametrize("name, fp16, device",
+                         [("runtime-torch", False, CPU), ("onnx", False, CPU), ("onnx", True, CPU), *ON_GPU])
+def test_any_sequence_of_calls_gives_the_eager_digits(setup, name, fp16, device):
+    if device == "cuda" and not HAS_GPU:
+        pytest.skip("needs a CUDA GPU")
     bundle = setup[1]
     plans = {k: f(bundle.schedule) for k, f in SEQ_PLANS.items()}
-    eng, ref_eng = _engine(name, setup, fp16), _engine("torch", setup)
+    try:
+        eng = _engine(name, setup, fp16, device, max_batch=18)   # on a GPU: CUDA graphs, each runner captured once
+    except EngineUnavailable as e:
+        pytest.skip(f"{name} is not available here: {e}")
+    ref_eng = _engine("torch", setup, device=device)
     reference = {}
     for k, (batch, plan, w, cond, seed) in enumerate(_random_calls(32, seed=11)):
         p = plans[plan]
