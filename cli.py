@@ -101,7 +101,7 @@ def train(threads, resume, **opts):
 
 
 # ------------------------------------------------------------------------------------------------------------- gen
-ENGINES = ["torch", "runtime-torch", "onnx", "trt"]   # see ddpm.runtime.engines
+ENGINES = ["torch", "runtime-torch", "onnx", "trt", "onnx-generator"]   # see ddpm.runtime.engines
 
 
 def _load(ckpt):
@@ -177,6 +177,7 @@ def engine_options(f):
     opts = [
         click.option("--engine", type=click.Choice(["auto", *ENGINES]), default="auto", show_default=True,
                      help="torch: eager PyTorch (the reference); runtime-torch, onnx, trt: the preallocated runtime; "
+                          "onnx-generator: the whole loop in one ONNX call (generator.onnx, deterministic plans); "
                           "auto: onnx on a CPU, runtime-torch on a GPU (same digits, faster)."),
         click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None,
                      help="Export folder for onnx/trt [default: the checkpoint's, exported on first use]."),
@@ -210,19 +211,71 @@ def ensure_export(loaded, export_dir, fp16):
         raise _fail(e) from None
 
 
-def make_engine(name, loaded, device, export_dir=None, fp16=False, cuda_graph=True, max_batch=512, ctx=None):
-    """The engine `name` (auto resolved) on `device`; under torchrun (ctx) rank 0 exports before the others look."""
+def ensure_generator(loaded, export_dir, plan, fp16=False):
+    """The export folder with a generator.onnx for `plan`: in the cache folder it is built (and verified) when missing
+    or made for another plan; an explicit --export folder must already have it. EngineUnavailable for a plan the
+    generator cannot run or fp16."""
+    from .export.generator import GeneratorUnsupported, check_plan
+    from .runtime.bundle import ExportError
+    from .runtime.nets import EngineUnavailable
+    from .runtime.runner import plan_key
+
+    if fp16:
+        raise EngineUnavailable("the onnx-generator engine is fp32 (generator.onnx wraps model.onnx)")
+    try:
+        check_plan(plan)
+    except GeneratorUnsupported as e:
+        raise EngineUnavailable(f"onnx-generator: {e}") from None
+    bundle = ensure_export(loaded, export_dir, False)
+    gen = bundle.generator
+    if gen is not None and gen["plan_key"] == plan_key(plan):
+        return bundle
+    if export_dir is not None:
+        what = f"a generator for {gen['plan']}" if gen else "no generator"
+        raise click.ClickException(f"{bundle.root} has {what}, not one for {plan.name}: run `ddpm export --out "
+                                   f"{bundle.root} --generator` with that sampler and --steps")
+    _add_generator(bundle.root, plan, log=lambda m: click.echo(m, err=True))
+    try:
+        return type(bundle).load(bundle.root, expected_hash=loaded.hash)
+    except ExportError as e:
+        raise _fail(e) from None
+
+
+def _add_generator(root, plan, form="loop", log=click.echo):
+    from .export.generator import GeneratorFailed, GeneratorUnsupported, add_generator
+
+    log(f"building generator.onnx for {plan.name} in {root}")
+    try:
+        return add_generator(root, plan, GUIDANCE, form, log=log)
+    except GeneratorUnsupported as e:
+        raise click.BadParameter(str(e), param_hint="--sampler/--eta") from None
+    except GeneratorFailed as e:
+        raise click.ClickException(f"generator export failed, nothing written: {e}") from None
+
+
+def make_engine(name, loaded, device, export_dir=None, fp16=False, cuda_graph=True, max_batch=512, ctx=None,
+                plan=None):
+    """The engine `name` (auto resolved) on `device`; under torchrun (ctx) rank 0 exports before the others look.
+    `plan`: the plan to run, needed by onnx-generator (its generator.onnx is made for one plan)."""
     from .runtime.engines import NEEDS_EXPORT, auto_engine, make_engine as build
     from .runtime.nets import EngineUnavailable
     from .runtime.bundle import ExportError
 
     if name == "auto":
         name = auto_engine(device)
+    def prepare():
+        try:
+            if name == "onnx-generator":
+                return ensure_generator(loaded, export_dir, plan, fp16)
+            return ensure_export(loaded, export_dir, fp16)
+        except EngineUnavailable as e:
+            raise _fail(e) from None
+
     if name in NEEDS_EXPORT and ctx is not None and ctx.world > 1:
         if ctx.rank == 0:
-            ensure_export(loaded, export_dir, fp16)
+            prepare()
         ctx.barrier()
-    bundle = ensure_export(loaded, export_dir, fp16) if name in NEEDS_EXPORT else None
+    bundle = prepare() if name in NEEDS_EXPORT else None
     try:
         return build(name, device, loaded.model, loaded.cfg.null_label, bundle, fp16, cuda_graph,
                      max_batch=max_batch, log=lambda m: click.echo(m, err=True))
@@ -253,6 +306,7 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet,
       ddpm gen -n 64 --engine torch                        # eager PyTorch, the reference (same digits)
       ddpm gen -n 64 --engine onnx                         # the preallocated runtime on onnxruntime
       ddpm gen -n 64 --engine trt --fp16                   # TensorRT (GPU)
+      ddpm gen -n 64 --engine onnx-generator               # generator.onnx: the whole loop in one call
     """
     import time
 
@@ -271,7 +325,7 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet,
     plan = _plan(loaded, sampler, steps, eta, variance)
     ctx = dist.setup(device)   # under torchrun: each rank draws its share of the samples
     dev = ctx.device if ctx.world > 1 else _device(device)
-    eng = make_engine(engine, loaded, dev, export_dir, fp16, not no_cuda_graph, 2 * batch, ctx)
+    eng = make_engine(engine, loaded, dev, export_dir, fp16, not no_cuda_graph, 2 * batch, ctx, plan)
     labels = labels_for(num, label, uncond, loaded.cfg.num_classes)
     lo, hi = ctx.shard(num)
     t0 = time.perf_counter()
@@ -434,7 +488,7 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
         loaded = _load(ckpt)
         plan = _plan(loaded, sampler, steps, eta, variance)
         labels = labels_for(num, None, uncond, loaded.cfg.num_classes)
-        eng = make_engine(engine, loaded, _device(device), export_dir, fp16, not no_cuda_graph, 2 * batch)
+        eng = make_engine(engine, loaded, _device(device), export_dir, fp16, not no_cuda_graph, 2 * batch, plan=plan)
         images = generate(eng, num, plan, labels, guidance, seed, batch, progress=not quiet)
         name = f"{plan.name} w={guidance:g}" + (" uncond" if uncond else "")
         rows.append(ref.evaluate(images, labels, name))
@@ -462,16 +516,35 @@ def default_export_dir(loaded) -> str:
 @click.option("--trt", "build_trt", is_flag=True, help="Also build TensorRT engine(s) (needs TensorRT and a GPU).")
 @click.option("--batch", "batch_range", default="1-256", show_default=True,
               help="TensorRT batch range MIN-MAX (one optimisation profile).")
-def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range):
+# the generator: the whole reverse loop in one ONNX model, and the web page around it
+@click.option("--generator", "with_generator", is_flag=True,
+              help="Also write generator.onnx: the whole loop of a deterministic sampler in one ONNX model "
+                   "(x_T, labels, guidance -> uint8 images), verified against the runtime.")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddim", show_default=True,
+              help="The generator's sampler (deterministic plans only: DDIM with eta 0).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="The generator's steps [default: 50].")
+@click.option("--form", type=click.Choice(["loop", "unrolled"]), default="loop", show_default=True,
+              help="The generator as one ONNX Loop over the rows, or the rows unrolled (same speed on a CPU, "
+                   "45x slower to load; README).")
+@click.option("--web", "web_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write a static page into this folder that generates digits in the browser "
+                   "(implies --generator; fetches onnxruntime-web with npm once).")
+@click.option("--ort-web", "ort_web", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The onnxruntime-web tarball (`npm pack onnxruntime-web@VERSION`) instead of fetching it.")
+def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, sampler, steps, form, web_dir, ort_web):
     """Export the EMA noise predictor to ONNX (and TensorRT), verified against PyTorch.
 
     Inputs x (B,1,28,28), t (B,) and y (B,) are graph inputs with a dynamic batch; output eps. Beside the model,
     export.json holds the checkpoint hash, config and schedule tables, so a runtime needs only the folder.
+    --generator adds generator.onnx, the whole reverse loop of one deterministic plan (--sampler, --steps), and
+    --web a page that runs it in a browser.
 
     \b
     Examples:
       ddpm export --fp16
       ddpm export --ckpt runs/ddpm --out exports/mine --fp16 --trt --batch 1-64
+      ddpm export --generator --steps 20                  # generator.onnx: DDIM-20 in one ONNX call
+      ddpm export --web site && python -m http.server -d site   # then open http://127.0.0.1:8000
     """
     from .export.onnx_export import ExportFailed, export
 
@@ -489,6 +562,15 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range):
         except TensorRTUnavailable as e:
             raise _fail(e) from None
     loaded = _load(ckpt)
+    plan = None
+    if with_generator or web_dir:   # refuse a plan the generator cannot run before any work
+        from .export.generator import GeneratorUnsupported, check_plan
+
+        plan = _plan(loaded, sampler, steps, 0.0, "small")
+        try:
+            check_plan(plan)
+        except GeneratorUnsupported as e:
+            raise click.BadParameter(str(e), param_hint="--sampler") from None
     out = out or default_export_dir(loaded)
     try:
         res = export(loaded, out, fp16=fp16, opset=opset, log=click.echo)
@@ -496,6 +578,9 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range):
         raise click.ClickException(f"export failed, nothing written: {e}") from None
     for precision, f in res.meta["files"].items():
         click.echo(f"{precision}: {res.out / f['name']} ({f['bytes'] / 1e6:.2f} MB)")
+    if plan is not None:
+        gen = _add_generator(res.out, plan, form)
+        click.echo(f"generator: {res.out / gen['name']} ({gen['bytes'] / 1e6:.2f} MB, {gen['plan']}, {form})")
     if build_trt:
         from .export.trt import ensure_engine
         from .runtime.bundle import Bundle
@@ -504,6 +589,16 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range):
         for precision in res.meta["files"]:
             click.echo(f"TensorRT {precision}: {ensure_engine(bundle, precision, lo, hi, log=click.echo)}")
     click.echo(f"export folder: {res.out}")
+    if web_dir:
+        from .export.web import WebExportError, write_page
+        from .runtime.bundle import Bundle, ExportError
+
+        options = f"--sampler {sampler} --steps {plan.steps}"
+        try:
+            page = write_page(Bundle.load(res.out), web_dir, GUIDANCE, options, ort_web, log=click.echo)
+        except (WebExportError, ExportError) as e:
+            raise _fail(e) from None
+        click.echo(f"web page: {page} (serve it, e.g. `python -m http.server -d {page}`, and open it)")
 
 
 # ----------------------------------------------------------------------------------------------------------- bench
@@ -518,8 +613,9 @@ def _int_list(ctx, param, value):
 
 
 @main.command()
-@click.option("--engines", default="torch,runtime-torch,onnx,trt", show_default=True,
-              help="Comma-separated engines; unavailable ones are reported as skipped.")
+@click.option("--engines", default="torch,runtime-torch,onnx,trt,onnx-generator", show_default=True,
+              help="Comma-separated engines; unavailable ones are reported as skipped. onnx-generator (the whole "
+                   "loop in one ONNX call) is built for the benchmark's plan in the cache export folder.")
 @click.option("--batch", "batches", default="1,8,64", show_default=True, callback=_int_list,
               help="Comma-separated batch sizes.")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddim", show_default=True, help="Sampler.")
@@ -543,6 +639,7 @@ def bench(engines, batches, sampler, steps, guidance, repeat, fp16, no_cuda_grap
       ddpm bench                                     # DDIM-50, batch 1,8,64, all engines
       ddpm bench --sampler ddpm --batch 1,64 --repeat 2
       ddpm bench --engines torch,onnx --fp16 --out bench-fp16
+      ddpm bench --engines onnx,onnx-generator --batch 1,8  # the step loop against the one-call generator
     """
     from pathlib import Path
 
@@ -558,8 +655,11 @@ def bench(engines, batches, sampler, steps, guidance, repeat, fp16, no_cuda_grap
     _threads(threads)
     loaded = _load(ckpt)
     plan = _plan(loaded, sampler, steps, 0.0, "small")
-    res = run_bench(loaded, lambda: ensure_export(loaded, None, fp16), names, batches, plan, guidance, repeat, fp16,
-                    _device(device), not no_cuda_graph, log=lambda m: click.echo(m, err=True))
+    def bundle_fn(name):   # EngineUnavailable: the engine is skipped with the reason
+        return ensure_generator(loaded, None, plan, fp16) if name == "onnx-generator" else ensure_export(loaded, None, fp16)
+
+    res = run_bench(loaded, bundle_fn, names, batches, plan, guidance, repeat, fp16, _device(device),
+                    not no_cuda_graph, log=lambda m: click.echo(m, err=True))
     click.echo(format_table(res))
     files = write_outputs(res, Path(out))
     click.echo("wrote " + ", ".join(map(str, files)) + ("" if len(files) == 3 else " (no plot: pip install 'ddpm[plot]')"))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..runtime.engines import engine_versions, make_engine
+from ..runtime.engines import NEEDS_EXPORT, engine_versions, make_engine
 from ..runtime.noise import make_noise
 from ..runtime.nets import EngineUnavailable
 
@@ -84,11 +84,13 @@ def kernel_floor(engine, batch: int, plan, guidance: float, device: torch.device
 
 def run_bench(loaded, bundle_fn, engines, batches, plan, guidance=1.0, repeat=3, fp16=False, device="cpu",
               cuda_graph=True, seed=0, log=print) -> dict:
+    """Time `engines` at every batch size (module docstring). bundle_fn(name) returns the export folder an engine of
+    NEEDS_EXPORT runs from (with a generator for `plan` for onnx-generator)."""
     device = torch.device(device)
     ready, skipped = {}, {}
     for name in engines:
         try:
-            bundle = bundle_fn() if name in ("onnx", "trt") else None
+            bundle = bundle_fn(name) if name in NEEDS_EXPORT else None
             ready[name] = make_engine(name, str(device), loaded.model, loaded.cfg.null_label, bundle,
                                       fp16=fp16 and name != "torch", cuda_graph=cuda_graph,
                                       max_batch=2 * max(batches), log=log)
