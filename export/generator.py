@@ -317,7 +317,8 @@ def add_generator(root, plan: Plan, guidance: float, form: str = DEFAULT_FORM, l
         log(f"{GENERATOR_FILE} ({plan.name}, {form}): at most {parity['max_abs_grey']} grey level(s) from the "
             f"runtime (tolerance {TOLERANCE_GREY})")
         info = {"name": GENERATOR_FILE, "sha256": file_sha256(tmp), "bytes": tmp.stat().st_size, "plan": plan.name,
-                "plan_key": plan_key(plan), "steps": plan.steps, "form": form, "opset": int(net.opset_import[0].version),
+                "plan_key": plan_key(plan), "steps": plan.steps, "form": form,
+                "opset": int(net.opset_import[0].version),
                 "inputs": {"x_T": "float32 (B,C,H,W)", "labels": "int64 (B,); the null label for unconditional",
                            "guidance": "float32 scalar w >= 0"},
                 "outputs": {"images": "uint8 (B,H,W)"}, "parity": parity}
