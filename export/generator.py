@@ -118,9 +118,10 @@ def _row(g: _Nodes, ctx: dict, net_graph, plan: Plan, x: str, hist: list[str], c
     if guided_row is None:   # a row outside the guidance interval: the conditional model alone
         x_in, y_in, n = x, ctx["labels"], ctx["B"]
     else:
-        reps = g.op("Add", [g.op("Cast", [guided_row], to=onnx.TensorProto.INT64), ctx["one"]])
-        n = g.op("Mul", [ctx["B"], g.op("Unsqueeze", [reps, axes0])])
-        x_in = g.op("Tile", [x, g.op("Concat", [g.op("Unsqueeze", [reps, axes0]), ctx["ones3"]], axis=0)])
+        reps = g.op("Unsqueeze", [g.op("Add", [g.op("Cast", [guided_row], to=onnx.TensorProto.INT64), ctx["one"]]),
+                                  axes0])                                                    # (1,): 1 or 2
+        n = g.op("Mul", [ctx["B"], reps])
+        x_in = g.op("Tile", [x, g.op("Concat", [reps, ctx["ones3"]], axis=0)])
         y_in = g.op("Slice", [ctx["y2"], ctx["zero1"], n, axes0])
     t_in = g.op("Expand", [t, n])
     eps = _inline_net(g, net_graph, x_in, t_in, y_in)

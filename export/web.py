@@ -15,7 +15,7 @@ checked against the pinned integrity and kept in ~/.cache/ddpm/npm, and the thre
 A machine without npm can pass the same tarball with --ort-web (it is checked the same way).
 
 Serve DIR with any static server that gives .mjs a JavaScript type and .wasm application/wasm (e.g.
-`python -m http.server -d DIR`). Without cross-origin isolation headers (COOP/COEP) the browser gives
+`python -m http.server -b 127.0.0.1 -d DIR`). Without cross-origin isolation headers (COOP/COEP) the browser gives
 WebAssembly one thread.
 """
 

@@ -1,5 +1,6 @@
 """Drive the page of `ddpm export --web` in headless Chromium (playwright on the system's chromium), served from a
-local HTTP server on 127.0.0.1. Used by tests/test_web.py, and to take the README's screenshot:
+local HTTP server on 127.0.0.1. Used by tests/test_web.py, and to take the README's screenshot (the page after one
+generation, cut below the last line):
 
     python tests/browser.py SITE_DIR assets/web_page.png --count 20 --seed 0
 """
@@ -94,7 +95,12 @@ def main() -> None:
     with open_page(args.site, chromium) as page:
         res = generate(page, args.label, args.count, args.guidance, args.seed)
         print(res["status"], "|", res["cli"])
-        page.screenshot(path=args.png, full_page=True)
+        box = page.locator("#cli").bounding_box()
+        page.screenshot(path=args.png, clip={"x": 0, "y": 0, "width": page.viewport_size["width"],
+                                             "height": box["y"] + box["height"] + 16})
+    from PIL import Image   # a small PNG for the README: 64 colours are plenty for a grey page
+
+    Image.open(args.png).convert("P", palette=Image.ADAPTIVE, colors=64).save(args.png, optimize=True)
 
 
 if __name__ == "__main__":
