@@ -161,7 +161,7 @@ def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False,
         try:
             with metered((name, "create"), name):
                 ready[name] = model.engine(name, device, fp16 and name != "torch", cuda_graph, threads,
-                                           max_batch=net_batch, log=log)
+                                           max_batch=net_batch, log=log, plan=plan)
         except DdpmError as e:
             skipped[name] = str(e)          # reported once, in the table
     cases = []

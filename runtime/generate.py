@@ -1,7 +1,8 @@
 """generate(): N samples in batches from any engine, with the seeded noise stream and a progress bar.
 
 An engine is any object with `run(x_T, z, labels, plan, guidance, callback) -> x_0` for one batch (numpy arrays in,
-a numpy array out); `labels` is None for unconditional sampling. The eager PyTorch reference is
+a numpy array out: x_0 (B,C,H,W) float32, or the images (B,H,W) uint8 already quantised as images.to_uint8 does,
+as the onnx-generator engine returns them); `labels` is None for unconditional sampling. The eager PyTorch reference is
 `runtime.eager.EagerEngine`; the preallocated runtime engines live in `runtime.runner`. Nothing here needs PyTorch.
 """
 
@@ -50,6 +51,6 @@ def generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidance: f
         x_T, z = make_noise(seed, start + lo, hi - lo, plan.num_slots, image_shape)
         y = None if labels[lo] < 0 else labels[lo:hi].astype(np.int64)
         x = engine.run(x_T, z, y, plan, guidance, callback=lambda i: bar.update(1))
-        out[lo:hi] = to_uint8(x)
+        out[lo:hi] = x if x.dtype == np.uint8 else to_uint8(x)
     bar.close()
     return out

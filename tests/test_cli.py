@@ -83,7 +83,7 @@ def test_bench_quick(ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "b" / "bench.json").read_text())
     engines = {c["engine"] for c in res["results"]}
-    assert {"torch", "runtime-torch", "onnx"} <= engines and res["steps"] == 3
+    assert {"torch", "runtime-torch", "onnx", "onnx-generator"} <= engines and res["steps"] == 3
     for c in res["results"]:
         assert len(c["times_s"]) == 2 and c["median_s"] > 0 and c["speedup_vs_eager"] > 0
     assert "trt" in res["skipped"] or "trt" in engines      # never silently dropped
@@ -94,6 +94,7 @@ def test_bench_quick(ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "b16" / "bench.json").read_text())
     assert res["fp16"] and {"torch", "runtime-torch", "onnx"} <= {c["engine"] for c in res["results"]}
+    assert "fp32" in res["skipped"]["onnx-generator"]          # the generator wraps the fp32 model: skipped, said why
     r = invoke("bench", "--ckpt", ckpt, "--batch", "0,2")
     assert r.exit_code == 2 and "--batch" in r.output
     r = invoke("bench", "--ckpt", ckpt, "--engines", "torch,tvm")
