@@ -234,7 +234,7 @@ def dpmpp_2m_plan(sched: Schedule, steps: int = DEFAULT_SOLVER_STEPS, spacing: s
     DPMSolverMultistepScheduler with final_sigmas_type="zero"): it lands on x0 (alpha 1, sigma 0, h = inf), so the
     output is the last row's x0_hat. With clip=False the table equals diffusers' scheduler (solver_order=2,
     algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero";
-    tests/test_solvers.py). Deterministic: no noise slots.
+    tests/test_solvers.py). Deterministic: no noise slots. ValueError for steps outside 1..T or an unknown spacing.
     """
     t, ab, alpha, sigma, lam = _solver_grid(sched, steps, spacing)
     N = len(t)
@@ -258,10 +258,14 @@ def dpmpp_2m_plan(sched: Schedule, steps: int = DEFAULT_SOLVER_STEPS, spacing: s
 
 
 def _unipc_b(h: float, rk: float) -> tuple[float, float]:
-    """rho_c of UniC-2 with B(h) = e^h - 1 (bh2) in data prediction: the solution of R rho = b with
-    R = [[1, 1], [r_1, 1]], b_k = k! phi_{k+1}(h~) h~ / B(h~)-style terms, written as diffusers'
-    multistep_uni_c_bh_update computes them (hh = -h): h_phi_1 = expm1(hh), h_phi_k = h_phi_1/hh - 1,
-    b_1 = h_phi_k / B, h_phi_k <- h_phi_k/hh - 1/2, b_2 = 2 h_phi_k / B."""
+    """(rho_0, rho_1) of the UniC-2 corrector, B(h) = e^h - 1 ("bh2"), data prediction: the solution of
+
+        [[1, 1], [r_1, 1]] (rho_0, rho_1) = (b_1, b_2),   b_k = k! hh phi_{k+1}(hh) / B(hh),   hh = -h,
+
+    with phi_1(z) = (e^z - 1)/z, phi_{k+1}(z) = (phi_k(z) - 1/k!)/z, for the step h = lambda_t - lambda_s > 0 and
+    r_1 = (lambda_{s'} - lambda_s) / h of the point s' before s (Zhao et al. 2023, the order conditions of UniC-p,
+    for p = 2). Computed as diffusers' multistep_uni_c_bh_update (0.42.1) computes them: h_phi = expm1(hh)/hh - 1
+    (= hh phi_2), b_1 = h_phi / B; h_phi <- h_phi/hh - 1/2 (= hh phi_3), b_2 = 2 h_phi / B."""
     hh = -h
     B = np.expm1(hh)
     h_phi_k = np.expm1(hh) / hh - 1.0
@@ -308,7 +312,8 @@ def unipc_plan(sched: Schedule, steps: int = DEFAULT_SOLVER_STEPS, spacing: str 
         x~_{i+1} = a_i x~_i - a_i alpha_i B_{i-1} (C_i - P_{i-1}) - alpha_{i+1} B_i (m_i + P_i),
 
     affine in (x~_i, m_i, m_{i-1}, m_{i-2}) -> (w_x, w_x0, w_x0_prev, w_x0_prev2), with w_x = a_i. The corrector of
-    the last row is multiplied by a_{N-1} = 0: as in diffusers, the output is the last row's x0_hat.
+    the last row is multiplied by a_{N-1} = 0: as in diffusers, the output is the last row's x0_hat. Deterministic:
+    no noise slots. ValueError for steps outside 1..T or an unknown spacing.
     """
     t, ab, alpha, sigma, lam = _solver_grid(sched, steps, spacing)
     N = len(t)
