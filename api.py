@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DdpmError
 from .model.config import ModelConfig
 from .model.io import CheckpointError, TorchMissing, default_model_path, read_model_info, resolve_model_path
 from .runtime.bundle import META_FILE, Bundle, ExportError
@@ -28,10 +29,6 @@ from .runtime.nets import EngineUnavailable
 # The recommended classifier-free guidance for the shipped model (assets/MODEL_CARD.md has the sweep).
 GUIDANCE = 0.3
 DEFAULT_SAMPLER = "ddim"
-
-
-class DdpmError(Exception):
-    """Anything a user can fix: a bad argument, a missing file or package. str(e) is the one-line message."""
 
 
 def default_export_dir() -> Path:
@@ -116,7 +113,9 @@ class Model:
 
         loaded = LoadedModel(self.torch_model, self.cfg, self.hash, self.path, self.info)
         try:
-            export(loaded, root, fp16=True, log=lambda *_: None)   # fp16 too: a later --fp16 needs no second export
+            # fp16 too: a later --fp16 needs no second export. replace=False: another process that exported the same
+            # weights meanwhile (two first uses at once) wins, and nobody moves a folder that another one reads
+            export(loaded, root, fp16=True, log=lambda *_: None, replace=False)
         except ExportFailed as e:
             raise DdpmError(f"export failed: {e}") from None
 

@@ -15,6 +15,13 @@ import json
 from pathlib import Path
 
 from ..model.io import atomic_write
+from ..schema import Int, Schema, Str
+
+# <engine>.plan.json: what the engine was built for; an engine whose record fails this is rebuilt
+PLAN_INFO = Schema("TensorRT engine record (.plan.json)", {
+    "tensorrt": Str(), "gpu": Str(), "onnx_sha256": Str(pattern=r"[0-9a-f]{64}"),
+    "min_batch": Int(min=1), "max_batch": Int(min=1),
+})
 
 
 class TensorRTUnavailable(Exception):
@@ -56,7 +63,11 @@ def plan_is_current(onnx_path: Path, min_batch: int, max_batch: int, onnx_sha256
     plan, info = plan_paths(onnx_path, min_batch, max_batch)
     if not plan.is_file() or not info.is_file():
         return False, "no engine built yet"
-    meta = json.loads(info.read_text())
+    try:
+        meta = json.loads(info.read_text())
+        PLAN_INFO.check(meta, info, ValueError)
+    except (OSError, ValueError) as e:   # damaged or from another version: build the engine again
+        return False, f"{info.name} is unusable ({e})"
     want = {"tensorrt": trt.__version__, "gpu": gpu_name(), "onnx_sha256": onnx_sha256}
     for k, v in want.items():
         if meta.get(k) != v:
