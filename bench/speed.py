@@ -96,7 +96,10 @@ def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False,
     """Time `engines` (names) of `model` (api.Model) at every batch size on `plan`; engines that cannot run here are
     reported as skipped with the reason. Returns the results as a dict (see format_table)."""
     from ..api import DdpmError
+    from ..runtime.generate import check_batch_fits
 
+    for batch in batches:   # before any engine is made or any buffer allocated
+        check_batch_fits(plan, batch, guided=guidance != 0, device=device)
     ready, skipped = {}, {}
     for name in engines:
         try:
@@ -188,16 +191,21 @@ def plot(res: dict, path: Path) -> bool:
            title=f"{res['sampler']} on {res['device']}"[:70])
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
     return True
 
 
 def write_outputs(res: dict, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+    """bench.json, bench.md and (with matplotlib) bench.png in `out`, each written atomically."""
+    from ..files import atomic_write, write_text
+
     files = [out / "bench.json", out / "bench.md"]
-    files[0].write_text(json.dumps(res, indent=1) + "\n")
-    files[1].write_text(format_table(res, markdown=True) + "\n")
-    if plot(res, out / "bench.png"):
-        files.append(out / "bench.png")
-    return files
+    write_text(files[0], json.dumps(res, indent=1) + "\n")
+    write_text(files[1], format_table(res, markdown=True) + "\n")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return files
+    atomic_write(out / "bench.png", lambda tmp: plot(res, Path(tmp)))
+    return files + [out / "bench.png"]
