@@ -109,6 +109,7 @@ class Model:
         except TorchMissing as e:
             raise DdpmError(f"{e}; or pass an export folder made elsewhere with `ddpm export`") from None
         from .export.onnx_export import ExportFailed, export
+        from .files import OutputError
         from .model.io import LoadedModel
 
         loaded = LoadedModel(self.torch_model, self.cfg, self.hash, self.path, self.info)
@@ -118,6 +119,9 @@ class Model:
             export(loaded, root, fp16=True, log=lambda *_: None, replace=False)
         except ExportFailed as e:
             raise DdpmError(f"export failed: {e}") from None
+        except OutputError as e:   # the cache is not writable
+            raise DdpmError(f"{e}; the first use of a checkpoint exports it to ONNX there: set $XDG_CACHE_HOME to a "
+                            f"writable folder, pass an export folder (--export), or use --engine torch") from None
 
     def engine(self, name: str = "auto", device: str = "auto", fp16: bool = False, cuda_graph: bool = True,
                threads: int | None = None, max_batch: int = 512, dist=None, log=None):
@@ -172,9 +176,10 @@ class Model:
         except ValueError as e:
             raise _wrap(e) from None
 
-    def labels(self, n: int, label=None, uncond: bool = False) -> np.ndarray:
-        """(n,) int64 labels: the classes 0..9 in turn (label None), one class (an int), or given per sample (a
-        sequence); -1 everywhere when uncond. Raises DdpmError for labels outside 0..num_classes-1."""
+    def labels(self, n: int, label=None, uncond: bool = False, start: int = 0) -> np.ndarray:
+        """(n,) int64 labels of samples start..start+n-1: the classes 0..9 in turn (label None: sample k gets
+        k % num_classes), one class (an int), or given per sample (a sequence); -1 everywhere when uncond. Raises
+        DdpmError for labels outside 0..num_classes-1."""
         from .runtime.generate import labels_for
 
         if uncond:
@@ -184,7 +189,7 @@ class Model:
         if label is None or np.ndim(label) == 0:
             if label is not None and not (isinstance(label, (int, np.integer)) and 0 <= label < self.cfg.num_classes):
                 raise DdpmError(f"label must be an integer in 0..{self.cfg.num_classes - 1}, got {label!r}")
-            return labels_for(n, None if label is None else int(label), False, self.cfg.num_classes)
+            return labels_for(n, None if label is None else int(label), False, self.cfg.num_classes, start)
         arr = np.asarray(label)
         if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or \
                 arr.max() >= self.cfg.num_classes:

@@ -338,35 +338,37 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet,
     ctx = _dist(device)   # under torchrun: each rank draws its share of the samples
     dev = str(ctx.device) if ctx.world > 1 else _device(device)
     eng = make_engine(engine, model, dev, fp16, not no_cuda_graph, 2 * batch, ctx, threads)
-    labels = model.labels(num, label, uncond)
+    labels = lambda a, b: model.labels(b - a, label, uncond, start=a)   # samples a..b-1: nothing of size n is held
     lo, hi = ctx.shard(num)
     t0 = time.perf_counter()
     # sample k's noise depends only on (seed, k): the shards together are exactly the single-process samples
-    batches = iter_generate(eng, hi - lo, plan, labels[lo:hi], guidance, seed, batch, start=lo,
+    batches = iter_generate(eng, hi - lo, plan, lambda a, b: labels(lo + a, lo + b), guidance, seed, batch, start=lo,
                             progress=not quiet and ctx.rank == 0)
     nrow = 10 if label is None and not uncond else None
     if ctx.world == 1:
-        _save_images(out, batches, labels, nrow)     # an .npz is written batch by batch as they come
+        _save_images(out, batches, labels, num, nrow)     # an .npz is written batch by batch as they come
     else:
         parts = ctx.gather(np.concatenate([np.empty((0, 28, 28), np.uint8), *batches]))
         if ctx.rank == 0:
-            _save_images(out, parts, labels, nrow)
+            _save_images(out, parts, labels, num, nrow)
     seconds = time.perf_counter() - t0
     ctx.teardown()
     if ctx.rank == 0:
         procs = f", {ctx.world} processes" if ctx.world > 1 else ""
-        click.echo(f"{num} digits ({plan.name}, guidance {guidance:g}, {eng.name}{procs}) in {seconds:.1f}s -> {out}")
+        how = "unconditional" if uncond else f"guidance {guidance:g}"
+        click.echo(f"{num} digits ({plan.name}, {how}, {eng.name}{procs}) in {seconds:.1f}s -> {out}")
 
 
-def _save_images(out, batches, labels, nrow=None):
-    """Write the images (an iterable of (b,28,28) uint8 batches) as an .npz, streamed, or as a grid image."""
+def _save_images(out, batches, labels, n, nrow=None):
+    """Write n images (an iterable of (b,28,28) uint8 batches; labels(lo, hi) gives theirs) as an .npz, streamed,
+    or as a grid image."""
     import numpy as np
 
     from .runtime.images import save_grid
     from .samples import save_samples
 
     if out.lower().endswith(".npz"):
-        save_samples(out, labels, batches)
+        save_samples(out, labels, batches, n=n)
     else:
         save_grid(np.concatenate(list(batches)), out, nrow=nrow)
 

@@ -22,8 +22,9 @@ import shutil
 import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import DdpmError
 
@@ -225,6 +226,37 @@ def publish_dir(tmp: Path, out: str | os.PathLike, keep: Callable[[Path], bool] 
     _fsync_dir(out.parent)
     shutil.rmtree(aside, ignore_errors=True)
     return True
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (created if missing) while one writer works in it, e.g. a training run.
+
+    flock on the folder itself: no lock file is made, and the lock dies with its process (kill -9 included). Raises
+    OutputError when another process holds it. Where folders cannot be locked (no fcntl, some network file
+    systems), nothing is held."""
+    folder = Path(folder)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as e:
+        raise _output_error(folder, e) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"{folder} is in use by another {what}; wait for it to end, or use another "
+                              f"folder") from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def check_writable(path: str | os.PathLike, folder: bool = False) -> None:

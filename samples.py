@@ -42,17 +42,18 @@ def read_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
             magic = f.read(6)
         obj = np.load(path, allow_pickle=False) if magic.startswith((b"PK", b"\x93NUMPY")) else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise SamplesError(f"{path}: not a readable .npz file ({e}); {SAMPLES.hint}") from None
+        raise SamplesError(f"{path}: not a samples file (numpy cannot read it: {e}); {SAMPLES.hint}") from None
     if obj is None:
-        raise SamplesError(f"{path}: not an .npz file (a zip of .npy arrays); {SAMPLES.hint}")
+        raise SamplesError(f"{path}: not a samples file (not an .npz, the zip of .npy arrays that it is); "
+                           f"{SAMPLES.hint}")
     if not isinstance(obj, np.lib.npyio.NpzFile):
-        raise SamplesError(f"{path}: a single array (.npy), not a samples file with images and labels; "
+        raise SamplesError(f"{path}: not a samples file (a single .npy array, not images and labels); "
                            f"{SAMPLES.hint}")
     try:
         with obj:
             data = {k: obj[k] for k in SAMPLES.fields if k in obj.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise SamplesError(f"{path}: damaged ({e}); {SAMPLES.hint}") from None
+        raise SamplesError(f"{path}: not a samples file (damaged: {e}); {SAMPLES.hint}") from None
     SAMPLES.check(data, path, SamplesError)
     return data["images"], data["labels"].astype(np.int64)
 
@@ -65,18 +66,23 @@ def _npy_member(zf: zipfile.ZipFile, name: str, dtype, shape: tuple[int, ...]):
     return f
 
 
-def save_samples(path: str | os.PathLike, labels: np.ndarray, batches: Iterable[np.ndarray],
-                 image_shape: tuple[int, int] = (28, 28)) -> None:
-    """Write a samples file from `labels` (N,) and the images as batches of (b, H, W) uint8 (N in all), holding one
-    batch at a time. Atomic: whatever stops it (an error in `batches`, Ctrl-C, a full disk), the previous file stays.
-    Raises ValueError when the batches do not add up to N images of that shape."""
-    labels = np.asarray(labels, dtype=np.int64)
-    n = len(labels)
+def save_samples(path: str | os.PathLike, labels, batches: Iterable[np.ndarray],
+                 image_shape: tuple[int, int] = (28, 28), n: int | None = None) -> None:
+    """Write a samples file from the labels and the images as batches of (b, H, W) uint8 (N in all), holding one
+    batch at a time. labels: (N,) ints, or a function (lo, hi) -> the labels of samples lo..hi-1 with `n` = N (then
+    nothing of size N is held). Atomic: whatever stops it (an error in `batches`, Ctrl-C, a full disk), the previous
+    file stays. Raises ValueError when the batches do not add up to N images of that shape."""
+    if callable(labels):
+        get = labels
+    else:
+        arr = np.asarray(labels, dtype=np.int64)
+        n, get = len(arr), lambda lo, hi: arr[lo:hi]
 
     def write(tmp: str) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
             with _npy_member(zf, "labels", np.int64, (n,)) as f:
-                f.write(labels.tobytes())
+                for lo in range(0, n, 1 << 20):
+                    f.write(np.ascontiguousarray(get(lo, min(n, lo + (1 << 20))), dtype=np.int64).tobytes())
             count = 0
             with _npy_member(zf, "images", np.uint8, (n, *image_shape)) as f:
                 for part in batches:

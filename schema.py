@@ -111,7 +111,7 @@ class Num(Spec):
         self.min, self.max, self.min_open, self.max_open = min, max, min_open, max_open
         lo = "" if min is None else f"{'>' if min_open else '>='} {min:g}"
         hi = "" if max is None else f"{'<' if max_open else '<='} {max:g}"
-        self.what = "a finite number" + (f" {lo}" if lo else "") + (" and" if lo and hi else "") + (f" {hi}" if hi else "")
+        self.what = "a finite number" + " and".join(f" {b}" for b in (lo, hi) if b)
 
     def check(self, v, dims, path):
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import DdpmError
-from ..files import disk_full, no_space, publish_dir, temp_dir
+from ..files import OutputError, disk_full, no_space, publish_dir, temp_dir
 from ..model.io import LoadedModel, copy_to
 from ..runtime.bundle import EXPORT_FORMAT, META_FILE, file_sha256
 from ..runtime.schedule import Schedule
@@ -148,10 +148,14 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
     """checkpoint -> ONNX fp32 (+ fp16) -> verified -> metadata -> renamed into `out` (files.publish_dir).
 
     replace=False: if `out` holds a valid export of the same weights with these precisions (another process exported
-    them first), keep it and drop this one. Raises ExportFailed (verification), files.OutputError (`out` not writable)."""
+    them first), keep it and drop this one. Raises ExportFailed (verification), files.OutputError (`out` not writable,
+    or a folder that is not an export, which it would replace)."""
     import onnx
 
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
+        raise OutputError(f"{out} is a folder but not an export folder (no {META_FILE}), and an export replaces what "
+                          f"is there: give another --out, or remove it")
     tmp = temp_dir(out)
     try:
         files = {}

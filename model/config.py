@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..schema import Bool, Int, List, Num, Schema, Str
 
@@ -49,7 +49,8 @@ class ModelConfig:
         """The config itself if a UNet can be built from it; ValueError (one line) naming the first bad field."""
         CONFIG.check(self.to_dict(), "model config", ValueError)
         if self.base_channels % 2:
-            raise ValueError(f"base_channels must be even (the sinusoidal timestep embedding), got {self.base_channels}")
+            raise ValueError(f"base_channels must be even (the sinusoidal timestep embedding), got "
+                             f"{self.base_channels}")
         if self.image_size % (2 ** (len(self.channel_mults) - 1)):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2^{len(self.channel_mults) - 1}")
         for c in {self.base_channels * m for m in self.channel_mults}:

@@ -38,13 +38,14 @@ class Engine(Protocol):
             guidance: float, callback: Callable[[int], None] | None = None) -> np.ndarray: ...
 
 
-def labels_for(n: int, label: int | None, uncond: bool, num_classes: int = 10) -> np.ndarray:
-    """The label of every sample: -1 (unconditional), a fixed class, or the classes in turn (k % num_classes)."""
+def labels_for(n: int, label: int | None, uncond: bool, num_classes: int = 10, start: int = 0) -> np.ndarray:
+    """The label of samples start..start+n-1: -1 (unconditional), a fixed class, or the classes in turn
+    (k % num_classes)."""
     if uncond:
         return np.full(n, -1, dtype=np.int64)
     if label is not None:
         return np.full(n, label, dtype=np.int64)
-    return np.arange(n, dtype=np.int64) % num_classes
+    return np.arange(start, start + n, dtype=np.int64) % num_classes
 
 
 # ------------------------------------------------------------------------------------------------- memory guard
@@ -144,21 +145,26 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
                   image_shape=(1, 28, 28)) -> Iterator[np.ndarray]:
     """Samples start..start+n-1 of the stream `seed`, yielded batch by batch as (b, H, W) uint8 in order.
 
-    labels: (n,), -1 = unconditional. Raises OutOfMemory before the first batch when one batch would not fit, and
+    labels: (n,), -1 = unconditional; or a function (lo, hi) -> the labels of samples lo..hi-1 of these n, so that
+    nothing of size n is held. Raises OutOfMemory before the first batch when one batch would not fit, and
     NonFiniteSamples at a batch that comes out NaN or inf (naming the likely cause); ValueError for bad labels."""
     from tqdm import tqdm
 
-    labels = np.asarray(labels)
     check_seed(seed)
-    if len(labels) != n:
-        raise ValueError(f"{len(labels)} labels for {n} samples")
-    if n > 0 and (labels < 0).any() and (labels >= 0).any():
-        raise ValueError("mixing conditional and unconditional samples in one call is not supported")
+    if callable(labels):
+        get = labels
+    else:
+        labels = np.asarray(labels)
+        if len(labels) != n:
+            raise ValueError(f"{len(labels)} labels for {n} samples")
+        if n > 0 and (labels < 0).any() and (labels >= 0).any():
+            raise ValueError("mixing conditional and unconditional samples in one call is not supported")
+        get = lambda lo, hi: labels[lo:hi]
     if n == 0:
         return
     check_seed(start + n - 1)
     b = min(batch, n)
-    guided = bool(guidance != 0 and labels[0] >= 0)
+    guided = bool(guidance != 0 and get(0, 1)[0] >= 0)
     check_batch_fits(plan, b, image_shape, guided, engine_device(engine))
     bar = tqdm(total=-(-n // batch) * plan.steps, disable=not progress, unit="step", dynamic_ncols=True,
                desc=f"{engine.name} {plan.name}")
@@ -166,7 +172,10 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
         for lo in range(0, n, batch):
             hi = min(n, lo + batch)
             x_T, z = make_noise(seed, start + lo, hi - lo, plan.num_slots, image_shape)
-            y = None if labels[lo] < 0 else labels[lo:hi].astype(np.int64)
+            y = np.asarray(get(lo, hi), dtype=np.int64)
+            if len(y) != hi - lo or ((y < 0).any() and (y >= 0).any()):
+                raise ValueError(f"labels of samples {lo}..{hi - 1}: {hi - lo} labels, all -1 or all classes")
+            y = None if y[0] < 0 else y
             x = engine.run(x_T, z, y, plan, guidance, callback=lambda i: bar.update(1))
             del x_T, z
             if not np.isfinite(x).all():

@@ -240,9 +240,9 @@ def test_damaged_tensorrt_record_means_rebuild(tmp_path, monkeypatch):
      "labels must hold values in -1..9"),
     (lambda p: np.savez(p, images=np.zeros((10, 28, 28)), labels=np.arange(10)), "images must be uint8"),
     (lambda p: np.savez(p, images=np.zeros((10, 28, 28), np.uint8)), "lacks 'labels'"),
-    (lambda p: np.save(p.with_suffix(".npy"), np.zeros((10, 28, 28), np.uint8)), "a single array (.npy)"),
-    (lambda p: p.with_suffix(".npz").write_bytes(b"PK\x03\x04garbage"), "not a readable .npz"),
-    (lambda p: p.with_suffix(".npz").write_text("hello"), "not an .npz file"),
+    (lambda p: np.save(p.with_suffix(".npy"), np.zeros((10, 28, 28), np.uint8)), "a single .npy array"),
+    (lambda p: p.with_suffix(".npz").write_bytes(b"PK\x03\x04garbage"), "numpy cannot read it"),
+    (lambda p: p.with_suffix(".npz").write_text("hello"), "not a samples file (not an .npz"),
 ])
 def test_bad_samples_file_is_one_line(tmp_path, make, message):
     make(tmp_path / "s.npz")
@@ -291,8 +291,6 @@ def test_loader_errors_are_ddpm_errors():
 
 
 def test_config_validation_covers_every_field():
-    from ddpm.model.config import ModelConfig
-
     for change, message in (({"groups": 0}, "groups must be an integer >= 1"),
                             ({"channel_mults": ()}, "at least 1 item"),
                             ({"dropout": float("nan")}, "dropout must be a finite number"),

@@ -2,7 +2,6 @@
 checked before any work, a full disk and Ctrl-C give one line and leave every file whole."""
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -300,3 +299,27 @@ def test_sigint_in_a_real_process_is_one_line(ckpt, tmp_path):
     assert p.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].strip() == "interrupted"
     assert not out.exists() and _temporaries(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------- concurrent and careless
+def test_a_run_folder_is_never_overwritten_or_shared(fake_mnist, tmp_path):
+    from ddpm.files import folder_lock
+
+    run = tmp_path / "run"
+    assert _train(fake_mnist, run, "--steps", 2, "--ckpt-every", 2).exit_code == 0
+    before = _snapshot(run)
+    r = _train(fake_mnist, run, "--steps", 4)                      # forgot --resume: the old run is kept
+    assert r.exit_code == 1 and "already holds a run" in r.output and "--resume" in r.output
+    with folder_lock(run, "ddpm train"):                           # another process trains there
+        r = _train(fake_mnist, run, "--steps", 4, "--resume")
+    assert r.exit_code == 1 and "in use by another ddpm train" in r.output and "Traceback" not in r.output
+    assert _snapshot(run) == before
+    assert _train(fake_mnist, run, "--steps", 4, "--ckpt-every", 2, "--resume").exit_code == 0   # released
+
+
+def test_export_never_replaces_a_folder_that_is_not_an_export(ckpt, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    r = invoke("export", "--ckpt", ckpt, "--out", tmp_path / "mine")
+    assert r.exit_code == 1 and "not an export folder" in r.output
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"

@@ -52,8 +52,8 @@ def resolve_data_dir(data: str | os.PathLike | None) -> Path:
 FIX_HINT = ("delete it (ddpm train downloads it again when it is missing) or point --data (or $DDPM_DATA) at a "
             "folder with good copies of the four MNIST files")
 # A split as load_mnist returns it: N images of 28x28 and N labels 0-9, both uint8 as in the IDX files
-SPLIT = Schema("MNIST split", {"images": Array(("uint8",), ("N", 28, 28)),
-                               "labels": Array(("uint8",), ("N",), max=9)}, hint=FIX_HINT.replace("delete it", "delete the damaged file", 1))
+SPLIT = Schema("MNIST split", {"images": Array(("uint8",), ("N", 28, 28)), "labels": Array(("uint8",), ("N",), max=9)},
+               hint=FIX_HINT.replace("delete it", "delete the damaged file", 1))
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DdpmError, Interrupted
-from ..files import OutputError, check_writable, clean_stale, write_text
+from ..files import OutputError, check_writable, clean_stale, folder_lock, write_text
 from ..model import PRESETS, UNet
 from ..model.config import ModelConfig
 from ..model.io import (CKPT_FILE, MODEL_FILE, CheckpointError, load_checkpoint, read_weights, save_checkpoint,
@@ -248,7 +248,29 @@ def append_log(path: Path, rows: list[dict]) -> None:
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Train; returns a summary (steps, seconds, steps/s, last loss). Writes everything under cfg.out."""
+    """Train; returns a summary (steps, seconds, steps/s, last loss). Writes everything under cfg.out.
+
+    Only one process trains in a run folder at a time (files.folder_lock), and a new run never overwrites another
+    one's checkpoint: without --resume, a folder holding a ckpt.pt is refused. Raises TrainingError, DataError,
+    errors.Interrupted (Ctrl-C: the message names the last checkpoint)."""
+    out = Path(cfg.out)
+    if int(os.environ.get("RANK", "0")):   # under torchrun only rank 0 writes
+        return _train(cfg, resume, progress, log)
+    try:
+        check_writable(out, folder=True)   # before the data, the model or a single step
+    except OutputError as e:
+        raise TrainingError(f"--out: {e}") from None
+    if not resume and (out / CKPT_FILE).is_file():
+        raise TrainingError(f"{out} already holds a run ({CKPT_FILE}); continue it with --resume, or give another "
+                            f"--out")
+    try:
+        with folder_lock(out, "ddpm train"):
+            return _train(cfg, resume, progress, log)
+    except OutputError as e:
+        raise TrainingError(str(e)) from None
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
     from tqdm import tqdm
 
     for name, value, low in (("steps", cfg.steps, 1), ("batch_size", cfg.batch_size, 1), ("ckpt_every", cfg.ckpt_every, 1),
@@ -274,10 +296,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         raise TrainingError(f"global batch {cfg.batch_size} is not divisible by {ctx.world} processes")
     out = Path(cfg.out)
     if ctx.rank == 0:
-        try:
-            check_writable(out, folder=True)   # before the data, the model or a single step
-        except OutputError as e:
-            raise TrainingError(f"--out: {e}") from None
         for name in RUN_FILES:
             clean_stale(out, name)             # temporaries of a killed run's writes
     torch.manual_seed(cfg.seed)
@@ -410,7 +428,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
                 history.extend(window.tolist())
                 last, pending = history[-1], 0
                 if ctx.rank == 0:
-                    append_log(out / LOG_FILE, [{"step": first + k + 1, "loss": v} for k, v in enumerate(window.tolist())])
+                    append_log(out / LOG_FILE, [{"step": first + k + 1, "loss": v}
+                                                for k, v in enumerate(window.tolist())])
                 bar.set_postfix(loss=f"{window.mean().item():.4f}")
                 bar.update(len(window))
             if at_ckpt:
