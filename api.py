@@ -123,17 +123,56 @@ class Model:
             raise DdpmError(f"{e}; the first use of a checkpoint exports it to ONNX there: set $XDG_CACHE_HOME to a "
                             f"writable folder, pass an export folder (--export), or use --engine torch") from None
 
+    def generator_bundle(self, plan, form: str = "loop", log=None) -> Bundle:
+        """An export folder whose generator.onnx (export/generator.py) runs `plan`: the model's own when it has one,
+        else the cache folder, where the generator is built and verified on first use (needs the onnx package).
+        Raises DdpmError for a plan the generator cannot run, or an explicit export folder without one."""
+        from .export.generator import GeneratorFailed, GeneratorUnsupported, check_plan
+        from .runtime.runner import plan_key
+
+        try:
+            check_plan(plan)
+        except GeneratorUnsupported as e:
+            raise DdpmError(f"onnx-generator: {e}") from None
+        b = self.bundle()
+        if b.generator is not None and b.generator["plan_key"] == plan_key(plan):
+            return b
+        cache = cache_dir() / "exports" / self.hash[:16]
+        if b.root not in (cache, default_export_dir()):
+            what = f"a generator for {b.generator['plan']}" if b.generator else "no generator"
+            raise DdpmError(f"{b.root} has {what}, not one for {plan.name}: run `ddpm export --out {b.root} "
+                            f"--generator` with that sampler and --steps")
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            raise DdpmError(f"building generator.onnx for {plan.name} needs the onnx package: "
+                            f"pip install 'ddpm[torch]'") from None
+        if b.root != cache and not (cache / META_FILE).is_file():
+            _copy_folder(b.root, cache)       # the shipped export stays as it was installed
+        from .export.generator import add_generator
+
+        log = log or (lambda *_: None)
+        log(f"building generator.onnx for {plan.name} in {cache} (once)")
+        try:
+            add_generator(cache, plan, GUIDANCE, form, log=log)
+            b = Bundle.load(cache, expected_hash=None if self.path is None else self.hash)
+        except (GeneratorFailed, ExportError) as e:
+            raise DdpmError(f"generator.onnx for {plan.name}: {e}") from None
+        self.export_dir = cache
+        return b
+
     def engine(self, name: str = "auto", device: str = "auto", fp16: bool = False, cuda_graph: bool = True,
-               threads: int | None = None, max_batch: int = 512, dist=None, log=None):
+               threads: int | None = None, max_batch: int = 512, dist=None, log=None, plan=None):
         """A runtime engine (runtime.engines), made once per (name, device, fp16, cuda_graph, threads) and reused.
 
-        name: auto | torch | runtime-torch | onnx | trt (auto: onnx on a CPU, runtime-torch on a GPU). device: auto,
-        cpu, cuda, cuda:N. dist: under torchrun, the process group context (rank, world, barrier()): rank 0 makes a
+        name: auto | torch | runtime-torch | onnx | trt | onnx-generator (auto: onnx on a CPU, runtime-torch on a
+        GPU; onnx-generator needs the `plan` it will run). device: auto, cpu, cuda, cuda:N. dist: under torchrun, the process group context (rank, world, barrier()): rank 0 makes a
         missing export while the others wait, so that no rank reads a half-made folder. Raises DdpmError when the
         engine cannot run here (the message says what is missing).
         """
         from .runtime.engines import (ENGINES, NEEDS_EXPORT, NEEDS_TORCH, TORCH_HINT, auto_engine, have_torch,
                                       make_engine, resolve_device)
+        from .runtime.runner import plan_key
 
         try:
             dev = resolve_device(device)
@@ -144,14 +183,20 @@ class Model:
             raise DdpmError(f"unknown engine {name!r}; engines: auto, {', '.join(ENGINES)}")
         if name in NEEDS_TORCH and not have_torch():
             raise DdpmError(f"the {name} engine needs PyTorch: {TORCH_HINT}")
-        key = (name, dev, fp16, cuda_graph, threads)
+        # a TensorRT engine serves a batch range: a larger batch than it was made for needs another one
+        key = (name, dev, fp16, cuda_graph, threads, max_batch if name == "trt" else None)
+        if name == "onnx-generator":
+            if plan is None:
+                raise DdpmError("the onnx-generator engine needs the plan it will run")
+            key += (plan_key(plan),)
+        prepare = (lambda: self.generator_bundle(plan, log=log)) if name == "onnx-generator" else (lambda: self.bundle(fp16))
         if name in NEEDS_EXPORT and dist is not None and dist.world > 1:
             if dist.rank == 0:
-                self.bundle(fp16)
+                prepare()
             dist.barrier()
         with self._lock:
             if key not in self._engines:
-                bundle = self.bundle(fp16) if name in NEEDS_EXPORT else None
+                bundle = prepare() if name in NEEDS_EXPORT else None
                 model = self.torch_model if name in ("torch", "runtime-torch") else None
                 try:
                     self._engines[key] = make_engine(name, dev, model, self.null_label, bundle, fp16, cuda_graph,
@@ -215,12 +260,31 @@ class Model:
         _check_guidance(guidance)
         labels = self.labels(n, label, uncond)
         plan = plan or self.plan(sampler, steps, eta, variance)
-        eng = self.engine(engine, device, fp16, max_batch=2 * batch)
+        eng = self.engine(engine, device, fp16, max_batch=2 * batch if guidance and not uncond else batch, plan=plan)
         try:
             return generate(eng, n, plan, labels, guidance, seed, batch, start=start, progress=progress,
                             image_shape=(self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size))
-        except ValueError as e:
+        except (ValueError, EngineUnavailable) as e:   # runners are built (and bound) on first use
             raise _wrap(e) from None
+
+
+def _copy_folder(src: Path, dst: Path) -> None:
+    """Copy the folder src to dst (absent), published by one rename so that no reader sees half of it."""
+    import shutil
+    import tempfile
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        tmp.chmod(0o755)
+        tmp.rename(dst)
+    except FileExistsError:
+        shutil.rmtree(tmp, ignore_errors=True)    # another process published it first
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dst / META_FILE).is_file():
+            raise DdpmError(f"cannot copy {src} to {dst}: {e}") from None
 
 
 def _check_count(name: str, v, low: int) -> None:

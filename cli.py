@@ -205,7 +205,7 @@ def train(threads, resume, **opts):
 
 
 # ------------------------------------------------------------------------------------------------------------- gen
-ENGINES = ["torch", "runtime-torch", "onnx", "trt"]   # see ddpm.runtime.engines
+ENGINES = ["torch", "runtime-torch", "onnx", "trt", "onnx-generator"]   # see ddpm.runtime.engines
 
 
 def _model(ckpt, export_dir=None):
@@ -274,9 +274,11 @@ def engine_options(f):
     opts = [
         click.option("--engine", type=click.Choice(["auto", *ENGINES]), default="auto", show_default=True,
                      help="torch: eager PyTorch (the reference); runtime-torch, onnx, trt: the preallocated runtime; "
+                          "onnx-generator: the whole loop in one ONNX call (generator.onnx, deterministic plans); "
                           "auto: onnx on a CPU, runtime-torch on a GPU (same digits, faster)."),
         click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None,
-                     help="Export folder for onnx/trt [default: the checkpoint's, exported on first use]."),
+                     help="Export folder for onnx/trt/onnx-generator [default: the checkpoint's, exported on first "
+                          "use]."),
         click.option("--fp16", is_flag=True, help="Half-precision model (runtime engines)."),
         click.option("--no-cuda-graph", is_flag=True, help="GPU: run the loop step by step instead of one CUDA graph."),
     ]
@@ -285,10 +287,24 @@ def engine_options(f):
     return f
 
 
-def make_engine(name, model, device, fp16=False, cuda_graph=True, max_batch=512, ctx=None, threads=None):
-    """The engine `name` (auto resolved) on `device`, its messages on stderr; ctx: the torchrun context."""
-    return model.engine(name, device, fp16, cuda_graph, threads, max_batch, dist=ctx,
+def make_engine(name, model, device, fp16=False, cuda_graph=True, max_batch=512, ctx=None, threads=None, plan=None):
+    """The engine `name` (auto resolved) on `device`, its messages on stderr; ctx: the torchrun context.
+    max_batch: the largest batch the network runs at (2 x --batch with guidance), what a TensorRT engine is made for.
+    plan: the plan to run, needed by onnx-generator (its generator.onnx is made for one plan)."""
+    return model.engine(name, device, fp16, cuda_graph, threads, max_batch, dist=ctx, plan=plan,
                         log=lambda m: click.echo(m, err=True))
+
+
+def _add_generator(root, plan, form="loop", log=click.echo):
+    from .export.generator import GeneratorFailed, GeneratorUnsupported, add_generator
+
+    log(f"building generator.onnx for {plan.name} in {root}")
+    try:
+        return add_generator(root, plan, GUIDANCE, form, log=log)
+    except GeneratorUnsupported as e:
+        raise click.BadParameter(str(e), param_hint="--sampler/--eta") from None
+    except GeneratorFailed as e:
+        raise click.ClickException(f"generator export failed, nothing written: {e}") from None
 
 
 @main.command()
@@ -317,6 +333,7 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet,
       ddpm gen -n 64 --engine torch                        # eager PyTorch, the reference (same digits)
       ddpm gen -n 64 --engine onnx                         # the preallocated runtime on onnxruntime
       ddpm gen -n 64 --engine trt --fp16                   # TensorRT (GPU)
+      ddpm gen -n 64 --engine onnx-generator               # generator.onnx: the whole loop in one call
     """
     import time
 
@@ -337,7 +354,8 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet,
     plan = _plan(model, sampler, steps, eta, variance)
     ctx = _dist(device)   # under torchrun: each rank draws its share of the samples
     dev = str(ctx.device) if ctx.world > 1 else _device(device)
-    eng = make_engine(engine, model, dev, fp16, not no_cuda_graph, 2 * batch, ctx, threads)
+    net_batch = 2 * batch if guidance and not uncond else batch   # guidance runs both halves in one batch
+    eng = make_engine(engine, model, dev, fp16, not no_cuda_graph, net_batch, ctx, threads, plan)
     labels = lambda a, b: model.labels(b - a, label, uncond, start=a)   # samples a..b-1: nothing of size n is held
     lo, hi = ctx.shard(num)
     t0 = time.perf_counter()
@@ -518,7 +536,9 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
         model = _model(ckpt, export_dir)
         plan = _plan(model, sampler, steps, eta, variance)
         labels = model.labels(num, None, uncond)
-        eng = make_engine(engine, model, _device(device), fp16, not no_cuda_graph, 2 * batch, threads=threads)
+        net_batch = 2 * batch if guidance and not uncond else batch
+        eng = make_engine(engine, model, _device(device), fp16, not no_cuda_graph, net_batch, threads=threads,
+                          plan=plan)
         images = generate(eng, num, plan, labels, guidance, seed, batch, progress=not quiet)
         name = f"{plan.name} w={guidance:g}" + (" uncond" if uncond else "")
         rows.append(ref.evaluate(images, labels, name))
@@ -537,19 +557,40 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
 @click.option("--trt", "build_trt", is_flag=True, help="Also build TensorRT engine(s) (needs TensorRT and a GPU).")
 @click.option("--batch", "batch_range", default="1-256", show_default=True,
               help="TensorRT batch range MIN-MAX (one optimisation profile).")
-def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range):
+# the generator: the whole reverse loop in one ONNX model, and the web page around it
+@click.option("--generator", "with_generator", is_flag=True,
+              help="Also write generator.onnx: the whole loop of a deterministic sampler in one ONNX model "
+                   "(x_T, labels, guidance -> uint8 images), verified against the runtime.")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddim", show_default=True,
+              help="The generator's sampler (deterministic plans only: DDIM with eta 0).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="The generator's steps [default: 50].")
+@click.option("--form", type=click.Choice(["loop", "unrolled"]), default="loop", show_default=True,
+              help="The generator as one ONNX Loop over the rows, or the rows unrolled (the same speed on a CPU; "
+                   "unrolled is 1.8x bigger and loads about 90x slower: README).")
+@click.option("--web", "web_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write a static page into this folder that generates digits in the browser "
+                   "(implies --generator; fetches onnxruntime-web with npm once).")
+@click.option("--ort-web", "ort_web", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The onnxruntime-web tarball (`npm pack onnxruntime-web@VERSION`) instead of fetching it.")
+def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, sampler, steps, form, web_dir, ort_web):
     """Export the EMA noise predictor to ONNX (and TensorRT), verified against PyTorch.
 
     Inputs x (B,1,28,28), t (B,) and y (B,) are graph inputs with a dynamic batch; output eps. Beside the model,
     export.json holds the checkpoint hash, config and schedule tables, so a runtime needs only the folder.
+    --generator adds generator.onnx, the whole reverse loop of one deterministic plan (--sampler, --steps), and
+    --web a page that runs it in a browser.
 
     \b
     Examples:
       ddpm export --fp16
       ddpm export --ckpt runs/ddpm --out exports/mine --fp16 --trt --batch 1-64
+      ddpm export --generator --steps 20                  # generator.onnx: DDIM-20 in one ONNX call
+      ddpm export --web site && python -m http.server -b 127.0.0.1 -d site   # open http://127.0.0.1:8000
     """
     if out:
         _output(out, "--out", folder=True)
+    if web_dir:
+        _output(web_dir, "--web", folder=True)
     _needs_torch("export")
     from .export.onnx_export import ExportFailed, export
 
@@ -574,12 +615,24 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range):
     except CheckpointError as e:
         raise _fail(e) from None
     out = _output(out or str(api.cache_dir() / "exports" / loaded.hash[:16]), "--out", folder=True)
+    plan = None
+    if with_generator or web_dir:   # refuse a plan the generator cannot run before any work
+        from .export.generator import GeneratorUnsupported, check_plan
+
+        plan = _plan(_model(ckpt), sampler, steps, 0.0, "small")
+        try:
+            check_plan(plan)
+        except GeneratorUnsupported as e:
+            raise click.BadParameter(str(e), param_hint="--sampler") from None
     try:
         res = export(loaded, out, fp16=fp16, opset=opset, log=click.echo)
     except ExportFailed as e:
         raise click.ClickException(f"export failed, nothing written: {e}") from None
     for precision, f in res.meta["files"].items():
         click.echo(f"{precision}: {res.out / f['name']} ({f['bytes'] / 1e6:.2f} MB)")
+    if plan is not None:
+        gen = _add_generator(res.out, plan, form)
+        click.echo(f"generator: {res.out / gen['name']} ({gen['bytes'] / 1e6:.2f} MB, {gen['plan']}, {form})")
     if build_trt:
         from .export.trt import ensure_engine
         from .runtime.bundle import Bundle
@@ -588,6 +641,17 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range):
         for precision in res.meta["files"]:
             click.echo(f"TensorRT {precision}: {ensure_engine(bundle, precision, lo, hi, log=click.echo)}")
     click.echo(f"export folder: {res.out}")
+    if web_dir:
+        from .export.web import WebExportError, write_page
+        from .runtime.bundle import Bundle, ExportError
+
+        options = f"--sampler {sampler} --steps {plan.steps}"
+        try:
+            page = write_page(Bundle.load(res.out), web_dir, GUIDANCE, options, ort_web, log=click.echo)
+        except (WebExportError, ExportError) as e:
+            raise _fail(e) from None
+        click.echo(f"web page: {page} (serve it, e.g. `python -m http.server -b 127.0.0.1 -d {page}`, and open "
+                   f"http://127.0.0.1:8000)")
 
 
 # ----------------------------------------------------------------------------------------------------------- bench
@@ -602,8 +666,9 @@ def _int_list(ctx, param, value):
 
 
 @main.command()
-@click.option("--engines", default="torch,runtime-torch,onnx,trt", show_default=True,
-              help="Comma-separated engines; unavailable ones are reported as skipped.")
+@click.option("--engines", default="torch,runtime-torch,onnx,trt,onnx-generator", show_default=True,
+              help="Comma-separated engines; unavailable ones are reported as skipped. onnx-generator (the whole "
+                   "loop in one ONNX call) is built for the benchmark's plan in the cache export folder.")
 @click.option("--batch", "batches", default="1,8,64", show_default=True, callback=_int_list,
               help="Comma-separated batch sizes.")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddim", show_default=True, help="Sampler.")
@@ -627,6 +692,7 @@ def bench(engines, batches, sampler, steps, guidance, repeat, fp16, no_cuda_grap
       ddpm bench                                     # DDIM-50, batch 1,8,64, all engines
       ddpm bench --sampler ddpm --batch 1,64 --repeat 2
       ddpm bench --engines torch,onnx --fp16 --out bench-fp16
+      ddpm bench --engines onnx,onnx-generator --batch 1,8  # the step loop against the one-call generator
     """
     from pathlib import Path
 

@@ -1,7 +1,8 @@
 """generate(): N samples in batches from any engine, with the seeded noise stream and a progress bar.
 
 An engine is any object with `run(x_T, z, labels, plan, guidance, callback) -> x_0` for one batch (numpy arrays in,
-a numpy array out); `labels` is None for unconditional sampling. The eager PyTorch reference is
+a numpy array out: x_0 (B,C,H,W) float32, or the images (B,H,W) uint8 already quantised as images.to_uint8 does,
+as the onnx-generator engine returns them); `labels` is None for unconditional sampling. The eager PyTorch reference is
 `runtime.eager.EagerEngine`; the preallocated runtime engines live in `runtime.runner`. Nothing here needs PyTorch.
 
 `iter_generate` yields the batches as they are made, so that a caller can write them out (samples.save_samples) and
@@ -53,13 +54,17 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def available_memory(device: str = "cpu") -> int | None:
-    """Bytes that can still be allocated: on a GPU, torch's free device memory; on the host, /proc/meminfo's
-    MemAvailable, capped by the cgroup (container) limit. None where it cannot be told."""
+def available_memory(device: str = "cpu", cuda=None) -> int | None:
+    """Bytes that can still be allocated: on a GPU, the free device memory (torch.cuda, or the stand-in `cuda`); on
+    the host, /proc/meminfo's MemAvailable, capped by the cgroup (container) limit. None where it cannot be told."""
     if str(device).startswith("cuda"):
-        import torch
+        if cuda is None:
+            import torch
 
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+            if not torch.cuda.is_available():
+                return None
+            cuda, device = torch.cuda, torch.device(device)
+        return int(cuda.mem_get_info(device)[0])
     avail = None
     try:
         with open("/proc/meminfo") as f:
@@ -83,12 +88,13 @@ def available_memory(device: str = "cpu") -> int | None:
     return avail
 
 
-def ensure_memory(need: int, what: str, fix: str, device: str = "cpu", per_unit: int | None = None) -> None:
+def ensure_memory(need: int, what: str, fix: str, device: str = "cpu", per_unit: int | None = None,
+                  cuda=None) -> None:
     """Raise OutOfMemory when `need` bytes (for `what`) exceed 90% of the memory available on `device`.
 
     fix: the option to change (e.g. "lower --batch"); per_unit: the bytes of one unit of that option, to say how
     many would fit."""
-    avail = available_memory(device)
+    avail = available_memory(device, cuda)
     if avail is None or need <= 0.9 * avail:
         return
     where = "GPU" if str(device).startswith("cuda") else "host"
@@ -117,13 +123,14 @@ def engine_device(engine) -> str:
 
 
 def check_batch_fits(plan: Plan, batch: int, image_shape=(1, 28, 28), guided: bool = True,
-                     device: str = "cpu") -> None:
-    """OutOfMemory, before anything is allocated, when one batch's noise tables and buffers would not fit."""
+                     device: str = "cpu", cuda=None) -> None:
+    """OutOfMemory, before anything is allocated, when one batch's noise tables and buffers would not fit (cuda: a
+    stand-in for torch.cuda's memory functions)."""
     host, eng = batch_bytes(plan, batch, image_shape, guided)
     per_host, per_eng = host // batch, eng // batch
     what = f"batch {batch} of {plan.name} ({plan.num_slots} noise images per sample)"
     if str(device).startswith("cuda"):
-        ensure_memory(eng, what, "lower --batch", device, per_eng)
+        ensure_memory(eng, what, "lower --batch", device, per_eng, cuda)
         ensure_memory(host, what, "lower --batch", "cpu", per_host)
     else:
         ensure_memory(host + eng, what, "lower --batch", "cpu", per_host + per_eng)
@@ -182,7 +189,7 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
                 raise NonFiniteSamples(f"samples {start + lo}..{start + hi - 1} came out NaN or inf from the "
                                        f"{engine.name} engine, so nothing was saved; likely cause: "
                                        f"{_cause(engine, guidance)}")
-            yield to_uint8(x)
+            yield x if x.dtype == np.uint8 else to_uint8(x)
     finally:
         bar.close()
 

@@ -83,7 +83,7 @@ def test_bench_quick(ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "b" / "bench.json").read_text())
     engines = {c["engine"] for c in res["results"]}
-    assert {"torch", "runtime-torch", "onnx"} <= engines and res["steps"] == 3
+    assert {"torch", "runtime-torch", "onnx", "onnx-generator"} <= engines and res["steps"] == 3
     for c in res["results"]:
         assert len(c["times_s"]) == 2 and c["median_s"] > 0 and c["speedup_vs_eager"] > 0
     assert "trt" in res["skipped"] or "trt" in engines      # never silently dropped
@@ -94,7 +94,39 @@ def test_bench_quick(ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "b16" / "bench.json").read_text())
     assert res["fp16"] and {"torch", "runtime-torch", "onnx"} <= {c["engine"] for c in res["results"]}
+    assert "fp32" in res["skipped"]["onnx-generator"]          # the generator wraps the fp32 model: skipped, said why
     r = invoke("bench", "--ckpt", ckpt, "--batch", "0,2")
     assert r.exit_code == 2 and "--batch" in r.output
     r = invoke("bench", "--ckpt", ckpt, "--engines", "torch,tvm")
     assert r.exit_code == 2 and "tvm" in r.output
+
+
+@pytest.fixture(scope="module")
+def short_ckpt(tmp_path_factory):
+    """A model with T = 20, fewer than the default 50 DDIM steps."""
+    import dataclasses
+
+    from helpers import TINY
+
+    root = tmp_path_factory.mktemp("short")
+    tiny_checkpoint(root, cfg=dataclasses.replace(TINY, timesteps=20))
+    return root
+
+
+def test_model_with_fewer_than_50_steps_uses_all_of_them(short_ckpt, fake_mnist, tmp_path):
+    """gen, eval and bench default to min(50, T) DDIM steps; --steps above T gets one clear message."""
+    env = {"XDG_CACHE_HOME": str(tmp_path / "c")}
+    r = invoke("gen", "--ckpt", short_ckpt, "-n", 2, "--engine", "torch", "--out", tmp_path / "g.npz", "-q")
+    assert r.exit_code == 0, r.output
+    assert "(ddim20-eta0," in r.output
+    r = invoke("eval", "--ckpt", short_ckpt, "-n", 4, "--engine", "torch", "--data", fake_mnist, "-q",
+               "--json", tmp_path / "q.json")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "q.json").read_text())[0]["name"].startswith("ddim20-eta0")
+    r = invoke("bench", "--ckpt", short_ckpt, "--engines", "torch", "--batch", 1, "--repeat", 1,
+               "--out", tmp_path / "b", env=env)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "b" / "bench.json").read_text())["steps"] == 20
+    for cmd in (["gen"], ["eval", "--data", fake_mnist], ["bench"]):
+        r = invoke(*cmd, "--ckpt", short_ckpt, "--steps", 21)
+        assert r.exit_code == 2 and "must be in 1..20 (the model's T)" in r.output and "Traceback" not in r.output
