@@ -271,18 +271,18 @@ class Model:
 def _copy_folder(src: Path, dst: Path) -> None:
     """Copy the folder src to dst (absent), published by one rename so that no reader sees half of it."""
     import shutil
-    import tempfile
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    from .files import OutputError, publish_dir, temp_dir
+
     try:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-        tmp.chmod(0o755)
-        tmp.rename(dst)
-    except FileExistsError:
-        shutil.rmtree(tmp, ignore_errors=True)    # another process published it first
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = temp_dir(dst)
+        try:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            publish_dir(tmp, dst, keep=lambda p: (p / META_FILE).is_file())   # another process published it first
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except (OSError, OutputError) as e:
         if not (dst / META_FILE).is_file():
             raise DdpmError(f"cannot copy {src} to {dst}: {e}") from None
 

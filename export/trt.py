@@ -21,13 +21,6 @@ import re
 from pathlib import Path
 
 from ..model.io import atomic_write
-from ..schema import Int, Schema, Str
-
-# <engine>.plan.json: what the engine was built for; an engine whose record fails this is rebuilt
-PLAN_INFO = Schema("TensorRT engine record (.plan.json)", {
-    "tensorrt": Str(), "gpu": Str(), "onnx_sha256": Str(pattern=r"[0-9a-f]{64}"),
-    "min_batch": Int(min=1), "max_batch": Int(min=1),
-})
 
 
 class TensorRTUnavailable(Exception):
@@ -68,8 +61,7 @@ def plan_paths(onnx_path: Path, min_batch: int, max_batch: int) -> tuple[Path, P
 
 def engine_files(onnx_path: Path) -> list[tuple[Path, dict]]:
     """Every engine built from this ONNX file in its folder: (engine file, its .plan.json contents), sorted by name.
-    Engines whose .plan.json is missing, unreadable or incomplete (PLAN_INFO) are left out (they cannot be checked,
-    so never reused)."""
+    Engines whose .plan.json is missing or unreadable are left out (they cannot be checked, so never reused)."""
     name = re.compile(rf"{re.escape(onnx_path.stem)}_b\d+-\d+\.plan")
     found = []
     for plan in sorted(onnx_path.parent.glob(f"{onnx_path.stem}_b*.plan")):
@@ -78,10 +70,10 @@ def engine_files(onnx_path: Path) -> list[tuple[Path, dict]]:
             continue
         try:
             meta = json.loads(info.read_text())
-            PLAN_INFO.check(meta, info, ValueError)
         except (OSError, ValueError):
             continue
-        found.append((plan, meta))
+        if isinstance(meta, dict):
+            found.append((plan, meta))
     return found
 
 

@@ -219,13 +219,14 @@ def test_damaged_tensorrt_record_means_rebuild(tmp_path):
     onnx_path = tmp_path / "model.onnx"
     plan, info = trt.plan_paths(onnx_path, 1, 8)
     plan.write_bytes(b"engine")
-    good = {"tensorrt": "10.0", "gpu": "GPU", "onnx_sha256": "a" * 64, "min_batch": 1, "max_batch": 8}
+    want = {"tensorrt": "10.0", "gpu": "GPU", "onnx_sha256": "a" * 64}
+    good = dict(want, min_batch=1, max_batch=8)
     info.write_text(json.dumps(good))
-    assert trt.engine_files(onnx_path) == [(plan, good)]
+    assert trt.choose_engine(trt.engine_files(onnx_path), want, 1, 8, 8)[0] == plan
     for text in ("{not json", "[1, 2]", json.dumps({k: v for k, v in good.items() if k != "gpu"}),
                  json.dumps(dict(good, onnx_sha256=3)), json.dumps(dict(good, max_batch="8"))):
         info.write_text(text)
-        assert trt.engine_files(onnx_path) == []
+        assert trt.choose_engine(trt.engine_files(onnx_path), want, 1, 8, 8)[0] is None, text
 
 
 # ------------------------------------------------------------------------------------------------ samples files

@@ -112,7 +112,7 @@ def test_batch_that_cannot_fit_fails_before_allocating(ckpt, tmp_path, monkeypat
     host, eng = gen_mod.batch_bytes(plan, 4096, guided=True)
     # DDPM-1000 at batch 4096: the noise table alone is 4096 x 999 x 784 float32 (12.2 GiB), twice (host + runner)
     assert host == 4096 * 1000 * 784 * 4 and eng > 4096 * 999 * 784 * 4
-    monkeypatch.setattr(gen_mod, "available_memory", lambda device="cpu": 8 * 2 ** 30)
+    monkeypatch.setattr(gen_mod, "available_memory", lambda device="cpu", cuda=None: 8 * 2 ** 30)
     with pytest.raises(OutOfMemory, match=r"batch 4096 of ddpm-small .* needs 24\.\d GiB of host memory, more than "
                                           r"the 8\.0 GiB available; lower --batch \(at most \d+ fit\)"):
         gen_mod.check_batch_fits(plan, 4096)
@@ -126,7 +126,7 @@ def test_batch_that_cannot_fit_fails_before_allocating(ckpt, tmp_path, monkeypat
     monkeypatch.setattr(gen_mod, "make_noise", lambda *a, **k: pytest.fail("noise allocated"))
     with pytest.raises(OutOfMemory):
         next(iter_generate(NoAlloc(), 4096, plan, np.zeros(4096, np.int64), 1.0, batch=4096, progress=False))
-    monkeypatch.setattr(gen_mod, "available_memory", lambda device="cpu": 2 ** 20)   # 1 MiB left
+    monkeypatch.setattr(gen_mod, "available_memory", lambda device="cpu", cuda=None: 2 ** 20)   # 1 MiB left
     r = invoke("gen", "--ckpt", ckpt, "-n", 64, "--sampler", "ddpm", "--batch", 64, "--out", tmp_path / "x.npz")
     assert r.exit_code == 1 and "lower --batch" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "x.npz").exists()
