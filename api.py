@@ -28,7 +28,8 @@ from .runtime.nets import EngineUnavailable
 
 # The recommended classifier-free guidance for the shipped model (assets/MODEL_CARD.md has the sweep).
 GUIDANCE = 0.3
-DEFAULT_SAMPLER = "ddim"
+# The fewest network calls that score as DDIM-50 did (bench/sweep, README "Samplers"): UniPC-2, 8 steps, trailing.
+DEFAULT_SAMPLER = "unipc"
 
 
 def default_export_dir() -> Path:
@@ -207,9 +208,12 @@ class Model:
 
     # ------------------------------------------------------------------------------------------------- sampling
     def plan(self, sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0,
-             variance: str = "small"):
-        """The sampler's table (runtime.samplers.Plan) for this model's schedule. Raises DdpmError for steps outside
-        1..T, DDPM with fewer than T steps, eta outside [0, 1], an unknown sampler."""
+             variance: str = "small", spacing: str | None = None, guidance_interval=None):
+        """The sampler's table (runtime.samplers.Plan) for this model's schedule: sampler ddpm | ddim | dpm++2m |
+        unipc; steps None: the sampler's default (min(T, 50) for ddim, 8 for the solvers); spacing linspace |
+        trailing | logsnr (None: the sampler's default); guidance_interval (lo, hi): guidance only where the noise
+        level sigma = sqrt((1-abar)/abar) is in (lo, hi] (Kynkaanniemi et al. 2024). Raises DdpmError for steps
+        outside 1..T, DDPM with fewer than T steps, eta outside [0, 1], an unknown sampler or spacing."""
         from .runtime.samplers import make_plan
         from .runtime.schedule import Schedule
 
@@ -217,7 +221,8 @@ class Model:
         if steps is not None and not 1 <= steps <= T:
             raise DdpmError(f"steps must be in 1..{T} (the model's T), got {steps}")
         try:
-            return make_plan(Schedule.make(self.cfg.schedule, T), sampler, steps, eta, variance)
+            return make_plan(Schedule.make(self.cfg.schedule, T), sampler, steps, eta, variance, spacing,
+                             guidance_interval)
         except ValueError as e:
             raise _wrap(e) from None
 
@@ -243,13 +248,13 @@ class Model:
 
     def generate(self, n: int = 64, label=None, uncond: bool = False, guidance: float = GUIDANCE,
                  sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
-                 seed: int = 0, batch: int = 64, engine: str = "auto", device: str = "auto", fp16: bool = False,
+                 spacing: str | None = None, guidance_interval=None, seed: int = 0, batch: int = 64, engine: str = "auto", device: str = "auto", fp16: bool = False,
                  start: int = 0, progress: bool = False, plan=None) -> np.ndarray:
         """n digits as (n, H, W) uint8 (0 black .. 255 white, MNIST's convention).
 
         label: None (classes 0..9 in turn), an int, or n ints. uncond: the unconditional model (no label).
         guidance: classifier-free guidance w >= 0, eps = eps_c + w (eps_c - eps_u) (Ho & Salimans 2022, eq. 6).
-        sampler/steps/eta/variance: see runtime.samplers (plan: a ready Plan instead). seed: 0..2^64-1; sample k of a
+        sampler/steps/eta/variance/spacing/guidance_interval: see `plan` (plan: a ready Plan instead). seed: 0..2^64-1; sample k of a
         seed is the same digit whatever n, batch, engine or process (runtime.noise); start: the index of the first.
         Raises DdpmError for bad arguments or an engine that cannot run here.
         """
@@ -259,7 +264,7 @@ class Model:
         _check_count("batch", batch, 1)
         _check_guidance(guidance)
         labels = self.labels(n, label, uncond)
-        plan = plan or self.plan(sampler, steps, eta, variance)
+        plan = plan or self.plan(sampler, steps, eta, variance, spacing, guidance_interval)
         eng = self.engine(engine, device, fp16, max_batch=2 * batch if guidance and not uncond else batch, plan=plan)
         try:
             return generate(eng, n, plan, labels, guidance, seed, batch, start=start, progress=progress,

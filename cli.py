@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .api import GUIDANCE   # numpy-only imports
+from .api import DEFAULT_SAMPLER, GUIDANCE   # numpy-only imports
 from .errors import DdpmError
 from .runtime.noise import MAX_SEED
 
@@ -215,13 +215,29 @@ def _model(ckpt, export_dir=None):
     return api.load(ckpt, export_dir)
 
 
-def _plan(model, sampler, steps, eta, variance):
+def _plan(model, sampler, steps, eta, variance, spacing=None, guidance_interval=None):
     from . import api
 
     try:
-        return model.plan(sampler, steps, eta, variance)
+        return model.plan(sampler, steps, eta, variance, spacing, guidance_interval)
     except api.DdpmError as e:
-        raise click.BadParameter(str(e), param_hint="--steps" if "steps" in str(e) else "--sampler") from None
+        hint = next((f"--{k}" for k in ("steps", "spacing", "guidance-interval") if k.replace("-", " ") in str(e)
+                     or k in str(e)), "--sampler")
+        raise click.BadParameter(str(e), param_hint=hint) from None
+
+
+def _interval(ctx, param, value):
+    """--guidance-interval LO,HI -> (lo, hi) floats with 0 <= lo < hi (hi may be inf); None stays None."""
+    if value is None or value == "all":
+        return None
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError:
+        lo, hi = float("nan"), float("nan")
+    if not 0 <= lo < hi:   # also refuses NaN
+        raise click.BadParameter("LO,HI with 0 <= LO < HI (noise levels sigma; HI may be inf), e.g. 0.28,5.42, "
+                                 "or 'all'")
+    return lo, hi
 
 
 def _device(name):
@@ -233,15 +249,30 @@ def _device(name):
         raise click.BadParameter(str(e), param_hint="--device") from None
 
 
+SAMPLER_CHOICES = ["ddpm", "ddim", "dpm++2m", "unipc"]   # see ddpm.runtime.samplers
+SAMPLER = DEFAULT_SAMPLER   # the fewest calls that score as DDIM-50 did (bench/sweep, README "Samplers")
+solver_options = [
+    click.option("--spacing", type=click.Choice(["linspace", "trailing", "logsnr"]), default=None,
+                 help="Timesteps: linspace (t=0 included), trailing (the last step lands on x0) or uniform in "
+                      "log-SNR [default: linspace for ddim, trailing for dpm++2m and unipc]."),
+    click.option("--guidance-interval", "guidance_interval", default=None, callback=_interval, metavar="LO,HI",
+                 help="Guidance only where the noise level sigma = sqrt((1-abar)/abar) is in (LO, HI] "
+                      "(Kynkaanniemi et al. 2024); elsewhere the conditional model alone. 'all': every step "
+                      "[default: all]."),
+]
+
+
 def sampling_options(f):
     """Options shared by gen, inpaint and eval (the sampler and its conditioning)."""
     opts = [
         click.option("--ckpt", type=click.Path(), default=None,
                      help="Checkpoint: model.safetensors, ckpt.pt or a run folder [default: the bundled model]."),
-        click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddim", show_default=True,
-                     help="DDPM ancestral (all T steps) or DDIM."),
+        click.option("--sampler", type=click.Choice(SAMPLER_CHOICES), default=SAMPLER, show_default=True,
+                     help="DDPM ancestral (all T steps), DDIM, DPM-Solver++(2M) or UniPC-2 (multistep, few steps; "
+                          "inpaint: ddim unless given)."),
         click.option("--steps", type=click.IntRange(min=1), default=None,
-                     help="DDIM steps [default: 50 for ddim, T for ddpm]."),
+                     help="Network calls per sample [default: 50 for ddim, 8 for dpm++2m and unipc, T for ddpm]."),
+        *solver_options,
         click.option("--eta", type=Finite(0, 1), default=0.0, show_default=True,
                      help="DDIM eta: 0 deterministic, 1 DDPM-like."),
         click.option("--variance", type=click.Choice(["small", "large"]), default="small", show_default=True,
@@ -320,13 +351,14 @@ def _add_generator(root, plan, form="loop", log=click.echo):
                    "unconditional), written as they are made (any n).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @sampling_options
-def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet, ckpt, sampler, steps, eta, variance,
-        guidance, seed, batch, device, threads):
+def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet, ckpt, sampler, steps, spacing,
+        guidance_interval, eta, variance, guidance, seed, batch, device, threads):
     """Generate digits.
 
     \b
     Examples:
-      ddpm gen -n 64 --out digits.png                      # DDIM-50, classes 0-9 in turn, guidance 0.3
+      ddpm gen -n 64 --out digits.png                      # UniPC-8, classes 0-9 in turn, guidance 0.3
+      ddpm gen -n 64 --sampler ddim --steps 50             # DDIM-50, the default before UniPC
       ddpm gen -n 16 --label 7 --guidance 3 --out sevens.png
       ddpm gen -n 64 --sampler ddpm --out ddpm.png         # the full 1000-step DDPM loop
       ddpm gen -n 10000 --batch 256 --out samples.npz      # for ddpm eval
@@ -351,7 +383,7 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet,
                                  f"use --out x.npz, which streams any number", param_hint="-n")
     _threads(threads)
     model = _model(ckpt, export_dir)
-    plan = _plan(model, sampler, steps, eta, variance)
+    plan = _plan(model, sampler, steps, eta, variance, spacing, guidance_interval)
     ctx = _dist(device)   # under torchrun: each rank draws its share of the samples
     dev = str(ctx.device) if ctx.world > 1 else _device(device)
     net_batch = 2 * batch if guidance and not uncond else batch   # guidance runs both halves in one batch
@@ -417,8 +449,8 @@ def _load_png(path, what):
 @click.option("--out", type=click.Path(dir_okay=False), default="inpaint.png", show_default=True,
               help="Grid: the masked input, then the completions.")
 @sampling_options
-def inpaint(image, mask_spec, num, label, resample, out, ckpt, sampler, steps, eta, variance, guidance, seed, batch,
-            device, threads):
+def inpaint(image, mask_spec, num, label, resample, out, ckpt, sampler, steps, spacing, guidance_interval, eta,
+            variance, guidance, seed, batch, device, threads):
     """Fill in the masked part of a 28x28 digit (RePaint-style inpainting).
 
     \b
@@ -444,8 +476,13 @@ def inpaint(image, mask_spec, num, label, resample, out, ckpt, sampler, steps, e
         keep = (_load_png(mask_spec, "--mask") >= 128).astype(np.float32)
     else:
         raise click.BadParameter("top, bottom, left, right or a PNG file", param_hint="--mask")
+    if click.get_current_context().get_parameter_source("sampler") is click.core.ParameterSource.DEFAULT:
+        sampler = "ddim"   # inpainting runs single-step plans; the default sampler is a multistep one
     loaded = _model(ckpt)
-    plan = _plan(loaded, sampler, steps, eta, variance)
+    plan = _plan(loaded, sampler, steps, eta, variance, spacing, guidance_interval)
+    if plan.history:
+        raise click.BadParameter(f"inpainting runs single-step plans (ddpm, ddim), not {sampler}",
+                                 param_hint="--sampler")
     dev = _device(device)
     model = loaded.torch_model.to(dev)
     x0 = torch.from_numpy(known).float().div(127.5).sub(1).expand(num, 1, 28, 28).to(dev)
@@ -481,8 +518,9 @@ def inpaint(image, mask_spec, num, label, resample, out, ckpt, sampler, steps, e
               help="Also write the results here (JSON; missing folders are created).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @sampling_options
-def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph, data, classifier, train_classifier, json_out, quiet, ckpt, sampler,
-             steps, eta, variance, guidance, seed, batch, device, threads):
+def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph, data, classifier, train_classifier,
+             json_out, quiet, ckpt, sampler, steps, spacing, guidance_interval, eta, variance, guidance, seed, batch,
+             device, threads):
     """Measure sample quality with an MNIST classifier.
 
     Frechet distance of the classifier's penultimate features to the real test set, beside the floor (N real
@@ -490,7 +528,7 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
 
     \b
     Examples:
-      ddpm eval -n 10000                                    # the default model, DDIM-50, guidance 0.3
+      ddpm eval -n 10000                                    # the default model, UniPC-8, guidance 0.3
       ddpm gen -n 2000 --sampler ddpm --out ddpm.npz && ddpm eval --samples ddpm.npz
       ddpm eval --samples a.npz --samples b.npz --json quality.json
     """
@@ -534,7 +572,7 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
         from .runtime.generate import generate
 
         model = _model(ckpt, export_dir)
-        plan = _plan(model, sampler, steps, eta, variance)
+        plan = _plan(model, sampler, steps, eta, variance, spacing, guidance_interval)
         labels = model.labels(num, None, uncond)
         net_batch = 2 * batch if guidance and not uncond else batch
         eng = make_engine(engine, model, _device(device), fp16, not no_cuda_graph, net_batch, threads=threads,
@@ -561,9 +599,10 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
 @click.option("--generator", "with_generator", is_flag=True,
               help="Also write generator.onnx: the whole loop of a deterministic sampler in one ONNX model "
                    "(x_T, labels, guidance -> uint8 images), verified against the runtime.")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddim", show_default=True,
-              help="The generator's sampler (deterministic plans only: DDIM with eta 0).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="The generator's steps [default: 50].")
+@click.option("--sampler", type=click.Choice(SAMPLER_CHOICES), default=SAMPLER, show_default=True,
+              help="The generator's sampler (deterministic plans only: ddim with eta 0, dpm++2m, unipc).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="The generator's steps [default: the sampler's, as in gen].")
 @click.option("--form", type=click.Choice(["loop", "unrolled"]), default="loop", show_default=True,
               help="The generator as one ONNX Loop over the rows, or the rows unrolled (the same speed on a CPU; "
                    "unrolled is 1.8x bigger and loads about 90x slower: README).")
@@ -671,25 +710,33 @@ def _int_list(ctx, param, value):
                    "loop in one ONNX call) is built for the benchmark's plan in the cache export folder.")
 @click.option("--batch", "batches", default="1,8,64", show_default=True, callback=_int_list,
               help="Comma-separated batch sizes.")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddim", show_default=True, help="Sampler.")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="DDIM steps [default: 50].")
+@click.option("--sampler", type=click.Choice(SAMPLER_CHOICES), default=SAMPLER, show_default=True, help="Sampler.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Network calls per sample [default: 50 for ddim, 8 for dpm++2m and unipc].")
+@solver_options[0]
+@solver_options[1]
 @click.option("--guidance", "-w", type=Finite(min=0), default=GUIDANCE, show_default=True,
               help="Classifier-free guidance (doubles the network batch when > 0).")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per engine and batch.")
 @click.option("--fp16", is_flag=True, help="Half-precision models for the runtime engines (eager stays fp32).")
 @click.option("--no-cuda-graph", is_flag=True, help="GPU: run the runtime's loop step by step.")
-@click.option("--quick", is_flag=True, help="A smoke test: DDIM 3 steps, batch 1,2, 2 runs.")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Also time eager PyTorch on DDIM-50 (the default sampler before UniPC) and give every engine's "
+                   "speedup over it (when the sampler is not DDIM-50 itself).")
+@click.option("--quick", is_flag=True,
+              help="A smoke test: 3 steps of the sampler (ddim for ddpm), batch 1,2, 2 runs, DDIM-3 as the baseline.")
 @click.option("--ckpt", type=click.Path(), default=None, help="Checkpoint [default: the bundled model].")
 @device_option()
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (torch and onnxruntime alike).")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Folder for bench.json, bench.md and bench.png.")
-def bench(engines, batches, sampler, steps, guidance, repeat, fp16, no_cuda_graph, quick, ckpt, device, threads, out):
+def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance, repeat, fp16, no_cuda_graph,
+          baseline, quick, ckpt, device, threads, out):
     """Time every engine against eager PyTorch on the same work, in one run.
 
     \b
     Examples:
-      ddpm bench                                     # DDIM-50, batch 1,8,64, all engines
+      ddpm bench                                     # UniPC-8, batch 1,8,64, all engines
       ddpm bench --sampler ddpm --batch 1,64 --repeat 2
       ddpm bench --engines torch,onnx --fp16 --out bench-fp16
       ddpm bench --engines onnx,onnx-generator --batch 1,8  # the step loop against the one-call generator
@@ -705,12 +752,16 @@ def bench(engines, batches, sampler, steps, guidance, repeat, fp16, no_cuda_grap
                                  param_hint="--engines")
     _output(out, "--out", folder=True)
     if quick:
-        sampler, steps, batches, repeat = "ddim", 3, [1, 2], 2
+        sampler = "ddim" if sampler == "ddpm" else sampler
+        steps, batches, repeat = 3, [1, 2], 2
     _threads(threads)
     model = _model(ckpt)
-    plan = _plan(model, sampler, steps, 0.0, "small")
+    plan = _plan(model, sampler, steps, 0.0, "small", spacing, guidance_interval)
+    ref = _plan(model, "ddim", 3 if quick else None, 0.0, "small") if baseline else None
+    if ref is not None and plan.name == ref.name:
+        ref = None   # the sampler is the baseline itself
     res = run_bench(model, names, batches, plan, guidance, repeat, fp16, _device(device), not no_cuda_graph,
-                    threads=threads, log=lambda m: click.echo(m, err=True))
+                    threads=threads, log=lambda m: click.echo(m, err=True), baseline=ref)
     click.echo(format_table(res))
     files = write_outputs(res, Path(out))
     click.echo("wrote " + ", ".join(map(str, files)) + ("" if len(files) == 3 else " (no plot: pip install 'ddpm[plot]')"))
