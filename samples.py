@@ -44,8 +44,7 @@ def read_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise SamplesError(f"{path}: not a samples file (numpy cannot read it: {e}); {SAMPLES.hint}") from None
     if obj is None:
-        raise SamplesError(f"{path}: not a samples file (not an .npz, the zip of .npy arrays that it is); "
-                           f"{SAMPLES.hint}")
+        raise SamplesError(f"{path}: not a samples file (not even an .npz, a zip of .npy arrays); {SAMPLES.hint}")
     if not isinstance(obj, np.lib.npyio.NpzFile):
         raise SamplesError(f"{path}: not a samples file (a single .npy array, not images and labels); "
                            f"{SAMPLES.hint}")

@@ -141,7 +141,7 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
                 return path / name
         raise CheckpointError(f"{path} holds neither {MODEL_FILE} nor {CKPT_FILE}")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} " + ("is not a regular file" if path.exists() else "does not exist"))
     return path
 
 

@@ -241,7 +241,7 @@ def test_damaged_tensorrt_record_means_rebuild(tmp_path):
     (lambda p: np.savez(p, images=np.zeros((10, 28, 28), np.uint8)), "lacks 'labels'"),
     (lambda p: np.save(p.with_suffix(".npy"), np.zeros((10, 28, 28), np.uint8)), "a single .npy array"),
     (lambda p: p.with_suffix(".npz").write_bytes(b"PK\x03\x04garbage"), "numpy cannot read it"),
-    (lambda p: p.with_suffix(".npz").write_text("hello"), "not a samples file (not an .npz"),
+    (lambda p: p.with_suffix(".npz").write_text("hello"), "not a samples file (not even an .npz"),
 ])
 def test_bad_samples_file_is_one_line(tmp_path, make, message):
     make(tmp_path / "s.npz")
