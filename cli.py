@@ -5,11 +5,14 @@ Heavy modules are imported inside each command so that `ddpm --help` and bad-opt
 
 from __future__ import annotations
 
+import math
 import sys
 
 import click
 
-from .api import DEFAULT_SAMPLER, GUIDANCE, DdpmError   # numpy-only imports
+from .api import DEFAULT_SAMPLER, GUIDANCE   # numpy-only imports
+from .errors import DdpmError
+from .runtime.noise import MAX_SEED
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -19,15 +22,68 @@ def _fail(e: BaseException) -> click.ClickException:
 
 
 class Group(click.Group):
-    """The `ddpm` group: errors meant for the user (DdpmError, a missing PyTorch) become one line and exit 1."""
+    """The `ddpm` group: errors meant for the user (every DdpmError: bad files, a missing PyTorch, an output that
+    cannot be written, ...) become one line and exit 1; Ctrl-C becomes one line ("interrupted", or what the command
+    says about it, e.g. the last checkpoint) and exit 130, the shell's code for SIGINT."""
 
     def invoke(self, ctx):
-        from .model.io import TorchMissing
-
         try:
             return super().invoke(ctx)
-        except (DdpmError, TorchMissing) as e:
+        except DdpmError as e:
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt as e:
+            click.echo(f"\n{str(e) or 'interrupted'}", err=True)
+            ctx.exit(130)
+
+
+# ---------------------------------------------------------------------------------------- shared option checks
+class Finite(click.FloatRange):
+    """A FloatRange that also refuses NaN and +-inf (float('nan') passes every comparison-based range check)."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
+SEED = click.IntRange(0, MAX_SEED)   # the noise stream's seed: 0..2^64-1 (runtime.noise)
+
+
+def _device_syntax(ctx, param, value):
+    """--device: auto, cpu, cuda or cuda:N, checked when parsed (whether that GPU exists is checked when used)."""
+    if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+        raise click.BadParameter(f"{value!r}: use auto, cpu, cuda or cuda:N")
+    return value
+
+
+def device_option(help="auto, cpu, cuda or cuda:N."):
+    return click.option("--device", default="auto", show_default=True, callback=_device_syntax, help=help)
+
+
+def _output(path, param: str, suffixes: tuple[str, ...] | None = None, folder: bool = False):
+    """Refuse, before any work, an output that cannot be written: wrong extension, a folder where a file is wanted
+    (or the reverse), a parent that is a file, a read-only location (files.check_writable)."""
+    from .files import OutputError, check_writable
+
+    if suffixes and not str(path).lower().endswith(suffixes):
+        raise click.BadParameter(f"must end in {' or '.join(suffixes)}", param_hint=param)
+    try:
+        check_writable(path, folder=folder)
+    except OutputError as e:
+        raise click.BadParameter(str(e), param_hint=param) from None
+    return path
+
+
+def _refuse_guidance_without_labels(uncond: bool, guidance: float) -> None:
+    """--uncond with an explicit --guidance w > 0: refused, since guidance steers a sample towards its label and an
+    unconditional sample has none (it would be silently ignored)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    if uncond and guidance and ctx.get_parameter_source("guidance") != ParameterSource.DEFAULT:
+        raise click.UsageError("--guidance steers samples towards their label and --uncond samples have none: "
+                               "leave out --guidance (or give 0)")
 
 
 def _needs_torch(command: str) -> None:
@@ -100,7 +156,7 @@ def main():
 @click.option("--steps", type=click.IntRange(min=1), default=10000, show_default=True, help="Optimizer steps.")
 @click.option("--batch", "batch_size", type=click.IntRange(min=1), default=128, show_default=True,
               help="Global batch size.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True,
+@click.option("--lr", type=Finite(min=0, min_open=True), default=2e-4, show_default=True,
               help="Adam learning rate.")
 @click.option("--warmup", type=click.IntRange(min=0), default=200, show_default=True, help="LR warm-up steps.")
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default=None,
@@ -109,13 +165,13 @@ def main():
 @click.option("--loss-weight", type=click.Choice(["eps", "min-snr"]), default=None,
               help="eps: plain eps-MSE; min-snr: weight min(SNR,5)/SNR per timestep (Hang et al. 2023) "
                    "[default: eps; --resume keeps the run's].")
-@click.option("--ema", "ema_decay", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True,
+@click.option("--ema", "ema_decay", type=Finite(0, 1, max_open=True), default=0.999, show_default=True,
               help="EMA decay.")
-@click.option("--p-uncond", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+@click.option("--p-uncond", type=Finite(0, 1, max_open=True), default=0.1, show_default=True,
               help="Label dropout probability (classifier-free guidance).")
 # run
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Random seed (0..2^64-1).")
+@device_option()
 @click.option("--ckpt-every", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Checkpoint and sample-grid interval (steps).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
@@ -129,6 +185,7 @@ def train(threads, resume, **opts):
       ddpm train --init runs/try --steps 2000 --seed 1 --out runs/more   # fine-tune from a model
       torchrun --nproc_per_node 2 -m ddpm.cli train --batch 128   # DDP, global batch 128
     """
+    _output(opts["out"], "--out", folder=True)
     _needs_torch("train")
     import torch
 
@@ -216,17 +273,17 @@ def sampling_options(f):
         click.option("--steps", type=click.IntRange(min=1), default=None,
                      help="Network calls per sample [default: 50 for ddim, 8 for dpm++2m and unipc, T for ddpm]."),
         *solver_options,
-        click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+        click.option("--eta", type=Finite(0, 1), default=0.0, show_default=True,
                      help="DDIM eta: 0 deterministic, 1 DDPM-like."),
         click.option("--variance", type=click.Choice(["small", "large"]), default="small", show_default=True,
                      help="DDPM posterior variance: beta~_t (small) or beta_t (large)."),
-        click.option("--guidance", "-w", type=click.FloatRange(min=0), default=GUIDANCE, show_default=True,
+        click.option("--guidance", "-w", type=Finite(min=0), default=GUIDANCE, show_default=True,
                      help="Classifier-free guidance w: eps_c + w (eps_c - eps_u); 0 = conditional model alone."),
-        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Seed of the noise stream (same seed, same digits, any batch size or engine)."),
+        click.option("--seed", type=SEED, default=0, show_default=True,
+                     help="Seed of the noise stream, 0..2^64-1 (same seed, same digits, any batch size or engine)."),
         click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True,
                      help="Samples per batch."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+        device_option(),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads."),
     ]
     for opt in reversed(opts):
@@ -285,10 +342,13 @@ def _add_generator(root, plan, form="loop", log=click.echo):
 @click.option("-n", "num", type=click.IntRange(min=1), default=64, show_default=True, help="Number of digits.")
 @click.option("--label", type=click.IntRange(0, 9), default=None,
               help="Draw only this class [default: classes 0-9 in turn].")
-@click.option("--uncond", is_flag=True, help="Unconditional sampling (the reserved 'no label').")
+@click.option("--uncond", is_flag=True,
+              help="Unconditional sampling (the reserved 'no label'). An explicit --guidance > 0 is refused with it: "
+                   "guidance steers a sample towards its label.")
 @engine_options
 @click.option("--out", type=click.Path(dir_okay=False), default="digits.png", show_default=True,
-              help="x.png: a grid image; x.npz: images (N,28,28) uint8 and labels (N,) (-1 unconditional).")
+              help="x.png: a grid image (n <= 10000); x.npz: images (N,28,28) uint8 and labels (N,) (-1 "
+                   "unconditional), written as they are made (any n).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @sampling_options
 def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet, ckpt, sampler, steps, spacing,
@@ -311,12 +371,16 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet,
 
     import numpy as np
 
-    from .runtime.generate import generate
+    from .runtime.generate import iter_generate
+    from .runtime.images import MAX_GRID
 
     if label is not None and uncond:
         raise click.UsageError("--label and --uncond exclude each other")
-    if not out.endswith((".png", ".npz")):
-        raise click.BadParameter("must end in .png or .npz", param_hint="--out")
+    _refuse_guidance_without_labels(uncond, guidance)
+    _output(out, "--out", (".png", ".npz"))
+    if out.lower().endswith(".png") and num > MAX_GRID:
+        raise click.BadParameter(f"{num} digits are too many for one grid image (at most {MAX_GRID}); "
+                                 f"use --out x.npz, which streams any number", param_hint="-n")
     _threads(threads)
     model = _model(ckpt, export_dir)
     plan = _plan(model, sampler, steps, eta, variance, spacing, guidance_interval)
@@ -324,36 +388,39 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet,
     dev = str(ctx.device) if ctx.world > 1 else _device(device)
     net_batch = 2 * batch if guidance and not uncond else batch   # guidance runs both halves in one batch
     eng = make_engine(engine, model, dev, fp16, not no_cuda_graph, net_batch, ctx, threads, plan)
-    labels = model.labels(num, label, uncond)
+    labels = lambda a, b: model.labels(b - a, label, uncond, start=a)   # samples a..b-1: nothing of size n is held
     lo, hi = ctx.shard(num)
     t0 = time.perf_counter()
     # sample k's noise depends only on (seed, k): the shards together are exactly the single-process samples
-    mine = generate(eng, hi - lo, plan, labels[lo:hi], guidance, seed, batch, start=lo,
-                    progress=not quiet and ctx.rank == 0)
-    parts = ctx.gather(mine)
+    batches = iter_generate(eng, hi - lo, plan, lambda a, b: labels(lo + a, lo + b), guidance, seed, batch, start=lo,
+                            progress=not quiet and ctx.rank == 0)
+    nrow = 10 if label is None and not uncond else None
+    if ctx.world == 1:
+        _save_images(out, batches, labels, num, nrow)     # an .npz is written batch by batch as they come
+    else:
+        parts = ctx.gather(np.concatenate([np.empty((0, 28, 28), np.uint8), *batches]))
+        if ctx.rank == 0:
+            _save_images(out, parts, labels, num, nrow)
     seconds = time.perf_counter() - t0
     ctx.teardown()
     if ctx.rank == 0:
-        images = np.concatenate(parts)
-        _save_images(out, images, labels, nrow=10 if label is None and not uncond else None)
         procs = f", {ctx.world} processes" if ctx.world > 1 else ""
-        click.echo(f"{num} digits ({plan.name}, guidance {guidance:g}, {eng.name}{procs}) in {seconds:.1f}s -> {out}")
+        how = "unconditional" if uncond else f"guidance {guidance:g}"
+        click.echo(f"{num} digits ({plan.name}, {how}, {eng.name}{procs}) in {seconds:.1f}s -> {out}")
 
 
-def _save_images(out, images, labels, nrow=None):
+def _save_images(out, batches, labels, n, nrow=None):
+    """Write n images (an iterable of (b,28,28) uint8 batches; labels(lo, hi) gives theirs) as an .npz, streamed,
+    or as a grid image."""
     import numpy as np
-    from pathlib import Path
 
-    from .model.io import atomic_write
     from .runtime.images import save_grid
+    from .samples import save_samples
 
-    if out.endswith(".npz"):
-        def write(tmp):
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, images=images, labels=np.asarray(labels, dtype=np.int64))
-        atomic_write(out, write)
+    if out.lower().endswith(".npz"):
+        save_samples(out, labels, batches, n=n)
     else:
-        save_grid(images, out, nrow=nrow)
+        save_grid(np.concatenate(list(batches)), out, nrow=nrow)
 
 
 # --------------------------------------------------------------------------------------------------------- inpaint
@@ -391,6 +458,7 @@ def inpaint(image, mask_spec, num, label, resample, out, ckpt, sampler, steps, s
       ddpm inpaint --image seven.png --mask bottom -n 8 --out completions.png
       ddpm inpaint --image digit.png --mask keep.png --label 3
     """
+    _output(out, "--out", (".png",))
     _needs_torch("inpaint")
     import numpy as np
     import torch
@@ -422,6 +490,11 @@ def inpaint(image, mask_spec, num, label, resample, out, ckpt, sampler, steps, s
     labels = None if label is None else torch.full((num,), label, device=dev)
     g = torch.Generator().manual_seed(seed)
     x = run_inpaint(guided(model, labels, loaded.cfg.null_label, guidance), x0, mask, plan, g, resample)
+    if not torch.isfinite(x).all():
+        from .runtime.generate import NonFiniteSamples
+
+        raise NonFiniteSamples("the completions came out NaN or inf, so nothing was saved; likely cause: broken "
+                               "weights (a diverged training run?)")
     shown = np.where(keep > 0, known, 64).astype(np.uint8)
     save_grid(np.concatenate([shown[None], to_uint8(x)]), out, nrow=num + 1)
     click.echo(f"{num} completions ({plan.name}, resample {resample}) -> {out}")
@@ -433,14 +506,16 @@ def inpaint(image, mask_spec, num, label, resample, out, ckpt, sampler, steps, s
               help="npz files from `ddpm gen --out x.npz` (repeat to compare); without it, samples are generated.")
 @click.option("-n", "num", type=click.IntRange(min=2), default=10000, show_default=True,
               help="Samples to generate when no --samples are given.")
-@click.option("--uncond", is_flag=True, help="Generate unconditional samples (class histogram) instead of 0-9 in turn.")
+@click.option("--uncond", is_flag=True, help="Generate unconditional samples (class histogram) instead of 0-9 in turn; "
+                                          "an explicit --guidance > 0 is refused with it (guidance needs a label).")
 @engine_options
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="MNIST folder (real test set, floor); else $DDPM_DATA or the cache folder.")
 @click.option("--classifier", type=click.Path(dir_okay=False), default=None,
               help="Classifier weights [default: the bundled one].")
 @click.option("--train-classifier", is_flag=True, help="Retrain the classifier (3 epochs) and use it.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the results here (JSON; missing folders are created).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @sampling_options
 def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph, data, classifier, train_classifier,
@@ -457,15 +532,22 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
       ddpm gen -n 2000 --sampler ddpm --out ddpm.npz && ddpm eval --samples ddpm.npz
       ddpm eval --samples a.npz --samples b.npz --json quality.json
     """
+    _refuse_guidance_without_labels(uncond, guidance)
+    if json_out:
+        _output(json_out, "--json")
     _needs_torch("eval (its MNIST classifier)")
     import json
     from pathlib import Path
 
-    import numpy as np
-
     from .bench import quality
+    from .files import write_text
+    from .runtime.generate import ensure_memory
+    from .samples import read_samples
     from .train.data import DataError, ensure_mnist, resolve_data_dir
 
+    samples = [(f, *read_samples(f)) for f in sample_files]   # every file checked before the slow parts
+    if not sample_files:   # the images, and the classifier's 128 float64 features of each
+        ensure_memory(num * (28 * 28 + 128 * 8), f"evaluating {num} samples", "lower -n", per_unit=28 * 28 + 128 * 8)
     _threads(threads)
     try:
         data_dir = ensure_mnist(resolve_data_dir(data), progress=click.echo)
@@ -481,13 +563,11 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
         raise _fail(e) from None
 
     rows = []
-    for f in sample_files:
+    for f, images, labels in samples:
         try:
-            with np.load(f) as z:
-                images, labels = z["images"], z["labels"]
             rows.append(ref.evaluate(images, labels, Path(f).name))
-        except (OSError, KeyError, ValueError) as e:
-            raise click.ClickException(f"{f}: not a samples file from `ddpm gen --out x.npz` ({e})") from None
+        except ValueError as e:
+            raise click.ClickException(f"{f}: {e}") from None
     if not sample_files:
         from .runtime.generate import generate
 
@@ -502,7 +582,7 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
         rows.append(ref.evaluate(images, labels, name))
     click.echo(quality.format_table(rows))
     if json_out:
-        Path(json_out).write_text(json.dumps(rows, indent=2) + "\n")
+        write_text(json_out, json.dumps(rows, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------- export
@@ -546,6 +626,10 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, s
       ddpm export --generator --steps 20                  # generator.onnx: DDIM-20 in one ONNX call
       ddpm export --web site && python -m http.server -b 127.0.0.1 -d site   # open http://127.0.0.1:8000
     """
+    if out:
+        _output(out, "--out", folder=True)
+    if web_dir:
+        _output(web_dir, "--web", folder=True)
     _needs_torch("export")
     from .export.onnx_export import ExportFailed, export
 
@@ -569,7 +653,7 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, s
         loaded = load_model(ckpt or api.default_model_path())
     except CheckpointError as e:
         raise _fail(e) from None
-    out = out or str(api.cache_dir() / "exports" / loaded.hash[:16])
+    out = _output(out or str(api.cache_dir() / "exports" / loaded.hash[:16]), "--out", folder=True)
     plan = None
     if with_generator or web_dir:   # refuse a plan the generator cannot run before any work
         from .export.generator import GeneratorUnsupported, check_plan
@@ -631,7 +715,7 @@ def _int_list(ctx, param, value):
               help="Network calls per sample [default: 50 for ddim, 8 for dpm++2m and unipc].")
 @solver_options[0]
 @solver_options[1]
-@click.option("--guidance", "-w", type=click.FloatRange(min=0), default=GUIDANCE, show_default=True,
+@click.option("--guidance", "-w", type=Finite(min=0), default=GUIDANCE, show_default=True,
               help="Classifier-free guidance (doubles the network batch when > 0).")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per engine and batch.")
 @click.option("--fp16", is_flag=True, help="Half-precision models for the runtime engines (eager stays fp32).")
@@ -642,7 +726,7 @@ def _int_list(ctx, param, value):
 @click.option("--quick", is_flag=True,
               help="A smoke test: 3 steps of the sampler (ddim for ddpm), batch 1,2, 2 runs, DDIM-3 as the baseline.")
 @click.option("--ckpt", type=click.Path(), default=None, help="Checkpoint [default: the bundled model].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@device_option()
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (torch and onnxruntime alike).")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Folder for bench.json, bench.md and bench.png.")
@@ -666,6 +750,7 @@ def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance
     if unknown or not names:
         raise click.BadParameter(f"unknown engine(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(ENGINES)}",
                                  param_hint="--engines")
+    _output(out, "--out", folder=True)
     if quick:
         sampler = "ddim" if sampler == "ddpm" else sampler
         steps, batches, repeat = 3, [1, 2], 2

@@ -1,4 +1,4 @@
-"""Images: model range [-1, 1] <-> uint8, and grids as PNG."""
+"""Images: model range [-1, 1] <-> uint8, and grids as PNG (written atomically)."""
 
 from __future__ import annotations
 
@@ -28,11 +28,35 @@ def grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarra
     return out
 
 
-def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, scale: int = 2) -> None:
-    from PIL import Image
+# A grid beyond this many images is no longer an image anyone looks at (10,000 digits: 6002x6002 pixels at scale 2)
+MAX_GRID = 10000
 
+
+def check_grid(n: int) -> None:
+    """ValueError when n images are too many for one grid image (MAX_GRID)."""
+    if n > MAX_GRID:
+        raise ValueError(f"a grid image of {n} digits would be too large to view (at most {MAX_GRID}); "
+                         f"write an .npz instead")
+
+
+def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, scale: int = 2,
+              text: dict[str, str] | None = None) -> None:
+    """Tile (N,H,W) uint8 images (N <= MAX_GRID) into one image, `scale` x nearest-neighbour, and write it atomically
+    (PNG, or any format Pillow knows from the extension). text: PNG text entries (e.g. the training step)."""
+    from PIL import Image, PngImagePlugin
+
+    from ..files import atomic_write
+
+    check_grid(len(images))
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())   # loads Pillow's plugins
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image extension (use .png)")
     img = Image.fromarray(grid(images, nrow))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    info = None
+    if text and fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        for k, v in text.items():
+            info.add_text(k, v)
+    atomic_write(path, lambda tmp: img.save(tmp, format=fmt, pnginfo=info) if info else img.save(tmp, format=fmt))
