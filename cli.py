@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .api import DEFAULT_SAMPLER, GUIDANCE   # numpy-only imports
+from .api import DEFAULT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL   # numpy-only imports
 from .errors import DdpmError
 from .runtime.noise import MAX_SEED
 
@@ -255,10 +255,10 @@ solver_options = [
     click.option("--spacing", type=click.Choice(["linspace", "trailing", "logsnr"]), default=None,
                  help="Timesteps: linspace (t=0 included), trailing (the last step lands on x0) or uniform in "
                       "log-SNR [default: linspace for ddim, trailing for dpm++2m and unipc]."),
-    click.option("--guidance-interval", "guidance_interval", default=None, callback=_interval, metavar="LO,HI",
+    click.option("--guidance-interval", "guidance_interval", default=",".join(f"{v:g}" for v in GUIDANCE_INTERVAL),
+                 callback=_interval, metavar="LO,HI|all", show_default=True,
                  help="Guidance only where the noise level sigma = sqrt((1-abar)/abar) is in (LO, HI] "
-                      "(Kynkaanniemi et al. 2024); elsewhere the conditional model alone. 'all': every step "
-                      "[default: all]."),
+                      "(Kynkaanniemi et al. 2024); elsewhere the conditional model alone. 'all': every step."),
 ]
 
 

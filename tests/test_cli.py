@@ -62,7 +62,9 @@ def test_gen_bad_input(ckpt, args, message):
 def test_gen_solvers_spacing_and_guidance_interval(ckpt, tmp_path):
     """The multistep solvers (the default is UniPC), each spacing and a guidance interval run from the command line."""
     r = invoke("gen", "--ckpt", ckpt, "-n", 3, "--out", tmp_path / "d.npz", "-q")
-    assert r.exit_code == 0 and "(unipc8-trailing, guidance 0.3" in r.output, r.output
+    assert r.exit_code == 0 and "(unipc8-trailing-gi0.28-5.42, guidance 0.45" in r.output, r.output
+    r = invoke("gen", "--ckpt", ckpt, "-n", 3, "--guidance-interval", "all", "--out", tmp_path / "d.npz", "-q")
+    assert r.exit_code == 0 and "(unipc8-trailing, guidance 0.45" in r.output, r.output
     for extra in (["--sampler", "dpm++2m", "--steps", "4", "--spacing", "logsnr"],
                   ["--sampler", "unipc", "--steps", "5", "--guidance-interval", "0.5,5"],
                   ["--sampler", "ddim", "--steps", "4", "--spacing", "trailing", "--guidance-interval", "0,inf"]):
@@ -105,7 +107,7 @@ def test_bench_quick(ckpt, tmp_path):
     res = json.loads((tmp_path / "b" / "bench.json").read_text())
     engines = {c["engine"] for c in res["results"]}
     assert {"torch", "runtime-torch", "onnx", "onnx-generator"} <= engines and res["steps"] == 3
-    assert res["sampler"] == "unipc3-trailing"
+    assert res["sampler"] == "unipc3-trailing-gi0.28-5.42"
     assert res["baseline"] == "ddim3-eta0" and "torch ddim3-eta0" in engines    # eager DDIM timed beside the rest
     for c in res["results"]:
         assert len(c["times_s"]) == 2 and c["median_s"] > 0 and c["speedup_vs_baseline"] > 0
