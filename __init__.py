@@ -10,6 +10,6 @@ Layout (the repository root is this package):
 
 __version__ = "0.2.0"
 
-from .api import DdpmError, Model, load  # noqa: E402  (numpy-only imports: `import ddpm` never imports PyTorch)
+from .api import DdpmError, Model, evaluate, load  # noqa: E402  (numpy-only imports: `import ddpm` never imports PyTorch)
 
-__all__ = ["DdpmError", "Model", "load", "__version__"]
+__all__ = ["DdpmError", "Model", "evaluate", "load", "__version__"]

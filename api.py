@@ -338,3 +338,42 @@ def load(path: str | os.PathLike | None = None, export: str | os.PathLike | None
         raise DdpmError(f"{e}{hint}") from None
     except (TypeError, ValueError, KeyError) as e:
         raise DdpmError(f"{export or path}: not a usable model ({type(e).__name__}: {e})") from None
+
+
+_REFERENCES: dict = {}   # (data folder, classifier file) -> bench.quality.Reference, loaded once per process
+
+
+def evaluate(images, labels, data: str | os.PathLike | None = None, name: str = "samples",
+             download: bool = True) -> dict:
+    """Quality figures of generated digits, as `ddpm eval` reports them (bench/quality.py).
+
+    images: (N, 28, 28) uint8, 0 black .. 255 white (what `Model.generate` returns), N >= 2. labels: (N,) integers,
+    the class each digit was drawn for, -1 for unconditional ones. data: the MNIST folder (default $DDPM_DATA, else
+    ~/.cache/ddpm/mnist, downloaded when missing unless download=False). Returns a dict: fd (Frechet distance of the
+    shipped classifier's 128-d features to the real test set's, Heusel et al. 2017's formula), fd_floor (the same for
+    N real training images, mean of 5 draws; floor_min/floor_max their spread), fd_ratio, within_floor_spread,
+    cond_accuracy (None without labelled digits), uncond_histogram / uncond_top_prob (None without unconditional
+    ones), border_share. Needs PyTorch (the classifier). Raises DdpmError for bad arrays, missing data or no PyTorch.
+    """
+    from .model.io import require_torch
+
+    try:
+        require_torch("ddpm.evaluate")
+    except TorchMissing as e:
+        raise DdpmError(str(e)) from None
+    from .bench import quality
+    from .train.data import DataError, ensure_mnist, resolve_data_dir
+
+    images, labels = np.asarray(images), np.asarray(labels)
+    if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer) or \
+            (len(labels) and (labels.min() < -1 or labels.max() > 9)):
+        raise DdpmError(f"labels must be {len(images)} integers in -1..9 (one per image), got {labels.dtype} "
+                        f"{labels.shape}")
+    try:
+        folder = ensure_mnist(resolve_data_dir(data), download=download, progress=lambda *_: None)
+        key = (str(folder), str(quality.CLASSIFIER_FILE))
+        if key not in _REFERENCES:
+            _REFERENCES[key] = quality.Reference.load(folder)
+        return _REFERENCES[key].evaluate(images, labels.astype(np.int64), name)
+    except (DataError, ValueError) as e:
+        raise DdpmError(str(e)) from None

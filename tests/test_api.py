@@ -68,3 +68,21 @@ def test_runner_errors_inside_generate_become_ddpm_errors(monkeypatch):
     monkeypatch.setattr(m, "engine", lambda *a, **k: Broken())
     with pytest.raises(DdpmError, match="tensor 'x' is float16"):
         m.generate(2, steps=2)
+
+
+def test_evaluate_scores_real_digits_and_refuses_bad_labels(mnist_dir, tmp_path):
+    """ddpm.evaluate: real test digits score inside the floor's spread with the classifier's accuracy; noise does not;
+    bad labels and a folder without MNIST are one DdpmError each."""
+    from ddpm.train.data import load_mnist
+
+    test, labels = load_mnist(mnist_dir, "test")
+    real = ddpm.evaluate(test[:500], labels[:500].astype(np.int64), data=mnist_dir)
+    assert real["cond_accuracy"] > 0.97 and real["fd_ratio"] < 1.5 and real["n"] == 500
+    noise = np.random.default_rng(0).integers(0, 256, (500, 28, 28), dtype=np.uint8)
+    bad = ddpm.evaluate(noise, -np.ones(500, np.int64), data=mnist_dir)
+    assert bad["fd_ratio"] > 10 and bad["cond_accuracy"] is None and sum(bad["uncond_histogram"]) == 500
+    for wrong in (labels[:499], labels[:500].astype(np.float32), np.full(500, 10)):
+        with pytest.raises(ddpm.DdpmError, match="labels must be 500 integers"):
+            ddpm.evaluate(test[:500], wrong, data=mnist_dir)
+    with pytest.raises(ddpm.DdpmError, match="MNIST"):
+        ddpm.evaluate(test[:500], labels[:500].astype(np.int64), data=tmp_path / "none", download=False)
