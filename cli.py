@@ -5,8 +5,11 @@ Heavy modules are imported inside each command so that `ddpm --help` and bad-opt
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import sys
+import threading
 
 import click
 
@@ -27,13 +30,40 @@ class Group(click.Group):
     says about it, e.g. the last checkpoint) and exit 130, the shell's code for SIGINT."""
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except DdpmError as e:
-            raise click.ClickException(str(e)) from None
-        except KeyboardInterrupt as e:
-            click.echo(f"\n{str(e) or 'interrupted'}", err=True)
-            ctx.exit(130)
+        with _sigterm_as_interrupt():
+            try:
+                return super().invoke(ctx)
+            except DdpmError as e:
+                raise click.ClickException(str(e)) from None
+            except Terminated as e:
+                click.echo(f"\n{str(e) or 'terminated'}", err=True)
+                ctx.exit(143)
+            except KeyboardInterrupt as e:
+                click.echo(f"\n{str(e) or 'interrupted'}", err=True)
+                ctx.exit(130)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill` and `timeout` send): unwound like Ctrl-C, so that temporaries are removed and nothing
+    half-written is published; exit 143 (128 + 15)."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While a command runs, SIGTERM raises Terminated in the main thread instead of killing the process on the
+    spot (which leaves the temporary of a write in progress behind). Outside the main thread: unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise Terminated("terminated")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------------------- shared option checks

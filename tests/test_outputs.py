@@ -281,8 +281,10 @@ def test_ctrl_c_in_training_names_the_last_checkpoint(fake_mnist, tmp_path, monk
     assert r.exit_code == 130 and r.output.strip().splitlines()[-1] == "interrupted; no checkpoint written yet"
 
 
-def test_sigint_in_a_real_process_is_one_line(ckpt, tmp_path):
-    """A real SIGINT (Ctrl-C) while `ddpm gen` samples: exit 130, one line, no output file."""
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_sigint_in_a_real_process_is_one_line(ckpt, tmp_path, sig, code, word):
+    """A real SIGINT (Ctrl-C) or SIGTERM (kill, timeout) while `ddpm gen` samples: one line, exit 130 / 143, no
+    output file and no temporary left (a SIGTERM used to kill the process inside the write of its .npz)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = tmp_path / "x.npz"
     p = subprocess.Popen(["ddpm", "gen", "--ckpt", str(ckpt), "-n", "100000", "--batch", "8", "--steps", "50",
@@ -293,11 +295,11 @@ def test_sigint_in_a_real_process_is_one_line(ckpt, tmp_path):
     deadline = time.time() + 300
     while "step" not in buf and time.time() < deadline:
         buf += p.stderr.read(1)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     err = buf + p.stderr.read()
     p.wait(timeout=120)
-    assert p.returncode == 130, err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].strip() == "interrupted"
+    assert p.returncode == code, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].strip() == word
     assert not out.exists() and _temporaries(tmp_path) == []
 
 
