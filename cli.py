@@ -782,6 +782,12 @@ def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance
                                  param_hint="--engines")
     _output(out, "--out", folder=True)
     if quick:
+        ctx = click.get_current_context()
+        given = [opt for opt, param in (("--batch", "batches"), ("--steps", "steps"), ("--repeat", "repeat"))
+                 if ctx.get_parameter_source(param) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"--quick sets --batch 1,2, --steps 3 and --repeat 2 itself; leave out "
+                                   f"{' and '.join(given)}, or drop --quick")
         sampler = "ddim" if sampler == "ddpm" else sampler
         steps, batches, repeat = 3, [1, 2], 2
     _threads(threads)

@@ -101,6 +101,14 @@ def test_inpaint(ckpt, tmp_path):
     assert r.exit_code == 2 and "cannot read" in r.output
 
 
+def test_bench_quick_refuses_the_options_it_sets(ckpt, tmp_path):
+    """--quick with an explicit --batch/--steps/--repeat was accepted and the explicit value silently ignored."""
+    for extra in (["--batch", "100000000"], ["--steps", "9"], ["--repeat", "5", "--batch", "4"]):
+        r = invoke("bench", "--quick", "--ckpt", ckpt, *extra, "--out", tmp_path / "b")
+        assert r.exit_code == 2 and "--quick sets" in r.output and extra[0] in r.output, r.output
+    assert not (tmp_path / "b" / "bench.json").exists()
+
+
 def test_bench_quick(ckpt, tmp_path):
     r = invoke("bench", "--quick", "--ckpt", ckpt, "--out", tmp_path / "b", env={"XDG_CACHE_HOME": str(tmp_path / "c")})
     assert r.exit_code == 0, r.output
