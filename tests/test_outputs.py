@@ -195,7 +195,13 @@ def test_disk_full_during_checkpoint_is_one_line(fake_mnist, tmp_path, monkeypat
     monkeypatch.setattr(files.os, "statvfs", lambda p: type("st", (), {"f_bavail": 0, "f_frsize": 4096})())
     r = _train(fake_mnist, run, "--steps", 4, "--ckpt-every", 2, "--resume")
     assert r.exit_code == 1 and "no space left" in r.output and "Traceback" not in r.output
+    # the first checkpoint of a new run fails: the advice is to run again, not --resume (which has nothing to resume)
+    r = _train(fake_mnist, tmp_path / "new", "--steps", 2, "--ckpt-every", 2)
+    assert r.exit_code == 1 and "without --resume" in r.output and "no checkpoint written yet" in r.output, r.output
     monkeypatch.setattr(torch, "save", real)
+    r = _train(fake_mnist, tmp_path / "new", "--steps", 2, "--ckpt-every", 2, "--resume")
+    assert r.exit_code == 1 and "run the same command without --resume" in r.output, r.output
+    assert _train(fake_mnist, tmp_path / "new", "--steps", 2, "--ckpt-every", 2).exit_code == 0
 
 
 # --------------------------------------------------------------------------------------------- writability first

@@ -321,7 +321,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
     start = 0
     if resume:
         if not (out / CKPT_FILE).is_file():
-            raise TrainingError(f"--resume: no {CKPT_FILE} in {out}")
+            raise TrainingError(f"--resume: no {CKPT_FILE} in {out}: no checkpoint was completed there, so there is "
+                                f"nothing to resume; run the same command without --resume to start it")
         try:
             ckpt = load_checkpoint(out / CKPT_FILE)
         except CheckpointError as e:
@@ -392,8 +393,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
                 write_samples(ema, mcfg, out / SAMPLES_FILE, seed=cfg.seed, step=step)
                 save_checkpoint(out / CKPT_FILE, state)
             except OutputError as e:
-                raise TrainingError(f"checkpoint at step {step}: {e}; then continue with --resume "
-                                    f"({_last(last_ckpt[0])})") from None
+                how = ("then continue with --resume" if last_ckpt[0] is not None else
+                       "then run the same command again (without --resume: nothing to resume yet)")
+                raise TrainingError(f"checkpoint at step {step}: {e}; {how} ({_last(last_ckpt[0])})") from None
         ctx.barrier()
         last_ckpt[0] = step
         ckpt_seconds[0] += time.perf_counter() - t
