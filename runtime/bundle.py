@@ -63,6 +63,12 @@ class Bundle:
     def load(cls, root, expected_hash: str | None = None) -> "Bundle":
         root = Path(root)
         meta_path = root / META_FILE
+        if not root.exists():
+            # an export killed between its two renames left the old folder aside (.NAME.<writer>.old): once its
+            # writer is gone, put it back (files.clean_stale) rather than report no export
+            from ..files import clean_stale
+
+            clean_stale(root.parent, root.name)
         if not meta_path.is_file():
             raise ExportError(f"{root} is not an export folder (no {META_FILE}); create one with `ddpm export`")
         try:

@@ -105,6 +105,19 @@ def test_export_folder_replaced_only_when_complete(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
 
 
+def test_reader_restores_an_export_left_aside_by_a_killed_export(ckpt, tmp_path):
+    """`ddpm export --out D` killed between its two renames leaves D absent and the old export aside: a reader
+    (gen --export D) puts it back instead of answering 'not an export folder'."""
+    out = tmp_path / "D"
+    r = invoke("export", "--ckpt", ckpt, "--out", out)
+    assert r.exit_code == 0, r.output
+    os.rename(out, tmp_path / f".D.{files.HOST}-{_dead_pid()}.deadbeef.old")
+    r = invoke("gen", "--ckpt", ckpt, "--export", out, "--engine", "onnx", "-n", 2, "--steps", 2, "-q",
+               "--out", tmp_path / "g.npz")
+    assert r.exit_code == 0, r.output
+    assert (out / "export.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["D", "g.npz"]
+
+
 # ------------------------------------------------------------------------------------------------ atomic writes
 def test_interrupted_grid_keeps_the_previous_file(ckpt, tmp_path, monkeypatch):
     keep = tmp_path / "keep.png"
