@@ -5,6 +5,10 @@
     model = ddpm.load()                      # the shipped default model (or a checkpoint, run folder, export folder)
     images = model.generate(16, label=7)     # (16, 28, 28) uint8, white digits on black like MNIST
     images = model.generate(64, seed=3, guidance=1.0, engine="torch")
+    filled = model.inpaint("digit.png", mask="bottom", n=8)            # RePaint: the bottom half regenerated
+    edited = model.edit("digit.png", label=8, strength=0.6, n=8)       # SDEdit: the digit redrawn as an 8
+    big = model.upscale(small_14x14, factor=2, n=8)                    # ILVR: 28x28 digits that downsample to it
+    clean = model.restore("noisy.png", sigma=0.3, n=8)                 # Gaussian noise of std 0.3 removed
 
 Sampling needs nothing but numpy and onnxruntime on a CPU (the `onnx` engine, the default there) when the model
 comes with an ONNX export: the shipped default does, any other checkpoint is exported once into the cache, which
@@ -158,18 +162,30 @@ class Model:
             return self._engines[key]
 
     # ------------------------------------------------------------------------------------------------- sampling
-    def plan(self, sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0,
-             variance: str = "small"):
-        """The sampler's table (runtime.samplers.Plan) for this model's schedule. Raises DdpmError for steps outside
-        1..T, DDPM with fewer than T steps, eta outside [0, 1], an unknown sampler."""
-        from .runtime.samplers import make_plan
+    @property
+    def schedule(self):
+        """The model's diffusion schedule (runtime.schedule.Schedule)."""
         from .runtime.schedule import Schedule
+
+        return Schedule.make(self.cfg.schedule, self.cfg.timesteps)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the model's images."""
+        return (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
+
+    def plan(self, sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0,
+             variance: str = "small", top: int | None = None):
+        """The sampler's table (runtime.samplers.Plan) for this model's schedule; top: start at t = top (editing).
+        Raises DdpmError for steps outside 1..T, DDPM with fewer than T steps, eta outside [0, 1], an unknown
+        sampler."""
+        from .runtime.samplers import make_plan
 
         T = self.cfg.timesteps
         if steps is not None and not 1 <= steps <= T:
             raise DdpmError(f"steps must be in 1..{T} (the model's T), got {steps}")
         try:
-            return make_plan(Schedule.make(self.cfg.schedule, T), sampler, steps, eta, variance)
+            return make_plan(self.schedule, sampler, steps, eta, variance, top)
         except ValueError as e:
             raise _wrap(e) from None
 
@@ -217,6 +233,177 @@ class Model:
                             image_shape=(self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size))
         except ValueError as e:
             raise _wrap(e) from None
+
+
+    # -------------------------------------------------------------------------------------------------- editing
+    # Every edit is a plan plus, for some, a per-row projection onto the known image (runtime.edits), run by
+    # runtime.generate like `generate`: the same seeded stream per sample (its projection noise after the plan's
+    # own), any engine, any batch. Pictures: a (H, W) uint8 array (white digit on black) or a picture file
+    # (runtime.images.read_image), resized to what the edit needs. label None: the unconditional model.
+
+    def inpaint(self, image, mask="bottom", n: int = 8, label: int | None = None, guidance: float = GUIDANCE,
+                sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 1.0, variance: str = "small",
+                jump: int = 1, resample: int = 3, seed: int = 0, batch: int = 64, engine="auto",
+                device: str = "auto", fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
+        """RePaint (Lugmayr et al. 2022): n completions (n, H, W) uint8 of `image` where `mask` says what to redraw.
+
+        mask: the half to redraw ("top", "bottom", "left", "right"), or a picture (file or (H, W) array of the
+        image's size) whose white pixels (>= 128) are kept. After every reverse row the kept pixels are replaced by
+        the input noised to the row's level; after the last one they are the input's exactly. The reverse rows are
+        the sampler's (default DDIM-50 with eta 1: stochastic, DDPM-like, as RePaint needs to harmonise; eta 0 gives
+        deterministic rows). jump, resample: RePaint's jump length j (in rows of the sampler) and count r (r = 1: no
+        resampling; j=1 r=3, the default, costs about 3x a generation; the paper's j=10 r=10 on a 250-step
+        schedule: steps=250, eta=1, jump=10, resample=10, about 10x). Raises DdpmError for bad arguments.
+        """
+        from .runtime.edits import EditJob, noised_projection, repaint_plan, to_model
+
+        img, keep = self.inpaint_input(image, mask)
+        plan = self.plan(sampler, steps, eta, variance)
+        try:
+            plan = repaint_plan(plan, jump, resample)
+        except ValueError as e:
+            raise _wrap(e) from None
+        job = EditJob(noised_projection(plan, "mask"), y=to_model(img)[None, None],
+                      mask=keep.astype(np.float32)[None, None])
+        return self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
+
+    def edit(self, image, label: int | None = None, strength: float = 0.6, n: int = 8, guidance: float = GUIDANCE,
+             sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
+             seed: int = 0, batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False,
+             start: int = 0, progress: bool = False) -> np.ndarray:
+        """SDEdit (Meng et al. 2022): n redrawings (n, H, W) uint8 of `image`, conditioned on `label`.
+
+        The input is noised to t0 = round(strength (T-1)), x_t0 = sqrt(abar_t0) x + sqrt(1 - abar_t0) x_T, and the
+        sampler's rows from t0 down denoise it (runtime.edits.sdedit_start; DDIM's grid points below t0, so about
+        strength x steps rows). strength in [0, 1]: 0 returns the input unchanged, 1 ignores it (the same digits as
+        `generate` with this seed and label). Raises DdpmError for bad arguments.
+        """
+        from .runtime.edits import EditJob, sdedit_start, to_model
+
+        if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating, np.integer)) or \
+                not 0.0 <= strength <= 1.0:
+            raise DdpmError(f"strength must be a number in [0, 1], got {strength!r}")
+        img = self.picture(image)
+        if strength == 0:
+            self.labels(n, label, label is None)   # the arguments are checked all the same
+            _check_count("n", n, 1)
+            return np.repeat(img[None], n, axis=0)
+        t0, a0, s0 = sdedit_start(self.schedule, float(strength))
+        plan = self.plan(sampler, steps, eta, variance, top=t0)
+        job = EditJob(x_input=to_model(img)[None, None], a0=a0, s0=s0)
+        return self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
+
+    def upscale(self, image, factor: int = 2, n: int = 8, label: int | None = None, method: str = "ilvr",
+                guidance: float = GUIDANCE, sampler: str = DEFAULT_SAMPLER, steps: int | None = None,
+                eta: float = 1.0, variance: str = "small", seed: int = 0, batch: int = 64, engine="auto",
+                device: str = "auto", fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
+        """Super-resolution: n full-size digits (n, H, W) uint8 whose f x f block means are the small `image`.
+
+        image: (H/f, W/f) (a picture of another size is resized to it, box-averaged when shrinking). method
+        "ilvr": ILVR (Choi et al. 2021) low-pass guidance of x at every row, x <- x + up(down(y_t) - down(x)) with
+        y_t the input noised to the row's level; "ddnm": DDNM (Wang et al. 2023) range-null-space projection of
+        x0_hat, x0_hat <- x0_hat + up(y - down(x0_hat)). Either way the last row makes down(x) = y up to rounding
+        and the clipping to [0, 255]. factor: 2 or 4. Raises DdpmError for bad arguments.
+        """
+        from .runtime.edits import FACTORS, EditJob, noised_projection, to_model, upsample, x0_projection
+
+        if factor not in FACTORS or isinstance(factor, bool):
+            raise DdpmError(f"factor must be 2 or 4, got {factor!r}")
+        if method not in ("ilvr", "ddnm"):
+            raise DdpmError(f"method must be ilvr or ddnm, got {method!r}")
+        H, W = self.image_shape[1:]
+        small = self.picture(image, (H // factor, W // factor))
+        plan = self.plan(sampler, steps, eta, variance)
+        proj = noised_projection(plan, "lowpass", factor) if method == "ilvr" else x0_projection(plan, factor)
+        job = EditJob(proj, y=upsample(to_model(small), factor)[None, None])
+        return self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
+
+    def restore(self, image, sigma: float, n: int = 8, label: int | None = None, guidance: float = GUIDANCE,
+                sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
+                seed: int = 0, batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False,
+                start: int = 0, progress: bool = False) -> np.ndarray:
+        """Denoising: n restorations (n, H, W) uint8 of `image` = x + sigma n, n ~ N(0, I), sigma in the model's
+        [-1, 1] units (a std of s grey levels is sigma = s / 127.5).
+
+        The reverse process starts at the first t whose noise-to-signal ratio sqrt((1 - abar_t)/abar_t) reaches
+        sigma, from x_t = sqrt(abar_t) y (+ x_T for the small variance still missing), which has exactly the law of
+        q(x_t | x) (runtime.edits.noise_start), and the sampler's rows from there denoise it. A picture file's
+        noise was clipped to [0, 255] and rounded, which this ignores. Raises DdpmError for bad arguments.
+        """
+        from .runtime.edits import EditJob, noise_start, to_model
+
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating, np.integer)):
+            raise DdpmError(f"sigma must be a number > 0, got {sigma!r}")
+        img = self.picture(image)
+        try:
+            t, a0, s0 = noise_start(self.schedule, float(sigma))
+        except ValueError as e:
+            raise _wrap(e) from None
+        plan = self.plan(sampler, steps, eta, variance, top=t)
+        job = EditJob(x_input=to_model(img)[None, None], a0=a0, s0=s0)
+        return self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
+
+    def _run_edit(self, n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job):
+        from .runtime.generate import generate
+
+        _check_count("n", n, 1)
+        _check_count("batch", batch, 1)
+        _check_count("start", start, 0)
+        _check_guidance(guidance)
+        labels = self.labels(n, label, label is None)
+        eng = self.engine(engine, device, fp16, max_batch=2 * batch) if isinstance(engine, str) else engine
+        try:
+            return generate(eng, n, plan, labels, guidance, seed, batch, start=start, progress=progress,
+                            image_shape=self.image_shape, job=job)
+        except ValueError as e:
+            raise _wrap(e) from None
+
+    def picture(self, image, size: tuple[int, int] | None = None) -> np.ndarray:
+        """A picture file or a (H, W) uint8 array, resized to size (default: the model's): (H', W') uint8.
+        Raises DdpmError (runtime.images.read_image's message for files)."""
+        return _fit(_read(image, "image"), size or self.image_shape[1:])
+
+    def inpaint_input(self, image, mask) -> tuple[np.ndarray, np.ndarray]:
+        """(image (H, W) uint8, known (H, W) bool) at the model's size, from a picture and inpaint's mask: a half's
+        name, or a picture of the image's size (before resizing) whose white pixels (>= 128) are kept."""
+        from .runtime.edits import HALVES, half_mask
+
+        size = self.image_shape[1:]
+        raw = _read(image, "image")
+        if isinstance(mask, str) and mask in HALVES:
+            if size[0] != size[1]:
+                raise DdpmError("half masks need a square image")
+            return _fit(raw, size), half_mask(mask, size[0])
+        if isinstance(mask, str) and not Path(mask).suffix:
+            raise DdpmError(f"mask must be one of {', '.join(HALVES)} or a picture file, got {mask!r}")
+        m = _read(mask, "mask", allow_bool=True)
+        if m.shape != raw.shape:
+            raise DdpmError(f"the mask is {m.shape[1]}x{m.shape[0]} pixels and the image {raw.shape[1]}x"
+                            f"{raw.shape[0]}: they must have the same size")
+        return _fit(raw, size), _fit(m, size) >= 128
+
+
+def _read(image, what: str, allow_bool: bool = False) -> np.ndarray:
+    """A picture file (path) or an array -> (H, W) uint8 (a bool mask array: True = 255). Raises DdpmError."""
+    from .runtime.images import ImageError, read_image
+
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            return read_image(image)
+        except ImageError as e:
+            raise _wrap(e) from None
+    a = np.asarray(image)
+    if allow_bool and a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    if a.ndim != 2 or a.dtype != np.uint8 or min(a.shape) < 1:
+        raise DdpmError(f"{what} must be a picture file or a (H, W) uint8 array, got {a.dtype} {a.shape}")
+    return a
+
+
+def _fit(image: np.ndarray, size) -> np.ndarray:
+    from .runtime.images import fit
+
+    return fit(image, tuple(size))
 
 
 def _check_count(name: str, v, low: int) -> None:

@@ -1,4 +1,4 @@
-"""The `ddpm` command line: train, gen, inpaint, eval, export, bench.
+"""The `ddpm` command line: train, gen, inpaint, edit, upscale, restore, eval, export, bench.
 
 Heavy modules are imported inside each command so that `ddpm --help` and bad-option errors are instant.
 """
@@ -68,11 +68,12 @@ class _Single:
 @click.group(cls=Group, context_settings=CONTEXT)
 @click.version_option(package_name="ddpm")
 def main():
-    """Denoising diffusion on MNIST: train, generate, export to ONNX/TensorRT, benchmark.
+    """Denoising diffusion on MNIST: train, generate, edit, export to ONNX/TensorRT, benchmark.
 
     \b
     Examples:
       ddpm gen -n 64 --out digits.png          # the bundled default model, 64 digits
+      ddpm inpaint --image d.png --mask bottom # redraw the bottom half (also: edit, upscale, restore)
       ddpm train --preset small --steps 200    # train (downloads MNIST if needed)
       ddpm export --fp16                       # ONNX fp32 + fp16 of the default model
       ddpm bench                               # every engine against eager PyTorch
@@ -176,8 +177,11 @@ def _device(name):
         raise click.BadParameter(str(e), param_hint="--device") from None
 
 
-def sampling_options(f):
-    """Options shared by gen, inpaint and eval (the sampler and its conditioning)."""
+def sampling_options(f=None, *, eta: float = 0.0):
+    """Options shared by gen, eval and the editing commands (the sampler and its conditioning); eta: the default DDIM
+    eta (inpaint: 1, the stochastic rows RePaint needs). `@sampling_options` or `@sampling_options(eta=1.0)`."""
+    if f is None:
+        return lambda g: sampling_options(g, eta=eta)
     opts = [
         click.option("--ckpt", type=click.Path(), default=None,
                      help="Checkpoint: model.safetensors, ckpt.pt or a run folder [default: the bundled model]."),
@@ -185,7 +189,7 @@ def sampling_options(f):
                      help="DDPM ancestral (all T steps) or DDIM."),
         click.option("--steps", type=click.IntRange(min=1), default=None,
                      help="DDIM steps [default: 50 for ddim, T for ddpm]."),
-        click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+        click.option("--eta", type=click.FloatRange(0, 1), default=eta, show_default=True,
                      help="DDIM eta: 0 deterministic, 1 DDPM-like."),
         click.option("--variance", type=click.Choice(["small", "large"]), default="small", show_default=True,
                      help="DDPM posterior variance: beta~_t (small) or beta_t (large)."),
@@ -242,10 +246,13 @@ def make_engine(name, model, device, fp16=False, cuda_graph=True, max_batch=512,
 @engine_options
 @click.option("--out", type=click.Path(dir_okay=False), default="digits.png", show_default=True,
               help="x.png: a grid image; x.npz: images (N,28,28) uint8 and labels (N,) (-1 unconditional).")
+@click.option("--trajectory", type=click.Path(dir_okay=False), default=None,
+              help="Also write the reverse process of the first few samples: x.png (x_t and predicted x0 at 10 "
+                   "steps) or x.gif (an animation).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @sampling_options
-def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet, ckpt, sampler, steps, eta, variance,
-        guidance, seed, batch, device, threads):
+def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, trajectory, quiet, ckpt, sampler, steps, eta,
+        variance, guidance, seed, batch, device, threads):
     """Generate digits.
 
     \b
@@ -257,17 +264,21 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet,
       ddpm gen -n 64 --engine torch                        # eager PyTorch, the reference (same digits)
       ddpm gen -n 64 --engine onnx                         # the preallocated runtime on onnxruntime
       ddpm gen -n 64 --engine trt --fp16                   # TensorRT (GPU)
+      ddpm gen -n 8 --trajectory traj.gif                  # and the reverse process of 4 of them
     """
     import time
 
     import numpy as np
 
     from .runtime.generate import generate
+    from .runtime.images import Trajectory
 
     if label is not None and uncond:
         raise click.UsageError("--label and --uncond exclude each other")
     if not out.endswith((".png", ".npz")):
         raise click.BadParameter("must end in .png or .npz", param_hint="--out")
+    if trajectory is not None and not trajectory.lower().endswith((".png", ".gif")):
+        raise click.BadParameter("must end in .png or .gif", param_hint="--trajectory")
     _threads(threads)
     model = _model(ckpt, export_dir)
     plan = _plan(model, sampler, steps, eta, variance)
@@ -278,8 +289,10 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet,
     lo, hi = ctx.shard(num)
     t0 = time.perf_counter()
     # sample k's noise depends only on (seed, k): the shards together are exactly the single-process samples
+    # --trajectory: the first batch of rank 0 runs step by step and hands its states over after every row
+    traj = Trajectory(min(4, num, batch)) if trajectory and ctx.rank == 0 else None
     mine = generate(eng, hi - lo, plan, labels[lo:hi], guidance, seed, batch, start=lo,
-                    progress=not quiet and ctx.rank == 0)
+                    progress=not quiet and ctx.rank == 0, watch=traj)
     parts = ctx.gather(mine)
     seconds = time.perf_counter() - t0
     ctx.teardown()
@@ -287,7 +300,11 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, quiet,
         images = np.concatenate(parts)
         _save_images(out, images, labels, nrow=10 if label is None and not uncond else None)
         procs = f", {ctx.world} processes" if ctx.world > 1 else ""
-        click.echo(f"{num} digits ({plan.name}, guidance {guidance:g}, {eng.name}{procs}) in {seconds:.1f}s -> {out}")
+        if traj is not None:
+            traj.save(trajectory)
+        also = f" (trajectory -> {trajectory})" if traj is not None else ""
+        click.echo(f"{num} digits ({plan.name}, guidance {guidance:g}, {eng.name}{procs}) in {seconds:.1f}s -> {out}"
+                   f"{also}")
 
 
 def _save_images(out, images, labels, nrow=None):
@@ -306,70 +323,206 @@ def _save_images(out, images, labels, nrow=None):
         save_grid(images, out, nrow=nrow)
 
 
-# --------------------------------------------------------------------------------------------------------- inpaint
-def _load_png(path, what):
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+# --------------------------------------------------------------------------------------------------------- editing
+def editing_options(out: str, eta: float = 0.0):
+    """Options of every editing command: the picture, how many results, the label, the output, and gen's engine and
+    sampling options (eta: this command's default DDIM eta)."""
+    def deco(f):
+        opts = [
+            click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False),
+                         help="The picture: PNG or anything Pillow reads (greyscale, 16-bit, RGB, palette, or a digit "
+                              "drawn in the alpha channel), a white digit on black like MNIST."),
+            click.option("-n", "num", type=click.IntRange(min=1), default=8, show_default=True, help="Results."),
+            click.option("--label", type=click.IntRange(0, 9), default=None,
+                         help="Class to condition on [default: none, the unconditional model]."),
+            click.option("--out", type=click.Path(dir_okay=False), default=out, show_default=True,
+                         help="x.png: a grid, the input first, then the results; x.npz: images (N,28,28) uint8, "
+                              "labels (N,) (-1: unconditional) and the input."),
+            click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+        ]
+        f = sampling_options(engine_options(f), eta=eta)
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return deco
+
+
+def _param(hint, fn, *args):
+    """fn(*args), its DdpmError (an unreadable picture, a mask of the wrong size) reported against the option."""
+    from .api import DdpmError
 
     try:
-        img = Image.open(path).convert("L")
-    except (OSError, UnidentifiedImageError) as e:
-        raise click.BadParameter(f"cannot read {path}: {e}", param_hint=what) from None
-    if img.size != (28, 28):
-        img = img.resize((28, 28), Image.LANCZOS)
-    return np.array(img, dtype=np.uint8)   # a writable copy
+        return fn(*args)
+    except DdpmError as e:
+        raise click.BadParameter(str(e), param_hint=hint) from None
+
+
+def _edit_command(what, detail, opts, run, shown):
+    """Run one editing command like `gen`: model, engine (torchrun: each rank its share), the unconditional note,
+    progress, the grid or npz with the input first, one final line. run(model, engine, n, start, progress) calls
+    the api.Model method and returns (n, H, W) uint8; shown(model) reads the input (bad pictures: exit 2 here,
+    before any work) and returns it as a (H, W) uint8 tile."""
+    import time
+
+    import numpy as np
+
+    o = opts
+    if not o["out"].endswith((".png", ".npz")):
+        raise click.BadParameter("must end in .png or .npz", param_hint="--out")
+    _threads(o["threads"])
+    model = _model(o["ckpt"], o["export_dir"])
+    plan = _plan(model, o["sampler"], o["steps"], o["eta"], o["variance"])   # bad --steps: exit 2 with the hint
+    tile = shown(model)
+    ctx = _dist(o["device"])
+    dev = str(ctx.device) if ctx.world > 1 else _device(o["device"])
+    eng = make_engine(o["engine"], model, dev, o["fp16"], not o["no_cuda_graph"], 2 * o["batch"], ctx, o["threads"])
+    if o["label"] is None and ctx.rank == 0:
+        click.echo("no --label: using the unconditional model", err=True)
+    lo, hi = ctx.shard(o["num"])
+    t0 = time.perf_counter()
+    mine = run(model, eng, hi - lo, lo, not o["quiet"] and ctx.rank == 0)
+    parts = ctx.gather(mine)
+    seconds = time.perf_counter() - t0
+    ctx.teardown()
+    if ctx.rank != 0:
+        return
+    images = np.concatenate(parts)
+    labels = np.full(o["num"], -1 if o["label"] is None else o["label"], dtype=np.int64)
+    out = o["out"]
+    if out.endswith(".npz"):
+        from .model.io import atomic_write
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, images=images, labels=labels, input=tile)
+        atomic_write(out, write)
+    else:
+        from .runtime.images import save_grid
+
+        save_grid(np.concatenate([tile[None], images]), out, nrow=min(o["num"] + 1, 12))
+    procs = f", {ctx.world} processes" if ctx.world > 1 else ""
+    cond = "unconditional" if o["label"] is None else f"label {o['label']}, guidance {o['guidance']:g}"
+    click.echo(f"{o['num']} {what} ({detail}, {plan.name}; {cond}, {eng.name}{procs}) in {seconds:.1f}s -> {out}")
+
+
+def _sampling(o, eng, n, start, progress):
+    """The api.Model keyword arguments the editing commands share."""
+    return dict(n=n, label=o["label"], guidance=o["guidance"], sampler=o["sampler"], steps=o["steps"], eta=o["eta"],
+                variance=o["variance"], seed=o["seed"], batch=o["batch"], engine=eng, start=start, progress=progress)
 
 
 @main.command()
-@click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="The digit to complete (PNG, resized to 28x28; white on black like MNIST).")
 @click.option("--mask", "mask_spec", default="bottom", show_default=True,
-              help="What to regenerate: top, bottom, left, right, or a PNG whose white pixels are KEPT.")
-@click.option("-n", "num", type=click.IntRange(1, 256), default=8, show_default=True, help="Completions.")
-@click.option("--label", type=click.IntRange(0, 9), default=None, help="Class of the completions [default: none].")
-@click.option("--resample", type=click.IntRange(1, 20), default=3, show_default=True,
-              help="RePaint resampling per step (1 = none).")
-@click.option("--out", type=click.Path(dir_okay=False), default="inpaint.png", show_default=True,
-              help="Grid: the masked input, then the completions.")
-@sampling_options
-def inpaint(image, mask_spec, num, label, resample, out, ckpt, sampler, steps, eta, variance, guidance, seed, batch,
-            device, threads):
-    """Fill in the masked part of a 28x28 digit (RePaint-style inpainting).
+              help="What to redraw: top, bottom, left, right, or a picture of the image's size whose white pixels "
+                   "are KEPT.")
+@click.option("--jump-length", "jump", type=click.IntRange(min=1), default=1, show_default=True,
+              help="RePaint jump length j: how many sampler steps each resampling jumps back.")
+@click.option("--resample", type=click.IntRange(min=1), default=3, show_default=True,
+              help="RePaint resampling count r: how often each jump point is passed (1: no resampling).")
+@editing_options("inpaint.png", eta=1.0)
+def inpaint(mask_spec, jump, resample, **o):
+    """Redraw part of a digit, keeping the rest exactly (RePaint).
+
+    RePaint (Lugmayr et al. 2022): after every step the kept pixels are set to the input noised to that step's level; the resampling jumps back
+    and redraws, so that the new part agrees with the kept one. The default (DDIM-50, eta 1, j=1, r=3) costs about
+    3x a generation; the paper's schedule is --steps 250 --jump-length 10 --resample 10 (about 10x);
+    --eta 0 makes the reverse steps deterministic.
 
     \b
     Examples:
       ddpm inpaint --image seven.png --mask bottom -n 8 --out completions.png
       ddpm inpaint --image digit.png --mask keep.png --label 3
+      ddpm inpaint --image digit.png --steps 250 --jump-length 10 --resample 10   # the paper's schedule
     """
-    _needs_torch("inpaint")
+    from pathlib import Path
+
     import numpy as np
-    import torch
 
-    from .runtime.eager import guided, inpaint as run_inpaint
-    from .runtime.images import save_grid, to_uint8
+    from .runtime.edits import HALVES
 
-    _threads(threads)
-    known = _load_png(image, "--image")
-    halves = {"top": np.s_[:14, :], "bottom": np.s_[14:, :], "left": np.s_[:, :14], "right": np.s_[:, 14:]}
-    if mask_spec in halves:
-        keep = np.ones((28, 28), dtype=np.float32)
-        keep[halves[mask_spec]] = 0
-    elif mask_spec.lower().endswith(".png"):
-        keep = (_load_png(mask_spec, "--mask") >= 128).astype(np.float32)
-    else:
-        raise click.BadParameter("top, bottom, left, right or a PNG file", param_hint="--mask")
-    loaded = _model(ckpt)
-    plan = _plan(loaded, sampler, steps, eta, variance)
-    dev = _device(device)
-    model = loaded.torch_model.to(dev)
-    x0 = torch.from_numpy(known).float().div(127.5).sub(1).expand(num, 1, 28, 28).to(dev)
-    mask = torch.from_numpy(keep).expand(num, 1, 28, 28).to(dev)
-    labels = None if label is None else torch.full((num,), label, device=dev)
-    g = torch.Generator().manual_seed(seed)
-    x = run_inpaint(guided(model, labels, loaded.cfg.null_label, guidance), x0, mask, plan, g, resample)
-    shown = np.where(keep > 0, known, 64).astype(np.uint8)
-    save_grid(np.concatenate([shown[None], to_uint8(x)]), out, nrow=num + 1)
-    click.echo(f"{num} completions ({plan.name}, resample {resample}) -> {out}")
+    if mask_spec not in HALVES and not Path(mask_spec).is_file():
+        raise click.BadParameter(f"{', '.join(HALVES)} or a picture file (no file {mask_spec!r})", param_hint="--mask")
+
+    def run(model, eng, n, start, progress):
+        return model.inpaint(o["image"], mask_spec, jump=jump, resample=resample, **_sampling(o, eng, n, start, progress))
+
+    def shown(model):
+        _param("--image", model.picture, o["image"])
+        img, keep = _param("--mask", model.inpaint_input, o["image"], mask_spec)
+        return np.where(keep, img, 64).astype(np.uint8)        # the redrawn part greyed out
+    _edit_command("completions", f"RePaint j={jump} r={resample} over", o, run, shown)
+
+
+@main.command("edit")
+@click.option("--strength", type=click.FloatRange(0, 1), default=0.6, show_default=True,
+              help="How far the input is noised: 0 returns it unchanged, 1 ignores it.")
+@editing_options("edit.png")
+def edit_cmd(strength, **o):
+    """Redraw a digit as another class (SDEdit).
+
+    SDEdit (Meng et al. 2022): the input is noised to the level round(strength (T-1)), then denoised conditioned on --label: the lower the
+    strength, the more of the input's shape and style stays.
+
+    \b
+    Examples:
+      ddpm edit --image three.png --label 8 --strength 0.6 -n 8 --out eights.png
+      ddpm edit --image digit.png --strength 0.4             # unconditional: a cleaner redrawing
+    """
+    def run(model, eng, n, start, progress):
+        return model.edit(o["image"], strength=strength, **_sampling(o, eng, n, start, progress))
+    _edit_command("edits", f"SDEdit strength {strength:g}", o, run,
+                  lambda model: _param("--image", model.picture, o["image"]))
+
+
+@main.command()
+@click.option("--factor", type=click.Choice(["2", "4"]), required=True,
+              help="Upscaling factor: 14x14 (2) or 7x7 (4) pictures to 28x28.")
+@click.option("--method", type=click.Choice(["ilvr", "ddnm"]), default="ilvr", show_default=True,
+              help="ilvr: low-pass guidance of x at every step (Choi et al. 2021); ddnm: range-null-space projection "
+                   "of the predicted x0 (Wang et al. 2023).")
+@editing_options("upscale.png", eta=1.0)
+def upscale(factor, method, **o):
+    """Upscale a small digit to 28x28: every result's f x f block means are the input's pixels.
+
+    A picture of another size is first resized to 28/f (box-averaged when shrinking).
+
+    \b
+    Examples:
+      ddpm upscale --image small14.png --factor 2 -n 8 --out big.png
+      ddpm upscale --image tiny7.png --factor 4 --label 3 --method ddnm
+    """
+    import numpy as np
+
+    from .runtime.edits import upsample
+
+    f = int(factor)
+
+    def run(model, eng, n, start, progress):
+        return model.upscale(o["image"], f, method=method, **_sampling(o, eng, n, start, progress))
+
+    def shown(model):
+        H, W = model.image_shape[1:]
+        return upsample(_param("--image", model.picture, o["image"], (H // f, W // f)), f).astype(np.uint8)
+    _edit_command("upscalings", f"{method.upper()} x{f}", o, run, shown)
+
+
+@main.command()
+@click.option("--sigma", type=click.FloatRange(0, min_open=True), required=True,
+              help="Std of the Gaussian noise in the input, in [-1, 1] units (s grey levels: s/127.5).")
+@editing_options("restore.png")
+def restore(sigma, **o):
+    """Remove Gaussian noise of a known std from a digit.
+
+    The reverse process starts at the level where the model's noise equals the input's, from the scaled input.
+
+    \b
+    Examples:
+      ddpm restore --image noisy.png --sigma 0.3 -n 4 --out clean.png
+    """
+    def run(model, eng, n, start, progress):
+        return model.restore(o["image"], sigma, **_sampling(o, eng, n, start, progress))
+    _edit_command("restorations", f"sigma {sigma:g}", o, run,
+                  lambda model: _param("--image", model.picture, o["image"]))
 
 
 # ------------------------------------------------------------------------------------------------------------ eval

@@ -1,7 +1,8 @@
 """generate(): N samples in batches from any engine, with the seeded noise stream and a progress bar.
 
-An engine is any object with `run(x_T, z, labels, plan, guidance, callback) -> x_0` for one batch (numpy arrays in,
-a numpy array out); `labels` is None for unconditional sampling. The eager PyTorch reference is
+An engine is any object with `run(x_T, z, labels, plan, guidance, callback, edit, y, mask, watch) -> x_0` for one
+batch (numpy arrays in, a numpy array out); `labels` is None for unconditional sampling, `edit` None or an edit's
+projection (runtime.edits) with its known image y and mask. The eager PyTorch reference is
 `runtime.eager.EagerEngine`; the preallocated runtime engines live in `runtime.runner`. Nothing here needs PyTorch.
 """
 
@@ -20,7 +21,8 @@ class Engine(Protocol):
     name: str
 
     def run(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, plan: Plan,
-            guidance: float, callback: Callable[[int], None] | None = None) -> np.ndarray: ...
+            guidance: float, callback: Callable[[int], None] | None = None, edit=None, y: np.ndarray | None = None,
+            mask: np.ndarray | None = None, watch: Callable | None = None) -> np.ndarray: ...
 
 
 def labels_for(n: int, label: int | None, uncond: bool, num_classes: int = 10) -> np.ndarray:
@@ -33,8 +35,14 @@ def labels_for(n: int, label: int | None, uncond: bool, num_classes: int = 10) -
 
 
 def generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidance: float = 0.0, seed: int = 0,
-             batch: int = 64, start: int = 0, progress: bool = True, image_shape=(1, 28, 28)) -> np.ndarray:
-    """Samples start..start+n-1 of the stream `seed` as (n, H, W) uint8. labels: (n,), -1 = unconditional."""
+             batch: int = 64, start: int = 0, progress: bool = True, image_shape=(1, 28, 28), job=None,
+             watch: Callable | None = None) -> np.ndarray:
+    """Samples start..start+n-1 of the stream `seed` as (n, H, W) uint8. labels: (n,), -1 = unconditional.
+
+    job: an edit (runtime.edits.EditJob): its projection and known images, or its starting images; its noise slots
+    follow the plan's in every sample's stream. watch(i, x, x0): the states of the first batch after every row
+    (engines' run(); host arrays (B,C,H,W), x0 None on rows without a network call).
+    """
     from tqdm import tqdm
 
     labels = np.asarray(labels)
@@ -45,11 +53,17 @@ def generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidance: f
     out = np.empty((n, *image_shape[1:]), dtype=np.uint8)
     bar = tqdm(total=-(-n // batch) * plan.steps, disable=not progress, unit="step", dynamic_ncols=True,
                desc=f"{engine.name} {plan.name}")
+    slots = plan.num_slots + (job.num_slots if job is not None else 0)
+    edit = job.projection if job is not None else None
     for lo in range(0, n, batch):
         hi = min(n, lo + batch)
-        x_T, z = make_noise(seed, start + lo, hi - lo, plan.num_slots, image_shape)
+        x_T, z = make_noise(seed, start + lo, hi - lo, slots, image_shape)
         y = None if labels[lo] < 0 else labels[lo:hi].astype(np.int64)
-        x = engine.run(x_T, z, y, plan, guidance, callback=lambda i: bar.update(1))
+        known, mask, x_input = job.batch(lo, hi) if job is not None else (None, None, None)
+        if job is not None:
+            x_T = job.start(x_T, x_input)
+        x = engine.run(x_T, z, y, plan, guidance, callback=lambda i: bar.update(1), edit=edit, y=known, mask=mask,
+                       watch=watch if lo == 0 else None)
         out[lo:hi] = to_uint8(x)
     bar.close()
     return out

@@ -99,35 +99,55 @@ class Plan:
         return replace(self, cfg=np.asarray(cfg, dtype=bool)).validate()
 
 
-def ddpm_plan(sched: Schedule, variance: str = "small", clip: bool = True) -> Plan:
-    """DDPM ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2 in its x0-parameterised form)."""
+def _check_top(T: int, top) -> int:
+    if top is None:
+        return T - 1
+    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or not 0 <= top <= T - 1:
+        raise ValueError(f"the starting timestep must be an integer in 0..{T - 1}, got {top!r}")
+    return int(top)
+
+
+def ddpm_plan(sched: Schedule, variance: str = "small", clip: bool = True, top: int | None = None) -> Plan:
+    """DDPM ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2 in its x0-parameterised form).
+
+    top: start from x_top instead of x_{T-1} (rows t = top..0: a plan truncated for editing, runtime.edits)."""
     if variance not in ("small", "large"):
         raise ValueError("variance must be 'small' (beta~_t) or 'large' (beta_t)")
-    t = np.arange(sched.T - 1, -1, -1)
+    top = _check_top(sched.T, top)
+    t = np.arange(top, -1, -1)
     # 1. x0_hat = x_t / sqrt(abar_t) - sqrt(1/abar_t - 1) eps                            (eq. 15)
     # 2. mu~(x_t, x0_hat) = coef1_t x0_hat + coef2_t x_t                                 (eq. 7)
     # 3. x_{t-1} = mu~ + sigma_t z, sigma_t^2 = beta~_t ("fixed small") or beta_t ("fixed large"); z = 0 at t = 0
     var = sched.posterior_variance[t] if variance == "small" else sched.betas[t]
     sigma = np.where(t > 0, np.sqrt(var), 0.0)
-    return Plan.make(f"ddpm-{variance}", t, sched.sqrt_recip_alphas_cumprod[t], sched.sqrt_recipm1_alphas_cumprod[t],
+    name = f"ddpm-{variance}" + ("" if top == sched.T - 1 else f"-from{top}")
+    return Plan.make(name, t, sched.sqrt_recip_alphas_cumprod[t], sched.sqrt_recipm1_alphas_cumprod[t],
                      w_x=sched.posterior_mean_coef2[t], w_x0=sched.posterior_mean_coef1[t], sigma=sigma,
                      abar_next=sched.alphas_cumprod_prev[t], clip=clip)
 
 
-def ddim_timesteps(T: int, steps: int) -> np.ndarray:
-    """`steps` timesteps evenly spread over [0, T-1], both ends included, decreasing."""
+def ddim_timesteps(T: int, steps: int, top: int | None = None) -> np.ndarray:
+    """`steps` timesteps evenly spread over [0, T-1], both ends included, decreasing.
+
+    top: the grid truncated for editing, starting at t = top: top itself, then the grid's points below it."""
     if not 1 <= steps <= T:
         raise ValueError(f"DDIM steps must be in 1..{T}, got {steps}")
+    top = _check_top(T, top)
     if steps == 1:
-        return np.array([T - 1], dtype=np.int64)
-    return np.round(np.linspace(0, T - 1, steps)).astype(np.int64)[::-1].copy()
+        grid = np.array([T - 1], dtype=np.int64)
+    else:
+        grid = np.round(np.linspace(0, T - 1, steps)).astype(np.int64)[::-1].copy()
+    return grid if top == T - 1 else np.concatenate([[top], grid[grid < top]]).astype(np.int64)
 
 
-def ddim_plan(sched: Schedule, steps: int = DEFAULT_STEPS, eta: float = 0.0, clip: bool = True) -> Plan:
-    """DDIM (Song et al. 2021) on a subsequence of timesteps; eta=0 deterministic, eta=1 DDPM-like."""
+def ddim_plan(sched: Schedule, steps: int = DEFAULT_STEPS, eta: float = 0.0, clip: bool = True,
+              top: int | None = None) -> Plan:
+    """DDIM (Song et al. 2021) on a subsequence of timesteps; eta=0 deterministic, eta=1 DDPM-like.
+
+    top: start from x_top (ddim_timesteps' truncated grid: a plan for editing, runtime.edits)."""
     if not 0.0 <= eta <= 1.0:   # also refuses NaN
         raise ValueError(f"eta must be in [0, 1], got {eta}")
-    t = ddim_timesteps(sched.T, steps)
+    t = ddim_timesteps(sched.T, steps, top)
     ab = sched.alphas_cumprod[t]
     ab_prev = np.append(sched.alphas_cumprod[t[1:]], 1.0)
     # 1. x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)                              (DDIM eq. 12, "predicted x0")
@@ -140,7 +160,8 @@ def ddim_plan(sched: Schedule, steps: int = DEFAULT_STEPS, eta: float = 0.0, cli
     dir_ = np.sqrt(np.clip(1 - ab_prev - sigma ** 2, 0.0, None))
     w_x = dir_ / np.sqrt(1 - ab)
     w_x0 = np.sqrt(ab_prev) - w_x * np.sqrt(ab)
-    return Plan.make(f"ddim{steps}-eta{eta:g}", t, 1 / np.sqrt(ab), np.sqrt(1 / ab - 1), w_x=w_x, w_x0=w_x0,
+    name = f"ddim{steps}-eta{eta:g}" + ("" if t[0] == sched.T - 1 else f"-from{t[0]}")
+    return Plan.make(name, t, 1 / np.sqrt(ab), np.sqrt(1 / ab - 1), w_x=w_x, w_x0=w_x0,
                      sigma=sigma, abar_next=ab_prev, clip=clip)
 
 
@@ -150,12 +171,13 @@ def default_steps(T: int) -> int:
 
 
 def make_plan(sched: Schedule, sampler: str, steps: int | None = None, eta: float = 0.0,
-              variance: str = "small") -> Plan:
-    """The plan of a sampler by name (SAMPLERS); steps None: its default. ValueError for what does not fit."""
+              variance: str = "small", top: int | None = None) -> Plan:
+    """The plan of a sampler by name (SAMPLERS); steps None: its default; top: start at t = top (editing).
+    ValueError for what does not fit."""
     if sampler == "ddpm":
         if steps not in (None, sched.T):
             raise ValueError(f"the DDPM sampler runs all T={sched.T} steps; use --sampler ddim for fewer")
-        return ddpm_plan(sched, variance)
+        return ddpm_plan(sched, variance, top=top)
     if sampler == "ddim":
-        return ddim_plan(sched, steps or default_steps(sched.T), eta)
+        return ddim_plan(sched, steps or default_steps(sched.T), eta, top=top)
     raise ValueError(f"unknown sampler {sampler!r} ({' or '.join(SAMPLERS)})")
