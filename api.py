@@ -238,17 +238,19 @@ class Model:
     # -------------------------------------------------------------------------------------------------- editing
     # Every edit is a plan plus, for some, a per-row projection onto the known image (runtime.edits), run by
     # runtime.generate like `generate`: the same seeded stream per sample (its projection noise after the plan's
-    # own), any engine, any batch. Pictures: a (H, W) uint8 array (white digit on black) or a picture file
-    # (runtime.images.read_image), resized to what the edit needs. label None: the unconditional model.
+    # own), any engine, any batch. A picture is a (H, W) uint8 array (white digit on black) or a picture file
+    # (runtime.images.read_image), resized to what the edit needs: n results of it (default 8); or a stack (N, H, W)
+    # of pictures: one result each, result k from picture k. label None: the unconditional model; labels may also
+    # be given per result (n ints).
 
-    def inpaint(self, image, mask="bottom", n: int = 8, label: int | None = None, guidance: float = GUIDANCE,
+    def inpaint(self, image, mask="bottom", n: int | None = None, label=None, guidance: float = GUIDANCE,
                 sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 1.0, variance: str = "small",
                 jump: int = 1, resample: int = 3, seed: int = 0, batch: int = 64, engine="auto",
                 device: str = "auto", fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
         """RePaint (Lugmayr et al. 2022): n completions (n, H, W) uint8 of `image` where `mask` says what to redraw.
 
         mask: the half to redraw ("top", "bottom", "left", "right"), or a picture (file or (H, W) array of the
-        image's size) whose white pixels (>= 128) are kept. After every reverse row the kept pixels are replaced by
+        image's size; for a stack also one per picture, (N, H, W)) whose white pixels (>= 128, or True) are kept. After every reverse row the kept pixels are replaced by
         the input noised to the row's level; after the last one they are the input's exactly. The reverse rows are
         the sampler's (default DDIM-50 with eta 1: stochastic, DDPM-like, as RePaint needs to harmonise; eta 0 gives
         deterministic rows). jump, resample: RePaint's jump length j (in rows of the sampler) and count r (r = 1: no
@@ -257,17 +259,17 @@ class Model:
         """
         from .runtime.edits import EditJob, noised_projection, repaint_plan, to_model
 
-        img, keep = self.inpaint_input(image, mask)
+        imgs, keep, n = self.inpaint_input(image, mask, n)
         plan = self.plan(sampler, steps, eta, variance)
         try:
             plan = repaint_plan(plan, jump, resample)
         except ValueError as e:
             raise _wrap(e) from None
-        job = EditJob(noised_projection(plan, "mask"), y=to_model(img)[None, None],
-                      mask=keep.astype(np.float32)[None, None])
+        job = EditJob(noised_projection(plan, "mask"), y=to_model(imgs)[:, None],
+                      mask=keep.astype(np.float32)[:, None])
         return self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
 
-    def edit(self, image, label: int | None = None, strength: float = 0.6, n: int = 8, guidance: float = GUIDANCE,
+    def edit(self, image, label=None, strength: float = 0.6, n: int | None = None, guidance: float = GUIDANCE,
              sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
              seed: int = 0, batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False,
              start: int = 0, progress: bool = False) -> np.ndarray:
@@ -283,17 +285,17 @@ class Model:
         if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating, np.integer)) or \
                 not 0.0 <= strength <= 1.0:
             raise DdpmError(f"strength must be a number in [0, 1], got {strength!r}")
-        img = self.picture(image)
+        imgs, n = self._inputs(image, None, n)
         if strength == 0:
+            _check_count("n", n, 0)
             self.labels(n, label, label is None)   # the arguments are checked all the same
-            _check_count("n", n, 1)
-            return np.repeat(img[None], n, axis=0)
+            return np.array(np.broadcast_to(imgs, (n, *imgs.shape[1:])))
         t0, a0, s0 = sdedit_start(self.schedule, float(strength))
         plan = self.plan(sampler, steps, eta, variance, top=t0)
-        job = EditJob(x_input=to_model(img)[None, None], a0=a0, s0=s0)
+        job = EditJob(x_input=to_model(imgs)[:, None], a0=a0, s0=s0)
         return self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
 
-    def upscale(self, image, factor: int = 2, n: int = 8, label: int | None = None, method: str = "ilvr",
+    def upscale(self, image, factor: int = 2, n: int | None = None, label=None, method: str = "ilvr",
                 guidance: float = GUIDANCE, sampler: str = DEFAULT_SAMPLER, steps: int | None = None,
                 eta: float = 1.0, variance: str = "small", seed: int = 0, batch: int = 64, engine="auto",
                 device: str = "auto", fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
@@ -302,23 +304,28 @@ class Model:
         image: (H/f, W/f) (a picture of another size is resized to it, box-averaged when shrinking). method
         "ilvr": ILVR (Choi et al. 2021) low-pass guidance of x at every row, x <- x + up(down(y_t) - down(x)) with
         y_t the input noised to the row's level; "ddnm": DDNM (Wang et al. 2023) range-null-space projection of
-        x0_hat, x0_hat <- x0_hat + up(y - down(x0_hat)). Either way the last row makes down(x) = y up to rounding
-        and the clipping to [0, 255]. factor: 2 or 4. Raises DdpmError for bad arguments.
+        x0_hat, x0_hat <- x0_hat + up(y - down(x0_hat)). Either way the last row makes down(x) = y in the model's
+        range; the results are then the nearest pictures whose block means are the input within [0, 255]
+        (runtime.edits.fit_blocks: clipping to the pixel range would move bright and dark blocks), rounded: every
+        block mean is within 0.5 grey level of the input's pixel. factor: 2 or 4. Raises DdpmError for bad
+        arguments.
         """
-        from .runtime.edits import FACTORS, EditJob, noised_projection, to_model, upsample, x0_projection
+        from .runtime.edits import (FACTORS, EditJob, fit_blocks, noised_projection, to_model, upsample,
+                                    x0_projection)
 
         if factor not in FACTORS or isinstance(factor, bool):
             raise DdpmError(f"factor must be 2 or 4, got {factor!r}")
         if method not in ("ilvr", "ddnm"):
             raise DdpmError(f"method must be ilvr or ddnm, got {method!r}")
         H, W = self.image_shape[1:]
-        small = self.picture(image, (H // factor, W // factor))
+        small, n = self._inputs(image, (H // factor, W // factor), n)
         plan = self.plan(sampler, steps, eta, variance)
         proj = noised_projection(plan, "lowpass", factor) if method == "ilvr" else x0_projection(plan, factor)
-        job = EditJob(proj, y=upsample(to_model(small), factor)[None, None])
-        return self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
+        job = EditJob(proj, y=upsample(to_model(small), factor)[:, None])
+        out = self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
+        return np.rint(fit_blocks(out, np.broadcast_to(small, (n, *small.shape[1:])), factor)).astype(np.uint8)
 
-    def restore(self, image, sigma: float, n: int = 8, label: int | None = None, guidance: float = GUIDANCE,
+    def restore(self, image, sigma: float, n: int | None = None, label=None, guidance: float = GUIDANCE,
                 sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
                 seed: int = 0, batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False,
                 start: int = 0, progress: bool = False) -> np.ndarray:
@@ -334,19 +341,19 @@ class Model:
 
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating, np.integer)):
             raise DdpmError(f"sigma must be a number > 0, got {sigma!r}")
-        img = self.picture(image)
+        imgs, n = self._inputs(image, None, n)
         try:
             t, a0, s0 = noise_start(self.schedule, float(sigma))
         except ValueError as e:
             raise _wrap(e) from None
         plan = self.plan(sampler, steps, eta, variance, top=t)
-        job = EditJob(x_input=to_model(img)[None, None], a0=a0, s0=s0)
+        job = EditJob(x_input=to_model(imgs)[:, None], a0=a0, s0=s0)
         return self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
 
     def _run_edit(self, n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job):
         from .runtime.generate import generate
 
-        _check_count("n", n, 1)
+        _check_count("n", n, 0)
         _check_count("batch", batch, 1)
         _check_count("start", start, 0)
         _check_guidance(guidance)
@@ -363,24 +370,44 @@ class Model:
         Raises DdpmError (runtime.images.read_image's message for files)."""
         return _fit(_read(image, "image"), size or self.image_shape[1:])
 
-    def inpaint_input(self, image, mask) -> tuple[np.ndarray, np.ndarray]:
-        """(image (H, W) uint8, known (H, W) bool) at the model's size, from a picture and inpaint's mask: a half's
-        name, or a picture of the image's size (before resizing) whose white pixels (>= 128) are kept."""
+    def _inputs(self, image, size, n) -> tuple[np.ndarray, int]:
+        """(pictures (m, H', W') uint8 at size (default: the model's), n): one picture (m = 1) with n results
+        (default 8), or a stack (N, H, W) with one result per picture (n None or N). Raises DdpmError."""
+        raw, n = self._raw(image, n)
+        return np.stack([_fit(p, size or self.image_shape[1:]) for p in raw]), n
+
+    @staticmethod
+    def _raw(image, n) -> tuple[list[np.ndarray], int]:
+        if isinstance(image, (str, os.PathLike)) or np.ndim(image) != 3:
+            return [_read(image, "image")], 8 if n is None else n
+        stack = np.asarray(image)
+        if n not in (None, len(stack)):
+            raise DdpmError(f"a stack of {len(stack)} pictures gives one result each: n must be {len(stack)}, got {n}")
+        return [_read(p, "image") for p in stack], len(stack)
+
+    def inpaint_input(self, image, mask, n: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """(pictures (m, H, W) uint8, known (m or 1, H, W) bool, n) at the model's size, from inpaint's picture(s)
+        and mask: a half's name, or picture(s) of the image's size (before resizing) whose white pixels are kept."""
         from .runtime.edits import HALVES, half_mask
 
         size = self.image_shape[1:]
-        raw = _read(image, "image")
+        raw, n = self._raw(image, n)                     # at the file's size: a mask picture must match it
+        fitted = np.stack([_fit(p, size) for p in raw])
         if isinstance(mask, str) and mask in HALVES:
             if size[0] != size[1]:
                 raise DdpmError("half masks need a square image")
-            return _fit(raw, size), half_mask(mask, size[0])
+            return fitted, half_mask(mask, size[0])[None], n
         if isinstance(mask, str) and not Path(mask).suffix:
             raise DdpmError(f"mask must be one of {', '.join(HALVES)} or a picture file, got {mask!r}")
-        m = _read(mask, "mask", allow_bool=True)
-        if m.shape != raw.shape:
-            raise DdpmError(f"the mask is {m.shape[1]}x{m.shape[0]} pixels and the image {raw.shape[1]}x"
-                            f"{raw.shape[0]}: they must have the same size")
-        return _fit(raw, size), _fit(m, size) >= 128
+        masks = [_read(mask, "mask", allow_bool=True)] if isinstance(mask, (str, os.PathLike)) or np.ndim(mask) != 3 \
+            else [_read(m, "mask", allow_bool=True) for m in mask]
+        if len(masks) not in (1, len(raw)):
+            raise DdpmError(f"{len(masks)} masks for {len(raw)} pictures")
+        for m in masks:
+            if m.shape != raw[0].shape:
+                raise DdpmError(f"the mask is {m.shape[1]}x{m.shape[0]} pixels and the image {raw[0].shape[1]}x"
+                                f"{raw[0].shape[0]}: they must have the same size")
+        return fitted, np.stack([_fit(m, size) >= 128 for m in masks]), n
 
 
 def _read(image, what: str, allow_bool: bool = False) -> np.ndarray:

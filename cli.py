@@ -448,8 +448,8 @@ def inpaint(mask_spec, jump, resample, **o):
 
     def shown(model):
         _param("--image", model.picture, o["image"])
-        img, keep = _param("--mask", model.inpaint_input, o["image"], mask_spec)
-        return np.where(keep, img, 64).astype(np.uint8)        # the redrawn part greyed out
+        img, keep, _ = _param("--mask", model.inpaint_input, o["image"], mask_spec)
+        return np.where(keep[0], img[0], 64).astype(np.uint8)   # the redrawn part greyed out
     _edit_command("completions", f"RePaint j={jump} r={resample} over", o, run, shown)
 
 

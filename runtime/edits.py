@@ -316,6 +316,29 @@ def upsample(images: np.ndarray, f: int) -> np.ndarray:
     return np.repeat(np.repeat(np.asarray(images), f, axis=-2), f, axis=-1)
 
 
+def fit_blocks(images: np.ndarray, small: np.ndarray, f: int, lo: float = 0.0, hi: float = 255.0,
+               iterations: int = 60) -> np.ndarray:
+    """The nearest images (least squares) to `images` (N,H,W) whose f x f block means are `small` (N,H/f,W/f) and
+    whose pixels stay in [lo, hi]: per block z = clip(x + c, lo, hi), with c found by bisection so that
+    mean(z) = y (the KKT conditions of that projection: one shift per block, then the box). Float64 (N,H,W).
+
+    The last row of ILVR/DDNM already makes the block means exact in the model's range; the clipping to the pixel
+    range afterwards breaks them where a bright or dark block's pixels overshoot. This puts them back. Every block
+    mean in [lo, hi] is reachable (a constant block is); bisection over [-(hi-lo), hi-lo] halves the error bound
+    2(hi-lo) each iteration: below 1e-15 grey levels after 60."""
+    x = np.asarray(images, dtype=np.float64)
+    N, H, W = x.shape
+    xb = x.reshape(N, H // f, f, W // f, f)
+    y = np.clip(np.asarray(small, dtype=np.float64), lo, hi)[:, :, None, :, None]
+    a = np.full(y.shape, -(hi - lo))
+    b = np.full(y.shape, hi - lo)
+    for _ in range(iterations):
+        c = (a + b) / 2
+        low = np.clip(xb + c, lo, hi).mean(axis=(2, 4), keepdims=True) < y
+        a, b = np.where(low, c, a), np.where(low, b, c)
+    return np.clip(xb + (a + b) / 2, lo, hi).reshape(N, H, W)
+
+
 HALVES = ("top", "bottom", "left", "right")
 
 
