@@ -324,14 +324,14 @@ def fit_blocks(images: np.ndarray, small: np.ndarray, f: int, lo: float = 0.0, h
 
     The last row of ILVR/DDNM already makes the block means exact in the model's range; the clipping to the pixel
     range afterwards breaks them where a bright or dark block's pixels overshoot. This puts them back. Every block
-    mean in [lo, hi] is reachable (a constant block is); bisection over [-(hi-lo), hi-lo] halves the error bound
-    2(hi-lo) each iteration: below 1e-15 grey levels after 60."""
+    mean in [lo, hi] is reachable (a constant block is); the bisection starts from shifts that put the whole block
+    at lo and at hi and halves that interval 60 times (to 1e-15 of it)."""
     x = np.asarray(images, dtype=np.float64)
     N, H, W = x.shape
     xb = x.reshape(N, H // f, f, W // f, f)
     y = np.clip(np.asarray(small, dtype=np.float64), lo, hi)[:, :, None, :, None]
-    a = np.full(y.shape, -(hi - lo))
-    b = np.full(y.shape, hi - lo)
+    a = lo - xb.max(axis=(2, 4), keepdims=True)       # a shift that puts every pixel at lo: mean lo <= y
+    b = hi - xb.min(axis=(2, 4), keepdims=True)       # one that puts every pixel at hi: mean hi >= y
     for _ in range(iterations):
         c = (a + b) / 2
         low = np.clip(xb + c, lo, hi).mean(axis=(2, 4), keepdims=True) < y

@@ -16,8 +16,8 @@ from ddpm.cli import main
 from ddpm.export.onnx_export import export
 from ddpm.runtime.bundle import Bundle
 from ddpm.runtime.eager import guided, sample
-from ddpm.runtime.edits import (EditJob, downsample, half_mask, noise_start, noised_projection, repaint_plan,
-                                sdedit_start, to_model, upsample, x0_projection)
+from ddpm.runtime.edits import (EditJob, downsample, fit_blocks, half_mask, noise_start, noised_projection,
+                                repaint_plan, sdedit_start, to_model, upsample, x0_projection)
 from ddpm.runtime.engines import make_engine
 from ddpm.runtime.images import ImageError, fit, read_image, to_uint8
 from ddpm.runtime.nets import OnnxNet, TorchNet
@@ -299,6 +299,37 @@ def test_upscaled_digits_downsample_to_the_input(setup, method, factor):
                                                            y=job.y, mask=None)
     assert np.abs(downsample(out[:, 0], factor) - small[:, 0]).max() < 1e-5
     assert np.abs(out - upsample(small, factor)).mean() > 0.05      # detail added, not the blocky input
+
+
+def test_upscaled_pictures_downsample_to_the_input_within_half_a_grey_level(model):
+    small = _picture(5)[::2, ::2].copy()
+    for f, pic in ((2, small), (4, small[::2, ::2].copy())):
+        out = model.upscale(pic, f, n=3, steps=4, engine="onnx")
+        assert np.abs(downsample(out, f) - pic).max() <= 0.5
+
+
+def test_fit_blocks_is_the_nearest_picture_with_the_block_means():
+    rng = np.random.default_rng(4)
+    x = rng.normal(128, 120, (50, 28, 28))                     # overshoots [0, 255] in many blocks
+    small = rng.integers(0, 256, (50, 7, 7)).astype(np.uint8)
+    small[:, 0] = 255                                          # saturated blocks: every pixel must become 255
+    small[:, 1] = 0
+    z = fit_blocks(x, small, 4)
+    assert z.min() >= 0 and z.max() <= 255
+    assert np.abs(downsample(z, 4) - small).max() < 1e-6
+    assert np.allclose(z[:, :4], 255, atol=1e-9) and np.allclose(z[:, 4:8], 0, atol=1e-9)
+    # rounding to uint8 keeps every block mean within 0.5 grey level
+    assert np.abs(downsample(np.rint(z), 4) - small).max() <= 0.5
+    # the nearest such picture: no other one with these means (here: one more shift inside a block) is closer
+    other = z.copy()
+    blk = other[0, 8:12, 8:12]
+    if 1 < blk.min() and blk.max() < 254:
+        blk[0, 0] += 1.0
+        blk[1, 1] -= 1.0
+        assert ((other - x) ** 2).sum() > ((z - x) ** 2).sum()
+    # a picture that already fits stays as it is
+    fits = rng.integers(10, 240, (3, 28, 28)).astype(np.float64)
+    assert np.allclose(fit_blocks(fits, downsample(fits, 2), 2), fits, atol=1e-9)
 
 
 def test_edit_arguments_are_checked(model):
