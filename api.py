@@ -31,6 +31,9 @@ from .runtime.nets import EngineUnavailable
 
 # The recommended classifier-free guidance for the shipped model (assets/MODEL_CARD.md has the sweep).
 GUIDANCE = 0.3
+# ... and for class edits (SDEdit), where the input pulls towards its own class: at strength 0.6 the classifier
+# agrees with the requested class for 92% of 100 test digits at w=0.3, 99% at w=1, 100% at w=3 (README "Editing").
+EDIT_GUIDANCE = 1.0
 DEFAULT_SAMPLER = "ddim"
 
 
@@ -250,12 +253,14 @@ class Model:
         """RePaint (Lugmayr et al. 2022): n completions (n, H, W) uint8 of `image` where `mask` says what to redraw.
 
         mask: the half to redraw ("top", "bottom", "left", "right"), or a picture (file or (H, W) array of the
-        image's size; for a stack also one per picture, (N, H, W)) whose white pixels (>= 128, or True) are kept. After every reverse row the kept pixels are replaced by
-        the input noised to the row's level; after the last one they are the input's exactly. The reverse rows are
+        image's size; for a stack also one per picture, (N, H, W)) whose white pixels (>= 128, or True) are kept.
+        After every reverse row the kept pixels are replaced by the input noised to the row's level; after the last
+        one they are the input's exactly. The reverse rows are
         the sampler's (default DDIM-50 with eta 1: stochastic, DDPM-like, as RePaint needs to harmonise; eta 0 gives
         deterministic rows). jump, resample: RePaint's jump length j (in rows of the sampler) and count r (r = 1: no
-        resampling; j=1 r=3, the default, costs about 3x a generation; the paper's j=10 r=10 on a 250-step
-        schedule: steps=250, eta=1, jump=10, resample=10, about 10x). Raises DdpmError for bad arguments.
+        resampling; j=1 r=3, the default, makes 148 network calls, about 3x a DDIM-50 generation; the paper's j=10
+        r=10 on a 250-step schedule, steps=250, eta=1, jump=10, resample=10, makes 2410, about 48x). Raises
+        DdpmError for bad arguments.
         """
         from .runtime.edits import EditJob, noised_projection, repaint_plan, to_model
 
@@ -269,7 +274,7 @@ class Model:
                       mask=keep.astype(np.float32)[:, None])
         return self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
 
-    def edit(self, image, label=None, strength: float = 0.6, n: int | None = None, guidance: float = GUIDANCE,
+    def edit(self, image, label=None, strength: float = 0.6, n: int | None = None, guidance: float = EDIT_GUIDANCE,
              sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
              seed: int = 0, batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False,
              start: int = 0, progress: bool = False) -> np.ndarray:
@@ -278,7 +283,8 @@ class Model:
         The input is noised to t0 = round(strength (T-1)), x_t0 = sqrt(abar_t0) x + sqrt(1 - abar_t0) x_T, and the
         sampler's rows from t0 down denoise it (runtime.edits.sdedit_start; DDIM's grid points below t0, so about
         strength x steps rows). strength in [0, 1]: 0 returns the input unchanged, 1 ignores it (the same digits as
-        `generate` with this seed and label). Raises DdpmError for bad arguments.
+        `generate` with this seed and label). guidance: EDIT_GUIDANCE by default, stronger than generate's (the
+        input pulls towards its own class). Raises DdpmError for bad arguments.
         """
         from .runtime.edits import EditJob, sdedit_start, to_model
 

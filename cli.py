@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from .api import GUIDANCE, DdpmError   # numpy-only imports
+from .api import EDIT_GUIDANCE, GUIDANCE, DdpmError   # numpy-only imports
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -177,11 +177,12 @@ def _device(name):
         raise click.BadParameter(str(e), param_hint="--device") from None
 
 
-def sampling_options(f=None, *, eta: float = 0.0):
-    """Options shared by gen, eval and the editing commands (the sampler and its conditioning); eta: the default DDIM
-    eta (inpaint: 1, the stochastic rows RePaint needs). `@sampling_options` or `@sampling_options(eta=1.0)`."""
+def sampling_options(f=None, *, eta: float = 0.0, guidance: float = GUIDANCE):
+    """Options shared by gen, eval and the editing commands (the sampler and its conditioning); eta, guidance: the
+    command's defaults (inpaint: eta 1, the stochastic rows RePaint needs; edit: its measured guidance).
+    `@sampling_options` or `@sampling_options(eta=1.0)`."""
     if f is None:
-        return lambda g: sampling_options(g, eta=eta)
+        return lambda g: sampling_options(g, eta=eta, guidance=guidance)
     opts = [
         click.option("--ckpt", type=click.Path(), default=None,
                      help="Checkpoint: model.safetensors, ckpt.pt or a run folder [default: the bundled model]."),
@@ -193,7 +194,7 @@ def sampling_options(f=None, *, eta: float = 0.0):
                      help="DDIM eta: 0 deterministic, 1 DDPM-like."),
         click.option("--variance", type=click.Choice(["small", "large"]), default="small", show_default=True,
                      help="DDPM posterior variance: beta~_t (small) or beta_t (large)."),
-        click.option("--guidance", "-w", type=click.FloatRange(min=0), default=GUIDANCE, show_default=True,
+        click.option("--guidance", "-w", type=click.FloatRange(min=0), default=guidance, show_default=True,
                      help="Classifier-free guidance w: eps_c + w (eps_c - eps_u); 0 = conditional model alone."),
         click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Seed of the noise stream (same seed, same digits, any batch size or engine)."),
@@ -324,9 +325,9 @@ def _save_images(out, images, labels, nrow=None):
 
 
 # --------------------------------------------------------------------------------------------------------- editing
-def editing_options(out: str, eta: float = 0.0):
+def editing_options(out: str, eta: float = 0.0, guidance: float = GUIDANCE):
     """Options of every editing command: the picture, how many results, the label, the output, and gen's engine and
-    sampling options (eta: this command's default DDIM eta)."""
+    sampling options (eta, guidance: this command's defaults)."""
     def deco(f):
         opts = [
             click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False),
@@ -340,7 +341,7 @@ def editing_options(out: str, eta: float = 0.0):
                               "labels (N,) (-1: unconditional) and the input."),
             click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
         ]
-        f = sampling_options(engine_options(f), eta=eta)
+        f = sampling_options(engine_options(f), eta=eta, guidance=guidance)
         for opt in reversed(opts):
             f = opt(f)
         return f
@@ -423,10 +424,10 @@ def _sampling(o, eng, n, start, progress):
 def inpaint(mask_spec, jump, resample, **o):
     """Redraw part of a digit, keeping the rest exactly (RePaint).
 
-    RePaint (Lugmayr et al. 2022): after every step the kept pixels are set to the input noised to that step's level; the resampling jumps back
-    and redraws, so that the new part agrees with the kept one. The default (DDIM-50, eta 1, j=1, r=3) costs about
-    3x a generation; the paper's schedule is --steps 250 --jump-length 10 --resample 10 (about 10x);
-    --eta 0 makes the reverse steps deterministic.
+    RePaint (Lugmayr et al. 2022): after every step the kept pixels are set to the input noised to that step's
+    level; the resampling jumps back and redraws, so that the new part agrees with the kept one. The default
+    (DDIM-50, eta 1, j=1, r=3) costs about 3x a generation; the paper's schedule is --steps 250 --jump-length 10
+    --resample 10 (about 48x); --eta 0 makes the reverse steps deterministic.
 
     \b
     Examples:
@@ -444,7 +445,8 @@ def inpaint(mask_spec, jump, resample, **o):
         raise click.BadParameter(f"{', '.join(HALVES)} or a picture file (no file {mask_spec!r})", param_hint="--mask")
 
     def run(model, eng, n, start, progress):
-        return model.inpaint(o["image"], mask_spec, jump=jump, resample=resample, **_sampling(o, eng, n, start, progress))
+        return model.inpaint(o["image"], mask_spec, jump=jump, resample=resample,
+                             **_sampling(o, eng, n, start, progress))
 
     def shown(model):
         _param("--image", model.picture, o["image"])
@@ -456,12 +458,13 @@ def inpaint(mask_spec, jump, resample, **o):
 @main.command("edit")
 @click.option("--strength", type=click.FloatRange(0, 1), default=0.6, show_default=True,
               help="How far the input is noised: 0 returns it unchanged, 1 ignores it.")
-@editing_options("edit.png")
+@editing_options("edit.png", guidance=EDIT_GUIDANCE)
 def edit_cmd(strength, **o):
     """Redraw a digit as another class (SDEdit).
 
-    SDEdit (Meng et al. 2022): the input is noised to the level round(strength (T-1)), then denoised conditioned on --label: the lower the
-    strength, the more of the input's shape and style stays.
+    SDEdit (Meng et al. 2022): the input is noised to the level round(strength (T-1)), then denoised conditioned on
+    --label: the lower the strength, the more of the input's shape and style stays. The default guidance is
+    stronger than gen's: at strength 0.6 it took the measured agreement with the new class from 92% to 99%.
 
     \b
     Examples:

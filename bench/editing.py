@@ -128,6 +128,10 @@ def main(argv=None) -> None:
     p.add_argument("--only", default="edit,upscale,inpaint,restore", help="comma-separated modes to measure")
     p.add_argument("--strengths", default="0.4,0.5,0.6,0.7,0.8")
     p.add_argument("--guidances", default="0.3,1,3")
+    p.add_argument("--inpaint-configs", default="resample=1;jump=1,resample=3;jump=10,resample=10;"
+                                                 "eta=0,resample=1;eta=0,jump=1,resample=3",
+                   help="RePaint settings to measure, ';'-separated, each a ','-separated list of key=value "
+                        "(steps, eta, jump, resample), e.g. 'steps=250,jump=10,resample=10' for the paper's")
     p.add_argument("--json", default=None, help="write the rows here")
     a = p.parse_args(argv)
     model, clf = ddpm.load(a.ckpt), load_classifier()
@@ -142,8 +146,9 @@ def main(argv=None) -> None:
         rows += upscaling(model, clf, x, y, (2, 4), [("ilvr", 1.0), ("ilvr", 0.0), ("ddnm", 1.0), ("ddnm", 0.0)],
                           a.engine, a.batch)
     if "inpaint" in only:
-        configs = [dict(resample=1), dict(jump=1, resample=3), dict(jump=10, resample=10),
-                   dict(eta=0.0, resample=1), dict(eta=0.0, jump=1, resample=3)]
+        value = lambda k, v: float(v) if k == "eta" else int(v)
+        configs = [{k: value(k, v) for k, v in (kv.split("=") for kv in c.split(","))}
+                   for c in a.inpaint_configs.split(";") if c]
         rows += inpainting(model, clf, x, y, configs, a.engine, a.batch)
     if "restore" in only:
         rows += restoration(model, clf, x, y, (0.2, 0.5, 1.0), a.engine, a.batch)

@@ -10,15 +10,18 @@ image y (the measurement), noised to the level the row reaches with fresh noise 
 where abar'_i is the level after row i (`Plan.abar_next`), v is x after the row (space "x") or the row's x0_hat
 before the row's update (space "x0"; there a_i = 1, s_i = 0), and P is one of two linear operators:
 
-    mask     P(u) = m * u, m = 1 on the known pixels        RePaint (Lugmayr et al. 2022, Algorithm 1, lines 5-7)
-    lowpass  P(u) = up_f(down_f(u)): f x f average pooling, on x: ILVR (Choi et al. 2021, eq. 2-3, phi_N = up(down));
-             then nearest upsampling (up_f down_f: the      on x0_hat: DDNM (Wang et al. 2023, eq. 13) with A = down_f
-             orthogonal projection onto blockwise-constant   and A^+ = up_f (A A^+ = I), so that A x0_hat = y
-             images)
+    mask     P(u) = m * u, m = 1 on the known pixels        RePaint (Lugmayr et al. 2022, Algorithm 1: x_{t-1} =
+                                                             m x^known_{t-1} + (1 - m) x^unknown_{t-1})
+    lowpass  P(u) = up_f(down_f(u)): f x f average pooling, on x: ILVR (Choi et al. 2021, eq. 3 and Algorithm 1,
+             then nearest upsampling (up_f down_f: the      phi_N = up(down)); on x0_hat: DDNM (Wang et al. 2023,
+             orthogonal projection onto blockwise-constant   Section 3.2, Algorithm 1: x0 <- A^+ y + (I - A^+ A) x0)
+             images)                                         with A = down_f, A^+ = up_f (A A^+ = I): A x0_hat = y
 
 The mask projection is computed as (1 - m) v + m (a y + s z), so that known pixels are exactly y after the last
-row (a = 1, s = 0 there). The projection's noise slots are numbered after the plan's own: sample k's digits depend
-only on (seed, k, plan, projection), whatever the batch, engine or process count.
+row (a = 1, s = 0 there). The low-pass projection makes the last row's block means exactly y's; clipping to the
+pixel range would then move some, so upscaled pictures are finally fitted back to them on the host (`fit_blocks`).
+The projection's noise slots are numbered after the plan's own: sample k's digits depend only on (seed, k, plan,
+projection), whatever the batch, engine or process count.
 
 Starting points: SDEdit (Meng et al. 2022) and restoration start from x_start = a0 x_input + s0 x_T (x_T: slot 0 of
 the sample's stream), computed on the host before the loop, and run a plan truncated to start at that level
@@ -74,7 +77,8 @@ class Projection:
         S = plan.steps
         for name in ("on", "a", "s", "z_slot"):
             if getattr(self, name).shape != (S,):
-                raise ValueError(f"projection column {name} has shape {getattr(self, name).shape}, the plan has {S} rows")
+                raise ValueError(f"projection column {name} has shape {getattr(self, name).shape}, "
+                                 f"the plan has {S} rows")
         if self.operator not in OPERATORS or self.space not in SPACES:
             raise ValueError(f"unknown projection {self.operator!r} on {self.space!r}")
         if self.operator == "lowpass" and (self.factor < 2 or image_shape[1] % self.factor or
@@ -140,7 +144,7 @@ class BoundProjection:
             ops.scale_(t, self.mask)
             ops.add_(v, t)
         else:
-            # 2. v <- v + up(down(t) - down(v)), down = block sum / f^2   (ILVR eq. 3; DDNM eq. 13 with t = y)
+            # 2. v <- v + up(down(t) - down(v)), down = block sum / f^2   (ILVR eq. 3; DDNM's A^+(y - A x0), t = y)
             f = self.proj.factor
             ops.sum_pool_(self.lo, t, f)
             ops.sum_pool_(self.lo_v, v, f)
@@ -164,7 +168,7 @@ def noised_projection(plan: Plan, operator: str, factor: int = 1) -> Projection:
 
 
 def x0_projection(plan: Plan, factor: int) -> Projection:
-    """DDNM (Wang et al. 2023, eq. 13, noise-free y): x0_hat <- x0_hat + A^+(y - A x0_hat) at every network row,
+    """DDNM (Wang et al. 2023, Algorithm 1, noise-free y): x0_hat <- x0_hat + A^+(y - A x0_hat) at every network row,
     with A = f x f average pooling and A^+ = nearest upsampling; the row then moves x towards the projected x0_hat."""
     S = plan.steps
     on = plan.calls_net.copy()
@@ -228,7 +232,7 @@ def repaint_plan(plan: Plan, jump: int = 1, resample: int = 1) -> Plan:
 
 # ----------------------------------------------------------------------------------------------- starting points
 def sdedit_start(sched: Schedule, strength: float) -> tuple[int, float, float]:
-    """SDEdit's start (Meng et al. 2022, Algorithm 1 with the VP SDE): (t0, a0, s0) with t0 = round(strength (T-1))
+    """SDEdit's start (Meng et al. 2022, Section 3, with DDPM's VP SDE): (t0, a0, s0) with t0 = round(strength (T-1))
     and x_t0 = a0 x_input + s0 x_T = sqrt(abar_t0) x_input + sqrt(1 - abar_t0) x_T ~ q(x_t0 | x_input).
 
     strength in (0, 1]; at 1 the start is x_T itself (a0 = 0, s0 = 1), as in `gen`: the input is ignored (the

@@ -29,9 +29,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     Greyscale (1-, 8- or 16-bit; 16-bit scaled by 255/65535 and rounded), RGB (luma, ITU-R 601-2 as Pillow's "L"
     conversion), palette (through its RGBA colours). With an alpha channel (LA, RGBA, palette with transparency):
     when the colour is the same in every pixel and alpha is not, the picture is a shape on a transparent canvas and
-    the digit is the alpha channel itself; otherwise the colour is composited over black (luma x alpha / 255). Raises ImageError for a
-    missing or unreadable file, and for one over MAX_PIXELS pixels or Pillow's decompression-bomb limit (checked on
-    the header, before any pixel is decoded).
+    the digit is the alpha channel itself; otherwise the colour is composited over black (luma x alpha / 255).
+    Raises ImageError for a missing or unreadable file, and for one over MAX_PIXELS pixels or Pillow's
+    decompression-bomb limit (checked on the header, before any pixel is decoded).
     """
     from PIL import Image, UnidentifiedImageError
 
