@@ -8,7 +8,7 @@ Layout (the repository root is this package):
   bench/    measurements
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .api import DdpmError, Model, load  # noqa: E402  (numpy-only imports: `import ddpm` never imports PyTorch)
 

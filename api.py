@@ -148,7 +148,8 @@ class Model:
             raise DdpmError(f"unknown engine {name!r}; engines: auto, {', '.join(ENGINES)}")
         if name in NEEDS_TORCH and not have_torch():
             raise DdpmError(f"the {name} engine needs PyTorch: {TORCH_HINT}")
-        key = (name, dev, fp16, cuda_graph, threads)
+        # a TensorRT engine serves a batch range: a larger batch than it was made for needs another one
+        key = (name, dev, fp16, cuda_graph, threads, max_batch if name == "trt" else None)
         if name in NEEDS_EXPORT and dist is not None and dist.world > 1:
             if dist.rank == 0:
                 self.bundle(fp16)
@@ -230,11 +231,11 @@ class Model:
         _check_guidance(guidance)
         labels = self.labels(n, label, uncond)
         plan = plan or self.plan(sampler, steps, eta, variance)
-        eng = self.engine(engine, device, fp16, max_batch=2 * batch)
+        eng = self.engine(engine, device, fp16, max_batch=2 * batch if guidance and not uncond else batch)
         try:
             return generate(eng, n, plan, labels, guidance, seed, batch, start=start, progress=progress,
                             image_shape=(self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size))
-        except ValueError as e:
+        except (ValueError, EngineUnavailable) as e:   # runners are built (and bound) on first use
             raise _wrap(e) from None
 
 

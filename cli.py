@@ -234,7 +234,8 @@ def engine_options(f):
 
 
 def make_engine(name, model, device, fp16=False, cuda_graph=True, max_batch=512, ctx=None, threads=None):
-    """The engine `name` (auto resolved) on `device`, its messages on stderr; ctx: the torchrun context."""
+    """The engine `name` (auto resolved) on `device`, its messages on stderr; ctx: the torchrun context.
+    max_batch: the largest batch the network runs at (2 x --batch with guidance), what a TensorRT engine is made for."""
     return model.engine(name, device, fp16, cuda_graph, threads, max_batch, dist=ctx,
                         log=lambda m: click.echo(m, err=True))
 
@@ -285,7 +286,8 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, trajec
     plan = _plan(model, sampler, steps, eta, variance)
     ctx = _dist(device)   # under torchrun: each rank draws its share of the samples
     dev = str(ctx.device) if ctx.world > 1 else _device(device)
-    eng = make_engine(engine, model, dev, fp16, not no_cuda_graph, 2 * batch, ctx, threads)
+    net_batch = 2 * batch if guidance and not uncond else batch   # guidance runs both halves in one batch
+    eng = make_engine(engine, model, dev, fp16, not no_cuda_graph, net_batch, ctx, threads)
     labels = model.labels(num, label, uncond)
     lo, hi = ctx.shard(num)
     t0 = time.perf_counter()
@@ -594,7 +596,8 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
         model = _model(ckpt, export_dir)
         plan = _plan(model, sampler, steps, eta, variance)
         labels = model.labels(num, None, uncond)
-        eng = make_engine(engine, model, _device(device), fp16, not no_cuda_graph, 2 * batch, threads=threads)
+        net_batch = 2 * batch if guidance and not uncond else batch
+        eng = make_engine(engine, model, _device(device), fp16, not no_cuda_graph, net_batch, threads=threads)
         images = generate(eng, num, plan, labels, guidance, seed, batch, progress=not quiet)
         name = f"{plan.name} w={guidance:g}" + (" uncond" if uncond else "")
         rows.append(ref.evaluate(images, labels, name))

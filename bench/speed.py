@@ -3,7 +3,7 @@
 For each batch size, every available engine runs R full generations (noise from the seeded stream, the whole
 reverse loop, the images back on the host), after one warm-up each; engines alternate run by run so that drift on
 a shared machine hits them alike. On a GPU each run is timed with CUDA events, synchronising only at its ends; on a
-CPU with a monotonic clock.
+CPU with a monotonic clock. On a GPU each engine's own peak memory is measured too (MemoryMeter).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import platform
 import resource
 import statistics
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,55 @@ class Case:
     engine: str
     batch: int
     times: list[float] = field(default_factory=list)
-    peak_mem_mb: float | None = None
+
+
+# engines whose GPU memory is not all allocated through torch: onnxruntime's CUDA arena and TensorRT's engine and
+# execution contexts (their I/O buffers are the runner's torch tensors)
+OUTSIDE_TORCH = ("onnx", "trt")
+
+
+class MemoryMeter:
+    """Each engine's own peak GPU memory while the engines of `ddpm bench` take turns on one device.
+
+    Every measured stretch (an engine's creation, each of its runs) is keyed by (engine, what) and bracketed by
+    `measure`: it synchronises, notes torch's allocated bytes and resets torch's peak statistic, and afterwards takes
+    the peak above that start. Bytes a stretch leaves allocated (a runner's buffers, the weights) stay charged to its
+    key, so a key's peak is what its earlier stretches kept plus the highest peak of any one of them, whatever the
+    other engines hold meanwhile (torch.cuda.max_memory_allocated alone is device-wide).
+
+    For engines that allocate outside torch (outside=True): the device's used memory (cudaMemGetInfo: total - free)
+    grows by their allocations plus torch's own reserved growth; the part beyond torch's is added to the key. That
+    figure is device-wide: it assumes no other process allocates during the stretch, and it includes CUDA modules that
+    the engine is the first to load. `cuda` is torch.cuda or a stand-in with the same functions (tests).
+    """
+
+    def __init__(self, cuda, device):
+        self.cuda, self.device = cuda, device
+        self.kept: dict = {}      # key -> torch bytes its stretches left allocated
+        self.peak: dict = {}      # key -> peak torch bytes, counting what its earlier stretches kept
+        self.outside: dict = {}   # key -> device bytes allocated outside torch
+
+    @contextmanager
+    def measure(self, key, outside: bool = False):
+        c, d = self.cuda, self.device
+        c.synchronize(d)
+        start, reserved, free = c.memory_allocated(d), c.memory_reserved(d), c.mem_get_info(d)[0]
+        c.reset_peak_memory_stats(d)
+        yield
+        c.synchronize(d)
+        kept = self.kept.get(key, 0)
+        self.peak[key] = max(self.peak.get(key, 0), kept + c.max_memory_allocated(d) - start)
+        self.kept[key] = kept + c.memory_allocated(d) - start
+        if outside:
+            grown = (free - c.mem_get_info(d)[0]) - (c.memory_reserved(d) - reserved)
+            self.outside[key] = self.outside.get(key, 0) + max(0, grown)
+
+    def engine_mb(self, name: str, batch: int) -> tuple[float, float | None]:
+        """(peak MiB through torch, MiB outside torch or None) of engine `name` at a batch size: what its creation
+        kept (weights) plus the peak of its runs at that batch size."""
+        torch_bytes = self.kept.get((name, "create"), 0) + self.peak.get((name, batch), 0)
+        outside = [self.outside[k] for k in ((name, "create"), (name, batch)) if k in self.outside]
+        return torch_bytes / 2**20, sum(outside) / 2**20 if outside else None
 
 
 def _cuda(device) -> bool:
@@ -92,33 +141,39 @@ def kernel_floor(engine, batch: int, plan, guidance: float, device) -> float | N
 
 
 def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False, device="cpu",
-              cuda_graph=True, seed=0, threads=None, log=print) -> dict:
+              cuda_graph=True, seed=0, threads=None, log=print, cuda=None) -> dict:
     """Time `engines` (names) of `model` (api.Model) at every batch size on `plan`; engines that cannot run here are
-    reported as skipped with the reason. Returns the results as a dict (see format_table)."""
+    reported as skipped with the reason. On a GPU also each engine's own peak memory (MemoryMeter, over torch.cuda
+    or the stand-in `cuda`). Returns the results as a dict (see format_table)."""
     from ..api import DdpmError
 
+    meter = None
+    if _cuda(device):
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda
+        meter = MemoryMeter(cuda, device)
+    metered = lambda key, name: meter.measure(key, name in OUTSIDE_TORCH) if meter is not None else nullcontext()
+    net_batch = max(batches) * (2 if guidance else 1)   # guidance runs both halves in one network batch
     ready, skipped = {}, {}
     for name in engines:
         try:
-            ready[name] = model.engine(name, device, fp16 and name != "torch", cuda_graph, threads,
-                                       max_batch=2 * max(batches), log=log)
+            with metered((name, "create"), name):
+                ready[name] = model.engine(name, device, fp16 and name != "torch", cuda_graph, threads,
+                                           max_batch=net_batch, log=log)
         except DdpmError as e:
-            skipped[name] = str(e)
-            log(f"skipped {name}: {e}")
+            skipped[name] = str(e)          # reported once, in the table
     cases = []
     for batch in batches:
         group = {name: Case(name, batch) for name in ready}
         for name, eng in ready.items():   # warm-up: buffers, ORT arenas, CUDA graph capture, cuDNN autotune
-            time_run(eng, batch, plan, guidance, seed, device)
-            if _cuda(device):
-                import torch
-
-                torch.cuda.reset_peak_memory_stats(device)
+            with metered((name, batch), name):
+                time_run(eng, batch, plan, guidance, seed, device)
         for r in range(repeat):
             for name, eng in ready.items():       # alternate engines run by run
-                group[name].times.append(time_run(eng, batch, plan, guidance, seed, device))
-                if _cuda(device):
-                    group[name].peak_mem_mb = max(group[name].peak_mem_mb or 0, torch.cuda.max_memory_allocated(device) / 2**20)
+                with metered((name, batch), name):
+                    group[name].times.append(time_run(eng, batch, plan, guidance, seed, device))
             log(f"batch {batch}, repeat {r + 1}/{repeat}: " +
                 ", ".join(f"{n} {group[n].times[-1]:.3f}s" for n in ready))
         floors = {name: kernel_floor(eng, batch, plan, guidance, device) for name, eng in ready.items()}
@@ -127,12 +182,15 @@ def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False,
         for name, eng in ready.items():
             c = group[name]
             floor = floors[name]
+            torch_mb, outside_mb = meter.engine_mb(name, batch) if meter is not None else (None, None)
             cases.append({"engine": name, "batch": batch, "times_s": c.times, "median_s": statistics.median(c.times),
                           "min_s": min(c.times), "max_s": max(c.times),
                           "ms_per_step": 1000 * statistics.median(c.times) / plan.steps,
                           "images_per_s": batch / statistics.median(c.times),
-                          "peak_mem_mb": c.peak_mem_mb, "floor_s": floor,
-                          "vs_floor": statistics.median(c.times) / floor if floor else None})
+                          # this engine's own peak GPU memory: through torch, and outside it (onnxruntime, TensorRT)
+                          "peak_mem_mb": None if torch_mb is None else torch_mb + (outside_mb or 0),
+                          "peak_mem_torch_mb": torch_mb, "peak_mem_outside_torch_mb": outside_mb,
+                          "floor_s": floor, "vs_floor": statistics.median(c.times) / floor if floor else None})
         base = next((c for c in cases if c["engine"] == "torch" and c["batch"] == batch), None)
         for c in cases:
             if c["batch"] == batch:
@@ -151,7 +209,7 @@ def format_table(res: dict, markdown: bool = False) -> str:
         rows.append([c["engine"], str(c["batch"]), f"{c['median_s']:.3f}", f"{c['min_s']:.3f}-{c['max_s']:.3f}",
                      f"{c['ms_per_step']:.2f}", f"{c['images_per_s']:.1f}",
                      f"{c['speedup_vs_eager']:.2f}x" if c.get("speedup_vs_eager") else "-",
-                     f"{c['peak_mem_mb']:.0f}" if c["peak_mem_mb"] else "-",
+                     f"{c['peak_mem_mb']:.0f}" if c["peak_mem_mb"] is not None else "-",
                      f"{c['vs_floor']:.2f}x" if c["vs_floor"] else "-"])
     head = (f"{res['device']}; {res['sampler']} ({res['steps']} steps), guidance {res['guidance']:g}, "
             f"fp16 {res['fp16']}, {res['repeat']} runs each, CUDA graph {res['cuda_graph']}")
@@ -164,6 +222,9 @@ def format_table(res: dict, markdown: bool = False) -> str:
         lines = [head, fmt(cols), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
     if all(c["peak_mem_mb"] is None for c in res["results"]):   # CPU: no per-engine figure
         lines.append(f"peak memory (CPU): the whole process's peak RSS, {res['process_peak_rss_mb']:.0f} MB")
+    else:
+        lines.append("peak MB: each engine's own GPU memory at that batch size (weights, buffers, activations; for "
+                     f"{' and '.join(OUTSIDE_TORCH)} also what they allocate outside torch)")
     for name, why in res["skipped"].items():
         lines.append(f"skipped {name}: {why}")
     lines.append("versions: " + "; ".join(f"{n}: " + ", ".join(f"{k} {v}" for k, v in vs.items())
@@ -184,8 +245,15 @@ def plot(res: dict, path: Path) -> bool:
     for name in dict.fromkeys(c["engine"] for c in res["results"]):
         pts = [(c["batch"], 1000 * c["median_s"] / c["batch"]) for c in res["results"] if c["engine"] == name]
         ax.plot(*zip(*pts), marker="o", label=name)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    batches = sorted({c["batch"] for c in res["results"]})
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms per image (full loop)",
            title=f"{res['sampler']} on {res['device']}"[:70])
+    ax.set_xticks(batches)                                  # the batch sizes measured, written as plain numbers
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

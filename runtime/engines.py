@@ -74,7 +74,9 @@ def auto_engine(device: str) -> str:
 def make_engine(name: str, device: str = "cpu", model=None, null_label: int = 10, bundle=None, fp16: bool = False,
                 cuda_graph: bool = True, threads: int | None = None, max_batch: int = 512, log=print):
     """An engine ready to run. `model` (a torch UNet) is needed by torch/runtime-torch, `bundle` (an export folder,
-    runtime.bundle.Bundle) by onnx/trt. Raises EngineUnavailable with what is missing."""
+    runtime.bundle.Bundle) by onnx/trt. `max_batch`: the largest batch the network will run at (2 x the sample batch
+    with guidance); trt uses an engine that covers 1..max_batch, or builds one optimised for max_batch. Raises
+    EngineUnavailable with what is missing."""
     device = str(device)
     if name not in ENGINES:
         raise EngineUnavailable(f"unknown engine {name!r}; engines: {', '.join(ENGINES)}")
@@ -101,7 +103,7 @@ def make_engine(name: str, device: str = "cpu", model=None, null_label: int = 10
         if not device.startswith("cuda"):
             raise EngineUnavailable("the trt engine needs a CUDA GPU (none selected or available)")
         try:
-            plan = ensure_engine(bundle, "fp16" if fp16 else "fp32", 1, max_batch, log=log)
+            plan = ensure_engine(bundle, "fp16" if fp16 else "fp32", 1, max_batch, opt_batch=max_batch, log=log)
         except TensorRTUnavailable as e:
             raise EngineUnavailable(str(e)) from None
         net = TrtNet(plan, device)

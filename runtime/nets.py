@@ -14,10 +14,14 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .ops import NumpyOps, TorchOps
+
+if TYPE_CHECKING:   # annotations only: TensorRT is imported where it is used (its stubs type-check the calls)
+    import tensorrt as trt
 
 
 class EngineUnavailable(Exception):
@@ -32,6 +36,7 @@ class _CudaStream:
     """Mixin: the net's own CUDA stream (TensorRT warns that the legacy default stream adds device syncs)."""
 
     stream = None
+    device: Any
 
     def _make_stream(self) -> None:
         if _is_cuda(self.device):
@@ -141,11 +146,11 @@ class OnnxNet(_CudaStream):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise EngineUnavailable("the onnx engine on a GPU needs onnxruntime-gpu (this onnxruntime has "
                                         f"{', '.join(ort.get_available_providers())}): pip install 'ddpm[gpu]'")
-            self._make_stream()
+            self.stream = stream = torch.cuda.Stream(torch.device(self.device))
             # ORT launches on the net's stream, so the runner's in-place ops and ORT's kernels stay ordered
             # without any host synchronisation.
             providers = [("CUDAExecutionProvider", {"device_id": torch.device(self.device).index or 0,
-                                                    "user_compute_stream": str(self.stream.cuda_stream),
+                                                    "user_compute_stream": str(stream.cuda_stream),
                                                     "do_copy_in_default_stream": "0"})]
         else:
             providers = ["CPUExecutionProvider"]
@@ -210,11 +215,32 @@ def trt_check(ok, what: str) -> None:
         raise RuntimeError(f"TensorRT: {what} failed")
 
 
+def trt_engine_io(engine: trt.ICudaEngine) -> tuple[dict[str, tuple[str, str]], tuple[int, int] | None]:
+    """What a deserialized TensorRT engine takes and gives: name -> (mode "input"/"output", dtype "float32",
+    "float16", "int64" or TensorRT's name), and the batch range (min, max) of its optimisation profile 0, read from
+    the input x (None when the engine has no input x; check_io then names what it has)."""
+    from ..export.trt import import_trt
+
+    trt = import_trt()
+    names = {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.INT64: "int64"}
+    io = {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
+        dtype = engine.get_tensor_dtype(name)
+        io[name] = (mode, names.get(dtype, str(dtype)))
+    if io.get("x", ("",))[0] != "input":
+        return io, None
+    lo, _opt, hi = engine.get_tensor_profile_shape("x", 0)   # the min, opt and max shapes of profile 0
+    return io, (lo[0], hi[0])
+
+
 class TrtNet(_CudaStream):
     """A TensorRT engine: one execution context per bound call, shapes and addresses set once, execute_async_v3 on
     the net's stream.
 
-    Written against the TensorRT 10/11 Python API; not run in this project's workplace (see README).
+    Written against the TensorRT 10/11 Python API and type-checked against its stubs (tests/test_trt_typing.py);
+    not run in this project's workplace (see README).
     """
 
     name = "trt"
@@ -238,23 +264,23 @@ class TrtNet(_CudaStream):
         if self.engine is None:
             raise EngineUnavailable(f"TensorRT could not deserialize {plan_path}; rebuild it with `ddpm export --trt`")
         self.path = Path(plan_path)
-        names = {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.INT64: "int64"}
-        io = {}
-        for i in range(self.engine.num_io_tensors):
-            name = self.engine.get_tensor_name(i)
-            mode = "input" if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
-            dtype = self.engine.get_tensor_dtype(name)
-            io[name] = (mode, names.get(dtype, str(dtype)))
-        self.io_types = io
-        self.dtype = io.get("x", ("input", "float32"))[1]
+        self.io_types, self.batch_range = trt_engine_io(self.engine)
+        self.dtype = self.io_types.get("x", ("input", "float32"))[1]
         self._make_stream()
 
     def make_ops(self) -> TorchOps:
         return TorchOps(self.device)
 
     def bind(self, x_in, t_in, y_in, eps_out):
+        """A call with its own execution context: input shapes and all four tensor addresses set once, here.
+        EngineUnavailable when the buffers' names, modes, dtypes or batch do not fit the engine."""
         bufs = {"x": x_in, "t": t_in, "y": y_in, "eps": eps_out}
         check_io(self.io_types, bufs, str(self.path))
+        n = x_in.shape[0]
+        if self.batch_range is not None and not self.batch_range[0] <= n <= self.batch_range[1]:
+            lo, hi = self.batch_range
+            raise EngineUnavailable(f"{self.path} runs batches {lo}..{hi}, this runner needs {n}; build an engine "
+                                    f"that covers it (`ddpm export --trt --batch 1-{n}`)")
         context = self.engine.create_execution_context()
         if context is None:
             raise RuntimeError("TensorRT: create_execution_context failed (out of GPU memory?)")
@@ -263,8 +289,10 @@ class TrtNet(_CudaStream):
                       f"set_input_shape({name}, {tuple(bufs[name].shape)}) (outside the engine's batch range?)")
         for name, buf in bufs.items():
             trt_check(context.set_tensor_address(name, buf.data_ptr()), f"set_tensor_address({name})")
-        if not context.all_binding_shapes_specified:
-            raise RuntimeError("TensorRT: not every input shape is specified")
+        # infer_shapes, not all_binding_shapes_specified: the latter does not see shapes set by name (TensorRT 10 docs)
+        missing = context.infer_shapes()
+        if missing:
+            raise RuntimeError(f"TensorRT: shapes of {', '.join(missing)} are not specified")
         return _TrtCall(context, bufs)
 
     def versions(self) -> dict:
@@ -275,7 +303,7 @@ class _TrtCall:
     """One runner's TensorRT execution context, bound to its buffers; enqueued on torch's current stream (the
     net's stream, or the capture stream while a CUDA graph is captured)."""
 
-    def __init__(self, context, bufs):
+    def __init__(self, context: trt.IExecutionContext, bufs: dict):
         self.context, self.bufs = context, bufs
 
     def __call__(self) -> None:

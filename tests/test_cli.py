@@ -98,3 +98,34 @@ def test_bench_quick(ckpt, tmp_path):
     assert r.exit_code == 2 and "--batch" in r.output
     r = invoke("bench", "--ckpt", ckpt, "--engines", "torch,tvm")
     assert r.exit_code == 2 and "tvm" in r.output
+
+
+@pytest.fixture(scope="module")
+def short_ckpt(tmp_path_factory):
+    """A model with T = 20, fewer than the default 50 DDIM steps."""
+    import dataclasses
+
+    from helpers import TINY
+
+    root = tmp_path_factory.mktemp("short")
+    tiny_checkpoint(root, cfg=dataclasses.replace(TINY, timesteps=20))
+    return root
+
+
+def test_model_with_fewer_than_50_steps_uses_all_of_them(short_ckpt, fake_mnist, tmp_path):
+    """gen, eval and bench default to min(50, T) DDIM steps; --steps above T gets one clear message."""
+    env = {"XDG_CACHE_HOME": str(tmp_path / "c")}
+    r = invoke("gen", "--ckpt", short_ckpt, "-n", 2, "--engine", "torch", "--out", tmp_path / "g.npz", "-q")
+    assert r.exit_code == 0, r.output
+    assert "(ddim20-eta0," in r.output
+    r = invoke("eval", "--ckpt", short_ckpt, "-n", 4, "--engine", "torch", "--data", fake_mnist, "-q",
+               "--json", tmp_path / "q.json")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "q.json").read_text())[0]["name"].startswith("ddim20-eta0")
+    r = invoke("bench", "--ckpt", short_ckpt, "--engines", "torch", "--batch", 1, "--repeat", 1,
+               "--out", tmp_path / "b", env=env)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "b" / "bench.json").read_text())["steps"] == 20
+    for cmd in (["gen"], ["eval", "--data", fake_mnist], ["bench"]):
+        r = invoke(*cmd, "--ckpt", short_ckpt, "--steps", 21)
+        assert r.exit_code == 2 and "must be in 1..20 (the model's T)" in r.output and "Traceback" not in r.output

@@ -39,6 +39,21 @@ def test_real_digits_score_at_the_floor_and_noise_does_not(ref, mnist_dir):
     uncond = ref.evaluate(test[:500], np.full(500, -1), "uncond")
     assert uncond["cond_accuracy"] is None and sum(uncond["uncond_histogram"]) == 500
     assert min(uncond["uncond_histogram"]) > 20                 # every class present
+    # real digits are recognisable as the real test set is; blends of two digits of different classes are not;
+    # MNIST borders are black, noise's are not
+    assert abs(uncond["uncond_top_prob"] - ref.test_top_prob) < 0.02 and ref.test_top_prob > 0.95
+    other = np.roll(np.arange(len(test)), 1)
+    mix = ((test.astype(int) + test[other]) // 2).astype(np.uint8)[labels != labels[other]][:300]
+    assert ref.evaluate(mix, np.full(len(mix), -1), "blends")["uncond_top_prob"] < ref.test_top_prob - 0.05
+    assert real["border_share"] < 0.03 and bad["border_share"] == 1.0 and ref.test_border_share < 0.03
+    # the floor's spread: at N = 1000 the draws differ, and real test digits lie within reach of them
+    assert real["floor_min"] < real["fd_floor"] < real["floor_max"]
+
+
+def test_floor_draws_are_disjoint_and_shrink_with_n(ref):
+    small, large = ref.floors(200), ref.floors(5000)
+    assert len(small) == 5 and len(set(small)) == 5
+    assert np.mean(large) < np.mean(small) / 3                   # FD's bias falls like 1/N
 
 
 def test_eval_cli_on_samples_file(mnist_dir, tmp_path):

@@ -1,6 +1,7 @@
 """The preallocated runtime: same digits from every engine, nothing allocated in the loop, clear errors."""
 
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -32,9 +33,9 @@ def setup(tmp_path_factory):
     return loaded, Bundle.load(root / "exp", expected_hash=loaded.hash)
 
 
-def _engine(name, setup, fp16=False, device=CPU):
+def _engine(name, setup, fp16=False, device=CPU, max_batch=512):
     loaded, bundle = setup
-    return make_engine(name, device, loaded.model, 10, bundle, fp16=fp16)
+    return make_engine(name, device, loaded.model, 10, bundle, fp16=fp16, max_batch=max_batch)
 
 
 PLANS = {"ddim": lambda s: ddim_plan(s, 8), "ddim-eta1": lambda s: ddim_plan(s, 6, eta=1.0), "ddpm": ddpm_plan}
@@ -236,11 +237,22 @@ def _random_calls(n, seed):
     return calls
 
 
-@pytest.mark.parametrize("name, fp16", [("runtime-torch", False), ("onnx", False), ("onnx", True)])
-def test_any_sequence_of_calls_gives_the_eager_digits(setup, name, fp16):
+ON_GPU = [pytest.param(name, fp16, "cuda", marks=pytest.mark.gpu)
+          for name in ("runtime-torch", "onnx", "trt") for fp16 in (False, True)]
+
+
+@pytest.mark.parametrize("name, fp16, device",
+                         [("runtime-torch", False, CPU), ("onnx", False, CPU), ("onnx", True, CPU), *ON_GPU])
+def test_any_sequence_of_calls_gives_the_eager_digits(setup, name, fp16, device):
+    if device == "cuda" and not HAS_GPU:
+        pytest.skip("needs a CUDA GPU")
     bundle = setup[1]
     plans = {k: f(bundle.schedule) for k, f in SEQ_PLANS.items()}
-    eng, ref_eng = _engine(name, setup, fp16), _engine("torch", setup)
+    try:
+        eng = _engine(name, setup, fp16, device, max_batch=18)   # on a GPU: CUDA graphs, each runner captured once
+    except EngineUnavailable as e:
+        pytest.skip(f"{name} is not available here: {e}")
+    ref_eng = _engine("torch", setup, device=device)
     reference = {}
     for k, (batch, plan, w, cond, seed) in enumerate(_random_calls(32, seed=11)):
         p = plans[plan]
@@ -257,3 +269,42 @@ def test_any_sequence_of_calls_gives_the_eager_digits(setup, name, fp16):
         else:
             assert diff.max() <= 2, where
     assert len(eng.runners) <= eng.max_runners
+
+
+@pytest.mark.parametrize("name", ["runtime-torch", "onnx"])
+def test_failed_cuda_graph_capture_warns_once_and_runs_step_by_step(setup, name, monkeypatch):
+    """A runner whose CUDA-graph capture fails says so once and gives the eager digits from the step-by-step loop.
+
+    On the CPU, torch.cuda's stream and graph API is replaced by stand-ins, so the real Runner._capture runs: its
+    warm-up loop on the "side stream" consumes the loaded buffers, then the capture itself fails."""
+    import contextlib
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def refused_capture(graph):
+        raise RuntimeError("operation not permitted when stream is capturing")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", refused_capture)
+    eng, ref_eng = _engine(name, setup), _engine("torch", setup)
+    plan = ddim_plan(setup[1].schedule, 4, eta=0.5)
+    x_T, z = make_noise(5, 0, 3, plan.num_slots)
+    labels = np.array([1, 2, 3])
+    r = eng.runner(3, plan, True)
+    r.use_graph = True                      # as on a GPU
+    with pytest.warns(RuntimeWarning, match="CUDA-graph capture of the .* loop failed .*running it step by step"):
+        first = eng.run(x_T, z, labels, plan, 1.5)
+    assert not r.use_graph and r.graph is None
+    ref = ref_eng.run(x_T, z, labels, plan, 1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # no second warning
+        again = eng.run(x_T, z, labels, plan, 1.5)
+    for out in (first, again):
+        assert np.abs(np.rint(out * 127.5) - np.rint(ref * 127.5)).max() <= 2
