@@ -369,7 +369,7 @@ class Model:
         try:
             return generate(eng, n, plan, labels, guidance, seed, batch, start=start, progress=progress,
                             image_shape=self.image_shape, job=job)
-        except ValueError as e:
+        except (ValueError, EngineUnavailable) as e:   # runners are built (and bound) on first use
             raise _wrap(e) from None
 
     def picture(self, image, size: tuple[int, int] | None = None) -> np.ndarray:
