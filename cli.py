@@ -360,7 +360,7 @@ def _param(hint, fn, *args):
         raise click.BadParameter(str(e), param_hint=hint) from None
 
 
-def _edit_command(what, detail, opts, run, shown):
+def _edit_command(what, detail, opts, run, shown):   # detail: for the final line, "{plan}": the sampler's name
     """Run one editing command like `gen`: model, engine (torchrun: each rank its share), the unconditional note,
     progress, the grid or npz with the input first, one final line. run(model, engine, n, start, progress) calls
     the api.Model method and returns (n, H, W) uint8; shown(model) reads the input (bad pictures: exit 2 here,
@@ -405,7 +405,8 @@ def _edit_command(what, detail, opts, run, shown):
         save_grid(np.concatenate([tile[None], images]), out, nrow=min(o["num"] + 1, 12))
     procs = f", {ctx.world} processes" if ctx.world > 1 else ""
     cond = "unconditional" if o["label"] is None else f"label {o['label']}, guidance {o['guidance']:g}"
-    click.echo(f"{o['num']} {what} ({detail}, {plan.name}; {cond}, {eng.name}{procs}) in {seconds:.1f}s -> {out}")
+    click.echo(f"{o['num']} {what} ({detail.format(plan=plan.name)}; {cond}, {eng.name}{procs}) in {seconds:.1f}s "
+               f"-> {out}")
 
 
 def _sampling(o, eng, n, start, progress):
@@ -454,7 +455,7 @@ def inpaint(mask_spec, jump, resample, **o):
         _param("--image", model.picture, o["image"])
         img, keep, _ = _param("--mask", model.inpaint_input, o["image"], mask_spec)
         return np.where(keep[0], img[0], 64).astype(np.uint8)   # the redrawn part greyed out
-    _edit_command("completions", f"RePaint j={jump} r={resample} over", o, run, shown)
+    _edit_command("completions", f"RePaint j={jump} r={resample} over {{plan}}", o, run, shown)
 
 
 @main.command("edit")
@@ -475,7 +476,7 @@ def edit_cmd(strength, **o):
     """
     def run(model, eng, n, start, progress):
         return model.edit(o["image"], strength=strength, **_sampling(o, eng, n, start, progress))
-    _edit_command("edits", f"SDEdit strength {strength:g}", o, run,
+    _edit_command("edits", f"SDEdit strength {strength:g}, {{plan}}", o, run,
                   lambda model: _param("--image", model.picture, o["image"]))
 
 
@@ -508,7 +509,7 @@ def upscale(factor, method, **o):
     def shown(model):
         H, W = model.image_shape[1:]
         return upsample(_param("--image", model.picture, o["image"], (H // f, W // f)), f).astype(np.uint8)
-    _edit_command("upscalings", f"{method.upper()} x{f}", o, run, shown)
+    _edit_command("upscalings", f"{method.upper()} x{f}, {{plan}}", o, run, shown)
 
 
 @main.command()
@@ -526,7 +527,7 @@ def restore(sigma, **o):
     """
     def run(model, eng, n, start, progress):
         return model.restore(o["image"], sigma, **_sampling(o, eng, n, start, progress))
-    _edit_command("restorations", f"sigma {sigma:g}", o, run,
+    _edit_command("restorations", f"sigma {sigma:g}, {{plan}}", o, run,
                   lambda model: _param("--image", model.picture, o["image"]))
 
 

@@ -3,8 +3,9 @@
     python -m ddpm.bench.pictures --data ../shared/data/mnist --out docs/img [--bench-json bench-out/bench.json]
 
 classes.png (a 10x10 grid, class k in column k), inpaint.png, edits.png, upscale.png, restore.png,
-trajectory.png and trajectory.gif, and bench.png (from the JSON of a `ddpm bench` run, or a small run made here:
-torch, runtime-torch and onnx at batch 1 and 8, DDIM-50, guidance 1, 2 runs each). The inputs of the edits are
+trajectory.png, and bench.png (from the JSON of a `ddpm bench` run, or a small run made here:
+torch, runtime-torch and onnx at batch 1 and 8, DDIM-50, guidance 1, 3 runs each, one thread per engine so that a
+machine shared with other jobs distorts it less). The inputs of the edits are
 MNIST test digits (fixed indices); every sample comes from seed 0 of the noise stream, so the pictures are the
 same on every run and engine up to a grey level. README "Editing" says what each picture shows.
 """
@@ -80,7 +81,8 @@ def restore(model, x, out: Path, engine: str, sigma: float = 0.5, n: int = 3) ->
 
 
 def trajectory(model, out: Path, engine: str) -> None:
-    """4 samples (labels 0..3), DDIM-50: x_t and the predicted x0 at 10 rows (png) and every row (gif)."""
+    """4 samples (labels 0..3), DDIM-50: x_t and the predicted x0 at 10 rows. (A gif, `ddpm gen --trajectory x.gif`,
+    is 150-350 kB here: the noisy frames do not compress; the README keeps to small PNGs.)"""
     from ..runtime.generate import generate
     from ..runtime.images import Trajectory
 
@@ -89,7 +91,6 @@ def trajectory(model, out: Path, engine: str) -> None:
     generate(eng, 4, model.plan(), np.arange(4), 0.3, seed=0, progress=False, image_shape=model.image_shape,
              watch=traj)
     traj.save(out / "trajectory.png")
-    traj.save(out / "trajectory.gif")
 
 
 def bench_plot(model, out: Path, bench_json: str | None) -> None:
@@ -100,7 +101,12 @@ def bench_plot(model, out: Path, bench_json: str | None) -> None:
     if bench_json:
         res = json.loads(Path(bench_json).read_text())
     else:
-        res = run_bench(model, ["torch", "runtime-torch", "onnx"], [1, 8], model.plan(), 1.0, 2, log=lambda *_: None)
+        import torch
+
+        torch.set_num_threads(1)
+        res = run_bench(model, ["torch", "runtime-torch", "onnx"], [1, 8], model.plan(), 1.0, 3, threads=1,
+                        log=lambda *_: None)
+        (out / "bench.json").write_text(json.dumps(res, indent=1) + "\n")
     if not plot(res, out / "bench.png"):
         raise SystemExit("the benchmark plot needs matplotlib: pip install 'ddpm[plot]'")
 
