@@ -300,11 +300,11 @@ def test_strength_0_returns_the_input_and_1_ignores_it(model):
     img = _picture(2)
     assert np.array_equal(model.edit(img, label=4, strength=0.0, n=3), np.broadcast_to(img, (3, 28, 28)))
     # strength 1: the start is x_T itself, so the edit is exactly `generate` with this seed and label
-    one = model.edit(img, label=4, strength=1.0, n=3, steps=5, seed=3, engine="onnx")
-    assert np.array_equal(one, model.generate(3, label=4, steps=5, seed=3, engine="onnx"))
-    other = model.edit(255 - img, label=4, strength=1.0, n=3, steps=5, seed=3, engine="onnx")
+    one = model.edit(img, label=4, strength=1.0, n=3, steps=5, seed=3, guidance=0.3, engine="onnx")
+    assert np.array_equal(one, model.generate(3, label=4, steps=5, seed=3, guidance=0.3, engine="onnx"))
+    other = model.edit(255 - img, label=4, strength=1.0, n=3, steps=5, seed=3, guidance=0.3, engine="onnx")
     assert np.array_equal(one, other)
-    half = model.edit(img, label=4, strength=0.5, n=3, steps=5, seed=3, engine="onnx")
+    half = model.edit(img, label=4, strength=0.5, n=3, steps=5, seed=3, guidance=0.3, engine="onnx")
     assert not np.array_equal(half, one)
 
 
