@@ -34,7 +34,11 @@ GUIDANCE = 0.3
 # ... and for class edits (SDEdit), where the input pulls towards its own class: at strength 0.6 the classifier
 # agrees with the requested class for 92% of 100 test digits at w=0.3, 99% at w=1, 100% at w=3 (README "Editing").
 EDIT_GUIDANCE = 1.0
-DEFAULT_SAMPLER = "ddim"
+# The fewest network calls that score as DDIM-50 did (bench/sweep, README "Samplers"): UniPC-2, 8 steps, trailing.
+DEFAULT_SAMPLER = "unipc"
+# The editing methods' sampler, as measured (README "Editing"): DDIM-50; RePaint needs its single-step rows, and
+# ILVR and inpainting its stochastic ones (eta 1).
+EDIT_SAMPLER = "ddim"
 
 
 class DdpmError(Exception):
@@ -127,17 +131,56 @@ class Model:
         except ExportFailed as e:
             raise DdpmError(f"export failed: {e}") from None
 
+    def generator_bundle(self, plan, form: str = "loop", log=None) -> Bundle:
+        """An export folder whose generator.onnx (export/generator.py) runs `plan`: the model's own when it has one,
+        else the cache folder, where the generator is built and verified on first use (needs the onnx package).
+        Raises DdpmError for a plan the generator cannot run, or an explicit export folder without one."""
+        from .export.generator import GeneratorFailed, GeneratorUnsupported, check_plan
+        from .runtime.runner import plan_key
+
+        try:
+            check_plan(plan)
+        except GeneratorUnsupported as e:
+            raise DdpmError(f"onnx-generator: {e}") from None
+        b = self.bundle()
+        if b.generator is not None and b.generator["plan_key"] == plan_key(plan):
+            return b
+        cache = cache_dir() / "exports" / self.hash[:16]
+        if b.root not in (cache, default_export_dir()):
+            what = f"a generator for {b.generator['plan']}" if b.generator else "no generator"
+            raise DdpmError(f"{b.root} has {what}, not one for {plan.name}: run `ddpm export --out {b.root} "
+                            f"--generator` with that sampler and --steps")
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            raise DdpmError(f"building generator.onnx for {plan.name} needs the onnx package: "
+                            f"pip install 'ddpm[torch]'") from None
+        if b.root != cache and not (cache / META_FILE).is_file():
+            _copy_folder(b.root, cache)       # the shipped export stays as it was installed
+        from .export.generator import add_generator
+
+        log = log or (lambda *_: None)
+        log(f"building generator.onnx for {plan.name} in {cache} (once)")
+        try:
+            add_generator(cache, plan, GUIDANCE, form, log=log)
+            b = Bundle.load(cache, expected_hash=None if self.path is None else self.hash)
+        except (GeneratorFailed, ExportError) as e:
+            raise DdpmError(f"generator.onnx for {plan.name}: {e}") from None
+        self.export_dir = cache
+        return b
+
     def engine(self, name: str = "auto", device: str = "auto", fp16: bool = False, cuda_graph: bool = True,
-               threads: int | None = None, max_batch: int = 512, dist=None, log=None):
+               threads: int | None = None, max_batch: int = 512, dist=None, log=None, plan=None):
         """A runtime engine (runtime.engines), made once per (name, device, fp16, cuda_graph, threads) and reused.
 
-        name: auto | torch | runtime-torch | onnx | trt (auto: onnx on a CPU, runtime-torch on a GPU). device: auto,
-        cpu, cuda, cuda:N. dist: under torchrun, the process group context (rank, world, barrier()): rank 0 makes a
+        name: auto | torch | runtime-torch | onnx | trt | onnx-generator (auto: onnx on a CPU, runtime-torch on a
+        GPU; onnx-generator needs the `plan` it will run). device: auto, cpu, cuda, cuda:N. dist: under torchrun, the process group context (rank, world, barrier()): rank 0 makes a
         missing export while the others wait, so that no rank reads a half-made folder. Raises DdpmError when the
         engine cannot run here (the message says what is missing).
         """
         from .runtime.engines import (ENGINES, NEEDS_EXPORT, NEEDS_TORCH, TORCH_HINT, auto_engine, have_torch,
                                       make_engine, resolve_device)
+        from .runtime.runner import plan_key
 
         try:
             dev = resolve_device(device)
@@ -150,13 +193,18 @@ class Model:
             raise DdpmError(f"the {name} engine needs PyTorch: {TORCH_HINT}")
         # a TensorRT engine serves a batch range: a larger batch than it was made for needs another one
         key = (name, dev, fp16, cuda_graph, threads, max_batch if name == "trt" else None)
+        if name == "onnx-generator":
+            if plan is None:
+                raise DdpmError("the onnx-generator engine needs the plan it will run")
+            key += (plan_key(plan),)
+        prepare = (lambda: self.generator_bundle(plan, log=log)) if name == "onnx-generator" else (lambda: self.bundle(fp16))
         if name in NEEDS_EXPORT and dist is not None and dist.world > 1:
             if dist.rank == 0:
-                self.bundle(fp16)
+                prepare()
             dist.barrier()
         with self._lock:
             if key not in self._engines:
-                bundle = self.bundle(fp16) if name in NEEDS_EXPORT else None
+                bundle = prepare() if name in NEEDS_EXPORT else None
                 model = self.torch_model if name in ("torch", "runtime-torch") else None
                 try:
                     self._engines[key] = make_engine(name, dev, model, self.null_label, bundle, fp16, cuda_graph,
@@ -179,17 +227,20 @@ class Model:
         return (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
 
     def plan(self, sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0,
-             variance: str = "small", top: int | None = None):
-        """The sampler's table (runtime.samplers.Plan) for this model's schedule; top: start at t = top (editing).
-        Raises DdpmError for steps outside 1..T, DDPM with fewer than T steps, eta outside [0, 1], an unknown
-        sampler."""
+             variance: str = "small", spacing: str | None = None, guidance_interval=None, top: int | None = None):
+        """The sampler's table (runtime.samplers.Plan) for this model's schedule: sampler ddpm | ddim | dpm++2m |
+        unipc; steps None: the sampler's default (min(T, 50) for ddim, 8 for the solvers); spacing linspace |
+        trailing | logsnr (None: the sampler's default); guidance_interval (lo, hi): guidance only where the noise
+        level sigma = sqrt((1-abar)/abar) is in (lo, hi] (Kynkaanniemi et al. 2024); top: start at t = top, a plan
+        truncated for editing (runtime.edits). Raises DdpmError for steps outside 1..T, DDPM with fewer than T
+        steps, eta outside [0, 1], an unknown sampler or spacing."""
         from .runtime.samplers import make_plan
 
         T = self.cfg.timesteps
         if steps is not None and not 1 <= steps <= T:
             raise DdpmError(f"steps must be in 1..{T} (the model's T), got {steps}")
         try:
-            return make_plan(self.schedule, sampler, steps, eta, variance, top)
+            return make_plan(self.schedule, sampler, steps, eta, variance, spacing, guidance_interval, top)
         except ValueError as e:
             raise _wrap(e) from None
 
@@ -214,13 +265,13 @@ class Model:
 
     def generate(self, n: int = 64, label=None, uncond: bool = False, guidance: float = GUIDANCE,
                  sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
-                 seed: int = 0, batch: int = 64, engine: str = "auto", device: str = "auto", fp16: bool = False,
+                 spacing: str | None = None, guidance_interval=None, seed: int = 0, batch: int = 64, engine: str = "auto", device: str = "auto", fp16: bool = False,
                  start: int = 0, progress: bool = False, plan=None) -> np.ndarray:
         """n digits as (n, H, W) uint8 (0 black .. 255 white, MNIST's convention).
 
         label: None (classes 0..9 in turn), an int, or n ints. uncond: the unconditional model (no label).
         guidance: classifier-free guidance w >= 0, eps = eps_c + w (eps_c - eps_u) (Ho & Salimans 2022, eq. 6).
-        sampler/steps/eta/variance: see runtime.samplers (plan: a ready Plan instead). seed: 0..2^64-1; sample k of a
+        sampler/steps/eta/variance/spacing/guidance_interval: see `plan` (plan: a ready Plan instead). seed: 0..2^64-1; sample k of a
         seed is the same digit whatever n, batch, engine or process (runtime.noise); start: the index of the first.
         Raises DdpmError for bad arguments or an engine that cannot run here.
         """
@@ -230,8 +281,8 @@ class Model:
         _check_count("batch", batch, 1)
         _check_guidance(guidance)
         labels = self.labels(n, label, uncond)
-        plan = plan or self.plan(sampler, steps, eta, variance)
-        eng = self.engine(engine, device, fp16, max_batch=2 * batch if guidance and not uncond else batch)
+        plan = plan or self.plan(sampler, steps, eta, variance, spacing, guidance_interval)
+        eng = self.engine(engine, device, fp16, max_batch=2 * batch if guidance and not uncond else batch, plan=plan)
         try:
             return generate(eng, n, plan, labels, guidance, seed, batch, start=start, progress=progress,
                             image_shape=(self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size))
@@ -245,12 +296,14 @@ class Model:
     # own), any engine, any batch. A picture is a (H, W) uint8 array (white digit on black) or a picture file
     # (runtime.images.read_image), resized to what the edit needs: n results of it (default 8); or a stack (N, H, W)
     # of pictures: one result each, result k from picture k. label None: the unconditional model; labels may also
-    # be given per result (n ints).
+    # be given per result (n ints). The sampler arguments are `plan`'s; the default sampler is EDIT_SAMPLER (DDIM,
+    # as measured), not generate's.
 
     def inpaint(self, image, mask="bottom", n: int | None = None, label=None, guidance: float = GUIDANCE,
-                sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 1.0, variance: str = "small",
-                jump: int = 1, resample: int = 3, seed: int = 0, batch: int = 64, engine="auto",
-                device: str = "auto", fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
+                sampler: str = EDIT_SAMPLER, steps: int | None = None, eta: float = 1.0, variance: str = "small",
+                spacing: str | None = None, guidance_interval=None, jump: int = 1, resample: int = 3, seed: int = 0,
+                batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False, start: int = 0,
+                progress: bool = False) -> np.ndarray:
         """RePaint (Lugmayr et al. 2022): n completions (n, H, W) uint8 of `image` where `mask` says what to redraw.
 
         mask: the half to redraw ("top", "bottom", "left", "right"), or a picture (file or (H, W) array of the
@@ -266,7 +319,7 @@ class Model:
         from .runtime.edits import EditJob, noised_projection, repaint_plan, to_model
 
         imgs, keep, n = self.inpaint_input(image, mask, n)
-        plan = self.plan(sampler, steps, eta, variance)
+        plan = self.plan(sampler, steps, eta, variance, spacing, guidance_interval)
         try:
             plan = repaint_plan(plan, jump, resample)
         except ValueError as e:
@@ -276,9 +329,9 @@ class Model:
         return self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
 
     def edit(self, image, label=None, strength: float = 0.6, n: int | None = None, guidance: float = EDIT_GUIDANCE,
-             sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
-             seed: int = 0, batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False,
-             start: int = 0, progress: bool = False) -> np.ndarray:
+             sampler: str = EDIT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
+             spacing: str | None = None, guidance_interval=None, seed: int = 0, batch: int = 64, engine="auto",
+             device: str = "auto", fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
         """SDEdit (Meng et al. 2022): n redrawings (n, H, W) uint8 of `image`, conditioned on `label`.
 
         The input is noised to t0 = round(strength (T-1)), x_t0 = sqrt(abar_t0) x + sqrt(1 - abar_t0) x_T, and the
@@ -298,13 +351,14 @@ class Model:
             self.labels(n, label, label is None)   # the arguments are checked all the same
             return np.array(np.broadcast_to(imgs, (n, *imgs.shape[1:])))
         t0, a0, s0 = sdedit_start(self.schedule, float(strength))
-        plan = self.plan(sampler, steps, eta, variance, top=t0)
+        plan = self.plan(sampler, steps, eta, variance, spacing, guidance_interval, top=t0)
         job = EditJob(x_input=to_model(imgs)[:, None], a0=a0, s0=s0)
         return self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
 
     def upscale(self, image, factor: int = 2, n: int | None = None, label=None, method: str = "ilvr",
-                guidance: float = GUIDANCE, sampler: str = DEFAULT_SAMPLER, steps: int | None = None,
-                eta: float = 1.0, variance: str = "small", seed: int = 0, batch: int = 64, engine="auto",
+                guidance: float = GUIDANCE, sampler: str = EDIT_SAMPLER, steps: int | None = None,
+                eta: float = 1.0, variance: str = "small", spacing: str | None = None, guidance_interval=None,
+                seed: int = 0, batch: int = 64, engine="auto",
                 device: str = "auto", fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
         """Super-resolution: n full-size digits (n, H, W) uint8 whose f x f block means are the small `image`.
 
@@ -326,16 +380,16 @@ class Model:
             raise DdpmError(f"method must be ilvr or ddnm, got {method!r}")
         H, W = self.image_shape[1:]
         small, n = self._inputs(image, (H // factor, W // factor), n)
-        plan = self.plan(sampler, steps, eta, variance)
+        plan = self.plan(sampler, steps, eta, variance, spacing, guidance_interval)
         proj = noised_projection(plan, "lowpass", factor) if method == "ilvr" else x0_projection(plan, factor)
         job = EditJob(proj, y=upsample(to_model(small), factor)[:, None])
         out = self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
         return np.rint(fit_blocks(out, np.broadcast_to(small, (n, *small.shape[1:])), factor)).astype(np.uint8)
 
     def restore(self, image, sigma: float, n: int | None = None, label=None, guidance: float = GUIDANCE,
-                sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
-                seed: int = 0, batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False,
-                start: int = 0, progress: bool = False) -> np.ndarray:
+                sampler: str = EDIT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
+                spacing: str | None = None, guidance_interval=None, seed: int = 0, batch: int = 64, engine="auto",
+                device: str = "auto", fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
         """Denoising: n restorations (n, H, W) uint8 of `image` = x + sigma n, n ~ N(0, I), sigma in the model's
         [-1, 1] units (a std of s grey levels is sigma = s / 127.5).
 
@@ -353,7 +407,7 @@ class Model:
             t, a0, s0 = noise_start(self.schedule, float(sigma))
         except ValueError as e:
             raise _wrap(e) from None
-        plan = self.plan(sampler, steps, eta, variance, top=t)
+        plan = self.plan(sampler, steps, eta, variance, spacing, guidance_interval, top=t)
         job = EditJob(x_input=to_model(imgs)[:, None], a0=a0, s0=s0)
         return self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
 
@@ -438,6 +492,25 @@ def _fit(image: np.ndarray, size) -> np.ndarray:
     from .runtime.images import fit
 
     return fit(image, tuple(size))
+
+
+def _copy_folder(src: Path, dst: Path) -> None:
+    """Copy the folder src to dst (absent), published by one rename so that no reader sees half of it."""
+    import shutil
+    import tempfile
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        tmp.chmod(0o755)
+        tmp.rename(dst)
+    except FileExistsError:
+        shutil.rmtree(tmp, ignore_errors=True)    # another process published it first
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dst / META_FILE).is_file():
+            raise DdpmError(f"cannot copy {src} to {dst}: {e}") from None
 
 
 def _check_count(name: str, v, low: int) -> None:

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from .api import EDIT_GUIDANCE, GUIDANCE, DdpmError   # numpy-only imports
+from .api import DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, DdpmError   # numpy-only imports
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -149,7 +149,7 @@ def train(threads, resume, **opts):
 
 
 # ------------------------------------------------------------------------------------------------------------- gen
-ENGINES = ["torch", "runtime-torch", "onnx", "trt"]   # see ddpm.runtime.engines
+ENGINES = ["torch", "runtime-torch", "onnx", "trt", "onnx-generator"]   # see ddpm.runtime.engines
 
 
 def _model(ckpt, export_dir=None):
@@ -159,13 +159,29 @@ def _model(ckpt, export_dir=None):
     return api.load(ckpt, export_dir)
 
 
-def _plan(model, sampler, steps, eta, variance):
+def _plan(model, sampler, steps, eta, variance, spacing=None, guidance_interval=None):
     from . import api
 
     try:
-        return model.plan(sampler, steps, eta, variance)
+        return model.plan(sampler, steps, eta, variance, spacing, guidance_interval)
     except api.DdpmError as e:
-        raise click.BadParameter(str(e), param_hint="--steps" if "steps" in str(e) else "--sampler") from None
+        hint = next((f"--{k}" for k in ("steps", "spacing", "guidance-interval") if k.replace("-", " ") in str(e)
+                     or k in str(e)), "--sampler")
+        raise click.BadParameter(str(e), param_hint=hint) from None
+
+
+def _interval(ctx, param, value):
+    """--guidance-interval LO,HI -> (lo, hi) floats with 0 <= lo < hi (hi may be inf); None stays None."""
+    if value is None or value == "all":
+        return None
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError:
+        lo, hi = float("nan"), float("nan")
+    if not 0 <= lo < hi:   # also refuses NaN
+        raise click.BadParameter("LO,HI with 0 <= LO < HI (noise levels sigma; HI may be inf), e.g. 0.28,5.42, "
+                                 "or 'all'")
+    return lo, hi
 
 
 def _device(name):
@@ -177,19 +193,34 @@ def _device(name):
         raise click.BadParameter(str(e), param_hint="--device") from None
 
 
-def sampling_options(f=None, *, eta: float = 0.0, guidance: float = GUIDANCE):
-    """Options shared by gen, eval and the editing commands (the sampler and its conditioning); eta, guidance: the
-    command's defaults (inpaint: eta 1, the stochastic rows RePaint needs; edit: its measured guidance).
-    `@sampling_options` or `@sampling_options(eta=1.0)`."""
+SAMPLER_CHOICES = ["ddpm", "ddim", "dpm++2m", "unipc"]   # see ddpm.runtime.samplers
+SAMPLER = DEFAULT_SAMPLER   # the fewest calls that score as DDIM-50 did (bench/sweep, README "Samplers")
+solver_options = [
+    click.option("--spacing", type=click.Choice(["linspace", "trailing", "logsnr"]), default=None,
+                 help="Timesteps: linspace (t=0 included), trailing (the last step lands on x0) or uniform in "
+                      "log-SNR [default: linspace for ddim, trailing for dpm++2m and unipc]."),
+    click.option("--guidance-interval", "guidance_interval", default=None, callback=_interval, metavar="LO,HI",
+                 help="Guidance only where the noise level sigma = sqrt((1-abar)/abar) is in (LO, HI] "
+                      "(Kynkaanniemi et al. 2024); elsewhere the conditional model alone. 'all': every step "
+                      "[default: all]."),
+]
+
+
+def sampling_options(f=None, *, sampler: str = SAMPLER, eta: float = 0.0, guidance: float = GUIDANCE):
+    """Options shared by gen, eval and the editing commands (the sampler and its conditioning); sampler, eta,
+    guidance: the command's defaults (the editing commands: DDIM as measured; inpaint and upscale: eta 1, the
+    stochastic rows RePaint and ILVR need; edit: its measured guidance). `@sampling_options` or
+    `@sampling_options(eta=1.0)`."""
     if f is None:
-        return lambda g: sampling_options(g, eta=eta, guidance=guidance)
+        return lambda g: sampling_options(g, sampler=sampler, eta=eta, guidance=guidance)
     opts = [
         click.option("--ckpt", type=click.Path(), default=None,
                      help="Checkpoint: model.safetensors, ckpt.pt or a run folder [default: the bundled model]."),
-        click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddim", show_default=True,
-                     help="DDPM ancestral (all T steps) or DDIM."),
+        click.option("--sampler", type=click.Choice(SAMPLER_CHOICES), default=sampler, show_default=True,
+                     help="DDPM ancestral (all T steps), DDIM, DPM-Solver++(2M) or UniPC-2 (multistep, few steps)."),
         click.option("--steps", type=click.IntRange(min=1), default=None,
-                     help="DDIM steps [default: 50 for ddim, T for ddpm]."),
+                     help="Network calls per sample [default: 50 for ddim, 8 for dpm++2m and unipc, T for ddpm]."),
+        *solver_options,
         click.option("--eta", type=click.FloatRange(0, 1), default=eta, show_default=True,
                      help="DDIM eta: 0 deterministic, 1 DDPM-like."),
         click.option("--variance", type=click.Choice(["small", "large"]), default="small", show_default=True,
@@ -222,9 +253,11 @@ def engine_options(f):
     opts = [
         click.option("--engine", type=click.Choice(["auto", *ENGINES]), default="auto", show_default=True,
                      help="torch: eager PyTorch (the reference); runtime-torch, onnx, trt: the preallocated runtime; "
+                          "onnx-generator: the whole loop in one ONNX call (generator.onnx, deterministic plans); "
                           "auto: onnx on a CPU, runtime-torch on a GPU (same digits, faster)."),
         click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None,
-                     help="Export folder for onnx/trt [default: the checkpoint's, exported on first use]."),
+                     help="Export folder for onnx/trt/onnx-generator [default: the checkpoint's, exported on first "
+                          "use]."),
         click.option("--fp16", is_flag=True, help="Half-precision model (runtime engines)."),
         click.option("--no-cuda-graph", is_flag=True, help="GPU: run the loop step by step instead of one CUDA graph."),
     ]
@@ -233,11 +266,24 @@ def engine_options(f):
     return f
 
 
-def make_engine(name, model, device, fp16=False, cuda_graph=True, max_batch=512, ctx=None, threads=None):
+def make_engine(name, model, device, fp16=False, cuda_graph=True, max_batch=512, ctx=None, threads=None, plan=None):
     """The engine `name` (auto resolved) on `device`, its messages on stderr; ctx: the torchrun context.
-    max_batch: the largest batch the network runs at (2 x --batch with guidance), what a TensorRT engine is made for."""
-    return model.engine(name, device, fp16, cuda_graph, threads, max_batch, dist=ctx,
+    max_batch: the largest batch the network runs at (2 x --batch with guidance), what a TensorRT engine is made for.
+    plan: the plan to run, needed by onnx-generator (its generator.onnx is made for one plan)."""
+    return model.engine(name, device, fp16, cuda_graph, threads, max_batch, dist=ctx, plan=plan,
                         log=lambda m: click.echo(m, err=True))
+
+
+def _add_generator(root, plan, form="loop", log=click.echo):
+    from .export.generator import GeneratorFailed, GeneratorUnsupported, add_generator
+
+    log(f"building generator.onnx for {plan.name} in {root}")
+    try:
+        return add_generator(root, plan, GUIDANCE, form, log=log)
+    except GeneratorUnsupported as e:
+        raise click.BadParameter(str(e), param_hint="--sampler/--eta") from None
+    except GeneratorFailed as e:
+        raise click.ClickException(f"generator export failed, nothing written: {e}") from None
 
 
 @main.command()
@@ -253,19 +299,21 @@ def make_engine(name, model, device, fp16=False, cuda_graph=True, max_batch=512,
                    "steps) or x.gif (an animation).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @sampling_options
-def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, trajectory, quiet, ckpt, sampler, steps, eta,
-        variance, guidance, seed, batch, device, threads):
+def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, trajectory, quiet, ckpt, sampler, steps,
+        spacing, guidance_interval, eta, variance, guidance, seed, batch, device, threads):
     """Generate digits.
 
     \b
     Examples:
-      ddpm gen -n 64 --out digits.png                      # DDIM-50, classes 0-9 in turn, guidance 0.3
+      ddpm gen -n 64 --out digits.png                      # UniPC-8, classes 0-9 in turn, guidance 0.3
+      ddpm gen -n 64 --sampler ddim --steps 50             # DDIM-50, the default before UniPC
       ddpm gen -n 16 --label 7 --guidance 3 --out sevens.png
       ddpm gen -n 64 --sampler ddpm --out ddpm.png         # the full 1000-step DDPM loop
       ddpm gen -n 10000 --batch 256 --out samples.npz      # for ddpm eval
       ddpm gen -n 64 --engine torch                        # eager PyTorch, the reference (same digits)
       ddpm gen -n 64 --engine onnx                         # the preallocated runtime on onnxruntime
       ddpm gen -n 64 --engine trt --fp16                   # TensorRT (GPU)
+      ddpm gen -n 64 --engine onnx-generator               # generator.onnx: the whole loop in one call
       ddpm gen -n 8 --trajectory traj.gif                  # and the reverse process of 4 of them
     """
     import time
@@ -283,17 +331,20 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, trajec
         raise click.BadParameter("must end in .png or .gif", param_hint="--trajectory")
     _threads(threads)
     model = _model(ckpt, export_dir)
-    plan = _plan(model, sampler, steps, eta, variance)
+    plan = _plan(model, sampler, steps, eta, variance, spacing, guidance_interval)
     ctx = _dist(device)   # under torchrun: each rank draws its share of the samples
     dev = str(ctx.device) if ctx.world > 1 else _device(device)
     net_batch = 2 * batch if guidance and not uncond else batch   # guidance runs both halves in one batch
-    eng = make_engine(engine, model, dev, fp16, not no_cuda_graph, net_batch, ctx, threads)
+    eng = make_engine(engine, model, dev, fp16, not no_cuda_graph, net_batch, ctx, threads, plan)
     labels = model.labels(num, label, uncond)
     lo, hi = ctx.shard(num)
     t0 = time.perf_counter()
     # sample k's noise depends only on (seed, k): the shards together are exactly the single-process samples
     # --trajectory: the first batch of rank 0 runs step by step and hands its states over after every row
     traj = Trajectory(min(4, num, batch)) if trajectory and ctx.rank == 0 else None
+    if trajectory and not getattr(eng, "supports_edits", False):
+        raise click.BadParameter(f"the {eng.name} engine runs the whole loop in one call; use --engine onnx",
+                                 param_hint="--trajectory")
     mine = generate(eng, hi - lo, plan, labels[lo:hi], guidance, seed, batch, start=lo,
                     progress=not quiet and ctx.rank == 0, watch=traj)
     parts = ctx.gather(mine)
@@ -343,7 +394,7 @@ def editing_options(out: str, eta: float = 0.0, guidance: float = GUIDANCE):
                               "labels (N,) (-1: unconditional) and the input."),
             click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
         ]
-        f = sampling_options(engine_options(f), eta=eta, guidance=guidance)
+        f = sampling_options(engine_options(f), sampler=EDIT_SAMPLER, eta=eta, guidance=guidance)
         for opt in reversed(opts):
             f = opt(f)
         return f
@@ -360,7 +411,7 @@ def _param(hint, fn, *args):
         raise click.BadParameter(str(e), param_hint=hint) from None
 
 
-def _edit_command(what, detail, opts, run, shown):   # detail: for the final line, "{plan}": the sampler's name
+def _edit_command(what, detail, opts, run, shown, check_plan=None):   # detail: the final line's; "{plan}": the plan
     """Run one editing command like `gen`: model, engine (torchrun: each rank its share), the unconditional note,
     progress, the grid or npz with the input first, one final line. run(model, engine, n, start, progress) calls
     the api.Model method and returns (n, H, W) uint8; shown(model) reads the input (bad pictures: exit 2 here,
@@ -372,9 +423,14 @@ def _edit_command(what, detail, opts, run, shown):   # detail: for the final lin
     o = opts
     if not o["out"].endswith((".png", ".npz")):
         raise click.BadParameter("must end in .png or .npz", param_hint="--out")
+    if o["engine"] == "onnx-generator":
+        raise click.BadParameter("edits run row by row: onnx-generator runs a whole plain loop in one call; use "
+                                 "onnx (or auto, torch, runtime-torch)", param_hint="--engine")
     _threads(o["threads"])
     model = _model(o["ckpt"], o["export_dir"])
-    plan = _plan(model, o["sampler"], o["steps"], o["eta"], o["variance"])   # bad --steps: exit 2 with the hint
+    plan = _plan(model, o["sampler"], o["steps"], o["eta"], o["variance"], o["spacing"], o["guidance_interval"])
+    if check_plan is not None:                         # bad --steps, --sampler: exit 2 with the hint
+        check_plan(plan)
     tile = shown(model)
     ctx = _dist(o["device"])
     dev = str(ctx.device) if ctx.world > 1 else _device(o["device"])
@@ -412,7 +468,8 @@ def _edit_command(what, detail, opts, run, shown):   # detail: for the final lin
 def _sampling(o, eng, n, start, progress):
     """The api.Model keyword arguments the editing commands share."""
     return dict(n=n, label=o["label"], guidance=o["guidance"], sampler=o["sampler"], steps=o["steps"], eta=o["eta"],
-                variance=o["variance"], seed=o["seed"], batch=o["batch"], engine=eng, start=start, progress=progress)
+                variance=o["variance"], spacing=o["spacing"], guidance_interval=o["guidance_interval"],
+                seed=o["seed"], batch=o["batch"], engine=eng, start=start, progress=progress)
 
 
 @main.command()
@@ -455,7 +512,11 @@ def inpaint(mask_spec, jump, resample, **o):
         _param("--image", model.picture, o["image"])
         img, keep, _ = _param("--mask", model.inpaint_input, o["image"], mask_spec)
         return np.where(keep[0], img[0], 64).astype(np.uint8)   # the redrawn part greyed out
-    _edit_command("completions", f"RePaint j={jump} r={resample} over {{plan}}", o, run, shown)
+    def check_plan(plan):
+        if plan.history and resample > 1:
+            raise click.BadParameter(f"RePaint's resampling runs single-step plans (ddpm, ddim), not {o['sampler']}; "
+                                     f"or --resample 1", param_hint="--sampler")
+    _edit_command("completions", f"RePaint j={jump} r={resample} over {{plan}}", o, run, shown, check_plan)
 
 
 @main.command("edit")
@@ -547,8 +608,9 @@ def restore(sigma, **o):
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @sampling_options
-def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph, data, classifier, train_classifier, json_out, quiet, ckpt, sampler,
-             steps, eta, variance, guidance, seed, batch, device, threads):
+def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph, data, classifier, train_classifier,
+             json_out, quiet, ckpt, sampler, steps, spacing, guidance_interval, eta, variance, guidance, seed, batch,
+             device, threads):
     """Measure sample quality with an MNIST classifier.
 
     Frechet distance of the classifier's penultimate features to the real test set, beside the floor (N real
@@ -556,7 +618,7 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
 
     \b
     Examples:
-      ddpm eval -n 10000                                    # the default model, DDIM-50, guidance 0.3
+      ddpm eval -n 10000                                    # the default model, UniPC-8, guidance 0.3
       ddpm gen -n 2000 --sampler ddpm --out ddpm.npz && ddpm eval --samples ddpm.npz
       ddpm eval --samples a.npz --samples b.npz --json quality.json
     """
@@ -595,10 +657,11 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
         from .runtime.generate import generate
 
         model = _model(ckpt, export_dir)
-        plan = _plan(model, sampler, steps, eta, variance)
+        plan = _plan(model, sampler, steps, eta, variance, spacing, guidance_interval)
         labels = model.labels(num, None, uncond)
         net_batch = 2 * batch if guidance and not uncond else batch
-        eng = make_engine(engine, model, _device(device), fp16, not no_cuda_graph, net_batch, threads=threads)
+        eng = make_engine(engine, model, _device(device), fp16, not no_cuda_graph, net_batch, threads=threads,
+                          plan=plan)
         images = generate(eng, num, plan, labels, guidance, seed, batch, progress=not quiet)
         name = f"{plan.name} w={guidance:g}" + (" uncond" if uncond else "")
         rows.append(ref.evaluate(images, labels, name))
@@ -617,16 +680,36 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
 @click.option("--trt", "build_trt", is_flag=True, help="Also build TensorRT engine(s) (needs TensorRT and a GPU).")
 @click.option("--batch", "batch_range", default="1-256", show_default=True,
               help="TensorRT batch range MIN-MAX (one optimisation profile).")
-def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range):
+# the generator: the whole reverse loop in one ONNX model, and the web page around it
+@click.option("--generator", "with_generator", is_flag=True,
+              help="Also write generator.onnx: the whole loop of a deterministic sampler in one ONNX model "
+                   "(x_T, labels, guidance -> uint8 images), verified against the runtime.")
+@click.option("--sampler", type=click.Choice(SAMPLER_CHOICES), default=SAMPLER, show_default=True,
+              help="The generator's sampler (deterministic plans only: ddim with eta 0, dpm++2m, unipc).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="The generator's steps [default: the sampler's, as in gen].")
+@click.option("--form", type=click.Choice(["loop", "unrolled"]), default="loop", show_default=True,
+              help="The generator as one ONNX Loop over the rows, or the rows unrolled (the same speed on a CPU; "
+                   "unrolled is 1.8x bigger and loads about 90x slower: README).")
+@click.option("--web", "web_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write a static page into this folder that generates digits in the browser "
+                   "(implies --generator; fetches onnxruntime-web with npm once).")
+@click.option("--ort-web", "ort_web", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The onnxruntime-web tarball (`npm pack onnxruntime-web@VERSION`) instead of fetching it.")
+def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, sampler, steps, form, web_dir, ort_web):
     """Export the EMA noise predictor to ONNX (and TensorRT), verified against PyTorch.
 
     Inputs x (B,1,28,28), t (B,) and y (B,) are graph inputs with a dynamic batch; output eps. Beside the model,
     export.json holds the checkpoint hash, config and schedule tables, so a runtime needs only the folder.
+    --generator adds generator.onnx, the whole reverse loop of one deterministic plan (--sampler, --steps), and
+    --web a page that runs it in a browser.
 
     \b
     Examples:
       ddpm export --fp16
       ddpm export --ckpt runs/ddpm --out exports/mine --fp16 --trt --batch 1-64
+      ddpm export --generator --steps 20                  # generator.onnx: DDIM-20 in one ONNX call
+      ddpm export --web site && python -m http.server -b 127.0.0.1 -d site   # open http://127.0.0.1:8000
     """
     _needs_torch("export")
     from .export.onnx_export import ExportFailed, export
@@ -652,12 +735,24 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range):
     except CheckpointError as e:
         raise _fail(e) from None
     out = out or str(api.cache_dir() / "exports" / loaded.hash[:16])
+    plan = None
+    if with_generator or web_dir:   # refuse a plan the generator cannot run before any work
+        from .export.generator import GeneratorUnsupported, check_plan
+
+        plan = _plan(_model(ckpt), sampler, steps, 0.0, "small")
+        try:
+            check_plan(plan)
+        except GeneratorUnsupported as e:
+            raise click.BadParameter(str(e), param_hint="--sampler") from None
     try:
         res = export(loaded, out, fp16=fp16, opset=opset, log=click.echo)
     except ExportFailed as e:
         raise click.ClickException(f"export failed, nothing written: {e}") from None
     for precision, f in res.meta["files"].items():
         click.echo(f"{precision}: {res.out / f['name']} ({f['bytes'] / 1e6:.2f} MB)")
+    if plan is not None:
+        gen = _add_generator(res.out, plan, form)
+        click.echo(f"generator: {res.out / gen['name']} ({gen['bytes'] / 1e6:.2f} MB, {gen['plan']}, {form})")
     if build_trt:
         from .export.trt import ensure_engine
         from .runtime.bundle import Bundle
@@ -666,6 +761,17 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range):
         for precision in res.meta["files"]:
             click.echo(f"TensorRT {precision}: {ensure_engine(bundle, precision, lo, hi, log=click.echo)}")
     click.echo(f"export folder: {res.out}")
+    if web_dir:
+        from .export.web import WebExportError, write_page
+        from .runtime.bundle import Bundle, ExportError
+
+        options = f"--sampler {sampler} --steps {plan.steps}"
+        try:
+            page = write_page(Bundle.load(res.out), web_dir, GUIDANCE, options, ort_web, log=click.echo)
+        except (WebExportError, ExportError) as e:
+            raise _fail(e) from None
+        click.echo(f"web page: {page} (serve it, e.g. `python -m http.server -b 127.0.0.1 -d {page}`, and open "
+                   f"http://127.0.0.1:8000)")
 
 
 # ----------------------------------------------------------------------------------------------------------- bench
@@ -680,31 +786,41 @@ def _int_list(ctx, param, value):
 
 
 @main.command()
-@click.option("--engines", default="torch,runtime-torch,onnx,trt", show_default=True,
-              help="Comma-separated engines; unavailable ones are reported as skipped.")
+@click.option("--engines", default="torch,runtime-torch,onnx,trt,onnx-generator", show_default=True,
+              help="Comma-separated engines; unavailable ones are reported as skipped. onnx-generator (the whole "
+                   "loop in one ONNX call) is built for the benchmark's plan in the cache export folder.")
 @click.option("--batch", "batches", default="1,8,64", show_default=True, callback=_int_list,
               help="Comma-separated batch sizes.")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddim", show_default=True, help="Sampler.")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="DDIM steps [default: 50].")
+@click.option("--sampler", type=click.Choice(SAMPLER_CHOICES), default=SAMPLER, show_default=True, help="Sampler.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Network calls per sample [default: 50 for ddim, 8 for dpm++2m and unipc].")
+@solver_options[0]
+@solver_options[1]
 @click.option("--guidance", "-w", type=click.FloatRange(min=0), default=GUIDANCE, show_default=True,
               help="Classifier-free guidance (doubles the network batch when > 0).")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per engine and batch.")
 @click.option("--fp16", is_flag=True, help="Half-precision models for the runtime engines (eager stays fp32).")
 @click.option("--no-cuda-graph", is_flag=True, help="GPU: run the runtime's loop step by step.")
-@click.option("--quick", is_flag=True, help="A smoke test: DDIM 3 steps, batch 1,2, 2 runs.")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Also time eager PyTorch on DDIM-50 (the default sampler before UniPC) and give every engine's "
+                   "speedup over it (when the sampler is not DDIM-50 itself).")
+@click.option("--quick", is_flag=True,
+              help="A smoke test: 3 steps of the sampler (ddim for ddpm), batch 1,2, 2 runs, DDIM-3 as the baseline.")
 @click.option("--ckpt", type=click.Path(), default=None, help="Checkpoint [default: the bundled model].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (torch and onnxruntime alike).")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Folder for bench.json, bench.md and bench.png.")
-def bench(engines, batches, sampler, steps, guidance, repeat, fp16, no_cuda_graph, quick, ckpt, device, threads, out):
+def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance, repeat, fp16, no_cuda_graph,
+          baseline, quick, ckpt, device, threads, out):
     """Time every engine against eager PyTorch on the same work, in one run.
 
     \b
     Examples:
-      ddpm bench                                     # DDIM-50, batch 1,8,64, all engines
+      ddpm bench                                     # UniPC-8, batch 1,8,64, all engines
       ddpm bench --sampler ddpm --batch 1,64 --repeat 2
       ddpm bench --engines torch,onnx --fp16 --out bench-fp16
+      ddpm bench --engines onnx,onnx-generator --batch 1,8  # the step loop against the one-call generator
     """
     from pathlib import Path
 
@@ -716,12 +832,16 @@ def bench(engines, batches, sampler, steps, guidance, repeat, fp16, no_cuda_grap
         raise click.BadParameter(f"unknown engine(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(ENGINES)}",
                                  param_hint="--engines")
     if quick:
-        sampler, steps, batches, repeat = "ddim", 3, [1, 2], 2
+        sampler = "ddim" if sampler == "ddpm" else sampler
+        steps, batches, repeat = 3, [1, 2], 2
     _threads(threads)
     model = _model(ckpt)
-    plan = _plan(model, sampler, steps, 0.0, "small")
+    plan = _plan(model, sampler, steps, 0.0, "small", spacing, guidance_interval)
+    ref = _plan(model, "ddim", 3 if quick else None, 0.0, "small") if baseline else None
+    if ref is not None and plan.name == ref.name:
+        ref = None   # the sampler is the baseline itself
     res = run_bench(model, names, batches, plan, guidance, repeat, fp16, _device(device), not no_cuda_graph,
-                    threads=threads, log=lambda m: click.echo(m, err=True))
+                    threads=threads, log=lambda m: click.echo(m, err=True), baseline=ref)
     click.echo(format_table(res))
     files = write_outputs(res, Path(out))
     click.echo("wrote " + ", ".join(map(str, files)) + ("" if len(files) == 3 else " (no plot: pip install 'ddpm[plot]')"))

@@ -141,10 +141,12 @@ def kernel_floor(engine, batch: int, plan, guidance: float, device) -> float | N
 
 
 def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False, device="cpu",
-              cuda_graph=True, seed=0, threads=None, log=print, cuda=None) -> dict:
+              cuda_graph=True, seed=0, threads=None, log=print, cuda=None, baseline=None) -> dict:
     """Time `engines` (names) of `model` (api.Model) at every batch size on `plan`; engines that cannot run here are
-    reported as skipped with the reason. On a GPU also each engine's own peak memory (MemoryMeter, over torch.cuda
-    or the stand-in `cuda`). Returns the results as a dict (see format_table)."""
+    reported as skipped with the reason. With a `baseline` plan (e.g. DDIM-50 when `plan` is a few-step solver) the
+    eager engine also runs it, in the same alternation, and every case gets its speedup over that baseline. On a GPU
+    also each engine's own peak memory (MemoryMeter, over torch.cuda or the stand-in `cuda`). Returns the results as
+    a dict (see format_table)."""
     from ..api import DdpmError
 
     meter = None
@@ -161,54 +163,66 @@ def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False,
         try:
             with metered((name, "create"), name):
                 ready[name] = model.engine(name, device, fp16 and name != "torch", cuda_graph, threads,
-                                           max_batch=net_batch, log=log)
+                                           max_batch=net_batch, log=log, plan=plan)
         except DdpmError as e:
             skipped[name] = str(e)          # reported once, in the table
+    runs = {name: (eng, plan) for name, eng in ready.items()}
+    base_name = None
+    if baseline is not None and "torch" in ready:
+        base_name = f"torch {baseline.name}"
+        runs[base_name] = (ready["torch"], baseline)
     cases = []
     for batch in batches:
-        group = {name: Case(name, batch) for name in ready}
-        for name, eng in ready.items():   # warm-up: buffers, ORT arenas, CUDA graph capture, cuDNN autotune
+        group = {name: Case(name, batch) for name in runs}
+        for name, (eng, p) in runs.items():   # warm-up: buffers, ORT arenas, CUDA graph capture, cuDNN autotune
             with metered((name, batch), name):
-                time_run(eng, batch, plan, guidance, seed, device)
+                time_run(eng, batch, p, guidance, seed, device)
         for r in range(repeat):
-            for name, eng in ready.items():       # alternate engines run by run
+            for name, (eng, p) in runs.items():       # alternate engines run by run
                 with metered((name, batch), name):
-                    group[name].times.append(time_run(eng, batch, plan, guidance, seed, device))
+                    group[name].times.append(time_run(eng, batch, p, guidance, seed, device))
             log(f"batch {batch}, repeat {r + 1}/{repeat}: " +
-                ", ".join(f"{n} {group[n].times[-1]:.3f}s" for n in ready))
+                ", ".join(f"{n} {group[n].times[-1]:.3f}s" for n in runs))
         floors = {name: kernel_floor(eng, batch, plan, guidance, device) for name, eng in ready.items()}
         if floors.get("torch") is None:   # eager runs the same kernels as the runtime's torch model
             floors["torch"] = floors.get("runtime-torch")
-        for name, eng in ready.items():
+        for name, (eng, p) in runs.items():
             c = group[name]
-            floor = floors[name]
+            floor = floors[name] if name in ready else None
             torch_mb, outside_mb = meter.engine_mb(name, batch) if meter is not None else (None, None)
-            cases.append({"engine": name, "batch": batch, "times_s": c.times, "median_s": statistics.median(c.times),
-                          "min_s": min(c.times), "max_s": max(c.times),
-                          "ms_per_step": 1000 * statistics.median(c.times) / plan.steps,
+            cases.append({"engine": name, "plan": p.name, "batch": batch, "times_s": c.times,
+                          "median_s": statistics.median(c.times), "min_s": min(c.times), "max_s": max(c.times),
+                          "ms_per_step": 1000 * statistics.median(c.times) / p.steps,
                           "images_per_s": batch / statistics.median(c.times),
                           # this engine's own peak GPU memory: through torch, and outside it (onnxruntime, TensorRT)
                           "peak_mem_mb": None if torch_mb is None else torch_mb + (outside_mb or 0),
                           "peak_mem_torch_mb": torch_mb, "peak_mem_outside_torch_mb": outside_mb,
                           "floor_s": floor, "vs_floor": statistics.median(c.times) / floor if floor else None})
         base = next((c for c in cases if c["engine"] == "torch" and c["batch"] == batch), None)
+        slow = next((c for c in cases if c["engine"] == base_name and c["batch"] == batch), None)
         for c in cases:
             if c["batch"] == batch:
-                c["speedup_vs_eager"] = base["median_s"] / c["median_s"] if base else None
+                same_plan = c["plan"] == plan.name
+                c["speedup_vs_eager"] = base["median_s"] / c["median_s"] if base and same_plan else None
+                c["speedup_vs_baseline"] = slow["median_s"] / c["median_s"] if slow else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"device": device_name(device), "sampler": plan.name, "steps": plan.steps, "guidance": guidance,
-            "fp16": fp16, "repeat": repeat, "cuda_graph": cuda_graph and _cuda(device),
+            "fp16": fp16, "repeat": repeat, "baseline": None if base_name is None else baseline.name,
+            "cuda_graph": cuda_graph and _cuda(device),
             "versions": {n: engine_versions(e) for n, e in ready.items()}, "skipped": skipped,
             "process_peak_rss_mb": rss, "results": cases}
 
 
 def format_table(res: dict, markdown: bool = False) -> str:
-    cols = ["engine", "batch", "median s", "min-max s", "ms/step", "img/s", "vs eager", "peak MB", "vs floor"]
+    base = res.get("baseline")
+    cols = ["engine", "batch", "median s", "min-max s", "ms/step", "img/s", "vs eager",
+            *([f"vs eager {base}"] if base else []), "peak MB", "vs floor"]
     rows = []
     for c in res["results"]:
         rows.append([c["engine"], str(c["batch"]), f"{c['median_s']:.3f}", f"{c['min_s']:.3f}-{c['max_s']:.3f}",
                      f"{c['ms_per_step']:.2f}", f"{c['images_per_s']:.1f}",
                      f"{c['speedup_vs_eager']:.2f}x" if c.get("speedup_vs_eager") else "-",
+                     *([f"{c['speedup_vs_baseline']:.2f}x" if c.get("speedup_vs_baseline") else "-"] if base else []),
                      f"{c['peak_mem_mb']:.0f}" if c["peak_mem_mb"] is not None else "-",
                      f"{c['vs_floor']:.2f}x" if c["vs_floor"] else "-"])
     head = (f"{res['device']}; {res['sampler']} ({res['steps']} steps), guidance {res['guidance']:g}, "

@@ -4,6 +4,8 @@
                        image shape, classes and the reserved label, schedule name, T, betas, alphas_cumprod, files
     model.onnx         fp32 eps_theta(x, t, y)
     model_fp16.onnx    fp16 weights/activations (timestep embedding and GroupNorm statistics in fp32), if exported
+    generator.onnx     the whole reverse loop of one deterministic plan in one model (export/generator.py), if
+                       exported; export.json's "generator" names its plan and records its verification
     *.plan, *.plan.json  TensorRT engines and what they were built for (TensorRT version, GPU, batch range)
 """
 
@@ -78,4 +80,26 @@ class Bundle:
         if file_sha256(path) != files[precision]["sha256"]:
             raise ExportError(f"{path} is corrupted or truncated (its sha256 differs from export.json); "
                               f"re-run `ddpm export`")
+        return path
+
+    @property
+    def generator(self) -> dict | None:
+        """export.json's record of generator.onnx (plan, plan_key, form, parity), or None when there is none."""
+        return self.meta.get("generator")
+
+    def generator_path(self, plan_key: str | None = None) -> Path:
+        """generator.onnx, checked against its recorded sha256 and, given a plan_key (runtime.runner.plan_key), against
+        the plan it was exported for. ExportError otherwise."""
+        gen = self.generator
+        if gen is None:
+            raise ExportError(f"{self.root} has no generator; create one with `ddpm export --generator`")
+        if plan_key is not None and gen["plan_key"] != plan_key:
+            raise ExportError(f"{self.root}/{gen['name']} runs {gen['plan']}, not the plan asked for; re-run "
+                              f"`ddpm export --generator` with that sampler and --steps")
+        path = self.root / gen["name"]
+        if not path.is_file():
+            raise ExportError(f"{path} is missing; re-run `ddpm export --generator`")
+        if file_sha256(path) != gen["sha256"]:
+            raise ExportError(f"{path} is corrupted or truncated (its sha256 differs from export.json); "
+                              f"re-run `ddpm export --generator`")
         return path

@@ -103,6 +103,7 @@ class EagerEngine:
     """Eager PyTorch: the plain per-step loop a user would write (the reference and the benchmark baseline)."""
 
     name = "torch"
+    supports_edits = True   # run(edit=, y=, mask=, watch=): runtime.generate
 
     def __init__(self, model: torch.nn.Module, null_label: int, device: str | torch.device = "cpu"):
         self.device = torch.device(device)

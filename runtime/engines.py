@@ -5,8 +5,11 @@
     onnx           onnxruntime in the runtime (numpy buffers on a CPU, no PyTorch needed; CUDA EP with IO binding
                    when onnxruntime-gpu and a GPU exist)
     trt            TensorRT in the runtime (needs tensorrt and a GPU)
+    onnx-generator generator.onnx: the whole loop of one deterministic plan in one onnxruntime call (CPU;
+                   runtime.generator, export/generator.py)
 
-Only `torch`, `runtime-torch`, `trt` and GPUs import PyTorch; `onnx` on a CPU runs on the base install.
+Only `torch`, `runtime-torch`, `trt` and GPUs import PyTorch; `onnx` on a CPU and `onnx-generator` run on the base
+install.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from __future__ import annotations
 from .nets import EngineUnavailable, OnnxNet
 from .runner import RuntimeEngine
 
-ENGINES = ("torch", "runtime-torch", "onnx", "trt")
-NEEDS_EXPORT = ("onnx", "trt")
+ENGINES = ("torch", "runtime-torch", "onnx", "trt", "onnx-generator")
+NEEDS_EXPORT = ("onnx", "trt", "onnx-generator")
 NEEDS_TORCH = ("torch", "runtime-torch", "trt")
 TORCH_HINT = "pip install 'ddpm[torch]'"
 
@@ -80,10 +83,18 @@ def make_engine(name: str, device: str = "cpu", model=None, null_label: int = 10
     device = str(device)
     if name not in ENGINES:
         raise EngineUnavailable(f"unknown engine {name!r}; engines: {', '.join(ENGINES)}")
-    if (name in NEEDS_TORCH or device.startswith("cuda")) and not have_torch():
+    if (name in NEEDS_TORCH or (device.startswith("cuda") and name != "onnx-generator")) and not have_torch():
         raise EngineUnavailable(f"the {name} engine{' on a GPU' if name == 'onnx' else ''} needs PyTorch: {TORCH_HINT}")
     if name in ("torch", "runtime-torch") and model is None:
         raise EngineUnavailable(f"the {name} engine needs the PyTorch model (a checkpoint), not only an export")
+    if name == "onnx-generator":
+        from .generator import GeneratorEngine
+
+        if fp16:
+            raise EngineUnavailable("the onnx-generator engine is fp32 (generator.onnx wraps model.onnx)")
+        if device.startswith("cuda"):
+            raise EngineUnavailable("the onnx-generator engine runs on the CPU; on a GPU use runtime-torch or trt")
+        return GeneratorEngine.from_bundle(bundle, threads)
     if name == "torch":
         from .eager import EagerEngine
 
@@ -113,7 +124,7 @@ def make_engine(name: str, device: str = "cpu", model=None, null_label: int = 10
 
 
 def engine_versions(engine) -> dict:
-    net = getattr(engine, "net", None)
+    net = getattr(engine, "net", engine if hasattr(engine, "versions") else None)
     v = {}
     if have_torch():
         import torch

@@ -16,7 +16,8 @@ The stream is counter based, so every value can be computed directly from (s, k,
 Philox4x32-10 is Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3" (Random123); the known-answer
 vectors of its reference implementation are pinned in tests/test_noise.py. A slot starts at normal q*C*H*W, a
 multiple of 4 for every image shape used here (C*H*W = 784), so slot q starts at block q*C*H*W/4. The same
-definition is written in JavaScript for the browser generator (export/web/noise.js) and tested against this one.
+definition is written in JavaScript for the browser page (export/page/noise.mjs) and tested against this one, bit
+for bit (tests/test_web.py).
 """
 
 from __future__ import annotations

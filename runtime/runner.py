@@ -233,6 +233,8 @@ class RuntimeEngine:
     many batch sizes does not grow without bound.
     """
 
+    supports_edits = True   # run(edit=, y=, mask=, watch=): runtime.generate
+
     def __init__(self, net, null_label: int, image_shape=(1, 28, 28), cuda_graph: bool = True, max_runners: int = 8):
         self.net, self.null_label, self.image_shape, self.cuda_graph = net, null_label, tuple(image_shape), cuda_graph
         self.name = net.name

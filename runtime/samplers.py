@@ -8,10 +8,15 @@ A row i that calls the network (all rows of the samplers here) computes, from th
 
 where x0_hat_{i-1}, x0_hat_{i-2} are the predictions of the previous network rows (the history that multistep
 solvers use) and z the sample's fresh noise (runtime.noise; z_slot -1: none). A row with calls_net False only
-rescales and adds noise (x = w_x x + sigma z), as a forward jump does. DDPM (Ho et al. 2020) and DDIM (Song et al.
-2021) only differ in the table; the eager reference (runtime.eager) and the preallocated runtime (runtime.runner)
-run the same plan with the same noise. Classifier-free guidance, when asked for, is applied on the rows where
-`cfg` is True; the other rows run the conditional model alone.
+rescales and adds noise (x = w_x x + sigma z), as a forward jump does. DDPM (Ho et al. 2020), DDIM (Song et al.
+2021), DPM-Solver++(2M) (Lu et al. 2022) and UniPC-2 (Zhao et al. 2023) only differ in the table; the eager
+reference (runtime.eager) and the preallocated runtime (runtime.runner) run the same plan with the same noise.
+Classifier-free guidance, when asked for, is applied on the rows where `cfg` is True; the other rows run the
+conditional model alone (`Plan.with_guidance_interval`).
+
+Notation of the solvers (Lu et al. 2022, sec. 2): alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), the half
+log-SNR lambda_t = log(alpha_t / sigma_t), and the noise level of Karras et al. / Kynkaanniemi et al.
+sigma_t / alpha_t = sqrt((1 - abar_t) / abar_t), which is the x0_eps column.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ import numpy as np
 
 from .schedule import Schedule
 
-SAMPLERS = ("ddpm", "ddim")
-DEFAULT_STEPS = 50
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "unipc")
+SPACINGS = ("linspace", "trailing", "logsnr")
+DEFAULT_STEPS = 50                                   # DDIM
+DEFAULT_SOLVER_STEPS = 8                             # DPM-Solver++(2M), UniPC (bench/sweep)
+DEFAULT_SPACING = {"ddim": "linspace", "dpm++2m": "trailing", "unipc": "trailing"}
 
 
 @dataclass(frozen=True)
@@ -98,13 +106,28 @@ class Plan:
     def with_cfg(self, cfg) -> "Plan":
         return replace(self, cfg=np.asarray(cfg, dtype=bool)).validate()
 
+    def with_guidance_interval(self, lo: float, hi: float) -> "Plan":
+        """Guidance only on the rows whose noise level sigma = sqrt((1 - abar_t)/abar_t) lies in (lo, hi]
+        (Kynkaanniemi et al. 2024, eq. 4; sigma in the units of Karras et al. 2022). The other rows run the
+        conditional model alone. lo >= 0, hi > lo (hi may be inf); ValueError otherwise."""
+        if not (0 <= lo < hi):   # also refuses NaN
+            raise ValueError(f"the guidance interval needs 0 <= lo < hi, got ({lo}, {hi}]")
+        level = self.x0_eps                                   # sqrt(1/abar_t - 1) of every row's t
+        inside = (level > lo) & (level <= hi)
+        return replace(self, name=f"{self.name}-gi{lo:g}-{hi:g}", cfg=inside & self.cfg).validate()
+
 
 def _check_top(T: int, top) -> int:
+    """The starting timestep of a plan truncated for editing (None: T-1). ValueError outside 0..T-1."""
     if top is None:
         return T - 1
     if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or not 0 <= top <= T - 1:
         raise ValueError(f"the starting timestep must be an integer in 0..{T - 1}, got {top!r}")
     return int(top)
+
+
+def _from(top: int, T: int) -> str:
+    return "" if top == T - 1 else f"-from{top}"
 
 
 def ddpm_plan(sched: Schedule, variance: str = "small", clip: bool = True, top: int | None = None) -> Plan:
@@ -120,34 +143,75 @@ def ddpm_plan(sched: Schedule, variance: str = "small", clip: bool = True, top: 
     # 3. x_{t-1} = mu~ + sigma_t z, sigma_t^2 = beta~_t ("fixed small") or beta_t ("fixed large"); z = 0 at t = 0
     var = sched.posterior_variance[t] if variance == "small" else sched.betas[t]
     sigma = np.where(t > 0, np.sqrt(var), 0.0)
-    name = f"ddpm-{variance}" + ("" if top == sched.T - 1 else f"-from{top}")
+    name = f"ddpm-{variance}{_from(top, sched.T)}"
     return Plan.make(name, t, sched.sqrt_recip_alphas_cumprod[t], sched.sqrt_recipm1_alphas_cumprod[t],
                      w_x=sched.posterior_mean_coef2[t], w_x0=sched.posterior_mean_coef1[t], sigma=sigma,
                      abar_next=sched.alphas_cumprod_prev[t], clip=clip)
 
 
-def ddim_timesteps(T: int, steps: int, top: int | None = None) -> np.ndarray:
-    """`steps` timesteps evenly spread over [0, T-1], both ends included, decreasing.
-
-    top: the grid truncated for editing, starting at t = top: top itself, then the grid's points below it."""
+def ddim_timesteps(T: int, steps: int) -> np.ndarray:
+    """`steps` timesteps evenly spread over [0, T-1], both ends included, decreasing."""
     if not 1 <= steps <= T:
         raise ValueError(f"DDIM steps must be in 1..{T}, got {steps}")
-    top = _check_top(T, top)
     if steps == 1:
-        grid = np.array([T - 1], dtype=np.int64)
-    else:
-        grid = np.round(np.linspace(0, T - 1, steps)).astype(np.int64)[::-1].copy()
-    return grid if top == T - 1 else np.concatenate([[top], grid[grid < top]]).astype(np.int64)
+        return np.array([T - 1], dtype=np.int64)
+    return np.round(np.linspace(0, T - 1, steps)).astype(np.int64)[::-1].copy()
+
+
+def half_log_snr(abar: np.ndarray) -> np.ndarray:
+    """lambda = log(alpha / sigma) = (log abar - log(1 - abar)) / 2 (Lu et al. 2022, sec. 2), float64."""
+    abar = np.asarray(abar, dtype=np.float64)
+    return 0.5 * (np.log(abar) - np.log1p(-abar))
+
+
+def timesteps(sched: Schedule, steps: int, spacing: str = "linspace", top: int | None = None) -> np.ndarray:
+    """The network's timesteps of a few-step sampler, (steps,) int64, strictly decreasing from T-1; with top (a plan
+    truncated for editing, runtime.edits): top itself, then the points of that grid below it.
+
+    linspace  evenly spread over [0, T-1], both ends included: the last call is at t = 0 (DDIM's spacing, Song et
+              al. 2021, sec. 4.2 / appendix D.2; `ddim_timesteps`)
+    trailing  round(T - k T/steps) - 1 for k = 0..steps-1: the last call is at t ~ T/steps - 1, and the last row lands
+              on x0 (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", table 2;
+              diffusers' timestep_spacing="trailing")
+    logsnr    evenly spread in lambda_t over [lambda_{T-1}, lambda_0], both ends included (Lu et al. 2022, DPM-Solver
+              sec. 3.3, "logSNR" steps; diffusers' use_lu_lambdas), each rounded to the nearest integer t (the
+              network takes integers; the plan's coefficients use that t's abar); near t = 0, where lambda moves
+              fastest, repeats that rounding makes are pushed apart to neighbouring integers.
+
+    ValueError for steps outside 1..T or an unknown spacing.
+    """
+    T = sched.T
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in 1..{T}, got {steps}")
+    top = _check_top(T, top)
+    if top < T - 1:
+        grid = timesteps(sched, steps, spacing)
+        return np.concatenate([[top], grid[grid < top]]).astype(np.int64)
+    if spacing == "linspace":
+        return ddim_timesteps(T, steps)
+    if spacing == "trailing":
+        return (np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1)[:steps].copy()
+    if spacing == "logsnr":
+        lam = half_log_snr(sched.alphas_cumprod)                 # decreasing in t
+        target = np.linspace(lam[-1], lam[0], steps)              # from t = T-1 down to t = 0
+        t = np.round(np.interp(-target, -lam, np.arange(T, dtype=np.float64))).astype(np.int64)[::-1]
+        t[0], t[-1] = 0, T - 1
+        for j in range(1, steps):                                 # increasing order: make every t distinct,
+            t[j] = max(t[j], t[j - 1] + 1)                        # pushing repeats up ...
+        t[-1] = T - 1
+        for j in range(steps - 2, -1, -1):                        # ... and back below T-1 (t[j] >= j stays)
+            t[j] = min(t[j], t[j + 1] - 1)
+        return t[::-1].copy()
+    raise ValueError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}")
 
 
 def ddim_plan(sched: Schedule, steps: int = DEFAULT_STEPS, eta: float = 0.0, clip: bool = True,
-              top: int | None = None) -> Plan:
-    """DDIM (Song et al. 2021) on a subsequence of timesteps; eta=0 deterministic, eta=1 DDPM-like.
-
-    top: start from x_top (ddim_timesteps' truncated grid: a plan for editing, runtime.edits)."""
+              spacing: str = "linspace", top: int | None = None) -> Plan:
+    """DDIM (Song et al. 2021) on a subsequence of timesteps (`timesteps`; top: truncated to start at x_top, for
+    editing); eta=0 deterministic, eta=1 DDPM-like. The last row lands on x0 (abar = 1)."""
     if not 0.0 <= eta <= 1.0:   # also refuses NaN
         raise ValueError(f"eta must be in [0, 1], got {eta}")
-    t = ddim_timesteps(sched.T, steps, top)
+    t = timesteps(sched, steps, spacing, top)
     ab = sched.alphas_cumprod[t]
     ab_prev = np.append(sched.alphas_cumprod[t[1:]], 1.0)
     # 1. x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)                              (DDIM eq. 12, "predicted x0")
@@ -160,24 +224,188 @@ def ddim_plan(sched: Schedule, steps: int = DEFAULT_STEPS, eta: float = 0.0, cli
     dir_ = np.sqrt(np.clip(1 - ab_prev - sigma ** 2, 0.0, None))
     w_x = dir_ / np.sqrt(1 - ab)
     w_x0 = np.sqrt(ab_prev) - w_x * np.sqrt(ab)
-    name = f"ddim{steps}-eta{eta:g}" + ("" if t[0] == sched.T - 1 else f"-from{t[0]}")
+    name = f"ddim{steps}-eta{eta:g}" + ("" if spacing == "linspace" else f"-{spacing}") + _from(int(t[0]), sched.T)
     return Plan.make(name, t, 1 / np.sqrt(ab), np.sqrt(1 / ab - 1), w_x=w_x, w_x0=w_x0,
                      sigma=sigma, abar_next=ab_prev, clip=clip)
 
 
-def default_steps(T: int) -> int:
-    """The default number of steps of the few-step samplers: DEFAULT_STEPS, or T for a model with fewer."""
-    return min(DEFAULT_STEPS, T)
+def _solver_grid(sched: Schedule, steps: int, spacing: str, top: int | None = None):
+    """The timesteps of a multistep solver (top: truncated to start there) and, for rows i = 0..N-1 and the final
+    target N (x0: alpha 1, sigma 0), alpha, sigma and lambda (lambda_N = inf is never used: the final row is
+    written out separately)."""
+    t = timesteps(sched, steps, spacing, top)
+    ab = sched.alphas_cumprod[t]
+    alpha = np.append(np.sqrt(ab), 1.0)
+    sigma = np.append(np.sqrt(1.0 - ab), 0.0)
+    lam = np.append(half_log_snr(ab), np.inf)
+    return t, ab, alpha, sigma, lam
+
+
+def dpmpp_2m_plan(sched: Schedule, steps: int = DEFAULT_SOLVER_STEPS, spacing: str = "trailing",
+                  clip: bool = True, top: int | None = None) -> Plan:
+    """DPM-Solver++(2M): multistep, second order, data prediction (Lu et al. 2022, arXiv 2211.01095, Algorithm 2).
+
+    Row i (network at t_i, state x = x_{t_i}, x0_i its x0_hat) steps to t_{i+1}, or to x0 after the last row:
+
+        h_i = lambda_{t_{i+1}} - lambda_{t_i},   r_i = h_{i-1} / h_i
+        D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i-1}             (second order; D_i = x0_i for first order)
+        x_{t_{i+1}} = (sigma_{i+1}/sigma_i) x - alpha_{i+1} (e^{-h_i} - 1) D_i
+
+    which is affine in (x, x0_i, x0_{i-1}): w_x = sigma_{i+1}/sigma_i, w_x0 = alpha_{i+1} (1 - e^{-h_i})
+    (1 + 1/(2 r_i)), w_x0_prev = -alpha_{i+1} (1 - e^{-h_i}) / (2 r_i). The first row is first order (no
+    history yet; Algorithm 2's x~_{t_1}), and so is the last (lower_order_final, as diffusers'
+    DPMSolverMultistepScheduler with final_sigmas_type="zero"): it lands on x0 (alpha 1, sigma 0, h = inf), so the
+    output is the last row's x0_hat. With clip=False the table equals diffusers' scheduler (solver_order=2,
+    algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero";
+    tests/test_solvers.py). Deterministic: no noise slots. ValueError for steps outside 1..T or an unknown spacing.
+    """
+    t, ab, alpha, sigma, lam = _solver_grid(sched, steps, spacing, top)
+    N = len(t)
+    w_x, w_x0, w_prev = np.zeros(N), np.zeros(N), np.zeros(N)
+    for i in range(N):
+        if i == N - 1:                               # the final row: x0 = x0_hat (sigma_N = 0, e^{-h} = 0)
+            w_x0[i] = 1.0
+            continue
+        h = lam[i + 1] - lam[i]
+        phi = -np.expm1(-h)                          # 1 - e^{-h}
+        w_x[i] = sigma[i + 1] / sigma[i]
+        if i == 0:                                   # 1. first order: the DDIM step in lambda (Lu et al. eq. 5)
+            w_x0[i] = alpha[i + 1] * phi
+        else:                                        # 2. second order: D_i of Algorithm 2
+            r = (lam[i] - lam[i - 1]) / h
+            w_x0[i] = alpha[i + 1] * phi * (1 + 1 / (2 * r))
+            w_prev[i] = -alpha[i + 1] * phi / (2 * r)
+    abar_next = np.append(ab[1:], 1.0)
+    name = f"dpm++2m{steps}-{spacing}{_from(int(t[0]), sched.T)}"
+    return Plan.make(name, t, 1 / np.sqrt(ab), np.sqrt(1 / ab - 1), w_x=w_x, w_x0=w_x0,
+                     w_x0_prev=w_prev, sigma=None, abar_next=abar_next, clip=clip)
+
+
+def _unipc_b(h: float, rk: float) -> tuple[float, float]:
+    """(rho_0, rho_1) of the UniC-2 corrector, B(h) = e^h - 1 ("bh2"), data prediction: the solution of
+
+        [[1, 1], [r_1, 1]] (rho_0, rho_1) = (b_1, b_2),   b_k = k! hh phi_{k+1}(hh) / B(hh),   hh = -h,
+
+    with phi_1(z) = (e^z - 1)/z, phi_{k+1}(z) = (phi_k(z) - 1/k!)/z, for the step h = lambda_t - lambda_s > 0 and
+    r_1 = (lambda_{s'} - lambda_s) / h of the point s' before s (Zhao et al. 2023, the order conditions of UniC-p,
+    for p = 2). Computed as diffusers' multistep_uni_c_bh_update (0.42.1) computes them: h_phi = expm1(hh)/hh - 1
+    (= hh phi_2), b_1 = h_phi / B; h_phi <- h_phi/hh - 1/2 (= hh phi_3), b_2 = 2 h_phi / B."""
+    hh = -h
+    B = np.expm1(hh)
+    h_phi_k = np.expm1(hh) / hh - 1.0
+    b1 = h_phi_k / B
+    h_phi_k = h_phi_k / hh - 0.5
+    b2 = 2.0 * h_phi_k / B
+    rho0 = (b1 - b2) / (1.0 - rk)
+    return rho0, b1 - rho0
+
+
+def unipc_plan(sched: Schedule, steps: int = DEFAULT_SOLVER_STEPS, spacing: str = "trailing",
+               clip: bool = True, top: int | None = None) -> Plan:
+    """UniPC-2 with B(h) = e^h - 1 ("bh2"), data prediction (Zhao et al. 2023, arXiv 2302.04867): the predictor
+    UniP-2 and the corrector UniC, as diffusers' UniPCMultistepScheduler (solver_order=2, solver_type="bh2",
+    predict_x0=True, lower_order_final=True, final_sigmas_type="zero") runs them; tests/test_solvers.py checks the
+    trajectory against it.
+
+    Write m_i for the x0_hat that the network gives at the state x~_i the runner holds at t_i (the predicted, not
+    yet corrected, state: the network's input), h_i = lambda_{i+1} - lambda_i (lambda_{N} = inf: the final target
+    x0), B_i = expm1(-h_i), a_i = sigma_{i+1}/sigma_i (0 after the last row). Diffusers' step i:
+
+      1. corrector (UniC, i >= 1; its order p_c is the predictor order of step i-1): from the corrected state
+         x^c_{i-1} of the previous step,
+             x^c_i = a_{i-1} x^c_{i-1} - alpha_i B_{i-1} m_{i-1} - alpha_i B_{i-1} C_i,
+             C_i = (m_i - m_{i-1}) / 2                                   (p_c = 1)
+             C_i = rho_0 D_i + rho_1 (m_i - m_{i-1})                     (p_c = 2)
+         with D_i = (m_{i-2} - m_{i-1}) / r_i, r_i = (lambda_{i-2} - lambda_{i-1}) / h_{i-1} and (rho_0, rho_1)
+         solving [[1, 1], [r_i, 1]] rho = b (`_unipc_b`). It reuses m_i, the network call of this step: it
+         costs no extra call.
+      2. predictor (UniP, order p_i = 1 at i = 0 and at the last row (lower_order_final), else 2) from x^c_i:
+             x~_{i+1} = a_i x^c_i - alpha_{i+1} B_i m_i - alpha_{i+1} B_i P_i,
+             P_i = 0 (p_i = 1),   P_i = (m_{i-1} - m_i) / (2 r'_i), r'_i = (lambda_{i-1} - lambda_i) / h_i (p_i = 2)
+         (in bh2, UniP-2 is DPM-Solver++(2M)); the last row gives x~_N = m_{N-1}.
+
+    The runner holds x~_i, not x^c_{i-1}. The predictor of step i-1 is x~_i = a_{i-1} x^c_{i-1} - alpha_i B_{i-1}
+    m_{i-1} - alpha_i B_{i-1} P_{i-1}, with a_{i-1} != 0 (t_i is not the final target), so
+
+        a_{i-1} x^c_{i-1} - alpha_i B_{i-1} m_{i-1} = x~_i + alpha_i B_{i-1} P_{i-1},   and therefore
+        x^c_i = x~_i - alpha_i B_{i-1} (C_i - P_{i-1}),
+
+    where P_{i-1} uses the same h_{i-1}, r_i and D_i as C_i (P_{i-1} = D_i / 2 when p_{i-1} = 2, else 0). Step i
+    of the plan is then
+
+        x~_{i+1} = a_i x~_i - a_i alpha_i B_{i-1} (C_i - P_{i-1}) - alpha_{i+1} B_i (m_i + P_i),
+
+    affine in (x~_i, m_i, m_{i-1}, m_{i-2}) -> (w_x, w_x0, w_x0_prev, w_x0_prev2), with w_x = a_i. The corrector of
+    the last row is multiplied by a_{N-1} = 0: as in diffusers, the output is the last row's x0_hat. Deterministic:
+    no noise slots. ValueError for steps outside 1..T or an unknown spacing.
+    """
+    t, ab, alpha, sigma, lam = _solver_grid(sched, steps, spacing, top)
+    N = len(t)
+    W = np.zeros((N, 3))                             # weights of (m_i, m_{i-1}, m_{i-2}) in x~_{i+1}
+    w_x = np.zeros(N)
+    order = [1 if i in (0, N - 1) else 2 for i in range(N)]
+    for i in range(N):
+        if i == N - 1:                               # the final row lands on x0: x~_N = m_{N-1}
+            W[i, 0] = 1.0
+            continue
+        a = sigma[i + 1] / sigma[i]
+        w_x[i] = a
+        # 1. the corrector, written relative to x~_i: x^c_i - x~_i = -alpha_i B_{i-1} (C_i - P_{i-1})
+        if i >= 1:
+            hp = lam[i] - lam[i - 1]
+            Bp = np.expm1(-hp)
+            if order[i - 1] == 1:                    # C_i = (m_i - m_{i-1})/2, P_{i-1} = 0
+                corr = 0.5 * np.array([1.0, -1.0, 0.0])
+            else:
+                r = (lam[i - 2] - lam[i - 1]) / hp
+                D = np.array([0.0, -1.0, 1.0]) / r   # (m_{i-2} - m_{i-1}) / r_i
+                rho0, rho1 = _unipc_b(hp, r)
+                corr = rho0 * D + rho1 * np.array([1.0, -1.0, 0.0]) - 0.5 * D
+            W[i] += a * (-alpha[i] * Bp) * corr
+        # 2. the predictor from x^c_i
+        h = lam[i + 1] - lam[i]
+        B = np.expm1(-h)
+        pred = np.array([1.0, 0.0, 0.0])
+        if order[i] == 2:
+            r = (lam[i - 1] - lam[i]) / h
+            pred = pred + 0.5 * np.array([-1.0, 1.0, 0.0]) / r
+        W[i] += -alpha[i + 1] * B * pred
+    abar_next = np.append(ab[1:], 1.0)
+    name = f"unipc{steps}-{spacing}{_from(int(t[0]), sched.T)}"
+    return Plan.make(name, t, 1 / np.sqrt(ab), np.sqrt(1 / ab - 1), w_x=w_x, w_x0=W[:, 0],
+                     w_x0_prev=W[:, 1], w_x0_prev2=W[:, 2], sigma=None, abar_next=abar_next, clip=clip)
+
+
+def default_steps(T: int, sampler: str = "ddim") -> int:
+    """The default number of steps of a few-step sampler (DEFAULT_STEPS for DDIM, DEFAULT_SOLVER_STEPS for the
+    multistep solvers), or T for a model with fewer."""
+    return min(DEFAULT_STEPS if sampler == "ddim" else DEFAULT_SOLVER_STEPS, T)
 
 
 def make_plan(sched: Schedule, sampler: str, steps: int | None = None, eta: float = 0.0,
-              variance: str = "small", top: int | None = None) -> Plan:
-    """The plan of a sampler by name (SAMPLERS); steps None: its default; top: start at t = top (editing).
+              variance: str = "small", spacing: str | None = None,
+              guidance_interval: tuple[float, float] | None = None, top: int | None = None) -> Plan:
+    """The plan of a sampler by name (SAMPLERS); steps None: its default; spacing None: the sampler's default
+    (DEFAULT_SPACING); guidance_interval (lo, hi): guidance only where sigma in (lo, hi]
+    (`Plan.with_guidance_interval`); top: start at x_top, a plan truncated for editing (runtime.edits).
     ValueError for what does not fit."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r} ({', '.join(SAMPLERS)})")
+    if spacing is not None and spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}")
     if sampler == "ddpm":
         if steps not in (None, sched.T):
             raise ValueError(f"the DDPM sampler runs all T={sched.T} steps; use --sampler ddim for fewer")
-        return ddpm_plan(sched, variance, top=top)
-    if sampler == "ddim":
-        return ddim_plan(sched, steps or default_steps(sched.T), eta, top=top)
-    raise ValueError(f"unknown sampler {sampler!r} ({' or '.join(SAMPLERS)})")
+        if spacing not in (None, "linspace"):
+            raise ValueError("the DDPM sampler runs every timestep: it has no spacing")
+        plan = ddpm_plan(sched, variance, top=top)
+    else:
+        steps = steps or default_steps(sched.T, sampler)
+        spacing = spacing or DEFAULT_SPACING[sampler]
+        if sampler == "ddim":
+            plan = ddim_plan(sched, steps, eta, spacing=spacing, top=top)
+        elif sampler == "dpm++2m":
+            plan = dpmpp_2m_plan(sched, steps, spacing, top=top)
+        else:
+            plan = unipc_plan(sched, steps, spacing, top=top)
+    return plan if guidance_interval is None else plan.with_guidance_interval(*guidance_interval)

@@ -87,7 +87,7 @@ def test_each_engine_is_charged_its_own_peak(monkeypatch):
     asked = []
 
     class Model:   # api.Model's engine(): engines made on the simulated device
-        def engine(self, name, device, fp16, cuda_graph, threads, max_batch, log):
+        def engine(self, name, device, fp16, cuda_graph, threads, max_batch, log, plan=None):
             asked.append(max_batch)
             return makers[name]()
 

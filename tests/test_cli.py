@@ -47,10 +47,29 @@ def test_gen_png_and_npz(ckpt, tmp_path):
     (["--engine", "tvm"], "--engine"),
     (["--out", "x.jpg"], "--out"),
     (["--label", "3", "--uncond"], "exclude each other"),
+    (["--sampler", "heun"], "--sampler"),
+    (["--spacing", "leading"], "--spacing"),
+    (["--sampler", "ddpm", "--spacing", "trailing"], "no spacing"),
+    (["--guidance-interval", "2,1"], "--guidance-interval"),
+    (["--guidance-interval", "-1,2"], "--guidance-interval"),
+    (["--guidance-interval", "lots"], "--guidance-interval"),
 ])
 def test_gen_bad_input(ckpt, args, message):
     r = invoke("gen", "--ckpt", ckpt, *args)
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+def test_gen_solvers_spacing_and_guidance_interval(ckpt, tmp_path):
+    """The multistep solvers (the default is UniPC), each spacing and a guidance interval run from the command line."""
+    r = invoke("gen", "--ckpt", ckpt, "-n", 3, "--out", tmp_path / "d.npz", "-q")
+    assert r.exit_code == 0 and "(unipc8-trailing, guidance 0.3" in r.output, r.output
+    for extra in (["--sampler", "dpm++2m", "--steps", "4", "--spacing", "logsnr"],
+                  ["--sampler", "unipc", "--steps", "5", "--guidance-interval", "0.5,5"],
+                  ["--sampler", "ddim", "--steps", "4", "--spacing", "trailing", "--guidance-interval", "0,inf"]):
+        r = invoke("gen", "--ckpt", ckpt, "-n", 3, *extra, "--out", tmp_path / "s.npz", "-q")
+        assert r.exit_code == 0, r.output
+    assert "unipc5-trailing-gi0.5-5" in invoke("gen", "--ckpt", ckpt, "-n", 2, "--steps", 5, "--guidance-interval",
+                                               "0.5,5", "--out", tmp_path / "s.npz", "-q").output
 
 
 def test_gen_bad_checkpoints(tmp_path):
@@ -71,6 +90,8 @@ def test_inpaint(ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     grid = np.asarray(Image.open(tmp_path / "in.png"))
     assert grid.shape[1] == 2 * (4 * 30 + 2)                    # input + 3 completions, scaled x2
+    r = invoke("inpaint", "--ckpt", ckpt, "--image", tmp_path / "one.png", "--sampler", "unipc", "--steps", 4)
+    assert r.exit_code == 2 and "single-step" in r.output                  # multistep plans: not for inpainting
     r = invoke("inpaint", "--ckpt", ckpt, "--image", tmp_path / "one.png", "--mask", "diagonal")
     assert r.exit_code == 2 and "--mask" in r.output
     (tmp_path / "bad.png").write_bytes(b"not a png")
@@ -83,9 +104,15 @@ def test_bench_quick(ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "b" / "bench.json").read_text())
     engines = {c["engine"] for c in res["results"]}
-    assert {"torch", "runtime-torch", "onnx"} <= engines and res["steps"] == 3
+    assert {"torch", "runtime-torch", "onnx", "onnx-generator"} <= engines and res["steps"] == 3
+    assert res["sampler"] == "unipc3-trailing"
+    assert res["baseline"] == "ddim3-eta0" and "torch ddim3-eta0" in engines    # eager DDIM timed beside the rest
     for c in res["results"]:
-        assert len(c["times_s"]) == 2 and c["median_s"] > 0 and c["speedup_vs_eager"] > 0
+        assert len(c["times_s"]) == 2 and c["median_s"] > 0 and c["speedup_vs_baseline"] > 0
+        if c["plan"] == res["sampler"]:
+            assert c["speedup_vs_eager"] > 0
+        else:
+            assert c["speedup_vs_eager"] is None
     assert "trt" in res["skipped"] or "trt" in engines      # never silently dropped
     assert "| engine |" in (tmp_path / "b" / "bench.md").read_text()
     # fp16 runtime engines beside the fp32 eager reference, in one process
@@ -94,6 +121,7 @@ def test_bench_quick(ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "b16" / "bench.json").read_text())
     assert res["fp16"] and {"torch", "runtime-torch", "onnx"} <= {c["engine"] for c in res["results"]}
+    assert "fp32" in res["skipped"]["onnx-generator"]          # the generator wraps the fp32 model: skipped, said why
     r = invoke("bench", "--ckpt", ckpt, "--batch", "0,2")
     assert r.exit_code == 2 and "--batch" in r.output
     r = invoke("bench", "--ckpt", ckpt, "--engines", "torch,tvm")
@@ -117,13 +145,17 @@ def test_model_with_fewer_than_50_steps_uses_all_of_them(short_ckpt, fake_mnist,
     env = {"XDG_CACHE_HOME": str(tmp_path / "c")}
     r = invoke("gen", "--ckpt", short_ckpt, "-n", 2, "--engine", "torch", "--out", tmp_path / "g.npz", "-q")
     assert r.exit_code == 0, r.output
+    assert "(unipc8-trailing," in r.output                      # the default sampler: 8 steps fit T = 20
+    r = invoke("gen", "--ckpt", short_ckpt, "-n", 2, "--engine", "torch", "--out", tmp_path / "g.npz", "-q",
+               "--sampler", "ddim")
+    assert r.exit_code == 0, r.output
     assert "(ddim20-eta0," in r.output
     r = invoke("eval", "--ckpt", short_ckpt, "-n", 4, "--engine", "torch", "--data", fake_mnist, "-q",
-               "--json", tmp_path / "q.json")
+               "--json", tmp_path / "q.json", "--sampler", "ddim")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "q.json").read_text())[0]["name"].startswith("ddim20-eta0")
     r = invoke("bench", "--ckpt", short_ckpt, "--engines", "torch", "--batch", 1, "--repeat", 1,
-               "--out", tmp_path / "b", env=env)
+               "--out", tmp_path / "b", "--sampler", "ddim", "--no-baseline", env=env)
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "b" / "bench.json").read_text())["steps"] == 20
     for cmd in (["gen"], ["eval", "--data", fake_mnist], ["bench"]):

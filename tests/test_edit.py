@@ -23,7 +23,7 @@ from ddpm.runtime.images import ImageError, fit, read_image, to_uint8
 from ddpm.runtime.nets import OnnxNet, TorchNet
 from ddpm.runtime.noise import make_noise
 from ddpm.runtime.runner import Runner
-from ddpm.runtime.samplers import ddim_plan, ddim_timesteps, ddpm_plan
+from ddpm.runtime.samplers import ddim_plan, ddpm_plan, make_plan, timesteps
 from ddpm.runtime.schedule import Schedule
 from helpers import tiny_checkpoint
 
@@ -143,9 +143,16 @@ def test_starting_points():
     with pytest.raises(ValueError):
         noise_start(SCHED, 1e4)
     # the truncated plans start exactly there
-    assert ddim_timesteps(1000, 50, 599).tolist() == [599] + [t for t in ddim_timesteps(1000, 50).tolist() if t < 599]
+    for spacing in ("linspace", "trailing", "logsnr"):
+        grid = timesteps(SCHED, 50, spacing).tolist()
+        assert timesteps(SCHED, 50, spacing, top=599).tolist() == [599] + [t for t in grid if t < 599]
+        assert timesteps(SCHED, 50, spacing, top=999).tolist() == grid
     assert ddpm_plan(SCHED, top=10).timesteps.tolist() == list(range(10, -1, -1))
     assert ddim_plan(SCHED, 50, top=599).x0_x[0] == pytest.approx(1 / np.sqrt(ab[599]))
+    for sampler in ("dpm++2m", "unipc"):      # the multistep solvers too: their first row is first order anyway
+        plan = make_plan(SCHED, sampler, 8, top=599)
+        assert plan.timesteps[0] == 599 and plan.abar_next[-1] == 1.0 and plan.name.endswith("-from599")
+        assert plan.w_x0_prev[0] == 0 and plan.w_x0_prev2[0] == 0
 
 
 # ------------------------------------------------------------------------------------------------- the runtime
@@ -301,7 +308,8 @@ def test_strength_0_returns_the_input_and_1_ignores_it(model):
     assert np.array_equal(model.edit(img, label=4, strength=0.0, n=3), np.broadcast_to(img, (3, 28, 28)))
     # strength 1: the start is x_T itself, so the edit is exactly `generate` with this seed and label
     one = model.edit(img, label=4, strength=1.0, n=3, steps=5, seed=3, guidance=0.3, engine="onnx")
-    assert np.array_equal(one, model.generate(3, label=4, steps=5, seed=3, guidance=0.3, engine="onnx"))
+    same = model.generate(3, label=4, sampler="ddim", steps=5, seed=3, guidance=0.3, engine="onnx")
+    assert np.array_equal(one, same)
     other = model.edit(255 - img, label=4, strength=1.0, n=3, steps=5, seed=3, guidance=0.3, engine="onnx")
     assert np.array_equal(one, other)
     half = model.edit(img, label=4, strength=0.5, n=3, steps=5, seed=3, guidance=0.3, engine="onnx")

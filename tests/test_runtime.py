@@ -18,7 +18,7 @@ from ddpm.runtime.generate import generate, labels_for
 from ddpm.runtime.nets import EngineUnavailable, OnnxNet, TorchNet
 from ddpm.runtime.noise import make_noise
 from ddpm.runtime.runner import Runner
-from ddpm.runtime.samplers import ddim_plan, ddpm_plan
+from ddpm.runtime.samplers import ddim_plan, ddpm_plan, dpmpp_2m_plan, unipc_plan
 from helpers import tiny_checkpoint
 
 CPU = "cpu"
@@ -38,11 +38,20 @@ def _engine(name, setup, fp16=False, device=CPU, max_batch=512):
     return make_engine(name, device, loaded.model, 10, bundle, fp16=fp16, max_batch=max_batch)
 
 
-PLANS = {"ddim": lambda s: ddim_plan(s, 8), "ddim-eta1": lambda s: ddim_plan(s, 6, eta=1.0), "ddpm": ddpm_plan}
+PLANS = {"ddim": lambda s: ddim_plan(s, 8), "ddim-eta1": lambda s: ddim_plan(s, 6, eta=1.0), "ddpm": ddpm_plan,
+         "dpm++2m": lambda s: dpmpp_2m_plan(s, 6), "unipc": lambda s: unipc_plan(s, 6),
+         # guidance only on the rows with sigma in (0.5, 5]: the last three of six (the runner's half-batch call)
+         "dpm++2m-gi": lambda s: dpmpp_2m_plan(s, 6).with_guidance_interval(0.5, 5.0),
+         "unipc-gi": lambda s: unipc_plan(s, 6).with_guidance_interval(0.5, 5.0),
+         "ddim-trailing-gi": lambda s: ddim_plan(s, 6, spacing="trailing").with_guidance_interval(0.5, 5.0)}
 
 
 @pytest.mark.parametrize("plan_name, guidance, uncond", [("ddim", 0.0, False), ("ddim", 2.0, False), ("ddim", 0.0, True),
-                                                          ("ddim-eta1", 2.0, False), ("ddpm", 2.0, False)])
+                                                          ("ddim-eta1", 2.0, False), ("ddpm", 2.0, False),
+                                                          ("dpm++2m", 0.0, False), ("dpm++2m", 2.0, False),
+                                                          ("unipc", 0.0, True), ("unipc", 2.0, False),
+                                                          ("dpm++2m-gi", 2.0, False), ("unipc-gi", 2.0, False),
+                                                          ("ddim-trailing-gi", 2.0, False)])
 def test_engines_give_the_same_digits(setup, plan_name, guidance, uncond):
     plan = PLANS[plan_name](setup[1].schedule)
     labels = labels_for(6, None, uncond)
@@ -131,16 +140,17 @@ def test_onnx_slices_compute_the_whole_batch(setup, chunk):
         assert np.allclose(eps, ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("plan_name", ["ddim-eta0.7", "unipc-gi"])
 @pytest.mark.parametrize("net", ["runtime-torch", "onnx"])
-def test_runner_matches_reference_step_for_step(setup, net):
-    """The in-place step and eager.sample implement the same formula."""
+def test_runner_matches_reference_step_for_step(setup, net, plan_name):
+    """The in-place step and eager.sample implement the same formula (noise, history, guidance interval)."""
     loaded, bundle = setup
-    plan = ddim_plan(bundle.schedule, 4, eta=0.7)
+    plan = (ddim_plan(bundle.schedule, 4, eta=0.7) if plan_name == "ddim-eta0.7"
+            else unipc_plan(bundle.schedule, 5).with_guidance_interval(0.5, 5.0))
     x_T, z = make_noise(3, 0, 2, plan.num_slots)
     y = np.array([4, 9])
-    zt = torch.from_numpy(z)
-    ref = sample(guided(loaded.model, torch.from_numpy(y), 10, 1.3), torch.from_numpy(x_T), plan,
-                 lambda s: zt[:, s]).numpy()
+    noise = None if z is None else (lambda s: torch.from_numpy(z)[:, s])
+    ref = sample(guided(loaded.model, torch.from_numpy(y), 10, 1.3), torch.from_numpy(x_T), plan, noise).numpy()
     n = TorchNet(loaded.model, CPU) if net == "runtime-torch" else OnnxNet(bundle.onnx_path("fp32"), CPU)
     out = Runner(n, 2, plan, True, 10).run(x_T, z, y, 1.3)
     assert np.allclose(out, ref, atol=1e-4)
@@ -198,10 +208,12 @@ def test_cli_gen_engines_agree(setup, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
-def test_cuda_graph_parity_and_no_allocation(setup):
+@pytest.mark.parametrize("plan_name", ["ddim-eta0.5", "unipc-gi"])
+def test_cuda_graph_parity_and_no_allocation(setup, plan_name):
     loaded, bundle = setup
     dev = "cuda"
-    plan = ddim_plan(bundle.schedule, 10, eta=0.5)
+    plan = (ddim_plan(bundle.schedule, 10, eta=0.5) if plan_name == "ddim-eta0.5"
+            else unipc_plan(bundle.schedule, 8).with_guidance_interval(0.5, 5.0))
     x_T, z = make_noise(0, 0, 4, plan.num_slots)
     y = np.array([0, 1, 2, 3])
     eager = make_engine("torch", dev, loaded.model, 10).run(x_T, z, y, plan, 1.0)
@@ -221,7 +233,8 @@ def test_cuda_graph_parity_and_no_allocation(setup):
 # One engine object driven through a random sequence of calls (#12): runners of one engine must never feed the network
 # from each other's buffers, whatever the order of batch sizes, plans, guidance and labels.
 SEQ_PLANS = {"ddim3": lambda s: ddim_plan(s, 3), "ddim5-eta1": lambda s: ddim_plan(s, 5, eta=1.0),
-             "ddim4-eta0.5": lambda s: ddim_plan(s, 4, eta=0.5), "ddpm": ddpm_plan}
+             "ddim4-eta0.5": lambda s: ddim_plan(s, 4, eta=0.5), "ddpm": ddpm_plan,
+             "unipc5": lambda s: unipc_plan(s, 5), "dpm++2m4-gi": lambda s: dpmpp_2m_plan(s, 4).with_guidance_interval(0.5, 5.0)}
 
 
 def _random_calls(n, seed):
@@ -231,7 +244,7 @@ def _random_calls(n, seed):
         if calls and rng.random() < 0.2:
             calls.append(calls[int(rng.integers(len(calls)))])        # an exact repeat of an earlier call
             continue
-        plan = str(rng.choice(list(SEQ_PLANS), p=[0.35, 0.3, 0.3, 0.05]))
+        plan = str(rng.choice(list(SEQ_PLANS), p=[0.2, 0.2, 0.2, 0.05, 0.2, 0.15]))
         calls.append((int(rng.integers(1, 10)), plan, float(rng.choice([0.0, 1.5])), bool(rng.random() < 0.75),
                       int(rng.integers(0, 3))))
     return calls

@@ -1,0 +1,322 @@
+"""generator.onnx: the whole reverse loop of a deterministic plan around the noise predictor, in one ONNX model.
+
+    images = generator(x_T, labels, guidance)
+      x_T       (B,C,H,W) float32  the starting noise (slot 0 of runtime.noise's stream: sample k of seed s)
+      labels    (B,) int64         the class of every sample; the null label (export.json `null_label`) for none
+      guidance  () float32         classifier-free guidance w >= 0 (0: the conditional model alone)
+      images    (B,H,W) uint8      x_0 quantised as runtime.images.to_uint8: clip(rint((x + 1) 127.5), 0, 255)
+
+Any ONNX runtime, in any language or in a browser, then generates with one call. Row i of the plan
+(runtime.samplers' module docstring) is the runner's step (runtime.runner.Runner.step) in the same float32
+operations and order, so the generator reproduces the runtime up to the noise predictor's own rounding:
+
+    1. the network's batch: x, and on guided rows (cfg[i] and w != 0) x again with the null label (Tile and Slice
+       by a batch size of B or 2B computed in the graph, so there is no branch)
+    2. eps = eps_c + w (eps_c - eps_u)   (Ho & Salimans 2022, eq. 6), computed as (eps_u - eps_c)(-w) + eps_c;
+       on an unguided row eps_u is eps_c itself and this is eps_c exactly
+    3. x0_hat = x0_x[i] x - x0_eps[i] eps, clipped to [-1, 1] when plan.clip
+    4. x = w_x[i] x + w_x0[i] x0_hat + w_x0_prev[i] x0_hat' + w_x0_prev2[i] x0_hat''
+       (x0_hat', x0_hat'': the previous two rows' predictions, the history of multistep solvers)
+
+Two forms of the same rows (README "generator" has their measured speed):
+    loop      one ONNX `Loop` over the rows: the per-row columns are (S,) tables gathered by the iteration number,
+              the x0_hat history is loop-carried state, the network's nodes appear once.
+    unrolled  S copies of the network's nodes (its weights stored once, shared), each row's coefficients constants.
+
+Only deterministic plans (no fresh noise after x_T) whose every row calls the network can be written this way.
+Nothing here imports PyTorch: a generator is built from an export folder's model.onnx alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..model.io import atomic_write
+from ..runtime.bundle import META_FILE, Bundle, file_sha256
+from ..runtime.images import to_uint8
+from ..runtime.noise import make_noise
+from ..runtime.runner import plan_key
+from ..runtime.samplers import Plan
+
+GENERATOR_FILE = "generator.onnx"
+FORMS = ("loop", "unrolled")
+DEFAULT_FORM = "loop"
+TOLERANCE_GREY = 1   # verify(): max |generator - runtime| in grey levels of the uint8 images
+NET = "eps_theta/"   # the noise predictor's names inside the generator
+
+
+class GeneratorUnsupported(ValueError):
+    """A plan that the generator cannot express (stochastic, or with rows that do not call the network)."""
+
+
+class GeneratorFailed(Exception):
+    """The generator disagrees with the runtime; the message carries the figures."""
+
+
+def check_plan(plan: Plan) -> Plan:
+    """The plan itself when a generator can run it; GeneratorUnsupported with the reason otherwise."""
+    if plan.stochastic:
+        rows = int((plan.z_slot >= 0).sum())
+        raise GeneratorUnsupported(f"the generator runs deterministic plans only: {plan.name} adds fresh noise at "
+                                   f"{rows} of its {plan.steps} rows (use DDIM with eta 0, or another deterministic "
+                                   f"sampler)")
+    if not plan.calls_net.all():
+        raise GeneratorUnsupported(f"the generator runs plans whose every row calls the network; {plan.name} has "
+                                   f"{int((~plan.calls_net).sum())} rows that do not")
+    return plan
+
+
+class _Nodes:
+    """Nodes and initializers of one graph, named uniquely through a counter shared by the graph and its subgraphs
+    (ONNX names are one namespace across scopes)."""
+
+    def __init__(self, counter: list[int], prefix: str):
+        self.nodes, self.inits, self.counter, self.prefix = [], [], counter, prefix
+
+    def _name(self, hint: str) -> str:
+        self.counter[0] += 1
+        return f"{self.prefix}{hint}_{self.counter[0]}"
+
+    def op(self, op_type: str, inputs, **attrs) -> str:
+        from onnx import helper
+
+        name = self._name(op_type)
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name], name=name, **attrs))
+        return name
+
+    def const(self, hint: str, value, dtype) -> str:
+        from onnx import numpy_helper
+
+        name = self._name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+
+def _inline_net(g: _Nodes, net_graph, x_in: str, t_in: str, y_in: str) -> str:
+    """Append a copy of the noise predictor's nodes reading x_in, t_in, y_in; returns the name of its eps. The
+    weights are not copied: every copy reads the same initializers (named NET + the original name)."""
+    import onnx.compose
+
+    prefix = g._name("net") + "/"
+    body = onnx.compose.add_prefix_graph(net_graph, prefix, rename_inputs=False, rename_initializers=False,
+                                         rename_value_infos=False, name_map={"x": x_in, "t": t_in, "y": y_in})
+    g.nodes.extend(body.node)
+    return body.output[0].name
+
+
+def _row(g: _Nodes, ctx: dict, net_graph, plan: Plan, x: str, hist: list[str], coef: dict, t: str,
+         guided_row: str | None, terms: tuple[bool, bool]) -> tuple[str, list[str]]:
+    """One plan row as nodes (module docstring, stages 1-4); returns the new x and the new x0_hat history."""
+    import onnx
+
+    axes0 = ctx["axes0"]
+    # 1. network batch: n = B (1 + guided_row) images, x repeated, labels then null labels, the row's timestep
+    if guided_row is None:   # a row outside the guidance interval: the conditional model alone
+        x_in, y_in, n = x, ctx["labels"], ctx["B"]
+    else:
+        reps = g.op("Unsqueeze", [g.op("Add", [g.op("Cast", [guided_row], to=onnx.TensorProto.INT64), ctx["one"]]),
+                                  axes0])                                                    # (1,): 1 or 2
+        n = g.op("Mul", [ctx["B"], reps])
+        x_in = g.op("Tile", [x, g.op("Concat", [reps, ctx["ones3"]], axis=0)])
+        y_in = g.op("Slice", [ctx["y2"], ctx["zero1"], n, axes0])
+    t_in = g.op("Expand", [t, n])
+    eps = _inline_net(g, net_graph, x_in, t_in, y_in)
+    # 2. guidance: eps = (eps_u - eps_c)(-w) + eps_c, as the runner computes it; eps_u = eps_c on unguided rows
+    if guided_row is not None:
+        eps_c = g.op("Slice", [eps, ctx["zero1"], ctx["B"], axes0])
+        eps_u = g.op("Slice", [eps, g.op("Sub", [n, ctx["B"]]), n, axes0])
+        eps = g.op("Add", [g.op("Mul", [g.op("Sub", [eps_u, eps_c]), ctx["neg_w"]]), eps_c])
+    # 3. x0_hat = x0_x x - x0_eps eps (DDIM eq. 12's "predicted x0"), clipped to the data range
+    x0 = g.op("Sub", [g.op("Mul", [x, coef["x0_x"]]), g.op("Mul", [eps, coef["x0_eps"]])])
+    if plan.clip:
+        x0 = g.op("Clip", [x0, ctx["minus1"], ctx["plus1"]])
+    # 4. x = w_x x + w_x0 x0_hat (+ the remembered predictions of multistep solvers)
+    nx = g.op("Add", [g.op("Mul", [x, coef["w_x"]]), g.op("Mul", [x0, coef["w_x0"]])])
+    for use, h, c in zip(terms, hist, ("w_x0_prev", "w_x0_prev2")):
+        if use:
+            nx = g.op("Add", [nx, g.op("Mul", [h, coef[c]])])
+    return nx, [x0, *hist][: len(hist)]
+
+
+def build(net_model, plan: Plan, null_label: int, image_shape=(1, 28, 28), form: str = DEFAULT_FORM, meta=None):
+    """The generator of `plan` around `net_model` (model.onnx as an onnx.ModelProto: x, t, y -> eps, fp32).
+
+    Returns an onnx.ModelProto with inputs x_T (B,C,H,W) float32, labels (B,) int64, guidance () float32 and output
+    images (B,H,W) uint8 (module docstring). Raises GeneratorUnsupported for plans it cannot express, ValueError
+    for an unknown form or a network that is not eps(x, t, y).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    check_plan(plan)
+    if form not in FORMS:
+        raise ValueError(f"unknown generator form {form!r} ({' or '.join(FORMS)})")
+    g0 = net_model.graph
+    if [i.name for i in g0.input] != ["x", "t", "y"] or [o.name for o in g0.output] != ["eps"]:
+        raise ValueError("the noise predictor must have inputs x, t, y and output eps (a `ddpm export` model.onnx)")
+    if g0.input[0].type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise ValueError("the generator is built around the fp32 model (model.onnx)")
+    # the network's weights, named NET + name, stored once and read by every copy of its nodes: in the loop body's
+    # own initializers (onnxruntime only lays out a subgraph's convolutions for its CPU kernels (NCHWc) when their
+    # weights are the subgraph's constants, not outer-scope values: 1.7x slower otherwise), else at the top level
+    net_graph = onnx.compose.add_prefix_graph(g0, NET, rename_nodes=False, rename_edges=False, rename_inputs=False,
+                                              rename_outputs=False, rename_value_infos=False)
+    weights = list(net_graph.initializer)
+    del net_graph.initializer[:]
+    del net_graph.value_info[:]
+
+    C, H, W = image_shape
+    S = plan.steps
+    counter = [0]
+    top = _Nodes(counter, "")
+    f32 = np.float32
+    ctx = {"axes0": top.const("axes0", [0], np.int64), "zero1": top.const("zero1", [0], np.int64),
+           "one": top.const("one", 1, np.int64), "ones3": top.const("ones3", [1, 1, 1], np.int64),
+           "minus1": top.const("minus1", -1.0, f32), "plus1": top.const("plus1", 1.0, f32), "labels": "labels"}
+    # loop invariants: B (1,), y2 = [labels | null labels] (2B,), -w, and "w != 0"
+    ctx["B"] = top.op("Shape", ["x_T"], start=0, end=1)
+    nulls = top.op("Expand", [top.const("null_label", null_label, np.int64), ctx["B"]])
+    ctx["y2"] = top.op("Concat", ["labels", nulls], axis=0)
+    ctx["neg_w"] = top.op("Neg", ["guidance"])
+    guide = top.op("Not", [top.op("Equal", ["guidance", top.const("zero", 0.0, f32)])])
+    terms = (bool(plan.w_x0_prev.any()), bool(plan.w_x0_prev2.any()))
+    H_ = plan.history   # 0, 1 or 2 remembered predictions
+    cols = ("x0_x", "x0_eps", "w_x", "w_x0", "w_x0_prev", "w_x0_prev2")
+    if form == "loop":
+        body = _Nodes(counter, "row/")
+        it = "row/i"
+        coef = {c: body.op("Gather", [top.const(f"plan_{c}", getattr(plan, c), f32), it]) for c in cols}
+        t = body.op("Gather", [top.const("plan_timesteps", plan.timesteps, np.int64), it])
+        cfg = body.op("Gather", [top.const("plan_cfg", plan.cfg, np.bool_), it])
+        guided_row = body.op("And", [guide, cfg])
+        hist_in = [f"row/x0_prev{k + 1}" for k in range(H_)]
+        x_out, hist_out = _row(body, ctx, net_graph, plan, "row/x", hist_in, coef, t, guided_row, terms)
+        cond_out = body.op("Identity", ["row/cond"])
+        tv = lambda name, elem, shape=None: helper.make_tensor_value_info(name, elem, shape)
+        body_graph = helper.make_graph(
+            body.nodes, "row",
+            [tv(it, TensorProto.INT64, []), tv("row/cond", TensorProto.BOOL, []), tv("row/x", TensorProto.FLOAT)]
+            + [tv(h, TensorProto.FLOAT) for h in hist_in],
+            [tv(cond_out, TensorProto.BOOL, []), tv(x_out, TensorProto.FLOAT)]
+            + [tv(h, TensorProto.FLOAT) for h in hist_out], initializer=weights + body.inits)
+        zeros = [top.op("ConstantOfShape", [top.op("Shape", ["x_T"])]) for _ in range(H_)]
+        outs = [f"loop_x"] + [f"loop_x0_prev{k + 1}" for k in range(H_)]
+        top.nodes.append(helper.make_node("Loop", [top.const("rows", S, np.int64), "", "x_T", *zeros], outs,
+                                          name="reverse_loop", body=body_graph))
+        x = outs[0]
+        weights = []
+    else:
+        x = "x_T"
+        hist = [top.op("ConstantOfShape", [top.op("Shape", ["x_T"])]) for _ in range(H_)]
+        for i in range(S):
+            row_terms = (bool(plan.w_x0_prev[i]), bool(plan.w_x0_prev2[i]))
+            used = cols[:4] + tuple(c for c, u in zip(cols[4:], row_terms) if u)
+            coef = {c: top.const(f"r{i}_{c}", getattr(plan, c)[i], f32) for c in used}
+            t = top.const(f"r{i}_t", plan.timesteps[i], np.int64)
+            x, hist = _row(top, ctx, net_graph, plan, x, hist, coef, t, guide if plan.cfg[i] else None, row_terms)
+    # x_0 -> uint8 exactly as runtime.images.to_uint8: clip(rint((x + 1) 127.5), 0, 255), channel axis dropped
+    q = top.op("Round", [top.op("Mul", [top.op("Add", [x, top.const("one_f", 1.0, f32)]),
+                                        top.const("scale", 127.5, f32)])])
+    q = top.op("Clip", [q, top.const("lo", 0.0, f32), top.const("hi", 255.0, f32)])
+    q = top.op("Cast", [q], to=TensorProto.UINT8)
+    top.nodes.append(helper.make_node("Squeeze", [q, top.const("axes1", [1], np.int64)], ["images"], name="images"))
+    if C != 1:
+        raise ValueError(f"the generator writes grey images (C=1), not C={C}")
+    graph = helper.make_graph(
+        top.nodes, "ddpm_generator",
+        [helper.make_tensor_value_info("x_T", TensorProto.FLOAT, ["batch", C, H, W]),
+         helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch"]),
+         helper.make_tensor_value_info("guidance", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", H, W])],
+        initializer=weights + top.inits)
+    model = helper.make_model(graph, opset_imports=list(net_model.opset_import), producer_name="ddpm",
+                              ir_version=net_model.ir_version)
+    info = {"plan": plan.name, "plan_key": plan_key(plan), "steps": S, "form": form, "null_label": int(null_label),
+            "image_shape": [C, H, W], **(meta or {})}
+    model.metadata_props.add(key="ddpm_generator", value=json.dumps(info))
+    onnx.checker.check_model(model)
+    return model
+
+
+# The runs that verify a generator against the runtime: (what, batch, labels or None for unconditional, guidance
+# or None for the export's default guidance)
+CHECKS = (("classes 0-9, guided", 10, "turn", None), ("classes in turn, w=0", 3, "turn", 0.0),
+          ("unconditional", 2, None, 0.0))
+
+
+def verify(gen_path: Path, bundle: Bundle, plan: Plan, guidance: float, seed: int = 0) -> dict:
+    """Run the generator and the runtime (runtime.runner through the onnx engine, the same model.onnx) on the same
+    x_T from the seeded stream: conditional with guidance w, conditional with w=0, unconditional. Returns the
+    figures; GeneratorFailed when any pixel differs by more than TOLERANCE_GREY grey levels."""
+    from ..runtime.generator import GeneratorEngine
+    from ..runtime.nets import OnnxNet
+    from ..runtime.runner import RuntimeEngine
+
+    gen = GeneratorEngine(gen_path, {"plan": plan.name, "plan_key": plan_key(plan)}, bundle.null_label)
+    engine = RuntimeEngine(OnnxNet(bundle.onnx_path("fp32")), bundle.null_label, bundle.image_shape)
+    checks, start = [], 0
+    for what, batch, labels, w in CHECKS:
+        w = guidance if w is None else w
+        x_T, _ = make_noise(seed, start, batch, 0, bundle.image_shape)
+        y = None if labels is None else np.arange(batch, dtype=np.int64) % int(bundle.meta["num_classes"])
+        ref = to_uint8(engine.run(x_T, None, y, plan, w))
+        got = gen.run(x_T, None, y, plan, w)
+        diff = np.abs(got.astype(np.int16) - ref.astype(np.int16))
+        checks.append({"what": what, "batch": batch, "guidance": w, "seed": seed, "samples": [start, start + batch],
+                       "max_abs_grey": int(diff.max()), "pixels_differing": int((diff > 0).sum()),
+                       "pixels": int(diff.size), "image_std_grey": float(ref.std())})
+        start += batch
+    res = {"reference": "runtime/runner.py on the onnx engine (model.onnx), same x_T from runtime/noise.py",
+           "tolerance_grey": TOLERANCE_GREY, "checks": checks,
+           "max_abs_grey": max(c["max_abs_grey"] for c in checks)}
+    if res["max_abs_grey"] > TOLERANCE_GREY:
+        bad = "; ".join(f"{c['what']}: {c['max_abs_grey']} grey levels in {c['pixels_differing']} pixels"
+                        for c in checks if c["max_abs_grey"] > TOLERANCE_GREY)
+        raise GeneratorFailed(f"{GENERATOR_FILE} disagrees with the runtime by more than {TOLERANCE_GREY} grey "
+                              f"level: {bad}")
+    return res
+
+
+def add_generator(root, plan: Plan, guidance: float, form: str = DEFAULT_FORM, log=print) -> dict:
+    """Build generator.onnx for `plan` in the export folder `root`, verify it against the runtime, and record it
+    in export.json under "generator" (file, sha256, plan, form, the verification's figures).
+
+    Nothing changes in the folder unless verification passes: the model is written to a temporary file, verified,
+    then renamed into place, and export.json is replaced atomically. Raises GeneratorUnsupported (plan),
+    GeneratorFailed (verification), runtime.bundle.ExportError (folder).
+    """
+    import onnx
+
+    root = Path(root)
+    bundle = Bundle.load(root)
+    check_plan(plan)
+    net = onnx.load(str(bundle.onnx_path("fp32")))
+    model = build(net, plan, bundle.null_label, bundle.image_shape, form,
+                  meta={"checkpoint_hash": bundle.meta["checkpoint_hash"]})
+    fd, tmp = tempfile.mkstemp(prefix=f".{GENERATOR_FILE}.", suffix=".onnx", dir=root)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        onnx.save(model, str(tmp))
+        parity = verify(tmp, bundle, plan, guidance)
+        log(f"{GENERATOR_FILE} ({plan.name}, {form}): at most {parity['max_abs_grey']} grey level(s) from the "
+            f"runtime (tolerance {TOLERANCE_GREY})")
+        info = {"name": GENERATOR_FILE, "sha256": file_sha256(tmp), "bytes": tmp.stat().st_size, "plan": plan.name,
+                "plan_key": plan_key(plan), "steps": plan.steps, "form": form,
+                "opset": int(net.opset_import[0].version),
+                "inputs": {"x_T": "float32 (B,C,H,W)", "labels": "int64 (B,); the null label for unconditional",
+                           "guidance": "float32 scalar w >= 0"},
+                "outputs": {"images": "uint8 (B,H,W)"}, "parity": parity}
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, root / GENERATOR_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    meta = dict(bundle.meta, generator=info)
+    atomic_write(root / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
+    return info

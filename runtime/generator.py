@@ -1,0 +1,80 @@
+"""The onnx-generator engine: generator.onnx (export/generator.py), the whole reverse loop in one onnxruntime call.
+
+It takes the same inputs as every engine (x_T from the seeded stream, labels, guidance) and returns the uint8
+images the generator computes, so the same seed gives the same digits as the `onnx` engine (within 1 grey level,
+checked at export). The plan is fixed at export: a run with another plan is refused. Nothing here needs PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .bundle import Bundle, ExportError
+from .nets import EngineUnavailable
+from .runner import plan_key
+from .samplers import Plan
+
+
+class GeneratorEngine:
+    """generator.onnx on onnxruntime's CPU provider; `run` returns (B,H,W) uint8 images."""
+
+    name = "onnx-generator"
+
+    def __init__(self, path, info: dict, null_label: int, threads: int | None = None):
+        """path: a generator.onnx; info: its record (at least plan, plan_key; export.json "generator")."""
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise EngineUnavailable("the onnx-generator engine needs onnxruntime: pip install onnxruntime") from None
+        self.path, self.info, self.null_label = path, info, int(null_label)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = threads or 0     # 0: onnxruntime's default (one per physical core)
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        try:
+            self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:   # onnxruntime raises its own exception types for bad files
+            raise EngineUnavailable(f"onnxruntime cannot load {path}: {e}") from None
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, threads: int | None = None) -> "GeneratorEngine":
+        """The export folder's generator.onnx (sha256-checked); EngineUnavailable when it has none."""
+        try:
+            path = bundle.generator_path()
+        except ExportError as e:
+            raise EngineUnavailable(str(e)) from None
+        return cls(path, bundle.generator, bundle.null_label, threads)
+
+    def check_plan(self, plan: Plan) -> None:
+        """ValueError unless `plan` is the plan the generator was exported for."""
+        if plan_key(plan) != self.info["plan_key"]:
+            raise ValueError(f"{self.path} runs {self.info['plan']}, not {plan.name}; re-export it with "
+                             f"`ddpm export --generator` for that plan, or use --engine onnx")
+
+    def run(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, plan: Plan, guidance: float,
+            callback: Callable[[int], None] | None = None) -> np.ndarray:
+        """x_T (B,C,H,W) float32, labels (B,) int64 or None (unconditional: the null label, w = 0 as every engine
+        does) -> images (B,H,W) uint8. z must be None (the generator's plans add no noise); ValueError otherwise."""
+        self.check_plan(plan)
+        if z is not None:
+            raise ValueError("the generator runs deterministic plans: it takes no noise besides x_T")
+        B = x_T.shape[0]
+        if labels is None:
+            labels, guidance = np.full(B, self.null_label, dtype=np.int64), 0.0
+        elif len(labels) != B:
+            raise ValueError(f"{len(labels)} labels for a batch of {B}")
+        images = self.sess.run(["images"], {"x_T": np.ascontiguousarray(x_T, dtype=np.float32),
+                                            "labels": np.ascontiguousarray(labels, dtype=np.int64),
+                                            "guidance": np.asarray(guidance, dtype=np.float32)})[0]
+        if callback is not None:   # one call did every row
+            for i in range(plan.steps):
+                callback(i)
+        return images
+
+    def versions(self) -> dict:
+        import onnxruntime as ort
+
+        return {"onnxruntime": ort.__version__, "provider": "CPUExecutionProvider", "form": self.info["form"]}

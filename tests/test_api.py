@@ -1,0 +1,70 @@
+"""The Python API (ddpm.load / Model): what a user calls, its errors, its engine cache."""
+
+import numpy as np
+import pytest
+
+import ddpm
+from ddpm.api import DdpmError
+from ddpm.runtime import engines
+from ddpm.runtime.nets import EngineUnavailable
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ddpm.load()
+
+
+def test_generate_shapes_labels_and_seeds(model):
+    a = model.generate(6, label=3, steps=4, seed=1, batch=4)
+    assert a.shape == (6, 28, 28) and a.dtype == np.uint8 and a.std() > 10
+    b = model.generate(3, label=3, steps=4, seed=1, start=3, batch=2)       # samples 3..5 of the same stream
+    assert np.abs(a[3:].astype(int) - b).max() <= 1
+    assert model.labels(4).tolist() == [0, 1, 2, 3] and model.labels(2, uncond=True).tolist() == [-1, -1]
+    assert model.labels(3, [4, 5, 6]).tolist() == [4, 5, 6]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"n": -1}, "n must be"), ({"batch": 0}, "batch must be"), ({"label": 10}, "label must be"),
+    ({"label": [1, 2, 3]}, "labels must be"), ({"guidance": float("nan")}, "guidance must be"),
+    ({"steps": 5000}, "steps must be in 1..1000"), ({"sampler": "euler"}, "unknown sampler"),
+    ({"engine": "tvm"}, "unknown engine"), ({"device": "tpu"}, "unknown device"),
+    ({"label": 3, "uncond": True}, "exclude each other"),
+])
+def test_bad_arguments_raise_one_error_type(model, kwargs, message):
+    with pytest.raises(DdpmError, match=message):
+        model.generate(**{"n": 2, "steps": 2, **kwargs})
+
+
+def test_load_errors_are_ddpm_errors(tmp_path):
+    with pytest.raises(DdpmError, match="does not exist"):
+        ddpm.load(tmp_path / "nothing.safetensors")
+    (tmp_path / "x.safetensors").write_bytes(b"not a model")
+    with pytest.raises(DdpmError, match="not a readable safetensors"):
+        ddpm.load(tmp_path / "x.safetensors")
+
+
+def test_trt_engines_are_cached_per_batch_range(monkeypatch, model):
+    """A TensorRT engine serves a batch range: a larger batch must get its own engine, not the smaller one's."""
+    made = []
+    monkeypatch.setattr(engines, "resolve_device", lambda d: "cuda")
+    monkeypatch.setattr(engines, "have_torch", lambda: True)
+    monkeypatch.setattr(engines, "make_engine", lambda name, dev, m, null, bundle, fp16, cg, threads, max_batch, log:
+                        made.append((name, max_batch)) or object())
+    m = ddpm.load()
+    a, b, c = m.engine("trt", max_batch=16), m.engine("trt", max_batch=128), m.engine("trt", max_batch=16)
+    assert a is not b and a is c and made == [("trt", 16), ("trt", 128)]
+    assert m.engine("onnx", max_batch=16) is m.engine("onnx", max_batch=128)   # onnx serves any batch
+
+
+def test_runner_errors_inside_generate_become_ddpm_errors(monkeypatch):
+    """Runners (and their bindings) are built on first use inside generate(): their errors are the user's too."""
+    class Broken:
+        name = "onnx"
+
+        def run(self, *a, **k):
+            raise EngineUnavailable("model.onnx: tensor 'x' is float16, the runner's buffer is float32")
+
+    m = ddpm.load()
+    monkeypatch.setattr(m, "engine", lambda *a, **k: Broken())
+    with pytest.raises(DdpmError, match="tensor 'x' is float16"):
+        m.generate(2, steps=2)

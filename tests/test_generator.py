@@ -1,0 +1,178 @@
+"""generator.onnx: the whole reverse loop in one ONNX model, against the runtime; the onnx-generator engine and CLI."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from ddpm.cli import main
+from ddpm.export.generator import (GENERATOR_FILE, GeneratorFailed, GeneratorUnsupported, add_generator, build,
+                                   check_plan, verify)
+from ddpm.export.onnx_export import export
+from ddpm.runtime.bundle import Bundle, ExportError
+from ddpm.runtime.engines import make_engine
+from ddpm.runtime.generate import generate, labels_for
+from ddpm.runtime.generator import GeneratorEngine
+from ddpm.runtime.nets import EngineUnavailable, OnnxNet
+from ddpm.runtime.noise import make_noise
+from ddpm.runtime.runner import RuntimeEngine
+from ddpm.runtime.samplers import Plan, ddim_plan, ddpm_plan
+from helpers import tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    loaded = tiny_checkpoint(root, seed=2)
+    export(loaded, root / "exp", log=lambda *_: None)
+    return loaded, root / "exp"
+
+
+def multistep_plan(sched) -> Plan:
+    """A deterministic plan that uses every column the generator reads: the x0_hat history of the previous two rows
+    (as DPM-Solver++(2M) and UniPC do) and guidance on some rows only. Its weights are DDIM's, with w_x0 shared out
+    over this row's and the two earlier predictions; the digits it makes do not matter here, only that every engine
+    makes the same ones."""
+    p = ddim_plan(sched, 6)
+    w_x0, prev, prev2 = 0.6 * p.w_x0, 0.3 * p.w_x0, 0.1 * p.w_x0
+    prev[0] = prev2[:2] = 0.0
+    return Plan.make("multistep-test", p.timesteps, p.x0_x, p.x0_eps, p.w_x, w_x0, p.sigma, p.abar_next,
+                     w_x0_prev=prev, w_x0_prev2=prev2, cfg=[True, True, False, True, False, True])
+
+
+def _runtime_images(bundle, plan, x_T, labels, w):
+    from ddpm.runtime.images import to_uint8
+
+    eng = RuntimeEngine(OnnxNet(bundle.onnx_path("fp32")), bundle.null_label, bundle.image_shape)
+    return to_uint8(eng.run(x_T, None, labels, plan, w))
+
+
+@pytest.mark.parametrize("form", ["loop", "unrolled"])
+@pytest.mark.parametrize("which", ["ddim", "multistep"])
+def test_generator_matches_the_runtime(setup, tmp_path, form, which):
+    """Same x_T, same digits as runtime/runner.py on the onnx engine, within 1 grey level: guided, w=0, uncond."""
+    _, exp = setup
+    bundle = Bundle.load(exp)
+    plan = ddim_plan(bundle.schedule, 5) if which == "ddim" else multistep_plan(bundle.schedule)
+    assert which == "ddim" or plan.history == 2
+    model = build(onnx.load(str(exp / "model.onnx")), plan, bundle.null_label, form=form)
+    onnx.save(model, str(tmp_path / "g.onnx"))
+    gen = GeneratorEngine(tmp_path / "g.onnx", {"plan": plan.name, "plan_key": _key(plan)}, bundle.null_label)
+    x_T, _ = make_noise(5, 0, 7, 0)
+    for labels, w in ((np.arange(7) % 10, 2.0), (np.arange(7) % 10, 0.0), (None, 0.0)):
+        ref = _runtime_images(bundle, plan, x_T, labels, w)
+        got = gen.run(x_T, None, labels, plan, w)
+        assert got.dtype == np.uint8 and got.shape == (7, 28, 28)
+        assert ref.std() > 5                                         # not blank: the comparison means something
+        assert np.abs(got.astype(int) - ref).max() <= 1, (labels, w)
+    # guidance and labels are real inputs
+    a = gen.run(x_T, None, np.arange(7) % 10, plan, 2.0)
+    assert np.abs(a.astype(int) - gen.run(x_T, None, np.arange(7) % 10, plan, 0.0)).max() > 5
+    assert np.abs(a.astype(int) - gen.run(x_T, None, (np.arange(7) + 1) % 10, plan, 2.0)).max() > 5
+
+
+def _key(plan):
+    from ddpm.runtime.runner import plan_key
+
+    return plan_key(plan)
+
+
+def test_add_generator_records_and_engine_gives_the_onnx_digits(setup, tmp_path):
+    import shutil
+
+    loaded, exp = setup
+    folder = tmp_path / "exp"
+    shutil.copytree(exp, folder)
+    plan = ddim_plan(Bundle.load(folder).schedule, 4)
+    info = add_generator(folder, plan, guidance=1.5, log=lambda *_: None)
+    meta = json.loads((folder / "export.json").read_text())
+    assert meta["generator"] == info and info["plan"] == plan.name and info["steps"] == 4
+    assert info["parity"]["max_abs_grey"] <= 1 and len(info["parity"]["checks"]) == 3
+    assert {c["guidance"] for c in info["parity"]["checks"]} == {1.5, 0.0}
+    bundle = Bundle.load(folder, expected_hash=loaded.hash)
+    assert bundle.generator_path(_key(plan)) == folder / GENERATOR_FILE
+    with pytest.raises(ExportError, match="not the plan asked for"):
+        bundle.generator_path(_key(ddim_plan(bundle.schedule, 5)))
+    # the engine through generate(): batches of 4 over 10 samples, same seed -> the onnx engine's digits
+    labels = labels_for(10, None, False)
+    eng = make_engine("onnx-generator", "cpu", None, 10, bundle)
+    got = generate(eng, 10, plan, labels, 1.5, seed=3, batch=4, progress=False)
+    ref = generate(make_engine("onnx", "cpu", None, 10, bundle), 10, plan, labels, 1.5, seed=3, batch=4,
+                   progress=False)
+    assert np.abs(got.astype(int) - ref).max() <= 1
+    with pytest.raises(ValueError, match="re-export"):
+        eng.run(*make_noise(0, 0, 2, 0), None, ddim_plan(bundle.schedule, 5), 0.0)
+    with pytest.raises(EngineUnavailable, match="fp32"):
+        make_engine("onnx-generator", "cpu", None, 10, bundle, fp16=True)
+    # a damaged file is refused
+    (folder / GENERATOR_FILE).write_bytes((folder / GENERATOR_FILE).read_bytes()[:1000])
+    with pytest.raises(EngineUnavailable, match="corrupted or truncated"):
+        make_engine("onnx-generator", "cpu", None, 10, Bundle.load(folder))
+
+
+def test_verification_fails_for_a_wrong_generator(setup, tmp_path):
+    """verify() catches a generator that does not compute the plan it is checked against (here: another plan)."""
+    import shutil
+
+    _, exp = setup
+    folder = tmp_path / "exp"
+    shutil.copytree(exp, folder)
+    bundle = Bundle.load(folder)
+    wrong = build(onnx.load(str(exp / "model.onnx")), ddim_plan(bundle.schedule, 3), bundle.null_label)
+    onnx.save(wrong, str(tmp_path / "wrong.onnx"))
+    with pytest.raises(GeneratorFailed, match="grey level"):
+        verify(tmp_path / "wrong.onnx", bundle, ddim_plan(bundle.schedule, 4), 1.0)
+    before = (folder / "export.json").read_text()
+    import ddpm.export.generator as g
+
+    real_verify = g.verify
+    try:
+        g.verify = lambda *a, **k: (_ for _ in ()).throw(GeneratorFailed("forced"))
+        with pytest.raises(GeneratorFailed):
+            add_generator(folder, ddim_plan(bundle.schedule, 4), 1.0, log=lambda *_: None)
+    finally:
+        g.verify = real_verify
+    assert (folder / "export.json").read_text() == before and not (folder / GENERATOR_FILE).exists()
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]   # no temporary file left behind
+
+
+def test_stochastic_plans_are_refused(setup):
+    sched = Bundle.load(setup[1]).schedule
+    for plan in (ddpm_plan(sched), ddim_plan(sched, 5, eta=1.0)):
+        with pytest.raises(GeneratorUnsupported, match="deterministic plans only"):
+            check_plan(plan)
+    check_plan(ddim_plan(sched, 5))
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+def test_cli_gen_and_export(setup, tmp_path):
+    loaded, _ = setup
+    ckpt = loaded.path
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    common = ("--ckpt", ckpt, "-n", 6, "--steps", 4, "--batch", 4, "--seed", 9, "-w", 1.0, "-q")
+    r = invoke("gen", *common, "--engine", "onnx", "--out", tmp_path / "a.npz", env=env)
+    assert r.exit_code == 0, r.output
+    r = invoke("gen", *common, "--engine", "onnx-generator", "--out", tmp_path / "b.npz", env=env)
+    assert r.exit_code == 0, r.output
+    assert "onnx-generator" in r.output and "building generator.onnx" in r.output   # built once, in the cache
+    a, b = np.load(tmp_path / "a.npz")["images"], np.load(tmp_path / "b.npz")["images"]
+    assert np.abs(a.astype(int) - b).max() <= 1
+    r = invoke("gen", *common, "--engine", "onnx-generator", "--out", tmp_path / "c.npz", env=env)
+    assert r.exit_code == 0 and "building" not in r.output                            # reused
+    # bad input: one clear message, no traceback
+    r = invoke("gen", "--ckpt", ckpt, "-n", 2, "--sampler", "ddpm", "--engine", "onnx-generator", env=env)
+    assert r.exit_code == 1 and "deterministic plans only" in r.output and "Traceback" not in r.output
+    r = invoke("export", "--ckpt", ckpt, "--out", tmp_path / "e", "--generator", "--sampler", "ddpm")
+    assert r.exit_code == 2 and "deterministic plans only" in r.output and not (tmp_path / "e").exists()
+    # export --generator into a folder; gen against that folder with another plan is refused
+    r = invoke("export", "--ckpt", ckpt, "--out", tmp_path / "e", "--generator", "--steps", 3)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "e" / "export.json").read_text())["generator"]["steps"] == 3
+    r = invoke("gen", *common, "--engine", "onnx-generator", "--export", tmp_path / "e", "--out", tmp_path / "d.npz",
+               env=env)
+    assert r.exit_code == 1 and "not one for ddim4" in r.output
