@@ -160,7 +160,8 @@ class Trajectory:
                 pics.append(Image.fromarray(g).resize((g.shape[1] * scale, g.shape[0] * scale), Image.NEAREST))
             durations = [80] * (len(pics) - 1) + [2000]
             path.parent.mkdir(parents=True, exist_ok=True)
-            pics[0].save(path, save_all=True, append_images=pics[1:], duration=durations, loop=0)
+            # optimize=False: Pillow's palette optimisation of later frames changes grey levels (255 read back as 243)
+            pics[0].save(path, save_all=True, append_images=pics[1:], duration=durations, loop=0, optimize=False)
             return
         cols = self.pick(columns)
         tiles = [img for s in range(m) for seq in (self.x, self.x0) for img in (seq[k][s] for k in cols)]
