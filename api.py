@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DdpmError
 from .model.config import ModelConfig
 from .model.io import CheckpointError, TorchMissing, default_model_path, read_model_info, resolve_model_path
 from .runtime.bundle import META_FILE, Bundle, ExportError
@@ -39,10 +40,6 @@ DEFAULT_SAMPLER = "unipc"
 # The editing methods' sampler, as measured (README "Editing"): DDIM-50; RePaint needs its single-step rows, and
 # ILVR and inpainting its stochastic ones (eta 1).
 EDIT_SAMPLER = "ddim"
-
-
-class DdpmError(Exception):
-    """Anything a user can fix: a bad argument, a missing file or package. str(e) is the one-line message."""
 
 
 def default_export_dir() -> Path:
@@ -123,13 +120,19 @@ class Model:
         except TorchMissing as e:
             raise DdpmError(f"{e}; or pass an export folder made elsewhere with `ddpm export`") from None
         from .export.onnx_export import ExportFailed, export
+        from .files import OutputError
         from .model.io import LoadedModel
 
         loaded = LoadedModel(self.torch_model, self.cfg, self.hash, self.path, self.info)
         try:
-            export(loaded, root, fp16=True, log=lambda *_: None)   # fp16 too: a later --fp16 needs no second export
+            # fp16 too: a later --fp16 needs no second export. replace=False: another process that exported the same
+            # weights meanwhile (two first uses at once) wins, and nobody moves a folder that another one reads
+            export(loaded, root, fp16=True, log=lambda *_: None, replace=False)
         except ExportFailed as e:
             raise DdpmError(f"export failed: {e}") from None
+        except OutputError as e:   # the cache is not writable
+            raise DdpmError(f"{e}; the first use of a checkpoint exports it to ONNX there: set $XDG_CACHE_HOME to a "
+                            f"writable folder, pass an export folder (--export), or use --engine torch") from None
 
     def generator_bundle(self, plan, form: str = "loop", log=None) -> Bundle:
         """An export folder whose generator.onnx (export/generator.py) runs `plan`: the model's own when it has one,
@@ -244,9 +247,10 @@ class Model:
         except ValueError as e:
             raise _wrap(e) from None
 
-    def labels(self, n: int, label=None, uncond: bool = False) -> np.ndarray:
-        """(n,) int64 labels: the classes 0..9 in turn (label None), one class (an int), or given per sample (a
-        sequence); -1 everywhere when uncond. Raises DdpmError for labels outside 0..num_classes-1."""
+    def labels(self, n: int, label=None, uncond: bool = False, start: int = 0) -> np.ndarray:
+        """(n,) int64 labels of samples start..start+n-1: the classes 0..9 in turn (label None: sample k gets
+        k % num_classes), one class (an int), or given per sample (a sequence); -1 everywhere when uncond. Raises
+        DdpmError for labels outside 0..num_classes-1."""
         from .runtime.generate import labels_for
 
         if uncond:
@@ -256,7 +260,7 @@ class Model:
         if label is None or np.ndim(label) == 0:
             if label is not None and not (isinstance(label, (int, np.integer)) and 0 <= label < self.cfg.num_classes):
                 raise DdpmError(f"label must be an integer in 0..{self.cfg.num_classes - 1}, got {label!r}")
-            return labels_for(n, None if label is None else int(label), False, self.cfg.num_classes)
+            return labels_for(n, None if label is None else int(label), False, self.cfg.num_classes, start)
         arr = np.asarray(label)
         if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or \
                 arr.max() >= self.cfg.num_classes:
@@ -497,18 +501,18 @@ def _fit(image: np.ndarray, size) -> np.ndarray:
 def _copy_folder(src: Path, dst: Path) -> None:
     """Copy the folder src to dst (absent), published by one rename so that no reader sees half of it."""
     import shutil
-    import tempfile
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    from .files import OutputError, publish_dir, temp_dir
+
     try:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-        tmp.chmod(0o755)
-        tmp.rename(dst)
-    except FileExistsError:
-        shutil.rmtree(tmp, ignore_errors=True)    # another process published it first
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = temp_dir(dst)
+        try:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            publish_dir(tmp, dst, keep=lambda p: (p / META_FILE).is_file())   # another process published it first
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except (OSError, OutputError) as e:
         if not (dst / META_FILE).is_file():
             raise DdpmError(f"cannot copy {src} to {dst}: {e}") from None
 

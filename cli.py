@@ -5,11 +5,14 @@ Heavy modules are imported inside each command so that `ddpm --help` and bad-opt
 
 from __future__ import annotations
 
+import math
 import sys
 
 import click
 
-from .api import DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, DdpmError   # numpy-only imports
+from .api import DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE   # numpy-only imports
+from .errors import DdpmError
+from .runtime.noise import MAX_SEED
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -19,15 +22,68 @@ def _fail(e: BaseException) -> click.ClickException:
 
 
 class Group(click.Group):
-    """The `ddpm` group: errors meant for the user (DdpmError, a missing PyTorch) become one line and exit 1."""
+    """The `ddpm` group: errors meant for the user (every DdpmError: bad files, a missing PyTorch, an output that
+    cannot be written, ...) become one line and exit 1; Ctrl-C becomes one line ("interrupted", or what the command
+    says about it, e.g. the last checkpoint) and exit 130, the shell's code for SIGINT."""
 
     def invoke(self, ctx):
-        from .model.io import TorchMissing
-
         try:
             return super().invoke(ctx)
-        except (DdpmError, TorchMissing) as e:
+        except DdpmError as e:
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt as e:
+            click.echo(f"\n{str(e) or 'interrupted'}", err=True)
+            ctx.exit(130)
+
+
+# ---------------------------------------------------------------------------------------- shared option checks
+class Finite(click.FloatRange):
+    """A FloatRange that also refuses NaN and +-inf (float('nan') passes every comparison-based range check)."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
+SEED = click.IntRange(0, MAX_SEED)   # the noise stream's seed: 0..2^64-1 (runtime.noise)
+
+
+def _device_syntax(ctx, param, value):
+    """--device: auto, cpu, cuda or cuda:N, checked when parsed (whether that GPU exists is checked when used)."""
+    if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+        raise click.BadParameter(f"{value!r}: use auto, cpu, cuda or cuda:N")
+    return value
+
+
+def device_option(help="auto, cpu, cuda or cuda:N."):
+    return click.option("--device", default="auto", show_default=True, callback=_device_syntax, help=help)
+
+
+def _output(path, param: str, suffixes: tuple[str, ...] | None = None, folder: bool = False):
+    """Refuse, before any work, an output that cannot be written: wrong extension, a folder where a file is wanted
+    (or the reverse), a parent that is a file, a read-only location (files.check_writable)."""
+    from .files import OutputError, check_writable
+
+    if suffixes and not str(path).lower().endswith(suffixes):
+        raise click.BadParameter(f"must end in {' or '.join(suffixes)}", param_hint=param)
+    try:
+        check_writable(path, folder=folder)
+    except OutputError as e:
+        raise click.BadParameter(str(e), param_hint=param) from None
+    return path
+
+
+def _refuse_guidance_without_labels(uncond: bool, guidance: float) -> None:
+    """--uncond with an explicit --guidance w > 0: refused, since guidance steers a sample towards its label and an
+    unconditional sample has none (it would be silently ignored)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    if uncond and guidance and ctx.get_parameter_source("guidance") != ParameterSource.DEFAULT:
+        raise click.UsageError("--guidance steers samples towards their label and --uncond samples have none: "
+                               "leave out --guidance (or give 0)")
 
 
 def _needs_torch(command: str) -> None:
@@ -101,7 +157,7 @@ def main():
 @click.option("--steps", type=click.IntRange(min=1), default=10000, show_default=True, help="Optimizer steps.")
 @click.option("--batch", "batch_size", type=click.IntRange(min=1), default=128, show_default=True,
               help="Global batch size.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True,
+@click.option("--lr", type=Finite(min=0, min_open=True), default=2e-4, show_default=True,
               help="Adam learning rate.")
 @click.option("--warmup", type=click.IntRange(min=0), default=200, show_default=True, help="LR warm-up steps.")
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default=None,
@@ -110,13 +166,13 @@ def main():
 @click.option("--loss-weight", type=click.Choice(["eps", "min-snr"]), default=None,
               help="eps: plain eps-MSE; min-snr: weight min(SNR,5)/SNR per timestep (Hang et al. 2023) "
                    "[default: eps; --resume keeps the run's].")
-@click.option("--ema", "ema_decay", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True,
+@click.option("--ema", "ema_decay", type=Finite(0, 1, max_open=True), default=0.999, show_default=True,
               help="EMA decay.")
-@click.option("--p-uncond", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+@click.option("--p-uncond", type=Finite(0, 1, max_open=True), default=0.1, show_default=True,
               help="Label dropout probability (classifier-free guidance).")
 # run
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Random seed (0..2^64-1).")
+@device_option()
 @click.option("--ckpt-every", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Checkpoint and sample-grid interval (steps).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
@@ -130,6 +186,7 @@ def train(threads, resume, **opts):
       ddpm train --init runs/try --steps 2000 --seed 1 --out runs/more   # fine-tune from a model
       torchrun --nproc_per_node 2 -m ddpm.cli train --batch 128   # DDP, global batch 128
     """
+    _output(opts["out"], "--out", folder=True)
     _needs_torch("train")
     import torch
 
@@ -221,17 +278,17 @@ def sampling_options(f=None, *, sampler: str = SAMPLER, eta: float = 0.0, guidan
         click.option("--steps", type=click.IntRange(min=1), default=None,
                      help="Network calls per sample [default: 50 for ddim, 8 for dpm++2m and unipc, T for ddpm]."),
         *solver_options,
-        click.option("--eta", type=click.FloatRange(0, 1), default=eta, show_default=True,
+        click.option("--eta", type=Finite(0, 1), default=eta, show_default=True,
                      help="DDIM eta: 0 deterministic, 1 DDPM-like."),
         click.option("--variance", type=click.Choice(["small", "large"]), default="small", show_default=True,
                      help="DDPM posterior variance: beta~_t (small) or beta_t (large)."),
-        click.option("--guidance", "-w", type=click.FloatRange(min=0), default=guidance, show_default=True,
+        click.option("--guidance", "-w", type=Finite(min=0), default=guidance, show_default=True,
                      help="Classifier-free guidance w: eps_c + w (eps_c - eps_u); 0 = conditional model alone."),
-        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Seed of the noise stream (same seed, same digits, any batch size or engine)."),
+        click.option("--seed", type=SEED, default=0, show_default=True,
+                     help="Seed of the noise stream, 0..2^64-1 (same seed, same digits, any batch size or engine)."),
         click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True,
                      help="Samples per batch."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+        device_option(),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads."),
     ]
     for opt in reversed(opts):
@@ -290,13 +347,16 @@ def _add_generator(root, plan, form="loop", log=click.echo):
 @click.option("-n", "num", type=click.IntRange(min=1), default=64, show_default=True, help="Number of digits.")
 @click.option("--label", type=click.IntRange(0, 9), default=None,
               help="Draw only this class [default: classes 0-9 in turn].")
-@click.option("--uncond", is_flag=True, help="Unconditional sampling (the reserved 'no label').")
+@click.option("--uncond", is_flag=True,
+              help="Unconditional sampling (the reserved 'no label'). An explicit --guidance > 0 is refused with it: "
+                   "guidance steers a sample towards its label.")
 @engine_options
 @click.option("--out", type=click.Path(dir_okay=False), default="digits.png", show_default=True,
-              help="x.png: a grid image; x.npz: images (N,28,28) uint8 and labels (N,) (-1 unconditional).")
+              help="x.png: a grid image (n <= 10000); x.npz: images (N,28,28) uint8 and labels (N,) (-1 "
+                   "unconditional), written as they are made (any n).")
 @click.option("--trajectory", type=click.Path(dir_okay=False), default=None,
               help="Also write the reverse process of the first few samples: x.png (x_t and predicted x0 at 10 "
-                   "steps) or x.gif (an animation).")
+                   "steps) or x.gif (an animation); not with onnx-generator, which runs the loop in one call.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @sampling_options
 def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, trajectory, quiet, ckpt, sampler, steps,
@@ -320,15 +380,21 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, trajec
 
     import numpy as np
 
-    from .runtime.generate import generate
-    from .runtime.images import Trajectory
+    from .runtime.generate import iter_generate
+    from .runtime.images import MAX_GRID, Trajectory
 
     if label is not None and uncond:
         raise click.UsageError("--label and --uncond exclude each other")
-    if not out.endswith((".png", ".npz")):
-        raise click.BadParameter("must end in .png or .npz", param_hint="--out")
-    if trajectory is not None and not trajectory.lower().endswith((".png", ".gif")):
-        raise click.BadParameter("must end in .png or .gif", param_hint="--trajectory")
+    _refuse_guidance_without_labels(uncond, guidance)
+    _output(out, "--out", (".png", ".npz"))
+    if out.lower().endswith(".png") and num > MAX_GRID:
+        raise click.BadParameter(f"{num} digits are too many for one grid image (at most {MAX_GRID}); "
+                                 f"use --out x.npz, which streams any number", param_hint="-n")
+    if trajectory is not None:
+        _output(trajectory, "--trajectory", (".png", ".gif"))
+        if engine == "onnx-generator":
+            raise click.BadParameter("the onnx-generator engine runs the whole loop in one call; use --engine onnx "
+                                     "(or auto, torch, runtime-torch)", param_hint="--trajectory")
     _threads(threads)
     model = _model(ckpt, export_dir)
     plan = _plan(model, sampler, steps, eta, variance, spacing, guidance_interval)
@@ -336,45 +402,44 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, trajec
     dev = str(ctx.device) if ctx.world > 1 else _device(device)
     net_batch = 2 * batch if guidance and not uncond else batch   # guidance runs both halves in one batch
     eng = make_engine(engine, model, dev, fp16, not no_cuda_graph, net_batch, ctx, threads, plan)
-    labels = model.labels(num, label, uncond)
+    labels = lambda a, b: model.labels(b - a, label, uncond, start=a)   # samples a..b-1: nothing of size n is held
     lo, hi = ctx.shard(num)
     t0 = time.perf_counter()
     # sample k's noise depends only on (seed, k): the shards together are exactly the single-process samples
     # --trajectory: the first batch of rank 0 runs step by step and hands its states over after every row
     traj = Trajectory(min(4, num, batch)) if trajectory and ctx.rank == 0 else None
-    if trajectory and not getattr(eng, "supports_edits", False):
-        raise click.BadParameter(f"the {eng.name} engine runs the whole loop in one call; use --engine onnx",
-                                 param_hint="--trajectory")
-    mine = generate(eng, hi - lo, plan, labels[lo:hi], guidance, seed, batch, start=lo,
-                    progress=not quiet and ctx.rank == 0, watch=traj)
-    parts = ctx.gather(mine)
+    batches = iter_generate(eng, hi - lo, plan, lambda a, b: labels(lo + a, lo + b), guidance, seed, batch, start=lo,
+                            progress=not quiet and ctx.rank == 0, watch=traj)
+    nrow = 10 if label is None and not uncond else None
+    if ctx.world == 1:
+        _save_images(out, batches, labels, num, nrow)     # an .npz is written batch by batch as they come
+    else:
+        parts = ctx.gather(np.concatenate([np.empty((0, 28, 28), np.uint8), *batches]))
+        if ctx.rank == 0:
+            _save_images(out, parts, labels, num, nrow)
     seconds = time.perf_counter() - t0
     ctx.teardown()
     if ctx.rank == 0:
-        images = np.concatenate(parts)
-        _save_images(out, images, labels, nrow=10 if label is None and not uncond else None)
         procs = f", {ctx.world} processes" if ctx.world > 1 else ""
         if traj is not None:
             traj.save(trajectory)
         also = f" (trajectory -> {trajectory})" if traj is not None else ""
-        click.echo(f"{num} digits ({plan.name}, guidance {guidance:g}, {eng.name}{procs}) in {seconds:.1f}s -> {out}"
-                   f"{also}")
+        how = "unconditional" if uncond else f"guidance {guidance:g}"
+        click.echo(f"{num} digits ({plan.name}, {how}, {eng.name}{procs}) in {seconds:.1f}s -> {out}{also}")
 
 
-def _save_images(out, images, labels, nrow=None):
+def _save_images(out, batches, labels, n, nrow=None):
+    """Write n images (an iterable of (b,28,28) uint8 batches; labels(lo, hi) gives theirs) as an .npz, streamed,
+    or as a grid image."""
     import numpy as np
-    from pathlib import Path
 
-    from .model.io import atomic_write
     from .runtime.images import save_grid
+    from .samples import save_samples
 
-    if out.endswith(".npz"):
-        def write(tmp):
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, images=images, labels=np.asarray(labels, dtype=np.int64))
-        atomic_write(out, write)
+    if out.lower().endswith(".npz"):
+        save_samples(out, labels, batches, n=n)
     else:
-        save_grid(images, out, nrow=nrow)
+        save_grid(np.concatenate(list(batches)), out, nrow=nrow)
 
 
 # --------------------------------------------------------------------------------------------------------- editing
@@ -403,8 +468,6 @@ def editing_options(out: str, eta: float = 0.0, guidance: float = GUIDANCE):
 
 def _param(hint, fn, *args):
     """fn(*args), its DdpmError (an unreadable picture, a mask of the wrong size) reported against the option."""
-    from .api import DdpmError
-
     try:
         return fn(*args)
     except DdpmError as e:
@@ -420,12 +483,20 @@ def _edit_command(what, detail, opts, run, shown, check_plan=None):   # detail: 
 
     import numpy as np
 
+    from .runtime.images import MAX_GRID
+
     o = opts
-    if not o["out"].endswith((".png", ".npz")):
-        raise click.BadParameter("must end in .png or .npz", param_hint="--out")
+    _output(o["out"], "--out", (".png", ".npz"))       # before any work (files.check_writable)
+    if o["out"].lower().endswith(".png") and o["num"] + 1 > MAX_GRID:
+        raise click.BadParameter(f"{o['num']} results and the input are too many for one grid image (at most "
+                                 f"{MAX_GRID}); use --out x.npz", param_hint="-n")
     if o["engine"] == "onnx-generator":
         raise click.BadParameter("edits run row by row: onnx-generator runs a whole plain loop in one call; use "
                                  "onnx (or auto, torch, runtime-torch)", param_hint="--engine")
+    if o["label"] is None and o["guidance"] and \
+            click.get_current_context().get_parameter_source("guidance") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--guidance steers results towards --label, and without --label the unconditional "
+                               "model is used: give --label, or leave out --guidance")
     _threads(o["threads"])
     model = _model(o["ckpt"], o["export_dir"])
     plan = _plan(model, o["sampler"], o["steps"], o["eta"], o["variance"], o["spacing"], o["guidance_interval"])
@@ -448,8 +519,8 @@ def _edit_command(what, detail, opts, run, shown, check_plan=None):   # detail: 
     images = np.concatenate(parts)
     labels = np.full(o["num"], -1 if o["label"] is None else o["label"], dtype=np.int64)
     out = o["out"]
-    if out.endswith(".npz"):
-        from .model.io import atomic_write
+    if out.lower().endswith(".npz"):   # a samples file (samples.SAMPLES) with the input beside
+        from .files import atomic_write
 
         def write(tmp):
             with open(tmp, "wb") as f:
@@ -520,7 +591,7 @@ def inpaint(mask_spec, jump, resample, **o):
 
 
 @main.command("edit")
-@click.option("--strength", type=click.FloatRange(0, 1), default=0.6, show_default=True,
+@click.option("--strength", type=Finite(0, 1), default=0.6, show_default=True,
               help="How far the input is noised: 0 returns it unchanged, 1 ignores it.")
 @editing_options("edit.png", guidance=EDIT_GUIDANCE)
 def edit_cmd(strength, **o):
@@ -574,7 +645,7 @@ def upscale(factor, method, **o):
 
 
 @main.command()
-@click.option("--sigma", type=click.FloatRange(0, min_open=True), required=True,
+@click.option("--sigma", type=Finite(0, min_open=True), required=True,
               help="Std of the Gaussian noise in the input, in [-1, 1] units (s grey levels: s/127.5).")
 @editing_options("restore.png")
 def restore(sigma, **o):
@@ -598,14 +669,16 @@ def restore(sigma, **o):
               help="npz files from `ddpm gen --out x.npz` (repeat to compare); without it, samples are generated.")
 @click.option("-n", "num", type=click.IntRange(min=2), default=10000, show_default=True,
               help="Samples to generate when no --samples are given.")
-@click.option("--uncond", is_flag=True, help="Generate unconditional samples (class histogram) instead of 0-9 in turn.")
+@click.option("--uncond", is_flag=True, help="Generate unconditional samples (class histogram) instead of 0-9 in turn; "
+                                          "an explicit --guidance > 0 is refused with it (guidance needs a label).")
 @engine_options
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="MNIST folder (real test set, floor); else $DDPM_DATA or the cache folder.")
 @click.option("--classifier", type=click.Path(dir_okay=False), default=None,
               help="Classifier weights [default: the bundled one].")
 @click.option("--train-classifier", is_flag=True, help="Retrain the classifier (3 epochs) and use it.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the results here (JSON; missing folders are created).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @sampling_options
 def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph, data, classifier, train_classifier,
@@ -622,15 +695,22 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
       ddpm gen -n 2000 --sampler ddpm --out ddpm.npz && ddpm eval --samples ddpm.npz
       ddpm eval --samples a.npz --samples b.npz --json quality.json
     """
+    _refuse_guidance_without_labels(uncond, guidance)
+    if json_out:
+        _output(json_out, "--json")
     _needs_torch("eval (its MNIST classifier)")
     import json
     from pathlib import Path
 
-    import numpy as np
-
     from .bench import quality
+    from .files import write_text
+    from .runtime.generate import ensure_memory
+    from .samples import read_samples
     from .train.data import DataError, ensure_mnist, resolve_data_dir
 
+    samples = [(f, *read_samples(f)) for f in sample_files]   # every file checked before the slow parts
+    if not sample_files:   # the images, and the classifier's 128 float64 features of each
+        ensure_memory(num * (28 * 28 + 128 * 8), f"evaluating {num} samples", "lower -n", per_unit=28 * 28 + 128 * 8)
     _threads(threads)
     try:
         data_dir = ensure_mnist(resolve_data_dir(data), progress=click.echo)
@@ -646,13 +726,11 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
         raise _fail(e) from None
 
     rows = []
-    for f in sample_files:
+    for f, images, labels in samples:
         try:
-            with np.load(f) as z:
-                images, labels = z["images"], z["labels"]
             rows.append(ref.evaluate(images, labels, Path(f).name))
-        except (OSError, KeyError, ValueError) as e:
-            raise click.ClickException(f"{f}: not a samples file from `ddpm gen --out x.npz` ({e})") from None
+        except ValueError as e:
+            raise click.ClickException(f"{f}: {e}") from None
     if not sample_files:
         from .runtime.generate import generate
 
@@ -667,7 +745,7 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
         rows.append(ref.evaluate(images, labels, name))
     click.echo(quality.format_table(rows))
     if json_out:
-        Path(json_out).write_text(json.dumps(rows, indent=2) + "\n")
+        write_text(json_out, json.dumps(rows, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------- export
@@ -711,6 +789,10 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, s
       ddpm export --generator --steps 20                  # generator.onnx: DDIM-20 in one ONNX call
       ddpm export --web site && python -m http.server -b 127.0.0.1 -d site   # open http://127.0.0.1:8000
     """
+    if out:
+        _output(out, "--out", folder=True)
+    if web_dir:
+        _output(web_dir, "--web", folder=True)
     _needs_torch("export")
     from .export.onnx_export import ExportFailed, export
 
@@ -734,7 +816,7 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, s
         loaded = load_model(ckpt or api.default_model_path())
     except CheckpointError as e:
         raise _fail(e) from None
-    out = out or str(api.cache_dir() / "exports" / loaded.hash[:16])
+    out = _output(out or str(api.cache_dir() / "exports" / loaded.hash[:16]), "--out", folder=True)
     plan = None
     if with_generator or web_dir:   # refuse a plan the generator cannot run before any work
         from .export.generator import GeneratorUnsupported, check_plan
@@ -796,7 +878,7 @@ def _int_list(ctx, param, value):
               help="Network calls per sample [default: 50 for ddim, 8 for dpm++2m and unipc].")
 @solver_options[0]
 @solver_options[1]
-@click.option("--guidance", "-w", type=click.FloatRange(min=0), default=GUIDANCE, show_default=True,
+@click.option("--guidance", "-w", type=Finite(min=0), default=GUIDANCE, show_default=True,
               help="Classifier-free guidance (doubles the network batch when > 0).")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per engine and batch.")
 @click.option("--fp16", is_flag=True, help="Half-precision models for the runtime engines (eager stays fp32).")
@@ -807,7 +889,7 @@ def _int_list(ctx, param, value):
 @click.option("--quick", is_flag=True,
               help="A smoke test: 3 steps of the sampler (ddim for ddpm), batch 1,2, 2 runs, DDIM-3 as the baseline.")
 @click.option("--ckpt", type=click.Path(), default=None, help="Checkpoint [default: the bundled model].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@device_option()
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (torch and onnxruntime alike).")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Folder for bench.json, bench.md and bench.png.")
@@ -831,6 +913,7 @@ def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance
     if unknown or not names:
         raise click.BadParameter(f"unknown engine(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(ENGINES)}",
                                  param_hint="--engines")
+    _output(out, "--out", folder=True)
     if quick:
         sampler = "ddim" if sampler == "ddpm" else sampler
         steps, batches, repeat = 3, [1, 2], 2

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -153,7 +152,9 @@ def main(argv=None) -> None:
     if "restore" in only:
         rows += restoration(model, clf, x, y, (0.2, 0.5, 1.0), a.engine, a.batch)
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
+        from ..files import write_text
+
+        write_text(a.json, json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
     python -m ddpm.bench.pictures --data ../shared/data/mnist --out docs/img [--bench-json bench-out/bench.json]
 
-classes.png (a 10x10 grid, class k in column k), inpaint.png, edits.png, upscale.png, restore.png,
-trajectory.png, and bench.png (from the JSON of a `ddpm bench` run, or a small run made here:
-torch, runtime-torch and onnx at batch 1 and 8, DDIM-50, guidance 1, 3 runs each, one thread per engine so that a
-machine shared with other jobs distorts it less). The inputs of the edits are
+classes.png (a 10x10 grid, class k in column k) and trajectory.png with the default sampler (UniPC-8), inpaint.png,
+edits.png, upscale.png, restore.png with the edits' (DDIM-50), and bench.png (from the JSON of a `ddpm bench` run, or
+a small run made here: torch, runtime-torch and onnx at batch 1 and 8, DDIM-50, guidance 1, 3 runs each, one thread
+per engine so that a machine shared with other jobs distorts it less). The inputs of the edits are
 MNIST test digits (fixed indices); every sample comes from seed 0 of the noise stream, so the pictures are the
 same on every run and engine up to a grey level. README "Editing" says what each picture shows.
 """
@@ -29,7 +29,7 @@ def _save(images: np.ndarray, path: Path, nrow: int) -> None:
 
 
 def classes(model, out: Path, engine: str) -> None:
-    """100 digits, DDIM-50 with the default guidance, labels 0..9 in turn: class k in column k."""
+    """100 digits, the default sampler (UniPC-8) and guidance, labels 0..9 in turn: class k in column k."""
     _save(model.generate(100, engine=engine), out / "classes.png", nrow=10)
 
 
@@ -81,8 +81,9 @@ def restore(model, x, out: Path, engine: str, sigma: float = 0.5, n: int = 3) ->
 
 
 def trajectory(model, out: Path, engine: str) -> None:
-    """4 samples (labels 0..3), DDIM-50: x_t and the predicted x0 at 10 rows. (A gif, `ddpm gen --trajectory x.gif`,
-    is 150-350 kB here: the noisy frames do not compress; the README keeps to small PNGs.)"""
+    """4 samples (labels 0..3), the default sampler (UniPC-8): x_t and the predicted x0 after each of its rows. (A
+    gif, `ddpm gen --trajectory x.gif`, is 150-350 kB here: the noisy frames do not compress; the README keeps to
+    small PNGs.)"""
     from ..runtime.generate import generate
     from ..runtime.images import Trajectory
 
@@ -96,6 +97,7 @@ def trajectory(model, out: Path, engine: str) -> None:
 def bench_plot(model, out: Path, bench_json: str | None) -> None:
     import json
 
+    from ..files import atomic_write, write_text
     from .speed import plot, run_bench
 
     if bench_json:
@@ -104,11 +106,14 @@ def bench_plot(model, out: Path, bench_json: str | None) -> None:
         import torch
 
         torch.set_num_threads(1)
-        res = run_bench(model, ["torch", "runtime-torch", "onnx"], [1, 8], model.plan(), 1.0, 3, threads=1,
+        res = run_bench(model, ["torch", "runtime-torch", "onnx"], [1, 8], model.plan("ddim", 50), 1.0, 3, threads=1,
                         log=lambda *_: None)
-        (out / "bench.json").write_text(json.dumps(res, indent=1) + "\n")
-    if not plot(res, out / "bench.png"):
-        raise SystemExit("the benchmark plot needs matplotlib: pip install 'ddpm[plot]'")
+        write_text(out / "bench.json", json.dumps(res, indent=1) + "\n")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("the benchmark plot needs matplotlib: pip install 'ddpm[plot]'") from None
+    atomic_write(out / "bench.png", lambda tmp: plot(res, Path(tmp)))
 
 
 def main(argv=None) -> None:

@@ -86,10 +86,21 @@ def train_classifier(data_dir, out: str | os.PathLike, epochs: int = 3, seed: in
 
 
 def load_classifier(path: str | os.PathLike = CLASSIFIER_FILE) -> Classifier:
+    """The classifier of a safetensors file (`train_classifier`); CheckpointError when it is not one."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from ..model.io import CheckpointError
+
     model = Classifier()
-    model.load_state_dict(load_file(str(path)))
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not the weights of ddpm's MNIST classifier ({str(e).splitlines()[0]}); "
+                              f"use --train-classifier to make them") from None
+    for name, p in model.state_dict().items():
+        if not torch.isfinite(p).all():
+            raise CheckpointError(f"{path}: the classifier's {name} is not finite; use --train-classifier")
     return model.eval()
 
 

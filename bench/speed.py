@@ -148,6 +148,7 @@ def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False,
     also each engine's own peak memory (MemoryMeter, over torch.cuda or the stand-in `cuda`). Returns the results as
     a dict (see format_table)."""
     from ..api import DdpmError
+    from ..runtime.generate import check_batch_fits
 
     meter = None
     if _cuda(device):
@@ -156,6 +157,8 @@ def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False,
 
             cuda = torch.cuda
         meter = MemoryMeter(cuda, device)
+    for batch in batches:   # before any engine is made or any buffer allocated
+        check_batch_fits(plan, batch, guided=guidance != 0, device=device, cuda=cuda)
     metered = lambda key, name: meter.measure(key, name in OUTSIDE_TORCH) if meter is not None else nullcontext()
     net_batch = max(batches) * (2 if guidance else 1)   # guidance runs both halves in one network batch
     ready, skipped = {}, {}
@@ -270,16 +273,21 @@ def plot(res: dict, path: Path) -> bool:
     ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
     return True
 
 
 def write_outputs(res: dict, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+    """bench.json, bench.md and (with matplotlib) bench.png in `out`, each written atomically."""
+    from ..files import atomic_write, write_text
+
     files = [out / "bench.json", out / "bench.md"]
-    files[0].write_text(json.dumps(res, indent=1) + "\n")
-    files[1].write_text(format_table(res, markdown=True) + "\n")
-    if plot(res, out / "bench.png"):
-        files.append(out / "bench.png")
-    return files
+    write_text(files[0], json.dumps(res, indent=1) + "\n")
+    write_text(files[1], format_table(res, markdown=True) + "\n")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return files
+    atomic_write(out / "bench.png", lambda tmp: plot(res, Path(tmp)))
+    return files + [out / "bench.png"]

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_write, write_text
+
 GUIDANCE = 0.3                                   # the CLI default (cli.GUIDANCE)
 STEPS = (5, 8, 10, 15, 20)
 SAMPLERS = ("ddim", "dpm++2m", "unipc")
@@ -139,7 +141,7 @@ def measure(args) -> None:
                "network_images": network_images(plan, p["guidance"] > 0), "fd": fd, "floor": floors[p["n"]],
                "fd_ratio": fd / floors[p["n"]], "accuracy": float((preds == labels).mean()), "seconds": seconds}
         doc["rows"].append(row)
-        store.write_text(json.dumps(doc, indent=1) + "\n")
+        write_text(store, json.dumps(doc, indent=1) + "\n")   # atomic: a kill never loses the rows measured
         print(f"[{k + 1}/{len(todo)}] {row['key']}: FD/floor {row['fd_ratio']:.3f}, accuracy "
               f"{100 * row['accuracy']:.2f}%, {seconds:.1f}s", flush=True)
 
@@ -243,14 +245,14 @@ def plot(doc: dict, path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return True
 
 
 def report(out: Path) -> list[Path]:
     doc = json.loads((out / "sweep.json").read_text())
-    (out / "sweep.md").write_text(tables(doc) + "\n")
+    write_text(out / "sweep.md", tables(doc) + "\n")
     files = [out / "sweep.md"]
     if plot(doc, out / "sweep.png"):
         files.append(out / "sweep.png")

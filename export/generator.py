@@ -30,8 +30,6 @@ Nothing here imports PyTorch: a generator is built from an export folder's model
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -298,25 +296,22 @@ def add_generator(root, plan: Plan, guidance: float, form: str = DEFAULT_FORM, l
     net = onnx.load(str(bundle.onnx_path("fp32")))
     model = build(net, plan, bundle.null_label, bundle.image_shape, form,
                   meta={"checkpoint_hash": bundle.meta["checkpoint_hash"]})
-    fd, tmp = tempfile.mkstemp(prefix=f".{GENERATOR_FILE}.", suffix=".onnx", dir=root)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
+    info = {}
+
+    def write(tmp: str) -> None:   # saved and verified as a temporary (files.atomic_write), renamed in if it passes
+        tmp = Path(tmp)
         onnx.save(model, str(tmp))
         parity = verify(tmp, bundle, plan, guidance)
         log(f"{GENERATOR_FILE} ({plan.name}, {form}): at most {parity['max_abs_grey']} grey level(s) from the "
             f"runtime (tolerance {TOLERANCE_GREY})")
-        info = {"name": GENERATOR_FILE, "sha256": file_sha256(tmp), "bytes": tmp.stat().st_size, "plan": plan.name,
-                "plan_key": plan_key(plan), "steps": plan.steps, "form": form,
-                "opset": int(net.opset_import[0].version),
-                "inputs": {"x_T": "float32 (B,C,H,W)", "labels": "int64 (B,); the null label for unconditional",
-                           "guidance": "float32 scalar w >= 0"},
-                "outputs": {"images": "uint8 (B,H,W)"}, "parity": parity}
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, root / GENERATOR_FILE)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        info.update({"name": GENERATOR_FILE, "sha256": file_sha256(tmp), "bytes": tmp.stat().st_size,
+                     "plan": plan.name, "plan_key": plan_key(plan), "steps": plan.steps, "form": form,
+                     "opset": int(net.opset_import[0].version),
+                     "inputs": {"x_T": "float32 (B,C,H,W)", "labels": "int64 (B,); the null label for unconditional",
+                                "guidance": "float32 scalar w >= 0"},
+                     "outputs": {"images": "uint8 (B,H,W)"}, "parity": parity})
+
+    atomic_write(root / GENERATOR_FILE, write)
     meta = dict(bundle.meta, generator=info)
     atomic_write(root / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
     return info

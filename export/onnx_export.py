@@ -1,17 +1,15 @@
 """Export the EMA noise predictor to ONNX, verify it against PyTorch, write the metadata.
 
 The chain (each step a function): to_onnx -> verify -> metadata -> publish. Everything is written into a temporary
-folder beside the target and renamed into place only after verification passed, so a failed export leaves nothing
-half-written behind.
+folder beside the target and renamed into place only after verification passed (files.publish_dir: an existing
+folder is moved aside only then), so a failed or killed export never leaves a folder that a runtime would trust.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import DdpmError
+from ..files import OutputError, disk_full, no_space, publish_dir, temp_dir
 from ..model.io import LoadedModel, copy_to
 from ..runtime.bundle import EXPORT_FORMAT, META_FILE, file_sha256
 from ..runtime.schedule import Schedule
@@ -29,7 +29,7 @@ FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 
 
-class ExportFailed(Exception):
+class ExportFailed(DdpmError):
     """Export or its verification failed; the message carries the figures."""
 
 
@@ -73,13 +73,20 @@ def verify(path: Path, reference: torch.nn.Module, precision: str, T: int, batch
         y = torch.randint(0, reference.cfg.num_classes + 1, (b,), generator=g)
         with torch.no_grad():
             ref = reference(x, t, y).numpy()
+        if not np.isfinite(ref).all():   # max() over NaN differences would read as "max abs error 0"
+            raise ExportFailed(f"PyTorch's own output is not finite (NaN or inf) at batch {b}: the checkpoint's "
+                               f"weights are broken (a diverged run?); export an earlier checkpoint")
         feed = {"x": x.numpy().astype(np.float16 if precision == "fp16" else np.float32), "t": t.numpy(), "y": y.numpy()}
         out = sess.run([OUTPUT], feed)[0].astype(np.float32)
         if out.shape != ref.shape:
             raise ExportFailed(f"{path.name}: output shape {out.shape} at batch {b}, expected {ref.shape}")
+        if not np.isfinite(out).all():
+            raise ExportFailed(f"{path.name} ({precision}) gives non-finite outputs (NaN or inf) at batch {b} where "
+                               f"PyTorch's are finite" + (" (an fp16 overflow: use the fp32 model)"
+                                                          if precision == "fp16" else ""))
         worst = max(worst, float(np.abs(out - ref).max()))
         scale = max(scale, float(ref.std()))
-    err = worst / scale if precision == "fp16" else worst
+    err = worst / max(scale, 1e-12) if precision == "fp16" else worst
     res = {"max_abs_error": worst, "eps_std": scale, "error": err, "tolerance": TOLERANCE[precision],
            "measure": "max abs error / eps std" if precision == "fp16" else "max abs error", "batches": list(batches)}
     if not err <= TOLERANCE[precision]:
@@ -119,19 +126,37 @@ def _embed_metadata(path: Path, meta: dict) -> None:
     onnx.save(m, str(path))
 
 
+def _holds(root: Path, weights_hash: str, precisions: list[str]) -> dict | None:
+    """The metadata of a valid export of these weights in `root` with these precisions, else None."""
+    from ..runtime.bundle import Bundle, ExportError
+
+    try:
+        meta = Bundle.load(root, expected_hash=weights_hash).meta
+    except ExportError:
+        return None
+    return meta if all(p in meta["files"] for p in precisions) else None
+
+
 @dataclass
 class ExportResult:
     out: Path
     meta: dict
 
 
-def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int = 17, log=print) -> ExportResult:
-    """checkpoint -> ONNX fp32 (+ fp16) -> verified -> metadata -> renamed into `out`."""
+def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int = 17, log=print,
+           replace: bool = True) -> ExportResult:
+    """checkpoint -> ONNX fp32 (+ fp16) -> verified -> metadata -> renamed into `out` (files.publish_dir).
+
+    replace=False: if `out` holds a valid export of the same weights with these precisions (another process exported
+    them first), keep it and drop this one. Raises ExportFailed (verification), files.OutputError (`out` not writable,
+    or a folder that is not an export, which it would replace)."""
     import onnx
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
+        raise OutputError(f"{out} is a folder but not an export folder (no {META_FILE}), and an export replaces what "
+                          f"is there: give another --out, or remove it")
+    tmp = temp_dir(out)
     try:
         files = {}
         reference = copy_to(loaded.model, "cpu", torch.float32)   # whatever device or dtype the caller's model has
@@ -148,14 +173,13 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
             f["sha256"] = file_sha256(tmp / f["name"])
             f["bytes"] = (tmp / f["name"]).stat().st_size
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it 0700
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        if not publish_dir(tmp, out, keep=None if replace else lambda p: _holds(p, loaded.hash, list(files))):
+            return ExportResult(out, _holds(out, loaded.hash, list(files)))
         return ExportResult(out, meta)
-    except BaseException:
+    except BaseException as e:
+        full = disk_full(e, out.parent)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise no_space(out) from None
         raise
 

@@ -31,6 +31,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from ..files import publish_dir, temp_dir
 from ..runtime.bundle import Bundle
 
 ORT_WEB = {
@@ -133,8 +134,7 @@ def write_page(bundle: Bundle, out: str | Path, guidance: float, gen_options: st
         raise WebExportError(f"{out} exists and is not a page written by `ddpm export --web`; choose another folder")
     gen_path = bundle.generator_path()
     tarball = ort_web_tarball(ort_tarball, log)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir(out)   # tagged: a killed write's folder is removed by the next one (files.clean_stale)
     try:
         for name in PAGE_FILES:
             shutil.copyfile(PAGE_SRC / name, tmp / name)
@@ -146,12 +146,7 @@ def write_page(bundle: Bundle, out: str | Path, guidance: float, gen_options: st
                  "null_label": meta["null_label"], "checkpoint_hash": meta["checkpoint_hash"],
                  "generator_sha256": gen["sha256"], "onnxruntime_web": ORT_WEB}
         (tmp / MARKER).write_text(json.dumps(model, indent=1) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it 0700
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        publish_dir(tmp, out)   # the old page is moved aside only now that the new one is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

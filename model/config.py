@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from ..schema import Bool, Int, List, Num, Schema, Str
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,11 @@ class ModelConfig:
         return cls(**d)
 
     def validate(self) -> "ModelConfig":
+        """The config itself if a UNet can be built from it; ValueError (one line) naming the first bad field."""
+        CONFIG.check(self.to_dict(), "model config", ValueError)
+        if self.base_channels % 2:
+            raise ValueError(f"base_channels must be even (the sinusoidal timestep embedding), got "
+                             f"{self.base_channels}")
         if self.image_size % (2 ** (len(self.channel_mults) - 1)):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2^{len(self.channel_mults) - 1}")
         for c in {self.base_channels * m for m in self.channel_mults}:
@@ -55,6 +62,14 @@ class ModelConfig:
             raise ValueError("timesteps must be >= 2")
         return self
 
+
+# What a stored config must hold (checkpoints, export.json): every field typed and in range.
+CONFIG = Schema("model config", {
+    "image_size": Int(min=1), "in_channels": Int(min=1), "base_channels": Int(min=2),
+    "channel_mults": List(Int(min=1), min_len=1), "num_res_blocks": Int(min=0), "attention": Bool(),
+    "num_classes": Int(min=1), "dropout": Num(min=0, max=1, max_open=True), "groups": Int(min=1),
+    "schedule": Str(choices=("linear", "cosine")), "timesteps": Int(min=2),
+})
 
 # small: trains usefully on 2 CPU cores; large: for a GPU.
 PRESETS: dict[str, ModelConfig] = {

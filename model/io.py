@@ -15,11 +15,12 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from ..errors import DdpmError
+from ..files import atomic_write  # noqa: F401  (re-exported: model.io.atomic_write is used across the package)
+from ..schema import Any, Array, Const, Int, Json, Map, Obj, Schema
 from .config import ModelConfig
 
 FORMAT = "ddpm-model"
@@ -28,11 +29,11 @@ MODEL_FILE = "model.safetensors"
 CKPT_FILE = "ckpt.pt"
 
 
-class CheckpointError(Exception):
+class CheckpointError(DdpmError):
     """A checkpoint that is missing, unreadable or not one of ours; the message says which and why."""
 
 
-class TorchMissing(Exception):
+class TorchMissing(DdpmError):
     """What was asked for needs PyTorch, which is not installed; the message says what to install."""
 
 
@@ -46,25 +47,6 @@ def require_torch(what: str):
     except ImportError:
         raise TorchMissing(f"{what} needs PyTorch: {TORCH_HINT}") from None
     return torch
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; give the file ordinary permissions
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def weights_hash(cfg: ModelConfig, state: dict) -> str:
@@ -105,7 +87,29 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(dict(state, format=CKPT_FORMAT), tmp))
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
+# The entries of the formats (schema.py), checked when read. Weights must be finite: a diverged run's NaN weights
+# would otherwise sample black images and even pass the export's parity check.
+_WEIGHTS = Map(Array(("float",), finite=True), min_len=1, what="a state dict of float tensors")
+CKPT = Schema("ddpm training checkpoint", {
+    "format": Const(CKPT_FORMAT),
+    "step": Int(min=0),
+    "model_config": Map(Any(), what="a model config (an object)"),
+    "ema": _WEIGHTS,                                    # the EMA weights: what inference uses
+    "model": _WEIGHTS,                                  # the trained weights, for --resume
+    "opt": Obj({"state": Map(Any(), keys=Any()), "param_groups": Any()}, what="an optimizer state"),
+    "torch_rng": Array(("uint8",), (None,)),
+}, optional={"train_config": Map(Any())},
+    hint="it was not written completely by `ddpm train`; use an earlier checkpoint or train again")
+CKPT_WEIGHTS = CKPT.subset("format", "step", "model_config", "ema")   # what loading the model needs
+MODEL_META = Schema("ddpm model (model.safetensors metadata)", {
+    "format": Const(FORMAT),
+    "config": Json(Map(Any(), what="a model config (an object)")),
+}, optional={"step": Json(Int(min=0))}, hint="re-save it with `ddpm train` or use its ckpt.pt")
+
+
+def load_checkpoint(path: str | os.PathLike, schema: Schema = CKPT) -> dict:
+    """The dict of a ckpt.pt, read with weights_only=True (no code runs), checked against `schema` (default: all a
+    resume needs; CKPT_WEIGHTS: what loading the model needs). Raises CheckpointError, TorchMissing."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -116,6 +120,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not a readable ddpm checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} is not a ddpm training checkpoint")
+    schema.check(ckpt, path, CheckpointError)
     return ckpt
 
 
@@ -136,7 +141,7 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
                 return path / name
         raise CheckpointError(f"{path} holds neither {MODEL_FILE} nor {CKPT_FILE}")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} " + ("is not a regular file" if path.exists() else "does not exist"))
     return path
 
 
@@ -152,9 +157,12 @@ def _read_safetensors(path: Path, framework: str) -> tuple[dict, dict]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a ddpm model (no '{FORMAT}' metadata)")
-    if "config" not in meta:
-        raise CheckpointError(f"{path} is a ddpm model without its config (no 'config' metadata)")
+    MODEL_META.check(meta, path, CheckpointError)
+    _WEIGHTS_FILE.check({"weights": state}, path, CheckpointError)
     return meta, state
+
+
+_WEIGHTS_FILE = Schema("ddpm model", {"weights": _WEIGHTS}, hint="use an earlier checkpoint or train again")
 
 
 def _parse_meta(path: Path, meta: dict) -> tuple[dict, dict]:
@@ -177,7 +185,7 @@ def _config(path: Path, cfg_dict) -> ModelConfig:
     try:
         return ModelConfig.from_dict(cfg_dict).validate()
     except (TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path} has an invalid model config: {e}") from None
+        raise CheckpointError(f"{path}: invalid model config ({e})") from None
 
 
 def read_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
@@ -188,10 +196,7 @@ def read_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
         meta, state = _read_safetensors(path, "pt")
         cfg_dict, info = _parse_meta(path, meta)
     else:
-        ckpt = load_checkpoint(path)
-        missing = [k for k in ("ema", "model_config", "step") if k not in ckpt]
-        if missing:
-            raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a complete ddpm training checkpoint")
+        ckpt = load_checkpoint(path, CKPT_WEIGHTS)
         state, cfg_dict, info = ckpt["ema"], ckpt["model_config"], {"step": ckpt["step"]}
     return _config(path, cfg_dict), state, info
 
@@ -215,11 +220,17 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     from .unet import UNet
 
     model = UNet(cfg)
+    path = resolve_model_path(path)
     try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the stored config ({str(e).splitlines()[0]})") from None
-    return LoadedModel(model.eval(), cfg, weights_hash(cfg, state), resolve_model_path(path), info)
+        res = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:   # a tensor of another shape
+        lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()] or [str(e)]
+        raise CheckpointError(f"{path}: weights do not fit the stored config ({lines[0]})") from None
+    if res.missing_keys or res.unexpected_keys:
+        parts = [f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for what, keys in (("missing", res.missing_keys), ("unexpected", res.unexpected_keys)) if keys]
+        raise CheckpointError(f"{path}: weights do not fit the stored config ({'; '.join(parts)})")
+    return LoadedModel(model.eval(), cfg, weights_hash(cfg, state), path, info)
 
 
 def copy_to(model, device, dtype=None):

@@ -16,13 +16,33 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import DdpmError
+from ..schema import Any, Const, Int, List, Map, Num, Obj, Schema, Str
 from .schedule import Schedule
 
 EXPORT_FORMAT = "ddpm-export"
 META_FILE = "export.json"
+PRECISIONS = ("fp32", "fp16")
+_SHA256 = Str(pattern=r"[0-9a-f]{64}", what="a sha256 (64 hex digits)")
+# export.json: what a runtime reads from it (schema.py); T fixes the length of the schedule tables
+META = Schema("ddpm export metadata (export.json)", {
+    "format": Const(EXPORT_FORMAT),
+    "checkpoint_hash": _SHA256,
+    "model_config": Map(Any(), what="a model config (an object)"),
+    "image_shape": List(Int(min=1), length=3),
+    "num_classes": Int(min=1),
+    "null_label": Int(min=0),
+    "schedule": Str(choices=("linear", "cosine")),
+    "T": Int(min=2, dim="T"),
+    "betas": List(Num(min=0, max=1, min_open=True), length="T"),
+    "alphas_cumprod": List(Num(min=0, max=1, min_open=True), length="T"),
+    "files": Map(Obj({"name": Str(pattern=r"[A-Za-z0-9_.-]+\.onnx", what="an .onnx file name"),
+                      "sha256": _SHA256, "bytes": Int(min=1)}),
+                 keys=Str(choices=PRECISIONS), min_len=1, what="an object of precision -> ONNX file"),
+}, hint="the folder is damaged or from another version; re-run `ddpm export`")
 
 
-class ExportError(Exception):
+class ExportError(DdpmError):
     """An export folder that is missing, corrupted, stale or does not match the checkpoint asked for."""
 
 
@@ -49,12 +69,28 @@ class Bundle:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError) as e:
             raise ExportError(f"{meta_path} is unreadable ({e}); re-run `ddpm export`") from None
-        if meta.get("format") != EXPORT_FORMAT:
-            raise ExportError(f"{meta_path} is not ddpm export metadata")
+        META.check(meta, meta_path, ExportError)
+        cls._check_consistent(meta_path, meta)
         if expected_hash is not None and meta["checkpoint_hash"] != expected_hash:
             raise ExportError(f"{root} was exported from checkpoint {meta['checkpoint_hash'][:12]}, not from the "
                               f"checkpoint asked for ({expected_hash[:12]}); re-run `ddpm export` for it")
         return cls(root, meta)
+
+    @staticmethod
+    def _check_consistent(meta_path: Path, meta: dict) -> None:
+        """The entries that must agree with each other: the model config with T, classes and the image shape."""
+        from ..model.config import ModelConfig
+
+        try:
+            cfg = ModelConfig.from_dict(meta["model_config"]).validate()
+        except (TypeError, ValueError) as e:
+            raise ExportError(f"{meta_path}: invalid model_config ({e}); re-run `ddpm export`") from None
+        want = {"T": cfg.timesteps, "num_classes": cfg.num_classes, "null_label": cfg.null_label,
+                "schedule": cfg.schedule, "image_shape": [cfg.in_channels, cfg.image_size, cfg.image_size]}
+        for k, v in want.items():
+            if meta[k] != v:
+                raise ExportError(f"{meta_path}: {k} is {meta[k]!r} but its model_config says {v!r}; "
+                                  f"re-run `ddpm export`")
 
     @property
     def schedule(self) -> Schedule:

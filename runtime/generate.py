@@ -6,17 +6,32 @@ as the onnx-generator engine returns them); `labels` is None for unconditional s
 `supports_edits` (eager and the runtime's) also take `edit, y, mask` (an edit's projection, runtime.edits, with its
 known image and mask) and `watch` (the states after every row). The eager PyTorch reference is
 `runtime.eager.EagerEngine`; the preallocated runtime engines live in `runtime.runner`. Nothing here needs PyTorch.
+
+`iter_generate` yields the batches as they are made, so that a caller can write them out (samples.save_samples) and
+hold one batch at a time; `generate` collects them. Both refuse before allocating a batch whose noise tables and
+buffers would not fit in memory (`OutOfMemory`), and stop at a batch that came out NaN or inf (`NonFiniteSamples`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import os
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
+from ..errors import DdpmError
 from .images import to_uint8
-from .noise import make_noise
+from .noise import check_seed, make_noise
 from .samplers import Plan
+
+
+class OutOfMemory(DdpmError):
+    """A request whose buffers would not fit in the memory available; the message gives the size and the option to
+    change."""
+
+
+class NonFiniteSamples(DdpmError):
+    """An engine returned NaN or inf: the model, its export or the guidance scale is broken; nothing is saved."""
 
 
 class Engine(Protocol):
@@ -26,13 +41,180 @@ class Engine(Protocol):
             guidance: float, callback: Callable[[int], None] | None = None) -> np.ndarray: ...
 
 
-def labels_for(n: int, label: int | None, uncond: bool, num_classes: int = 10) -> np.ndarray:
-    """The label of every sample: -1 (unconditional), a fixed class, or the classes in turn (k % num_classes)."""
+def labels_for(n: int, label: int | None, uncond: bool, num_classes: int = 10, start: int = 0) -> np.ndarray:
+    """The label of samples start..start+n-1: -1 (unconditional), a fixed class, or the classes in turn
+    (k % num_classes)."""
     if uncond:
         return np.full(n, -1, dtype=np.int64)
     if label is not None:
         return np.full(n, label, dtype=np.int64)
-    return np.arange(n, dtype=np.int64) % num_classes
+    return np.arange(start, start + n, dtype=np.int64) % num_classes
+
+
+# ------------------------------------------------------------------------------------------------- memory guard
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def available_memory(device: str = "cpu", cuda=None) -> int | None:
+    """Bytes that can still be allocated: on a GPU, the free device memory (torch.cuda, or the stand-in `cuda`); on
+    the host, /proc/meminfo's MemAvailable, capped by the cgroup (container) limit. None where it cannot be told."""
+    if str(device).startswith("cuda"):
+        if cuda is None:
+            import torch
+
+            if not torch.cuda.is_available():
+                return None
+            cuda, device = torch.cuda, torch.device(device)
+        return int(cuda.mem_get_info(device)[0])
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            pass
+    try:   # cgroup v2: a container's own limit
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                left = int(limit) - int(f.read().strip())
+            avail = left if avail is None else min(avail, left)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def ensure_memory(need: int, what: str, fix: str, device: str = "cpu", per_unit: int | None = None,
+                  cuda=None) -> None:
+    """Raise OutOfMemory when `need` bytes (for `what`) exceed 90% of the memory available on `device`.
+
+    fix: the option to change (e.g. "lower --batch"); per_unit: the bytes of one unit of that option, to say how
+    many would fit."""
+    avail = available_memory(device, cuda)
+    if avail is None or need <= 0.9 * avail:
+        return
+    where = "GPU" if str(device).startswith("cuda") else "host"
+    fits = ""
+    if per_unit:
+        k = int(0.9 * avail // per_unit)
+        fits = f" (at most {k} fit)" if k >= 1 else " (not even 1 fits)"
+    raise OutOfMemory(f"{what} needs {_gib(need)} of {where} memory, more than the {_gib(avail)} available; "
+                      f"{fix}{fits}")
+
+
+def batch_bytes(plan: Plan, batch: int, image_shape=(1, 28, 28), guided: bool = True,
+                extra: int = 0) -> tuple[int, int]:
+    """(host bytes, engine bytes) that one batch needs: the noise the host draws (x_T and the plan's noise table,
+    runtime.noise.make_noise) and the engine's buffers (runtime.runner.Runner: its own copy of the noise table, the
+    image, x0_hat ring, scratch, network input/output, doubled when guided), all float32. extra: images per sample
+    that an edit adds on both sides (its noise slots, known image and mask; runtime.edits.EditJob)."""
+    img = int(np.prod(image_shape)) * 4
+    host = batch * (1 + plan.num_slots + extra) * img
+    engine = batch * img * (plan.num_slots + extra + 3 + plan.history + (4 if guided else 2))
+    return host, engine
+
+
+def engine_device(engine) -> str:
+    """The device an engine keeps its buffers on ("cpu", "cuda:0", ...)."""
+    dev = getattr(getattr(engine, "net", None), "device", None) or getattr(engine, "device", "cpu")
+    return str(dev)
+
+
+def check_batch_fits(plan: Plan, batch: int, image_shape=(1, 28, 28), guided: bool = True,
+                     device: str = "cpu", cuda=None, extra: int = 0) -> None:
+    """OutOfMemory, before anything is allocated, when one batch's noise tables and buffers would not fit (cuda: a
+    stand-in for torch.cuda's memory functions; extra: see batch_bytes)."""
+    host, eng = batch_bytes(plan, batch, image_shape, guided, extra)
+    per_host, per_eng = host // batch, eng // batch
+    what = f"batch {batch} of {plan.name} ({plan.num_slots} noise images per sample)"
+    if str(device).startswith("cuda"):
+        ensure_memory(eng, what, "lower --batch", device, per_eng, cuda)
+        ensure_memory(host, what, "lower --batch", "cpu", per_host)
+    else:
+        ensure_memory(host + eng, what, "lower --batch", "cpu", per_host + per_eng)
+
+
+# ------------------------------------------------------------------------------------------------- generation
+def _cause(engine, guidance: float) -> str:
+    net = getattr(engine, "net", None)
+    if getattr(net, "dtype", "float32") == "float16":
+        return "an fp16 overflow (run without --fp16)"
+    if guidance > 20:
+        return f"the guidance scale {guidance:g}, far too large (the model card's sweep uses 0-5)"
+    return ("broken weights (a diverged training run?) or a broken export; `ddpm export` checks a checkpoint and "
+            "refuses one whose outputs are not finite")
+
+
+def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidance: float = 0.0, seed: int = 0,
+                  batch: int = 64, start: int = 0, progress: bool = True, image_shape=(1, 28, 28), job=None,
+                  watch: Callable | None = None) -> Iterator[np.ndarray]:
+    """Samples start..start+n-1 of the stream `seed`, yielded batch by batch as (b, H, W) uint8 in order.
+
+    labels: (n,), -1 = unconditional; or a function (lo, hi) -> the labels of samples lo..hi-1 of these n, so that
+    nothing of size n is held. job: an edit (runtime.edits.EditJob): its projection and known images, or its starting
+    images; its noise slots follow the plan's in every sample's stream. watch(i, x, x0): the states of the first
+    batch after every row (host arrays (B,C,H,W), x0 None on rows without a network call). Raises OutOfMemory before
+    the first batch when one batch would not fit, and NonFiniteSamples at a batch that comes out NaN or inf (naming
+    the likely cause); ValueError for bad labels, and for an engine that cannot run the edit's projection or be
+    watched (`supports_edits`)."""
+    from tqdm import tqdm
+
+    check_seed(seed)
+    edit = job.projection if job is not None else None
+    if (edit is not None or watch is not None) and not getattr(engine, "supports_edits", False):
+        raise ValueError(f"the {engine.name} engine runs whole plans in one call: it cannot "
+                         f"{'project onto a known image' if edit is not None else 'show every step'}; use "
+                         f"--engine onnx (or torch, runtime-torch)")
+    if callable(labels):
+        get = labels
+    else:
+        labels = np.asarray(labels)
+        if len(labels) != n:
+            raise ValueError(f"{len(labels)} labels for {n} samples")
+        if n > 0 and (labels < 0).any() and (labels >= 0).any():
+            raise ValueError("mixing conditional and unconditional samples in one call is not supported")
+        get = lambda lo, hi: labels[lo:hi]
+    if n == 0:
+        return
+    check_seed(start + n - 1)
+    b = min(batch, n)
+    guided = bool(guidance != 0 and get(0, 1)[0] >= 0)
+    extra = job.num_slots + 2 if job is not None else 0    # the edit's noise slots, its known image and mask
+    check_batch_fits(plan, b, image_shape, guided, engine_device(engine), extra=extra)
+    slots = plan.num_slots + (job.num_slots if job is not None else 0)
+    bar = tqdm(total=-(-n // batch) * plan.steps, disable=not progress, unit="step", dynamic_ncols=True,
+               desc=f"{engine.name} {plan.name}")
+    try:
+        for lo in range(0, n, batch):
+            hi = min(n, lo + batch)
+            x_T, z = make_noise(seed, start + lo, hi - lo, slots, image_shape)
+            y = np.asarray(get(lo, hi), dtype=np.int64)
+            if len(y) != hi - lo or ((y < 0).any() and (y >= 0).any()):
+                raise ValueError(f"labels of samples {lo}..{hi - 1}: {hi - lo} labels, all -1 or all classes")
+            y = None if y[0] < 0 else y
+            more = {}
+            if job is not None:
+                known, mask, x_input = job.batch(lo, hi)
+                x_T = job.start(x_T, x_input)
+                if edit is not None:
+                    more.update(edit=edit, y=known, mask=mask)
+            if watch is not None and lo == 0:
+                more["watch"] = watch
+            x = engine.run(x_T, z, y, plan, guidance, callback=lambda i: bar.update(1), **more)
+            del x_T, z
+            if not np.isfinite(x).all():
+                raise NonFiniteSamples(f"samples {start + lo}..{start + hi - 1} came out NaN or inf from the "
+                                       f"{engine.name} engine, so nothing was saved; likely cause: "
+                                       f"{_cause(engine, guidance)}")
+            yield x if x.dtype == np.uint8 else to_uint8(x)
+    finally:
+        bar.close()
 
 
 def generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidance: float = 0.0, seed: int = 0,
@@ -40,40 +222,15 @@ def generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidance: f
              watch: Callable | None = None) -> np.ndarray:
     """Samples start..start+n-1 of the stream `seed` as (n, H, W) uint8. labels: (n,), -1 = unconditional.
 
-    job: an edit (runtime.edits.EditJob): its projection and known images, or its starting images; its noise slots
-    follow the plan's in every sample's stream. watch(i, x, x0): the states of the first batch after every row
-    (host arrays (B,C,H,W), x0 None on rows without a network call). ValueError for an engine that cannot run the
-    edit's projection or be watched (`supports_edits`).
-    """
-    from tqdm import tqdm
-
-    edit = job.projection if job is not None else None
-    if (edit is not None or watch is not None) and not getattr(engine, "supports_edits", False):
-        raise ValueError(f"the {engine.name} engine runs whole plans in one call: it cannot "
-                         f"{'project onto a known image' if edit is not None else 'show every step'}; use "
-                         f"--engine onnx (or torch, runtime-torch)")
-    labels = np.asarray(labels)
-    if len(labels) != n:
-        raise ValueError(f"{len(labels)} labels for {n} samples")
-    if n > 0 and (labels < 0).any() and (labels >= 0).any():
-        raise ValueError("mixing conditional and unconditional samples in one call is not supported")
+    Holds all n images: OutOfMemory when they would not fit (iter_generate streams them instead); see iter_generate
+    for job, watch and the other errors."""
+    per = int(np.prod(image_shape[1:]))
+    ensure_memory(n * per, f"holding {n} samples", "lower -n, or stream them into a file (`ddpm gen --out x.npz`)",
+                  per_unit=per)
     out = np.empty((n, *image_shape[1:]), dtype=np.uint8)
-    bar = tqdm(total=-(-n // batch) * plan.steps, disable=not progress, unit="step", dynamic_ncols=True,
-               desc=f"{engine.name} {plan.name}")
-    slots = plan.num_slots + (job.num_slots if job is not None else 0)
-    for lo in range(0, n, batch):
-        hi = min(n, lo + batch)
-        x_T, z = make_noise(seed, start + lo, hi - lo, slots, image_shape)
-        y = None if labels[lo] < 0 else labels[lo:hi].astype(np.int64)
-        extra = {}
-        if job is not None:
-            known, mask, x_input = job.batch(lo, hi)
-            x_T = job.start(x_T, x_input)
-            if edit is not None:
-                extra.update(edit=edit, y=known, mask=mask)
-        if watch is not None and lo == 0:
-            extra["watch"] = watch
-        x = engine.run(x_T, z, y, plan, guidance, callback=lambda i: bar.update(1), **extra)
-        out[lo:hi] = x if x.dtype == np.uint8 else to_uint8(x)
-    bar.close()
+    lo = 0
+    for part in iter_generate(engine, n, plan, labels, guidance, seed, batch, start, progress, image_shape, job,
+                              watch):
+        out[lo:lo + len(part)] = part
+        lo += len(part)
     return out

@@ -1,8 +1,10 @@
-"""Images: reading the user's pictures, model range [-1, 1] <-> uint8, grids as PNG, trajectories as PNG or GIF.
+"""Images: reading the user's pictures, model range [-1, 1] <-> uint8, grids as PNG and trajectories as PNG or GIF
+(written atomically, files.atomic_write).
 
 Every picture is (H, W) uint8 inside the package, 0 black .. 255 white, the digit white on black as in MNIST.
 `read_image` turns any picture file Pillow reads into that (greyscale, 16-bit, RGB, palette, with or without
-alpha), refusing unreadable files and decompression bombs with one clear message (ImageError); `fit` resizes.
+alpha), refusing unreadable files and decompression bombs with one clear message (ImageError, a DdpmError);
+`fit` resizes.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DdpmError
+
 # The largest picture read (pixels): a digit needs nothing near it, and a small file that claims more is a
 # decompression bomb. Pillow's own limit (Image.MAX_IMAGE_PIXELS, about 89 M pixels) is enforced too.
 MAX_PIXELS = 4096 * 4096
 
 
-class ImageError(ValueError):
+class ImageError(DdpmError, ValueError):
     """A picture that cannot be used; str(e) is one line for the user."""
 
 
@@ -113,14 +117,38 @@ def grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarra
     return out
 
 
-def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, scale: int = 2) -> None:
-    from PIL import Image
+# A grid beyond this many images is no longer an image anyone looks at (10,000 digits: 6002x6002 pixels at scale 2)
+MAX_GRID = 10000
 
+
+def check_grid(n: int) -> None:
+    """ValueError when n images are too many for one grid image (MAX_GRID)."""
+    if n > MAX_GRID:
+        raise ValueError(f"a grid image of {n} digits would be too large to view (at most {MAX_GRID}); "
+                         f"write an .npz instead")
+
+
+def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, scale: int = 2,
+              text: dict[str, str] | None = None) -> None:
+    """Tile (N,H,W) uint8 images (N <= MAX_GRID) into one image, `scale` x nearest-neighbour, and write it atomically
+    (PNG, or any format Pillow knows from the extension). text: PNG text entries (e.g. the training step)."""
+    from PIL import Image, PngImagePlugin
+
+    from ..files import atomic_write
+
+    check_grid(len(images))
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())   # loads Pillow's plugins
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image extension (use .png)")
     img = Image.fromarray(grid(images, nrow))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    info = None
+    if text and fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        for k, v in text.items():
+            info.add_text(k, v)
+    atomic_write(path, lambda tmp: img.save(tmp, format=fmt, pnginfo=info) if info else img.save(tmp, format=fmt))
 
 
 class Trajectory:
@@ -149,6 +177,8 @@ class Trajectory:
         frames of all samples' x_t (top) and x0_hat (bottom), the last one held for 2 s."""
         from PIL import Image
 
+        from ..files import atomic_write
+
         if not self.rows:
             raise ValueError("nothing recorded")
         path = Path(path)
@@ -159,9 +189,9 @@ class Trajectory:
                 g = grid(np.concatenate([self.x[k], self.x0[k]]), nrow=m)
                 pics.append(Image.fromarray(g).resize((g.shape[1] * scale, g.shape[0] * scale), Image.NEAREST))
             durations = [80] * (len(pics) - 1) + [2000]
-            path.parent.mkdir(parents=True, exist_ok=True)
             # optimize=False: Pillow's palette optimisation of later frames changes grey levels (255 read back as 243)
-            pics[0].save(path, save_all=True, append_images=pics[1:], duration=durations, loop=0, optimize=False)
+            atomic_write(path, lambda tmp: pics[0].save(tmp, format="GIF", save_all=True, append_images=pics[1:],
+                                                        duration=durations, loop=0, optimize=False))
             return
         cols = self.pick(columns)
         tiles = [img for s in range(m) for seq in (self.x, self.x0) for img in (seq[k][s] for k in cols)]

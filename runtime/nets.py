@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import DdpmError
 from .ops import NumpyOps, TorchOps
 
 if TYPE_CHECKING:   # annotations only: TensorRT is imported where it is used (its stubs type-check the calls)
     import tensorrt as trt
 
 
-class EngineUnavailable(Exception):
+class EngineUnavailable(DdpmError):
     """An engine that cannot run here; the message names what is missing."""
 
 
@@ -96,8 +97,9 @@ def _buffer_dtype(buf) -> str:
     return str(buf.dtype).replace("torch.", "")
 
 
-def check_io(found: dict, bufs: dict, what: str) -> None:
-    """found: name -> (mode, dtype) of the model's I/O; bufs: name -> buffer. Raise EngineUnavailable on mismatch."""
+def check_io(found: dict, bufs: dict | None, what: str) -> None:
+    """found: name -> (mode, dtype) of the model's I/O; bufs: name -> buffer (None: names and modes only, as soon as
+    the model is loaded). Raise EngineUnavailable on mismatch."""
     want = {name: mode for name, mode in IO}
     if set(found) != set(want):
         raise EngineUnavailable(f"{what} has inputs/outputs {sorted(found)}, the runtime needs x, t, y -> eps; "
@@ -106,6 +108,11 @@ def check_io(found: dict, bufs: dict, what: str) -> None:
         got_mode, got_dtype = found[name]
         if got_mode != mode:
             raise EngineUnavailable(f"{what}: tensor {name!r} is an {got_mode}, the runtime binds it as an {mode}")
+        if bufs is None:
+            if got_dtype not in _ORT_TYPES:
+                raise EngineUnavailable(f"{what}: tensor {name!r} has type {got_dtype}, which the runtime cannot bind; "
+                                        f"re-export it with `ddpm export`")
+            continue
         if got_dtype != _buffer_dtype(bufs[name]):
             raise EngineUnavailable(f"{what}: tensor {name!r} is {got_dtype}, the runner's buffer is "
                                     f"{_buffer_dtype(bufs[name])}")
@@ -162,7 +169,8 @@ class OnnxNet(_CudaStream):
         io = {a.name: ("input", _ORT_NAMES.get(a.type, a.type)) for a in self.sess.get_inputs()}
         io.update({a.name: ("output", _ORT_NAMES.get(a.type, a.type)) for a in self.sess.get_outputs()})
         self.io_types = io
-        self.dtype = io.get("x", ("input", "float32"))[1]
+        check_io(io, None, str(onnx_path))   # now, not when the first runner binds it inside a generation
+        self.dtype = io["x"][1]
         self.provider = self.sess.get_providers()[0]
         self.chunk = chunk or (None if _is_cuda(self.device) else self.CPU_CHUNK)
 
@@ -265,7 +273,8 @@ class TrtNet(_CudaStream):
             raise EngineUnavailable(f"TensorRT could not deserialize {plan_path}; rebuild it with `ddpm export --trt`")
         self.path = Path(plan_path)
         self.io_types, self.batch_range = trt_engine_io(self.engine)
-        self.dtype = self.io_types.get("x", ("input", "float32"))[1]
+        check_io(self.io_types, None, str(plan_path))   # now, not when the first runner binds it
+        self.dtype = self.io_types["x"][1]
         self._make_stream()
 
     def make_ops(self) -> TorchOps:

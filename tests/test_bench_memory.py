@@ -94,7 +94,7 @@ def test_each_engine_is_charged_its_own_peak(monkeypatch):
     monkeypatch.setattr(speed, "time_run", lambda eng, batch, plan, w, seed, dev: eng.run(batch) or 0.5)
     monkeypatch.setattr(speed, "device_name", lambda device: "Fake GPU")
     monkeypatch.setattr(speed, "engine_versions", lambda engine: {})
-    plan = types.SimpleNamespace(name="ddim2", steps=2)
+    plan = types.SimpleNamespace(name="ddim2", steps=2, num_slots=0, history=0)   # what run_bench reads of a Plan
     res = speed.run_bench(Model(), ["torch", "runtime-torch", "trt"], [1, 4], plan, guidance=0.3, repeat=2,
                           device="cuda", cuda=cuda, log=lambda *_: None)
     assert asked == [8, 8, 8]                      # batch 4 with guidance: the network runs at 8

@@ -167,10 +167,16 @@ def _edits(bundle):
     rp = repaint_plan(ddim_plan(sched, 6, eta=1.0), 2, 3)
     il = ddim_plan(sched, 5, eta=1.0)
     dn = ddim_plan(sched, 5, eta=0.0)
+    un = make_plan(sched, "unipc", 4)            # gen's default kind: multistep, x0_hat history in the loop
     return [("repaint", rp, noised_projection(rp, "mask"), y, mask),
             ("ilvr2", il, noised_projection(il, "lowpass", 2), upsample(y[..., ::2, ::2], 2), None),
             ("ilvr4", il, noised_projection(il, "lowpass", 4), upsample(y[..., ::4, ::4], 4), None),
-            ("ddnm2", dn, x0_projection(dn, 2), upsample(y[..., ::2, ::2], 2), None)]
+            ("ddnm2", dn, x0_projection(dn, 2), upsample(y[..., ::2, ::2], 2), None),
+            # multistep plans without resampling: the projected x0_hat is the one remembered (DDNM), or x is
+            # projected after the row (mask, ILVR)
+            ("mask-unipc", un, noised_projection(un, "mask"), y, mask),
+            ("ilvr2-unipc", un, noised_projection(un, "lowpass", 2), upsample(y[..., ::2, ::2], 2), None),
+            ("ddnm2-unipc", un, x0_projection(un, 2), upsample(y[..., ::2, ::2], 2), None)]
 
 
 @pytest.mark.parametrize("net", ["runtime-torch", "onnx"])
@@ -432,6 +438,9 @@ def test_editing_commands_behave_like_gen(setup, files, tmp_path, command):
     (["inpaint", "--image", "{d}/digit.png", "--mask", "{d}/keep20.png"], "same size", 2),
     (["inpaint", "--image", "{d}/digit.png", "--mask", "diagonal"], "--mask", 2),
     (["inpaint", "--image", "{d}/digit.png", "--jump-length", "60", "--resample", "2"], "jump length", 1),
+    (["inpaint", "--image", "{d}/digit.png", "--sampler", "unipc"], "single-step plans", 2),
+    (["edit", "--image", "{d}/digit.png", "--engine", "onnx-generator"], "row by row", 2),
+    (["gen", "-n", "1", "--trajectory", "t.gif", "--engine", "onnx-generator"], "--trajectory", 2),
     (["edit", "--image", "{d}/digit.png", "--strength", "1.2"], "--strength", 2),
     (["edit", "--image", "{d}/digit.png", "--strength", "-0.1"], "--strength", 2),
     (["upscale", "--image", "{d}/small.png", "--factor", "3"], "--factor", 2),

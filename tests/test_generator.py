@@ -175,4 +175,4 @@ def test_cli_gen_and_export(setup, tmp_path):
     assert json.loads((tmp_path / "e" / "export.json").read_text())["generator"]["steps"] == 3
     r = invoke("gen", *common, "--engine", "onnx-generator", "--export", tmp_path / "e", "--out", tmp_path / "d.npz",
                env=env)
-    assert r.exit_code == 1 and "not one for ddim4" in r.output
+    assert r.exit_code == 1 and "not one for unipc4-trailing" in r.output

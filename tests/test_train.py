@@ -177,3 +177,48 @@ def test_cosine_min_snr_resume_is_exact_and_kept(fake_mnist, tmp_path):
     # cosine differs from constant: the runs are not the same
     plain = train(_cfg(fake_mnist, tmp_path / "plain"), progress=False, log=lambda *_: None)
     assert plain["losses"][-1] != full["losses"][-1]
+
+
+def _log_rows(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_resume_cuts_the_log_back_to_the_checkpoint(fake_mnist, tmp_path):
+    quiet = dict(progress=False, log=lambda *_: None)
+    train(_cfg(fake_mnist, tmp_path / "full"), **quiet)
+    run = tmp_path / "run"
+    train(_cfg(fake_mnist, run, steps=3), **quiet)
+    at3 = (run / "ckpt.pt").read_bytes()
+    # killed after it had logged steps 4-5 but before their checkpoint: ckpt.pt still at step 3
+    train(_cfg(fake_mnist, run, steps=5), resume=True, **quiet)
+    (run / "ckpt.pt").write_bytes(at3)
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')                     # and a line cut by the kill
+    train(_cfg(fake_mnist, run), resume=True, **quiet)
+    assert [r["step"] for r in _log_rows(run)] == [1, 2, 3, 4, 5, 6]
+    assert _log_rows(run) == _log_rows(tmp_path / "full")     # the same losses as the uninterrupted run
+
+
+def _outputs(run):
+    """samples.png's bytes, model.safetensors' metadata and tensors (its header's key order is not stable)."""
+    from safetensors import safe_open
+
+    with safe_open(str(run / "model.safetensors"), "np") as f:
+        model = (f.metadata(), {k: f.get_tensor(k).tobytes() for k in f.keys()})
+    return (run / "samples.png").read_bytes(), model
+
+
+def test_resume_completes_a_run_killed_in_its_last_checkpoint(fake_mnist, tmp_path):
+    quiet = dict(progress=False, log=lambda *_: None)
+    train(_cfg(fake_mnist, tmp_path, steps=3), **quiet)
+    want = _outputs(tmp_path)
+    (tmp_path / "samples.png").unlink()                          # killed while it wrote the last grid
+    messages = []
+    res = train(_cfg(fake_mnist, tmp_path, steps=3), resume=True, progress=False, log=messages.append)
+    assert res["steps"] == 0 and "wrote the missing samples.png" in messages[-1]
+    assert _outputs(tmp_path) == want
+    (tmp_path / "model.safetensors").write_bytes(b"cut")          # a damaged model is rewritten too
+    train(_cfg(fake_mnist, tmp_path, steps=3), resume=True, **quiet)
+    assert _outputs(tmp_path) == want
+    with pytest.raises(TrainingError, match="already at step 3"):  # complete: nothing to do
+        train(_cfg(fake_mnist, tmp_path, steps=3), resume=True, **quiet)

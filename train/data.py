@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DdpmError
+from ..schema import Array, Schema
+
 # name -> MD5 of the *uncompressed* file (recompressed .gz copies differ in their own MD5, not in their content)
 FILES = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
@@ -29,7 +32,7 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(
            0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
-class DataError(Exception):
+class DataError(DdpmError):
     """MNIST files missing, unreadable or corrupted; the message names the file."""
 
 
@@ -46,12 +49,19 @@ def resolve_data_dir(data: str | os.PathLike | None) -> Path:
     return default_data_dir()
 
 
+FIX_HINT = ("delete it (ddpm train downloads it again when it is missing) or point --data (or $DDPM_DATA) at a "
+            "folder with good copies of the four MNIST files")
+# A split as load_mnist returns it: N images of 28x28 and N labels 0-9, both uint8 as in the IDX files
+SPLIT = Schema("MNIST split", {"images": Array(("uint8",), ("N", 28, 28)), "labels": Array(("uint8",), ("N",), max=9)},
+               hint=FIX_HINT.replace("delete it", "delete the damaged file", 1))
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
         return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: cannot read ({e}); delete it to download it again") from None
+        raise DataError(f"{path}: cannot read ({e}); {FIX_HINT}") from None
 
 
 def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
@@ -87,8 +97,14 @@ def find_file(data_dir: Path, name: str) -> Path | None:
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file (plain or .gz) as an array; DataError saying what to do when it is damaged."""
     path = Path(path)
-    return parse_idx(_read_bytes(path), str(path))
+    try:
+        return parse_idx(_read_bytes(path), str(path))
+    except DataError as e:
+        if "; delete it" in str(e):
+            raise
+        raise DataError(f"{e}; {FIX_HINT}") from None
 
 
 def _fetch(name: str, data_dir: Path) -> None:
@@ -138,14 +154,7 @@ def load_mnist(data_dir: str | os.PathLike, split: str = "train") -> tuple[np.nd
     if None in paths:
         raise DataError(f"MNIST {split} files missing in {data_dir} ({img_name}, {lbl_name}); use --data DIR")
     images, labels = read_idx(paths[0]), read_idx(paths[1])
-    if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
-        raise DataError(f"{paths[0]}: expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}")
-    if labels.ndim != 1 or labels.dtype != np.uint8:
-        raise DataError(f"{paths[1]}: expected a uint8 label vector, got {labels.dtype} {labels.shape}")
-    if len(images) != len(labels):
-        raise DataError(f"{paths[0]} holds {len(images)} images but {paths[1]} holds {len(labels)} labels")
-    if labels.max(initial=0) > 9:
-        raise DataError(f"{paths[1]}: labels outside 0-9")
+    SPLIT.check({"images": images, "labels": labels}, f"{paths[0]} and {paths[1].name}", DataError)
     return images, labels.astype(np.int64)
 
 

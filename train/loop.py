@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -20,16 +21,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import DdpmError, Interrupted
+from ..files import OutputError, check_writable, clean_stale, folder_lock, write_text
 from ..model import PRESETS, UNet
 from ..model.config import ModelConfig
 from ..model.io import (CKPT_FILE, MODEL_FILE, CheckpointError, load_checkpoint, read_weights, save_checkpoint,
                         save_model)
+from ..runtime.noise import check_seed
 from ..runtime.schedule import Schedule
 from . import dist
 from .data import ensure_mnist, load_mnist, resolve_data_dir
 
 
-class TrainingError(Exception):
+RUN_FILES = ("options.json", "log.jsonl", CKPT_FILE, MODEL_FILE, "samples.png")   # what a run folder holds
+LOG_FILE, SAMPLES_FILE = "log.jsonl", "samples.png"
+
+
+class TrainingError(DdpmError):
     """Training cannot go on (bad options, NaN loss, incompatible resume); the message says why."""
 
 
@@ -94,12 +102,13 @@ def loss_weights(name: str, alphas_cumprod) -> torch.Tensor:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {name!r} asked for, but no CUDA GPU is available")
-    return dev
+    """auto, cpu, cuda or cuda:N as a torch.device; TrainingError for anything else or a GPU that is not there."""
+    from ..runtime.engines import resolve_device as resolve
+
+    try:
+        return torch.device(resolve(name))
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -160,8 +169,11 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         be.copy_(bm)
 
 
-def write_samples(ema: UNet, cfg: ModelConfig, path: Path, seed: int = 0, n: int = 40, steps: int = 25) -> None:
-    """A grid of class-conditional samples (4 rows of 0..9, DDIM) from the EMA model."""
+def write_samples(ema: UNet, cfg: ModelConfig, path: Path, seed: int = 0, n: int = 40, steps: int = 25,
+                  step: int | None = None) -> None:
+    """A grid of class-conditional samples (4 rows of 0..9, DDIM) from the EMA model; `step` (the training step of
+    the weights) is stored in the PNG's text as "ddpm-step", so that --resume can tell a grid that is missing or
+    older than its checkpoint."""
     from ..runtime.images import save_grid, to_uint8
     from ..runtime.eager import guided, sample
     from ..runtime.noise import make_noise
@@ -172,19 +184,107 @@ def write_samples(ema: UNet, cfg: ModelConfig, path: Path, seed: int = 0, n: int
     x_T, _ = make_noise(seed, 0, n, plan.num_slots)
     labels = torch.arange(n, device=dev) % cfg.num_classes
     x = sample(guided(ema, labels, cfg.null_label, 1.0), torch.from_numpy(x_T).to(dev), plan)
-    save_grid(to_uint8(x), path, nrow=10)
+    save_grid(to_uint8(x), path, nrow=10, text=None if step is None else {"ddpm-step": str(step)})
+
+
+def _output_step(path: Path) -> int | None:
+    """The training step of a run's model.safetensors or samples.png, None when missing or unreadable."""
+    try:
+        if path.suffix == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return int(im.text["ddpm-step"])
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as f:
+            return int(json.loads((f.metadata() or {})["step"]))
+    except Exception:   # missing, truncated, foreign: all mean "not this checkpoint's"
+        return None
+
+
+def _last(step: int | None) -> str:
+    return "no checkpoint written yet" if step is None else f"last checkpoint at step {step}"
+
+
+def _complete_outputs(out: Path, step: int, ema: UNet, mcfg: ModelConfig, seed: int) -> list[str]:
+    """Write the model.safetensors and samples.png of the checkpoint's `step` where they are missing or older (a
+    run killed while it wrote them); returns the names written."""
+    done = []
+    if _output_step(out / MODEL_FILE) != step:
+        save_model(out / MODEL_FILE, mcfg, ema.state_dict(), step=step)
+        done.append(MODEL_FILE)
+    if _output_step(out / SAMPLES_FILE) != step:
+        write_samples(ema, mcfg, out / SAMPLES_FILE, seed=seed, step=step)
+        done.append(SAMPLES_FILE)
+    return done
+
+
+def cut_log(path: Path, step: int) -> None:
+    """Keep the lines of log.jsonl up to `step` (the checkpoint a run resumes from), atomically: the steps after it
+    are trained again and logged again. A line cut by a kill is dropped."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            s = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(s, int) and s <= step:
+            keep.append(line + "\n")
+    write_text(path, "".join(keep))
+
+
+def append_log(path: Path, rows: list[dict]) -> None:
+    """Append rows to log.jsonl in one write() (a kill leaves whole lines, or at worst one cut line that cut_log
+    drops)."""
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Train; returns a summary (steps, seconds, steps/s, last loss). Writes everything under cfg.out."""
+    """Train; returns a summary (steps, seconds, steps/s, last loss). Writes everything under cfg.out.
+
+    Only one process trains in a run folder at a time (files.folder_lock), and a new run never overwrites another
+    one's checkpoint: without --resume, a folder holding a ckpt.pt is refused. Raises TrainingError, DataError,
+    errors.Interrupted (Ctrl-C: the message names the last checkpoint)."""
+    out = Path(cfg.out)
+    if int(os.environ.get("RANK", "0")):   # under torchrun only rank 0 writes
+        return _train(cfg, resume, progress, log)
+    try:
+        check_writable(out, folder=True)   # before the data, the model or a single step
+    except OutputError as e:
+        raise TrainingError(f"--out: {e}") from None
+    if not resume and (out / CKPT_FILE).is_file():
+        raise TrainingError(f"{out} already holds a run ({CKPT_FILE}); continue it with --resume, or give another "
+                            f"--out")
+    try:
+        with folder_lock(out, "ddpm train"):
+            return _train(cfg, resume, progress, log)
+    except OutputError as e:
+        raise TrainingError(str(e)) from None
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
     from tqdm import tqdm
 
     for name, value, low in (("steps", cfg.steps, 1), ("batch_size", cfg.batch_size, 1), ("ckpt_every", cfg.ckpt_every, 1),
                              ("log_every", cfg.log_every, 1), ("warmup", cfg.warmup, 0)):
         if value < low:
             raise TrainingError(f"{name} must be >= {low}, got {value}")
-    if not (cfg.lr > 0 and 0 <= cfg.ema_decay < 1 and 0 <= cfg.p_uncond < 1 and 0 <= cfg.lr_final <= 1):
-        raise TrainingError("need lr > 0, 0 <= ema_decay < 1, 0 <= p_uncond < 1 and 0 <= lr_final <= 1")
+    if not (0 < cfg.lr < math.inf and 0 <= cfg.ema_decay < 1 and 0 <= cfg.p_uncond < 1 and 0 <= cfg.lr_final <= 1
+            and 0 < cfg.grad_clip < math.inf):
+        raise TrainingError("need a finite lr > 0, 0 <= ema_decay < 1, 0 <= p_uncond < 1, 0 <= lr_final <= 1 and a "
+                            "finite grad_clip > 0")
+    try:
+        check_seed(cfg.seed)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     if cfg.lr_schedule not in (None, *LR_SCHEDULES):
         raise TrainingError(f"unknown learning-rate schedule {cfg.lr_schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
     if cfg.loss_weight not in (None, *LOSS_WEIGHTS):
@@ -195,6 +295,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     if cfg.batch_size % ctx.world:
         raise TrainingError(f"global batch {cfg.batch_size} is not divisible by {ctx.world} processes")
     out = Path(cfg.out)
+    if ctx.rank == 0:
+        for name in RUN_FILES:
+            clean_stale(out, name)             # temporaries of a killed run's writes
     torch.manual_seed(cfg.seed)
 
     data_dir = ensure_mnist(resolve_data_dir(cfg.data), download=ctx.rank == 0, progress=log) if ctx.rank == 0 else None
@@ -222,7 +325,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         try:
             ckpt = load_checkpoint(out / CKPT_FILE)
         except CheckpointError as e:
-            raise TrainingError(str(e)) from None
+            raise TrainingError(f"--resume: {e}") from None
         stored = ckpt.get("train_config", {})
         for key in ("lr_schedule", "loss_weight"):   # how the run optimises: --resume keeps it
             have = stored.get(key) or getattr(TrainConfig, key + "_default")
@@ -230,23 +333,39 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
                 raise TrainingError(f"--resume: {out / CKPT_FILE} was trained with {key}={have!r}, "
                                     f"not {getattr(cfg, key)!r}; resume with the same setting or leave it out")
             cfg = dataclasses.replace(cfg, **{key: have})
-        if ModelConfig.from_dict(ckpt["model_config"]) != mcfg:
+        try:
+            same = ModelConfig.from_dict(ckpt["model_config"]) == mcfg
+        except (TypeError, ValueError) as e:
+            raise TrainingError(f"--resume: {out / CKPT_FILE} holds an invalid model config ({e})") from None
+        if not same:
             raise TrainingError(f"--resume: {out / CKPT_FILE} was trained with another model config "
                                 f"({ckpt['model_config']}); use the same --preset/--schedule")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["opt"])
+            torch.set_rng_state(ckpt["torch_rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise TrainingError(f"--resume: {out / CKPT_FILE} does not fit this model "
+                                f"({str(e).splitlines()[0]}); use an earlier checkpoint or start a new run") from None
         start = int(ckpt["step"])
-        if start >= cfg.steps:
-            raise TrainingError(f"--resume: the checkpoint is already at step {start} >= --steps {cfg.steps}")
     cfg = dataclasses.replace(cfg, lr_schedule=cfg.lr_schedule or TrainConfig.lr_schedule_default,
                               loss_weight=cfg.loss_weight or TrainConfig.loss_weight_default)
+    if resume and start >= cfg.steps:
+        # a run killed while it wrote its last checkpoint's model or grid: write what is missing
+        done = _complete_outputs(out, start, ema, mcfg, cfg.seed) if ctx.rank == 0 else []
+        ctx.teardown()
+        if not done:
+            raise TrainingError(f"--resume: the checkpoint is already at step {start} >= --steps {cfg.steps} "
+                                f"(raise --steps to train on)")
+        log(f"the run in {out} is complete at step {start}: wrote the missing {', '.join(done)}")
+        return {"steps": 0, "seconds": 0.0, "steps_per_s": 0.0, "checkpoint_seconds": 0.0, "loss": float("nan"),
+                "losses": []}
     if ctx.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         opts = dict(dataclasses.asdict(cfg), model_config=mcfg.to_dict(), world_size=ctx.world, resumed_from=start,
                     device=str(device), torch=torch.__version__)
-        (out / "options.json").write_text(json.dumps(opts, indent=2) + "\n")
+        write_text(out / "options.json", json.dumps(opts, indent=2) + "\n")
+        cut_log(out / LOG_FILE, start)   # the steps after the checkpoint are trained (and logged) again
 
     ddp_model = ctx.wrap(model)
     sched = Schedule.make(mcfg.schedule, mcfg.timesteps)
@@ -259,16 +378,24 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
 
     ckpt_seconds = [0.0]
 
+    last_ckpt = [start if resume else None]
+
     def checkpoint(step: int) -> None:
         t = time.perf_counter()
         if ctx.rank == 0:
             state = {"step": step, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                      "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
                      "torch_rng": torch.get_rng_state()}
-            save_checkpoint(out / CKPT_FILE, state)
-            save_model(out / MODEL_FILE, mcfg, ema.state_dict(), step=step)
-            write_samples(ema, mcfg, out / "samples.png", seed=cfg.seed)
+            try:
+                # ckpt.pt last: whatever step it holds, the model and the grid of that step were written before it
+                save_model(out / MODEL_FILE, mcfg, ema.state_dict(), step=step)
+                write_samples(ema, mcfg, out / SAMPLES_FILE, seed=cfg.seed, step=step)
+                save_checkpoint(out / CKPT_FILE, state)
+            except OutputError as e:
+                raise TrainingError(f"checkpoint at step {step}: {e}; then continue with --resume "
+                                    f"({_last(last_ckpt[0])})") from None
         ctx.barrier()
+        last_ckpt[0] = step
         ckpt_seconds[0] += time.perf_counter() - t
 
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or ctx.rank != 0, unit="step", dynamic_ncols=True)
@@ -276,38 +403,42 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     history: list[float] = []
     t0, last, pending = time.perf_counter(), float("nan"), 0
     model.train()
-    for step in range(start, cfg.steps):
-        x0, y, t, noise = (v[shard].to(device, non_blocking=True)
-                           for v in make_batch(step, cfg, order, images, labels, mcfg.timesteps, mcfg.null_label))
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        loss = diffusion_loss(ddp_model, x0, y, t, noise, sqrt_ac, sqrt_1m_ac, amp, weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        losses[pending] = loss.detach()
-        pending += 1
-        done = step + 1
-        at_ckpt = done % cfg.ckpt_every == 0 or done == cfg.steps
-        if pending == cfg.log_every or at_ckpt:
-            window = ctx.mean(losses[:pending])   # one host sync per window, not per step
-            if not bool(torch.isfinite(window).all()):
-                bar.close()
-                raise TrainingError(f"loss became non-finite by step {done}; stopped, the last good checkpoint "
-                                    f"in {out} is kept (try a lower --lr)")
-            first = done - pending
-            history.extend(window.tolist())
-            last, pending = history[-1], 0
-            if ctx.rank == 0:
-                with open(out / "log.jsonl", "a") as f:
-                    f.writelines(json.dumps({"step": first + k + 1, "loss": v}) + "\n" for k, v in enumerate(window.tolist()))
-            bar.set_postfix(loss=f"{window.mean().item():.4f}")
-            bar.update(len(window))
-        if at_ckpt:
-            checkpoint(done)
-    bar.close()
+    try:
+        for step in range(start, cfg.steps):
+            x0, y, t, noise = (v[shard].to(device, non_blocking=True)
+                               for v in make_batch(step, cfg, order, images, labels, mcfg.timesteps, mcfg.null_label))
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            loss = diffusion_loss(ddp_model, x0, y, t, noise, sqrt_ac, sqrt_1m_ac, amp, weights)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            losses[pending] = loss.detach()
+            pending += 1
+            done = step + 1
+            at_ckpt = done % cfg.ckpt_every == 0 or done == cfg.steps
+            if pending == cfg.log_every or at_ckpt:
+                window = ctx.mean(losses[:pending])   # one host sync per window, not per step
+                if not bool(torch.isfinite(window).all()):
+                    raise TrainingError(f"loss became non-finite by step {done}; stopped, the last good checkpoint "
+                                        f"in {out} is kept (try a lower --lr)")
+                first = done - pending
+                history.extend(window.tolist())
+                last, pending = history[-1], 0
+                if ctx.rank == 0:
+                    append_log(out / LOG_FILE, [{"step": first + k + 1, "loss": v}
+                                                for k, v in enumerate(window.tolist())])
+                bar.set_postfix(loss=f"{window.mean().item():.4f}")
+                bar.update(len(window))
+            if at_ckpt:
+                checkpoint(done)
+    except KeyboardInterrupt:   # Ctrl-C: every file is whole (atomic writes); say where to resume from
+        raise Interrupted(f"interrupted; {_last(last_ckpt[0])}"
+                          + (f" in {out}, continue with --resume" if last_ckpt[0] is not None else "")) from None
+    finally:
+        bar.close()             # whatever stops the run, its message starts on a line of its own
     seconds = time.perf_counter() - t0 - ckpt_seconds[0]   # training steps only, not checkpoints and grids
     ctx.teardown()
     return {"steps": cfg.steps - start, "seconds": seconds, "steps_per_s": (cfg.steps - start) / seconds,

@@ -1,0 +1,286 @@
+"""Writing files so that a kill, a full disk or a concurrent run never leaves a half-written one behind.
+
+Every file the package writes goes through `atomic_write` (a temporary file beside the target, fsync, rename over
+it); every export folder is built in a temporary folder and published with `publish_dir`. The temporaries are named
+
+    .<target name>.<host>-<pid>.<random>.tmp      (a file, or an export folder being built)
+    .<target name>.<host>-<pid>.<random>.old      (an export folder moved aside while its successor is renamed in)
+
+so that `clean_stale`, run by every later write into the same folder, removes exactly the ones whose writer is gone
+(same host, process no longer alive) or, for another host, that are older than STALE_AFTER; a writer that is still
+running is never disturbed. `check_writable` lets a command refuse an output location before any work.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import DdpmError
+
+STALE_AFTER = 300.0          # seconds: a temporary of another host (or an untagged one) older than this is stale
+HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+_TAGGED = re.compile(r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)\.[A-Za-z0-9_]+\.(?P<kind>tmp|old)$")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+class OutputError(DdpmError):
+    """An output location that cannot be written (read-only, a file where a folder is needed, a full disk)."""
+
+
+def _tag() -> str:
+    return f"{HOST}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (signal 0 checks without signalling; on Windows os.kill would terminate it, so
+    there every writer counts as alive and only age makes a temporary stale)."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # exists, owned by someone else
+        return True
+    return True
+
+
+def _stale(entry: Path, host: str | None, pid: int | None) -> bool:
+    try:
+        age = time.time() - entry.lstat().st_mtime
+    except OSError:
+        return False
+    if host == HOST and pid is not None and age < 86400:   # a day: after that a reused pid does not keep it
+        return pid != os.getpid() and not _alive(pid)
+    return age > STALE_AFTER
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+
+
+def clean_stale(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove the temporaries of killed writes in `folder` (see the module docstring); returns what was removed.
+
+    name: only those of this target (e.g. "ckpt.pt"); also matches the untagged `.NAME.xxxxxxxx[.tmp]` of older
+    versions (by age alone). None: every tagged temporary in the folder. An `.old` export folder whose writer died
+    between its two renames is moved back when its target is missing, instead of being deleted.
+    """
+    folder = Path(folder)
+    legacy = re.compile(rf"^\.{re.escape(name)}\.[a-z0-9_]{{8}}(\.tmp)?$") if name else None
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        if not e.name.startswith("."):
+            continue
+        m = _TAGGED.match(e.name)
+        path = Path(e.path)
+        if m and (name is None or m["name"] == name):
+            if not _stale(path, m["host"], int(m["pid"])):
+                continue
+            target = folder / m["name"]
+            if m["kind"] == "old" and not target.exists():
+                try:
+                    os.rename(path, target)
+                    continue
+                except OSError:
+                    pass
+            _remove(path)
+            removed.append(path)
+        elif legacy is not None and legacy.match(e.name) and _stale(path, None, None):
+            _remove(path)
+            removed.append(path)
+    return removed
+
+
+def disk_full(e: BaseException, folder: Path) -> bool:
+    """Was the failure of a write into `folder` a full disk? Libraries that write through C (torch.save's zip
+    writer) lose errno and raise a RuntimeError, so a device with less than 1 MiB left counts too."""
+    for err in (e, e.__cause__, e.__context__):
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            return True
+    if isinstance(e, (KeyboardInterrupt, DdpmError)):
+        return False
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
+def no_space(path: Path) -> OutputError:
+    return OutputError(f"no space left on the device of {path.parent}: {path.name} was not written (an earlier "
+                       f"{path.name}, if any, is kept); free some space and run again")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _output_error(path: Path, e: OSError) -> OutputError:
+    return OutputError(f"cannot write {path}: {e.strerror or e}")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`: readers see the old file or
+    the complete new one, never a part, whatever happens (kill -9, Ctrl-C, an exception, a full disk).
+
+    The parent folder is created if missing; stale temporaries of `path` left by killed writers are removed first.
+    Raises OutputError (one line) when the folder is not writable or the disk is full; the old file is then kept.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(path.parent, path.name)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_tag()}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _output_error(path, e) from None
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; give the file ordinary permissions
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        full = disk_full(e, path.parent)
+        Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise no_space(path) from None
+        if isinstance(e, OSError) and e.errno in _NOT_WRITABLE:
+            raise _output_error(path, e) from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """atomic_write of a text file (UTF-8)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def temp_dir(out: str | os.PathLike) -> Path:
+    """A new empty folder beside `out` in which to build it (published with publish_dir); stale ones of `out` are
+    removed first. Raises OutputError."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(out.parent, out.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_tag()}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise _output_error(out, e) from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it 0700
+    return tmp
+
+
+def publish_dir(tmp: Path, out: str | os.PathLike, keep: Callable[[Path], bool] | None = None) -> bool:
+    """Rename the complete folder `tmp` to `out`. An existing `out` is moved aside only now, the new one renamed in,
+    then the old one deleted: at every moment `out` is the old folder, the new one, or (between two renames) absent
+    with the old one recoverable by clean_stale. keep(out) True: an existing `out` is as good (another process
+    published the same thing first), so it stays and tmp is discarded. Returns whether tmp was published."""
+    out = Path(out)
+    if not out.exists():
+        try:
+            os.rename(tmp, out)
+            _fsync_dir(out.parent)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    if keep is not None and keep(out):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    aside = out.parent / f".{out.name}.{_tag()}.{secrets.token_hex(4)}.old"
+    os.rename(out, aside)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(aside, out)
+        raise
+    _fsync_dir(out.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+    return True
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (created if missing) while one writer works in it, e.g. a training run.
+
+    flock on the folder itself: no lock file is made, and the lock dies with its process (kill -9 included). Raises
+    OutputError when another process holds it. Where folders cannot be locked (no fcntl, some network file
+    systems), nothing is held."""
+    folder = Path(folder)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as e:
+        raise _output_error(folder, e) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"{folder} is in use by another {what}; wait for it to end, or use another "
+                              f"folder") from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
+    """Raise OutputError unless `path` (a file, or a folder when folder=True) can be written: its folder, or the
+    nearest existing one above it (missing folders are created when written), must be a folder we can create files
+    in (probed with an anonymous temporary file, so read-only file systems and ACLs count). Nothing is left behind."""
+    p = d = Path(path)
+    try:
+        if folder and p.exists() and not p.is_dir():
+            raise OutputError(f"cannot write into {p}: it is a file, not a folder")
+        if not folder and p.is_dir():
+            raise OutputError(f"cannot write {p}: it is a folder; give a file name")
+        d = p if folder else p.parent
+        while not d.exists() and d != d.parent:
+            d = d.parent
+        if not d.is_dir():
+            raise OutputError(f"cannot write {p}: {d} is a file, not a folder")
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OutputError:
+        raise
+    except OSError as e:
+        raise OutputError(f"cannot write {p}: cannot create files in {d} ({e.strerror or e})") from None

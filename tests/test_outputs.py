@@ -1,0 +1,329 @@
+"""Outputs: every file is published atomically, stale temporaries of killed writes are cleaned, output locations are
+checked before any work, a full disk and Ctrl-C give one line and leave every file whole."""
+
+import errno
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from ddpm import files
+from ddpm.cli import main
+from ddpm.files import OutputError, atomic_write, check_writable, clean_stale, publish_dir, temp_dir
+from helpers import tiny_checkpoint
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ck")
+    tiny_checkpoint(root)
+    return root
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _temporaries(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+# -------------------------------------------------------------------------------------------- stale temporaries
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_clean_stale_removes_only_dead_writers(tmp_path):
+    dead, live = _dead_pid(), os.getppid()
+    names = {
+        f".ckpt.pt.{files.HOST}-{dead}.abcd1234.tmp": False,        # its writer is gone: removed
+        f".ckpt.pt.{files.HOST}-{live}.abcd1234.tmp": True,         # a running writer: kept, however old
+        f".ckpt.pt.0badc0-{dead}.abcd1234.tmp": True,               # another host, young: kept
+        ".ckpt.pt.k2j4_x9a.tmp": True,                              # untagged (older versions), young: kept
+        ".ckpt.pt.zz9_aaaa.tmp": False,                             # untagged and old: removed
+        f".samples.png.{files.HOST}-{dead}.ab12cd34.tmp": True,     # another target: not this call's
+        "ckpt.pt": True, ".hidden": True,                          # not ours
+    }
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    old = time.time() - 2 * files.STALE_AFTER
+    os.utime(tmp_path / ".ckpt.pt.zz9_aaaa.tmp", (old, old))
+    os.utime(tmp_path / f".ckpt.pt.{files.HOST}-{live}.abcd1234.tmp", (old, old))
+    clean_stale(tmp_path, "ckpt.pt")
+    assert {p.name for p in tmp_path.iterdir()} == {n for n, kept in names.items() if kept}
+    clean_stale(tmp_path)   # every tagged one in the folder
+    assert f".samples.png.{files.HOST}-{dead}.ab12cd34.tmp" not in {p.name for p in tmp_path.iterdir()}
+
+
+def test_atomic_write_cleans_stale_temporaries_of_its_target(tmp_path):
+    dead = _dead_pid()
+    stale = tmp_path / f".x.npz.{files.HOST}-{dead}.q1w2e3r4.tmp"
+    stale.write_bytes(b"half")
+    atomic_write(tmp_path / "x.npz", lambda tmp: Path(tmp).write_bytes(b"whole"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npz"]
+
+
+def test_export_folder_replaced_only_when_complete(tmp_path, monkeypatch):
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "export.json").write_text("old")
+    new = temp_dir(out)
+    (new / "export.json").write_text("new")
+    # killed between the two renames: the old folder is aside, `out` is missing; the next writer restores it
+    real = os.rename
+    calls = []
+
+    def rename(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(a, b)
+
+    monkeypatch.setattr(files.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        publish_dir(new, out)
+    monkeypatch.setattr(files.os, "rename", real)
+    assert (out / "export.json").read_text() == "old"       # put back by publish_dir itself
+    # the same kill with no chance to put it back: simulate by renaming aside as a dead writer would have left it
+    aside = tmp_path / f".exp.{files.HOST}-{_dead_pid()}.deadbeef.old"
+    real(out, aside)
+    clean_stale(tmp_path, "exp")
+    assert (out / "export.json").read_text() == "old" and not aside.exists()
+    assert publish_dir(new, out) and (out / "export.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+
+
+# ------------------------------------------------------------------------------------------------ atomic writes
+def test_interrupted_grid_keeps_the_previous_file(ckpt, tmp_path, monkeypatch):
+    keep = tmp_path / "keep.png"
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(keep)
+    before = keep.read_bytes()
+    real = Image.Image.save
+
+    def killed_while_saving(self, fp, *a, **k):
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", killed_while_saving)
+    r = invoke("gen", "--ckpt", ckpt, "-n", 4, "--steps", 2, "--out", keep, "-q")
+    monkeypatch.setattr(Image.Image, "save", real)
+    assert r.exit_code == 130 and "interrupted" in r.output and "Traceback" not in r.output
+    assert keep.read_bytes() == before and _temporaries(tmp_path) == []
+
+
+def test_interrupted_npz_keeps_the_previous_file(ckpt, tmp_path, monkeypatch):
+    from ddpm.runtime import runner
+
+    out = tmp_path / "s.npz"
+    out.write_bytes(b"previous")
+    real, calls = runner.RuntimeEngine.run, []
+
+    def run(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:   # Ctrl-C in the second batch, after the first was written into the file
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(runner.RuntimeEngine, "run", run)
+    r = invoke("gen", "--ckpt", ckpt, "-n", 6, "--batch", 3, "--steps", 2, "--out", out, "-q")
+    assert r.exit_code == 130, r.output
+    assert r.output.strip().splitlines()[-1] == "interrupted" and "Traceback" not in r.output
+    assert out.read_bytes() == b"previous" and _temporaries(tmp_path) == []
+
+
+def _train(data, out, *more):
+    return invoke("train", "--data", data, "--out", out, "--preset", "tiny", "--timesteps", 20, "--batch", 8,
+                  "--device", "cpu", "--warmup", 1, *more)
+
+
+def test_run_files_are_replaced_atomically(fake_mnist, tmp_path, monkeypatch):
+    """Killed at the moment it publishes options.json, then samples.png: every earlier file is untouched (a direct
+    write would have changed or emptied them already)."""
+    run = tmp_path / "run"
+    assert _train(fake_mnist, run, "--steps", 2, "--ckpt-every", 2).exit_code == 0
+    before = _snapshot(run)
+    real = os.replace
+    for target in ("options.json", "samples.png"):
+        def replace(src, dst, target=target):
+            if Path(dst).name == target:
+                raise KeyboardInterrupt
+            real(src, dst)
+
+        monkeypatch.setattr(files.os, "replace", replace)
+        r = _train(fake_mnist, run, "--steps", 4, "--ckpt-every", 2, "--resume")
+        monkeypatch.setattr(files.os, "replace", real)
+        assert r.exit_code == 130 and "Traceback" not in r.output, r.output
+        after = _snapshot(run)
+        assert after[target] == before[target], target
+        assert after["ckpt.pt"] == before["ckpt.pt"]        # written last: still the step-2 checkpoint
+        assert _temporaries(run) == []
+
+
+def test_disk_full_during_checkpoint_is_one_line(fake_mnist, tmp_path, monkeypatch):
+    import torch
+
+    run = tmp_path / "run"
+    assert _train(fake_mnist, run, "--steps", 2, "--ckpt-every", 2).exit_code == 0
+    before = (run / "ckpt.pt").read_bytes()
+    real = torch.save
+
+    def full(obj, f, *a, **k):
+        Path(f).write_bytes(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    r = _train(fake_mnist, run, "--steps", 4, "--ckpt-every", 2, "--resume")
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("Error")]
+    assert r.exit_code == 1 and "Traceback" not in r.output and len(lines) == 1, r.output
+    assert "no space left" in lines[0] and "ckpt.pt" in lines[0] and "--resume" in lines[0]
+    assert "last checkpoint at step 2" in lines[0]
+    assert (run / "ckpt.pt").read_bytes() == before and _temporaries(run) == []
+    # torch's C++ writer loses errno (a RuntimeError): a device with no space left is named all the same
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("file write failed")))
+    monkeypatch.setattr(files.os, "statvfs", lambda p: type("st", (), {"f_bavail": 0, "f_frsize": 4096})())
+    r = _train(fake_mnist, run, "--steps", 4, "--ckpt-every", 2, "--resume")
+    assert r.exit_code == 1 and "no space left" in r.output and "Traceback" not in r.output
+    monkeypatch.setattr(torch, "save", real)
+
+
+# --------------------------------------------------------------------------------------------- writability first
+def _never(*a, **k):
+    raise AssertionError("the work started before the output was checked")
+
+
+@pytest.mark.parametrize("cmd, bad", [
+    (["gen", "-n", 2, "--out"], "afile/x.png"),
+    (["gen", "-n", 2, "--out"], "/proc/x.png"),            # a folder nobody can create files in (even root)
+    (["gen", "-n", 2, "--out"], "adir"),
+    (["inpaint", "--image", "IMG", "-n", 1, "--out"], "x.txt"),
+    (["inpaint", "--image", "IMG", "-n", 1, "--out"], "afile/x.png"),
+    (["edit", "--image", "IMG", "-n", 1, "--out"], "/proc/x.npz"),
+    (["upscale", "--image", "IMG", "--factor", 2, "-n", 1, "--out"], "adir"),
+    (["restore", "--image", "IMG", "--sigma", 0.3, "-n", 1, "--out"], "afile/x.png"),
+    (["gen", "-n", 2, "--out", "g.png", "--trajectory"], "afile/t.gif"),
+    (["eval", "--samples", "SAMPLES", "--json"], "/proc/q.json"),
+    (["bench", "--quick", "--out"], "afile"),
+    (["export", "--out"], "/proc/e"),
+])
+def test_output_checked_before_any_work(ckpt, tmp_path, monkeypatch, cmd, bad):
+    from ddpm.runtime import eager, generate
+
+    (tmp_path / "afile").write_text("a file")
+    (tmp_path / "adir").mkdir()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "img.png")
+    np.savez(tmp_path / "s.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.arange(4))
+    for mod, name in ((generate, "iter_generate"), (generate, "generate"), (eager, "sample")):
+        monkeypatch.setattr(mod, name, _never)
+    monkeypatch.chdir(tmp_path)
+    args = [{"IMG": "img.png", "SAMPLES": "s.npz"}.get(a, a) for a in cmd]
+    if cmd[0] != "eval":
+        args += [bad, "--ckpt", ckpt]
+    else:
+        args += [bad]
+    r = invoke(*args)
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "Invalid value for" in r.output and any(o in r.output for o in ("--out", "--json", "--trajectory"))
+
+
+def test_check_writable_cases(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    check_writable(tmp_path / "new" / "deeper" / "x.png")       # missing folders: created when written
+    check_writable(tmp_path / "new", folder=True)
+    for path, folder, message in ((tmp_path / "afile" / "x.png", False, "is a file, not a folder"),
+                                  (tmp_path / "afile", True, "it is a file"),
+                                  (tmp_path, False, "it is a folder"),
+                                  (Path("/proc/nope/x.png"), False, "cannot create files in /proc")):
+        with pytest.raises(OutputError, match=message):
+            check_writable(path, folder=folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]   # the probe leaves nothing
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_folder_is_refused(ckpt, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        r = invoke("gen", "--ckpt", ckpt, "-n", 2, "--out", ro / "x.png")
+        assert r.exit_code == 2 and "cannot create files in" in r.output
+    finally:
+        ro.chmod(0o755)
+
+
+# ---------------------------------------------------------------------------------------------------- Ctrl-C
+def test_ctrl_c_in_training_names_the_last_checkpoint(fake_mnist, tmp_path, monkeypatch):
+    from ddpm.train import loop
+
+    real, calls = loop.diffusion_loss, []
+
+    def loss(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "diffusion_loss", loss)
+    r = _train(fake_mnist, tmp_path / "run", "--steps", 8, "--ckpt-every", 2)
+    assert r.exit_code == 130 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1] == f"interrupted; last checkpoint at step 4 in {tmp_path / 'run'}, " \
+                                                f"continue with --resume"
+    calls.clear()
+    monkeypatch.setattr(loop, "diffusion_loss", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    r = _train(fake_mnist, tmp_path / "other", "--steps", 8, "--ckpt-every", 2)
+    assert r.exit_code == 130 and r.output.strip().splitlines()[-1] == "interrupted; no checkpoint written yet"
+
+
+def test_sigint_in_a_real_process_is_one_line(ckpt, tmp_path):
+    """A real SIGINT (Ctrl-C) while `ddpm gen` samples: exit 130, one line, no output file."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "x.npz"
+    p = subprocess.Popen(["ddpm", "gen", "--ckpt", str(ckpt), "-n", "100000", "--batch", "8", "--steps", "50",
+                          "--engine", "onnx", "--out", str(out)], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                         env=env, text=True)
+    # wait for the progress bar: sampling has started
+    buf = ""
+    deadline = time.time() + 300
+    while "step" not in buf and time.time() < deadline:
+        buf += p.stderr.read(1)
+    p.send_signal(signal.SIGINT)
+    err = buf + p.stderr.read()
+    p.wait(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].strip() == "interrupted"
+    assert not out.exists() and _temporaries(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------- concurrent and careless
+def test_a_run_folder_is_never_overwritten_or_shared(fake_mnist, tmp_path):
+    from ddpm.files import folder_lock
+
+    run = tmp_path / "run"
+    assert _train(fake_mnist, run, "--steps", 2, "--ckpt-every", 2).exit_code == 0
+    before = _snapshot(run)
+    r = _train(fake_mnist, run, "--steps", 4)                      # forgot --resume: the old run is kept
+    assert r.exit_code == 1 and "already holds a run" in r.output and "--resume" in r.output
+    with folder_lock(run, "ddpm train"):                           # another process trains there
+        r = _train(fake_mnist, run, "--steps", 4, "--resume")
+    assert r.exit_code == 1 and "in use by another ddpm train" in r.output and "Traceback" not in r.output
+    assert _snapshot(run) == before
+    assert _train(fake_mnist, run, "--steps", 4, "--ckpt-every", 2, "--resume").exit_code == 0   # released
+
+
+def test_export_never_replaces_a_folder_that_is_not_an_export(ckpt, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    r = invoke("export", "--ckpt", ckpt, "--out", tmp_path / "mine")
+    assert r.exit_code == 1 and "not an export folder" in r.output
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"

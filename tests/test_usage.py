@@ -1,0 +1,201 @@
+"""Options and requests that cannot give a right answer are refused before any work, in one line: non-finite
+numbers, seeds beyond 2^64-1, unknown devices, --uncond with --guidance, impossible memory or image sizes; results
+that come out NaN are never saved; a model with T < 50 runs with the defaults; -n streams into an .npz."""
+
+import dataclasses
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ddpm.cli import main
+from ddpm.runtime import generate as gen_mod
+from ddpm.runtime.generate import OutOfMemory, iter_generate
+from ddpm.runtime.samplers import ddim_plan, ddpm_plan
+from ddpm.runtime.schedule import Schedule
+from ddpm.samples import read_samples, save_samples
+from helpers import TINY, tiny_checkpoint
+
+BIG_SEED = 2 ** 70
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ck")
+    tiny_checkpoint(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def short_ckpt(tmp_path_factory):
+    """A model with T = 10 < 50, the default number of DDIM steps."""
+    root = tmp_path_factory.mktemp("ck10")
+    tiny_checkpoint(root, cfg=dataclasses.replace(TINY, timesteps=10))
+    return root
+
+
+def usage_error(r, option):
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert option in r.output, r.output
+
+
+@pytest.fixture
+def png(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "d.png")
+    return tmp_path / "d.png"
+
+
+def _commands(ckpt, png, tmp_path):
+    return {"gen": ["gen", "--ckpt", ckpt, "-n", 1, "--out", tmp_path / "x.png"],
+            "inpaint": ["inpaint", "--ckpt", ckpt, "--image", png, "-n", 1, "--out", tmp_path / "y.png"],
+            "edit": ["edit", "--ckpt", ckpt, "--image", png, "-n", 1, "--out", tmp_path / "e.png"],
+            "upscale": ["upscale", "--ckpt", ckpt, "--image", png, "--factor", 2, "-n", 1, "--out", tmp_path / "u.png"],
+            "restore": ["restore", "--ckpt", ckpt, "--image", png, "--sigma", 0.3, "-n", 1, "--out",
+                        tmp_path / "r.png"],
+            "eval": ["eval", "--ckpt", ckpt, "-n", 2],
+            "bench": ["bench", "--ckpt", ckpt, "--quick", "--out", tmp_path / "b"],
+            "train": ["train", "--out", tmp_path / "r", "--preset", "tiny", "--steps", 1]}
+
+
+@pytest.mark.parametrize("cmd, args, option", [
+    ("gen", ["--guidance", "nan"], "--guidance"), ("gen", ["--guidance", "inf"], "--guidance"),
+    ("gen", ["--eta", "nan"], "--eta"), ("inpaint", ["-w", "nan"], "--guidance"),
+    ("eval", ["--eta", "nan"], "--eta"), ("bench", ["--guidance", "inf"], "--guidance"),
+    ("train", ["--lr", "nan"], "--lr"), ("train", ["--lr", "inf"], "--lr"), ("train", ["--ema", "nan"], "--ema"),
+    ("train", ["--p-uncond", "nan"], "--p-uncond"),
+    ("edit", ["--strength", "nan"], "--strength"), ("edit", ["--label", 3, "-w", "inf"], "--guidance"),
+    ("upscale", ["--eta", "nan"], "--eta"), ("restore", ["--sigma", "nan"], "--sigma"),
+    ("restore", ["--sigma", "inf"], "--sigma"), ("inpaint", ["--eta", "inf"], "--eta"),
+] + [(c, ["--seed", BIG_SEED], "--seed") for c in ("gen", "inpaint", "edit", "upscale", "eval", "train")]
+  + [(c, ["--device", d], "--device") for c in ("gen", "inpaint", "edit", "restore", "eval", "bench", "train")
+     for d in ("tpu", "meta", "mps")])
+def test_bad_options_are_usage_errors(ckpt, png, tmp_path, cmd, args, option):
+    usage_error(invoke(*_commands(ckpt, png, tmp_path)[cmd], *args), option)
+
+
+def test_largest_seed_works(ckpt, tmp_path):
+    r = invoke("gen", "--ckpt", ckpt, "-n", 2, "--steps", 2, "--seed", 2 ** 64 - 1, "--out", tmp_path / "x.npz", "-q")
+    assert r.exit_code == 0, r.output
+
+
+def test_uncond_with_explicit_guidance_is_refused(ckpt, tmp_path):
+    r = invoke("gen", "--ckpt", ckpt, "-n", 2, "--uncond", "--guidance", 2, "--out", tmp_path / "x.npz")
+    assert r.exit_code == 2 and "--uncond samples have none" in r.output
+    r = invoke("eval", "--ckpt", ckpt, "-n", 2, "--uncond", "-w", 1)
+    assert r.exit_code == 2 and "--uncond samples have none" in r.output
+    for extra in ([], ["--guidance", 0]):   # the default, or an explicit 0, is fine
+        r = invoke("gen", "--ckpt", ckpt, "-n", 2, "--steps", 2, "--uncond", *extra, "--out", tmp_path / "x.npz", "-q")
+        assert r.exit_code == 0, r.output
+    assert "refused with it" in " ".join(invoke("gen", "--help").output.split())
+
+
+def test_edit_without_label_and_explicit_guidance_is_refused(ckpt, png, tmp_path, monkeypatch):
+    """Without --label an edit uses the unconditional model, which guidance would silently not touch."""
+    monkeypatch.setattr(gen_mod, "iter_generate", None)      # refused before any work
+    for cmd in ("edit", "upscale", "restore", "inpaint"):
+        r = invoke(*_commands(ckpt, png, tmp_path)[cmd], "--guidance", 2)
+        assert r.exit_code == 2 and "give --label, or leave out --guidance" in r.output, r.output
+
+
+def test_short_model_runs_with_default_steps(short_ckpt, png, tmp_path):
+    r = invoke("gen", "--ckpt", short_ckpt, "-n", 3, "--out", tmp_path / "x.npz", "-q")
+    assert r.exit_code == 0 and "unipc8-trailing" in r.output, r.output   # 8 <= T = 10 steps
+    r = invoke("inpaint", "--ckpt", short_ckpt, "--image", png, "-n", 2, "--out", tmp_path / "i.png")
+    assert r.exit_code == 0 and "ddim10" in r.output, r.output           # the edits' DDIM: 50 capped at T
+    r = invoke("bench", "--ckpt", short_ckpt, "--engines", "onnx", "--batch", 1, "--repeat", 1, "--out", tmp_path / "b")
+    assert r.exit_code == 0 and json.loads((tmp_path / "b" / "bench.json").read_text())["steps"] == 8, r.output
+
+
+def test_grid_of_too_many_digits_is_refused_before_work(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(gen_mod, "iter_generate", None)
+    r = invoke("gen", "--ckpt", ckpt, "-n", 10001, "--out", tmp_path / "x.png")
+    usage_error(r, "-n")
+    assert "use --out x.npz" in r.output
+
+
+def test_batch_that_cannot_fit_fails_before_allocating(ckpt, tmp_path, monkeypatch):
+    plan = ddpm_plan(Schedule.make("linear", 1000))
+    host, eng = gen_mod.batch_bytes(plan, 4096, guided=True)
+    # DDPM-1000 at batch 4096: the noise table alone is 4096 x 999 x 784 float32 (12.2 GiB), twice (host + runner)
+    assert host == 4096 * 1000 * 784 * 4 and eng > 4096 * 999 * 784 * 4
+    monkeypatch.setattr(gen_mod, "available_memory", lambda device="cpu", cuda=None: 8 * 2 ** 30)
+    with pytest.raises(OutOfMemory, match=r"batch 4096 of ddpm-small .* needs 24\.\d GiB of host memory, more than "
+                                          r"the 8\.0 GiB available; lower --batch \(at most \d+ fit\)"):
+        gen_mod.check_batch_fits(plan, 4096)
+
+    class NoAlloc:
+        name = "never"
+
+        def run(self, *a, **k):
+            raise AssertionError("allocated and ran")
+
+    monkeypatch.setattr(gen_mod, "make_noise", lambda *a, **k: pytest.fail("noise allocated"))
+    with pytest.raises(OutOfMemory):
+        next(iter_generate(NoAlloc(), 4096, plan, np.zeros(4096, np.int64), 1.0, batch=4096, progress=False))
+    monkeypatch.setattr(gen_mod, "available_memory", lambda device="cpu", cuda=None: 2 ** 20)   # 1 MiB left
+    r = invoke("gen", "--ckpt", ckpt, "-n", 64, "--sampler", "ddpm", "--batch", 64, "--out", tmp_path / "x.npz")
+    assert r.exit_code == 1 and "lower --batch" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x.npz").exists()
+
+
+class ZeroEngine:
+    """A stand-in engine: returns its starting noise scaled to the data range (fast, finite)."""
+
+    name = "zero"
+
+    def run(self, x_T, z, labels, plan, guidance, callback=None):
+        return np.tanh(x_T)
+
+
+def test_npz_output_streams_instead_of_holding_everything(tmp_path):
+    from ddpm.runtime.images import to_uint8
+    from ddpm.runtime.noise import slots
+
+    n, batch = 6000, 40
+    plan = ddim_plan(Schedule.make("linear", 10), 1)
+    by_range = lambda lo, hi: np.arange(lo, hi) % 10        # labels too are made per batch
+    stream = lambda k, path: save_samples(path, by_range, iter_generate(ZeroEngine(), k, plan, by_range, batch=batch,
+                                                                        progress=False), n=k)
+    stream(3, tmp_path / "warm.npz")                         # imports and first-use allocations
+    tracemalloc.start()
+    stream(n, tmp_path / "s.npz")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < n * 28 * 28 / 4      # far below the 4.7 MB that holding the images takes
+    images, labels = read_samples(tmp_path / "s.npz")
+    assert images.shape == (n, 28, 28) and np.array_equal(labels, np.arange(n) % 10)
+    for k in (0, 39, 40, n - 1):       # sample k is the engine's output for its own noise, wherever its batch
+        assert np.array_equal(images[k], to_uint8(np.tanh(slots(0, k, 0, 1)))[0])
+
+
+def test_nan_samples_are_never_saved(ckpt, tmp_path, monkeypatch):
+    from ddpm.runtime import runner
+
+    monkeypatch.setattr(runner.RuntimeEngine, "run", lambda self, x_T, *a, **k: x_T * np.nan)
+    out = tmp_path / "x.png"
+    r = invoke("gen", "--ckpt", ckpt, "-n", 4, "--steps", 2, "--out", out, "-q")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "came out NaN or inf" in r.output and "nothing was saved" in r.output and "likely cause" in r.output
+    assert not out.exists()
+
+
+def test_export_verification_fails_on_non_finite_outputs(ckpt, tmp_path):
+    """A NaN model agrees with its NaN ONNX export 'to 0' (max() over NaN differences): refused instead."""
+    from ddpm.export.onnx_export import ExportFailed, to_onnx, verify
+    from ddpm.model.io import load_model
+
+    model = load_model(ckpt).model
+    with torch.no_grad():
+        model.conv_out.bias.fill_(float("nan"))
+    to_onnx(model, tmp_path / "m.onnx", "fp32")
+    with pytest.raises(ExportFailed, match="not finite"):
+        verify(tmp_path / "m.onnx", model, "fp32", 100)
