@@ -1,7 +1,8 @@
 """Eager PyTorch: the plain per-step loop a user would write, the reference every engine is checked against.
 
-`sample` runs any `Plan` (runtime.samplers) with ordinary tensor arithmetic, a fresh tensor per operation; the
-preallocated runtime (runtime.runner) must give the same digits from the same noise.
+`sample` runs any `Plan` (runtime.samplers), and any edit's projection (runtime.edits), with ordinary tensor
+arithmetic, a fresh tensor per operation; the preallocated runtime (runtime.runner) must give the same digits from
+the same noise.
 """
 
 from __future__ import annotations
@@ -22,18 +23,39 @@ NoiseFn = Callable[[int], torch.Tensor]
 
 @torch.no_grad()
 def sample(eps_fn: EpsFn, x: torch.Tensor, plan: Plan, noise: NoiseFn | None = None,
-           callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+           callback: Callable[[int, torch.Tensor, torch.Tensor | None], None] | None = None, edit=None,
+           y: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Run a plan from the starting noise x = x_T (B,C,H,W); noise(slot) gives the fresh noise of a slot (B,C,H,W)
-    (default: randn_like). Returns x_0 (B,C,H,W), same dtype and device. Equations: runtime.samplers."""
+    (default: randn_like). Returns x_0 (B,C,H,W), same dtype and device. Equations: runtime.samplers.
+
+    edit: a runtime.edits.Projection with the known image y (B,C,H,W) and, for the mask operator, the mask
+    (1: known), both on x's device; its noise slots come from noise() too. callback(i, x, x0_hat): after row i,
+    x0_hat None on rows without a network call.
+    """
     noise = noise or (lambda slot: torch.randn_like(x))
     history: list[torch.Tensor | None] = [None, None]      # x0_hat of the previous two network rows
+
+    def project(i: int, v: torch.Tensor) -> torch.Tensor:
+        # runtime.edits: v + P(a y + s z - v), written out plainly
+        target = edit.a[i] * y
+        if edit.z_slot[i] >= 0:
+            target = target + edit.s[i] * noise(int(edit.z_slot[i]))
+        if edit.operator == "mask":
+            return (1 - mask) * v + mask * target
+        f = edit.factor
+        low = torch.nn.functional.avg_pool2d(target - v, f)
+        return v + torch.repeat_interleave(torch.repeat_interleave(low, f, dim=2), f, dim=3)
+
     for i in range(plan.steps):
+        x0 = None
         if plan.calls_net[i]:
             eps = eps_fn(x, int(plan.timesteps[i]), bool(plan.cfg[i]))
             # 1. predicted clean image
             x0 = plan.x0_x[i] * x - plan.x0_eps[i] * eps
             if plan.clip:
                 x0 = x0.clamp(-1.0, 1.0)
+            if edit is not None and edit.on[i] and edit.space == "x0":
+                x0 = project(i, x0)
             # 2. the next state: this prediction and the remembered ones
             nxt = plan.w_x[i] * x + plan.w_x0[i] * x0
             if plan.w_x0_prev[i]:
@@ -46,9 +68,12 @@ def sample(eps_fn: EpsFn, x: torch.Tensor, plan: Plan, noise: NoiseFn | None = N
         # 3. plus fresh noise
         if plan.z_slot[i] >= 0:
             nxt = nxt + plan.sigma[i] * noise(int(plan.z_slot[i]))
+        # 4. the edit's projection onto the known image
+        if edit is not None and edit.on[i] and edit.space == "x":
+            nxt = project(i, nxt)
         x = nxt
         if callback is not None:
-            callback(i, x)
+            callback(i, x, x0)
     return x
 
 
@@ -78,6 +103,7 @@ class EagerEngine:
     """Eager PyTorch: the plain per-step loop a user would write (the reference and the benchmark baseline)."""
 
     name = "torch"
+    supports_edits = True   # run(edit=, y=, mask=, watch=): runtime.generate
 
     def __init__(self, model: torch.nn.Module, null_label: int, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
@@ -86,48 +112,22 @@ class EagerEngine:
 
     @torch.no_grad()
     def run(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, plan: Plan, guidance: float,
-            callback=None) -> np.ndarray:
-        """x_T (B,C,H,W) float32, z (B,Q,C,H,W) or None, labels (B,) int64 or None -> x_0 (B,C,H,W) float32."""
+            callback=None, edit=None, y=None, mask=None, watch=None) -> np.ndarray:
+        """x_T (B,C,H,W) float32, z (B,Q,C,H,W) or None, labels (B,) int64 or None -> x_0 (B,C,H,W) float32.
+
+        edit, y, mask: an edit's projection and its inputs (runtime.runner.Runner.load); callback(i) after each
+        row; watch(i, x, x0) after each row with host copies (x0 None on rows without a network call)."""
         dev = self.device
-        y = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64), device=dev)
-        eps_fn = guided(self.model, y, self.null_label, guidance)
+        lab = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64), device=dev)
+        eps_fn = guided(self.model, lab, self.null_label, guidance)
         zd = None if z is None else torch.as_tensor(z, device=dev)
+        dev_ = lambda a: None if a is None else torch.as_tensor(np.asarray(a, dtype=np.float32), device=dev)
+
+        def cb(i, x, x0):
+            if callback is not None:
+                callback(i)
+            if watch is not None:
+                watch(i, x.cpu().numpy(), None if x0 is None else x0.cpu().numpy())
         x = sample(eps_fn, torch.as_tensor(x_T, device=dev), plan, noise=None if zd is None else (lambda s: zd[:, s]),
-                   callback=None if callback is None else (lambda i, _x: callback(i)))
+                   callback=cb, edit=edit, y=dev_(y), mask=dev_(mask))
         return x.cpu().numpy()
-
-
-@torch.no_grad()
-def inpaint(eps_fn: EpsFn, known: torch.Tensor, mask: torch.Tensor, plan: Plan, generator: torch.Generator | None = None,
-            resample: int = 1) -> torch.Tensor:
-    """RePaint (Lugmayr et al. 2022): generate where mask == 0, keep `known` where mask == 1 (eager, DDPM/DDIM plans).
-
-    Each step the known region is re-noised from q(x_prev | x_0) (eq. 4 of DDPM) and the unknown region comes from
-    the reverse step; with resample > 1 each step is redone after a one-step jump back to x_t (RePaint's
-    "resampling", jump length 1), which harmonises the two regions.
-    """
-    if resample < 1:
-        raise ValueError("resample must be >= 1")
-    if plan.history:
-        raise ValueError("inpainting runs single-step plans (DDPM, DDIM)")
-    randn = lambda: torch.randn(known.shape, generator=generator, dtype=known.dtype).to(known.device)
-    mask = mask.to(known.dtype)
-    x = randn()
-    for i, t in enumerate(plan.timesteps.tolist()):
-        abar_t = plan.abar_next[i - 1] if i > 0 else 1.0 / plan.x0_x[0] ** 2
-        for r in range(resample):
-            eps = eps_fn(x, t, bool(plan.cfg[i]))
-            x0 = plan.x0_x[i] * x - plan.x0_eps[i] * eps
-            if plan.clip:
-                x0 = x0.clamp(-1.0, 1.0)
-            x_unknown = plan.w_x0[i] * x0 + plan.w_x[i] * x + plan.sigma[i] * randn()
-            ab = plan.abar_next[i]
-            x_known = ab ** 0.5 * known + (1 - ab) ** 0.5 * randn()
-            x_prev = mask * x_known + (1 - mask) * x_unknown
-            if r < resample - 1:
-                # jump back: x_t ~ q(x_t | x_prev) = N(sqrt(abar_t/abar_prev) x_prev, (1 - abar_t/abar_prev) I)
-                ratio = abar_t / ab
-                x = ratio ** 0.5 * x_prev + (1 - ratio) ** 0.5 * randn()
-            else:
-                x = x_prev
-    return x

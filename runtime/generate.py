@@ -2,7 +2,9 @@
 
 An engine is any object with `run(x_T, z, labels, plan, guidance, callback) -> x_0` for one batch (numpy arrays in,
 a numpy array out: x_0 (B,C,H,W) float32, or the images (B,H,W) uint8 already quantised as images.to_uint8 does,
-as the onnx-generator engine returns them); `labels` is None for unconditional sampling. The eager PyTorch reference is
+as the onnx-generator engine returns them); `labels` is None for unconditional sampling. Engines with
+`supports_edits` (eager and the runtime's) also take `edit, y, mask` (an edit's projection, runtime.edits, with its
+known image and mask) and `watch` (the states after every row). The eager PyTorch reference is
 `runtime.eager.EagerEngine`; the preallocated runtime engines live in `runtime.runner`. Nothing here needs PyTorch.
 
 `iter_generate` yields the batches as they are made, so that a caller can write them out (samples.save_samples) and
@@ -106,13 +108,15 @@ def ensure_memory(need: int, what: str, fix: str, device: str = "cpu", per_unit:
                       f"{fix}{fits}")
 
 
-def batch_bytes(plan: Plan, batch: int, image_shape=(1, 28, 28), guided: bool = True) -> tuple[int, int]:
+def batch_bytes(plan: Plan, batch: int, image_shape=(1, 28, 28), guided: bool = True,
+                extra: int = 0) -> tuple[int, int]:
     """(host bytes, engine bytes) that one batch needs: the noise the host draws (x_T and the plan's noise table,
     runtime.noise.make_noise) and the engine's buffers (runtime.runner.Runner: its own copy of the noise table, the
-    image, x0_hat ring, scratch, network input/output, doubled when guided), all float32."""
+    image, x0_hat ring, scratch, network input/output, doubled when guided), all float32. extra: images per sample
+    that an edit adds on both sides (its noise slots, known image and mask; runtime.edits.EditJob)."""
     img = int(np.prod(image_shape)) * 4
-    host = batch * (1 + plan.num_slots) * img
-    engine = batch * img * (plan.num_slots + 3 + plan.history + (4 if guided else 2))
+    host = batch * (1 + plan.num_slots + extra) * img
+    engine = batch * img * (plan.num_slots + extra + 3 + plan.history + (4 if guided else 2))
     return host, engine
 
 
@@ -123,10 +127,10 @@ def engine_device(engine) -> str:
 
 
 def check_batch_fits(plan: Plan, batch: int, image_shape=(1, 28, 28), guided: bool = True,
-                     device: str = "cpu", cuda=None) -> None:
+                     device: str = "cpu", cuda=None, extra: int = 0) -> None:
     """OutOfMemory, before anything is allocated, when one batch's noise tables and buffers would not fit (cuda: a
-    stand-in for torch.cuda's memory functions)."""
-    host, eng = batch_bytes(plan, batch, image_shape, guided)
+    stand-in for torch.cuda's memory functions; extra: see batch_bytes)."""
+    host, eng = batch_bytes(plan, batch, image_shape, guided, extra)
     per_host, per_eng = host // batch, eng // batch
     what = f"batch {batch} of {plan.name} ({plan.num_slots} noise images per sample)"
     if str(device).startswith("cuda"):
@@ -148,16 +152,25 @@ def _cause(engine, guidance: float) -> str:
 
 
 def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidance: float = 0.0, seed: int = 0,
-                  batch: int = 64, start: int = 0, progress: bool = True,
-                  image_shape=(1, 28, 28)) -> Iterator[np.ndarray]:
+                  batch: int = 64, start: int = 0, progress: bool = True, image_shape=(1, 28, 28), job=None,
+                  watch: Callable | None = None) -> Iterator[np.ndarray]:
     """Samples start..start+n-1 of the stream `seed`, yielded batch by batch as (b, H, W) uint8 in order.
 
     labels: (n,), -1 = unconditional; or a function (lo, hi) -> the labels of samples lo..hi-1 of these n, so that
-    nothing of size n is held. Raises OutOfMemory before the first batch when one batch would not fit, and
-    NonFiniteSamples at a batch that comes out NaN or inf (naming the likely cause); ValueError for bad labels."""
+    nothing of size n is held. job: an edit (runtime.edits.EditJob): its projection and known images, or its starting
+    images; its noise slots follow the plan's in every sample's stream. watch(i, x, x0): the states of the first
+    batch after every row (host arrays (B,C,H,W), x0 None on rows without a network call). Raises OutOfMemory before
+    the first batch when one batch would not fit, and NonFiniteSamples at a batch that comes out NaN or inf (naming
+    the likely cause); ValueError for bad labels, and for an engine that cannot run the edit's projection or be
+    watched (`supports_edits`)."""
     from tqdm import tqdm
 
     check_seed(seed)
+    edit = job.projection if job is not None else None
+    if (edit is not None or watch is not None) and not getattr(engine, "supports_edits", False):
+        raise ValueError(f"the {engine.name} engine runs whole plans in one call: it cannot "
+                         f"{'project onto a known image' if edit is not None else 'show every step'}; use "
+                         f"--engine onnx (or torch, runtime-torch)")
     if callable(labels):
         get = labels
     else:
@@ -172,18 +185,28 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
     check_seed(start + n - 1)
     b = min(batch, n)
     guided = bool(guidance != 0 and get(0, 1)[0] >= 0)
-    check_batch_fits(plan, b, image_shape, guided, engine_device(engine))
+    extra = job.num_slots + 2 if job is not None else 0    # the edit's noise slots, its known image and mask
+    check_batch_fits(plan, b, image_shape, guided, engine_device(engine), extra=extra)
+    slots = plan.num_slots + (job.num_slots if job is not None else 0)
     bar = tqdm(total=-(-n // batch) * plan.steps, disable=not progress, unit="step", dynamic_ncols=True,
                desc=f"{engine.name} {plan.name}")
     try:
         for lo in range(0, n, batch):
             hi = min(n, lo + batch)
-            x_T, z = make_noise(seed, start + lo, hi - lo, plan.num_slots, image_shape)
+            x_T, z = make_noise(seed, start + lo, hi - lo, slots, image_shape)
             y = np.asarray(get(lo, hi), dtype=np.int64)
             if len(y) != hi - lo or ((y < 0).any() and (y >= 0).any()):
                 raise ValueError(f"labels of samples {lo}..{hi - 1}: {hi - lo} labels, all -1 or all classes")
             y = None if y[0] < 0 else y
-            x = engine.run(x_T, z, y, plan, guidance, callback=lambda i: bar.update(1))
+            more = {}
+            if job is not None:
+                known, mask, x_input = job.batch(lo, hi)
+                x_T = job.start(x_T, x_input)
+                if edit is not None:
+                    more.update(edit=edit, y=known, mask=mask)
+            if watch is not None and lo == 0:
+                more["watch"] = watch
+            x = engine.run(x_T, z, y, plan, guidance, callback=lambda i: bar.update(1), **more)
             del x_T, z
             if not np.isfinite(x).all():
                 raise NonFiniteSamples(f"samples {start + lo}..{start + hi - 1} came out NaN or inf from the "
@@ -195,17 +218,19 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
 
 
 def generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidance: float = 0.0, seed: int = 0,
-             batch: int = 64, start: int = 0, progress: bool = True, image_shape=(1, 28, 28)) -> np.ndarray:
+             batch: int = 64, start: int = 0, progress: bool = True, image_shape=(1, 28, 28), job=None,
+             watch: Callable | None = None) -> np.ndarray:
     """Samples start..start+n-1 of the stream `seed` as (n, H, W) uint8. labels: (n,), -1 = unconditional.
 
     Holds all n images: OutOfMemory when they would not fit (iter_generate streams them instead); see iter_generate
-    for the other errors."""
+    for job, watch and the other errors."""
     per = int(np.prod(image_shape[1:]))
     ensure_memory(n * per, f"holding {n} samples", "lower -n, or stream them into a file (`ddpm gen --out x.npz`)",
                   per_unit=per)
     out = np.empty((n, *image_shape[1:]), dtype=np.uint8)
     lo = 0
-    for part in iter_generate(engine, n, plan, labels, guidance, seed, batch, start, progress, image_shape):
+    for part in iter_generate(engine, n, plan, labels, guidance, seed, batch, start, progress, image_shape, job,
+                              watch):
         out[lo:lo + len(part)] = part
         lo += len(part)
     return out

@@ -1,11 +1,100 @@
-"""Images: model range [-1, 1] <-> uint8, and grids as PNG (written atomically)."""
+"""Images: reading the user's pictures, model range [-1, 1] <-> uint8, grids as PNG and trajectories as PNG or GIF
+(written atomically, files.atomic_write).
+
+Every picture is (H, W) uint8 inside the package, 0 black .. 255 white, the digit white on black as in MNIST.
+`read_image` turns any picture file Pillow reads into that (greyscale, 16-bit, RGB, palette, with or without
+alpha), refusing unreadable files and decompression bombs with one clear message (ImageError, a DdpmError);
+`fit` resizes.
+"""
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import DdpmError
+
+# The largest picture read (pixels): a digit needs nothing near it, and a small file that claims more is a
+# decompression bomb. Pillow's own limit (Image.MAX_IMAGE_PIXELS, about 89 M pixels) is enforced too.
+MAX_PIXELS = 4096 * 4096
+
+
+class ImageError(DdpmError, ValueError):
+    """A picture that cannot be used; str(e) is one line for the user."""
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """The first frame of a picture file as (H, W) uint8 at the file's size, 0 black .. 255 white.
+
+    Greyscale (1-, 8- or 16-bit; 16-bit scaled by 255/65535 and rounded), RGB (luma, ITU-R 601-2 as Pillow's "L"
+    conversion), palette (through its RGBA colours). With an alpha channel (LA, RGBA, palette with transparency):
+    when the colour is the same in every pixel and alpha is not, the picture is a shape on a transparent canvas and
+    the digit is the alpha channel itself; otherwise the colour is composited over black (luma x alpha / 255).
+    Raises ImageError for a missing or unreadable file, and for one over MAX_PIXELS pixels or Pillow's
+    decompression-bomb limit (checked on the header, before any pixel is decoded).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ImageError(f"{path}: no such file" if not p.exists() else f"{path}: not a file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise ImageError(f"{path}: {w}x{h} pixels is more than this reader takes ({MAX_PIXELS} pixels; "
+                                     f"a digit needs 28x28)")
+                img.seek(0)
+                return _grey(img)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not a picture file Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path}: refused as a possible decompression bomb ({e})") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:   # truncated or corrupt data
+        raise ImageError(f"{path}: cannot read the picture ({type(e).__name__}: {e})") from None
+
+
+def _grey(img) -> np.ndarray:
+    """A Pillow image -> (H, W) uint8 (see read_image)."""
+    mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        return np.clip(np.rint(a * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+    if mode == "F":
+        return np.clip(np.rint(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
+    if mode in ("LA", "La", "RGBA", "RGBa", "PA"):
+        rgba = np.asarray(img.convert("RGBA"))
+        colour, alpha = rgba[..., :3], rgba[..., 3]
+        if (colour == colour.reshape(-1, 3)[0]).all() and (alpha != alpha.flat[0]).any():
+            return np.array(alpha, dtype=np.uint8)
+        luma = np.asarray(img.convert("RGB").convert("L"), dtype=np.float64)
+        return np.rint(luma * alpha / 255.0).astype(np.uint8)
+    return np.array(img.convert("L"), dtype=np.uint8)
+
+
+def fit(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) uint8 resized to size (H', W'): unchanged when it fits; box averaging when shrinking both sides (for an
+    integer factor, exactly the f x f mean, rounded), Lanczos otherwise."""
+    from PIL import Image
+
+    image = np.asarray(image, dtype=np.uint8)
+    if image.shape == tuple(size):
+        return image.copy()
+    H, W = size
+    shrink = image.shape[0] >= H and image.shape[1] >= W
+    out = Image.fromarray(image).resize((W, H), Image.Resampling.BOX if shrink else Image.Resampling.LANCZOS)
+    return np.array(out, dtype=np.uint8)
 
 
 def to_uint8(x) -> np.ndarray:
@@ -60,3 +149,50 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, sca
         for k, v in text.items():
             info.add_text(k, v)
     atomic_write(path, lambda tmp: img.save(tmp, format=fmt, pnginfo=info) if info else img.save(tmp, format=fmt))
+
+
+class Trajectory:
+    """A watch for generate() (runtime.generate): x_t and x0_hat of the first `samples` samples after every row,
+    as uint8 frames (x0_hat kept from the last network row on rows that only add noise)."""
+
+    def __init__(self, samples: int = 4):
+        self.samples = samples
+        self.rows: list[int] = []
+        self.x: list[np.ndarray] = []     # (m, H, W) uint8 per row
+        self.x0: list[np.ndarray] = []
+
+    def __call__(self, i: int, x: np.ndarray, x0: np.ndarray | None) -> None:
+        m = self.samples
+        self.rows.append(i)
+        self.x.append(to_uint8(x[:m]))
+        self.x0.append(to_uint8(x0[:m]) if x0 is not None else self.x0[-1] if self.x0 else np.zeros_like(self.x[-1]))
+
+    def pick(self, count: int) -> list[int]:
+        """`count` indices of recorded rows, evenly spread from the first to the last."""
+        n = len(self.rows)
+        return sorted(set(np.round(np.linspace(0, n - 1, min(count, n))).astype(int).tolist()))
+
+    def save(self, path: str | os.PathLike, columns: int = 10, frames: int = 60, scale: int = 2) -> None:
+        """.png: for each sample a row of x_t then a row of x0_hat at `columns` rows of the plan; .gif: up to `frames`
+        frames of all samples' x_t (top) and x0_hat (bottom), the last one held for 2 s."""
+        from PIL import Image
+
+        from ..files import atomic_write
+
+        if not self.rows:
+            raise ValueError("nothing recorded")
+        path = Path(path)
+        m = self.x[0].shape[0]
+        if path.suffix.lower() == ".gif":
+            pics = []
+            for k in self.pick(frames):
+                g = grid(np.concatenate([self.x[k], self.x0[k]]), nrow=m)
+                pics.append(Image.fromarray(g).resize((g.shape[1] * scale, g.shape[0] * scale), Image.NEAREST))
+            durations = [80] * (len(pics) - 1) + [2000]
+            # optimize=False: Pillow's palette optimisation of later frames changes grey levels (255 read back as 243)
+            atomic_write(path, lambda tmp: pics[0].save(tmp, format="GIF", save_all=True, append_images=pics[1:],
+                                                        duration=durations, loop=0, optimize=False))
+            return
+        cols = self.pick(columns)
+        tiles = [img for s in range(m) for seq in (self.x, self.x0) for img in (seq[k][s] for k in cols)]
+        save_grid(np.stack(tiles), path, nrow=len(cols), scale=scale)

@@ -79,6 +79,16 @@ class NumpyOps:
     def clamp_(self, x, lo: float, hi: float) -> None:
         np.clip(x, lo, hi, out=x)
 
+    def sum_pool_(self, out, x, f: int) -> None:
+        """out (B,C,H/f,W/f) <- the sum of every f x f block of x (B,C,H,W, C-contiguous)."""
+        np.add.reduce(_blocks(x, f), axis=(3, 5), out=out)   # a reduction with out= allocates no image buffer
+        # (np.mean would: it buffers for its dtype argument)
+
+    def upsample_(self, out, lo, f: int) -> None:
+        """out (B,C,H,W, C-contiguous) <- lo (B,C,H/f,W/f) repeated over f x f blocks (nearest upsampling)."""
+        np.copyto(_blocks(out, f), lo[:, :, :, None, :, None])   # a broadcast copy, unbuffered (an in-place
+        # broadcast add would go through the ufunc's 32 kB iteration buffer on every call)
+
     # -- host <-> device
     def load(self, dst, host: np.ndarray) -> None:
         np.copyto(dst, host, casting="same_kind")
@@ -88,6 +98,14 @@ class NumpyOps:
 
     def data_ptr(self, x) -> int:
         return x.ctypes.data
+
+
+def _blocks(x, f: int):
+    """The view (B,C,H/f,f,W/f,f) of a C-contiguous (B,C,H,W) array: block (i, j) is [:, :, i, :, j, :]."""
+    if not x.flags.c_contiguous:
+        raise ValueError("block views need a C-contiguous array")
+    B, C, H, W = x.shape
+    return x.reshape(B, C, H // f, f, W // f, f)
 
 
 class TorchOps:
@@ -151,6 +169,14 @@ class TorchOps:
 
     def clamp_(self, x, lo: float, hi: float) -> None:
         x.clamp_(lo, hi)
+
+    def sum_pool_(self, out, x, f: int) -> None:
+        B, C, h, w = out.shape
+        self.torch.sum(x.view(B, C, h, f, w, f), dim=(3, 5), out=out)
+
+    def upsample_(self, out, lo, f: int) -> None:
+        B, C, h, w = lo.shape
+        out.view(B, C, h, f, w, f).copy_(lo[:, :, :, None, :, None])
 
     # -- host <-> device
     def load(self, dst, host: np.ndarray) -> None:

@@ -8,7 +8,9 @@ runner's buffers (its own onnxruntime IO bindings, its own TensorRT execution co
 so runners of one engine never feed the network from each other's buffers, whatever order they run in.
 
 `run()` copies the starting noise, noise table and labels in, then runs the loop, which only reads tables and
-writes buffers in place: no allocation, no host synchronisation. On a GPU the loop is captured once as a CUDA
+writes buffers in place: no allocation, no host synchronisation. An edit (runtime.edits.Projection) adds its
+known image, mask and working buffers, bound to the runner once, and projects x (or x0_hat) at its rows; its noise
+slots follow the plan's in the same table. On a GPU the loop is captured once as a CUDA
 graph after a warm-up and replayed for every later run. `run()` returns a host copy of x (numpy, float32) that the
 next run cannot overwrite.
 
@@ -39,11 +41,15 @@ def plan_key(plan: Plan) -> str:
 
 
 class Runner:
-    """One (net, batch, plan, guided) combination with all its buffers and its own bound network calls."""
+    """One (net, batch, plan, guided, edit) combination with all its buffers and its own bound network calls.
+
+    edit: None, or a runtime.edits.Projection for the plan (its y and mask come with each run)."""
 
     def __init__(self, net, batch: int, plan: Plan, guided: bool, null_label: int, image_shape=(1, 28, 28),
                  cuda_graph: bool = True, edit=None):
         ops = self.ops = net.make_ops()
+        if edit is not None:
+            edit.validate(plan, image_shape)
         self.net, self.batch, self.plan, self.guided, self.edit = net, batch, plan, guided, edit
         self.null_label = null_label
         self.steps = S = plan.steps
@@ -65,7 +71,7 @@ class Runner:
         self.t_rows = [self.t_table[i] for i in range(S)]
         cols = ("x0_x", "x0_eps", "w_x", "w_x0", "w_x0_prev", "w_x0_prev2", "sigma")
         self.coef = dict(zip(cols, (ops.scalars(getattr(plan, c)) for c in cols)))
-        Q = plan.num_slots
+        Q = self.num_slots = plan.num_slots + (edit.num_slots if edit is not None else 0)   # the edit's come after
         self.z = ops.empty((Q, B, *image_shape)) if Q else None   # slot-major: every slot a contiguous block
         self.z_rows = [self.z[int(s)] if s >= 0 else None for s in plan.z_slot] if Q else [None] * S
         # the x0_hat ring position of every row: network rows take turns
@@ -77,8 +83,10 @@ class Runner:
         self.call = net.bind(self.x_in, self.t_in, self.y_in, self.eps)
         self.call_cond = (net.bind(self.x_in[:B], self.t_in[:B], self.y_in[:B], self.eps[:B])
                           if guided and not plan.cfg[plan.calls_net].all() else None)
-        if edit is not None:
-            edit.setup(self)
+        # -- the edit's projection, bound to this runner's buffers; which rows project x, which x0_hat
+        self.proj = edit.bind(ops, B, image_shape, self.z) if edit is not None else None
+        self.proj_x0 = [edit is not None and bool(edit.on[i]) and edit.space == "x0" for i in range(S)]
+        self.proj_x = [edit is not None and bool(edit.on[i]) and edit.space == "x" for i in range(S)]
         self.use_graph = cuda_graph and net.graph_capturable and getattr(ops.device, "type", "cpu") == "cuda"
         self.graph = None
 
@@ -113,8 +121,8 @@ class Runner:
             ops.axmy_(x0, c["x0_eps"][i], eps)
             if p.clip:
                 ops.clamp_(x0, -1.0, 1.0)
-            if self.edit is not None:
-                self.edit.on_x0(self, i, x0)
+            if self.proj_x0[i]:
+                self.proj(i, x0)                            # DDNM: x0_hat <- x0_hat + A^+(y - A x0_hat)
             # 4. x = w_x x + w_x0 x0_hat + w_x0_prev x0_hat' + w_x0_prev2 x0_hat''
             ops.scale_(x, c["w_x"][i])
             ops.axpy_(x, c["w_x0"][i], x0)
@@ -127,8 +135,13 @@ class Runner:
         # 5. + sigma z
         if self.z_rows[i] is not None:
             ops.axpy_(x, c["sigma"][i], self.z_rows[i])
-        if self.edit is not None:
-            self.edit.on_x(self, i)
+        # 6. the edit's projection onto the known image at this row's level (runtime.edits)
+        if self.proj_x[i]:
+            self.proj(i, x)
+
+    def x0_of(self, i: int):
+        """The buffer that holds row i's x0_hat after the row (valid until the next network row)."""
+        return self.x0[self.ring[i][0]]
 
     def loop(self, callback: Callable[[int], None] | None = None) -> None:
         for i in range(self.steps):
@@ -152,18 +165,20 @@ class Runner:
         self.graph = graph
 
     # ---------------------------------------------------------------------------------------------------- run
-    def load(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, guidance: float) -> None:
+    def load(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, guidance: float,
+             y: np.ndarray | None = None, mask: np.ndarray | None = None) -> None:
         """Copy a run's inputs into the buffers (before the loop; host -> device on a GPU).
 
-        x_T (B,C,H,W) float32, z (B,num_slots,C,H,W) float32 or None, labels (B,) int64 or None (the null label),
-        guidance w >= 0.
+        x_T (B,C,H,W) float32, z (B,num_slots,C,H,W) float32 or None (num_slots: the plan's, then the edit's),
+        labels (B,) int64 or None (the null label), guidance w >= 0; with an edit, its known image y (B,C,H,W)
+        float32 and, for a mask projection, the mask (B,C,H,W) (1: known). ValueError for wrong shapes.
         """
         ops, B = self.ops, self.batch
         if x_T.shape != tuple(self.x.shape):
             raise ValueError(f"x_T has shape {x_T.shape}, this runner takes {tuple(self.x.shape)}")
         ops.load(self.x, x_T)
         if self.z is not None:
-            want = (B, self.plan.num_slots, *self.x.shape[1:])
+            want = (B, self.num_slots, *self.x.shape[1:])
             if z is None or z.shape != want:
                 raise ValueError(f"the plan needs noise z of shape {want}, got {None if z is None else z.shape}")
             ops.load(self.z, np.swapaxes(z, 0, 1))
@@ -172,13 +187,26 @@ class Runner:
         else:
             ops.load(self.y_in[:B], np.asarray(labels, dtype=np.int64))
         ops.set_scalar(self.w_neg, -float(guidance))
-        if self.edit is not None:
-            self.edit.load(self)
+        if self.proj is not None:
+            self.proj.load(y, mask)
 
-    def run(self, x_T, z, labels, guidance: float = 0.0, callback=None) -> np.ndarray:
-        """One batch: x_0 (B,C,H,W) float32 on the host, a copy the next run cannot overwrite."""
+    def run(self, x_T, z, labels, guidance: float = 0.0, callback=None, y=None, mask=None,
+            watch=None) -> np.ndarray:
+        """One batch: x_0 (B,C,H,W) float32 on the host, a copy the next run cannot overwrite.
+
+        callback(i): after row i (after the whole replay when the loop runs as a CUDA graph). watch(i, x, x0):
+        after row i with host copies of x and of the row's x0_hat (None on rows without a network call); the loop
+        then runs step by step, never as a graph. y, mask: the edit's (see load)."""
         with self.net.stream_context():
-            self.load(x_T, z, labels, guidance)
+            self.load(x_T, z, labels, guidance, y, mask)
+            if watch is not None:
+                to_host, calls = self.ops.to_host, self.plan.calls_net
+                for i in range(self.steps):
+                    self.step(i)
+                    if callback is not None:
+                        callback(i)
+                    watch(i, to_host(self.x), to_host(self.x0_of(i)) if calls[i] else None)
+                return to_host(self.x)
             if self.use_graph and self.graph is None:
                 try:
                     self._capture()
@@ -186,7 +214,7 @@ class Runner:
                     warnings.warn(f"CUDA-graph capture of the {self.net.name} loop failed ({type(e).__name__}: {e}); "
                                   f"running it step by step", RuntimeWarning, stacklevel=2)
                     self.use_graph = False
-                self.load(x_T, z, labels, guidance)   # the warm-up consumed the buffers
+                self.load(x_T, z, labels, guidance, y, mask)   # the warm-up consumed the buffers
             if self.use_graph:
                 self.graph.replay()
                 if callback is not None:
@@ -205,6 +233,8 @@ class RuntimeEngine:
     many batch sizes does not grow without bound.
     """
 
+    supports_edits = True   # run(edit=, y=, mask=, watch=): runtime.generate
+
     def __init__(self, net, null_label: int, image_shape=(1, 28, 28), cuda_graph: bool = True, max_runners: int = 8):
         self.net, self.null_label, self.image_shape, self.cuda_graph = net, null_label, tuple(image_shape), cuda_graph
         self.name = net.name
@@ -222,7 +252,9 @@ class RuntimeEngine:
                 self.runners.popitem(last=False)
         return self.runners[key]
 
-    def run(self, x_T, z, labels, plan, guidance, callback=None):
-        """x_T (B,C,H,W) float32, z (B,Q,C,H,W) or None, labels (B,) int64 or None -> x_0 (B,C,H,W) float32."""
+    def run(self, x_T, z, labels, plan, guidance, callback=None, edit=None, y=None, mask=None, watch=None):
+        """x_T (B,C,H,W) float32, z (B,Q,C,H,W) or None, labels (B,) int64 or None -> x_0 (B,C,H,W) float32.
+
+        edit: a runtime.edits.Projection with its y and mask (Runner.load); watch: see Runner.run."""
         guided = labels is not None and guidance != 0   # w = 0: the conditional model alone, one batch
-        return self.runner(x_T.shape[0], plan, guided).run(x_T, z, labels, guidance, callback)
+        return self.runner(x_T.shape[0], plan, guided, edit).run(x_T, z, labels, guidance, callback, y, mask, watch)

@@ -117,17 +117,34 @@ class Plan:
         return replace(self, name=f"{self.name}-gi{lo:g}-{hi:g}", cfg=inside & self.cfg).validate()
 
 
-def ddpm_plan(sched: Schedule, variance: str = "small", clip: bool = True) -> Plan:
-    """DDPM ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2 in its x0-parameterised form)."""
+def _check_top(T: int, top) -> int:
+    """The starting timestep of a plan truncated for editing (None: T-1). ValueError outside 0..T-1."""
+    if top is None:
+        return T - 1
+    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or not 0 <= top <= T - 1:
+        raise ValueError(f"the starting timestep must be an integer in 0..{T - 1}, got {top!r}")
+    return int(top)
+
+
+def _from(top: int, T: int) -> str:
+    return "" if top == T - 1 else f"-from{top}"
+
+
+def ddpm_plan(sched: Schedule, variance: str = "small", clip: bool = True, top: int | None = None) -> Plan:
+    """DDPM ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2 in its x0-parameterised form).
+
+    top: start from x_top instead of x_{T-1} (rows t = top..0: a plan truncated for editing, runtime.edits)."""
     if variance not in ("small", "large"):
         raise ValueError("variance must be 'small' (beta~_t) or 'large' (beta_t)")
-    t = np.arange(sched.T - 1, -1, -1)
+    top = _check_top(sched.T, top)
+    t = np.arange(top, -1, -1)
     # 1. x0_hat = x_t / sqrt(abar_t) - sqrt(1/abar_t - 1) eps                            (eq. 15)
     # 2. mu~(x_t, x0_hat) = coef1_t x0_hat + coef2_t x_t                                 (eq. 7)
     # 3. x_{t-1} = mu~ + sigma_t z, sigma_t^2 = beta~_t ("fixed small") or beta_t ("fixed large"); z = 0 at t = 0
     var = sched.posterior_variance[t] if variance == "small" else sched.betas[t]
     sigma = np.where(t > 0, np.sqrt(var), 0.0)
-    return Plan.make(f"ddpm-{variance}", t, sched.sqrt_recip_alphas_cumprod[t], sched.sqrt_recipm1_alphas_cumprod[t],
+    name = f"ddpm-{variance}{_from(top, sched.T)}"
+    return Plan.make(name, t, sched.sqrt_recip_alphas_cumprod[t], sched.sqrt_recipm1_alphas_cumprod[t],
                      w_x=sched.posterior_mean_coef2[t], w_x0=sched.posterior_mean_coef1[t], sigma=sigma,
                      abar_next=sched.alphas_cumprod_prev[t], clip=clip)
 
@@ -147,8 +164,9 @@ def half_log_snr(abar: np.ndarray) -> np.ndarray:
     return 0.5 * (np.log(abar) - np.log1p(-abar))
 
 
-def timesteps(sched: Schedule, steps: int, spacing: str = "linspace") -> np.ndarray:
-    """The network's timesteps of a few-step sampler, (steps,) int64, strictly decreasing from T-1.
+def timesteps(sched: Schedule, steps: int, spacing: str = "linspace", top: int | None = None) -> np.ndarray:
+    """The network's timesteps of a few-step sampler, (steps,) int64, strictly decreasing from T-1; with top (a plan
+    truncated for editing, runtime.edits): top itself, then the points of that grid below it.
 
     linspace  evenly spread over [0, T-1], both ends included: the last call is at t = 0 (DDIM's spacing, Song et
               al. 2021, sec. 4.2 / appendix D.2; `ddim_timesteps`)
@@ -165,6 +183,10 @@ def timesteps(sched: Schedule, steps: int, spacing: str = "linspace") -> np.ndar
     T = sched.T
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in 1..{T}, got {steps}")
+    top = _check_top(T, top)
+    if top < T - 1:
+        grid = timesteps(sched, steps, spacing)
+        return np.concatenate([[top], grid[grid < top]]).astype(np.int64)
     if spacing == "linspace":
         return ddim_timesteps(T, steps)
     if spacing == "trailing":
@@ -184,12 +206,12 @@ def timesteps(sched: Schedule, steps: int, spacing: str = "linspace") -> np.ndar
 
 
 def ddim_plan(sched: Schedule, steps: int = DEFAULT_STEPS, eta: float = 0.0, clip: bool = True,
-              spacing: str = "linspace") -> Plan:
-    """DDIM (Song et al. 2021) on a subsequence of timesteps (`timesteps`); eta=0 deterministic, eta=1 DDPM-like.
-    The last row lands on x0 (abar = 1)."""
+              spacing: str = "linspace", top: int | None = None) -> Plan:
+    """DDIM (Song et al. 2021) on a subsequence of timesteps (`timesteps`; top: truncated to start at x_top, for
+    editing); eta=0 deterministic, eta=1 DDPM-like. The last row lands on x0 (abar = 1)."""
     if not 0.0 <= eta <= 1.0:   # also refuses NaN
         raise ValueError(f"eta must be in [0, 1], got {eta}")
-    t = timesteps(sched, steps, spacing)
+    t = timesteps(sched, steps, spacing, top)
     ab = sched.alphas_cumprod[t]
     ab_prev = np.append(sched.alphas_cumprod[t[1:]], 1.0)
     # 1. x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)                              (DDIM eq. 12, "predicted x0")
@@ -202,15 +224,16 @@ def ddim_plan(sched: Schedule, steps: int = DEFAULT_STEPS, eta: float = 0.0, cli
     dir_ = np.sqrt(np.clip(1 - ab_prev - sigma ** 2, 0.0, None))
     w_x = dir_ / np.sqrt(1 - ab)
     w_x0 = np.sqrt(ab_prev) - w_x * np.sqrt(ab)
-    name = f"ddim{steps}-eta{eta:g}" + ("" if spacing == "linspace" else f"-{spacing}")
+    name = f"ddim{steps}-eta{eta:g}" + ("" if spacing == "linspace" else f"-{spacing}") + _from(int(t[0]), sched.T)
     return Plan.make(name, t, 1 / np.sqrt(ab), np.sqrt(1 / ab - 1), w_x=w_x, w_x0=w_x0,
                      sigma=sigma, abar_next=ab_prev, clip=clip)
 
 
-def _solver_grid(sched: Schedule, steps: int, spacing: str):
-    """The timesteps of a multistep solver and, for rows i = 0..N-1 and the final target N (x0: alpha 1, sigma 0),
-    alpha, sigma and lambda (lambda_N = inf is never used: the final row is written out separately)."""
-    t = timesteps(sched, steps, spacing)
+def _solver_grid(sched: Schedule, steps: int, spacing: str, top: int | None = None):
+    """The timesteps of a multistep solver (top: truncated to start there) and, for rows i = 0..N-1 and the final
+    target N (x0: alpha 1, sigma 0), alpha, sigma and lambda (lambda_N = inf is never used: the final row is
+    written out separately)."""
+    t = timesteps(sched, steps, spacing, top)
     ab = sched.alphas_cumprod[t]
     alpha = np.append(np.sqrt(ab), 1.0)
     sigma = np.append(np.sqrt(1.0 - ab), 0.0)
@@ -219,7 +242,7 @@ def _solver_grid(sched: Schedule, steps: int, spacing: str):
 
 
 def dpmpp_2m_plan(sched: Schedule, steps: int = DEFAULT_SOLVER_STEPS, spacing: str = "trailing",
-                  clip: bool = True) -> Plan:
+                  clip: bool = True, top: int | None = None) -> Plan:
     """DPM-Solver++(2M): multistep, second order, data prediction (Lu et al. 2022, arXiv 2211.01095, Algorithm 2).
 
     Row i (network at t_i, state x = x_{t_i}, x0_i its x0_hat) steps to t_{i+1}, or to x0 after the last row:
@@ -236,7 +259,7 @@ def dpmpp_2m_plan(sched: Schedule, steps: int = DEFAULT_SOLVER_STEPS, spacing: s
     algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero";
     tests/test_solvers.py). Deterministic: no noise slots. ValueError for steps outside 1..T or an unknown spacing.
     """
-    t, ab, alpha, sigma, lam = _solver_grid(sched, steps, spacing)
+    t, ab, alpha, sigma, lam = _solver_grid(sched, steps, spacing, top)
     N = len(t)
     w_x, w_x0, w_prev = np.zeros(N), np.zeros(N), np.zeros(N)
     for i in range(N):
@@ -253,7 +276,8 @@ def dpmpp_2m_plan(sched: Schedule, steps: int = DEFAULT_SOLVER_STEPS, spacing: s
             w_x0[i] = alpha[i + 1] * phi * (1 + 1 / (2 * r))
             w_prev[i] = -alpha[i + 1] * phi / (2 * r)
     abar_next = np.append(ab[1:], 1.0)
-    return Plan.make(f"dpm++2m{steps}-{spacing}", t, 1 / np.sqrt(ab), np.sqrt(1 / ab - 1), w_x=w_x, w_x0=w_x0,
+    name = f"dpm++2m{steps}-{spacing}{_from(int(t[0]), sched.T)}"
+    return Plan.make(name, t, 1 / np.sqrt(ab), np.sqrt(1 / ab - 1), w_x=w_x, w_x0=w_x0,
                      w_x0_prev=w_prev, sigma=None, abar_next=abar_next, clip=clip)
 
 
@@ -277,7 +301,7 @@ def _unipc_b(h: float, rk: float) -> tuple[float, float]:
 
 
 def unipc_plan(sched: Schedule, steps: int = DEFAULT_SOLVER_STEPS, spacing: str = "trailing",
-               clip: bool = True) -> Plan:
+               clip: bool = True, top: int | None = None) -> Plan:
     """UniPC-2 with B(h) = e^h - 1 ("bh2"), data prediction (Zhao et al. 2023, arXiv 2302.04867): the predictor
     UniP-2 and the corrector UniC, as diffusers' UniPCMultistepScheduler (solver_order=2, solver_type="bh2",
     predict_x0=True, lower_order_final=True, final_sigmas_type="zero") runs them; tests/test_solvers.py checks the
@@ -315,7 +339,7 @@ def unipc_plan(sched: Schedule, steps: int = DEFAULT_SOLVER_STEPS, spacing: str 
     the last row is multiplied by a_{N-1} = 0: as in diffusers, the output is the last row's x0_hat. Deterministic:
     no noise slots. ValueError for steps outside 1..T or an unknown spacing.
     """
-    t, ab, alpha, sigma, lam = _solver_grid(sched, steps, spacing)
+    t, ab, alpha, sigma, lam = _solver_grid(sched, steps, spacing, top)
     N = len(t)
     W = np.zeros((N, 3))                             # weights of (m_i, m_{i-1}, m_{i-2}) in x~_{i+1}
     w_x = np.zeros(N)
@@ -347,7 +371,8 @@ def unipc_plan(sched: Schedule, steps: int = DEFAULT_SOLVER_STEPS, spacing: str 
             pred = pred + 0.5 * np.array([-1.0, 1.0, 0.0]) / r
         W[i] += -alpha[i + 1] * B * pred
     abar_next = np.append(ab[1:], 1.0)
-    return Plan.make(f"unipc{steps}-{spacing}", t, 1 / np.sqrt(ab), np.sqrt(1 / ab - 1), w_x=w_x, w_x0=W[:, 0],
+    name = f"unipc{steps}-{spacing}{_from(int(t[0]), sched.T)}"
+    return Plan.make(name, t, 1 / np.sqrt(ab), np.sqrt(1 / ab - 1), w_x=w_x, w_x0=W[:, 0],
                      w_x0_prev=W[:, 1], w_x0_prev2=W[:, 2], sigma=None, abar_next=abar_next, clip=clip)
 
 
@@ -359,10 +384,11 @@ def default_steps(T: int, sampler: str = "ddim") -> int:
 
 def make_plan(sched: Schedule, sampler: str, steps: int | None = None, eta: float = 0.0,
               variance: str = "small", spacing: str | None = None,
-              guidance_interval: tuple[float, float] | None = None) -> Plan:
+              guidance_interval: tuple[float, float] | None = None, top: int | None = None) -> Plan:
     """The plan of a sampler by name (SAMPLERS); steps None: its default; spacing None: the sampler's default
     (DEFAULT_SPACING); guidance_interval (lo, hi): guidance only where sigma in (lo, hi]
-    (`Plan.with_guidance_interval`). ValueError for what does not fit."""
+    (`Plan.with_guidance_interval`); top: start at x_top, a plan truncated for editing (runtime.edits).
+    ValueError for what does not fit."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} ({', '.join(SAMPLERS)})")
     if spacing is not None and spacing not in SPACINGS:
@@ -372,14 +398,14 @@ def make_plan(sched: Schedule, sampler: str, steps: int | None = None, eta: floa
             raise ValueError(f"the DDPM sampler runs all T={sched.T} steps; use --sampler ddim for fewer")
         if spacing not in (None, "linspace"):
             raise ValueError("the DDPM sampler runs every timestep: it has no spacing")
-        plan = ddpm_plan(sched, variance)
+        plan = ddpm_plan(sched, variance, top=top)
     else:
         steps = steps or default_steps(sched.T, sampler)
         spacing = spacing or DEFAULT_SPACING[sampler]
         if sampler == "ddim":
-            plan = ddim_plan(sched, steps, eta, spacing=spacing)
+            plan = ddim_plan(sched, steps, eta, spacing=spacing, top=top)
         elif sampler == "dpm++2m":
-            plan = dpmpp_2m_plan(sched, steps, spacing)
+            plan = dpmpp_2m_plan(sched, steps, spacing, top=top)
         else:
-            plan = unipc_plan(sched, steps, spacing)
+            plan = unipc_plan(sched, steps, spacing, top=top)
     return plan if guidance_interval is None else plan.with_guidance_interval(*guidance_interval)

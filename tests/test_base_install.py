@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_runtime_imports_no_torch():
     """Generating on a CPU never imports PyTorch: the modules it needs, and the CLI's, stay torch-free."""
     code = ("import sys, ddpm, ddpm.api, ddpm.cli, ddpm.runtime.runner, ddpm.runtime.generate, ddpm.runtime.engines, "
-            "ddpm.bench.speed; m = ddpm.load(); m.generate(2, steps=2); "
+            "ddpm.runtime.edits, ddpm.runtime.images, ddpm.bench.speed; m = ddpm.load(); d = m.generate(2, steps=2); "
+            "m.inpaint(d[0], n=1, steps=2); m.edit(d[0], label=3, n=1, steps=2); "
+            "m.upscale(d[0][::2, ::2].copy(), 2, n=1, steps=2); m.restore(d[0], 0.3, n=1, steps=2); "
             "assert 'torch' not in sys.modules, sorted(k for k in sys.modules if k.startswith('torch'))[:5]")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -50,6 +52,19 @@ def test_base_install_generates_the_same_digits(base_venv, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     base, full = (np.load(tmp_path / f)["images"].astype(int) for f in ("base.npz", "full.npz"))
     assert base.std() > 20 and np.abs(base - full).max() <= 1
+    # an editing command too (RePaint), on its default engine, against eager PyTorch
+    from PIL import Image
+
+    Image.fromarray(np.load(tmp_path / "full.npz")["images"][0].astype(np.uint8)).save(tmp_path / "d.png")
+    args = ["inpaint", "--image", str(tmp_path / "d.png"), "-n", "3", "-q", "--steps", "10", "--seed", "5"]
+    r = subprocess.run([str(ddpm), *args, "--out", str(tmp_path / "ibase.npz")], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0 and "onnx" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "ddpm.cli", *args, "--engine", "torch", "--out",
+                        str(tmp_path / "ifull.npz")], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    base, full = (np.load(tmp_path / f)["images"].astype(int) for f in ("ibase.npz", "ifull.npz"))
+    assert np.abs(base - full).max() <= 1
     # commands that need PyTorch say so in one line
     for cmd in (["train", "--steps", "1"], ["export"], ["eval", "-n", "2"], ["gen", "-n", "1", "--engine", "torch"]):
         r = subprocess.run([str(ddpm), *cmd], capture_output=True, text=True, env=env, timeout=120)

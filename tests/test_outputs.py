@@ -228,6 +228,10 @@ def _never(*a, **k):
     (["gen", "-n", 2, "--out"], "adir"),
     (["inpaint", "--image", "IMG", "-n", 1, "--out"], "x.txt"),
     (["inpaint", "--image", "IMG", "-n", 1, "--out"], "afile/x.png"),
+    (["edit", "--image", "IMG", "-n", 1, "--out"], "/proc/x.npz"),
+    (["upscale", "--image", "IMG", "--factor", 2, "-n", 1, "--out"], "adir"),
+    (["restore", "--image", "IMG", "--sigma", 0.3, "-n", 1, "--out"], "afile/x.png"),
+    (["gen", "-n", 2, "--out", "g.png", "--trajectory"], "afile/t.gif"),
     (["eval", "--samples", "SAMPLES", "--json"], "/proc/q.json"),
     (["bench", "--quick", "--out"], "afile"),
     (["export", "--out"], "/proc/e"),
@@ -239,7 +243,7 @@ def test_output_checked_before_any_work(ckpt, tmp_path, monkeypatch, cmd, bad):
     (tmp_path / "adir").mkdir()
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "img.png")
     np.savez(tmp_path / "s.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.arange(4))
-    for mod, name in ((generate, "iter_generate"), (eager, "inpaint"), (eager, "sample")):
+    for mod, name in ((generate, "iter_generate"), (generate, "generate"), (eager, "sample")):
         monkeypatch.setattr(mod, name, _never)
     monkeypatch.chdir(tmp_path)
     args = [{"IMG": "img.png", "SAMPLES": "s.npz"}.get(a, a) for a in cmd]
@@ -249,7 +253,7 @@ def test_output_checked_before_any_work(ckpt, tmp_path, monkeypatch, cmd, bad):
         args += [bad]
     r = invoke(*args)
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
-    assert "Invalid value for" in r.output and ("--out" in r.output or "--json" in r.output)
+    assert "Invalid value for" in r.output and any(o in r.output for o in ("--out", "--json", "--trajectory"))
 
 
 def test_check_writable_cases(tmp_path):

@@ -1,11 +1,11 @@
-"""Sampler algebra on an exactly known eps-predictor, guidance, the noise stream, inpainting."""
+"""Sampler algebra on an exactly known eps-predictor, guidance, the noise stream."""
 
 import numpy as np
 import pytest
 import torch
 
 from ddpm.model import PRESETS, UNet
-from ddpm.runtime.eager import EagerEngine, guided, inpaint, sample
+from ddpm.runtime.eager import EagerEngine, guided, sample
 from ddpm.runtime.generate import generate, labels_for
 from ddpm.runtime.noise import make_noise
 from ddpm.runtime.samplers import Plan, ddim_plan, ddim_timesteps, ddpm_plan, default_steps, make_plan
@@ -36,7 +36,7 @@ def test_ddim_eta0_is_exact_for_point_mass_data():
     for steps in (1, 7, 50):
         plan = ddim_plan(SCHED, steps, clip=False)
         seen = []
-        out = sample(gaussian_eps(SCHED, s=0.0), x_T, plan, callback=lambda i, x: seen.append(x))
+        out = sample(gaussian_eps(SCHED, s=0.0), x_T, plan, callback=lambda i, x, x0: seen.append(x))
         for i, x in enumerate(seen):
             ab = plan.abar_next[i]
             assert torch.allclose(x, ab ** 0.5 * MU + (1 - ab) ** 0.5 * u_T, atol=1e-9)
@@ -163,15 +163,3 @@ def test_same_seed_same_digits_across_batch_splits():
         diff = np.abs(a - other)
         assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3
     assert np.abs(a - generate(eng, 7, plan, labels, 1.0, seed=4, batch=7, progress=False)).mean() > 20
-
-
-def test_inpainting_keeps_known_pixels():
-    m = _model()
-    sched = Schedule.make("linear", 50)
-    known = torch.rand(3, 1, 28, 28) * 2 - 1
-    mask = torch.zeros(3, 1, 28, 28)
-    mask[..., :14, :] = 1
-    for plan, r in ((ddim_plan(sched, 10), 1), (ddpm_plan(sched), 2)):
-        out = inpaint(guided(m, None, 10), known, mask, plan, torch.Generator().manual_seed(0), resample=r)
-        assert torch.allclose(out[..., :14, :], known[..., :14, :], atol=1e-6)
-        assert not torch.allclose(out[..., 14:, :], known[..., 14:, :])

@@ -57,6 +57,10 @@ def png(tmp_path):
 def _commands(ckpt, png, tmp_path):
     return {"gen": ["gen", "--ckpt", ckpt, "-n", 1, "--out", tmp_path / "x.png"],
             "inpaint": ["inpaint", "--ckpt", ckpt, "--image", png, "-n", 1, "--out", tmp_path / "y.png"],
+            "edit": ["edit", "--ckpt", ckpt, "--image", png, "-n", 1, "--out", tmp_path / "e.png"],
+            "upscale": ["upscale", "--ckpt", ckpt, "--image", png, "--factor", 2, "-n", 1, "--out", tmp_path / "u.png"],
+            "restore": ["restore", "--ckpt", ckpt, "--image", png, "--sigma", 0.3, "-n", 1, "--out",
+                        tmp_path / "r.png"],
             "eval": ["eval", "--ckpt", ckpt, "-n", 2],
             "bench": ["bench", "--ckpt", ckpt, "--quick", "--out", tmp_path / "b"],
             "train": ["train", "--out", tmp_path / "r", "--preset", "tiny", "--steps", 1]}
@@ -68,8 +72,11 @@ def _commands(ckpt, png, tmp_path):
     ("eval", ["--eta", "nan"], "--eta"), ("bench", ["--guidance", "inf"], "--guidance"),
     ("train", ["--lr", "nan"], "--lr"), ("train", ["--lr", "inf"], "--lr"), ("train", ["--ema", "nan"], "--ema"),
     ("train", ["--p-uncond", "nan"], "--p-uncond"),
-] + [(c, ["--seed", BIG_SEED], "--seed") for c in ("gen", "inpaint", "eval", "train")]
-  + [(c, ["--device", d], "--device") for c in ("gen", "inpaint", "eval", "bench", "train")
+    ("edit", ["--strength", "nan"], "--strength"), ("edit", ["--label", 3, "-w", "inf"], "--guidance"),
+    ("upscale", ["--eta", "nan"], "--eta"), ("restore", ["--sigma", "nan"], "--sigma"),
+    ("restore", ["--sigma", "inf"], "--sigma"), ("inpaint", ["--eta", "inf"], "--eta"),
+] + [(c, ["--seed", BIG_SEED], "--seed") for c in ("gen", "inpaint", "edit", "upscale", "eval", "train")]
+  + [(c, ["--device", d], "--device") for c in ("gen", "inpaint", "edit", "restore", "eval", "bench", "train")
      for d in ("tpu", "meta", "mps")])
 def test_bad_options_are_usage_errors(ckpt, png, tmp_path, cmd, args, option):
     usage_error(invoke(*_commands(ckpt, png, tmp_path)[cmd], *args), option)
@@ -91,13 +98,21 @@ def test_uncond_with_explicit_guidance_is_refused(ckpt, tmp_path):
     assert "refused with it" in " ".join(invoke("gen", "--help").output.split())
 
 
+def test_edit_without_label_and_explicit_guidance_is_refused(ckpt, png, tmp_path, monkeypatch):
+    """Without --label an edit uses the unconditional model, which guidance would silently not touch."""
+    monkeypatch.setattr(gen_mod, "iter_generate", None)      # refused before any work
+    for cmd in ("edit", "upscale", "restore", "inpaint"):
+        r = invoke(*_commands(ckpt, png, tmp_path)[cmd], "--guidance", 2)
+        assert r.exit_code == 2 and "give --label, or leave out --guidance" in r.output, r.output
+
+
 def test_short_model_runs_with_default_steps(short_ckpt, png, tmp_path):
     r = invoke("gen", "--ckpt", short_ckpt, "-n", 3, "--out", tmp_path / "x.npz", "-q")
-    assert r.exit_code == 0 and "ddim10" in r.output, r.output
+    assert r.exit_code == 0 and "unipc8-trailing" in r.output, r.output   # 8 <= T = 10 steps
     r = invoke("inpaint", "--ckpt", short_ckpt, "--image", png, "-n", 2, "--out", tmp_path / "i.png")
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 0 and "ddim10" in r.output, r.output           # the edits' DDIM: 50 capped at T
     r = invoke("bench", "--ckpt", short_ckpt, "--engines", "onnx", "--batch", 1, "--repeat", 1, "--out", tmp_path / "b")
-    assert r.exit_code == 0 and json.loads((tmp_path / "b" / "bench.json").read_text())["steps"] == 10, r.output
+    assert r.exit_code == 0 and json.loads((tmp_path / "b" / "bench.json").read_text())["steps"] == 8, r.output
 
 
 def test_grid_of_too_many_digits_is_refused_before_work(ckpt, tmp_path, monkeypatch):
