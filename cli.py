@@ -6,6 +6,7 @@ Heavy modules are imported inside each command so that `ddpm --help` and bad-opt
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import click
@@ -13,6 +14,11 @@ import click
 from .api import DEFAULT_SAMPLER, GUIDANCE   # numpy-only imports
 from .errors import DdpmError
 from .runtime.noise import MAX_SEED
+
+# PyTorch's OpenMP threads sleep at once when idle instead of spinning (read when PyTorch loads, which every command
+# does after this): on a busy machine spinning threads take the CPU time the work needs (bench/threads.md).
+# An OMP_WAIT_POLICY of the user's is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
