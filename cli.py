@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import sys
 import threading
@@ -16,6 +17,11 @@ import click
 from .api import DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL   # numpy-only imports
 from .errors import DdpmError
 from .runtime.noise import MAX_SEED
+
+# PyTorch's OpenMP threads sleep at once when idle instead of spinning (read when PyTorch loads, which every command
+# does after this): on a busy machine spinning threads take the CPU time the work needs (bench/threads.md).
+# An OMP_WAIT_POLICY of the user's is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -177,12 +183,13 @@ def main():
 @click.option("--init", type=click.Path(exists=True), default=None,
               help="Start from these weights (model.safetensors, ckpt.pt or a run folder) instead of from scratch.")
 # model and diffusion
-@click.option("--preset", type=click.Choice(["tiny", "small", "large"]), default="small", show_default=True,
-              help="Model size: small trains on a CPU, large wants a GPU.")
-@click.option("--schedule", type=click.Choice(["linear", "cosine"]), default="linear", show_default=True,
-              help="Beta schedule.")
-@click.option("--timesteps", "timesteps", type=click.IntRange(2, 10000), default=1000, show_default=True,
-              help="Diffusion steps T.")
+@click.option("--preset", type=click.Choice(["tiny", "small", "large"]), default=None,
+              help="Model size: small trains on a CPU, large wants a GPU [default: small; --resume, --init: the "
+                   "model's own].")
+@click.option("--schedule", type=click.Choice(["linear", "cosine"]), default=None,
+              help="Beta schedule [default: linear; --resume, --init: the model's own].")
+@click.option("--timesteps", "timesteps", type=click.IntRange(2, 10000), default=None,
+              help="Diffusion steps T [default: 1000; --resume, --init: the model's own].")
 # optimisation
 @click.option("--steps", type=click.IntRange(min=1), default=10000, show_default=True, help="Optimizer steps.")
 @click.option("--batch", "batch_size", type=click.IntRange(min=1), default=128, show_default=True,
@@ -213,7 +220,7 @@ def train(threads, resume, **opts):
     Examples:
       ddpm train --preset small --steps 200 --out runs/try
       ddpm train --out runs/try --steps 400 --resume
-      ddpm train --init runs/try --steps 2000 --seed 1 --out runs/more   # fine-tune from a model
+      ddpm train --init runs/try --steps 2000 --seed 1 --out runs/more   # fine-tune (the model of runs/try)
       torchrun --nproc_per_node 2 -m ddpm.cli train --batch 128   # DDP, global batch 128
     """
     _output(opts["out"], "--out", folder=True)

@@ -262,7 +262,13 @@ def plot(res: dict, path: Path) -> bool:
     for name in dict.fromkeys(c["engine"] for c in res["results"]):
         pts = [(c["batch"], 1000 * c["median_s"] / c["batch"]) for c in res["results"] if c["engine"] == name]
         ax.plot(*zip(*pts), marker="o", label=name)
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogFormatterSciNotation, NullFormatter, ScalarFormatter
+
+    class Plain(LogFormatterSciNotation):
+        """Log-axis labels where matplotlib puts them, written as plain numbers: 2.5, not 2.5x10^0."""
+
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
 
     batches = sorted({c["batch"] for c in res["results"]})
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms per image (full loop)",
@@ -270,7 +276,8 @@ def plot(res: dict, path: Path) -> bool:
     ax.set_xticks(batches)                                  # the batch sizes measured, written as plain numbers
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_major_formatter(Plain())
+    ax.yaxis.set_minor_formatter(Plain(labelOnlyBase=False))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")

@@ -52,12 +52,9 @@ def to_onnx(model: torch.nn.Module, path: Path, precision: str, opset: int = 17)
 def ort_session(path: Path, threads: int | None = None):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    from ..runtime.nets import ort_cpu_options
+
+    return ort.InferenceSession(str(path), ort_cpu_options(ort, threads), providers=["CPUExecutionProvider"])
 
 
 def verify(path: Path, reference: torch.nn.Module, precision: str, T: int, batches=(1, 5), seed: int = 0) -> dict:

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from .bundle import Bundle, ExportError
-from .nets import EngineUnavailable
+from .nets import EngineUnavailable, ort_cpu_options
 from .runner import plan_key
 from .samplers import Plan
 
@@ -29,11 +29,7 @@ class GeneratorEngine:
         except ImportError:
             raise EngineUnavailable("the onnx-generator engine needs onnxruntime: pip install onnxruntime") from None
         self.path, self.info, self.null_label = path, info, int(null_label)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = threads or 0     # 0: onnxruntime's default (one per physical core)
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
+        so = ort_cpu_options(ort, threads)   # the CPU thread defaults of runtime.nets (bench/threads.md)
         try:
             self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as e:   # onnxruntime raises its own exception types for bad files

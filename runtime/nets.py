@@ -12,6 +12,7 @@ caller. On a GPU every net works on its own CUDA stream (`stream_context()`), ne
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,40 @@ class EngineUnavailable(DdpmError):
 
 def _is_cuda(device) -> bool:
     return str(device).startswith("cuda")
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, a container's cpuset), else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # no affinity masks on macOS and Windows
+        return os.cpu_count() or 1
+
+
+# onnxruntime's CPU thread pool, chosen on a busy machine (bench/threads.py, bench/threads.md): as many intra-op
+# threads as CPUs this process may use (onnxruntime's own default counts the machine's physical cores, whatever the
+# affinity mask), and the pool's threads sleep when idle instead of spinning: a spinning pool burns the CPU time
+# that other processes need and then waits for it, which costs far more under load than the wake-ups cost when
+# the machine is quiet.
+ORT_THREADS: int | None = None   # None: cpu_count()
+ORT_SPINNING = False
+
+
+def ort_cpu_options(ort, threads: int | None = None, spinning: bool | None = None):
+    """onnxruntime SessionOptions for the CPU: `threads` intra-op threads (None: ORT_THREADS, else cpu_count(); 0:
+    onnxruntime's own default), one inter-op thread, sequential execution, full graph optimisation, spinning of
+    idle pool threads as `spinning` (None: ORT_SPINNING). `ort`: the onnxruntime module."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads if threads is not None else (ORT_THREADS if ORT_THREADS is not None
+                                                                    else cpu_count())
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    spin = ORT_SPINNING if spinning is None else spinning
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin else "0")
+    return so
 
 
 class _CudaStream:
@@ -134,19 +169,13 @@ class OnnxNet(_CudaStream):
     CPU_CHUNK = 16
 
     def __init__(self, onnx_path: Path, device="cpu", threads: int | None = None, chunk: int | None = None,
-                 spinning: bool = True):
+                 spinning: bool | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
             raise EngineUnavailable("the onnx engine needs onnxruntime: pip install onnxruntime") from None
         self.device = str(device)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.intra_op_num_threads = threads or 0     # 0: onnxruntime's default (one per physical core)
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        so = ort_cpu_options(ort, threads, spinning)   # threads, spinning: None = the defaults above
         if _is_cuda(self.device):
             import torch
 

@@ -124,6 +124,7 @@ def test_bench_quick(ckpt, tmp_path):
         else:
             assert c["speedup_vs_eager"] is None
     assert "trt" in res["skipped"] or "trt" in engines      # never silently dropped
+    assert r.output.count("skipped trt") == ("trt" in res["skipped"])   # and said once, not twice
     assert "| engine |" in (tmp_path / "b" / "bench.md").read_text()
     # fp16 runtime engines beside the fp32 eager reference, in one process
     r = invoke("bench", "--quick", "--fp16", "--ckpt", ckpt, "--out", tmp_path / "b16",

@@ -70,7 +70,7 @@ def test_init_starts_from_given_weights(fake_mnist, tmp_path):
     train(_cfg(fake_mnist, tmp_path / "c", steps=1, lr=1e-12), progress=False, log=lambda *_: None)   # from scratch
     assert not torch.allclose(load_checkpoint(tmp_path / "c" / "ckpt.pt")["model"]["conv_in.weight"],
                               start["conv_in.weight"], atol=1e-6)
-    with pytest.raises(TrainingError, match="another config"):
+    with pytest.raises(TrainingError, match=r"holds a tiny model \(linear schedule, T=50\), not --schedule cosine"):
         train(_cfg(fake_mnist, tmp_path / "d", schedule="cosine", init=str(tmp_path / "a")), progress=False)
     with pytest.raises(TrainingError, match="--init: .* does not exist"):
         train(_cfg(fake_mnist, tmp_path / "d", init=str(tmp_path / "nothing.pt")), progress=False)
@@ -78,7 +78,8 @@ def test_init_starts_from_given_weights(fake_mnist, tmp_path):
 
 def test_resume_refuses_other_config_and_finished_runs(fake_mnist, tmp_path):
     train(_cfg(fake_mnist, tmp_path, steps=3), progress=False, log=lambda *_: None)
-    with pytest.raises(TrainingError, match="another model config"):
+    with pytest.raises(TrainingError, match="--resume: .* holds a tiny model .*, not --schedule cosine; leave out "
+                                            "--schedule"):
         train(_cfg(fake_mnist, tmp_path, schedule="cosine"), resume=True, progress=False)
     with pytest.raises(TrainingError, match="already at step 3"):
         train(_cfg(fake_mnist, tmp_path, steps=3), resume=True, progress=False)
@@ -110,6 +111,39 @@ def test_cli_train_and_bad_options(fake_mnist, tmp_path):
     for args, msg in ((["--steps", "-5"], "--steps"), (["--preset", "huge"], "--preset"), (["--lr", "0"], "--lr")):
         r = CliRunner().invoke(main, ["train", "--data", str(fake_mnist), *args])
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output
+
+
+def test_init_and_resume_take_the_model_config_from_the_run(fake_mnist, tmp_path, monkeypatch):
+    """--init and --resume without --preset/--schedule/--timesteps train the model they are given; a contradicting
+    explicit option is one clear line (no dumped config); options.json holds the resolved values."""
+    quiet = dict(progress=False, log=lambda *_: None)
+    train(_cfg(fake_mnist, tmp_path / "a", steps=2, timesteps=40), **quiet)   # tiny, T=40: not the defaults
+    bare = dict(data=str(fake_mnist), steps=3, batch_size=16, ckpt_every=3, log_every=1, warmup=1, device="cpu")
+    train(TrainConfig(out=str(tmp_path / "b"), init=str(tmp_path / "a"), **bare), **quiet)
+    opts = json.loads((tmp_path / "b" / "options.json").read_text())
+    assert (opts["preset"], opts["schedule"], opts["timesteps"]) == ("tiny", "linear", 40)
+    assert opts["init"] == str((tmp_path / "a" / "model.safetensors").absolute())
+    assert load_model(tmp_path / "b").cfg == load_model(tmp_path / "a").cfg
+    train(TrainConfig(out=str(tmp_path / "a"), **{**bare, "steps": 4}), resume=True, **quiet)
+    assert load_checkpoint(tmp_path / "a" / "ckpt.pt")["step"] == 4
+    # $DDPM_DATA (no --data): options.json names the folder that was used, not null
+    monkeypatch.setenv("DDPM_DATA", str(fake_mnist))
+    train(TrainConfig(out=str(tmp_path / "a"), **{**bare, "data": None, "steps": 5}), resume=True, **quiet)
+    opts = json.loads((tmp_path / "a" / "options.json").read_text())
+    assert opts["data"] == str(fake_mnist.absolute()) and opts["timesteps"] == 40 and opts["resumed_from"] == 4
+    for kw, msg in (({"preset": "small"}, "not --preset small; leave out --preset"),
+                    ({"timesteps": 1000, "preset": "tiny"}, "not --timesteps 1000; leave out --timesteps")):
+        with pytest.raises(TrainingError, match=msg):
+            train(TrainConfig(out=str(tmp_path / "c"), init=str(tmp_path / "a"), **bare, **kw), **quiet)
+    # the CLI: no --preset needed; a contradicting one is one line, exit 1
+    args = ["train", "--data", str(fake_mnist), "--steps", "1", "--batch", "8", "--device", "cpu"]
+    r = CliRunner().invoke(main, [*args, "--init", str(tmp_path / "a"), "--out", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, [*args, "--init", str(tmp_path / "a"), "--out", str(tmp_path / "e"),
+                                  "--preset", "small"])
+    assert r.exit_code == 1 and "Traceback" not in r.output and "base_channels" not in r.output
+    assert r.output.strip().splitlines() == [f"Error: --init: {tmp_path / 'a'} holds a tiny model (linear schedule, "
+                                             f"T=40), not --preset small; leave out --preset to train that model"]
 
 
 def test_cli_missing_data_is_one_clear_error(tmp_path, monkeypatch):

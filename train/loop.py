@@ -25,8 +25,8 @@ from ..errors import DdpmError, Interrupted
 from ..files import OutputError, check_writable, clean_stale, folder_lock, write_text
 from ..model import PRESETS, UNet
 from ..model.config import ModelConfig
-from ..model.io import (CKPT_FILE, MODEL_FILE, CheckpointError, load_checkpoint, read_weights, save_checkpoint,
-                        save_model)
+from ..model.io import (CKPT_FILE, MODEL_FILE, CheckpointError, load_checkpoint, read_weights, resolve_model_path,
+                        save_checkpoint, save_model)
 from ..runtime.noise import check_seed
 from ..runtime.schedule import Schedule
 from . import dist
@@ -46,13 +46,14 @@ class TrainConfig:
     data: str | None = None         # MNIST folder (None: $DDPM_DATA or the cache folder)
     out: str = "runs/ddpm"          # run directory: options.json, ckpt.pt, model.safetensors, samples.png
     init: str | None = None         # start model and EMA from these weights (a model file or run folder): fine-tuning
-    preset: str = "small"           # model size: tiny | small | large
+    # None below: "small"/"linear"/1000 for a new run, the model's own with --init or --resume
+    preset: str | None = None       # model size: tiny | small | large
     steps: int = 10000              # total optimizer steps
     batch_size: int = 128           # global batch (split over ranks under torchrun)
     lr: float = 2e-4                # Adam learning rate (after warm-up)
     warmup: int = 200               # linear learning-rate warm-up steps
-    schedule: str = "linear"        # beta schedule: linear | cosine
-    timesteps: int = 1000           # T
+    schedule: str | None = None     # beta schedule: linear | cosine
+    timesteps: int | None = None    # T
     ema_decay: float = 0.999        # EMA of the weights (warmed up as min(decay, (1+n)/(10+n)))
     p_uncond: float = 0.1           # probability of replacing a label by "no label" (classifier-free guidance)
     grad_clip: float = 1.0          # gradient norm clip
@@ -67,11 +68,41 @@ class TrainConfig:
 
     lr_schedule_default: ClassVar[str] = "constant"
     loss_weight_default: ClassVar[str] = "eps"
+    model_defaults: ClassVar[dict] = {"preset": "small", "schedule": "linear", "timesteps": 1000}
 
-    def model_config(self) -> ModelConfig:
-        if self.preset not in PRESETS:
+    def model_config(self, given: ModelConfig | None = None, source: str = "") -> ModelConfig:
+        """The model to train: `given` (the config of the --init weights or the --resume checkpoint, named by
+        `source`, e.g. "--init: runs/x") when there is one, else the preset with the schedule and T. A preset,
+        schedule or T set here that contradicts `given` raises TrainingError (one line, what to change)."""
+        if self.preset is not None and self.preset not in PRESETS:
             raise TrainingError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[self.preset], schedule=self.schedule, timesteps=self.timesteps).validate()
+        if given is None:
+            d = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in self.model_defaults.items()}
+            try:
+                return dataclasses.replace(PRESETS[d["preset"]], schedule=d["schedule"],
+                                           timesteps=d["timesteps"]).validate()
+            except ValueError as e:
+                raise TrainingError(str(e)) from None
+        wrong = [f"--{k} {getattr(self, k)}" for k in ("schedule", "timesteps")
+                 if getattr(self, k) is not None and getattr(self, k) != getattr(given, k)]
+        if self.preset is not None and preset_of(given) != self.preset:
+            wrong.insert(0, f"--preset {self.preset}")
+        if wrong:
+            raise TrainingError(f"{source} holds a {describe(given)}, not {', '.join(wrong)}; leave out "
+                                f"{', '.join(w.split()[0] for w in wrong)} to train that model")
+        return given
+
+
+def preset_of(cfg: ModelConfig) -> str | None:
+    """The name of the preset `cfg` is (whatever its schedule and T), None when it is none of them."""
+    return next((name for name, p in PRESETS.items()
+                 if dataclasses.replace(p, schedule=cfg.schedule, timesteps=cfg.timesteps) == cfg), None)
+
+
+def describe(cfg: ModelConfig) -> str:
+    """A model config in a few words, e.g. "tiny model (linear schedule, T=1000)"."""
+    name = preset_of(cfg) or f"custom {cfg.base_channels}-channel"
+    return f"{name} model ({cfg.schedule} schedule, T={cfg.timesteps})"
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -289,44 +320,55 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
         raise TrainingError(f"unknown learning-rate schedule {cfg.lr_schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
     if cfg.loss_weight not in (None, *LOSS_WEIGHTS):
         raise TrainingError(f"unknown loss weighting {cfg.loss_weight!r}; choose from {', '.join(LOSS_WEIGHTS)}")
-    mcfg = cfg.model_config()
-    ctx = dist.setup(cfg.device)
-    device = ctx.device if ctx.world > 1 else resolve_device(cfg.device)
-    if cfg.batch_size % ctx.world:
-        raise TrainingError(f"global batch {cfg.batch_size} is not divisible by {ctx.world} processes")
     out = Path(cfg.out)
-    if ctx.rank == 0:
-        for name in RUN_FILES:
-            clean_stale(out, name)             # temporaries of a killed run's writes
-    torch.manual_seed(cfg.seed)
-
-    data_dir = ensure_mnist(resolve_data_dir(cfg.data), download=ctx.rank == 0, progress=log) if ctx.rank == 0 else None
-    ctx.barrier()
-    images, labels = load_mnist(resolve_data_dir(cfg.data) if data_dir is None else data_dir, "train")
-    images, labels = torch.from_numpy(images), torch.from_numpy(labels)
-
-    model = UNet(mcfg)
-    if cfg.init and not resume:   # on --resume the checkpoint already holds the weights
-        try:
-            init_cfg, state, _ = read_weights(cfg.init)
-        except CheckpointError as e:
-            raise TrainingError(f"--init: {e}") from None
-        if init_cfg != mcfg:
-            raise TrainingError(f"--init: {cfg.init} holds a model with another config ({init_cfg.to_dict()}); "
-                                f"use the same --preset/--schedule/--timesteps")
-        model.load_state_dict(state)
-    model = model.to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    start = 0
+    # the model: the checkpoint's on --resume, the weights' with --init, else the preset (before data and model)
+    ckpt, init_state, given, source = None, None, None, ""
     if resume:
         if not (out / CKPT_FILE).is_file():
             raise TrainingError(f"--resume: no {CKPT_FILE} in {out}: no checkpoint was completed there, so there is "
                                 f"nothing to resume; run the same command without --resume to start it")
         try:
             ckpt = load_checkpoint(out / CKPT_FILE)
+            given = ModelConfig.from_dict(ckpt["model_config"]).validate()
         except CheckpointError as e:
             raise TrainingError(f"--resume: {e}") from None
+        except (TypeError, ValueError, KeyError) as e:
+            raise TrainingError(f"--resume: {out / CKPT_FILE} holds an invalid model config ({e})") from None
+        source = f"--resume: {out / CKPT_FILE}"
+    elif cfg.init:
+        try:
+            given, init_state, _ = read_weights(cfg.init)
+        except CheckpointError as e:
+            raise TrainingError(f"--init: {e}") from None
+        source = f"--init: {cfg.init}"
+        cfg = dataclasses.replace(cfg, init=str(resolve_model_path(cfg.init).absolute()))   # the file, recorded
+    mcfg = cfg.model_config(given, source)
+    cfg = dataclasses.replace(cfg, preset=preset_of(mcfg), schedule=mcfg.schedule, timesteps=mcfg.timesteps)
+    ctx = dist.setup(cfg.device)
+    device = ctx.device if ctx.world > 1 else resolve_device(cfg.device)
+    if cfg.batch_size % ctx.world:
+        raise TrainingError(f"global batch {cfg.batch_size} is not divisible by {ctx.world} processes")
+    if ctx.rank == 0:
+        for name in RUN_FILES:
+            clean_stale(out, name)             # temporaries of a killed run's writes
+    torch.manual_seed(cfg.seed)
+
+    data_dir = resolve_data_dir(cfg.data)
+    if ctx.rank == 0:
+        data_dir = ensure_mnist(data_dir, download=True, progress=log)
+    ctx.barrier()
+    images, labels = load_mnist(data_dir, "train")
+    images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+    cfg = dataclasses.replace(cfg, data=str(Path(data_dir).absolute()))   # options.json records the folder used
+
+    model = UNet(mcfg)
+    if init_state is not None:   # on --resume the checkpoint holds the weights (an --init is then only recorded)
+        model.load_state_dict(init_state)
+    model = model.to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    start = 0
+    if ckpt is not None:
         stored = ckpt.get("train_config", {})
         for key in ("lr_schedule", "loss_weight"):   # how the run optimises: --resume keeps it
             have = stored.get(key) or getattr(TrainConfig, key + "_default")
@@ -334,13 +376,6 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
                 raise TrainingError(f"--resume: {out / CKPT_FILE} was trained with {key}={have!r}, "
                                     f"not {getattr(cfg, key)!r}; resume with the same setting or leave it out")
             cfg = dataclasses.replace(cfg, **{key: have})
-        try:
-            same = ModelConfig.from_dict(ckpt["model_config"]) == mcfg
-        except (TypeError, ValueError) as e:
-            raise TrainingError(f"--resume: {out / CKPT_FILE} holds an invalid model config ({e})") from None
-        if not same:
-            raise TrainingError(f"--resume: {out / CKPT_FILE} was trained with another model config "
-                                f"({ckpt['model_config']}); use the same --preset/--schedule")
         try:
             model.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])

@@ -1,0 +1,33 @@
+"""The repository itself: what the commands write by default is ignored by git."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ddpm.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_outputs():
+    """(command, path) for every option of every command that writes to a path by default."""
+    for name, cmd in main.commands.items():
+        for p in cmd.params:
+            if p.name in ("out", "json_out", "trajectory") and isinstance(p.default, str):
+                yield name, p.default
+
+
+def test_default_outputs_are_ignored_by_git():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    outputs = list(_default_outputs())
+    assert {"gen", "train", "bench"} <= {c for c, _ in outputs}
+    # a file inside a default folder, the file itself otherwise (a folder pattern "x/" matches only what is in it)
+    paths = [f"{p}/bench.json" if c in ("train", "bench") else p for c, p in outputs]
+    r = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=ROOT, input="\n".join(paths) + "\n",
+                       capture_output=True, text=True)
+    assert r.returncode in (0, 1), r.stderr
+    missed = sorted(set(paths) - set(r.stdout.split()))
+    assert not missed, f"not in .gitignore: {missed}"

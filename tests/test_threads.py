@@ -1,0 +1,53 @@
+"""CPU thread defaults (bench/threads.md): onnxruntime sessions with as many intra-op threads as CPUs this process
+may use and no spinning; the CLI's PyTorch with OMP_WAIT_POLICY=PASSIVE unless the user set it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ddpm.export.onnx_export import export, ort_session
+from ddpm.runtime import nets
+from ddpm.runtime.nets import OnnxNet, cpu_count
+from helpers import tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("threads")
+    export(tiny_checkpoint(root), root / "exp", log=lambda *_: None)
+    return root / "exp" / "model.onnx"
+
+
+def _applied(sess):
+    """(intra-op threads, intra-op spinning, inter-op spinning) read back from a live session."""
+    so = sess.get_session_options()
+    return (so.intra_op_num_threads, so.get_session_config_entry("session.intra_op.allow_spinning"),
+            so.get_session_config_entry("session.inter_op.allow_spinning"))
+
+
+def test_cpu_count_is_the_affinity_mask(monkeypatch):
+    assert cpu_count() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})   # e.g. `taskset -c 3 ddpm gen`
+    assert cpu_count() == 1
+
+
+def test_onnx_sessions_use_the_chosen_options(onnx_path, monkeypatch):
+    assert nets.ORT_THREADS is None and nets.ORT_SPINNING is False       # the defaults bench/threads.md chose
+    assert _applied(OnnxNet(onnx_path).sess) == (cpu_count(), "0", "0")
+    assert _applied(ort_session(onnx_path)) == (cpu_count(), "0", "0")    # export's verification session too
+    assert _applied(OnnxNet(onnx_path, threads=1).sess)[0] == 1          # --threads wins
+    assert _applied(OnnxNet(onnx_path, spinning=True).sess)[1:] == ("1", "1")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})        # one CPU allowed: one thread
+    assert _applied(OnnxNet(onnx_path).sess)[0] == 1
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_cli_sets_a_passive_omp_wait_policy_before_torch_loads(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, sys, ddpm.cli; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert r.stdout.split() == [expected, "False"]   # set before PyTorch (and its OpenMP runtime) is loaded
