@@ -413,7 +413,7 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, trajec
 
     \b
     Examples:
-      ddpm gen -n 64 --out digits.png                      # UniPC-8, classes 0-9 in turn, guidance 0.3
+      ddpm gen -n 64 --out digits.png                      # UniPC-8, classes 0-9 in turn, guidance 0.45 in an interval
       ddpm gen -n 64 --sampler ddim --steps 50             # DDIM-50, the default before UniPC
       ddpm gen -n 16 --label 7 --guidance 3 --out sevens.png
       ddpm gen -n 64 --sampler ddpm --out ddpm.png         # the full 1000-step DDPM loop
@@ -473,7 +473,7 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, trajec
             traj.save(trajectory)
         also = f" (trajectory -> {trajectory})" if traj is not None else ""
         how = "unconditional" if uncond else f"guidance {guidance:g}"
-        click.echo(f"{num} digits ({plan.name}, {how}, {eng.name}{procs}) in {seconds:.1f}s -> {out}{also}")
+        click.echo(f"{num} digit{'' if num == 1 else 's'} ({plan.name}, {how}, {eng.name}{procs}) in {seconds:.1f}s -> {out}{also}")
 
 
 def _save_images(out, batches, labels, n, nrow=None):
@@ -739,7 +739,7 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
 
     \b
     Examples:
-      ddpm eval -n 10000                                    # the default model, UniPC-8, guidance 0.3
+      ddpm eval -n 10000                                    # the default model, UniPC-8, guidance 0.45 in an interval
       ddpm gen -n 2000 --sampler ddpm --out ddpm.npz && ddpm eval --samples ddpm.npz
       ddpm eval --samples a.npz --samples b.npz --json quality.json
     """
