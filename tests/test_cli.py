@@ -156,11 +156,11 @@ def test_model_with_fewer_than_50_steps_uses_all_of_them(short_ckpt, fake_mnist,
     env = {"XDG_CACHE_HOME": str(tmp_path / "c")}
     r = invoke("gen", "--ckpt", short_ckpt, "-n", 2, "--engine", "torch", "--out", tmp_path / "g.npz", "-q")
     assert r.exit_code == 0, r.output
-    assert "(unipc8-trailing," in r.output                      # the default sampler: 8 steps fit T = 20
+    assert "(unipc8-trailing-gi0.28-5.42," in r.output                      # the default sampler: 8 steps fit T = 20
     r = invoke("gen", "--ckpt", short_ckpt, "-n", 2, "--engine", "torch", "--out", tmp_path / "g.npz", "-q",
                "--sampler", "ddim")
     assert r.exit_code == 0, r.output
-    assert "(ddim20-eta0," in r.output
+    assert "(ddim20-eta0-gi0.28-5.42," in r.output
     r = invoke("eval", "--ckpt", short_ckpt, "-n", 4, "--engine", "torch", "--data", fake_mnist, "-q",
                "--json", tmp_path / "q.json", "--sampler", "ddim")
     assert r.exit_code == 0, r.output
