@@ -12,7 +12,7 @@
 
 Sampling needs nothing but numpy and onnxruntime on a CPU (the `onnx` engine, the default there) when the model
 comes with an ONNX export: the shipped default does, any other checkpoint is exported once into the cache, which
-needs PyTorch (`pip install 'ddpm[torch]'`). Errors are `DdpmError` subclasses whose message is meant for a user.
+needs PyTorch (`pip install ".[torch]"` in the ddpm folder). Errors are `DdpmError` subclasses whose message is meant for a user.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import DdpmError
 from .model.config import ModelConfig
-from .model.io import CheckpointError, TorchMissing, default_model_path, read_model_info, resolve_model_path
+from .model.io import TORCH_HINT, CheckpointError, TorchMissing, default_model_path, read_model_info, resolve_model_path
 from .runtime.bundle import META_FILE, Bundle, ExportError
 from .runtime.nets import EngineUnavailable
 
@@ -162,7 +162,7 @@ class Model:
             import onnx  # noqa: F401
         except ImportError:
             raise DdpmError(f"building generator.onnx for {plan.name} needs the onnx package: "
-                            f"pip install 'ddpm[torch]'") from None
+                            f"{TORCH_HINT}") from None
         if b.root != cache and not (cache / META_FILE).is_file():
             _copy_folder(b.root, cache)       # the shipped export stays as it was installed
         from .export.generator import add_generator

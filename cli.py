@@ -18,10 +18,7 @@ from .api import DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANC
 from .errors import DdpmError
 from .runtime.noise import MAX_SEED
 
-# PyTorch's OpenMP threads sleep at once when idle instead of spinning (read when PyTorch loads, which every command
-# does after this): on a busy machine spinning threads take the CPU time the work needs (bench/threads.md).
-# An OMP_WAIT_POLICY of the user's is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OMP_WAIT_POLICY=PASSIVE is set by `import ddpm` (ddpm/__init__.py), before any command loads PyTorch.
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -580,7 +577,7 @@ def _edit_command(what, detail, opts, run, shown, check_plan=None):   # detail: 
         save_grid(np.concatenate([tile[None], images]), out, nrow=min(o["num"] + 1, 12))
     procs = f", {ctx.world} processes" if ctx.world > 1 else ""
     cond = "unconditional" if o["label"] is None else f"label {o['label']}, guidance {o['guidance']:g}"
-    click.echo(f"{o['num']} {what} ({detail.format(plan=plan.name)}; {cond}, {eng.name}{procs}) in {seconds:.1f}s "
+    click.echo(f"{o['num']} {what if o['num'] != 1 else what[:-1]} ({detail.format(plan=plan.name)}; {cond}, {eng.name}{procs}) in {seconds:.1f}s "
                f"-> {out}")
 
 
@@ -869,7 +866,8 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, s
     if with_generator or web_dir:   # refuse a plan the generator cannot run before any work
         from .export.generator import GeneratorUnsupported, check_plan
 
-        plan = _plan(_model(ckpt), sampler, steps, 0.0, "small")
+        # gen's defaults: the plan guides inside the default interval, so generator.onnx gives gen's digits
+        plan = _plan(_model(ckpt), sampler, steps, 0.0, "small", None, GUIDANCE_INTERVAL)
         try:
             check_plan(plan)
         except GeneratorUnsupported as e:

@@ -37,7 +37,8 @@ class TorchMissing(DdpmError):
     """What was asked for needs PyTorch, which is not installed; the message says what to install."""
 
 
-TORCH_HINT = "pip install 'ddpm[torch]'"
+TORCH_HINT = ("install it with the extra, in the ddpm folder: pip install \".[torch]\" (on Linux without a GPU, "
+              "first pip install torch --index-url https://download.pytorch.org/whl/cpu; README, Install)")
 
 
 def require_torch(what: str):

@@ -20,7 +20,7 @@ from .runner import RuntimeEngine
 ENGINES = ("torch", "runtime-torch", "onnx", "trt", "onnx-generator")
 NEEDS_EXPORT = ("onnx", "trt", "onnx-generator")
 NEEDS_TORCH = ("torch", "runtime-torch", "trt")
-TORCH_HINT = "pip install 'ddpm[torch]'"
+from ..model.io import TORCH_HINT  # noqa: E402  (torch-free: model.io imports PyTorch lazily)
 
 
 def _nvidia_driver_absent() -> bool:
