@@ -310,17 +310,23 @@ def test_sigint_in_a_real_process_is_one_line(ckpt, tmp_path, sig, code, word):
     output file and no temporary left (a SIGTERM used to kill the process inside the write of its .npz)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = tmp_path / "x.npz"
+    # SIGINT back to its default in the child: a test run started in the background of a non-interactive shell (as
+    # CI may be) inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt
     p = subprocess.Popen(["ddpm", "gen", "--ckpt", str(ckpt), "-n", "100000", "--batch", "8", "--steps", "50",
                           "--engine", "onnx", "--out", str(out)], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                         env=env, text=True)
+                         env=env, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # wait for the progress bar: sampling has started
     buf = ""
     deadline = time.time() + 300
     while "step" not in buf and time.time() < deadline:
         buf += p.stderr.read(1)
     p.send_signal(sig)
-    err = buf + p.stderr.read()
-    p.wait(timeout=120)
+    try:
+        _, rest = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        pytest.fail(f"ddpm gen did not stop within 120 s of signal {sig}")
+    err = buf + rest
     assert p.returncode == code, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].strip() == word
     assert not out.exists() and _temporaries(tmp_path) == []
