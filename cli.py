@@ -831,7 +831,7 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, s
     Examples:
       ddpm export --fp16
       ddpm export --ckpt runs/ddpm --out exports/mine --fp16 --trt --batch 1-64
-      ddpm export --generator --steps 20                  # generator.onnx: DDIM-20 in one ONNX call
+      ddpm export --generator --steps 20                  # generator.onnx: UniPC-20 in one ONNX call
       ddpm export --web site && python -m http.server -b 127.0.0.1 -d site   # open http://127.0.0.1:8000
     """
     if out:
