@@ -162,10 +162,14 @@ def test_export_killed_at_random_never_leaves_a_trusted_partial_folder(tmp_path)
     first = Bundle.load(out, expected_hash=loaded.hash).meta["files"]["fp32"]["sha256"]
     rng = random.Random(14)
     ends = []
-    for attempt in range(4):
+    # even attempts kill inside the write (a random 0..0.2 s after the new folder appears; a longer linger let a fast
+    # machine finish the export first), odd ones at a random moment; until two kills landed inside the write
+    for attempt in range(10):
+        if attempt >= 4 and ends.count("killed in a write") >= 2:
+            break
         p = _cli("export", "--ckpt", tmp_path, "--out", out, "--fp16")
         ends.append(_kill_at_random(p, rng, tmp_path, max_delay=whole, in_write=attempt % 2 == 0, prefixes=(".exp.",),
-                                    linger=whole / 4))
+                                    linger=min(0.2, whole / 4)))
         if out.is_dir():   # whatever is there is complete: it loads, and its ONNX files match their sha256
             b = Bundle.load(out, expected_hash=loaded.hash)
             for precision in b.meta["files"]:
