@@ -1,9 +1,12 @@
 """Shared test helpers: a tiny randomised model saved as a checkpoint."""
 
 import dataclasses
+import tracemalloc
 
 import torch
+from click.testing import CliRunner
 
+from ddpm.cli import main
 from ddpm.model import PRESETS, UNet
 from ddpm.model.io import load_model, save_model
 
@@ -24,3 +27,20 @@ def tiny_checkpoint(folder, seed=0, cfg=TINY):
     m = randomised_unet(cfg, seed)
     save_model(folder / "model.safetensors", cfg, m.state_dict(), step=1)
     return load_model(folder)
+
+
+def invoke(*args, env=None):
+    """Run `ddpm ARGS` in this process (click's CliRunner), arguments turned into strings."""
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+def traced_peak(fn) -> int:
+    """Peak bytes Python and numpy allocated while fn runs, above what was in use before (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        fn()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()

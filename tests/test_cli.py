@@ -4,11 +4,9 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from ddpm.cli import main
-from helpers import tiny_checkpoint
+from helpers import invoke, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -16,10 +14,6 @@ def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("ck")
     tiny_checkpoint(root)
     return root
-
-
-def invoke(*args, env=None):
-    return CliRunner().invoke(main, [str(a) for a in args], env=env)
 
 
 def test_gen_png_and_npz(ckpt, tmp_path):

@@ -1,18 +1,15 @@
 """Image editing on every engine: RePaint, SDEdit, ILVR/DDNM, restoration, trajectories, and the picture reader."""
 
 import struct
-import tracemalloc
 import zlib
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 
 import ddpm
-from ddpm.cli import main
 from ddpm.export.onnx_export import export
 from ddpm.runtime.bundle import Bundle
 from ddpm.runtime.eager import guided, sample
@@ -25,7 +22,7 @@ from ddpm.runtime.noise import make_noise
 from ddpm.runtime.runner import Runner
 from ddpm.runtime.samplers import ddim_plan, ddpm_plan, make_plan, timesteps
 from ddpm.runtime.schedule import Schedule
-from helpers import tiny_checkpoint
+from helpers import invoke, tiny_checkpoint, traced_peak
 
 SCHED = Schedule.make("linear", 1000)
 
@@ -201,17 +198,6 @@ def test_edit_runner_matches_the_eager_reference(setup, net):
             assert np.abs(downsample(out[:, 0], f) - downsample(y[:, 0], f)).max() < 1e-5, name
 
 
-def _traced_peak(fn) -> int:
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        fn()
-        return tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
-
-
 def test_edit_loops_allocate_nothing(setup):
     """numpy runner (onnx on a CPU): no image-sized temporary for any projection (traced peak below one image);
     torch runner with an allocation-free stand-in network: 0 bytes from torch's allocator."""
@@ -222,7 +208,7 @@ def test_edit_loops_allocate_nothing(setup):
         r.load(x_T, z, np.array([1, 2, 3]), 1.5, y, mask)
         r.loop()   # warm-up
         r.load(x_T, z, np.array([1, 2, 3]), 1.5, y, mask)
-        assert _traced_peak(r.loop) < 784 * 4, name
+        assert traced_peak(r.loop) < 784 * 4, name
         net = TorchNet(loaded.model, "cpu")
         net.bind = lambda x_in, t_in, y_in, eps_out: (lambda: eps_out.neg_())
         rt = Runner(net, 3, plan, True, 10, edit=proj)
@@ -398,10 +384,6 @@ def files(setup, tmp_path_factory):
     Image.fromarray(keep[:20]).save(d / "keep20.png")
     (d / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     return d
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 COMMANDS = {

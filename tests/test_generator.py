@@ -5,9 +5,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 
-from ddpm.cli import main
 from ddpm.export.generator import (GENERATOR_FILE, GeneratorFailed, GeneratorUnsupported, add_generator, build,
                                    check_plan, verify)
 from ddpm.export.onnx_export import export
@@ -19,7 +17,7 @@ from ddpm.runtime.nets import EngineUnavailable, OnnxNet
 from ddpm.runtime.noise import make_noise
 from ddpm.runtime.runner import RuntimeEngine
 from ddpm.runtime.samplers import Plan, ddim_plan, ddpm_plan
-from helpers import tiny_checkpoint
+from helpers import invoke, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -144,10 +142,6 @@ def test_stochastic_plans_are_refused(setup):
         with pytest.raises(GeneratorUnsupported, match="deterministic plans only"):
             check_plan(plan)
     check_plan(ddim_plan(sched, 5))
-
-
-def invoke(*args, env=None):
-    return CliRunner().invoke(main, [str(a) for a in args], env=env)
 
 
 def test_cli_gen_and_export(setup, tmp_path):

@@ -9,22 +9,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ddpm.cli import main
 from ddpm.errors import DdpmError
 from ddpm.model.io import CheckpointError, load_checkpoint, read_model_info, save_checkpoint
 from ddpm.runtime.bundle import Bundle, ExportError
 from ddpm.samples import SamplesError, read_samples
 from ddpm.schema import Array, Int, List, Schema
 from ddpm.train.data import DataError, load_mnist, write_idx
-from helpers import TINY, randomised_unet, tiny_checkpoint
-
-
-def invoke(*args, env=None):
-    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+from helpers import TINY, invoke, randomised_unet, tiny_checkpoint
 
 
 def one_line_error(r, code=1):

@@ -10,17 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from ddpm import files
-from ddpm.cli import main
 from ddpm.files import OutputError, atomic_write, check_writable, clean_stale, publish_dir, temp_dir
-from helpers import tiny_checkpoint
-
-
-def invoke(*args, env=None):
-    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+from helpers import invoke, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

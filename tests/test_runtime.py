@@ -1,15 +1,12 @@
 """The preallocated runtime: same digits from every engine, nothing allocated in the loop, clear errors."""
 
-import tracemalloc
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from torch.profiler import ProfilerActivity, profile
 
-from ddpm.cli import main
 from ddpm.export.onnx_export import export
 from ddpm.runtime.bundle import Bundle
 from ddpm.runtime.eager import guided, sample
@@ -19,7 +16,7 @@ from ddpm.runtime.nets import EngineUnavailable, OnnxNet, TorchNet
 from ddpm.runtime.noise import make_noise
 from ddpm.runtime.runner import Runner
 from ddpm.runtime.samplers import ddim_plan, ddpm_plan, dpmpp_2m_plan, unipc_plan
-from helpers import tiny_checkpoint
+from helpers import invoke, tiny_checkpoint, traced_peak
 
 CPU = "cpu"
 HAS_GPU = torch.cuda.is_available()
@@ -72,18 +69,6 @@ def _allocated_bytes(fn) -> int:
     return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
 
 
-def _traced_peak(fn) -> int:
-    """Peak bytes Python and numpy allocated while fn runs, above what was in use before (tracemalloc)."""
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        fn()
-        return tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
-
-
 @pytest.mark.parametrize("fp16", [False, True])
 def test_onnx_loop_allocates_nothing(setup, fp16):
     """The numpy runner's loop allocates no array: its traced peak stays below one image (784 floats), while the
@@ -100,10 +85,10 @@ def test_onnx_loop_allocates_nothing(setup, fp16):
     r.load(x_T, z, labels, 1.5)
     r.loop()   # warm-up (onnxruntime's arena)
     r.load(x_T, z, labels, 1.5)
-    assert _traced_peak(r.loop) < 784 * 4   # no image-sized temporary (a few small Python objects at most)
+    assert traced_peak(r.loop) < 784 * 4   # no image-sized temporary (a few small Python objects at most)
     assert bufs() == ptrs
     # and the measure does see allocations: x = w x + s z written naively makes image-sized temporaries
-    assert _traced_peak(lambda: [r.x * 0.5 + 0.1 * r.z[0] for _ in range(3)]) >= 3 * 784 * 4
+    assert traced_peak(lambda: [r.x * 0.5 + 0.1 * r.z[0] for _ in range(3)]) >= 3 * 784 * 4
 
 
 def test_torch_runner_loop_allocates_only_in_the_network(setup):
@@ -194,7 +179,7 @@ def test_cli_gen_engines_agree(setup, tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     outs = {}
     for engine in ("torch", "onnx", "runtime-torch"):
-        r = CliRunner().invoke(main, [*args, "--engine", engine, "--out", str(tmp_path / f"{engine}.npz")], env=env)
+        r = invoke(*args, "--engine", engine, "--out", tmp_path / f"{engine}.npz", env=env)
         assert r.exit_code == 0, r.output
         outs[engine] = np.load(tmp_path / f"{engine}.npz")["images"].astype(int)
     assert np.abs(outs["onnx"] - outs["torch"]).max() <= 2 and np.abs(outs["runtime-torch"] - outs["torch"]).max() <= 2
@@ -202,7 +187,7 @@ def test_cli_gen_engines_agree(setup, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     tiny_checkpoint(other, seed=5)
-    r = CliRunner().invoke(main, [*args, "--ckpt", str(other), "--engine", "onnx", "--export", str(setup[1].root)])
+    r = invoke(*args, "--ckpt", other, "--engine", "onnx", "--export", setup[1].root)
     assert r.exit_code == 1 and "not from the checkpoint asked for" in r.output
 
 

@@ -9,21 +9,15 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from ddpm.cli import main
 from ddpm.runtime import generate as gen_mod
 from ddpm.runtime.generate import OutOfMemory, iter_generate
 from ddpm.runtime.samplers import ddim_plan, ddpm_plan
 from ddpm.runtime.schedule import Schedule
 from ddpm.samples import read_samples, save_samples
-from helpers import TINY, tiny_checkpoint
+from helpers import TINY, invoke, tiny_checkpoint
 
 BIG_SEED = 2 ** 70
-
-
-def invoke(*args, env=None):
-    return CliRunner().invoke(main, [str(a) for a in args], env=env)
 
 
 @pytest.fixture(scope="module")
