@@ -15,31 +15,17 @@ from ddpm.runtime.samplers import (SPACINGS, ddim_plan, dpmpp_2m_plan, half_log_
                                    unipc_plan)
 from ddpm.runtime.schedule import Schedule
 
+from test_samplers import MU, closed_form_x0, gaussian_eps   # the Gaussian data whose exact eps is known
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler   # the `test` extra
 from diffusers.schedulers import scheduling_dpmsolver_multistep
 
 SCHED = Schedule.make("linear", 1000)
-MU, S = 0.3, 0.5
 SOLVERS = {"dpm++2m": dpmpp_2m_plan, "unipc": unipc_plan}
 
 
 def wavy_eps(x, t, cfg=True):
     """Any smooth eps function will do for comparing two implementations of one update rule."""
     return 0.5 * torch.sin(2 * x + t / 300.0) + 0.3 * x
-
-
-def gaussian_eps(sched, mu=MU, s=S):
-    """E[eps | x_t] for data N(mu, s^2) per pixel (as in test_samplers.py)."""
-    def eps_fn(x, t, cfg=True):
-        ab = sched.alphas_cumprod[t]
-        return (1 - ab) ** 0.5 / (ab * s * s + 1 - ab) * (x - ab ** 0.5 * mu)
-    return eps_fn
-
-
-def closed_form_x0(x_T, sched, mu=MU, s=S):
-    """The probability-flow ODE keeps (x_t - sqrt(abar_t) mu) / sqrt(abar_t s^2 + 1 - abar_t) constant."""
-    ab = sched.alphas_cumprod[-1]
-    return mu + s * (x_T - ab ** 0.5 * mu) / (ab * s * s + 1 - ab) ** 0.5
 
 
 class _Float64:
