@@ -783,7 +783,10 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
         data_dir = ensure_mnist(resolve_data_dir(data), progress=click.echo)
         clf_path = Path(classifier or quality.CLASSIFIER_FILE)
         if train_classifier:
-            clf_path = Path(click.get_app_dir("ddpm")) / "classifier.safetensors" if classifier is None else clf_path
+            if classifier is None:
+                from .locations import user_dir
+
+                clf_path = user_dir("config") / "classifier.safetensors"
             acc = quality.train_classifier(data_dir, clf_path, progress=not quiet)
             click.echo(f"classifier retrained: test accuracy {100 * acc:.2f}% -> {clf_path}")
         if not clf_path.is_file():
