@@ -155,3 +155,21 @@ def test_the_issue_example_in_a_real_process(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "out.json" in r.stderr and "pipe" in r.stderr and link.is_symlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "s.npz"]
+
+
+@pytest.mark.parametrize("kind", ["link-to-device", "dangling-link"])
+def test_the_training_log_is_appended_only_to_a_regular_file(tmp_path, kind):
+    """log.jsonl is appended to, not replaced: the same rule (a link to /dev/null swallowed every line)."""
+    from ddpm.train.loop import append_log
+
+    log = tmp_path / "log.jsonl"
+    _plant(log, kind)
+    before = _state(tmp_path)
+    with pytest.raises(OutputError, match="log.jsonl"):
+        append_log(log, [{"step": 1, "loss": 0.5}])
+    assert _state(tmp_path) == before
+    os.unlink(log)
+    (tmp_path / "real.jsonl").write_text("")
+    log.symlink_to("real.jsonl")
+    append_log(log, [{"step": 1, "loss": 0.5}])
+    assert (tmp_path / "real.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n' and log.is_symlink()

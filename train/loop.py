@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DdpmError, Interrupted, limit_message
-from ..files import OutputError, check_writable, clean_stale, folder_lock, readable_name, write_text
+from ..files import OutputError, check_writable, clean_stale, folder_lock, output_path, readable_name, write_text
 from ..model import PRESETS, UNet
 from ..model.config import ModelConfig
 from ..model.io import (CKPT_FILE, MODEL_FILE, CheckpointError, load_checkpoint, read_weights, resolve_model_path,
@@ -269,9 +269,10 @@ def cut_log(path: Path, step: int) -> None:
 
 def append_log(path: Path, rows: list[dict]) -> None:
     """Append rows to log.jsonl in one write() (a kill leaves whole lines, or at worst one cut line that cut_log
-    drops)."""
+    drops). A log.jsonl that is not a regular file (a device, a pipe, a dangling link) raises OutputError
+    (files.output_path); a link to a regular file is appended to."""
     data = "".join(json.dumps(r) + "\n" for r in rows).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    fd = os.open(output_path(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         os.write(fd, data)
     finally:
