@@ -53,8 +53,11 @@ def default_export_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """Where exports of checkpoints live unless told otherwise: $XDG_CACHE_HOME/ddpm (default ~/.cache/ddpm)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddpm"
+    """Where exports of checkpoints live unless told otherwise: $XDG_CACHE_HOME/ddpm (default ~/.cache/ddpm; the rule
+    is locations.user_dir's)."""
+    from .locations import cache_dir as user_cache
+
+    return user_cache()
 
 
 def _wrap(e: BaseException) -> DdpmError:

@@ -15,7 +15,7 @@ import threading
 import click
 
 from .api import DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL   # numpy-only imports
-from .errors import DdpmError
+from .errors import DdpmError, limit_message
 from .runtime.noise import MAX_SEED
 
 # OMP_WAIT_POLICY=PASSIVE is set by `import ddpm` (ddpm/__init__.py), before any command loads PyTorch.
@@ -29,15 +29,22 @@ def _fail(e: BaseException) -> click.ClickException:
 
 class Group(click.Group):
     """The `ddpm` group: errors meant for the user (every DdpmError: bad files, a missing PyTorch, an output that
-    cannot be written, ...) become one line and exit 1; Ctrl-C becomes one line ("interrupted", or what the command
-    says about it, e.g. the last checkpoint) and exit 130, the shell's code for SIGINT."""
+    cannot be written, ...) become one line and exit 1, and so do failures caused by a resource limit of the process
+    (out of memory, too many open files, a file over the file-size limit: errors.limit_message names the limit);
+    Ctrl-C becomes one line ("interrupted", or what the command says about it, e.g. the last checkpoint) and exit
+    130, the shell's code for SIGINT."""
 
     def invoke(self, ctx):
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), _file_size_limit_as_error():
             try:
                 return super().invoke(ctx)
             except DdpmError as e:
                 raise click.ClickException(str(e)) from None
+            except Exception as e:
+                message = limit_message(e)
+                if message is None:
+                    raise
+                raise click.ClickException(message) from None
             except Terminated as e:
                 click.echo(f"\n{str(e) or 'terminated'}", err=True)
                 ctx.exit(143)
@@ -67,6 +74,21 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _file_size_limit_as_error():
+    """While a command runs, SIGXFSZ (sent when a write passes the file-size limit, ulimit -f) is ignored, so that
+    the write fails with EFBIG and is reported (and its temporary removed) instead of the process being killed with
+    a core dump. Outside the main thread, or where there is no such signal: unchanged."""
+    if not hasattr(signal, "SIGXFSZ") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGXFSZ, previous)
 
 
 # ---------------------------------------------------------------------------------------- shared option checks
@@ -761,7 +783,10 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
         data_dir = ensure_mnist(resolve_data_dir(data), progress=click.echo)
         clf_path = Path(classifier or quality.CLASSIFIER_FILE)
         if train_classifier:
-            clf_path = Path(click.get_app_dir("ddpm")) / "classifier.safetensors" if classifier is None else clf_path
+            if classifier is None:
+                from .locations import user_dir
+
+                clf_path = user_dir("config") / "classifier.safetensors"
             acc = quality.train_classifier(data_dir, clf_path, progress=not quiet)
             click.echo(f"classifier retrained: test accuracy {100 * acc:.2f}% -> {clf_path}")
         if not clf_path.is_file():

@@ -8,6 +8,13 @@ KeyboardInterrupt that carries what a user needs to know after Ctrl-C (exit stat
 
 from __future__ import annotations
 
+import errno
+
+try:   # imported now: once a limit is reached (too many open files, no memory) an import may fail itself
+    import resource
+except ImportError:   # not on Windows
+    resource = None
+
 
 class DdpmError(Exception):
     """Anything a user can fix: a bad argument, a missing or malformed file, a missing package. str(e) is the
@@ -18,3 +25,65 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT), with a message for the user, e.g. "interrupted; last checkpoint at step 200 in runs/x".
 
     A KeyboardInterrupt, so that code which handles Ctrl-C still sees one."""
+
+
+# Texts of the errors that C++ libraries raise for an allocation that failed (onnxruntime: std::bad_alloc in a
+# RuntimeException; PyTorch: "DefaultCPUAllocator: can't allocate memory"), and of EMFILE and EFBIG lost in a
+# RuntimeError by a library that writes through C.
+_MEMORY_TEXTS = ("bad_alloc", "can't allocate memory", "cannot allocate memory", "failed to allocate memory")
+# ... and of an import whose shared library cannot be mapped into the address space left
+_MAP_TEXTS = ("failed to map segment", "cannot allocate memory")
+_FILES_TEXT = "too many open files"
+_FSIZE_TEXT = "file too large"
+
+
+def _limit(name: str) -> int | None:
+    """The soft limit RLIMIT_<name> in its own unit (bytes, files), or None when unlimited or not known."""
+    try:
+        soft = resource.getrlimit(getattr(resource, f"RLIMIT_{name}"))[0]
+    except (AttributeError, OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def limit_message(e: BaseException) -> str | None:
+    """One line for an exception that a resource limit of the process caused, naming the limit and how to raise it,
+    or None when `e` is something else. Looked for in `e` and the exceptions it was raised from:
+
+    - out of memory: MemoryError, OSError ENOMEM, a C++ std::bad_alloc or failed allocation (RuntimeError text), a
+      shared library that an import cannot map (ImportError "failed to map segment");
+      names the address-space limit (ulimit -v, KiB) or the data-segment limit (ulimit -d) when one is set;
+    - too many open files: OSError EMFILE (the per-process limit, ulimit -n) or ENFILE (the system's table);
+    - a file larger than the file-size limit: OSError EFBIG (ulimit -f, in blocks of 1024 bytes; the CLI ignores
+      SIGXFSZ so that such a write fails with EFBIG instead of killing the process).
+    """
+    seen, err = set(), e
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        no = getattr(err, "errno", None) if isinstance(err, OSError) else None
+        native = isinstance(err, RuntimeError) or type(err).__module__.startswith("onnxruntime")
+        text = str(err).lower() if native else ""
+        unmapped = isinstance(err, ImportError) and any(t in str(err).lower() for t in _MAP_TEXTS)
+        if isinstance(err, MemoryError) or no == errno.ENOMEM or unmapped or any(t in text for t in _MEMORY_TEXTS):
+            for name, flag, unit in (("AS", "v", "address space"), ("DATA", "d", "data segment")):
+                soft = _limit(name)
+                if soft is not None:
+                    return (f"out of memory: the process may use at most {soft >> 20} MiB of {unit} (ulimit -{flag} "
+                            f"{soft >> 10}); raise the limit (ulimit -{flag} unlimited) or ask for less at once "
+                            f"(a smaller -n or --batch)")
+            return "out of memory; ask for less at once (a smaller -n or --batch), or free memory and run again"
+        if no == errno.EMFILE or (no is None and _FILES_TEXT in text):
+            soft = _limit("NOFILE")
+            now = f" ({soft}, ulimit -n {soft})" if soft is not None else " (ulimit -n)"
+            return (f"too many open files: the process reached its limit of open files{now}; raise it "
+                    f"(e.g. ulimit -n 4096) and run again")
+        if no == errno.ENFILE:
+            return "too many open files in the system (its file table is full); close some programs and run again"
+        if no == errno.EFBIG or (no is None and _FSIZE_TEXT in text):
+            soft = _limit("FSIZE")
+            now = f" of {soft} bytes (ulimit -f {soft >> 10})" if soft is not None else ""
+            name = f" {err.filename}" if isinstance(err, OSError) and err.filename else ""
+            return (f"a file{name} would be larger than the file-size limit{now}; raise it (ulimit -f unlimited) "
+                    f"and run again")
+        err = err.__cause__ or err.__context__
+    return None

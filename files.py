@@ -9,6 +9,13 @@ it); every export folder is built in a temporary folder and published with `publ
 so that `clean_stale`, run by every later write into the same folder, removes exactly the ones whose writer is gone
 (same host, process no longer alive) or, for another host, that are older than STALE_AFTER; a writer that is still
 running is never disturbed. `check_writable` lets a command refuse an output location before any work.
+
+What an output may replace (`output_path`, applied by every writer here): a file output replaces only a regular file,
+a folder output only a folder. Anything else at the path (a device such as /dev/null, a pipe, a socket, a folder where
+a file is wanted, a file where a folder is wanted, a dangling or looping symbolic link) is refused with OutputError
+before anything is created. A symbolic link to a regular file (or, for a folder output, to a folder) is written
+through: the link's target is replaced atomically (its temporary is made beside the target, on its file system) and
+the link itself stays as it is.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from contextlib import contextmanager
@@ -126,6 +134,17 @@ def disk_full(e: BaseException, folder: Path) -> bool:
     return st.f_bavail * st.f_frsize < (1 << 20)
 
 
+def too_large(path: Path) -> OutputError:
+    """A write of `path` that failed with EFBIG: the file-size limit (ulimit -f, RLIMIT_FSIZE) or the file system's
+    largest file."""
+    from .errors import _limit
+
+    soft = _limit("FSIZE")
+    limit = f" of {soft} bytes (ulimit -f {soft >> 10})" if soft is not None else ""
+    return OutputError(f"{path} was not written: it would be larger than the file-size limit{limit} (an earlier "
+                       f"{path.name}, if any, is kept); raise the limit (ulimit -f unlimited) and run again")
+
+
 def no_space(path: Path) -> OutputError:
     return OutputError(f"no space left on the device of {path.parent}: {path.name} was not written (an earlier "
                        f"{path.name}, if any, is kept); free some space and run again")
@@ -148,14 +167,65 @@ def _output_error(path: Path, e: OSError) -> OutputError:
     return OutputError(f"cannot write {path}: {e.strerror or e}")
 
 
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a file"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def output_path(path: str | os.PathLike, folder: bool = False) -> Path:
+    """The path a writer replaces for the output `path` (a file, or a folder when folder=True); see the module
+    docstring.
+
+    Returns `path` itself when it is missing or of the right kind; for a symbolic link to a regular file (a folder
+    when folder=True), the link's target (os.path.realpath), so that the target is replaced and the link is kept.
+    Raises OutputError (one line naming the path and what it is) for anything else that exists there: a device, a
+    pipe, a socket, a folder for a file (or a file for a folder), a dangling or looping link. A path whose parent is
+    not a folder is returned as it is: creating it fails, and says so."""
+    p = Path(path)
+    link = os.path.islink(p)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        if link:
+            raise OutputError(f"cannot write {p}: it is a symbolic link to {os.readlink(p)}, which does not exist; "
+                              f"remove the link or give another name") from None
+        return p
+    except NotADirectoryError:
+        return p
+    except OSError as e:   # a link loop, a folder that cannot be searched
+        raise _output_error(p, e) from None
+    ok = stat.S_ISDIR(st.st_mode) if folder else stat.S_ISREG(st.st_mode)
+    if not ok:
+        via = f" (a symbolic link to {os.readlink(p)})" if link else ""
+        if folder:
+            raise OutputError(f"cannot write into {p}{via}: it is {_kind(st.st_mode)}, not a folder")
+        raise OutputError(f"cannot write {p}{via}: it is {_kind(st.st_mode)}, not a regular file; give a file name")
+    if not link:
+        return p
+    real = os.path.realpath(p)
+    try:
+        same = os.path.samestat(os.stat(real), st)
+    except OSError:
+        same = False
+    if not same:   # e.g. a link into /proc/PID/fd/ to a deleted file: its target has no name to replace
+        raise OutputError(f"cannot write {p}: it is a symbolic link to {os.readlink(p)}, a file that has no name of "
+                          f"its own to be replaced; remove the link or give another name")
+    return Path(real)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`: readers see the old file or
     the complete new one, never a part, whatever happens (kill -9, Ctrl-C, an exception, a full disk).
 
     The parent folder is created if missing; stale temporaries of `path` left by killed writers are removed first.
-    Raises OutputError (one line) when the folder is not writable or the disk is full; the old file is then kept.
+    `path` may be missing, a regular file or a symbolic link to one (its target is replaced, the link kept); anything
+    else is refused before anything is created (output_path). Raises OutputError (one line) for such a path, a folder
+    that is not writable, a full disk or a file larger than the file-size limit; the old file is then kept.
     """
-    path = Path(path)
+    path = output_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(path.parent, path.name)
@@ -178,6 +248,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             raise no_space(path) from None
         if isinstance(e, OSError) and e.errno in _NOT_WRITABLE:
             raise _output_error(path, e) from None
+        if isinstance(e, OSError) and e.errno == errno.EFBIG:
+            raise too_large(path) from None
         raise
     _fsync_dir(path.parent)
 
@@ -189,8 +261,9 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def temp_dir(out: str | os.PathLike) -> Path:
     """A new empty folder beside `out` in which to build it (published with publish_dir); stale ones of `out` are
-    removed first. Raises OutputError."""
-    out = Path(out)
+    removed first. `out` may be missing, a folder or a symbolic link to one (the folder is made beside the link's
+    target); anything else raises OutputError (output_path)."""
+    out = output_path(out, folder=True)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(out.parent, out.name)
@@ -207,8 +280,11 @@ def publish_dir(tmp: Path, out: str | os.PathLike, keep: Callable[[Path], bool] 
     """Rename the complete folder `tmp` to `out`. An existing `out` is moved aside only now, the new one renamed in,
     then the old one deleted: at every moment `out` is the old folder, the new one, or (between two renames) absent
     with the old one recoverable by clean_stale. keep(out) True: an existing `out` is as good (another process
-    published the same thing first), so it stays and tmp is discarded. Returns whether tmp was published."""
-    out = Path(out)
+    published the same thing first), so it stays and tmp is discarded. Returns whether tmp was published.
+
+    An `out` that is a symbolic link to a folder is kept: its target is the folder replaced (tmp must have been made
+    by temp_dir(out), on the target's file system). Anything else but a folder at `out` raises OutputError."""
+    out = output_path(out, folder=True)
     if not out.exists():
         try:
             os.rename(tmp, out)
@@ -263,17 +339,39 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
         os.close(fd)
 
 
+@contextmanager
+def readable_name(path: str | os.PathLike) -> Iterator[str]:
+    """A name of the file `path` for a library that passes file names to C++ or Rust as UTF-8 (safetensors,
+    onnxruntime, the onnx checker), which cannot open a path the OS holds as other bytes (a folder named in
+    Latin-1, say; Python keeps such bytes as surrogate escapes).
+
+    Yields str(path) when it is valid UTF-8; else the file is opened here and its descriptor's name (/dev/fd/N) is
+    yielded while it stays open. Raises OSError when such a file cannot be opened."""
+    name = os.fspath(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        yield name
+        return
+    fd = os.open(name, os.O_RDONLY)
+    try:
+        alias = f"/dev/fd/{fd}"
+        yield alias if os.path.exists(alias) else name
+    finally:
+        os.close(fd)
+
+
 def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
     """Raise OutputError unless `path` (a file, or a folder when folder=True) can be written: its folder, or the
     nearest existing one above it (missing folders are created when written), must be a folder we can create files
-    in (probed with an anonymous temporary file, so read-only file systems and ACLs count). Nothing is left behind."""
+    in (probed with an anonymous temporary file, so read-only file systems and ACLs count), and what is at `path` must
+    be what the writer may replace (output_path: not a device, a pipe, a dangling link, ...). Nothing is left behind."""
     p = d = Path(path)
     try:
-        if folder and p.exists() and not p.is_dir():
-            raise OutputError(f"cannot write into {p}: it is a file, not a folder")
-        if not folder and p.is_dir():
-            raise OutputError(f"cannot write {p}: it is a folder; give a file name")
-        d = p if folder else p.parent
+        target = output_path(p, folder)
+        d = target if folder else target.parent
         while not d.exists() and d != d.parent:
             d = d.parent
         if not d.is_dir():

@@ -90,11 +90,13 @@ def load_classifier(path: str | os.PathLike = CLASSIFIER_FILE) -> Classifier:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from ..files import readable_name
     from ..model.io import CheckpointError
 
     model = Classifier()
     try:
-        model.load_state_dict(load_file(str(path)))
+        with readable_name(path) as name:
+            model.load_state_dict(load_file(name))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: not the weights of ddpm's MNIST classifier ({str(e).splitlines()[0]}); "
                               f"use --train-classifier to make them") from None

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import DdpmError
-from ..files import OutputError, disk_full, no_space, publish_dir, temp_dir
+from ..files import OutputError, disk_full, no_space, publish_dir, readable_name, temp_dir
 from ..model.io import LoadedModel, copy_to
 from ..runtime.bundle import EXPORT_FORMAT, META_FILE, file_sha256
 from ..runtime.schedule import Schedule
@@ -44,9 +44,10 @@ def to_onnx(model: torch.nn.Module, path: Path, precision: str, opset: int = 17)
         kw["dynamo"] = False   # the TorchScript exporter: present from torch 2.4 on, fast, no onnxscript needed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, str(path), input_names=list(INPUTS), output_names=[OUTPUT],
-                          dynamic_axes={n: {0: "batch"} for n in (*INPUTS, OUTPUT)}, opset_version=opset,
-                          do_constant_folding=True, **kw)
+        with open(path, "wb") as f:   # a file object: torch passes a name to C++ as UTF-8, which not every path is
+            torch.onnx.export(model, args, f, input_names=list(INPUTS), output_names=[OUTPUT],
+                              dynamic_axes={n: {0: "batch"} for n in (*INPUTS, OUTPUT)}, opset_version=opset,
+                              do_constant_folding=True, **kw)
 
 
 def ort_session(path: Path, threads: int | None = None):
@@ -54,7 +55,8 @@ def ort_session(path: Path, threads: int | None = None):
 
     from ..runtime.nets import ort_cpu_options
 
-    return ort.InferenceSession(str(path), ort_cpu_options(ort, threads), providers=["CPUExecutionProvider"])
+    with readable_name(path) as name:
+        return ort.InferenceSession(name, ort_cpu_options(ort, threads), providers=["CPUExecutionProvider"])
 
 
 def verify(path: Path, reference: torch.nn.Module, precision: str, T: int, batches=(1, 5), seed: int = 0) -> dict:
@@ -160,7 +162,8 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
         for precision in ["fp32"] + (["fp16"] if fp16 else []):
             path = tmp / FILES[precision]
             to_onnx(copy_to(loaded.model, "cpu", torch.float32), path, precision, opset)
-            onnx.checker.check_model(str(path))
+            with readable_name(path) as name:
+                onnx.checker.check_model(name)
             parity = verify(path, reference, precision, loaded.cfg.timesteps)
             log(f"{FILES[precision]}: {parity['measure']} {parity['error']:.3g} (tolerance {parity['tolerance']:g})")
             files[precision] = {"name": FILES[precision], "parity": parity}

@@ -51,7 +51,10 @@ class WebExportError(Exception):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddpm" / "npm"
+    """Where the fetched tarball is kept: $XDG_CACHE_HOME/ddpm/npm, else ~/.cache/ddpm/npm (locations.cache_dir)."""
+    from ..locations import cache_dir as user_cache
+
+    return user_cache("npm")
 
 
 def integrity(path: Path) -> str:
@@ -71,6 +74,56 @@ def _checked(path: Path) -> Path:
     return path
 
 
+# npm's error codes (`npm error code X`) that a later try can cure; the others (no network, no such host, refused,
+# no such package) fail the same way at once
+TRANSIENT = {"ECONNRESET", "ETIMEDOUT", "ESOCKETTIMEDOUT", "EPIPE", "E429", "E500", "E502", "E503", "E504"}
+_OFFLINE = {"ENOTFOUND": "the registry's host name cannot be resolved (offline, or no DNS)",
+            "EAI_AGAIN": "the registry's host name cannot be resolved (offline, or no DNS)",
+            "ECONNREFUSED": "the registry refused the connection",
+            "ENETUNREACH": "the network is unreachable (offline)",
+            "EHOSTUNREACH": "the registry's host is unreachable",
+            "ETIMEDOUT": "the connection to the registry timed out",
+            "ECONNRESET": "the connection to the registry was reset",
+            "E404": "the registry has no such package",
+            "EINTEGRITY": "the downloaded tarball does not match its integrity (a damaged npm cache?)"}
+
+
+def _npm_lines(stderr: str) -> list[str]:
+    """npm's error lines without their prefix ('npm error ' since npm 10, 'npm ERR! ' before)."""
+    out = []
+    for line in stderr.splitlines():
+        for prefix in ("npm error", "npm ERR!"):
+            if line.startswith(prefix):
+                out.append(line[len(prefix):].strip())
+    return out
+
+
+def npm_error_code(stderr: str) -> str | None:
+    """The code of npm's error report ('npm error code ENOTFOUND' -> 'ENOTFOUND'), or None."""
+    for line in _npm_lines(stderr):
+        if line.startswith("code "):
+            return line.split()[1]
+    return None
+
+
+def npm_failure(stderr: str, returncode: int) -> str:
+    """One line saying why `npm pack` failed, from its stderr: what its error code means (offline, the registry
+    unreachable, no such package), with the URL npm tried, else npm's own first message line, else its exit status."""
+    code = npm_error_code(stderr)
+    lines = _npm_lines(stderr)
+    url = next((w for ln in lines for w in ln.split() if w.startswith(("http://", "https://"))), None)
+    where = f" ({url})" if url else ""
+    if code in _OFFLINE:
+        return f"{_OFFLINE[code]}{where} [{code}]"
+    skip = ("code ", "errno ", "syscall ", "at ", "A complete log", "{", "}")
+    said = next((ln for ln in lines if ln and not ln.startswith(skip)), None)
+    if said is None:
+        said = next((ln.strip() for ln in reversed(stderr.splitlines()) if ln.strip()), None)
+    if said:
+        return f"{said[:300]}" + (f" [{code}]" if code else "")
+    return f"npm exited with status {returncode} and said nothing"
+
+
 def ort_web_tarball(given: str | Path | None = None, log=print) -> Path:
     """The pinned onnxruntime-web tarball, integrity-checked: `given`, else the cached one, else fetched with
     `npm pack` into the cache. WebExportError when none can be had."""
@@ -88,16 +141,29 @@ def ort_web_tarball(given: str | Path | None = None, log=print) -> Path:
     if npm is None:
         raise WebExportError(f"the web page needs {spec}: install npm (it fetches the package), or pass the "
                              f"tarball of `npm pack {spec}` with --ort-web")
-    cached.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WebExportError(f"cannot create the cache folder {cached.parent} ({e.strerror or e}): set "
+                             f"$XDG_CACHE_HOME to a writable folder, or pass the tarball with --ort-web") from None
     log(f"fetching {spec} with npm (once, into {cached.parent})")
     with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
-        try:
-            subprocess.run([npm, "pack", spec, "--pack-destination", tmp, "--silent"], check=True,
-                           capture_output=True, text=True, timeout=900)
-        except subprocess.CalledProcessError as e:
-            raise WebExportError(f"`npm pack {spec}` failed: {(e.stderr or e.stdout).strip()[-500:]}") from None
-        except subprocess.TimeoutExpired:
-            raise WebExportError(f"`npm pack {spec}` did not finish in 15 minutes") from None
+        # the first try gives up at the first network error, so that an offline machine is told at once (npm's own
+        # retries take over a minute); only errors that a retry can cure are tried again with npm's retries
+        for retries in (["--fetch-retries=0"], []):
+            try:
+                r = subprocess.run([npm, "pack", spec, "--pack-destination", tmp, "--loglevel=error", *retries],
+                                   capture_output=True, text=True, timeout=900)
+            except subprocess.TimeoutExpired:
+                raise WebExportError(f"`npm pack {spec}` did not finish in 15 minutes") from None
+            except OSError as e:
+                raise WebExportError(f"cannot run {npm} ({e.strerror or e}): install npm, or pass the tarball "
+                                     f"of `npm pack {spec}` with --ort-web") from None
+            if r.returncode == 0 or npm_error_code(r.stderr) not in TRANSIENT:
+                break
+        if r.returncode != 0:
+            raise WebExportError(f"`npm pack {spec}` failed: {npm_failure(r.stderr, r.returncode)}; pass the tarball "
+                                 f"of `npm pack {spec}` made on a machine that can fetch it with --ort-web")
         got = Path(tmp) / name
         if not got.is_file():
             raise WebExportError(f"`npm pack {spec}` wrote no {name}")

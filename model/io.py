@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DdpmError
+from ..files import readable_name
 from ..files import atomic_write  # noqa: F401  (re-exported: model.io.atomic_write is used across the package)
 from ..schema import Any, Array, Const, Int, Json, Map, Obj, Schema
 from .config import ModelConfig
@@ -151,7 +152,7 @@ def _read_safetensors(path: Path, framework: str) -> tuple[dict, dict]:
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework=framework) as f:
+        with readable_name(path) as name, safe_open(name, framework=framework) as f:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:

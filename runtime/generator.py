@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from .bundle import Bundle, ExportError
-from .nets import EngineUnavailable, ort_cpu_options
+from .nets import EngineUnavailable, ort_cpu_options, ort_session
 from .runner import plan_key
 from .samplers import Plan
 
@@ -30,10 +30,7 @@ class GeneratorEngine:
             raise EngineUnavailable("the onnx-generator engine needs onnxruntime: pip install onnxruntime") from None
         self.path, self.info, self.null_label = path, info, int(null_label)
         so = ort_cpu_options(ort, threads)   # the CPU thread defaults of runtime.nets (bench/threads.md)
-        try:
-            self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:   # onnxruntime raises its own exception types for bad files
-            raise EngineUnavailable(f"onnxruntime cannot load {path}: {e}") from None
+        self.sess = ort_session(ort, path, so, ["CPUExecutionProvider"])
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, threads: int | None = None) -> "GeneratorEngine":

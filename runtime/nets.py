@@ -61,11 +61,27 @@ def ort_cpu_options(ort, threads: int | None = None, spinning: bool | None = Non
     so.intra_op_num_threads = threads if threads is not None else (ORT_THREADS if ORT_THREADS is not None
                                                                     else cpu_count())
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = 4   # fatal only: an error reaches Python as an exception, which the CLI reports in one line
     spin = ORT_SPINNING if spinning is None else spinning
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin else "0")
     return so
+
+
+def ort_session(ort, path, so, providers):
+    """ort.InferenceSession of the file `path` (any name the OS can give, files.readable_name). Raises
+    EngineUnavailable for a file onnxruntime cannot load; a failure that a resource limit caused (out of memory, too
+    many open files: errors.limit_message) is raised as it is, for the CLI to name the limit."""
+    from ..errors import limit_message
+    from ..files import readable_name
+
+    try:
+        with readable_name(path) as name:
+            return ort.InferenceSession(name, so, providers=providers)
+    except Exception as e:   # onnxruntime raises its own exception types for bad files
+        if limit_message(e) is not None:
+            raise
+        raise EngineUnavailable(f"onnxruntime cannot load {path}: {e}") from None
 
 
 class _CudaStream:
@@ -190,10 +206,7 @@ class OnnxNet(_CudaStream):
                                                     "do_copy_in_default_stream": "0"})]
         else:
             providers = ["CPUExecutionProvider"]
-        try:
-            self.sess = ort.InferenceSession(str(onnx_path), so, providers=providers)
-        except Exception as e:   # onnxruntime raises its own exception types for bad files
-            raise EngineUnavailable(f"onnxruntime cannot load {onnx_path}: {e}") from None
+        self.sess = ort_session(ort, onnx_path, so, providers)
         self.path = Path(onnx_path)
         io = {a.name: ("input", _ORT_NAMES.get(a.type, a.type)) for a in self.sess.get_inputs()}
         io.update({a.name: ("output", _ORT_NAMES.get(a.type, a.type)) for a in self.sess.get_outputs()})

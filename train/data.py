@@ -37,7 +37,10 @@ class DataError(DdpmError):
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddpm" / "mnist"
+    """$XDG_CACHE_HOME/ddpm/mnist, else ~/.cache/ddpm/mnist (locations.cache_dir)."""
+    from ..locations import cache_dir
+
+    return cache_dir("mnist")
 
 
 def resolve_data_dir(data: str | os.PathLike | None) -> Path:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DdpmError, Interrupted
-from ..files import OutputError, check_writable, clean_stale, folder_lock, write_text
+from ..errors import DdpmError, Interrupted, limit_message
+from ..files import OutputError, check_writable, clean_stale, folder_lock, output_path, readable_name, write_text
 from ..model import PRESETS, UNet
 from ..model.config import ModelConfig
 from ..model.io import (CKPT_FILE, MODEL_FILE, CheckpointError, load_checkpoint, read_weights, resolve_model_path,
@@ -228,7 +228,7 @@ def _output_step(path: Path) -> int | None:
                 return int(im.text["ddpm-step"])
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="np") as f:
+        with readable_name(path) as name, safe_open(name, framework="np") as f:
             return int(json.loads((f.metadata() or {})["step"]))
     except Exception:   # missing, truncated, foreign: all mean "not this checkpoint's"
         return None
@@ -269,9 +269,10 @@ def cut_log(path: Path, step: int) -> None:
 
 def append_log(path: Path, rows: list[dict]) -> None:
     """Append rows to log.jsonl in one write() (a kill leaves whole lines, or at worst one cut line that cut_log
-    drops)."""
+    drops). A log.jsonl that is not a regular file (a device, a pipe, a dangling link) raises OutputError
+    (files.output_path); a link to a regular file is appended to."""
     data = "".join(json.dumps(r) + "\n" for r in rows).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    fd = os.open(output_path(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         os.write(fd, data)
     finally:
@@ -474,6 +475,12 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
     except KeyboardInterrupt:   # Ctrl-C: every file is whole (atomic writes); say where to resume from
         raise Interrupted(f"interrupted; {_last(last_ckpt[0])}"
                           + (f" in {out}, continue with --resume" if last_ckpt[0] is not None else "")) from None
+    except Exception as e:      # a resource limit (memory, open files, file size): the limit, and where to resume
+        message = limit_message(e)
+        if message is None:
+            raise
+        raise TrainingError(f"{message}; {_last(last_ckpt[0])}"
+                            + (f" in {out}, continue with --resume" if last_ckpt[0] is not None else "")) from None
     finally:
         bar.close()             # whatever stops the run, its message starts on a line of its own
     seconds = time.perf_counter() - t0 - ckpt_seconds[0]   # training steps only, not checkpoints and grids

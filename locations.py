@@ -1,0 +1,57 @@
+"""Where the package keeps what it fetches or makes for later use, by one rule (the XDG base directory spec).
+
+    cache   $XDG_CACHE_HOME/ddpm, else ~/.cache/ddpm: MNIST (mnist/), exports of checkpoints (exports/), the
+            onnxruntime-web tarball (npm/)
+    config  $XDG_CONFIG_HOME/ddpm, else ~/.config/ddpm: a retrained classifier (`ddpm eval --train-classifier`)
+
+As the spec says, an XDG variable that is unset, empty or not an absolute path is ignored (a relative one would put
+the files under whatever folder a command happens to run in). The home folder is $HOME when it is absolute, else the
+user's entry in the password database. Any path the OS can name works, UTF-8 or not: environment values are kept
+as the OS gives them (Python's surrogate escapes) and never re-encoded here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import DdpmError
+
+_XDG = {"cache": ("XDG_CACHE_HOME", ".cache"), "config": ("XDG_CONFIG_HOME", ".config")}
+
+
+def home() -> Path:
+    """The user's home folder: $HOME when it is an absolute path, else the password database's entry. Raises
+    DdpmError when neither gives an absolute path."""
+    value = os.environ.get("HOME", "")
+    if os.path.isabs(value):
+        return Path(value)
+    try:
+        import pwd
+
+        value = pwd.getpwuid(os.getuid()).pw_dir
+    except (ImportError, KeyError, AttributeError):
+        value = ""
+    if not os.path.isabs(value):
+        try:   # Windows: USERPROFILE and friends
+            value = str(Path.home())
+        except RuntimeError:
+            value = ""
+    if not os.path.isabs(value):
+        raise DdpmError("cannot tell where the home folder is ($HOME is unset or not an absolute path): set $HOME, or "
+                        "$XDG_CACHE_HOME and $XDG_CONFIG_HOME, to an absolute folder")
+    return Path(value)
+
+
+def user_dir(kind: str = "cache") -> Path:
+    """The package's folder of this kind ("cache" or "config"; module docstring), not created here. Raises
+    DdpmError when the home folder is needed and cannot be told (home())."""
+    var, default = _XDG[kind]
+    value = os.environ.get(var, "")
+    base = Path(value) if os.path.isabs(value) else home() / default
+    return base / "ddpm"
+
+
+def cache_dir(*parts: str) -> Path:
+    """user_dir("cache") joined with `parts`, e.g. cache_dir("mnist")."""
+    return user_dir("cache").joinpath(*parts)

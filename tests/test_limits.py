@@ -1,0 +1,108 @@
+"""Resource limits of the process (ulimit -v, -f, -n): one line naming the limit, exit 1, no traceback, and no output
+or temporary left behind (an earlier output is kept)."""
+
+import errno
+import os
+import resource
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ddpm import files
+from helpers import invoke, tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ck")
+    tiny_checkpoint(root)
+    return root
+
+
+def _limited(limit, value, args, cwd):
+    """`ddpm ARGS` in a real process whose soft and hard limit `limit` is `value`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(["ddpm", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600,
+                          preexec_fn=lambda: resource.setrlimit(limit, (value, value)))
+
+
+def _one_error_line(r) -> str:
+    err = r.stderr + r.stdout
+    lines = [ln for ln in err.splitlines() if ln.startswith("Error")]
+    assert r.returncode == 1 and "Traceback" not in err and len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+def test_address_space_limit_is_one_line(tmp_path):
+    """The issue's example: `(ulimit -v ...; ddpm gen -n 64)` ran out of memory inside onnxruntime (std::bad_alloc)
+    or inside an import (a shared library that cannot be mapped) and printed a traceback."""
+    r = _limited(resource.RLIMIT_AS, 300 << 20, ["gen", "-n", 64, "-q", "--out", "d.png"], tmp_path)
+    line = _one_error_line(r)
+    assert "out of memory" in line and "ulimit -v 307200" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_file_size_limit_is_one_line_and_keeps_the_old_file(ckpt, tmp_path):
+    """SIGXFSZ killed the process (with a core dump) inside the write of its output; now the write fails with
+    EFBIG, its temporary is removed and the previous file stays."""
+    (tmp_path / "s.npz").write_bytes(b"previous")
+    r = _limited(resource.RLIMIT_FSIZE, 10 << 10, ["gen", "--ckpt", ckpt, "--engine", "torch", "-n", 64, "--steps", 2,
+                                                   "-q", "--out", "s.npz"], tmp_path)
+    line = _one_error_line(r)
+    assert "file-size limit" in line and "ulimit -f 10" in line and "s.npz" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+    assert (tmp_path / "s.npz").read_bytes() == b"previous"
+
+
+@pytest.mark.parametrize("raised", [
+    MemoryError(),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)"),
+    OSError(errno.EMFILE, "Too many open files"),
+    OSError(errno.EFBIG, "File too large"),
+])
+def test_limits_while_writing_are_one_line(ckpt, tmp_path, monkeypatch, raised):
+    """Out of memory, too many open files, file too large, wherever they strike (here: inside the writer of the
+    output): one line that names the limit, the earlier file kept, no temporary."""
+    out = tmp_path / "g.png"
+    out.write_bytes(b"previous")
+
+    def write(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise raised
+
+    real = files.atomic_write
+    monkeypatch.setattr(files, "atomic_write", lambda path, _: real(path, write))
+    r = invoke("gen", "--ckpt", ckpt, "--engine", "torch", "-n", 2, "--steps", 2, "-q", "--out", out)
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("Error")]
+    assert len(lines) == 1, r.output
+    assert ("ulimit" in lines[0] or "out of memory" in lines[0]), lines[0]
+    assert out.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["g.png"]
+
+
+def test_limit_messages_name_the_limit(monkeypatch):
+    import ddpm.errors as errors
+    from ddpm.errors import limit_message
+
+    limits = {"AS": 400000 << 10, "DATA": None, "NOFILE": 64, "FSIZE": 10 << 10}
+    monkeypatch.setattr(errors, "_limit", lambda name: limits.get(name))
+    assert "ulimit -v 400000" in limit_message(MemoryError())
+    assert "ulimit -v 400000" in limit_message(type("RuntimeException", (Exception,), {"__module__": "onnxruntime.x"})(
+        "Non-zero status code returned while running Concat node. Status Message: std::bad_alloc"))
+    assert "ulimit -v" in limit_message(ImportError("libfoo.so: failed to map segment from shared object"))
+    assert "ulimit -n 64" in limit_message(OSError(errno.EMFILE, "Too many open files"))
+    assert "ulimit -f 10" in limit_message(OSError(errno.EFBIG, "File too large"))
+    try:   # found through the exceptions an error was raised from
+        try:
+            raise OSError(errno.EMFILE, "Too many open files")
+        except OSError:
+            raise ValueError("cannot read") from None
+    except ValueError as e:
+        assert "ulimit -n" in limit_message(e)
+    limits["AS"] = None
+    assert "out of memory" in limit_message(MemoryError()) and "ulimit" not in limit_message(MemoryError())
+    for other in (ValueError("bad"), RuntimeError("shape mismatch"), OSError(errno.ENOENT, "No such file"),
+                  ImportError("No module named x")):
+        assert limit_message(other) is None

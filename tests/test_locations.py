@@ -1,0 +1,151 @@
+"""Where files go: one rule (locations.py, the XDG spec) for every location the package picks itself, and every path
+the OS can name works, UTF-8 or not; `export --web` says why npm could not fetch onnxruntime-web, at once."""
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ddpm import api
+from ddpm.export import web
+from ddpm.train.data import default_data_dir
+from conftest import make_fake_mnist
+from helpers import invoke, tiny_checkpoint
+
+
+def _locations():
+    from ddpm.locations import user_dir
+
+    return {"exports": api.cache_dir(), "mnist": default_data_dir(), "npm": web.cache_dir(),
+            "config": user_dir("config")}
+
+
+@pytest.mark.parametrize("value", ["", "relative/cache", "."])
+def test_an_empty_or_relative_xdg_variable_is_ignored_everywhere(tmp_path, monkeypatch, value):
+    """$XDG_CACHE_HOME="" (or relative) put MNIST and the npm cache under ./ddpm/ of the working folder while exports
+    went to ~/.cache: now every location falls back to ~/.cache (~/.config), as the spec says."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", value)
+    monkeypatch.setenv("XDG_CONFIG_HOME", value)
+    got = _locations()
+    assert got == {"exports": home / ".cache" / "ddpm", "mnist": home / ".cache" / "ddpm" / "mnist",
+                   "npm": home / ".cache" / "ddpm" / "npm", "config": home / ".config" / "ddpm"}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))   # an absolute one is used, by every location
+    got = _locations()
+    assert got["exports"] == tmp_path / "xdg" / "ddpm" and got["mnist"].parent == got["npm"].parent == got["exports"]
+
+
+def test_an_empty_home_is_not_the_working_folder(tmp_path, monkeypatch):
+    import pwd
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    for value in ("", "relative"):
+        monkeypatch.setenv("HOME", value)
+        assert all(p.is_absolute() for p in _locations().values())
+        assert api.cache_dir() == Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "ddpm"
+
+
+def test_exports_follow_the_rule_through_the_cli(tmp_path, monkeypatch):
+    """The first onnx use of a checkpoint exports it into the cache: under ~/.cache with a relative
+    $XDG_CACHE_HOME, never under the working folder."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    tiny_checkpoint(ck)
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    r = invoke("gen", "--ckpt", ck, "--engine", "onnx", "-n", 2, "--steps", 2, "-q", "--out", tmp_path / "g.png",
+               env={"XDG_CACHE_HOME": "cache", "HOME": str(home)})
+    assert r.exit_code == 0, r.output
+    assert list(work.iterdir()) == [] and (home / ".cache" / "ddpm" / "exports").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------- non-UTF-8 paths
+def test_paths_that_are_not_utf8_work_through_the_cli(tmp_path):
+    """A folder named in bytes that are not UTF-8 (Latin-1 "dé", here): --data, --out, --ckpt, --export, --json
+    and $XDG_CACHE_HOME; PyTorch, safetensors and onnxruntime pass names to C++/Rust as UTF-8, and failed."""
+    base = os.fsencode(tmp_path) + b"/d\xe9"
+    os.mkdir(base)
+    make_fake_mnist(Path(os.fsdecode(base + b"/data")), n=64)
+    env = {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items()}
+    env.update({b"OMP_NUM_THREADS": b"1", b"XDG_CACHE_HOME": base + b"/cache"})
+    steps = [
+        [b"train", b"--data", base + b"/data", b"--out", base + b"/run", b"--preset", b"tiny", b"--timesteps", b"20",
+         b"--batch", b"8", b"--steps", b"2", b"--ckpt-every", b"2", b"--device", b"cpu", b"--warmup", b"1"],
+        [b"gen", b"--ckpt", base + b"/run", b"--engine", b"torch", b"-n", b"2", b"--steps", b"2", b"-q", b"--out",
+         base + b"/g.png"],
+        [b"export", b"--ckpt", base + b"/run", b"--out", base + b"/exp", b"--generator", b"--steps", b"2"],
+        [b"gen", b"--ckpt", base + b"/run", b"--export", base + b"/exp", b"--engine", b"onnx", b"-n", b"4",
+         b"--steps", b"2", b"-q", b"--out", base + b"/g.npz"],
+        [b"gen", b"--ckpt", base + b"/run", b"--engine", b"onnx", b"-n", b"2", b"--steps", b"2", b"-q", b"--out",
+         base + b"/cached.npz"],   # exported into $XDG_CACHE_HOME on first use
+        [b"eval", b"--samples", base + b"/g.npz", b"--data", base + b"/data", b"--json", base + b"/q.json"],
+    ]
+    for args in steps:
+        r = subprocess.run([os.fsencode(Path(sys.executable).with_name("ddpm")), *args], capture_output=True,
+                           env=env, timeout=600)
+        assert r.returncode == 0, (args[0], r.stderr.decode(errors="replace")[-2000:])
+    names = set(os.listdir(base))
+    assert {b"run", b"g.png", b"exp", b"g.npz", b"cached.npz", b"q.json", b"cache"} <= names
+    assert b"options.json" in os.listdir(base + b"/run") and b"generator.onnx" in os.listdir(base + b"/exp")
+    assert os.listdir(base + b"/cache/ddpm/exports")
+
+
+# ---------------------------------------------------------------------------------------------------- npm
+def _fake_npm(folder: Path, stderr: str, code: int = 1) -> Path:
+    """An `npm` that prints `stderr` and exits with `code`, counting its calls in folder/calls."""
+    folder.mkdir(exist_ok=True)
+    script = folder / "npm"
+    script.write_text(f"#!/bin/sh\necho x >> '{folder}/calls'\ncat >&2 <<'EOF'\n{stderr}\nEOF\nexit {code}\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return folder
+
+
+OFFLINE = """npm error code ENOTFOUND
+npm error syscall getaddrinfo
+npm error errno ENOTFOUND
+npm error network request to https://registry.npmjs.org/onnxruntime-web failed, reason: getaddrinfo ENOTFOUND registry.npmjs.org
+npm error network This is a problem related to network connectivity."""
+
+
+@pytest.mark.parametrize("stderr, says, calls", [
+    (OFFLINE, "cannot be resolved (offline", 1),                  # no retry: it would fail the same way
+    (OFFLINE.replace("ENOTFOUND", "ECONNRESET"), "was reset", 2),  # a reset may not happen again: one retry
+    ("npm error code E404\nnpm error 404 Not Found - GET https://registry.npmjs.org/onnxruntime-web", "no such package",
+     1),
+    ("", "npm exited with status 1 and said nothing", 1),
+    ("something odd happened", "something odd happened", 1),
+])
+def test_npm_failure_says_why_in_one_line(tmp_path, monkeypatch, stderr, says, calls):
+    bin_dir = _fake_npm(tmp_path / "bin", stderr)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(web.WebExportError) as e:
+        web.ort_web_tarball(log=lambda *_: None)
+    message = str(e.value)
+    assert says in message and "--ort-web" in message and "\n" not in message, message
+    assert len((bin_dir / "calls").read_text().split()) == calls
+    assert list((tmp_path / "cache" / "ddpm" / "npm").iterdir()) == []   # nothing left in the cache
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
+def test_npm_offline_fails_fast_and_says_why(tmp_path, monkeypatch):
+    """The real npm, with a registry that refuses connections (as offline): npm's own retries took over a minute
+    and --silent hid the reason."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("npm_config_registry", "http://127.0.0.1:9/")
+    monkeypatch.setenv("npm_config_cache", str(tmp_path / "npm-cache"))   # nothing cached can answer
+    t = time.monotonic()
+    with pytest.raises(web.WebExportError) as e:
+        web.ort_web_tarball(log=lambda *_: None)
+    assert time.monotonic() - t < 30
+    assert "refused the connection" in str(e.value) and "127.0.0.1:9" in str(e.value), str(e.value)
