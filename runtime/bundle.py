@@ -24,6 +24,14 @@ EXPORT_FORMAT = "ddpm-export"
 META_FILE = "export.json"
 PRECISIONS = ("fp32", "fp16")
 _SHA256 = Str(pattern=r"[0-9a-f]{64}", what="a sha256 (64 hex digits)")
+# a plain file name inside the folder: no separator, not hidden (so never "..")
+_ONNX_NAME = Str(pattern=r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.onnx", what="an .onnx file name in the folder")
+MAX_META_BYTES = 32 << 20   # export.json: about 5 MB at the largest T a model config allows (model.config.MAX_T)
+MAX_ONNX_BYTES = 4 << 30    # an ONNX file: the largest model a config allows (model.config.MAX_PARAMS) is ~1 GiB
+# export.json's "generator" (export/generator.py add_generator): what the runtime, the CLI and the web page read
+GENERATOR = Obj({"name": _ONNX_NAME, "sha256": _SHA256, "bytes": Int(min=1, max=MAX_ONNX_BYTES),
+                 "plan": Str(), "plan_key": Str(), "steps": Int(min=1), "form": Str(choices=("loop", "unrolled"))},
+                what="a generator record (an object)")
 # export.json: what a runtime reads from it (schema.py); T fixes the length of the schedule tables
 META = Schema("ddpm export metadata (export.json)", {
     "format": Const(EXPORT_FORMAT),
@@ -36,10 +44,9 @@ META = Schema("ddpm export metadata (export.json)", {
     "T": Int(min=2, dim="T"),
     "betas": List(Num(min=0, max=1, min_open=True), length="T"),
     "alphas_cumprod": List(Num(min=0, max=1, min_open=True), length="T"),
-    "files": Map(Obj({"name": Str(pattern=r"[A-Za-z0-9_.-]+\.onnx", what="an .onnx file name"),
-                      "sha256": _SHA256, "bytes": Int(min=1)}),
+    "files": Map(Obj({"name": _ONNX_NAME, "sha256": _SHA256, "bytes": Int(min=1, max=MAX_ONNX_BYTES)}),
                  keys=Str(choices=PRECISIONS), min_len=1, what="an object of precision -> ONNX file"),
-}, hint="the folder is damaged or from another version; re-run `ddpm export`")
+}, optional={"generator": GENERATOR}, hint="the folder is damaged or from another version; re-run `ddpm export`")
 
 
 class ExportError(DdpmError):
@@ -52,6 +59,46 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _tensors(graph):
+    """Every TensorProto of an onnx GraphProto: initializers, sparse initializers, node attributes, subgraphs."""
+    yield from graph.initializer
+    for sp in graph.sparse_initializer:
+        yield sp.values
+        yield sp.indices
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("g"):
+                yield from _tensors(a.g)
+            for g in a.graphs:
+                yield from _tensors(g)
+
+
+def check_external_data(path: Path, root: Path | None = None, redo: str = "ddpm export") -> None:
+    """ExportError unless every tensor that the ONNX file `path` stores outside itself (external data) is a relative
+    location naming a regular file inside `root` (default: the file's folder), links resolved. Needs the onnx
+    package; without it nothing is checked here (onnxruntime refuses such files itself when it loads them)."""
+    try:
+        import onnx
+    except ImportError:
+        return
+    root = (root or path.parent).resolve()
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:   # onnx raises protobuf's and its own types for files that are not ONNX
+        raise ExportError(f"{path} is not a readable ONNX file ({type(e).__name__}); re-run `{redo}`") from None
+    for t in _tensors(model.graph):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        target = (path.parent / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(root) or not target.is_file():
+            raise ExportError(f"{path}: the data of tensor {t.name!r} is stored at {location!r}, which is not a file "
+                              f"inside the export folder; re-run `{redo}`")
 
 
 @dataclass
@@ -72,8 +119,12 @@ class Bundle:
         if not meta_path.is_file():
             raise ExportError(f"{root} is not an export folder (no {META_FILE}); create one with `ddpm export`")
         try:
+            size = meta_path.stat().st_size
+            if size > MAX_META_BYTES:
+                raise ExportError(f"{meta_path} holds {size >> 20} MiB, more than an export's metadata ever does "
+                                  f"({MAX_META_BYTES >> 20} MiB); re-run `ddpm export`")
             meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise ExportError(f"{meta_path} is unreadable ({e}); re-run `ddpm export`") from None
         META.check(meta, meta_path, ExportError)
         cls._check_consistent(meta_path, meta)
@@ -116,13 +167,7 @@ class Bundle:
         if precision not in files:
             raise ExportError(f"{self.root} has no {precision} model (exported: {', '.join(files)}); "
                               f"re-run `ddpm export{' --fp16' if precision == 'fp16' else ''}`")
-        path = self.root / files[precision]["name"]
-        if not path.is_file():
-            raise ExportError(f"{path} is missing; re-run `ddpm export`")
-        if file_sha256(path) != files[precision]["sha256"]:
-            raise ExportError(f"{path} is corrupted or truncated (its sha256 differs from export.json); "
-                              f"re-run `ddpm export`")
-        return path
+        return self._member(files[precision], "ddpm export" + (" --fp16" if precision == "fp16" else ""))
 
     @property
     def generator(self) -> dict | None:
@@ -138,10 +183,22 @@ class Bundle:
         if plan_key is not None and gen["plan_key"] != plan_key:
             raise ExportError(f"{self.root}/{gen['name']} runs {gen['plan']}, not the plan asked for; re-run "
                               f"`ddpm export --generator` with that sampler and --steps")
-        path = self.root / gen["name"]
+        return self._member(gen, "ddpm export --generator")
+
+    def _member(self, entry: dict, redo: str) -> Path:
+        """The ONNX file of an export.json entry (name, sha256, bytes), checked: a regular file that resolves inside
+        the folder (no link out of it), of the recorded sha256, whose external data (if any) lies inside
+        the folder too. ExportError otherwise; `redo`: the command that writes it again."""
+        path = self.root / entry["name"]
+        root = self.root.resolve()
         if not path.is_file():
-            raise ExportError(f"{path} is missing; re-run `ddpm export --generator`")
-        if file_sha256(path) != gen["sha256"]:
+            raise ExportError(f"{path} is missing; re-run `{redo}`")
+        real = path.resolve()
+        if real.parent != root:
+            raise ExportError(f"{path} leads outside its export folder (to {real}); an export folder holds its own "
+                              f"files: re-run `{redo}`")
+        if file_sha256(real) != entry["sha256"]:
             raise ExportError(f"{path} is corrupted or truncated (its sha256 differs from export.json); "
-                              f"re-run `ddpm export --generator`")
+                              f"re-run `{redo}`")
+        check_external_data(real, root, redo)
         return path

@@ -108,3 +108,106 @@ def test_md5_is_computed_once_per_file_version(fake_mnist, tmp_path, monkeypatch
     load_mnist(folder, "train")
     assert len(hashed) == 3
     assert (data.default_data_dir().parent / data.CHECKS_FILE).is_file()
+
+
+# ---------------------------------------------------------------------------------------------- kind 2: exports
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny model's export folder with the generator.onnx of `gen --sampler ddim --steps 4`."""
+    from helpers import tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("exp")
+    tiny_checkpoint(root, seed=3)
+    r = invoke("export", "--ckpt", root / "model.safetensors", "--out", root / "exp", "--generator", "--sampler",
+               "ddim", "--steps", 4)
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def _copy(exported, tmp_path):
+    shutil.copytree(exported, tmp_path / "m")
+    return tmp_path / "m", tmp_path / "m" / "exp"
+
+
+def _edit_meta(exp, change):
+    import json
+
+    meta = json.loads((exp / "export.json").read_text())
+    change(meta)
+    (exp / "export.json").write_text(json.dumps(meta))
+
+
+def _gen(root, *engine):
+    return invoke("gen", "--ckpt", root / "model.safetensors", "--export", root / "exp", *engine,
+                  "--sampler", "ddim", "--steps", 4, "-n", 2, "--out", root / "o.npz")
+
+
+def test_export_files_outside_the_folder_are_refused(exported, tmp_path):
+    """A file named in export.json that lies outside the folder (by its name or through a link) is never run,
+    even when its sha256 and size are recorded correctly."""
+    from ddpm.runtime.bundle import Bundle, ExportError
+
+    root, exp = _copy(exported, tmp_path)
+    assert _gen(root, "--engine", "onnx-generator").exit_code == 0
+    shutil.move(exp / "generator.onnx", root / "x.onnx")
+    _edit_meta(exp, lambda m: m["generator"].update(name="../x.onnx"))
+    line = one_line_error(_gen(root, "--engine", "onnx-generator"))
+    assert "generator.name" in line and "../x.onnx" in line, line
+    _edit_meta(exp, lambda m: m["generator"].update(name="generator.onnx"))
+    (exp / "generator.onnx").symlink_to(root / "x.onnx")
+    line = one_line_error(_gen(root, "--engine", "onnx-generator"))
+    assert "leads outside its export folder" in line, line
+    shutil.move(exp / "model.onnx", root / "m.onnx")
+    (exp / "model.onnx").symlink_to(root / "m.onnx")
+    with pytest.raises(ExportError, match="leads outside"):
+        Bundle.load(exp).onnx_path("fp32")
+    assert "leads outside" in one_line_error(_gen(root, "--engine", "onnx"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda g: g.pop("plan_key"), "generator lacks 'plan_key'"),
+    (lambda g: g.update(form=None), "generator.form must be one of"),
+    (lambda g: g.update(plan=["x"]), "generator.plan must be a string"),
+    (lambda g: g.update(sha256=7), "generator.sha256 must be a sha256"),
+    (lambda g: g.clear(), "generator lacks 'name'"),
+])
+def test_malformed_generator_entry_is_one_line(exported, tmp_path, change, message):
+    root, exp = _copy(exported, tmp_path)
+    _edit_meta(exp, lambda m: change(m["generator"]))
+    assert message in one_line_error(_gen(root, "--engine", "onnx-generator"))
+
+
+def test_onnx_external_data_outside_the_folder(exported, tmp_path):
+    """model.onnx whose weights are stored in a file outside the folder: refused when the folder is read (every
+    engine and the generator export read their ONNX files through it), and by onnxruntime itself."""
+    import onnx
+
+    from ddpm.export.generator import add_generator
+    from ddpm.runtime.bundle import Bundle, ExportError, file_sha256
+    from ddpm.runtime.samplers import ddim_plan
+
+    root, exp = _copy(exported, tmp_path)
+
+    def externalise(name, entry):   # weights moved to ../NAME.bin, the file's sha256 and size recorded anew
+        path = exp / name
+        onnx.save(onnx.load(str(path)), str(path), save_as_external_data=True, location=f"{name}.bin",
+                  size_threshold=0)
+        shutil.move(exp / f"{name}.bin", root / f"{name}.bin")
+        model = onnx.load(str(path), load_external_data=False)
+        for t in model.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = f"../{name}.bin"
+        onnx.save(model, str(path))
+        _edit_meta(exp, lambda m: entry(m).update(sha256=file_sha256(path), bytes=path.stat().st_size))
+
+    externalise("model.onnx", lambda m: m["files"]["fp32"])
+    with pytest.raises(ExportError, match="not a file inside the export folder"):
+        Bundle.load(exp).onnx_path("fp32")
+    with pytest.raises(ExportError, match="not a file inside the export folder"):
+        add_generator(exp, ddim_plan(Bundle.load(exp).schedule, 5), 2.0, log=lambda *_: None)
+    assert "model.onnx" in one_line_error(_gen(root, "--engine", "onnx"))
+    externalise("generator.onnx", lambda m: m["generator"])
+    with pytest.raises(ExportError, match="not a file inside the export folder"):
+        Bundle.load(exp).generator_path()
+    assert "generator.onnx" in one_line_error(_gen(root, "--engine", "onnx-generator"))
