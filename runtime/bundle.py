@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import DdpmError
 from ..schema import Any, Const, Int, List, Map, Num, Obj, Schema, Str
-from .schedule import Schedule
+from .schedule import MAX_T, Schedule
 
 EXPORT_FORMAT = "ddpm-export"
 META_FILE = "export.json"
@@ -41,7 +41,7 @@ META = Schema("ddpm export metadata (export.json)", {
     "num_classes": Int(min=1),
     "null_label": Int(min=0),
     "schedule": Str(choices=("linear", "cosine")),
-    "T": Int(min=2, dim="T"),
+    "T": Int(min=2, max=MAX_T, dim="T"),
     "betas": List(Num(min=0, max=1, min_open=True), length="T"),
     "alphas_cumprod": List(Num(min=0, max=1, min_open=True), length="T"),
     "files": Map(Obj({"name": _ONNX_NAME, "sha256": _SHA256, "bytes": Int(min=1, max=MAX_ONNX_BYTES)}),

@@ -211,3 +211,150 @@ def test_onnx_external_data_outside_the_folder(exported, tmp_path):
     with pytest.raises(ExportError, match="not a file inside the export folder"):
         Bundle.load(exp).generator_path()
     assert "generator.onnx" in one_line_error(_gen(root, "--engine", "onnx-generator"))
+
+
+# ------------------------------------------------------------------------------------------------- kind 3: sizes
+def never_built(monkeypatch):
+    """From now on building a UNet (or a schedule) fails the test: what a file declares must be refused before that."""
+    import ddpm.model.unet as unet
+    from ddpm.runtime.schedule import Schedule
+
+    def refuse(*a, **k):
+        raise AssertionError("a network or schedule was built from a file that should have been refused")
+
+    monkeypatch.setattr(unet.UNet, "__init__", refuse)
+    monkeypatch.setattr(Schedule, "make", classmethod(refuse))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(base_channels=16384), "base_channels must be an integer in 2..4096"),
+    (dict(base_channels=2048, groups=8), "more than the 268 M a model may have"),
+    (dict(base_channels=512), "weights do not fit the stored config"),
+    (dict(image_size=1024, channel_mults=[1]), "MiB of activations per image"),
+    (dict(timesteps=10**9), "timesteps must be an integer in 2..100000"),
+    (dict(num_classes=10**9), "num_classes must be an integer in 1..100000"),
+])
+def test_model_sizes_are_checked_before_building(tmp_path, monkeypatch, change, message):
+    """A 177 KB model.safetensors whose config describes a huge network (or schedule) is refused from its config and
+    its weights' shapes, before anything is built or allocated from them: one line."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ddpm.model.io import CheckpointError, load_model, read_model_info
+    from helpers import TINY, randomised_unet
+    from ddpm.model.io import save_model
+
+    save_model(tmp_path / "t.safetensors", TINY, randomised_unet().state_dict())
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+        meta = f.metadata()
+    cfg = dict(json.loads(meta["config"]), **change)
+    (tmp_path / "m").mkdir()
+    save_file(load_file(str(tmp_path / "t.safetensors")), str(tmp_path / "m" / "model.safetensors"),
+              metadata=dict(meta, config=json.dumps(cfg)))
+    never_built(monkeypatch)
+    for load in (load_model, read_model_info):
+        with pytest.raises(CheckpointError, match=message):
+            load(tmp_path / "m")
+    line = one_line_error(invoke("gen", "--ckpt", tmp_path / "m", "--engine", "torch", "-n", 1, "--steps", 2,
+                                 "--out", tmp_path / "x.png"))
+    assert message in line, line
+
+
+def test_param_count_is_the_networks(tmp_path):
+    """model.config.param_count (what the size check uses) counts exactly the parameters of the network built."""
+    import dataclasses
+
+    from ddpm.model import PRESETS, UNet
+    from ddpm.model.config import param_count
+
+    cfgs = list(PRESETS.values()) + [dataclasses.replace(PRESETS["tiny"], channel_mults=(1, 3, 2), num_res_blocks=0,
+                                                         attention=False, num_classes=3, in_channels=2)]
+    for cfg in cfgs:
+        assert param_count(cfg) == sum(p.numel() for p in UNet(cfg).parameters()), cfg
+
+
+def test_compressed_checkpoint_member_is_refused(tmp_path):
+    """torch.save writes a ckpt.pt uncompressed: a deflated member (which could inflate far beyond the file) is
+    refused from the archive's directory before torch reads it."""
+    import zipfile
+
+    from ddpm.model.io import CheckpointError, load_checkpoint
+    from ddpm.train.loop import TrainConfig, train
+
+    train(TrainConfig(data=str(make_fake(tmp_path)), out=str(tmp_path / "r"), preset="tiny", steps=1, device="cpu",
+                      batch_size=8), progress=False, log=lambda *_: None)
+    ckpt = tmp_path / "r" / "ckpt.pt"
+    load_checkpoint(ckpt)
+    with zipfile.ZipFile(ckpt) as src, zipfile.ZipFile(tmp_path / "z.pt", "w", zipfile.ZIP_DEFLATED) as dst:
+        for m in src.infolist():
+            dst.writestr(m.filename, src.read(m))
+    with pytest.raises(CheckpointError, match="compressed"):
+        load_checkpoint(tmp_path / "z.pt")
+
+
+def make_fake(tmp_path):
+    from conftest import make_fake_mnist
+
+    return make_fake_mnist(tmp_path / "fake", n=64)
+
+
+def _npz(path, members):
+    """A zip holding .npy members written from (header dict, data bytes)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, (header, data) in members.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_2_0(f, header)
+                for lo in range(0, len(data), 1 << 24):
+                    f.write(data[lo:lo + (1 << 24)])
+
+
+@pytest.mark.parametrize("n_declared, n_held, message", [
+    (10**9, 10, "images declares"),          # a header that declares a billion images over ten
+    (64, 20_000, "images declares"),         # a member that inflates to far more than its header declares
+    (20_000, 20_000, "more than the 1 MiB"),  # as declared, but more than a samples file may hold (limit lowered)
+])
+def test_samples_file_sizes_are_checked_before_reading(tmp_path, monkeypatch, n_declared, n_held, message):
+    """A samples file's members are checked from their headers and the zip's directory (declared shape, the bytes it
+    implies, the member's size, the limit) before anything is inflated or allocated: one line, a few KB."""
+    import ddpm.samples as samples
+
+    monkeypatch.setattr(samples, "MAX_SAMPLES_BYTES", 1 << 20, raising=False)
+    path = tmp_path / "s.npz"
+    _npz(path, {"labels": ({"descr": "<i8", "fortran_order": False, "shape": (n_declared,)}, bytes(8 * n_held)),
+                "images": ({"descr": "|u1", "fortran_order": False, "shape": (n_declared, 28, 28)},
+                           bytes(784 * n_held))})
+    assert path.stat().st_size < 200_000
+
+    def read():
+        with pytest.raises(samples.SamplesError, match=message):
+            samples.read_samples(path)
+
+    assert traced_peak(read) < 1 << 20
+    assert message in one_line_error(invoke("eval", "--samples", path, "--data", tmp_path / "nodata"))
+
+
+@pytest.mark.parametrize("dims, body, message", [
+    ((10**6, 10**4, 10**4), 0, "more than the 2048 MiB"),      # a header that declares 100 TB
+    ((1, 28, 28), 64 * MiB, "trailing garbage"),               # 60 KB of gzip that inflates to 64 MB
+])
+def test_idx_sizes_are_checked_before_inflating(tmp_path, dims, body, message):
+    """An IDX file's header is checked against the limit before anything is inflated, and no more is inflated than
+    it declares: one line, a few MB at most, however much the file would inflate to."""
+    header = bytes([0, 0, 8, len(dims)]) + np.array(dims, dtype=">u4").tobytes()
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    z = gzip.GzipFile(path, "wb")
+    z.write(header + bytes(784))
+    for _ in range(body // MiB):
+        z.write(bytes(MiB))
+    z.close()
+    assert path.stat().st_size < 200_000
+
+    def read():
+        with pytest.raises(DataError, match=message):
+            read_idx(path)
+
+    assert traced_peak(read) < 4 * MiB

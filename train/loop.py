@@ -25,8 +25,8 @@ from ..errors import DdpmError, Interrupted
 from ..files import OutputError, check_writable, clean_stale, folder_lock, write_text
 from ..model import PRESETS, UNet
 from ..model.config import ModelConfig
-from ..model.io import (CKPT_FILE, MODEL_FILE, CheckpointError, load_checkpoint, read_weights, resolve_model_path,
-                        save_checkpoint, save_model)
+from ..model.io import (CKPT_FILE, MODEL_FILE, CheckpointError, check_fits, load_checkpoint, read_weights,
+                        resolve_model_path, save_checkpoint, save_model)
 from ..runtime.noise import check_seed
 from ..runtime.schedule import Schedule
 from . import dist
@@ -330,6 +330,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
         try:
             ckpt = load_checkpoint(out / CKPT_FILE)
             given = ModelConfig.from_dict(ckpt["model_config"]).validate()
+            for weights in ("ema", "model"):   # before a network is built from the config
+                check_fits(out / CKPT_FILE, given, ckpt[weights])
         except CheckpointError as e:
             raise TrainingError(f"--resume: {e}") from None
         except (TypeError, ValueError, KeyError) as e:
