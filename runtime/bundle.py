@@ -61,43 +61,106 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _tensors(graph):
-    """Every TensorProto of an onnx GraphProto: initializers, sparse initializers, node attributes, subgraphs."""
-    yield from graph.initializer
-    for sp in graph.sparse_initializer:
-        yield sp.values
-        yield sp.indices
-    for node in graph.node:
-        for a in node.attribute:
-            if a.HasField("t"):
-                yield a.t
-            yield from a.tensors
-            if a.HasField("g"):
-                yield from _tensors(a.g)
-            for g in a.graphs:
-                yield from _tensors(g)
+class _Proto:
+    """A minimal reader of protobuf's wire format, enough to walk an ONNX file's messages without the onnx package
+    (whose import alone costs seconds) and without copying the weights: `fields(lo, hi)` yields (field number, wire
+    type, value) with value an int (varints, fixed widths) or the (lo, hi) span of a length-delimited field."""
+
+    def __init__(self, buf: bytes):
+        self.buf = buf
+
+    def _varint(self, i: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            if i >= len(self.buf) or shift > 63:
+                raise ValueError("truncated or malformed varint")
+            b = self.buf[i]
+            value |= (b & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if b < 0x80:
+                return value, i
+
+    def fields(self, lo: int, hi: int):
+        i = lo
+        while i < hi:
+            key, i = self._varint(i)
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                value, i = self._varint(i)
+            elif wire == 1:
+                value, i = int.from_bytes(self.buf[i:i + 8], "little"), i + 8
+            elif wire == 5:
+                value, i = int.from_bytes(self.buf[i:i + 4], "little"), i + 4
+            elif wire == 2:
+                n, i = self._varint(i)
+                value, i = (i, i + n), i + n
+            else:
+                raise ValueError(f"unsupported wire type {wire}")
+            if i > hi:
+                raise ValueError("a field runs past its message")
+            yield field, wire, value
+
+
+# onnx.proto: the fields that lead to TensorProtos (message -> {field number: kind of the field's message})
+_ONNX_WALK = {
+    "model": {7: "graph", 20: "training", 25: "function"},
+    "training": {1: "graph", 2: "graph"},
+    "function": {7: "node"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+}
+_EXTERNAL = 1   # TensorProto.DataLocation.EXTERNAL
+
+
+def external_data(buf: bytes) -> list[tuple[str, str]]:
+    """(tensor name, location) of every tensor of an ONNX model (the file's bytes) whose data is stored outside the
+    file, in the graph, subgraphs, functions and training graphs. ValueError when the bytes are not protobuf."""
+    if b"location" not in buf:   # every external tensor names its file under the key "location": none here
+        return []
+    p, found = _Proto(buf), []
+
+    def walk(kind: str, lo: int, hi: int, depth: int) -> None:
+        if depth > 64:
+            raise ValueError("messages nested too deep")
+        if kind == "tensor":
+            name, location, external = "", None, False
+            for field, wire, value in p.fields(lo, hi):
+                if field == 8 and wire == 2:
+                    name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+                elif field == 13 and wire == 2:    # external_data: StringStringEntryProto {key = 1, value = 2}
+                    entry = {f: bytes(buf[v[0]:v[1]]).decode("utf-8", "replace")
+                             for f, w, v in p.fields(*value) if w == 2}
+                    external = True
+                    if entry.get(1) == "location":
+                        location = entry.get(2, "")
+                elif field == 14 and wire == 0 and value == _EXTERNAL:
+                    external = True
+            if external:
+                found.append((name, location or ""))
+            return
+        sub = _ONNX_WALK[kind]
+        for field, wire, value in p.fields(lo, hi):
+            if wire == 2 and field in sub:
+                walk(sub[field], *value, depth + 1)
+
+    walk("model", 0, len(buf), 0)
+    return found
 
 
 def check_external_data(path: Path, root: Path | None = None, redo: str = "ddpm export") -> None:
-    """ExportError unless every tensor that the ONNX file `path` stores outside itself (external data) is a relative
-    location naming a regular file inside `root` (default: the file's folder), links resolved. Needs the onnx
-    package; without it nothing is checked here (onnxruntime refuses such files itself when it loads them)."""
-    try:
-        import onnx
-    except ImportError:
-        return
+    """ExportError unless every tensor that the ONNX file `path` stores outside itself (external data) names, by a
+    relative location, a regular file inside `root` (default: the file's folder), links resolved."""
     root = (root or path.parent).resolve()
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:   # onnx raises protobuf's and its own types for files that are not ONNX
-        raise ExportError(f"{path} is not a readable ONNX file ({type(e).__name__}); re-run `{redo}`") from None
-    for t in _tensors(model.graph):
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        tensors = external_data(path.read_bytes())
+    except ValueError as e:
+        raise ExportError(f"{path} is not a readable ONNX file ({e}); re-run `{redo}`") from None
+    for name, location in tensors:
         target = (path.parent / location).resolve()
         if not location or Path(location).is_absolute() or not target.is_relative_to(root) or not target.is_file():
-            raise ExportError(f"{path}: the data of tensor {t.name!r} is stored at {location!r}, which is not a file "
+            raise ExportError(f"{path}: the data of tensor {name!r} is stored at {location!r}, which is not a file "
                               f"inside the export folder; re-run `{redo}`")
 
 

@@ -358,3 +358,21 @@ def test_idx_sizes_are_checked_before_inflating(tmp_path, dims, body, message):
             read_idx(path)
 
     assert traced_peak(read) < 4 * MiB
+
+
+def test_external_data_reader_agrees_with_onnx(exported, tmp_path):
+    """runtime.bundle.external_data (protobuf read without the onnx package) finds what onnx finds, in the graph
+    and in a Loop's body (generator.onnx)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    from ddpm.runtime.bundle import external_data
+
+    for name in ("model.onnx", "generator.onnx"):
+        path = tmp_path / name
+        shutil.copy(exported / "exp" / name, path)
+        assert external_data(path.read_bytes()) == []
+        onnx.save(onnx.load(str(path)), str(path), save_as_external_data=True, location="w.bin", size_threshold=0)
+        want = [(t.name, "w.bin") for t in _get_all_tensors(onnx.load(str(path), load_external_data=False))
+                if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert want and sorted(external_data(path.read_bytes())) == sorted(want)
