@@ -73,7 +73,8 @@ class ModelConfig:
 
 
 # The largest network a config may describe, checked before anything is built from it: far above the `large`
-# preset (6.1 M parameters, 2.7 MiB of activations per image by activation_bytes), far below what would exhaust a machine's memory.
+# preset (6.1 M parameters, 2.7 MiB of activations per image by activation_bytes), far below what would exhaust a
+# machine's memory.
 MAX_PARAMS = 1 << 28                 # 268 M parameters: 1 GiB of float32 weights
 MAX_ACTIVATION_BYTES = 1 << 30       # float32 activations of one image in one forward pass (activation_bytes)
 

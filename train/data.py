@@ -1,4 +1,10 @@
-"""MNIST from the four canonical IDX files (gzipped or not), with validation and an MD5-checked download."""
+"""MNIST from the four canonical IDX files (gzipped or not), with validation and an MD5-checked download.
+
+Every file read is recognised by the MD5 of its decompressed content (FILES; cached by path, size and mtime_ns in
+~/.cache/ddpm/mnist-checks.json, so a file is hashed once): MNIST's files in each other's places (train and test
+swapped) are refused, other IDX data is used with a one-line notice. An IDX header's sizes are checked against the
+file and MAX_IDX_BYTES before anything is decompressed, and nothing beyond what it declares is ever inflated.
+"""
 
 from __future__ import annotations
 
@@ -274,9 +280,9 @@ def _check_roles(split: str, paths: list[Path], names: tuple[str, str], found: l
                               "MNIST's own files")
     other = [p.name for p, got in zip(paths, found) if got is None]
     if other:
-        _notice(f"{paths[0].parent}: {' and '.join(other)} {'is' if len(other) == 1 else 'are'} not MNIST's own "
-                f"{split} file{'' if len(other) == 1 else 's'} (unknown MD5); using {'it' if len(other) == 1 else 'them'} "
-                f"as given")
+        one = len(other) == 1
+        _notice(f"{paths[0].parent}: {' and '.join(other)} {'is' if one else 'are'} not MNIST's own {split} "
+                f"file{'' if one else 's'} (unknown MD5); using {'it' if one else 'them'} as given")
 
 
 _MAX_DOWNLOAD = 64 << 20   # bytes read from a mirror (MNIST's largest .gz is 9.9 MB)

@@ -330,12 +330,16 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
         try:
             ckpt = load_checkpoint(out / CKPT_FILE)
             given = ModelConfig.from_dict(ckpt["model_config"]).validate()
-            for weights in ("ema", "model"):   # before a network is built from the config
-                check_fits(out / CKPT_FILE, given, ckpt[weights])
         except CheckpointError as e:
             raise TrainingError(f"--resume: {e}") from None
         except (TypeError, ValueError, KeyError) as e:
             raise TrainingError(f"--resume: {out / CKPT_FILE} holds an invalid model config ({e})") from None
+        try:
+            for weights in ("ema", "model"):   # before a network is built from the config
+                check_fits(out / CKPT_FILE, given, ckpt[weights])
+        except CheckpointError as e:
+            raise TrainingError(f"--resume: {out / CKPT_FILE} does not fit this model ({str(e).split(': ', 1)[1]}); "
+                                f"use an earlier checkpoint or start a new run") from None
         source = f"--resume: {out / CKPT_FILE}"
     elif cfg.init:
         try:
