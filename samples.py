@@ -12,6 +12,7 @@ file against SAMPLES (schema.py) and raises SamplesError, one line that says wha
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -34,24 +35,80 @@ class SamplesError(DdpmError):
     """A samples file that is unreadable or not what `ddpm gen --out x.npz` writes."""
 
 
+# The most a samples file may hold: 4 GiB of images (5 million digits; `ddpm eval` compares 10,000)
+MAX_SAMPLES_BYTES = 4 << 30
+
+
+class _Declared:
+    """What an .npy member's header declares (dtype, shape), checked against the schema before its data is read."""
+
+    def __init__(self, dtype, shape):
+        self.dtype, self.shape = dtype, shape
+
+
+_DECLARED = Schema(SAMPLES.what, {k: Array(v.dtypes, v.shape) for k, v in SAMPLES.fields.items()}, hint=SAMPLES.hint)
+
+
+def _declared(zf: zipfile.ZipFile, name: str) -> tuple[_Declared, int]:
+    """(declared dtype and shape, header length) of the member NAME.npy, read from its header alone."""
+    with zf.open(f"{name}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read is None:
+            raise ValueError(f"{name} is a .npy of version {version[0]}.{version[1]}, not 1.0 or 2.0")
+        shape, fortran, dtype = read(f, max_header_size=10000)
+        if dtype.hasobject or fortran:
+            raise ValueError(f"{name} is {'an object array' if dtype.hasobject else 'in Fortran order'}")
+        return _Declared(dtype, shape), f.tell()
+
+
 def read_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N,28,28) uint8, labels (N,) int64) of a samples file, checked against SAMPLES. Raises SamplesError."""
+    """(images (N,28,28) uint8, labels (N,) int64) of a samples file, checked against SAMPLES. Raises SamplesError.
+
+    Every member's header (dtype, shape) is checked against the schema, and the bytes it implies against the size
+    the zip declares for the member and against MAX_SAMPLES_BYTES, before any data is inflated or allocated."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
             magic = f.read(6)
-        obj = np.load(path, allow_pickle=False) if magic.startswith((b"PK", b"\x93NUMPY")) else None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise SamplesError(f"{path}: not a samples file (numpy cannot read it: {e}); {SAMPLES.hint}") from None
-    if obj is None:
-        raise SamplesError(f"{path}: not a samples file (not even an .npz, a zip of .npy arrays); {SAMPLES.hint}")
-    if not isinstance(obj, np.lib.npyio.NpzFile):
+    except OSError as e:
+        raise SamplesError(f"{path}: not a samples file (cannot read it: {e}); {SAMPLES.hint}") from None
+    if magic.startswith(b"\x93NUMPY"):
         raise SamplesError(f"{path}: not a samples file (a single .npy array, not images and labels); "
                            f"{SAMPLES.hint}")
+    if not magic.startswith(b"PK"):
+        raise SamplesError(f"{path}: not a samples file (not even an .npz, a zip of .npy arrays); {SAMPLES.hint}")
     try:
-        with obj:
-            data = {k: obj[k] for k in SAMPLES.fields if k in obj.files}
+        zf = zipfile.ZipFile(path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise SamplesError(f"{path}: not a samples file (numpy cannot read it: {e}); {SAMPLES.hint}") from None
+    try:
+        with zf:
+            names = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+            declared, total = {}, 0
+            for k in SAMPLES.fields:
+                if k in names:
+                    declared[k], header = _declared(zf, k)
+                    need = header + math.prod(declared[k].shape) * declared[k].dtype.itemsize
+                    if need != zf.getinfo(f"{k}.npy").file_size:
+                        raise ValueError(f"{k} declares {declared[k].shape} but its member holds "
+                                         f"{zf.getinfo(f'{k}.npy').file_size - header} bytes of data")
+                    total += need
+            _DECLARED.check(declared, path, SamplesError)
+            if total > MAX_SAMPLES_BYTES:
+                raise SamplesError(f"{path}: holds {total >> 20} MiB of samples, more than the "
+                                   f"{MAX_SAMPLES_BYTES >> 20} MiB read here; {SAMPLES.hint}")
+            from .runtime.generate import ensure_memory
+
+            try:
+                ensure_memory(total, f"reading {path}", "evaluate fewer samples (`ddpm gen -n`)")
+            except DdpmError as e:
+                raise SamplesError(str(e)) from None
+            data = {}
+            for k in declared:
+                with zf.open(f"{k}.npy") as f:
+                    data[k] = np.lib.format.read_array(f, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError) as e:
         raise SamplesError(f"{path}: not a samples file (damaged: {e}); {SAMPLES.hint}") from None
     SAMPLES.check(data, path, SamplesError)
     return data["images"], data["labels"].astype(np.int64)

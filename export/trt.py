@@ -61,12 +61,14 @@ def plan_paths(onnx_path: Path, min_batch: int, max_batch: int) -> tuple[Path, P
 
 def engine_files(onnx_path: Path) -> list[tuple[Path, dict]]:
     """Every engine built from this ONNX file in its folder: (engine file, its .plan.json contents), sorted by name.
-    Engines whose .plan.json is missing or unreadable are left out (they cannot be checked, so never reused)."""
+    Engines whose .plan.json is missing or unreadable, or either of which links outside the folder, are left out
+    (they cannot be checked, so never reused)."""
     name = re.compile(rf"{re.escape(onnx_path.stem)}_b\d+-\d+\.plan")
     found = []
     for plan in sorted(onnx_path.parent.glob(f"{onnx_path.stem}_b*.plan")):
         info = plan.with_suffix(".plan.json")
-        if not name.fullmatch(plan.name) or not info.is_file():
+        if not name.fullmatch(plan.name) or not info.is_file() \
+                or {plan.resolve().parent, info.resolve().parent} != {onnx_path.parent.resolve()}:   # links out
             continue
         try:
             meta = json.loads(info.read_text())

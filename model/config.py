@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..runtime.schedule import MAX_T
 from ..schema import Bool, Int, List, Num, Schema, Str
 
 
@@ -46,7 +47,9 @@ class ModelConfig:
         return cls(**d)
 
     def validate(self) -> "ModelConfig":
-        """The config itself if a UNet can be built from it; ValueError (one line) naming the first bad field."""
+        """The config itself if a UNet can be built from it; ValueError (one line) naming the first bad field, or the
+        size of a network over MAX_PARAMS parameters or MAX_ACTIVATION_BYTES of activations per image (checked from
+        the config alone, before anything is built)."""
         CONFIG.check(self.to_dict(), "model config", ValueError)
         if self.base_channels % 2:
             raise ValueError(f"base_channels must be even (the sinusoidal timestep embedding), got "
@@ -60,16 +63,75 @@ class ModelConfig:
             raise ValueError(f"unknown schedule {self.schedule!r} (linear or cosine)")
         if self.timesteps < 2:
             raise ValueError("timesteps must be >= 2")
+        if param_count(self) > MAX_PARAMS:
+            raise ValueError(f"a network of {param_count(self) / 1e6:.0f} M parameters, more than the "
+                             f"{MAX_PARAMS / 1e6:.0f} M a model may have here")
+        if activation_bytes(self) > MAX_ACTIVATION_BYTES:
+            raise ValueError(f"a network that needs {activation_bytes(self) >> 20} MiB of activations per image, more "
+                             f"than the {MAX_ACTIVATION_BYTES >> 20} MiB a model may need here")
         return self
 
 
-# What a stored config must hold (checkpoints, export.json): every field typed and in range.
+# The largest network a config may describe, checked before anything is built from it: far above the `large`
+# preset (6.1 M parameters, 2.7 MiB of activations per image by activation_bytes), far below what would exhaust a
+# machine's memory.
+MAX_PARAMS = 1 << 28                 # 268 M parameters: 1 GiB of float32 weights
+MAX_ACTIVATION_BYTES = 1 << 30       # float32 activations of one image in one forward pass (activation_bytes)
+
+# What a stored config must hold (checkpoints, export.json): every field typed and in range (each bound far above
+# any model of this project; MAX_PARAMS and MAX_ACTIVATION_BYTES bound their combination).
 CONFIG = Schema("model config", {
-    "image_size": Int(min=1), "in_channels": Int(min=1), "base_channels": Int(min=2),
-    "channel_mults": List(Int(min=1), min_len=1), "num_res_blocks": Int(min=0), "attention": Bool(),
-    "num_classes": Int(min=1), "dropout": Num(min=0, max=1, max_open=True), "groups": Int(min=1),
-    "schedule": Str(choices=("linear", "cosine")), "timesteps": Int(min=2),
+    "image_size": Int(min=1, max=1024), "in_channels": Int(min=1, max=64), "base_channels": Int(min=2, max=4096),
+    "channel_mults": List(Int(min=1, max=64), min_len=1), "num_res_blocks": Int(min=0, max=32), "attention": Bool(),
+    "num_classes": Int(min=1, max=100_000), "dropout": Num(min=0, max=1, max_open=True), "groups": Int(min=1),
+    "schedule": Str(choices=("linear", "cosine")), "timesteps": Int(min=2, max=MAX_T),
 })
+
+
+def _res_block_params(cin: int, cout: int, emb: int) -> int:
+    """model.unet.ResBlock: two GroupNorms, two 3x3 convolutions, the embedding projection, a 1x1 skip when
+    cin != cout."""
+    return 2 * cin + (9 * cin * cout + cout) + (emb * cout + cout) + 2 * cout + (9 * cout * cout + cout) \
+        + (cin * cout + cout if cin != cout else 0)
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """The number of parameters of model.unet.UNet(cfg), computed from the config alone (nothing is built)."""
+    ch, emb = cfg.base_channels, cfg.time_dim
+    n = (ch * emb + emb) + (emb * emb + emb) + (cfg.num_classes + 1) * emb + (9 * cfg.in_channels * ch + ch)
+    skips, cur = [ch], ch
+    for level, mult in enumerate(cfg.channel_mults):
+        for _ in range(cfg.num_res_blocks):
+            n += _res_block_params(cur, ch * mult, emb)
+            cur = ch * mult
+            skips.append(cur)
+        if level < len(cfg.channel_mults) - 1:
+            n += 9 * cur * cur + cur
+            skips.append(cur)
+    n += 2 * _res_block_params(cur, cur, emb)
+    if cfg.attention:
+        n += 2 * cur + (3 * cur * cur + 3 * cur) + (cur * cur + cur)
+    for level, mult in reversed(list(enumerate(cfg.channel_mults))):
+        for _ in range(cfg.num_res_blocks + 1):
+            n += _res_block_params(cur + skips.pop(), ch * mult, emb)
+            cur = ch * mult
+        if level > 0:
+            n += 9 * cur * cur + cur
+    return n + 2 * cur + (9 * cur * cfg.in_channels + cfg.in_channels)
+
+
+def activation_bytes(cfg: ModelConfig) -> int:
+    """An upper estimate of the float32 activations one image needs in one forward pass of UNet(cfg): the skips kept
+    for the up path, a few of the largest activations alive at once, and the attention matrix (HW x HW) at the
+    lowest resolution."""
+    ch, size = cfg.base_channels, cfg.image_size
+    widest, kept = 0, ch * size * size
+    for level, mult in enumerate(cfg.channel_mults):
+        side = size >> level
+        widest = max(widest, 2 * ch * mult * side * side)   # an up block's input: activation and skip together
+        kept += (cfg.num_res_blocks + 1) * ch * mult * side * side
+    low = (size >> (len(cfg.channel_mults) - 1)) ** 2
+    return 4 * (kept + 4 * widest + (low * low if cfg.attention else 0))
 
 # small: trains usefully on 2 CPU cores; large: for a GPU.
 PRESETS: dict[str, ModelConfig] = {

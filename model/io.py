@@ -116,6 +116,7 @@ def load_checkpoint(path: str | os.PathLike, schema: Schema = CKPT) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     torch = require_torch(f"reading {path.name}")
+    _check_archive(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for foreign/corrupt files
@@ -190,6 +191,37 @@ def _config(path: Path, cfg_dict) -> ModelConfig:
         raise CheckpointError(f"{path}: invalid model config ({e})") from None
 
 
+def check_fits(path: Path, cfg: ModelConfig, state: dict) -> None:
+    """CheckpointError unless the weights hold as many numbers as the network of `cfg` has parameters, checked from
+    the config alone before a network is built from it (a small file cannot make a large network be built)."""
+    from math import prod
+
+    from .config import param_count
+
+    held, want = sum(prod(tuple(t.shape)) for t in state.values()), param_count(cfg)
+    if held != want:
+        raise CheckpointError(f"{path}: weights do not fit the stored config (it describes a network of {want} "
+                              f"parameters, the file holds {held} numbers)")
+
+
+def _check_archive(path: Path) -> None:
+    """A ckpt.pt is a zip archive that torch.save writes uncompressed: refuse a compressed member (its declared size
+    could inflate far beyond the file) before torch reads any of it."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return   # not a zip (an old or foreign format): torch.load reports it
+    size = path.stat().st_size
+    for m in members:
+        if m.compress_type != zipfile.ZIP_STORED or m.file_size > size:
+            raise CheckpointError(f"{path}: member {m.filename} declares {m.file_size} bytes "
+                                  f"{'compressed' if m.compress_type != zipfile.ZIP_STORED else ''} in a file of "
+                                  f"{size}; not written by `ddpm train`".replace("  ", " "))
+
+
 def read_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
     """(config, EMA weights as torch tensors, info) from a model.safetensors, a ckpt.pt, or a run folder."""
     path = resolve_model_path(path)
@@ -200,7 +232,9 @@ def read_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
     else:
         ckpt = load_checkpoint(path, CKPT_WEIGHTS)
         state, cfg_dict, info = ckpt["ema"], ckpt["model_config"], {"step": ckpt["step"]}
-    return _config(path, cfg_dict), state, info
+    cfg = _config(path, cfg_dict)
+    check_fits(path, cfg, state)
+    return cfg, state, info
 
 
 def read_model_info(path: str | os.PathLike) -> tuple[ModelConfig, str, dict, Path]:
@@ -211,6 +245,7 @@ def read_model_info(path: str | os.PathLike) -> tuple[ModelConfig, str, dict, Pa
         meta, state = _read_safetensors(path, "np")
         cfg_dict, info = _parse_meta(path, meta)
         cfg = _config(path, cfg_dict)
+        check_fits(path, cfg, state)
         return cfg, weights_hash(cfg, state), info, path
     cfg, state, info = read_weights(path)
     return cfg, weights_hash(cfg, state), info, path

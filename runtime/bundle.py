@@ -18,12 +18,20 @@ from pathlib import Path
 
 from ..errors import DdpmError
 from ..schema import Any, Const, Int, List, Map, Num, Obj, Schema, Str
-from .schedule import Schedule
+from .schedule import MAX_T, Schedule
 
 EXPORT_FORMAT = "ddpm-export"
 META_FILE = "export.json"
 PRECISIONS = ("fp32", "fp16")
 _SHA256 = Str(pattern=r"[0-9a-f]{64}", what="a sha256 (64 hex digits)")
+# a plain file name inside the folder: no separator, not hidden (so never "..")
+_ONNX_NAME = Str(pattern=r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.onnx", what="an .onnx file name in the folder")
+MAX_META_BYTES = 32 << 20   # export.json: about 5 MB at the largest T a model config allows (model.config.MAX_T)
+MAX_ONNX_BYTES = 4 << 30    # an ONNX file: the largest model a config allows (model.config.MAX_PARAMS) is ~1 GiB
+# export.json's "generator" (export/generator.py add_generator): what the runtime, the CLI and the web page read
+GENERATOR = Obj({"name": _ONNX_NAME, "sha256": _SHA256, "bytes": Int(min=1, max=MAX_ONNX_BYTES),
+                 "plan": Str(), "plan_key": Str(), "steps": Int(min=1), "form": Str(choices=("loop", "unrolled"))},
+                what="a generator record (an object)")
 # export.json: what a runtime reads from it (schema.py); T fixes the length of the schedule tables
 META = Schema("ddpm export metadata (export.json)", {
     "format": Const(EXPORT_FORMAT),
@@ -33,13 +41,12 @@ META = Schema("ddpm export metadata (export.json)", {
     "num_classes": Int(min=1),
     "null_label": Int(min=0),
     "schedule": Str(choices=("linear", "cosine")),
-    "T": Int(min=2, dim="T"),
+    "T": Int(min=2, max=MAX_T, dim="T"),
     "betas": List(Num(min=0, max=1, min_open=True), length="T"),
     "alphas_cumprod": List(Num(min=0, max=1, min_open=True), length="T"),
-    "files": Map(Obj({"name": Str(pattern=r"[A-Za-z0-9_.-]+\.onnx", what="an .onnx file name"),
-                      "sha256": _SHA256, "bytes": Int(min=1)}),
+    "files": Map(Obj({"name": _ONNX_NAME, "sha256": _SHA256, "bytes": Int(min=1, max=MAX_ONNX_BYTES)}),
                  keys=Str(choices=PRECISIONS), min_len=1, what="an object of precision -> ONNX file"),
-}, hint="the folder is damaged or from another version; re-run `ddpm export`")
+}, optional={"generator": GENERATOR}, hint="the folder is damaged or from another version; re-run `ddpm export`")
 
 
 class ExportError(DdpmError):
@@ -52,6 +59,109 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+class _Proto:
+    """A minimal reader of protobuf's wire format, enough to walk an ONNX file's messages without the onnx package
+    (whose import alone costs seconds) and without copying the weights: `fields(lo, hi)` yields (field number, wire
+    type, value) with value an int (varints, fixed widths) or the (lo, hi) span of a length-delimited field."""
+
+    def __init__(self, buf: bytes):
+        self.buf = buf
+
+    def _varint(self, i: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            if i >= len(self.buf) or shift > 63:
+                raise ValueError("truncated or malformed varint")
+            b = self.buf[i]
+            value |= (b & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if b < 0x80:
+                return value, i
+
+    def fields(self, lo: int, hi: int):
+        i = lo
+        while i < hi:
+            key, i = self._varint(i)
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                value, i = self._varint(i)
+            elif wire == 1:
+                value, i = int.from_bytes(self.buf[i:i + 8], "little"), i + 8
+            elif wire == 5:
+                value, i = int.from_bytes(self.buf[i:i + 4], "little"), i + 4
+            elif wire == 2:
+                n, i = self._varint(i)
+                value, i = (i, i + n), i + n
+            else:
+                raise ValueError(f"unsupported wire type {wire}")
+            if i > hi:
+                raise ValueError("a field runs past its message")
+            yield field, wire, value
+
+
+# onnx.proto: the fields that lead to TensorProtos (message -> {field number: kind of the field's message})
+_ONNX_WALK = {
+    "model": {7: "graph", 20: "training", 25: "function"},
+    "training": {1: "graph", 2: "graph"},
+    "function": {7: "node"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+}
+_EXTERNAL = 1   # TensorProto.DataLocation.EXTERNAL
+
+
+def external_data(buf: bytes) -> list[tuple[str, str]]:
+    """(tensor name, location) of every tensor of an ONNX model (the file's bytes) whose data is stored outside the
+    file, in the graph, subgraphs, functions and training graphs. ValueError when the bytes are not protobuf."""
+    if b"location" not in buf:   # every external tensor names its file under the key "location": none here
+        return []
+    p, found = _Proto(buf), []
+
+    def walk(kind: str, lo: int, hi: int, depth: int) -> None:
+        if depth > 64:
+            raise ValueError("messages nested too deep")
+        if kind == "tensor":
+            name, location, external = "", None, False
+            for field, wire, value in p.fields(lo, hi):
+                if field == 8 and wire == 2:
+                    name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+                elif field == 13 and wire == 2:    # external_data: StringStringEntryProto {key = 1, value = 2}
+                    entry = {f: bytes(buf[v[0]:v[1]]).decode("utf-8", "replace")
+                             for f, w, v in p.fields(*value) if w == 2}
+                    external = True
+                    if entry.get(1) == "location":
+                        location = entry.get(2, "")
+                elif field == 14 and wire == 0 and value == _EXTERNAL:
+                    external = True
+            if external:
+                found.append((name, location or ""))
+            return
+        sub = _ONNX_WALK[kind]
+        for field, wire, value in p.fields(lo, hi):
+            if wire == 2 and field in sub:
+                walk(sub[field], *value, depth + 1)
+
+    walk("model", 0, len(buf), 0)
+    return found
+
+
+def check_external_data(path: Path, root: Path | None = None, redo: str = "ddpm export") -> None:
+    """ExportError unless every tensor that the ONNX file `path` stores outside itself (external data) names, by a
+    relative location, a regular file inside `root` (default: the file's folder), links resolved."""
+    root = (root or path.parent).resolve()
+    try:
+        tensors = external_data(path.read_bytes())
+    except ValueError as e:
+        raise ExportError(f"{path} is not a readable ONNX file ({e}); re-run `{redo}`") from None
+    for name, location in tensors:
+        target = (path.parent / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(root) or not target.is_file():
+            raise ExportError(f"{path}: the data of tensor {name!r} is stored at {location!r}, which is not a file "
+                              f"inside the export folder; re-run `{redo}`")
 
 
 @dataclass
@@ -72,8 +182,12 @@ class Bundle:
         if not meta_path.is_file():
             raise ExportError(f"{root} is not an export folder (no {META_FILE}); create one with `ddpm export`")
         try:
+            size = meta_path.stat().st_size
+            if size > MAX_META_BYTES:
+                raise ExportError(f"{meta_path} holds {size >> 20} MiB, more than an export's metadata ever does "
+                                  f"({MAX_META_BYTES >> 20} MiB); re-run `ddpm export`")
             meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise ExportError(f"{meta_path} is unreadable ({e}); re-run `ddpm export`") from None
         META.check(meta, meta_path, ExportError)
         cls._check_consistent(meta_path, meta)
@@ -116,13 +230,7 @@ class Bundle:
         if precision not in files:
             raise ExportError(f"{self.root} has no {precision} model (exported: {', '.join(files)}); "
                               f"re-run `ddpm export{' --fp16' if precision == 'fp16' else ''}`")
-        path = self.root / files[precision]["name"]
-        if not path.is_file():
-            raise ExportError(f"{path} is missing; re-run `ddpm export`")
-        if file_sha256(path) != files[precision]["sha256"]:
-            raise ExportError(f"{path} is corrupted or truncated (its sha256 differs from export.json); "
-                              f"re-run `ddpm export`")
-        return path
+        return self._member(files[precision], "ddpm export" + (" --fp16" if precision == "fp16" else ""))
 
     @property
     def generator(self) -> dict | None:
@@ -138,10 +246,22 @@ class Bundle:
         if plan_key is not None and gen["plan_key"] != plan_key:
             raise ExportError(f"{self.root}/{gen['name']} runs {gen['plan']}, not the plan asked for; re-run "
                               f"`ddpm export --generator` with that sampler and --steps")
-        path = self.root / gen["name"]
+        return self._member(gen, "ddpm export --generator")
+
+    def _member(self, entry: dict, redo: str) -> Path:
+        """The ONNX file of an export.json entry (name, sha256, bytes), checked: a regular file that resolves inside
+        the folder (no link out of it), of the recorded sha256, whose external data (if any) lies inside
+        the folder too. ExportError otherwise; `redo`: the command that writes it again."""
+        path = self.root / entry["name"]
+        root = self.root.resolve()
         if not path.is_file():
-            raise ExportError(f"{path} is missing; re-run `ddpm export --generator`")
-        if file_sha256(path) != gen["sha256"]:
+            raise ExportError(f"{path} is missing; re-run `{redo}`")
+        real = path.resolve()
+        if real.parent != root:
+            raise ExportError(f"{path} leads outside its export folder (to {real}); an export folder holds its own "
+                              f"files: re-run `{redo}`")
+        if file_sha256(real) != entry["sha256"]:
             raise ExportError(f"{path} is corrupted or truncated (its sha256 differs from export.json); "
-                              f"re-run `ddpm export --generator`")
+                              f"re-run `{redo}`")
+        check_external_data(real, root, redo)
         return path

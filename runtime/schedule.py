@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 SCHEDULES = ("linear", "cosine")
+MAX_T = 100_000   # diffusion steps: the tables are 13 float64 arrays of T (10 MB at this T; this project uses 1000)
 
 
 def make_betas(name: str, T: int) -> np.ndarray:
@@ -50,8 +51,8 @@ class Schedule:
 
     @classmethod
     def make(cls, name: str = "linear", T: int = 1000) -> "Schedule":
-        if T < 2:
-            raise ValueError("T must be >= 2")
+        if not 2 <= T <= MAX_T:
+            raise ValueError(f"T must be in 2..{MAX_T}, got {T}")
         betas = make_betas(name, T)
         alphas = 1.0 - betas
         ac = np.cumprod(alphas)

@@ -76,7 +76,7 @@ def test_schema_names_entry_and_dimension_source():
     ("config_not_json", "config is not JSON"),
     ("step_not_json", "step is not JSON"),
     ("groups0", "groups must be an integer >= 1, got 0"),
-    ("image_size_str", "image_size must be an integer >= 1, got '28'"),
+    ("image_size_str", "image_size must be an integer in 1..1024, got '28'"),
     ("config_list", "config must be a model config (an object), got a list"),
     ("nan_weights", "non-finite values"),
     ("missing_weight", "weights do not fit the stored config"),

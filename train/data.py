@@ -1,10 +1,19 @@
-"""MNIST from the four canonical IDX files (gzipped or not), with validation and an MD5-checked download."""
+"""MNIST from the four canonical IDX files (gzipped or not), with validation and an MD5-checked download.
+
+Every file read is recognised by the MD5 of its decompressed content (FILES; cached by path, size and mtime_ns in
+~/.cache/ddpm/mnist-checks.json, so a file is hashed once): MNIST's files in each other's places (train and test
+swapped) are refused, other IDX data is used with a one-line notice. An IDX header's sizes are checked against the
+file and MAX_IDX_BYTES before anything is decompressed, and nothing beyond what it declares is ever inflated.
+"""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import math
 import os
+import sys
 import urllib.error
 import urllib.request
 import zlib
@@ -59,30 +68,105 @@ SPLIT = Schema("MNIST split", {"images": Array(("uint8",), ("N", 28, 28)), "labe
                hint=FIX_HINT.replace("delete it", "delete the damaged file", 1))
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        raw = path.read_bytes()
-        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: cannot read ({e}); {FIX_HINT}") from None
+# The largest IDX file read: MNIST's largest is 47 MB (train images); a header that declares more is refused before
+# anything is decompressed or allocated.
+MAX_IDX_BYTES = 2 << 30
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class _Stream:
+    """The decompressed bytes of an IDX file (plain or gzip, also several concatenated gzip members), read on
+    demand: read(n) never produces more than n bytes, so a small file that inflates to gigabytes costs nothing
+    beyond what is asked for. The MD5 of everything read is kept (`md5`)."""
+
+    def __init__(self, f, name: str, hash: bool = True):
+        self.f, self.name, self.md5 = f, name, hashlib.md5() if hash else None
+        self.gzip = f.read(2) == _GZIP_MAGIC
+        f.seek(0)
+        self.z = zlib.decompressobj(wbits=31) if self.gzip else None
+        self.tail = b""   # compressed input read from the file and not yet consumed
+
+    def size(self) -> int | None:
+        """The total length for a plain file (its length on disk); None for gzip (known only once inflated)."""
+        if self.gzip:
+            return None
+        pos = self.f.tell()
+        end = self.f.seek(0, os.SEEK_END)
+        self.f.seek(pos)
+        return end
+
+    def read(self, n: int) -> bytes:
+        """Up to n bytes; fewer only at the end of the data. DataError for a damaged or truncated gzip stream."""
+        if not self.gzip:
+            out = self.f.read(n)
+            self._hash(out)
+            return out
+        out = bytearray()
+        try:
+            while len(out) < n:
+                if self.z.eof:   # a gzip member ended: another may follow (as gzip.decompress reads them all)
+                    rest = self.z.unused_data or self.f.read(1 << 16)
+                    rest = rest.lstrip(b"\x00")   # zero padding between members, as gzip allows
+                    while not rest:
+                        more = self.f.read(1 << 16)
+                        if not more:
+                            self._hash(out)
+                            return bytes(out)
+                        rest = more.lstrip(b"\x00")
+                    self.z, self.tail = zlib.decompressobj(wbits=31), rest
+                if not self.tail:
+                    self.tail = self.f.read(1 << 16)
+                    if not self.tail:
+                        raise DataError(f"{self.name}: cannot read (the compressed data stops before its end: "
+                                        f"truncated); {FIX_HINT}")
+                out += self.z.decompress(self.tail, n - len(out))
+                self.tail = self.z.unconsumed_tail
+        except zlib.error as e:
+            raise DataError(f"{self.name}: cannot read ({e}); {FIX_HINT}") from None
+        self._hash(out)
+        return bytes(out)
+
+    def _hash(self, data) -> None:
+        if self.md5 is not None:
+            self.md5.update(data)
+
+
+def _parse_stream(s: _Stream, name: str, limit: int = MAX_IDX_BYTES) -> np.ndarray:
+    """Parse an IDX file from a stream: the header first, its declared size checked against `limit` and, for a plain
+    file, against the file's length before the data is read; then exactly that much data, and nothing after it."""
+    head = s.read(4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
+        raise DataError(f"{name}: not an IDX file (bad magic number)")
+    dtype, ndim = _DTYPES.get(head[2]), head[3]
+    if dtype is None:
+        raise DataError(f"{name}: unknown IDX element type 0x{head[2]:02x}")
+    sizes = s.read(4 * ndim)
+    if ndim == 0 or len(sizes) < 4 * ndim:
+        raise DataError(f"{name}: IDX header truncated or has no dimensions")
+    dims = tuple(int(d) for d in np.frombuffer(sizes, dtype=">u4"))
+    expected = math.prod(dims) * np.dtype(dtype).itemsize
+    header = 4 + 4 * ndim
+    total = s.size()
+    if total is not None and total - header != expected:
+        body = total - header
+        raise DataError(f"{name}: IDX header says {dims} ({expected} bytes) but the file holds {body} bytes "
+                        f"({'truncated' if body < expected else 'trailing garbage'})")
+    if expected > limit:
+        raise DataError(f"{name}: IDX header says {dims} ({expected} bytes), more than the {limit >> 20} MiB an IDX "
+                        f"file may hold here")
+    data = s.read(expected)
+    if len(data) < expected:
+        raise DataError(f"{name}: IDX header says {dims} ({expected} bytes) but the file holds {len(data)} bytes "
+                        f"(truncated)")
+    if s.read(1):
+        raise DataError(f"{name}: IDX header says {dims} ({expected} bytes) but the file holds more "
+                        f"(trailing garbage)")
+    return np.frombuffer(data, dtype=dtype).reshape(dims).astype(np.dtype(dtype).newbyteorder("="))
 
 
 def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """Parse an IDX file's bytes: magic 00 00 <type> <ndim>, ndim big-endian uint32 sizes, then the data."""
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DataError(f"{name}: not an IDX file (bad magic number)")
-    dtype, ndim = _DTYPES.get(data[2]), data[3]
-    if dtype is None:
-        raise DataError(f"{name}: unknown IDX element type 0x{data[2]:02x}")
-    if ndim == 0 or len(data) < 4 + 4 * ndim:
-        raise DataError(f"{name}: IDX header truncated or has no dimensions")
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(dims, dtype=np.int64)) * np.dtype(dtype).itemsize
-    body = len(data) - 4 - 4 * ndim
-    if body != expected:
-        raise DataError(f"{name}: IDX header says {dims} ({expected} bytes) but the file holds {body} bytes "
-                        f"({'truncated' if body < expected else 'trailing garbage'})")
-    return np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim).reshape(dims).astype(np.dtype(dtype).newbyteorder("="))
+    return _parse_stream(_Stream(io.BytesIO(bytes(data)), name), name)
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -93,21 +177,118 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def find_file(data_dir: Path, name: str) -> Path | None:
+    """The file of MNIST's `name` in data_dir: NAME (uncompressed) when it exists, else NAME.gz, else None."""
     for cand in (data_dir / name, data_dir / f"{name}.gz"):
         if cand.is_file():
             return cand
     return None
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """An IDX file (plain or .gz) as an array; DataError saying what to do when it is damaged."""
-    path = Path(path)
+def _read(path: Path, limit: int = MAX_IDX_BYTES, hash: bool = True) -> tuple[np.ndarray, str | None]:
+    """(array, MD5 of the decompressed content or None when not `hash`) of an IDX file; DataError saying what to do
+    when it is damaged."""
     try:
-        return parse_idx(_read_bytes(path), str(path))
+        with open(path, "rb") as f:
+            s = _Stream(f, str(path), hash)
+            array = _parse_stream(s, str(path), limit)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e}); {FIX_HINT}") from None
     except DataError as e:
         if "; delete it" in str(e):
             raise
         raise DataError(f"{e}; {FIX_HINT}") from None
+    return array, s.md5 and s.md5.hexdigest()
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file (plain or .gz) as an array; DataError saying what to do when it is damaged (also when its header
+    declares more than MAX_IDX_BYTES: nothing is decompressed beyond what the header declares)."""
+    return _read(Path(path))[0]
+
+
+# Which file of MNIST a content is, by the MD5 of its decompressed bytes
+KNOWN = {md5: name for name, md5 in FILES.items()}
+ROLES = {"train-images-idx3-ubyte": "training images", "train-labels-idx1-ubyte": "training labels",
+         "t10k-images-idx3-ubyte": "test images", "t10k-labels-idx1-ubyte": "test labels"}
+CHECKS_FILE = "mnist-checks.json"   # in the cache folder: path -> size, mtime_ns and the MD5 found then
+_noticed: set = set()               # the notices given in this process (each said once)
+
+
+def _checks_path() -> Path:
+    return default_data_dir().parent / CHECKS_FILE
+
+
+def _cached_md5(path: Path, st: os.stat_result) -> str | None:
+    """The MD5 recorded for this file when its size and mtime_ns are still what they were, else None."""
+    try:
+        import json
+
+        rec = json.loads(_checks_path().read_text()).get(str(path.resolve()))
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(rec, dict) and rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns \
+            and isinstance(rec.get("md5"), str):
+        return rec["md5"]
+    return None
+
+
+def _remember_md5(path: Path, st: os.stat_result, md5: str) -> None:
+    """Record a file's MD5 under its size and mtime_ns (atomically; a cache that cannot be written is skipped)."""
+    import json
+
+    from ..files import atomic_write
+
+    where = _checks_path()
+    try:
+        recs = json.loads(where.read_text())
+        recs = recs if isinstance(recs, dict) else {}
+    except (OSError, ValueError):
+        recs = {}
+    recs[str(path.resolve())] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "md5": md5}
+    try:
+        where.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(where, lambda tmp: Path(tmp).write_text(json.dumps(recs, indent=0) + "\n"))
+    except (OSError, DdpmError):
+        pass
+
+
+def _notice(msg: str) -> None:
+    """One line on stderr, once per process."""
+    if msg not in _noticed:
+        _noticed.add(msg)
+        print(f"note: {msg}", file=sys.stderr)
+
+
+def _read_checked(path: Path, name: str) -> tuple[np.ndarray, str | None]:
+    """(array, the MNIST file its content is, or None for other data) of the file that should be MNIST's `name`.
+    The content's MD5 is taken while reading and cached by (path, size, mtime_ns) in CHECKS_FILE."""
+    st = path.stat()
+    md5 = _cached_md5(path, st)
+    array, found = _read(path, hash=md5 is None)
+    if md5 is None:
+        md5 = found
+        _remember_md5(path, st, md5)
+    return array, KNOWN.get(md5)
+
+
+def _check_roles(split: str, paths: list[Path], names: tuple[str, str], found: list[str | None]) -> None:
+    """Refuse MNIST files in the wrong place (train and test swapped, images and labels mixed up); a notice for
+    data that is not MNIST's (another IDX dataset given on purpose)."""
+    for path, want, got in zip(paths, names, found):
+        if got is not None and got != want:
+            swapped = got[:5] != want[:5]
+            raise DataError(f"{path} holds MNIST's {ROLES[got]} ({got}), not its {ROLES[want]}: "
+                            + ("the train and test files are swapped" if swapped else "the files are mixed up")
+                            + "; rename them to what they hold, or point --data (or $DDPM_DATA) at a folder with "
+                              "MNIST's own files")
+    other = [p.name for p, got in zip(paths, found) if got is None]
+    if other:
+        one = len(other) == 1
+        _notice(f"{paths[0].parent}: {' and '.join(other)} {'is' if one else 'are'} not MNIST's own {split} "
+                f"file{'' if one else 's'} (unknown MD5); using {'it' if one else 'them'} as given")
+
+
+_MAX_DOWNLOAD = 64 << 20   # bytes read from a mirror (MNIST's largest .gz is 9.9 MB)
 
 
 def _fetch(name: str, data_dir: Path) -> None:
@@ -116,12 +297,15 @@ def _fetch(name: str, data_dir: Path) -> None:
         url = f"{mirror}{name}.gz"
         try:
             with urllib.request.urlopen(url, timeout=30) as r:
-                raw = r.read()
-            content = gzip.decompress(raw)
-        except (urllib.error.URLError, OSError, EOFError, zlib.error) as e:
+                raw = r.read(_MAX_DOWNLOAD + 1)
+            if len(raw) > _MAX_DOWNLOAD:
+                raise OSError(f"more than {_MAX_DOWNLOAD >> 20} MiB")
+            content = _Stream(io.BytesIO(raw), url)
+            content.read(_MAX_DOWNLOAD)   # the largest MNIST file inflates to 47 MB: enough to tell it apart
+        except (urllib.error.URLError, OSError, DataError) as e:
             errors.append(f"{url}: {e}")
             continue
-        if hashlib.md5(content).hexdigest() != FILES[name]:
+        if content.md5.hexdigest() != FILES[name]:
             errors.append(f"{url}: MD5 mismatch")
             continue
         from ..model.io import atomic_write
@@ -150,13 +334,21 @@ def ensure_mnist(data_dir: Path, download: bool = True, progress=print) -> Path:
 
 
 def load_mnist(data_dir: str | os.PathLike, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (N,28,28), labels int64 (N,)) of a split, validated."""
+    """(images uint8 (N,28,28), labels int64 (N,)) of a split, validated.
+
+    Every file's content is identified by its MD5 (cached by path, size and mtime_ns in the cache folder's
+    CHECKS_FILE, so a file is hashed once): MNIST's files in the wrong place (train and test swapped) raise DataError;
+    other IDX data is used with a one-line notice on stderr, as is the choice of NAME over NAME.gz when both exist."""
     data_dir = Path(data_dir)
-    img_name, lbl_name = SPLITS[split]
-    paths = [find_file(data_dir, img_name), find_file(data_dir, lbl_name)]
+    names = SPLITS[split]
+    paths = [find_file(data_dir, n) for n in names]
     if None in paths:
-        raise DataError(f"MNIST {split} files missing in {data_dir} ({img_name}, {lbl_name}); use --data DIR")
-    images, labels = read_idx(paths[0]), read_idx(paths[1])
+        raise DataError(f"MNIST {split} files missing in {data_dir} ({names[0]}, {names[1]}); use --data DIR")
+    for n, p in zip(names, paths):
+        if p.name == n and (data_dir / f"{n}.gz").is_file():
+            _notice(f"{data_dir} holds both {n} and {n}.gz; using {n}")
+    (images, img_is), (labels, lbl_is) = (_read_checked(p, n) for p, n in zip(paths, names))
+    _check_roles(split, paths, names, [img_is, lbl_is])
     SPLIT.check({"images": images, "labels": labels}, f"{paths[0]} and {paths[1].name}", DataError)
     return images, labels.astype(np.int64)
 

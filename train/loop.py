@@ -25,8 +25,8 @@ from ..errors import DdpmError, Interrupted, limit_message
 from ..files import OutputError, check_writable, clean_stale, folder_lock, output_path, readable_name, write_text
 from ..model import PRESETS, UNet
 from ..model.config import ModelConfig
-from ..model.io import (CKPT_FILE, MODEL_FILE, CheckpointError, load_checkpoint, read_weights, resolve_model_path,
-                        save_checkpoint, save_model)
+from ..model.io import (CKPT_FILE, MODEL_FILE, CheckpointError, check_fits, load_checkpoint, read_weights,
+                        resolve_model_path, save_checkpoint, save_model)
 from ..runtime.noise import check_seed
 from ..runtime.schedule import Schedule
 from . import dist
@@ -335,6 +335,12 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
             raise TrainingError(f"--resume: {e}") from None
         except (TypeError, ValueError, KeyError) as e:
             raise TrainingError(f"--resume: {out / CKPT_FILE} holds an invalid model config ({e})") from None
+        try:
+            for weights in ("ema", "model"):   # before a network is built from the config
+                check_fits(out / CKPT_FILE, given, ckpt[weights])
+        except CheckpointError as e:
+            raise TrainingError(f"--resume: {out / CKPT_FILE} does not fit this model ({str(e).split(': ', 1)[1]}); "
+                                f"use an earlier checkpoint or start a new run") from None
         source = f"--resume: {out / CKPT_FILE}"
     elif cfg.init:
         try:

@@ -1,0 +1,378 @@
+"""What is read is checked before it is trusted: export folders name only their own, unaltered files (and ONNX
+external data inside them); sizes declared by a file are bounded before anything is allocated from them; MNIST's
+files are recognised by their MD5, so swapped train and test files are refused and other data is named."""
+
+import gzip
+import hashlib
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import ddpm.train.data as data
+from ddpm.train.data import FILES, DataError, load_mnist, read_idx, write_idx
+from helpers import invoke, traced_peak
+from test_loaders import one_line_error
+
+MiB = 1 << 20
+
+
+# ------------------------------------------------------------------------------------------------ kind 4: MNIST
+@pytest.fixture
+def fresh_notices(monkeypatch):
+    """Notices are said once per process: start with none said."""
+    monkeypatch.setattr(data, "_noticed", set(), raising=False)
+
+
+def _swapped(mnist_dir, folder, plain=("t10k-labels-idx1-ubyte",)):
+    """MNIST with train and test swapped; the files named in `plain` stored uncompressed."""
+    folder.mkdir()
+    for name in FILES:
+        other = name.replace("train", "X").replace("t10k", "train").replace("X", "t10k")
+        src = mnist_dir / f"{other}.gz"
+        if name in plain:
+            (folder / name).write_bytes(gzip.decompress(src.read_bytes()))
+        else:
+            (folder / f"{name}.gz").symlink_to(src)
+    return folder
+
+
+def test_swapped_train_and_test_are_refused(mnist_dir, tmp_path, fresh_notices, capsys):
+    swapped = _swapped(mnist_dir, tmp_path / "swapped")
+    for split in ("train", "test"):
+        with pytest.raises(DataError, match="swapped") as e:
+            load_mnist(swapped, split)
+        assert "\n" not in str(e.value)
+    line = one_line_error(invoke("train", "--data", swapped, "--out", tmp_path / "r", "--preset", "tiny",
+                                 "--steps", 1, "--device", "cpu"))
+    assert "train-images-idx3-ubyte.gz holds MNIST's test images" in line and "swapped" in line, line
+    from ddpm.samples import save_samples
+
+    save_samples(tmp_path / "s.npz", np.zeros(2, np.int64), [np.zeros((2, 28, 28), np.uint8)])
+    line = one_line_error(invoke("eval", "--samples", tmp_path / "s.npz", "--data", swapped))
+    assert "swapped" in line, line
+    # MNIST's own files, one of them stored uncompressed: recognised by their content, no notice
+    good = tmp_path / "good"
+    shutil.copytree(mnist_dir, good)
+    (good / "t10k-labels-idx1-ubyte").write_bytes(gzip.decompress((good / "t10k-labels-idx1-ubyte.gz").read_bytes()))
+    (good / "t10k-labels-idx1-ubyte.gz").unlink()
+    capsys.readouterr()
+    x, y = load_mnist(good, "test")
+    assert x.shape == (10000, 28, 28) and y[:3].tolist() == [7, 2, 1]
+    assert capsys.readouterr().err == ""
+
+
+def test_one_swapped_file_is_refused(mnist_dir, tmp_path, fresh_notices):
+    """Test labels in the place of the training labels (and no other file touched) are refused too."""
+    folder = tmp_path / "mixed"
+    shutil.copytree(mnist_dir, folder)
+    os.replace(folder / "t10k-labels-idx1-ubyte.gz", folder / "train-labels-idx1-ubyte.gz")
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz holds MNIST's test labels"):
+        load_mnist(folder, "train")
+
+
+def test_other_data_is_used_with_one_notice(fake_mnist, tmp_path, fresh_notices, capsys):
+    x, y = load_mnist(fake_mnist, "train")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "not MNIST's own train files" in err[0] and "using them as given" in err[0], err
+    load_mnist(fake_mnist, "train")
+    assert capsys.readouterr().err == ""    # said once
+    # both NAME and NAME.gz: which one is read is said
+    folder = tmp_path / "both"
+    shutil.copytree(fake_mnist, folder)
+    write_idx(folder / "t10k-images-idx3-ubyte", np.zeros((64, 28, 28), np.uint8))
+    load_mnist(folder, "test")
+    err = capsys.readouterr().err
+    assert "holds both t10k-images-idx3-ubyte and t10k-images-idx3-ubyte.gz; using t10k-images-idx3-ubyte" in err
+
+
+def test_md5_is_computed_once_per_file_version(fake_mnist, tmp_path, monkeypatch, fresh_notices):
+    """The content check costs one MD5 pass per file, remembered by (path, size, mtime_ns) in the cache folder."""
+    folder = tmp_path / "d"
+    shutil.copytree(fake_mnist, folder)
+    hashed = []
+    real_md5 = hashlib.md5
+
+    def counting_md5(*a):
+        hashed.append(1)
+        return real_md5(*a)
+
+    monkeypatch.setattr(data.hashlib, "md5", counting_md5)
+    load_mnist(folder, "train")
+    assert len(hashed) == 2
+    load_mnist(folder, "train")
+    assert len(hashed) == 2
+    labels = folder / "train-labels-idx1-ubyte"
+    os.utime(labels, ns=(labels.stat().st_atime_ns, labels.stat().st_mtime_ns + 10**9))
+    load_mnist(folder, "train")
+    assert len(hashed) == 3
+    assert (data.default_data_dir().parent / data.CHECKS_FILE).is_file()
+
+
+# ---------------------------------------------------------------------------------------------- kind 2: exports
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny model's export folder with the generator.onnx of `gen --sampler ddim --steps 4`."""
+    from helpers import tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("exp")
+    tiny_checkpoint(root, seed=3)
+    r = invoke("export", "--ckpt", root / "model.safetensors", "--out", root / "exp", "--generator", "--sampler",
+               "ddim", "--steps", 4)
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def _copy(exported, tmp_path):
+    shutil.copytree(exported, tmp_path / "m")
+    return tmp_path / "m", tmp_path / "m" / "exp"
+
+
+def _edit_meta(exp, change):
+    import json
+
+    meta = json.loads((exp / "export.json").read_text())
+    change(meta)
+    (exp / "export.json").write_text(json.dumps(meta))
+
+
+def _gen(root, *engine):
+    return invoke("gen", "--ckpt", root / "model.safetensors", "--export", root / "exp", *engine,
+                  "--sampler", "ddim", "--steps", 4, "-n", 2, "--out", root / "o.npz")
+
+
+def test_export_files_outside_the_folder_are_refused(exported, tmp_path):
+    """A file named in export.json that lies outside the folder (by its name or through a link) is never run,
+    even when its sha256 and size are recorded correctly."""
+    from ddpm.runtime.bundle import Bundle, ExportError
+
+    root, exp = _copy(exported, tmp_path)
+    assert _gen(root, "--engine", "onnx-generator").exit_code == 0
+    shutil.move(exp / "generator.onnx", root / "x.onnx")
+    _edit_meta(exp, lambda m: m["generator"].update(name="../x.onnx"))
+    line = one_line_error(_gen(root, "--engine", "onnx-generator"))
+    assert "generator.name" in line and "../x.onnx" in line, line
+    _edit_meta(exp, lambda m: m["generator"].update(name="generator.onnx"))
+    (exp / "generator.onnx").symlink_to(root / "x.onnx")
+    line = one_line_error(_gen(root, "--engine", "onnx-generator"))
+    assert "leads outside its export folder" in line, line
+    shutil.move(exp / "model.onnx", root / "m.onnx")
+    (exp / "model.onnx").symlink_to(root / "m.onnx")
+    with pytest.raises(ExportError, match="leads outside"):
+        Bundle.load(exp).onnx_path("fp32")
+    assert "leads outside" in one_line_error(_gen(root, "--engine", "onnx"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda g: g.pop("plan_key"), "generator lacks 'plan_key'"),
+    (lambda g: g.update(form=None), "generator.form must be one of"),
+    (lambda g: g.update(plan=["x"]), "generator.plan must be a string"),
+    (lambda g: g.update(sha256=7), "generator.sha256 must be a sha256"),
+    (lambda g: g.clear(), "generator lacks 'name'"),
+])
+def test_malformed_generator_entry_is_one_line(exported, tmp_path, change, message):
+    root, exp = _copy(exported, tmp_path)
+    _edit_meta(exp, lambda m: change(m["generator"]))
+    assert message in one_line_error(_gen(root, "--engine", "onnx-generator"))
+
+
+def test_onnx_external_data_outside_the_folder(exported, tmp_path):
+    """model.onnx whose weights are stored in a file outside the folder: refused when the folder is read (every
+    engine and the generator export read their ONNX files through it), and by onnxruntime itself."""
+    import onnx
+
+    from ddpm.export.generator import add_generator
+    from ddpm.runtime.bundle import Bundle, ExportError, file_sha256
+    from ddpm.runtime.samplers import ddim_plan
+
+    root, exp = _copy(exported, tmp_path)
+
+    def externalise(name, entry):   # weights moved to ../NAME.bin, the file's sha256 and size recorded anew
+        path = exp / name
+        onnx.save(onnx.load(str(path)), str(path), save_as_external_data=True, location=f"{name}.bin",
+                  size_threshold=0)
+        shutil.move(exp / f"{name}.bin", root / f"{name}.bin")
+        model = onnx.load(str(path), load_external_data=False)
+        for t in model.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = f"../{name}.bin"
+        onnx.save(model, str(path))
+        _edit_meta(exp, lambda m: entry(m).update(sha256=file_sha256(path), bytes=path.stat().st_size))
+
+    externalise("model.onnx", lambda m: m["files"]["fp32"])
+    with pytest.raises(ExportError, match="not a file inside the export folder"):
+        Bundle.load(exp).onnx_path("fp32")
+    with pytest.raises(ExportError, match="not a file inside the export folder"):
+        add_generator(exp, ddim_plan(Bundle.load(exp).schedule, 5), 2.0, log=lambda *_: None)
+    assert "model.onnx" in one_line_error(_gen(root, "--engine", "onnx"))
+    externalise("generator.onnx", lambda m: m["generator"])
+    with pytest.raises(ExportError, match="not a file inside the export folder"):
+        Bundle.load(exp).generator_path()
+    assert "generator.onnx" in one_line_error(_gen(root, "--engine", "onnx-generator"))
+
+
+# ------------------------------------------------------------------------------------------------- kind 3: sizes
+def never_built(monkeypatch):
+    """From now on building a UNet (or a schedule) fails the test: what a file declares must be refused before that."""
+    import ddpm.model.unet as unet
+    from ddpm.runtime.schedule import Schedule
+
+    def refuse(*a, **k):
+        raise AssertionError("a network or schedule was built from a file that should have been refused")
+
+    monkeypatch.setattr(unet.UNet, "__init__", refuse)
+    monkeypatch.setattr(Schedule, "make", classmethod(refuse))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(base_channels=16384), "base_channels must be an integer in 2..4096"),
+    (dict(base_channels=2048, groups=8), "more than the 268 M a model may have"),
+    (dict(base_channels=512), "weights do not fit the stored config"),
+    (dict(image_size=1024, channel_mults=[1]), "MiB of activations per image"),
+    (dict(timesteps=10**9), "timesteps must be an integer in 2..100000"),
+    (dict(num_classes=10**9), "num_classes must be an integer in 1..100000"),
+])
+def test_model_sizes_are_checked_before_building(tmp_path, monkeypatch, change, message):
+    """A 177 KB model.safetensors whose config describes a huge network (or schedule) is refused from its config and
+    its weights' shapes, before anything is built or allocated from them: one line."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ddpm.model.io import CheckpointError, load_model, read_model_info
+    from helpers import TINY, randomised_unet
+    from ddpm.model.io import save_model
+
+    save_model(tmp_path / "t.safetensors", TINY, randomised_unet().state_dict())
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+        meta = f.metadata()
+    cfg = dict(json.loads(meta["config"]), **change)
+    (tmp_path / "m").mkdir()
+    save_file(load_file(str(tmp_path / "t.safetensors")), str(tmp_path / "m" / "model.safetensors"),
+              metadata=dict(meta, config=json.dumps(cfg)))
+    never_built(monkeypatch)
+    for load in (load_model, read_model_info):
+        with pytest.raises(CheckpointError, match=message):
+            load(tmp_path / "m")
+    line = one_line_error(invoke("gen", "--ckpt", tmp_path / "m", "--engine", "torch", "-n", 1, "--steps", 2,
+                                 "--out", tmp_path / "x.png"))
+    assert message in line, line
+
+
+def test_param_count_is_the_networks(tmp_path):
+    """model.config.param_count (what the size check uses) counts exactly the parameters of the network built."""
+    import dataclasses
+
+    from ddpm.model import PRESETS, UNet
+    from ddpm.model.config import param_count
+
+    cfgs = list(PRESETS.values()) + [dataclasses.replace(PRESETS["tiny"], channel_mults=(1, 3, 2), num_res_blocks=0,
+                                                         attention=False, num_classes=3, in_channels=2)]
+    for cfg in cfgs:
+        assert param_count(cfg) == sum(p.numel() for p in UNet(cfg).parameters()), cfg
+
+
+def test_compressed_checkpoint_member_is_refused(tmp_path):
+    """torch.save writes a ckpt.pt uncompressed: a deflated member (which could inflate far beyond the file) is
+    refused from the archive's directory before torch reads it."""
+    import zipfile
+
+    from ddpm.model.io import CheckpointError, load_checkpoint
+    from ddpm.train.loop import TrainConfig, train
+
+    train(TrainConfig(data=str(make_fake(tmp_path)), out=str(tmp_path / "r"), preset="tiny", steps=1, device="cpu",
+                      batch_size=8), progress=False, log=lambda *_: None)
+    ckpt = tmp_path / "r" / "ckpt.pt"
+    load_checkpoint(ckpt)
+    with zipfile.ZipFile(ckpt) as src, zipfile.ZipFile(tmp_path / "z.pt", "w", zipfile.ZIP_DEFLATED) as dst:
+        for m in src.infolist():
+            dst.writestr(m.filename, src.read(m))
+    with pytest.raises(CheckpointError, match="compressed"):
+        load_checkpoint(tmp_path / "z.pt")
+
+
+def make_fake(tmp_path):
+    from conftest import make_fake_mnist
+
+    return make_fake_mnist(tmp_path / "fake", n=64)
+
+
+def _npz(path, members):
+    """A zip holding .npy members written from (header dict, data bytes)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, (header, data) in members.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_2_0(f, header)
+                for lo in range(0, len(data), 1 << 24):
+                    f.write(data[lo:lo + (1 << 24)])
+
+
+@pytest.mark.parametrize("n_declared, n_held, message", [
+    (10**9, 10, "images declares"),          # a header that declares a billion images over ten
+    (64, 20_000, "images declares"),         # a member that inflates to far more than its header declares
+    (20_000, 20_000, "more than the 1 MiB"),  # as declared, but more than a samples file may hold (limit lowered)
+])
+def test_samples_file_sizes_are_checked_before_reading(tmp_path, monkeypatch, n_declared, n_held, message):
+    """A samples file's members are checked from their headers and the zip's directory (declared shape, the bytes it
+    implies, the member's size, the limit) before anything is inflated or allocated: one line, a few KB."""
+    import ddpm.samples as samples
+
+    monkeypatch.setattr(samples, "MAX_SAMPLES_BYTES", 1 << 20, raising=False)
+    path = tmp_path / "s.npz"
+    _npz(path, {"labels": ({"descr": "<i8", "fortran_order": False, "shape": (n_declared,)}, bytes(8 * n_held)),
+                "images": ({"descr": "|u1", "fortran_order": False, "shape": (n_declared, 28, 28)},
+                           bytes(784 * n_held))})
+    assert path.stat().st_size < 200_000
+
+    def read():
+        with pytest.raises(samples.SamplesError, match=message):
+            samples.read_samples(path)
+
+    assert traced_peak(read) < 1 << 20
+    assert message in one_line_error(invoke("eval", "--samples", path, "--data", tmp_path / "nodata"))
+
+
+@pytest.mark.parametrize("dims, body, message", [
+    ((10**6, 10**4, 10**4), 0, "more than the 2048 MiB"),      # a header that declares 100 TB
+    ((1, 28, 28), 64 * MiB, "trailing garbage"),               # 60 KB of gzip that inflates to 64 MB
+])
+def test_idx_sizes_are_checked_before_inflating(tmp_path, dims, body, message):
+    """An IDX file's header is checked against the limit before anything is inflated, and no more is inflated than
+    it declares: one line, a few MB at most, however much the file would inflate to."""
+    header = bytes([0, 0, 8, len(dims)]) + np.array(dims, dtype=">u4").tobytes()
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    z = gzip.GzipFile(path, "wb")
+    z.write(header + bytes(784))
+    for _ in range(body // MiB):
+        z.write(bytes(MiB))
+    z.close()
+    assert path.stat().st_size < 200_000
+
+    def read():
+        with pytest.raises(DataError, match=message):
+            read_idx(path)
+
+    assert traced_peak(read) < 4 * MiB
+
+
+def test_external_data_reader_agrees_with_onnx(exported, tmp_path):
+    """runtime.bundle.external_data (protobuf read without the onnx package) finds what onnx finds, in the graph
+    and in a Loop's body (generator.onnx)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    from ddpm.runtime.bundle import external_data
+
+    for name in ("model.onnx", "generator.onnx"):
+        path = tmp_path / name
+        shutil.copy(exported / "exp" / name, path)
+        assert external_data(path.read_bytes()) == []
+        onnx.save(onnx.load(str(path)), str(path), save_as_external_data=True, location="w.bin", size_threshold=0)
+        want = [(t.name, "w.bin") for t in _get_all_tensors(onnx.load(str(path), load_external_data=False))
+                if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert want and sorted(external_data(path.read_bytes())) == sorted(want)
