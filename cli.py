@@ -15,7 +15,7 @@ import threading
 import click
 
 from .api import DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL   # numpy-only imports
-from .errors import DdpmError
+from .errors import DdpmError, Terminated
 from .runtime.noise import MAX_SEED
 
 # OMP_WAIT_POLICY=PASSIVE is set by `import ddpm` (ddpm/__init__.py), before any command loads PyTorch.
@@ -30,7 +30,8 @@ def _fail(e: BaseException) -> click.ClickException:
 class Group(click.Group):
     """The `ddpm` group: errors meant for the user (every DdpmError: bad files, a missing PyTorch, an output that
     cannot be written, ...) become one line and exit 1; Ctrl-C becomes one line ("interrupted", or what the command
-    says about it, e.g. the last checkpoint) and exit 130, the shell's code for SIGINT."""
+    says about it, e.g. the last checkpoint) and exit 130, the shell's code for SIGINT; SIGTERM the same with
+    "terminated" and exit 143 (errors.Terminated, also when a command re-raised it with more to say)."""
 
     def invoke(self, ctx):
         with _sigterm_as_interrupt():
@@ -44,11 +45,6 @@ class Group(click.Group):
             except KeyboardInterrupt as e:
                 click.echo(f"\n{str(e) or 'interrupted'}", err=True)
                 ctx.exit(130)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what `kill` and `timeout` send): unwound like Ctrl-C, so that temporaries are removed and nothing
-    half-written is published; exit 143 (128 + 15)."""
 
 
 @contextlib.contextmanager
