@@ -24,12 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .arguments import OPTIONAL_COUNT, PLAN, Str, checked
+from .arguments import OPTIONAL_COUNT, PLAN, checked
 from .errors import DdpmError
 from .model.config import ModelConfig
 from .model.io import TORCH_HINT, CheckpointError, TorchMissing, default_model_path, read_model_info, resolve_model_path
 from .runtime.bundle import META_FILE, Bundle, ExportError
 from .runtime.nets import EngineUnavailable
+from .schema import Str
 
 # The recommended classifier-free guidance for the shipped model, applied only where the noise level
 # sigma = sqrt((1-abar)/abar) is in (0.28, 5.42] (Kynkaanniemi et al. 2024's interval for EDM2). Measured with
