@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .arguments import OPTIONAL_COUNT, PLAN, checked
 from .errors import DdpmError
 from .model.config import ModelConfig
 from .model.io import TORCH_HINT, CheckpointError, TorchMissing, default_model_path, read_model_info, resolve_model_path
 from .runtime.bundle import META_FILE, Bundle, ExportError
 from .runtime.nets import EngineUnavailable
+from .schema import Str
 
 # The recommended classifier-free guidance for the shipped model, applied only where the noise level
 # sigma = sqrt((1-abar)/abar) is in (0.28, 5.42] (Kynkaanniemi et al. 2024's interval for EDM2). Measured with
@@ -81,7 +83,8 @@ class Model:
     info: dict = field(default_factory=dict)
     _torch_model: object = field(default=None, repr=False)
     _engines: dict = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # guards the lazily made parts (the torch model, exports, generators, engines): a Model is shared by threads
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     # ------------------------------------------------------------------------------------------- what it runs on
     @property
@@ -92,33 +95,37 @@ class Model:
     @property
     def torch_model(self):
         """The PyTorch UNet (CPU, fp32, eval mode), loaded on first use. Raises DdpmError without PyTorch or weights."""
-        if self._torch_model is None:
-            if self.path is None:
-                raise DdpmError("this model is an export folder only; the torch engines need its checkpoint (--ckpt)")
-            from .model.io import load_model
+        with self._lock:
+            if self._torch_model is None:
+                if self.path is None:
+                    raise DdpmError("this model is an export folder only; the torch engines need its checkpoint "
+                                    "(--ckpt)")
+                from .model.io import load_model
 
-            try:
-                self._torch_model = load_model(self.path).model
-            except (CheckpointError, TorchMissing) as e:
-                raise _wrap(e) from None
-        return self._torch_model
+                try:
+                    self._torch_model = load_model(self.path).model
+                except (CheckpointError, TorchMissing) as e:
+                    raise _wrap(e) from None
+            return self._torch_model
 
+    @checked
     def bundle(self, fp16: bool = False) -> Bundle:
         """The export folder (runtime.bundle.Bundle) of these weights, exported into the cache on first use (needs
         PyTorch). fp16: make sure it holds the fp16 model too. Raises DdpmError."""
         cache = cache_dir() / "exports" / self.hash[:16]
         missing = lambda root: not (root / META_FILE).is_file() or (fp16 and not (root / "model_fp16.onnx").is_file())
-        root = self.export_dir or cache
-        if missing(root) and self.path is not None and (self.export_dir is None or root == default_export_dir()):
-            root = cache                      # the shipped export is fp32 only: an fp16 one goes to the cache
-            if missing(root):
-                self._export(root, fp16)
-        try:
-            b = Bundle.load(root, expected_hash=None if self.path is None else self.hash)
-        except ExportError as e:
-            raise _wrap(e) from None
-        self.export_dir = root
-        return b
+        with self._lock:   # one export per Model, whatever the threads
+            root = self.export_dir or cache
+            if missing(root) and self.path is not None and (self.export_dir is None or root == default_export_dir()):
+                root = cache                      # the shipped export is fp32 only: an fp16 one goes to the cache
+                if missing(root):
+                    self._export(root, fp16)
+            try:
+                b = Bundle.load(root, expected_hash=None if self.path is None else self.hash)
+            except ExportError as e:
+                raise _wrap(e) from None
+            self.export_dir = root
+            return b
 
     def _export(self, root: Path, fp16: bool) -> None:
         from .model.io import require_torch
@@ -142,10 +149,15 @@ class Model:
             raise DdpmError(f"{e}; the first use of a checkpoint exports it to ONNX there: set $XDG_CACHE_HOME to a "
                             f"writable folder, pass an export folder (--export), or use --engine torch") from None
 
+    @checked(plan=PLAN)
     def generator_bundle(self, plan, form: str = "loop", log=None) -> Bundle:
-        """An export folder whose generator.onnx (export/generator.py) runs `plan`: the model's own when it has one,
-        else the cache folder, where the generator is built and verified on first use (needs the onnx package).
-        Raises DdpmError for a plan the generator cannot run, or an explicit export folder without one."""
+        """An export folder whose generator.onnx (export/generator.py) runs `plan`: the model's own when it has one
+        for this plan, else a folder of the cache made for this plan and form,
+        cache_dir()/generators/<weights>-<plan>-<form> (model.onnx, export.json, generator.onnx), built and verified
+        on first use (needs the onnx package) and reused by every later call and process; one folder per plan, so
+        that runs of several plans, in turn or at once, never rebuild each other's. log(line): where the build says
+        what it does (None: nowhere). Raises DdpmError for a plan the generator cannot run, or an explicit export
+        folder without one."""
         from .export.generator import GeneratorFailed, GeneratorUnsupported, check_plan
         from .runtime.runner import plan_key
 
@@ -153,41 +165,49 @@ class Model:
             check_plan(plan)
         except GeneratorUnsupported as e:
             raise DdpmError(f"onnx-generator: {e}") from None
-        b = self.bundle()
-        if b.generator is not None and b.generator["plan_key"] == plan_key(plan):
-            return b
-        cache = cache_dir() / "exports" / self.hash[:16]
-        if b.root not in (cache, default_export_dir()):
-            what = f"a generator for {b.generator['plan']}" if b.generator else "no generator"
-            raise DdpmError(f"{b.root} has {what}, not one for {plan.name}: run `ddpm export --out {b.root} "
-                            f"--generator` with that sampler and --steps")
-        try:
-            import onnx  # noqa: F401
-        except ImportError:
-            raise DdpmError(f"building generator.onnx for {plan.name} needs the onnx package: "
-                            f"{TORCH_HINT}") from None
-        if b.root != cache and not (cache / META_FILE).is_file():
-            _copy_folder(b.root, cache)       # the shipped export stays as it was installed
-        from .export.generator import add_generator
+        key = plan_key(plan)
+        with self._lock:
+            b = self.bundle()
+            if b.generator is not None and b.generator["plan_key"] == key:
+                return b
+            if b.root not in (cache_dir() / "exports" / self.hash[:16], default_export_dir()):
+                what = f"a generator for {b.generator['plan']}" if b.generator else "no generator"
+                raise DdpmError(f"{b.root} has {what}, not one for {plan.name}: run `ddpm export --out {b.root} "
+                                f"--generator` with that sampler and --steps")
+            folder = cache_dir() / "generators" / f"{self.hash[:16]}-{key[:16]}-{form}"
+            expected = None if self.path is None else self.hash
+            ready = _generator_folder(folder, key, expected)
+            if ready is not None:
+                return ready
+            try:
+                import onnx  # noqa: F401
+            except ImportError:
+                raise DdpmError(f"building generator.onnx for {plan.name} needs the onnx package: "
+                                f"{TORCH_HINT}") from None
+            log = log or (lambda *_: None)
+            log(f"building generator.onnx for {plan.name} in {folder} (once)")
+            try:
+                _build_generator_folder(b, folder, plan, key, form, log)
+            except GeneratorFailed as e:
+                raise DdpmError(f"generator.onnx for {plan.name}: {e}") from None
+            ready = _generator_folder(folder, key, expected)
+            if ready is None:
+                raise DdpmError(f"{folder} holds no usable generator for {plan.name} after building it; remove the "
+                                f"folder and try again")
+            return ready
 
-        log = log or (lambda *_: None)
-        log(f"building generator.onnx for {plan.name} in {cache} (once)")
-        try:
-            add_generator(cache, plan, GUIDANCE, form, log=log)
-            b = Bundle.load(cache, expected_hash=None if self.path is None else self.hash)
-        except (GeneratorFailed, ExportError) as e:
-            raise DdpmError(f"generator.onnx for {plan.name}: {e}") from None
-        self.export_dir = cache
-        return b
-
+    @checked
     def engine(self, name: str = "auto", device: str = "auto", fp16: bool = False, cuda_graph: bool = True,
                threads: int | None = None, max_batch: int = 512, dist=None, log=None, plan=None):
         """A runtime engine (runtime.engines), made once per (name, device, fp16, cuda_graph, threads) and reused.
 
         name: auto | torch | runtime-torch | onnx | trt | onnx-generator (auto: onnx on a CPU, runtime-torch on a
-        GPU; onnx-generator needs the `plan` it will run). device: auto, cpu, cuda, cuda:N. dist: under torchrun, the process group context (rank, world, barrier()): rank 0 makes a
-        missing export while the others wait, so that no rank reads a half-made folder. Raises DdpmError when the
-        engine cannot run here (the message says what is missing).
+        GPU; onnx-generator needs the `plan` it will run). device: auto, cpu, cuda, cuda:N. dist: under torchrun,
+        the process group context (rank, world, barrier()): rank 0 makes a missing export while the others wait, so
+        that no rank reads a half-made folder. log(line): where one-time builds (a generator, a TensorRT engine) say
+        what they do; None: nowhere. An engine may be shared by threads: calls at once give the digits of the same
+        calls one after another. Raises DdpmError when the engine cannot run here (the message says what is
+        missing).
         """
         from .runtime.engines import (ENGINES, NEEDS_EXPORT, NEEDS_TORCH, TORCH_HINT, auto_engine, have_torch,
                                       make_engine, resolve_device)
@@ -237,6 +257,7 @@ class Model:
         """(C, H, W) of the model's images."""
         return (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
 
+    @checked
     def plan(self, sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0,
              variance: str = "small", spacing: str | None = None, guidance_interval=GUIDANCE_INTERVAL,
              top: int | None = None):
@@ -251,11 +272,14 @@ class Model:
         T = self.cfg.timesteps
         if steps is not None and not 1 <= steps <= T:
             raise DdpmError(f"steps must be in 1..{T} (the model's T), got {steps}")
+        if top is not None and not 0 <= top <= T - 1:
+            raise DdpmError(f"top must be in 0..{T - 1} (the model's T - 1), got {top}")
         try:
             return make_plan(self.schedule, sampler, steps, eta, variance, spacing, guidance_interval, top)
         except ValueError as e:
             raise _wrap(e) from None
 
+    @checked
     def labels(self, n: int, label=None, uncond: bool = False, start: int = 0) -> np.ndarray:
         """(n,) int64 labels of samples start..start+n-1: the classes 0..9 in turn (label None: sample k gets
         k % num_classes), one class (an int), or given per sample (a sequence); -1 everywhere when uncond. Raises
@@ -271,15 +295,16 @@ class Model:
                 raise DdpmError(f"label must be an integer in 0..{self.cfg.num_classes - 1}, got {label!r}")
             return labels_for(n, None if label is None else int(label), False, self.cfg.num_classes, start)
         arr = np.asarray(label)
-        if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or \
-                arr.max() >= self.cfg.num_classes:
+        if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer) or \
+                (arr.size and (arr.min() < 0 or arr.max() >= self.cfg.num_classes)):
             raise DdpmError(f"labels must be {n} integers in 0..{self.cfg.num_classes - 1}")
         return arr.astype(np.int64)
 
+    @checked
     def generate(self, n: int = 64, label=None, uncond: bool = False, guidance: float = GUIDANCE,
                  sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
                  spacing: str | None = None, guidance_interval=GUIDANCE_INTERVAL, seed: int = 0, batch: int = 64,
-                 engine: str = "auto", device: str = "auto", fp16: bool = False,
+                 engine="auto", device: str = "auto", fp16: bool = False,
                  start: int = 0, progress: bool = False, plan=None) -> np.ndarray:
         """n digits as (n, H, W) uint8 (0 black .. 255 white, MNIST's convention).
 
@@ -287,16 +312,15 @@ class Model:
         guidance: classifier-free guidance w >= 0, eps = eps_c + w (eps_c - eps_u) (Ho & Salimans 2022, eq. 6).
         sampler/steps/eta/variance/spacing/guidance_interval: see `plan` (plan: a ready Plan instead). seed: 0..2^64-1; sample k of a
         seed is the same digit whatever n, batch, engine or process (runtime.noise); start: the index of the first.
-        Raises DdpmError for bad arguments or an engine that cannot run here.
+        engine: a name (see `engine`) or an engine `engine` returned. Raises DdpmError for bad arguments (every
+        argument is checked against ddpm.arguments.ARGS) or an engine that cannot run here.
         """
         from .runtime.generate import generate
 
-        _check_count("n", n, 0)
-        _check_count("batch", batch, 1)
-        _check_guidance(guidance)
         labels = self.labels(n, label, uncond)
         plan = plan or self.plan(sampler, steps, eta, variance, spacing, guidance_interval)
-        eng = self.engine(engine, device, fp16, max_batch=2 * batch if guidance and not uncond else batch, plan=plan)
+        eng = self.engine(engine, device, fp16, max_batch=2 * batch if guidance and not uncond else batch,
+                          plan=plan) if isinstance(engine, str) else engine
         try:
             return generate(eng, n, plan, labels, guidance, seed, batch, start=start, progress=progress,
                             image_shape=(self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size))
@@ -313,6 +337,7 @@ class Model:
     # be given per result (n ints). The sampler arguments are `plan`'s; the default sampler is EDIT_SAMPLER (DDIM,
     # as measured), not generate's.
 
+    @checked(n=OPTIONAL_COUNT)
     def inpaint(self, image, mask="bottom", n: int | None = None, label=None, guidance: float = GUIDANCE,
                 sampler: str = EDIT_SAMPLER, steps: int | None = None, eta: float = 1.0, variance: str = "small",
                 spacing: str | None = None, guidance_interval=None, jump: int = 1, resample: int = 3, seed: int = 0,
@@ -342,6 +367,7 @@ class Model:
                       mask=keep.astype(np.float32)[:, None])
         return self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
 
+    @checked(n=OPTIONAL_COUNT)
     def edit(self, image, label=None, strength: float = 0.6, n: int | None = None, guidance: float = EDIT_GUIDANCE,
              sampler: str = EDIT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
              spacing: str | None = None, guidance_interval=None, seed: int = 0, batch: int = 64, engine="auto",
@@ -356,12 +382,8 @@ class Model:
         """
         from .runtime.edits import EditJob, sdedit_start, to_model
 
-        if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating, np.integer)) or \
-                not 0.0 <= strength <= 1.0:
-            raise DdpmError(f"strength must be a number in [0, 1], got {strength!r}")
         imgs, n = self._inputs(image, None, n)
         if strength == 0:
-            _check_count("n", n, 0)
             self.labels(n, label, label is None)   # the arguments are checked all the same
             return np.array(np.broadcast_to(imgs, (n, *imgs.shape[1:])))
         t0, a0, s0 = sdedit_start(self.schedule, float(strength))
@@ -369,6 +391,7 @@ class Model:
         job = EditJob(x_input=to_model(imgs)[:, None], a0=a0, s0=s0)
         return self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
 
+    @checked(n=OPTIONAL_COUNT)
     def upscale(self, image, factor: int = 2, n: int | None = None, label=None, method: str = "ilvr",
                 guidance: float = GUIDANCE, sampler: str = EDIT_SAMPLER, steps: int | None = None,
                 eta: float = 1.0, variance: str = "small", spacing: str | None = None, guidance_interval=None,
@@ -385,13 +408,8 @@ class Model:
         block mean is within 0.5 grey level of the input's pixel. factor: 2 or 4. Raises DdpmError for bad
         arguments.
         """
-        from .runtime.edits import (FACTORS, EditJob, fit_blocks, noised_projection, to_model, upsample,
-                                    x0_projection)
+        from .runtime.edits import EditJob, fit_blocks, noised_projection, to_model, upsample, x0_projection
 
-        if factor not in FACTORS or isinstance(factor, bool):
-            raise DdpmError(f"factor must be 2 or 4, got {factor!r}")
-        if method not in ("ilvr", "ddnm"):
-            raise DdpmError(f"method must be ilvr or ddnm, got {method!r}")
         H, W = self.image_shape[1:]
         small, n = self._inputs(image, (H // factor, W // factor), n)
         plan = self.plan(sampler, steps, eta, variance, spacing, guidance_interval)
@@ -400,6 +418,7 @@ class Model:
         out = self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
         return np.rint(fit_blocks(out, np.broadcast_to(small, (n, *small.shape[1:])), factor)).astype(np.uint8)
 
+    @checked(n=OPTIONAL_COUNT)
     def restore(self, image, sigma: float, n: int | None = None, label=None, guidance: float = GUIDANCE,
                 sampler: str = EDIT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
                 spacing: str | None = None, guidance_interval=None, seed: int = 0, batch: int = 64, engine="auto",
@@ -414,8 +433,6 @@ class Model:
         """
         from .runtime.edits import EditJob, noise_start, to_model
 
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating, np.integer)):
-            raise DdpmError(f"sigma must be a number > 0, got {sigma!r}")
         imgs, n = self._inputs(image, None, n)
         try:
             t, a0, s0 = noise_start(self.schedule, float(sigma))
@@ -428,10 +445,6 @@ class Model:
     def _run_edit(self, n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job):
         from .runtime.generate import generate
 
-        _check_count("n", n, 0)
-        _check_count("batch", batch, 1)
-        _check_count("start", start, 0)
-        _check_guidance(guidance)
         labels = self.labels(n, label, label is None)
         eng = self.engine(engine, device, fp16, max_batch=2 * batch) if isinstance(engine, str) else engine
         try:
@@ -440,6 +453,7 @@ class Model:
         except (ValueError, EngineUnavailable) as e:   # runners are built (and bound) on first use
             raise _wrap(e) from None
 
+    @checked
     def picture(self, image, size: tuple[int, int] | None = None) -> np.ndarray:
         """A picture file or a (H, W) uint8 array, resized to size (default: the model's): (H', W') uint8.
         Raises DdpmError (runtime.images.read_image's message for files)."""
@@ -460,6 +474,7 @@ class Model:
             raise DdpmError(f"a stack of {len(stack)} pictures gives one result each: n must be {len(stack)}, got {n}")
         return [_read(p, "image") for p in stack], len(stack)
 
+    @checked(n=OPTIONAL_COUNT)
     def inpaint_input(self, image, mask, n: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
         """(pictures (m, H, W) uint8, known (m or 1, H, W) bool, n) at the model's size, from inpaint's picture(s)
         and mask: a half's name, or picture(s) of the image's size (before resizing) whose white pixels are kept."""
@@ -508,35 +523,55 @@ def _fit(image: np.ndarray, size) -> np.ndarray:
     return fit(image, tuple(size))
 
 
-def _copy_folder(src: Path, dst: Path) -> None:
-    """Copy the folder src to dst (absent), published by one rename so that no reader sees half of it."""
+def _generator_folder(folder: Path, key: str, expected_hash: str | None) -> Bundle | None:
+    """The generator folder of a plan (Model.generator_bundle) when it is complete and whole: its export.json, its
+    model.onnx and its generator.onnx for this plan_key, checked against their sha256. None otherwise."""
+    if not (folder / META_FILE).is_file():
+        return None
+    try:
+        b = Bundle.load(folder, expected_hash=expected_hash)
+        b.onnx_path("fp32")
+        b.generator_path(key)
+    except ExportError:
+        return None   # damaged or of another version: built again
+    return b
+
+
+def _build_generator_folder(source: Bundle, folder: Path, plan, key: str, form: str, log) -> None:
+    """Make `folder` a generator folder for `plan` (key: its plan_key): the fp32 model.onnx of `source` (hard-linked where possible),
+    its export.json without fp16 or generator records, then export.generator.add_generator. Built in a temporary
+    folder and published by one rename (files.publish_dir): a kill leaves no half folder, and of two processes
+    building the same one the first to finish wins. Raises DdpmError (folder), GeneratorFailed (verification)."""
+    import json
     import shutil
 
+    from .export.generator import add_generator
     from .files import OutputError, publish_dir, temp_dir
 
+    src = source.onnx_path("fp32")
+    record = dict(source.meta["files"]["fp32"])
+    meta = {k: v for k, v in source.meta.items() if k != "generator"}
+    meta["files"] = {"fp32": record}
     try:
-        tmp = temp_dir(dst)
+        tmp = temp_dir(folder)
         try:
-            shutil.copytree(src, tmp, dirs_exist_ok=True)
-            publish_dir(tmp, dst, keep=lambda p: (p / META_FILE).is_file())   # another process published it first
+            try:
+                os.link(src, tmp / record["name"])
+            except OSError:   # another file system, or links not allowed there
+                shutil.copyfile(src, tmp / record["name"])
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+            add_generator(tmp, plan, GUIDANCE, form, log=log)
+            publish_dir(tmp, folder, keep=lambda p: _generator_folder(p, key, None) is not None)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    except (OSError, OutputError) as e:
-        if not (dst / META_FILE).is_file():
-            raise DdpmError(f"cannot copy {src} to {dst}: {e}") from None
+    except (OSError, OutputError, ExportError) as e:
+        raise DdpmError(f"cannot build {folder}: {e}; set $XDG_CACHE_HOME to a writable folder, or make the "
+                        f"generator with `ddpm export --generator` and pass that folder (--export)") from None
 
 
-def _check_count(name: str, v, low: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-        raise DdpmError(f"{name} must be an integer >= {low}, got {v!r}")
 
-
-def _check_guidance(w) -> None:
-    if not isinstance(w, (int, float, np.floating, np.integer)) or not np.isfinite(w) or w < 0:
-        raise DdpmError(f"guidance must be a finite number >= 0, got {w!r}")
-
-
+@checked
 def load(path: str | os.PathLike | None = None, export: str | os.PathLike | None = None) -> Model:
     """A Model from a checkpoint (model.safetensors, ckpt.pt or a run folder), from an export folder (`ddpm export`;
     as `path` or `export`), or the shipped default model when both are None.
@@ -569,8 +604,10 @@ def load(path: str | os.PathLike | None = None, export: str | os.PathLike | None
 
 
 _REFERENCES: dict = {}   # (data folder, classifier file) -> bench.quality.Reference, loaded once per process
+_REFERENCES_LOCK = threading.Lock()   # evaluate from several threads: one load, one Reference shared
 
 
+@checked(name=Str())
 def evaluate(images, labels, data: str | os.PathLike | None = None, name: str = "samples",
              download: bool = True) -> dict:
     """Quality figures of generated digits, as `ddpm eval` reports them (bench/quality.py).
@@ -600,8 +637,9 @@ def evaluate(images, labels, data: str | os.PathLike | None = None, name: str = 
     try:
         folder = ensure_mnist(resolve_data_dir(data), download=download, progress=lambda *_: None)
         key = (str(folder), str(quality.CLASSIFIER_FILE))
-        if key not in _REFERENCES:
-            _REFERENCES[key] = quality.Reference.load(folder)
+        with _REFERENCES_LOCK:
+            if key not in _REFERENCES:
+                _REFERENCES[key] = quality.Reference.load(folder)
         return _REFERENCES[key].evaluate(images, labels.astype(np.int64), name)
     except (DataError, ValueError) as e:
         raise DdpmError(str(e)) from None

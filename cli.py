@@ -15,7 +15,7 @@ import threading
 import click
 
 from .api import DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL   # numpy-only imports
-from .errors import DdpmError, limit_message
+from .errors import DdpmError, Terminated, limit_message
 from .runtime.noise import MAX_SEED
 
 # OMP_WAIT_POLICY=PASSIVE is set by `import ddpm` (ddpm/__init__.py), before any command loads PyTorch.
@@ -32,7 +32,8 @@ class Group(click.Group):
     cannot be written, ...) become one line and exit 1, and so do failures caused by a resource limit of the process
     (out of memory, too many open files, a file over the file-size limit: errors.limit_message names the limit);
     Ctrl-C becomes one line ("interrupted", or what the command says about it, e.g. the last checkpoint) and exit
-    130, the shell's code for SIGINT."""
+    130, the shell's code for SIGINT; SIGTERM the same with "terminated" and exit 143 (errors.Terminated, also when
+    a command re-raised it with more to say)."""
 
     def invoke(self, ctx):
         with _sigterm_as_interrupt(), _file_size_limit_as_error():
@@ -51,11 +52,6 @@ class Group(click.Group):
             except KeyboardInterrupt as e:
                 click.echo(f"\n{str(e) or 'interrupted'}", err=True)
                 ctx.exit(130)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what `kill` and `timeout` send): unwound like Ctrl-C, so that temporaries are removed and nothing
-    half-written is published; exit 143 (128 + 15)."""
 
 
 @contextlib.contextmanager
@@ -390,12 +386,14 @@ def engine_options(f):
     return f
 
 
-def make_engine(name, model, device, fp16=False, cuda_graph=True, max_batch=512, ctx=None, threads=None, plan=None):
-    """The engine `name` (auto resolved) on `device`, its messages on stderr; ctx: the torchrun context.
-    max_batch: the largest batch the network runs at (2 x --batch with guidance), what a TensorRT engine is made for.
-    plan: the plan to run, needed by onnx-generator (its generator.onnx is made for one plan)."""
+def make_engine(name, model, device, fp16=False, cuda_graph=True, max_batch=512, ctx=None, threads=None, plan=None,
+                quiet=False):
+    """The engine `name` (auto resolved) on `device`, its one-time build messages on stderr unless quiet (-q); ctx:
+    the torchrun context. max_batch: the largest batch the network runs at (2 x --batch with guidance), what a
+    TensorRT engine is made for. plan: the plan to run, needed by onnx-generator (its generator.onnx is made for one
+    plan)."""
     return model.engine(name, device, fp16, cuda_graph, threads, max_batch, dist=ctx, plan=plan,
-                        log=lambda m: click.echo(m, err=True))
+                        log=None if quiet else (lambda m: click.echo(m, err=True)))
 
 
 def _add_generator(root, plan, form="loop", log=click.echo):
@@ -424,7 +422,7 @@ def _add_generator(root, plan, form="loop", log=click.echo):
 @click.option("--trajectory", type=click.Path(dir_okay=False), default=None,
               help="Also write the reverse process of the first few samples: x.png (x_t and predicted x0 at 10 "
                    "steps) or x.gif (an animation); not with onnx-generator, which runs the loop in one call.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no one-time build messages.")
 @sampling_options
 def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, trajectory, quiet, ckpt, sampler, steps,
         spacing, guidance_interval, eta, variance, guidance, seed, batch, device, threads):
@@ -468,7 +466,7 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, trajec
     ctx = _dist(device)   # under torchrun: each rank draws its share of the samples
     dev = str(ctx.device) if ctx.world > 1 else _device(device)
     net_batch = 2 * batch if guidance and not uncond else batch   # guidance runs both halves in one batch
-    eng = make_engine(engine, model, dev, fp16, not no_cuda_graph, net_batch, ctx, threads, plan)
+    eng = make_engine(engine, model, dev, fp16, not no_cuda_graph, net_batch, ctx, threads, plan, quiet)
     labels = lambda a, b: model.labels(b - a, label, uncond, start=a)   # samples a..b-1: nothing of size n is held
     lo, hi = ctx.shard(num)
     t0 = time.perf_counter()
@@ -524,7 +522,7 @@ def editing_options(out: str, eta: float = 0.0, guidance: float = GUIDANCE):
             click.option("--out", type=click.Path(dir_okay=False), default=out, show_default=True,
                          help="x.png: a grid, the input first, then the results; x.npz: images (N,28,28) uint8, "
                               "labels (N,) (-1: unconditional) and the input."),
-            click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+            click.option("--quiet", "-q", is_flag=True, help="No progress bar, no one-time build messages."),
         ]
         f = sampling_options(engine_options(f), sampler=EDIT_SAMPLER, eta=eta, guidance=guidance, interval=None)
         for opt in reversed(opts):
@@ -572,7 +570,8 @@ def _edit_command(what, detail, opts, run, shown, check_plan=None):   # detail: 
     tile = shown(model)
     ctx = _dist(o["device"])
     dev = str(ctx.device) if ctx.world > 1 else _device(o["device"])
-    eng = make_engine(o["engine"], model, dev, o["fp16"], not o["no_cuda_graph"], 2 * o["batch"], ctx, o["threads"])
+    eng = make_engine(o["engine"], model, dev, o["fp16"], not o["no_cuda_graph"], 2 * o["batch"], ctx, o["threads"],
+                      quiet=o["quiet"])
     if o["label"] is None and ctx.rank == 0:
         click.echo("no --label: using the unconditional model", err=True)
     lo, hi = ctx.shard(o["num"])
@@ -746,7 +745,7 @@ def restore(sigma, **o):
 @click.option("--train-classifier", is_flag=True, help="Retrain the classifier (3 epochs) and use it.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the results here (JSON; missing folders are created).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no one-time build messages.")
 @sampling_options
 def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph, data, classifier, train_classifier,
              json_out, quiet, ckpt, sampler, steps, spacing, guidance_interval, eta, variance, guidance, seed, batch,
@@ -809,7 +808,7 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
         labels = model.labels(num, None, uncond)
         net_batch = 2 * batch if guidance and not uncond else batch
         eng = make_engine(engine, model, _device(device), fp16, not no_cuda_graph, net_batch, threads=threads,
-                          plan=plan)
+                          plan=plan, quiet=quiet)
         images = generate(eng, num, plan, labels, guidance, seed, batch, progress=not quiet)
         name = f"{plan.name} w={guidance:g}" + (" uncond" if uncond else "")
         rows.append(ref.evaluate(images, labels, name))

@@ -16,7 +16,8 @@ at small N the floor itself varies by tens of percent, and an FD inside that ran
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,7 @@ class Reference:
     test_top_prob: float = float("nan")   # the classifier's mean top-class probability on the real test digits
     test_border_share: float = float("nan")   # border_share of the real test digits
     _train_features: np.ndarray | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def load(cls, data_dir, classifier_path=CLASSIFIER_FILE) -> "Reference":
@@ -169,13 +171,15 @@ class Reference:
         return cls(clf, feats, train, float(probs.max(1).mean()), border_share(test))
 
     def train_features(self, idx: np.ndarray) -> np.ndarray:
-        """Features of the training images idx, each computed once and kept."""
-        if self._train_features is None:
-            self._train_features = np.full((len(self.train_images), self.test_features.shape[1]), np.nan)
-        todo = idx[np.isnan(self._train_features[idx, 0])]
-        if len(todo):
-            self._train_features[todo] = features_and_probs(self.classifier, self.train_images[todo])[0]
-        return self._train_features[idx]
+        """Features of the training images idx, each computed once and kept (one thread at a time fills them: a
+        Reference is shared by the threads of ddpm.evaluate)."""
+        with self._lock:
+            if self._train_features is None:
+                self._train_features = np.full((len(self.train_images), self.test_features.shape[1]), np.nan)
+            todo = idx[np.isnan(self._train_features[idx, 0])]
+            if len(todo):
+                self._train_features[todo] = features_and_probs(self.classifier, self.train_images[todo])[0]
+            return self._train_features[idx]
 
     def floors(self, n: int, draws: int = FLOOR_DRAWS, seed: int = 0) -> list[float]:
         """FD of n real training images to the test set, for `draws` draws of them (disjoint while the 60000 allow):

@@ -22,6 +22,7 @@ runner (PyTorch, TensorRT, onnxruntime on a GPU) run the same step.
 from __future__ import annotations
 
 import hashlib
+import threading
 import warnings
 from collections import OrderedDict
 from typing import Callable
@@ -29,6 +30,8 @@ from typing import Callable
 import numpy as np
 
 from .samplers import Plan
+
+_CAPTURE_LOCK = threading.Lock()   # CUDA-graph captures, one at a time per process (Runner._capture)
 
 
 def plan_key(plan: Plan) -> str:
@@ -150,18 +153,23 @@ class Runner:
                 callback(i)
 
     def _capture(self) -> None:
-        """Warm up on a side stream (lazy inits, cuDNN/TensorRT autotuning), then capture the whole loop."""
+        """Warm up on a side stream (lazy inits, cuDNN/TensorRT autotuning), then capture the whole loop.
+
+        One capture at a time in the process, and in "thread_local" mode: other threads keep running their runners
+        (their allocations and synchronisations are not part of this capture), where the default "global" mode
+        would make their CUDA calls fail while this thread captures."""
         import torch
 
         dev = self.x.device
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            self.loop()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.loop()
+        with _CAPTURE_LOCK:
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                self.loop()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.loop()
         self.graph = graph
 
     # ---------------------------------------------------------------------------------------------------- run
@@ -226,11 +234,14 @@ class Runner:
 
 
 class RuntimeEngine:
-    """An engine (see runtime.generate) that keeps the runners of its latest (batch, plan, guided) combinations.
+    """An engine (see runtime.generate) that keeps the runners of its latest (batch, plan, guided, edit) combinations.
 
     Every runner owns its buffers and its bound network calls, so any sequence of calls gives the same digits as
-    each call alone. At most `max_runners` are kept (least recently used dropped), so a long-lived engine that sees
-    many batch sizes does not grow without bound.
+    each call alone. A runner serves one call at a time: `run` checks an idle one out of the pool (or builds one when
+    every runner of that combination is busy, e.g. with two threads running the same batch and plan) and puts it
+    back afterwards, so calls from any number of threads give the digits of serial calls. At most `max_runners` idle
+    runners are kept (least recently used dropped), so a long-lived engine that sees many batch sizes, or a burst of
+    concurrent calls, does not grow without bound.
     """
 
     supports_edits = True   # run(edit=, y=, mask=, watch=): runtime.generate
@@ -239,22 +250,53 @@ class RuntimeEngine:
         self.net, self.null_label, self.image_shape, self.cuda_graph = net, null_label, tuple(image_shape), cuda_graph
         self.name = net.name
         self.max_runners = max_runners
-        self.runners: OrderedDict = OrderedDict()
+        self.runners: OrderedDict = OrderedDict()   # key -> idle runners of that key, most recently used last
+        self._lock = threading.Lock()              # guards `runners`; runs themselves happen outside it
+
+    @staticmethod
+    def _key(batch: int, plan: Plan, guided: bool, edit=None) -> tuple:
+        return (batch, plan_key(plan), guided, None if edit is None else edit.key)
+
+    def _build(self, batch: int, plan: Plan, guided: bool, edit=None) -> Runner:
+        return Runner(self.net, batch, plan, guided, self.null_label, self.image_shape, self.cuda_graph, edit)
+
+    def _take(self, key) -> Runner | None:
+        with self._lock:
+            idle = self.runners.get(key)
+            if not idle:
+                return None
+            runner = idle.pop()
+            if not idle:
+                del self.runners[key]
+            return runner
+
+    def _give_back(self, key, runner: Runner) -> None:
+        with self._lock:
+            self.runners.setdefault(key, []).append(runner)
+            self.runners.move_to_end(key)
+            while sum(map(len, self.runners.values())) > self.max_runners:
+                oldest = next(iter(self.runners))
+                self.runners[oldest].pop(0)
+                if not self.runners[oldest]:
+                    del self.runners[oldest]
 
     def runner(self, batch: int, plan: Plan, guided: bool, edit=None) -> Runner:
-        key = (batch, plan_key(plan), guided, None if edit is None else edit.key)
-        if key in self.runners:
-            self.runners.move_to_end(key)
-        else:
-            self.runners[key] = Runner(self.net, batch, plan, guided, self.null_label, self.image_shape,
-                                       self.cuda_graph, edit)
-            while len(self.runners) > self.max_runners:
-                self.runners.popitem(last=False)
-        return self.runners[key]
+        """An idle runner of this combination, built if there is none; it stays in the pool, so the next `run` of
+        this combination uses it (unless another thread has it then). For inspection and benchmarks."""
+        key = self._key(batch, plan, guided, edit)
+        runner = self._take(key) or self._build(batch, plan, guided, edit)
+        self._give_back(key, runner)
+        return runner
 
     def run(self, x_T, z, labels, plan, guidance, callback=None, edit=None, y=None, mask=None, watch=None):
         """x_T (B,C,H,W) float32, z (B,Q,C,H,W) or None, labels (B,) int64 or None -> x_0 (B,C,H,W) float32.
 
-        edit: a runtime.edits.Projection with its y and mask (Runner.load); watch: see Runner.run."""
+        edit: a runtime.edits.Projection with its y and mask (Runner.load); watch: see Runner.run. Safe to call
+        from several threads at once: each call has a runner of its own for its duration."""
         guided = labels is not None and guidance != 0   # w = 0: the conditional model alone, one batch
-        return self.runner(x_T.shape[0], plan, guided, edit).run(x_T, z, labels, guidance, callback, y, mask, watch)
+        key = self._key(x_T.shape[0], plan, guided, edit)
+        runner = self._take(key) or self._build(x_T.shape[0], plan, guided, edit)
+        try:
+            return runner.run(x_T, z, labels, guidance, callback, y, mask, watch)
+        finally:
+            self._give_back(key, runner)   # reusable whatever happened: every run loads all its inputs first

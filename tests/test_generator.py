@@ -151,12 +151,12 @@ def test_cli_gen_and_export(setup, tmp_path):
     common = ("--ckpt", ckpt, "-n", 6, "--steps", 4, "--batch", 4, "--seed", 9, "-w", 1.0, "-q")
     r = invoke("gen", *common, "--engine", "onnx", "--out", tmp_path / "a.npz", env=env)
     assert r.exit_code == 0, r.output
-    r = invoke("gen", *common, "--engine", "onnx-generator", "--out", tmp_path / "b.npz", env=env)
+    r = invoke("gen", *common[:-1], "--engine", "onnx-generator", "--out", tmp_path / "b.npz", env=env)
     assert r.exit_code == 0, r.output
     assert "onnx-generator" in r.output and "building generator.onnx" in r.output   # built once, in the cache
     a, b = np.load(tmp_path / "a.npz")["images"], np.load(tmp_path / "b.npz")["images"]
     assert np.abs(a.astype(int) - b).max() <= 1
-    r = invoke("gen", *common, "--engine", "onnx-generator", "--out", tmp_path / "c.npz", env=env)
+    r = invoke("gen", *common[:-1], "--engine", "onnx-generator", "--out", tmp_path / "c.npz", env=env)
     assert r.exit_code == 0 and "building" not in r.output                            # reused
     # bad input: one clear message, no traceback
     r = invoke("gen", "--ckpt", ckpt, "-n", 2, "--sampler", "ddpm", "--engine", "onnx-generator", env=env)
@@ -170,3 +170,45 @@ def test_cli_gen_and_export(setup, tmp_path):
     r = invoke("gen", *common, "--engine", "onnx-generator", "--export", tmp_path / "e", "--out", tmp_path / "d.npz",
                env=env)
     assert r.exit_code == 1 and "not one for unipc4-trailing" in r.output
+
+
+def _builds(model, plan) -> int:
+    """How many times generator_bundle(plan) built a generator (its log says so once per build)."""
+    lines = []
+    model.generator_bundle(plan, log=lines.append)
+    return sum("building generator.onnx" in line for line in lines)
+
+
+def test_a_generator_is_built_once_per_plan(setup, tmp_path, monkeypatch):
+    """The generator of a plan is built on its first use and reused by every later call and process (a fresh
+    Model), for the shipped model (whose installed export stays as it is) and for a checkpoint, also when plans
+    alternate; two threads asking at once build it once."""
+    import threading
+
+    import ddpm
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    shipped = ddpm.load()
+    plan = shipped.plan("unipc", 2)
+    assert [_builds(ddpm.load(), plan) for _ in range(2)] == [1, 0]
+    assert _builds(shipped, plan) == 0
+    assert not (ddpm.api.default_export_dir() / GENERATOR_FILE).exists()
+    loaded = setup[0]
+    a, b = (ddpm.load(loaded.path).plan("ddim", k) for k in (3, 4))
+    assert [_builds(ddpm.load(loaded.path), p) for p in (a, b, a, b)] == [1, 1, 0, 0]
+    model, c, counts = ddpm.load(loaded.path), ddpm.load(loaded.path).plan("ddim", 5), []
+    pool = [threading.Thread(target=lambda: counts.append(_builds(model, c))) for _ in range(2)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert sorted(counts) == [0, 1]
+
+
+def test_quiet_gen_says_nothing_about_building(setup, tmp_path):
+    ckpt = setup[0].path
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    r = invoke("gen", "--ckpt", ckpt, "-n", 2, "--steps", 3, "--engine", "onnx-generator", "-q",
+               "--out", tmp_path / "a.png", env=env)
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines() == [r.output.strip()] and "building" not in r.output   # the summary alone

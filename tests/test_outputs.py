@@ -326,6 +326,35 @@ def test_sigint_in_a_real_process_is_one_line(ckpt, tmp_path, sig, code, word):
     assert not out.exists() and _temporaries(tmp_path) == []
 
 
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_in_real_training_keeps_its_exit_code(fake_mnist, tmp_path, sig, code, word):
+    """A real SIGTERM during `ddpm train` exits 143 with "terminated; <last checkpoint>", Ctrl-C 130 with
+    "interrupted; ...": the training loop adds the last checkpoint to the message without turning one signal into
+    the other (supervisors such as systemd, Kubernetes and `timeout` read the code)."""
+    import sys
+
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "ddpm.cli", "train", "--data", str(fake_mnist), "--out", str(run),
+                          "--preset", "tiny", "--timesteps", "10", "--steps", "100000", "--ckpt-every", "2",
+                          "--batch", "8", "--warmup", "1", "--device", "cpu", "--threads", "1"],
+                         stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 300
+    while not (run / "ckpt.pt").is_file() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(sig)
+    try:
+        out, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        pytest.fail(f"ddpm train did not stop within 120 s of signal {sig}")
+    last = err.strip().splitlines()[-1].strip()
+    assert p.returncode == code, err
+    assert "Traceback" not in err and last.startswith(f"{word}; last checkpoint at step ") and \
+        last.endswith(f" in {run}, continue with --resume"), err
+
+
 # ------------------------------------------------------------------------------------- concurrent and careless
 def test_a_run_folder_is_never_overwritten_or_shared(fake_mnist, tmp_path):
     from ddpm.files import folder_lock

@@ -282,7 +282,7 @@ def test_failed_cuda_graph_capture_warns_once_and_runs_step_by_step(setup, name,
             pass
 
     @contextlib.contextmanager
-    def refused_capture(graph):
+    def refused_capture(graph, **options):
         raise RuntimeError("operation not permitted when stream is capturing")
         yield
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DdpmError, Interrupted, limit_message
+from ..errors import DdpmError, interrupted, limit_message
 from ..files import OutputError, check_writable, clean_stale, folder_lock, output_path, readable_name, write_text
 from ..model import PRESETS, UNet
 from ..model.config import ModelConfig
@@ -284,7 +284,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
 
     Only one process trains in a run folder at a time (files.folder_lock), and a new run never overwrites another
     one's checkpoint: without --resume, a folder holding a ckpt.pt is refused. Raises TrainingError, DataError,
-    errors.Interrupted (Ctrl-C: the message names the last checkpoint)."""
+    errors.Interrupted (Ctrl-C; errors.Terminated for SIGTERM: the message names the last checkpoint)."""
     out = Path(cfg.out)
     if int(os.environ.get("RANK", "0")):   # under torchrun only rank 0 writes
         return _train(cfg, resume, progress, log)
@@ -478,9 +478,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
                 bar.update(len(window))
             if at_ckpt:
                 checkpoint(done)
-    except KeyboardInterrupt:   # Ctrl-C: every file is whole (atomic writes); say where to resume from
-        raise Interrupted(f"interrupted; {_last(last_ckpt[0])}"
-                          + (f" in {out}, continue with --resume" if last_ckpt[0] is not None else "")) from None
+    except KeyboardInterrupt as e:   # Ctrl-C or SIGTERM: every file is whole (atomic writes); say where to resume
+        raise interrupted(e, _last(last_ckpt[0]) + (f" in {out}, continue with --resume" if last_ckpt[0] is not None
+                                                    else "")) from None
     except Exception as e:      # a resource limit (memory, open files, file size): the limit, and where to resume
         message = limit_message(e)
         if message is None:

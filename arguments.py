@@ -1,0 +1,327 @@
+"""The public API's arguments, checked in one place: one spec per argument name (schema.py's specs), applied by
+`checked` to every public function of ddpm.api before it does any work.
+
+    @checked(n=OPTIONAL_COUNT)            # an argument whose meaning differs in this function
+    def edit(self, image, label=None, strength=0.6, n=None, ...): ...
+
+    model.generate(2, steps=1.5)          # DdpmError: steps must be an integer >= 1, got 1.5
+
+The same rules everywhere: an integer argument takes Python and numpy integers, never a bool or a float; a number
+takes integers and floats, never a bool, NaN or inf; a string is checked against its choices; a flag is a bool. A
+call that does not fit the signature (a missing or unknown argument) is a DdpmError too. What depends on the model
+(steps <= T, a label below the number of classes) is checked where the model is known, also as a DdpmError. Only
+the arguments a caller passes are checked: the defaults are known to be good.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import os
+
+import numpy as np
+
+from .errors import DdpmError
+from .schema import Array, Bool, Int, Invalid, Num, Spec, Str
+
+
+class Opt(Spec):
+    """None, or a value of `inner`."""
+
+    def __init__(self, inner: Spec):
+        self.inner, self.what = inner, f"None or {inner.what}"
+
+    def check(self, v, dims, path):
+        if v is not None:
+            self.inner.check(v, dims, path)
+
+
+class OneOf(Spec):
+    """One of a few allowed values of `inner` (e.g. the integers 2 and 4)."""
+
+    def __init__(self, inner: Spec, values: tuple):
+        self.inner, self.values = inner, values
+        self.what = " or ".join(map(str, values))
+
+    def check(self, v, dims, path):
+        self.inner.check(v, dims, path)
+        if v not in self.values:
+            self.fail(v, path)
+
+
+class PathArg(Spec):
+    what = "a path (str or os.PathLike)"
+
+    def check(self, v, dims, path):
+        if not isinstance(v, (str, os.PathLike)) or v == "":
+            self.fail(v, path)
+
+
+class Func(Spec):
+    what = "a function"
+
+    def check(self, v, dims, path):
+        if not callable(v):
+            self.fail(v, path)
+
+
+class Duck(Spec):
+    """An object with these attributes (e.g. an engine: name and run)."""
+
+    def __init__(self, attrs: tuple[str, ...], what: str):
+        self.attrs, self.what = attrs, what
+
+    def check(self, v, dims, path):
+        if not all(hasattr(v, a) for a in self.attrs):
+            self.fail(v, path)
+
+
+class Either(Spec):
+    """A value of the first spec that takes it; the message names what all of them take."""
+
+    def __init__(self, *specs: Spec, what: str):
+        self.specs, self.what = specs, what
+
+    def check(self, v, dims, path):
+        for s in self.specs:
+            try:
+                s.check(v, dims, path)
+                return
+            except Invalid:
+                pass
+        self.fail(v, path)
+
+
+class Pair(Spec):
+    """A tuple or list of two values of `inner`; ordered: the first below the second."""
+
+    def __init__(self, inner: Spec, ordered: bool = False, what: str | None = None):
+        self.inner, self.ordered = inner, ordered
+        self.what = what or f"a pair of values, each {inner.what}"
+
+    def check(self, v, dims, path):
+        if not isinstance(v, (tuple, list)) or len(v) != 2:
+            self.fail(v, path)
+        for x in v:
+            try:
+                self.inner.check(x, dims, path)
+            except Invalid:
+                self.fail(v, path)
+        if self.ordered and not v[0] < v[1]:
+            self.fail(v, path)
+
+
+class Level(Spec):
+    """A number >= 0 that may be +inf (the top of a guidance interval), never NaN or a bool."""
+
+    what = "a number >= 0 (inf allowed)"
+
+    def check(self, v, dims, path):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                or math.isnan(v) or v < 0:
+            self.fail(v, path)
+
+
+class ArrayLike(Spec):
+    """Anything numpy turns into an array that fits `inner` (an Array spec): lists too."""
+
+    def __init__(self, inner: Array):
+        self.inner, self.what = inner, inner.what
+
+    def check(self, v, dims, path):
+        if isinstance(v, (str, bytes, os.PathLike)) or v is None:
+            self.fail(v, path)
+        try:
+            a = np.asarray(v)
+        except (ValueError, TypeError):   # ragged nested lists
+            self.fail(v, path)
+        self.inner.check(a, dims, path)
+
+
+class Labels(Spec):
+    """None, one class (an integer >= 0), or one per sample (a 1-D sequence of integers >= 0). The upper bound is
+    the model's number of classes (Model.labels)."""
+
+    what = "None, an integer >= 0, or a 1-D sequence of integers >= 0"
+
+    def check(self, v, dims, path):
+        if v is None:
+            return
+        if isinstance(v, (str, bytes)) or np.ndim(v) not in (0, 1):
+            self.fail(v, path)
+        if np.ndim(v) == 0:
+            Int(min=0).check(v, dims, path)
+            return
+        a = np.asarray(v)
+        if a.dtype.kind not in "iu" or (a.size and a.min() < 0):
+            self.fail(v, path)
+
+
+class Picture(Spec):
+    """A picture file, a (H, W) array, or a stack (N, H, W) of them; what it holds is checked when it is read
+    (api._read)."""
+
+    what = "a picture file or a (H, W) or (N, H, W) uint8 array"
+
+    def __init__(self, names: tuple[str, ...] = ()):
+        self.names = names   # words that are not files (inpaint's mask: the halves)
+        if names:
+            self.what = f"one of {', '.join(names)}, {self.what}"
+
+    def check(self, v, dims, path):
+        if isinstance(v, (str, os.PathLike)):
+            if v == "":
+                self.fail(v, path)
+            return
+        if isinstance(v, bytes) or v is None or np.ndim(v) not in (2, 3):
+            self.fail(v, path)
+
+
+def _choices(name: str) -> tuple:
+    """Choices that live with the code that uses them (imported late: some modules import this one)."""
+    if name == "engine":
+        from .runtime.engines import ENGINES
+
+        return ("auto", *ENGINES)
+    if name == "sampler":
+        from .runtime.samplers import SAMPLERS
+
+        return SAMPLERS
+    if name == "spacing":
+        from .runtime.samplers import SPACINGS
+
+        return SPACINGS
+    if name == "form":
+        from .export.generator import FORMS   # numpy-only at import time
+
+        return FORMS
+    if name == "half":
+        from .runtime.edits import HALVES
+
+        return HALVES
+    raise KeyError(name)
+
+
+class Lazy(Spec):
+    """Str(choices=...) whose choices are read when first needed."""
+
+    def __init__(self, name: str, what: str | None = None):
+        self.name, self._spec, self.what = name, None, what or f"one of the {name}s"
+
+    def check(self, v, dims, path):
+        if self._spec is None:
+            self._spec = Str(choices=_choices(self.name))
+        self._spec.check(v, dims, path)
+
+
+def _is_plan(v) -> bool:
+    from .runtime.samplers import Plan
+
+    return isinstance(v, Plan)
+
+
+class PlanArg(Spec):
+    what = "a sampler plan (Model.plan)"
+
+    def check(self, v, dims, path):
+        if not _is_plan(v):
+            self.fail(v, path)
+
+
+PLAN = PlanArg()
+COUNT = Int(min=0)
+OPTIONAL_COUNT = Opt(Int(min=0))
+ENGINE = Either(Lazy("engine"), Duck(("name", "run"), "an engine"),
+                what="an engine name (auto, torch, runtime-torch, onnx, trt, onnx-generator) or an engine object")
+ENGINE_NAME = Lazy("engine", "an engine name (auto, torch, runtime-torch, onnx, trt, onnx-generator)")
+DEVICE = Str(pattern=r"auto|cpu|cuda|cuda:[0-9]+", what="auto, cpu, cuda or cuda:N")
+
+# Every argument of every public function, by name. `checked` refuses at import time a function with an argument
+# missing here, so a new argument cannot go unchecked.
+ARGS: dict[str, Spec] = {
+    # what to draw
+    "n": COUNT,
+    "label": Labels(),
+    "uncond": Bool(),
+    "guidance": Num(min=0),
+    "seed": Int(min=0, max=2**64 - 1),
+    "start": Int(min=0),
+    "batch": Int(min=1),
+    "progress": Bool(),
+    # the sampler (Model.plan)
+    "sampler": Lazy("sampler"),
+    "steps": Opt(Int(min=1)),
+    "eta": Num(min=0, max=1),
+    "variance": Str(choices=("small", "large")),
+    "spacing": Opt(Lazy("spacing")),
+    "guidance_interval": Opt(Pair(Level(), ordered=True, what="None or a pair (lo, hi) with 0 <= lo < hi")),
+    "top": Opt(Int(min=0)),
+    "plan": Opt(PLAN),
+    # where it runs (Model.engine)
+    "engine": ENGINE,
+    "name": ENGINE_NAME,
+    "device": DEVICE,
+    "fp16": Bool(),
+    "cuda_graph": Bool(),
+    "threads": Opt(Int(min=1)),
+    "max_batch": Int(min=1),
+    "dist": Opt(Duck(("rank", "world", "barrier"), "a torchrun context (rank, world, barrier)")),
+    "log": Opt(Func()),
+    "form": Lazy("form", "loop or unrolled"),
+    # editing
+    "image": Picture(),
+    "mask": Picture(names=("top", "bottom", "left", "right")),
+    "strength": Num(min=0, max=1),
+    "factor": OneOf(Int(), (2, 4)),
+    "method": Str(choices=("ilvr", "ddnm")),
+    "sigma": Num(min=0, min_open=True),
+    "jump": Int(min=1),
+    "resample": Int(min=1),
+    "size": Opt(Pair(Int(min=1), what="None or a pair (H, W) of integers >= 1")),
+    # files
+    "path": Opt(PathArg()),
+    "export": Opt(PathArg()),
+    "data": Opt(PathArg()),
+    "download": Bool(),
+    # evaluate
+    "images": ArrayLike(Array(("uint8",), ("N", 28, 28))),
+    "labels": ArrayLike(Array(("int",), ("N",), min=-1, max=9)),
+}
+
+
+def checked(_fn=None, **overrides: Spec):
+    """Check the arguments of every call of the decorated function against ARGS (or `overrides`, for an argument
+    that means something else here) before it runs; DdpmError with one line naming the argument otherwise."""
+    def deco(fn):
+        sig = inspect.signature(fn)
+        specs = {}
+        for p in sig.parameters.values():
+            if p.name == "self":
+                continue
+            spec = overrides.get(p.name, ARGS.get(p.name))
+            if spec is None:
+                raise TypeError(f"{fn.__qualname__}: argument {p.name!r} has no spec in ddpm.arguments.ARGS")
+            specs[p.name] = spec
+        where = fn.__qualname__.replace("Model.", "model.") if "." in fn.__qualname__ else f"ddpm.{fn.__name__}"
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                bound = sig.bind(*args, **kwargs)
+            except TypeError as e:
+                raise DdpmError(f"{where}(): {e}") from None
+            dims: dict = {}
+            for name, value in bound.arguments.items():
+                if name != "self":
+                    try:
+                        specs[name].check(value, dims, name)
+                    except Invalid as e:
+                        raise DdpmError(f"{where}(): {e}") from None
+            return fn(*args, **kwargs)
+        wrapper.specs = specs
+        return wrapper
+    return deco if _fn is None else deco(_fn)
+
+
+__all__ = ["ARGS", "checked"]
