@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..runtime.schedule import PREDICTIONS
 from ..schema import Bool, Int, List, Num, Schema, Str
 
 
@@ -21,6 +22,7 @@ class ModelConfig:
     groups: int = 8                      # GroupNorm groups
     schedule: str = "linear"             # beta schedule the network was trained with: linear | cosine
     timesteps: int = 1000                # T, number of diffusion steps
+    prediction: str = "eps"              # the network's output: eps (the noise) or v (Salimans & Ho 2022)
 
     @property
     def null_label(self) -> int:
@@ -32,7 +34,10 @@ class ModelConfig:
         return 4 * self.base_channels
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as a JSON-able dict, without the fields of LATER_FIELDS that hold their default: a config stored
+        before such a field existed means its default, and keeps its identity (model.io.weights_hash)."""
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -60,7 +65,13 @@ class ModelConfig:
             raise ValueError(f"unknown schedule {self.schedule!r} (linear or cosine)")
         if self.timesteps < 2:
             raise ValueError("timesteps must be >= 2")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r} ({' or '.join(PREDICTIONS)})")
         return self
+
+
+# Fields added after files were first written, with the value their absence means; to_dict leaves them out at it.
+LATER_FIELDS = {"prediction": "eps"}
 
 
 # What a stored config must hold (checkpoints, export.json): every field typed and in range.
@@ -69,7 +80,7 @@ CONFIG = Schema("model config", {
     "channel_mults": List(Int(min=1), min_len=1), "num_res_blocks": Int(min=0), "attention": Bool(),
     "num_classes": Int(min=1), "dropout": Num(min=0, max=1, max_open=True), "groups": Int(min=1),
     "schedule": Str(choices=("linear", "cosine")), "timesteps": Int(min=2),
-})
+}, optional={"prediction": Str(choices=PREDICTIONS)})
 
 # small: trains usefully on 2 CPU cores; large: for a GPU.
 PRESETS: dict[str, ModelConfig] = {
