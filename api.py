@@ -250,7 +250,7 @@ class Model:
         """The model's diffusion schedule (runtime.schedule.Schedule)."""
         from .runtime.schedule import Schedule
 
-        return Schedule.make(self.cfg.schedule, self.cfg.timesteps)
+        return Schedule.of(self.cfg)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

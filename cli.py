@@ -17,6 +17,7 @@ import click
 from .api import DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL   # numpy-only imports
 from .errors import DdpmError, Terminated, limit_message
 from .runtime.noise import MAX_SEED
+from .runtime.schedule import PREDICTIONS
 
 # OMP_WAIT_POLICY=PASSIVE is set by `import ddpm` (ddpm/__init__.py), before any command loads PyTorch.
 
@@ -216,8 +217,11 @@ def main():
               help="After the warm-up: constant, or a cosine decay to 1% of --lr at the last of --steps "
                    "[default: constant; --resume keeps the run's].")
 @click.option("--loss-weight", type=click.Choice(["eps", "min-snr"]), default=None,
-              help="eps: plain eps-MSE; min-snr: weight min(SNR,5)/SNR per timestep (Hang et al. 2023) "
-                   "[default: eps; --resume keeps the run's].")
+              help="eps: plain MSE; min-snr: weight min(SNR,5)/SNR per timestep (Hang et al. 2023; "
+                   "/(SNR+1) for v) [default: eps; --resume keeps the run's].")
+@click.option("--prediction", type=click.Choice(PREDICTIONS), default=None,
+              help="What the network outputs: eps (the noise) or v (Salimans & Ho 2022) [default: eps; --resume: "
+                   "the model's own; --init: the model's own unless given].")
 @click.option("--ema", "ema_decay", type=Finite(0, 1, max_open=True), default=0.999, show_default=True,
               help="EMA decay.")
 @click.option("--p-uncond", type=Finite(0, 1, max_open=True), default=0.1, show_default=True,

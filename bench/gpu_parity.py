@@ -23,7 +23,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     loaded = load_model(default_model_path())
-    sched = Schedule.make(loaded.cfg.schedule, loaded.cfg.timesteps)
+    sched = Schedule.of(loaded.cfg)
     null = loaded.cfg.null_label
     eager, cpu = make_engine("torch", "cuda", loaded.model, null), make_engine("torch", "cpu", loaded.model, null)
     graph = make_engine("runtime-torch", "cuda", loaded.model, null)

@@ -122,7 +122,7 @@ def measure(args) -> None:
     loaded = cli._load(args.ckpt)
     eng = cli.make_engine(args.engine, loaded, device, None, False, not args.no_cuda_graph, 2 * args.batch)
     ref = quality.Reference.load(args.data)
-    sched = Schedule.make(loaded.cfg.schedule, loaded.cfg.timesteps)
+    sched = Schedule.of(loaded.cfg)
     floors = {}
     doc["meta"] = {"engine": eng.name, "device": device, "model": loaded.hash[:16], "batch": args.batch,
                    "torch": torch.__version__,

@@ -14,7 +14,7 @@ operations and order, so the generator reproduces the runtime up to the noise pr
        by a batch size of B or 2B computed in the graph, so there is no branch)
     2. eps = eps_c + w (eps_c - eps_u)   (Ho & Salimans 2022, eq. 6), computed as (eps_u - eps_c)(-w) + eps_c;
        on an unguided row eps_u is eps_c itself and this is eps_c exactly
-    3. x0_hat = x0_x[i] x - x0_eps[i] eps, clipped to [-1, 1] when plan.clip
+    3. x0_hat = x0_x[i] x - x0_out[i] out (the network's eps or v), clipped to [-1, 1] when plan.clip
     4. x = w_x[i] x + w_x0[i] x0_hat + w_x0_prev[i] x0_hat' + w_x0_prev2[i] x0_hat''
        (x0_hat', x0_hat'': the previous two rows' predictions, the history of multistep solvers)
 
@@ -129,8 +129,8 @@ def _row(g: _Nodes, ctx: dict, net_graph, plan: Plan, x: str, hist: list[str], c
         eps_c = g.op("Slice", [eps, ctx["zero1"], ctx["B"], axes0])
         eps_u = g.op("Slice", [eps, g.op("Sub", [n, ctx["B"]]), n, axes0])
         eps = g.op("Add", [g.op("Mul", [g.op("Sub", [eps_u, eps_c]), ctx["neg_w"]]), eps_c])
-    # 3. x0_hat = x0_x x - x0_eps eps (DDIM eq. 12's "predicted x0"), clipped to the data range
-    x0 = g.op("Sub", [g.op("Mul", [x, coef["x0_x"]]), g.op("Mul", [eps, coef["x0_eps"]])])
+    # 3. x0_hat = x0_x x - x0_out out (DDIM eq. 12's "predicted x0" for eps; v: Salimans & Ho 2022), clipped to the data range
+    x0 = g.op("Sub", [g.op("Mul", [x, coef["x0_x"]]), g.op("Mul", [eps, coef["x0_out"]])])
     if plan.clip:
         x0 = g.op("Clip", [x0, ctx["minus1"], ctx["plus1"]])
     # 4. x = w_x x + w_x0 x0_hat (+ the remembered predictions of multistep solvers)
@@ -184,7 +184,7 @@ def build(net_model, plan: Plan, null_label: int, image_shape=(1, 28, 28), form:
     guide = top.op("Not", [top.op("Equal", ["guidance", top.const("zero", 0.0, f32)])])
     terms = (bool(plan.w_x0_prev.any()), bool(plan.w_x0_prev2.any()))
     H_ = plan.history   # 0, 1 or 2 remembered predictions
-    cols = ("x0_x", "x0_eps", "w_x", "w_x0", "w_x0_prev", "w_x0_prev2")
+    cols = ("x0_x", "x0_out", "w_x", "w_x0", "w_x0_prev", "w_x0_prev2")
     if form == "loop":
         body = _Nodes(counter, "row/")
         it = "row/i"

@@ -98,7 +98,7 @@ def metadata(loaded: LoadedModel, files: dict, opset: int) -> dict:
     import onnx
 
     cfg = loaded.cfg
-    sched = Schedule.make(cfg.schedule, cfg.timesteps)
+    sched = Schedule.of(cfg)
     return {
         "format": EXPORT_FORMAT, "version": 1,
         "checkpoint_hash": loaded.hash, "checkpoint": Path(loaded.path).name, "step": loaded.info.get("step"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..runtime.schedule import MAX_T
+from ..runtime.schedule import MAX_T, PREDICTIONS
 from ..schema import Bool, Int, List, Num, Schema, Str
 
 
@@ -22,6 +22,7 @@ class ModelConfig:
     groups: int = 8                      # GroupNorm groups
     schedule: str = "linear"             # beta schedule the network was trained with: linear | cosine
     timesteps: int = 1000                # T, number of diffusion steps
+    prediction: str = "eps"              # the network's output: eps (the noise) or v (Salimans & Ho 2022)
 
     @property
     def null_label(self) -> int:
@@ -33,7 +34,10 @@ class ModelConfig:
         return 4 * self.base_channels
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as a JSON-able dict, without the fields of LATER_FIELDS that hold their default: a config stored
+        before such a field existed means its default, and keeps its identity (model.io.weights_hash)."""
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -69,7 +73,13 @@ class ModelConfig:
         if activation_bytes(self) > MAX_ACTIVATION_BYTES:
             raise ValueError(f"a network that needs {activation_bytes(self) >> 20} MiB of activations per image, more "
                              f"than the {MAX_ACTIVATION_BYTES >> 20} MiB a model may need here")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r} ({' or '.join(PREDICTIONS)})")
         return self
+
+
+# Fields added after files were first written, with the value their absence means; to_dict leaves them out at it.
+LATER_FIELDS = {"prediction": "eps"}
 
 
 # The largest network a config may describe, checked before anything is built from it: far above the `large`
@@ -85,7 +95,7 @@ CONFIG = Schema("model config", {
     "channel_mults": List(Int(min=1, max=64), min_len=1), "num_res_blocks": Int(min=0, max=32), "attention": Bool(),
     "num_classes": Int(min=1, max=100_000), "dropout": Num(min=0, max=1, max_open=True), "groups": Int(min=1),
     "schedule": Str(choices=("linear", "cosine")), "timesteps": Int(min=2, max=MAX_T),
-})
+}, optional={"prediction": Str(choices=PREDICTIONS)})
 
 
 def _res_block_params(cin: int, cout: int, emb: int) -> int:

@@ -213,8 +213,15 @@ class Bundle:
                                   f"re-run `ddpm export`")
 
     @property
+    def config(self):
+        """The exported model's config (model.config.ModelConfig), checked when the folder was loaded."""
+        from ..model.config import ModelConfig
+
+        return ModelConfig.from_dict(self.meta["model_config"])
+
+    @property
     def schedule(self) -> Schedule:
-        return Schedule.from_betas(self.meta["schedule"], self.meta["betas"])
+        return Schedule.from_betas(self.meta["schedule"], self.meta["betas"], self.config.prediction)
 
     @property
     def null_label(self) -> int:

@@ -51,7 +51,7 @@ def sample(eps_fn: EpsFn, x: torch.Tensor, plan: Plan, noise: NoiseFn | None = N
         if plan.calls_net[i]:
             eps = eps_fn(x, int(plan.timesteps[i]), bool(plan.cfg[i]))
             # 1. predicted clean image
-            x0 = plan.x0_x[i] * x - plan.x0_eps[i] * eps
+            x0 = plan.x0_x[i] * x - plan.x0_out[i] * eps
             if plan.clip:
                 x0 = x0.clamp(-1.0, 1.0)
             if edit is not None and edit.on[i] and edit.space == "x0":

@@ -202,7 +202,7 @@ def repaint_plan(plan: Plan, jump: int = 1, resample: int = 1) -> Plan:
     S = plan.steps
     if jump >= S:
         raise ValueError(f"the RePaint jump length must be below the plan's {S} steps, got {jump}")
-    abar = np.append(1.0 / plan.x0_x[0] ** 2, plan.abar_next)    # abar of state n = 0..S
+    abar = np.append(plan.abar[0], plan.abar_next)               # abar of state n = 0..S
     left = {S - 1 - j: resample - 1 for j in range(0, S - jump, jump)}
     rows: list[tuple[int, int]] = []    # (row of the plan, -1) or (-1, state jumped from)
     n = 0
@@ -214,7 +214,7 @@ def repaint_plan(plan: Plan, jump: int = 1, resample: int = 1) -> Plan:
             rows.append((-1, n))
             n -= jump
     R = len(rows)
-    cols = {c: np.zeros(R) for c in ("x0_x", "x0_eps", "w_x", "w_x0", "sigma", "abar_next")}
+    cols = {c: np.zeros(R) for c in ("abar", "w_x", "w_x0", "sigma", "abar_next")}
     t, cfg, calls = np.zeros(R, dtype=np.int64), np.zeros(R, dtype=bool), np.zeros(R, dtype=bool)
     for k, (i, frm) in enumerate(rows):
         if i >= 0:
@@ -225,9 +225,10 @@ def repaint_plan(plan: Plan, jump: int = 1, resample: int = 1) -> Plan:
             to = frm - jump
             ratio = abar[to] / abar[frm]
             cols["w_x"][k], cols["sigma"][k], cols["abar_next"][k] = np.sqrt(ratio), np.sqrt(1.0 - ratio), abar[to]
+            cols["abar"][k] = abar[frm]                          # the level jumped from (no network call)
             t[k] = plan.timesteps[to]                            # the level reached (informative: no network call)
-    return Plan.make(f"repaint-j{jump}-r{resample}-{plan.name}", t, clip=plan.clip, cfg=cfg, calls_net=calls,
-                     **cols)
+    return Plan.make(f"repaint-j{jump}-r{resample}-{plan.name}", t, prediction=plan.prediction, clip=plan.clip,
+                     cfg=cfg, calls_net=calls, **cols)
 
 
 # ----------------------------------------------------------------------------------------------- starting points

@@ -37,7 +37,7 @@ _CAPTURE_LOCK = threading.Lock()   # CUDA-graph captures, one at a time per proc
 def plan_key(plan: Plan) -> str:
     """A digest of everything in a plan that a runner bakes into its tables."""
     h = hashlib.sha1(f"{plan.name}|{plan.clip}".encode())
-    for name in ("timesteps", "x0_x", "x0_eps", "w_x", "w_x0", "w_x0_prev", "w_x0_prev2", "sigma", "z_slot", "cfg",
+    for name in ("timesteps", "x0_x", "x0_out", "w_x", "w_x0", "w_x0_prev", "w_x0_prev2", "sigma", "z_slot", "cfg",
                  "calls_net"):
         h.update(np.ascontiguousarray(getattr(plan, name)).tobytes())
     return h.hexdigest()
@@ -72,7 +72,7 @@ class Runner:
         # -- per-row tables, on the device once; views and scalars made once, so the loop makes no objects
         self.t_table = ops.table(np.repeat(plan.timesteps[:, None], n, axis=1), "int64")
         self.t_rows = [self.t_table[i] for i in range(S)]
-        cols = ("x0_x", "x0_eps", "w_x", "w_x0", "w_x0_prev", "w_x0_prev2", "sigma")
+        cols = ("x0_x", "x0_out", "w_x", "w_x0", "w_x0_prev", "w_x0_prev2", "sigma")
         self.coef = dict(zip(cols, (ops.scalars(getattr(plan, c)) for c in cols)))
         Q = self.num_slots = plan.num_slots + (edit.num_slots if edit is not None else 0)   # the edit's come after
         self.z = ops.empty((Q, B, *image_shape)) if Q else None   # slot-major: every slot a contiguous block
@@ -119,9 +119,9 @@ class Runner:
                 ops.add_(eps, cond)
             else:
                 eps = eps[:B]
-            # 3. x0_hat = x0_x x - x0_eps eps, clipped to the data range
+            # 3. x0_hat = x0_x x - x0_out out (out: the network's eps or v), clipped to the data range
             ops.mul_into(x0, x, c["x0_x"][i])
-            ops.axmy_(x0, c["x0_eps"][i], eps)
+            ops.axmy_(x0, c["x0_out"][i], eps)
             if p.clip:
                 ops.clamp_(x0, -1.0, 1.0)
             if self.proj_x0[i]:

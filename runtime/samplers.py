@@ -1,8 +1,9 @@
 """Samplers as tables: every reverse process here is a `Plan`, one row of coefficients per step (numpy only).
 
-A row i that calls the network (all rows of the samplers here) computes, from the state x and eps = eps_theta(x, t_i):
+A row i that calls the network (all rows of the samplers here) computes, from the state x and the network's output
+out = net(x, t_i) (the noise eps, or the velocity v for a v-prediction model: the plan's `prediction`):
 
-    x0_hat_i = x0_x[i] * x - x0_eps[i] * eps                  (predicted clean image; clipped to [-1, 1] if plan.clip)
+    x0_hat_i = x0_x[i] * x - x0_out[i] * out                  (predicted clean image; clipped to [-1, 1] if plan.clip)
     x        = w_x[i] * x + w_x0[i] * x0_hat_i + w_x0_prev[i] * x0_hat_{i-1} + w_x0_prev2[i] * x0_hat_{i-2}
                + sigma[i] * z[z_slot[i]]
 
@@ -16,7 +17,11 @@ conditional model alone (`Plan.with_guidance_interval`).
 
 Notation of the solvers (Lu et al. 2022, sec. 2): alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), the half
 log-SNR lambda_t = log(alpha_t / sigma_t), and the noise level of Karras et al. / Kynkaanniemi et al.
-sigma_t / alpha_t = sqrt((1 - abar_t) / abar_t), which is the x0_eps column.
+sigma_t / alpha_t = sqrt((1 - abar_t) / abar_t) (`Plan.noise_level`).
+
+Every builder writes its rows in terms of x and x0_hat and gives abar_t of each row; `Plan.make` derives the x0_x and
+x0_out columns from abar_t and the prediction (runtime.schedule.x0_coefficients), so a v-prediction model runs every
+sampler, edit and engine with no other change.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from .schedule import Schedule
+from .schedule import PREDICTIONS, Schedule, x0_coefficients
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "unipc")
 SPACINGS = ("linspace", "trailing", "logsnr")
@@ -38,8 +43,9 @@ DEFAULT_SPACING = {"ddim": "linspace", "dpm++2m": "trailing", "unipc": "trailing
 class Plan:
     name: str
     timesteps: np.ndarray   # (S,) int64: the network's t at row i (decreasing)
-    x0_x: np.ndarray        # x0_hat = x0_x x - x0_eps eps: 1/sqrt(abar_t)
-    x0_eps: np.ndarray      #                              sqrt(1/abar_t - 1)
+    abar: np.ndarray        # abar_t of the row's t: the noise level of the state the row starts from
+    x0_x: np.ndarray        # x0_hat = x0_x x - x0_out out: eps: 1/sqrt(abar_t), v: sqrt(abar_t)
+    x0_out: np.ndarray      #                               eps: sqrt(1/abar_t - 1), v: sqrt(1 - abar_t)
     w_x: np.ndarray         # weight of the current x in the next x
     w_x0: np.ndarray        # weight of this row's x0_hat in the next x
     w_x0_prev: np.ndarray   # weight of the previous network row's x0_hat (multistep solvers)
@@ -50,19 +56,29 @@ class Plan:
     cfg: np.ndarray         # (S,) bool: apply classifier-free guidance at row i (else the conditional model alone)
     calls_net: np.ndarray   # (S,) bool: row i evaluates the network (False: a rescale-and-noise row)
     clip: bool = True       # clip x0_hat to [-1, 1] (the data range)
+    prediction: str = "eps" # what the network outputs: eps or v (runtime.schedule.PREDICTIONS)
 
     @classmethod
-    def make(cls, name: str, timesteps, x0_x, x0_eps, w_x, w_x0, sigma, abar_next, clip: bool = True,
-             w_x0_prev=None, w_x0_prev2=None, cfg=None, calls_net=None) -> "Plan":
-        """A plan from its columns; the history weights default to 0, cfg and calls_net to True, and the noise slots
-        are numbered in row order over the rows with sigma > 0."""
+    def make(cls, name: str, timesteps, abar, w_x, w_x0, sigma, abar_next, prediction: str = "eps",
+             clip: bool = True, w_x0_prev=None, w_x0_prev2=None, cfg=None, calls_net=None) -> "Plan":
+        """A plan from its columns: (S,) arrays, abar the abar_t of each row's t in (0, 1]. The x0 columns come
+        from abar and `prediction` (runtime.schedule.x0_coefficients) on the rows that call the network, 0 on the
+        others; the history weights default to 0, cfg and calls_net to True, and the noise slots are numbered in
+        row order over the rows with sigma > 0. ValueError for columns of other lengths or non-finite values."""
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
         S = len(timesteps)
         f64 = lambda v: np.zeros(S) if v is None else np.asarray(v, dtype=np.float64)
-        sigma = f64(sigma)
+        sigma, abar = f64(sigma), f64(abar)
         z_slot = np.where(sigma > 0, np.cumsum(sigma > 0) - 1, -1).astype(np.int64)
         flag = lambda v: np.ones(S, dtype=bool) if v is None else np.asarray(v, dtype=bool)
-        plan = cls(name, np.asarray(timesteps, dtype=np.int64), f64(x0_x), f64(x0_eps), f64(w_x), f64(w_x0),
-                   f64(w_x0_prev), f64(w_x0_prev2), sigma, f64(abar_next), z_slot, flag(cfg), flag(calls_net), clip)
+        calls_net = flag(calls_net)
+        if abar.shape != (S,) or not ((abar > 0) & (abar <= 1)).all():
+            raise ValueError("plan column abar must hold one abar_t in (0, 1] per row")
+        x0_x, x0_out = (np.where(calls_net, c, 0.0) for c in x0_coefficients(abar, prediction))
+        plan = cls(name, np.asarray(timesteps, dtype=np.int64), abar, x0_x, x0_out, f64(w_x), f64(w_x0),
+                   f64(w_x0_prev), f64(w_x0_prev2), sigma, f64(abar_next), z_slot, flag(cfg), calls_net, clip,
+                   prediction)
         return plan.validate()
 
     def validate(self) -> "Plan":
@@ -99,6 +115,12 @@ class Plan:
         return self.num_slots > 0
 
     @property
+    def noise_level(self) -> np.ndarray:
+        """(S,) float64 sigma_t / alpha_t = sqrt((1 - abar_t) / abar_t) of each row: the noise level in the units of
+        Karras et al. 2022 (the guidance interval's axis)."""
+        return np.sqrt(1.0 / self.abar - 1.0)
+
+    @property
     def history(self) -> int:
         """How many earlier x0_hat predictions the rows read (0, 1 or 2)."""
         return 2 if self.w_x0_prev2.any() else 1 if self.w_x0_prev.any() else 0
@@ -112,7 +134,7 @@ class Plan:
         conditional model alone. lo >= 0, hi > lo (hi may be inf); ValueError otherwise."""
         if not (0 <= lo < hi):   # also refuses NaN
             raise ValueError(f"the guidance interval needs 0 <= lo < hi, got ({lo}, {hi}]")
-        level = self.x0_eps                                   # sqrt(1/abar_t - 1) of every row's t
+        level = self.noise_level
         inside = (level > lo) & (level <= hi)
         return replace(self, name=f"{self.name}-gi{lo:g}-{hi:g}", cfg=inside & self.cfg).validate()
 
@@ -144,9 +166,9 @@ def ddpm_plan(sched: Schedule, variance: str = "small", clip: bool = True, top: 
     var = sched.posterior_variance[t] if variance == "small" else sched.betas[t]
     sigma = np.where(t > 0, np.sqrt(var), 0.0)
     name = f"ddpm-{variance}{_from(top, sched.T)}"
-    return Plan.make(name, t, sched.sqrt_recip_alphas_cumprod[t], sched.sqrt_recipm1_alphas_cumprod[t],
-                     w_x=sched.posterior_mean_coef2[t], w_x0=sched.posterior_mean_coef1[t], sigma=sigma,
-                     abar_next=sched.alphas_cumprod_prev[t], clip=clip)
+    return Plan.make(name, t, sched.alphas_cumprod[t], w_x=sched.posterior_mean_coef2[t],
+                     w_x0=sched.posterior_mean_coef1[t], sigma=sigma, abar_next=sched.alphas_cumprod_prev[t],
+                     prediction=sched.prediction, clip=clip)
 
 
 def ddim_timesteps(T: int, steps: int) -> np.ndarray:
@@ -225,8 +247,8 @@ def ddim_plan(sched: Schedule, steps: int = DEFAULT_STEPS, eta: float = 0.0, cli
     w_x = dir_ / np.sqrt(1 - ab)
     w_x0 = np.sqrt(ab_prev) - w_x * np.sqrt(ab)
     name = f"ddim{steps}-eta{eta:g}" + ("" if spacing == "linspace" else f"-{spacing}") + _from(int(t[0]), sched.T)
-    return Plan.make(name, t, 1 / np.sqrt(ab), np.sqrt(1 / ab - 1), w_x=w_x, w_x0=w_x0,
-                     sigma=sigma, abar_next=ab_prev, clip=clip)
+    return Plan.make(name, t, ab, w_x=w_x, w_x0=w_x0, sigma=sigma, abar_next=ab_prev, prediction=sched.prediction,
+                     clip=clip)
 
 
 def _solver_grid(sched: Schedule, steps: int, spacing: str, top: int | None = None):
@@ -277,8 +299,8 @@ def dpmpp_2m_plan(sched: Schedule, steps: int = DEFAULT_SOLVER_STEPS, spacing: s
             w_prev[i] = -alpha[i + 1] * phi / (2 * r)
     abar_next = np.append(ab[1:], 1.0)
     name = f"dpm++2m{steps}-{spacing}{_from(int(t[0]), sched.T)}"
-    return Plan.make(name, t, 1 / np.sqrt(ab), np.sqrt(1 / ab - 1), w_x=w_x, w_x0=w_x0,
-                     w_x0_prev=w_prev, sigma=None, abar_next=abar_next, clip=clip)
+    return Plan.make(name, t, ab, w_x=w_x, w_x0=w_x0, w_x0_prev=w_prev, sigma=None, abar_next=abar_next,
+                     prediction=sched.prediction, clip=clip)
 
 
 def _unipc_b(h: float, rk: float) -> tuple[float, float]:
@@ -372,8 +394,8 @@ def unipc_plan(sched: Schedule, steps: int = DEFAULT_SOLVER_STEPS, spacing: str 
         W[i] += -alpha[i + 1] * B * pred
     abar_next = np.append(ab[1:], 1.0)
     name = f"unipc{steps}-{spacing}{_from(int(t[0]), sched.T)}"
-    return Plan.make(name, t, 1 / np.sqrt(ab), np.sqrt(1 / ab - 1), w_x=w_x, w_x0=W[:, 0],
-                     w_x0_prev=W[:, 1], w_x0_prev2=W[:, 2], sigma=None, abar_next=abar_next, clip=clip)
+    return Plan.make(name, t, ab, w_x=w_x, w_x0=W[:, 0], w_x0_prev=W[:, 1], w_x0_prev2=W[:, 2], sigma=None,
+                     abar_next=abar_next, prediction=sched.prediction, clip=clip)
 
 
 def default_steps(T: int, sampler: str = "ddim") -> int:

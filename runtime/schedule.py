@@ -14,6 +14,9 @@ import numpy as np
 
 SCHEDULES = ("linear", "cosine")
 MAX_T = 100_000   # diffusion steps: the tables are 13 float64 arrays of T (10 MB at this T; this project uses 1000)
+# What the network predicts: the noise eps (Ho et al. 2020) or the velocity v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0
+# (Salimans & Ho 2022, "Progressive Distillation", sec. 4 and appendix D).
+PREDICTIONS = ("eps", "v")
 
 
 def make_betas(name: str, T: int) -> np.ndarray:
@@ -48,11 +51,16 @@ class Schedule:
     posterior_log_variance_clipped: np.ndarray  # log beta~_t, with beta~_0 (= 0) replaced by beta~_1
     posterior_mean_coef1: np.ndarray           # mu~ = coef1 x_0 + coef2 x_t: beta_t sqrt(abar_{t-1}) / (1 - abar_t)
     posterior_mean_coef2: np.ndarray           # (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t)   (eq. 7)
+    prediction: str = "eps"                    # the network's output: eps or v (PREDICTIONS)
 
     @classmethod
-    def make(cls, name: str = "linear", T: int = 1000) -> "Schedule":
+    def make(cls, name: str = "linear", T: int = 1000, prediction: str = "eps") -> "Schedule":
+        """The tables of the beta schedule `name` (SCHEDULES) with T steps, for a network that predicts
+        `prediction` (PREDICTIONS). ValueError for T outside 2..MAX_T or an unknown name or prediction."""
         if not 2 <= T <= MAX_T:
             raise ValueError(f"T must be in 2..{MAX_T}, got {T}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
         betas = make_betas(name, T)
         alphas = 1.0 - betas
         ac = np.cumprod(alphas)
@@ -66,13 +74,36 @@ class Schedule:
             posterior_log_variance_clipped=np.log(np.append(post_var[1], post_var[1:])),
             posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
             posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+            prediction=prediction,
         )
 
     @classmethod
-    def from_betas(cls, name: str, betas) -> "Schedule":
+    def of(cls, cfg) -> "Schedule":
+        """The schedule a model was trained with: its config's (model.config.ModelConfig) schedule, T and
+        prediction."""
+        return cls.make(cfg.schedule, cfg.timesteps, cfg.prediction)
+
+    @classmethod
+    def from_betas(cls, name: str, betas, prediction: str = "eps") -> "Schedule":
         """Rebuild from stored betas (export metadata), checking they are what `name` gives."""
         betas = np.asarray(betas, dtype=np.float64)
-        sched = cls.make(name, len(betas))
+        sched = cls.make(name, len(betas), prediction)
         if not np.allclose(sched.betas, betas, rtol=1e-6, atol=1e-12):
             raise ValueError(f"stored betas do not match the {name!r} schedule with T={len(betas)}")
         return sched
+
+
+def x0_coefficients(abar, prediction: str = "eps") -> tuple[np.ndarray, np.ndarray]:
+    """(c_x, c_out), float64 arrays shaped like abar, with x0_hat = c_x x_t - c_out out for the network output `out`
+    at a noise level abar_t (x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps):
+
+        eps:  x0 = x_t / sqrt(abar_t) - sqrt(1/abar_t - 1) eps          (Ho et al. 2020, eq. 15)
+        v:    x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v                 (Salimans & Ho 2022, appendix D)
+
+    ValueError for an unknown prediction."""
+    abar = np.asarray(abar, dtype=np.float64)
+    if prediction == "eps":
+        return 1.0 / np.sqrt(abar), np.sqrt(1.0 / abar - 1.0)
+    if prediction == "v":
+        return np.sqrt(abar), np.sqrt(1.0 - abar)
+    raise ValueError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")

@@ -16,7 +16,7 @@ def test_default_model_draws_recognisable_digits():
     assert path.is_file(), "the default model must ship with the package"
     loaded = load_model(path)
     assert loaded.cfg.num_classes == 10 and loaded.cfg.image_size == 28
-    plan = ddim_plan(Schedule.make(loaded.cfg.schedule, loaded.cfg.timesteps), 20)
+    plan = ddim_plan(Schedule.of(loaded.cfg), 20)
     labels = labels_for(30, None, False)
     images = generate(EagerEngine(loaded.model, loaded.cfg.null_label), 30, plan, labels, 1.0, seed=0, batch=30,
                       progress=False)

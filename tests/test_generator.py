@@ -36,7 +36,7 @@ def multistep_plan(sched) -> Plan:
     p = ddim_plan(sched, 6)
     w_x0, prev, prev2 = 0.6 * p.w_x0, 0.3 * p.w_x0, 0.1 * p.w_x0
     prev[0] = prev2[:2] = 0.0
-    return Plan.make("multistep-test", p.timesteps, p.x0_x, p.x0_eps, p.w_x, w_x0, p.sigma, p.abar_next,
+    return Plan.make("multistep-test", p.timesteps, p.abar, p.w_x, w_x0, p.sigma, p.abar_next,
                      w_x0_prev=prev, w_x0_prev2=prev2, cfg=[True, True, False, True, False, True])
 
 

@@ -67,7 +67,7 @@ def test_ddpm_step_statistics():
     plan = ddpm_plan(SCHED, clip=False)
     i = 400
     t = int(plan.timesteps[i])
-    cols = ("timesteps", "x0_x", "x0_eps", "w_x", "w_x0", "w_x0_prev", "w_x0_prev2", "sigma", "abar_next", "z_slot",
+    cols = ("timesteps", "abar", "x0_x", "x0_out", "w_x", "w_x0", "w_x0_prev", "w_x0_prev2", "sigma", "abar_next", "z_slot",
             "cfg", "calls_net")
     one = type(plan)(**{**plan.__dict__, **{k: getattr(plan, k)[i:i + 1] for k in cols}})
     x_t = torch.full((100000, 1, 1, 1), 0.4, dtype=torch.float64)
@@ -84,7 +84,7 @@ def test_ddim_eta1_full_equals_ddpm(clip):
     """DDIM with eta=1 over all T steps is DDPM with the "fixed small" variance, table for table, clipping included."""
     sched = Schedule.make("cosine", 100)
     a, b = ddim_plan(sched, 100, eta=1.0, clip=clip), ddpm_plan(sched, clip=clip)
-    for k in ("timesteps", "x0_x", "x0_eps", "w_x", "w_x0", "w_x0_prev", "w_x0_prev2", "sigma", "abar_next", "z_slot"):
+    for k in ("timesteps", "abar", "x0_x", "x0_out", "w_x", "w_x0", "w_x0_prev", "w_x0_prev2", "sigma", "abar_next", "z_slot"):
         assert np.allclose(getattr(a, k), getattr(b, k), rtol=1e-9, atol=1e-12), k
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(8, 1, 3, 3, generator=g, dtype=torch.float64)
@@ -99,7 +99,7 @@ def test_ddim_direction_uses_noise_consistent_with_clipped_x0():
     i = 3
     ab, ab_prev = 1 / plan.x0_x[i] ** 2, plan.abar_next[i]
     x, eps = torch.tensor([0.3], dtype=torch.float64), torch.tensor([-0.2], dtype=torch.float64)
-    x0 = plan.x0_x[i] * x - plan.x0_eps[i] * eps
+    x0 = plan.x0_x[i] * x - plan.x0_out[i] * eps
     eq12 = ab_prev ** 0.5 * x0 + (1 - ab_prev) ** 0.5 * eps
     assert torch.allclose(plan.w_x0[i] * x0 + plan.w_x[i] * x, eq12, atol=1e-12)
 

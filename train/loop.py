@@ -28,7 +28,7 @@ from ..model.config import ModelConfig
 from ..model.io import (CKPT_FILE, MODEL_FILE, CheckpointError, check_fits, load_checkpoint, read_weights,
                         resolve_model_path, save_checkpoint, save_model)
 from ..runtime.noise import check_seed
-from ..runtime.schedule import Schedule
+from ..runtime.schedule import PREDICTIONS, Schedule
 from . import dist
 from .data import ensure_mnist, load_mnist, resolve_data_dir
 
@@ -64,7 +64,10 @@ class TrainConfig:
     # None below: "constant"/"eps" for a new run, the checkpoint's own setting on --resume
     lr_schedule: str | None = None  # after the warm-up: constant | cosine (decay to lr_final * lr at the last step)
     lr_final: float = 0.01          # cosine: the learning rate at the last step, as a fraction of lr
-    loss_weight: str | None = None  # eps: plain eps-MSE | min-snr: min(SNR_t, 5) / SNR_t per sample (Hang et al. 2023)
+    loss_weight: str | None = None  # eps: plain MSE | min-snr: min(SNR_t, 5) / SNR_t per sample (Hang et al. 2023)
+    # None: "eps" for a new run, the model's own with --init or --resume; --init may switch it (fine-tuning the
+    # network to the other output), --resume may not
+    prediction: str | None = None   # what the network learns to output: eps | v (Salimans & Ho 2022)
 
     lr_schedule_default: ClassVar[str] = "constant"
     loss_weight_default: ClassVar[str] = "eps"
@@ -79,8 +82,8 @@ class TrainConfig:
         if given is None:
             d = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in self.model_defaults.items()}
             try:
-                return dataclasses.replace(PRESETS[d["preset"]], schedule=d["schedule"],
-                                           timesteps=d["timesteps"]).validate()
+                return dataclasses.replace(PRESETS[d["preset"]], schedule=d["schedule"], timesteps=d["timesteps"],
+                                           prediction=self.prediction or "eps").validate()
             except ValueError as e:
                 raise TrainingError(str(e)) from None
         wrong = [f"--{k} {getattr(self, k)}" for k in ("schedule", "timesteps")
@@ -96,13 +99,15 @@ class TrainConfig:
 def preset_of(cfg: ModelConfig) -> str | None:
     """The name of the preset `cfg` is (whatever its schedule and T), None when it is none of them."""
     return next((name for name, p in PRESETS.items()
-                 if dataclasses.replace(p, schedule=cfg.schedule, timesteps=cfg.timesteps) == cfg), None)
+                 if dataclasses.replace(p, schedule=cfg.schedule, timesteps=cfg.timesteps,
+                                        prediction=cfg.prediction) == cfg), None)
 
 
 def describe(cfg: ModelConfig) -> str:
     """A model config in a few words, e.g. "tiny model (linear schedule, T=1000)"."""
     name = preset_of(cfg) or f"custom {cfg.base_channels}-channel"
-    return f"{name} model ({cfg.schedule} schedule, T={cfg.timesteps})"
+    v = ", v-prediction" if cfg.prediction == "v" else ""
+    return f"{name} model ({cfg.schedule} schedule, T={cfg.timesteps}{v})"
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -120,15 +125,17 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def loss_weights(name: str, alphas_cumprod) -> torch.Tensor:
-    """(T,) float32 per-timestep weights of the eps-MSE: 1 for "eps"; min(SNR_t, gamma) / SNR_t for "min-snr", with
-    SNR_t = abar_t / (1 - abar_t) (Hang et al. 2023, eq. 7 written for eps prediction; gamma = 5)."""
+def loss_weights(name: str, alphas_cumprod, prediction: str = "eps") -> torch.Tensor:
+    """(T,) float32 per-timestep weights of the MSE on the network's output: 1 for "eps"; for "min-snr" (Hang et al.
+    2023, sec. 3.4, gamma = 5), with SNR_t = abar_t / (1 - abar_t), min(SNR_t, gamma) / SNR_t when the network
+    predicts eps and min(SNR_t, gamma) / (SNR_t + 1) when it predicts v: either way the weight min(SNR_t, gamma)
+    on the x0-MSE. TrainingError for an unknown name."""
     ac = torch.as_tensor(np.asarray(alphas_cumprod), dtype=torch.float64)
     if name == "eps":
         return torch.ones_like(ac, dtype=torch.float32)
     if name == "min-snr":
         snr = ac / (1.0 - ac)
-        return (snr.clamp(max=MIN_SNR_GAMMA) / snr).float()
+        return (snr.clamp(max=MIN_SNR_GAMMA) / (snr if prediction == "eps" else snr + 1.0)).float()
     raise TrainingError(f"unknown loss weighting {name!r}; choose from {', '.join(LOSS_WEIGHTS)}")
 
 
@@ -177,18 +184,23 @@ def make_batch(step: int, cfg: TrainConfig, order: BatchOrder, images: torch.Ten
     return x0, y, t, noise
 
 
-def diffusion_loss(model, x0, y, t, noise, sqrt_ac, sqrt_1m_ac, autocast_dtype=None, weights=None) -> torch.Tensor:
-    """Simple eps-MSE: || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1-abar_t) eps, t, y) ||^2   (DDPM eq. 14).
+def diffusion_loss(model, x0, y, t, noise, sqrt_ac, sqrt_1m_ac, autocast_dtype=None, weights=None,
+                   prediction: str = "eps") -> torch.Tensor:
+    """The simple loss: || target - net(x_t, t, y) ||^2 with x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps, where the
+    target is eps (DDPM eq. 14) or v = sqrt(abar_t) eps - sqrt(1-abar_t) x0 (Salimans & Ho 2022, appendix D).
 
+    x0, noise: (B, C, H, W) float; y, t: (B,) int64; sqrt_ac, sqrt_1m_ac: (T,) float tables (runtime.schedule).
     weights: optional (T,) per-timestep weights (see `loss_weights`); the loss is then the batch mean of
-    weights[t_i] * MSE_i, with MSE_i the mean over sample i's pixels.
+    weights[t_i] * MSE_i, with MSE_i the mean over sample i's pixels. Returns a scalar float32 tensor.
     """
-    x_t = sqrt_ac[t].view(-1, 1, 1, 1) * x0 + sqrt_1m_ac[t].view(-1, 1, 1, 1) * noise
+    a, s = sqrt_ac[t].view(-1, 1, 1, 1), sqrt_1m_ac[t].view(-1, 1, 1, 1)
+    x_t = a * x0 + s * noise
+    target = noise if prediction == "eps" else a * noise - s * x0
     with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         pred = model(x_t, t, y)
     if weights is None:
-        return F.mse_loss(pred.float(), noise)
-    per_sample = (pred.float() - noise).pow(2).flatten(1).mean(1)
+        return F.mse_loss(pred.float(), target)
+    per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
     return (weights[t] * per_sample).mean()
 
 
@@ -211,7 +223,7 @@ def write_samples(ema: UNet, cfg: ModelConfig, path: Path, seed: int = 0, n: int
     from ..runtime.samplers import ddim_plan
 
     dev = next(ema.parameters()).device
-    plan = ddim_plan(Schedule.make(cfg.schedule, cfg.timesteps), min(steps, cfg.timesteps))
+    plan = ddim_plan(Schedule.of(cfg), min(steps, cfg.timesteps))
     x_T, _ = make_noise(seed, 0, n, plan.num_slots)
     labels = torch.arange(n, device=dev) % cfg.num_classes
     x = sample(guided(ema, labels, cfg.null_label, 1.0), torch.from_numpy(x_T).to(dev), plan)
@@ -321,6 +333,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
         raise TrainingError(f"unknown learning-rate schedule {cfg.lr_schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
     if cfg.loss_weight not in (None, *LOSS_WEIGHTS):
         raise TrainingError(f"unknown loss weighting {cfg.loss_weight!r}; choose from {', '.join(LOSS_WEIGHTS)}")
+    if cfg.prediction not in (None, *PREDICTIONS):
+        raise TrainingError(f"unknown prediction {cfg.prediction!r}; choose from {', '.join(PREDICTIONS)}")
     out = Path(cfg.out)
     # the model: the checkpoint's on --resume, the weights' with --init, else the preset (before data and model)
     ckpt, init_state, given, source = None, None, None, ""
@@ -350,7 +364,13 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
         source = f"--init: {cfg.init}"
         cfg = dataclasses.replace(cfg, init=str(resolve_model_path(cfg.init).absolute()))   # the file, recorded
     mcfg = cfg.model_config(given, source)
-    cfg = dataclasses.replace(cfg, preset=preset_of(mcfg), schedule=mcfg.schedule, timesteps=mcfg.timesteps)
+    if cfg.prediction is not None and cfg.prediction != mcfg.prediction:
+        if resume:
+            raise TrainingError(f"{source} holds a {describe(mcfg)}, not --prediction {cfg.prediction}; leave out "
+                                f"--prediction to resume it")
+        mcfg = dataclasses.replace(mcfg, prediction=cfg.prediction).validate()   # --init: fine-tune to the other output
+    cfg = dataclasses.replace(cfg, preset=preset_of(mcfg), schedule=mcfg.schedule, timesteps=mcfg.timesteps,
+                              prediction=mcfg.prediction)
     ctx = dist.setup(cfg.device)
     device = ctx.device if ctx.world > 1 else resolve_device(cfg.device)
     if cfg.batch_size % ctx.world:
@@ -411,10 +431,11 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
         cut_log(out / LOG_FILE, start)   # the steps after the checkpoint are trained (and logged) again
 
     ddp_model = ctx.wrap(model)
-    sched = Schedule.make(mcfg.schedule, mcfg.timesteps)
+    sched = Schedule.of(mcfg)
     sqrt_ac = torch.tensor(sched.sqrt_alphas_cumprod, dtype=torch.float32, device=device)
     sqrt_1m_ac = torch.tensor(sched.sqrt_one_minus_alphas_cumprod, dtype=torch.float32, device=device)
-    weights = None if cfg.loss_weight == "eps" else loss_weights(cfg.loss_weight, sched.alphas_cumprod).to(device)
+    weights = (None if cfg.loss_weight == "eps" else
+               loss_weights(cfg.loss_weight, sched.alphas_cumprod, mcfg.prediction).to(device))
     amp = torch.bfloat16 if device.type == "cuda" else None
     order = BatchOrder(len(images), cfg.batch_size, cfg.seed)
     shard = slice(ctx.rank, None, ctx.world)   # this rank's share of every global batch
@@ -453,7 +474,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
                                for v in make_batch(step, cfg, order, images, labels, mcfg.timesteps, mcfg.null_label))
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
-            loss = diffusion_loss(ddp_model, x0, y, t, noise, sqrt_ac, sqrt_1m_ac, amp, weights)
+            loss = diffusion_loss(ddp_model, x0, y, t, noise, sqrt_ac, sqrt_1m_ac, amp, weights, mcfg.prediction)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
