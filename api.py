@@ -27,7 +27,8 @@ import numpy as np
 from .arguments import OPTIONAL_COUNT, PLAN, checked
 from .errors import DdpmError
 from .model.config import ModelConfig
-from .model.io import TORCH_HINT, CheckpointError, TorchMissing, default_model_path, read_model_info, resolve_model_path
+from .model.io import (CheckpointError, TorchMissing, default_model_path, read_model_info, require_onnx,
+                       resolve_model_path)
 from .runtime.bundle import META_FILE, Bundle, ExportError
 from .runtime.nets import EngineUnavailable
 from .schema import Str
@@ -179,11 +180,7 @@ class Model:
             ready = _generator_folder(folder, key, expected)
             if ready is not None:
                 return ready
-            try:
-                import onnx  # noqa: F401
-            except ImportError:
-                raise DdpmError(f"building generator.onnx for {plan.name} needs the onnx package: "
-                                f"{TORCH_HINT}") from None
+            require_onnx(f"building generator.onnx for {plan.name}")
             log = log or (lambda *_: None)
             log(f"building generator.onnx for {plan.name} in {folder} (once)")
             try:

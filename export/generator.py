@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model.io import atomic_write
+from ..model.io import atomic_write, require_onnx
 from ..runtime.bundle import META_FILE, Bundle, file_sha256
 from ..runtime.images import to_uint8
 from ..runtime.noise import make_noise
@@ -286,10 +286,9 @@ def add_generator(root, plan: Plan, guidance: float, form: str = DEFAULT_FORM, l
 
     Nothing changes in the folder unless verification passes: the model is written to a temporary file, verified,
     then renamed into place, and export.json is replaced atomically. Raises GeneratorUnsupported (plan),
-    GeneratorFailed (verification), runtime.bundle.ExportError (folder).
+    GeneratorFailed (verification), runtime.bundle.ExportError (folder), model.io.TorchMissing (no onnx package).
     """
-    import onnx
-
+    onnx = require_onnx("building generator.onnx")
     root = Path(root)
     bundle = Bundle.load(root)
     check_plan(plan)

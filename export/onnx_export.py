@@ -19,7 +19,7 @@ import torch
 
 from ..errors import DdpmError
 from ..files import OutputError, disk_full, no_space, publish_dir, readable_name, temp_dir
-from ..model.io import LoadedModel, copy_to
+from ..model.io import LoadedModel, copy_to, require_onnx
 from ..runtime.bundle import EXPORT_FORMAT, META_FILE, file_sha256
 from ..runtime.schedule import Schedule
 
@@ -148,9 +148,8 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
 
     replace=False: if `out` holds a valid export of the same weights with these precisions (another process exported
     them first), keep it and drop this one. Raises ExportFailed (verification), files.OutputError (`out` not writable,
-    or a folder that is not an export, which it would replace)."""
-    import onnx
-
+    or a folder that is not an export, which it would replace), TorchMissing (no onnx package)."""
+    onnx = require_onnx("exporting to ONNX")
     out = Path(out)
     if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
         raise OutputError(f"{out} is a folder but not an export folder (no {META_FILE}), and an export replaces what "

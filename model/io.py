@@ -51,6 +51,16 @@ def require_torch(what: str):
     return torch
 
 
+def require_onnx(what: str):
+    """The onnx module (the [torch] extra's exporter and checker), or TorchMissing naming `what` and the install
+    command."""
+    try:
+        import onnx
+    except ImportError:
+        raise TorchMissing(f"{what} needs the onnx package: {TORCH_HINT}") from None
+    return onnx
+
+
 def weights_hash(cfg: ModelConfig, state: dict) -> str:
     """sha256 over the config and the weights (name, dtype, shape, bytes): the same for .pt and .safetensors, and for
     torch tensors and numpy arrays of the same values (dtypes are named as torch names them, e.g. torch.float32)."""

@@ -291,3 +291,24 @@ def test_config_validation_covers_every_field():
                             ({"schedule": "quadratic"}, "schedule must be one of")):
         with pytest.raises(ValueError, match=message):
             dataclasses.replace(TINY, **change).validate()
+
+
+def test_a_missing_onnx_package_is_one_line(tmp_path, monkeypatch):
+    """PyTorch without the onnx package (a partial install): exporting, the first use of a checkpoint on the onnx
+    engine and building a generator each say in one line what to install, never a ModuleNotFoundError."""
+    import sys
+
+    import ddpm
+    from ddpm.export.generator import add_generator
+    from ddpm.runtime.samplers import make_plan
+    from helpers import invoke, tiny_checkpoint
+
+    tiny_checkpoint(tmp_path)
+    monkeypatch.setitem(sys.modules, "onnx", None)       # `import onnx` raises ImportError
+    r = invoke("export", "--ckpt", tmp_path, "--out", tmp_path / "exp")
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert r.output.strip().splitlines()[-1].startswith("Error: exporting to ONNX needs the onnx package")
+    with pytest.raises(ddpm.DdpmError, match="needs the onnx package"):
+        ddpm.load(tmp_path).generate(2, engine="onnx")
+    with pytest.raises(ddpm.DdpmError, match="needs the onnx package"):
+        add_generator(tmp_path / "exp", make_plan(ddpm.load(tmp_path).schedule, "ddim", 3), 0.0)
