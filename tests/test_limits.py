@@ -36,10 +36,12 @@ def _one_error_line(r) -> str:
 
 def test_address_space_limit_is_one_line(tmp_path):
     """The issue's example: `(ulimit -v ...; ddpm gen -n 64)` ran out of memory inside onnxruntime (std::bad_alloc)
-    or inside an import (a shared library that cannot be mapped) and printed a traceback."""
-    r = _limited(resource.RLIMIT_AS, 300 << 20, ["gen", "-n", 64, "-q", "--out", "d.png"], tmp_path)
+    or inside an import (a shared library that cannot be mapped) and printed a traceback. 200 MiB: on the 2-core
+    machine of CI the command needs about 300 MiB of address space (it runs at 300, fails at 150-250), and the
+    interpreter starts with far less."""
+    r = _limited(resource.RLIMIT_AS, 200 << 20, ["gen", "-n", 64, "-q", "--out", "d.png"], tmp_path)
     line = _one_error_line(r)
-    assert "out of memory" in line and "ulimit -v 307200" in line, line
+    assert "out of memory" in line and "ulimit -v 204800" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
