@@ -304,6 +304,7 @@ def test_a_missing_onnx_package_is_one_line(tmp_path, monkeypatch):
     from helpers import invoke, tiny_checkpoint
 
     tiny_checkpoint(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))   # no export of these weights from other tests
     monkeypatch.setitem(sys.modules, "onnx", None)       # `import onnx` raises ImportError
     r = invoke("export", "--ckpt", tmp_path, "--out", tmp_path / "exp")
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
