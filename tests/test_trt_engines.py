@@ -227,9 +227,10 @@ def test_gen_asks_for_the_network_batch(exported, tmp_path, monkeypatch, args, n
     asked = []
     real = cli.make_engine
 
-    def spy(name, model, device, fp16=False, cuda_graph=True, max_batch=512, ctx=None, threads=None, plan=None):
+    def spy(name, model, device, fp16=False, cuda_graph=True, max_batch=512, ctx=None, threads=None, plan=None,
+            quiet=False):
         asked.append(max_batch)
-        return real("onnx", model, device, fp16, cuda_graph, max_batch, ctx, threads, plan)
+        return real("onnx", model, device, fp16, cuda_graph, max_batch, ctx, threads, plan, quiet)
 
     monkeypatch.setattr(cli, "make_engine", spy)
     r = CliRunner().invoke(main, ["gen", "--ckpt", str(exported.path.parent), "-n", 2, "--steps", 2, "--batch", 64,
