@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from .errors import DdpmError
+from .errors import DdpmError, LimitReached, limit_message
 from .schema import Array, Bool, Int, Invalid, Num, Spec, Str
 
 
@@ -278,7 +278,7 @@ ARGS: dict[str, Spec] = {
     "sigma": Num(min=0, min_open=True),
     "jump": Int(min=1),
     "resample": Int(min=1),
-    "size": Opt(Pair(Int(min=1), what="None or a pair (H, W) of integers >= 1")),
+    "size": Opt(Pair(Int(min=1, max=4096), what="None or a pair (H, W) of integers in 1..4096 (runtime.images)")),
     # files
     "path": Opt(PathArg()),
     "export": Opt(PathArg()),
@@ -318,7 +318,10 @@ def checked(_fn=None, **overrides: Spec):
                         specs[name].check(value, dims, name)
                     except Invalid as e:
                         raise DdpmError(f"{where}(): {e}") from None
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except MemoryError as e:   # an allocation the memory checks did not foresee
+                raise LimitReached(f"{where}(): {limit_message(e)}") from None
         wrapper.specs = specs
         return wrapper
     return deco if _fn is None else deco(_fn)

@@ -97,6 +97,19 @@ class Terminated(Interrupted):
     status 143 (128 + 15) and the word "terminated"."""
 
 
+class LimitReached(DdpmError):
+    """A resource limit of the process (memory, open files, file size) stopped the work; the message names it."""
+
+
+def raise_if_limit(e: BaseException) -> None:
+    """Raise LimitReached(limit_message(e)) when a resource limit caused `e` (e.g. an ImportError of a package that
+    is installed but whose library cannot be loaded under `ulimit -v`); return otherwise, so that the caller reports
+    the missing package."""
+    message = limit_message(e)
+    if message is not None:
+        raise LimitReached(message) from None
+
+
 def interrupted(e: KeyboardInterrupt, detail: str) -> Interrupted:
     """The exception to raise from `except KeyboardInterrupt as e` with `detail` (what the user needs to know, e.g.
     the last checkpoint): Terminated("terminated; detail") when e came from SIGTERM, else

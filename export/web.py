@@ -50,6 +50,10 @@ class WebExportError(Exception):
     """The page cannot be written; the message says why and what to do."""
 
 
+# The first `npm pack` try: long enough for the 30 MB tarball on a slow link, short enough to say at once that a
+# registry does not answer (npm's own fetch timeout is 5 minutes, with retries).
+NPM_FIRST_TRY_S = 120
+
 def cache_dir() -> Path:
     """Where the fetched tarball is kept: $XDG_CACHE_HOME/ddpm/npm, else ~/.cache/ddpm/npm (locations.cache_dir)."""
     from ..locations import cache_dir as user_cache
@@ -150,12 +154,16 @@ def ort_web_tarball(given: str | Path | None = None, log=print) -> Path:
     with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
         # the first try gives up at the first network error, so that an offline machine is told at once (npm's own
         # retries take over a minute); only errors that a retry can cure are tried again with npm's retries
-        for retries in (["--fetch-retries=0"], []):
+        # (a registry that accepts connections and never answers: the first try waits NPM_FIRST_TRY_S at most)
+        for retries, limit in ((["--fetch-retries=0", "--fetch-timeout=30000"], NPM_FIRST_TRY_S),
+                               (["--fetch-timeout=30000"], 3 * NPM_FIRST_TRY_S)):
             try:
                 r = subprocess.run([npm, "pack", spec, "--pack-destination", tmp, "--loglevel=error", *retries],
-                                   capture_output=True, text=True, timeout=900)
+                                   capture_output=True, text=True, timeout=limit)
             except subprocess.TimeoutExpired:
-                raise WebExportError(f"`npm pack {spec}` did not finish in 15 minutes") from None
+                raise WebExportError(f"`npm pack {spec}` got no answer in {limit} s (is the npm registry reachable? "
+                                     f"`npm config get registry` names it); pass the tarball of `npm pack {spec}` "
+                                     f"made on a machine that can fetch it with --ort-web") from None
             except OSError as e:
                 raise WebExportError(f"cannot run {npm} ({e.strerror or e}): install npm, or pass the tarball "
                                      f"of `npm pack {spec}` with --ort-web") from None

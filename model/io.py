@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DdpmError
+from ..errors import DdpmError, raise_if_limit
 from ..files import readable_name
 from ..files import atomic_write  # noqa: F401  (re-exported: model.io.atomic_write is used across the package)
 from ..schema import Any, Array, Const, Int, Json, Map, Obj, Schema
@@ -46,7 +46,8 @@ def require_torch(what: str):
     """The torch module, or TorchMissing naming `what` and the install command."""
     try:
         import torch
-    except ImportError:
+    except ImportError as e:
+        raise_if_limit(e)
         raise TorchMissing(f"{what} needs PyTorch: {TORCH_HINT}") from None
     return torch
 
@@ -56,7 +57,8 @@ def require_onnx(what: str):
     command."""
     try:
         import onnx
-    except ImportError:
+    except ImportError as e:
+        raise_if_limit(e)
         raise TorchMissing(f"{what} needs the onnx package: {TORCH_HINT}") from None
     return onnx
 
@@ -85,18 +87,25 @@ def weights_hash(cfg: ModelConfig, state: dict) -> str:
 
 def save_model(path: str | os.PathLike, cfg: ModelConfig, state: dict, **info) -> None:
     """Write inference weights + config as safetensors (atomically)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     meta = {"format": FORMAT, "config": json.dumps(cfg.to_dict())}
     meta.update({k: json.dumps(v) for k, v in info.items()})
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    data = save(tensors, metadata=meta)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Write a full training checkpoint (atomically)."""
+    """Write a full training checkpoint (atomically). Serialised in memory first and written by Python, so that a
+    failed write (a full disk, the file-size limit) is an OSError with its errno: torch's own file writer reports
+    those as a RuntimeError without one."""
+    import io
+
     torch = require_torch("writing a training checkpoint")
-    atomic_write(path, lambda tmp: torch.save(dict(state, format=CKPT_FORMAT), tmp))
+    buf = io.BytesIO()
+    torch.save(dict(state, format=CKPT_FORMAT), buf)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getbuffer()))
 
 
 # The entries of the formats (schema.py), checked when read. Weights must be finite: a diverged run's NaN weights
@@ -133,8 +142,30 @@ def load_checkpoint(path: str | os.PathLike, schema: Schema = CKPT) -> dict:
         raise CheckpointError(f"{path} is not a readable ddpm checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} is not a ddpm training checkpoint")
+    _check_storage(path, ckpt)
     schema.check(ckpt, path, CheckpointError)
     return ckpt
+
+
+def _check_storage(path: Path, obj, where: str = "") -> None:
+    """Every tensor in `obj` (nested dicts and lists) must be a dense view whose storage holds all its elements:
+    an expanded or strided view (stride 0) declares more numbers than the file stores, and looking at its values
+    (the finiteness check, a copy) would allocate by the declared shape. CheckpointError otherwise."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        need = obj.numel() * obj.element_size()
+        have = obj.untyped_storage().nbytes() - obj.storage_offset() * obj.element_size()
+        if obj.numel() and (not obj.is_contiguous() or have < need):
+            raise CheckpointError(f"{path}: {where or 'a tensor'} declares shape {tuple(obj.shape)} but its storage "
+                                  f"holds {max(have, 0) // max(obj.element_size(), 1)} numbers; it was not written "
+                                  f"by `ddpm train`: use an earlier checkpoint or train again")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_storage(path, v, f"{where}.{k}" if where else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_storage(path, v, f"{where}[{i}]")
 
 
 @dataclass

@@ -14,6 +14,7 @@ install.
 
 from __future__ import annotations
 
+from ..errors import raise_if_limit
 from .nets import EngineUnavailable, OnnxNet
 from .runner import RuntimeEngine
 
@@ -37,9 +38,12 @@ def _nvidia_driver_absent() -> bool:
 
 
 def have_torch() -> bool:
+    """Whether PyTorch can be imported; errors.LimitReached when it is installed but a resource limit (ulimit -v)
+    stops it from loading."""
     try:
         import torch  # noqa: F401
-    except ImportError:
+    except ImportError as e:
+        raise_if_limit(e)
         return False
     return True
 

@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import raise_if_limit
 from .bundle import Bundle, ExportError
 from .nets import EngineUnavailable, ort_cpu_options, ort_session
 from .runner import plan_key
@@ -26,7 +27,8 @@ class GeneratorEngine:
         """path: a generator.onnx; info: its record (at least plan, plan_key; export.json "generator")."""
         try:
             import onnxruntime as ort
-        except ImportError:
+        except ImportError as e:
+            raise_if_limit(e)
             raise EngineUnavailable("the onnx-generator engine needs onnxruntime: pip install onnxruntime") from None
         self.path, self.info, self.null_label = path, info, int(null_label)
         so = ort_cpu_options(ort, threads)   # the CPU thread defaults of runtime.nets (bench/threads.md)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DdpmError
+from ..errors import DdpmError, raise_if_limit
 from .ops import NumpyOps, TorchOps
 
 if TYPE_CHECKING:   # annotations only: TensorRT is imported where it is used (its stubs type-check the calls)
@@ -188,7 +188,8 @@ class OnnxNet(_CudaStream):
                  spinning: bool | None = None):
         try:
             import onnxruntime as ort
-        except ImportError:
+        except ImportError as e:
+            raise_if_limit(e)
             raise EngineUnavailable("the onnx engine needs onnxruntime: pip install onnxruntime") from None
         self.device = str(device)
         so = ort_cpu_options(ort, threads, spinning)   # threads, spinning: None = the defaults above

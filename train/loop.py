@@ -302,6 +302,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         return _train(cfg, resume, progress, log)
     try:
         check_writable(out, folder=True)   # before the data, the model or a single step
+        for name in RUN_FILES:             # and what the run will write there: regular files or nothing
+            output_path(out / name)
     except OutputError as e:
         raise TrainingError(f"--out: {e}") from None
     if not resume and (out / CKPT_FILE).is_file():

@@ -1,0 +1,103 @@
+"""Cases of issue #22's kinds that a fresh user's abuse run found after the first fixes: tensors that declare more
+than they store, imports stopped by a memory limit, torch's writer under the file-size limit, API calls that run out
+of memory, run-folder members of the wrong kind, an npm registry that never answers."""
+
+import builtins
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import ddpm
+from ddpm.export import web
+from ddpm.model.io import CheckpointError, load_checkpoint, require_torch
+from helpers import invoke, tiny_checkpoint
+
+
+def test_a_tensor_declaring_more_than_its_storage_is_refused_before_use(fake_mnist, tmp_path):
+    """An expanded view (stride 0) of one number saved by torch.save declares 10^10 numbers in an 800 KB file:
+    refused from its storage size, before any value is read (reading it allocated by the declared shape)."""
+    run = tmp_path / "run"
+    r = invoke("train", "--data", fake_mnist, "--out", run, "--preset", "tiny", "--timesteps", 20, "--steps", 2,
+               "--batch", 8, "--ckpt-every", 2, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+    ckpt["ema"]["conv_in.weight"] = torch.zeros(1).expand(100000, 100000)
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match=r"declares shape \(100000, 100000\) but its storage holds 1 numbers"):
+        load_checkpoint(tmp_path / "ckpt.pt")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 200_000   # KiB: nothing of 40 GB was made
+
+
+def test_an_import_stopped_by_a_memory_limit_names_the_limit(monkeypatch):
+    """PyTorch installed but unable to load under `ulimit -v` ("cannot allocate memory for thread-local data") is
+    a limit, not a missing package."""
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name == "torch":
+            raise ImportError("libtorch_cpu.so: cannot allocate memory for thread-local data")
+        return real(name, *a, **k)
+
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(ddpm.DdpmError, match="out of memory"):
+        require_torch("training")
+    from ddpm.runtime.engines import have_torch
+    with pytest.raises(ddpm.DdpmError, match="out of memory"):
+        have_torch()
+
+
+def test_a_checkpoint_over_the_file_size_limit_is_an_efbig(tmp_path):
+    """torch.save's own writer reported the file-size limit as 'unexpected pos' without an errno; the checkpoint
+    is written by Python, so the limit is EFBIG, which the writer names in one line, and nothing is left."""
+    code = ("import signal, torch; signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "from ddpm.model.io import save_checkpoint\n"
+            "try:\n    save_checkpoint('c.pt', {'w': torch.zeros(200000)})\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (300 << 10, 300 << 10)))
+    assert r.stdout.startswith("OutputError c.pt was not written: it would be larger than the file-size limit of "
+                               "307200 bytes (ulimit -f 300)"), r.stdout + r.stderr[-2000:]
+    assert os.listdir(tmp_path) == []
+
+
+def test_api_calls_that_would_exhaust_memory_raise_ddpm_errors(tmp_path):
+    model = ddpm.load(tiny_checkpoint(tmp_path).path)
+    with pytest.raises(ddpm.DdpmError):
+        model.generate(10 ** 12, steps=1, engine="torch")
+    with pytest.raises(ddpm.DdpmError):
+        model.labels(10 ** 12)
+    with pytest.raises(ddpm.DdpmError, match="size"):
+        model.picture(np.zeros((28, 28), np.uint8), size=(10 ** 5, 10 ** 5))
+
+
+@pytest.mark.parametrize("member", ["samples.png", "log.jsonl", "options.json"])
+def test_train_refuses_run_folder_members_of_another_kind_before_any_work(fake_mnist, tmp_path, member):
+    out = tmp_path / "run"
+    out.mkdir()
+    os.mkfifo(out / member)
+    r = invoke("train", "--data", fake_mnist, "--out", out, "--preset", "tiny", "--timesteps", 20, "--steps", 2,
+               "--batch", 8, "--ckpt-every", 2, "--device", "cpu")
+    assert r.exit_code == 1 and "pipe" in r.output and "Traceback" not in r.output, r.output
+    assert sorted(p.name for p in out.iterdir()) == [member]
+
+
+def test_an_npm_registry_that_never_answers_is_one_line_in_bounded_time(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "npm").write_text("#!/bin/sh\nsleep 30\n")
+    (bin_dir / "npm").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(web, "NPM_FIRST_TRY_S", 2)
+    t = time.monotonic()
+    with pytest.raises(web.WebExportError, match="got no answer in 2 s") as e:
+        web.ort_web_tarball(log=lambda *_: None)
+    assert time.monotonic() - t < 20 and "--ort-web" in str(e.value)
