@@ -435,7 +435,7 @@ def gen(num, label, uncond, engine, export_dir, fp16, no_cuda_graph, out, trajec
     \b
     Examples:
       ddpm gen -n 64 --out digits.png                      # UniPC-8, classes 0-9 in turn, guidance 0.45 in an interval
-      ddpm gen -n 64 --sampler ddim --steps 50             # DDIM-50, the default before UniPC
+      ddpm gen -n 64 --sampler ddim --steps 50             # DDIM-50: 50 network calls, no history
       ddpm gen -n 16 --label 7 --guidance 3 --out sevens.png
       ddpm gen -n 64 --sampler ddpm --out ddpm.png         # the full 1000-step DDPM loop
       ddpm gen -n 10000 --batch 256 --out samples.npz      # for ddpm eval

@@ -81,8 +81,8 @@ class Runner:
         k = np.cumsum(plan.calls_net) - 1
         R = len(self.x0)
         self.ring = [(int(k[i]) % R, int(k[i] - 1) % R, int(k[i] - 2) % R) for i in range(S)]
-        # -- the network calls bound to THIS runner's buffers (#12): the whole batch, and the conditional half alone
-        # for guided runs with rows outside the guidance interval
+        # -- the network calls bound to THIS runner's buffers (no other runner can feed them): the whole batch, and
+        # the conditional half alone for guided runs with rows outside the guidance interval
         self.call = net.bind(self.x_in, self.t_in, self.y_in, self.eps)
         self.call_cond = (net.bind(self.x_in[:B], self.t_in[:B], self.y_in[:B], self.eps[:B])
                           if guided and not plan.cfg[plan.calls_net].all() else None)

@@ -298,10 +298,20 @@ def test_ctrl_c_in_training_names_the_last_checkpoint(fake_mnist, tmp_path, monk
     assert r.exit_code == 130 and r.output.strip().splitlines()[-1] == "interrupted; no checkpoint written yet"
 
 
+def _signal_and_wait(p: subprocess.Popen, sig, what: str) -> tuple[str, str]:
+    """Send `sig` to the process and return its (stdout, stderr); fail the test if it has not ended 120 s later."""
+    p.send_signal(sig)
+    try:
+        return p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        pytest.fail(f"{what} did not stop within 120 s of signal {sig}")
+
+
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_sigint_in_a_real_process_is_one_line(ckpt, tmp_path, sig, code, word):
     """A real SIGINT (Ctrl-C) or SIGTERM (kill, timeout) while `ddpm gen` samples: one line, exit 130 / 143, no
-    output file and no temporary left (a SIGTERM used to kill the process inside the write of its .npz)."""
+    output file and no temporary left (nor a half-written .npz: the signal unwinds the write)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = tmp_path / "x.npz"
     # SIGINT back to its default in the child: a test run started in the background of a non-interactive shell (as
@@ -314,12 +324,7 @@ def test_sigint_in_a_real_process_is_one_line(ckpt, tmp_path, sig, code, word):
     deadline = time.time() + 300
     while "step" not in buf and time.time() < deadline:
         buf += p.stderr.read(1)
-    p.send_signal(sig)
-    try:
-        _, rest = p.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        pytest.fail(f"ddpm gen did not stop within 120 s of signal {sig}")
+    _, rest = _signal_and_wait(p, sig, "ddpm gen")
     err = buf + rest
     assert p.returncode == code, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].strip() == word
@@ -343,12 +348,7 @@ def test_a_signal_in_real_training_keeps_its_exit_code(fake_mnist, tmp_path, sig
     deadline = time.time() + 300
     while not (run / "ckpt.pt").is_file() and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    p.send_signal(sig)
-    try:
-        out, err = p.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        pytest.fail(f"ddpm train did not stop within 120 s of signal {sig}")
+    _, err = _signal_and_wait(p, sig, "ddpm train")
     last = err.strip().splitlines()[-1].strip()
     assert p.returncode == code, err
     assert "Traceback" not in err and last.startswith(f"{word}; last checkpoint at step ") and \
