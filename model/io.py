@@ -85,6 +85,13 @@ def weights_hash(cfg: ModelConfig, state: dict) -> str:
     return h.hexdigest()
 
 
+def _write_bytes(path: str, data) -> None:
+    """Write serialised weights to `path` with Python's own file I/O, so that a failure is an OSError with its
+    errno (files.atomic_write names a full disk or the file-size limit from it)."""
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def save_model(path: str | os.PathLike, cfg: ModelConfig, state: dict, **info) -> None:
     """Write inference weights + config as safetensors (atomically)."""
     from safetensors.torch import save
@@ -93,7 +100,7 @@ def save_model(path: str | os.PathLike, cfg: ModelConfig, state: dict, **info) -
     meta = {"format": FORMAT, "config": json.dumps(cfg.to_dict())}
     meta.update({k: json.dumps(v) for k, v in info.items()})
     data = save(tensors, metadata=meta)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write(path, lambda tmp: _write_bytes(tmp, data))
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -105,7 +112,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     torch = require_torch("writing a training checkpoint")
     buf = io.BytesIO()
     torch.save(dict(state, format=CKPT_FORMAT), buf)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getbuffer()))
+    atomic_write(path, lambda tmp: _write_bytes(tmp, buf.getbuffer()))
 
 
 # The entries of the formats (schema.py), checked when read. Weights must be finite: a diverged run's NaN weights

@@ -457,6 +457,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
                 save_model(out / MODEL_FILE, mcfg, ema.state_dict(), step=step)
                 write_samples(ema, mcfg, out / SAMPLES_FILE, seed=cfg.seed, step=step)
                 save_checkpoint(out / CKPT_FILE, state)
+                last_ckpt[0] = step    # at once: a signal from now on names this checkpoint, which is on disk
             except OutputError as e:
                 how = ("then continue with --resume" if last_ckpt[0] is not None else
                        "then run the same command again (without --resume: nothing to resume yet)")
