@@ -246,6 +246,15 @@ def _output_step(path: Path) -> int | None:
         return None
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime_ns) of a file, None when it is missing: tells whether an atomic write replaced it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def _last(step: int | None) -> str:
     return "no checkpoint written yet" if step is None else f"last checkpoint at step {step}"
 
@@ -456,8 +465,12 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
                 # ckpt.pt last: whatever step it holds, the model and the grid of that step were written before it
                 save_model(out / MODEL_FILE, mcfg, ema.state_dict(), step=step)
                 write_samples(ema, mcfg, out / SAMPLES_FILE, seed=cfg.seed, step=step)
-                save_checkpoint(out / CKPT_FILE, state)
-                last_ckpt[0] = step    # at once: a signal from now on names this checkpoint, which is on disk
+                before = _identity(out / CKPT_FILE)
+                try:
+                    save_checkpoint(out / CKPT_FILE, state)
+                finally:   # a signal after the rename (inside the folder's fsync): this checkpoint is on disk
+                    if _identity(out / CKPT_FILE) not in (None, before):
+                        last_ckpt[0] = step
             except OutputError as e:
                 how = ("then continue with --resume" if last_ckpt[0] is not None else
                        "then run the same command again (without --resume: nothing to resume yet)")
