@@ -215,7 +215,7 @@ def test_cuda_graph_parity_and_no_allocation(setup, plan_name):
     assert np.abs(first - eager).max() < 1e-3
 
 
-# One engine object driven through a random sequence of calls (#12): runners of one engine must never feed the network
+# One engine object driven through a random sequence of calls: runners of one engine must never feed the network
 # from each other's buffers, whatever the order of batch sizes, plans, guidance and labels.
 SEQ_PLANS = {"ddim3": lambda s: ddim_plan(s, 3), "ddim5-eta1": lambda s: ddim_plan(s, 5, eta=1.0),
              "ddim4-eta0.5": lambda s: ddim_plan(s, 4, eta=0.5), "ddpm": ddpm_plan,
