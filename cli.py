@@ -174,7 +174,7 @@ class _Single:
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
-@click.version_option(package_name="ddpm")
+@click.version_option(package_name="ddpm-mnist")
 def main():
     """Denoising diffusion on MNIST: train, generate, edit, export to ONNX/TensorRT, benchmark.
 
