@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.engines import engine_versions
+from ..runtime.generate import network_batch
 from ..runtime.noise import make_noise
+from ..runtime.runner import RuntimeEngine
 
 
 @dataclass
@@ -120,8 +122,9 @@ def time_run(engine, batch: int, plan, guidance: float, seed: int, device) -> fl
 
 
 def kernel_floor(engine, batch: int, plan, guidance: float, device) -> float | None:
-    """GPU only: summed CUDA kernel time of one loop step (profiler) x steps, in seconds."""
-    if not _cuda(device) or not hasattr(engine, "runner"):
+    """GPU only, runtime engines only (their runners step row by row): summed CUDA kernel time of one loop step
+    (profiler) x steps, in seconds."""
+    if not _cuda(device) or not isinstance(engine, RuntimeEngine):
         return None
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -160,7 +163,7 @@ def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False,
     for batch in batches:   # before any engine is made or any buffer allocated
         check_batch_fits(plan, batch, guided=guidance != 0, device=device, cuda=cuda)
     metered = lambda key, name: meter.measure(key, name in OUTSIDE_TORCH) if meter is not None else nullcontext()
-    net_batch = max(batches) * (2 if guidance else 1)   # guidance runs both halves in one network batch
+    net_batch = network_batch(max(batches), guidance != 0)
     ready, skipped = {}, {}
     for name in engines:
         try:

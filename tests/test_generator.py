@@ -95,19 +95,19 @@ def test_add_generator_records_and_engine_gives_the_onnx_digits(setup, tmp_path)
         bundle.generator_path(_key(ddim_plan(bundle.schedule, 5)))
     # the engine through generate(): batches of 4 over 10 samples, same seed -> the onnx engine's digits
     labels = labels_for(10, None, False)
-    eng = make_engine("onnx-generator", "cpu", None, 10, bundle)
+    eng = make_engine("onnx-generator", device="cpu", bundle=bundle)
     got = generate(eng, 10, plan, labels, 1.5, seed=3, batch=4, progress=False)
-    ref = generate(make_engine("onnx", "cpu", None, 10, bundle), 10, plan, labels, 1.5, seed=3, batch=4,
+    ref = generate(make_engine("onnx", device="cpu", bundle=bundle), 10, plan, labels, 1.5, seed=3, batch=4,
                    progress=False)
     assert np.abs(got.astype(int) - ref).max() <= 1
     with pytest.raises(ValueError, match="re-export"):
         eng.run(*make_noise(0, 0, 2, 0), None, ddim_plan(bundle.schedule, 5), 0.0)
     with pytest.raises(EngineUnavailable, match="fp32"):
-        make_engine("onnx-generator", "cpu", None, 10, bundle, fp16=True)
+        make_engine("onnx-generator", device="cpu", bundle=bundle, fp16=True)
     # a damaged file is refused
     (folder / GENERATOR_FILE).write_bytes((folder / GENERATOR_FILE).read_bytes()[:1000])
     with pytest.raises(EngineUnavailable, match="corrupted or truncated"):
-        make_engine("onnx-generator", "cpu", None, 10, Bundle.load(folder))
+        make_engine("onnx-generator", device="cpu", bundle=Bundle.load(folder))
 
 
 def test_verification_fails_for_a_wrong_generator(setup, tmp_path):

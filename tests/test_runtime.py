@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
 
 def _engine(name, setup, fp16=False, device=CPU, max_batch=512):
     loaded, bundle = setup
-    return make_engine(name, device, loaded.model, 10, bundle, fp16=fp16, max_batch=max_batch)
+    return make_engine(name, device=device, model=loaded.model, bundle=bundle, fp16=fp16, max_batch=max_batch)
 
 
 PLANS = {"ddim": lambda s: ddim_plan(s, 8), "ddim-eta1": lambda s: ddim_plan(s, 6, eta=1.0), "ddpm": ddpm_plan,
@@ -201,7 +201,7 @@ def test_cuda_graph_parity_and_no_allocation(setup, plan_name):
             else unipc_plan(bundle.schedule, 8).with_guidance_interval(0.5, 5.0))
     x_T, z = make_noise(0, 0, 4, plan.num_slots)
     y = np.array([0, 1, 2, 3])
-    eager = make_engine("torch", dev, loaded.model, 10).run(x_T, z, y, plan, 1.0)
+    eager = make_engine("torch", device=dev, model=loaded.model).run(x_T, z, y, plan, 1.0)
     r = Runner(TorchNet(loaded.model, dev), 4, plan, True, 10, cuda_graph=True)
     first = r.run(x_T, z, y, 1.0)     # captures
     assert r.graph is not None

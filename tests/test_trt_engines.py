@@ -1,4 +1,5 @@
-"""Which TensorRT engine file is used, and what profile a new one is built with, on a fake `tensorrt` module.
+"""Which TensorRT engine file is used (runtime/trt.py), what profile a new one is built with (export/trt.py), and
+what a TensorRT net frees, on a fake `tensorrt` module.
 
 TensorRT and a GPU are not available here, so `tensorrt` is a small stand-in that records what the builder is asked
 for; the network's inputs come from the real exported ONNX file. That the calls themselves match TensorRT's API is
@@ -17,9 +18,11 @@ from click.testing import CliRunner
 from ddpm.cli import main
 from ddpm.export import trt as trt_export
 from ddpm.export.onnx_export import export
-from ddpm.export.trt import choose_engine, engine_files, ensure_engine
+from ddpm.export.trt import ensure_engine
+from ddpm.runtime import trt as trt_runtime
 from ddpm.runtime.bundle import Bundle
-from ddpm.runtime.nets import EngineUnavailable, check_io, trt_engine_io
+from ddpm.runtime.nets import EngineUnavailable, check_io
+from ddpm.runtime.trt import choose_engine, engine_files, trt_engine_io
 from helpers import tiny_checkpoint
 
 GPU = "Fake GPU"
@@ -129,6 +132,7 @@ def fake_trt(monkeypatch):
     trt = fake_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(trt_export, "gpu_name", lambda: GPU)
+    monkeypatch.setattr(trt_runtime, "gpu_name", lambda: GPU)
     return trt
 
 
@@ -308,7 +312,7 @@ class FakeContext:
 def test_trt_bind_gives_each_runner_its_own_context_within_the_batch_range():
     import torch
 
-    from ddpm.runtime.nets import TrtNet
+    from ddpm.runtime.trt import TrtNet
 
     engine = FakeEngine({})
     engine.contexts = []
