@@ -10,6 +10,7 @@ from ddpm.export.generator import (GENERATOR_FILE, GeneratorFailed, GeneratorUns
                                    check_plan, verify)
 from ddpm.export.onnx_export import export
 from ddpm.runtime.bundle import Bundle, ExportError
+from ddpm.runtime.engine import EngineClosed
 from ddpm.runtime.engines import make_engine
 from ddpm.runtime.generate import generate, labels_for
 from ddpm.runtime.generator import GeneratorEngine
@@ -102,6 +103,14 @@ def test_add_generator_records_and_engine_gives_the_onnx_digits(setup, tmp_path)
     assert np.abs(got.astype(int) - ref).max() <= 1
     with pytest.raises(ValueError, match="re-export"):
         eng.run(*make_noise(0, 0, 2, 0), None, ddim_plan(bundle.schedule, 5), 0.0)
+    # its lifetime: close drops the session, closing again is harmless, a closed engine refuses work in one line
+    assert eng.supports.plan_key == _key(plan) and not eng.supports.states
+    with eng:
+        pass
+    assert eng.closed and eng.sess is None
+    eng.close()
+    with pytest.raises(EngineClosed, match="^the onnx-generator engine is closed; make a new one"):
+        eng.run(*make_noise(0, 0, 2, 0), None, plan, 0.0)
     with pytest.raises(EngineUnavailable, match="fp32"):
         make_engine("onnx-generator", device="cpu", bundle=bundle, fp16=True)
     # a damaged file is refused
