@@ -9,7 +9,6 @@ CPU with a monotonic clock. On a GPU each engine's own peak memory is measured t
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import statistics
@@ -22,6 +21,7 @@ import numpy as np
 
 from ..runtime.engines import engine_versions
 from ..runtime.generate import network_batch
+from ..runtime.nets import cpu_count
 from ..runtime.noise import make_noise
 from ..runtime.runner import RuntimeEngine
 
@@ -91,7 +91,7 @@ def device_name(device) -> str:
         import torch
 
         return torch.cuda.get_device_name(torch.device(device))
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpu_count()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

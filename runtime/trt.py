@@ -152,13 +152,15 @@ class TrtNet(_CudaStream):
         trt = import_trt()
         self.trt, self.device = trt, torch.device(device)
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime: trt.Runtime | None = trt.Runtime(self.logger)
-        self.engine: trt.ICudaEngine | None = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if self.engine is None:
+        runtime = trt.Runtime(self.logger)
+        engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if engine is None:
             raise EngineUnavailable(f"TensorRT could not deserialize {engine_path}; rebuild it with "
                                     f"`ddpm export --trt`")
+        self.runtime: trt.Runtime | None = runtime
+        self.engine: trt.ICudaEngine | None = engine
         self.path = Path(engine_path)
-        self.io_types, self.batch_range = trt_engine_io(self.engine)
+        self.io_types, self.batch_range = trt_engine_io(engine)
         check_io(self.io_types, None, str(engine_path))   # now, not when the first runner binds it
         self.dtype = self.io_types["x"][1]
         self.max_batch = self.batch_range[1] if self.batch_range is not None else None
