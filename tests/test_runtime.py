@@ -347,6 +347,26 @@ def test_one_callback_sees_every_row_and_the_states_on_request(setup):
         assert np.abs(x0 - first).max() < 1e-3, name
 
 
+def test_generate_refuses_what_an_engine_does_not_support_before_any_work(setup):
+    """What an engine declares (Supports) is checked before any noise is drawn: its network batch limit (a TensorRT
+    engine file's range), its one plan (onnx-generator), edits and states."""
+    import dataclasses
+
+    plan = ddim_plan(setup[1].schedule, 2)
+    labels = labels_for(3, None, False)
+    eng = _engine("onnx", setup)
+    eng.supports = dataclasses.replace(eng.supports, max_batch=4)
+    with pytest.raises(EngineUnavailable, match=r"network batches up to 4, batch 3 needs 6 \(guidance doubles it\)"):
+        generate(eng, 3, plan, labels, 1.0, batch=3, progress=False)
+    assert generate(eng, 3, plan, labels, 0.0, batch=3, progress=False).shape == (3, 28, 28)   # unguided: 3
+    eng.supports = dataclasses.replace(eng.supports, max_batch=None, plan_key="another plan", states=False)
+    with pytest.raises(ValueError, match="runs one plan, not ddim"):
+        generate(eng, 3, plan, labels, 1.0, progress=False)
+    eng.supports = dataclasses.replace(eng.supports, plan_key=None)
+    with pytest.raises(ValueError, match="cannot show every step"):
+        generate(eng, 3, plan, labels, 1.0, progress=False, watch=lambda i, t, x, x0: None)
+
+
 # ------------------------------------------------------------------------------------------------------ lifetime
 @pytest.mark.parametrize("name", ["runtime-torch", "onnx"])
 def test_close_frees_runners_buffers_and_the_network(setup, name):
