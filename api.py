@@ -234,9 +234,14 @@ class Model:
             if key not in self._engines:
                 bundle = prepare() if name in NEEDS_EXPORT else None
                 model = self.torch_model if name in ("torch", "runtime-torch") else None
+                build_trt = None
+                if name == "trt":   # building an engine file is export's; the runtime is handed the builder
+                    from .export.trt import build_bundle_engine as build_trt
                 try:
-                    self._engines[key] = make_engine(name, dev, model, self.null_label, bundle, fp16, cuda_graph,
-                                                     threads, max_batch, log=log or (lambda *_: None))
+                    self._engines[key] = make_engine(name, device=dev, model=model, null_label=self.null_label,
+                                                     bundle=bundle, fp16=fp16, cuda_graph=cuda_graph, threads=threads,
+                                                     max_batch=max_batch, plan=plan, build_trt=build_trt,
+                                                     log=log or (lambda *_: None))
                 except (EngineUnavailable, ExportError) as e:
                     raise _wrap(e) from None
             return self._engines[key]

@@ -25,8 +25,9 @@ def main() -> None:
     loaded = load_model(default_model_path())
     sched = Schedule.of(loaded.cfg)
     null = loaded.cfg.null_label
-    eager, cpu = make_engine("torch", "cuda", loaded.model, null), make_engine("torch", "cpu", loaded.model, null)
-    graph = make_engine("runtime-torch", "cuda", loaded.model, null)
+    eager = make_engine("torch", device="cuda", model=loaded.model, null_label=null)
+    cpu = make_engine("torch", device="cpu", model=loaded.model, null_label=null)
+    graph = make_engine("runtime-torch", device="cuda", model=loaded.model, null_label=null)
     for sampler in ("dpm++2m", "unipc", "ddim"):
         for interval in (None, (0.28, 5.42)):
             plan = make_plan(sched, sampler, 10, guidance_interval=interval)

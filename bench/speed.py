@@ -9,7 +9,6 @@ CPU with a monotonic clock. On a GPU each engine's own peak memory is measured t
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import statistics
@@ -21,7 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.engines import engine_versions
+from ..runtime.generate import network_batch
+from ..runtime.nets import cpu_count
 from ..runtime.noise import make_noise
+from ..runtime.runner import RuntimeEngine
 
 
 @dataclass
@@ -89,7 +91,7 @@ def device_name(device) -> str:
         import torch
 
         return torch.cuda.get_device_name(torch.device(device))
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpu_count()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -120,8 +122,9 @@ def time_run(engine, batch: int, plan, guidance: float, seed: int, device) -> fl
 
 
 def kernel_floor(engine, batch: int, plan, guidance: float, device) -> float | None:
-    """GPU only: summed CUDA kernel time of one loop step (profiler) x steps, in seconds."""
-    if not _cuda(device) or not hasattr(engine, "runner"):
+    """GPU only, runtime engines only (their runners step row by row): summed CUDA kernel time of one loop step
+    (profiler) x steps, in seconds."""
+    if not _cuda(device) or not isinstance(engine, RuntimeEngine):
         return None
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -160,7 +163,7 @@ def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False,
     for batch in batches:   # before any engine is made or any buffer allocated
         check_batch_fits(plan, batch, guided=guidance != 0, device=device, cuda=cuda)
     metered = lambda key, name: meter.measure(key, name in OUTSIDE_TORCH) if meter is not None else nullcontext()
-    net_batch = max(batches) * (2 if guidance else 1)   # guidance runs both halves in one network batch
+    net_batch = network_batch(max(batches), guidance != 0)
     ready, skipped = {}, {}
     for name in engines:
         try:

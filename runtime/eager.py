@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..model.io import copy_to
+from .engine import Engine, StepCallback, Supports
 from .samplers import Plan
 
 # eps_fn(x, t, cfg) -> eps: the noise prediction at integer timestep t; cfg False on rows outside the guidance
@@ -23,14 +24,14 @@ NoiseFn = Callable[[int], torch.Tensor]
 
 @torch.no_grad()
 def sample(eps_fn: EpsFn, x: torch.Tensor, plan: Plan, noise: NoiseFn | None = None,
-           callback: Callable[[int, torch.Tensor, torch.Tensor | None], None] | None = None, edit=None,
+           callback: Callable[[int, int, torch.Tensor, torch.Tensor | None], None] | None = None, edit=None,
            y: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Run a plan from the starting noise x = x_T (B,C,H,W); noise(slot) gives the fresh noise of a slot (B,C,H,W)
     (default: randn_like). Returns x_0 (B,C,H,W), same dtype and device. Equations: runtime.samplers.
 
     edit: a runtime.edits.Projection with the known image y (B,C,H,W) and, for the mask operator, the mask
-    (1: known), both on x's device; its noise slots come from noise() too. callback(i, x, x0_hat): after row i,
-    x0_hat None on rows without a network call.
+    (1: known), both on x's device; its noise slots come from noise() too. callback(i, t, x, x0_hat): after row i
+    at timestep t, x0_hat None on rows without a network call (runtime.engine.StepCallback, with tensors).
     """
     noise = noise or (lambda slot: torch.randn_like(x))
     history: list[torch.Tensor | None] = [None, None]      # x0_hat of the previous two network rows
@@ -73,7 +74,7 @@ def sample(eps_fn: EpsFn, x: torch.Tensor, plan: Plan, noise: NoiseFn | None = N
             nxt = project(i, nxt)
         x = nxt
         if callback is not None:
-            callback(i, x, x0)
+            callback(i, int(plan.timesteps[i]), x, x0)
     return x
 
 
@@ -99,35 +100,47 @@ def guided(model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.
     return eps_fn
 
 
-class EagerEngine:
-    """Eager PyTorch: the plain per-step loop a user would write (the reference and the benchmark baseline)."""
+class EagerEngine(Engine):
+    """Eager PyTorch: the plain per-step loop a user would write (the reference and the benchmark baseline).
+    close() drops its copy of the model."""
 
     name = "torch"
-    supports_edits = True   # run(edit=, y=, mask=, watch=): runtime.generate
+    dtype = "float32"
+    supports = Supports(edits=True, states=True)
 
     def __init__(self, model: torch.nn.Module, null_label: int, device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
-        self.model = copy_to(model, self.device)   # the caller's model stays where it was
+        self.torch_device = torch.device(device)
+        self.device = str(self.torch_device)
+        self.model: torch.nn.Module | None = copy_to(model, self.torch_device)   # the caller's model stays put
         self.null_label = null_label
+        self.closed = False
 
     @torch.no_grad()
     def run(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, plan: Plan, guidance: float,
-            callback=None, edit=None, y=None, mask=None, watch=None) -> np.ndarray:
-        """x_T (B,C,H,W) float32, z (B,Q,C,H,W) or None, labels (B,) int64 or None -> x_0 (B,C,H,W) float32.
+            callback: StepCallback | None = None, edit=None, y=None, mask=None, states: bool = False) -> np.ndarray:
+        """x_T (B,C,H,W) float32, z (B,Q,C,H,W) or None, labels (B,) int64 or None -> x_0 (B,C,H,W) float32
+        (runtime.engine.Engine.run).
 
-        edit, y, mask: an edit's projection and its inputs (runtime.runner.Runner.load); callback(i) after each
-        row; watch(i, x, x0) after each row with host copies (x0 None on rows without a network call)."""
-        dev = self.device
+        edit, y, mask: an edit's projection and its inputs (runtime.runner.Runner.load); callback(i, t, x, x0_hat)
+        after each row, with host copies of x and x0_hat when states (x0_hat None on rows without a network
+        call), else None and None."""
+        self.check_open()
+        assert self.model is not None   # open
+        dev = self.torch_device
         lab = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64), device=dev)
         eps_fn = guided(self.model, lab, self.null_label, guidance)
         zd = None if z is None else torch.as_tensor(z, device=dev)
         dev_ = lambda a: None if a is None else torch.as_tensor(np.asarray(a, dtype=np.float32), device=dev)
-
-        def cb(i, x, x0):
-            if callback is not None:
-                callback(i)
-            if watch is not None:
-                watch(i, x.cpu().numpy(), None if x0 is None else x0.cpu().numpy())
+        host = lambda a: None if a is None or not states else a.cpu().numpy()
+        cb = None if callback is None else (lambda i, t, x, x0: callback(i, t, host(x), host(x0)))
         x = sample(eps_fn, torch.as_tensor(x_T, device=dev), plan, noise=None if zd is None else (lambda s: zd[:, s]),
                    callback=cb, edit=edit, y=dev_(y), mask=dev_(mask))
         return x.cpu().numpy()
+
+    def versions(self) -> dict[str, str]:
+        return {"torch": torch.__version__}
+
+    def close(self) -> None:
+        """Drop the engine's copy of the model (its weights on the device)."""
+        self.model = None
+        self.closed = True

@@ -4,19 +4,24 @@
     runtime-torch  the same PyTorch model inside the preallocated runtime (CUDA graph on a GPU)
     onnx           onnxruntime in the runtime (numpy buffers on a CPU, no PyTorch needed; CUDA EP with IO binding
                    when onnxruntime-gpu and a GPU exist)
-    trt            TensorRT in the runtime (needs tensorrt and a GPU)
+    trt            TensorRT in the runtime (needs tensorrt and a GPU; runtime.trt picks the engine file)
     onnx-generator generator.onnx: the whole loop of one deterministic plan in one onnxruntime call (CPU;
                    runtime.generator, export/generator.py)
 
-Only `torch`, `runtime-torch`, `trt` and GPUs import PyTorch; `onnx` on a CPU and `onnx-generator` run on the base
-install.
+Every engine is a runtime.engine.Engine (run, versions, what it supports, close). Only `torch`, `runtime-torch`,
+`trt` and GPUs import PyTorch; `onnx` on a CPU and `onnx-generator` run on the base install.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 from ..errors import raise_if_limit
+from .engine import Engine
 from .nets import EngineUnavailable, OnnxNet
 from .runner import RuntimeEngine
+from .samplers import Plan
 
 ENGINES = ("torch", "runtime-torch", "onnx", "trt", "onnx-generator")
 NEEDS_EXPORT = ("onnx", "trt", "onnx-generator")
@@ -78,12 +83,24 @@ def auto_engine(device: str) -> str:
     return "runtime-torch" if str(device).startswith("cuda") else "onnx"
 
 
-def make_engine(name: str, device: str = "cpu", model=None, null_label: int = 10, bundle=None, fp16: bool = False,
-                cuda_graph: bool = True, threads: int | None = None, max_batch: int = 512, log=print):
-    """An engine ready to run. `model` (a torch UNet) is needed by torch/runtime-torch, `bundle` (an export folder,
-    runtime.bundle.Bundle) by onnx/trt. `max_batch`: the largest batch the network will run at (2 x the sample batch
-    with guidance); trt uses an engine that covers 1..max_batch, or builds one optimised for max_batch. Raises
-    EngineUnavailable with what is missing."""
+# build_trt(bundle, precision, min_batch, max_batch, opt_batch, log) -> the engine file it built and saved
+# (export.trt.build_bundle_engine): what make_engine calls when no engine file of the export folder fits
+BuildTrt = Callable[..., Path]
+
+
+def make_engine(name: str, *, device: str = "cpu", model=None, null_label: int = 10, bundle=None, fp16: bool = False,
+                cuda_graph: bool = True, max_batch: int = 512, threads: int | None = None, plan: Plan | None = None,
+                build_trt: BuildTrt | None = None, log=print) -> Engine:
+    """An engine ready to run (runtime.engine.Engine; close it, or use it in a `with` block, to free it).
+
+    model: a torch UNet, needed by torch/runtime-torch; bundle: an export folder (runtime.bundle.Bundle), needed by
+    onnx/trt/onnx-generator, whose null label and image shape win over null_label and the model's. max_batch: the
+    largest batch the network will run at (runtime.generate.network_batch); trt runs an engine file that covers
+    1..max_batch (runtime.trt.find_engine), and when there is none has build_trt build one optimised for max_batch
+    (None: EngineUnavailable naming `ddpm export --trt`). plan: the plan the engine will run, which onnx-generator
+    needs to find its generator.onnx. threads: onnxruntime's CPU threads (runtime.nets.ort_cpu_options). log(line):
+    where a one-time build says what it does. Raises EngineUnavailable with what is missing.
+    """
     device = str(device)
     if name not in ENGINES:
         raise EngineUnavailable(f"unknown engine {name!r}; engines: {', '.join(ENGINES)}")
@@ -91,6 +108,8 @@ def make_engine(name: str, device: str = "cpu", model=None, null_label: int = 10
         raise EngineUnavailable(f"the {name} engine{' on a GPU' if name == 'onnx' else ''} needs PyTorch: {TORCH_HINT}")
     if name in ("torch", "runtime-torch") and model is None:
         raise EngineUnavailable(f"the {name} engine needs the PyTorch model (a checkpoint), not only an export")
+    if name in NEEDS_EXPORT and bundle is None:
+        raise EngineUnavailable(f"the {name} engine needs an export folder (`ddpm export`)")
     if name == "onnx-generator":
         from .generator import GeneratorEngine
 
@@ -98,42 +117,46 @@ def make_engine(name: str, device: str = "cpu", model=None, null_label: int = 10
             raise EngineUnavailable("the onnx-generator engine is fp32 (generator.onnx wraps model.onnx)")
         if device.startswith("cuda"):
             raise EngineUnavailable("the onnx-generator engine runs on the CPU; on a GPU use runtime-torch or trt")
-        return GeneratorEngine.from_bundle(bundle, threads)
+        return GeneratorEngine.from_bundle(bundle, threads, plan)
     if name == "torch":
         from .eager import EagerEngine
 
         if fp16:
             raise EngineUnavailable("the eager torch engine is the fp32 reference; use --engine runtime-torch --fp16")
         return EagerEngine(model, null_label, device)
+    precision = "fp16" if fp16 else "fp32"
     if name == "runtime-torch":
         from .nets import TorchNet
 
         net = TorchNet(model, device, "float16" if fp16 else "float32")
     elif name == "onnx":
-        net = OnnxNet(bundle.onnx_path("fp16" if fp16 else "fp32"), device, threads)
+        net = OnnxNet(bundle.onnx_path(precision), device, threads)
     else:
-        from ..export.trt import TensorRTUnavailable, ensure_engine
-        from .nets import TrtNet
+        from .trt import TrtNet, find_engine
 
         if not device.startswith("cuda"):
             raise EngineUnavailable("the trt engine needs a CUDA GPU (none selected or available)")
-        try:
-            plan = ensure_engine(bundle, "fp16" if fp16 else "fp32", 1, max_batch, opt_batch=max_batch, log=log)
-        except TensorRTUnavailable as e:
-            raise EngineUnavailable(str(e)) from None
-        net = TrtNet(plan, device)
-    null = bundle.null_label if bundle is not None else null_label
-    shape = bundle.image_shape if bundle is not None else (1, 28, 28)
-    return RuntimeEngine(net, null, shape, cuda_graph=cuda_graph)
+        path, why = find_engine(bundle, precision, 1, max_batch, max_batch)
+        if path is None:
+            if build_trt is None:
+                raise EngineUnavailable(f"no TensorRT engine file in {bundle.root} runs batch 1..{max_batch} "
+                                        f"({why}); build one with `ddpm export --trt --batch 1-{max_batch}`")
+            log(f"TensorRT engine for batch 1..{max_batch}: {why}; building one")
+            path = build_trt(bundle, precision, 1, max_batch, max_batch, log)
+        net = TrtNet(path, device)
+    if bundle is not None:
+        null_label, image_shape = bundle.null_label, bundle.image_shape
+    else:
+        image_shape = (model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size)
+    return RuntimeEngine(net, null_label, image_shape, cuda_graph=cuda_graph)
 
 
-def engine_versions(engine) -> dict:
-    net = getattr(engine, "net", engine if hasattr(engine, "versions") else None)
+def engine_versions(engine: Engine) -> dict[str, str]:
+    """The versions behind an engine's digits: PyTorch's (when installed) and the engine's own (Engine.versions)."""
     v = {}
     if have_torch():
         import torch
 
         v["torch"] = torch.__version__
-    if net is not None:
-        v.update(net.versions())
+    v.update(engine.versions())
     return v

@@ -1,11 +1,10 @@
 """generate(): N samples in batches from any engine, with the seeded noise stream and a progress bar.
 
-An engine is any object with `run(x_T, z, labels, plan, guidance, callback) -> x_0` for one batch (numpy arrays in,
-a numpy array out: x_0 (B,C,H,W) float32, or the images (B,H,W) uint8 already quantised as images.to_uint8 does,
-as the onnx-generator engine returns them); `labels` is None for unconditional sampling. Engines with
-`supports_edits` (eager and the runtime's) also take `edit, y, mask` (an edit's projection, runtime.edits, with its
-known image and mask) and `watch` (the states after every row). The eager PyTorch reference is
-`runtime.eager.EagerEngine`; the preallocated runtime engines live in `runtime.runner`. Nothing here needs PyTorch.
+An engine is a runtime.engine.Engine: `run(x_T, z, labels, plan, guidance, callback) -> x_0` for one batch (numpy
+arrays in, a numpy array out: x_0 (B,C,H,W) float32, or the images (B,H,W) uint8 already quantised as
+images.to_uint8 does, as the onnx-generator engine returns them); `labels` is None for unconditional sampling. What
+else an engine can do it declares (`engine.supports`): edits (an edit's projection, runtime.edits, with its known
+image and mask) and states (x and x0_hat after every row, for a watch). Nothing here needs PyTorch.
 
 `iter_generate` yields the batches as they are made, so that a caller can write them out (samples.save_samples) and
 hold one batch at a time; `generate` collects them. Both refuse before allocating a batch whose noise tables and
@@ -15,11 +14,12 @@ buffers would not fit in memory (`OutOfMemory`), and stop at a batch that came o
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator, Protocol
+from typing import Iterator
 
 import numpy as np
 
 from ..errors import DdpmError
+from .engine import Engine, StepCallback
 from .images import to_uint8
 from .noise import check_seed, make_noise
 from .samplers import Plan
@@ -34,11 +34,10 @@ class NonFiniteSamples(DdpmError):
     """An engine returned NaN or inf: the model, its export or the guidance scale is broken; nothing is saved."""
 
 
-class Engine(Protocol):
-    name: str
-
-    def run(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, plan: Plan,
-            guidance: float, callback: Callable[[int], None] | None = None) -> np.ndarray: ...
+def network_batch(batch: int, guided: bool) -> int:
+    """The batch the network runs at for `batch` samples: 2 x batch with classifier-free guidance (Ho & Salimans
+    2022), which evaluates the conditional and the unconditional halves in one call, else batch."""
+    return 2 * batch if guided else batch
 
 
 def labels_for(n: int, label: int | None, uncond: bool, num_classes: int = 10, start: int = 0) -> np.ndarray:
@@ -112,18 +111,12 @@ def batch_bytes(plan: Plan, batch: int, image_shape=(1, 28, 28), guided: bool = 
                 extra: int = 0) -> tuple[int, int]:
     """(host bytes, engine bytes) that one batch needs: the noise the host draws (x_T and the plan's noise table,
     runtime.noise.make_noise) and the engine's buffers (runtime.runner.Runner: its own copy of the noise table, the
-    image, x0_hat ring, scratch, network input/output, doubled when guided), all float32. extra: images per sample
-    that an edit adds on both sides (its noise slots, known image and mask; runtime.edits.EditJob)."""
+    image, x0_hat ring, scratch, and the network's input and output at network_batch), all float32. extra: images
+    per sample that an edit adds on both sides (its noise slots, known image and mask; runtime.edits.EditJob)."""
     img = int(np.prod(image_shape)) * 4
     host = batch * (1 + plan.num_slots + extra) * img
-    engine = batch * img * (plan.num_slots + extra + 3 + plan.history + (4 if guided else 2))
+    engine = img * (batch * (plan.num_slots + extra + 3 + plan.history) + 2 * network_batch(batch, guided))
     return host, engine
-
-
-def engine_device(engine) -> str:
-    """The device an engine keeps its buffers on ("cpu", "cuda:0", ...)."""
-    dev = getattr(getattr(engine, "net", None), "device", None) or getattr(engine, "device", "cpu")
-    return str(dev)
 
 
 def check_batch_fits(plan: Plan, batch: int, image_shape=(1, 28, 28), guided: bool = True,
@@ -141,9 +134,8 @@ def check_batch_fits(plan: Plan, batch: int, image_shape=(1, 28, 28), guided: bo
 
 
 # ------------------------------------------------------------------------------------------------- generation
-def _cause(engine, guidance: float) -> str:
-    net = getattr(engine, "net", None)
-    if getattr(net, "dtype", "float32") == "float16":
+def _cause(engine: Engine, guidance: float) -> str:
+    if engine.dtype == "float16":
         return "an fp16 overflow (run without --fp16)"
     if guidance > 20:
         return f"the guidance scale {guidance:g}, far too large (the model card's sweep uses 0-5)"
@@ -153,24 +145,32 @@ def _cause(engine, guidance: float) -> str:
 
 def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidance: float = 0.0, seed: int = 0,
                   batch: int = 64, start: int = 0, progress: bool = True, image_shape=(1, 28, 28), job=None,
-                  watch: Callable | None = None) -> Iterator[np.ndarray]:
+                  watch: StepCallback | None = None) -> Iterator[np.ndarray]:
     """Samples start..start+n-1 of the stream `seed`, yielded batch by batch as (b, H, W) uint8 in order.
 
     labels: (n,), -1 = unconditional; or a function (lo, hi) -> the labels of samples lo..hi-1 of these n, so that
     nothing of size n is held. job: an edit (runtime.edits.EditJob): its projection and known images, or its starting
-    images; its noise slots follow the plan's in every sample's stream. watch(i, x, x0): the states of the first
-    batch after every row (host arrays (B,C,H,W), x0 None on rows without a network call). Raises OutOfMemory before
-    the first batch when one batch would not fit, and NonFiniteSamples at a batch that comes out NaN or inf (naming
-    the likely cause); ValueError for bad labels, and for an engine that cannot run the edit's projection or be
-    watched (`supports_edits`)."""
+    images; its noise slots follow the plan's in every sample's stream. watch(i, t, x, x0_hat): the states of the
+    first batch after every row (runtime.engine.StepCallback with host arrays (B,C,H,W), x0_hat None on rows without
+    a network call). Raises OutOfMemory before the first batch when one batch would not fit, and NonFiniteSamples at
+    a batch that comes out NaN or inf (naming the likely cause); ValueError for bad labels, a plan the engine does
+    not run, and an engine that cannot run the edit's projection or be watched (engine.supports); EngineUnavailable
+    for a batch beyond the engine's."""
     from tqdm import tqdm
+
+    from .nets import EngineUnavailable
+    from .runner import plan_key
 
     check_seed(seed)
     edit = job.projection if job is not None else None
-    if (edit is not None or watch is not None) and not getattr(engine, "supports_edits", False):
+    can = engine.supports
+    if (edit is not None and not can.edits) or (watch is not None and not can.states):
         raise ValueError(f"the {engine.name} engine runs whole plans in one call: it cannot "
                          f"{'project onto a known image' if edit is not None else 'show every step'}; use "
                          f"--engine onnx (or torch, runtime-torch)")
+    if can.plan_key is not None and can.plan_key != plan_key(plan):
+        raise ValueError(f"the {engine.name} engine runs one plan, not {plan.name}; use --engine onnx (or torch, "
+                         f"runtime-torch)")
     if callable(labels):
         get = labels
     else:
@@ -185,11 +185,16 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
     check_seed(start + n - 1)
     b = min(batch, n)
     guided = bool(guidance != 0 and get(0, 1)[0] >= 0)
+    if can.max_batch is not None and network_batch(b, guided) > can.max_batch:
+        raise EngineUnavailable(f"the {engine.name} engine runs network batches up to {can.max_batch}, batch {b} "
+                                f"needs {network_batch(b, guided)}{' (guidance doubles it)' if guided else ''}; "
+                                f"lower --batch")
     extra = job.num_slots + 2 if job is not None else 0    # the edit's noise slots, its known image and mask
-    check_batch_fits(plan, b, image_shape, guided, engine_device(engine), extra=extra)
+    check_batch_fits(plan, b, image_shape, guided, engine.device, extra=extra)
     slots = plan.num_slots + (job.num_slots if job is not None else 0)
     bar = tqdm(total=-(-n // batch) * plan.steps, disable=not progress, unit="step", dynamic_ncols=True,
                desc=f"{engine.name} {plan.name}")
+    progress_bar = lambda i, t, x, x0: bar.update(1)   # noqa: E731
     try:
         for lo in range(0, n, batch):
             hi = min(n, lo + batch)
@@ -198,15 +203,17 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
             if len(y) != hi - lo or ((y < 0).any() and (y >= 0).any()):
                 raise ValueError(f"labels of samples {lo}..{hi - 1}: {hi - lo} labels, all -1 or all classes")
             y = None if y[0] < 0 else y
-            more = {}
+            more: dict = {}
             if job is not None:
                 known, mask, x_input = job.batch(lo, hi)
                 x_T = job.start(x_T, x_input)
                 if edit is not None:
                     more.update(edit=edit, y=known, mask=mask)
+            callback = progress_bar
             if watch is not None and lo == 0:
-                more["watch"] = watch
-            x = engine.run(x_T, z, y, plan, guidance, callback=lambda i: bar.update(1), **more)
+                callback = lambda i, t, x, x0: (bar.update(1), watch(i, t, x, x0))   # noqa: E731
+                more["states"] = True
+            x = engine.run(x_T, z, y, plan, guidance, callback=callback, **more)
             del x_T, z
             if not np.isfinite(x).all():
                 raise NonFiniteSamples(f"samples {start + lo}..{start + hi - 1} came out NaN or inf from the "
@@ -219,7 +226,7 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
 
 def generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidance: float = 0.0, seed: int = 0,
              batch: int = 64, start: int = 0, progress: bool = True, image_shape=(1, 28, 28), job=None,
-             watch: Callable | None = None) -> np.ndarray:
+             watch: StepCallback | None = None) -> np.ndarray:
     """Samples start..start+n-1 of the stream `seed` as (n, H, W) uint8. labels: (n,), -1 = unconditional.
 
     Holds all n images: OutOfMemory when they would not fit (iter_generate streams them instead); see iter_generate

@@ -7,21 +7,23 @@ checked at export). The plan is fixed at export: a run with another plan is refu
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
 from ..errors import raise_if_limit
 from .bundle import Bundle, ExportError
+from .engine import Engine, StepCallback, Supports
 from .nets import EngineUnavailable, ort_cpu_options, ort_session
 from .runner import plan_key
 from .samplers import Plan
 
 
-class GeneratorEngine:
-    """generator.onnx on onnxruntime's CPU provider; `run` returns (B,H,W) uint8 images."""
+class GeneratorEngine(Engine):
+    """generator.onnx on onnxruntime's CPU provider; `run` returns (B,H,W) uint8 images. It runs its one plan
+    (Supports.plan_key), without edits or states: one call does every row. close() drops the session."""
 
     name = "onnx-generator"
+    device = "cpu"
+    dtype = "float32"
 
     def __init__(self, path, info: dict, null_label: int, threads: int | None = None):
         """path: a generator.onnx; info: its record (at least plan, plan_key; export.json "generator")."""
@@ -33,12 +35,15 @@ class GeneratorEngine:
         self.path, self.info, self.null_label = path, info, int(null_label)
         so = ort_cpu_options(ort, threads)   # the CPU thread defaults of runtime.nets (bench/threads.md)
         self.sess = ort_session(ort, path, so, ["CPUExecutionProvider"])
+        self.supports = Supports(edits=False, states=False, plan_key=info["plan_key"])
+        self.closed = False
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, threads: int | None = None) -> "GeneratorEngine":
-        """The export folder's generator.onnx (sha256-checked); EngineUnavailable when it has none."""
+    def from_bundle(cls, bundle: Bundle, threads: int | None = None, plan: Plan | None = None) -> "GeneratorEngine":
+        """The export folder's generator.onnx (sha256-checked), of `plan` when given; EngineUnavailable when it has
+        none (of that plan)."""
         try:
-            path = bundle.generator_path()
+            path = bundle.generator_path(None if plan is None else plan_key(plan))
         except ExportError as e:
             raise EngineUnavailable(str(e)) from None
         return cls(path, bundle.generator, bundle.null_label, threads)
@@ -50,10 +55,15 @@ class GeneratorEngine:
                              f"`ddpm export --generator` for that plan, or use --engine onnx")
 
     def run(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, plan: Plan, guidance: float,
-            callback: Callable[[int], None] | None = None) -> np.ndarray:
+            callback: StepCallback | None = None, edit=None, y=None, mask=None, states: bool = False) -> np.ndarray:
         """x_T (B,C,H,W) float32, labels (B,) int64 or None (unconditional: the null label, w = 0 as every engine
-        does) -> images (B,H,W) uint8. z must be None (the generator's plans add no noise); ValueError otherwise."""
+        does) -> images (B,H,W) uint8; callback(i, t, None, None) for every row after the one call. z must be None
+        (the generator's plans add no noise); ValueError otherwise, and for an edit or states (Supports)."""
+        self.check_open()
         self.check_plan(plan)
+        if edit is not None or states:
+            raise ValueError(f"the {self.name} engine runs the whole loop in one call: it cannot "
+                             f"{'project onto a known image' if edit is not None else 'show every step'}")
         if z is not None:
             raise ValueError("the generator runs deterministic plans: it takes no noise besides x_T")
         B = x_T.shape[0]
@@ -66,10 +76,15 @@ class GeneratorEngine:
                                             "guidance": np.asarray(guidance, dtype=np.float32)})[0]
         if callback is not None:   # one call did every row
             for i in range(plan.steps):
-                callback(i)
+                callback(i, int(plan.timesteps[i]), None, None)
         return images
 
-    def versions(self) -> dict:
+    def versions(self) -> dict[str, str]:
         import onnxruntime as ort
 
         return {"onnxruntime": ort.__version__, "provider": "CPUExecutionProvider", "form": self.info["form"]}
+
+    def close(self) -> None:
+        """Drop the onnxruntime session (freed with its last reference)."""
+        self.sess = None
+        self.closed = True

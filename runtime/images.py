@@ -152,8 +152,9 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, sca
 
 
 class Trajectory:
-    """A watch for generate() (runtime.generate): x_t and x0_hat of the first `samples` samples after every row,
-    as uint8 frames (x0_hat kept from the last network row on rows that only add noise)."""
+    """A watch for generate() (runtime.generate; a runtime.engine.StepCallback): x_t and x0_hat of the first
+    `samples` samples after every row, as uint8 frames (x0_hat kept from the last network row on rows that only add
+    noise)."""
 
     def __init__(self, samples: int = 4):
         self.samples = samples
@@ -161,7 +162,7 @@ class Trajectory:
         self.x: list[np.ndarray] = []     # (m, H, W) uint8 per row
         self.x0: list[np.ndarray] = []
 
-    def __call__(self, i: int, x: np.ndarray, x0: np.ndarray | None) -> None:
+    def __call__(self, i: int, t: int, x: np.ndarray, x0: np.ndarray | None) -> None:
         m = self.samples
         self.rows.append(i)
         self.x.append(to_uint8(x[:m]))

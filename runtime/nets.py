@@ -4,10 +4,12 @@
     call()                                       # eps_out <- eps_theta(x_in, t_in, y_in), every step
 
 Every bound call owns its binding (onnxruntime IO bindings, a TensorRT execution context with its own shapes and
-addresses, the torch tensors), so two runners of one net never see each other's buffers. Buffers: x_in/eps_out
+addresses, the torch tensors), so two runners of one net never see each other's buffers; its `close()` drops them.
+A net's `close()` drops what the net holds (the model copy, the onnxruntime session); its runners close first. Buffers: x_in/eps_out
 (N,C,H,W) in the net's dtype, t_in/y_in (N,) int64, all on the net's device, as the arrays of `net.make_ops()`
 (numpy on a CPU for onnxruntime; torch tensors otherwise). Nothing is returned and nothing is allocated by the
 caller. On a GPU every net works on its own CUDA stream (`stream_context()`), never the legacy default stream.
+`max_batch` is the largest network batch a net runs (None: any). The TensorRT net is runtime.trt.TrtNet.
 """
 
 from __future__ import annotations
@@ -15,16 +17,12 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..errors import DdpmError, raise_if_limit
 from .ops import NumpyOps, TorchOps
-
-if TYPE_CHECKING:   # annotations only: TensorRT is imported where it is used (its stubs type-check the calls)
-    import tensorrt as trt
-
 
 class EngineUnavailable(DdpmError):
     """An engine that cannot run here; the message names what is missing."""
@@ -109,6 +107,7 @@ class TorchNet(_CudaStream):
 
     name = "runtime-torch"
     graph_capturable = True      # its kernels run on torch's current stream, so a CUDA graph can capture them
+    max_batch = None
 
     def __init__(self, model, device, dtype: str = "float32"):
         import torch
@@ -123,20 +122,35 @@ class TorchNet(_CudaStream):
     def make_ops(self) -> TorchOps:
         return TorchOps(self.device)
 
-    def bind(self, x_in, t_in, y_in, eps_out):
-        import torch
+    def bind(self, x_in, t_in, y_in, eps_out) -> _TorchCall:
+        return _TorchCall(self.model, (x_in, t_in, y_in), eps_out)
 
-        model = self.model
-
-        @torch.no_grad()
-        def call() -> None:
-            eps_out.copy_(model(x_in, t_in, y_in))
-        return call
-
-    def versions(self) -> dict:
+    def versions(self) -> dict[str, str]:
         import torch
 
         return {"torch": torch.__version__}
+
+    def close(self) -> None:
+        """Drop the model copy (its weights) and the stream."""
+        self.model = None
+        self.stream = None
+
+
+class _TorchCall:
+    """One runner's call of the PyTorch model on its tensors: eps_out <- model(x_in, t_in, y_in)."""
+
+    def __init__(self, model, inputs: tuple, eps_out):
+        self.model, self.inputs, self.eps_out = model, inputs, eps_out
+
+    def __call__(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            self.eps_out.copy_(self.model(*self.inputs))
+
+    def close(self) -> None:
+        """Drop the model and the tensors it was bound to."""
+        self.model = self.inputs = self.eps_out = None
 
 
 _ORT_TYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
@@ -182,6 +196,7 @@ class OnnxNet(_CudaStream):
     # ORT launches on the stream it was created with, not on a capture stream: the runner does not capture it
     # (onnxruntime's own CUDA-graph mode would be the way, see README)
     graph_capturable = False
+    max_batch = None
     CPU_CHUNK = 16
 
     def __init__(self, onnx_path: Path, device="cpu", threads: int | None = None, chunk: int | None = None,
@@ -243,10 +258,16 @@ class OnnxNet(_CudaStream):
             bindings.append(b)
         return _OnnxCall(self.sess, bindings, bufs)
 
-    def versions(self) -> dict:
+    def versions(self) -> dict[str, str]:
         import onnxruntime as ort
 
         return {"onnxruntime": ort.__version__, "provider": self.provider}
+
+    def close(self) -> None:
+        """Drop the onnxruntime session (onnxruntime frees it, its arena and its CUDA provider with the last
+        reference; the runners' IO bindings are cleared and dropped first) and the stream."""
+        self.sess = None
+        self.stream = None
 
 
 class _OnnxCall:
@@ -259,106 +280,10 @@ class _OnnxCall:
         for b in self.bindings:
             self.sess.run_with_iobinding(b)
 
-
-def trt_check(ok, what: str) -> None:
-    """Every TensorRT call that reports success as a bool goes through here."""
-    if not ok:
-        raise RuntimeError(f"TensorRT: {what} failed")
-
-
-def trt_engine_io(engine: trt.ICudaEngine) -> tuple[dict[str, tuple[str, str]], tuple[int, int] | None]:
-    """What a deserialized TensorRT engine takes and gives: name -> (mode "input"/"output", dtype "float32",
-    "float16", "int64" or TensorRT's name), and the batch range (min, max) of its optimisation profile 0, read from
-    the input x (None when the engine has no input x; check_io then names what it has)."""
-    from ..export.trt import import_trt
-
-    trt = import_trt()
-    names = {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.INT64: "int64"}
-    io = {}
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
-        dtype = engine.get_tensor_dtype(name)
-        io[name] = (mode, names.get(dtype, str(dtype)))
-    if io.get("x", ("",))[0] != "input":
-        return io, None
-    lo, _opt, hi = engine.get_tensor_profile_shape("x", 0)   # the min, opt and max shapes of profile 0
-    return io, (lo[0], hi[0])
-
-
-class TrtNet(_CudaStream):
-    """A TensorRT engine: one execution context per bound call, shapes and addresses set once, execute_async_v3 on
-    the net's stream.
-
-    Written against the TensorRT 10/11 Python API and type-checked against its stubs (tests/test_trt_typing.py);
-    not run in this project's workplace (see README).
-    """
-
-    name = "trt"
-    graph_capturable = True      # enqueued on torch's current stream (the capture stream during capture)
-
-    def __init__(self, plan_path: Path, device):
-        import torch
-
-        from ..export.trt import TensorRTUnavailable, import_trt
-
-        if not _is_cuda(device):
-            raise EngineUnavailable("the trt engine needs a CUDA GPU")
-        try:
-            trt = import_trt()
-        except TensorRTUnavailable as e:
-            raise EngineUnavailable(str(e)) from None
-        self.trt, self.device = trt, torch.device(device)
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
-        if self.engine is None:
-            raise EngineUnavailable(f"TensorRT could not deserialize {plan_path}; rebuild it with `ddpm export --trt`")
-        self.path = Path(plan_path)
-        self.io_types, self.batch_range = trt_engine_io(self.engine)
-        check_io(self.io_types, None, str(plan_path))   # now, not when the first runner binds it
-        self.dtype = self.io_types["x"][1]
-        self._make_stream()
-
-    def make_ops(self) -> TorchOps:
-        return TorchOps(self.device)
-
-    def bind(self, x_in, t_in, y_in, eps_out):
-        """A call with its own execution context: input shapes and all four tensor addresses set once, here.
-        EngineUnavailable when the buffers' names, modes, dtypes or batch do not fit the engine."""
-        bufs = {"x": x_in, "t": t_in, "y": y_in, "eps": eps_out}
-        check_io(self.io_types, bufs, str(self.path))
-        n = x_in.shape[0]
-        if self.batch_range is not None and not self.batch_range[0] <= n <= self.batch_range[1]:
-            lo, hi = self.batch_range
-            raise EngineUnavailable(f"{self.path} runs batches {lo}..{hi}, this runner needs {n}; build an engine "
-                                    f"that covers it (`ddpm export --trt --batch 1-{n}`)")
-        context = self.engine.create_execution_context()
-        if context is None:
-            raise RuntimeError("TensorRT: create_execution_context failed (out of GPU memory?)")
-        for name in ("x", "t", "y"):
-            trt_check(context.set_input_shape(name, tuple(bufs[name].shape)),
-                      f"set_input_shape({name}, {tuple(bufs[name].shape)}) (outside the engine's batch range?)")
-        for name, buf in bufs.items():
-            trt_check(context.set_tensor_address(name, buf.data_ptr()), f"set_tensor_address({name})")
-        # infer_shapes, not all_binding_shapes_specified: the latter does not see shapes set by name (TensorRT 10 docs)
-        missing = context.infer_shapes()
-        if missing:
-            raise RuntimeError(f"TensorRT: shapes of {', '.join(missing)} are not specified")
-        return _TrtCall(context, bufs)
-
-    def versions(self) -> dict:
-        return {"tensorrt": self.trt.__version__}
-
-
-class _TrtCall:
-    """One runner's TensorRT execution context, bound to its buffers; enqueued on torch's current stream (the
-    net's stream, or the capture stream while a CUDA graph is captured)."""
-
-    def __init__(self, context: trt.IExecutionContext, bufs: dict):
-        self.context, self.bufs = context, bufs
-
-    def __call__(self) -> None:
-        import torch
-
-        trt_check(self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream), "execute_async_v3")
+    def close(self) -> None:
+        """Clear the IO bindings (onnxruntime's references to the buffers) and drop them, the session and the
+        buffers."""
+        for b in self.bindings:
+            b.clear_binding_inputs()
+            b.clear_binding_outputs()
+        self.sess, self.bindings, self.bufs = None, [], None

@@ -12,7 +12,7 @@ writes buffers in place: no allocation, no host synchronisation. An edit (runtim
 known image, mask and working buffers, bound to the runner once, and projects x (or x0_hat) at its rows; its noise
 slots follow the plan's in the same table. On a GPU the loop is captured once as a CUDA
 graph after a warm-up and replayed for every later run. `run()` returns a host copy of x (numpy, float32) that the
-next run cannot overwrite.
+next run cannot overwrite. `close()` frees all of it: the CUDA graph, the bound calls, the buffers.
 
 The arithmetic is the plan's (runtime.samplers, its module docstring), written once in `Runner.step` against the
 array operations of runtime.ops, so the numpy runner (onnxruntime on a CPU, no PyTorch needed) and the torch
@@ -25,10 +25,10 @@ import hashlib
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Callable
-
 import numpy as np
 
+from .engine import Engine, EngineClosed, StepCallback, Supports
+from .generate import network_batch
 from .samplers import Plan
 
 _CAPTURE_LOCK = threading.Lock()   # CUDA-graph captures, one at a time per process (Runner._capture)
@@ -56,7 +56,8 @@ class Runner:
         self.net, self.batch, self.plan, self.guided, self.edit = net, batch, plan, guided, edit
         self.null_label = null_label
         self.steps = S = plan.steps
-        B, n = batch, (2 * batch if guided else batch)   # the network's batch: [cond | uncond] halves when guided
+        self.closed = False
+        B, n = batch, network_batch(batch, guided)   # guided: [cond | uncond] halves
         shape = (B, *image_shape)
         # -- state, workspace and network I/O
         self.x = ops.empty(shape)
@@ -146,11 +147,13 @@ class Runner:
         """The buffer that holds row i's x0_hat after the row (valid until the next network row)."""
         return self.x0[self.ring[i][0]]
 
-    def loop(self, callback: Callable[[int], None] | None = None) -> None:
+    def loop(self, callback: StepCallback | None = None) -> None:
+        """Every row in place; callback(i, t, None, None) after each (progress only)."""
+        t = self.plan.timesteps
         for i in range(self.steps):
             self.step(i)
             if callback is not None:
-                callback(i)
+                callback(i, int(t[i]), None, None)
 
     def _capture(self) -> None:
         """Warm up on a side stream (lazy inits, cuDNN/TensorRT autotuning), then capture the whole loop.
@@ -198,22 +201,23 @@ class Runner:
         if self.proj is not None:
             self.proj.load(y, mask)
 
-    def run(self, x_T, z, labels, guidance: float = 0.0, callback=None, y=None, mask=None,
-            watch=None) -> np.ndarray:
+    def run(self, x_T, z, labels, guidance: float = 0.0, callback: StepCallback | None = None, y=None, mask=None,
+            states: bool = False) -> np.ndarray:
         """One batch: x_0 (B,C,H,W) float32 on the host, a copy the next run cannot overwrite.
 
-        callback(i): after row i (after the whole replay when the loop runs as a CUDA graph). watch(i, x, x0):
-        after row i with host copies of x and of the row's x0_hat (None on rows without a network call); the loop
-        then runs step by step, never as a graph. y, mask: the edit's (see load)."""
+        callback(i, t, x, x0_hat) after row i (runtime.engine.StepCallback): with states, host copies of x and of
+        the row's x0_hat (None on rows without a network call), the loop then running step by step, never as a
+        graph; without, None and None (after the whole replay when the loop runs as a CUDA graph). y, mask: the
+        edit's (see load). EngineClosed after close()."""
+        if self.closed:
+            raise EngineClosed(f"this {self.net.name} runner is closed")
         with self.net.stream_context():
             self.load(x_T, z, labels, guidance, y, mask)
-            if watch is not None:
-                to_host, calls = self.ops.to_host, self.plan.calls_net
+            if states and callback is not None:
+                to_host, calls, t = self.ops.to_host, self.plan.calls_net, self.plan.timesteps
                 for i in range(self.steps):
                     self.step(i)
-                    if callback is not None:
-                        callback(i)
-                    watch(i, to_host(self.x), to_host(self.x0_of(i)) if calls[i] else None)
+                    callback(i, int(t[i]), to_host(self.x), to_host(self.x0_of(i)) if calls[i] else None)
                 return to_host(self.x)
             if self.use_graph and self.graph is None:
                 try:
@@ -227,76 +231,130 @@ class Runner:
                 self.graph.replay()
                 if callback is not None:
                     for i in range(self.steps):
-                        callback(i)
+                        callback(i, int(self.plan.timesteps[i]), None, None)
             else:
                 self.loop(callback)
             return self.ops.to_host(self.x)
 
+    def close(self) -> None:
+        """Free the CUDA graph, the bound network calls (their IO bindings or TensorRT execution contexts) and every
+        buffer; closing again does nothing, running afterwards raises EngineClosed."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.graph is not None:
+            self.graph.reset()
+        for call in (self.call, self.call_cond):
+            if call is not None:
+                call.close()
+        self.graph = self.call = self.call_cond = self.proj = None
+        self.x = self.x_in = self.eps = self.eps32 = self.t_in = self.y_in = self.w_neg = self.z = None
+        self.x0, self.t_rows, self.z_rows, self.coef, self.t_table = [], [], [], {}, None
+        self.ops = None
 
-class RuntimeEngine:
-    """An engine (see runtime.generate) that keeps the runners of its latest (batch, plan, guided, edit) combinations.
+
+class RuntimeEngine(Engine):
+    """The runtime-torch, onnx and trt engines (runtime.engine.Engine): a net (runtime.nets, runtime.trt) and the
+    runners of its latest (batch, plan, guided, edit) combinations.
 
     Every runner owns its buffers and its bound network calls, so any sequence of calls gives the same digits as
     each call alone. A runner serves one call at a time: `run` checks an idle one out of the pool (or builds one when
     every runner of that combination is busy, e.g. with two threads running the same batch and plan) and puts it
     back afterwards, so calls from any number of threads give the digits of serial calls. At most `max_runners` idle
-    runners are kept (least recently used dropped), so a long-lived engine that sees many batch sizes, or a burst of
-    concurrent calls, does not grow without bound.
+    runners are kept: the least recently used is closed when one more comes back, so a long-lived engine that sees
+    many batch sizes, or a burst of concurrent calls, does not grow without bound. `close()` closes every runner
+    (a busy one when its run ends) and then the net.
     """
-
-    supports_edits = True   # run(edit=, y=, mask=, watch=): runtime.generate
 
     def __init__(self, net, null_label: int, image_shape=(1, 28, 28), cuda_graph: bool = True, max_runners: int = 8):
         self.net, self.null_label, self.image_shape, self.cuda_graph = net, null_label, tuple(image_shape), cuda_graph
-        self.name = net.name
+        self.name, self.device, self.dtype = net.name, str(net.device), net.dtype
+        self.supports = Supports(edits=True, states=True, max_batch=net.max_batch)
         self.max_runners = max_runners
         self.runners: OrderedDict = OrderedDict()   # key -> idle runners of that key, most recently used last
-        self._lock = threading.Lock()              # guards `runners`; runs themselves happen outside it
+        self.busy = 0                               # runners checked out by runs in flight
+        self.closed = False
+        self._lock = threading.Lock()              # guards `runners`, `busy`, `closed`; runs happen outside it
 
     @staticmethod
     def _key(batch: int, plan: Plan, guided: bool, edit=None) -> tuple:
         return (batch, plan_key(plan), guided, None if edit is None else edit.key)
 
-    def _build(self, batch: int, plan: Plan, guided: bool, edit=None) -> Runner:
-        return Runner(self.net, batch, plan, guided, self.null_label, self.image_shape, self.cuda_graph, edit)
-
-    def _take(self, key) -> Runner | None:
+    def _checkout(self, batch: int, plan: Plan, guided: bool, edit=None) -> tuple[tuple, Runner]:
+        """An idle runner of this combination, built if there is none, counted as busy until _give_back."""
+        key = self._key(batch, plan, guided, edit)
         with self._lock:
+            self.check_open()
             idle = self.runners.get(key)
-            if not idle:
-                return None
-            runner = idle.pop()
-            if not idle:
+            runner = idle.pop() if idle else None
+            if idle is not None and not idle:
                 del self.runners[key]
-            return runner
+            self.busy += 1
+        if runner is None:
+            try:
+                runner = Runner(self.net, batch, plan, guided, self.null_label, self.image_shape, self.cuda_graph,
+                                edit)
+            except BaseException:
+                self._give_back(key, None)
+                raise
+        return key, runner
 
-    def _give_back(self, key, runner: Runner) -> None:
+    def _give_back(self, key, runner: Runner | None) -> None:
+        """Return a runner to the pool (None: a build that failed); close what leaves it: the least recently used
+        runners beyond max_runners, and everything once the engine is closed and no run is left in flight."""
+        leaving = []
         with self._lock:
-            self.runners.setdefault(key, []).append(runner)
-            self.runners.move_to_end(key)
-            while sum(map(len, self.runners.values())) > self.max_runners:
-                oldest = next(iter(self.runners))
-                self.runners[oldest].pop(0)
-                if not self.runners[oldest]:
-                    del self.runners[oldest]
+            self.busy -= 1
+            if runner is not None and not self.closed:
+                self.runners.setdefault(key, []).append(runner)
+                self.runners.move_to_end(key)
+                while sum(map(len, self.runners.values())) > self.max_runners:
+                    oldest = next(iter(self.runners))
+                    leaving.append(self.runners[oldest].pop(0))
+                    if not self.runners[oldest]:
+                        del self.runners[oldest]
+            elif runner is not None:
+                leaving.append(runner)
+            last = self.closed and self.busy == 0
+        for r in leaving:
+            r.close()
+        if last:
+            self.net.close()
 
     def runner(self, batch: int, plan: Plan, guided: bool, edit=None) -> Runner:
         """An idle runner of this combination, built if there is none; it stays in the pool, so the next `run` of
         this combination uses it (unless another thread has it then). For inspection and benchmarks."""
-        key = self._key(batch, plan, guided, edit)
-        runner = self._take(key) or self._build(batch, plan, guided, edit)
+        key, runner = self._checkout(batch, plan, guided, edit)
         self._give_back(key, runner)
         return runner
 
-    def run(self, x_T, z, labels, plan, guidance, callback=None, edit=None, y=None, mask=None, watch=None):
-        """x_T (B,C,H,W) float32, z (B,Q,C,H,W) or None, labels (B,) int64 or None -> x_0 (B,C,H,W) float32.
+    def run(self, x_T, z, labels, plan, guidance, callback: StepCallback | None = None, edit=None, y=None, mask=None,
+            states: bool = False) -> np.ndarray:
+        """x_T (B,C,H,W) float32, z (B,Q,C,H,W) or None, labels (B,) int64 or None -> x_0 (B,C,H,W) float32
+        (runtime.engine.Engine.run).
 
-        edit: a runtime.edits.Projection with its y and mask (Runner.load); watch: see Runner.run. Safe to call
-        from several threads at once: each call has a runner of its own for its duration."""
+        edit: a runtime.edits.Projection with its y and mask (Runner.load); callback, states: see Runner.run. Safe to
+        call from several threads at once: each call has a runner of its own for its duration."""
         guided = labels is not None and guidance != 0   # w = 0: the conditional model alone, one batch
-        key = self._key(x_T.shape[0], plan, guided, edit)
-        runner = self._take(key) or self._build(x_T.shape[0], plan, guided, edit)
+        key, runner = self._checkout(x_T.shape[0], plan, guided, edit)
         try:
-            return runner.run(x_T, z, labels, guidance, callback, y, mask, watch)
+            return runner.run(x_T, z, labels, guidance, callback, y, mask, states)
         finally:
             self._give_back(key, runner)   # reusable whatever happened: every run loads all its inputs first
+
+    def versions(self) -> dict[str, str]:
+        return self.net.versions()
+
+    def close(self) -> None:
+        """Close every idle runner now, a busy one when its run ends, then the net (runtime.engine.Engine.close)."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            idle = [r for rs in self.runners.values() for r in rs]
+            self.runners.clear()
+            last = self.busy == 0
+        for r in idle:
+            r.close()
+        if last:
+            self.net.close()

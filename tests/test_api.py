@@ -6,6 +6,7 @@ import pytest
 import ddpm
 from ddpm.api import DdpmError
 from ddpm.runtime import engines
+from ddpm.runtime.engine import Supports
 from ddpm.runtime.nets import EngineUnavailable
 
 
@@ -49,7 +50,7 @@ def test_trt_engines_are_cached_per_batch_range(monkeypatch, model):
     made = []
     monkeypatch.setattr(engines, "resolve_device", lambda d: "cuda")
     monkeypatch.setattr(engines, "have_torch", lambda: True)
-    monkeypatch.setattr(engines, "make_engine", lambda name, dev, m, null, bundle, fp16, cg, threads, max_batch, log:
+    monkeypatch.setattr(engines, "make_engine", lambda name, *, max_batch, **options:
                         made.append((name, max_batch)) or object())
     m = ddpm.load()
     a, b, c = m.engine("trt", max_batch=16), m.engine("trt", max_batch=128), m.engine("trt", max_batch=16)
@@ -60,7 +61,7 @@ def test_trt_engines_are_cached_per_batch_range(monkeypatch, model):
 def test_runner_errors_inside_generate_become_ddpm_errors(monkeypatch):
     """Runners (and their bindings) are built on first use inside generate(): their errors are the user's too."""
     class Broken:
-        name = "onnx"
+        name, device, supports = "onnx", "cpu", Supports(edits=True, states=True)
 
         def run(self, *a, **k):
             raise EngineUnavailable("model.onnx: tensor 'x' is float16, the runner's buffer is float32")

@@ -225,7 +225,7 @@ def test_edits_in_a_cuda_graph_match_eager(setup):
     flow through the same buffers, and watching (step by step) gives the same result."""
     loaded, bundle, _ = setup
     labels = np.array([4, 9, 1])
-    eager = make_engine("torch", "cuda", loaded.model, 10)
+    eager = make_engine("torch", device="cuda", model=loaded.model)
     for name, plan, proj, y, mask in _edits(bundle):
         x_T, z = make_noise(3, 0, 3, plan.num_slots + proj.num_slots)
         r = Runner(TorchNet(loaded.model, "cuda"), 3, plan, True, 10, cuda_graph=True, edit=proj)
@@ -237,7 +237,8 @@ def test_edits_in_a_cuda_graph_match_eager(setup):
         replay = r.run(x_T, z, labels, 1.0, y=y2, mask=mask)
         assert np.abs(replay - eager.run(x_T, z, labels, plan, 1.0, edit=proj, y=y2, mask=mask)).max() < 1e-3
         seen = []
-        watched = r.run(x_T, z, labels, 1.0, y=y, mask=mask, watch=lambda i, x, x0: seen.append(i))
+        watched = r.run(x_T, z, labels, 1.0, y=y, mask=mask, callback=lambda i, t, x, x0: seen.append(i),
+                        states=True)
         assert seen == list(range(plan.steps)) and np.abs(watched - first).max() < 1e-5, name
 
 
@@ -319,7 +320,7 @@ def test_upscaled_digits_downsample_to_the_input(setup, method, factor):
     proj = noised_projection(plan, "lowpass", factor) if method == "ilvr" else x0_projection(plan, factor)
     job = EditJob(proj, y=upsample(small, factor))
     x_T, z = make_noise(0, 0, 2, plan.num_slots + job.num_slots)
-    out = make_engine("onnx", "cpu", None, 10, bundle).run(x_T, z, np.array([2, 5]), plan, 0.3, edit=proj,
+    out = make_engine("onnx", device="cpu", bundle=bundle).run(x_T, z, np.array([2, 5]), plan, 0.3, edit=proj,
                                                            y=job.y, mask=None)
     assert np.abs(downsample(out[:, 0], factor) - small[:, 0]).max() < 1e-5
     assert np.abs(out - upsample(small, factor)).mean() > 0.05      # detail added, not the blocky input

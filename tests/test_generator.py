@@ -10,6 +10,7 @@ from ddpm.export.generator import (GENERATOR_FILE, GeneratorFailed, GeneratorUns
                                    check_plan, verify)
 from ddpm.export.onnx_export import export
 from ddpm.runtime.bundle import Bundle, ExportError
+from ddpm.runtime.engine import EngineClosed
 from ddpm.runtime.engines import make_engine
 from ddpm.runtime.generate import generate, labels_for
 from ddpm.runtime.generator import GeneratorEngine
@@ -95,19 +96,27 @@ def test_add_generator_records_and_engine_gives_the_onnx_digits(setup, tmp_path)
         bundle.generator_path(_key(ddim_plan(bundle.schedule, 5)))
     # the engine through generate(): batches of 4 over 10 samples, same seed -> the onnx engine's digits
     labels = labels_for(10, None, False)
-    eng = make_engine("onnx-generator", "cpu", None, 10, bundle)
+    eng = make_engine("onnx-generator", device="cpu", bundle=bundle)
     got = generate(eng, 10, plan, labels, 1.5, seed=3, batch=4, progress=False)
-    ref = generate(make_engine("onnx", "cpu", None, 10, bundle), 10, plan, labels, 1.5, seed=3, batch=4,
+    ref = generate(make_engine("onnx", device="cpu", bundle=bundle), 10, plan, labels, 1.5, seed=3, batch=4,
                    progress=False)
     assert np.abs(got.astype(int) - ref).max() <= 1
     with pytest.raises(ValueError, match="re-export"):
         eng.run(*make_noise(0, 0, 2, 0), None, ddim_plan(bundle.schedule, 5), 0.0)
+    # its lifetime: close drops the session, closing again is harmless, a closed engine refuses work in one line
+    assert eng.supports.plan_key == _key(plan) and not eng.supports.states
+    with eng:
+        pass
+    assert eng.closed and eng.sess is None
+    eng.close()
+    with pytest.raises(EngineClosed, match="^the onnx-generator engine is closed; make a new one"):
+        eng.run(*make_noise(0, 0, 2, 0), None, plan, 0.0)
     with pytest.raises(EngineUnavailable, match="fp32"):
-        make_engine("onnx-generator", "cpu", None, 10, bundle, fp16=True)
+        make_engine("onnx-generator", device="cpu", bundle=bundle, fp16=True)
     # a damaged file is refused
     (folder / GENERATOR_FILE).write_bytes((folder / GENERATOR_FILE).read_bytes()[:1000])
     with pytest.raises(EngineUnavailable, match="corrupted or truncated"):
-        make_engine("onnx-generator", "cpu", None, 10, Bundle.load(folder))
+        make_engine("onnx-generator", device="cpu", bundle=Bundle.load(folder))
 
 
 def test_verification_fails_for_a_wrong_generator(setup, tmp_path):

@@ -1,6 +1,10 @@
 """The preallocated runtime: same digits from every engine, nothing allocated in the loop, clear errors."""
 
+import ast
+import gc
 import warnings
+import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +14,8 @@ from torch.profiler import ProfilerActivity, profile
 from ddpm.export.onnx_export import export
 from ddpm.runtime.bundle import Bundle
 from ddpm.runtime.eager import guided, sample
-from ddpm.runtime.engines import make_engine
+from ddpm.runtime.engine import Engine, EngineClosed
+from ddpm.runtime.engines import engine_versions, make_engine
 from ddpm.runtime.generate import generate, labels_for
 from ddpm.runtime.nets import EngineUnavailable, OnnxNet, TorchNet
 from ddpm.runtime.noise import make_noise
@@ -20,6 +25,7 @@ from helpers import invoke, tiny_checkpoint, traced_peak
 
 CPU = "cpu"
 HAS_GPU = torch.cuda.is_available()
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +38,7 @@ def setup(tmp_path_factory):
 
 def _engine(name, setup, fp16=False, device=CPU, max_batch=512):
     loaded, bundle = setup
-    return make_engine(name, device, loaded.model, 10, bundle, fp16=fp16, max_batch=max_batch)
+    return make_engine(name, device=device, model=loaded.model, bundle=bundle, fp16=fp16, max_batch=max_batch)
 
 
 PLANS = {"ddim": lambda s: ddim_plan(s, 8), "ddim-eta1": lambda s: ddim_plan(s, 6, eta=1.0), "ddpm": ddpm_plan,
@@ -201,7 +207,7 @@ def test_cuda_graph_parity_and_no_allocation(setup, plan_name):
             else unipc_plan(bundle.schedule, 8).with_guidance_interval(0.5, 5.0))
     x_T, z = make_noise(0, 0, 4, plan.num_slots)
     y = np.array([0, 1, 2, 3])
-    eager = make_engine("torch", dev, loaded.model, 10).run(x_T, z, y, plan, 1.0)
+    eager = make_engine("torch", device=dev, model=loaded.model).run(x_T, z, y, plan, 1.0)
     r = Runner(TorchNet(loaded.model, dev), 4, plan, True, 10, cuda_graph=True)
     first = r.run(x_T, z, y, 1.0)     # captures
     assert r.graph is not None
@@ -306,3 +312,178 @@ def test_failed_cuda_graph_capture_warns_once_and_runs_step_by_step(setup, name,
         again = eng.run(x_T, z, labels, plan, 1.5)
     for out in (first, again):
         assert np.abs(np.rint(out * 127.5) - np.rint(ref * 127.5)).max() <= 2
+
+
+# ----------------------------------------------------------------------------------------------------- the protocol
+def test_every_engine_declares_what_it_is(setup):
+    for name in ("torch", "runtime-torch", "onnx"):
+        with _engine(name, setup) as eng:
+            assert Engine in type(eng).__mro__, name
+            assert (eng.name, eng.device, eng.dtype) == (name, "cpu", "float32")
+            assert eng.supports.edits and eng.supports.states and eng.supports.max_batch is None
+            assert eng.supports.plan_key is None and "torch" in engine_versions(eng)
+    with _engine("onnx", setup, fp16=True) as eng:
+        assert eng.dtype == "float16" and "onnxruntime" in eng.versions()
+
+
+def test_one_callback_sees_every_row_and_the_states_on_request(setup):
+    """callback(i, t, x, x0_hat): progress only (None, None) by default; with states, host copies that agree
+    across engines, the last x being the output."""
+    plan = ddim_plan(setup[1].schedule, 4, eta=0.5)
+    x_T, z = make_noise(2, 0, 2, plan.num_slots)
+    y = np.array([3, 8])
+    rows = [(i, int(t)) for i, t in enumerate(plan.timesteps)]
+    first = None
+    for name in ("torch", "runtime-torch", "onnx"):
+        progress, states = [], []
+        with _engine(name, setup) as eng:
+            eng.run(x_T, z, y, plan, 1.5, callback=lambda *a: progress.append(a))
+            out = eng.run(x_T, z, y, plan, 1.5, callback=lambda *a: states.append(a), states=True)
+        assert progress == [(i, t, None, None) for i, t in rows], name
+        assert [s[:2] for s in states] == rows and np.array_equal(states[-1][2], out), name
+        x0 = np.stack([s[3] for s in states])           # every DDIM row calls the network: an x0_hat each
+        assert x0.shape == (4, 2, 1, 28, 28) and x0.dtype == np.float32
+        first = x0 if first is None else first
+        assert np.abs(x0 - first).max() < 1e-3, name
+
+
+def test_generate_refuses_what_an_engine_does_not_support_before_any_work(setup):
+    """What an engine declares (Supports) is checked before any noise is drawn: its network batch limit (a TensorRT
+    engine file's range), its one plan (onnx-generator), edits and states."""
+    import dataclasses
+
+    plan = ddim_plan(setup[1].schedule, 2)
+    labels = labels_for(3, None, False)
+    eng = _engine("onnx", setup)
+    eng.supports = dataclasses.replace(eng.supports, max_batch=4)
+    with pytest.raises(EngineUnavailable, match=r"network batches up to 4, batch 3 needs 6 \(guidance doubles it\)"):
+        generate(eng, 3, plan, labels, 1.0, batch=3, progress=False)
+    assert generate(eng, 3, plan, labels, 0.0, batch=3, progress=False).shape == (3, 28, 28)   # unguided: 3
+    eng.supports = dataclasses.replace(eng.supports, max_batch=None, plan_key="another plan", states=False)
+    with pytest.raises(ValueError, match="runs one plan, not ddim"):
+        generate(eng, 3, plan, labels, 1.0, progress=False)
+    eng.supports = dataclasses.replace(eng.supports, plan_key=None)
+    with pytest.raises(ValueError, match="cannot show every step"):
+        generate(eng, 3, plan, labels, 1.0, progress=False, watch=lambda i, t, x, x0: None)
+
+
+# ------------------------------------------------------------------------------------------------------ lifetime
+@pytest.mark.parametrize("name", ["runtime-torch", "onnx"])
+def test_close_frees_runners_buffers_and_the_network(setup, name):
+    eng = _engine(name, setup)
+    plan = ddim_plan(setup[1].schedule, 3, eta=0.5)
+    x_T, z = make_noise(0, 0, 2, plan.num_slots)
+    eng.run(x_T, z, np.array([1, 2]), plan, 1.5)
+    r = eng.runner(2, plan, True)
+    buffers = [weakref.ref(b) for b in (r.x, r.x_in, r.eps, r.t_in, r.y_in, r.z, *r.x0)]
+    network = weakref.ref(eng.net.sess if name == "onnx" else eng.net.model)   # the session, the model copy
+    bindings = r.call.bindings if name == "onnx" else []
+    eng.close()
+    assert eng.closed and r.closed and r.call is None and not eng.runners
+    del r
+    gc.collect()
+    assert all(b() is None for b in buffers) and network() is None
+    assert all(len(b.get_outputs()) == 0 for b in bindings)   # the IO bindings were cleared
+
+
+@pytest.mark.parametrize("name", ["torch", "runtime-torch", "onnx"])
+def test_a_closed_engine_refuses_work_in_one_line(setup, name):
+    plan = ddim_plan(setup[1].schedule, 2)
+    x_T, _ = make_noise(0, 0, 2, 0)
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with _engine(name, setup) as eng:
+            raise RuntimeError("inside the block")
+    assert eng.closed                                    # `with` closed it on the way out
+    eng.close()                                          # and again: nothing happens
+    with pytest.raises(EngineClosed, match=rf"^the {name} engine is closed; make a new one") as e:
+        eng.run(x_T, None, np.array([1, 2]), plan, 0.0)
+    assert "\n" not in str(e.value)
+    with pytest.raises(EngineClosed):
+        generate(eng, 2, plan, labels_for(2, None, False), 0.0, progress=False)
+
+
+def test_runners_leaving_the_pool_are_closed(setup):
+    eng = _engine("onnx", setup)
+    eng.max_runners = 1
+    plan = ddim_plan(setup[1].schedule, 2)
+    a = eng.runner(1, plan, False)
+    b = eng.runner(2, plan, False)                       # the pool keeps one: a leaves it, closed
+    assert a.closed and a.x is None and a.call is None and not b.closed
+    assert [r for idle in eng.runners.values() for r in idle] == [b]
+    eng.close()
+    assert b.closed
+
+
+def test_closing_during_a_run_lets_it_finish_then_frees_it(setup):
+    eng, ref = _engine("onnx", setup), _engine("onnx", setup)
+    plan = ddim_plan(setup[1].schedule, 3, eta=0.5)
+    x_T, z = make_noise(4, 0, 2, plan.num_slots)
+    labels = np.array([5, 6])
+    close_at_first_row = lambda i, t, x, x0: eng.close() if i == 0 else None
+    out = eng.run(x_T, z, labels, plan, 1.5, callback=close_at_first_row)
+    assert np.array_equal(out, ref.run(x_T, z, labels, plan, 1.5))
+    assert eng.closed and not eng.runners and eng.net.sess is None   # freed when the run ended
+
+
+def test_close_resets_the_cuda_graph(setup, monkeypatch):
+    """On the CPU torch.cuda's stream and graph API is stood in (as in the capture-failure test below): the runner
+    captures its loop into the stand-in graph, and closing the engine resets that graph."""
+    import contextlib
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        replays = resets = 0
+
+        def replay(self):
+            self.replays += 1
+
+        def reset(self):
+            self.resets += 1
+
+    @contextlib.contextmanager
+    def capture(graph, **options):
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    eng = _engine("runtime-torch", setup)
+    plan = ddim_plan(setup[1].schedule, 2)
+    r = eng.runner(2, plan, False)
+    r.use_graph = True                                   # as on a GPU
+    eng.run(*make_noise(0, 0, 2, 0), np.array([1, 2]), plan, 0.0)
+    graph = r.graph
+    assert isinstance(graph, Graph) and graph.replays == 1
+    eng.close()
+    assert graph.resets == 1 and r.graph is None
+
+
+def _imports(path: Path, package: str) -> list[str]:
+    """The absolute names of the modules that a file of `package` imports."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]) if node.level else ""
+            module = ".".join(p for p in (base, node.module or "") if p)
+            found += [module] if node.module else [f"{module}.{a.name}" for a in node.names]
+    return found
+
+
+def test_the_runtime_imports_nothing_from_export(tmp_path):
+    """runtime/ runs what export/ builds; export/ hands over its builder (make_engine's build_trt), never the other
+    way round."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("from ..export.trt import a\nfrom .. import export\nimport ddpm.export.web\n"
+                     "def f():\n    from .nets import b\n")
+    assert _imports(probe, "ddpm.runtime") == ["ddpm.export.trt", "ddpm.export", "ddpm.export.web",
+                                               "ddpm.runtime.nets"]
+    bad = {p.name: [m for m in _imports(p, "ddpm.runtime") if m == "ddpm.export" or m.startswith("ddpm.export.")]
+           for p in sorted((REPO / "runtime").glob("*.py"))}
+    assert {k: v for k, v in bad.items() if v} == {}

@@ -36,7 +36,7 @@ def test_ddim_eta0_is_exact_for_point_mass_data():
     for steps in (1, 7, 50):
         plan = ddim_plan(SCHED, steps, clip=False)
         seen = []
-        out = sample(gaussian_eps(SCHED, s=0.0), x_T, plan, callback=lambda i, x, x0: seen.append(x))
+        out = sample(gaussian_eps(SCHED, s=0.0), x_T, plan, callback=lambda i, t, x, x0: seen.append(x))
         for i, x in enumerate(seen):
             ab = plan.abar_next[i]
             assert torch.allclose(x, ab ** 0.5 * MU + (1 - ab) ** 0.5 * u_T, atol=1e-9)

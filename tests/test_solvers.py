@@ -81,7 +81,7 @@ def test_trajectory_matches_diffusers(monkeypatch, sampler, T, steps, spacing):
         seen.append(x.clone())
         x = ds.step(wavy_eps(x, int(tt)), tt, x).prev_sample
     ours = [x_T]
-    out = sample(wavy_eps, x_T, plan, callback=lambda i, xi, x0: ours.append(xi))
+    out = sample(wavy_eps, x_T, plan, callback=lambda i, t, xi, x0: ours.append(xi))
     for i, (a, b) in enumerate(zip(seen, ours)):
         assert torch.allclose(a, b, rtol=0, atol=1e-10), f"network input of row {i}"
     assert torch.allclose(out, x, rtol=0, atol=1e-10)
@@ -97,7 +97,7 @@ def test_point_mass_data_is_solved_exactly(sampler, spacing):
         plan = make_plan(SCHED, sampler, steps, spacing=spacing)
         u = (x_T - SCHED.sqrt_alphas_cumprod[-1] * MU) / SCHED.sqrt_one_minus_alphas_cumprod[-1]
         seen = []
-        out = sample(gaussian_eps(SCHED, s=0.0), x_T, plan, callback=lambda i, x, x0: seen.append(x))
+        out = sample(gaussian_eps(SCHED, s=0.0), x_T, plan, callback=lambda i, t, x, x0: seen.append(x))
         for i, x in enumerate(seen):
             ab = plan.abar_next[i]
             assert torch.allclose(x, ab ** 0.5 * MU + (1 - ab) ** 0.5 * u, atol=1e-9), (steps, i)

@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from ddpm.export.onnx_export import export, ort_session
-from ddpm.runtime import nets
 from ddpm.runtime.nets import OnnxNet, cpu_count
 from helpers import tiny_checkpoint
 
@@ -34,7 +33,7 @@ def test_cpu_count_is_the_affinity_mask(monkeypatch):
 
 
 def test_onnx_sessions_use_the_chosen_options(onnx_path, monkeypatch):
-    assert nets.ORT_THREADS is None and nets.ORT_SPINNING is False       # the defaults bench/threads.md chose
+    # the defaults bench/threads.md chose, as a live session applies them: a thread per CPU, no spinning
     assert _applied(OnnxNet(onnx_path).sess) == (cpu_count(), "0", "0")
     assert _applied(ort_session(onnx_path)) == (cpu_count(), "0", "0")    # export's verification session too
     assert _applied(OnnxNet(onnx_path, threads=1).sess)[0] == 1          # --threads wins
@@ -43,7 +42,7 @@ def test_onnx_sessions_use_the_chosen_options(onnx_path, monkeypatch):
     assert _applied(OnnxNet(onnx_path).sess)[0] == 1
 
 
-@pytest.mark.parametrize("module", ["ddpm.cli", "ddpm"])   # the API too: it was 7-20x slower than the CLI
+@pytest.mark.parametrize("module", ["ddpm.cli", "ddpm"])   # the API too, not only the CLI
 @pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
 def test_cli_sets_a_passive_omp_wait_policy_before_torch_loads(given, expected, module):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}

@@ -1,4 +1,5 @@
-"""Which TensorRT engine file is used, and what profile a new one is built with, on a fake `tensorrt` module.
+"""Which TensorRT engine file is used (runtime/trt.py), what profile a new one is built with (export/trt.py), and
+what a TensorRT net frees, on a fake `tensorrt` module.
 
 TensorRT and a GPU are not available here, so `tensorrt` is a small stand-in that records what the builder is asked
 for; the network's inputs come from the real exported ONNX file. That the calls themselves match TensorRT's API is
@@ -17,9 +18,11 @@ from click.testing import CliRunner
 from ddpm.cli import main
 from ddpm.export import trt as trt_export
 from ddpm.export.onnx_export import export
-from ddpm.export.trt import choose_engine, engine_files, ensure_engine
+from ddpm.export.trt import ensure_engine
+from ddpm.runtime import trt as trt_runtime
 from ddpm.runtime.bundle import Bundle
-from ddpm.runtime.nets import EngineUnavailable, check_io, trt_engine_io
+from ddpm.runtime.nets import EngineUnavailable, check_io
+from ddpm.runtime.trt import choose_engine, engine_files, trt_engine_io
 from helpers import tiny_checkpoint
 
 GPU = "Fake GPU"
@@ -129,6 +132,7 @@ def fake_trt(monkeypatch):
     trt = fake_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(trt_export, "gpu_name", lambda: GPU)
+    monkeypatch.setattr(trt_runtime, "gpu_name", lambda: GPU)
     return trt
 
 
@@ -305,18 +309,30 @@ class FakeContext:
         return [n for n in ("x", "t", "y") if n not in self.shapes]
 
 
-def test_trt_bind_gives_each_runner_its_own_context_within_the_batch_range():
+def _fake_trt_net(engine):
+    """A TrtNet without a GPU: the deserialized engine that TrtNet.__init__ would make, faked, on the CPU."""
     import torch
 
-    from ddpm.runtime.nets import TrtNet
+    from ddpm.runtime.trt import TrtNet
+
+    class Runtime:   # what deserialized the engine
+        pass
+
+    net = object.__new__(TrtNet)
+    net.engine, net.runtime, net.path, net.batch_range, net.max_batch = engine, Runtime(), "e.plan", (1, 8), 8
+    net.device, net.dtype, net.stream = torch.device("cpu"), "float32", None
+    net.io_types = {"x": ("input", "float32"), "t": ("input", "int64"), "y": ("input", "int64"),
+                    "eps": ("output", "float32")}
+    return net
+
+
+def test_trt_bind_gives_each_runner_its_own_context_within_the_batch_range():
+    import torch
 
     engine = FakeEngine({})
     engine.contexts = []
     engine.create_execution_context = lambda: engine.contexts.append(FakeContext()) or engine.contexts[-1]
-    net = object.__new__(TrtNet)   # without a GPU: the engine that TrtNet.__init__ would deserialize, faked
-    net.engine, net.path, net.batch_range = engine, "e.plan", (1, 8)
-    net.io_types = {"x": ("input", "float32"), "t": ("input", "int64"), "y": ("input", "int64"),
-                    "eps": ("output", "float32")}
+    net = _fake_trt_net(engine)
     bufs = lambda n: (torch.zeros(n, 1, 28, 28), torch.zeros(n, dtype=torch.int64),
                       torch.zeros(n, dtype=torch.int64), torch.zeros(n, 1, 28, 28))
     a, b = bufs(8), bufs(3)
@@ -330,3 +346,33 @@ def test_trt_bind_gives_each_runner_its_own_context_within_the_batch_range():
         net.bind(*bufs(9))
     with pytest.raises(EngineUnavailable, match="tensor 'x' is float32, the runner's buffer is float16"):
         net.bind(torch.zeros(2, 1, 28, 28, dtype=torch.float16), *bufs(2)[1:])
+
+
+def test_closing_a_trt_engine_drops_its_contexts_then_the_engine_and_runtime():
+    """RuntimeEngine.close closes every runner (each drops its execution context), then the TrtNet (the engine and
+    the runtime that deserialized it); the engine then refuses work."""
+    import gc
+    import weakref
+
+    from ddpm.runtime.engine import EngineClosed
+    from ddpm.runtime.runner import RuntimeEngine
+    from ddpm.runtime.samplers import ddim_plan
+    from ddpm.runtime.schedule import Schedule
+
+    contexts = []
+    engine = FakeEngine({})
+    engine.create_execution_context = lambda: contexts.append(weakref.ref(ctx := FakeContext())) or ctx
+    net = _fake_trt_net(engine)
+    held = weakref.ref(engine), weakref.ref(net.runtime)
+    del engine
+    eng = RuntimeEngine(net, 10)
+    assert eng.supports.max_batch == 8 and eng.name == "trt"
+    plan = ddim_plan(Schedule.make("linear", 10), 2)
+    runners = [eng.runner(2, plan, True), eng.runner(3, plan, False)]   # a context each, bound to its buffers
+    assert len(contexts) == 2 and all(c() is not None for c in contexts)
+    eng.close()
+    gc.collect()
+    assert all(r.closed and r.call is None for r in runners) and all(c() is None for c in contexts)
+    assert net.engine is None and net.runtime is None and all(h() is None for h in held)
+    with pytest.raises(EngineClosed, match="^the trt engine is closed"):
+        eng.runner(2, plan, True)

@@ -1,5 +1,5 @@
 """The TensorRT calls are checked statically: TensorRT cannot be installed here, so a type checker reads export/trt.py
-and runtime/nets.py against the TensorRT 10.13 stubs (tests/trt_stubs, see its README), and a misspelt or removed
+and runtime/trt.py against the TensorRT 10.13 stubs (tests/trt_stubs, see its README), and a misspelt or removed
 call fails the suite.
 
 What the 10.13 stubs cannot see of TensorRT 11 (NVIDIA's "Migrating from TensorRT 10.x to 11.x" guide):
@@ -23,7 +23,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STUBS = REPO / "tests" / "trt_stubs"
-CHECKED = [REPO / "export" / "trt.py", REPO / "runtime" / "nets.py"]
+CHECKED = [REPO / "export" / "trt.py", REPO / "runtime" / "trt.py"]
 
 # a call the stubs must refuse: proves that the checker really sees TensorRT's types (not Unknown everywhere)
 PROBE = """import tensorrt as trt

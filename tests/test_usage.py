@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ddpm.runtime import generate as gen_mod
+from ddpm.runtime.engine import Supports
 from ddpm.runtime.generate import OutOfMemory, iter_generate
 from ddpm.runtime.samplers import ddim_plan, ddpm_plan
 from ddpm.runtime.schedule import Schedule
@@ -127,7 +128,7 @@ def test_batch_that_cannot_fit_fails_before_allocating(ckpt, tmp_path, monkeypat
         gen_mod.check_batch_fits(plan, 4096)
 
     class NoAlloc:
-        name = "never"
+        name, device, supports = "never", "cpu", Supports(edits=False, states=False)
 
         def run(self, *a, **k):
             raise AssertionError("allocated and ran")
@@ -144,7 +145,7 @@ def test_batch_that_cannot_fit_fails_before_allocating(ckpt, tmp_path, monkeypat
 class ZeroEngine:
     """A stand-in engine: returns its starting noise scaled to the data range (fast, finite)."""
 
-    name = "zero"
+    name, device, supports = "zero", "cpu", Supports(edits=False, states=False)
 
     def run(self, x_T, z, labels, plan, guidance, callback=None):
         return np.tanh(x_T)

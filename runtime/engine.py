@@ -1,0 +1,95 @@
+"""What every engine is: the `Engine` protocol that runtime.generate, the API and `ddpm bench` rely on.
+
+An engine runs one batch of a sampling plan (runtime.samplers.Plan) from noise it is given, so that every engine
+gives the same digits for the same seed: x_T (B,C,H,W) float32 and the plan's noise z (B,Q,C,H,W) float32 or None
+in, x_0 (B,C,H,W) float32 (or, from the onnx-generator engine, the images (B,H,W) uint8) out, on the host.
+`runtime.engines.make_engine` makes one by name. The engines:
+
+    runtime.eager.EagerEngine          torch: the plain per-step loop, the reference
+    runtime.runner.RuntimeEngine       runtime-torch, onnx, trt: the preallocated runtime over a net (runtime.nets,
+                                       runtime.trt)
+    runtime.generator.GeneratorEngine  onnx-generator: the whole loop of one plan in one onnxruntime call
+
+Each declares what it can do (`Supports`) instead of being probed, reports every row to ONE observation callback
+of k-diffusion's kind (`StepCallback`), and has a lifetime: `close()` (or leaving a `with` block) frees what it
+holds (runners and their buffers, onnxruntime sessions and IO bindings, TensorRT execution contexts, CUDA graphs),
+closing twice is harmless, and a closed engine refuses work with `EngineClosed`, as Polygraphy's runners do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol
+
+import numpy as np
+
+from ..errors import DdpmError
+
+if TYPE_CHECKING:
+    from .samplers import Plan
+
+# callback(i, t, x, x0_hat) after row i of the plan, whose integer timestep is t (plan.timesteps[i]); x and x0_hat
+# are host copies (B,C,H,W) float32 of the state after the row and of the row's predicted clean image when the run
+# was asked for its states (run(states=True)), else None (progress only); x0_hat is None on rows without a network
+# call. As k-diffusion's samplers' `callback` (k_diffusion/sampling.py), with the step's values as arguments.
+StepCallback = Callable[[int, int, "np.ndarray | None", "np.ndarray | None"], None]
+
+
+class EngineClosed(DdpmError):
+    """Work asked of an engine after its close()."""
+
+
+@dataclass(frozen=True)
+class Supports:
+    """What an engine can do besides a plain batch. Every engine runs classifier-free guidance and any batch of
+    samples whose network batch (runtime.generate.network_batch) is at most max_batch; its precision is its
+    `dtype`."""
+
+    edits: bool                    # run(edit=, y=, mask=): an edit's projection at its rows (runtime.edits)
+    states: bool                   # run(states=True): the callback sees x and x0_hat after every row
+    max_batch: int | None = None   # the largest network batch it runs (a TensorRT engine file's range); None: any
+    plan_key: str | None = None    # the one plan it runs (runtime.runner.plan_key; onnx-generator); None: any
+
+
+class Engine(Protocol):
+    """One way of running a plan: name, where and in what precision, what it supports, `run`, `versions`, and a
+    lifetime (`close`, `with`). Engines subclass this protocol explicitly and inherit `__enter__`, `__exit__` and
+    `check_open`."""
+
+    name: str             # the engine's name in runtime.engines.ENGINES
+    device: str           # where its buffers and network live: "cpu", "cuda:0", ...
+    dtype: str            # the network's precision: "float32" or "float16"
+    supports: Supports
+    closed: bool          # True after close()
+
+    def run(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, plan: Plan, guidance: float,
+            callback: StepCallback | None = None, edit=None, y: np.ndarray | None = None,
+            mask: np.ndarray | None = None, states: bool = False) -> np.ndarray:
+        """One batch: x_T (B,C,H,W) float32, z (B,Q,C,H,W) float32 or None (Q: the plan's noise slots, then the
+        edit's), labels (B,) int64 or None (unconditional: the null label), guidance w >= 0 (classifier-free
+        guidance, Ho & Salimans 2022) -> x_0 (B,C,H,W) float32 on the host, a copy the next run cannot overwrite
+        (onnx-generator: the images (B,H,W) uint8). callback: see StepCallback; states: hand it x and x0_hat
+        (Supports.states); edit, y, mask: an edit's projection with its known image and mask (Supports.edits,
+        runtime.edits). Raises EngineClosed after close(), ValueError for inputs the engine cannot run."""
+        ...
+
+    def versions(self) -> dict[str, str]:
+        """The versions of what computes the digits (PyTorch, onnxruntime and its provider, TensorRT)."""
+        ...
+
+    def close(self) -> None:
+        """Free what the engine holds; closing again does nothing. Runs still in flight in other threads finish
+        first: what they hold is freed when they end."""
+        ...
+
+    def check_open(self) -> None:
+        """EngineClosed when the engine is closed."""
+        if self.closed:
+            raise EngineClosed(f"the {self.name} engine is closed; make a new one (Model.engine, "
+                               f"runtime.engines.make_engine)")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
