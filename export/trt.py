@@ -20,6 +20,7 @@ import json
 import re
 from pathlib import Path
 
+from ..errors import brief
 from ..model.io import atomic_write
 
 
@@ -89,7 +90,7 @@ def choose_engine(candidates: list[tuple[Path, dict]], want: dict, min_batch: in
     """
     usable, why = [], []
     for plan, meta in candidates:
-        stale = [f"{k}={meta.get(k)!r}, this machine has {v!r}" for k, v in want.items() if meta.get(k) != v]
+        stale = [f"{k}={brief(meta.get(k))}, this machine has {v!r}" for k, v in want.items() if meta.get(k) != v]
         lo, hi = meta.get("min_batch"), meta.get("max_batch")
         if stale:
             why.append(f"{plan.name} is stale (built for {stale[0]})")
