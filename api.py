@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .arguments import OPTIONAL_COUNT, PLAN, checked
-from .errors import DdpmError
+from .errors import DdpmError, clip
 from .model.config import ModelConfig
 from .model.io import (CheckpointError, TorchMissing, default_model_path, read_model_info, require_onnx,
                        resolve_model_path)
@@ -299,7 +299,7 @@ class Model:
         arr = np.asarray(label)
         if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer) or \
                 (arr.size and (arr.min() < 0 or arr.max() >= self.cfg.num_classes)):
-            raise DdpmError(f"labels must be {n} integers in 0..{self.cfg.num_classes - 1}")
+            raise DdpmError(f"label must be a class in 0..{self.cfg.num_classes - 1}, or {n} of them (one per result)")
         return arr.astype(np.int64)
 
     @checked
@@ -602,7 +602,7 @@ def load(path: str | os.PathLike | None = None, export: str | os.PathLike | None
             else ""
         raise DdpmError(f"{e}{hint}") from None
     except (TypeError, ValueError, KeyError) as e:
-        raise DdpmError(f"{export or path}: not a usable model ({type(e).__name__}: {e})") from None
+        raise DdpmError(f"{export or path}: not a usable model ({type(e).__name__}: {clip(e)})") from None
 
 
 _REFERENCES: dict = {}   # (data folder, classifier file) -> bench.quality.Reference, loaded once per process

@@ -23,18 +23,7 @@ import os
 import numpy as np
 
 from .errors import DdpmError, LimitReached, limit_message
-from .schema import Array, Bool, Int, Invalid, Num, Spec, Str
-
-
-class Opt(Spec):
-    """None, or a value of `inner`."""
-
-    def __init__(self, inner: Spec):
-        self.inner, self.what = inner, f"None or {inner.what}"
-
-    def check(self, v, dims, path):
-        if v is not None:
-            self.inner.check(v, dims, path)
+from .schema import Array, Bool, Int, Invalid, Num, Opt, Spec, Str
 
 
 class OneOf(Spec):
@@ -230,8 +219,9 @@ class PlanArg(Spec):
 
 
 PLAN = PlanArg()
-COUNT = Int(min=0)
-OPTIONAL_COUNT = Opt(Int(min=0))
+MAX_COUNT = 2**32   # results of one call: far beyond any memory (784 bytes each), below numpy's array limits
+COUNT = Int(min=0, max=MAX_COUNT)
+OPTIONAL_COUNT = Opt(COUNT)
 ENGINE = Either(Lazy("engine"), Duck(("name", "run"), "an engine"),
                 what="an engine name (auto, torch, runtime-torch, onnx, trt, onnx-generator) or an engine object")
 ENGINE_NAME = Lazy("engine", "an engine name (auto, torch, runtime-torch, onnx, trt, onnx-generator)")
@@ -246,7 +236,7 @@ ARGS: dict[str, Spec] = {
     "uncond": Bool(),
     "guidance": Num(min=0),
     "seed": Int(min=0, max=2**64 - 1),
-    "start": Int(min=0),
+    "start": Int(min=0, max=2**64 - 1),
     "batch": Int(min=1),
     "progress": Bool(),
     # the sampler (Model.plan)

@@ -11,6 +11,7 @@ which keeps the signal's kind: supervisors (systemd, Kubernetes, `timeout`) read
 from __future__ import annotations
 
 import errno
+import numbers
 
 try:   # imported now: once a limit is reached (too many open files, no memory) an import may fail itself
     import resource
@@ -21,6 +22,49 @@ except ImportError:   # not on Windows
 class DdpmError(Exception):
     """Anything a user can fix: a bad argument, a missing or malformed file, a missing package. str(e) is the
     one-line message."""
+
+
+def brief(value, limit: int = 60) -> str:
+    """A short text for a value read from a file, to put in a message: repr(value) when that is at most about
+    `limit` characters, else a summary that says how much it left out, e.g. "(60000, 28, 28, 1, ... 255 items)",
+    "'abc...' (10000 characters)", "an integer of 5000 digits". A file's contents never make a message long."""
+    if isinstance(value, (str, bytes)):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}... ({len(value)} {'characters' if isinstance(value, str) else 'bytes'})"
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):   # numpy integers too
+        value = int(value)
+        if value.bit_length() > 4 * limit:   # str() of a long integer is slow (and refused past 4300 digits)
+            return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+        text = str(value)
+        return text if len(text) <= limit else f"an integer of {len(text.lstrip('-'))} digits"
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return repr(float(value))
+    if isinstance(value, (list, tuple, dict)) or type(value).__name__ == "Size":   # torch.Size: a tuple
+        items = list(value.items()) if isinstance(value, dict) else value
+        ends = "{}" if isinstance(value, dict) else "[]" if isinstance(value, list) else "()"
+        parts, used = [], 2
+        for item in items:
+            text = f"{brief(item[0], limit)}: {brief(item[1], limit)}" if isinstance(value, dict) else \
+                brief(item, limit)
+            if parts and used + len(text) > limit:
+                unit = "entries" if isinstance(value, dict) else "items"
+                return f"{ends[0]}{', '.join(parts)}, ... {len(items)} {unit}{ends[1]}"
+            parts.append(text)
+            used += len(text) + 2
+        return ends[0] + ", ".join(parts) + ("," if ends == "()" and len(parts) == 1 else "") + ends[1]
+    if hasattr(value, "shape") and hasattr(value, "dtype"):   # an array or tensor; a numpy scalar by its value
+        if tuple(value.shape) == () and hasattr(value, "item"):
+            return brief(value.item(), limit)
+        return f"an array of shape {brief(tuple(value.shape), limit)}"
+    return clip(repr(value), limit)
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """`text` (e.g. a library's error message, which may quote a file) as one line of at most `limit` characters:
+    its whitespace collapsed, cut with "..." when longer."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class Interrupted(KeyboardInterrupt):

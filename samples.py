@@ -20,7 +20,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .errors import DdpmError
+from .errors import DdpmError, brief, clip
 from .files import atomic_write
 from .schema import Array, Schema
 
@@ -72,7 +72,7 @@ def read_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         with open(path, "rb") as f:
             magic = f.read(6)
     except OSError as e:
-        raise SamplesError(f"{path}: not a samples file (cannot read it: {e}); {SAMPLES.hint}") from None
+        raise SamplesError(f"{path}: not a samples file (cannot read it: {clip(e)}); {SAMPLES.hint}") from None
     if magic.startswith(b"\x93NUMPY"):
         raise SamplesError(f"{path}: not a samples file (a single .npy array, not images and labels); "
                            f"{SAMPLES.hint}")
@@ -81,7 +81,7 @@ def read_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     try:
         zf = zipfile.ZipFile(path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise SamplesError(f"{path}: not a samples file (numpy cannot read it: {e}); {SAMPLES.hint}") from None
+        raise SamplesError(f"{path}: not a samples file (numpy cannot read it: {clip(e)}); {SAMPLES.hint}") from None
     try:
         with zf:
             names = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
@@ -91,7 +91,7 @@ def read_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
                     declared[k], header = _declared(zf, k)
                     need = header + math.prod(declared[k].shape) * declared[k].dtype.itemsize
                     if need != zf.getinfo(f"{k}.npy").file_size:
-                        raise ValueError(f"{k} declares {declared[k].shape} but its member holds "
+                        raise ValueError(f"{k} declares {brief(declared[k].shape)} but its member holds "
                                          f"{zf.getinfo(f'{k}.npy').file_size - header} bytes of data")
                     total += need
             _DECLARED.check(declared, path, SamplesError)
@@ -109,7 +109,7 @@ def read_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
                 with zf.open(f"{k}.npy") as f:
                     data[k] = np.lib.format.read_array(f, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError) as e:
-        raise SamplesError(f"{path}: not a samples file (damaged: {e}); {SAMPLES.hint}") from None
+        raise SamplesError(f"{path}: not a samples file (damaged: {clip(e)}); {SAMPLES.hint}") from None
     SAMPLES.check(data, path, SamplesError)
     return data["images"], data["labels"].astype(np.int64)
 

@@ -23,6 +23,8 @@ from typing import Any as AnyT, Mapping
 
 import numpy as np
 
+from .errors import brief
+
 
 class Invalid(Exception):
     """One entry does not fit its spec (internal; Schema.check turns it into the caller's error type)."""
@@ -30,11 +32,11 @@ class Invalid(Exception):
 
 def _describe(v) -> str:
     if hasattr(v, "dtype") and hasattr(v, "shape"):
-        return f"{_dtype_name(v)} of shape {tuple(v.shape)}"
+        return f"{_dtype_name(v)} of shape {brief(tuple(v.shape))}"
     if isinstance(v, str):
-        return repr(v if len(v) <= 40 else v[:37] + "...")
+        return brief(v, 40)
     if isinstance(v, (bool, int, float)) or v is None:
-        return repr(v)
+        return brief(v)
     return f"a {type(v).__name__}"
 
 
@@ -63,6 +65,17 @@ class Spec:
 class Any(Spec):
     def check(self, v, dims, path):
         pass
+
+
+class Opt(Spec):
+    """None, or a value of `inner`."""
+
+    def __init__(self, inner: Spec):
+        self.inner, self.what = inner, f"None or {inner.what}"
+
+    def check(self, v, dims, path):
+        if v is not None:
+            self.inner.check(v, dims, path)
 
 
 class Const(Spec):
@@ -174,7 +187,7 @@ class Map(Spec):
             raise Invalid(f"{path} must hold at least {self.min_len} entr{'y' if self.min_len == 1 else 'ies'}")
         for k, item in v.items():
             self.keys.check(k, dims, f"{path} key")
-            self.values.check(item, dims, f"{path}[{k!r}]")
+            self.values.check(item, dims, f"{path}[{brief(k, 40)}]")
 
 
 class Obj(Spec):
@@ -238,7 +251,7 @@ class Array(Spec):
                     self.fail(v, path)
             for d, want in zip(shape, self.shape):
                 if isinstance(want, str):
-                    _bind(dims, want, d, path, f"{path} has shape {shape}")
+                    _bind(dims, want, d, path, f"{path} has shape {brief(shape)}")
         if (self.finite or self.min is not None or self.max is not None) and int(np.prod(shape)):
             a = _as_numpy(v)
             if self.finite and a.dtype.kind in "fc" and not np.isfinite(a).all():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..errors import brief
 from ..runtime.schedule import MAX_T, PREDICTIONS
 from ..schema import Bool, Int, List, Num, Schema, Str
 
@@ -44,7 +45,7 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+            raise ValueError(f"unknown model config fields: {brief(sorted(map(str, unknown)))}")
         d = dict(d)
         if "channel_mults" in d:
             d["channel_mults"] = tuple(int(m) for m in d["channel_mults"])

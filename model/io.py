@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DdpmError, raise_if_limit
+from ..errors import DdpmError, brief, clip, raise_if_limit
 from ..files import readable_name
 from ..files import atomic_write  # noqa: F401  (re-exported: model.io.atomic_write is used across the package)
 from ..schema import Any, Array, Const, Int, Json, Map, Obj, Schema
@@ -146,7 +146,7 @@ def load_checkpoint(path: str | os.PathLike, schema: Schema = CKPT) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for foreign/corrupt files
-        raise CheckpointError(f"{path} is not a readable ddpm checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path} is not a readable ddpm checkpoint ({type(e).__name__}: {clip(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} is not a ddpm training checkpoint")
     _check_storage(path, ckpt)
@@ -164,9 +164,9 @@ def _check_storage(path: Path, obj, where: str = "") -> None:
         need = obj.numel() * obj.element_size()
         have = obj.untyped_storage().nbytes() - obj.storage_offset() * obj.element_size()
         if obj.numel() and (not obj.is_contiguous() or have < need):
-            raise CheckpointError(f"{path}: {where or 'a tensor'} declares shape {tuple(obj.shape)} but its storage "
-                                  f"holds {max(have, 0) // max(obj.element_size(), 1)} numbers; it was not written "
-                                  f"by `ddpm train`: use an earlier checkpoint or train again")
+            raise CheckpointError(f"{path}: {clip(where, 80) or 'a tensor'} declares shape {brief(obj.shape)} but "
+                                  f"its storage holds {max(have, 0) // max(obj.element_size(), 1)} numbers; it was not "
+                                  f"written by `ddpm train`: use an earlier checkpoint or train again")
     elif isinstance(obj, dict):
         for k, v in obj.items():
             _check_storage(path, v, f"{where}.{k}" if where else str(k))
@@ -205,7 +205,7 @@ def _read_safetensors(path: Path, framework: str) -> tuple[dict, dict]:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+        raise CheckpointError(f"{path} is not a readable safetensors file ({clip(e)})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a ddpm model (no '{FORMAT}' metadata)")
     MODEL_META.check(meta, path, CheckpointError)
@@ -225,7 +225,7 @@ def _parse_meta(path: Path, meta: dict) -> tuple[dict, dict]:
         try:
             out[k] = json.loads(v)
         except ValueError:
-            raise CheckpointError(f"{path}: metadata entry {k!r} is not JSON") from None
+            raise CheckpointError(f"{path}: metadata entry {brief(k)} is not JSON") from None
     cfg_dict = out.pop("config")
     if not isinstance(cfg_dict, dict):
         raise CheckpointError(f"{path}: the stored config is not a JSON object")
@@ -236,7 +236,7 @@ def _config(path: Path, cfg_dict) -> ModelConfig:
     try:
         return ModelConfig.from_dict(cfg_dict).validate()
     except (TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path}: invalid model config ({e})") from None
+        raise CheckpointError(f"{path}: invalid model config ({clip(e)})") from None
 
 
 def check_fits(path: Path, cfg: ModelConfig, state: dict) -> None:
@@ -265,7 +265,7 @@ def _check_archive(path: Path) -> None:
     size = path.stat().st_size
     for m in members:
         if m.compress_type != zipfile.ZIP_STORED or m.file_size > size:
-            raise CheckpointError(f"{path}: member {m.filename} declares {m.file_size} bytes "
+            raise CheckpointError(f"{path}: member {brief(m.filename)} declares {m.file_size} bytes "
                                   f"{'compressed' if m.compress_type != zipfile.ZIP_STORED else ''} in a file of "
                                   f"{size}; not written by `ddpm train`".replace("  ", " "))
 
@@ -310,9 +310,9 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         res = model.load_state_dict(state, strict=False)
     except RuntimeError as e:   # a tensor of another shape
         lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()] or [str(e)]
-        raise CheckpointError(f"{path}: weights do not fit the stored config ({lines[0]})") from None
+        raise CheckpointError(f"{path}: weights do not fit the stored config ({clip(lines[0])})") from None
     if res.missing_keys or res.unexpected_keys:
-        parts = [f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+        parts = [f"{what} {', '.join(clip(k, 60) for k in keys[:3])}{' ...' if len(keys) > 3 else ''}"
                  for what, keys in (("missing", res.missing_keys), ("unexpected", res.unexpected_keys)) if keys]
         raise CheckpointError(f"{path}: weights do not fit the stored config ({'; '.join(parts)})")
     return LoadedModel(model.eval(), cfg, weights_hash(cfg, state), path, info)

@@ -16,25 +16,39 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DdpmError
-from ..schema import Any, Const, Int, List, Map, Num, Obj, Schema, Str
+from ..errors import DdpmError, brief, clip
+from ..schema import Any, Const, Int, List, Map, Num, Obj, Opt, Schema, Str
 from .schedule import MAX_T, Schedule
 
 EXPORT_FORMAT = "ddpm-export"
+EXPORT_VERSION = 1   # export.json's "version": what this runtime reads (export/onnx_export.py writes it)
 META_FILE = "export.json"
 PRECISIONS = ("fp32", "fp16")
 _SHA256 = Str(pattern=r"[0-9a-f]{64}", what="a sha256 (64 hex digits)")
 # a plain file name inside the folder: no separator, not hidden (so never "..")
-_ONNX_NAME = Str(pattern=r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.onnx", what="an .onnx file name in the folder")
+_ONNX_NAME = Str(pattern=r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\.onnx", what="an .onnx file name in the folder")
 MAX_META_BYTES = 32 << 20   # export.json: about 5 MB at the largest T a model config allows (model.config.MAX_T)
 MAX_ONNX_BYTES = 4 << 30    # an ONNX file: the largest model a config allows (model.config.MAX_PARAMS) is ~1 GiB
+_PLAN_KEY = Str(pattern=r"[0-9a-f]{40}", what="a plan key (runtime.runner.plan_key: 40 hex digits)")
+# a plan's or a file's name, a measure: what messages quote
+_NAME = Str(pattern=r"[^\n]{1,200}", what="a string (one line of 1..200 characters)")
+# files.*.parity (export/onnx_export.py verify): the measured error of an ONNX file against PyTorch
+PARITY = Obj({"measure": _NAME, "error": Num(min=0), "tolerance": Num(min=0, min_open=True)},
+             {"max_abs_error": Num(min=0), "eps_std": Num(min=0), "batches": List(Int(min=1))},
+             what="a parity record (an object)")
+# generator.parity (export/generator.py verify): the generator's largest difference from the runtime, per check
+GENERATOR_PARITY = Obj({"tolerance_grey": Int(min=0, max=255), "max_abs_grey": Int(min=0, max=255),
+                        "checks": List(Obj({"what": _NAME, "max_abs_grey": Int(min=0, max=255)}), min_len=1)},
+                       {"reference": Str()}, what="a parity record (an object)")
 # export.json's "generator" (export/generator.py add_generator): what the runtime, the CLI and the web page read
 GENERATOR = Obj({"name": _ONNX_NAME, "sha256": _SHA256, "bytes": Int(min=1, max=MAX_ONNX_BYTES),
-                 "plan": Str(), "plan_key": Str(), "steps": Int(min=1), "form": Str(choices=("loop", "unrolled"))},
-                what="a generator record (an object)")
+                 "plan": _NAME, "plan_key": _PLAN_KEY, "steps": Int(min=1, max=MAX_T),
+                 "form": Str(choices=("loop", "unrolled"))},
+                {"parity": GENERATOR_PARITY, "opset": Int(min=1)}, what="a generator record (an object)")
 # export.json: what a runtime reads from it (schema.py); T fixes the length of the schedule tables
 META = Schema("ddpm export metadata (export.json)", {
     "format": Const(EXPORT_FORMAT),
+    "version": Const(EXPORT_VERSION),
     "checkpoint_hash": _SHA256,
     "model_config": Map(Any(), what="a model config (an object)"),
     "image_shape": List(Int(min=1), length=3),
@@ -44,9 +58,11 @@ META = Schema("ddpm export metadata (export.json)", {
     "T": Int(min=2, max=MAX_T, dim="T"),
     "betas": List(Num(min=0, max=1, min_open=True), length="T"),
     "alphas_cumprod": List(Num(min=0, max=1, min_open=True), length="T"),
-    "files": Map(Obj({"name": _ONNX_NAME, "sha256": _SHA256, "bytes": Int(min=1, max=MAX_ONNX_BYTES)}),
+    "files": Map(Obj({"name": _ONNX_NAME, "sha256": _SHA256, "bytes": Int(min=1, max=MAX_ONNX_BYTES)},
+                     {"parity": PARITY}),
                  keys=Str(choices=PRECISIONS), min_len=1, what="an object of precision -> ONNX file"),
-}, optional={"generator": GENERATOR}, hint="the folder is damaged or from another version; re-run `ddpm export`")
+}, optional={"generator": GENERATOR, "step": Opt(Int(min=0)), "checkpoint": _NAME, "opset": Int(min=1)},
+    hint="the folder is damaged or from another version; re-run `ddpm export`")
 
 
 class ExportError(DdpmError):
@@ -149,19 +165,32 @@ def external_data(buf: bytes) -> list[tuple[str, str]]:
     return found
 
 
-def check_external_data(path: Path, root: Path | None = None, redo: str = "ddpm export") -> None:
+def metadata_props(buf: bytes) -> dict[str, str]:
+    """An ONNX model's metadata_props (ModelProto field 14: key -> value) from the file's bytes, read without the
+    onnx package. ValueError when the bytes are not protobuf."""
+    p, props = _Proto(buf), {}
+    for field, wire, value in p.fields(0, len(buf)):
+        if field == 14 and wire == 2:   # StringStringEntryProto {key = 1, value = 2}
+            entry = {f: bytes(buf[v[0]:v[1]]).decode("utf-8", "replace") for f, w, v in p.fields(*value) if w == 2}
+            props[entry.get(1, "")] = entry.get(2, "")
+    return props
+
+
+def check_external_data(path: Path, root: Path | None = None, redo: str = "ddpm export",
+                        buf: bytes | None = None) -> None:
     """ExportError unless every tensor that the ONNX file `path` stores outside itself (external data) names, by a
-    relative location, a regular file inside `root` (default: the file's folder), links resolved."""
+    relative location, a regular file inside `root` (default: the file's folder), links resolved. buf: the file's
+    bytes, when the caller has read them."""
     root = (root or path.parent).resolve()
     try:
-        tensors = external_data(path.read_bytes())
+        tensors = external_data(path.read_bytes() if buf is None else buf)
     except ValueError as e:
-        raise ExportError(f"{path} is not a readable ONNX file ({e}); re-run `{redo}`") from None
+        raise ExportError(f"{path} is not a readable ONNX file ({clip(e)}); re-run `{redo}`") from None
     for name, location in tensors:
         target = (path.parent / location).resolve()
         if not location or Path(location).is_absolute() or not target.is_relative_to(root) or not target.is_file():
-            raise ExportError(f"{path}: the data of tensor {name!r} is stored at {location!r}, which is not a file "
-                              f"inside the export folder; re-run `{redo}`")
+            raise ExportError(f"{path}: the data of tensor {brief(name)} is stored at {brief(location)}, which is "
+                              f"not a file inside the export folder; re-run `{redo}`")
 
 
 @dataclass
@@ -188,7 +217,7 @@ class Bundle:
                                   f"({MAX_META_BYTES >> 20} MiB); re-run `ddpm export`")
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError, RecursionError) as e:
-            raise ExportError(f"{meta_path} is unreadable ({e}); re-run `ddpm export`") from None
+            raise ExportError(f"{meta_path} is unreadable ({clip(e)}); re-run `ddpm export`") from None
         META.check(meta, meta_path, ExportError)
         cls._check_consistent(meta_path, meta)
         if expected_hash is not None and meta["checkpoint_hash"] != expected_hash:
@@ -204,13 +233,23 @@ class Bundle:
         try:
             cfg = ModelConfig.from_dict(meta["model_config"]).validate()
         except (TypeError, ValueError) as e:
-            raise ExportError(f"{meta_path}: invalid model_config ({e}); re-run `ddpm export`") from None
+            raise ExportError(f"{meta_path}: invalid model_config ({clip(e)}); re-run `ddpm export`") from None
         want = {"T": cfg.timesteps, "num_classes": cfg.num_classes, "null_label": cfg.null_label,
                 "schedule": cfg.schedule, "image_shape": [cfg.in_channels, cfg.image_size, cfg.image_size]}
         for k, v in want.items():
             if meta[k] != v:
-                raise ExportError(f"{meta_path}: {k} is {meta[k]!r} but its model_config says {v!r}; "
+                raise ExportError(f"{meta_path}: {k} is {brief(meta[k])} but its model_config says {brief(v)}; "
                                   f"re-run `ddpm export`")
+        # a record of a check that failed: `ddpm export` never writes one
+        verified = [(f"files.{p}.parity", f["parity"]["error"], f["parity"]["tolerance"])
+                    for p, f in meta["files"].items() if "parity" in f]
+        if "parity" in meta.get("generator", {}):
+            g = meta["generator"]["parity"]
+            verified.append(("generator.parity", g["max_abs_grey"], g["tolerance_grey"]))
+        for where, error, tolerance in verified:
+            if error > tolerance:
+                raise ExportError(f"{meta_path}: {where} records an error of {error:g}, over its tolerance "
+                                  f"{tolerance:g}: that file failed its verification; re-run `ddpm export`")
 
     @property
     def config(self):
@@ -257,8 +296,9 @@ class Bundle:
 
     def _member(self, entry: dict, redo: str) -> Path:
         """The ONNX file of an export.json entry (name, sha256, bytes), checked: a regular file that resolves inside
-        the folder (no link out of it), of the recorded sha256, whose external data (if any) lies inside
-        the folder too. ExportError otherwise; `redo`: the command that writes it again."""
+        the folder (no link out of it), of the recorded size and sha256, whose external data (if any) lies inside
+        the folder too, and that records (if it does) the weights and plan of export.json (_check_source).
+        ExportError otherwise; `redo`: the command that writes it again."""
         path = self.root / entry["name"]
         root = self.root.resolve()
         if not path.is_file():
@@ -267,8 +307,39 @@ class Bundle:
         if real.parent != root:
             raise ExportError(f"{path} leads outside its export folder (to {real}); an export folder holds its own "
                               f"files: re-run `{redo}`")
-        if file_sha256(real) != entry["sha256"]:
+        try:
+            if real.stat().st_size != entry["bytes"]:   # before reading it: the recorded size is bounded (META)
+                raise ExportError(f"{path} is corrupted or truncated (its size differs from export.json); "
+                                  f"re-run `{redo}`")
+            buf = real.read_bytes()   # one read for the hash and both walks
+        except OSError as e:
+            raise ExportError(f"{path} is unreadable ({clip(e)}); re-run `{redo}`") from None
+        if hashlib.sha256(buf).hexdigest() != entry["sha256"]:
             raise ExportError(f"{path} is corrupted or truncated (its sha256 differs from export.json); "
                               f"re-run `{redo}`")
-        check_external_data(real, root, redo)
+        check_external_data(real, root, redo, buf)
+        self._check_source(path, buf, entry, redo)
         return path
+
+    def _check_source(self, path: Path, buf: bytes, entry: dict, redo: str) -> None:
+        """ExportError when the ONNX file records (in its metadata, export/onnx_export.py and export/generator.py)
+        other weights than export.json's checkpoint_hash, or a generator another plan than its record: a file of
+        another export, copied in with its sha256. A file that records neither is not refused."""
+        try:
+            props = metadata_props(buf)
+        except ValueError as e:
+            raise ExportError(f"{path} is not a readable ONNX file ({clip(e)}); re-run `{redo}`") from None
+        want = {"checkpoint_hash": self.meta["checkpoint_hash"], "plan_key": entry.get("plan_key")}
+        for key in ("ddpm", "ddpm_generator"):
+            if key not in props:
+                continue
+            try:
+                recorded = json.loads(props[key])
+            except (ValueError, RecursionError):
+                recorded = None
+            if not isinstance(recorded, dict):
+                raise ExportError(f"{path}: its metadata entry {key!r} is not a JSON object; re-run `{redo}`")
+            for field, value in want.items():
+                if value is not None and field in recorded and recorded[field] != value:
+                    raise ExportError(f"{path} records {field} {brief(recorded[field], 64)}, not export.json's "
+                                      f"{value}: a file of another export; re-run `{redo}`")

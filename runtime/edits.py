@@ -176,6 +176,10 @@ def x0_projection(plan: Plan, factor: int) -> Projection:
                       np.full(S, -1, dtype=np.int64))
 
 
+# The most rows a RePaint plan may have: the paper's largest (j = 10, r = 10 on 250 steps) has 2,410
+MAX_PLAN_ROWS = 1_000_000
+
+
 def repaint_plan(plan: Plan, jump: int = 1, resample: int = 1) -> Plan:
     """RePaint's time schedule over the rows of `plan` (Lugmayr et al. 2022, Section 4.2 and Algorithm 1).
 
@@ -192,18 +196,22 @@ def repaint_plan(plan: Plan, jump: int = 1, resample: int = 1) -> Plan:
     every pass draws fresh noise. ValueError for j, r < 1 or plans whose rows do not all call the network or that
     remember earlier predictions (multistep solvers) when r > 1.
     """
-    for name, v in (("jump length", jump), ("resample count", resample)):
+    for name, v in (("jump (the RePaint jump length)", jump), ("resample (the RePaint resample count)", resample)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"the RePaint {name} must be an integer >= 1, got {v!r}")
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if resample == 1:
         return plan
     if plan.history or not plan.calls_net.all():
         raise ValueError("RePaint resampling runs single-step plans (DDPM, DDIM) without forward rows")
     S = plan.steps
     if jump >= S:
-        raise ValueError(f"the RePaint jump length must be below the plan's {S} steps, got {jump}")
+        raise ValueError(f"jump (the RePaint jump length) must be below the plan's {S} steps, got {jump}")
     abar = np.append(plan.abar[0], plan.abar_next)               # abar of state n = 0..S
     left = {S - 1 - j: resample - 1 for j in range(0, S - jump, jump)}
+    R = S + len(left) * (resample - 1) * (jump + 1)              # every jump: one forward row, jump rows again
+    if R > MAX_PLAN_ROWS:   # counted before the rows are listed: a large resample would run for ever
+        raise ValueError(f"resample {resample} with jump {jump} on {S} steps makes a plan of {R} rows, more than "
+                         f"{MAX_PLAN_ROWS}; ask for fewer")
     rows: list[tuple[int, int]] = []    # (row of the plan, -1) or (-1, state jumped from)
     n = 0
     while n < S:
@@ -261,7 +269,8 @@ def noise_start(sched: Schedule, sigma: float) -> tuple[int, float, float]:
     ab = sched.alphas_cumprod
     ratio = np.sqrt((1.0 - ab) / ab)
     if not 0.0 < sigma <= ratio[-1]:
-        raise ValueError(f"the noise std must be in (0, {ratio[-1]:.3g}] (the model's noisiest level), got {sigma}")
+        raise ValueError(f"sigma (the noise std) must be in (0, {ratio[-1]:.3g}] (the model's noisiest level), "
+                         f"got {sigma}")
     t = int(np.argmax(ratio >= sigma))
     return t, float(np.sqrt(ab[t])), float(np.sqrt(max(0.0, 1.0 - ab[t] * (1.0 + sigma * sigma))))
 

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import DdpmError
 from .engine import Engine, StepCallback
 from .images import to_uint8
-from .noise import check_seed, make_noise
+from .noise import check_seed, check_start, make_noise
 from .samplers import Plan
 
 
@@ -47,7 +47,7 @@ def labels_for(n: int, label: int | None, uncond: bool, num_classes: int = 10, s
         return np.full(n, -1, dtype=np.int64)
     if label is not None:
         return np.full(n, label, dtype=np.int64)
-    return np.arange(start, start + n, dtype=np.int64) % num_classes
+    return (np.arange(n, dtype=np.int64) + start % num_classes) % num_classes   # any start below 2^64
 
 
 # ------------------------------------------------------------------------------------------------- memory guard
@@ -182,7 +182,7 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
         get = lambda lo, hi: labels[lo:hi]
     if n == 0:
         return
-    check_seed(start + n - 1)
+    check_start(start, n)
     b = min(batch, n)
     guided = bool(guidance != 0 and get(0, 1)[0] >= 0)
     if can.max_batch is not None and network_batch(b, guided) > can.max_batch:

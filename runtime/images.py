@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DdpmError
+from ..errors import DdpmError, clip
 
 # The largest picture read (pixels): a digit needs nothing near it, and a small file that claims more is a
 # decompression bomb. Pillow's own limit (Image.MAX_IMAGE_PIXELS, about 89 M pixels) is enforced too.
@@ -59,7 +59,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{path}: refused as a possible decompression bomb ({e})") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:   # truncated or corrupt data
-        raise ImageError(f"{path}: cannot read the picture ({type(e).__name__}: {e})") from None
+        raise ImageError(f"{path}: cannot read the picture ({type(e).__name__}: {clip(e)})") from None
 
 
 def _grey(img) -> np.ndarray:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DdpmError, raise_if_limit
+from ..errors import DdpmError, brief, clip, raise_if_limit
 from .ops import NumpyOps, TorchOps
 
 class EngineUnavailable(DdpmError):
@@ -79,7 +79,7 @@ def ort_session(ort, path, so, providers):
     except Exception as e:   # onnxruntime raises its own exception types for bad files
         if limit_message(e) is not None:
             raise
-        raise EngineUnavailable(f"onnxruntime cannot load {path}: {e}") from None
+        raise EngineUnavailable(f"onnxruntime cannot load {path}: {clip(e)}") from None
 
 
 class _CudaStream:
@@ -167,15 +167,16 @@ def check_io(found: dict, bufs: dict | None, what: str) -> None:
     the model is loaded). Raise EngineUnavailable on mismatch."""
     want = {name: mode for name, mode in IO}
     if set(found) != set(want):
-        raise EngineUnavailable(f"{what} has inputs/outputs {sorted(found)}, the runtime needs x, t, y -> eps; "
-                                f"re-export it with `ddpm export`")
+        raise EngineUnavailable(f"{what} has inputs/outputs {brief(sorted(found))}, the runtime needs x, t, y -> "
+                                f"eps; re-export it with `ddpm export`")
     for name, mode in want.items():
         got_mode, got_dtype = found[name]
         if got_mode != mode:
             raise EngineUnavailable(f"{what}: tensor {name!r} is an {got_mode}, the runtime binds it as an {mode}")
         if bufs is None:
             if got_dtype not in _ORT_TYPES:
-                raise EngineUnavailable(f"{what}: tensor {name!r} has type {got_dtype}, which the runtime cannot bind; "
+                raise EngineUnavailable(f"{what}: tensor {name!r} has type {brief(got_dtype)}, which the runtime "
+                                        f"cannot bind; "
                                         f"re-export it with `ddpm export`")
             continue
         if got_dtype != _buffer_dtype(bufs[name]):

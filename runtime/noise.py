@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import brief
+
 MAX_SEED = 2**64 - 1
 _MASK = np.uint64(0xFFFFFFFF)
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)     # Philox multipliers
@@ -49,6 +51,14 @@ def check_seed(seed: int) -> int:
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= MAX_SEED:
         raise ValueError(f"seed must be an integer in 0..2^64-1, got {seed!r}")
     return int(seed)
+
+
+def check_start(start: int, count: int) -> None:
+    """ValueError unless samples start..start+count-1 are indices of the stream (0..2^64-1); the message names
+    start, the argument a caller gives."""
+    if not 0 <= start or start + max(count - 1, 0) > MAX_SEED:
+        raise ValueError(f"start must be in 0..2^64-1 - (n - 1) (samples start..start+n-1 are indices of the seeded "
+                         f"stream, at most 2^64-1), got start={brief(start)} with n={brief(count)}")
 
 
 def normals(seed: int, index: int, first: int, count: int) -> np.ndarray:
@@ -81,7 +91,7 @@ def make_noise(seed: int, start: int, count: int, num_slots: int, shape=(1, 28, 
 
     x_T is slot 0 of each sample's stream, z its slots 1..num_slots (the plan's fresh noise, `Plan.z_slot`).
     """
-    check_seed(start + max(count - 1, 0))
+    check_start(start, count)
     x_T = np.empty((count, *shape), dtype=np.float32)
     z = np.empty((count, num_slots, *shape), dtype=np.float32) if num_slots else None
     for b in range(count):

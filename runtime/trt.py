@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import brief
 from .nets import EngineUnavailable, TorchOps, _CudaStream, _is_cuda, check_io
 
 if TYPE_CHECKING:   # annotations only: TensorRT is imported where it is used (its stubs type-check the calls)
@@ -25,7 +26,7 @@ if TYPE_CHECKING:   # annotations only: TensorRT is imported where it is used (i
 
 ENGINE_SUFFIX = ".plan"
 INFO_SUFFIX = ".plan.json"
-INSTALL_HINT = ("TensorRT is not installed: `pip install 'ddpm[gpu]'` (or NVIDIA's `tensorrt` wheels)"
+INSTALL_HINT = ("TensorRT is not installed: `pip install ".[gpu]"` in a clone of ddpm (or NVIDIA's `tensorrt` wheels)"
                 " on a machine with an NVIDIA GPU and driver")
 
 
@@ -89,7 +90,7 @@ def choose_engine(candidates: list[tuple[Path, dict]], want: dict, min_batch: in
     """
     usable, why = [], []
     for engine, meta in candidates:
-        stale = [f"{k}={meta.get(k)!r}, this machine has {v!r}" for k, v in want.items() if meta.get(k) != v]
+        stale = [f"{k}={brief(meta.get(k))}, this machine has {v!r}" for k, v in want.items() if meta.get(k) != v]
         lo, hi = meta.get("min_batch"), meta.get("max_batch")
         if stale:
             why.append(f"{engine.name} is stale (built for {stale[0]})")

@@ -26,7 +26,8 @@ def test_generate_shapes_labels_and_seeds(model):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"n": -1}, "n must be"), ({"batch": 0}, "batch must be"), ({"label": 10}, "label must be"),
-    ({"label": [1, 2, 3]}, "labels must be"), ({"guidance": float("nan")}, "guidance must be"),
+    ({"label": [1, 2, 3]}, "label must be a class in 0..9, or 2 of them"),
+    ({"guidance": float("nan")}, "guidance must be"),
     ({"steps": 5000}, "steps must be in 1..1000"), ({"sampler": "euler"}, "sampler must be one of"),
     ({"engine": "tvm"}, "engine must be an engine name"),
     ({"device": "tpu"}, "device must be auto, cpu, cuda or cuda:N"),

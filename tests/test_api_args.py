@@ -3,6 +3,7 @@ TypeError, a ValueError or a silently accepted bool, float or NaN."""
 
 import inspect
 import math
+import re
 
 import numpy as np
 import pytest
@@ -19,12 +20,12 @@ PATHS = [3, True, b"x", ["a"], ""]
 # Bad values of every argument, by name. Bools and floats for integers, NaN, inf and bools for numbers, other types
 # and unknown words for strings; what each function means by the name decides which are bad (see `bad`).
 BAD = {
-    "n": [1.5, True, -1, "2", np.float64(2)],
-    "label": [True, 1.5, "3", -1, 10, [1.5, 2.0], [[1, 2]], np.array([True, False])],
+    "n": [1.5, True, -1, "2", np.float64(2), 2**64],
+    "label": [True, 1.5, "3", -1, 10, [1.5, 2.0], [[1, 2]], np.array([True, False]), [1, 2, 3]],
     "uncond": ["yes", 1, None],
     "guidance": [-0.1, NAN, INF, True, "1", None],
     "seed": [-1, 1.5, True, 2**64, "0", None],
-    "start": [-1, 1.5, True, None],
+    "start": [-1, 1.5, True, None, 2**64],
     "batch": [0, 1.5, True, "8", None],
     "progress": ["no", 0, None],
     "sampler": [3, "euler", None],
@@ -50,9 +51,9 @@ BAD = {
     "strength": [NAN, -0.1, 1.5, True, "0.5", None],
     "factor": [3, True, 2.0, "2", None],
     "method": [3, "bicubic", None],
-    "sigma": [0, -0.1, NAN, True, "0.3", None],
+    "sigma": [0, -0.1, NAN, True, "0.3", None, 1e308],
     "jump": [0, 1.5, True],
-    "resample": [0, 1.5, True],
+    "resample": [0, 1.5, True, 2**64],
     "size": [3, (0, 28), (1.5, 28), (28,), "28x28"],
     "path": PATHS,
     "export": PATHS,
@@ -131,7 +132,7 @@ def test_every_bad_argument_is_a_ddpm_error(model, fn_name, arg, value, fake_mni
     with pytest.raises(DdpmError) as e:
         fn(**dict(good, **{arg: value}))
     msg = str(e.value)
-    assert "\n" not in msg and arg in msg, msg   # one line that names the argument
+    assert "\n" not in msg and re.search(rf"\b{arg}\b", msg), msg   # one line that names the argument
 
 
 def test_the_good_calls_pass(model):
@@ -156,3 +157,22 @@ def test_numpy_scalars_are_as_good_as_python_ones(model):
                        engine="torch", device="cpu")
     b = model.generate(2, seed=3, batch=2, guidance=0.5, steps=2, engine="torch", device="cpu")
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("fn_name", ["generate", "inpaint", "edit", "upscale", "restore"])
+def test_the_last_sample_index_is_checked_as_start(model, fn_name):
+    """Samples start..start+n-1 must be indices of the seeded stream (below 2^64): the message names start and n,
+    the arguments given, not the seed."""
+    fn = {n: f for n, f, _ in _public(model)}[fn_name]
+    good = {n: kw for n, _, kw in _public(model)}[fn_name]
+    with pytest.raises(DdpmError, match=r"^start must be .* got start=18446744073709551615 with n=2$"):
+        fn(**dict(good, n=2, start=2**64 - 1))
+    assert fn(**dict(good, n=1, start=2**64 - 1)).shape[0] == 1
+
+
+def test_a_repaint_plan_is_bounded_before_it_is_listed(model):
+    """RePaint's rows are counted before they are listed: a large resample count is one line naming it."""
+    from ddpm.runtime.edits import repaint_plan
+
+    with pytest.raises(ValueError, match="resample 1000000 with jump 1 on 2 steps makes a plan of 2000000 rows"):
+        repaint_plan(model.plan("ddim", 2, eta=1.0), 1, 10**6)

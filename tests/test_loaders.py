@@ -198,7 +198,7 @@ def test_onnx_with_other_input_names_is_one_line(model_dir, export_dir, tmp_path
     m.graph.input[0].name = "image"
     onnx.save(m, str(bad / "model.onnx"))
     meta = json.loads((bad / "export.json").read_text())
-    meta["files"]["fp32"]["sha256"] = file_sha256(bad / "model.onnx")
+    meta["files"]["fp32"].update(sha256=file_sha256(bad / "model.onnx"), bytes=(bad / "model.onnx").stat().st_size)
     (bad / "export.json").write_text(json.dumps(meta))
     for args in (["--export", bad], ["--ckpt", model_dir, "--export", bad, "--engine", "onnx"]):
         line = one_line_error(invoke("gen", *args, "-n", 1, "--steps", 2, "--out", tmp_path / "x.png"))

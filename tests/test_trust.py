@@ -376,3 +376,126 @@ def test_external_data_reader_agrees_with_onnx(exported, tmp_path):
         want = [(t.name, "w.bin") for t in _get_all_tensors(onnx.load(str(path), load_external_data=False))
                 if t.data_location == onnx.TensorProto.EXTERNAL]
         assert want and sorted(external_data(path.read_bytes())) == sorted(want)
+
+
+# --------------------------------------------------------------------- export.json entries and embedded records
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(version=2), "version must be 1"),
+    (lambda m: m.update(version="1"), "version must be 1"),
+    (lambda m: m.update(step="2000"), "step must be an integer >= 0"),
+    (lambda m: m["files"]["fp32"].update(parity="verified"), "files['fp32'].parity must be a parity record"),
+    (lambda m: m["files"]["fp32"]["parity"].update(error=None), "files['fp32'].parity.error must be a finite"),
+    (lambda m: m["files"]["fp32"]["parity"].update(error=0.5), "failed its verification"),
+    (lambda m: m["generator"].update(parity=[]), "generator.parity must be a parity record"),
+    (lambda m: m["generator"]["parity"].update(max_abs_grey=9), "failed its verification"),
+    (lambda m: m["generator"].update(plan_key="x"), "generator.plan_key must be a plan key"),
+    (lambda m: m["generator"].update(steps=10**9), "generator.steps must be an integer in 1..100000"),
+])
+def test_every_export_entry_is_checked(exported, tmp_path, change, message):
+    """Every entry of export.json that an engine or an export reads (or copies into a new folder) is checked
+    against the schema when the folder is loaded: one line, never a traceback or a silently accepted value."""
+    root, exp = _copy(exported, tmp_path)
+    _edit_meta(exp, change)
+    for engine in ("onnx", "onnx-generator"):
+        line = one_line_error(_gen(root, "--engine", engine))
+        assert message in line and "export.json" in line, line
+
+
+def _reembed(exp, name, key, entry, **change):
+    """Change the record that the ONNX file `name` embeds under `key` (its metadata_props), and record the file's
+    new sha256 and size in export.json: a file of another export, copied in with its own record."""
+    import json
+
+    import onnx
+
+    from ddpm.runtime.bundle import file_sha256
+
+    path = exp / name
+    model = onnx.load(str(path))
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = json.dumps(dict(json.loads(prop.value), **change))
+    onnx.save(model, str(path))
+    _edit_meta(exp, lambda m: entry(m).update(sha256=file_sha256(path), bytes=path.stat().st_size))
+
+
+@pytest.mark.parametrize("name, key, entry, change, engine", [
+    ("generator.onnx", "ddpm_generator", lambda m: m["generator"], {"checkpoint_hash": "0" * 64}, "onnx-generator"),
+    ("generator.onnx", "ddpm_generator", lambda m: m["generator"], {"plan_key": "0" * 40}, "onnx-generator"),
+    ("model.onnx", "ddpm", lambda m: m["files"]["fp32"], {"checkpoint_hash": "0" * 64}, "onnx"),
+])
+def test_onnx_files_of_other_weights_are_refused(exported, tmp_path, name, key, entry, change, engine):
+    """An ONNX file whose own record names other weights (or another plan) than export.json is refused, even with
+    its sha256 and size recorded anew: the generator engine checks what the step engines check."""
+    from ddpm.runtime.bundle import Bundle, ExportError
+
+    root, exp = _copy(exported, tmp_path)
+    _reembed(exp, name, key, entry, **change)
+    field = next(iter(change))
+    with pytest.raises(ExportError, match=f"records {field} '0+', not export.json's"):
+        Bundle.load(exp).generator_path() if name == "generator.onnx" else Bundle.load(exp).onnx_path()
+    line = one_line_error(_gen(root, "--engine", engine))
+    assert name in line and f"records {field}" in line, line
+
+
+def test_a_file_of_another_size_is_not_read(exported, tmp_path):
+    """export.json's recorded size is checked before a file is read (a planted large file is never loaded)."""
+    root, exp = _copy(exported, tmp_path)
+    with open(exp / "generator.onnx", "ab") as f:
+        f.write(b"\0")
+    assert "its size differs from export.json" in one_line_error(_gen(root, "--engine", "onnx-generator"))
+
+
+# ------------------------------------------------------------------------ messages built from file contents
+MAX_LINE = 400   # a message names the file (a tmp path here) and what to do: far below this however large the file
+
+
+def test_idx_header_of_255_dimensions_is_a_short_line(tmp_path):
+    """An IDX header may declare 255 sizes: the message summarises them; a header of more dimensions than numpy
+    arrays have is one line too (never numpy's ValueError)."""
+    path = tmp_path / "x-idx3-ubyte"
+    for dims, body, message in (([60000, 28, 28] + [2**32 - 1] * 252, b"", "255 dimensions"),
+                                ([1] * 255, b"\0", "255 dimensions"),
+                                ([60000, 28, 28] + [2**32 - 1] * 13, b"", "truncated")):
+        path.write_bytes(bytes([0, 0, 8, len(dims)]) + np.array(dims, dtype=">u4").tobytes() + body)
+        with pytest.raises(DataError, match=message) as e:
+            read_idx(path)
+        assert len(str(e.value)) < MAX_LINE and "\n" not in str(e.value), str(e.value)
+
+
+def test_messages_quoting_a_file_are_bounded(exported, tmp_path):
+    """Values a file declares (lists, strings, keys, shapes) appear in a message as a short summary."""
+    from ddpm.model.io import CheckpointError, read_model_info
+    from ddpm.runtime.bundle import Bundle, ExportError
+    from ddpm.schema import Array, List, Map, Schema, Str
+
+    long = "x" * 5000
+    root, exp = _copy(exported, tmp_path)
+    for change in (lambda m: m.update(image_shape=[1] * 5000, T=[1] * 5000),
+                   lambda m: m["model_config"].update({f"k{i}": 1 for i in range(2000)}),
+                   lambda m: m["generator"].update(plan=long),
+                   lambda m: m["files"].update({long: m["files"]["fp32"]})):
+        shutil.rmtree(exp)
+        shutil.copytree(exported / "exp", exp)
+        _edit_meta(exp, change)
+        with pytest.raises(ExportError) as e:
+            Bundle.load(exp)
+        assert len(str(e.value)) < MAX_LINE, str(e.value)
+    # safetensors metadata: a key that is not JSON
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    src = root / "model.safetensors"
+    with safe_open(str(src), "np") as f:
+        meta = f.metadata()
+    save_file(load_file(str(src)), str(tmp_path / "model.safetensors"), metadata=dict(meta, **{long: "{"}))
+    with pytest.raises(CheckpointError) as e:
+        read_model_info(tmp_path / "model.safetensors")
+    assert len(str(e.value)) < MAX_LINE, str(e.value)
+    # every schema message: map keys, shapes and dimension names
+    schema = Schema("test file", {"m": Map(List(Str(), length="N")), "a": Array(("uint8",), ("N",))})
+    for bad in ({"m": {long: 3}, "a": np.zeros(1, np.uint8)},
+                {"m": {long: ["a"] * 3}, "a": np.zeros([1] * 60, np.uint8)}):
+        with pytest.raises(ValueError) as e:
+            schema.check(bad, "f")
+        assert len(str(e.value)) < MAX_LINE, str(e.value)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DdpmError
+from ..errors import DdpmError, brief, clip
 from ..schema import Array, Schema
 
 # name -> MD5 of the *uncompressed* file (recompressed .gz copies differ in their own MD5, not in their content)
@@ -68,6 +68,7 @@ SPLIT = Schema("MNIST split", {"images": Array(("uint8",), ("N", 28, 28)), "labe
                hint=FIX_HINT.replace("delete it", "delete the damaged file", 1))
 
 
+MAX_IDX_DIMS = 16   # an IDX header may declare up to 255; numpy arrays have at most 64 (32 before numpy 2)
 # The largest IDX file read: MNIST's largest is 47 MB (train images); a header that declares more is refused before
 # anything is decompressed or allocated.
 MAX_IDX_BYTES = 2 << 30
@@ -122,7 +123,7 @@ class _Stream:
                 out += self.z.decompress(self.tail, n - len(out))
                 self.tail = self.z.unconsumed_tail
         except zlib.error as e:
-            raise DataError(f"{self.name}: cannot read ({e}); {FIX_HINT}") from None
+            raise DataError(f"{self.name}: cannot read ({clip(e)}); {FIX_HINT}") from None
         self._hash(out)
         return bytes(out)
 
@@ -143,24 +144,26 @@ def _parse_stream(s: _Stream, name: str, limit: int = MAX_IDX_BYTES) -> np.ndarr
     sizes = s.read(4 * ndim)
     if ndim == 0 or len(sizes) < 4 * ndim:
         raise DataError(f"{name}: IDX header truncated or has no dimensions")
+    if ndim > MAX_IDX_DIMS:
+        raise DataError(f"{name}: IDX header declares {ndim} dimensions, more than the {MAX_IDX_DIMS} an IDX file "
+                        f"may have here (MNIST's have 1 or 3)")
     dims = tuple(int(d) for d in np.frombuffer(sizes, dtype=">u4"))
     expected = math.prod(dims) * np.dtype(dtype).itemsize
     header = 4 + 4 * ndim
+    # bounded: a header may declare 255 sizes of up to 2^32-1 each
+    said = f"IDX header says {brief(dims)} ({expected if expected < 1 << 64 else 'more than 2^64'} bytes)"
     total = s.size()
     if total is not None and total - header != expected:
         body = total - header
-        raise DataError(f"{name}: IDX header says {dims} ({expected} bytes) but the file holds {body} bytes "
+        raise DataError(f"{name}: {said} but the file holds {body} bytes "
                         f"({'truncated' if body < expected else 'trailing garbage'})")
     if expected > limit:
-        raise DataError(f"{name}: IDX header says {dims} ({expected} bytes), more than the {limit >> 20} MiB an IDX "
-                        f"file may hold here")
+        raise DataError(f"{name}: {said}, more than the {limit >> 20} MiB an IDX file may hold here")
     data = s.read(expected)
     if len(data) < expected:
-        raise DataError(f"{name}: IDX header says {dims} ({expected} bytes) but the file holds {len(data)} bytes "
-                        f"(truncated)")
+        raise DataError(f"{name}: {said} but the file holds {len(data)} bytes (truncated)")
     if s.read(1):
-        raise DataError(f"{name}: IDX header says {dims} ({expected} bytes) but the file holds more "
-                        f"(trailing garbage)")
+        raise DataError(f"{name}: {said} but the file holds more (trailing garbage)")
     return np.frombuffer(data, dtype=dtype).reshape(dims).astype(np.dtype(dtype).newbyteorder("="))
 
 
@@ -192,7 +195,7 @@ def _read(path: Path, limit: int = MAX_IDX_BYTES, hash: bool = True) -> tuple[np
             s = _Stream(f, str(path), hash)
             array = _parse_stream(s, str(path), limit)
     except OSError as e:
-        raise DataError(f"{path}: cannot read ({e}); {FIX_HINT}") from None
+        raise DataError(f"{path}: cannot read ({clip(e)}); {FIX_HINT}") from None
     except DataError as e:
         if "; delete it" in str(e):
             raise

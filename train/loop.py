@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DdpmError, interrupted, limit_message
+from ..errors import DdpmError, brief, interrupted, limit_message
 from ..files import OutputError, check_writable, clean_stale, folder_lock, output_path, readable_name, write_text
 from ..model import PRESETS, UNet
 from ..model.config import ModelConfig
@@ -411,7 +411,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
         for key in ("lr_schedule", "loss_weight"):   # how the run optimises: --resume keeps it
             have = stored.get(key) or getattr(TrainConfig, key + "_default")
             if getattr(cfg, key) not in (None, have):
-                raise TrainingError(f"--resume: {out / CKPT_FILE} was trained with {key}={have!r}, "
+                raise TrainingError(f"--resume: {out / CKPT_FILE} was trained with {key}={brief(have)}, "
                                     f"not {getattr(cfg, key)!r}; resume with the same setting or leave it out")
             cfg = dataclasses.replace(cfg, **{key: have})
         try:
