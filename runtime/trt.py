@@ -26,7 +26,7 @@ if TYPE_CHECKING:   # annotations only: TensorRT is imported where it is used (i
 
 ENGINE_SUFFIX = ".plan"
 INFO_SUFFIX = ".plan.json"
-INSTALL_HINT = ("TensorRT is not installed: `pip install ".[gpu]"` in a clone of ddpm (or NVIDIA's `tensorrt` wheels)"
+INSTALL_HINT = ("TensorRT is not installed: `pip install '.[gpu]'` in a clone of ddpm (or NVIDIA's `tensorrt` wheels)"
                 " on a machine with an NVIDIA GPU and driver")
 
 
