@@ -23,6 +23,16 @@ class DdpmError(Exception):
     one-line message."""
 
 
+class OptionError(DdpmError, ValueError):
+    """A value that does not fit, raised where that is found, naming the argument it concerns: `option` is the
+    argument's name in the Python API ("steps", "guidance_interval", "image"); the CLI reports it against its option
+    (--steps, --guidance-interval, --image). Also a ValueError, for callers that catch those."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT), with a message for the user, e.g. "interrupted; last checkpoint at step 200 in runs/x".
 

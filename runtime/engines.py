@@ -79,10 +79,11 @@ def auto_engine(device: str) -> str:
 
 
 def make_engine(name: str, device: str = "cpu", model=None, null_label: int = 10, bundle=None, fp16: bool = False,
-                cuda_graph: bool = True, threads: int | None = None, max_batch: int = 512, log=print):
+                cuda_graph: bool = True, threads: int | None = None, max_batch: int = 512, log=print, plan=None):
     """An engine ready to run. `model` (a torch UNet) is needed by torch/runtime-torch, `bundle` (an export folder,
     runtime.bundle.Bundle) by onnx/trt. `max_batch`: the largest batch the network will run at (2 x the sample batch
-    with guidance); trt uses an engine that covers 1..max_batch, or builds one optimised for max_batch. Raises
+    with guidance); trt uses an engine that covers 1..max_batch, or builds one optimised for max_batch. plan: the
+    plan onnx-generator runs (the bundle's generator for it; None: its first one). Raises
     EngineUnavailable with what is missing."""
     device = str(device)
     if name not in ENGINES:
@@ -98,7 +99,7 @@ def make_engine(name: str, device: str = "cpu", model=None, null_label: int = 10
             raise EngineUnavailable("the onnx-generator engine is fp32 (generator.onnx wraps model.onnx)")
         if device.startswith("cuda"):
             raise EngineUnavailable("the onnx-generator engine runs on the CPU; on a GPU use runtime-torch or trt")
-        return GeneratorEngine.from_bundle(bundle, threads)
+        return GeneratorEngine.from_bundle(bundle, threads, plan)
     if name == "torch":
         from .eager import EagerEngine
 

@@ -41,6 +41,12 @@ class Engine(Protocol):
             guidance: float, callback: Callable[[int], None] | None = None) -> np.ndarray: ...
 
 
+def network_batch(batch: int, guided: bool) -> int:
+    """The batch the network runs at for `batch` samples: 2 x batch with classifier-free guidance (the conditional
+    and the unconditional halves in one call, Ho & Salimans 2022, eq. 6), batch without."""
+    return 2 * batch if guided else batch
+
+
 def labels_for(n: int, label: int | None, uncond: bool, num_classes: int = 10, start: int = 0) -> np.ndarray:
     """The label of samples start..start+n-1: -1 (unconditional), a fixed class, or the classes in turn
     (k % num_classes)."""

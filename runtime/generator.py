@@ -35,13 +35,15 @@ class GeneratorEngine:
         self.sess = ort_session(ort, path, so, ["CPUExecutionProvider"])
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, threads: int | None = None) -> "GeneratorEngine":
-        """The export folder's generator.onnx (sha256-checked); EngineUnavailable when it has none."""
+    def from_bundle(cls, bundle: Bundle, threads: int | None = None, plan: Plan | None = None) -> "GeneratorEngine":
+        """The export folder's generator of `plan` (None: its only or first one; sha256-checked); EngineUnavailable
+        when it has none."""
+        key = None if plan is None else plan_key(plan)
         try:
-            path = bundle.generator_path()
+            path = bundle.generator_path(key)
         except ExportError as e:
             raise EngineUnavailable(str(e)) from None
-        return cls(path, bundle.generator, bundle.null_label, threads)
+        return cls(path, bundle.generator(key), bundle.null_label, threads)
 
     def check_plan(self, plan: Plan) -> None:
         """ValueError unless `plan` is the plan the generator was exported for."""

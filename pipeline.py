@@ -1,0 +1,205 @@
+"""One job pipeline for every command and the API: model -> plan -> engine -> batches over a sample range -> writer.
+
+    job = Job(n, plan, labels=lambda lo, hi: model.labels(hi - lo, label, uncond, start=lo), guided=True)
+    images = generate(model, opts, job)                       # (n, H, W) uint8, the API's way
+    with run(model, opts, job, progress=True) as r:           # the CLI's way: under torchrun each process draws its
+        if r.batches is not None:                             # share; r.batches on the first process are all n
+            save(out, r.batches, job.labels, job.n)
+
+A job is what to draw (n samples of a plan, their labels, an edit's known image: runtime.edits); `opts`
+(options.Sampling) says how (noise stream, batch, engine, device). Sample k's noise depends only on (seed, k)
+(runtime.noise), so the shards of several processes together are exactly the samples of one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .errors import OptionError
+from .options import Sampling
+from .runtime.generate import network_batch
+
+# the engines that run a whole plan in one call: no per-row projection (edits), no per-row states (--trajectory)
+WHOLE_LOOP_ENGINES = ("onnx-generator",)
+
+
+@dataclass
+class Job:
+    """n samples of `plan`: labels(lo, hi) gives the labels of samples lo..hi-1 ((hi - lo,) int64, -1 for
+    unconditional ones); guided: whether the network runs the guided batch (runtime.generate.network_batch); edit:
+    an edit's projection and inputs (runtime.edits.EditJob), None for plain generation; start: the first sample's
+    index in the seed's stream."""
+
+    n: int
+    plan: object
+    labels: Callable[[int, int], np.ndarray]
+    guided: bool
+    edit: object = None
+    start: int = 0
+    image_shape: tuple = (1, 28, 28)
+
+
+def check_engine(engine, edit: bool = False, watch: bool = False) -> None:
+    """OptionError(option "engine") when an engine that runs whole plans in one call is asked to project onto a
+    known image (an edit) or to show every row (a trajectory)."""
+    if isinstance(engine, str) and engine in WHOLE_LOOP_ENGINES and (edit or watch):
+        what = "edits run row by row" if edit else "a trajectory shows every row"
+        raise OptionError(f"{what}, and the {engine} engine runs the whole loop in one call; use --engine onnx "
+                          f"(or auto, torch, runtime-torch)", "engine")
+
+
+def check_guidance(opts: Sampling, labelled: bool, given: bool = True) -> None:
+    """OptionError(option "guidance") for a guidance scale w > 0 given for samples without a label: guidance steers a
+    sample towards its label, so it would be ignored. given False: w is the command's default (then w is simply not
+    applied)."""
+    if not labelled and opts.guidance and given:
+        raise OptionError("guidance steers samples towards their label, and these samples have none (unconditional): "
+                          "give a label, or leave out the guidance (or give 0)", "guidance")
+
+
+def engine(model, opts: Sampling, plan, guided: bool, dist=None, log=None):
+    """The engine of opts.engine (a name: made once per Model, api.Model.engine; an engine object: itself), sized for
+    the network batch of opts.batch."""
+    if not isinstance(opts.engine, str):
+        return opts.engine
+    return model.engine(opts.engine, opts.device, opts.fp16, opts.cuda_graph, opts.threads,
+                        max_batch=network_batch(opts.batch, guided), dist=dist, log=log, plan=plan)
+
+
+def stream(eng, opts: Sampling, job: Job, lo: int = 0, hi: int | None = None, progress: bool = False,
+           watch=None) -> Iterator[np.ndarray]:
+    """Samples job.start + lo .. job.start + hi - 1, batch by batch ((b, H, W) uint8; runtime.generate.iter_generate)."""
+    from .runtime.generate import iter_generate
+    from .runtime.images import to_uint8
+
+    hi = job.n if hi is None else hi
+    edit = None if job.edit is None else job.edit.part(lo, hi)
+    if job.plan is None:   # an edit that runs no row (SDEdit at strength 0): the input itself
+        for a in range(0, hi - lo, opts.batch):
+            yield to_uint8(edit.batch(a, min(hi - lo, a + opts.batch))[2])
+        return
+    parts = iter_generate(eng, hi - lo, job.plan, lambda a, b: job.labels(lo + a, lo + b), opts.guidance,
+                          opts.seed, opts.batch, start=job.start + lo, progress=progress, image_shape=job.image_shape,
+                          job=edit, watch=watch)
+    a = 0
+    for part in parts:
+        yield part if edit is None else edit.finish(part, a, a + len(part))
+        a += len(part)
+
+
+def generate(model, opts: Sampling, job: Job, progress: bool = False, log=None) -> np.ndarray:
+    """All of a job's samples, (n, H, W) uint8, in this process (runtime.generate.generate: refuses what would not
+    fit in memory)."""
+    from .runtime.generate import ensure_memory
+
+    per = int(np.prod(job.image_shape[1:]))
+    ensure_memory(job.n * per, f"holding {job.n} samples", "lower -n, or stream them into a file (`ddpm gen --out "
+                  "x.npz`)", per_unit=per)
+    eng = None if job.plan is None else engine(model, opts, job.plan, job.guided, log=log)
+    out = np.empty((job.n, *job.image_shape[1:]), dtype=np.uint8)
+    lo = 0
+    for part in stream(eng, opts, job, progress=progress):
+        out[lo:lo + len(part)] = part
+        lo += len(part)
+    return out
+
+
+class Local:
+    """One process: the stand-in of train.dist.DistContext (no PyTorch needed)."""
+
+    rank, world, device = 0, 1, None
+
+    def barrier(self):
+        pass
+
+    def shard(self, n):
+        return 0, n
+
+    def gather(self, obj):
+        return [obj]
+
+    def teardown(self):
+        pass
+
+
+def processes(device: str = "auto"):
+    """Under torchrun (WORLD_SIZE > 1) the process group (train.dist.setup, needs PyTorch); else Local()."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .model.io import require_torch
+
+        require_torch("ddpm under torchrun")
+        from .train import dist
+
+        return dist.setup(device)
+    return Local()
+
+
+@dataclass
+class Run:
+    """A job in progress (`run`): the engine, the process group, and on the first process the batches of all the
+    job's samples in order (None on the others); seconds: the time from the first batch to the last gathered."""
+
+    engine: object
+    ctx: object
+    batches: Iterable[np.ndarray] | None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+@contextmanager
+def run(model, opts: Sampling, job: Job, progress: bool = False, log=None, watch=None) -> Iterator[Run]:
+    """Run a job across the processes of torchrun (one process otherwise): each its contiguous share of the samples,
+    gathered on the first, whose `Run.batches` stream them in order (in one process: as they are made, so that a
+    writer holds one batch at a time). watch: runtime.generate's per-row observer, for the first batch of the first
+    process."""
+    ctx = processes(opts.device)
+    try:
+        if ctx.world > 1:
+            opts = replace(opts, device=str(ctx.device))
+        eng = engine(model, opts, job.plan, job.guided, dist=ctx, log=log)
+        lo, hi = ctx.shard(job.n)
+        mine = stream(eng, opts, job, lo, hi, progress=progress and ctx.rank == 0,
+                      watch=watch if ctx.rank == 0 else None)
+        if ctx.world == 1:
+            yield Run(eng, ctx, mine)
+        else:
+            empty = np.empty((0, *job.image_shape[1:]), np.uint8)
+            parts = ctx.gather(np.concatenate([empty, *mine]))
+            yield Run(eng, ctx, parts)
+    finally:
+        ctx.teardown()
+
+
+def save(out, batches: Iterable[np.ndarray], labels, n: int, image_shape=(1, 28, 28), nrow: int | None = None,
+         shown: np.ndarray | None = None) -> None:
+    """Write n images (batches of (b, H, W) uint8; labels(lo, hi) theirs) atomically: x.npz as a samples file
+    (samples.save_samples, streamed; with `shown`, an edit's input, beside them as "input"), else a grid picture
+    (runtime.images.save_grid; `shown` first)."""
+    from .runtime.images import save_grid
+
+    if str(out).lower().endswith(".npz"):
+        if shown is None:
+            from .samples import save_samples
+
+            save_samples(out, labels, batches, image_shape=tuple(image_shape[1:]), n=n)
+            return
+        from .files import atomic_write
+
+        images = np.concatenate(list(batches))
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, images=images, labels=labels(0, n), input=shown)
+        atomic_write(out, write)
+        return
+    first = [] if shown is None else [shown[None]]
+    save_grid(np.concatenate([*first, *batches]), out, nrow=nrow)
