@@ -46,21 +46,12 @@ class Job:
 
 
 def check_engine(engine, edit: bool = False, watch: bool = False) -> None:
-    """OptionError(option "engine") when an engine that runs whole plans in one call is asked to project onto a
-    known image (an edit) or to show every row (a trajectory)."""
+    """OptionError when an engine that runs whole plans in one call is asked to project onto a known image (an edit:
+    option "engine") or to show every row (a trajectory: option "trajectory", the CLI's)."""
     if isinstance(engine, str) and engine in WHOLE_LOOP_ENGINES and (edit or watch):
         what = "edits run row by row" if edit else "a trajectory shows every row"
         raise OptionError(f"{what}, and the {engine} engine runs the whole loop in one call; use --engine onnx "
-                          f"(or auto, torch, runtime-torch)", "engine")
-
-
-def check_guidance(opts: Sampling, labelled: bool, given: bool = True) -> None:
-    """OptionError(option "guidance") for a guidance scale w > 0 given for samples without a label: guidance steers a
-    sample towards its label, so it would be ignored. given False: w is the command's default (then w is simply not
-    applied)."""
-    if not labelled and opts.guidance and given:
-        raise OptionError("guidance steers samples towards their label, and these samples have none (unconditional): "
-                          "give a label, or leave out the guidance (or give 0)", "guidance")
+                          f"(or auto, torch, runtime-torch)", "engine" if edit else "trajectory")
 
 
 def engine(model, opts: Sampling, plan, guided: bool, dist=None, log=None):

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import OptionError
 from ..model.io import atomic_write, require_onnx
 from ..runtime.bundle import META_FILE, Bundle, file_sha256
 from ..runtime.images import to_uint8
@@ -48,8 +49,12 @@ TOLERANCE_GREY = 1   # verify(): max |generator - runtime| in grey levels of the
 NET = "eps_theta/"   # the noise predictor's names inside the generator
 
 
-class GeneratorUnsupported(ValueError):
-    """A plan that the generator cannot express (stochastic, or with rows that do not call the network)."""
+class GeneratorUnsupported(OptionError):
+    """A plan that the generator cannot express (stochastic, or with rows that do not call the network): a fault of
+    the sampler chosen."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "sampler")
 
 
 class GeneratorFailed(Exception):

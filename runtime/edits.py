@@ -46,6 +46,7 @@ from .schedule import Schedule
 OPERATORS = ("mask", "lowpass")
 SPACES = ("x", "x0")
 FACTORS = (2, 4)
+UPSCALERS = ("ilvr", "ddnm")   # upscale_job: the low-pass projection of x (ILVR) or of x0_hat (DDNM)
 
 
 @dataclass(frozen=True)

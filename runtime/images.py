@@ -189,10 +189,10 @@ MAX_GRID = 10000
 
 
 def check_grid(n: int) -> None:
-    """ValueError when n images are too many for one grid image (MAX_GRID)."""
+    """OptionError (option "n") when n images are too many for one grid image (MAX_GRID)."""
     if n > MAX_GRID:
-        raise ValueError(f"a grid image of {n} digits would be too large to view (at most {MAX_GRID}); "
-                         f"write an .npz instead")
+        raise OptionError(f"a grid image of {n} pictures would be too large to view (at most {MAX_GRID}); "
+                          f"use --out x.npz, which streams any number", "n")
 
 
 def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, scale: int = 2,
