@@ -10,11 +10,10 @@
     big = model.upscale(small_14x14, factor=2, n=8)                    # ILVR: 28x28 digits that downsample to it
     clean = model.restore("noisy.png", sigma=0.3, n=8)                 # Gaussian noise of std 0.3 removed
 
-Sampling needs nothing but numpy and onnxruntime on a CPU (the `onnx` engine, the default there) when the model
-comes with an ONNX export: the shipped default does, any other checkpoint is exported once into the cache
-(export/cache.py), which needs PyTorch (`pip install ".[torch]"` in the ddpm folder). Every method routes its
-sampling keywords into one options.Sampling and runs the job pipeline (pipeline.py). Errors are `DdpmError`
-subclasses whose message is meant for a user.
+Sampling needs numpy and onnxruntime on a CPU (the `onnx` engine, the default there) with an ONNX export: the
+shipped model has one, another checkpoint is exported into the cache once (export/cache.py; needs PyTorch). Each
+method puts its sampling keywords into one options.Sampling and runs the job pipeline (pipeline.py). Errors are
+`DdpmError` subclasses whose message is meant for a user.
 """
 
 from __future__ import annotations
@@ -35,17 +34,11 @@ from .options import DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUI
 from .runtime.bundle import META_FILE, Bundle, ExportError
 from .schema import Str
 
-__all__ = ["DdpmError", "Model", "load", "evaluate", "GUIDANCE", "GUIDANCE_INTERVAL", "EDIT_GUIDANCE",
-           "DEFAULT_SAMPLER", "EDIT_SAMPLER"]
-
-
-def default_export_dir() -> Path:
-    """The verified ONNX export shipped with the default model (export.cache.shipped_dir)."""
-    return shipped_dir()
+default_export_dir = shipped_dir   # the verified ONNX export shipped with the default model
 
 
 def cache_dir() -> Path:
-    """Where exports of checkpoints live unless told otherwise: $XDG_CACHE_HOME/ddpm (locations.cache_dir)."""
+    """The package's cache folder, $XDG_CACHE_HOME/ddpm (locations.cache_dir); exports live in its exports/."""
     from .locations import cache_dir as user_cache
 
     return user_cache()
@@ -104,9 +97,8 @@ class Model:
 
     @checked
     def bundle(self, fp16: bool = False) -> Bundle:
-        """The export folder (runtime.bundle.Bundle) the onnx/trt engines read: the model's own, the shipped one, or
-        its weights' folder in the cache, exported there on first use (needs PyTorch; export.cache.export_bundle).
-        fp16: make sure it holds the fp16 model too. Raises DdpmError."""
+        """The export folder (runtime.bundle.Bundle) the onnx/trt engines read (export.cache.export_bundle); fp16:
+        one with the fp16 model too. Raises DdpmError."""
         from .export.cache import export_bundle
 
         with self._lock:   # one export per Model, whatever the threads
@@ -114,11 +106,10 @@ class Model:
 
     @checked(plan=PLAN)
     def generator_bundle(self, plan, form: str = "loop", log=None) -> Bundle:
-        """An export folder with a generator (export/generator.py) for `plan`: the model's own or the shipped one
-        when it has one, else its weights' folder in the cache, where it is built and verified on first use (needs
-        the onnx package) beside those of other plans and reused by every later call and process
-        (export.cache.generator_bundle). log(line): where a build says what it does (None: nowhere). Raises
-        DdpmError for a plan the generator cannot run, or an explicit export folder without one for it."""
+        """An export folder with a generator (export/generator.py) for `plan`: the model's own or the shipped one,
+        else its weights' folder in the cache, built there once (needs the onnx package) beside those of other plans
+        (export.cache.generator_bundle). log(line): what a build does (None: nowhere). Raises DdpmError for a plan
+        the generator cannot run, or an explicit export folder without one for it."""
         from .export.cache import generator_bundle
 
         with self._lock:
@@ -127,17 +118,15 @@ class Model:
     @checked
     def engine(self, name: str = "auto", device: str = "auto", fp16: bool = False, cuda_graph: bool = True,
                threads: int | None = None, max_batch: int = 512, dist=None, log=None, plan=None):
-        """A runtime engine (runtime.engines), made once per (name, device, fp16, cuda_graph, threads) and reused.
+        """A runtime engine (runtime.engines), made once per (name, device, fp16, cuda_graph, threads) and kept.
 
         name: auto | torch | runtime-torch | onnx | trt | onnx-generator (auto: onnx on a CPU, runtime-torch on a
         GPU; onnx-generator needs the `plan` it will run). device: auto, cpu, cuda, cuda:N. max_batch: the largest
-        batch the network runs (runtime.generate.network_batch), what a TensorRT engine is made for. dist: under
-        torchrun, the process group context (rank, world, barrier()): rank 0 makes a missing export while the others
-        wait. log(line): where one-time builds (a generator, a TensorRT engine) say what they do; None: nowhere. An
-        engine may be shared by threads: calls at once give the digits of the same calls one after another. Raises
-        DdpmError when the engine cannot run here (the message says what is missing).
-        """
-        from .runtime.engines import NEEDS_EXPORT, auto_engine, have_torch, make_engine, resolve_device
+        network batch (runtime.generate.network_batch), what a TensorRT engine is made for. dist, log: see
+        export.cache.engine_bundle. Threads may share an engine (calls at once give the digits of the same calls one
+        after another). Raises DdpmError when the engine cannot run here (the message says what is missing)."""
+        from .export.cache import engine_bundle
+        from .runtime.engines import auto_engine, have_torch, make_engine, resolve_device
         from .runtime.runner import plan_key
 
         try:
@@ -150,18 +139,12 @@ class Model:
         # a TensorRT engine serves a batch range: a larger batch than it was made for needs another one
         key = (name, dev, fp16, cuda_graph, threads, max_batch if name == "trt" else None,
                plan_key(plan) if name == "onnx-generator" else None)
-        prepare = (lambda: self.generator_bundle(plan, log=log)) if name == "onnx-generator" else \
-            (lambda: self.bundle(fp16))
-        if name in NEEDS_EXPORT and dist is not None and dist.world > 1:
-            if dist.rank == 0:
-                prepare()
-            dist.barrier()
-        with self._lock:
+        with self._lock:   # (under torchrun every process makes the same engines, so all meet at engine_bundle)
             if key not in self._engines:
                 torch = name in ("torch", "runtime-torch") and have_torch()
                 self._engines[key] = make_engine(
                     name, device=dev, model=self.torch_model if torch else None, null_label=self.null_label,
-                    bundle=prepare() if name in NEEDS_EXPORT else None, fp16=fp16, cuda_graph=cuda_graph,
+                    bundle=engine_bundle(self, name, fp16, plan, dist, log), fp16=fp16, cuda_graph=cuda_graph,
                     threads=threads, max_batch=max_batch, log=log or (lambda *_: None), plan=plan)
             return self._engines[key]
 
@@ -170,13 +153,11 @@ class Model:
     def plan(self, sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0,
              variance: str = "small", spacing: str | None = None, guidance_interval=GUIDANCE_INTERVAL,
              top: int | None = None):
-        """The sampler's table (runtime.samplers.Plan) for this model's schedule: sampler ddpm | ddim | dpm++2m |
-        unipc; steps None: the sampler's default (min(T, 50) for ddim, 8 for the solvers); spacing linspace |
-        trailing | logsnr (None: the sampler's default); guidance_interval (lo, hi): guidance only where the noise
-        level sigma = sqrt((1-abar)/abar) is in (lo, hi] (Kynkaanniemi et al. 2024; default GUIDANCE_INTERVAL),
-        None: on every step; top: start at t = top, a plan truncated for editing (runtime.edits). Raises
-        OptionError (a DdpmError naming the argument) for steps outside 1..T, DDPM with fewer than T steps, eta
-        outside [0, 1], an unknown sampler or spacing."""
+        """The sampler's table (runtime.samplers.make_plan) for this model's schedule: sampler ddpm | ddim | dpm++2m |
+        unipc; steps None: the sampler's default; spacing None: the sampler's; guidance_interval (lo, hi): guidance
+        only where the noise level sigma = sqrt((1-abar)/abar) is in (lo, hi] (Kynkaanniemi et al. 2024), None: on
+        every step; top: start at t = top (editing, runtime.edits). Raises OptionError (a DdpmError naming the
+        argument) for steps outside 1..T, DDPM with fewer than T steps, eta outside [0, 1]."""
         from .runtime.samplers import make_plan
 
         T = self.cfg.timesteps
@@ -188,33 +169,11 @@ class Model:
 
     @checked
     def labels(self, n: int, label=None, uncond: bool = False, start: int = 0) -> np.ndarray:
-        """(n,) int64 labels of samples start..start+n-1: the classes 0..9 in turn (label None: sample k gets
-        k % num_classes), one class (an int), or given per sample (a sequence); -1 everywhere when uncond. Raises
-        OptionError for labels outside 0..num_classes-1."""
-        from .runtime.generate import labels_for
+        """(n,) int64 labels of samples start..start+n-1 (pipeline.labels): the classes in turn (label None), one
+        class (an int) or one per sample (a sequence); -1 everywhere when uncond. Raises OptionError."""
+        from .pipeline import labels
 
-        if uncond:
-            if label is not None:
-                raise OptionError("a label and uncond exclude each other", "uncond")
-            return labels_for(n, None, True)
-        k = self.cfg.num_classes
-        if label is None or np.ndim(label) == 0:
-            if label is not None and not (isinstance(label, (int, np.integer)) and 0 <= label < k):
-                raise OptionError(f"label must be an integer in 0..{k - 1}, got {label!r}", "label")
-            return labels_for(n, None if label is None else int(label), False, k, start)
-        arr = np.asarray(label)
-        if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer) or (arr.size and not 0 <= arr.min() <=
-                                                                              arr.max() < k):
-            raise OptionError(f"labels must be {n} integers in 0..{k - 1}", "label")
-        return arr.astype(np.int64)
-
-    def _job(self, n: int, plan, label, uncond: bool, opts: Sampling, start: int = 0, edit=None):
-        """The pipeline's Job: n samples of `plan` with these labels (checked now), from sample `start` on."""
-        from .pipeline import Job
-
-        labels = self.labels(n, label, uncond)
-        return Job(n, plan, lambda lo, hi: labels[lo:hi], bool(opts.guidance) and not uncond, edit, start,
-                   self.image_shape)
+        return labels(self.cfg.num_classes, n, label, uncond, start)
 
     @checked
     def generate(self, n: int = 64, label=None, uncond: bool = False, guidance: float = GUIDANCE,
@@ -234,17 +193,14 @@ class Model:
         from . import pipeline
 
         opts = Sampling.of(locals())
-        job = self._job(n, plan or self.plan(**opts.plan_args()), label, uncond, opts, start)
+        job = pipeline.Job.of(self, n, plan or self.plan(**opts.plan_args()), label, uncond, opts, start)
         return pipeline.generate(self, opts, job, progress)
 
     # -------------------------------------------------------------------------------------------------- editing
-    # Every edit is a plan plus, for some, a per-row projection onto the known image (runtime.edits' job builders),
-    # run by the pipeline like `generate`: the same seeded stream per sample (its projection noise after the plan's
-    # own), any engine that runs row by row, any batch. A picture is a (H, W) uint8 array (white digit on black) or
-    # a picture file (runtime.images), resized to what the edit needs: n results of it (default 8); or a stack
-    # (N, H, W) of pictures: one result each, result k from picture k. label None: the unconditional model; labels
-    # may also be given per result (n ints). The sampler arguments are `plan`'s; the default sampler is
-    # EDIT_SAMPLER (DDIM, as measured), not generate's.
+    # An edit is a plan and an EditJob (runtime.edits' job builders) run by the pipeline like `generate` (same seeded
+    # stream per sample, any engine that runs row by row, any batch). A picture is a (H, W) uint8 array or a picture
+    # file (runtime.images), resized as the edit needs: n results of it (default 8); or a stack (N, H, W): result k
+    # from picture k. label None: the unconditional model. The default sampler is EDIT_SAMPLER (DDIM, as measured).
 
     @checked(n=OPTIONAL_COUNT)
     def inpaint(self, image, mask="bottom", n: int | None = None, label=None, guidance: float = GUIDANCE,
@@ -252,42 +208,35 @@ class Model:
                 spacing: str | None = None, guidance_interval=None, jump: int = 1, resample: int = 3, seed: int = 0,
                 batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False, start: int = 0,
                 progress: bool = False) -> np.ndarray:
-        """RePaint (Lugmayr et al. 2022): n completions (n, H, W) uint8 of `image` where `mask` says what to redraw.
-
-        mask: the half to redraw ("top", "bottom", "left", "right"), or a picture (file or (H, W) array of the
-        image's size; for a stack also one per picture, (N, H, W)) whose white pixels (>= 128, or True) are kept.
-        After every reverse row the kept pixels are replaced by the input noised to the row's level; after the last
-        one they are the input's exactly. The reverse rows are the sampler's (default DDIM-50 with eta 1:
-        stochastic, DDPM-like, as RePaint needs to harmonise; eta 0 gives deterministic rows). jump, resample:
-        RePaint's jump length j (in rows of the sampler) and count r (r = 1: no resampling; j=1 r=3, the default,
-        makes 148 network calls, about 3x a DDIM-50 generation; the paper's j=10 r=10 on a 250-step schedule,
-        steps=250, eta=1, jump=10, resample=10, makes 2410, about 48x). Raises DdpmError for bad arguments.
-        """
+        """RePaint (Lugmayr et al. 2022; runtime.edits.inpaint_job): n completions (n, H, W) uint8 of `image` where
+        `mask` says what to redraw: the half to redraw ("top", "bottom", "left", "right"), or a picture (file or
+        (H, W) array of the image's size; for a stack one per picture, (N, H, W)) whose white pixels (>= 128, or
+        True) are kept exactly. jump, resample: RePaint's jump length j (in rows of the sampler) and count r (1: no
+        resampling; j=1 r=3, the default, makes 148 network calls, about 3x a DDIM-50 generation; the paper's
+        steps=250, jump=10, resample=10 makes 2410, about 48x). Raises DdpmError for bad arguments."""
+        from . import pipeline
         from .runtime.edits import inpaint_job
 
         opts = Sampling.of(locals())
         images, keep, n = self.inpaint_input(image, mask, n)
-        return self._edit(opts, n, label, start, progress, inpaint_job(self._plans(opts), images, keep, jump, resample))
+        return pipeline.edit(self, opts, n, label, start, progress, inpaint_job(pipeline.plans(self, opts), images, keep, jump, resample))
 
     @checked(n=OPTIONAL_COUNT)
     def edit(self, image, label=None, strength: float = 0.6, n: int | None = None, guidance: float = EDIT_GUIDANCE,
              sampler: str = EDIT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
              spacing: str | None = None, guidance_interval=None, seed: int = 0, batch: int = 64, engine="auto",
              device: str = "auto", fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
-        """SDEdit (Meng et al. 2022): n redrawings (n, H, W) uint8 of `image`, conditioned on `label`.
-
-        The input is noised to t0 = round(strength (T-1)), x_t0 = sqrt(abar_t0) x + sqrt(1 - abar_t0) x_T, and the
-        sampler's rows from t0 down denoise it (runtime.edits.sdedit_start; DDIM's grid points below t0, so about
-        strength x steps rows). strength in [0, 1]: 0 returns the input unchanged, 1 ignores it (the same digits as
-        `generate` with this seed and label). guidance: EDIT_GUIDANCE by default, stronger than generate's (the
-        input pulls towards its own class). Raises DdpmError for bad arguments.
-        """
+        """SDEdit (Meng et al. 2022; runtime.edits.sdedit_job): n redrawings (n, H, W) uint8 of `image`, noised to
+        t0 = round(strength (T-1)) and denoised conditioned on `label`. strength in [0, 1]: 0 returns the input
+        unchanged, 1 ignores it (the same digits as `generate` with this seed and label). guidance: EDIT_GUIDANCE by
+        default, stronger than generate's (the input pulls towards its own class). Raises DdpmError."""
+        from . import pipeline
         from .runtime.edits import sdedit_job
         from .runtime.images import fitted
 
         opts = Sampling.of(locals())
         images, n = fitted(image, n, self.image_shape[1:])
-        return self._edit(opts, n, label, start, progress, sdedit_job(self._plans(opts), self.schedule, images,
+        return pipeline.edit(self, opts, n, label, start, progress, sdedit_job(pipeline.plans(self, opts), self.schedule, images,
                                                                       strength))
 
     @checked(n=OPTIONAL_COUNT)
@@ -296,56 +245,36 @@ class Model:
                 eta: float = 1.0, variance: str = "small", spacing: str | None = None, guidance_interval=None,
                 seed: int = 0, batch: int = 64, engine="auto",
                 device: str = "auto", fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
-        """Super-resolution: n full-size digits (n, H, W) uint8 whose f x f block means are the small `image`.
-
-        image: (H/f, W/f) (a picture of another size is resized to it, box-averaged when shrinking). method
-        "ilvr": ILVR (Choi et al. 2021) low-pass guidance of x at every row, x <- x + up(down(y_t) - down(x)) with
-        y_t the input noised to the row's level; "ddnm": DDNM (Wang et al. 2023) range-null-space projection of
-        x0_hat, x0_hat <- x0_hat + up(y - down(x0_hat)). Either way the last row makes down(x) = y in the model's
-        range; the results are then the nearest pictures whose block means are the input within [0, 255]
-        (runtime.edits.fit_blocks: clipping to the pixel range would move bright and dark blocks), rounded: every
-        block mean is within 0.5 grey level of the input's pixel. factor: 2 or 4. Raises DdpmError for bad
-        arguments.
-        """
+        """Super-resolution (runtime.edits.upscale_job): n full-size digits (n, H, W) uint8 whose f x f block means
+        are the small `image` (H/f, W/f) (a picture of another size is resized to it, box-averaged when shrinking)
+        within 0.5 grey level. method "ilvr": ILVR (Choi et al. 2021), low-pass guidance of x at every row; "ddnm":
+        DDNM (Wang et al. 2023), range-null-space projection of x0_hat. factor: 2 or 4. Raises DdpmError."""
+        from . import pipeline
         from .runtime.edits import upscale_job
         from .runtime.images import fitted
 
         opts = Sampling.of(locals())
         H, W = self.image_shape[1:]
         small, n = fitted(image, n, (H // factor, W // factor))
-        return self._edit(opts, n, label, start, progress, upscale_job(self._plans(opts), small, factor, method))
+        return pipeline.edit(self, opts, n, label, start, progress, upscale_job(pipeline.plans(self, opts), small, factor, method))
 
     @checked(n=OPTIONAL_COUNT)
     def restore(self, image, sigma: float, n: int | None = None, label=None, guidance: float = GUIDANCE,
                 sampler: str = EDIT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
                 spacing: str | None = None, guidance_interval=None, seed: int = 0, batch: int = 64, engine="auto",
                 device: str = "auto", fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
-        """Denoising: n restorations (n, H, W) uint8 of `image` = x + sigma n, n ~ N(0, I), sigma in the model's
-        [-1, 1] units (a std of s grey levels is sigma = s / 127.5).
-
-        The reverse process starts at the first t whose noise-to-signal ratio sqrt((1 - abar_t)/abar_t) reaches
-        sigma, from x_t = sqrt(abar_t) y (+ x_T for the small variance still missing), which has exactly the law of
-        q(x_t | x) (runtime.edits.noise_start), and the sampler's rows from there denoise it. A picture file's
-        noise was clipped to [0, 255] and rounded, which this ignores. Raises DdpmError for bad arguments.
-        """
+        """Denoising (runtime.edits.restore_job): n restorations (n, H, W) uint8 of `image` = x + sigma n,
+        n ~ N(0, I), sigma in the model's [-1, 1] units (s grey levels: sigma = s / 127.5), from the first t whose
+        noise-to-signal ratio reaches sigma (runtime.edits.noise_start). A picture file's noise was clipped to
+        [0, 255] and rounded, which this ignores. Raises DdpmError for bad arguments."""
+        from . import pipeline
         from .runtime.edits import restore_job
         from .runtime.images import fitted
 
         opts = Sampling.of(locals())
         images, n = fitted(image, n, self.image_shape[1:])
-        return self._edit(opts, n, label, start, progress, restore_job(self._plans(opts), self.schedule, images,
+        return pipeline.edit(self, opts, n, label, start, progress, restore_job(pipeline.plans(self, opts), self.schedule, images,
                                                                        sigma))
-
-    def _plans(self, opts: Sampling):
-        """top -> the options' plan for this model, truncated to start at t = top (None: T - 1)."""
-        return lambda top: self.plan(**opts.plan_args(), top=top)
-
-    def _edit(self, opts: Sampling, n: int, label, start: int, progress: bool, plan_and_job) -> np.ndarray:
-        from . import pipeline
-
-        pipeline.check_engine(opts.engine, edit=True)
-        plan, edit = plan_and_job
-        return pipeline.generate(self, opts, self._job(n, plan, label, label is None, opts, start, edit), progress)
 
     @checked
     def picture(self, image, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -416,24 +345,21 @@ def evaluate(images, labels, data: str | os.PathLike | None = None, name: str = 
     """
     from .model.io import require_torch
 
-    try:
-        require_torch("ddpm.evaluate")
-    except TorchMissing as e:
-        raise DdpmError(str(e)) from None
+    require_torch("ddpm.evaluate")
     from .bench import quality
-    from .train.data import DataError, ensure_mnist, resolve_data_dir
+    from .train.data import ensure_mnist, resolve_data_dir
 
     images, labels = np.asarray(images), np.asarray(labels)
     if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer) or \
             (len(labels) and (labels.min() < -1 or labels.max() > 9)):
         raise DdpmError(f"labels must be {len(images)} integers in -1..9 (one per image), got {labels.dtype} "
                         f"{labels.shape}")
+    folder = ensure_mnist(resolve_data_dir(data), download=download, progress=lambda *_: None)
+    key = (str(folder), str(quality.CLASSIFIER_FILE))
+    with _REFERENCES_LOCK:
+        if key not in _REFERENCES:
+            _REFERENCES[key] = quality.Reference.load(folder)
     try:
-        folder = ensure_mnist(resolve_data_dir(data), download=download, progress=lambda *_: None)
-        key = (str(folder), str(quality.CLASSIFIER_FILE))
-        with _REFERENCES_LOCK:
-            if key not in _REFERENCES:
-                _REFERENCES[key] = quality.Reference.load(folder)
         return _REFERENCES[key].evaluate(images, labels.astype(np.int64), name)
-    except (DataError, ValueError) as e:
-        raise DdpmError(str(e)) from None
+    except ValueError as e:   # the images (quality.Reference.evaluate checks them)
+        raise OptionError(str(e), "images") from None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .cli import (DEFAULT, Finite, _device, _given, _int_list, _needs_torch, _output, _prepare,
-                  _refuse_guidance_without_labels, _threads, model_option, sampling_options, solver_options)
+from .cli_options import (DEFAULT, Finite, check_output, device_syntax, model_option, needs_torch, on_command_line,
+                          prepare, refuse_guidance_without_labels, sampling_options, set_threads, solver_options)
 from .export.generator import FORMS
 from .options import Sampling
 from .runtime.engines import ENGINES
@@ -39,10 +39,10 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
       ddpm gen -n 2000 --sampler ddpm --out ddpm.npz && ddpm eval --samples ddpm.npz
       ddpm eval --samples a.npz --samples b.npz --json quality.json
     """
-    _refuse_guidance_without_labels(not uncond, o["guidance"])
+    refuse_guidance_without_labels(not uncond, o["guidance"])
     if json_out:
-        _output(json_out, "--json")
-    _needs_torch("eval (its MNIST classifier)")
+        check_output(json_out, "--json")
+    needs_torch("eval (its MNIST classifier)")
     import json
     from pathlib import Path
 
@@ -56,7 +56,7 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
     samples = [(f, *read_samples(f)) for f in sample_files]   # every file checked before the slow parts
     if not sample_files:   # the images, and the classifier's 128 float64 features of each
         ensure_memory(num * (28 * 28 + 128 * 8), f"evaluating {num} samples", "lower -n", per_unit=28 * 28 + 128 * 8)
-    _threads(o["threads"])
+    set_threads(o["threads"])
     data_dir = ensure_mnist(resolve_data_dir(data), progress=click.echo)
     clf_path = Path(classifier or quality.CLASSIFIER_FILE)
     if train_classifier:
@@ -76,7 +76,7 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
         except ValueError as e:
             raise click.ClickException(f"{f}: {e}") from None
     if not sample_files:
-        model, opts, log = _prepare(o)
+        model, opts, log = prepare(o)
         plan = model.plan(**opts.plan_args())
         labels = model.labels(num, None, uncond)
         job = pipeline.Job(num, plan, lambda a, b: labels[a:b], bool(opts.guidance) and not uncond,
@@ -140,8 +140,8 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, s
     """
     for folder, option in ((out, "--out"), (web_dir, "--web")):
         if folder:
-            _output(folder, option, folder=True)
-    _needs_torch("export")
+            check_output(folder, option, folder=True)
+    needs_torch("export")
     from . import api
     from .export.chain import check_trt, export_folder, write_web_page
 
@@ -168,6 +168,16 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, s
 
 
 # ----------------------------------------------------------------------------------------------------------- bench
+def _int_list(ctx, param, value):
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        items = []
+    if not items or min(items) < 1:
+        raise click.BadParameter("a comma-separated list of positive integers, e.g. 1,8,64")
+    return items
+
+
 @click.command()
 @click.option("--engines", default=",".join(ENGINES), show_default=True,
               help="Comma-separated engines; unavailable ones are reported as skipped. onnx-generator (the whole "
@@ -186,7 +196,7 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, s
 @click.option("--quick", is_flag=True,
               help="A smoke test: 3 steps of the sampler (ddim for ddpm), batch 1,2, 2 runs, DDIM-3 as the baseline.")
 @model_option
-@click.option("--device", default="auto", show_default=True, callback=_device, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True, callback=device_syntax, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (torch and onnxruntime alike).")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Folder for bench.json, bench.md and bench.png.")
@@ -212,16 +222,16 @@ def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance
     if unknown or not names:
         raise click.BadParameter(f"unknown engine(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(ENGINES)}",
                                  param_hint="--engines")
-    _output(out, "--out", folder=True)
+    check_output(out, "--out", folder=True)
     if quick:
         given = [opt for opt, param in (("--batch", "batches"), ("--steps", "steps"), ("--repeat", "repeat"))
-                 if _given(param)]
+                 if on_command_line(param)]
         if given:
             raise click.UsageError(f"--quick sets --batch 1,2, --steps 3 and --repeat 2 itself; leave out "
                                    f"{' and '.join(given)}, or drop --quick")
         sampler = "ddim" if sampler == "ddpm" else sampler
         steps, batches, repeat = 3, [1, 2], 2
-    _threads(threads)
+    set_threads(threads)
     model = api.load(ckpt)
     opts = Sampling(sampler, steps, spacing, guidance=guidance, guidance_interval=guidance_interval)
     plan = model.plan(**opts.plan_args())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .cli import Finite, _device, _needs_torch, _output
+from .cli_options import Finite, check_output, device_syntax, needs_torch
 from .model.config import PRESETS
 from .runtime.noise import MAX_SEED
 from .runtime.schedule import PREDICTIONS, SCHEDULES
@@ -71,7 +71,7 @@ class LazyChoice(click.Choice):
               help="Label dropout probability (classifier-free guidance).")
 # run
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Random seed (0..2^64-1).")
-@click.option("--device", default="auto", show_default=True, callback=_device, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True, callback=device_syntax, help="auto, cpu, cuda or cuda:N.")
 @click.option("--ckpt-every", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Checkpoint and sample-grid interval (steps).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
@@ -85,8 +85,8 @@ def train(threads, resume, **opts):
       ddpm train --init runs/try --steps 2000 --seed 1 --out runs/more   # fine-tune (the model of runs/try)
       torchrun --nproc_per_node 2 -m ddpm.cli train --batch 128   # DDP, global batch 128
     """
-    _output(opts["out"], "--out", folder=True)
-    _needs_torch("train")
+    check_output(opts["out"], "--out", folder=True)
+    needs_torch("train")
     import torch
 
     from .train.loop import TrainConfig, train as run

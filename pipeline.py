@@ -44,6 +44,48 @@ class Job:
     start: int = 0
     image_shape: tuple = (1, 28, 28)
 
+    @classmethod
+    def of(cls, model, n: int, plan, label, uncond: bool, opts: Sampling, start: int = 0, edit=None) -> "Job":
+        """n samples of `model` (api.Model) with these labels (checked now: Model.labels), from sample `start` on."""
+        y = model.labels(n, label, uncond)
+        return cls(n, plan, lambda lo, hi: y[lo:hi], bool(opts.guidance) and not uncond, edit, start,
+                   model.image_shape)
+
+
+def labels(num_classes: int, n: int, label=None, uncond: bool = False, start: int = 0) -> np.ndarray:
+    """(n,) int64 labels of samples start..start+n-1 (api.Model.labels): the classes in turn (label None: sample k
+    gets k % num_classes), one class, or one per sample (a sequence); -1 everywhere when uncond. OptionError (option
+    label or uncond) otherwise."""
+    from .runtime.generate import labels_for
+
+    if uncond:
+        if label is not None:
+            raise OptionError("a label and uncond exclude each other", "uncond")
+        return labels_for(n, None, True)
+    k = num_classes
+    if label is None or np.ndim(label) == 0:
+        if label is not None and not (isinstance(label, (int, np.integer)) and 0 <= label < k):
+            raise OptionError(f"label must be an integer in 0..{k - 1}, got {label!r}", "label")
+        return labels_for(n, None if label is None else int(label), False, k, start)
+    arr = np.asarray(label)
+    if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer) or (arr.size and not 0 <= arr.min() <=
+                                                                          arr.max() < k):
+        raise OptionError(f"labels must be {n} integers in 0..{k - 1}", "label")
+    return arr.astype(np.int64)
+
+
+def plans(model, opts: Sampling):
+    """top -> the options' plan for `model`, truncated to start at t = top (None: T - 1): what runtime.edits' job
+    builders take."""
+    return lambda top: model.plan(**opts.plan_args(), top=top)
+
+
+def edit(model, opts: Sampling, n: int, label, start: int, progress: bool, plan_and_edit) -> np.ndarray:
+    """The API's edits: n results of (plan, runtime.edits.EditJob) (a job builder's), label None: unconditional."""
+    check_engine(opts.engine, edit=True)
+    plan, job = plan_and_edit
+    return generate(model, opts, Job.of(model, n, plan, label, label is None, opts, start, job), progress)
+
 
 def check_engine(engine, edit: bool = False, watch: bool = False) -> None:
     """OptionError when an engine that runs whole plans in one call is asked to project onto a known image (an edit:

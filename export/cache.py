@@ -118,6 +118,23 @@ def _export(model, folder: Path) -> None:
                         f"writable folder, pass an export folder (--export), or use --engine torch") from None
 
 
+def engine_bundle(model, name: str, fp16: bool = False, plan=None, dist=None, log=None) -> Bundle | None:
+    """The export folder engine `name` of `model` reads (None for the torch engines): export_bundle, or for
+    onnx-generator generator_bundle(plan). dist: under torchrun, the process group (rank, world, barrier()): rank 0
+    makes what is missing while the others wait. log(line): where a build says what it does (None: nowhere)."""
+    from ..runtime.engines import NEEDS_EXPORT
+
+    if name not in NEEDS_EXPORT:
+        return None
+    prepare = (lambda: model.generator_bundle(plan, log=log)) if name == "onnx-generator" else \
+        (lambda: model.bundle(fp16))
+    if dist is not None and dist.world > 1:
+        if dist.rank == 0:
+            prepare()
+        dist.barrier()
+    return prepare()
+
+
 def generator_bundle(model, plan, form: str = "loop", log=None) -> Bundle:
     """An export folder with a generator for `plan` (export/generator.py): the model's own export folder, or the
     shipped one, when it has one; else the cache folder of the weights, where it is built and verified on first use

@@ -329,14 +329,19 @@ class EditJob:
 # Each editing method as (plan, EditJob) for runtime.generate, from its pictures ((m, H, W) uint8, m = 1 or one per
 # result) and `plan_for(top)`: the sampler's plan for this model, truncated to start at t = top (None: T - 1).
 def inpaint_job(plan_for, images: np.ndarray, keep: np.ndarray, jump: int = 1, resample: int = 3):
-    """RePaint: keep (m or 1, H, W) bool, True on the kept pixels; the plan's rows resampled (repaint_plan)."""
+    """RePaint: keep (m or 1, H, W) bool, True on the kept pixels. After every reverse row the kept pixels are
+    replaced by the input noised to the row's level (noised_projection), exactly the input's after the last one;
+    the rows are the plan's, resampled with jump length j and count r (repaint_plan). Stochastic rows (eta 1) let
+    the new part harmonise with the kept one; eta 0 gives deterministic rows."""
     plan = repaint_plan(plan_for(None), jump, resample)
     return plan, EditJob(noised_projection(plan, "mask"), y=to_model(images)[:, None],
                          mask=keep.astype(np.float32)[:, None])
 
 
 def sdedit_job(plan_for, sched: Schedule, images: np.ndarray, strength: float):
-    """SDEdit from t0 = round(strength (T-1)) (sdedit_start); strength 0: plan None, the input itself."""
+    """SDEdit from x_t0 = sqrt(abar_t0) x + sqrt(1 - abar_t0) x_T, t0 = round(strength (T-1)) (sdedit_start), then
+    the plan's rows from t0 down (DDIM's grid points below t0: about strength x steps rows); strength 0: plan
+    None, the input itself."""
     job = EditJob(x_input=to_model(images)[:, None])
     if strength == 0:
         return None, job
@@ -345,14 +350,18 @@ def sdedit_job(plan_for, sched: Schedule, images: np.ndarray, strength: float):
 
 
 def upscale_job(plan_for, small: np.ndarray, factor: int, method: str = "ilvr"):
-    """ILVR (low-pass projection of x, noised) or DDNM (of x0_hat) onto the small pictures (m, H/f, W/f)."""
+    """Upscaling the small pictures (m, H/f, W/f): "ilvr", x <- x + up(down(y_t) - down(x)) after every row with
+    y_t the input noised to the row's level (noised_projection); "ddnm", x0_hat <- x0_hat + up(y - down(x0_hat))
+    (x0_projection). The last row makes down(x) = y in the model's range; the results are then fitted to the block
+    means within [0, 255] (EditJob.finish, fit_blocks: clipping would move bright and dark blocks)."""
     plan = plan_for(None)
     proj = noised_projection(plan, "lowpass", factor) if method == "ilvr" else x0_projection(plan, factor)
     return plan, EditJob(proj, y=upsample(to_model(small), factor)[:, None], blocks=small)
 
 
 def restore_job(plan_for, sched: Schedule, images: np.ndarray, sigma: float):
-    """Denoising from the level where the model's noise is sigma (noise_start)."""
+    """Denoising y = x + sigma n from x_t = sqrt(abar_t) y (+ x_T for the variance still missing), which has exactly
+    the law of q(x_t | x), at the first t whose noise-to-signal ratio reaches sigma (noise_start)."""
     t, a0, s0 = noise_start(sched, float(sigma))
     return plan_for(t), EditJob(x_input=to_model(images)[:, None], a0=a0, s0=s0)
 
