@@ -219,7 +219,8 @@ class Model:
 
         opts = Sampling.of(locals())
         images, keep, n = self.inpaint_input(image, mask, n)
-        return pipeline.edit(self, opts, n, label, start, progress, inpaint_job(pipeline.plans(self, opts), images, keep, jump, resample))
+        job = inpaint_job(pipeline.plans(self, opts), images, keep, jump, resample)
+        return pipeline.edit(self, opts, n, label, start, progress, job)
 
     @checked(n=OPTIONAL_COUNT)
     def edit(self, image, label=None, strength: float = 0.6, n: int | None = None, guidance: float = EDIT_GUIDANCE,
@@ -236,8 +237,8 @@ class Model:
 
         opts = Sampling.of(locals())
         images, n = fitted(image, n, self.image_shape[1:])
-        return pipeline.edit(self, opts, n, label, start, progress, sdedit_job(pipeline.plans(self, opts), self.schedule, images,
-                                                                      strength))
+        job = sdedit_job(pipeline.plans(self, opts), self.schedule, images, strength)
+        return pipeline.edit(self, opts, n, label, start, progress, job)
 
     @checked(n=OPTIONAL_COUNT)
     def upscale(self, image, factor: int = 2, n: int | None = None, label=None, method: str = "ilvr",
@@ -256,7 +257,8 @@ class Model:
         opts = Sampling.of(locals())
         H, W = self.image_shape[1:]
         small, n = fitted(image, n, (H // factor, W // factor))
-        return pipeline.edit(self, opts, n, label, start, progress, upscale_job(pipeline.plans(self, opts), small, factor, method))
+        job = upscale_job(pipeline.plans(self, opts), small, factor, method)
+        return pipeline.edit(self, opts, n, label, start, progress, job)
 
     @checked(n=OPTIONAL_COUNT)
     def restore(self, image, sigma: float, n: int | None = None, label=None, guidance: float = GUIDANCE,
@@ -273,8 +275,8 @@ class Model:
 
         opts = Sampling.of(locals())
         images, n = fitted(image, n, self.image_shape[1:])
-        return pipeline.edit(self, opts, n, label, start, progress, restore_job(pipeline.plans(self, opts), self.schedule, images,
-                                                                       sigma))
+        job = restore_job(pipeline.plans(self, opts), self.schedule, images, sigma)
+        return pipeline.edit(self, opts, n, label, start, progress, job)
 
     @checked
     def picture(self, image, size: tuple[int, int] | None = None) -> np.ndarray:

@@ -42,7 +42,8 @@ def parse_interval(ctx, param, value):
     except ValueError:
         lo, hi = float("nan"), float("nan")
     if not 0 <= lo < hi:   # also refuses NaN
-        raise click.BadParameter("LO,HI with 0 <= LO < HI (noise levels sigma; HI may be inf), e.g. 0.28,5.42, or 'all'")
+        raise click.BadParameter("LO,HI with 0 <= LO < HI (noise levels sigma; HI may be inf), e.g. 0.28,5.42, "
+                                 "or 'all'")
     return lo, hi
 
 

@@ -107,7 +107,8 @@ def engine(model, opts: Sampling, plan, guided: bool, dist=None, log=None):
 
 def stream(eng, opts: Sampling, job: Job, lo: int = 0, hi: int | None = None, progress: bool = False,
            watch=None) -> Iterator[np.ndarray]:
-    """Samples job.start + lo .. job.start + hi - 1, batch by batch ((b, H, W) uint8; runtime.generate.iter_generate)."""
+    """Samples job.start + lo .. job.start + hi - 1 of the stream, batch by batch ((b, H, W) uint8;
+    runtime.generate.iter_generate), as saved (runtime.edits.EditJob.finish)."""
     from .runtime.generate import iter_generate
     from .runtime.images import to_uint8
 

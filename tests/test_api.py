@@ -49,7 +49,8 @@ def test_trt_engines_are_cached_per_batch_range(monkeypatch, model):
     made = []
     monkeypatch.setattr(engines, "resolve_device", lambda d: "cuda")
     monkeypatch.setattr(engines, "have_torch", lambda: True)
-    monkeypatch.setattr(engines, "make_engine", lambda name, *, max_batch, **kw: made.append((name, max_batch)) or object())
+    monkeypatch.setattr(engines, "make_engine",
+                        lambda name, *, max_batch, **kw: made.append((name, max_batch)) or object())
     m = ddpm.load()
     a, b, c = m.engine("trt", max_batch=16), m.engine("trt", max_batch=128), m.engine("trt", max_batch=16)
     assert a is not b and a is c and made == [("trt", 16), ("trt", 128)]

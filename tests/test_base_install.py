@@ -29,7 +29,8 @@ def test_default_plan_generator_needs_neither_onnx_nor_torch(tmp_path):
     code = ("import sys; sys.modules['onnx'] = None; import numpy as np, ddpm; m = ddpm.load(); "
             "a = m.generate(6, seed=4, batch=4, engine='onnx-generator'); b = m.generate(6, seed=4, batch=4, "
             "engine='onnx'); assert a.std() > 20 and np.abs(a.astype(int) - b).max() <= 1; "
-            "assert 'torch' not in sys.modules; import os; assert not os.path.exists(os.path.join(os.environ['XDG_CACHE_HOME'], 'ddpm'))")
+            "assert 'torch' not in sys.modules; import os; "
+            "assert not os.path.exists(os.path.join(os.environ['XDG_CACHE_HOME'], 'ddpm'))")
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -97,7 +97,8 @@ def test_add_generator_records_and_engine_gives_the_onnx_digits(setup, tmp_path)
     labels = labels_for(10, None, False)
     eng = make_engine("onnx-generator", device="cpu", null_label=10, bundle=bundle, plan=plan)
     got = generate(eng, 10, plan, labels, 1.5, seed=3, batch=4, progress=False)
-    ref = generate(make_engine("onnx", device="cpu", null_label=10, bundle=bundle), 10, plan, labels, 1.5, seed=3, batch=4,
+    onnx = make_engine("onnx", device="cpu", null_label=10, bundle=bundle)
+    ref = generate(onnx, 10, plan, labels, 1.5, seed=3, batch=4,
                    progress=False)
     assert np.abs(got.astype(int) - ref).max() <= 1
     with pytest.raises(ValueError, match="re-export"):
