@@ -31,8 +31,8 @@ WHOLE_LOOP_ENGINES = ("onnx-generator",)
 
 @dataclass
 class Job:
-    """n samples of `plan`: labels(lo, hi) gives the labels of samples lo..hi-1 ((hi - lo,) int64, -1 for
-    unconditional ones); guided: whether the network runs the guided batch (runtime.generate.network_batch); edit:
+    """n samples of `plan`: labels(lo, hi) gives the labels of the job's samples lo..hi-1 (0: its first; (hi - lo,)
+    int64, -1 for unconditional ones); guided: whether the network runs the guided batch (runtime.generate.network_batch); edit:
     an edit's projection and inputs (runtime.edits.EditJob), None for plain generation; start: the first sample's
     index in the seed's stream."""
 
