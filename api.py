@@ -10,9 +10,10 @@
     big = model.upscale(small_14x14, factor=2, n=8)                    # ILVR: 28x28 digits that downsample to it
     clean = model.restore("noisy.png", sigma=0.3, n=8)                 # Gaussian noise of std 0.3 removed
 
-Sampling needs nothing but numpy and onnxruntime on a CPU (the `onnx` engine, the default there) when the model
-comes with an ONNX export: the shipped default does, any other checkpoint is exported once into the cache, which
-needs PyTorch (`pip install ".[torch]"` in the ddpm folder). Errors are `DdpmError` subclasses whose message is meant for a user.
+Sampling needs numpy and onnxruntime on a CPU (the `onnx` engine, the default there) with an ONNX export: the
+shipped model has one, another checkpoint is exported into the cache once (export/cache.py; needs PyTorch). Each
+method puts its sampling keywords into one options.Sampling and runs the job pipeline (pipeline.py). Errors are
+`DdpmError` subclasses whose message is meant for a user.
 """
 
 from __future__ import annotations
@@ -25,46 +26,22 @@ from pathlib import Path
 import numpy as np
 
 from .arguments import OPTIONAL_COUNT, PLAN, checked
-from .errors import DdpmError, clip
+from .errors import DdpmError, OptionError, clip
+from .export.cache import shipped_dir
 from .model.config import ModelConfig
-from .model.io import (CheckpointError, TorchMissing, default_model_path, read_model_info, require_onnx,
-                       resolve_model_path)
+from .model.io import CheckpointError, TorchMissing, default_model_path, read_model_info
+from .options import DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL, Sampling
 from .runtime.bundle import META_FILE, Bundle, ExportError
-from .runtime.nets import EngineUnavailable
 from .schema import Str
 
-# The recommended classifier-free guidance for the shipped model, applied only where the noise level
-# sigma = sqrt((1-abar)/abar) is in (0.28, 5.42] (Kynkaanniemi et al. 2024's interval for EDM2). Measured with
-# bench/sweep at N = 5000, two seeds (README "Samplers"): UniPC-8 with w = 0.45 in that interval gave FD / floor
-# 1.95 (1.95-1.96) and 98.86% accuracy with 12 network images per digit, against 2.14 (2.11-2.17) and 98.87% with
-# w = 0.3 on every step (16 images per digit).
-GUIDANCE = 0.45
-GUIDANCE_INTERVAL = (0.28, 5.42)
-# ... and for class edits (SDEdit), where the input pulls towards its own class: at strength 0.6 the classifier
-# agrees with the requested class for 92% of 100 test digits at w=0.3, 99% at w=1, 100% at w=3 (README "Editing").
-EDIT_GUIDANCE = 1.0
-# The fewest network calls that score as DDIM-50 did (bench/sweep, README "Samplers"): UniPC-2, 8 steps, trailing.
-DEFAULT_SAMPLER = "unipc"
-# The editing methods' sampler, as measured (README "Editing"): DDIM-50; RePaint needs its single-step rows, and
-# ILVR and inpainting its stochastic ones (eta 1).
-EDIT_SAMPLER = "ddim"
-
-
-def default_export_dir() -> Path:
-    """The verified ONNX export shipped with the default model."""
-    return Path(__file__).resolve().parent / "assets" / "default_export"
+default_export_dir = shipped_dir   # the verified ONNX export shipped with the default model
 
 
 def cache_dir() -> Path:
-    """Where exports of checkpoints live unless told otherwise: $XDG_CACHE_HOME/ddpm (default ~/.cache/ddpm; the rule
-    is locations.user_dir's)."""
+    """The package's cache folder, $XDG_CACHE_HOME/ddpm (locations.cache_dir); exports live in its exports/."""
     from .locations import cache_dir as user_cache
 
     return user_cache()
-
-
-def _wrap(e: BaseException) -> DdpmError:
-    return DdpmError(str(e))
 
 
 @dataclass
@@ -73,8 +50,8 @@ class Model:
 
     Made by `load()`. `cfg` is the model config (ModelConfig: image size, classes, schedule, T). `hash` identifies
     the weights (sha256, model.io.weights_hash). `path` is the checkpoint file (None for an export folder alone);
-    `export_dir` the export folder the onnx/trt engines read (None until needed; then the shipped one, the cached
-    one, or one exported on first use).
+    `export_dir` the export folder it was loaded with (the shipped one for the shipped model; None for a checkpoint,
+    whose export the onnx/trt engines find in the cache, export/cache.py). Engines are made once and kept.
     """
 
     cfg: ModelConfig
@@ -94,6 +71,18 @@ class Model:
         return self.cfg.null_label
 
     @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the model's images."""
+        return (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
+
+    @property
+    def schedule(self):
+        """The model's diffusion schedule (runtime.schedule.Schedule)."""
+        from .runtime.schedule import Schedule
+
+        return Schedule.of(self.cfg)
+
+    @property
     def torch_model(self):
         """The PyTorch UNet (CPU, fp32, eval mode), loaded on first use. Raises DdpmError without PyTorch or weights."""
         with self._lock:
@@ -103,204 +92,92 @@ class Model:
                                     "(--ckpt)")
                 from .model.io import load_model
 
-                try:
-                    self._torch_model = load_model(self.path).model
-                except (CheckpointError, TorchMissing) as e:
-                    raise _wrap(e) from None
+                self._torch_model = load_model(self.path).model
             return self._torch_model
 
     @checked
     def bundle(self, fp16: bool = False) -> Bundle:
-        """The export folder (runtime.bundle.Bundle) of these weights, exported into the cache on first use (needs
-        PyTorch). fp16: make sure it holds the fp16 model too. Raises DdpmError."""
-        cache = cache_dir() / "exports" / self.hash[:16]
-        missing = lambda root: not (root / META_FILE).is_file() or (fp16 and not (root / "model_fp16.onnx").is_file())
+        """The export folder (runtime.bundle.Bundle) the onnx/trt engines read (export.cache.export_bundle); fp16:
+        one with the fp16 model too. Raises DdpmError."""
+        from .export.cache import export_bundle
+
         with self._lock:   # one export per Model, whatever the threads
-            root = self.export_dir or cache
-            if missing(root) and self.path is not None and (self.export_dir is None or root == default_export_dir()):
-                root = cache                      # the shipped export is fp32 only: an fp16 one goes to the cache
-                if missing(root):
-                    self._export(root, fp16)
-            try:
-                b = Bundle.load(root, expected_hash=None if self.path is None else self.hash)
-            except ExportError as e:
-                raise _wrap(e) from None
-            self.export_dir = root
-            return b
-
-    def _export(self, root: Path, fp16: bool) -> None:
-        from .model.io import require_torch
-
-        try:
-            require_torch("exporting this checkpoint to ONNX (once, for the onnx engine)")
-        except TorchMissing as e:
-            raise DdpmError(f"{e}; or pass an export folder made elsewhere with `ddpm export`") from None
-        from .export.onnx_export import ExportFailed, export
-        from .files import OutputError
-        from .model.io import LoadedModel
-
-        loaded = LoadedModel(self.torch_model, self.cfg, self.hash, self.path, self.info)
-        try:
-            # fp16 too: a later --fp16 needs no second export. replace=False: another process that exported the same
-            # weights meanwhile (two first uses at once) wins, and nobody moves a folder that another one reads
-            export(loaded, root, fp16=True, log=lambda *_: None, replace=False)
-        except ExportFailed as e:
-            raise DdpmError(f"export failed: {e}") from None
-        except OutputError as e:   # the cache is not writable
-            raise DdpmError(f"{e}; the first use of a checkpoint exports it to ONNX there: set $XDG_CACHE_HOME to a "
-                            f"writable folder, pass an export folder (--export), or use --engine torch") from None
+            return export_bundle(self, fp16)
 
     @checked(plan=PLAN)
     def generator_bundle(self, plan, form: str = "loop", log=None) -> Bundle:
-        """An export folder whose generator.onnx (export/generator.py) runs `plan`: the model's own when it has one
-        for this plan, else a folder of the cache made for this plan and form,
-        cache_dir()/generators/<weights>-<plan>-<form> (model.onnx, export.json, generator.onnx), built and verified
-        on first use (needs the onnx package) and reused by every later call and process; one folder per plan, so
-        that runs of several plans, in turn or at once, never rebuild each other's. log(line): where the build says
-        what it does (None: nowhere). Raises DdpmError for a plan the generator cannot run, or an explicit export
-        folder without one."""
-        from .export.generator import GeneratorFailed, GeneratorUnsupported, check_plan
-        from .runtime.runner import plan_key
+        """An export folder with a generator (export/generator.py) for `plan`: the model's own or the shipped one,
+        else its weights' folder in the cache, built there once (needs the onnx package) beside those of other plans
+        (export.cache.generator_bundle). log(line): what a build does (None: nowhere). Raises DdpmError for a plan
+        the generator cannot run, or an explicit export folder without one for it."""
+        from .export.cache import generator_bundle
 
-        try:
-            check_plan(plan)
-        except GeneratorUnsupported as e:
-            raise DdpmError(f"onnx-generator: {e}") from None
-        key = plan_key(plan)
         with self._lock:
-            b = self.bundle()
-            if b.generator is not None and b.generator["plan_key"] == key:
-                return b
-            if b.root not in (cache_dir() / "exports" / self.hash[:16], default_export_dir()):
-                what = f"a generator for {b.generator['plan']}" if b.generator else "no generator"
-                raise DdpmError(f"{b.root} has {what}, not one for {plan.name}: run `ddpm export --out {b.root} "
-                                f"--generator` with that sampler and --steps")
-            folder = cache_dir() / "generators" / f"{self.hash[:16]}-{key[:16]}-{form}"
-            expected = None if self.path is None else self.hash
-            ready = _generator_folder(folder, key, expected)
-            if ready is not None:
-                return ready
-            require_onnx(f"building generator.onnx for {plan.name}")
-            log = log or (lambda *_: None)
-            log(f"building generator.onnx for {plan.name} in {folder} (once)")
-            try:
-                _build_generator_folder(b, folder, plan, key, form, log)
-            except GeneratorFailed as e:
-                raise DdpmError(f"generator.onnx for {plan.name}: {e}") from None
-            ready = _generator_folder(folder, key, expected)
-            if ready is None:
-                raise DdpmError(f"{folder} holds no usable generator for {plan.name} after building it; remove the "
-                                f"folder and try again")
-            return ready
+            return generator_bundle(self, plan, form, log)
 
     @checked
     def engine(self, name: str = "auto", device: str = "auto", fp16: bool = False, cuda_graph: bool = True,
                threads: int | None = None, max_batch: int = 512, dist=None, log=None, plan=None):
-        """A runtime engine (runtime.engines), made once per (name, device, fp16, cuda_graph, threads) and reused.
+        """A runtime engine (runtime.engines), made once per (name, device, fp16, cuda_graph, threads) and kept.
 
         name: auto | torch | runtime-torch | onnx | trt | onnx-generator (auto: onnx on a CPU, runtime-torch on a
-        GPU; onnx-generator needs the `plan` it will run). device: auto, cpu, cuda, cuda:N. dist: under torchrun,
-        the process group context (rank, world, barrier()): rank 0 makes a missing export while the others wait, so
-        that no rank reads a half-made folder. log(line): where one-time builds (a generator, a TensorRT engine) say
-        what they do; None: nowhere. An engine may be shared by threads: calls at once give the digits of the same
-        calls one after another. Raises DdpmError when the engine cannot run here (the message says what is
-        missing).
-        """
-        from .runtime.engines import (ENGINES, NEEDS_EXPORT, NEEDS_TORCH, TORCH_HINT, auto_engine, have_torch,
-                                      make_engine, resolve_device)
+        GPU; onnx-generator needs the `plan` it will run). device: auto, cpu, cuda, cuda:N. max_batch: the largest
+        network batch (runtime.generate.network_batch), what a TensorRT engine is made for. dist, log: see
+        export.cache.engine_bundle. Threads may share an engine (calls at once give the digits of the same calls one
+        after another). Raises DdpmError when the engine cannot run here (the message says what is missing)."""
+        from .export.cache import engine_bundle
+        from .runtime.engines import auto_engine, have_torch, make_engine, resolve_device
         from .runtime.runner import plan_key
 
         try:
             dev = resolve_device(device)
         except ValueError as e:
-            raise _wrap(e) from None
+            raise OptionError(str(e), "device") from None
         name = auto_engine(dev) if name == "auto" else name
-        if name not in ENGINES:
-            raise DdpmError(f"unknown engine {name!r}; engines: auto, {', '.join(ENGINES)}")
-        if name in NEEDS_TORCH and not have_torch():
-            raise DdpmError(f"the {name} engine needs PyTorch: {TORCH_HINT}")
+        if name == "onnx-generator" and plan is None:
+            raise OptionError("the onnx-generator engine needs the plan it will run", "plan")
         # a TensorRT engine serves a batch range: a larger batch than it was made for needs another one
-        key = (name, dev, fp16, cuda_graph, threads, max_batch if name == "trt" else None)
-        if name == "onnx-generator":
-            if plan is None:
-                raise DdpmError("the onnx-generator engine needs the plan it will run")
-            key += (plan_key(plan),)
-        prepare = (lambda: self.generator_bundle(plan, log=log)) if name == "onnx-generator" else (lambda: self.bundle(fp16))
-        if name in NEEDS_EXPORT and dist is not None and dist.world > 1:
-            if dist.rank == 0:
-                prepare()
-            dist.barrier()
-        with self._lock:
+        key = (name, dev, fp16, cuda_graph, threads, max_batch if name == "trt" else None,
+               plan_key(plan) if name == "onnx-generator" else None)
+        with self._lock:   # (under torchrun every process makes the same engines, so all meet at engine_bundle)
             if key not in self._engines:
-                bundle = prepare() if name in NEEDS_EXPORT else None
-                model = self.torch_model if name in ("torch", "runtime-torch") else None
+                torch = name in ("torch", "runtime-torch") and have_torch()
                 build_trt = None
                 if name == "trt":   # building an engine file is export's; the runtime is handed the builder
                     from .export.trt import build_bundle_engine as build_trt
-                try:
-                    self._engines[key] = make_engine(name, device=dev, model=model, null_label=self.null_label,
-                                                     bundle=bundle, fp16=fp16, cuda_graph=cuda_graph, threads=threads,
-                                                     max_batch=max_batch, plan=plan, build_trt=build_trt,
-                                                     log=log or (lambda *_: None))
-                except (EngineUnavailable, ExportError) as e:
-                    raise _wrap(e) from None
+                self._engines[key] = make_engine(
+                    name, device=dev, model=self.torch_model if torch else None, null_label=self.null_label,
+                    bundle=engine_bundle(self, name, fp16, plan, dist, log), fp16=fp16, cuda_graph=cuda_graph,
+                    threads=threads, max_batch=max_batch, log=log or (lambda *_: None), plan=plan,
+                    build_trt=build_trt)
             return self._engines[key]
 
     # ------------------------------------------------------------------------------------------------- sampling
-    @property
-    def schedule(self):
-        """The model's diffusion schedule (runtime.schedule.Schedule)."""
-        from .runtime.schedule import Schedule
-
-        return Schedule.of(self.cfg)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the model's images."""
-        return (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
-
     @checked
     def plan(self, sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0,
              variance: str = "small", spacing: str | None = None, guidance_interval=GUIDANCE_INTERVAL,
              top: int | None = None):
-        """The sampler's table (runtime.samplers.Plan) for this model's schedule: sampler ddpm | ddim | dpm++2m |
-        unipc; steps None: the sampler's default (min(T, 50) for ddim, 8 for the solvers); spacing linspace |
-        trailing | logsnr (None: the sampler's default); guidance_interval (lo, hi): guidance only where the noise
-        level sigma = sqrt((1-abar)/abar) is in (lo, hi] (Kynkaanniemi et al. 2024; default GUIDANCE_INTERVAL), None: on every step; top: start at t = top, a plan
-        truncated for editing (runtime.edits). Raises DdpmError for steps outside 1..T, DDPM with fewer than T
-        steps, eta outside [0, 1], an unknown sampler or spacing."""
+        """The sampler's table (runtime.samplers.make_plan) for this model's schedule: sampler ddpm | ddim | dpm++2m |
+        unipc; steps None: the sampler's default; spacing None: the sampler's; guidance_interval (lo, hi): guidance
+        only where the noise level sigma = sqrt((1-abar)/abar) is in (lo, hi] (Kynkaanniemi et al. 2024), None: on
+        every step; top: start at t = top (editing, runtime.edits). Raises OptionError (a DdpmError naming the
+        argument) for steps outside 1..T, DDPM with fewer than T steps, eta outside [0, 1]."""
         from .runtime.samplers import make_plan
 
         T = self.cfg.timesteps
         if steps is not None and not 1 <= steps <= T:
-            raise DdpmError(f"steps must be in 1..{T} (the model's T), got {steps}")
+            raise OptionError(f"steps must be in 1..{T} (the model's T), got {steps}", "steps")
         if top is not None and not 0 <= top <= T - 1:
-            raise DdpmError(f"top must be in 0..{T - 1} (the model's T - 1), got {top}")
-        try:
-            return make_plan(self.schedule, sampler, steps, eta, variance, spacing, guidance_interval, top)
-        except ValueError as e:
-            raise _wrap(e) from None
+            raise OptionError(f"top must be in 0..{T - 1} (the model's T - 1), got {top}", "top")
+        return make_plan(self.schedule, sampler, steps, eta, variance, spacing, guidance_interval, top)
 
     @checked
     def labels(self, n: int, label=None, uncond: bool = False, start: int = 0) -> np.ndarray:
-        """(n,) int64 labels of samples start..start+n-1: the classes 0..9 in turn (label None: sample k gets
-        k % num_classes), one class (an int), or given per sample (a sequence); -1 everywhere when uncond. Raises
-        DdpmError for labels outside 0..num_classes-1."""
-        from .runtime.generate import labels_for
+        """(n,) int64 labels of samples start..start+n-1 (pipeline.labels): the classes in turn (label None), one
+        class (an int) or one per sample (a sequence); -1 everywhere when uncond. Raises OptionError."""
+        from .pipeline import labels
 
-        if uncond:
-            if label is not None:
-                raise DdpmError("a label and uncond exclude each other")
-            return labels_for(n, None, True)
-        if label is None or np.ndim(label) == 0:
-            if label is not None and not (isinstance(label, (int, np.integer)) and 0 <= label < self.cfg.num_classes):
-                raise DdpmError(f"label must be an integer in 0..{self.cfg.num_classes - 1}, got {label!r}")
-            return labels_for(n, None if label is None else int(label), False, self.cfg.num_classes, start)
-        arr = np.asarray(label)
-        if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer) or \
-                (arr.size and (arr.min() < 0 or arr.max() >= self.cfg.num_classes)):
-            raise DdpmError(f"label must be a class in 0..{self.cfg.num_classes - 1}, or {n} of them (one per result)")
-        return arr.astype(np.int64)
+        return labels(self.cfg.num_classes, n, label, uncond, start)
 
     @checked
     def generate(self, n: int = 64, label=None, uncond: bool = False, guidance: float = GUIDANCE,
@@ -312,32 +189,22 @@ class Model:
 
         label: None (classes 0..9 in turn), an int, or n ints. uncond: the unconditional model (no label).
         guidance: classifier-free guidance w >= 0, eps = eps_c + w (eps_c - eps_u) (Ho & Salimans 2022, eq. 6).
-        sampler/steps/eta/variance/spacing/guidance_interval: see `plan` (plan: a ready Plan instead). seed: 0..2^64-1; sample k of a
-        seed is the same digit whatever n, batch, engine or process (runtime.noise); start: the index of the first.
-        engine: a name (see `engine`) or an engine `engine` returned. Raises DdpmError for bad arguments (every
-        argument is checked against ddpm.arguments.ARGS) or an engine that cannot run here.
+        sampler/steps/eta/variance/spacing/guidance_interval: see `plan` (plan: a ready Plan instead). seed:
+        0..2^64-1; sample k of a seed is the same digit whatever n, batch, engine or process (runtime.noise); start:
+        the index of the first. engine: a name (see `engine`) or an engine `engine` returned. Raises DdpmError for
+        bad arguments (every argument is checked against ddpm.arguments.ARGS) or an engine that cannot run here.
         """
-        from .runtime.generate import generate
+        from . import pipeline
 
-        labels = self.labels(n, label, uncond)
-        plan = plan or self.plan(sampler, steps, eta, variance, spacing, guidance_interval)
-        eng = self.engine(engine, device, fp16, max_batch=2 * batch if guidance and not uncond else batch,
-                          plan=plan) if isinstance(engine, str) else engine
-        try:
-            return generate(eng, n, plan, labels, guidance, seed, batch, start=start, progress=progress,
-                            image_shape=(self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size))
-        except (ValueError, EngineUnavailable) as e:   # runners are built (and bound) on first use
-            raise _wrap(e) from None
-
+        opts = Sampling.of(locals())
+        job = pipeline.Job.of(self, n, plan or self.plan(**opts.plan_args()), label, uncond, opts, start)
+        return pipeline.generate(self, opts, job, progress)
 
     # -------------------------------------------------------------------------------------------------- editing
-    # Every edit is a plan plus, for some, a per-row projection onto the known image (runtime.edits), run by
-    # runtime.generate like `generate`: the same seeded stream per sample (its projection noise after the plan's
-    # own), any engine, any batch. A picture is a (H, W) uint8 array (white digit on black) or a picture file
-    # (runtime.images.read_image), resized to what the edit needs: n results of it (default 8); or a stack (N, H, W)
-    # of pictures: one result each, result k from picture k. label None: the unconditional model; labels may also
-    # be given per result (n ints). The sampler arguments are `plan`'s; the default sampler is EDIT_SAMPLER (DDIM,
-    # as measured), not generate's.
+    # An edit is a plan and an EditJob (runtime.edits' job builders) run by the pipeline like `generate` (same seeded
+    # stream per sample, any engine that runs row by row, any batch). A picture is a (H, W) uint8 array or a picture
+    # file (runtime.images), resized as the edit needs: n results of it (default 8); or a stack (N, H, W): result k
+    # from picture k. label None: the unconditional model. The default sampler is EDIT_SAMPLER (DDIM, as measured).
 
     @checked(n=OPTIONAL_COUNT)
     def inpaint(self, image, mask="bottom", n: int | None = None, label=None, guidance: float = GUIDANCE,
@@ -345,53 +212,37 @@ class Model:
                 spacing: str | None = None, guidance_interval=None, jump: int = 1, resample: int = 3, seed: int = 0,
                 batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False, start: int = 0,
                 progress: bool = False) -> np.ndarray:
-        """RePaint (Lugmayr et al. 2022): n completions (n, H, W) uint8 of `image` where `mask` says what to redraw.
+        """RePaint (Lugmayr et al. 2022; runtime.edits.inpaint_job): n completions (n, H, W) uint8 of `image` where
+        `mask` says what to redraw: the half to redraw ("top", "bottom", "left", "right"), or a picture (file or
+        (H, W) array of the image's size; for a stack one per picture, (N, H, W)) whose white pixels (>= 128, or
+        True) are kept exactly. jump, resample: RePaint's jump length j (in rows of the sampler) and count r (1: no
+        resampling; j=1 r=3, the default, makes 148 network calls, about 3x a DDIM-50 generation; the paper's
+        steps=250, jump=10, resample=10 makes 2410, about 48x). Raises DdpmError for bad arguments."""
+        from . import pipeline
+        from .runtime.edits import inpaint_job
 
-        mask: the half to redraw ("top", "bottom", "left", "right"), or a picture (file or (H, W) array of the
-        image's size; for a stack also one per picture, (N, H, W)) whose white pixels (>= 128, or True) are kept.
-        After every reverse row the kept pixels are replaced by the input noised to the row's level; after the last
-        one they are the input's exactly. The reverse rows are
-        the sampler's (default DDIM-50 with eta 1: stochastic, DDPM-like, as RePaint needs to harmonise; eta 0 gives
-        deterministic rows). jump, resample: RePaint's jump length j (in rows of the sampler) and count r (r = 1: no
-        resampling; j=1 r=3, the default, makes 148 network calls, about 3x a DDIM-50 generation; the paper's j=10
-        r=10 on a 250-step schedule, steps=250, eta=1, jump=10, resample=10, makes 2410, about 48x). Raises
-        DdpmError for bad arguments.
-        """
-        from .runtime.edits import EditJob, noised_projection, repaint_plan, to_model
-
-        imgs, keep, n = self.inpaint_input(image, mask, n)
-        plan = self.plan(sampler, steps, eta, variance, spacing, guidance_interval)
-        try:
-            plan = repaint_plan(plan, jump, resample)
-        except ValueError as e:
-            raise _wrap(e) from None
-        job = EditJob(noised_projection(plan, "mask"), y=to_model(imgs)[:, None],
-                      mask=keep.astype(np.float32)[:, None])
-        return self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
+        opts = Sampling.of(locals())
+        images, keep, n = self.inpaint_input(image, mask, n)
+        job = inpaint_job(pipeline.plans(self, opts), images, keep, jump, resample)
+        return pipeline.edit(self, opts, n, label, start, progress, job)
 
     @checked(n=OPTIONAL_COUNT)
     def edit(self, image, label=None, strength: float = 0.6, n: int | None = None, guidance: float = EDIT_GUIDANCE,
              sampler: str = EDIT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
              spacing: str | None = None, guidance_interval=None, seed: int = 0, batch: int = 64, engine="auto",
              device: str = "auto", fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
-        """SDEdit (Meng et al. 2022): n redrawings (n, H, W) uint8 of `image`, conditioned on `label`.
+        """SDEdit (Meng et al. 2022; runtime.edits.sdedit_job): n redrawings (n, H, W) uint8 of `image`, noised to
+        t0 = round(strength (T-1)) and denoised conditioned on `label`. strength in [0, 1]: 0 returns the input
+        unchanged, 1 ignores it (the same digits as `generate` with this seed and label). guidance: EDIT_GUIDANCE by
+        default, stronger than generate's (the input pulls towards its own class). Raises DdpmError."""
+        from . import pipeline
+        from .runtime.edits import sdedit_job
+        from .runtime.images import fitted
 
-        The input is noised to t0 = round(strength (T-1)), x_t0 = sqrt(abar_t0) x + sqrt(1 - abar_t0) x_T, and the
-        sampler's rows from t0 down denoise it (runtime.edits.sdedit_start; DDIM's grid points below t0, so about
-        strength x steps rows). strength in [0, 1]: 0 returns the input unchanged, 1 ignores it (the same digits as
-        `generate` with this seed and label). guidance: EDIT_GUIDANCE by default, stronger than generate's (the
-        input pulls towards its own class). Raises DdpmError for bad arguments.
-        """
-        from .runtime.edits import EditJob, sdedit_start, to_model
-
-        imgs, n = self._inputs(image, None, n)
-        if strength == 0:
-            self.labels(n, label, label is None)   # the arguments are checked all the same
-            return np.array(np.broadcast_to(imgs, (n, *imgs.shape[1:])))
-        t0, a0, s0 = sdedit_start(self.schedule, float(strength))
-        plan = self.plan(sampler, steps, eta, variance, spacing, guidance_interval, top=t0)
-        job = EditJob(x_input=to_model(imgs)[:, None], a0=a0, s0=s0)
-        return self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
+        opts = Sampling.of(locals())
+        images, n = fitted(image, n, self.image_shape[1:])
+        job = sdedit_job(pipeline.plans(self, opts), self.schedule, images, strength)
+        return pipeline.edit(self, opts, n, label, start, progress, job)
 
     @checked(n=OPTIONAL_COUNT)
     def upscale(self, image, factor: int = 2, n: int | None = None, label=None, method: str = "ilvr",
@@ -399,178 +250,54 @@ class Model:
                 eta: float = 1.0, variance: str = "small", spacing: str | None = None, guidance_interval=None,
                 seed: int = 0, batch: int = 64, engine="auto",
                 device: str = "auto", fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
-        """Super-resolution: n full-size digits (n, H, W) uint8 whose f x f block means are the small `image`.
+        """Super-resolution (runtime.edits.upscale_job): n full-size digits (n, H, W) uint8 whose f x f block means
+        are the small `image` (H/f, W/f) (a picture of another size is resized to it, box-averaged when shrinking)
+        within 0.5 grey level. method "ilvr": ILVR (Choi et al. 2021), low-pass guidance of x at every row; "ddnm":
+        DDNM (Wang et al. 2023), range-null-space projection of x0_hat. factor: 2 or 4. Raises DdpmError."""
+        from . import pipeline
+        from .runtime.edits import upscale_job
+        from .runtime.images import fitted
 
-        image: (H/f, W/f) (a picture of another size is resized to it, box-averaged when shrinking). method
-        "ilvr": ILVR (Choi et al. 2021) low-pass guidance of x at every row, x <- x + up(down(y_t) - down(x)) with
-        y_t the input noised to the row's level; "ddnm": DDNM (Wang et al. 2023) range-null-space projection of
-        x0_hat, x0_hat <- x0_hat + up(y - down(x0_hat)). Either way the last row makes down(x) = y in the model's
-        range; the results are then the nearest pictures whose block means are the input within [0, 255]
-        (runtime.edits.fit_blocks: clipping to the pixel range would move bright and dark blocks), rounded: every
-        block mean is within 0.5 grey level of the input's pixel. factor: 2 or 4. Raises DdpmError for bad
-        arguments.
-        """
-        from .runtime.edits import EditJob, fit_blocks, noised_projection, to_model, upsample, x0_projection
-
+        opts = Sampling.of(locals())
         H, W = self.image_shape[1:]
-        small, n = self._inputs(image, (H // factor, W // factor), n)
-        plan = self.plan(sampler, steps, eta, variance, spacing, guidance_interval)
-        proj = noised_projection(plan, "lowpass", factor) if method == "ilvr" else x0_projection(plan, factor)
-        job = EditJob(proj, y=upsample(to_model(small), factor)[:, None])
-        out = self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
-        return np.rint(fit_blocks(out, np.broadcast_to(small, (n, *small.shape[1:])), factor)).astype(np.uint8)
+        small, n = fitted(image, n, (H // factor, W // factor))
+        job = upscale_job(pipeline.plans(self, opts), small, factor, method)
+        return pipeline.edit(self, opts, n, label, start, progress, job)
 
     @checked(n=OPTIONAL_COUNT)
     def restore(self, image, sigma: float, n: int | None = None, label=None, guidance: float = GUIDANCE,
                 sampler: str = EDIT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
                 spacing: str | None = None, guidance_interval=None, seed: int = 0, batch: int = 64, engine="auto",
                 device: str = "auto", fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
-        """Denoising: n restorations (n, H, W) uint8 of `image` = x + sigma n, n ~ N(0, I), sigma in the model's
-        [-1, 1] units (a std of s grey levels is sigma = s / 127.5).
+        """Denoising (runtime.edits.restore_job): n restorations (n, H, W) uint8 of `image` = x + sigma n,
+        n ~ N(0, I), sigma in the model's [-1, 1] units (s grey levels: sigma = s / 127.5), from the first t whose
+        noise-to-signal ratio reaches sigma (runtime.edits.noise_start). A picture file's noise was clipped to
+        [0, 255] and rounded, which this ignores. Raises DdpmError for bad arguments."""
+        from . import pipeline
+        from .runtime.edits import restore_job
+        from .runtime.images import fitted
 
-        The reverse process starts at the first t whose noise-to-signal ratio sqrt((1 - abar_t)/abar_t) reaches
-        sigma, from x_t = sqrt(abar_t) y (+ x_T for the small variance still missing), which has exactly the law of
-        q(x_t | x) (runtime.edits.noise_start), and the sampler's rows from there denoise it. A picture file's
-        noise was clipped to [0, 255] and rounded, which this ignores. Raises DdpmError for bad arguments.
-        """
-        from .runtime.edits import EditJob, noise_start, to_model
-
-        imgs, n = self._inputs(image, None, n)
-        try:
-            t, a0, s0 = noise_start(self.schedule, float(sigma))
-        except ValueError as e:
-            raise _wrap(e) from None
-        plan = self.plan(sampler, steps, eta, variance, spacing, guidance_interval, top=t)
-        job = EditJob(x_input=to_model(imgs)[:, None], a0=a0, s0=s0)
-        return self._run_edit(n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job)
-
-    def _run_edit(self, n, plan, label, guidance, seed, batch, engine, device, fp16, start, progress, job):
-        from .runtime.generate import generate
-
-        labels = self.labels(n, label, label is None)
-        eng = self.engine(engine, device, fp16, max_batch=2 * batch) if isinstance(engine, str) else engine
-        try:
-            return generate(eng, n, plan, labels, guidance, seed, batch, start=start, progress=progress,
-                            image_shape=self.image_shape, job=job)
-        except (ValueError, EngineUnavailable) as e:   # runners are built (and bound) on first use
-            raise _wrap(e) from None
+        opts = Sampling.of(locals())
+        images, n = fitted(image, n, self.image_shape[1:])
+        job = restore_job(pipeline.plans(self, opts), self.schedule, images, sigma)
+        return pipeline.edit(self, opts, n, label, start, progress, job)
 
     @checked
     def picture(self, image, size: tuple[int, int] | None = None) -> np.ndarray:
         """A picture file or a (H, W) uint8 array, resized to size (default: the model's): (H', W') uint8.
-        Raises DdpmError (runtime.images.read_image's message for files)."""
-        return _fit(_read(image, "image"), size or self.image_shape[1:])
+        Raises DdpmError (runtime.images.picture)."""
+        from .runtime.images import fit, picture
 
-    def _inputs(self, image, size, n) -> tuple[np.ndarray, int]:
-        """(pictures (m, H', W') uint8 at size (default: the model's), n): one picture (m = 1) with n results
-        (default 8), or a stack (N, H, W) with one result per picture (n None or N). Raises DdpmError."""
-        raw, n = self._raw(image, n)
-        return np.stack([_fit(p, size or self.image_shape[1:]) for p in raw]), n
-
-    @staticmethod
-    def _raw(image, n) -> tuple[list[np.ndarray], int]:
-        if isinstance(image, (str, os.PathLike)) or np.ndim(image) != 3:
-            return [_read(image, "image")], 8 if n is None else n
-        stack = np.asarray(image)
-        if n not in (None, len(stack)):
-            raise DdpmError(f"a stack of {len(stack)} pictures gives one result each: n must be {len(stack)}, got {n}")
-        return [_read(p, "image") for p in stack], len(stack)
+        return fit(picture(image), tuple(size or self.image_shape[1:]))
 
     @checked(n=OPTIONAL_COUNT)
     def inpaint_input(self, image, mask, n: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
         """(pictures (m, H, W) uint8, known (m or 1, H, W) bool, n) at the model's size, from inpaint's picture(s)
-        and mask: a half's name, or picture(s) of the image's size (before resizing) whose white pixels are kept."""
-        from .runtime.edits import HALVES, half_mask
+        and mask: a half's name, or picture(s) of the image's size (before resizing) whose white pixels are kept
+        (runtime.images.inpaint_inputs)."""
+        from .runtime.images import inpaint_inputs
 
-        size = self.image_shape[1:]
-        raw, n = self._raw(image, n)                     # at the file's size: a mask picture must match it
-        fitted = np.stack([_fit(p, size) for p in raw])
-        if isinstance(mask, str) and mask in HALVES:
-            if size[0] != size[1]:
-                raise DdpmError("half masks need a square image")
-            return fitted, half_mask(mask, size[0])[None], n
-        if isinstance(mask, str) and not Path(mask).suffix:
-            raise DdpmError(f"mask must be one of {', '.join(HALVES)} or a picture file, got {mask!r}")
-        masks = [_read(mask, "mask", allow_bool=True)] if isinstance(mask, (str, os.PathLike)) or np.ndim(mask) != 3 \
-            else [_read(m, "mask", allow_bool=True) for m in mask]
-        if len(masks) not in (1, len(raw)):
-            raise DdpmError(f"{len(masks)} masks for {len(raw)} pictures")
-        for m in masks:
-            if m.shape != raw[0].shape:
-                raise DdpmError(f"the mask is {m.shape[1]}x{m.shape[0]} pixels and the image {raw[0].shape[1]}x"
-                                f"{raw[0].shape[0]}: they must have the same size")
-        return fitted, np.stack([_fit(m, size) >= 128 for m in masks]), n
-
-
-def _read(image, what: str, allow_bool: bool = False) -> np.ndarray:
-    """A picture file (path) or an array -> (H, W) uint8 (a bool mask array: True = 255). Raises DdpmError."""
-    from .runtime.images import ImageError, read_image
-
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            return read_image(image)
-        except ImageError as e:
-            raise _wrap(e) from None
-    a = np.asarray(image)
-    if allow_bool and a.dtype == bool:
-        a = a.astype(np.uint8) * 255
-    if a.ndim != 2 or a.dtype != np.uint8 or min(a.shape) < 1:
-        raise DdpmError(f"{what} must be a picture file or a (H, W) uint8 array, got {a.dtype} {a.shape}")
-    return a
-
-
-def _fit(image: np.ndarray, size) -> np.ndarray:
-    from .runtime.images import fit
-
-    return fit(image, tuple(size))
-
-
-def _generator_folder(folder: Path, key: str, expected_hash: str | None) -> Bundle | None:
-    """The generator folder of a plan (Model.generator_bundle) when it is complete and whole: its export.json, its
-    model.onnx and its generator.onnx for this plan_key, checked against their sha256. None otherwise."""
-    if not (folder / META_FILE).is_file():
-        return None
-    try:
-        b = Bundle.load(folder, expected_hash=expected_hash)
-        b.onnx_path("fp32")
-        b.generator_path(key)
-    except ExportError:
-        return None   # damaged or of another version: built again
-    return b
-
-
-def _build_generator_folder(source: Bundle, folder: Path, plan, key: str, form: str, log) -> None:
-    """Make `folder` a generator folder for `plan` (key: its plan_key): the fp32 model.onnx of `source` (hard-linked where possible),
-    its export.json without fp16 or generator records, then export.generator.add_generator. Built in a temporary
-    folder and published by one rename (files.publish_dir): a kill leaves no half folder, and of two processes
-    building the same one the first to finish wins. Raises DdpmError (folder), GeneratorFailed (verification)."""
-    import json
-    import shutil
-
-    from .export.generator import add_generator
-    from .files import OutputError, publish_dir, temp_dir
-
-    src = source.onnx_path("fp32")
-    record = dict(source.meta["files"]["fp32"])
-    meta = {k: v for k, v in source.meta.items() if k != "generator"}
-    meta["files"] = {"fp32": record}
-    try:
-        tmp = temp_dir(folder)
-        try:
-            try:
-                os.link(src, tmp / record["name"])
-            except OSError:   # another file system, or links not allowed there
-                shutil.copyfile(src, tmp / record["name"])
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-            add_generator(tmp, plan, GUIDANCE, form, log=log)
-            publish_dir(tmp, folder, keep=lambda p: _generator_folder(p, key, None) is not None)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    except (OSError, OutputError, ExportError) as e:
-        raise DdpmError(f"cannot build {folder}: {e}; set $XDG_CACHE_HOME to a writable folder, or make the "
-                        f"generator with `ddpm export --generator` and pass that folder (--export)") from None
-
+        return inpaint_inputs(image, mask, n, self.image_shape[1:])
 
 
 @checked
@@ -590,7 +317,7 @@ def load(path: str | os.PathLike | None = None, export: str | os.PathLike | None
             return Model(cfg, b.meta["checkpoint_hash"], None, Path(export), {"step": b.meta.get("step")})
         default = path is None
         cfg, h, info, file = read_model_info(default_model_path() if default else path)
-        shipped = default_export_dir()
+        shipped = shipped_dir()
         export_dir = Path(export) if export is not None else (shipped if default and (shipped / META_FILE).is_file()
                                                              else None)
         model = Model(cfg, h, file, export_dir, info)
@@ -624,24 +351,21 @@ def evaluate(images, labels, data: str | os.PathLike | None = None, name: str = 
     """
     from .model.io import require_torch
 
-    try:
-        require_torch("ddpm.evaluate")
-    except TorchMissing as e:
-        raise DdpmError(str(e)) from None
+    require_torch("ddpm.evaluate")
     from .bench import quality
-    from .train.data import DataError, ensure_mnist, resolve_data_dir
+    from .train.data import ensure_mnist, resolve_data_dir
 
     images, labels = np.asarray(images), np.asarray(labels)
     if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer) or \
             (len(labels) and (labels.min() < -1 or labels.max() > 9)):
         raise DdpmError(f"labels must be {len(images)} integers in -1..9 (one per image), got {labels.dtype} "
                         f"{labels.shape}")
+    folder = ensure_mnist(resolve_data_dir(data), download=download, progress=lambda *_: None)
+    key = (str(folder), str(quality.CLASSIFIER_FILE))
+    with _REFERENCES_LOCK:
+        if key not in _REFERENCES:
+            _REFERENCES[key] = quality.Reference.load(folder)
     try:
-        folder = ensure_mnist(resolve_data_dir(data), download=download, progress=lambda *_: None)
-        key = (str(folder), str(quality.CLASSIFIER_FILE))
-        with _REFERENCES_LOCK:
-            if key not in _REFERENCES:
-                _REFERENCES[key] = quality.Reference.load(folder)
         return _REFERENCES[key].evaluate(images, labels.astype(np.int64), name)
-    except (DataError, ValueError) as e:
-        raise DdpmError(str(e)) from None
+    except ValueError as e:   # the images (quality.Reference.evaluate checks them)
+        raise OptionError(str(e), "images") from None

@@ -10,8 +10,11 @@ which keeps the signal's kind: supervisors (systemd, Kubernetes, `timeout`) read
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import numbers
+import signal
+import threading
 
 try:   # imported now: once a limit is reached (too many open files, no memory) an import may fail itself
     import resource
@@ -65,6 +68,14 @@ def clip(text: str, limit: int = 200) -> str:
     its whitespace collapsed, cut with "..." when longer."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
+class OptionError(DdpmError, ValueError):
+    """A value that does not fit, raised where that is found, naming the argument it concerns: `option` is the
+    argument's name in the Python API ("steps", "guidance_interval", "image"); the CLI reports it against its option
+    (--steps, --guidance-interval, --image). Also a ValueError, for callers that catch those."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
 
 
 class Interrupted(KeyboardInterrupt):
@@ -161,3 +172,36 @@ def interrupted(e: KeyboardInterrupt, detail: str) -> Interrupted:
     if isinstance(e, Terminated):
         return Terminated(f"terminated; {detail}")
     return Interrupted(f"interrupted; {detail}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While the block runs, SIGTERM raises Terminated in the main thread instead of killing the process on the spot
+    (which leaves the temporary of a write in progress behind). Outside the main thread: unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise Terminated("terminated")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def file_size_limit_as_error():
+    """While the block runs, SIGXFSZ (sent when a write passes the file-size limit, ulimit -f) is ignored, so that
+    the write fails with EFBIG and is reported (and its temporary removed) instead of the process being killed with
+    a core dump. Outside the main thread, or where there is no such signal: unchanged."""
+    if not hasattr(signal, "SIGXFSZ") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGXFSZ, previous)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import OptionError
 from ..model.io import atomic_write, require_onnx
 from ..runtime.bundle import META_FILE, Bundle, file_sha256
 from ..runtime.images import to_uint8
@@ -48,8 +49,12 @@ TOLERANCE_GREY = 1   # verify(): max |generator - runtime| in grey levels of the
 NET = "eps_theta/"   # the noise predictor's names inside the generator
 
 
-class GeneratorUnsupported(ValueError):
-    """A plan that the generator cannot express (stochastic, or with rows that do not call the network)."""
+class GeneratorUnsupported(OptionError):
+    """A plan that the generator cannot express (stochastic, or with rows that do not call the network): a fault of
+    the sampler chosen."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "sampler")
 
 
 class GeneratorFailed(Exception):
@@ -280,9 +285,18 @@ def verify(gen_path: Path, bundle: Bundle, plan: Plan, guidance: float, seed: in
     return res
 
 
+def generator_file(plan: Plan, form: str = DEFAULT_FORM) -> str:
+    """The file name of a plan's generator in an export folder: generator-<plan name>-<plan_key[:8]>-<form>.onnx
+    (the plan name with characters other than letters, digits, '.', '_' and '-' as '_')."""
+    import re
+
+    return f"generator-{re.sub(r'[^A-Za-z0-9_.-]', '_', plan.name)}-{plan_key(plan)[:8]}-{form}.onnx"
+
+
 def add_generator(root, plan: Plan, guidance: float, form: str = DEFAULT_FORM, log=print) -> dict:
-    """Build generator.onnx for `plan` in the export folder `root`, verify it against the runtime, and record it
-    in export.json under "generator" (file, sha256, plan, form, the verification's figures).
+    """Build the generator of `plan` in the export folder `root` (generator_file), verify it against the runtime,
+    and record it in export.json's "generators" (file, sha256, plan, form, the verification's figures), beside the
+    generators of other plans; one of the same plan and form is replaced.
 
     Nothing changes in the folder unless verification passes: the model is written to a temporary file, verified,
     then renamed into place, and export.json is replaced atomically. Raises GeneratorUnsupported (plan),
@@ -295,22 +309,24 @@ def add_generator(root, plan: Plan, guidance: float, form: str = DEFAULT_FORM, l
     net = onnx.load(str(bundle.onnx_path("fp32")))
     model = build(net, plan, bundle.null_label, bundle.image_shape, form,
                   meta={"checkpoint_hash": bundle.meta["checkpoint_hash"]})
-    info = {}
+    name, info = generator_file(plan, form), {}
 
     def write(tmp: str) -> None:   # saved and verified as a temporary (files.atomic_write), renamed in if it passes
         tmp = Path(tmp)
         onnx.save(model, str(tmp))
         parity = verify(tmp, bundle, plan, guidance)
-        log(f"{GENERATOR_FILE} ({plan.name}, {form}): at most {parity['max_abs_grey']} grey level(s) from the "
+        log(f"{name} ({plan.name}, {form}): at most {parity['max_abs_grey']} grey level(s) from the "
             f"runtime (tolerance {TOLERANCE_GREY})")
-        info.update({"name": GENERATOR_FILE, "sha256": file_sha256(tmp), "bytes": tmp.stat().st_size,
+        info.update({"name": name, "sha256": file_sha256(tmp), "bytes": tmp.stat().st_size,
                      "plan": plan.name, "plan_key": plan_key(plan), "steps": plan.steps, "form": form,
                      "opset": int(net.opset_import[0].version),
                      "inputs": {"x_T": "float32 (B,C,H,W)", "labels": "int64 (B,); the null label for unconditional",
                                 "guidance": "float32 scalar w >= 0"},
                      "outputs": {"images": "uint8 (B,H,W)"}, "parity": parity})
 
-    atomic_write(root / GENERATOR_FILE, write)
-    meta = dict(bundle.meta, generator=info)
+    atomic_write(root / name, write)
+    meta = Bundle.load(root).meta     # as it is now: the records of generators added meanwhile are kept
+    others = [g for g in meta.get("generators", []) if (g["plan_key"], g["form"]) != (info["plan_key"], form)]
+    meta = dict(meta, generators=[*others, info])
     atomic_write(root / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
     return info

@@ -146,19 +146,36 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
            replace: bool = True) -> ExportResult:
     """checkpoint -> ONNX fp32 (+ fp16) -> verified -> metadata -> renamed into `out` (files.publish_dir).
 
-    replace=False: if `out` holds a valid export of the same weights with these precisions (another process exported
-    them first), keep it and drop this one. Raises ExportFailed (verification), files.OutputError (`out` not writable,
-    or a folder that is not an export, which it would replace), TorchMissing (no onnx package)."""
+    An `out` that holds an export of the same weights only gains: the precisions it has at this opset are kept as
+    they are (verified when they were made), the missing ones exported, and its other artifacts (generators,
+    TensorRT engines, which check the ONNX file they were built from) carried over; at another opset every
+    precision it had is exported again. replace=False: if `out` already holds these precisions (another process
+    exported them first), it is left as it is. Raises ExportFailed (verification), files.OutputError (`out` not
+    writable, or a folder that is not an export, which it would replace), TorchMissing (no onnx package)."""
     onnx = require_onnx("exporting to ONNX")
     out = Path(out)
     if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
         raise OutputError(f"{out} is a folder but not an export folder (no {META_FILE}), and an export replaces what "
                           f"is there: give another --out, or remove it")
+    old = _holds(out, loaded.hash, [])
+    wanted = ["fp32"] + (["fp16"] if fp16 else [])
+    kept = {}
+    if old is not None:
+        if old.get("opset") == opset:
+            kept = dict(old["files"])
+        wanted = [p for p in FILES if p in wanted or p in old["files"]]
+        if all(p in kept for p in wanted) or not replace and all(p in old["files"] for p in wanted):
+            for precision in wanted:
+                log(f"{FILES[precision]}: kept (made and verified before)")
+            return ExportResult(out, old)
     tmp = temp_dir(out)
     try:
         files = {}
         reference = copy_to(loaded.model, "cpu", torch.float32)   # whatever device or dtype the caller's model has
-        for precision in ["fp32"] + (["fp16"] if fp16 else []):
+        for precision in wanted:
+            if precision in kept:
+                log(f"{FILES[precision]}: kept (made and verified before)")
+                continue
             path = tmp / FILES[precision]
             to_onnx(copy_to(loaded.model, "cpu", torch.float32), path, precision, opset)
             with readable_name(path) as name:
@@ -166,11 +183,15 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
             parity = verify(path, reference, precision, loaded.cfg.timesteps)
             log(f"{FILES[precision]}: {parity['measure']} {parity['error']:.3g} (tolerance {parity['tolerance']:g})")
             files[precision] = {"name": FILES[precision], "parity": parity}
-        meta = metadata(loaded, files, opset)
+        meta = metadata(loaded, {p: files.get(p) or kept[p] for p in wanted}, opset)
         for precision, f in files.items():
             _embed_metadata(tmp / f["name"], meta)
             f["sha256"] = file_sha256(tmp / f["name"])
             f["bytes"] = (tmp / f["name"]).stat().st_size
+        if old is not None:   # what the folder holds besides what was made now: kept (hard links where possible)
+            _carry_over(out, tmp)
+            if old.get("generators"):
+                meta["generators"] = old["generators"]
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         if not publish_dir(tmp, out, keep=None if replace else lambda p: _holds(p, loaded.hash, list(files))):
             return ExportResult(out, _holds(out, loaded.hash, list(files)))
@@ -182,3 +203,14 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
             raise no_space(out) from None
         raise
 
+
+def _carry_over(old: Path, tmp: Path) -> None:
+    """Link (or copy) into tmp every plain file of the export folder `old` that tmp does not have yet."""
+    import os
+
+    for f in old.iterdir():
+        if f.is_file() and not f.is_symlink() and not f.name.startswith(".") and not (tmp / f.name).exists():
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:   # another file system, or links not allowed there
+                shutil.copyfile(f, tmp / f.name)

@@ -196,17 +196,18 @@ def _extract(tarball: Path, dest: Path) -> None:
 
 
 def write_page(bundle: Bundle, out: str | Path, guidance: float, gen_options: str = "",
-               ort_tarball: str | Path | None = None, log=print) -> Path:
+               ort_tarball: str | Path | None = None, log=print, plan_key: str | None = None) -> Path:
     """Write the page for the export folder's generator into `out` (module docstring).
 
     guidance: the page's default w; gen_options: the `ddpm gen` options of the generator's plan (shown with the
     equivalent command). The folder is built beside `out` and renamed into place; an existing `out` is replaced only
-    when it is empty or a page this function wrote (it has model.json). Raises WebExportError, ExportError.
+    when it is empty or a page this function wrote (it has model.json). plan_key: the generator's plan
+    (runtime.runner.plan_key; None: the folder's first generator). Raises WebExportError, ExportError.
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
         raise WebExportError(f"{out} exists and is not a page written by `ddpm export --web`; choose another folder")
-    gen_path = bundle.generator_path()
+    gen_path = bundle.generator_path(plan_key)
     tarball = ort_web_tarball(ort_tarball, log)
     tmp = temp_dir(out)   # tagged: a killed write's folder is removed by the next one (files.clean_stale)
     try:
@@ -214,7 +215,7 @@ def write_page(bundle: Bundle, out: str | Path, guidance: float, gen_options: st
             shutil.copyfile(PAGE_SRC / name, tmp / name)
         shutil.copyfile(gen_path, tmp / "generator.onnx")
         _extract(tarball, tmp / "ort")
-        gen, meta = bundle.generator, bundle.meta
+        gen, meta = bundle.generator(plan_key), bundle.meta
         model = {"plan": gen["plan"], "steps": gen["steps"], "form": gen["form"], "guidance": guidance,
                  "gen_options": gen_options, "image_shape": meta["image_shape"], "num_classes": meta["num_classes"],
                  "null_label": meta["null_label"], "checkpoint_hash": meta["checkpoint_hash"],

@@ -4,8 +4,8 @@
                        image shape, classes and the reserved label, schedule name, T, betas, alphas_cumprod, files
     model.onnx         fp32 eps_theta(x, t, y)
     model_fp16.onnx    fp16 weights/activations (timestep embedding and GroupNorm statistics in fp32), if exported
-    generator.onnx     the whole reverse loop of one deterministic plan in one model (export/generator.py), if
-                       exported; export.json's "generator" names its plan and records its verification
+    generator-*.onnx   the whole reverse loop of one deterministic plan in one model (export/generator.py), one per
+                       plan, side by side; export.json's "generators" records each: its plan and its verification
     *.plan, *.plan.json  TensorRT engines and what they were built for (TensorRT version, GPU, batch range)
 """
 
@@ -40,7 +40,8 @@ PARITY = Obj({"measure": _NAME, "error": Num(min=0), "tolerance": Num(min=0, min
 GENERATOR_PARITY = Obj({"tolerance_grey": Int(min=0, max=255), "max_abs_grey": Int(min=0, max=255),
                         "checks": List(Obj({"what": _NAME, "max_abs_grey": Int(min=0, max=255)}), min_len=1)},
                        {"reference": Str()}, what="a parity record (an object)")
-# export.json's "generator" (export/generator.py add_generator): what the runtime, the CLI and the web page read
+# an entry of export.json's "generators" (export/generator.py add_generator): what the runtime, the CLI and the web
+# page read
 GENERATOR = Obj({"name": _ONNX_NAME, "sha256": _SHA256, "bytes": Int(min=1, max=MAX_ONNX_BYTES),
                  "plan": _NAME, "plan_key": _PLAN_KEY, "steps": Int(min=1, max=MAX_T),
                  "form": Str(choices=("loop", "unrolled"))},
@@ -61,7 +62,7 @@ META = Schema("ddpm export metadata (export.json)", {
     "files": Map(Obj({"name": _ONNX_NAME, "sha256": _SHA256, "bytes": Int(min=1, max=MAX_ONNX_BYTES)},
                      {"parity": PARITY}),
                  keys=Str(choices=PRECISIONS), min_len=1, what="an object of precision -> ONNX file"),
-}, optional={"generator": GENERATOR, "step": Opt(Int(min=0)), "checkpoint": _NAME, "opset": Int(min=1)},
+}, optional={"generators": List(GENERATOR), "step": Opt(Int(min=0)), "checkpoint": _NAME, "opset": Int(min=1)},
     hint="the folder is damaged or from another version; re-run `ddpm export`")
 
 
@@ -243,9 +244,8 @@ class Bundle:
         # a record of a check that failed: `ddpm export` never writes one
         verified = [(f"files.{p}.parity", f["parity"]["error"], f["parity"]["tolerance"])
                     for p, f in meta["files"].items() if "parity" in f]
-        if "parity" in meta.get("generator", {}):
-            g = meta["generator"]["parity"]
-            verified.append(("generator.parity", g["max_abs_grey"], g["tolerance_grey"]))
+        verified += [(f"generators[{i}].parity", g["parity"]["max_abs_grey"], g["parity"]["tolerance_grey"])
+                     for i, g in enumerate(meta.get("generators", [])) if "parity" in g]
         for where, error, tolerance in verified:
             if error > tolerance:
                 raise ExportError(f"{meta_path}: {where} records an error of {error:g}, over its tolerance "
@@ -279,19 +279,25 @@ class Bundle:
         return self._member(files[precision], "ddpm export" + (" --fp16" if precision == "fp16" else ""))
 
     @property
-    def generator(self) -> dict | None:
-        """export.json's record of generator.onnx (plan, plan_key, form, parity), or None when there is none."""
-        return self.meta.get("generator")
+    def generators(self) -> list[dict]:
+        """export.json's records of the folder's generators (name, plan, plan_key, form, parity), one per plan."""
+        return list(self.meta.get("generators", []))
 
-    def generator_path(self, plan_key: str | None = None) -> Path:
-        """generator.onnx, checked against its recorded sha256 and, given a plan_key (runtime.runner.plan_key), against
-        the plan it was exported for. ExportError otherwise."""
-        gen = self.generator
+    def generator(self, plan_key: str | None = None, form: str | None = None) -> dict | None:
+        """The record of the generator for this plan_key (runtime.runner.plan_key; None: the only or first one) and
+        form (None: any, "loop" first), or None when the folder has none."""
+        found = [g for g in self.generators if plan_key in (None, g["plan_key"]) and form in (None, g["form"])]
+        found.sort(key=lambda g: g["form"] != "loop")
+        return found[0] if found else None
+
+    def generator_path(self, plan_key: str | None = None, form: str | None = None) -> Path:
+        """The generator file of a plan (see `generator`), checked against its recorded sha256. ExportError when the
+        folder has none for that plan, or it is damaged."""
+        gen = self.generator(plan_key, form)
         if gen is None:
-            raise ExportError(f"{self.root} has no generator; create one with `ddpm export --generator`")
-        if plan_key is not None and gen["plan_key"] != plan_key:
-            raise ExportError(f"{self.root}/{gen['name']} runs {gen['plan']}, not the plan asked for; re-run "
-                              f"`ddpm export --generator` with that sampler and --steps")
+            have = ", ".join(g["plan"] for g in self.generators)
+            raise ExportError(f"{self.root} has no generator" + (f" for the plan asked for (it has {have})" if have
+                              else "") + "; create one with `ddpm export --generator` with that sampler and --steps")
         return self._member(gen, "ddpm export --generator")
 
     def _member(self, entry: dict, redo: str) -> Path:

@@ -38,12 +38,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import OptionError
+from .images import HALVES  # noqa: F401  (the mask names, here for half_mask's callers)
 from .samplers import Plan
 from .schedule import Schedule
 
 OPERATORS = ("mask", "lowpass")
 SPACES = ("x", "x0")
 FACTORS = (2, 4)
+UPSCALERS = ("ilvr", "ddnm")   # upscale_job: the low-pass projection of x (ILVR) or of x0_hat (DDNM)
 
 
 @dataclass(frozen=True)
@@ -196,22 +199,24 @@ def repaint_plan(plan: Plan, jump: int = 1, resample: int = 1) -> Plan:
     every pass draws fresh noise. ValueError for j, r < 1 or plans whose rows do not all call the network or that
     remember earlier predictions (multistep solvers) when r > 1.
     """
-    for name, v in (("jump (the RePaint jump length)", jump), ("resample (the RePaint resample count)", resample)):
+    for name, option, v in (("jump (the RePaint jump length)", "jump", jump),
+                            ("resample (the RePaint resample count)", "resample", resample)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            raise OptionError(f"{name} must be an integer >= 1, got {v!r}", option)
     if resample == 1:
         return plan
     if plan.history or not plan.calls_net.all():
-        raise ValueError("RePaint resampling runs single-step plans (DDPM, DDIM) without forward rows")
+        raise OptionError(f"RePaint's resampling runs single-step plans (ddpm, ddim) without forward rows, not "
+                          f"{plan.name}; or resample 1", "sampler")
     S = plan.steps
     if jump >= S:
-        raise ValueError(f"jump (the RePaint jump length) must be below the plan's {S} steps, got {jump}")
+        raise OptionError(f"jump (the RePaint jump length) must be below the plan's {S} steps, got {jump}", "jump")
     abar = np.append(plan.abar[0], plan.abar_next)               # abar of state n = 0..S
     left = {S - 1 - j: resample - 1 for j in range(0, S - jump, jump)}
     R = S + len(left) * (resample - 1) * (jump + 1)              # every jump: one forward row, jump rows again
     if R > MAX_PLAN_ROWS:   # counted before the rows are listed: a large resample would run for ever
-        raise ValueError(f"resample {resample} with jump {jump} on {S} steps makes a plan of {R} rows, more than "
-                         f"{MAX_PLAN_ROWS}; ask for fewer")
+        raise OptionError(f"resample {resample} with jump {jump} on {S} steps makes a plan of {R} rows, more than "
+                          f"{MAX_PLAN_ROWS}; ask for fewer", "resample")
     rows: list[tuple[int, int]] = []    # (row of the plan, -1) or (-1, state jumped from)
     n = 0
     while n < S:
@@ -249,7 +254,8 @@ def sdedit_start(sched: Schedule, strength: float) -> tuple[int, float, float]:
     caller returns the input). ValueError outside (0, 1].
     """
     if not 0.0 < strength <= 1.0:   # also refuses NaN
-        raise ValueError(f"strength must be in (0, 1] here (0 returns the input unchanged), got {strength}")
+        raise OptionError(f"strength must be in (0, 1] here (0 returns the input unchanged), got {strength}",
+                          "strength")
     T = sched.T
     if strength == 1.0:
         return T - 1, 0.0, 1.0
@@ -269,8 +275,8 @@ def noise_start(sched: Schedule, sigma: float) -> tuple[int, float, float]:
     ab = sched.alphas_cumprod
     ratio = np.sqrt((1.0 - ab) / ab)
     if not 0.0 < sigma <= ratio[-1]:
-        raise ValueError(f"sigma (the noise std) must be in (0, {ratio[-1]:.3g}] (the model's noisiest level), "
-                         f"got {sigma}")
+        raise OptionError(f"sigma (the noise std) must be in (0, {ratio[-1]:.3g}] (the model's noisiest level), "
+                          f"got {sigma}", "sigma")
     t = int(np.argmax(ratio >= sigma))
     return t, float(np.sqrt(ab[t])), float(np.sqrt(max(0.0, 1.0 - ab[t] * (1.0 + sigma * sigma))))
 
@@ -281,7 +287,8 @@ class EditJob:
     """What an edit adds to runtime.generate.generate for its n samples (arrays (n,C,H,W) or (1,C,H,W) for all).
 
     projection with y (float32 in [-1, 1]; full size, the low-pass operator averages it) and, for the mask
-    operator, mask (float32, 1 = known); x_input with (a0, s0): the start a0 x_input + s0 x_T instead of x_T.
+    operator, mask (float32, 1 = known); x_input with (a0, s0): the start a0 x_input + s0 x_T instead of x_T;
+    blocks ((n or 1, H/f, W/f) uint8, upscaling's input): the results are fitted to its f x f block means (`finish`).
     """
 
     projection: Projection | None = None
@@ -290,6 +297,7 @@ class EditJob:
     x_input: np.ndarray | None = None
     a0: float = 0.0
     s0: float = 1.0
+    blocks: np.ndarray | None = None
 
     @property
     def num_slots(self) -> int:
@@ -301,6 +309,20 @@ class EditJob:
             return None
         return np.repeat(a, hi - lo, axis=0) if len(a) == 1 else np.array(a[lo:hi])   # writable copies
 
+    def part(self, lo: int, hi: int) -> "EditJob":
+        """The same edit for samples lo..hi-1 of these (a process's share under torchrun)."""
+        cut = lambda a: a if a is None or len(a) == 1 else a[lo:hi]
+        return EditJob(self.projection, cut(self.y), cut(self.mask), cut(self.x_input), self.a0, self.s0,
+                       cut(self.blocks))
+
+    def finish(self, images: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """The results (hi - lo, H, W) uint8 of samples lo..hi-1 as they are saved: with `blocks`, the nearest
+        pictures whose block means are its pixels (fit_blocks), rounded; else unchanged."""
+        if self.blocks is None:
+            return images
+        small = np.broadcast_to(self._rows(self.blocks, lo, hi), (hi - lo, *self.blocks.shape[1:]))
+        return np.rint(fit_blocks(images, small, images.shape[-1] // self.blocks.shape[-1])).astype(np.uint8)
+
     def batch(self, lo: int, hi: int):
         """(y, mask, x_input) of samples lo..hi-1 (run-relative)."""
         return self._rows(self.y, lo, hi), self._rows(self.mask, lo, hi), self._rows(self.x_input, lo, hi)
@@ -310,6 +332,47 @@ class EditJob:
         if x_input is None:
             return x_T
         return (np.float32(self.a0) * x_input + np.float32(self.s0) * x_T).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- the jobs
+# Each editing method as (plan, EditJob) for runtime.generate, from its pictures ((m, H, W) uint8, m = 1 or one per
+# result) and `plan_for(top)`: the sampler's plan for this model, truncated to start at t = top (None: T - 1).
+def inpaint_job(plan_for, images: np.ndarray, keep: np.ndarray, jump: int = 1, resample: int = 3):
+    """RePaint: keep (m or 1, H, W) bool, True on the kept pixels. After every reverse row the kept pixels are
+    replaced by the input noised to the row's level (noised_projection), exactly the input's after the last one;
+    the rows are the plan's, resampled with jump length j and count r (repaint_plan). Stochastic rows (eta 1) let
+    the new part harmonise with the kept one; eta 0 gives deterministic rows."""
+    plan = repaint_plan(plan_for(None), jump, resample)
+    return plan, EditJob(noised_projection(plan, "mask"), y=to_model(images)[:, None],
+                         mask=keep.astype(np.float32)[:, None])
+
+
+def sdedit_job(plan_for, sched: Schedule, images: np.ndarray, strength: float):
+    """SDEdit from x_t0 = sqrt(abar_t0) x + sqrt(1 - abar_t0) x_T, t0 = round(strength (T-1)) (sdedit_start), then
+    the plan's rows from t0 down (DDIM's grid points below t0: about strength x steps rows); strength 0: plan
+    None, the input itself."""
+    job = EditJob(x_input=to_model(images)[:, None])
+    if strength == 0:
+        return None, job
+    t0, job.a0, job.s0 = sdedit_start(sched, float(strength))
+    return plan_for(t0), job
+
+
+def upscale_job(plan_for, small: np.ndarray, factor: int, method: str = "ilvr"):
+    """Upscaling the small pictures (m, H/f, W/f): "ilvr", x <- x + up(down(y_t) - down(x)) after every row with
+    y_t the input noised to the row's level (noised_projection); "ddnm", x0_hat <- x0_hat + up(y - down(x0_hat))
+    (x0_projection). The last row makes down(x) = y in the model's range; the results are then fitted to the block
+    means within [0, 255] (EditJob.finish, fit_blocks: clipping would move bright and dark blocks)."""
+    plan = plan_for(None)
+    proj = noised_projection(plan, "lowpass", factor) if method == "ilvr" else x0_projection(plan, factor)
+    return plan, EditJob(proj, y=upsample(to_model(small), factor)[:, None], blocks=small)
+
+
+def restore_job(plan_for, sched: Schedule, images: np.ndarray, sigma: float):
+    """Denoising y = x + sigma n from x_t = sqrt(abar_t) y (+ x_T for the variance still missing), which has exactly
+    the law of q(x_t | x), at the first t whose noise-to-signal ratio reaches sigma (noise_start)."""
+    t, a0, s0 = noise_start(sched, float(sigma))
+    return plan_for(t), EditJob(x_input=to_model(images)[:, None], a0=a0, s0=s0)
 
 
 # ------------------------------------------------------------------------------------------------- image helpers
@@ -351,9 +414,6 @@ def fit_blocks(images: np.ndarray, small: np.ndarray, f: int, lo: float = 0.0, h
         low = np.clip(xb + c, lo, hi).mean(axis=(2, 4), keepdims=True) < y
         a, b = np.where(low, c, a), np.where(low, b, c)
     return np.clip(xb + (a + b) / 2, lo, hi).reshape(N, H, W)
-
-
-HALVES = ("top", "bottom", "left", "right")
 
 
 def half_mask(name: str, size: int = 28) -> np.ndarray:

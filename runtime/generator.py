@@ -40,13 +40,14 @@ class GeneratorEngine(Engine):
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, threads: int | None = None, plan: Plan | None = None) -> "GeneratorEngine":
-        """The export folder's generator.onnx (sha256-checked), of `plan` when given; EngineUnavailable when it has
-        none (of that plan)."""
+        """The export folder's generator of `plan` (None: its only or first one; sha256-checked); EngineUnavailable
+        when it has none."""
+        key = None if plan is None else plan_key(plan)
         try:
-            path = bundle.generator_path(None if plan is None else plan_key(plan))
+            path = bundle.generator_path(key)
         except ExportError as e:
             raise EngineUnavailable(str(e)) from None
-        return cls(path, bundle.generator, bundle.null_label, threads)
+        return cls(path, bundle.generator(key), bundle.null_label, threads)
 
     def check_plan(self, plan: Plan) -> None:
         """ValueError unless `plan` is the plan the generator was exported for."""

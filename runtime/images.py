@@ -16,15 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DdpmError, clip
+from ..errors import DdpmError, OptionError, clip
 
 # The largest picture read (pixels): a digit needs nothing near it, and a small file that claims more is a
 # decompression bomb. Pillow's own limit (Image.MAX_IMAGE_PIXELS, about 89 M pixels) is enforced too.
 MAX_PIXELS = 4096 * 4096
 
 
-class ImageError(DdpmError, ValueError):
-    """A picture that cannot be used; str(e) is one line for the user."""
+class ImageError(OptionError):
+    """A picture that cannot be used; str(e) is one line for the user; `option` the argument it came from (image,
+    mask) where that is known."""
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -97,6 +98,72 @@ def fit(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.array(out, dtype=np.uint8)
 
 
+# ------------------------------------------------------------------------------------------- the editing inputs
+# A picture argument (the API's image and mask, the CLI's --image and --mask) is a picture file or a (H, W) uint8
+# array; a stack (N, H, W) gives one result per picture.
+HALVES = ("top", "bottom", "left", "right")
+
+
+def picture(image, option: str = "image", allow_bool: bool = False) -> np.ndarray:
+    """A picture file (read_image) or an array -> (H, W) uint8 (allow_bool: a bool mask array, True = 255). Raises
+    ImageError naming `option`."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            return read_image(image)
+        except ImageError as e:
+            e.option = option
+            raise
+    a = np.asarray(image)
+    if allow_bool and a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    if a.ndim != 2 or a.dtype != np.uint8 or min(a.shape) < 1:
+        raise ImageError(f"{option} must be a picture file or a (H, W) uint8 array, got {a.dtype} {a.shape}", option)
+    return a
+
+
+def pictures(image, n: int | None, option: str = "image") -> tuple[list[np.ndarray], int]:
+    """(pictures at their own size, n): one picture with n results (default 8), or a stack (N, H, W) with one
+    result each (n None or N). Raises ImageError."""
+    if isinstance(image, (str, os.PathLike)) or np.ndim(image) != 3:
+        return [picture(image, option)], 8 if n is None else n
+    stack = np.asarray(image)
+    if n not in (None, len(stack)):
+        raise OptionError(f"a stack of {len(stack)} pictures gives one result each: n must be {len(stack)}, got {n}",
+                          "n")
+    return [picture(p, option) for p in stack], len(stack)
+
+
+def fitted(image, n: int | None, size: tuple[int, int]) -> tuple[np.ndarray, int]:
+    """(pictures (m, H', W') uint8 resized to size, n): see pictures."""
+    raw, n = pictures(image, n)
+    return np.stack([fit(p, size) for p in raw]), n
+
+
+def inpaint_inputs(image, mask, n: int | None, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(pictures (m, H, W) uint8, kept (m or 1, H, W) bool, n) at `size`, from inpaint's picture(s) and mask: the
+    name of the half to redraw (HALVES), or picture(s) of the image's size (before resizing) whose white pixels
+    (>= 128) are kept. Raises ImageError / OptionError naming image, mask or n."""
+    from .edits import half_mask
+
+    raw, n = pictures(image, n)                     # at the file's size: a mask picture must match it
+    images = np.stack([fit(p, size) for p in raw])
+    if isinstance(mask, str) and mask in HALVES:
+        if size[0] != size[1]:
+            raise OptionError("half masks need a square image", "mask")
+        return images, half_mask(mask, size[0])[None], n
+    if isinstance(mask, str) and not Path(mask).suffix:
+        raise OptionError(f"mask must be one of {', '.join(HALVES)} or a picture file, got {mask!r}", "mask")
+    stack = not isinstance(mask, (str, os.PathLike)) and np.ndim(mask) == 3
+    masks = [picture(m, "mask", allow_bool=True) for m in (mask if stack else [mask])]
+    if len(masks) not in (1, len(raw)):
+        raise OptionError(f"{len(masks)} masks for {len(raw)} pictures", "mask")
+    for m in masks:
+        if m.shape != raw[0].shape:
+            raise OptionError(f"the mask is {m.shape[1]}x{m.shape[0]} pixels and the image {raw[0].shape[1]}x"
+                              f"{raw[0].shape[0]}: they must have the same size", "mask")
+    return images, np.stack([fit(m, size) >= 128 for m in masks]), n
+
+
 def to_uint8(x) -> np.ndarray:
     """(N,1,H,W) or (N,H,W) in [-1, 1] (torch or numpy) -> (N,H,W) uint8."""
     x = np.asarray(x.detach().cpu().float() if hasattr(x, "detach") else x, dtype=np.float32)
@@ -122,10 +189,10 @@ MAX_GRID = 10000
 
 
 def check_grid(n: int) -> None:
-    """ValueError when n images are too many for one grid image (MAX_GRID)."""
+    """OptionError (option "n") when n images are too many for one grid image (MAX_GRID)."""
     if n > MAX_GRID:
-        raise ValueError(f"a grid image of {n} digits would be too large to view (at most {MAX_GRID}); "
-                         f"write an .npz instead")
+        raise OptionError(f"a grid image of {n} pictures would be too large to view (at most {MAX_GRID}); "
+                          f"use --out x.npz, which streams any number", "n")
 
 
 def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, scale: int = 2,

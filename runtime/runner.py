@@ -111,7 +111,8 @@ class Runner:
             (self.call if both or not self.guided else self.call_cond)()
             eps = self.eps32
             if eps is not self.eps:
-                ops.copy_(eps[: (2 * B if both else B)], self.eps[: (2 * B if both else B)])
+                n = network_batch(B, both)
+                ops.copy_(eps[:n], self.eps[:n])
             if both:
                 # 2. classifier-free guidance: eps = eps_c + w (eps_c - eps_u), written into the uncond half
                 cond, eps = eps[:B], eps[B:]

@@ -30,6 +30,8 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
+from ..errors import OptionError
+
 from .schedule import PREDICTIONS, Schedule, x0_coefficients
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "unipc")
@@ -133,7 +135,7 @@ class Plan:
         (Kynkaanniemi et al. 2024, eq. 4; sigma in the units of Karras et al. 2022). The other rows run the
         conditional model alone. lo >= 0, hi > lo (hi may be inf); ValueError otherwise."""
         if not (0 <= lo < hi):   # also refuses NaN
-            raise ValueError(f"the guidance interval needs 0 <= lo < hi, got ({lo}, {hi}]")
+            raise OptionError(f"the guidance interval needs 0 <= lo < hi, got ({lo}, {hi}]", "guidance_interval")
         level = self.noise_level
         inside = (level > lo) & (level <= hi)
         return replace(self, name=f"{self.name}-gi{lo:g}-{hi:g}", cfg=inside & self.cfg).validate()
@@ -144,7 +146,7 @@ def _check_top(T: int, top) -> int:
     if top is None:
         return T - 1
     if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or not 0 <= top <= T - 1:
-        raise ValueError(f"the starting timestep must be an integer in 0..{T - 1}, got {top!r}")
+        raise OptionError(f"the starting timestep must be an integer in 0..{T - 1}, got {top!r}", "top")
     return int(top)
 
 
@@ -157,7 +159,7 @@ def ddpm_plan(sched: Schedule, variance: str = "small", clip: bool = True, top: 
 
     top: start from x_top instead of x_{T-1} (rows t = top..0: a plan truncated for editing, runtime.edits)."""
     if variance not in ("small", "large"):
-        raise ValueError("variance must be 'small' (beta~_t) or 'large' (beta_t)")
+        raise OptionError("variance must be 'small' (beta~_t) or 'large' (beta_t)", "variance")
     top = _check_top(sched.T, top)
     t = np.arange(top, -1, -1)
     # 1. x0_hat = x_t / sqrt(abar_t) - sqrt(1/abar_t - 1) eps                            (eq. 15)
@@ -174,7 +176,7 @@ def ddpm_plan(sched: Schedule, variance: str = "small", clip: bool = True, top: 
 def ddim_timesteps(T: int, steps: int) -> np.ndarray:
     """`steps` timesteps evenly spread over [0, T-1], both ends included, decreasing."""
     if not 1 <= steps <= T:
-        raise ValueError(f"DDIM steps must be in 1..{T}, got {steps}")
+        raise OptionError(f"DDIM steps must be in 1..{T}, got {steps}", "steps")
     if steps == 1:
         return np.array([T - 1], dtype=np.int64)
     return np.round(np.linspace(0, T - 1, steps)).astype(np.int64)[::-1].copy()
@@ -204,7 +206,7 @@ def timesteps(sched: Schedule, steps: int, spacing: str = "linspace", top: int |
     """
     T = sched.T
     if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in 1..{T}, got {steps}")
+        raise OptionError(f"steps must be in 1..{T}, got {steps}", "steps")
     top = _check_top(T, top)
     if top < T - 1:
         grid = timesteps(sched, steps, spacing)
@@ -224,7 +226,7 @@ def timesteps(sched: Schedule, steps: int, spacing: str = "linspace", top: int |
         for j in range(steps - 2, -1, -1):                        # ... and back below T-1 (t[j] >= j stays)
             t[j] = min(t[j], t[j + 1] - 1)
         return t[::-1].copy()
-    raise ValueError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}")
+    raise OptionError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}", "spacing")
 
 
 def ddim_plan(sched: Schedule, steps: int = DEFAULT_STEPS, eta: float = 0.0, clip: bool = True,
@@ -232,7 +234,7 @@ def ddim_plan(sched: Schedule, steps: int = DEFAULT_STEPS, eta: float = 0.0, cli
     """DDIM (Song et al. 2021) on a subsequence of timesteps (`timesteps`; top: truncated to start at x_top, for
     editing); eta=0 deterministic, eta=1 DDPM-like. The last row lands on x0 (abar = 1)."""
     if not 0.0 <= eta <= 1.0:   # also refuses NaN
-        raise ValueError(f"eta must be in [0, 1], got {eta}")
+        raise OptionError(f"eta must be in [0, 1], got {eta}", "eta")
     t = timesteps(sched, steps, spacing, top)
     ab = sched.alphas_cumprod[t]
     ab_prev = np.append(sched.alphas_cumprod[t[1:]], 1.0)
@@ -412,14 +414,14 @@ def make_plan(sched: Schedule, sampler: str, steps: int | None = None, eta: floa
     (`Plan.with_guidance_interval`); top: start at x_top, a plan truncated for editing (runtime.edits).
     ValueError for what does not fit."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r} ({', '.join(SAMPLERS)})")
+        raise OptionError(f"unknown sampler {sampler!r} ({', '.join(SAMPLERS)})", "sampler")
     if spacing is not None and spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}")
+        raise OptionError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}", "spacing")
     if sampler == "ddpm":
         if steps not in (None, sched.T):
-            raise ValueError(f"the DDPM sampler runs all T={sched.T} steps; use --sampler ddim for fewer")
+            raise OptionError(f"the DDPM sampler runs all T={sched.T} steps; use --sampler ddim for fewer", "steps")
         if spacing not in (None, "linspace"):
-            raise ValueError("the DDPM sampler runs every timestep: it has no spacing")
+            raise OptionError("the DDPM sampler runs every timestep: it has no spacing", "spacing")
         plan = ddpm_plan(sched, variance, top=top)
     else:
         steps = steps or default_steps(sched.T, sampler)

@@ -62,6 +62,23 @@ def test_graph_inputs_and_metadata(exported):
         assert f["parity"]["error"] <= f["parity"]["tolerance"]
 
 
+def test_an_export_folder_gains_artifacts_and_never_loses_one(tmp_path):
+    """`ddpm export --fp16`, then an export without --fp16 (e.g. to add a generator): the fp16 model, the generators
+    and other artifacts (TensorRT engines) of the folder stay; only what is missing is exported."""
+    loaded = tiny_checkpoint(tmp_path)
+    out = export(loaded, tmp_path / "exp", fp16=True, log=lambda *_: None).out
+    (out / "model_b1-8.plan").write_bytes(b"an engine")
+    fp16 = (out / "model_fp16.onnx").read_bytes()
+    lines = []
+    res = export(loaded, out, log=lines.append)
+    assert set(res.meta["files"]) == {"fp32", "fp16"} and (out / "model_fp16.onnx").read_bytes() == fp16
+    assert (out / "model_b1-8.plan").read_bytes() == b"an engine" and all("kept" in line for line in lines)
+    Bundle.load(out, expected_hash=loaded.hash).onnx_path("fp16")
+    res = export(loaded, out, opset=18, log=lambda *_: None)     # another opset: every precision made again
+    assert set(res.meta["files"]) == {"fp32", "fp16"} and res.meta["opset"] == 18
+    assert (out / "model_b1-8.plan").is_file()
+
+
 def test_hash_mismatch_refused(exported):
     _, out = exported
     with pytest.raises(ExportError, match="not from the checkpoint asked for"):

@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
-from ddpm.export.generator import (GENERATOR_FILE, GeneratorFailed, GeneratorUnsupported, add_generator, build,
-                                   check_plan, verify)
+from ddpm.export.generator import (GeneratorFailed, GeneratorUnsupported, add_generator, build, check_plan,
+                                   generator_file, verify)
 from ddpm.export.onnx_export import export
 from ddpm.runtime.bundle import Bundle, ExportError
 from ddpm.runtime.engine import EngineClosed
@@ -87,18 +87,19 @@ def test_add_generator_records_and_engine_gives_the_onnx_digits(setup, tmp_path)
     plan = ddim_plan(Bundle.load(folder).schedule, 4)
     info = add_generator(folder, plan, guidance=1.5, log=lambda *_: None)
     meta = json.loads((folder / "export.json").read_text())
-    assert meta["generator"] == info and info["plan"] == plan.name and info["steps"] == 4
+    assert meta["generators"] == [info] and info["plan"] == plan.name and info["steps"] == 4
     assert info["parity"]["max_abs_grey"] <= 1 and len(info["parity"]["checks"]) == 3
     assert {c["guidance"] for c in info["parity"]["checks"]} == {1.5, 0.0}
     bundle = Bundle.load(folder, expected_hash=loaded.hash)
-    assert bundle.generator_path(_key(plan)) == folder / GENERATOR_FILE
-    with pytest.raises(ExportError, match="not the plan asked for"):
+    assert bundle.generator_path(_key(plan)) == folder / generator_file(plan)
+    with pytest.raises(ExportError, match="no generator for the plan asked for"):
         bundle.generator_path(_key(ddim_plan(bundle.schedule, 5)))
     # the engine through generate(): batches of 4 over 10 samples, same seed -> the onnx engine's digits
     labels = labels_for(10, None, False)
-    eng = make_engine("onnx-generator", device="cpu", bundle=bundle)
+    eng = make_engine("onnx-generator", device="cpu", null_label=10, bundle=bundle, plan=plan)
     got = generate(eng, 10, plan, labels, 1.5, seed=3, batch=4, progress=False)
-    ref = generate(make_engine("onnx", device="cpu", bundle=bundle), 10, plan, labels, 1.5, seed=3, batch=4,
+    onnx = make_engine("onnx", device="cpu", null_label=10, bundle=bundle)
+    ref = generate(onnx, 10, plan, labels, 1.5, seed=3, batch=4,
                    progress=False)
     assert np.abs(got.astype(int) - ref).max() <= 1
     with pytest.raises(ValueError, match="re-export"):
@@ -112,11 +113,12 @@ def test_add_generator_records_and_engine_gives_the_onnx_digits(setup, tmp_path)
     with pytest.raises(EngineClosed, match="^the onnx-generator engine is closed; make a new one"):
         eng.run(*make_noise(0, 0, 2, 0), None, plan, 0.0)
     with pytest.raises(EngineUnavailable, match="fp32"):
-        make_engine("onnx-generator", device="cpu", bundle=bundle, fp16=True)
+        make_engine("onnx-generator", device="cpu", null_label=10, bundle=bundle, fp16=True)
     # a damaged file is refused
-    (folder / GENERATOR_FILE).write_bytes((folder / GENERATOR_FILE).read_bytes()[:1000])
+    path = folder / generator_file(plan)
+    path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(EngineUnavailable, match="corrupted or truncated"):
-        make_engine("onnx-generator", device="cpu", bundle=Bundle.load(folder))
+        make_engine("onnx-generator", device="cpu", null_label=10, bundle=Bundle.load(folder), plan=plan)
 
 
 def test_verification_fails_for_a_wrong_generator(setup, tmp_path):
@@ -141,7 +143,8 @@ def test_verification_fails_for_a_wrong_generator(setup, tmp_path):
             add_generator(folder, ddim_plan(bundle.schedule, 4), 1.0, log=lambda *_: None)
     finally:
         g.verify = real_verify
-    assert (folder / "export.json").read_text() == before and not (folder / GENERATOR_FILE).exists()
+    assert (folder / "export.json").read_text() == before
+    assert not (folder / generator_file(ddim_plan(bundle.schedule, 4))).exists()
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]   # no temporary file left behind
 
 
@@ -175,10 +178,18 @@ def test_cli_gen_and_export(setup, tmp_path):
     # export --generator into a folder; gen against that folder with another plan is refused
     r = invoke("export", "--ckpt", ckpt, "--out", tmp_path / "e", "--generator", "--steps", 3)
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "e" / "export.json").read_text())["generator"]["steps"] == 3
+    assert [g["steps"] for g in json.loads((tmp_path / "e" / "export.json").read_text())["generators"]] == [3]
     r = invoke("gen", *common, "--engine", "onnx-generator", "--export", tmp_path / "e", "--out", tmp_path / "d.npz",
                env=env)
     assert r.exit_code == 1 and "not one for unipc4-trailing" in r.output
+    # another plan's generator in the same folder: both kept, side by side, and the fp16 model too
+    r = invoke("export", "--ckpt", ckpt, "--out", tmp_path / "e", "--fp16", "--generator", "--steps", 4)
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "e" / "export.json").read_text())
+    assert sorted(g["steps"] for g in meta["generators"]) == [3, 4] and set(meta["files"]) == {"fp32", "fp16"}
+    r = invoke("gen", *common, "--engine", "onnx-generator", "--export", tmp_path / "e", "--out", tmp_path / "d.npz",
+               env=env)
+    assert r.exit_code == 0 and "building" not in r.output, r.output
 
 
 def _builds(model, plan) -> int:
@@ -198,10 +209,11 @@ def test_a_generator_is_built_once_per_plan(setup, tmp_path, monkeypatch):
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     shipped = ddpm.load()
+    installed = sorted(p.name for p in ddpm.api.default_export_dir().iterdir())
     plan = shipped.plan("unipc", 2)
     assert [_builds(ddpm.load(), plan) for _ in range(2)] == [1, 0]
-    assert _builds(shipped, plan) == 0
-    assert not (ddpm.api.default_export_dir() / GENERATOR_FILE).exists()
+    assert _builds(shipped, plan) == 0 and shipped.export_dir == ddpm.api.default_export_dir()
+    assert sorted(p.name for p in ddpm.api.default_export_dir().iterdir()) == installed
     loaded = setup[0]
     a, b = (ddpm.load(loaded.path).plan("ddim", k) for k in (3, 4))
     assert [_builds(ddpm.load(loaded.path), p) for p in (a, b, a, b)] == [1, 1, 0, 0]
@@ -212,6 +224,17 @@ def test_a_generator_is_built_once_per_plan(setup, tmp_path, monkeypatch):
     for t in pool:
         t.join()
     assert sorted(counts) == [0, 1]
+    # two Models (as two processes have) asking at once: the lock on the cache folder makes one build it
+    d, counts = ddpm.load(loaded.path).plan("ddim", 6), []
+    pool = [threading.Thread(target=lambda: counts.append(_builds(ddpm.load(loaded.path), d))) for _ in range(2)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert sorted(counts) == [0, 1]
+    # every plan's generator is kept, side by side, in the one cache folder of the weights
+    b = ddpm.load(loaded.path).generator_bundle(a)
+    assert sorted(g["steps"] for g in b.generators) == [3, 4, 5, 6]
 
 
 def test_quiet_gen_says_nothing_about_building(setup, tmp_path):

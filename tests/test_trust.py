@@ -137,6 +137,14 @@ def _edit_meta(exp, change):
     (exp / "export.json").write_text(json.dumps(meta))
 
 
+def _generator(exp) -> dict:
+    """The export folder's one generator record (export.json "generators")."""
+    import json
+
+    (gen,) = json.loads((exp / "export.json").read_text())["generators"]
+    return gen
+
+
 def _gen(root, *engine):
     return invoke("gen", "--ckpt", root / "model.safetensors", "--export", root / "exp", *engine,
                   "--sampler", "ddim", "--steps", 4, "-n", 2, "--out", root / "o.npz")
@@ -149,12 +157,13 @@ def test_export_files_outside_the_folder_are_refused(exported, tmp_path):
 
     root, exp = _copy(exported, tmp_path)
     assert _gen(root, "--engine", "onnx-generator").exit_code == 0
-    shutil.move(exp / "generator.onnx", root / "x.onnx")
-    _edit_meta(exp, lambda m: m["generator"].update(name="../x.onnx"))
+    name = _generator(exp)["name"]
+    shutil.move(exp / name, root / "x.onnx")
+    _edit_meta(exp, lambda m: m["generators"][0].update(name="../x.onnx"))
     line = one_line_error(_gen(root, "--engine", "onnx-generator"))
-    assert "generator.name" in line and "../x.onnx" in line, line
-    _edit_meta(exp, lambda m: m["generator"].update(name="generator.onnx"))
-    (exp / "generator.onnx").symlink_to(root / "x.onnx")
+    assert "generators[0].name" in line and "../x.onnx" in line, line
+    _edit_meta(exp, lambda m: m["generators"][0].update(name=name))
+    (exp / name).symlink_to(root / "x.onnx")
     line = one_line_error(_gen(root, "--engine", "onnx-generator"))
     assert "leads outside its export folder" in line, line
     shutil.move(exp / "model.onnx", root / "m.onnx")
@@ -165,15 +174,15 @@ def test_export_files_outside_the_folder_are_refused(exported, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda g: g.pop("plan_key"), "generator lacks 'plan_key'"),
-    (lambda g: g.update(form=None), "generator.form must be one of"),
-    (lambda g: g.update(plan=["x"]), "generator.plan must be a string"),
-    (lambda g: g.update(sha256=7), "generator.sha256 must be a sha256"),
-    (lambda g: g.clear(), "generator lacks 'name'"),
+    (lambda g: g.pop("plan_key"), "generators[0] lacks 'plan_key'"),
+    (lambda g: g.update(form=None), "generators[0].form must be one of"),
+    (lambda g: g.update(plan=["x"]), "generators[0].plan must be a string"),
+    (lambda g: g.update(sha256=7), "generators[0].sha256 must be a sha256"),
+    (lambda g: g.clear(), "generators[0] lacks 'name'"),
 ])
 def test_malformed_generator_entry_is_one_line(exported, tmp_path, change, message):
     root, exp = _copy(exported, tmp_path)
-    _edit_meta(exp, lambda m: change(m["generator"]))
+    _edit_meta(exp, lambda m: change(m["generators"][0]))
     assert message in one_line_error(_gen(root, "--engine", "onnx-generator"))
 
 
@@ -207,10 +216,11 @@ def test_onnx_external_data_outside_the_folder(exported, tmp_path):
     with pytest.raises(ExportError, match="not a file inside the export folder"):
         add_generator(exp, ddim_plan(Bundle.load(exp).schedule, 5), 2.0, log=lambda *_: None)
     assert "model.onnx" in one_line_error(_gen(root, "--engine", "onnx"))
-    externalise("generator.onnx", lambda m: m["generator"])
+    name = _generator(exp)["name"]
+    externalise(name, lambda m: m["generators"][0])
     with pytest.raises(ExportError, match="not a file inside the export folder"):
         Bundle.load(exp).generator_path()
-    assert "generator.onnx" in one_line_error(_gen(root, "--engine", "onnx-generator"))
+    assert name in one_line_error(_gen(root, "--engine", "onnx-generator"))
 
 
 # ------------------------------------------------------------------------------------------------- kind 3: sizes
@@ -368,7 +378,7 @@ def test_external_data_reader_agrees_with_onnx(exported, tmp_path):
 
     from ddpm.runtime.bundle import external_data
 
-    for name in ("model.onnx", "generator.onnx"):
+    for name in ("model.onnx", _generator(exported / "exp")["name"]):
         path = tmp_path / name
         shutil.copy(exported / "exp" / name, path)
         assert external_data(path.read_bytes()) == []

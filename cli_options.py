@@ -1,0 +1,165 @@
+"""The options the `ddpm` commands share (cli.py, cli_edit.py, cli_tools.py, cli_train.py): click types and checks,
+the options.Sampling fields as options, and the steps every sampling command takes (prepare, done)."""
+
+from __future__ import annotations
+
+import math
+
+import click
+from click.core import ParameterSource
+
+from .options import Sampling, VARIANCES
+from .runtime.engines import ENGINES
+from .runtime.noise import MAX_SEED
+from .runtime.samplers import SAMPLERS, SPACINGS
+
+DEFAULT = Sampling()
+
+
+class Finite(click.FloatRange):
+    """A FloatRange that also refuses NaN and +-inf (float('nan') passes every comparison-based range check)."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
+def device_syntax(ctx, param, value):
+    """--device: auto, cpu, cuda or cuda:N, checked when parsed (whether that GPU exists is checked when used)."""
+    if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+        raise click.BadParameter(f"{value!r}: use auto, cpu, cuda or cuda:N")
+    return value
+
+
+def parse_interval(ctx, param, value):
+    """--guidance-interval LO,HI -> (lo, hi) floats with 0 <= lo < hi (hi may be inf); 'all' -> None."""
+    if value is None or value == "all":
+        return None
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError:
+        lo, hi = float("nan"), float("nan")
+    if not 0 <= lo < hi:   # also refuses NaN
+        raise click.BadParameter("LO,HI with 0 <= LO < HI (noise levels sigma; HI may be inf), e.g. 0.28,5.42, "
+                                 "or 'all'")
+    return lo, hi
+
+
+def check_output(path, param: str, suffixes: tuple[str, ...] | None = None, folder: bool = False):
+    """Refuse, before any work, an output that cannot be written: wrong extension, a folder where a file is wanted
+    (or the reverse), a parent that is a file, a read-only location (files.check_writable)."""
+    from .files import OutputError, check_writable
+
+    if suffixes and not str(path).lower().endswith(suffixes):
+        raise click.BadParameter(f"must end in {' or '.join(suffixes)}", param_hint=param)
+    try:
+        check_writable(path, folder=folder)
+    except OutputError as e:
+        raise click.BadParameter(str(e), param_hint=param) from None
+    return path
+
+
+def on_command_line(name: str) -> bool:
+    return click.get_current_context().get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+
+def refuse_guidance_without_labels(labelled: bool, guidance: float) -> None:
+    """An explicit --guidance w > 0 for samples without a label (--uncond; an edit without --label) is refused:
+    guidance steers a sample towards its label, so it would be silently ignored."""
+    if not labelled and guidance and on_command_line("guidance"):
+        raise click.UsageError("--guidance steers samples towards their label, and --uncond samples have none (an "
+                               "edit without --label uses the unconditional model): give --label, or leave out "
+                               "--guidance (or give 0)")
+
+
+def needs_torch(command: str) -> None:
+    """One line instead of an ImportError when a command needs PyTorch and it is not installed."""
+    from .model.io import require_torch
+
+    require_torch(f"ddpm {command}")
+
+
+def set_threads(n):
+    """torch's CPU threads (onnxruntime's are set where its sessions are made), when PyTorch is installed."""
+    from .runtime.engines import have_torch
+
+    if n and have_torch():
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def add_options(f, opts):
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def model_option(f):
+    return click.option("--ckpt", type=click.Path(), default=None,
+                        help="Checkpoint: model.safetensors, ckpt.pt or a run folder [default: the bundled model].")(f)
+
+
+def solver_options(defaults: Sampling = DEFAULT, steps_help: str = "Network calls per sample [default: 50 for "
+                   "ddim, 8 for dpm++2m and unipc, T for ddpm]."):
+    """--sampler, --steps, --spacing, --guidance-interval with a command's defaults (bench: without eta, variance)."""
+    interval = defaults.guidance_interval
+    return lambda f: add_options(f, [
+        click.option("--sampler", type=click.Choice(SAMPLERS), default=defaults.sampler, show_default=True,
+                     help="DDPM ancestral (all T steps), DDIM, DPM-Solver++(2M) or UniPC-2 (multistep, few steps)."),
+        click.option("--steps", type=click.IntRange(min=1), default=None, help=steps_help),
+        click.option("--spacing", type=click.Choice(SPACINGS), default=None,
+                     help="Timesteps: linspace (t=0 included), trailing (the last step lands on x0) or uniform in "
+                          "log-SNR [default: linspace for ddim, trailing for dpm++2m and unipc]."),
+        click.option("--guidance-interval", default="all" if interval is None else ",".join(map("{:g}".format,
+                     interval)), callback=parse_interval, metavar="LO,HI|all", show_default=True,
+                     help="Guidance only where the noise level sigma = sqrt((1-abar)/abar) is in (LO, HI] "
+                          "(Kynkaanniemi et al. 2024); elsewhere the conditional model alone. 'all': every step."),
+    ])
+
+
+def sampling_options(defaults: Sampling = DEFAULT):
+    """The options.Sampling fields as options (gen, eval, the editing commands), with a command's defaults."""
+    return lambda f: add_options(f, [
+        model_option, solver_options(defaults),
+        click.option("--eta", type=Finite(0, 1), default=defaults.eta, show_default=True,
+                     help="DDIM eta: 0 deterministic, 1 DDPM-like."),
+        click.option("--variance", type=click.Choice(VARIANCES), default=defaults.variance, show_default=True,
+                     help="DDPM posterior variance: beta~_t (small) or beta_t (large)."),
+        click.option("--guidance", "-w", type=Finite(min=0), default=defaults.guidance, show_default=True,
+                     help="Classifier-free guidance w: eps_c + w (eps_c - eps_u); 0 = conditional model alone."),
+        click.option("--seed", type=click.IntRange(0, MAX_SEED), default=defaults.seed, show_default=True,
+                     help="Seed of the noise stream, 0..2^64-1 (same seed, same digits, any batch size or engine)."),
+        click.option("--batch", type=click.IntRange(min=1), default=defaults.batch, show_default=True,
+                     help="Samples per batch."),
+        click.option("--device", default=defaults.device, show_default=True, callback=device_syntax,
+                     help="auto, cpu, cuda or cuda:N."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads."),
+        click.option("--engine", type=click.Choice(["auto", *ENGINES]), default="auto", show_default=True,
+                     help="torch: eager PyTorch (the reference); runtime-torch, onnx, trt: the preallocated runtime; "
+                          "onnx-generator: the whole loop in one ONNX call (deterministic plans); auto: onnx on a "
+                          "CPU, runtime-torch on a GPU (same digits, faster)."),
+        click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None,
+                     help="Export folder for onnx/trt/onnx-generator [default: the checkpoint's, exported on first "
+                          "use]."),
+        click.option("--fp16", is_flag=True, help="Half-precision model (runtime engines)."),
+        click.option("--no-cuda-graph", is_flag=True, help="GPU: run the loop step by step instead of one CUDA graph."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar, no one-time build messages."),
+    ])
+
+
+def prepare(o: dict):
+    """(model, options.Sampling, log) of a sampling command's options: the api.Model of --ckpt/--export."""
+    from . import api
+
+    set_threads(o["threads"])
+    opts = Sampling.of(o, cuda_graph=not o["no_cuda_graph"])
+    return api.load(o["ckpt"], o["export_dir"]), opts, None if o["quiet"] else (lambda m: click.echo(m, err=True))
+
+
+def done(r, n: int, what: str, detail: str, out: str, also: str = "") -> None:
+    procs = f", {r.ctx.world} processes" if r.ctx.world > 1 else ""
+    click.echo(f"{n} {what if n != 1 else what[:-1]} ({detail}, {r.engine.name}{procs}) in {r.seconds:.1f}s -> "
+               f"{out}{also}")

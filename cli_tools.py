@@ -1,0 +1,249 @@
+"""`ddpm eval`, `ddpm export` and `ddpm bench`: their options and the library calls (cli.py adds them to `ddpm`)."""
+
+from __future__ import annotations
+
+import click
+
+from .cli_options import (DEFAULT, Finite, check_output, device_syntax, model_option, needs_torch, on_command_line,
+                          prepare, refuse_guidance_without_labels, sampling_options, set_threads, solver_options)
+from .export.generator import FORMS
+from .options import Sampling
+from .runtime.engines import ENGINES
+
+
+# ------------------------------------------------------------------------------------------------------------ eval
+@click.command("eval")
+@click.option("--samples", "sample_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="npz files from `ddpm gen --out x.npz` (repeat to compare); without it, samples are generated.")
+@click.option("-n", "num", type=click.IntRange(min=2), default=10000, show_default=True,
+              help="Samples to generate when no --samples are given.")
+@click.option("--uncond", is_flag=True, help="Generate unconditional samples (class histogram) instead of 0-9 in turn; "
+                                          "an explicit --guidance > 0 is refused with it (guidance needs a label).")
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="MNIST folder (real test set, floor); else $DDPM_DATA or the cache folder.")
+@click.option("--classifier", type=click.Path(dir_okay=False), default=None,
+              help="Classifier weights [default: the bundled one].")
+@click.option("--train-classifier", is_flag=True, help="Retrain the classifier (3 epochs) and use it.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the results here (JSON; missing folders are created).")
+@sampling_options()
+def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json_out, **o):
+    """Measure sample quality with an MNIST classifier.
+
+    Frechet distance of the classifier's penultimate features to the real test set, beside the floor (N real
+    training images, same N), accuracy of class-conditional samples, class histogram of unconditional ones.
+
+    \b
+    Examples:
+      ddpm eval -n 10000                                    # the default model, UniPC-8, guidance 0.45 in an interval
+      ddpm gen -n 2000 --sampler ddpm --out ddpm.npz && ddpm eval --samples ddpm.npz
+      ddpm eval --samples a.npz --samples b.npz --json quality.json
+    """
+    refuse_guidance_without_labels(not uncond, o["guidance"])
+    if json_out:
+        check_output(json_out, "--json")
+    needs_torch("eval (its MNIST classifier)")
+    import json
+    from pathlib import Path
+
+    from . import pipeline
+    from .bench import quality
+    from .files import write_text
+    from .runtime.generate import ensure_memory
+    from .samples import read_samples
+    from .train.data import ensure_mnist, resolve_data_dir
+
+    samples = [(f, *read_samples(f)) for f in sample_files]   # every file checked before the slow parts
+    if not sample_files:   # the images, and the classifier's 128 float64 features of each
+        ensure_memory(num * (28 * 28 + 128 * 8), f"evaluating {num} samples", "lower -n", per_unit=28 * 28 + 128 * 8)
+    set_threads(o["threads"])
+    data_dir = ensure_mnist(resolve_data_dir(data), progress=click.echo)
+    clf_path = Path(classifier or quality.CLASSIFIER_FILE)
+    if train_classifier:
+        if classifier is None:
+            from .locations import user_dir
+
+            clf_path = user_dir("config") / "classifier.safetensors"
+        acc = quality.train_classifier(data_dir, clf_path, progress=not o["quiet"])
+        click.echo(f"classifier retrained: test accuracy {100 * acc:.2f}% -> {clf_path}")
+    if not clf_path.is_file():
+        raise click.ClickException(f"classifier weights {clf_path} not found (use --train-classifier)")
+    ref = quality.Reference.load(data_dir, clf_path)
+    rows = []
+    for f, images, labels in samples:
+        try:
+            rows.append(ref.evaluate(images, labels, Path(f).name))
+        except ValueError as e:
+            raise click.ClickException(f"{f}: {e}") from None
+    if not sample_files:
+        model, opts, log = prepare(o)
+        plan = model.plan(**opts.plan_args())
+        labels = model.labels(num, None, uncond)
+        job = pipeline.Job(num, plan, lambda a, b: labels[a:b], bool(opts.guidance) and not uncond,
+                           image_shape=model.image_shape)
+        images = pipeline.generate(model, opts, job, progress=not o["quiet"], log=log)
+        rows.append(ref.evaluate(images, labels, f"{plan.name} w={opts.guidance:g}" + (" uncond" if uncond else "")))
+    click.echo(quality.format_table(rows))
+    if json_out:
+        write_text(json_out, json.dumps(rows, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------- export
+def _batch_range(ctx, param, value):
+    try:
+        lo, hi = (int(v) for v in value.split("-"))
+    except ValueError:
+        lo, hi = 0, 0
+    if not 1 <= lo <= hi:
+        raise click.BadParameter("MIN-MAX with 1 <= MIN <= MAX, e.g. 1-256")
+    return lo, hi
+
+
+@click.command("export")
+@model_option
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Export folder [default: ~/.cache/ddpm/exports/<weights hash>, where gen/bench look]. An export "
+                   "folder of the same weights keeps what it holds (fp16 model, generators, TensorRT engines).")
+@click.option("--fp16", is_flag=True, help="Also write a half-precision model (model_fp16.onnx).")
+@click.option("--opset", type=click.IntRange(17, 21), default=17, show_default=True, help="ONNX opset.")
+@click.option("--trt", "build_trt", is_flag=True, help="Also build TensorRT engine(s) (needs TensorRT and a GPU).")
+@click.option("--batch", "batch_range", default="1-256", show_default=True, callback=_batch_range,
+              help="TensorRT batch range MIN-MAX (one optimisation profile).")
+# the generator: the whole reverse loop in one ONNX model, and the web page around it
+@click.option("--generator", "with_generator", is_flag=True,
+              help="Also write a generator: the whole loop of a deterministic sampler in one ONNX model (x_T, labels, "
+                   "guidance -> uint8 images), verified against the runtime, beside those of other plans.")
+@solver_options(DEFAULT, "The generator's steps [default: the sampler's, as in gen].")
+@click.option("--form", type=click.Choice(FORMS), default=FORMS[0], show_default=True,
+              help="The generator as one ONNX Loop over the rows, or the rows unrolled (the same speed on a CPU; "
+                   "unrolled is 1.8x bigger and loads about 90x slower: README).")
+@click.option("--web", "web_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write a static page into this folder that generates digits in the browser "
+                   "(implies --generator; fetches onnxruntime-web with npm once).")
+@click.option("--ort-web", "ort_web", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The onnxruntime-web tarball (`npm pack onnxruntime-web@VERSION`) instead of fetching it.")
+def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, sampler, steps, spacing,
+               guidance_interval, form, web_dir, ort_web):
+    """Export the EMA noise predictor to ONNX (and TensorRT), verified against PyTorch.
+
+    Inputs x (B,C,H,W), t (B,) and y (B,) are graph inputs with a dynamic batch; output eps. Beside the model,
+    export.json holds the checkpoint hash, config and schedule tables, so a runtime needs only the folder.
+    --generator adds the whole reverse loop of one deterministic plan (--sampler, --steps), and --web a page that
+    runs it in a browser.
+
+    \b
+    Examples:
+      ddpm export --fp16
+      ddpm export --ckpt runs/ddpm --out exports/mine --fp16 --trt --batch 1-64
+      ddpm export --generator --steps 20                  # UniPC-20 in one ONNX call
+      ddpm export --web site && python -m http.server -b 127.0.0.1 -d site   # open http://127.0.0.1:8000
+    """
+    for folder, option in ((out, "--out"), (web_dir, "--web")):
+        if folder:
+            check_output(folder, option, folder=True)
+    needs_torch("export")
+    from . import api
+    from .export.chain import check_trt, export_folder, write_web_page
+
+    if build_trt:   # fail before the ONNX work if TensorRT cannot run here
+        check_trt()
+    model = api.load(ckpt)
+    # gen's defaults (eta 0, the default guidance interval), so that the generator gives gen's digits
+    plan = model.plan(sampler, steps, 0.0, "small", spacing, guidance_interval) \
+        if with_generator or web_dir else None
+    bundle = export_folder(model, out, fp16, opset, plan, form, batch_range if build_trt else None, log=click.echo)
+    for precision, f in bundle.meta["files"].items():
+        click.echo(f"{precision}: {bundle.root / f['name']} ({f['bytes'] / 1e6:.2f} MB)")
+    if plan is not None:
+        from .runtime.runner import plan_key
+
+        gen = bundle.generator(plan_key(plan), form)
+        click.echo(f"generator: {bundle.root / gen['name']} ({gen['bytes'] / 1e6:.2f} MB, {gen['plan']}, {form})")
+    click.echo(f"export folder: {bundle.root}")
+    if web_dir:
+        page = write_web_page(bundle, web_dir, plan, f"--sampler {sampler} --steps {plan.steps}", ort_web,
+                              log=click.echo)
+        click.echo(f"web page: {page} (serve it, e.g. `python -m http.server -b 127.0.0.1 -d {page}`, and open "
+                   f"http://127.0.0.1:8000)")
+
+
+# ----------------------------------------------------------------------------------------------------------- bench
+def _int_list(ctx, param, value):
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        items = []
+    if not items or min(items) < 1:
+        raise click.BadParameter("a comma-separated list of positive integers, e.g. 1,8,64")
+    return items
+
+
+@click.command()
+@click.option("--engines", default=",".join(ENGINES), show_default=True,
+              help="Comma-separated engines; unavailable ones are reported as skipped. onnx-generator (the whole "
+                   "loop in one ONNX call) is built for the benchmark's plan in the cache export folder.")
+@click.option("--batch", "batches", default="1,8,64", show_default=True, callback=_int_list,
+              help="Comma-separated batch sizes.")
+@solver_options(DEFAULT, "Network calls per sample [default: 50 for ddim, 8 for dpm++2m and unipc].")
+@click.option("--guidance", "-w", type=Finite(min=0), default=DEFAULT.guidance, show_default=True,
+              help="Classifier-free guidance (doubles the network batch when > 0).")
+@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per engine and batch.")
+@click.option("--fp16", is_flag=True, help="Half-precision models for the runtime engines (eager stays fp32).")
+@click.option("--no-cuda-graph", is_flag=True, help="GPU: run the runtime's loop step by step.")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Also time eager PyTorch on DDIM-50 and give every engine's speedup over it (when the sampler is "
+                   "not DDIM-50 itself).")
+@click.option("--quick", is_flag=True,
+              help="A smoke test: 3 steps of the sampler (ddim for ddpm), batch 1,2, 2 runs, DDIM-3 as the baseline.")
+@model_option
+@click.option("--device", default="auto", show_default=True, callback=device_syntax, help="auto, cpu, cuda or cuda:N.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (torch and onnxruntime alike).")
+@click.option("--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
+              help="Folder for bench.json, bench.md and bench.png.")
+def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance, repeat, fp16, no_cuda_graph,
+          baseline, quick, ckpt, device, threads, out):
+    """Time every engine against eager PyTorch on the same work, in one run.
+
+    \b
+    Examples:
+      ddpm bench                                     # UniPC-8, batch 1,8,64, all engines
+      ddpm bench --sampler ddpm --batch 1,64 --repeat 2
+      ddpm bench --engines torch,onnx --fp16 --out bench-fp16
+      ddpm bench --engines onnx,onnx-generator --batch 1,8  # the step loop against the one-call generator
+    """
+    from pathlib import Path
+
+    from . import api
+    from .bench.speed import format_table, run_bench, write_outputs
+    from .runtime.engines import resolve_device
+
+    names = [e.strip() for e in engines.split(",") if e.strip()]
+    unknown = [n for n in names if n not in ENGINES]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown engine(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(ENGINES)}",
+                                 param_hint="--engines")
+    check_output(out, "--out", folder=True)
+    if quick:
+        given = [opt for opt, param in (("--batch", "batches"), ("--steps", "steps"), ("--repeat", "repeat"))
+                 if on_command_line(param)]
+        if given:
+            raise click.UsageError(f"--quick sets --batch 1,2, --steps 3 and --repeat 2 itself; leave out "
+                                   f"{' and '.join(given)}, or drop --quick")
+        sampler = "ddim" if sampler == "ddpm" else sampler
+        steps, batches, repeat = 3, [1, 2], 2
+    set_threads(threads)
+    model = api.load(ckpt)
+    opts = Sampling(sampler, steps, spacing, guidance=guidance, guidance_interval=guidance_interval)
+    plan = model.plan(**opts.plan_args())
+    ref = model.plan("ddim", 3 if quick else None, 0.0, "small", None, None) if baseline else None
+    if ref is not None and plan.name == ref.name:
+        ref = None   # the sampler is the baseline itself
+    try:
+        device = resolve_device(device)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
+    res = run_bench(model, names, batches, plan, guidance, repeat, fp16, device, not no_cuda_graph,
+                    threads=threads, log=lambda m: click.echo(m, err=True), baseline=ref)
+    click.echo(format_table(res))
+    files = write_outputs(res, Path(out))
+    click.echo("wrote " + ", ".join(map(str, files)) + ("" if len(files) == 3 else " (no plot: pip install 'ddpm[plot]')"))

@@ -1,0 +1,196 @@
+"""The export cache: where the onnx, trt and onnx-generator engines find the export folder of a model's weights.
+
+    shipped_dir()              assets/default_export: the shipped model's model.onnx and the generator of the
+                               default plan (installed with the package, never written to)
+    cache_folder(hash)         $XDG_CACHE_HOME/ddpm/exports/<weights hash> (locations.cache_dir): one export folder
+                               per weights, made on first use, that only gains artifacts (an fp16 model, generators
+                               of more plans, TensorRT engines side by side)
+
+One process at a time changes a cache folder (a lock file beside it, held while exporting or adding a generator);
+the others wait, then find what it made: several processes that need the same generator build it once. Reading
+needs no lock (every file and export.json are replaced atomically).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import DdpmError
+from ..runtime.bundle import META_FILE, Bundle, ExportError
+
+
+def shipped_dir() -> Path:
+    """The verified ONNX export shipped with the default model (with the default plan's generator)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "default_export"
+
+
+def cache_folder(weights_hash: str) -> Path:
+    """The cache export folder of these weights (locations.cache_dir)."""
+    from ..locations import cache_dir
+
+    return cache_dir("exports", weights_hash[:16])
+
+
+@contextmanager
+def locked(folder: Path):
+    """Wait for, then hold, the lock of a cache folder: flock on `.<name>.lock` beside it (the folder itself is
+    replaced by renames). Released when the block ends or the process dies. Where files cannot be locked: nothing."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    from ..files import OutputError
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder.parent / f".{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise OutputError(f"cannot use the cache folder {folder.parent} ({e.strerror}); set $XDG_CACHE_HOME to a "
+                          f"writable folder, pass an export folder (--export), or use --engine torch") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:   # file systems without locks
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+def _has(root: Path, weights_hash: str | None, fp16: bool) -> Bundle | None:
+    """The export folder at root when it is one of these weights (with an fp16 model when asked), else None."""
+    if not (root / META_FILE).is_file():
+        return None
+    try:
+        b = Bundle.load(root, expected_hash=weights_hash)
+    except ExportError:
+        return None
+    return b if not fp16 or "fp16" in b.meta["files"] else None
+
+
+def export_bundle(model, fp16: bool = False) -> Bundle:
+    """The export folder the onnx and trt engines of `model` (api.Model) read: its own export folder when it was
+    loaded with one, else the shipped one for the shipped weights (fp32), else the cache folder of its weights,
+    exported there on first use (fp32 and fp16 at once: needs PyTorch). Raises DdpmError."""
+    expected = None if model.path is None else model.hash
+    own = model.export_dir
+    if own is not None and Path(own) != shipped_dir():
+        return Bundle.load(own, expected_hash=expected)          # the user's folder: as it is
+    shipped = _has(shipped_dir(), expected, fp16) if own is not None else None
+    if shipped is not None:
+        return shipped
+    folder = cache_folder(model.hash)
+    ready = _has(folder, expected, fp16)
+    if ready is not None:
+        return ready
+    if model.path is None:
+        raise ExportError(f"{own} has no fp16 model; re-run `ddpm export --fp16` for it")
+    with locked(folder):
+        ready = _has(folder, expected, fp16)   # another process may have made it meanwhile
+        if ready is None:
+            _export(model, folder)
+    return Bundle.load(folder, expected_hash=expected)
+
+
+def _export(model, folder: Path) -> None:
+    from ..model.io import TorchMissing, require_torch
+
+    try:
+        require_torch("exporting this checkpoint to ONNX (once, for the onnx engine)")
+    except TorchMissing as e:
+        raise DdpmError(f"{e}; or pass an export folder made elsewhere with `ddpm export`") from None
+    from ..files import OutputError
+    from ..model.io import LoadedModel
+    from .onnx_export import ExportFailed, export
+
+    loaded = LoadedModel(model.torch_model, model.cfg, model.hash, model.path, model.info)
+    try:
+        # fp16 too: a later --fp16 needs no second export; what the folder holds already (generators) is kept
+        export(loaded, folder, fp16=True, log=lambda *_: None)
+    except ExportFailed as e:
+        raise DdpmError(f"export failed: {e}") from None
+    except OutputError as e:   # the cache is not writable
+        raise DdpmError(f"{e}; the first use of a checkpoint exports it to ONNX there: set $XDG_CACHE_HOME to a "
+                        f"writable folder, pass an export folder (--export), or use --engine torch") from None
+
+
+def engine_bundle(model, name: str, fp16: bool = False, plan=None, dist=None, log=None) -> Bundle | None:
+    """The export folder engine `name` of `model` reads (None for the torch engines): export_bundle, or for
+    onnx-generator generator_bundle(plan). dist: under torchrun, the process group (rank, world, barrier()): rank 0
+    makes what is missing while the others wait. log(line): where a build says what it does (None: nowhere)."""
+    from ..runtime.engines import NEEDS_EXPORT
+
+    if name not in NEEDS_EXPORT:
+        return None
+    prepare = (lambda: model.generator_bundle(plan, log=log)) if name == "onnx-generator" else \
+        (lambda: model.bundle(fp16))
+    if dist is not None and dist.world > 1:
+        if dist.rank == 0:
+            prepare()
+        dist.barrier()
+    return prepare()
+
+
+def generator_bundle(model, plan, form: str = "loop", log=None) -> Bundle:
+    """An export folder with a generator for `plan` (export/generator.py): the model's own export folder, or the
+    shipped one, when it has one; else the cache folder of the weights, where it is built and verified on first use
+    (needs the onnx package), beside the generators of other plans, and found by every later call and process.
+    Raises DdpmError for a plan the generator cannot run, or the user's export folder without one for this plan."""
+    from ..export.generator import GeneratorFailed, GeneratorUnsupported, add_generator, check_plan
+    from ..model.io import require_onnx
+    from ..options import GUIDANCE
+    from ..runtime.runner import plan_key
+
+    try:
+        check_plan(plan)
+    except GeneratorUnsupported as e:
+        raise DdpmError(f"onnx-generator: {e}") from None
+    key = plan_key(plan)
+    source = export_bundle(model)
+    if source.generator(key) is not None:
+        return source
+    if source.root not in (shipped_dir(), cache_folder(model.hash)):
+        have = ", ".join(g["plan"] for g in source.generators)
+        raise DdpmError(f"{source.root} has {f'generators for {have}' if have else 'no generator'}, not one for "
+                        f"{plan.name}: run `ddpm export --out {source.root} --generator` with that sampler and --steps")
+    folder = cache_folder(model.hash)
+    expected = None if model.path is None else model.hash
+    with locked(folder):
+        ready = _has(folder, expected, False)
+        if ready is not None and ready.generator(key, form) is not None:
+            return ready
+        require_onnx(f"building the generator for {plan.name}")
+        if ready is None:            # the shipped weights: the cache folder starts as a copy of the shipped one
+            _seed(source, folder)
+        (log or (lambda *_: None))(f"building generator.onnx for {plan.name} in {folder} (once)")
+        try:
+            add_generator(folder, plan, GUIDANCE, form, log=log or (lambda *_: None))
+        except GeneratorFailed as e:
+            raise DdpmError(f"the generator for {plan.name}: {e}") from None
+        except (OSError, ExportError) as e:
+            raise DdpmError(f"cannot add a generator to {folder}: {e}; set $XDG_CACHE_HOME to a writable folder, or "
+                            f"make it with `ddpm export --generator` and pass that folder (--export)") from None
+    return Bundle.load(folder, expected_hash=expected)
+
+
+def _seed(source: Bundle, folder: Path) -> None:
+    """Make `folder` an export folder with the files of `source` (hard links where possible), published by one
+    rename (files.publish_dir)."""
+    from ..files import publish_dir, temp_dir
+
+    tmp = temp_dir(folder)
+    try:
+        for f in source.root.iterdir():
+            if f.is_file() and not f.name.startswith("."):
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:   # another file system, or links not allowed there
+                    shutil.copyfile(f, tmp / f.name)
+        publish_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

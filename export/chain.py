@@ -1,0 +1,70 @@
+"""`ddpm export` as a chain of steps: checkpoint -> ONNX (verified) -> generator (verified) -> TensorRT -> web page.
+
+Each step is its module's function (onnx_export.export, generator.add_generator, trt.ensure_engine, web.write_page);
+this one runs them in order into one export folder, which only gains artifacts (onnx_export.export). Every failure
+is a DdpmError whose message says that nothing was written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import DdpmError
+from ..runtime.bundle import Bundle
+
+
+def check_trt() -> None:
+    """DdpmError, before any work, when TensorRT cannot run here (not installed, no GPU)."""
+    from .trt import TensorRTUnavailable, gpu_name, import_trt
+
+    try:
+        import_trt(), gpu_name()
+    except TensorRTUnavailable as e:
+        raise DdpmError(str(e)) from None
+
+
+def export_folder(model, out: str | Path | None = None, fp16: bool = False, opset: int = 17, plan=None,
+                  form: str = "loop", trt_batches: tuple[int, int] | None = None, log=print) -> Bundle:
+    """Export `model` (api.Model with a checkpoint) into `out` (default: its weights' cache folder, where gen and
+    bench look): model.onnx (+ model_fp16.onnx), then, with a plan, its generator (export/generator.py, verified
+    with the default guidance scale), then with trt_batches (lo, hi) a TensorRT engine per precision. log(line):
+    progress. Raises DdpmError (OptionError for a plan the generator cannot run, checked before any work)."""
+    from ..model.io import LoadedModel
+    from ..options import GUIDANCE
+    from .cache import cache_folder
+    from .generator import GeneratorFailed, add_generator, check_plan
+    from .onnx_export import ExportFailed, export
+
+    if plan is not None:
+        check_plan(plan)
+    loaded = LoadedModel(model.torch_model, model.cfg, model.hash, model.path, model.info)
+    try:
+        res = export(loaded, out or cache_folder(model.hash), fp16=fp16, opset=opset, log=log)
+    except ExportFailed as e:
+        raise DdpmError(f"export failed, nothing written: {e}") from None
+    if plan is not None:
+        log(f"building generator.onnx for {plan.name} in {res.out}")
+        try:
+            add_generator(res.out, plan, GUIDANCE, form, log=log)
+        except GeneratorFailed as e:
+            raise DdpmError(f"generator export failed, nothing written: {e}") from None
+    bundle = Bundle.load(res.out)
+    if trt_batches is not None:
+        from .trt import ensure_engine
+
+        for precision in res.meta["files"]:
+            log(f"TensorRT {precision}: {ensure_engine(bundle, precision, *trt_batches, log=log)}")
+    return bundle
+
+
+def write_web_page(bundle: Bundle, folder, plan, options: str, ort_web=None, log=print) -> Path:
+    """The static page around the generator of `plan` in `bundle` (export/web.py); DdpmError when it fails."""
+    from ..options import GUIDANCE
+    from ..runtime.bundle import ExportError
+    from ..runtime.runner import plan_key
+    from .web import WebExportError, write_page
+
+    try:
+        return write_page(bundle, folder, GUIDANCE, options, ort_web, log=log, plan_key=plan_key(plan))
+    except (WebExportError, ExportError) as e:
+        raise DdpmError(str(e)) from None

@@ -1,0 +1,239 @@
+"""One job pipeline for every command and the API: model -> plan -> engine -> batches over a sample range -> writer.
+
+    job = Job(n, plan, labels=lambda lo, hi: model.labels(hi - lo, label, uncond, start=lo), guided=True)
+    images = generate(model, opts, job)                       # (n, H, W) uint8, the API's way
+    with run(model, opts, job, progress=True) as r:           # the CLI's way: under torchrun each process draws its
+        if r.batches is not None:                             # share; r.batches on the first process are all n
+            save(out, r.batches, job.labels, job.n)
+
+A job is what to draw (n samples of a plan, their labels, an edit's known image: runtime.edits); `opts`
+(options.Sampling) says how (noise stream, batch, engine, device). Sample k's noise depends only on (seed, k)
+(runtime.noise), so the shards of several processes together are exactly the samples of one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .errors import OptionError
+from .options import Sampling
+from .runtime.generate import network_batch
+
+# the engines that run a whole plan in one call: no per-row projection (edits), no per-row states (--trajectory)
+WHOLE_LOOP_ENGINES = ("onnx-generator",)
+
+
+@dataclass
+class Job:
+    """n samples of `plan`: labels(lo, hi) gives the labels of the job's samples lo..hi-1 (0: its first; (hi - lo,)
+    int64, -1 for unconditional ones); guided: whether the network runs the guided batch (runtime.generate.network_batch); edit:
+    an edit's projection and inputs (runtime.edits.EditJob), None for plain generation; start: the first sample's
+    index in the seed's stream."""
+
+    n: int
+    plan: object
+    labels: Callable[[int, int], np.ndarray]
+    guided: bool
+    edit: object = None
+    start: int = 0
+    image_shape: tuple = (1, 28, 28)
+
+    @classmethod
+    def of(cls, model, n: int, plan, label, uncond: bool, opts: Sampling, start: int = 0, edit=None) -> "Job":
+        """n samples of `model` (api.Model) with these labels (checked now: Model.labels), from sample `start` on."""
+        y = model.labels(n, label, uncond)
+        return cls(n, plan, lambda lo, hi: y[lo:hi], bool(opts.guidance) and not uncond, edit, start,
+                   model.image_shape)
+
+
+def labels(num_classes: int, n: int, label=None, uncond: bool = False, start: int = 0) -> np.ndarray:
+    """(n,) int64 labels of samples start..start+n-1 (api.Model.labels): the classes in turn (label None: sample k
+    gets k % num_classes), one class, or one per sample (a sequence); -1 everywhere when uncond. OptionError (option
+    label or uncond) otherwise."""
+    from .runtime.generate import labels_for
+
+    if uncond:
+        if label is not None:
+            raise OptionError("a label and uncond exclude each other", "uncond")
+        return labels_for(n, None, True)
+    k = num_classes
+    if label is None or np.ndim(label) == 0:
+        if label is not None and not (isinstance(label, (int, np.integer)) and 0 <= label < k):
+            raise OptionError(f"label must be an integer in 0..{k - 1}, got {label!r}", "label")
+        return labels_for(n, None if label is None else int(label), False, k, start)
+    arr = np.asarray(label)
+    if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer) or (arr.size and not 0 <= arr.min() <=
+                                                                          arr.max() < k):
+        raise OptionError(f"label must be a class in 0..{k - 1}, or {n} of them (one per result)", "label")
+    return arr.astype(np.int64)
+
+
+def plans(model, opts: Sampling):
+    """top -> the options' plan for `model`, truncated to start at t = top (None: T - 1): what runtime.edits' job
+    builders take."""
+    return lambda top: model.plan(**opts.plan_args(), top=top)
+
+
+def edit(model, opts: Sampling, n: int, label, start: int, progress: bool, plan_and_edit) -> np.ndarray:
+    """The API's edits: n results of (plan, runtime.edits.EditJob) (a job builder's), label None: unconditional."""
+    check_engine(opts.engine, edit=True)
+    plan, job = plan_and_edit
+    return generate(model, opts, Job.of(model, n, plan, label, label is None, opts, start, job), progress)
+
+
+def check_engine(engine, edit: bool = False, watch: bool = False) -> None:
+    """OptionError when an engine that runs whole plans in one call is asked to project onto a known image (an edit:
+    option "engine") or to show every row (a trajectory: option "trajectory", the CLI's)."""
+    if isinstance(engine, str) and engine in WHOLE_LOOP_ENGINES and (edit or watch):
+        what = "edits run row by row" if edit else "a trajectory shows every row"
+        raise OptionError(f"{what}, and the {engine} engine runs the whole loop in one call; use --engine onnx "
+                          f"(or auto, torch, runtime-torch)", "engine" if edit else "trajectory")
+
+
+def engine(model, opts: Sampling, plan, guided: bool, dist=None, log=None):
+    """The engine of opts.engine (a name: made once per Model, api.Model.engine; an engine object: itself), sized for
+    the network batch of opts.batch."""
+    if not isinstance(opts.engine, str):
+        return opts.engine
+    return model.engine(opts.engine, opts.device, opts.fp16, opts.cuda_graph, opts.threads,
+                        max_batch=network_batch(opts.batch, guided), dist=dist, log=log, plan=plan)
+
+
+def stream(eng, opts: Sampling, job: Job, lo: int = 0, hi: int | None = None, progress: bool = False,
+           watch=None) -> Iterator[np.ndarray]:
+    """Samples job.start + lo .. job.start + hi - 1 of the stream, batch by batch ((b, H, W) uint8;
+    runtime.generate.iter_generate), as saved (runtime.edits.EditJob.finish)."""
+    from .runtime.generate import iter_generate
+    from .runtime.images import to_uint8
+
+    hi = job.n if hi is None else hi
+    edit = None if job.edit is None else job.edit.part(lo, hi)
+    if job.plan is None:   # an edit that runs no row (SDEdit at strength 0): the input itself
+        for a in range(0, hi - lo, opts.batch):
+            yield to_uint8(edit.batch(a, min(hi - lo, a + opts.batch))[2])
+        return
+    parts = iter_generate(eng, hi - lo, job.plan, lambda a, b: job.labels(lo + a, lo + b), opts.guidance,
+                          opts.seed, opts.batch, start=job.start + lo, progress=progress, image_shape=job.image_shape,
+                          job=edit, watch=watch)
+    a = 0
+    for part in parts:
+        yield part if edit is None else edit.finish(part, a, a + len(part))
+        a += len(part)
+
+
+def generate(model, opts: Sampling, job: Job, progress: bool = False, log=None) -> np.ndarray:
+    """All of a job's samples, (n, H, W) uint8, in this process (runtime.generate.generate: refuses what would not
+    fit in memory)."""
+    from .runtime.generate import ensure_memory
+
+    per = int(np.prod(job.image_shape[1:]))
+    ensure_memory(job.n * per, f"holding {job.n} samples", "lower -n, or stream them into a file (`ddpm gen --out "
+                  "x.npz`)", per_unit=per)
+    eng = None if job.plan is None else engine(model, opts, job.plan, job.guided, log=log)
+    out = np.empty((job.n, *job.image_shape[1:]), dtype=np.uint8)
+    lo = 0
+    for part in stream(eng, opts, job, progress=progress):
+        out[lo:lo + len(part)] = part
+        lo += len(part)
+    return out
+
+
+class Local:
+    """One process: the stand-in of train.dist.DistContext (no PyTorch needed)."""
+
+    rank, world, device = 0, 1, None
+
+    def barrier(self):
+        pass
+
+    def shard(self, n):
+        return 0, n
+
+    def gather(self, obj):
+        return [obj]
+
+    def teardown(self):
+        pass
+
+
+def processes(device: str = "auto"):
+    """Under torchrun (WORLD_SIZE > 1) the process group (train.dist.setup, needs PyTorch); else Local()."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .model.io import require_torch
+
+        require_torch("ddpm under torchrun")
+        from .train import dist
+
+        return dist.setup(device)
+    return Local()
+
+
+@dataclass
+class Run:
+    """A job in progress (`run`): the engine, the process group, and on the first process the batches of all the
+    job's samples in order (None on the others); seconds: the time from the first batch to the last gathered."""
+
+    engine: object
+    ctx: object
+    batches: Iterable[np.ndarray] | None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+@contextmanager
+def run(model, opts: Sampling, job: Job, progress: bool = False, log=None, watch=None) -> Iterator[Run]:
+    """Run a job across the processes of torchrun (one process otherwise): each its contiguous share of the samples,
+    gathered on the first, whose `Run.batches` stream them in order (in one process: as they are made, so that a
+    writer holds one batch at a time). watch: runtime.generate's per-row observer, for the first batch of the first
+    process."""
+    ctx = processes(opts.device)
+    try:
+        if ctx.world > 1:
+            opts = replace(opts, device=str(ctx.device))
+        eng = engine(model, opts, job.plan, job.guided, dist=ctx, log=log)
+        lo, hi = ctx.shard(job.n)
+        mine = stream(eng, opts, job, lo, hi, progress=progress and ctx.rank == 0,
+                      watch=watch if ctx.rank == 0 else None)
+        if ctx.world == 1:
+            yield Run(eng, ctx, mine)
+        else:
+            empty = np.empty((0, *job.image_shape[1:]), np.uint8)
+            parts = ctx.gather(np.concatenate([empty, *mine]))
+            yield Run(eng, ctx, parts)
+    finally:
+        ctx.teardown()
+
+
+def save(out, batches: Iterable[np.ndarray], labels, n: int, image_shape=(1, 28, 28), nrow: int | None = None,
+         shown: np.ndarray | None = None) -> None:
+    """Write n images (batches of (b, H, W) uint8; labels(lo, hi) theirs) atomically: x.npz as a samples file
+    (samples.save_samples, streamed; with `shown`, an edit's input, beside them as "input"), else a grid picture
+    (runtime.images.save_grid; `shown` first)."""
+    from .runtime.images import save_grid
+
+    if str(out).lower().endswith(".npz"):
+        if shown is None:
+            from .samples import save_samples
+
+            save_samples(out, labels, batches, image_shape=tuple(image_shape[1:]), n=n)
+            return
+        from .files import atomic_write
+
+        images = np.concatenate(list(batches))
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, images=images, labels=labels(0, n), input=shown)
+        atomic_write(out, write)
+        return
+    first = [] if shown is None else [shown[None]]
+    save_grid(np.concatenate([*first, *batches]), out, nrow=nrow)
