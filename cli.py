@@ -772,39 +772,18 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
     import json
     from pathlib import Path
 
-    from .bench import quality
+    from . import evaluation
     from .files import write_text
     from .runtime.generate import ensure_memory
     from .samples import read_samples
-    from .train.data import DataError, ensure_mnist, resolve_data_dir
 
-    samples = [(f, *read_samples(f)) for f in sample_files]   # every file checked before the slow parts
-    if not sample_files:   # the images, and the classifier's 128 float64 features of each
-        ensure_memory(num * (28 * 28 + 128 * 8), f"evaluating {num} samples", "lower -n", per_unit=28 * 28 + 128 * 8)
-    _threads(threads)
-    try:
-        data_dir = ensure_mnist(resolve_data_dir(data), progress=click.echo)
-        clf_path = Path(classifier or quality.CLASSIFIER_FILE)
-        if train_classifier:
-            if classifier is None:
-                from .locations import user_dir
-
-                clf_path = user_dir("config") / "classifier.safetensors"
-            acc = quality.train_classifier(data_dir, clf_path, progress=not quiet)
-            click.echo(f"classifier retrained: test accuracy {100 * acc:.2f}% -> {clf_path}")
-        if not clf_path.is_file():
-            raise click.ClickException(f"classifier weights {clf_path} not found (use --train-classifier)")
-        ref = quality.Reference.load(data_dir, clf_path)
-    except DataError as e:
-        raise _fail(e) from None
-
-    rows = []
-    for f, images, labels in samples:
-        try:
-            rows.append(ref.evaluate(images, labels, Path(f).name))
-        except ValueError as e:
-            raise click.ClickException(f"{f}: {e}") from None
+    samples = [(Path(f).name, *read_samples(f)) for f in sample_files]   # every file checked before the slow parts
     if not sample_files:
+        ensure_memory(num * evaluation.SAMPLE_BYTES, f"evaluating {num} samples", "lower -n",
+                      per_unit=evaluation.SAMPLE_BYTES)
+    _threads(threads)
+
+    def generated():   # drawn once the classifier and the data are ready
         from .runtime.generate import generate
 
         model = _model(ckpt, export_dir)
@@ -814,9 +793,11 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
         eng = make_engine(engine, model, _device(device), fp16, not no_cuda_graph, net_batch, threads=threads,
                           plan=plan, quiet=quiet)
         images = generate(eng, num, plan, labels, guidance, seed, batch, progress=not quiet)
-        name = f"{plan.name} w={guidance:g}" + (" uncond" if uncond else "")
-        rows.append(ref.evaluate(images, labels, name))
-    click.echo(quality.format_table(rows))
+        yield f"{plan.name} w={guidance:g}" + (" uncond" if uncond else ""), images, labels
+
+    rows = evaluation.evaluate_sets(samples or generated(), data, classifier, train_classifier, progress=not quiet,
+                                    log=click.echo)
+    click.echo(evaluation.format_table(rows))
     if json_out:
         write_text(json_out, json.dumps(rows, indent=2) + "\n")
 
