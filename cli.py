@@ -5,12 +5,9 @@ Heavy modules are imported inside each command so that `ddpm --help` and bad-opt
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import signal
 import sys
-import threading
 
 import click
 
@@ -18,6 +15,7 @@ from .api import DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANC
 from .errors import DdpmError, Terminated, limit_message
 from .runtime.noise import MAX_SEED
 from .runtime.schedule import PREDICTIONS
+from .signals import file_size_limit_as_error, sigterm_as_interrupt
 
 # OMP_WAIT_POLICY=PASSIVE is set by `import ddpm` (ddpm/__init__.py), before any command loads PyTorch.
 
@@ -37,7 +35,7 @@ class Group(click.Group):
     a command re-raised it with more to say)."""
 
     def invoke(self, ctx):
-        with _sigterm_as_interrupt(), _file_size_limit_as_error():
+        with sigterm_as_interrupt(), file_size_limit_as_error():
             try:
                 return super().invoke(ctx)
             except DdpmError as e:
@@ -53,39 +51,6 @@ class Group(click.Group):
             except KeyboardInterrupt as e:
                 click.echo(f"\n{str(e) or 'interrupted'}", err=True)
                 ctx.exit(130)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """While a command runs, SIGTERM raises Terminated in the main thread instead of killing the process on the
-    spot (which leaves the temporary of a write in progress behind). Outside the main thread: unchanged."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_term(signum, frame):
-        raise Terminated("terminated")
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _file_size_limit_as_error():
-    """While a command runs, SIGXFSZ (sent when a write passes the file-size limit, ulimit -f) is ignored, so that
-    the write fails with EFBIG and is reported (and its temporary removed) instead of the process being killed with
-    a core dump. Outside the main thread, or where there is no such signal: unchanged."""
-    if not hasattr(signal, "SIGXFSZ") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGXFSZ, previous)
 
 
 # ---------------------------------------------------------------------------------------- shared option checks
@@ -792,7 +757,8 @@ def eval_cmd(sample_files, num, uncond, engine, export_dir, fp16, no_cuda_graph,
         net_batch = 2 * batch if guidance and not uncond else batch
         eng = make_engine(engine, model, _device(device), fp16, not no_cuda_graph, net_batch, threads=threads,
                           plan=plan, quiet=quiet)
-        images = generate(eng, num, plan, labels, guidance, seed, batch, progress=not quiet)
+        images = generate(eng, num, plan, labels, guidance, seed, batch, progress=not quiet,
+                          image_shape=model.image_shape)
         yield f"{plan.name} w={guidance:g}" + (" uncond" if uncond else ""), images, labels
 
     rows = evaluation.evaluate_sets(samples or generated(), data, classifier, train_classifier, progress=not quiet,

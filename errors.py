@@ -5,7 +5,8 @@ what to do (model.io.CheckpointError, runtime.bundle.ExportError, train.data.Dat
 files.OutputError, ...); `ddpm.cli` prints any of them as "Error: <message>" with exit status 1. `Interrupted` is a
 KeyboardInterrupt that carries what a user needs to know after Ctrl-C (exit status 130); `Terminated`, one of them,
 is SIGTERM's (exit status 143). Code that catches a KeyboardInterrupt to say more re-raises `interrupted(e, ...)`,
-which keeps the signal's kind: supervisors (systemd, Kubernetes, `timeout`) read the exit status.
+which keeps the signal's kind: supervisors (systemd, Kubernetes, `timeout`) read the exit status. The signals
+become these exceptions in signals.py.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def limit_message(e: BaseException) -> str | None:
       names the address-space limit (ulimit -v, KiB) or the data-segment limit (ulimit -d) when one is set;
     - too many open files: OSError EMFILE (the per-process limit, ulimit -n) or ENFILE (the system's table);
     - a file larger than the file-size limit: OSError EFBIG (ulimit -f, in blocks of 1024 bytes; the CLI ignores
-      SIGXFSZ so that such a write fails with EFBIG instead of killing the process).
+      SIGXFSZ, signals.file_size_limit_as_error, so that such a write fails with EFBIG instead of killing the
+      process).
     """
     seen, err = set(), e
     while err is not None and id(err) not in seen:
@@ -92,9 +94,9 @@ def limit_message(e: BaseException) -> str | None:
 
 
 class Terminated(Interrupted):
-    """SIGTERM (what `kill`, `timeout` and supervisors send; ddpm.cli turns it into this exception in the main
-    thread): unwound like Ctrl-C, so that temporaries are removed and nothing half-written is published; exit
-    status 143 (128 + 15) and the word "terminated"."""
+    """SIGTERM (what `kill`, `timeout` and supervisors send; signals.sigterm_as_interrupt turns it into this
+    exception in the main thread): unwound like Ctrl-C, so that temporaries are removed and nothing half-written
+    is published; exit status 143 (128 + 15) and the word "terminated"."""
 
 
 class LimitReached(DdpmError):
