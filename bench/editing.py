@@ -64,7 +64,7 @@ def upscaling(model, clf, x, y, factors, methods, engine, batch, seed=0) -> list
     for f in factors:
         small = np.clip(np.rint(downsample(x, f)), 0, 255).astype(np.uint8)
         outs = {"nearest": (upsample(small, f), 0.0),
-                "bicubic": (np.stack([np.asarray(Image.fromarray(s).resize((28, 28), Image.Resampling.BICUBIC))
+                "bicubic": (np.stack([np.asarray(Image.fromarray(s).resize(x.shape[:0:-1], Image.Resampling.BICUBIC))
                                       for s in small]), 0.0)}
         for method, eta in methods:
             outs[f"{method} eta{eta:g}"] = _timed(lambda: model.upscale(small, f, method=method, eta=eta,

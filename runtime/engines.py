@@ -123,7 +123,7 @@ def make_engine(name: str, device: str = "cpu", model=None, null_label: int = 10
             raise EngineUnavailable(str(e)) from None
         net = TrtNet(plan, device)
     null = bundle.null_label if bundle is not None else null_label
-    shape = bundle.image_shape if bundle is not None else (1, 28, 28)
+    shape = bundle.image_shape if bundle is not None else model.cfg.image_shape   # the model's (C, H, W)
     return RuntimeEngine(net, null, shape, cuda_graph=cuda_graph)
 
 
