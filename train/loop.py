@@ -464,10 +464,15 @@ class State:
 
 def build_state(run: Run) -> State:
     """The seeded model (with the --init weights), its EMA and Adam, the training data, and on --resume the
-    checkpoint's weights, optimiser state and torch RNG state. Raises TrainingError when the checkpoint does not
-    fit."""
+    checkpoint's weights, optimiser state and torch RNG state. Raises TrainingError when the model's image shape is
+    not the data's or the checkpoint does not fit."""
     torch.manual_seed(run.cfg.seed)
     images, labels = load_mnist(run.cfg.data, "train")
+    data_shape = (1, *images.shape[1:])   # MNIST: greyscale
+    if data_shape != run.mcfg.image_shape:
+        raise TrainingError(f"the model takes images of {'x'.join(map(str, run.mcfg.image_shape))}, the training data "
+                            f"(MNIST) holds {'x'.join(map(str, data_shape))}: training reads MNIST only, so train a "
+                            f"model of that shape")
     model = UNet(run.mcfg)
     if run.init_state is not None:   # on --resume the checkpoint holds the weights (an --init is then only recorded)
         model.load_state_dict(run.init_state)
