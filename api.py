@@ -332,14 +332,10 @@ def load(path: str | os.PathLike | None = None, export: str | os.PathLike | None
         raise DdpmError(f"{export or path}: not a usable model ({type(e).__name__}: {clip(e)})") from None
 
 
-_REFERENCES: dict = {}   # (data folder, classifier file) -> bench.quality.Reference, loaded once per process
-_REFERENCES_LOCK = threading.Lock()   # evaluate from several threads: one load, one Reference shared
-
-
 @checked(name=Str())
 def evaluate(images, labels, data: str | os.PathLike | None = None, name: str = "samples",
              download: bool = True) -> dict:
-    """Quality figures of generated digits, as `ddpm eval` reports them (bench/quality.py).
+    """Quality figures of generated digits, as `ddpm eval` reports them (ddpm.evaluation).
 
     images: (N, 28, 28) uint8, 0 black .. 255 white (what `Model.generate` returns), N >= 2. labels: (N,) integers,
     the class each digit was drawn for, -1 for unconditional ones. data: the MNIST folder (default $DDPM_DATA, else
@@ -352,20 +348,6 @@ def evaluate(images, labels, data: str | os.PathLike | None = None, name: str = 
     from .model.io import require_torch
 
     require_torch("ddpm.evaluate")
-    from .bench import quality
-    from .train.data import ensure_mnist, resolve_data_dir
+    from .evaluation import evaluate_sets
 
-    images, labels = np.asarray(images), np.asarray(labels)
-    if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer) or \
-            (len(labels) and (labels.min() < -1 or labels.max() > 9)):
-        raise DdpmError(f"labels must be {len(images)} integers in -1..9 (one per image), got {labels.dtype} "
-                        f"{labels.shape}")
-    folder = ensure_mnist(resolve_data_dir(data), download=download, progress=lambda *_: None)
-    key = (str(folder), str(quality.CLASSIFIER_FILE))
-    with _REFERENCES_LOCK:
-        if key not in _REFERENCES:
-            _REFERENCES[key] = quality.Reference.load(folder)
-    try:
-        return _REFERENCES[key].evaluate(images, labels.astype(np.int64), name)
-    except ValueError as e:   # the images (quality.Reference.evaluate checks them)
-        raise OptionError(str(e), "images") from None
+    return evaluate_sets([(name, images, labels)], data, download=download, log=None, keep=True)[0]

@@ -12,7 +12,8 @@ from .cli_edit import edit_cmd, inpaint, restore, upscale
 from .cli_options import check_output, done, prepare, refuse_guidance_without_labels, sampling_options
 from .cli_tools import bench, eval_cmd, export_cmd
 from .cli_train import train
-from .errors import DdpmError, OptionError, Terminated, file_size_limit_as_error, limit_message, sigterm_as_interrupt
+from .errors import DdpmError, OptionError, Terminated, limit_message
+from .signals import file_size_limit_as_error, sigterm_as_interrupt
 
 # OMP_WAIT_POLICY=PASSIVE is set by `import ddpm` (ddpm/__init__.py), before any command loads PyTorch.
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}

@@ -46,44 +46,29 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
     import json
     from pathlib import Path
 
-    from . import pipeline
-    from .bench import quality
+    from . import evaluation, pipeline
     from .files import write_text
     from .runtime.generate import ensure_memory
     from .samples import read_samples
-    from .train.data import ensure_mnist, resolve_data_dir
 
-    samples = [(f, *read_samples(f)) for f in sample_files]   # every file checked before the slow parts
-    if not sample_files:   # the images, and the classifier's 128 float64 features of each
-        ensure_memory(num * (28 * 28 + 128 * 8), f"evaluating {num} samples", "lower -n", per_unit=28 * 28 + 128 * 8)
-    set_threads(o["threads"])
-    data_dir = ensure_mnist(resolve_data_dir(data), progress=click.echo)
-    clf_path = Path(classifier or quality.CLASSIFIER_FILE)
-    if train_classifier:
-        if classifier is None:
-            from .locations import user_dir
-
-            clf_path = user_dir("config") / "classifier.safetensors"
-        acc = quality.train_classifier(data_dir, clf_path, progress=not o["quiet"])
-        click.echo(f"classifier retrained: test accuracy {100 * acc:.2f}% -> {clf_path}")
-    if not clf_path.is_file():
-        raise click.ClickException(f"classifier weights {clf_path} not found (use --train-classifier)")
-    ref = quality.Reference.load(data_dir, clf_path)
-    rows = []
-    for f, images, labels in samples:
-        try:
-            rows.append(ref.evaluate(images, labels, Path(f).name))
-        except ValueError as e:
-            raise click.ClickException(f"{f}: {e}") from None
+    samples = [(Path(f).name, *read_samples(f)) for f in sample_files]   # every file checked before the slow parts
     if not sample_files:
+        ensure_memory(num * evaluation.SAMPLE_BYTES, f"evaluating {num} samples", "lower -n",
+                      per_unit=evaluation.SAMPLE_BYTES)
+    set_threads(o["threads"])
+
+    def generated():   # drawn once the classifier and the data are ready
         model, opts, log = prepare(o)
         plan = model.plan(**opts.plan_args())
         labels = model.labels(num, None, uncond)
         job = pipeline.Job(num, plan, lambda a, b: labels[a:b], bool(opts.guidance) and not uncond,
                            image_shape=model.image_shape)
         images = pipeline.generate(model, opts, job, progress=not o["quiet"], log=log)
-        rows.append(ref.evaluate(images, labels, f"{plan.name} w={opts.guidance:g}" + (" uncond" if uncond else "")))
-    click.echo(quality.format_table(rows))
+        yield f"{plan.name} w={opts.guidance:g}" + (" uncond" if uncond else ""), images, labels
+
+    rows = evaluation.evaluate_sets(samples or generated(), data, classifier, train_classifier,
+                                    progress=not o["quiet"], log=click.echo)
+    click.echo(evaluation.format_table(rows))
     if json_out:
         write_text(json_out, json.dumps(rows, indent=2) + "\n")
 

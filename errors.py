@@ -5,16 +5,14 @@ what to do (model.io.CheckpointError, runtime.bundle.ExportError, train.data.Dat
 files.OutputError, ...); `ddpm.cli` prints any of them as "Error: <message>" with exit status 1. `Interrupted` is a
 KeyboardInterrupt that carries what a user needs to know after Ctrl-C (exit status 130); `Terminated`, one of them,
 is SIGTERM's (exit status 143). Code that catches a KeyboardInterrupt to say more re-raises `interrupted(e, ...)`,
-which keeps the signal's kind: supervisors (systemd, Kubernetes, `timeout`) read the exit status.
+which keeps the signal's kind: supervisors (systemd, Kubernetes, `timeout`) read the exit status. The signals
+become these exceptions in signals.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import numbers
-import signal
-import threading
 
 try:   # imported now: once a limit is reached (too many open files, no memory) an import may fail itself
     import resource
@@ -112,7 +110,8 @@ def limit_message(e: BaseException) -> str | None:
       names the address-space limit (ulimit -v, KiB) or the data-segment limit (ulimit -d) when one is set;
     - too many open files: OSError EMFILE (the per-process limit, ulimit -n) or ENFILE (the system's table);
     - a file larger than the file-size limit: OSError EFBIG (ulimit -f, in blocks of 1024 bytes; the CLI ignores
-      SIGXFSZ so that such a write fails with EFBIG instead of killing the process).
+      SIGXFSZ, signals.file_size_limit_as_error, so that such a write fails with EFBIG instead of killing the
+      process).
     """
     seen, err = set(), e
     while err is not None and id(err) not in seen:
@@ -147,9 +146,9 @@ def limit_message(e: BaseException) -> str | None:
 
 
 class Terminated(Interrupted):
-    """SIGTERM (what `kill`, `timeout` and supervisors send; ddpm.cli turns it into this exception in the main
-    thread): unwound like Ctrl-C, so that temporaries are removed and nothing half-written is published; exit
-    status 143 (128 + 15) and the word "terminated"."""
+    """SIGTERM (what `kill`, `timeout` and supervisors send; signals.sigterm_as_interrupt turns it into this
+    exception in the main thread): unwound like Ctrl-C, so that temporaries are removed and nothing half-written
+    is published; exit status 143 (128 + 15) and the word "terminated"."""
 
 
 class LimitReached(DdpmError):
@@ -172,36 +171,3 @@ def interrupted(e: KeyboardInterrupt, detail: str) -> Interrupted:
     if isinstance(e, Terminated):
         return Terminated(f"terminated; {detail}")
     return Interrupted(f"interrupted; {detail}")
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """While the block runs, SIGTERM raises Terminated in the main thread instead of killing the process on the spot
-    (which leaves the temporary of a write in progress behind). Outside the main thread: unchanged."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_term(signum, frame):
-        raise Terminated("terminated")
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def file_size_limit_as_error():
-    """While the block runs, SIGXFSZ (sent when a write passes the file-size limit, ulimit -f) is ignored, so that
-    the write fails with EFBIG and is reported (and its temporary removed) instead of the process being killed with
-    a core dump. Outside the main thread, or where there is no such signal: unchanged."""
-    if not hasattr(signal, "SIGXFSZ") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGXFSZ, previous)

@@ -2,8 +2,9 @@
 
 An .npz (a zip of .npy members, as numpy.savez_compressed writes) with
 
-    images  (N, 28, 28) uint8   0 black .. 255 white, MNIST's convention
-    labels  (N,)        int64   the class each sample was drawn for, -1 for unconditional samples
+    images  (N, H, W) uint8   0 black .. 255 white, MNIST's convention; H x W the model's image size (28 x 28 for
+                              MNIST)
+    labels  (N,)      int64   the class each sample was drawn for, -1 for unconditional samples
 
 `save_samples` writes the images as they are generated, one batch at a time, so that any N fits in memory, and
 atomically (files.atomic_write): a killed `ddpm gen` leaves the previous file, never a part. `read_samples` checks a
@@ -12,6 +13,7 @@ file against SAMPLES (schema.py) and raises SamplesError, one line that says wha
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import zipfile
@@ -26,7 +28,7 @@ from .schema import Array, Schema
 
 NUM_CLASSES = 10
 SAMPLES = Schema("samples file from `ddpm gen --out x.npz`", {
-    "images": Array(("uint8",), ("N", 28, 28)),
+    "images": Array(("uint8",), ("N", "H", "W")),
     "labels": Array(("int",), ("N",), min=-1, max=NUM_CLASSES - 1),
 }, hint="write one with `ddpm gen -n N --out x.npz`")
 
@@ -63,7 +65,7 @@ def _declared(zf: zipfile.ZipFile, name: str) -> tuple[_Declared, int]:
 
 
 def read_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N,28,28) uint8, labels (N,) int64) of a samples file, checked against SAMPLES. Raises SamplesError.
+    """(images (N,H,W) uint8, labels (N,) int64) of a samples file, checked against SAMPLES. Raises SamplesError.
 
     Every member's header (dtype, shape) is checked against the schema, and the bytes it implies against the size
     the zip declares for the member and against MAX_SAMPLES_BYTES, before any data is inflated or allocated."""
@@ -123,11 +125,12 @@ def _npy_member(zf: zipfile.ZipFile, name: str, dtype, shape: tuple[int, ...]):
 
 
 def save_samples(path: str | os.PathLike, labels, batches: Iterable[np.ndarray],
-                 image_shape: tuple[int, int] = (28, 28), n: int | None = None) -> None:
+                 image_shape: tuple[int, int] | None = None, n: int | None = None) -> None:
     """Write a samples file from the labels and the images as batches of (b, H, W) uint8 (N in all), holding one
     batch at a time. labels: (N,) ints, or a function (lo, hi) -> the labels of samples lo..hi-1 with `n` = N (then
-    nothing of size N is held). Atomic: whatever stops it (an error in `batches`, Ctrl-C, a full disk), the previous
-    file stays. Raises ValueError when the batches do not add up to N images of that shape."""
+    nothing of size N is held). image_shape: (H, W), by default the first batch's. Atomic: whatever stops it (an
+    error in `batches`, Ctrl-C, a full disk), the previous file stays. Raises ValueError when the batches do not add
+    up to N images of one shape."""
     if callable(labels):
         get = labels
     else:
@@ -139,12 +142,15 @@ def save_samples(path: str | os.PathLike, labels, batches: Iterable[np.ndarray],
             with _npy_member(zf, "labels", np.int64, (n,)) as f:
                 for lo in range(0, n, 1 << 20):
                     f.write(np.ascontiguousarray(get(lo, min(n, lo + (1 << 20))), dtype=np.int64).tobytes())
-            count = 0
-            with _npy_member(zf, "images", np.uint8, (n, *image_shape)) as f:
-                for part in batches:
+            count, parts = 0, iter(batches)
+            first = next(parts, None)
+            shape = tuple(image_shape) if image_shape is not None else \
+                np.shape(first)[1:] if first is not None else (0, 0)
+            with _npy_member(zf, "images", np.uint8, (n, *shape)) as f:
+                for part in itertools.chain([] if first is None else [first], parts):
                     part = np.ascontiguousarray(part, dtype=np.uint8)
-                    if part.shape[1:] != tuple(image_shape) or count + len(part) > n:
-                        raise ValueError(f"batch of shape {part.shape} does not fit {n} images of {image_shape}")
+                    if part.shape[1:] != shape or count + len(part) > n:
+                        raise ValueError(f"batch of shape {part.shape} does not fit {n} images of {shape}")
                     f.write(part.tobytes())
                     count += len(part)
             if count != n:

@@ -1,4 +1,4 @@
-"""How well the editing modes work, measured on real MNIST test digits with the eval classifier (bench.quality).
+"""How well the editing modes work, measured on real MNIST test digits with the eval classifier (ddpm.evaluation).
 
     python -m ddpm.bench.editing --data ../shared/data/mnist -n 200 --json edits.json
 
@@ -37,7 +37,7 @@ def _timed(fn):
 
 
 def class_edits(model, clf, x, y, strengths, guidances, engine, batch, seed=0) -> list[dict]:
-    from .quality import predict
+    from ..evaluation import predict
 
     n = len(x)
     targets = (y.astype(np.int64) + 1 + np.arange(n) % 9) % 10
@@ -58,13 +58,13 @@ def upscaling(model, clf, x, y, factors, methods, engine, batch, seed=0) -> list
     from PIL import Image
 
     from ..runtime.edits import downsample, upsample
-    from .quality import predict
+    from ..evaluation import predict
 
     rows = []
     for f in factors:
         small = np.clip(np.rint(downsample(x, f)), 0, 255).astype(np.uint8)
         outs = {"nearest": (upsample(small, f), 0.0),
-                "bicubic": (np.stack([np.asarray(Image.fromarray(s).resize((28, 28), Image.Resampling.BICUBIC))
+                "bicubic": (np.stack([np.asarray(Image.fromarray(s).resize(x.shape[:0:-1], Image.Resampling.BICUBIC))
                                       for s in small]), 0.0)}
         for method, eta in methods:
             outs[f"{method} eta{eta:g}"] = _timed(lambda: model.upscale(small, f, method=method, eta=eta,
@@ -83,7 +83,7 @@ def upscaling(model, clf, x, y, factors, methods, engine, batch, seed=0) -> list
 
 def inpainting(model, clf, x, y, configs, engine, batch, seed=0) -> list[dict]:
     from ..runtime.edits import half_mask
-    from .quality import predict
+    from ..evaluation import predict
 
     keep = half_mask("bottom")
     rows = []
@@ -97,7 +97,7 @@ def inpainting(model, clf, x, y, configs, engine, batch, seed=0) -> list[dict]:
 
 
 def restoration(model, clf, x, y, sigmas, engine, batch, seed=0) -> list[dict]:
-    from .quality import predict
+    from ..evaluation import predict
 
     rows = []
     rng = np.random.default_rng(seed)
@@ -116,7 +116,7 @@ def main(argv=None) -> None:
     import ddpm
 
     from ..train.data import load_mnist
-    from .quality import load_classifier
+    from ..evaluation import load_classifier
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="MNIST folder (the test set is used)")

@@ -5,8 +5,8 @@
     python -m ddpm.bench.sweep --out bench/sweep --report                              # table and plot again
 
 Every point generates N class-conditional samples (classes 0-9 in turn, the seeded noise stream of `ddpm gen`) with
-one plan and scores them with bench.quality (Frechet distance of the MNIST classifier's features to the test set,
-the floor at the same N, conditional accuracy), exactly as `ddpm eval -n N --sampler S --steps K ...` does. The
+one plan and scores them with ddpm.evaluation (Frechet distance of the MNIST classifier's features to the test
+set, the floor at the same N, conditional accuracy), exactly as `ddpm eval -n N --sampler S --steps K ...` does. The
 points come in groups, measured in this order:
 
     main      ddim, dpm++2m, unipc at 5, 8, 10, 15, 20 steps (ddim also at 50), each with its default spacing,
@@ -102,7 +102,7 @@ def measure(args) -> None:
     from ..runtime.generate import generate, labels_for
     from ..runtime.samplers import make_plan
     from ..runtime.schedule import Schedule
-    from . import quality
+    from .. import evaluation
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ def measure(args) -> None:
         torch.backends.cudnn.allow_tf32 = False
     loaded = cli._load(args.ckpt)
     eng = cli.make_engine(args.engine, loaded, device, None, False, not args.no_cuda_graph, 2 * args.batch)
-    ref = quality.Reference.load(args.data)
+    ref = evaluation.Reference.load(args.data)
     sched = Schedule.of(loaded.cfg)
     floors = {}
     doc["meta"] = {"engine": eng.name, "device": device, "model": loaded.hash[:16], "batch": args.batch,
@@ -135,8 +135,8 @@ def measure(args) -> None:
         seconds = time.perf_counter() - t0
         if p["n"] not in floors:
             floors[p["n"]] = ref.floor(p["n"])
-        feats, preds = quality.features_and_predictions(ref.classifier, images)
-        fd = quality.frechet_distance(feats, ref.test_features)
+        feats, preds = evaluation.features_and_predictions(ref.classifier, images)
+        fd = evaluation.frechet_distance(feats, ref.test_features)
         row = {**p, "key": point_key(p), "plan": plan.name, "calls": plan.calls,
                "network_images": network_images(plan, p["guidance"] > 0), "fd": fd, "floor": floors[p["n"]],
                "fd_ratio": fd / floors[p["n"]], "accuracy": float((preds == labels).mean()), "seconds": seconds}

@@ -34,11 +34,12 @@ class ExportFailed(DdpmError):
 
 
 def to_onnx(model: torch.nn.Module, path: Path, precision: str, opset: int = 17) -> None:
-    """Trace eps_theta(x, t, y) to ONNX: x (B,1,28,28), t (B,) int64, y (B,) int64 as inputs, dynamic batch."""
+    """Trace eps_theta(x, t, y) to ONNX: x (B,C,H,W) float (C, H, W: model.cfg.image_shape, 1x28x28 for MNIST), t (B,)
+    int64, y (B,) int64 as inputs, eps (B,C,H,W) as output, the batch dynamic; fp16 inputs and output for "fp16"."""
     dtype = torch.float16 if precision == "fp16" else torch.float32
     model = model.to(dtype).eval()
-    c, h, w = model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size
-    args = (torch.zeros(2, c, h, w, dtype=dtype), torch.tensor([0, 1]), torch.tensor([0, model.cfg.null_label]))
+    args = (torch.zeros(2, *model.cfg.image_shape, dtype=dtype), torch.tensor([0, 1]),
+            torch.tensor([0, model.cfg.null_label]))
     kw = {}
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         kw["dynamo"] = False   # the TorchScript exporter: present from torch 2.4 on, fast, no onnxscript needed
@@ -60,12 +61,13 @@ def ort_session(path: Path, threads: int | None = None):
 
 
 def verify(path: Path, reference: torch.nn.Module, precision: str, T: int, batches=(1, 5), seed: int = 0) -> dict:
-    """Compare onnxruntime with fp32 PyTorch on random inputs, t=0 and t=T-1 included; returns the figures."""
+    """Compare onnxruntime with fp32 PyTorch on random inputs x (b, *reference.cfg.image_shape) for each batch b,
+    t=0 and t=T-1 included; returns the figures. Raises ExportFailed beyond TOLERANCE or for non-finite outputs."""
     sess = ort_session(path)
     g = torch.Generator().manual_seed(seed)
     worst, scale = 0.0, 0.0
     for b in batches:
-        x = torch.randn(b, 1, 28, 28, generator=g)
+        x = torch.randn(b, *reference.cfg.image_shape, generator=g)
         t = torch.randint(0, T, (b,), generator=g)
         t[0] = 0
         t[-1] = T - 1
@@ -102,7 +104,7 @@ def metadata(loaded: LoadedModel, files: dict, opset: int) -> dict:
     return {
         "format": EXPORT_FORMAT, "version": 1,
         "checkpoint_hash": loaded.hash, "checkpoint": Path(loaded.path).name, "step": loaded.info.get("step"),
-        "model_config": cfg.to_dict(), "image_shape": [cfg.in_channels, cfg.image_size, cfg.image_size],
+        "model_config": cfg.to_dict(), "image_shape": list(cfg.image_shape),
         "num_classes": cfg.num_classes, "null_label": cfg.null_label,
         "schedule": cfg.schedule, "T": cfg.timesteps,
         "betas": sched.betas.tolist(), "alphas_cumprod": sched.alphas_cumprod.tolist(),
@@ -110,7 +112,8 @@ def metadata(loaded: LoadedModel, files: dict, opset: int) -> dict:
         "outputs": {"eps": "same dtype and shape as x"},
         "opset": opset, "torch": torch.__version__, "onnx": onnx.__version__,
         "fp16_kept_in_fp32": ["timestep sinusoids (fp16 loses their phase at large t)",
-                              "GroupNorm mean/variance (fp16 sums over 28x28xC overflow precision)"],
+                              f"GroupNorm mean/variance (fp16 sums over {cfg.image_size}x{cfg.image_size}xC "
+                              f"overflow precision)"],
         "files": files,
     }
 

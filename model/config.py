@@ -15,7 +15,7 @@ class ModelConfig:
     image_size: int = 28                 # images are image_size x image_size
     in_channels: int = 1                 # greyscale MNIST
     base_channels: int = 32              # channels at full resolution
-    channel_mults: tuple[int, ...] = (1, 2, 2)  # channels per resolution level (28, 14, 7 for MNIST)
+    channel_mults: tuple[int, ...] = (1, 2, 2)  # channels per resolution level (28x28, 14x14, 7x7 for MNIST)
     num_res_blocks: int = 1              # residual blocks per level on the way down (one more on the way up)
     attention: bool = True               # self-attention in the middle block (lowest resolution)
     num_classes: int = 10                # class labels 0..num_classes-1; index num_classes means "no label"
@@ -29,6 +29,11 @@ class ModelConfig:
     def null_label(self) -> int:
         """The reserved class index meaning "no label" (unconditional / classifier-free guidance)."""
         return self.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the network denoises: (1, 28, 28) for MNIST."""
+        return (self.in_channels, self.image_size, self.image_size)
 
     @property
     def time_dim(self) -> int:

@@ -1,4 +1,5 @@
-"""eps_theta(x_t, t, y): a small DDPM UNet (Ho et al. 2020, appendix B) for 1x28x28 images.
+"""eps_theta(x_t, t, y): a small DDPM UNet (Ho et al. 2020, appendix B) for C x H x W images
+(ModelConfig.image_shape: 1x28x28 for MNIST).
 
 The timestep embedding is always computed in float32 (fp16 sinusoids lose accuracy at large t) and cast to the
 weights' dtype afterwards, so a half-precision copy of the network (and its ONNX export) keeps it exact.

@@ -147,7 +147,7 @@ def make_engine(name: str, *, device: str = "cpu", model=None, null_label: int =
     if bundle is not None:
         null_label, image_shape = bundle.null_label, bundle.image_shape
     else:
-        image_shape = (model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size)
+        image_shape = model.cfg.image_shape   # the model's (C, H, W)
     return RuntimeEngine(net, null_label, image_shape, cuda_graph=cuda_graph)
 
 

@@ -198,7 +198,8 @@ def check_grid(n: int) -> None:
 def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, scale: int = 2,
               text: dict[str, str] | None = None) -> None:
     """Tile (N,H,W) uint8 images (N <= MAX_GRID) into one image, `scale` x nearest-neighbour, and write it atomically
-    (PNG, or any format Pillow knows from the extension). text: PNG text entries (e.g. the training step)."""
+    (PNG, or any format Pillow knows from the extension); one image (N = 1) is written bare, at its own H x W. text:
+    PNG text entries (e.g. the training step)."""
     from PIL import Image, PngImagePlugin
 
     from ..files import atomic_write
@@ -207,8 +208,11 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, sca
     fmt = Image.registered_extensions().get(Path(path).suffix.lower())   # loads Pillow's plugins
     if fmt is None:
         raise ValueError(f"{path}: unknown image extension (use .png)")
-    img = Image.fromarray(grid(images, nrow))
-    if scale > 1:
+    if len(images) == 1:   # a picture of one digit is the digit itself, as the model made it
+        img = Image.fromarray(np.ascontiguousarray(images[0], dtype=np.uint8))
+    else:
+        img = Image.fromarray(grid(images, nrow))
+    if scale > 1 and len(images) > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     info = None
     if text and fmt == "PNG":

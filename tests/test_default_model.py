@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ddpm.bench.quality import load_classifier, predict
+from ddpm.evaluation import load_classifier, predict
 from ddpm.model.io import default_model_path, load_model
 from ddpm.runtime.eager import EagerEngine
 from ddpm.runtime.generate import generate, labels_for

@@ -262,7 +262,7 @@ def test_corrupted_local_mnist_says_what_to_do(fake_mnist, tmp_path):
 
 
 def test_bad_classifier_file_is_one_line(tmp_path):
-    from ddpm.bench.quality import load_classifier
+    from ddpm.evaluation import load_classifier
 
     (tmp_path / "c.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(CheckpointError, match="not the weights of ddpm's MNIST classifier"):

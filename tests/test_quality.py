@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ddpm.bench.quality import CLASSIFIER_FILE, Reference, frechet_distance
+from ddpm.evaluation import CLASSIFIER_FILE, Reference, frechet_distance
 from ddpm.cli import main
 from ddpm.train.data import load_mnist
 
@@ -71,3 +71,23 @@ def test_eval_cli_on_samples_file(mnist_dir, tmp_path):
 
 def test_classifier_is_shipped():
     assert CLASSIFIER_FILE.is_file()
+
+
+def test_evaluation_finds_missing_data_before_drawing_samples(tmp_path):
+    """evaluate_sets loads the reference before it consumes a lazy set: a missing MNIST folder is reported before
+    any sample is drawn, and a list of sets is checked before anything is loaded."""
+    from ddpm.evaluation import EvaluationError, evaluate_sets
+    from ddpm.train.data import DataError
+
+    drawn = []
+
+    def sets():
+        drawn.append(True)
+        yield "s", np.zeros((4, 28, 28), np.uint8), np.zeros(4, np.int64)
+
+    with pytest.raises(DataError, match="MNIST files missing"):
+        evaluate_sets(sets(), tmp_path / "none", download=False, log=None)
+    assert not drawn
+    with pytest.raises(EvaluationError, match=r"s: expected uint8 images \(N, 28, 28\), got uint8 \(4, 32, 32\)"):
+        evaluate_sets([("s", np.zeros((4, 32, 32), np.uint8), np.zeros(4, np.int64))], tmp_path / "none",
+                      download=False, log=None)

@@ -146,6 +146,22 @@ def test_init_and_resume_take_the_model_config_from_the_run(fake_mnist, tmp_path
                                              f"T=40), not --preset small; leave out --preset to train that model"]
 
 
+def test_init_of_another_image_shape_is_one_clear_error(fake_mnist, tmp_path):
+    """Training reads MNIST only: --init with a model of 32x32 images is refused in one line, before a step."""
+    import dataclasses
+
+    from helpers import TINY, tiny_checkpoint
+
+    tiny_checkpoint(tmp_path, cfg=dataclasses.replace(TINY, image_size=32))
+    r = CliRunner().invoke(main, ["train", "--data", str(fake_mnist), "--init", str(tmp_path), "--out",
+                                  str(tmp_path / "r"), "--steps", "1", "--batch", "8", "--device", "cpu"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1:] == ["Error: the model takes images of 1x32x32, the training data (MNIST) "
+                                             "holds 1x28x28: training reads MNIST only, so train a model of that "
+                                             "shape"]
+    assert not (tmp_path / "r" / "ckpt.pt").exists()
+
+
 def test_cli_missing_data_is_one_clear_error(tmp_path, monkeypatch):
     import ddpm.train.data as data
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DdpmError, brief, interrupted, limit_message
+from ..errors import DdpmError, brief
 from ..files import OutputError, check_writable, clean_stale, folder_lock, output_path, readable_name, write_text
 from ..model import PRESETS, UNet
 from ..model.config import ModelConfig
@@ -29,6 +29,7 @@ from ..model.io import (CKPT_FILE, MODEL_FILE, CheckpointError, check_fits, load
                         resolve_model_path, save_checkpoint, save_model)
 from ..runtime.noise import check_seed
 from ..runtime.schedule import PREDICTIONS, Schedule
+from ..signals import stop_message
 from . import dist
 from .data import ensure_mnist, load_mnist, resolve_data_dir
 
@@ -326,8 +327,33 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
 
 
 def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
-    from tqdm import tqdm
+    run = resolve_run(cfg, resume, log)
+    state = build_state(run)
+    if resume and state.start >= run.cfg.steps:
+        return _complete(run, state, log)
+    if run.ctx.rank == 0:
+        opts = dict(dataclasses.asdict(run.cfg), model_config=run.mcfg.to_dict(), world_size=run.ctx.world,
+                    resumed_from=state.start, device=str(run.device), torch=torch.__version__)
+        write_text(run.out / "options.json", json.dumps(opts, indent=2) + "\n")
+        cut_log(run.out / LOG_FILE, state.start)   # the steps after the checkpoint are trained (and logged) again
+    return train_loop(run, state, progress)
 
+
+@dataclass
+class Run:
+    """A run resolved from its options, before anything is built: what to train, where, and from what."""
+    cfg: TrainConfig              # every option resolved: the model's fields, the data folder, lr_schedule, ...
+    mcfg: ModelConfig             # the network
+    out: Path                     # the run folder
+    resume: bool                  # continue from ckpt
+    ckpt: dict | None             # the checkpoint of --resume (load_checkpoint)
+    init_state: dict | None       # the weights of --init
+    ctx: dist.DistContext         # this process among the torchrun processes (one: a no-op)
+    device: torch.device
+
+
+def _check_options(cfg: TrainConfig) -> None:
+    """TrainingError (one line) for an option out of range or not one of its choices."""
     for name, value, low in (("steps", cfg.steps, 1), ("batch_size", cfg.batch_size, 1), ("ckpt_every", cfg.ckpt_every, 1),
                              ("log_every", cfg.log_every, 1), ("warmup", cfg.warmup, 0)):
         if value < low:
@@ -346,26 +372,53 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
         raise TrainingError(f"unknown loss weighting {cfg.loss_weight!r}; choose from {', '.join(LOSS_WEIGHTS)}")
     if cfg.prediction not in (None, *PREDICTIONS):
         raise TrainingError(f"unknown prediction {cfg.prediction!r}; choose from {', '.join(PREDICTIONS)}")
+
+
+def _read_resume(out: Path) -> tuple[dict, ModelConfig]:
+    """(checkpoint, its model config) of the run in `out`, checked to fit before a network is built from it."""
+    if not (out / CKPT_FILE).is_file():
+        raise TrainingError(f"--resume: no {CKPT_FILE} in {out}: no checkpoint was completed there, so there is "
+                            f"nothing to resume; run the same command without --resume to start it")
+    try:
+        ckpt = load_checkpoint(out / CKPT_FILE)
+        given = ModelConfig.from_dict(ckpt["model_config"]).validate()
+    except CheckpointError as e:
+        raise TrainingError(f"--resume: {e}") from None
+    except (TypeError, ValueError, KeyError) as e:
+        raise TrainingError(f"--resume: {out / CKPT_FILE} holds an invalid model config ({e})") from None
+    try:
+        for weights in ("ema", "model"):
+            check_fits(out / CKPT_FILE, given, ckpt[weights])
+    except CheckpointError as e:
+        raise TrainingError(f"--resume: {out / CKPT_FILE} does not fit this model ({str(e).split(': ', 1)[1]}); "
+                            f"use an earlier checkpoint or start a new run") from None
+    return ckpt, given
+
+
+def _resumed_optimisation(cfg: TrainConfig, ckpt: dict | None, where: Path) -> TrainConfig:
+    """cfg with lr_schedule and loss_weight resolved: the checkpoint's on --resume (a different one given is a
+    TrainingError), else the one given or the default."""
+    if ckpt is not None:
+        stored = ckpt.get("train_config", {})
+        for key in ("lr_schedule", "loss_weight"):   # how the run optimises: --resume keeps it
+            have = stored.get(key) or getattr(TrainConfig, key + "_default")
+            if getattr(cfg, key) not in (None, have):
+                raise TrainingError(f"--resume: {where} was trained with {key}={brief(have)}, "
+                                    f"not {getattr(cfg, key)!r}; resume with the same setting or leave it out")
+            cfg = dataclasses.replace(cfg, **{key: have})
+    return dataclasses.replace(cfg, lr_schedule=cfg.lr_schedule or TrainConfig.lr_schedule_default,
+                               loss_weight=cfg.loss_weight or TrainConfig.loss_weight_default)
+
+
+def resolve_run(cfg: TrainConfig, resume: bool, log) -> Run:
+    """The run of these options: options checked, the model config (the checkpoint's on --resume, the weights' with
+    --init, else the preset), the processes and device, the folder cleaned of a killed run's temporaries and the
+    MNIST folder made ready (downloaded by rank 0). Raises TrainingError, DataError."""
+    _check_options(cfg)
     out = Path(cfg.out)
-    # the model: the checkpoint's on --resume, the weights' with --init, else the preset (before data and model)
     ckpt, init_state, given, source = None, None, None, ""
     if resume:
-        if not (out / CKPT_FILE).is_file():
-            raise TrainingError(f"--resume: no {CKPT_FILE} in {out}: no checkpoint was completed there, so there is "
-                                f"nothing to resume; run the same command without --resume to start it")
-        try:
-            ckpt = load_checkpoint(out / CKPT_FILE)
-            given = ModelConfig.from_dict(ckpt["model_config"]).validate()
-        except CheckpointError as e:
-            raise TrainingError(f"--resume: {e}") from None
-        except (TypeError, ValueError, KeyError) as e:
-            raise TrainingError(f"--resume: {out / CKPT_FILE} holds an invalid model config ({e})") from None
-        try:
-            for weights in ("ema", "model"):   # before a network is built from the config
-                check_fits(out / CKPT_FILE, given, ckpt[weights])
-        except CheckpointError as e:
-            raise TrainingError(f"--resume: {out / CKPT_FILE} does not fit this model ({str(e).split(': ', 1)[1]}); "
-                                f"use an earlier checkpoint or start a new run") from None
+        ckpt, given = _read_resume(out)
         source = f"--resume: {out / CKPT_FILE}"
     elif cfg.init:
         try:
@@ -389,144 +442,176 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
     if ctx.rank == 0:
         for name in RUN_FILES:
             clean_stale(out, name)             # temporaries of a killed run's writes
-    torch.manual_seed(cfg.seed)
-
     data_dir = resolve_data_dir(cfg.data)
     if ctx.rank == 0:
         data_dir = ensure_mnist(data_dir, download=True, progress=log)
     ctx.barrier()
-    images, labels = load_mnist(data_dir, "train")
-    images, labels = torch.from_numpy(images), torch.from_numpy(labels)
     cfg = dataclasses.replace(cfg, data=str(Path(data_dir).absolute()))   # options.json records the folder used
+    cfg = _resumed_optimisation(cfg, ckpt, out / CKPT_FILE)
+    return Run(cfg, mcfg, out, resume, ckpt, init_state, ctx, device)
 
-    model = UNet(mcfg)
-    if init_state is not None:   # on --resume the checkpoint holds the weights (an --init is then only recorded)
-        model.load_state_dict(init_state)
-    model = model.to(device)
+
+@dataclass
+class State:
+    """What the steps change, and the data they read."""
+    model: UNet
+    ema: UNet                      # the EMA of the model's weights, what is saved as model.safetensors
+    opt: torch.optim.Optimizer
+    images: torch.Tensor           # (N, H, W) uint8, the training split
+    labels: torch.Tensor           # (N,) uint8
+    start: int                     # the first step to train (the checkpoint's on --resume)
+
+
+def build_state(run: Run) -> State:
+    """The seeded model (with the --init weights), its EMA and Adam, the training data, and on --resume the
+    checkpoint's weights, optimiser state and torch RNG state. Raises TrainingError when the model's image shape is
+    not the data's or the checkpoint does not fit."""
+    torch.manual_seed(run.cfg.seed)
+    images, labels = load_mnist(run.cfg.data, "train")
+    data_shape = (1, *images.shape[1:])   # MNIST: greyscale
+    if data_shape != run.mcfg.image_shape:
+        raise TrainingError(f"the model takes images of {'x'.join(map(str, run.mcfg.image_shape))}, the training data "
+                            f"(MNIST) holds {'x'.join(map(str, data_shape))}: training reads MNIST only, so train a "
+                            f"model of that shape")
+    model = UNet(run.mcfg)
+    if run.init_state is not None:   # on --resume the checkpoint holds the weights (an --init is then only recorded)
+        model.load_state_dict(run.init_state)
+    model = model.to(run.device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=run.cfg.lr)
     start = 0
-    if ckpt is not None:
-        stored = ckpt.get("train_config", {})
-        for key in ("lr_schedule", "loss_weight"):   # how the run optimises: --resume keeps it
-            have = stored.get(key) or getattr(TrainConfig, key + "_default")
-            if getattr(cfg, key) not in (None, have):
-                raise TrainingError(f"--resume: {out / CKPT_FILE} was trained with {key}={brief(have)}, "
-                                    f"not {getattr(cfg, key)!r}; resume with the same setting or leave it out")
-            cfg = dataclasses.replace(cfg, **{key: have})
+    if run.ckpt is not None:
         try:
-            model.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(ckpt["opt"])
-            torch.set_rng_state(ckpt["torch_rng"])
+            model.load_state_dict(run.ckpt["model"])
+            ema.load_state_dict(run.ckpt["ema"])
+            opt.load_state_dict(run.ckpt["opt"])
+            torch.set_rng_state(run.ckpt["torch_rng"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise TrainingError(f"--resume: {out / CKPT_FILE} does not fit this model "
+            raise TrainingError(f"--resume: {run.out / CKPT_FILE} does not fit this model "
                                 f"({str(e).splitlines()[0]}); use an earlier checkpoint or start a new run") from None
-        start = int(ckpt["step"])
-    cfg = dataclasses.replace(cfg, lr_schedule=cfg.lr_schedule or TrainConfig.lr_schedule_default,
-                              loss_weight=cfg.loss_weight or TrainConfig.loss_weight_default)
-    if resume and start >= cfg.steps:
-        # a run killed while it wrote its last checkpoint's model or grid: write what is missing
-        done = _complete_outputs(out, start, ema, mcfg, cfg.seed) if ctx.rank == 0 else []
-        ctx.teardown()
-        if not done:
-            raise TrainingError(f"--resume: the checkpoint is already at step {start} >= --steps {cfg.steps} "
-                                f"(raise --steps to train on)")
-        log(f"the run in {out} is complete at step {start}: wrote the missing {', '.join(done)}")
-        return {"steps": 0, "seconds": 0.0, "steps_per_s": 0.0, "checkpoint_seconds": 0.0, "loss": float("nan"),
-                "losses": []}
-    if ctx.rank == 0:
-        opts = dict(dataclasses.asdict(cfg), model_config=mcfg.to_dict(), world_size=ctx.world, resumed_from=start,
-                    device=str(device), torch=torch.__version__)
-        write_text(out / "options.json", json.dumps(opts, indent=2) + "\n")
-        cut_log(out / LOG_FILE, start)   # the steps after the checkpoint are trained (and logged) again
+        start = int(run.ckpt["step"])
+    return State(model, ema, opt, torch.from_numpy(images), torch.from_numpy(labels), start)
 
-    ddp_model = ctx.wrap(model)
-    sched = Schedule.of(mcfg)
-    sqrt_ac = torch.tensor(sched.sqrt_alphas_cumprod, dtype=torch.float32, device=device)
-    sqrt_1m_ac = torch.tensor(sched.sqrt_one_minus_alphas_cumprod, dtype=torch.float32, device=device)
-    weights = (None if cfg.loss_weight == "eps" else
-               loss_weights(cfg.loss_weight, sched.alphas_cumprod, mcfg.prediction).to(device))
-    amp = torch.bfloat16 if device.type == "cuda" else None
-    order = BatchOrder(len(images), cfg.batch_size, cfg.seed)
-    shard = slice(ctx.rank, None, ctx.world)   # this rank's share of every global batch
 
-    ckpt_seconds = [0.0]
+def _complete(run: Run, state: State, log) -> dict:
+    """A resumed run already at its last step (killed while it wrote that checkpoint's model or grid): write what
+    is missing, or TrainingError when nothing is."""
+    done = _complete_outputs(run.out, state.start, state.ema, run.mcfg, run.cfg.seed) if run.ctx.rank == 0 else []
+    run.ctx.teardown()
+    if not done:
+        raise TrainingError(f"--resume: the checkpoint is already at step {state.start} >= --steps {run.cfg.steps} "
+                            f"(raise --steps to train on)")
+    log(f"the run in {run.out} is complete at step {state.start}: wrote the missing {', '.join(done)}")
+    return {"steps": 0, "seconds": 0.0, "steps_per_s": 0.0, "checkpoint_seconds": 0.0, "loss": float("nan"),
+            "losses": []}
 
-    last_ckpt = [start if resume else None]
 
-    def checkpoint(step: int) -> None:
-        t = time.perf_counter()
-        if ctx.rank == 0:
-            state = {"step": step, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                     "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
-                     "torch_rng": torch.get_rng_state()}
+class Checkpoints:
+    """Writes the run's checkpoints (rank 0; every rank waits for it) and knows the last one on disk, for the
+    message of a run that stops."""
+
+    def __init__(self, run: Run, state: State):
+        self.run, self.state = run, state
+        self.last = state.start if run.resume else None   # the step of the last checkpoint on disk
+        self.seconds = 0.0                                  # spent writing checkpoints and grids
+
+    def where(self) -> str:
+        """Where the run can go on from, e.g. "last checkpoint at step 200 in runs/x, continue with --resume"."""
+        return _last(self.last) + (f" in {self.run.out}, continue with --resume" if self.last is not None else "")
+
+    def save(self, step: int) -> None:
+        run, st, t = self.run, self.state, time.perf_counter()
+        if run.ctx.rank == 0:
+            state = {"step": step, "model": st.model.state_dict(), "ema": st.ema.state_dict(),
+                     "opt": st.opt.state_dict(), "model_config": run.mcfg.to_dict(),
+                     "train_config": dataclasses.asdict(run.cfg), "torch_rng": torch.get_rng_state()}
             try:
                 # ckpt.pt last: whatever step it holds, the model and the grid of that step were written before it
-                save_model(out / MODEL_FILE, mcfg, ema.state_dict(), step=step)
-                write_samples(ema, mcfg, out / SAMPLES_FILE, seed=cfg.seed, step=step)
-                before = _identity(out / CKPT_FILE)
+                save_model(run.out / MODEL_FILE, run.mcfg, st.ema.state_dict(), step=step)
+                write_samples(st.ema, run.mcfg, run.out / SAMPLES_FILE, seed=run.cfg.seed, step=step)
+                before = _identity(run.out / CKPT_FILE)
                 try:
-                    save_checkpoint(out / CKPT_FILE, state)
+                    save_checkpoint(run.out / CKPT_FILE, state)
                 finally:   # a signal after the rename (inside the folder's fsync): this checkpoint is on disk
-                    if _identity(out / CKPT_FILE) not in (None, before):
-                        last_ckpt[0] = step
+                    if _identity(run.out / CKPT_FILE) not in (None, before):
+                        self.last = step
             except OutputError as e:
-                how = ("then continue with --resume" if last_ckpt[0] is not None else
+                how = ("then continue with --resume" if self.last is not None else
                        "then run the same command again (without --resume: nothing to resume yet)")
-                raise TrainingError(f"checkpoint at step {step}: {e}; {how} ({_last(last_ckpt[0])})") from None
-        ctx.barrier()
-        last_ckpt[0] = step
-        ckpt_seconds[0] += time.perf_counter() - t
+                raise TrainingError(f"checkpoint at step {step}: {e}; {how} ({_last(self.last)})") from None
+        run.ctx.barrier()
+        self.last = step
+        self.seconds += time.perf_counter() - t
 
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress or ctx.rank != 0, unit="step", dynamic_ncols=True)
+
+def loss_tables(run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(sqrt(abar_t), sqrt(1 - abar_t), the loss weights or None for plain MSE), (T,) float32 on the run's device."""
+    sched = Schedule.of(run.mcfg)
+    sqrt_ac = torch.tensor(sched.sqrt_alphas_cumprod, dtype=torch.float32, device=run.device)
+    sqrt_1m_ac = torch.tensor(sched.sqrt_one_minus_alphas_cumprod, dtype=torch.float32, device=run.device)
+    weights = (None if run.cfg.loss_weight == "eps" else
+               loss_weights(run.cfg.loss_weight, sched.alphas_cumprod, run.mcfg.prediction).to(run.device))
+    return sqrt_ac, sqrt_1m_ac, weights
+
+
+def train_loop(run: Run, st: State, progress: bool) -> dict:
+    """Steps st.start .. cfg.steps - 1 (Algorithm 1 with label dropout, Adam, clipping, EMA), the losses checked and
+    logged once per window of log_every steps, a checkpoint every ckpt_every steps and at the end. Returns the
+    summary of `train`."""
+    from tqdm import tqdm
+
+    cfg, mcfg, ctx, device = run.cfg, run.mcfg, run.ctx, run.device
+    net, (sqrt_ac, sqrt_1m_ac, weights) = ctx.wrap(st.model), loss_tables(run)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    order = BatchOrder(len(st.images), cfg.batch_size, cfg.seed)
+    shard = slice(ctx.rank, None, ctx.world)   # this rank's share of every global batch
+    checkpoints = Checkpoints(run, st)
+    bar = tqdm(total=cfg.steps, initial=st.start, disable=not progress or ctx.rank != 0, unit="step",
+               dynamic_ncols=True)
     losses = torch.zeros(cfg.log_every, device=device)   # this window's losses, checked (NaN) at the window's end
     history: list[float] = []
-    t0, last, pending = time.perf_counter(), float("nan"), 0
-    model.train()
-    try:
-        for step in range(start, cfg.steps):
-            x0, y, t, noise = (v[shard].to(device, non_blocking=True)
-                               for v in make_batch(step, cfg, order, images, labels, mcfg.timesteps, mcfg.null_label))
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(cfg, step)
-            loss = diffusion_loss(ddp_model, x0, y, t, noise, sqrt_ac, sqrt_1m_ac, amp, weights, mcfg.prediction)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-            losses[pending] = loss.detach()
-            pending += 1
-            done = step + 1
-            at_ckpt = done % cfg.ckpt_every == 0 or done == cfg.steps
-            if pending == cfg.log_every or at_ckpt:
-                window = ctx.mean(losses[:pending])   # one host sync per window, not per step
-                if not bool(torch.isfinite(window).all()):
-                    raise TrainingError(f"loss became non-finite by step {done}; stopped, the last good checkpoint "
-                                        f"in {out} is kept (try a lower --lr)")
-                first = done - pending
-                history.extend(window.tolist())
-                last, pending = history[-1], 0
-                if ctx.rank == 0:
-                    append_log(out / LOG_FILE, [{"step": first + k + 1, "loss": v}
-                                                for k, v in enumerate(window.tolist())])
-                bar.set_postfix(loss=f"{window.mean().item():.4f}")
-                bar.update(len(window))
-            if at_ckpt:
-                checkpoint(done)
-    except KeyboardInterrupt as e:   # Ctrl-C or SIGTERM: every file is whole (atomic writes); say where to resume
-        raise interrupted(e, _last(last_ckpt[0]) + (f" in {out}, continue with --resume" if last_ckpt[0] is not None
-                                                    else "")) from None
-    except Exception as e:      # a resource limit (memory, open files, file size): the limit, and where to resume
-        message = limit_message(e)
-        if message is None:
-            raise
-        raise TrainingError(f"{message}; {_last(last_ckpt[0])}"
-                            + (f" in {out}, continue with --resume" if last_ckpt[0] is not None else "")) from None
-    finally:
-        bar.close()             # whatever stops the run, its message starts on a line of its own
-    seconds = time.perf_counter() - t0 - ckpt_seconds[0]   # training steps only, not checkpoints and grids
+    t0, pending = time.perf_counter(), 0
+    st.model.train()
+    with stop_message(checkpoints.where, TrainingError):   # Ctrl-C, SIGTERM, a resource limit: where to resume
+        try:
+            for step in range(st.start, cfg.steps):
+                x0, y, t, noise = (v[shard].to(device, non_blocking=True) for v in
+                                   make_batch(step, cfg, order, st.images, st.labels, mcfg.timesteps, mcfg.null_label))
+                for group in st.opt.param_groups:
+                    group["lr"] = learning_rate(cfg, step)
+                loss = diffusion_loss(net, x0, y, t, noise, sqrt_ac, sqrt_1m_ac, amp, weights, mcfg.prediction)
+                st.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(st.model.parameters(), cfg.grad_clip)
+                st.opt.step()
+                ema_update(st.ema, st.model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+                losses[pending] = loss.detach()
+                pending, done = pending + 1, step + 1
+                at_ckpt = done % cfg.ckpt_every == 0 or done == cfg.steps
+                if pending == cfg.log_every or at_ckpt:
+                    history.extend(_log_window(run, losses[:pending], done, bar))
+                    pending = 0
+                if at_ckpt:
+                    checkpoints.save(done)
+        finally:
+            bar.close()             # whatever stops the run, its message starts on a line of its own
+    seconds = time.perf_counter() - t0 - checkpoints.seconds   # training steps only, not checkpoints and grids
     ctx.teardown()
-    return {"steps": cfg.steps - start, "seconds": seconds, "steps_per_s": (cfg.steps - start) / seconds,
-            "checkpoint_seconds": ckpt_seconds[0], "loss": last, "losses": history}
+    return {"steps": cfg.steps - st.start, "seconds": seconds, "steps_per_s": (cfg.steps - st.start) / seconds,
+            "checkpoint_seconds": checkpoints.seconds, "loss": history[-1] if history else float("nan"),
+            "losses": history}
+
+
+def _log_window(run: Run, losses: torch.Tensor, done: int, bar) -> list[float]:
+    """The losses of the window ending at step `done`, averaged over the processes (one host sync per window, not
+    per step), checked (TrainingError when one is not finite), appended to log.jsonl (rank 0) and shown."""
+    window = run.ctx.mean(losses)
+    if not bool(torch.isfinite(window).all()):
+        raise TrainingError(f"loss became non-finite by step {done}; stopped, the last good checkpoint "
+                            f"in {run.out} is kept (try a lower --lr)")
+    values = window.tolist()
+    if run.ctx.rank == 0:
+        append_log(run.out / LOG_FILE, [{"step": done - len(values) + k + 1, "loss": v} for k, v in enumerate(values)])
+    bar.set_postfix(loss=f"{window.mean().item():.4f}")
+    bar.update(len(values))
+    return values

@@ -1,4 +1,4 @@
-"""Sample quality without Inception: an MNIST classifier's features and predictions.
+"""Sample quality without Inception, from the MNIST classifier's features and predictions (evaluation.classifier).
 
 * Frechet distance (FID's formula, Heusel et al. 2017) between the classifier's penultimate-layer features of the
   samples and of the real MNIST test set, next to the same distance for N real *training* images (the floor: what
@@ -15,117 +15,17 @@ at small N the floor itself varies by tens of percent, and an FD inside that ran
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
-CLASSIFIER_FILE = Path(__file__).resolve().parent.parent / "assets" / "classifier.safetensors"
+from ..errors import DdpmError
+from .classifier import CLASSIFIER_FILE, IMAGE_SHAPE, NUM_CLASSES, Classifier, features_and_probs, load_classifier
 
 
-class Classifier(nn.Module):
-    """A small CNN (about 99% on MNIST test). features() is the 128-d penultimate layer."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.fc1 = nn.Linear(64 * 7 * 7, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return F.relu(self.fc1(x.flatten(1)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.features(x))
-
-
-def _prep(images_u8: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images_u8)).float().div(255.0).unsqueeze(1)
-
-
-def train_classifier(data_dir, out: str | os.PathLike, epochs: int = 3, seed: int = 0, progress: bool = True) -> float:
-    """Train on MNIST train (random +-2 px shifts), save as safetensors; returns the test accuracy."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
-    from ..model.io import atomic_write
-    from ..train.data import load_mnist
-
-    x, y = load_mnist(data_dir, "train")
-    xt, yt = load_mnist(data_dir, "test")
-    torch.manual_seed(seed)
-    model, g = Classifier(), torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    X, Y = _prep(x), torch.from_numpy(y)
-    steps = epochs * (len(X) // 128)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-    bar = tqdm(total=steps, disable=not progress, desc="classifier", unit="step")
-    for _ in range(epochs):
-        perm = torch.randperm(len(X), generator=g)
-        for k in range(len(X) // 128):
-            idx = perm[k * 128:(k + 1) * 128]
-            dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
-            xb = torch.roll(X[idx], shifts=(dx, dy), dims=(2, 3))
-            loss = F.cross_entropy(model(xb), Y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-    bar.close()
-    acc = float((predict(model, xt) == yt).mean())
-    atomic_write(out, lambda tmp: save_file(model.state_dict(), tmp, metadata={"test_accuracy": f"{acc:.5f}"}))
-    return acc
-
-
-def load_classifier(path: str | os.PathLike = CLASSIFIER_FILE) -> Classifier:
-    """The classifier of a safetensors file (`train_classifier`); CheckpointError when it is not one."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from ..files import readable_name
-    from ..model.io import CheckpointError
-
-    model = Classifier()
-    try:
-        with readable_name(path) as name:
-            model.load_state_dict(load_file(name))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path}: not the weights of ddpm's MNIST classifier ({str(e).splitlines()[0]}); "
-                              f"use --train-classifier to make them") from None
-    for name, p in model.state_dict().items():
-        if not torch.isfinite(p).all():
-            raise CheckpointError(f"{path}: the classifier's {name} is not finite; use --train-classifier")
-    return model.eval()
-
-
-@torch.no_grad()
-def features_and_probs(model: Classifier, images_u8: np.ndarray, batch: int = 1000):
-    """(features (N,128) float64, class probabilities (N,10) float64) of uint8 images (N,28,28)."""
-    feats, probs = [], []
-    for i in range(0, len(images_u8), batch):
-        f = model.features(_prep(images_u8[i:i + batch]))
-        feats.append(f.double().numpy())
-        probs.append(torch.softmax(model.fc2(f).double(), 1).numpy())
-    return np.concatenate(feats), np.concatenate(probs)
-
-
-def features_and_predictions(model: Classifier, images_u8: np.ndarray, batch: int = 1000):
-    """(features (N,128) float64, predicted classes (N,) int64) of uint8 images (N,28,28)."""
-    feats, probs = features_and_probs(model, images_u8, batch)
-    return feats, probs.argmax(1)
-
-
-def predict(model: Classifier, images_u8: np.ndarray) -> np.ndarray:
-    return features_and_predictions(model, images_u8)[1]
+class EvaluationError(DdpmError, ValueError):
+    """Images or labels the evaluator cannot score (wrong shape or type, fewer than 2); the message names the set."""
 
 
 def border_share(images_u8: np.ndarray, width: int = 1, level: int = 2) -> float:
@@ -147,6 +47,24 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
 
 
 FLOOR_DRAWS = 5
+
+
+def check_samples(images, labels, name: str = "samples") -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels as int64) when they are what the evaluator scores: images (N,28,28) uint8 (the classifier's
+    input, IMAGE_SHAPE), N >= 2, labels (N,) integers in -1..9 (-1: drawn without a label). EvaluationError
+    otherwise, naming the set."""
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim != 1 + len(IMAGE_SHAPE) or images.shape[1:] != IMAGE_SHAPE or images.dtype != np.uint8:
+        shape = ", ".join(map(str, IMAGE_SHAPE))
+        raise EvaluationError(f"{name}: expected uint8 images (N, {shape}), got {images.dtype} {images.shape} (the "
+                              f"classifier reads greyscale MNIST digits)")
+    if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer) or \
+            (len(labels) and (labels.min() < -1 or labels.max() > NUM_CLASSES - 1)):
+        raise EvaluationError(f"labels must be {len(images)} integers in -1..{NUM_CLASSES - 1} (one per image), got "
+                              f"{labels.dtype} {labels.shape}")
+    if len(images) < 2:
+        raise EvaluationError(f"{name}: need at least 2 images for a Frechet distance")
+    return images, labels.astype(np.int64)
 
 
 @dataclass
@@ -199,11 +117,9 @@ class Reference:
         return float(np.mean(self.floors(n, seed=seed)))
 
     def evaluate(self, images: np.ndarray, labels: np.ndarray, name: str = "samples") -> dict:
-        """Quality figures of uint8 images (N,28,28) drawn for labels (N,) (-1: unconditional). Raises ValueError."""
-        if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
-            raise ValueError(f"{name}: expected uint8 images (N, 28, 28), got {images.dtype} {images.shape}")
-        if len(images) < 2:
-            raise ValueError(f"{name}: need at least 2 images for a Frechet distance")
+        """Quality figures of uint8 images (N,28,28) drawn for labels (N,) (-1: unconditional): see `evaluate_sets`.
+        Raises EvaluationError (check_samples)."""
+        images, labels = check_samples(images, labels, name)
         feats, probs = features_and_probs(self.classifier, images)
         preds = probs.argmax(1)
         fd, floors = frechet_distance(feats, self.test_features), self.floors(len(images))

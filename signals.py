@@ -1,0 +1,73 @@
+"""Signals as the exceptions of errors.py, so that a command unwinds instead of dying with a write half-done.
+
+`sigterm_as_interrupt` turns SIGTERM (what `kill`, `timeout` and supervisors send) into errors.Terminated, a
+KeyboardInterrupt like Ctrl-C's; `file_size_limit_as_error` turns a write past the file-size limit (ulimit -f) into
+an OSError EFBIG that errors.limit_message names, instead of SIGXFSZ killing the process. ddpm.cli enters both around
+every command; both leave the handlers alone outside the main thread (Python runs signal handlers there only).
+`stop_message` lets a long job say where it stopped (train: the last checkpoint) whatever stopped it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Callable
+
+from .errors import DdpmError, Terminated, interrupted, limit_message
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While the block runs, SIGTERM raises errors.Terminated in the main thread instead of killing the process on
+    the spot (which leaves the temporary of a write in progress behind); the previous handler is restored after.
+    Outside the main thread: unchanged."""
+    if not _main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise Terminated("terminated")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def file_size_limit_as_error():
+    """While the block runs, SIGXFSZ (sent when a write passes the file-size limit, ulimit -f) is ignored, so that
+    the write fails with OSError EFBIG and is reported (and its temporary removed) instead of the process being
+    killed with a core dump; the previous handler is restored after. Outside the main thread, or where there is no
+    such signal (Windows): unchanged."""
+    if not hasattr(signal, "SIGXFSZ") or not _main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+@contextlib.contextmanager
+def stop_message(detail: Callable[[], str], error: type[DdpmError]):
+    """While the block runs, what stops it says where things stand, `detail()` (e.g. "last checkpoint at step 200 in
+    runs/x, continue with --resume"): a KeyboardInterrupt is raised again as errors.interrupted(e, detail())
+    (Terminated for SIGTERM, Interrupted for Ctrl-C), an exception that a resource limit caused as
+    error("<the limit, errors.limit_message>; <detail>"); anything else passes unchanged."""
+    try:
+        yield
+    except KeyboardInterrupt as e:   # every file is whole (atomic writes): the detail says what is on disk
+        raise interrupted(e, detail()) from None
+    except Exception as e:
+        message = limit_message(e)
+        if message is None:
+            raise
+        raise error(f"{message}; {detail()}") from None
