@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import brief
+from ..errors import OptionError, brief
 
 MAX_SEED = 2**64 - 1
 _MASK = np.uint64(0xFFFFFFFF)
@@ -57,8 +57,8 @@ def check_start(start: int, count: int) -> None:
     """ValueError unless samples start..start+count-1 are indices of the stream (0..2^64-1); the message names
     start, the argument a caller gives."""
     if not 0 <= start or start + max(count - 1, 0) > MAX_SEED:
-        raise ValueError(f"start must be in 0..2^64-1 - (n - 1) (samples start..start+n-1 are indices of the seeded "
-                         f"stream, at most 2^64-1), got start={brief(start)} with n={brief(count)}")
+        raise OptionError(f"start must be in 0..2^64-1 - (n - 1) (samples start..start+n-1 are indices of the seeded "
+                         f"stream, at most 2^64-1), got start={brief(start)} with n={brief(count)}", "start")
 
 
 def normals(seed: int, index: int, first: int, count: int) -> np.ndarray:
