@@ -113,6 +113,59 @@ def test_reader_restores_an_export_left_aside_by_a_killed_export(ckpt, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes
+def _faulted(fault: str, script: str) -> subprocess.CompletedProcess:
+    """Run python `script` (after `from ddpm.files import *`) with DDPM_FAULT=fault."""
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "from ddpm.files import *\n" + script], capture_output=True,
+                          text=True, env=dict(os.environ, DDPM_FAULT=fault), timeout=120)
+
+
+@pytest.mark.parametrize("point", ["write", "publish"])
+def test_kill_inside_a_file_write_keeps_the_previous_file(tmp_path, point):
+    """DDPM_FAULT kills the process inside its 2nd atomic write (its temporary cut to half) or at its 2nd publish:
+    the target is still the complete previous file, the temporary is left, and the next write cleans it up."""
+    target = tmp_path / "x.bin"
+    target.write_bytes(b"previous")
+    script = (f"atomic_write({str(tmp_path / 'other')!r}, lambda tmp: open(tmp, 'wb').write(b'first'))\n"
+              f"atomic_write({str(target)!r}, lambda tmp: open(tmp, 'wb').write(b'N' * 1000))\n"
+              f"print('not killed')")
+    r = _faulted(f"{point}:2", script)
+    assert r.returncode == -signal.SIGKILL and "not killed" not in r.stdout, r.stderr
+    assert target.read_bytes() == b"previous" and (tmp_path / "other").read_bytes() == b"first"
+    [tmp] = _temporaries(tmp_path)
+    assert (tmp_path / tmp).read_bytes() == (b"N" * 500 if point == "write" else b"N" * 1000)
+    atomic_write(target, lambda t: Path(t).write_bytes(b"new"))
+    assert target.read_bytes() == b"new" and _temporaries(tmp_path) == []
+
+
+def test_kill_when_a_folder_is_published_leaves_the_old_one_recoverable(tmp_path):
+    """Killed at a folder's publish, after the old folder was moved aside and before the new one is renamed in: the
+    target is missing, and the next writer (clean_stale) puts the complete old folder back."""
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "a").write_text("old")
+    r = _faulted("publish:1", f"new = temp_dir({str(out)!r})\n(new / 'a').write_text('new')\n"
+                              f"publish_dir(new, {str(out)!r})")
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert not out.exists() and any(t.endswith(".old") for t in _temporaries(tmp_path))
+    clean_stale(tmp_path)
+    assert (out / "a").read_text() == "old" and _temporaries(tmp_path) == []
+    # cut inside the write of a folder: the target is untouched, the partial folder is never published
+    r = _faulted("write:1", f"new = temp_dir({str(out)!r})\n(new / 'a').write_text('new')\n"
+                            f"(new / 'b').write_text('new')\npublish_dir(new, {str(out)!r})")
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    [tmp] = _temporaries(tmp_path)
+    assert sorted(p.name for p in (tmp_path / tmp).iterdir()) == ["a"] and sorted(out.iterdir()) == [out / "a"]
+    clean_stale(tmp_path)
+    assert _temporaries(tmp_path) == []
+
+
+def test_fault_hook_refuses_a_malformed_spec():
+    r = _faulted("publish", "pass")
+    assert r.returncode == 1 and "DDPM_FAULT='publish': expected write:N or publish:N" in r.stderr
+
+
 def test_interrupted_grid_keeps_the_previous_file(ckpt, tmp_path, monkeypatch):
     keep = tmp_path / "keep.png"
     Image.fromarray(np.full((8, 8), 200, np.uint8)).save(keep)
