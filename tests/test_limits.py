@@ -10,14 +10,7 @@ from pathlib import Path
 import pytest
 
 from ddpm import files
-from helpers import invoke, tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ck")
-    tiny_checkpoint(root)
-    return root
+from helpers import invoke
 
 
 def _limited(limit, value, args, cwd):

@@ -12,14 +12,7 @@ import pytest
 
 from ddpm import files
 from ddpm.files import OutputError, atomic_write, check_writable, publish_dir, temp_dir
-from helpers import invoke, tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ck")
-    tiny_checkpoint(root)
-    return root
+from helpers import invoke
 
 
 def _plant(path: Path, kind: str) -> None:

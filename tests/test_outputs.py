@@ -14,14 +14,7 @@ from PIL import Image
 
 from ddpm import files
 from ddpm.files import OutputError, atomic_write, check_writable, clean_stale, publish_dir, temp_dir
-from helpers import invoke, tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ck")
-    tiny_checkpoint(root)
-    return root
+from helpers import invoke
 
 
 def _snapshot(folder: Path) -> dict:
@@ -357,61 +350,43 @@ def test_ctrl_c_in_training_names_the_last_checkpoint(fake_mnist, tmp_path, monk
     assert r.exit_code == 130 and r.output.strip().splitlines()[-1] == "interrupted; no checkpoint written yet"
 
 
-def _signal_and_wait(p: subprocess.Popen, sig, what: str) -> tuple[str, str]:
-    """Send `sig` to the process and return its (stdout, stderr); fail the test if it has not ended 120 s later."""
-    p.send_signal(sig)
-    try:
-        return p.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        pytest.fail(f"{what} did not stop within 120 s of signal {sig}")
+def _signalled(fault: str, *args) -> subprocess.CompletedProcess:
+    """`ddpm ARGS` in a new process that DDPM_FAULT=fault signals at an atomic write (files.py's test hook)."""
+    import sys
 
-
-@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_sigint_in_a_real_process_is_one_line(ckpt, tmp_path, sig, code, word):
-    """A real SIGINT (Ctrl-C) or SIGTERM (kill, timeout) while `ddpm gen` samples: one line, exit 130 / 143, no
-    output file and no temporary left (nor a half-written .npz: the signal unwinds the write)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = tmp_path / "x.npz"
+    env = dict(os.environ, OMP_NUM_THREADS="1", DDPM_FAULT=fault)
     # SIGINT back to its default in the child: a test run started in the background of a non-interactive shell (as
     # CI may be) inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt
-    p = subprocess.Popen(["ddpm", "gen", "--ckpt", str(ckpt), "-n", "100000", "--batch", "8", "--steps", "50",
-                          "--engine", "onnx", "--out", str(out)], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                         env=env, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    # wait for the progress bar: sampling has started
-    buf = ""
-    deadline = time.time() + 300
-    while "step" not in buf and time.time() < deadline:
-        buf += p.stderr.read(1)
-    _, rest = _signal_and_wait(p, sig, "ddpm gen")
-    err = buf + rest
-    assert p.returncode == code, err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].strip() == word
+    return subprocess.run([sys.executable, "-m", "ddpm.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+@pytest.mark.parametrize("sig, code, word", [("INT", 130, "interrupted"), ("TERM", 143, "terminated")])
+def test_sigint_in_a_real_process_is_one_line(tiny_export, tmp_path, sig, code, word):
+    """A real SIGINT (Ctrl-C) or SIGTERM (kill, timeout) while `ddpm gen` writes its .npz (the file's only write):
+    one line, exit 130 / 143, no output file and no temporary left (the signal unwinds the write)."""
+    out = tmp_path / "x.npz"
+    r = _signalled(f"write:1:{sig}", "gen", "--export", tiny_export, "-n", 4, "--steps", 2, "--out", out)
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].strip() == word
     assert not out.exists() and _temporaries(tmp_path) == []
 
 
-@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.parametrize("sig, code, word", [("INT", 130, "interrupted"), ("TERM", 143, "terminated")])
 def test_a_signal_in_real_training_keeps_its_exit_code(fake_mnist, tmp_path, sig, code, word):
     """A real SIGTERM during `ddpm train` exits 143 with "terminated; <last checkpoint>", Ctrl-C 130 with
     "interrupted; ...": the training loop adds the last checkpoint to the message without turning one signal into
     the other (supervisors such as systemd, Kubernetes and `timeout` read the code)."""
-    import sys
-
     run = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.Popen([sys.executable, "-m", "ddpm.cli", "train", "--data", str(fake_mnist), "--out", str(run),
-                          "--preset", "tiny", "--timesteps", "10", "--steps", "100000", "--ckpt-every", "2",
-                          "--batch", "8", "--warmup", "1", "--device", "cpu", "--threads", "1"],
-                         stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 300
-    while not (run / "ckpt.pt").is_file() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    _, err = _signal_and_wait(p, sig, "ddpm train")
-    last = err.strip().splitlines()[-1].strip()
-    assert p.returncode == code, err
-    assert "Traceback" not in err and last.startswith(f"{word}; last checkpoint at step ") and \
-        last.endswith(f" in {run}, continue with --resume"), err
+    assert _train(fake_mnist, run, "--steps", 2, "--ckpt-every", 2).exit_code == 0
+    # resumed, it writes options.json (1), log.jsonl (2), then the step-4 model, grid and ckpt.pt (3-5): the signal
+    # arrives as ckpt.pt is renamed into place
+    r = _signalled(f"publish:5:{sig}", "train", "--data", fake_mnist, "--out", run, "--preset", "tiny", "--timesteps",
+                   20, "--steps", 6, "--ckpt-every", 2, "--batch", 8, "--warmup", 1, "--device", "cpu", "--threads", 1,
+                   "--resume")
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].strip() == f"{word}; last checkpoint at step 2 in {run}, continue with --resume"
 
 
 # ------------------------------------------------------------------------------------- concurrent and careless

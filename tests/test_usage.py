@@ -21,13 +21,6 @@ BIG_SEED = 2 ** 70
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ck")
-    tiny_checkpoint(root)
-    return root
-
-
-@pytest.fixture(scope="module")
 def short_ckpt(tmp_path_factory):
     """A model with T = 10 < 50, the default number of DDIM steps."""
     root = tmp_path_factory.mktemp("ck10")
