@@ -145,8 +145,9 @@ def short_ckpt(tmp_path_factory):
     return root
 
 
-def test_model_with_fewer_than_50_steps_uses_all_of_them(short_ckpt, fake_mnist, tmp_path):
-    """gen, eval and bench default to min(50, T) DDIM steps; --steps above T gets one clear message."""
+def test_a_model_with_few_timesteps_caps_the_default_steps_at_its_T(short_ckpt, fake_mnist, tmp_path):
+    """On a model with T = 20: the default sampler's 8 steps fit; with --sampler ddim, gen, eval and bench take
+    min(50, T) steps; --steps above T gets one clear message."""
     env = {"XDG_CACHE_HOME": str(tmp_path / "c")}
     r = invoke("gen", "--ckpt", short_ckpt, "-n", 2, "--engine", "torch", "--out", tmp_path / "g.npz", "-q")
     assert r.exit_code == 0, r.output

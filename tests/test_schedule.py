@@ -45,8 +45,12 @@ def test_cosine_schedule():
 def test_from_betas_checks_consistency():
     s = Schedule.make("linear", 100)
     assert np.array_equal(Schedule.from_betas("linear", s.betas).alphas_cumprod, s.alphas_cumprod)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="stored betas do not match the 'cosine' schedule with T=100"):
         Schedule.from_betas("cosine", s.betas)
+    nudged = s.betas.copy()
+    nudged[50] *= 1 + 1e-4   # one beta off by 1e-4 relative: not the linear schedule either
+    with pytest.raises(ValueError, match="do not match the 'linear' schedule"):
+        Schedule.from_betas("linear", nudged)
 
 
 def test_training_timesteps_cover_full_range():
