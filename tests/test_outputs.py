@@ -92,6 +92,7 @@ def test_export_folder_replaced_only_when_complete(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
 
 
+@pytest.mark.slow
 def test_reader_restores_an_export_left_aside_by_a_killed_export(ckpt, tmp_path):
     """`ddpm export --out D` killed between its two renames leaves D absent and the old export aside: a reader
     (gen --export D) puts it back instead of answering 'not an export folder'."""
@@ -201,6 +202,7 @@ def _train(data, out, *more):
                   "--device", "cpu", "--warmup", 1, *more)
 
 
+@pytest.mark.slow
 def test_run_files_are_replaced_atomically(fake_mnist, tmp_path, monkeypatch):
     """Killed at the moment it publishes options.json, then samples.png: every earlier file is untouched (a direct
     write would have changed or emptied them already)."""
@@ -224,6 +226,7 @@ def test_run_files_are_replaced_atomically(fake_mnist, tmp_path, monkeypatch):
         assert _temporaries(run) == []
 
 
+@pytest.mark.slow
 def test_disk_full_during_checkpoint_is_one_line(fake_mnist, tmp_path, monkeypatch):
     import torch
 
@@ -328,6 +331,7 @@ def test_read_only_folder_is_refused(ckpt, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- Ctrl-C
+@pytest.mark.slow
 def test_ctrl_c_in_training_names_the_last_checkpoint(fake_mnist, tmp_path, monkeypatch):
     from ddpm.train import loop
 
@@ -372,6 +376,7 @@ def test_sigint_in_a_real_process_is_one_line(tiny_export, tmp_path, sig, code, 
     assert not out.exists() and _temporaries(tmp_path) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code, word", [("INT", 130, "interrupted"), ("TERM", 143, "terminated")])
 def test_a_signal_in_real_training_keeps_its_exit_code(fake_mnist, tmp_path, sig, code, word):
     """A real SIGTERM during `ddpm train` exits 143 with "terminated; <last checkpoint>", Ctrl-C 130 with
@@ -390,6 +395,7 @@ def test_a_signal_in_real_training_keeps_its_exit_code(fake_mnist, tmp_path, sig
 
 
 # ------------------------------------------------------------------------------------- concurrent and careless
+@pytest.mark.slow
 def test_a_run_folder_is_never_overwritten_or_shared(fake_mnist, tmp_path):
     from ddpm.files import folder_lock
 
