@@ -54,6 +54,7 @@ def test_gen_bad_input(ckpt, args, message):
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.slow
 def test_gen_solvers_spacing_and_guidance_interval(ckpt, tmp_path):
     """The multistep solvers (the default is UniPC), each spacing and a guidance interval run from the command line."""
     r = invoke("gen", "--ckpt", ckpt, "-n", 3, "--out", tmp_path / "d.npz", "-q")
