@@ -16,6 +16,19 @@ a file is wanted, a file where a folder is wanted, a dangling or looping symboli
 before anything is created. A symbolic link to a regular file (or, for a folder output, to a folder) is written
 through: the link's target is replaced atomically (its temporary is made beside the target, on its file system) and
 the link itself stays as it is.
+
+Fault injection (a test hook; read once at import, nothing is done when it is unset): DDPM_FAULT=POINT:N[:SIGNAL]
+sends SIGNAL (KILL, TERM or INT; default KILL) to this process at the N-th (1-based) atomic write of the process,
+counting `atomic_write` files and `publish_dir` folders together, so that a test can end a command at a chosen
+moment instead of at a moment chosen by a clock:
+
+    write:N     inside the N-th write: its temporary is cut (a file to the first half of its bytes, a folder to the
+                first half of its entries, by name) and the signal is sent before it is published
+    publish:N   at the N-th publish: the temporary is complete and the signal is sent just before the rename that
+                makes it visible (for a folder that replaces another, after the old one is moved aside)
+
+SIGKILL leaves what such a kill leaves (the target as it was, a temporary for the next writer to clean); TERM and
+INT run the command's handlers (the CLI's exit status 143 or 130, the training's message).
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import stat
 import tempfile
@@ -45,6 +59,38 @@ _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 class OutputError(DdpmError):
     """An output location that cannot be written (read-only, a file where a folder is needed, a full disk)."""
+
+
+def _parse_fault(spec: str | None) -> tuple[str, int, int] | None:
+    """DDPM_FAULT (see the module docstring) as (point, n, signal number); None when unset or empty."""
+    if not spec:
+        return None
+    m = re.fullmatch(r"(write|publish):([1-9][0-9]*)(?::(KILL|TERM|INT))?", spec.strip())
+    if m is None:
+        raise ValueError(f"DDPM_FAULT={spec!r}: expected write:N or publish:N, optionally followed by :KILL, :TERM "
+                         f"or :INT (a test hook)")
+    return m[1], int(m[2]), getattr(signal, f"SIG{m[3] or 'KILL'}")
+
+
+_FAULT = _parse_fault(os.environ.get("DDPM_FAULT"))
+_writes = [0]   # atomic writes (files and folders) begun in this process, counted only while _FAULT is set
+
+
+def _fault_at(point: str, tmp: Path) -> None:
+    """The DDPM_FAULT hook: called with point "write" once the content of a write is in `tmp`, and with "publish"
+    just before its rename; sends the signal when this is the write and the point DDPM_FAULT names."""
+    want, n, sig = _FAULT
+    if point == "write":
+        _writes[0] += 1
+    if point != want or _writes[0] != n:
+        return
+    if point == "write":
+        if tmp.is_dir():
+            for entry in sorted(tmp.iterdir())[len(list(tmp.iterdir())) // 2:]:
+                _remove(entry)
+        else:
+            os.truncate(tmp, tmp.stat().st_size // 2)
+    os.kill(os.getpid(), sig)
 
 
 def _tag() -> str:
@@ -235,11 +281,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        if _FAULT is not None:
+            _fault_at("write", Path(tmp))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; give the file ordinary permissions
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        if _FAULT is not None:
+            _fault_at("publish", Path(tmp))
         os.replace(tmp, path)
     except BaseException as e:
         full = disk_full(e, path.parent)
@@ -285,8 +335,12 @@ def publish_dir(tmp: Path, out: str | os.PathLike, keep: Callable[[Path], bool] 
     An `out` that is a symbolic link to a folder is kept: its target is the folder replaced (tmp must have been made
     by temp_dir(out), on the target's file system). Anything else but a folder at `out` raises OutputError."""
     out = output_path(out, folder=True)
+    if _FAULT is not None:
+        _fault_at("write", tmp)
     if not out.exists():
         try:
+            if _FAULT is not None:
+                _fault_at("publish", tmp)
             os.rename(tmp, out)
             _fsync_dir(out.parent)
             return True
@@ -299,6 +353,8 @@ def publish_dir(tmp: Path, out: str | os.PathLike, keep: Callable[[Path], bool] 
     aside = out.parent / f".{out.name}.{_tag()}.{secrets.token_hex(4)}.old"
     os.rename(out, aside)
     try:
+        if _FAULT is not None:
+            _fault_at("publish", tmp)
         os.rename(tmp, out)
     except BaseException:
         os.rename(aside, out)

@@ -46,4 +46,26 @@ def make_fake_mnist(folder: Path, n: int = 256, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def fake_mnist(tmp_path_factory) -> Path:
+    """A folder of fake MNIST files (make_fake_mnist), shared by the session: read it, do not write into it."""
     return make_fake_mnist(tmp_path_factory.mktemp("fake_mnist"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A folder holding a tiny randomised model (helpers.tiny_checkpoint, seed 0), one per test module."""
+    from helpers import tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("ck")
+    tiny_checkpoint(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_export(ckpt, tmp_path_factory) -> Path:
+    """The ONNX export folder (fp32) of `ckpt`'s model, one per test module."""
+    from ddpm.export.onnx_export import export
+    from ddpm.model.io import load_model
+
+    out = tmp_path_factory.mktemp("exp") / "exp"
+    export(load_model(ckpt), out, log=lambda *_: None)
+    return out

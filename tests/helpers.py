@@ -3,6 +3,7 @@
 import dataclasses
 import tracemalloc
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -44,3 +45,10 @@ def traced_peak(fn) -> int:
         return tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
+
+
+def slow_except(values, *keep) -> list:
+    """Values for pytest.mark.parametrize with only those in `keep` in the inner loop (`pytest -m "not slow"`): every
+    other one is marked slow. A tuple stands for the arguments of one case."""
+    return [v if v in keep else pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=pytest.mark.slow)
+            for v in values]

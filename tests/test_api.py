@@ -73,6 +73,7 @@ def test_runner_errors_inside_generate_become_ddpm_errors(monkeypatch):
         m.generate(2, steps=2)
 
 
+@pytest.mark.slow
 def test_evaluate_scores_real_digits_and_refuses_bad_labels(mnist_dir, tmp_path):
     """ddpm.evaluate: real test digits score inside the floor's spread with the classifier's accuracy; noise does not;
     bad labels and a folder without MNIST are one DdpmError each."""

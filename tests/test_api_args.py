@@ -135,6 +135,7 @@ def test_every_bad_argument_is_a_ddpm_error(model, fn_name, arg, value, fake_mni
     assert "\n" not in msg and re.search(rf"\b{arg}\b", msg), msg   # one line that names the argument
 
 
+@pytest.mark.slow
 def test_the_good_calls_pass(model):
     """The calls the cases start from are good: each bad value alone makes them fail."""
     for name, fn, kw in _public(model):
@@ -152,6 +153,7 @@ def test_a_call_that_does_not_fit_the_signature_is_a_ddpm_error(model, call):
         call(model)
 
 
+@pytest.mark.slow
 def test_numpy_scalars_are_as_good_as_python_ones(model):
     a = model.generate(np.int64(2), seed=np.uint64(3), batch=np.int32(2), guidance=np.float32(0.5), steps=np.int16(2),
                        engine="torch", device="cpu")

@@ -16,6 +16,7 @@ def ckpt(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_gen_png_and_npz(ckpt, tmp_path):
     r = invoke("gen", "--ckpt", ckpt, "-n", 12, "--steps", 3, "--out", tmp_path / "g.png", "-q")
     assert r.exit_code == 0, r.output
@@ -53,6 +54,7 @@ def test_gen_bad_input(ckpt, args, message):
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.slow
 def test_gen_solvers_spacing_and_guidance_interval(ckpt, tmp_path):
     """The multistep solvers (the default is UniPC), each spacing and a guidance interval run from the command line."""
     r = invoke("gen", "--ckpt", ckpt, "-n", 3, "--out", tmp_path / "d.npz", "-q")
@@ -103,6 +105,7 @@ def test_bench_quick_refuses_the_options_it_sets(ckpt, tmp_path):
     assert not (tmp_path / "b" / "bench.json").exists()
 
 
+@pytest.mark.slow
 def test_bench_quick(ckpt, tmp_path):
     r = invoke("bench", "--quick", "--ckpt", ckpt, "--out", tmp_path / "b", env={"XDG_CACHE_HOME": str(tmp_path / "c")})
     assert r.exit_code == 0, r.output
@@ -145,8 +148,10 @@ def short_ckpt(tmp_path_factory):
     return root
 
 
-def test_model_with_fewer_than_50_steps_uses_all_of_them(short_ckpt, fake_mnist, tmp_path):
-    """gen, eval and bench default to min(50, T) DDIM steps; --steps above T gets one clear message."""
+@pytest.mark.slow
+def test_a_model_with_few_timesteps_caps_the_default_steps_at_its_T(short_ckpt, fake_mnist, tmp_path):
+    """On a model with T = 20: the default sampler's 8 steps fit; with --sampler ddim, gen, eval and bench take
+    min(50, T) steps; --steps above T gets one clear message."""
     env = {"XDG_CACHE_HOME": str(tmp_path / "c")}
     r = invoke("gen", "--ckpt", short_ckpt, "-n", 2, "--engine", "torch", "--out", tmp_path / "g.npz", "-q")
     assert r.exit_code == 0, r.output

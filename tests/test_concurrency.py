@@ -48,6 +48,7 @@ def _run(model, call):
     return getattr(model, method)(*args, **kwargs)
 
 
+@pytest.mark.slow
 def test_threads_give_the_serial_digits(model):
     calls = _calls()
     serial = [_run(model, c) for c in calls]

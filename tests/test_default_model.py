@@ -11,6 +11,7 @@ from ddpm.runtime.samplers import ddim_plan
 from ddpm.runtime.schedule import Schedule
 
 
+@pytest.mark.slow
 def test_default_model_draws_recognisable_digits():
     path = default_model_path()
     assert path.is_file(), "the default model must ship with the package"
@@ -37,6 +38,7 @@ def test_shipped_export_belongs_to_the_shipped_model():
     assert bundle.meta["files"]["fp32"]["parity"]["error"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_class_edits_with_the_shipped_model(mnist_dir):
     """SDEdit at the default strength 0.6 and guidance: the classifier agrees with the requested class. Measured
     99% on 100 test digits (README "Editing", python -m ddpm.bench.editing); here 20 digits, at least 18."""
@@ -51,6 +53,7 @@ def test_class_edits_with_the_shipped_model(mnist_dir):
     assert agree >= 18, f"the classifier agrees with {agree} of 20 class edits"
 
 
+@pytest.mark.slow
 def test_upscales_with_the_shipped_model(mnist_dir):
     """ILVR x2 on 10 test digits: every result's 2x2 means within 0.5 grey level of the input, and the classifier
     still reads the original digit (measured 98% on 100 digits; here at least 8 of 10)."""

@@ -26,6 +26,7 @@ def _losses(run_dir):
     return [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_ddp_training_matches_single_process(fake_mnist, tmp_path):
     args = ["train", "--data", str(fake_mnist), "--preset", "tiny", "--steps", "6", "--batch", "16", "--timesteps", "50",
             "--ckpt-every", "3", "--warmup", "2", "--lr", "1e-3", "--device", "cpu"]
@@ -41,6 +42,7 @@ def test_ddp_training_matches_single_process(fake_mnist, tmp_path):
     assert len(_losses(tmp_path / "two")) == 8
 
 
+@pytest.mark.slow
 def test_ddp_generation_equals_single_process(tmp_path):
     tiny_checkpoint(tmp_path)
     args = ["gen", "--ckpt", str(tmp_path), "-n", "7", "--steps", "4", "--eta", "0.5", "--batch", "3", "-q", "--seed", "9",
@@ -52,6 +54,7 @@ def test_ddp_generation_equals_single_process(tmp_path):
     assert np.array_equal(one["images"], two["images"]) and np.array_equal(one["labels"], two["labels"])
 
 
+@pytest.mark.slow
 def test_ddp_inpainting_equals_single_process(tmp_path):
     """An editing command under torchrun: each rank its share of the completions, the same as one process."""
     from PIL import Image

@@ -22,7 +22,7 @@ from ddpm.runtime.noise import make_noise
 from ddpm.runtime.runner import Runner
 from ddpm.runtime.samplers import ddim_plan, ddpm_plan, make_plan, timesteps
 from ddpm.runtime.schedule import Schedule
-from helpers import invoke, tiny_checkpoint, traced_peak
+from helpers import invoke, slow_except, tiny_checkpoint, traced_peak
 
 SCHED = Schedule.make("linear", 1000)
 
@@ -176,6 +176,7 @@ def _edits(bundle):
             ("ddnm2-unipc", un, x0_projection(un, 2), upsample(y[..., ::2, ::2], 2), None)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("net", ["runtime-torch", "onnx"])
 def test_edit_runner_matches_the_eager_reference(setup, net):
     """The in-place projection (pooling by reshaped views, upsampling by a broadcast copy) and eager.sample's plain
@@ -198,6 +199,7 @@ def test_edit_runner_matches_the_eager_reference(setup, net):
             assert np.abs(downsample(out[:, 0], f) - downsample(y[:, 0], f)).max() < 1e-5, name
 
 
+@pytest.mark.slow
 def test_edit_loops_allocate_nothing(setup):
     """numpy runner (onnx on a CPU): no image-sized temporary for any projection (traced peak below one image);
     torch runner with an allocation-free stand-in network: 0 bytes from torch's allocator."""
@@ -269,6 +271,7 @@ MODES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", list(MODES))
 def test_same_seed_same_result_for_any_n_batch_and_engine(model, mode):
     """Sample k of a seed is the same edit whatever -n, --batch or engine (the issue's bug: the first completion
@@ -285,7 +288,7 @@ def test_same_seed_same_result_for_any_n_batch_and_engine(model, mode):
     assert np.abs(run(n=1, engine="onnx", seed=6) - ref[:1]).mean() > 5     # another seed, another edit
 
 
-@pytest.mark.parametrize("engine", ["torch", "runtime-torch", "onnx"])
+@pytest.mark.parametrize("engine", slow_except(["torch", "runtime-torch", "onnx"], "onnx"))
 def test_inpainting_keeps_the_known_pixels_exactly(model, engine):
     img = _picture(1)
     keep = np.random.default_rng(2).random((28, 28)) < 0.4          # any mask, here 40% of the pixels at random
@@ -396,6 +399,7 @@ COMMANDS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_editing_commands_behave_like_gen(setup, files, tmp_path, command):
     args = [a.format(d=files) for a in COMMANDS[command]]
@@ -443,7 +447,7 @@ def test_bad_input_gets_one_clear_message(setup, files, args, message, code):
 
 
 @pytest.mark.parametrize("suffix", [".png", ".gif"])
-@pytest.mark.parametrize("engine", ["torch", "onnx"])
+@pytest.mark.parametrize("engine", slow_except(["torch", "onnx"], "onnx"))
 def test_gen_trajectory(setup, tmp_path, suffix, engine):
     traj = tmp_path / f"t{suffix}"
     r = invoke("gen", "--ckpt", setup[2], "-n", "5", "--batch", "3", "--steps", "6", "--eta", "0.5", "-q",

@@ -25,6 +25,7 @@ def _run(sess, x, t, y, dtype=np.float32):
     return sess.run(["eps"], {"x": x.numpy().astype(dtype), "t": t.numpy(), "y": y.numpy()})[0].astype(np.float32)
 
 
+@pytest.mark.slow
 def test_parity_dynamic_batch_and_inputs_used(exported):
     loaded, out = exported
     b = Bundle.load(out)
@@ -102,6 +103,7 @@ def test_corrupted_and_truncated_onnx(exported, tmp_path):
         Bundle.load(tmp_path / "nothing")
 
 
+@pytest.mark.slow
 def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
     loaded = tiny_checkpoint(tmp_path)
     monkeypatch.setitem(onnx_export.TOLERANCE, "fp32", 0.0)
@@ -115,6 +117,7 @@ def _always_fails(path, *a, **k):
     raise ExportFailed(f"{path.name} (fp32) disagrees with PyTorch: max abs error 1 > 0")
 
 
+@pytest.mark.slow
 def test_cli_export_and_trt_without_tensorrt(tmp_path):
     tiny_checkpoint(tmp_path)
     r = CliRunner().invoke(main, ["export", "--ckpt", str(tmp_path), "--out", str(tmp_path / "e"), "--fp16"])

@@ -156,6 +156,7 @@ def test_stochastic_plans_are_refused(setup):
     check_plan(ddim_plan(sched, 5))
 
 
+@pytest.mark.slow
 def test_cli_gen_and_export(setup, tmp_path):
     loaded, _ = setup
     ckpt = loaded.path
@@ -199,6 +200,7 @@ def _builds(model, plan) -> int:
     return sum("building generator.onnx" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_a_generator_is_built_once_per_plan(setup, tmp_path, monkeypatch):
     """The generator of a plan is built on its first use and reused by every later call and process (a fresh
     Model), for the shipped model (whose installed export stays as it is) and for a checkpoint, also when plans
@@ -237,6 +239,7 @@ def test_a_generator_is_built_once_per_plan(setup, tmp_path, monkeypatch):
     assert sorted(g["steps"] for g in b.generators) == [3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_quiet_gen_says_nothing_about_building(setup, tmp_path):
     ckpt = setup[0].path
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}

@@ -10,14 +10,7 @@ from pathlib import Path
 import pytest
 
 from ddpm import files
-from helpers import invoke, tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ck")
-    tiny_checkpoint(root)
-    return root
+from helpers import invoke
 
 
 def _limited(limit, value, args, cwd):
@@ -45,6 +38,7 @@ def test_address_space_limit_is_one_line(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_file_size_limit_is_one_line_and_keeps_the_old_file(ckpt, tmp_path):
     """SIGXFSZ killed the process (with a core dump) inside the write of its output; now the write fails with
     EFBIG, its temporary is removed and the previous file stays."""

@@ -54,6 +54,7 @@ def test_an_empty_home_is_not_the_working_folder(tmp_path, monkeypatch):
         assert api.cache_dir() == Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "ddpm"
 
 
+@pytest.mark.slow
 def test_exports_follow_the_rule_through_the_cli(tmp_path, monkeypatch):
     """The first onnx use of a checkpoint exports it into the cache: under ~/.cache with a relative
     $XDG_CACHE_HOME, never under the working folder."""
@@ -70,6 +71,7 @@ def test_exports_follow_the_rule_through_the_cli(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- non-UTF-8 paths
+@pytest.mark.slow
 def test_paths_that_are_not_utf8_work_through_the_cli(tmp_path):
     """A folder named in bytes that are not UTF-8 (Latin-1 "dé", here): --data, --out, --ckpt, --export, --json
     and $XDG_CACHE_HOME; PyTorch, safetensors and onnxruntime pass names to C++/Rust as UTF-8, and failed."""

@@ -6,6 +6,7 @@ import torch
 from ddpm.model import PRESETS, ModelConfig, UNet
 from ddpm.model.io import CheckpointError, atomic_write, load_model, read_weights, save_model, weights_hash
 from ddpm.model.unet import timestep_embedding
+from helpers import slow_except
 
 TINY = PRESETS["tiny"]
 
@@ -34,7 +35,7 @@ def test_shapes_and_conditioning():
         assert not torch.allclose(out, m(x, t, torch.full_like(y, 10)))     # y is used (10 = no label)
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", slow_except(PRESETS, "tiny"))
 def test_presets_build(name):
     cfg = PRESETS[name]
     assert cfg.null_label == cfg.num_classes == 10

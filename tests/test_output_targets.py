@@ -12,14 +12,7 @@ import pytest
 
 from ddpm import files
 from ddpm.files import OutputError, atomic_write, check_writable, publish_dir, temp_dir
-from helpers import invoke, tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ck")
-    tiny_checkpoint(root)
-    return root
+from helpers import invoke
 
 
 def _plant(path: Path, kind: str) -> None:
@@ -135,6 +128,7 @@ def test_cli_outputs_refuse_what_is_not_theirs(ckpt, tmp_path, monkeypatch, cmd,
     assert _state(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_files_inside_a_run_folder_are_not_replaced_when_not_regular(ckpt, tmp_path):
     """The writer refuses, wherever the output name comes from (here: bench.json inside bench's --out folder)."""
     out = tmp_path / "b"

@@ -14,14 +14,7 @@ from PIL import Image
 
 from ddpm import files
 from ddpm.files import OutputError, atomic_write, check_writable, clean_stale, publish_dir, temp_dir
-from helpers import invoke, tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ck")
-    tiny_checkpoint(root)
-    return root
+from helpers import invoke
 
 
 def _snapshot(folder: Path) -> dict:
@@ -99,6 +92,7 @@ def test_export_folder_replaced_only_when_complete(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
 
 
+@pytest.mark.slow
 def test_reader_restores_an_export_left_aside_by_a_killed_export(ckpt, tmp_path):
     """`ddpm export --out D` killed between its two renames leaves D absent and the old export aside: a reader
     (gen --export D) puts it back instead of answering 'not an export folder'."""
@@ -113,6 +107,59 @@ def test_reader_restores_an_export_left_aside_by_a_killed_export(ckpt, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes
+def _faulted(fault: str, script: str) -> subprocess.CompletedProcess:
+    """Run python `script` (after `from ddpm.files import *`) with DDPM_FAULT=fault."""
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "from ddpm.files import *\n" + script], capture_output=True,
+                          text=True, env=dict(os.environ, DDPM_FAULT=fault), timeout=120)
+
+
+@pytest.mark.parametrize("point", ["write", "publish"])
+def test_kill_inside_a_file_write_keeps_the_previous_file(tmp_path, point):
+    """DDPM_FAULT kills the process inside its 2nd atomic write (its temporary cut to half) or at its 2nd publish:
+    the target is still the complete previous file, the temporary is left, and the next write cleans it up."""
+    target = tmp_path / "x.bin"
+    target.write_bytes(b"previous")
+    script = (f"atomic_write({str(tmp_path / 'other')!r}, lambda tmp: open(tmp, 'wb').write(b'first'))\n"
+              f"atomic_write({str(target)!r}, lambda tmp: open(tmp, 'wb').write(b'N' * 1000))\n"
+              f"print('not killed')")
+    r = _faulted(f"{point}:2", script)
+    assert r.returncode == -signal.SIGKILL and "not killed" not in r.stdout, r.stderr
+    assert target.read_bytes() == b"previous" and (tmp_path / "other").read_bytes() == b"first"
+    [tmp] = _temporaries(tmp_path)
+    assert (tmp_path / tmp).read_bytes() == (b"N" * 500 if point == "write" else b"N" * 1000)
+    atomic_write(target, lambda t: Path(t).write_bytes(b"new"))
+    assert target.read_bytes() == b"new" and _temporaries(tmp_path) == []
+
+
+def test_kill_when_a_folder_is_published_leaves_the_old_one_recoverable(tmp_path):
+    """Killed at a folder's publish, after the old folder was moved aside and before the new one is renamed in: the
+    target is missing, and the next writer (clean_stale) puts the complete old folder back."""
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "a").write_text("old")
+    r = _faulted("publish:1", f"new = temp_dir({str(out)!r})\n(new / 'a').write_text('new')\n"
+                              f"publish_dir(new, {str(out)!r})")
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert not out.exists() and any(t.endswith(".old") for t in _temporaries(tmp_path))
+    clean_stale(tmp_path)
+    assert (out / "a").read_text() == "old" and _temporaries(tmp_path) == []
+    # cut inside the write of a folder: the target is untouched, the partial folder is never published
+    r = _faulted("write:1", f"new = temp_dir({str(out)!r})\n(new / 'a').write_text('new')\n"
+                            f"(new / 'b').write_text('new')\npublish_dir(new, {str(out)!r})")
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    [tmp] = _temporaries(tmp_path)
+    assert sorted(p.name for p in (tmp_path / tmp).iterdir()) == ["a"] and sorted(out.iterdir()) == [out / "a"]
+    clean_stale(tmp_path)
+    assert _temporaries(tmp_path) == []
+
+
+def test_fault_hook_refuses_a_malformed_spec():
+    r = _faulted("publish", "pass")
+    assert r.returncode == 1 and "DDPM_FAULT='publish': expected write:N or publish:N" in r.stderr
+
+
 def test_interrupted_grid_keeps_the_previous_file(ckpt, tmp_path, monkeypatch):
     keep = tmp_path / "keep.png"
     Image.fromarray(np.full((8, 8), 200, np.uint8)).save(keep)
@@ -155,6 +202,7 @@ def _train(data, out, *more):
                   "--device", "cpu", "--warmup", 1, *more)
 
 
+@pytest.mark.slow
 def test_run_files_are_replaced_atomically(fake_mnist, tmp_path, monkeypatch):
     """Killed at the moment it publishes options.json, then samples.png: every earlier file is untouched (a direct
     write would have changed or emptied them already)."""
@@ -178,6 +226,7 @@ def test_run_files_are_replaced_atomically(fake_mnist, tmp_path, monkeypatch):
         assert _temporaries(run) == []
 
 
+@pytest.mark.slow
 def test_disk_full_during_checkpoint_is_one_line(fake_mnist, tmp_path, monkeypatch):
     import torch
 
@@ -282,6 +331,7 @@ def test_read_only_folder_is_refused(ckpt, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- Ctrl-C
+@pytest.mark.slow
 def test_ctrl_c_in_training_names_the_last_checkpoint(fake_mnist, tmp_path, monkeypatch):
     from ddpm.train import loop
 
@@ -304,64 +354,48 @@ def test_ctrl_c_in_training_names_the_last_checkpoint(fake_mnist, tmp_path, monk
     assert r.exit_code == 130 and r.output.strip().splitlines()[-1] == "interrupted; no checkpoint written yet"
 
 
-def _signal_and_wait(p: subprocess.Popen, sig, what: str) -> tuple[str, str]:
-    """Send `sig` to the process and return its (stdout, stderr); fail the test if it has not ended 120 s later."""
-    p.send_signal(sig)
-    try:
-        return p.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        pytest.fail(f"{what} did not stop within 120 s of signal {sig}")
+def _signalled(fault: str, *args) -> subprocess.CompletedProcess:
+    """`ddpm ARGS` in a new process that DDPM_FAULT=fault signals at an atomic write (files.py's test hook)."""
+    import sys
 
-
-@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_sigint_in_a_real_process_is_one_line(ckpt, tmp_path, sig, code, word):
-    """A real SIGINT (Ctrl-C) or SIGTERM (kill, timeout) while `ddpm gen` samples: one line, exit 130 / 143, no
-    output file and no temporary left (nor a half-written .npz: the signal unwinds the write)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = tmp_path / "x.npz"
+    env = dict(os.environ, OMP_NUM_THREADS="1", DDPM_FAULT=fault)
     # SIGINT back to its default in the child: a test run started in the background of a non-interactive shell (as
     # CI may be) inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt
-    p = subprocess.Popen(["ddpm", "gen", "--ckpt", str(ckpt), "-n", "100000", "--batch", "8", "--steps", "50",
-                          "--engine", "onnx", "--out", str(out)], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                         env=env, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    # wait for the progress bar: sampling has started
-    buf = ""
-    deadline = time.time() + 300
-    while "step" not in buf and time.time() < deadline:
-        buf += p.stderr.read(1)
-    _, rest = _signal_and_wait(p, sig, "ddpm gen")
-    err = buf + rest
-    assert p.returncode == code, err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].strip() == word
+    return subprocess.run([sys.executable, "-m", "ddpm.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+@pytest.mark.parametrize("sig, code, word", [("INT", 130, "interrupted"), ("TERM", 143, "terminated")])
+def test_sigint_in_a_real_process_is_one_line(tiny_export, tmp_path, sig, code, word):
+    """A real SIGINT (Ctrl-C) or SIGTERM (kill, timeout) while `ddpm gen` writes its .npz (the file's only write):
+    one line, exit 130 / 143, no output file and no temporary left (the signal unwinds the write)."""
+    out = tmp_path / "x.npz"
+    r = _signalled(f"write:1:{sig}", "gen", "--export", tiny_export, "-n", 4, "--steps", 2, "--out", out)
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].strip() == word
     assert not out.exists() and _temporaries(tmp_path) == []
 
 
-@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code, word", [("INT", 130, "interrupted"), ("TERM", 143, "terminated")])
 def test_a_signal_in_real_training_keeps_its_exit_code(fake_mnist, tmp_path, sig, code, word):
     """A real SIGTERM during `ddpm train` exits 143 with "terminated; <last checkpoint>", Ctrl-C 130 with
     "interrupted; ...": the training loop adds the last checkpoint to the message without turning one signal into
     the other (supervisors such as systemd, Kubernetes and `timeout` read the code)."""
-    import sys
-
     run = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.Popen([sys.executable, "-m", "ddpm.cli", "train", "--data", str(fake_mnist), "--out", str(run),
-                          "--preset", "tiny", "--timesteps", "10", "--steps", "100000", "--ckpt-every", "2",
-                          "--batch", "8", "--warmup", "1", "--device", "cpu", "--threads", "1"],
-                         stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 300
-    while not (run / "ckpt.pt").is_file() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    _, err = _signal_and_wait(p, sig, "ddpm train")
-    last = err.strip().splitlines()[-1].strip()
-    assert p.returncode == code, err
-    assert "Traceback" not in err and last.startswith(f"{word}; last checkpoint at step ") and \
-        last.endswith(f" in {run}, continue with --resume"), err
+    assert _train(fake_mnist, run, "--steps", 2, "--ckpt-every", 2).exit_code == 0
+    # resumed, it writes options.json (1), log.jsonl (2), then the step-4 model, grid and ckpt.pt (3-5): the signal
+    # arrives as ckpt.pt is renamed into place
+    r = _signalled(f"publish:5:{sig}", "train", "--data", fake_mnist, "--out", run, "--preset", "tiny", "--timesteps",
+                   20, "--steps", 6, "--ckpt-every", 2, "--batch", 8, "--warmup", 1, "--device", "cpu", "--threads", 1,
+                   "--resume")
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].strip() == f"{word}; last checkpoint at step 2 in {run}, continue with --resume"
 
 
 # ------------------------------------------------------------------------------------- concurrent and careless
+@pytest.mark.slow
 def test_a_run_folder_is_never_overwritten_or_shared(fake_mnist, tmp_path):
     from ddpm.files import folder_lock
 

@@ -25,6 +25,7 @@ def ref(mnist_dir):
     return Reference.load(mnist_dir)
 
 
+@pytest.mark.slow
 def test_real_digits_score_at_the_floor_and_noise_does_not(ref, mnist_dir):
     test, labels = load_mnist(mnist_dir, "test")
     # a random subset: the test file is ordered by writer population, so test[:1000] is not representative
@@ -50,12 +51,14 @@ def test_real_digits_score_at_the_floor_and_noise_does_not(ref, mnist_dir):
     assert real["floor_min"] < real["fd_floor"] < real["floor_max"]
 
 
+@pytest.mark.slow
 def test_floor_draws_are_disjoint_and_shrink_with_n(ref):
     small, large = ref.floors(200), ref.floors(5000)
     assert len(small) == 5 and len(set(small)) == 5
     assert np.mean(large) < np.mean(small) / 3                   # FD's bias falls like 1/N
 
 
+@pytest.mark.slow
 def test_eval_cli_on_samples_file(mnist_dir, tmp_path):
     test, labels = load_mnist(mnist_dir, "test")
     np.savez(tmp_path / "s.npz", images=test[:300], labels=labels[:300])

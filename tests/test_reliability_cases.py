@@ -19,6 +19,7 @@ from ddpm.model.io import CheckpointError, load_checkpoint, require_torch
 from helpers import invoke, tiny_checkpoint
 
 
+@pytest.mark.slow
 def test_a_tensor_declaring_more_than_its_storage_is_refused_before_use(fake_mnist, tmp_path):
     """An expanded view (stride 0) of one number saved by torch.save declares 10^10 numbers in an 800 KB file:
     refused from its storage size, before any value is read (reading it allocated by the declared shape)."""
@@ -54,6 +55,7 @@ def test_an_import_stopped_by_a_memory_limit_names_the_limit(monkeypatch):
         have_torch()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_over_the_file_size_limit_is_an_efbig(tmp_path):
     """torch.save's own writer reported the file-size limit as 'unexpected pos' without an errno; the checkpoint
     is written by Python, so the limit is EFBIG, which the writer names in one line, and nothing is left."""

@@ -31,3 +31,29 @@ def test_default_outputs_are_ignored_by_git():
     assert r.returncode in (0, 1), r.stderr
     missed = sorted(set(paths) - set(r.stdout.split()))
     assert not missed, f"not in .gitignore: {missed}"
+
+
+def test_every_module_imports_and_every_script_answers_help():
+    """Every module of the package imports (the inner loop, `pytest -m "not slow"`, then touches each one), and every
+    measurement script with a command line (bench/*.py main(argv)) parses it: --help exits 0 and names the script."""
+    import contextlib
+    import importlib
+    import inspect
+    import io
+    import pkgutil
+
+    import ddpm
+
+    names = sorted(m.name for m in pkgutil.walk_packages(ddpm.__path__, "ddpm."))
+    assert {"ddpm.cli", "ddpm.files", "ddpm.runtime.runner", "ddpm.train.loop"} <= set(names)
+    helped = []
+    for name in names:
+        module = importlib.import_module(name)
+        main_fn = getattr(module, "main", None)
+        if name.startswith("ddpm.bench.") and main_fn is not None and "argv" in inspect.signature(main_fn).parameters:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+                main_fn(["--help"])
+            assert e.value.code == 0 and "usage:" in out.getvalue(), name
+            helped.append(name)
+    assert len(helped) >= 5, helped

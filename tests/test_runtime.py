@@ -21,7 +21,7 @@ from ddpm.runtime.nets import EngineUnavailable, OnnxNet, TorchNet
 from ddpm.runtime.noise import make_noise
 from ddpm.runtime.runner import Runner
 from ddpm.runtime.samplers import ddim_plan, ddpm_plan, dpmpp_2m_plan, unipc_plan
-from helpers import invoke, tiny_checkpoint, traced_peak
+from helpers import invoke, slow_except, tiny_checkpoint, traced_peak
 
 CPU = "cpu"
 HAS_GPU = torch.cuda.is_available()
@@ -49,12 +49,11 @@ PLANS = {"ddim": lambda s: ddim_plan(s, 8), "ddim-eta1": lambda s: ddim_plan(s, 
          "ddim-trailing-gi": lambda s: ddim_plan(s, 6, spacing="trailing").with_guidance_interval(0.5, 5.0)}
 
 
-@pytest.mark.parametrize("plan_name, guidance, uncond", [("ddim", 0.0, False), ("ddim", 2.0, False), ("ddim", 0.0, True),
-                                                          ("ddim-eta1", 2.0, False), ("ddpm", 2.0, False),
-                                                          ("dpm++2m", 0.0, False), ("dpm++2m", 2.0, False),
-                                                          ("unipc", 0.0, True), ("unipc", 2.0, False),
-                                                          ("dpm++2m-gi", 2.0, False), ("unipc-gi", 2.0, False),
-                                                          ("ddim-trailing-gi", 2.0, False)])
+@pytest.mark.slow
+@pytest.mark.parametrize("plan_name, guidance, uncond", [
+    ("ddim", 0.0, False), ("ddim", 2.0, False), ("ddim", 0.0, True), ("ddim-eta1", 2.0, False), ("ddpm", 2.0, False),
+    ("dpm++2m", 0.0, False), ("dpm++2m", 2.0, False), ("unipc", 0.0, True), ("unipc", 2.0, False),
+    ("dpm++2m-gi", 2.0, False), ("unipc-gi", 2.0, False), ("ddim-trailing-gi", 2.0, False)])
 def test_engines_give_the_same_digits(setup, plan_name, guidance, uncond):
     plan = PLANS[plan_name](setup[1].schedule)
     labels = labels_for(6, None, uncond)
@@ -97,6 +96,7 @@ def test_onnx_loop_allocates_nothing(setup, fp16):
     assert traced_peak(lambda: [r.x * 0.5 + 0.1 * r.z[0] for _ in range(3)]) >= 3 * 784 * 4
 
 
+@pytest.mark.slow
 def test_torch_runner_loop_allocates_only_in_the_network(setup):
     """runtime-torch: with a network that writes eps in place, the loop allocates nothing at all."""
     loaded = setup[0]
@@ -132,7 +132,7 @@ def test_onnx_slices_compute_the_whole_batch(setup, chunk):
 
 
 @pytest.mark.parametrize("plan_name", ["ddim-eta0.7", "unipc-gi"])
-@pytest.mark.parametrize("net", ["runtime-torch", "onnx"])
+@pytest.mark.parametrize("net", slow_except(["runtime-torch", "onnx"], "onnx"))
 def test_runner_matches_reference_step_for_step(setup, net, plan_name):
     """The in-place step and eager.sample implement the same formula (noise, history, guidance interval)."""
     loaded, bundle = setup
@@ -147,7 +147,7 @@ def test_runner_matches_reference_step_for_step(setup, net, plan_name):
     assert np.allclose(out, ref, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["runtime-torch", "onnx"])
+@pytest.mark.parametrize("name", slow_except(["runtime-torch", "onnx"], "onnx"))
 def test_run_returns_a_copy(setup, name):
     """run() hands back an array that the next run cannot overwrite (on the CPU too)."""
     eng = _engine(name, setup)
@@ -175,6 +175,7 @@ def test_unavailable_engines_are_clear(setup):
                 OnnxNet(setup[1].onnx_path("fp32"), "cuda:0")
 
 
+@pytest.mark.slow
 def test_cli_gen_engines_agree(setup, tmp_path):
     import shutil
 
@@ -247,6 +248,7 @@ ON_GPU = [pytest.param(name, fp16, "cuda", marks=pytest.mark.gpu)
 
 @pytest.mark.parametrize("name, fp16, device",
                          [("runtime-torch", False, CPU), ("onnx", False, CPU), ("onnx", True, CPU), *ON_GPU])
+@pytest.mark.slow
 def test_any_sequence_of_calls_gives_the_eager_digits(setup, name, fp16, device):
     if device == "cuda" and not HAS_GPU:
         pytest.skip("needs a CUDA GPU")
@@ -275,7 +277,7 @@ def test_any_sequence_of_calls_gives_the_eager_digits(setup, name, fp16, device)
     assert len(eng.runners) <= eng.max_runners
 
 
-@pytest.mark.parametrize("name", ["runtime-torch", "onnx"])
+@pytest.mark.parametrize("name", slow_except(["runtime-torch", "onnx"], "onnx"))
 def test_failed_cuda_graph_capture_warns_once_and_runs_step_by_step(setup, name, monkeypatch):
     """A runner whose CUDA-graph capture fails says so once and gives the eager digits from the step-by-step loop.
 

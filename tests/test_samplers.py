@@ -133,6 +133,7 @@ def _model(seed=0):
     return m
 
 
+@pytest.mark.slow
 def test_guidance():
     m = _model()
     x, y = torch.randn(4, 1, 28, 28), torch.tensor([1, 2, 3, 4])
@@ -145,6 +146,7 @@ def test_guidance():
         assert torch.equal(guided(m, None, 10, 2.5)(x, 300), uncond)                    # unconditional: null label
 
 
+@pytest.mark.slow
 def test_same_seed_same_digits_across_batch_splits():
     """The noise stream is bit-identical however the samples are split; the images then agree up to the rounding of
     batch-size-dependent convolution sums (at most 1 grey level on a handful of pixels)."""

@@ -33,13 +33,17 @@ def test_cpu_count_is_the_affinity_mask(monkeypatch):
 
 
 def test_onnx_sessions_use_the_chosen_options(onnx_path, monkeypatch):
-    # the defaults bench/threads.md chose, as a live session applies them: a thread per CPU, no spinning
+    # the defaults bench/results/2026-11-30-threads.md chose, as a live session applies them: a thread per CPU, no spinning
     assert _applied(OnnxNet(onnx_path).sess) == (cpu_count(), "0", "0")
     assert _applied(ort_session(onnx_path)) == (cpu_count(), "0", "0")    # export's verification session too
     assert _applied(OnnxNet(onnx_path, threads=1).sess)[0] == 1          # --threads wins
     assert _applied(OnnxNet(onnx_path, spinning=True).sess)[1:] == ("1", "1")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})        # one CPU allowed: one thread
     assert _applied(OnnxNet(onnx_path).sess)[0] == 1
+    # the module's settings, which bench/threads.py varies, reach every new session (the engines' and export's)
+    monkeypatch.setattr(nets, "ORT_THREADS", 2)
+    monkeypatch.setattr(nets, "ORT_SPINNING", True)
+    assert _applied(OnnxNet(onnx_path).sess) == (2, "1", "1") and _applied(ort_session(onnx_path)) == (2, "1", "1")
 
 
 @pytest.mark.parametrize("module", ["ddpm.cli", "ddpm"])   # the API too, not only the CLI

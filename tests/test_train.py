@@ -18,6 +18,7 @@ def _cfg(data, out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_fixed_batch():
     torch.manual_seed(0)
     model = UNet(PRESETS["tiny"])
@@ -39,6 +40,7 @@ def test_loss_decreases_on_fixed_batch():
     assert loss.item() < 0.8 * first
 
 
+@pytest.mark.slow
 def test_train_writes_run_and_resume_is_exact(fake_mnist, tmp_path):
     full = train(_cfg(fake_mnist, tmp_path / "full"), progress=False, log=lambda *_: None)
     run = tmp_path / "run"
@@ -59,6 +61,7 @@ def test_train_writes_run_and_resume_is_exact(fake_mnist, tmp_path):
     assert load_model(run).info["step"] == 6
 
 
+@pytest.mark.slow
 def test_init_starts_from_given_weights(fake_mnist, tmp_path):
     train(_cfg(fake_mnist, tmp_path / "a"), progress=False, log=lambda *_: None)
     start = load_model(tmp_path / "a").model.state_dict()   # the EMA weights of run a
@@ -76,6 +79,7 @@ def test_init_starts_from_given_weights(fake_mnist, tmp_path):
         train(_cfg(fake_mnist, tmp_path / "d", init=str(tmp_path / "nothing.pt")), progress=False)
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_config_and_finished_runs(fake_mnist, tmp_path):
     train(_cfg(fake_mnist, tmp_path, steps=3), progress=False, log=lambda *_: None)
     with pytest.raises(TrainingError, match="--resume: .* holds a tiny model .*, not --schedule cosine; leave out "
@@ -87,6 +91,7 @@ def test_resume_refuses_other_config_and_finished_runs(fake_mnist, tmp_path):
         train(_cfg(fake_mnist, tmp_path / "empty"), resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(fake_mnist, tmp_path, monkeypatch):
     real = loop.diffusion_loss
     calls = {"n": 0}
@@ -103,6 +108,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(fake_mnist, tmp_path, mon
     assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["ema"].values())
 
 
+@pytest.mark.slow
 def test_cli_train_and_bad_options(fake_mnist, tmp_path):
     r = CliRunner().invoke(main, ["train", "--data", str(fake_mnist), "--out", str(tmp_path / "r"), "--preset", "tiny",
                                   "--steps", "2", "--batch", "8", "--timesteps", "20", "--device", "cpu"])
@@ -113,6 +119,7 @@ def test_cli_train_and_bad_options(fake_mnist, tmp_path):
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.slow
 def test_init_and_resume_take_the_model_config_from_the_run(fake_mnist, tmp_path, monkeypatch):
     """--init and --resume without --preset/--schedule/--timesteps train the model they are given; a contradicting
     explicit option is one clear line (no dumped config); options.json holds the resolved values."""
@@ -207,6 +214,7 @@ def test_min_snr_weights_by_hand():
             (w[t] * per).mean().item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_cosine_min_snr_resume_is_exact_and_kept(fake_mnist, tmp_path):
     kw = dict(lr_schedule="cosine", loss_weight="min-snr")
     full = train(_cfg(fake_mnist, tmp_path / "full", **kw), progress=False, log=lambda *_: None)
@@ -233,6 +241,7 @@ def _log_rows(run):
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_resume_cuts_the_log_back_to_the_checkpoint(fake_mnist, tmp_path):
     quiet = dict(progress=False, log=lambda *_: None)
     train(_cfg(fake_mnist, tmp_path / "full"), **quiet)
@@ -258,6 +267,7 @@ def _outputs(run):
     return (run / "samples.png").read_bytes(), model
 
 
+@pytest.mark.slow
 def test_resume_completes_a_run_killed_in_its_last_checkpoint(fake_mnist, tmp_path):
     quiet = dict(progress=False, log=lambda *_: None)
     train(_cfg(fake_mnist, tmp_path, steps=3), **quiet)

@@ -152,6 +152,7 @@ def _bundle(exported, tmp_path):
     return Bundle.load(tmp_path / "exp")
 
 
+@pytest.mark.slow
 def test_profile_is_the_network_batch_and_covering_engines_are_reused(fake_trt, exported, tmp_path):
     b = _bundle(exported, tmp_path)
     quiet = lambda *_: None
@@ -174,6 +175,7 @@ def test_profile_is_the_network_batch_and_covering_engines_are_reused(fake_trt, 
     assert len(fake_trt.built) == 2
 
 
+@pytest.mark.slow
 def test_stale_engines_are_rebuilt(fake_trt, exported, tmp_path):
     b = _bundle(exported, tmp_path)
     plan = ensure_engine(b, "fp32", 1, 256, log=lambda *_: None)
@@ -213,6 +215,7 @@ def test_engine_files_skip_unreadable_and_foreign(tmp_path):
     assert [(p.name, m) for p, m in engine_files(onnx_path)] == [("model_b1-8.plan", {"min_batch": 1})]
 
 
+@pytest.mark.slow
 def test_cli_export_trt_then_gen_batch_reuses_it(fake_trt, exported, tmp_path):
     """`ddpm export --trt` builds 1-256; the engine that `gen --batch 64` with guidance needs (1-128) is that one."""
     ckpt = exported.path.parent

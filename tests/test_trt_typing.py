@@ -40,6 +40,7 @@ def _pyright():
     return exe
 
 
+@pytest.mark.slow
 def test_tensorrt_calls_type_check_against_the_stubs(tmp_path):
     (tmp_path / "probe.py").write_text(PROBE)
     config = {"typeCheckingMode": "standard", "stubPath": str(STUBS), "pythonVersion": "3.10",

@@ -285,6 +285,7 @@ def test_param_count_is_the_networks(tmp_path):
         assert param_count(cfg) == sum(p.numel() for p in UNet(cfg).parameters()), cfg
 
 
+@pytest.mark.slow
 def test_compressed_checkpoint_member_is_refused(tmp_path):
     """torch.save writes a ckpt.pt uncompressed: a deflated member (which could inflate far beyond the file) is
     refused from the archive's directory before torch reads it."""

@@ -22,13 +22,6 @@ BIG_SEED = 2 ** 70
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ck")
-    tiny_checkpoint(root)
-    return root
-
-
-@pytest.fixture(scope="module")
 def short_ckpt(tmp_path_factory):
     """A model with T = 10 < 50, the default number of DDIM steps."""
     root = tmp_path_factory.mktemp("ck10")
@@ -77,6 +70,7 @@ def test_bad_options_are_usage_errors(ckpt, png, tmp_path, cmd, args, option):
     usage_error(invoke(*_commands(ckpt, png, tmp_path)[cmd], *args), option)
 
 
+@pytest.mark.slow
 def test_largest_seed_works(ckpt, tmp_path):
     r = invoke("gen", "--ckpt", ckpt, "-n", 2, "--steps", 2, "--seed", 2 ** 64 - 1, "--out", tmp_path / "x.npz", "-q")
     assert r.exit_code == 0, r.output
@@ -101,6 +95,7 @@ def test_edit_without_label_and_explicit_guidance_is_refused(ckpt, png, tmp_path
         assert r.exit_code == 2 and "give --label, or leave out --guidance" in r.output, r.output
 
 
+@pytest.mark.slow
 def test_short_model_runs_with_default_steps(short_ckpt, png, tmp_path):
     r = invoke("gen", "--ckpt", short_ckpt, "-n", 3, "--out", tmp_path / "x.npz", "-q")
     assert r.exit_code == 0 and "unipc8-trailing" in r.output, r.output   # 8 <= T = 10 steps
@@ -151,6 +146,7 @@ class ZeroEngine:
         return np.tanh(x_T)
 
 
+@pytest.mark.slow
 def test_npz_output_streams_instead_of_holding_everything(tmp_path):
     from ddpm.runtime.images import to_uint8
     from ddpm.runtime.noise import slots
@@ -183,6 +179,7 @@ def test_nan_samples_are_never_saved(ckpt, tmp_path, monkeypatch):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_export_verification_fails_on_non_finite_outputs(ckpt, tmp_path):
     """A NaN model agrees with its NaN ONNX export 'to 0' (max() over NaN differences): refused instead."""
     from ddpm.export.onnx_export import ExportFailed, to_onnx, verify

@@ -66,6 +66,7 @@ def exported(tmp_path_factory):
     return loaded, root
 
 
+@pytest.mark.slow
 def test_web_export_refuses_what_it_must(exported, tmp_path):
     _, root = exported
     bundle = Bundle.load(root / "exp")
@@ -101,6 +102,7 @@ def site(exported, tmp_path_factory):
     return loaded, root / "exp", page
 
 
+@pytest.mark.slow
 def test_page_files(site):
     _, exp, page = site
     names = {p.relative_to(page).as_posix() for p in page.rglob("*") if p.is_file()}
@@ -119,6 +121,7 @@ def _gen_png(loaded, exp, tmp_path, *args) -> np.ndarray:
     return np.array(Image.open(out))
 
 
+@pytest.mark.slow
 def test_page_in_chromium_draws_the_digits_of_ddpm_gen(site, tmp_path):
     """Headless Chromium loads the page from 127.0.0.1, generates, and its canvas is `ddpm gen`'s PNG for the same
     seed, class and guidance (within 2 grey levels)."""
