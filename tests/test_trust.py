@@ -397,10 +397,10 @@ def test_external_data_reader_agrees_with_onnx(exported, tmp_path):
     (lambda m: m["files"]["fp32"].update(parity="verified"), "files['fp32'].parity must be a parity record"),
     (lambda m: m["files"]["fp32"]["parity"].update(error=None), "files['fp32'].parity.error must be a finite"),
     (lambda m: m["files"]["fp32"]["parity"].update(error=0.5), "failed its verification"),
-    (lambda m: m["generator"].update(parity=[]), "generator.parity must be a parity record"),
-    (lambda m: m["generator"]["parity"].update(max_abs_grey=9), "failed its verification"),
-    (lambda m: m["generator"].update(plan_key="x"), "generator.plan_key must be a plan key"),
-    (lambda m: m["generator"].update(steps=10**9), "generator.steps must be an integer in 1..100000"),
+    (lambda m: m["generators"][0].update(parity=[]), "generators[0].parity must be a parity record"),
+    (lambda m: m["generators"][0]["parity"].update(max_abs_grey=9), "failed its verification"),
+    (lambda m: m["generators"][0].update(plan_key="x"), "generators[0].plan_key must be a plan key"),
+    (lambda m: m["generators"][0].update(steps=10**9), "generators[0].steps must be an integer in 1..100000"),
 ])
 def test_every_export_entry_is_checked(exported, tmp_path, change, message):
     """Every entry of export.json that an engine or an export reads (or copies into a new folder) is checked
@@ -431,8 +431,8 @@ def _reembed(exp, name, key, entry, **change):
 
 
 @pytest.mark.parametrize("name, key, entry, change, engine", [
-    ("generator.onnx", "ddpm_generator", lambda m: m["generator"], {"checkpoint_hash": "0" * 64}, "onnx-generator"),
-    ("generator.onnx", "ddpm_generator", lambda m: m["generator"], {"plan_key": "0" * 40}, "onnx-generator"),
+    ("generator", "ddpm_generator", lambda m: m["generators"][0], {"checkpoint_hash": "0" * 64}, "onnx-generator"),
+    ("generator", "ddpm_generator", lambda m: m["generators"][0], {"plan_key": "0" * 40}, "onnx-generator"),
     ("model.onnx", "ddpm", lambda m: m["files"]["fp32"], {"checkpoint_hash": "0" * 64}, "onnx"),
 ])
 def test_onnx_files_of_other_weights_are_refused(exported, tmp_path, name, key, entry, change, engine):
@@ -441,10 +441,11 @@ def test_onnx_files_of_other_weights_are_refused(exported, tmp_path, name, key, 
     from ddpm.runtime.bundle import Bundle, ExportError
 
     root, exp = _copy(exported, tmp_path)
+    kind, name = name, _generator(exp)["name"] if name == "generator" else name
     _reembed(exp, name, key, entry, **change)
     field = next(iter(change))
     with pytest.raises(ExportError, match=f"records {field} '0+', not export.json's"):
-        Bundle.load(exp).generator_path() if name == "generator.onnx" else Bundle.load(exp).onnx_path()
+        Bundle.load(exp).generator_path() if kind == "generator" else Bundle.load(exp).onnx_path()
     line = one_line_error(_gen(root, "--engine", engine))
     assert name in line and f"records {field}" in line, line
 
@@ -452,7 +453,7 @@ def test_onnx_files_of_other_weights_are_refused(exported, tmp_path, name, key, 
 def test_a_file_of_another_size_is_not_read(exported, tmp_path):
     """export.json's recorded size is checked before a file is read (a planted large file is never loaded)."""
     root, exp = _copy(exported, tmp_path)
-    with open(exp / "generator.onnx", "ab") as f:
+    with open(exp / _generator(exp)["name"], "ab") as f:
         f.write(b"\0")
     assert "its size differs from export.json" in one_line_error(_gen(root, "--engine", "onnx-generator"))
 
@@ -484,7 +485,7 @@ def test_messages_quoting_a_file_are_bounded(exported, tmp_path):
     root, exp = _copy(exported, tmp_path)
     for change in (lambda m: m.update(image_shape=[1] * 5000, T=[1] * 5000),
                    lambda m: m["model_config"].update({f"k{i}": 1 for i in range(2000)}),
-                   lambda m: m["generator"].update(plan=long),
+                   lambda m: m["generators"][0].update(plan=long),
                    lambda m: m["files"].update({long: m["files"]["fp32"]})):
         shutil.rmtree(exp)
         shutil.copytree(exported / "exp", exp)
