@@ -208,10 +208,10 @@ def test_onnx_with_other_input_names_is_one_line(model_dir, export_dir, tmp_path
 def test_damaged_tensorrt_record_means_rebuild(tmp_path):
     """A .plan.json that is not JSON, is a list, lacks a key or has one of the wrong type: its engine is never
     reused (it is rebuilt), and nothing raises."""
-    from ddpm.export import trt
+    from ddpm.runtime import trt
 
     onnx_path = tmp_path / "model.onnx"
-    plan, info = trt.plan_paths(onnx_path, 1, 8)
+    plan, info = trt.engine_file_paths(onnx_path, 1, 8)
     plan.write_bytes(b"engine")
     want = {"tensorrt": "10.0", "gpu": "GPU", "onnx_sha256": "a" * 64}
     good = dict(want, min_batch=1, max_batch=8)

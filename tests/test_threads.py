@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from ddpm.export.onnx_export import export, ort_session
+from ddpm.runtime import nets
 from ddpm.runtime.nets import OnnxNet, cpu_count
 from helpers import tiny_checkpoint
 

@@ -229,17 +229,16 @@ def test_cli_export_trt_then_gen_batch_reuses_it(fake_trt, exported, tmp_path):
 @pytest.mark.parametrize("args, net_batch", [([], 128), (["--guidance", "0"], 64), (["--uncond"], 64)])
 def test_gen_asks_for_the_network_batch(exported, tmp_path, monkeypatch, args, net_batch):
     """The engine is made for the batch the network runs at: 2 x --batch with guidance, --batch without."""
-    import ddpm.cli as cli
+    from ddpm.runtime import engines
 
     asked = []
-    real = cli.make_engine
+    real = engines.make_engine
 
-    def spy(name, model, device, fp16=False, cuda_graph=True, max_batch=512, ctx=None, threads=None, plan=None,
-            quiet=False):
-        asked.append(max_batch)
-        return real("onnx", model, device, fp16, cuda_graph, max_batch, ctx, threads, plan, quiet)
+    def spy(name, **options):
+        asked.append(options["max_batch"])
+        return real("onnx", **options)
 
-    monkeypatch.setattr(cli, "make_engine", spy)
+    monkeypatch.setattr(engines, "make_engine", spy)
     r = CliRunner().invoke(main, ["gen", "--ckpt", str(exported.path.parent), "-n", 2, "--steps", 2, "--batch", 64,
                                   "-q", "--out", str(tmp_path / "g.npz"), "--export", str(exported.path.parent / "exp"),
                                   *args])
