@@ -341,8 +341,8 @@ def evaluate(images, labels, data: str | os.PathLike | None = None, name: str = 
     the class each digit was drawn for, -1 for unconditional ones. data: the MNIST folder (default $DDPM_DATA, else
     ~/.cache/ddpm/mnist, downloaded when missing unless download=False). Returns a dict: fd (Frechet distance of the
     shipped classifier's 128-d features to the real test set's, Heusel et al. 2017's formula), fd_floor (the same for
-    N real training images, mean of 5 draws; floor_min/floor_max their spread), fd_ratio, within_floor_spread,
-    cond_accuracy (None without labelled digits), uncond_histogram / uncond_top_prob (None without unconditional
+    N real training images, mean of 5 draws; floor_min/floor_max their spread), fd_ratio, within_floor_spread
+    (floor_min <= fd <= floor_max), below_floor (fd < floor_min: noise, too few digits), cond_accuracy (None without labelled digits), uncond_histogram / uncond_top_prob (None without unconditional
     ones), border_share. Needs PyTorch (the classifier). Raises DdpmError for bad arrays, missing data or no PyTorch.
     """
     from .model.io import require_torch

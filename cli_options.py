@@ -139,8 +139,9 @@ def sampling_options(defaults: Sampling = DEFAULT):
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads."),
         click.option("--engine", type=click.Choice(["auto", *ENGINES]), default="auto", show_default=True,
                      help="torch: eager PyTorch (the reference); runtime-torch, onnx, trt: the preallocated runtime; "
-                          "onnx-generator: the whole loop in one ONNX call (deterministic plans); auto: onnx on a "
-                          "CPU, runtime-torch on a GPU (same digits, faster)."),
+                          "onnx-generator: the whole loop in one ONNX call (deterministic plans; gen and eval only: "
+                          "the editing commands refuse it); auto: onnx on a CPU, runtime-torch on a GPU (same digits, "
+                          "faster)."),
         click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None,
                      help="Export folder for onnx/trt/onnx-generator [default: the checkpoint's, exported on first "
                           "use]."),

@@ -38,7 +38,9 @@ class LazyChoice(click.Choice):
               help="MNIST folder (else $DDPM_DATA, else ~/.cache/ddpm/mnist; downloaded if missing).")
 @click.option("--out", "out", type=click.Path(file_okay=False), default="runs/ddpm", show_default=True,
               help="Run directory (options.json, ckpt.pt, model.safetensors, samples.png).")
-@click.option("--resume", is_flag=True, help="Continue from --out/ckpt.pt.")
+@click.option("--resume", is_flag=True,
+              help="Continue from --out/ckpt.pt with the run's own options; only --steps, --ckpt-every, --device, "
+                   "--data and --threads may differ from the run's.")
 @click.option("--init", type=click.Path(exists=True), default=None,
               help="Start from these weights (model.safetensors, ckpt.pt or a run folder) instead of from scratch.")
 # model and diffusion
@@ -93,7 +95,10 @@ def train(threads, resume, **opts):
 
     if threads:
         torch.set_num_threads(threads)
-    summary = run(TrainConfig(**opts), resume=resume, log=click.echo)
+    ctx = click.get_current_context()
+    given = {name for name in opts if ctx.get_parameter_source(name) not in
+             (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)}
+    summary = run(TrainConfig(**opts), resume=resume, log=click.echo, given=given)
     if summary["steps"]:
         click.echo(f"trained {summary['steps']} steps in {summary['seconds']:.1f}s ({summary['steps_per_s']:.2f} steps/s; "
                    f"checkpoints took {summary['checkpoint_seconds']:.1f}s more), last loss {summary['loss']:.4f}; "

@@ -16,9 +16,9 @@ from typing import Callable, Iterable
 
 from .classifier import (CLASSIFIER_FILE, FEATURES, IMAGE_SHAPE, Classifier, features_and_predictions,
                          load_classifier, predict, train_classifier)
-from .metrics import (EvaluationError, Reference, border_share, check_samples, format_table, frechet_distance)
+from .metrics import (MIN_N, EvaluationError, Reference, border_share, check_samples, format_table, frechet_distance)
 
-__all__ = ["CLASSIFIER_FILE", "Classifier", "EvaluationError", "Reference", "SAMPLE_BYTES", "border_share",
+__all__ = ["CLASSIFIER_FILE", "MIN_N", "Classifier", "EvaluationError", "Reference", "SAMPLE_BYTES", "border_share",
            "check_samples", "evaluate_sets", "features_and_predictions", "format_table", "frechet_distance",
            "load_classifier", "predict", "reference", "train_classifier"]
 
@@ -79,7 +79,8 @@ def evaluate_sets(sets: Iterable[tuple[str, object, object]], data: str | os.Pat
 
     Each dict holds: name, n; fd (Frechet distance of the classifier's 128-d penultimate features to the real test
     set's, Heusel et al. 2017's formula), fd_floor (the same for n real training images, mean of FLOOR_DRAWS draws;
-    floor_min / floor_max their spread, floor_draws their number), fd_ratio, within_floor_spread; cond_n,
+    floor_min / floor_max their spread, floor_draws their number), fd_ratio, within_floor_spread (floor_min <= fd <=
+    floor_max), below_floor (fd < floor_min: noise, too few samples); cond_n,
     cond_accuracy (None without labelled samples); uncond_histogram, uncond_top_prob (None without unlabelled ones)
     and real_top_prob; border_share and real_border_share. Raises EvaluationError for a set that is not such
     images and labels, and what `reference` raises.

@@ -10,7 +10,8 @@
   borders).
 
 The floor is drawn several times (disjoint sets of training images where N allows), so every table shows its spread:
-at small N the floor itself varies by tens of percent, and an FD inside that range is as good as real data.
+at small N the floor itself varies by tens of percent, and an FD inside that range (min <= FD <= max) is as good as
+real data; one below the minimum is noise. Below MIN_N samples the table says that its figures are noise.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
 
 
 FLOOR_DRAWS = 5
+# Below this N the figures are noise: the floor's own draws spread by more than half its mean, and an FD can land
+# below every draw of real data (measured on real MNIST in docs/evaluation.md, "What small N means").
+MIN_N = 1000
 
 
 def check_samples(images, labels, name: str = "samples") -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +131,8 @@ class Reference:
         cond = labels >= 0
         res = {"name": name, "n": int(len(images)), "fd": fd, "fd_floor": floor, "fd_ratio": fd / floor,
                "floor_min": min(floors), "floor_max": max(floors), "floor_draws": len(floors),
-               "within_floor_spread": bool(fd <= max(floors)),
+               "within_floor_spread": bool(min(floors) <= fd <= max(floors)),
+               "below_floor": bool(fd < min(floors)),
                "cond_n": int(cond.sum()),
                "cond_accuracy": float((preds[cond] == labels[cond]).mean()) if cond.any() else None,
                "uncond_histogram": np.bincount(preds[~cond], minlength=10).tolist() if (~cond).any() else None,
@@ -150,14 +155,21 @@ def format_table(rows: list[dict]) -> str:
             unc = (f"{r['uncond_top_prob']:.3f} ({r['real_top_prob']:.3f}), "
                    + " ".join(f"{100 * h / total:.0f}" for h in r["uncond_histogram"]))
         floor = f"{r['fd_floor']:.3f} ({r['floor_min']:.2f}-{r['floor_max']:.2f})"
-        ratio = f"{r['fd_ratio']:.2f}" + ("*" if r["within_floor_spread"] else "")
+        ratio = f"{r['fd_ratio']:.2f}" + ("*" if r["within_floor_spread"] else "<" if r["below_floor"] else "")
         lines.append(f"{r['name'][:28]:<28} {r['n']:>6} {r['fd']:>9.3f} {floor:>22} {ratio:>9} {acc:>9} "
                      f"{100 * r['border_share']:>6.1f}%  {unc}")
     if any(r["within_floor_spread"] for r in rows):
-        lines.append("* FD inside the spread of the real-data floor: at this N the samples cannot be told from real "
-                     "digits by this measure (a ratio below 1 is noise, not better than real data)")
+        lines.append("* FD inside the spread of the real-data floor (min <= FD <= max): at this N the samples cannot "
+                     "be told from real digits by this measure (a ratio below 1 is noise, not better than real data)")
+    if any(r["below_floor"] for r in rows):
+        lines.append("< FD below the floor's minimum: lower than any draw of real digits at this N, which is noise "
+                     "(too few samples), not better than real data")
     if rows:
         lines.append(f"floor: FD of N real training images to the test set, mean of {rows[0]['floor_draws']} draws "
                      f"(min-max); border: share of samples with a pixel > 2 grey levels in the outer frame (real test "
                      f"digits: {100 * rows[0]['real_border_share']:.1f}%)")
+    small = sorted({r["n"] for r in rows if r["n"] < MIN_N})
+    if small:
+        lines.append(f"Warning: N = {', '.join(map(str, small))} is below {MIN_N}: at this N FD and its floor are "
+                     f"noise; use -n {MIN_N} or more (5000 and two seeds to compare within a few percent)")
     return "\n".join(lines)

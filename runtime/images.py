@@ -121,16 +121,37 @@ def picture(image, option: str = "image", allow_bool: bool = False) -> np.ndarra
     return a
 
 
+# A picture whose outer frame has this median grey level or more has a light background: a dark digit on white,
+# which the model (white digits on black, as MNIST) would read as a white blob.
+LIGHT_FRAME = 224
+
+
+def check_dark_background(a: np.ndarray, where: str, option: str = "image") -> np.ndarray:
+    """a, an (H, W) uint8 picture, when its background is dark; ImageError (naming `where` and `option`) when the
+    median of its outer 1-pixel frame is LIGHT_FRAME or more: a black digit on white, to be inverted first."""
+    if min(a.shape) > 2:
+        frame = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
+        level = int(np.median(frame))
+        if level >= LIGHT_FRAME:
+            raise ImageError(f"{where} has a light background (its edge pixels' median grey level is {level}): the "
+                             f"model takes a white digit on black, as in MNIST; invert the picture (255 - each pixel)",
+                             option)
+    return a
+
+
 def pictures(image, n: int | None, option: str = "image") -> tuple[list[np.ndarray], int]:
     """(pictures at their own size, n): one picture with n results (default 8), or a stack (N, H, W) with one
-    result each (n None or N). Raises ImageError."""
+    result each (n None or N). Raises ImageError, also for a picture with a light background
+    (check_dark_background)."""
     if isinstance(image, (str, os.PathLike)) or np.ndim(image) != 3:
-        return [picture(image, option)], 8 if n is None else n
+        where = str(image) if isinstance(image, (str, os.PathLike)) else option
+        return [check_dark_background(picture(image, option), where, option)], 8 if n is None else n
     stack = np.asarray(image)
     if n not in (None, len(stack)):
         raise OptionError(f"a stack of {len(stack)} pictures gives one result each: n must be {len(stack)}, got {n}",
                           "n")
-    return [picture(p, option) for p in stack], len(stack)
+    return [check_dark_background(picture(p, option), f"{option} {i}", option) for i, p in enumerate(stack)], \
+        len(stack)
 
 
 def fitted(image, n: int | None, size: tuple[int, int]) -> tuple[np.ndarray, int]:
@@ -141,8 +162,9 @@ def fitted(image, n: int | None, size: tuple[int, int]) -> tuple[np.ndarray, int
 
 def inpaint_inputs(image, mask, n: int | None, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, int]:
     """(pictures (m, H, W) uint8, kept (m or 1, H, W) bool, n) at `size`, from inpaint's picture(s) and mask: the
-    name of the half to redraw (HALVES), or picture(s) of the image's size (before resizing) whose white pixels
-    (>= 128) are kept. Raises ImageError / OptionError naming image, mask or n."""
+    name of the half to redraw (HALVES), or picture(s) of the image's size (before resizing), read as grey
+    (read_image: a coloured mask by its luma), whose white pixels (>= 128 after resizing) are kept. Raises
+    ImageError / OptionError naming image, mask or n, also for a mask that keeps no pixel or every pixel."""
     from .edits import half_mask
 
     raw, n = pictures(image, n)                     # at the file's size: a mask picture must match it
@@ -161,7 +183,15 @@ def inpaint_inputs(image, mask, n: int | None, size: tuple[int, int]) -> tuple[n
         if m.shape != raw[0].shape:
             raise OptionError(f"the mask is {m.shape[1]}x{m.shape[0]} pixels and the image {raw[0].shape[1]}x"
                               f"{raw[0].shape[0]}: they must have the same size", "mask")
-    return images, np.stack([fit(m, size) >= 128 for m in masks]), n
+    kept = np.stack([fit(m, size) >= 128 for m in masks])
+    for k in kept:
+        if not k.any():
+            raise OptionError("the mask keeps no pixel: none is white (>= 128 when read as grey; a coloured mask is "
+                              "read by its luma, so pure red is 76): white pixels are kept, black ones redrawn", "mask")
+        if k.all():
+            raise OptionError("the mask keeps every pixel, so there is nothing to redraw: black pixels are redrawn, "
+                              "white ones kept", "mask")
+    return images, kept, n
 
 
 def to_uint8(x) -> np.ndarray:

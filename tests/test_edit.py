@@ -307,7 +307,8 @@ def test_strength_0_returns_the_input_and_1_ignores_it(model):
     same = model.generate(3, label=4, sampler="ddim", steps=5, seed=3, guidance=0.3, engine="onnx",
                           guidance_interval=None)   # edits guide on every step
     assert np.array_equal(one, same)
-    other = model.edit(255 - img, label=4, strength=1.0, n=3, steps=5, seed=3, guidance=0.3, engine="onnx")
+    other = model.edit(img[::-1, ::-1].copy(), label=4, strength=1.0, n=3, steps=5, seed=3, guidance=0.3,
+                       engine="onnx")   # another picture (upside down; an inverted one is refused: light background)
     assert np.array_equal(one, other)
     half = model.edit(img, label=4, strength=0.5, n=3, steps=5, seed=3, guidance=0.3, engine="onnx")
     assert not np.array_equal(half, one)
@@ -375,6 +376,34 @@ def test_edit_arguments_are_checked(model):
                           (lambda: model.edit("/nonexistent.png"), "no such file")):
         with pytest.raises(ddpm.DdpmError, match=message):
             call()
+
+
+def test_masks_that_keep_nothing_or_everything_and_light_backgrounds_are_one_line(tmp_path):
+    """A pure red mask reads as grey 76 (its luma), so it keeps no pixel: refused in one line, as is a mask that
+    keeps every pixel; a black digit on white is refused with the fix (invert it), a white one on black is not."""
+    from ddpm.runtime.images import inpaint_inputs, pictures
+
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 12:16] = 255
+    Image.fromarray(digit).save(tmp_path / "digit.png")
+    red = np.zeros((28, 28, 3), np.uint8)
+    red[:14, :, 0] = 255                                    # the top half painted pure red, "keep this"
+    Image.fromarray(red).save(tmp_path / "red.png")
+    with pytest.raises(ddpm.DdpmError, match="the mask keeps no pixel: .* pure red is 76"):
+        inpaint_inputs(tmp_path / "digit.png", tmp_path / "red.png", 4, (28, 28))
+    with pytest.raises(ddpm.DdpmError, match="keeps every pixel"):
+        inpaint_inputs(digit, np.ones((28, 28), bool), 4, (28, 28))
+    white = red.copy()
+    white[:14] = 255                                        # the same mask in white keeps the top half
+    Image.fromarray(white).save(tmp_path / "white.png")
+    _, kept, _ = inpaint_inputs(tmp_path / "digit.png", tmp_path / "white.png", 4, (28, 28))
+    assert kept[0, :14].all() and not kept[0, 14:].any()
+    Image.fromarray(255 - digit).save(tmp_path / "black-on-white.png")
+    with pytest.raises(ImageError, match=r"black-on-white.png has a light background .* invert the picture"):
+        pictures(tmp_path / "black-on-white.png", 4)
+    with pytest.raises(ImageError, match=r"image 1 has a light background"):
+        pictures(np.stack([digit, 255 - digit]), None)
+    assert np.array_equal(pictures(tmp_path / "digit.png", 4)[0][0], digit)
 
 
 # ----------------------------------------------------------------------------------------------------- the CLI

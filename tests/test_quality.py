@@ -94,3 +94,25 @@ def test_evaluation_finds_missing_data_before_drawing_samples(tmp_path):
     with pytest.raises(EvaluationError, match=r"s: expected uint8 images \(N, 28, 28\), got uint8 \(4, 32, 32\)"):
         evaluate_sets([("s", np.zeros((4, 32, 32), np.uint8), np.zeros(4, np.int64))], tmp_path / "none",
                       download=False, log=None)
+
+
+def test_floor_spread_and_small_n_are_said_plainly(monkeypatch):
+    """An FD below the floor's minimum is not "within the spread" (it is noise), and an N below MIN_N is flagged."""
+    from ddpm.evaluation import MIN_N, format_table, metrics
+
+    ref = metrics.Reference(classifier=None, test_features=np.zeros((4, 2)), train_images=np.zeros((4, 28, 28)),
+                            test_top_prob=0.98, test_border_share=0.01)
+    monkeypatch.setattr(metrics, "features_and_probs", lambda clf, x: (np.zeros((len(x), 2)), np.eye(10)[np.arange(len(x)) % 10]))
+    monkeypatch.setattr(metrics, "frechet_distance", lambda a, b: 143.6)
+    images, labels = np.zeros((20, 28, 28), np.uint8), np.arange(20) % 10
+    rows = {}
+    for name, floors in (("below", [200.0, 260.0]), ("within", [100.0, 200.0]), ("above", [50.0, 60.0])):
+        monkeypatch.setattr(metrics.Reference, "floors", lambda self, n, floors=floors: floors)
+        rows[name] = ref.evaluate(images, labels, name)
+    assert [(r["within_floor_spread"], r["below_floor"]) for r in rows.values()] == [(False, True), (True, False),
+                                                                                       (False, False)]
+    table = format_table([rows["below"]])
+    assert "0.62<" in table and "below the floor's minimum" in table and "inside the spread" not in table
+    assert table.splitlines()[-1].startswith(f"Warning: N = 20 is below {MIN_N}")
+    many = {**rows["within"], "n": MIN_N}
+    assert "0.96*" in format_table([many]) and "Warning" not in format_table([many])

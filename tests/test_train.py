@@ -10,6 +10,7 @@ from ddpm.model.io import load_checkpoint, load_model
 from ddpm.runtime.schedule import Schedule
 from ddpm.train import loop
 from ddpm.train.loop import TrainConfig, TrainingError, diffusion_loss, train
+from helpers import invoke
 
 
 def _cfg(data, out, **kw):
@@ -131,11 +132,12 @@ def test_init_and_resume_take_the_model_config_from_the_run(fake_mnist, tmp_path
     assert (opts["preset"], opts["schedule"], opts["timesteps"]) == ("tiny", "linear", 40)
     assert opts["init"] == str((tmp_path / "a" / "model.safetensors").absolute())
     assert load_model(tmp_path / "b").cfg == load_model(tmp_path / "a").cfg
-    train(TrainConfig(out=str(tmp_path / "a"), **{**bare, "steps": 4}), resume=True, **quiet)
+    train(TrainConfig(out=str(tmp_path / "a"), **{**bare, "steps": 4, "warmup": 2}), resume=True, **quiet)
     assert load_checkpoint(tmp_path / "a" / "ckpt.pt")["step"] == 4
     # $DDPM_DATA (no --data): options.json names the folder that was used, not null
     monkeypatch.setenv("DDPM_DATA", str(fake_mnist))
-    train(TrainConfig(out=str(tmp_path / "a"), **{**bare, "data": None, "steps": 5}), resume=True, **quiet)
+    train(TrainConfig(out=str(tmp_path / "a"), **{**bare, "data": None, "steps": 5, "warmup": 2}), resume=True,
+          **quiet)
     opts = json.loads((tmp_path / "a" / "options.json").read_text())
     assert opts["data"] == str(fake_mnist.absolute()) and opts["timesteps"] == 40 and opts["resumed_from"] == 4
     for kw, msg in (({"preset": "small"}, "not --preset small; leave out --preset"),
@@ -282,3 +284,31 @@ def test_resume_completes_a_run_killed_in_its_last_checkpoint(fake_mnist, tmp_pa
     assert _outputs(tmp_path) == want
     with pytest.raises(TrainingError, match="already at step 3"):  # complete: nothing to do
         train(_cfg(fake_mnist, tmp_path, steps=3), resume=True, **quiet)
+
+
+def test_cli_resume_keeps_the_options_the_run_was_given(fake_mnist, tmp_path):
+    """`ddpm train --resume` with only --steps continues with the first run's --batch, --p-uncond, --seed, --lr,
+    --ckpt-every ...: the same weights as the uninterrupted run. A given option that changes the run's maths is one
+    line; one that may change on resume (--ckpt-every) is taken."""
+    base = ["train", "--data", fake_mnist, "--preset", "tiny", "--timesteps", 10, "--device", "cpu"]
+    first = ["--batch", 16, "--p-uncond", 0.3, "--seed", 5, "--lr", 1e-3, "--warmup", 2, "--ckpt-every", 4]
+    assert invoke(*base, *first, "--steps", 4, "--out", tmp_path / "full").exit_code == 0
+    assert invoke(*base, *first, "--steps", 2, "--out", tmp_path / "run").exit_code == 0
+    r = invoke("train", "--steps", 4, "--out", tmp_path / "run", "--resume")
+    assert r.exit_code == 0, r.output
+    opts = json.loads((tmp_path / "run" / "options.json").read_text())
+    assert (opts["batch_size"], opts["p_uncond"], opts["seed"], opts["lr"], opts["ckpt_every"], opts["timesteps"]) \
+        == (16, 0.3, 5, 1e-3, 4, 10)
+    a, b = load_checkpoint(tmp_path / "full" / "ckpt.pt"), load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert b["step"] == 4 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # a contradicting option: one line naming what the run was trained with
+    r = invoke("train", "--steps", 5, "--out", tmp_path / "run", "--resume", "--batch", 32, "--seed", 0)
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        f"Error: --resume: {tmp_path / 'run' / 'ckpt.pt'} was trained with --batch 16, --seed 5, not --batch 32, "
+        f"--seed 0; leave them out to continue the run, or start a new run from its weights with --init"]
+    # the default value given explicitly is given too: --seed 0 contradicts the run's seed 5
+    r = invoke("train", "--steps", 5, "--out", tmp_path / "run", "--resume", "--seed", 0)
+    assert r.exit_code == 1 and "--seed 5, not --seed 0" in r.output
+    r = invoke("train", "--steps", 5, "--out", tmp_path / "run", "--resume", "--ckpt-every", 5)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "run" / "options.json").read_text())["ckpt_every"] == 5

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Collection
 from pathlib import Path
 
 import numpy as np
@@ -301,15 +301,20 @@ def append_log(path: Path, rows: list[dict]) -> None:
         os.close(fd)
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print,
+          given: Collection[str] | None = None) -> dict:
     """Train; returns a summary (steps, seconds, steps/s, last loss). Writes everything under cfg.out.
+
+    On --resume every option not in `given` (the names of the TrainConfig fields the user set; None: those that
+    differ from TrainConfig's defaults) is the run's own, read from its checkpoint, so that the run continues as if
+    it had never stopped; a given one that changes the run's maths is refused (see `resumed_options`).
 
     Only one process trains in a run folder at a time (files.folder_lock), and a new run never overwrites another
     one's checkpoint: without --resume, a folder holding a ckpt.pt is refused. Raises TrainingError, DataError,
     errors.Interrupted (Ctrl-C; errors.Terminated for SIGTERM: the message names the last checkpoint)."""
     out = Path(cfg.out)
     if int(os.environ.get("RANK", "0")):   # under torchrun only rank 0 writes
-        return _train(cfg, resume, progress, log)
+        return _train(cfg, resume, progress, log, given)
     try:
         check_writable(out, folder=True)   # before the data, the model or a single step
         for name in RUN_FILES:             # and what the run will write there: regular files or nothing
@@ -321,13 +326,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
                             f"--out")
     try:
         with folder_lock(out, "ddpm train"):
-            return _train(cfg, resume, progress, log)
+            return _train(cfg, resume, progress, log, given)
     except OutputError as e:
         raise TrainingError(str(e)) from None
 
 
-def _train(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
-    run = resolve_run(cfg, resume, log)
+def _train(cfg: TrainConfig, resume: bool, progress: bool, log, given: Collection[str] | None) -> dict:
+    run = resolve_run(cfg, resume, log, given)
     state = build_state(run)
     if resume and state.start >= run.cfg.steps:
         return _complete(run, state, log)
@@ -410,24 +415,70 @@ def _resumed_optimisation(cfg: TrainConfig, ckpt: dict | None, where: Path) -> T
                                loss_weight=cfg.loss_weight or TrainConfig.loss_weight_default)
 
 
-def resolve_run(cfg: TrainConfig, resume: bool, log) -> Run:
-    """The run of these options: options checked, the model config (the checkpoint's on --resume, the weights' with
-    --init, else the preset), the processes and device, the folder cleaned of a killed run's temporaries and the
+# What --resume may change: where the run stops, how often it checkpoints and logs, where it runs and reads MNIST.
+# Every other option is the run's maths (the batch, the dropped labels, the seed, the optimiser, the model).
+RESUME_MAY_CHANGE = ("steps", "ckpt_every", "log_every", "device", "data")
+# The options resolved elsewhere (None: not given): the model's (TrainConfig.model_config, --prediction) and the
+# optimisation's (_resumed_optimisation); the run folder itself.
+_RESOLVED_ELSEWHERE = ("out", "preset", "schedule", "timesteps", "prediction", "lr_schedule", "loss_weight")
+_FLAGS = {"batch_size": "--batch", "ema_decay": "--ema"}   # `ddpm train` flags not named after their field
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def resumed_options(cfg: TrainConfig, stored: dict, given: Collection[str] | None, where: Path) -> TrainConfig:
+    """cfg with every option the user did not give (not in `given`; None: the fields that differ from TrainConfig's
+    defaults) taken from `stored`, the checkpoint's train config, so that --resume continues the run it resumes.
+    A given option that contradicts the stored one raises TrainingError (one line naming them all), unless it is
+    one of RESUME_MAY_CHANGE. A key missing from `stored` keeps cfg's value."""
+    defaults = TrainConfig()
+    if given is None:
+        given = {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+    take, wrong = {}, []
+    for f in dataclasses.fields(TrainConfig):
+        name = f.name
+        if name in _RESOLVED_ELSEWHERE or name not in stored:
+            continue
+        if name not in given:
+            value, default = stored[name], getattr(defaults, name)
+            kinds = (str, type(None)) if default is None else (int, float) if isinstance(default, float) else type(default)
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                raise TrainingError(f"--resume: {where} holds an invalid train config ({name}={brief(value)}); "
+                                    f"give {_flag(name)} or start a new run")
+            take[name] = value
+        elif name not in RESUME_MAY_CHANGE and name != "init" and getattr(cfg, name) != stored[name]:
+            wrong.append((name, stored[name], getattr(cfg, name)))
+    if wrong:
+        was = ", ".join(f"{_flag(n)} {brief(s)}" for n, s, _ in wrong)
+        now = ", ".join(f"{_flag(n)} {brief(g)}" for n, _, g in wrong)
+        raise TrainingError(f"--resume: {where} was trained with {was}, not {now}; leave "
+                            f"{'it' if len(wrong) == 1 else 'them'} out to continue the run, or start a new run "
+                            f"from its weights with --init")
+    return dataclasses.replace(cfg, **take)
+
+
+def resolve_run(cfg: TrainConfig, resume: bool, log, given: Collection[str] | None = None) -> Run:
+    """The run of these options: options checked, on --resume the options not `given` taken from the checkpoint
+    (resumed_options), the model config (the checkpoint's on --resume, the weights' with --init, else the preset), the processes and device, the folder cleaned of a killed run's temporaries and the
     MNIST folder made ready (downloaded by rank 0). Raises TrainingError, DataError."""
     _check_options(cfg)
     out = Path(cfg.out)
-    ckpt, init_state, given, source = None, None, None, ""
+    ckpt, init_state, model_given, source = None, None, None, ""
     if resume:
-        ckpt, given = _read_resume(out)
+        ckpt, model_given = _read_resume(out)
         source = f"--resume: {out / CKPT_FILE}"
+        cfg = resumed_options(cfg, ckpt.get("train_config") or {}, given, out / CKPT_FILE)
+        _check_options(cfg)
     elif cfg.init:
         try:
-            given, init_state, _ = read_weights(cfg.init)
+            model_given, init_state, _ = read_weights(cfg.init)
         except CheckpointError as e:
             raise TrainingError(f"--init: {e}") from None
         source = f"--init: {cfg.init}"
         cfg = dataclasses.replace(cfg, init=str(resolve_model_path(cfg.init).absolute()))   # the file, recorded
-    mcfg = cfg.model_config(given, source)
+    mcfg = cfg.model_config(model_given, source)
     if cfg.prediction is not None and cfg.prediction != mcfg.prediction:
         if resume:
             raise TrainingError(f"{source} holds a {describe(mcfg)}, not --prediction {cfg.prediction}; leave out "
