@@ -208,11 +208,13 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
 
 
 def _carry_over(old: Path, tmp: Path) -> None:
-    """Link (or copy) into tmp every plain file of the export folder `old` that tmp does not have yet."""
+    """Link (or copy) into tmp every plain file of the export folder `old` that tmp does not have yet, except
+    export.json: tmp's is written afresh, and writing through a hard link would change the old folder's in place."""
     import os
 
     for f in old.iterdir():
-        if f.is_file() and not f.is_symlink() and not f.name.startswith(".") and not (tmp / f.name).exists():
+        if f.is_file() and not f.is_symlink() and not f.name.startswith(".") and f.name != META_FILE \
+                and not (tmp / f.name).exists():
             try:
                 os.link(f, tmp / f.name)
             except OSError:   # another file system, or links not allowed there
