@@ -49,7 +49,11 @@ def _ok(r: subprocess.CompletedProcess) -> None:
 
 
 def _temporaries(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) if folder.is_dir() else []
+    """The hidden entries a write leaves in `folder`; a cache folder's lock file (export/cache.py `locked`: kept on
+    purpose, an flock needs a file that outlives the folder's renames) is not a temporary."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".")
+                  and not (p.name.endswith(".lock") and p.is_file() and p.stat().st_size == 0)) \
+        if folder.is_dir() else []
 
 
 def _train(data, out, env, fault=None, resume=False):
