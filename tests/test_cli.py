@@ -37,6 +37,8 @@ def test_gen_png_and_npz(ckpt, tmp_path):
     (["--sampler", "ddpm", "--steps", "10"], "DDPM sampler runs all"),
     (["--label", "10"], "--label"),
     (["--guidance", "-1"], "--guidance"),
+    (["--guidance", "1e300"], "--guidance"),         # beyond float32: options.MAX_GUIDANCE
+    (["--threads", "1000000"], "--threads"),          # options.MAX_THREADS
     (["--eta", "2"], "--eta"),
     (["--engine", "tvm"], "--engine"),
     (["--out", "x.jpg"], "--out"),
@@ -47,6 +49,7 @@ def test_gen_png_and_npz(ckpt, tmp_path):
     (["--guidance-interval", "2,1"], "--guidance-interval"),
     (["--guidance-interval", "-1,2"], "--guidance-interval"),
     (["--guidance-interval", "lots"], "--guidance-interval"),
+    (["--guidance-interval", "0,1e300"], "--guidance-interval"),   # options.MAX_LEVEL (inf stays allowed)
 ])
 def test_gen_bad_input(ckpt, args, message):
     r = invoke("gen", "--ckpt", ckpt, *args)
