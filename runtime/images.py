@@ -123,10 +123,12 @@ def picture(image, option: str = "image", allow_bool: bool = False) -> np.ndarra
 
 def pictures(image, n: int | None, option: str = "image") -> tuple[list[np.ndarray], int]:
     """(pictures at their own size, n): one picture with n results (default 8), or a stack (N, H, W) with one
-    result each (n None or N). Raises ImageError."""
+    result each (n None or N >= 1). Raises ImageError, or OptionError naming `option` (an empty stack) or n."""
     if isinstance(image, (str, os.PathLike)) or np.ndim(image) != 3:
         return [picture(image, option)], 8 if n is None else n
     stack = np.asarray(image)
+    if len(stack) == 0:
+        raise OptionError(f"{option} is an empty stack of pictures (shape {stack.shape}): give at least one", option)
     if n not in (None, len(stack)):
         raise OptionError(f"a stack of {len(stack)} pictures gives one result each: n must be {len(stack)}, got {n}",
                           "n")

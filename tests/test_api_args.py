@@ -46,7 +46,7 @@ BAD = {
     "dist": [3, "rank0"],
     "log": [3, "print"],
     "form": [3, "folded", None],
-    "image": [3, None, b"x", "", np.zeros(5, np.uint8)],
+    "image": [3, None, b"x", "", np.zeros(5, np.uint8), np.zeros((0, 28, 28), np.uint8)],
     "mask": [3, None, "middle", np.zeros(5, np.uint8)],
     "strength": [NAN, -0.1, 1.5, True, "0.5", None],
     "factor": [3, True, 2.0, "2", None],
