@@ -71,6 +71,7 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
     click.echo(evaluation.format_table(rows))
     if json_out:
         write_text(json_out, json.dumps(rows, indent=2) + "\n")
+        click.echo(f"Wrote {len(rows)} rows of scores to {json_out}")
 
 
 # ---------------------------------------------------------------------------------------------------------- export

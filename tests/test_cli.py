@@ -162,6 +162,7 @@ def test_model_with_fewer_than_50_steps_uses_all_of_them(short_ckpt, fake_mnist,
                "--json", tmp_path / "q.json", "--sampler", "ddim")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "q.json").read_text())[0]["name"].startswith("ddim20-eta0")
+    assert r.stdout.strip().splitlines()[-1].endswith(f"to {tmp_path / 'q.json'}")   # the last line says what it wrote
     r = invoke("bench", "--ckpt", short_ckpt, "--engines", "torch", "--batch", 1, "--repeat", 1,
                "--out", tmp_path / "b", "--sampler", "ddim", "--no-baseline", env=env)
     assert r.exit_code == 0, r.output
