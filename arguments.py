@@ -23,6 +23,7 @@ import os
 import numpy as np
 
 from .errors import DdpmError, LimitReached, limit_message
+from .options import MAX_GUIDANCE, MAX_LEVEL, MAX_SIGMA, MAX_THREADS
 from .schema import Array, Bool, Int, Invalid, Num, Opt, Spec, Str
 
 
@@ -102,13 +103,13 @@ class Pair(Spec):
 
 
 class Level(Spec):
-    """A number >= 0 that may be +inf (the top of a guidance interval), never NaN or a bool."""
+    """A noise level in [0, MAX_LEVEL], or +inf (the top of a guidance interval); never NaN or a bool."""
 
-    what = "a number >= 0 (inf allowed)"
+    what = f"a number in 0..{MAX_LEVEL:g} or inf"
 
     def check(self, v, dims, path):
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
-                or math.isnan(v) or v < 0:
+                or math.isnan(v) or v < 0 or MAX_LEVEL < v < math.inf:
             self.fail(v, path)
 
 
@@ -234,7 +235,7 @@ ARGS: dict[str, Spec] = {
     "n": COUNT,
     "label": Labels(),
     "uncond": Bool(),
-    "guidance": Num(min=0),
+    "guidance": Num(min=0, max=MAX_GUIDANCE),
     "seed": Int(min=0, max=2**64 - 1),
     "start": Int(min=0, max=2**64 - 1),
     "batch": Int(min=1),
@@ -245,7 +246,7 @@ ARGS: dict[str, Spec] = {
     "eta": Num(min=0, max=1),
     "variance": Str(choices=("small", "large")),
     "spacing": Opt(Lazy("spacing")),
-    "guidance_interval": Opt(Pair(Level(), ordered=True, what="None or a pair (lo, hi) with 0 <= lo < hi")),
+    "guidance_interval": Opt(Pair(Level(), ordered=True, what=f"None or a pair (lo, hi) with 0 <= lo < hi <= {MAX_LEVEL:g} or hi inf")),
     "top": Opt(Int(min=0)),
     "plan": Opt(PLAN),
     # where it runs (Model.engine)
@@ -254,7 +255,7 @@ ARGS: dict[str, Spec] = {
     "device": DEVICE,
     "fp16": Bool(),
     "cuda_graph": Bool(),
-    "threads": Opt(Int(min=1)),
+    "threads": Opt(Int(min=1, max=MAX_THREADS)),
     "max_batch": Int(min=1),
     "dist": Opt(Duck(("rank", "world", "barrier"), "a torchrun context (rank, world, barrier)")),
     "log": Opt(Func()),
@@ -265,7 +266,7 @@ ARGS: dict[str, Spec] = {
     "strength": Num(min=0, max=1),
     "factor": OneOf(Int(), (2, 4)),
     "method": Str(choices=("ilvr", "ddnm")),
-    "sigma": Num(min=0, min_open=True),
+    "sigma": Num(min=0, max=MAX_SIGMA, min_open=True),
     "jump": Int(min=1),
     "resample": Int(min=1),
     "size": Opt(Pair(Int(min=1, max=4096), what="None or a pair (H, W) of integers in 1..4096 (runtime.images)")),

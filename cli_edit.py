@@ -9,7 +9,7 @@ import click
 
 from .cli_options import (Finite, add_options, check_output, done, prepare, refuse_guidance_without_labels,
                           sampling_options)
-from .options import EDIT_GUIDANCE, EDITING, Sampling
+from .options import EDIT_GUIDANCE, EDITING, MAX_SIGMA, Sampling
 from .runtime.edits import FACTORS, HALVES, UPSCALERS
 
 
@@ -138,7 +138,7 @@ def upscale(factor, method, **o):
 
 
 @editing_command("restore", "restore.png")
-@click.option("--sigma", type=Finite(0, min_open=True), required=True,
+@click.option("--sigma", type=Finite(0, MAX_SIGMA, min_open=True), required=True,
               help="Std of the Gaussian noise in the input, in [-1, 1] units (s grey levels: s/127.5).")
 def restore(sigma, **o):
     """Remove Gaussian noise of a known std from a digit.

@@ -8,7 +8,7 @@ import math
 import click
 from click.core import ParameterSource
 
-from .options import Sampling, VARIANCES
+from .options import MAX_GUIDANCE, MAX_LEVEL, MAX_THREADS, Sampling, VARIANCES
 from .runtime.engines import ENGINES
 from .runtime.noise import MAX_SEED
 from .runtime.samplers import SAMPLERS, SPACINGS
@@ -34,16 +34,16 @@ def device_syntax(ctx, param, value):
 
 
 def parse_interval(ctx, param, value):
-    """--guidance-interval LO,HI -> (lo, hi) floats with 0 <= lo < hi (hi may be inf); 'all' -> None."""
+    """--guidance-interval LO,HI -> (lo, hi) floats with 0 <= lo < hi <= MAX_LEVEL (hi may be inf); 'all' -> None."""
     if value is None or value == "all":
         return None
     try:
         lo, hi = (float(v) for v in value.split(","))
     except ValueError:
         lo, hi = float("nan"), float("nan")
-    if not 0 <= lo < hi:   # also refuses NaN
-        raise click.BadParameter("LO,HI with 0 <= LO < HI (noise levels sigma; HI may be inf), e.g. 0.28,5.42, "
-                                 "or 'all'")
+    if not (0 <= lo < hi and (hi <= MAX_LEVEL or hi == math.inf)):   # also refuses NaN
+        raise click.BadParameter(f"LO,HI with 0 <= LO < HI <= {MAX_LEVEL:g} (noise levels sigma; HI may be inf), "
+                                 f"e.g. 0.28,5.42, or 'all'")
     return lo, hi
 
 
@@ -128,7 +128,7 @@ def sampling_options(defaults: Sampling = DEFAULT):
                      help="DDIM eta: 0 deterministic, 1 DDPM-like."),
         click.option("--variance", type=click.Choice(VARIANCES), default=defaults.variance, show_default=True,
                      help="DDPM posterior variance: beta~_t (small) or beta_t (large)."),
-        click.option("--guidance", "-w", type=Finite(min=0), default=defaults.guidance, show_default=True,
+        click.option("--guidance", "-w", type=Finite(0, MAX_GUIDANCE), default=defaults.guidance, show_default=True,
                      help="Classifier-free guidance w: eps_c + w (eps_c - eps_u); 0 = conditional model alone."),
         click.option("--seed", type=click.IntRange(0, MAX_SEED), default=defaults.seed, show_default=True,
                      help="Seed of the noise stream, 0..2^64-1 (same seed, same digits, any batch size or engine)."),
@@ -136,7 +136,8 @@ def sampling_options(defaults: Sampling = DEFAULT):
                      help="Samples per batch."),
         click.option("--device", default=defaults.device, show_default=True, callback=device_syntax,
                      help="auto, cpu, cuda or cuda:N."),
-        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads."),
+        click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
+                     help=f"CPU threads (1..{MAX_THREADS})."),
         click.option("--engine", type=click.Choice(["auto", *ENGINES]), default="auto", show_default=True,
                      help="torch: eager PyTorch (the reference); runtime-torch, onnx, trt: the preallocated runtime; "
                           "onnx-generator: the whole loop in one ONNX call (deterministic plans; gen and eval only: "

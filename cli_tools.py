@@ -7,7 +7,7 @@ import click
 from .cli_options import (DEFAULT, Finite, check_output, device_syntax, model_option, needs_torch, on_command_line,
                           prepare, refuse_guidance_without_labels, sampling_options, set_threads, solver_options)
 from .export.generator import FORMS
-from .options import Sampling
+from .options import MAX_GUIDANCE, MAX_THREADS, Sampling
 from .runtime.engines import ENGINES
 
 
@@ -71,6 +71,7 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
     click.echo(evaluation.format_table(rows))
     if json_out:
         write_text(json_out, json.dumps(rows, indent=2) + "\n")
+        click.echo(f"Wrote {len(rows)} rows of scores to {json_out}")
 
 
 # ---------------------------------------------------------------------------------------------------------- export
@@ -170,7 +171,7 @@ def _int_list(ctx, param, value):
 @click.option("--batch", "batches", default="1,8,64", show_default=True, callback=_int_list,
               help="Comma-separated batch sizes.")
 @solver_options(DEFAULT, "Network calls per sample [default: 50 for ddim, 8 for dpm++2m and unipc].")
-@click.option("--guidance", "-w", type=Finite(min=0), default=DEFAULT.guidance, show_default=True,
+@click.option("--guidance", "-w", type=Finite(0, MAX_GUIDANCE), default=DEFAULT.guidance, show_default=True,
               help="Classifier-free guidance (doubles the network batch when > 0).")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per engine and batch.")
 @click.option("--fp16", is_flag=True, help="Half-precision models for the runtime engines (eager stays fp32).")
@@ -182,7 +183,8 @@ def _int_list(ctx, param, value):
               help="A smoke test: 3 steps of the sampler (ddim for ddpm), batch 1,2, 2 runs, DDIM-3 as the baseline.")
 @model_option
 @click.option("--device", default="auto", show_default=True, callback=device_syntax, help="auto, cpu, cuda or cuda:N.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (torch and onnxruntime alike).")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
+              help=f"CPU threads, torch and onnxruntime alike (1..{MAX_THREADS}).")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Folder for bench.json, bench.md and bench.png.")
 def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance, repeat, fp16, no_cuda_graph,

@@ -6,6 +6,7 @@ import click
 
 from .cli_options import Finite, check_output, device_syntax, needs_torch
 from .model.config import PRESETS
+from .options import MAX_THREADS
 from .runtime.noise import MAX_SEED
 from .runtime.schedule import PREDICTIONS, SCHEDULES
 
@@ -76,7 +77,8 @@ class LazyChoice(click.Choice):
 @click.option("--device", default="auto", show_default=True, callback=device_syntax, help="auto, cpu, cuda or cuda:N.")
 @click.option("--ckpt-every", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Checkpoint and sample-grid interval (steps).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
+              help=f"CPU threads for torch (1..{MAX_THREADS}).")
 def train(threads, resume, **opts):
     """Train a class-conditional DDPM on MNIST.
 

@@ -28,6 +28,14 @@ DEFAULT_SAMPLER = "unipc"
 # ILVR and inpainting its stochastic ones (eta 1).
 EDIT_SAMPLER = "ddim"
 VARIANCES = ("small", "large")
+# Bounds of the float options that enter float32 sums, so that none overflows float32 (about 3.4e38): the guidance
+# scale w (the measured ones above are at most 3), the finite noise levels sigma of a guidance interval (its top may
+# also be inf), and restore's sigma, the noise std of a picture in [-1, 1].
+MAX_GUIDANCE = 100.0
+MAX_LEVEL = 1e6
+MAX_SIGMA = 100.0
+# CPU threads (torch, onnxruntime): each thread holds its own buffers, so an unbounded count only grows memory.
+MAX_THREADS = 1024
 PRECISIONS = ("fp32", "fp16")
 
 

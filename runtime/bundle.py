@@ -177,21 +177,20 @@ def metadata_props(buf: bytes) -> dict[str, str]:
     return props
 
 
-def check_external_data(path: Path, root: Path | None = None, redo: str = "ddpm export",
-                        buf: bytes | None = None) -> None:
-    """ExportError unless every tensor that the ONNX file `path` stores outside itself (external data) names, by a
-    relative location, a regular file inside `root` (default: the file's folder), links resolved. buf: the file's
-    bytes, when the caller has read them."""
-    root = (root or path.parent).resolve()
+def check_external_data(path: Path, redo: str = "ddpm export", buf: bytes | None = None) -> None:
+    """ExportError when the ONNX file `path` stores any tensor outside itself (external data): `ddpm export` writes
+    self-contained ONNX files, so the sha256 export.json records
+    covers every weight, and a file whose weights lie elsewhere was not written by it. buf: the file's bytes, when the
+    caller has read them."""
     try:
         tensors = external_data(path.read_bytes() if buf is None else buf)
     except ValueError as e:
         raise ExportError(f"{path} is not a readable ONNX file ({clip(e)}); re-run `{redo}`") from None
-    for name, location in tensors:
-        target = (path.parent / location).resolve()
-        if not location or Path(location).is_absolute() or not target.is_relative_to(root) or not target.is_file():
-            raise ExportError(f"{path}: the data of tensor {brief(name)} is stored at {brief(location)}, which is "
-                              f"not a file inside the export folder; re-run `{redo}`")
+    if tensors:
+        name, location = tensors[0]
+        raise ExportError(f"{path}: the data of tensor {brief(name)} is stored outside the file (at "
+                          f"{brief(location)}), which `ddpm export` never does: its sha256 would not cover it; "
+                          f"re-run `{redo}`")
 
 
 @dataclass
@@ -302,8 +301,8 @@ class Bundle:
 
     def _member(self, entry: dict, redo: str) -> Path:
         """The ONNX file of an export.json entry (name, sha256, bytes), checked: a regular file that resolves inside
-        the folder (no link out of it), of the recorded size and sha256, whose external data (if any) lies inside
-        the folder too, and that records (if it does) the weights and plan of export.json (_check_source).
+        the folder (no link out of it), of the recorded size and sha256, that stores no tensor outside itself
+        (check_external_data), and that records (if it does) the weights and plan of export.json (_check_source).
         ExportError otherwise; `redo`: the command that writes it again."""
         path = self.root / entry["name"]
         root = self.root.resolve()
@@ -323,7 +322,7 @@ class Bundle:
         if hashlib.sha256(buf).hexdigest() != entry["sha256"]:
             raise ExportError(f"{path} is corrupted or truncated (its sha256 differs from export.json); "
                               f"re-run `{redo}`")
-        check_external_data(real, root, redo, buf)
+        check_external_data(real, redo, buf)
         self._check_source(path, buf, entry, redo)
         return path
 

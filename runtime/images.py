@@ -141,12 +141,14 @@ def check_dark_background(a: np.ndarray, where: str, option: str = "image") -> n
 
 def pictures(image, n: int | None, option: str = "image") -> tuple[list[np.ndarray], int]:
     """(pictures at their own size, n): one picture with n results (default 8), or a stack (N, H, W) with one
-    result each (n None or N). Raises ImageError, also for a picture with a light background
-    (check_dark_background)."""
+    result each (n None or N >= 1). Raises ImageError, also for a picture with a light background
+    (check_dark_background), or OptionError naming `option` (an empty stack) or n."""
     if isinstance(image, (str, os.PathLike)) or np.ndim(image) != 3:
         where = str(image) if isinstance(image, (str, os.PathLike)) else option
         return [check_dark_background(picture(image, option), where, option)], 8 if n is None else n
     stack = np.asarray(image)
+    if len(stack) == 0:
+        raise OptionError(f"{option} is an empty stack of pictures (shape {stack.shape}): give at least one", option)
     if n not in (None, len(stack)):
         raise OptionError(f"a stack of {len(stack)} pictures gives one result each: n must be {len(stack)}, got {n}",
                           "n")

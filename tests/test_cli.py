@@ -38,6 +38,8 @@ def test_gen_png_and_npz(ckpt, tmp_path):
     (["--sampler", "ddpm", "--steps", "10"], "DDPM sampler runs all"),
     (["--label", "10"], "--label"),
     (["--guidance", "-1"], "--guidance"),
+    (["--guidance", "1e300"], "--guidance"),         # beyond float32: options.MAX_GUIDANCE
+    (["--threads", "1000000"], "--threads"),          # options.MAX_THREADS
     (["--eta", "2"], "--eta"),
     (["--engine", "tvm"], "--engine"),
     (["--out", "x.jpg"], "--out"),
@@ -48,6 +50,7 @@ def test_gen_png_and_npz(ckpt, tmp_path):
     (["--guidance-interval", "2,1"], "--guidance-interval"),
     (["--guidance-interval", "-1,2"], "--guidance-interval"),
     (["--guidance-interval", "lots"], "--guidance-interval"),
+    (["--guidance-interval", "0,1e300"], "--guidance-interval"),   # options.MAX_LEVEL (inf stays allowed)
 ])
 def test_gen_bad_input(ckpt, args, message):
     r = invoke("gen", "--ckpt", ckpt, *args)
@@ -164,6 +167,7 @@ def test_a_model_with_few_timesteps_caps_the_default_steps_at_its_T(short_ckpt, 
                "--json", tmp_path / "q.json", "--sampler", "ddim")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "q.json").read_text())[0]["name"].startswith("ddim20-eta0")
+    assert r.stdout.strip().splitlines()[-1].endswith(f"to {tmp_path / 'q.json'}")   # the last line says what it wrote
     r = invoke("bench", "--ckpt", short_ckpt, "--engines", "torch", "--batch", 1, "--repeat", 1,
                "--out", tmp_path / "b", "--sampler", "ddim", "--no-baseline", env=env)
     assert r.exit_code == 0, r.output

@@ -211,16 +211,37 @@ def test_onnx_external_data_outside_the_folder(exported, tmp_path):
         _edit_meta(exp, lambda m: entry(m).update(sha256=file_sha256(path), bytes=path.stat().st_size))
 
     externalise("model.onnx", lambda m: m["files"]["fp32"])
-    with pytest.raises(ExportError, match="not a file inside the export folder"):
+    with pytest.raises(ExportError, match="stored outside the file"):
         Bundle.load(exp).onnx_path("fp32")
-    with pytest.raises(ExportError, match="not a file inside the export folder"):
+    with pytest.raises(ExportError, match="stored outside the file"):
         add_generator(exp, ddim_plan(Bundle.load(exp).schedule, 5), 2.0, log=lambda *_: None)
     assert "model.onnx" in one_line_error(_gen(root, "--engine", "onnx"))
     name = _generator(exp)["name"]
     externalise(name, lambda m: m["generators"][0])
-    with pytest.raises(ExportError, match="not a file inside the export folder"):
+    with pytest.raises(ExportError, match="stored outside the file"):
         Bundle.load(exp).generator_path()
     assert name in one_line_error(_gen(root, "--engine", "onnx-generator"))
+
+
+def test_onnx_external_data_inside_the_folder(exported, tmp_path):
+    """model.onnx whose weights are moved to w.bin inside the folder, its sha256 and size recorded anew: the sha256
+    does not cover w.bin, so altered weights would give other digits unnoticed. Refused: `ddpm export` writes
+    self-contained ONNX files."""
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from ddpm.runtime.bundle import Bundle, ExportError, file_sha256
+
+    root, exp = _copy(exported, tmp_path)
+    path = exp / "model.onnx"
+    model = onnx.load(str(path))
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location="w.bin", size_threshold=0)
+    onnx.save(model, str(path))
+    assert (exp / "w.bin").is_file()
+    _edit_meta(exp, lambda m: m["files"]["fp32"].update(sha256=file_sha256(path), bytes=path.stat().st_size))
+    with pytest.raises(ExportError, match="w.bin.*never does"):
+        Bundle.load(exp).onnx_path("fp32")
+    assert "model.onnx" in one_line_error(_gen(root, "--engine", "onnx"))
 
 
 # ------------------------------------------------------------------------------------------------- kind 3: sizes
