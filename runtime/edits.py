@@ -270,7 +270,8 @@ def noise_start(sched: Schedule, sigma: float) -> tuple[int, float, float]:
     The first t whose noise-to-signal ratio sqrt((1 - abar_t)/abar_t) reaches sigma, and
     x_t = sqrt(abar_t) y + sqrt(1 - abar_t (1 + sigma^2)) x_T, whose law given x is exactly q(x_t | x) =
     N(sqrt(abar_t) x, (1 - abar_t) I): the scaled input brings abar_t sigma^2 of the variance, x_T the rest
-    (0 when the ratio equals sigma). Returns (t, a0, s0). ValueError for sigma <= 0 or above the largest ratio.
+    (0 when the ratio equals sigma). Returns (t, a0, s0). OptionError (sigma) for sigma <= 0 or above the largest
+    ratio.
     """
     ab = sched.alphas_cumprod
     ratio = np.sqrt((1.0 - ab) / ab)
