@@ -79,6 +79,26 @@ class NumpyOps:
     def clamp_(self, x, lo: float, hi: float) -> None:
         np.clip(x, lo, hi, out=x)
 
+    def div_(self, y, x) -> None:
+        np.divide(y, x, out=y)
+
+    def std_rows_(self, out, x) -> None:
+        """out (B,) <- the standard deviation (1/N, no Bessel correction) of each x[b] (B,C,H,W, C-contiguous) over
+        its N = C*H*W values, through the scratch buffer (no image-sized temporary)."""
+        B, N = x.shape[0], x[0].size
+        tmp = self.scratch[:B]
+        np.add.reduce(x.reshape(B, N), axis=1, out=out)
+        np.divide(out, N, out=out)                                          # the mean
+        np.subtract(x, out.reshape(B, *[1] * (x.ndim - 1)), out=tmp)
+        np.multiply(tmp, tmp, out=tmp)
+        np.add.reduce(tmp.reshape(B, N), axis=1, out=out)
+        np.divide(out, N, out=out)
+        np.sqrt(out, out=out)
+
+    def mul_rows_(self, x, s) -> None:
+        """x[b] *= s[b] for x (B,C,H,W) and s (B,)."""
+        np.multiply(x, s.reshape(x.shape[0], *[1] * (x.ndim - 1)), out=x)
+
     def sum_pool_(self, out, x, f: int) -> None:
         """out (B,C,H/f,W/f) <- the sum of every f x f block of x (B,C,H,W, C-contiguous)."""
         np.add.reduce(_blocks(x, f), axis=(3, 5), out=out)   # a reduction with out= allocates no image buffer
@@ -169,6 +189,15 @@ class TorchOps:
 
     def clamp_(self, x, lo: float, hi: float) -> None:
         x.clamp_(lo, hi)
+
+    def div_(self, y, x) -> None:
+        y.div_(x)
+
+    def std_rows_(self, out, x) -> None:
+        self.torch.std(x.reshape(x.shape[0], -1), dim=1, correction=0, out=out)
+
+    def mul_rows_(self, x, s) -> None:
+        x.mul_(s.view(x.shape[0], *[1] * (x.dim() - 1)))
 
     def sum_pool_(self, out, x, f: int) -> None:
         B, C, h, w = out.shape
