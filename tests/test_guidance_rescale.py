@@ -116,3 +116,27 @@ def _png(folder, image):
     path = folder / "in.png"
     Image.fromarray(image).save(path)
     return path
+
+
+def test_numpy_runner_rescales_without_allocating(tmp_path):
+    """The numpy runner's rescale (ops.std_rows_, mul_rows_) makes no image-sized temporary, as the rest of its loop
+    (tests/test_runtime.py::test_onnx_loop_allocates_nothing)."""
+    from ddpm.export.onnx_export import export
+    from ddpm.runtime.bundle import Bundle
+    from ddpm.runtime.nets import OnnxNet
+    from ddpm.runtime.noise import make_noise
+    from ddpm.runtime.runner import Runner
+    from ddpm.runtime.samplers import unipc_plan
+    from helpers import traced_peak
+
+    loaded = tiny_checkpoint(tmp_path, seed=1)
+    export(loaded, tmp_path / "exp", log=lambda *_: None)
+    bundle = Bundle.load(tmp_path / "exp")
+    plan = unipc_plan(bundle.schedule, 4).with_guidance_rescale(0.7)
+    r = Runner(OnnxNet(bundle.onnx_path("fp32"), "cpu"), 3, plan, True, 10)
+    x_T, _ = make_noise(0, 0, 3, 0)
+    labels = np.array([1, 2, 3])
+    r.load(x_T, None, labels, 2.0)
+    r.loop()   # warm-up (onnxruntime's arena)
+    r.load(x_T, None, labels, 2.0)
+    assert traced_peak(r.loop) < 784 * 4
