@@ -140,3 +140,17 @@ def test_numpy_runner_rescales_without_allocating(tmp_path):
     r.loop()   # warm-up (onnxruntime's arena)
     r.load(x_T, None, labels, 2.0)
     assert traced_peak(r.loop) < 784 * 4
+
+
+def test_the_unrolled_generator_carries_it_too(tmp_path):
+    """Both generator forms write the rescale (the loop form is the engine's, above); add_generator verifies the
+    unrolled one against the runtime and raises GeneratorFailed if it disagrees."""
+    from ddpm.export.generator import add_generator
+    from ddpm.export.onnx_export import export
+    from ddpm.runtime.bundle import Bundle
+    from ddpm.runtime.samplers import unipc_plan
+
+    export(tiny_checkpoint(tmp_path, seed=1), tmp_path / "exp", log=lambda *_: None)
+    plan = unipc_plan(Bundle.load(tmp_path / "exp").schedule, 3).with_guidance_rescale(0.7)
+    add_generator(tmp_path / "exp", plan, 3.0, "unrolled", log=lambda *_: None)
+    assert Bundle.load(tmp_path / "exp").generator(plan_key(plan), "unrolled") is not None
