@@ -156,12 +156,14 @@ class Model:
     @checked
     def plan(self, sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0,
              variance: str = "small", spacing: str | None = None, guidance_interval=GUIDANCE_INTERVAL,
-             top: int | None = None):
+             top: int | None = None, guidance_rescale: float = 0.0):
         """The sampler's table (runtime.samplers.make_plan) for this model's schedule: sampler ddpm | ddim | dpm++2m |
         unipc; steps None: the sampler's default; spacing None: the sampler's; guidance_interval (lo, hi): guidance
         only where the noise level sigma = sqrt((1-abar)/abar) is in (lo, hi] (Kynkaanniemi et al. 2024), None: on
-        every step; top: start at t = top (editing, runtime.edits). Raises OptionError (a DdpmError naming the
-        argument) for steps outside 1..T, DDPM with fewer than T steps, eta outside [0, 1]."""
+        every step; top: start at t = top (editing, runtime.edits); guidance_rescale phi in [0, 1]: each guided
+        sample's eps rescaled towards the conditional eps's standard deviation, eps (1 + phi (std(eps_c) / std(eps)
+        - 1)) (Lin et al. 2024, eq. 15-16; diffusers' guidance_rescale; 0: off). Raises OptionError (a DdpmError
+        naming the argument) for steps outside 1..T, DDPM with fewer than T steps, eta outside [0, 1]."""
         from .runtime.samplers import make_plan
 
         T = self.cfg.timesteps
@@ -169,7 +171,8 @@ class Model:
             raise OptionError(f"steps must be in 1..{T} (the model's T), got {steps}", "steps")
         if top is not None and not 0 <= top <= T - 1:
             raise OptionError(f"top must be in 0..{T - 1} (the model's T - 1), got {top}", "top")
-        return make_plan(self.schedule, sampler, steps, eta, variance, spacing, guidance_interval, top)
+        return make_plan(self.schedule, sampler, steps, eta, variance, spacing, guidance_interval, top,
+                         guidance_rescale)
 
     @checked
     def labels(self, n: int, label=None, uncond: bool = False, start: int = 0) -> np.ndarray:
@@ -182,17 +185,18 @@ class Model:
     @checked
     def generate(self, n: int = 64, label=None, uncond: bool = False, guidance: float = GUIDANCE,
                  sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
-                 spacing: str | None = None, guidance_interval=GUIDANCE_INTERVAL, seed: int = 0, batch: int = 64,
-                 engine="auto", device: str = "auto", fp16: bool = False,
+                 spacing: str | None = None, guidance_interval=GUIDANCE_INTERVAL, guidance_rescale: float = 0.0,
+                 seed: int = 0, batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False,
                  start: int = 0, progress: bool = False, plan=None) -> np.ndarray:
         """n digits as (n, H, W) uint8 (0 black .. 255 white, MNIST's convention).
 
         label: None (classes 0..9 in turn), an int, or n ints. uncond: the unconditional model (no label).
         guidance: classifier-free guidance w >= 0, eps = eps_c + w (eps_c - eps_u) (Ho & Salimans 2022, eq. 6).
-        sampler/steps/eta/variance/spacing/guidance_interval: see `plan` (plan: a ready Plan instead). seed:
-        0..2^64-1; sample k of a seed is the same digit whatever n, batch, engine or process (runtime.noise); start:
-        the index of the first. engine: a name (see `engine`) or an engine `engine` returned. Raises DdpmError for
-        bad arguments (every argument is checked against ddpm.arguments.ARGS) or an engine that cannot run here.
+        sampler/steps/eta/variance/spacing/guidance_interval/guidance_rescale: see `plan` (plan: a ready Plan
+        instead). seed: 0..2^64-1; sample k of a seed is the same digit whatever n, batch, engine or process
+        (runtime.noise); start: the index of the first. engine: a name (see `engine`) or an engine `engine`
+        returned. Raises DdpmError for bad arguments (every argument is checked against ddpm.arguments.ARGS) or an
+        engine that cannot run here.
         """
         from . import pipeline
 
@@ -209,9 +213,9 @@ class Model:
     @checked(n=OPTIONAL_COUNT)
     def inpaint(self, image, mask="bottom", n: int | None = None, label=None, guidance: float = GUIDANCE,
                 sampler: str = EDIT_SAMPLER, steps: int | None = None, eta: float = 1.0, variance: str = "small",
-                spacing: str | None = None, guidance_interval=None, jump: int = 1, resample: int = 3, seed: int = 0,
-                batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False, start: int = 0,
-                progress: bool = False) -> np.ndarray:
+                spacing: str | None = None, guidance_interval=None, guidance_rescale: float = 0.0, jump: int = 1,
+                resample: int = 3, seed: int = 0, batch: int = 64, engine="auto", device: str = "auto",
+                fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
         """RePaint (Lugmayr et al. 2022; runtime.edits.inpaint_job): n completions (n, H, W) uint8 of `image` where
         `mask` says what to redraw: the half to redraw ("top", "bottom", "left", "right"), or a picture (file or
         (H, W) array of the image's size; for a stack one per picture, (N, H, W)) whose white pixels (>= 128, or
@@ -229,8 +233,9 @@ class Model:
     @checked(n=OPTIONAL_COUNT)
     def edit(self, image, label=None, strength: float = 0.6, n: int | None = None, guidance: float = EDIT_GUIDANCE,
              sampler: str = EDIT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
-             spacing: str | None = None, guidance_interval=None, seed: int = 0, batch: int = 64, engine="auto",
-             device: str = "auto", fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
+             spacing: str | None = None, guidance_interval=None, guidance_rescale: float = 0.0, seed: int = 0,
+             batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False, start: int = 0,
+             progress: bool = False) -> np.ndarray:
         """SDEdit (Meng et al. 2022; runtime.edits.sdedit_job): n redrawings (n, H, W) uint8 of `image`, noised to
         t0 = round(strength (T-1)) and denoised conditioned on `label`. strength in [0, 1]: 0 returns the input
         unchanged, 1 ignores it (the same digits as `generate` with this seed and label). guidance: EDIT_GUIDANCE by
@@ -248,7 +253,7 @@ class Model:
     def upscale(self, image, factor: int = 2, n: int | None = None, label=None, method: str = "ilvr",
                 guidance: float = GUIDANCE, sampler: str = EDIT_SAMPLER, steps: int | None = None,
                 eta: float = 1.0, variance: str = "small", spacing: str | None = None, guidance_interval=None,
-                seed: int = 0, batch: int = 64, engine="auto",
+                guidance_rescale: float = 0.0, seed: int = 0, batch: int = 64, engine="auto",
                 device: str = "auto", fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
         """Super-resolution (runtime.edits.upscale_job): n full-size digits (n, H, W) uint8 whose f x f block means
         are the small `image` (H/f, W/f) (a picture of another size is resized to it, box-averaged when shrinking)
@@ -267,8 +272,9 @@ class Model:
     @checked(n=OPTIONAL_COUNT)
     def restore(self, image, sigma: float, n: int | None = None, label=None, guidance: float = GUIDANCE,
                 sampler: str = EDIT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
-                spacing: str | None = None, guidance_interval=None, seed: int = 0, batch: int = 64, engine="auto",
-                device: str = "auto", fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
+                spacing: str | None = None, guidance_interval=None, guidance_rescale: float = 0.0, seed: int = 0,
+                batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False, start: int = 0,
+                progress: bool = False) -> np.ndarray:
         """Denoising (runtime.edits.restore_job): n restorations (n, H, W) uint8 of `image` = x + sigma n,
         n ~ N(0, I), sigma in the model's [-1, 1] units (s grey levels: sigma = s / 127.5), from the first t whose
         noise-to-signal ratio reaches sigma (runtime.edits.noise_start). A picture file's noise was clipped to

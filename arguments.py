@@ -247,6 +247,7 @@ ARGS: dict[str, Spec] = {
     "variance": Str(choices=("small", "large")),
     "spacing": Opt(Lazy("spacing")),
     "guidance_interval": Opt(Pair(Level(), ordered=True, what=f"None or a pair (lo, hi) with 0 <= lo < hi <= {MAX_LEVEL:g} or hi inf")),
+    "guidance_rescale": Num(min=0, max=1),
     "top": Opt(Int(min=0)),
     "plan": Opt(PLAN),
     # where it runs (Model.engine)

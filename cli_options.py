@@ -104,7 +104,8 @@ def model_option(f):
 
 def solver_options(defaults: Sampling = DEFAULT, steps_help: str = "Network calls per sample [default: 50 for "
                    "ddim, 8 for dpm++2m and unipc, T for ddpm]."):
-    """--sampler, --steps, --spacing, --guidance-interval with a command's defaults (bench: without eta, variance)."""
+    """--sampler, --steps, --spacing, --guidance-interval, --guidance-rescale with a command's defaults (bench: without
+    eta, variance)."""
     interval = defaults.guidance_interval
     return lambda f: add_options(f, [
         click.option("--sampler", type=click.Choice(SAMPLERS), default=defaults.sampler, show_default=True,
@@ -117,6 +118,10 @@ def solver_options(defaults: Sampling = DEFAULT, steps_help: str = "Network call
                      interval)), callback=parse_interval, metavar="LO,HI|all", show_default=True,
                      help="Guidance only where the noise level sigma = sqrt((1-abar)/abar) is in (LO, HI] "
                           "(Kynkaanniemi et al. 2024); elsewhere the conditional model alone. 'all': every step."),
+        click.option("--guidance-rescale", type=Finite(0, 1), default=defaults.guidance_rescale, show_default=True,
+                     metavar="PHI", help="Rescale the guided eps towards the conditional eps's standard deviation "
+                     "(Lin et al. 2024, eq. 15-16; 0.7 in the paper): counters the washed-out, over-saturated "
+                     "strokes of strong guidance. 0: off; no effect without guidance."),
     ])
 
 

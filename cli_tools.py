@@ -109,7 +109,7 @@ def _batch_range(ctx, param, value):
 @click.option("--ort-web", "ort_web", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The onnxruntime-web tarball (`npm pack onnxruntime-web@VERSION`) instead of fetching it.")
 def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, sampler, steps, spacing,
-               guidance_interval, form, web_dir, ort_web):
+               guidance_interval, guidance_rescale, form, web_dir, ort_web):
     """Export the EMA noise predictor to ONNX (and TensorRT), verified against PyTorch.
 
     Inputs x (B,C,H,W), t (B,) and y (B,) are graph inputs with a dynamic batch; output eps. Beside the model,
@@ -135,7 +135,7 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, s
         check_trt()
     model = api.load(ckpt)
     # gen's defaults (eta 0, the default guidance interval), so that the generator gives gen's digits
-    plan = model.plan(sampler, steps, 0.0, "small", spacing, guidance_interval) \
+    plan = model.plan(sampler, steps, 0.0, "small", spacing, guidance_interval, guidance_rescale=guidance_rescale) \
         if with_generator or web_dir else None
     bundle = export_folder(model, out, fp16, opset, plan, form, batch_range if build_trt else None, log=click.echo)
     for precision, f in bundle.meta["files"].items():
@@ -147,8 +147,9 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, s
         click.echo(f"generator: {bundle.root / gen['name']} ({gen['bytes'] / 1e6:.2f} MB, {gen['plan']}, {form})")
     click.echo(f"export folder: {bundle.root}")
     if web_dir:
-        page = write_web_page(bundle, web_dir, plan, f"--sampler {sampler} --steps {plan.steps}", ort_web,
-                              log=click.echo)
+        shown = f"--sampler {sampler} --steps {plan.steps}" + (f" --guidance-rescale {guidance_rescale:g}"
+                                                                if guidance_rescale else "")
+        page = write_web_page(bundle, web_dir, plan, shown, ort_web, log=click.echo)
         click.echo(f"web page: {page} (serve it, e.g. `python -m http.server -b 127.0.0.1 -d {page}`, and open "
                    f"http://127.0.0.1:8000)")
 
@@ -187,8 +188,8 @@ def _int_list(ctx, param, value):
               help=f"CPU threads, torch and onnxruntime alike (1..{MAX_THREADS}).")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Folder for bench.json, bench.md and bench.png.")
-def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance, repeat, fp16, no_cuda_graph,
-          baseline, quick, ckpt, device, threads, out):
+def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance_rescale, guidance, repeat, fp16,
+          no_cuda_graph, baseline, quick, ckpt, device, threads, out):
     """Time every engine against eager PyTorch on the same work, in one run.
 
     \b
@@ -220,7 +221,8 @@ def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance
         steps, batches, repeat = 3, [1, 2], 2
     set_threads(threads)
     model = api.load(ckpt)
-    opts = Sampling(sampler, steps, spacing, guidance=guidance, guidance_interval=guidance_interval)
+    opts = Sampling(sampler, steps, spacing, guidance=guidance, guidance_interval=guidance_interval,
+                    guidance_rescale=guidance_rescale)
     plan = model.plan(**opts.plan_args())
     ref = model.plan("ddim", 3 if quick else None, 0.0, "small", None, None) if baseline else None
     if ref is not None and plan.name == ref.name:

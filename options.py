@@ -41,7 +41,7 @@ PRECISIONS = ("fp32", "fp16")
 
 @dataclass(frozen=True)
 class Sampling:
-    """How to draw samples: the plan (sampler .. guidance_interval), the conditioning, the noise stream and where it
+    """How to draw samples: the plan (sampler .. guidance_rescale), the conditioning, the noise stream and where it
     runs. Checked where it is used (Model.plan, Model.engine, ddpm.arguments for the API's keywords)."""
 
     sampler: str = DEFAULT_SAMPLER         # ddpm | ddim | dpm++2m | unipc (runtime.samplers.SAMPLERS)
@@ -51,6 +51,7 @@ class Sampling:
     variance: str = "small"                # DDPM posterior variance: beta~_t (small) or beta_t (large)
     guidance: float = GUIDANCE             # classifier-free guidance scale w >= 0 (Ho & Salimans 2022, eq. 6)
     guidance_interval: tuple[float, float] | None = GUIDANCE_INTERVAL   # guidance where sigma in (lo, hi]; None: all
+    guidance_rescale: float = 0.0          # phi in [0, 1]: guided eps rescaled to eps_c's std (Lin et al. 2024); 0 off
     seed: int = 0                          # the noise stream (runtime.noise): sample k of a seed is one digit
     batch: int = 64                        # samples per batch (the network runs network_batch(batch, guided))
     engine: object = "auto"                # an engine name (runtime.engines.ENGINES, or auto) or an engine object
@@ -69,7 +70,8 @@ class Sampling:
     def plan_args(self) -> dict:
         """Model.plan's keywords."""
         return dict(sampler=self.sampler, steps=self.steps, eta=self.eta, variance=self.variance,
-                    spacing=self.spacing, guidance_interval=self.guidance_interval)
+                    spacing=self.spacing, guidance_interval=self.guidance_interval,
+                    guidance_rescale=self.guidance_rescale)
 
     @property
     def precision(self) -> str:

@@ -14,6 +14,8 @@ operations and order, so the generator reproduces the runtime up to the noise pr
        by a batch size of B or 2B computed in the graph, so there is no branch)
     2. eps = eps_c + w (eps_c - eps_u)   (Ho & Salimans 2022, eq. 6), computed as (eps_u - eps_c)(-w) + eps_c;
        on an unguided row eps_u is eps_c itself and this is eps_c exactly
+       and with plan.guidance_rescale phi > 0, eps *= 1 + phi (std(eps_c) / std(eps) - 1) per sample (Lin et al.
+       2024; the means as MatMuls with a (C*H*W, 1) column of 1/(C*H*W), so that no ONNX opset matters)
     3. x0_hat = x0_x[i] x - x0_out[i] out (the network's eps or v), clipped to [-1, 1] when plan.clip
     4. x = w_x[i] x + w_x0[i] x0_hat + w_x0_prev[i] x0_hat' + w_x0_prev2[i] x0_hat''
        (x0_hat', x0_hat'': the previous two rows' predictions, the history of multistep solvers)
@@ -112,6 +114,13 @@ def _inline_net(g: _Nodes, net_graph, x_in: str, t_in: str, y_in: str) -> str:
     return body.output[0].name
 
 
+def _std_rows(g: _Nodes, ctx: dict, e: str) -> str:
+    """(B, 1): the standard deviation (1/N) of each sample of e (B,C,H,W) over its N = C*H*W values."""
+    flat = g.op("Reshape", [e, ctx["flat"]])                                                  # (B, N)
+    d = g.op("Sub", [flat, g.op("MatMul", [flat, ctx["mean_col"]])])
+    return g.op("Sqrt", [g.op("MatMul", [g.op("Mul", [d, d]), ctx["mean_col"]])])
+
+
 def _row(g: _Nodes, ctx: dict, net_graph, plan: Plan, x: str, hist: list[str], coef: dict, t: str,
          guided_row: str | None, terms: tuple[bool, bool]) -> tuple[str, list[str]]:
     """One plan row as nodes (module docstring, stages 1-4); returns the new x and the new x0_hat history."""
@@ -134,6 +143,10 @@ def _row(g: _Nodes, ctx: dict, net_graph, plan: Plan, x: str, hist: list[str], c
         eps_c = g.op("Slice", [eps, ctx["zero1"], ctx["B"], axes0])
         eps_u = g.op("Slice", [eps, g.op("Sub", [n, ctx["B"]]), n, axes0])
         eps = g.op("Add", [g.op("Mul", [g.op("Sub", [eps_u, eps_c]), ctx["neg_w"]]), eps_c])
+        if plan.guidance_rescale:
+            f = g.op("Sub", [g.op("Div", [_std_rows(g, ctx, eps_c), _std_rows(g, ctx, eps)]), ctx["plus1"]])
+            f = g.op("Add", [g.op("Mul", [f, ctx["phi"]]), ctx["plus1"]])              # (B, 1)
+            eps = g.op("Mul", [eps, g.op("Reshape", [f, ctx["rows4"]])])
     # 3. x0_hat = x0_x x - x0_out out (DDIM eq. 12's "predicted x0" for eps; v: Salimans & Ho 2022), clipped to the data range
     x0 = g.op("Sub", [g.op("Mul", [x, coef["x0_x"]]), g.op("Mul", [eps, coef["x0_out"]])])
     if plan.clip:
@@ -181,6 +194,10 @@ def build(net_model, plan: Plan, null_label: int, image_shape=(1, 28, 28), form:
     ctx = {"axes0": top.const("axes0", [0], np.int64), "zero1": top.const("zero1", [0], np.int64),
            "one": top.const("one", 1, np.int64), "ones3": top.const("ones3", [1, 1, 1], np.int64),
            "minus1": top.const("minus1", -1.0, f32), "plus1": top.const("plus1", 1.0, f32), "labels": "labels"}
+    if plan.guidance_rescale:   # the guidance rescale's constants (_std_rows, _row's stage 2)
+        ctx.update(phi=top.const("phi", plan.guidance_rescale, f32), flat=top.const("flat", [0, -1], np.int64),
+                   rows4=top.const("rows4", [0, 1, 1, 1], np.int64),
+                   mean_col=top.const("mean_col", np.full((C * H * W, 1), 1.0 / (C * H * W)), f32))
     # loop invariants: B (1,), y2 = [labels | null labels] (2B,), -w, and "w != 0"
     ctx["B"] = top.op("Shape", ["x_T"], start=0, end=1)
     nulls = top.op("Expand", [top.const("null_label", null_label, np.int64), ctx["B"]])

@@ -79,13 +79,15 @@ def sample(eps_fn: EpsFn, x: torch.Tensor, plan: Plan, noise: NoiseFn | None = N
 
 
 def guided(model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], labels: torch.Tensor | None,
-           null_label: int, w: float = 0.0) -> EpsFn:
+           null_label: int, w: float = 0.0, rescale: float = 0.0) -> EpsFn:
     """eps_fn for class labels with classifier-free guidance (Ho & Salimans 2022, eq. 6):
 
         eps = eps_cond + w (eps_cond - eps_uncond)  =  (1 + w) eps_cond - w eps_uncond
 
     w = 0 (or a row with cfg False) is the conditional model alone (one batch); w > 0 evaluates both halves in one
-    doubled batch. labels=None samples unconditionally with the reserved null label.
+    doubled batch. labels=None samples unconditionally with the reserved null label. rescale phi > 0 (the plan's
+    guidance_rescale, Lin et al. 2024 eq. 15-16) then multiplies each guided sample's eps by
+    1 + phi (std(eps_cond) / std(eps) - 1) (runtime.samplers' module docstring).
     """
     def eps_fn(x: torch.Tensor, t: int, cfg: bool = True) -> torch.Tensor:
         n = x.shape[0]
@@ -96,7 +98,11 @@ def guided(model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.
         y = torch.cat([labels, torch.full_like(labels, null_label)])
         eps = model_fn(torch.cat([x, x]), ts(2 * n), y)
         cond, uncond = eps.chunk(2)
-        return cond + w * (cond - uncond)
+        eps = cond + w * (cond - uncond)
+        if rescale:
+            std = lambda e: e.flatten(1).std(dim=1, correction=0).view(-1, *[1] * (e.dim() - 1))
+            eps = eps * (1 + rescale * (std(cond) / std(eps) - 1))
+        return eps
     return eps_fn
 
 
@@ -128,7 +134,7 @@ class EagerEngine(Engine):
         assert self.model is not None   # open
         dev = self.torch_device
         lab = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64), device=dev)
-        eps_fn = guided(self.model, lab, self.null_label, guidance)
+        eps_fn = guided(self.model, lab, self.null_label, guidance, plan.guidance_rescale)
         zd = None if z is None else torch.as_tensor(z, device=dev)
         dev_ = lambda a: None if a is None else torch.as_tensor(np.asarray(a, dtype=np.float32), device=dev)
         host = lambda a: None if a is None or not states else a.cpu().numpy()

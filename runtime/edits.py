@@ -241,7 +241,7 @@ def repaint_plan(plan: Plan, jump: int = 1, resample: int = 1) -> Plan:
             cols["abar"][k] = abar[frm]                          # the level jumped from (no network call)
             t[k] = plan.timesteps[to]                            # the level reached (informative: no network call)
     return Plan.make(f"repaint-j{jump}-r{resample}-{plan.name}", t, prediction=plan.prediction, clip=plan.clip,
-                     cfg=cfg, calls_net=calls, **cols)
+                     cfg=cfg, calls_net=calls, guidance_rescale=plan.guidance_rescale, **cols)
 
 
 # ----------------------------------------------------------------------------------------------- starting points

@@ -79,6 +79,30 @@ class NumpyOps:
     def clamp_(self, x, lo: float, hi: float) -> None:
         np.clip(x, lo, hi, out=x)
 
+    def div_(self, y, x) -> None:
+        np.divide(y, x, out=y)
+
+    def std_rows_(self, out, x) -> None:
+        """out (B,) <- the standard deviation (1/N, no Bessel correction) of each x[b] (B,C,H,W, C-contiguous) over
+        its N = C*H*W values, through the scratch buffer (no image-sized temporary)."""
+        B, N = x.shape[0], x[0].size
+        x, tmp = x.reshape(B, N), self.scratch[:B].reshape(B, N)
+        np.add.reduce(x, axis=1, out=out)
+        np.divide(out, N, out=out)                                          # the mean
+        np.copyto(tmp, out[:, None])   # broadcast by a copy: a broadcasting ufunc would use its iteration buffer
+        np.subtract(x, tmp, out=tmp)
+        np.multiply(tmp, tmp, out=tmp)
+        np.add.reduce(tmp, axis=1, out=out)
+        np.divide(out, N, out=out)
+        np.sqrt(out, out=out)
+
+    def mul_rows_(self, x, s) -> None:
+        """x[b] *= s[b] for x (B,C,H,W, C-contiguous) and s (B,), through the scratch buffer."""
+        B = x.shape[0]
+        x, tmp = x.reshape(B, -1), self.scratch[:B].reshape(B, -1)
+        np.copyto(tmp, s[:, None])
+        np.multiply(x, tmp, out=x)
+
     def sum_pool_(self, out, x, f: int) -> None:
         """out (B,C,H/f,W/f) <- the sum of every f x f block of x (B,C,H,W, C-contiguous)."""
         np.add.reduce(_blocks(x, f), axis=(3, 5), out=out)   # a reduction with out= allocates no image buffer
@@ -169,6 +193,21 @@ class TorchOps:
 
     def clamp_(self, x, lo: float, hi: float) -> None:
         x.clamp_(lo, hi)
+
+    def div_(self, y, x) -> None:
+        y.div_(x)
+
+    def std_rows_(self, out, x) -> None:
+        B = x.shape[0]
+        x, tmp = x.reshape(B, -1), self.scratch[:B].view(B, -1)
+        self.torch.mean(x, dim=1, out=out)
+        self.torch.sub(x, out[:, None], out=tmp)
+        tmp.mul_(tmp)
+        self.torch.mean(tmp, dim=1, out=out)
+        out.sqrt_()
+
+    def mul_rows_(self, x, s) -> None:
+        x.mul_(s.view(x.shape[0], *[1] * (x.dim() - 1)))
 
     def sum_pool_(self, out, x, f: int) -> None:
         B, C, h, w = out.shape

@@ -37,6 +37,8 @@ _CAPTURE_LOCK = threading.Lock()   # CUDA-graph captures, one at a time per proc
 def plan_key(plan: Plan) -> str:
     """A digest of everything in a plan that a runner bakes into its tables."""
     h = hashlib.sha1(f"{plan.name}|{plan.clip}".encode())
+    if plan.guidance_rescale:   # only when on: the keys of plans without it (exported generators) stay as they were
+        h.update(f"|gr{plan.guidance_rescale!r}".encode())
     for name in ("timesteps", "x0_x", "x0_out", "w_x", "w_x0", "w_x0_prev", "w_x0_prev2", "sigma", "z_slot", "cfg",
                  "calls_net"):
         h.update(np.ascontiguousarray(getattr(plan, name)).tobytes())
@@ -70,6 +72,9 @@ class Runner:
         self.t_in = ops.empty((n,), "int64")
         self.y_in = ops.full((n,), null_label, "int64")
         self.w_neg = ops.scalar_buffer()                       # -w, the guidance weight: a buffer, so no recapture
+        # the guidance rescale's per-sample factors 1 + phi (std(eps_c) / std(eps) - 1) (runtime.samplers)
+        self.rescale = guided and plan.guidance_rescale > 0
+        self.std_c, self.std_g = (ops.empty((B,)), ops.empty((B,))) if self.rescale else (None, None)
         # -- per-row tables, on the device once; views and scalars made once, so the loop makes no objects
         self.t_table = ops.table(np.repeat(plan.timesteps[:, None], n, axis=1), "int64")
         self.t_rows = [self.t_table[i] for i in range(S)]
@@ -119,6 +124,16 @@ class Runner:
                 ops.sub_(eps, cond)
                 ops.scale_(eps, self.w_neg)                 # (eps_u - eps_c)(-w)
                 ops.add_(eps, cond)
+                if self.rescale:
+                    # 2b. the guidance rescale: eps *= 1 + phi (std(eps_c) / std(eps) - 1), per sample
+                    f = self.std_c
+                    ops.std_rows_(f, cond)
+                    ops.std_rows_(self.std_g, eps)
+                    ops.div_(f, self.std_g)
+                    ops.add_(f, -1.0)
+                    ops.scale_(f, p.guidance_rescale)
+                    ops.add_(f, 1.0)
+                    ops.mul_rows_(eps, f)
             else:
                 eps = eps[:B]
             # 3. x0_hat = x0_x x - x0_out out (out: the network's eps or v), clipped to the data range
@@ -250,6 +265,7 @@ class Runner:
                 call.close()
         self.graph = self.call = self.call_cond = self.proj = None
         self.x = self.x_in = self.eps = self.eps32 = self.t_in = self.y_in = self.w_neg = self.z = None
+        self.std_c = self.std_g = None
         self.x0, self.t_rows, self.z_rows, self.coef, self.t_table = [], [], [], {}, None
         self.ops = None
 

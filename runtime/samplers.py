@@ -13,7 +13,13 @@ rescales and adds noise (x = w_x x + sigma z), as a forward jump does. DDPM (Ho 
 2021), DPM-Solver++(2M) (Lu et al. 2022) and UniPC-2 (Zhao et al. 2023) only differ in the table; the eager
 reference (runtime.eager) and the preallocated runtime (runtime.runner) run the same plan with the same noise.
 Classifier-free guidance, when asked for, is applied on the rows where `cfg` is True; the other rows run the
-conditional model alone (`Plan.with_guidance_interval`).
+conditional model alone (`Plan.with_guidance_interval`). On those rows the guided output can be rescaled towards
+the conditional output's spread (`Plan.with_guidance_rescale`, Lin et al. 2024, eq. 15-16):
+
+    out = out_cfg (1 + phi (std(out_c) / std(out_cfg) - 1)),   std over each sample's C*H*W values
+
+(phi = plan.guidance_rescale; 0: no rescale, 1: the full rescale; diffusers' `rescale_noise_cfg`, written so that
+an unguided row, where out_cfg is out_c, is multiplied by exactly 1).
 
 Notation of the solvers (Lu et al. 2022, sec. 2): alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), the half
 log-SNR lambda_t = log(alpha_t / sigma_t), and the noise level of Karras et al. / Kynkaanniemi et al.
@@ -59,10 +65,12 @@ class Plan:
     calls_net: np.ndarray   # (S,) bool: row i evaluates the network (False: a rescale-and-noise row)
     clip: bool = True       # clip x0_hat to [-1, 1] (the data range)
     prediction: str = "eps" # what the network outputs: eps or v (runtime.schedule.PREDICTIONS)
+    guidance_rescale: float = 0.0   # phi: rescale the guided output on cfg rows (module docstring); 0: off
 
     @classmethod
     def make(cls, name: str, timesteps, abar, w_x, w_x0, sigma, abar_next, prediction: str = "eps",
-             clip: bool = True, w_x0_prev=None, w_x0_prev2=None, cfg=None, calls_net=None) -> "Plan":
+             clip: bool = True, w_x0_prev=None, w_x0_prev2=None, cfg=None, calls_net=None,
+             guidance_rescale: float = 0.0) -> "Plan":
         """A plan from its columns: (S,) arrays, abar the abar_t of each row's t in (0, 1]. The x0 columns come
         from abar and `prediction` (runtime.schedule.x0_coefficients) on the rows that call the network, 0 on the
         others; the history weights default to 0, cfg and calls_net to True, and the noise slots are numbered in
@@ -80,7 +88,7 @@ class Plan:
         x0_x, x0_out = (np.where(calls_net, c, 0.0) for c in x0_coefficients(abar, prediction))
         plan = cls(name, np.asarray(timesteps, dtype=np.int64), abar, x0_x, x0_out, f64(w_x), f64(w_x0),
                    f64(w_x0_prev), f64(w_x0_prev2), sigma, f64(abar_next), z_slot, flag(cfg), calls_net, clip,
-                   prediction)
+                   prediction, float(guidance_rescale))
         return plan.validate()
 
     def validate(self) -> "Plan":
@@ -95,6 +103,8 @@ class Plan:
             raise ValueError("a plan needs at least one row")
         if (self.sigma < 0).any():
             raise ValueError("sigma must be >= 0")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale}")
         return self
 
     @property
@@ -139,6 +149,17 @@ class Plan:
         level = self.noise_level
         inside = (level > lo) & (level <= hi)
         return replace(self, name=f"{self.name}-gi{lo:g}-{hi:g}", cfg=inside & self.cfg).validate()
+
+    def with_guidance_rescale(self, phi: float) -> "Plan":
+        """The guided output rescaled on the guided rows (Lin et al. 2024, "Common Diffusion Noise Schedules and
+        Sample Steps are Flawed", eq. 15-16; the module docstring's formula): phi in [0, 1], 0 the plan itself,
+        0.7 the paper's choice. It counters the over-exposure of strong guidance; without guidance (w = 0, or no
+        label) it changes nothing. OptionError outside [0, 1]."""
+        if not 0.0 <= phi <= 1.0:   # also refuses NaN
+            raise OptionError(f"the guidance rescale must be in [0, 1], got {phi}", "guidance_rescale")
+        if phi == 0:
+            return self
+        return replace(self, name=f"{self.name}-gr{phi:g}", guidance_rescale=float(phi)).validate()
 
 
 def _check_top(T: int, top) -> int:
@@ -408,10 +429,12 @@ def default_steps(T: int, sampler: str = "ddim") -> int:
 
 def make_plan(sched: Schedule, sampler: str, steps: int | None = None, eta: float = 0.0,
               variance: str = "small", spacing: str | None = None,
-              guidance_interval: tuple[float, float] | None = None, top: int | None = None) -> Plan:
+              guidance_interval: tuple[float, float] | None = None, top: int | None = None,
+              guidance_rescale: float = 0.0) -> Plan:
     """The plan of a sampler by name (SAMPLERS); steps None: its default; spacing None: the sampler's default
     (DEFAULT_SPACING); guidance_interval (lo, hi): guidance only where sigma in (lo, hi]
-    (`Plan.with_guidance_interval`); top: start at x_top, a plan truncated for editing (runtime.edits).
+    (`Plan.with_guidance_interval`); top: start at x_top, a plan truncated for editing (runtime.edits);
+    guidance_rescale phi in [0, 1]: the guided output rescaled (`Plan.with_guidance_rescale`).
     ValueError for what does not fit."""
     if sampler not in SAMPLERS:
         raise OptionError(f"unknown sampler {sampler!r} ({', '.join(SAMPLERS)})", "sampler")
@@ -432,4 +455,5 @@ def make_plan(sched: Schedule, sampler: str, steps: int | None = None, eta: floa
             plan = dpmpp_2m_plan(sched, steps, spacing, top=top)
         else:
             plan = unipc_plan(sched, steps, spacing, top=top)
-    return plan if guidance_interval is None else plan.with_guidance_interval(*guidance_interval)
+    plan = plan if guidance_interval is None else plan.with_guidance_interval(*guidance_interval)
+    return plan.with_guidance_rescale(guidance_rescale)

@@ -34,6 +34,7 @@ BAD = {
     "variance": [3, "medium", None],
     "spacing": [3, "log"],
     "guidance_interval": [3, (1.0,), ("a", "b"), (NAN, 1.0), (2.0, 1.0), (-1.0, 1.0), (True, 2.0), (0.0, 1e300)],
+    "guidance_rescale": [NAN, INF, -0.1, 1.5, True, "0.7", None],
     "top": [-1, 1.5, True, 10**6],
     "plan": ["ddim", 3],
     "engine": [3, "tvm", None],
