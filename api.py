@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import locations
 from .arguments import OPTIONAL_COUNT, PLAN, checked
 from .errors import DdpmError, OptionError, clip
 from .export.cache import shipped_dir
@@ -35,13 +36,7 @@ from .runtime.bundle import META_FILE, Bundle, ExportError
 from .schema import Str
 
 default_export_dir = shipped_dir   # the verified ONNX export shipped with the default model
-
-
-def cache_dir() -> Path:
-    """The package's cache folder, $XDG_CACHE_HOME/ddpm (locations.cache_dir); exports live in its exports/."""
-    from .locations import cache_dir as user_cache
-
-    return user_cache()
+cache_dir = locations.cache_dir    # the package's cache folder, $XDG_CACHE_HOME/ddpm; exports live in its exports/
 
 
 @dataclass
@@ -72,8 +67,8 @@ class Model:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the model's images."""
-        return (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
+        """(C, H, W) of the model's images (ModelConfig.image_shape)."""
+        return self.cfg.image_shape
 
     @property
     def schedule(self):
@@ -125,8 +120,8 @@ class Model:
         network batch (runtime.generate.network_batch), what a TensorRT engine is made for. dist, log: see
         export.cache.engine_bundle. Threads may share an engine (calls at once give the digits of the same calls one
         after another). Raises DdpmError when the engine cannot run here (the message says what is missing)."""
-        from .export.cache import engine_bundle
-        from .runtime.engines import auto_engine, have_torch, make_engine, resolve_device
+        from .pipeline import open_engine
+        from .runtime.engines import auto_engine, resolve_device
         from .runtime.runner import plan_key
 
         try:
@@ -141,15 +136,8 @@ class Model:
                plan_key(plan) if name == "onnx-generator" else None)
         with self._lock:   # (under torchrun every process makes the same engines, so all meet at engine_bundle)
             if key not in self._engines:
-                torch = name in ("torch", "runtime-torch") and have_torch()
-                build_trt = None
-                if name == "trt":   # building an engine file is export's; the runtime is handed the builder
-                    from .export.trt import build_bundle_engine as build_trt
-                self._engines[key] = make_engine(
-                    name, device=dev, model=self.torch_model if torch else None, null_label=self.null_label,
-                    bundle=engine_bundle(self, name, fp16, plan, dist, log), fp16=fp16, cuda_graph=cuda_graph,
-                    threads=threads, max_batch=max_batch, log=log or (lambda *_: None), plan=plan,
-                    build_trt=build_trt)
+                self._engines[key] = open_engine(self, name, dev, fp16, cuda_graph, threads, max_batch, plan, dist,
+                                                 log)
             return self._engines[key]
 
     # ------------------------------------------------------------------------------------------------- sampling

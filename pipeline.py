@@ -96,6 +96,26 @@ def check_engine(engine, edit: bool = False, watch: bool = False) -> None:
                           f"(or auto, torch, runtime-torch)", "engine" if edit else "trajectory")
 
 
+def open_engine(model, name: str, device: str, fp16: bool, cuda_graph: bool, threads: int | None, max_batch: int,
+                plan=None, dist=None, log=None):
+    """A new engine `name` (not auto) of `model` (api.Model) on `device` (resolved, not auto) with what it reads:
+    the torch model for torch/runtime-torch (when PyTorch is installed, else make_engine names what is missing), the
+    export folder for the others (export.cache.engine_bundle; dist, log: see there), and for trt the builder of a
+    missing TensorRT engine file (export.trt: building is export's, the runtime only runs). Api.Model.engine keeps
+    the engines it makes. Raises DdpmError (runtime.engines.make_engine's EngineUnavailable)."""
+    from .export.cache import engine_bundle
+    from .runtime.engines import have_torch, make_engine
+
+    torch = name in ("torch", "runtime-torch") and have_torch()
+    build_trt = None
+    if name == "trt":
+        from .export.trt import build_bundle_engine as build_trt
+    return make_engine(name, device=device, model=model.torch_model if torch else None, null_label=model.null_label,
+                       bundle=engine_bundle(model, name, fp16, plan, dist, log), fp16=fp16, cuda_graph=cuda_graph,
+                       threads=threads, max_batch=max_batch, log=log or (lambda *_: None), plan=plan,
+                       build_trt=build_trt)
+
+
 def engine(model, opts: Sampling, plan, guided: bool, dist=None, log=None):
     """The engine of opts.engine (a name: made once per Model, api.Model.engine; an engine object: itself), sized for
     the network batch of opts.batch."""
