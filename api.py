@@ -154,11 +154,6 @@ class Model:
         naming the argument) for steps outside 1..T, DDPM with fewer than T steps, eta outside [0, 1]."""
         from .runtime.samplers import make_plan
 
-        T = self.cfg.timesteps
-        if steps is not None and not 1 <= steps <= T:
-            raise OptionError(f"steps must be in 1..{T} (the model's T), got {steps}", "steps")
-        if top is not None and not 0 <= top <= T - 1:
-            raise OptionError(f"top must be in 0..{T - 1} (the model's T - 1), got {top}", "top")
         return make_plan(self.schedule, sampler, steps, eta, variance, spacing, guidance_interval, top,
                          guidance_rescale)
 

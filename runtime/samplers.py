@@ -167,7 +167,7 @@ def _check_top(T: int, top) -> int:
     if top is None:
         return T - 1
     if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or not 0 <= top <= T - 1:
-        raise OptionError(f"the starting timestep must be an integer in 0..{T - 1}, got {top!r}", "top")
+        raise OptionError(f"top (the starting timestep) must be an integer in 0..{T - 1}, got {top!r}", "top")
     return int(top)
 
 
@@ -435,7 +435,11 @@ def make_plan(sched: Schedule, sampler: str, steps: int | None = None, eta: floa
     (DEFAULT_SPACING); guidance_interval (lo, hi): guidance only where sigma in (lo, hi]
     (`Plan.with_guidance_interval`); top: start at x_top, a plan truncated for editing (runtime.edits);
     guidance_rescale phi in [0, 1]: the guided output rescaled (`Plan.with_guidance_rescale`).
-    ValueError for what does not fit."""
+    OptionError (a ValueError naming the argument) for what does not fit: steps outside 1..T, top outside
+    0..T-1, an unknown sampler or spacing, DDPM with fewer than T steps."""
+    if steps is not None and not 1 <= steps <= sched.T:
+        raise OptionError(f"steps must be in 1..{sched.T} (the schedule's T), got {steps}", "steps")
+    _check_top(sched.T, top)
     if sampler not in SAMPLERS:
         raise OptionError(f"unknown sampler {sampler!r} ({', '.join(SAMPLERS)})", "sampler")
     if spacing is not None and spacing not in SPACINGS:
