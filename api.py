@@ -28,15 +28,16 @@ import numpy as np
 from . import locations
 from .arguments import OPTIONAL_COUNT, PLAN, checked
 from .errors import DdpmError, OptionError, clip
-from .export.cache import shipped_dir
+from .export import cache as export_cache
 from .model.config import ModelConfig
-from .model.io import CheckpointError, TorchMissing, default_model_path, read_model_info
+from .model.io import CheckpointError, TorchMissing, default_model_path, load_model, read_model_info, require_torch
 from .options import DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL, Sampling
 from .runtime.bundle import META_FILE, Bundle, ExportError
+from .runtime.schedule import Schedule
 from .schema import Str
 
-default_export_dir = shipped_dir   # the verified ONNX export shipped with the default model
-cache_dir = locations.cache_dir    # the package's cache folder, $XDG_CACHE_HOME/ddpm; exports live in its exports/
+default_export_dir = export_cache.shipped_dir   # the verified ONNX export shipped with the default model
+cache_dir = locations.cache_dir                 # the package's cache folder, $XDG_CACHE_HOME/ddpm (exports/ ...)
 
 
 @dataclass
@@ -73,8 +74,6 @@ class Model:
     @property
     def schedule(self):
         """The model's diffusion schedule (runtime.schedule.Schedule)."""
-        from .runtime.schedule import Schedule
-
         return Schedule.of(self.cfg)
 
     @property
@@ -85,8 +84,6 @@ class Model:
                 if self.path is None:
                     raise DdpmError("this model is an export folder only; the torch engines need its checkpoint "
                                     "(--ckpt)")
-                from .model.io import load_model
-
                 self._torch_model = load_model(self.path).model
             return self._torch_model
 
@@ -94,10 +91,8 @@ class Model:
     def bundle(self, fp16: bool = False) -> Bundle:
         """The export folder (runtime.bundle.Bundle) the onnx/trt engines read (export.cache.export_bundle); fp16:
         one with the fp16 model too. Raises DdpmError."""
-        from .export.cache import export_bundle
-
         with self._lock:   # one export per Model, whatever the threads
-            return export_bundle(self, fp16)
+            return export_cache.export_bundle(self, fp16)
 
     @checked(plan=PLAN)
     def generator_bundle(self, plan, form: str = "loop", log=None) -> Bundle:
@@ -105,10 +100,8 @@ class Model:
         else its weights' folder in the cache, built there once (needs the onnx package) beside those of other plans
         (export.cache.generator_bundle). log(line): what a build does (None: nowhere). Raises DdpmError for a plan
         the generator cannot run, or an explicit export folder without one for it."""
-        from .export.cache import generator_bundle
-
         with self._lock:
-            return generator_bundle(self, plan, form, log)
+            return export_cache.generator_bundle(self, plan, form, log)
 
     @checked
     def engine(self, name: str = "auto", device: str = "auto", fp16: bool = False, cuda_graph: bool = True,
@@ -124,10 +117,7 @@ class Model:
         from .runtime.engines import auto_engine, resolve_device
         from .runtime.runner import plan_key
 
-        try:
-            dev = resolve_device(device)
-        except ValueError as e:
-            raise OptionError(str(e), "device") from None
+        dev = resolve_device(device)
         name = auto_engine(dev) if name == "auto" else name
         if name == "onnx-generator" and plan is None:
             raise OptionError("the onnx-generator engine needs the plan it will run", "plan")
@@ -306,7 +296,7 @@ def load(path: str | os.PathLike | None = None, export: str | os.PathLike | None
             return Model(cfg, b.meta["checkpoint_hash"], None, Path(export), {"step": b.meta.get("step")})
         default = path is None
         cfg, h, info, file = read_model_info(default_model_path() if default else path)
-        shipped = shipped_dir()
+        shipped = export_cache.shipped_dir()
         export_dir = Path(export) if export is not None else (shipped if default and (shipped / META_FILE).is_file()
                                                              else None)
         model = Model(cfg, h, file, export_dir, info)
@@ -331,11 +321,9 @@ def evaluate(images, labels, data: str | os.PathLike | None = None, name: str = 
     ~/.cache/ddpm/mnist, downloaded when missing unless download=False). Returns a dict: fd (Frechet distance of the
     shipped classifier's 128-d features to the real test set's, Heusel et al. 2017's formula), fd_floor (the same for
     N real training images, mean of 5 draws; floor_min/floor_max their spread), fd_ratio, within_floor_spread
-    (floor_min <= fd <= floor_max), below_floor (fd < floor_min: noise, too few digits), cond_accuracy (None without labelled digits), uncond_histogram / uncond_top_prob (None without unconditional
-    ones), border_share. Needs PyTorch (the classifier). Raises DdpmError for bad arrays, missing data or no PyTorch.
-    """
-    from .model.io import require_torch
-
+    (floor_min <= fd <= floor_max), below_floor (fd < floor_min: noise, too few digits), cond_accuracy (None without
+    labelled digits), uncond_histogram / uncond_top_prob (None without unconditional ones), border_share. Needs
+    PyTorch (the classifier). Raises DdpmError for bad arrays, missing data or no PyTorch."""
     require_torch("ddpm.evaluate")
     from .evaluation import evaluate_sets
 

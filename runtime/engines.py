@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..errors import raise_if_limit
+from ..errors import OptionError, raise_if_limit
 from .engine import Engine
 from .nets import EngineUnavailable, OnnxNet
 from .runner import RuntimeEngine
@@ -54,10 +54,11 @@ def have_torch() -> bool:
 
 
 def resolve_device(name: str = "auto") -> str:
-    """'auto' -> 'cuda' when PyTorch sees a GPU, else 'cpu'; 'cpu', 'cuda', 'cuda:N' checked. ValueError otherwise."""
+    """'auto' -> 'cuda' when PyTorch sees a GPU, else 'cpu'; 'cpu', 'cuda', 'cuda:N' checked. OptionError (a
+    ValueError naming option "device") otherwise."""
     name = str(name)
     if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
-        raise ValueError(f"unknown device {name!r}: auto, cpu, cuda or cuda:N")
+        raise OptionError(f"unknown device {name!r}: auto, cpu, cuda or cuda:N", "device")
     if name == "cpu" or (name == "auto" and _nvidia_driver_absent()):
         return "cpu"
     cuda = False
@@ -66,11 +67,12 @@ def resolve_device(name: str = "auto") -> str:
 
         cuda = torch.cuda.is_available()
         if cuda and name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-            raise ValueError(f"no GPU {name} (this machine has {torch.cuda.device_count()})")
+            raise OptionError(f"no GPU {name} (this machine has {torch.cuda.device_count()})", "device")
     if name == "auto":
         return "cuda" if cuda else "cpu"
     if not cuda:
-        raise ValueError("no CUDA GPU is available" + ("" if have_torch() else f" (and no PyTorch: {TORCH_HINT})"))
+        raise OptionError("no CUDA GPU is available" + ("" if have_torch() else f" (and no PyTorch: {TORCH_HINT})"),
+                          "device")
     return name
 
 
