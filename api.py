@@ -47,7 +47,8 @@ class Model:
     Made by `load()`. `cfg` is the model config (ModelConfig: image size, classes, schedule, T). `hash` identifies
     the weights (sha256, model.io.weights_hash). `path` is the checkpoint file (None for an export folder alone);
     `export_dir` the export folder it was loaded with (the shipped one for the shipped model; None for a checkpoint,
-    whose export the onnx/trt engines find in the cache, export/cache.py). Engines are made once and kept.
+    whose export the onnx/trt engines find in the cache, export/cache.py). Engines are made once and kept until
+    `close()` (or the end of a `with` block).
     """
 
     cfg: ModelConfig
@@ -129,6 +130,22 @@ class Model:
                 self._engines[key] = open_engine(self, name, dev, fp16, cuda_graph, threads, max_batch, plan, dist,
                                                  log)
             return self._engines[key]
+
+    def close(self) -> None:
+        """Close every engine the Model made (runtime.engine.Engine.close: runners, onnxruntime sessions, TensorRT
+        contexts, CUDA graphs); closing again does nothing. An engine `engine` returned before refuses work after
+        (EngineClosed), but the Model stays usable: a later call makes the engines it needs anew. `with ddpm.load()
+        as m:` closes on leaving the block."""
+        with self._lock:
+            engines, self._engines = list(self._engines.values()), {}
+        for eng in engines:
+            eng.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------------------- sampling
     @checked
