@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import OptionError
 from .options import Sampling
-from .runtime.generate import network_batch
+from .runtime.generate import network_batch, whole_loop_refusal
 
 # the engines that run a whole plan in one call: no per-row projection (edits), no per-row states (--trajectory)
 WHOLE_LOOP_ENGINES = ("onnx-generator",)
@@ -88,12 +88,11 @@ def edit(model, opts: Sampling, n: int, label, start: int, progress: bool, plan_
 
 
 def check_engine(engine, edit: bool = False, watch: bool = False) -> None:
-    """OptionError when an engine that runs whole plans in one call is asked to project onto a known image (an edit:
-    option "engine") or to show every row (a trajectory: option "trajectory", the CLI's)."""
+    """OptionError, before an engine is made, when an engine that runs whole plans in one call is asked to project
+    onto a known image (an edit: option "engine") or to show every row (a trajectory: option "trajectory", the
+    CLI's): runtime.generate.whole_loop_refusal, which iter_generate raises for an engine object."""
     if isinstance(engine, str) and engine in WHOLE_LOOP_ENGINES and (edit or watch):
-        what = "edits run row by row" if edit else "a trajectory shows every row"
-        raise OptionError(f"{what}, and the {engine} engine runs the whole loop in one call; use --engine onnx "
-                          f"(or auto, torch, runtime-torch)", "engine" if edit else "trajectory")
+        raise whole_loop_refusal(engine, edit)
 
 
 def open_engine(model, name: str, device: str, fp16: bool, cuda_graph: bool, threads: int | None, max_batch: int,

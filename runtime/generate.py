@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import DdpmError
+from ..errors import DdpmError, OptionError
 from .engine import Engine, StepCallback
 from .images import to_uint8
 from .noise import check_seed, check_start, make_noise
@@ -143,6 +143,14 @@ def _cause(engine: Engine, guidance: float) -> str:
             "refuses one whose outputs are not finite")
 
 
+def whole_loop_refusal(engine: str, edit: bool) -> OptionError:
+    """The refusal of an edit (option "engine") or of a watch of every row (option "trajectory", the CLI's) by an
+    engine that runs whole plans in one call (Supports.edits, Supports.states: onnx-generator)."""
+    what = "project onto a known image between rows (edits run row by row)" if edit else "show every step"
+    return OptionError(f"the {engine} engine runs whole plans in one call: it cannot {what}; use --engine onnx (or "
+                       f"auto, torch, runtime-torch)", "engine" if edit else "trajectory")
+
+
 def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidance: float = 0.0, seed: int = 0,
                   batch: int = 64, start: int = 0, progress: bool = True, image_shape=(1, 28, 28), job=None,
                   watch: StepCallback | None = None) -> Iterator[np.ndarray]:
@@ -153,9 +161,9 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
     images; its noise slots follow the plan's in every sample's stream. watch(i, t, x, x0_hat): the states of the
     first batch after every row (runtime.engine.StepCallback with host arrays (B,C,H,W), x0_hat None on rows without
     a network call). Raises OutOfMemory before the first batch when one batch would not fit, and NonFiniteSamples at
-    a batch that comes out NaN or inf (naming the likely cause); ValueError for bad labels, a plan the engine does
-    not run, and an engine that cannot run the edit's projection or be watched (engine.supports); EngineUnavailable
-    for a batch beyond the engine's."""
+    a batch that comes out NaN or inf (naming the likely cause); ValueError for bad labels; OptionError (naming
+    engine) for a plan the engine does not run or an edit's projection it cannot run, (naming trajectory) for a
+    watch it cannot show (engine.supports); EngineUnavailable for a batch beyond the engine's."""
     from tqdm import tqdm
 
     from .nets import EngineUnavailable
@@ -164,13 +172,13 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
     check_seed(seed)
     edit = job.projection if job is not None else None
     can = engine.supports
-    if (edit is not None and not can.edits) or (watch is not None and not can.states):
-        raise ValueError(f"the {engine.name} engine runs whole plans in one call: it cannot "
-                         f"{'project onto a known image' if edit is not None else 'show every step'}; use "
-                         f"--engine onnx (or torch, runtime-torch)")
+    if edit is not None and not can.edits:
+        raise whole_loop_refusal(engine.name, edit=True)
+    if watch is not None and not can.states:
+        raise whole_loop_refusal(engine.name, edit=False)
     if can.plan_key is not None and can.plan_key != plan_key(plan):
-        raise ValueError(f"the {engine.name} engine runs one plan, not {plan.name}; use --engine onnx (or torch, "
-                         f"runtime-torch)")
+        raise OptionError(f"the {engine.name} engine runs one plan, not {plan.name}; use --engine onnx (or torch, "
+                          f"runtime-torch)", "engine")
     if callable(labels):
         get = labels
     else:

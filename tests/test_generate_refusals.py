@@ -1,0 +1,48 @@
+"""runtime.generate refuses what an engine declares it cannot do with an OptionError naming the option to change,
+before any noise is drawn (the CLI reports it against that option, the API as a DdpmError)."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import ddpm
+from ddpm.errors import OptionError
+from ddpm.runtime.engine import Supports
+from ddpm.runtime.generate import generate
+
+
+class WholeLoop:
+    """An engine that runs whole plans in one call (as onnx-generator): no edits, no states, one plan."""
+
+    name, device, dtype = "whole-loop", "cpu", "float32"
+
+    def __init__(self, plan_key=None):
+        self.supports = Supports(edits=False, states=False, plan_key=plan_key)
+
+    def run(self, *a, **k):
+        raise AssertionError("refused before any run")
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return ddpm.load().plan("ddim", 2)
+
+
+def test_an_edit_is_refused_naming_engine(plan):
+    job = SimpleNamespace(projection=object(), num_slots=0)   # an edit's job: only its projection is looked at
+    with pytest.raises(OptionError, match="cannot project onto a known image.*row by row") as e:
+        generate(WholeLoop(), 2, plan, np.array([1, 2]), 1.0, progress=False, job=job)
+    assert e.value.option == "engine"
+
+
+def test_a_watch_is_refused_naming_trajectory(plan):
+    with pytest.raises(OptionError, match="cannot show every step") as e:
+        generate(WholeLoop(), 2, plan, np.array([1, 2]), 1.0, progress=False, watch=lambda i, t, x, x0: None)
+    assert e.value.option == "trajectory"
+
+
+def test_another_plan_is_refused_naming_engine(plan):
+    with pytest.raises(OptionError, match="runs one plan, not ddim") as e:
+        generate(WholeLoop(plan_key="another plan"), 2, plan, np.array([1, 2]), 1.0, progress=False)
+    assert e.value.option == "engine"
