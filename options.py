@@ -4,7 +4,8 @@
     plan = model.plan(**opts.plan_args())            # the sampler's table (runtime.samplers.Plan)
 
 Its defaults are the measured ones (README "Samplers", "Editing"); the editing commands start from EDITING. A new
-sampling option is one field here (with its comment), one entry in arguments.ARGS and one click option in cli.py.
+sampling option is one field here (with its comment), one entry in arguments.ARGS and one click option in
+cli_options.py (sampling_options).
 Numpy-free: `ddpm --help` imports this.
 """
 
