@@ -321,7 +321,7 @@ def load(path: str | os.PathLike | None = None, export: str | os.PathLike | None
             model.bundle()      # checks now that the export belongs to these weights
         return model
     except (CheckpointError, TorchMissing, ExportError) as e:
-        hint = " (the bundled default model is missing: reinstall the package)" if path is None and export is None \
+        hint = " (the shipped default model is missing: reinstall the package)" if path is None and export is None \
             else ""
         raise DdpmError(f"{e}{hint}") from None
     except (TypeError, ValueError, KeyError) as e:

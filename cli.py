@@ -55,7 +55,7 @@ def main():
 
     \b
     Examples:
-      ddpm gen -n 64 --out digits.png          # the bundled default model, 64 digits
+      ddpm gen -n 64 --out digits.png          # the shipped default model, 64 digits
       ddpm inpaint --image d.png --mask bottom # redraw the bottom half (also: edit, upscale, restore)
       ddpm train --preset small --steps 200    # train (downloads MNIST if needed)
       ddpm export --fp16                       # ONNX fp32 + fp16 of the default model

@@ -99,7 +99,7 @@ def add_options(f, opts):
 
 def model_option(f):
     return click.option("--ckpt", type=click.Path(), default=None,
-                        help="Checkpoint: model.safetensors, ckpt.pt or a run folder [default: the bundled model].")(f)
+                        help="Checkpoint: model.safetensors, ckpt.pt or a run folder [default: the shipped model].")(f)
 
 
 def solver_options(defaults: Sampling = DEFAULT, steps_help: str = "Network calls per sample [default: 50 for "

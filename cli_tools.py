@@ -22,7 +22,7 @@ from .runtime.engines import ENGINES
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="MNIST folder (real test set, floor); else $DDPM_DATA or the cache folder.")
 @click.option("--classifier", type=click.Path(dir_okay=False), default=None,
-              help="Classifier weights [default: the bundled one].")
+              help="Classifier weights [default: the shipped one].")
 @click.option("--train-classifier", is_flag=True, help="Retrain the classifier (3 epochs) and use it.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the results here (JSON; missing folders are created).")

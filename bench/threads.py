@@ -5,7 +5,7 @@ ORT_SPINNING, the CLI's OMP_WAIT_POLICY).
     python -m ddpm.bench.threads                    # writes bench/threads.md and bench/threads.json
     python -m ddpm.bench.threads --repeat 3 --load 2 --torch-n 16
 
-Every setting runs the same command (the default sampler and guidance, the bundled model; `--engine onnx` with
+Every setting runs the same command (the default sampler and guidance, the shipped model; `--engine onnx` with
 -n 64 and -n 1, `--engine torch` with --torch-n digits) in a fresh process, so that the thread pools start as they
 would for a user. "Loaded": `--load` busy-loop processes at normal priority run beside it (started before, killed
 after each loaded block). The settings take turns within each round, the order rotated from round to round, quiet

@@ -58,7 +58,8 @@ def export_folder(model, out: str | Path | None = None, fp16: bool = False, opse
 
 
 def write_web_page(bundle: Bundle, folder, plan, options: str, ort_web=None, log=print) -> Path:
-    """The static page around the generator of `plan` in `bundle` (export/web.py); DdpmError when it fails."""
+    """The static page around the generator of `plan` in the export folder `bundle` (export/web.py); DdpmError when
+    it fails."""
     from ..options import GUIDANCE
     from ..runtime.bundle import ExportError
     from ..runtime.runner import plan_key

@@ -195,6 +195,8 @@ def check_external_data(path: Path, redo: str = "ddpm export", buf: bytes | None
 
 @dataclass
 class Bundle:
+    """An export folder, loaded: its root and its export.json (meta), checked (Bundle.load)."""
+
     root: Path
     meta: dict
 
