@@ -101,38 +101,39 @@ def device_name(device) -> str:
     return f"{platform.processor() or platform.machine()} ({cpus} CPUs)"
 
 
-def time_run(engine, batch: int, plan, guidance: float, seed: int, device) -> float:
-    """Seconds for one full generation of `batch` images: noise, loop, images on the host."""
-    labels = np.arange(batch) % 10
+def time_run(engine, batch: int, plan, guidance: float, seed: int, device, cfg) -> float:
+    """Seconds for one full generation of `batch` images of a model whose config is `cfg` (model.config.ModelConfig:
+    its image shape and classes): noise, loop, images on the host."""
+    labels = np.arange(batch) % cfg.num_classes
     if _cuda(device):
         import torch
 
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
         start.record()
-        x_T, z = make_noise(seed, 0, batch, plan.num_slots)
+        x_T, z = make_noise(seed, 0, batch, plan.num_slots, cfg.image_shape)
         engine.run(x_T, z, labels, plan, guidance)
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1000.0
     t0 = time.perf_counter()
-    x_T, z = make_noise(seed, 0, batch, plan.num_slots)
+    x_T, z = make_noise(seed, 0, batch, plan.num_slots, cfg.image_shape)
     engine.run(x_T, z, labels, plan, guidance)
     return time.perf_counter() - t0
 
 
-def kernel_floor(engine, batch: int, plan, guidance: float, device) -> float | None:
+def kernel_floor(engine, batch: int, plan, guidance: float, device, cfg) -> float | None:
     """GPU only, runtime engines only (their runners step row by row): summed CUDA kernel time of one loop step
-    (profiler) x steps, in seconds."""
+    (profiler) x steps, in seconds, for a model whose config is `cfg` (its image shape and classes)."""
     if not _cuda(device) or not isinstance(engine, RuntimeEngine):
         return None
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     r = engine.runner(batch, plan, guidance != 0)
-    x_T, z = make_noise(0, 0, batch, plan.num_slots)
+    x_T, z = make_noise(0, 0, batch, plan.num_slots, cfg.image_shape)
     with r.net.stream_context():
-        r.load(x_T, z, np.arange(batch) % 10, guidance)
+        r.load(x_T, z, np.arange(batch) % cfg.num_classes, guidance)
         r.step(0)
         torch.cuda.synchronize(device)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -161,7 +162,7 @@ def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False,
             cuda = torch.cuda
         meter = MemoryMeter(cuda, device)
     for batch in batches:   # before any engine is made or any buffer allocated
-        check_batch_fits(plan, batch, guided=guidance != 0, device=device, cuda=cuda)
+        check_batch_fits(plan, batch, model.cfg.image_shape, guided=guidance != 0, device=device, cuda=cuda)
     metered = lambda key, name: meter.measure(key, name in OUTSIDE_TORCH) if meter is not None else nullcontext()
     net_batch = network_batch(max(batches), guidance != 0)
     ready, skipped = {}, {}
@@ -182,14 +183,14 @@ def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False,
         group = {name: Case(name, batch) for name in runs}
         for name, (eng, p) in runs.items():   # warm-up: buffers, ORT arenas, CUDA graph capture, cuDNN autotune
             with metered((name, batch), name):
-                time_run(eng, batch, p, guidance, seed, device)
+                time_run(eng, batch, p, guidance, seed, device, model.cfg)
         for r in range(repeat):
             for name, (eng, p) in runs.items():       # alternate engines run by run
                 with metered((name, batch), name):
-                    group[name].times.append(time_run(eng, batch, p, guidance, seed, device))
+                    group[name].times.append(time_run(eng, batch, p, guidance, seed, device, model.cfg))
             log(f"batch {batch}, repeat {r + 1}/{repeat}: " +
                 ", ".join(f"{n} {group[n].times[-1]:.3f}s" for n in runs))
-        floors = {name: kernel_floor(eng, batch, plan, guidance, device) for name, eng in ready.items()}
+        floors = {name: kernel_floor(eng, batch, plan, guidance, device, model.cfg) for name, eng in ready.items()}
         if floors.get("torch") is None:   # eager runs the same kernels as the runtime's torch model
             floors["torch"] = floors.get("runtime-torch")
         for name, (eng, p) in runs.items():

@@ -86,12 +86,14 @@ def test_each_engine_is_charged_its_own_peak(monkeypatch):
               "trt": lambda: RuntimeLike(cuda, 0, 20 * MiB, 0, outside_weights=40 * MiB, outside_per_runner=200 * MiB)}
     asked = []
 
-    class Model:   # api.Model's engine(): engines made on the simulated device
+    class Model:   # api.Model's config and engine(): engines made on the simulated device
+        cfg = types.SimpleNamespace(image_shape=(1, 28, 28), num_classes=10)
+
         def engine(self, name, device, fp16, cuda_graph, threads, max_batch, log, plan=None):
             asked.append(max_batch)
             return makers[name]()
 
-    monkeypatch.setattr(speed, "time_run", lambda eng, batch, plan, w, seed, dev: eng.run(batch) or 0.5)
+    monkeypatch.setattr(speed, "time_run", lambda eng, batch, plan, w, seed, dev, cfg: eng.run(batch) or 0.5)
     monkeypatch.setattr(speed, "device_name", lambda device: "Fake GPU")
     monkeypatch.setattr(speed, "engine_versions", lambda engine: {})
     plan = types.SimpleNamespace(name="ddim2", steps=2, num_slots=0, history=0)   # what run_bench reads of a Plan
