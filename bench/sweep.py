@@ -98,8 +98,9 @@ def network_images(plan, guided: bool) -> int:
 def measure(args) -> None:
     import torch
 
-    from .. import cli
-    from ..runtime.generate import generate, labels_for
+    from .. import load
+    from ..runtime.engines import resolve_device
+    from ..runtime.generate import generate, labels_for, network_batch
     from ..runtime.samplers import make_plan
     from ..runtime.schedule import Schedule
     from .. import evaluation
@@ -115,12 +116,13 @@ def measure(args) -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = cli._device(args.device)
+    device = resolve_device(args.device)
     if device.startswith("cuda"):   # plain fp32 on the GPU too, as on the CPU
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    loaded = cli._load(args.ckpt)
-    eng = cli.make_engine(args.engine, loaded, device, None, False, not args.no_cuda_graph, 2 * args.batch)
+    loaded = load(args.ckpt)
+    eng = loaded.engine(args.engine, device, cuda_graph=not args.no_cuda_graph,
+                        max_batch=network_batch(args.batch, guided=True))
     ref = evaluation.Reference.load(args.data)
     sched = Schedule.of(loaded.cfg)
     floors = {}
@@ -131,7 +133,8 @@ def measure(args) -> None:
         plan = make_plan(sched, p["sampler"], p["steps"], spacing=p["spacing"], guidance_interval=p["interval"])
         labels = labels_for(p["n"], None, False, loaded.cfg.num_classes)
         t0 = time.perf_counter()
-        images = generate(eng, p["n"], plan, labels, p["guidance"], p["seed"], args.batch, progress=False)
+        images = generate(eng, p["n"], plan, labels, p["guidance"], p["seed"], args.batch, progress=False,
+                          image_shape=loaded.cfg.image_shape)
         seconds = time.perf_counter() - t0
         if p["n"] not in floors:
             floors[p["n"]] = ref.floor(p["n"])
@@ -272,7 +275,7 @@ def main(argv=None) -> None:
     ap.add_argument("--engine", default="auto", help="as ddpm eval --engine (default auto)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch", type=int, default=100, help="samples per batch (default 100)")
-    ap.add_argument("--ckpt", default=None, help="checkpoint (default: the bundled model)")
+    ap.add_argument("--ckpt", default=None, help="checkpoint (default: the shipped model)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-cuda-graph", action="store_true")
     ap.add_argument("--report", action="store_true", help="only rewrite sweep.md and sweep.png from sweep.json")
