@@ -32,9 +32,10 @@ WHOLE_LOOP_ENGINES = ("onnx-generator",)
 @dataclass
 class Job:
     """n samples of `plan`: labels(lo, hi) gives the labels of the job's samples lo..hi-1 (0: its first; (hi - lo,)
-    int64, -1 for unconditional ones); guided: whether the network runs the guided batch (runtime.generate.network_batch); edit:
-    an edit's projection and inputs (runtime.edits.EditJob), None for plain generation; start: the first sample's
-    index in the seed's stream."""
+    int64, -1 for unconditional ones); guided: whether the network runs the guided batch
+    (runtime.generate.network_batch); edit: an edit's projection and inputs (runtime.edits.EditJob), None for plain
+    generation; start: the first sample's index in the seed's stream; image_shape: the model's (C, H, W) (a
+    keyword)."""
 
     n: int
     plan: object
@@ -42,14 +43,14 @@ class Job:
     guided: bool
     edit: object = None
     start: int = 0
-    image_shape: tuple = (1, 28, 28)
+    image_shape: tuple[int, int, int] = field(kw_only=True)
 
     @classmethod
     def of(cls, model, n: int, plan, label, uncond: bool, opts: Sampling, start: int = 0, edit=None) -> "Job":
         """n samples of `model` (api.Model) with these labels (checked now: Model.labels), from sample `start` on."""
         y = model.labels(n, label, uncond)
         return cls(n, plan, lambda lo, hi: y[lo:hi], bool(opts.guidance) and not uncond, edit, start,
-                   model.image_shape)
+                   image_shape=model.image_shape)
 
 
 def labels(num_classes: int, n: int, label=None, uncond: bool = False, start: int = 0) -> np.ndarray:
@@ -232,11 +233,11 @@ def run(model, opts: Sampling, job: Job, progress: bool = False, log=None, watch
         ctx.teardown()
 
 
-def save(out, batches: Iterable[np.ndarray], labels, n: int, image_shape=(1, 28, 28), nrow: int | None = None,
-         shown: np.ndarray | None = None) -> None:
-    """Write n images (batches of (b, H, W) uint8; labels(lo, hi) theirs) atomically: x.npz as a samples file
-    (samples.save_samples, streamed; with `shown`, an edit's input, beside them as "input"), else a grid picture
-    (runtime.images.save_grid; `shown` first)."""
+def save(out, batches: Iterable[np.ndarray], labels, n: int, image_shape: tuple[int, int, int],
+         nrow: int | None = None, shown: np.ndarray | None = None) -> None:
+    """Write n images (batches of (b, H, W) uint8; labels(lo, hi) theirs; image_shape the model's (C, H, W))
+    atomically: x.npz as a samples file (samples.save_samples, streamed; with `shown`, an edit's input, beside them
+    as "input"), else a grid picture (runtime.images.save_grid; `shown` first)."""
     from .runtime.images import save_grid
 
     if str(out).lower().endswith(".npz"):

@@ -85,7 +85,7 @@ def inpainting(model, clf, x, y, configs, engine, batch, seed=0) -> list[dict]:
     from ..runtime.edits import half_mask
     from ..evaluation import predict
 
-    keep = half_mask("bottom")
+    keep = half_mask("bottom", model.image_shape[1])
     rows = []
     for c in configs:
         out, sec = _timed(lambda: model.inpaint(x, "bottom", engine=engine, batch=batch, seed=seed, **c))

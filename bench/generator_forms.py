@@ -39,7 +39,8 @@ def main(argv=None) -> None:
     bundle = Bundle.load(args.export)
     plan = ddim_plan(bundle.schedule, args.steps)
     net = onnx.load(str(bundle.onnx_path("fp32")))
-    engines = {"onnx (step loop)": RuntimeEngine(OnnxNet(bundle.onnx_path("fp32")), bundle.null_label)}
+    engines = {"onnx (step loop)": RuntimeEngine(OnnxNet(bundle.onnx_path("fp32")), bundle.null_label,
+                                                   bundle.image_shape)}
     with tempfile.TemporaryDirectory() as tmp:
         for form in FORMS:
             t0 = time.perf_counter()

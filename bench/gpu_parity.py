@@ -31,8 +31,8 @@ def main() -> None:
     for sampler in ("dpm++2m", "unipc", "ddim"):
         for interval in (None, (0.28, 5.42)):
             plan = make_plan(sched, sampler, 10, guidance_interval=interval)
-            x_T, z = make_noise(0, 0, 16, plan.num_slots)
-            y = np.arange(16) % 10
+            x_T, z = make_noise(0, 0, 16, plan.num_slots, loaded.cfg.image_shape)
+            y = np.arange(16) % loaded.cfg.num_classes
             a, g1, g2 = (e.run(x_T, z, y, plan, 0.3) for e in (eager, graph, graph))
             c = cpu.run(x_T, z, y, plan, 0.3)
             captured = graph.runner(16, plan, True).graph is not None

@@ -40,7 +40,7 @@ def inpaint(model, x, out: Path, engine: str, n: int = 6) -> None:
 
     tiles = []
     for img, half in zip(x, HALVES[1::-1] + HALVES[2:]):
-        keep = half_mask(half)
+        keep = half_mask(half, model.image_shape[1])
         tiles += [img, keep.astype(np.uint8) * 255, np.where(keep, img, 64)]
         tiles += list(model.inpaint(img, half, n=n, engine=engine))
     _save(np.stack(tiles), out / "inpaint.png", nrow=n + 3)

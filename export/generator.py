@@ -159,8 +159,10 @@ def _row(g: _Nodes, ctx: dict, net_graph, plan: Plan, x: str, hist: list[str], c
     return nx, [x0, *hist][: len(hist)]
 
 
-def build(net_model, plan: Plan, null_label: int, image_shape=(1, 28, 28), form: str = DEFAULT_FORM, meta=None):
-    """The generator of `plan` around `net_model` (model.onnx as an onnx.ModelProto: x, t, y -> eps, fp32).
+def build(net_model, plan: Plan, null_label: int, image_shape: tuple[int, int, int], form: str = DEFAULT_FORM,
+          meta=None):
+    """The generator of `plan` around `net_model` (model.onnx as an onnx.ModelProto: x, t, y -> eps, fp32) for
+    images of the model's image_shape (C, H, W) (Bundle.image_shape).
 
     Returns an onnx.ModelProto with inputs x_T (B,C,H,W) float32, labels (B,) int64, guidance () float32 and output
     images (B,H,W) uint8 (module docstring). Raises GeneratorUnsupported for plans it cannot express, ValueError

@@ -75,7 +75,7 @@ class Projection:
             h.update(np.ascontiguousarray(v).tobytes())
         return h.hexdigest()
 
-    def validate(self, plan: Plan, image_shape=(1, 28, 28)) -> "Projection":
+    def validate(self, plan: Plan, image_shape: tuple[int, int, int]) -> "Projection":
         """ValueError unless this projection fits the plan and the image shape."""
         S = plan.steps
         for name in ("on", "a", "s", "z_slot"):
@@ -417,7 +417,7 @@ def fit_blocks(images: np.ndarray, small: np.ndarray, f: int, lo: float = 0.0, h
     return np.clip(xb + (a + b) / 2, lo, hi).reshape(N, H, W)
 
 
-def half_mask(name: str, size: int = 28) -> np.ndarray:
+def half_mask(name: str, size: int) -> np.ndarray:
     """(size, size) bool, True on the known pixels: `name` is the half to regenerate (top, bottom, left, right)."""
     keep = np.ones((size, size), dtype=bool)
     h = size // 2

@@ -107,19 +107,20 @@ def ensure_memory(need: int, what: str, fix: str, device: str = "cpu", per_unit:
                       f"{fix}{fits}")
 
 
-def batch_bytes(plan: Plan, batch: int, image_shape=(1, 28, 28), guided: bool = True,
+def batch_bytes(plan: Plan, batch: int, image_shape: tuple[int, int, int], guided: bool = True,
                 extra: int = 0) -> tuple[int, int]:
     """(host bytes, engine bytes) that one batch needs: the noise the host draws (x_T and the plan's noise table,
     runtime.noise.make_noise) and the engine's buffers (runtime.runner.Runner: its own copy of the noise table, the
     image, x0_hat ring, scratch, and the network's input and output at network_batch), all float32. extra: images
-    per sample that an edit adds on both sides (its noise slots, known image and mask; runtime.edits.EditJob)."""
+    per sample that an edit adds on both sides (its noise slots, known image and mask; runtime.edits.EditJob).
+    image_shape: the model's (C, H, W)."""
     img = int(np.prod(image_shape)) * 4
     host = batch * (1 + plan.num_slots + extra) * img
     engine = img * (batch * (plan.num_slots + extra + 3 + plan.history) + 2 * network_batch(batch, guided))
     return host, engine
 
 
-def check_batch_fits(plan: Plan, batch: int, image_shape=(1, 28, 28), guided: bool = True,
+def check_batch_fits(plan: Plan, batch: int, image_shape: tuple[int, int, int], guided: bool = True,
                      device: str = "cpu", cuda=None, extra: int = 0) -> None:
     """OutOfMemory, before anything is allocated, when one batch's noise tables and buffers would not fit (cuda: a
     stand-in for torch.cuda's memory functions; extra: see batch_bytes)."""
@@ -152,9 +153,10 @@ def whole_loop_refusal(engine: str, edit: bool) -> OptionError:
 
 
 def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidance: float = 0.0, seed: int = 0,
-                  batch: int = 64, start: int = 0, progress: bool = True, image_shape=(1, 28, 28), job=None,
-                  watch: StepCallback | None = None) -> Iterator[np.ndarray]:
+                  batch: int = 64, start: int = 0, progress: bool = True, *, image_shape: tuple[int, int, int],
+                  job=None, watch: StepCallback | None = None) -> Iterator[np.ndarray]:
     """Samples start..start+n-1 of the stream `seed`, yielded batch by batch as (b, H, W) uint8 in order.
+    image_shape: the model's (C, H, W) (the engine's input; api.Model.image_shape).
 
     labels: (n,), -1 = unconditional; or a function (lo, hi) -> the labels of samples lo..hi-1 of these n, so that
     nothing of size n is held. job: an edit (runtime.edits.EditJob): its projection and known images, or its starting
@@ -233,8 +235,8 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
 
 
 def generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidance: float = 0.0, seed: int = 0,
-             batch: int = 64, start: int = 0, progress: bool = True, image_shape=(1, 28, 28), job=None,
-             watch: StepCallback | None = None) -> np.ndarray:
+             batch: int = 64, start: int = 0, progress: bool = True, *, image_shape: tuple[int, int, int],
+             job=None, watch: StepCallback | None = None) -> np.ndarray:
     """Samples start..start+n-1 of the stream `seed` as (n, H, W) uint8. labels: (n,), -1 = unconditional.
 
     Holds all n images: OutOfMemory when they would not fit (iter_generate streams them instead); see iter_generate
@@ -244,8 +246,8 @@ def generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidance: f
                   per_unit=per)
     out = np.empty((n, *image_shape[1:]), dtype=np.uint8)
     lo = 0
-    for part in iter_generate(engine, n, plan, labels, guidance, seed, batch, start, progress, image_shape, job,
-                              watch):
+    for part in iter_generate(engine, n, plan, labels, guidance, seed, batch, start, progress,
+                              image_shape=image_shape, job=job, watch=watch):
         out[lo:lo + len(part)] = part
         lo += len(part)
     return out

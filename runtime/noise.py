@@ -80,14 +80,16 @@ def normals(seed: int, index: int, first: int, count: int) -> np.ndarray:
     return out.reshape(-1)[:count].astype(np.float32)
 
 
-def slots(seed: int, index: int, first_slot: int, count: int, shape=(1, 28, 28)) -> np.ndarray:
-    """Slots first_slot..first_slot+count-1 of sample `index`: (count, *shape) float32."""
+def slots(seed: int, index: int, first_slot: int, count: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """Slots first_slot..first_slot+count-1 of sample `index`: (count, *shape) float32; shape: the model's (C, H, W),
+    one slot's image."""
     size = int(np.prod(shape))
     return normals(seed, index, first_slot * size, count * size).reshape(count, *shape)
 
 
-def make_noise(seed: int, start: int, count: int, num_slots: int, shape=(1, 28, 28)):
-    """(x_T (B,C,H,W), z (B,num_slots,C,H,W) or None) float32 for samples start..start+count-1.
+def make_noise(seed: int, start: int, count: int, num_slots: int, shape: tuple[int, int, int]):
+    """(x_T (B,C,H,W), z (B,num_slots,C,H,W) or None) float32 for samples start..start+count-1; shape: the model's
+    image shape (C, H, W) (ModelConfig.image_shape, Bundle.image_shape).
 
     x_T is slot 0 of each sample's stream, z its slots 1..num_slots (the plan's fresh noise, `Plan.z_slot`).
     """

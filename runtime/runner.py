@@ -48,10 +48,11 @@ def plan_key(plan: Plan) -> str:
 class Runner:
     """One (net, batch, plan, guided, edit) combination with all its buffers and its own bound network calls.
 
-    edit: None, or a runtime.edits.Projection for the plan (its y and mask come with each run)."""
+    image_shape: the model's (C, H, W), the net's input; edit: None, or a runtime.edits.Projection for the plan (its y
+    and mask come with each run)."""
 
-    def __init__(self, net, batch: int, plan: Plan, guided: bool, null_label: int, image_shape=(1, 28, 28),
-                 cuda_graph: bool = True, edit=None):
+    def __init__(self, net, batch: int, plan: Plan, guided: bool, null_label: int,
+                 image_shape: tuple[int, int, int], cuda_graph: bool = True, edit=None):
         ops = self.ops = net.make_ops()
         if edit is not None:
             edit.validate(plan, image_shape)
@@ -280,10 +281,12 @@ class RuntimeEngine(Engine):
     back afterwards, so calls from any number of threads give the digits of serial calls. At most `max_runners` idle
     runners are kept: the least recently used is closed when one more comes back, so a long-lived engine that sees
     many batch sizes, or a burst of concurrent calls, does not grow without bound. `close()` closes every runner
-    (a busy one when its run ends) and then the net.
+    (a busy one when its run ends) and then the net. image_shape: the model's (C, H, W) (ModelConfig.image_shape,
+    Bundle.image_shape).
     """
 
-    def __init__(self, net, null_label: int, image_shape=(1, 28, 28), cuda_graph: bool = True, max_runners: int = 8):
+    def __init__(self, net, null_label: int, image_shape: tuple[int, int, int], cuda_graph: bool = True,
+                 max_runners: int = 8):
         self.net, self.null_label, self.image_shape, self.cuda_graph = net, null_label, tuple(image_shape), cuda_graph
         self.name, self.device, self.dtype = net.name, str(net.device), net.dtype
         self.supports = Supports(edits=True, states=True, max_batch=net.max_batch)

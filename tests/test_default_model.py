@@ -20,7 +20,7 @@ def test_default_model_draws_recognisable_digits():
     plan = ddim_plan(Schedule.of(loaded.cfg), 20)
     labels = labels_for(30, None, False)
     images = generate(EagerEngine(loaded.model, loaded.cfg.null_label), 30, plan, labels, 1.0, seed=0, batch=30,
-                      progress=False)
+                      progress=False, image_shape=loaded.cfg.image_shape)
     assert images.std() > 40                                   # ink on a dark background, not a flat image
     accuracy = (predict(load_classifier(), images) == labels).mean()
     assert accuracy >= 0.9, f"classifier agrees with only {accuracy:.0%} of the requested labels"

@@ -25,6 +25,7 @@ from ddpm.runtime.schedule import Schedule
 from helpers import invoke, slow_except, tiny_checkpoint, traced_peak
 
 SCHED = Schedule.make("linear", 1000)
+MNIST = (1, 28, 28)   # (C, H, W) of the models these tests run: MNIST's
 
 
 @pytest.fixture(scope="module")
@@ -184,13 +185,13 @@ def test_edit_runner_matches_the_eager_reference(setup, net):
     loaded, bundle, _ = setup
     labels = np.array([4, 9, 1])
     for name, plan, proj, y, mask in _edits(bundle):
-        x_T, z = make_noise(3, 0, 3, plan.num_slots + proj.num_slots)
+        x_T, z = make_noise(3, 0, 3, plan.num_slots + proj.num_slots, MNIST)
         zt = None if z is None else torch.from_numpy(z)
         ref = sample(guided(loaded.model, torch.from_numpy(labels), 10, 1.3), torch.from_numpy(x_T), plan,
                      lambda s: zt[:, s], edit=proj, y=torch.from_numpy(y),
                      mask=None if mask is None else torch.from_numpy(mask)).numpy()
         n = TorchNet(loaded.model, "cpu") if net == "runtime-torch" else OnnxNet(bundle.onnx_path("fp32"), "cpu")
-        out = Runner(n, 3, plan, True, 10, edit=proj).run(x_T, z, labels, 1.3, y=y, mask=mask)
+        out = Runner(n, 3, plan, True, 10, MNIST, edit=proj).run(x_T, z, labels, 1.3, y=y, mask=mask)
         assert np.abs(out - ref).max() < 1e-4, name
         if mask is not None:     # known pixels: the input's exactly, in float32
             assert np.array_equal(out[mask > 0], y[mask > 0]) and np.array_equal(ref[mask > 0], y[mask > 0])
@@ -205,15 +206,15 @@ def test_edit_loops_allocate_nothing(setup):
     torch runner with an allocation-free stand-in network: 0 bytes from torch's allocator."""
     loaded, bundle, _ = setup
     for name, plan, proj, y, mask in _edits(bundle):
-        x_T, z = make_noise(0, 0, 3, plan.num_slots + proj.num_slots)
-        r = Runner(OnnxNet(bundle.onnx_path("fp32"), "cpu"), 3, plan, True, 10, edit=proj)
+        x_T, z = make_noise(0, 0, 3, plan.num_slots + proj.num_slots, MNIST)
+        r = Runner(OnnxNet(bundle.onnx_path("fp32"), "cpu"), 3, plan, True, 10, MNIST, edit=proj)
         r.load(x_T, z, np.array([1, 2, 3]), 1.5, y, mask)
         r.loop()   # warm-up
         r.load(x_T, z, np.array([1, 2, 3]), 1.5, y, mask)
         assert traced_peak(r.loop) < 784 * 4, name
         net = TorchNet(loaded.model, "cpu")
         net.bind = lambda x_in, t_in, y_in, eps_out: (lambda: eps_out.neg_())
-        rt = Runner(net, 3, plan, True, 10, edit=proj)
+        rt = Runner(net, 3, plan, True, 10, MNIST, edit=proj)
         rt.load(x_T, z, np.array([1, 2, 3]), 1.5, y, mask)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             rt.loop()
@@ -229,8 +230,8 @@ def test_edits_in_a_cuda_graph_match_eager(setup):
     labels = np.array([4, 9, 1])
     eager = make_engine("torch", device="cuda", model=loaded.model)
     for name, plan, proj, y, mask in _edits(bundle):
-        x_T, z = make_noise(3, 0, 3, plan.num_slots + proj.num_slots)
-        r = Runner(TorchNet(loaded.model, "cuda"), 3, plan, True, 10, cuda_graph=True, edit=proj)
+        x_T, z = make_noise(3, 0, 3, plan.num_slots + proj.num_slots, MNIST)
+        r = Runner(TorchNet(loaded.model, "cuda"), 3, plan, True, 10, MNIST, cuda_graph=True, edit=proj)
         first = r.run(x_T, z, labels, 1.0, y=y, mask=mask)
         assert r.graph is not None, name
         ref = eager.run(x_T, z, labels, plan, 1.0, edit=proj, y=y, mask=mask)
@@ -250,9 +251,9 @@ def test_runner_refuses_mismatched_edits(setup):
     proj = noised_projection(plan, "mask")
     net = OnnxNet(bundle.onnx_path("fp32"), "cpu")
     with pytest.raises(ValueError, match="plan has 5 rows"):
-        Runner(net, 2, ddim_plan(bundle.schedule, 5), False, 10, edit=proj)
-    r = Runner(net, 2, plan, False, 10, edit=proj)
-    x_T, z = make_noise(0, 0, 2, plan.num_slots + proj.num_slots)
+        Runner(net, 2, ddim_plan(bundle.schedule, 5), False, 10, MNIST, edit=proj)
+    r = Runner(net, 2, plan, False, 10, MNIST, edit=proj)
+    x_T, z = make_noise(0, 0, 2, plan.num_slots + proj.num_slots, MNIST)
     with pytest.raises(ValueError, match="mask"):
         r.run(x_T, z, None, y=np.zeros((2, 1, 28, 28), np.float32))
     with pytest.raises(ValueError, match="noise z of shape"):
@@ -296,7 +297,7 @@ def test_inpainting_keeps_the_known_pixels_exactly(model, engine):
     assert np.array_equal(out[:, keep], np.broadcast_to(img[keep], (3, keep.sum())))
     assert (out[:, ~keep] != img[~keep]).mean() > 0.5               # and the rest is redrawn
     top = model.inpaint(img, "bottom", n=2, steps=4, engine=engine)
-    assert np.array_equal(top[:, half_mask("bottom")], np.broadcast_to(img[:14].ravel(), (2, 14 * 28)))
+    assert np.array_equal(top[:, half_mask("bottom", 28)], np.broadcast_to(img[:14].ravel(), (2, 14 * 28)))
 
 
 def test_strength_0_returns_the_input_and_1_ignores_it(model):
@@ -323,7 +324,7 @@ def test_upscaled_digits_downsample_to_the_input(setup, method, factor):
     plan = ddim_plan(bundle.schedule, 5, eta=1.0 if method == "ilvr" else 0.0)
     proj = noised_projection(plan, "lowpass", factor) if method == "ilvr" else x0_projection(plan, factor)
     job = EditJob(proj, y=upsample(small, factor))
-    x_T, z = make_noise(0, 0, 2, plan.num_slots + job.num_slots)
+    x_T, z = make_noise(0, 0, 2, plan.num_slots + job.num_slots, MNIST)
     out = make_engine("onnx", device="cpu", bundle=bundle).run(x_T, z, np.array([2, 5]), plan, 0.3, edit=proj,
                                                            y=job.y, mask=None)
     assert np.abs(downsample(out[:, 0], factor) - small[:, 0]).max() < 1e-5

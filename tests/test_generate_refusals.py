@@ -11,6 +11,8 @@ from ddpm.errors import OptionError
 from ddpm.runtime.engine import Supports
 from ddpm.runtime.generate import generate
 
+MNIST = (1, 28, 28)   # (C, H, W) of the models these tests run: MNIST's
+
 
 class WholeLoop:
     """An engine that runs whole plans in one call (as onnx-generator): no edits, no states, one plan."""
@@ -32,17 +34,18 @@ def plan():
 def test_an_edit_is_refused_naming_engine(plan):
     job = SimpleNamespace(projection=object(), num_slots=0)   # an edit's job: only its projection is looked at
     with pytest.raises(OptionError, match="cannot project onto a known image.*row by row") as e:
-        generate(WholeLoop(), 2, plan, np.array([1, 2]), 1.0, progress=False, job=job)
+        generate(WholeLoop(), 2, plan, np.array([1, 2]), 1.0, progress=False, job=job, image_shape=MNIST)
     assert e.value.option == "engine"
 
 
 def test_a_watch_is_refused_naming_trajectory(plan):
     with pytest.raises(OptionError, match="cannot show every step") as e:
-        generate(WholeLoop(), 2, plan, np.array([1, 2]), 1.0, progress=False, watch=lambda i, t, x, x0: None)
+        generate(WholeLoop(), 2, plan, np.array([1, 2]), 1.0, progress=False, watch=lambda i, t, x, x0: None,
+                 image_shape=MNIST)
     assert e.value.option == "trajectory"
 
 
 def test_another_plan_is_refused_naming_engine(plan):
     with pytest.raises(OptionError, match="runs one plan, not ddim") as e:
-        generate(WholeLoop(plan_key="another plan"), 2, plan, np.array([1, 2]), 1.0, progress=False)
+        generate(WholeLoop(plan_key="another plan"), 2, plan, np.array([1, 2]), 1.0, progress=False, image_shape=MNIST)
     assert e.value.option == "engine"

@@ -20,6 +20,8 @@ from ddpm.runtime.runner import RuntimeEngine
 from ddpm.runtime.samplers import Plan, ddim_plan, ddpm_plan
 from helpers import invoke, tiny_checkpoint
 
+MNIST = (1, 28, 28)   # (C, H, W) of the models these tests run: MNIST's
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -56,10 +58,10 @@ def test_generator_matches_the_runtime(setup, tmp_path, form, which):
     bundle = Bundle.load(exp)
     plan = ddim_plan(bundle.schedule, 5) if which == "ddim" else multistep_plan(bundle.schedule)
     assert which == "ddim" or plan.history == 2
-    model = build(onnx.load(str(exp / "model.onnx")), plan, bundle.null_label, form=form)
+    model = build(onnx.load(str(exp / "model.onnx")), plan, bundle.null_label, bundle.image_shape, form=form)
     onnx.save(model, str(tmp_path / "g.onnx"))
     gen = GeneratorEngine(tmp_path / "g.onnx", {"plan": plan.name, "plan_key": _key(plan)}, bundle.null_label)
-    x_T, _ = make_noise(5, 0, 7, 0)
+    x_T, _ = make_noise(5, 0, 7, 0, MNIST)
     for labels, w in ((np.arange(7) % 10, 2.0), (np.arange(7) % 10, 0.0), (None, 0.0)):
         ref = _runtime_images(bundle, plan, x_T, labels, w)
         got = gen.run(x_T, None, labels, plan, w)
@@ -97,13 +99,13 @@ def test_add_generator_records_and_engine_gives_the_onnx_digits(setup, tmp_path)
     # the engine through generate(): batches of 4 over 10 samples, same seed -> the onnx engine's digits
     labels = labels_for(10, None, False)
     eng = make_engine("onnx-generator", device="cpu", null_label=10, bundle=bundle, plan=plan)
-    got = generate(eng, 10, plan, labels, 1.5, seed=3, batch=4, progress=False)
+    got = generate(eng, 10, plan, labels, 1.5, seed=3, batch=4, progress=False, image_shape=MNIST)
     onnx = make_engine("onnx", device="cpu", null_label=10, bundle=bundle)
     ref = generate(onnx, 10, plan, labels, 1.5, seed=3, batch=4,
-                   progress=False)
+                   progress=False, image_shape=MNIST)
     assert np.abs(got.astype(int) - ref).max() <= 1
     with pytest.raises(ValueError, match="re-export"):
-        eng.run(*make_noise(0, 0, 2, 0), None, ddim_plan(bundle.schedule, 5), 0.0)
+        eng.run(*make_noise(0, 0, 2, 0, MNIST), None, ddim_plan(bundle.schedule, 5), 0.0)
     # its lifetime: close drops the session, closing again is harmless, a closed engine refuses work in one line
     assert eng.supports.plan_key == _key(plan) and not eng.supports.states
     with eng:
@@ -111,7 +113,7 @@ def test_add_generator_records_and_engine_gives_the_onnx_digits(setup, tmp_path)
     assert eng.closed and eng.sess is None
     eng.close()
     with pytest.raises(EngineClosed, match="^the onnx-generator engine is closed; make a new one"):
-        eng.run(*make_noise(0, 0, 2, 0), None, plan, 0.0)
+        eng.run(*make_noise(0, 0, 2, 0, MNIST), None, plan, 0.0)
     with pytest.raises(EngineUnavailable, match="fp32"):
         make_engine("onnx-generator", device="cpu", null_label=10, bundle=bundle, fp16=True)
     # a damaged file is refused
@@ -129,7 +131,8 @@ def test_verification_fails_for_a_wrong_generator(setup, tmp_path):
     folder = tmp_path / "exp"
     shutil.copytree(exp, folder)
     bundle = Bundle.load(folder)
-    wrong = build(onnx.load(str(exp / "model.onnx")), ddim_plan(bundle.schedule, 3), bundle.null_label)
+    wrong = build(onnx.load(str(exp / "model.onnx")), ddim_plan(bundle.schedule, 3), bundle.null_label,
+                  bundle.image_shape)
     onnx.save(wrong, str(tmp_path / "wrong.onnx"))
     with pytest.raises(GeneratorFailed, match="grey level"):
         verify(tmp_path / "wrong.onnx", bundle, ddim_plan(bundle.schedule, 4), 1.0)

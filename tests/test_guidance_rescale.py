@@ -17,6 +17,8 @@ from ddpm.runtime.edits import repaint_plan
 from ddpm.runtime.runner import plan_key
 from helpers import invoke, tiny_checkpoint
 
+MNIST = (1, 28, 28)   # (C, H, W) of the models these tests run: MNIST's
+
 ENGINES = ("runtime-torch", "onnx", "onnx-generator")   # against "torch", the reference
 
 
@@ -134,8 +136,8 @@ def test_numpy_runner_rescales_without_allocating(tmp_path):
     export(loaded, tmp_path / "exp", log=lambda *_: None)
     bundle = Bundle.load(tmp_path / "exp")
     plan = unipc_plan(bundle.schedule, 4).with_guidance_rescale(0.7)
-    r = Runner(OnnxNet(bundle.onnx_path("fp32"), "cpu"), 3, plan, True, 10)
-    x_T, _ = make_noise(0, 0, 3, 0)
+    r = Runner(OnnxNet(bundle.onnx_path("fp32"), "cpu"), 3, plan, True, 10, MNIST)
+    x_T, _ = make_noise(0, 0, 3, 0, MNIST)
     labels = np.array([1, 2, 3])
     r.load(x_T, None, labels, 2.0)
     r.loop()   # warm-up (onnxruntime's arena)

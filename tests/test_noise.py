@@ -5,6 +5,8 @@ import pytest
 
 from ddpm.runtime.noise import make_noise, normals, philox4x32, slots
 
+MNIST = (1, 28, 28)   # (C, H, W) of the models these tests run: MNIST's
+
 # Random123's known-answer vectors for Philox4x32-10 (its tests/kat_vectors): counter, key, output
 PHILOX_KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
@@ -42,13 +44,13 @@ def test_pinned_values():
 
 
 def test_slots_and_batches():
-    x_T, z = make_noise(5, 10, 3, 4)
+    x_T, z = make_noise(5, 10, 3, 4, MNIST)
     assert x_T.shape == (3, 1, 28, 28) and z.shape == (3, 4, 1, 28, 28) and x_T.dtype == np.float32
-    one = slots(5, 11, 0, 5)
+    one = slots(5, 11, 0, 5, MNIST)
     assert np.array_equal(one[0], x_T[1]) and np.array_equal(one[1:], z[1])
-    assert np.array_equal(slots(5, 11, 3, 2), one[3:5])        # any slot can be drawn directly
-    assert make_noise(5, 10, 3, 0)[1] is None
-    assert not np.array_equal(make_noise(6, 10, 1, 0)[0], x_T[:1])   # another seed, other noise
+    assert np.array_equal(slots(5, 11, 3, 2, MNIST), one[3:5])        # any slot can be drawn directly
+    assert make_noise(5, 10, 3, 0, MNIST)[1] is None
+    assert not np.array_equal(make_noise(6, 10, 1, 0, MNIST)[0], x_T[:1])   # another seed, other noise
 
 
 @pytest.mark.parametrize("bad", [-1, 2**64, 1.5, "3", True])

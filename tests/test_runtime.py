@@ -26,6 +26,7 @@ from helpers import invoke, slow_except, tiny_checkpoint, traced_peak
 CPU = "cpu"
 HAS_GPU = torch.cuda.is_available()
 REPO = Path(__file__).resolve().parents[1]
+MNIST = (1, 28, 28)   # (C, H, W) of the models these tests run: MNIST's
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_engines_give_the_same_digits(setup, plan_name, guidance, uncond):
     plan = PLANS[plan_name](setup[1].schedule)
     labels = labels_for(6, None, uncond)
     run = lambda name, fp16=False: generate(_engine(name, setup, fp16), 6, plan, labels, guidance, seed=7, batch=4,
-                                            progress=False).astype(int)
+                                            progress=False, image_shape=MNIST).astype(int)
     ref = run("torch")
     assert ref.std() > 5   # not a blank image: the comparison means something
     for name in ("runtime-torch", "onnx"):
@@ -81,9 +82,9 @@ def test_onnx_loop_allocates_nothing(setup, fp16):
     bundle = setup[1]
     plan = ddim_plan(bundle.schedule, 5, eta=0.5)     # stochastic and guided: every buffer in use
     # chunk=4: the guided batch of 6 runs as two slices, each bound once to views of the buffers
-    r = Runner(OnnxNet(bundle.onnx_path("fp16" if fp16 else "fp32"), CPU, chunk=4), 3, plan, True, 10)
+    r = Runner(OnnxNet(bundle.onnx_path("fp16" if fp16 else "fp32"), CPU, chunk=4), 3, plan, True, 10, MNIST)
     assert len(r.call.bindings) == 2
-    x_T, z = make_noise(0, 0, 3, plan.num_slots)
+    x_T, z = make_noise(0, 0, 3, plan.num_slots, MNIST)
     bufs = lambda: [b.ctypes.data for b in (r.x, r.x_in, r.eps, r.t_in, r.y_in, r.z, *r.x0)]
     ptrs = bufs()
     labels = np.array([1, 2, 3])
@@ -103,11 +104,11 @@ def test_torch_runner_loop_allocates_only_in_the_network(setup):
     plan = ddim_plan(setup[1].schedule, 5, eta=0.5)
     net = TorchNet(loaded.model, CPU)
     net.bind = lambda x_in, t_in, y_in, eps_out: (lambda: eps_out.neg_())   # an allocation-free "network"
-    r = Runner(net, 3, plan, True, 10)
-    x_T, z = make_noise(0, 0, 3, plan.num_slots)
+    r = Runner(net, 3, plan, True, 10, MNIST)
+    x_T, z = make_noise(0, 0, 3, plan.num_slots, MNIST)
     r.load(x_T, z, np.array([1, 2, 3]), 1.5)
     assert _allocated_bytes(r.loop) == 0
-    r2 = Runner(TorchNet(loaded.model, CPU), 3, plan, True, 10)   # the real model allocates its activations
+    r2 = Runner(TorchNet(loaded.model, CPU), 3, plan, True, 10, MNIST)   # the real model allocates its activations
     r2.load(x_T, z, np.array([1, 2, 3]), 1.5)
     assert _allocated_bytes(r2.loop) > 0
 
@@ -138,12 +139,12 @@ def test_runner_matches_reference_step_for_step(setup, net, plan_name):
     loaded, bundle = setup
     plan = (ddim_plan(bundle.schedule, 4, eta=0.7) if plan_name == "ddim-eta0.7"
             else unipc_plan(bundle.schedule, 5).with_guidance_interval(0.5, 5.0))
-    x_T, z = make_noise(3, 0, 2, plan.num_slots)
+    x_T, z = make_noise(3, 0, 2, plan.num_slots, MNIST)
     y = np.array([4, 9])
     noise = None if z is None else (lambda s: torch.from_numpy(z)[:, s])
     ref = sample(guided(loaded.model, torch.from_numpy(y), 10, 1.3), torch.from_numpy(x_T), plan, noise).numpy()
     n = TorchNet(loaded.model, CPU) if net == "runtime-torch" else OnnxNet(bundle.onnx_path("fp32"), CPU)
-    out = Runner(n, 2, plan, True, 10).run(x_T, z, y, 1.3)
+    out = Runner(n, 2, plan, True, 10, MNIST).run(x_T, z, y, 1.3)
     assert np.allclose(out, ref, atol=1e-4)
 
 
@@ -152,8 +153,8 @@ def test_run_returns_a_copy(setup, name):
     """run() hands back an array that the next run cannot overwrite (on the CPU too)."""
     eng = _engine(name, setup)
     plan = ddim_plan(setup[1].schedule, 3)
-    a_T, _ = make_noise(0, 0, 2, 0)
-    b_T, _ = make_noise(1, 0, 2, 0)
+    a_T, _ = make_noise(0, 0, 2, 0, MNIST)
+    b_T, _ = make_noise(1, 0, 2, 0, MNIST)
     a = eng.run(a_T, None, np.array([1, 2]), plan, 0.0)
     keep = a.copy()
     b = eng.run(b_T, None, np.array([1, 2]), plan, 0.0)
@@ -206,10 +207,10 @@ def test_cuda_graph_parity_and_no_allocation(setup, plan_name):
     dev = "cuda"
     plan = (ddim_plan(bundle.schedule, 10, eta=0.5) if plan_name == "ddim-eta0.5"
             else unipc_plan(bundle.schedule, 8).with_guidance_interval(0.5, 5.0))
-    x_T, z = make_noise(0, 0, 4, plan.num_slots)
+    x_T, z = make_noise(0, 0, 4, plan.num_slots, MNIST)
     y = np.array([0, 1, 2, 3])
     eager = make_engine("torch", device=dev, model=loaded.model).run(x_T, z, y, plan, 1.0)
-    r = Runner(TorchNet(loaded.model, dev), 4, plan, True, 10, cuda_graph=True)
+    r = Runner(TorchNet(loaded.model, dev), 4, plan, True, 10, MNIST, cuda_graph=True)
     first = r.run(x_T, z, y, 1.0)     # captures
     assert r.graph is not None
     torch.cuda.synchronize()
@@ -262,7 +263,7 @@ def test_any_sequence_of_calls_gives_the_eager_digits(setup, name, fp16, device)
     reference = {}
     for k, (batch, plan, w, cond, seed) in enumerate(_random_calls(32, seed=11)):
         p = plans[plan]
-        x_T, z = make_noise(seed, 0, batch, p.num_slots)
+        x_T, z = make_noise(seed, 0, batch, p.num_slots, MNIST)
         labels = (np.arange(batch) + seed) % 10 if cond else None
         key = (batch, plan, w, cond, seed)
         if key not in reference:
@@ -301,7 +302,7 @@ def test_failed_cuda_graph_capture_warns_once_and_runs_step_by_step(setup, name,
     monkeypatch.setattr(torch.cuda, "graph", refused_capture)
     eng, ref_eng = _engine(name, setup), _engine("torch", setup)
     plan = ddim_plan(setup[1].schedule, 4, eta=0.5)
-    x_T, z = make_noise(5, 0, 3, plan.num_slots)
+    x_T, z = make_noise(5, 0, 3, plan.num_slots, MNIST)
     labels = np.array([1, 2, 3])
     r = eng.runner(3, plan, True)
     r.use_graph = True                      # as on a GPU
@@ -332,7 +333,7 @@ def test_one_callback_sees_every_row_and_the_states_on_request(setup):
     """callback(i, t, x, x0_hat): progress only (None, None) by default; with states, host copies that agree
     across engines, the last x being the output."""
     plan = ddim_plan(setup[1].schedule, 4, eta=0.5)
-    x_T, z = make_noise(2, 0, 2, plan.num_slots)
+    x_T, z = make_noise(2, 0, 2, plan.num_slots, MNIST)
     y = np.array([3, 8])
     rows = [(i, int(t)) for i, t in enumerate(plan.timesteps)]
     first = None
@@ -359,14 +360,15 @@ def test_generate_refuses_what_an_engine_does_not_support_before_any_work(setup)
     eng = _engine("onnx", setup)
     eng.supports = dataclasses.replace(eng.supports, max_batch=4)
     with pytest.raises(EngineUnavailable, match=r"network batches up to 4, batch 3 needs 6 \(guidance doubles it\)"):
-        generate(eng, 3, plan, labels, 1.0, batch=3, progress=False)
-    assert generate(eng, 3, plan, labels, 0.0, batch=3, progress=False).shape == (3, 28, 28)   # unguided: 3
+        generate(eng, 3, plan, labels, 1.0, batch=3, progress=False, image_shape=MNIST)
+    unguided = generate(eng, 3, plan, labels, 0.0, batch=3, progress=False, image_shape=MNIST)
+    assert unguided.shape == (3, 28, 28)   # unguided: 3
     eng.supports = dataclasses.replace(eng.supports, max_batch=None, plan_key="another plan", states=False)
     with pytest.raises(ValueError, match="runs one plan, not ddim"):
-        generate(eng, 3, plan, labels, 1.0, progress=False)
+        generate(eng, 3, plan, labels, 1.0, progress=False, image_shape=MNIST)
     eng.supports = dataclasses.replace(eng.supports, plan_key=None)
     with pytest.raises(ValueError, match="cannot show every step"):
-        generate(eng, 3, plan, labels, 1.0, progress=False, watch=lambda i, t, x, x0: None)
+        generate(eng, 3, plan, labels, 1.0, progress=False, watch=lambda i, t, x, x0: None, image_shape=MNIST)
 
 
 # ------------------------------------------------------------------------------------------------------ lifetime
@@ -374,7 +376,7 @@ def test_generate_refuses_what_an_engine_does_not_support_before_any_work(setup)
 def test_close_frees_runners_buffers_and_the_network(setup, name):
     eng = _engine(name, setup)
     plan = ddim_plan(setup[1].schedule, 3, eta=0.5)
-    x_T, z = make_noise(0, 0, 2, plan.num_slots)
+    x_T, z = make_noise(0, 0, 2, plan.num_slots, MNIST)
     eng.run(x_T, z, np.array([1, 2]), plan, 1.5)
     r = eng.runner(2, plan, True)
     buffers = [weakref.ref(b) for b in (r.x, r.x_in, r.eps, r.t_in, r.y_in, r.z, *r.x0)]
@@ -391,7 +393,7 @@ def test_close_frees_runners_buffers_and_the_network(setup, name):
 @pytest.mark.parametrize("name", ["torch", "runtime-torch", "onnx"])
 def test_a_closed_engine_refuses_work_in_one_line(setup, name):
     plan = ddim_plan(setup[1].schedule, 2)
-    x_T, _ = make_noise(0, 0, 2, 0)
+    x_T, _ = make_noise(0, 0, 2, 0, MNIST)
     with pytest.raises(RuntimeError, match="inside the block"):
         with _engine(name, setup) as eng:
             raise RuntimeError("inside the block")
@@ -401,7 +403,7 @@ def test_a_closed_engine_refuses_work_in_one_line(setup, name):
         eng.run(x_T, None, np.array([1, 2]), plan, 0.0)
     assert "\n" not in str(e.value)
     with pytest.raises(EngineClosed):
-        generate(eng, 2, plan, labels_for(2, None, False), 0.0, progress=False)
+        generate(eng, 2, plan, labels_for(2, None, False), 0.0, progress=False, image_shape=MNIST)
 
 
 def test_runners_leaving_the_pool_are_closed(setup):
@@ -419,7 +421,7 @@ def test_runners_leaving_the_pool_are_closed(setup):
 def test_closing_during_a_run_lets_it_finish_then_frees_it(setup):
     eng, ref = _engine("onnx", setup), _engine("onnx", setup)
     plan = ddim_plan(setup[1].schedule, 3, eta=0.5)
-    x_T, z = make_noise(4, 0, 2, plan.num_slots)
+    x_T, z = make_noise(4, 0, 2, plan.num_slots, MNIST)
     labels = np.array([5, 6])
     close_at_first_row = lambda i, t, x, x0: eng.close() if i == 0 else None
     out = eng.run(x_T, z, labels, plan, 1.5, callback=close_at_first_row)
@@ -458,7 +460,7 @@ def test_close_resets_the_cuda_graph(setup, monkeypatch):
     plan = ddim_plan(setup[1].schedule, 2)
     r = eng.runner(2, plan, False)
     r.use_graph = True                                   # as on a GPU
-    eng.run(*make_noise(0, 0, 2, 0), np.array([1, 2]), plan, 0.0)
+    eng.run(*make_noise(0, 0, 2, 0, MNIST), np.array([1, 2]), plan, 0.0)
     graph = r.graph
     assert isinstance(graph, Graph) and graph.replays == 1
     eng.close()

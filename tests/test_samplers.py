@@ -12,6 +12,7 @@ from ddpm.runtime.samplers import Plan, ddim_plan, ddim_timesteps, ddpm_plan, de
 from ddpm.runtime.schedule import Schedule
 
 SCHED = Schedule.make("linear", 1000)
+MNIST = (1, 28, 28)   # (C, H, W) of the models these tests run: MNIST's
 MU, S = 0.3, 0.5   # data distribution N(MU, S^2) per pixel
 
 
@@ -150,18 +151,20 @@ def test_guidance():
 def test_same_seed_same_digits_across_batch_splits():
     """The noise stream is bit-identical however the samples are split; the images then agree up to the rounding of
     batch-size-dependent convolution sums (at most 1 grey level on a handful of pixels)."""
-    full = make_noise(3, 0, 7, 4)
-    parts = [make_noise(3, lo, n, 4) for lo, n in ((0, 3), (3, 3), (6, 1))]
+    full = make_noise(3, 0, 7, 4, MNIST)
+    parts = [make_noise(3, lo, n, 4, MNIST) for lo, n in ((0, 3), (3, 3), (6, 1))]
     assert np.array_equal(full[0], np.concatenate([p[0] for p in parts]))
     assert np.array_equal(full[1], np.concatenate([p[1] for p in parts]))
     eng = EagerEngine(_model(), 10)
     plan = ddim_plan(Schedule.make("linear", 100), 4, eta=0.5)    # stochastic: per-step noise matters too
     labels = labels_for(7, None, False)
-    a = generate(eng, 7, plan, labels, 1.0, seed=3, batch=7, progress=False).astype(int)
-    b = generate(eng, 7, plan, labels, 1.0, seed=3, batch=3, progress=False).astype(int)
-    c = np.concatenate([generate(eng, 4, plan, labels[:4], 1.0, seed=3, batch=2, progress=False),
-                        generate(eng, 3, plan, labels[4:], 1.0, seed=3, batch=2, start=4, progress=False)]).astype(int)
+    a = generate(eng, 7, plan, labels, 1.0, seed=3, batch=7, progress=False, image_shape=MNIST).astype(int)
+    b = generate(eng, 7, plan, labels, 1.0, seed=3, batch=3, progress=False, image_shape=MNIST).astype(int)
+    c = np.concatenate([generate(eng, 4, plan, labels[:4], 1.0, seed=3, batch=2, progress=False, image_shape=MNIST),
+                        generate(eng, 3, plan, labels[4:], 1.0, seed=3, batch=2, start=4, progress=False,
+                                 image_shape=MNIST)]).astype(int)
     for other in (b, c):
         diff = np.abs(a - other)
         assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3
-    assert np.abs(a - generate(eng, 7, plan, labels, 1.0, seed=4, batch=7, progress=False)).mean() > 20
+    other_seed = generate(eng, 7, plan, labels, 1.0, seed=4, batch=7, progress=False, image_shape=MNIST)
+    assert np.abs(a - other_seed).mean() > 20

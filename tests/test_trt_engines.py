@@ -26,6 +26,7 @@ from ddpm.runtime.trt import choose_engine, engine_files, trt_engine_io
 from helpers import tiny_checkpoint
 
 GPU = "Fake GPU"
+MNIST = (1, 28, 28)   # (C, H, W) of the models these tests run: MNIST's
 
 
 def fake_tensorrt(version="10.13.0.35"):
@@ -367,7 +368,7 @@ def test_closing_a_trt_engine_drops_its_contexts_then_the_engine_and_runtime():
     net = _fake_trt_net(engine)
     held = weakref.ref(engine), weakref.ref(net.runtime)
     del engine
-    eng = RuntimeEngine(net, 10)
+    eng = RuntimeEngine(net, 10, MNIST)
     assert eng.supports.max_batch == 8 and eng.name == "trt"
     plan = ddim_plan(Schedule.make("linear", 10), 2)
     runners = [eng.runner(2, plan, True), eng.runner(3, plan, False)]   # a context each, bound to its buffers

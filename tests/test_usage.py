@@ -19,6 +19,7 @@ from ddpm.samples import read_samples, save_samples
 from helpers import TINY, invoke, tiny_checkpoint
 
 BIG_SEED = 2 ** 70
+MNIST = (1, 28, 28)   # (C, H, W) of the models these tests run: MNIST's
 
 
 @pytest.fixture(scope="module")
@@ -114,13 +115,13 @@ def test_grid_of_too_many_digits_is_refused_before_work(ckpt, tmp_path, monkeypa
 
 def test_batch_that_cannot_fit_fails_before_allocating(ckpt, tmp_path, monkeypatch):
     plan = ddpm_plan(Schedule.make("linear", 1000))
-    host, eng = gen_mod.batch_bytes(plan, 4096, guided=True)
+    host, eng = gen_mod.batch_bytes(plan, 4096, MNIST, guided=True)
     # DDPM-1000 at batch 4096: the noise table alone is 4096 x 999 x 784 float32 (12.2 GiB), twice (host + runner)
     assert host == 4096 * 1000 * 784 * 4 and eng > 4096 * 999 * 784 * 4
     monkeypatch.setattr(gen_mod, "available_memory", lambda device="cpu", cuda=None: 8 * 2 ** 30)
     with pytest.raises(OutOfMemory, match=r"batch 4096 of ddpm-small .* needs 24\.\d GiB of host memory, more than "
                                           r"the 8\.0 GiB available; lower --batch \(at most \d+ fit\)"):
-        gen_mod.check_batch_fits(plan, 4096)
+        gen_mod.check_batch_fits(plan, 4096, MNIST)
 
     class NoAlloc:
         name, device, supports = "never", "cpu", Supports(edits=False, states=False)
@@ -130,7 +131,8 @@ def test_batch_that_cannot_fit_fails_before_allocating(ckpt, tmp_path, monkeypat
 
     monkeypatch.setattr(gen_mod, "make_noise", lambda *a, **k: pytest.fail("noise allocated"))
     with pytest.raises(OutOfMemory):
-        next(iter_generate(NoAlloc(), 4096, plan, np.zeros(4096, np.int64), 1.0, batch=4096, progress=False))
+        next(iter_generate(NoAlloc(), 4096, plan, np.zeros(4096, np.int64), 1.0, batch=4096, progress=False,
+                           image_shape=MNIST))
     monkeypatch.setattr(gen_mod, "available_memory", lambda device="cpu", cuda=None: 2 ** 20)   # 1 MiB left
     r = invoke("gen", "--ckpt", ckpt, "-n", 64, "--sampler", "ddpm", "--batch", 64, "--out", tmp_path / "x.npz")
     assert r.exit_code == 1 and "lower --batch" in r.output and "Traceback" not in r.output
@@ -155,7 +157,7 @@ def test_npz_output_streams_instead_of_holding_everything(tmp_path):
     plan = ddim_plan(Schedule.make("linear", 10), 1)
     by_range = lambda lo, hi: np.arange(lo, hi) % 10        # labels too are made per batch
     stream = lambda k, path: save_samples(path, by_range, iter_generate(ZeroEngine(), k, plan, by_range, batch=batch,
-                                                                        progress=False), n=k)
+                                                                        progress=False, image_shape=MNIST), n=k)
     stream(3, tmp_path / "warm.npz")                         # imports and first-use allocations
     tracemalloc.start()
     stream(n, tmp_path / "s.npz")
@@ -165,7 +167,7 @@ def test_npz_output_streams_instead_of_holding_everything(tmp_path):
     images, labels = read_samples(tmp_path / "s.npz")
     assert images.shape == (n, 28, 28) and np.array_equal(labels, np.arange(n) % 10)
     for k in (0, 39, 40, n - 1):       # sample k is the engine's output for its own noise, wherever its batch
-        assert np.array_equal(images[k], to_uint8(np.tanh(slots(0, k, 0, 1)))[0])
+        assert np.array_equal(images[k], to_uint8(np.tanh(slots(0, k, 0, 1, MNIST)))[0])
 
 
 def test_nan_samples_are_never_saved(ckpt, tmp_path, monkeypatch):

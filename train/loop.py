@@ -225,7 +225,7 @@ def write_samples(ema: UNet, cfg: ModelConfig, path: Path, seed: int = 0, n: int
 
     dev = next(ema.parameters()).device
     plan = ddim_plan(Schedule.of(cfg), min(steps, cfg.timesteps))
-    x_T, _ = make_noise(seed, 0, n, plan.num_slots)
+    x_T, _ = make_noise(seed, 0, n, plan.num_slots, cfg.image_shape)
     labels = torch.arange(n, device=dev) % cfg.num_classes
     x = sample(guided(ema, labels, cfg.null_label, 1.0), torch.from_numpy(x_T).to(dev), plan)
     save_grid(to_uint8(x), path, nrow=10, text=None if step is None else {"ddpm-step": str(step)})
