@@ -12,6 +12,7 @@ from ddpm.model import PRESETS, UNet
 from ddpm.model.io import load_model, save_model
 
 TINY = dataclasses.replace(PRESETS["tiny"], timesteps=100)
+MNIST = TINY.image_shape   # (C, H, W) = (1, 28, 28): the tiny models', the shipped model's, MNIST's
 
 
 def randomised_unet(cfg=TINY, seed=0, scale=0.05) -> UNet:

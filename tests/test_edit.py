@@ -22,10 +22,9 @@ from ddpm.runtime.noise import make_noise
 from ddpm.runtime.runner import Runner
 from ddpm.runtime.samplers import ddim_plan, ddpm_plan, make_plan, timesteps
 from ddpm.runtime.schedule import Schedule
-from helpers import invoke, slow_except, tiny_checkpoint, traced_peak
+from helpers import MNIST, invoke, slow_except, tiny_checkpoint, traced_peak
 
 SCHED = Schedule.make("linear", 1000)
-MNIST = (1, 28, 28)   # (C, H, W) of the models these tests run: MNIST's
 
 
 @pytest.fixture(scope="module")

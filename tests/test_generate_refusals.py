@@ -10,8 +10,7 @@ import ddpm
 from ddpm.errors import OptionError
 from ddpm.runtime.engine import Supports
 from ddpm.runtime.generate import generate
-
-MNIST = (1, 28, 28)   # (C, H, W) of the models these tests run: MNIST's
+from helpers import MNIST
 
 
 class WholeLoop:

@@ -18,9 +18,7 @@ from ddpm.runtime.nets import EngineUnavailable, OnnxNet
 from ddpm.runtime.noise import make_noise
 from ddpm.runtime.runner import RuntimeEngine
 from ddpm.runtime.samplers import Plan, ddim_plan, ddpm_plan
-from helpers import invoke, tiny_checkpoint
-
-MNIST = (1, 28, 28)   # (C, H, W) of the models these tests run: MNIST's
+from helpers import MNIST, invoke, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,7 @@ from ddpm.options import GUIDANCE_INTERVAL
 from ddpm.runtime.eager import guided
 from ddpm.runtime.edits import repaint_plan
 from ddpm.runtime.runner import plan_key
-from helpers import invoke, tiny_checkpoint
-
-MNIST = (1, 28, 28)   # (C, H, W) of the models these tests run: MNIST's
+from helpers import MNIST, invoke, tiny_checkpoint
 
 ENGINES = ("runtime-torch", "onnx", "onnx-generator")   # against "torch", the reference
 

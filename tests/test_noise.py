@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from ddpm.runtime.noise import make_noise, normals, philox4x32, slots
-
-MNIST = (1, 28, 28)   # (C, H, W) of the models these tests run: MNIST's
+from helpers import MNIST
 
 # Random123's known-answer vectors for Philox4x32-10 (its tests/kat_vectors): counter, key, output
 PHILOX_KAT = [

@@ -21,12 +21,11 @@ from ddpm.runtime.nets import EngineUnavailable, OnnxNet, TorchNet
 from ddpm.runtime.noise import make_noise
 from ddpm.runtime.runner import Runner
 from ddpm.runtime.samplers import ddim_plan, ddpm_plan, dpmpp_2m_plan, unipc_plan
-from helpers import invoke, slow_except, tiny_checkpoint, traced_peak
+from helpers import MNIST, invoke, slow_except, tiny_checkpoint, traced_peak
 
 CPU = "cpu"
 HAS_GPU = torch.cuda.is_available()
 REPO = Path(__file__).resolve().parents[1]
-MNIST = (1, 28, 28)   # (C, H, W) of the models these tests run: MNIST's
 
 
 @pytest.fixture(scope="module")

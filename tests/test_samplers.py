@@ -10,9 +10,9 @@ from ddpm.runtime.generate import generate, labels_for
 from ddpm.runtime.noise import make_noise
 from ddpm.runtime.samplers import Plan, ddim_plan, ddim_timesteps, ddpm_plan, default_steps, make_plan
 from ddpm.runtime.schedule import Schedule
+from helpers import MNIST
 
 SCHED = Schedule.make("linear", 1000)
-MNIST = (1, 28, 28)   # (C, H, W) of the models these tests run: MNIST's
 MU, S = 0.3, 0.5   # data distribution N(MU, S^2) per pixel
 
 

@@ -23,10 +23,9 @@ from ddpm.runtime import trt as trt_runtime
 from ddpm.runtime.bundle import Bundle
 from ddpm.runtime.nets import EngineUnavailable, check_io
 from ddpm.runtime.trt import choose_engine, engine_files, trt_engine_io
-from helpers import tiny_checkpoint
+from helpers import MNIST, tiny_checkpoint
 
 GPU = "Fake GPU"
-MNIST = (1, 28, 28)   # (C, H, W) of the models these tests run: MNIST's
 
 
 def fake_tensorrt(version="10.13.0.35"):

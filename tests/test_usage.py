@@ -16,10 +16,9 @@ from ddpm.runtime.generate import OutOfMemory, iter_generate
 from ddpm.runtime.samplers import ddim_plan, ddpm_plan
 from ddpm.runtime.schedule import Schedule
 from ddpm.samples import read_samples, save_samples
-from helpers import TINY, invoke, tiny_checkpoint
+from helpers import MNIST, TINY, invoke, tiny_checkpoint
 
 BIG_SEED = 2 ** 70
-MNIST = (1, 28, 28)   # (C, H, W) of the models these tests run: MNIST's
 
 
 @pytest.fixture(scope="module")
