@@ -37,7 +37,7 @@ from .runtime.schedule import Schedule
 from .schema import Str
 
 default_export_dir = export_cache.shipped_dir   # the verified ONNX export shipped with the default model
-cache_dir = locations.cache_dir                 # the package's cache folder, $XDG_CACHE_HOME/ddpm (exports/ ...)
+cache_dir = locations.cache_dir                 # the package's cache folder, $XDG_CACHE_HOME/ddpm; exports/ in it
 
 
 @dataclass
