@@ -102,7 +102,7 @@ def engine(model, opts: Sampling, plan, guided: bool, dist=None, log=None):
     if not isinstance(opts.engine, str):
         return opts.engine
     return model.engine(opts.engine, opts.device, opts.fp16, opts.cuda_graph, opts.threads,
-                        max_batch=network_batch(opts.batch, guided), dist=dist, log=log, plan=plan)
+                        max_batch=network_batch(opts.batch, guided), dist=dist, log=log, plan=plan, int8=opts.int8)
 
 
 def stream(eng, opts: Sampling, job: Job, lo: int = 0, hi: int | None = None, progress: bool = False,
