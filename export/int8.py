@@ -8,7 +8,8 @@ CPUs without VNNI do not saturate). The steps:
     1. states the sampler visits: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4) for real
        training digits x0, eps ~ N(0, I), at the t of every row of the default plan (options.DEFAULT_SAMPLER), each
        with its digit's label and with the null label (guided rows run both)
-    2. calibration: the activation ranges of every Conv's input and output over CALIBRATION_DIGITS digits' states
+    2. calibration: the activation ranges of every Conv's input and output over CALIBRATION_DIGITS digits' states;
+       the first and the last Conv (the image's: 1 channel in, 1 out) stay fp32 (IMAGE_CONVS_FP32)
     3. sensitivity: on the states of HELD_OUT_DIGITS other digits, the eps error of the model with every Conv
        quantized; when it is above MAX_EPS_ERROR, the eps error with one Conv alone quantized, for every Conv, and
        the Convs kept in fp32 in that order, most sensitive first, until the whole model's eps error is at most
@@ -47,6 +48,12 @@ MAX_EPS_ERROR = 0.03
 # held-out and the unseen states (32 digits each) were 2.09% and 2.08%, the tiny test model's 2.97% and 2.94%
 # (docs/int8.md), so an error 1 point above the bound is not sampling noise but a model that does not generalise.
 TOLERANCE_MARGIN = 0.01
+# The Convs that read the image and write eps stay fp32: the sensitivity pass measured them as the shipped model's
+# two most sensitive (eps error 1.47% and 1.13% with either alone int8; the next 0.66%), and with them fp32 (and the
+# last row fp32, runtime.engines.INT8_FP32_SIGMA) the default sampler's digits differ from fp32's by 0.87 grey
+# levels on average instead of 1.59, the border haze 75.8% instead of 80% (fp32 71.2%; docs/int8.md). Having one
+# input or output channel, they cost little time.
+IMAGE_CONVS_FP32 = True
 BATCH = 16   # states per onnxruntime call (its CPU convolutions are fastest at about 16 images, runtime.nets)
 
 
@@ -162,31 +169,35 @@ def _session(path: Path, threads: int | None = None):
 
 def sensitivity(quantizer: Quantizer, convs: list[str], held_out: States, reference: np.ndarray,
                 max_error: float, log=print) -> dict:
-    """Step 3 of the module docstring: {"per_conv": {name: eps error with it alone quantized}, "kept_fp32": [names],
-    "eps_error": the final model's, "path": its file}. Int8Failed when no Conv can be quantized within max_error."""
+    """Step 3 of the module docstring, the image's Convs kept fp32 first (IMAGE_CONVS_FP32): {"per_conv": {name:
+    eps error with it alone int8}, "kept_fp32": [names], "eps_error": the final model's, "path": its file}.
+    Int8Failed when no Conv can be int8 within max_error."""
     work = quantizer.workdir
-    path = quantizer.quantize(work / "all.onnx", [])
+    fixed = [convs[0], convs[-1]] if IMAGE_CONVS_FP32 and len(convs) > 2 else []
+    path = quantizer.quantize(work / "all.onnx", fixed)
     err = eps_error(eps_of(_session(path), held_out), reference)
-    log(f"int8: {len(convs)} of {len(convs)} Convs int8, eps error {err:.2%}")
-    if err <= max_error:   # nothing to keep in fp32: the per-Conv pass would not change the model
-        return {"per_conv": {}, "kept_fp32": [], "eps_error": err, "path": path}
+    log(f"int8: {len(convs) - len(fixed)} of {len(convs)} Convs int8, eps error {err:.2%}"
+        + (f" (kept fp32: {', '.join(fixed)}, the image's)" if fixed else ""))
+    if err <= max_error:   # nothing more to keep in fp32: the per-Conv pass would not change the model
+        return {"per_conv": {}, "kept_fp32": fixed, "eps_error": err, "path": path}
     per_conv = {}
     for c in convs:
-        one = quantizer.quantize(work / "one.onnx", [o for o in convs if o != c])
-        per_conv[c] = eps_error(eps_of(_session(one), held_out), reference)
-    order = sorted(convs, key=lambda c: -per_conv[c])
-    kept: list[str] = [order[0]]
+        if c not in fixed:
+            one = quantizer.quantize(work / "one.onnx", [o for o in convs if o != c])
+            per_conv[c] = eps_error(eps_of(_session(one), held_out), reference)
+    order = sorted(per_conv, key=lambda c: -per_conv[c])
+    kept: list[str] = [*fixed, order[0]]
     while True:
         path = quantizer.quantize(work / f"kept{len(kept)}.onnx", kept)
         err = eps_error(eps_of(_session(path), held_out), reference)
         log(f"int8: {len(convs) - len(kept)} of {len(convs)} Convs int8, eps error {err:.2%}"
-            + (f" (kept fp32: {kept[-1]}, {per_conv[kept[-1]]:.2%} alone)" if kept else ""))
+            f" (kept fp32: {kept[-1]}, {per_conv[kept[-1]]:.2%} alone)")
         if err <= max_error:
             break
         if len(kept) == len(convs) - 1:
             raise Int8Failed(f"no Conv can be int8 within an eps error of {max_error:.1%}: with only the least "
                              f"sensitive one int8 the error is {err:.2%}")
-        kept.append(order[len(kept)])
+        kept.append(order[len(kept) - len(fixed)])
     return {"per_conv": per_conv, "kept_fp32": kept, "eps_error": err, "path": path}
 
 

@@ -32,7 +32,7 @@ def test_export_records_the_int8_model(int8_export):
     assert f["name"] == "model_int8.onnx" and (int8_export / f["name"]).stat().st_size == f["bytes"]
     q = f["quantization"]
     assert q["data"] == "MNIST train" and q["timesteps"] and q["convs"] > 0
-    assert isinstance(q["kept_fp32"], list) and len(q["kept_fp32"]) < q["convs"]
+    assert q["kept_fp32"] == ["/conv_in/Conv", "/conv_out/Conv"] and q["convs"] > 2   # the image's Convs
     assert q["eps_error_held_out"] <= q["max_eps_error"]
     assert 0 < f["parity"]["error"] <= f["parity"]["tolerance"]   # int8 differs from fp32, within the tolerance
     import onnx
@@ -102,7 +102,10 @@ def test_sensitivity_keeps_the_costliest_convs(tiny_export, fake_mnist, tmp_path
                          b.null_label, max_error=0.04, digits=(16, 16), log=lambda *_: None)
     q = rec["quantization"]
     alone = q["sensitivity"]
-    assert len(alone) == q["convs"] and q["kept_fp32"]
-    assert q["kept_fp32"] == sorted(alone, key=lambda c: -alone[c])[:len(q["kept_fp32"])]
+    convs = int8.conv_nodes(b.onnx_path())
+    image_convs = [convs[0], convs[-1]]   # fp32 by rule (int8.IMAGE_CONVS_FP32)
+    kept = q["kept_fp32"]
+    assert len(alone) == q["convs"] - 2 and kept[:2] == image_convs and len(kept) > 2
+    assert kept[2:] == sorted(alone, key=lambda c: -alone[c])[:len(kept) - 2]
     assert q["eps_error_held_out"] <= 0.04 and rec["parity"]["error"] <= rec["parity"]["tolerance"] == 0.05
     assert out.is_file()
