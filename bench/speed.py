@@ -233,7 +233,8 @@ def format_table(res: dict, markdown: bool = False) -> str:
                      f"{c['peak_mem_mb']:.0f}" if c["peak_mem_mb"] is not None else "-",
                      f"{c['vs_floor']:.2f}x" if c["vs_floor"] else "-"])
     head = (f"{res['device']}; {res['sampler']} ({res['steps']} steps), guidance {res['guidance']:g}, "
-            f"fp16 {res['fp16']}, int8 (onnx) {res.get('int8', False)}, {res['repeat']} runs each, CUDA graph {res['cuda_graph']}")
+            f"fp16 {res['fp16']}, int8 (onnx) {res.get('int8', False)}, {res['repeat']} runs each, "
+            f"CUDA graph {res['cuda_graph']}")
     if markdown:
         lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
