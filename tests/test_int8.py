@@ -50,7 +50,7 @@ def test_gen_and_api_run_int8_close_to_fp32(ckpt, int8_export, tmp_path):
     fp32 = model.generate(8, steps=4, engine="onnx")
     assert np.array_equal(model.generate(8, steps=4, engine="onnx", int8=True), q)
     # the tiny random model's digits are noise, the int8 ones not its copy: on 8 digits measured mean difference
-    # 1.0 grey level; an unquantized or broken model gives 0 or tens
+    # 1.0 grey level (an unquantized model would give 0)
     diff = np.abs(q.astype(int) - fp32).mean()
     assert 0 < diff < 8
     bar = np.zeros((28, 28), np.uint8)
