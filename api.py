@@ -89,11 +89,11 @@ class Model:
             return self._torch_model
 
     @checked
-    def bundle(self, fp16: bool = False) -> Bundle:
-        """The export folder (runtime.bundle.Bundle) the onnx/trt engines read (export.cache.export_bundle); fp16:
-        one with the fp16 model too. Raises DdpmError."""
+    def bundle(self, fp16: bool = False, int8: bool = False) -> Bundle:
+        """The export folder (runtime.bundle.Bundle) the onnx/trt engines read (export.cache.export_bundle); fp16,
+        int8: one with that model too. Raises DdpmError."""
         with self._lock:   # one export per Model, whatever the threads
-            return export_cache.export_bundle(self, fp16)
+            return export_cache.export_bundle(self, fp16, int8)
 
     @checked(plan=PLAN)
     def generator_bundle(self, plan, form: str = "loop", log=None) -> Bundle:
@@ -106,13 +106,15 @@ class Model:
 
     @checked
     def engine(self, name: str = "auto", device: str = "auto", fp16: bool = False, cuda_graph: bool = True,
-               threads: int | None = None, max_batch: int = 512, dist=None, log=None, plan=None):
+               threads: int | None = None, max_batch: int = 512, dist=None, log=None, plan=None,
+               int8: bool = False):
         """A runtime engine (runtime.engines), made once per (name, device, fp16, cuda_graph, threads) and kept.
 
         name: auto | torch | runtime-torch | onnx | trt | onnx-generator (auto: onnx on a CPU, runtime-torch on a
         GPU; onnx-generator needs the `plan` it will run). device: auto, cpu, cuda, cuda:N. max_batch: the largest
         network batch (runtime.generate.network_batch), what a TensorRT engine is made for. dist, log: see
-        export.cache.engine_bundle. Threads may share an engine (calls at once give the digits of the same calls one
+        export.cache.engine_bundle. int8: the onnx engine on a CPU with int8 convolutions (`ddpm export --int8`).
+        Threads may share an engine (calls at once give the digits of the same calls one
         after another). Raises DdpmError when the engine cannot run here (the message says what is missing)."""
         from .pipeline import open_engine
         from .runtime.engines import auto_engine, resolve_device
@@ -124,11 +126,11 @@ class Model:
             raise OptionError("the onnx-generator engine needs the plan it will run", "plan")
         # a TensorRT engine serves a batch range: a larger batch than it was made for needs another one
         key = (name, dev, fp16, cuda_graph, threads, max_batch if name == "trt" else None,
-               plan_key(plan) if name == "onnx-generator" else None)
+               plan_key(plan) if name == "onnx-generator" else None, int8)
         with self._lock:   # (under torchrun every process makes the same engines, so all meet at engine_bundle)
             if key not in self._engines:
                 self._engines[key] = open_engine(self, name, dev, fp16, cuda_graph, threads, max_batch, plan, dist,
-                                                 log)
+                                                 log, int8)
             return self._engines[key]
 
     def close(self) -> None:
@@ -177,7 +179,7 @@ class Model:
                  sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
                  spacing: str | None = None, guidance_interval=GUIDANCE_INTERVAL, guidance_rescale: float = 0.0,
                  seed: int = 0, batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False,
-                 start: int = 0, progress: bool = False, plan=None) -> np.ndarray:
+                 int8: bool = False, start: int = 0, progress: bool = False, plan=None) -> np.ndarray:
         """n digits as (n, H, W) uint8 (0 black .. 255 white, MNIST's convention).
 
         label: None (classes 0..9 in turn), an int, or n ints. uncond: the unconditional model (no label).
@@ -185,8 +187,8 @@ class Model:
         sampler/steps/eta/variance/spacing/guidance_interval/guidance_rescale: see `plan` (plan: a ready Plan
         instead). seed: 0..2^64-1; sample k of a seed is the same digit whatever n, batch, engine or process
         (runtime.noise); start: the index of the first. engine: a name (see `engine`) or an engine `engine`
-        returned. Raises DdpmError for bad arguments (every argument is checked against ddpm.arguments.ARGS) or an
-        engine that cannot run here.
+        returned. fp16, int8: the network's precision (see `engine`). Raises DdpmError for bad arguments (every
+        argument is checked against ddpm.arguments.ARGS) or an engine that cannot run here.
         """
         from . import pipeline
 
@@ -205,7 +207,7 @@ class Model:
                 sampler: str = EDIT_SAMPLER, steps: int | None = None, eta: float = 1.0, variance: str = "small",
                 spacing: str | None = None, guidance_interval=None, guidance_rescale: float = 0.0, jump: int = 1,
                 resample: int = 3, seed: int = 0, batch: int = 64, engine="auto", device: str = "auto",
-                fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
+                fp16: bool = False, int8: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
         """RePaint (Lugmayr et al. 2022; runtime.edits.inpaint_job): n completions (n, H, W) uint8 of `image` where
         `mask` says what to redraw: the half to redraw ("top", "bottom", "left", "right"), or a picture (file or
         (H, W) array of the image's size; for a stack one per picture, (N, H, W)) whose white pixels (>= 128, or
@@ -224,8 +226,8 @@ class Model:
     def edit(self, image, label=None, strength: float = 0.6, n: int | None = None, guidance: float = EDIT_GUIDANCE,
              sampler: str = EDIT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
              spacing: str | None = None, guidance_interval=None, guidance_rescale: float = 0.0, seed: int = 0,
-             batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False, start: int = 0,
-             progress: bool = False) -> np.ndarray:
+             batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False, int8: bool = False,
+             start: int = 0, progress: bool = False) -> np.ndarray:
         """SDEdit (Meng et al. 2022; runtime.edits.sdedit_job): n redrawings (n, H, W) uint8 of `image`, noised to
         t0 = round(strength (T-1)) and denoised conditioned on `label`. strength in [0, 1]: 0 returns the input
         unchanged, 1 ignores it (the same digits as `generate` with this seed and label). guidance: EDIT_GUIDANCE by
@@ -244,7 +246,8 @@ class Model:
                 guidance: float = GUIDANCE, sampler: str = EDIT_SAMPLER, steps: int | None = None,
                 eta: float = 1.0, variance: str = "small", spacing: str | None = None, guidance_interval=None,
                 guidance_rescale: float = 0.0, seed: int = 0, batch: int = 64, engine="auto",
-                device: str = "auto", fp16: bool = False, start: int = 0, progress: bool = False) -> np.ndarray:
+                device: str = "auto", fp16: bool = False, int8: bool = False, start: int = 0,
+                progress: bool = False) -> np.ndarray:
         """Super-resolution (runtime.edits.upscale_job): n full-size digits (n, H, W) uint8 whose f x f block means
         are the small `image` (H/f, W/f) (a picture of another size is resized to it, box-averaged when shrinking)
         within 0.5 grey level. method "ilvr": ILVR (Choi et al. 2021), low-pass guidance of x at every row; "ddnm":
@@ -263,8 +266,8 @@ class Model:
     def restore(self, image, sigma: float, n: int | None = None, label=None, guidance: float = GUIDANCE,
                 sampler: str = EDIT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
                 spacing: str | None = None, guidance_interval=None, guidance_rescale: float = 0.0, seed: int = 0,
-                batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False, start: int = 0,
-                progress: bool = False) -> np.ndarray:
+                batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False, int8: bool = False,
+                start: int = 0, progress: bool = False) -> np.ndarray:
         """Denoising (runtime.edits.restore_job): n restorations (n, H, W) uint8 of `image` = x + sigma n,
         n ~ N(0, I), sigma in the model's [-1, 1] units (s grey levels: sigma = s / 127.5), from the first t whose
         noise-to-signal ratio reaches sigma (runtime.edits.noise_start). A picture file's noise was clipped to

@@ -255,6 +255,7 @@ ARGS: dict[str, Spec] = {
     "name": ENGINE_NAME,
     "device": DEVICE,
     "fp16": Bool(),
+    "int8": Bool(),
     "cuda_graph": Bool(),
     "threads": Opt(Int(min=1, max=MAX_THREADS)),
     "max_batch": Int(min=1),

@@ -91,6 +91,12 @@ def _batch_range(ctx, param, value):
               help="Export folder [default: ~/.cache/ddpm/exports/<weights hash>, where gen/bench look]. An export "
                    "folder of the same weights keeps what it holds (fp16 model, generators, TensorRT engines).")
 @click.option("--fp16", is_flag=True, help="Also write a half-precision model (model_fp16.onnx).")
+@click.option("--int8", is_flag=True,
+              help="Also write an int8 model (model_int8.onnx, for the CPU) calibrated on noised MNIST training "
+                   "digits, its most sensitive convolutions kept fp32, verified against model.onnx (docs/int8.md).")
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="MNIST folder for --int8's calibration; else $DDPM_DATA or the cache folder (downloaded there "
+                   "when missing, as `ddpm train` does).")
 @click.option("--opset", type=click.IntRange(17, 21), default=17, show_default=True, help="ONNX opset.")
 @click.option("--trt", "build_trt", is_flag=True, help="Also build TensorRT engine(s) (needs TensorRT and a GPU).")
 @click.option("--batch", "batch_range", default="1-256", show_default=True, callback=_batch_range,
@@ -108,7 +114,7 @@ def _batch_range(ctx, param, value):
                    "(implies --generator; fetches onnxruntime-web with npm once).")
 @click.option("--ort-web", "ort_web", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The onnxruntime-web tarball (`npm pack onnxruntime-web@VERSION`) instead of fetching it.")
-def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, sampler, steps, spacing,
+def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_generator, sampler, steps, spacing,
                guidance_interval, guidance_rescale, form, web_dir, ort_web):
     """Export the EMA noise predictor to ONNX (and TensorRT), verified against PyTorch.
 
@@ -120,6 +126,7 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, s
     \b
     Examples:
       ddpm export --fp16
+      ddpm export --int8                                  # then: ddpm gen --int8
       ddpm export --ckpt runs/ddpm --out exports/mine --fp16 --trt --batch 1-64
       ddpm export --generator --steps 20                  # UniPC-20 in one ONNX call
       ddpm export --web site && python -m http.server -b 127.0.0.1 -d site   # open http://127.0.0.1:8000
@@ -134,10 +141,12 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, s
     if build_trt:   # fail before the ONNX work if TensorRT cannot run here
         check_trt()
     model = api.load(ckpt)
+    calibration = _int8_data(data, model.image_shape) if int8 else None
     # gen's defaults (eta 0, the default guidance interval), so that the generator gives gen's digits
     plan = model.plan(sampler, steps, 0.0, "small", spacing, guidance_interval, guidance_rescale=guidance_rescale) \
         if with_generator or web_dir else None
-    bundle = export_folder(model, out, fp16, opset, plan, form, batch_range if build_trt else None, log=click.echo)
+    bundle = export_folder(model, out, fp16, opset, plan, form, batch_range if build_trt else None, log=click.echo,
+                           int8=calibration)
     for precision, f in bundle.meta["files"].items():
         click.echo(f"{precision}: {bundle.root / f['name']} ({f['bytes'] / 1e6:.2f} MB)")
     if plan is not None:
@@ -152,6 +161,19 @@ def export_cmd(ckpt, out, fp16, opset, build_trt, batch_range, with_generator, s
         page = write_web_page(bundle, web_dir, plan, shown, ort_web, log=click.echo)
         click.echo(f"web page: {page} (serve it, e.g. `python -m http.server -b 127.0.0.1 -d {page}`, and open "
                    f"http://127.0.0.1:8000)")
+
+
+def _int8_data(data, image_shape) -> tuple:
+    """(images, labels, name) of the MNIST training split that --int8 calibrates on: --data, else $DDPM_DATA, else
+    the cache folder, downloaded there when missing (train.data, as `ddpm train`)."""
+    from .train.data import ensure_mnist, load_mnist, resolve_data_dir
+
+    if tuple(image_shape) != (1, 28, 28):
+        raise click.UsageError(f"--int8 calibrates on MNIST digits (1, 28, 28); this model's images are "
+                               f"{tuple(image_shape)}")
+    folder = ensure_mnist(resolve_data_dir(data), progress=lambda m: click.echo(m, err=True))
+    images, labels = load_mnist(folder, "train")
+    return images, labels, "MNIST train"
 
 
 # ----------------------------------------------------------------------------------------------------------- bench
@@ -176,6 +198,8 @@ def _int_list(ctx, param, value):
               help="Classifier-free guidance (doubles the network batch when > 0).")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per engine and batch.")
 @click.option("--fp16", is_flag=True, help="Half-precision models for the runtime engines (eager stays fp32).")
+@click.option("--int8", is_flag=True, help="The onnx engine with int8 convolutions (`ddpm export --int8`); the "
+                                           "engines that have no int8 model run as they are.")
 @click.option("--no-cuda-graph", is_flag=True, help="GPU: run the runtime's loop step by step.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also time eager PyTorch on DDIM-50 and give every engine's speedup over it (when the sampler is "
@@ -189,7 +213,7 @@ def _int_list(ctx, param, value):
 @click.option("--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Folder for bench.json, bench.md and bench.png.")
 def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance_rescale, guidance, repeat, fp16,
-          no_cuda_graph, baseline, quick, ckpt, device, threads, out):
+          int8, no_cuda_graph, baseline, quick, ckpt, device, threads, out):
     """Time every engine against eager PyTorch on the same work, in one run.
 
     \b
@@ -232,7 +256,7 @@ def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--device") from None
     res = run_bench(model, names, batches, plan, guidance, repeat, fp16, device, not no_cuda_graph,
-                    threads=threads, log=lambda m: click.echo(m, err=True), baseline=ref)
+                    threads=threads, log=lambda m: click.echo(m, err=True), baseline=ref, int8=int8)
     click.echo(format_table(res))
     files = write_outputs(res, Path(out))
     click.echo("wrote " + ", ".join(map(str, files)) + ("" if len(files) == 3 else " (no plot: pip install 'ddpm[plot]')"))

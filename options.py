@@ -37,7 +37,7 @@ MAX_LEVEL = 1e6
 MAX_SIGMA = 100.0
 # CPU threads (torch, onnxruntime): each thread holds its own buffers, so an unbounded count only grows memory.
 MAX_THREADS = 1024
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class Sampling:
     engine: object = "auto"                # an engine name (runtime.engines.ENGINES, or auto) or an engine object
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
     fp16: bool = False                     # half-precision model (runtime engines)
+    int8: bool = False                     # int8 convolutions (the onnx engine on a CPU; `ddpm export --int8`)
     cuda_graph: bool = True                # GPU: the whole loop as one CUDA graph
     threads: int | None = None             # CPU threads (torch and onnxruntime); None: the runtime's default
 
@@ -76,7 +77,7 @@ class Sampling:
 
     @property
     def precision(self) -> str:
-        return "fp16" if self.fp16 else "fp32"
+        return "fp16" if self.fp16 else "int8" if self.int8 else "fp32"
 
 
 EDITING = Sampling(sampler=EDIT_SAMPLER, guidance_interval=None)   # the editing methods' defaults, as measured

@@ -97,12 +97,12 @@ def check_engine(engine, edit: bool = False, watch: bool = False) -> None:
 
 
 def open_engine(model, name: str, device: str, fp16: bool, cuda_graph: bool, threads: int | None, max_batch: int,
-                plan=None, dist=None, log=None):
+                plan=None, dist=None, log=None, int8: bool = False):
     """A new engine `name` (not auto) of `model` (api.Model) on `device` (resolved, not auto) with what it reads:
     the torch model for torch/runtime-torch (when PyTorch is installed, else make_engine names what is missing), the
-    export folder for the others (export.cache.engine_bundle; dist, log: see there), and for trt the builder of a
-    missing TensorRT engine file (export.trt: building is export's, the runtime only runs). Api.Model.engine keeps
-    the engines it makes. Raises DdpmError (runtime.engines.make_engine's EngineUnavailable)."""
+    export folder for the others (export.cache.engine_bundle; dist, log: see there; int8: with the int8 model), and
+    for trt the builder of a missing TensorRT engine file (export.trt: building is export's, the runtime only runs).
+    Api.Model.engine keeps the engines it makes. Raises DdpmError (runtime.engines.make_engine's EngineUnavailable)."""
     from .export.cache import engine_bundle
     from .runtime.engines import have_torch, make_engine
 
@@ -111,9 +111,9 @@ def open_engine(model, name: str, device: str, fp16: bool, cuda_graph: bool, thr
     if name == "trt":
         from .export.trt import build_bundle_engine as build_trt
     return make_engine(name, device=device, model=model.torch_model if torch else None, null_label=model.null_label,
-                       bundle=engine_bundle(model, name, fp16, plan, dist, log), fp16=fp16, cuda_graph=cuda_graph,
-                       threads=threads, max_batch=max_batch, log=log or (lambda *_: None), plan=plan,
-                       build_trt=build_trt)
+                       bundle=engine_bundle(model, name, fp16, plan, dist, log, int8), fp16=fp16,
+                       cuda_graph=cuda_graph, threads=threads, max_batch=max_batch, log=log or (lambda *_: None),
+                       plan=plan, build_trt=build_trt, int8=int8)
 
 
 def engine(model, opts: Sampling, plan, guided: bool, dist=None, log=None):
@@ -122,7 +122,8 @@ def engine(model, opts: Sampling, plan, guided: bool, dist=None, log=None):
     if not isinstance(opts.engine, str):
         return opts.engine
     return model.engine(opts.engine, opts.device, opts.fp16, opts.cuda_graph, opts.threads,
-                        max_batch=network_batch(opts.batch, guided), dist=dist, log=log, plan=plan)
+                        max_batch=network_batch(opts.batch, guided), dist=dist, log=log, plan=plan,
+                        int8=opts.int8)
 
 
 def stream(eng, opts: Sampling, job: Job, lo: int = 0, hi: int | None = None, progress: bool = False,

@@ -145,12 +145,12 @@ def kernel_floor(engine, batch: int, plan, guidance: float, device, cfg) -> floa
 
 
 def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False, device="cpu",
-              cuda_graph=True, seed=0, threads=None, log=print, cuda=None, baseline=None) -> dict:
+              cuda_graph=True, seed=0, threads=None, log=print, cuda=None, baseline=None, int8=False) -> dict:
     """Time `engines` (names) of `model` (api.Model) at every batch size on `plan`; engines that cannot run here are
     reported as skipped with the reason. With a `baseline` plan (e.g. DDIM-50 when `plan` is a few-step solver) the
     eager engine also runs it, in the same alternation, and every case gets its speedup over that baseline. On a GPU
     also each engine's own peak memory (MemoryMeter, over torch.cuda or the stand-in `cuda`). Returns the results as
-    a dict (see format_table)."""
+    a dict (see format_table). int8: the onnx engine runs model_int8.onnx (the others as they are)."""
     from ..api import DdpmError
     from ..runtime.generate import check_batch_fits
 
@@ -170,7 +170,8 @@ def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False,
         try:
             with metered((name, "create"), name):
                 ready[name] = model.engine(name, device, fp16 and name != "torch", cuda_graph, threads,
-                                           max_batch=net_batch, log=log, plan=plan)
+                                           max_batch=net_batch, log=log, plan=plan,
+                                           **({"int8": True} if int8 and name == "onnx" else {}))
         except DdpmError as e:
             skipped[name] = str(e)          # reported once, in the table
     runs = {name: (eng, plan) for name, eng in ready.items()}
@@ -214,7 +215,7 @@ def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False,
                 c["speedup_vs_baseline"] = slow["median_s"] / c["median_s"] if slow else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"device": device_name(device), "sampler": plan.name, "steps": plan.steps, "guidance": guidance,
-            "fp16": fp16, "repeat": repeat, "baseline": None if base_name is None else baseline.name,
+            "fp16": fp16, "int8": int8, "repeat": repeat, "baseline": None if base_name is None else baseline.name,
             "cuda_graph": cuda_graph and _cuda(device),
             "versions": {n: engine_versions(e) for n, e in ready.items()}, "skipped": skipped,
             "process_peak_rss_mb": rss, "results": cases}
@@ -233,7 +234,8 @@ def format_table(res: dict, markdown: bool = False) -> str:
                      f"{c['peak_mem_mb']:.0f}" if c["peak_mem_mb"] is not None else "-",
                      f"{c['vs_floor']:.2f}x" if c["vs_floor"] else "-"])
     head = (f"{res['device']}; {res['sampler']} ({res['steps']} steps), guidance {res['guidance']:g}, "
-            f"fp16 {res['fp16']}, {res['repeat']} runs each, CUDA graph {res['cuda_graph']}")
+            f"fp16 {res['fp16']}, int8 (onnx) {res.get('int8', False)}, {res['repeat']} runs each, "
+            f"CUDA graph {res['cuda_graph']}")
     if markdown:
         lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]

@@ -61,32 +61,38 @@ def locked(folder: Path):
         os.close(fd)
 
 
-def _has(root: Path, weights_hash: str | None, fp16: bool) -> Bundle | None:
-    """The export folder at root when it is one of these weights (with an fp16 model when asked), else None."""
+def _has(root: Path, weights_hash: str | None, fp16: bool, int8: bool = False) -> Bundle | None:
+    """The export folder at root when it is one of these weights (with an fp16 / int8 model when asked), else
+    None."""
     if not (root / META_FILE).is_file():
         return None
     try:
         b = Bundle.load(root, expected_hash=weights_hash)
     except ExportError:
         return None
-    return b if not fp16 or "fp16" in b.meta["files"] else None
+    files = b.meta["files"]
+    return b if (not fp16 or "fp16" in files) and (not int8 or "int8" in files) else None
 
 
-def export_bundle(model, fp16: bool = False) -> Bundle:
+def export_bundle(model, fp16: bool = False, int8: bool = False) -> Bundle:
     """The export folder the onnx and trt engines of `model` (api.Model) read: its own export folder when it was
     loaded with one, else the shipped one for the shipped weights (fp32), else the cache folder of its weights,
-    exported there on first use (fp32 and fp16 at once: needs PyTorch). Raises DdpmError."""
+    exported there on first use (fp32 and fp16 at once: needs PyTorch). An int8 model is never made on first use
+    (its calibration reads MNIST): `ddpm export --int8` makes it. Raises DdpmError."""
     expected = None if model.path is None else model.hash
     own = model.export_dir
     if own is not None and Path(own) != shipped_dir():
         return Bundle.load(own, expected_hash=expected)          # the user's folder: as it is
-    shipped = _has(shipped_dir(), expected, fp16) if own is not None else None
+    shipped = _has(shipped_dir(), expected, fp16, int8) if own is not None else None
     if shipped is not None:
         return shipped
     folder = cache_folder(model.hash)
-    ready = _has(folder, expected, fp16)
+    ready = _has(folder, expected, fp16, int8)
     if ready is not None:
         return ready
+    if int8:
+        raise ExportError(f"no int8 model of these weights in {folder}: make it with `ddpm export --int8"
+                          f"{'' if model.path is None else ' --ckpt ' + str(model.path)}` (calibrated on MNIST)")
     if model.path is None:
         raise ExportError(f"{own} has no fp16 model; re-run `ddpm export --fp16` for it")
     with locked(folder):
@@ -118,7 +124,8 @@ def _export(model, folder: Path) -> None:
                         f"writable folder, pass an export folder (--export), or use --engine torch") from None
 
 
-def engine_bundle(model, name: str, fp16: bool = False, plan=None, dist=None, log=None) -> Bundle | None:
+def engine_bundle(model, name: str, fp16: bool = False, plan=None, dist=None, log=None,
+                  int8: bool = False) -> Bundle | None:
     """The export folder engine `name` of `model` reads (None for the torch engines): export_bundle, or for
     onnx-generator generator_bundle(plan). dist: under torchrun, the process group (rank, world, barrier()): rank 0
     makes what is missing while the others wait. log(line): where a build says what it does (None: nowhere)."""
@@ -127,7 +134,7 @@ def engine_bundle(model, name: str, fp16: bool = False, plan=None, dist=None, lo
     if name not in NEEDS_EXPORT:
         return None
     prepare = (lambda: model.generator_bundle(plan, log=log)) if name == "onnx-generator" else \
-        (lambda: model.bundle(fp16))
+        (lambda: model.bundle(fp16, int8))
     if dist is not None and dist.world > 1:
         if dist.rank == 0:
             prepare()

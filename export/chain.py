@@ -24,9 +24,10 @@ def check_trt() -> None:
 
 
 def export_folder(model, out: str | Path | None = None, fp16: bool = False, opset: int = 17, plan=None,
-                  form: str = "loop", trt_batches: tuple[int, int] | None = None, log=print) -> Bundle:
+                  form: str = "loop", trt_batches: tuple[int, int] | None = None, log=print, int8=None) -> Bundle:
     """Export `model` (api.Model with a checkpoint) into `out` (default: its weights' cache folder, where gen and
-    bench look): model.onnx (+ model_fp16.onnx), then, with a plan, its generator (export/generator.py, verified
+    bench look): model.onnx (+ model_fp16.onnx, + model_int8.onnx calibrated on int8 = (images, labels, name):
+    onnx_export.export), then, with a plan, its generator (export/generator.py, verified
     with the default guidance scale), then with trt_batches (lo, hi) a TensorRT engine per precision. log(line):
     progress. Raises DdpmError (OptionError for a plan the generator cannot run, checked before any work)."""
     from ..model.io import LoadedModel
@@ -39,7 +40,7 @@ def export_folder(model, out: str | Path | None = None, fp16: bool = False, opse
         check_plan(plan)
     loaded = LoadedModel(model.torch_model, model.cfg, model.hash, model.path, model.info)
     try:
-        res = export(loaded, out or cache_folder(model.hash), fp16=fp16, opset=opset, log=log)
+        res = export(loaded, out or cache_folder(model.hash), fp16=fp16, opset=opset, log=log, int8=int8)
     except ExportFailed as e:
         raise DdpmError(f"export failed, nothing written: {e}") from None
     if plan is not None:
@@ -52,7 +53,7 @@ def export_folder(model, out: str | Path | None = None, fp16: bool = False, opse
     if trt_batches is not None:
         from .trt import ensure_engine
 
-        for precision in res.meta["files"]:
+        for precision in [p for p in res.meta["files"] if p != "int8"]:   # int8 is onnxruntime's, on a CPU
             log(f"TensorRT {precision}: {ensure_engine(bundle, precision, *trt_batches, log=log)}")
     return bundle
 

@@ -24,7 +24,7 @@ from ..runtime.bundle import EXPORT_FORMAT, META_FILE, file_sha256
 from ..runtime.schedule import Schedule
 
 INPUTS, OUTPUT = ("x", "t", "y"), "eps"
-FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}
+FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
 # verify(): fp32 max abs error, fp16 max abs error relative to eps's scale (std of the fp32 reference output)
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 
@@ -146,8 +146,11 @@ class ExportResult:
 
 
 def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int = 17, log=print,
-           replace: bool = True) -> ExportResult:
-    """checkpoint -> ONNX fp32 (+ fp16) -> verified -> metadata -> renamed into `out` (files.publish_dir).
+           replace: bool = True, int8=None) -> ExportResult:
+    """checkpoint -> ONNX fp32 (+ fp16, + int8) -> verified -> metadata -> renamed into `out` (files.publish_dir).
+
+    int8: the MNIST digits to calibrate an int8 model on, (images (N,H,W) uint8, labels (N,) int64, a name for
+    export.json), or None for no int8 model (export/int8.py; an int8 model the folder holds at this opset is kept).
 
     An `out` that holds an export of the same weights only gains: the precisions it has at this opset are kept as
     they are (verified when they were made), the missing ones exported, and its other artifacts (generators,
@@ -161,12 +164,13 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
         raise OutputError(f"{out} is a folder but not an export folder (no {META_FILE}), and an export replaces what "
                           f"is there: give another --out, or remove it")
     old = _holds(out, loaded.hash, [])
-    wanted = ["fp32"] + (["fp16"] if fp16 else [])
+    wanted = ["fp32"] + (["fp16"] if fp16 else []) + (["int8"] if int8 is not None else [])
     kept = {}
     if old is not None:
         if old.get("opset") == opset:
             kept = dict(old["files"])
-        wanted = [p for p in FILES if p in wanted or p in old["files"]]
+        # an int8 model needs its calibration data to be made again: at another opset it is dropped without it
+        wanted = [p for p in FILES if p in wanted or p in old["files"] and (p != "int8" or p in kept)]
         if all(p in kept for p in wanted) or not replace and all(p in old["files"] for p in wanted):
             for precision in wanted:
                 log(f"{FILES[precision]}: kept (made and verified before)")
@@ -180,6 +184,10 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
                 log(f"{FILES[precision]}: kept (made and verified before)")
                 continue
             path = tmp / FILES[precision]
+            if precision == "int8":
+                files["int8"] = _int8(loaded, tmp / FILES["fp32"] if "fp32" in files else out / kept["fp32"]["name"],
+                                      path, int8, log)
+                continue
             to_onnx(copy_to(loaded.model, "cpu", torch.float32), path, precision, opset)
             with readable_name(path) as name:
                 onnx.checker.check_model(name)
@@ -205,6 +213,24 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
         if full:
             raise no_space(out) from None
         raise
+
+
+def _int8(loaded: LoadedModel, fp32: Path, path: Path, data, log) -> dict:
+    """model_int8.onnx from the verified fp32 model at `fp32` (export/int8.py), calibrated at the default plan's
+    rows; its export.json record. Raises ExportFailed."""
+    from ..options import DEFAULT_SAMPLER
+    from ..runtime.samplers import make_plan
+    from .int8 import Int8Failed, make_int8
+
+    images, labels, name = data
+    sched = Schedule.of(loaded.cfg)
+    plan = make_plan(sched, DEFAULT_SAMPLER)
+    try:
+        rec = make_int8(fp32, path, images, labels, sched.alphas_cumprod, plan.timesteps[plan.calls_net],
+                        loaded.cfg.null_label, name, log=log)
+    except Int8Failed as e:
+        raise ExportFailed(str(e)) from None
+    return {"name": path.name, **rec}
 
 
 def _carry_over(old: Path, tmp: Path) -> None:

@@ -4,6 +4,7 @@
                        image shape, classes and the reserved label, schedule name, T, betas, alphas_cumprod, files
     model.onnx         fp32 eps_theta(x, t, y)
     model_fp16.onnx    fp16 weights/activations (timestep embedding and GroupNorm statistics in fp32), if exported
+    model_int8.onnx    int8 convolutions (export/int8.py), if exported; export.json records how it was calibrated
     generator-*.onnx   the whole reverse loop of one deterministic plan in one model (export/generator.py), one per
                        plan, side by side; export.json's "generators" records each: its plan and its verification
     *.plan, *.plan.json  TensorRT engines and what they were built for (TensorRT version, GPU, batch range)
@@ -23,7 +24,7 @@ from .schedule import MAX_T, Schedule
 EXPORT_FORMAT = "ddpm-export"
 EXPORT_VERSION = 1   # export.json's "version": what this runtime reads (export/onnx_export.py writes it)
 META_FILE = "export.json"
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 _SHA256 = Str(pattern=r"[0-9a-f]{64}", what="a sha256 (64 hex digits)")
 # a plain file name inside the folder: no separator, not hidden (so never "..")
 _ONNX_NAME = Str(pattern=r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\.onnx", what="an .onnx file name in the folder")
@@ -276,8 +277,8 @@ class Bundle:
         files = self.meta["files"]
         if precision not in files:
             raise ExportError(f"{self.root} has no {precision} model (exported: {', '.join(files)}); "
-                              f"re-run `ddpm export{' --fp16' if precision == 'fp16' else ''}`")
-        return self._member(files[precision], "ddpm export" + (" --fp16" if precision == "fp16" else ""))
+                              f"re-run `ddpm export{'' if precision == 'fp32' else ' --' + precision}`")
+        return self._member(files[precision], "ddpm export" + ("" if precision == "fp32" else " --" + precision))
 
     @property
     def generators(self) -> list[dict]:

@@ -201,7 +201,7 @@ class OnnxNet(_CudaStream):
     CPU_CHUNK = 16
 
     def __init__(self, onnx_path: Path, device="cpu", threads: int | None = None, chunk: int | None = None,
-                 spinning: bool | None = None):
+                 spinning: bool | None = None, fp32_path: Path | None = None, fp32_max_t: int = -1):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -225,6 +225,9 @@ class OnnxNet(_CudaStream):
             providers = ["CPUExecutionProvider"]
         self.sess = ort_session(ort, onnx_path, so, providers)
         self.path = Path(onnx_path)
+        # rows at t <= fp32_max_t run the fp32 model at fp32_path instead (the int8 model's last rows: runtime.engines)
+        self.fp32_max_t = fp32_max_t
+        self.fp32_sess = None if fp32_path is None else ort_session(ort, fp32_path, so, providers)
         io = {a.name: ("input", _ORT_NAMES.get(a.type, a.type)) for a in self.sess.get_inputs()}
         io.update({a.name: ("output", _ORT_NAMES.get(a.type, a.type)) for a in self.sess.get_outputs()})
         self.io_types = io
@@ -249,15 +252,23 @@ class OnnxNet(_CudaStream):
             dev, idx, ptr = "cpu", 0, (lambda a: a.ctypes.data)
         n = x_in.shape[0]
         step = self.chunk or n
-        bindings = []
-        for lo in range(0, n, step):
-            b = self.sess.io_binding()
-            for name, buf in bufs.items():
-                part = buf[lo:lo + step]
-                bind = b.bind_output if name == "eps" else b.bind_input
-                bind(name, dev, idx, _ORT_TYPES[_buffer_dtype(buf)], list(part.shape), ptr(part))
-            bindings.append(b)
-        return _OnnxCall(self.sess, bindings, bufs)
+
+        def bound(sess):
+            bindings = []
+            for lo in range(0, n, step):
+                b = sess.io_binding()
+                for name, buf in bufs.items():
+                    part = buf[lo:lo + step]
+                    bind = b.bind_output if name == "eps" else b.bind_input
+                    bind(name, dev, idx, _ORT_TYPES[_buffer_dtype(buf)], list(part.shape), ptr(part))
+                bindings.append(b)
+            return bindings
+
+        call = _OnnxCall(self.sess, bound(self.sess), bufs)
+        if self.fp32_sess is not None:
+            call.fp32 = _OnnxCall(self.fp32_sess, bound(self.fp32_sess), bufs)
+            call.fp32_max_t = self.fp32_max_t
+        return call
 
     def versions(self) -> dict[str, str]:
         import onnxruntime as ort
@@ -267,17 +278,25 @@ class OnnxNet(_CudaStream):
     def close(self) -> None:
         """Drop the onnxruntime session (onnxruntime frees it, its arena and its CUDA provider with the last
         reference; the runners' IO bindings are cleared and dropped first) and the stream."""
-        self.sess = None
+        self.sess = self.fp32_sess = None
         self.stream = None
 
 
 class _OnnxCall:
-    """One runner's bound onnxruntime call (it keeps the buffers alive with the bindings)."""
+    """One runner's bound onnxruntime call (it keeps the buffers alive with the bindings). With `fp32` (another
+    _OnnxCall on the same buffers), a call whose t (the runner's t_in holds one row's t) is at most fp32_max_t
+    runs that one instead."""
+
+    fp32: "_OnnxCall | None" = None
+    fp32_max_t = -1
 
     def __init__(self, sess, bindings, bufs):
         self.sess, self.bindings, self.bufs = sess, bindings, bufs
 
     def __call__(self) -> None:
+        if self.fp32 is not None and int(self.bufs["t"][0]) <= self.fp32_max_t:
+            self.fp32()
+            return
         for b in self.bindings:
             self.sess.run_with_iobinding(b)
 
@@ -287,4 +306,6 @@ class _OnnxCall:
         for b in self.bindings:
             b.clear_binding_inputs()
             b.clear_binding_outputs()
-        self.sess, self.bindings, self.bufs = None, [], None
+        if self.fp32 is not None:
+            self.fp32.close()
+        self.sess, self.bindings, self.bufs, self.fp32 = None, [], None, None

@@ -41,6 +41,7 @@ BAD = {
     "name": [3, "tvm", None],
     "device": [3, "gpu", "cuda:x", None],
     "fp16": ["yes", 1, None],
+    "int8": ["yes", 1, None],
     "cuda_graph": ["yes", 1, None],
     "threads": [0, 1.5, True, "2", 1025, 10**6],
     "max_batch": [0, 1.5, True],
