@@ -20,12 +20,46 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 FLAGS = {"n": "-n", "jump": "--jump-length", "top": "--strength", "plan": "--sampler"}   # API argument -> option
 
 
+_HELP_ERROR = getattr(click.exceptions, "NoArgsIsHelpError", ())   # `ddpm` alone: click shows the help (click >= 8.2)
+
+
+class OneLineUsageError(click.UsageError):
+    """A usage error (a bad or unknown option, a value that does not fit, an unknown command) shown as one line,
+    "Error: <click's message, naming the option> (see ddpm gen --help)", instead of click's usage block; exit
+    status 2, as click's."""
+
+    def __init__(self, e: click.UsageError, path: str | None):
+        super().__init__(" ".join(e.format_message().split()), e.ctx)
+        self.path = e.ctx.command_path if e.ctx is not None else path
+
+    def show(self, file=None) -> None:
+        hint = f" (see {self.path} --help)" if self.path else ""
+        click.echo(f"Error: {self.format_message()}{hint}", file=file, err=file is None)
+
+
 class Group(click.Group):
-    """The `ddpm` group: a bad option value (OptionError) is a usage error naming its option (exit 2); any other
-    DdpmError and a resource limit of the process (errors.limit_message) one line and exit 1; Ctrl-C one line and
-    exit 130 (SIGINT's code), SIGTERM the same with "terminated" and exit 143 (errors.Terminated)."""
+    """The `ddpm` group: a usage error (a bad option value, an OptionError naming its option, an unknown option or
+    command) is one line and exit 2 (OneLineUsageError); any other DdpmError and a resource limit of the process
+    (errors.limit_message) one line and exit 1;
+    Ctrl-C one line and exit 130 (SIGINT's code), SIGTERM the same with "terminated" and exit 143
+    (errors.Terminated)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except _HELP_ERROR:
+            raise
+        except click.UsageError as e:   # an option of `ddpm` itself
+            raise OneLineUsageError(e, info_name) from None
 
     def invoke(self, ctx):
+        try:
+            return self._invoke(ctx)
+        except click.UsageError as e:
+            sub = f"{ctx.command_path} {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ctx.command_path
+            raise OneLineUsageError(e, sub) from None
+
+    def _invoke(self, ctx):
         with sigterm_as_interrupt(), file_size_limit_as_error():
             try:
                 return super().invoke(ctx)

@@ -1,12 +1,16 @@
 """Cases of issue #22's kinds that a fresh user's abuse run found after the first fixes: tensors that declare more
 than they store, imports stopped by a memory limit, torch's writer under the file-size limit, API calls that run out
-of memory, run-folder members of the wrong kind, an npm registry that never answers."""
+of memory, run-folder members of the wrong kind, an npm registry that never answers; then a training run stopped by
+a limit (its own options and its last checkpoint), onnxruntime's output under a descriptor limit, bad command-line
+input, and files to read that are folders, pipes or dead links."""
 
 import builtins
+import errno
 import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -103,3 +107,29 @@ def test_an_npm_registry_that_never_answers_is_one_line_in_bounded_time(tmp_path
     with pytest.raises(web.WebExportError, match="got no answer in 2 s") as e:
         web.ort_web_tarball(log=lambda *_: None)
     assert time.monotonic() - t < 20 and "--ort-web" in str(e.value)
+
+
+@pytest.mark.parametrize("args, option", [
+    (["gen", "-n", "abc"], "'-n'"),
+    (["gen", "--sampler", "nope"], "'--sampler'"),
+    (["gen", "--foo"], "'--foo'"),
+    (["gen", "--label", "3", "--uncond"], "--label and --uncond"),
+    (["gen", "--steps", "0"], "'--steps'"),
+    (["train", "--batch", "0"], "'--batch'"),
+    (["nope"], "'nope'"),
+    (["--foo"], "'--foo'"),
+])
+def test_bad_command_line_input_is_one_line_with_exit_status_2(args, option):
+    """A bad or unknown option (or command) printed click's usage block and a hint on 4 lines; it is one line that
+    names the option and where help is, exit status 2 (a usage error, as before)."""
+    r = invoke(*args)
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert lines[0].startswith("Error: ") and option in lines[0] and lines[0].endswith(" --help)"), lines[0]
+    assert "Usage:" not in r.output
+
+
+def test_help_is_still_shown_for_no_arguments_and_help():
+    for args, status in (([], 2), (["--help"], 0), (["gen", "--help"], 0), (["train", "-h"], 0)):
+        r = invoke(*args)
+        assert r.exit_code == status and r.output.startswith("Usage: ") and "Options:" in r.output, (args, r.output)
