@@ -154,6 +154,52 @@ def load_checkpoint(path: str | os.PathLike, schema: Schema = CKPT) -> dict:
     return ckpt
 
 
+MAX_CKPT_PICKLE = 64 << 20   # bytes: a ckpt.pt's pickle (its structure; the tensors are stored apart) is ~100 KB
+
+
+class _Anything:
+    """What `checkpoint_step` makes of every class and stored object a ckpt.pt's pickle names (tensors, storages,
+    OrderedDict): nothing is built, no code of the pickle runs."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step of a ckpt.pt, read from its archive's pickle alone: without PyTorch, without the tensors (a few
+    hundred kilobytes at most), so that a run stopped by a resource limit (when PyTorch may not even import) can
+    still name the checkpoint it continues from. None when `path` is not a readable ckpt.pt of ours."""
+    import pickle
+    import zipfile
+
+    class Skeleton(pickle.Unpickler):
+        def find_class(self, module, name):
+            return _Anything
+
+        def persistent_load(self, pid):
+            return None
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            member = next((m for m in zf.infolist() if m.filename.endswith("/data.pkl")), None)
+            if member is None or member.compress_type != zipfile.ZIP_STORED or member.file_size > MAX_CKPT_PICKLE:
+                return None
+            with zf.open(member) as f:
+                ckpt = Skeleton(f).load()
+    except Exception:   # not a zip, not a pickle, cut short: no step to name
+        return None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        return None
+    step = ckpt.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
+
+
 def _check_storage(path: Path, obj, where: str = "") -> None:
     """Every tensor in `obj` (nested dicts and lists) must be a dense view whose storage holds all its elements:
     an expanded or strided view (stride 0) declares more numbers than the file stores, and looking at its values

@@ -109,6 +109,69 @@ def test_an_npm_registry_that_never_answers_is_one_line_in_bounded_time(tmp_path
     assert time.monotonic() - t < 20 and "--ort-web" in str(e.value)
 
 
+def _error_line(r) -> str:
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and "Traceback" not in r.output and lines[-1].startswith("Error: "), r.output[-3000:]
+    return lines[-1]
+
+
+def test_a_training_run_stopped_by_a_limit_names_its_own_options_and_its_last_checkpoint(fake_mnist, tmp_path,
+                                                                                        monkeypatch):
+    """`ddpm train` past the file-size limit or out of memory, in its loop or before it (PyTorch's import, the data of
+    --resume): one line with what `train` can change (--batch: -n is gen's) and the last checkpoint on disk, with
+    --resume to continue. The message comes from the command that runs: the Python API names no option."""
+    import ddpm.train.loop as loop
+    from ddpm.errors import limit_message
+
+    monkeypatch.setattr(loop, "write_samples", lambda *a, **k: None)   # the grid of a checkpoint: not needed here
+    run = tmp_path / "run"
+    real_loss, calls = loop.diffusion_loss, [0]
+
+    def loss_then(raised):
+        def loss(*a, **k):
+            calls[0] += 1
+            if calls[0] == 3:   # the third step, after the checkpoint of step 2
+                raise raised
+            return real_loss(*a, **k)
+        return loss
+
+    monkeypatch.setattr(loop, "diffusion_loss", loss_then(OSError(errno.EFBIG, "File too large")))
+    line = _error_line(invoke("train", "--data", fake_mnist, "--out", run, "--preset", "tiny", "--timesteps", 20,
+                              "--batch", 8, "--steps", 4, "--ckpt-every", 2, "--device", "cpu"))
+    assert "file-size limit" in line and "last checkpoint at step 2 in" in line and "--resume" in line, line
+    assert "run again" not in line, line   # a run that holds a checkpoint goes on with --resume
+
+    def no_memory(*a, **k):
+        raise MemoryError()
+
+    resume = ["train", "--data", fake_mnist, "--out", run, "--steps", 4, "--resume", "--device", "cpu"]
+    with monkeypatch.context() as m:
+        m.setattr(loop, "load_mnist", no_memory)   # before the loop: reading the data of --resume
+        line = _error_line(invoke(*resume))
+    assert "out of memory" in line and "(a smaller --batch)" in line and "-n " not in line, line
+    assert "last checkpoint at step 2 in" in line and "--resume" in line, line
+
+    calls[0] = 1   # the next step raises: step 3, the first after the resumed checkpoint
+    monkeypatch.setattr(loop, "diffusion_loss", loss_then(RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB")))
+    line = _error_line(invoke(*resume))
+    assert "out of memory" in line and "(a smaller --batch)" in line and "-n " not in line, line
+    assert "last checkpoint at step 2 in" in line, line
+
+    assert "(a smaller" not in limit_message(MemoryError()), limit_message(MemoryError())
+
+
+def test_an_out_of_memory_in_gen_names_gens_options(ckpt, monkeypatch):
+    import ddpm.pipeline as pipeline
+
+    def no_memory(*a, **k):
+        raise MemoryError()
+
+    monkeypatch.setattr(pipeline, "run", no_memory)
+    line = _error_line(invoke("gen", "--ckpt", ckpt, "--engine", "torch", "-n", 2, "--steps", 2, "-q"))
+    assert "out of memory" in line and "(a smaller -n or --batch)" in line, line
+
+
 @pytest.mark.parametrize("args, option", [
     (["gen", "-n", "abc"], "'-n'"),
     (["gen", "--sampler", "nope"], "'--sampler'"),
