@@ -172,6 +172,25 @@ def test_an_out_of_memory_in_gen_names_gens_options(ckpt, monkeypatch):
     assert "out of memory" in line and "(a smaller -n or --batch)" in line, line
 
 
+def test_onnxruntime_under_a_descriptor_limit_says_one_line_or_nothing(tmp_path):
+    """`ulimit -n 6; ddpm gen --engine onnx`: onnxruntime's import printed its warnings (cpuinfo, telemetry, device
+    discovery: 9 lines) before the error. Whatever the limit, a run now prints nothing or one line naming it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    outcomes = []
+    for n in range(5, 11):
+        r = subprocess.run(["ddpm", "gen", "-n", "2", "--steps", "2", "--engine", "onnx", "-q", "--out", f"d{n}.png"],
+                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)))
+        lines = r.stderr.splitlines()
+        if r.returncode == 0:
+            assert lines == [], (n, r.stderr[-3000:])
+        else:
+            assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: too many open files") \
+                and f"ulimit -n {n}" in lines[0], (n, r.stderr[-3000:])
+        outcomes.append(r.returncode)
+    assert 0 in outcomes, outcomes   # the limits tried include ones that the command runs under
+
+
 @pytest.mark.parametrize("args, option", [
     (["gen", "-n", "abc"], "'-n'"),
     (["gen", "--sampler", "nope"], "'--sampler'"),
