@@ -215,3 +215,97 @@ def test_help_is_still_shown_for_no_arguments_and_help():
     for args, status in (([], 2), (["--help"], 0), (["gen", "--help"], 0), (["train", "-h"], 0)):
         r = invoke(*args)
         assert r.exit_code == status and r.output.startswith("Usage: ") and "Options:" in r.output, (args, r.output)
+
+
+def _put(path, kind):
+    """Put `kind` at `path` in place of a file: a folder, a pipe, a dangling link."""
+    if os.path.lexists(path):
+        os.remove(path)
+    {"folder": os.mkdir, "pipe": os.mkfifo, "dangling link": lambda p: os.symlink("/nonexistent/x", p)}[kind](path)
+
+
+def _finishes(fn, seconds=60):
+    """fn() run in a thread: what it raised (None if nothing), or a failure when it is still blocked after
+    `seconds` (reading a pipe that no one writes)."""
+    out = []
+
+    def target():
+        try:
+            fn()
+            out.append(None)
+        except BaseException as e:   # noqa: BLE001 (handed to the test)
+            out.append(e)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert out, f"still blocked after {seconds} s"
+    return out[0]
+
+
+SAID = {"folder": "is a folder, not a file", "pipe": "is a pipe, not a file",
+        "dangling link": "is a symbolic link to /nonexistent/x, which does not exist"}
+
+
+@pytest.mark.parametrize("kind", list(SAID))
+@pytest.mark.parametrize("member", ["export.json", "model.onnx"])
+def test_an_export_folder_member_of_another_kind_is_named(tiny_export, tmp_path, member, kind):
+    """export.json (or a file it names) that is a folder, a pipe or a dangling link: the message says exactly that
+    (it said "no export.json" or "is missing"), and nothing waits on a pipe."""
+    import shutil
+
+    from ddpm.runtime.bundle import Bundle, ExportError
+
+    exp = tmp_path / "exp"
+    shutil.copytree(tiny_export, exp)
+    _put(exp / member, kind)
+    e = _finishes(lambda: Bundle.load(exp).onnx_path())
+    assert isinstance(e, ExportError) and str(e) == f"{exp / member} {SAID[kind]}; re-run `ddpm export`", e
+
+
+@pytest.mark.parametrize("kind", list(SAID))
+def test_every_file_read_refuses_another_kind_in_one_line(ckpt, fake_mnist, tmp_path, kind):
+    """The same check (files.input_path) for every file read: a run folder's model.safetensors and ckpt.pt, a
+    checkpoint named directly, a samples file, a picture, the classifier's weights, the --ort-web tarball."""
+    import shutil
+
+    from ddpm.errors import DdpmError
+    from ddpm.evaluation import reference
+    from ddpm.export.web import ort_web_tarball
+    from ddpm.model.io import load_checkpoint, load_model
+    from ddpm.runtime.images import read_image
+    from ddpm.samples import read_samples
+
+    run = tmp_path / "run"
+    shutil.copytree(ckpt, run)
+    _put(run / "model.safetensors", kind)   # was passed over for ckpt.pt (or said "not a regular file")
+    _put(tmp_path / "x", kind)
+    for call, name in ((lambda: load_model(run), run / "model.safetensors"),
+                       (lambda: load_checkpoint(tmp_path / "x"), tmp_path / "x"),
+                       (lambda: read_samples(tmp_path / "x"), tmp_path / "x"),
+                       (lambda: read_image(tmp_path / "x"), tmp_path / "x"),
+                       (lambda: reference(fake_mnist, tmp_path / "x", download=False, log=None), tmp_path / "x"),
+                       (lambda: ort_web_tarball(tmp_path / "x"), tmp_path / "x")):
+        e = _finishes(call)
+        assert e is not None and f"{name} {SAID[kind]}" in str(e) and "\n" not in str(e), (name, e)
+
+
+def test_an_unreadable_export_json_says_so(tiny_export, tmp_path, monkeypatch):
+    """A file that cannot be opened (as root, chmod 000 still can: the refusal is simulated)."""
+    import shutil
+
+    from ddpm import files
+    from ddpm.runtime.bundle import Bundle, ExportError
+
+    exp = tmp_path / "exp"
+    shutil.copytree(tiny_export, exp)
+    real = os.open
+
+    def refuse(path, *a, **k):
+        if os.fspath(path) == os.fspath(exp / "export.json"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(files.os, "open", refuse)
+    with pytest.raises(ExportError, match=r"export.json cannot be read \(Permission denied\); re-run `ddpm export`"):
+        Bundle.load(exp)
