@@ -172,6 +172,18 @@ def test_an_out_of_memory_in_gen_names_gens_options(ckpt, monkeypatch):
     assert "out of memory" in line and "(a smaller -n or --batch)" in line, line
 
 
+def test_onednn_failing_under_a_memory_limit_is_out_of_memory(monkeypatch):
+    """`ddpm train --resume` under `ulimit -v 850000` ended in a traceback, "RuntimeError: could not create a
+    primitive" (oneDNN, inside loss.backward()): with a memory limit set, that is the limit."""
+    import ddpm.errors as errors
+
+    primitive = RuntimeError("could not create a primitive")
+    monkeypatch.setattr(errors, "_limit", lambda name: {"AS": 850000 << 10}.get(name))
+    assert "out of memory" in errors.limit_message(primitive) and "ulimit -v 850000" in errors.limit_message(primitive)
+    monkeypatch.setattr(errors, "_limit", lambda name: None)
+    assert errors.limit_message(primitive) is None   # without a limit it may be anything: passed on as it is
+
+
 def test_onnxruntime_under_a_descriptor_limit_says_one_line_or_nothing(tmp_path):
     """`ulimit -n 6; ddpm gen --engine onnx`: onnxruntime's import printed its warnings (cpuinfo, telemetry, device
     discovery: 9 lines) before the error. Whatever the limit, a run now prints nothing or one line naming it."""
