@@ -12,7 +12,7 @@ from .cli_edit import edit_cmd, inpaint, restore, upscale
 from .cli_options import check_output, done, prepare, refuse_guidance_without_labels, sampling_options
 from .cli_tools import bench, eval_cmd, export_cmd
 from .cli_train import train
-from .errors import DdpmError, OptionError, Terminated, limit_message
+from .errors import LESS_AT_ONCE, DdpmError, OptionError, Terminated, limit_message
 from .signals import file_size_limit_as_error, sigterm_as_interrupt
 
 # OMP_WAIT_POLICY=PASSIVE is set by `import ddpm` (ddpm/__init__.py), before any command loads PyTorch.
@@ -20,12 +20,63 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 FLAGS = {"n": "-n", "jump": "--jump-length", "top": "--strength", "plan": "--sampler"}   # API argument -> option
 
 
+# options that ask for less memory at once: an out-of-memory message names those of the command that runs
+LESS_AT_ONCE_PARAMS = ("num", "batch", "batch_size", "batches", "batch_range")
+_HELP_ERROR = getattr(click.exceptions, "NoArgsIsHelpError", ())   # `ddpm` alone: click shows the help (click >= 8.2)
+
+
+class OneLineUsageError(click.UsageError):
+    """A usage error (a bad or unknown option, a value that does not fit, an unknown command) shown as one line,
+    "Error: <click's message, naming the option> (see ddpm gen --help)", instead of click's usage block; exit
+    status 2, as click's."""
+
+    def __init__(self, e: click.UsageError, path: str | None):
+        super().__init__(" ".join(e.format_message().split()), e.ctx)
+        self.path = e.ctx.command_path if e.ctx is not None else path
+
+    def show(self, file=None) -> None:
+        hint = f" (see {self.path} --help)" if self.path else ""
+        click.echo(f"Error: {self.format_message()}{hint}", file=file, err=file is None)
+
+
+def less_at_once(command: click.Command) -> str | None:
+    """The options of `command` that ask for less memory at once, as a message names them ("-n or --batch")."""
+    opts = [p.opts[0] for p in command.params if p.name in LESS_AT_ONCE_PARAMS and p.opts]
+    return " or ".join(opts) or None
+
+
 class Group(click.Group):
-    """The `ddpm` group: a bad option value (OptionError) is a usage error naming its option (exit 2); any other
-    DdpmError and a resource limit of the process (errors.limit_message) one line and exit 1; Ctrl-C one line and
-    exit 130 (SIGINT's code), SIGTERM the same with "terminated" and exit 143 (errors.Terminated)."""
+    """The `ddpm` group: a usage error (a bad option value, an OptionError naming its option, an unknown option or
+    command) is one line and exit 2 (OneLineUsageError); any other DdpmError and a resource limit of the process
+    (errors.limit_message, naming the running command's options that ask for less memory) one line and exit 1;
+    Ctrl-C one line and exit 130 (SIGINT's code), SIGTERM the same with "terminated" and exit 143
+    (errors.Terminated)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except _HELP_ERROR:
+            raise
+        except click.UsageError as e:   # an option of `ddpm` itself
+            raise OneLineUsageError(e, info_name) from None
+
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None:
+            LESS_AT_ONCE.set(less_at_once(command))   # reset when `invoke` returns
+        return name, command, rest
 
     def invoke(self, ctx):
+        token = LESS_AT_ONCE.set(None)
+        try:
+            return self._invoke(ctx)
+        except click.UsageError as e:
+            sub = f"{ctx.command_path} {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ctx.command_path
+            raise OneLineUsageError(e, sub) from None
+        finally:
+            LESS_AT_ONCE.reset(token)
+
+    def _invoke(self, ctx):
         with sigterm_as_interrupt(), file_size_limit_as_error():
             try:
                 return super().invoke(ctx)

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from .cli_options import Finite, check_output, device_syntax, needs_torch
+from .errors import LimitReached
 from .model.config import PRESETS
 from .options import MAX_THREADS
 from .runtime.noise import MAX_SEED
 from .runtime.schedule import PREDICTIONS, SCHEDULES
+from .signals import stop_message
+
+
+def on_disk(out: str) -> str:
+    """Where the run in `out` can go on from, from its ckpt.pt (model.io.checkpoint_step: read without PyTorch), in
+    the words of train.loop.Checkpoints.where: "last checkpoint at step 200 in runs/x, continue with --resume"."""
+    from .model.io import CKPT_FILE, checkpoint_step
+
+    step = checkpoint_step(Path(out) / CKPT_FILE)
+    if step is None:
+        return "no checkpoint written yet"
+    return f"last checkpoint at step {step} in {out}, continue with --resume"
 
 
 class LazyChoice(click.Choice):
@@ -90,17 +105,20 @@ def train(threads, resume, **opts):
       torchrun --nproc_per_node 2 -m ddpm.cli train --batch 128   # DDP, global batch 128
     """
     check_output(opts["out"], "--out", folder=True)
-    needs_torch("train")
-    import torch
+    # what stops the command before the training loop (which says it itself: train.loop.Checkpoints), e.g. PyTorch's
+    # import or the data under a memory limit, or Ctrl-C: the message names the checkpoint on disk
+    with stop_message(lambda: on_disk(opts["out"]), LimitReached):
+        needs_torch("train")
+        import torch
 
-    from .train.loop import TrainConfig, train as run
+        from .train.loop import TrainConfig, train as run
 
-    if threads:
-        torch.set_num_threads(threads)
-    ctx = click.get_current_context()
-    given = {name for name in opts if ctx.get_parameter_source(name) not in
-             (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)}
-    summary = run(TrainConfig(**opts), resume=resume, log=click.echo, given=given)
+        if threads:
+            torch.set_num_threads(threads)
+        ctx = click.get_current_context()
+        given = {name for name in opts if ctx.get_parameter_source(name) not in
+                 (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)}
+        summary = run(TrainConfig(**opts), resume=resume, log=click.echo, given=given)
     if summary["steps"]:
         click.echo(f"trained {summary['steps']} steps in {summary['seconds']:.1f}s ({summary['steps_per_s']:.2f} steps/s; "
                    f"checkpoints took {summary['checkpoint_seconds']:.1f}s more), last loss {summary['loss']:.4f}; "

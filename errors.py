@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import numbers
+from contextvars import ContextVar
 
 try:   # imported now: once a limit is reached (too many open files, no memory) an import may fail itself
     import resource
@@ -81,15 +82,25 @@ class Interrupted(KeyboardInterrupt):
 
     A KeyboardInterrupt, so that code which handles Ctrl-C still sees one."""
 
+    detail: str | None = None   # what `interrupted` added to the message (None: the bare signal)
+
 
 # Texts of the errors that C++ libraries raise for an allocation that failed (onnxruntime: std::bad_alloc in a
 # RuntimeException; PyTorch: "DefaultCPUAllocator: can't allocate memory"), and of EMFILE and EFBIG lost in a
 # RuntimeError by a library that writes through C.
 _MEMORY_TEXTS = ("bad_alloc", "can't allocate memory", "cannot allocate memory", "failed to allocate memory")
+# ... of a failure that means memory only when the process has a memory limit (oneDNN, PyTorch's CPU kernels, says
+# this when it cannot allocate a kernel's workspace under ulimit -v)
+_LIMITED_MEMORY_TEXTS = ("could not create a primitive",)
 # ... and of an import whose shared library cannot be mapped into the address space left
 _MAP_TEXTS = ("failed to map segment", "cannot allocate memory")
 _FILES_TEXT = "too many open files"
 _FSIZE_TEXT = "file too large"
+
+# The options of the running command that ask for less memory at once (e.g. "-n or --batch" for `ddpm gen`,
+# "--batch" for `ddpm train`), named by an out-of-memory message: set by the CLI for the command it runs (cli.py),
+# None (no option named) in the Python API.
+LESS_AT_ONCE: ContextVar[str | None] = ContextVar("LESS_AT_ONCE", default=None)
 
 
 def _limit(name: str) -> int | None:
@@ -101,18 +112,37 @@ def _limit(name: str) -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def limit_message(e: BaseException) -> str | None:
+def _memory_limits() -> list[tuple[int, str, str]]:
+    """(soft limit in bytes, ulimit flag, what it limits) of each memory limit the process has."""
+    found = []
+    for name, flag, unit in (("AS", "v", "address space"), ("DATA", "d", "data segment")):
+        soft = _limit(name)
+        if soft is not None:
+            found.append((soft, flag, unit))
+    return found
+
+
+def limit_message(e: BaseException, again: bool = True) -> str | None:
     """One line for an exception that a resource limit of the process caused, naming the limit and how to raise it,
     or None when `e` is something else. Looked for in `e` and the exceptions it was raised from:
 
     - out of memory: MemoryError, OSError ENOMEM, a C++ std::bad_alloc or failed allocation (RuntimeError text), a
-      shared library that an import cannot map (ImportError "failed to map segment");
-      names the address-space limit (ulimit -v, KiB) or the data-segment limit (ulimit -d) when one is set;
+      shared library that an import cannot map (ImportError "failed to map segment"), oneDNN's "could not create a
+      primitive" while a memory limit is set; names the address-space limit (ulimit -v, KiB) or the data-segment
+      limit (ulimit -d) when one is set, and the options of the running command that ask for less at once
+      (LESS_AT_ONCE);
     - too many open files: OSError EMFILE (the per-process limit, ulimit -n) or ENFILE (the system's table);
     - a file larger than the file-size limit: OSError EFBIG (ulimit -f, in blocks of 1024 bytes; the CLI ignores
       SIGXFSZ, signals.file_size_limit_as_error, so that such a write fails with EFBIG instead of killing the
       process).
+
+    again: end with "and run again"; False when the caller says itself how to go on (a training run: continue
+    with --resume, signals.stop_message).
     """
+    then = " and run again" if again else ""
+    less = LESS_AT_ONCE.get()
+    less = f" (a smaller {less})" if less else ""
+    limits = _memory_limits()
     seen, err = set(), e
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -120,27 +150,25 @@ def limit_message(e: BaseException) -> str | None:
         native = isinstance(err, RuntimeError) or type(err).__module__.startswith("onnxruntime")
         text = str(err).lower() if native else ""
         unmapped = isinstance(err, ImportError) and any(t in str(err).lower() for t in _MAP_TEXTS)
-        if isinstance(err, MemoryError) or no == errno.ENOMEM or unmapped or any(t in text for t in _MEMORY_TEXTS):
-            for name, flag, unit in (("AS", "v", "address space"), ("DATA", "d", "data segment")):
-                soft = _limit(name)
-                if soft is not None:
-                    return (f"out of memory: the process may use at most {soft >> 20} MiB of {unit} (ulimit -{flag} "
-                            f"{soft >> 10}); raise the limit (ulimit -{flag} unlimited) or ask for less at once "
-                            f"(a smaller -n or --batch)")
-            return "out of memory; ask for less at once (a smaller -n or --batch), or free memory and run again"
+        if isinstance(err, MemoryError) or no == errno.ENOMEM or unmapped or any(t in text for t in _MEMORY_TEXTS) \
+                or (limits and any(t in text for t in _LIMITED_MEMORY_TEXTS)):
+            if limits:
+                soft, flag, unit = limits[0]
+                return (f"out of memory: the process may use at most {soft >> 20} MiB of {unit} (ulimit -{flag} "
+                        f"{soft >> 10}); raise the limit (ulimit -{flag} unlimited) or ask for less at once{less}")
+            return f"out of memory; ask for less at once{less}, or free memory{then}"
         if no == errno.EMFILE or (no is None and _FILES_TEXT in text):
             soft = _limit("NOFILE")
             now = f" ({soft}, ulimit -n {soft})" if soft is not None else " (ulimit -n)"
-            return (f"too many open files: the process reached its limit of open files{now}; raise it "
-                    f"(e.g. ulimit -n 4096) and run again")
+            return f"too many open files: the process reached its limit of open files{now}; raise it (e.g. " \
+                   f"ulimit -n 4096){then}"
         if no == errno.ENFILE:
-            return "too many open files in the system (its file table is full); close some programs and run again"
+            return f"too many open files in the system (its file table is full); close some programs{then}"
         if no == errno.EFBIG or (no is None and _FSIZE_TEXT in text):
             soft = _limit("FSIZE")
             now = f" of {soft} bytes (ulimit -f {soft >> 10})" if soft is not None else ""
             name = f" {err.filename}" if isinstance(err, OSError) and err.filename else ""
-            return (f"a file{name} would be larger than the file-size limit{now}; raise it (ulimit -f unlimited) "
-                    f"and run again")
+            return f"a file{name} would be larger than the file-size limit{now}; raise it (ulimit -f unlimited){then}"
         err = err.__cause__ or err.__context__
     return None
 
@@ -168,6 +196,6 @@ def interrupted(e: KeyboardInterrupt, detail: str) -> Interrupted:
     """The exception to raise from `except KeyboardInterrupt as e` with `detail` (what the user needs to know, e.g.
     the last checkpoint): Terminated("terminated; detail") when e came from SIGTERM, else
     Interrupted("interrupted; detail")."""
-    if isinstance(e, Terminated):
-        return Terminated(f"terminated; {detail}")
-    return Interrupted(f"interrupted; {detail}")
+    made = Terminated(f"terminated; {detail}") if isinstance(e, Terminated) else Interrupted(f"interrupted; {detail}")
+    made.detail = detail   # said once: an enclosing handler (signals.stop_message) passes it on as it is
+    return made

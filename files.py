@@ -48,7 +48,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import DdpmError
+from .errors import DdpmError, limit_message
 
 STALE_AFTER = 300.0          # seconds: a temporary of another host (or an untagged one) older than this is stale
 HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
@@ -260,6 +260,50 @@ def output_path(path: str | os.PathLike, folder: bool = False) -> Path:
         raise OutputError(f"cannot write {p}: it is a symbolic link to {os.readlink(p)}, a file that has no name of "
                           f"its own to be replaced; remove the link or give another name")
     return Path(real)
+
+
+def input_path(path: str | os.PathLike, error: type[DdpmError], hint: str = "", name: str | None = None) -> Path:
+    """`path` as a file to read: a regular file, or a symbolic link to one, that this process can open. Anything
+    else raises error(one line) that says what is there, e.g. "EXPORT/export.json is a folder, not a file; re-run
+    `ddpm export`": a missing file ("does not exist"), a dangling or looping link, a folder, a pipe (FIFO), a device
+    or a socket ("is a pipe, not a file"), a file that cannot be opened ("cannot be read (Permission denied)").
+
+    Never blocks and never opens anything but a regular file: what is at the path is looked at (os.stat) before it
+    is opened, and opened without waiting (O_NONBLOCK) and looked at again, so that a pipe put there in between
+    cannot hold a reader up either. hint: what to do, appended to the message ("; re-run `ddpm export`"); name:
+    how the message calls the file (default: the path)."""
+    p = Path(path)
+    said = name or str(p)
+
+    def refuse(problem: str):
+        raise error(f"{said} {problem}{hint}") from None
+
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        if os.path.islink(p):
+            refuse(f"is a symbolic link to {os.readlink(p)}, which does not exist")
+        refuse("does not exist")
+    except NotADirectoryError:
+        refuse("does not exist (a folder on its path is a file)")
+    except OSError as e:   # a link loop, a folder that cannot be searched
+        refuse(f"cannot be read ({e.strerror or e})")
+    if stat.S_ISREG(st.st_mode):
+        try:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        except OSError as e:
+            if limit_message(e) is not None:   # too many open files: a limit of the process, named as such
+                raise
+            refuse(f"cannot be read ({e.strerror or e})")
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        if os.path.islink(p):
+            refuse(f"is a symbolic link to {os.readlink(p)}, which is {_kind(st.st_mode)}, not a file")
+        refuse(f"is {_kind(st.st_mode)}, not a file")
+    return p
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:

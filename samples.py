@@ -23,7 +23,7 @@ from typing import Iterable
 import numpy as np
 
 from .errors import DdpmError, brief, clip
-from .files import atomic_write
+from .files import atomic_write, input_path
 from .schema import Array, Schema
 
 NUM_CLASSES = 10
@@ -69,7 +69,7 @@ def read_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
     Every member's header (dtype, shape) is checked against the schema, and the bytes it implies against the size
     the zip declares for the member and against MAX_SAMPLES_BYTES, before any data is inflated or allocated."""
-    path = Path(path)
+    path = input_path(path, SamplesError, f"; {SAMPLES.hint}")   # a file: not a folder, a pipe, a dead link
     try:
         with open(path, "rb") as f:
             magic = f.read(6)

@@ -14,7 +14,7 @@ import signal
 import threading
 from typing import Callable
 
-from .errors import DdpmError, Terminated, interrupted, limit_message
+from .errors import DdpmError, LimitReached, Terminated, interrupted, limit_message
 
 
 def _main_thread() -> bool:
@@ -61,13 +61,23 @@ def stop_message(detail: Callable[[], str], error: type[DdpmError]):
     """While the block runs, what stops it says where things stand, `detail()` (e.g. "last checkpoint at step 200 in
     runs/x, continue with --resume"): a KeyboardInterrupt is raised again as errors.interrupted(e, detail())
     (Terminated for SIGTERM, Interrupted for Ctrl-C), an exception that a resource limit caused as
-    error("<the limit, errors.limit_message>; <detail>"); anything else passes unchanged."""
+    error("<the limit, errors.limit_message>; <detail>"), with the options of the running command that ask for less
+    memory (errors.LESS_AT_ONCE); errors.LimitReached (a limit found by a check, e.g. an import) too. Any other
+    DdpmError, an `interrupted` exception (one that says where things stand already: an inner stop_message's) and
+    anything else pass unchanged."""
     try:
         yield
+    except DdpmError as e:
+        message = limit_message(e, again=False) if isinstance(e, LimitReached) else None
+        if message is None:
+            raise
+        raise error(f"{message}; {detail()}") from None
     except KeyboardInterrupt as e:   # every file is whole (atomic writes): the detail says what is on disk
+        if getattr(e, "detail", None) is not None:
+            raise
         raise interrupted(e, detail()) from None
     except Exception as e:
-        message = limit_message(e)
+        message = limit_message(e, again=False)
         if message is None:
             raise
         raise error(f"{message}; {detail()}") from None

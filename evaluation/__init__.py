@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..files import input_path
 from .classifier import (CLASSIFIER_FILE, FEATURES, IMAGE_SHAPE, Classifier, features_and_predictions,
                          load_classifier, predict, train_classifier)
 from .metrics import (MIN_N, EvaluationError, Reference, border_share, check_samples, format_table, frechet_distance)
@@ -55,8 +56,9 @@ def reference(data: str | os.PathLike | None = None, classifier: str | os.PathLi
             path = user_dir("config") / "classifier.safetensors"
         accuracy = train_classifier(folder, path, progress=progress)
         say(f"classifier retrained: test accuracy {100 * accuracy:.2f}% -> {path}")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise EvaluationError(f"classifier weights {path} not found (use --train-classifier)")
+    input_path(path, EvaluationError, "; use --train-classifier", name=f"classifier weights {path}")
     if not keep:
         return Reference.load(folder, path)
     key = (str(folder), str(path))

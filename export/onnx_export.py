@@ -52,9 +52,9 @@ def to_onnx(model: torch.nn.Module, path: Path, precision: str, opset: int = 17)
 
 
 def ort_session(path: Path, threads: int | None = None):
-    import onnxruntime as ort
+    from ..runtime.nets import import_onnxruntime, ort_cpu_options
 
-    from ..runtime.nets import ort_cpu_options
+    ort = import_onnxruntime("verifying an export")
 
     with readable_name(path) as name:
         return ort.InferenceSession(name, ort_cpu_options(ort, threads), providers=["CPUExecutionProvider"])

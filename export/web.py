@@ -31,7 +31,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from ..files import publish_dir, temp_dir
+from ..files import input_path, publish_dir, temp_dir
 from ..runtime.bundle import Bundle
 
 ORT_WEB = {
@@ -131,8 +131,8 @@ def npm_failure(stderr: str, returncode: int) -> str:
 def ort_web_tarball(given: str | Path | None = None, log=print) -> Path:
     """The pinned onnxruntime-web tarball, integrity-checked: `given`, else the cached one, else fetched with
     `npm pack` into the cache. WebExportError when none can be had."""
-    if given is not None:
-        return _checked(Path(given))
+    if given is not None:   # a file: not a folder, a pipe (which would hold the reader up), a dead link
+        return _checked(input_path(given, WebExportError, name=f"--ort-web {given}"))
     name = f"{ORT_WEB['package']}-{ORT_WEB['version']}.tgz"
     cached = cache_dir() / name
     if cached.is_file():

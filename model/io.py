@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DdpmError, brief, clip, raise_if_limit
-from ..files import readable_name
+from ..files import input_path, readable_name
 from ..files import atomic_write  # noqa: F401  (re-exported: model.io.atomic_write is used across the package)
 from ..schema import Any, Array, Const, Int, Json, Map, Obj, Schema
 from .config import ModelConfig
@@ -138,9 +138,7 @@ MODEL_META = Schema("ddpm model (model.safetensors metadata)", {
 def load_checkpoint(path: str | os.PathLike, schema: Schema = CKPT) -> dict:
     """The dict of a ckpt.pt, read with weights_only=True (no code runs), checked against `schema` (default: all a
     resume needs; CKPT_WEIGHTS: what loading the model needs). Raises CheckpointError, TorchMissing."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    path = input_path(path, CheckpointError, name=f"checkpoint {path}")   # a file: not a folder, a pipe, a dead link
     torch = require_torch(f"reading {path.name}")
     _check_archive(path)
     try:
@@ -152,6 +150,52 @@ def load_checkpoint(path: str | os.PathLike, schema: Schema = CKPT) -> dict:
     _check_storage(path, ckpt)
     schema.check(ckpt, path, CheckpointError)
     return ckpt
+
+
+MAX_CKPT_PICKLE = 64 << 20   # bytes: a ckpt.pt's pickle (its structure; the tensors are stored apart) is ~100 KB
+
+
+class _Anything:
+    """What `checkpoint_step` makes of every class and stored object a ckpt.pt's pickle names (tensors, storages,
+    OrderedDict): nothing is built, no code of the pickle runs."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step of a ckpt.pt, read from its archive's pickle alone: without PyTorch, without the tensors (a few
+    hundred kilobytes at most), so that a run stopped by a resource limit (when PyTorch may not even import) can
+    still name the checkpoint it continues from. None when `path` is not a readable ckpt.pt of ours."""
+    import pickle
+    import zipfile
+
+    class Skeleton(pickle.Unpickler):
+        def find_class(self, module, name):
+            return _Anything
+
+        def persistent_load(self, pid):
+            return None
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            member = next((m for m in zf.infolist() if m.filename.endswith("/data.pkl")), None)
+            if member is None or member.compress_type != zipfile.ZIP_STORED or member.file_size > MAX_CKPT_PICKLE:
+                return None
+            with zf.open(member) as f:
+                ckpt = Skeleton(f).load()
+    except Exception:   # not a zip, not a pickle, cut short: no step to name
+        return None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        return None
+    step = ckpt.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
 
 
 def _check_storage(path: Path, obj, where: str = "") -> None:
@@ -185,15 +229,16 @@ class LoadedModel:
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
+    """The weights file `path` names: `path` itself, or in a run folder its model.safetensors, else its ckpt.pt.
+    CheckpointError when there is none, or when what is there is not a file that can be read (files.input_path:
+    a folder, a pipe, a dangling link; one line that says which)."""
     path = Path(path)
     if path.is_dir():
         for name in (MODEL_FILE, CKPT_FILE):
-            if (path / name).is_file():
-                return path / name
+            if os.path.lexists(path / name):
+                return input_path(path / name, CheckpointError, name=f"checkpoint {path / name}")
         raise CheckpointError(f"{path} holds neither {MODEL_FILE} nor {CKPT_FILE}")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} " + ("is not a regular file" if path.exists() else "does not exist"))
-    return path
+    return input_path(path, CheckpointError, name=f"checkpoint {path}")
 
 
 def _read_safetensors(path: Path, framework: str) -> tuple[dict, dict]:

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DdpmError, brief, clip
+from ..files import input_path
 from ..schema import Any, Const, Int, List, Map, Num, Obj, Opt, Schema, Str
 from .schedule import MAX_T, Schedule
 
@@ -72,6 +74,7 @@ class ExportError(DdpmError):
 
 
 def file_sha256(path: Path) -> str:
+    """The sha256 (hex) of a file's bytes, read in 1 MiB pieces."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -211,8 +214,9 @@ class Bundle:
             from ..files import clean_stale
 
             clean_stale(root.parent, root.name)
-        if not meta_path.is_file():
+        if not os.path.lexists(meta_path):
             raise ExportError(f"{root} is not an export folder (no {META_FILE}); create one with `ddpm export`")
+        input_path(meta_path, ExportError, "; re-run `ddpm export`")   # a file, not a folder, a pipe, a dead link
         try:
             size = meta_path.stat().st_size
             if size > MAX_META_BYTES:
@@ -309,8 +313,9 @@ class Bundle:
         ExportError otherwise; `redo`: the command that writes it again."""
         path = self.root / entry["name"]
         root = self.root.resolve()
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise ExportError(f"{path} is missing; re-run `{redo}`")
+        input_path(path, ExportError, f"; re-run `{redo}`")   # a file, not a folder, a pipe, a dead link
         real = path.resolve()
         if real.parent != root:
             raise ExportError(f"{path} leads outside its export folder (to {real}); an export folder holds its own "

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import raise_if_limit
 from .bundle import Bundle, ExportError
 from .engine import Engine, StepCallback, Supports
-from .nets import EngineUnavailable, ort_cpu_options, ort_session
+from .nets import EngineUnavailable, import_onnxruntime, ort_cpu_options, ort_session
 from .runner import plan_key
 from .samplers import Plan
 
@@ -27,11 +26,7 @@ class GeneratorEngine(Engine):
 
     def __init__(self, path, info: dict, null_label: int, threads: int | None = None):
         """path: a generator.onnx; info: its record (at least plan, plan_key; export.json "generator")."""
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise_if_limit(e)
-            raise EngineUnavailable("the onnx-generator engine needs onnxruntime: pip install onnxruntime") from None
+        ort = import_onnxruntime("the onnx-generator engine")
         self.path, self.info, self.null_label = path, info, int(null_label)
         so = ort_cpu_options(ort, threads)   # the CPU thread defaults of runtime.nets (bench/threads.md)
         self.sess = ort_session(ort, path, so, ["CPUExecutionProvider"])

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DdpmError, OptionError, clip
+from ..files import input_path
 
 # The largest picture read (pixels): a digit needs nothing near it, and a small file that claims more is a
 # decompression bomb. Pillow's own limit (Image.MAX_IMAGE_PIXELS, about 89 M pixels) is enforced too.
@@ -41,8 +42,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
-    if not p.is_file():
-        raise ImageError(f"{path}: no such file" if not p.exists() else f"{path}: not a file")
+    if not os.path.lexists(p):
+        raise ImageError(f"{path}: no such file")
+    input_path(p, ImageError)   # a file: not a folder, a pipe, a dead link
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

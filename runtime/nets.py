@@ -15,7 +15,10 @@ caller. On a GPU every net works on its own CUDA stream (`stream_context()`), ne
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+import sys
+import threading
+import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,62 @@ def cpu_count() -> int:
 # the machine is quiet.
 ORT_THREADS: int | None = None   # None: cpu_count()
 ORT_SPINNING = False
+
+
+_IMPORT_LOCK = threading.Lock()   # fd 2 is the process's: one quiet import at a time
+
+
+@contextmanager
+def _stderr_silenced():
+    """While the block runs, what is written to file descriptor 2 (by C and C++ code too) is dropped, and Python's
+    warnings are held and issued after it. Unchanged when no descriptor is left for the swap."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, AttributeError, ValueError):   # no descriptor left, or no stderr
+        yield
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        os.close(saved)
+        yield
+        return
+    try:
+        os.dup2(null, 2)
+        os.close(null)
+        with warnings.catch_warnings(record=True) as held:
+            warnings.simplefilter("default")
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    for w in held:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def import_onnxruntime(what: str):
+    """The onnxruntime module for `what` (e.g. "the onnx engine"). Imported once without its own output: on import
+    onnxruntime's environment, and the cpuinfo library under it, print warnings to stderr when the process is short
+    of something (descriptors under `ulimit -n`: 9 lines before the error), before any of its logging settings can
+    be made; its default logger is then set to errors only (sessions log fatal errors only, ort_cpu_options). An
+    error is an exception, reported in one line. Raises errors.LimitReached when a resource limit stopped the
+    import, EngineUnavailable when onnxruntime is not installed."""
+    with _IMPORT_LOCK:
+        try:
+            if "onnxruntime" in sys.modules:
+                import onnxruntime as ort
+            else:
+                with _stderr_silenced():
+                    import onnxruntime as ort
+                ort.set_default_logger_severity(3)
+        except ImportError as e:
+            raise_if_limit(e)
+            raise EngineUnavailable(f"{what} needs onnxruntime: pip install onnxruntime") from None
+        except OSError as e:   # a file of the package that cannot be opened, e.g. too many open files
+            raise_if_limit(e)
+            raise
+    return ort
 
 
 def ort_cpu_options(ort, threads: int | None = None, spinning: bool | None = None):
@@ -202,11 +261,7 @@ class OnnxNet(_CudaStream):
 
     def __init__(self, onnx_path: Path, device="cpu", threads: int | None = None, chunk: int | None = None,
                  spinning: bool | None = None, fp32_path: Path | None = None, fp32_max_t: int = -1):
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise_if_limit(e)
-            raise EngineUnavailable("the onnx engine needs onnxruntime: pip install onnxruntime") from None
+        ort = import_onnxruntime("the onnx engine")
         self.device = str(device)
         so = ort_cpu_options(ort, threads, spinning)   # threads, spinning: None = the defaults above
         if _is_cuda(self.device):

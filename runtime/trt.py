@@ -67,7 +67,7 @@ def engine_files(onnx_path: Path) -> list[tuple[Path, dict]]:
     found = []
     for engine in sorted(onnx_path.parent.glob(f"{onnx_path.stem}_b*{ENGINE_SUFFIX}")):
         info = engine.with_suffix(INFO_SUFFIX)
-        if not name.fullmatch(engine.name) or not info.is_file() \
+        if not name.fullmatch(engine.name) or not engine.is_file() or not info.is_file() \
                 or {engine.resolve().parent, info.resolve().parent} != {onnx_path.parent.resolve()}:   # links out
             continue
         try:

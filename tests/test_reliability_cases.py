@@ -1,12 +1,16 @@
 """Cases of issue #22's kinds that a fresh user's abuse run found after the first fixes: tensors that declare more
 than they store, imports stopped by a memory limit, torch's writer under the file-size limit, API calls that run out
-of memory, run-folder members of the wrong kind, an npm registry that never answers."""
+of memory, run-folder members of the wrong kind, an npm registry that never answers; then a training run stopped by
+a limit (its own options and its last checkpoint), onnxruntime's output under a descriptor limit, bad command-line
+input, and files to read that are folders, pipes or dead links."""
 
 import builtins
+import errno
 import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -103,3 +107,217 @@ def test_an_npm_registry_that_never_answers_is_one_line_in_bounded_time(tmp_path
     with pytest.raises(web.WebExportError, match="got no answer in 2 s") as e:
         web.ort_web_tarball(log=lambda *_: None)
     assert time.monotonic() - t < 20 and "--ort-web" in str(e.value)
+
+
+def _error_line(r) -> str:
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and "Traceback" not in r.output and lines[-1].startswith("Error: "), r.output[-3000:]
+    return lines[-1]
+
+
+def test_a_training_run_stopped_by_a_limit_names_its_own_options_and_its_last_checkpoint(fake_mnist, tmp_path,
+                                                                                        monkeypatch):
+    """`ddpm train` past the file-size limit or out of memory, in its loop or before it (PyTorch's import, the data of
+    --resume): one line with what `train` can change (--batch: -n is gen's) and the last checkpoint on disk, with
+    --resume to continue. The message comes from the command that runs: the Python API names no option."""
+    import ddpm.train.loop as loop
+    from ddpm.errors import limit_message
+
+    monkeypatch.setattr(loop, "write_samples", lambda *a, **k: None)   # the grid of a checkpoint: not needed here
+    run = tmp_path / "run"
+    real_loss, calls = loop.diffusion_loss, [0]
+
+    def loss_then(raised):
+        def loss(*a, **k):
+            calls[0] += 1
+            if calls[0] == 3:   # the third step, after the checkpoint of step 2
+                raise raised
+            return real_loss(*a, **k)
+        return loss
+
+    monkeypatch.setattr(loop, "diffusion_loss", loss_then(OSError(errno.EFBIG, "File too large")))
+    line = _error_line(invoke("train", "--data", fake_mnist, "--out", run, "--preset", "tiny", "--timesteps", 20,
+                              "--batch", 8, "--steps", 4, "--ckpt-every", 2, "--device", "cpu"))
+    assert "file-size limit" in line and "last checkpoint at step 2 in" in line and "--resume" in line, line
+    assert "run again" not in line, line   # a run that holds a checkpoint goes on with --resume
+
+    def no_memory(*a, **k):
+        raise MemoryError()
+
+    resume = ["train", "--data", fake_mnist, "--out", run, "--steps", 4, "--resume", "--device", "cpu"]
+    with monkeypatch.context() as m:
+        m.setattr(loop, "load_mnist", no_memory)   # before the loop: reading the data of --resume
+        line = _error_line(invoke(*resume))
+    assert "out of memory" in line and "(a smaller --batch)" in line and "-n " not in line, line
+    assert "last checkpoint at step 2 in" in line and "--resume" in line, line
+
+    calls[0] = 1   # the next step raises: step 3, the first after the resumed checkpoint
+    monkeypatch.setattr(loop, "diffusion_loss", loss_then(RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB")))
+    line = _error_line(invoke(*resume))
+    assert "out of memory" in line and "(a smaller --batch)" in line and "-n " not in line, line
+    assert "last checkpoint at step 2 in" in line, line
+
+    assert "(a smaller" not in limit_message(MemoryError()), limit_message(MemoryError())
+
+
+def test_an_out_of_memory_in_gen_names_gens_options(ckpt, monkeypatch):
+    import ddpm.pipeline as pipeline
+
+    def no_memory(*a, **k):
+        raise MemoryError()
+
+    monkeypatch.setattr(pipeline, "run", no_memory)
+    line = _error_line(invoke("gen", "--ckpt", ckpt, "--engine", "torch", "-n", 2, "--steps", 2, "-q"))
+    assert "out of memory" in line and "(a smaller -n or --batch)" in line, line
+
+
+def test_onednn_failing_under_a_memory_limit_is_out_of_memory(monkeypatch):
+    """`ddpm train --resume` under `ulimit -v 850000` ended in a traceback, "RuntimeError: could not create a
+    primitive" (oneDNN, inside loss.backward()): with a memory limit set, that is the limit."""
+    import ddpm.errors as errors
+
+    primitive = RuntimeError("could not create a primitive")
+    monkeypatch.setattr(errors, "_limit", lambda name: {"AS": 850000 << 10}.get(name))
+    assert "out of memory" in errors.limit_message(primitive) and "ulimit -v 850000" in errors.limit_message(primitive)
+    monkeypatch.setattr(errors, "_limit", lambda name: None)
+    assert errors.limit_message(primitive) is None   # without a limit it may be anything: passed on as it is
+
+
+def test_onnxruntime_under_a_descriptor_limit_says_one_line_or_nothing(tmp_path):
+    """`ulimit -n 6; ddpm gen --engine onnx`: onnxruntime's import printed its warnings (cpuinfo, telemetry, device
+    discovery: 9 lines) before the error. Whatever the limit, a run now prints nothing or one line naming it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    outcomes = []
+    for n in range(5, 11):
+        r = subprocess.run(["ddpm", "gen", "-n", "2", "--steps", "2", "--engine", "onnx", "-q", "--out", f"d{n}.png"],
+                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)))
+        lines = r.stderr.splitlines()
+        if r.returncode == 0:
+            assert lines == [], (n, r.stderr[-3000:])
+        else:
+            assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: too many open files") \
+                and f"ulimit -n {n}" in lines[0], (n, r.stderr[-3000:])
+        outcomes.append(r.returncode)
+    assert 0 in outcomes, outcomes   # the limits tried include ones that the command runs under
+
+
+@pytest.mark.parametrize("args, option", [
+    (["gen", "-n", "abc"], "'-n'"),
+    (["gen", "--sampler", "nope"], "'--sampler'"),
+    (["gen", "--foo"], "'--foo'"),
+    (["gen", "--label", "3", "--uncond"], "--label and --uncond"),
+    (["gen", "--steps", "0"], "'--steps'"),
+    (["train", "--batch", "0"], "'--batch'"),
+    (["nope"], "'nope'"),
+    (["--foo"], "'--foo'"),
+])
+def test_bad_command_line_input_is_one_line_with_exit_status_2(args, option):
+    """A bad or unknown option (or command) printed click's usage block and a hint on 4 lines; it is one line that
+    names the option and where help is, exit status 2 (a usage error, as before)."""
+    r = invoke(*args)
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert lines[0].startswith("Error: ") and option in lines[0] and lines[0].endswith(" --help)"), lines[0]
+    assert "Usage:" not in r.output
+
+
+def test_help_is_still_shown_for_no_arguments_and_help():
+    for args, status in (([], 2), (["--help"], 0), (["gen", "--help"], 0), (["train", "-h"], 0)):
+        r = invoke(*args)
+        assert r.exit_code == status and r.output.startswith("Usage: ") and "Options:" in r.output, (args, r.output)
+
+
+def _put(path, kind):
+    """Put `kind` at `path` in place of a file: a folder, a pipe, a dangling link."""
+    if os.path.lexists(path):
+        os.remove(path)
+    {"folder": os.mkdir, "pipe": os.mkfifo, "dangling link": lambda p: os.symlink("/nonexistent/x", p)}[kind](path)
+
+
+def _finishes(fn, seconds=60):
+    """fn() run in a thread: what it raised (None if nothing), or a failure when it is still blocked after
+    `seconds` (reading a pipe that no one writes)."""
+    out = []
+
+    def target():
+        try:
+            fn()
+            out.append(None)
+        except BaseException as e:   # noqa: BLE001 (handed to the test)
+            out.append(e)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert out, f"still blocked after {seconds} s"
+    return out[0]
+
+
+SAID = {"folder": "is a folder, not a file", "pipe": "is a pipe, not a file",
+        "dangling link": "is a symbolic link to /nonexistent/x, which does not exist"}
+
+
+@pytest.mark.parametrize("kind", list(SAID))
+@pytest.mark.parametrize("member", ["export.json", "model.onnx"])
+def test_an_export_folder_member_of_another_kind_is_named(tiny_export, tmp_path, member, kind):
+    """export.json (or a file it names) that is a folder, a pipe or a dangling link: the message says exactly that
+    (it said "no export.json" or "is missing"), and nothing waits on a pipe."""
+    import shutil
+
+    from ddpm.runtime.bundle import Bundle, ExportError
+
+    exp = tmp_path / "exp"
+    shutil.copytree(tiny_export, exp)
+    _put(exp / member, kind)
+    e = _finishes(lambda: Bundle.load(exp).onnx_path())
+    assert isinstance(e, ExportError) and str(e) == f"{exp / member} {SAID[kind]}; re-run `ddpm export`", e
+
+
+@pytest.mark.parametrize("kind", list(SAID))
+def test_every_file_read_refuses_another_kind_in_one_line(ckpt, fake_mnist, tmp_path, kind):
+    """The same check (files.input_path) for every file read: a run folder's model.safetensors and ckpt.pt, a
+    checkpoint named directly, a samples file, a picture, the classifier's weights, the --ort-web tarball."""
+    import shutil
+
+    from ddpm.errors import DdpmError
+    from ddpm.evaluation import reference
+    from ddpm.export.web import ort_web_tarball
+    from ddpm.model.io import load_checkpoint, load_model
+    from ddpm.runtime.images import read_image
+    from ddpm.samples import read_samples
+
+    run = tmp_path / "run"
+    shutil.copytree(ckpt, run)
+    _put(run / "model.safetensors", kind)   # was passed over for ckpt.pt (or said "not a regular file")
+    _put(tmp_path / "x", kind)
+    for call, name in ((lambda: load_model(run), run / "model.safetensors"),
+                       (lambda: load_checkpoint(tmp_path / "x"), tmp_path / "x"),
+                       (lambda: read_samples(tmp_path / "x"), tmp_path / "x"),
+                       (lambda: read_image(tmp_path / "x"), tmp_path / "x"),
+                       (lambda: reference(fake_mnist, tmp_path / "x", download=False, log=None), tmp_path / "x"),
+                       (lambda: ort_web_tarball(tmp_path / "x"), tmp_path / "x")):
+        e = _finishes(call)
+        assert e is not None and f"{name} {SAID[kind]}" in str(e) and "\n" not in str(e), (name, e)
+
+
+def test_an_unreadable_export_json_says_so(tiny_export, tmp_path, monkeypatch):
+    """A file that cannot be opened (as root, chmod 000 still can: the refusal is simulated)."""
+    import shutil
+
+    from ddpm import files
+    from ddpm.runtime.bundle import Bundle, ExportError
+
+    exp = tmp_path / "exp"
+    shutil.copytree(tiny_export, exp)
+    real = os.open
+
+    def refuse(path, *a, **k):
+        if os.fspath(path) == os.fspath(exp / "export.json"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(files.os, "open", refuse)
+    with pytest.raises(ExportError, match=r"export.json cannot be read \(Permission denied\); re-run `ddpm export`"):
+        Bundle.load(exp)
