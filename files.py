@@ -58,7 +58,14 @@ _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 class OutputError(DdpmError):
-    """An output location that cannot be written (read-only, a file where a folder is needed, a full disk)."""
+    """An output location that cannot be written (read-only, a file where a folder is needed, a full disk).
+
+    fault: the message without how to go on (`then`, " and run again" for a full disk or the file-size limit), for a
+    caller that says itself how to go on (a training run: continue with --resume)."""
+
+    def __init__(self, fault: str, then: str = ""):
+        super().__init__(fault + then)
+        self.fault = fault
 
 
 def _parse_fault(spec: str | None) -> tuple[str, int, int] | None:
@@ -188,12 +195,12 @@ def too_large(path: Path) -> OutputError:
     soft = _limit("FSIZE")
     limit = f" of {soft} bytes (ulimit -f {soft >> 10})" if soft is not None else ""
     return OutputError(f"{path} was not written: it would be larger than the file-size limit{limit} (an earlier "
-                       f"{path.name}, if any, is kept); raise the limit (ulimit -f unlimited) and run again")
+                       f"{path.name}, if any, is kept); raise the limit (ulimit -f unlimited)", " and run again")
 
 
 def no_space(path: Path) -> OutputError:
     return OutputError(f"no space left on the device of {path.parent}: {path.name} was not written (an earlier "
-                       f"{path.name}, if any, is kept); free some space and run again")
+                       f"{path.name}, if any, is kept); free some space", " and run again")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -321,3 +322,20 @@ def test_an_unreadable_export_json_says_so(tiny_export, tmp_path, monkeypatch):
     monkeypatch.setattr(files.os, "open", refuse)
     with pytest.raises(ExportError, match=r"export.json cannot be read \(Permission denied\); re-run `ddpm export`"):
         Bundle.load(exp)
+
+
+def test_a_checkpoint_past_the_file_size_limit_says_once_how_to_go_on(fake_mnist, tmp_path, monkeypatch):
+    """A checkpoint write that fails on the file-size limit or a full disk: the line names the fault and then how a
+    training run goes on (run the command again, or --resume), once; the write's own "and run again" is left out."""
+    import ddpm.train.loop as loop
+    from ddpm.files import no_space, too_large
+
+    for fault in (too_large, no_space):
+        def save(path, *a, **k):
+            raise fault(Path(path))
+
+        monkeypatch.setattr(loop, "save_model", save)
+        line = _error_line(invoke("train", "--data", fake_mnist, "--out", tmp_path / fault.__name__, "--preset",
+                                  "tiny", "--timesteps", 20, "--batch", 8, "--steps", 2, "--ckpt-every", 2,
+                                  "--device", "cpu"))
+        assert "checkpoint at step 2" in line and line.count("again") == 1, line

@@ -589,7 +589,7 @@ class Checkpoints:
             except OutputError as e:
                 how = ("then continue with --resume" if self.last is not None else
                        "then run the same command again (without --resume: nothing to resume yet)")
-                raise TrainingError(f"checkpoint at step {step}: {e}; {how} ({_last(self.last)})") from None
+                raise TrainingError(f"checkpoint at step {step}: {e.fault}; {how} ({_last(self.last)})") from None
         run.ctx.barrier()
         self.last = step
         self.seconds += time.perf_counter() - t
