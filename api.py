@@ -308,7 +308,7 @@ def load(path: str | os.PathLike | None = None, export: str | os.PathLike | None
     Reading a model.safetensors or an export folder needs no PyTorch; a ckpt.pt does. Raises DdpmError.
     """
     try:
-        if path is not None and Path(path).is_dir() and (Path(path) / META_FILE).is_file() and export is None:
+        if path is not None and Path(path).is_dir() and os.path.lexists(Path(path) / META_FILE) and export is None:
             export, path = path, None
         if path is None and export is not None:
             b = Bundle.load(export)
