@@ -59,14 +59,10 @@ def export_folder(model, out: str | Path | None = None, fp16: bool = False, opse
 
 
 def write_web_page(bundle: Bundle, folder, plan, options: str, ort_web=None, log=print) -> Path:
-    """The static page around the generator of `plan` in the export folder `bundle` (export/web.py); DdpmError when
-    it fails."""
+    """The static page around the generator of `plan` in the export folder `bundle` (export/web.py); DdpmError
+    (export.web.WebExportError, runtime.bundle.ExportError) when it fails."""
     from ..options import GUIDANCE
-    from ..runtime.bundle import ExportError
     from ..runtime.runner import plan_key
-    from .web import WebExportError, write_page
+    from .web import write_page
 
-    try:
-        return write_page(bundle, folder, GUIDANCE, options, ort_web, log=log, plan_key=plan_key(plan))
-    except (WebExportError, ExportError) as e:
-        raise DdpmError(str(e)) from None
+    return write_page(bundle, folder, GUIDANCE, options, ort_web, log=log, plan_key=plan_key(plan))

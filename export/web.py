@@ -31,6 +31,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from ..errors import DdpmError
 from ..files import input_path, publish_dir, temp_dir
 from ..runtime.bundle import Bundle
 
@@ -46,7 +47,7 @@ PAGE_SRC = Path(__file__).with_name("page")
 MARKER = "model.json"   # a folder with it is a page this command wrote, and may be replaced
 
 
-class WebExportError(Exception):
+class WebExportError(DdpmError):
     """The page cannot be written; the message says why and what to do."""
 
 
@@ -70,10 +71,12 @@ def integrity(path: Path) -> str:
     return "sha512-" + base64.b64encode(h.digest()).decode()
 
 
-def _checked(path: Path) -> Path:
+def _checked(path: Path, name: str | None = None) -> Path:
+    """path when it holds the pinned tarball (ORT_WEB's integrity); WebExportError naming it (`name`, default the
+    path) otherwise."""
     got = integrity(path)
     if got != ORT_WEB["integrity"]:
-        raise WebExportError(f"{path} is not {ORT_WEB['package']} {ORT_WEB['version']}: its integrity is "
+        raise WebExportError(f"{name or path} is not {ORT_WEB['package']} {ORT_WEB['version']}: its integrity is "
                              f"{got[:30]}..., expected {ORT_WEB['integrity'][:30]}...")
     return path
 
@@ -132,7 +135,7 @@ def ort_web_tarball(given: str | Path | None = None, log=print) -> Path:
     """The pinned onnxruntime-web tarball, integrity-checked: `given`, else the cached one, else fetched with
     `npm pack` into the cache. WebExportError when none can be had."""
     if given is not None:   # a file: not a folder, a pipe (which would hold the reader up), a dead link
-        return _checked(input_path(given, WebExportError, name=f"--ort-web {given}"))
+        return _checked(input_path(given, WebExportError, name=f"--ort-web {given}"), f"--ort-web {given}")
     name = f"{ORT_WEB['package']}-{ORT_WEB['version']}.tgz"
     cached = cache_dir() / name
     if cached.is_file():

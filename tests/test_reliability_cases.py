@@ -342,3 +342,18 @@ def test_a_checkpoint_past_the_file_size_limit_says_once_how_to_go_on(fake_mnist
                                   "tiny", "--timesteps", 20, "--batch", 8, "--steps", 2, "--ckpt-every", 2,
                                   "--device", "cpu"))
         assert "checkpoint at step 2" in line and line.count("again") == 1, line
+
+
+@pytest.mark.parametrize("kind", ["pipe", "other file"])
+def test_a_bad_ort_web_tarball_is_refused_before_the_export(ckpt, tmp_path, kind):
+    """`ddpm export --web SITE --ort-web X` with X a pipe or not the pinned tarball: one line before any export work,
+    so no export folder is written for a page that cannot be made."""
+    given = tmp_path / "ort.tgz"
+    if kind == "pipe":
+        os.mkfifo(given)
+    else:
+        given.write_bytes(b"not onnxruntime-web")
+    out = tmp_path / "exp"
+    r = invoke("export", "--ckpt", ckpt, "--out", out, "--web", tmp_path / "site", "--ort-web", given)
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1].startswith("Error: "), r.output[-2000:]
+    assert "--ort-web" in r.output and not out.exists(), r.output[-2000:]
