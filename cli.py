@@ -158,12 +158,11 @@ def gen(num, label, uncond, out, trajectory, **o):
         pipeline.check_engine(o["engine"], watch=True)
     model, opts, log = prepare(o)
     plan = model.plan(**opts.plan_args())
-    labels = lambda a, b: model.labels(b - a, label, uncond, start=a)   # samples a..b-1: nothing of size n is held
-    job = pipeline.Job(num, plan, labels, bool(opts.guidance) and not uncond, image_shape=model.image_shape)
+    job = pipeline.Job.of(model, num, plan, label, uncond, opts)
     traj = Trajectory(min(4, num, opts.batch)) if trajectory else None
     with pipeline.run(model, opts, job, progress=not o["quiet"], log=log, watch=traj) as r:
         if r.batches is not None:   # an .npz is written batch by batch as they come
-            pipeline.save(out, r.batches, labels, num, model.image_shape, 10 if label is None and not uncond else None)
+            pipeline.save(out, r.batches, job.labels, num, model.image_shape, 10 if label is None and not uncond else None)
     if r.ctx.rank == 0:
         if traj is not None:
             traj.save(trajectory)

@@ -44,13 +44,12 @@ def _edit(o: dict, build, shown, what: str, detail: str) -> None:
     model, opts, log = prepare(o)
     plan, edit = build(model, opts, lambda top: model.plan(**opts.plan_args(), top=top))
     tile, n, label = shown(model), o["num"], o["label"]
-    labels = lambda a, b: model.labels(b - a, label, label is None)
-    job = pipeline.Job(n, plan, labels, bool(opts.guidance) and label is not None, edit, image_shape=model.image_shape)
+    job = pipeline.Job.of(model, n, plan, label, label is None, opts, edit=edit)
     with pipeline.run(model, opts, job, progress=not o["quiet"], log=log) as r:
         if r.ctx.rank == 0 and label is None:
             click.echo("no --label: using the unconditional model", err=True)
         if r.batches is not None:
-            pipeline.save(o["out"], r.batches, labels, n, model.image_shape, min(n + 1, 12), shown=tile)
+            pipeline.save(o["out"], r.batches, job.labels, n, model.image_shape, min(n + 1, 12), shown=tile)
     if r.ctx.rank == 0:
         cond = "unconditional" if label is None else f"label {label}, guidance {opts.guidance:g}"
         done(r, n, what, f"{detail.format(plan=plan.name if plan else 'no steps')}; {cond}", o["out"])

@@ -60,11 +60,9 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
     def generated():   # drawn once the classifier and the data are ready
         model, opts, log = prepare(o)
         plan = model.plan(**opts.plan_args())
-        labels = model.labels(num, None, uncond)
-        job = pipeline.Job(num, plan, lambda a, b: labels[a:b], bool(opts.guidance) and not uncond,
-                           image_shape=model.image_shape)
+        job = pipeline.Job.of(model, num, plan, None, uncond, opts)
         images = pipeline.generate(model, opts, job, progress=not o["quiet"], log=log)
-        yield f"{plan.name} w={opts.guidance:g}" + (" uncond" if uncond else ""), images, labels
+        yield f"{plan.name} w={opts.guidance:g}" + (" uncond" if uncond else ""), images, job.labels(0, num)
 
     rows = evaluation.evaluate_sets(samples or generated(), data, classifier, train_classifier,
                                     progress=not o["quiet"], log=click.echo)

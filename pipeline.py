@@ -1,10 +1,10 @@
 """One job pipeline for every command and the API: model -> plan -> engine -> batches over a sample range -> writer.
 
-    job = Job(n, plan, labels=lambda lo, hi: model.labels(hi - lo, label, uncond, start=lo), guided=True)
+    job = Job.of(model, n, plan, label, uncond, opts)         # guided when opts has a guidance scale and a label
     images = generate(model, opts, job)                       # (n, H, W) uint8, the API's way
     with run(model, opts, job, progress=True) as r:           # the CLI's way: under torchrun each process draws its
         if r.batches is not None:                             # share; r.batches on the first process are all n
-            save(out, r.batches, job.labels, job.n)
+            save(out, r.batches, job.labels, job.n, job.image_shape)
 
 A job is what to draw (n samples of a plan, their labels, an edit's known image: runtime.edits); `opts`
 (options.Sampling) says how (noise stream, batch, engine, device). Sample k's noise depends only on (seed, k)
@@ -47,10 +47,16 @@ class Job:
 
     @classmethod
     def of(cls, model, n: int, plan, label, uncond: bool, opts: Sampling, start: int = 0, edit=None) -> "Job":
-        """n samples of `model` (api.Model) with these labels (checked now: Model.labels), from sample `start` on."""
-        y = model.labels(n, label, uncond)
-        return cls(n, plan, lambda lo, hi: y[lo:hi], bool(opts.guidance) and not uncond, edit, start,
-                   image_shape=model.image_shape)
+        """n samples of `model` (api.Model) with these labels (checked now: Model.labels), from sample `start` on;
+        guided when opts has a guidance scale and the samples are conditional. A label that is one class or None
+        (the classes in turn) gives each batch its labels as it comes: nothing of size n is held."""
+        if label is None or np.ndim(label) == 0:
+            model.labels(min(n, 1), label, uncond)
+            labels = lambda lo, hi: model.labels(hi - lo, label, uncond, start=lo)
+        else:
+            y = model.labels(n, label, uncond)
+            labels = lambda lo, hi: y[lo:hi]
+        return cls(n, plan, labels, bool(opts.guidance) and not uncond, edit, start, image_shape=model.image_shape)
 
 
 def labels(num_classes: int, n: int, label=None, uncond: bool = False, start: int = 0) -> np.ndarray:
