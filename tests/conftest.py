@@ -3,6 +3,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import ddpm  # noqa: F401  (first: it sets OMP_WAIT_POLICY=PASSIVE before PyTorch loads, as for every user)
 import torch
 
 from ddpm.train.data import write_idx
