@@ -8,7 +8,7 @@ import pytest
 
 from ddpm.export.generator import (GeneratorFailed, GeneratorUnsupported, add_generator, build, check_plan,
                                    generator_file, verify)
-from ddpm.export.onnx_export import export
+from ddpm.model.io import load_model
 from ddpm.runtime.bundle import Bundle, ExportError
 from ddpm.runtime.engine import EngineClosed
 from ddpm.runtime.engines import make_engine
@@ -18,15 +18,13 @@ from ddpm.runtime.nets import EngineUnavailable, OnnxNet
 from ddpm.runtime.noise import make_noise
 from ddpm.runtime.runner import RuntimeEngine
 from ddpm.runtime.samplers import Plan, ddim_plan, ddpm_plan
-from helpers import invoke, tiny_checkpoint
+from helpers import invoke
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
-    loaded = tiny_checkpoint(root, seed=2)
-    export(loaded, root / "exp", log=lambda *_: None)
-    return loaded, root / "exp"
+def setup(tiny_exported):
+    root = tiny_exported(seed=2)
+    return load_model(root), root / "exp"
 
 
 def multistep_plan(sched) -> Plan:
