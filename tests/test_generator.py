@@ -18,7 +18,7 @@ from ddpm.runtime.nets import EngineUnavailable, OnnxNet
 from ddpm.runtime.noise import make_noise
 from ddpm.runtime.runner import RuntimeEngine
 from ddpm.runtime.samplers import Plan, ddim_plan, ddpm_plan
-from helpers import invoke
+from helpers import invoke, slow_except
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,8 @@ def _runtime_images(bundle, plan, x_T, labels, w):
     return to_uint8(eng.run(x_T, None, labels, plan, w))
 
 
-@pytest.mark.parametrize("form", ["loop", "unrolled"])
-@pytest.mark.parametrize("which", ["ddim", "multistep"])
+@pytest.mark.parametrize("which, form", slow_except([(w, f) for w in ("ddim", "multistep") for f in ("loop", "unrolled")],
+                                                    ("multistep", "loop"), ("ddim", "unrolled")))   # each once
 def test_generator_matches_the_runtime(setup, tmp_path, form, which):
     """Same x_T, same digits as runtime/runner.py on the onnx engine, within 1 grey level: guided, w=0, uncond."""
     _, exp = setup
