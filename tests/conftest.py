@@ -1,8 +1,12 @@
+import functools
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+import ddpm  # noqa: F401  (first: it sets OMP_WAIT_POLICY=PASSIVE before PyTorch loads, as for every user)
 import torch
 
 from ddpm.train.data import write_idx
@@ -60,12 +64,38 @@ def ckpt(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def tiny_export(ckpt, tmp_path_factory) -> Path:
-    """The ONNX export folder (fp32) of `ckpt`'s model, one per test module."""
+@pytest.fixture(scope="session")
+def tiny_exported(tmp_path_factory):
+    """tiny_exported(seed=0, fp16=False) -> a new folder holding a tiny model (helpers.tiny_checkpoint(folder, seed))
+    as model.safetensors and its ONNX export in exp/ (with the fp16 model when asked). Each export is made once per
+    session (an export and its verification cost seconds) and copied for every call: the folder is the caller's."""
     from ddpm.export.onnx_export import export
-    from ddpm.model.io import load_model
+    from helpers import tiny_checkpoint
 
-    out = tmp_path_factory.mktemp("exp") / "exp"
-    export(load_model(ckpt), out, log=lambda *_: None)
-    return out
+    made = {}
+
+    def copy(seed: int = 0, fp16: bool = False) -> Path:
+        if (seed, fp16) not in made:
+            root = tmp_path_factory.mktemp(f"tiny-{seed}{'-fp16' if fp16 else ''}")
+            export(tiny_checkpoint(root, seed=seed), root / "exp", fp16=fp16, log=lambda *_: None)
+            made[seed, fp16] = root
+        dst = tmp_path_factory.mktemp(f"tiny-{seed}-copy") / "m"
+        shutil.copytree(made[seed, fp16], dst)
+        return dst
+
+    return copy
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_exported) -> Path:
+    """The ONNX export folder (fp32) of the seed-0 tiny model (the model of `ckpt`), one per test module."""
+    return tiny_exported(0) / "exp"
+
+
+@pytest.fixture
+def small_sample_grids(monkeypatch):
+    """Training runs write their samples.png as one row of 0..9 in 2 DDIM steps instead of 4 rows in 25: the same
+    code (train/loop.py::write_samples) at a fiftieth of the cost, for tests about the run rather than its grid."""
+    from ddpm.train import loop
+
+    monkeypatch.setattr(loop, "write_samples", functools.partial(loop.write_samples, n=10, steps=2))

@@ -10,7 +10,7 @@ from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 
 import ddpm
-from ddpm.export.onnx_export import export
+from ddpm.model.io import load_model
 from ddpm.runtime.bundle import Bundle
 from ddpm.runtime.eager import guided, sample
 from ddpm.runtime.edits import (EditJob, downsample, fit_blocks, half_mask, noise_start, noised_projection,
@@ -22,16 +22,15 @@ from ddpm.runtime.noise import make_noise
 from ddpm.runtime.runner import Runner
 from ddpm.runtime.samplers import ddim_plan, ddpm_plan, make_plan, timesteps
 from ddpm.runtime.schedule import Schedule
-from helpers import MNIST, invoke, slow_except, tiny_checkpoint, traced_peak
+from helpers import MNIST, invoke, slow_except, traced_peak
 
 SCHED = Schedule.make("linear", 1000)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("edit")
-    loaded = tiny_checkpoint(root, seed=1)
-    export(loaded, root / "exp", log=lambda *_: None)
+def setup(tiny_exported):
+    root = tiny_exported(seed=1)
+    loaded = load_model(root)
     return loaded, Bundle.load(root / "exp", expected_hash=loaded.hash), root
 
 

@@ -9,16 +9,15 @@ from click.testing import CliRunner
 from ddpm.cli import main
 from ddpm.export import onnx_export
 from ddpm.export.onnx_export import ExportFailed, export, ort_session
+from ddpm.model.io import load_model
 from ddpm.runtime.bundle import Bundle, ExportError
 from helpers import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    loaded = tiny_checkpoint(root)
-    res = export(loaded, root / "exp", fp16=True, log=lambda *_: None)
-    return loaded, res.out
+def exported(tiny_exported):
+    root = tiny_exported(fp16=True)
+    return load_model(root), root / "exp"
 
 
 def _run(sess, x, t, y, dtype=np.float32):

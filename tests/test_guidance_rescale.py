@@ -15,7 +15,7 @@ from ddpm.options import GUIDANCE_INTERVAL
 from ddpm.runtime.eager import guided
 from ddpm.runtime.edits import repaint_plan
 from ddpm.runtime.runner import plan_key
-from helpers import MNIST, invoke, tiny_checkpoint
+from helpers import MNIST, invoke, slow_except, tiny_checkpoint
 
 ENGINES = ("runtime-torch", "onnx", "onnx-generator")   # against "torch", the reference
 
@@ -49,7 +49,8 @@ def test_eager_rescale_is_diffusers_rescale_noise_cfg():
     assert torch.equal(guided(model_fn, labels, 10, w, 0.7)(x, 5, False), cond)   # unguided rows: untouched
 
 
-@pytest.mark.parametrize("sampler, interval", [("unipc", None), ("unipc", GUIDANCE_INTERVAL), ("ddim", None)])
+@pytest.mark.parametrize("sampler, interval", slow_except([("unipc", None), ("unipc", GUIDANCE_INTERVAL), ("ddim", None)],
+                                                          ("unipc", GUIDANCE_INTERVAL)))
 def test_every_engine_gives_the_rescaled_digits(model, sampler, interval):
     """torch, runtime-torch, onnx and onnx-generator run the rescale and agree; it changes the digits."""
     kw = dict(sampler=sampler, steps=5, guidance=3.0, guidance_interval=interval, seed=5, batch=4)
@@ -119,10 +120,9 @@ def _png(folder, image):
     return path
 
 
-def test_numpy_runner_rescales_without_allocating(tmp_path):
+def test_numpy_runner_rescales_without_allocating(tiny_exported):
     """The numpy runner's rescale (ops.std_rows_, mul_rows_) makes no image-sized temporary, as the rest of its loop
     (tests/test_runtime.py::test_onnx_loop_allocates_nothing)."""
-    from ddpm.export.onnx_export import export
     from ddpm.runtime.bundle import Bundle
     from ddpm.runtime.nets import OnnxNet
     from ddpm.runtime.noise import make_noise
@@ -130,9 +130,7 @@ def test_numpy_runner_rescales_without_allocating(tmp_path):
     from ddpm.runtime.samplers import unipc_plan
     from helpers import traced_peak
 
-    loaded = tiny_checkpoint(tmp_path, seed=1)
-    export(loaded, tmp_path / "exp", log=lambda *_: None)
-    bundle = Bundle.load(tmp_path / "exp")
+    bundle = Bundle.load(tiny_exported(seed=1) / "exp")
     plan = unipc_plan(bundle.schedule, 4).with_guidance_rescale(0.7)
     r = Runner(OnnxNet(bundle.onnx_path("fp32"), "cpu"), 3, plan, True, 10, MNIST)
     x_T, _ = make_noise(0, 0, 3, 0, MNIST)
@@ -143,15 +141,14 @@ def test_numpy_runner_rescales_without_allocating(tmp_path):
     assert traced_peak(r.loop) < 784 * 4
 
 
-def test_the_unrolled_generator_carries_it_too(tmp_path):
+def test_the_unrolled_generator_carries_it_too(tiny_exported):
     """Both generator forms write the rescale (the loop form is the engine's, above); add_generator verifies the
     unrolled one against the runtime and raises GeneratorFailed if it disagrees."""
     from ddpm.export.generator import add_generator
-    from ddpm.export.onnx_export import export
     from ddpm.runtime.bundle import Bundle
     from ddpm.runtime.samplers import unipc_plan
 
-    export(tiny_checkpoint(tmp_path, seed=1), tmp_path / "exp", log=lambda *_: None)
-    plan = unipc_plan(Bundle.load(tmp_path / "exp").schedule, 3).with_guidance_rescale(0.7)
-    add_generator(tmp_path / "exp", plan, 3.0, "unrolled", log=lambda *_: None)
-    assert Bundle.load(tmp_path / "exp").generator(plan_key(plan), "unrolled") is not None
+    exp = tiny_exported(seed=1) / "exp"
+    plan = unipc_plan(Bundle.load(exp).schedule, 3).with_guidance_rescale(0.7)
+    add_generator(exp, plan, 3.0, "unrolled", log=lambda *_: None)
+    assert Bundle.load(exp).generator(plan_key(plan), "unrolled") is not None

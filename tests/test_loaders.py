@@ -152,13 +152,8 @@ def test_resume_from_a_checkpoint_of_another_shape_is_one_line(fake_mnist, tmp_p
 
 # --------------------------------------------------------------------------------------------- export folders
 @pytest.fixture(scope="module")
-def export_dir(model_dir, tmp_path_factory):
-    from ddpm.export.onnx_export import export
-    from ddpm.model.io import load_model
-
-    out = tmp_path_factory.mktemp("exp") / "e"
-    export(load_model(model_dir), out, log=lambda *_: None)
-    return out
+def export_dir(model_dir, tiny_exported):
+    return tiny_exported(0) / "exp"   # the export of model_dir's model (both tiny_checkpoint's seed 0)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ddpm.export.onnx_export import export
+from ddpm.model.io import load_model
 from ddpm.runtime.bundle import Bundle
 from ddpm.runtime.eager import guided, sample
 from ddpm.runtime.engine import Engine, EngineClosed
@@ -29,10 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rt")
-    loaded = tiny_checkpoint(root, seed=1)
-    export(loaded, root / "exp", fp16=True, log=lambda *_: None)
+def setup(tiny_exported):
+    root = tiny_exported(seed=1, fp16=True)
+    loaded = load_model(root)
     return loaded, Bundle.load(root / "exp", expected_hash=loaded.hash)
 
 

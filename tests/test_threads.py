@@ -7,17 +7,14 @@ import sys
 
 import pytest
 
-from ddpm.export.onnx_export import export, ort_session
+from ddpm.export.onnx_export import ort_session
 from ddpm.runtime import nets
 from ddpm.runtime.nets import OnnxNet, cpu_count
-from helpers import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def onnx_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("threads")
-    export(tiny_checkpoint(root), root / "exp", log=lambda *_: None)
-    return root / "exp" / "model.onnx"
+def onnx_path(tiny_exported):
+    return tiny_exported(0) / "exp" / "model.onnx"
 
 
 def _applied(sess):

@@ -12,6 +12,8 @@ from ddpm.train import loop
 from ddpm.train.loop import TrainConfig, TrainingError, diffusion_loss, train
 from helpers import invoke
 
+pytestmark = pytest.mark.usefixtures("small_sample_grids")   # these tests are about runs, not their samples.png
+
 
 def _cfg(data, out, **kw):
     base = dict(data=str(data), out=str(out), preset="tiny", steps=6, batch_size=16, ckpt_every=3, log_every=2,

@@ -17,13 +17,13 @@ from click.testing import CliRunner
 
 from ddpm.cli import main
 from ddpm.export import trt as trt_export
-from ddpm.export.onnx_export import export
 from ddpm.export.trt import ensure_engine
+from ddpm.model.io import load_model
 from ddpm.runtime import trt as trt_runtime
 from ddpm.runtime.bundle import Bundle
 from ddpm.runtime.nets import EngineUnavailable, check_io
 from ddpm.runtime.trt import choose_engine, engine_files, trt_engine_io
-from helpers import MNIST, tiny_checkpoint
+from helpers import MNIST
 
 GPU = "Fake GPU"
 
@@ -137,11 +137,8 @@ def fake_trt(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trt")
-    loaded = tiny_checkpoint(root)
-    export(loaded, root / "exp", log=lambda *_: None)
-    return loaded
+def exported(tiny_exported):
+    return load_model(tiny_exported(0))
 
 
 def _bundle(exported, tmp_path):
