@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddpm import files
 from ddpm.files import OutputError, atomic_write, check_writable, publish_dir, temp_dir
 from helpers import invoke
 

@@ -228,8 +228,6 @@ def test_run_files_are_replaced_atomically(fake_mnist, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_disk_full_during_checkpoint_is_one_line(fake_mnist, tmp_path, monkeypatch):
-    import torch
-
     run = tmp_path / "run"
     assert _train(fake_mnist, run, "--steps", 2, "--ckpt-every", 2).exit_code == 0
     before = (run / "ckpt.pt").read_bytes()

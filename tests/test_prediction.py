@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddpm.model.config import ModelConfig
-from ddpm.model.io import read_model_info, save_model, weights_hash
+from ddpm.model.io import read_model_info, weights_hash
 from ddpm.runtime.edits import repaint_plan
 from ddpm.runtime.eager import sample
 from ddpm.runtime.samplers import make_plan

@@ -285,7 +285,6 @@ def test_every_file_read_refuses_another_kind_in_one_line(ckpt, fake_mnist, tmp_
     checkpoint named directly, a samples file, a picture, the classifier's weights, the --ort-web tarball."""
     import shutil
 
-    from ddpm.errors import DdpmError
     from ddpm.evaluation import reference
     from ddpm.export.web import ort_web_tarball
     from ddpm.model.io import load_checkpoint, load_model

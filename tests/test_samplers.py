@@ -8,7 +8,7 @@ from ddpm.model import PRESETS, UNet
 from ddpm.runtime.eager import EagerEngine, guided, sample
 from ddpm.runtime.generate import generate, labels_for
 from ddpm.runtime.noise import make_noise
-from ddpm.runtime.samplers import Plan, ddim_plan, ddim_timesteps, ddpm_plan, default_steps, make_plan
+from ddpm.runtime.samplers import ddim_plan, ddim_timesteps, ddpm_plan, default_steps, make_plan
 from ddpm.runtime.schedule import Schedule
 from helpers import MNIST
 
@@ -98,11 +98,18 @@ def test_ddim_direction_uses_noise_consistent_with_clipped_x0():
     """Unclipped, eps' = eps and the table is DDIM eq. 12 as written; clipped, x0 never leaks back via eps."""
     plan = ddim_plan(SCHED, 10)
     i = 3
-    ab, ab_prev = 1 / plan.x0_x[i] ** 2, plan.abar_next[i]
-    x, eps = torch.tensor([0.3], dtype=torch.float64), torch.tensor([-0.2], dtype=torch.float64)
+    ab, ab_prev = float(SCHED.alphas_cumprod[plan.timesteps[i]]), plan.abar_next[i]
+    x, eps = torch.tensor([0.3, 2.5], dtype=torch.float64), torch.tensor([-0.2, -0.9], dtype=torch.float64)
     x0 = plan.x0_x[i] * x - plan.x0_out[i] * eps
+    assert torch.allclose(x0, (x - (1 - ab) ** 0.5 * eps) / ab ** 0.5, atol=1e-12)   # DDPM eq. 15
     eq12 = ab_prev ** 0.5 * x0 + (1 - ab_prev) ** 0.5 * eps
     assert torch.allclose(plan.w_x0[i] * x0 + plan.w_x[i] * x, eq12, atol=1e-12)
+    # clipped: the step is eq. 12 with the clipped x0 and the eps it implies, so nothing of the unclipped x0 remains
+    x0c = x0.clamp(-1, 1)
+    assert not torch.allclose(x0c, x0)
+    eps_c = (x - ab ** 0.5 * x0c) / (1 - ab) ** 0.5
+    eq12c = ab_prev ** 0.5 * x0c + (1 - ab_prev) ** 0.5 * eps_c
+    assert torch.allclose(plan.w_x0[i] * x0c + plan.w_x[i] * x, eq12c, atol=1e-12)
 
 
 def test_timesteps_and_plan_errors():
