@@ -13,20 +13,16 @@ follows one arm row by row through the engine's step callback (x and x0_hat of e
 digits to x_t (Ho et al. 2020, eq. 4) and measures the frame of the network's x0_hat (eq. 15) at each t, with the
 true labels and with the null label: the model's own error, apart from any sampler.
 
-Everything runs on one thread (OMP_NUM_THREADS=1 is set before numpy is imported) so that a shared machine
-distorts it less; the numbers do not depend on it.
+The engines and the network run on one thread (run it with OMP_NUM_THREADS=1 too) so that a shared machine
+distorts it less; the numbers do not depend on it. bench/results/2026-12-06-border-haze.md has its tables.
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import time
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-import argparse  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 LEVEL = 2                                  # border_share's threshold in grey levels
 FRAME = np.ones((28, 28), dtype=bool)      # the outer 1-pixel frame (108 pixels)
