@@ -25,6 +25,15 @@ Notation of the solvers (Lu et al. 2022, sec. 2): alpha_t = sqrt(abar_t), sigma_
 log-SNR lambda_t = log(alpha_t / sigma_t), and the noise level of Karras et al. / Kynkaanniemi et al.
 sigma_t / alpha_t = sqrt((1 - abar_t) / abar_t) (`Plan.noise_level`).
 
+The final denoising row (`final_t` of the multistep solvers): a solver's output is the x0_hat of its last network
+call, x0_hat = x_t / sqrt(abar_t) - sqrt(1/abar_t - 1) eps_hat (Ho et al. 2020, eq. 15), so the network's eps error
+reaches the image multiplied by that call's noise level sqrt(1/abar_t - 1): 0.43 at t = 124, the last call of the
+trailing 8-step grid, where the shipped model's eps error on MNIST's black frame (0.027 rms) becomes 1.5 grey levels
+rms, and its positive half (the clip to [-1, 1] removes the other) the border haze that bench/haze.py measures. With
+final_t the last grid row steps to t = final_t instead of to x0, first order (the DDIM step: no extrapolation over
+that long interval), and one more network call there gives the output: the last evaluation at a small noise level,
+as Karras et al. 2022 end at sigma_min (Algorithm 1) and DDPM at t = 0. It costs one network call per sample.
+
 Every builder writes its rows in terms of x and x0_hat and gives abar_t of each row; `Plan.make` derives the x0_x and
 x0_out columns from abar_t and the prediction (runtime.schedule.x0_coefficients), so a v-prediction model runs every
 sampler, edit and engine with no other change.
@@ -274,11 +283,26 @@ def ddim_plan(sched: Schedule, steps: int = DEFAULT_STEPS, eta: float = 0.0, cli
                      clip=clip)
 
 
-def _solver_grid(sched: Schedule, steps: int, spacing: str, top: int | None = None):
-    """The timesteps of a multistep solver (top: truncated to start there) and, for rows i = 0..N-1 and the final
-    target N (x0: alpha 1, sigma 0), alpha, sigma and lambda (lambda_N = inf is never used: the final row is
-    written out separately)."""
+def final_t_check(final_t, last: int) -> int:
+    """final_t as an int when it lies below the grid's last timestep `last` (0 <= final_t < last); OptionError
+    (option "final_t") otherwise."""
+    if isinstance(final_t, bool) or not isinstance(final_t, (int, np.integer)) or not 0 <= final_t < last:
+        raise OptionError(f"the final denoising timestep must be an integer in 0..{last - 1} (below the grid's "
+                          f"last timestep {last}), got {final_t!r}", "final_t")
+    return int(final_t)
+
+
+def _final(final_t: int | None) -> str:
+    return "" if final_t is None else f"-final{final_t}"
+
+
+def _solver_grid(sched: Schedule, steps: int, spacing: str, top: int | None = None, final_t: int | None = None):
+    """The timesteps of a multistep solver (top: truncated to start there; final_t: one more row at t = final_t
+    after them, `final_t_check`) and, for rows i = 0..N-1 and the final target N (x0: alpha 1, sigma 0), alpha,
+    sigma and lambda (lambda_N = inf is never used: the final row is written out separately)."""
     t = timesteps(sched, steps, spacing, top)
+    if final_t is not None:
+        t = np.append(t, final_t_check(final_t, int(t[-1])))
     ab = sched.alphas_cumprod[t]
     alpha = np.append(np.sqrt(ab), 1.0)
     sigma = np.append(np.sqrt(1.0 - ab), 0.0)
@@ -287,7 +311,7 @@ def _solver_grid(sched: Schedule, steps: int, spacing: str, top: int | None = No
 
 
 def dpmpp_2m_plan(sched: Schedule, steps: int = DEFAULT_SOLVER_STEPS, spacing: str = "trailing",
-                  clip: bool = True, top: int | None = None) -> Plan:
+                  clip: bool = True, top: int | None = None, final_t: int | None = None) -> Plan:
     """DPM-Solver++(2M): multistep, second order, data prediction (Lu et al. 2022, arXiv 2211.01095, Algorithm 2).
 
     Row i (network at t_i, state x = x_{t_i}, x0_i its x0_hat) steps to t_{i+1}, or to x0 after the last row:
@@ -302,9 +326,11 @@ def dpmpp_2m_plan(sched: Schedule, steps: int = DEFAULT_SOLVER_STEPS, spacing: s
     DPMSolverMultistepScheduler with final_sigmas_type="zero"): it lands on x0 (alpha 1, sigma 0, h = inf), so the
     output is the last row's x0_hat. With clip=False the table equals diffusers' scheduler (solver_order=2,
     algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero";
-    tests/test_solvers.py). Deterministic: no noise slots. ValueError for steps outside 1..T or an unknown spacing.
+    tests/test_solvers.py). final_t: one more network row at t = final_t, stepped into first order (the module
+    docstring's final denoising row). Deterministic: no noise slots. ValueError for steps outside 1..T or an
+    unknown spacing.
     """
-    t, ab, alpha, sigma, lam = _solver_grid(sched, steps, spacing, top)
+    t, ab, alpha, sigma, lam = _solver_grid(sched, steps, spacing, top, final_t)
     N = len(t)
     w_x, w_x0, w_prev = np.zeros(N), np.zeros(N), np.zeros(N)
     for i in range(N):
@@ -314,14 +340,14 @@ def dpmpp_2m_plan(sched: Schedule, steps: int = DEFAULT_SOLVER_STEPS, spacing: s
         h = lam[i + 1] - lam[i]
         phi = -np.expm1(-h)                          # 1 - e^{-h}
         w_x[i] = sigma[i + 1] / sigma[i]
-        if i == 0:                                   # 1. first order: the DDIM step in lambda (Lu et al. eq. 5)
+        if i == 0 or (final_t is not None and i == N - 2):   # 1. first order: the DDIM step (Lu et al. eq. 5)
             w_x0[i] = alpha[i + 1] * phi
         else:                                        # 2. second order: D_i of Algorithm 2
             r = (lam[i] - lam[i - 1]) / h
             w_x0[i] = alpha[i + 1] * phi * (1 + 1 / (2 * r))
             w_prev[i] = -alpha[i + 1] * phi / (2 * r)
     abar_next = np.append(ab[1:], 1.0)
-    name = f"dpm++2m{steps}-{spacing}{_from(int(t[0]), sched.T)}"
+    name = f"dpm++2m{steps}-{spacing}{_from(int(t[0]), sched.T)}{_final(final_t)}"
     return Plan.make(name, t, ab, w_x=w_x, w_x0=w_x0, w_x0_prev=w_prev, sigma=None, abar_next=abar_next,
                      prediction=sched.prediction, clip=clip)
 
@@ -346,7 +372,7 @@ def _unipc_b(h: float, rk: float) -> tuple[float, float]:
 
 
 def unipc_plan(sched: Schedule, steps: int = DEFAULT_SOLVER_STEPS, spacing: str = "trailing",
-               clip: bool = True, top: int | None = None) -> Plan:
+               clip: bool = True, top: int | None = None, final_t: int | None = None) -> Plan:
     """UniPC-2 with B(h) = e^h - 1 ("bh2"), data prediction (Zhao et al. 2023, arXiv 2302.04867): the predictor
     UniP-2 and the corrector UniC, as diffusers' UniPCMultistepScheduler (solver_order=2, solver_type="bh2",
     predict_x0=True, lower_order_final=True, final_sigmas_type="zero") runs them; tests/test_solvers.py checks the
@@ -381,14 +407,15 @@ def unipc_plan(sched: Schedule, steps: int = DEFAULT_SOLVER_STEPS, spacing: str 
         x~_{i+1} = a_i x~_i - a_i alpha_i B_{i-1} (C_i - P_{i-1}) - alpha_{i+1} B_i (m_i + P_i),
 
     affine in (x~_i, m_i, m_{i-1}, m_{i-2}) -> (w_x, w_x0, w_x0_prev, w_x0_prev2), with w_x = a_i. The corrector of
-    the last row is multiplied by a_{N-1} = 0: as in diffusers, the output is the last row's x0_hat. Deterministic:
-    no noise slots. ValueError for steps outside 1..T or an unknown spacing.
+    the last row is multiplied by a_{N-1} = 0: as in diffusers, the output is the last row's x0_hat. final_t: one
+    more network row at t = final_t, its predictor first order (the module docstring's final denoising row).
+    Deterministic: no noise slots. ValueError for steps outside 1..T or an unknown spacing.
     """
-    t, ab, alpha, sigma, lam = _solver_grid(sched, steps, spacing, top)
+    t, ab, alpha, sigma, lam = _solver_grid(sched, steps, spacing, top, final_t)
     N = len(t)
     W = np.zeros((N, 3))                             # weights of (m_i, m_{i-1}, m_{i-2}) in x~_{i+1}
     w_x = np.zeros(N)
-    order = [1 if i in (0, N - 1) else 2 for i in range(N)]
+    order = [1 if i in (0, N - 1) or (final_t is not None and i == N - 2) else 2 for i in range(N)]
     for i in range(N):
         if i == N - 1:                               # the final row lands on x0: x~_N = m_{N-1}
             W[i, 0] = 1.0
@@ -416,7 +443,7 @@ def unipc_plan(sched: Schedule, steps: int = DEFAULT_SOLVER_STEPS, spacing: str 
             pred = pred + 0.5 * np.array([-1.0, 1.0, 0.0]) / r
         W[i] += -alpha[i + 1] * B * pred
     abar_next = np.append(ab[1:], 1.0)
-    name = f"unipc{steps}-{spacing}{_from(int(t[0]), sched.T)}"
+    name = f"unipc{steps}-{spacing}{_from(int(t[0]), sched.T)}{_final(final_t)}"
     return Plan.make(name, t, ab, w_x=w_x, w_x0=W[:, 0], w_x0_prev=W[:, 1], w_x0_prev2=W[:, 2], sigma=None,
                      abar_next=abar_next, prediction=sched.prediction, clip=clip)
 
@@ -430,13 +457,14 @@ def default_steps(T: int, sampler: str = "ddim") -> int:
 def make_plan(sched: Schedule, sampler: str, steps: int | None = None, eta: float = 0.0,
               variance: str = "small", spacing: str | None = None,
               guidance_interval: tuple[float, float] | None = None, top: int | None = None,
-              guidance_rescale: float = 0.0) -> Plan:
+              guidance_rescale: float = 0.0, final_t: int | None = None) -> Plan:
     """The plan of a sampler by name (SAMPLERS); steps None: its default; spacing None: the sampler's default
     (DEFAULT_SPACING); guidance_interval (lo, hi): guidance only where sigma in (lo, hi]
     (`Plan.with_guidance_interval`); top: start at x_top, a plan truncated for editing (runtime.edits);
-    guidance_rescale phi in [0, 1]: the guided output rescaled (`Plan.with_guidance_rescale`).
+    guidance_rescale phi in [0, 1]: the guided output rescaled (`Plan.with_guidance_rescale`); final_t: one more
+    network row at t = final_t after the grid (FINAL_DENOISING; dpm++2m and unipc, whose grid ends above it).
     OptionError (a ValueError naming the argument) for what does not fit: steps outside 1..T, top outside
-    0..T-1, an unknown sampler or spacing, DDPM with fewer than T steps."""
+    0..T-1, an unknown sampler or spacing, DDPM with fewer than T steps, a final_t that does not fit."""
     if steps is not None and not 1 <= steps <= sched.T:
         raise OptionError(f"steps must be in 1..{sched.T} (the schedule's T), got {steps}", "steps")
     _check_top(sched.T, top)
@@ -444,6 +472,9 @@ def make_plan(sched: Schedule, sampler: str, steps: int | None = None, eta: floa
         raise OptionError(f"unknown sampler {sampler!r} ({', '.join(SAMPLERS)})", "sampler")
     if spacing is not None and spacing not in SPACINGS:
         raise OptionError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}", "spacing")
+    if final_t is not None and sampler not in ("dpm++2m", "unipc"):
+        raise OptionError(f"a final denoising row is for the multistep solvers (dpm++2m, unipc); {sampler}'s last "
+                          f"row already calls the network at its grid's last timestep", "final_t")
     if sampler == "ddpm":
         if steps not in (None, sched.T):
             raise OptionError(f"the DDPM sampler runs all T={sched.T} steps; use --sampler ddim for fewer", "steps")
@@ -456,8 +487,8 @@ def make_plan(sched: Schedule, sampler: str, steps: int | None = None, eta: floa
         if sampler == "ddim":
             plan = ddim_plan(sched, steps, eta, spacing=spacing, top=top)
         elif sampler == "dpm++2m":
-            plan = dpmpp_2m_plan(sched, steps, spacing, top=top)
+            plan = dpmpp_2m_plan(sched, steps, spacing, top=top, final_t=final_t)
         else:
-            plan = unipc_plan(sched, steps, spacing, top=top)
+            plan = unipc_plan(sched, steps, spacing, top=top, final_t=final_t)
     plan = plan if guidance_interval is None else plan.with_guidance_interval(*guidance_interval)
     return plan.with_guidance_rescale(guidance_rescale)
