@@ -49,14 +49,15 @@ def frame_stats(u8: np.ndarray, mask: np.ndarray) -> dict:
 
 
 def run_arm(model, engine, arm: dict, n: int, seed: int, labels, guidance: float, callback=None):
-    """(plan, (n,28,28) uint8, seconds) of one arm on the given engine, the default guidance interval."""
+    """(plan, (n, H, W) uint8, seconds) of one arm on the given engine, the default guidance interval."""
     from ..options import GUIDANCE_INTERVAL
     from ..runtime.generate import generate
     from ..runtime.samplers import make_plan
 
     plan = make_plan(model.schedule, guidance_interval=GUIDANCE_INTERVAL, **arm)
     t0 = time.perf_counter()
-    u8 = generate(engine, n, plan, labels, guidance, seed, batch=min(n, 64), progress=False, watch=callback)
+    u8 = generate(engine, n, plan, labels, guidance, seed, batch=min(n, 64), progress=False, watch=callback,
+                  image_shape=model.image_shape)
     return plan, u8, time.perf_counter() - t0
 
 
