@@ -1,6 +1,6 @@
 """Every picture in the README, made from the shipped model with one command:
 
-    python -m ddpm.bench.pictures --data ../shared/data/mnist --out docs/img [--bench-json bench-out/bench.json]
+    python -m ddpm.bench.pictures --data DIR --out docs/img [--bench-json bench-out/bench.json]
 
 classes.png (a 10x10 grid, class k in column k) and trajectory.png with the default sampler (UniPC-8), inpaint.png,
 edits.png, upscale.png, restore.png with the edits' (DDIM-50), and bench.png (from the JSON of a `ddpm bench` run, or
