@@ -25,12 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .arguments import OPTIONAL_COUNT, PLAN, checked
+from .arguments import OPTIONAL_COUNT, PLAN, checked, given
 from .errors import DdpmError, OptionError, clip
 from .export.cache import shipped_dir
 from .model.config import ModelConfig
 from .model.io import CheckpointError, TorchMissing, default_model_path, read_model_info
-from .options import DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL, Sampling
+from .options import (DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL, Sampling,
+                      recorded_plan)
 from .runtime.bundle import META_FILE, Bundle, ExportError
 from .schema import Str
 
@@ -74,6 +75,13 @@ class Model:
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the model's images."""
         return (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
+
+    @property
+    def recorded(self) -> dict | None:
+        """The sampling plan the model file records (metadata "plan": sampler, steps, spacing, eta, guidance,
+        guidance_interval, and how it was distilled), None when it records none: a distilled student's."""
+        plan = self.info.get("plan")
+        return plan if isinstance(plan, dict) else None
 
     @property
     def schedule(self):
@@ -163,9 +171,14 @@ class Model:
         every step; top: start at t = top (editing, runtime.edits); guidance_rescale phi in [0, 1]: each guided
         sample's eps rescaled towards the conditional eps's standard deviation, eps (1 + phi (std(eps_c) / std(eps)
         - 1)) (Lin et al. 2024, eq. 15-16; diffusers' guidance_rescale; 0: off). Raises OptionError (a DdpmError
-        naming the argument) for steps outside 1..T, DDPM with fewer than T steps, eta outside [0, 1]."""
+        naming the argument) for steps outside 1..T, DDPM with fewer than T steps, eta outside [0, 1]. A model
+        whose file records a plan (a distilled student: `recorded_plan`) uses it for the arguments not passed."""
         from .runtime.samplers import make_plan
 
+        v = recorded_plan(self.recorded, dict(sampler=sampler, steps=steps, eta=eta, spacing=spacing,
+                                              guidance_interval=guidance_interval), given())
+        sampler, steps, eta, spacing, guidance_interval = (v[k] for k in ("sampler", "steps", "eta", "spacing",
+                                                                         "guidance_interval"))
         T = self.cfg.timesteps
         if steps is not None and not 1 <= steps <= T:
             raise OptionError(f"steps must be in 1..{T} (the model's T), got {steps}", "steps")
@@ -195,12 +208,13 @@ class Model:
         sampler/steps/eta/variance/spacing/guidance_interval/guidance_rescale: see `plan` (plan: a ready Plan
         instead). seed: 0..2^64-1; sample k of a seed is the same digit whatever n, batch, engine or process
         (runtime.noise); start: the index of the first. engine: a name (see `engine`) or an engine `engine`
-        returned. Raises DdpmError for bad arguments (every argument is checked against ddpm.arguments.ARGS) or an
-        engine that cannot run here.
+        returned. A model whose file records a plan (a distilled student) samples with it, guidance included, where
+        these arguments are not passed (`Model.recorded`). Raises DdpmError for bad arguments (every argument is
+        checked against ddpm.arguments.ARGS) or an engine that cannot run here.
         """
         from . import pipeline
 
-        opts = Sampling.of(locals())
+        opts = Sampling.of(locals()).with_recorded(self.recorded, given())
         job = pipeline.Job.of(self, n, plan or self.plan(**opts.plan_args()), label, uncond, opts, start)
         return pipeline.generate(self, opts, job, progress)
 
