@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from . import locations
-from .arguments import OPTIONAL_COUNT, PLAN, checked
+from .arguments import OPTIONAL_COUNT, PLAN, checked, given
 from .errors import DdpmError, OptionError, clip
 from .export import cache as export_cache
 from .model.config import ModelConfig
 from .model.io import CheckpointError, TorchMissing, default_model_path, load_model, read_model_info, require_torch
-from .options import DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL, Sampling
+from .options import (DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL, Sampling,
+                      recorded_plan)
 from .runtime.bundle import META_FILE, Bundle, ExportError
 from .runtime.schedule import Schedule
 from .schema import Str
@@ -71,6 +72,13 @@ class Model:
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the model's images (ModelConfig.image_shape)."""
         return self.cfg.image_shape
+
+    @property
+    def recorded(self) -> dict | None:
+        """The sampling plan the model file records (metadata "plan": sampler, steps, spacing, eta, guidance,
+        guidance_interval, and how it was distilled), None when it records none: a distilled student's."""
+        plan = self.info.get("plan")
+        return plan if isinstance(plan, dict) else None
 
     @property
     def schedule(self):
@@ -160,9 +168,14 @@ class Model:
         every step; top: start at t = top (editing, runtime.edits); guidance_rescale phi in [0, 1]: each guided
         sample's eps rescaled towards the conditional eps's standard deviation, eps (1 + phi (std(eps_c) / std(eps)
         - 1)) (Lin et al. 2024, eq. 15-16; diffusers' guidance_rescale; 0: off). Raises OptionError (a DdpmError
-        naming the argument) for steps outside 1..T, DDPM with fewer than T steps, eta outside [0, 1]."""
+        naming the argument) for steps outside 1..T, DDPM with fewer than T steps, eta outside [0, 1]. A model
+        whose file records a plan (a distilled student: `recorded_plan`) uses it for the arguments not passed."""
         from .runtime.samplers import make_plan
 
+        v = recorded_plan(self.recorded, dict(sampler=sampler, steps=steps, eta=eta, spacing=spacing,
+                                              guidance_interval=guidance_interval), given())
+        sampler, steps, eta, spacing, guidance_interval = (v[k] for k in ("sampler", "steps", "eta", "spacing",
+                                                                         "guidance_interval"))
         return make_plan(self.schedule, sampler, steps, eta, variance, spacing, guidance_interval, top,
                          guidance_rescale)
 
@@ -187,12 +200,14 @@ class Model:
         sampler/steps/eta/variance/spacing/guidance_interval/guidance_rescale: see `plan` (plan: a ready Plan
         instead). seed: 0..2^64-1; sample k of a seed is the same digit whatever n, batch, engine or process
         (runtime.noise); start: the index of the first. engine: a name (see `engine`) or an engine `engine`
-        returned. fp16, int8: the network's precision (see `engine`). Raises DdpmError for bad arguments (every
-        argument is checked against ddpm.arguments.ARGS) or an engine that cannot run here.
+        returned. fp16, int8: the network's precision (see `engine`). A model whose file records a plan (a distilled
+        student) samples with it, guidance included, where these arguments are not passed (`Model.recorded`).
+        Raises DdpmError for bad arguments (every argument is checked against ddpm.arguments.ARGS) or an engine that
+        cannot run here.
         """
         from . import pipeline
 
-        opts = Sampling.of(locals())
+        opts = Sampling.of(locals()).with_recorded(self.recorded, given())
         job = pipeline.Job.of(self, n, plan or self.plan(**opts.plan_args()), label, uncond, opts, start)
         return pipeline.generate(self, opts, job, progress)
 

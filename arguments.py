@@ -15,6 +15,7 @@ the arguments a caller passes are checked: the defaults are known to be good.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import math
@@ -283,6 +284,15 @@ ARGS: dict[str, Spec] = {
 }
 
 
+_GIVEN: contextvars.ContextVar[frozenset] = contextvars.ContextVar("ddpm_given", default=frozenset())
+
+
+def given() -> frozenset:
+    """The names of the arguments the caller passed to the innermost `checked` function running now (not those left
+    at their defaults): how a model's recorded plan (options.recorded_plan) yields to what the caller asked for."""
+    return _GIVEN.get()
+
+
 def checked(_fn=None, **overrides: Spec):
     """Check the arguments of every call of the decorated function against ARGS (or `overrides`, for an argument
     that means something else here) before it runs; DdpmError with one line naming the argument otherwise."""
@@ -311,13 +321,16 @@ def checked(_fn=None, **overrides: Spec):
                         specs[name].check(value, dims, name)
                     except Invalid as e:
                         raise DdpmError(f"{where}(): {e}") from None
+            token = _GIVEN.set(frozenset(bound.arguments) - {"self"})
             try:
                 return fn(*args, **kwargs)
             except MemoryError as e:   # an allocation the memory checks did not foresee
                 raise LimitReached(f"{where}(): {limit_message(e)}") from None
+            finally:
+                _GIVEN.reset(token)
         wrapper.specs = specs
         return wrapper
     return deco if _fn is None else deco(_fn)
 
 
-__all__ = ["ARGS", "checked"]
+__all__ = ["ARGS", "checked", "given"]

@@ -1,4 +1,4 @@
-"""The `ddpm` command line: train, gen, inpaint, edit, upscale, restore, eval, export, bench.
+"""The `ddpm` command line: train, distill, gen, inpaint, edit, upscale, restore, eval, export, bench.
 
 It parses options, calls the library (pipeline.py runs every sampling job) and prints. Choices and defaults come
 from the modules that define them; heavy modules are imported inside each command so that `ddpm --help` is instant.
@@ -11,7 +11,7 @@ import click
 from .cli_edit import edit_cmd, inpaint, restore, upscale
 from .cli_options import check_output, done, prepare, refuse_guidance_without_labels, sampling_options
 from .cli_tools import bench, eval_cmd, export_cmd
-from .cli_train import train
+from .cli_train import distill, train
 from .errors import LESS_AT_ONCE, DdpmError, OptionError, Terminated, limit_message
 from .signals import file_size_limit_as_error, sigterm_as_interrupt
 
@@ -109,6 +109,7 @@ def main():
       ddpm gen -n 64 --out digits.png          # the shipped default model, 64 digits
       ddpm inpaint --image d.png --mask bottom # redraw the bottom half (also: edit, upscale, restore)
       ddpm train --preset small --steps 200    # train (downloads MNIST if needed)
+      ddpm distill --out runs/distill          # a 4-step student of the shipped model
       ddpm export --fp16                       # ONNX fp32 + fp16 of the default model
       ddpm bench                               # every engine against eager PyTorch
     """
@@ -156,7 +157,7 @@ def gen(num, label, uncond, out, trajectory, **o):
     if trajectory is not None:
         check_output(trajectory, "--trajectory", (".png", ".gif"))
         pipeline.check_engine(o["engine"], watch=True)
-    model, opts, log = prepare(o)
+    model, opts, log = prepare(o, recorded=True)
     plan = model.plan(**opts.plan_args())
     job = pipeline.Job.of(model, num, plan, label, uncond, opts)
     traj = Trajectory(min(4, num, opts.batch)) if trajectory else None
@@ -170,7 +171,7 @@ def gen(num, label, uncond, out, trajectory, **o):
         done(r, num, "digits", f"{plan.name}, {how}", out, f" (trajectory -> {trajectory})" if traj else "")
 
 
-for _command in (train, inpaint, edit_cmd, upscale, restore, eval_cmd, export_cmd, bench):
+for _command in (train, distill, inpaint, edit_cmd, upscale, restore, eval_cmd, export_cmd, bench):
     main.add_command(_command)
 
 if __name__ == "__main__":

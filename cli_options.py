@@ -159,13 +159,19 @@ def sampling_options(defaults: Sampling = DEFAULT):
     ])
 
 
-def prepare(o: dict):
-    """(model, options.Sampling, log) of a sampling command's options: the api.Model of --ckpt/--export."""
+def prepare(o: dict, recorded: bool = False):
+    """(model, options.Sampling, log) of a sampling command's options: the api.Model of --ckpt/--export; recorded:
+    the plan its file records (a distilled student's, options.recorded_plan) for the options not on the command
+    line."""
     from . import api
+    from .options import RECORDED
 
     set_threads(o["threads"])
     opts = Sampling.of(o, cuda_graph=not o["no_cuda_graph"])
-    return api.load(o["ckpt"], o["export_dir"]), opts, None if o["quiet"] else (lambda m: click.echo(m, err=True))
+    model = api.load(o["ckpt"], o["export_dir"])
+    if recorded:
+        opts = opts.with_recorded(model.recorded, {name for name in RECORDED if on_command_line(name)})
+    return model, opts, None if o["quiet"] else (lambda m: click.echo(m, err=True))
 
 
 def done(r, n: int, what: str, detail: str, out: str, also: str = "") -> None:

@@ -58,7 +58,7 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
     set_threads(o["threads"])
 
     def generated():   # drawn once the classifier and the data are ready
-        model, opts, log = prepare(o)
+        model, opts, log = prepare(o, recorded=True)
         plan = model.plan(**opts.plan_args())
         job = pipeline.Job.of(model, num, plan, None, uncond, opts)
         images = pipeline.generate(model, opts, job, progress=not o["quiet"], log=log)

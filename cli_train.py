@@ -1,4 +1,5 @@
-"""`ddpm train`: its options and the call of train.loop.train (cli.py adds it to the `ddpm` group)."""
+"""`ddpm train` and `ddpm distill`: their options and the calls of train.loop.train and train.distill.distill (cli.py
+adds them to the `ddpm` group)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from .cli_options import Finite, check_output, device_syntax, needs_torch
+from .cli_options import Finite, check_output, device_syntax, needs_torch, parse_interval
 from .errors import LimitReached
 from .model.config import PRESETS
-from .options import MAX_THREADS
+from .options import GUIDANCE, GUIDANCE_INTERVAL, MAX_GUIDANCE, MAX_THREADS
 from .runtime.noise import MAX_SEED
 from .runtime.schedule import PREDICTIONS, SCHEDULES
 from .signals import stop_message
@@ -24,6 +25,14 @@ def on_disk(out: str) -> str:
     if step is None:
         return "no checkpoint written yet"
     return f"last checkpoint at step {step} in {out}, continue with --resume"
+
+
+def given_options(names) -> set[str]:
+    """The options among `names` that the running command was given (not left at their defaults): what --resume
+    compares with the run's own."""
+    ctx = click.get_current_context()
+    return {name for name in names if ctx.get_parameter_source(name) not in
+            (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)}
 
 
 class LazyChoice(click.Choice):
@@ -115,11 +124,90 @@ def train(threads, resume, **opts):
 
         if threads:
             torch.set_num_threads(threads)
-        ctx = click.get_current_context()
-        given = {name for name in opts if ctx.get_parameter_source(name) not in
-                 (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)}
-        summary = run(TrainConfig(**opts), resume=resume, log=click.echo, given=given)
+        summary = run(TrainConfig(**opts), resume=resume, log=click.echo, given=given_options(opts))
     if summary["steps"]:
         click.echo(f"trained {summary['steps']} steps in {summary['seconds']:.1f}s ({summary['steps_per_s']:.2f} steps/s; "
                    f"checkpoints took {summary['checkpoint_seconds']:.1f}s more), last loss {summary['loss']:.4f}; "
                    f"run in {opts['out']}")
+
+
+# --------------------------------------------------------------------------------------------------------- distill
+@click.command()
+# teacher, data and output
+@click.option("--teacher", "init", type=click.Path(exists=True), default=None,
+              help="The model to distil: model.safetensors, ckpt.pt or a run folder [default: the shipped model].")
+@click.option("--data", "data", type=click.Path(file_okay=False), default=None,
+              help="MNIST folder (else $DDPM_DATA, else ~/.cache/ddpm/mnist; downloaded if missing).")
+@click.option("--out", "out", type=click.Path(file_okay=False), default="runs/distill", show_default=True,
+              help="Run directory (options.json, ckpt.pt, model.safetensors, student<steps>.safetensors, "
+                   "samples.png).")
+@click.option("--resume", is_flag=True,
+              help="Continue from --out/ckpt.pt with the run's own options; only --ckpt-every, --device, --data and "
+                   "--threads may differ from the run's.")
+# what to distil
+@click.option("--steps-from", type=click.IntRange(min=2), default=32, show_default=True,
+              help="The teacher's DDIM steps (trailing spacing): the first round's two-step target.")
+@click.option("--steps-to", type=click.IntRange(min=1), default=4, show_default=True,
+              help="The last student's steps: --steps-from halved each round (e.g. 32 -> 16 -> 8 -> 4).")
+@click.option("--guidance", "-w", type=Finite(0, MAX_GUIDANCE), default=GUIDANCE, show_default=True,
+              help="Classifier-free guidance w folded into the student, eps_c + w (eps_c - eps_u); 0: none.")
+@click.option("--guidance-interval", default=",".join(map("{:g}".format, GUIDANCE_INTERVAL)),
+              callback=parse_interval, metavar="LO,HI|all", show_default=True,
+              help="The teacher guides where the noise level sigma = sqrt((1-abar)/abar) is in (LO, HI], as "
+                   "`ddpm gen` does; 'all': every step.")
+@click.option("--fold-iters", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Steps folding the guidance into one network first (Meng et al. 2023 stage 1); 0: fold it in "
+                   "the first round.")
+@click.option("--iters", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Optimizer steps per halving round.")
+# optimisation
+@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Global batch size.")
+@click.option("--lr", type=Finite(min=0, min_open=True), default=1e-4, show_default=True,
+              help="Adam learning rate (a cosine decay to 1% within each stage).")
+@click.option("--warmup", type=click.IntRange(min=0), default=50, show_default=True,
+              help="LR warm-up steps at the start of each stage.")
+@click.option("--ema", "ema_decay", type=Finite(0, 1, max_open=True), default=0.999, show_default=True,
+              help="EMA decay (restarted each stage); the EMA weights are the student and the next teacher.")
+@click.option("--p-uncond", type=Finite(0, 1, max_open=True), default=0.1, show_default=True,
+              help="Share of samples drawn with no label: the student keeps the teacher's unconditional mode.")
+# run
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Random seed (0..2^64-1).")
+@click.option("--device", default="auto", show_default=True, callback=device_syntax, help="auto, cpu, cuda or cuda:N.")
+@click.option("--ckpt-every", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Checkpoint and sample-grid interval (steps); also at the end of every stage.")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
+              help=f"CPU threads for torch (1..{MAX_THREADS}).")
+def distill(threads, resume, guidance_interval, **opts):
+    """Distil a model's guided DDIM sampler into a few-step student (guided progressive distillation).
+
+    Stage 1 folds classifier-free guidance into one network (Meng et al. 2023); each round then halves the steps,
+    the student's one DDIM step matching two of its teacher's (Salimans & Ho 2022). Every stage's student is a
+    model file that records its plan: `ddpm gen --ckpt` samples with it unless told otherwise (docs/distill.md).
+
+    \b
+    Examples:
+      ddpm distill --out runs/distill                              # the shipped model, 32 -> 4 steps, w 0.45
+      ddpm distill --out runs/distill --resume                     # continue it
+      ddpm distill --teacher runs/ddpm --steps-from 16 --steps-to 2 --iters 500 --out runs/d2
+      ddpm gen --ckpt runs/distill -n 64                           # the 4-step student, one batch per step
+    """
+    check_output(opts["out"], "--out", folder=True)
+    with stop_message(lambda: on_disk(opts["out"]), LimitReached):   # as train's
+        needs_torch("distill")
+        import torch
+
+        from .train.distill import DistillConfig, distill as run
+
+        if threads:
+            torch.set_num_threads(threads)
+        lo, hi = guidance_interval or (0.0, float("inf"))
+        given = given_options([*opts, "guidance_interval"])
+        if "guidance_interval" in given:
+            given |= {"guidance_lo", "guidance_hi"}
+        summary = run(DistillConfig(**opts, guidance_lo=lo, guidance_hi=hi), resume=resume, log=click.echo,
+                      given=given)
+    if summary["steps"]:
+        click.echo(f"distilled {summary['steps']} steps in {summary['seconds']:.1f}s ({summary['steps_per_s']:.2f} "
+                   f"steps/s; checkpoints took {summary['checkpoint_seconds']:.1f}s more), last loss "
+                   f"{summary['loss']:.4g}; students: {', '.join(summary['students']) or 'none yet'}")

@@ -69,6 +69,11 @@ class Sampling:
         names = {f.name for f in fields(cls)}
         return replace(cls(**{k: v for k, v in values.items() if k in names}), **changes)
 
+    def with_recorded(self, record: dict | None, given) -> "Sampling":
+        """These options with a model's recorded plan in place of those not `given` (`recorded_plan`)."""
+        values = {name: getattr(self, name) for name in RECORDED}
+        return replace(self, **recorded_plan(record, values, given))
+
     def plan_args(self) -> dict:
         """Model.plan's keywords."""
         return dict(sampler=self.sampler, steps=self.steps, eta=self.eta, variance=self.variance,
@@ -81,3 +86,24 @@ class Sampling:
 
 
 EDITING = Sampling(sampler=EDIT_SAMPLER, guidance_interval=None)   # the editing methods' defaults, as measured
+
+# The options a model file's recorded plan (metadata entry "plan", written by `ddpm distill`) sets, and those of them
+# that belong to its sampler (left at the given sampler's defaults when the user names another sampler).
+RECORDED = ("sampler", "steps", "spacing", "eta", "guidance", "guidance_interval")
+_OF_SAMPLER = ("steps", "spacing", "eta")
+
+
+def recorded_plan(record: dict | None, values: dict, given) -> dict:
+    """`values` (option name -> value, some of RECORDED) with the model's recorded plan in place of each option not
+    in `given` (the names the user gave); when the user gives another sampler than the recorded one, the record's
+    steps, spacing and eta do not apply. record None (a model that records no plan): `values` unchanged. A
+    distilled student records DDIM with its steps, trailing spacing, eta 0 and guidance 0 (folded in)."""
+    if not record:
+        return dict(values)
+    other_sampler = "sampler" in given and values.get("sampler", record.get("sampler")) != record.get("sampler")
+    out = dict(values)
+    for name in values:
+        if name in RECORDED and name in record and name not in given and not (other_sampler and name in _OF_SAMPLER):
+            v = record[name]
+            out[name] = tuple(v) if isinstance(v, list) else v
+    return out

@@ -21,7 +21,9 @@ from pathlib import Path
 from ..errors import DdpmError, brief, clip, raise_if_limit
 from ..files import input_path, readable_name
 from ..files import atomic_write  # noqa: F401  (re-exported: model.io.atomic_write is used across the package)
-from ..schema import Any, Array, Const, Int, Json, Map, Obj, Schema
+from ..options import MAX_GUIDANCE
+from ..runtime.samplers import SAMPLERS, SPACINGS
+from ..schema import Any, Array, Const, Int, Json, List, Map, Num, Obj, Opt, Schema, Str
 from .config import ModelConfig
 
 FORMAT = "ddpm-model"
@@ -132,7 +134,11 @@ CKPT_WEIGHTS = CKPT.subset("format", "step", "model_config", "ema")   # what loa
 MODEL_META = Schema("ddpm model (model.safetensors metadata)", {
     "format": Const(FORMAT),
     "config": Json(Map(Any(), what="a model config (an object)")),
-}, optional={"step": Json(Int(min=0))}, hint="re-save it with `ddpm train` or use its ckpt.pt")
+}, optional={"step": Json(Int(min=0)), "plan": Json(Obj({   # the plan a distilled student was made for
+    "sampler": Str(choices=SAMPLERS), "steps": Int(min=1), "spacing": Str(choices=SPACINGS),
+    "eta": Num(min=0, max=1), "guidance": Num(min=0, max=MAX_GUIDANCE),
+    "guidance_interval": Opt(List(Num(min=0), length=2))},
+    what="a sampling plan (an object)"))}, hint="re-save it with `ddpm train` or use its ckpt.pt")
 
 
 def load_checkpoint(path: str | os.PathLike, schema: Schema = CKPT) -> dict:

@@ -72,6 +72,7 @@ class TrainConfig:
 
     lr_schedule_default: ClassVar[str] = "constant"
     loss_weight_default: ClassVar[str] = "eps"
+    loss_weights: ClassVar[tuple[str, ...]] = ("eps", "min-snr")   # LOSS_WEIGHTS: the choices of loss_weight
     model_defaults: ClassVar[dict] = {"preset": "small", "schedule": "linear", "timesteps": 1000}
 
     def model_config(self, given: ModelConfig | None = None, source: str = "") -> ModelConfig:
@@ -112,7 +113,7 @@ def describe(cfg: ModelConfig) -> str:
 
 
 LR_SCHEDULES = ("constant", "cosine")
-LOSS_WEIGHTS = ("eps", "min-snr")
+LOSS_WEIGHTS = TrainConfig.loss_weights
 MIN_SNR_GAMMA = 5.0   # Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy": gamma = 5
 
 
@@ -214,20 +215,20 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def write_samples(ema: UNet, cfg: ModelConfig, path: Path, seed: int = 0, n: int = 40, steps: int = 25,
-                  step: int | None = None) -> None:
-    """A grid of class-conditional samples (4 rows of 0..9, DDIM) from the EMA model; `step` (the training step of
-    the weights) is stored in the PNG's text as "ddpm-step", so that --resume can tell a grid that is missing or
-    older than its checkpoint."""
+                  step: int | None = None, plan=None, guidance: float = 1.0) -> None:
+    """A grid of class-conditional samples (4 rows of 0..9; DDIM-`steps`, or `plan`, with classifier-free guidance
+    `guidance`) from the EMA model; `step` (the training step of the weights) is stored in the PNG's text as
+    "ddpm-step", so that --resume can tell a grid that is missing or older than its checkpoint."""
     from ..runtime.images import save_grid, to_uint8
     from ..runtime.eager import guided, sample
     from ..runtime.noise import make_noise
     from ..runtime.samplers import ddim_plan
 
     dev = next(ema.parameters()).device
-    plan = ddim_plan(Schedule.of(cfg), min(steps, cfg.timesteps))
+    plan = plan or ddim_plan(Schedule.of(cfg), min(steps, cfg.timesteps))
     x_T, _ = make_noise(seed, 0, n, plan.num_slots, cfg.image_shape)
     labels = torch.arange(n, device=dev) % cfg.num_classes
-    x = sample(guided(ema, labels, cfg.null_label, 1.0), torch.from_numpy(x_T).to(dev), plan)
+    x = sample(guided(ema, labels, cfg.null_label, guidance), torch.from_numpy(x_T).to(dev), plan)
     save_grid(to_uint8(x), path, nrow=10, text=None if step is None else {"ddpm-step": str(step)})
 
 
@@ -312,12 +313,19 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     Only one process trains in a run folder at a time (files.folder_lock), and a new run never overwrites another
     one's checkpoint: without --resume, a folder holding a ckpt.pt is refused. Raises TrainingError, DataError,
     errors.Interrupted (Ctrl-C; errors.Terminated for SIGTERM: the message names the last checkpoint)."""
+    return in_run_folder(cfg, resume, "ddpm train", RUN_FILES, lambda: _train(cfg, resume, progress, log, given))
+
+
+def in_run_folder(cfg: TrainConfig, resume: bool, command: str, files: Collection[str], body):
+    """body() run while this process holds the run folder cfg.out (files.folder_lock), after the checks that come
+    before any work: the folder and the `files` the run writes there are writable (regular files or nothing), and
+    without --resume it holds no run yet. Under torchrun only rank 0 checks and locks. Raises TrainingError."""
     out = Path(cfg.out)
     if int(os.environ.get("RANK", "0")):   # under torchrun only rank 0 writes
-        return _train(cfg, resume, progress, log, given)
+        return body()
     try:
         check_writable(out, folder=True)   # before the data, the model or a single step
-        for name in RUN_FILES:             # and what the run will write there: regular files or nothing
+        for name in files:                 # and what the run will write there: regular files or nothing
             output_path(out / name)
     except OutputError as e:
         raise TrainingError(f"--out: {e}") from None
@@ -325,8 +333,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         raise TrainingError(f"{out} already holds a run ({CKPT_FILE}); continue it with --resume, or give another "
                             f"--out")
     try:
-        with folder_lock(out, "ddpm train"):
-            return _train(cfg, resume, progress, log, given)
+        with folder_lock(out, command):
+            return body()
     except OutputError as e:
         raise TrainingError(str(e)) from None
 
@@ -334,14 +342,21 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
 def _train(cfg: TrainConfig, resume: bool, progress: bool, log, given: Collection[str] | None) -> dict:
     run = resolve_run(cfg, resume, log, given)
     state = build_state(run)
-    if resume and state.start >= run.cfg.steps:
-        return _complete(run, state, log)
+    return begin(run, state, Checkpoints(run, state), log, lambda ck: train_loop(run, state, progress, ck))
+
+
+def begin(run: "Run", state: "State", checkpoints: "Checkpoints", log, loop) -> dict:
+    """Begin (or continue) a resolved run: a resumed run already at its last step only completes its outputs
+    (`_complete`); else options.json is written and log.jsonl cut back to the checkpoint, then loop(checkpoints)
+    trains and returns the summary."""
+    if run.resume and state.start >= run.cfg.steps:
+        return _complete(run, state, log, checkpoints)
     if run.ctx.rank == 0:
         opts = dict(dataclasses.asdict(run.cfg), model_config=run.mcfg.to_dict(), world_size=run.ctx.world,
                     resumed_from=state.start, device=str(run.device), torch=torch.__version__)
         write_text(run.out / "options.json", json.dumps(opts, indent=2) + "\n")
         cut_log(run.out / LOG_FILE, state.start)   # the steps after the checkpoint are trained (and logged) again
-    return train_loop(run, state, progress)
+    return loop(checkpoints)
 
 
 @dataclass
@@ -373,8 +388,8 @@ def _check_options(cfg: TrainConfig) -> None:
         raise TrainingError(str(e)) from None
     if cfg.lr_schedule not in (None, *LR_SCHEDULES):
         raise TrainingError(f"unknown learning-rate schedule {cfg.lr_schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
-    if cfg.loss_weight not in (None, *LOSS_WEIGHTS):
-        raise TrainingError(f"unknown loss weighting {cfg.loss_weight!r}; choose from {', '.join(LOSS_WEIGHTS)}")
+    if cfg.loss_weight not in (None, *cfg.loss_weights):
+        raise TrainingError(f"unknown loss weighting {cfg.loss_weight!r}; choose from {', '.join(cfg.loss_weights)}")
     if cfg.prediction not in (None, *PREDICTIONS):
         raise TrainingError(f"unknown prediction {cfg.prediction!r}; choose from {', '.join(PREDICTIONS)}")
 
@@ -406,13 +421,13 @@ def _resumed_optimisation(cfg: TrainConfig, ckpt: dict | None, where: Path) -> T
     if ckpt is not None:
         stored = ckpt.get("train_config", {})
         for key in ("lr_schedule", "loss_weight"):   # how the run optimises: --resume keeps it
-            have = stored.get(key) or getattr(TrainConfig, key + "_default")
+            have = stored.get(key) or getattr(type(cfg), key + "_default")
             if getattr(cfg, key) not in (None, have):
                 raise TrainingError(f"--resume: {where} was trained with {key}={brief(have)}, "
                                     f"not {getattr(cfg, key)!r}; resume with the same setting or leave it out")
             cfg = dataclasses.replace(cfg, **{key: have})
-    return dataclasses.replace(cfg, lr_schedule=cfg.lr_schedule or TrainConfig.lr_schedule_default,
-                               loss_weight=cfg.loss_weight or TrainConfig.loss_weight_default)
+    return dataclasses.replace(cfg, lr_schedule=cfg.lr_schedule or type(cfg).lr_schedule_default,
+                               loss_weight=cfg.loss_weight or type(cfg).loss_weight_default)
 
 
 # What --resume may change: where the run stops, how often it checkpoints and logs, where it runs and reads MNIST.
@@ -421,7 +436,9 @@ RESUME_MAY_CHANGE = ("steps", "ckpt_every", "log_every", "device", "data")
 # The options resolved elsewhere (None: not given): the model's (TrainConfig.model_config, --prediction) and the
 # optimisation's (_resumed_optimisation); the run folder itself.
 _RESOLVED_ELSEWHERE = ("out", "preset", "schedule", "timesteps", "prediction", "lr_schedule", "loss_weight")
-_FLAGS = {"batch_size": "--batch", "ema_decay": "--ema"}   # `ddpm train` flags not named after their field
+# `ddpm train` and `ddpm distill` flags not named after their field
+_FLAGS = {"batch_size": "--batch", "ema_decay": "--ema", "guidance_lo": "--guidance-interval",
+          "guidance_hi": "--guidance-interval"}
 
 
 def _flag(name: str) -> str:
@@ -433,11 +450,11 @@ def resumed_options(cfg: TrainConfig, stored: dict, given: Collection[str] | Non
     defaults) taken from `stored`, the checkpoint's train config, so that --resume continues the run it resumes.
     A given option that contradicts the stored one raises TrainingError (one line naming them all), unless it is
     one of RESUME_MAY_CHANGE. A key missing from `stored` keeps cfg's value."""
-    defaults = TrainConfig()
+    defaults = type(cfg)()
     if given is None:
-        given = {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+        given = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
     take, wrong = {}, []
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cfg):
         name = f.name
         if name in _RESOLVED_ELSEWHERE or name not in stored:
             continue
@@ -544,10 +561,10 @@ def build_state(run: Run) -> State:
     return State(model, ema, opt, torch.from_numpy(images), torch.from_numpy(labels), start)
 
 
-def _complete(run: Run, state: State, log) -> dict:
+def _complete(run: Run, state: State, log, checkpoints: "Checkpoints") -> dict:
     """A resumed run already at its last step (killed while it wrote that checkpoint's model or grid): write what
     is missing, or TrainingError when nothing is."""
-    done = _complete_outputs(run.out, state.start, state.ema, run.mcfg, run.cfg.seed) if run.ctx.rank == 0 else []
+    done = checkpoints.complete(state.start) if run.ctx.rank == 0 else []
     run.ctx.teardown()
     if not done:
         raise TrainingError(f"--resume: the checkpoint is already at step {state.start} >= --steps {run.cfg.steps} "
@@ -570,16 +587,36 @@ class Checkpoints:
         """Where the run can go on from, e.g. "last checkpoint at step 200 in runs/x, continue with --resume"."""
         return _last(self.last) + (f" in {self.run.out}, continue with --resume" if self.last is not None else "")
 
+    def due(self, done: int) -> bool:
+        """Whether a checkpoint is written after `done` steps: every ckpt_every steps and at the end."""
+        return done % self.run.cfg.ckpt_every == 0 or done == self.run.cfg.steps
+
+    def contents(self, step: int) -> dict:
+        """What ckpt.pt holds at `step` (model.io.CKPT): the weights, their EMA, the optimiser, the configs and the
+        torch RNG state."""
+        run, st = self.run, self.state
+        return {"step": step, "model": st.model.state_dict(), "ema": st.ema.state_dict(),
+                "opt": st.opt.state_dict(), "model_config": run.mcfg.to_dict(),
+                "train_config": dataclasses.asdict(run.cfg), "torch_rng": torch.get_rng_state()}
+
+    def write_outputs(self, step: int) -> None:
+        """The inference files of `step`, written before its ckpt.pt: model.safetensors and samples.png."""
+        run, st = self.run, self.state
+        save_model(run.out / MODEL_FILE, run.mcfg, st.ema.state_dict(), step=step)
+        write_samples(st.ema, run.mcfg, run.out / SAMPLES_FILE, seed=run.cfg.seed, step=step)
+
+    def complete(self, step: int) -> list[str]:
+        """Write the outputs of the checkpoint's `step` that are missing or older (a run killed while it wrote
+        them); returns the names written."""
+        return _complete_outputs(self.run.out, step, self.state.ema, self.run.mcfg, self.run.cfg.seed)
+
     def save(self, step: int) -> None:
-        run, st, t = self.run, self.state, time.perf_counter()
+        run, t = self.run, time.perf_counter()
         if run.ctx.rank == 0:
-            state = {"step": step, "model": st.model.state_dict(), "ema": st.ema.state_dict(),
-                     "opt": st.opt.state_dict(), "model_config": run.mcfg.to_dict(),
-                     "train_config": dataclasses.asdict(run.cfg), "torch_rng": torch.get_rng_state()}
+            state = self.contents(step)
             try:
                 # ckpt.pt last: whatever step it holds, the model and the grid of that step were written before it
-                save_model(run.out / MODEL_FILE, run.mcfg, st.ema.state_dict(), step=step)
-                write_samples(st.ema, run.mcfg, run.out / SAMPLES_FILE, seed=run.cfg.seed, step=step)
+                self.write_outputs(step)
                 before = _identity(run.out / CKPT_FILE)
                 try:
                     save_checkpoint(run.out / CKPT_FILE, state)
@@ -605,18 +642,44 @@ def loss_tables(run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | No
     return sqrt_ac, sqrt_1m_ac, weights
 
 
-def train_loop(run: Run, st: State, progress: bool) -> dict:
-    """Steps st.start .. cfg.steps - 1 (Algorithm 1 with label dropout, Adam, clipping, EMA), the losses checked and
-    logged once per window of log_every steps, a checkpoint every ckpt_every steps and at the end. Returns the
-    summary of `train`."""
-    from tqdm import tqdm
-
+def train_loop(run: Run, st: State, progress: bool, checkpoints: Checkpoints | None = None) -> dict:
+    """Steps st.start .. cfg.steps - 1 (Algorithm 1 with label dropout, Adam, clipping, EMA) run by `run_steps`.
+    Returns the summary of `train`."""
     cfg, mcfg, ctx, device = run.cfg, run.mcfg, run.ctx, run.device
     net, (sqrt_ac, sqrt_1m_ac, weights) = ctx.wrap(st.model), loss_tables(run)
     amp = torch.bfloat16 if device.type == "cuda" else None
     order = BatchOrder(len(st.images), cfg.batch_size, cfg.seed)
     shard = slice(ctx.rank, None, ctx.world)   # this rank's share of every global batch
-    checkpoints = Checkpoints(run, st)
+
+    def one_step(step: int) -> torch.Tensor:
+        x0, y, t, noise = (v[shard].to(device, non_blocking=True) for v in
+                           make_batch(step, cfg, order, st.images, st.labels, mcfg.timesteps, mcfg.null_label))
+        loss = diffusion_loss(net, x0, y, t, noise, sqrt_ac, sqrt_1m_ac, amp, weights, mcfg.prediction)
+        optimizer_step(st, loss, learning_rate(cfg, step), cfg.grad_clip, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        return loss
+
+    return run_steps(run, st, progress, one_step, checkpoints or Checkpoints(run, st))
+
+
+def optimizer_step(st: State, loss: torch.Tensor, lr: float, grad_clip: float, ema_decay: float) -> None:
+    """One Adam step on `loss` at learning rate `lr`, the gradient norm clipped to grad_clip, then the EMA updated
+    with `ema_decay`."""
+    for group in st.opt.param_groups:
+        group["lr"] = lr
+    st.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(st.model.parameters(), grad_clip)
+    st.opt.step()
+    ema_update(st.ema, st.model, ema_decay)
+
+
+def run_steps(run: Run, st: State, progress: bool, one_step, checkpoints: Checkpoints) -> dict:
+    """Steps st.start .. cfg.steps - 1, each one_step(step) -> its loss (a scalar tensor; the step optimises), with
+    a progress bar, the losses checked and logged once per window of log_every steps, and a checkpoint where
+    checkpoints.due(done); what stops the run says where it can resume. Returns the summary of `train`."""
+    from tqdm import tqdm
+
+    cfg, ctx, device = run.cfg, run.ctx, run.device
     bar = tqdm(total=cfg.steps, initial=st.start, disable=not progress or ctx.rank != 0, unit="step",
                dynamic_ncols=True)
     losses = torch.zeros(cfg.log_every, device=device)   # this window's losses, checked (NaN) at the window's end
@@ -626,19 +689,10 @@ def train_loop(run: Run, st: State, progress: bool) -> dict:
     with stop_message(checkpoints.where, TrainingError):   # Ctrl-C, SIGTERM, a resource limit: where to resume
         try:
             for step in range(st.start, cfg.steps):
-                x0, y, t, noise = (v[shard].to(device, non_blocking=True) for v in
-                                   make_batch(step, cfg, order, st.images, st.labels, mcfg.timesteps, mcfg.null_label))
-                for group in st.opt.param_groups:
-                    group["lr"] = learning_rate(cfg, step)
-                loss = diffusion_loss(net, x0, y, t, noise, sqrt_ac, sqrt_1m_ac, amp, weights, mcfg.prediction)
-                st.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(st.model.parameters(), cfg.grad_clip)
-                st.opt.step()
-                ema_update(st.ema, st.model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+                loss = one_step(step)
                 losses[pending] = loss.detach()
                 pending, done = pending + 1, step + 1
-                at_ckpt = done % cfg.ckpt_every == 0 or done == cfg.steps
+                at_ckpt = checkpoints.due(done)
                 if pending == cfg.log_every or at_ckpt:
                     history.extend(_log_window(run, losses[:pending], done, bar))
                     pending = 0
