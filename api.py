@@ -357,8 +357,10 @@ def evaluate(images, labels, data: str | os.PathLike | None = None, name: str = 
     shipped classifier's 128-d features to the real test set's, Heusel et al. 2017's formula), fd_floor (the same for
     N real training images, mean of 5 draws; floor_min/floor_max their spread), fd_ratio, within_floor_spread
     (floor_min <= fd <= floor_max), below_floor (fd < floor_min: noise, too few digits), cond_accuracy (None without
-    labelled digits), uncond_histogram / uncond_top_prob (None without unconditional ones), border_share. Needs
-    PyTorch (the classifier). Raises DdpmError for bad arrays, missing data or no PyTorch."""
+    labelled digits), uncond_histogram / uncond_top_prob (None without unconditional ones), is / is_std (the
+    Inception Score of the classifier's class probabilities, Salimans et al. 2016, over 10 splits) and real_is (the
+    same for the floor's draws of N real training digits), border_share. Needs PyTorch (the classifier). Raises
+    DdpmError for bad arrays, missing data or no PyTorch."""
     require_torch("ddpm.evaluate")
     from .evaluation import evaluate_sets
 

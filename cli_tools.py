@@ -31,7 +31,8 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
     """Measure sample quality with an MNIST classifier.
 
     Frechet distance of the classifier's penultimate features to the real test set, beside the floor (N real
-    training images, same N), accuracy of class-conditional samples, class histogram of unconditional ones.
+    training images, same N), accuracy of class-conditional samples, class histogram of unconditional ones, and
+    the Inception Score of the classifier's predictions beside real digits' at the same N.
 
     \b
     Examples:

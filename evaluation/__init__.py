@@ -1,7 +1,8 @@
 """The evaluator of `ddpm eval` and `ddpm.evaluate`: sample quality measured with an MNIST classifier.
 
     classifier.py   the classifier (a small CNN), its training and its weights file
-    metrics.py      Frechet distance, its real-data floor, accuracy, histograms, border share; the table
+    metrics.py      Frechet distance, its real-data floor, accuracy, histograms, Inception Score, border share;
+                    the table
 
 `evaluate_sets` is the whole job: the reference (the classifier, loaded or retrained, and the real MNIST digits it is
 compared with), then the figures of each set of samples. Needs PyTorch.
@@ -17,11 +18,12 @@ from typing import Callable, Iterable
 from ..files import input_path
 from .classifier import (CLASSIFIER_FILE, FEATURES, IMAGE_SHAPE, Classifier, features_and_predictions,
                          load_classifier, predict, train_classifier)
-from .metrics import (MIN_N, EvaluationError, Reference, border_share, check_samples, format_table, frechet_distance)
+from .metrics import (MIN_N, EvaluationError, Reference, border_share, check_samples, format_table, frechet_distance,
+                      inception_score)
 
 __all__ = ["CLASSIFIER_FILE", "MIN_N", "Classifier", "EvaluationError", "Reference", "SAMPLE_BYTES", "border_share",
            "check_samples", "evaluate_sets", "features_and_predictions", "format_table", "frechet_distance",
-           "load_classifier", "predict", "reference", "train_classifier"]
+           "inception_score", "load_classifier", "predict", "reference", "train_classifier"]
 
 # The memory one evaluated sample takes: the uint8 image and the classifier's float64 features.
 SAMPLE_BYTES = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] + FEATURES * 8
@@ -84,8 +86,10 @@ def evaluate_sets(sets: Iterable[tuple[str, object, object]], data: str | os.Pat
     floor_min / floor_max their spread, floor_draws their number), fd_ratio, within_floor_spread (floor_min <= fd <=
     floor_max), below_floor (fd < floor_min: noise, too few samples); cond_n,
     cond_accuracy (None without labelled samples); uncond_histogram, uncond_top_prob (None without unlabelled ones)
-    and real_top_prob; border_share and real_border_share. Raises EvaluationError for a set that is not such
-    images and labels, and what `reference` raises.
+    and real_top_prob; is and is_std (the Inception Score of the classifier's class probabilities, Salimans et al.
+    2016: mean and std over is_splits splits, 10 from N = 20), real_is (its mean over the floor's draws of n real
+    training images, with the same splits); border_share and real_border_share. Raises EvaluationError for a set
+    that is not such images and labels, and what `reference` raises.
     """
     if isinstance(sets, (list, tuple)):
         for name, images, labels in sets:

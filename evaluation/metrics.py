@@ -6,6 +6,9 @@
 * Conditional accuracy: the classifier's agreement with the label each class-conditional sample was drawn for.
 * Class histogram of unconditional samples, and the classifier's mean top-class probability on them beside its value
   on real test digits (how recognisable the digits are when no class was asked for).
+* Inception Score (Salimans et al. 2016) from the classifier's class probabilities, next to its value for the same
+  draws of N real training images as the floor: high when each sample is classified confidently and the classes are
+  diverse; at most the number of classes (10).
 * Clean backgrounds: the share of samples with a border pixel brighter than 2 grey levels (MNIST digits have black
   borders).
 
@@ -29,6 +32,10 @@ class EvaluationError(DdpmError, ValueError):
     """Images or labels the evaluator cannot score (wrong shape or type, fewer than 2); the message names the set."""
 
 
+IS_SPLITS = 10   # the Inception Score's splits, as Salimans et al. 2016 report it (mean +- std over 10)
+IS_EPS = 1e-12   # probabilities are clipped below at this before their log
+
+
 def border_share(images_u8: np.ndarray, width: int = 1, level: int = 2) -> float:
     """The share of images with a pixel brighter than `level` grey levels in their outer `width`-pixel frame (for the
     MNIST test set, width 1: 1.1%; width 2: 12%, as strokes reach into the margin)."""
@@ -45,6 +52,43 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ s2 @ root1), 0, None)).sum()
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+def inception_score(probs: np.ndarray, splits: int = IS_SPLITS) -> tuple[float, float]:
+    """The Inception Score of class probabilities probs (N, C), as (mean, std) over `splits` splits.
+
+    Salimans et al. 2016, "Improved Techniques for Training GANs", section 4: IS = exp(E_x KL(p(y|x) || p(y))), with
+    p(y|x) a row of probs and p(y) the mean row. As in the paper's code, the N rows are cut into `splits` contiguous
+    parts of N // splits or one more, the score is computed within each part (p(y) its own mean), and the result is
+    the mean and the population standard deviation (ddof 0) of the parts' scores. Computed in float64, with the logs
+    of probabilities clipped below at IS_EPS (1e-12): a zero probability adds exactly 0 to the KL. It lies in
+    [1, C]: 1 when every row is the same, C when every row is one-hot and each part holds every class equally often.
+
+    probs: (N, C) floats, each row non-negative, finite and summing to 1 within 1e-4 (a softmax's output). Raises
+    EvaluationError (a ValueError) for probs that are not such rows, for splits < 1, or for N < splits.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] < 1:
+        raise EvaluationError(f"Inception Score: expected class probabilities (N, C), got shape {p.shape}")
+    if not np.isfinite(p).all() or (p < 0).any() or not np.allclose(p.sum(1), 1, rtol=0, atol=1e-4):
+        raise EvaluationError("Inception Score: probabilities must be finite, non-negative rows summing to 1")
+    if splits < 1 or len(p) < splits:
+        raise EvaluationError(f"Inception Score: {splits} splits of {len(p)} rows (need 1 <= splits <= N)")
+    logp = np.log(np.clip(p, IS_EPS, None))
+    scores = []
+    for i in range(splits):
+        rows = slice(i * len(p) // splits, (i + 1) * len(p) // splits)
+        part, logpart = p[rows], logp[rows]
+        py = part.mean(0)
+        kl = (part * (logpart - np.log(np.clip(py, IS_EPS, None)))).sum(1)   # KL(p(y|x) || p(y)) per row
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def is_splits(n: int) -> int:
+    """The splits the evaluator's Inception Scores use at N samples: IS_SPLITS, fewer below 2 * IS_SPLITS samples so
+    that every split holds at least 2 (N >= 2)."""
+    return max(1, min(IS_SPLITS, n // 2))
 
 
 FLOOR_DRAWS = 5
@@ -80,6 +124,7 @@ class Reference:
     test_top_prob: float = float("nan")   # the classifier's mean top-class probability on the real test digits
     test_border_share: float = float("nan")   # border_share of the real test digits
     _train_features: np.ndarray | None = None
+    _train_probs: np.ndarray | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -93,28 +138,44 @@ class Reference:
         return cls(clf, feats, train, float(probs.max(1).mean()), border_share(test))
 
     def train_features(self, idx: np.ndarray) -> np.ndarray:
-        """Features of the training images idx, each computed once and kept (one thread at a time fills them: a
-        Reference is shared by the threads of ddpm.evaluate)."""
+        """Features (len(idx), 128) of the training images idx (train_features_and_probs)."""
+        return self.train_features_and_probs(idx)[0]
+
+    def train_features_and_probs(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(features (len(idx), 128), class probabilities (len(idx), 10)) of the training images idx, float64, each
+        image's computed once in one classifier pass and kept (one thread at a time fills them: a Reference is shared
+        by the threads of ddpm.evaluate)."""
         with self._lock:
             if self._train_features is None:
                 self._train_features = np.full((len(self.train_images), self.test_features.shape[1]), np.nan)
+                self._train_probs = np.full((len(self.train_images), NUM_CLASSES), np.nan)
             todo = idx[np.isnan(self._train_features[idx, 0])]
             if len(todo):
-                self._train_features[todo] = features_and_probs(self.classifier, self.train_images[todo])[0]
-            return self._train_features[idx]
+                self._train_features[todo], self._train_probs[todo] = features_and_probs(self.classifier,
+                                                                                         self.train_images[todo])
+            return self._train_features[idx], self._train_probs[idx]
 
-    def floors(self, n: int, draws: int = FLOOR_DRAWS, seed: int = 0) -> list[float]:
-        """FD of n real training images to the test set, for `draws` draws of them (disjoint while the 60000 allow):
-        what a perfect generator scores at this n, and how much that varies."""
+    def floor_draws(self, n: int, draws: int = FLOOR_DRAWS, seed: int = 0) -> list[np.ndarray]:
+        """The indices of the training images in each of `draws` draws of n (disjoint while the 60000 allow; n is
+        capped at their number)."""
         total = len(self.train_images)
         perm = np.random.default_rng(seed).permutation(total)
         n = min(n, total)
-        out = []
-        for d in range(draws):
-            lo = d * n
-            idx = perm[lo:lo + n] if lo + n <= total else np.random.default_rng(seed + d).choice(total, n, False)
-            out.append(frechet_distance(self.train_features(idx), self.test_features))
-        return out
+        return [perm[d * n:(d + 1) * n] if (d + 1) * n <= total
+                else np.random.default_rng(seed + d).choice(total, n, False) for d in range(draws)]
+
+    def floors(self, n: int, draws: int = FLOOR_DRAWS, seed: int = 0) -> list[float]:
+        """FD of n real training images to the test set, for `draws` draws of them (floor_draws): what a perfect
+        generator scores at this n, and how much that varies."""
+        return [frechet_distance(self.train_features(idx), self.test_features)
+                for idx in self.floor_draws(n, draws, seed)]
+
+    def real_inception_scores(self, n: int, splits: int, draws: int = FLOOR_DRAWS, seed: int = 0) -> list[float]:
+        """The Inception Score (inception_score's mean over `splits`; fewer where n is capped at fewer than 2 * splits
+        training images, as is_splits) of n real training images, for the same draws as `floors` (their
+        probabilities come from the same classifier pass as the floor's features)."""
+        return [inception_score(self.train_features_and_probs(idx)[1], min(splits, is_splits(len(idx))))[0]
+                for idx in self.floor_draws(n, draws, seed)]
 
     def floor(self, n: int, seed: int = 0) -> float:
         """The mean of `floors(n)`."""
@@ -128,6 +189,8 @@ class Reference:
         preds = probs.argmax(1)
         fd, floors = frechet_distance(feats, self.test_features), self.floors(len(images))
         floor = float(np.mean(floors))
+        splits = is_splits(len(images))
+        score, score_std = inception_score(probs, splits)
         cond = labels >= 0
         res = {"name": name, "n": int(len(images)), "fd": fd, "fd_floor": floor, "fd_ratio": fd / floor,
                "floor_min": min(floors), "floor_max": max(floors), "floor_draws": len(floors),
@@ -138,6 +201,8 @@ class Reference:
                "uncond_histogram": np.bincount(preds[~cond], minlength=10).tolist() if (~cond).any() else None,
                "uncond_top_prob": float(probs[~cond].max(1).mean()) if (~cond).any() else None,
                "real_top_prob": self.test_top_prob,
+               "is": score, "is_std": score_std, "is_splits": splits,
+               "real_is": float(np.mean(self.real_inception_scores(len(images), splits))),
                "border_share": border_share(images), "real_border_share": self.test_border_share}
         return res
 
@@ -145,7 +210,7 @@ class Reference:
 def format_table(rows: list[dict]) -> str:
     """The rows of `Reference.evaluate` as a text table, with the floor's spread and what it means."""
     head = (f"{'samples':<28} {'N':>6} {'FD':>9} {'floor (min-max)':>22} {'FD/floor':>9} {'cond acc':>9} "
-            f"{'border':>7}  uncond: top-prob (real), histogram %")
+            f"{'IS (real)':>13} {'border':>7}  uncond: top-prob (real), histogram %")
     lines = [head, "-" * len(head)]
     for r in rows:
         acc = f"{100 * r['cond_accuracy']:.2f}%" if r["cond_accuracy"] is not None else "-"
@@ -156,8 +221,9 @@ def format_table(rows: list[dict]) -> str:
                    + " ".join(f"{100 * h / total:.0f}" for h in r["uncond_histogram"]))
         floor = f"{r['fd_floor']:.3f} ({r['floor_min']:.2f}-{r['floor_max']:.2f})"
         ratio = f"{r['fd_ratio']:.2f}" + ("*" if r["within_floor_spread"] else "<" if r["below_floor"] else "")
+        score = f"{r['is']:.2f} ({r['real_is']:.2f})"
         lines.append(f"{r['name'][:28]:<28} {r['n']:>6} {r['fd']:>9.3f} {floor:>22} {ratio:>9} {acc:>9} "
-                     f"{100 * r['border_share']:>6.1f}%  {unc}")
+                     f"{score:>13} {100 * r['border_share']:>6.1f}%  {unc}")
     if any(r["within_floor_spread"] for r in rows):
         lines.append("* FD inside the spread of the real-data floor (min <= FD <= max): at this N the samples cannot "
                      "be told from real digits by this measure (a ratio below 1 is noise, not better than real data)")
@@ -166,8 +232,10 @@ def format_table(rows: list[dict]) -> str:
                      "(too few samples), not better than real data")
     if rows:
         lines.append(f"floor: FD of N real training images to the test set, mean of {rows[0]['floor_draws']} draws "
-                     f"(min-max); border: share of samples with a pixel > 2 grey levels in the outer frame (real test "
-                     f"digits: {100 * rows[0]['real_border_share']:.1f}%)")
+                     f"(min-max); IS: Inception Score of the classifier's class probabilities, mean of {IS_SPLITS} "
+                     f"splits (at most {NUM_CLASSES}, the number of classes), beside its mean over the floor's draws; "
+                     f"border: share of samples with a pixel > 2 grey levels in the outer frame (real test digits: "
+                     f"{100 * rows[0]['real_border_share']:.1f}%)")
     small = sorted({r["n"] for r in rows if r["n"] < MIN_N})
     if small:
         lines.append(f"Warning: N = {', '.join(map(str, small))} is below {MIN_N}: at this N FD and its floor are "
