@@ -8,7 +8,7 @@ from dataclasses import replace
 import click
 
 from .cli_options import (Finite, add_options, check_output, done, prepare, refuse_guidance_without_labels,
-                          sampling_options)
+                          refuse_same_path, sampling_options)
 from .options import EDIT_GUIDANCE, EDITING, MAX_SIGMA, Sampling
 from .runtime.edits import FACTORS, HALVES, UPSCALERS
 
@@ -30,12 +30,15 @@ def editing_command(name: str, out: str, defaults: Sampling = EDITING, image_hel
         sampling_options(defaults)]))
 
 
-def _edit(o: dict, build, shown, what: str, detail: str) -> None:
+def _edit(o: dict, build, shown, what: str, detail: str, inputs: dict | None = None) -> None:
     """Run an editing command like `gen`: build(model, opts) -> (plan, runtime.edits.EditJob), shown(model) the
-    input as saved first ((H, W) uint8); the grid or npz with the input first; one final line."""
+    input as saved first ((H, W) uint8); the grid or npz with the input first; one final line. inputs: the
+    command's own input files besides --image ({option: path})."""
     from . import pipeline
     from .runtime.images import check_grid
 
+    refuse_same_path({"--out": o["out"]}, {"--image": o["image"], "--ckpt": o["ckpt"], "--export": o["export_dir"],
+                                           **(inputs or {})})
     check_output(o["out"], "--out", (".png", ".npz"))       # before any work (files.check_writable)
     if o["out"].lower().endswith(".png"):
         check_grid(o["num"] + 1)
@@ -88,7 +91,8 @@ def inpaint(mask_spec, jump, resample, **o):
     def shown(model):
         images, keep, _ = model.inpaint_input(o["image"], mask_spec, 1)
         return np.where(keep[0], images[0], 64).astype(np.uint8)   # the redrawn part greyed out
-    _edit(o, build, shown, "completions", f"RePaint j={jump} r={resample} over {{plan}}")
+    _edit(o, build, shown, "completions", f"RePaint j={jump} r={resample} over {{plan}}",
+          {"--mask": None if mask_spec in HALVES else mask_spec})
 
 
 @editing_command("edit", "edit.png", replace(EDITING, guidance=EDIT_GUIDANCE))

@@ -4,6 +4,7 @@ the options.Sampling fields as options, and the steps every sampling command tak
 from __future__ import annotations
 
 import math
+import os
 
 import click
 from click.core import ParameterSource
@@ -59,6 +60,37 @@ def check_output(path, param: str, suffixes: tuple[str, ...] | None = None, fold
     except OutputError as e:
         raise click.BadParameter(str(e), param_hint=param) from None
     return path
+
+
+def _same_path(a, b) -> bool:
+    """Whether paths a and b name the same file or folder: os.path.samefile where both exist (symbolic and hard
+    links, case-insensitive file systems), else their real paths, normalised."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+
+
+def refuse_same_path(outputs: dict, inputs: dict | None = None) -> None:
+    """Refuse, before any work, an output that is the same file or folder as one of the command's inputs or as
+    another of its outputs: writing it would destroy that input (or the other output's content) and still succeed.
+
+    outputs, inputs: {option name: a path, a list of paths (a repeated option) or None (not given)}. Raises
+    click.UsageError (one line, exit 2) naming both options."""
+    def given(d):
+        for option, value in (d or {}).items():
+            for path in value if isinstance(value, (list, tuple)) else [value]:
+                if path is not None and str(path) != "":
+                    yield option, path
+
+    seen = [(option, path, "reads") for option, path in given(inputs)]
+    for option, path in given(outputs):
+        for other, earlier, role in seen:
+            if _same_path(path, earlier):
+                kind = "folder" if os.path.isdir(earlier) else "file"
+                raise click.UsageError(f"{option} and {other} name the same {kind} ({path}): writing {option} would "
+                                       f"overwrite what {other} {role}; give {option} another path")
+        seen.append((option, path, "writes"))
 
 
 def on_command_line(name: str) -> bool:

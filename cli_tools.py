@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from .cli_options import (DEFAULT, Finite, check_output, device_syntax, model_option, needs_torch, on_command_line,
-                          prepare, refuse_guidance_without_labels, sampling_options, set_threads, solver_options)
+                          prepare, refuse_guidance_without_labels, refuse_same_path, sampling_options, set_threads,
+                          solver_options)
 from .export.generator import FORMS
 from .options import MAX_GUIDANCE, MAX_THREADS, Sampling
 from .runtime.engines import ENGINES
@@ -41,6 +42,8 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
       ddpm eval --samples a.npz --samples b.npz --json quality.json
     """
     refuse_guidance_without_labels(not uncond, o["guidance"])
+    refuse_same_path({"--json": json_out}, {"--samples": sample_files, "--data": data, "--classifier": classifier,
+                                            "--ckpt": o["ckpt"], "--export": o["export_dir"]})
     if json_out:
         check_output(json_out, "--json")
     needs_torch("eval (its MNIST classifier)")
@@ -130,6 +133,7 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
       ddpm export --generator --steps 20                  # UniPC-20 in one ONNX call
       ddpm export --web site && python -m http.server -b 127.0.0.1 -d site   # open http://127.0.0.1:8000
     """
+    refuse_same_path({"--out": out, "--web": web_dir}, {"--ckpt": ckpt, "--data": data, "--ort-web": ort_web})
     for folder, option in ((out, "--out"), (web_dir, "--web")):
         if folder:
             check_output(folder, option, folder=True)
@@ -237,6 +241,7 @@ def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance
     if unknown or not names:
         raise click.BadParameter(f"unknown engine(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(ENGINES)}",
                                  param_hint="--engines")
+    refuse_same_path({"--out": out}, {"--ckpt": ckpt})
     check_output(out, "--out", folder=True)
     if quick:
         given = [opt for opt, param in (("--batch", "batches"), ("--steps", "steps"), ("--repeat", "repeat"))
