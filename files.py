@@ -100,6 +100,11 @@ def _fault_at(point: str, tmp: Path) -> None:
     os.kill(os.getpid(), sig)
 
 
+def is_temporary(name: str) -> bool:
+    """Whether a file or folder name is one of the tagged temporaries of a write (see the module docstring)."""
+    return _TAGGED.match(name) is not None
+
+
 def _tag() -> str:
     return f"{HOST}-{os.getpid()}"
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import DdpmError
-from ..files import OutputError, disk_full, no_space, publish_dir, readable_name, temp_dir
+from ..files import OutputError, disk_full, is_temporary, no_space, publish_dir, readable_name, temp_dir
 from ..model.io import LoadedModel, copy_to, require_onnx
 from ..runtime.bundle import EXPORT_FORMAT, META_FILE, file_sha256
 from ..runtime.schedule import Schedule
@@ -155,15 +157,23 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
     An `out` that holds an export of the same weights only gains: the precisions it has at this opset are kept as
     they are (verified when they were made), the missing ones exported, and its other artifacts (generators,
     TensorRT engines, which check the ONNX file they were built from) carried over; at another opset every
-    precision it had is exported again. replace=False: if `out` already holds these precisions (another process
-    exported them first), it is left as it is. Raises ExportFailed (verification), files.OutputError (`out` not
-    writable, or a folder that is not an export, which it would replace), TorchMissing (no onnx package)."""
+    precision it had is exported again; everything else it holds (files and folders that ddpm export did not write
+    included) is carried over too. An `out` of other weights (or whose export.json does not load) is replaced, and
+    only if it holds nothing but what ddpm export writes (_not_written). replace=False: if `out` already holds these
+    precisions (another process exported them first), it is left as it is. Raises ExportFailed (verification),
+    files.OutputError (`out` not writable, a folder that is not an export, or one of other weights that holds files
+    ddpm did not write: it would replace them), TorchMissing (no onnx package)."""
     onnx = require_onnx("exporting to ONNX")
     out = Path(out)
     if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
         raise OutputError(f"{out} is a folder but not an export folder (no {META_FILE}), and an export replaces what "
                           f"is there: give another --out, or remove it")
     old = _holds(out, loaded.hash, [])
+    foreign = _not_written(out) if old is None and out.is_dir() else []
+    if foreign:   # what the folder holds would be replaced: only ddpm's own files of other weights may be
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputError(f"{out} holds files of other weights and files ddpm did not write ({shown}); choose "
+                          f"another --out or empty it")
     wanted = ["fp32"] + (["fp16"] if fp16 else []) + (["int8"] if int8 is not None else [])
     kept = {}
     if old is not None:
@@ -233,15 +243,39 @@ def _int8(loaded: LoadedModel, fp32: Path, path: Path, data, log) -> dict:
     return {"name": path.name, **rec}
 
 
-def _carry_over(old: Path, tmp: Path) -> None:
-    """Link (or copy) into tmp every plain file of the export folder `old` that tmp does not have yet, except
-    export.json: tmp's is written afresh, and writing through a hard link would change the old folder's in place."""
-    import os
+# what `ddpm export` writes into an export folder besides export.json: the models, the generators
+# (export/generator.py), TensorRT engines and their records (runtime/trt.py) and the timing cache (export/trt.py)
+_WRITTEN = re.compile(r"^(model(_fp16|_int8)?\.onnx|generator-.+\.onnx|.+\.plan(\.json)?|timing\.cache)$")
 
-    for f in old.iterdir():
-        if f.is_file() and not f.is_symlink() and not f.name.startswith(".") and f.name != META_FILE \
-                and not (tmp / f.name).exists():
-            try:
-                os.link(f, tmp / f.name)
-            except OSError:   # another file system, or links not allowed there
-                shutil.copyfile(f, tmp / f.name)
+
+def _not_written(folder: Path) -> list[str]:
+    """The names in `folder` that ddpm export does not write (a user's files and folders), sorted."""
+    return sorted(e.name for e in os.scandir(folder)
+                  if not (e.name == META_FILE or is_temporary(e.name) or _WRITTEN.match(e.name) and e.is_file()))
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:   # another file system, or links not allowed there
+        shutil.copy2(src, dst)
+
+
+def _carry_over(old: Path, tmp: Path) -> None:
+    """Put into tmp everything of the export folder `old` that tmp does not have yet (files as hard links where
+    possible, else copies; folders as trees of those; symbolic links as links), except export.json (tmp's is written
+    afresh, and writing through a hard link would change the old folder's in place) and the temporaries of writes
+    (files.is_temporary): publishing tmp must not lose what the folder held. Raises OutputError on a special file
+    (a pipe, a socket, a device), which cannot be carried over."""
+    for e in os.scandir(old):
+        src, dst = Path(e.path), tmp / e.name
+        if e.name == META_FILE or is_temporary(e.name) or os.path.lexists(dst):
+            continue
+        if e.is_symlink():
+            os.symlink(os.readlink(src), dst)
+        elif e.is_dir():
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        elif e.is_file():
+            _link_or_copy(src, dst)
+        else:
+            raise OutputError(f"{src} is not a file or folder, and an export replaces {old}: move it elsewhere")
