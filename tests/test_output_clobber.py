@@ -1,0 +1,114 @@
+"""No command overwrites its own input or another of its outputs (cli_options.refuse_same_path), and `ddpm export`
+never removes what it did not write in an export folder it replaces (export.onnx_export)."""
+
+import os
+from pathlib import Path
+
+import click
+import pytest
+
+from ddpm.cli_options import refuse_same_path
+from ddpm.export.onnx_export import export
+from ddpm.files import OutputError
+from ddpm.model.io import load_model
+from helpers import invoke
+
+
+def _refused(r, first: str, second: str) -> None:
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    assert first in lines[0] and second in lines[0] and "same" in lines[0], r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+
+
+# ----------------------------------------------------------------------------------- an output over an input
+def test_refuse_same_path_compares_files_not_spellings(tmp_path):
+    a = tmp_path / "a.npz"
+    a.write_bytes(b"samples")
+    os.link(a, tmp_path / "hard.json")
+    (tmp_path / "soft.json").symlink_to(a)
+    for same in (a, tmp_path / "hard.json", tmp_path / "soft.json", tmp_path / "sub" / ".." / "a.npz"):
+        with pytest.raises(click.UsageError, match="--json and --samples name the same file"):
+            refuse_same_path({"--json": same}, {"--samples": [tmp_path / "b.npz", a]})
+    with pytest.raises(click.UsageError, match="--trajectory and --out name the same"):   # neither exists yet
+        refuse_same_path({"--out": tmp_path / "x.png", "--trajectory": tmp_path / "." / "x.png"})
+    refuse_same_path({"--out": tmp_path / "x.png", "--trajectory": tmp_path / "y.png"},
+                     {"--samples": [a], "--ckpt": None})   # distinct paths pass
+
+
+def test_every_command_refuses_an_output_over_its_input(tmp_path, ckpt):
+    """One line, exit 2, naming both options, before any work: the input is left as it was."""
+    s = tmp_path / "s.npz"
+    s.write_bytes(b"the samples")
+    d = tmp_path / "d.png"
+    d.write_bytes(b"the picture")
+    m = tmp_path / "m.png"
+    m.write_bytes(b"the mask")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    link = tmp_path / "link.json"
+    link.symlink_to(s)
+    cases = [
+        (("gen", "-n", 2, "--out", tmp_path / "a.png", "--trajectory", tmp_path / "a.png"), "--trajectory", "--out"),
+        (("eval", "--samples", s, "--json", s), "--json", "--samples"),
+        (("eval", "--samples", s, "--json", link), "--json", "--samples"),
+        (("inpaint", "--image", d, "--out", d), "--out", "--image"),
+        (("inpaint", "--image", d, "--mask", m, "--out", m), "--out", "--mask"),
+        (("edit", "--image", d, "--out", d), "--out", "--image"),
+        (("upscale", "--image", d, "--factor", 2, "--out", d), "--out", "--image"),
+        (("restore", "--image", d, "--sigma", 0.5, "--out", d), "--out", "--image"),
+        (("export", "--out", run, "--web", run), "--web", "--out"),
+        (("export", "--ckpt", ckpt, "--out", ckpt), "--out", "--ckpt"),
+        (("train", "--init", run, "--out", run), "--out", "--init"),
+        (("train", "--data", run, "--out", run), "--out", "--data"),
+        (("distill", "--teacher", run, "--out", run), "--out", "--teacher"),
+        (("bench", "--ckpt", run, "--out", run), "--out", "--ckpt"),
+    ]
+    for args, first, second in cases:
+        _refused(invoke(*args), first, second)
+    assert s.read_bytes() == b"the samples" and d.read_bytes() == b"the picture" and m.read_bytes() == b"the mask"
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    assert not (tmp_path / "a.png").exists()
+
+
+# -------------------------------------------------------------------------------------- an export folder's content
+def _add_users_things(folder: Path) -> None:
+    (folder / "notes.txt").write_text("mine")
+    (folder / "mydir").mkdir()
+    (folder / "mydir" / "f").write_text("x")
+    (folder / ".keep").write_text("")
+    (folder / "pointer").symlink_to("notes.txt")
+
+
+def test_export_of_the_same_weights_keeps_what_it_did_not_write(tiny_exported):
+    root = tiny_exported(0)
+    exp = root / "exp"
+    _add_users_things(exp)
+    export(load_model(root), exp, fp16=True, log=lambda *_: None)   # gains model_fp16.onnx: the folder is replaced
+    assert (exp / "model_fp16.onnx").is_file()
+    assert (exp / "notes.txt").read_text() == "mine" and (exp / "mydir" / "f").read_text() == "x"
+    assert (exp / ".keep").is_file() and os.readlink(exp / "pointer") == "notes.txt"
+
+
+def test_export_of_other_weights_refuses_a_folder_with_a_users_files(tiny_exported):
+    exp = tiny_exported(0) / "exp"
+    other = tiny_exported(1)
+    _add_users_things(exp)
+    before = sorted(p.name for p in exp.iterdir())
+    r = invoke("export", "--ckpt", other, "--out", exp)
+    assert r.exit_code == 1, r.output
+    assert r.output.strip().splitlines() == [f"Error: {exp} holds files of other weights and files ddpm did not "
+                                             f"write (.keep, mydir, notes.txt, pointer); choose another --out or "
+                                             f"empty it"]
+    assert sorted(p.name for p in exp.iterdir()) == before and (exp / "mydir" / "f").read_text() == "x"
+    with pytest.raises(OutputError, match="files ddpm did not write"):
+        export(load_model(other), exp, log=lambda *_: None)
+    # only ddpm's own files of other weights: replaced, as an export of these weights
+    for name in (".keep", "notes.txt", "pointer"):
+        (exp / name).unlink()
+    (exp / "mydir" / "f").unlink()
+    (exp / "mydir").rmdir()
+    export(load_model(other), exp, log=lambda *_: None)
+    assert load_model(other).hash in (exp / "export.json").read_text()
