@@ -91,7 +91,8 @@ def _batch_range(ctx, param, value):
 @model_option
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Export folder [default: ~/.cache/ddpm/exports/<weights hash>, where gen/bench look]. An export "
-                   "folder of the same weights keeps what it holds (fp16 model, generators, TensorRT engines).")
+                   "folder of the same weights keeps what it holds (fp16 model, generators, TensorRT engines, your own "
+                   "files); one of other weights is replaced only if it holds nothing but ddpm export's files.")
 @click.option("--fp16", is_flag=True, help="Also write a half-precision model (model_fp16.onnx).")
 @click.option("--int8", is_flag=True,
               help="Also write an int8 model (model_int8.onnx, for the CPU) calibrated on noised MNIST training "
