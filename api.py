@@ -136,16 +136,25 @@ class Model:
         key = (name, dev, fp16, cuda_graph, threads, max_batch if name == "trt" else None,
                plan_key(plan) if name == "onnx-generator" else None, int8)
         with self._lock:   # (under torchrun every process makes the same engines, so all meet at engine_bundle)
-            if key not in self._engines:
+            if key not in self._engines or self._engines[key].closed:
                 self._engines[key] = open_engine(self, name, dev, fp16, cuda_graph, threads, max_batch, plan, dist,
                                                  log, int8)
             return self._engines[key]
 
+    def job_engine(self, name: str, device: str, fp16: bool, cuda_graph: bool, threads: int | None, max_batch: int,
+                   dist=None, log=None, plan=None, int8: bool = False) -> "ModelEngine":
+        """The engine `engine` gives for these arguments, for one of the Model's own jobs (pipeline.engine): a
+        ModelEngine, which runs a batch on a new engine when `close()` closed the one it held before the batch
+        began, so that closing the Model in another thread never fails a job in progress."""
+        return ModelEngine(self, dict(name=name, device=device, fp16=fp16, cuda_graph=cuda_graph, threads=threads,
+                                      max_batch=max_batch, dist=dist, log=log, plan=plan, int8=int8))
+
     def close(self) -> None:
         """Close every engine the Model made (runtime.engine.Engine.close: runners, onnxruntime sessions, TensorRT
-        contexts, CUDA graphs); closing again does nothing. An engine `engine` returned before refuses work after
-        (EngineClosed), but the Model stays usable: a later call makes the engines it needs anew. `with ddpm.load()
-        as m:` closes on leaving the block."""
+        contexts, CUDA graphs; each when the runs in flight on it end); closing again does nothing. An engine
+        `engine` returned before refuses work after (EngineClosed), but the Model stays usable: a later call makes
+        the engines it needs anew, and its methods running in other threads meanwhile finish, on a new engine where
+        they need one. `with ddpm.load() as m:` closes on leaving the block."""
         with self._lock:
             engines, self._engines = list(self._engines.values()), {}
         for eng in engines:
@@ -317,6 +326,38 @@ class Model:
         from .runtime.images import inpaint_inputs
 
         return inpaint_inputs(image, mask, n, self.image_shape[1:])
+
+
+class ModelEngine:
+    """The engine a Model's job runs on (Model.job_engine): every attribute is that of the engine `Model.engine`
+    gives for its arguments, and `run` runs a batch there, on a new one when the Model's close() closed it first
+    (EngineClosed from an engine that is closed: the Model's close, or the engine's own, came between the job
+    picking it up and the batch starting). A batch that has begun finishes on its engine (Engine.close)."""
+
+    # how often a batch is tried on a new engine before EngineClosed is let through: each try loses only to a
+    # close() between picking the engine up and starting its run, a window of microseconds
+    TRIES = 100
+
+    def __init__(self, model: Model, args: dict):
+        self._model, self._args = model, args
+        self._engine = model.engine(**args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def run(self, *args, **kwargs):
+        """Engine.run on the Model's engine of these arguments (a new one when it was closed)."""
+        from .runtime.engine import EngineClosed
+
+        for _ in range(self.TRIES - 1):
+            eng = self._engine
+            try:
+                return eng.run(*args, **kwargs)
+            except EngineClosed:
+                if not eng.closed:
+                    raise
+                self._engine = self._model.engine(**self._args)
+        return self._engine.run(*args, **kwargs)
 
 
 @checked
