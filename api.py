@@ -136,13 +136,13 @@ class Model:
         key = (name, dev, fp16, cuda_graph, threads, max_batch if name == "trt" else None,
                plan_key(plan) if name == "onnx-generator" else None, int8)
         with self._lock:   # (under torchrun every process makes the same engines, so all meet at engine_bundle)
-            if key not in self._engines or self._engines[key].closed:
+            if key not in self._engines or getattr(self._engines[key], "closed", False):
                 self._engines[key] = open_engine(self, name, dev, fp16, cuda_graph, threads, max_batch, plan, dist,
                                                  log, int8)
             return self._engines[key]
 
-    def job_engine(self, name: str, device: str, fp16: bool, cuda_graph: bool, threads: int | None, max_batch: int,
-                   dist=None, log=None, plan=None, int8: bool = False) -> "ModelEngine":
+    def _job_engine(self, name: str, device: str, fp16: bool, cuda_graph: bool, threads: int | None, max_batch: int,
+                    dist=None, log=None, plan=None, int8: bool = False) -> "ModelEngine":
         """The engine `engine` gives for these arguments, for one of the Model's own jobs (pipeline.engine): a
         ModelEngine, which runs a batch on a new engine when `close()` closed the one it held before the batch
         began, so that closing the Model in another thread never fails a job in progress."""
@@ -329,7 +329,7 @@ class Model:
 
 
 class ModelEngine:
-    """The engine a Model's job runs on (Model.job_engine): every attribute is that of the engine `Model.engine`
+    """The engine a Model's job runs on (Model._job_engine): every attribute is that of the engine `Model.engine`
     gives for its arguments, and `run` runs a batch there, on a new one when the Model's close() closed it first
     (EngineClosed from an engine that is closed: the Model's close, or the engine's own, came between the job
     picking it up and the batch starting). A batch that has begun finishes on its engine (Engine.close)."""

@@ -123,11 +123,11 @@ def open_engine(model, name: str, device: str, fp16: bool, cuda_graph: bool, thr
 
 
 def engine(model, opts: Sampling, plan, guided: bool, dist=None, log=None):
-    """The engine of opts.engine (a name: made once per Model, api.Model.engine, through api.Model.job_engine, which
+    """The engine of opts.engine (a name: made once per Model, api.Model.engine, through api.Model._job_engine, which
     outlives the Model's close(); an engine object: itself), sized for the network batch of opts.batch."""
     if not isinstance(opts.engine, str):
         return opts.engine
-    return model.job_engine(opts.engine, opts.device, opts.fp16, opts.cuda_graph, opts.threads,
+    return model._job_engine(opts.engine, opts.device, opts.fp16, opts.cuda_graph, opts.threads,
                             max_batch=network_batch(opts.batch, guided), dist=dist, log=log, plan=plan,
                             int8=opts.int8)
 
