@@ -116,7 +116,8 @@ class Model:
     def engine(self, name: str = "auto", device: str = "auto", fp16: bool = False, cuda_graph: bool = True,
                threads: int | None = None, max_batch: int = 512, dist=None, log=None, plan=None,
                int8: bool = False):
-        """A runtime engine (runtime.engines), made once per (name, device, fp16, cuda_graph, threads) and kept.
+        """A runtime engine (runtime.engines), made once per (name, device, fp16, cuda_graph, threads) and kept (made
+        anew when the kept one was closed).
 
         name: auto | torch | runtime-torch | onnx | trt | onnx-generator (auto: onnx on a CPU, runtime-torch on a
         GPU; onnx-generator needs the `plan` it will run). device: auto, cpu, cuda, cuda:N. max_batch: the largest
