@@ -32,7 +32,7 @@ from .export import cache as export_cache
 from .model.config import ModelConfig
 from .model.io import CheckpointError, TorchMissing, default_model_path, load_model, read_model_info, require_torch
 from .options import (DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL, Sampling,
-                      recorded_plan)
+                      recorded_plan, refuse_guidance_without_labels)
 from .runtime.bundle import META_FILE, Bundle, ExportError
 from .runtime.schedule import Schedule
 from .schema import Str
@@ -116,7 +116,8 @@ class Model:
     def engine(self, name: str = "auto", device: str = "auto", fp16: bool = False, cuda_graph: bool = True,
                threads: int | None = None, max_batch: int = 512, dist=None, log=None, plan=None,
                int8: bool = False):
-        """A runtime engine (runtime.engines), made once per (name, device, fp16, cuda_graph, threads) and kept.
+        """A runtime engine (runtime.engines), made once per (name, device, fp16, cuda_graph, threads) and kept (made
+        anew when the kept one was closed).
 
         name: auto | torch | runtime-torch | onnx | trt | onnx-generator (auto: onnx on a CPU, runtime-torch on a
         GPU; onnx-generator needs the `plan` it will run). device: auto, cpu, cuda, cuda:N. max_batch: the largest
@@ -136,16 +137,25 @@ class Model:
         key = (name, dev, fp16, cuda_graph, threads, max_batch if name == "trt" else None,
                plan_key(plan) if name == "onnx-generator" else None, int8)
         with self._lock:   # (under torchrun every process makes the same engines, so all meet at engine_bundle)
-            if key not in self._engines:
+            if key not in self._engines or getattr(self._engines[key], "closed", False):
                 self._engines[key] = open_engine(self, name, dev, fp16, cuda_graph, threads, max_batch, plan, dist,
                                                  log, int8)
             return self._engines[key]
 
+    def _job_engine(self, name: str, device: str, fp16: bool, cuda_graph: bool, threads: int | None, max_batch: int,
+                    dist=None, log=None, plan=None, int8: bool = False) -> "ModelEngine":
+        """The engine `engine` gives for these arguments, for one of the Model's own jobs (pipeline.engine): a
+        ModelEngine, which runs a batch on a new engine when `close()` closed the one it held before the batch
+        began, so that closing the Model in another thread never fails a job in progress."""
+        return ModelEngine(self, dict(name=name, device=device, fp16=fp16, cuda_graph=cuda_graph, threads=threads,
+                                      max_batch=max_batch, dist=dist, log=log, plan=plan, int8=int8))
+
     def close(self) -> None:
         """Close every engine the Model made (runtime.engine.Engine.close: runners, onnxruntime sessions, TensorRT
-        contexts, CUDA graphs); closing again does nothing. An engine `engine` returned before refuses work after
-        (EngineClosed), but the Model stays usable: a later call makes the engines it needs anew. `with ddpm.load()
-        as m:` closes on leaving the block."""
+        contexts, CUDA graphs; each when the runs in flight on it end); closing again does nothing. An engine
+        `engine` returned before refuses work after (EngineClosed), but the Model stays usable: a later call makes
+        the engines it needs anew, and its methods running in other threads meanwhile finish, on a new engine where
+        they need one. `with ddpm.load() as m:` closes on leaving the block."""
         with self._lock:
             engines, self._engines = list(self._engines.values()), {}
         for eng in engines:
@@ -207,6 +217,7 @@ class Model:
         """
         from . import pipeline
 
+        refuse_guidance_without_labels(not uncond, guidance, "guidance" in given())
         opts = Sampling.of(locals()).with_recorded(self.recorded, given())
         job = pipeline.Job.of(self, n, plan or self.plan(**opts.plan_args()), label, uncond, opts, start)
         return pipeline.generate(self, opts, job, progress)
@@ -232,6 +243,7 @@ class Model:
         from . import pipeline
         from .runtime.edits import inpaint_job
 
+        refuse_guidance_without_labels(label is not None, guidance, "guidance" in given())
         opts = Sampling.of(locals())
         images, keep, n = self.inpaint_input(image, mask, n)
         job = inpaint_job(pipeline.plans(self, opts), images, keep, jump, resample)
@@ -251,6 +263,7 @@ class Model:
         from .runtime.edits import sdedit_job
         from .runtime.images import fitted
 
+        refuse_guidance_without_labels(label is not None, guidance, "guidance" in given())
         opts = Sampling.of(locals())
         images, n = fitted(image, n, self.image_shape[1:])
         job = sdedit_job(pipeline.plans(self, opts), self.schedule, images, strength)
@@ -271,6 +284,7 @@ class Model:
         from .runtime.edits import upscale_job
         from .runtime.images import fitted
 
+        refuse_guidance_without_labels(label is not None, guidance, "guidance" in given())
         opts = Sampling.of(locals())
         H, W = self.image_shape[1:]
         small, n = fitted(image, n, (H // factor, W // factor))
@@ -291,6 +305,7 @@ class Model:
         from .runtime.edits import restore_job
         from .runtime.images import fitted
 
+        refuse_guidance_without_labels(label is not None, guidance, "guidance" in given())
         opts = Sampling.of(locals())
         images, n = fitted(image, n, self.image_shape[1:])
         job = restore_job(pipeline.plans(self, opts), self.schedule, images, sigma)
@@ -312,6 +327,38 @@ class Model:
         from .runtime.images import inpaint_inputs
 
         return inpaint_inputs(image, mask, n, self.image_shape[1:])
+
+
+class ModelEngine:
+    """The engine a Model's job runs on (Model._job_engine): every attribute is that of the engine `Model.engine`
+    gives for its arguments, and `run` runs a batch there, on a new one when the Model's close() closed it first
+    (EngineClosed from an engine that is closed: the Model's close, or the engine's own, came between the job
+    picking it up and the batch starting). A batch that has begun finishes on its engine (Engine.close)."""
+
+    # how often a batch is tried on a new engine before EngineClosed is let through: each try loses only to a
+    # close() between picking the engine up and starting its run, a window of microseconds
+    TRIES = 100
+
+    def __init__(self, model: Model, args: dict):
+        self._model, self._args = model, args
+        self._engine = model.engine(**args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def run(self, *args, **kwargs):
+        """Engine.run on the Model's engine of these arguments (a new one when it was closed)."""
+        from .runtime.engine import EngineClosed
+
+        for _ in range(self.TRIES - 1):
+            eng = self._engine
+            try:
+                return eng.run(*args, **kwargs)
+            except EngineClosed:
+                if not eng.closed:
+                    raise
+                self._engine = self._model.engine(**self._args)
+        return self._engine.run(*args, **kwargs)
 
 
 @checked

@@ -98,12 +98,15 @@ def on_command_line(name: str) -> bool:
 
 
 def refuse_guidance_without_labels(labelled: bool, guidance: float) -> None:
-    """An explicit --guidance w > 0 for samples without a label (--uncond; an edit without --label) is refused:
-    guidance steers a sample towards its label, so it would be silently ignored."""
-    if not labelled and guidance and on_command_line("guidance"):
-        raise click.UsageError("--guidance steers samples towards their label, and --uncond samples have none (an "
-                               "edit without --label uses the unconditional model): give --label, or leave out "
-                               "--guidance (or give 0)")
+    """An explicit --guidance w > 0 for samples without a label (--uncond; an edit without --label) is refused
+    (options.refuse_guidance_without_labels, which the API asks too) as a usage error."""
+    from . import options
+    from .errors import OptionError
+
+    try:
+        options.refuse_guidance_without_labels(labelled, guidance, on_command_line("guidance"), cli=True)
+    except OptionError as e:
+        raise click.UsageError(str(e)) from None
 
 
 def needs_torch(command: str) -> None:

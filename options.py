@@ -62,6 +62,15 @@ class Sampling:
     cuda_graph: bool = True                # GPU: the whole loop as one CUDA graph
     threads: int | None = None             # CPU threads (torch and onnxruntime); None: the runtime's default
 
+    def __post_init__(self) -> None:
+        # a contradiction among the options is found here, before any file is looked up
+        why = precision_refusal(self.engine if isinstance(self.engine, str) else None, self.device, self.fp16,
+                                self.int8)
+        if why:
+            from .errors import OptionError
+
+            raise OptionError(why, "int8")
+
     @classmethod
     def of(cls, values: dict, **changes) -> "Sampling":
         """The options among `values` (e.g. a function's locals(), or click's parameters), then `changes`; names
@@ -83,6 +92,34 @@ class Sampling:
     @property
     def precision(self) -> str:
         return "fp16" if self.fp16 else "int8" if self.int8 else "fp32"
+
+
+def precision_refusal(engine: str | None, device: str, fp16: bool, int8: bool) -> str | None:
+    """Why the network cannot run in the precision asked for on this engine (a name, or None for an engine object,
+    whose own make_engine checked it) and device, or None when it can: fp16 and int8 exclude each other, and int8
+    runs on the onnx engine on a CPU only (model_int8.onnx, `ddpm export --int8`). The message is
+    runtime.engines.make_engine's too."""
+    if int8 and fp16:
+        return "choose one precision: fp16 or int8"
+    gpu = str(device).startswith("cuda")
+    if int8 and ((engine is not None and engine not in ("onnx", "auto")) or gpu):
+        name = "onnx" if engine in (None, "auto") else engine
+        return (f"int8 runs on the onnx engine on a CPU (model_int8.onnx), not on {name}{' on a GPU' if gpu else ''}"
+                + (" (generator.onnx wraps the fp32 model)" if engine == "onnx-generator" else ""))
+    return None
+
+
+def refuse_guidance_without_labels(labelled: bool, guidance: float, given: bool, cli: bool = False) -> None:
+    """OptionError (option "guidance") for a guidance scale w > 0 the caller gave (`given`) for samples without a
+    label (unconditional sampling; an edit without a label): guidance steers a sample towards its label, so it
+    would be silently ignored. The CLI and the API both ask this; cli: the message names the CLI's options."""
+    if not labelled and guidance and given:
+        from .errors import OptionError
+
+        g, u, lab = ("--guidance", "--uncond", "--label") if cli else ("guidance", "uncond=True", "label")
+        raise OptionError(f"{g} steers samples towards their label, and {u} samples have none (an edit without "
+                          f"{lab} uses the unconditional model): give {lab}, or leave out {g} (or give 0)",
+                          "guidance")
 
 
 EDITING = Sampling(sampler=EDIT_SAMPLER, guidance_interval=None)   # the editing methods' defaults, as measured

@@ -123,13 +123,13 @@ def open_engine(model, name: str, device: str, fp16: bool, cuda_graph: bool, thr
 
 
 def engine(model, opts: Sampling, plan, guided: bool, dist=None, log=None):
-    """The engine of opts.engine (a name: made once per Model, api.Model.engine; an engine object: itself), sized for
-    the network batch of opts.batch."""
+    """The engine of opts.engine (a name: made once per Model, api.Model.engine, through api.Model._job_engine, which
+    outlives the Model's close(); an engine object: itself), sized for the network batch of opts.batch."""
     if not isinstance(opts.engine, str):
         return opts.engine
-    return model.engine(opts.engine, opts.device, opts.fp16, opts.cuda_graph, opts.threads,
-                        max_batch=network_batch(opts.batch, guided), dist=dist, log=log, plan=plan,
-                        int8=opts.int8)
+    return model._job_engine(opts.engine, opts.device, opts.fp16, opts.cuda_graph, opts.threads,
+                            max_batch=network_batch(opts.batch, guided), dist=dist, log=log, plan=plan,
+                            int8=opts.int8)
 
 
 def stream(eng, opts: Sampling, job: Job, lo: int = 0, hi: int | None = None, progress: bool = False,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..model.io import copy_to
-from .engine import Engine, StepCallback, Supports
+from .engine import CountedEngine, StepCallback, Supports
 from .samplers import Plan
 
 # eps_fn(x, t, cfg) -> eps: the noise prediction at integer timestep t; cfg False on rows outside the guidance
@@ -106,9 +106,9 @@ def guided(model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.
     return eps_fn
 
 
-class EagerEngine(Engine):
+class EagerEngine(CountedEngine):
     """Eager PyTorch: the plain per-step loop a user would write (the reference and the benchmark baseline).
-    close() drops its copy of the model."""
+    close() drops its copy of the model (when the runs in flight end)."""
 
     name = "torch"
     dtype = "float32"
@@ -119,7 +119,7 @@ class EagerEngine(Engine):
         self.device = str(self.torch_device)
         self.model: torch.nn.Module | None = copy_to(model, self.torch_device)   # the caller's model stays put
         self.null_label = null_label
-        self.closed = False
+        self._init_uses()
 
     @torch.no_grad()
     def run(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, plan: Plan, guidance: float,
@@ -130,23 +130,23 @@ class EagerEngine(Engine):
         edit, y, mask: an edit's projection and its inputs (runtime.runner.Runner.load); callback(i, t, x, x0_hat)
         after each row, with host copies of x and x0_hat when states (x0_hat None on rows without a network
         call), else None and None."""
-        self.check_open()
-        assert self.model is not None   # open
-        dev = self.torch_device
-        lab = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64), device=dev)
-        eps_fn = guided(self.model, lab, self.null_label, guidance, plan.guidance_rescale)
-        zd = None if z is None else torch.as_tensor(z, device=dev)
-        dev_ = lambda a: None if a is None else torch.as_tensor(np.asarray(a, dtype=np.float32), device=dev)
-        host = lambda a: None if a is None or not states else a.cpu().numpy()
-        cb = None if callback is None else (lambda i, t, x, x0: callback(i, t, host(x), host(x0)))
-        x = sample(eps_fn, torch.as_tensor(x_T, device=dev), plan, noise=None if zd is None else (lambda s: zd[:, s]),
-                   callback=cb, edit=edit, y=dev_(y), mask=dev_(mask))
-        return x.cpu().numpy()
+        with self.in_use():
+            model = self.model
+            dev = self.torch_device
+            lab = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64), device=dev)
+            eps_fn = guided(model, lab, self.null_label, guidance, plan.guidance_rescale)
+            zd = None if z is None else torch.as_tensor(z, device=dev)
+            dev_ = lambda a: None if a is None else torch.as_tensor(np.asarray(a, dtype=np.float32), device=dev)
+            host = lambda a: None if a is None or not states else a.cpu().numpy()
+            cb = None if callback is None else (lambda i, t, x, x0: callback(i, t, host(x), host(x0)))
+            x = sample(eps_fn, torch.as_tensor(x_T, device=dev), plan,
+                       noise=None if zd is None else (lambda s: zd[:, s]), callback=cb, edit=edit, y=dev_(y), mask=dev_(mask))
+            return x.cpu().numpy()
 
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__}
 
-    def close(self) -> None:
-        """Drop the engine's copy of the model (its weights on the device)."""
+    def _free(self) -> None:
+        """Drop the engine's copy of the model (its weights on the device); close() calls it once no run is in
+        flight."""
         self.model = None
-        self.closed = True

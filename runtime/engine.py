@@ -18,6 +18,7 @@ closing twice is harmless, and a closed engine refuses work with `EngineClosed`,
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
@@ -93,3 +94,53 @@ class Engine(Protocol):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class CountedEngine(Engine):
+    """An engine whose close() lets the runs in flight finish: `run` wraps its work in `with self.in_use():`, and
+    what the engine holds is freed (`_free`) by close() when no run is in flight, else when the last one ends. As
+    runtime.runner.RuntimeEngine does with its busy runners, so that closing from one thread never pulls the model
+    or session from under another thread's run."""
+
+    closed = False
+    _busy = 0
+    _use_lock = threading.Lock()   # replaced per engine by _init_uses
+
+    def _init_uses(self) -> None:
+        self.closed, self._busy, self._use_lock = False, 0, threading.Lock()
+
+    def _free(self) -> None:
+        """Drop what the engine holds (called once, with no run in flight)."""
+
+    class _Use:
+        def __init__(self, engine: "CountedEngine"):
+            self.engine = engine
+
+        def __enter__(self):
+            e = self.engine
+            with e._use_lock:
+                e.check_open()
+                e._busy += 1
+            return e
+
+        def __exit__(self, *exc) -> None:
+            e = self.engine
+            with e._use_lock:
+                e._busy -= 1
+                last = e.closed and e._busy == 0
+            if last:
+                e._free()
+
+    def in_use(self) -> "CountedEngine._Use":
+        """A context for one run: EngineClosed when the engine is closed; the engine is not freed inside it."""
+        return CountedEngine._Use(self)
+
+    def close(self) -> None:
+        """Free what the engine holds now, or when the runs in flight end; closing again does nothing."""
+        with self._use_lock:
+            if self.closed:
+                return
+            self.closed = True
+            last = self._busy == 0
+        if last:
+            self._free()

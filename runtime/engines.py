@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import OptionError, raise_if_limit
+from ..options import precision_refusal
 from .engine import Engine
 from .nets import EngineUnavailable, OnnxNet
 from .runner import RuntimeEngine
@@ -126,12 +127,9 @@ def make_engine(name: str, *, device: str = "cpu", model=None, null_label: int =
     device = str(device)
     if name not in ENGINES:
         raise EngineUnavailable(f"unknown engine {name!r}; engines: {', '.join(ENGINES)}")
-    if int8 and fp16:
-        raise EngineUnavailable("choose one precision: fp16 or int8")
-    if int8 and (name != "onnx" or device.startswith("cuda")):
-        raise EngineUnavailable(f"int8 runs on the onnx engine on a CPU (model_int8.onnx), not on {name}"
-                                f"{' on a GPU' if device.startswith('cuda') else ''}"
-                                + (" (generator.onnx wraps the fp32 model)" if name == "onnx-generator" else ""))
+    why = precision_refusal(name, device, fp16, int8)   # options.Sampling refuses the same before any file look-up
+    if why:
+        raise EngineUnavailable(why)
     if (name in NEEDS_TORCH or (device.startswith("cuda") and name != "onnx-generator")) and not have_torch():
         raise EngineUnavailable(f"the {name} engine{' on a GPU' if name == 'onnx' else ''} needs PyTorch: {TORCH_HINT}")
     if name in ("torch", "runtime-torch") and model is None:

@@ -10,15 +10,15 @@ from __future__ import annotations
 import numpy as np
 
 from .bundle import Bundle, ExportError
-from .engine import Engine, StepCallback, Supports
+from .engine import CountedEngine, StepCallback, Supports
 from .nets import EngineUnavailable, import_onnxruntime, ort_cpu_options, ort_session
 from .runner import plan_key
 from .samplers import Plan
 
 
-class GeneratorEngine(Engine):
+class GeneratorEngine(CountedEngine):
     """generator.onnx on onnxruntime's CPU provider; `run` returns (B,H,W) uint8 images. It runs its one plan
-    (Supports.plan_key), without edits or states: one call does every row. close() drops the session."""
+    (Supports.plan_key), without edits or states: one call does every row. close() drops the session (when the runs in flight end)."""
 
     name = "onnx-generator"
     device = "cpu"
@@ -31,7 +31,7 @@ class GeneratorEngine(Engine):
         so = ort_cpu_options(ort, threads)   # the CPU thread defaults of runtime.nets (bench/threads.md)
         self.sess = ort_session(ort, path, so, ["CPUExecutionProvider"])
         self.supports = Supports(edits=False, states=False, plan_key=info["plan_key"])
-        self.closed = False
+        self._init_uses()
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, threads: int | None = None, plan: Plan | None = None) -> "GeneratorEngine":
@@ -67,9 +67,10 @@ class GeneratorEngine(Engine):
             labels, guidance = np.full(B, self.null_label, dtype=np.int64), 0.0
         elif len(labels) != B:
             raise ValueError(f"{len(labels)} labels for a batch of {B}")
-        images = self.sess.run(["images"], {"x_T": np.ascontiguousarray(x_T, dtype=np.float32),
-                                            "labels": np.ascontiguousarray(labels, dtype=np.int64),
-                                            "guidance": np.asarray(guidance, dtype=np.float32)})[0]
+        with self.in_use():
+            images = self.sess.run(["images"], {"x_T": np.ascontiguousarray(x_T, dtype=np.float32),
+                                                "labels": np.ascontiguousarray(labels, dtype=np.int64),
+                                                "guidance": np.asarray(guidance, dtype=np.float32)})[0]
         if callback is not None:   # one call did every row
             for i in range(plan.steps):
                 callback(i, int(plan.timesteps[i]), None, None)
@@ -80,7 +81,7 @@ class GeneratorEngine(Engine):
 
         return {"onnxruntime": ort.__version__, "provider": "CPUExecutionProvider", "form": self.info["form"]}
 
-    def close(self) -> None:
-        """Drop the onnxruntime session (freed with its last reference)."""
+    def _free(self) -> None:
+        """Drop the onnxruntime session (freed with its last reference); close() calls it once no run is in
+        flight."""
         self.sess = None
-        self.closed = True

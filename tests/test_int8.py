@@ -79,13 +79,14 @@ def test_tampered_int8_file_refused(ckpt, int8_export, tmp_path):
 
 
 def test_int8_where_it_cannot_run(ckpt, tiny_export, int8_export, tmp_path):
-    cases = [(["--export", tiny_export], "no int8 model"),             # an export folder without one
-             (["--engine", "torch"], "int8 runs on the onnx engine"),
-             (["--engine", "onnx-generator"], "generator.onnx wraps the fp32 model"),
-             (["--export", int8_export, "--fp16"], "choose one precision")]
-    for extra, message in cases:
+    # a missing file: exit 1; options that contradict each other (options.precision_refusal): a usage error, exit 2
+    cases = [(["--export", tiny_export], "no int8 model", 1),             # an export folder without one
+             (["--engine", "torch"], "int8 runs on the onnx engine", 2),
+             (["--engine", "onnx-generator"], "generator.onnx wraps the fp32 model", 2),
+             (["--export", int8_export, "--fp16"], "choose one precision", 2)]
+    for extra, message, code in cases:
         r = invoke("gen", "--ckpt", ckpt, "-n", 2, "--steps", 2, "--int8", "--out", tmp_path / "a.png", *extra)
-        assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, (extra, r.output)
+        assert r.exit_code == code and message in r.output and "Traceback" not in r.output, (extra, r.output)
 
 
 @pytest.mark.slow
