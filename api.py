@@ -142,20 +142,12 @@ class Model:
                                                  log, int8)
             return self._engines[key]
 
-    def _job_engine(self, name: str, device: str, fp16: bool, cuda_graph: bool, threads: int | None, max_batch: int,
-                    dist=None, log=None, plan=None, int8: bool = False) -> "ModelEngine":
-        """The engine `engine` gives for these arguments, for one of the Model's own jobs (pipeline.engine): a
-        ModelEngine, which runs a batch on a new engine when `close()` closed the one it held before the batch
-        began, so that closing the Model in another thread never fails a job in progress."""
-        return ModelEngine(self, dict(name=name, device=device, fp16=fp16, cuda_graph=cuda_graph, threads=threads,
-                                      max_batch=max_batch, dist=dist, log=log, plan=plan, int8=int8))
-
     def close(self) -> None:
         """Close every engine the Model made (runtime.engine.Engine.close: runners, onnxruntime sessions, TensorRT
         contexts, CUDA graphs; each when the runs in flight on it end); closing again does nothing. An engine
         `engine` returned before refuses work after (EngineClosed), but the Model stays usable: a later call makes
         the engines it needs anew, and its methods running in other threads meanwhile finish, on a new engine where
-        they need one. `with ddpm.load() as m:` closes on leaving the block."""
+        they need one (pipeline.JobEngine). `with ddpm.load() as m:` closes on leaving the block."""
         with self._lock:
             engines, self._engines = list(self._engines.values()), {}
         for eng in engines:
@@ -327,38 +319,6 @@ class Model:
         from .runtime.images import inpaint_inputs
 
         return inpaint_inputs(image, mask, n, self.image_shape[1:])
-
-
-class ModelEngine:
-    """The engine a Model's job runs on (Model._job_engine): every attribute is that of the engine `Model.engine`
-    gives for its arguments, and `run` runs a batch there, on a new one when the Model's close() closed it first
-    (EngineClosed from an engine that is closed: the Model's close, or the engine's own, came between the job
-    picking it up and the batch starting). A batch that has begun finishes on its engine (Engine.close)."""
-
-    # how often a batch is tried on a new engine before EngineClosed is let through: each try loses only to a
-    # close() between picking the engine up and starting its run, a window of microseconds
-    TRIES = 100
-
-    def __init__(self, model: Model, args: dict):
-        self._model, self._args = model, args
-        self._engine = model.engine(**args)
-
-    def __getattr__(self, name: str):
-        return getattr(self._engine, name)
-
-    def run(self, *args, **kwargs):
-        """Engine.run on the Model's engine of these arguments (a new one when it was closed)."""
-        from .runtime.engine import EngineClosed
-
-        for _ in range(self.TRIES - 1):
-            eng = self._engine
-            try:
-                return eng.run(*args, **kwargs)
-            except EngineClosed:
-                if not eng.closed:
-                    raise
-                self._engine = self._model.engine(**self._args)
-        return self._engine.run(*args, **kwargs)
 
 
 @checked

@@ -123,13 +123,45 @@ def open_engine(model, name: str, device: str, fp16: bool, cuda_graph: bool, thr
 
 
 def engine(model, opts: Sampling, plan, guided: bool, dist=None, log=None):
-    """The engine of opts.engine (a name: made once per Model, api.Model.engine, through api.Model._job_engine, which
-    outlives the Model's close(); an engine object: itself), sized for the network batch of opts.batch."""
+    """The engine of opts.engine (a name: made once per Model, api.Model.engine, held by a JobEngine, which outlives
+    the Model's close(); an engine object: itself), sized for the network batch of opts.batch."""
     if not isinstance(opts.engine, str):
         return opts.engine
-    return model._job_engine(opts.engine, opts.device, opts.fp16, opts.cuda_graph, opts.threads,
-                            max_batch=network_batch(opts.batch, guided), dist=dist, log=log, plan=plan,
-                            int8=opts.int8)
+    return JobEngine(model, dict(name=opts.engine, device=opts.device, fp16=opts.fp16, cuda_graph=opts.cuda_graph,
+                                 threads=opts.threads, max_batch=network_batch(opts.batch, guided), dist=dist,
+                                 log=log, plan=plan, int8=opts.int8))
+
+
+class JobEngine:
+    """The engine a Model's job runs on (engine): every attribute is that of the engine `Model.engine`
+    gives for its arguments, and `run` runs a batch there, on a new one when the Model's close() closed it first
+    (EngineClosed from an engine that is closed: the Model's close, or the engine's own, came between the job
+    picking it up and the batch starting). A batch that has begun finishes on its engine (Engine.close)."""
+
+    # how often a batch is tried on a new engine before EngineClosed is let through: each try loses only to a
+    # close() between picking the engine up and starting its run, a window of microseconds
+    TRIES = 100
+
+    def __init__(self, model, args: dict):
+        self._model, self._args = model, args
+        self._engine = model.engine(**args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def run(self, *args, **kwargs):
+        """Engine.run on the Model's engine of these arguments (a new one when it was closed)."""
+        from .runtime.engine import EngineClosed
+
+        for _ in range(self.TRIES - 1):
+            eng = self._engine
+            try:
+                return eng.run(*args, **kwargs)
+            except EngineClosed:
+                if not eng.closed:
+                    raise
+                self._engine = self._model.engine(**self._args)
+        return self._engine.run(*args, **kwargs)
 
 
 def stream(eng, opts: Sampling, job: Job, lo: int = 0, hi: int | None = None, progress: bool = False,

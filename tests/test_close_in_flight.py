@@ -10,6 +10,7 @@ import pytest
 
 import ddpm
 from ddpm.errors import OptionError
+from ddpm.pipeline import JobEngine
 from ddpm.runtime.engine import EngineClosed
 from helpers import invoke, tiny_checkpoint
 
@@ -100,7 +101,7 @@ def test_a_job_whose_engine_the_model_closed_runs_on_a_new_one(model):
     """The window between a job picking its engine up and running a batch on it: Model.close() there costs the job
     nothing (a new engine runs the batch); the engine itself, used directly, refuses."""
     ref = _plan_run(model, model.engine("torch", "cpu"))
-    job = model._job_engine("torch", "cpu", False, True, None, 64)
+    job = JobEngine(model, dict(name="torch", device="cpu", max_batch=64))
     held = model.engine("torch", "cpu")
     model.close()
     assert np.array_equal(_plan_run(model, job), ref)
