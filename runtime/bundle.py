@@ -454,9 +454,11 @@ class Bundle:
         takes, gives, key = KINDS[kind]
         if set(inputs) != takes or outputs != gives:
             other = next((k for k, (i, o, _) in KINDS.items() if set(inputs) == i and outputs == o), None)
-            raise ExportError(f"export.json's {where} names {path.name}, which is " + (f"a {other}" if other else
-                              f"no ddpm ONNX file (inputs {brief(sorted(inputs))})") + f", not a {kind}; "
-                              f"re-run `{redo}`")
+            sig = ", ".join(map(repr, list(inputs)[:8])) + " -> " + ", ".join(map(repr, outputs[:8]))
+            order = {"model": "x, t, y -> eps", "generator": "x_T, labels, guidance -> images"}[kind]
+            raise ExportError(f"export.json's {where} names {path.name}, which " + (f"is a {other}" if other else
+                              f"takes {clip(sig)}") + f", not a {kind} ({order}): re-export the folder "
+                              f"(re-run `{redo}`)")
         if kind == "model" and model_precision(inputs, ops) != precision:
             found = model_precision(inputs, ops)
             raise ExportError(f"export.json's {where} names {path.name}, which is " + (f"an {found} model" if found
