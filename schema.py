@@ -127,9 +127,14 @@ class Num(Spec):
         self.what = "a finite number" + " and".join(f" {b}" for b in (lo, hi) if b)
 
     def check(self, v, dims, path):
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
-                or not math.isfinite(v):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
             self.fail(v, path)
+        try:
+            finite = math.isfinite(v)
+        except OverflowError:   # an int beyond float's range (JSON integers have any number of digits)
+            finite = False
+        if not finite:
+            self.fail(v, path, "beyond a float's range" if isinstance(v, int) else None)
         if self.min is not None and (v <= self.min if self.min_open else v < self.min):
             self.fail(v, path)
         if self.max is not None and (v >= self.max if self.max_open else v > self.max):
@@ -220,6 +225,8 @@ class Json(Spec):
             value = json.loads(v)
         except ValueError as e:
             raise Invalid(f"{path} is not JSON ({e})") from None
+        except RecursionError:
+            raise Invalid(f"{path} is not JSON a reader can take (nested too deep)") from None
         self.inner.check(value, dims, path)
 
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import DdpmError
-from ..runtime.bundle import META_FILE, Bundle, ExportError
+from ..runtime.bundle import META_FILE, Bundle, ExportError, plan_names
 
 
 def shipped_dir() -> Path:
@@ -161,9 +161,10 @@ def generator_bundle(model, plan, form: str = "loop", log=None) -> Bundle:
     if source.generator(key) is not None:
         return source
     if source.root not in (shipped_dir(), cache_folder(model.hash)):
-        have = ", ".join(g["plan"] for g in source.generators)
+        have = plan_names(source.generators, key, plan.name)
+        asked = plan.name + (f" (key {key[:8]})" if any(g["plan"] == plan.name for g in source.generators) else "")
         raise DdpmError(f"{source.root} has {f'generators for {have}' if have else 'no generator'}, not one for "
-                        f"{plan.name}: run `ddpm export --out {source.root} --generator` with that sampler and --steps")
+                        f"{asked}: run `ddpm export --out {source.root} --generator` with that sampler and --steps")
     folder = cache_folder(model.hash)
     expected = None if model.path is None else model.hash
     with locked(folder):

@@ -52,8 +52,8 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config fields: {brief(sorted(map(str, unknown)))}")
         d = dict(d)
-        if "channel_mults" in d:
-            d["channel_mults"] = tuple(int(m) for m in d["channel_mults"])
+        if isinstance(d.get("channel_mults"), list):   # JSON's list -> the field's tuple; nothing converted: the
+            d["channel_mults"] = tuple(d["channel_mults"])   # types are validate()'s to check (1.9 is no int)
         return cls(**d)
 
     def validate(self) -> "ModelConfig":

@@ -30,7 +30,12 @@ PRECISIONS = ("fp32", "fp16", "int8")
 _SHA256 = Str(pattern=r"[0-9a-f]{64}", what="a sha256 (64 hex digits)")
 # a plain file name inside the folder: no separator, not hidden (so never "..")
 _ONNX_NAME = Str(pattern=r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\.onnx", what="an .onnx file name in the folder")
-MAX_META_BYTES = 32 << 20   # export.json: about 5 MB at the largest T a model config allows (model.config.MAX_T)
+# export.json: 4.9 MB at the largest T a model config allows (runtime.schedule.MAX_T: two tables of T numbers, as
+# `ddpm export` writes them), the shipped one (T = 1000) 50 kB; the rest is headroom for generator records
+MAX_META_BYTES = 8 << 20
+# JSON objects and arrays in export.json, bounded before it is parsed (each costs ~60 bytes of memory for 2 of text):
+# an export writes a few per file and per generator, far below this
+MAX_META_CONTAINERS = 100_000
 MAX_ONNX_BYTES = 4 << 30    # an ONNX file: the largest model a config allows (model.config.MAX_PARAMS) is ~1 GiB
 _PLAN_KEY = Str(pattern=r"[0-9a-f]{40}", what="a plan key (runtime.runner.plan_key: 40 hex digits)")
 # a plan's or a file's name, a measure: what messages quote
@@ -181,6 +186,74 @@ def metadata_props(buf: bytes) -> dict[str, str]:
     return props
 
 
+# ONNX TensorProto.DataType codes of the model's input x, per precision
+_FLOAT, _FLOAT16 = 1, 10
+# the nodes onnxruntime's quantize_static writes (QDQ format, export/int8.py), and the other int8 forms
+_QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul"}
+
+
+def graph_signature(buf: bytes) -> tuple[dict[str, int], list[str], set[str]]:
+    """An ONNX model's graph, read from the file's bytes without the onnx package: its inputs (name -> element type,
+    a TensorProto.DataType code, 0 when not a tensor), its output names, and the op types of its top-level nodes.
+    ValueError when the bytes are not protobuf."""
+    p, inputs, outputs, ops = _Proto(buf), {}, [], set()
+
+    def text(span) -> str:
+        return bytes(buf[span[0]:span[1]]).decode("utf-8", "replace")
+
+    for field, wire, value in p.fields(0, len(buf)):
+        if field != 7 or wire != 2:   # ModelProto.graph
+            continue
+        for gfield, gwire, gvalue in p.fields(*value):
+            if gwire != 2:
+                continue
+            if gfield == 1:   # NodeProto: op_type = 4
+                ops.update(text(v) for f, w, v in p.fields(*gvalue) if f == 4 and w == 2)
+            elif gfield in (11, 12):   # ValueInfoProto: name = 1, type = 2 (TypeProto.tensor_type = 1: elem_type = 1)
+                name, elem = "", 0
+                for f, w, v in p.fields(*gvalue):
+                    if f == 1 and w == 2:
+                        name = text(v)
+                    elif f == 2 and w == 2:
+                        for tf, tw, tv in p.fields(*v):
+                            if tf == 1 and tw == 2:
+                                elem = next((ev for ef, ew, ev in p.fields(*tv) if ef == 1 and ew == 0), 0)
+                if gfield == 11:
+                    inputs[name] = elem
+                else:
+                    outputs.append(name)
+    return inputs, outputs, ops
+
+
+def model_precision(inputs: dict[str, int], ops: set[str]) -> str | None:
+    """The precision of an eps model from its graph (graph_signature): fp16 takes x in float16, int8 holds
+    quantization nodes (export/int8.py writes QDQ), fp32 neither; None for another input type."""
+    if inputs.get("x") == _FLOAT16:
+        return "fp16"
+    if inputs.get("x") == _FLOAT:
+        return "int8" if ops & _QUANT_OPS else "fp32"
+    return None
+
+
+# what each kind of ONNX file of an export folder takes and gives, and the metadata key its record is under
+KINDS = {"model": ({"x", "t", "y"}, ["eps"], "ddpm"),
+         "generator": ({"x_T", "labels", "guidance"}, ["images"], "ddpm_generator")}
+# export.json entries the runtime reads that model.onnx's record ("ddpm") holds too: compared exactly
+_SAME = ("image_shape", "num_classes", "null_label", "schedule", "T")
+_TABLES = ("betas", "alphas_cumprod")
+TABLE_TOLERANCE = 1e-9   # betas and alphas_cumprod: float64 tables, written by json (exact round trip)
+
+
+def _tables_differ(a, b) -> bool:
+    import numpy as np
+
+    try:
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        return True
+    return a.shape != b.shape or not bool(np.all(np.abs(a - b) <= TABLE_TOLERANCE))
+
+
 def check_external_data(path: Path, redo: str = "ddpm export", buf: bytes | None = None) -> None:
     """ExportError when the ONNX file `path` stores any tensor outside itself (external data): `ddpm export` writes
     self-contained ONNX files, so the sha256 export.json records
@@ -195,6 +268,16 @@ def check_external_data(path: Path, redo: str = "ddpm export", buf: bytes | None
         raise ExportError(f"{path}: the data of tensor {brief(name)} is stored outside the file (at "
                           f"{brief(location)}), which `ddpm export` never does: its sha256 would not cover it; "
                           f"re-run `{redo}`")
+
+
+def plan_names(generators: list[dict], plan_key: str | None = None, plan: str | None = None) -> str:
+    """The plans of generator records, for a message: their names, with the first 8 hex digits of their key where
+    two plans (or one and the plan asked for, `plan`) share a name but not a key."""
+    names = [g["plan"] for g in generators] + ([plan] if plan is not None else [])
+    keys = [g["plan_key"] for g in generators] + ([plan_key] if plan is not None else [])
+    clash = {n for n in names if len({k for m, k in zip(names, keys) if m == n}) > 1}
+    return ", ".join(dict.fromkeys(f"{n} (key {k[:8]})" if n in clash else n
+                                   for n, k in zip(names[:len(generators)], keys)))
 
 
 @dataclass
@@ -222,7 +305,12 @@ class Bundle:
             if size > MAX_META_BYTES:
                 raise ExportError(f"{meta_path} holds {size >> 20} MiB, more than an export's metadata ever does "
                                   f"({MAX_META_BYTES >> 20} MiB); re-run `ddpm export`")
-            meta = json.loads(meta_path.read_text())
+            text = meta_path.read_bytes()
+            containers = text.count(b"{") + text.count(b"[")
+            if containers > MAX_META_CONTAINERS:
+                raise ExportError(f"{meta_path} holds {containers} JSON objects and arrays, more than an export's "
+                                  f"metadata ever does ({MAX_META_CONTAINERS}); re-run `ddpm export`")
+            meta = json.loads(text)
         except (OSError, ValueError, RecursionError) as e:
             raise ExportError(f"{meta_path} is unreadable ({clip(e)}); re-run `ddpm export`") from None
         META.check(meta, meta_path, ExportError)
@@ -247,6 +335,17 @@ class Bundle:
             if meta[k] != v:
                 raise ExportError(f"{meta_path}: {k} is {brief(meta[k])} but its model_config says {brief(v)}; "
                                   f"re-run `ddpm export`")
+        # the schedule tables the runtime samples with (betas) and picks int8's fp32 rows by (alphas_cumprod): those
+        # of the config's schedule. Checked, not recomputed: an edited table is a damaged folder, said so, never used
+        from .schedule import make_betas
+
+        betas = make_betas(cfg.schedule, cfg.timesteps)
+        import numpy as np
+
+        for k, v in (("betas", betas), ("alphas_cumprod", np.cumprod(1.0 - betas))):
+            if _tables_differ(meta[k], v):
+                raise ExportError(f"{meta_path}: {k} is not the {cfg.schedule} schedule's of T = {cfg.timesteps} "
+                                  f"that its model_config says (beyond {TABLE_TOLERANCE:g}); re-run `ddpm export`")
         # a record of a check that failed: `ddpm export` never writes one
         verified = [(f"files.{p}.parity", f["parity"]["error"], f["parity"]["tolerance"])
                     for p, f in meta["files"].items() if "parity" in f]
@@ -282,7 +381,8 @@ class Bundle:
         if precision not in files:
             raise ExportError(f"{self.root} has no {precision} model (exported: {', '.join(files)}); "
                               f"re-run `ddpm export{'' if precision == 'fp32' else ' --' + precision}`")
-        return self._member(files[precision], "ddpm export" + ("" if precision == "fp32" else " --" + precision))
+        return self._member(files[precision], "ddpm export" + ("" if precision == "fp32" else " --" + precision),
+                            "model", precision)
 
     @property
     def generators(self) -> list[dict]:
@@ -301,16 +401,16 @@ class Bundle:
         folder has none for that plan, or it is damaged."""
         gen = self.generator(plan_key, form)
         if gen is None:
-            have = ", ".join(g["plan"] for g in self.generators)
+            have = plan_names(self.generators, plan_key)
             raise ExportError(f"{self.root} has no generator" + (f" for the plan asked for (it has {have})" if have
                               else "") + "; create one with `ddpm export --generator` with that sampler and --steps")
-        return self._member(gen, "ddpm export --generator")
+        return self._member(gen, "ddpm export --generator", "generator")
 
-    def _member(self, entry: dict, redo: str) -> Path:
+    def _member(self, entry: dict, redo: str, kind: str, precision: str | None = None) -> Path:
         """The ONNX file of an export.json entry (name, sha256, bytes), checked: a regular file that resolves inside
         the folder (no link out of it), of the recorded size and sha256, that stores no tensor outside itself
-        (check_external_data), and that records (if it does) the weights and plan of export.json (_check_source).
-        ExportError otherwise; `redo`: the command that writes it again."""
+        (check_external_data), and whose graph and record agree with export.json (_check_source): kind "model" (of
+        this precision) or "generator". ExportError otherwise; `redo`: the command that writes it again."""
         path = self.root / entry["name"]
         root = self.root.resolve()
         if not os.path.lexists(path):
@@ -331,28 +431,78 @@ class Bundle:
             raise ExportError(f"{path} is corrupted or truncated (its sha256 differs from export.json); "
                               f"re-run `{redo}`")
         check_external_data(real, redo, buf)
-        self._check_source(path, buf, entry, redo)
+        self._check_source(path, buf, entry, redo, kind, precision)
         return path
 
-    def _check_source(self, path: Path, buf: bytes, entry: dict, redo: str) -> None:
-        """ExportError when the ONNX file records (in its metadata, export/onnx_export.py and export/generator.py)
-        other weights than export.json's checkpoint_hash, or a generator another plan than its record: a file of
-        another export, copied in with its sha256. A file that records neither is not refused."""
+    def _check_source(self, path: Path, buf: bytes, entry: dict, redo: str, kind: str,
+                      precision: str | None) -> None:
+        """ExportError (one line naming the entry) unless the ONNX file is what its export.json entry says: a file of
+        its kind (an eps model x, t, y -> eps of the entry's precision, read from the graph, or a generator x_T,
+        labels, guidance -> images) that carries its kind's record (export/onnx_export.py "ddpm",
+        export/generator.py "ddpm_generator") agreeing with export.json on everything the runtime takes from it:
+        the weights (checkpoint_hash), the model config, image shape, classes, the reserved label, the schedule and
+        its tables (a model's record), the plan, its steps and form (a generator's). The file is sha256-checked,
+        export.json's other entries are not: a file's own record is what its weights were made for."""
+        bad = f"{path} is not a readable ONNX file"
         try:
             props = metadata_props(buf)
+            inputs, outputs, ops = graph_signature(buf)
         except ValueError as e:
-            raise ExportError(f"{path} is not a readable ONNX file ({clip(e)}); re-run `{redo}`") from None
-        want = {"checkpoint_hash": self.meta["checkpoint_hash"], "plan_key": entry.get("plan_key")}
-        for key in ("ddpm", "ddpm_generator"):
-            if key not in props:
-                continue
-            try:
-                recorded = json.loads(props[key])
-            except (ValueError, RecursionError):
-                recorded = None
-            if not isinstance(recorded, dict):
-                raise ExportError(f"{path}: its metadata entry {key!r} is not a JSON object; re-run `{redo}`")
-            for field, value in want.items():
-                if value is not None and field in recorded and recorded[field] != value:
-                    raise ExportError(f"{path} records {field} {brief(recorded[field], 64)}, not export.json's "
-                                      f"{value}: a file of another export; re-run `{redo}`")
+            raise ExportError(f"{bad} ({clip(e)}); re-run `{redo}`") from None
+        where = f"files.{precision}" if kind == "model" else \
+            f"generators[{next(i for i, g in enumerate(self.meta['generators']) if g is entry)}]"
+        takes, gives, key = KINDS[kind]
+        if set(inputs) != takes or outputs != gives:
+            other = next((k for k, (i, o, _) in KINDS.items() if set(inputs) == i and outputs == o), None)
+            sig = ", ".join(map(repr, list(inputs)[:8])) + " -> " + ", ".join(map(repr, outputs[:8]))
+            order = {"model": "x, t, y -> eps", "generator": "x_T, labels, guidance -> images"}[kind]
+            raise ExportError(f"export.json's {where} names {path.name}, which " + (f"is a {other}" if other else
+                              f"takes {clip(sig)}") + f", not a {kind} ({order}): re-export the folder "
+                              f"(re-run `{redo}`)")
+        if kind == "model" and model_precision(inputs, ops) != precision:
+            found = model_precision(inputs, ops)
+            raise ExportError(f"export.json's {where} names {path.name}, which is " + (f"an {found} model" if found
+                              else "a model of no precision ddpm writes") + f", not an {precision} one; "
+                              f"re-run `{redo}`")
+        if key not in props:
+            raise ExportError(f"{path} lacks its {key!r} metadata (what it was exported from), which `ddpm export` "
+                              f"always writes; re-run `{redo}`")
+        try:
+            recorded = json.loads(props[key])
+        except (ValueError, RecursionError):
+            recorded = None
+        if not isinstance(recorded, dict):
+            raise ExportError(f"{path}: its metadata entry {key!r} is not a JSON object; re-run `{redo}`")
+        meta = self.meta
+        want = {"checkpoint_hash": meta["checkpoint_hash"]}
+        if kind == "generator":
+            want.update({k: entry[k] for k in ("plan_key", "plan", "steps", "form")})
+            want.update(null_label=meta["null_label"], image_shape=meta["image_shape"])
+        else:
+            want.update({k: meta[k] for k in _SAME})
+        for field, value in want.items():
+            if field not in recorded:
+                raise ExportError(f"{path}: its {key!r} metadata lacks {field}; re-run `{redo}`")
+            if recorded[field] != value:
+                raise ExportError(f"{path} records {field} {brief(recorded[field], 64)}, not export.json's "
+                                  f"{brief(value, 64)}: export.json or the file is of another export; re-run `{redo}`")
+        if kind == "generator":
+            return
+        from ..model.config import ModelConfig
+
+        try:
+            theirs = ModelConfig.from_dict(recorded.get("model_config")).validate()
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ExportError(f"{path}: its {key!r} metadata holds an invalid model_config ({clip(e)}); "
+                              f"re-run `{redo}`") from None
+        ours = self.config
+        for field in ModelConfig.__dataclass_fields__:
+            if getattr(theirs, field) != getattr(ours, field):
+                raise ExportError(f"{path} records model_config.{field} {brief(getattr(theirs, field), 64)}, not "
+                                  f"export.json's {brief(getattr(ours, field), 64)}: export.json or the file is of "
+                                  f"another export; re-run `{redo}`")
+        for field in _TABLES:
+            if field not in recorded or _tables_differ(recorded[field], meta[field]):
+                raise ExportError(f"{path} records another {field} than export.json's (beyond "
+                                  f"{TABLE_TOLERANCE:g}): export.json or the file is of another export; "
+                                  f"re-run `{redo}`")

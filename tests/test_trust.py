@@ -471,6 +471,136 @@ def test_onnx_files_of_other_weights_are_refused(exported, tmp_path, name, key, 
     assert name in line and f"records {field}" in line, line
 
 
+def _same_everywhere(m, **change):
+    """Change model_config fields and the top-level entries export.json derives from them, consistently."""
+    m["model_config"].update(change)
+    c = m["model_config"]
+    m.update(num_classes=c["num_classes"], null_label=c["num_classes"], schedule=c["schedule"],
+             image_shape=[c["in_channels"], c["image_size"], c["image_size"]])
+
+
+def _schedule(m, name):
+    from ddpm.runtime.schedule import make_betas
+
+    betas = make_betas(name, m["T"])
+    m.update(betas=betas.tolist(), alphas_cumprod=np.cumprod(1 - betas).tolist())
+    _same_everywhere(m, schedule=name)
+
+
+# the generator engine reads the classes and the image shape from export.json, the model's config and schedule from
+# its own file only; the step engines all of them
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["model_config"].update(prediction="v"), "records model_config.prediction 'eps', not export.json's 'v'"),
+    (lambda m: _same_everywhere(m, num_classes=5), "records (num_classes|null_label) 10, not export.json's 5"),
+    (lambda m: _same_everywhere(m, num_classes=11), "records (num_classes|null_label) 10, not export.json's 11"),
+    (lambda m: _same_everywhere(m, image_size=32), "records image_shape [1, 28, 28], not export.json's [1, 32, 32]"),
+    (lambda m: _same_everywhere(m, in_channels=3), "records image_shape [1, 28, 28], not export.json's [3, 28, 28]"),
+    (lambda m: _schedule(m, "cosine"), "records schedule 'linear', not export.json's 'cosine'"),
+    (lambda m: _same_everywhere(m, schedule="cosine"), "betas is not the cosine schedule's of T = 100"),
+    (lambda m: m.update(betas=[b * 2 for b in m["betas"]]), "betas is not the linear schedule's"),
+    (lambda m: m.update(alphas_cumprod=[a * 0.01 for a in m["alphas_cumprod"]]), "alphas_cumprod is not the linear"),
+])
+def test_export_json_agrees_with_its_onnx_files(exported, tmp_path, change, message):
+    """What the runtime takes from export.json (the model config with its prediction, classes, the reserved label,
+    the image shape, the schedule and its tables) must be what the sha256-checked model.onnx records, and the tables
+    those of the config's schedule: an edited entry is one line, never wrong digits with exit 0 or a traceback."""
+    import re
+
+    root, exp = _copy(exported, tmp_path)
+    _edit_meta(exp, change)
+    engines = ("onnx", "onnx-generator") if "model_config" not in message and "schedule 'linear'" not in message \
+        else ("onnx",)
+    for engine in engines:
+        line = one_line_error(_gen(root, "--engine", engine))
+        assert re.search(re.escape(message).replace(r"\(num_classes\|null_label\)", "(num_classes|null_label)"),
+                         line), line
+
+
+@pytest.mark.parametrize("precision, entry, message", [
+    ("fp16", lambda m: m["files"].update(fp16=m["files"]["fp32"]), "files.fp16 names model.onnx, which is an fp32 "
+                                                                     "model, not an fp16 one"),
+    ("int8", lambda m: m["files"].update(int8=m["files"]["fp32"]), "files.int8 names model.onnx, which is an fp32 "
+                                                                     "model, not an int8 one"),
+    ("fp32", lambda m: m["files"].update(fp32={k: m["generators"][0][k] for k in ("name", "sha256", "bytes")}),
+     "which is a generator, not a model"),
+    ("generator", lambda m: m["generators"][0].update({k: m["files"]["fp32"][k] for k in ("name", "sha256", "bytes")}),
+     "generators[0] names model.onnx, which is a model, not a generator"),
+])
+def test_onnx_files_of_another_kind_or_precision_are_refused(exported, tmp_path, precision, entry, message):
+    """An export.json entry naming an ONNX file of the folder (with its right sha256 and size) of another kind (a
+    model where a generator belongs, or the other way) or another precision (model.onnx as files.fp16) is one line:
+    never onnxruntime's error, nor fp32 run as fp16 with exit 0."""
+    import re
+
+    from ddpm.runtime.bundle import Bundle, ExportError
+
+    root, exp = _copy(exported, tmp_path)
+    _edit_meta(exp, entry)
+    with pytest.raises(ExportError, match=re.escape(message)):
+        Bundle.load(exp).generator_path() if precision == "generator" else Bundle.load(exp).onnx_path(precision)
+    args = {"fp16": ["--fp16"], "int8": ["--int8"], "fp32": ["--engine", "onnx"],
+            "generator": ["--engine", "onnx-generator"]}[precision]
+    line = one_line_error(_gen(root, *args))
+    assert message in line, line
+
+
+def test_generators_of_one_name_are_told_apart(exported, tmp_path):
+    """Two plans of one name (a generator of another plan_key): the message gives each its key."""
+    root, exp = _copy(exported, tmp_path)
+    key = _generator(exp)["plan_key"]
+    _edit_meta(exp, lambda m: m["generators"][0].update(plan_key="0" * 40))
+    line = one_line_error(_gen(root, "--engine", "onnx-generator"))
+    assert "(key 00000000), not one for" in line and f"(key {key[:8]})" in line, line
+
+
+@pytest.mark.parametrize("text, message", [
+    (lambda t: t.replace('"tolerance": ', '"tolerance": 1' + "0" * 400 + ", \"x\": ", 1), "beyond a float's range"),
+    (lambda t: '{"x": [' + "{}," * 200_000 + "{}]}", "JSON objects and arrays"),
+    (lambda t: "[" * 200_000 + "]" * 200_000, "JSON objects and arrays"),
+    (lambda t: "[" * 50_000 + "]" * 50_000, "is unreadable (maximum recursion depth"),
+])
+def test_export_json_values_and_nesting_are_bounded(exported, tmp_path, text, message):
+    """A 401-digit integer where a number belongs, and a file of very many (or deeply nested) objects, are one line
+    each, refused before the many objects are built."""
+    root, exp = _copy(exported, tmp_path)
+    meta = exp / "export.json"
+    meta.write_text(text(meta.read_text()))
+    line = one_line_error(_gen(root, "--engine", "onnx"))
+    assert message in line, line
+
+
+def test_export_json_limits_hold_the_largest_export():
+    """MAX_META_BYTES and MAX_META_CONTAINERS are above an export.json at the largest T (runtime.schedule.MAX_T)."""
+    import json
+
+    from ddpm.runtime.bundle import MAX_META_BYTES, MAX_META_CONTAINERS
+    from ddpm.runtime.schedule import MAX_T, make_betas
+
+    betas = make_betas("linear", MAX_T)
+    text = json.dumps({"betas": betas.tolist(), "alphas_cumprod": np.cumprod(1 - betas).tolist()}, indent=1)
+    assert len(text) < MAX_META_BYTES - (2 << 20)
+    assert text.count("{") + text.count("[") < MAX_META_CONTAINERS
+
+
+def test_json_and_numbers_of_any_size_are_one_line():
+    """schema.Num refuses an integer beyond a float's range, schema.Json too deeply nested JSON: Invalid, one line."""
+    from ddpm.schema import Json, Num, Any, check_value
+
+    with pytest.raises(ValueError, match="beyond a float's range"):
+        check_value(Num(min=0), 10 ** 400, "tolerance")
+    with pytest.raises(ValueError, match="nested too deep"):
+        check_value(Json(Any()), "[" * 100_000 + "]" * 100_000, "metadata")
+
+
+@pytest.mark.parametrize("mults", [[1.9, 2.5, 2.1], "122", [True, 2, 2], [1, 2.0]])
+def test_channel_mults_are_checked_before_conversion(mults):
+    """ModelConfig.from_dict keeps what the file holds, so validate() refuses floats, strings and booleans."""
+    from ddpm.model.config import ModelConfig
+
+    with pytest.raises(ValueError, match="channel_mults"):
+        ModelConfig.from_dict({"channel_mults": mults}).validate()
+
+
 def test_a_file_of_another_size_is_not_read(exported, tmp_path):
     """export.json's recorded size is checked before a file is read (a planted large file is never loaded)."""
     root, exp = _copy(exported, tmp_path)
