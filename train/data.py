@@ -317,6 +317,9 @@ def _read_checked(path: Path, name: str) -> tuple[np.ndarray, str | None]:
     return array, KNOWN.get(md5)
 
 
+_MNIST_MAX_BYTES = 60_000 * 28 * 28   # the data of MNIST's largest file, the training images
+
+
 class _Declared:
     """What an IDX header declares (dtype, shape): checked against SPLIT's dtypes and shapes before the data is read."""
 
@@ -418,8 +421,18 @@ def load_mnist(data_dir: str | os.PathLike, split: str = "train") -> tuple[np.nd
     for n, p in zip(names, paths):
         if p.name == n and (data_dir / f"{n}.gz").is_file():
             _notice(f"{data_dir} holds both {n} and {n}.gz; using {n}")
-    _DECLARED_SPLIT.check({"images": _declared(paths[0]), "labels": _declared(paths[1])},
-                          f"{paths[0]} and {paths[1].name}", DataError)   # the headers agree: before any data is read
+    declared = [_declared(p) for p in paths]
+    try:   # the headers agree: checked before any data is read
+        _DECLARED_SPLIT.check(dict(zip(("images", "labels"), declared)), f"{paths[0]} and {paths[1].name}", DataError)
+    except DataError:
+        # MNIST's own file in the wrong place (test labels beside training images) says so better: those files that
+        # declare no more than MNIST's largest are read, by content, to tell
+        for p, n, d in zip(paths, names, declared):
+            if math.prod(d.shape) * d.dtype.itemsize <= _MNIST_MAX_BYTES:
+                found = _read_checked(p, n)[1]
+                if found is not None:
+                    _check_roles(split, [p], (n,), [found])
+        raise
     (images, img_is), (labels, lbl_is) = (_read_checked(p, n) for p, n in zip(paths, names))
     _check_roles(split, paths, names, [img_is, lbl_is])
     SPLIT.check({"images": images, "labels": labels}, f"{paths[0]} and {paths[1].name}", DataError)
