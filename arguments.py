@@ -318,7 +318,10 @@ def checked(_fn=None, **overrides: Spec):
             for name, value in bound.arguments.items():
                 if name != "self":
                     try:
-                        specs[name].check(value, dims, name)
+                        try:
+                            specs[name].check(value, dims, name)
+                        except OverflowError:   # an int too large for a float (10**400): math.isfinite refuses it
+                            specs[name].fail(value, name, "too large for a float")
                     except Invalid as e:
                         raise DdpmError(f"{where}(): {e}") from None
             token = _GIVEN.set(frozenset(bound.arguments) - {"self"})

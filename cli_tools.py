@@ -55,7 +55,7 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
     from .runtime.generate import ensure_memory
     from .samples import read_samples
 
-    samples = [(Path(f).name, *read_samples(f)) for f in sample_files]   # every file checked before the slow parts
+    samples = [(Path(f).name, *read_samples(f, evaluation.IMAGE_SHAPE)) for f in sample_files]   # every file checked before the slow parts
     if not sample_files:
         ensure_memory(num * evaluation.SAMPLE_BYTES, f"evaluating {num} samples", "lower -n",
                       per_unit=evaluation.SAMPLE_BYTES)

@@ -64,11 +64,12 @@ def _declared(zf: zipfile.ZipFile, name: str) -> tuple[_Declared, int]:
         return _Declared(dtype, shape), f.tell()
 
 
-def read_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def read_samples(path: str | os.PathLike, image_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(images (N,H,W) uint8, labels (N,) int64) of a samples file, checked against SAMPLES. Raises SamplesError.
 
-    Every member's header (dtype, shape) is checked against the schema, and the bytes it implies against the size
-    the zip declares for the member and against MAX_SAMPLES_BYTES, before any data is inflated or allocated."""
+    Every member's header (dtype, shape) is checked against the schema, against `image_shape` ((H, W) the reader
+    takes, e.g. the evaluator's (28, 28); None: any), and the bytes it implies against the size the zip declares for
+    the member and against MAX_SAMPLES_BYTES, before any data is inflated or allocated."""
     path = input_path(path, SamplesError, f"; {SAMPLES.hint}")   # a file: not a folder, a pipe, a dead link
     try:
         with open(path, "rb") as f:
@@ -97,6 +98,9 @@ def read_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
                                          f"{zf.getinfo(f'{k}.npy').file_size - header} bytes of data")
                     total += need
             _DECLARED.check(declared, path, SamplesError)
+            if image_shape is not None and tuple(declared["images"].shape[1:]) != tuple(image_shape):
+                raise SamplesError(f"{path}: images of shape {brief(tuple(declared['images'].shape))}, but "
+                                   f"(N, {', '.join(map(str, image_shape))}) are read here; {SAMPLES.hint}")
             if total > MAX_SAMPLES_BYTES:
                 raise SamplesError(f"{path}: holds {total >> 20} MiB of samples, more than the "
                                    f"{MAX_SAMPLES_BYTES >> 20} MiB read here; {SAMPLES.hint}")

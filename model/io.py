@@ -204,25 +204,38 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
     return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
 
 
-def _check_storage(path: Path, obj, where: str = "") -> None:
+MAX_CKPT_DEPTH = 32   # levels of nested dicts and lists in a ckpt.pt (`ddpm train` writes 4: opt.state.N.exp_avg)
+
+
+def _check_storage(path: Path, obj) -> None:
     """Every tensor in `obj` (nested dicts and lists) must be a dense view whose storage holds all its elements:
     an expanded or strided view (stride 0) declares more numbers than the file stores, and looking at its values
-    (the finiteness check, a copy) would allocate by the declared shape. CheckpointError otherwise."""
+    (the finiteness check, a copy) would allocate by the declared shape. Nesting deeper than MAX_CKPT_DEPTH is
+    refused too. Walked with an explicit stack, so that no nesting can exhaust Python's recursion limit.
+    CheckpointError otherwise."""
     import torch
 
-    if isinstance(obj, torch.Tensor):
-        need = obj.numel() * obj.element_size()
-        have = obj.untyped_storage().nbytes() - obj.storage_offset() * obj.element_size()
-        if obj.numel() and (not obj.is_contiguous() or have < need):
-            raise CheckpointError(f"{path}: {clip(where, 80) or 'a tensor'} declares shape {brief(obj.shape)} but "
-                                  f"its storage holds {max(have, 0) // max(obj.element_size(), 1)} numbers; it was not "
-                                  f"written by `ddpm train`: use an earlier checkpoint or train again")
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _check_storage(path, v, f"{where}.{k}" if where else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _check_storage(path, v, f"{where}[{i}]")
+    stack = [(obj, "", 0)]
+    while stack:
+        obj, where, depth = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            need = obj.numel() * obj.element_size()
+            have = obj.untyped_storage().nbytes() - obj.storage_offset() * obj.element_size()
+            if obj.numel() and (not obj.is_contiguous() or have < need):
+                raise CheckpointError(f"{path}: {clip(where, 80) or 'a tensor'} declares shape {brief(obj.shape)} "
+                                      f"but its storage holds {max(have, 0) // max(obj.element_size(), 1)} numbers; "
+                                      f"it was not written by `ddpm train`: use an earlier checkpoint or train again")
+            continue
+        if isinstance(obj, dict):
+            items = [(f"{where}.{k}" if where else str(k), v) for k, v in obj.items()]
+        elif isinstance(obj, (list, tuple)):
+            items = [(f"{where}[{i}]", v) for i, v in enumerate(obj)]
+        else:
+            continue
+        if depth >= MAX_CKPT_DEPTH:
+            raise CheckpointError(f"{path}: {clip(where, 80)} nests lists or dicts more than {MAX_CKPT_DEPTH} levels "
+                                  f"deep; it was not written by `ddpm train`: use an earlier checkpoint or train again")
+        stack.extend((v, w, depth + 1) for w, v in reversed(items))
 
 
 @dataclass
@@ -277,6 +290,9 @@ def _parse_meta(path: Path, meta: dict) -> tuple[dict, dict]:
             out[k] = json.loads(v)
         except ValueError:
             raise CheckpointError(f"{path}: metadata entry {brief(k)} is not JSON") from None
+        except RecursionError:   # arrays or objects nested thousands deep: the decoder recurses per level
+            raise CheckpointError(f"{path}: metadata entry {brief(k)} nests JSON arrays or objects too deeply; "
+                                  f"re-save it with `ddpm train` or use its ckpt.pt") from None
     cfg_dict = out.pop("config")
     if not isinstance(cfg_dict, dict):
         raise CheckpointError(f"{path}: the stored config is not a JSON object")

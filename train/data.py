@@ -96,6 +96,24 @@ class _Stream:
         self.f.seek(pos)
         return end
 
+    def readinto(self, buf) -> int:
+        """Fill `buf` (a writable buffer, e.g. a numpy array's memory) with the next bytes, in place: no copy of the
+        whole is ever made. The number of bytes put there; fewer than len(buf) only at the end of the data."""
+        view = memoryview(buf).cast("B")
+        done = 0
+        while done < len(view):
+            if self.gzip:
+                part = self.read(min(len(view) - done, 1 << 20))
+                view[done:done + len(part)] = part
+                k = len(part)
+            else:
+                k = self.f.readinto(view[done:])
+                self._hash(view[done:done + k])
+            if not k:
+                break
+            done += k
+        return done
+
     def read(self, n: int) -> bytes:
         """Up to n bytes; fewer only at the end of the data. DataError for a damaged or truncated gzip stream."""
         if not self.gzip:
@@ -132,9 +150,9 @@ class _Stream:
             self.md5.update(data)
 
 
-def _parse_stream(s: _Stream, name: str, limit: int = MAX_IDX_BYTES) -> np.ndarray:
-    """Parse an IDX file from a stream: the header first, its declared size checked against `limit` and, for a plain
-    file, against the file's length before the data is read; then exactly that much data, and nothing after it."""
+def _parse_header(s: _Stream, name: str, limit: int = MAX_IDX_BYTES) -> tuple[np.dtype, tuple[int, ...], int, str]:
+    """(element dtype, dims, data bytes, a text that says what the header declares) of an IDX stream, read from its
+    header alone; the declared size checked against `limit` and, for a plain file, against the file's length."""
     head = s.read(4)
     if len(head) < 4 or head[0] != 0 or head[1] != 0:
         raise DataError(f"{name}: not an IDX file (bad magic number)")
@@ -159,12 +177,22 @@ def _parse_stream(s: _Stream, name: str, limit: int = MAX_IDX_BYTES) -> np.ndarr
                         f"({'truncated' if body < expected else 'trailing garbage'})")
     if expected > limit:
         raise DataError(f"{name}: {said}, more than the {limit >> 20} MiB an IDX file may hold here")
-    data = s.read(expected)
-    if len(data) < expected:
-        raise DataError(f"{name}: {said} but the file holds {len(data)} bytes (truncated)")
+    return np.dtype(dtype), dims, expected, said
+
+
+def _parse_stream(s: _Stream, name: str, limit: int = MAX_IDX_BYTES) -> np.ndarray:
+    """Parse an IDX file from a stream: the header first (`_parse_header`), then exactly the data it declares, read
+    into the array's own memory (held once: no copy of it is made), and nothing after it."""
+    dtype, dims, expected, said = _parse_header(s, name, limit)
+    array = np.empty(dims, dtype=dtype.newbyteorder("="))
+    got = s.readinto(array.view(np.uint8).reshape(-1)) if expected else 0
+    if got < expected:
+        raise DataError(f"{name}: {said} but the file holds {got} bytes (truncated)")
     if s.read(1):
         raise DataError(f"{name}: {said} but the file holds more (trailing garbage)")
-    return np.frombuffer(data, dtype=dtype).reshape(dims).astype(np.dtype(dtype).newbyteorder("="))
+    if dtype.byteorder == ">":
+        array.byteswap(inplace=True)   # IDX is big-endian: the bytes as read are the file's order
+    return array
 
 
 def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
@@ -221,14 +249,33 @@ def _checks_path() -> Path:
     return default_data_dir().parent / CHECKS_FILE
 
 
+MAX_CHECKS_BYTES = 1 << 20   # CHECKS_FILE's size at most (a record is ~150 bytes; the cache holds a few)
+
+
+def _read_checks() -> dict:
+    """The records of CHECKS_FILE, or {} when it is missing or is not what `_remember_md5` writes: not a regular
+    file (a pipe, a device, a link to one: files.input_path refuses it without opening it), larger than
+    MAX_CHECKS_BYTES, not JSON (also JSON nested too deeply to decode), not an object. A cache: a bad one is ignored
+    and the MD5s recomputed, never waited on or read without bound."""
+    import json
+
+    from ..files import input_path
+
+    try:
+        where = input_path(_checks_path(), DataError)
+        with open(where, "rb") as f:
+            text = f.read(MAX_CHECKS_BYTES + 1)
+        if len(text) > MAX_CHECKS_BYTES:
+            return {}
+        recs = json.loads(text)
+    except (DdpmError, OSError, ValueError, RecursionError):
+        return {}
+    return recs if isinstance(recs, dict) else {}
+
+
 def _cached_md5(path: Path, st: os.stat_result) -> str | None:
     """The MD5 recorded for this file when its size and mtime_ns are still what they were, else None."""
-    try:
-        import json
-
-        rec = json.loads(_checks_path().read_text()).get(str(path.resolve()))
-    except (OSError, ValueError, AttributeError):
-        return None
+    rec = _read_checks().get(str(path.resolve()))
     if isinstance(rec, dict) and rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns \
             and isinstance(rec.get("md5"), str):
         return rec["md5"]
@@ -242,11 +289,7 @@ def _remember_md5(path: Path, st: os.stat_result, md5: str) -> None:
     from ..files import atomic_write
 
     where = _checks_path()
-    try:
-        recs = json.loads(where.read_text())
-        recs = recs if isinstance(recs, dict) else {}
-    except (OSError, ValueError):
-        recs = {}
+    recs = _read_checks()
     recs[str(path.resolve())] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "md5": md5}
     try:
         where.parent.mkdir(parents=True, exist_ok=True)
@@ -272,6 +315,34 @@ def _read_checked(path: Path, name: str) -> tuple[np.ndarray, str | None]:
         md5 = found
         _remember_md5(path, st, md5)
     return array, KNOWN.get(md5)
+
+
+_MNIST_MAX_BYTES = 60_000 * 28 * 28   # the data of MNIST's largest file, the training images
+
+
+class _Declared:
+    """What an IDX header declares (dtype, shape): checked against SPLIT's dtypes and shapes before the data is read."""
+
+    def __init__(self, dtype, shape):
+        self.dtype, self.shape = dtype, shape
+
+
+_DECLARED_SPLIT = Schema(SPLIT.what, {k: Array(v.dtypes, v.shape) for k, v in SPLIT.fields.items()}, hint=SPLIT.hint)
+
+
+def _declared(path: Path) -> _Declared:
+    """The dtype and shape the IDX file at `path` declares, from its header alone (nothing is inflated beyond it);
+    DataError, as `_read` says it, when the header is damaged."""
+    try:
+        with open(path, "rb") as f:
+            dtype, dims, _, _ = _parse_header(_Stream(f, str(path), hash=False), str(path))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({clip(e)}); {FIX_HINT}") from None
+    except DataError as e:
+        if "; delete it" in str(e):
+            raise
+        raise DataError(f"{e}; {FIX_HINT}") from None
+    return _Declared(dtype, dims)
 
 
 def _check_roles(split: str, paths: list[Path], names: tuple[str, str], found: list[str | None]) -> None:
@@ -350,6 +421,18 @@ def load_mnist(data_dir: str | os.PathLike, split: str = "train") -> tuple[np.nd
     for n, p in zip(names, paths):
         if p.name == n and (data_dir / f"{n}.gz").is_file():
             _notice(f"{data_dir} holds both {n} and {n}.gz; using {n}")
+    declared = [_declared(p) for p in paths]
+    try:   # the headers agree: checked before any data is read
+        _DECLARED_SPLIT.check(dict(zip(("images", "labels"), declared)), f"{paths[0]} and {paths[1].name}", DataError)
+    except DataError:
+        # MNIST's own file in the wrong place (test labels beside training images) says so better: those files that
+        # declare no more than MNIST's largest are read, by content, to tell
+        for p, n, d in zip(paths, names, declared):
+            if math.prod(d.shape) * d.dtype.itemsize <= _MNIST_MAX_BYTES:
+                found = _read_checked(p, n)[1]
+                if found is not None:
+                    _check_roles(split, [p], (n,), [found])
+        raise
     (images, img_is), (labels, lbl_is) = (_read_checked(p, n) for p, n in zip(paths, names))
     _check_roles(split, paths, names, [img_is, lbl_is])
     SPLIT.check({"images": images, "labels": labels}, f"{paths[0]} and {paths[1].name}", DataError)
