@@ -8,6 +8,7 @@ file and MAX_IDX_BYTES before anything is decompressed, and nothing beyond what 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -218,17 +219,24 @@ def find_file(data_dir: Path, name: str) -> Path | None:
 def _read(path: Path, limit: int = MAX_IDX_BYTES, hash: bool = True) -> tuple[np.ndarray, str | None]:
     """(array, MD5 of the decompressed content or None when not `hash`) of an IDX file; DataError saying what to do
     when it is damaged."""
+    with _reading(path), open(path, "rb") as f:
+        s = _Stream(f, str(path), hash)
+        array = _parse_stream(s, str(path), limit)
+    return array, s.md5 and s.md5.hexdigest()
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """An OSError or a DataError while reading the IDX file `path` as one DataError that ends with what to do about
+    a damaged file (FIX_HINT, or the more precise hint a check already gave)."""
     try:
-        with open(path, "rb") as f:
-            s = _Stream(f, str(path), hash)
-            array = _parse_stream(s, str(path), limit)
+        yield
     except OSError as e:
         raise DataError(f"{path}: cannot read ({clip(e)}); {FIX_HINT}") from None
     except DataError as e:
         if "; delete it" in str(e):
             raise
         raise DataError(f"{e}; {FIX_HINT}") from None
-    return array, s.md5 and s.md5.hexdigest()
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -333,15 +341,8 @@ _DECLARED_SPLIT = Schema(SPLIT.what, {k: Array(v.dtypes, v.shape) for k, v in SP
 def _declared(path: Path) -> _Declared:
     """The dtype and shape the IDX file at `path` declares, from its header alone (nothing is inflated beyond it);
     DataError, as `_read` says it, when the header is damaged."""
-    try:
-        with open(path, "rb") as f:
-            dtype, dims, _, _ = _parse_header(_Stream(f, str(path), hash=False), str(path))
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({clip(e)}); {FIX_HINT}") from None
-    except DataError as e:
-        if "; delete it" in str(e):
-            raise
-        raise DataError(f"{e}; {FIX_HINT}") from None
+    with _reading(path), open(path, "rb") as f:
+        dtype, dims, _, _ = _parse_header(_Stream(f, str(path), hash=False), str(path))
     return _Declared(dtype, dims)
 
 

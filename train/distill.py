@@ -57,8 +57,8 @@ from ..runtime.samplers import Plan, ddim_plan, timesteps
 from ..runtime.schedule import Schedule
 from . import loop
 from .loop import (RUN_FILES, SAMPLES_FILE, BatchOrder, Checkpoints, State, TrainConfig, TrainingError,
-                   _output_step, build_state, in_run_folder, learning_rate, optimizer_step, resolve_run, run_steps,
-                   step_generator, write_samples)
+                   _output_step, build_state, in_run_folder, learning_rate, make_batch, optimizer_step, resolve_run,
+                   run_steps, write_samples)
 
 SPACING = "trailing"          # the grid whose halvings nest (module docstring)
 TRUNCATED_SNR = "truncated-snr"
@@ -233,20 +233,6 @@ def distill_loss(student, teacher, stage: Stage, tt: Table, ts: Table, x0, y, ro
     return (ts.cols["snr_weight"][rows] * per_sample).mean()
 
 
-def distill_batch(step: int, cfg: DistillConfig, order: BatchOrder, images: torch.Tensor, labels: torch.Tensor,
-                  rows: int, null_label: int):
-    """The global batch of a step, from the generator of (seed, step): (x0 in [-1, 1] (B,1,H,W), y with dropped
-    labels (B,) int64, the student's row per sample (B,) int64 uniform in 0..rows-1, noise (B,1,H,W)), on CPU."""
-    g = step_generator(cfg.seed, step)
-    idx = order.indices(step)
-    x0 = images[idx].unsqueeze(1).float() / 127.5 - 1.0
-    y = labels[idx].long()
-    r = torch.randint(0, rows, (len(idx),), generator=g)
-    noise = torch.randn(x0.shape, generator=g)
-    y[torch.rand(len(idx), generator=g) < cfg.p_uncond] = null_label
-    return x0, y, r, noise
-
-
 # ------------------------------------------------------------------------------------------------------- the run
 def student_file(steps: int) -> str:
     """The file of the student distilled for `steps` network calls, beside the run's model.safetensors."""
@@ -383,7 +369,7 @@ def distill_loop(run, st: State, teacher, progress: bool, checkpoints: DistillCh
             next_stage(st, teacher, cfg.lr)
         tt, ts = table(stage.teacher_steps), table(stage.student_steps)
         x0, y, rows, noise = (v[shard].to(device, non_blocking=True) for v in
-                              distill_batch(step, cfg, order, st.images, st.labels, ts.rows, mcfg.null_label))
+                              make_batch(step, cfg, order, st.images, st.labels, ts.rows, mcfg.null_label))
         loss = distill_loss(net, teacher, stage, tt, ts, x0, y, rows, noise, mcfg.null_label, amp)
         per_stage = TrainConfig(lr=cfg.lr, warmup=cfg.warmup, steps=stage.length, lr_schedule=cfg.lr_schedule,
                                 lr_final=cfg.lr_final)

@@ -172,13 +172,15 @@ class BatchOrder:
         return self._perm[k * self.batch:(k + 1) * self.batch]
 
 
-def make_batch(step: int, cfg: TrainConfig, order: BatchOrder, images: torch.Tensor, labels: torch.Tensor, T: int,
+def make_batch(step: int, cfg, order: BatchOrder, images: torch.Tensor, labels: torch.Tensor, T: int,
                null_label: int):
-    """The global batch of a step: (x0 in [-1,1], y with dropped labels, t, noise), all on CPU."""
+    """The global batch of a step, from the generator of (cfg.seed, step): (x0 in [-1, 1] (B, 1, H, W), y (B,) int64
+    with labels dropped to null_label at rate cfg.p_uncond, t (B,) int64 uniform in 0..T-1, noise (B, 1, H, W)), all
+    on CPU. cfg: any config with seed and p_uncond (TrainConfig, train.distill.DistillConfig, whose T is its rows)."""
     g = step_generator(cfg.seed, step)
     idx = order.indices(step)
     x0 = images[idx].unsqueeze(1).float() / 127.5 - 1.0
-    y = labels[idx].clone()
+    y = labels[idx].long()
     # t ~ Uniform{0, ..., T-1}: every timestep, t=0 and t=T-1 included (Algorithm 1, shifted by one)
     t = torch.randint(0, T, (len(idx),), generator=g)
     noise = torch.randn(x0.shape, generator=g)
