@@ -109,8 +109,10 @@ class Level(Spec):
     what = f"a number in 0..{MAX_LEVEL:g} or inf"
 
     def check(self, v, dims, path):
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
-                or math.isnan(v) or v < 0 or MAX_LEVEL < v < math.inf:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+            self.fail(v, path)
+        # a Python int of any size compares with floats exactly; math.isnan would convert it (OverflowError)
+        if (isinstance(v, (float, np.floating)) and math.isnan(v)) or v < 0 or MAX_LEVEL < v < math.inf:
             self.fail(v, path)
 
 
@@ -318,10 +320,7 @@ def checked(_fn=None, **overrides: Spec):
             for name, value in bound.arguments.items():
                 if name != "self":
                     try:
-                        try:
-                            specs[name].check(value, dims, name)
-                        except OverflowError:   # an int too large for a float (10**400): math.isfinite refuses it
-                            specs[name].fail(value, name, "too large for a float")
+                        specs[name].check(value, dims, name)
                     except Invalid as e:
                         raise DdpmError(f"{where}(): {e}") from None
             token = _GIVEN.set(frozenset(bound.arguments) - {"self"})

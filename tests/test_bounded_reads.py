@@ -172,5 +172,6 @@ def model(tmp_path_factory):
 ])
 def test_integers_too_large_for_a_float_are_one_line(model, call, arg):
     """math.isfinite(10**400) raises OverflowError: the argument check names the argument instead."""
-    with pytest.raises(DdpmError, match=rf"\(\): {arg} must be .*too large for a float"):
+    with pytest.raises(DdpmError, match=rf"\(\): {arg} must be ") as e:
         call(model)
+    assert "\n" not in str(e.value) and "OverflowError" not in str(e.value), e.value
