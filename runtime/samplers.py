@@ -466,7 +466,7 @@ def make_plan(sched: Schedule, sampler: str, steps: int | None = None, eta: floa
     OptionError (a ValueError naming the argument) for what does not fit: steps outside 1..T, top outside
     0..T-1, an unknown sampler or spacing, DDPM with fewer than T steps, a final_t that does not fit."""
     if steps is not None and not 1 <= steps <= sched.T:
-        raise OptionError(f"steps must be in 1..{sched.T} (the schedule's T), got {steps}", "steps")
+        raise OptionError(f"steps must be in 1..{sched.T} (the model's T), got {steps}", "steps")
     _check_top(sched.T, top)
     if sampler not in SAMPLERS:
         raise OptionError(f"unknown sampler {sampler!r} ({', '.join(SAMPLERS)})", "sampler")
