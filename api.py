@@ -137,7 +137,7 @@ class Model:
         key = (name, dev, fp16, cuda_graph, threads, max_batch if name == "trt" else None,
                plan_key(plan) if name == "onnx-generator" else None, int8)
         with self._lock:   # (under torchrun every process makes the same engines, so all meet at engine_bundle)
-            if key not in self._engines or getattr(self._engines[key], "closed", False):
+            if key not in self._engines or self._engines[key].closed:
                 self._engines[key] = open_engine(self, name, dev, fp16, cuda_graph, threads, max_batch, plan, dist,
                                                  log, int8)
             return self._engines[key]

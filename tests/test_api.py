@@ -1,5 +1,7 @@
 """The Python API (ddpm.load / Model): what a user calls, its errors, its engine cache."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -52,7 +54,7 @@ def test_trt_engines_are_cached_per_batch_range(monkeypatch, model):
     monkeypatch.setattr(engines, "resolve_device", lambda d: "cuda")
     monkeypatch.setattr(engines, "have_torch", lambda: True)
     monkeypatch.setattr(engines, "make_engine", lambda name, *, max_batch, **options:
-                        made.append((name, max_batch)) or object())
+                        made.append((name, max_batch)) or SimpleNamespace(closed=False))
     m = ddpm.load()
     a, b, c = m.engine("trt", max_batch=16), m.engine("trt", max_batch=128), m.engine("trt", max_batch=16)
     assert a is not b and a is c and made == [("trt", 16), ("trt", 128)]
