@@ -24,6 +24,7 @@ class ModelConfig:
     schedule: str = "linear"             # beta schedule the network was trained with: linear | cosine
     timesteps: int = 1000                # T, number of diffusion steps
     prediction: str = "eps"              # the network's output: eps (the noise) or v (Salimans & Ho 2022)
+    block: str = "ddpm"                  # residual block: ddpm | diffusers (SiLU on the embedding first; BLOCKS)
 
     @property
     def null_label(self) -> int:
@@ -81,11 +82,20 @@ class ModelConfig:
                              f"than the {MAX_ACTIVATION_BYTES >> 20} MiB a model may need here")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {self.prediction!r} ({' or '.join(PREDICTIONS)})")
+        if self.block not in BLOCKS:
+            raise ValueError(f"unknown block {self.block!r} ({' or '.join(BLOCKS)})")
         return self
 
 
+# The residual blocks a UNet may have (ModelConfig.block, model.unet.ResBlock): both add a projection of the
+# time+class embedding to the activations after the first convolution; "diffusers" applies SiLU to the embedding
+# first, as Ho et al.'s code and diffusers' ResnetBlock2D do, so that such a network is a UNet2DModel
+# (export/diffusers.py).
+BLOCKS = ("ddpm", "diffusers")
+
+
 # Fields added after files were first written, with the value their absence means; to_dict leaves them out at it.
-LATER_FIELDS = {"prediction": "eps"}
+LATER_FIELDS = {"prediction": "eps", "block": "ddpm"}
 
 
 # The largest network a config may describe, checked before anything is built from it: far above the `large`
@@ -101,7 +111,7 @@ CONFIG = Schema("model config", {
     "channel_mults": List(Int(min=1, max=64), min_len=1), "num_res_blocks": Int(min=0, max=32), "attention": Bool(),
     "num_classes": Int(min=1, max=100_000), "dropout": Num(min=0, max=1, max_open=True), "groups": Int(min=1),
     "schedule": Str(choices=("linear", "cosine")), "timesteps": Int(min=2, max=MAX_T),
-}, optional={"prediction": Str(choices=PREDICTIONS)})
+}, optional={"prediction": Str(choices=PREDICTIONS), "block": Str(choices=BLOCKS)})
 
 
 def _res_block_params(cin: int, cout: int, emb: int) -> int:

@@ -35,8 +35,14 @@ class GroupNorm32(nn.GroupNorm):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, dropout: float):
+    """GroupNorm-SiLU-conv, plus a projection of the time+class embedding, GroupNorm-SiLU-dropout-conv, residual.
+
+    emb_silu: SiLU on the embedding before its projection (ModelConfig.block "diffusers": the block of Ho et al.'s
+    code and of diffusers' ResnetBlock2D); without it the embedding is projected as it is (block "ddpm")."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, dropout: float, emb_silu: bool = False):
         super().__init__()
+        self.emb_silu = emb_silu
         self.norm1 = GroupNorm32(groups, cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.emb = nn.Linear(emb_dim, cout)
@@ -49,7 +55,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb(emb)[:, :, None, None]
+        h = h + self.emb(F.silu(emb) if self.emb_silu else emb)[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
 
@@ -81,6 +87,7 @@ class UNet(nn.Module):
         cfg.validate()
         self.cfg = cfg
         ch, emb_dim, g, p = cfg.base_channels, cfg.time_dim, cfg.groups, cfg.dropout
+        silu = cfg.block == "diffusers"   # SiLU on the embedding in every residual block
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
@@ -89,21 +96,21 @@ class UNet(nn.Module):
         skips, cur = [ch], ch
         for level, mult in enumerate(cfg.channel_mults):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(ResBlock(cur, ch * mult, emb_dim, g, p))
+                self.down.append(ResBlock(cur, ch * mult, emb_dim, g, p, silu))
                 cur = ch * mult
                 skips.append(cur)
             if level < len(cfg.channel_mults) - 1:
                 self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
                 skips.append(cur)
 
-        self.mid1 = ResBlock(cur, cur, emb_dim, g, p)
+        self.mid1 = ResBlock(cur, cur, emb_dim, g, p, silu)
         self.mid_attn = SelfAttention(cur, g) if cfg.attention else nn.Identity()
-        self.mid2 = ResBlock(cur, cur, emb_dim, g, p)
+        self.mid2 = ResBlock(cur, cur, emb_dim, g, p, silu)
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mults))):
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(ResBlock(cur + skips.pop(), ch * mult, emb_dim, g, p))
+                self.up.append(ResBlock(cur + skips.pop(), ch * mult, emb_dim, g, p, silu))
                 cur = ch * mult
             if level > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
