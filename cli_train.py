@@ -9,7 +9,7 @@ import click
 
 from .cli_options import Finite, check_output, device_syntax, needs_torch, parse_interval, refuse_same_path
 from .errors import LimitReached
-from .model.config import PRESETS
+from .model.config import BLOCKS, PRESETS
 from .options import GUIDANCE, GUIDANCE_INTERVAL, MAX_GUIDANCE, MAX_THREADS
 from .runtime.noise import MAX_SEED
 from .runtime.schedule import PREDICTIONS, SCHEDULES
@@ -92,6 +92,10 @@ class LazyChoice(click.Choice):
 @click.option("--prediction", type=click.Choice(PREDICTIONS), default=None,
               help="What the network outputs: eps (the noise) or v (Salimans & Ho 2022) [default: eps; --resume: "
                    "the model's own; --init: the model's own unless given].")
+@click.option("--block", type=click.Choice(BLOCKS), default=None,
+              help="Residual block: ddpm, or diffusers (SiLU on the time embedding before its projection, as "
+                   "diffusers' ResnetBlock2D: the model exports with `ddpm export --diffusers`) [default: ddpm; "
+                   "--resume: the model's own; --init: the model's own unless given].")
 @click.option("--ema", "ema_decay", type=Finite(0, 1, max_open=True), default=0.999, show_default=True,
               help="EMA decay.")
 @click.option("--p-uncond", type=Finite(0, 1, max_open=True), default=0.1, show_default=True,
@@ -111,6 +115,7 @@ def train(threads, resume, **opts):
       ddpm train --preset small --steps 200 --out runs/try
       ddpm train --out runs/try --steps 400 --resume
       ddpm train --init runs/try --steps 2000 --seed 1 --out runs/more   # fine-tune (the model of runs/try)
+      ddpm train --block diffusers --out runs/hub   # then: ddpm export --ckpt runs/hub --diffusers hub
       torchrun --nproc_per_node 2 -m ddpm.cli train --batch 128   # DDP, global batch 128
     """
     refuse_same_path({"--out": opts["out"]}, {"--init": opts["init"], "--data": opts["data"]})

@@ -69,6 +69,7 @@ class TrainConfig:
     # None: "eps" for a new run, the model's own with --init or --resume; --init may switch it (fine-tuning the
     # network to the other output), --resume may not
     prediction: str | None = None   # what the network learns to output: eps | v (Salimans & Ho 2022)
+    block: str | None = None        # the same for the residual block: ddpm | diffusers (model.config.BLOCKS)
 
     lr_schedule_default: ClassVar[str] = "constant"
     loss_weight_default: ClassVar[str] = "eps"
@@ -85,7 +86,7 @@ class TrainConfig:
             d = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in self.model_defaults.items()}
             try:
                 return dataclasses.replace(PRESETS[d["preset"]], schedule=d["schedule"], timesteps=d["timesteps"],
-                                           prediction=self.prediction or "eps").validate()
+                                           prediction=self.prediction or "eps", block=self.block or "ddpm").validate()
             except ValueError as e:
                 raise TrainingError(str(e)) from None
         wrong = [f"--{k} {getattr(self, k)}" for k in ("schedule", "timesteps")
@@ -102,14 +103,15 @@ def preset_of(cfg: ModelConfig) -> str | None:
     """The name of the preset `cfg` is (whatever its schedule and T), None when it is none of them."""
     return next((name for name, p in PRESETS.items()
                  if dataclasses.replace(p, schedule=cfg.schedule, timesteps=cfg.timesteps,
-                                        prediction=cfg.prediction) == cfg), None)
+                                        prediction=cfg.prediction, block=cfg.block) == cfg), None)
 
 
 def describe(cfg: ModelConfig) -> str:
     """A model config in a few words, e.g. "tiny model (linear schedule, T=1000)"."""
     name = preset_of(cfg) or f"custom {cfg.base_channels}-channel"
     v = ", v-prediction" if cfg.prediction == "v" else ""
-    return f"{name} model ({cfg.schedule} schedule, T={cfg.timesteps}{v})"
+    block = ", diffusers block" if cfg.block == "diffusers" else ""
+    return f"{name} model ({cfg.schedule} schedule, T={cfg.timesteps}{v}{block})"
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -437,7 +439,7 @@ def _resumed_optimisation(cfg: TrainConfig, ckpt: dict | None, where: Path) -> T
 RESUME_MAY_CHANGE = ("steps", "ckpt_every", "log_every", "device", "data")
 # The options resolved elsewhere (None: not given): the model's (TrainConfig.model_config, --prediction) and the
 # optimisation's (_resumed_optimisation); the run folder itself.
-_RESOLVED_ELSEWHERE = ("out", "preset", "schedule", "timesteps", "prediction", "lr_schedule", "loss_weight")
+_RESOLVED_ELSEWHERE = ("out", "preset", "schedule", "timesteps", "prediction", "block", "lr_schedule", "loss_weight")
 # `ddpm train` and `ddpm distill` flags not named after their field
 _FLAGS = {"batch_size": "--batch", "ema_decay": "--ema", "guidance_lo": "--guidance-interval",
           "guidance_hi": "--guidance-interval"}
@@ -498,13 +500,14 @@ def resolve_run(cfg: TrainConfig, resume: bool, log, given: Collection[str] | No
         source = f"--init: {cfg.init}"
         cfg = dataclasses.replace(cfg, init=str(resolve_model_path(cfg.init).absolute()))   # the file, recorded
     mcfg = cfg.model_config(model_given, source)
-    if cfg.prediction is not None and cfg.prediction != mcfg.prediction:
-        if resume:
-            raise TrainingError(f"{source} holds a {describe(mcfg)}, not --prediction {cfg.prediction}; leave out "
-                                f"--prediction to resume it")
-        mcfg = dataclasses.replace(mcfg, prediction=cfg.prediction).validate()   # --init: fine-tune to the other output
+    for key in ("prediction", "block"):   # --init: fine-tune to the other output, or to the other block
+        if getattr(cfg, key) is not None and getattr(cfg, key) != getattr(mcfg, key):
+            if resume:
+                raise TrainingError(f"{source} holds a {describe(mcfg)}, not --{key} {getattr(cfg, key)}; leave out "
+                                    f"--{key} to resume it")
+            mcfg = dataclasses.replace(mcfg, **{key: getattr(cfg, key)}).validate()
     cfg = dataclasses.replace(cfg, preset=preset_of(mcfg), schedule=mcfg.schedule, timesteps=mcfg.timesteps,
-                              prediction=mcfg.prediction)
+                              prediction=mcfg.prediction, block=mcfg.block)
     ctx = dist.setup(cfg.device)
     device = ctx.device if ctx.world > 1 else resolve_device(cfg.device)
     if cfg.batch_size % ctx.world:
