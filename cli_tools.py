@@ -117,8 +117,13 @@ def _batch_range(ctx, param, value):
                    "(implies --generator; fetches onnxruntime-web with npm once).")
 @click.option("--ort-web", "ort_web", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The onnxruntime-web tarball (`npm pack onnxruntime-web@VERSION`) instead of fetching it.")
+# another format
+@click.option("--diffusers", "diffusers_dir", type=click.Path(file_okay=False), default=None,
+              help="Instead of the ONNX export: write the model as a diffusers DDPMPipeline folder (UNet2DModel + "
+                   "DDPMScheduler), checked with diffusers when installed; needs a model trained with --block "
+                   "diffusers (docs/diffusers.md).")
 def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_generator, sampler, steps, spacing,
-               guidance_interval, guidance_rescale, form, web_dir, ort_web):
+               guidance_interval, guidance_rescale, form, web_dir, ort_web, diffusers_dir):
     """Export the EMA noise predictor to ONNX (and TensorRT), verified against PyTorch.
 
     Inputs x (B,C,H,W), t (B,) and y (B,) are graph inputs with a dynamic batch; output eps. Beside the model,
@@ -133,7 +138,11 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
       ddpm export --ckpt runs/ddpm --out exports/mine --fp16 --trt --batch 1-64
       ddpm export --generator --steps 20                  # UniPC-20 in one ONNX call
       ddpm export --web site && python -m http.server -b 127.0.0.1 -d site   # open http://127.0.0.1:8000
+      ddpm export --ckpt runs/mine --diffusers mine-diffusers   # a model trained with --block diffusers
     """
+    if diffusers_dir:
+        _export_diffusers(ckpt, diffusers_dir)
+        return
     refuse_same_path({"--out": out, "--web": web_dir}, {"--ckpt": ckpt, "--data": data, "--ort-web": ort_web})
     for folder, option in ((out, "--out"), (web_dir, "--web")):
         if folder:
@@ -169,6 +178,27 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
         page = write_web_page(bundle, web_dir, plan, shown, ort_web, log=click.echo)
         click.echo(f"web page: {page} (serve it, e.g. `python -m http.server -b 127.0.0.1 -d {page}`, and open "
                    f"http://127.0.0.1:8000)")
+
+
+def _export_diffusers(ckpt, folder) -> None:
+    """`ddpm export --diffusers FOLDER` (export/diffusers.py): refused with any of the ONNX export's options."""
+    ctx = click.get_current_context()
+    given = [p.opts[0] for p in ctx.command.params if p.name not in ("ckpt", "diffusers_dir")
+             and on_command_line(p.name)]
+    if given:
+        raise click.UsageError(f"--diffusers writes a diffusers folder only, without the ONNX export's "
+                               f"{', '.join(given)}; run `ddpm export` twice")
+    refuse_same_path({"--diffusers": folder}, {"--ckpt": ckpt})
+    check_output(folder, "--diffusers", folder=True)
+    needs_torch("export")
+    from . import api
+    from .export.diffusers import check_exportable, export_diffusers
+
+    model = api.load(ckpt)
+    check_exportable(model.cfg)
+    res = export_diffusers(model, folder, log=click.echo)
+    click.echo(f"diffusers folder: {res.out} (UNet2DModel.from_pretrained of its unet/ takes class_labels "
+               f"0..{model.cfg.num_classes - 1}, {model.null_label} for no label; docs/diffusers.md)")
 
 
 def _int8_data(data, image_shape) -> tuple:
