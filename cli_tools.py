@@ -140,7 +140,7 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
             check_output(folder, option, folder=True)
     needs_torch("export")
     from . import api
-    from .export.chain import check_trt, export_folder, write_web_page
+    from .export.chain import check_trt, claim_outputs, export_folder, write_web_page
 
     if build_trt:   # fail before the ONNX work if TensorRT cannot run here
         check_trt()
@@ -149,6 +149,7 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
 
         ort_web_tarball(ort_web)
     model = api.load(ckpt)
+    claim_outputs(model, out, web_dir)   # before any work: a folder that may not be replaced is refused
     calibration = _int8_data(data, model.image_shape) if int8 else None
     # gen's defaults (eta 0, the default guidance interval), so that the generator gives gen's digits
     plan = model.plan(sampler, steps, 0.0, "small", spacing, guidance_interval, guidance_rescale=guidance_rescale) \

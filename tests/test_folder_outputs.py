@@ -95,3 +95,93 @@ def test_the_export_cache_never_replaces_a_users_files(tmp_path):
     _seed(source, folder)                                             # an export of the same weights: kept
     assert _kept(folder) and set(names) < {p.name for p in folder.iterdir()}
     assert EXPORT_FOLDER.marker in {p.name for p in folder.iterdir()}
+
+
+# ------------------------------------------------------------------------------------------------------ the page
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny model exported with a 4-step generator, and a stand-in for the onnxruntime-web tarball."""
+    root = tmp_path_factory.mktemp("page")
+    loaded = tiny_checkpoint(root, seed=3)
+    r = invoke("export", "--ckpt", loaded.path, "--out", root / "exp", "--generator", "--steps", 4)
+    assert r.exit_code == 0, r.output
+    fake = root / "onnxruntime-web.tgz"
+    with tarfile.open(fake, "w:gz") as tar:
+        for rel in web.ORT_FILES:
+            tar.add(web.PAGE_SRC / "app.mjs", arcname=f"package/{rel}")
+    return loaded, root / "exp", fake
+
+
+@pytest.fixture
+def fake_ort(exported, monkeypatch):
+    monkeypatch.setattr(web, "ort_web_tarball", lambda *args, **kw: exported[2])
+
+
+def test_page_keeps_what_it_did_not_write(exported, fake_ort, tmp_path):
+    _, exp, _ = exported
+    bundle = Bundle.load(exp)
+    page = tmp_path / "site"
+    write_page(bundle, page, 0.3)
+    _users_things(page)
+    (page / "CNAME").write_text("digits.example.org")
+    write_page(bundle, page, 0.5)                                     # the same weights: replaced, the user's kept
+    assert _kept(page) and (page / "CNAME").read_text() == "digits.example.org"
+    assert json.loads((page / "model.json").read_text())["guidance"] == 0.5 and (page / "ort").is_dir()
+
+
+def test_page_of_other_weights_holding_a_users_files_is_refused(exported, fake_ort, tmp_path):
+    _, exp, _ = exported
+    bundle = Bundle.load(exp)
+    page = tmp_path / "site"
+    write_page(bundle, page, 0.3)
+    record = json.loads((page / "model.json").read_text())
+    (page / "model.json").write_text(json.dumps(dict(record, checkpoint_hash="0" * 64)))   # a page of other weights
+    (page / "notes.txt").write_text("mine")
+    with pytest.raises(WebExportError, match=re.escape(f"{page} holds a page of other weights and files ddpm did "
+                                                       f"not write (notes.txt); choose another --web or empty it")):
+        write_page(bundle, page, 0.3)
+    assert (page / "notes.txt").read_text() == "mine"
+    (page / "notes.txt").unlink()
+    write_page(bundle, page, 0.3)                                     # nothing of a user's: replaced
+    assert json.loads((page / "model.json").read_text())["checkpoint_hash"] == bundle.meta["checkpoint_hash"]
+
+
+@pytest.mark.parametrize("marker", [None, '{"name": "my model"}', "not json", "[1, 2]"])
+def test_web_refuses_a_users_folder_in_one_line_before_any_work(exported, fake_ort, tmp_path, marker):
+    """A folder that is not a page (a user's model.json does not make it one) is refused before the export."""
+    loaded, _, _ = exported
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    if marker is not None:
+        (mine / "model.json").write_text(marker)
+    r = invoke("export", "--ckpt", loaded.path, "--out", tmp_path / "e", "--web", mine, "--steps", 2)
+    why = "no model.json" if marker is None else "its model.json was not written by ddpm"
+    assert r.exit_code == 1 and r.output.splitlines() == [
+        f"Error: {mine} is a folder but not a page written by `ddpm export --web` ({why}), and writing --web "
+        f"replaces what is there: give another --web, or remove it"], r.output
+    assert not (tmp_path / "e").exists()                              # before any work
+    assert sorted(p.name for p in mine.iterdir()) == (["model.json"] if marker else []) + ["notes.txt"]
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_export_refuses_an_out_folder_of_other_weights_before_any_work(exported, tmp_path, monkeypatch):
+    from ddpm import cli_tools
+
+    def read_mnist(*args):
+        raise AssertionError("--int8 read MNIST before the output folders were checked")
+
+    monkeypatch.setattr(cli_tools, "_int8_data", read_mnist)
+    _, exp, _ = exported
+    other = tmp_path / "other"
+    tiny_checkpoint(other, seed=4)
+    (exp / "notes.txt").write_text("mine")
+    try:
+        before = sorted(p.name for p in exp.iterdir())
+        r = invoke("export", "--ckpt", other, "--out", exp, "--web", tmp_path / "page", "--int8")
+        assert r.exit_code == 1 and r.output.splitlines() == [
+            f"Error: {exp} holds files of other weights and files ddpm did not write (notes.txt); choose another "
+            f"--out or empty it"], r.output
+        assert sorted(p.name for p in exp.iterdir()) == before and not (tmp_path / "page").exists()
+    finally:
+        (exp / "notes.txt").unlink()
