@@ -134,7 +134,8 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
       ddpm export --generator --steps 20                  # UniPC-20 in one ONNX call
       ddpm export --web site && python -m http.server -b 127.0.0.1 -d site   # open http://127.0.0.1:8000
     """
-    refuse_same_path({"--out": out, "--web": web_dir}, {"--ckpt": ckpt, "--data": data, "--ort-web": ort_web})
+    refuse_same_path({"--out": out, "--web": web_dir}, {"--ckpt": ckpt, "--data": data, "--ort-web": ort_web},
+                     folders=("--out", "--web"))
     for folder, option in ((out, "--out"), (web_dir, "--web")):
         if folder:
             check_output(folder, option, folder=True)
@@ -243,7 +244,7 @@ def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance
     if unknown or not names:
         raise click.BadParameter(f"unknown engine(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(ENGINES)}",
                                  param_hint="--engines")
-    refuse_same_path({"--out": out}, {"--ckpt": ckpt})
+    refuse_same_path({"--out": out}, {"--ckpt": ckpt}, folders=("--out",))
     check_output(out, "--out", folder=True)
     if quick:
         given = [opt for opt, param in (("--batch", "batches"), ("--steps", "steps"), ("--repeat", "repeat"))

@@ -185,3 +185,49 @@ def test_export_refuses_an_out_folder_of_other_weights_before_any_work(exported,
         assert sorted(p.name for p in exp.iterdir()) == before and not (tmp_path / "page").exists()
     finally:
         (exp / "notes.txt").unlink()
+
+
+# ---------------------------------------------------------------------------------- an output folder holding an input
+def test_refuse_same_path_refuses_a_folder_output_that_contains_an_input(tmp_path):
+    run = tmp_path / "run"
+    (run / "sub").mkdir(parents=True)
+    model = run / "sub" / "model.safetensors"
+    model.write_bytes(b"weights")
+    (tmp_path / "alias").symlink_to(run)
+    for out in (run, tmp_path / "alias", run / "sub" / ".."):
+        with pytest.raises(click.UsageError, match=re.escape(f"the --out folder {out} contains --ckpt {model}: "
+                                                             f"writing --out could overwrite what --ckpt reads; give "
+                                                             f"--out a folder that does not contain it")):
+            refuse_same_path({"--out": out}, {"--ckpt": model}, folders=("--out",))
+    with pytest.raises(click.UsageError, match="the --web folder .* contains --out"):   # outputs, either order
+        refuse_same_path({"--out": run / "exp", "--web": run}, folders=("--out", "--web"))
+    with pytest.raises(click.UsageError, match="the --out folder .* contains --web"):
+        refuse_same_path({"--out": run, "--web": run / "page"}, folders=("--out", "--web"))
+    refuse_same_path({"--out": run / "sub" / "exp"}, {"--ckpt": run / "sub"}, folders=("--out",))   # inside: fine
+    refuse_same_path({"--out": tmp_path / "runner"}, {"--ckpt": model}, folders=("--out",))      # a name's prefix
+    refuse_same_path({"--json": run}, {"--ckpt": model})              # a file output is not a folder
+
+
+def test_every_folder_output_refuses_to_contain_an_input(tmp_path, fake_mnist):
+    """One line, exit 2, before any work: the input is left as it was."""
+    d = tmp_path / "d"
+    loaded = tiny_checkpoint(d)
+    weights = loaded.path.read_bytes()
+    cases = [
+        (("export", "--ckpt", loaded.path, "--web", d), "--web", "--ckpt"),
+        (("export", "--ckpt", loaded.path, "--out", tmp_path), "--out", "--ckpt"),
+        (("export", "--ckpt", loaded.path, "--out", tmp_path / "w" / "e", "--web", tmp_path / "w"), "--web", "--out"),
+        (("train", "--init", loaded.path, "--out", d, "--steps", 1, "--data", fake_mnist), "--out", "--init"),
+        (("train", "--data", fake_mnist, "--out", fake_mnist.parent, "--steps", 1), "--out", "--data"),
+        (("distill", "--teacher", loaded.path, "--out", d, "--iters", 1, "--data", fake_mnist), "--out",
+         "--teacher"),
+        (("bench", "--quick", "--ckpt", loaded.path, "--out", d), "--out", "--ckpt"),
+    ]
+    for args, option, other in cases:
+        r = invoke(*args)
+        assert r.exit_code == 2, r.output
+        lines = r.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"Error: the {option} folder ") and \
+            f"contains {other} " in lines[0], r.output
+    assert sorted(p.name for p in d.iterdir()) == ["model.safetensors"] and loaded.path.read_bytes() == weights
+    assert not (tmp_path / "w").exists()
