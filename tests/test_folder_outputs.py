@@ -231,3 +231,19 @@ def test_every_folder_output_refuses_to_contain_an_input(tmp_path, fake_mnist):
             f"contains {other} " in lines[0], r.output
     assert sorted(p.name for p in d.iterdir()) == ["model.safetensors"] and loaded.path.read_bytes() == weights
     assert not (tmp_path / "w").exists()
+
+
+# ------------------------------------------------------------------------------------------ python -m, its messages
+@pytest.mark.parametrize("module", ["ddpm", "ddpm.cli"])
+def test_python_m_runs_the_command_and_names_it_as_run(module, tmp_path):
+    """`python -m ddpm` is the console script; a usage error's hint names the interpreter as it was typed."""
+    for exe in {sys.executable, str(Path(sys.executable).with_name("python3"))}:
+        if not os.path.exists(exe):
+            continue
+        prog = f"{os.path.basename(exe)} -m {module}"
+        r = subprocess.run([exe, "-m", module, "gen", "--bad"], capture_output=True, text=True, cwd=tmp_path,
+                           timeout=120)
+        assert r.returncode == 2 and r.stderr.splitlines()[-1].endswith(f"(see {prog} gen --help)"), r.stderr
+        r = subprocess.run([exe, "-m", module, "--version"], capture_output=True, text=True, cwd=tmp_path,
+                           timeout=120)
+        assert r.returncode == 0 and r.stdout.startswith(f"{prog}, version "), r.stdout + r.stderr
