@@ -79,7 +79,10 @@ def _inside(path, folder) -> bool:
     """Whether `path` lies inside the folder `folder` (below it, at any depth; not the folder itself), by their real
     paths: symbolic links on either path are followed, `..` resolved."""
     p, f = _real(path), _real(folder)
-    return p != f and os.path.commonpath([p, f]) == f
+    try:
+        return p != f and os.path.commonpath([p, f]) == f
+    except ValueError:   # on different drives (Windows)
+        return False
 
 
 def refuse_same_path(outputs: dict, inputs: dict | None = None, folders: tuple[str, ...] = ()) -> None:
