@@ -6,6 +6,9 @@ from the modules that define them; heavy modules are imported inside each comman
 
 from __future__ import annotations
 
+import os
+import sys
+
 import click
 
 from .cli_edit import edit_cmd, inpaint, restore, upscale
@@ -176,5 +179,13 @@ def gen(num, label, uncond, out, trajectory, **o):
 for _command in (train, distill, inpaint, edit_cmd, upscale, restore, eval_cmd, export_cmd, bench):
     main.add_command(_command)
 
+
+def module_prog(module: str) -> str:
+    """How the user ran `python -m MODULE`, with the interpreter's name as typed ("python3 -m ddpm"): the program
+    name that usage errors' "(see ... --help)" and --version show. Click's own guess always says "python", which not
+    every system has."""
+    return f"{os.path.basename(sys.executable) or 'python'} -m {module}"
+
+
 if __name__ == "__main__":
-    main()
+    main(prog_name=module_prog("ddpm.cli"))

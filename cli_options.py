@@ -68,14 +68,30 @@ def _same_path(a, b) -> bool:
     try:
         return os.path.samefile(a, b)
     except (OSError, ValueError):
-        return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+        return _real(a) == _real(b)
 
 
-def refuse_same_path(outputs: dict, inputs: dict | None = None) -> None:
+def _real(path) -> str:
+    return os.path.normcase(os.path.realpath(path))
+
+
+def _inside(path, folder) -> bool:
+    """Whether `path` lies inside the folder `folder` (below it, at any depth; not the folder itself), by their real
+    paths: symbolic links on either path are followed, `..` resolved."""
+    p, f = _real(path), _real(folder)
+    try:
+        return p != f and os.path.commonpath([p, f]) == f
+    except ValueError:   # on different drives (Windows)
+        return False
+
+
+def refuse_same_path(outputs: dict, inputs: dict | None = None, folders: tuple[str, ...] = ()) -> None:
     """Refuse, before any work, an output that is the same file or folder as one of the command's inputs or as
-    another of its outputs: writing it would destroy that input (or the other output's content) and still succeed.
+    another of its outputs, and a folder output that contains one of them (or lies inside another folder output):
+    writing it would destroy that input (or the other output's content) and still succeed.
 
-    outputs, inputs: {option name: a path, a list of paths (a repeated option) or None (not given)}. Raises
+    outputs, inputs: {option name: a path, a list of paths (a repeated option) or None (not given)}; folders: the
+    options among `outputs` that name a folder the command writes (publishes or writes into). Raises
     click.UsageError (one line, exit 2) naming both options."""
     def given(d):
         for option, value in (d or {}).items():
@@ -83,14 +99,22 @@ def refuse_same_path(outputs: dict, inputs: dict | None = None) -> None:
                 if path is not None and str(path) != "":
                     yield option, path
 
-    seen = [(option, path, "reads") for option, path in given(inputs)]
+    seen = [(option, path, "reads", False) for option, path in given(inputs)]
     for option, path in given(outputs):
-        for other, earlier, role in seen:
+        folder = option in folders
+        for other, earlier, role, other_folder in seen:
             if _same_path(path, earlier):
                 kind = "folder" if os.path.isdir(earlier) else "file"
                 raise click.UsageError(f"{option} and {other} name the same {kind} ({path}): writing {option} would "
                                        f"overwrite what {other} {role}; give {option} another path")
-        seen.append((option, path, "writes"))
+            if folder and _inside(earlier, path):
+                raise click.UsageError(f"the {option} folder {path} contains {other} {earlier}: writing {option} "
+                                       f"could overwrite what {other} {role}; give {option} a folder that does not "
+                                       f"contain it")
+            if other_folder and _inside(path, earlier):
+                raise click.UsageError(f"the {other} folder {earlier} contains {option} {path}: writing {other} "
+                                       f"could overwrite what {option} writes; give {option} a path outside it")
+        seen.append((option, path, "writes", folder))
 
 
 def on_command_line(name: str) -> bool:

@@ -143,13 +143,14 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
     if diffusers_dir:
         _export_diffusers(ckpt, diffusers_dir)
         return
-    refuse_same_path({"--out": out, "--web": web_dir}, {"--ckpt": ckpt, "--data": data, "--ort-web": ort_web})
+    refuse_same_path({"--out": out, "--web": web_dir}, {"--ckpt": ckpt, "--data": data, "--ort-web": ort_web},
+                     folders=("--out", "--web"))
     for folder, option in ((out, "--out"), (web_dir, "--web")):
         if folder:
             check_output(folder, option, folder=True)
     needs_torch("export")
     from . import api
-    from .export.chain import check_trt, export_folder, write_web_page
+    from .export.chain import check_trt, claim_outputs, export_folder, write_web_page
 
     if build_trt:   # fail before the ONNX work if TensorRT cannot run here
         check_trt()
@@ -158,6 +159,7 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
 
         ort_web_tarball(ort_web)
     model = api.load(ckpt)
+    claim_outputs(model, out, web_dir)   # before any work: a folder that may not be replaced is refused
     calibration = _int8_data(data, model.image_shape) if int8 else None
     # gen's defaults (eta 0, the default guidance interval), so that the generator gives gen's digits
     plan = model.plan(sampler, steps, 0.0, "small", spacing, guidance_interval, guidance_rescale=guidance_rescale) \
@@ -188,7 +190,7 @@ def _export_diffusers(ckpt, folder) -> None:
     if given:
         raise click.UsageError(f"--diffusers writes a diffusers folder only, without the ONNX export's "
                                f"{', '.join(given)}; run `ddpm export` twice")
-    refuse_same_path({"--diffusers": folder}, {"--ckpt": ckpt})
+    refuse_same_path({"--diffusers": folder}, {"--ckpt": ckpt}, folders=("--diffusers",))
     check_output(folder, "--diffusers", folder=True)
     needs_torch("export")
     from . import api
@@ -272,7 +274,7 @@ def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance
     if unknown or not names:
         raise click.BadParameter(f"unknown engine(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(ENGINES)}",
                                  param_hint="--engines")
-    refuse_same_path({"--out": out}, {"--ckpt": ckpt})
+    refuse_same_path({"--out": out}, {"--ckpt": ckpt}, folders=("--out",))
     check_output(out, "--out", folder=True)
     if quick:
         given = [opt for opt, param in (("--batch", "batches"), ("--steps", "steps"), ("--repeat", "repeat"))

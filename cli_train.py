@@ -118,7 +118,7 @@ def train(threads, resume, **opts):
       ddpm train --block diffusers --out runs/hub   # then: ddpm export --ckpt runs/hub --diffusers hub
       torchrun --nproc_per_node 2 -m ddpm.cli train --batch 128   # DDP, global batch 128
     """
-    refuse_same_path({"--out": opts["out"]}, {"--init": opts["init"], "--data": opts["data"]})
+    refuse_same_path({"--out": opts["out"]}, {"--init": opts["init"], "--data": opts["data"]}, folders=("--out",))
     check_output(opts["out"], "--out", folder=True)
     # what stops the command before the training loop (which says it itself: train.loop.Checkpoints), e.g. PyTorch's
     # import or the data under a memory limit, or Ctrl-C: the message names the checkpoint on disk
@@ -198,7 +198,8 @@ def distill(threads, resume, guidance_interval, **opts):
       ddpm distill --teacher runs/ddpm --steps-from 16 --steps-to 2 --iters 500 --out runs/d2
       ddpm gen --ckpt runs/distill -n 64                           # the 4-step student, one batch per step
     """
-    refuse_same_path({"--out": opts["out"]}, {"--teacher": opts["init"], "--data": opts["data"]})
+    refuse_same_path({"--out": opts["out"]}, {"--teacher": opts["init"], "--data": opts["data"]},
+                     folders=("--out",))
     check_output(opts["out"], "--out", folder=True)
     with stop_message(lambda: on_disk(opts["out"]), LimitReached):   # as train's
         needs_torch("distill")

@@ -10,6 +10,13 @@ so that `clean_stale`, run by every later write into the same folder, removes ex
 (same host, process no longer alive) or, for another host, that are older than STALE_AFTER; a writer that is still
 running is never disturbed. `check_writable` lets a command refuse an output location before any work.
 
+What a folder output may replace (`claim_dir`, applied by every command that publishes a whole folder: an export
+folder, a web page, the export cache): nothing in it that the command did not write is lost. A missing or empty
+folder is written; a folder of this kind made from the same source (the same weights) is replaced with everything
+the command did not write carried over into its successor (`carry_over`); one made from another source is replaced
+only when it holds nothing but what the command writes; any other non-empty folder is refused. Each kind of folder
+(`FolderKind`) names the file that marks it and the names its command writes.
+
 What an output may replace (`output_path`, applied by every writer here): a file output replaces only a regular file,
 a folder output only a folder. Anything else at the path (a device such as /dev/null, a pipe, a socket, a folder where
 a file is wanted, a file where a folder is wanted, a dangling or looping symbolic link) is refused with OutputError
@@ -45,6 +52,7 @@ import stat
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -418,6 +426,105 @@ def publish_dir(tmp: Path, out: str | os.PathLike, keep: Callable[[Path], bool] 
     _fsync_dir(out.parent)
     shutil.rmtree(aside, ignore_errors=True)
     return True
+
+
+@dataclass(frozen=True)
+class FolderKind:
+    """A folder that one command writes whole and publishes (publish_owned): what `claim_dir` needs to tell its own
+    files from a user's, and to say so in one line."""
+
+    what: str            # what such a folder is, as a message says it: "an export folder"
+    marker: str          # the file that makes a folder one of these: "export.json"
+    other: str           # what a folder of another source holds, as a message says it: "files of other weights"
+    option: str          # the option that names the folder: "--out"
+    written: re.Pattern  # the names the command writes besides the marker, a folder's with a trailing "/"
+    error: type = OutputError   # the DdpmError subclass its refusals raise
+
+    def refuse(self, message: str) -> DdpmError:
+        return self.error(message)
+
+
+def not_written(folder: Path, kind: FolderKind) -> list[str]:
+    """The names in `folder` that the command of `kind` does not write (a user's files and folders), sorted; the
+    marker and the temporaries of writes (is_temporary) are the command's."""
+    def own(e: os.DirEntry) -> bool:
+        name = e.name + ("/" if e.is_dir(follow_symlinks=False) else "")
+        return e.name == kind.marker or is_temporary(e.name) or kind.written.match(name) is not None
+
+    return sorted(e.name for e in os.scandir(folder) if not own(e))
+
+
+def claim_dir(out: str | os.PathLike, kind: FolderKind, same: Callable[[Path], bool | None]) -> bool:
+    """Whether the folder output `out` may be replaced, by the rule of the module docstring; called before any work
+    and again when publishing (publish_owned). Returns True when `out` holds a folder of `kind` from the same source,
+    whose entries the new folder lacks are to be carried over (carry_over); False when there is nothing to keep.
+
+    same(folder): True when the folder is of `kind` and made from the same source, False when it is of `kind` from
+    another source, None when it is not of `kind` (no marker, or a marker that the command did not write). Raises
+    kind.error (OutputError by default; one line naming the folder and what to do) for a non-empty folder that is
+    not of `kind`, or one of another source that holds files the command did not write; OutputError for a path that
+    is not a folder (output_path)."""
+    out = output_path(out, folder=True)
+    try:
+        entries = [e.name for e in os.scandir(out) if not is_temporary(e.name)]
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise _output_error(out, e) from None
+    if not entries:
+        return False
+    verdict = same(out)
+    if verdict is None:
+        why = f"its {kind.marker} was not written by ddpm" if os.path.lexists(out / kind.marker) else \
+            f"no {kind.marker}"
+        raise kind.refuse(f"{out} is a folder but not {kind.what} ({why}), and writing {kind.option} replaces what "
+                          f"is there: give another {kind.option}, or remove it")
+    if verdict:
+        return True
+    foreign = not_written(out, kind)
+    if foreign:   # what the folder holds would be replaced: only the command's own files of another source may be
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise kind.refuse(f"{out} holds {kind.other} and files ddpm did not write ({shown}); choose another "
+                          f"{kind.option} or empty it")
+    return False
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:   # another file system, or links not allowed there
+        shutil.copy2(src, dst)
+
+
+def carry_over(old: Path, tmp: Path, kind: FolderKind) -> None:
+    """Put into tmp everything of the folder `old` that tmp does not have yet (files as hard links where possible,
+    else copies; folders as trees of those; symbolic links as links), except the marker (tmp's is written afresh,
+    and writing through a hard link would change the old folder's in place) and the temporaries of writes:
+    publishing tmp must not lose what the folder held. Raises kind.error on a special file (a pipe, a socket, a
+    device), which cannot be carried over."""
+    for e in os.scandir(old):
+        src, dst = Path(e.path), tmp / e.name
+        if e.name == kind.marker or is_temporary(e.name) or os.path.lexists(dst):
+            continue
+        if e.is_symlink():
+            os.symlink(os.readlink(src), dst)
+        elif e.is_dir():
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        elif e.is_file():
+            _link_or_copy(src, dst)
+        else:
+            raise kind.refuse(f"{src} is not a file or folder, and writing {kind.option} replaces {old}: move it "
+                              f"elsewhere")
+
+
+def publish_owned(tmp: Path, out: str | os.PathLike, kind: FolderKind, same: Callable[[Path], bool | None],
+                  keep: Callable[[Path], bool] | None = None) -> bool:
+    """publish_dir for a folder output of `kind`: `out` is claimed again (claim_dir: it may have changed while tmp
+    was built), what it holds that tmp lacks is carried over when it is of the same source (carry_over), then tmp is
+    renamed in. keep, the return value and the errors: as publish_dir's and claim_dir's."""
+    if claim_dir(out, kind, same):
+        carry_over(output_path(out, folder=True), tmp, kind)
+    return publish_dir(tmp, out, keep)
 
 
 @contextmanager

@@ -14,12 +14,36 @@ needs no lock (every file and export.json are replaced atomically).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from ..errors import DdpmError
+from ..files import FolderKind
 from ..runtime.bundle import META_FILE, Bundle, ExportError, plan_names
+
+# An export folder as a folder output (files.claim_dir), for every writer of one (onnx_export.export, _seed): besides
+# export.json, ddpm export writes the models, the generators (export/generator.py), TensorRT engines and their records
+# (runtime/trt.py) and the timing cache (export/trt.py); anything else in it is a user's.
+EXPORT_FOLDER = FolderKind("an export folder", META_FILE, "files of other weights", "--out", re.compile(
+    r"^(model(_fp16|_int8)?\.onnx|generator-.+\.onnx|.+\.plan(\.json)?|timing\.cache)$"))
+
+
+def same_weights(weights_hash: str | None) -> Callable[[Path], bool | None]:
+    """files.claim_dir's `same` for an export folder: None without export.json, True for a valid export of these
+    weights (of any weights for None), False for another (other weights, or an export.json that does not load)."""
+    def same(root: Path) -> bool | None:
+        if not (root / META_FILE).is_file():
+            return None
+        try:
+            Bundle.load(root, expected_hash=weights_hash)
+        except ExportError:
+            return False
+        return True
+
+    return same
 
 
 def shipped_dir() -> Path:
@@ -187,9 +211,11 @@ def generator_bundle(model, plan, form: str = "loop", log=None) -> Bundle:
 
 def _seed(source: Bundle, folder: Path) -> None:
     """Make `folder` an export folder with the files of `source` (hard links where possible), published by one
-    rename (files.publish_dir)."""
-    from ..files import publish_dir, temp_dir
+    rename (files.publish_owned: what a user put into `folder` is kept, or the folder refused)."""
+    from ..files import claim_dir, publish_owned, temp_dir
 
+    same = same_weights(source.meta["checkpoint_hash"])
+    claim_dir(folder, EXPORT_FOLDER, same)
     tmp = temp_dir(folder)
     try:
         for f in source.root.iterdir():
@@ -198,7 +224,7 @@ def _seed(source: Bundle, folder: Path) -> None:
                     os.link(f, tmp / f.name)
                 except OSError:   # another file system, or links not allowed there
                     shutil.copyfile(f, tmp / f.name)
-        publish_dir(tmp, folder)
+        publish_owned(tmp, folder, EXPORT_FOLDER, same)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

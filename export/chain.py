@@ -23,6 +23,19 @@ def check_trt() -> None:
         raise DdpmError(str(e)) from None
 
 
+def claim_outputs(model, out: str | Path | None = None, web: str | Path | None = None) -> None:
+    """Refuse, before any work, an export folder `out` (default: the cache folder of `model`'s weights) or a page
+    folder `web` that the export of `model` (api.Model) may not replace (files.claim_dir: a non-empty folder that
+    is not one of these, or one of other weights holding files ddpm did not write). Raises DdpmError (one line)."""
+    from ..files import claim_dir
+    from .cache import EXPORT_FOLDER, cache_folder, same_weights
+    from .web import claim_page
+
+    claim_dir(out or cache_folder(model.hash), EXPORT_FOLDER, same_weights(model.hash))
+    if web is not None:
+        claim_page(web, model.hash)
+
+
 def export_folder(model, out: str | Path | None = None, fp16: bool = False, opset: int = 17, plan=None,
                   form: str = "loop", trt_batches: tuple[int, int] | None = None, log=print, int8=None) -> Bundle:
     """Export `model` (api.Model with a checkpoint) into `out` (default: its weights' cache folder, where gen and

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -20,10 +18,11 @@ import numpy as np
 import torch
 
 from ..errors import DdpmError
-from ..files import OutputError, disk_full, is_temporary, no_space, publish_dir, readable_name, temp_dir
+from ..files import claim_dir, disk_full, no_space, publish_owned, readable_name, temp_dir
 from ..model.io import LoadedModel, copy_to, require_onnx
 from ..runtime.bundle import EXPORT_FORMAT, META_FILE, file_sha256
 from ..runtime.schedule import Schedule
+from .cache import EXPORT_FOLDER, same_weights
 
 INPUTS, OUTPUT = ("x", "t", "y"), "eps"
 FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
@@ -149,7 +148,7 @@ class ExportResult:
 
 def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int = 17, log=print,
            replace: bool = True, int8=None) -> ExportResult:
-    """checkpoint -> ONNX fp32 (+ fp16, + int8) -> verified -> metadata -> renamed into `out` (files.publish_dir).
+    """checkpoint -> ONNX fp32 (+ fp16, + int8) -> verified -> metadata -> renamed into `out` (files.publish_owned).
 
     int8: the MNIST digits to calibrate an int8 model on, (images (N,H,W) uint8, labels (N,) int64, a name for
     export.json), or None for no int8 model (export/int8.py; an int8 model the folder holds at this opset is kept).
@@ -159,21 +158,15 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
     TensorRT engines, which check the ONNX file they were built from) carried over; at another opset every
     precision it had is exported again; everything else it holds (files and folders that ddpm export did not write
     included) is carried over too. An `out` of other weights (or whose export.json does not load) is replaced, and
-    only if it holds nothing but what ddpm export writes (_not_written). replace=False: if `out` already holds these
-    precisions (another process exported them first), it is left as it is. Raises ExportFailed (verification),
-    files.OutputError (`out` not writable, a folder that is not an export, or one of other weights that holds files
-    ddpm did not write: it would replace them), TorchMissing (no onnx package)."""
+    only if it holds nothing but what ddpm export writes (files.claim_dir, cache.EXPORT_FOLDER). replace=False: if
+    `out` already holds these precisions (another process exported them first), it is left as it is. Raises
+    ExportFailed (verification), files.OutputError (`out` not writable, a folder that is not an export, or one of
+    other weights that holds files ddpm did not write: it would replace them), TorchMissing (no onnx package)."""
     onnx = require_onnx("exporting to ONNX")
     out = Path(out)
-    if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
-        raise OutputError(f"{out} is a folder but not an export folder (no {META_FILE}), and an export replaces what "
-                          f"is there: give another --out, or remove it")
+    same = same_weights(loaded.hash)
+    claim_dir(out, EXPORT_FOLDER, same)   # before any work: a folder it may not replace is refused
     old = _holds(out, loaded.hash, [])
-    foreign = _not_written(out) if old is None and out.is_dir() else []
-    if foreign:   # what the folder holds would be replaced: only ddpm's own files of other weights may be
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise OutputError(f"{out} holds files of other weights and files ddpm did not write ({shown}); choose "
-                          f"another --out or empty it")
     wanted = ["fp32"] + (["fp16"] if fp16 else []) + (["int8"] if int8 is not None else [])
     kept = {}
     if old is not None:
@@ -209,12 +202,11 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
             _embed_metadata(tmp / f["name"], meta)
             f["sha256"] = file_sha256(tmp / f["name"])
             f["bytes"] = (tmp / f["name"]).stat().st_size
-        if old is not None:   # what the folder holds besides what was made now: kept (hard links where possible)
-            _carry_over(out, tmp)
-            if old.get("generators"):
-                meta["generators"] = old["generators"]
+        if old is not None and old.get("generators"):   # carried over with the rest of the folder (publish_owned)
+            meta["generators"] = old["generators"]
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        if not publish_dir(tmp, out, keep=None if replace else lambda p: _holds(p, loaded.hash, list(files))):
+        keep = None if replace else lambda p: _holds(p, loaded.hash, list(files))
+        if not publish_owned(tmp, out, EXPORT_FOLDER, same, keep):
             return ExportResult(out, _holds(out, loaded.hash, list(files)))
         return ExportResult(out, meta)
     except BaseException as e:
@@ -241,41 +233,3 @@ def _int8(loaded: LoadedModel, fp32: Path, path: Path, data, log) -> dict:
     except Int8Failed as e:
         raise ExportFailed(str(e)) from None
     return {"name": path.name, **rec}
-
-
-# what `ddpm export` writes into an export folder besides export.json: the models, the generators
-# (export/generator.py), TensorRT engines and their records (runtime/trt.py) and the timing cache (export/trt.py)
-_WRITTEN = re.compile(r"^(model(_fp16|_int8)?\.onnx|generator-.+\.onnx|.+\.plan(\.json)?|timing\.cache)$")
-
-
-def _not_written(folder: Path) -> list[str]:
-    """The names in `folder` that ddpm export does not write (a user's files and folders), sorted."""
-    return sorted(e.name for e in os.scandir(folder)
-                  if not (e.name == META_FILE or is_temporary(e.name) or _WRITTEN.match(e.name) and e.is_file()))
-
-
-def _link_or_copy(src, dst) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:   # another file system, or links not allowed there
-        shutil.copy2(src, dst)
-
-
-def _carry_over(old: Path, tmp: Path) -> None:
-    """Put into tmp everything of the export folder `old` that tmp does not have yet (files as hard links where
-    possible, else copies; folders as trees of those; symbolic links as links), except export.json (tmp's is written
-    afresh, and writing through a hard link would change the old folder's in place) and the temporaries of writes
-    (files.is_temporary): publishing tmp must not lose what the folder held. Raises OutputError on a special file
-    (a pipe, a socket, a device), which cannot be carried over."""
-    for e in os.scandir(old):
-        src, dst = Path(e.path), tmp / e.name
-        if e.name == META_FILE or is_temporary(e.name) or os.path.lexists(dst):
-            continue
-        if e.is_symlink():
-            os.symlink(os.readlink(src), dst)
-        elif e.is_dir():
-            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
-        elif e.is_file():
-            _link_or_copy(src, dst)
-        else:
-            raise OutputError(f"{src} is not a file or folder, and an export replaces {old}: move it elsewhere")

@@ -25,14 +25,16 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from ..errors import DdpmError
-from ..files import input_path, publish_dir, temp_dir
+from ..files import FolderKind, claim_dir, input_path, publish_owned, temp_dir
 from ..runtime.bundle import Bundle
 
 ORT_WEB = {
@@ -44,11 +46,44 @@ ORT_FILES = ("dist/ort.wasm.min.mjs", "dist/ort-wasm-simd-threaded.mjs", "dist/o
              "package.json")
 PAGE_FILES = ("index.html", "app.mjs", "noise.mjs")
 PAGE_SRC = Path(__file__).with_name("page")
-MARKER = "model.json"   # a folder with it is a page this command wrote, and may be replaced
+MARKER = "model.json"   # a folder with the model.json of write_page (_page_of) is a page this command wrote
+MARKER_KEYS = ("checkpoint_hash", "generator_sha256", "onnxruntime_web")
+MARKER_MAX_BYTES = 1 << 20   # a page's model.json is under 1 KB: a larger one is not read, and not a page's
 
 
 class WebExportError(DdpmError):
     """The page cannot be written; the message says why and what to do."""
+
+
+# the page as a folder output (files.claim_dir): what write_page writes besides model.json; anything else is a user's
+PAGE = FolderKind("a page written by `ddpm export --web`", MARKER, "a page of other weights", "--web",
+                  re.compile(r"^(index\.html|app\.mjs|noise\.mjs|generator\.onnx|ort/)$"), WebExportError)
+
+
+def _page_of(checkpoint_hash: str) -> Callable[[Path], bool | None]:
+    """files.claim_dir's `same` for a page folder: None when its model.json is missing or not one write_page wrote
+    (not a JSON object with MARKER_KEYS, larger than MARKER_MAX_BYTES, not a regular file), else whether its page is
+    of the weights `checkpoint_hash`."""
+    def same(folder: Path) -> bool | None:
+        try:
+            path = input_path(folder / MARKER, WebExportError)
+            if path.stat().st_size > MARKER_MAX_BYTES:
+                return None
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (WebExportError, OSError, ValueError):   # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            return None
+        if not isinstance(record, dict) or not all(k in record for k in MARKER_KEYS):
+            return None
+        return record["checkpoint_hash"] == checkpoint_hash
+
+    return same
+
+
+def claim_page(out: str | Path, checkpoint_hash: str) -> None:
+    """Refuse, before any work, a folder that a page of the weights `checkpoint_hash` may not replace
+    (files.claim_dir, PAGE): a non-empty folder that is not a page, or a page of other weights holding files
+    write_page does not write. Raises WebExportError, files.OutputError (a path that is not a folder)."""
+    claim_dir(out, PAGE, _page_of(checkpoint_hash))
 
 
 # The first `npm pack` try: long enough for the 30 MB tarball on a slow link, short enough to say at once that a
@@ -203,13 +238,14 @@ def write_page(bundle: Bundle, out: str | Path, guidance: float, gen_options: st
     """Write the page for the export folder's generator into `out` (module docstring).
 
     guidance: the page's default w; gen_options: the `ddpm gen` options of the generator's plan (shown with the
-    equivalent command). The folder is built beside `out` and renamed into place; an existing `out` is replaced only
-    when it is empty or a page this function wrote (it has model.json). plan_key: the generator's plan
-    (runtime.runner.plan_key; None: the folder's first generator). Raises WebExportError, ExportError.
+    equivalent command). The folder is built beside `out` and renamed into place (files.publish_owned): an existing
+    `out` is replaced only when it is empty or a page this function wrote; what a page of the same weights holds
+    besides the page's own files is carried over, and a page of other weights that holds such files is refused
+    (claim_page). plan_key: the generator's plan (runtime.runner.plan_key; None: the folder's first generator).
+    Raises WebExportError, ExportError, files.OutputError (a path that is not a folder).
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
-        raise WebExportError(f"{out} exists and is not a page written by `ddpm export --web`; choose another folder")
+    claim_page(out, bundle.meta["checkpoint_hash"])
     gen_path = bundle.generator_path(plan_key)
     tarball = ort_web_tarball(ort_tarball, log)
     tmp = temp_dir(out)   # tagged: a killed write's folder is removed by the next one (files.clean_stale)
@@ -224,7 +260,8 @@ def write_page(bundle: Bundle, out: str | Path, guidance: float, gen_options: st
                  "null_label": meta["null_label"], "checkpoint_hash": meta["checkpoint_hash"],
                  "generator_sha256": gen["sha256"], "onnxruntime_web": ORT_WEB}
         (tmp / MARKER).write_text(json.dumps(model, indent=1) + "\n")
-        publish_dir(tmp, out)   # the old page is moved aside only now that the new one is complete
+        # the old page is moved aside only now that the new one is complete
+        publish_owned(tmp, out, PAGE, _page_of(meta["checkpoint_hash"]))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
