@@ -264,7 +264,7 @@ def read_info(path) -> tuple[ModelConfig, str, dict, Path]:
     model.io.read_model_info. The hash covers the UNet config, the ModelConfig (with its schedule) and the weights,
     so that the export cache (export/cache.py, one folder per hash) keeps this model apart from every other.
     info["schedule_source"]: the scheduler config read, or "DDPM defaults"; a notice line says so on stderr (once
-    per folder and process). Raises DiffusersError."""
+    per folder, source and process). Raises DiffusersError."""
     root = Path(path)
     unet_dir, sched_path, declaration = locate(root)
     unet = _json(unet_dir / UNET_CONFIG)
@@ -285,8 +285,8 @@ def read_info(path) -> tuple[ModelConfig, str, dict, Path]:
 
 
 def _notice(root: Path, sched_path: Path | None, sched: dict) -> None:
-    """One line on stderr, once per folder and process: where the schedule came from."""
-    key = str(root.resolve())
+    """One line on stderr, once per folder, schedule source and process: where the schedule came from."""
+    key = (str(root.resolve()), str(sched_path))
     if key in _noticed:
         return
     _noticed.add(key)
