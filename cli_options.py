@@ -158,7 +158,8 @@ def add_options(f, opts):
 
 def model_option(f):
     return click.option("--ckpt", type=click.Path(), default=None,
-                        help="Checkpoint: model.safetensors, ckpt.pt or a run folder [default: the shipped model].")(f)
+                        help="Checkpoint: model.safetensors, ckpt.pt, a run folder or a diffusers pipeline folder "
+                             "(docs/diffusers.md) [default: the shipped model].")(f)
 
 
 def solver_options(defaults: Sampling = DEFAULT, steps_help: str = "Network calls per sample [default: 50 for "

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import brief
-from ..runtime.schedule import MAX_T, PREDICTIONS
-from ..schema import Bool, Int, List, Num, Schema, Str
+from ..runtime.schedule import MAX_T, PREDICTIONS, RECIPES
+from ..schema import Bool, Int, List, Num, Opt, Schema, Str
 
 
 @dataclass(frozen=True)
@@ -21,10 +21,15 @@ class ModelConfig:
     num_classes: int = 10                # class labels 0..num_classes-1; index num_classes means "no label"
     dropout: float = 0.0                 # dropout inside residual blocks (training only)
     groups: int = 8                      # GroupNorm groups
-    schedule: str = "linear"             # beta schedule the network was trained with: linear | cosine
+    schedule: str = "linear"             # beta recipe the network was trained with (runtime.schedule.RECIPES)
     timesteps: int = 1000                # T, number of diffusion steps
     prediction: str = "eps"              # the network's output: eps (the noise) or v (Salimans & Ho 2022)
     block: str = "ddpm"                  # residual block: ddpm | diffusers (SiLU on the embedding first; BLOCKS)
+    beta_range: tuple[float, float] | None = None   # (beta_start, beta_end) of linear/scaled_linear; None: DDPM's
+    betas: tuple[float, ...] | None = field(default=None, repr=False)   # beta_t of the "table" schedule (T of them)
+    network: str = "ddpm"                # the network: ddpm (model.unet.UNet) | diffusers (a UNet2DModel imported
+                                         # from a diffusers folder, model/diffusers.py: the fields above base_channels
+                                         # .. groups do not describe it)
 
     @property
     def null_label(self) -> int:
@@ -53,8 +58,9 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config fields: {brief(sorted(map(str, unknown)))}")
         d = dict(d)
-        if isinstance(d.get("channel_mults"), list):   # JSON's list -> the field's tuple; nothing converted: the
-            d["channel_mults"] = tuple(d["channel_mults"])   # types are validate()'s to check (1.9 is no int)
+        for k in ("channel_mults", "beta_range", "betas"):   # JSON's list -> the field's tuple; nothing converted:
+            if isinstance(d.get(k), list):                     # the types are validate()'s to check (1.9 is no int)
+                d[k] = tuple(d[k])
         return cls(**d)
 
     def validate(self) -> "ModelConfig":
@@ -62,6 +68,17 @@ class ModelConfig:
         size of a network over MAX_PARAMS parameters or MAX_ACTIVATION_BYTES of activations per image (checked from
         the config alone, before anything is built)."""
         CONFIG.check(self.to_dict(), "model config", ValueError)
+        if self.schedule not in RECIPES:
+            raise ValueError(f"unknown schedule {self.schedule!r} ({', '.join(RECIPES)})")
+        if self.timesteps < 2:
+            raise ValueError("timesteps must be >= 2")
+        from ..runtime.schedule import make_betas
+
+        make_betas(self.schedule, self.timesteps, self.beta_range, self.betas)   # the recipe is complete
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r} ({' or '.join(PREDICTIONS)})")
+        if self.network != "ddpm":   # another network's architecture is its own file's (checked where it is read)
+            return self
         if self.base_channels % 2:
             raise ValueError(f"base_channels must be even (the sinusoidal timestep embedding), got "
                              f"{self.base_channels}")
@@ -70,18 +87,12 @@ class ModelConfig:
         for c in {self.base_channels * m for m in self.channel_mults}:
             if c % self.groups:
                 raise ValueError(f"{c} channels are not divisible into {self.groups} GroupNorm groups")
-        if self.schedule not in ("linear", "cosine"):
-            raise ValueError(f"unknown schedule {self.schedule!r} (linear or cosine)")
-        if self.timesteps < 2:
-            raise ValueError("timesteps must be >= 2")
         if param_count(self) > MAX_PARAMS:
             raise ValueError(f"a network of {param_count(self) / 1e6:.0f} M parameters, more than the "
                              f"{MAX_PARAMS / 1e6:.0f} M a model may have here")
         if activation_bytes(self) > MAX_ACTIVATION_BYTES:
             raise ValueError(f"a network that needs {activation_bytes(self) >> 20} MiB of activations per image, more "
                              f"than the {MAX_ACTIVATION_BYTES >> 20} MiB a model may need here")
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {self.prediction!r} ({' or '.join(PREDICTIONS)})")
         if self.block not in BLOCKS:
             raise ValueError(f"unknown block {self.block!r} ({' or '.join(BLOCKS)})")
         return self
@@ -95,7 +106,8 @@ BLOCKS = ("ddpm", "diffusers")
 
 
 # Fields added after files were first written, with the value their absence means; to_dict leaves them out at it.
-LATER_FIELDS = {"prediction": "eps", "block": "ddpm"}
+LATER_FIELDS = {"prediction": "eps", "block": "ddpm", "beta_range": None, "betas": None, "network": "ddpm"}
+NETWORKS = ("ddpm", "diffusers")
 
 
 # The largest network a config may describe, checked before anything is built from it: far above the `large`
@@ -110,8 +122,11 @@ CONFIG = Schema("model config", {
     "image_size": Int(min=1, max=1024), "in_channels": Int(min=1, max=64), "base_channels": Int(min=2, max=4096),
     "channel_mults": List(Int(min=1, max=64), min_len=1), "num_res_blocks": Int(min=0, max=32), "attention": Bool(),
     "num_classes": Int(min=1, max=100_000), "dropout": Num(min=0, max=1, max_open=True), "groups": Int(min=1),
-    "schedule": Str(choices=("linear", "cosine")), "timesteps": Int(min=2, max=MAX_T),
-}, optional={"prediction": Str(choices=PREDICTIONS), "block": Str(choices=BLOCKS)})
+    "schedule": Str(choices=RECIPES), "timesteps": Int(min=2, max=MAX_T),
+}, optional={"prediction": Str(choices=PREDICTIONS), "block": Str(choices=BLOCKS),
+             "beta_range": Opt(List(Num(min=0, max=1, min_open=True, max_open=True), length=2)),
+             "betas": Opt(List(Num(min=0, max=1, min_open=True, max_open=True), min_len=2)),
+             "network": Str(choices=NETWORKS)})
 
 
 def _res_block_params(cin: int, cout: int, emb: int) -> int:

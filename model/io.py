@@ -353,8 +353,13 @@ def read_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
 
 
 def read_model_info(path: str | os.PathLike) -> tuple[ModelConfig, str, dict, Path]:
-    """(config, weights_hash, info, file) of a model without PyTorch where possible (model.safetensors is read with
-    numpy; a ckpt.pt needs PyTorch). Raises CheckpointError, TorchMissing."""
+    """(config, weights_hash, info, file) of a model without PyTorch where possible (model.safetensors and a diffusers
+    folder, model/diffusers.py, are read with numpy; a ckpt.pt needs PyTorch). Raises CheckpointError,
+    TorchMissing."""
+    from . import diffusers
+
+    if diffusers.is_diffusers_folder(path):
+        return diffusers.read_info(path)
     path = resolve_model_path(path)
     if path.suffix == ".safetensors":
         meta, state = _read_safetensors(path, "np")
@@ -367,7 +372,12 @@ def read_model_info(path: str | os.PathLike) -> tuple[ModelConfig, str, dict, Pa
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
-    """The model of a model.safetensors, ckpt.pt or run folder, on the CPU in fp32 (needs PyTorch)."""
+    """The model of a model.safetensors, ckpt.pt, run folder or diffusers folder (model/diffusers.py: needs diffusers
+    too), on the CPU in fp32 (needs PyTorch)."""
+    from . import diffusers
+
+    if diffusers.is_diffusers_folder(path):
+        return diffusers.load(path)
     cfg, state, info = read_weights(path)
     from .unet import UNet
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..errors import DdpmError, brief, clip
 from ..files import input_path
 from ..schema import Any, Const, Int, List, Map, Num, Obj, Opt, Schema, Str
-from .schedule import MAX_T, Schedule
+from .schedule import MAX_T, RECIPES, Schedule
 
 EXPORT_FORMAT = "ddpm-export"
 EXPORT_VERSION = 1   # export.json's "version": what this runtime reads (export/onnx_export.py writes it)
@@ -63,7 +63,7 @@ META = Schema("ddpm export metadata (export.json)", {
     "image_shape": List(Int(min=1), length=3),
     "num_classes": Int(min=1),
     "null_label": Int(min=0),
-    "schedule": Str(choices=("linear", "cosine")),
+    "schedule": Str(choices=RECIPES),
     "T": Int(min=2, max=MAX_T, dim="T"),
     "betas": List(Num(min=0, max=1, min_open=True), length="T"),
     "alphas_cumprod": List(Num(min=0, max=1, min_open=True), length="T"),
@@ -339,7 +339,7 @@ class Bundle:
         # of the config's schedule. Checked, not recomputed: an edited table is a damaged folder, said so, never used
         from .schedule import make_betas
 
-        betas = make_betas(cfg.schedule, cfg.timesteps)
+        betas = make_betas(cfg.schedule, cfg.timesteps, cfg.beta_range, cfg.betas)
         import numpy as np
 
         for k, v in (("betas", betas), ("alphas_cumprod", np.cumprod(1.0 - betas))):
@@ -365,7 +365,8 @@ class Bundle:
 
     @property
     def schedule(self) -> Schedule:
-        return Schedule.from_betas(self.meta["schedule"], self.meta["betas"], self.config.prediction)
+        """The schedule of the exported model's config (its tables checked against export.json's when loaded)."""
+        return Schedule.of(self.config)
 
     @property
     def null_label(self) -> int:

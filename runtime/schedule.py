@@ -12,19 +12,51 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCHEDULES = ("linear", "cosine")
+SCHEDULES = ("linear", "cosine")   # what `ddpm train` offers
+# every beta recipe a model may name (make_betas): SCHEDULES, and those of diffusers' schedulers a model imported from
+# a diffusers folder may have (model/diffusers.py)
+RECIPES = SCHEDULES + ("scaled_linear", "table")
 MAX_T = 100_000   # diffusion steps: the tables are 13 float64 arrays of T (10 MB at this T; this project uses 1000)
 # What the network predicts: the noise eps (Ho et al. 2020) or the velocity v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0
 # (Salimans & Ho 2022, "Progressive Distillation", sec. 4 and appendix D).
 PREDICTIONS = ("eps", "v")
 
 
-def make_betas(name: str, T: int) -> np.ndarray:
-    if name == "linear":
+def make_betas(name: str, T: int, beta_range: tuple[float, float] | None = None, betas=None) -> np.ndarray:
+    """beta_t, t = 0..T-1, float64, of the schedule `name` (RECIPES):
+
+        linear         beta_range None: DDPM's 1e-4 .. 0.02, rescaled by 1000/T; else (beta_start, beta_end) as given
+        scaled_linear  sqrt(beta) linear from sqrt(beta_start) to sqrt(beta_end) (diffusers' "scaled_linear")
+        cosine         Nichol & Dhariwal 2021 (diffusers' "squaredcos_cap_v2")
+        table          `betas` themselves (diffusers' trained_betas)
+
+    ValueError for an unknown name, or a recipe without what it needs (a table of T betas in (0, 1); scaled_linear
+    needs beta_range)."""
+    if name == "table":
+        b = np.asarray(betas if betas is not None else [], dtype=np.float64)
+        if b.shape != (T,) or not ((b > 0) & (b < 1)).all():
+            raise ValueError(f"a table schedule needs {T} betas in (0, 1)")
+        return b.copy()
+    if betas is not None:
+        raise ValueError(f"betas are given for the {name!r} schedule; only a table schedule takes them")
+    if name == "linear" and beta_range is None:
         # DDPM paper section 4: beta linear from 1e-4 to 0.02 over T=1000 steps (rescaled by 1000/T for other T,
         # as in Nichol & Dhariwal 2021, and clipped at 0.999 so that abar_t never reaches 0 for tiny T).
         scale = 1000.0 / T
         return np.clip(np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64), 0.0, 0.999)
+    if name in ("linear", "scaled_linear"):
+        if beta_range is None:
+            raise ValueError(f"the {name} schedule needs beta_range (beta_start, beta_end)")
+        lo, hi = (float(v) for v in beta_range)
+        if not (0 < lo < 1 and 0 < hi < 1):
+            raise ValueError(f"beta_range must lie in (0, 1), got {lo:g}, {hi:g}")
+        # diffusers' DDPMScheduler: linspace(beta_start, beta_end, T), or for scaled_linear
+        # linspace(sqrt(beta_start), sqrt(beta_end), T)^2 (Stable Diffusion's schedule); not rescaled with T
+        if name == "linear":
+            return np.linspace(lo, hi, T, dtype=np.float64)
+        return np.linspace(math.sqrt(lo), math.sqrt(hi), T, dtype=np.float64) ** 2
+    if beta_range is not None:
+        raise ValueError(f"beta_range is given for the {name!r} schedule, which does not use it")
     if name == "cosine":
         # Nichol & Dhariwal 2021 eq. 17: abar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2), s = 0.008;
         # beta_t = 1 - abar_t / abar_{t-1}, clipped at 0.999.
@@ -32,7 +64,7 @@ def make_betas(name: str, T: int) -> np.ndarray:
         steps = np.arange(T + 1, dtype=np.float64) / T
         f = np.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
         return np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
-    raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
+    raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(RECIPES)}")
 
 
 @dataclass(frozen=True)
@@ -54,14 +86,16 @@ class Schedule:
     prediction: str = "eps"                    # the network's output: eps or v (PREDICTIONS)
 
     @classmethod
-    def make(cls, name: str = "linear", T: int = 1000, prediction: str = "eps") -> "Schedule":
-        """The tables of the beta schedule `name` (SCHEDULES) with T steps, for a network that predicts
-        `prediction` (PREDICTIONS). ValueError for T outside 2..MAX_T or an unknown name or prediction."""
+    def make(cls, name: str = "linear", T: int = 1000, prediction: str = "eps",
+             beta_range: tuple[float, float] | None = None, betas=None) -> "Schedule":
+        """The tables of the beta schedule `name` (RECIPES; beta_range, betas: make_betas) with T steps, for a
+        network that predicts `prediction` (PREDICTIONS). ValueError for T outside 2..MAX_T, an unknown name or
+        prediction, or a recipe make_betas refuses."""
         if not 2 <= T <= MAX_T:
             raise ValueError(f"T must be in 2..{MAX_T}, got {T}")
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
-        betas = make_betas(name, T)
+        betas = make_betas(name, T, beta_range, betas)
         alphas = 1.0 - betas
         ac = np.cumprod(alphas)
         ac_prev = np.append(1.0, ac[:-1])
@@ -79,9 +113,9 @@ class Schedule:
 
     @classmethod
     def of(cls, cfg) -> "Schedule":
-        """The schedule a model was trained with: its config's (model.config.ModelConfig) schedule, T and
-        prediction."""
-        return cls.make(cfg.schedule, cfg.timesteps, cfg.prediction)
+        """The schedule a model was trained with: its config's (model.config.ModelConfig) schedule, T, prediction
+        and beta recipe (beta_range, betas)."""
+        return cls.make(cfg.schedule, cfg.timesteps, cfg.prediction, cfg.beta_range, cfg.betas)
 
     @classmethod
     def from_betas(cls, name: str, betas, prediction: str = "eps") -> "Schedule":

@@ -1,0 +1,311 @@
+"""A diffusers folder deployed with this toolkit (model/diffusers.py), against diffusers' own schedulers.
+
+Tiny random UNet2DModels saved by `save_pretrained` (1x28x28 unconditional, 1x28x28 class-conditional with a
+declared null class, 3x32x32 unconditional) are loaded with `ddpm.load`; the runtime's DDIM (eta 0) and DDPM (the
+same noise fed to both) must give the images of diffusers' DDIMScheduler / DDPMScheduler loops run on the same
+UNet from the same x_T, on every CPU engine. Measured (diffusers 0.42.1, torch 2.13 CPU, onnxruntime 1.32; T = 100,
+DDIM-10 trailing; T = 20 for DDPM; these cases with their differences printed): DDIM max abs difference 1.7e-6 over the
+three models, guided and not, on torch, runtime-torch and onnx (x in [-1, 1]); DDPM 6.9e-6 (6.9e-5 at T = 100);
+the generator's uint8 images equal diffusers' rounded ones. The tolerances below (1e-5 DDIM, 1e-4 DDPM, 1 grey
+level for the generator) are those figures with a margin for other CPUs' float32 kernels.
+
+diffusers' DDIM is run with use_clipped_model_output=True: with clip_sample (its default) it then steps with the noise
+consistent with the clipped x0_hat, as the runtime does (runtime.samplers.ddim_plan); DDIMPipeline's default steps
+with the unclipped eps instead, which differs wherever the clip acts. The grid is "trailing": diffusers' DDIM steps
+from t to t - T/steps, which is the next grid point for trailing (and leading) spacing but not for linspace.
+"""
+
+import json
+import shutil
+import sys
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+import ddpm
+from ddpm.errors import DdpmError
+from ddpm.export.cache import cache_folder
+from ddpm.model.diffusers import DiffusersMissing
+from ddpm.model.io import default_model_path, load_model, read_model_info
+from ddpm.runtime.bundle import META_FILE, Bundle, ExportError
+from ddpm.runtime.schedule import Schedule
+from helpers import invoke, slow_except
+
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel   # the `test` extra
+from diffusers.schedulers import scheduling_ddpm
+
+T, STEPS, DDPM_T, B = 100, 10, 20, 3
+DDIM_TOL, DDPM_TOL, GREY_TOL = 1e-5, 1e-4, 1
+KINDS = {"uncond28": ((1, 28, 28), None), "cond28": ((1, 28, 28), 11), "rgb32": ((3, 32, 32), None)}
+
+
+def tiny_unet(shape, classes=None, seed=0) -> UNet2DModel:
+    """A UNet2DModel of (8, 16) channels whose weights are perturbed, so that t and y visibly matter."""
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=shape[1], in_channels=shape[0], out_channels=shape[0], block_out_channels=(8, 16),
+                       layers_per_block=1, norm_num_groups=4, attention_head_dim=8, num_class_embeds=classes,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return unet.eval()
+
+
+def save(folder, unet, **scheduler):
+    """A DDPMPipeline folder of `unet` with a DDPMScheduler of these settings (T by default); a class-conditional
+    one declares its last class as the null class (ddpm.json)."""
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**{"num_train_timesteps": T, **scheduler})).save_pretrained(folder)
+    if unet.config.num_class_embeds:
+        (folder / "ddpm.json").write_text(json.dumps({"null_class": unet.config.num_class_embeds - 1}))
+    return folder
+
+
+def variant(src, dst, unet_config=None, **scheduler):
+    """A copy of the folder `src` with these scheduler config (and unet config) entries changed (None: removed)."""
+    shutil.copytree(src, dst)
+    for path, changes in ((dst / "scheduler" / "scheduler_config.json", scheduler),
+                          (dst / "unet" / "config.json", unet_config or {})):
+        d = json.loads(path.read_text())
+        d.update(changes)
+        path.write_text(json.dumps({k: v for k, v in d.items() if v is not None}))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diffusers")
+    return {kind: save(root / kind, tiny_unet(shape, classes)) for kind, (shape, classes) in KINDS.items()}
+
+
+@pytest.fixture(scope="module")
+def ddpm_folders(folders, tmp_path_factory):
+    """The same networks with T = DDPM_T, so that DDPM's T steps take a second."""
+    root = tmp_path_factory.mktemp("diffusers_ddpm")
+    return {kind: variant(f, root / kind, num_train_timesteps=DDPM_T) for kind, f in folders.items()}
+
+
+def inputs(model, seed=0):
+    rng = np.random.default_rng(seed)
+    x_T = rng.standard_normal((B, *model.image_shape)).astype(np.float32)
+    labels = np.array([0, 3, 7])[:B] if model.cfg.num_classes > 1 else np.zeros(B, np.int64)
+    return x_T, labels
+
+
+def unet_eps(unet, x, t, labels, guidance=0.0):
+    """diffusers' UNet at (x, t), with classifier-free guidance over the null class when w > 0."""
+    if not unet.config.num_class_embeds:
+        return unet(x, t).sample
+    y = torch.from_numpy(labels)
+    cond = unet(x, t, class_labels=y).sample
+    if not guidance:
+        return cond
+    uncond = unet(x, t, class_labels=torch.full_like(y, unet.config.num_class_embeds - 1)).sample
+    return cond + guidance * (cond - uncond)
+
+
+def diffusers_ddim(folder, x_T, labels, guidance=0.0):
+    unet = UNet2DModel.from_pretrained(folder / "unet").eval()
+    sched = DDIMScheduler.from_pretrained(folder / "scheduler", timestep_spacing="trailing")
+    sched.set_timesteps(STEPS)
+    x = torch.from_numpy(x_T)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet_eps(unet, x, t, labels, guidance), t, x, eta=0.0,
+                           use_clipped_model_output=True).prev_sample
+    return sched.timesteps.numpy(), x.numpy()
+
+
+def engines(kind):
+    # the generator writes greyscale pictures (tests/test_image_shapes.py: 3-channel pictures are strict xfails)
+    return ["torch", "onnx"] + (["onnx-generator"] if KINDS[kind][0][0] == 1 else [])
+
+
+# the inner loop: every model on the torch engine, the exported engines on one model (each first use of a model's
+# onnx engine exports it to the cache: ~10 s here)
+@pytest.mark.parametrize("kind, engine, guidance", slow_except(
+    [(k, e, 0.0) for k in KINDS for e in engines(k)] + [("cond28", e, 1.5) for e in engines("cond28")],
+    ("uncond28", "torch", 0.0), ("cond28", "torch", 0.0), ("rgb32", "torch", 0.0), ("cond28", "torch", 1.5),
+    ("uncond28", "onnx", 0.0), ("uncond28", "onnx-generator", 0.0)))
+def test_ddim_gives_diffusers_images(folders, kind, engine, guidance):
+    model = ddpm.load(folders[kind])
+    x_T, labels = inputs(model)
+    want_t, want = diffusers_ddim(folders[kind], x_T, labels, guidance)
+    plan = model.plan("ddim", STEPS, spacing="trailing", guidance_interval=None)
+    assert np.array_equal(plan.timesteps, want_t)
+    got = model.engine(engine, plan=plan).run(x_T, None, labels, plan, guidance)
+    if engine == "onnx-generator":   # uint8 pictures, white = +1 (runtime.images)
+        grey = np.clip(np.round((want[:, 0] + 1) * 127.5), 0, 255)
+        assert np.abs(got.astype(int) - grey).max() <= GREY_TOL
+    else:
+        assert np.abs(got - want).max() < DDIM_TOL
+
+
+@pytest.mark.parametrize("kind, engine", slow_except([(k, e) for k in KINDS for e in ("torch", "onnx")],
+                                                     ("uncond28", "torch"), ("cond28", "torch"), ("rgb32", "torch")))
+def test_ddpm_with_the_same_noise_gives_diffusers_images(ddpm_folders, kind, engine):
+    """diffusers' DDPMScheduler draws its noise with randn_tensor: it is handed the runtime's z, slot by slot (the
+    runtime's row i adds slot i; the last row, t = 0, none)."""
+    folder = ddpm_folders[kind]
+    model = ddpm.load(folder)
+    x_T, labels = inputs(model)
+    plan = model.plan("ddpm", guidance_interval=None)
+    z = np.random.default_rng(1).standard_normal((B, plan.num_slots, *model.image_shape)).astype(np.float32)
+    unet = UNet2DModel.from_pretrained(folder / "unet").eval()
+    sched = DDPMScheduler.from_pretrained(folder / "scheduler")
+    sched.set_timesteps(DDPM_T)
+    assert np.array_equal(sched.timesteps.numpy(), plan.timesteps)
+    slots = iter(range(plan.num_slots))
+    x = torch.from_numpy(x_T)
+    with mock.patch.object(scheduling_ddpm, "randn_tensor", lambda *a, **k: torch.from_numpy(z[:, next(slots)])), \
+            torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet_eps(unet, x, t, labels), t, x).prev_sample
+    assert next(slots, None) is None   # every slot used
+    got = model.engine(engine).run(x_T, z, labels, plan, 0.0)
+    assert np.abs(got - x.numpy()).max() < DDPM_TOL
+
+
+RECIPES = {"scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+           "squaredcos_cap_v2": dict(beta_schedule="squaredcos_cap_v2"),
+           "linear_range": dict(beta_start=0.001, beta_end=0.05),
+           "trained_betas": dict(trained_betas=np.linspace(2e-4, 0.04, T).tolist()),
+           "v_prediction": dict(prediction_type="v_prediction")}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_schedule_recipes_reach_the_runtime(folders, tmp_path, recipe):
+    """Every beta recipe and prediction type diffusers' schedulers have and the runtime follows: the same abar
+    table as diffusers' and the same DDIM images (on the onnx engine for the table schedule, whose export.json
+    carries and checks the table). diffusers keeps the tables in float32: 1 - beta there is off by up to 1.3e-5
+    relative where beta is clipped at 0.999 (squaredcos_cap_v2's last step), hence rtol 1e-4."""
+    folder = variant(folders["uncond28"], tmp_path / recipe, **RECIPES[recipe])
+    model = ddpm.load(folder)
+    theirs = DDPMScheduler.from_pretrained(folder / "scheduler").alphas_cumprod.numpy()
+    assert np.allclose(model.schedule.alphas_cumprod, theirs, rtol=1e-4, atol=0)
+    x_T, labels = inputs(model)
+    _, want = diffusers_ddim(folder, x_T, labels)
+    plan = model.plan("ddim", STEPS, spacing="trailing", guidance_interval=None)
+    engine = "onnx" if recipe == "trained_betas" else "torch"
+    assert np.abs(model.engine(engine).run(x_T, None, labels, plan, 0.0) - want).max() < DDIM_TOL
+    if engine == "onnx":
+        assert Bundle.load(model.bundle().root).schedule.betas.tolist() == model.schedule.betas.tolist()
+
+
+REFUSED = [("clip_sample", False), ("clip_sample_range", 2.0), ("thresholding", True),
+           ("rescale_betas_zero_snr", True), ("set_alpha_to_one", False), ("variance_type", "learned_range"),
+           ("timestep_spacing", "karras"), ("steps_offset", 1), ("prediction_type", "sample"),
+           ("beta_schedule", "sigmoid"), ("num_train_timesteps", 1), ("beta_end", 1.5), ("trained_betas", [0.1, 0.2]),
+           ("use_karras_sigmas", True)]
+
+
+@pytest.mark.parametrize("field, value", REFUSED, ids=[f for f, _ in REFUSED])
+def test_a_scheduler_config_the_runtime_cannot_follow_is_one_line(folders, tmp_path, field, value):
+    folder = variant(folders["uncond28"], tmp_path / "f", **{field: value})
+    with pytest.raises(DdpmError) as e:
+        ddpm.load(folder)
+    assert field in str(e.value) and "\n" not in str(e.value)
+
+
+UNET_REFUSED = [("out_channels", 2), ("time_embedding_type", "fourier"), ("class_embed_type", "timestep"),
+                ("sample_size", [28, 32])]
+
+
+@pytest.mark.parametrize("field, value", UNET_REFUSED, ids=[f for f, _ in UNET_REFUSED])
+def test_a_unet_config_the_runtime_cannot_follow_is_one_line(folders, tmp_path, field, value):
+    folder = variant(folders["uncond28"], tmp_path / "f", unet_config={field: value})
+    result = invoke("gen", "--ckpt", folder, "-n", 1, "--out", tmp_path / "x.png")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and field in result.output and result.output.count("\n") == 1
+
+
+def test_guidance_needs_a_declared_null_class(folders, tmp_path):
+    """A class-conditional model loads only with its null class declared (the last index, in ddpm.json): ddpm's
+    labels are then 0..K-2 and its null label K-1, diffusers' own indices."""
+    folder = tmp_path / "cond"
+    shutil.copytree(folders["cond28"], folder)
+    assert ddpm.load(folder).null_label == 10 and ddpm.load(folder).cfg.num_classes == 10
+    (folder / "ddpm.json").unlink()
+    with pytest.raises(DdpmError, match="null class.*ddpm.json"):
+        ddpm.load(folder)
+    (folder / "ddpm.json").write_text('{"null_class": 3}')
+    with pytest.raises(DdpmError, match="null_class must be the last class index 10"):
+        ddpm.load(folder)
+
+
+def test_a_bare_unet_folder_takes_the_scheduler_beside_it_else_ddpm_defaults(folders, tmp_path, capsys):
+    folder = tmp_path / "pipe"
+    shutil.copytree(folders["uncond28"], folder)
+    beside = ddpm.load(folder / "unet")
+    assert beside.cfg.timesteps == T and beside.hash == ddpm.load(folder).hash
+    assert "schedule from" in capsys.readouterr().err
+    shutil.rmtree(folder / "scheduler")
+    alone = ddpm.load(folder / "unet")
+    assert alone.cfg.timesteps == 1000 and alone.cfg.beta_range == (1e-4, 0.02) and alone.hash != beside.hash
+    assert capsys.readouterr().err.count("DDPMScheduler defaults") == 1
+
+
+def test_pickled_weights_are_not_read(folders, tmp_path):
+    folder = tmp_path / "pipe"
+    shutil.copytree(folders["uncond28"], folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").rename(folder / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(DdpmError, match="safetensors only"):
+        ddpm.load(folder)
+
+
+def test_without_diffusers_one_line_names_the_install(folders, monkeypatch):
+    model = ddpm.load(folders["uncond28"])   # configs and weights' identity: numpy alone
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(DiffusersMissing, match="pip install diffusers"):
+        load_model(folders["uncond28"])
+    with pytest.raises(DdpmError, match="pip install diffusers"):
+        model.generate(1, engine="torch")
+
+
+def test_the_export_cache_keeps_each_diffusers_model_apart(folders, tmp_path):
+    """Cache folders are named by the hash: a diffusers folder's covers its schedule, so the same UNet with another
+    scheduler config is another export, and none is the shipped model's."""
+    other = variant(folders["uncond28"], tmp_path / "v", prediction_type="v_prediction")
+    hashes = {read_model_info(p)[1] for p in (default_model_path(), folders["uncond28"], other)}
+    assert len({cache_folder(h) for h in hashes}) == 3
+
+
+def test_export_json_checks_the_recipe(folders, tmp_path):
+    """An export.json whose config names another beta range than its tables is a damaged folder."""
+    src = ddpm.load(folders["uncond28"]).bundle().root
+    folder = tmp_path / "export"
+    shutil.copytree(src, folder)
+    meta = json.loads((folder / META_FILE).read_text())
+    meta["model_config"]["beta_range"] = [0.0001, 0.03]
+    (folder / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="betas is not the linear schedule's"):
+        Bundle.load(folder)
+
+
+def test_configs_of_ddpm_models_keep_their_form():
+    """The recipe fields are left out of a ddpm model's config at their defaults: its stored form and hash stay."""
+    cfg = read_model_info(default_model_path())[0]
+    assert not {"beta_range", "betas", "network"} & set(cfg.to_dict())
+    assert Schedule.of(cfg).betas.tolist() == Schedule.make("linear", 1000).betas.tolist()
+
+
+def test_editing_and_the_cli_run_a_diffusers_model(folders, tmp_path):
+    model = ddpm.load(folders["uncond28"])
+    picture = model.generate(1, uncond=True, sampler="ddim", steps=4, engine="onnx")[0]
+    filled = model.inpaint(picture, mask="bottom", n=2, steps=4, engine="onnx")
+    assert filled.shape == (2, 28, 28) and np.array_equal(filled[:, :14], np.repeat(picture[None, :14], 2, 0))
+    result = invoke("gen", "--ckpt", folders["uncond28"], "-n", 2, "--uncond", "--engine", "onnx", "--sampler",
+                    "ddim", "--steps", 4, "--out", tmp_path / "x.npz")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.slow
+def test_export_writes_a_diffusers_models_generator(folders, tmp_path):
+    """`ddpm export --generator` (what the web page runs) on a diffusers folder: the folder loads with its hash."""
+    out = tmp_path / "export"
+    result = invoke("export", "--ckpt", folders["cond28"], "--out", out, "--generator", "--sampler", "ddim",
+                    "--steps", 4)
+    assert result.exit_code == 0, result.output
+    bundle = Bundle.load(out, expected_hash=ddpm.load(folders["cond28"]).hash)
+    assert bundle.generators and bundle.null_label == 10 and bundle.config.network == "diffusers"
