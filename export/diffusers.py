@@ -247,7 +247,7 @@ def _write(tmp: Path, cfg: ModelConfig, net, weights_hash: str) -> None:
              for name in FILES if name != MARKER}
     (tmp / MARKER).write_text(_json({
         "format": "ddpm-diffusers-export", "checkpoint_hash": weights_hash, "model_config": cfg.to_dict(),
-        "null_label": cfg.null_label, "files": files}))
+        "null_class": cfg.null_label, "files": files}))
 
 
 def check_with_diffusers(folder: Path, net, cfg: ModelConfig, batch: int = 6, seed: int = 0) -> float | None:

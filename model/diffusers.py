@@ -39,6 +39,9 @@ UNET_CONFIG = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 SCHEDULER_CONFIG = "scheduler_config.json"
 DECLARATION = "ddpm.json"     # the user's declarations beside model_index.json (or in the unet folder)
+# What a ddpm.json may hold: the null class, and what `ddpm export --diffusers` records there besides it (the
+# exporter's own check of the folder it wrote: export/diffusers.py), which loading does not need.
+DECLARED = {"null_class", "format", "checkpoint_hash", "model_config", "files"}
 MAX_CONFIG_BYTES = 16 << 20   # a config JSON: a trained_betas table of MAX_T numbers is ~2 MB
 DIFFUSERS_HINT = "pip install diffusers (the model's network is diffusers' UNet2DModel)"
 
@@ -180,8 +183,8 @@ def _declared_null(path: Path | None, classes: int) -> int | None:
     if path is None:
         return None
     d = _json(path)
-    if set(d) - {"null_class"}:
-        raise DiffusersError(f"{path}: unknown field(s) {', '.join(sorted(set(d) - {'null_class'}))}; it holds "
+    if set(d) - DECLARED:
+        raise DiffusersError(f"{path}: unknown field(s) {', '.join(sorted(set(d) - DECLARED))}; it holds "
                              f"{{\"null_class\": K-1}}")
     null = d.get("null_class")
     if null is None:
