@@ -32,7 +32,7 @@ from .export import cache as export_cache
 from .model.config import ModelConfig
 from .model.io import CheckpointError, TorchMissing, default_model_path, load_model, read_model_info, require_torch
 from .options import (DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL, Sampling,
-                      recorded_plan, refuse_guidance_without_labels)
+                      recorded_plan)
 from .runtime.bundle import META_FILE, Bundle, ExportError
 from .runtime.schedule import Schedule
 from .schema import Str
@@ -209,8 +209,7 @@ class Model:
         """
         from . import pipeline
 
-        refuse_guidance_without_labels(not uncond, guidance, "guidance" in given())
-        opts = Sampling.of(locals()).with_recorded(self.recorded, given())
+        opts = Sampling.of(locals(), given(), labelled=not uncond).with_recorded(self.recorded, given())
         job = pipeline.Job.of(self, n, plan or self.plan(**opts.plan_args()), label, uncond, opts, start)
         return pipeline.generate(self, opts, job, progress)
 
@@ -235,8 +234,7 @@ class Model:
         from . import pipeline
         from .runtime.edits import inpaint_job
 
-        refuse_guidance_without_labels(label is not None, guidance, "guidance" in given())
-        opts = Sampling.of(locals())
+        opts = Sampling.of(locals(), given(), labelled=label is not None)
         images, keep, n = self.inpaint_input(image, mask, n)
         job = inpaint_job(pipeline.plans(self, opts), images, keep, jump, resample)
         return pipeline.edit(self, opts, n, label, start, progress, job)
@@ -255,8 +253,7 @@ class Model:
         from .runtime.edits import sdedit_job
         from .runtime.images import fitted
 
-        refuse_guidance_without_labels(label is not None, guidance, "guidance" in given())
-        opts = Sampling.of(locals())
+        opts = Sampling.of(locals(), given(), labelled=label is not None)
         images, n = fitted(image, n, self.image_shape[1:])
         job = sdedit_job(pipeline.plans(self, opts), self.schedule, images, strength)
         return pipeline.edit(self, opts, n, label, start, progress, job)
@@ -276,8 +273,7 @@ class Model:
         from .runtime.edits import upscale_job
         from .runtime.images import fitted
 
-        refuse_guidance_without_labels(label is not None, guidance, "guidance" in given())
-        opts = Sampling.of(locals())
+        opts = Sampling.of(locals(), given(), labelled=label is not None)
         H, W = self.image_shape[1:]
         small, n = fitted(image, n, (H // factor, W // factor))
         job = upscale_job(pipeline.plans(self, opts), small, factor, method)
@@ -297,8 +293,7 @@ class Model:
         from .runtime.edits import restore_job
         from .runtime.images import fitted
 
-        refuse_guidance_without_labels(label is not None, guidance, "guidance" in given())
-        opts = Sampling.of(locals())
+        opts = Sampling.of(locals(), given(), labelled=label is not None)
         images, n = fitted(image, n, self.image_shape[1:])
         job = restore_job(pipeline.plans(self, opts), self.schedule, images, sigma)
         return pipeline.edit(self, opts, n, label, start, progress, job)
