@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_runtime_imports_no_torch():
     """Generating on a CPU never imports PyTorch: the modules it needs, and the CLI's, stay torch-free."""
     code = ("import sys, ddpm, ddpm.api, ddpm.cli, ddpm.runtime.runner, ddpm.runtime.generate, ddpm.runtime.engines, "
-            "ddpm.runtime.edits, ddpm.runtime.images, ddpm.bench.speed; m = ddpm.load(); d = m.generate(2, steps=2); "
+            "ddpm.runtime.edits, ddpm.runtime.images, ddpm.bench.speed, ddpm.evaluation; m = ddpm.load(); d = m.generate(2, steps=2); "
             "m.inpaint(d[0], n=1, steps=2); m.edit(d[0], label=3, n=1, steps=2); "
             "m.upscale(d[0][::2, ::2].copy(), 2, n=1, steps=2); m.restore(d[0], 0.3, n=1, steps=2); "
             "assert 'torch' not in sys.modules, sorted(k for k in sys.modules if k.startswith('torch'))[:5]")
