@@ -86,7 +86,7 @@ class Sampling:
             from .errors import OptionError
 
             g, u, lab = ("--guidance", "--uncond", "--label") if cli else ("guidance", "uncond=True", "label")
-            raise OptionError(f"{g} steers samples towards their label, and {u} samples have none (an edit "
+            raise OptionError(f"guidance steers samples towards their label, and {u} samples have none (an edit "
                               f"without {lab} uses the unconditional model): give {lab}, or leave out {g} (or "
                               f"give 0)", "guidance")
         return opts
