@@ -23,6 +23,7 @@ def test_runtime_imports_no_torch():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+@pytest.mark.slow   # a second no-torch process: test_runtime_imports_no_torch is the inner loop's
 def test_default_plan_generator_needs_neither_onnx_nor_torch(tmp_path):
     """The shipped export holds the default plan's generator: `--engine onnx-generator` runs without the onnx package
     (which building one needs) and without PyTorch, and gives the onnx engine's digits within 1 grey level."""

@@ -13,7 +13,7 @@ from ddpm.errors import OptionError
 from ddpm.options import Sampling
 from ddpm.pipeline import JobEngine
 from ddpm.runtime.engine import EngineClosed
-from helpers import invoke, tiny_checkpoint
+from helpers import invoke, slow_except, tiny_checkpoint
 
 ENGINES = ("torch", "runtime-torch", "onnx", "onnx-generator")
 CALL = dict(seed=5, batch=2, steps=4, device="cpu")
@@ -30,7 +30,7 @@ def model(tmp_path_factory):
     m.close()
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", slow_except(ENGINES, "onnx"))
 def test_close_while_threads_generate(model, engine):
     ref = model.generate(4, engine=engine, **CALL)
     results, errors, stop = [], [], threading.Event()
