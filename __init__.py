@@ -17,6 +17,7 @@ import os as _os
 # (bench/threads.md). An OMP_WAIT_POLICY of the user's is kept; it has no effect if PyTorch was imported first.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .api import DdpmError, Model, evaluate, load  # noqa: E402  (numpy-only imports: `import ddpm` never imports PyTorch)
+from .api import DdpmError, Model, load  # noqa: E402  (numpy-only imports: `import ddpm` never imports PyTorch)
+from .evaluation import evaluate  # noqa: E402  (the evaluator imports PyTorch when it runs)
 
 __all__ = ["DdpmError", "Model", "evaluate", "load", "__version__"]

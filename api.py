@@ -30,12 +30,11 @@ from .arguments import OPTIONAL_COUNT, PLAN, checked, given
 from .errors import DdpmError, OptionError, clip
 from .export import cache as export_cache
 from .model.config import ModelConfig
-from .model.io import CheckpointError, TorchMissing, default_model_path, load_model, read_model_info, require_torch
+from .model.io import CheckpointError, TorchMissing, default_model_path, load_model, read_model_info
 from .options import (DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL, Sampling,
-                      recorded_plan, refuse_guidance_without_labels)
+                      recorded_plan)
 from .runtime.bundle import META_FILE, Bundle, ExportError
 from .runtime.schedule import Schedule
-from .schema import Str
 
 default_export_dir = export_cache.shipped_dir   # the verified ONNX export shipped with the default model
 cache_dir = locations.cache_dir                 # the package's cache folder, $XDG_CACHE_HOME/ddpm; exports/ in it
@@ -209,8 +208,7 @@ class Model:
         """
         from . import pipeline
 
-        refuse_guidance_without_labels(not uncond, guidance, "guidance" in given())
-        opts = Sampling.of(locals()).with_recorded(self.recorded, given())
+        opts = Sampling.of(locals(), given(), labelled=not uncond).with_recorded(self.recorded, given())
         job = pipeline.Job.of(self, n, plan or self.plan(**opts.plan_args()), label, uncond, opts, start)
         return pipeline.generate(self, opts, job, progress)
 
@@ -235,8 +233,7 @@ class Model:
         from . import pipeline
         from .runtime.edits import inpaint_job
 
-        refuse_guidance_without_labels(label is not None, guidance, "guidance" in given())
-        opts = Sampling.of(locals())
+        opts = Sampling.of(locals(), given(), labelled=label is not None)
         images, keep, n = self.inpaint_input(image, mask, n)
         job = inpaint_job(pipeline.plans(self, opts), images, keep, jump, resample)
         return pipeline.edit(self, opts, n, label, start, progress, job)
@@ -255,8 +252,7 @@ class Model:
         from .runtime.edits import sdedit_job
         from .runtime.images import fitted
 
-        refuse_guidance_without_labels(label is not None, guidance, "guidance" in given())
-        opts = Sampling.of(locals())
+        opts = Sampling.of(locals(), given(), labelled=label is not None)
         images, n = fitted(image, n, self.image_shape[1:])
         job = sdedit_job(pipeline.plans(self, opts), self.schedule, images, strength)
         return pipeline.edit(self, opts, n, label, start, progress, job)
@@ -276,8 +272,7 @@ class Model:
         from .runtime.edits import upscale_job
         from .runtime.images import fitted
 
-        refuse_guidance_without_labels(label is not None, guidance, "guidance" in given())
-        opts = Sampling.of(locals())
+        opts = Sampling.of(locals(), given(), labelled=label is not None)
         H, W = self.image_shape[1:]
         small, n = fitted(image, n, (H // factor, W // factor))
         job = upscale_job(pipeline.plans(self, opts), small, factor, method)
@@ -297,8 +292,7 @@ class Model:
         from .runtime.edits import restore_job
         from .runtime.images import fitted
 
-        refuse_guidance_without_labels(label is not None, guidance, "guidance" in given())
-        opts = Sampling.of(locals())
+        opts = Sampling.of(locals(), given(), labelled=label is not None)
         images, n = fitted(image, n, self.image_shape[1:])
         job = restore_job(pipeline.plans(self, opts), self.schedule, images, sigma)
         return pipeline.edit(self, opts, n, label, start, progress, job)
@@ -352,23 +346,3 @@ def load(path: str | os.PathLike | None = None, export: str | os.PathLike | None
     except (TypeError, ValueError, KeyError) as e:
         raise DdpmError(f"{export or path}: not a usable model ({type(e).__name__}: {clip(e)})") from None
 
-
-@checked(name=Str())
-def evaluate(images, labels, data: str | os.PathLike | None = None, name: str = "samples",
-             download: bool = True) -> dict:
-    """Quality figures of generated digits, as `ddpm eval` reports them (ddpm.evaluation).
-
-    images: (N, 28, 28) uint8, 0 black .. 255 white (what `Model.generate` returns), N >= 2. labels: (N,) integers,
-    the class each digit was drawn for, -1 for unconditional ones. data: the MNIST folder (default $DDPM_DATA, else
-    ~/.cache/ddpm/mnist, downloaded when missing unless download=False). Returns a dict: fd (Frechet distance of the
-    shipped classifier's 128-d features to the real test set's, Heusel et al. 2017's formula), fd_floor (the same for
-    N real training images, mean of 5 draws; floor_min/floor_max their spread), fd_ratio, within_floor_spread
-    (floor_min <= fd <= floor_max), below_floor (fd < floor_min: noise, too few digits), cond_accuracy (None without
-    labelled digits), uncond_histogram / uncond_top_prob (None without unconditional ones), is / is_std (the
-    Inception Score of the classifier's class probabilities, Salimans et al. 2016, over 10 splits) and real_is (the
-    same for the floor's draws of N real training digits), border_share. Needs PyTorch (the classifier). Raises
-    DdpmError for bad arrays, missing data or no PyTorch."""
-    require_torch("ddpm.evaluate")
-    from .evaluation import evaluate_sets
-
-    return evaluate_sets([(name, images, labels)], data, download=download, log=None, keep=True)[0]

@@ -12,8 +12,7 @@ import sys
 import click
 
 from .cli_edit import edit_cmd, inpaint, restore, upscale
-from .cli_options import (check_output, done, prepare, refuse_guidance_without_labels, refuse_same_path,
-                          sampling_options)
+from .cli_options import check_output, done, prepare, refuse_same_path, sampling_options
 from .cli_tools import bench, eval_cmd, export_cmd
 from .cli_train import distill, train
 from .errors import LESS_AT_ONCE, DdpmError, OptionError, Terminated, limit_message
@@ -154,7 +153,6 @@ def gen(num, label, uncond, out, trajectory, **o):
 
     if label is not None and uncond:
         raise click.UsageError("--label and --uncond exclude each other")
-    refuse_guidance_without_labels(not uncond, o["guidance"])
     refuse_same_path({"--out": out, "--trajectory": trajectory}, {"--ckpt": o["ckpt"], "--export": o["export_dir"]})
     check_output(out, "--out", (".png", ".npz"))
     if out.lower().endswith(".png"):
@@ -162,7 +160,7 @@ def gen(num, label, uncond, out, trajectory, **o):
     if trajectory is not None:
         check_output(trajectory, "--trajectory", (".png", ".gif"))
         pipeline.check_engine(o["engine"], watch=True)
-    model, opts, log = prepare(o, recorded=True)
+    model, opts, log = prepare(o, recorded=True, labelled=not uncond)
     plan = model.plan(**opts.plan_args())
     job = pipeline.Job.of(model, num, plan, label, uncond, opts)
     traj = Trajectory(min(4, num, opts.batch)) if trajectory else None

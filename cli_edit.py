@@ -7,8 +7,7 @@ from dataclasses import replace
 
 import click
 
-from .cli_options import (Finite, add_options, check_output, done, prepare, refuse_guidance_without_labels,
-                          refuse_same_path, sampling_options)
+from .cli_options import Finite, add_options, check_output, done, prepare, refuse_same_path, sampling_options
 from .options import EDIT_GUIDANCE, EDITING, MAX_SIGMA, Sampling
 from .runtime.edits import FACTORS, HALVES, UPSCALERS
 
@@ -43,8 +42,7 @@ def _edit(o: dict, build, shown, what: str, detail: str, inputs: dict | None = N
     if o["out"].lower().endswith(".png"):
         check_grid(o["num"] + 1)
     pipeline.check_engine(o["engine"], edit=True)
-    refuse_guidance_without_labels(o["label"] is not None, o["guidance"])
-    model, opts, log = prepare(o)
+    model, opts, log = prepare(o, labelled=o["label"] is not None)
     plan, edit = build(model, opts, lambda top: model.plan(**opts.plan_args(), top=top))
     tile, n, label = shown(model), o["num"], o["label"]
     job = pipeline.Job.of(model, n, plan, label, label is None, opts, edit=edit)

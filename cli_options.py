@@ -121,18 +121,6 @@ def on_command_line(name: str) -> bool:
     return click.get_current_context().get_parameter_source(name) == ParameterSource.COMMANDLINE
 
 
-def refuse_guidance_without_labels(labelled: bool, guidance: float) -> None:
-    """An explicit --guidance w > 0 for samples without a label (--uncond; an edit without --label) is refused
-    (options.refuse_guidance_without_labels, which the API asks too) as a usage error."""
-    from . import options
-    from .errors import OptionError
-
-    try:
-        options.refuse_guidance_without_labels(labelled, guidance, on_command_line("guidance"), cli=True)
-    except OptionError as e:
-        raise click.UsageError(str(e)) from None
-
-
 def needs_torch(command: str) -> None:
     """One line instead of an ImportError when a command needs PyTorch and it is not installed."""
     from .model.io import require_torch
@@ -219,18 +207,26 @@ def sampling_options(defaults: Sampling = DEFAULT):
     ])
 
 
-def prepare(o: dict, recorded: bool = False):
-    """(model, options.Sampling, log) of a sampling command's options: the api.Model of --ckpt/--export; recorded:
-    the plan its file records (a distilled student's, options.recorded_plan) for the options not on the command
-    line."""
+def sampling(o: dict, labelled: bool = True) -> Sampling:
+    """The options.Sampling of a sampling command's options; labelled: whether its samples have labels (not
+    --uncond; an edit's --label). Raises OptionError (a usage error naming its option) for options that contradict
+    each other, as options.Sampling.of finds them: an explicit --guidance for samples without labels, two
+    precisions."""
+    return Sampling.of(o, {name for name in o if on_command_line(name)}, labelled, cli=True,
+                       cuda_graph=not o["no_cuda_graph"])
+
+
+def prepare(o: dict, recorded: bool = False, labelled: bool = True):
+    """(model, options.Sampling, log) of a sampling command's options (`sampling`): the api.Model of
+    --ckpt/--export; recorded: the plan its file records (a distilled student's, options.recorded_plan) for the
+    options not on the command line."""
     from . import api
-    from .options import RECORDED
 
     set_threads(o["threads"])
-    opts = Sampling.of(o, cuda_graph=not o["no_cuda_graph"])
+    opts = sampling(o, labelled)
     model = api.load(o["ckpt"], o["export_dir"])
     if recorded:
-        opts = opts.with_recorded(model.recorded, {name for name in RECORDED if on_command_line(name)})
+        opts = opts.with_recorded(model.recorded, {name for name in o if on_command_line(name)})
     return model, opts, None if o["quiet"] else (lambda m: click.echo(m, err=True))
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from .cli_options import (DEFAULT, Finite, check_output, device_syntax, model_option, needs_torch, on_command_line,
-                          prepare, refuse_guidance_without_labels, refuse_same_path, sampling_options, set_threads,
-                          solver_options)
+                          prepare, refuse_same_path, sampling, sampling_options, set_threads, solver_options)
 from .export.generator import FORMS
 from .options import MAX_GUIDANCE, MAX_THREADS, Sampling
 from .runtime.engines import ENGINES
@@ -41,7 +40,7 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
       ddpm gen -n 2000 --sampler ddpm --out ddpm.npz && ddpm eval --samples ddpm.npz
       ddpm eval --samples a.npz --samples b.npz --json quality.json
     """
-    refuse_guidance_without_labels(not uncond, o["guidance"])
+    sampling(o, labelled=not uncond)   # contradicting options refused before any work
     refuse_same_path({"--json": json_out}, {"--samples": sample_files, "--data": data, "--classifier": classifier,
                                             "--ckpt": o["ckpt"], "--export": o["export_dir"]})
     if json_out:
@@ -62,7 +61,7 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
     set_threads(o["threads"])
 
     def generated():   # drawn once the classifier and the data are ready
-        model, opts, log = prepare(o, recorded=True)
+        model, opts, log = prepare(o, recorded=True, labelled=not uncond)
         plan = model.plan(**opts.plan_args())
         job = pipeline.Job.of(model, num, plan, None, uncond, opts)
         images = pipeline.generate(model, opts, job, progress=not o["quiet"], log=log)

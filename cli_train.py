@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .cli_options import Finite, check_output, device_syntax, needs_torch, parse_interval, refuse_same_path
+from .cli_options import Finite, add_options, check_output, device_syntax, needs_torch, parse_interval, refuse_same_path
 from .errors import LimitReached
 from .model.config import BLOCKS, PRESETS
 from .options import GUIDANCE, GUIDANCE_INTERVAL, MAX_GUIDANCE, MAX_THREADS
@@ -56,16 +56,55 @@ class LazyChoice(click.Choice):
         pass
 
 
+# ------------------------------------------------------------------------------- the options train and distill share
+# Declared once, each group with the command's defaults and, where the two commands' runs differ, its own words.
+def output_options(out: str, files: str, resumable: str):
+    """--data, --out (default `out`, a run directory holding `files`), --resume (`resumable`: the options that may
+    differ from the run's)."""
+    return lambda f: add_options(f, [
+        click.option("--data", "data", type=click.Path(file_okay=False), default=None,
+                     help="MNIST folder (else $DDPM_DATA, else ~/.cache/ddpm/mnist; downloaded if missing)."),
+        click.option("--out", "out", type=click.Path(file_okay=False), default=out, show_default=True,
+                     help=f"Run directory ({files})."),
+        click.option("--resume", is_flag=True,
+                     help=f"Continue from --out/ckpt.pt with the run's own options; only {resumable} may differ from "
+                          f"the run's."),
+    ])
+
+
+def optimiser_options(lr: float, lr_help: str, warmup: int, warmup_help: str, ema_help: str, p_uncond_help: str):
+    """--batch, --lr, --warmup (with the command's defaults), --ema, --p-uncond."""
+    return lambda f: add_options(f, [
+        click.option("--batch", "batch_size", type=click.IntRange(min=1), default=128, show_default=True,
+                     help="Global batch size."),
+        click.option("--lr", type=Finite(min=0, min_open=True), default=lr, show_default=True, help=lr_help),
+        click.option("--warmup", type=click.IntRange(min=0), default=warmup, show_default=True, help=warmup_help),
+        click.option("--ema", "ema_decay", type=Finite(0, 1, max_open=True), default=0.999, show_default=True,
+                     help=ema_help),
+        click.option("--p-uncond", type=Finite(0, 1, max_open=True), default=0.1, show_default=True,
+                     help=p_uncond_help),
+    ])
+
+
+def run_options(ckpt_every: int, ckpt_help: str):
+    """--seed, --device, --ckpt-every (default `ckpt_every`), --threads."""
+    return lambda f: add_options(f, [
+        click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+                     help="Random seed (0..2^64-1)."),
+        click.option("--device", default="auto", show_default=True, callback=device_syntax,
+                     help="auto, cpu, cuda or cuda:N."),
+        click.option("--ckpt-every", type=click.IntRange(min=1), default=ckpt_every, show_default=True,
+                     help=ckpt_help),
+        click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
+                     help=f"CPU threads for torch (1..{MAX_THREADS})."),
+    ])
+
+
 # ----------------------------------------------------------------------------------------------------------- train
 @click.command()
 # data and output
-@click.option("--data", "data", type=click.Path(file_okay=False), default=None,
-              help="MNIST folder (else $DDPM_DATA, else ~/.cache/ddpm/mnist; downloaded if missing).")
-@click.option("--out", "out", type=click.Path(file_okay=False), default="runs/ddpm", show_default=True,
-              help="Run directory (options.json, ckpt.pt, model.safetensors, samples.png).")
-@click.option("--resume", is_flag=True,
-              help="Continue from --out/ckpt.pt with the run's own options; only --steps, --ckpt-every, --device, "
-                   "--data and --threads may differ from the run's.")
+@output_options("runs/ddpm", "options.json, ckpt.pt, model.safetensors, samples.png",
+                "--steps, --ckpt-every, --device, --data and --threads")
 @click.option("--init", type=click.Path(exists=True), default=None,
               help="Start from these weights (model.safetensors, ckpt.pt or a run folder) instead of from scratch.")
 # model and diffusion
@@ -78,11 +117,6 @@ class LazyChoice(click.Choice):
               help="Diffusion steps T [default: 1000; --resume, --init: the model's own].")
 # optimisation
 @click.option("--steps", type=click.IntRange(min=1), default=10000, show_default=True, help="Optimizer steps.")
-@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Global batch size.")
-@click.option("--lr", type=Finite(min=0, min_open=True), default=2e-4, show_default=True,
-              help="Adam learning rate.")
-@click.option("--warmup", type=click.IntRange(min=0), default=200, show_default=True, help="LR warm-up steps.")
 @click.option("--lr-schedule", type=LazyChoice(".train.loop", "LR_SCHEDULES"), default=None,
               help="After the warm-up: constant, or a cosine decay to 1% of --lr at the last of --steps "
                    "[default: constant; --resume keeps the run's].")
@@ -96,17 +130,10 @@ class LazyChoice(click.Choice):
               help="Residual block: ddpm, or diffusers (SiLU on the time embedding before its projection, as "
                    "diffusers' ResnetBlock2D: the model exports with `ddpm export --diffusers`) [default: ddpm; "
                    "--resume: the model's own; --init: the model's own unless given].")
-@click.option("--ema", "ema_decay", type=Finite(0, 1, max_open=True), default=0.999, show_default=True,
-              help="EMA decay.")
-@click.option("--p-uncond", type=Finite(0, 1, max_open=True), default=0.1, show_default=True,
-              help="Label dropout probability (classifier-free guidance).")
+@optimiser_options(2e-4, "Adam learning rate.", 200, "LR warm-up steps.", "EMA decay.",
+                   "Label dropout probability (classifier-free guidance).")
 # run
-@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Random seed (0..2^64-1).")
-@click.option("--device", default="auto", show_default=True, callback=device_syntax, help="auto, cpu, cuda or cuda:N.")
-@click.option("--ckpt-every", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Checkpoint and sample-grid interval (steps).")
-@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
-              help=f"CPU threads for torch (1..{MAX_THREADS}).")
+@run_options(1000, "Checkpoint and sample-grid interval (steps).")
 def train(threads, resume, **opts):
     """Train a class-conditional DDPM on MNIST.
 
@@ -142,14 +169,8 @@ def train(threads, resume, **opts):
 # teacher, data and output
 @click.option("--teacher", "init", type=click.Path(exists=True), default=None,
               help="The model to distil: model.safetensors, ckpt.pt or a run folder [default: the shipped model].")
-@click.option("--data", "data", type=click.Path(file_okay=False), default=None,
-              help="MNIST folder (else $DDPM_DATA, else ~/.cache/ddpm/mnist; downloaded if missing).")
-@click.option("--out", "out", type=click.Path(file_okay=False), default="runs/distill", show_default=True,
-              help="Run directory (options.json, ckpt.pt, model.safetensors, student<steps>.safetensors, "
-                   "samples.png).")
-@click.option("--resume", is_flag=True,
-              help="Continue from --out/ckpt.pt with the run's own options; only --ckpt-every, --device, --data and "
-                   "--threads may differ from the run's.")
+@output_options("runs/distill", "options.json, ckpt.pt, model.safetensors, student<steps>.safetensors, samples.png",
+                "--ckpt-every, --device, --data and --threads")
 # what to distil
 @click.option("--steps-from", type=click.IntRange(min=2), default=32, show_default=True,
               help="The teacher's DDIM steps (trailing spacing): the first round's two-step target.")
@@ -167,23 +188,12 @@ def train(threads, resume, **opts):
 @click.option("--iters", type=click.IntRange(min=1), default=2000, show_default=True,
               help="Optimizer steps per halving round.")
 # optimisation
-@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Global batch size.")
-@click.option("--lr", type=Finite(min=0, min_open=True), default=1e-4, show_default=True,
-              help="Adam learning rate (a cosine decay to 1% within each stage).")
-@click.option("--warmup", type=click.IntRange(min=0), default=50, show_default=True,
-              help="LR warm-up steps at the start of each stage.")
-@click.option("--ema", "ema_decay", type=Finite(0, 1, max_open=True), default=0.999, show_default=True,
-              help="EMA decay (restarted each stage); the EMA weights are the student and the next teacher.")
-@click.option("--p-uncond", type=Finite(0, 1, max_open=True), default=0.1, show_default=True,
-              help="Share of samples drawn with no label: the student keeps the teacher's unconditional mode.")
+@optimiser_options(1e-4, "Adam learning rate (a cosine decay to 1% within each stage).", 50,
+                   "LR warm-up steps at the start of each stage.",
+                   "EMA decay (restarted each stage); the EMA weights are the student and the next teacher.",
+                   "Share of samples drawn with no label: the student keeps the teacher's unconditional mode.")
 # run
-@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Random seed (0..2^64-1).")
-@click.option("--device", default="auto", show_default=True, callback=device_syntax, help="auto, cpu, cuda or cuda:N.")
-@click.option("--ckpt-every", type=click.IntRange(min=1), default=500, show_default=True,
-              help="Checkpoint and sample-grid interval (steps); also at the end of every stage.")
-@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
-              help=f"CPU threads for torch (1..{MAX_THREADS}).")
+@run_options(500, "Checkpoint and sample-grid interval (steps); also at the end of every stage.")
 def distill(threads, resume, guidance_interval, **opts):
     """Distil a model's guided DDIM sampler into a few-step student (guided progressive distillation).
 

@@ -72,11 +72,24 @@ class Sampling:
             raise OptionError(why, "int8")
 
     @classmethod
-    def of(cls, values: dict, **changes) -> "Sampling":
+    def of(cls, values: dict, given=frozenset(), labelled: bool = True, cli: bool = False,
+           **changes) -> "Sampling":
         """The options among `values` (e.g. a function's locals(), or click's parameters), then `changes`; names
-        that are not options are ignored."""
+        that are not options are ignored. given: the names the user gave (not left at their defaults); labelled:
+        whether the samples have labels (False: unconditional sampling; an edit without a label, which uses the
+        unconditional model). Raises OptionError (option "guidance") for a guidance scale w > 0 given for samples
+        without labels: guidance steers a sample towards its label, so it would be silently ignored. cli: the
+        message names the CLI's options."""
         names = {f.name for f in fields(cls)}
-        return replace(cls(**{k: v for k, v in values.items() if k in names}), **changes)
+        opts = replace(cls(**{k: v for k, v in values.items() if k in names}), **changes)
+        if not labelled and opts.guidance and "guidance" in given:
+            from .errors import OptionError
+
+            g, u, lab = ("--guidance", "--uncond", "--label") if cli else ("guidance", "uncond=True", "label")
+            raise OptionError(f"guidance steers samples towards their label, and {u} samples have none (an edit "
+                              f"without {lab} uses the unconditional model): give {lab}, or leave out {g} (or "
+                              f"give 0)", "guidance")
+        return opts
 
     def with_recorded(self, record: dict | None, given) -> "Sampling":
         """These options with a model's recorded plan in place of those not `given` (`recorded_plan`)."""
@@ -107,19 +120,6 @@ def precision_refusal(engine: str | None, device: str, fp16: bool, int8: bool) -
         return (f"int8 runs on the onnx engine on a CPU (model_int8.onnx), not on {name}{' on a GPU' if gpu else ''}"
                 + (" (generator.onnx wraps the fp32 model)" if engine == "onnx-generator" else ""))
     return None
-
-
-def refuse_guidance_without_labels(labelled: bool, guidance: float, given: bool, cli: bool = False) -> None:
-    """OptionError (option "guidance") for a guidance scale w > 0 the caller gave (`given`) for samples without a
-    label (unconditional sampling; an edit without a label): guidance steers a sample towards its label, so it
-    would be silently ignored. The CLI and the API both ask this; cli: the message names the CLI's options."""
-    if not labelled and guidance and given:
-        from .errors import OptionError
-
-        g, u, lab = ("--guidance", "--uncond", "--label") if cli else ("guidance", "uncond=True", "label")
-        raise OptionError(f"{g} steers samples towards their label, and {u} samples have none (an edit without "
-                          f"{lab} uses the unconditional model): give {lab}, or leave out {g} (or give 0)",
-                          "guidance")
 
 
 EDITING = Sampling(sampler=EDIT_SAMPLER, guidance_interval=None)   # the editing methods' defaults, as measured

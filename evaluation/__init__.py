@@ -5,28 +5,37 @@
                     the table
 
 `evaluate_sets` is the whole job: the reference (the classifier, loaded or retrained, and the real MNIST digits it is
-compared with), then the figures of each set of samples. Needs PyTorch.
+compared with), then the figures of each set of samples; `evaluate` (`ddpm.evaluate`) is the Python API's call of
+it. The evaluator needs PyTorch, but importing this package does not: `import ddpm` imports `evaluate`, and the
+base install is torch-free. The names read from classifier.py and metrics.py are imported when first used (PEP 562).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..arguments import checked
 from ..files import input_path
-from .classifier import (CLASSIFIER_FILE, FEATURES, IMAGE_SHAPE, Classifier, features_and_predictions,
-                         load_classifier, predict, train_classifier)
-from .metrics import (MIN_N, EvaluationError, Reference, border_share, check_samples, format_table, frechet_distance,
-                      inception_score)
+from ..schema import Str
 
-__all__ = ["CLASSIFIER_FILE", "MIN_N", "Classifier", "EvaluationError", "Reference", "SAMPLE_BYTES", "border_share",
-           "check_samples", "evaluate_sets", "features_and_predictions", "format_table", "frechet_distance",
-           "inception_score", "load_classifier", "predict", "reference", "train_classifier"]
+# the names this package takes from its modules, imported on first use: both import PyTorch
+_FROM = {**dict.fromkeys(("CLASSIFIER_FILE", "FEATURES", "IMAGE_SHAPE", "SAMPLE_BYTES", "Classifier",
+                          "features_and_predictions", "load_classifier", "predict", "train_classifier"), "classifier"),
+         **dict.fromkeys(("MIN_N", "EvaluationError", "Reference", "border_share", "check_samples", "format_table",
+                          "frechet_distance", "inception_score"), "metrics")}
 
-# The memory one evaluated sample takes: the uint8 image and the classifier's float64 features.
-SAMPLE_BYTES = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] + FEATURES * 8
+__all__ = sorted([*_FROM, "evaluate", "evaluate_sets", "reference"])
+
+
+def __getattr__(name: str):
+    if name in _FROM:
+        return getattr(importlib.import_module(f".{_FROM[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _KEPT: dict = {}   # (MNIST folder, classifier file) -> Reference, for reference(keep=True)
 _KEPT_LOCK = threading.Lock()   # evaluate from several threads: one load, one Reference shared
@@ -47,6 +56,8 @@ def reference(data: str | os.PathLike | None = None, classifier: str | os.PathLi
     classifier's weights) and EvaluationError (no classifier file).
     """
     from ..train.data import ensure_mnist, resolve_data_dir
+    from .classifier import CLASSIFIER_FILE, train_classifier
+    from .metrics import EvaluationError, Reference
 
     say = log or (lambda *_: None)
     folder = ensure_mnist(resolve_data_dir(data), download=download, progress=say)
@@ -91,8 +102,31 @@ def evaluate_sets(sets: Iterable[tuple[str, object, object]], data: str | os.Pat
     training images, with the same splits); border_share and real_border_share. Raises EvaluationError for a set
     that is not such images and labels, and what `reference` raises.
     """
+    from .metrics import check_samples
+
     if isinstance(sets, (list, tuple)):
         for name, images, labels in sets:
             check_samples(images, labels, name)
     ref = reference(data, classifier, retrain, download, progress, log, keep)
     return [ref.evaluate(images, labels, name) for name, images, labels in sets]
+
+
+@checked(name=Str())
+def evaluate(images, labels, data: str | os.PathLike | None = None, name: str = "samples",
+             download: bool = True) -> dict:
+    """Quality figures of generated digits, as `ddpm eval` reports them (evaluate_sets).
+
+    images: (N, 28, 28) uint8, 0 black .. 255 white (what `Model.generate` returns), N >= 2. labels: (N,) integers,
+    the class each digit was drawn for, -1 for unconditional ones. data: the MNIST folder (default $DDPM_DATA, else
+    ~/.cache/ddpm/mnist, downloaded when missing unless download=False). Returns a dict: fd (Frechet distance of the
+    shipped classifier's 128-d features to the real test set's, Heusel et al. 2017's formula), fd_floor (the same for
+    N real training images, mean of 5 draws; floor_min/floor_max their spread), fd_ratio, within_floor_spread
+    (floor_min <= fd <= floor_max), below_floor (fd < floor_min: noise, too few digits), cond_accuracy (None without
+    labelled digits), uncond_histogram / uncond_top_prob (None without unconditional ones), is / is_std (the
+    Inception Score of the classifier's class probabilities, Salimans et al. 2016, over 10 splits) and real_is (the
+    same for the floor's draws of N real training digits), border_share. Needs PyTorch (the classifier). Raises
+    DdpmError for bad arrays, missing data or no PyTorch."""
+    from ..model.io import require_torch
+
+    require_torch("ddpm.evaluate")
+    return evaluate_sets([(name, images, labels)], data, download=download, log=None, keep=True)[0]

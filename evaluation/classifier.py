@@ -15,6 +15,8 @@ CLASSIFIER_FILE = Path(__file__).resolve().parent.parent / "assets" / "classifie
 IMAGE_SHAPE = (28, 28)   # the classifier reads greyscale MNIST digits, (H, W) uint8
 NUM_CLASSES = 10
 FEATURES = 128           # the width of the penultimate layer, whose activations the Frechet distance compares
+# The memory one evaluated sample takes: the uint8 image and the classifier's float64 features.
+SAMPLE_BYTES = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] + FEATURES * 8
 
 
 class Classifier(nn.Module):

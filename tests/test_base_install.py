@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_runtime_imports_no_torch():
     """Generating on a CPU never imports PyTorch: the modules it needs, and the CLI's, stay torch-free."""
     code = ("import sys, ddpm, ddpm.api, ddpm.cli, ddpm.runtime.runner, ddpm.runtime.generate, ddpm.runtime.engines, "
-            "ddpm.runtime.edits, ddpm.runtime.images, ddpm.bench.speed; m = ddpm.load(); d = m.generate(2, steps=2); "
+            "ddpm.runtime.edits, ddpm.runtime.images, ddpm.bench.speed, ddpm.evaluation; m = ddpm.load(); d = m.generate(2, steps=2); "
             "m.inpaint(d[0], n=1, steps=2); m.edit(d[0], label=3, n=1, steps=2); "
             "m.upscale(d[0][::2, ::2].copy(), 2, n=1, steps=2); m.restore(d[0], 0.3, n=1, steps=2); "
             "assert 'torch' not in sys.modules, sorted(k for k in sys.modules if k.startswith('torch'))[:5]")
@@ -23,6 +23,7 @@ def test_runtime_imports_no_torch():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+@pytest.mark.slow   # a second no-torch process: test_runtime_imports_no_torch is the inner loop's
 def test_default_plan_generator_needs_neither_onnx_nor_torch(tmp_path):
     """The shipped export holds the default plan's generator: `--engine onnx-generator` runs without the onnx package
     (which building one needs) and without PyTorch, and gives the onnx engine's digits within 1 grey level."""

@@ -185,6 +185,7 @@ def _tensors(path):
         return f.metadata(), {k: f.get_tensor(k).tobytes() for k in f.keys()}
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(fake_mnist, teacher, tmp_path, monkeypatch):
     """Stopped in stage 1 and again in the first round (each time after a stage's checkpoint), then resumed: the
     weights, EMA, teacher, log and student files are those of the run that never stopped."""

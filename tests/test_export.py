@@ -62,11 +62,11 @@ def test_graph_inputs_and_metadata(exported):
         assert f["parity"]["error"] <= f["parity"]["tolerance"]
 
 
-def test_an_export_folder_gains_artifacts_and_never_loses_one(tmp_path):
+def test_an_export_folder_gains_artifacts_and_never_loses_one(tiny_exported):
     """`ddpm export --fp16`, then an export without --fp16 (e.g. to add a generator): the fp16 model, the generators
     and other artifacts (TensorRT engines) of the folder stay; only what is missing is exported."""
-    loaded = tiny_checkpoint(tmp_path)
-    out = export(loaded, tmp_path / "exp", fp16=True, log=lambda *_: None).out
+    root = tiny_exported(fp16=True)   # the session's `export --fp16` of the tiny model
+    loaded, out = load_model(root), root / "exp"
     (out / "model_b1-8.plan").write_bytes(b"an engine")
     fp16 = (out / "model_fp16.onnx").read_bytes()
     lines = []

@@ -22,7 +22,7 @@ from ddpm.runtime.images import to_uint8
 from ddpm.runtime.noise import make_noise
 from ddpm.runtime.samplers import ddim_plan
 from ddpm.runtime.schedule import Schedule
-from helpers import TINY, invoke, tiny_checkpoint
+from helpers import TINY, invoke, slow_except, tiny_checkpoint
 
 SHAPES = {"1x32x32": dataclasses.replace(TINY, image_size=32),
           "3x32x32": dataclasses.replace(TINY, image_size=32, in_channels=3)}
@@ -32,6 +32,10 @@ GREY_PICTURES = ("runtime/images.py to_uint8 keeps channel 0 only and runtime/ge
 GREY_GENERATOR = "export/generator.py builds grey generators only (C=1)"
 GREY_EDITS = ("runtime/edits.py and api.py read the known picture as one grey channel (y of shape (N, 1, H, W)) and "
               "return channel 0 only")
+
+
+# the tests whose three-channel case is a strict xfail: that case runs outside the inner loop (`-m "not slow"`)
+COLOUR_XFAIL_SLOW = pytest.mark.parametrize("exported", slow_except(list(SHAPES), "1x32x32"), indirect=True)
 
 
 def _pictures(cfg, n):
@@ -88,6 +92,7 @@ def test_every_cpu_engine_runs_the_models_shape(exported):
     assert outs["torch"].std() > 0.05                             # not a constant picture
 
 
+@COLOUR_XFAIL_SLOW
 def test_generator_engine_runs_the_models_shape(exported, request):
     """generator.onnx for the model's shape gives the runtime's pictures (within one grey level)."""
     from ddpm.export.generator import add_generator
@@ -105,6 +110,7 @@ def test_generator_engine_runs_the_models_shape(exported, request):
     assert np.abs(got.astype(int) - want).max() <= 1
 
 
+@COLOUR_XFAIL_SLOW
 @pytest.mark.parametrize("engine", ENGINES)
 def test_generate_gives_pictures_at_the_models_size(exported, engine, request):
     """ddpm.load(path).generate with every CPU engine: pictures at the model's size, the same on every engine
@@ -119,6 +125,7 @@ def test_generate_gives_pictures_at_the_models_size(exported, engine, request):
     assert np.abs(images.astype(int) - reference).max() <= 1
 
 
+@COLOUR_XFAIL_SLOW
 def test_cli_grid_and_one_picture_at_the_models_size(exported, tmp_path, request):
     """`ddpm gen` writes n > 1 pictures as a padded grid (2 x scale) and one picture bare, at the model's size: the
     picture `generate` returns for the same options."""
@@ -138,6 +145,7 @@ def test_cli_grid_and_one_picture_at_the_models_size(exported, tmp_path, request
     assert one.shape == _pictures(loaded.cfg, 1)[1:] and np.array_equal(one, expected[0])
 
 
+@COLOUR_XFAIL_SLOW
 def test_edit_and_inpaint_at_the_models_size(exported, tmp_path, request):
     """An edit and an inpainting through the API and the CLI: a picture of another size is fitted to the model's,
     the results are at the model's size, and inpainting keeps the known half exactly."""
@@ -155,6 +163,7 @@ def test_edit_and_inpaint_at_the_models_size(exported, tmp_path, request):
     assert np.array_equal(painted[:, : h // 2], np.broadcast_to(fitted[: h // 2], (2, h // 2, w)))
 
 
+@COLOUR_XFAIL_SLOW
 def test_cli_edit_at_the_models_size(exported, tmp_path, request):
     """`ddpm edit` fits a picture of another size to the model's and writes the input and the results as a grid."""
     loaded, _ = exported

@@ -14,7 +14,7 @@ from PIL import Image
 
 from ddpm import files
 from ddpm.files import OutputError, atomic_write, check_writable, clean_stale, publish_dir, temp_dir
-from helpers import invoke
+from helpers import invoke, slow_except
 
 
 def _snapshot(folder: Path) -> dict:
@@ -363,7 +363,8 @@ def _signalled(fault: str, *args) -> subprocess.CompletedProcess:
                           env=env, timeout=600, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-@pytest.mark.parametrize("sig, code, word", [("INT", 130, "interrupted"), ("TERM", 143, "terminated")])
+@pytest.mark.parametrize("sig, code, word", slow_except([("INT", 130, "interrupted"), ("TERM", 143, "terminated")],
+                                                      ("TERM", 143, "terminated")))
 def test_sigint_in_a_real_process_is_one_line(tiny_export, tmp_path, sig, code, word):
     """A real SIGINT (Ctrl-C) or SIGTERM (kill, timeout) while `ddpm gen` writes its .npz (the file's only write):
     one line, exit 130 / 143, no output file and no temporary left (the signal unwinds the write)."""

@@ -185,6 +185,7 @@ def test_onednn_failing_under_a_memory_limit_is_out_of_memory(monkeypatch):
     assert errors.limit_message(primitive) is None   # without a limit it may be anything: passed on as it is
 
 
+@pytest.mark.slow
 def test_onnxruntime_under_a_descriptor_limit_says_one_line_or_nothing(tmp_path):
     """`ulimit -n 6; ddpm gen --engine onnx`: onnxruntime's import printed its warnings (cpuinfo, telemetry, device
     discovery: 9 lines) before the error. Whatever the limit, a run now prints nothing or one line naming it."""

@@ -10,6 +10,7 @@ import pytest
 from ddpm.export.onnx_export import ort_session
 from ddpm.runtime import nets
 from ddpm.runtime.nets import OnnxNet, cpu_count
+from helpers import slow_except
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,9 @@ def test_onnx_sessions_use_the_chosen_options(onnx_path, monkeypatch):
     assert _applied(OnnxNet(onnx_path).sess) == (2, "1", "1") and _applied(ort_session(onnx_path)) == (2, "1", "1")
 
 
-@pytest.mark.parametrize("module", ["ddpm.cli", "ddpm"])   # the API too, not only the CLI
-@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+@pytest.mark.parametrize("given, expected, module", slow_except(   # the API too, not only the CLI
+    [(g, e, m) for m in ("ddpm.cli", "ddpm") for g, e in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE"))],
+    (None, "PASSIVE", "ddpm"), ("ACTIVE", "ACTIVE", "ddpm.cli")))
 def test_cli_sets_a_passive_omp_wait_policy_before_torch_loads(given, expected, module):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if given:
