@@ -148,12 +148,13 @@ def _remove(entry: Path) -> None:
         entry.unlink(missing_ok=True)
 
 
-def clean_stale(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+def clean_stale(folder: str | os.PathLike, name: str | None = None, only: bool = True) -> list[Path]:
     """Remove the temporaries of killed writes in `folder` (see the module docstring); returns what was removed.
 
-    name: only those of this target (e.g. "ckpt.pt"); also matches the untagged `.NAME.xxxxxxxx[.tmp]` of older
-    versions (by age alone). None: every tagged temporary in the folder. An `.old` export folder whose writer died
-    between its two renames is moved back when its target is missing, instead of being deleted.
+    name: those of this target (e.g. "ckpt.pt"), and the untagged `.NAME.xxxxxxxx[.tmp]` of older versions (by age
+    alone); with only=False also every other tagged temporary in the folder (what a write into the folder does).
+    None: every tagged temporary in the folder. An `.old` export folder whose writer died between its two renames is
+    moved back when its target is missing, instead of being deleted.
     """
     folder = Path(folder)
     legacy = re.compile(rf"^\.{re.escape(name)}\.[a-z0-9_]{{8}}(\.tmp)?$") if name else None
@@ -167,7 +168,7 @@ def clean_stale(folder: str | os.PathLike, name: str | None = None) -> list[Path
             continue
         m = _TAGGED.match(e.name)
         path = Path(e.path)
-        if m and (name is None or m["name"] == name):
+        if m and (name is None or not only or m["name"] == name):
             if not _stale(path, m["host"], int(m["pid"])):
                 continue
             target = folder / m["name"]
@@ -338,7 +339,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     path = output_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(path.parent, path.name)
+        clean_stale(path.parent, path.name, only=False)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_tag()}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise _output_error(path, e) from None
@@ -380,7 +381,7 @@ def temp_dir(out: str | os.PathLike) -> Path:
     out = output_path(out, folder=True)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(out.parent, out.name)
+        clean_stale(out.parent, out.name, only=False)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_tag()}.", suffix=".tmp", dir=out.parent))
     except OSError as e:
         raise _output_error(out, e) from None

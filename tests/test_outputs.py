@@ -3,6 +3,7 @@ checked before any work, a full disk and Ctrl-C give one line and leave every fi
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -52,6 +53,23 @@ def test_clean_stale_removes_only_dead_writers(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {n for n, kept in names.items() if kept}
     clean_stale(tmp_path)   # every tagged one in the folder
     assert f".samples.png.{files.HOST}-{dead}.ab12cd34.tmp" not in {p.name for p in tmp_path.iterdir()}
+
+
+def test_a_write_into_a_folder_cleans_every_dead_writers_temporaries(tmp_path):
+    """The module docstring's promise: the next write into the folder removes the temporaries whose writer is gone,
+    of any target (a killed `gen --out a.npz` leaves one that `gen --out b.npz` removes), and keeps a live writer's;
+    a file write and a folder write alike."""
+    dead, live = _dead_pid(), os.getppid()
+    gone = [tmp_path / f".a.npz.{files.HOST}-{dead}.q1w2e3r4.tmp", tmp_path / f".site.{files.HOST}-{dead}.z9y8x7w6.tmp"]
+    running = tmp_path / f".c.npz.{files.HOST}-{live}.a1s2d3f4.tmp"
+    for p in (gone[0], running):
+        p.write_bytes(b"half")
+    gone[1].mkdir()
+    atomic_write(tmp_path / "b.npz", lambda t: Path(t).write_bytes(b"b"))
+    assert not any(p.exists() for p in gone) and running.exists()
+    gone[0].write_bytes(b"half")
+    shutil.rmtree(temp_dir(tmp_path / "other"))
+    assert not gone[0].exists() and running.exists()
 
 
 def test_atomic_write_cleans_stale_temporaries_of_its_target(tmp_path):
