@@ -114,7 +114,7 @@ def class_edits(model, clf, x, y, strengths, guidances, engine, batch, seed=0) -
     return rows
 
 
-def upscaling(model, clf, x, y, factors, methods, engine, batch, seed=0, sources=("none",)) -> list[dict]:
+def upscaling(model, clf, x, y, factors, methods, engine, batch, seed=0, sources=("none",), start=0) -> list[dict]:
     from PIL import Image
 
     from ..runtime.edits import downsample, upsample
@@ -131,7 +131,7 @@ def upscaling(model, clf, x, y, factors, methods, engine, batch, seed=0, sources
                 kw, extra = _conditioning(source, upsample(small, f), y)
                 name = f"{method} eta{eta:g}" + (f" {source}" if len(sources) > 1 else "")
                 outs[name] = (*_timed(lambda: model.upscale(small, f, method=method, eta=eta, engine=engine,
-                                                            batch=batch, seed=seed, **kw)), extra)
+                                                            batch=batch, seed=seed, start=start, **kw)), extra)
         for name, (out, sec, extra) in outs.items():
             err = np.abs(downsample(out, f) - small)
             correct = predict(clf, out) == y
@@ -146,7 +146,7 @@ def upscaling(model, clf, x, y, factors, methods, engine, batch, seed=0, sources
     return rows
 
 
-def inpainting(model, clf, x, y, configs, engine, batch, seed=0, sources=("none",)) -> list[dict]:
+def inpainting(model, clf, x, y, configs, engine, batch, seed=0, sources=("none",), start=0) -> list[dict]:
     from ..runtime.edits import half_mask
     from ..evaluation import predict
 
@@ -155,7 +155,8 @@ def inpainting(model, clf, x, y, configs, engine, batch, seed=0, sources=("none"
     for c in configs:
         for source in sources:
             kw, extra = _conditioning(source, np.where(keep, x, 0).astype(np.uint8), y)
-            out, sec = _timed(lambda: model.inpaint(x, "bottom", engine=engine, batch=batch, seed=seed, **c, **kw))
+            out, sec = _timed(lambda: model.inpaint(x, "bottom", engine=engine, batch=batch, seed=seed, start=start,
+                                                    **c, **kw))
             correct = predict(clf, out) == y
             rows.append(_scored({"mode": "inpaint", **c, "n": len(x), **extra, "accuracy": float(correct.mean()),
                                  "kept_exact": bool(np.array_equal(out[:, keep], x[:, keep])),
@@ -193,6 +194,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="MNIST folder (the test set is used)")
     p.add_argument("-n", type=int, default=200, help="test digits per measurement")
+    p.add_argument("--first", type=int, default=0,
+                   help="the first test digit (upscale and inpaint: digit k is sample k of the seed, so that runs over "
+                        "consecutive ranges add up to one run over their union)")
     p.add_argument("--ckpt", default=None, help="checkpoint [default: the shipped model]")
     p.add_argument("--engine", default="auto")
     p.add_argument("--batch", type=int, default=64)
@@ -213,7 +217,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     model, clf = ddpm.load(a.ckpt), load_classifier()
     x, y = load_mnist(a.data, "test")
-    x, y = x[: a.n], y[: a.n]
+    x, y = x[a.first: a.first + a.n], y[a.first: a.first + a.n]
     only = set(a.only.split(","))
     floats = lambda s: [float(v) for v in s.split(",")]
     sources = a.label_source.split(",")
@@ -223,12 +227,12 @@ def main(argv=None) -> None:
     if "upscale" in only:
         methods = [(m, float(e)) for m, e in (v.split(":") for v in a.methods.split(","))]
         rows += upscaling(model, clf, x, y, [int(f) for f in a.factors.split(",")], methods, a.engine, a.batch,
-                          sources=sources)
+                          sources=sources, start=a.first)
     if "inpaint" in only:
         value = lambda k, v: float(v) if k == "eta" else int(v)
         configs = [{k: value(k, v) for k, v in (kv.split("=") for kv in c.split(","))}
                    for c in a.inpaint_configs.split(";") if c]
-        rows += inpainting(model, clf, x, y, configs, a.engine, a.batch, sources=sources)
+        rows += inpainting(model, clf, x, y, configs, a.engine, a.batch, sources=sources, start=a.first)
     if "restore" in only:
         rows += restoration(model, clf, x, y, floats(a.sigmas), a.engine, a.batch, sources=sources)
     for t in threshold_table(rows):

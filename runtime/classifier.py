@@ -22,7 +22,7 @@ IMAGE_SHAPE = (28, 28)
 # The least top-class probability at which an editing command conditions on the class the classifier reads from
 # its input; below it the input is ambiguous and the unconditional model runs (measured:
 # bench/results/2026-12-06-editing-label.md).
-MIN_PROB = 0.0
+MIN_PROB = 0.5
 
 
 class ClassifierError(DdpmError):
