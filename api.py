@@ -291,8 +291,7 @@ class Model:
         return pipeline.edit(self, opts, n, label, start, progress, job, uncond)
 
     @checked(n=OPTIONAL_COUNT)
-    def restore(self, image, sigma: float, n: int | None = None, label=None, uncond: bool = False,
-                guidance: float = GUIDANCE,
+    def restore(self, image, sigma: float, n: int | None = None, label=None, guidance: float = GUIDANCE,
                 sampler: str = EDIT_SAMPLER, steps: int | None = None, eta: float = 0.0, variance: str = "small",
                 spacing: str | None = None, guidance_interval=None, guidance_rescale: float = 0.0, seed: int = 0,
                 batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False, int8: bool = False,
@@ -300,17 +299,17 @@ class Model:
         """Denoising (runtime.edits.restore_job): n restorations (n, H, W) uint8 of `image` = x + sigma n,
         n ~ N(0, I), sigma in the model's [-1, 1] units (s grey levels: sigma = s / 127.5), from the first t whose
         noise-to-signal ratio reaches sigma (runtime.edits.noise_start). A picture file's noise was clipped to
-        [0, 255] and rounded, which this ignores. label, uncond and the result: as in `inpaint`, the label read from
-        the noisy picture. Raises DdpmError for bad arguments."""
+        [0, 255] and rounded, which this ignores. label None: the unconditional model. Raises DdpmError for bad
+        arguments."""
         from . import pipeline
         from .runtime.edits import restore_job
         from .runtime.images import fitted
 
-        refuse_guidance_without_labels(label is not None or not uncond, guidance, "guidance" in given())
+        refuse_guidance_without_labels(label is not None, guidance, "guidance" in given())
         opts = Sampling.of(locals())
         images, n = fitted(image, n, self.image_shape[1:])
         job = restore_job(pipeline.plans(self, opts), self.schedule, images, sigma)
-        return pipeline.edit(self, opts, n, label, start, progress, job, uncond)
+        return pipeline.edit(self, opts, n, label, start, progress, job)
 
     @checked
     def picture(self, image, size: tuple[int, int] | None = None) -> np.ndarray:

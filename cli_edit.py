@@ -154,7 +154,7 @@ def upscale(factor, method, **o):
           lambda model: upsample(small(model), f), "upscalings", f"{method.upper()} x{f}, {{plan}}")
 
 
-@editing_command("restore", "restore.png", reads="the noisy picture")
+@editing_command("restore", "restore.png")
 @click.option("--sigma", type=Finite(0, MAX_SIGMA, min_open=True), required=True,
               help="Std of the Gaussian noise in the input, in [-1, 1] units (s grey levels: s/127.5).")
 def restore(sigma, **o):

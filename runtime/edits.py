@@ -291,7 +291,7 @@ class EditJob:
     operator, mask (float32, 1 = known); x_input with (a0, s0): the start a0 x_input + s0 x_T instead of x_T;
     blocks ((n or 1, H/f, W/f) uint8, upscaling's input): the results are fitted to its f x f block means (`finish`);
     reads ((n or 1, H, W) uint8): the input as a user gave it, from which the classifier reads the label of an edit
-    given none (pipeline.Job.of), None where such an edit runs the unconditional model (SDEdit).
+    given none (pipeline.Job.of), None where such an edit runs the unconditional model (SDEdit, restoration).
     """
 
     projection: Projection | None = None
@@ -377,11 +377,11 @@ def upscale_job(plan_for, small: np.ndarray, factor: int, method: str = "ilvr"):
 
 def restore_job(plan_for, sched: Schedule, images: np.ndarray, sigma: float):
     """Denoising y = x + sigma n from x_t = sqrt(abar_t) y (+ x_T for the variance still missing), which has exactly
-    the law of q(x_t | x), at the first t whose noise-to-signal ratio reaches sigma (noise_start). The label read
-    without one: from the noisy picture."""
+    the law of q(x_t | x), at the first t whose noise-to-signal ratio reaches sigma (noise_start). Without a label:
+    the unconditional model (reads None; the classifier's read of a noisy picture is often wrong, and conditioning
+    on it measured worse: bench/results/2026-12-06-editing-label.md)."""
     t, a0, s0 = noise_start(sched, float(sigma))
-    return plan_for(t), EditJob(x_input=to_model(images)[:, None], a0=a0, s0=s0,
-                                reads=np.asarray(images, dtype=np.uint8))
+    return plan_for(t), EditJob(x_input=to_model(images)[:, None], a0=a0, s0=s0)
 
 
 # ------------------------------------------------------------------------------------------------- image helpers

@@ -1,5 +1,5 @@
 """The editing commands' default label: the class the shipped classifier's ONNX copy reads from the input (inpaint,
-upscale, restore), the unconditional model when it is unsure or on --uncond / uncond=True."""
+upscale), the unconditional model when it is unsure or on --uncond / uncond=True (and for restore and edit)."""
 
 import subprocess
 from dataclasses import replace
@@ -13,7 +13,7 @@ import ddpm
 from ddpm import pipeline
 from ddpm.options import EDITING, Sampling
 from ddpm.runtime.classifier import (CLASSIFIER_ONNX, MIN_PROB, ClassifierError, OnnxClassifier, read_labels)
-from ddpm.runtime.edits import half_mask, inpaint_job, restore_job, upscale_job
+from ddpm.runtime.edits import downsample, half_mask, inpaint_job, restore_job, upscale_job
 from helpers import invoke
 
 
@@ -63,13 +63,17 @@ def test_reading_a_label_imports_no_torch():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def _small(picture):
+    """The picture's 14x14 box average, rounded: upscale's input."""
+    return np.clip(np.rint(downsample(picture[None], 2)[0]), 0, 255).astype(np.uint8)
+
+
 def _jobs(model, picture):
     """(plan, EditJob) of each reading edit of one picture, as the CLI builds them."""
     plans = pipeline.plans(model, Sampling(sampler="ddim", steps=2))
     keep = half_mask("bottom", 28)[None]
     return {"inpaint": inpaint_job(plans, picture[None], keep),
-            "upscale": upscale_job(plans, picture[None, ::2, ::2].copy(), 2),
-            "restore": restore_job(plans, model.schedule, picture[None], 0.3)}
+            "upscale": upscale_job(plans, _small(picture)[None], 2)}
 
 
 def test_default_label_is_the_class_read_from_a_clear_digit(tiny, digits):
@@ -82,19 +86,22 @@ def test_default_label_is_the_class_read_from_a_clear_digit(tiny, digits):
         assert job.reading.probs[0] >= MIN_PROB
         off = pipeline.Job.of(tiny, 3, plan, None, True, opts, edit=edit)           # uncond: the null label
         assert off.labels(0, 3).tolist() == [-1] * 3 and not off.guided and off.reading is None
+    plan, edit = restore_job(pipeline.plans(tiny, opts), tiny.schedule, seven[None], 0.3)   # restore reads none
+    assert pipeline.Job.of(tiny, 3, plan, None, False, opts, edit=edit).labels(0, 3).tolist() == [-1] * 3
 
 
 def test_ambiguous_input_falls_back_to_the_unconditional_model(tiny):
     assert read_labels(BLANK[None]).probs[0] < MIN_PROB
-    plan, edit = _jobs(tiny, BLANK)["restore"]
+    plan, edit = _jobs(tiny, BLANK)["upscale"]
     job = pipeline.Job.of(tiny, 2, plan, None, False, Sampling(sampler="ddim", steps=2), edit=edit)
     assert job.labels(0, 2).tolist() == [-1, -1] and not job.guided
     assert "ambiguous" in job.reading.describe() and "unconditional" in job.reading.describe()
 
 
 def _cli(ckpt, picture, tmp_path, name, *extra):
-    Image.fromarray(picture).save(tmp_path / "in.png")
-    r = invoke("restore", "--ckpt", ckpt, "--image", tmp_path / "in.png", "--sigma", 0.3, "-n", 2, "--steps", 3,
+    """`ddpm upscale --factor 2` of the picture's 14x14 average: (its output, the npz)."""
+    Image.fromarray(_small(picture)).save(tmp_path / "in.png")
+    r = invoke("upscale", "--ckpt", ckpt, "--image", tmp_path / "in.png", "--factor", 2, "-n", 2, "--steps", 3,
                "--seed", 4, "--engine", "torch", "--out", tmp_path / f"{name}.npz", *extra)
     assert r.exit_code == 0, r.output
     return r.output, np.load(tmp_path / f"{name}.npz")
@@ -116,14 +123,15 @@ def test_cli_uncond_gives_the_unconditional_models_digits(ckpt, tiny, digits, tm
 
     out, off = _cli(ckpt, digits[0][0], tmp_path, "off", "--uncond")
     assert "read from the input" not in out and "; unconditional, torch" in out and off["labels"].tolist() == [-1] * 2
-    opts = replace(EDITING, steps=3, seed=4)
-    plan, edit = restore_job(pipeline.plans(tiny, opts), tiny.schedule, digits[0][:1], 0.3)
+    opts = replace(EDITING, steps=3, seed=4, eta=1.0)   # upscale's defaults
+    plan, edit = upscale_job(pipeline.plans(tiny, opts), _small(digits[0][0])[None], 2)
     ref = generate(tiny.engine("torch"), 2, plan, np.full(2, -1), 0.45, seed=4, image_shape=tiny.image_shape,
                    job=edit, progress=False)
+    ref = edit.finish(ref, 0, 2)                        # fitted to the block means, as saved
     assert np.array_equal(off["images"], ref)
     _, read = _cli(ckpt, digits[0][0], tmp_path, "read")
     assert not np.array_equal(off["images"], read["images"])
-    r = invoke("restore", "--ckpt", ckpt, "--image", tmp_path / "in.png", "--sigma", 0.3, "--uncond", "--label", 3)
+    r = invoke("upscale", "--ckpt", ckpt, "--image", tmp_path / "in.png", "--factor", 2, "--uncond", "--label", 3)
     assert r.exit_code == 2 and "--label and --uncond exclude each other" in r.output
 
 
@@ -135,12 +143,14 @@ def test_cli_ambiguous_input_says_so_and_runs_unconditionally(ckpt, tmp_path):
 
 
 def test_api_reads_one_label_per_picture_and_says_which(tiny, digits):
-    stack = np.stack([digits[0][0], BLANK, digits[0][1]])                  # a 7, nothing, a 2
-    out = tiny.restore(stack, 0.3, steps=3, engine="torch")
+    stack = np.stack([_small(digits[0][0]), _small(BLANK), _small(digits[0][1])])      # a 7, nothing, a 2
+    out = tiny.upscale(stack, 2, steps=3, engine="torch")
     assert out.labels.tolist() == [7, -1, 2] and out.reading.classes.tolist() == [7, 1, 2]
-    given = tiny.restore(stack, 0.3, steps=3, engine="torch", label=[7, 7, 2])
+    given = tiny.upscale(stack, 2, steps=3, engine="torch", label=[7, 7, 2])
     assert np.array_equal(out[[0, 2]], given[[0, 2]])                     # the read pictures: their labels
-    off = tiny.restore(stack, 0.3, steps=3, engine="torch", uncond=True)   # the blank one: the null label's eps
+    off = tiny.upscale(stack, 2, steps=3, engine="torch", uncond=True)   # the blank one: the null label's eps
     assert off.labels.tolist() == [-1] * 3 and off.reading is None
     assert np.abs(out[1].astype(int) - off[1]).max() <= 1
-    assert tiny.edit(digits[0][0], n=1, steps=2, engine="torch").labels.tolist() == [-1]   # SDEdit reads none
+    for other in (tiny.edit(digits[0][0], n=1, steps=2, engine="torch"),             # SDEdit and restoration
+                  tiny.restore(digits[0][0], 0.3, n=1, steps=2, engine="torch")):    # read none
+        assert other.labels.tolist() == [-1] and other.reading is None
