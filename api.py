@@ -218,11 +218,11 @@ class Model:
     # An edit is a plan and an EditJob (runtime.edits' job builders) run by the pipeline like `generate` (same seeded
     # stream per sample, any engine that runs row by row, any batch). A picture is a (H, W) uint8 array or a picture
     # file (runtime.images), resized as the edit needs: n results of it (default 8); or a stack (N, H, W): result k
-    # from picture k. The default sampler is EDIT_SAMPLER (DDIM, as measured).
+    # from picture k. label None: the unconditional model (upscale: the label read from the picture). The default
+    # sampler is EDIT_SAMPLER (DDIM, as measured).
 
     @checked(n=OPTIONAL_COUNT)
-    def inpaint(self, image, mask="bottom", n: int | None = None, label=None, uncond: bool = False,
-                guidance: float = GUIDANCE,
+    def inpaint(self, image, mask="bottom", n: int | None = None, label=None, guidance: float = GUIDANCE,
                 sampler: str = EDIT_SAMPLER, steps: int | None = None, eta: float = 1.0, variance: str = "small",
                 spacing: str | None = None, guidance_interval=None, guidance_rescale: float = 0.0, jump: int = 1,
                 resample: int = 3, seed: int = 0, batch: int = 64, engine="auto", device: str = "auto",
@@ -232,18 +232,15 @@ class Model:
         (H, W) array of the image's size; for a stack one per picture, (N, H, W)) whose white pixels (>= 128, or
         True) are kept exactly. jump, resample: RePaint's jump length j (in rows of the sampler) and count r (1: no
         resampling; j=1 r=3, the default, makes 148 network calls, about 3x a DDIM-50 generation; the paper's
-        steps=250, jump=10, resample=10 makes 2410, about 48x). label None: the class the shipped classifier reads
-        from the kept pixels (pipeline.Job.of; below runtime.classifier.MIN_PROB, or with uncond=True: the
-        unconditional model). Returns a pipeline.Edited array: its `labels` and `reading` say which label each result
-        used. Raises DdpmError for bad arguments."""
+        steps=250, jump=10, resample=10 makes 2410, about 48x). Raises DdpmError for bad arguments."""
         from . import pipeline
         from .runtime.edits import inpaint_job
 
-        refuse_guidance_without_labels(label is not None or not uncond, guidance, "guidance" in given())
+        refuse_guidance_without_labels(label is not None, guidance, "guidance" in given())
         opts = Sampling.of(locals())
         images, keep, n = self.inpaint_input(image, mask, n)
         job = inpaint_job(pipeline.plans(self, opts), images, keep, jump, resample)
-        return pipeline.edit(self, opts, n, label, start, progress, job, uncond)
+        return pipeline.edit(self, opts, n, label, start, progress, job)
 
     @checked(n=OPTIONAL_COUNT)
     def edit(self, image, label=None, strength: float = 0.6, n: int | None = None, guidance: float = EDIT_GUIDANCE,
@@ -254,8 +251,7 @@ class Model:
         """SDEdit (Meng et al. 2022; runtime.edits.sdedit_job): n redrawings (n, H, W) uint8 of `image`, noised to
         t0 = round(strength (T-1)) and denoised conditioned on `label`. strength in [0, 1]: 0 returns the input
         unchanged, 1 ignores it (the same digits as `generate` with this seed and label). guidance: EDIT_GUIDANCE by
-        default, stronger than generate's (the input pulls towards its own class); label None: the unconditional
-        model. Raises DdpmError."""
+        default, stronger than generate's (the input pulls towards its own class). Raises DdpmError."""
         from . import pipeline
         from .runtime.edits import sdedit_job
         from .runtime.images import fitted
@@ -268,17 +264,17 @@ class Model:
 
     @checked(n=OPTIONAL_COUNT)
     def upscale(self, image, factor: int = 2, n: int | None = None, label=None, uncond: bool = False,
-                method: str = "ilvr",
-                guidance: float = GUIDANCE, sampler: str = EDIT_SAMPLER, steps: int | None = None,
-                eta: float = 1.0, variance: str = "small", spacing: str | None = None, guidance_interval=None,
-                guidance_rescale: float = 0.0, seed: int = 0, batch: int = 64, engine="auto",
-                device: str = "auto", fp16: bool = False, int8: bool = False, start: int = 0,
+                method: str = "ilvr", guidance: float = GUIDANCE, sampler: str = EDIT_SAMPLER,
+                steps: int | None = None, eta: float = 1.0, variance: str = "small", spacing: str | None = None,
+                guidance_interval=None, guidance_rescale: float = 0.0, seed: int = 0, batch: int = 64,
+                engine="auto", device: str = "auto", fp16: bool = False, int8: bool = False, start: int = 0,
                 progress: bool = False) -> np.ndarray:
         """Super-resolution (runtime.edits.upscale_job): n full-size digits (n, H, W) uint8 whose f x f block means
         are the small `image` (H/f, W/f) (a picture of another size is resized to it, box-averaged when shrinking)
         within 0.5 grey level. method "ilvr": ILVR (Choi et al. 2021), low-pass guidance of x at every row; "ddnm":
-        DDNM (Wang et al. 2023), range-null-space projection of x0_hat. factor: 2 or 4. label, uncond and the
-        result: as in `inpaint`, the label read from the small picture. Raises DdpmError."""
+        DDNM (Wang et al. 2023), range-null-space projection of x0_hat. factor: 2 or 4. label None: the class the
+        shipped classifier reads from the small picture, the unconditional model where it is unsure or with uncond
+        (pipeline.Job.of); the result's `labels` say which (pipeline.Edited). Raises DdpmError."""
         from . import pipeline
         from .runtime.edits import upscale_job
         from .runtime.images import fitted
@@ -299,8 +295,7 @@ class Model:
         """Denoising (runtime.edits.restore_job): n restorations (n, H, W) uint8 of `image` = x + sigma n,
         n ~ N(0, I), sigma in the model's [-1, 1] units (s grey levels: sigma = s / 127.5), from the first t whose
         noise-to-signal ratio reaches sigma (runtime.edits.noise_start). A picture file's noise was clipped to
-        [0, 255] and rounded, which this ignores. label None: the unconditional model. Raises DdpmError for bad
-        arguments."""
+        [0, 255] and rounded, which this ignores. Raises DdpmError for bad arguments."""
         from . import pipeline
         from .runtime.edits import restore_job
         from .runtime.images import fitted

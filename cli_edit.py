@@ -70,7 +70,7 @@ def _edit(o: dict, build, shown, what: str, detail: str, inputs: dict | None = N
         done(r, n, what, f"{detail.format(plan=plan.name if plan else 'no steps')}; {cond}", o["out"])
 
 
-@editing_command("inpaint", "inpaint.png", replace(EDITING, eta=1.0), reads="the kept part")
+@editing_command("inpaint", "inpaint.png", replace(EDITING, eta=1.0))
 @click.option("--mask", "mask_spec", default="bottom", show_default=True,
               help=f"What to redraw: {', '.join(HALVES)}, or a picture of the image's size whose white pixels are "
                    f"KEPT.")
@@ -90,7 +90,6 @@ def inpaint(mask_spec, jump, resample, **o):
     Examples:
       ddpm inpaint --image seven.png --mask bottom -n 8 --out completions.png
       ddpm inpaint --image digit.png --mask keep.png --label 3
-      ddpm inpaint --image digit.png --uncond                 # the unconditional model
       ddpm inpaint --image digit.png --steps 250 --jump-length 10 --resample 10   # the paper's schedule
     """
     import numpy as np

@@ -291,7 +291,8 @@ class EditJob:
     operator, mask (float32, 1 = known); x_input with (a0, s0): the start a0 x_input + s0 x_T instead of x_T;
     blocks ((n or 1, H/f, W/f) uint8, upscaling's input): the results are fitted to its f x f block means (`finish`);
     reads ((n or 1, H, W) uint8): the input as a user gave it, from which the classifier reads the label of an edit
-    given none (pipeline.Job.of), None where such an edit runs the unconditional model (SDEdit, restoration).
+    given none (pipeline.Job.of), None where such an edit runs the unconditional model (inpainting, SDEdit,
+    restoration).
     """
 
     projection: Projection | None = None
@@ -345,11 +346,12 @@ def inpaint_job(plan_for, images: np.ndarray, keep: np.ndarray, jump: int = 1, r
     """RePaint: keep (m or 1, H, W) bool, True on the kept pixels. After every reverse row the kept pixels are
     replaced by the input noised to the row's level (noised_projection), exactly the input's after the last one;
     the rows are the plan's, resampled with jump length j and count r (repaint_plan). Stochastic rows (eta 1) let
-    the new part harmonise with the kept one; eta 0 gives deterministic rows. The label read without one: from the
-    kept pixels, the rest black."""
+    the new part harmonise with the kept one; eta 0 gives deterministic rows. Without a label: the unconditional
+    model (reads None; the classifier's read of a partial digit is often wrong, and conditioning on it measured
+    worse: bench/results/2026-12-06-editing-label.md)."""
     plan = repaint_plan(plan_for(None), jump, resample)
     return plan, EditJob(noised_projection(plan, "mask"), y=to_model(images)[:, None],
-                         mask=keep.astype(np.float32)[:, None], reads=np.where(keep, images, 0).astype(np.uint8))
+                         mask=keep.astype(np.float32)[:, None])
 
 
 def sdedit_job(plan_for, sched: Schedule, images: np.ndarray, strength: float):

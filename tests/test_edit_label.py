@@ -1,5 +1,5 @@
-"""The editing commands' default label: the class the shipped classifier's ONNX copy reads from the input (inpaint,
-upscale), the unconditional model when it is unsure or on --uncond / uncond=True (and for restore and edit)."""
+"""The editing commands' default label: the class the shipped classifier's ONNX copy reads from the input (upscale),
+the unconditional model when it is unsure or on --uncond / uncond=True (and for inpaint, restore and edit)."""
 
 import subprocess
 from dataclasses import replace
@@ -69,30 +69,38 @@ def _small(picture):
 
 
 def _jobs(model, picture):
-    """(plan, EditJob) of each reading edit of one picture, as the CLI builds them."""
+    """(plan, EditJob) of each edit of one picture, as the CLI builds them: upscale reads a label, the others none."""
     plans = pipeline.plans(model, Sampling(sampler="ddim", steps=2))
-    keep = half_mask("bottom", 28)[None]
-    return {"inpaint": inpaint_job(plans, picture[None], keep),
-            "upscale": upscale_job(plans, _small(picture)[None], 2)}
+    return {"upscale": upscale_job(plans, _small(picture)[None], 2),
+            "inpaint": inpaint_job(plans, picture[None], half_mask("bottom", 28)[None]),
+            "restore": restore_job(plans, model.schedule, picture[None], 0.3)}
 
 
 def test_default_label_is_the_class_read_from_a_clear_digit(tiny, digits):
     seven = digits[0][0]
     assert digits[1][0] == 7
     opts = Sampling(sampler="ddim", steps=2)
-    for mode, (plan, edit) in _jobs(tiny, seven).items():
+    jobs = _jobs(tiny, seven)
+    plan, edit = jobs.pop("upscale")
+    job = pipeline.Job.of(tiny, 3, plan, None, False, opts, edit=edit)
+    assert job.labels(0, 3).tolist() == [7, 7, 7] and job.guided and job.reading.probs[0] >= MIN_PROB
+    off = pipeline.Job.of(tiny, 3, plan, None, True, opts, edit=edit)               # uncond: the null label
+    assert off.labels(0, 3).tolist() == [-1] * 3 and not off.guided and off.reading is None
+    for mode, (plan, edit) in jobs.items():                                        # inpaint, restore: none read
         job = pipeline.Job.of(tiny, 3, plan, None, False, opts, edit=edit)
-        assert job.labels(0, 3).tolist() == [7, 7, 7] and job.guided, mode
-        assert job.reading.probs[0] >= MIN_PROB
-        off = pipeline.Job.of(tiny, 3, plan, None, True, opts, edit=edit)           # uncond: the null label
-        assert off.labels(0, 3).tolist() == [-1] * 3 and not off.guided and off.reading is None
-    plan, edit = restore_job(pipeline.plans(tiny, opts), tiny.schedule, seven[None], 0.3)   # restore reads none
-    assert pipeline.Job.of(tiny, 3, plan, None, False, opts, edit=edit).labels(0, 3).tolist() == [-1] * 3
+        assert job.labels(0, 3).tolist() == [-1] * 3 and not job.guided and job.reading is None, mode
 
 
-def test_ambiguous_input_falls_back_to_the_unconditional_model(tiny):
-    assert read_labels(BLANK[None]).probs[0] < MIN_PROB
-    plan, edit = _jobs(tiny, BLANK)["upscale"]
+def _ambiguous(digits):
+    """Test digit 92 (a 9) box-averaged to 7x7 and enlarged to 28x28 by pixel repetition: the classifier reads a 3
+    with p = 0.25, the least probability of the first 200 such inputs."""
+    small = np.clip(np.rint(downsample(digits[0][92:93], 4)), 0, 255).astype(np.uint8)
+    return np.repeat(np.repeat(small[0], 4, axis=0), 4, axis=1)
+
+
+def test_ambiguous_input_falls_back_to_the_unconditional_model(tiny, digits):
+    assert read_labels(_ambiguous(digits)[None]).probs[0] < MIN_PROB
+    plan, edit = _jobs(tiny, _ambiguous(digits))["upscale"]
     job = pipeline.Job.of(tiny, 2, plan, None, False, Sampling(sampler="ddim", steps=2), edit=edit)
     assert job.labels(0, 2).tolist() == [-1, -1] and not job.guided
     assert "ambiguous" in job.reading.describe() and "unconditional" in job.reading.describe()
@@ -135,22 +143,23 @@ def test_cli_uncond_gives_the_unconditional_models_digits(ckpt, tiny, digits, tm
     assert r.exit_code == 2 and "--label and --uncond exclude each other" in r.output
 
 
-def test_cli_ambiguous_input_says_so_and_runs_unconditionally(ckpt, tmp_path):
-    out, amb = _cli(ckpt, BLANK, tmp_path, "amb")
-    assert "the input is ambiguous (the classifier reads 1 with p=0.35" in out and "; unconditional" in out
-    _, off = _cli(ckpt, BLANK, tmp_path, "off", "--uncond")
+def test_cli_ambiguous_input_says_so_and_runs_unconditionally(ckpt, digits, tmp_path):
+    out, amb = _cli(ckpt, _ambiguous(digits), tmp_path, "amb")
+    assert "the input is ambiguous (the classifier reads 3 with p=0.25 < 0.3)" in out and "; unconditional" in out
+    _, off = _cli(ckpt, _ambiguous(digits), tmp_path, "off", "--uncond")
     assert amb["labels"].tolist() == [-1, -1] and np.array_equal(amb["images"], off["images"])
 
 
 def test_api_reads_one_label_per_picture_and_says_which(tiny, digits):
-    stack = np.stack([_small(digits[0][0]), _small(BLANK), _small(digits[0][1])])      # a 7, nothing, a 2
+    stack = np.stack([_small(digits[0][0]), _small(_ambiguous(digits)), _small(digits[0][1])])   # a 7, ?, a 2
     out = tiny.upscale(stack, 2, steps=3, engine="torch")
-    assert out.labels.tolist() == [7, -1, 2] and out.reading.classes.tolist() == [7, 1, 2]
+    assert out.labels.tolist() == [7, -1, 2] and out.reading.classes.tolist() == [7, 3, 2]
     given = tiny.upscale(stack, 2, steps=3, engine="torch", label=[7, 7, 2])
     assert np.array_equal(out[[0, 2]], given[[0, 2]])                     # the read pictures: their labels
-    off = tiny.upscale(stack, 2, steps=3, engine="torch", uncond=True)   # the blank one: the null label's eps
+    off = tiny.upscale(stack, 2, steps=3, engine="torch", uncond=True)   # the unsure one: the null label's eps
     assert off.labels.tolist() == [-1] * 3 and off.reading is None
     assert np.abs(out[1].astype(int) - off[1]).max() <= 1
-    for other in (tiny.edit(digits[0][0], n=1, steps=2, engine="torch"),             # SDEdit and restoration
-                  tiny.restore(digits[0][0], 0.3, n=1, steps=2, engine="torch")):    # read none
+    for other in (tiny.edit(digits[0][0], n=1, steps=2, engine="torch"),             # SDEdit, restoration and
+                  tiny.restore(digits[0][0], 0.3, n=1, steps=2, engine="torch"),     # inpainting read none
+                  tiny.inpaint(digits[0][0], n=1, steps=2, resample=1, engine="torch")):
         assert other.labels.tolist() == [-1] and other.reading is None
