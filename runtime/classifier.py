@@ -22,7 +22,7 @@ IMAGE_SHAPE = (28, 28)
 # The least top-class probability at which an editing command conditions on the class the classifier reads from
 # its input; below it the input is ambiguous and the unconditional model runs. Measured on 200 MNIST test digits
 # upscaled x4 (bench/results/2026-12-06-editing-label.md): the read label did better than the unconditional model in
-# every probability bin from 0.3 up (p in [0.3, 0.5): 29 of 32 right against 18), worse only below (2 of 5 against 3).
+# every probability bin from 0.3 up (p in [0.3, 0.5): 25 of 32 right against 18), worse only below (2 of 5 against 3).
 MIN_PROB = 0.3
 
 
