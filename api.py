@@ -216,7 +216,7 @@ class Model:
     # An edit is a plan and an EditJob (runtime.edits' job builders) run by the pipeline like `generate` (same seeded
     # stream per sample, any engine that runs row by row, any batch). A picture is a (H, W) uint8 array or a picture
     # file (runtime.images), resized as the edit needs: n results of it (default 8); or a stack (N, H, W): result k
-    # from picture k. label None: the unconditional model. The default sampler is EDIT_SAMPLER (DDIM, as measured).
+    # from picture k. label None: the unconditional model (upscale: the label read from the picture); EDIT_SAMPLER.
 
     @checked(n=OPTIONAL_COUNT)
     def inpaint(self, image, mask="bottom", n: int | None = None, label=None, guidance: float = GUIDANCE,
@@ -258,25 +258,27 @@ class Model:
         return pipeline.edit(self, opts, n, label, start, progress, job)
 
     @checked(n=OPTIONAL_COUNT)
-    def upscale(self, image, factor: int = 2, n: int | None = None, label=None, method: str = "ilvr",
-                guidance: float = GUIDANCE, sampler: str = EDIT_SAMPLER, steps: int | None = None,
-                eta: float = 1.0, variance: str = "small", spacing: str | None = None, guidance_interval=None,
-                guidance_rescale: float = 0.0, seed: int = 0, batch: int = 64, engine="auto",
-                device: str = "auto", fp16: bool = False, int8: bool = False, start: int = 0,
+    def upscale(self, image, factor: int = 2, n: int | None = None, label=None, uncond: bool = False,
+                method: str = "ilvr", guidance: float = GUIDANCE, sampler: str = EDIT_SAMPLER,
+                steps: int | None = None, eta: float = 1.0, variance: str = "small", spacing: str | None = None,
+                guidance_interval=None, guidance_rescale: float = 0.0, seed: int = 0, batch: int = 64,
+                engine="auto", device: str = "auto", fp16: bool = False, int8: bool = False, start: int = 0,
                 progress: bool = False) -> np.ndarray:
         """Super-resolution (runtime.edits.upscale_job): n full-size digits (n, H, W) uint8 whose f x f block means
         are the small `image` (H/f, W/f) (a picture of another size is resized to it, box-averaged when shrinking)
         within 0.5 grey level. method "ilvr": ILVR (Choi et al. 2021), low-pass guidance of x at every row; "ddnm":
-        DDNM (Wang et al. 2023), range-null-space projection of x0_hat. factor: 2 or 4. Raises DdpmError."""
+        DDNM (Wang et al. 2023), range-null-space projection of x0_hat. factor: 2 or 4. label None: the class the
+        shipped classifier reads from the small picture, the unconditional model where it is unsure or with uncond
+        (pipeline.Job.of); the result's `labels` say which (pipeline.Edited). Raises DdpmError."""
         from . import pipeline
         from .runtime.edits import upscale_job
         from .runtime.images import fitted
 
-        opts = Sampling.of(locals(), given(), labelled=label is not None)
+        opts = Sampling.of(locals(), given(), labelled=label is not None or not uncond)
         H, W = self.image_shape[1:]
         small, n = fitted(image, n, (H // factor, W // factor))
         job = upscale_job(pipeline.plans(self, opts), small, factor, method)
-        return pipeline.edit(self, opts, n, label, start, progress, job)
+        return pipeline.edit(self, opts, n, label, start, progress, job, uncond)
 
     @checked(n=OPTIONAL_COUNT)
     def restore(self, image, sigma: float, n: int | None = None, label=None, guidance: float = GUIDANCE,

@@ -13,16 +13,22 @@ from .runtime.edits import FACTORS, HALVES, UPSCALERS
 
 
 # --------------------------------------------------------------------------------------------------------- editing
-def editing_command(name: str, out: str, defaults: Sampling = EDITING, image_help: str = ""):
+def editing_command(name: str, out: str, defaults: Sampling = EDITING, image_help: str = "", reads: str = ""):
     """An editing command: the picture, how many results, the label, the output, and the sampling options with
-    this command's defaults."""
+    this command's defaults. reads: what the classifier reads the default label from ("": the default is the
+    unconditional model, and there is no --uncond)."""
+    label_help = (f"Class to condition on [default: the class the classifier reads from {reads}; the unconditional "
+                  f"model when it is unsure]." if reads else "Class to condition on [default: none, the "
+                                                             "unconditional model].")
+    uncond = [click.option("--uncond", is_flag=True, help="The unconditional model (no label), not the label read "
+                                                         "from the input.")] if reads else []
     return lambda f: click.command(name)(add_options(f, [
         click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False),
                      help="The picture: PNG or anything Pillow reads (greyscale, 16-bit, RGB, palette, or a digit "
                           "drawn in the alpha channel), a white digit on black like MNIST." + image_help),
         click.option("-n", "num", type=click.IntRange(min=1), default=8, show_default=True, help="Results."),
-        click.option("--label", type=click.IntRange(0, 9), default=None,
-                     help="Class to condition on [default: none, the unconditional model]."),
+        click.option("--label", type=click.IntRange(0, 9), default=None, help=label_help),
+        *uncond,
         click.option("--out", type=click.Path(dir_okay=False), default=out, show_default=True,
                      help="x.png: a grid, the input first, then the results; x.npz: images (N,H,W) uint8, labels "
                           "(N,) (-1: unconditional) and the input."),
@@ -42,17 +48,23 @@ def _edit(o: dict, build, shown, what: str, detail: str, inputs: dict | None = N
     if o["out"].lower().endswith(".png"):
         check_grid(o["num"] + 1)
     pipeline.check_engine(o["engine"], edit=True)
-    model, opts, log = prepare(o, labelled=o["label"] is not None)
+    uncond = o.pop("uncond", None)   # None: a command whose default is the unconditional model (no --uncond)
+    if uncond and o["label"] is not None:
+        raise click.UsageError("--label and --uncond exclude each other")
+    model, opts, log = prepare(o, labelled=o["label"] is not None or uncond is False)
     plan, edit = build(model, opts, lambda top: model.plan(**opts.plan_args(), top=top))
-    tile, n, label = shown(model), o["num"], o["label"]
-    job = pipeline.Job.of(model, n, plan, label, label is None, opts, edit=edit)
+    tile, n = shown(model), o["num"]
+    job = pipeline.Job.of(model, n, plan, o["label"], bool(uncond), opts, edit=edit)
+    label = int(job.labels(0, 1)[0])
     with pipeline.run(model, opts, job, progress=not o["quiet"], log=log) as r:
-        if r.ctx.rank == 0 and label is None:
+        if r.ctx.rank == 0 and job.reading is not None and not o["quiet"]:
+            click.echo(job.reading.describe(), err=True)
+        elif r.ctx.rank == 0 and uncond is None and label < 0:
             click.echo("no --label: using the unconditional model", err=True)
         if r.batches is not None:
             pipeline.save(o["out"], r.batches, job.labels, n, model.image_shape, min(n + 1, 12), shown=tile)
     if r.ctx.rank == 0:
-        cond = "unconditional" if label is None else f"label {label}, guidance {opts.guidance:g}"
+        cond = "unconditional" if label < 0 else f"label {label}, guidance {opts.guidance:g}"
         done(r, n, what, f"{detail.format(plan=plan.name if plan else 'no steps')}; {cond}", o["out"])
 
 
@@ -116,7 +128,8 @@ def edit_cmd(strength, **o):
 
 
 @editing_command("upscale", "upscale.png", replace(EDITING, eta=1.0),
-                 " A picture of another size is first resized to H/f x W/f (box-averaged when shrinking).")
+                 " A picture of another size is first resized to H/f x W/f (box-averaged when shrinking).",
+                 reads="the small picture")
 @click.option("--factor", type=click.Choice([str(f) for f in FACTORS]), required=True,
               help="Upscaling factor f: the input is the model's size / f (14x14 or 7x7 for 28x28 digits).")
 @click.option("--method", type=click.Choice(UPSCALERS), default=UPSCALERS[0], show_default=True,

@@ -35,7 +35,8 @@ class Job:
     int64, -1 for unconditional ones); guided: whether the network runs the guided batch
     (runtime.generate.network_batch); edit: an edit's projection and inputs (runtime.edits.EditJob), None for plain
     generation; start: the first sample's index in the seed's stream; image_shape: the model's (C, H, W) (a
-    keyword)."""
+    keyword); reading: the classifier's read of an edit's input when its labels were read (runtime.classifier.Reading),
+    else None."""
 
     n: int
     plan: object
@@ -44,12 +45,22 @@ class Job:
     edit: object = None
     start: int = 0
     image_shape: tuple[int, int, int] = field(kw_only=True)
+    reading: object = field(default=None, kw_only=True)
 
     @classmethod
     def of(cls, model, n: int, plan, label, uncond: bool, opts: Sampling, start: int = 0, edit=None) -> "Job":
         """n samples of `model` (api.Model) with these labels (checked now: Model.labels), from sample `start` on;
         guided when opts has a guidance scale and the samples are conditional. A label that is one class or None
-        (the classes in turn) gives each batch its labels as it comes: nothing of size n is held."""
+        (the classes in turn) gives each batch its labels as it comes: nothing of size n is held.
+
+        An edit (runtime.edits.EditJob) without a label: the unconditional model when uncond, or when the edit reads
+        no label from its input (edit.reads None: SDEdit); else the labels the shipped classifier reads from
+        edit.reads (read_edit_labels), kept as the job's `reading`."""
+        if edit is not None and label is None:
+            if uncond or edit.reads is None:
+                uncond = True
+            else:
+                return read_edit_labels(cls, model, n, plan, opts, start, edit)
         if label is None or np.ndim(label) == 0:
             model.labels(min(n, 1), label, uncond)
             labels = lambda lo, hi: model.labels(hi - lo, label, uncond, start=lo)
@@ -57,6 +68,29 @@ class Job:
             y = model.labels(n, label, uncond)
             labels = lambda lo, hi: y[lo:hi]
         return cls(n, plan, labels, bool(opts.guidance) and not uncond, edit, start, image_shape=model.image_shape)
+
+
+def read_edit_labels(cls, model, n: int, plan, opts: Sampling, start: int, edit) -> Job:
+    """The Job of an edit conditioned on what the classifier reads from its input pictures (edit.reads, (m, H, W)
+    uint8, m = 1 or n; runtime.classifier.read_labels): each result gets its picture's class; a picture read with a
+    top probability below runtime.classifier.MIN_PROB is ambiguous and its results use the unconditional model. When
+    some pictures of a stack are ambiguous and others not, their results run in the guided batch conditioned on the
+    null label, whose guided eps is the unconditional eps (eps_u + w (eps_u - eps_u)); Job.labels gives them the
+    null label's index (model.null_label), the reading -1."""
+    from .runtime.classifier import read_labels
+
+    reading = read_labels(edit.reads)
+    read = reading.labels if len(reading.labels) == n else np.repeat(reading.labels, n)
+    if (read < 0).all():
+        job = cls.of(model, n, plan, None, True, opts, start, edit)
+    elif (read >= 0).all():
+        job = cls.of(model, n, plan, int(read[0]) if len(reading.labels) == 1 else read, False, opts, start, edit)
+    else:
+        y = np.where(read < 0, model.null_label, read)
+        job = cls(n, plan, lambda lo, hi: y[lo:hi], bool(opts.guidance), edit, start,
+                  image_shape=model.image_shape)
+    job.reading = reading
+    return job
 
 
 def labels(num_classes: int, n: int, label=None, uncond: bool = False, start: int = 0) -> np.ndarray:
@@ -87,11 +121,29 @@ def plans(model, opts: Sampling):
     return lambda top: model.plan(**opts.plan_args(), top=top)
 
 
-def edit(model, opts: Sampling, n: int, label, start: int, progress: bool, plan_and_edit) -> np.ndarray:
-    """The API's edits: n results of (plan, runtime.edits.EditJob) (a job builder's), label None: unconditional."""
+class Edited(np.ndarray):
+    """An edit's results, (n, H, W) uint8 like any array, that say what they were conditioned on: labels (n,) int64,
+    each result's class, -1 for the unconditional model; reading, the classifier's read of the input pictures
+    (runtime.classifier.Reading: classes, probs, labels) when the labels were read from them, else None."""
+
+    labels: np.ndarray | None = None
+    reading: object = None
+
+    def __array_finalize__(self, obj):
+        self.labels, self.reading = getattr(obj, "labels", None), getattr(obj, "reading", None)
+
+
+def edit(model, opts: Sampling, n: int, label, start: int, progress: bool, plan_and_edit,
+         uncond: bool = False) -> Edited:
+    """The API's edits: n results of (plan, runtime.edits.EditJob) (a job builder's); label None: the label the
+    classifier reads from the input (Job.of), or the unconditional model when uncond or the edit reads none."""
     check_engine(opts.engine, edit=True)
-    plan, job = plan_and_edit
-    return generate(model, opts, Job.of(model, n, plan, label, label is None, opts, start, job), progress)
+    plan, edit_job = plan_and_edit
+    job = Job.of(model, n, plan, label, uncond, opts, start, edit_job)
+    out = generate(model, opts, job, progress).view(Edited)
+    used = job.labels(0, n)
+    out.labels, out.reading = np.where(used == model.null_label, -1, used), job.reading
+    return out
 
 
 def check_engine(engine, edit: bool = False, watch: bool = False) -> None:

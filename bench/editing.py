@@ -1,6 +1,7 @@
 """How well the editing modes work, measured on real MNIST test digits with the eval classifier (ddpm.evaluation).
 
     python -m ddpm.bench.editing --data ../shared/data/mnist -n 200 --json edits.json
+    python -m ddpm.bench.editing --data DIR -n 200 --only restore --sigmas 0.5 --label-source none,read
 
 * class edits (SDEdit): digit k of the test set redrawn as class (y_k + 1 + k mod 9) mod 10, never its own; the
   classifier's agreement with that target, and how far the result moved from the input (mean |difference|);
@@ -11,6 +12,13 @@
   (half a digit is ambiguous: this measures plausibility, not a truth) and whether the kept half is exact;
 * restoration: test digits plus Gaussian noise of std sigma, clipped to [0, 255] and rounded as a picture file
   would be; PSNR to the clean digit before and after, and the classifier's accuracy.
+
+--label-source says what the inpainting, upscaling and restoration rows condition on: "none", the unconditional
+model; "read", the class the shipped classifier's ONNX copy (runtime.classifier) reads from each input as a user
+would give it (the kept part with the rest black, the small picture enlarged by pixel repetition, the noisy
+picture), whatever its probability, with the editing defaults' guidance. Such a row adds read_accuracy (how often
+that read is the true label) and, with both sources, a table of the accuracy when inputs read with a top
+probability below p fall back to the unconditional model (per_image keeps each digit's figures for it).
 
 Every row records its wall time and seconds per image (batch 64, the engine asked for). Needs PyTorch (the
 classifier).
@@ -36,6 +44,58 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
+def _conditioning(source: str, seen: np.ndarray, y: np.ndarray):
+    """(the edit method's keywords, the row's extra fields) for a label source: "none", the unconditional model;
+    "read", the class the ONNX classifier reads from `seen` (the inputs as given, (N, 28, 28) uint8)."""
+    if source == "none":
+        return {"uncond": True}, {"label_source": "none"}
+    if source != "read":
+        raise SystemExit(f"unknown label source {source!r}: none or read")
+    from ..runtime.classifier import read_labels
+
+    r = read_labels(seen, threshold=0.0)
+    return {"label": r.classes}, {"label_source": "read", "read_accuracy": float((r.classes == y).mean()),
+                                  "per_image": {"read_class": r.classes.tolist(),
+                                                "read_prob": [round(float(p), 5) for p in r.probs]}}
+
+
+def _scored(row: dict, correct: np.ndarray) -> dict:
+    """The row with each digit's correctness kept beside the read (per_image), for threshold_table."""
+    if "per_image" in row:
+        row["per_image"]["correct"] = correct.astype(int).tolist()
+    else:
+        row["per_image"] = {"correct": correct.astype(int).tolist()}
+    return row
+
+
+def threshold_table(rows: list[dict], thresholds=(0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)) -> list[dict]:
+    """For each measurement with both label sources: the accuracy of conditioning on the read label where its top
+    probability is at least p and running the unconditional model below (p = 1.01: always unconditional), with the
+    share of digits read confidently; and, per probability bin, the accuracy of either arm on those digits."""
+    key = lambda r: tuple((k, r[k]) for k in ("mode", "factor", "method", "sigma", "jump", "resample") if k in r)
+    pairs = {}
+    for r in rows:
+        if "label_source" in r:
+            pairs.setdefault(key(r), {})[r["label_source"]] = r
+    out = []
+    for k, arms in pairs.items():
+        if set(arms) != {"none", "read"}:
+            continue
+        read = np.asarray(arms["read"]["per_image"]["correct"], bool)
+        none = np.asarray(arms["none"]["per_image"]["correct"], bool)
+        p = np.asarray(arms["read"]["per_image"]["read_prob"])
+        for t in thresholds:
+            use = p >= t
+            out.append({**dict(k), "threshold": t, "share_read": float(use.mean()),
+                        "accuracy": float(np.where(use, read, none).mean())})
+        for lo, hi in ((0.0, 0.5), (0.5, 0.7), (0.7, 0.9), (0.9, 1.01)):
+            b = (p >= lo) & (p < hi)
+            out.append({**dict(k), "bin": [lo, hi], "n": int(b.sum()),
+                        "accuracy_read": float(read[b].mean()) if b.any() else None,
+                        "accuracy_none": float(none[b].mean()) if b.any() else None})
+    return out
+
+
 def class_edits(model, clf, x, y, strengths, guidances, engine, batch, seed=0) -> list[dict]:
     from ..evaluation import predict
 
@@ -54,7 +114,7 @@ def class_edits(model, clf, x, y, strengths, guidances, engine, batch, seed=0) -
     return rows
 
 
-def upscaling(model, clf, x, y, factors, methods, engine, batch, seed=0) -> list[dict]:
+def upscaling(model, clf, x, y, factors, methods, engine, batch, seed=0, sources=("none",), start=0) -> list[dict]:
     from PIL import Image
 
     from ..runtime.edits import downsample, upsample
@@ -63,52 +123,65 @@ def upscaling(model, clf, x, y, factors, methods, engine, batch, seed=0) -> list
     rows = []
     for f in factors:
         small = np.clip(np.rint(downsample(x, f)), 0, 255).astype(np.uint8)
-        outs = {"nearest": (upsample(small, f), 0.0),
+        outs = {"nearest": (upsample(small, f), 0.0, {}),
                 "bicubic": (np.stack([np.asarray(Image.fromarray(s).resize(x.shape[:0:-1], Image.Resampling.BICUBIC))
-                                      for s in small]), 0.0)}
+                                      for s in small]), 0.0, {})}
         for method, eta in methods:
-            outs[f"{method} eta{eta:g}"] = _timed(lambda: model.upscale(small, f, method=method, eta=eta,
-                                                                        engine=engine, batch=batch, seed=seed))
-        for name, (out, sec) in outs.items():
+            for source in sources:
+                kw, extra = _conditioning(source, upsample(small, f), y)
+                name = f"{method} eta{eta:g}" + (f" {source}" if len(sources) > 1 else "")
+                outs[name] = (*_timed(lambda: model.upscale(small, f, method=method, eta=eta, engine=engine,
+                                                            batch=batch, seed=seed, start=start, **kw)), extra)
+        for name, (out, sec, extra) in outs.items():
             err = np.abs(downsample(out, f) - small)
-            rows.append({"mode": "upscale", "factor": f, "method": name, "n": len(x),
-                         "consistency_mean": float(err.mean()), "consistency_max": float(err.max()),
-                         "consistency_within_1": float((err <= 1.0).mean()),
-                         "accuracy": float((predict(clf, out) == y).mean()),
-                         "rmse": float(np.sqrt(np.mean((out.astype(np.float64) - x) ** 2))),
-                         "seconds": sec, "s_per_image": sec / len(x)})
-            print(json.dumps(rows[-1]), flush=True)
+            correct = predict(clf, out) == y
+            rows.append(_scored({"mode": "upscale", "factor": f, "method": name.removesuffix(" none").removesuffix(
+                                 " read"), "n": len(x), **extra,
+                                 "consistency_mean": float(err.mean()), "consistency_max": float(err.max()),
+                                 "consistency_within_1": float((err <= 1.0).mean()),
+                                 "accuracy": float(correct.mean()),
+                                 "rmse": float(np.sqrt(np.mean((out.astype(np.float64) - x) ** 2))),
+                                 "seconds": sec, "s_per_image": sec / len(x)}, correct))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_image"}), flush=True)
     return rows
 
 
-def inpainting(model, clf, x, y, configs, engine, batch, seed=0) -> list[dict]:
+def inpainting(model, clf, x, y, configs, engine, batch, seed=0, sources=("none",), start=0) -> list[dict]:
     from ..runtime.edits import half_mask
     from ..evaluation import predict
 
     keep = half_mask("bottom", model.image_shape[1])
     rows = []
     for c in configs:
-        out, sec = _timed(lambda: model.inpaint(x, "bottom", engine=engine, batch=batch, seed=seed, **c))
-        rows.append({"mode": "inpaint", **c, "n": len(x), "accuracy": float((predict(clf, out) == y).mean()),
-                     "kept_exact": bool(np.array_equal(out[:, keep], x[:, keep])),
-                     "seconds": sec, "s_per_image": sec / len(x)})
-        print(json.dumps(rows[-1]), flush=True)
+        for source in sources:
+            kw, extra = _conditioning(source, np.where(keep, x, 0).astype(np.uint8), y)
+            out, sec = _timed(lambda: model.inpaint(x, "bottom", engine=engine, batch=batch, seed=seed, start=start,
+                                                    **c, **kw))
+            correct = predict(clf, out) == y
+            rows.append(_scored({"mode": "inpaint", **c, "n": len(x), **extra, "accuracy": float(correct.mean()),
+                                 "kept_exact": bool(np.array_equal(out[:, keep], x[:, keep])),
+                                 "seconds": sec, "s_per_image": sec / len(x)}, correct))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_image"}), flush=True)
     return rows
 
 
-def restoration(model, clf, x, y, sigmas, engine, batch, seed=0) -> list[dict]:
+def restoration(model, clf, x, y, sigmas, engine, batch, seed=0, sources=("none",)) -> list[dict]:
     from ..evaluation import predict
 
     rows = []
     rng = np.random.default_rng(seed)
     for sigma in sigmas:
         noisy = np.clip(np.rint(x + rng.standard_normal(x.shape) * sigma * 127.5), 0, 255).astype(np.uint8)
-        out, sec = _timed(lambda: model.restore(noisy, sigma, engine=engine, batch=batch, seed=seed))
-        rows.append({"mode": "restore", "sigma": sigma, "n": len(x), "psnr_noisy": _psnr(noisy, x),
-                     "psnr_restored": _psnr(out, x), "accuracy_noisy": float((predict(clf, noisy) == y).mean()),
-                     "accuracy_restored": float((predict(clf, out) == y).mean()),
-                     "seconds": sec, "s_per_image": sec / len(x)})
-        print(json.dumps(rows[-1]), flush=True)
+        for source in sources:
+            kw, extra = _conditioning(source, noisy, y)
+            out, sec = _timed(lambda: model.restore(noisy, sigma, engine=engine, batch=batch, seed=seed, **kw))
+            correct = predict(clf, out) == y
+            rows.append(_scored({"mode": "restore", "sigma": sigma, "n": len(x), **extra,
+                                 "psnr_noisy": _psnr(noisy, x), "psnr_restored": _psnr(out, x),
+                                 "accuracy_noisy": float((predict(clf, noisy) == y).mean()),
+                                 "accuracy": float(correct.mean()), "seconds": sec, "s_per_image": sec / len(x)},
+                                correct))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_image"}), flush=True)
     return rows
 
 
@@ -121,6 +194,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="MNIST folder (the test set is used)")
     p.add_argument("-n", type=int, default=200, help="test digits per measurement")
+    p.add_argument("--first", type=int, default=0,
+                   help="the first test digit (upscale and inpaint: digit k is sample k of the seed, so that runs over "
+                        "consecutive ranges add up to one run over their union)")
     p.add_argument("--ckpt", default=None, help="checkpoint [default: the shipped model]")
     p.add_argument("--engine", default="auto")
     p.add_argument("--batch", type=int, default=64)
@@ -131,30 +207,40 @@ def main(argv=None) -> None:
                                                  "eta=0,resample=1;eta=0,jump=1,resample=3",
                    help="RePaint settings to measure, ';'-separated, each a ','-separated list of key=value "
                         "(steps, eta, jump, resample), e.g. 'steps=250,jump=10,resample=10' for the paper's")
+    p.add_argument("--label-source", default="none",
+                   help="what inpaint, upscale and restore condition on, comma-separated: none (the unconditional "
+                        "model), read (the class the classifier reads from the input)")
+    p.add_argument("--factors", default="2,4", help="upscaling factors")
+    p.add_argument("--methods", default="ilvr:1,ilvr:0,ddnm:1,ddnm:0", help="upscalers as method:eta")
+    p.add_argument("--sigmas", default="0.2,0.5,1.0", help="restoration noise levels")
     p.add_argument("--json", default=None, help="write the rows here")
     a = p.parse_args(argv)
     model, clf = ddpm.load(a.ckpt), load_classifier()
     x, y = load_mnist(a.data, "test")
-    x, y = x[: a.n], y[: a.n]
+    x, y = x[a.first: a.first + a.n], y[a.first: a.first + a.n]
     only = set(a.only.split(","))
     floats = lambda s: [float(v) for v in s.split(",")]
+    sources = a.label_source.split(",")
     rows = []
     if "edit" in only:
         rows += class_edits(model, clf, x, y, floats(a.strengths), floats(a.guidances), a.engine, a.batch)
     if "upscale" in only:
-        rows += upscaling(model, clf, x, y, (2, 4), [("ilvr", 1.0), ("ilvr", 0.0), ("ddnm", 1.0), ("ddnm", 0.0)],
-                          a.engine, a.batch)
+        methods = [(m, float(e)) for m, e in (v.split(":") for v in a.methods.split(","))]
+        rows += upscaling(model, clf, x, y, [int(f) for f in a.factors.split(",")], methods, a.engine, a.batch,
+                          sources=sources, start=a.first)
     if "inpaint" in only:
         value = lambda k, v: float(v) if k == "eta" else int(v)
         configs = [{k: value(k, v) for k, v in (kv.split("=") for kv in c.split(","))}
                    for c in a.inpaint_configs.split(";") if c]
-        rows += inpainting(model, clf, x, y, configs, a.engine, a.batch)
+        rows += inpainting(model, clf, x, y, configs, a.engine, a.batch, sources=sources, start=a.first)
     if "restore" in only:
-        rows += restoration(model, clf, x, y, (0.2, 0.5, 1.0), a.engine, a.batch)
+        rows += restoration(model, clf, x, y, floats(a.sigmas), a.engine, a.batch, sources=sources)
+    for t in threshold_table(rows):
+        print(json.dumps(t), flush=True)
     if a.json:
         from ..files import write_text
 
-        write_text(a.json, json.dumps(rows, indent=1) + "\n")
+        write_text(a.json, json.dumps({"rows": rows, "thresholds": threshold_table(rows)}) + "\n")
 
 
 if __name__ == "__main__":

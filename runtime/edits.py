@@ -289,7 +289,10 @@ class EditJob:
 
     projection with y (float32 in [-1, 1]; full size, the low-pass operator averages it) and, for the mask
     operator, mask (float32, 1 = known); x_input with (a0, s0): the start a0 x_input + s0 x_T instead of x_T;
-    blocks ((n or 1, H/f, W/f) uint8, upscaling's input): the results are fitted to its f x f block means (`finish`).
+    blocks ((n or 1, H/f, W/f) uint8, upscaling's input): the results are fitted to its f x f block means (`finish`);
+    reads ((n or 1, H, W) uint8): the input as a user gave it, from which the classifier reads the label of an edit
+    given none (pipeline.Job.of), None where such an edit runs the unconditional model (inpainting, SDEdit,
+    restoration).
     """
 
     projection: Projection | None = None
@@ -299,6 +302,7 @@ class EditJob:
     a0: float = 0.0
     s0: float = 1.0
     blocks: np.ndarray | None = None
+    reads: np.ndarray | None = None
 
     @property
     def num_slots(self) -> int:
@@ -314,7 +318,7 @@ class EditJob:
         """The same edit for samples lo..hi-1 of these (a process's share under torchrun)."""
         cut = lambda a: a if a is None or len(a) == 1 else a[lo:hi]
         return EditJob(self.projection, cut(self.y), cut(self.mask), cut(self.x_input), self.a0, self.s0,
-                       cut(self.blocks))
+                       cut(self.blocks), cut(self.reads))
 
     def finish(self, images: np.ndarray, lo: int, hi: int) -> np.ndarray:
         """The results (hi - lo, H, W) uint8 of samples lo..hi-1 as they are saved: with `blocks`, the nearest
@@ -342,7 +346,9 @@ def inpaint_job(plan_for, images: np.ndarray, keep: np.ndarray, jump: int = 1, r
     """RePaint: keep (m or 1, H, W) bool, True on the kept pixels. After every reverse row the kept pixels are
     replaced by the input noised to the row's level (noised_projection), exactly the input's after the last one;
     the rows are the plan's, resampled with jump length j and count r (repaint_plan). Stochastic rows (eta 1) let
-    the new part harmonise with the kept one; eta 0 gives deterministic rows."""
+    the new part harmonise with the kept one; eta 0 gives deterministic rows. Without a label: the unconditional
+    model (reads None; the classifier's read of a partial digit is often wrong, and conditioning on it measured
+    worse: bench/results/2026-12-06-editing-label.md)."""
     plan = repaint_plan(plan_for(None), jump, resample)
     return plan, EditJob(noised_projection(plan, "mask"), y=to_model(images)[:, None],
                          mask=keep.astype(np.float32)[:, None])
@@ -363,15 +369,19 @@ def upscale_job(plan_for, small: np.ndarray, factor: int, method: str = "ilvr"):
     """Upscaling the small pictures (m, H/f, W/f): "ilvr", x <- x + up(down(y_t) - down(x)) after every row with
     y_t the input noised to the row's level (noised_projection); "ddnm", x0_hat <- x0_hat + up(y - down(x0_hat))
     (x0_projection). The last row makes down(x) = y in the model's range; the results are then fitted to the block
-    means within [0, 255] (EditJob.finish, fit_blocks: clipping would move bright and dark blocks)."""
+    means within [0, 255] (EditJob.finish, fit_blocks: clipping would move bright and dark blocks). The label read
+    without one: from the small picture enlarged by pixel repetition (up_f)."""
     plan = plan_for(None)
     proj = noised_projection(plan, "lowpass", factor) if method == "ilvr" else x0_projection(plan, factor)
-    return plan, EditJob(proj, y=upsample(to_model(small), factor)[:, None], blocks=small)
+    return plan, EditJob(proj, y=upsample(to_model(small), factor)[:, None], blocks=small,
+                         reads=upsample(np.asarray(small, dtype=np.uint8), factor))
 
 
 def restore_job(plan_for, sched: Schedule, images: np.ndarray, sigma: float):
     """Denoising y = x + sigma n from x_t = sqrt(abar_t) y (+ x_T for the variance still missing), which has exactly
-    the law of q(x_t | x), at the first t whose noise-to-signal ratio reaches sigma (noise_start)."""
+    the law of q(x_t | x), at the first t whose noise-to-signal ratio reaches sigma (noise_start). Without a label:
+    the unconditional model (reads None; the classifier's read of a noisy picture is often wrong, and conditioning
+    on it measured worse: bench/results/2026-12-06-editing-label.md)."""
     t, a0, s0 = noise_start(sched, float(sigma))
     return plan_for(t), EditJob(x_input=to_model(images)[:, None], a0=a0, s0=s0)
 

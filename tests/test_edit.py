@@ -419,10 +419,10 @@ def files(setup, tmp_path_factory):
     return d
 
 
-COMMANDS = {
+COMMANDS = {   # the unconditional model: --uncond where the default label is read from the input
     "inpaint": ["inpaint", "--mask", "{d}/keep.png", "--resample", "2", "--jump-length", "2"],
     "edit": ["edit", "--strength", "0.7"],
-    "upscale": ["upscale", "--factor", "2", "--image", "{d}/small.png"],
+    "upscale": ["upscale", "--factor", "2", "--image", "{d}/small.png", "--uncond"],
     "restore": ["restore", "--sigma", "0.3"],
 }
 
@@ -436,10 +436,12 @@ def test_editing_commands_behave_like_gen(setup, files, tmp_path, command):
     base = [*args, "--ckpt", setup[2], "--steps", "4", "--seed", "3", "-q"]
     r = invoke(*base, "-n", "3", "--batch", "2", "--out", tmp_path / "a.npz")
     assert r.exit_code == 0, r.output
-    assert "unconditional model" in r.output and f"-> {tmp_path / 'a.npz'}" in r.output and ", onnx)" in r.output
+    said = "; unconditional, onnx)" if command == "upscale" else "unconditional model"   # upscale: --uncond
+    assert said in r.output and f"-> {tmp_path / 'a.npz'}" in r.output and ", onnx)" in r.output
     a = np.load(tmp_path / "a.npz")
     assert a["images"].shape == (3, 28, 28) and a["labels"].tolist() == [-1] * 3 and a["input"].shape == (28, 28)
-    r = invoke(*base, "-n", "1", "--engine", "torch", "--label", "5", "--out", tmp_path / "b.png")
+    r = invoke(*[a for a in base if a != "--uncond"], "-n", "1", "--engine", "torch", "--label", "5", "--out",
+               tmp_path / "b.png")
     assert r.exit_code == 0, r.output
     assert "unconditional" not in r.output and "label 5" in r.output
     assert Image.open(tmp_path / "b.png").size == (2 * (2 * 30 + 2), 2 * 32)    # the input, then the result

@@ -88,10 +88,11 @@ def test_uncond_with_explicit_guidance_is_refused(ckpt, tmp_path):
 
 
 def test_edit_without_label_and_explicit_guidance_is_refused(ckpt, png, tmp_path, monkeypatch):
-    """Without --label an edit uses the unconditional model, which guidance would silently not touch."""
+    """`edit`, `restore` and `inpaint` without --label, and `upscale` with --uncond, use the unconditional model,
+    which guidance would silently not touch."""
     monkeypatch.setattr(gen_mod, "iter_generate", None)      # refused before any work
     for cmd in ("edit", "upscale", "restore", "inpaint"):
-        r = invoke(*_commands(ckpt, png, tmp_path)[cmd], "--guidance", 2)
+        r = invoke(*_commands(ckpt, png, tmp_path)[cmd], *(["--uncond"] if cmd == "upscale" else []), "--guidance", 2)
         assert r.exit_code == 2 and "give --label, or leave out --guidance" in r.output, r.output
 
 
