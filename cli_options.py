@@ -145,7 +145,7 @@ def add_options(f, opts):
 
 
 def model_option(f):
-    return click.option("--ckpt", type=click.Path(), default=None,
+    return click.option("--ckpt", type=click.Path(exists=True), default=None,
                         help="Checkpoint: model.safetensors, ckpt.pt, a run folder or a diffusers pipeline folder "
                              "(docs/diffusers.md) [default: the shipped model].")(f)
 
@@ -196,7 +196,7 @@ def sampling_options(defaults: Sampling = DEFAULT):
                           "onnx-generator: the whole loop in one ONNX call (deterministic plans; gen and eval only: "
                           "the editing commands refuse it); auto: onnx on a CPU, runtime-torch on a GPU (same digits, "
                           "faster)."),
-        click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None,
+        click.option("--export", "export_dir", type=click.Path(exists=True, file_okay=False), default=None,
                      help="Export folder for onnx/trt/onnx-generator [default: the checkpoint's, exported on first "
                           "use]."),
         click.option("--fp16", is_flag=True, help="Half-precision model (runtime engines)."),

@@ -21,7 +21,7 @@ from .runtime.engines import ENGINES
                                           "an explicit --guidance > 0 is refused with it (guidance needs a label).")
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="MNIST folder (real test set, floor); else $DDPM_DATA or the cache folder.")
-@click.option("--classifier", type=click.Path(dir_okay=False), default=None,
+@click.option("--classifier", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Classifier weights [default: the shipped one].")
 @click.option("--train-classifier", is_flag=True, help="Retrain the classifier (3 epochs) and use it.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,

@@ -74,9 +74,14 @@ def test_gen_solvers_spacing_and_guidance_interval(ckpt, tmp_path):
 
 
 def test_gen_bad_checkpoints(tmp_path):
-    for path, message in ((tmp_path / "missing.pt", "does not exist"), (tmp_path, "holds neither")):
-        r = invoke("gen", "--ckpt", path, "-n", 1)
-        assert r.exit_code == 1 and message in r.output
+    # an input path that does not exist is a usage error naming its option (exit 2, docs/reliability.md), as --image's
+    for option in ("--ckpt", "--export"):
+        r = invoke("gen", option, tmp_path / "missing", "-n", 1)
+        assert r.exit_code == 2 and "does not exist" in r.output and option in r.output, r.output
+    r = invoke("eval", "--classifier", tmp_path / "missing.safetensors", "-n", 2)
+    assert r.exit_code == 2 and "does not exist" in r.output and "--classifier" in r.output, r.output
+    r = invoke("gen", "--ckpt", tmp_path, "-n", 1)
+    assert r.exit_code == 1 and "holds neither" in r.output
     (tmp_path / "foreign.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     r = invoke("gen", "--ckpt", tmp_path / "foreign.safetensors", "-n", 1)
     assert r.exit_code == 1 and "Error:" in r.output and "Traceback" not in r.output
