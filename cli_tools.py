@@ -153,12 +153,12 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
 
     if build_trt:   # fail before the ONNX work if TensorRT cannot run here
         check_trt()
-    if web_dir and ort_web:   # and before it if the given onnxruntime-web tarball is not the pinned one
-        from .export.web import ort_web_tarball
-
-        ort_web_tarball(ort_web)
     model = api.load(ckpt)
     claim_outputs(model, out, web_dir)   # before any work: a folder that may not be replaced is refused
+    if web_dir:   # and onnxruntime-web: the given tarball checked, else the cached one, else fetched with npm
+        from .export import web
+
+        ort_web = web.ort_web_tarball(ort_web, log=click.echo)
     calibration = _int8_data(data, model.image_shape) if int8 else None
     # gen's defaults (eta 0, the default guidance interval), so that the generator gives gen's digits
     plan = model.plan(sampler, steps, 0.0, "small", spacing, guidance_interval, guidance_rescale=guidance_rescale) \

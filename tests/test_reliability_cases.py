@@ -110,6 +110,21 @@ def test_an_npm_registry_that_never_answers_is_one_line_in_bounded_time(tmp_path
     assert time.monotonic() - t < 20 and "--ort-web" in str(e.value)
 
 
+def test_export_web_says_at_once_that_npm_cannot_fetch_onnxruntime_web(ckpt, tmp_path, monkeypatch):
+    """`ddpm export --web` with npm failing: one line before any export work (docs/export.md: "fails at once"), so
+    no export folder is written for a page that cannot be made."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "npm").write_text("#!/bin/sh\necho 'npm error code ECONNREFUSED' >&2\nexit 1\n")
+    (bin_dir / "npm").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "exp"
+    r = invoke("export", "--ckpt", ckpt, "--out", out, "--web", tmp_path / "site")
+    line = _error_line(r)
+    assert "--ort-web" in line and not out.exists() and not (tmp_path / "site").exists(), r.output[-2000:]
+
+
 def _error_line(r) -> str:
     lines = r.output.strip().splitlines()
     assert r.exit_code == 1 and "Traceback" not in r.output and lines[-1].startswith("Error: "), r.output[-3000:]
