@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DdpmError
-from ..runtime.bundle import Bundle
+from ..runtime.bundle import Bundle, ExportError
 
 
 def check_trt() -> None:
@@ -56,7 +56,9 @@ def export_folder(model, out: str | Path | None = None, fp16: bool = False, opse
         res = export(loaded, out or cache_folder(model.hash), fp16=fp16, opset=opset, log=log, int8=int8)
     except ExportFailed as e:
         raise DdpmError(f"export failed, nothing written: {e}") from None
-    if plan is not None:
+    if plan is not None and _has_generator(res.out, plan, form):
+        log(f"generator.onnx for {plan.name} ({form}): kept (made and verified before)")
+    elif plan is not None:
         log(f"building generator.onnx for {plan.name} in {res.out}")
         try:
             add_generator(res.out, plan, GUIDANCE, form, log=log)
@@ -69,6 +71,18 @@ def export_folder(model, out: str | Path | None = None, fp16: bool = False, opse
         for precision in [p for p in res.meta["files"] if p != "int8"]:   # int8 is onnxruntime's, on a CPU
             log(f"TensorRT {precision}: {ensure_engine(bundle, precision, *trt_batches, log=log)}")
     return bundle
+
+
+def _has_generator(root: Path, plan, form: str) -> bool:
+    """Whether the export folder `root` holds an intact generator of `plan` and `form` (recorded in export.json with
+    its verification, and matching its sha256): then it is kept, as the export keeps an intact model.onnx."""
+    from ..runtime.runner import plan_key
+
+    try:
+        Bundle.load(root).generator_path(plan_key(plan), form)
+    except ExportError:
+        return False
+    return True
 
 
 def write_web_page(bundle: Bundle, folder, plan, options: str, ort_web=None, log=print) -> Path:

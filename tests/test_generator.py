@@ -247,3 +247,24 @@ def test_quiet_gen_says_nothing_about_building(setup, tmp_path):
                "--out", tmp_path / "a.png", env=env)
     assert r.exit_code == 0, r.output
     assert r.output.strip().splitlines() == [r.output.strip()] and "building" not in r.output   # the summary alone
+
+
+@pytest.mark.slow
+def test_export_keeps_an_intact_generator_and_rebuilds_a_damaged_one(ckpt, tmp_path):
+    """`ddpm export --generator` (and so `--web`) run again on the same folder keeps the verified generator of the
+    plan as it keeps model.onnx; a generator that no longer matches its sha256 is built again."""
+    out = tmp_path / "exp"
+    args = ("export", "--ckpt", ckpt, "--out", out, "--generator", "--sampler", "ddim", "--steps", 3)
+    first = invoke(*args)
+    assert first.exit_code == 0 and "building generator.onnx" in first.output, first.output
+    gen = out / Bundle.load(out).generator()["name"]
+    before = gen.stat()
+    again = invoke(*args)
+    assert again.exit_code == 0 and "building generator.onnx" not in again.output, again.output
+    assert "kept (made and verified before)" in again.output
+    assert (gen.stat().st_ino, gen.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    with open(gen, "ab") as f:
+        f.write(b"\0")
+    third = invoke(*args)
+    assert third.exit_code == 0 and "building generator.onnx" in third.output, third.output
+    Bundle.load(out).generator_path(Bundle.load(out).generator()["plan_key"])   # intact again
