@@ -391,6 +391,23 @@ def temp_dir(out: str | os.PathLike) -> Path:
     return tmp
 
 
+@contextmanager
+def building_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """The empty folder (temp_dir) in which a folder output `out` is built and from which the caller publishes it
+    (publish_dir, publish_owned); removed when the block fails, and a failure from a full disk raised as
+    OutputError (no_space) naming `out`. What `out` held stays as it was."""
+    out = Path(out)
+    tmp = temp_dir(out)
+    try:
+        yield tmp
+    except BaseException as e:
+        full = disk_full(e, out.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise no_space(out) from None
+        raise
+
+
 def publish_dir(tmp: Path, out: str | os.PathLike, keep: Callable[[Path], bool] | None = None) -> bool:
     """Rename the complete folder `tmp` to `out`. An existing `out` is moved aside only now, the new one renamed in,
     then the old one deleted: at every moment `out` is the old folder, the new one, or (between two renames) absent

@@ -212,12 +212,11 @@ def generator_bundle(model, plan, form: str = "loop", log=None) -> Bundle:
 def _seed(source: Bundle, folder: Path) -> None:
     """Make `folder` an export folder with the files of `source` (hard links where possible), published by one
     rename (files.publish_owned: what a user put into `folder` is kept, or the folder refused)."""
-    from ..files import claim_dir, publish_owned, temp_dir
+    from ..files import building_dir, claim_dir, publish_owned
 
     same = same_weights(source.meta["checkpoint_hash"])
     claim_dir(folder, EXPORT_FOLDER, same)
-    tmp = temp_dir(folder)
-    try:
+    with building_dir(folder) as tmp:
         for f in source.root.iterdir():
             if f.is_file() and not f.name.startswith("."):
                 try:
@@ -225,6 +224,3 @@ def _seed(source: Bundle, folder: Path) -> None:
                 except OSError:   # another file system, or links not allowed there
                     shutil.copyfile(f, tmp / f.name)
         publish_owned(tmp, folder, EXPORT_FOLDER, same)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DdpmError
-from ..files import OutputError, disk_full, is_temporary, no_space, publish_dir, temp_dir
+from ..files import building_dir, is_temporary, publish_dir
 from ..model.config import ModelConfig
 from ..runtime.schedule import Schedule
 
@@ -187,8 +186,7 @@ def export_diffusers(model, out: str | Path, log=print) -> DiffusersExport:
         raise DiffusersExportError("only a network of this project (model.unet.UNet) is exported to diffusers")
     out = Path(out)
     _check_replaceable(out)
-    tmp = temp_dir(out)
-    try:
+    with building_dir(out) as tmp:
         _write(tmp, model.cfg, net, model.hash)
         checked = check_with_diffusers(tmp, net, model.cfg)
         if checked is None:
@@ -196,12 +194,6 @@ def export_diffusers(model, out: str | Path, log=print) -> DiffusersExport:
         else:
             log(f"checked with diffusers: max |eps difference| {checked:.3g} (tolerance {TOLERANCE:g})")
         publish_dir(tmp, out)
-    except BaseException as e:
-        full = disk_full(e, out.parent)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if full:
-            raise no_space(out) from None
-        raise
     return DiffusersExport(out, checked)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import DdpmError
-from ..files import claim_dir, disk_full, no_space, publish_owned, readable_name, temp_dir
+from ..files import building_dir, claim_dir, publish_owned, readable_name
 from ..model.io import LoadedModel, copy_to, require_onnx
 from ..runtime.bundle import EXPORT_FORMAT, META_FILE, file_sha256
 from ..runtime.schedule import Schedule
@@ -178,8 +177,7 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
             for precision in wanted:
                 log(f"{FILES[precision]}: kept (made and verified before)")
             return ExportResult(out, old)
-    tmp = temp_dir(out)
-    try:
+    with building_dir(out) as tmp:
         files = {}
         reference = copy_to(loaded.model, "cpu", torch.float32)   # whatever device or dtype the caller's model has
         for precision in wanted:
@@ -209,12 +207,6 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
         if not publish_owned(tmp, out, EXPORT_FOLDER, same, keep):
             return ExportResult(out, _holds(out, loaded.hash, list(files)))
         return ExportResult(out, meta)
-    except BaseException as e:
-        full = disk_full(e, out.parent)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if full:
-            raise no_space(out) from None
-        raise
 
 
 def _int8(loaded: LoadedModel, fp32: Path, path: Path, data, log) -> dict:

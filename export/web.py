@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import DdpmError
-from ..files import FolderKind, claim_dir, input_path, publish_owned, temp_dir
+from ..files import FolderKind, building_dir, claim_dir, input_path, publish_owned
 from ..runtime.bundle import Bundle
 
 ORT_WEB = {
@@ -248,8 +248,7 @@ def write_page(bundle: Bundle, out: str | Path, guidance: float, gen_options: st
     claim_page(out, bundle.meta["checkpoint_hash"])
     gen_path = bundle.generator_path(plan_key)
     tarball = ort_web_tarball(ort_tarball, log)
-    tmp = temp_dir(out)   # tagged: a killed write's folder is removed by the next one (files.clean_stale)
-    try:
+    with building_dir(out) as tmp:   # tagged: a killed write's folder is removed by the next one (files.clean_stale)
         for name in PAGE_FILES:
             shutil.copyfile(PAGE_SRC / name, tmp / name)
         shutil.copyfile(gen_path, tmp / "generator.onnx")
@@ -262,7 +261,4 @@ def write_page(bundle: Bundle, out: str | Path, guidance: float, gen_options: st
         (tmp / MARKER).write_text(json.dumps(model, indent=1) + "\n")
         # the old page is moved aside only now that the new one is complete
         publish_owned(tmp, out, PAGE, _page_of(meta["checkpoint_hash"]))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

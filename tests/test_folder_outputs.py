@@ -247,3 +247,32 @@ def test_python_m_runs_the_command_and_names_it_as_run(module, tmp_path):
         r = subprocess.run([exe, "-m", module, "--version"], capture_output=True, text=True, cwd=tmp_path,
                            timeout=120)
         assert r.returncode == 0 and r.stdout.startswith(f"{prog}, version "), r.stdout + r.stderr
+
+
+def test_a_full_disk_while_a_folder_is_built_is_one_line_and_leaves_the_old_folder(exported, fake_ort, tmp_path,
+                                                                                  monkeypatch):
+    """Every folder output is built in files.building_dir: a full disk while the page (or an export, a diffusers
+    folder, the cache seed) is built is one OutputError naming the folder, the half-built folder is removed, and
+    what the folder held stays as it was."""
+    import errno
+    import shutil
+
+    _, exp, _ = exported
+    bundle = Bundle.load(exp)
+    page = tmp_path / "site"
+    write_page(bundle, page, 0.3)
+    before = sorted(p.relative_to(page) for p in page.rglob("*"))
+    real = shutil.copyfile
+
+    def full(src, dst, *a, **k):
+        if Path(dst).name == "generator.onnx":
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    with pytest.raises(OutputError, match=f"no space left on the device of {re.escape(str(tmp_path))}: site was not") as e:
+        write_page(bundle, page, 0.5)
+    assert "\n" not in str(e.value)
+    assert sorted(p.relative_to(page) for p in page.rglob("*")) == before
+    assert json.loads((page / "model.json").read_text())["guidance"] == 0.3
+    assert [p.name for p in tmp_path.iterdir()] == ["site"]   # no half-built folder beside it
