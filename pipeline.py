@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .errors import OptionError
+from .errors import DdpmError, OptionError
 from .options import Sampling
 from .runtime.generate import network_batch, whole_loop_refusal
 
@@ -55,9 +55,16 @@ class Job:
 
         An edit (runtime.edits.EditJob) without a label: the unconditional model when uncond, or when the edit reads
         no label from its input (edit.reads None: SDEdit); else the labels the shipped classifier reads from
-        edit.reads (read_edit_labels), kept as the job's `reading`."""
+        edit.reads (read_edit_labels), kept as the job's `reading`, when the classifier's classes are the model's
+        (reads_digits; else the unconditional model).
+
+        Raises DdpmError for a model of more than one channel: pictures are greyscale (runtime.images.to_uint8)."""
+        if model.image_shape[0] != 1:
+            shape = "x".join(map(str, model.image_shape))
+            raise DdpmError(f"this model makes {shape} images, and ddpm writes greyscale pictures only: sampling it "
+                            f"would drop channels")
         if edit is not None and label is None:
-            if uncond or edit.reads is None:
+            if uncond or edit.reads is None or not reads_digits(model):
                 uncond = True
             else:
                 return read_edit_labels(cls, model, n, plan, opts, start, edit)
@@ -68,6 +75,13 @@ class Job:
             y = model.labels(n, label, uncond)
             labels = lambda lo, hi: y[lo:hi]
         return cls(n, plan, labels, bool(opts.guidance) and not uncond, edit, start, image_shape=model.image_shape)
+
+
+def reads_digits(model) -> bool:
+    """Whether the shipped MNIST classifier's classes are `model`'s labels, so that an edit may condition on what it
+    reads: a network of this project (trained on MNIST only) making 1x28x28 images of 10 classes. A diffusers model,
+    or one of another size or class count, is not read (its classes need not be digits)."""
+    return model.cfg.network == "ddpm" and model.image_shape == (1, 28, 28) and model.cfg.num_classes == 10
 
 
 def read_edit_labels(cls, model, n: int, plan, opts: Sampling, start: int, edit) -> Job:

@@ -35,6 +35,8 @@ from .config import ModelConfig
 from .io import CheckpointError, LoadedModel, TorchMissing, weights_hash
 
 INDEX_FILE = "model_index.json"
+PIXEL_PIPELINES = ("DDPMPipeline", "DDIMPipeline")   # the pipelines whose UNet2DModel denoises the pictures themselves
+LATENT_PARTS = ("vqvae", "vae", "text_encoder")      # what a latent or text-conditioned pipeline has besides its unet
 UNET_CONFIG = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -113,6 +115,12 @@ def locate(path) -> tuple[Path, Path | None, Path | None]:
     if (p / INDEX_FILE).is_file():
         index = _json(p / INDEX_FILE)
         unet = index.get("unet")
+        latent = sorted(k for k in LATENT_PARTS if index.get(k) not in (None, [None, None]))
+        if latent or index.get("_class_name") not in PIXEL_PIPELINES:
+            what = f"a latent pipeline (its {', '.join(latent)})" if latent else \
+                f"a {clip(index.get('_class_name'), 40)}"
+            raise DiffusersError(f"{p / INDEX_FILE} describes {what}; ddpm runs the pixel-space UNet2DModel of a "
+                                 f"{' or '.join(PIXEL_PIPELINES)} folder")
         if unet is None:
             raise DiffusersError(f"{p / INDEX_FILE} names no unet (a {index.get('_class_name', 'pipeline')}); ddpm "
                                  f"runs the UNet2DModel of a DDPMPipeline or DDIMPipeline folder")

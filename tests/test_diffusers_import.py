@@ -220,6 +220,21 @@ def test_a_unet_config_the_runtime_cannot_follow_is_one_line(folders, tmp_path, 
     assert result.output.startswith("Error: ") and field in result.output and result.output.count("\n") == 1
 
 
+@pytest.mark.parametrize("index", [{"vqvae": ["diffusers", "VQModel"]}, {"_class_name": "LDMPipeline"},
+                                   {"_class_name": "ScoreSdeVePipeline"}], ids=["vqvae", "ldm", "other-pipeline"])
+def test_a_latent_or_other_pipeline_is_one_line(folders, tmp_path, index):
+    """A pipeline whose unet is a UNet2DModel but which is not a pixel-space DDPM/DDIM pipeline (LDMPipeline denoises
+    latents of its vqvae) is refused, not drawn as if its latents were pictures."""
+    folder = tmp_path / "pipe"
+    shutil.copytree(folders["uncond28"], folder)
+    meta = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**meta, **index}))
+    result = invoke("gen", "--ckpt", folder, "-n", 1, "--out", tmp_path / "x.png")
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and result.output.count("\n") == 1, \
+        result.output
+    assert "DDPMPipeline or DDIMPipeline" in result.output and not (tmp_path / "x.png").exists()
+
+
 def test_guidance_needs_a_declared_null_class(folders, tmp_path):
     """A class-conditional model loads only with its null class declared (the last index, in ddpm.json): ddpm's
     labels are then 0..K-2 and its null label K-1, diffusers' own indices."""

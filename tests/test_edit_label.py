@@ -163,3 +163,19 @@ def test_api_reads_one_label_per_picture_and_says_which(tiny, digits):
                   tiny.restore(digits[0][0], 0.3, n=1, steps=2, engine="torch"),     # inpainting read none
                   tiny.inpaint(digits[0][0], n=1, steps=2, resample=1, engine="torch")):
         assert other.labels.tolist() == [-1] and other.reading is None
+
+
+def test_a_model_whose_classes_are_not_mnists_digits_is_not_read(tmp_path, digits):
+    """The classifier reads MNIST's ten digits: a model of other classes (5 here, or a diffusers model, whose classes
+    need not be digits) gets the unconditional model, never the classifier's class as its label (a read 8 was an
+    out-of-range label for a model of one class)."""
+    import dataclasses
+
+    from helpers import TINY, tiny_checkpoint
+
+    five = ddpm.load(tiny_checkpoint(tmp_path, seed=1, cfg=dataclasses.replace(TINY, num_classes=5)).path)
+    assert not pipeline.reads_digits(five)
+    plan, edit = _jobs(five, digits[0][0])["upscale"]
+    job = pipeline.Job.of(five, 2, plan, None, False, Sampling(sampler="ddim", steps=2), edit=edit)
+    assert job.labels(0, 2).tolist() == [-1, -1] and not job.guided and job.reading is None
+    assert five.upscale(_small(digits[0][0]), 2, n=1, steps=2).labels.tolist() == [-1]

@@ -27,11 +27,11 @@ from helpers import TINY, invoke, slow_except, tiny_checkpoint
 SHAPES = {"1x32x32": dataclasses.replace(TINY, image_size=32),
           "3x32x32": dataclasses.replace(TINY, image_size=32, in_channels=3)}
 ENGINES = ("torch", "runtime-torch", "onnx", "onnx-generator")
-GREY_PICTURES = ("runtime/images.py to_uint8 keeps channel 0 only and runtime/generate.py holds (n, H, W) pictures: "
-                 "three-channel pictures are not carried yet")
+GREY_PICTURES = ("pipeline.Job.of refuses models of more than one channel (runtime/images.py to_uint8 keeps channel 0 "
+                 "only and runtime/generate.py holds (n, H, W) pictures): three-channel pictures are not carried yet")
 GREY_GENERATOR = "export/generator.py builds grey generators only (C=1)"
-GREY_EDITS = ("runtime/edits.py and api.py read the known picture as one grey channel (y of shape (N, 1, H, W)) and "
-              "return channel 0 only")
+GREY_EDITS = ("pipeline.Job.of refuses models of more than one channel (runtime/edits.py and api.py read the known "
+              "picture as one grey channel, y of shape (N, 1, H, W), and return channel 0 only)")
 
 
 # the tests whose three-channel case is a strict xfail: that case runs outside the inner loop (`-m "not slow"`)
@@ -191,3 +191,27 @@ def test_cli_one_digit_is_the_bare_digit(tmp_path):
         assert picture.size == (28, 28) and picture.mode == "L"
         digit = np.asarray(picture)
     assert np.array_equal(digit, ddpm.load(loaded.path).generate(1, engine="onnx", sampler="ddim", steps=3)[0])
+
+
+def test_a_colour_model_is_refused_in_one_line_not_drawn_grey(exported, tmp_path):
+    """Until pictures carry channels, sampling a 3-channel model is one DdpmError / `Error:` line (exit 1) for gen,
+    the editing commands and the API, on every engine: never grey pictures made of its first channel."""
+    from ddpm.errors import DdpmError
+
+    loaded, _ = exported
+    if loaded.cfg.in_channels == 1:
+        pytest.skip("a one-channel model is drawn")
+    model = ddpm.load(loaded.path)
+    for engine in ENGINES:
+        with pytest.raises(DdpmError, match="3x32x32 images, and ddpm writes greyscale pictures only"):
+            model.generate(2, engine=engine, sampler="ddim", steps=2)
+    with pytest.raises(DdpmError, match="greyscale pictures only"):
+        model.restore(np.zeros((32, 32), np.uint8), 0.3, n=1, steps=2)
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "in.png")
+    for args in (["gen", "-n", 2], ["gen", "-n", 2, "--engine", "onnx-generator"],
+                 ["upscale", "--image", tmp_path / "in.png", "--factor", 2, "-n", 1],
+                 ["inpaint", "--image", tmp_path / "in.png", "-n", 1]):
+        r = invoke(*args, "--ckpt", loaded.path, "--steps", 2, "--out", tmp_path / "o.png")
+        assert r.exit_code == 1 and r.output.strip().splitlines()[-1].startswith("Error: ") and \
+            "greyscale pictures only" in r.output and "Traceback" not in r.output, r.output
+        assert not (tmp_path / "o.png").exists()
