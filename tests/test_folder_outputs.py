@@ -154,8 +154,9 @@ def three_classes(exported, tmp_path_factory):
     onnxruntime-web tarball."""
     root = tmp_path_factory.mktemp("three")
     loaded = tiny_checkpoint(root, seed=5, cfg=dataclasses.replace(TINY, num_classes=3))
-    r = invoke("export", "--ckpt", loaded.path, "--out", root / "exp", "--web", root / "site", "--steps", 2,
-               "--ort-web", exported[2])
+    with pytest.MonkeyPatch.context() as mp:   # fake_ort for this module-wide fixture
+        mp.setattr(web, "ort_web_tarball", lambda *args, **kw: exported[2])
+        r = invoke("export", "--ckpt", loaded.path, "--out", root / "exp", "--web", root / "site", "--steps", 2)
     assert r.exit_code == 0, r.output
     return root / "exp", root / "site"
 
