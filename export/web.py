@@ -4,6 +4,7 @@ DIR holds everything a static file server needs, and nothing runs on the server:
 
     index.html, app.mjs   the page (from export/page/): pick a class, a guidance scale and a seed, press Generate;
                           it draws the digits and the time they took
+    labels.mjs            the class choices and the labels they send, from model.json (the model's classes only)
     noise.mjs             runtime/noise.py's stream (Philox4x32-10 + Box-Muller) in JavaScript, bit for bit
     generator.onnx        the export folder's generator (export/generator.py), sha256-checked
     model.json            what the page needs to know: plan, image shape, classes, null label, default guidance
@@ -44,7 +45,7 @@ ORT_WEB = {
 }
 ORT_FILES = ("dist/ort.wasm.min.mjs", "dist/ort-wasm-simd-threaded.mjs", "dist/ort-wasm-simd-threaded.wasm",
              "package.json")
-PAGE_FILES = ("index.html", "app.mjs", "noise.mjs")
+PAGE_FILES = ("index.html", "app.mjs", "labels.mjs", "noise.mjs")
 PAGE_SRC = Path(__file__).with_name("page")
 MARKER = "model.json"   # a folder with the model.json of write_page (_page_of) is a page this command wrote
 MARKER_KEYS = ("checkpoint_hash", "generator_sha256", "onnxruntime_web")
@@ -57,7 +58,7 @@ class WebExportError(DdpmError):
 
 # the page as a folder output (files.claim_dir): what write_page writes besides model.json; anything else is a user's
 PAGE = FolderKind("a page written by `ddpm export --web`", MARKER, "a page of other weights", "--web",
-                  re.compile(r"^(index\.html|app\.mjs|noise\.mjs|generator\.onnx|ort/)$"), WebExportError)
+                  re.compile(r"^(index\.html|app\.mjs|labels\.mjs|noise\.mjs|generator\.onnx|ort/)$"), WebExportError)
 
 
 def _page_of(checkpoint_hash: str) -> Callable[[Path], bool | None]:
@@ -237,8 +238,8 @@ def write_page(bundle: Bundle, out: str | Path, guidance: float, gen_options: st
                ort_tarball: str | Path | None = None, log=print, plan_key: str | None = None) -> Path:
     """Write the page for the export folder's generator into `out` (module docstring).
 
-    guidance: the page's default w; gen_options: the `ddpm gen` options of the generator's plan (shown with the
-    equivalent command). The folder is built beside `out` and renamed into place (files.publish_owned): an existing
+    guidance: the page's default w; gen_options: the `ddpm gen` options of the generator's plan and model (shown
+    with the equivalent command; `--export DIR` for a model other than the shipped one). The folder is built beside `out` and renamed into place (files.publish_owned): an existing
     `out` is replaced only when it is empty or a page this function wrote; what a page of the same weights holds
     besides the page's own files is carried over, and a page of other weights that holds such files is refused
     (claim_page). plan_key: the generator's plan (runtime.runner.plan_key; None: the folder's first generator).

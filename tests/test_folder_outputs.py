@@ -2,9 +2,11 @@
 (files.claim_dir): nothing in them that ddpm did not write is lost, and a folder that is not theirs is refused in one
 line before any work; no folder output may contain an input of its command (cli_options.refuse_same_path)."""
 
+import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -19,7 +21,7 @@ from ddpm.export.cache import EXPORT_FOLDER, shipped_dir
 from ddpm.export.web import WebExportError, write_page
 from ddpm.files import FolderKind, OutputError, claim_dir, publish_owned, temp_dir
 from ddpm.runtime.bundle import Bundle
-from helpers import invoke, tiny_checkpoint
+from helpers import TINY, invoke, tiny_checkpoint
 
 KIND = FolderKind("a test folder", "mark.json", "a test folder of another source", "--out",
                   re.compile(r"^(a\.bin|sub/)$"))
@@ -144,6 +146,56 @@ def test_page_of_other_weights_holding_a_users_files_is_refused(exported, fake_o
     (page / "notes.txt").unlink()
     write_page(bundle, page, 0.3)                                     # nothing of a user's: replaced
     assert json.loads((page / "model.json").read_text())["checkpoint_hash"] == bundle.meta["checkpoint_hash"]
+
+
+@pytest.fixture(scope="module")
+def three_classes(exported, tmp_path_factory):
+    """The page of a tiny model with classes 0..2 (null label 3), from `ddpm export --web` with the stand-in
+    onnxruntime-web tarball."""
+    root = tmp_path_factory.mktemp("three")
+    loaded = tiny_checkpoint(root, seed=5, cfg=dataclasses.replace(TINY, num_classes=3))
+    with pytest.MonkeyPatch.context() as mp:   # fake_ort for this module-wide fixture
+        mp.setattr(web, "ort_web_tarball", lambda *args, **kw: exported[2])
+        r = invoke("export", "--ckpt", loaded.path, "--out", root / "exp", "--web", root / "site", "--steps", 2)
+    assert r.exit_code == 0, r.output
+    return root / "exp", root / "site"
+
+
+def test_page_of_a_three_class_model_shows_its_classes_and_its_export(three_classes):
+    """The page offers the model's classes, not MNIST's 0..9, and its `ddpm gen` command names the export folder
+    (without --export, gen would run the shipped model)."""
+    exp, site = three_classes
+    meta = json.loads((site / "model.json").read_text())
+    assert (meta["num_classes"], meta["null_label"]) == (3, 3)
+    assert meta["gen_options"].endswith(f" --export {exp.resolve()}")
+    html = (site / "index.html").read_text()
+    assert "<option" not in html and 'id="label"' in html          # the choices come from model.json
+    assert (site / "labels.mjs").is_file() and './labels.mjs"' in (site / "app.mjs").read_text()
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed: the page's labels.mjs is not run")
+def test_page_of_a_three_class_model_sends_only_its_labels(three_classes):
+    """labels.mjs (run by node on the page's own model.json): the choices 0-2 in turn, 0, 1, 2, none; the labels
+    sent are 0..2 or the null label 3, and a class outside 0..2 is refused with a RangeError, never sent."""
+    _, site = three_classes
+    code = f"""
+      import {{ readFileSync }} from "node:fs";
+      const m = await import({json.dumps((site / "labels.mjs").as_uri())});
+      const meta = JSON.parse(readFileSync({json.dumps(str(site / "model.json"))}, "utf8"));
+      const sent = (choice, n) => {{ try {{ return Array.from(m.labelsOf(meta, choice, n), Number); }}
+                                     catch (e) {{ return e.name + ": " + e.message; }} }};
+      console.log(JSON.stringify({{ choices: m.classChoices(meta), turn: sent("turn", 5), two: sent("2", 2),
+                                   none: sent("none", 2), seven: sent("7", 1), three: sent("3", 1),
+                                   junk: sent("1.5", 1) }}));"""
+    r = subprocess.run([shutil.which("node"), "--input-type=module", "-e", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["choices"] == [["turn", "0-2 in turn"], ["0", "0"], ["1", "1"], ["2", "2"],
+                              ["none", "none (unconditional)"]]
+    assert got["turn"] == [0, 1, 2, 0, 1] and got["two"] == [2, 2] and got["none"] == [3, 3]
+    for bad in ("seven", "three", "junk"):
+        assert got[bad] == "RangeError: class must be an integer in 0..2, or none"
 
 
 @pytest.mark.parametrize("marker", [None, '{"name": "my model"}', "not json", "[1, 2]"])

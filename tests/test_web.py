@@ -106,8 +106,9 @@ def site(exported, tmp_path_factory):
 def test_page_files(site):
     _, exp, page = site
     names = {p.relative_to(page).as_posix() for p in page.rglob("*") if p.is_file()}
-    assert names == {"index.html", "app.mjs", "noise.mjs", "generator.onnx", "model.json", "ort/ort.wasm.min.mjs",
-                     "ort/ort-wasm-simd-threaded.mjs", "ort/ort-wasm-simd-threaded.wasm", "ort/package.json"}
+    assert names == {"index.html", "app.mjs", "labels.mjs", "noise.mjs", "generator.onnx", "model.json",
+                     "ort/ort.wasm.min.mjs", "ort/ort-wasm-simd-threaded.mjs", "ort/ort-wasm-simd-threaded.wasm",
+                     "ort/package.json"}
     meta = json.loads((page / "model.json").read_text())
     assert meta["generator_sha256"] == Bundle.load(exp).generator()["sha256"] and meta["steps"] == 4
     assert json.loads((page / "ort" / "package.json").read_text())["version"] == web.ORT_WEB["version"]

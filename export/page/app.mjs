@@ -1,6 +1,7 @@
 // The page: generator.onnx (the whole reverse loop in one model) on onnxruntime-web's WebAssembly backend, in this
 // browser; the starting noise from noise.mjs, the same stream as `ddpm gen`. Nothing runs on the server.
 import * as ort from "./ort/ort.wasm.min.mjs";
+import { classChoices, labelsOf } from "./labels.mjs";
 import { split64, startingNoise } from "./noise.mjs";
 
 const SCALE = 2;   // every image pixel drawn as SCALE x SCALE canvas pixels, as the PNG of `ddpm gen`
@@ -25,10 +26,7 @@ function readForm(meta) {
   const seed = $("seed").value.trim();
   split64(seed, "seed");   // throws a RangeError outside 0..2^64-1
   const choice = $("label").value;
-  const labels = new BigInt64Array(count);
-  for (let k = 0; k < count; k++) {
-    labels[k] = BigInt(choice === "turn" ? k % meta.num_classes : choice === "none" ? meta.null_label : Number(choice));
-  }
+  const labels = labelsOf(meta, choice, count);   // throws a RangeError outside the model's classes
   if (choice === "none") guidance = 0;   // unconditional: the null label alone, as `ddpm gen --uncond`
   const which = choice === "turn" ? "" : choice === "none" ? " --uncond" : ` --label ${choice}`;
   const cli = `ddpm gen -n ${count}${which}${choice === "none" ? "" : ` -w ${guidance}`} --seed ${seed}` +
@@ -65,6 +63,7 @@ function draw(images, n, H, W, nrow) {
 async function main() {
   const meta = await (await fetch("model.json")).json();
   $("guidance").value = String(meta.guidance);
+  $("label").replaceChildren(...classChoices(meta).map(([value, text]) => new Option(text, value)));
   const t0 = performance.now();
   const session = await ort.InferenceSession.create("generator.onnx", { executionProviders: ["wasm"] });
   const loadMs = performance.now() - t0;
