@@ -49,7 +49,11 @@ class DiffusersExportError(DdpmError):
 
 
 def check_exportable(cfg: ModelConfig) -> None:
-    """DiffusersExportError (one line: why, and what would export) unless UNet2DModel computes the network of `cfg`."""
+    """DiffusersExportError (one line: why, and what would export) unless UNet2DModel computes the network of `cfg`;
+    a model read from a diffusers folder (network "diffusers") already is one: nothing to export."""
+    if cfg.network == "diffusers":
+        raise DiffusersExportError(
+            "this model was read from a diffusers folder: nothing to export, use that folder itself with diffusers")
     if cfg.block != "diffusers":
         raise DiffusersExportError(
             "this model's residual blocks add the embedding's projection without the SiLU that diffusers' "

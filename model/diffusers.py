@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 from ..errors import clip
+from ..files import input_path
 from ..runtime.schedule import MAX_T
-from .config import ModelConfig
+from .config import MAX_PARAMS, ModelConfig
 from .io import CheckpointError, LoadedModel, TorchMissing, weights_hash
 
 INDEX_FILE = "model_index.json"
@@ -45,6 +48,8 @@ DECLARATION = "ddpm.json"     # the user's declarations beside model_index.json 
 # exporter's own check of the folder it wrote: export/diffusers.py), which loading does not need.
 DECLARED = {"null_class", "format", "checkpoint_hash", "model_config", "files"}
 MAX_CONFIG_BYTES = 16 << 20   # a config JSON: a trained_betas table of MAX_T numbers is ~2 MB
+MAX_LAYERS = 32     # layers_per_block: as many residual blocks per level as a ddpm model may have (num_res_blocks)
+MAX_LEVELS = 16     # block_out_channels: resolution levels (1024 pixels halve to 1 in 11)
 DIFFUSERS_HINT = "pip install diffusers (the model's network is diffusers' UNet2DModel)"
 
 # diffusers' DDPMScheduler defaults: what a folder without a scheduler config is sampled with
@@ -83,24 +88,32 @@ class DiffusersMissing(TorchMissing):
     """The diffusers package is needed (to build a diffusers folder's network) and is not installed."""
 
 
+def _there(path: Path) -> bool:
+    """Whether anything is at `path` (a file, a folder, a pipe, a link, dangling or not): what the reader then
+    finds there is read through files.input_path, which names anything that is not a file instead of taking it as
+    missing (and never opens a pipe)."""
+    return os.path.lexists(path)
+
+
 def is_diffusers_folder(path) -> bool:
-    """Whether `path` is a folder laid out as a diffusers pipeline (model_index.json) or a bare UNet2DModel folder
-    (config.json beside diffusion_pytorch_model.* weights)."""
+    """Whether `path` is a folder laid out as a diffusers pipeline (model_index.json, whatever is there: one that is
+    not a readable file is then named as such by the reader) or a bare UNet2DModel folder (config.json beside
+    diffusion_pytorch_model.* weights)."""
     p = Path(path)
     if not p.is_dir():
         return False
-    return (p / INDEX_FILE).is_file() or (p / UNET_CONFIG).is_file() and any(
+    return _there(p / INDEX_FILE) or _there(p / UNET_CONFIG) and any(
         f.name.startswith("diffusion_pytorch_model.") for f in p.iterdir())
 
 
 def _json(path: Path) -> dict:
-    """A config file's JSON object; DiffusersError (one line) when it is missing, too large or not an object."""
+    """A config file's JSON object; DiffusersError (one line) when it is missing, not a file (a folder, a pipe, a
+    dangling link: files.input_path), too large or not an object."""
+    path = input_path(path, DiffusersError)
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise DiffusersError(f"{path} holds more than {MAX_CONFIG_BYTES >> 20} MiB; not a diffusers config")
         d = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise DiffusersError(f"{path} is missing") from None
     except (OSError, ValueError, RecursionError) as e:
         raise DiffusersError(f"{path} is not readable JSON ({clip(e)})") from None
     if not isinstance(d, dict):
@@ -112,7 +125,7 @@ def locate(path) -> tuple[Path, Path | None, Path | None]:
     """(unet folder, scheduler config or None, ddpm.json or None) of a diffusers folder (module docstring).
     DiffusersError for a pipeline whose unet is not a UNet2DModel."""
     p = Path(path)
-    if (p / INDEX_FILE).is_file():
+    if _there(p / INDEX_FILE):
         index = _json(p / INDEX_FILE)
         unet = index.get("unet")
         latent = sorted(k for k in LATENT_PARTS if index.get(k) not in (None, [None, None]))
@@ -128,14 +141,13 @@ def locate(path) -> tuple[Path, Path | None, Path | None]:
             raise DiffusersError(f"{p / INDEX_FILE}: unet is {clip(unet, 80)}, not a UNet2DModel; ddpm runs the pixel "
                                  f"models of DDPMPipeline and DDIMPipeline folders")
         sched = p / "scheduler" / SCHEDULER_CONFIG
-        return p / "unet", sched if sched.is_file() else None, (p / DECLARATION if (p / DECLARATION).is_file()
-                                                                 else None)
+        return p / "unet", sched if _there(sched) else None, (p / DECLARATION if _there(p / DECLARATION) else None)
     for sched in (p / SCHEDULER_CONFIG, p.parent / "scheduler" / SCHEDULER_CONFIG):
-        if sched.is_file():
+        if _there(sched):
             break
     else:
         sched = None
-    return p, sched, p / DECLARATION if (p / DECLARATION).is_file() else None
+    return p, sched, p / DECLARATION if _there(p / DECLARATION) else None
 
 
 def _number(value, where: str, lo: float, hi: float) -> float:
@@ -218,6 +230,16 @@ def model_config(unet: dict, sched: dict, unet_where: str, sched_where: str, dec
     if cout != cin:
         raise DiffusersError(f"{unet_where}: out_channels {clip(cout, 40)} differs from in_channels {cin} (a learned "
                              f"variance, or not a noise predictor); ddpm runs eps or v predictors")
+    # the network's depth, bounded before anything is built (building 100000 layers takes hours even on the meta
+    # device, where load() then counts the parameters that its channels give)
+    layers = unet.get("layers_per_block", 2)
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= MAX_LAYERS:
+        raise DiffusersError(f"{unet_where}: layers_per_block is {clip(layers, 40)}, not an integer in "
+                             f"1..{MAX_LAYERS}")
+    channels = unet.get("block_out_channels", [64, 128, 256, 512])
+    if not isinstance(channels, list) or not 1 <= len(channels) <= MAX_LEVELS:
+        raise DiffusersError(f"{unet_where}: block_out_channels is {clip(channels, 40)}, not a list of 1.."
+                             f"{MAX_LEVELS} levels' channels")
     for k, allowed in UNET_FOLLOWED.items():
         if unet.get(k) not in allowed and not (k == "time_embedding_type" and k not in unet):
             raise DiffusersError(f"{unet_where}: {k} {json.dumps(unet.get(k))[:40]} cannot be followed (ddpm calls the "
@@ -249,8 +271,14 @@ def _read_safetensors(path: Path, framework: str) -> dict:
     from ..files import readable_name
     from .io import _WEIGHTS_FILE
 
+    path = input_path(path, DiffusersError)
     try:
         with readable_name(path) as name, safe_open(name, framework=framework) as f:
+            # the header's shapes bound the weights before any is read (a file of GBs of tensors)
+            count = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+            if count > MAX_PARAMS:
+                raise DiffusersError(f"{path} holds {count:,} weights, more than the {MAX_PARAMS:,} parameters a "
+                                     f"model may have here")
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise DiffusersError(f"{path} is not a readable safetensors file ({clip(e)})") from None
@@ -260,7 +288,7 @@ def _read_safetensors(path: Path, framework: str) -> dict:
 
 def _weights(unet_dir: Path) -> Path:
     path = unet_dir / WEIGHTS_FILE
-    if path.is_file():
+    if _there(path):
         return path
     other = sorted(f.name for f in unet_dir.glob("diffusion_pytorch_model*")) if unet_dir.is_dir() else []
     if other:
@@ -357,12 +385,24 @@ def load(path) -> LoadedModel:
     cfg, h, info, root = read_info(path)
     require_torch(f"loading {root}")
     require_diffusers(f"loading {root}")
+    import torch
     from diffusers import UNet2DModel
 
     unet_dir = locate(root)[0]
     state = _read_safetensors(_weights(unet_dir), "pt")
+    config = _json(unet_dir / UNET_CONFIG)
     try:
-        unet = UNet2DModel.from_config(UNet2DModel.load_config(str(unet_dir)))
+        # the size its config declares, counted on PyTorch's meta device (no memory) before the network is built
+        with torch.device("meta"):
+            count = sum(p.numel() for p in UNet2DModel.from_config(config).parameters())
+    except Exception as e:   # diffusers raises many types for a config it cannot build
+        raise DiffusersError(f"{unet_dir}: the UNet2DModel cannot be built from its config "
+                             f"({type(e).__name__}: {clip(str(e).splitlines()[0] if str(e) else e)})") from None
+    if count > MAX_PARAMS:
+        raise DiffusersError(f"{unet_dir / UNET_CONFIG} declares a UNet2DModel of {count:,} parameters, more than "
+                             f"the {MAX_PARAMS:,} a model may have here")
+    try:
+        unet = UNet2DModel.from_config(config)
         res = unet.load_state_dict(state, strict=False)
     except Exception as e:   # diffusers raises many types for a config it cannot build, torch for shapes
         raise DiffusersError(f"{unet_dir}: the UNet2DModel cannot be built from its config and weights "

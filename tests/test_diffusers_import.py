@@ -16,6 +16,7 @@ from t to t - T/steps, which is the next grid point for trailing (and leading) s
 """
 
 import json
+import os
 import shutil
 import sys
 from unittest import mock
@@ -324,3 +325,73 @@ def test_export_writes_a_diffusers_models_generator(folders, tmp_path):
     assert result.exit_code == 0, result.output
     bundle = Bundle.load(out, expected_hash=ddpm.load(folders["cond28"]).hash)
     assert bundle.generators and bundle.null_label == 10 and bundle.config.network == "diffusers"
+
+
+def test_a_config_declaring_a_huge_network_is_refused_before_it_is_built(folders, tmp_path):
+    """The parameters a unet config declares are counted on the meta device (no memory) and bounded by MAX_PARAMS
+    before the network is built: a small folder must not take GBs of memory."""
+    folder = variant(folders["uncond28"], tmp_path / "f", unet_config={"block_out_channels": [16384, 32768]})
+    with mock.patch.object(UNet2DModel, "load_state_dict", side_effect=AssertionError("the network was built")):
+        with pytest.raises(DdpmError, match=r"declares a UNet2DModel of [\d,]+ parameters, more than the "
+                                            r"268,435,456") as e:
+            load_model(folder)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("field, value", [("layers_per_block", 100000), ("block_out_channels", [8] * 40)])
+def test_a_config_declaring_a_deep_network_is_refused_before_it_is_built(folders, tmp_path, field, value):
+    """Depth is bounded from the config alone (building 100000 layers takes hours even on the meta device)."""
+    folder = variant(folders["uncond28"], tmp_path / "f", unet_config={field: value})
+    with pytest.raises(DdpmError, match=f"{field} is .*, not a") as e:
+        read_model_info(folder)
+    assert "\n" not in str(e.value)
+
+
+def test_weights_beyond_the_limit_are_refused_from_the_header(folders, tmp_path, monkeypatch):
+    """The weights file's tensor shapes (its safetensors header) are bounded before any tensor is read."""
+    from ddpm.model import diffusers as dmod
+
+    monkeypatch.setattr(dmod, "MAX_PARAMS", 1000)
+    with pytest.raises(DdpmError, match=r"holds [\d,]+ weights, more than the 1,000 parameters"):
+        read_model_info(folders["uncond28"])
+
+
+def _fifo(path):
+    path.unlink() if path.is_file() else shutil.rmtree(path)
+    os.mkfifo(path)
+
+
+def _folder(path):
+    path.unlink()
+    path.mkdir()
+
+
+def _dangling(path):
+    path.unlink()
+    path.symlink_to(path.parent / "nowhere")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+@pytest.mark.parametrize("what, make", [("a pipe", _fifo), ("a folder", _folder), ("which does not exist", _dangling)],
+                         ids=["pipe", "folder", "dangling"])
+@pytest.mark.parametrize("file", ["model_index.json", "unet/config.json", "scheduler/scheduler_config.json",
+                                  "ddpm.json", "unet/diffusion_pytorch_model.safetensors"])
+def test_a_file_of_the_folder_that_is_not_a_file_is_named_in_one_line(folders, tmp_path, file, what, make):
+    """Every file the reader reads goes through files.input_path: a pipe is never opened (it hung), and a folder, a
+    pipe or a dangling link is named as what it is (a scheduler config that was a folder was taken as missing, the
+    DDPM defaults used silently); a model_index.json that is not a file keeps the folder a diffusers folder."""
+    folder = tmp_path / "pipe"
+    shutil.copytree(folders["cond28"], folder)
+    make(folder / file)
+    result = invoke("gen", "--ckpt", folder, "-n", 1, "--out", tmp_path / "x.png")
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"Error: {folder / file} is") and what in result.output, result.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_export_diffusers_of_a_diffusers_folder_says_it_already_is_one(folders, tmp_path):
+    result = invoke("export", "--ckpt", folders["uncond28"], "--diffusers", tmp_path / "out")
+    error = [line for line in result.output.splitlines() if not line.startswith("ddpm: ")]   # but the notice line
+    assert result.exit_code == 1 and len(error) == 1 and error[0].startswith("Error: "), result.output
+    assert "read from a diffusers folder: nothing to export" in result.output and "SiLU" not in result.output
+    assert not (tmp_path / "out").exists()
