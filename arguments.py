@@ -132,6 +132,14 @@ class ArrayLike(Spec):
         self.inner.check(a, dims, path)
 
 
+def _ndim(v) -> int:
+    """np.ndim(v), or -1 where numpy cannot make an array of v (a ragged nested list, a closed PIL image)."""
+    try:
+        return np.ndim(v)
+    except (ValueError, TypeError):
+        return -1
+
+
 class Labels(Spec):
     """None, one class (an integer >= 0), or one per sample (a 1-D sequence of integers >= 0). The upper bound is
     the model's number of classes (Model.labels)."""
@@ -141,7 +149,7 @@ class Labels(Spec):
     def check(self, v, dims, path):
         if v is None:
             return
-        if isinstance(v, (str, bytes)) or np.ndim(v) not in (0, 1):
+        if isinstance(v, (str, bytes)) or _ndim(v) not in (0, 1):
             self.fail(v, path)
         if np.ndim(v) == 0:
             Int(min=0).check(v, dims, path)
@@ -167,7 +175,7 @@ class Picture(Spec):
             if v == "":
                 self.fail(v, path)
             return
-        if isinstance(v, bytes) or v is None or np.ndim(v) not in (2, 3):
+        if isinstance(v, bytes) or v is None or _ndim(v) not in (2, 3):
             self.fail(v, path)
 
 

@@ -87,8 +87,9 @@ def _inside(path, folder) -> bool:
 
 def refuse_same_path(outputs: dict, inputs: dict | None = None, folders: tuple[str, ...] = ()) -> None:
     """Refuse, before any work, an output that is the same file or folder as one of the command's inputs or as
-    another of its outputs, and a folder output that contains one of them (or lies inside another folder output):
-    writing it would destroy that input (or the other output's content) and still succeed.
+    another of its outputs, a folder output that contains one of them (or lies inside another folder output), and
+    a file output inside an input that is a folder (the files read there are not listed one by one): writing it
+    would destroy that input (or the other output's content) and still succeed.
 
     outputs, inputs: {option name: a path, a list of paths (a repeated option) or None (not given)}; folders: the
     options among `outputs` that name a folder the command writes (publishes or writes into). Raises
@@ -111,6 +112,10 @@ def refuse_same_path(outputs: dict, inputs: dict | None = None, folders: tuple[s
                 raise click.UsageError(f"the {option} folder {path} contains {other} {earlier}: writing {option} "
                                        f"could overwrite what {other} {role}; give {option} a folder that does not "
                                        f"contain it")
+            if not folder and role == "reads" and os.path.isdir(earlier) and _inside(path, earlier):
+                raise click.UsageError(f"{option} {path} lies inside the {other} folder {earlier} that the command "
+                                       f"reads: writing {option} could overwrite what {other} reads; give {option} a "
+                                       f"path outside it")
             if other_folder and _inside(path, earlier):
                 raise click.UsageError(f"the {other} folder {earlier} contains {option} {path}: writing {other} "
                                        f"could overwrite what {option} writes; give {option} a path outside it")

@@ -115,7 +115,10 @@ def picture(image, option: str = "image", allow_bool: bool = False) -> np.ndarra
         except ImageError as e:
             e.option = option
             raise
-    a = np.asarray(image)
+    try:
+        a = np.asarray(image)
+    except (ValueError, TypeError) as e:   # a ragged nested list, a closed PIL image
+        raise ImageError(f"{option} must be a picture file or a (H, W) uint8 array ({e})", option) from None
     if allow_bool and a.dtype == bool:
         a = a.astype(np.uint8) * 255
     if a.ndim != 2 or a.dtype != np.uint8 or min(a.shape) < 1:

@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import ddpm
 from ddpm import DdpmError, Model
@@ -15,13 +16,15 @@ from helpers import tiny_checkpoint
 NAN, INF = float("nan"), math.inf
 DIGIT = np.zeros((28, 28), np.uint8)
 DIGIT[6:22, 12:16] = 255
+CLOSED = Image.fromarray(DIGIT)   # a closed PIL image: numpy cannot read it (ValueError), nor a ragged list
+CLOSED.close()
 PATHS = [3, True, b"x", ["a"], ""]
 
 # Bad values of every argument, by name. Bools and floats for integers, NaN, inf and bools for numbers, other types
 # and unknown words for strings; what each function means by the name decides which are bad (see `bad`).
 BAD = {
     "n": [1.5, True, -1, "2", np.float64(2), 2**64],
-    "label": [True, 1.5, "3", -1, 10, [1.5, 2.0], [[1, 2]], np.array([True, False]), [1, 2, 3]],
+    "label": [True, 1.5, "3", -1, 10, [1.5, 2.0], [[1, 2]], np.array([True, False]), [1, 2, 3], [[1, 2], [3]]],
     "uncond": ["yes", 1, None],
     "guidance": [-0.1, NAN, INF, True, "1", None, 100.5, 1e300],
     "seed": [-1, 1.5, True, 2**64, "0", None],
@@ -48,8 +51,8 @@ BAD = {
     "dist": [3, "rank0"],
     "log": [3, "print"],
     "form": [3, "folded", None],
-    "image": [3, None, b"x", "", np.zeros(5, np.uint8), np.zeros((0, 28, 28), np.uint8)],
-    "mask": [3, None, "middle", np.zeros(5, np.uint8)],
+    "image": [3, None, b"x", "", np.zeros(5, np.uint8), np.zeros((0, 28, 28), np.uint8), [[1, 2], [3]], CLOSED],
+    "mask": [3, None, "middle", np.zeros(5, np.uint8), [[1, 2], [3]], CLOSED],
     "strength": [NAN, -0.1, 1.5, True, "0.5", None],
     "factor": [3, True, 2.0, "2", None],
     "method": [3, "bicubic", None],
@@ -180,3 +183,14 @@ def test_a_repaint_plan_is_bounded_before_it_is_listed(model):
 
     with pytest.raises(ValueError, match="resample 1000000 with jump 1 on 2 steps makes a plan of 2000000 rows"):
         repaint_plan(model.plan("ddim", 2, eta=1.0), 1, 10**6)
+
+
+@pytest.mark.parametrize("value", [[[1, 2], [3]], CLOSED], ids=["ragged", "closed PIL image"])
+def test_a_picture_numpy_cannot_read_is_an_image_error(value):
+    """runtime.images.picture (the CLI's and the runtime's reader, below the API's argument check) names the
+    argument in one line where numpy raises ValueError."""
+    from ddpm.runtime.images import ImageError, picture
+
+    with pytest.raises(ImageError, match=r"^mask must be a picture file") as e:
+        picture(value, "mask")
+    assert "\n" not in str(e.value)

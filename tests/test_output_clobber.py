@@ -73,6 +73,27 @@ def test_every_command_refuses_an_output_over_its_input(tmp_path, ckpt):
     assert not (tmp_path / "a.png").exists()
 
 
+def test_a_file_output_inside_an_input_folder_is_refused(tmp_path, ckpt):
+    """`eval --data mn --json mn/t10k-labels-idx1-ubyte` replaced the MNIST file it had just read (exit 0): a file
+    output inside a folder the command reads is refused in one line, exit 2, and the file is left as it was."""
+    from conftest import make_fake_mnist
+
+    data = make_fake_mnist(tmp_path / "mn", n=16)
+    labels = data / "t10k-labels-idx1-ubyte"
+    before = labels.read_bytes()
+    for args, first, second in [(("eval", "-n", 2, "--data", data, "--json", labels), "--json", "--data"),
+                                (("gen", "-n", 1, "--ckpt", ckpt, "--out", ckpt / "model.safetensors"), "--out",
+                                 "--ckpt")]:
+        r = invoke(*args)
+        assert r.exit_code == 2, r.output
+        lines = r.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and first in lines[0] and second in lines[0], r.output
+    assert labels.read_bytes() == before
+    with pytest.raises(click.UsageError, match="--json .* lies inside the --data folder"):
+        refuse_same_path({"--json": data / "new.json"}, {"--data": data})
+    refuse_same_path({"--json": tmp_path / "q.json"}, {"--data": data})   # beside the folder: allowed
+
+
 # -------------------------------------------------------------------------------------- an export folder's content
 def _add_users_things(folder: Path) -> None:
     (folder / "notes.txt").write_text("mine")

@@ -428,6 +428,27 @@ def test_a_run_folder_is_never_overwritten_or_shared(fake_mnist, tmp_path):
     assert _train(fake_mnist, run, "--steps", 4, "--ckpt-every", 2, "--resume").exit_code == 0   # released
 
 
+@pytest.mark.parametrize("command, more", [("train", ("--preset", "tiny", "--timesteps", 20, "--steps", 1)),
+                                           ("distill", ("--steps-from", 2, "--steps-to", 1, "--fold-iters", 0,
+                                                        "--iters", 1))])
+def test_training_never_replaces_a_users_files_in_a_folder_that_is_not_a_run(fake_mnist, ckpt, tmp_path, command,
+                                                                             more):
+    """`ddpm train --out DIR` with the user's own log.jsonl and samples.png in DIR (no options.json, no ckpt.pt)
+    replaced both (exit 0): refused in one line before any work; a folder of other files only is used as it is."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "log.jsonl").write_text("my own notes")
+    (mine / "samples.png").write_bytes(b"my picture")
+    before = _snapshot(mine)
+    if command == "distill":
+        more = ("--teacher", ckpt, *more)
+    r = invoke(command, "--data", fake_mnist, "--out", mine, "--batch", 8, "--device", "cpu", *more)
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    assert "not a run folder" in lines[0] and "log.jsonl" in lines[0] and "samples.png" in lines[0], r.output
+    assert _snapshot(mine) == before and sorted(p.name for p in mine.iterdir()) == ["log.jsonl", "samples.png"]
+
+
 def test_export_never_replaces_a_folder_that_is_not_an_export(ckpt, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("years of work")

@@ -323,7 +323,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
 def in_run_folder(cfg: TrainConfig, resume: bool, command: str, files: Collection[str], body):
     """body() run while this process holds the run folder cfg.out (files.folder_lock), after the checks that come
     before any work: the folder and the `files` the run writes there are writable (regular files or nothing), and
-    without --resume it holds no run yet. Under torchrun only rank 0 checks and locks. Raises TrainingError."""
+    without --resume it holds no run yet; a folder that is not a run folder (no options.json, no ckpt.pt) and holds
+    a file of one of those names is refused (it is the user's). Under torchrun only rank 0 checks and locks. Raises TrainingError."""
     out = Path(cfg.out)
     if int(os.environ.get("RANK", "0")):   # under torchrun only rank 0 writes
         return body()
@@ -336,6 +337,13 @@ def in_run_folder(cfg: TrainConfig, resume: bool, command: str, files: Collectio
     if not resume and (out / CKPT_FILE).is_file():
         raise TrainingError(f"{out} already holds a run ({CKPT_FILE}); continue it with --resume, or give another "
                             f"--out")
+    if not (out / "options.json").is_file() and not (out / CKPT_FILE).is_file():
+        # not a run folder (a run writes options.json before anything else): files named as the run's are the
+        # user's own, which the run would replace; files of other names are left alone, so such a folder is used
+        theirs = [name for name in files if os.path.lexists(out / name)]
+        if theirs:
+            raise TrainingError(f"--out {out} is not a run folder (no options.json or {CKPT_FILE}) but holds "
+                                f"{', '.join(theirs)}, which {command} would replace; give another --out")
     try:
         with folder_lock(out, command):
             return body()
