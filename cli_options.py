@@ -85,10 +85,16 @@ def _inside(path, folder) -> bool:
         return False
 
 
+# Input folders that hold only what the command reads (MNIST's files): no file output may lie inside them. A run or
+# export folder (--ckpt, --export) also holds the user's own outputs (samples.npz beside the weights), so there only
+# the files themselves are compared.
+DATA_FOLDERS = ("--data",)
+
+
 def refuse_same_path(outputs: dict, inputs: dict | None = None, folders: tuple[str, ...] = ()) -> None:
     """Refuse, before any work, an output that is the same file or folder as one of the command's inputs or as
     another of its outputs, a folder output that contains one of them (or lies inside another folder output), and
-    a file output inside an input that is a folder (the files read there are not listed one by one): writing it
+    a file output inside an input folder of DATA_FOLDERS (the files read there are not listed one by one): writing it
     would destroy that input (or the other output's content) and still succeed.
 
     outputs, inputs: {option name: a path, a list of paths (a repeated option) or None (not given)}; folders: the
@@ -112,7 +118,7 @@ def refuse_same_path(outputs: dict, inputs: dict | None = None, folders: tuple[s
                 raise click.UsageError(f"the {option} folder {path} contains {other} {earlier}: writing {option} "
                                        f"could overwrite what {other} {role}; give {option} a folder that does not "
                                        f"contain it")
-            if not folder and role == "reads" and os.path.isdir(earlier) and _inside(path, earlier):
+            if not folder and other in DATA_FOLDERS and os.path.isdir(earlier) and _inside(path, earlier):
                 raise click.UsageError(f"{option} {path} lies inside the {other} folder {earlier} that the command "
                                        f"reads: writing {option} could overwrite what {other} reads; give {option} a "
                                        f"path outside it")
@@ -201,7 +207,7 @@ def sampling_options(defaults: Sampling = DEFAULT):
                           "onnx-generator: the whole loop in one ONNX call (deterministic plans; gen and eval only: "
                           "the editing commands refuse it); auto: onnx on a CPU, runtime-torch on a GPU (same digits, "
                           "faster)."),
-        click.option("--export", "export_dir", type=click.Path(exists=True, file_okay=False), default=None,
+        click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None,
                      help="Export folder for onnx/trt/onnx-generator [default: the checkpoint's, exported on first "
                           "use]."),
         click.option("--fp16", is_flag=True, help="Half-precision model (runtime engines)."),
