@@ -2,6 +2,7 @@
 
     python -m ddpm.bench.editing --data ../shared/data/mnist -n 200 --json edits.json
     python -m ddpm.bench.editing --data DIR -n 200 --only restore --sigmas 0.5 --label-source none,read
+    python -m ddpm.bench.editing --data DIR -n 1000 --only upscale --factors 4 --methods ilvr:1 --precisions fp32,int8
 
 * class edits (SDEdit): digit k of the test set redrawn as class (y_k + 1 + k mod 9) mod 10, never its own; the
   classifier's agreement with that target, and how far the result moved from the input (mean |difference|);
@@ -20,6 +21,10 @@ picture), whatever its probability, with the editing defaults' guidance. Such a 
 that read is the true label) and, with both sources, a table of the accuracy when inputs read with a top
 probability below p fall back to the unconditional model (per_image keeps each digit's figures for it).
 
+--precisions fp32,int8 runs every row at each precision of the network (int8: `ddpm export --int8` first), same
+seed, and gives each row its border haze (the share of digits with a pixel brighter than 2 grey levels in the outer
+frame) and, for the later precisions, the mean and max grey-level difference from the first one's digits.
+
 Every row records its wall time and seconds per image (batch 64, the engine asked for). Needs PyTorch (the
 classifier).
 """
@@ -31,6 +36,8 @@ import json
 import time
 
 import numpy as np
+
+from ..evaluation.metrics import border_share
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -44,11 +51,30 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
+def _by_precision(call, run: dict) -> list[tuple[np.ndarray, float, dict]]:
+    """One edit call at each precision of run["precisions"] ("fp32", "int8": the network's convolutions, see
+    `ddpm export --int8`), same seed: [(outputs (N, H, W) uint8, seconds, row fields)]. The row fields name the
+    precision, the share of digits with a pixel brighter than 2 grey levels in the outer frame (border haze,
+    evaluation.metrics.border_share) and, after the first precision, the mean and max |difference| in grey levels
+    from the first precision's digits."""
+    done = []
+    for precision in run["precisions"]:
+        out, sec = _timed(lambda: call(engine=run["engine"], batch=run["batch"], int8=precision == "int8"))
+        fields = {"precision": precision, "border": border_share(out)}
+        if done:
+            diff = np.abs(out.astype(np.int64) - done[0][0])
+            fields.update({f"diff_mean_vs_{run['precisions'][0]}": float(diff.mean()),
+                           f"diff_max_vs_{run['precisions'][0]}": int(diff.max())})
+        done.append((out, sec, fields))
+    return done
+
+
 def _conditioning(source: str, seen: np.ndarray, y: np.ndarray):
-    """(the edit method's keywords, the row's extra fields) for a label source: "none", the unconditional model;
-    "read", the class the ONNX classifier reads from `seen` (the inputs as given, (N, 28, 28) uint8)."""
+    """(the edit method's keywords, the row's extra fields) for a label source: "none", the unconditional model (no
+    label; upscale, which reads a label by default, is also given uncond=True); "read", the class the ONNX
+    classifier reads from `seen` (the inputs as given, (N, 28, 28) uint8)."""
     if source == "none":
-        return {"uncond": True}, {"label_source": "none"}
+        return {}, {"label_source": "none"}
     if source != "read":
         raise SystemExit(f"unknown label source {source!r}: none or read")
     from ..runtime.classifier import read_labels
@@ -72,7 +98,8 @@ def threshold_table(rows: list[dict], thresholds=(0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 
     """For each measurement with both label sources: the accuracy of conditioning on the read label where its top
     probability is at least p and running the unconditional model below (p = 1.01: always unconditional), with the
     share of digits read confidently; and, per probability bin, the accuracy of either arm on those digits."""
-    key = lambda r: tuple((k, r[k]) for k in ("mode", "factor", "method", "sigma", "jump", "resample") if k in r)
+    key = lambda r: tuple((k, r[k]) for k in ("mode", "factor", "method", "sigma", "jump", "resample", "precision")
+                                if k in r)
     pairs = {}
     for r in rows:
         if "label_source" in r:
@@ -96,7 +123,7 @@ def threshold_table(rows: list[dict], thresholds=(0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 
     return out
 
 
-def class_edits(model, clf, x, y, strengths, guidances, engine, batch, seed=0) -> list[dict]:
+def class_edits(model, clf, x, y, strengths, guidances, run, seed=0) -> list[dict]:
     from ..evaluation import predict
 
     n = len(x)
@@ -104,17 +131,17 @@ def class_edits(model, clf, x, y, strengths, guidances, engine, batch, seed=0) -
     rows = []
     for w in guidances:
         for s in strengths:
-            out, sec = _timed(lambda: model.edit(x, label=targets, strength=s, guidance=w, engine=engine,
-                                                 batch=batch, seed=seed))
-            rows.append({"mode": "edit", "strength": s, "guidance": w, "n": n,
-                         "accuracy": float((predict(clf, out) == targets).mean()),
-                         "moved": float(np.abs(out.astype(np.int64) - x).mean()),
-                         "seconds": sec, "s_per_image": sec / n})
-            print(json.dumps(rows[-1]), flush=True)
+            for out, sec, fields in _by_precision(
+                    lambda **r: model.edit(x, label=targets, strength=s, guidance=w, seed=seed, **r), run):
+                rows.append({"mode": "edit", "strength": s, "guidance": w, "n": n, **fields,
+                             "accuracy": float((predict(clf, out) == targets).mean()),
+                             "moved": float(np.abs(out.astype(np.int64) - x).mean()),
+                             "seconds": sec, "s_per_image": sec / n})
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def upscaling(model, clf, x, y, factors, methods, engine, batch, seed=0, sources=("none",), start=0) -> list[dict]:
+def upscaling(model, clf, x, y, factors, methods, run, seed=0, sources=("none",), start=0) -> list[dict]:
     from PIL import Image
 
     from ..runtime.edits import downsample, upsample
@@ -123,16 +150,18 @@ def upscaling(model, clf, x, y, factors, methods, engine, batch, seed=0, sources
     rows = []
     for f in factors:
         small = np.clip(np.rint(downsample(x, f)), 0, 255).astype(np.uint8)
-        outs = {"nearest": (upsample(small, f), 0.0, {}),
-                "bicubic": (np.stack([np.asarray(Image.fromarray(s).resize(x.shape[:0:-1], Image.Resampling.BICUBIC))
-                                      for s in small]), 0.0, {})}
+        outs = [("nearest", upsample(small, f), 0.0, {}),
+                ("bicubic", np.stack([np.asarray(Image.fromarray(s).resize(x.shape[:0:-1], Image.Resampling.BICUBIC))
+                                      for s in small]), 0.0, {})]
         for method, eta in methods:
             for source in sources:
                 kw, extra = _conditioning(source, upsample(small, f), y)
                 name = f"{method} eta{eta:g}" + (f" {source}" if len(sources) > 1 else "")
-                outs[name] = (*_timed(lambda: model.upscale(small, f, method=method, eta=eta, engine=engine,
-                                                            batch=batch, seed=seed, start=start, **kw)), extra)
-        for name, (out, sec, extra) in outs.items():
+                outs += [(name, out, sec, {**extra, **fields}) for out, sec, fields in _by_precision(
+                    lambda **r: model.upscale(small, f, method=method, eta=eta, seed=seed, start=start,
+                                            uncond=source == "none", **kw, **r),
+                    run)]
+        for name, out, sec, extra in outs:
             err = np.abs(downsample(out, f) - small)
             correct = predict(clf, out) == y
             rows.append(_scored({"mode": "upscale", "factor": f, "method": name.removesuffix(" none").removesuffix(
@@ -146,7 +175,7 @@ def upscaling(model, clf, x, y, factors, methods, engine, batch, seed=0, sources
     return rows
 
 
-def inpainting(model, clf, x, y, configs, engine, batch, seed=0, sources=("none",), start=0) -> list[dict]:
+def inpainting(model, clf, x, y, configs, run, seed=0, sources=("none",), start=0) -> list[dict]:
     from ..runtime.edits import half_mask
     from ..evaluation import predict
 
@@ -155,17 +184,18 @@ def inpainting(model, clf, x, y, configs, engine, batch, seed=0, sources=("none"
     for c in configs:
         for source in sources:
             kw, extra = _conditioning(source, np.where(keep, x, 0).astype(np.uint8), y)
-            out, sec = _timed(lambda: model.inpaint(x, "bottom", engine=engine, batch=batch, seed=seed, start=start,
-                                                    **c, **kw))
-            correct = predict(clf, out) == y
-            rows.append(_scored({"mode": "inpaint", **c, "n": len(x), **extra, "accuracy": float(correct.mean()),
-                                 "kept_exact": bool(np.array_equal(out[:, keep], x[:, keep])),
-                                 "seconds": sec, "s_per_image": sec / len(x)}, correct))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_image"}), flush=True)
+            for out, sec, fields in _by_precision(
+                    lambda **r: model.inpaint(x, "bottom", seed=seed, start=start, **c, **kw, **r), run):
+                correct = predict(clf, out) == y
+                rows.append(_scored({"mode": "inpaint", **c, "n": len(x), **extra, **fields,
+                                     "accuracy": float(correct.mean()),
+                                     "kept_exact": bool(np.array_equal(out[:, keep], x[:, keep])),
+                                     "seconds": sec, "s_per_image": sec / len(x)}, correct))
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_image"}), flush=True)
     return rows
 
 
-def restoration(model, clf, x, y, sigmas, engine, batch, seed=0, sources=("none",)) -> list[dict]:
+def restoration(model, clf, x, y, sigmas, run, seed=0, sources=("none",)) -> list[dict]:
     from ..evaluation import predict
 
     rows = []
@@ -174,14 +204,15 @@ def restoration(model, clf, x, y, sigmas, engine, batch, seed=0, sources=("none"
         noisy = np.clip(np.rint(x + rng.standard_normal(x.shape) * sigma * 127.5), 0, 255).astype(np.uint8)
         for source in sources:
             kw, extra = _conditioning(source, noisy, y)
-            out, sec = _timed(lambda: model.restore(noisy, sigma, engine=engine, batch=batch, seed=seed, **kw))
-            correct = predict(clf, out) == y
-            rows.append(_scored({"mode": "restore", "sigma": sigma, "n": len(x), **extra,
-                                 "psnr_noisy": _psnr(noisy, x), "psnr_restored": _psnr(out, x),
-                                 "accuracy_noisy": float((predict(clf, noisy) == y).mean()),
-                                 "accuracy": float(correct.mean()), "seconds": sec, "s_per_image": sec / len(x)},
-                                correct))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_image"}), flush=True)
+            for out, sec, fields in _by_precision(
+                    lambda **r: model.restore(noisy, sigma, seed=seed, **kw, **r), run):
+                correct = predict(clf, out) == y
+                rows.append(_scored({"mode": "restore", "sigma": sigma, "n": len(x), **extra, **fields,
+                                     "psnr_noisy": _psnr(noisy, x), "psnr_restored": _psnr(out, x),
+                                     "accuracy_noisy": float((predict(clf, noisy) == y).mean()),
+                                     "accuracy": float(correct.mean()), "seconds": sec, "s_per_image": sec / len(x)},
+                                    correct))
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_image"}), flush=True)
     return rows
 
 
@@ -200,6 +231,9 @@ def main(argv=None) -> None:
     p.add_argument("--ckpt", default=None, help="checkpoint [default: the shipped model]")
     p.add_argument("--engine", default="auto")
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--precisions", default="fp32",
+                   help="comma-separated: fp32, int8 (ddpm export --int8); each row is run at each, same seed, the "
+                        "later ones with their grey-level difference from the first")
     p.add_argument("--only", default="edit,upscale,inpaint,restore", help="comma-separated modes to measure")
     p.add_argument("--strengths", default="0.4,0.5,0.6,0.7,0.8")
     p.add_argument("--guidances", default="0.3,1,3")
@@ -221,20 +255,24 @@ def main(argv=None) -> None:
     only = set(a.only.split(","))
     floats = lambda s: [float(v) for v in s.split(",")]
     sources = a.label_source.split(",")
+    precisions = a.precisions.split(",")
+    if not set(precisions) <= {"fp32", "int8"}:
+        raise SystemExit(f"unknown precision in {a.precisions!r}: fp32 or int8")
+    run = {"engine": a.engine, "batch": a.batch, "precisions": precisions}
     rows = []
     if "edit" in only:
-        rows += class_edits(model, clf, x, y, floats(a.strengths), floats(a.guidances), a.engine, a.batch)
+        rows += class_edits(model, clf, x, y, floats(a.strengths), floats(a.guidances), run)
     if "upscale" in only:
         methods = [(m, float(e)) for m, e in (v.split(":") for v in a.methods.split(","))]
-        rows += upscaling(model, clf, x, y, [int(f) for f in a.factors.split(",")], methods, a.engine, a.batch,
+        rows += upscaling(model, clf, x, y, [int(f) for f in a.factors.split(",")], methods, run,
                           sources=sources, start=a.first)
     if "inpaint" in only:
         value = lambda k, v: float(v) if k == "eta" else int(v)
         configs = [{k: value(k, v) for k, v in (kv.split("=") for kv in c.split(","))}
                    for c in a.inpaint_configs.split(";") if c]
-        rows += inpainting(model, clf, x, y, configs, a.engine, a.batch, sources=sources, start=a.first)
+        rows += inpainting(model, clf, x, y, configs, run, sources=sources, start=a.first)
     if "restore" in only:
-        rows += restoration(model, clf, x, y, floats(a.sigmas), a.engine, a.batch, sources=sources)
+        rows += restoration(model, clf, x, y, floats(a.sigmas), run, sources=sources)
     for t in threshold_table(rows):
         print(json.dumps(t), flush=True)
     if a.json:

@@ -113,3 +113,26 @@ def test_sensitivity_keeps_the_costliest_convs(tiny_export, fake_mnist, tmp_path
     assert kept[2:] == sorted(alone, key=lambda c: -alone[c])[:len(kept) - 2]
     assert q["eps_error_held_out"] <= 0.04 and rec["parity"]["error"] <= rec["parity"]["tolerance"] == 0.05
     assert out.is_file()
+
+
+def test_editing_benchmark_runs_each_precision_side_by_side(ckpt, int8_export, fake_mnist):
+    """python -m ddpm.bench.editing --precisions fp32,int8: one row per precision, same seed, the int8 row with its
+    grey-level difference from the fp32 digits and each row's border haze. sigma 3: above INT8_FP32_SIGMA, so that
+    the first rows run int8 (a restoration from sigma <= 0.95 runs every row fp32 and gives fp32's digits)."""
+    from ddpm.bench.editing import inpainting, restoration, upscaling
+    from ddpm.evaluation import load_classifier
+    from ddpm.train.data import load_mnist
+
+    x, y = load_mnist(fake_mnist, "test")
+    model = api.load(ckpt, int8_export)
+    rows = restoration(model, load_classifier(), x[:6], y[:6], [3.0],
+                       {"engine": "onnx", "batch": 8, "precisions": ["fp32", "int8"]})
+    assert [r["precision"] for r in rows] == ["fp32", "int8"]
+    assert "diff_mean_vs_fp32" not in rows[0] and all(0 <= r["border"] <= 1 for r in rows)
+    assert 0 < rows[1]["diff_mean_vs_fp32"] <= rows[1]["diff_max_vs_fp32"] <= 255
+    # every editing mode runs with the unconditional model ("none") and the label read from its input
+    run = {"engine": "onnx", "batch": 8, "precisions": ["fp32"]}
+    clf = load_classifier()
+    for rows in (upscaling(model, clf, x[:2], y[:2], [2], [("ilvr", 1.0)], run, sources=("none", "read")),
+                 inpainting(model, clf, x[:2], y[:2], [{"steps": 4}], run, sources=("none", "read"))):
+        assert {r.get("label_source") for r in rows} >= {"none", "read"}
