@@ -11,9 +11,10 @@ Two layouts are read (docs/diffusers.md):
     DIR/ddpm.json                              optional: {"null_class": K-1} for a class-conditional model whose last
                                                class index was trained as "no label" (classifier-free guidance)
 
-or a bare unet folder (config.json + weights), whose scheduler config is looked for beside it (../scheduler/, or a
-scheduler_config.json in the folder itself), else diffusers' DDPMScheduler defaults are used; one notice line on
-stderr says which.
+or a bare unet folder (config.json + weights), whose companions are looked for by one rule (_companion): in the
+folder itself (scheduler_config.json, ddpm.json), else where its pipeline folder holds them (../scheduler/,
+../ddpm.json). Without a scheduler config diffusers' DDPMScheduler defaults are used; one notice line on stderr
+says which.
 
 The wrapper (`DiffusersEps`) adapts the discrete-time model the way k-diffusion's external.py adapts one
 (DiscreteEpsDDPMDenoiser / DiscreteVDDPMDenoiser): the network is called at the integer timestep t and its output is
@@ -34,6 +35,7 @@ from pathlib import Path
 from ..errors import clip
 from ..files import input_path
 from ..runtime.schedule import MAX_T
+from ..schema import Any, Int, Opt, Schema
 from .config import MAX_PARAMS, ModelConfig
 from .io import CheckpointError, LoadedModel, TorchMissing, weights_hash
 
@@ -44,9 +46,15 @@ UNET_CONFIG = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 SCHEDULER_CONFIG = "scheduler_config.json"
 DECLARATION = "ddpm.json"     # the user's declarations beside model_index.json (or in the unet folder)
-# What a ddpm.json may hold: the null class, and what `ddpm export --diffusers` records there besides it (the
-# exporter's own check of the folder it wrote: export/diffusers.py), which loading does not need.
-DECLARED = {"null_class", "format", "checkpoint_hash", "model_config", "files"}
+# ddpm.json: the one field loading reads, the null class, checked; and what `ddpm export --diffusers` records beside
+# it, the provenance of the folder it wrote (the ddpm checkpoint's weights hash and ModelConfig, the files as
+# written), which nothing reads: the model run is the folder's own config.json, weights and scheduler config, each
+# checked, and named by a hash over them (read_info). Any other field is refused (a misspelt "null_class" would
+# otherwise leave a conditional model without its null class, silently).
+DECLARATION_SCHEMA = Schema("ddpm declaration (ddpm.json)", {}, optional={
+    "null_class": Opt(Int(min=0)),
+    "format": Any(), "checkpoint_hash": Any(), "model_config": Any(), "files": Any(),   # not read: see above
+}, hint="it holds {\"null_class\": K-1} (docs/diffusers.md)")
 MAX_CONFIG_BYTES = 16 << 20   # a config JSON: a trained_betas table of MAX_T numbers is ~2 MB
 MAX_LAYERS = 32     # layers_per_block: as many residual blocks per level as a ddpm model may have (num_res_blocks)
 MAX_LEVELS = 16     # block_out_channels: resolution levels (1024 pixels halve to 1 in 11)
@@ -142,12 +150,18 @@ def locate(path) -> tuple[Path, Path | None, Path | None]:
                                  f"models of DDPMPipeline and DDIMPipeline folders")
         sched = p / "scheduler" / SCHEDULER_CONFIG
         return p / "unet", sched if _there(sched) else None, (p / DECLARATION if _there(p / DECLARATION) else None)
-    for sched in (p / SCHEDULER_CONFIG, p.parent / "scheduler" / SCHEDULER_CONFIG):
-        if _there(sched):
-            break
-    else:
-        sched = None
-    return p, sched, p / DECLARATION if _there(p / DECLARATION) else None
+    return p, _companion(p, SCHEDULER_CONFIG, f"scheduler/{SCHEDULER_CONFIG}"), _companion(p, DECLARATION, DECLARATION)
+
+
+def _companion(unet_dir: Path, own: str, in_pipeline: str) -> Path | None:
+    """Where a bare unet folder's companion file is, by one rule for each of them (the scheduler config, ddpm.json):
+    `own` in the folder itself, else `in_pipeline` in its parent (the pipeline folder that a unet/ folder is part
+    of: pipe/unet reads pipe/scheduler/scheduler_config.json and pipe/ddpm.json, as pipe does); None when neither is
+    there (whatever is there is read through files.input_path: a folder or a pipe is named, not skipped)."""
+    for path in (unet_dir / own, unet_dir.parent / in_pipeline):
+        if _there(path):
+            return path
+    return None
 
 
 def _number(value, where: str, lo: float, hi: float) -> float:
@@ -203,13 +217,15 @@ def _declared_null(path: Path | None, classes: int) -> int | None:
     if path is None:
         return None
     d = _json(path)
-    if set(d) - DECLARED:
-        raise DiffusersError(f"{path}: unknown field(s) {', '.join(sorted(set(d) - DECLARED))}; it holds "
+    unknown = set(d) - set(DECLARATION_SCHEMA.optional)
+    if unknown:
+        raise DiffusersError(f"{path}: unknown field(s) {', '.join(sorted(map(clip, unknown)))}; it holds "
                              f"{{\"null_class\": K-1}}")
+    DECLARATION_SCHEMA.check(d, path, DiffusersError)
     null = d.get("null_class")
     if null is None:
         return None
-    if null != classes - 1 or isinstance(null, bool):
+    if null != classes - 1:
         raise DiffusersError(f"{path}: null_class must be the last class index {classes - 1} (num_class_embeds - 1), "
                              f"got {clip(null, 40)}")
     return null
