@@ -180,3 +180,20 @@ def test_a_model_with_few_timesteps_caps_the_default_steps_at_its_T(short_ckpt, 
     for cmd in (["gen"], ["eval", "--data", fake_mnist], ["bench"]):
         r = invoke(*cmd, "--ckpt", short_ckpt, "--steps", 21)
         assert r.exit_code == 2 and "must be in 1..20 (the model's T)" in r.output and "Traceback" not in r.output
+
+
+def test_a_path_with_control_characters_is_shown_escaped(tmp_path):
+    """A message naming a path with a newline, an escape sequence or a NUL printed them raw (two lines, or a
+    terminal that changed colour): every error line escapes what is not printable, as repr does (errors.printable),
+    in the CLI and in DdpmError's text."""
+    import ddpm
+
+    bad = tmp_path / "a\nb\x1b[31mc.safetensors"
+    for code in (2, 1):   # a usage error (no such file), then a file that is not a model
+        result = invoke("gen", "--ckpt", bad, "-n", 1, "--out", tmp_path / "x.png")
+        assert result.exit_code == code and result.output.count("\n") == 1, result.output
+        assert "\x1b" not in result.output and "a\\nb\\x1b[31mc" in result.output, result.output
+        bad.write_bytes(b"not weights")
+    with pytest.raises(ddpm.DdpmError) as e:
+        ddpm.load(tmp_path / "a\x00b")
+    assert "\x00" not in str(e.value) and "a\\x00b" in str(e.value), str(e.value)
