@@ -7,16 +7,22 @@ from the modules that define them; heavy modules are imported inside each comman
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
-import click
+from .signals import exit_on_sigterm, file_size_limit_as_error, sigterm_as_interrupt
 
-from .cli_edit import edit_cmd, inpaint, restore, upscale
-from .cli_options import check_output, done, prepare, refuse_same_path, sampling_options
-from .cli_tools import bench, eval_cmd, export_cmd
-from .cli_train import distill, train
-from .errors import LESS_AT_ONCE, DdpmError, OptionError, Terminated, limit_message, printable
-from .signals import file_size_limit_as_error, sigterm_as_interrupt
+# SIGTERM from here on prints "terminated" and exits 143, before the imports below (numpy and the rest: most of a
+# second); a command's own handler (sigterm_as_interrupt) takes over while it runs; Group.main restores this one
+_BEFORE_CLI = exit_on_sigterm()
+
+import click  # noqa: E402
+
+from .cli_edit import edit_cmd, inpaint, restore, upscale  # noqa: E402
+from .cli_options import check_output, done, prepare, refuse_same_path, sampling_options  # noqa: E402
+from .cli_tools import bench, eval_cmd, export_cmd  # noqa: E402
+from .cli_train import distill, train  # noqa: E402
+from .errors import LESS_AT_ONCE, DdpmError, OptionError, Terminated, limit_message, printable  # noqa: E402
 
 # OMP_WAIT_POLICY=PASSIVE is set by `import ddpm` (ddpm/__init__.py), before any command loads PyTorch.
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -62,6 +68,13 @@ class Group(click.Group):
     (errors.limit_message, naming the running command's options that ask for less memory) one line and exit 1;
     Ctrl-C one line and exit 130 (SIGINT's code), SIGTERM the same with "terminated" and exit 143
     (errors.Terminated)."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, **kwargs)
+        finally:   # the handler installed while the CLI started (exit_on_sigterm): the caller's again
+            if _BEFORE_CLI is not None:
+                signal.signal(signal.SIGTERM, _BEFORE_CLI)
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:
