@@ -35,7 +35,7 @@ from pathlib import Path
 from ..errors import clip
 from ..files import input_path
 from ..runtime.schedule import MAX_T
-from ..schema import Any, Int, Opt, Schema
+from ..schema import Any, Int, Opt, Schema, is_bool
 from .config import MAX_PARAMS, ModelConfig
 from .io import CheckpointError, LoadedModel, TorchMissing, weights_hash
 
@@ -165,7 +165,7 @@ def _companion(unet_dir: Path, own: str, in_pipeline: str) -> Path | None:
 
 
 def _number(value, where: str, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value < hi:
+    if is_bool(value) or not isinstance(value, (int, float)) or not lo < value < hi:
         raise DiffusersError(f"{where} is {clip(value, 40)}, not a number in ({lo:g}, {hi:g})")
     return float(value)
 
@@ -186,7 +186,7 @@ def schedule_fields(sched: dict, where: str) -> dict:
         raise DiffusersError(f"{where}: steps_offset {json.dumps(sched['steps_offset'])} cannot be followed (the "
                              f"runtime's grids have no offset; set it to 0)")
     T = sched.get("num_train_timesteps", DDPM_DEFAULTS["num_train_timesteps"])
-    if isinstance(T, bool) or not isinstance(T, int) or not 2 <= T <= MAX_T:
+    if is_bool(T) or not isinstance(T, int) or not 2 <= T <= MAX_T:
         raise DiffusersError(f"{where}: num_train_timesteps is {clip(T, 40)}, not an integer in 2..{MAX_T}")
     pred = sched.get("prediction_type", "epsilon")
     if pred not in PREDICTION_TYPES:
@@ -237,11 +237,11 @@ def model_config(unet: dict, sched: dict, unet_where: str, sched_where: str, dec
     size = unet.get("sample_size")
     if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 1024:
+    if is_bool(size) or not isinstance(size, int) or not 1 <= size <= 1024:
         raise DiffusersError(f"{unet_where}: sample_size is {clip(size, 40)}; ddpm runs square images of 1..1024 "
                              f"pixels")
     cin, cout = unet.get("in_channels", 3), unet.get("out_channels", 3)
-    if isinstance(cin, bool) or not isinstance(cin, int) or not 1 <= cin <= 64:
+    if is_bool(cin) or not isinstance(cin, int) or not 1 <= cin <= 64:
         raise DiffusersError(f"{unet_where}: in_channels is {clip(cin, 40)}, not an integer in 1..64")
     if cout != cin:
         raise DiffusersError(f"{unet_where}: out_channels {clip(cout, 40)} differs from in_channels {cin} (a learned "
@@ -249,7 +249,7 @@ def model_config(unet: dict, sched: dict, unet_where: str, sched_where: str, dec
     # the network's depth, bounded before anything is built (building 100000 layers takes hours even on the meta
     # device, where load() then counts the parameters that its channels give)
     layers = unet.get("layers_per_block", 2)
-    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= MAX_LAYERS:
+    if is_bool(layers) or not isinstance(layers, int) or not 1 <= layers <= MAX_LAYERS:
         raise DiffusersError(f"{unet_where}: layers_per_block is {clip(layers, 40)}, not an integer in "
                              f"1..{MAX_LAYERS}")
     channels = unet.get("block_out_channels", [64, 128, 256, 512])
@@ -261,7 +261,7 @@ def model_config(unet: dict, sched: dict, unet_where: str, sched_where: str, dec
             raise DiffusersError(f"{unet_where}: {k} {json.dumps(unet.get(k))[:40]} cannot be followed (ddpm calls the "
                                  f"network at integer timesteps with a class index)")
     classes = unet.get("num_class_embeds")
-    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes
+    if classes is not None and (is_bool(classes) or not isinstance(classes, int) or not 2 <= classes
                                 <= 100_001):
         raise DiffusersError(f"{unet_where}: num_class_embeds is {clip(classes, 40)}, not an integer in 2..100001")
     if classes is None:

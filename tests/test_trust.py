@@ -541,7 +541,7 @@ def test_export_json_agrees_with_its_onnx_files(exported, tmp_path, change, mess
                                                                      "model, not an fp16 one"),
     ("int8", lambda m: m["files"].update(int8=m["files"]["fp32"]), "files.int8 names model.onnx, which is an fp32 "
                                                                      "model, not an int8 one"),
-    ("fp32", lambda m: m["files"].update(fp32={k: m["generators"][0][k] for k in ("name", "sha256", "bytes")}),
+    ("fp32", lambda m: m["files"]["fp32"].update({k: m["generators"][0][k] for k in ("name", "sha256", "bytes")}),
      "which is a generator, not a model"),
     ("generator", lambda m: m["generators"][0].update({k: m["files"]["fp32"][k] for k in ("name", "sha256", "bytes")}),
      "generators[0] names model.onnx, which is a model, not a generator"),
