@@ -17,7 +17,29 @@ import os as _os
 # (bench/threads.md). An OMP_WAIT_POLICY of the user's is kept; it has no effect if PyTorch was imported first.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .api import DdpmError, Model, load  # noqa: E402  (numpy-only imports: `import ddpm` never imports PyTorch)
-from .evaluation import evaluate  # noqa: E402  (the evaluator imports PyTorch when it runs)
+# The public names and the submodules are imported on first use (PEP 562): `import ddpm` costs nothing, so that the
+# `ddpm` command (cli.py) handles SIGTERM before numpy and the rest load (most of a second). The API imports numpy
+# only; the evaluator imports PyTorch when it runs.
+_PUBLIC = {"DdpmError": "errors", "Model": "api", "load": "api", "evaluate": "evaluation"}
 
 __all__ = ["DdpmError", "Model", "evaluate", "load", "__version__"]
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_"):   # a submodule not imported yet: ddpm.api, ddpm.runtime, ...
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -199,7 +199,7 @@ class Model:
         label: None (classes 0..9 in turn), an int, or n ints. uncond: the unconditional model (no label).
         guidance: classifier-free guidance w >= 0, eps = eps_c + w (eps_c - eps_u) (Ho & Salimans 2022, eq. 6).
         sampler/steps/eta/variance/spacing/guidance_interval/guidance_rescale: see `plan` (plan: a ready Plan
-        instead). seed: 0..2^64-1; sample k of a seed is the same digit whatever n, batch, engine or process
+        instead, never with them). seed: 0..2^64-1; sample k of a seed is the same digit whatever n, batch, engine or process
         (runtime.noise); start: the index of the first. engine: a name (see `engine`) or an engine `engine`
         returned. fp16, int8: the network's precision (see `engine`). A model whose file records a plan (a distilled
         student) samples with it, guidance included, where these arguments are not passed (`Model.recorded`).

@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import DdpmError, LimitReached, limit_message
 from .options import MAX_GUIDANCE, MAX_LEVEL, MAX_SIGMA, MAX_THREADS
-from .schema import Array, Bool, Int, Invalid, Num, Opt, Spec, Str
+from .schema import Array, Bool, Int, Invalid, Num, Opt, Spec, Str, is_bool
 
 
 class OneOf(Spec):
@@ -109,7 +109,7 @@ class Level(Spec):
     what = f"a number in 0..{MAX_LEVEL:g} or inf"
 
     def check(self, v, dims, path):
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        if is_bool(v) or not isinstance(v, (int, float, np.integer, np.floating)):
             self.fail(v, path)
         # a Python int of any size compares with floats exactly; math.isnan would convert it (OverflowError)
         if (isinstance(v, (float, np.floating)) and math.isnan(v)) or v < 0 or MAX_LEVEL < v < math.inf:

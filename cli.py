@@ -7,16 +7,22 @@ from the modules that define them; heavy modules are imported inside each comman
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
-import click
+from .signals import exit_on_sigterm, file_size_limit_as_error, sigterm_as_interrupt
 
-from .cli_edit import edit_cmd, inpaint, restore, upscale
-from .cli_options import check_output, done, prepare, refuse_same_path, sampling_options
-from .cli_tools import bench, eval_cmd, export_cmd
-from .cli_train import distill, train
-from .errors import LESS_AT_ONCE, DdpmError, OptionError, Terminated, limit_message
-from .signals import file_size_limit_as_error, sigterm_as_interrupt
+# SIGTERM from here on prints "terminated" and exits 143, before the imports below (numpy and the rest: most of a
+# second); a command's own handler (sigterm_as_interrupt) takes over while it runs; Group.main restores this one
+_BEFORE_CLI = exit_on_sigterm()
+
+import click  # noqa: E402
+
+from .cli_edit import edit_cmd, inpaint, restore, upscale  # noqa: E402
+from .cli_options import check_output, done, prepare, refuse_same_path, sampling_options  # noqa: E402
+from .cli_tools import bench, eval_cmd, export_cmd  # noqa: E402
+from .cli_train import distill, train  # noqa: E402
+from .errors import LESS_AT_ONCE, DdpmError, OptionError, Terminated, limit_message, printable  # noqa: E402
 
 # OMP_WAIT_POLICY=PASSIVE is set by `import ddpm` (ddpm/__init__.py), before any command loads PyTorch.
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -34,12 +40,20 @@ class OneLineUsageError(click.UsageError):
     status 2, as click's."""
 
     def __init__(self, e: click.UsageError, path: str | None):
-        super().__init__(" ".join(e.format_message().split()), e.ctx)
+        super().__init__(printable(" ".join(e.format_message().split())), e.ctx)
         self.path = e.ctx.command_path if e.ctx is not None else path
 
     def show(self, file=None) -> None:
         hint = f" (see {self.path} --help)" if self.path else ""
         click.echo(f"Error: {self.format_message()}{hint}", file=file, err=file is None)
+
+
+class ErrorLine(click.ClickException):
+    """Any other error of a command: "Error: <message>" (exit status 1), every character of the message that is not
+    printable escaped (errors.printable): a path with a newline or a NUL in it stays one line that shows it."""
+
+    def format_message(self) -> str:
+        return printable(self.message)
 
 
 def less_at_once(command: click.Command) -> str | None:
@@ -54,6 +68,13 @@ class Group(click.Group):
     (errors.limit_message, naming the running command's options that ask for less memory) one line and exit 1;
     Ctrl-C one line and exit 130 (SIGINT's code), SIGTERM the same with "terminated" and exit 143
     (errors.Terminated)."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, **kwargs)
+        finally:   # the handler installed while the CLI started (exit_on_sigterm): the caller's again
+            if _BEFORE_CLI is not None:
+                signal.signal(signal.SIGTERM, _BEFORE_CLI)
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:
@@ -85,20 +106,20 @@ class Group(click.Group):
                 return super().invoke(ctx)
             except OptionError as e:
                 if e.option is None:
-                    raise click.ClickException(str(e)) from None
+                    raise ErrorLine(str(e)) from None
                 raise click.BadParameter(str(e), param_hint=FLAGS.get(e.option, "--" + e.option.replace("_", "-")))
             except DdpmError as e:
-                raise click.ClickException(str(e)) from None
+                raise ErrorLine(str(e)) from None
             except Exception as e:
                 message = limit_message(e)
                 if message is None:
                     raise
-                raise click.ClickException(message) from None
+                raise ErrorLine(message) from None
             except Terminated as e:
-                click.echo(f"\n{str(e) or 'terminated'}", err=True)
+                click.echo(f"\n{printable(str(e)) or 'terminated'}", err=True)
                 ctx.exit(143)
             except KeyboardInterrupt as e:
-                click.echo(f"\n{str(e) or 'interrupted'}", err=True)
+                click.echo(f"\n{printable(str(e)) or 'interrupted'}", err=True)
                 ctx.exit(130)
 
 

@@ -23,7 +23,20 @@ except ImportError:   # not on Windows
 
 class DdpmError(Exception):
     """Anything a user can fix: a bad argument, a missing or malformed file, a missing package. str(e) is the
-    one-line message."""
+    one-line message, every character that is not printable in it escaped (`printable`)."""
+
+    def __str__(self) -> str:
+        return printable(super().__str__())
+
+
+def printable(text: str) -> str:
+    """`text` with each character that is not printable written as Python's repr writes it: control characters
+    (NUL as \\x00, a newline as \\n, ESC as \\x1b), the lone surrogates that stand for the undecodable bytes of a
+    file name (\\udcff), line separators. A message that names such a path stays one line that shows the name
+    instead of acting on the terminal. Idempotent: what it writes is printable."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def brief(value, limit: int = 60) -> str:

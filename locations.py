@@ -5,8 +5,11 @@
     config  $XDG_CONFIG_HOME/ddpm, else ~/.config/ddpm: a retrained classifier (`ddpm eval --train-classifier`)
 
 As the spec says, an XDG variable that is unset, empty or not an absolute path is ignored (a relative one would put
-the files under whatever folder a command happens to run in). The home folder is $HOME when it is absolute, else the
-user's entry in the password database. Any path the OS can name works, UTF-8 or not: environment values are kept
+the files under whatever folder a command happens to run in). The home folder is then $HOME; when HOME is unset, the
+user's entry in the password database (as the shell and Python's Path.home do). A HOME that is set but empty or
+relative is refused in one line when the folder is needed: whoever set it meant the files to go somewhere, and
+neither the working folder nor the password database's home is where they asked (`HOME= cmd` keeps a program out of
+the real home; `HOME=. cmd` puts its files in the working folder). Any path the OS can name works, UTF-8 or not: environment values are kept
 as the OS gives them (Python's surrogate escapes) and never re-encoded here.
 """
 
@@ -15,17 +18,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import DdpmError
+from .errors import DdpmError, brief
 
 _XDG = {"cache": ("XDG_CACHE_HOME", ".cache"), "config": ("XDG_CONFIG_HOME", ".config")}
 
 
-def home() -> Path:
-    """The user's home folder: $HOME when it is an absolute path, else the password database's entry. Raises
-    DdpmError when neither gives an absolute path."""
-    value = os.environ.get("HOME", "")
-    if os.path.isabs(value):
-        return Path(value)
+def home(instead: str = "$XDG_CACHE_HOME") -> Path:
+    """The user's home folder: $HOME, or the password database's entry when HOME is unset. Raises DdpmError (one
+    line naming `instead`, the variable that would make the home unneeded) when HOME is set but empty or not an
+    absolute path (module docstring), or when nothing gives an absolute path."""
+    value = os.environ.get("HOME")
+    if value is not None:
+        if os.path.isabs(value):
+            return Path(value)
+        what = "empty" if not value else f"not an absolute path ({brief(value)})"
+        raise DdpmError(f"$HOME is {what}, and ddpm's folders are under it while {instead} is unset: set {instead} "
+                        f"or $HOME to an absolute folder")
     try:
         import pwd
 
@@ -38,8 +46,8 @@ def home() -> Path:
         except RuntimeError:
             value = ""
     if not os.path.isabs(value):
-        raise DdpmError("cannot tell where the home folder is ($HOME is unset or not an absolute path): set $HOME, or "
-                        "$XDG_CACHE_HOME and $XDG_CONFIG_HOME, to an absolute folder")
+        raise DdpmError(f"cannot tell where the home folder is ($HOME is unset, and the system names none): set "
+                        f"{instead} or $HOME to an absolute folder")
     return Path(value)
 
 
@@ -48,7 +56,7 @@ def user_dir(kind: str = "cache") -> Path:
     DdpmError when the home folder is needed and cannot be told (home())."""
     var, default = _XDG[kind]
     value = os.environ.get(var, "")
-    base = Path(value) if os.path.isabs(value) else home() / default
+    base = Path(value) if os.path.isabs(value) else home(f"${var}") / default
     return base / "ddpm"
 
 

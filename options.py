@@ -78,9 +78,17 @@ class Sampling:
         that are not options are ignored. given: the names the user gave (not left at their defaults); labelled:
         whether the samples have labels (False: unconditional sampling; an edit without a label, which uses the
         unconditional model). Raises OptionError (option "guidance") for a guidance scale w > 0 given for samples
-        without labels: guidance steers a sample towards its label, so it would be silently ignored. cli: the
-        message names the CLI's options."""
+        without labels: guidance steers a sample towards its label, so it would be silently ignored; OptionError
+        (option "plan") for a ready plan (values["plan"], the API's) given with any option that makes a plan
+        (PLAN_OPTIONS): they would contradict or repeat it, and one of them would be ignored. cli: the message names
+        the CLI's options."""
         names = {f.name for f in fields(cls)}
+        both = [name for name in PLAN_OPTIONS if name in given]
+        if values.get("plan") is not None and both:
+            from .errors import OptionError
+
+            raise OptionError(f"plan and {', '.join(both)} exclude each other: a plan is a ready sampler table that "
+                              f"they would make (model.plan(sampler=..., steps=...)); give the plan or them", "plan")
         opts = replace(cls(**{k: v for k, v in values.items() if k in names}), **changes)
         if not labelled and opts.guidance and "guidance" in given:
             from .errors import OptionError
@@ -97,10 +105,8 @@ class Sampling:
         return replace(self, **recorded_plan(record, values, given))
 
     def plan_args(self) -> dict:
-        """Model.plan's keywords."""
-        return dict(sampler=self.sampler, steps=self.steps, eta=self.eta, variance=self.variance,
-                    spacing=self.spacing, guidance_interval=self.guidance_interval,
-                    guidance_rescale=self.guidance_rescale)
+        """Model.plan's keywords (PLAN_OPTIONS)."""
+        return {name: getattr(self, name) for name in PLAN_OPTIONS}
 
     @property
     def precision(self) -> str:
@@ -122,6 +128,8 @@ def precision_refusal(engine: str | None, device: str, fp16: bool, int8: bool) -
     return None
 
 
+# The options that make a plan (Sampling.plan_args): a ready plan excludes them (Sampling.of)
+PLAN_OPTIONS = ("sampler", "steps", "eta", "variance", "spacing", "guidance_interval", "guidance_rescale")
 EDITING = Sampling(sampler=EDIT_SAMPLER, guidance_interval=None)   # the editing methods' defaults, as measured
 
 # The options a model file's recorded plan (metadata entry "plan", written by `ddpm distill`) sets, and those of them

@@ -44,6 +44,12 @@ def _dtype_name(v) -> str:
     return str(v.dtype).replace("torch.", "")
 
 
+def is_bool(v) -> bool:
+    """Whether `v` is a boolean (Python's or numpy's). Python's bool is an int (True == 1), so every check of an
+    integer or a number here asks this first: `"version": true` is not version 1."""
+    return isinstance(v, (bool, np.bool_))
+
+
 def _kind(name: str) -> str:
     if name.startswith(("int", "uint")):
         return "int"
@@ -79,11 +85,13 @@ class Opt(Spec):
 
 
 class Const(Spec):
+    """Exactly this value (a bool matches only a bool: True is not 1)."""
+
     def __init__(self, value):
         self.value, self.what = value, repr(value)
 
     def check(self, v, dims, path):
-        if v != self.value:
+        if is_bool(v) != is_bool(self.value) or v != self.value:
             self.fail(v, path)
 
 
@@ -91,7 +99,7 @@ class Bool(Spec):
     what = "true or false"
 
     def check(self, v, dims, path):
-        if not isinstance(v, (bool, np.bool_)):
+        if not is_bool(v):
             self.fail(v, path)
 
 
@@ -109,7 +117,7 @@ class Int(Spec):
         self.what = "an integer" + _bounds(min, max)
 
     def check(self, v, dims, path):
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        if is_bool(v) or not isinstance(v, (int, np.integer)):
             self.fail(v, path)
         if (self.min is not None and v < self.min) or (self.max is not None and v > self.max):
             self.fail(v, path)
@@ -127,7 +135,7 @@ class Num(Spec):
         self.what = "a finite number" + " and".join(f" {b}" for b in (lo, hi) if b)
 
     def check(self, v, dims, path):
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        if is_bool(v) or not isinstance(v, (int, float, np.integer, np.floating)):
             self.fail(v, path)
         try:
             finite = math.isfinite(v)

@@ -1,7 +1,8 @@
 """Signals as the exceptions of errors.py, so that a command unwinds instead of dying with a write half-done.
 
 `sigterm_as_interrupt` turns SIGTERM (what `kill`, `timeout` and supervisors send) into errors.Terminated, a
-KeyboardInterrupt like Ctrl-C's; `file_size_limit_as_error` turns a write past the file-size limit (ulimit -f) into
+KeyboardInterrupt like Ctrl-C's, and `exit_on_sigterm` prints the same "terminated" and exits 143 while the CLI
+starts; `file_size_limit_as_error` turns a write past the file-size limit (ulimit -f) into
 an OSError EFBIG that errors.limit_message names, instead of SIGXFSZ killing the process. ddpm.cli enters both around
 every command; both leave the handlers alone outside the main thread (Python runs signal handlers there only).
 `stop_message` lets a long job say where it stopped (train: the last checkpoint) whatever stopped it.
@@ -10,6 +11,7 @@ every command; both leave the handlers alone outside the main thread (Python run
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Callable
@@ -38,6 +40,23 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def exit_on_sigterm():
+    """Until a command runs: SIGTERM prints the "terminated" line and exits with status 143 at once, as during a
+    command (sigterm_as_interrupt, which takes over then). ddpm.cli calls this before it imports the modules of its
+    commands (numpy and the rest: most of a second), where the default action killed the process without the line.
+    Nothing has been written yet then, so there is nothing to unwind. Only in the main thread and where SIGTERM has
+    its default action (a handler of the embedding program is kept). Returns the previous handler, to restore, or
+    None when nothing was installed."""
+    if not _main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def on_term(signum, frame):
+        os.write(2, b"\nterminated\n")
+        os._exit(128 + signal.SIGTERM)
+
+    return signal.signal(signal.SIGTERM, on_term)
 
 
 @contextlib.contextmanager

@@ -11,9 +11,10 @@ Two layouts are read (docs/diffusers.md):
     DIR/ddpm.json                              optional: {"null_class": K-1} for a class-conditional model whose last
                                                class index was trained as "no label" (classifier-free guidance)
 
-or a bare unet folder (config.json + weights), whose scheduler config is looked for beside it (../scheduler/, or a
-scheduler_config.json in the folder itself), else diffusers' DDPMScheduler defaults are used; one notice line on
-stderr says which.
+or a bare unet folder (config.json + weights), whose companions are looked for by one rule (_companion): in the
+folder itself (scheduler_config.json, ddpm.json), else where its pipeline folder holds them (../scheduler/,
+../ddpm.json). Without a scheduler config diffusers' DDPMScheduler defaults are used; one notice line on stderr
+says which.
 
 The wrapper (`DiffusersEps`) adapts the discrete-time model the way k-diffusion's external.py adapts one
 (DiscreteEpsDDPMDenoiser / DiscreteVDDPMDenoiser): the network is called at the integer timestep t and its output is
@@ -34,6 +35,7 @@ from pathlib import Path
 from ..errors import clip
 from ..files import input_path
 from ..runtime.schedule import MAX_T
+from ..schema import Any, Int, Opt, Schema, is_bool
 from .config import MAX_PARAMS, ModelConfig
 from .io import CheckpointError, LoadedModel, TorchMissing, weights_hash
 
@@ -44,9 +46,15 @@ UNET_CONFIG = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 SCHEDULER_CONFIG = "scheduler_config.json"
 DECLARATION = "ddpm.json"     # the user's declarations beside model_index.json (or in the unet folder)
-# What a ddpm.json may hold: the null class, and what `ddpm export --diffusers` records there besides it (the
-# exporter's own check of the folder it wrote: export/diffusers.py), which loading does not need.
-DECLARED = {"null_class", "format", "checkpoint_hash", "model_config", "files"}
+# ddpm.json: the one field loading reads, the null class, checked; and what `ddpm export --diffusers` records beside
+# it, the provenance of the folder it wrote (the ddpm checkpoint's weights hash and ModelConfig, the files as
+# written), which nothing reads: the model run is the folder's own config.json, weights and scheduler config, each
+# checked, and named by a hash over them (read_info). Any other field is refused (a misspelt "null_class" would
+# otherwise leave a conditional model without its null class, silently).
+DECLARATION_SCHEMA = Schema("ddpm declaration (ddpm.json)", {}, optional={
+    "null_class": Opt(Int(min=0)),
+    "format": Any(), "checkpoint_hash": Any(), "model_config": Any(), "files": Any(),   # not read: see above
+}, hint="it holds {\"null_class\": K-1} (docs/diffusers.md)")
 MAX_CONFIG_BYTES = 16 << 20   # a config JSON: a trained_betas table of MAX_T numbers is ~2 MB
 MAX_LAYERS = 32     # layers_per_block: as many residual blocks per level as a ddpm model may have (num_res_blocks)
 MAX_LEVELS = 16     # block_out_channels: resolution levels (1024 pixels halve to 1 in 11)
@@ -142,16 +150,22 @@ def locate(path) -> tuple[Path, Path | None, Path | None]:
                                  f"models of DDPMPipeline and DDIMPipeline folders")
         sched = p / "scheduler" / SCHEDULER_CONFIG
         return p / "unet", sched if _there(sched) else None, (p / DECLARATION if _there(p / DECLARATION) else None)
-    for sched in (p / SCHEDULER_CONFIG, p.parent / "scheduler" / SCHEDULER_CONFIG):
-        if _there(sched):
-            break
-    else:
-        sched = None
-    return p, sched, p / DECLARATION if _there(p / DECLARATION) else None
+    return p, _companion(p, SCHEDULER_CONFIG, f"scheduler/{SCHEDULER_CONFIG}"), _companion(p, DECLARATION, DECLARATION)
+
+
+def _companion(unet_dir: Path, own: str, in_pipeline: str) -> Path | None:
+    """Where a bare unet folder's companion file is, by one rule for each of them (the scheduler config, ddpm.json):
+    `own` in the folder itself, else `in_pipeline` in its parent (the pipeline folder that a unet/ folder is part
+    of: pipe/unet reads pipe/scheduler/scheduler_config.json and pipe/ddpm.json, as pipe does); None when neither is
+    there (whatever is there is read through files.input_path: a folder or a pipe is named, not skipped)."""
+    for path in (unet_dir / own, unet_dir.parent / in_pipeline):
+        if _there(path):
+            return path
+    return None
 
 
 def _number(value, where: str, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value < hi:
+    if is_bool(value) or not isinstance(value, (int, float)) or not lo < value < hi:
         raise DiffusersError(f"{where} is {clip(value, 40)}, not a number in ({lo:g}, {hi:g})")
     return float(value)
 
@@ -172,7 +186,7 @@ def schedule_fields(sched: dict, where: str) -> dict:
         raise DiffusersError(f"{where}: steps_offset {json.dumps(sched['steps_offset'])} cannot be followed (the "
                              f"runtime's grids have no offset; set it to 0)")
     T = sched.get("num_train_timesteps", DDPM_DEFAULTS["num_train_timesteps"])
-    if isinstance(T, bool) or not isinstance(T, int) or not 2 <= T <= MAX_T:
+    if is_bool(T) or not isinstance(T, int) or not 2 <= T <= MAX_T:
         raise DiffusersError(f"{where}: num_train_timesteps is {clip(T, 40)}, not an integer in 2..{MAX_T}")
     pred = sched.get("prediction_type", "epsilon")
     if pred not in PREDICTION_TYPES:
@@ -203,13 +217,15 @@ def _declared_null(path: Path | None, classes: int) -> int | None:
     if path is None:
         return None
     d = _json(path)
-    if set(d) - DECLARED:
-        raise DiffusersError(f"{path}: unknown field(s) {', '.join(sorted(set(d) - DECLARED))}; it holds "
+    unknown = set(d) - set(DECLARATION_SCHEMA.optional)
+    if unknown:
+        raise DiffusersError(f"{path}: unknown field(s) {', '.join(sorted(map(clip, unknown)))}; it holds "
                              f"{{\"null_class\": K-1}}")
+    DECLARATION_SCHEMA.check(d, path, DiffusersError)
     null = d.get("null_class")
     if null is None:
         return None
-    if null != classes - 1 or isinstance(null, bool):
+    if null != classes - 1:
         raise DiffusersError(f"{path}: null_class must be the last class index {classes - 1} (num_class_embeds - 1), "
                              f"got {clip(null, 40)}")
     return null
@@ -221,11 +237,11 @@ def model_config(unet: dict, sched: dict, unet_where: str, sched_where: str, dec
     size = unet.get("sample_size")
     if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 1024:
+    if is_bool(size) or not isinstance(size, int) or not 1 <= size <= 1024:
         raise DiffusersError(f"{unet_where}: sample_size is {clip(size, 40)}; ddpm runs square images of 1..1024 "
                              f"pixels")
     cin, cout = unet.get("in_channels", 3), unet.get("out_channels", 3)
-    if isinstance(cin, bool) or not isinstance(cin, int) or not 1 <= cin <= 64:
+    if is_bool(cin) or not isinstance(cin, int) or not 1 <= cin <= 64:
         raise DiffusersError(f"{unet_where}: in_channels is {clip(cin, 40)}, not an integer in 1..64")
     if cout != cin:
         raise DiffusersError(f"{unet_where}: out_channels {clip(cout, 40)} differs from in_channels {cin} (a learned "
@@ -233,7 +249,7 @@ def model_config(unet: dict, sched: dict, unet_where: str, sched_where: str, dec
     # the network's depth, bounded before anything is built (building 100000 layers takes hours even on the meta
     # device, where load() then counts the parameters that its channels give)
     layers = unet.get("layers_per_block", 2)
-    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= MAX_LAYERS:
+    if is_bool(layers) or not isinstance(layers, int) or not 1 <= layers <= MAX_LAYERS:
         raise DiffusersError(f"{unet_where}: layers_per_block is {clip(layers, 40)}, not an integer in "
                              f"1..{MAX_LAYERS}")
     channels = unet.get("block_out_channels", [64, 128, 256, 512])
@@ -245,7 +261,7 @@ def model_config(unet: dict, sched: dict, unet_where: str, sched_where: str, dec
             raise DiffusersError(f"{unet_where}: {k} {json.dumps(unet.get(k))[:40]} cannot be followed (ddpm calls the "
                                  f"network at integer timesteps with a class index)")
     classes = unet.get("num_class_embeds")
-    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes
+    if classes is not None and (is_bool(classes) or not isinstance(classes, int) or not 2 <= classes
                                 <= 100_001):
         raise DiffusersError(f"{unet_where}: num_class_embeds is {clip(classes, 40)}, not an integer in 2..100001")
     if classes is None:

@@ -40,7 +40,8 @@ MAX_ONNX_BYTES = 4 << 30    # an ONNX file: the largest model a config allows (m
 _PLAN_KEY = Str(pattern=r"[0-9a-f]{40}", what="a plan key (runtime.runner.plan_key: 40 hex digits)")
 # a plan's or a file's name, a measure: what messages quote
 _NAME = Str(pattern=r"[^\n]{1,200}", what="a string (one line of 1..200 characters)")
-# files.*.parity (export/onnx_export.py verify): the measured error of an ONNX file against PyTorch
+# files.*.parity (export/onnx_export.py verify): the measured error of an ONNX file against PyTorch. Optional in the
+# schema, required by Bundle._check_consistent with the generators' (one rule, one message for every file)
 PARITY = Obj({"measure": _NAME, "error": Num(min=0), "tolerance": Num(min=0, min_open=True)},
              {"max_abs_error": Num(min=0), "eps_std": Num(min=0), "batches": List(Int(min=1))},
              what="a parity record (an object)")
@@ -346,14 +347,19 @@ class Bundle:
             if _tables_differ(meta[k], v):
                 raise ExportError(f"{meta_path}: {k} is not the {cfg.schedule} schedule's of T = {cfg.timesteps} "
                                   f"that its model_config says (beyond {TABLE_TOLERANCE:g}); re-run `ddpm export`")
-        # a record of a check that failed: `ddpm export` never writes one
-        verified = [(f"files.{p}.parity", f["parity"]["error"], f["parity"]["tolerance"])
-                    for p, f in meta["files"].items() if "parity" in f]
-        verified += [(f"generators[{i}].parity", g["parity"]["max_abs_grey"], g["parity"]["tolerance_grey"])
-                     for i, g in enumerate(meta.get("generators", [])) if "parity" in g]
-        for where, error, tolerance in verified:
+        # one rule for every ONNX file the folder names (the eps models and the generators): `ddpm export` verifies
+        # each against its reference before it records it, so an entry without its parity record, or whose record
+        # is over its tolerance, names a file that was not verified or failed: refused
+        entries = [(f"files.{p}", f, ("error", "tolerance")) for p, f in meta["files"].items()]
+        entries += [(f"generators[{i}]", g, ("max_abs_grey", "tolerance_grey"))
+                    for i, g in enumerate(meta.get("generators", []))]
+        for where, entry, (error, tolerance) in entries:
+            if "parity" not in entry:
+                raise ExportError(f"{meta_path}: {where} records no parity (the verification `ddpm export` records "
+                                  f"for every file it writes): that file was not verified; re-run `ddpm export`")
+            error, tolerance = entry["parity"][error], entry["parity"][tolerance]
             if error > tolerance:
-                raise ExportError(f"{meta_path}: {where} records an error of {error:g}, over its tolerance "
+                raise ExportError(f"{meta_path}: {where}.parity records an error of {error:g}, over its tolerance "
                                   f"{tolerance:g}: that file failed its verification; re-run `ddpm export`")
 
     @property

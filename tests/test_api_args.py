@@ -194,3 +194,20 @@ def test_a_picture_numpy_cannot_read_is_an_image_error(value):
     with pytest.raises(ImageError, match=r"^mask must be a picture file") as e:
         picture(value, "mask")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("option, value", [("sampler", "ddpm"), ("sampler", "ddim"), ("steps", 3), ("eta", 1.0),
+                                           ("variance", "large"), ("spacing", "linspace"),
+                                           ("guidance_interval", None), ("guidance_rescale", 0.5)])
+def test_a_plan_excludes_the_options_that_make_one(model, option, value):
+    """generate(plan=P, sampler=...) ran P and ignored the sampler silently: a ready plan with any option that makes
+    a plan (one that contradicts it, or repeats it: ddim with a ddim plan) is one DdpmError naming both."""
+    from ddpm.errors import OptionError
+
+    plan = model.plan("ddim", 2)
+    with pytest.raises(OptionError, match=f"^plan and {option} exclude each other") as e:
+        model.generate(1, plan=plan, engine="torch", device="cpu", **{option: value})
+    assert e.value.option == "plan" and "\n" not in str(e.value)
+    ran = model.generate(2, plan=plan, guidance=1.0, seed=3, engine="torch", device="cpu")   # the rest is allowed
+    assert np.array_equal(ran, model.generate(2, sampler="ddim", steps=2, guidance=1.0, seed=3, engine="torch",
+                                              device="cpu"))

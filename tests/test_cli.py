@@ -180,3 +180,45 @@ def test_a_model_with_few_timesteps_caps_the_default_steps_at_its_T(short_ckpt, 
     for cmd in (["gen"], ["eval", "--data", fake_mnist], ["bench"]):
         r = invoke(*cmd, "--ckpt", short_ckpt, "--steps", 21)
         assert r.exit_code == 2 and "must be in 1..20 (the model's T)" in r.output and "Traceback" not in r.output
+
+
+def test_a_path_with_control_characters_is_shown_escaped(tmp_path):
+    """A message naming a path with a newline, an escape sequence or a NUL printed them raw (two lines, or a
+    terminal that changed colour): every error line escapes what is not printable, as repr does (errors.printable),
+    in the CLI and in DdpmError's text."""
+    import ddpm
+
+    bad = tmp_path / "a\nb\x1b[31mc.safetensors"
+    for code in (2, 1):   # a usage error (no such file), then a file that is not a model
+        result = invoke("gen", "--ckpt", bad, "-n", 1, "--out", tmp_path / "x.png")
+        assert result.exit_code == code and result.output.count("\n") == 1, result.output
+        assert "\x1b" not in result.output and "a\\nb\\x1b[31mc" in result.output, result.output
+        bad.write_bytes(b"not weights")
+    with pytest.raises(ddpm.DdpmError) as e:
+        ddpm.load(tmp_path / "a\x00b")
+    assert "\x00" not in str(e.value) and "a\\x00b" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("heavy", ["numpy", "torch"])
+def test_sigterm_while_the_cli_imports_prints_terminated(tmp_path, heavy):
+    """SIGTERM while `ddpm train` imports its modules (most of a second, numpy first) killed the process by the
+    default action, without the "terminated" line the README promises: the CLI handles it before those imports.
+    The signal is sent by an import hook when the first `heavy` module is imported, so the test does not race."""
+    import os
+    import subprocess
+    import sys
+
+    code = (f"import os, signal, sys\n"
+            f"class Term:\n"
+            f"    def find_spec(self, name, path=None, target=None):\n"
+            f"        if name == {heavy!r}:\n"
+            f"            os.kill(os.getpid(), signal.SIGTERM)\n"
+            f"sys.meta_path.insert(0, Term())\n"
+            f"sys.argv = ['ddpm', 'train', '--steps', '1', '--out', {str(tmp_path / 'run')!r}]\n"
+            f"from ddpm.cli import main\n"
+            f"main()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # numpy: before the command began ("terminated"); torch: inside it, which says what it left ("terminated; ...")
+    assert r.returncode == 143 and r.stderr.strip().startswith("terminated"), (r.returncode, r.stderr[-500:])
+    assert not (tmp_path / "run").exists()

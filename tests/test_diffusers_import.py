@@ -262,6 +262,35 @@ def test_a_bare_unet_folder_takes_the_scheduler_beside_it_else_ddpm_defaults(fol
     assert capsys.readouterr().err.count("DDPMScheduler defaults") == 1
 
 
+def test_a_bare_unet_folder_takes_every_companion_from_its_pipeline(folders, tmp_path):
+    """pipe/unet reads pipe/ddpm.json as it reads pipe/scheduler/: a class-conditional pipeline's unet folder loads
+    with the null class its pipeline declares (it was refused for want of one), the same model as the pipeline."""
+    folder = tmp_path / "pipe"
+    shutil.copytree(folders["cond28"], folder)
+    unet = ddpm.load(folder / "unet")
+    assert unet.null_label == 10 and unet.hash == ddpm.load(folder).hash
+    (folder / "unet" / "ddpm.json").write_text('{"null_class": 3}')   # the folder's own comes first
+    with pytest.raises(DdpmError, match="unet/ddpm.json: null_class must be the last class index 10"):
+        ddpm.load(folder / "unet")
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"null_class": True}, "null_class must be an integer >= 0, got True"),
+    ({"null_class": 10.0}, "null_class must be an integer >= 0, got 10.0"),
+    ({"null_class": "10"}, "null_class must be an integer >= 0, got '10'"),
+    ({"null_class": 10, "nul_class": 10}, "unknown field(s) nul_class"),
+])
+def test_ddpm_json_is_checked_against_its_schema(folders, tmp_path, content, message):
+    """ddpm.json's null class is an integer (not a bool, not 10.0, which equals 10), and a field it does not hold is
+    refused; what `ddpm export --diffusers` records beside it is not read (docs/diffusers.md)."""
+    folder = tmp_path / "pipe"
+    shutil.copytree(folders["cond28"], folder)
+    (folder / "ddpm.json").write_text(json.dumps(content))
+    result = invoke("gen", "--ckpt", folder, "-n", 1, "--out", tmp_path / "x.png")
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"Error: {folder / 'ddpm.json'}: ") and message in result.output, result.output
+
+
 def test_pickled_weights_are_not_read(folders, tmp_path):
     folder = tmp_path / "pipe"
     shutil.copytree(folders["uncond28"], folder)

@@ -2,6 +2,7 @@
 the OS can name works, UTF-8 or not; `export --web` says why npm could not fetch onnxruntime-web, at once."""
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -12,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from ddpm import api
+from ddpm.errors import DdpmError
 from ddpm.export import web
+from ddpm.locations import user_dir
 from ddpm.train.data import default_data_dir
 from conftest import make_fake_mnist
 from helpers import invoke, tiny_checkpoint
@@ -43,15 +46,31 @@ def test_an_empty_or_relative_xdg_variable_is_ignored_everywhere(tmp_path, monke
     assert got["exports"] == tmp_path / "xdg" / "ddpm" and got["mnist"].parent == got["npm"].parent == got["exports"]
 
 
-def test_an_empty_home_is_not_the_working_folder(tmp_path, monkeypatch):
+def test_an_empty_or_relative_home_is_refused_and_an_unset_one_is_the_systems(tmp_path, monkeypatch):
+    """HOME set but empty or relative, with no XDG variable to use instead: the files went to the password
+    database's home, where whoever set HOME (`HOME= cmd`, `HOME=. cmd`) meant them not to go; now one line names
+    what to set. Never the working folder. An unset HOME is the password database's, as the shell's and Python's."""
     import pwd
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("XDG_CACHE_HOME")
-    for value in ("", "relative"):
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    for value, what in (("", "empty"), ("relative", "not an absolute path ('relative')")):
         monkeypatch.setenv("HOME", value)
-        assert all(p.is_absolute() for p in _locations().values())
-        assert api.cache_dir() == Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "ddpm"
+        with pytest.raises(DdpmError, match=re.escape(f"$HOME is {what}, and ddpm's folders are under it while "
+                                                      f"$XDG_CACHE_HOME is unset: set $XDG_CACHE_HOME or $HOME")):
+            api.cache_dir()
+        with pytest.raises(DdpmError, match=re.escape("while $XDG_CONFIG_HOME is unset: set $XDG_CONFIG_HOME")):
+            user_dir("config")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))   # not needed then
+        assert api.cache_dir() == tmp_path / "xdg" / "ddpm"
+        monkeypatch.delenv("XDG_CACHE_HOME")
+    out = tmp_path.parent / f"{tmp_path.name}-x.png"
+    result = invoke("gen", "-n", 1, "--sampler", "ddim", "--steps", 3, "--engine", "onnx-generator", "--out", out)
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "$HOME is not an absolute" in result.output
+    assert list(tmp_path.iterdir()) == [] and not out.exists()
+    monkeypatch.delenv("HOME")
+    assert api.cache_dir() == Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "ddpm"
 
 
 @pytest.mark.slow

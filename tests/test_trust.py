@@ -411,9 +411,28 @@ def test_external_data_reader_agrees_with_onnx(exported, tmp_path):
 
 
 # --------------------------------------------------------------------- export.json entries and embedded records
+def test_a_bool_is_never_an_integer():
+    """Python's bool is an int (True == 1): every spec of an integer, a number or a constant refuses one."""
+    import numpy as np
+
+    from ddpm.arguments import Level
+    from ddpm.schema import Const, Int, Num, check_value
+
+    for spec in (Const(1), Const(0), Int(), Num(), Level()):
+        for value in (True, False, np.bool_(True)):
+            with pytest.raises(ValueError, match="must be"):
+                check_value(spec, value, "x")
+    check_value(Const(True), True, "x")
+    with pytest.raises(ValueError, match="must be True"):
+        check_value(Const(True), 1, "x")
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda m: m.update(version=2), "version must be 1"),
     (lambda m: m.update(version="1"), "version must be 1"),
+    (lambda m: m.update(version=True), "version must be 1"),   # Python's True == 1: a bool is never an integer
+    (lambda m: m["files"]["fp32"].pop("parity"), "files.fp32 records no parity"),
+    (lambda m: m["generators"][0].pop("parity"), "generators[0] records no parity"),
     (lambda m: m.update(step="2000"), "step must be an integer >= 0"),
     (lambda m: m["files"]["fp32"].update(parity="verified"), "files['fp32'].parity must be a parity record"),
     (lambda m: m["files"]["fp32"]["parity"].update(error=None), "files['fp32'].parity.error must be a finite"),
@@ -425,7 +444,8 @@ def test_external_data_reader_agrees_with_onnx(exported, tmp_path):
 ])
 def test_every_export_entry_is_checked(exported, tmp_path, change, message):
     """Every entry of export.json that an engine or an export reads (or copies into a new folder) is checked
-    against the schema when the folder is loaded: one line, never a traceback or a silently accepted value."""
+    against the schema when the folder is loaded: one line, never a traceback or a silently accepted value. Every
+    ONNX file it names (eps models and generators alike) must record a parity within its tolerance."""
     root, exp = _copy(exported, tmp_path)
     _edit_meta(exp, change)
     for engine in ("onnx", "onnx-generator"):
@@ -521,7 +541,7 @@ def test_export_json_agrees_with_its_onnx_files(exported, tmp_path, change, mess
                                                                      "model, not an fp16 one"),
     ("int8", lambda m: m["files"].update(int8=m["files"]["fp32"]), "files.int8 names model.onnx, which is an fp32 "
                                                                      "model, not an int8 one"),
-    ("fp32", lambda m: m["files"].update(fp32={k: m["generators"][0][k] for k in ("name", "sha256", "bytes")}),
+    ("fp32", lambda m: m["files"]["fp32"].update({k: m["generators"][0][k] for k in ("name", "sha256", "bytes")}),
      "which is a generator, not a model"),
     ("generator", lambda m: m["generators"][0].update({k: m["files"]["fp32"][k] for k in ("name", "sha256", "bytes")}),
      "generators[0] names model.onnx, which is a model, not a generator"),
