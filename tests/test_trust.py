@@ -337,11 +337,11 @@ def _npz(path, members):
     import zipfile
 
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, (header, data) in members.items():
+        for name, (header, payload) in members.items():
             with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array_header_2_0(f, header)
-                for lo in range(0, len(data), 1 << 24):
-                    f.write(data[lo:lo + (1 << 24)])
+                for lo in range(0, len(payload), 1 << 24):
+                    f.write(payload[lo:lo + (1 << 24)])
 
 
 @pytest.mark.parametrize("n_declared, n_held, message", [
