@@ -20,7 +20,8 @@ import torch
 
 import ddpm
 from ddpm.export import web
-from ddpm.model.io import CheckpointError, load_checkpoint, require_torch
+from ddpm.model.diffusers import DIFFUSERS_HINT, DiffusersMissing, require_diffusers
+from ddpm.model.io import TORCH_HINT, CheckpointError, TorchMissing, load_checkpoint, require_onnx, require_torch
 from helpers import invoke, tiny_checkpoint
 
 
@@ -58,6 +59,20 @@ def test_an_import_stopped_by_a_memory_limit_names_the_limit(monkeypatch):
     from ddpm.runtime.engines import have_torch
     with pytest.raises(ddpm.DdpmError, match="out of memory"):
         have_torch()
+
+
+@pytest.mark.parametrize("module, require, message, missing", [
+    ("torch", require_torch, "training needs PyTorch: " + TORCH_HINT, TorchMissing),
+    ("onnx", require_onnx, "training needs the onnx package: " + TORCH_HINT, TorchMissing),
+    ("diffusers", require_diffusers, "training needs the diffusers package: " + DIFFUSERS_HINT, DiffusersMissing)])
+def test_a_missing_package_is_one_line_naming_what_needs_it_and_the_install(monkeypatch, module, require, message,
+                                                                            missing):
+    monkeypatch.setitem(sys.modules, module, None)   # import of <module> halted: as if not installed
+    with pytest.raises(missing) as e:
+        require("training")
+    assert str(e.value) == message and type(e.value) is missing
+    monkeypatch.undo()
+    assert require("training") is sys.modules[module]
 
 
 @pytest.mark.slow
