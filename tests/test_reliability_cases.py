@@ -111,13 +111,8 @@ def test_train_refuses_run_folder_members_of_another_kind_before_any_work(fake_m
     assert sorted(p.name for p in out.iterdir()) == [member]
 
 
-def test_an_npm_registry_that_never_answers_is_one_line_in_bounded_time(tmp_path, monkeypatch):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "npm").write_text("#!/bin/sh\nsleep 30\n")
-    (bin_dir / "npm").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_an_npm_registry_that_never_answers_is_one_line_in_bounded_time(fake_npm, monkeypatch):
+    fake_npm("sleep 30")
     monkeypatch.setattr(web, "NPM_FIRST_TRY_S", 2)
     t = time.monotonic()
     with pytest.raises(web.WebExportError, match="got no answer in 2 s") as e:
@@ -125,15 +120,10 @@ def test_an_npm_registry_that_never_answers_is_one_line_in_bounded_time(tmp_path
     assert time.monotonic() - t < 20 and "--ort-web" in str(e.value)
 
 
-def test_export_web_says_at_once_that_npm_cannot_fetch_onnxruntime_web(ckpt, tmp_path, monkeypatch):
+def test_export_web_says_at_once_that_npm_cannot_fetch_onnxruntime_web(ckpt, tmp_path, fake_npm):
     """`ddpm export --web` with npm failing: one line before any export work (docs/export.md: "fails at once"), so
     no export folder is written for a page that cannot be made."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "npm").write_text("#!/bin/sh\necho 'npm error code ECONNREFUSED' >&2\nexit 1\n")
-    (bin_dir / "npm").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fake_npm("echo 'npm error code ECONNREFUSED' >&2\nexit 1")
     out = tmp_path / "exp"
     r = invoke("export", "--ckpt", ckpt, "--out", out, "--web", tmp_path / "site")
     line = _error_line(r)
