@@ -37,7 +37,7 @@ from ..files import input_path
 from ..runtime.schedule import MAX_T
 from ..schema import Any, Int, Opt, Schema, is_bool
 from .config import MAX_PARAMS, ModelConfig
-from .io import CheckpointError, LoadedModel, TorchMissing, weights_hash
+from .io import CheckpointError, LoadedModel, TorchMissing, require, weights_hash
 
 INDEX_FILE = "model_index.json"
 PIXEL_PIPELINES = ("DDPMPipeline", "DDIMPipeline")   # the pipelines whose UNet2DModel denoises the pictures themselves
@@ -358,14 +358,7 @@ def _notice(root: Path, sched_path: Path | None, sched: dict) -> None:
 
 def require_diffusers(what: str):
     """The diffusers module, or DiffusersMissing (one line naming `pip install diffusers`)."""
-    from ..errors import raise_if_limit
-
-    try:
-        import diffusers
-    except ImportError as e:
-        raise_if_limit(e)
-        raise DiffusersMissing(f"{what} needs the diffusers package: {DIFFUSERS_HINT}") from None
-    return diffusers
+    return require("diffusers", what, "the diffusers package", DIFFUSERS_HINT, DiffusersMissing)
 
 
 def _eps_class():

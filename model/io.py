@@ -44,25 +44,26 @@ TORCH_HINT = ("install it with the extra, in the ddpm folder: pip install \".[to
               "first pip install torch --index-url https://download.pytorch.org/whl/cpu; README, Install)")
 
 
-def require_torch(what: str):
-    """The torch module, or TorchMissing naming `what` and the install command."""
+def require(module: str, what: str, needs: str, hint: str = TORCH_HINT, missing: type[DdpmError] = TorchMissing):
+    """The imported top-level `module` (e.g. "torch"), or `missing` with one line "<what> needs <needs>: <hint>"
+    (e.g. "exporting to ONNX needs the onnx package: install it with ..."); LimitReached instead when a resource
+    limit stopped the import of an installed package (errors.raise_if_limit)."""
     try:
-        import torch
+        return __import__(module)   # the import statement's hook (builtins.__import__): a replacement is honoured
     except ImportError as e:
         raise_if_limit(e)
-        raise TorchMissing(f"{what} needs PyTorch: {TORCH_HINT}") from None
-    return torch
+        raise missing(f"{what} needs {needs}: {hint}") from None
+
+
+def require_torch(what: str):
+    """The torch module, or TorchMissing naming `what` and the install command."""
+    return require("torch", what, "PyTorch")
 
 
 def require_onnx(what: str):
     """The onnx module (the [torch] extra's exporter and checker), or TorchMissing naming `what` and the install
     command."""
-    try:
-        import onnx
-    except ImportError as e:
-        raise_if_limit(e)
-        raise TorchMissing(f"{what} needs the onnx package: {TORCH_HINT}") from None
-    return onnx
+    return require("onnx", what, "the onnx package")
 
 
 def weights_hash(cfg: ModelConfig, state: dict) -> str:

@@ -99,3 +99,20 @@ def small_sample_grids(monkeypatch):
     from ddpm.train import loop
 
     monkeypatch.setattr(loop, "write_samples", functools.partial(loop.write_samples, n=10, steps=2))
+
+
+@pytest.fixture
+def fake_npm(tmp_path, monkeypatch):
+    """fake_npm(script) -> the folder of a fake `npm` first on the PATH: a shell script of that body, which first
+    counts its call as a line in folder/calls. The npm cache of export/web.py is empty (XDG_CACHE_HOME is
+    tmp_path/cache), so that a web export asks this npm."""
+    def install(script: str) -> Path:
+        folder = tmp_path / "bin"
+        folder.mkdir()
+        (folder / "npm").write_text(f"#!/bin/sh\necho x >> '{folder}/calls'\n{script}\n")
+        (folder / "npm").chmod(0o755)
+        monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        return folder
+
+    return install

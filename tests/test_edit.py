@@ -480,8 +480,8 @@ def test_bad_input_gets_one_clear_message(setup, files, args, message, code):
 @pytest.mark.parametrize("engine", slow_except(["torch", "onnx"], "onnx"))
 def test_gen_trajectory(setup, tmp_path, suffix, engine):
     traj = tmp_path / f"t{suffix}"
-    r = invoke("gen", "--ckpt", setup[2], "-n", "5", "--batch", "3", "--steps", "6", "--eta", "0.5", "-q",
-               "--engine", engine, "--out", tmp_path / "g.npz", "--trajectory", traj)
+    r = invoke("gen", "--ckpt", setup[2], "--export", setup[2] / "exp", "-n", "5", "--batch", "3", "--steps", "6",
+               "--eta", "0.5", "-q", "--engine", engine, "--out", tmp_path / "g.npz", "--trajectory", traj)
     assert r.exit_code == 0, r.output
     assert f"trajectory -> {traj}" in r.output
     img = Image.open(traj)

@@ -21,7 +21,7 @@ from ddpm.export.cache import EXPORT_FOLDER, shipped_dir
 from ddpm.export.web import WebExportError, write_page
 from ddpm.files import FolderKind, OutputError, claim_dir, publish_owned, temp_dir
 from ddpm.runtime.bundle import Bundle
-from helpers import TINY, invoke, tiny_checkpoint
+from helpers import TINY, invoke, slow_except, tiny_checkpoint
 
 KIND = FolderKind("a test folder", "mark.json", "a test folder of another source", "--out",
                   re.compile(r"^(a\.bin|sub/)$"))
@@ -286,7 +286,7 @@ def test_every_folder_output_refuses_to_contain_an_input(tmp_path, fake_mnist):
 
 
 # ------------------------------------------------------------------------------------------ python -m, its messages
-@pytest.mark.parametrize("module", ["ddpm", "ddpm.cli"])
+@pytest.mark.parametrize("module", slow_except(["ddpm", "ddpm.cli"], "ddpm"))   # 4 subprocesses each
 def test_python_m_runs_the_command_and_names_it_as_run(module, tmp_path):
     """`python -m ddpm` is the console script; a usage error's hint names the interpreter as it was typed."""
     for exe in {sys.executable, str(Path(sys.executable).with_name("python3"))}:

@@ -4,7 +4,6 @@ the OS can name works, UTF-8 or not; `export --web` says why npm could not fetch
 import os
 import re
 import shutil
-import stat
 import subprocess
 import sys
 import time
@@ -123,15 +122,6 @@ def test_paths_that_are_not_utf8_work_through_the_cli(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- npm
-def _fake_npm(folder: Path, stderr: str, code: int = 1) -> Path:
-    """An `npm` that prints `stderr` and exits with `code`, counting its calls in folder/calls."""
-    folder.mkdir(exist_ok=True)
-    script = folder / "npm"
-    script.write_text(f"#!/bin/sh\necho x >> '{folder}/calls'\ncat >&2 <<'EOF'\n{stderr}\nEOF\nexit {code}\n")
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    return folder
-
-
 OFFLINE = """npm error code ENOTFOUND
 npm error syscall getaddrinfo
 npm error errno ENOTFOUND
@@ -147,10 +137,8 @@ npm error network This is a problem related to network connectivity."""
     ("", "npm exited with status 1 and said nothing", 1),
     ("something odd happened", "something odd happened", 1),
 ])
-def test_npm_failure_says_why_in_one_line(tmp_path, monkeypatch, stderr, says, calls):
-    bin_dir = _fake_npm(tmp_path / "bin", stderr)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_npm_failure_says_why_in_one_line(tmp_path, fake_npm, stderr, says, calls):
+    bin_dir = fake_npm(f"cat >&2 <<'EOF'\n{stderr}\nEOF\nexit 1")
     with pytest.raises(web.WebExportError) as e:
         web.ort_web_tarball(log=lambda *_: None)
     message = str(e.value)

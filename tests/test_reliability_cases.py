@@ -20,7 +20,8 @@ import torch
 
 import ddpm
 from ddpm.export import web
-from ddpm.model.io import CheckpointError, load_checkpoint, require_torch
+from ddpm.model.diffusers import DIFFUSERS_HINT, DiffusersMissing, require_diffusers
+from ddpm.model.io import TORCH_HINT, CheckpointError, TorchMissing, load_checkpoint, require_onnx, require_torch
 from helpers import invoke, tiny_checkpoint
 
 
@@ -60,6 +61,20 @@ def test_an_import_stopped_by_a_memory_limit_names_the_limit(monkeypatch):
         have_torch()
 
 
+@pytest.mark.parametrize("module, require, message, missing", [
+    ("torch", require_torch, "training needs PyTorch: " + TORCH_HINT, TorchMissing),
+    ("onnx", require_onnx, "training needs the onnx package: " + TORCH_HINT, TorchMissing),
+    ("diffusers", require_diffusers, "training needs the diffusers package: " + DIFFUSERS_HINT, DiffusersMissing)])
+def test_a_missing_package_is_one_line_naming_what_needs_it_and_the_install(monkeypatch, module, require, message,
+                                                                            missing):
+    monkeypatch.setitem(sys.modules, module, None)   # import of <module> halted: as if not installed
+    with pytest.raises(missing) as e:
+        require("training")
+    assert str(e.value) == message and type(e.value) is missing
+    monkeypatch.undo()
+    assert require("training") is sys.modules[module]
+
+
 @pytest.mark.slow
 def test_a_checkpoint_over_the_file_size_limit_is_an_efbig(tmp_path):
     """torch.save's own writer reported the file-size limit as 'unexpected pos' without an errno; the checkpoint
@@ -96,13 +111,8 @@ def test_train_refuses_run_folder_members_of_another_kind_before_any_work(fake_m
     assert sorted(p.name for p in out.iterdir()) == [member]
 
 
-def test_an_npm_registry_that_never_answers_is_one_line_in_bounded_time(tmp_path, monkeypatch):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "npm").write_text("#!/bin/sh\nsleep 30\n")
-    (bin_dir / "npm").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_an_npm_registry_that_never_answers_is_one_line_in_bounded_time(fake_npm, monkeypatch):
+    fake_npm("sleep 30")
     monkeypatch.setattr(web, "NPM_FIRST_TRY_S", 2)
     t = time.monotonic()
     with pytest.raises(web.WebExportError, match="got no answer in 2 s") as e:
@@ -110,15 +120,10 @@ def test_an_npm_registry_that_never_answers_is_one_line_in_bounded_time(tmp_path
     assert time.monotonic() - t < 20 and "--ort-web" in str(e.value)
 
 
-def test_export_web_says_at_once_that_npm_cannot_fetch_onnxruntime_web(ckpt, tmp_path, monkeypatch):
+def test_export_web_says_at_once_that_npm_cannot_fetch_onnxruntime_web(ckpt, tmp_path, fake_npm):
     """`ddpm export --web` with npm failing: one line before any export work (docs/export.md: "fails at once"), so
     no export folder is written for a page that cannot be made."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "npm").write_text("#!/bin/sh\necho 'npm error code ECONNREFUSED' >&2\nexit 1\n")
-    (bin_dir / "npm").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fake_npm("echo 'npm error code ECONNREFUSED' >&2\nexit 1")
     out = tmp_path / "exp"
     r = invoke("export", "--ckpt", ckpt, "--out", out, "--web", tmp_path / "site")
     line = _error_line(r)
