@@ -201,8 +201,23 @@ def inpaint_inputs(image, mask, n: int | None, size: tuple[int, int]) -> tuple[n
     return images, kept, n
 
 
+class GreyOnly(DdpmError):
+    """A model of more than one channel asked for pictures: ddpm's pictures are greyscale (H, W) uint8."""
+
+
+def require_grey(image_shape: tuple[int, int, int], what: str) -> None:
+    """Return when a model's images (C, H, W) have one channel; GreyOnly naming the shape and `what` (e.g. "sampling
+    it") otherwise. The one rule for models of more channels: every picture ddpm writes is greyscale (H, W) uint8
+    (to_uint8, the generator's `images` output), so sampling, editing, generator.onnx and the web page refuse such a
+    model before any work, and it loads and exports to ONNX only."""
+    if image_shape[0] != 1:
+        shape = "x".join(map(str, image_shape))
+        raise GreyOnly(f"this model makes {shape} images, and ddpm writes greyscale pictures only: {what} would drop "
+                       f"channels")
+
+
 def to_uint8(x) -> np.ndarray:
-    """(N,1,H,W) or (N,H,W) in [-1, 1] (torch or numpy) -> (N,H,W) uint8."""
+    """(N,1,H,W) or (N,H,W) in [-1, 1] (torch or numpy) -> (N,H,W) uint8 (channel 0: require_grey)."""
     x = np.asarray(x.detach().cpu().float() if hasattr(x, "detach") else x, dtype=np.float32)
     if x.ndim == 4:
         x = x[:, 0]
