@@ -61,10 +61,18 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
     if not sample_files:
         ensure_memory(num * evaluation.SAMPLE_BYTES, f"evaluating {num} samples", "lower -n",
                       per_unit=evaluation.SAMPLE_BYTES)
+        model, opts, log = prepare(o, recorded=True, labelled=not uncond)
+        evaluation.check_model_shape(model.image_shape)
+        if model.cfg.num_classes == 1 and not uncond:   # class 0 of a model without classes is not the digit 0
+            if on_command_line("guidance") and o["guidance"]:
+                raise click.UsageError("this model has no classes, so its samples are unconditional and guidance "
+                                       "has no label to steer towards: leave out --guidance (or give 0)")
+            uncond = True
+            click.echo("this model has no classes: its samples are drawn and scored unconditionally (class "
+                       "histogram), as with --uncond", err=True)
     set_threads(o["threads"])
 
     def generated():   # drawn once the classifier and the data are ready
-        model, opts, log = prepare(o, recorded=True, labelled=not uncond)
         plan = model.plan(**opts.plan_args())
         job = pipeline.Job.of(model, num, plan, None, uncond, opts)
         images = pipeline.generate(model, opts, job, progress=not o["quiet"], log=log)

@@ -97,6 +97,16 @@ FLOOR_DRAWS = 5
 MIN_N = 1000
 
 
+def check_model_shape(image_shape: tuple[int, int, int]) -> None:
+    """Return when a model's images (C, H, W) are what the classifier reads, (1, *IMAGE_SHAPE): greyscale MNIST
+    digits. EvaluationError (one line naming the shape) otherwise, to be raised right after the model is loaded,
+    before any sample is drawn (the samples' own check, check_samples, comes only after sampling them all)."""
+    want = (1, *IMAGE_SHAPE)
+    if tuple(image_shape) != want:
+        raise EvaluationError(f"ddpm eval scores {'x'.join(map(str, want))} models (its classifier reads greyscale "
+                              f"MNIST digits); this model makes {'x'.join(map(str, image_shape))} images")
+
+
 def check_samples(images, labels, name: str = "samples") -> tuple[np.ndarray, np.ndarray]:
     """(images, labels as int64) when they are what the evaluator scores: images (N,28,28) uint8 (the classifier's
     input, IMAGE_SHAPE), N >= 2, labels (N,) integers in -1..9 (-1: drawn without a label). EvaluationError
