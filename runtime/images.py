@@ -144,13 +144,24 @@ def check_dark_background(a: np.ndarray, where: str, option: str = "image") -> n
     return a
 
 
+def _dark_picture(image, option: str = "image") -> np.ndarray:
+    """picture(image) when its background is dark (check_dark_background, naming the file or `option`)."""
+    where = str(image) if isinstance(image, (str, os.PathLike)) else option
+    return check_dark_background(picture(image, option), where, option)
+
+
+def editing_picture(image, size: tuple[int, int], option: str = "image") -> np.ndarray:
+    """One editing input, a picture file or a (H, W) uint8 array, as every editing command and method takes it:
+    (H', W') uint8 resized to size (fit). Raises ImageError as `pictures` does, also for a light background."""
+    return fit(_dark_picture(image, option), size)
+
+
 def pictures(image, n: int | None, option: str = "image") -> tuple[list[np.ndarray], int]:
     """(pictures at their own size, n): one picture with n results (default 8), or a stack (N, H, W) with one
     result each (n None or N >= 1). Raises ImageError, also for a picture with a light background
     (check_dark_background), or OptionError naming `option` (an empty stack) or n."""
     if isinstance(image, (str, os.PathLike)) or np.ndim(image) != 3:
-        where = str(image) if isinstance(image, (str, os.PathLike)) else option
-        return [check_dark_background(picture(image, option), where, option)], 8 if n is None else n
+        return [_dark_picture(image, option)], 8 if n is None else n
     stack = np.asarray(image)
     if len(stack) == 0:
         raise OptionError(f"{option} is an empty stack of pictures (shape {stack.shape}): give at least one", option)
