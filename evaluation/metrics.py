@@ -219,7 +219,8 @@ class Reference:
 
 def format_table(rows: list[dict]) -> str:
     """The rows of `Reference.evaluate` as a text table, with the floor's spread and what it means."""
-    head = (f"{'samples':<28} {'N':>6} {'FD':>9} {'floor (min-max)':>22} {'FD/floor':>9} {'cond acc':>9} "
+    wide = max([28, *(len(r["name"]) for r in rows)])   # every name whole: a cut one may lose its guidance scale
+    head = (f"{'samples':<{wide}} {'N':>6} {'FD':>9} {'floor (min-max)':>22} {'FD/floor':>9} {'cond acc':>9} "
             f"{'IS (real)':>13} {'border':>7}  uncond: top-prob (real), histogram %")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -232,7 +233,7 @@ def format_table(rows: list[dict]) -> str:
         floor = f"{r['fd_floor']:.3f} ({r['floor_min']:.2f}-{r['floor_max']:.2f})"
         ratio = f"{r['fd_ratio']:.2f}" + ("*" if r["within_floor_spread"] else "<" if r["below_floor"] else "")
         score = f"{r['is']:.2f} ({r['real_is']:.2f})"
-        lines.append(f"{r['name'][:28]:<28} {r['n']:>6} {r['fd']:>9.3f} {floor:>22} {ratio:>9} {acc:>9} "
+        lines.append(f"{r['name']:<{wide}} {r['n']:>6} {r['fd']:>9.3f} {floor:>22} {ratio:>9} {acc:>9} "
                      f"{score:>13} {100 * r['border_share']:>6.1f}%  {unc}")
     if any(r["within_floor_spread"] for r in rows):
         lines.append("* FD inside the spread of the real-data floor (min <= FD <= max): at this N the samples cannot "
