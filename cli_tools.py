@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-from pathlib import Path
-
 import click
 
 from .cli_options import (DEFAULT, Finite, check_output, device_syntax, model_option, needs_torch, on_command_line,
@@ -193,8 +190,9 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
         shown = f"--sampler {sampler} --steps {plan.steps}" + (f" --guidance-rescale {guidance_rescale:g}"
                                                                 if guidance_rescale else "")
         if bundle.meta["checkpoint_hash"] != read_model_info(default_model_path())[1]:
-            # `ddpm gen` without --ckpt/--export runs the shipped model: the page's command names its export folder
-            shown += f" --export {shlex.quote(str(Path(bundle.root).resolve()))}"
+            # `ddpm gen` without --ckpt/--export runs the shipped model: the page's command names an export folder
+            # of these weights as DIR, which the page explains by their hash; a published page holds no local path
+            shown += " --export DIR"
         page = write_web_page(bundle, web_dir, plan, shown, ort_web, log=click.echo)
         click.echo(f"web page: {page} (serve it, e.g. `python -m http.server -b 127.0.0.1 -d {page}`, and open "
                    f"http://127.0.0.1:8000)")
