@@ -301,11 +301,11 @@ class Model:
 
     @checked
     def picture(self, image, size: tuple[int, int] | None = None) -> np.ndarray:
-        """A picture file or a (H, W) uint8 array, resized to size (default: the model's): (H', W') uint8.
-        Raises DdpmError (runtime.images.picture)."""
-        from .runtime.images import fit, picture
+        """A picture file or a (H, W) uint8 array, resized to size (default: the model's): (H', W') uint8, as the
+        editing methods read it. Raises DdpmError, also for a light background (runtime.images.editing_picture)."""
+        from .runtime.images import editing_picture
 
-        return fit(picture(image), tuple(size or self.image_shape[1:]))
+        return editing_picture(image, tuple(size or self.image_shape[1:]))
 
     @checked(n=OPTIONAL_COUNT)
     def inpaint_input(self, image, mask, n: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-from pathlib import Path
-
 import click
 
 from .cli_options import (DEFAULT, Finite, check_output, device_syntax, model_option, needs_torch, on_command_line,
@@ -61,10 +58,18 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
     if not sample_files:
         ensure_memory(num * evaluation.SAMPLE_BYTES, f"evaluating {num} samples", "lower -n",
                       per_unit=evaluation.SAMPLE_BYTES)
+        model, opts, log = prepare(o, recorded=True, labelled=not uncond)
+        evaluation.check_model_shape(model.image_shape)
+        if model.cfg.num_classes == 1 and not uncond:   # class 0 of a model without classes is not the digit 0
+            if on_command_line("guidance") and o["guidance"]:
+                raise click.UsageError("this model has no classes, so its samples are unconditional and guidance "
+                                       "has no label to steer towards: leave out --guidance (or give 0)")
+            uncond = True
+            click.echo("this model has no classes: its samples are drawn and scored unconditionally (class "
+                       "histogram), as with --uncond", err=True)
     set_threads(o["threads"])
 
     def generated():   # drawn once the classifier and the data are ready
-        model, opts, log = prepare(o, recorded=True, labelled=not uncond)
         plan = model.plan(**opts.plan_args())
         job = pipeline.Job.of(model, num, plan, None, uncond, opts)
         images = pipeline.generate(model, opts, job, progress=not o["quiet"], log=log)
@@ -158,6 +163,10 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
     if build_trt:   # fail before the ONNX work if TensorRT cannot run here
         check_trt()
     model = api.load(ckpt)
+    if with_generator or web_dir:   # a model whose pictures the generator cannot write: before any work
+        from .export.generator import check_image_shape
+
+        check_image_shape(model.image_shape)
     claim_outputs(model, out, web_dir)   # before any work: a folder that may not be replaced is refused
     if web_dir:   # and onnxruntime-web: the given tarball checked, else the cached one, else fetched with npm
         from .export import web
@@ -181,8 +190,9 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
         shown = f"--sampler {sampler} --steps {plan.steps}" + (f" --guidance-rescale {guidance_rescale:g}"
                                                                 if guidance_rescale else "")
         if bundle.meta["checkpoint_hash"] != read_model_info(default_model_path())[1]:
-            # `ddpm gen` without --ckpt/--export runs the shipped model: the page's command names its export folder
-            shown += f" --export {shlex.quote(str(Path(bundle.root).resolve()))}"
+            # `ddpm gen` without --ckpt/--export runs the shipped model: the page's command names an export folder
+            # of these weights as DIR, which the page explains by their hash; a published page holds no local path
+            shown += " --export DIR"
         page = write_web_page(bundle, web_dir, plan, shown, ort_web, log=click.echo)
         click.echo(f"web page: {page} (serve it, e.g. `python -m http.server -b 127.0.0.1 -d {page}`, and open "
                    f"http://127.0.0.1:8000)")

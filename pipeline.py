@@ -21,9 +21,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .errors import DdpmError, OptionError
+from .errors import OptionError
 from .options import Sampling
 from .runtime.generate import network_batch, whole_loop_refusal
+from .runtime.images import require_grey
 
 # the engines that run a whole plan in one call: no per-row projection (edits), no per-row states (--trajectory)
 WHOLE_LOOP_ENGINES = ("onnx-generator",)
@@ -58,11 +59,8 @@ class Job:
         edit.reads (read_edit_labels), kept as the job's `reading`, when the classifier's classes are the model's
         (reads_digits; else the unconditional model).
 
-        Raises DdpmError for a model of more than one channel: pictures are greyscale (runtime.images.to_uint8)."""
-        if model.image_shape[0] != 1:
-            shape = "x".join(map(str, model.image_shape))
-            raise DdpmError(f"this model makes {shape} images, and ddpm writes greyscale pictures only: sampling it "
-                            f"would drop channels")
+        Raises DdpmError for a model of more than one channel: pictures are greyscale (runtime.images.require_grey)."""
+        require_grey(model.image_shape, "sampling it")
         if edit is not None and label is None:
             if uncond or edit.reads is None or not reads_digits(model):
                 uncond = True

@@ -25,8 +25,8 @@ from ..schema import Str
 # the names this package takes from its modules, imported on first use: both import PyTorch
 _FROM = {**dict.fromkeys(("CLASSIFIER_FILE", "FEATURES", "IMAGE_SHAPE", "SAMPLE_BYTES", "Classifier",
                           "features_and_predictions", "load_classifier", "predict", "train_classifier"), "classifier"),
-         **dict.fromkeys(("MIN_N", "EvaluationError", "Reference", "border_share", "check_samples", "format_table",
-                          "frechet_distance", "inception_score"), "metrics")}
+         **dict.fromkeys(("MIN_N", "EvaluationError", "Reference", "border_share", "check_model_shape",
+                          "check_samples", "format_table", "frechet_distance", "inception_score"), "metrics")}
 
 __all__ = sorted([*_FROM, "evaluate", "evaluate_sets", "reference"])
 
@@ -116,8 +116,10 @@ def evaluate(images, labels, data: str | os.PathLike | None = None, name: str = 
              download: bool = True) -> dict:
     """Quality figures of generated digits, as `ddpm eval` reports them (evaluate_sets).
 
-    images: (N, 28, 28) uint8, 0 black .. 255 white (what `Model.generate` returns), N >= 2. labels: (N,) integers,
-    the class each digit was drawn for, -1 for unconditional ones. data: the MNIST folder (default $DDPM_DATA, else
+    images: (N, 28, 28) uint8, 0 black .. 255 white (what `Model.generate` returns), N >= 2; images of another
+    shape are refused before anything is loaded (a model of another image shape cannot be scored). labels: (N,)
+    integers, the class each digit was drawn for, -1 for unconditional ones (every digit of a model without classes,
+    num_classes 1, whose class 0 is not the digit 0: model.labels(n, uncond=True)). data: the MNIST folder (default $DDPM_DATA, else
     ~/.cache/ddpm/mnist, downloaded when missing unless download=False). Returns a dict: fd (Frechet distance of the
     shipped classifier's 128-d features to the real test set's, Heusel et al. 2017's formula), fd_floor (the same for
     N real training images, mean of 5 draws; floor_min/floor_max their spread), fd_ratio, within_floor_spread

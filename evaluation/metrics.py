@@ -97,6 +97,16 @@ FLOOR_DRAWS = 5
 MIN_N = 1000
 
 
+def check_model_shape(image_shape: tuple[int, int, int]) -> None:
+    """Return when a model's images (C, H, W) are what the classifier reads, (1, *IMAGE_SHAPE): greyscale MNIST
+    digits. EvaluationError (one line naming the shape) otherwise, to be raised right after the model is loaded,
+    before any sample is drawn (the samples' own check, check_samples, comes only after sampling them all)."""
+    want = (1, *IMAGE_SHAPE)
+    if tuple(image_shape) != want:
+        raise EvaluationError(f"ddpm eval scores {'x'.join(map(str, want))} models (its classifier reads greyscale "
+                              f"MNIST digits); this model makes {'x'.join(map(str, image_shape))} images")
+
+
 def check_samples(images, labels, name: str = "samples") -> tuple[np.ndarray, np.ndarray]:
     """(images, labels as int64) when they are what the evaluator scores: images (N,28,28) uint8 (the classifier's
     input, IMAGE_SHAPE), N >= 2, labels (N,) integers in -1..9 (-1: drawn without a label). EvaluationError
@@ -209,7 +219,8 @@ class Reference:
 
 def format_table(rows: list[dict]) -> str:
     """The rows of `Reference.evaluate` as a text table, with the floor's spread and what it means."""
-    head = (f"{'samples':<28} {'N':>6} {'FD':>9} {'floor (min-max)':>22} {'FD/floor':>9} {'cond acc':>9} "
+    wide = max([28, *(len(r["name"]) for r in rows)])   # every name whole: a cut one may lose its guidance scale
+    head = (f"{'samples':<{wide}} {'N':>6} {'FD':>9} {'floor (min-max)':>22} {'FD/floor':>9} {'cond acc':>9} "
             f"{'IS (real)':>13} {'border':>7}  uncond: top-prob (real), histogram %")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -222,7 +233,7 @@ def format_table(rows: list[dict]) -> str:
         floor = f"{r['fd_floor']:.3f} ({r['floor_min']:.2f}-{r['floor_max']:.2f})"
         ratio = f"{r['fd_ratio']:.2f}" + ("*" if r["within_floor_spread"] else "<" if r["below_floor"] else "")
         score = f"{r['is']:.2f} ({r['real_is']:.2f})"
-        lines.append(f"{r['name'][:28]:<28} {r['n']:>6} {r['fd']:>9.3f} {floor:>22} {ratio:>9} {acc:>9} "
+        lines.append(f"{r['name']:<{wide}} {r['n']:>6} {r['fd']:>9.3f} {floor:>22} {ratio:>9} {acc:>9} "
                      f"{score:>13} {100 * r['border_share']:>6.1f}%  {unc}")
     if any(r["within_floor_spread"] for r in rows):
         lines.append("* FD inside the spread of the real-data floor (min <= FD <= max): at this N the samples cannot "

@@ -42,14 +42,16 @@ def export_folder(model, out: str | Path | None = None, fp16: bool = False, opse
     bench look): model.onnx (+ model_fp16.onnx, + model_int8.onnx calibrated on int8 = (images, labels, name):
     onnx_export.export), then, with a plan, its generator (export/generator.py, verified
     with the default guidance scale), then with trt_batches (lo, hi) a TensorRT engine per precision. log(line):
-    progress. Raises DdpmError (OptionError for a plan the generator cannot run, checked before any work)."""
+    progress. Raises DdpmError (OptionError for a plan the generator cannot run, GreyOnly for a generator of a model
+    of more than one channel: both checked before any work)."""
     from ..model.io import LoadedModel
     from ..options import GUIDANCE
     from .cache import cache_folder
-    from .generator import GeneratorFailed, add_generator, check_plan
+    from .generator import GeneratorFailed, add_generator, check_image_shape, check_plan
     from .onnx_export import ExportFailed, export
 
     if plan is not None:
+        check_image_shape(model.image_shape)
         check_plan(plan)
     loaded = LoadedModel(model.torch_model, model.cfg, model.hash, model.path, model.info)
     try:

@@ -39,7 +39,7 @@ import numpy as np
 from ..errors import OptionError
 from ..model.io import atomic_write, require_onnx
 from ..runtime.bundle import META_FILE, Bundle, file_sha256
-from ..runtime.images import to_uint8
+from ..runtime.images import require_grey, to_uint8
 from ..runtime.noise import make_noise
 from ..runtime.runner import plan_key
 from ..runtime.samplers import Plan
@@ -61,6 +61,12 @@ class GeneratorUnsupported(OptionError):
 
 class GeneratorFailed(Exception):
     """The generator disagrees with the runtime; the message carries the figures."""
+
+
+def check_image_shape(image_shape: tuple[int, int, int]) -> None:
+    """Return for a model whose images (C, H, W) a generator can write; runtime.images.GreyOnly (a DdpmError) for
+    one of more channels: the generator's `images` output is greyscale (B, H, W) uint8, as every picture of ddpm."""
+    require_grey(image_shape, "its generator.onnx (--generator, --web, the onnx-generator engine)")
 
 
 def check_plan(plan: Plan) -> Plan:
@@ -165,12 +171,14 @@ def build(net_model, plan: Plan, null_label: int, image_shape: tuple[int, int, i
     images of the model's image_shape (C, H, W) (Bundle.image_shape).
 
     Returns an onnx.ModelProto with inputs x_T (B,C,H,W) float32, labels (B,) int64, guidance () float32 and output
-    images (B,H,W) uint8 (module docstring). Raises GeneratorUnsupported for plans it cannot express, ValueError
-    for an unknown form or a network that is not eps(x, t, y).
+    images (B,H,W) uint8 (module docstring). Raises GeneratorUnsupported for plans it cannot express, GreyOnly for
+    a model of more than one channel (check_image_shape), ValueError for an unknown form or a network that is not
+    eps(x, t, y).
     """
     import onnx
     from onnx import TensorProto, helper
 
+    check_image_shape(image_shape)
     check_plan(plan)
     if form not in FORMS:
         raise ValueError(f"unknown generator form {form!r} ({' or '.join(FORMS)})")
@@ -247,8 +255,6 @@ def build(net_model, plan: Plan, null_label: int, image_shape: tuple[int, int, i
     q = top.op("Clip", [q, top.const("lo", 0.0, f32), top.const("hi", 255.0, f32)])
     q = top.op("Cast", [q], to=TensorProto.UINT8)
     top.nodes.append(helper.make_node("Squeeze", [q, top.const("axes1", [1], np.int64)], ["images"], name="images"))
-    if C != 1:
-        raise ValueError(f"the generator writes grey images (C=1), not C={C}")
     graph = helper.make_graph(
         top.nodes, "ddpm_generator",
         [helper.make_tensor_value_info("x_T", TensorProto.FLOAT, ["batch", C, H, W]),
@@ -318,12 +324,14 @@ def add_generator(root, plan: Plan, guidance: float, form: str = DEFAULT_FORM, l
     generators of other plans; one of the same plan and form is replaced.
 
     Nothing changes in the folder unless verification passes: the model is written to a temporary file, verified,
-    then renamed into place, and export.json is replaced atomically. Raises GeneratorUnsupported (plan),
-    GeneratorFailed (verification), runtime.bundle.ExportError (folder), model.io.TorchMissing (no onnx package).
+    then renamed into place, and export.json is replaced atomically. Raises GeneratorUnsupported (plan), GreyOnly
+    (a model of more than one channel), GeneratorFailed (verification), runtime.bundle.ExportError (folder),
+    model.io.TorchMissing (no onnx package).
     """
     onnx = require_onnx("building generator.onnx")
     root = Path(root)
     bundle = Bundle.load(root)
+    check_image_shape(bundle.image_shape)
     check_plan(plan)
     net = onnx.load(str(bundle.onnx_path("fp32")))
     model = build(net, plan, bundle.null_label, bundle.image_shape, form,

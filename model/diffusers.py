@@ -318,8 +318,8 @@ def read_info(path) -> tuple[ModelConfig, str, dict, Path]:
     """(config, hash, info, folder) of a diffusers folder, read with numpy (no PyTorch, no diffusers): as
     model.io.read_model_info. The hash covers the UNet config, the ModelConfig (with its schedule) and the weights,
     so that the export cache (export/cache.py, one folder per hash) keeps this model apart from every other.
-    info["schedule_source"]: the scheduler config read, or "DDPM defaults"; a notice line says so on stderr (once
-    per folder, source and process). Raises DiffusersError."""
+    info["schedule_source"]: the scheduler config read, or "DDPM defaults"; a notice line says so on stderr when it
+    is not the folder's own (_notice). Raises DiffusersError."""
     root = Path(path)
     unet_dir, sched_path, declaration = locate(root)
     unet = _json(unet_dir / UNET_CONFIG)
@@ -334,13 +334,18 @@ def read_info(path) -> tuple[ModelConfig, str, dict, Path]:
     arch = {k: v for k, v in unet.items() if not k.startswith("_")}
     h = hashlib.sha256(b"diffusers UNet2DModel|" + json.dumps(arch, sort_keys=True).encode()
                        + weights_hash(cfg, state).encode()).hexdigest()
-    _notice(root, sched_path, sched)
+    _notice(root, sched_path)
     info = {"schedule_source": source, "diffusers_folder": str(root)}
     return cfg, h, info, root
 
 
-def _notice(root: Path, sched_path: Path | None, sched: dict) -> None:
-    """One line on stderr, once per folder, schedule source and process: where the schedule came from."""
+def _notice(root: Path, sched_path: Path | None) -> None:
+    """One line on stderr, once per folder, schedule source and process, when the schedule did not come from the
+    folder given: diffusers' defaults (no scheduler config), or the scheduler of the pipeline that a bare unet folder
+    is part of. A folder's own scheduler config is read silently (its timestep_spacing, diffusers' sampling grid,
+    is not used: ddpm samples on its own, --spacing, as docs/diffusers.md says)."""
+    if sched_path is not None and root in sched_path.parents:
+        return
     key = (str(root.resolve()), str(sched_path))
     if key in _noticed:
         return
@@ -349,10 +354,7 @@ def _notice(root: Path, sched_path: Path | None, sched: dict) -> None:
         line = f"{root}: no scheduler config beside the unet: diffusers' DDPMScheduler defaults (linear betas " \
                f"1e-4..0.02, T = 1000, epsilon)"
     else:
-        spacing = sched.get("timestep_spacing")
-        line = f"{root}: schedule from {sched_path}" + (
-            f" (its timestep_spacing {spacing!r} is diffusers' sampling grid; ddpm samples with its own, --spacing)"
-            if spacing not in (None, "linspace", "trailing") else "")
+        line = f"{root}: schedule from {sched_path}"
     print(f"ddpm: {line}", file=sys.stderr)
 
 

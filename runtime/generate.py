@@ -202,9 +202,13 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
     extra = job.num_slots + 2 if job is not None else 0    # the edit's noise slots, its known image and mask
     check_batch_fits(plan, b, image_shape, guided, engine.device, extra=extra)
     slots = plan.num_slots + (job.num_slots if job is not None else 0)
-    bar = tqdm(total=-(-n // batch) * plan.steps, disable=not progress, unit="step", dynamic_ncols=True,
-               desc=f"{engine.name} {plan.name}")
-    progress_bar = lambda i, t, x, x0: bar.update(1)   # noqa: E731
+    # the bar counts what the engine reports as it happens: rows for an engine that steps row by row (can.states),
+    # calls for one that runs the whole loop in one call (onnx-generator: its rows are known only once it returns)
+    rows = can.states
+    bar = tqdm(total=-(-n // batch) * (plan.steps if rows else 1), disable=not progress,
+               unit="step" if rows else "batch", dynamic_ncols=True,
+               desc=f"{engine.name} {plan.name}" + ("" if rows else " (whole loop per call)"))
+    progress_bar = (lambda i, t, x, x0: bar.update(1)) if rows else None   # noqa: E731
     try:
         for lo in range(0, n, batch):
             hi = min(n, lo + batch)
@@ -225,6 +229,8 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
                 more["states"] = True
             x = engine.run(x_T, z, y, plan, guidance, callback=callback, **more)
             del x_T, z
+            if not rows:
+                bar.update(1)
             if not np.isfinite(x).all():
                 raise NonFiniteSamples(f"samples {start + lo}..{start + hi - 1} came out NaN or inf from the "
                                        f"{engine.name} engine, so nothing was saved; likely cause: "

@@ -144,13 +144,24 @@ def check_dark_background(a: np.ndarray, where: str, option: str = "image") -> n
     return a
 
 
+def _dark_picture(image, option: str = "image") -> np.ndarray:
+    """picture(image) when its background is dark (check_dark_background, naming the file or `option`)."""
+    where = str(image) if isinstance(image, (str, os.PathLike)) else option
+    return check_dark_background(picture(image, option), where, option)
+
+
+def editing_picture(image, size: tuple[int, int], option: str = "image") -> np.ndarray:
+    """One editing input, a picture file or a (H, W) uint8 array, as every editing command and method takes it:
+    (H', W') uint8 resized to size (fit). Raises ImageError as `pictures` does, also for a light background."""
+    return fit(_dark_picture(image, option), size)
+
+
 def pictures(image, n: int | None, option: str = "image") -> tuple[list[np.ndarray], int]:
     """(pictures at their own size, n): one picture with n results (default 8), or a stack (N, H, W) with one
     result each (n None or N >= 1). Raises ImageError, also for a picture with a light background
     (check_dark_background), or OptionError naming `option` (an empty stack) or n."""
     if isinstance(image, (str, os.PathLike)) or np.ndim(image) != 3:
-        where = str(image) if isinstance(image, (str, os.PathLike)) else option
-        return [check_dark_background(picture(image, option), where, option)], 8 if n is None else n
+        return [_dark_picture(image, option)], 8 if n is None else n
     stack = np.asarray(image)
     if len(stack) == 0:
         raise OptionError(f"{option} is an empty stack of pictures (shape {stack.shape}): give at least one", option)
@@ -201,8 +212,23 @@ def inpaint_inputs(image, mask, n: int | None, size: tuple[int, int]) -> tuple[n
     return images, kept, n
 
 
+class GreyOnly(DdpmError):
+    """A model of more than one channel asked for pictures: ddpm's pictures are greyscale (H, W) uint8."""
+
+
+def require_grey(image_shape: tuple[int, int, int], what: str) -> None:
+    """Return when a model's images (C, H, W) have one channel; GreyOnly naming the shape and `what` (e.g. "sampling
+    it") otherwise. The one rule for models of more channels: every picture ddpm writes is greyscale (H, W) uint8
+    (to_uint8, the generator's `images` output), so sampling, editing, generator.onnx and the web page refuse such a
+    model before any work, and it loads and exports to ONNX only."""
+    if image_shape[0] != 1:
+        shape = "x".join(map(str, image_shape))
+        raise GreyOnly(f"this model makes {shape} images, and ddpm writes greyscale pictures only: {what} would drop "
+                       f"channels")
+
+
 def to_uint8(x) -> np.ndarray:
-    """(N,1,H,W) or (N,H,W) in [-1, 1] (torch or numpy) -> (N,H,W) uint8."""
+    """(N,1,H,W) or (N,H,W) in [-1, 1] (torch or numpy) -> (N,H,W) uint8 (channel 0: require_grey)."""
     x = np.asarray(x.detach().cpu().float() if hasattr(x, "detach") else x, dtype=np.float32)
     if x.ndim == 4:
         x = x[:, 0]

@@ -261,6 +261,17 @@ def test_a_bare_unet_folder_takes_the_scheduler_beside_it_else_ddpm_defaults(fol
     assert capsys.readouterr().err.count("DDPMScheduler defaults") == 1
 
 
+def test_a_folders_own_scheduler_is_read_without_a_notice(folders, tmp_path, capsys):
+    """A pipeline folder's own scheduler config (here diffusers' default "leading" spacing, which ddpm does not
+    sample on: docs/diffusers.md) is what the user gave: loading it says nothing, in every command. Only a schedule
+    that did not come from the folder given is noticed (the bare unet folder's above)."""
+    folder = variant(folders["uncond28"], tmp_path / "pipe", timestep_spacing="leading")
+    capsys.readouterr()
+    assert ddpm.load(folder).cfg.timesteps == T and ddpm.load(folder / "unet").cfg.timesteps == T
+    err = capsys.readouterr().err
+    assert err.count("ddpm: ") == 1 and f"{folder / 'unet'}: schedule from" in err and "spacing" not in err, err
+
+
 def test_a_bare_unet_folder_takes_every_companion_from_its_pipeline(folders, tmp_path):
     """pipe/unet reads pipe/ddpm.json as it reads pipe/scheduler/: a class-conditional pipeline's unet folder loads
     with the null class its pipeline declares (it was refused for want of one), the same model as the pipeline."""

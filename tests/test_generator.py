@@ -268,3 +268,34 @@ def test_export_keeps_an_intact_generator_and_rebuilds_a_damaged_one(ckpt, tmp_p
     third = invoke(*args)
     assert third.exit_code == 0 and "building generator.onnx" in third.output, third.output
     Bundle.load(out).generator_path(Bundle.load(out).generator()["plan_key"])   # intact again
+
+
+@pytest.mark.parametrize("whole_loop", [True, False])
+def test_the_progress_bar_counts_what_the_engine_reports_as_it_happens(capsys, whole_loop):
+    """A row-by-row engine moves the bar once per row as it runs it; a whole-loop engine (onnx-generator, whose
+    rows are known only when its one call returns) moves it once per call, in batches: no bar of rows that jumps
+    from 1 to the end after the work."""
+    from ddpm.runtime.engine import Supports
+    from ddpm.runtime.generate import iter_generate
+    from ddpm.runtime.schedule import Schedule
+
+    plan = ddim_plan(Schedule.make("linear", 100), 4)
+
+    class Stub:
+        name, device = ("onnx-generator" if whole_loop else "onnx"), "cpu"
+        supports = Supports(edits=False, states=not whole_loop)
+
+        def run(self, x_T, z, labels, plan, guidance, callback=None, **_):
+            for i in range(plan.steps):   # the generator reports its rows after its one call, as GeneratorEngine
+                if callback is not None:
+                    callback(i, int(plan.timesteps[i]), None, None)
+            return np.zeros((len(x_T), 28, 28), np.uint8)
+
+    parts = list(iter_generate(Stub(), 5, plan, labels_for(5, None, True), seed=0, batch=2, progress=True,
+                               image_shape=MNIST))
+    assert sum(len(p) for p in parts) == 5
+    final = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    if whole_loop:
+        assert "3/3" in final and "batch" in final and "whole loop per call" in final, final
+    else:
+        assert "12/12" in final and "step" in final, final

@@ -215,3 +215,26 @@ def test_a_colour_model_is_refused_in_one_line_not_drawn_grey(exported, tmp_path
         assert r.exit_code == 1 and r.output.strip().splitlines()[-1].startswith("Error: ") and \
             "greyscale pictures only" in r.output and "Traceback" not in r.output, r.output
         assert not (tmp_path / "o.png").exists()
+
+
+def test_a_colour_model_has_no_generator_or_page_and_bench_skips_that_engine(tmp_path):
+    """generator.onnx writes greyscale pictures: `export --generator`, `export --web`, the API's generator_bundle
+    and bench's onnx-generator engine refuse a 3-channel model in one line (runtime.images.require_grey), the export
+    commands before any work (no folder written); bench times the other engines and says why it skipped that one."""
+    from ddpm.errors import DdpmError
+
+    loaded = tiny_checkpoint(tmp_path / "m", cfg=SHAPES["3x32x32"])
+    refusal = "this model makes 3x32x32 images, and ddpm writes greyscale pictures only: its generator.onnx"
+    (tmp_path / "ort.tgz").write_bytes(b"not a tarball")   # never read: the refusal comes first
+    for extra in (["--generator"], ["--web", tmp_path / "site", "--ort-web", tmp_path / "ort.tgz"]):
+        r = invoke("export", "--ckpt", loaded.path, "--out", tmp_path / "exp", "--steps", 2, *extra)
+        assert r.exit_code == 1 and r.output.strip().splitlines() == [f"Error: {r.output.strip()[7:]}"] and \
+            refusal in r.output, r.output
+        assert not (tmp_path / "exp").exists() and not (tmp_path / "site").exists()
+    model = ddpm.load(loaded.path)
+    with pytest.raises(DdpmError, match=refusal):
+        model.generator_bundle(model.plan("ddim", 2))
+    r = invoke("bench", "--ckpt", loaded.path, "--engines", "onnx,onnx-generator", "--quick", "--no-baseline",
+               "--out", tmp_path / "bench")
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert f"skipped onnx-generator: {refusal}" in r.output and "onnx-generator  " not in r.output, r.output

@@ -116,3 +116,58 @@ def test_floor_spread_and_small_n_are_said_plainly(monkeypatch):
     assert table.splitlines()[-1].startswith(f"Warning: N = 20 is below {MIN_N}")
     many = {**rows["within"], "n": MIN_N}
     assert "0.96*" in format_table([many]) and "Warning" not in format_table([many])
+
+
+def test_eval_table_never_cuts_a_name(monkeypatch):
+    """A set's name is printed whole, whatever its length (a cut "w=0.45" reads "w=0."), with the columns after it
+    aligned under their heads."""
+    from ddpm.evaluation import format_table, metrics
+
+    ref = metrics.Reference(classifier=None, test_features=np.zeros((4, 2)), train_images=np.zeros((4, 28, 28)),
+                            test_top_prob=0.98, test_border_share=0.01)
+    monkeypatch.setattr(metrics, "features_and_probs", lambda clf, x: (np.zeros((len(x), 2)), np.eye(10)[np.arange(len(x)) % 10]))
+    monkeypatch.setattr(metrics, "frechet_distance", lambda a, b: 1.0)
+    monkeypatch.setattr(metrics.Reference, "floors", lambda self, n: [1.0, 2.0])
+    names = ["ddim10-eta0-gi0.28-5.42 w=0.45", "ddim10-eta0-gi0.28-5.42 w=0.45 uncond", "a.npz"]
+    rows = [ref.evaluate(np.zeros((20, 28, 28), np.uint8), np.arange(20) % 10, name) for name in names]
+    lines = format_table(rows).splitlines()
+    for name, line in zip(names, lines[2:5]):
+        assert line.startswith(name + " ") and line.index(" 20 ") + 2 == lines[0].index("N"), (line, lines[0])
+
+
+def test_eval_refuses_a_model_of_another_shape_before_loading_or_drawing(tmp_path, fake_mnist, monkeypatch):
+    """A model whose images are not the classifier's 1x28x28 is refused in one line right after it is loaded: no
+    reference is loaded and no sample drawn (at -n 10000 the samples' own check would come after an hour)."""
+    import dataclasses
+
+    from ddpm import pipeline
+    from helpers import TINY, invoke, tiny_checkpoint
+
+    loaded = tiny_checkpoint(tmp_path, cfg=dataclasses.replace(TINY, image_size=32))
+    work = []
+    monkeypatch.setattr(pipeline, "generate", lambda *a, **k: work.append("drawn"))
+    monkeypatch.setattr(Reference, "load", classmethod(lambda cls, *a, **k: work.append("reference")))
+    r = invoke("eval", "--ckpt", loaded.path, "-n", 300, "--data", fake_mnist, "--engine", "torch")
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        "Error: ddpm eval scores 1x28x28 models (its classifier reads greyscale MNIST digits); this model makes "
+        "1x32x32 images"], r.output
+    assert work == []
+
+
+def test_eval_of_a_model_without_classes_scores_it_unconditionally(tmp_path, fake_mnist):
+    """A model without classes (one class, the web page's "none" first) has no class accuracy to give: its class 0
+    is not the digit 0. eval draws and scores its samples unconditionally and says so in one line; a guidance scale,
+    which would have no label to steer towards, is refused."""
+    import dataclasses
+
+    from helpers import TINY, invoke, tiny_checkpoint
+
+    loaded = tiny_checkpoint(tmp_path, cfg=dataclasses.replace(TINY, num_classes=1))
+    base = ["eval", "--ckpt", loaded.path, "--data", fake_mnist, "--engine", "torch", "--sampler", "ddim", "--steps", 2]
+    r = invoke(*base, "-n", 20, "--json", tmp_path / "q.json")
+    assert r.exit_code == 0, r.output
+    assert "this model has no classes: its samples are drawn and scored unconditionally" in r.output
+    row = json.loads((tmp_path / "q.json").read_text())[0]
+    assert row["cond_accuracy"] is None and sum(row["uncond_histogram"]) == 20 and row["name"].endswith(" uncond")
+    r = invoke(*base, "-n", 20, "--guidance", 1)
+    assert r.exit_code == 2 and "this model has no classes" in r.output and "--guidance" in r.output, r.output

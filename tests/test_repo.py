@@ -57,3 +57,26 @@ def test_every_module_imports_and_every_script_answers_help():
             assert e.value.code == 0 and "usage:" in out.getvalue(), name
             helped.append(name)
     assert len(helped) >= 5, helped
+
+
+def test_every_shipped_data_file_belongs_to_a_listed_package():
+    """setuptools ships a folder's data files through the package that is that folder (a folder of data is a
+    namespace package to Python): a pattern reaching into a sub-folder of another package makes `pip install .`
+    warn "Package would be ignored" for it. Each package-data pattern names files of its own package's folder, every
+    such package is listed, and the files the installed package reads (the shipped model, its export, the web page)
+    are matched."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setup["package-dir"] == {"ddpm": "."}
+    folder = lambda package: ROOT.joinpath(*package.split(".")[1:])   # noqa: E731
+    shipped = set()
+    for package, patterns in setup["package-data"].items():
+        assert package in setup["packages"] and folder(package).is_dir(), package
+        for pattern in patterns:
+            assert "/" not in pattern, f"{package}: {pattern} reaches into a sub-folder: list that folder as a package"
+            shipped |= {p.relative_to(ROOT).as_posix() for p in folder(package).glob(pattern) if p.is_file()}
+    for package in setup["packages"]:
+        assert folder(package).is_dir(), package
+    assert {"assets/default.safetensors", "assets/classifier.onnx", "assets/default_export/export.json",
+            "assets/default_export/model.onnx", "export/page/index.html", "export/page/app.mjs"} <= shipped

@@ -149,3 +149,33 @@ def test_page_in_chromium_draws_the_digits_of_ddpm_gen(site, tmp_path):
             assert f"--seed {seed}" in res["cli"] and res["ms"] > 0
         res = browser.generate(page, "turn", 2, 0.3, "-3")
         assert res["state"] == "error" and "seed must be an integer" in res["status"]
+
+
+def test_what_export_and_the_page_write_holds_no_local_path(exported, tmp_path, monkeypatch):
+    """Every file `ddpm export` (with --fp16 and a generator) and `--web` write is free of the builder's local paths
+    (the folders given, the checkpoint's, the home and working folders, the Python environment): a published page
+    or export folder says nothing about the machine that made it. The page's command names the export folder DIR,
+    which the page explains by the weights' hash (model.json checkpoint_hash)."""
+    import os
+    import sys
+
+    loaded, root = exported
+    fake = tmp_path / "onnxruntime-web-1.30.0.tgz"   # a stand-in tarball with the files taken from it, pinned here
+    with tarfile.open(fake, "w:gz") as tar:
+        for rel in web.ORT_FILES:
+            tar.add(web.PAGE_SRC / "app.mjs", arcname=f"package/{rel}")
+    monkeypatch.setitem(web.ORT_WEB, "integrity", web.integrity(fake))
+    out, page = tmp_path / "exp", tmp_path / "site"
+    r = CliRunner().invoke(main, ["export", "--ckpt", str(loaded.path), "--out", str(out), "--fp16", "--generator",
+                                  "--steps", "2", "--web", str(page), "--ort-web", str(fake)])
+    assert r.exit_code == 0, r.output
+    local = {str(p) for p in (tmp_path, root, Path(loaded.path).resolve().parent, Path.home(), Path.cwd(),
+                              Path(sys.prefix), HERE.parent) if len(str(p)) > 4}
+    written = [p for folder in (out, page) for p in folder.rglob("*") if p.is_file()]
+    assert {p.name for p in written} >= {"export.json", "model.onnx", "model_fp16.onnx", "model.json", "index.html"}
+    for path in written:
+        data = path.read_bytes()
+        found = [p for p in local if os.fsencode(p) in data]
+        assert not found, f"{path.relative_to(tmp_path)} holds {found}"
+    meta = json.loads((page / "model.json").read_text())
+    assert meta["gen_options"].endswith(" --export DIR") and len(meta["checkpoint_hash"]) == 64

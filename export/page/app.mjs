@@ -29,8 +29,11 @@ function readForm(meta) {
   const labels = labelsOf(meta, choice, count);   // throws a RangeError outside the model's classes
   if (choice === "none") guidance = 0;   // unconditional: the null label alone, as `ddpm gen --uncond`
   const which = choice === "turn" ? "" : choice === "none" ? " --uncond" : ` --label ${choice}`;
+  // DIR: an export folder of the page's weights, named by their hash (the page holds no path of the builder's)
+  const dir = /(^| )--export DIR( |$)/.test(meta.gen_options || "") ?
+    ` (DIR: an export folder of the weights ${meta.checkpoint_hash.slice(0, 16)}, made by ddpm export)` : "";
   const cli = `ddpm gen -n ${count}${which}${choice === "none" ? "" : ` -w ${guidance}`} --seed ${seed}` +
-    (meta.gen_options ? ` ${meta.gen_options}` : "");
+    (meta.gen_options ? ` ${meta.gen_options}` : "") + dir;
   return { count, guidance, seed, labels, cli, nrow: choice === "turn" ? meta.num_classes : null };
 }
 
