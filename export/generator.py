@@ -235,7 +235,7 @@ def build(net_model, plan: Plan, null_label: int, image_shape: tuple[int, int, i
             [tv(cond_out, TensorProto.BOOL, []), tv(x_out, TensorProto.FLOAT)]
             + [tv(h, TensorProto.FLOAT) for h in hist_out], initializer=weights + body.inits)
         zeros = [top.op("ConstantOfShape", [top.op("Shape", ["x_T"])]) for _ in range(H_)]
-        outs = [f"loop_x"] + [f"loop_x0_prev{k + 1}" for k in range(H_)]
+        outs = ["loop_x"] + [f"loop_x0_prev{k + 1}" for k in range(H_)]
         top.nodes.append(helper.make_node("Loop", [top.const("rows", S, np.int64), "", "x_T", *zeros], outs,
                                           name="reverse_loop", body=body_graph))
         x = outs[0]
