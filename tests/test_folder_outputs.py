@@ -162,12 +162,13 @@ def three_classes(exported, tmp_path_factory):
 
 
 def test_page_of_a_three_class_model_shows_its_classes_and_its_export(three_classes):
-    """The page offers the model's classes, not MNIST's 0..9, and its `ddpm gen` command names the export folder
-    (without --export, gen would run the shipped model)."""
+    """The page offers the model's classes, not MNIST's 0..9, and its `ddpm gen` command names an export folder
+    (without --export, gen would run the shipped model) as DIR, with the weights' hash beside it, not the builder's
+    local path."""
     exp, site = three_classes
     meta = json.loads((site / "model.json").read_text())
     assert (meta["num_classes"], meta["null_label"]) == (3, 3)
-    assert meta["gen_options"].endswith(f" --export {exp.resolve()}")
+    assert meta["gen_options"].endswith(" --export DIR") and str(exp.resolve()) not in json.dumps(meta)
     html = (site / "index.html").read_text()
     assert "<option" not in html and 'id="label"' in html          # the choices come from model.json
     assert (site / "labels.mjs").is_file() and './labels.mjs"' in (site / "app.mjs").read_text()
