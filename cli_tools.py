@@ -254,8 +254,8 @@ def _int_list(ctx, param, value):
               help="Classifier-free guidance (doubles the network batch when > 0).")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per engine and batch.")
 @click.option("--fp16", is_flag=True, help="Half-precision models for the runtime engines (eager stays fp32).")
-@click.option("--int8", is_flag=True, help="The onnx engine with int8 convolutions (`ddpm export --int8`); the "
-                                           "engines that have no int8 model run as they are.")
+@click.option("--int8", is_flag=True, help="Also time the onnx engine with int8 convolutions (`ddpm export --int8`), "
+                                           "as 'onnx int8' beside fp32's onnx.")
 @click.option("--no-cuda-graph", is_flag=True, help="GPU: run the runtime's loop step by step.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also time eager PyTorch on DDIM-50 and give every engine's speedup over it (when the sampler is "

@@ -150,7 +150,8 @@ def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False,
     reported as skipped with the reason. With a `baseline` plan (e.g. DDIM-50 when `plan` is a few-step solver) the
     eager engine also runs it, in the same alternation, and every case gets its speedup over that baseline. On a GPU
     also each engine's own peak memory (MemoryMeter, over torch.cuda or the stand-in `cuda`). Returns the results as
-    a dict (see format_table). int8: the onnx engine runs model_int8.onnx (the others as they are)."""
+    a dict (see format_table). int8: the onnx engine is also timed with model_int8.onnx (`ddpm export --int8`), as
+    "onnx int8" beside the fp32 "onnx"; without an int8 model that row is skipped with the reason."""
     from ..api import DdpmError
     from ..runtime.generate import check_batch_fits
 
@@ -163,17 +164,20 @@ def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False,
         meter = MemoryMeter(cuda, device)
     for batch in batches:   # before any engine is made or any buffer allocated
         check_batch_fits(plan, batch, model.cfg.image_shape, guided=guidance != 0, device=device, cuda=cuda)
-    metered = lambda key, name: meter.measure(key, name in OUTSIDE_TORCH) if meter is not None else nullcontext()
+    metered = lambda key, name: (meter.measure(key, name.split()[0] in OUTSIDE_TORCH) if meter is not None
+                                 else nullcontext())
     net_batch = network_batch(max(batches), guidance != 0)
     ready, skipped = {}, {}
-    for name in engines:
+    # int8: the onnx engine is timed twice, fp32 as "onnx" and int8 as "onnx int8", alternating like any two engines
+    variants = [(name, name, {}) for name in engines] + ([("onnx int8", "onnx", {"int8": True})]
+                                                         if int8 and "onnx" in engines else [])
+    for key, name, kw in variants:
         try:
-            with metered((name, "create"), name):
-                ready[name] = model.engine(name, device, fp16 and name != "torch", cuda_graph, threads,
-                                           max_batch=net_batch, log=log, plan=plan,
-                                           **({"int8": True} if int8 and name == "onnx" else {}))
+            with metered((key, "create"), name):
+                ready[key] = model.engine(name, device, fp16 and name != "torch", cuda_graph, threads,
+                                          max_batch=net_batch, log=log, plan=plan, **kw)
         except DdpmError as e:
-            skipped[name] = str(e)          # reported once, in the table
+            skipped[key] = str(e)          # reported once, in the table
     runs = {name: (eng, plan) for name, eng in ready.items()}
     base_name = None
     if baseline is not None and "torch" in ready:

@@ -136,3 +136,16 @@ def test_editing_benchmark_runs_each_precision_side_by_side(ckpt, int8_export, f
     for rows in (upscaling(model, clf, x[:2], y[:2], [2], [("ilvr", 1.0)], run, sources=("none", "read")),
                  inpainting(model, clf, x[:2], y[:2], [{"steps": 4}], run, sources=("none", "read"))):
         assert {r.get("label_source") for r in rows} >= {"none", "read"}
+
+
+def test_bench_times_int8_beside_fp32(ckpt, int8_export, tiny_export):
+    """ddpm bench --int8: the onnx engine timed at fp32 ("onnx") and int8 ("onnx int8") in one run, alternating; a
+    model without an int8 export skips that row with the reason and times the rest."""
+    from ddpm.bench.speed import run_bench
+
+    model = api.load(ckpt, int8_export)
+    plan = model.plan("ddim", 2)
+    res = run_bench(model, ["onnx"], [2], plan, repeat=1, int8=True, log=lambda m: None)
+    assert [c["engine"] for c in res["results"]] == ["onnx", "onnx int8"] and not res["skipped"]
+    res = run_bench(api.load(ckpt, tiny_export), ["onnx"], [2], plan, repeat=1, int8=True, log=lambda m: None)
+    assert [c["engine"] for c in res["results"]] == ["onnx"] and "no int8 model" in res["skipped"]["onnx int8"]
