@@ -306,8 +306,13 @@ def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance
                                    f"{' and '.join(given)}, or drop --quick")
         sampler = "ddim" if sampler == "ddpm" else sampler
         steps, batches, repeat = 3, [1, 2], 2
+    if int8 and "onnx" not in names:
+        raise click.UsageError("--int8 runs the onnx engine with int8 convolutions; add onnx to --engines, or leave "
+                               "out --int8")
     set_threads(threads)
     model = api.load(ckpt)
+    if int8:   # asked for, so not merely a skipped engine: its model is made by `ddpm export --int8` only
+        model.bundle(int8=True)
     opts = Sampling(sampler, steps, spacing, guidance=guidance, guidance_interval=guidance_interval,
                     guidance_rescale=guidance_rescale)
     plan = model.plan(**opts.plan_args())

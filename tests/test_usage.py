@@ -229,3 +229,14 @@ def test_eval_of_one_sample_is_the_same_usage_error_as_n_1(tmp_path):
         r = invoke("eval", *args)
         [line] = r.output.strip().splitlines()
         assert r.exit_code == 2 and line.startswith("Error: Invalid value for") and option in line, r.output
+
+
+def test_bench_int8_without_an_int8_model_is_one_line_not_an_empty_table(ckpt, tmp_path):
+    """`bench --int8` measures the onnx engine's int8 model: with none made (`ddpm export --int8`), one line and exit
+    1 before any engine is timed, no results written; without onnx among --engines, a usage error."""
+    r = invoke("bench", "--ckpt", ckpt, "--int8", "--engines", "onnx", "--quick", "--out", tmp_path / "b")
+    [line] = r.output.strip().splitlines()
+    assert r.exit_code == 1 and line.startswith("Error: no int8 model") and "ddpm export --int8" in line, r.output
+    assert not (tmp_path / "b" / "bench.json").exists()
+    r = invoke("bench", "--ckpt", ckpt, "--int8", "--engines", "torch", "--quick", "--out", tmp_path / "b")
+    assert r.exit_code == 2 and "add onnx to --engines" in r.output, r.output
