@@ -240,3 +240,21 @@ def test_bench_int8_without_an_int8_model_is_one_line_not_an_empty_table(ckpt, t
     assert not (tmp_path / "b" / "bench.json").exists()
     r = invoke("bench", "--ckpt", ckpt, "--int8", "--engines", "torch", "--quick", "--out", tmp_path / "b")
     assert r.exit_code == 2 and "add onnx to --engines" in r.output, r.output
+
+
+def test_an_error_after_a_progress_bar_starts_its_own_line(ckpt, tmp_path, monkeypatch):
+    """A command stopped while its progress bar is drawn (here the npz write fails after the first batch, as on a full
+    disk): the bar's last `\\r` line is ended, so the error line begins a line (`grep '^Error'` finds it in a log)."""
+    import ddpm.samples
+    from ddpm.files import OutputError
+
+    def failing(out, labels, batches, **kw):
+        next(iter(batches))
+        raise OutputError(f"cannot write {out}: no space left on the device")
+
+    monkeypatch.setattr(ddpm.samples, "save_samples", failing)
+    r = invoke("gen", "--ckpt", ckpt, "-n", 4, "--batch", 2, "--steps", 2, "--engine", "torch", "--out",
+               tmp_path / "x.npz")
+    assert r.exit_code == 1 and "step" in r.output, r.output                       # the bar was drawn
+    assert [line for line in r.output.splitlines() if "Error" in line] == \
+        [f"Error: cannot write {tmp_path / 'x.npz'}: no space left on the device"], repr(r.output)
