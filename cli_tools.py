@@ -53,8 +53,8 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
                   and on_command_line(p.name)] + (["-n"] if on_command_line("num") else [])
         if unused:
             raise click.UsageError(f"{', '.join(unused)} {'makes' if len(unused) == 1 else 'make'} the samples that "
-                                   f"eval generates, and --samples are scored as they are: leave out "
-                                   f"{'it' if len(unused) == 1 else 'them'}, or --samples")
+                                   f"eval generates, and --samples are scored as they are: leave "
+                                   f"{'it' if len(unused) == 1 else 'them'} out, or leave out --samples")
     sampling(o, labelled=not uncond)   # contradicting options refused before any work
     refuse_same_path({"--json": json_out}, {"--samples": sample_files, "--data": data, "--classifier": classifier,
                                             "--ckpt": o["ckpt"], "--export": o["export_dir"]})
