@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import click
 from click.core import ParameterSource
@@ -103,12 +104,10 @@ MODEL_FOLDERS = (
 )
 
 
-def _folder_kinds(option: str, path) -> list[tuple[str, str, "re.Pattern"]]:
+def _folder_kinds(option: str, path) -> list[tuple[str, str, re.Pattern]]:
     """[(folder, what it is, the pattern of its own paths)] of the model input `path` given to `option`: the folder
     itself, or the folder of a file (--ckpt run/ckpt.pt reads the run), for each MODEL_FOLDERS kind whose marker it
     holds; an --export folder is an export folder even before it is made."""
-    import re
-
     from .export.cache import EXPORT_FOLDER
 
     folder = path if option == "--export" or os.path.isdir(path) else os.path.dirname(os.path.abspath(path))

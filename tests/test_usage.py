@@ -214,7 +214,8 @@ def test_eval_samples_refuses_every_option_that_makes_samples(tmp_path, monkeypa
         value = [] if p.is_flag else [given.get(p.name, p.default)]
         r = invoke("eval", "--samples", tmp_path / "s.npz", p.opts[0], *value)
         [line] = r.output.strip().splitlines()
-        assert r.exit_code == 2 and line.startswith(f"Error: {max(p.opts, key=len)} makes the samples"), (p.name, r.output)
+        flag = max(p.opts, key=len)
+        assert r.exit_code == 2 and line.startswith(f"Error: {flag} makes the samples"), (p.name, r.output)
     r = invoke("eval", "--samples", tmp_path / "s.npz", "-n", 3, "--uncond", "--seed", 1)
     assert r.exit_code == 2 and "-n" in r.output and "--uncond, --seed" in r.output, r.output
     r = invoke("eval", "--samples", tmp_path / "s.npz", "--threads", 1, "-q", "--json", tmp_path / "q.json")
