@@ -145,6 +145,13 @@ def test_no_file_output_replaces_an_own_file_of_a_run_or_export_folder_the_comma
     for source, folder in (("--ckpt", run), ("--ckpt", run / "model.safetensors"), ("--export", exp)):
         for name in ("one.npz", "notes/run.json", "model.onnx.json"):
             refuse_same_path({"--out": folder / name if folder.is_dir() else run / name}, {source: folder})
+    hub = tmp_path / "hub"                                    # a diffusers pipeline folder
+    (hub / "unet").mkdir(parents=True)
+    (hub / "model_index.json").write_text("{}")
+    for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
+        with pytest.raises(click.UsageError, match=f"would replace {name} of the diffusers pipeline folder"):
+            refuse_same_path({"--json": hub / name}, {"--ckpt": hub})
+    refuse_same_path({"--json": hub / "scores.json"}, {"--ckpt": hub})
 
 
 def test_the_run_folder_files_refused_are_the_ones_train_and_distill_write():
