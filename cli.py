@@ -34,6 +34,14 @@ LESS_AT_ONCE_PARAMS = ("num", "batch", "batch_size", "batches", "batch_range")
 _HELP_ERROR = getattr(click.exceptions, "NoArgsIsHelpError", ())   # `ddpm` alone: click shows the help (click >= 8.2)
 
 
+def own_line() -> None:
+    """End the progress bars still open (a command stopped while one was drawn, its last `\r` line unfinished), so
+    that the error line that follows starts a line of its own: `grep '^Error'` finds it in a log."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 class OneLineUsageError(click.UsageError):
     """A usage error (a bad or unknown option, a value that does not fit, an unknown command) shown as one line,
     "Error: <click's message, naming the option> (see ddpm gen --help)", instead of click's usage block; exit
@@ -45,6 +53,7 @@ class OneLineUsageError(click.UsageError):
 
     def show(self, file=None) -> None:
         hint = f" (see {self.path} --help)" if self.path else ""
+        own_line()
         click.echo(f"Error: {self.format_message()}{hint}", file=file, err=file is None)
 
 
@@ -54,6 +63,10 @@ class ErrorLine(click.ClickException):
 
     def format_message(self) -> str:
         return printable(self.message)
+
+    def show(self, file=None) -> None:
+        own_line()
+        super().show(file)
 
 
 def less_at_once(command: click.Command) -> str | None:

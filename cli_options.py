@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import click
 from click.core import ParameterSource
@@ -85,17 +86,66 @@ def _inside(path, folder) -> bool:
         return False
 
 
-# Input folders that hold only what the command reads (MNIST's files): no file output may lie inside them. A run or
-# export folder (--ckpt, --export) also holds the user's own outputs (samples.npz beside the weights), so there only
-# the files themselves are compared.
+# Input folders that hold only what the command reads (MNIST's files): no file output may lie inside them.
 DATA_FOLDERS = ("--data",)
+# The inputs that name a model: a run, export or diffusers folder, or a file of one. Such a folder also holds the
+# user's own outputs (samples.npz beside the weights), so there an output is refused only where it would replace one
+# of the folder's own files (MODEL_FOLDERS).
+MODEL_INPUTS = ("--ckpt", "--export", "--init", "--teacher")
+# What each folder that holds a model is: the files that mark it, and the paths (relative, "/"-separated) of the
+# files it owns, written by ddpm's commands and read by them: `ddpm train`/`distill`'s run folder (train.loop.RUN_FILES
+# and distill's students: tests/test_output_clobber.py checks that they match), `ddpm export`'s folder
+# (export.cache.EXPORT_FOLDER's names and its marker) and a diffusers pipeline folder (docs/diffusers.md).
+MODEL_FOLDERS = (
+    ("run folder", ("options.json", "ckpt.pt", "model.safetensors"),
+     r"options\.json|log\.jsonl|ckpt\.pt|model\.safetensors|samples\.png|student\d+\.safetensors"),
+    ("export folder", ("export.json",), None),
+    ("diffusers pipeline folder", ("model_index.json",), r"model_index\.json|(unet|scheduler)/.+"),
+)
+
+
+def _folder_kinds(option: str, path) -> list[tuple[str, str, re.Pattern]]:
+    """[(folder, what it is, the pattern of its own paths)] of the model input `path` given to `option`: the folder
+    itself, or the folder of a file (--ckpt run/ckpt.pt reads the run), for each MODEL_FOLDERS kind whose marker it
+    holds; an --export folder is an export folder even before it is made."""
+    from .export.cache import EXPORT_FOLDER
+
+    folder = path if option == "--export" or os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    kinds = []
+    for what, markers, pattern in MODEL_FOLDERS:
+        if pattern is None:
+            pattern = rf"{re.escape(EXPORT_FOLDER.marker)}|{EXPORT_FOLDER.written.pattern.strip('^$')}"
+        if any(os.path.isfile(os.path.join(folder, m)) for m in markers) or (option == "--export" and
+                                                                              what == "export folder"):
+            kinds.append((folder, what, re.compile(rf"^(?:{pattern})$")))
+    return kinds
+
+
+def _own_file(path, folder: str, pattern) -> str | None:
+    """The own file of `folder` (a path matching `pattern`, relative to it) that the output `path` would replace:
+    by name, or by what is there (a link to it, another spelling on a case-insensitive file system); else None."""
+    if _inside(path, folder):
+        rel = os.path.relpath(_real(path), _real(folder)).replace(os.sep, "/")
+        if pattern.match(rel):
+            return rel
+    try:
+        entries = [e.name for e in os.scandir(folder)]
+    except OSError:
+        return None
+    for name in entries:
+        if pattern.match(name) and _same_path(path, os.path.join(folder, name)):
+            return name
+    return None
 
 
 def refuse_same_path(outputs: dict, inputs: dict | None = None, folders: tuple[str, ...] = ()) -> None:
     """Refuse, before any work, an output that is the same file or folder as one of the command's inputs or as
-    another of its outputs, a folder output that contains one of them (or lies inside another folder output), and
-    a file output inside an input folder of DATA_FOLDERS (the files read there are not listed one by one): writing it
-    would destroy that input (or the other output's content) and still succeed.
+    another of its outputs, a folder output that contains one of them (or lies inside another folder output), an
+    output inside an input folder of DATA_FOLDERS (the files read there are not listed one by one), and an output
+    that would replace one of the own files of a run, export or diffusers folder that a MODEL_INPUTS option reads
+    (its weights, checkpoint, options.json, log, export.json, ONNX files: MODEL_FOLDERS), however it is named:
+    writing it would destroy that input (or the other output's content) and still succeed. The user's other files
+    in such a folder may be written.
 
     outputs, inputs: {option name: a path, a list of paths (a repeated option) or None (not given)}; folders: the
     options among `outputs` that name a folder the command writes (publishes or writes into). Raises
@@ -107,11 +157,13 @@ def refuse_same_path(outputs: dict, inputs: dict | None = None, folders: tuple[s
                     yield option, path
 
     seen = [(option, path, "reads", False) for option, path in given(inputs)]
+    owners = [(option, kind) for option, path in given(inputs) if option in MODEL_INPUTS
+              for kind in _folder_kinds(option, path)]
     for option, path in given(outputs):
         folder = option in folders
         for other, earlier, role, other_folder in seen:
             if _same_path(path, earlier):
-                kind = "folder" if os.path.isdir(earlier) else "file"
+                kind = "folder" if folder or other_folder or os.path.isdir(earlier) else "file"
                 raise click.UsageError(f"{option} and {other} name the same {kind} ({path}): writing {option} would "
                                        f"overwrite what {other} {role}; give {option} another path")
             if folder and _inside(earlier, path):
@@ -125,6 +177,11 @@ def refuse_same_path(outputs: dict, inputs: dict | None = None, folders: tuple[s
             if other_folder and _inside(path, earlier):
                 raise click.UsageError(f"the {other} folder {earlier} contains {option} {path}: writing {other} "
                                        f"could overwrite what {option} writes; give {option} a path outside it")
+        for other, (owner, what, pattern) in owners:
+            own = _own_file(path, owner, pattern)
+            if own is not None:
+                raise click.UsageError(f"{option} {path} would replace {own} of the {what} {owner} that {other} "
+                                       f"reads; give {option} another name (your own files may lie beside it)")
         seen.append((option, path, "writes", folder))
 
 

@@ -12,6 +12,10 @@ from .runtime.engines import ENGINES
 
 
 # ------------------------------------------------------------------------------------------------------------ eval
+# The options of eval that apply to --samples: what scores them, where the scores go, how the command runs. Every other
+# one makes the samples eval generates.
+_SCORING = ("sample_files", "data", "classifier", "train_classifier", "json_out", "threads", "quiet")
+
 @click.command("eval")
 @click.option("--samples", "sample_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="npz files from `ddpm gen --out x.npz` (repeat to compare); without it, samples are generated.")
@@ -40,6 +44,14 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
       ddpm gen -n 2000 --sampler ddpm --out ddpm.npz && ddpm eval --samples ddpm.npz
       ddpm eval --samples a.npz --samples b.npz --json quality.json
     """
+    if sample_files:   # the files are scored as they are: the options that make samples do not apply to them
+        ctx = click.get_current_context()
+        unused = [max(p.opts, key=len) for p in ctx.command.params if p.name not in _SCORING and p.name != "num"
+                  and on_command_line(p.name)] + (["-n"] if on_command_line("num") else [])
+        if unused:
+            raise click.UsageError(f"{', '.join(unused)} {'makes' if len(unused) == 1 else 'make'} the samples that "
+                                   f"eval generates, and --samples are scored as they are: leave "
+                                   f"{'it' if len(unused) == 1 else 'them'} out, or leave out --samples")
     sampling(o, labelled=not uncond)   # contradicting options refused before any work
     refuse_same_path({"--json": json_out}, {"--samples": sample_files, "--data": data, "--classifier": classifier,
                                             "--ckpt": o["ckpt"], "--export": o["export_dir"]})
@@ -55,6 +67,10 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
     from .samples import read_samples
 
     samples = [(Path(f).name, *read_samples(f, evaluation.IMAGE_SHAPE)) for f in sample_files]   # every file checked before the slow parts
+    for f, (_, images, _) in zip(sample_files, samples):   # as -n: the scores need two samples
+        if len(images) < 2:
+            raise click.BadParameter(f"{f} holds {len(images)} sample{'s' if len(images) != 1 else ''}; the scores "
+                                     f"need at least 2", param_hint="--samples")
     if not sample_files:
         ensure_memory(num * evaluation.SAMPLE_BYTES, f"evaluating {num} samples", "lower -n",
                       per_unit=evaluation.SAMPLE_BYTES)
@@ -300,8 +316,13 @@ def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance
                                    f"{' and '.join(given)}, or drop --quick")
         sampler = "ddim" if sampler == "ddpm" else sampler
         steps, batches, repeat = 3, [1, 2], 2
+    if int8 and "onnx" not in names:
+        raise click.UsageError("--int8 runs the onnx engine with int8 convolutions; add onnx to --engines, or leave "
+                               "out --int8")
     set_threads(threads)
     model = api.load(ckpt)
+    if int8:   # asked for, so not merely a skipped engine: its model is made by `ddpm export --int8` only
+        model.bundle(int8=True)
     opts = Sampling(sampler, steps, spacing, guidance=guidance, guidance_interval=guidance_interval,
                     guidance_rescale=guidance_rescale)
     plan = model.plan(**opts.plan_args())

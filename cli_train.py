@@ -35,6 +35,14 @@ def given_options(names) -> set[str]:
             (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)}
 
 
+def refuse_on_resume(resume: bool, option: str, name: str, why: str) -> None:
+    """A usage error (exit 2) for an option that a resumed run cannot honour, given together with --resume: the
+    checkpoint decides what it would set (`why`)."""
+    if resume and name in given_options([name]):
+        raise click.UsageError(f"{option} cannot be given with --resume: {why}; leave out {option} to continue the "
+                               f"run, or leave out --resume and give another --out to start a new run")
+
+
 class LazyChoice(click.Choice):
     """A Choice whose choices are read from the module that defines them when first needed (train.loop imports
     PyTorch, which `ddpm --help` must not)."""
@@ -145,6 +153,8 @@ def train(threads, resume, **opts):
       ddpm train --block diffusers --out runs/hub   # then: ddpm export --ckpt runs/hub --diffusers hub
       torchrun --nproc_per_node 2 -m ddpm.cli train --batch 128   # DDP, global batch 128
     """
+    refuse_on_resume(resume, "--init", "init", "the run goes on from its checkpoint's weights, not from another "
+                     "model's")
     refuse_same_path({"--out": opts["out"]}, {"--init": opts["init"], "--data": opts["data"]}, folders=("--out",))
     check_output(opts["out"], "--out", folder=True)
     # what stops the command before the training loop (which says it itself: train.loop.Checkpoints), e.g. PyTorch's
@@ -208,6 +218,7 @@ def distill(threads, resume, guidance_interval, **opts):
       ddpm distill --teacher runs/ddpm --steps-from 16 --steps-to 2 --iters 500 --out runs/d2
       ddpm gen --ckpt runs/distill -n 64                           # the 4-step student, one batch per step
     """
+    refuse_on_resume(resume, "--teacher", "init", "the run goes on with the teacher its checkpoint holds")
     refuse_same_path({"--out": opts["out"]}, {"--teacher": opts["init"], "--data": opts["data"]},
                      folders=("--out",))
     check_output(opts["out"], "--out", folder=True)

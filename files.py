@@ -6,6 +6,9 @@ it); every export folder is built in a temporary folder and published with `publ
     .<target name>.<host>-<pid>.<random>.tmp      (a file, or an export folder being built)
     .<target name>.<host>-<pid>.<random>.old      (an export folder moved aside while its successor is renamed in)
 
+where a target name longer than TEMP_NAME_MAX bytes is shortened to its start and a fixed-length hash of the whole
+name (`temp_stem`), so that the temporary of every name the file system allows (NAME_MAX, 255 bytes) fits too
+
 so that `clean_stale`, run by every later write into the same folder, removes exactly the ones whose writer is gone
 (same host, process no longer alive) or, for another host, that are older than STALE_AFTER; a writer that is still
 running is never disturbed. `check_writable` lets a command refuse an output location before any work.
@@ -113,6 +116,25 @@ def is_temporary(name: str) -> bool:
     return _TAGGED.match(name) is not None
 
 
+# bytes of a target's name kept whole in its temporaries' names: the rest of such a name (the tag, the random part and
+# the suffix) takes at most 29 bytes, so a longer name is shortened to fit NAME_MAX (255 bytes)
+TEMP_NAME_MAX = 200
+_SHORTENED = re.compile(r"~[0-9a-f]{32}$")   # how temp_stem ends a shortened name
+
+
+def temp_stem(name: str) -> str:
+    """The part of the temporaries' names that stands for the target `name`: the name itself up to TEMP_NAME_MAX
+    bytes, else its first characters up to 160 bytes, "~" and 32 hex digits of the SHA-256 of the whole name (one
+    target, one stem; the names of other targets do not collide)."""
+    raw = os.fsencode(name)
+    if len(raw) <= TEMP_NAME_MAX:
+        return name
+    start = name
+    while len(os.fsencode(start)) > 160:
+        start = start[:-1]
+    return f"{start}~{hashlib.sha256(raw).hexdigest()[:32]}"
+
+
 def _tag() -> str:
     return f"{HOST}-{os.getpid()}"
 
@@ -158,6 +180,7 @@ def clean_stale(folder: str | os.PathLike, name: str | None = None, only: bool =
     """
     folder = Path(folder)
     legacy = re.compile(rf"^\.{re.escape(name)}\.[a-z0-9_]{{8}}(\.tmp)?$") if name else None
+    stem = temp_stem(name) if name else None
     removed = []
     try:
         entries = list(os.scandir(folder))
@@ -168,11 +191,14 @@ def clean_stale(folder: str | os.PathLike, name: str | None = None, only: bool =
             continue
         m = _TAGGED.match(e.name)
         path = Path(e.path)
-        if m and (name is None or not only or m["name"] == name):
+        if m and (name is None or not only or m["name"] == stem):
             if not _stale(path, m["host"], int(m["pid"])):
                 continue
-            target = folder / m["name"]
+            # the target of a shortened stem is known only when it is this name's
+            target = folder / (name if m["name"] == stem else m["name"])
             if m["kind"] == "old" and not target.exists():
+                if m["name"] != stem and _SHORTENED.search(m["name"]):
+                    continue   # an aside of another, long name: left for a write of that name to move back
                 try:
                     os.rename(path, target)
                     continue
@@ -340,7 +366,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(path.parent, path.name, only=False)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_tag()}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{temp_stem(path.name)}.{_tag()}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise _output_error(path, e) from None
     os.close(fd)
@@ -382,7 +408,7 @@ def temp_dir(out: str | os.PathLike) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(out.parent, out.name, only=False)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_tag()}.", suffix=".tmp", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{temp_stem(out.name)}.{_tag()}.", suffix=".tmp", dir=out.parent))
     except OSError as e:
         raise _output_error(out, e) from None
     umask = os.umask(0)
@@ -432,7 +458,7 @@ def publish_dir(tmp: Path, out: str | os.PathLike, keep: Callable[[Path], bool] 
     if keep is not None and keep(out):
         shutil.rmtree(tmp, ignore_errors=True)
         return False
-    aside = out.parent / f".{out.name}.{_tag()}.{secrets.token_hex(4)}.old"
+    aside = out.parent / f".{temp_stem(out.name)}.{_tag()}.{secrets.token_hex(4)}.old"
     os.rename(out, aside)
     try:
         if _FAULT is not None:

@@ -221,3 +221,31 @@ def test_bad_options_are_one_line(fake_mnist, teacher, tmp_path):
         assert not (tmp_path / "x" / "ckpt.pt").exists()
     r = invoke("distill", "--out", tmp_path / "none", "--resume")
     assert r.exit_code == 1 and "no ckpt.pt" in r.output
+    assert not (tmp_path / "none").exists()   # a resume of nothing makes no folder
+
+
+def test_a_run_is_resumed_only_by_the_command_that_wrote_it(fake_mnist, teacher, tmp_path):
+    """`train --resume` on a distill run and `distill --resume` on a train run: one line naming what the folder holds
+    and the command that continues it, before anything is written (options.json and log.jsonl keep their bytes);
+    distill's messages name distill's options (--teacher, not --init or --steps)."""
+    dst, trn = tmp_path / "dst", tmp_path / "trn"
+    D.distill(_cfg(fake_mnist, teacher, dst), **_quiet())
+    r = invoke("train", "--data", fake_mnist, "--preset", "tiny", "--timesteps", 20, "--steps", 2, "--batch", 4,
+               "--device", "cpu", "--out", trn)
+    assert r.exit_code == 0, r.output
+    for folder, args, wrote in ((dst, ("train", "--steps", 40), "distill"), (trn, ("distill",), "train")):
+        before = {name: (folder / name).read_bytes() for name in ("options.json", "log.jsonl", "ckpt.pt")}
+        r = invoke(*args, "--out", folder, "--resume", "--ckpt-every", 4)
+        assert r.exit_code == 1, r.output
+        assert r.output.strip().splitlines() == [f"Error: --resume: {folder} holds a `ddpm {wrote}` run, not a "
+                                                 f"`ddpm {args[0]}` one; continue it with `ddpm {wrote} --out "
+                                                 f"{folder} --resume`"], r.output
+        assert {name: (folder / name).read_bytes() for name in before} == before
+    r = invoke("distill", "--out", dst, "--resume")                 # complete
+    assert r.exit_code == 1 and "--teacher" in r.output and "--steps" not in r.output, r.output
+    with pytest.raises(D.TrainingError, match=r"--iters 3, not --iters 5; .* start a new run with another --out$"):
+        D.distill(_cfg(fake_mnist, teacher, dst, iters=5), resume=True, **_quiet())
+    with pytest.raises(D.TrainingError, match="leave out --teacher"):   # another teacher: not honoured
+        D.distill(_cfg(fake_mnist, tmp_path / "trn", dst), resume=True, **_quiet())
+    r = invoke("distill", "--out", dst, "--resume", "--teacher", teacher)
+    assert r.exit_code == 2 and "--teacher cannot be given with --resume" in r.output, r.output

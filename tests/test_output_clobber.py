@@ -73,6 +73,13 @@ def test_every_command_refuses_an_output_over_its_input(tmp_path, ckpt):
     assert not (tmp_path / "a.png").exists()
 
 
+def test_two_folder_outputs_on_one_path_are_called_folders(tmp_path):
+    """`export --web X --out X` names two folders, even where X does not exist yet."""
+    for where in (tmp_path / "new", tmp_path):
+        r = invoke("export", "--out", where, "--web", where)
+        assert r.exit_code == 2 and "name the same folder" in r.output, r.output
+
+
 def test_a_file_output_inside_an_input_folder_is_refused(tmp_path, ckpt):
     """`eval --data mn --json mn/t10k-labels-idx1-ubyte` replaced the MNIST file it had just read (exit 0): a file
     output inside a folder the command reads is refused in one line, exit 2, and the file is left as it was."""
@@ -91,6 +98,73 @@ def test_a_file_output_inside_an_input_folder_is_refused(tmp_path, ckpt):
         refuse_same_path({"--json": data / "new.json"}, {"--data": data})
     refuse_same_path({"--json": tmp_path / "q.json"}, {"--data": data})   # beside the folder: allowed
     refuse_same_path({"--out": ckpt / "samples.npz"}, {"--ckpt": ckpt})   # a run folder holds the user's outputs too
+
+
+# ------------------------------------------------------------------- the own files of a folder a command reads
+RUN_OWN = ["options.json", "log.jsonl", "ckpt.pt", "model.safetensors", "samples.png", "student4.safetensors"]
+EXPORT_OWN = ["export.json", "model.onnx", "model_fp16.onnx", "model_int8.onnx", "generator-unipc8-0123abcd-loop.onnx",
+              "model_b1-256.plan"]
+
+
+def _file_commands(d: Path, m: Path):
+    """Every command that writes a file, as (arguments before the output, the output's option)."""
+    return [(("gen", "-n", 2), "--out"), (("gen", "-n", 2, "--out", d.parent / "g.png"), "--trajectory"),
+            (("eval", "-n", 2), "--json"), (("edit", "--image", d), "--out"), (("inpaint", "--image", d, "--mask", m),
+            "--out"), (("upscale", "--image", d, "--factor", 2), "--out"), (("restore", "--image", d, "--sigma", 0.5),
+            "--out")]
+
+
+def test_no_file_output_replaces_an_own_file_of_a_run_or_export_folder_the_command_reads(tmp_path):
+    """gen/eval/the editing commands with their output on the weights, checkpoint, record, log, grid or student of
+    the run folder --ckpt reads (named as the folder or as a file in it), or on export.json or an ONNX model or engine
+    of the --export folder, however the output is spelled: one line, exit 2, nothing replaced. The user's own files
+    beside them may be written (refuse_same_path lets them through)."""
+    d, m = tmp_path / "d.png", tmp_path / "m.png"
+    d.write_bytes(b"picture")
+    m.write_bytes(b"mask")
+    run, exp = tmp_path / "run", tmp_path / "exp"
+    run.mkdir()
+    exp.mkdir()
+    for folder, names in ((run, RUN_OWN), (exp, EXPORT_OWN)):
+        for name in names:
+            (folder / name).write_bytes(name.encode())
+    (tmp_path / "link").symlink_to(run / "model.safetensors")
+    before = {p: p.read_bytes() for p in (*run.iterdir(), *exp.iterdir())}
+    outputs = [(("--ckpt", run), run / name) for name in RUN_OWN]
+    outputs += [(("--ckpt", run / "ckpt.pt"), run / "model.safetensors"), (("--ckpt", run), tmp_path / "link"),
+                (("--ckpt", run), tmp_path / "x" / ".." / "run" / "options.json")]
+    outputs += [(("--export", exp), exp / name) for name in EXPORT_OWN]
+    for args, option in _file_commands(d, m):
+        for (source, folder), out in outputs:
+            r = invoke(*args, source, folder, option, out)
+            assert r.exit_code == 2, (args, out, r.output)
+            lines = r.output.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"Error: {option} ") and source in lines[0], r.output
+            assert "would replace" in lines[0], r.output
+    assert {p: p.read_bytes() for p in (*run.iterdir(), *exp.iterdir())} == before
+    for source, folder in (("--ckpt", run), ("--ckpt", run / "model.safetensors"), ("--export", exp)):
+        for name in ("one.npz", "notes/run.json", "model.onnx.json"):
+            refuse_same_path({"--out": folder / name if folder.is_dir() else run / name}, {source: folder})
+    hub = tmp_path / "hub"                                    # a diffusers pipeline folder
+    (hub / "unet").mkdir(parents=True)
+    (hub / "model_index.json").write_text("{}")
+    for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
+        with pytest.raises(click.UsageError, match=f"would replace {name} of the diffusers pipeline folder"):
+            refuse_same_path({"--json": hub / name}, {"--ckpt": hub})
+    refuse_same_path({"--json": hub / "scores.json"}, {"--ckpt": hub})
+
+
+def test_the_run_folder_files_refused_are_the_ones_train_and_distill_write():
+    """cli_options.MODEL_FOLDERS names a run folder's files without importing PyTorch: they are train.loop.RUN_FILES
+    and distill's students."""
+    import re
+
+    from ddpm.cli_options import MODEL_FOLDERS
+    from ddpm.train.distill import student_file
+    from ddpm.train.loop import RUN_FILES
+
+    [pattern] = [re.compile(f"^(?:{p})$") for what, _, p in MODEL_FOLDERS if what == "run folder"]
+    assert all(pattern.match(name) for name in (*RUN_FILES, student_file(4), student_file(16)))
 
 
 # -------------------------------------------------------------------------------------- an export folder's content

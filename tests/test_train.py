@@ -314,3 +314,25 @@ def test_cli_resume_keeps_the_options_the_run_was_given(fake_mnist, tmp_path):
     r = invoke("train", "--steps", 5, "--out", tmp_path / "run", "--resume", "--ckpt-every", 5)
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "run" / "options.json").read_text())["ckpt_every"] == 5
+
+
+def test_resume_refuses_an_option_it_cannot_honour(fake_mnist, tmp_path):
+    """`train --resume --init X` is a usage error (exit 2, one line) and the run's record keeps its bytes: the run goes
+    on from its checkpoint's weights, so --init would only be recorded, falsely. The library refuses another --init
+    too, and takes the one recorded."""
+    run = tmp_path / "run"
+    base = ("train", "--data", fake_mnist, "--preset", "tiny", "--timesteps", 10, "--batch", 4, "--device", "cpu")
+    assert invoke(*base, "--steps", 2, "--out", tmp_path / "other").exit_code == 0
+    assert invoke(*base, "--steps", 2, "--out", run).exit_code == 0
+    before = (run / "options.json").read_bytes()
+    for init in (tmp_path / "other", run):
+        r = invoke("train", "--out", run, "--resume", "--steps", 3, "--init", init)
+        [line] = r.output.strip().splitlines()
+        assert r.exit_code == 2 and line.startswith(
+            "Error: --init cannot be given with --resume: the run goes on from its checkpoint's weights, not from "
+            "another model's; leave out --init to continue the run, or leave out --resume and give another --out to "
+            "start a new run"), r.output
+    assert (run / "options.json").read_bytes() == before
+    with pytest.raises(TrainingError, match="leave out --init, or start a new run from its weights with --init"):
+        train(TrainConfig(out=str(run), init=str(tmp_path / "other"), steps=3), resume=True, progress=False)
+    assert (run / "options.json").read_bytes() == before

@@ -193,3 +193,69 @@ def test_export_verification_fails_on_non_finite_outputs(ckpt, tmp_path):
     to_onnx(model, tmp_path / "m.onnx", "fp32")
     with pytest.raises(ExportFailed, match="not finite"):
         verify(tmp_path / "m.onnx", model, "fp32", 100)
+
+
+def test_eval_samples_refuses_every_option_that_makes_samples(tmp_path, monkeypatch):
+    """`eval --samples F` scores F as it is: each of eval's options that makes samples (-n, --uncond, the model, the
+    sampler, the seed, the engine, ...: every one but those that score, say where the scores go or how the command
+    runs) given with it is a usage error naming it, before anything is read; the scoring options are taken."""
+    import ddpm.evaluation as evaluation
+    from ddpm.cli_tools import _SCORING, eval_cmd
+
+    monkeypatch.setattr(evaluation, "evaluate_sets", lambda *a, **k: [{"name": "s", "n": 2}])
+    monkeypatch.setattr(evaluation, "format_table", lambda rows: "table")
+    save_samples(tmp_path / "s.npz", np.zeros(2, np.int64), [np.zeros((2, 28, 28), np.uint8)])
+    (tmp_path / "w.safetensors").write_bytes(b"x")
+    given = {"steps": 3, "spacing": "trailing", "ckpt": tmp_path / "w.safetensors", "export_dir": tmp_path / "exp",
+             "guidance": 1.0, "num": 5}
+    making = [p for p in eval_cmd.params if p.name not in _SCORING]
+    assert {p.name for p in making} >= {"num", "uncond", "sampler", "steps", "seed", "guidance", "engine", "ckpt"}
+    for p in making:
+        value = [] if p.is_flag else [given.get(p.name, p.default)]
+        r = invoke("eval", "--samples", tmp_path / "s.npz", p.opts[0], *value)
+        [line] = r.output.strip().splitlines()
+        flag = max(p.opts, key=len)
+        assert r.exit_code == 2 and line.startswith(f"Error: {flag} makes the samples"), (p.name, r.output)
+    r = invoke("eval", "--samples", tmp_path / "s.npz", "-n", 3, "--uncond", "--seed", 1)
+    assert r.exit_code == 2 and "-n" in r.output and "--uncond, --seed" in r.output, r.output
+    r = invoke("eval", "--samples", tmp_path / "s.npz", "--threads", 1, "-q", "--json", tmp_path / "q.json")
+    assert r.exit_code == 0 and (tmp_path / "q.json").is_file(), r.output
+
+
+def test_eval_of_one_sample_is_the_same_usage_error_as_n_1(tmp_path):
+    """Fewer than two samples, as a file or as -n: exit 2 and an "Invalid value" line naming the option, before any
+    work."""
+    save_samples(tmp_path / "one.npz", np.zeros(1, np.int64), [np.zeros((1, 28, 28), np.uint8)])
+    for args, option in ((("--samples", tmp_path / "one.npz"), "--samples"), (("-n", 1), "-n")):
+        r = invoke("eval", *args)
+        [line] = r.output.strip().splitlines()
+        assert r.exit_code == 2 and line.startswith("Error: Invalid value for") and option in line, r.output
+
+
+def test_bench_int8_without_an_int8_model_is_one_line_not_an_empty_table(ckpt, tmp_path):
+    """`bench --int8` measures the onnx engine's int8 model: with none made (`ddpm export --int8`), one line and exit
+    1 before any engine is timed, no results written; without onnx among --engines, a usage error."""
+    r = invoke("bench", "--ckpt", ckpt, "--int8", "--engines", "onnx", "--quick", "--out", tmp_path / "b")
+    [line] = r.output.strip().splitlines()
+    assert r.exit_code == 1 and line.startswith("Error: no int8 model") and "ddpm export --int8" in line, r.output
+    assert not (tmp_path / "b" / "bench.json").exists()
+    r = invoke("bench", "--ckpt", ckpt, "--int8", "--engines", "torch", "--quick", "--out", tmp_path / "b")
+    assert r.exit_code == 2 and "add onnx to --engines" in r.output, r.output
+
+
+def test_an_error_after_a_progress_bar_starts_its_own_line(ckpt, tmp_path, monkeypatch):
+    """A command stopped while its progress bar is drawn (here the npz write fails after the first batch, as on a full
+    disk): the bar's last `\\r` line is ended, so the error line begins a line (`grep '^Error'` finds it in a log)."""
+    import ddpm.samples
+    from ddpm.files import OutputError
+
+    def failing(out, labels, batches, **kw):
+        next(iter(batches))
+        raise OutputError(f"cannot write {out}: no space left on the device")
+
+    monkeypatch.setattr(ddpm.samples, "save_samples", failing)
+    r = invoke("gen", "--ckpt", ckpt, "-n", 4, "--batch", 2, "--steps", 2, "--engine", "torch", "--out",
+               tmp_path / "x.npz")
+    assert r.exit_code == 1 and "step" in r.output, r.output                       # the bar was drawn
+    assert [line for line in r.output.splitlines() if "Error" in line] == \
+        [f"Error: cannot write {tmp_path / 'x.npz'}: no space left on the device"], repr(r.output)

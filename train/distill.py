@@ -84,6 +84,10 @@ class DistillConfig(TrainConfig):
     lr_schedule_default: ClassVar[str] = "cosine"        # within each stage: cosine to lr_final * lr
     loss_weight_default: ClassVar[str] = TRUNCATED_SNR
     loss_weights: ClassVar[tuple[str, ...]] = (TRUNCATED_SNR,)
+    command: ClassVar[str] = "ddpm distill"
+    init_flag: ClassVar[str] = "--teacher"
+    new_run: ClassVar[str] = "start a new run with another --out"
+    train_on: ClassVar[str] = "its students are all written; distil one further in a new run with --teacher {out}"
 
     def __post_init__(self):
         self.steps = self.fold_steps + self.rounds * self.iters

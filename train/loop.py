@@ -75,6 +75,11 @@ class TrainConfig:
     loss_weight_default: ClassVar[str] = "eps"
     loss_weights: ClassVar[tuple[str, ...]] = ("eps", "min-snr")   # LOSS_WEIGHTS: the choices of loss_weight
     model_defaults: ClassVar[dict] = {"preset": "small", "schedule": "linear", "timesteps": 1000}
+    # how the messages name the command, its `init` option, a new run from a run's weights, and what lengthens a run
+    command: ClassVar[str] = "ddpm train"
+    init_flag: ClassVar[str] = "--init"
+    new_run: ClassVar[str] = "start a new run from its weights with --init"
+    train_on: ClassVar[str] = "raise --steps to train on"
 
     def model_config(self, given: ModelConfig | None = None, source: str = "") -> ModelConfig:
         """The model to train: `given` (the config of the --init weights or the --resume checkpoint, named by
@@ -337,6 +342,8 @@ def in_run_folder(cfg: TrainConfig, resume: bool, command: str, files: Collectio
     if not resume and (out / CKPT_FILE).is_file():
         raise TrainingError(f"{out} already holds a run ({CKPT_FILE}); continue it with --resume, or give another "
                             f"--out")
+    if resume and not (out / CKPT_FILE).is_file():   # before the lock, which would make the folder
+        raise _nothing_to_resume(out)
     if not (out / "options.json").is_file() and not (out / CKPT_FILE).is_file():
         # not a run folder (a run writes options.json before anything else): files named as the run's are the
         # user's own, which the run would replace; files of other names are left alone, so such a folder is used
@@ -406,13 +413,23 @@ def _check_options(cfg: TrainConfig) -> None:
         raise TrainingError(f"unknown prediction {cfg.prediction!r}; choose from {', '.join(PREDICTIONS)}")
 
 
-def _read_resume(out: Path) -> tuple[dict, ModelConfig]:
-    """(checkpoint, its model config) of the run in `out`, checked to fit before a network is built from it."""
+def _nothing_to_resume(out: Path) -> TrainingError:
+    return TrainingError(f"--resume: no {CKPT_FILE} in {out}: no checkpoint was completed there, so there is "
+                         f"nothing to resume; run the same command without --resume to start it")
+
+
+def _read_resume(out: Path, cfg: TrainConfig) -> tuple[dict, ModelConfig]:
+    """(checkpoint, its model config) of the run in `out`, checked to fit before a network is built from it and to
+    be a run of cfg's command (a `ddpm distill` checkpoint holds its teacher and what it distils, `distilled`)."""
     if not (out / CKPT_FILE).is_file():
-        raise TrainingError(f"--resume: no {CKPT_FILE} in {out}: no checkpoint was completed there, so there is "
-                            f"nothing to resume; run the same command without --resume to start it")
+        raise _nothing_to_resume(out)
     try:
         ckpt = load_checkpoint(out / CKPT_FILE)
+        distill_run = "distilled" in ckpt
+        if distill_run != (type(cfg).command == "ddpm distill"):
+            wrote = "ddpm distill" if distill_run else "ddpm train"
+            raise TrainingError(f"--resume: {out} holds a `{wrote}` run, not a `{type(cfg).command}` one; continue "
+                                f"it with `{wrote} --out {out} --resume`")
         given = ModelConfig.from_dict(ckpt["model_config"]).validate()
     except CheckpointError as e:
         raise TrainingError(f"--resume: {e}") from None
@@ -457,6 +474,14 @@ def _flag(name: str) -> str:
     return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
+def _weights_file(init: str) -> str | None:
+    """The model file an --init (or --teacher) path names, absolute, as options.json records it; None if none."""
+    try:
+        return str(resolve_model_path(init).absolute())
+    except (CheckpointError, OSError):
+        return None
+
+
 def resumed_options(cfg: TrainConfig, stored: dict, given: Collection[str] | None, where: Path) -> TrainConfig:
     """cfg with every option the user did not give (not in `given`; None: the fields that differ from TrainConfig's
     defaults) taken from `stored`, the checkpoint's train config, so that --resume continues the run it resumes.
@@ -477,14 +502,17 @@ def resumed_options(cfg: TrainConfig, stored: dict, given: Collection[str] | Non
                 raise TrainingError(f"--resume: {where} holds an invalid train config ({name}={brief(value)}); "
                                     f"give {_flag(name)} or start a new run")
             take[name] = value
+        elif name == "init" and cfg.init is not None and _weights_file(cfg.init) != stored[name]:
+            # the weights are the checkpoint's: another start is not honoured (the same one, as recorded, is)
+            raise TrainingError(f"--resume continues {where} from its own weights: leave out {type(cfg).init_flag}, "
+                                f"or {type(cfg).new_run}")
         elif name not in RESUME_MAY_CHANGE and name != "init" and getattr(cfg, name) != stored[name]:
             wrong.append((name, stored[name], getattr(cfg, name)))
     if wrong:
         was = ", ".join(f"{_flag(n)} {brief(s)}" for n, s, _ in wrong)
         now = ", ".join(f"{_flag(n)} {brief(g)}" for n, _, g in wrong)
         raise TrainingError(f"--resume: {where} was trained with {was}, not {now}; leave "
-                            f"{'it' if len(wrong) == 1 else 'them'} out to continue the run, or start a new run "
-                            f"from its weights with --init")
+                            f"{'it' if len(wrong) == 1 else 'them'} out to continue the run, or {type(cfg).new_run}")
     return dataclasses.replace(cfg, **take)
 
 
@@ -496,7 +524,7 @@ def resolve_run(cfg: TrainConfig, resume: bool, log, given: Collection[str] | No
     out = Path(cfg.out)
     ckpt, init_state, model_given, source = None, None, None, ""
     if resume:
-        ckpt, model_given = _read_resume(out)
+        ckpt, model_given = _read_resume(out, cfg)
         source = f"--resume: {out / CKPT_FILE}"
         cfg = resumed_options(cfg, ckpt.get("train_config") or {}, given, out / CKPT_FILE)
         _check_options(cfg)
@@ -580,8 +608,8 @@ def _complete(run: Run, state: State, log, checkpoints: "Checkpoints") -> dict:
     done = checkpoints.complete(state.start) if run.ctx.rank == 0 else []
     run.ctx.teardown()
     if not done:
-        raise TrainingError(f"--resume: the checkpoint is already at step {state.start} >= --steps {run.cfg.steps} "
-                            f"(raise --steps to train on)")
+        raise TrainingError(f"--resume: the checkpoint is already at step {state.start} >= {run.cfg.steps}, "
+                            f"the run's last ({type(run.cfg).train_on.format(out=run.out)})")
     log(f"the run in {run.out} is complete at step {state.start}: wrote the missing {', '.join(done)}")
     return {"steps": 0, "seconds": 0.0, "steps_per_s": 0.0, "checkpoint_seconds": 0.0, "loss": float("nan"),
             "losses": []}
