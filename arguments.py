@@ -234,7 +234,8 @@ class PlanArg(Spec):
     @staticmethod
     def fits(model, plan, path) -> None:
         """Invalid unless `plan` was made for the schedule of `model` (api.Model): its network's prediction, every
-        row's t in 0..T-1 and the row's abar equal to the model's abar_t there. A plan of another schedule (another
+        row's t in 0..T-1 and the abar of every row that calls the network equal to the model's abar_t there (a
+        re-noising row of RePaint starts from a lower noise level than its t's). A plan of another schedule (another
         T, beta recipe or prediction) would run the network at noise levels it was not trained for."""
         sched = model.schedule
         t = np.asarray(plan.timesteps)
@@ -243,7 +244,7 @@ class PlanArg(Spec):
             why = f"for a network predicting {plan.prediction}, this one predicts {sched.prediction}"
         elif t.size and not ((t >= 0) & (t < sched.T)).all():
             why = f"with timesteps up to {int(t.max())}, this model's T is {sched.T}"
-        elif not np.allclose(plan.abar, sched.alphas_cumprod[t], rtol=1e-9, atol=0):
+        elif not np.allclose(plan.abar[plan.calls_net], sched.alphas_cumprod[t[plan.calls_net]], rtol=1e-9, atol=0):
             why = f"for another noise schedule (its abar differs from this model's {sched.name} T={sched.T} one)"
         if why:
             raise Invalid(f"{path}: a plan made {why}: make it with this model's plan()")
