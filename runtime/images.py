@@ -36,9 +36,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     Turned upright as a viewer shows it (its EXIF orientation applied: a phone's photo stored on its side).
     Greyscale (1-, 8- or 16-bit; 16-bit scaled by 255/65535 and rounded), float (mode F: values all in 0..1 scaled
     by 255, else taken as grey levels 0..255; NaN, negative values or values above 255 refused), RGB (luma,
-    ITU-R 601-2 as Pillow's "L" conversion), palette (through its RGBA colours). With an alpha channel (LA, RGBA, palette with transparency):
-    when the colour is the same in every pixel and alpha is not, the picture is a shape on a transparent canvas and
-    the digit is the alpha channel itself; otherwise the colour is composited over black (luma x alpha / 255).
+    ITU-R 601-2 as Pillow's "L" conversion), palette (through its RGBA colours). With an alpha channel (LA, RGBA,
+    palette with transparency): when the colour is the same in every pixel and alpha is not, the picture is a shape
+    on a transparent canvas and the digit is the alpha channel itself; otherwise the colour is composited over black
+    (luma x alpha / 255).
     Raises ImageError for a missing or unreadable file, one of more than one frame (an animated GIF, a multi-page
     TIFF: which frame is meant is not known), a float one out of range, and for one over MAX_PIXELS pixels or
     Pillow's decompression-bomb limit (checked on the header, before any pixel is decoded).

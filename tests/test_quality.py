@@ -125,7 +125,8 @@ def test_the_legend_names_the_splits_the_scores_used(monkeypatch):
 
     ref = metrics.Reference(classifier=None, test_features=np.zeros((4, 2)), train_images=np.zeros((40, 28, 28)),
                             test_top_prob=0.98, test_border_share=0.01)
-    monkeypatch.setattr(metrics, "features_and_probs", lambda clf, x: (np.zeros((len(x), 2)), np.eye(10)[np.arange(len(x)) % 10]))
+    monkeypatch.setattr(metrics, "features_and_probs",
+                        lambda clf, x: (np.zeros((len(x), 2)), np.eye(10)[np.arange(len(x)) % 10]))
     monkeypatch.setattr(metrics, "frechet_distance", lambda a, b: 1.0)
     monkeypatch.setattr(metrics.Reference, "floors", lambda self, n: [1.0, 1.0])
     rows = {n: ref.evaluate(np.zeros((n, 28, 28), np.uint8), np.arange(n) % 10, f"n{n}") for n in (3, 8, 20)}
