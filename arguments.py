@@ -7,9 +7,11 @@
     model.generate(2, steps=1.5)          # DdpmError: steps must be an integer >= 1, got 1.5
 
 The same rules everywhere: an integer argument takes Python and numpy integers, never a bool or a float; a number
-takes integers and floats, never a bool, NaN or inf; a string is checked against its choices; a flag is a bool. A
+takes integers and floats, never a bool, NaN or inf (a numpy scalar of any width reaches the function as the Python
+int or float it holds: `plain`); a string is checked against its choices; a flag is a bool. A
 call that does not fit the signature (a missing or unknown argument) is a DdpmError too. What depends on the model
-(steps <= T, a label below the number of classes) is checked where the model is known, also as a DdpmError. Only
+(steps <= T, a label below the number of classes) is checked where the model is known, also as a DdpmError; a
+plan given to a method of a model is checked here against that model's schedule (PlanArg.fits). Only
 the arguments a caller passes are checked: the defaults are known to be good.
 """
 
@@ -229,6 +231,24 @@ class PlanArg(Spec):
         if not _is_plan(v):
             self.fail(v, path)
 
+    @staticmethod
+    def fits(model, plan, path) -> None:
+        """Invalid unless `plan` was made for the schedule of `model` (api.Model): its network's prediction, every
+        row's t in 0..T-1 and the abar of every row that calls the network equal to the model's abar_t there (a
+        re-noising row of RePaint starts from a lower noise level than its t's). A plan of another schedule (another
+        T, beta recipe or prediction) would run the network at noise levels it was not trained for."""
+        sched = model.schedule
+        t = np.asarray(plan.timesteps)
+        why = None
+        if plan.prediction != sched.prediction:
+            why = f"for a network predicting {plan.prediction}, this one predicts {sched.prediction}"
+        elif t.size and not ((t >= 0) & (t < sched.T)).all():
+            why = f"with timesteps up to {int(t.max())}, this model's T is {sched.T}"
+        elif not np.allclose(plan.abar[plan.calls_net], sched.alphas_cumprod[t[plan.calls_net]], rtol=1e-9, atol=0):
+            why = f"for another noise schedule (its abar differs from this model's {sched.name} T={sched.T} one)"
+        if why:
+            raise Invalid(f"{path}: a plan made {why}: make it with this model's plan()")
+
 
 PLAN = PlanArg()
 MAX_COUNT = 2**32   # results of one call: far beyond any memory (784 bytes each), below numpy's array limits
@@ -297,6 +317,19 @@ ARGS: dict[str, Spec] = {
 _GIVEN: contextvars.ContextVar[frozenset] = contextvars.ContextVar("ddpm_given", default=frozenset())
 
 
+def plain(v):
+    """A numpy scalar as the Python int or float it holds (one level into a tuple or list too), anything else as it
+    is: an argument that passed its check is used as a Python number, so arithmetic on it (n * 784 for np.uint8 n)
+    cannot overflow the scalar's dtype."""
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return float(v)
+    if isinstance(v, (tuple, list)) and any(isinstance(e, (np.integer, np.floating)) for e in v):
+        return type(v)(plain(e) for e in v)
+    return v
+
+
 def given() -> frozenset:
     """The names of the arguments the caller passed to the innermost `checked` function running now (not those left
     at their defaults): how a model's recorded plan (options.recorded_plan) yields to what the caller asked for."""
@@ -325,15 +358,19 @@ def checked(_fn=None, **overrides: Spec):
             except TypeError as e:
                 raise DdpmError(f"{where}(): {e}") from None
             dims: dict = {}
+            model = bound.arguments.get("self")
             for name, value in bound.arguments.items():
                 if name != "self":
                     try:
                         specs[name].check(value, dims, name)
+                        if _is_plan(value) and hasattr(model, "schedule"):
+                            PlanArg.fits(model, value, name)
                     except Invalid as e:
                         raise DdpmError(f"{where}(): {e}") from None
+                    bound.arguments[name] = plain(value)
             token = _GIVEN.set(frozenset(bound.arguments) - {"self"})
             try:
-                return fn(*args, **kwargs)
+                return fn(*bound.args, **bound.kwargs)
             except MemoryError as e:   # an allocation the memory checks did not foresee
                 raise LimitReached(f"{where}(): {limit_message(e)}") from None
             finally:

@@ -89,7 +89,7 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
         plan = model.plan(**opts.plan_args())
         job = pipeline.Job.of(model, num, plan, None, uncond, opts)
         images = pipeline.generate(model, opts, job, progress=not o["quiet"], log=log)
-        yield f"{plan.name} w={opts.guidance:g}" + (" uncond" if uncond else ""), images, job.labels(0, num)
+        yield f"{plan.name} " + ("uncond" if uncond else f"w={opts.guidance:g}"), images, job.labels(0, num)
 
     rows = evaluation.evaluate_sets(samples or generated(), data, classifier, train_classifier,
                                     progress=not o["quiet"], log=click.echo)

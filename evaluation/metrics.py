@@ -242,9 +242,11 @@ def format_table(rows: list[dict]) -> str:
         lines.append("< FD below the floor's minimum: lower than any draw of real digits at this N, which is noise "
                      "(too few samples), not better than real data")
     if rows:
+        splits = sorted({r["is_splits"] for r in rows})   # is_splits: fewer than IS_SPLITS at small N
         lines.append(f"floor: FD of N real training images to the test set, mean of {rows[0]['floor_draws']} draws "
-                     f"(min-max); IS: Inception Score of the classifier's class probabilities, mean of {IS_SPLITS} "
-                     f"splits (at most {NUM_CLASSES}, the number of classes), beside its mean over the floor's draws; "
+                     f"(min-max); IS: Inception Score of the classifier's class probabilities, mean of "
+                     f"{' or '.join(map(str, splits))} split{'s' if splits != [1] else ''} (at most {NUM_CLASSES}, "
+                     f"the number of classes), beside its mean over the floor's draws; "
                      f"border: share of samples with a pixel > 2 grey levels in the outer frame (real test digits: "
                      f"{100 * rows[0]['real_border_share']:.1f}%)")
     small = sorted({r["n"] for r in rows if r["n"] < MIN_N})

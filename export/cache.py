@@ -101,7 +101,8 @@ def _has(root: Path, weights_hash: str | None, fp16: bool, int8: bool = False) -
 def export_bundle(model, fp16: bool = False, int8: bool = False) -> Bundle:
     """The export folder the onnx and trt engines of `model` (api.Model) read: its own export folder when it was
     loaded with one, else the shipped one for the shipped weights (fp32), else the cache folder of its weights,
-    exported there on first use (fp32 and fp16 at once: needs PyTorch). An int8 model is never made on first use
+    exported there on first use (needs PyTorch) with what the call needs: fp32, and fp16 when `fp16` asks for it
+    (added to the folder by the first call that does). An int8 model is never made on first use
     (its calibration reads MNIST): `ddpm export --int8` makes it. Raises DdpmError."""
     expected = None if model.path is None else model.hash
     own = model.export_dir
@@ -122,11 +123,11 @@ def export_bundle(model, fp16: bool = False, int8: bool = False) -> Bundle:
     with locked(folder):
         ready = _has(folder, expected, fp16)   # another process may have made it meanwhile
         if ready is None:
-            _export(model, folder)
+            _export(model, folder, fp16)
     return Bundle.load(folder, expected_hash=expected)
 
 
-def _export(model, folder: Path) -> None:
+def _export(model, folder: Path, fp16: bool) -> None:
     from ..model.io import TorchMissing, require_torch
 
     try:
@@ -139,8 +140,9 @@ def _export(model, folder: Path) -> None:
 
     loaded = LoadedModel(model.torch_model, model.cfg, model.hash, model.path, model.info)
     try:
-        # fp16 too: a later --fp16 needs no second export; what the folder holds already (generators) is kept
-        export(loaded, folder, fp16=True, log=lambda *_: None)
+        # only what this call needs: an fp16 model nobody asked for must not fail (or slow) an fp32 call; what the
+        # folder holds already (fp32, generators) is kept
+        export(loaded, folder, fp16=fp16, log=lambda *_: None)
     except ExportFailed as e:
         raise DdpmError(f"export failed: {e}") from None
     except OutputError as e:   # the cache is not writable

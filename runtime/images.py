@@ -2,8 +2,9 @@
 (written atomically, files.atomic_write).
 
 Every picture is (H, W) uint8 inside the package, 0 black .. 255 white, the digit white on black as in MNIST.
-`read_image` turns any picture file Pillow reads into that (greyscale, 16-bit, RGB, palette, with or without
-alpha), refusing unreadable files and decompression bombs with one clear message (ImageError, a DdpmError);
+`read_image` turns any picture file Pillow reads into that (greyscale, 16-bit, float, RGB, palette, with or without
+alpha; upright as shown), refusing unreadable files, animations and decompression bombs with one clear message
+(ImageError, a DdpmError);
 `fit` resizes.
 """
 
@@ -30,16 +31,20 @@ class ImageError(OptionError):
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """The first frame of a picture file as (H, W) uint8 at the file's size, 0 black .. 255 white.
+    """A picture file as (H, W) uint8 at the size it is shown, 0 black .. 255 white.
 
-    Greyscale (1-, 8- or 16-bit; 16-bit scaled by 255/65535 and rounded), RGB (luma, ITU-R 601-2 as Pillow's "L"
-    conversion), palette (through its RGBA colours). With an alpha channel (LA, RGBA, palette with transparency):
-    when the colour is the same in every pixel and alpha is not, the picture is a shape on a transparent canvas and
-    the digit is the alpha channel itself; otherwise the colour is composited over black (luma x alpha / 255).
-    Raises ImageError for a missing or unreadable file, and for one over MAX_PIXELS pixels or Pillow's
-    decompression-bomb limit (checked on the header, before any pixel is decoded).
+    Turned upright as a viewer shows it (its EXIF orientation applied: a phone's photo stored on its side).
+    Greyscale (1-, 8- or 16-bit; 16-bit scaled by 255/65535 and rounded), float (mode F: values all in 0..1 scaled
+    by 255, else taken as grey levels 0..255; NaN, negative values or values above 255 refused), RGB (luma,
+    ITU-R 601-2 as Pillow's "L" conversion), palette (through its RGBA colours). With an alpha channel (LA, RGBA,
+    palette with transparency): when the colour is the same in every pixel and alpha is not, the picture is a shape
+    on a transparent canvas and the digit is the alpha channel itself; otherwise the colour is composited over black
+    (luma x alpha / 255).
+    Raises ImageError for a missing or unreadable file, one of more than one frame (an animated GIF, a multi-page
+    TIFF: which frame is meant is not known), a float one out of range, and for one over MAX_PIXELS pixels or
+    Pillow's decompression-bomb limit (checked on the header, before any pixel is decoded).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     p = Path(path)
     if not os.path.lexists(p):
@@ -53,8 +58,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                 if w * h > MAX_PIXELS:
                     raise ImageError(f"{path}: {w}x{h} pixels is more than this reader takes ({MAX_PIXELS} pixels; "
                                      f"a digit needs 28x28)")
-                img.seek(0)
-                return _grey(img)
+                if getattr(img, "is_animated", False):   # frames are not counted: that reads the whole file
+                    raise ImageError(f"{path}: more than one frame (an animation or a multi-page file), which frame "
+                                     f"is the digit is not known: save that frame as a picture of its own")
+                return _grey(ImageOps.exif_transpose(img), path)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -65,17 +72,25 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageError(f"{path}: cannot read the picture ({type(e).__name__}: {clip(e)})") from None
 
 
-def _grey(img) -> np.ndarray:
-    """A Pillow image -> (H, W) uint8 (see read_image)."""
+def _grey(img, path="picture") -> np.ndarray:
+    """A Pillow image -> (H, W) uint8 (see read_image); ImageError naming `path` for values out of range."""
     mode = img.mode
     if mode == "P":
         img = img.convert("RGBA")
         mode = "RGBA"
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):   # 16-bit (Pillow reads a 16-bit PNG as I or I;16)
         a = np.asarray(img, dtype=np.float64)
-        return np.clip(np.rint(a * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ImageError(f"{path}: 32-bit integer values {a.min():g}..{a.max():g} outside 16-bit's 0..65535; "
+                             f"save it as 8- or 16-bit greyscale")
+        return np.rint(a * (255.0 / 65535.0)).astype(np.uint8)
     if mode == "F":
-        return np.clip(np.rint(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
+        a = np.asarray(img, dtype=np.float64)
+        if a.size and not (np.isfinite(a).all() and 0 <= a.min() and a.max() <= 255):
+            raise ImageError(f"{path}: float values must lie in 0..1 or 0..255, got "
+                             f"{'NaN or inf' if not np.isfinite(a).all() else f'{a.min():g}..{a.max():g}'}")
+        scale = 255.0 if a.size and a.max() <= 1 else 1.0   # 0..1 is a float picture's usual range
+        return np.rint(a * scale).astype(np.uint8)
     if mode in ("LA", "La", "RGBA", "RGBa", "PA"):
         rgba = np.asarray(img.convert("RGBA"))
         colour, alpha = rgba[..., :3], rgba[..., 3]

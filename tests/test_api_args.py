@@ -11,6 +11,7 @@ from PIL import Image
 
 import ddpm
 from ddpm import DdpmError, Model
+from ddpm.arguments import checked
 from helpers import tiny_checkpoint
 
 NAN, INF = float("nan"), math.inf
@@ -212,3 +213,63 @@ def test_a_plan_excludes_the_options_that_make_one(model, option, value):
     ran = model.generate(2, plan=plan, guidance=1.0, seed=3, engine="torch", device="cpu")   # the rest is allowed
     assert np.array_equal(ran, model.generate(2, sampler="ddim", steps=2, guidance=1.0, seed=3, engine="torch",
                                               device="cpu"))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.uint32])
+def test_a_numpy_integer_of_any_width_is_used_as_a_python_int(model, dtype):
+    """A small-width numpy integer passes the check and reaches the function as a Python int: n * 784 or -batch of
+    an np.uint8 would overflow its dtype (OverflowError, not a DdpmError) or wrap around."""
+    seen = {}
+
+    @checked
+    def probe(n: int = 1, batch: int = 1, seed: int = 0, steps=None, size=None):
+        seen.update(n=n, batch=batch, seed=seed, steps=steps, size=size)
+
+    probe(dtype(3), batch=dtype(2), seed=dtype(5), steps=dtype(4), size=(dtype(28), dtype(28)))
+    assert seen == dict(n=3, batch=2, seed=5, steps=4, size=(28, 28))
+    assert all(type(v) is int for k, v in seen.items() if k != "size") and all(type(v) is int for v in seen["size"])
+    ran = model.generate(dtype(3), batch=dtype(2), steps=dtype(2), seed=dtype(1), engine="torch", device="cpu")
+    assert np.array_equal(ran, model.generate(3, batch=2, steps=2, seed=1, engine="torch", device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def other_schedules(tmp_path_factory):
+    """Models of the tiny network on other schedules: another T, another beta recipe, v prediction."""
+    import dataclasses
+
+    from helpers import TINY
+
+    out = {}
+    for name, change in [("T", dict(timesteps=50)), ("recipe", dict(schedule="cosine")),
+                         ("prediction", dict(prediction="v"))]:
+        root = tmp_path_factory.mktemp(f"plan-{name}")
+        tiny_checkpoint(root, cfg=dataclasses.replace(TINY, **change))
+        out[name] = ddpm.load(root)
+    return out
+
+
+@pytest.mark.parametrize("other", ["T", "recipe", "prediction"])
+@pytest.mark.parametrize("method", ["generate", "engine", "generator_bundle"])
+def test_a_plan_of_another_schedule_is_refused(model, other_schedules, other, method):
+    """A plan carries its timesteps and abar: one made by a model with another schedule (T, beta recipe or
+    prediction) is refused in one line by every method that takes a plan, either way round, before any work."""
+    them = other_schedules[other]
+    for runs, made_by in [(model, them), (them, model)]:
+        plan = made_by.plan("ddim", 2)
+        call = {"generate": lambda: runs.generate(1, plan=plan, engine="torch", device="cpu"),
+                "engine": lambda: runs.engine("onnx-generator", plan=plan),
+                "generator_bundle": lambda: runs.generator_bundle(plan)}[method]
+        with pytest.raises(DdpmError, match=r"plan: a plan made .*: make it with this model's plan\(\)$") as e:
+            call()
+        assert "\n" not in str(e.value)
+    assert model.generate(1, plan=model.plan("ddim", 2), engine="torch", device="cpu").shape == (1, 28, 28)
+
+
+def test_the_plans_edits_make_pass_the_plan_check(model):
+    """RePaint's re-noising rows start from a lower noise level than their t's: the check looks at the rows that
+    call the network, so the plans the edits make themselves (all through Model.engine(plan=...)) are never refused."""
+    cheap = dict(n=1, batch=1, engine="torch", device="cpu")
+    assert model.inpaint(DIGIT, "top", steps=4, jump=2, resample=2, **cheap).shape == (1, 28, 28)
+    assert model.inpaint(DIGIT, "top", sampler="ddpm", jump=10, resample=2, **cheap).shape == (1, 28, 28)
+    assert model.restore(DIGIT, sigma=0.3, **cheap).shape == (1, 28, 28)
+    assert model.upscale(DIGIT[::2, ::2], steps=3, **cheap).shape == (1, 28, 28)

@@ -222,3 +222,12 @@ def test_sigterm_while_the_cli_imports_prints_terminated(tmp_path, heavy):
     # numpy: before the command began ("terminated"); torch: inside it, which says what it left ("terminated; ...")
     assert r.returncode == 143 and r.stderr.strip().startswith("terminated"), (r.returncode, r.stderr[-500:])
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unconditional_set_is_not_named_by_a_guidance_it_did_not_use(ckpt, fake_mnist, tmp_path):
+    """eval --uncond draws without a label, so without guidance: its row's name says uncond, not the default w."""
+    r = invoke("eval", "--ckpt", ckpt, "-n", 2, "--steps", 2, "--engine", "torch", "--data", fake_mnist, "-q",
+               "--uncond", "--json", tmp_path / "u.json")
+    assert r.exit_code == 0, r.output
+    name = json.loads((tmp_path / "u.json").read_text())[0]["name"]
+    assert name.endswith(" uncond") and "w=" not in name, name

@@ -588,3 +588,59 @@ def test_read_image_refuses_what_it_cannot_use(tmp_path):
         read_image(tmp_path / "missing.png")
     with pytest.raises(ImageError, match="not a file"):
         read_image(tmp_path)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8, 2])
+def test_a_picture_with_an_exif_orientation_is_read_as_shown(tmp_path, orientation):
+    """A photo stored turned, with the EXIF Orientation tag telling viewers how to show it, is read upright as they
+    show it (not on its side), pictures and masks alike: one reading path."""
+    from ddpm.runtime.images import inpaint_inputs, picture
+
+    digit = _picture()[:, 3:25]                        # not square: a turn shows in the shape too
+    stored = {3: np.rot90(digit, 2), 6: np.rot90(digit, 1), 8: np.rot90(digit, -1), 2: digit[:, ::-1]}[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(np.ascontiguousarray(stored)).save(tmp_path / "turned.png", exif=exif)
+    assert np.array_equal(read_image(tmp_path / "turned.png"), digit)
+    assert np.array_equal(picture(tmp_path / "turned.png", "mask"), digit)
+    mask = np.where(digit >= 128, 255, 0).astype(np.uint8)
+    Image.fromarray(np.ascontiguousarray(mask)).save(tmp_path / "upright_mask.png")
+    Image.fromarray(np.ascontiguousarray({3: np.rot90(mask, 2), 6: np.rot90(mask, 1), 8: np.rot90(mask, -1),
+                                          2: mask[:, ::-1]}[orientation])).save(tmp_path / "mask.png", exif=exif)
+    _, kept, _ = inpaint_inputs(tmp_path / "turned.png", tmp_path / "mask.png", 1, digit.shape)
+    _, want, _ = inpaint_inputs(tmp_path / "turned.png", tmp_path / "upright_mask.png", 1, digit.shape)
+    assert np.array_equal(kept, want)
+
+
+def test_a_float_picture_is_scaled_by_its_range(tmp_path):
+    """A float picture (mode F) in 0..1 (the usual convention) is scaled by 255; one with values above 1 is read as
+    grey levels 0..255; NaN or values outside 0..255 are one line, never a black or clipped input."""
+    digit = _picture()
+    Image.fromarray(digit.astype(np.float32) / 255).save(tmp_path / "unit.tif")
+    assert Image.open(tmp_path / "unit.tif").mode == "F"
+    assert np.array_equal(read_image(tmp_path / "unit.tif"), digit)
+    Image.fromarray(digit.astype(np.float32)).save(tmp_path / "levels.tif")
+    assert np.array_equal(read_image(tmp_path / "levels.tif"), digit)
+    for name, values in [("over", digit.astype(np.float32) * 2), ("negative", digit.astype(np.float32) / 255 - 0.5),
+                         ("nan", np.full(digit.shape, np.nan, np.float32))]:
+        Image.fromarray(values).save(tmp_path / f"{name}.tif")
+        with pytest.raises(ImageError, match=r"float values must lie in 0\.\.1 or 0\.\.255") as e:
+            read_image(tmp_path / f"{name}.tif")
+        assert "\n" not in str(e.value)
+    Image.fromarray(digit.astype(np.int32) * 65536).save(tmp_path / "i32.tif")
+    with pytest.raises(ImageError, match=r"outside 16-bit's 0\.\.65535"):
+        read_image(tmp_path / "i32.tif")
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".tif", ".png"])
+def test_a_picture_of_several_frames_is_refused(tmp_path, suffix):
+    """An animated GIF or PNG or a multi-page TIFF holds several pictures: which one is the digit is not known, so it
+    is one line (the first frame was read silently, a blank first frame giving a blank input); one frame is read."""
+    digit = _picture()
+    frames = [Image.fromarray(np.zeros_like(digit)), Image.fromarray(digit)]
+    frames[0].save(tmp_path / f"two{suffix}", save_all=True, append_images=frames[1:])
+    with pytest.raises(ImageError, match="more than one frame") as e:
+        read_image(tmp_path / f"two{suffix}")
+    assert "\n" not in str(e.value)
+    frames[1].save(tmp_path / f"one{suffix}", save_all=True)
+    assert np.array_equal(read_image(tmp_path / f"one{suffix}"), digit)

@@ -145,3 +145,55 @@ def test_trt_engine_build(exported):
     assert plan.is_file() and plan.with_suffix(".plan.json").is_file()
     built = []
     assert ensure_engine(b, "fp32", 1, 4, opt_batch=4, log=built.append) == plan and not built   # covered: reused
+
+
+@pytest.mark.slow
+def test_a_first_use_export_makes_only_what_the_call_needs(tmp_path, monkeypatch):
+    """The first use of a checkpoint on the onnx engine exports fp32 alone: an fp16 model the call did not ask for
+    can neither fail it (its verification failing, as it did for a barely trained network) nor slow it. The first
+    call with fp16 adds model_fp16.onnx to the same folder, model.onnx kept."""
+    import ddpm
+
+    tiny_checkpoint(tmp_path, seed=22)
+    model = ddpm.load(tmp_path)
+    verify = onnx_export.verify
+
+    def fp16_fails(path, reference, precision, *a, **k):
+        if precision == "fp16" and fails:
+            raise ExportFailed(f"{path.name} (fp16) disagrees with PyTorch")
+        return verify(path, reference, precision, *a, **k)
+
+    fails = True
+    monkeypatch.setattr(onnx_export, "verify", fp16_fails)
+    b = model.bundle()
+    assert set(b.meta["files"]) == {"fp32"} and not (b.root / "model_fp16.onnx").exists()
+    fp32 = (b.root / "model.onnx").read_bytes()
+    with pytest.raises(ddpm.DdpmError, match=r"^export failed: model_fp16\.onnx \(fp16\) disagrees"):
+        model.bundle(fp16=True)
+    assert set(model.bundle().meta["files"]) == {"fp32"}        # the fp32 export is still there, untouched
+    fails = False
+    b16 = model.bundle(fp16=True)
+    assert b16.root == b.root and set(b16.meta["files"]) == {"fp32", "fp16"}
+    assert (b.root / "model.onnx").read_bytes() == fp32
+
+
+@pytest.mark.parametrize("scale", [1e-5, 1e-6, 1e-7])
+def test_fp16_verification_holds_for_a_network_whose_eps_is_near_0(tmp_path, scale):
+    """fp16's tolerance is relative to eps's std, floored at fp16's smallest normal number 2^-14: below it fp16
+    rounds to a fixed step of 2^-24, so a network whose eps is near 0 (a barely trained one: its output layer starts
+    at zero) is exported; a wrong fp16 model of a network with eps at its usual scale is still refused."""
+    from helpers import TINY, randomised_unet
+
+    def net(out_scale):
+        m = randomised_unet(TINY, seed=0)
+        with torch.no_grad():
+            m.conv_out.weight.mul_(out_scale)
+            m.conv_out.bias.mul_(out_scale)
+        return m.eval()
+
+    onnx_export.to_onnx(net(scale), tmp_path / "small.onnx", "fp16")
+    res = onnx_export.verify(tmp_path / "small.onnx", net(scale), "fp16", TINY.timesteps)
+    assert res["eps_std"] < 2.0**-14 and res["error"] <= onnx_export.TOLERANCE["fp16"]
+    onnx_export.to_onnx(net(1.05), tmp_path / "wrong.onnx", "fp16")   # eps 5% off at eps std about 0.3
+    with pytest.raises(ExportFailed, match="disagrees"):
+        onnx_export.verify(tmp_path / "wrong.onnx", net(1.0), "fp16", TINY.timesteps)

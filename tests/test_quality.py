@@ -171,3 +171,20 @@ def test_eval_of_a_model_without_classes_scores_it_unconditionally(tmp_path, fak
     assert row["cond_accuracy"] is None and sum(row["uncond_histogram"]) == 20 and row["name"].endswith(" uncond")
     r = invoke(*base, "-n", 20, "--guidance", 1)
     assert r.exit_code == 2 and "this model has no classes" in r.output and "--guidance" in r.output, r.output
+
+
+def test_the_legend_names_the_splits_the_scores_used(monkeypatch):
+    """The Inception Score's legend says how many splits each score is a mean of (fewer at small N: is_splits), not
+    the 10 it uses from N = 20."""
+    from ddpm.evaluation import format_table, metrics
+
+    ref = metrics.Reference(classifier=None, test_features=np.zeros((4, 2)), train_images=np.zeros((40, 28, 28)),
+                            test_top_prob=0.98, test_border_share=0.01)
+    monkeypatch.setattr(metrics, "features_and_probs",
+                        lambda clf, x: (np.zeros((len(x), 2)), np.eye(10)[np.arange(len(x)) % 10]))
+    monkeypatch.setattr(metrics, "frechet_distance", lambda a, b: 1.0)
+    monkeypatch.setattr(metrics.Reference, "floors", lambda self, n: [1.0, 1.0])
+    rows = {n: ref.evaluate(np.zeros((n, 28, 28), np.uint8), np.arange(n) % 10, f"n{n}") for n in (3, 8, 20)}
+    assert [r["is_splits"] for r in rows.values()] == [1, 4, 10]
+    assert "mean of 1 split (" in format_table([rows[3]]) and "mean of 10 splits" in format_table([rows[20]])
+    assert "mean of 1 or 4 or 10 splits" in format_table(list(rows.values()))
