@@ -224,6 +224,7 @@ def test_bad_options_are_one_line(fake_mnist, teacher, tmp_path):
     assert not (tmp_path / "none").exists()   # a resume of nothing makes no folder
 
 
+@pytest.mark.slow   # the inner loop resumes runs in test_train and refuses bad distill options above
 def test_a_run_is_resumed_only_by_the_command_that_wrote_it(fake_mnist, teacher, tmp_path):
     """`train --resume` on a distill run and `distill --resume` on a train run: one line naming what the folder holds
     and the command that continues it, before anything is written (options.json and log.jsonl keep their bytes);
