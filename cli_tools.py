@@ -7,7 +7,7 @@ import click
 from .cli_options import (DEFAULT, Finite, check_output, device_syntax, model_option, needs_torch, on_command_line,
                           prepare, refuse_same_path, sampling, sampling_options, set_threads, solver_options)
 from .export.generator import FORMS
-from .options import MAX_GUIDANCE, MAX_THREADS, Sampling
+from .options import MAX_GUIDANCE, MAX_THREADS, Sampling, precision_refusal
 from .runtime.engines import ENGINES
 
 
@@ -319,6 +319,8 @@ def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance
     if int8 and "onnx" not in names:
         raise click.UsageError("--int8 runs the onnx engine with int8 convolutions; add onnx to --engines, or leave "
                                "out --int8")
+    if int8 and fp16:   # the same refusal as gen's and the editing commands' (options.precision_refusal)
+        raise click.UsageError(precision_refusal(None, "cpu", fp16, int8))
     set_threads(threads)
     model = api.load(ckpt)
     if int8:   # asked for, so not merely a skipped engine: its model is made by `ddpm export --int8` only

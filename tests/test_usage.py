@@ -241,6 +241,8 @@ def test_bench_int8_without_an_int8_model_is_one_line_not_an_empty_table(ckpt, t
     assert not (tmp_path / "b" / "bench.json").exists()
     r = invoke("bench", "--ckpt", ckpt, "--int8", "--engines", "torch", "--quick", "--out", tmp_path / "b")
     assert r.exit_code == 2 and "add onnx to --engines" in r.output, r.output
+    r = invoke("bench", "--ckpt", ckpt, "--int8", "--fp16", "--engines", "onnx", "--quick", "--out", tmp_path / "b")
+    assert r.exit_code == 2 and "choose one precision" in r.output, r.output   # as gen, edit and eval refuse it
 
 
 def test_an_error_after_a_progress_bar_starts_its_own_line(ckpt, tmp_path, monkeypatch):
