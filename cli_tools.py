@@ -243,7 +243,7 @@ def _int8_data(data, image_shape) -> tuple:
     if tuple(image_shape) != (1, 28, 28):
         raise click.UsageError(f"--int8 calibrates on MNIST digits (1, 28, 28); this model's images are "
                                f"{tuple(image_shape)}")
-    folder = ensure_mnist(resolve_data_dir(data), progress=lambda m: click.echo(m, err=True))
+    folder = ensure_mnist(resolve_data_dir(data), progress=lambda m: click.echo(m, err=True), splits=("train",))
     images, labels = load_mnist(folder, "train")
     return images, labels, "MNIST train"
 

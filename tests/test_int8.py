@@ -149,3 +149,17 @@ def test_bench_times_int8_beside_fp32(ckpt, int8_export, tiny_export):
     assert [c["engine"] for c in res["results"]] == ["onnx", "onnx int8"] and not res["skipped"]
     res = run_bench(api.load(ckpt, tiny_export), ["onnx"], [2], plan, repeat=1, int8=True, log=lambda m: None)
     assert [c["engine"] for c in res["results"]] == ["onnx"] and "no int8 model" in res["skipped"]["onnx int8"]
+
+
+def test_int8_calibration_needs_only_the_training_files(fake_mnist, tmp_path, monkeypatch):
+    """`export --int8 --data DIR` calibrates on the training split: a folder holding only its two files is enough (no
+    download of the test files is tried)."""
+    import ddpm.train.data as data
+    from ddpm.cli_tools import _int8_data
+
+    for name in data.SPLITS["train"]:
+        [f] = fake_mnist.glob(name + "*")
+        shutil.copy(f, tmp_path / f.name)
+    monkeypatch.setattr(data, "MIRRORS", ("http://127.0.0.1:9/",))   # nothing listens there
+    images, labels, name = _int8_data(tmp_path, (1, 28, 28))
+    assert images.shape[1:] == (28, 28) and len(images) == len(labels) and name == "MNIST train"

@@ -390,9 +390,10 @@ def _fetch(name: str, data_dir: Path) -> None:
     raise DataError(f"could not download {name}.gz ({'; '.join(errors)})")
 
 
-def ensure_mnist(data_dir: Path, download: bool = True, progress=print) -> Path:
-    """Make sure the four files are in data_dir, downloading (and MD5-checking) missing ones if allowed."""
-    missing = [n for n in FILES if find_file(data_dir, n) is None]
+def ensure_mnist(data_dir: Path, download: bool = True, progress=print, splits=("train", "test")) -> Path:
+    """Make sure the files of `splits` (default both, the four files) are in data_dir, downloading (and
+    MD5-checking) missing ones if allowed. Raises DataError naming what is missing."""
+    missing = [n for split in splits for n in SPLITS[split] if find_file(data_dir, n) is None]
     if not missing:
         return data_dir
     hint = (f"MNIST files missing in {data_dir}: {', '.join(missing)} (plain or .gz). "
