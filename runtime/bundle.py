@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -386,8 +387,10 @@ class Bundle:
         """The ONNX file of a precision, checked against the sha256 recorded at export time."""
         files = self.meta["files"]
         if precision not in files:
-            raise ExportError(f"{self.root} has no {precision} model (exported: {', '.join(files)}); "
-                              f"re-run `ddpm export{'' if precision == 'fp32' else ' --' + precision}`")
+            flag = "" if precision == "fp32" else " --" + precision
+            raise ExportError(f"{self.root} has no {precision} model (exported: {', '.join(files)}); add it with "
+                              f"`ddpm export --ckpt CKPT --out {shlex.quote(str(self.root))}{flag}`, CKPT the weights "
+                              f"this folder was exported from (none for the shipped model)")
         return self._member(files[precision], "ddpm export" + ("" if precision == "fp32" else " --" + precision),
                             "model", precision)
 

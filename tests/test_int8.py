@@ -91,6 +91,9 @@ def test_int8_where_it_cannot_run(ckpt, tiny_export, int8_export, tmp_path):
     for extra, message, code in cases:
         r = invoke("gen", "--ckpt", ckpt, "-n", 2, "--steps", 2, "--int8", "--out", tmp_path / "a.png", *extra)
         assert r.exit_code == code and message in r.output and "Traceback" not in r.output, (extra, r.output)
+    # the hint makes the int8 model in the folder given, not in the cache
+    r = invoke("gen", "--ckpt", ckpt, "-n", 2, "--steps", 2, "--int8", "--export", tiny_export, "--out", tmp_path / "a.png")
+    assert f"ddpm export --ckpt CKPT --out {tiny_export} --int8" in " ".join(r.output.split()), r.output
 
 
 @pytest.mark.slow
