@@ -139,6 +139,12 @@ def _tag() -> str:
     return f"{HOST}-{os.getpid()}"
 
 
+def _prefix(name: str) -> str:
+    """The start of every temporary's name for the target `name`, up to its random part: `.<stem>.<host>-<pid>.`
+    (the module docstring's forms, parsed back by _TAGGED)."""
+    return f".{temp_stem(name)}.{_tag()}."
+
+
 def _alive(pid: int) -> bool:
     """Whether process `pid` exists (signal 0 checks without signalling; on Windows os.kill would terminate it, so
     there every writer counts as alive and only age makes a temporary stale)."""
@@ -366,7 +372,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(path.parent, path.name, only=False)
-        fd, tmp = tempfile.mkstemp(prefix=f".{temp_stem(path.name)}.{_tag()}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise _output_error(path, e) from None
     os.close(fd)
@@ -408,7 +414,7 @@ def temp_dir(out: str | os.PathLike) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(out.parent, out.name, only=False)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{temp_stem(out.name)}.{_tag()}.", suffix=".tmp", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_prefix(out.name), suffix=".tmp", dir=out.parent))
     except OSError as e:
         raise _output_error(out, e) from None
     umask = os.umask(0)
@@ -458,7 +464,7 @@ def publish_dir(tmp: Path, out: str | os.PathLike, keep: Callable[[Path], bool] 
     if keep is not None and keep(out):
         shutil.rmtree(tmp, ignore_errors=True)
         return False
-    aside = out.parent / f".{temp_stem(out.name)}.{_tag()}.{secrets.token_hex(4)}.old"
+    aside = out.parent / f"{_prefix(out.name)}{secrets.token_hex(4)}.old"
     os.rename(out, aside)
     try:
         if _FAULT is not None:
