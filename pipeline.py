@@ -75,6 +75,23 @@ class Job:
         return cls(n, plan, labels, bool(opts.guidance) and not uncond, edit, start, image_shape=model.image_shape)
 
 
+def eval_uncond(model, uncond: bool, opts: Sampling, given, cli: bool = False, log=None) -> bool:
+    """Whether the samples of `model` that ddpm eval draws to score against MNIST's digit classes are drawn
+    unconditionally: with uncond, and for a model without classes (num_classes 1), whose class 0 is not the digit 0,
+    which log(line) then says. Raises OptionError (option "guidance", options.check_guidance) for a guidance scale
+    given (in `given`) for such a model: its samples have no label to steer towards. cli: messages in the CLI's
+    words."""
+    from .options import check_guidance
+
+    if uncond or model.cfg.num_classes != 1:
+        return uncond
+    check_guidance(opts.guidance, given, False, cli, classless=True)
+    if log is not None:
+        log("this model has no classes: its samples are drawn and scored unconditionally (class histogram), as "
+            f"with {'--uncond' if cli else 'uncond=True'}")
+    return True
+
+
 def reads_digits(model) -> bool:
     """Whether the shipped MNIST classifier's classes are `model`'s labels, so that an edit may condition on what it
     reads: a network of this project (trained on MNIST only) making 1x28x28 images of 10 classes. A diffusers model,
