@@ -175,7 +175,7 @@ class EngineCache:
         """A use of `eng` for one batch: `eng` while it is kept and open, else renew() (get's engine of its key,
         e.g. Model.engine). close() closes the engine yielded only when the block ends."""
         with self._lock:
-            if eng.closed or all(kept is not eng for kept in self._kept.values()):
+            if all(kept is not eng for kept in self._kept.values()) or eng.closed:   # dropped by close(), or closed
                 eng = renew()
             entry = self._uses.setdefault(id(eng), [eng, 0, False])
             entry[1] += 1
