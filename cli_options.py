@@ -112,12 +112,13 @@ def _export_folder_owns(path: str) -> bool:
 # "/"-separated) of the files it owns, written by ddpm's commands and read by them, its markers included:
 # `ddpm train`/`distill`'s run folder (train.loop.RUN_FILES and distill's students: tests/test_output_clobber.py
 # checks that they match), `ddpm export`'s folder (export.cache.EXPORT_FOLDER, the rule by which `ddpm export`
-# tells its files from a user's) and a diffusers pipeline folder (docs/diffusers.md).
+# tells its files from a user's) and a diffusers pipeline folder (docs/diffusers.md: export.diffusers.FILES, and
+# model.diffusers.DECLARATION, which loading reads).
 MODEL_FOLDERS = (
     ("run folder", ("options.json", "ckpt.pt", "model.safetensors"),
      _names(r"options\.json|log\.jsonl|ckpt\.pt|model\.safetensors|samples\.png|student\d+\.safetensors")),
     ("export folder", ("export.json",), _export_folder_owns),
-    ("diffusers pipeline folder", ("model_index.json",), _names(r"model_index\.json|(unet|scheduler)/.+")),
+    ("diffusers pipeline folder", ("model_index.json",), _names(r"model_index\.json|ddpm\.json|(unet|scheduler)/.+")),
 )
 
 

@@ -166,6 +166,22 @@ def test_the_run_folder_files_refused_are_the_ones_train_and_distill_write():
     assert all(owns(name) for name in (*RUN_FILES, student_file(4), student_file(16)))
 
 
+def test_the_diffusers_folder_files_refused_are_the_ones_export_writes_and_loading_reads(tmp_path):
+    """A diffusers pipeline folder's own files (cli_options.MODEL_FOLDERS) are what `ddpm export --diffusers` writes
+    (export.diffusers.FILES, its ddpm.json included) and what loading one reads (model.diffusers.DECLARATION)."""
+    from ddpm.cli_options import MODEL_FOLDERS
+    from ddpm.export.diffusers import FILES
+    from ddpm.model.diffusers import DECLARATION
+
+    [owns] = [owns for what, _, owns in MODEL_FOLDERS if what == "diffusers pipeline folder"]
+    assert all(owns(name) for name in (*FILES, DECLARATION))
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "model_index.json").write_text("{}")
+    with pytest.raises(click.UsageError, match=f"would replace {DECLARATION} of the diffusers pipeline folder"):
+        refuse_same_path({"--json": hub / DECLARATION}, {"--ckpt": hub})
+
+
 def test_an_export_folders_own_files_are_one_rule(tmp_path):
     """What an output may not replace in an --export folder (cli_options.MODEL_FOLDERS) is what `ddpm export` counts
     as its own when it replaces the folder (files.not_written): export.cache.EXPORT_FOLDER.owns, marker included."""
