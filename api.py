@@ -136,7 +136,7 @@ class Model:
         # a TensorRT engine serves a batch range: a larger batch than it was made for needs another one
         key = (name, dev, fp16, cuda_graph, threads, max_batch if name == "trt" else None,
                plan_key(plan) if name == "onnx-generator" else None, int8)
-        # (under torchrun every process makes the same engines, so all meet at engine_bundle)
+        # made once per key, one at a time (under torchrun every process makes the same ones: all meet at engine_bundle)
         return self._engines.get(key, lambda: open_engine(self, name, dev, fp16, cuda_graph, threads, max_batch,
                                                           plan, dist, log, int8))
 

@@ -93,3 +93,35 @@ def test_an_engine_closed_by_its_holder_is_replaced(gated):
     assert len(made) == 2 and np.array_equal(job.run(np.zeros(2)), np.ones(2)) and len(made) == 2
     made[1].close()
     assert np.array_equal(job.run(np.zeros(2)), np.ones(2)) and len(made) == 3
+
+
+def test_making_an_engine_holds_up_no_batch(gated, monkeypatch):
+    """A batch on an engine already made runs while another thread makes another engine (an export, a TensorRT
+    build); close() waits for that make."""
+    model, made, picked, go = gated
+    go.set()
+    job = pipeline.JobEngine(model, ARGS)
+    building, release = threading.Event(), threading.Event()
+
+    def slow(*args, **kwargs):
+        building.set()
+        assert release.wait(30)
+        return Gated(picked, go)
+
+    monkeypatch.setattr(pipeline, "open_engine", slow)
+    other = threading.Thread(target=lambda: model.engine(**ARGS, threads=2))
+    other.start()
+    assert building.wait(30)
+    out = {}
+    batch = threading.Thread(target=lambda: out.setdefault("x", job.run(np.zeros(2))))
+    batch.start()
+    batch.join(10)
+    closing = threading.Thread(target=model.close)
+    closing.start()
+    closing.join(0.2)
+    assert not batch.is_alive() and np.array_equal(out["x"], np.ones(2))
+    assert closing.is_alive() and not made[0].closed   # waits for the make in progress
+    release.set()
+    other.join()
+    closing.join(10)
+    assert not closing.is_alive() and made[0].closed
