@@ -34,6 +34,7 @@ from .model.io import CheckpointError, TorchMissing, default_model_path, load_mo
 from .options import (DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL, Sampling,
                       recorded_plan)
 from .runtime.bundle import META_FILE, Bundle, ExportError
+from .runtime.engine import EngineCache
 from .runtime.schedule import Schedule
 
 default_export_dir = export_cache.shipped_dir   # the verified ONNX export shipped with the default model
@@ -57,8 +58,8 @@ class Model:
     export_dir: Path | None = None
     info: dict = field(default_factory=dict)
     _torch_model: object = field(default=None, repr=False)
-    _engines: dict = field(default_factory=dict, repr=False)
-    # guards the lazily made parts (the torch model, exports, generators, engines): a Model is shared by threads
+    _engines: EngineCache = field(default_factory=EngineCache, repr=False)   # guarded by its own lock
+    # guards the other lazily made parts (the torch model, exports, generators): a Model is shared by threads
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     # ------------------------------------------------------------------------------------------- what it runs on
@@ -135,22 +136,18 @@ class Model:
         # a TensorRT engine serves a batch range: a larger batch than it was made for needs another one
         key = (name, dev, fp16, cuda_graph, threads, max_batch if name == "trt" else None,
                plan_key(plan) if name == "onnx-generator" else None, int8)
-        with self._lock:   # (under torchrun every process makes the same engines, so all meet at engine_bundle)
-            if key not in self._engines or self._engines[key].closed:
-                self._engines[key] = open_engine(self, name, dev, fp16, cuda_graph, threads, max_batch, plan, dist,
-                                                 log, int8)
-            return self._engines[key]
+        # made once per key, one at a time (under torchrun every process makes the same ones: all meet at engine_bundle)
+        return self._engines.get(key, lambda: open_engine(self, name, dev, fp16, cuda_graph, threads, max_batch,
+                                                          plan, dist, log, int8))
 
     def close(self) -> None:
         """Close every engine the Model made (runtime.engine.Engine.close: runners, onnxruntime sessions, TensorRT
-        contexts, CUDA graphs; each when the runs in flight on it end); closing again does nothing. An engine
-        `engine` returned before refuses work after (EngineClosed), but the Model stays usable: a later call makes
-        the engines it needs anew, and its methods running in other threads meanwhile finish, on a new engine where
-        they need one (pipeline.JobEngine). `with ddpm.load() as m:` closes on leaving the block."""
-        with self._lock:
-            engines, self._engines = list(self._engines.values()), {}
-        for eng in engines:
-            eng.close()
+        contexts, CUDA graphs); closing again does nothing. The Model stays usable: a later call makes the engines
+        it needs anew. Its methods running in other threads meanwhile finish: a batch that has picked up its engine
+        runs on it, which is closed when that batch ends (runtime.engine.EngineCache); later batches run on new ones.
+        An engine `engine` returned before refuses work (EngineClosed) once closed. `with ddpm.load() as m:` closes
+        on leaving the block."""
+        self._engines.close()
 
     def __enter__(self) -> "Model":
         return self

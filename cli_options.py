@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from typing import Callable
 
 import click
 from click.core import ParameterSource
@@ -92,48 +93,58 @@ DATA_FOLDERS = ("--data",)
 # user's own outputs (samples.npz beside the weights), so there an output is refused only where it would replace one
 # of the folder's own files (MODEL_FOLDERS).
 MODEL_INPUTS = ("--ckpt", "--export", "--init", "--teacher")
-# What each folder that holds a model is: the files that mark it, and the paths (relative, "/"-separated) of the
-# files it owns, written by ddpm's commands and read by them: `ddpm train`/`distill`'s run folder (train.loop.RUN_FILES
-# and distill's students: tests/test_output_clobber.py checks that they match), `ddpm export`'s folder
-# (export.cache.EXPORT_FOLDER's names and its marker) and a diffusers pipeline folder (docs/diffusers.md).
+
+
+def _names(pattern: str):
+    """The test of a folder's own paths whose whole path matches `pattern`."""
+    whole = re.compile(rf"^(?:{pattern})$")
+    return lambda path: whole.match(path) is not None
+
+
+def _export_folder_owns(path: str) -> bool:
+    """export.cache.EXPORT_FOLDER.owns, imported when first asked: `ddpm --help` loads no export module."""
+    from .export.cache import EXPORT_FOLDER
+
+    return EXPORT_FOLDER.owns(path)
+
+
+# What each folder that holds a model is: the files that mark it, and the test of the paths (relative,
+# "/"-separated) of the files it owns, written by ddpm's commands and read by them, its markers included:
+# `ddpm train`/`distill`'s run folder (train.loop.RUN_FILES and distill's students: tests/test_output_clobber.py
+# checks that they match), `ddpm export`'s folder (export.cache.EXPORT_FOLDER, the rule by which `ddpm export`
+# tells its files from a user's) and a diffusers pipeline folder (docs/diffusers.md: export.diffusers.FILES, and
+# model.diffusers.DECLARATION, which loading reads).
 MODEL_FOLDERS = (
     ("run folder", ("options.json", "ckpt.pt", "model.safetensors"),
-     r"options\.json|log\.jsonl|ckpt\.pt|model\.safetensors|samples\.png|student\d+\.safetensors"),
-    ("export folder", ("export.json",), None),
-    ("diffusers pipeline folder", ("model_index.json",), r"model_index\.json|(unet|scheduler)/.+"),
+     _names(r"options\.json|log\.jsonl|ckpt\.pt|model\.safetensors|samples\.png|student\d+\.safetensors")),
+    ("export folder", ("export.json",), _export_folder_owns),
+    ("diffusers pipeline folder", ("model_index.json",), _names(r"model_index\.json|ddpm\.json|(unet|scheduler)/.+")),
 )
 
 
-def _folder_kinds(option: str, path) -> list[tuple[str, str, re.Pattern]]:
-    """[(folder, what it is, the pattern of its own paths)] of the model input `path` given to `option`: the folder
+def _folder_kinds(option: str, path) -> list[tuple[str, str, Callable[[str], bool]]]:
+    """[(folder, what it is, the test of its own paths)] of the model input `path` given to `option`: the folder
     itself, or the folder of a file (--ckpt run/ckpt.pt reads the run), for each MODEL_FOLDERS kind whose marker it
     holds; an --export folder is an export folder even before it is made."""
-    from .export.cache import EXPORT_FOLDER
-
     folder = path if option == "--export" or os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    kinds = []
-    for what, markers, pattern in MODEL_FOLDERS:
-        if pattern is None:
-            pattern = rf"{re.escape(EXPORT_FOLDER.marker)}|{EXPORT_FOLDER.written.pattern.strip('^$')}"
-        if any(os.path.isfile(os.path.join(folder, m)) for m in markers) or (option == "--export" and
-                                                                              what == "export folder"):
-            kinds.append((folder, what, re.compile(rf"^(?:{pattern})$")))
-    return kinds
+    return [(folder, what, owns) for what, markers, owns in MODEL_FOLDERS
+            if any(os.path.isfile(os.path.join(folder, m)) for m in markers)
+            or (option == "--export" and what == "export folder")]
 
 
-def _own_file(path, folder: str, pattern) -> str | None:
-    """The own file of `folder` (a path matching `pattern`, relative to it) that the output `path` would replace:
-    by name, or by what is there (a link to it, another spelling on a case-insensitive file system); else None."""
+def _own_file(path, folder: str, owns: Callable[[str], bool]) -> str | None:
+    """The own file of `folder` (a path relative to it that `owns`) that the output `path` would replace: by name,
+    or by what is there (a link to it, another spelling on a case-insensitive file system); else None."""
     if _inside(path, folder):
         rel = os.path.relpath(_real(path), _real(folder)).replace(os.sep, "/")
-        if pattern.match(rel):
+        if owns(rel):
             return rel
     try:
         entries = [e.name for e in os.scandir(folder)]
     except OSError:
         return None
     for name in entries:
-        if pattern.match(name) and _same_path(path, os.path.join(folder, name)):
+        if owns(name) and _same_path(path, os.path.join(folder, name)):
             return name
     return None
 
@@ -177,8 +188,8 @@ def refuse_same_path(outputs: dict, inputs: dict | None = None, folders: tuple[s
             if other_folder and _inside(path, earlier):
                 raise click.UsageError(f"the {other} folder {earlier} contains {option} {path}: writing {other} "
                                        f"could overwrite what {option} writes; give {option} a path outside it")
-        for other, (owner, what, pattern) in owners:
-            own = _own_file(path, owner, pattern)
+        for other, (owner, what, owns) in owners:
+            own = _own_file(path, owner, owns)
             if own is not None:
                 raise click.UsageError(f"{option} {path} would replace {own} of the {what} {owner} that {other} "
                                        f"reads; give {option} another name (your own files may lie beside it)")

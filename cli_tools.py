@@ -76,13 +76,8 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
                       per_unit=evaluation.SAMPLE_BYTES)
         model, opts, log = prepare(o, recorded=True, labelled=not uncond)
         evaluation.check_model_shape(model.image_shape)
-        if model.cfg.num_classes == 1 and not uncond:   # class 0 of a model without classes is not the digit 0
-            if on_command_line("guidance") and o["guidance"]:
-                raise click.UsageError("this model has no classes, so its samples are unconditional and guidance "
-                                       "has no label to steer towards: leave out --guidance (or give 0)")
-            uncond = True
-            click.echo("this model has no classes: its samples are drawn and scored unconditionally (class "
-                       "histogram), as with --uncond", err=True)
+        uncond = pipeline.eval_uncond(model, uncond, opts, {name for name in o if on_command_line(name)}, cli=True,
+                                      log=lambda line: click.echo(line, err=True))
     set_threads(o["threads"])
 
     def generated():   # drawn once the classifier and the data are ready

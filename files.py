@@ -493,13 +493,19 @@ class FolderKind:
     def refuse(self, message: str) -> DdpmError:
         return self.error(message)
 
+    def owns(self, name: str) -> bool:
+        """Whether `name` (relative to the folder, "/"-separated; a folder's with a trailing "/") is one of the
+        folder's own files: its marker, or a name its command writes (`written`). The temporaries of writes are
+        not names (files.is_temporary)."""
+        return name.rstrip("/") == self.marker or self.written.match(name) is not None
+
 
 def not_written(folder: Path, kind: FolderKind) -> list[str]:
     """The names in `folder` that the command of `kind` does not write (a user's files and folders), sorted; the
     marker and the temporaries of writes (is_temporary) are the command's."""
     def own(e: os.DirEntry) -> bool:
         name = e.name + ("/" if e.is_dir(follow_symlinks=False) else "")
-        return e.name == kind.marker or is_temporary(e.name) or kind.written.match(name) is not None
+        return is_temporary(e.name) or kind.owns(name)
 
     return sorted(e.name for e in os.scandir(folder) if not own(e))
 

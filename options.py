@@ -90,13 +90,7 @@ class Sampling:
             raise OptionError(f"plan and {', '.join(both)} exclude each other: a plan is a ready sampler table that "
                               f"they would make (model.plan(sampler=..., steps=...)); give the plan or them", "plan")
         opts = replace(cls(**{k: v for k, v in values.items() if k in names}), **changes)
-        if not labelled and opts.guidance and "guidance" in given:
-            from .errors import OptionError
-
-            g, u, lab = ("--guidance", "--uncond", "--label") if cli else ("guidance", "uncond=True", "label")
-            raise OptionError(f"guidance steers samples towards their label, and {u} samples have none (an edit "
-                              f"without {lab} uses the unconditional model): give {lab}, or leave out {g} (or "
-                              f"give 0)", "guidance")
+        check_guidance(opts.guidance, given, labelled, cli)
         return opts
 
     def with_recorded(self, record: dict | None, given) -> "Sampling":
@@ -111,6 +105,23 @@ class Sampling:
     @property
     def precision(self) -> str:
         return "fp16" if self.fp16 else "int8" if self.int8 else "fp32"
+
+
+def check_guidance(guidance: float, given, labelled: bool, cli: bool = False, classless: bool = False) -> None:
+    """Raise OptionError (option "guidance") for a guidance scale w > 0 given (in `given`, the names the user gave)
+    for samples without labels (labelled False): guidance steers a sample towards its label, so it would be
+    silently ignored. classless: they have none because the model has no classes (num_classes 1; ddpm eval,
+    pipeline.eval_uncond), which the message says. cli: the message names the CLI's options."""
+    if labelled or not guidance or "guidance" not in given:
+        return
+    from .errors import OptionError
+
+    g, u, lab = ("--guidance", "--uncond", "--label") if cli else ("guidance", "uncond=True", "label")
+    if classless:
+        raise OptionError(f"this model has no classes, so its samples are unconditional and guidance has no label "
+                          f"to steer towards: leave out {g} (or give 0)", "guidance")
+    raise OptionError(f"guidance steers samples towards their label, and {u} samples have none (an edit without "
+                      f"{lab} uses the unconditional model): give {lab}, or leave out {g} (or give 0)", "guidance")
 
 
 def precision_refusal(engine: str | None, device: str, fp16: bool, int8: bool) -> str | None:

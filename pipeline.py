@@ -75,6 +75,23 @@ class Job:
         return cls(n, plan, labels, bool(opts.guidance) and not uncond, edit, start, image_shape=model.image_shape)
 
 
+def eval_uncond(model, uncond: bool, opts: Sampling, given, cli: bool = False, log=None) -> bool:
+    """Whether the samples of `model` that ddpm eval draws to score against MNIST's digit classes are drawn
+    unconditionally: with uncond, and for a model without classes (num_classes 1), whose class 0 is not the digit 0,
+    which log(line) then says. Raises OptionError (option "guidance", options.check_guidance) for a guidance scale
+    given (in `given`) for such a model: its samples have no label to steer towards. cli: messages in the CLI's
+    words."""
+    from .options import check_guidance
+
+    if uncond or model.cfg.num_classes != 1:
+        return uncond
+    check_guidance(opts.guidance, given, False, cli, classless=True)
+    if log is not None:
+        log("this model has no classes: its samples are drawn and scored unconditionally (class histogram), as "
+            f"with {'--uncond' if cli else 'uncond=True'}")
+    return True
+
+
 def reads_digits(model) -> bool:
     """Whether the shipped MNIST classifier's classes are `model`'s labels, so that an edit may condition on what it
     reads: a network of this project (trained on MNIST only) making 1x28x28 images of 10 classes. A diffusers model,
@@ -197,14 +214,9 @@ def engine(model, opts: Sampling, plan, guided: bool, dist=None, log=None):
 
 
 class JobEngine:
-    """The engine a Model's job runs on (engine): every attribute is that of the engine `Model.engine`
-    gives for its arguments, and `run` runs a batch there, on a new one when the Model's close() closed it first
-    (EngineClosed from an engine that is closed: the Model's close, or the engine's own, came between the job
-    picking it up and the batch starting). A batch that has begun finishes on its engine (Engine.close)."""
-
-    # how often a batch is tried on a new engine before EngineClosed is let through: each try loses only to a
-    # close() between picking the engine up and starting its run, a window of microseconds
-    TRIES = 100
+    """The engine a Model's job runs on (engine): every attribute is that of the engine `Model.engine` gives for
+    its arguments, and `run` runs each batch under a use of the Model's engine (runtime.engine.EngineCache.use): the
+    Model's close() closes that engine only when the batch ends, and the next batch runs on a new one."""
 
     def __init__(self, model, args: dict):
         self._model, self._args = model, args
@@ -215,17 +227,9 @@ class JobEngine:
 
     def run(self, *args, **kwargs):
         """Engine.run on the Model's engine of these arguments (a new one when it was closed)."""
-        from .runtime.engine import EngineClosed
-
-        for _ in range(self.TRIES - 1):
-            eng = self._engine
-            try:
-                return eng.run(*args, **kwargs)
-            except EngineClosed:
-                if not eng.closed:
-                    raise
-                self._engine = self._model.engine(**self._args)
-        return self._engine.run(*args, **kwargs)
+        with self._model._engines.use(self._engine, lambda: self._model.engine(**self._args)) as eng:
+            self._engine = eng
+            return eng.run(*args, **kwargs)
 
 
 def stream(eng, opts: Sampling, job: Job, lo: int = 0, hi: int | None = None, progress: bool = False,

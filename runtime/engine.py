@@ -14,13 +14,16 @@ Each declares what it can do (`Supports`) instead of being probed, reports every
 of k-diffusion's kind (`StepCallback`), and has a lifetime: `close()` (or leaving a `with` block) frees what it
 holds (runners and their buffers, onnxruntime sessions and IO bindings, TensorRT execution contexts, CUDA graphs),
 closing twice is harmless, and a closed engine refuses work with `EngineClosed`, as Polygraphy's runners do.
+`EngineCache` keeps the engines of a Model (api.Model.engine) and lets a job's batch hold a use of one, which the
+Model's close() waits for before closing it.
 """
 
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -144,3 +147,80 @@ class CountedEngine(Engine):
             last = self._busy == 0
         if last:
             self._free()
+
+
+class EngineCache:
+    """The engines one owner made (api.Model.engine), one per key, kept until close(); thread-safe.
+
+    A job's batch runs under a use of its engine (`use`), which close() respects: close() drops every engine from
+    the cache at once (a later `get` makes a new one) and closes an engine in use when its last use ends, so that a
+    batch never starts on an engine its owner closed after the job picked it up. An engine's own close() is its
+    holder's: the cache makes a new one for the next `get` or `use` that finds it closed. Making an engine (an
+    export, a TensorRT build) holds up close() and other makes, never a batch on an engine already made."""
+
+    def __init__(self):
+        self._making = threading.RLock()   # held while an engine is made, and by close(): one engine per key
+        self._lock = threading.Lock()      # guards _kept and _uses; held for bookkeeping only
+        self._kept: dict = {}              # key -> engine
+        self._uses: dict = {}              # id(engine) -> [engine, uses in flight, closed by close() once unused]
+
+    def _open(self, eng) -> bool:
+        return any(kept is eng for kept in self._kept.values()) and not eng.closed
+
+    def get(self, key, make: Callable[[], Engine]) -> Engine:
+        """The kept engine of `key`, made by make() (and kept) when there is none or it was closed."""
+        with self._lock:
+            eng = self._kept.get(key)
+            if eng is not None and not eng.closed:
+                return eng
+        with self._making:
+            with self._lock:
+                eng = self._kept.get(key)
+                if eng is not None and not eng.closed:
+                    return eng
+            eng = make()
+            with self._lock:
+                self._kept[key] = eng
+            return eng
+
+    def _take(self, eng) -> list:
+        entry = self._uses.setdefault(id(eng), [eng, 0, False])
+        entry[1] += 1
+        return entry
+
+    @contextmanager
+    def use(self, eng: Engine, renew: Callable[[], Engine]) -> Iterator[Engine]:
+        """A use of `eng` for one batch: `eng` while it is kept and open, else renew() (get's engine of its key,
+        e.g. Model.engine). close() closes the engine yielded only when the block ends."""
+        with self._lock:
+            entry = self._take(eng) if self._open(eng) else None
+        if entry is None:   # dropped by close(), or closed: renewed with close() held off
+            with self._making:
+                eng = renew()
+                with self._lock:
+                    entry = self._take(eng)
+        try:
+            yield eng
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                last = entry[1] == 0
+                if last:
+                    del self._uses[id(eng)]
+            if last and entry[2]:
+                eng.close()
+
+    def close(self) -> None:
+        """Close every kept engine: now when no batch uses it, else when its last use ends; closing again does
+        nothing. The cache stays usable: `get` makes new engines."""
+        with self._making, self._lock:
+            engines, self._kept = list(self._kept.values()), {}
+            now = []
+            for eng in engines:
+                entry = self._uses.get(id(eng))
+                if entry is None:
+                    now.append(eng)
+                else:
+                    entry[2] = True
+        for eng in now:
+            eng.close()

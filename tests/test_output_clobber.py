@@ -2,6 +2,7 @@
 never removes what it did not write in an export folder it replaces (export.onnx_export)."""
 
 import os
+import re
 from pathlib import Path
 
 import click
@@ -157,14 +158,53 @@ def test_no_file_output_replaces_an_own_file_of_a_run_or_export_folder_the_comma
 def test_the_run_folder_files_refused_are_the_ones_train_and_distill_write():
     """cli_options.MODEL_FOLDERS names a run folder's files without importing PyTorch: they are train.loop.RUN_FILES
     and distill's students."""
-    import re
-
     from ddpm.cli_options import MODEL_FOLDERS
     from ddpm.train.distill import student_file
     from ddpm.train.loop import RUN_FILES
 
-    [pattern] = [re.compile(f"^(?:{p})$") for what, _, p in MODEL_FOLDERS if what == "run folder"]
-    assert all(pattern.match(name) for name in (*RUN_FILES, student_file(4), student_file(16)))
+    [owns] = [owns for what, _, owns in MODEL_FOLDERS if what == "run folder"]
+    assert all(owns(name) for name in (*RUN_FILES, student_file(4), student_file(16)))
+
+
+def test_the_diffusers_folder_files_refused_are_the_ones_export_writes_and_loading_reads(tmp_path):
+    """A diffusers pipeline folder's own files (cli_options.MODEL_FOLDERS) are what `ddpm export --diffusers` writes
+    (export.diffusers.FILES, its ddpm.json included) and what loading one reads (model.diffusers.DECLARATION)."""
+    from ddpm.cli_options import MODEL_FOLDERS
+    from ddpm.export.diffusers import FILES
+    from ddpm.model.diffusers import DECLARATION
+
+    [owns] = [owns for what, _, owns in MODEL_FOLDERS if what == "diffusers pipeline folder"]
+    assert all(owns(name) for name in (*FILES, DECLARATION))
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "model_index.json").write_text("{}")
+    with pytest.raises(click.UsageError, match=f"would replace {DECLARATION} of the diffusers pipeline folder"):
+        refuse_same_path({"--json": hub / DECLARATION}, {"--ckpt": hub})
+
+
+def test_an_export_folders_own_files_are_one_rule(tmp_path):
+    """What an output may not replace in an --export folder (cli_options.MODEL_FOLDERS) is what `ddpm export` counts
+    as its own when it replaces the folder (files.not_written): export.cache.EXPORT_FOLDER.owns, marker included."""
+    from ddpm.cli_options import MODEL_FOLDERS
+    from ddpm.export.cache import EXPORT_FOLDER
+    from ddpm.files import not_written
+
+    [(markers, owns)] = [(markers, owns) for what, markers, owns in MODEL_FOLDERS if what == "export folder"]
+    assert markers == (EXPORT_FOLDER.marker,)
+    own = ["export.json", "model.onnx", "model_fp16.onnx", "model_int8.onnx", "generator-unipc8-abc.onnx",
+           "trt-x.plan", "trt-x.plan.json", "timing.cache"]
+    users = ["notes.txt", "model.onnx.json", "model_int4.onnx", "mine.onnx", "samples.npz", "export.json.bak"]
+    for name in own + users:
+        (tmp_path / name).write_text("x")
+    assert sorted(not_written(tmp_path, EXPORT_FOLDER)) == sorted(users)
+    assert [name for name in own + users if owns(name)] == own
+    assert [name for name in own + users if EXPORT_FOLDER.owns(name)] == own
+    exp = tmp_path
+    for name in own:
+        with pytest.raises(click.UsageError, match=f"would replace {re.escape(name)} of the export folder"):
+            refuse_same_path({"--out": exp / name}, {"--export": exp})
+    for name in users:
+        refuse_same_path({"--out": exp / name}, {"--export": exp})
 
 
 # -------------------------------------------------------------------------------------- an export folder's content
