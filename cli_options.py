@@ -269,7 +269,8 @@ def sampling_options(defaults: Sampling = DEFAULT):
                           "use]."),
         click.option("--fp16", is_flag=True, help="Half-precision model (runtime engines)."),
         click.option("--int8", is_flag=True, help="int8 convolutions (the onnx engine on a CPU; made by "
-                                                  "`ddpm export --int8`; the rows at sigma <= 1 run fp32)."),
+                                                  "`ddpm export --int8`; the last row and those at sigma <= 1 run "
+                                                  "fp32)."),
         click.option("--no-cuda-graph", is_flag=True, help="GPU: run the loop step by step instead of one CUDA graph."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar, no one-time build messages."),
     ])

@@ -71,6 +71,26 @@ def test_last_rows_run_fp32(ckpt, int8_export, monkeypatch):
     assert np.array_equal(api.load(ckpt, int8_export).generate(4, steps=4, engine="onnx", int8=True), fp32)
 
 
+@pytest.mark.parametrize("steps, rows", [(1, "f"), (3, "iif"), (8, "iiiiiiff")])
+def test_last_row_runs_fp32_whatever_its_sigma(ckpt, int8_export, monkeypatch, steps, rows):
+    """Under int8 the rows at sigma <= INT8_FP32_SIGMA run model.onnx (the last two of UniPC-8 trailing: t = 249,
+    124), and so does the plan's last network row whatever its sigma, since its x0_hat is the output: UniPC-3
+    trailing (t = 999, 666, 333, sigma 1.46 at 333) runs its last row fp32, UniPC-1 its only one. rows: the model each
+    network call ran, i(nt8) or f(p32)."""
+    import onnxruntime as ort
+
+    ran = []
+    run = ort.InferenceSession.run_with_iobinding
+
+    def spy(sess, *a, **kw):
+        ran.append("f" if sess._model_path.endswith("model.onnx") else "i")
+        return run(sess, *a, **kw)
+
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", spy)
+    api.load(ckpt, int8_export).generate(2, steps=steps, engine="onnx", int8=True)
+    assert "".join(ran) == rows
+
+
 def test_tampered_int8_file_refused(ckpt, int8_export, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(int8_export, copy)
