@@ -300,6 +300,10 @@ def prepare(o: dict, recorded: bool = False, labelled: bool = True):
 
 
 def done(r, n: int, what: str, detail: str, out: str, also: str = "") -> None:
+    """The last line of gen and the editing commands: n results (detail: the plan and guidance, the engine and its
+    precision where not fp32, e.g. "onnx int8") in seconds -> out."""
+    from .runtime.engine import engine_label
+
     procs = f", {r.ctx.world} processes" if r.ctx.world > 1 else ""
-    click.echo(f"{n} {what if n != 1 else what[:-1]} ({detail}, {r.engine.name}{procs}) in {r.seconds:.1f}s -> "
+    click.echo(f"{n} {what if n != 1 else what[:-1]} ({detail}, {engine_label(r.engine)}{procs}) in {r.seconds:.1f}s -> "
                f"{out}{also}")

@@ -292,6 +292,8 @@ class OnnxNet(_CudaStream):
         self.io_types = io
         check_io(io, None, str(onnx_path))   # now, not when the first runner binds it inside a generation
         self.dtype = io["x"][1]
+        # with fp32_path the model at onnx_path is model_int8.onnx: float32 in and out, int8 convolutions
+        self.precision = "int8" if fp32_path is not None else "fp16" if self.dtype == "float16" else "fp32"
         self.provider = self.sess.get_providers()[0]
         self.chunk = chunk or (None if _is_cuda(self.device) else self.CPU_CHUNK)
 

@@ -91,6 +91,37 @@ def test_last_row_runs_fp32_whatever_its_sigma(ckpt, int8_export, monkeypatch, s
     assert "".join(ran) == rows
 
 
+def test_the_last_line_and_eval_name_the_precision(ckpt, int8_export, fake_mnist, tmp_path):
+    """gen and the editing commands say "onnx int8" in their last line (plain "onnx" at fp32); eval names its row
+    with int8 and its JSON records precision, engine and seed (null for --samples files: not known)."""
+    common = ["--ckpt", ckpt, "--export", int8_export, "-n", 2, "--steps", 2, "-q"]
+    last = lambda r: r.stdout.strip().splitlines()[-1]
+    for cmd in (["gen"], ["upscale", "--factor", 2, "--image", _digit(tmp_path)]):
+        r = invoke(*cmd, *common, "--int8", "--out", tmp_path / "a.png")
+        assert r.exit_code == 0 and "guidance 0.45, onnx int8) in" in last(r), r.output
+        r = invoke(*cmd, *common, "--out", tmp_path / "a.png")
+        assert r.exit_code == 0 and "guidance 0.45, onnx) in" in last(r), r.output
+    r = invoke("eval", *common, "--int8", "--seed", 5, "--data", fake_mnist, "--json", tmp_path / "e.json")
+    assert r.exit_code == 0, r.output
+    row = json.loads((tmp_path / "e.json").read_text())[0]
+    assert row["name"].endswith(" w=0.45 int8") and row["name"] in r.output, r.output
+    assert (row["precision"], row["engine"], row["seed"]) == ("int8", "onnx", 5)
+    invoke("gen", *common, "--out", tmp_path / "s.npz")
+    r = invoke("eval", "--samples", tmp_path / "s.npz", "--data", fake_mnist, "-q", "--json", tmp_path / "s.json")
+    row = json.loads((tmp_path / "s.json").read_text())[0]
+    assert r.exit_code == 0 and (row["name"], row["precision"], row["engine"], row["seed"]) == ("s.npz", None, None, None)
+
+
+def _digit(tmp_path):
+    """A 28x28 picture with a bar: an input for the editing commands."""
+    from PIL import Image
+
+    bar = np.zeros((28, 28), np.uint8)
+    bar[10:14, 4:24] = 255
+    Image.fromarray(bar).save(tmp_path / "bar.png")
+    return tmp_path / "bar.png"
+
+
 def test_tampered_int8_file_refused(ckpt, int8_export, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(int8_export, copy)
