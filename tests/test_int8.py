@@ -133,6 +133,53 @@ def test_tampered_int8_file_refused(ckpt, int8_export, tmp_path):
     assert "Traceback" not in r.output
 
 
+def _damaged(int8_export, tmp_path, edit):
+    """A copy of the int8 export whose export.json `edit(meta)` changed."""
+    copy = tmp_path / "copy"
+    shutil.copytree(int8_export, copy)
+    meta = json.loads((copy / "export.json").read_text())
+    edit(meta)
+    (copy / "export.json").write_text(json.dumps(meta))
+    return copy
+
+
+def test_repairing_export_says_what_the_folder_lost(ckpt, int8_export, tmp_path):
+    """A damaged int8 entry makes export.json refused as a whole (fp32 too), in a message naming the entry; the
+    repairing `ddpm export` keeps what passes every check on its own (model.onnx, not made again) and names what the
+    folder no longer holds with the command that adds it back. A damaged model.onnx entry takes int8 with it (int8
+    was verified against that model)."""
+    copy = _damaged(int8_export, tmp_path, lambda m: m["files"].update(int8=None))
+    r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--out", tmp_path / "a.png")
+    assert r.exit_code == 1 and "files['int8'] must be an object" in r.output, r.output
+    r = invoke("export", "--ckpt", ckpt, "--out", copy)
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and "model.onnx: kept (made and verified before)" in said, r.output
+    assert f"{copy} no longer holds model_int8.onnx (its export.json was refused: " in said, r.output
+    assert "add it back with `ddpm export --ckpt " in said and f" --out {copy} --int8`" in said, r.output
+    r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--out", tmp_path / "a.png")
+    assert r.exit_code == 0, r.output
+    shutil.rmtree(copy)
+    copy = _damaged(int8_export, tmp_path, lambda m: m["files"]["fp32"]["parity"].update(error=1.0))
+    r = invoke("export", "--ckpt", ckpt, "--out", copy)
+    assert r.exit_code == 0 and "no longer holds model_int8.onnx" in r.output and "--int8`" in r.output, r.output
+
+
+def test_repairing_export_keeps_the_entries_that_pass(ckpt, int8_export, tmp_path):
+    """An export.json refused for one entry (here an fp16 record over its tolerance, of a file that is not there):
+    the repairing `ddpm export` keeps model.onnx and model_int8.onnx, whose records and files pass every check, so
+    that --int8 runs again without a new calibration, and says nothing was lost."""
+    def bad_fp16(meta):
+        meta["files"]["fp16"] = {**meta["files"]["fp32"], "name": "model_fp16.onnx",
+                                 "parity": {**meta["files"]["fp32"]["parity"], "error": 1.0, "tolerance": 0.02}}
+    copy = _damaged(int8_export, tmp_path, bad_fp16)
+    sha = (copy / "model_int8.onnx").read_bytes()
+    r = invoke("export", "--ckpt", ckpt, "--out", copy)
+    assert r.exit_code == 0 and "model_int8.onnx: kept" in r.output and "no longer holds" not in r.output, r.output
+    assert (copy / "model_int8.onnx").read_bytes() == sha
+    r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--int8", "--out", tmp_path / "a.png")
+    assert r.exit_code == 0 and "onnx int8" in r.output, r.output
+
+
 def test_int8_where_it_cannot_run(ckpt, tiny_export, int8_export, tmp_path):
     # a missing file: exit 1; options that contradict each other (options.precision_refusal): a usage error, exit 2
     cases = [(["--export", tiny_export], "no int8 model", 1),             # an export folder without one
