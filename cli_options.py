@@ -305,5 +305,5 @@ def done(r, n: int, what: str, detail: str, out: str, also: str = "") -> None:
     from .runtime.engine import engine_label
 
     procs = f", {r.ctx.world} processes" if r.ctx.world > 1 else ""
-    click.echo(f"{n} {what if n != 1 else what[:-1]} ({detail}, {engine_label(r.engine)}{procs}) in {r.seconds:.1f}s -> "
-               f"{out}{also}")
+    click.echo(f"{n} {what if n != 1 else what[:-1]} ({detail}, {engine_label(r.engine)}{procs}) in "
+               f"{r.seconds:.1f}s -> {out}{also}")

@@ -123,7 +123,8 @@ def make_engine(name: str, *, device: str = "cpu", model=None, null_label: int =
     (None: EngineUnavailable naming `ddpm export --trt`). plan: the plan the engine will run, which onnx-generator
     needs to find its generator.onnx. threads: onnxruntime's CPU threads (runtime.nets.ort_cpu_options). log(line):
     where a one-time build says what it does. int8: the onnx engine on a CPU with the export's model_int8.onnx
-    (its rows at sigma <= INT8_FP32_SIGMA, and each plan's last network row, with model.onnx). Raises EngineUnavailable with what is missing.
+    (its rows at sigma <= INT8_FP32_SIGMA, and each plan's last network row, with model.onnx). Raises
+    EngineUnavailable with what is missing.
     """
     device = str(device)
     if name not in ENGINES:

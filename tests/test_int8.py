@@ -109,7 +109,8 @@ def test_the_last_line_and_eval_name_the_precision(ckpt, int8_export, fake_mnist
     invoke("gen", *common, "--out", tmp_path / "s.npz")
     r = invoke("eval", "--samples", tmp_path / "s.npz", "--data", fake_mnist, "-q", "--json", tmp_path / "s.json")
     row = json.loads((tmp_path / "s.json").read_text())[0]
-    assert r.exit_code == 0 and (row["name"], row["precision"], row["engine"], row["seed"]) == ("s.npz", None, None, None)
+    assert r.exit_code == 0
+    assert (row["name"], row["precision"], row["engine"], row["seed"]) == ("s.npz", None, None, None)
 
 
 def _digit(tmp_path):
