@@ -99,9 +99,9 @@ class Engine(Protocol):
 
 
 def engine_label(engine) -> str:
-    """The engine's name with its precision where that is not fp32 ("onnx", "onnx int8", "trt fp16"): how a command's
-    last line, `ddpm eval`'s rows and `ddpm bench`'s rows name what ran. Any object with a `name` (an engine given to
-    the API that is not one of runtime.engines') is fp32 unless it says otherwise."""
+    """The engine's name with its precision where that is not fp32 ("onnx", "onnx int8", "trt fp16"), as the last
+    line of gen and the editing commands names what ran (`ddpm bench` names its int8 row the same way). Any object
+    with a `name` (an engine given to the API that is not one of runtime.engines') is fp32 unless it says otherwise."""
     precision = getattr(engine, "precision", "fp32")
     return engine.name if precision == "fp32" else f"{engine.name} {precision}"
 
