@@ -280,7 +280,8 @@ def sampling_options(defaults: Sampling = DEFAULT):
                           "use]."),
         click.option("--fp16", is_flag=True, help="Half-precision model (runtime engines)."),
         click.option("--int8", is_flag=True, help="int8 convolutions (the onnx engine on a CPU; made by "
-                                                  "`ddpm export --int8`; the rows at sigma <= 1 run fp32)."),
+                                                  "`ddpm export --int8`; the last row and those at sigma <= 1 run "
+                                                  "fp32)."),
         click.option("--no-cuda-graph", is_flag=True, help="GPU: run the loop step by step instead of one CUDA graph."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar, no one-time build messages."),
     ])
@@ -310,6 +311,10 @@ def prepare(o: dict, recorded: bool = False, labelled: bool = True):
 
 
 def done(r, n: int, what: str, detail: str, out: str, also: str = "") -> None:
+    """The last line of gen and the editing commands: n results (detail: the plan and guidance, the engine and its
+    precision where not fp32, e.g. "onnx int8") in seconds -> out."""
+    from .runtime.engine import engine_label
+
     procs = f", {r.ctx.world} processes" if r.ctx.world > 1 else ""
-    click.echo(f"{n} {what if n != 1 else what[:-1]} ({detail}, {r.engine.name}{procs}) in {r.seconds:.1f}s -> "
-               f"{out}{also}")
+    click.echo(f"{n} {what if n != 1 else what[:-1]} ({detail}, {engine_label(r.engine)}{procs}) in "
+               f"{r.seconds:.1f}s -> {out}{also}")

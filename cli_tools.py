@@ -80,14 +80,21 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
                                       log=lambda line: click.echo(line, err=True))
     set_threads(o["threads"])
 
+    made = {"precision": None, "engine": None, "seed": None}   # how the samples were made; unknown for --samples
+
     def generated():   # drawn once the classifier and the data are ready
         plan = model.plan(**opts.plan_args())
         job = pipeline.Job.of(model, num, plan, None, uncond, opts)
         images = pipeline.generate(model, opts, job, progress=not o["quiet"], log=log)
-        yield f"{plan.name} " + ("uncond" if uncond else f"w={opts.guidance:g}"), images, job.labels(0, num)
+        eng = pipeline.engine(model, opts, plan, job.guided)   # the one that ran (the Model keeps its engines)
+        made.update(precision=getattr(eng, "precision", "fp32"), engine=eng.name, seed=opts.seed)
+        precision = "" if made["precision"] == "fp32" else f" {made['precision']}"
+        yield (f"{plan.name} " + ("uncond" if uncond else f"w={opts.guidance:g}") + precision, images,
+               job.labels(0, num))
 
     rows = evaluation.evaluate_sets(samples or generated(), data, classifier, train_classifier,
                                     progress=not o["quiet"], log=click.echo)
+    rows = [{"name": r["name"], **made, **r} for r in rows]
     click.echo(evaluation.format_table(rows))
     if json_out:
         write_text(json_out, json.dumps(rows, indent=2) + "\n")

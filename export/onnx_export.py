@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 from ..errors import DdpmError
 from ..files import building_dir, claim_dir, publish_owned, readable_name
 from ..model.io import LoadedModel, copy_to, require_onnx
-from ..runtime.bundle import EXPORT_FORMAT, META_FILE, file_sha256
+from ..runtime.bundle import EXPORT_FORMAT, META_FILE, Bundle, ExportError, file_sha256
 from ..runtime.schedule import Schedule
 from .cache import EXPORT_FOLDER, same_weights
 
@@ -137,13 +139,75 @@ def _embed_metadata(path: Path, meta: dict) -> None:
 
 def _holds(root: Path, weights_hash: str, precisions: list[str]) -> dict | None:
     """The metadata of a valid export of these weights in `root` with these precisions, else None."""
-    from ..runtime.bundle import Bundle, ExportError
-
     try:
         meta = Bundle.load(root, expected_hash=weights_hash).meta
     except ExportError:
         return None
     return meta if all(p in meta["files"] for p in precisions) else None
+
+
+def _salvage(root: Path, loaded: LoadedModel, opset: int) -> tuple[dict, list]:
+    """What of an export folder whose export.json is refused (Bundle.load) can be kept: (files {precision: entry},
+    generators [entry]), each entry of that export.json that passes on its own every check a loaded folder's entry
+    passes (Bundle.checked beside this checkpoint's own metadata: its record's schema and parity within its
+    tolerance; Bundle._member: its file's size, sha256 and embedded record of these weights, config and schedule).
+    Only at this opset. model_int8.onnx and the generators were verified against model.onnx, so they are kept only
+    with it; model_fp16.onnx was verified against PyTorch and stands alone. A refused export.json is not trusted as
+    a whole, but an entry that passes these checks on its own is the same evidence a trusted folder's entry gives:
+    dropping it would lose an artifact that no fault touched."""
+    from ..runtime.bundle import read_meta
+
+    try:
+        raw = read_meta(root / META_FILE)
+    except ExportError:
+        return {}, []
+    if not isinstance(raw, dict) or raw.get("opset") != opset or not isinstance(raw.get("files"), dict):
+        return {}, []
+    own = metadata(loaded, {}, opset)   # this checkpoint's own entries: what each kept file must agree with
+    files, generators = {}, []
+    for precision in FILES:   # fp32 first: int8 is kept only with it
+        entry = raw["files"].get(precision)
+        if entry is None or precision == "int8" and "fp32" not in files:
+            continue
+        try:
+            Bundle.checked(root, {**own, "files": {precision: entry}}, loaded.hash).onnx_path(precision)
+        except ExportError:
+            continue
+        files[precision] = entry
+    gens = raw.get("generators")
+    for g in gens if "fp32" in files and isinstance(gens, list) else []:
+        try:
+            Bundle.checked(root, {**own, "files": {"fp32": files["fp32"]}, "generators": [g]},
+                           loaded.hash).generator_path(g["plan_key"], g["form"])
+        except ExportError:
+            continue
+        generators.append(g)
+    return files, generators
+
+
+def _artifacts(root: Path) -> set[str]:
+    """The names of what ddpm export writes (cache.EXPORT_FOLDER) that the folder holds, export.json aside."""
+    try:
+        return {e.name for e in root.iterdir() if EXPORT_FOLDER.written.match(e.name)}
+    except OSError:
+        return set()
+
+
+def _say_lost(root: Path, before: set[str], why: str, loaded: LoadedModel, log) -> None:
+    """One line when the folder no longer holds artifacts it held before this export (names in `before`): which, why,
+    and the command that adds them back."""
+    import shlex
+
+    lost = sorted(before - _artifacts(root))
+    if not lost:
+        return
+    flags = [f for f, made in (("--fp16", FILES["fp16"] in lost), ("--int8", FILES["int8"] in lost),
+                                 ("--generator", any(n.startswith("generator-") for n in lost)),
+                                 ("--trt", any(n.endswith((".plan", ".plan.json", ".cache")) for n in lost))) if made]
+    gens = " (with the --sampler and --steps of each generator)" if "--generator" in flags else ""
+    log(f"{root} no longer holds {', '.join(lost)} ({why}); add {'it' if len(lost) == 1 else 'them'} back with "
+        f"`ddpm export --ckpt {shlex.quote(str(loaded.path))} --out {shlex.quote(str(root))} {' '.join(flags)}`"
+        f"{gens}")
 
 
 @dataclass
@@ -172,20 +236,38 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
     out = Path(out)
     same = same_weights(loaded.hash)
     claim_dir(out, EXPORT_FOLDER, same)   # before any work: a folder it may not replace is refused
+    before = _artifacts(out)
     old = _holds(out, loaded.hash, [])
     wanted = ["fp32"] + (["fp16"] if fp16 else []) + (["int8"] if int8 is not None else [])
-    kept = {}
+    kept, salvaged, why = {}, [], "this export did not make them again"
     if old is not None:
         if old.get("opset") == opset:
             kept = dict(old["files"])
+        else:
+            why = f"made at opset {old.get('opset')}; at opset {opset} int8 is made again only with --int8"
         # an int8 model needs its calibration data to be made again: at another opset it is dropped without it
         wanted = [p for p in FILES if p in wanted or p in old["files"] and (p != "int8" or p in kept)]
         if all(p in kept for p in wanted) or not replace and all(p in old["files"] for p in wanted):
             for precision in wanted:
                 log(f"{FILES[precision]}: kept (made and verified before)")
             return ExportResult(out, old)
+    elif (out / META_FILE).is_file():
+        # export.json refused: its entries that pass every check on their own are kept (_salvage), the rest remade
+        # or reported below
+        try:
+            Bundle.load(out, expected_hash=loaded.hash)
+        except ExportError as e:
+            why = f"its export.json was refused: {str(e).split('; re-run')[0]}"
+        kept, salvaged = _salvage(out, loaded, opset)
+        wanted = [p for p in FILES if p in wanted or p in kept]
     with building_dir(out) as tmp:
         files = {}
+        if old is None:   # the refused folder is replaced, not carried over: the kept files go in with the rest
+            for name in [kept[p]["name"] for p in kept] + [g["name"] for g in salvaged]:
+                try:
+                    os.link(out / name, tmp / name)
+                except OSError:   # another file system, or links not allowed there
+                    shutil.copy2(out / name, tmp / name)
         reference = copy_to(loaded.model, "cpu", torch.float32)   # whatever device or dtype the caller's model has
         for precision in wanted:
             if precision in kept:
@@ -209,10 +291,13 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
             f["bytes"] = (tmp / f["name"]).stat().st_size
         if old is not None and old.get("generators"):   # carried over with the rest of the folder (publish_owned)
             meta["generators"] = old["generators"]
+        elif salvaged:
+            meta["generators"] = salvaged
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         keep = None if replace else lambda p: _holds(p, loaded.hash, list(files))
         if not publish_owned(tmp, out, EXPORT_FOLDER, same, keep):
             return ExportResult(out, _holds(out, loaded.hash, list(files)))
+        _say_lost(out, before, why, loaded, log)
         return ExportResult(out, meta)
 
 

@@ -282,6 +282,26 @@ def plan_names(generators: list[dict], plan_key: str | None = None, plan: str | 
                                    for n, k in zip(names[:len(generators)], keys)))
 
 
+def read_meta(meta_path: Path):
+    """export.json parsed, not yet checked (any JSON value), read within the bounds an export's metadata never
+    exceeds (MAX_META_BYTES, MAX_META_CONTAINERS). ExportError (one line) for a file that is not one, too large or
+    unreadable JSON."""
+    input_path(meta_path, ExportError, "; re-run `ddpm export`")   # a file, not a folder, a pipe, a dead link
+    try:
+        size = meta_path.stat().st_size
+        if size > MAX_META_BYTES:
+            raise ExportError(f"{meta_path} holds {size >> 20} MiB, more than an export's metadata ever does "
+                              f"({MAX_META_BYTES >> 20} MiB); re-run `ddpm export`")
+        text = meta_path.read_bytes()
+        containers = text.count(b"{") + text.count(b"[")
+        if containers > MAX_META_CONTAINERS:
+            raise ExportError(f"{meta_path} holds {containers} JSON objects and arrays, more than an export's "
+                              f"metadata ever does ({MAX_META_CONTAINERS}); re-run `ddpm export`")
+        return json.loads(text)
+    except (OSError, ValueError, RecursionError) as e:
+        raise ExportError(f"{meta_path} is unreadable ({clip(e)}); re-run `ddpm export`") from None
+
+
 @dataclass
 class Bundle:
     """An export folder, loaded: its root and its export.json (meta), checked (Bundle.load)."""
@@ -301,20 +321,15 @@ class Bundle:
             clean_stale(root.parent, root.name)
         if not os.path.lexists(meta_path):
             raise ExportError(f"{root} is not an export folder (no {META_FILE}); create one with `ddpm export`")
-        input_path(meta_path, ExportError, "; re-run `ddpm export`")   # a file, not a folder, a pipe, a dead link
-        try:
-            size = meta_path.stat().st_size
-            if size > MAX_META_BYTES:
-                raise ExportError(f"{meta_path} holds {size >> 20} MiB, more than an export's metadata ever does "
-                                  f"({MAX_META_BYTES >> 20} MiB); re-run `ddpm export`")
-            text = meta_path.read_bytes()
-            containers = text.count(b"{") + text.count(b"[")
-            if containers > MAX_META_CONTAINERS:
-                raise ExportError(f"{meta_path} holds {containers} JSON objects and arrays, more than an export's "
-                                  f"metadata ever does ({MAX_META_CONTAINERS}); re-run `ddpm export`")
-            meta = json.loads(text)
-        except (OSError, ValueError, RecursionError) as e:
-            raise ExportError(f"{meta_path} is unreadable ({clip(e)}); re-run `ddpm export`") from None
+        return cls.checked(root, read_meta(meta_path), expected_hash)
+
+    @classmethod
+    def checked(cls, root, meta, expected_hash: str | None = None) -> "Bundle":
+        """The export folder `root` with the metadata `meta` (parsed JSON, e.g. read_meta's), checked as `load`
+        checks export.json: against META, its entries against each other, its checkpoint_hash against
+        expected_hash. ExportError (one line naming the entry) otherwise."""
+        root = Path(root)
+        meta_path = root / META_FILE
         META.check(meta, meta_path, ExportError)
         cls._check_consistent(meta_path, meta)
         if expected_hash is not None and meta["checkpoint_hash"] != expected_hash:

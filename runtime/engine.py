@@ -62,9 +62,11 @@ class Engine(Protocol):
 
     name: str             # the engine's name in runtime.engines.ENGINES
     device: str           # where its buffers and network live: "cpu", "cuda:0", ...
-    dtype: str            # the network's precision: "float32" or "float16"
+    dtype: str            # the network's input and output: "float32" or "float16"
     supports: Supports
     closed: bool          # True after close()
+    # what the network computes in: "fp32", "fp16" or "int8" (model_int8.onnx's convolutions, float32 in and out)
+    precision: str = "fp32"
 
     def run(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, plan: Plan, guidance: float,
             callback: StepCallback | None = None, edit=None, y: np.ndarray | None = None,
@@ -97,6 +99,14 @@ class Engine(Protocol):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def engine_label(engine) -> str:
+    """The engine's name with its precision where that is not fp32 ("onnx", "onnx int8", "trt fp16"), as the last
+    line of gen and the editing commands names what ran (`ddpm bench` names its int8 row the same way). Any object
+    with a `name` (an engine given to the API that is not one of runtime.engines') is fp32 unless it says otherwise."""
+    precision = getattr(engine, "precision", "fp32")
+    return engine.name if precision == "fp32" else f"{engine.name} {precision}"
 
 
 class CountedEngine(Engine):

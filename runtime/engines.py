@@ -97,7 +97,8 @@ BuildTrt = Callable[..., Path]
 # have a pixel above 2 grey levels in their 1-pixel frame whichever Convs stay fp32 (fp32: 71.2%, 68.4% at another
 # seed); with the last row (t = 124, sigma 0.43) fp32, 75.8%; with the last two (t = 249, sigma 0.95) 71.4%, as fp32,
 # and a mean difference from the fp32 digits of 0.80 grey levels (1.44 with every row int8). 4 of the default plan's
-# 12 network images per digit then run fp32.
+# 12 network images per digit then run fp32. The plan's last network row runs fp32 whatever its sigma (the runner's
+# last_t, runtime.nets.OnnxNet.bind): its x0_hat is the output in a plan of 1-3 trailing steps too.
 INT8_FP32_SIGMA = 1.0
 
 
@@ -122,7 +123,8 @@ def make_engine(name: str, *, device: str = "cpu", model=None, null_label: int =
     (None: EngineUnavailable naming `ddpm export --trt`). plan: the plan the engine will run, which onnx-generator
     needs to find its generator.onnx. threads: onnxruntime's CPU threads (runtime.nets.ort_cpu_options). log(line):
     where a one-time build says what it does. int8: the onnx engine on a CPU with the export's model_int8.onnx
-    (its rows at sigma <= INT8_FP32_SIGMA with model.onnx). Raises EngineUnavailable with what is missing.
+    (its rows at sigma <= INT8_FP32_SIGMA, and each plan's last network row, with model.onnx). Raises
+    EngineUnavailable with what is missing.
     """
     device = str(device)
     if name not in ENGINES:

@@ -1,7 +1,10 @@
 """Noise predictors for the preallocated runtime. A net hands out *bound calls*, each tied to one runner's buffers:
 
-    call = net.bind(x_in, t_in, y_in, eps_out)   # once, when the runner is built
-    call()                                       # eps_out <- eps_theta(x_in, t_in, y_in), every step
+    call = net.bind(x_in, t_in, y_in, eps_out, last_t)   # once, when the runner is built
+    call()                                               # eps_out <- eps_theta(x_in, t_in, y_in), every step
+
+last_t is the t of the runner's plan's last network row, whose x0_hat is the output: a net that runs a reduced
+precision model (int8: OnnxNet with fp32_path) runs the rows at t <= last_t at full precision; the others ignore it.
 
 Every bound call owns its binding (onnxruntime IO bindings, a TensorRT execution context with its own shapes and
 addresses, the torch tensors), so two runners of one net never see each other's buffers; its `close()` drops them.
@@ -181,7 +184,7 @@ class TorchNet(_CudaStream):
     def make_ops(self) -> TorchOps:
         return TorchOps(self.device)
 
-    def bind(self, x_in, t_in, y_in, eps_out) -> _TorchCall:
+    def bind(self, x_in, t_in, y_in, eps_out, last_t: int = -1) -> _TorchCall:
         return _TorchCall(self.model, (x_in, t_in, y_in), eps_out)
 
     def versions(self) -> dict[str, str]:
@@ -280,7 +283,8 @@ class OnnxNet(_CudaStream):
             providers = ["CPUExecutionProvider"]
         self.sess = ort_session(ort, onnx_path, so, providers)
         self.path = Path(onnx_path)
-        # rows at t <= fp32_max_t run the fp32 model at fp32_path instead (the int8 model's last rows: runtime.engines)
+        # rows at t <= fp32_max_t run the fp32 model at fp32_path instead (the int8 model's last rows: runtime.engines),
+        # and so do those at or below the plan's last network row (bind's last_t)
         self.fp32_max_t = fp32_max_t
         self.fp32_sess = None if fp32_path is None else ort_session(ort, fp32_path, so, providers)
         io = {a.name: ("input", _ORT_NAMES.get(a.type, a.type)) for a in self.sess.get_inputs()}
@@ -288,15 +292,19 @@ class OnnxNet(_CudaStream):
         self.io_types = io
         check_io(io, None, str(onnx_path))   # now, not when the first runner binds it inside a generation
         self.dtype = io["x"][1]
+        # with fp32_path the model at onnx_path is model_int8.onnx: float32 in and out, int8 convolutions
+        self.precision = "int8" if fp32_path is not None else "fp16" if self.dtype == "float16" else "fp32"
         self.provider = self.sess.get_providers()[0]
         self.chunk = chunk or (None if _is_cuda(self.device) else self.CPU_CHUNK)
 
     def make_ops(self):
         return TorchOps(self.device) if _is_cuda(self.device) else NumpyOps()
 
-    def bind(self, x_in, t_in, y_in, eps_out):
+    def bind(self, x_in, t_in, y_in, eps_out, last_t: int = -1):
         """A call with its own IO bindings: one per slice of the batch (one in all on a GPU), each to views of the
-        given buffers."""
+        given buffers. With fp32_path, its rows at t <= max(fp32_max_t, last_t) run the fp32 model: those at sigma
+        <= runtime.engines.INT8_FP32_SIGMA, and always the plan's last network row (last_t), whose x0_hat is the
+        output, whatever its sigma (a plan of 1-3 trailing steps, a distilled student)."""
         bufs = {"x": x_in, "t": t_in, "y": y_in, "eps": eps_out}
         check_io(self.io_types, bufs, str(self.path))
         if _is_cuda(self.device):
@@ -322,7 +330,7 @@ class OnnxNet(_CudaStream):
         call = _OnnxCall(self.sess, bound(self.sess), bufs)
         if self.fp32_sess is not None:
             call.fp32 = _OnnxCall(self.fp32_sess, bound(self.fp32_sess), bufs)
-            call.fp32_max_t = self.fp32_max_t
+            call.fp32_max_t = max(self.fp32_max_t, last_t)
         return call
 
     def versions(self) -> dict[str, str]:

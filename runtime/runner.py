@@ -89,9 +89,12 @@ class Runner:
         R = len(self.x0)
         self.ring = [(int(k[i]) % R, int(k[i] - 1) % R, int(k[i] - 2) % R) for i in range(S)]
         # -- the network calls bound to THIS runner's buffers (no other runner can feed them): the whole batch, and
-        # the conditional half alone for guided runs with rows outside the guidance interval
-        self.call = net.bind(self.x_in, self.t_in, self.y_in, self.eps)
-        self.call_cond = (net.bind(self.x_in[:B], self.t_in[:B], self.y_in[:B], self.eps[:B])
+        # the conditional half alone for guided runs with rows outside the guidance interval. last_t: the t of the
+        # last network row, whose x0_hat is the output (an int8 net runs it in fp32, runtime.nets)
+        net_rows = np.flatnonzero(plan.calls_net)
+        last_t = int(plan.timesteps[net_rows[-1]]) if len(net_rows) else -1
+        self.call = net.bind(self.x_in, self.t_in, self.y_in, self.eps, last_t)
+        self.call_cond = (net.bind(self.x_in[:B], self.t_in[:B], self.y_in[:B], self.eps[:B], last_t)
                           if guided and not plan.cfg[plan.calls_net].all() else None)
         # -- the edit's projection, bound to this runner's buffers; which rows project x, which x0_hat
         self.proj = edit.bind(ops, B, image_shape, self.z) if edit is not None else None
@@ -289,6 +292,7 @@ class RuntimeEngine(Engine):
                  max_runners: int = 8):
         self.net, self.null_label, self.image_shape, self.cuda_graph = net, null_label, tuple(image_shape), cuda_graph
         self.name, self.device, self.dtype = net.name, str(net.device), net.dtype
+        self.precision = getattr(net, "precision", None) or ("fp16" if net.dtype == "float16" else "fp32")
         self.supports = Supports(edits=True, states=True, max_batch=net.max_batch)
         self.max_runners = max_runners
         self.runners: OrderedDict = OrderedDict()   # key -> idle runners of that key, most recently used last

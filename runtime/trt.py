@@ -170,7 +170,7 @@ class TrtNet(_CudaStream):
     def make_ops(self) -> TorchOps:
         return TorchOps(self.device)
 
-    def bind(self, x_in, t_in, y_in, eps_out) -> _TrtCall:
+    def bind(self, x_in, t_in, y_in, eps_out, last_t: int = -1) -> _TrtCall:
         """A call with its own execution context: input shapes and all four tensor addresses set once, here.
         EngineUnavailable when the buffers' names, modes, dtypes or batch do not fit the engine."""
         bufs = {"x": x_in, "t": t_in, "y": y_in, "eps": eps_out}

@@ -211,7 +211,7 @@ def test_edit_loops_allocate_nothing(setup):
         r.load(x_T, z, np.array([1, 2, 3]), 1.5, y, mask)
         assert traced_peak(r.loop) < 784 * 4, name
         net = TorchNet(loaded.model, "cpu")
-        net.bind = lambda x_in, t_in, y_in, eps_out: (lambda: eps_out.neg_())
+        net.bind = lambda x_in, t_in, y_in, eps_out, last_t=-1: (lambda: eps_out.neg_())
         rt = Runner(net, 3, plan, True, 10, MNIST, edit=proj)
         rt.load(x_T, z, np.array([1, 2, 3]), 1.5, y, mask)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

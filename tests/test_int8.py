@@ -71,6 +71,58 @@ def test_last_rows_run_fp32(ckpt, int8_export, monkeypatch):
     assert np.array_equal(api.load(ckpt, int8_export).generate(4, steps=4, engine="onnx", int8=True), fp32)
 
 
+@pytest.mark.parametrize("steps, rows", [(1, "f"), (3, "iif"), (8, "iiiiiiff")])
+def test_last_row_runs_fp32_whatever_its_sigma(ckpt, int8_export, monkeypatch, steps, rows):
+    """Under int8 the rows at sigma <= INT8_FP32_SIGMA run model.onnx (the last two of UniPC-8 trailing: t = 249,
+    124), and so does the plan's last network row whatever its sigma, since its x0_hat is the output: UniPC-3
+    trailing (t = 999, 666, 333, sigma 1.46 at 333) runs its last row fp32, UniPC-1 its only one. rows: the model each
+    network call ran, i(nt8) or f(p32)."""
+    import onnxruntime as ort
+
+    ran = []
+    run = ort.InferenceSession.run_with_iobinding
+
+    def spy(sess, *a, **kw):
+        ran.append("f" if sess._model_path.endswith("model.onnx") else "i")
+        return run(sess, *a, **kw)
+
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", spy)
+    api.load(ckpt, int8_export).generate(2, steps=steps, engine="onnx", int8=True)
+    assert "".join(ran) == rows
+
+
+def test_the_last_line_and_eval_name_the_precision(ckpt, int8_export, fake_mnist, tmp_path):
+    """gen and the editing commands say "onnx int8" in their last line (plain "onnx" at fp32); eval names its row
+    with int8 and its JSON records precision, engine and seed (null for --samples files: not known)."""
+    common = ["--ckpt", ckpt, "--export", int8_export, "-n", 2, "--steps", 2, "-q"]
+    last = lambda r: r.stdout.strip().splitlines()[-1]
+    for cmd in (["gen"], ["upscale", "--factor", 2, "--image", _digit(tmp_path)]):
+        r = invoke(*cmd, *common, "--int8", "--out", tmp_path / "a.png")
+        assert r.exit_code == 0 and "guidance 0.45, onnx int8) in" in last(r), r.output
+        r = invoke(*cmd, *common, "--out", tmp_path / "a.png")
+        assert r.exit_code == 0 and "guidance 0.45, onnx) in" in last(r), r.output
+    r = invoke("eval", *common, "--int8", "--seed", 5, "--data", fake_mnist, "--json", tmp_path / "e.json")
+    assert r.exit_code == 0, r.output
+    row = json.loads((tmp_path / "e.json").read_text())[0]
+    assert row["name"].endswith(" w=0.45 int8") and row["name"] in r.output, r.output
+    assert (row["precision"], row["engine"], row["seed"]) == ("int8", "onnx", 5)
+    invoke("gen", *common, "--out", tmp_path / "s.npz")
+    r = invoke("eval", "--samples", tmp_path / "s.npz", "--data", fake_mnist, "-q", "--json", tmp_path / "s.json")
+    row = json.loads((tmp_path / "s.json").read_text())[0]
+    assert r.exit_code == 0
+    assert (row["name"], row["precision"], row["engine"], row["seed"]) == ("s.npz", None, None, None)
+
+
+def _digit(tmp_path):
+    """A 28x28 picture with a bar: an input for the editing commands."""
+    from PIL import Image
+
+    bar = np.zeros((28, 28), np.uint8)
+    bar[10:14, 4:24] = 255
+    Image.fromarray(bar).save(tmp_path / "bar.png")
+    return tmp_path / "bar.png"
+
+
 def test_tampered_int8_file_refused(ckpt, int8_export, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(int8_export, copy)
@@ -80,6 +132,53 @@ def test_tampered_int8_file_refused(ckpt, int8_export, tmp_path):
     r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--int8", "--out", tmp_path / "a.png")
     assert r.exit_code == 1 and "sha256 differs" in r.output and "ddpm export --int8" in r.output
     assert "Traceback" not in r.output
+
+
+def _damaged(int8_export, tmp_path, edit):
+    """A copy of the int8 export whose export.json `edit(meta)` changed."""
+    copy = tmp_path / "copy"
+    shutil.copytree(int8_export, copy)
+    meta = json.loads((copy / "export.json").read_text())
+    edit(meta)
+    (copy / "export.json").write_text(json.dumps(meta))
+    return copy
+
+
+def test_repairing_export_says_what_the_folder_lost(ckpt, int8_export, tmp_path):
+    """A damaged int8 entry makes export.json refused as a whole (fp32 too), in a message naming the entry; the
+    repairing `ddpm export` keeps what passes every check on its own (model.onnx, not made again) and names what the
+    folder no longer holds with the command that adds it back. A damaged model.onnx entry takes int8 with it (int8
+    was verified against that model)."""
+    copy = _damaged(int8_export, tmp_path, lambda m: m["files"].update(int8=None))
+    r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--out", tmp_path / "a.png")
+    assert r.exit_code == 1 and "files['int8'] must be an object" in r.output, r.output
+    r = invoke("export", "--ckpt", ckpt, "--out", copy)
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and "model.onnx: kept (made and verified before)" in said, r.output
+    assert f"{copy} no longer holds model_int8.onnx (its export.json was refused: " in said, r.output
+    assert "add it back with `ddpm export --ckpt " in said and f" --out {copy} --int8`" in said, r.output
+    r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--out", tmp_path / "a.png")
+    assert r.exit_code == 0, r.output
+    shutil.rmtree(copy)
+    copy = _damaged(int8_export, tmp_path, lambda m: m["files"]["fp32"]["parity"].update(error=1.0))
+    r = invoke("export", "--ckpt", ckpt, "--out", copy)
+    assert r.exit_code == 0 and "no longer holds model_int8.onnx" in r.output and "--int8`" in r.output, r.output
+
+
+def test_repairing_export_keeps_the_entries_that_pass(ckpt, int8_export, tmp_path):
+    """An export.json refused for one entry (here an fp16 record over its tolerance, of a file that is not there):
+    the repairing `ddpm export` keeps model.onnx and model_int8.onnx, whose records and files pass every check, so
+    that --int8 runs again without a new calibration, and says nothing was lost."""
+    def bad_fp16(meta):
+        meta["files"]["fp16"] = {**meta["files"]["fp32"], "name": "model_fp16.onnx",
+                                 "parity": {**meta["files"]["fp32"]["parity"], "error": 1.0, "tolerance": 0.02}}
+    copy = _damaged(int8_export, tmp_path, bad_fp16)
+    sha = (copy / "model_int8.onnx").read_bytes()
+    r = invoke("export", "--ckpt", ckpt, "--out", copy)
+    assert r.exit_code == 0 and "model_int8.onnx: kept" in r.output and "no longer holds" not in r.output, r.output
+    assert (copy / "model_int8.onnx").read_bytes() == sha
+    r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--int8", "--out", tmp_path / "a.png")
+    assert r.exit_code == 0 and "onnx int8" in r.output, r.output
 
 
 def test_int8_where_it_cannot_run(ckpt, tiny_export, int8_export, tmp_path):

@@ -101,7 +101,7 @@ def test_torch_runner_loop_allocates_only_in_the_network(setup):
     loaded = setup[0]
     plan = ddim_plan(setup[1].schedule, 5, eta=0.5)
     net = TorchNet(loaded.model, CPU)
-    net.bind = lambda x_in, t_in, y_in, eps_out: (lambda: eps_out.neg_())   # an allocation-free "network"
+    net.bind = lambda x_in, t_in, y_in, eps_out, last_t=-1: (lambda: eps_out.neg_())   # an allocation-free "network"
     r = Runner(net, 3, plan, True, 10, MNIST)
     x_T, z = make_noise(0, 0, 3, plan.num_slots, MNIST)
     r.load(x_T, z, np.array([1, 2, 3]), 1.5)
