@@ -40,10 +40,11 @@ def _trace_key(model: torch.nn.Module, precision: str, opset: int) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def traced_once():
-    """Each network is traced to ONNX once per session: onnx_export.to_onnx's file (about half an export's CPU time)
-    is kept by _trace_key and written again for a later export of the same weights; the rest of the chain (check,
-    verify against PyTorch, metadata, publish) runs every time. A test that patches to_onnx replaces this too.
-    DDPM_TEST_TRACE_CHECK=1 traces every time and asserts the file is byte for byte the one kept."""
+    """Each network is traced to ONNX once per session: onnx_export.to_onnx's file (some 200 KB for a tiny model; the
+    trace is some 60% of an export's time under cProfile) is kept by _trace_key and written again for a later export
+    of the same weights; the rest of the chain (check, verify against PyTorch, metadata, publish) runs every time. A
+    test that patches to_onnx replaces this too. DDPM_TEST_TRACE_CHECK=1 traces every time and asserts the file is
+    byte for byte the one kept."""
     from ddpm.export import onnx_export
 
     real, made, check = onnx_export.to_onnx, {}, os.environ.get("DDPM_TEST_TRACE_CHECK") == "1"
