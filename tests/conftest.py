@@ -1,4 +1,5 @@
 import functools
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +23,44 @@ def private_cache(tmp_path_factory):
     """Exports made on first use (engine auto/onnx) go to a throwaway cache, never into the user's home."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+def _trace_key(model: torch.nn.Module, precision: str, opset: int) -> str:
+    """What onnx_export.to_onnx's file is a function of: the module's class and config, every weight and buffer
+    (name, dtype, shape, bytes), the precision and the opset (torch and the tracing code are fixed in a session)."""
+    h = hashlib.sha256(repr((type(model).__module__, type(model).__qualname__, getattr(model, "cfg", None), precision,
+                             opset)).encode())
+    for name, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        h.update(f"{name} {v.dtype} {tuple(v.shape)}".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def traced_once():
+    """Each network is traced to ONNX once per session: onnx_export.to_onnx's file (some 200 KB for a tiny model; the
+    trace is some 60% of an export's time under cProfile) is kept by _trace_key and written again for a later export
+    of the same weights; the rest of the chain (check, verify against PyTorch, metadata, publish) runs every time. A
+    test that patches to_onnx replaces this too. DDPM_TEST_TRACE_CHECK=1 traces every time and asserts the file is
+    byte for byte the one kept."""
+    from ddpm.export import onnx_export
+
+    real, made, check = onnx_export.to_onnx, {}, os.environ.get("DDPM_TEST_TRACE_CHECK") == "1"
+
+    @functools.wraps(real)
+    def to_onnx(model, path, precision, opset=17):
+        key = _trace_key(model, precision, opset)
+        if key in made and not check:
+            Path(path).write_bytes(made[key])
+            return
+        real(model, path, precision, opset)
+        data = Path(path).read_bytes()
+        assert made.setdefault(key, data) == data, f"{path}: tracing the same network twice gave other bytes"
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_export, "to_onnx", to_onnx)
         yield
 
 

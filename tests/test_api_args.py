@@ -265,11 +265,17 @@ def test_a_plan_of_another_schedule_is_refused(model, other_schedules, other, me
     assert model.generate(1, plan=model.plan("ddim", 2), engine="torch", device="cpu").shape == (1, 28, 28)
 
 
+CHEAP = dict(n=1, batch=1, engine="torch", device="cpu")
+
+
 def test_the_plans_edits_make_pass_the_plan_check(model):
     """RePaint's re-noising rows start from a lower noise level than their t's: the check looks at the rows that
     call the network, so the plans the edits make themselves (all through Model.engine(plan=...)) are never refused."""
-    cheap = dict(n=1, batch=1, engine="torch", device="cpu")
-    assert model.inpaint(DIGIT, "top", steps=4, jump=2, resample=2, **cheap).shape == (1, 28, 28)
-    assert model.inpaint(DIGIT, "top", sampler="ddpm", jump=10, resample=2, **cheap).shape == (1, 28, 28)
-    assert model.restore(DIGIT, sigma=0.3, **cheap).shape == (1, 28, 28)
-    assert model.upscale(DIGIT[::2, ::2], steps=3, **cheap).shape == (1, 28, 28)
+    assert model.inpaint(DIGIT, "top", steps=4, jump=2, resample=2, **CHEAP).shape == (1, 28, 28)
+    assert model.restore(DIGIT, sigma=0.3, **CHEAP).shape == (1, 28, 28)
+    assert model.upscale(DIGIT[::2, ::2], steps=3, **CHEAP).shape == (1, 28, 28)
+
+
+@pytest.mark.slow   # T network calls and the re-noised rows: the DDIM RePaint plan above is the inner loop's case
+def test_the_ddpm_samplers_repaint_plan_passes_the_plan_check(model):
+    assert model.inpaint(DIGIT, "top", sampler="ddpm", jump=10, resample=2, **CHEAP).shape == (1, 28, 28)

@@ -99,6 +99,7 @@ def _distance(student, teacher, cfg, fake_mnist):
     return loss, [(x0_hat - want)[rows == r].pow(2).mean().item() for r in range(ts.rows)]
 
 
+@pytest.mark.slow   # 12 distillation steps; the inner loop checks the steps' maths above and the options below
 def test_a_few_steps_move_the_students_step_towards_the_teachers_two(fake_mnist, teacher, tmp_path):
     """`ddpm distill` for 12 steps (guidance folded into the first round, 4 -> 2 steps): the loss falls, and on a
     fixed batch the student's x0_hat is nearer the two-step target x~, at both of its rows, than the teacher's was."""

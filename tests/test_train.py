@@ -10,7 +10,7 @@ from ddpm.model.io import load_checkpoint, load_model
 from ddpm.runtime.schedule import Schedule
 from ddpm.train import loop
 from ddpm.train.loop import TrainConfig, TrainingError, diffusion_loss, train
-from helpers import invoke
+from helpers import invoke, tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("small_sample_grids")   # these tests are about runs, not their samples.png
 
@@ -322,7 +322,8 @@ def test_resume_refuses_an_option_it_cannot_honour(fake_mnist, tmp_path):
     too, and takes the one recorded."""
     run = tmp_path / "run"
     base = ("train", "--data", fake_mnist, "--preset", "tiny", "--timesteps", 10, "--batch", 4, "--device", "cpu")
-    assert invoke(*base, "--steps", 2, "--out", tmp_path / "other").exit_code == 0
+    (tmp_path / "other").mkdir()
+    tiny_checkpoint(tmp_path / "other")   # another model's weights
     assert invoke(*base, "--steps", 2, "--out", run).exit_code == 0
     before = (run / "options.json").read_bytes()
     for init in (tmp_path / "other", run):
