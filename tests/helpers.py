@@ -53,3 +53,16 @@ def slow_except(values, *keep) -> list:
     other one is marked slow. A tuple stands for the arguments of one case."""
     return [v if v in keep else pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=pytest.mark.slow)
             for v in values]
+
+
+class LazyModule:
+    """A module imported on the first attribute read: diffusers takes 2-4 CPU-s to import, which every pytest-xdist
+    worker would pay at collection although only a few tests use it."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attr)

@@ -11,9 +11,9 @@ import torch
 from ddpm.export import diffusers as dx
 from ddpm.model.config import ModelConfig
 from ddpm.runtime.schedule import Schedule
-from helpers import TINY, invoke, randomised_unet, tiny_checkpoint
+from helpers import TINY, LazyModule, invoke, randomised_unet, tiny_checkpoint
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = LazyModule("diffusers")   # the `test` extra
 
 BLOCK = dataclasses.replace(TINY, block="diffusers")   # 1x28x28, 8 channels (x1, x2), attention, 10 classes, T=100
 

@@ -32,20 +32,19 @@ from ddpm.model.diffusers import DiffusersMissing
 from ddpm.model.io import default_model_path, load_model, read_model_info
 from ddpm.runtime.bundle import META_FILE, Bundle, ExportError
 from ddpm.runtime.schedule import Schedule
-from helpers import invoke, slow_except
+from helpers import LazyModule, invoke, slow_except
 
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel   # the `test` extra
-from diffusers.schedulers import scheduling_ddpm
+diffusers = LazyModule("diffusers")   # the `test` extra
 
 T, STEPS, DDPM_T, B = 100, 10, 20, 3
 DDIM_TOL, DDPM_TOL, GREY_TOL = 1e-5, 1e-4, 1
 KINDS = {"uncond28": ((1, 28, 28), None), "cond28": ((1, 28, 28), 11), "rgb32": ((3, 32, 32), None)}
 
 
-def tiny_unet(shape, classes=None, seed=0) -> UNet2DModel:
+def tiny_unet(shape, classes=None, seed=0) -> "diffusers.UNet2DModel":
     """A UNet2DModel of (8, 16) channels whose weights are perturbed, so that t and y visibly matter."""
     torch.manual_seed(seed)
-    unet = UNet2DModel(sample_size=shape[1], in_channels=shape[0], out_channels=shape[0], block_out_channels=(8, 16),
+    unet = diffusers.UNet2DModel(sample_size=shape[1], in_channels=shape[0], out_channels=shape[0], block_out_channels=(8, 16),
                        layers_per_block=1, norm_num_groups=4, attention_head_dim=8, num_class_embeds=classes,
                        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
     with torch.no_grad():
@@ -57,7 +56,7 @@ def tiny_unet(shape, classes=None, seed=0) -> UNet2DModel:
 def save(folder, unet, **scheduler):
     """A DDPMPipeline folder of `unet` with a DDPMScheduler of these settings (T by default); a class-conditional
     one declares its last class as the null class (ddpm.json)."""
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**{"num_train_timesteps": T, **scheduler})).save_pretrained(folder)
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**{"num_train_timesteps": T, **scheduler})).save_pretrained(folder)
     if unet.config.num_class_embeds:
         (folder / "ddpm.json").write_text(json.dumps({"null_class": unet.config.num_class_embeds - 1}))
     return folder
@@ -107,8 +106,8 @@ def unet_eps(unet, x, t, labels, guidance=0.0):
 
 
 def diffusers_ddim(folder, x_T, labels, guidance=0.0):
-    unet = UNet2DModel.from_pretrained(folder / "unet").eval()
-    sched = DDIMScheduler.from_pretrained(folder / "scheduler", timestep_spacing="trailing")
+    unet = diffusers.UNet2DModel.from_pretrained(folder / "unet").eval()
+    sched = diffusers.DDIMScheduler.from_pretrained(folder / "scheduler", timestep_spacing="trailing")
     sched.set_timesteps(STEPS)
     x = torch.from_numpy(x_T)
     with torch.no_grad():
@@ -153,13 +152,13 @@ def test_ddpm_with_the_same_noise_gives_diffusers_images(ddpm_folders, kind, eng
     x_T, labels = inputs(model)
     plan = model.plan("ddpm", guidance_interval=None)
     z = np.random.default_rng(1).standard_normal((B, plan.num_slots, *model.image_shape)).astype(np.float32)
-    unet = UNet2DModel.from_pretrained(folder / "unet").eval()
-    sched = DDPMScheduler.from_pretrained(folder / "scheduler")
+    unet = diffusers.UNet2DModel.from_pretrained(folder / "unet").eval()
+    sched = diffusers.DDPMScheduler.from_pretrained(folder / "scheduler")
     sched.set_timesteps(DDPM_T)
     assert np.array_equal(sched.timesteps.numpy(), plan.timesteps)
     slots = iter(range(plan.num_slots))
     x = torch.from_numpy(x_T)
-    with mock.patch.object(scheduling_ddpm, "randn_tensor", lambda *a, **k: torch.from_numpy(z[:, next(slots)])), \
+    with mock.patch.object(diffusers.schedulers.scheduling_ddpm, "randn_tensor", lambda *a, **k: torch.from_numpy(z[:, next(slots)])), \
             torch.no_grad():
         for t in sched.timesteps:
             x = sched.step(unet_eps(unet, x, t, labels), t, x).prev_sample
@@ -184,7 +183,7 @@ def test_schedule_recipes_reach_the_runtime(folders, tmp_path, recipe):
     relative where beta is clipped at 0.999 (squaredcos_cap_v2's last step), hence rtol 1e-4."""
     folder = variant(folders["uncond28"], tmp_path / recipe, **RECIPES[recipe])
     model = ddpm.load(folder)
-    theirs = DDPMScheduler.from_pretrained(folder / "scheduler").alphas_cumprod.numpy()
+    theirs = diffusers.DDPMScheduler.from_pretrained(folder / "scheduler").alphas_cumprod.numpy()
     assert np.allclose(model.schedule.alphas_cumprod, theirs, rtol=1e-4, atol=0)
     x_T, labels = inputs(model)
     _, want = diffusers_ddim(folder, x_T, labels)
@@ -372,7 +371,7 @@ def test_a_config_declaring_a_huge_network_is_refused_before_it_is_built(folders
     """The parameters a unet config declares are counted on the meta device (no memory) and bounded by MAX_PARAMS
     before the network is built: a small folder must not take GBs of memory."""
     folder = variant(folders["uncond28"], tmp_path / "f", unet_config={"block_out_channels": [16384, 32768]})
-    with mock.patch.object(UNet2DModel, "load_state_dict", side_effect=AssertionError("the network was built")):
+    with mock.patch.object(diffusers.UNet2DModel, "load_state_dict", side_effect=AssertionError("the network was built")):
         with pytest.raises(DdpmError, match=r"declares a UNet2DModel of [\d,]+ parameters, more than the "
                                             r"268,435,456") as e:
             load_model(folder)

@@ -15,9 +15,10 @@ from ddpm.runtime.samplers import (SPACINGS, ddim_plan, dpmpp_2m_plan, half_log_
                                    unipc_plan)
 from ddpm.runtime.schedule import Schedule
 
+from helpers import LazyModule
 from test_samplers import MU, closed_form_x0, gaussian_eps   # the Gaussian data whose exact eps is known
-from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler   # the `test` extra
-from diffusers.schedulers import scheduling_dpmsolver_multistep
+
+diffusers = LazyModule("diffusers")   # the `test` extra
 
 SCHED = Schedule.make("linear", 1000)
 SOLVERS = {"dpm++2m": dpmpp_2m_plan, "unipc": unipc_plan}
@@ -45,9 +46,9 @@ def diffusers_scheduler(sampler, sched, steps, spacing):
                   beta_schedule="linear", solver_order=2, lower_order_final=True, final_sigmas_type="zero",
                   timestep_spacing="trailing")
     if sampler == "dpm++2m":
-        ds = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_type="midpoint", **common)
+        ds = diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_type="midpoint", **common)
     else:
-        ds = UniPCMultistepScheduler(solver_type="bh2", predict_x0=True, **common)
+        ds = diffusers.UniPCMultistepScheduler(solver_type="bh2", predict_x0=True, **common)
     ds.set_timesteps(steps)
     if spacing == "trailing":
         t = ds.timesteps.numpy()
@@ -70,7 +71,7 @@ def diffusers_scheduler(sampler, sched, steps, spacing):
                                                 (100, 10, "trailing"), (100, 7, "linspace")])
 def test_trajectory_matches_diffusers(monkeypatch, sampler, T, steps, spacing):
     """Every state the network sees, and the output, equal diffusers' to float64 precision."""
-    monkeypatch.setattr(scheduling_dpmsolver_multistep, "torch", _Float64())
+    monkeypatch.setattr(diffusers.schedulers.scheduling_dpmsolver_multistep, "torch", _Float64())
     sched = Schedule.make("linear", T)
     ds, t = diffusers_scheduler(sampler, sched, steps, spacing)
     plan = SOLVERS[sampler](sched, steps, spacing, clip=False)
