@@ -372,13 +372,15 @@ def read_model_info(path: str | os.PathLike) -> tuple[ModelConfig, str, dict, Pa
     return cfg, weights_hash(cfg, state), info, path
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
+def load_model(path: str | os.PathLike, expected_hash: str | None = None) -> LoadedModel:
     """The model of a model.safetensors, ckpt.pt, run folder or diffusers folder (model/diffusers.py: needs diffusers
-    too), on the CPU in fp32 (needs PyTorch)."""
+    too), on the CPU in fp32 (needs PyTorch). expected_hash: the weights_hash an earlier read of `path` gave
+    (api.load): CheckpointError when the weights read now are others (the file was rewritten, or a relative path
+    now names another file), so that they never run under the identity of the ones read before."""
     from . import diffusers
 
     if diffusers.is_diffusers_folder(path):
-        return diffusers.load(path)
+        return _expected(diffusers.load(path), path, expected_hash)
     cfg, state, info = read_weights(path)
     from .unet import UNet
 
@@ -393,7 +395,13 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         parts = [f"{what} {', '.join(clip(k, 60) for k in keys[:3])}{' ...' if len(keys) > 3 else ''}"
                  for what, keys in (("missing", res.missing_keys), ("unexpected", res.unexpected_keys)) if keys]
         raise CheckpointError(f"{path}: weights do not fit the stored config ({'; '.join(parts)})")
-    return LoadedModel(model.eval(), cfg, weights_hash(cfg, state), path, info)
+    return _expected(LoadedModel(model.eval(), cfg, weights_hash(cfg, state), path, info), path, expected_hash)
+
+
+def _expected(loaded: LoadedModel, path, expected_hash: str | None) -> LoadedModel:
+    if expected_hash is not None and loaded.hash != expected_hash:
+        raise CheckpointError(f"{path} changed since ddpm.load() read it; load it again")
+    return loaded
 
 
 def copy_to(model, device, dtype=None):
