@@ -266,7 +266,8 @@ class DistillCheckpoints(Checkpoints):
         return super().due(done) or done in self.ends
 
     def contents(self, step: int) -> dict:
-        return dict(super().contents(step), teacher=self.teacher.state_dict(), distilled=self.distilled)
+        plan = recorded_plan(stage_at(self.run.cfg, max(step - 1, 0)).student_steps, self.distilled)
+        return dict(super().contents(step), teacher=self.teacher.state_dict(), distilled=self.distilled, plan=plan)
 
     def _outputs(self, step: int) -> dict:
         """name -> writer of the files of `step`: model.safetensors, samples.png and, at a stage's end, its
