@@ -47,3 +47,24 @@ def test_a_distillations_ckpt_pt_without_its_plan_is_refused(run, tmp_path):
     torch.save(ckpt, tmp_path / "ckpt.pt")
     with pytest.raises(DdpmError, match="does not record its student's plan; load model.safetensors"):
         read_model_info(tmp_path / "ckpt.pt")
+
+
+def test_a_teacher_rewritten_between_its_two_reads_is_refused(fake_mnist, tmp_path, monkeypatch):
+    """The teacher's hash (recorded in the students) and its weights (trained from) are read apart: a teacher file
+    rewritten in between is refused, never recorded under the other weights' hash."""
+    for name, seed in (("teacher", 0), ("other", 1)):
+        (tmp_path / name).mkdir()
+        tiny_checkpoint(tmp_path / name, seed=seed)
+    first = D.read_model_info
+
+    def then_rewritten(path):
+        info = first(path)
+        (tmp_path / "other" / "model.safetensors").replace(tmp_path / "teacher" / "model.safetensors")
+        return info
+
+    monkeypatch.setattr(D, "read_model_info", then_rewritten)
+    cfg = D.DistillConfig(data=str(fake_mnist), out=str(tmp_path / "run"), init=str(tmp_path / "teacher"),
+                          steps_from=4, steps_to=2, iters=1, fold_iters=0, batch_size=4, device="cpu")
+    with pytest.raises(D.TrainingError, match="changed while it was read; run the command again"):
+        D.distill(cfg, progress=False, log=lambda *_: None)
+    assert not (tmp_path / "run" / "options.json").exists()

@@ -51,7 +51,7 @@ from typing import ClassVar, Collection
 import numpy as np
 import torch
 
-from ..model.io import CKPT_FILE, MODEL_FILE, default_model_path, read_model_info, save_model
+from ..model.io import CKPT_FILE, MODEL_FILE, default_model_path, read_model_info, save_model, weights_hash
 from ..options import GUIDANCE, GUIDANCE_INTERVAL, MAX_GUIDANCE
 from ..runtime.samplers import Plan, ddim_plan, timesteps
 from ..runtime.schedule import Schedule
@@ -327,6 +327,8 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool, log, given) -> di
         distilled = {"guidance": cfg.guidance or folded, "guidance_interval": [cfg.guidance_lo, cfg.guidance_hi],
                      "teacher": teacher_hash, "teacher_steps": cfg.steps_from}
     run = resolve_run(cfg, resume, log, given)
+    if distilled is not None and weights_hash(run.mcfg, run.init_state) != distilled["teacher"]:   # read twice
+        raise TrainingError(f"the teacher {cfg.init} changed while it was read; run the command again")
     check(run.cfg, run.mcfg.timesteps)
     state = build_state(run)
     teacher = copy.deepcopy(state.model).eval().requires_grad_(False)
