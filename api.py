@@ -320,7 +320,8 @@ def load(path: str | os.PathLike | None = None, export: str | os.PathLike | None
     as `path` or `export`), or the shipped default model when both are None.
 
     With `path` and `export` both given, the export must have been made from that checkpoint (its hash is checked).
-    Reading a model.safetensors or an export folder needs no PyTorch; a ckpt.pt does. Raises DdpmError.
+    Reading a model.safetensors or an export folder needs no PyTorch; a ckpt.pt does. Raises DdpmError. The Model
+    keeps absolute paths; a later read of them that finds other weights (a rewritten file) raises DdpmError.
     """
     try:   # bound by absolute paths: a later chdir must not make them name other files
         path, export = (None if p is None else Path(p).absolute() for p in (path, export))
