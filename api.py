@@ -93,7 +93,7 @@ class Model:
                 if self.path is None:
                     raise DdpmError("this model is an export folder only; the torch engines need its checkpoint "
                                     "(--ckpt)")
-                self._torch_model = load_model(self.path).model
+                self._torch_model = load_model(self.path, self.hash).model   # the weights load() hashed, or one line
             return self._torch_model
 
     @checked
@@ -320,9 +320,11 @@ def load(path: str | os.PathLike | None = None, export: str | os.PathLike | None
     as `path` or `export`), or the shipped default model when both are None.
 
     With `path` and `export` both given, the export must have been made from that checkpoint (its hash is checked).
-    Reading a model.safetensors or an export folder needs no PyTorch; a ckpt.pt does. Raises DdpmError.
+    Reading a model.safetensors or an export folder needs no PyTorch; a ckpt.pt does. Raises DdpmError. The Model
+    keeps absolute paths; a later read of them that finds other weights (a rewritten file) raises DdpmError.
     """
-    try:
+    try:   # bound by absolute paths: a later chdir must not make them name other files
+        path, export = (None if p is None else Path(p).absolute() for p in (path, export))
         if path is not None and Path(path).is_dir() and os.path.lexists(Path(path) / META_FILE) and export is None:
             export, path = path, None
         if path is None and export is not None:

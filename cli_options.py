@@ -122,6 +122,49 @@ MODEL_FOLDERS = (
 )
 
 
+def _with_defaults(inputs: dict) -> dict:
+    """`inputs` with the folder a --data option given without a value reads ($DDPM_DATA, else the cache's MNIST
+    folder: train.data.resolve_data_dir), so that an output is checked against what the command will read."""
+    from .errors import DdpmError
+
+    if "--data" in inputs and not inputs["--data"]:
+        from .train.data import resolve_data_dir
+
+        try:
+            inputs = dict(inputs, **{"--data": str(resolve_data_dir(None))})
+        except DdpmError:   # no home folder to find it in: the command says so when it reads the data
+            pass
+    return inputs
+
+
+def _package_assets() -> str:
+    """The package's assets folder: the shipped model (what --ckpt's default reads), its export
+    (export.cache.shipped_dir), the classifier (eval's --classifier default)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+
+def _export_cache() -> str | None:
+    """The export cache (export.cache.cache_folder's parent): the export folders the sampling commands read, and
+    export on first use, without an option naming them."""
+    from .errors import DdpmError
+    from .locations import cache_dir
+
+    try:
+        return str(cache_dir("exports"))
+    except DdpmError:   # no home folder: no cache is read (the command says so where it needs one)
+        return None
+
+
+def _cached_export_file(path, exports: str) -> tuple[str, str] | None:
+    """(export folder, its own file) in the export cache that the output `path` would replace, by its real path
+    (a link to such a file counts), else None; a cache folder counts before it exists (a first use makes it)."""
+    if not _inside(path, exports):
+        return None
+    rel = os.path.relpath(_real(path), _real(exports)).replace(os.sep, "/")
+    name, _, own = rel.partition("/")
+    return (os.path.join(exports, name), own) if own and _export_folder_owns(own) else None
+
+
 def _folder_kinds(option: str, path) -> list[tuple[str, str, Callable[[str], bool]]]:
     """[(folder, what it is, the test of its own paths)] of the model input `path` given to `option`: the folder
     itself, or the folder of a file (--ckpt run/ckpt.pt reads the run), for each MODEL_FOLDERS kind whose marker it
@@ -167,11 +210,21 @@ def refuse_same_path(outputs: dict, inputs: dict | None = None, folders: tuple[s
                 if path is not None and str(path) != "":
                     yield option, path
 
+    inputs = _with_defaults(inputs or {})
     seen = [(option, path, "reads", False) for option, path in given(inputs)]
     owners = [(option, kind) for option, path in given(inputs) if option in MODEL_INPUTS
               for kind in _folder_kinds(option, path)]
+    assets, exports = _package_assets(), _export_cache() if inputs.keys() & {"--ckpt", "--export"} else None
     for option, path in given(outputs):
         folder = option in folders
+        if _same_path(path, assets) or _inside(path, assets):
+            raise click.UsageError(f"{option} {path} lies in the package's assets folder {assets}, which holds what "
+                                   f"the commands read (the shipped model, its export, the classifier); give "
+                                   f"{option} a path outside it")
+        cached = _cached_export_file(path, exports) if exports else None
+        if cached is not None:
+            raise click.UsageError(f"{option} {path} would replace {cached[1]} of the export folder {cached[0]} in "
+                                   f"the export cache, which the sampling commands read; give {option} another path")
         for other, earlier, role, other_folder in seen:
             if _same_path(path, earlier):
                 kind = "folder" if folder or other_folder or os.path.isdir(earlier) else "file"

@@ -365,13 +365,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
     The parent folder is created if missing; stale temporaries of `path` left by killed writers are removed first.
     `path` may be missing, a regular file or a symbolic link to one (its target is replaced, the link kept); anything
-    else is refused before anything is created (output_path). Raises OutputError (one line) for such a path, a folder
-    that is not writable, a full disk or a file larger than the file-size limit; the old file is then kept.
+    else is refused before anything is created (output_path). The new file keeps the permission bits of the file it
+    replaces (as `sed -i` and editors do: a private 600 file stays private), else gets 666 less the umask. Raises
+    OutputError (one line) for such a path, a folder that is not writable, a full disk or a file larger than the
+    file-size limit; the old file is then kept. (A read-only file is refused before any work by check_writable,
+    which the commands call on their outputs; here it is replaced as `mv` replaces it, its mode kept.)
     """
     path = output_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(path.parent, path.name, only=False)
+        mode = _mode_of(path)
         fd, tmp = tempfile.mkstemp(prefix=_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise _output_error(path, e) from None
@@ -380,11 +384,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         if _FAULT is not None:
             _fault_at("write", Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; give the file ordinary permissions
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)   # mkstemp creates 0600; after the fsync, which opens it for writing
         if _FAULT is not None:
             _fault_at("publish", Path(tmp))
         os.replace(tmp, path)
@@ -399,6 +401,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             raise too_large(path) from None
         raise
     _fsync_dir(path.parent)
+
+
+def _mode_of(path: Path) -> int:
+    """The permission bits of the regular file at `path`, else 666 less the umask (a new file's)."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode) & 0o777
+    except FileNotFoundError:
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -642,10 +657,15 @@ def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
     """Raise OutputError unless `path` (a file, or a folder when folder=True) can be written: its folder, or the
     nearest existing one above it (missing folders are created when written), must be a folder we can create files
     in (probed with an anonymous temporary file, so read-only file systems and ACLs count), and what is at `path` must
-    be what the writer may replace (output_path: not a device, a pipe, a dangling link, ...). Nothing is left behind."""
+    be what the writer may replace (output_path: not a device, a pipe, a dangling link, ...), and a file not read-only
+    (no write bit: its owner protected it; refused rather than replaced). Nothing is left behind."""
     p = d = Path(path)
     try:
         target = output_path(p, folder)
+        mode = os.stat(target).st_mode if not folder and os.path.lexists(target) else None
+        if mode is not None and not mode & 0o222:   # a file its owner made read-only: nothing of the user's lost
+            raise OutputError(f"cannot write {p}: it is read-only (mode {stat.S_IMODE(mode):o}); make it writable "
+                              f"(chmod u+w) to replace it, or give another path")
         d = target if folder else target.parent
         while not d.exists() and d != d.parent:
             d = d.parent

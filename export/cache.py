@@ -104,7 +104,7 @@ def export_bundle(model, fp16: bool = False, int8: bool = False) -> Bundle:
     exported there on first use (needs PyTorch) with what the call needs: fp32, and fp16 when `fp16` asks for it
     (added to the folder by the first call that does). An int8 model is never made on first use
     (its calibration reads MNIST): `ddpm export --int8` makes it. Raises DdpmError."""
-    expected = None if model.path is None else model.hash
+    expected = model.hash   # an export folder that changed since load() read it is refused
     own = model.export_dir
     if own is not None and Path(own) != shipped_dir():
         return Bundle.load(own, expected_hash=expected)          # the user's folder: as it is
@@ -194,7 +194,7 @@ def generator_bundle(model, plan, form: str = "loop", log=None) -> Bundle:
         raise DdpmError(f"{source.root} has {f'generators for {have}' if have else 'no generator'}, not one for "
                         f"{asked}: run `ddpm export --out {source.root} --generator` with that sampler and --steps")
     folder = cache_folder(model.hash)
-    expected = None if model.path is None else model.hash
+    expected = model.hash
     with locked(folder):
         ready = _has(folder, expected, False)
         if ready is not None and ready.generator(key, form) is not None:

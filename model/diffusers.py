@@ -331,12 +331,17 @@ def read_info(path) -> tuple[ModelConfig, str, dict, Path]:
     cfg = model_config(unet, sched, str(unet_dir / UNET_CONFIG), source, declaration)
     weights = _weights(unet_dir)
     state = _read_safetensors(weights, "np")
-    arch = {k: v for k, v in unet.items() if not k.startswith("_")}
-    h = hashlib.sha256(b"diffusers UNet2DModel|" + json.dumps(arch, sort_keys=True).encode()
-                       + weights_hash(cfg, state).encode()).hexdigest()
+    h = _identity(unet, cfg, state)
     _notice(root, sched_path)
     info = {"schedule_source": source, "diffusers_folder": str(root)}
     return cfg, h, info, root
+
+
+def _identity(unet: dict, cfg: ModelConfig, state: dict) -> str:
+    """The hash of read_info: the UNet config (its "_" entries aside), the ModelConfig and the weights."""
+    arch = {k: v for k, v in unet.items() if not k.startswith("_")}
+    return hashlib.sha256(b"diffusers UNet2DModel|" + json.dumps(arch, sort_keys=True).encode()
+                          + weights_hash(cfg, state).encode()).hexdigest()
 
 
 def _notice(root: Path, sched_path: Path | None) -> None:
@@ -393,7 +398,7 @@ def load(path) -> LoadedModel:
     DiffusersError for a folder that is not one, or whose weights do not fit its config."""
     from .io import require_torch
 
-    cfg, h, info, root = read_info(path)
+    cfg, _, info, root = read_info(path)
     require_torch(f"loading {root}")
     require_diffusers(f"loading {root}")
     import torch
@@ -423,5 +428,6 @@ def load(path) -> LoadedModel:
         raise DiffusersError(f"{unet_dir}: weights do not fit its config ({what} "
                              f"{', '.join(clip(k, 60) for k in keys[:3])})")
     model = _eps_class()(unet.eval(), cfg).eval()   # from_config builds it in float32
-    return LoadedModel(model, cfg, h, root, info)
+    # the identity of what was built (the files are read twice: a rewrite in between shows as another hash)
+    return LoadedModel(model, cfg, _identity(config, cfg, state), root, info)
 

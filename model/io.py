@@ -119,7 +119,12 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 
 
 # The entries of the formats (schema.py), checked when read. Weights must be finite: a diverged run's NaN weights
-# would otherwise sample black images and even pass the export's parity check.
+# would otherwise sample black images and even pass the export's parity check. PLAN: the plan a distilled student was
+# made for (train/distill.py recorded_plan), in its model files' metadata and, for the latest student, in the
+# distillation's ckpt.pt.
+PLAN = Obj({"sampler": Str(choices=SAMPLERS), "steps": Int(min=1), "spacing": Str(choices=SPACINGS),
+            "eta": Num(min=0, max=1), "guidance": Num(min=0, max=MAX_GUIDANCE),
+            "guidance_interval": Opt(List(Num(min=0), length=2))}, what="a sampling plan (an object)")
 _WEIGHTS = Map(Array(("float",), finite=True), min_len=1, what="a state dict of float tensors")
 CKPT = Schema("ddpm training checkpoint", {
     "format": Const(CKPT_FORMAT),
@@ -131,15 +136,13 @@ CKPT = Schema("ddpm training checkpoint", {
     "torch_rng": Array(("uint8",), (None,)),
 }, optional={"train_config": Map(Any())},
     hint="it was not written completely by `ddpm train`; use an earlier checkpoint or train again")
-CKPT_WEIGHTS = CKPT.subset("format", "step", "model_config", "ema")   # what loading the model needs
+# what loading the model needs, and a distilled student's plan
+CKPT_WEIGHTS = Schema(CKPT.what, CKPT.subset("format", "step", "model_config", "ema").fields, {"plan": PLAN},
+                      CKPT.hint)
 MODEL_META = Schema("ddpm model (model.safetensors metadata)", {
     "format": Const(FORMAT),
     "config": Json(Map(Any(), what="a model config (an object)")),
-}, optional={"step": Json(Int(min=0)), "plan": Json(Obj({   # the plan a distilled student was made for
-    "sampler": Str(choices=SAMPLERS), "steps": Int(min=1), "spacing": Str(choices=SPACINGS),
-    "eta": Num(min=0, max=1), "guidance": Num(min=0, max=MAX_GUIDANCE),
-    "guidance_interval": Opt(List(Num(min=0), length=2))},
-    what="a sampling plan (an object)"))}, hint="re-save it with `ddpm train` or use its ckpt.pt")
+}, optional={"step": Json(Int(min=0)), "plan": Json(PLAN)}, hint="re-save it with `ddpm train` or use its ckpt.pt")
 
 
 def load_checkpoint(path: str | os.PathLike, schema: Schema = CKPT) -> dict:
@@ -348,6 +351,11 @@ def read_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
     else:
         ckpt = load_checkpoint(path, CKPT_WEIGHTS)
         state, cfg_dict, info = ckpt["ema"], ckpt["model_config"], {"step": ckpt["step"]}
+        if "plan" in ckpt:   # a distillation's: its latest student, with the plan it was distilled for
+            info["plan"] = ckpt["plan"]
+        elif "distilled" in ckpt:
+            raise CheckpointError(f"{path} is a distillation's checkpoint that does not record its student's plan; "
+                                  f"load {MODEL_FILE} or student<steps>.safetensors beside it")
     cfg = _config(path, cfg_dict)
     check_fits(path, cfg, state)
     return cfg, state, info
@@ -372,13 +380,15 @@ def read_model_info(path: str | os.PathLike) -> tuple[ModelConfig, str, dict, Pa
     return cfg, weights_hash(cfg, state), info, path
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
+def load_model(path: str | os.PathLike, expected_hash: str | None = None) -> LoadedModel:
     """The model of a model.safetensors, ckpt.pt, run folder or diffusers folder (model/diffusers.py: needs diffusers
-    too), on the CPU in fp32 (needs PyTorch)."""
+    too), on the CPU in fp32 (needs PyTorch). expected_hash: the weights_hash an earlier read of `path` gave
+    (api.load): CheckpointError when the weights read now are others (the file was rewritten, or a relative path
+    now names another file), so that they never run under the identity of the ones read before."""
     from . import diffusers
 
     if diffusers.is_diffusers_folder(path):
-        return diffusers.load(path)
+        return _expected(diffusers.load(path), path, expected_hash)
     cfg, state, info = read_weights(path)
     from .unet import UNet
 
@@ -393,7 +403,13 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         parts = [f"{what} {', '.join(clip(k, 60) for k in keys[:3])}{' ...' if len(keys) > 3 else ''}"
                  for what, keys in (("missing", res.missing_keys), ("unexpected", res.unexpected_keys)) if keys]
         raise CheckpointError(f"{path}: weights do not fit the stored config ({'; '.join(parts)})")
-    return LoadedModel(model.eval(), cfg, weights_hash(cfg, state), path, info)
+    return _expected(LoadedModel(model.eval(), cfg, weights_hash(cfg, state), path, info), path, expected_hash)
+
+
+def _expected(loaded: LoadedModel, path, expected_hash: str | None) -> LoadedModel:
+    if expected_hash is not None and loaded.hash != expected_hash:
+        raise CheckpointError(f"{path} changed since ddpm.load() read it; load it again")
+    return loaded
 
 
 def copy_to(model, device, dtype=None):

@@ -51,7 +51,7 @@ from typing import ClassVar, Collection
 import numpy as np
 import torch
 
-from ..model.io import CKPT_FILE, MODEL_FILE, default_model_path, read_model_info, save_model
+from ..model.io import CKPT_FILE, MODEL_FILE, default_model_path, read_model_info, save_model, weights_hash
 from ..options import GUIDANCE, GUIDANCE_INTERVAL, MAX_GUIDANCE
 from ..runtime.samplers import Plan, ddim_plan, timesteps
 from ..runtime.schedule import Schedule
@@ -266,7 +266,8 @@ class DistillCheckpoints(Checkpoints):
         return super().due(done) or done in self.ends
 
     def contents(self, step: int) -> dict:
-        return dict(super().contents(step), teacher=self.teacher.state_dict(), distilled=self.distilled)
+        plan = recorded_plan(stage_at(self.run.cfg, max(step - 1, 0)).student_steps, self.distilled)
+        return dict(super().contents(step), teacher=self.teacher.state_dict(), distilled=self.distilled, plan=plan)
 
     def _outputs(self, step: int) -> dict:
         """name -> writer of the files of `step`: model.safetensors, samples.png and, at a stage's end, its
@@ -326,6 +327,8 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool, log, given) -> di
         distilled = {"guidance": cfg.guidance or folded, "guidance_interval": [cfg.guidance_lo, cfg.guidance_hi],
                      "teacher": teacher_hash, "teacher_steps": cfg.steps_from}
     run = resolve_run(cfg, resume, log, given)
+    if distilled is not None and weights_hash(run.mcfg, run.init_state) != distilled["teacher"]:   # read twice
+        raise TrainingError(f"the teacher {cfg.init} changed while it was read; run the command again")
     check(run.cfg, run.mcfg.timesteps)
     state = build_state(run)
     teacher = copy.deepcopy(state.model).eval().requires_grad_(False)

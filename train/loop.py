@@ -7,6 +7,7 @@ an interrupted run resumed from its checkpoint continues exactly as if it had ne
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -351,11 +352,16 @@ def in_run_folder(cfg: TrainConfig, resume: bool, command: str, files: Collectio
         if theirs:
             raise TrainingError(f"--out {out} is not a run folder (no options.json or {CKPT_FILE}) but holds "
                                 f"{', '.join(theirs)}, which {command} would replace; give another --out")
+    made = not os.path.lexists(out)
     try:
         with folder_lock(out, command):
             return body()
     except OutputError as e:
         raise TrainingError(str(e)) from None
+    finally:
+        if made:   # a run refused before it wrote anything: the folder it made goes too
+            with contextlib.suppress(OSError):
+                out.rmdir()   # only an empty folder is removed
 
 
 def _train(cfg: TrainConfig, resume: bool, progress: bool, log, given: Collection[str] | None) -> dict:
@@ -577,6 +583,8 @@ def build_state(run: Run) -> State:
     not the data's or the checkpoint does not fit."""
     torch.manual_seed(run.cfg.seed)
     images, labels = load_mnist(run.cfg.data, "train")
+    if run.cfg.batch_size > len(images):   # refused here, before options.json is written (BatchOrder refuses it too)
+        raise TrainingError(f"batch size {run.cfg.batch_size} exceeds the dataset size {len(images)}")
     data_shape = (1, *images.shape[1:])   # MNIST: greyscale
     if data_shape != run.mcfg.image_shape:
         raise TrainingError(f"the model takes images of {'x'.join(map(str, run.mcfg.image_shape))}, the training data "
@@ -735,7 +743,7 @@ def run_steps(run: Run, st: State, progress: bool, one_step, checkpoints: Checkp
                 pending, done = pending + 1, step + 1
                 at_ckpt = checkpoints.due(done)
                 if pending == cfg.log_every or at_ckpt:
-                    history.extend(_log_window(run, losses[:pending], done, bar))
+                    history.extend(_log_window(run, losses[:pending], done, bar, checkpoints.last))
                     pending = 0
                 if at_ckpt:
                     checkpoints.save(done)
@@ -748,13 +756,15 @@ def run_steps(run: Run, st: State, progress: bool, one_step, checkpoints: Checkp
             "losses": history}
 
 
-def _log_window(run: Run, losses: torch.Tensor, done: int, bar) -> list[float]:
+def _log_window(run: Run, losses: torch.Tensor, done: int, bar, last: int | None) -> list[float]:
     """The losses of the window ending at step `done`, averaged over the processes (one host sync per window, not
-    per step), checked (TrainingError when one is not finite), appended to log.jsonl (rank 0) and shown."""
+    per step), checked (TrainingError when one is not finite, naming the last checkpoint on disk, step `last`, or
+    that there is none), appended to log.jsonl (rank 0) and shown."""
     window = run.ctx.mean(losses)
     if not bool(torch.isfinite(window).all()):
-        raise TrainingError(f"loss became non-finite by step {done}; stopped, the last good checkpoint "
-                            f"in {run.out} is kept (try a lower --lr)")
+        kept = "no checkpoint was written yet" if last is None else \
+            f"the last good checkpoint (step {last}) in {run.out} is kept"
+        raise TrainingError(f"loss became non-finite by step {done}; stopped, {kept} (try a lower --lr)")
     values = window.tolist()
     if run.ctx.rank == 0:
         append_log(run.out / LOG_FILE, [{"step": done - len(values) + k + 1, "loss": v} for k, v in enumerate(values)])

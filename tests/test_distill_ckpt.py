@@ -1,0 +1,70 @@
+"""A distillation's ckpt.pt is its latest student with the plan it was distilled for: `--ckpt run/ckpt.pt` samples as
+`--ckpt run` does (same hash, same plan), and distilling it further knows its guidance is folded in already."""
+
+import pytest
+import torch
+
+import ddpm
+from ddpm.errors import DdpmError
+from ddpm.model.io import read_model_info
+from ddpm.train import distill as D
+from helpers import invoke, tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, fake_mnist):
+    """A finished tiny distillation 4 -> 2 steps with guidance 0.45 folded in."""
+    root = tmp_path_factory.mktemp("dst")
+    (root / "teacher").mkdir()
+    tiny_checkpoint(root / "teacher")
+    cfg = D.DistillConfig(data=str(fake_mnist), out=str(root / "run"), init=str(root / "teacher"), steps_from=4,
+                          steps_to=2, iters=2, fold_iters=0, batch_size=4, warmup=1, log_every=1, ckpt_every=100,
+                          device="cpu")
+    D.distill(cfg, progress=False, log=lambda *_: None)
+    return root / "run"
+
+
+def test_a_distillations_ckpt_pt_gives_the_students_plan(run):
+    folder, ckpt = ddpm.load(run), ddpm.load(run / "ckpt.pt")
+    assert ckpt.hash == folder.hash and folder.recorded is not None
+    assert ckpt.recorded == folder.recorded
+    assert ckpt.plan().name == folder.plan().name == "ddim2-eta0-trailing"
+    out = [invoke("gen", "-n", 2, "--ckpt", path, "--out", run.parent / f"{name}.png").output
+           for name, path in (("folder", run), ("ckpt", run / "ckpt.pt"))]
+    assert all("ddim2-eta0-trailing, guidance 0," in line for line in out), out
+
+
+def test_distilling_a_ckpt_pt_further_knows_its_folded_guidance(run, fake_mnist, tmp_path):
+    cfg = D.DistillConfig(data=str(fake_mnist), out=str(tmp_path / "more"), init=str(run / "ckpt.pt"), steps_from=2,
+                          steps_to=1, iters=1, fold_iters=0, batch_size=4, device="cpu")
+    with pytest.raises(D.TrainingError, match="has guidance 0.45 folded in already"):
+        D.distill(cfg, progress=False, log=lambda *_: None)
+
+
+def test_a_distillations_ckpt_pt_without_its_plan_is_refused(run, tmp_path):
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    del ckpt["plan"]
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    with pytest.raises(DdpmError, match="does not record its student's plan; load model.safetensors"):
+        read_model_info(tmp_path / "ckpt.pt")
+
+
+def test_a_teacher_rewritten_between_its_two_reads_is_refused(fake_mnist, tmp_path, monkeypatch):
+    """The teacher's hash (recorded in the students) and its weights (trained from) are read apart: a teacher file
+    rewritten in between is refused, never recorded under the other weights' hash."""
+    for name, seed in (("teacher", 0), ("other", 1)):
+        (tmp_path / name).mkdir()
+        tiny_checkpoint(tmp_path / name, seed=seed)
+    first = D.read_model_info
+
+    def then_rewritten(path):
+        info = first(path)
+        (tmp_path / "other" / "model.safetensors").replace(tmp_path / "teacher" / "model.safetensors")
+        return info
+
+    monkeypatch.setattr(D, "read_model_info", then_rewritten)
+    cfg = D.DistillConfig(data=str(fake_mnist), out=str(tmp_path / "run"), init=str(tmp_path / "teacher"),
+                          steps_from=4, steps_to=2, iters=1, fold_iters=0, batch_size=4, device="cpu")
+    with pytest.raises(D.TrainingError, match="changed while it was read; run the command again"):
+        D.distill(cfg, progress=False, log=lambda *_: None)
+    assert not (tmp_path / "run" / "options.json").exists()
