@@ -7,14 +7,14 @@ from the modules that define them; heavy modules are imported inside each comman
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
-from .signals import exit_on_sigterm, file_size_limit_as_error, sigterm_as_interrupt
+from .signals import exit_on_signals, file_size_limit_as_error, restore_signals, said, signals_as_interrupt
 
-# SIGTERM from here on prints "terminated" and exits 143, before the imports below (numpy and the rest: most of a
-# second); a command's own handler (sigterm_as_interrupt) takes over while it runs; Group.main restores this one
-_BEFORE_CLI = exit_on_sigterm()
+# SIGTERM from here on prints "terminated" and exits 143, Ctrl-C "interrupted" and 130, before the imports below
+# (numpy and the rest: most of a second); a command's own handling (signals_as_interrupt) takes over while it runs;
+# Group.main puts back the caller's handlers when it returns
+_BEFORE_CLI = exit_on_signals()
 
 import click  # noqa: E402
 
@@ -85,9 +85,8 @@ class Group(click.Group):
     def main(self, *args, **kwargs):
         try:
             return super().main(*args, **kwargs)
-        finally:   # the handler installed while the CLI started (exit_on_sigterm): the caller's again
-            if _BEFORE_CLI is not None:
-                signal.signal(signal.SIGTERM, _BEFORE_CLI)
+        finally:   # the handlers installed while the CLI started (exit_on_signals): the caller's again
+            restore_signals(_BEFORE_CLI)
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:
@@ -114,26 +113,31 @@ class Group(click.Group):
             LESS_AT_ONCE.reset(token)
 
     def _invoke(self, ctx):
-        with sigterm_as_interrupt(), file_size_limit_as_error():
-            try:
-                return super().invoke(ctx)
-            except OptionError as e:
-                if e.option is None:
+        # the signals are caught outside the handlers' block, so that one that comes while the handlers are swapped
+        # is reported the same way; once its line is printed, another signal exits at once without a second line
+        try:
+            with signals_as_interrupt(), file_size_limit_as_error():
+                try:
+                    return super().invoke(ctx)
+                except OptionError as e:
+                    if e.option is None:
+                        raise ErrorLine(str(e)) from None
+                    raise click.BadParameter(str(e), param_hint=FLAGS.get(e.option, "--" + e.option.replace("_", "-")))
+                except DdpmError as e:
                     raise ErrorLine(str(e)) from None
-                raise click.BadParameter(str(e), param_hint=FLAGS.get(e.option, "--" + e.option.replace("_", "-")))
-            except DdpmError as e:
-                raise ErrorLine(str(e)) from None
-            except Exception as e:
-                message = limit_message(e)
-                if message is None:
-                    raise
-                raise ErrorLine(message) from None
-            except Terminated as e:
-                click.echo(f"\n{printable(str(e)) or 'terminated'}", err=True)
-                ctx.exit(143)
-            except KeyboardInterrupt as e:
-                click.echo(f"\n{printable(str(e)) or 'interrupted'}", err=True)
-                ctx.exit(130)
+                except Exception as e:
+                    message = limit_message(e)
+                    if message is None:
+                        raise
+                    raise ErrorLine(message) from None
+        except Terminated as e:
+            click.echo(f"\n{printable(str(e)) or 'terminated'}", err=True)
+            said()
+            ctx.exit(143)
+        except KeyboardInterrupt as e:
+            click.echo(f"\n{printable(str(e)) or 'interrupted'}", err=True)
+            said()
+            ctx.exit(130)
 
 
 @click.group(cls=Group, context_settings=CONTEXT)

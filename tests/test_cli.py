@@ -199,29 +199,56 @@ def test_a_path_with_control_characters_is_shown_escaped(tmp_path):
     assert "\x00" not in str(e.value) and "a\\x00b" in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("sig, code, word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
 @pytest.mark.parametrize("heavy", ["numpy", "torch"])
-def test_sigterm_while_the_cli_imports_prints_terminated(tmp_path, heavy):
+def test_a_signal_while_the_cli_imports_prints_its_line(tmp_path, heavy, sig, code, word):
     """SIGTERM while `ddpm train` imports its modules (most of a second, numpy first) killed the process by the
-    default action, without the "terminated" line the README promises: the CLI handles it before those imports.
-    The signal is sent by an import hook when the first `heavy` module is imported, so the test does not race."""
+    default action, without the "terminated" line the README promises, and Ctrl-C gave a KeyboardInterrupt
+    traceback and death by SIGINT: the CLI handles both before those imports, as during the command. The signal is
+    sent by an import hook when the first `heavy` module is imported, so the test does not race."""
     import os
+    import signal
     import subprocess
     import sys
 
-    code = (f"import os, signal, sys\n"
-            f"class Term:\n"
-            f"    def find_spec(self, name, path=None, target=None):\n"
-            f"        if name == {heavy!r}:\n"
-            f"            os.kill(os.getpid(), signal.SIGTERM)\n"
-            f"sys.meta_path.insert(0, Term())\n"
-            f"sys.argv = ['ddpm', 'train', '--steps', '1', '--out', {str(tmp_path / 'run')!r}]\n"
-            f"from ddpm.cli import main\n"
-            f"main()\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    code_ = (f"import os, signal, sys\n"
+             f"class Hook:\n"
+             f"    def find_spec(self, name, path=None, target=None):\n"
+             f"        if name == {heavy!r}:\n"
+             f"            sys.meta_path.remove(self)\n"
+             f"            os.kill(os.getpid(), signal.{sig})\n"
+             f"sys.meta_path.insert(0, Hook())\n"
+             f"sys.argv = ['ddpm', 'train', '--steps', '1', '--out', {str(tmp_path / 'run')!r}]\n"
+             f"from ddpm.cli import main\n"
+             f"main()\n")
+    # SIGINT at its default in the child (Python's KeyboardInterrupt): a test run in the background of a
+    # non-interactive shell inherits SIGINT ignored
+    r = subprocess.run([sys.executable, "-c", code_], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # numpy: before the command began ("terminated"); torch: inside it, which says what it left ("terminated; ...")
-    assert r.returncode == 143 and r.stderr.strip().startswith("terminated"), (r.returncode, r.stderr[-500:])
+    assert r.returncode == code and r.stderr.strip().startswith(word), (r.returncode, r.stderr[-500:])
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr[-500:]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_after_its_line_exits_without_another(sig, code):
+    """Once a command printed a signal's line ("interrupted"), a second signal (Ctrl-C pressed twice) while the
+    process ends exits with the same status and no second line or traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    code_ = (f"import os, signal\n"
+             f"from ddpm import signals\n"
+             f"signals.exit_on_signals()\n"
+             f"signals.said()\n"
+             f"os.kill(os.getpid(), signal.{sig})\n"
+             f"print('not reached')\n")
+    r = subprocess.run([sys.executable, "-c", code_], capture_output=True, text=True, timeout=60,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert (r.returncode, r.stdout, r.stderr) == (code, "", ""), (r.returncode, r.stdout, r.stderr)
 
 
 def test_an_unconditional_set_is_not_named_by_a_guidance_it_did_not_use(ckpt, fake_mnist, tmp_path):
