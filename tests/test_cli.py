@@ -75,7 +75,6 @@ def test_gen_solvers_spacing_and_guidance_interval(ckpt, tmp_path):
 
 def test_gen_bad_checkpoints(tmp_path):
     # an input path that does not exist is a usage error naming its option (exit 2, docs/reliability.md), as --image's
-    # (not --export: a folder a killed export left aside is put back by the reader, runtime.bundle)
     r = invoke("gen", "--ckpt", tmp_path / "missing", "-n", 1)
     assert r.exit_code == 2 and "does not exist" in r.output and "--ckpt" in r.output, r.output
     r = invoke("eval", "--classifier", tmp_path / "missing.safetensors", "-n", 2)
@@ -85,6 +84,43 @@ def test_gen_bad_checkpoints(tmp_path):
     (tmp_path / "foreign.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     r = invoke("gen", "--ckpt", tmp_path / "foreign.safetensors", "-n", 1)
     assert r.exit_code == 1 and "Error:" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("command", ["gen", "eval", "inpaint"])
+def test_a_missing_export_folder_is_a_usage_error_unless_one_was_left_aside(tmp_path, command):
+    """--export that does not exist is a usage error naming the option (exit 2), as --ckpt's, for every command that
+    takes it; a folder that a killed `ddpm export` moved aside (.D.<host>-<pid>.<random>.old, files.publish_dir) is
+    accepted, and the reader puts it back (runtime.bundle)."""
+    import subprocess
+
+    from ddpm import files
+
+    more = {"gen": [], "eval": [], "inpaint": ["--image", tmp_path / "d.png"]}[command]
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "d.png")
+    r = invoke(command, "--export", tmp_path / "D", "-n", 2, *more)
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert "Invalid value for '--export'" in r.output and "does not exist" in r.output, r.output
+    p = subprocess.Popen(["true"])
+    p.wait()   # a writer that is gone
+    (tmp_path / f".D.{files.HOST}-{p.pid}.deadbeef.old").mkdir()
+    r = invoke(command, "--export", tmp_path / "D", "-n", 2, *more)
+    assert r.exit_code == 1 and "not an export folder" in r.output, r.output   # put back, and it holds nothing
+    assert (tmp_path / "D").is_dir()
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_an_input_link_that_leads_nowhere_says_so(tmp_path, kind):
+    """--ckpt (as every input option) that is a loop of symbolic links or a link to nothing: a usage error that
+    says so, not "does not exist"."""
+    import os
+
+    link = tmp_path / "m"
+    os.symlink(link if kind == "loop" else tmp_path / "gone", link)
+    for option in ("--ckpt", "--export"):
+        r = invoke("gen", option, link, "-n", 1, "--out", tmp_path / "x.png")
+        assert r.exit_code == 2 and r.output.count("\n") == 1 and option in r.output, r.output
+        want = "is a loop of symbolic links" if kind == "loop" else f"is a symbolic link to '{tmp_path / 'gone'}'"
+        assert want in r.output and "m' does not exist" not in r.output, r.output
 
 
 def test_inpaint(ckpt, tmp_path):
