@@ -6,6 +6,9 @@ from the modules that define them; heavy modules are imported inside each comman
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import os
 import sys
 
@@ -40,6 +43,37 @@ def own_line() -> None:
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
         bar.close()
+
+
+def stdout_failure(e: OSError) -> str | None:
+    """The one line for `e` when it is a write to standard output that failed (a full disk, an I/O error: `ddpm gen
+    > /dev/full`), else None: the frame that raised it was writing to a stream on standard output's file
+    descriptor (click.echo's `file`). A closed pipe (EPIPE: the reader is gone, `ddpm gen | head -c0`) is left to
+    click, which exits 1 without a line. What standard output still holds is then dropped (the descriptor pointed
+    at os.devnull), so that Python's flush at exit does not fail again with a traceback of its own."""
+    if e.errno == errno.EPIPE or getattr(e, "filename", None) is not None or e.__traceback__ is None:
+        return None
+    try:
+        fd = sys.__stdout__.fileno()
+    except (AttributeError, ValueError, OSError):
+        return None
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+
+    def on_stdout(value) -> bool:
+        try:
+            return isinstance(value, io.IOBase) and value.fileno() == fd
+        except (ValueError, OSError):
+            return False
+
+    if not any(on_stdout(v) for v in tb.tb_frame.f_locals.values()):
+        return None
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+    return f"cannot write to standard output: {e.strerror or e}"
 
 
 class OneLineUsageError(click.UsageError):
@@ -85,6 +119,13 @@ class Group(click.Group):
     def main(self, *args, **kwargs):
         try:
             return super().main(*args, **kwargs)
+        except OSError as e:   # also from --version and --help, which print while the options are parsed
+            message = stdout_failure(e)
+            if message is None:
+                raise
+            with contextlib.suppress(OSError):
+                click.echo(f"Error: {printable(message)}", err=True)
+            sys.exit(1)
         finally:   # the handlers installed while the CLI started (exit_on_signals): the caller's again
             restore_signals(_BEFORE_CLI)
 

@@ -96,9 +96,10 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
     rows = evaluation.evaluate_sets(samples or generated(), data, classifier, train_classifier,
                                     progress=not o["quiet"], log=click.echo)
     rows = [{"name": r["name"], **made, **r} for r in rows]
+    if json_out:   # first: the scores are kept whatever happens to standard output
+        write_text(json_out, json.dumps(rows, indent=2) + "\n")
     click.echo(evaluation.format_table(rows))
     if json_out:
-        write_text(json_out, json.dumps(rows, indent=2) + "\n")
         click.echo(f"Wrote {len(rows)} rows of scores to {json_out}")
 
 
