@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import math
 import os
 import sys
 
@@ -240,6 +241,8 @@ def gen(num, label, uncond, out, trajectory, **o):
         check_output(trajectory, "--trajectory", (".png", ".gif"))
         pipeline.check_engine(o["engine"], watch=True)
     model, opts, log = prepare(o, recorded=True, labelled=not uncond)
+    if out.lower().endswith(".npz"):
+        check_room(out, num, model.image_shape)
     plan = model.plan(**opts.plan_args())
     job = pipeline.Job.of(model, num, plan, label, uncond, opts)
     traj = Trajectory(min(4, num, opts.batch)) if trajectory else None
@@ -251,6 +254,36 @@ def gen(num, label, uncond, out, trajectory, **o):
             traj.save(trajectory)
         how = "unconditional" if uncond else f"guidance {opts.guidance:g}"
         done(r, num, "digits", f"{plan.name}, {how}", out, f" (trajectory -> {trajectory})" if traj else "")
+
+
+# DEFLATE (an .npz's compression) codes at most 258 bytes in one match of at least 2 bits: nothing shrinks more
+DEFLATE_MAX_RATIO = 1032
+
+
+def check_room(out: str, num: int, image_shape: tuple[int, int, int]) -> None:
+    """Refuse (OutputError, one line naming -n) an .npz of `num` images of image_shape (C, H, W) that cannot fit
+    the free space of the folder its temporary is written in (shutil.disk_usage), before anything is made: its
+    members (labels int64, images uint8) compressed as much as DEFLATE can compress anything (DEFLATE_MAX_RATIO), a
+    bound that never refuses a file that would fit. A file system that does not say: no check."""
+    import shutil
+    from pathlib import Path
+
+    from .files import OutputError
+    from .runtime.generate import _gib
+
+    folder = Path(os.path.realpath(out)).parent
+    while not folder.is_dir() and folder != folder.parent:   # missing folders are created when written
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    per_image = 8 + math.prod(image_shape)
+    least = num * per_image // DEFLATE_MAX_RATIO
+    if least > free:
+        fit = free * DEFLATE_MAX_RATIO // per_image
+        raise OutputError(f"-n {num} digits make an .npz of at least {_gib(least)} (compressed), more than the "
+                          f"{_gib(free)} free in {folder}; lower -n (at most {fit} could fit)")
 
 
 for _command in (train, distill, inpaint, edit_cmd, upscale, restore, eval_cmd, export_cmd, bench):

@@ -319,3 +319,22 @@ def test_a_standard_output_that_cannot_be_written_is_one_line(tiny_export, fake_
         assert "Traceback" not in r.stderr and sum(line.startswith("Error") for line in lines) == 1, r.stderr[-2000:]
         assert lines[-1] == "Error: cannot write to standard output: No space left on device", (args, r.stderr[-2000:])
     assert (tmp_path / "g.npz").is_file() and len(json.loads((tmp_path / "e.json").read_text())) == 1
+
+
+def test_gen_refuses_an_npz_that_cannot_fit_the_free_space(tiny_export, tmp_path, monkeypatch):
+    """gen -n N --out x.npz streams N digits into a temporary: one that cannot fit the free space of its folder
+    (the least the .npz can take: its members compressed as much as DEFLATE compresses anything) is refused up
+    front in one line naming -n, before anything is made (it filled the disk, then failed)."""
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
+    r = invoke("gen", "--export", tiny_export, "-n", 1000, "--steps", 2, "-q", "--out", tmp_path / "x.npz")
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("Error: -n 1000 digits make an .npz of at least "), r.output
+    assert "free in" in r.output and "lower -n" in r.output, r.output
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 0, 10**6))   # room: written
+    r = invoke("gen", "--export", tiny_export, "-n", 4, "--steps", 2, "-q", "--out", tmp_path / "x.npz")
+    assert r.exit_code == 0 and (tmp_path / "x.npz").is_file(), r.output
