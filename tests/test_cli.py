@@ -338,3 +338,17 @@ def test_gen_refuses_an_npz_that_cannot_fit_the_free_space(tiny_export, tmp_path
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 0, 10**6))   # room: written
     r = invoke("gen", "--export", tiny_export, "-n", 4, "--steps", 2, "-q", "--out", tmp_path / "x.npz")
     assert r.exit_code == 0 and (tmp_path / "x.npz").is_file(), r.output
+
+
+def test_a_file_that_is_no_checkpoint_gets_no_advice_to_run_its_code(tmp_path):
+    """--ckpt on a file that is not a checkpoint (a JSON file; a pickle that needs a foreign function): one line that
+    says what it is not, without PyTorch's advice to load it with weights_only=False (which runs the file's code)."""
+    import torch
+
+    (tmp_path / "options.json").write_text('{"steps": 1}')
+    torch.save({"x": np.zeros(2)}, tmp_path / "obj.pt")   # a numpy array: code of numpy's to run
+    for name, reason in (("options.json", "Unsupported operand"), ("obj.pt", "Unsupported global")):
+        r = invoke("gen", "--ckpt", tmp_path / name, "-n", 1, "--out", tmp_path / "x.png")
+        assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+        assert "not a PyTorch file of tensors alone" in r.output and reason in r.output, r.output
+        assert "weights_only" not in r.output and "False" not in r.output, r.output
