@@ -214,10 +214,11 @@ def test_resume_is_bit_identical(fake_mnist, teacher, tmp_path, monkeypatch):
 
 def test_bad_options_are_one_line(fake_mnist, teacher, tmp_path):
     base = ["distill", "--teacher", teacher, "--data", fake_mnist, "--device", "cpu"]
-    for args, msg in ((["--steps-from", 12, "--steps-to", 4], "times a power of two"),
-                      (["--steps-from", 256, "--steps-to", 4], "exceeds the teacher's T=100")):
+    # options that contradict each other: a usage error (exit 2); what the teacher decides: exit 1
+    for args, msg, code in ((["--steps-from", 12, "--steps-to", 4], "times a power of two", 2),
+                            (["--steps-from", 256, "--steps-to", 4], "exceeds the teacher's T=100", 1)):
         r = invoke(*base, "--out", tmp_path / "x", *args)
-        assert r.exit_code == 1 and "Traceback" not in r.output and msg in r.output, r.output
+        assert r.exit_code == code and "Traceback" not in r.output and msg in r.output, r.output
         assert not (tmp_path / "x" / "ckpt.pt").exists()
     r = invoke("distill", "--out", tmp_path / "none", "--resume")
     assert r.exit_code == 1 and "no ckpt.pt" in r.output
