@@ -118,6 +118,10 @@ class Group(click.Group):
     (errors.Terminated)."""
 
     def main(self, *args, **kwargs):
+        # run as the program (its own command line, ended by sys.exit): the handlers of exit_on_signals stay until
+        # the process ends, so that a signal while it shuts down (modules torn down, threads joined) still gives
+        # its line and status; called with arguments (a test, an embedding program), the caller's come back
+        program = not args and kwargs.get("args") is None and kwargs.get("standalone_mode", True)
         try:
             return super().main(*args, **kwargs)
         except OSError as e:   # also from --version and --help, which print while the options are parsed
@@ -128,7 +132,8 @@ class Group(click.Group):
                 click.echo(f"Error: {printable(message)}", err=True)
             sys.exit(1)
         finally:   # the handlers installed while the CLI started (exit_on_signals): the caller's again
-            restore_signals(_BEFORE_CLI)
+            if not program:
+                restore_signals(_BEFORE_CLI)
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:

@@ -352,3 +352,24 @@ def test_a_file_that_is_no_checkpoint_gets_no_advice_to_run_its_code(tmp_path):
         assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
         assert "not a PyTorch file of tensors alone" in r.output and reason in r.output, r.output
         assert "weights_only" not in r.output and "False" not in r.output, r.output
+
+
+@pytest.mark.parametrize("sig, code, word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_signal_while_the_program_shuts_down_prints_its_line(sig, code, word):
+    """`ddpm` run as the program keeps its signal handling until the process ends: a signal while the interpreter
+    shuts down after the command (modules torn down, threads joined: here an atexit hook sends it) prints its one
+    line and exits with its status, as during the command (Ctrl-C gave "Exception ignored" and a traceback)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code_ = (f"import atexit, os, signal, sys\n"
+             f"atexit.register(lambda: os.kill(os.getpid(), signal.{sig}))\n"
+             f"sys.argv = ['ddpm', '--version']\n"
+             f"from ddpm.cli import main\n"
+             f"main()\n")
+    r = subprocess.run([sys.executable, "-c", code_], capture_output=True, text=True, timeout=120,
+                       env=os.environ, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert (r.returncode, r.stderr.strip()) == (code, word), (r.returncode, r.stderr[-2000:])
+    assert "version" in r.stdout
