@@ -6,15 +6,19 @@ from the modules that define them; heavy modules are imported inside each comman
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
+import math
 import os
-import signal
 import sys
 
-from .signals import exit_on_sigterm, file_size_limit_as_error, sigterm_as_interrupt
+from .signals import exit_on_signals, file_size_limit_as_error, restore_signals, said, signals_as_interrupt
 
-# SIGTERM from here on prints "terminated" and exits 143, before the imports below (numpy and the rest: most of a
-# second); a command's own handler (sigterm_as_interrupt) takes over while it runs; Group.main restores this one
-_BEFORE_CLI = exit_on_sigterm()
+# SIGTERM from here on prints "terminated" and exits 143, Ctrl-C "interrupted" and 130, before the imports below
+# (numpy and the rest: most of a second); a command's own handling (signals_as_interrupt) takes over while it runs;
+# Group.main puts back the caller's handlers when it returns
+_BEFORE_CLI = exit_on_signals()
 
 import click  # noqa: E402
 
@@ -40,6 +44,37 @@ def own_line() -> None:
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
         bar.close()
+
+
+def stdout_failure(e: OSError) -> str | None:
+    """The one line for `e` when it is a write to standard output that failed (a full disk, an I/O error: `ddpm gen
+    > /dev/full`), else None: the frame that raised it was writing to a stream on standard output's file
+    descriptor (click.echo's `file`). A closed pipe (EPIPE: the reader is gone, `ddpm gen | head -c0`) is left to
+    click, which exits 1 without a line. What standard output still holds is then dropped (the descriptor pointed
+    at os.devnull), so that Python's flush at exit does not fail again with a traceback of its own."""
+    if e.errno == errno.EPIPE or getattr(e, "filename", None) is not None or e.__traceback__ is None:
+        return None
+    try:
+        fd = sys.__stdout__.fileno()
+    except (AttributeError, ValueError, OSError):
+        return None
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+
+    def on_stdout(value) -> bool:
+        try:
+            return isinstance(value, io.IOBase) and value.fileno() == fd
+        except (ValueError, OSError):
+            return False
+
+    if not any(on_stdout(v) for v in tb.tb_frame.f_locals.values()):
+        return None
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+    return f"cannot write to standard output: {e.strerror or e}"
 
 
 class OneLineUsageError(click.UsageError):
@@ -83,11 +118,22 @@ class Group(click.Group):
     (errors.Terminated)."""
 
     def main(self, *args, **kwargs):
+        # run as the program (its own command line, ended by sys.exit): the handlers of exit_on_signals stay until
+        # the process ends, so that a signal while it shuts down (modules torn down, threads joined) still gives
+        # its line and status; called with arguments (a test, an embedding program), the caller's come back
+        program = not args and kwargs.get("args") is None and kwargs.get("standalone_mode", True)
         try:
             return super().main(*args, **kwargs)
-        finally:   # the handler installed while the CLI started (exit_on_sigterm): the caller's again
-            if _BEFORE_CLI is not None:
-                signal.signal(signal.SIGTERM, _BEFORE_CLI)
+        except OSError as e:   # also from --version and --help, which print while the options are parsed
+            message = stdout_failure(e)
+            if message is None:
+                raise
+            with contextlib.suppress(OSError):
+                click.echo(f"Error: {printable(message)}", err=True)
+            sys.exit(1)
+        finally:   # the handlers installed while the CLI started (exit_on_signals): the caller's again
+            if not program:
+                restore_signals(_BEFORE_CLI)
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:
@@ -114,26 +160,31 @@ class Group(click.Group):
             LESS_AT_ONCE.reset(token)
 
     def _invoke(self, ctx):
-        with sigterm_as_interrupt(), file_size_limit_as_error():
-            try:
-                return super().invoke(ctx)
-            except OptionError as e:
-                if e.option is None:
+        # the signals are caught outside the handlers' block, so that one that comes while the handlers are swapped
+        # is reported the same way; once its line is printed, another signal exits at once without a second line
+        try:
+            with signals_as_interrupt(), file_size_limit_as_error():
+                try:
+                    return super().invoke(ctx)
+                except OptionError as e:
+                    if e.option is None:
+                        raise ErrorLine(str(e)) from None
+                    raise click.BadParameter(str(e), param_hint=FLAGS.get(e.option, "--" + e.option.replace("_", "-")))
+                except DdpmError as e:
                     raise ErrorLine(str(e)) from None
-                raise click.BadParameter(str(e), param_hint=FLAGS.get(e.option, "--" + e.option.replace("_", "-")))
-            except DdpmError as e:
-                raise ErrorLine(str(e)) from None
-            except Exception as e:
-                message = limit_message(e)
-                if message is None:
-                    raise
-                raise ErrorLine(message) from None
-            except Terminated as e:
-                click.echo(f"\n{printable(str(e)) or 'terminated'}", err=True)
-                ctx.exit(143)
-            except KeyboardInterrupt as e:
-                click.echo(f"\n{printable(str(e)) or 'interrupted'}", err=True)
-                ctx.exit(130)
+                except Exception as e:
+                    message = limit_message(e)
+                    if message is None:
+                        raise
+                    raise ErrorLine(message) from None
+        except Terminated as e:
+            click.echo(f"\n{printable(str(e)) or 'terminated'}", err=True)
+            said()
+            ctx.exit(143)
+        except KeyboardInterrupt as e:
+            click.echo(f"\n{printable(str(e)) or 'interrupted'}", err=True)
+            said()
+            ctx.exit(130)
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
@@ -195,6 +246,8 @@ def gen(num, label, uncond, out, trajectory, **o):
         check_output(trajectory, "--trajectory", (".png", ".gif"))
         pipeline.check_engine(o["engine"], watch=True)
     model, opts, log = prepare(o, recorded=True, labelled=not uncond)
+    if out.lower().endswith(".npz"):
+        check_room(out, num, model.image_shape)
     plan = model.plan(**opts.plan_args())
     job = pipeline.Job.of(model, num, plan, label, uncond, opts)
     traj = Trajectory(min(4, num, opts.batch)) if trajectory else None
@@ -206,6 +259,36 @@ def gen(num, label, uncond, out, trajectory, **o):
             traj.save(trajectory)
         how = "unconditional" if uncond else f"guidance {opts.guidance:g}"
         done(r, num, "digits", f"{plan.name}, {how}", out, f" (trajectory -> {trajectory})" if traj else "")
+
+
+# DEFLATE (an .npz's compression) codes at most 258 bytes in one match of at least 2 bits: nothing shrinks more
+DEFLATE_MAX_RATIO = 1032
+
+
+def check_room(out: str, num: int, image_shape: tuple[int, int, int]) -> None:
+    """Refuse (OutputError, one line naming -n) an .npz of `num` images of image_shape (C, H, W) that cannot fit
+    the free space of the folder its temporary is written in (shutil.disk_usage), before anything is made: its
+    members (labels int64, images uint8) compressed as much as DEFLATE can compress anything (DEFLATE_MAX_RATIO), a
+    bound that never refuses a file that would fit. A file system that does not say: no check."""
+    import shutil
+    from pathlib import Path
+
+    from .files import OutputError
+    from .runtime.generate import _gib
+
+    folder = Path(os.path.realpath(out)).parent
+    while not folder.is_dir() and folder != folder.parent:   # missing folders are created when written
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    per_image = 8 + math.prod(image_shape)
+    least = num * per_image // DEFLATE_MAX_RATIO
+    if least > free:
+        fit = free * DEFLATE_MAX_RATIO // per_image
+        raise OutputError(f"-n {num} digits make an .npz of at least {_gib(least)} (compressed), more than the "
+                          f"{_gib(free)} free in {folder}; lower -n (at most {fit} could fit)")
 
 
 for _command in (train, distill, inpaint, edit_cmd, upscale, restore, eval_cmd, export_cmd, bench):

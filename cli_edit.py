@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import click
 
-from .cli_options import Finite, add_options, check_output, done, prepare, refuse_same_path, sampling_options
+from .cli_options import Finite, InputPath, add_options, check_output, done, prepare, refuse_same_path, sampling_options
 from .options import EDIT_GUIDANCE, EDITING, MAX_SIGMA, Sampling
 from .runtime.edits import FACTORS, HALVES, UPSCALERS
 
@@ -23,7 +23,7 @@ def editing_command(name: str, out: str, defaults: Sampling = EDITING, image_hel
     uncond = [click.option("--uncond", is_flag=True, help="The unconditional model (no label), not the label read "
                                                          "from the input.")] if reads else []
     return lambda f: click.command(name)(add_options(f, [
-        click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False),
+        click.option("--image", required=True, type=InputPath(dir_okay=False),
                      help="The picture: PNG or anything Pillow reads (greyscale, 16-bit, RGB, palette, or a digit "
                           "drawn in the alpha channel), a white digit on black like MNIST." + image_help),
         click.option("-n", "num", type=click.IntRange(min=1), default=8, show_default=True, help="Results."),

@@ -3,6 +3,7 @@ the options.Sampling fields as options, and the steps every sampling command tak
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -27,6 +28,52 @@ class Finite(click.FloatRange):
         if not math.isfinite(v):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return v
+
+
+def _missing_why(path) -> str | None:
+    """Why `path`, which click.Path(exists=True) calls missing, cannot be read, when that is not "does not exist": a
+    symbolic link to a target that does not exist, a loop of links, a folder on the path that cannot be searched."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return f"is a symbolic link to {os.readlink(path)!r}, which does not exist" if os.path.islink(path) else None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a loop of symbolic links"
+        return f"cannot be read ({e.strerror or e})"
+    return None
+
+
+class InputPath(click.Path):
+    """click.Path(exists=True) whose usage error says why a path that is there cannot be read (_missing_why) instead
+    of "does not exist": "Invalid value for '--ckpt': Path 'm' is a loop of symbolic links"."""
+
+    def __init__(self, **kwargs):
+        super().__init__(exists=True, **kwargs)
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            why = _missing_why(value)
+            if why is None:
+                raise
+            self.fail(f"Path {click.format_filename(value)!r} {why}.", param, ctx)
+
+
+class ExportFolder(InputPath):
+    """--export: a folder that exists, or one that a killed `ddpm export` moved aside and the reader puts back
+    (files.has_aside); any other path is a usage error naming the option, as for every input (InputPath)."""
+
+    def __init__(self):
+        super().__init__(file_okay=False)
+
+    def convert(self, value, param, ctx):
+        from .files import has_aside
+
+        if not os.path.lexists(value) and has_aside(value):
+            return click.Path(file_okay=False).convert(value, param, ctx)
+        return super().convert(value, param, ctx)
 
 
 def device_syntax(ctx, param, value):
@@ -277,7 +324,7 @@ def add_options(f, opts):
 
 
 def model_option(f):
-    return click.option("--ckpt", type=click.Path(exists=True), default=None,
+    return click.option("--ckpt", type=InputPath(), default=None,
                         help="Checkpoint: model.safetensors, ckpt.pt, a run folder or a diffusers pipeline folder "
                              "(docs/diffusers.md) [default: the shipped model].")(f)
 
@@ -328,7 +375,7 @@ def sampling_options(defaults: Sampling = DEFAULT):
                           "onnx-generator: the whole loop in one ONNX call (deterministic plans; gen and eval only: "
                           "the editing commands refuse it); auto: onnx on a CPU, runtime-torch on a GPU (same digits, "
                           "faster)."),
-        click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None,
+        click.option("--export", "export_dir", type=ExportFolder(), default=None,
                      help="Export folder for onnx/trt/onnx-generator [default: the checkpoint's, exported on first "
                           "use]."),
         click.option("--fp16", is_flag=True, help="Half-precision model (runtime engines)."),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .cli_options import (DEFAULT, Finite, check_output, device_syntax, model_option, needs_torch, on_command_line,
-                          prepare, refuse_same_path, sampling, sampling_options, set_threads, solver_options)
+from .cli_options import (DEFAULT, Finite, InputPath, check_output, device_syntax, model_option, needs_torch,
+                          on_command_line, prepare, refuse_same_path, sampling, sampling_options, set_threads,
+                          solver_options)
 from .export.generator import FORMS
 from .options import MAX_GUIDANCE, MAX_THREADS, Sampling, precision_refusal
 from .runtime.engines import ENGINES
@@ -17,7 +18,7 @@ from .runtime.engines import ENGINES
 _SCORING = ("sample_files", "data", "classifier", "train_classifier", "json_out", "threads", "quiet")
 
 @click.command("eval")
-@click.option("--samples", "sample_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+@click.option("--samples", "sample_files", multiple=True, type=InputPath(dir_okay=False),
               help="npz files from `ddpm gen --out x.npz` (repeat to compare); without it, samples are generated.")
 @click.option("-n", "num", type=click.IntRange(min=2), default=10000, show_default=True,
               help="Samples to generate when no --samples are given.")
@@ -25,7 +26,7 @@ _SCORING = ("sample_files", "data", "classifier", "train_classifier", "json_out"
                                           "an explicit --guidance > 0 is refused with it (guidance needs a label).")
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="MNIST folder (real test set, floor); else $DDPM_DATA or the cache folder.")
-@click.option("--classifier", type=click.Path(exists=True, dir_okay=False), default=None,
+@click.option("--classifier", type=InputPath(dir_okay=False), default=None,
               help="Classifier weights [default: the shipped one].")
 @click.option("--train-classifier", is_flag=True, help="Retrain the classifier (3 epochs) and use it.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
@@ -95,9 +96,10 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
     rows = evaluation.evaluate_sets(samples or generated(), data, classifier, train_classifier,
                                     progress=not o["quiet"], log=click.echo)
     rows = [{"name": r["name"], **made, **r} for r in rows]
+    if json_out:   # first: the scores are kept whatever happens to standard output
+        write_text(json_out, json.dumps(rows, indent=2) + "\n")
     click.echo(evaluation.format_table(rows))
     if json_out:
-        write_text(json_out, json.dumps(rows, indent=2) + "\n")
         click.echo(f"Wrote {len(rows)} rows of scores to {json_out}")
 
 
@@ -140,7 +142,7 @@ def _batch_range(ctx, param, value):
 @click.option("--web", "web_dir", type=click.Path(file_okay=False), default=None,
               help="Also write a static page into this folder that generates digits in the browser "
                    "(implies --generator; fetches onnxruntime-web with npm once).")
-@click.option("--ort-web", "ort_web", type=click.Path(exists=True, dir_okay=False), default=None,
+@click.option("--ort-web", "ort_web", type=InputPath(dir_okay=False), default=None,
               help="The onnxruntime-web tarball (`npm pack onnxruntime-web@VERSION`) instead of fetching it.")
 # another format
 @click.option("--diffusers", "diffusers_dir", type=click.Path(file_okay=False), default=None,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .cli_options import Finite, add_options, check_output, device_syntax, needs_torch, parse_interval, refuse_same_path
+from .cli_options import (Finite, InputPath, add_options, check_output, device_syntax, needs_torch, parse_interval,
+                          refuse_same_path)
 from .errors import LimitReached
 from .model.config import BLOCKS, PRESETS
 from .options import GUIDANCE, GUIDANCE_INTERVAL, MAX_GUIDANCE, MAX_THREADS
@@ -113,7 +114,7 @@ def run_options(ckpt_every: int, ckpt_help: str):
 # data and output
 @output_options("runs/ddpm", "options.json, ckpt.pt, model.safetensors, samples.png",
                 "--steps, --ckpt-every, --device, --data and --threads")
-@click.option("--init", type=click.Path(exists=True), default=None,
+@click.option("--init", type=InputPath(), default=None,
               help="Start from these weights (model.safetensors, ckpt.pt or a run folder) instead of from scratch.")
 # model and diffusion
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
@@ -177,7 +178,7 @@ def train(threads, resume, **opts):
 # --------------------------------------------------------------------------------------------------------- distill
 @click.command()
 # teacher, data and output
-@click.option("--teacher", "init", type=click.Path(exists=True), default=None,
+@click.option("--teacher", "init", type=InputPath(), default=None,
               help="The model to distil: model.safetensors, ckpt.pt or a run folder [default: the shipped model].")
 @output_options("runs/distill", "options.json, ckpt.pt, model.safetensors, student<steps>.safetensors, samples.png",
                 "--ckpt-every, --device, --data and --threads")

@@ -187,7 +187,7 @@ def limit_message(e: BaseException, again: bool = True) -> str | None:
 
 
 class Terminated(Interrupted):
-    """SIGTERM (what `kill`, `timeout` and supervisors send; signals.sigterm_as_interrupt turns it into this
+    """SIGTERM (what `kill`, `timeout` and supervisors send; signals.signals_as_interrupt turns it into this
     exception in the main thread): unwound like Ctrl-C, so that temporaries are removed and nothing half-written
     is published; exit status 143 (128 + 15) and the word "terminated"."""
 

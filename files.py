@@ -218,6 +218,18 @@ def clean_stale(folder: str | os.PathLike, name: str | None = None, only: bool =
     return removed
 
 
+def has_aside(path: str | os.PathLike) -> bool:
+    """Whether a folder that a killed publish_dir moved aside for the target `path` (`.NAME.<host>-<pid>.<random>.old`,
+    see the module docstring) lies beside it: a reader puts it back (clean_stale), so the path counts as there."""
+    path = Path(path)
+    stem = temp_stem(path.name)
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return False
+    return any((m := _TAGGED.match(name)) is not None and m["kind"] == "old" and m["name"] == stem for name in names)
+
+
 def disk_full(e: BaseException, folder: Path) -> bool:
     """Was the failure of a write into `folder` a full disk? Libraries that write through C (torch.save's zip
     writer) lose errno and raise a RuntimeError, so a device with less than 1 MiB left counts too."""

@@ -15,7 +15,9 @@ as the OS gives them (Python's surrogate escapes) and never re-encoded here.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 from .errors import DdpmError, brief
@@ -63,3 +65,23 @@ def user_dir(kind: str = "cache") -> Path:
 def cache_dir(*parts: str) -> Path:
     """user_dir("cache") joined with `parts`, e.g. cache_dir("mnist")."""
     return user_dir("cache").joinpath(*parts)
+
+
+def in_the_way(folder: str | os.PathLike) -> str | None:
+    """What keeps `folder` from being a folder that can be made or used, found on its path (the nearest part that
+    exists): "X is a symbolic link to T, which does not exist", "X is a loop of symbolic links", "X is not a folder",
+    "X cannot be searched (Permission denied)"; None when that part is a folder (what is missing below it can be
+    created). For one line that says the truth where creating the folder would fail with "File exists"."""
+    for part in (Path(folder), *Path(folder).parents):
+        if not os.path.lexists(part):
+            continue
+        try:
+            st = os.stat(part)
+        except FileNotFoundError:
+            return f"{part} is a symbolic link to {os.readlink(part)}, which does not exist"
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return f"{part} is a loop of symbolic links"
+            return f"{part} cannot be searched ({e.strerror or e})"
+        return None if stat.S_ISDIR(st.st_mode) else f"{part} is not a folder"
+    return None

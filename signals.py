@@ -1,10 +1,11 @@
 """Signals as the exceptions of errors.py, so that a command unwinds instead of dying with a write half-done.
 
-`sigterm_as_interrupt` turns SIGTERM (what `kill`, `timeout` and supervisors send) into errors.Terminated, a
-KeyboardInterrupt like Ctrl-C's, and `exit_on_sigterm` prints the same "terminated" and exits 143 while the CLI
-starts; `file_size_limit_as_error` turns a write past the file-size limit (ulimit -f) into
-an OSError EFBIG that errors.limit_message names, instead of SIGXFSZ killing the process. ddpm.cli enters both around
-every command; both leave the handlers alone outside the main thread (Python runs signal handlers there only).
+`signals_as_interrupt` turns SIGTERM (what `kill`, `timeout` and supervisors send) into errors.Terminated, a
+KeyboardInterrupt like Ctrl-C's, while a command runs; `exit_on_signals` prints the same "terminated" (exit 143) or
+"interrupted" (Ctrl-C, exit 130) and exits at once while the CLI starts and ends; `file_size_limit_as_error` turns
+a write past the file-size limit (ulimit -f) into an OSError EFBIG that errors.limit_message names, instead of
+SIGXFSZ killing the process. ddpm.cli enters both around every command; both leave the handlers alone outside the
+main thread (Python runs signal handlers there only).
 `stop_message` lets a long job say where it stopped (train: the last checkpoint) whatever stopped it.
 """
 
@@ -23,11 +24,33 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+# What each signal's line says and its exit status (128 + the signal's number), during a command and before it
+_WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+_said = False   # a signal's line was printed (signals.said): a later signal exits without a second one
+
+
+def _exit_now(signum, frame):
+    """The handler while the CLI starts and ends (exit_on_signals): the signal's line, then exit at once."""
+    if not _said:
+        os.write(2, f"\n{_WORDS[signum]}\n".encode())
+    os._exit(128 + signum)
+
+
+def said() -> None:
+    """Record that the line of a signal ("interrupted", "terminated") has been printed: from here on a signal that
+    exit_on_signals handles exits with its status without printing another (a second Ctrl-C while the first one's
+    message is printed or the process ends)."""
+    global _said
+    _said = True
+
+
 @contextlib.contextmanager
-def sigterm_as_interrupt():
-    """While the block runs, SIGTERM raises errors.Terminated in the main thread instead of killing the process on
-    the spot (which leaves the temporary of a write in progress behind); the previous handler is restored after.
-    Outside the main thread: unchanged."""
+def signals_as_interrupt():
+    """While the block runs, SIGTERM raises errors.Terminated and Ctrl-C (SIGINT) KeyboardInterrupt in the main
+    thread, so that a command unwinds (temporaries removed, nothing half-written published) instead of the process
+    being killed on the spot; the previous handlers are restored after. SIGINT is changed only where
+    exit_on_signals handles it (an ignored SIGINT, e.g. in a background job, stays ignored; a handler of an
+    embedding program is kept). Outside the main thread: unchanged."""
     if not _main_thread():
         yield
         return
@@ -35,28 +58,39 @@ def sigterm_as_interrupt():
     def on_term(signum, frame):
         raise Terminated("terminated")
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous = {signal.SIGTERM: signal.getsignal(signal.SIGTERM), signal.SIGINT: signal.getsignal(signal.SIGINT)}
     try:
+        signal.signal(signal.SIGTERM, on_term)
+        if previous[signal.SIGINT] is _exit_now:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:   # the handlers of before first: a signal that comes while they are restored exits at once
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-def exit_on_sigterm():
-    """Until a command runs: SIGTERM prints the "terminated" line and exits with status 143 at once, as during a
-    command (sigterm_as_interrupt, which takes over then). ddpm.cli calls this before it imports the modules of its
-    commands (numpy and the rest: most of a second), where the default action killed the process without the line.
-    Nothing has been written yet then, so there is nothing to unwind. Only in the main thread and where SIGTERM has
-    its default action (a handler of the embedding program is kept). Returns the previous handler, to restore, or
-    None when nothing was installed."""
-    if not _main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return None
+def exit_on_signals() -> dict:
+    """Until a command runs, and after it: SIGTERM prints the "terminated" line and exits with status 143, Ctrl-C
+    (SIGINT) "interrupted" and 130, at once, as during a command (signals_as_interrupt, which takes over then).
+    ddpm.cli calls this before it imports the modules of its commands (numpy and the rest: most of a second), where
+    SIGTERM's default action killed the process without the line and Ctrl-C gave a KeyboardInterrupt traceback.
+    Nothing has been written yet then, so there is nothing to unwind. Only in the main thread, and for a signal
+    with its default handling (SIGTERM's default action, SIGINT's KeyboardInterrupt): an ignored signal and a
+    handler of the embedding program are kept. Returns {signal: previous handler} of those it changed, to restore
+    (restore_signals)."""
+    if not _main_thread():
+        return {}
+    defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+    return {signum: signal.signal(signum, _exit_now) for signum, default in defaults.items()
+            if signal.getsignal(signum) is default}
 
-    def on_term(signum, frame):
-        os.write(2, b"\nterminated\n")
-        os._exit(128 + signal.SIGTERM)
 
-    return signal.signal(signal.SIGTERM, on_term)
+def restore_signals(previous: dict) -> None:
+    """Put back the handlers that exit_on_signals replaced (`previous`, what it returned)."""
+    global _said
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+    _said = False
 
 
 @contextlib.contextmanager

@@ -73,7 +73,10 @@ def locked(folder: Path):
         folder.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder.parent / f".{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
-        raise OutputError(f"cannot use the cache folder {folder.parent} ({e.strerror}); set $XDG_CACHE_HOME to a "
+        from ..locations import in_the_way
+
+        why = in_the_way(folder.parent) or e.strerror   # "File exists" for a link to nothing on the way says little
+        raise OutputError(f"cannot use the cache folder {folder.parent} ({why}); set $XDG_CACHE_HOME to a "
                           f"writable folder, pass an export folder (--export), or use --engine torch") from None
     try:
         try:

@@ -15,6 +15,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +146,21 @@ MODEL_META = Schema("ddpm model (model.safetensors metadata)", {
 }, optional={"step": Json(Int(min=0)), "plan": Json(PLAN)}, hint="re-save it with `ddpm train` or use its ckpt.pt")
 
 
+_UNPICKLER = re.compile(r"WeightsUnpickler error:\s*(.*?)(?:\.\s|\n|$)", re.S)
+
+
+def _load_failure(e: Exception) -> str:
+    """What torch.load(weights_only=True) found wrong with a file, for one line: its reason alone when it refused
+    what a plain file of tensors never holds (a foreign pickle, code to run, not a pickle at all), without its
+    advice to load with weights_only=False, which would run the code of a file of unknown origin."""
+    text = str(e)
+    if "weights_only" not in text:
+        return f"{type(e).__name__}: {clip(e)}"
+    found = _UNPICKLER.search(text)
+    reason = f": {clip(found.group(1), 120)}" if found and found.group(1).strip() else ""
+    return f"not a PyTorch file of tensors alone{reason}"
+
+
 def load_checkpoint(path: str | os.PathLike, schema: Schema = CKPT) -> dict:
     """The dict of a ckpt.pt, read with weights_only=True (no code runs), checked against `schema` (default: all a
     resume needs; CKPT_WEIGHTS: what loading the model needs). Raises CheckpointError, TorchMissing."""
@@ -154,7 +170,7 @@ def load_checkpoint(path: str | os.PathLike, schema: Schema = CKPT) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for foreign/corrupt files
-        raise CheckpointError(f"{path} is not a readable ddpm checkpoint ({type(e).__name__}: {clip(e)})") from None
+        raise CheckpointError(f"{path} is not a readable ddpm checkpoint ({_load_failure(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} is not a ddpm training checkpoint")
     _check_storage(path, ckpt)

@@ -474,19 +474,21 @@ class Bundle:
             inputs, outputs, ops = graph_signature(buf)
         except ValueError as e:
             raise ExportError(f"{bad} ({clip(e)}); re-run `{redo}`") from None
-        where = f"files.{precision}" if kind == "model" else \
+        # the entry, named with its folder's export.json: a line in a log says which folder
+        entry_name = f"files.{precision}" if kind == "model" else \
             f"generators[{next(i for i, g in enumerate(self.meta['generators']) if g is entry)}]"
+        where = f"{self.root / META_FILE}'s {entry_name}"
         takes, gives, key = KINDS[kind]
         if set(inputs) != takes or outputs != gives:
             other = next((k for k, (i, o, _) in KINDS.items() if set(inputs) == i and outputs == o), None)
             sig = ", ".join(map(repr, list(inputs)[:8])) + " -> " + ", ".join(map(repr, outputs[:8]))
             order = {"model": "x, t, y -> eps", "generator": "x_T, labels, guidance -> images"}[kind]
-            raise ExportError(f"export.json's {where} names {path.name}, which " + (f"is a {other}" if other else
+            raise ExportError(f"{where} names {path.name}, which " + (f"is a {other}" if other else
                               f"takes {clip(sig)}") + f", not a {kind} ({order}): re-export the folder "
                               f"(re-run `{redo}`)")
         if kind == "model" and model_precision(inputs, ops) != precision:
             found = model_precision(inputs, ops)
-            raise ExportError(f"export.json's {where} names {path.name}, which is " + (f"an {found} model" if found
+            raise ExportError(f"{where} names {path.name}, which is " + (f"an {found} model" if found
                               else "a model of no precision ddpm writes") + f", not an {precision} one; "
                               f"re-run `{redo}`")
         if key not in props:

@@ -75,7 +75,6 @@ def test_gen_solvers_spacing_and_guidance_interval(ckpt, tmp_path):
 
 def test_gen_bad_checkpoints(tmp_path):
     # an input path that does not exist is a usage error naming its option (exit 2, docs/reliability.md), as --image's
-    # (not --export: a folder a killed export left aside is put back by the reader, runtime.bundle)
     r = invoke("gen", "--ckpt", tmp_path / "missing", "-n", 1)
     assert r.exit_code == 2 and "does not exist" in r.output and "--ckpt" in r.output, r.output
     r = invoke("eval", "--classifier", tmp_path / "missing.safetensors", "-n", 2)
@@ -85,6 +84,43 @@ def test_gen_bad_checkpoints(tmp_path):
     (tmp_path / "foreign.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     r = invoke("gen", "--ckpt", tmp_path / "foreign.safetensors", "-n", 1)
     assert r.exit_code == 1 and "Error:" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("command", ["gen", "eval", "inpaint"])
+def test_a_missing_export_folder_is_a_usage_error_unless_one_was_left_aside(tmp_path, command):
+    """--export that does not exist is a usage error naming the option (exit 2), as --ckpt's, for every command that
+    takes it; a folder that a killed `ddpm export` moved aside (.D.<host>-<pid>.<random>.old, files.publish_dir) is
+    accepted, and the reader puts it back (runtime.bundle)."""
+    import subprocess
+
+    from ddpm import files
+
+    more = {"gen": [], "eval": [], "inpaint": ["--image", tmp_path / "d.png"]}[command]
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "d.png")
+    r = invoke(command, "--export", tmp_path / "D", "-n", 2, *more)
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert "Invalid value for '--export'" in r.output and "does not exist" in r.output, r.output
+    p = subprocess.Popen(["true"])
+    p.wait()   # a writer that is gone
+    (tmp_path / f".D.{files.HOST}-{p.pid}.deadbeef.old").mkdir()
+    r = invoke(command, "--export", tmp_path / "D", "-n", 2, *more)
+    assert r.exit_code == 1 and "not an export folder" in r.output, r.output   # put back, and it holds nothing
+    assert (tmp_path / "D").is_dir()
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_an_input_link_that_leads_nowhere_says_so(tmp_path, kind):
+    """--ckpt (as every input option) that is a loop of symbolic links or a link to nothing: a usage error that
+    says so, not "does not exist"."""
+    import os
+
+    link = tmp_path / "m"
+    os.symlink(link if kind == "loop" else tmp_path / "gone", link)
+    for option in ("--ckpt", "--export"):
+        r = invoke("gen", option, link, "-n", 1, "--out", tmp_path / "x.png")
+        assert r.exit_code == 2 and r.output.count("\n") == 1 and option in r.output, r.output
+        want = "is a loop of symbolic links" if kind == "loop" else f"is a symbolic link to '{tmp_path / 'gone'}'"
+        assert want in r.output and "m' does not exist" not in r.output, r.output
 
 
 def test_inpaint(ckpt, tmp_path):
@@ -199,29 +235,56 @@ def test_a_path_with_control_characters_is_shown_escaped(tmp_path):
     assert "\x00" not in str(e.value) and "a\\x00b" in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("sig, code, word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
 @pytest.mark.parametrize("heavy", ["numpy", "torch"])
-def test_sigterm_while_the_cli_imports_prints_terminated(tmp_path, heavy):
+def test_a_signal_while_the_cli_imports_prints_its_line(tmp_path, heavy, sig, code, word):
     """SIGTERM while `ddpm train` imports its modules (most of a second, numpy first) killed the process by the
-    default action, without the "terminated" line the README promises: the CLI handles it before those imports.
-    The signal is sent by an import hook when the first `heavy` module is imported, so the test does not race."""
+    default action, without the "terminated" line the README promises, and Ctrl-C gave a KeyboardInterrupt
+    traceback and death by SIGINT: the CLI handles both before those imports, as during the command. The signal is
+    sent by an import hook when the first `heavy` module is imported, so the test does not race."""
     import os
+    import signal
     import subprocess
     import sys
 
-    code = (f"import os, signal, sys\n"
-            f"class Term:\n"
-            f"    def find_spec(self, name, path=None, target=None):\n"
-            f"        if name == {heavy!r}:\n"
-            f"            os.kill(os.getpid(), signal.SIGTERM)\n"
-            f"sys.meta_path.insert(0, Term())\n"
-            f"sys.argv = ['ddpm', 'train', '--steps', '1', '--out', {str(tmp_path / 'run')!r}]\n"
-            f"from ddpm.cli import main\n"
-            f"main()\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    code_ = (f"import os, signal, sys\n"
+             f"class Hook:\n"
+             f"    def find_spec(self, name, path=None, target=None):\n"
+             f"        if name == {heavy!r}:\n"
+             f"            sys.meta_path.remove(self)\n"
+             f"            os.kill(os.getpid(), signal.{sig})\n"
+             f"sys.meta_path.insert(0, Hook())\n"
+             f"sys.argv = ['ddpm', 'train', '--steps', '1', '--out', {str(tmp_path / 'run')!r}]\n"
+             f"from ddpm.cli import main\n"
+             f"main()\n")
+    # SIGINT at its default in the child (Python's KeyboardInterrupt): a test run in the background of a
+    # non-interactive shell inherits SIGINT ignored
+    r = subprocess.run([sys.executable, "-c", code_], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # numpy: before the command began ("terminated"); torch: inside it, which says what it left ("terminated; ...")
-    assert r.returncode == 143 and r.stderr.strip().startswith("terminated"), (r.returncode, r.stderr[-500:])
+    assert r.returncode == code and r.stderr.strip().startswith(word), (r.returncode, r.stderr[-500:])
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr[-500:]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_after_its_line_exits_without_another(sig, code):
+    """Once a command printed a signal's line ("interrupted"), a second signal (Ctrl-C pressed twice) while the
+    process ends exits with the same status and no second line or traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    code_ = (f"import os, signal\n"
+             f"from ddpm import signals\n"
+             f"signals.exit_on_signals()\n"
+             f"signals.said()\n"
+             f"os.kill(os.getpid(), signal.{sig})\n"
+             f"print('not reached')\n")
+    r = subprocess.run([sys.executable, "-c", code_], capture_output=True, text=True, timeout=60,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert (r.returncode, r.stdout, r.stderr) == (code, "", ""), (r.returncode, r.stdout, r.stderr)
 
 
 def test_an_unconditional_set_is_not_named_by_a_guidance_it_did_not_use(ckpt, fake_mnist, tmp_path):
@@ -231,3 +294,82 @@ def test_an_unconditional_set_is_not_named_by_a_guidance_it_did_not_use(ckpt, fa
     assert r.exit_code == 0, r.output
     name = json.loads((tmp_path / "u.json").read_text())[0]["name"]
     assert name.endswith(" uncond") and "w=" not in name, name
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_standard_output_that_cannot_be_written_is_one_line(tiny_export, fake_mnist, tmp_path):
+    """Standard output on a full disk (`> /dev/full`): one line on stderr naming standard output and exit status 1,
+    no traceback, for --version (printed while the options are parsed), gen and eval; eval writes its --json before
+    it prints its table, so the scores computed are kept."""
+    import os
+    import subprocess
+    import sys
+
+    r = invoke("gen", "--export", tiny_export, "-n", 4, "--steps", 2, "-q", "--out", tmp_path / "s.npz")
+    assert r.exit_code == 0, r.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for args in (["--version"],
+                 ["gen", "--export", tiny_export, "-n", 2, "--steps", 2, "-q", "--out", tmp_path / "g.npz"],
+                 ["eval", "--samples", tmp_path / "s.npz", "--data", fake_mnist, "-q", "--json", tmp_path / "e.json"]):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([sys.executable, "-m", "ddpm", *map(str, args)], stdout=full, stderr=subprocess.PIPE,
+                               text=True, env=env, timeout=300)
+        assert r.returncode == 1, (args, r.stderr[-2000:])
+        lines = r.stderr.strip().splitlines()   # eval's data notice ("note: ... unknown MD5") may come first
+        assert "Traceback" not in r.stderr and sum(line.startswith("Error") for line in lines) == 1, r.stderr[-2000:]
+        assert lines[-1] == "Error: cannot write to standard output: No space left on device", (args, r.stderr[-2000:])
+    assert (tmp_path / "g.npz").is_file() and len(json.loads((tmp_path / "e.json").read_text())) == 1
+
+
+def test_gen_refuses_an_npz_that_cannot_fit_the_free_space(tiny_export, tmp_path, monkeypatch):
+    """gen -n N --out x.npz streams N digits into a temporary: one that cannot fit the free space of its folder
+    (the least the .npz can take: its members compressed as much as DEFLATE compresses anything) is refused up
+    front in one line naming -n, before anything is made (it filled the disk, then failed)."""
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
+    r = invoke("gen", "--export", tiny_export, "-n", 1000, "--steps", 2, "-q", "--out", tmp_path / "x.npz")
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("Error: -n 1000 digits make an .npz of at least "), r.output
+    assert "free in" in r.output and "lower -n" in r.output, r.output
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 0, 10**6))   # room: written
+    r = invoke("gen", "--export", tiny_export, "-n", 4, "--steps", 2, "-q", "--out", tmp_path / "x.npz")
+    assert r.exit_code == 0 and (tmp_path / "x.npz").is_file(), r.output
+
+
+def test_a_file_that_is_no_checkpoint_gets_no_advice_to_run_its_code(tmp_path):
+    """--ckpt on a file that is not a checkpoint (a JSON file; a pickle that needs a foreign function): one line that
+    says what it is not, without PyTorch's advice to load it with weights_only=False (which runs the file's code)."""
+    import torch
+
+    (tmp_path / "options.json").write_text('{"steps": 1}')
+    torch.save({"x": np.zeros(2)}, tmp_path / "obj.pt")   # a numpy array: code of numpy's to run
+    for name, reason in (("options.json", "Unsupported operand"), ("obj.pt", "Unsupported global")):
+        r = invoke("gen", "--ckpt", tmp_path / name, "-n", 1, "--out", tmp_path / "x.png")
+        assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+        assert "not a PyTorch file of tensors alone" in r.output and reason in r.output, r.output
+        assert "weights_only" not in r.output and "False" not in r.output, r.output
+
+
+@pytest.mark.parametrize("sig, code, word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_signal_while_the_program_shuts_down_prints_its_line(sig, code, word):
+    """`ddpm` run as the program keeps its signal handling until the process ends: a signal while the interpreter
+    shuts down after the command (modules torn down, threads joined: here an atexit hook sends it) prints its one
+    line and exits with its status, as during the command (Ctrl-C gave "Exception ignored" and a traceback)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code_ = (f"import atexit, os, signal, sys\n"
+             f"atexit.register(lambda: os.kill(os.getpid(), signal.{sig}))\n"
+             f"sys.argv = ['ddpm', '--version']\n"
+             f"from ddpm.cli import main\n"
+             f"main()\n")
+    r = subprocess.run([sys.executable, "-c", code_], capture_output=True, text=True, timeout=120,
+                       env=os.environ, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert (r.returncode, r.stderr.strip()) == (code, word), (r.returncode, r.stderr[-2000:])
+    assert "version" in r.stdout

@@ -126,3 +126,55 @@ def test_download_from_mirror(tmp_path, monkeypatch, mnist_dir):
         httpd.shutdown()
     x, y = load_mnist(tmp_path, "test")
     assert x.shape == (10000, 28, 28) and y[0] == 7
+
+
+@pytest.mark.parametrize("kind", ["file", "device", "loop", "link to nothing on its path", "url"])
+def test_an_mnist_folder_that_cannot_be_one_says_why_before_any_download(tmp_path, monkeypatch, kind):
+    """--data / $DDPM_DATA that is a file, /dev/null, a loop of links, a folder under a link to nothing, or a URL:
+    one DataError that says what the path is, before anything is downloaded (it said "downloading ... into PATH",
+    then a network error)."""
+    import os
+
+    import ddpm.train.data as data
+
+    monkeypatch.setattr(data, "_fetch", lambda *a: pytest.fail("a download was tried"))
+    path = {"file": tmp_path / "f", "device": os.devnull, "loop": tmp_path / "l", "url": "https:/example.com/mnist",
+            "link to nothing on its path": tmp_path / "cache" / "ddpm" / "mnist"}[kind]
+    (tmp_path / "f").write_text("x")
+    os.symlink(tmp_path / "l", tmp_path / "l")
+    os.symlink(tmp_path / "gone", tmp_path / "cache")
+    want = {"file": "f is not a folder", "device": "/dev/null is not a folder", "loop": "is a loop of symbolic links",
+            "url": "is a URL, not a folder", "link to nothing on its path": f"is a symbolic link to {tmp_path / 'gone'}"}
+    for call in (lambda: ensure_mnist(path, download=True, progress=lambda m: None), lambda: load_mnist(path)):
+        with pytest.raises(DataError) as e:
+            call()
+        assert want[kind] in str(e.value) and "--data" in str(e.value), str(e.value)
+
+
+def test_mnist_is_not_downloaded_where_it_cannot_be_written(monkeypatch):
+    """A missing MNIST folder whose files cannot be created (here under /proc, as a read-only cache folder): one
+    DataError that says so, before a download is tried."""
+    import os
+
+    import ddpm.train.data as data
+
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs /proc (Linux)")
+    monkeypatch.setattr(data, "_fetch", lambda *a: pytest.fail("a download was tried"))
+    with pytest.raises(DataError, match="cannot be downloaded there .*cannot create files in /proc"):
+        ensure_mnist(data.Path("/proc/ddpm-no-such-mnist"), download=True, progress=lambda m: None)
+
+
+def test_a_cache_folder_under_a_link_to_nothing_says_so(tmp_path):
+    """$XDG_CACHE_HOME a symbolic link to nothing: the export cache's line names the link (it said "File exists")."""
+    import os
+
+    from ddpm.export.cache import locked
+    from ddpm.files import OutputError
+
+    os.symlink(tmp_path / "gone", tmp_path / "cache")
+    with pytest.raises(OutputError) as e:
+        with locked(tmp_path / "cache" / "ddpm" / "exports" / "0123"):
+            pass
+    assert f"{tmp_path / 'cache'} is a symbolic link to {tmp_path / 'gone'}, which does not exist" in str(e.value)
+    assert "File exists" not in str(e.value)

@@ -215,10 +215,11 @@ def test_resume_is_bit_identical(fake_mnist, teacher, tmp_path, monkeypatch):
 
 def test_bad_options_are_one_line(fake_mnist, teacher, tmp_path):
     base = ["distill", "--teacher", teacher, "--data", fake_mnist, "--device", "cpu"]
-    for args, msg in ((["--steps-from", 12, "--steps-to", 4], "times a power of two"),
-                      (["--steps-from", 256, "--steps-to", 4], "exceeds the teacher's T=100")):
+    # options that contradict each other: a usage error (exit 2); what the teacher decides: exit 1
+    for args, msg, code in ((["--steps-from", 12, "--steps-to", 4], "times a power of two", 2),
+                            (["--steps-from", 256, "--steps-to", 4], "exceeds the teacher's T=100", 1)):
         r = invoke(*base, "--out", tmp_path / "x", *args)
-        assert r.exit_code == 1 and "Traceback" not in r.output and msg in r.output, r.output
+        assert r.exit_code == code and "Traceback" not in r.output and msg in r.output, r.output
         assert not (tmp_path / "x" / "ckpt.pt").exists()
     r = invoke("distill", "--out", tmp_path / "none", "--resume")
     assert r.exit_code == 1 and "no ckpt.pt" in r.output
@@ -251,3 +252,19 @@ def test_a_run_is_resumed_only_by_the_command_that_wrote_it(fake_mnist, teacher,
         D.distill(_cfg(fake_mnist, tmp_path / "trn", dst), resume=True, **_quiet())
     r = invoke("distill", "--out", dst, "--resume", "--teacher", teacher)
     assert r.exit_code == 2 and "--teacher cannot be given with --resume" in r.output, r.output
+
+
+@pytest.mark.parametrize("steps_from, steps_to", [(3, 1), (4, 8), (4, 4), (12, 4)])
+def test_steps_that_contradict_each_other_are_a_usage_error(teacher, tmp_path, steps_from, steps_to):
+    """--steps-from and --steps-to that are not a power of two apart contradict each other, which the options alone
+    show: a usage error naming --steps-from (exit status 2, as other contradicting options), before anything is
+    written; the API's DistillConfig gets the same check as an OptionError."""
+    out = tmp_path / "run"
+    r = invoke("distill", "--teacher", teacher, "--out", out, "--steps-from", steps_from, "--steps-to", steps_to,
+               "--device", "cpu")
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("Error: Invalid value for --steps-from: ") and "--steps-to" in r.output, r.output
+    assert not out.exists()
+    with pytest.raises(ddpm.errors.OptionError) as e:
+        D.check(D.DistillConfig(steps_from=steps_from, steps_to=steps_to))
+    assert e.value.option == "steps_from"

@@ -562,6 +562,7 @@ def test_onnx_files_of_another_kind_or_precision_are_refused(exported, tmp_path,
             "generator": ["--engine", "onnx-generator"]}[precision]
     line = one_line_error(_gen(root, *args))
     assert message in line, line
+    assert f"{exp / 'export.json'}'s " in line, line   # which folder: a line in a log says it
 
 
 def test_generators_of_one_name_are_told_apart(exported, tmp_path):

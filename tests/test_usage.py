@@ -206,6 +206,7 @@ def test_eval_samples_refuses_every_option_that_makes_samples(tmp_path, monkeypa
     monkeypatch.setattr(evaluation, "format_table", lambda rows: "table")
     save_samples(tmp_path / "s.npz", np.zeros(2, np.int64), [np.zeros((2, 28, 28), np.uint8)])
     (tmp_path / "w.safetensors").write_bytes(b"x")
+    (tmp_path / "exp").mkdir()   # an input that exists: a missing one is refused as such first
     given = {"steps": 3, "spacing": "trailing", "ckpt": tmp_path / "w.safetensors", "export_dir": tmp_path / "exp",
              "guidance": 1.0, "num": 5}
     making = [p for p in eval_cmd.params if p.name not in _SCORING]

@@ -14,6 +14,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DdpmError, brief, clip
+from ..locations import in_the_way
 from ..schema import Array, Schema
 
 # name -> MD5 of the *uncompressed* file (recompressed .gz copies differ in their own MD5, not in their content)
@@ -390,9 +392,28 @@ def _fetch(name: str, data_dir: Path) -> None:
     raise DataError(f"could not download {name}.gz ({'; '.join(errors)})")
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")   # scheme:/ (two letters at least: not a Windows drive)
+
+
+def check_data_dir(data_dir: str | os.PathLike) -> None:
+    """DataError (one line) when `data_dir` cannot be a folder of MNIST files, before anything is looked for in it
+    or downloaded into it: a URL (--data takes a folder on this machine), a file or a device (/dev/null), a
+    symbolic link to nothing or a loop of them on its path (locations.in_the_way). A folder that does not exist yet
+    passes: the download creates it."""
+    text = os.fspath(data_dir)
+    if _URL.match(text) and not os.path.lexists(text):
+        raise DataError(f"the MNIST folder {text} is a URL, not a folder: point --data (or $DDPM_DATA) at a folder on "
+                        f"this machine, or leave both out to download MNIST into the cache folder")
+    why = in_the_way(data_dir)
+    if why is not None:
+        raise DataError(f"the MNIST folder {text} cannot be used: {why}; point --data (or $DDPM_DATA) at a folder")
+
+
 def ensure_mnist(data_dir: Path, download: bool = True, progress=print, splits=("train", "test")) -> Path:
     """Make sure the files of `splits` (default both, the four files) are in data_dir, downloading (and
-    MD5-checking) missing ones if allowed. Raises DataError naming what is missing."""
+    MD5-checking) missing ones if allowed, once it is known that they can be written there. Raises DataError naming
+    what is missing, or why data_dir cannot hold them (check_data_dir; a folder where files cannot be created)."""
+    check_data_dir(data_dir)
     missing = [n for split in splits for n in SPLITS[split] if find_file(data_dir, n) is None]
     if not missing:
         return data_dir
@@ -400,6 +421,12 @@ def ensure_mnist(data_dir: Path, download: bool = True, progress=print, splits=(
             f"Put them there, or point --data DIR (or $DDPM_DATA) at a folder that holds them")
     if not download:
         raise DataError(hint)
+    from ..files import OutputError, check_writable
+
+    try:
+        check_writable(data_dir, folder=True)
+    except OutputError as e:
+        raise DataError(f"{hint}; they cannot be downloaded there ({e})") from None
     try:
         for name in missing:
             progress(f"downloading {name}.gz into {data_dir}")
@@ -416,6 +443,7 @@ def load_mnist(data_dir: str | os.PathLike, split: str = "train") -> tuple[np.nd
     CHECKS_FILE, so a file is hashed once): MNIST's files in the wrong place (train and test swapped) raise DataError;
     other IDX data is used with a one-line notice on stderr, as is the choice of NAME over NAME.gz when both exist."""
     data_dir = Path(data_dir)
+    check_data_dir(data_dir)
     names = SPLITS[split]
     paths = [find_file(data_dir, n) for n in names]
     if None in paths:

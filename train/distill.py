@@ -51,6 +51,7 @@ from typing import ClassVar, Collection
 import numpy as np
 import torch
 
+from ..errors import OptionError
 from ..model.io import CKPT_FILE, MODEL_FILE, default_model_path, read_model_info, save_model, weights_hash
 from ..options import GUIDANCE, GUIDANCE_INTERVAL, MAX_GUIDANCE
 from ..runtime.samplers import Plan, ddim_plan, timesteps
@@ -139,18 +140,24 @@ def stage_at(cfg: DistillConfig, step: int) -> Stage:
 
 
 def check(cfg: DistillConfig, T: int | None = None) -> None:
-    """TrainingError (one line) for distillation options that do not fit (T: the teacher's, when known): steps_from
-    and steps_to a power of two apart, within 1..T, with nested trailing grids; iters >= 1, fold_iters >= 0, a
-    guidance scale in [0, MAX_GUIDANCE] and an interval 0 <= lo < hi."""
+    """The distillation's options checked against each other, before anything is read or written: steps_from and
+    steps_to a power of two apart, iters >= 1, fold_iters >= 0, a guidance scale in [0, MAX_GUIDANCE] and an
+    interval 0 <= lo < hi; each an errors.OptionError naming its option (on the command line a usage error, exit
+    status 2). With T (the teacher's, once it is read): steps_from within 1..T, with nested trailing grids, else a
+    TrainingError (the teacher decides)."""
     if not (isinstance(cfg.steps_to, int) and isinstance(cfg.steps_from, int)) or cfg.rounds == 0:
-        raise TrainingError(f"--steps-from {cfg.steps_from} must be --steps-to {cfg.steps_to} times a power of two "
-                            f"(2, 4, 8, ...), e.g. --steps-from 32 --steps-to 4: each round halves the steps")
-    if cfg.iters < 1 or cfg.fold_iters < 0:
-        raise TrainingError(f"need --iters >= 1 and --fold-iters >= 0, got {cfg.iters} and {cfg.fold_iters}")
+        raise OptionError(f"--steps-from {cfg.steps_from} must be --steps-to {cfg.steps_to} times a power of two "
+                          f"(2, 4, 8, ...), e.g. --steps-from 32 --steps-to 4: each round halves the steps",
+                          "steps_from")
+    if cfg.iters < 1:
+        raise OptionError(f"need --iters >= 1, got {cfg.iters}", "iters")
+    if cfg.fold_iters < 0:
+        raise OptionError(f"need --fold-iters >= 0, got {cfg.fold_iters}", "fold_iters")
     if not 0 <= cfg.guidance <= MAX_GUIDANCE:
-        raise TrainingError(f"--guidance must be in [0, {MAX_GUIDANCE:g}], got {cfg.guidance}")
+        raise OptionError(f"--guidance must be in [0, {MAX_GUIDANCE:g}], got {cfg.guidance}", "guidance")
     if not 0 <= cfg.guidance_lo < cfg.guidance_hi:   # also refuses NaN
-        raise TrainingError(f"the guidance interval needs 0 <= lo < hi, got ({cfg.guidance_lo}, {cfg.guidance_hi}]")
+        raise OptionError(f"the guidance interval needs 0 <= lo < hi, got ({cfg.guidance_lo}, {cfg.guidance_hi}]",
+                          "guidance_interval")
     if T is not None:
         if cfg.steps_from > T:
             raise TrainingError(f"--steps-from {cfg.steps_from} exceeds the teacher's T={T}")
@@ -329,7 +336,12 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool, log, given) -> di
     run = resolve_run(cfg, resume, log, given)
     if distilled is not None and weights_hash(run.mcfg, run.init_state) != distilled["teacher"]:   # read twice
         raise TrainingError(f"the teacher {cfg.init} changed while it was read; run the command again")
-    check(run.cfg, run.mcfg.timesteps)
+    try:   # the options given were checked (distill); these may be a resumed run's own
+        check(run.cfg, run.mcfg.timesteps)
+    except OptionError as e:
+        raise TrainingError(f"--resume: {run.out} was started with options that do not fit ({e}); start a new run "
+                            f"with another --out") from None
+>>>>>>> fix22h
     state = build_state(run)
     teacher = copy.deepcopy(state.model).eval().requires_grad_(False)
     if run.ckpt is not None:
