@@ -341,7 +341,6 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool, log, given) -> di
     except OptionError as e:
         raise TrainingError(f"--resume: {run.out} was started with options that do not fit ({e}); start a new run "
                             f"with another --out") from None
->>>>>>> fix22h
     state = build_state(run)
     teacher = copy.deepcopy(state.model).eval().requires_grad_(False)
     if run.ckpt is not None:
