@@ -4,8 +4,12 @@
     plan = model.plan(**opts.plan_args())            # the sampler's table (runtime.samplers.Plan)
 
 Its defaults are the measured ones (README "Samplers", "Editing"); the editing commands start from EDITING. A new
-sampling option is one field here (with its comment), one entry in arguments.ARGS and one click option in
-cli_options.py (sampling_options).
+sampling option that only chooses among what exists is one field here (with its comment), one entry in
+arguments.ARGS and one click option in cli_options.py (sampling_options). One that changes the sampler's table or
+step also touches runtime/samplers.py (a Plan field, which plan_key and the RePaint plan carry over),
+runtime/runner.py and runtime/eager.py (the step), export/generator.py (the step in the graph), runtime/edits.py
+when edits build their own plan, api.py's method keywords, and the commands that list solver options by name
+(export --generator, bench): docs/development.md, "Adding a sampling option".
 Numpy-free: `ddpm --help` imports this.
 """
 
