@@ -358,7 +358,8 @@ def add_generator(root, plan: Plan, guidance: float, form: str = DEFAULT_FORM, l
                      "opset": int(net.opset_import[0].version),
                      "inputs": {"x_T": "float32 (B,C,H,W)", "labels": "int64 (B,); the null label for unconditional",
                                 "guidance": "float32 scalar w >= 0"},
-                     "outputs": {"images": "uint8 (B,H,W)"}, "parity": parity})
+                     "outputs": {"images": "uint8 (B,H,W)" if bundle.image_shape[0] == 1 else "uint8 (B,H,W,C)"},
+                     "parity": parity})
 
     atomic_write(root / name, write)
     meta = Bundle.load(root).meta     # as it is now: the records of generators added meanwhile are kept

@@ -302,7 +302,7 @@ def check_channels(image_shape: tuple[int, int, int], what: str) -> None:
     naming the shape and `what` (e.g. "sampling it") otherwise, raised before any work."""
     if image_shape[0] not in PICTURE_CHANNELS:
         raise PictureChannels(f"this model makes {_shape(image_shape)} images, and ddpm writes grey (1 channel) or "
-                              f"RGB (3) pictures only: {what} is not possible")
+                              f"RGB (3 channels) pictures only: {what} is refused")
 
 
 class GreyOnly(DdpmError):
