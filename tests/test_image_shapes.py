@@ -18,7 +18,7 @@ import ddpm
 from ddpm.export.onnx_export import export
 from ddpm.runtime.bundle import Bundle
 from ddpm.runtime.engines import make_engine
-from ddpm.runtime.images import from_uint8, to_uint8
+from ddpm.runtime.images import to_uint8
 from ddpm.runtime.noise import make_noise
 from ddpm.runtime.samplers import ddim_plan
 from ddpm.runtime.schedule import Schedule
@@ -224,7 +224,7 @@ def test_colour_pictures_convention(tmp_path):
     (N, H, W) for one channel and (N, H, W, C) for three; a colour model's picture parser reads an RGB file as it
     is, a grey file or array in all three channels, an RGBA file composited over black, and tells a stack from one
     picture; a grey model's parser refuses an RGB array in one line; masks stay (H, W)."""
-    from ddpm.runtime.images import ImageError, inpaint_inputs, picture, pictures, read_image
+    from ddpm.runtime.images import ImageError, from_uint8, inpaint_inputs, picture, pictures, read_image
 
     rng = np.random.default_rng(0)
     for shape, model_shape in (((2, 5, 6), (2, 1, 5, 6)), ((2, 5, 6, 3), (2, 3, 5, 6))):
