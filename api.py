@@ -191,7 +191,7 @@ class Model:
                  spacing: str | None = None, guidance_interval=GUIDANCE_INTERVAL, guidance_rescale: float = 0.0,
                  seed: int = 0, batch: int = 64, engine="auto", device: str = "auto", fp16: bool = False,
                  int8: bool = False, start: int = 0, progress: bool = False, plan=None) -> np.ndarray:
-        """n digits as (n, H, W) uint8 (0 black .. 255 white, MNIST's convention).
+        """n digits as (n, H, W) uint8 (0 black .. 255 white, MNIST's convention; colour: (n, H, W, 3) RGB).
 
         label: None (classes 0..9 in turn), an int, or n ints. uncond: the unconditional model (no label).
         guidance: classifier-free guidance w >= 0, eps = eps_c + w (eps_c - eps_u) (Ho & Salimans 2022, eq. 6).
@@ -250,7 +250,7 @@ class Model:
         from .runtime.images import fitted
 
         opts = Sampling.of(locals(), given(), labelled=label is not None)
-        images, n = fitted(image, n, self.image_shape[1:])
+        images, n = fitted(image, n, self.image_shape[1:], self.image_shape[0])
         job = sdedit_job(pipeline.plans(self, opts), self.schedule, images, strength)
         return pipeline.edit(self, opts, n, label, start, progress, job)
 
@@ -273,7 +273,7 @@ class Model:
 
         opts = Sampling.of(locals(), given(), labelled=label is not None or not uncond)
         H, W = self.image_shape[1:]
-        small, n = fitted(image, n, (H // factor, W // factor))
+        small, n = fitted(image, n, (H // factor, W // factor), self.image_shape[0])
         job = upscale_job(pipeline.plans(self, opts), small, factor, method)
         return pipeline.edit(self, opts, n, label, start, progress, job, uncond)
 
@@ -292,17 +292,18 @@ class Model:
         from .runtime.images import fitted
 
         opts = Sampling.of(locals(), given(), labelled=label is not None)
-        images, n = fitted(image, n, self.image_shape[1:])
+        images, n = fitted(image, n, self.image_shape[1:], self.image_shape[0])
         job = restore_job(pipeline.plans(self, opts), self.schedule, images, sigma)
         return pipeline.edit(self, opts, n, label, start, progress, job)
 
     @checked
     def picture(self, image, size: tuple[int, int] | None = None) -> np.ndarray:
-        """A picture file or a (H, W) uint8 array, resized to size (default: the model's): (H', W') uint8, as the
-        editing methods read it. Raises DdpmError, also for a light background (runtime.images.editing_picture)."""
+        """A picture file or a (H, W) uint8 array (colour model: also (H, W, 3)), resized to size (default: the
+        model's): (H', W') uint8 (colour: (H', W', 3); runtime.images), as the editing methods read it. Raises
+        DdpmError, also for a light background (runtime.images.editing_picture)."""
         from .runtime.images import editing_picture
 
-        return editing_picture(image, tuple(size or self.image_shape[1:]))
+        return editing_picture(image, tuple(size or self.image_shape[1:]), channels=self.image_shape[0])
 
     @checked(n=OPTIONAL_COUNT)
     def inpaint_input(self, image, mask, n: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
@@ -311,7 +312,7 @@ class Model:
         (runtime.images.inpaint_inputs)."""
         from .runtime.images import inpaint_inputs
 
-        return inpaint_inputs(image, mask, n, self.image_shape[1:])
+        return inpaint_inputs(image, mask, n, self.image_shape[1:], self.image_shape[0])
 
 
 @checked

@@ -90,9 +90,8 @@ def inpaint(mask_spec, jump, resample, **o):
       ddpm inpaint --image digit.png --mask keep.png --label 3
       ddpm inpaint --image digit.png --steps 250 --jump-length 10 --resample 10   # the paper's schedule
     """
-    import numpy as np
-
     from .runtime.edits import inpaint_job
+    from .runtime.images import grey_out
 
     def build(model, opts, plans):
         images, keep, _ = model.inpaint_input(o["image"], mask_spec, 1)
@@ -100,7 +99,7 @@ def inpaint(mask_spec, jump, resample, **o):
 
     def shown(model):
         images, keep, _ = model.inpaint_input(o["image"], mask_spec, 1)
-        return np.where(keep[0], images[0], 64).astype(np.uint8)   # the redrawn part greyed out
+        return grey_out(images[0], keep[0])   # the redrawn part greyed out
     _edit(o, build, shown, "completions", f"RePaint j={jump} r={resample} over {{plan}}",
           {"--mask": None if mask_spec in HALVES else mask_spec})
 
@@ -143,12 +142,13 @@ def upscale(factor, method, **o):
       ddpm upscale --image small14.png --factor 2 -n 8 --out big.png
       ddpm upscale --image tiny7.png --factor 4 --label 3 --method ddnm
     """
-    from .runtime.edits import upsample, upscale_job
+    from .runtime.edits import upscale_job
+    from .runtime.images import enlarge
 
     f = int(factor)
     small = lambda model: model.picture(o["image"], tuple(s // f for s in model.image_shape[1:]))
     _edit(o, lambda model, opts, plans: upscale_job(plans, small(model)[None], f, method),
-          lambda model: upsample(small(model), f), "upscalings", f"{method.upper()} x{f}, {{plan}}")
+          lambda model: enlarge(small(model)[None], f)[0], "upscalings", f"{method.upper()} x{f}, {{plan}}")
 
 
 @editing_command("restore", "restore.png")

@@ -186,7 +186,7 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
     if with_generator or web_dir:   # a model whose pictures the generator cannot write: before any work
         from .export.generator import check_image_shape
 
-        check_image_shape(model.image_shape)
+        check_image_shape(model.image_shape, page=bool(web_dir))
     claim_outputs(model, out, web_dir)   # before any work: a folder that may not be replaced is refused
     if web_dir:   # and onnxruntime-web: the given tarball checked, else the cached one, else fetched with npm
         from .export import web

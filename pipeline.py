@@ -1,7 +1,7 @@
 """One job pipeline for every command and the API: model -> plan -> engine -> batches over a sample range -> writer.
 
     job = Job.of(model, n, plan, label, uncond, opts)         # guided when opts has a guidance scale and a label
-    images = generate(model, opts, job)                       # (n, H, W) uint8, the API's way
+    images = generate(model, opts, job)                       # (n, H, W) uint8 (colour: (n, H, W, C)), the API's way
     with run(model, opts, job, progress=True) as r:           # the CLI's way: under torchrun each process draws its
         if r.batches is not None:                             # share; r.batches on the first process are all n
             save(out, r.batches, job.labels, job.n, job.image_shape)
@@ -24,7 +24,7 @@ import numpy as np
 from .errors import OptionError
 from .options import Sampling
 from .runtime.generate import network_batch, whole_loop_refusal
-from .runtime.images import require_grey
+from .runtime.images import check_channels, picture_shape
 
 # the engines that run a whole plan in one call: no per-row projection (edits), no per-row states (--trajectory)
 WHOLE_LOOP_ENGINES = ("onnx-generator",)
@@ -59,8 +59,8 @@ class Job:
         edit.reads (read_edit_labels), kept as the job's `reading`, when the classifier's classes are the model's
         (reads_digits; else the unconditional model).
 
-        Raises DdpmError for a model of more than one channel: pictures are greyscale (runtime.images.require_grey)."""
-        require_grey(model.image_shape, "sampling it")
+        Raises DdpmError for a model whose images are neither grey nor RGB (runtime.images.check_channels)."""
+        check_channels(model.image_shape, "sampling it")
         if edit is not None and label is None:
             if uncond or edit.reads is None or not reads_digits(model):
                 uncond = True
@@ -151,9 +151,10 @@ def plans(model, opts: Sampling):
 
 
 class Edited(np.ndarray):
-    """An edit's results, (n, H, W) uint8 like any array, that say what they were conditioned on: labels (n,) int64,
-    each result's class, -1 for the unconditional model; reading, the classifier's read of the input pictures
-    (runtime.classifier.Reading: classes, probs, labels) when the labels were read from them, else None."""
+    """An edit's results, (n, H, W) uint8 (colour: (n, H, W, C); runtime.images) like any array, that say what they
+    were conditioned on: labels (n,) int64, each result's class, -1 for the unconditional model; reading, the
+    classifier's read of the input pictures (runtime.classifier.Reading: classes, probs, labels) when the labels
+    were read from them, else None."""
 
     labels: np.ndarray | None = None
     reading: object = None
@@ -234,7 +235,7 @@ class JobEngine:
 
 def stream(eng, opts: Sampling, job: Job, lo: int = 0, hi: int | None = None, progress: bool = False,
            watch=None) -> Iterator[np.ndarray]:
-    """Samples job.start + lo .. job.start + hi - 1 of the stream, batch by batch ((b, H, W) uint8;
+    """Samples job.start + lo .. job.start + hi - 1 of the stream, batch by batch ((b, H, W) or (b, H, W, C) uint8;
     runtime.generate.iter_generate), as saved (runtime.edits.EditJob.finish)."""
     from .runtime.generate import iter_generate
     from .runtime.images import to_uint8
@@ -255,15 +256,15 @@ def stream(eng, opts: Sampling, job: Job, lo: int = 0, hi: int | None = None, pr
 
 
 def generate(model, opts: Sampling, job: Job, progress: bool = False, log=None) -> np.ndarray:
-    """All of a job's samples, (n, H, W) uint8, in this process (runtime.generate.generate: refuses what would not
-    fit in memory)."""
+    """All of a job's samples, (n, H, W) uint8 (colour: (n, H, W, C); runtime.images), in this process
+    (runtime.generate.generate: refuses what would not fit in memory)."""
     from .runtime.generate import ensure_memory
 
-    per = int(np.prod(job.image_shape[1:]))
+    per = int(np.prod(job.image_shape))
     ensure_memory(job.n * per, f"holding {job.n} samples", "lower -n, or stream them into a file (`ddpm gen --out "
                   "x.npz`)", per_unit=per)
     eng = None if job.plan is None else engine(model, opts, job.plan, job.guided, log=log)
-    out = np.empty((job.n, *job.image_shape[1:]), dtype=np.uint8)
+    out = np.empty((job.n, *picture_shape(job.image_shape)), dtype=np.uint8)
     lo = 0
     for part in stream(eng, opts, job, progress=progress):
         out[lo:lo + len(part)] = part
@@ -333,7 +334,7 @@ def run(model, opts: Sampling, job: Job, progress: bool = False, log=None, watch
         if ctx.world == 1:
             yield Run(eng, ctx, mine)
         else:
-            empty = np.empty((0, *job.image_shape[1:]), np.uint8)
+            empty = np.empty((0, *picture_shape(job.image_shape)), np.uint8)
             parts = ctx.gather(np.concatenate([empty, *mine]))
             yield Run(eng, ctx, parts)
     finally:
@@ -342,7 +343,8 @@ def run(model, opts: Sampling, job: Job, progress: bool = False, log=None, watch
 
 def save(out, batches: Iterable[np.ndarray], labels, n: int, image_shape: tuple[int, int, int],
          nrow: int | None = None, shown: np.ndarray | None = None) -> None:
-    """Write n images (batches of (b, H, W) uint8; labels(lo, hi) theirs; image_shape the model's (C, H, W))
+    """Write n pictures (batches of (b, H, W) or (b, H, W, C) uint8; labels(lo, hi) theirs; image_shape the model's
+    (C, H, W))
     atomically: x.npz as a samples file (samples.save_samples, streamed; with `shown`, an edit's input, beside them
     as "input"), else a grid picture (runtime.images.save_grid; `shown` first)."""
     from .runtime.images import save_grid
@@ -351,7 +353,7 @@ def save(out, batches: Iterable[np.ndarray], labels, n: int, image_shape: tuple[
         if shown is None:
             from .samples import save_samples
 
-            save_samples(out, labels, batches, image_shape=tuple(image_shape[1:]), n=n)
+            save_samples(out, labels, batches, image_shape=picture_shape(image_shape), n=n)
             return
         from .files import atomic_write
 

@@ -3,7 +3,7 @@
 An .npz (a zip of .npy members, as numpy.savez_compressed writes) with
 
     images  (N, H, W) uint8   0 black .. 255 white, MNIST's convention; H x W the model's image size (28 x 28 for
-                              MNIST)
+                              MNIST); (N, H, W, 3) uint8 RGB for a colour model (runtime.images' convention)
     labels  (N,)      int64   the class each sample was drawn for, -1 for unconditional samples
 
 `save_samples` writes the images as they are generated, one batch at a time, so that any N fits in memory, and
@@ -31,6 +31,17 @@ SAMPLES = Schema("samples file from `ddpm gen --out x.npz`", {
     "images": Array(("uint8",), ("N", "H", "W")),
     "labels": Array(("int",), ("N",), min=-1, max=NUM_CLASSES - 1),
 }, hint="write one with `ddpm gen -n N --out x.npz`")
+# the same file of a colour model: RGB pictures, channels last
+COLOUR_SAMPLES = Schema(SAMPLES.what, {**SAMPLES.fields, "images": Array(("uint8",), ("N", "H", "W", 3))},
+                        hint=SAMPLES.hint)
+
+
+SCHEMAS = {3: SAMPLES, 4: COLOUR_SAMPLES}   # by the images' number of axes
+
+
+def _schema(images, schemas=SCHEMAS) -> Schema:
+    """SAMPLES, or COLOUR_SAMPLES for images (declared or read) of four axes."""
+    return schemas[4 if images is not None and len(images.shape) == 4 else 3]
 
 
 class SamplesError(DdpmError):
@@ -48,7 +59,8 @@ class _Declared:
         self.dtype, self.shape = dtype, shape
 
 
-_DECLARED = Schema(SAMPLES.what, {k: Array(v.dtypes, v.shape) for k, v in SAMPLES.fields.items()}, hint=SAMPLES.hint)
+_DECLARED = {axes: Schema(s.what, {k: Array(v.dtypes, v.shape) for k, v in s.fields.items()}, hint=s.hint)
+             for axes, s in SCHEMAS.items()}
 
 
 def _declared(zf: zipfile.ZipFile, name: str) -> tuple[_Declared, int]:
@@ -64,12 +76,14 @@ def _declared(zf: zipfile.ZipFile, name: str) -> tuple[_Declared, int]:
         return _Declared(dtype, shape), f.tell()
 
 
-def read_samples(path: str | os.PathLike, image_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N,H,W) uint8, labels (N,) int64) of a samples file, checked against SAMPLES. Raises SamplesError.
+def read_samples(path: str | os.PathLike,
+                 image_shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N,H,W) or (N,H,W,3) uint8, labels (N,) int64) of a samples file, checked against SAMPLES (or
+    COLOUR_SAMPLES for pictures of three channels). Raises SamplesError.
 
-    Every member's header (dtype, shape) is checked against the schema, against `image_shape` ((H, W) the reader
-    takes, e.g. the evaluator's (28, 28); None: any), and the bytes it implies against the size the zip declares for
-    the member and against MAX_SAMPLES_BYTES, before any data is inflated or allocated."""
+    Every member's header (dtype, shape) is checked against the schema, against `image_shape` ((H, W) or (H, W, 3)
+    the reader takes, e.g. the evaluator's (28, 28); None: any), and the bytes it implies against the size the zip
+    declares for the member and against MAX_SAMPLES_BYTES, before any data is inflated or allocated."""
     path = input_path(path, SamplesError, f"; {SAMPLES.hint}")   # a file: not a folder, a pipe, a dead link
     try:
         with open(path, "rb") as f:
@@ -97,7 +111,7 @@ def read_samples(path: str | os.PathLike, image_shape: tuple[int, int] | None = 
                         raise ValueError(f"{k} declares {brief(declared[k].shape)} but its member holds "
                                          f"{zf.getinfo(f'{k}.npy').file_size - header} bytes of data")
                     total += need
-            _DECLARED.check(declared, path, SamplesError)
+            _schema(declared.get("images"), _DECLARED).check(declared, path, SamplesError)
             if image_shape is not None and tuple(declared["images"].shape[1:]) != tuple(image_shape):
                 raise SamplesError(f"{path}: images of shape {brief(tuple(declared['images'].shape))}, but "
                                    f"(N, {', '.join(map(str, image_shape))}) are read here; {SAMPLES.hint}")
@@ -116,7 +130,7 @@ def read_samples(path: str | os.PathLike, image_shape: tuple[int, int] | None = 
                     data[k] = np.lib.format.read_array(f, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError) as e:
         raise SamplesError(f"{path}: not a samples file (damaged: {clip(e)}); {SAMPLES.hint}") from None
-    SAMPLES.check(data, path, SamplesError)
+    _schema(data.get("images")).check(data, path, SamplesError)
     return data["images"], data["labels"].astype(np.int64)
 
 
@@ -129,12 +143,12 @@ def _npy_member(zf: zipfile.ZipFile, name: str, dtype, shape: tuple[int, ...]):
 
 
 def save_samples(path: str | os.PathLike, labels, batches: Iterable[np.ndarray],
-                 image_shape: tuple[int, int] | None = None, n: int | None = None) -> None:
-    """Write a samples file from the labels and the images as batches of (b, H, W) uint8 (N in all), holding one
-    batch at a time. labels: (N,) ints, or a function (lo, hi) -> the labels of samples lo..hi-1 with `n` = N (then
-    nothing of size N is held). image_shape: (H, W), by default the first batch's. Atomic: whatever stops it (an
-    error in `batches`, Ctrl-C, a full disk), the previous file stays. Raises ValueError when the batches do not add
-    up to N images of one shape."""
+                 image_shape: tuple[int, ...] | None = None, n: int | None = None) -> None:
+    """Write a samples file from the labels and the pictures as batches of (b, H, W) or (b, H, W, 3) uint8 (N in
+    all), holding one batch at a time. labels: (N,) ints, or a function (lo, hi) -> the labels of samples lo..hi-1
+    with `n` = N (then nothing of size N is held). image_shape: (H, W) or (H, W, 3), by default the first batch's.
+    Atomic: whatever stops it (an error in `batches`, Ctrl-C, a full disk), the previous file stays. Raises
+    ValueError when the batches do not add up to N images of one shape."""
     if callable(labels):
         get = labels
     else:

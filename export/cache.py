@@ -175,8 +175,8 @@ def generator_bundle(model, plan, form: str = "loop", log=None) -> Bundle:
     """An export folder with a generator for `plan` (export/generator.py): the model's own export folder, or the
     shipped one, when it has one; else the cache folder of the weights, where it is built and verified on first use
     (needs the onnx package), beside the generators of other plans, and found by every later call and process.
-    Raises DdpmError for a model of more than one channel (generator.check_image_shape, before any export), a plan
-    the generator cannot run, or the user's export folder without one for this plan."""
+    Raises DdpmError for a model whose images are not grey or RGB (generator.check_image_shape, before any export),
+    a plan the generator cannot run, or the user's export folder without one for this plan."""
     from ..export.generator import GeneratorFailed, GeneratorUnsupported, add_generator, check_image_shape, check_plan
     from ..model.io import require_onnx
     from ..options import GUIDANCE

@@ -42,8 +42,8 @@ def export_folder(model, out: str | Path | None = None, fp16: bool = False, opse
     bench look): model.onnx (+ model_fp16.onnx, + model_int8.onnx calibrated on int8 = (images, labels, name):
     onnx_export.export), then, with a plan, its generator (export/generator.py, verified
     with the default guidance scale), then with trt_batches (lo, hi) a TensorRT engine per precision. log(line):
-    progress. Raises DdpmError (OptionError for a plan the generator cannot run, GreyOnly for a generator of a model
-    of more than one channel: both checked before any work)."""
+    progress. Raises DdpmError (OptionError for a plan the generator cannot run, PictureChannels for a generator of
+    a model whose images are not grey or RGB pictures: both checked before any work)."""
     from ..model.io import LoadedModel
     from ..options import GUIDANCE
     from .cache import cache_folder
@@ -89,9 +89,12 @@ def _has_generator(root: Path, plan, form: str) -> bool:
 
 def write_web_page(bundle: Bundle, folder, plan, options: str, ort_web=None, log=print) -> Path:
     """The static page around the generator of `plan` in the export folder `bundle` (export/web.py); DdpmError
-    (export.web.WebExportError, runtime.bundle.ExportError) when it fails."""
+    (export.web.WebExportError, runtime.bundle.ExportError) when it fails, runtime.images.GreyOnly (before any
+    work) for a colour model: the page draws grey levels."""
     from ..options import GUIDANCE
     from ..runtime.runner import plan_key
+    from .generator import check_image_shape
     from .web import write_page
 
+    check_image_shape(bundle.image_shape, page=True)
     return write_page(bundle, folder, GUIDANCE, options, ort_web, log=log, plan_key=plan_key(plan))

@@ -4,7 +4,8 @@
       x_T       (B,C,H,W) float32  the starting noise (slot 0 of runtime.noise's stream: sample k of seed s)
       labels    (B,) int64         the class of every sample; the null label (export.json `null_label`) for none
       guidance  () float32         classifier-free guidance w >= 0 (0: the conditional model alone)
-      images    (B,H,W) uint8      x_0 quantised as runtime.images.to_uint8: clip(rint((x + 1) 127.5), 0, 255)
+      images    (B,H,W) uint8      x_0 quantised as runtime.images.to_uint8: clip(rint((x + 1) 127.5), 0, 255);
+                (B,H,W,C) for C = 3 (channels last, runtime.images' colour pictures)
 
 Any ONNX runtime, in any language or in a browser, then generates with one call. Row i of the plan
 (runtime.samplers' module docstring) is the runner's step (runtime.runner.Runner.step) in the same float32
@@ -39,7 +40,7 @@ import numpy as np
 from ..errors import OptionError
 from ..model.io import atomic_write, require_onnx
 from ..runtime.bundle import META_FILE, Bundle, file_sha256
-from ..runtime.images import require_grey, to_uint8
+from ..runtime.images import check_channels, require_grey, to_uint8
 from ..runtime.noise import make_noise
 from ..runtime.runner import plan_key
 from ..runtime.samplers import Plan
@@ -63,10 +64,13 @@ class GeneratorFailed(Exception):
     """The generator disagrees with the runtime; the message carries the figures."""
 
 
-def check_image_shape(image_shape: tuple[int, int, int]) -> None:
-    """Return for a model whose images (C, H, W) a generator can write; runtime.images.GreyOnly (a DdpmError) for
-    one of more channels: the generator's `images` output is greyscale (B, H, W) uint8, as every picture of ddpm."""
-    require_grey(image_shape, "its generator.onnx (--generator, --web, the onnx-generator engine)")
+def check_image_shape(image_shape: tuple[int, int, int], page: bool = False) -> None:
+    """Return for a model whose images (C, H, W) a generator can write as pictures (C = 1 or 3), and with page, that
+    the web page can draw (C = 1: its canvas draws grey levels); else a DdpmError: runtime.images.PictureChannels,
+    or GreyOnly for the page of a colour model."""
+    check_channels(image_shape, "its generator.onnx (--generator, --web, the onnx-generator engine)")
+    if page:
+        require_grey(image_shape, "the web page (--web)")
 
 
 def check_plan(plan: Plan) -> Plan:
@@ -171,9 +175,9 @@ def build(net_model, plan: Plan, null_label: int, image_shape: tuple[int, int, i
     images of the model's image_shape (C, H, W) (Bundle.image_shape).
 
     Returns an onnx.ModelProto with inputs x_T (B,C,H,W) float32, labels (B,) int64, guidance () float32 and output
-    images (B,H,W) uint8 (module docstring). Raises GeneratorUnsupported for plans it cannot express, GreyOnly for
-    a model of more than one channel (check_image_shape), ValueError for an unknown form or a network that is not
-    eps(x, t, y).
+    images (B,H,W) uint8, or (B,H,W,C) for C = 3 (module docstring). Raises GeneratorUnsupported for plans it cannot
+    express, PictureChannels for a model whose images are not grey or RGB pictures (check_image_shape), ValueError
+    for an unknown form or a network that is not eps(x, t, y).
     """
     import onnx
     from onnx import TensorProto, helper
@@ -249,18 +253,23 @@ def build(net_model, plan: Plan, null_label: int, image_shape: tuple[int, int, i
             coef = {c: top.const(f"r{i}_{c}", getattr(plan, c)[i], f32) for c in used}
             t = top.const(f"r{i}_t", plan.timesteps[i], np.int64)
             x, hist = _row(top, ctx, net_graph, plan, x, hist, coef, t, guide if plan.cfg[i] else None, row_terms)
-    # x_0 -> uint8 exactly as runtime.images.to_uint8: clip(rint((x + 1) 127.5), 0, 255), channel axis dropped
+    # x_0 -> uint8 exactly as runtime.images.to_uint8: clip(rint((x + 1) 127.5), 0, 255), then one channel's axis
+    # dropped (grey: (B, H, W)) or the channels moved last (colour: (B, H, W, C))
     q = top.op("Round", [top.op("Mul", [top.op("Add", [x, top.const("one_f", 1.0, f32)]),
                                         top.const("scale", 127.5, f32)])])
     q = top.op("Clip", [q, top.const("lo", 0.0, f32), top.const("hi", 255.0, f32)])
     q = top.op("Cast", [q], to=TensorProto.UINT8)
-    top.nodes.append(helper.make_node("Squeeze", [q, top.const("axes1", [1], np.int64)], ["images"], name="images"))
+    if C == 1:
+        top.nodes.append(helper.make_node("Squeeze", [q, top.const("axes1", [1], np.int64)], ["images"],
+                                          name="images"))
+    else:
+        top.nodes.append(helper.make_node("Transpose", [q], ["images"], name="images", perm=[0, 2, 3, 1]))
     graph = helper.make_graph(
         top.nodes, "ddpm_generator",
         [helper.make_tensor_value_info("x_T", TensorProto.FLOAT, ["batch", C, H, W]),
          helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch"]),
          helper.make_tensor_value_info("guidance", TensorProto.FLOAT, [])],
-        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", H, W])],
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", H, W] + ([] if C == 1 else [C]))],
         initializer=weights + top.inits)
     model = helper.make_model(graph, opset_imports=list(net_model.opset_import), producer_name="ddpm",
                               ir_version=net_model.ir_version)
@@ -324,9 +333,9 @@ def add_generator(root, plan: Plan, guidance: float, form: str = DEFAULT_FORM, l
     generators of other plans; one of the same plan and form is replaced.
 
     Nothing changes in the folder unless verification passes: the model is written to a temporary file, verified,
-    then renamed into place, and export.json is replaced atomically. Raises GeneratorUnsupported (plan), GreyOnly
-    (a model of more than one channel), GeneratorFailed (verification), runtime.bundle.ExportError (folder),
-    model.io.TorchMissing (no onnx package).
+    then renamed into place, and export.json is replaced atomically. Raises GeneratorUnsupported (plan),
+    PictureChannels (a model whose images are not grey or RGB pictures), GeneratorFailed (verification),
+    runtime.bundle.ExportError (folder), model.io.TorchMissing (no onnx package).
     """
     onnx = require_onnx("building generator.onnx")
     root = Path(root)
@@ -349,7 +358,8 @@ def add_generator(root, plan: Plan, guidance: float, form: str = DEFAULT_FORM, l
                      "opset": int(net.opset_import[0].version),
                      "inputs": {"x_T": "float32 (B,C,H,W)", "labels": "int64 (B,); the null label for unconditional",
                                 "guidance": "float32 scalar w >= 0"},
-                     "outputs": {"images": "uint8 (B,H,W)"}, "parity": parity})
+                     "outputs": {"images": "uint8 (B,H,W)" if bundle.image_shape[0] == 1 else "uint8 (B,H,W,C)"},
+                     "parity": parity})
 
     atomic_write(root / name, write)
     meta = Bundle.load(root).meta     # as it is now: the records of generators added meanwhile are kept

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import OptionError
-from .images import HALVES  # noqa: F401  (the mask names, here for half_mask's callers)
+from .images import HALVES, enlarge, from_uint8, to_model  # noqa: F401  (HALVES, to_model: for their callers here)
 from .samplers import Plan
 from .schedule import Schedule
 
@@ -289,10 +289,10 @@ class EditJob:
 
     projection with y (float32 in [-1, 1]; full size, the low-pass operator averages it) and, for the mask
     operator, mask (float32, 1 = known); x_input with (a0, s0): the start a0 x_input + s0 x_T instead of x_T;
-    blocks ((n or 1, H/f, W/f) uint8, upscaling's input): the results are fitted to its f x f block means (`finish`);
-    reads ((n or 1, H, W) uint8): the input as a user gave it, from which the classifier reads the label of an edit
-    given none (pipeline.Job.of), None where such an edit runs the unconditional model (inpainting, SDEdit,
-    restoration).
+    blocks ((n or 1, H/f, W/f) uint8, or (n or 1, H/f, W/f, C) for colour: upscaling's input): the results are
+    fitted to its f x f block means (`finish`); reads ((n or 1, H, W) uint8): the input as a user gave it, from
+    which the classifier reads the label of an edit given none (pipeline.Job.of), None where such an edit runs the
+    unconditional model (inpainting, SDEdit, restoration).
     """
 
     projection: Projection | None = None
@@ -321,12 +321,12 @@ class EditJob:
                        cut(self.blocks), cut(self.reads))
 
     def finish(self, images: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        """The results (hi - lo, H, W) uint8 of samples lo..hi-1 as they are saved: with `blocks`, the nearest
-        pictures whose block means are its pixels (fit_blocks), rounded; else unchanged."""
+        """The results (hi - lo, H, W) or (hi - lo, H, W, C) uint8 of samples lo..hi-1 as they are saved: with
+        `blocks`, the nearest pictures whose block means are its pixels (fit_blocks), rounded; else unchanged."""
         if self.blocks is None:
             return images
         small = np.broadcast_to(self._rows(self.blocks, lo, hi), (hi - lo, *self.blocks.shape[1:]))
-        return np.rint(fit_blocks(images, small, images.shape[-1] // self.blocks.shape[-1])).astype(np.uint8)
+        return np.rint(fit_blocks(images, small, images.shape[2] // self.blocks.shape[2])).astype(np.uint8)
 
     def batch(self, lo: int, hi: int):
         """(y, mask, x_input) of samples lo..hi-1 (run-relative)."""
@@ -340,25 +340,27 @@ class EditJob:
 
 
 # ---------------------------------------------------------------------------------------------------- the jobs
-# Each editing method as (plan, EditJob) for runtime.generate, from its pictures ((m, H, W) uint8, m = 1 or one per
-# result) and `plan_for(top)`: the sampler's plan for this model, truncated to start at t = top (None: T - 1).
+# Each editing method as (plan, EditJob) for runtime.generate, from its pictures ((m, H, W) uint8, or (m, H, W, C)
+# for colour: runtime.images' convention; m = 1 or one per result) and `plan_for(top)`: the sampler's plan for this
+# model, truncated to start at t = top (None: T - 1).
 def inpaint_job(plan_for, images: np.ndarray, keep: np.ndarray, jump: int = 1, resample: int = 3):
-    """RePaint: keep (m or 1, H, W) bool, True on the kept pixels. After every reverse row the kept pixels are
-    replaced by the input noised to the row's level (noised_projection), exactly the input's after the last one;
-    the rows are the plan's, resampled with jump length j and count r (repaint_plan). Stochastic rows (eta 1) let
-    the new part harmonise with the kept one; eta 0 gives deterministic rows. Without a label: the unconditional
-    model (reads None; the classifier's read of a partial digit is often wrong, and conditioning on it measured
-    worse: bench/results/2026-12-06-editing-label.md)."""
+    """RePaint: keep (m or 1, H, W) bool, True on the kept pixels (in every channel). After every reverse row the
+    kept pixels are replaced by the input noised to the row's level (noised_projection), exactly the input's after
+    the last one; the rows are the plan's, resampled with jump length j and count r (repaint_plan). Stochastic
+    rows (eta 1) let the new part harmonise with the kept one; eta 0 gives deterministic rows. Without a label: the
+    unconditional model (reads None; the classifier's read of a partial digit is often wrong, and conditioning on it
+    measured worse: bench/results/2026-12-06-editing-label.md)."""
     plan = repaint_plan(plan_for(None), jump, resample)
-    return plan, EditJob(noised_projection(plan, "mask"), y=to_model(images)[:, None],
-                         mask=keep.astype(np.float32)[:, None])
+    y = from_uint8(images)
+    return plan, EditJob(noised_projection(plan, "mask"), y=y,
+                         mask=np.repeat(keep.astype(np.float32)[:, None], y.shape[1], axis=1))
 
 
 def sdedit_job(plan_for, sched: Schedule, images: np.ndarray, strength: float):
     """SDEdit from x_t0 = sqrt(abar_t0) x + sqrt(1 - abar_t0) x_T, t0 = round(strength (T-1)) (sdedit_start), then
     the plan's rows from t0 down (DDIM's grid points below t0: about strength x steps rows); strength 0: plan
     None, the input itself."""
-    job = EditJob(x_input=to_model(images)[:, None])
+    job = EditJob(x_input=from_uint8(images))
     if strength == 0:
         return None, job
     t0, job.a0, job.s0 = sdedit_start(sched, float(strength))
@@ -369,12 +371,12 @@ def upscale_job(plan_for, small: np.ndarray, factor: int, method: str = "ilvr"):
     """Upscaling the small pictures (m, H/f, W/f): "ilvr", x <- x + up(down(y_t) - down(x)) after every row with
     y_t the input noised to the row's level (noised_projection); "ddnm", x0_hat <- x0_hat + up(y - down(x0_hat))
     (x0_projection). The last row makes down(x) = y in the model's range; the results are then fitted to the block
-    means within [0, 255] (EditJob.finish, fit_blocks: clipping would move bright and dark blocks). The label read
-    without one: from the small picture enlarged by pixel repetition (up_f)."""
+    means within [0, 255], channel by channel (EditJob.finish, fit_blocks: clipping would move bright and dark
+    blocks). The label read without one: from the small picture enlarged by pixel repetition (images.enlarge)."""
     plan = plan_for(None)
     proj = noised_projection(plan, "lowpass", factor) if method == "ilvr" else x0_projection(plan, factor)
-    return plan, EditJob(proj, y=upsample(to_model(small), factor)[:, None], blocks=small,
-                         reads=upsample(np.asarray(small, dtype=np.uint8), factor))
+    small = np.asarray(small, dtype=np.uint8)
+    return plan, EditJob(proj, y=upsample(from_uint8(small), factor), blocks=small, reads=enlarge(small, factor))
 
 
 def restore_job(plan_for, sched: Schedule, images: np.ndarray, sigma: float):
@@ -383,16 +385,10 @@ def restore_job(plan_for, sched: Schedule, images: np.ndarray, sigma: float):
     the unconditional model (reads None; the classifier's read of a noisy picture is often wrong, and conditioning
     on it measured worse: bench/results/2026-12-06-editing-label.md)."""
     t, a0, s0 = noise_start(sched, float(sigma))
-    return plan_for(t), EditJob(x_input=to_model(images)[:, None], a0=a0, s0=s0)
+    return plan_for(t), EditJob(x_input=from_uint8(images), a0=a0, s0=s0)
 
 
 # ------------------------------------------------------------------------------------------------- image helpers
-def to_model(images_u8: np.ndarray) -> np.ndarray:
-    """uint8 images (..., H, W) (0 black .. 255 white) -> float32 in [-1, 1] (u / 127.5 - 1; runtime.images.to_uint8
-    inverts it exactly)."""
-    return (np.asarray(images_u8, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)).astype(np.float32)
-
-
 def downsample(images: np.ndarray, f: int) -> np.ndarray:
     """(N,H,W) -> (N,H/f,W/f) float64: the mean of every f x f block (the operator A of `lowpass`)."""
     N, H, W = images.shape
@@ -409,14 +405,15 @@ def fit_blocks(images: np.ndarray, small: np.ndarray, f: int, lo: float = 0.0, h
     """The nearest images (least squares) to `images` (N,H,W) whose f x f block means are `small` (N,H/f,W/f) and
     whose pixels stay in [lo, hi]: per block z = clip(x + c, lo, hi), with c found by bisection so that
     mean(z) = y (the KKT conditions of that projection: one shift per block, then the box). Float64 (N,H,W).
+    Colour pictures (N,H,W,C) with small (N,H/f,W/f,C): every channel's blocks on their own.
 
     The last row of ILVR/DDNM already makes the block means exact in the model's range; the clipping to the pixel
     range afterwards breaks them where a bright or dark block's pixels overshoot. This puts them back. Every block
     mean in [lo, hi] is reachable (a constant block is); the bisection starts from shifts that put the whole block
     at lo and at hi and halves that interval 60 times (to 1e-15 of it)."""
     x = np.asarray(images, dtype=np.float64)
-    N, H, W = x.shape
-    xb = x.reshape(N, H // f, f, W // f, f)
+    N, H, W = x.shape[:3]
+    xb = x.reshape(N, H // f, f, W // f, f, *x.shape[3:])
     y = np.clip(np.asarray(small, dtype=np.float64), lo, hi)[:, :, None, :, None]
     a = lo - xb.max(axis=(2, 4), keepdims=True)       # a shift that puts every pixel at lo: mean lo <= y
     b = hi - xb.min(axis=(2, 4), keepdims=True)       # one that puts every pixel at hi: mean hi >= y
@@ -424,7 +421,7 @@ def fit_blocks(images: np.ndarray, small: np.ndarray, f: int, lo: float = 0.0, h
         c = (a + b) / 2
         low = np.clip(xb + c, lo, hi).mean(axis=(2, 4), keepdims=True) < y
         a, b = np.where(low, c, a), np.where(low, b, c)
-    return np.clip(xb + (a + b) / 2, lo, hi).reshape(N, H, W)
+    return np.clip(xb + (a + b) / 2, lo, hi).reshape(x.shape)
 
 
 def half_mask(name: str, size: int) -> np.ndarray:

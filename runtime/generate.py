@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import DdpmError, OptionError
 from .engine import Engine, StepCallback
-from .images import to_uint8
+from .images import picture_shape, to_uint8
 from .noise import check_seed, check_start, make_noise
 from .samplers import Plan
 
@@ -155,7 +155,8 @@ def whole_loop_refusal(engine: str, edit: bool) -> OptionError:
 def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidance: float = 0.0, seed: int = 0,
                   batch: int = 64, start: int = 0, progress: bool = True, *, image_shape: tuple[int, int, int],
                   job=None, watch: StepCallback | None = None) -> Iterator[np.ndarray]:
-    """Samples start..start+n-1 of the stream `seed`, yielded batch by batch as (b, H, W) uint8 in order.
+    """Samples start..start+n-1 of the stream `seed`, yielded batch by batch as pictures (b, H, W) uint8 (colour:
+    (b, H, W, C); images.to_uint8) in order.
     image_shape: the model's (C, H, W) (the engine's input; api.Model.image_shape).
 
     labels: (n,), -1 = unconditional; or a function (lo, hi) -> the labels of samples lo..hi-1 of these n, so that
@@ -243,14 +244,15 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
 def generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidance: float = 0.0, seed: int = 0,
              batch: int = 64, start: int = 0, progress: bool = True, *, image_shape: tuple[int, int, int],
              job=None, watch: StepCallback | None = None) -> np.ndarray:
-    """Samples start..start+n-1 of the stream `seed` as (n, H, W) uint8. labels: (n,), -1 = unconditional.
+    """Samples start..start+n-1 of the stream `seed` as pictures, (n, H, W) uint8 (colour: (n, H, W, C);
+    images.to_uint8). labels: (n,), -1 = unconditional.
 
     Holds all n images: OutOfMemory when they would not fit (iter_generate streams them instead); see iter_generate
     for job, watch and the other errors."""
-    per = int(np.prod(image_shape[1:]))
+    per = int(np.prod(image_shape))
     ensure_memory(n * per, f"holding {n} samples", "lower -n, or stream them into a file (`ddpm gen --out x.npz`)",
                   per_unit=per)
-    out = np.empty((n, *image_shape[1:]), dtype=np.uint8)
+    out = np.empty((n, *picture_shape(image_shape)), dtype=np.uint8)
     lo = 0
     for part in iter_generate(engine, n, plan, labels, guidance, seed, batch, start, progress,
                               image_shape=image_shape, job=job, watch=watch):

@@ -17,8 +17,9 @@ from .samplers import Plan
 
 
 class GeneratorEngine(CountedEngine):
-    """generator.onnx on onnxruntime's CPU provider; `run` returns (B,H,W) uint8 images. It runs its one plan
-    (Supports.plan_key), without edits or states: one call does every row. close() drops the session (when the runs in flight end)."""
+    """generator.onnx on onnxruntime's CPU provider; `run` returns (B,H,W) uint8 images ((B,H,W,C) for colour).
+    It runs its one plan (Supports.plan_key), without edits or states: one call does every row. close() drops the
+    session (when the runs in flight end)."""
 
     name = "onnx-generator"
     device = "cpu"
@@ -53,7 +54,7 @@ class GeneratorEngine(CountedEngine):
     def run(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, plan: Plan, guidance: float,
             callback: StepCallback | None = None, edit=None, y=None, mask=None, states: bool = False) -> np.ndarray:
         """x_T (B,C,H,W) float32, labels (B,) int64 or None (unconditional: the null label, w = 0 as every engine
-        does) -> images (B,H,W) uint8; callback(i, t, None, None) for every row after the one call. z must be None
+        does) -> images (B,H,W) uint8 (colour: (B,H,W,C)); callback(i, t, None, None) for every row after the one call. z must be None
         (the generator's plans add no noise); ValueError otherwise, and for an edit or states (Supports)."""
         self.check_open()
         self.check_plan(plan)

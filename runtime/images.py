@@ -1,10 +1,19 @@
 """Images: reading the user's pictures, model range [-1, 1] <-> uint8, grids as PNG and trajectories as PNG or GIF
 (written atomically, files.atomic_write).
 
-Every picture is (H, W) uint8 inside the package, 0 black .. 255 white, the digit white on black as in MNIST.
-`read_image` turns any picture file Pillow reads into that (greyscale, 16-bit, float, RGB, palette, with or without
-alpha; upright as shown), refusing unreadable files, animations and decompression bombs with one clear message
-(ImageError, a DdpmError);
+The picture convention, one for the whole package (numpy's and Pillow's order):
+
+    a model's images    (N, C, H, W) float32 in [-1, 1]      the network's space (C = 1 grey, 3 RGB)
+    grey pictures       (N, H, W)    uint8, 0 black .. 255 white (C = 1; MNIST's digits, white on black)
+    colour pictures     (N, H, W, C) uint8, channels last, RGB (C = 3)
+
+converted in one place: `to_uint8` (model -> pictures: u = clip(rint((x + 1) 127.5), 0, 255)) and `from_uint8`
+(pictures -> model: x = u / 127.5 - 1, exactly inverse on the 256 levels). One picture is a stack's element,
+(H, W) or (H, W, C): `picture_shape` gives it for a model. Models of other channel counts are refused
+(check_channels).
+`read_image` turns any picture file Pillow reads into a grey or an RGB picture (greyscale, 16-bit, float, RGB,
+palette, with or without alpha; upright as shown), refusing unreadable files, animations and decompression bombs
+with one clear message (ImageError, a DdpmError);
 `fit` resizes.
 """
 
@@ -30,8 +39,10 @@ class ImageError(OptionError):
     mask) where that is known."""
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """A picture file as (H, W) uint8 at the size it is shown, 0 black .. 255 white.
+def read_image(path: str | os.PathLike, channels: int = 1) -> np.ndarray:
+    """A picture file as (H, W) uint8 at the size it is shown, 0 black .. 255 white; with channels 3, as (H, W, 3)
+    uint8 RGB (a grey file's levels in all three channels; colour composited over black where it has alpha:
+    rgb x alpha / 255, rounded).
 
     Turned upright as a viewer shows it (its EXIF orientation applied: a phone's photo stored on its side).
     Greyscale (1-, 8- or 16-bit; 16-bit scaled by 255/65535 and rounded), float (mode F: values all in 0..1 scaled
@@ -61,7 +72,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                 if getattr(img, "is_animated", False):   # frames are not counted: that reads the whole file
                     raise ImageError(f"{path}: more than one frame (an animation or a multi-page file), which frame "
                                      f"is the digit is not known: save that frame as a picture of its own")
-                return _grey(ImageOps.exif_transpose(img), path)
+                upright = ImageOps.exif_transpose(img)
+                return _grey(upright, path) if channels == 1 else _rgb(upright, path)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -101,13 +113,27 @@ def _grey(img, path="picture") -> np.ndarray:
     return np.array(img.convert("L"), dtype=np.uint8)
 
 
+# Pillow's modes read as grey levels (_grey); every other mode is colour (_rgb)
+GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def _rgb(img, path="picture") -> np.ndarray:
+    """A Pillow image -> (H, W, 3) uint8 RGB (see read_image): a grey one through _grey, in all three channels."""
+    if img.mode in GREY_MODES:
+        return np.repeat(_grey(img, path)[..., None], 3, axis=-1)
+    if img.mode in ("P", "PA", "RGBA", "RGBa"):
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float64)
+        return np.rint(rgba[..., :3] * rgba[..., 3:] / 255.0).astype(np.uint8)
+    return np.array(img.convert("RGB"), dtype=np.uint8)
+
+
 def fit(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W) uint8 resized to size (H', W'): unchanged when it fits; box averaging when shrinking both sides (for an
-    integer factor, exactly the f x f mean, rounded), Lanczos otherwise."""
+    """A picture (H, W) or (H, W, C) uint8 resized to size (H', W'): unchanged when it fits; box averaging when
+    shrinking both sides (for an integer factor, exactly the f x f mean, rounded), Lanczos otherwise."""
     from PIL import Image
 
     image = np.asarray(image, dtype=np.uint8)
-    if image.shape == tuple(size):
+    if image.shape[:2] == tuple(size):
         return image.copy()
     H, W = size
     shrink = image.shape[0] >= H and image.shape[1] >= W
@@ -116,28 +142,37 @@ def fit(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- the editing inputs
-# A picture argument (the API's image and mask, the CLI's --image and --mask) is a picture file or a (H, W) uint8
-# array; a stack (N, H, W) gives one result per picture.
+# A picture argument (the API's image and mask, the CLI's --image and --mask) is a picture file or a uint8 array:
+# (H, W) grey, or for a 3-channel model also (H, W, 3) RGB; a stack (N, H, W) or (N, H, W, 3) gives one result per
+# picture. A grey picture given to a 3-channel model is read as its grey levels in all three channels; masks are
+# grey (H, W) whatever the model.
 HALVES = ("top", "bottom", "left", "right")
 
 
-def picture(image, option: str = "image", allow_bool: bool = False) -> np.ndarray:
-    """A picture file (read_image) or an array -> (H, W) uint8 (allow_bool: a bool mask array, True = 255). Raises
-    ImageError naming `option`."""
+def _form(channels: int) -> str:
+    return "a (H, W) uint8 array" + ("" if channels == 1 else f" or an (H, W, {channels}) one")
+
+
+def picture(image, option: str = "image", allow_bool: bool = False, channels: int = 1) -> np.ndarray:
+    """A picture file (read_image) or an array -> (H, W) uint8 for channels 1, (H, W, 3) uint8 for 3 (a grey one
+    in all three channels). allow_bool: a bool mask array, True = 255. Raises ImageError naming `option`."""
     if isinstance(image, (str, os.PathLike)):
         try:
-            return read_image(image)
+            return read_image(image, channels)
         except ImageError as e:
             e.option = option
             raise
     try:
         a = np.asarray(image)
     except (ValueError, TypeError) as e:   # a ragged nested list, a closed PIL image
-        raise ImageError(f"{option} must be a picture file or a (H, W) uint8 array ({e})", option) from None
+        raise ImageError(f"{option} must be a picture file or {_form(channels)} ({e})", option) from None
     if allow_bool and a.dtype == bool:
         a = a.astype(np.uint8) * 255
-    if a.ndim != 2 or a.dtype != np.uint8 or min(a.shape) < 1:
-        raise ImageError(f"{option} must be a picture file or a (H, W) uint8 array, got {a.dtype} {a.shape}", option)
+    if channels > 1 and a.ndim == 2:
+        a = np.repeat(a[..., None], channels, axis=-1)
+    if a.ndim != (2 if channels == 1 else 3) or a.shape[2:] not in ((), (channels,)) or a.dtype != np.uint8 or \
+            min(a.shape) < 1:
+        raise ImageError(f"{option} must be a picture file or {_form(channels)}, got {a.dtype} {a.shape}", option)
     return a
 
 
@@ -148,8 +183,9 @@ LIGHT_FRAME = 224
 
 def check_dark_background(a: np.ndarray, where: str, option: str = "image") -> np.ndarray:
     """a, an (H, W) uint8 picture, when its background is dark; ImageError (naming `where` and `option`) when the
-    median of its outer 1-pixel frame is LIGHT_FRAME or more: a black digit on white, to be inverted first."""
-    if min(a.shape) > 2:
+    median of its outer 1-pixel frame is LIGHT_FRAME or more: a black digit on white, to be inverted first. A colour
+    picture (H, W, C) is returned unchecked: white-on-black is MNIST's convention, not a colour model's."""
+    if a.ndim == 2 and min(a.shape) > 2:
         frame = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
         level = int(np.median(frame))
         if level >= LIGHT_FRAME:
@@ -159,48 +195,60 @@ def check_dark_background(a: np.ndarray, where: str, option: str = "image") -> n
     return a
 
 
-def _dark_picture(image, option: str = "image") -> np.ndarray:
+def _dark_picture(image, option: str = "image", channels: int = 1) -> np.ndarray:
     """picture(image) when its background is dark (check_dark_background, naming the file or `option`)."""
     where = str(image) if isinstance(image, (str, os.PathLike)) else option
-    return check_dark_background(picture(image, option), where, option)
+    return check_dark_background(picture(image, option, channels=channels), where, option)
 
 
-def editing_picture(image, size: tuple[int, int], option: str = "image") -> np.ndarray:
-    """One editing input, a picture file or a (H, W) uint8 array, as every editing command and method takes it:
-    (H', W') uint8 resized to size (fit). Raises ImageError as `pictures` does, also for a light background."""
-    return fit(_dark_picture(image, option), size)
+def editing_picture(image, size: tuple[int, int], option: str = "image", channels: int = 1) -> np.ndarray:
+    """One editing input, a picture file or an array (picture), as every editing command and method takes it:
+    (H', W') uint8 (channels 1) or (H', W', 3) (channels 3) resized to size (fit). Raises ImageError as `pictures`
+    does, also for a light background."""
+    return fit(_dark_picture(image, option, channels), size)
 
 
-def pictures(image, n: int | None, option: str = "image") -> tuple[list[np.ndarray], int]:
-    """(pictures at their own size, n): one picture with n results (default 8), or a stack (N, H, W) with one
-    result each (n None or N >= 1). Raises ImageError, also for a picture with a light background
-    (check_dark_background), or OptionError naming `option` (an empty stack) or n."""
-    if isinstance(image, (str, os.PathLike)) or np.ndim(image) != 3:
-        return [_dark_picture(image, option)], 8 if n is None else n
+def _is_stack(image, channels: int) -> bool:
+    """Whether a picture argument is a stack: 3 axes for grey pictures; for colour, 4 axes or a stack of grey
+    pictures (3 axes, the last not `channels` long)."""
+    if isinstance(image, (str, os.PathLike)):
+        return False
+    ndim = np.ndim(image)
+    return ndim == 3 if channels == 1 else ndim == 4 or ndim == 3 and np.shape(image)[-1] != channels
+
+
+def pictures(image, n: int | None, option: str = "image", channels: int = 1) -> tuple[list[np.ndarray], int]:
+    """(pictures at their own size, n): one picture with n results (default 8), or a stack (N, H, W) (colour:
+    (N, H, W, 3) too) with one result each (n None or N >= 1). Raises ImageError, also for a picture with a light
+    background (check_dark_background), or OptionError naming `option` (an empty stack) or n."""
+    if not _is_stack(image, channels):
+        return [_dark_picture(image, option, channels)], 8 if n is None else n
     stack = np.asarray(image)
     if len(stack) == 0:
         raise OptionError(f"{option} is an empty stack of pictures (shape {stack.shape}): give at least one", option)
     if n not in (None, len(stack)):
         raise OptionError(f"a stack of {len(stack)} pictures gives one result each: n must be {len(stack)}, got {n}",
                           "n")
-    return [check_dark_background(picture(p, option), f"{option} {i}", option) for i, p in enumerate(stack)], \
-        len(stack)
+    return [check_dark_background(picture(p, option, channels=channels), f"{option} {i}", option)
+            for i, p in enumerate(stack)], len(stack)
 
 
-def fitted(image, n: int | None, size: tuple[int, int]) -> tuple[np.ndarray, int]:
-    """(pictures (m, H', W') uint8 resized to size, n): see pictures."""
-    raw, n = pictures(image, n)
+def fitted(image, n: int | None, size: tuple[int, int], channels: int = 1) -> tuple[np.ndarray, int]:
+    """(pictures (m, H', W') uint8, or (m, H', W', 3) for channels 3, resized to size, n): see pictures."""
+    raw, n = pictures(image, n, channels=channels)
     return np.stack([fit(p, size) for p in raw]), n
 
 
-def inpaint_inputs(image, mask, n: int | None, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, int]:
-    """(pictures (m, H, W) uint8, kept (m or 1, H, W) bool, n) at `size`, from inpaint's picture(s) and mask: the
-    name of the half to redraw (HALVES), or picture(s) of the image's size (before resizing), read as grey
-    (read_image: a coloured mask by its luma), whose white pixels (>= 128 after resizing) are kept. Raises
-    ImageError / OptionError naming image, mask or n, also for a mask that keeps no pixel or every pixel."""
+def inpaint_inputs(image, mask, n: int | None, size: tuple[int, int],
+                   channels: int = 1) -> tuple[np.ndarray, np.ndarray, int]:
+    """(pictures (m, H, W) uint8 (channels 3: (m, H, W, 3)), kept (m or 1, H, W) bool, n) at `size`, from inpaint's
+    picture(s) and mask: the name of the half to redraw (HALVES), or picture(s) of the image's size (before
+    resizing), read as grey (read_image: a coloured mask by its luma), whose white pixels (>= 128 after resizing)
+    are kept. Raises ImageError / OptionError naming image, mask or n, also for a mask that keeps no pixel or every
+    pixel."""
     from .edits import half_mask
 
-    raw, n = pictures(image, n)                     # at the file's size: a mask picture must match it
+    raw, n = pictures(image, n, channels=channels)   # at the file's size: a mask picture must match it
     images = np.stack([fit(p, size) for p in raw])
     if isinstance(mask, str) and mask in HALVES:
         if size[0] != size[1]:
@@ -213,7 +261,7 @@ def inpaint_inputs(image, mask, n: int | None, size: tuple[int, int]) -> tuple[n
     if len(masks) not in (1, len(raw)):
         raise OptionError(f"{len(masks)} masks for {len(raw)} pictures", "mask")
     for m in masks:
-        if m.shape != raw[0].shape:
+        if m.shape != raw[0].shape[:2]:
             raise OptionError(f"the mask is {m.shape[1]}x{m.shape[0]} pixels and the image {raw[0].shape[1]}x"
                               f"{raw[0].shape[0]}: they must have the same size", "mask")
     kept = np.stack([fit(m, size) >= 128 for m in masks])
@@ -227,35 +275,85 @@ def inpaint_inputs(image, mask, n: int | None, size: tuple[int, int]) -> tuple[n
     return images, kept, n
 
 
+def grey_out(image: np.ndarray, kept: np.ndarray, level: int = 64) -> np.ndarray:
+    """A picture (H, W) or (H, W, C) uint8 with the pixels not kept (kept: (H, W) bool) at grey `level`: inpainting's
+    input as shown, the part to redraw greyed out."""
+    k = kept if image.ndim == 2 else kept[..., None]
+    return np.where(k, image, level).astype(np.uint8)
+
+
+def enlarge(images: np.ndarray, f: int) -> np.ndarray:
+    """Pictures (N, h, w) or (N, h, w, C) -> (N, h f, w f[, C]): every pixel repeated over an f x f block (nearest;
+    upscaling's input as shown)."""
+    return np.repeat(np.repeat(np.asarray(images), f, axis=1), f, axis=2)
+
+
+# ------------------------------------------------------------------------------------------- the convention
+# The channel counts a picture has: grey and RGB
+PICTURE_CHANNELS = (1, 3)
+
+
+class PictureChannels(DdpmError):
+    """A model whose images are neither grey nor RGB (C not in PICTURE_CHANNELS): ddpm cannot write its pictures."""
+
+
+def check_channels(image_shape: tuple[int, int, int], what: str) -> None:
+    """Return when a model's images (C, H, W) are pictures ddpm writes, C = 1 (grey) or 3 (RGB); PictureChannels
+    naming the shape and `what` (e.g. "sampling it") otherwise, raised before any work."""
+    if image_shape[0] not in PICTURE_CHANNELS:
+        raise PictureChannels(f"this model makes {_shape(image_shape)} images, and ddpm writes grey (1 channel) or "
+                              f"RGB (3 channels) pictures only: {what} is refused")
+
+
 class GreyOnly(DdpmError):
-    """A model of more than one channel asked for pictures: ddpm's pictures are greyscale (H, W) uint8."""
+    """A model of more than one channel asked for what draws greyscale pictures only (the web page)."""
 
 
 def require_grey(image_shape: tuple[int, int, int], what: str) -> None:
-    """Return when a model's images (C, H, W) have one channel; GreyOnly naming the shape and `what` (e.g. "sampling
-    it") otherwise. The one rule for models of more channels: every picture ddpm writes is greyscale (H, W) uint8
-    (to_uint8, the generator's `images` output), so sampling, editing, generator.onnx and the web page refuse such a
-    model before any work, and it loads and exports to ONNX only."""
+    """Return when a model's images (C, H, W) have one channel; GreyOnly naming the shape and `what` (e.g. "the web
+    page") otherwise."""
     if image_shape[0] != 1:
-        shape = "x".join(map(str, image_shape))
-        raise GreyOnly(f"this model makes {shape} images, and ddpm writes greyscale pictures only: {what} would drop "
-                       f"channels")
+        raise GreyOnly(f"this model makes {_shape(image_shape)} images, and {what} draws greyscale pictures only")
+
+
+def _shape(image_shape) -> str:
+    return "x".join(map(str, image_shape))
+
+
+def picture_shape(image_shape: tuple[int, int, int]) -> tuple[int, ...]:
+    """One picture's shape for a model's images (C, H, W): (H, W) for C = 1, (H, W, C) otherwise."""
+    C, H, W = image_shape
+    return (H, W) if C == 1 else (H, W, C)
 
 
 def to_uint8(x) -> np.ndarray:
-    """(N,1,H,W) or (N,H,W) in [-1, 1] (torch or numpy) -> (N,H,W) uint8 (channel 0: require_grey)."""
+    """A model's images -> pictures: (N, C, H, W) in [-1, 1] (torch or numpy) -> (N, H, W) uint8 for C = 1,
+    (N, H, W, C) for more (channels last); (N, H, W) is taken as one channel. u = clip(rint((x + 1) 127.5), 0, 255)."""
     x = np.asarray(x.detach().cpu().float() if hasattr(x, "detach") else x, dtype=np.float32)
     if x.ndim == 4:
-        x = x[:, 0]
+        x = x[:, 0] if x.shape[1] == 1 else np.moveaxis(x, 1, -1)
     return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def to_model(images_u8: np.ndarray) -> np.ndarray:
+    """uint8 levels (any shape; 0 black .. 255 white) -> float32 in [-1, 1], x = u / 127.5 - 1, element by element
+    (to_uint8 inverts it exactly)."""
+    return (np.asarray(images_u8, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)).astype(np.float32)
+
+
+def from_uint8(pictures: np.ndarray) -> np.ndarray:
+    """Pictures -> a model's images, the inverse of to_uint8: (N, H, W) uint8 -> (N, 1, H, W) float32 in [-1, 1],
+    (N, H, W, C) -> (N, C, H, W) (to_model's levels)."""
+    a = to_model(pictures)
+    return a[:, None] if a.ndim == 3 else np.ascontiguousarray(np.moveaxis(a, -1, 1))
+
+
 def grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tile (N,H,W) uint8 images into one (rows*(H+pad)+pad, cols*(W+pad)+pad) image."""
-    n, h, w = images.shape
+    """Tile pictures (N, H, W) or (N, H, W, C) uint8 into one (rows*(H+pad)+pad, cols*(W+pad)+pad[, C]) picture."""
+    n, h, w = images.shape[:3]
     cols = nrow or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / cols)
-    out = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad), dtype=np.uint8)
+    out = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, *images.shape[3:]), dtype=np.uint8)
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
         out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
@@ -275,9 +373,9 @@ def check_grid(n: int) -> None:
 
 def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, scale: int = 2,
               text: dict[str, str] | None = None) -> None:
-    """Tile (N,H,W) uint8 images (N <= MAX_GRID) into one image, `scale` x nearest-neighbour, and write it atomically
-    (PNG, or any format Pillow knows from the extension); one image (N = 1) is written bare, at its own H x W. text:
-    PNG text entries (e.g. the training step)."""
+    """Tile pictures (N, H, W) or (N, H, W, 3) uint8 (N <= MAX_GRID) into one picture, `scale` x nearest-neighbour,
+    and write it atomically (PNG, or any format Pillow knows from the extension): greyscale (mode L) or RGB. One
+    picture (N = 1) is written bare, at its own H x W. text: PNG text entries (e.g. the training step)."""
     from PIL import Image, PngImagePlugin
 
     from ..files import atomic_write
@@ -308,7 +406,7 @@ class Trajectory:
     def __init__(self, samples: int = 4):
         self.samples = samples
         self.rows: list[int] = []
-        self.x: list[np.ndarray] = []     # (m, H, W) uint8 per row
+        self.x: list[np.ndarray] = []     # (m, H, W) or (m, H, W, C) uint8 per row (to_uint8)
         self.x0: list[np.ndarray] = []
 
     def __call__(self, i: int, t: int, x: np.ndarray, x0: np.ndarray | None) -> None:
