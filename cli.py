@@ -208,7 +208,8 @@ def main():
 # ------------------------------------------------------------------------------------------------------------- gen
 @main.command()
 @click.option("-n", "num", type=click.IntRange(min=1), default=64, show_default=True, help="Number of digits.")
-@click.option("--label", type=click.IntRange(0, 9), default=None, help="Draw only this class [default: 0-9 in turn].")
+@click.option("--label", type=click.IntRange(min=0), default=None,
+              help="Draw only this class, one of the model's (0-9 for MNIST) [default: its classes in turn].")
 @click.option("--uncond", is_flag=True, help="Unconditional sampling (the reserved 'no label'). An explicit "
               "--guidance > 0 is refused with it: guidance steers a sample towards its label.")
 @click.option("--out", type=click.Path(dir_okay=False), default="digits.png", show_default=True,

@@ -27,7 +27,7 @@ def editing_command(name: str, out: str, defaults: Sampling = EDITING, image_hel
                      help="The picture: PNG or anything Pillow reads (greyscale, 16-bit, RGB, palette, or a digit "
                           "drawn in the alpha channel), a white digit on black like MNIST." + image_help),
         click.option("-n", "num", type=click.IntRange(min=1), default=8, show_default=True, help="Results."),
-        click.option("--label", type=click.IntRange(0, 9), default=None, help=label_help),
+        click.option("--label", type=click.IntRange(min=0), default=None, help=label_help),
         *uncond,
         click.option("--out", type=click.Path(dir_okay=False), default=out, show_default=True,
                      help="x.png: a grid, the input first, then the results; x.npz: images (N,H,W) uint8, labels "
