@@ -237,8 +237,6 @@ def gen(num, label, uncond, out, trajectory, **o):
     from . import pipeline
     from .runtime.images import Trajectory, check_grid
 
-    if label is not None and uncond:
-        raise click.UsageError("--label and --uncond exclude each other")
     refuse_same_path({"--out": out, "--trajectory": trajectory}, {"--ckpt": o["ckpt"], "--export": o["export_dir"]})
     check_output(out, "--out", (".png", ".npz"))
     if out.lower().endswith(".png"):
@@ -246,7 +244,7 @@ def gen(num, label, uncond, out, trajectory, **o):
     if trajectory is not None:
         check_output(trajectory, "--trajectory", (".png", ".gif"))
         pipeline.check_engine(o["engine"], watch=True)
-    model, opts, log = prepare(o, recorded=True, labelled=not uncond)
+    model, opts, log = prepare(dict(o, label=label, uncond=uncond), recorded=True, labelled=not uncond)
     if out.lower().endswith(".npz"):
         check_room(out, num, model.image_shape)
     plan = model.plan(**opts.plan_args())

@@ -48,9 +48,7 @@ def _edit(o: dict, build, shown, what: str, detail: str, inputs: dict | None = N
     if o["out"].lower().endswith(".png"):
         check_grid(o["num"] + 1)
     pipeline.check_engine(o["engine"], edit=True)
-    uncond = o.pop("uncond", None)   # None: a command whose default is the unconditional model (no --uncond)
-    if uncond and o["label"] is not None:
-        raise click.UsageError("--label and --uncond exclude each other")
+    uncond = o.get("uncond")   # None: a command whose default is the unconditional model (no --uncond)
     model, opts, log = prepare(o, labelled=o["label"] is not None or uncond is False)
     plan, edit = build(model, opts, lambda top: model.plan(**opts.plan_args(), top=top))
     tile, n = shown(model), o["num"]

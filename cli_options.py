@@ -390,8 +390,8 @@ def sampling_options(defaults: Sampling = DEFAULT):
 def sampling(o: dict, labelled: bool = True) -> Sampling:
     """The options.Sampling of a sampling command's options; labelled: whether its samples have labels (not
     --uncond; an edit's --label). Raises OptionError (a usage error naming its option) for options that contradict
-    each other, as options.Sampling.of finds them: an explicit --guidance for samples without labels, two
-    precisions."""
+    each other, as options.Sampling.of finds them: --label with --uncond (o["label"], o["uncond"]), an explicit
+    --guidance for samples without labels, two precisions."""
     return Sampling.of(o, {name for name in o if on_command_line(name)}, labelled, cli=True,
                        cuda_graph=not o["no_cuda_graph"])
 

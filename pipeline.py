@@ -127,11 +127,11 @@ def labels(num_classes: int, n: int, label=None, uncond: bool = False, start: in
     gets k % num_classes), one class, or one per sample (a sequence); -1 everywhere when uncond. OptionError (option
     label or uncond) otherwise: the one check of a label against the model's classes, for the API and the CLI (whose
     --label is any integer >= 0 until the model is known)."""
+    from .options import check_conditioning
     from .runtime.generate import labels_for
 
+    check_conditioning(label, uncond)
     if uncond:
-        if label is not None:
-            raise OptionError("a label and uncond exclude each other", "uncond")
         return labels_for(n, None, True)
     k = num_classes
     if label is None or np.ndim(label) == 0:

@@ -47,3 +47,28 @@ def test_the_api_takes_every_class_of_the_model_and_refuses_the_next(classes):
     assert model.generate(2, label=k - 1, **cheap).shape == (2, 28, 28)
     with pytest.raises(DdpmError, match=rf"^label must be one of this model's classes, .* 0\.\.{k - 1}, got {k}$"):
         model.generate(2, label=k, **cheap)
+
+
+@pytest.mark.parametrize("command", [("gen",), ("upscale", "--factor", 2, "--image", "in.png")])
+def test_the_cli_refuses_label_with_uncond_before_the_model_is_read(command, tmp_path, monkeypatch):
+    """options.check_conditioning, from Sampling.of: one line naming both options, before --ckpt or --image is
+    read (a file that is no model or no picture would be an error of its own)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "no-model.safetensors").write_bytes(b"not a model")
+    (tmp_path / "in.png").write_bytes(b"not a picture")
+    r = invoke(*command, "--ckpt", "no-model.safetensors", "--label", 3, "--uncond")
+    line = r.output.strip()
+    assert r.exit_code == 2 and "\n" not in line and "--label and --uncond exclude each other" in line, line
+
+
+def test_the_api_refuses_label_with_uncond_before_the_guidance_it_then_lacks(classes):
+    """A label with uncond=True is that contradiction, not "guidance without a label" (which the label would
+    answer): one message, the same from generate, upscale and Model.labels."""
+    model = ddpm.load(classes[1])
+    message = r"^label and uncond=True exclude each other$"
+    with pytest.raises(DdpmError, match=message):
+        model.generate(2, label=3, uncond=True, guidance=2.0)
+    with pytest.raises(DdpmError, match=message):
+        model.upscale(np.zeros((14, 14), np.uint8), label=3, uncond=True, guidance=2.0)
+    with pytest.raises(DdpmError, match=message):
+        model.labels(2, 3, uncond=True)
