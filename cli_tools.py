@@ -335,10 +335,7 @@ def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance
     ref = model.plan("ddim", 3 if quick else None, 0.0, "small", None, None) if baseline else None
     if ref is not None and plan.name == ref.name:
         ref = None   # the sampler is the baseline itself
-    try:
-        device = resolve_device(device)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--device") from None
+    device = resolve_device(device)   # OptionError naming --device (cli.Group)
     res = run_bench(model, names, batches, plan, guidance, repeat, fp16, device, not no_cuda_graph,
                     threads=threads, log=lambda m: click.echo(m, err=True), baseline=ref, int8=int8)
     click.echo(format_table(res))
