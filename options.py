@@ -78,8 +78,8 @@ class Sampling:
         that are not options are ignored. given: the names the user gave (not left at their defaults); labelled:
         whether the samples have labels (False: unconditional sampling; an edit without a label, which uses the
         unconditional model). Raises OptionError (option "uncond", check_conditioning) for a label (values["label"])
-        given with uncond (values["uncond"]); OptionError (option "guidance") for a guidance scale w > 0 given for samples
-        without labels: guidance steers a sample towards its label, so it would be silently ignored; OptionError
+        given with uncond (values["uncond"]); OptionError (option "guidance") for a guidance scale w > 0 given for
+        samples without labels: guidance steers a sample towards its label, so it would be silently ignored; OptionError
         (option "plan") for a ready plan (values["plan"], the API's) given with any option that makes a plan
         (PLAN_OPTIONS): they would contradict or repeat it, and one of them would be ignored. cli: the message names
         the CLI's options."""

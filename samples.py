@@ -169,10 +169,11 @@ DEFLATE_MAX_RATIO = 1032
 
 
 def check_room(out: str, num: int, image_shape: tuple[int, int, int]) -> None:
-    """Refuse (OutputError, one line naming `ddpm gen`'s -n) an .npz of `num` images of image_shape (C, H, W) that cannot fit
-    the free space of the folder its temporary is written in (shutil.disk_usage), before anything is made: its
-    members (labels int64, images uint8) compressed as much as DEFLATE can compress anything (DEFLATE_MAX_RATIO), a
-    bound that never refuses a file that would fit. A file system that does not say: no check."""
+    """Refuse (OutputError, one line naming `ddpm gen`'s -n) an .npz at `out` of `num` images of image_shape
+    (C, H, W) that cannot fit the free space of the folder its temporary is written in (shutil.disk_usage), before
+    anything is made: its members (labels int64, images uint8) compressed as much as DEFLATE can compress anything
+    (DEFLATE_MAX_RATIO), a bound that never refuses a file that would fit. A file system that does not say: no
+    check."""
     import shutil
 
     from .files import OutputError
