@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .cli_options import (DEFAULT, Finite, InputPath, check_output, device_syntax, model_option, needs_torch,
-                          on_command_line, prepare, refuse_same_path, sampling, sampling_options, set_threads,
-                          solver_options)
+from .cli_options import (DEFAULT, DEFAULT_STEPS_HELP, Finite, InputPath, check_output, device_syntax, model_option,
+                          needs_torch, on_command_line, prepare, refuse_same_path, sampling, sampling_options,
+                          set_threads, solver_options)
 from .export.generator import FORMS
 from .options import MAX_GUIDANCE, MAX_THREADS, Sampling, precision_refusal
 from .runtime.engines import ENGINES
@@ -269,7 +269,7 @@ def _int_list(ctx, param, value):
                    "loop in one ONNX call) is built for the benchmark's plan in the cache export folder.")
 @click.option("--batch", "batches", default="1,8,64", show_default=True, callback=_int_list,
               help="Comma-separated batch sizes.")
-@solver_options(DEFAULT, "Network calls per sample [default: 50 for ddim, 8 for dpm++2m and unipc].")
+@solver_options(DEFAULT, f"Network calls per sample [default: {DEFAULT_STEPS_HELP}].")
 @click.option("--guidance", "-w", type=Finite(0, MAX_GUIDANCE), default=DEFAULT.guidance, show_default=True,
               help="Classifier-free guidance (doubles the network batch when > 0).")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per engine and batch.")
