@@ -26,20 +26,23 @@ import os
 import numpy as np
 
 from .errors import DdpmError, LimitReached, limit_message
-from .options import MAX_GUIDANCE, MAX_LEVEL, MAX_SIGMA, MAX_THREADS
+from .options import MAX_GUIDANCE, MAX_LEVEL, MAX_SIGMA, MAX_THREADS, VARIANCES
 from .schema import Array, Bool, Int, Invalid, Num, Opt, Spec, Str, is_bool
 
 
 class OneOf(Spec):
-    """One of a few allowed values of `inner` (e.g. the integers 2 and 4)."""
+    """One of a few allowed values of `inner` (e.g. the integers 2 and 4): those `_choices(name)` gives."""
 
-    def __init__(self, inner: Spec, values: tuple):
-        self.inner, self.values = inner, values
-        self.what = " or ".join(map(str, values))
+    def __init__(self, inner: Spec, name: str):
+        self.inner, self.name = inner, name
+
+    @property
+    def what(self) -> str:
+        return " or ".join(map(str, _choices(self.name)))
 
     def check(self, v, dims, path):
         self.inner.check(v, dims, path)
-        if v not in self.values:
+        if v not in _choices(self.name):
             self.fail(v, path)
 
 
@@ -60,7 +63,7 @@ class Func(Spec):
 
 
 class Duck(Spec):
-    """An object with these attributes (e.g. an engine: name and run)."""
+    """An object with these attributes (e.g. an engine object: name and run)."""
 
     def __init__(self, attrs: tuple[str, ...], what: str):
         self.attrs, self.what = attrs, what
@@ -73,8 +76,12 @@ class Duck(Spec):
 class Either(Spec):
     """A value of the first spec that takes it; the message names what all of them take."""
 
-    def __init__(self, *specs: Spec, what: str):
-        self.specs, self.what = specs, what
+    def __init__(self, *specs: Spec):
+        self.specs = specs
+
+    @property
+    def what(self) -> str:
+        return " or ".join(s.what for s in self.specs)
 
     def check(self, v, dims, path):
         for s in self.specs:
@@ -165,12 +172,13 @@ class Picture(Spec):
     """A picture file, a (H, W) array, or a stack (N, H, W) of them; what it holds is checked when it is read
     (api._read)."""
 
-    what = "a picture file or a (H, W) or (N, H, W) uint8 array"
+    def __init__(self, names: str | None = None):
+        self.names = names   # the _choices of words that are not files (inpaint's mask: "half", the halves)
 
-    def __init__(self, names: tuple[str, ...] = ()):
-        self.names = names   # words that are not files (inpaint's mask: the halves)
-        if names:
-            self.what = f"one of {', '.join(names)}, {self.what}"
+    @property
+    def what(self) -> str:
+        what = "a picture file or a (H, W) or (N, H, W) uint8 array"
+        return f"one of {', '.join(_choices(self.names))}, {what}" if self.names else what
 
     def check(self, v, dims, path):
         if isinstance(v, (str, os.PathLike)):
@@ -182,7 +190,8 @@ class Picture(Spec):
 
 
 def _choices(name: str) -> tuple:
-    """Choices that live with the code that uses them (imported late: some modules import this one)."""
+    """Choices that live with the code that uses them (imported late: `import ddpm` stays light, and some modules
+    import this one)."""
     if name == "engine":
         from .runtime.engines import ENGINES
 
@@ -200,17 +209,30 @@ def _choices(name: str) -> tuple:
 
         return FORMS
     if name == "half":
-        from .runtime.edits import HALVES
+        from .runtime.images import HALVES
 
         return HALVES
+    if name == "factor":
+        from .runtime.edits import FACTORS
+
+        return FACTORS
+    if name == "method":
+        from .runtime.edits import UPSCALERS
+
+        return UPSCALERS
     raise KeyError(name)
 
 
 class Lazy(Spec):
-    """Str(choices=...) whose choices are read when first needed."""
+    """Str(choices=...) whose choices are read when first needed; what: a description with "{}" where the choices
+    go (read only when a message needs it)."""
 
     def __init__(self, name: str, what: str | None = None):
-        self.name, self._spec, self.what = name, None, what or f"one of the {name}s"
+        self.name, self._spec, self._what = name, None, what
+
+    @property
+    def what(self) -> str:
+        return self._what.format(", ".join(_choices(self.name))) if self._what else f"one of the {self.name}s"
 
     def check(self, v, dims, path):
         if self._spec is None:
@@ -254,9 +276,8 @@ PLAN = PlanArg()
 MAX_COUNT = 2**32   # results of one call: far beyond any memory (784 bytes each), below numpy's array limits
 COUNT = Int(min=0, max=MAX_COUNT)
 OPTIONAL_COUNT = Opt(COUNT)
-ENGINE = Either(Lazy("engine"), Duck(("name", "run"), "an engine"),
-                what="an engine name (auto, torch, runtime-torch, onnx, trt, onnx-generator) or an engine object")
-ENGINE_NAME = Lazy("engine", "an engine name (auto, torch, runtime-torch, onnx, trt, onnx-generator)")
+ENGINE_NAME = Lazy("engine", "an engine name ({})")
+ENGINE = Either(ENGINE_NAME, Duck(("name", "run"), "an engine object"))
 DEVICE = Str(pattern=r"auto|cpu|cuda|cuda:[0-9]+", what="auto, cpu, cuda or cuda:N")
 
 # Every argument of every public function, by name. `checked` refuses at import time a function with an argument
@@ -275,7 +296,7 @@ ARGS: dict[str, Spec] = {
     "sampler": Lazy("sampler"),
     "steps": Opt(Int(min=1)),
     "eta": Num(min=0, max=1),
-    "variance": Str(choices=("small", "large")),
+    "variance": Str(choices=VARIANCES),
     "spacing": Opt(Lazy("spacing")),
     "guidance_interval": Opt(Pair(Level(), ordered=True, what=f"None or a pair (lo, hi) with 0 <= lo < hi <= {MAX_LEVEL:g} or hi inf")),
     "guidance_rescale": Num(min=0, max=1),
@@ -292,13 +313,13 @@ ARGS: dict[str, Spec] = {
     "max_batch": Int(min=1),
     "dist": Opt(Duck(("rank", "world", "barrier"), "a torchrun context (rank, world, barrier)")),
     "log": Opt(Func()),
-    "form": Lazy("form", "loop or unrolled"),
+    "form": Lazy("form"),
     # editing
     "image": Picture(),
-    "mask": Picture(names=("top", "bottom", "left", "right")),
+    "mask": Picture(names="half"),
     "strength": Num(min=0, max=1),
-    "factor": OneOf(Int(), (2, 4)),
-    "method": Str(choices=("ilvr", "ddnm")),
+    "factor": OneOf(Int(), "factor"),
+    "method": Lazy("method"),
     "sigma": Num(min=0, max=MAX_SIGMA, min_open=True),
     "jump": Int(min=1),
     "resample": Int(min=1),
@@ -310,7 +331,7 @@ ARGS: dict[str, Spec] = {
     "download": Bool(),
     # evaluate
     "images": ArrayLike(Array(("uint8",), ("N", 28, 28))),
-    "labels": ArrayLike(Array(("int",), ("N",), min=-1, max=9)),
+    "labels": ArrayLike(Array(("int",), ("N",), min=-1)),   # below the classifier's class count: check_samples
 }
 
 

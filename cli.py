@@ -7,9 +7,6 @@ from the modules that define them; heavy modules are imported inside each comman
 from __future__ import annotations
 
 import contextlib
-import errno
-import io
-import math
 import os
 import sys
 
@@ -26,7 +23,8 @@ from .cli_edit import edit_cmd, inpaint, restore, upscale  # noqa: E402
 from .cli_options import check_output, done, prepare, refuse_same_path, sampling_options  # noqa: E402
 from .cli_tools import bench, eval_cmd, export_cmd  # noqa: E402
 from .cli_train import distill, train  # noqa: E402
-from .errors import LESS_AT_ONCE, DdpmError, OptionError, Terminated, limit_message, printable  # noqa: E402
+from .errors import (LESS_AT_ONCE, DdpmError, OptionError, Terminated, limit_message, printable,  # noqa: E402
+                     stdout_failure)
 
 # OMP_WAIT_POLICY=PASSIVE is set by `import ddpm` (ddpm/__init__.py), before any command loads PyTorch.
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -44,37 +42,6 @@ def own_line() -> None:
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
         bar.close()
-
-
-def stdout_failure(e: OSError) -> str | None:
-    """The one line for `e` when it is a write to standard output that failed (a full disk, an I/O error: `ddpm gen
-    > /dev/full`), else None: the frame that raised it was writing to a stream on standard output's file
-    descriptor (click.echo's `file`). A closed pipe (EPIPE: the reader is gone, `ddpm gen | head -c0`) is left to
-    click, which exits 1 without a line. What standard output still holds is then dropped (the descriptor pointed
-    at os.devnull), so that Python's flush at exit does not fail again with a traceback of its own."""
-    if e.errno == errno.EPIPE or getattr(e, "filename", None) is not None or e.__traceback__ is None:
-        return None
-    try:
-        fd = sys.__stdout__.fileno()
-    except (AttributeError, ValueError, OSError):
-        return None
-    tb = e.__traceback__
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-
-    def on_stdout(value) -> bool:
-        try:
-            return isinstance(value, io.IOBase) and value.fileno() == fd
-        except (ValueError, OSError):
-            return False
-
-    if not any(on_stdout(v) for v in tb.tb_frame.f_locals.values()):
-        return None
-    with contextlib.suppress(OSError):
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, fd)
-        os.close(null)
-    return f"cannot write to standard output: {e.strerror or e}"
 
 
 class OneLineUsageError(click.UsageError):
@@ -208,7 +175,8 @@ def main():
 # ------------------------------------------------------------------------------------------------------------- gen
 @main.command()
 @click.option("-n", "num", type=click.IntRange(min=1), default=64, show_default=True, help="Number of digits.")
-@click.option("--label", type=click.IntRange(0, 9), default=None, help="Draw only this class [default: 0-9 in turn].")
+@click.option("--label", type=click.IntRange(min=0), default=None,
+              help="Draw only this class, one of the model's (0-9 for MNIST) [default: its classes in turn].")
 @click.option("--uncond", is_flag=True, help="Unconditional sampling (the reserved 'no label'). An explicit "
               "--guidance > 0 is refused with it: guidance steers a sample towards its label.")
 @click.option("--out", type=click.Path(dir_okay=False), default="digits.png", show_default=True,
@@ -235,9 +203,8 @@ def gen(num, label, uncond, out, trajectory, **o):
     """
     from . import pipeline
     from .runtime.images import Trajectory, check_grid
+    from .samples import check_room
 
-    if label is not None and uncond:
-        raise click.UsageError("--label and --uncond exclude each other")
     refuse_same_path({"--out": out, "--trajectory": trajectory}, {"--ckpt": o["ckpt"], "--export": o["export_dir"]})
     check_output(out, "--out", (".png", ".npz"))
     if out.lower().endswith(".png"):
@@ -245,7 +212,7 @@ def gen(num, label, uncond, out, trajectory, **o):
     if trajectory is not None:
         check_output(trajectory, "--trajectory", (".png", ".gif"))
         pipeline.check_engine(o["engine"], watch=True)
-    model, opts, log = prepare(o, recorded=True, labelled=not uncond)
+    model, opts, log = prepare(dict(o, label=label, uncond=uncond), recorded=True, labelled=not uncond)
     if out.lower().endswith(".npz"):
         check_room(out, num, model.image_shape)
     plan = model.plan(**opts.plan_args())
@@ -259,36 +226,6 @@ def gen(num, label, uncond, out, trajectory, **o):
             traj.save(trajectory)
         how = "unconditional" if uncond else f"guidance {opts.guidance:g}"
         done(r, num, "digits", f"{plan.name}, {how}", out, f" (trajectory -> {trajectory})" if traj else "")
-
-
-# DEFLATE (an .npz's compression) codes at most 258 bytes in one match of at least 2 bits: nothing shrinks more
-DEFLATE_MAX_RATIO = 1032
-
-
-def check_room(out: str, num: int, image_shape: tuple[int, int, int]) -> None:
-    """Refuse (OutputError, one line naming -n) an .npz of `num` images of image_shape (C, H, W) that cannot fit
-    the free space of the folder its temporary is written in (shutil.disk_usage), before anything is made: its
-    members (labels int64, images uint8) compressed as much as DEFLATE can compress anything (DEFLATE_MAX_RATIO), a
-    bound that never refuses a file that would fit. A file system that does not say: no check."""
-    import shutil
-    from pathlib import Path
-
-    from .files import OutputError
-    from .runtime.generate import _gib
-
-    folder = Path(os.path.realpath(out)).parent
-    while not folder.is_dir() and folder != folder.parent:   # missing folders are created when written
-        folder = folder.parent
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return
-    per_image = 8 + math.prod(image_shape)
-    least = num * per_image // DEFLATE_MAX_RATIO
-    if least > free:
-        fit = free * DEFLATE_MAX_RATIO // per_image
-        raise OutputError(f"-n {num} digits make an .npz of at least {_gib(least)} (compressed), more than the "
-                          f"{_gib(free)} free in {folder}; lower -n (at most {fit} could fit)")
 
 
 for _command in (train, distill, inpaint, edit_cmd, upscale, restore, eval_cmd, export_cmd, bench):

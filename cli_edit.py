@@ -27,7 +27,7 @@ def editing_command(name: str, out: str, defaults: Sampling = EDITING, image_hel
                      help="The picture: PNG or anything Pillow reads (greyscale, 16-bit, RGB, palette, or a digit "
                           "drawn in the alpha channel), a white digit on black like MNIST." + image_help),
         click.option("-n", "num", type=click.IntRange(min=1), default=8, show_default=True, help="Results."),
-        click.option("--label", type=click.IntRange(0, 9), default=None, help=label_help),
+        click.option("--label", type=click.IntRange(min=0), default=None, help=label_help),
         *uncond,
         click.option("--out", type=click.Path(dir_okay=False), default=out, show_default=True,
                      help="x.png: a grid, the input first, then the results; x.npz: images (N,H,W) uint8, labels "
@@ -48,9 +48,7 @@ def _edit(o: dict, build, shown, what: str, detail: str, inputs: dict | None = N
     if o["out"].lower().endswith(".png"):
         check_grid(o["num"] + 1)
     pipeline.check_engine(o["engine"], edit=True)
-    uncond = o.pop("uncond", None)   # None: a command whose default is the unconditional model (no --uncond)
-    if uncond and o["label"] is not None:
-        raise click.UsageError("--label and --uncond exclude each other")
+    uncond = o.get("uncond")   # None: a command whose default is the unconditional model (no --uncond)
     model, opts, log = prepare(o, labelled=o["label"] is not None or uncond is False)
     plan, edit = build(model, opts, lambda top: model.plan(**opts.plan_args(), top=top))
     tile, n = shown(model), o["num"]

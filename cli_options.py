@@ -15,7 +15,7 @@ from click.core import ParameterSource
 from .options import MAX_GUIDANCE, MAX_LEVEL, MAX_THREADS, Sampling, VARIANCES
 from .runtime.engines import ENGINES
 from .runtime.noise import MAX_SEED
-from .runtime.samplers import SAMPLERS, SPACINGS
+from .runtime.samplers import DEFAULT_SPACING, SAMPLERS, SPACINGS, default_steps
 
 DEFAULT = Sampling()
 
@@ -329,8 +329,22 @@ def model_option(f):
                              "(docs/diffusers.md) [default: the shipped model].")(f)
 
 
-def solver_options(defaults: Sampling = DEFAULT, steps_help: str = "Network calls per sample [default: 50 for "
-                   "ddim, 8 for dpm++2m and unipc, T for ddpm]."):
+def per_sampler(default: dict) -> str:
+    """A default that depends on the sampler (sampler -> value), as help texts say it: "50 for ddim, 8 for dpm++2m
+    and unipc"."""
+    by_value: dict = {}
+    for sampler, value in default.items():
+        by_value.setdefault(value, []).append(sampler)
+    return ", ".join(f"{value} for {' and '.join(samplers)}" for value, samplers in by_value.items())
+
+
+# runtime.samplers' defaults of the few-step samplers (DDPM runs all T steps, with no spacing)
+DEFAULT_STEPS_HELP = per_sampler({s: default_steps(10**9, s) for s in SAMPLERS if s != "ddpm"})
+DEFAULT_SPACING_HELP = per_sampler(DEFAULT_SPACING)
+
+
+def solver_options(defaults: Sampling = DEFAULT, steps_help: str = "Network calls per sample [default: "
+                   f"{DEFAULT_STEPS_HELP}, T for ddpm]."):
     """--sampler, --steps, --spacing, --guidance-interval, --guidance-rescale with a command's defaults (bench: without
     eta, variance)."""
     interval = defaults.guidance_interval
@@ -340,7 +354,7 @@ def solver_options(defaults: Sampling = DEFAULT, steps_help: str = "Network call
         click.option("--steps", type=click.IntRange(min=1), default=None, help=steps_help),
         click.option("--spacing", type=click.Choice(SPACINGS), default=None,
                      help="Timesteps: linspace (t=0 included), trailing (the last step lands on x0) or uniform in "
-                          "log-SNR [default: linspace for ddim, trailing for dpm++2m and unipc]."),
+                          f"log-SNR [default: {DEFAULT_SPACING_HELP}]."),
         click.option("--guidance-interval", default="all" if interval is None else ",".join(map("{:g}".format,
                      interval)), callback=parse_interval, metavar="LO,HI|all", show_default=True,
                      help="Guidance only where the noise level sigma = sqrt((1-abar)/abar) is in (LO, HI] "
@@ -390,8 +404,8 @@ def sampling_options(defaults: Sampling = DEFAULT):
 def sampling(o: dict, labelled: bool = True) -> Sampling:
     """The options.Sampling of a sampling command's options; labelled: whether its samples have labels (not
     --uncond; an edit's --label). Raises OptionError (a usage error naming its option) for options that contradict
-    each other, as options.Sampling.of finds them: an explicit --guidance for samples without labels, two
-    precisions."""
+    each other, as options.Sampling.of finds them: --label with --uncond (o["label"], o["uncond"]), an explicit
+    --guidance for samples without labels, two precisions."""
     return Sampling.of(o, {name for name in o if on_command_line(name)}, labelled, cli=True,
                        cuda_graph=not o["no_cuda_graph"])
 

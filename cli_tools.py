@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .cli_options import (DEFAULT, Finite, InputPath, check_output, device_syntax, model_option, needs_torch,
-                          on_command_line, prepare, refuse_same_path, sampling, sampling_options, set_threads,
-                          solver_options)
+from .cli_options import (DEFAULT, DEFAULT_STEPS_HELP, Finite, InputPath, check_output, device_syntax, model_option,
+                          needs_torch, on_command_line, prepare, refuse_same_path, sampling, sampling_options,
+                          set_threads, solver_options)
 from .export.generator import FORMS
 from .options import MAX_GUIDANCE, MAX_THREADS, Sampling, precision_refusal
 from .runtime.engines import ENGINES
@@ -194,8 +194,8 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
         ort_web = web.ort_web_tarball(ort_web, log=click.echo)
     calibration = _int8_data(data, model.image_shape) if int8 else None
     # gen's defaults (eta 0, the default guidance interval), so that the generator gives gen's digits
-    plan = model.plan(sampler, steps, 0.0, "small", spacing, guidance_interval, guidance_rescale=guidance_rescale) \
-        if with_generator or web_dir else None
+    plan = model.plan(sampler, steps, eta=0.0, spacing=spacing, guidance_interval=guidance_interval,
+                      guidance_rescale=guidance_rescale) if with_generator or web_dir else None
     bundle = export_folder(model, out, fp16, opset, plan, form, batch_range if build_trt else None, log=click.echo,
                            int8=calibration)
     for precision, f in bundle.meta["files"].items():
@@ -269,7 +269,7 @@ def _int_list(ctx, param, value):
                    "loop in one ONNX call) is built for the benchmark's plan in the cache export folder.")
 @click.option("--batch", "batches", default="1,8,64", show_default=True, callback=_int_list,
               help="Comma-separated batch sizes.")
-@solver_options(DEFAULT, "Network calls per sample [default: 50 for ddim, 8 for dpm++2m and unipc].")
+@solver_options(DEFAULT, f"Network calls per sample [default: {DEFAULT_STEPS_HELP}].")
 @click.option("--guidance", "-w", type=Finite(0, MAX_GUIDANCE), default=DEFAULT.guidance, show_default=True,
               help="Classifier-free guidance (doubles the network batch when > 0).")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per engine and batch.")
@@ -332,15 +332,13 @@ def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance
     opts = Sampling(sampler, steps, spacing, guidance=guidance, guidance_interval=guidance_interval,
                     guidance_rescale=guidance_rescale)
     plan = model.plan(**opts.plan_args())
-    ref = model.plan("ddim", 3 if quick else None, 0.0, "small", None, None) if baseline else None
+    ref = model.plan("ddim", 3 if quick else None, guidance_interval=None) if baseline else None
     if ref is not None and plan.name == ref.name:
         ref = None   # the sampler is the baseline itself
-    try:
-        device = resolve_device(device)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--device") from None
-    res = run_bench(model, names, batches, plan, guidance, repeat, fp16, device, not no_cuda_graph,
-                    threads=threads, log=lambda m: click.echo(m, err=True), baseline=ref, int8=int8)
+    device = resolve_device(device)   # OptionError naming --device (cli.Group)
+    res = run_bench(model, names, batches, plan, guidance=guidance, repeat=repeat, fp16=fp16, device=device,
+                    cuda_graph=not no_cuda_graph, threads=threads, log=lambda m: click.echo(m, err=True),
+                    baseline=ref, int8=int8)
     click.echo(format_table(res))
     files = write_outputs(res, Path(out))
     click.echo("wrote " + ", ".join(map(str, files)) + ("" if len(files) == 3 else " (no plot: pip install 'ddpm[plot]')"))

@@ -11,8 +11,12 @@ become these exceptions in signals.py.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import numbers
+import os
+import sys
 from contextvars import ContextVar
 
 try:   # imported now: once a limit is reached (too many open files, no memory) an import may fail itself
@@ -184,6 +188,37 @@ def limit_message(e: BaseException, again: bool = True) -> str | None:
             return f"a file{name} would be larger than the file-size limit{now}; raise it (ulimit -f unlimited){then}"
         err = err.__cause__ or err.__context__
     return None
+
+
+def stdout_failure(e: OSError) -> str | None:
+    """The one line for `e` when it is a write to standard output that failed (a full disk, an I/O error: `ddpm gen
+    > /dev/full`), else None: the frame that raised it was writing to a stream on standard output's file
+    descriptor (click.echo's `file`). A closed pipe (EPIPE: the reader is gone, `ddpm gen | head -c0`) is left to
+    click, which exits 1 without a line. What standard output still holds is then dropped (the descriptor pointed
+    at os.devnull), so that Python's flush at exit does not fail again with a traceback of its own."""
+    if e.errno == errno.EPIPE or getattr(e, "filename", None) is not None or e.__traceback__ is None:
+        return None
+    try:
+        fd = sys.__stdout__.fileno()
+    except (AttributeError, ValueError, OSError):
+        return None
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+
+    def on_stdout(value) -> bool:
+        try:
+            return isinstance(value, io.IOBase) and value.fileno() == fd
+        except (ValueError, OSError):
+            return False
+
+    if not any(on_stdout(v) for v in tb.tb_frame.f_locals.values()):
+        return None
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+    return f"cannot write to standard output: {e.strerror or e}"
 
 
 class Terminated(Interrupted):

@@ -81,11 +81,13 @@ class Sampling:
         """The options among `values` (e.g. a function's locals(), or click's parameters), then `changes`; names
         that are not options are ignored. given: the names the user gave (not left at their defaults); labelled:
         whether the samples have labels (False: unconditional sampling; an edit without a label, which uses the
-        unconditional model). Raises OptionError (option "guidance") for a guidance scale w > 0 given for samples
-        without labels: guidance steers a sample towards its label, so it would be silently ignored; OptionError
+        unconditional model). Raises OptionError (option "uncond", check_conditioning) for a label (values["label"])
+        given with uncond (values["uncond"]); OptionError (option "guidance") for a guidance scale w > 0 given for
+        samples without labels: guidance steers a sample towards its label, so it would be silently ignored; OptionError
         (option "plan") for a ready plan (values["plan"], the API's) given with any option that makes a plan
         (PLAN_OPTIONS): they would contradict or repeat it, and one of them would be ignored. cli: the message names
         the CLI's options."""
+        check_conditioning(values.get("label"), values.get("uncond"), cli)
         names = {f.name for f in fields(cls)}
         both = [name for name in PLAN_OPTIONS if name in given]
         if values.get("plan") is not None and both:
@@ -109,6 +111,16 @@ class Sampling:
     @property
     def precision(self) -> str:
         return "fp16" if self.fp16 else "int8" if self.int8 else "fp32"
+
+
+def check_conditioning(label, uncond: bool | None, cli: bool = False) -> None:
+    """Raise OptionError (option "uncond") for a label (not None) given with uncond: the unconditional model draws
+    without one. cli: the message names the CLI's options."""
+    if uncond and label is not None:
+        from .errors import OptionError
+
+        raise OptionError(f"{'--label and --uncond' if cli else 'label and uncond=True'} exclude each other",
+                          "uncond")
 
 
 def check_guidance(guidance: float, given, labelled: bool, cli: bool = False, classless: bool = False) -> None:

@@ -125,17 +125,19 @@ def read_edit_labels(cls, model, n: int, plan, opts: Sampling, start: int, edit)
 def labels(num_classes: int, n: int, label=None, uncond: bool = False, start: int = 0) -> np.ndarray:
     """(n,) int64 labels of samples start..start+n-1 (api.Model.labels): the classes in turn (label None: sample k
     gets k % num_classes), one class, or one per sample (a sequence); -1 everywhere when uncond. OptionError (option
-    label or uncond) otherwise."""
+    label or uncond) otherwise: the one check of a label against the model's classes, for the API and the CLI (whose
+    --label is any integer >= 0 until the model is known)."""
+    from .options import check_conditioning
     from .runtime.generate import labels_for
 
+    check_conditioning(label, uncond)
     if uncond:
-        if label is not None:
-            raise OptionError("a label and uncond exclude each other", "uncond")
         return labels_for(n, None, True)
     k = num_classes
     if label is None or np.ndim(label) == 0:
         if label is not None and not (isinstance(label, (int, np.integer)) and 0 <= label < k):
-            raise OptionError(f"label must be an integer in 0..{k - 1}, got {label!r}", "label")
+            raise OptionError(f"label must be one of this model's classes, an integer in 0..{k - 1}, got {label!r}",
+                              "label")
         return labels_for(n, None if label is None else int(label), False, k, start)
     arr = np.asarray(label)
     if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer) or (arr.size and not 0 <= arr.min() <=

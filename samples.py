@@ -8,7 +8,8 @@ An .npz (a zip of .npy members, as numpy.savez_compressed writes) with
 
 `save_samples` writes the images as they are generated, one batch at a time, so that any N fits in memory, and
 atomically (files.atomic_write): a killed `ddpm gen` leaves the previous file, never a part. `read_samples` checks a
-file against SAMPLES (schema.py) and raises SamplesError, one line that says what is wrong.
+file against SAMPLES (schema.py) and raises SamplesError, one line that says what is wrong. `check_room` refuses,
+before anything is generated, a file that cannot fit the free space.
 """
 
 from __future__ import annotations
@@ -175,3 +176,33 @@ def save_samples(path: str | os.PathLike, labels, batches: Iterable[np.ndarray],
                 raise ValueError(f"{count} images for {n} labels")
 
     atomic_write(path, write)
+
+
+# DEFLATE (an .npz's compression) codes at most 258 bytes in one match of at least 2 bits: nothing shrinks more
+DEFLATE_MAX_RATIO = 1032
+
+
+def check_room(out: str, num: int, image_shape: tuple[int, int, int]) -> None:
+    """Refuse (OutputError, one line naming `ddpm gen`'s -n) an .npz at `out` of `num` images of image_shape
+    (C, H, W) that cannot fit the free space of the folder its temporary is written in (shutil.disk_usage), before
+    anything is made: its members (labels int64, images uint8) compressed as much as DEFLATE can compress anything
+    (DEFLATE_MAX_RATIO), a bound that never refuses a file that would fit. A file system that does not say: no
+    check."""
+    import shutil
+
+    from .files import OutputError
+    from .runtime.generate import gib
+
+    folder = Path(os.path.realpath(out)).parent
+    while not folder.is_dir() and folder != folder.parent:   # missing folders are created when written
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    per_image = 8 + math.prod(image_shape)
+    least = num * per_image // DEFLATE_MAX_RATIO
+    if least > free:
+        fit = free * DEFLATE_MAX_RATIO // per_image
+        raise OutputError(f"-n {num} digits make an .npz of at least {gib(least)} (compressed), more than the "
+                          f"{gib(free)} free in {folder}; lower -n (at most {fit} could fit)")

@@ -17,8 +17,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
+from ..pipeline import labels as class_labels
 from ..runtime.engines import engine_versions
 from ..runtime.generate import network_batch
 from ..runtime.nets import cpu_count
@@ -103,8 +102,9 @@ def device_name(device) -> str:
 
 def time_run(engine, batch: int, plan, guidance: float, seed: int, device, cfg) -> float:
     """Seconds for one full generation of `batch` images of a model whose config is `cfg` (model.config.ModelConfig:
-    its image shape and classes): noise, loop, images on the host."""
-    labels = np.arange(batch) % cfg.num_classes
+    its image shape and classes): noise, loop, images on the host. The labels are `ddpm gen`'s, the classes in turn
+    (pipeline.labels), made before the clock starts."""
+    labels = class_labels(cfg.num_classes, batch)
     if _cuda(device):
         import torch
 
@@ -133,7 +133,7 @@ def kernel_floor(engine, batch: int, plan, guidance: float, device, cfg) -> floa
     r = engine.runner(batch, plan, guidance != 0)
     x_T, z = make_noise(0, 0, batch, plan.num_slots, cfg.image_shape)
     with r.net.stream_context():
-        r.load(x_T, z, np.arange(batch) % cfg.num_classes, guidance)
+        r.load(x_T, z, class_labels(cfg.num_classes, batch), guidance)
         r.step(0)
         torch.cuda.synchronize(device)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -174,8 +174,8 @@ def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False,
     for key, name, kw in variants:
         try:
             with metered((key, "create"), name):
-                ready[key] = model.engine(name, device, fp16 and name != "torch", cuda_graph, threads,
-                                          max_batch=net_batch, log=log, plan=plan, **kw)
+                ready[key] = model.engine(name, device=device, fp16=fp16 and name != "torch", cuda_graph=cuda_graph,
+                                          threads=threads, max_batch=net_batch, log=log, plan=plan, **kw)
         except DdpmError as e:
             skipped[key] = str(e)          # reported once, in the table
     runs = {name: (eng, plan) for name, eng in ready.items()}

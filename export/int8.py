@@ -42,7 +42,7 @@ CALIBRATION_DIGITS = 64
 HELD_OUT_DIGITS = 32
 # The sensitivity pass keeps Convs in fp32 until the eps error is at most this. The shipped model quantized so that
 # its eps error was 2.5% scored within fp32's spread at N = 5000 (accuracy 99.30% vs 99.32%, FD / floor 1.46 vs
-# 1.57, issue 26), and at 3% it still keeps most of the speed (docs/int8.md).
+# 1.57), and at 3% it still keeps most of the speed (docs/int8.md).
 MAX_EPS_ERROR = 0.03
 # verify(): the eps error on unseen states may exceed the held-out one by this. The shipped model's errors on the
 # held-out and the unseen states (32 digits each) were 2.09% and 2.08%, the tiny test model's 2.97% and 2.94%

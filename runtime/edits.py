@@ -425,11 +425,12 @@ def fit_blocks(images: np.ndarray, small: np.ndarray, f: int, lo: float = 0.0, h
 
 
 def half_mask(name: str, size: int) -> np.ndarray:
-    """(size, size) bool, True on the known pixels: `name` is the half to regenerate (top, bottom, left, right)."""
+    """(size, size) bool, True on the known pixels: `name` is the half to regenerate (top, bottom, left, right:
+    HALVES). Raises OptionError (option "mask") for another name."""
     keep = np.ones((size, size), dtype=bool)
     h = size // 2
     where = {"top": np.s_[:h, :], "bottom": np.s_[h:, :], "left": np.s_[:, :h], "right": np.s_[:, h:]}
     if name not in where:
-        raise ValueError(f"unknown mask {name!r}: {', '.join(HALVES)} or an image")
+        raise OptionError(f"mask must be one of {', '.join(HALVES)} or a picture file, got {name!r}", "mask")
     keep[where[name]] = False
     return keep

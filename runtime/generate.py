@@ -51,7 +51,8 @@ def labels_for(n: int, label: int | None, uncond: bool, num_classes: int = 10, s
 
 
 # ------------------------------------------------------------------------------------------------- memory guard
-def _gib(n: float) -> str:
+def gib(n: float) -> str:
+    """n bytes for a message: "1.5 GiB" from 1 GiB on, else "12 MiB"."""
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
@@ -103,7 +104,7 @@ def ensure_memory(need: int, what: str, fix: str, device: str = "cpu", per_unit:
     if per_unit:
         k = int(0.9 * avail // per_unit)
         fits = f" (at most {k} fit)" if k >= 1 else " (not even 1 fits)"
-    raise OutOfMemory(f"{what} needs {_gib(need)} of {where} memory, more than the {_gib(avail)} available; "
+    raise OutOfMemory(f"{what} needs {gib(need)} of {where} memory, more than the {gib(avail)} available; "
                       f"{fix}{fits}")
 
 

@@ -279,3 +279,26 @@ def test_the_plans_edits_make_pass_the_plan_check(model):
 @pytest.mark.slow   # T network calls and the re-noised rows: the DDIM RePaint plan above is the inner loop's case
 def test_the_ddpm_samplers_repaint_plan_passes_the_plan_check(model):
     assert model.inpaint(DIGIT, "top", sampler="ddpm", jump=10, resample=2, **CHEAP).shape == (1, 28, 28)
+
+
+def test_the_choices_come_from_the_modules_that_define_them(monkeypatch):
+    """The API's argument specs read their choices where they live (a new engine, upscale factor or half is one
+    edit there): engines (runtime.engines), mask halves (runtime.images), factors and methods (runtime.edits),
+    variances (options)."""
+    from ddpm import options
+    from ddpm.arguments import ARGS
+    from ddpm.runtime import edits, engines, images
+    from ddpm.schema import Invalid
+
+    monkeypatch.setattr(engines, "ENGINES", (*engines.ENGINES, "tvm"))
+    monkeypatch.setattr(images, "HALVES", (*images.HALVES, "centre"))
+    monkeypatch.setattr(edits, "FACTORS", (*edits.FACTORS, 8))
+    assert ARGS["engine"].what == ("an engine name (auto, torch, runtime-torch, onnx, trt, onnx-generator, tvm) or an "
+                                   "engine object")
+    assert ARGS["mask"].what.startswith("one of top, bottom, left, right, centre, a picture file")
+    ARGS["factor"].check(8, {}, "factor")
+    with pytest.raises(Invalid, match=r"^factor must be 2 or 4 or 8, got 3$"):
+        ARGS["factor"].check(3, {}, "factor")
+    assert ARGS["variance"].choices is options.VARIANCES
+    for method in edits.UPSCALERS:
+        ARGS["method"].check(method, {}, "method")

@@ -373,3 +373,14 @@ def test_a_signal_while_the_program_shuts_down_prints_its_line(sig, code, word):
                        env=os.environ, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert (r.returncode, r.stderr.strip()) == (code, word), (r.returncode, r.stderr[-2000:])
     assert "version" in r.stdout
+
+
+def test_the_help_gives_the_samplers_own_defaults():
+    """--steps and --spacing defaults in the help come from runtime.samplers (a new default is one edit there)."""
+    from ddpm.runtime.samplers import DEFAULT_SOLVER_STEPS, DEFAULT_SPACING, DEFAULT_STEPS
+
+    steps = f"[default: {DEFAULT_STEPS} for ddim, {DEFAULT_SOLVER_STEPS} for dpm++2m and unipc"
+    spacing = f"[default: {DEFAULT_SPACING['ddim']} for ddim, {DEFAULT_SPACING['unipc']} for dpm++2m and unipc]"
+    for command in ("gen", "bench", "inpaint"):
+        shown = " ".join(invoke(command, "--help").output.split())
+        assert steps in shown and spacing in shown, (command, shown)

@@ -52,6 +52,21 @@ def test_corrupt_gzip(tmp_path):
         read_idx(p)
 
 
+@pytest.mark.parametrize("cut", [6, 12], ids=["in the gzip trailer", "in the deflate data"])
+def test_a_damaged_file_says_what_to_do_once_and_bytes_without_a_file_do_not(tmp_path, cut):
+    """A file's damage (here a truncated gzip) ends with the one hint of what to do (delete it, or point --data
+    elsewhere); the same bytes parsed without a file (parse_idx, a download) have no file to delete."""
+    data = gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 2, 1, 2]))[:-cut]
+    p = tmp_path / "train-labels-idx1-ubyte.gz"
+    p.write_bytes(data)
+    with pytest.raises(DataError, match=r"cannot read .*truncated\); delete it \(") as e:
+        read_idx(p)
+    assert str(e.value).count("delete it") == 1 and str(e.value).count("--data") == 1
+    with pytest.raises(DataError, match="cannot read") as e:
+        parse_idx(data, "downloaded")
+    assert "delete it" not in str(e.value)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=64))
 def test_arbitrary_bytes_never_crash(data):

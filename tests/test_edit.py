@@ -298,6 +298,16 @@ def test_inpainting_keeps_the_known_pixels_exactly(model, engine):
     assert np.array_equal(top[:, half_mask("bottom", 28)], np.broadcast_to(img[:14].ravel(), (2, 14 * 28)))
 
 
+def test_an_unknown_half_is_an_option_error_naming_the_mask():
+    """half_mask, below the API's and the CLI's checks (bench and scripts call it): one line naming mask."""
+    from ddpm.errors import OptionError
+
+    with pytest.raises(OptionError, match=r"^mask must be one of top, bottom, left, right or a picture file, "
+                                          r"got 'middle'$") as e:
+        half_mask("middle", 28)
+    assert e.value.option == "mask"
+
+
 def test_strength_0_returns_the_input_and_1_ignores_it(model):
     img = _picture(2)
     assert np.array_equal(model.edit(img, label=4, strength=0.0, n=3), np.broadcast_to(img, (3, 28, 28)))

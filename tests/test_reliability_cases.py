@@ -1,8 +1,7 @@
-"""Cases of issue #22's kinds that a fresh user's abuse run found after the first fixes: tensors that declare more
-than they store, imports stopped by a memory limit, torch's writer under the file-size limit, API calls that run out
-of memory, run-folder members of the wrong kind, an npm registry that never answers; then a training run stopped by
-a limit (its own options and its last checkpoint), onnxruntime's output under a descriptor limit, bad command-line
-input, and files to read that are folders, pipes or dead links."""
+"""Abuse cases: tensors that declare more than they store, imports stopped by a memory limit, torch's writer under
+the file-size limit, API calls that run out of memory, run-folder members of the wrong kind, an npm registry that
+never answers; a training run stopped by a limit (its own options and its last checkpoint), onnxruntime's output
+under a descriptor limit, bad command-line input, and files to read that are folders, pipes or dead links."""
 
 import builtins
 import errno

@@ -140,11 +140,11 @@ class _Stream:
                     self.tail = self.f.read(1 << 16)
                     if not self.tail:
                         raise DataError(f"{self.name}: cannot read (the compressed data stops before its end: "
-                                        f"truncated); {FIX_HINT}")
+                                        f"truncated)")
                 out += self.z.decompress(self.tail, n - len(out))
                 self.tail = self.z.unconsumed_tail
         except zlib.error as e:
-            raise DataError(f"{self.name}: cannot read ({clip(e)}); {FIX_HINT}") from None
+            raise DataError(f"{self.name}: cannot read ({clip(e)})") from None
         self._hash(out)
         return bytes(out)
 
@@ -230,14 +230,12 @@ def _read(path: Path, limit: int = MAX_IDX_BYTES, hash: bool = True) -> tuple[np
 @contextlib.contextmanager
 def _reading(path: Path):
     """An OSError or a DataError while reading the IDX file `path` as one DataError that ends with what to do about
-    a damaged file (FIX_HINT, or the more precise hint a check already gave)."""
+    a damaged file (FIX_HINT): the checks below say what is wrong, this says what to do, once."""
     try:
         yield
     except OSError as e:
         raise DataError(f"{path}: cannot read ({clip(e)}); {FIX_HINT}") from None
     except DataError as e:
-        if "; delete it" in str(e):
-            raise
         raise DataError(f"{e}; {FIX_HINT}") from None
 
 
