@@ -130,8 +130,16 @@ def test_tampered_int8_file_refused(ckpt, int8_export, tmp_path):
     data[len(data) // 2] ^= 1
     (copy / "model_int8.onnx").write_bytes(bytes(data))
     r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--int8", "--out", tmp_path / "a.png")
-    assert r.exit_code == 1 and "sha256 differs" in r.output and "ddpm export --int8" in r.output
-    assert "Traceback" not in r.output
+    assert r.exit_code == 1 and "sha256 differs" in r.output and "Traceback" not in r.output, r.output
+    # the hint writes the file into the folder given (--out), not into the cache folder a plain export writes
+    assert f"re-run `ddpm export --ckpt CKPT --out {copy} --int8`" in " ".join(r.output.split()), r.output
+    (copy / "model_int8.onnx").unlink()
+    for said in ("is missing", "is a folder, not a file"):
+        r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--int8", "--out",
+                   tmp_path / "a.png")
+        line = " ".join(r.output.split())
+        assert r.exit_code == 1 and said in line and f"`ddpm export --ckpt CKPT --out {copy} --int8`" in line, line
+        (copy / "model_int8.onnx").mkdir(exist_ok=True)
 
 
 def _damaged(int8_export, tmp_path, edit):
