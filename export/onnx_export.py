@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import DdpmError
-from ..files import building_dir, claim_dir, publish_owned, readable_name
+from ..files import building_dir, carry_over, claim_dir, output_path, publish_dir, readable_name
 from ..model.io import LoadedModel, copy_to, require_onnx
 from ..runtime.bundle import EXPORT_FORMAT, META_FILE, Bundle, ExportError, file_sha256
 from ..runtime.schedule import Schedule
@@ -146,6 +147,27 @@ def _holds(root: Path, weights_hash: str, precisions: list[str]) -> dict | None:
     return meta if all(p in meta["files"] for p in precisions) else None
 
 
+def _damage(root: Path, meta: dict, opset: int) -> str | None:
+    """What is wrong with the files an export at `opset` would keep of the loaded export folder `root` (export.json
+    `meta`): its models when it was made at this opset, its generators at any; None when each passes the check every
+    reader makes when it opens one (Bundle.onnx_path, Bundle.generator_path: the file is there, of the recorded size
+    and sha256, with its record). Bundle.load checks export.json alone: a missing or damaged file is found here."""
+    bundle = Bundle(root, meta)
+    try:
+        for precision in meta["files"] if meta.get("opset") == opset else []:
+            bundle.onnx_path(precision)
+        for g in bundle.generators:
+            bundle.generator_path(g["plan_key"], g["form"])
+    except ExportError as e:
+        return _fault(e)
+    return None
+
+
+def _fault(e: ExportError) -> str:
+    """An export folder's refusal without its hint (the command to run), for a line that gives its own."""
+    return re.split(r"[;:] re-(?:run|export) ", str(e))[0]
+
+
 def _salvage(root: Path, loaded: LoadedModel, opset: int) -> tuple[dict, list]:
     """What of an export folder whose export.json is refused (Bundle.load) can be kept: (files {precision: entry},
     generators [entry]), each entry of that export.json that passes on its own every check a loaded folder's entry
@@ -193,6 +215,31 @@ def _artifacts(root: Path) -> set[str]:
         return set()
 
 
+def _listed(meta) -> set[str]:
+    """The names of the ONNX files an export.json (parsed, checked or not) lists: its models and generators."""
+    if not isinstance(meta, dict):
+        return set()
+    files, gens = meta.get("files"), meta.get("generators")
+    entries = [*(files.values() if isinstance(files, dict) else []), *(gens if isinstance(gens, list) else [])]
+    return {e["name"] for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)
+            and EXPORT_FOLDER.written.match(e["name"])}
+
+
+def _publish(tmp: Path, out: Path, same, keep, meta: dict) -> bool:
+    """files.publish_owned, except that an ONNX file of the old folder that the new export.json does not list (a
+    model dropped at another opset, a damaged file not made again) is not carried over: an export folder holds only
+    the ONNX files it lists, as a replaced folder does. The rest (TensorRT engines, the user's files) is carried
+    over."""
+    if claim_dir(out, EXPORT_FOLDER, same):
+        carry_over(output_path(out, folder=True), tmp, EXPORT_FOLDER)
+        listed = _listed(meta)
+        for e in os.scandir(tmp):
+            if e.name.endswith(".onnx") and e.name not in listed and EXPORT_FOLDER.written.match(e.name) \
+                    and not e.is_dir(follow_symlinks=False):
+                os.unlink(e.path)
+    return publish_dir(tmp, out, keep)
+
+
 def _say_lost(root: Path, before: set[str], why: str, loaded: LoadedModel, log) -> None:
     """One line when the folder no longer holds artifacts it held before this export (names in `before`): which, why,
     and the command that adds them back."""
@@ -218,7 +265,7 @@ class ExportResult:
 
 def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int = 17, log=print,
            replace: bool = True, int8=None) -> ExportResult:
-    """checkpoint -> ONNX fp32 (+ fp16, + int8) -> verified -> metadata -> renamed into `out` (files.publish_owned).
+    """checkpoint -> ONNX fp32 (+ fp16, + int8) -> verified -> metadata -> renamed into `out` (_publish).
 
     int8: the MNIST digits to calibrate an int8 model on, (images (N,H,W) uint8, labels (N,) int64, a name for
     export.json), or None for no int8 model (export/int8.py; an int8 model the folder holds at this opset is kept).
@@ -226,20 +273,39 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
     An `out` that holds an export of the same weights only gains: the precisions it has at this opset are kept as
     they are (verified when they were made), the missing ones exported, and its other artifacts (generators,
     TensorRT engines, which check the ONNX file they were built from) carried over; at another opset every
-    precision it had is exported again; everything else it holds (files and folders that ddpm export did not write
-    included) is carried over too. An `out` of other weights (or whose export.json does not load) is replaced, and
-    only if it holds nothing but what ddpm export writes (files.claim_dir, cache.EXPORT_FOLDER). replace=False: if
-    `out` already holds these precisions (another process exported them first), it is left as it is. Raises
-    ExportFailed (verification), files.OutputError (`out` not writable, a folder that is not an export, or one of
-    other weights that holds files ddpm did not write: it would replace them), TorchMissing (no onnx package)."""
+    precision it had is exported again, int8 only when asked for (its calibration data), and an ONNX file the new
+    export.json does not list is not carried over (_publish); everything else it holds (files and folders that ddpm
+    export did not write included) is carried over too. A file it would keep that fails the check a reader makes
+    (_damage: missing, another size or sha256) makes the folder repaired as one whose export.json is refused: what
+    passes every check is kept (_salvage), the rest made again (int8 only when asked for). An `out` of other
+    weights (or whose export.json does not load) is replaced, and only if it holds nothing but what ddpm export
+    writes (files.claim_dir, cache.EXPORT_FOLDER). A line names what the folder no longer holds (_say_lost).
+    replace=False: if `out` already holds these precisions (another process exported them first), it is left as it
+    is. Raises ExportFailed (verification), files.OutputError (`out` not writable, a folder that is not an export,
+    or one of other weights that holds files ddpm did not write: it would replace them), TorchMissing (no onnx
+    package)."""
     onnx = require_onnx("exporting to ONNX")
     out = Path(out)
     same = same_weights(loaded.hash)
     claim_dir(out, EXPORT_FOLDER, same)   # before any work: a folder it may not replace is refused
-    before = _artifacts(out)
     old = _holds(out, loaded.hash, [])
+    # what the folder held: its artifacts, and the files a valid export.json lists (one missing was held too: the
+    # folder said so, and a reader looked for it)
+    before = _artifacts(out) | _listed(old)
     wanted = ["fp32"] + (["fp16"] if fp16 else []) + (["int8"] if int8 is not None else [])
     kept, salvaged, why = {}, [], "this export did not make them again"
+    refused, had = None, []
+    if old is not None:
+        refused = _damage(out, old, opset)
+        if refused is not None:   # export.json holds, a file it names does not: repaired as a refused export.json
+            log(f"repairing {out} ({refused}): what passes every check is kept, the rest made again")
+            # what it held is made again, as at another opset: int8 only with its calibration data (--int8)
+            had, old = [p for p in old["files"] if p != "int8"], None
+    elif (out / META_FILE).is_file():
+        try:
+            Bundle.load(out, expected_hash=loaded.hash)
+        except ExportError as e:
+            refused = f"its export.json was refused: {_fault(e)}"
     if old is not None:
         if old.get("opset") == opset:
             kept = dict(old["files"])
@@ -251,15 +317,11 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
             for precision in wanted:
                 log(f"{FILES[precision]}: kept (made and verified before)")
             return ExportResult(out, old)
-    elif (out / META_FILE).is_file():
-        # export.json refused: its entries that pass every check on their own are kept (_salvage), the rest remade
-        # or reported below
-        try:
-            Bundle.load(out, expected_hash=loaded.hash)
-        except ExportError as e:
-            why = f"its export.json was refused: {str(e).split('; re-run')[0]}"
+    elif refused is not None:
+        # the entries that pass every check on their own are kept (_salvage), the rest made again or reported below
+        why = refused
         kept, salvaged = _salvage(out, loaded, opset)
-        wanted = [p for p in FILES if p in wanted or p in kept]
+        wanted = [p for p in FILES if p in wanted or p in kept or p in had]
     with building_dir(out) as tmp:
         files = {}
         if old is None:   # the refused folder is replaced, not carried over: the kept files go in with the rest
@@ -289,13 +351,13 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
             _embed_metadata(tmp / f["name"], meta)
             f["sha256"] = file_sha256(tmp / f["name"])
             f["bytes"] = (tmp / f["name"]).stat().st_size
-        if old is not None and old.get("generators"):   # carried over with the rest of the folder (publish_owned)
+        if old is not None and old.get("generators"):   # carried over with the rest of the folder (_publish)
             meta["generators"] = old["generators"]
         elif salvaged:
             meta["generators"] = salvaged
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         keep = None if replace else lambda p: _holds(p, loaded.hash, list(files))
-        if not publish_owned(tmp, out, EXPORT_FOLDER, same, keep):
+        if not _publish(tmp, out, same, keep, meta):
             return ExportResult(out, _holds(out, loaded.hash, list(files)))
         _say_lost(out, before, why, loaded, log)
         return ExportResult(out, meta)

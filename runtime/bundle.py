@@ -402,12 +402,17 @@ class Bundle:
         """The ONNX file of a precision, checked against the sha256 recorded at export time."""
         files = self.meta["files"]
         if precision not in files:
-            flag = "" if precision == "fp32" else " --" + precision
             raise ExportError(f"{self.root} has no {precision} model (exported: {', '.join(files)}); add it with "
-                              f"`ddpm export --ckpt CKPT --out {shlex.quote(str(self.root))}{flag}`, CKPT the weights "
-                              f"this folder was exported from (none for the shipped model)")
-        return self._member(files[precision], "ddpm export" + ("" if precision == "fp32" else " --" + precision),
-                            "model", precision)
+                              f"`{self.export_command(precision)}`, CKPT the weights this folder was exported from "
+                              f"(none for the shipped model)")
+        return self._member(files[precision], self.export_command(precision), "model", precision)
+
+    def export_command(self, precision: str = "fp32") -> str:
+        """The command that writes this folder's model of `precision` again, into this folder (not into the cache
+        folder a plain `ddpm export` writes): `ddpm export --ckpt CKPT --out ROOT [--fp16|--int8]`, CKPT standing
+        for the weights the folder was exported from, which the folder does not know the path of."""
+        return f"ddpm export --ckpt CKPT --out {shlex.quote(str(self.root))}" + \
+            ("" if precision == "fp32" else " --" + precision)
 
     @property
     def generators(self) -> list[dict]:

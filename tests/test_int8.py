@@ -22,12 +22,17 @@ def int8_export(ckpt, fake_mnist, tmp_path_factory):
     the command's 64 and 32 (int8.CALIBRATION_DIGITS, HELD_OUT_DIGITS: sized for a real model's ranges): the same
     steps at a quarter of the cost."""
     out = tmp_path_factory.mktemp("int8") / "exp"
+    r = _export_int8(ckpt, out, fake_mnist)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _export_int8(ckpt, out, fake_mnist):
+    """`ddpm export --ckpt ckpt --out out --int8` at int8_export's cost (its digits and bound)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(int8, "MAX_EPS_ERROR", 0.08)
         mp.setattr(int8, "make_int8", functools.partial(int8.make_int8, digits=(16, 8)))
-        r = invoke("export", "--ckpt", ckpt, "--out", out, "--int8", "--data", fake_mnist)
-    assert r.exit_code == 0, r.output
-    return out
+        return invoke("export", "--ckpt", ckpt, "--out", out, "--int8", "--data", fake_mnist)
 
 
 def test_export_records_the_int8_model(int8_export):
@@ -130,8 +135,16 @@ def test_tampered_int8_file_refused(ckpt, int8_export, tmp_path):
     data[len(data) // 2] ^= 1
     (copy / "model_int8.onnx").write_bytes(bytes(data))
     r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--int8", "--out", tmp_path / "a.png")
-    assert r.exit_code == 1 and "sha256 differs" in r.output and "ddpm export --int8" in r.output
-    assert "Traceback" not in r.output
+    assert r.exit_code == 1 and "sha256 differs" in r.output and "Traceback" not in r.output, r.output
+    # the hint writes the file into the folder given (--out), not into the cache folder a plain export writes
+    assert f"re-run `ddpm export --ckpt CKPT --out {copy} --int8`" in " ".join(r.output.split()), r.output
+    (copy / "model_int8.onnx").unlink()
+    for said in ("is missing", "is a folder, not a file"):
+        r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--int8", "--out",
+                   tmp_path / "a.png")
+        line = " ".join(r.output.split())
+        assert r.exit_code == 1 and said in line and f"`ddpm export --ckpt CKPT --out {copy} --int8`" in line, line
+        (copy / "model_int8.onnx").mkdir(exist_ok=True)
 
 
 def _damaged(int8_export, tmp_path, edit):
@@ -179,6 +192,63 @@ def test_repairing_export_keeps_the_entries_that_pass(ckpt, int8_export, tmp_pat
     assert (copy / "model_int8.onnx").read_bytes() == sha
     r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--int8", "--out", tmp_path / "a.png")
     assert r.exit_code == 0 and "onnx int8" in r.output, r.output
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("member", ["model.onnx", "model_int8.onnx"])
+@pytest.mark.parametrize("damage", ["missing", "flipped"])
+def test_repairing_export_remakes_a_missing_or_damaged_file(ckpt, int8_export, fake_mnist, tmp_path, member, damage):
+    """export.json intact, a file it names missing or with a byte flipped: `ddpm export` into the folder says so,
+    keeps what passes the readers' check (Bundle.onnx_path) and makes the rest again: a plain export remakes
+    model.onnx and names model_int8.onnx as lost when it was damaged or verified against a model.onnx that was
+    (with the command that adds it back); `--int8` remakes it. gen, then gen --int8, run again."""
+    copy = tmp_path / "copy"
+    shutil.copytree(int8_export, copy)
+    if damage == "missing":
+        (copy / member).unlink()
+    else:
+        _flip(copy / member)
+    gen = lambda *a: invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, *a,
+                            "--out", tmp_path / "a.png")
+    r = gen("--int8")
+    assert r.exit_code == 1 and ("is missing" if damage == "missing" else "sha256 differs") in r.output, r.output
+    if member == "model_int8.onnx" and damage == "flipped":   # --int8 at once: model.onnx kept, int8 made again
+        r = _export_int8(ckpt, copy, fake_mnist)
+        said = " ".join(r.output.split())
+        assert r.exit_code == 0 and f"repairing {copy} ({copy / member} is corrupted or truncated" in said, said
+        assert "model.onnx: kept" in said and "model_int8.onnx: kept" not in said and "no longer" not in said, said
+    else:
+        r = invoke("export", "--ckpt", ckpt, "--out", copy)
+        said = " ".join(r.output.split())
+        assert r.exit_code == 0 and f"repairing {copy} ({copy / member} " in said, said
+        assert ("model.onnx: kept" in said) == (member == "model_int8.onnx"), said
+        assert f"{copy} no longer holds model_int8.onnx ({copy / member} " in said, said
+        assert f" --out {copy} --int8`" in said and not (copy / "model_int8.onnx").exists(), said
+        assert gen().exit_code == 0
+        assert "has no int8 model" in gen("--int8").output
+        r = _export_int8(ckpt, copy, fake_mnist)
+        assert r.exit_code == 0 and f"repairing {copy}" not in " ".join(r.output.split()), r.output
+    assert gen().exit_code == 0
+    r = gen("--int8")
+    assert r.exit_code == 0 and "onnx int8" in r.output, r.output
+
+
+def test_export_at_another_opset_names_the_int8_model_it_drops(ckpt, int8_export, tmp_path):
+    """At another --opset the folder's fp32 model is made again, its int8 model not (no calibration data): the line
+    names the loss with the command that adds it back, and the old model_int8.onnx does not stay, listed nowhere."""
+    copy = tmp_path / "copy"
+    shutil.copytree(int8_export, copy)
+    r = invoke("export", "--ckpt", ckpt, "--out", copy, "--opset", 18)
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and f"{copy} no longer holds model_int8.onnx (made at opset 17; " in said, said
+    assert f" --out {copy} --int8`" in said and not (copy / "model_int8.onnx").exists(), said
+    meta = json.loads((copy / "export.json").read_text())
+    assert meta["opset"] == 18 and list(meta["files"]) == ["fp32"]
 
 
 def test_int8_where_it_cannot_run(ckpt, tiny_export, int8_export, tmp_path):
