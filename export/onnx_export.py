@@ -306,6 +306,7 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
             Bundle.load(out, expected_hash=loaded.hash)
         except ExportError as e:
             refused = f"its export.json was refused: {_fault(e)}"
+            _say_other_weights(out, loaded, log)
     if old is not None:
         if old.get("opset") == opset:
             kept = dict(old["files"])
@@ -361,6 +362,20 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
             return ExportResult(out, _holds(out, loaded.hash, list(files)))
         _say_lost(out, before, why, loaded, log)
         return ExportResult(out, meta)
+
+
+def _say_other_weights(out: Path, loaded: LoadedModel, log) -> None:
+    """Logs one line, before any work, when `out` holds a valid export of other weights than `loaded`'s: the
+    export replaces it (a plain `ddpm export --out DIR` exports the shipped model), and the user's weights in it
+    would otherwise go without a word."""
+    try:
+        meta = Bundle.load(out).meta
+    except ExportError:
+        return
+    name = meta.get("checkpoint")
+    log(f"{out} holds an export of other weights ({f'{name}, ' if isinstance(name, str) else ''}checkpoint_hash "
+        f"{str(meta.get('checkpoint_hash'))[:12]}): replacing it with an export of {Path(loaded.path).name} "
+        f"(checkpoint_hash {loaded.hash[:12]})")
 
 
 def _int8(loaded: LoadedModel, fp32: Path, path: Path, data, log) -> dict:
