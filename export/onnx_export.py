@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import DdpmError
-from ..files import building_dir, carry_over, claim_dir, output_path, publish_dir, readable_name
+from ..files import building_dir, carry_over, check_writable, claim_dir, output_path, publish_dir, readable_name
 from ..model.io import LoadedModel, copy_to, require_onnx
 from ..runtime.bundle import EXPORT_FORMAT, META_FILE, Bundle, ExportError, file_sha256
 from ..runtime.schedule import Schedule
@@ -281,9 +281,9 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
     weights (or whose export.json does not load) is replaced, and only if it holds nothing but what ddpm export
     writes (files.claim_dir, cache.EXPORT_FOLDER). A line names what the folder no longer holds (_say_lost).
     replace=False: if `out` already holds these precisions (another process exported them first), it is left as it
-    is. Raises ExportFailed (verification), files.OutputError (`out` not writable, a folder that is not an export,
-    or one of other weights that holds files ddpm did not write: it would replace them), TorchMissing (no onnx
-    package)."""
+    is. Raises ExportFailed (verification), files.OutputError (`out` not writable, a file it writes again read-only
+    (files.check_writable, before any work), a folder that is not an export, or one of other weights that holds
+    files ddpm did not write: it would replace them), TorchMissing (no onnx package)."""
     onnx = require_onnx("exporting to ONNX")
     out = Path(out)
     same = same_weights(loaded.hash)
@@ -323,6 +323,9 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
         why = refused
         kept, salvaged = _salvage(out, loaded, opset)
         wanted = [p for p in FILES if p in wanted or p in kept or p in had]
+    # before any work: a file this export writes again that its owner made read-only is refused, not replaced
+    for name in [META_FILE] + [FILES[p] for p in wanted if p not in kept]:
+        check_writable(out / name)
     with building_dir(out) as tmp:
         files = {}
         if old is None:   # the refused folder is replaced, not carried over: the kept files go in with the rest
