@@ -54,3 +54,11 @@ def test_a_page_with_a_read_only_model_json_is_refused(tiny_exported, tmp_path):
     os.chmod(page / "model.json", 0o444)
     with pytest.raises(OutputError, match="it is read-only"):
         claim_page(page, weights)
+
+
+def test_export_keeps_the_mode_of_the_export_json_it_replaces(tiny_exported):
+    root = tiny_exported(0)
+    meta = root / "exp" / "export.json"
+    os.chmod(meta, 0o600)
+    export(load_model(root), root / "exp", fp16=True, log=lambda *_: None)
+    assert "model_fp16.onnx" in meta.read_text() and oct(os.stat(meta).st_mode & 0o777) == "0o600"
