@@ -180,6 +180,7 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
     from .export.chain import check_trt, claim_outputs, export_folder, write_web_page
     from .model.io import default_model_path, read_model_info
 
+    echo, stdout_failed = _echo_keeping_going()
     if build_trt:   # fail before the ONNX work if TensorRT cannot run here
         check_trt()
     model = api.load(ckpt)
@@ -191,21 +192,21 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
     if web_dir:   # and onnxruntime-web: the given tarball checked, else the cached one, else fetched with npm
         from .export import web
 
-        ort_web = web.ort_web_tarball(ort_web, log=click.echo)
+        ort_web = web.ort_web_tarball(ort_web, log=echo)
     calibration = _int8_data(data, model.image_shape) if int8 else None
     # gen's defaults (eta 0, the default guidance interval), so that the generator gives gen's digits
     plan = model.plan(sampler, steps, eta=0.0, spacing=spacing, guidance_interval=guidance_interval,
                       guidance_rescale=guidance_rescale) if with_generator or web_dir else None
-    bundle = export_folder(model, out, fp16, opset, plan, form, batch_range if build_trt else None, log=click.echo,
+    bundle = export_folder(model, out, fp16, opset, plan, form, batch_range if build_trt else None, log=echo,
                            int8=calibration)
     for precision, f in bundle.meta["files"].items():
-        click.echo(f"{precision}: {bundle.root / f['name']} ({f['bytes'] / 1e6:.2f} MB)")
+        echo(f"{precision}: {bundle.root / f['name']} ({f['bytes'] / 1e6:.2f} MB)")
     if plan is not None:
         from .runtime.runner import plan_key
 
         gen = bundle.generator(plan_key(plan), form)
-        click.echo(f"generator: {bundle.root / gen['name']} ({gen['bytes'] / 1e6:.2f} MB, {gen['plan']}, {form})")
-    click.echo(f"export folder: {bundle.root}")
+        echo(f"generator: {bundle.root / gen['name']} ({gen['bytes'] / 1e6:.2f} MB, {gen['plan']}, {form})")
+    echo(f"export folder: {bundle.root}")
     if web_dir:
         shown = f"--sampler {sampler} --steps {plan.steps}" + (f" --guidance-rescale {guidance_rescale:g}"
                                                                 if guidance_rescale else "")
@@ -213,9 +214,33 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
             # `ddpm gen` without --ckpt/--export runs the shipped model: the page's command names an export folder
             # of these weights as DIR, which the page explains by their hash; a published page holds no local path
             shown += " --export DIR"
-        page = write_web_page(bundle, web_dir, plan, shown, ort_web, log=click.echo)
-        click.echo(f"web page: {page} (serve it, e.g. `python -m http.server -b 127.0.0.1 -d {page}`, and open "
-                   f"http://127.0.0.1:8000)")
+        page = write_web_page(bundle, web_dir, plan, shown, ort_web, log=echo)
+        echo(f"web page: {page} (serve it, e.g. `python -m http.server -b 127.0.0.1 -d {page}`, and open "
+             f"http://127.0.0.1:8000)")
+    if stdout_failed:   # the folders are published: now the CLI's line for standard output
+        raise stdout_failed[0]
+
+
+def _echo_keeping_going():
+    """(echo, failed): click.echo for a command that builds outputs, and the list that holds the first failed write
+    to standard output (errors.writes_stdout: `> /dev/full`). After one, echo prints nothing more and the work goes
+    on, so that what it builds is published; the caller raises failed[0] at its end for the CLI's line
+    ("cannot write to standard output"). Any other error is raised at once."""
+    from .errors import writes_stdout
+
+    failed = []
+
+    def echo(line) -> None:
+        if failed:
+            return
+        try:
+            click.echo(line)
+        except OSError as e:
+            if not writes_stdout(e):
+                raise
+            failed.append(e)
+
+    return echo, failed
 
 
 def _export_diffusers(ckpt, folder) -> None:

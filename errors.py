@@ -190,18 +190,18 @@ def limit_message(e: BaseException, again: bool = True) -> str | None:
     return None
 
 
-def stdout_failure(e: OSError) -> str | None:
-    """The one line for `e` when it is a write to standard output that failed (a full disk, an I/O error: `ddpm gen
-    > /dev/full`), else None: the frame that raised it was writing to a stream on standard output's file
-    descriptor (click.echo's `file`). A closed pipe (EPIPE: the reader is gone, `ddpm gen | head -c0`) is left to
-    click, which exits 1 without a line. What standard output still holds is then dropped (the descriptor pointed
-    at os.devnull), so that Python's flush at exit does not fail again with a traceback of its own."""
-    if e.errno == errno.EPIPE or getattr(e, "filename", None) is not None or e.__traceback__ is None:
-        return None
+def writes_stdout(e: BaseException) -> bool:
+    """Was `e` a failed write to standard output (a full disk, an I/O error: `ddpm gen > /dev/full`), not a closed
+    pipe (EPIPE)? True when the frame that raised it was writing to a stream on standard output's file descriptor
+    (click.echo's `file`). A writer of files (files.atomic_write, building_dir) leaves such an error as it is:
+    it is not its output's full disk."""
+    if not isinstance(e, OSError) or e.errno == errno.EPIPE or getattr(e, "filename", None) is not None \
+            or e.__traceback__ is None:
+        return False
     try:
         fd = sys.__stdout__.fileno()
     except (AttributeError, ValueError, OSError):
-        return None
+        return False
     tb = e.__traceback__
     while tb.tb_next is not None:
         tb = tb.tb_next
@@ -212,8 +212,17 @@ def stdout_failure(e: OSError) -> str | None:
         except (ValueError, OSError):
             return False
 
-    if not any(on_stdout(v) for v in tb.tb_frame.f_locals.values()):
+    return any(on_stdout(v) for v in tb.tb_frame.f_locals.values())
+
+
+def stdout_failure(e: OSError) -> str | None:
+    """The one line for `e` when it is a write to standard output that failed (writes_stdout), else None. A closed
+    pipe (EPIPE: the reader is gone, `ddpm gen | head -c0`) is left to click, which exits 1 without a line. What
+    standard output still holds is then dropped (the descriptor pointed at os.devnull), so that Python's flush at
+    exit does not fail again with a traceback of its own."""
+    if not writes_stdout(e):
         return None
+    fd = sys.__stdout__.fileno()
     with contextlib.suppress(OSError):
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, fd)

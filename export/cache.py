@@ -195,7 +195,8 @@ def generator_bundle(model, plan, form: str = "loop", log=None) -> Bundle:
         have = plan_names(source.generators, key, plan.name)
         asked = plan.name + (f" (key {key[:8]})" if any(g["plan"] == plan.name for g in source.generators) else "")
         raise DdpmError(f"{source.root} has {f'generators for {have}' if have else 'no generator'}, not one for "
-                        f"{asked}: run `ddpm export --out {source.root} --generator` with that sampler and --steps")
+                        f"{asked}: run `{source.export_command(ckpt=model.path, flags=' --generator')}` with that "
+                        f"sampler and --steps" + ("" if model.path is not None else f", {source.ckpt_word()}"))
     folder = cache_folder(model.hash)
     expected = model.hash
     with locked(folder):

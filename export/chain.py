@@ -26,12 +26,17 @@ def check_trt() -> None:
 def claim_outputs(model, out: str | Path | None = None, web: str | Path | None = None) -> None:
     """Refuse, before any work, an export folder `out` (default: the cache folder of `model`'s weights) or a page
     folder `web` that the export of `model` (api.Model) may not replace (files.claim_dir: a non-empty folder that
-    is not one of these, or one of other weights holding files ddpm did not write). Raises DdpmError (one line)."""
-    from ..files import claim_dir
+    is not one of these, or one of other weights holding files ddpm did not write), or whose export.json (which
+    every export writes again) or a page file its owner made read-only (files.check_writable: refused, not
+    replaced). Raises DdpmError (one line)."""
+    from ..files import check_writable, claim_dir
+    from ..runtime.bundle import META_FILE
     from .cache import EXPORT_FOLDER, cache_folder, same_weights
     from .web import claim_page
 
-    claim_dir(out or cache_folder(model.hash), EXPORT_FOLDER, same_weights(model.hash))
+    folder = out or cache_folder(model.hash)
+    claim_dir(folder, EXPORT_FOLDER, same_weights(model.hash))
+    check_writable(Path(folder) / META_FILE)
     if web is not None:
         claim_page(web, model.hash)
 

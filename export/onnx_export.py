@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import DdpmError
-from ..files import building_dir, carry_over, claim_dir, output_path, publish_dir, readable_name
+from ..files import building_dir, carry_over, check_writable, claim_dir, output_path, publish_dir, readable_name
 from ..model.io import LoadedModel, copy_to, require_onnx
 from ..runtime.bundle import EXPORT_FORMAT, META_FILE, Bundle, ExportError, file_sha256
 from ..runtime.schedule import Schedule
@@ -281,9 +281,9 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
     weights (or whose export.json does not load) is replaced, and only if it holds nothing but what ddpm export
     writes (files.claim_dir, cache.EXPORT_FOLDER). A line names what the folder no longer holds (_say_lost).
     replace=False: if `out` already holds these precisions (another process exported them first), it is left as it
-    is. Raises ExportFailed (verification), files.OutputError (`out` not writable, a folder that is not an export,
-    or one of other weights that holds files ddpm did not write: it would replace them), TorchMissing (no onnx
-    package)."""
+    is. Raises ExportFailed (verification), files.OutputError (`out` not writable, a file it writes again read-only
+    (files.check_writable, before any work), a folder that is not an export, or one of other weights that holds
+    files ddpm did not write: it would replace them), TorchMissing (no onnx package)."""
     onnx = require_onnx("exporting to ONNX")
     out = Path(out)
     same = same_weights(loaded.hash)
@@ -306,6 +306,7 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
             Bundle.load(out, expected_hash=loaded.hash)
         except ExportError as e:
             refused = f"its export.json was refused: {_fault(e)}"
+            _say_other_weights(out, loaded, log)
     if old is not None:
         if old.get("opset") == opset:
             kept = dict(old["files"])
@@ -322,6 +323,9 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
         why = refused
         kept, salvaged = _salvage(out, loaded, opset)
         wanted = [p for p in FILES if p in wanted or p in kept or p in had]
+    # before any work: a file this export writes again that its owner made read-only is refused, not replaced
+    for name in [META_FILE] + [FILES[p] for p in wanted if p not in kept]:
+        check_writable(out / name)
     with building_dir(out) as tmp:
         files = {}
         if old is None:   # the refused folder is replaced, not carried over: the kept files go in with the rest
@@ -356,11 +360,27 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
         elif salvaged:
             meta["generators"] = salvaged
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        if (out / META_FILE).is_file():   # the permission bits of the one it replaces (a private 600 one stays 600)
+            shutil.copymode(out / META_FILE, tmp / META_FILE)
         keep = None if replace else lambda p: _holds(p, loaded.hash, list(files))
         if not _publish(tmp, out, same, keep, meta):
             return ExportResult(out, _holds(out, loaded.hash, list(files)))
         _say_lost(out, before, why, loaded, log)
         return ExportResult(out, meta)
+
+
+def _say_other_weights(out: Path, loaded: LoadedModel, log) -> None:
+    """Logs one line, before any work, when `out` holds a valid export of other weights than `loaded`'s: the
+    export replaces it (a plain `ddpm export --out DIR` exports the shipped model), and the user's weights in it
+    would otherwise go without a word."""
+    try:
+        meta = Bundle.load(out).meta
+    except ExportError:
+        return
+    name = meta.get("checkpoint")
+    log(f"{out} holds an export of other weights ({f'{name}, ' if isinstance(name, str) else ''}checkpoint_hash "
+        f"{str(meta.get('checkpoint_hash'))[:12]}): replacing it with an export of {Path(loaded.path).name} "
+        f"(checkpoint_hash {loaded.hash[:12]})")
 
 
 def _int8(loaded: LoadedModel, fp32: Path, path: Path, data, log) -> dict:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import DdpmError
-from ..files import FolderKind, building_dir, claim_dir, input_path, publish_owned
+from ..files import FolderKind, building_dir, check_writable, claim_dir, input_path, publish_owned
 from ..runtime.bundle import Bundle
 
 ORT_WEB = {
@@ -83,8 +83,11 @@ def _page_of(checkpoint_hash: str) -> Callable[[Path], bool | None]:
 def claim_page(out: str | Path, checkpoint_hash: str) -> None:
     """Refuse, before any work, a folder that a page of the weights `checkpoint_hash` may not replace
     (files.claim_dir, PAGE): a non-empty folder that is not a page, or a page of other weights holding files
-    write_page does not write. Raises WebExportError, files.OutputError (a path that is not a folder)."""
+    write_page does not write, or a file of the page made read-only by its owner (files.check_writable: refused,
+    not replaced). Raises WebExportError, files.OutputError (a path that is not a folder, a read-only file)."""
     claim_dir(out, PAGE, _page_of(checkpoint_hash))
+    for name in (MARKER, "index.html", "app.mjs", "labels.mjs", "noise.mjs", "generator.onnx"):
+        check_writable(Path(out) / name)
 
 
 # The first `npm pack` try: long enough for the 30 MB tarball on a slow link, short enough to say at once that a

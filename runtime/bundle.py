@@ -407,12 +407,21 @@ class Bundle:
                               f"(none for the shipped model)")
         return self._member(files[precision], self.export_command(precision), "model", precision)
 
-    def export_command(self, precision: str = "fp32") -> str:
-        """The command that writes this folder's model of `precision` again, into this folder (not into the cache
-        folder a plain `ddpm export` writes): `ddpm export --ckpt CKPT --out ROOT [--fp16|--int8]`, CKPT standing
-        for the weights the folder was exported from, which the folder does not know the path of."""
-        return f"ddpm export --ckpt CKPT --out {shlex.quote(str(self.root))}" + \
-            ("" if precision == "fp32" else " --" + precision)
+    def export_command(self, precision: str = "fp32", ckpt=None, flags: str = "") -> str:
+        """The command that writes this folder's model of `precision` (and `flags`, e.g. " --generator") again,
+        into this folder (not into the cache folder a plain `ddpm export` writes):
+        `ddpm export --ckpt CKPT --out ROOT [--fp16|--int8]FLAGS`, CKPT the path `ckpt` of the weights the folder
+        was exported from when the caller knows it, else the word CKPT (the folder does not know the path; see
+        `ckpt_word`). Without --ckpt the command would export the shipped model and replace this folder's."""
+        return (f"ddpm export --ckpt {'CKPT' if ckpt is None else shlex.quote(str(ckpt))} "
+                f"--out {shlex.quote(str(self.root))}" + ("" if precision == "fp32" else " --" + precision) + flags)
+
+    def ckpt_word(self) -> str:
+        """What CKPT of `export_command` stands for, as a hint's clause: the checkpoint this folder was exported
+        from, named by its file name and hash as export.json records them."""
+        name = self.meta.get("checkpoint")
+        return (f"CKPT the checkpoint this folder was exported from ({f'{name}, ' if isinstance(name, str) else ''}"
+                f"checkpoint_hash {str(self.meta.get('checkpoint_hash'))[:12]})")
 
     @property
     def generators(self) -> list[dict]:
@@ -433,8 +442,9 @@ class Bundle:
         if gen is None:
             have = plan_names(self.generators, plan_key)
             raise ExportError(f"{self.root} has no generator" + (f" for the plan asked for (it has {have})" if have
-                              else "") + "; create one with `ddpm export --generator` with that sampler and --steps")
-        return self._member(gen, "ddpm export --generator", "generator")
+                              else "") + f"; create one with `{self.export_command(flags=' --generator')}` with that "
+                              f"sampler and --steps, {self.ckpt_word()}")
+        return self._member(gen, self.export_command(flags=" --generator"), "generator")
 
     def _member(self, entry: dict, redo: str, kind: str, precision: str | None = None) -> Path:
         """The ONNX file of an export.json entry (name, sha256, bytes), checked: a regular file that resolves inside

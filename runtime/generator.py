@@ -7,6 +7,8 @@ checked at export). The plan is fixed at export: a run with another plan is refu
 
 from __future__ import annotations
 
+import shlex
+
 import numpy as np
 
 from .bundle import Bundle, ExportError
@@ -48,8 +50,10 @@ class GeneratorEngine(CountedEngine):
     def check_plan(self, plan: Plan) -> None:
         """ValueError unless `plan` is the plan the generator was exported for."""
         if plan_key(plan) != self.info["plan_key"]:
+            folder = shlex.quote(str(self.path.parent))
             raise ValueError(f"{self.path} runs {self.info['plan']}, not {plan.name}; re-export it with "
-                             f"`ddpm export --generator` for that plan, or use --engine onnx")
+                             f"`ddpm export --ckpt CKPT --out {folder} --generator` for that plan (CKPT the "
+                             f"checkpoint that folder was exported from), or use --engine onnx")
 
     def run(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, plan: Plan, guidance: float,
             callback: StepCallback | None = None, edit=None, y=None, mask=None, states: bool = False) -> np.ndarray:

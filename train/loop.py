@@ -328,16 +328,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
 
 def in_run_folder(cfg: TrainConfig, resume: bool, command: str, files: Collection[str], body):
     """body() run while this process holds the run folder cfg.out (files.folder_lock), after the checks that come
-    before any work: the folder and the `files` the run writes there are writable (regular files or nothing), and
-    without --resume it holds no run yet; a folder that is not a run folder (no options.json, no ckpt.pt) and holds
-    a file of one of those names is refused (it is the user's). Under torchrun only rank 0 checks and locks. Raises TrainingError."""
+    before any work: the folder and the `files` the run writes there are writable (regular files or nothing, none
+    read-only: files.check_writable), and without --resume it holds no run yet; a folder that is not a run folder
+    (no options.json, no ckpt.pt) and holds a file of one of those names is refused (it is the user's). Under
+    torchrun only rank 0 checks and locks. Raises TrainingError."""
     out = Path(cfg.out)
     if int(os.environ.get("RANK", "0")):   # under torchrun only rank 0 writes
         return body()
     try:
         check_writable(out, folder=True)   # before the data, the model or a single step
-        for name in files:                 # and what the run will write there: regular files or nothing
-            output_path(out / name)
+        for name in files:                 # and what the run will write there: regular files or nothing, and
+            check_writable(out / name)     # none read-only (its owner protected it: refused, not replaced)
     except OutputError as e:
         raise TrainingError(f"--out: {e}") from None
     if not resume and (out / CKPT_FILE).is_file():
