@@ -583,15 +583,16 @@ def _link_or_copy(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
-def carry_over(old: Path, tmp: Path, kind: FolderKind) -> None:
+def carry_over(old: Path, tmp: Path, kind: FolderKind, drop: Callable[[os.DirEntry], bool] | None = None) -> None:
     """Put into tmp everything of the folder `old` that tmp does not have yet (files as hard links where possible,
     else copies; folders as trees of those; symbolic links as links), except the marker (tmp's is written afresh,
-    and writing through a hard link would change the old folder's in place) and the temporaries of writes:
-    publishing tmp must not lose what the folder held. Raises kind.error on a special file (a pipe, a socket, a
-    device), which cannot be carried over."""
+    and writing through a hard link would change the old folder's in place), the temporaries of writes and the
+    entries drop(entry) is true for (what the new folder no longer holds, by the writer's own rule): publishing tmp
+    must not lose what the folder held. Raises kind.error on a special file (a pipe, a socket, a device), which
+    cannot be carried over."""
     for e in os.scandir(old):
         src, dst = Path(e.path), tmp / e.name
-        if e.name == kind.marker or is_temporary(e.name) or os.path.lexists(dst):
+        if e.name == kind.marker or is_temporary(e.name) or os.path.lexists(dst) or (drop is not None and drop(e)):
             continue
         if e.is_symlink():
             os.symlink(os.readlink(src), dst)
@@ -605,12 +606,13 @@ def carry_over(old: Path, tmp: Path, kind: FolderKind) -> None:
 
 
 def publish_owned(tmp: Path, out: str | os.PathLike, kind: FolderKind, same: Callable[[Path], bool | None],
-                  keep: Callable[[Path], bool] | None = None) -> bool:
+                  keep: Callable[[Path], bool] | None = None,
+                  drop: Callable[[os.DirEntry], bool] | None = None) -> bool:
     """publish_dir for a folder output of `kind`: `out` is claimed again (claim_dir: it may have changed while tmp
-    was built), what it holds that tmp lacks is carried over when it is of the same source (carry_over), then tmp is
-    renamed in. keep, the return value and the errors: as publish_dir's and claim_dir's."""
+    was built), what it holds that tmp lacks is carried over when it is of the same source (carry_over; except what
+    drop names), then tmp is renamed in. keep, the return value and the errors: as publish_dir's and claim_dir's."""
     if claim_dir(out, kind, same):
-        carry_over(output_path(out, folder=True), tmp, kind)
+        carry_over(output_path(out, folder=True), tmp, kind, drop)
     return publish_dir(tmp, out, keep)
 
 

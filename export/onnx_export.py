@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import DdpmError
-from ..files import building_dir, carry_over, check_writable, claim_dir, output_path, publish_dir, readable_name
+from ..files import building_dir, check_writable, claim_dir, publish_owned, readable_name
 from ..model.io import LoadedModel, copy_to, require_onnx
 from ..runtime.bundle import EXPORT_FORMAT, META_FILE, Bundle, ExportError, file_sha256
 from ..runtime.schedule import Schedule
@@ -225,19 +225,14 @@ def _listed(meta) -> set[str]:
             and EXPORT_FOLDER.written.match(e["name"])}
 
 
-def _publish(tmp: Path, out: Path, same, keep, meta: dict) -> bool:
-    """files.publish_owned, except that an ONNX file of the old folder that the new export.json does not list (a
-    model dropped at another opset, a damaged file not made again) is not carried over: an export folder holds only
-    the ONNX files it lists, as a replaced folder does. The rest (TensorRT engines, the user's files) is carried
-    over."""
-    if claim_dir(out, EXPORT_FOLDER, same):
-        carry_over(output_path(out, folder=True), tmp, EXPORT_FOLDER)
-        listed = _listed(meta)
-        for e in os.scandir(tmp):
-            if e.name.endswith(".onnx") and e.name not in listed and EXPORT_FOLDER.written.match(e.name) \
-                    and not e.is_dir(follow_symlinks=False):
-                os.unlink(e.path)
-    return publish_dir(tmp, out, keep)
+def _unlisted_model(meta: dict):
+    """publish_owned's drop for an export folder: an ONNX file of the old folder that the new export.json does not
+    list (a model dropped at another opset, a damaged file not made again) is not carried over, so that an export
+    folder holds only the ONNX files it lists, as a replaced folder does. The rest (TensorRT engines, the user's
+    files) is carried over."""
+    listed = _listed(meta)
+    return lambda e: (e.name.endswith(".onnx") and e.name not in listed and bool(EXPORT_FOLDER.written.match(e.name))
+                      and not e.is_dir(follow_symlinks=False))
 
 
 def _say_lost(root: Path, before: set[str], why: str, loaded: LoadedModel, log) -> None:
@@ -363,7 +358,7 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
         if (out / META_FILE).is_file():   # the permission bits of the one it replaces (a private 600 one stays 600)
             shutil.copymode(out / META_FILE, tmp / META_FILE)
         keep = None if replace else lambda p: _holds(p, loaded.hash, list(files))
-        if not _publish(tmp, out, same, keep, meta):
+        if not publish_owned(tmp, out, EXPORT_FOLDER, same, keep, drop=_unlisted_model(meta)):
             return ExportResult(out, _holds(out, loaded.hash, list(files)))
         _say_lost(out, before, why, loaded, log)
         return ExportResult(out, meta)
