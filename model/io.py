@@ -96,14 +96,31 @@ def _write_bytes(path: str, data) -> None:
         f.write(data)
 
 
-def save_model(path: str | os.PathLike, cfg: ModelConfig, state: dict, **info) -> None:
-    """Write inference weights + config as safetensors (atomically)."""
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors file of `tensors` (name -> torch tensor) and `metadata` (str -> str), with one byte layout for
+    the same input: safetensors.torch.save writes the metadata in a hash map's order, which changes from one call
+    to the next, so the header is written again here with the metadata's keys sorted. The format: an 8-byte
+    little-endian header length, the JSON header padded with spaces to a multiple of 8 bytes, then the data, whose
+    offsets count from the data's start and so stay valid."""
     from safetensors.torch import save
 
+    data = save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
+def save_model(path: str | os.PathLike, cfg: ModelConfig, state: dict, **info) -> None:
+    """Write inference weights + config as safetensors (atomically), the same bytes for the same weights, config
+    and info (safetensors_bytes)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     meta = {"format": FORMAT, "config": json.dumps(cfg.to_dict())}
     meta.update({k: json.dumps(v) for k, v in info.items()})
-    data = save(tensors, metadata=meta)
+    data = safetensors_bytes(tensors, meta)
     atomic_write(path, lambda tmp: _write_bytes(tmp, data))
 
 
