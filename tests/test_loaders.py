@@ -219,6 +219,18 @@ def test_damaged_tensorrt_record_means_rebuild(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ samples files
+def test_fortran_order_samples_are_read(tmp_path):
+    """A samples file whose images numpy saved in Fortran order (np.savez of a transposed array) is read as it is
+    meant, as C-contiguous arrays."""
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    labels = np.arange(5)
+    np.savez(tmp_path / "s.npz", images=np.asfortranarray(images), labels=np.asfortranarray(labels))
+    got, got_labels = read_samples(tmp_path / "s.npz", (28, 28))
+    assert np.array_equal(got, images) and got.flags.c_contiguous and np.array_equal(got_labels, labels)
+    np.savez(tmp_path / "t.npz", images=np.ascontiguousarray(images.T).T, labels=labels)   # the same, as a view
+    assert np.array_equal(read_samples(tmp_path / "t.npz")[0], images)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: np.savez(p, images=np.zeros((10, 28, 28), np.uint8), labels=np.arange(10) * 1.0),
      "labels must be any int type, got float64"),
@@ -308,3 +320,4 @@ def test_a_missing_onnx_package_is_one_line(tmp_path, monkeypatch):
         ddpm.load(tmp_path).generate(2, engine="onnx")
     with pytest.raises(ddpm.DdpmError, match="needs the onnx package"):
         add_generator(tmp_path / "exp", make_plan(ddpm.load(tmp_path).schedule, "ddim", 3), 0.0)
+
