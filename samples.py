@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import DdpmError, brief, clip
 from .files import atomic_write, input_path
-from .schema import Array, Schema
+from .schema import Array, Schema, repeated
 
 NUM_CLASSES = 10
 SAMPLES = Schema("samples file from `ddpm gen --out x.npz`", {
@@ -103,6 +103,10 @@ def read_samples(path: str | os.PathLike,
         raise SamplesError(f"{path}: not a samples file (numpy cannot read it: {clip(e)}); {SAMPLES.hint}") from None
     try:
         with zf:
+            twice = repeated(zf.namelist())
+            if twice is not None:
+                raise SamplesError(f"{path}: not a samples file (it holds two members named {brief(twice)}, which "
+                                   f"zip readers pick differently); {SAMPLES.hint}")
             names = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
             declared, total = {}, 0
             for k in SAMPLES.fields:

@@ -24,7 +24,7 @@ from ..files import input_path, readable_name
 from ..files import atomic_write  # noqa: F401  (re-exported: model.io.atomic_write is used across the package)
 from ..options import MAX_GUIDANCE
 from ..runtime.samplers import SAMPLERS, SPACINGS
-from ..schema import Any, Array, Const, Int, Json, List, Map, Num, Obj, Opt, Schema, Str
+from ..schema import Any, Array, Const, Int, Json, List, Map, Num, Obj, Opt, Schema, Str, repeated
 from .config import ModelConfig
 
 FORMAT = "ddpm-model"
@@ -229,7 +229,7 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
     try:
         with zipfile.ZipFile(path) as zf:
             member = next((m for m in zf.infolist() if m.filename.endswith("/data.pkl")), None)
-            if member is None or member.compress_type != zipfile.ZIP_STORED or member.file_size > MAX_CKPT_PICKLE:
+            if member is None or repeated(zf.namelist()) is not None or member.compress_type != zipfile.ZIP_STORED or member.file_size > MAX_CKPT_PICKLE:
                 return None
             with zf.open(member) as f:
                 ckpt = Skeleton(f).load()
@@ -357,8 +357,9 @@ def check_fits(path: Path, cfg: ModelConfig, state: dict) -> None:
 
 
 def _check_archive(path: Path) -> None:
-    """A ckpt.pt is a zip archive that torch.save writes uncompressed: refuse a compressed member (its declared size
-    could inflate far beyond the file) before torch reads any of it."""
+    """A ckpt.pt is a zip archive that torch.save writes uncompressed, each member once: refuse a compressed member
+    (its declared size could inflate far beyond the file) and a name held twice (schema.repeated) before torch
+    reads any of it."""
     import zipfile
 
     try:
@@ -366,6 +367,10 @@ def _check_archive(path: Path) -> None:
             members = zf.infolist()
     except (zipfile.BadZipFile, OSError, ValueError):
         return   # not a zip (an old or foreign format): torch.load reports it
+    twice = repeated(m.filename for m in members)
+    if twice is not None:
+        raise CheckpointError(f"{path}: holds two members named {brief(twice)} (zip readers pick differently); "
+                              f"not written by `ddpm train`")
     size = path.stat().st_size
     for m in members:
         if m.compress_type != zipfile.ZIP_STORED or m.file_size > size:
