@@ -64,7 +64,6 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
 
     from . import evaluation, pipeline
     from .files import write_text
-    from .runtime.generate import ensure_memory
     from .samples import read_samples
 
     samples = [(Path(f).name, *read_samples(f, evaluation.IMAGE_SHAPE)) for f in sample_files]   # every file checked before the slow parts
@@ -73,8 +72,7 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
             raise click.BadParameter(f"{f} holds {len(images)} sample{'s' if len(images) != 1 else ''}; the scores "
                                      f"need at least 2", param_hint="--samples")
     if not sample_files:
-        ensure_memory(num * evaluation.SAMPLE_BYTES, f"evaluating {num} samples", "lower -n",
-                      per_unit=evaluation.SAMPLE_BYTES)
+        evaluation.check_count(num)   # the limit of --samples and ddpm.evaluate, before anything is generated
         model, opts, log = prepare(o, recorded=True, labelled=not uncond)
         evaluation.check_model_shape(model.image_shape)
         uncond = pipeline.eval_uncond(model, uncond, opts, {name for name in o if on_command_line(name)}, cli=True,
