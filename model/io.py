@@ -37,6 +37,16 @@ class CheckpointError(DdpmError):
     """A checkpoint that is missing, unreadable or not one of ours; the message says which and why."""
 
 
+class WeightsChanged(CheckpointError):
+    """The weights file a Model was loaded from holds other weights when it is read again (a run that is training
+    rewrote it, or a relative path now names another file). `path`: that file. The message is the API's advice
+    (load it again); the command line words its own from `path`."""
+
+    def __init__(self, path):
+        self.path = path
+        super().__init__(f"{path} changed since ddpm.load() read it; load it again")
+
+
 class TorchMissing(DdpmError):
     """What was asked for needs PyTorch, which is not installed; the message says what to install."""
 
@@ -446,7 +456,7 @@ def load_model(path: str | os.PathLike, expected_hash: str | None = None) -> Loa
 
 def _expected(loaded: LoadedModel, path, expected_hash: str | None) -> LoadedModel:
     if expected_hash is not None and loaded.hash != expected_hash:
-        raise CheckpointError(f"{path} changed since ddpm.load() read it; load it again")
+        raise WeightsChanged(path)
     return loaded
 
 
