@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from .cli_options import (DEFAULT, DEFAULT_STEPS_HELP, Finite, InputPath, check_output, comma_list, device_syntax,
-                          model_option, needs_torch, on_command_line, prepare, refuse_same_path, sampling, sampling_options,
-                          set_threads, solver_options)
+                          model_option, needs_torch, on_command_line, prepare, refuse_same_path, sampling,
+                          sampling_options, set_threads, solver_options)
 from .export.generator import FORMS
 from .options import MAX_GUIDANCE, MAX_THREADS, Sampling, precision_refusal
 from .runtime.engines import ENGINES
@@ -302,10 +302,10 @@ def _engine_list(ctx, param, value):
 
 @click.command()
 @click.option("--engines", "names", default=",".join(ENGINES), show_default=True, callback=_engine_list,
-              help="Comma-separated engines; unavailable ones are reported as skipped. onnx-generator (the whole "
-                   "loop in one ONNX call) is built for the benchmark's plan in the cache export folder.")
+              help="Comma-separated engines, each once; unavailable ones are reported as skipped. onnx-generator (the "
+                   "whole loop in one ONNX call) is built for the benchmark's plan in the cache export folder.")
 @click.option("--batch", "batches", default="1,8,64", show_default=True, callback=_batch_list,
-              help="Comma-separated batch sizes.")
+              help="Comma-separated batch sizes, each once.")
 @solver_options(DEFAULT, f"Network calls per sample [default: {DEFAULT_STEPS_HELP}].")
 @click.option("--guidance", "-w", type=Finite(0, MAX_GUIDANCE), default=DEFAULT.guidance, show_default=True,
               help="Classifier-free guidance (doubles the network batch when > 0).")

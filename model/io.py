@@ -239,7 +239,8 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
     try:
         with zipfile.ZipFile(path) as zf:
             member = next((m for m in zf.infolist() if m.filename.endswith("/data.pkl")), None)
-            if member is None or repeated(zf.namelist()) is not None or member.compress_type != zipfile.ZIP_STORED or member.file_size > MAX_CKPT_PICKLE:
+            if member is None or repeated(zf.namelist()) is not None or \
+                    member.compress_type != zipfile.ZIP_STORED or member.file_size > MAX_CKPT_PICKLE:
                 return None
             with zf.open(member) as f:
                 ckpt = Skeleton(f).load()
