@@ -25,6 +25,7 @@ from .cli_tools import bench, eval_cmd, export_cmd  # noqa: E402
 from .cli_train import distill, train  # noqa: E402
 from .errors import (LESS_AT_ONCE, DdpmError, OptionError, Terminated, limit_message, printable,  # noqa: E402
                      stdout_failure)
+from .model.io import WeightsChanged  # noqa: E402
 
 # OMP_WAIT_POLICY=PASSIVE is set by `import ddpm` (ddpm/__init__.py), before any command loads PyTorch.
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -137,6 +138,10 @@ class Group(click.Group):
                     if e.option is None:
                         raise ErrorLine(str(e)) from None
                     raise click.BadParameter(str(e), param_hint=FLAGS.get(e.option, "--" + e.option.replace("_", "-")))
+                except WeightsChanged as e:   # the API's advice is "load it again": here, the command is run again
+                    raise ErrorLine(f"{e.path} changed while this command read it (a run that is training rewrites "
+                                    f"it at each checkpoint); run the command again, or copy the file and give the "
+                                    f"copy") from None
                 except DdpmError as e:
                     raise ErrorLine(str(e)) from None
                 except Exception as e:

@@ -16,6 +16,7 @@ from .options import MAX_GUIDANCE, MAX_LEVEL, MAX_THREADS, Sampling, VARIANCES
 from .runtime.engines import ENGINES
 from .runtime.noise import MAX_SEED
 from .runtime.samplers import DEFAULT_SPACING, SAMPLERS, SPACINGS, default_steps
+from .schema import repeated
 
 DEFAULT = Sampling()
 
@@ -81,6 +82,24 @@ def device_syntax(ctx, param, value):
     if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
         raise click.BadParameter(f"{value!r}: use auto, cpu, cuda or cuda:N")
     return value
+
+
+def comma_list(value: str, item: Callable[[str], object], what: str) -> list:
+    """The items of a comma-separated option value (e.g. --batch 1,8,64), each converted by `item` (ValueError for a
+    bad one), in the order given. click.BadParameter (one line, exit 2; click names the option) for a bad item, an
+    empty one ("1,,2") and one given twice (a list of distinct choices: a repeat would be run twice). `what`: the
+    form the option takes, e.g. "a comma-separated list of positive integers, e.g. 1,8,64"."""
+    parts = [v.strip() for v in value.split(",")]
+    if "" in parts:
+        raise click.BadParameter(f"{'an empty item in ' + repr(value) if value.strip() else 'none given'}; {what}")
+    try:
+        items = [item(v) for v in parts]
+    except ValueError as e:
+        raise click.BadParameter(f"{e}; {what}" if str(e) else what) from None
+    twice = repeated(items)
+    if twice is not None:
+        raise click.BadParameter(f"{twice} is given twice; {what}")
+    return items
 
 
 def parse_interval(ctx, param, value):

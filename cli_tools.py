@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .cli_options import (DEFAULT, DEFAULT_STEPS_HELP, Finite, InputPath, check_output, device_syntax, model_option,
-                          needs_torch, on_command_line, prepare, refuse_same_path, sampling, sampling_options,
-                          set_threads, solver_options)
+from .cli_options import (DEFAULT, DEFAULT_STEPS_HELP, Finite, InputPath, check_output, comma_list, device_syntax,
+                          model_option, needs_torch, on_command_line, prepare, refuse_same_path, sampling,
+                          sampling_options, set_threads, solver_options)
 from .export.generator import FORMS
 from .options import MAX_GUIDANCE, MAX_THREADS, Sampling, precision_refusal
 from .runtime.engines import ENGINES
@@ -64,7 +64,6 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
 
     from . import evaluation, pipeline
     from .files import write_text
-    from .runtime.generate import ensure_memory
     from .samples import read_samples
 
     samples = [(Path(f).name, *read_samples(f, evaluation.IMAGE_SHAPE)) for f in sample_files]   # every file checked before the slow parts
@@ -73,8 +72,7 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
             raise click.BadParameter(f"{f} holds {len(images)} sample{'s' if len(images) != 1 else ''}; the scores "
                                      f"need at least 2", param_hint="--samples")
     if not sample_files:
-        ensure_memory(num * evaluation.SAMPLE_BYTES, f"evaluating {num} samples", "lower -n",
-                      per_unit=evaluation.SAMPLE_BYTES)
+        evaluation.check_count(num)   # the limit of --samples and ddpm.evaluate, before anything is generated
         model, opts, log = prepare(o, recorded=True, labelled=not uncond)
         evaluation.check_model_shape(model.image_shape)
         uncond = pipeline.eval_uncond(model, uncond, opts, {name for name in o if on_command_line(name)}, cli=True,
@@ -278,22 +276,36 @@ def _int8_data(data, image_shape) -> tuple:
 
 
 # ----------------------------------------------------------------------------------------------------------- bench
-def _int_list(ctx, param, value):
-    try:
-        items = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        items = []
-    if not items or min(items) < 1:
-        raise click.BadParameter("a comma-separated list of positive integers, e.g. 1,8,64")
-    return items
+def _batch_list(ctx, param, value):
+    """--batch 1,8,64 -> [1, 8, 64]: distinct positive integers (cli_options.comma_list)."""
+    def positive(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise ValueError(f"{v!r} is not an integer") from None
+        if n < 1:
+            raise ValueError(f"{n} is not positive")
+        return n
+
+    return comma_list(value, positive, "a comma-separated list of distinct positive integers, e.g. 1,8,64")
+
+
+def _engine_list(ctx, param, value):
+    """--engines torch,onnx -> ["torch", "onnx"]: distinct names of ENGINES (cli_options.comma_list)."""
+    def engine(v: str) -> str:
+        if v not in ENGINES:
+            raise ValueError(f"unknown engine {v!r}")
+        return v
+
+    return comma_list(value, engine, f"distinct engines, comma-separated, of {', '.join(ENGINES)}")
 
 
 @click.command()
-@click.option("--engines", default=",".join(ENGINES), show_default=True,
-              help="Comma-separated engines; unavailable ones are reported as skipped. onnx-generator (the whole "
-                   "loop in one ONNX call) is built for the benchmark's plan in the cache export folder.")
-@click.option("--batch", "batches", default="1,8,64", show_default=True, callback=_int_list,
-              help="Comma-separated batch sizes.")
+@click.option("--engines", "names", default=",".join(ENGINES), show_default=True, callback=_engine_list,
+              help="Comma-separated engines, each once; unavailable ones are reported as skipped. onnx-generator (the "
+                   "whole loop in one ONNX call) is built for the benchmark's plan in the cache export folder.")
+@click.option("--batch", "batches", default="1,8,64", show_default=True, callback=_batch_list,
+              help="Comma-separated batch sizes, each once.")
 @solver_options(DEFAULT, f"Network calls per sample [default: {DEFAULT_STEPS_HELP}].")
 @click.option("--guidance", "-w", type=Finite(0, MAX_GUIDANCE), default=DEFAULT.guidance, show_default=True,
               help="Classifier-free guidance (doubles the network batch when > 0).")
@@ -313,7 +325,7 @@ def _int_list(ctx, param, value):
               help=f"CPU threads, torch and onnxruntime alike (1..{MAX_THREADS}).")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Folder for bench.json, bench.md and bench.png.")
-def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance_rescale, guidance, repeat, fp16,
+def bench(names, batches, sampler, steps, spacing, guidance_interval, guidance_rescale, guidance, repeat, fp16,
           int8, no_cuda_graph, baseline, quick, ckpt, device, threads, out):
     """Time every engine against eager PyTorch on the same work, in one run.
 
@@ -330,11 +342,6 @@ def bench(engines, batches, sampler, steps, spacing, guidance_interval, guidance
     from .bench.speed import format_table, run_bench, write_outputs
     from .runtime.engines import resolve_device
 
-    names = [e.strip() for e in engines.split(",") if e.strip()]
-    unknown = [n for n in names if n not in ENGINES]
-    if unknown or not names:
-        raise click.BadParameter(f"unknown engine(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(ENGINES)}",
-                                 param_hint="--engines")
     refuse_same_path({"--out": out}, {"--ckpt": ckpt}, folders=("--out",))
     check_output(out, "--out", folder=True)
     if quick:

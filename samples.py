@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import DdpmError, brief, clip
 from .files import atomic_write, input_path
-from .schema import Array, Schema
+from .schema import Array, Schema, repeated
 
 NUM_CLASSES = 10
 SAMPLES = Schema("samples file from `ddpm gen --out x.npz`", {
@@ -54,10 +54,11 @@ MAX_SAMPLES_BYTES = 4 << 30
 
 
 class _Declared:
-    """What an .npy member's header declares (dtype, shape), checked against the schema before its data is read."""
+    """What an .npy member's header declares (dtype, shape, whether in Fortran order), checked against the schema
+    before its data is read."""
 
-    def __init__(self, dtype, shape):
-        self.dtype, self.shape = dtype, shape
+    def __init__(self, dtype, shape, fortran=False):
+        self.dtype, self.shape, self.fortran = dtype, shape, fortran
 
 
 _DECLARED = {axes: Schema(s.what, {k: Array(v.dtypes, v.shape) for k, v in s.fields.items()}, hint=s.hint)
@@ -72,9 +73,9 @@ def _declared(zf: zipfile.ZipFile, name: str) -> tuple[_Declared, int]:
         if read is None:
             raise ValueError(f"{name} is a .npy of version {version[0]}.{version[1]}, not 1.0 or 2.0")
         shape, fortran, dtype = read(f, max_header_size=10000)
-        if dtype.hasobject or fortran:
-            raise ValueError(f"{name} is {'an object array' if dtype.hasobject else 'in Fortran order'}")
-        return _Declared(dtype, shape), f.tell()
+        if dtype.hasobject:
+            raise ValueError(f"{name} is an object array")
+        return _Declared(dtype, shape, fortran), f.tell()
 
 
 def read_samples(path: str | os.PathLike,
@@ -102,6 +103,10 @@ def read_samples(path: str | os.PathLike,
         raise SamplesError(f"{path}: not a samples file (numpy cannot read it: {clip(e)}); {SAMPLES.hint}") from None
     try:
         with zf:
+            twice = repeated(zf.namelist())
+            if twice is not None:
+                raise SamplesError(f"{path}: not a samples file (it holds two members named {brief(twice)}, which "
+                                   f"zip readers pick differently); {SAMPLES.hint}")
             names = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
             declared, total = {}, 0
             for k in SAMPLES.fields:
@@ -121,14 +126,15 @@ def read_samples(path: str | os.PathLike,
                                    f"{MAX_SAMPLES_BYTES >> 20} MiB read here; {SAMPLES.hint}")
             from .runtime.generate import ensure_memory
 
+            copies = sum(math.prod(d.shape) * d.dtype.itemsize for d in declared.values() if d.fortran)  # C copies
             try:
-                ensure_memory(total, f"reading {path}", "evaluate fewer samples (`ddpm gen -n`)")
+                ensure_memory(total + copies, f"reading {path}", "evaluate fewer samples (`ddpm gen -n`)")
             except DdpmError as e:
                 raise SamplesError(str(e)) from None
             data = {}
             for k in declared:
                 with zf.open(f"{k}.npy") as f:
-                    data[k] = np.lib.format.read_array(f, allow_pickle=False)
+                    data[k] = np.ascontiguousarray(np.lib.format.read_array(f, allow_pickle=False))
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError) as e:
         raise SamplesError(f"{path}: not a samples file (damaged: {clip(e)}); {SAMPLES.hint}") from None
     _schema(data.get("images")).check(data, path, SamplesError)

@@ -26,6 +26,18 @@ import numpy as np
 from .errors import brief
 
 
+def repeated(names) -> str | None:
+    """The first name that occurs twice in `names` (e.g. an archive's member names), None if none does. A zip may
+    hold two members of one name: numpy and zipfile read the last, other readers (unzip, browsers) the first, so
+    the same file would show different contents to each; the readers of archives refuse it."""
+    seen = set()
+    for n in names:
+        if n in seen:
+            return n
+        seen.add(n)
+    return None
+
+
 class Invalid(Exception):
     """One entry does not fit its spec (internal; Schema.check turns it into the caller's error type)."""
 

@@ -25,7 +25,7 @@ from ..schema import Str
 # the names this package takes from its modules, imported on first use: both import PyTorch
 _FROM = {**dict.fromkeys(("CLASSIFIER_FILE", "FEATURES", "IMAGE_SHAPE", "SAMPLE_BYTES", "Classifier",
                           "features_and_predictions", "load_classifier", "predict", "train_classifier"), "classifier"),
-         **dict.fromkeys(("MIN_N", "EvaluationError", "Reference", "border_share", "check_model_shape",
+         **dict.fromkeys(("MIN_N", "EvaluationError", "Reference", "border_share", "check_count", "check_model_shape",
                           "check_samples", "format_table", "frechet_distance", "inception_score"), "metrics")}
 
 __all__ = sorted([*_FROM, "evaluate", "evaluate_sets", "reference"])

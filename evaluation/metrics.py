@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import DdpmError
-from .classifier import CLASSIFIER_FILE, IMAGE_SHAPE, NUM_CLASSES, Classifier, features_and_probs, load_classifier
+from .classifier import (CLASSIFIER_FILE, IMAGE_SHAPE, NUM_CLASSES, SAMPLE_BYTES, Classifier, features_and_probs,
+                         load_classifier)
 
 
 class EvaluationError(DdpmError, ValueError):
@@ -107,15 +108,26 @@ def check_model_shape(image_shape: tuple[int, int, int]) -> None:
                               f"MNIST digits); this model makes {'x'.join(map(str, image_shape))} images")
 
 
+def check_count(n: int) -> None:
+    """The one limit on how many samples are evaluated, of `ddpm eval -n`, `ddpm eval --samples` and ddpm.evaluate:
+    OutOfMemory (one line, the same for each) when `n` samples need more than the host memory available, at
+    SAMPLE_BYTES each (the image and its classifier features; runtime.generate.ensure_memory)."""
+    from ..runtime.generate import ensure_memory
+
+    ensure_memory(n * SAMPLE_BYTES, f"evaluating {n} samples", "evaluate fewer samples", per_unit=SAMPLE_BYTES)
+
+
 def check_samples(images, labels, name: str = "samples") -> tuple[np.ndarray, np.ndarray]:
     """(images, labels as int64) when they are what the evaluator scores: images (N,28,28) uint8 (the classifier's
-    input, IMAGE_SHAPE), N >= 2, labels (N,) integers in -1..9 (-1: drawn without a label). EvaluationError
-    otherwise, naming the set."""
+    input, IMAGE_SHAPE), N >= 2 and within check_count, labels (N,) integers in -1..9 (-1: drawn without a label).
+    EvaluationError otherwise, naming the set; OutOfMemory (check_count), checked from the shape alone, before any
+    value is looked at (a broadcast view of one digit may declare any N)."""
     images, labels = np.asarray(images), np.asarray(labels)
     if images.ndim != 1 + len(IMAGE_SHAPE) or images.shape[1:] != IMAGE_SHAPE or images.dtype != np.uint8:
         shape = ", ".join(map(str, IMAGE_SHAPE))
         raise EvaluationError(f"{name}: expected uint8 images (N, {shape}), got {images.dtype} {images.shape} (the "
                               f"classifier reads greyscale MNIST digits)")
+    check_count(len(images))
     if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer) or \
             (len(labels) and (labels.min() < -1 or labels.max() > NUM_CLASSES - 1)):
         got = f"values from {labels.min()} to {labels.max()}" if labels.shape == images.shape[:1] and \

@@ -227,8 +227,7 @@ def _json(obj) -> str:
 
 def _write(tmp: Path, cfg: ModelConfig, net, weights_hash: str) -> None:
     """The pipeline folder's files (module docstring) into the empty folder `tmp`."""
-    from safetensors.torch import save
-
+    from ..model.io import safetensors_bytes
     from ..runtime.bundle import file_sha256
 
     (tmp / "unet").mkdir()
@@ -237,7 +236,7 @@ def _write(tmp: Path, cfg: ModelConfig, net, weights_hash: str) -> None:
         "_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
         "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}))
     (tmp / UNET_CONFIG).write_text(_json(unet_config(cfg)))
-    (tmp / UNET_WEIGHTS).write_bytes(save(unet_state(cfg, net.state_dict()), metadata={"format": "pt"}))
+    (tmp / UNET_WEIGHTS).write_bytes(safetensors_bytes(unet_state(cfg, net.state_dict()), {"format": "pt"}))
     (tmp / SCHEDULER_CONFIG).write_text(_json(scheduler_config(cfg)))
     files = {name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
              for name in FILES if name != MARKER}

@@ -24,7 +24,7 @@ from ..files import input_path, readable_name
 from ..files import atomic_write  # noqa: F401  (re-exported: model.io.atomic_write is used across the package)
 from ..options import MAX_GUIDANCE
 from ..runtime.samplers import SAMPLERS, SPACINGS
-from ..schema import Any, Array, Const, Int, Json, List, Map, Num, Obj, Opt, Schema, Str
+from ..schema import Any, Array, Const, Int, Json, List, Map, Num, Obj, Opt, Schema, Str, repeated
 from .config import ModelConfig
 
 FORMAT = "ddpm-model"
@@ -35,6 +35,16 @@ CKPT_FILE = "ckpt.pt"
 
 class CheckpointError(DdpmError):
     """A checkpoint that is missing, unreadable or not one of ours; the message says which and why."""
+
+
+class WeightsChanged(CheckpointError):
+    """The weights file a Model was loaded from holds other weights when it is read again (a run that is training
+    rewrote it, or a relative path now names another file). `path`: that file. The message is the API's advice
+    (load it again); the command line words its own from `path`."""
+
+    def __init__(self, path):
+        self.path = path
+        super().__init__(f"{path} changed since ddpm.load() read it; load it again")
 
 
 class TorchMissing(DdpmError):
@@ -96,14 +106,31 @@ def _write_bytes(path: str, data) -> None:
         f.write(data)
 
 
-def save_model(path: str | os.PathLike, cfg: ModelConfig, state: dict, **info) -> None:
-    """Write inference weights + config as safetensors (atomically)."""
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors file of `tensors` (name -> torch tensor) and `metadata` (str -> str), with one byte layout for
+    the same input: safetensors.torch.save writes the metadata in a hash map's order, which changes from one call
+    to the next, so the header is written again here with the metadata's keys sorted. The format: an 8-byte
+    little-endian header length, the JSON header padded with spaces to a multiple of 8 bytes, then the data, whose
+    offsets count from the data's start and so stay valid."""
     from safetensors.torch import save
 
+    data = save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
+def save_model(path: str | os.PathLike, cfg: ModelConfig, state: dict, **info) -> None:
+    """Write inference weights + config as safetensors (atomically), the same bytes for the same weights, config
+    and info (safetensors_bytes)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     meta = {"format": FORMAT, "config": json.dumps(cfg.to_dict())}
     meta.update({k: json.dumps(v) for k, v in info.items()})
-    data = save(tensors, metadata=meta)
+    data = safetensors_bytes(tensors, meta)
     atomic_write(path, lambda tmp: _write_bytes(tmp, data))
 
 
@@ -212,7 +239,8 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
     try:
         with zipfile.ZipFile(path) as zf:
             member = next((m for m in zf.infolist() if m.filename.endswith("/data.pkl")), None)
-            if member is None or member.compress_type != zipfile.ZIP_STORED or member.file_size > MAX_CKPT_PICKLE:
+            if member is None or repeated(zf.namelist()) is not None or \
+                    member.compress_type != zipfile.ZIP_STORED or member.file_size > MAX_CKPT_PICKLE:
                 return None
             with zf.open(member) as f:
                 ckpt = Skeleton(f).load()
@@ -340,8 +368,9 @@ def check_fits(path: Path, cfg: ModelConfig, state: dict) -> None:
 
 
 def _check_archive(path: Path) -> None:
-    """A ckpt.pt is a zip archive that torch.save writes uncompressed: refuse a compressed member (its declared size
-    could inflate far beyond the file) before torch reads any of it."""
+    """A ckpt.pt is a zip archive that torch.save writes uncompressed, each member once: refuse a compressed member
+    (its declared size could inflate far beyond the file) and a name held twice (schema.repeated) before torch
+    reads any of it."""
     import zipfile
 
     try:
@@ -349,6 +378,10 @@ def _check_archive(path: Path) -> None:
             members = zf.infolist()
     except (zipfile.BadZipFile, OSError, ValueError):
         return   # not a zip (an old or foreign format): torch.load reports it
+    twice = repeated(m.filename for m in members)
+    if twice is not None:
+        raise CheckpointError(f"{path}: holds two members named {brief(twice)} (zip readers pick differently); "
+                              f"not written by `ddpm train`")
     size = path.stat().st_size
     for m in members:
         if m.compress_type != zipfile.ZIP_STORED or m.file_size > size:
@@ -424,7 +457,7 @@ def load_model(path: str | os.PathLike, expected_hash: str | None = None) -> Loa
 
 def _expected(loaded: LoadedModel, path, expected_hash: str | None) -> LoadedModel:
     if expected_hash is not None and loaded.hash != expected_hash:
-        raise CheckpointError(f"{path} changed since ddpm.load() read it; load it again")
+        raise WeightsChanged(path)
     return loaded
 
 

@@ -149,6 +149,23 @@ def test_bench_quick_refuses_the_options_it_sets(ckpt, tmp_path):
     assert not (tmp_path / "b" / "bench.json").exists()
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--engines", "onnx,onnx", "onnx is given twice"), ("--engines", "onnx, torch ,onnx", "onnx is given twice"),
+    ("--engines", "onnx,,torch", "an empty item in 'onnx,,torch'"), ("--engines", "", "none given"),
+    ("--engines", "torch,tvm", "unknown engine 'tvm'"),
+    ("--batch", "1,1", "1 is given twice"), ("--batch", "1,01", "1 is given twice"),
+    ("--batch", "1,,2", "an empty item in '1,,2'"), ("--batch", "1,", "an empty item"),
+    ("--batch", "0,2", "0 is not positive"), ("--batch", "1.5", "'1.5' is not an integer"),
+])
+def test_bench_lists_are_of_distinct_items(ckpt, tmp_path, option, value, message):
+    """--engines and --batch name each engine and batch size once: a repeat (which would be timed and listed twice)
+    and an empty item are one line naming the option, exit 2, before anything runs."""
+    r = invoke("bench", "--ckpt", ckpt, option, value, "--out", tmp_path / "b")
+    line = r.output.strip()
+    assert r.exit_code == 2 and "\n" not in line and f"'{option}'" in line and message in line, r.output
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.slow
 def test_bench_quick(ckpt, tmp_path):
     r = invoke("bench", "--quick", "--ckpt", ckpt, "--out", tmp_path / "b", env={"XDG_CACHE_HOME": str(tmp_path / "c")})

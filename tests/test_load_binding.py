@@ -54,3 +54,29 @@ def test_a_rewritten_checkpoint_is_refused_and_never_filed_under_the_old_hash(tm
     fresh = ddpm.load(a)                                                   # loading again gives the new weights
     assert fresh.hash == ddpm.load(b).hash
     fresh.generate(2, steps=2, sampler="ddim", engine="torch")
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnx"])
+def test_the_command_line_says_to_run_the_command_again(tmp_path, monkeypatch, engine):
+    """Weights rewritten while a command runs (`train --resume` checkpointing the run it reads): one line in the
+    command line's words (run the command again, or give a copy), not the API's "load it again"."""
+    from helpers import invoke
+
+    import ddpm.api
+
+    a, b = _two_models(tmp_path, seeds=(7, 8))   # seeds no other test exports: onnx makes its first-use export
+    read = ddpm.api.read_model_info
+
+    def read_then_rewritten(path):
+        got = read(path)
+        shutil.copyfile(b / "model.safetensors", a / "model.safetensors")   # the run's next checkpoint
+        return got
+
+    monkeypatch.setattr(ddpm.api, "read_model_info", read_then_rewritten)
+    r = invoke("gen", "--ckpt", a, "-n", 2, "--steps", 2, "--sampler", "ddim", "--engine", engine,
+               "--out", tmp_path / "x.png", env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    line = r.output.strip()
+    assert r.exit_code == 1 and "\n" not in line and "load it again" not in line, r.output
+    assert line.startswith(f"Error: {a / 'model.safetensors'} changed while this command read it") and \
+        "run the command again, or copy the file and give the copy" in line, line
+    assert not (tmp_path / "x.png").exists()

@@ -219,6 +219,30 @@ def test_damaged_tensorrt_record_means_rebuild(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ samples files
+def _two_members(path, name):
+    """A samples file whose zip holds `name` twice (all zeros, then ones): numpy reads the last, unzip the first."""
+    import warnings
+    import zipfile
+
+    np.savez(path, images=np.zeros((10, 28, 28), np.uint8), labels=np.arange(10))
+    with warnings.catch_warnings(), zipfile.ZipFile(path.with_suffix(".npz"), "a") as zf:
+        warnings.simplefilter("ignore")   # zipfile's "Duplicate name" warning: the duplicate is the point
+        with zf.open(name, "w") as f:
+            np.lib.format.write_array(f, np.ones((10, 28, 28), np.uint8) if "images" in name else np.arange(10))
+
+
+def test_fortran_order_samples_are_read(tmp_path):
+    """A samples file whose images numpy saved in Fortran order (np.savez of a transposed array) is read as it is
+    meant, as C-contiguous arrays."""
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    labels = np.arange(5)
+    np.savez(tmp_path / "s.npz", images=np.asfortranarray(images), labels=np.asfortranarray(labels))
+    got, got_labels = read_samples(tmp_path / "s.npz", (28, 28))
+    assert np.array_equal(got, images) and got.flags.c_contiguous and np.array_equal(got_labels, labels)
+    np.savez(tmp_path / "t.npz", images=np.ascontiguousarray(images.T).T, labels=labels)   # the same, as a view
+    assert np.array_equal(read_samples(tmp_path / "t.npz")[0], images)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: np.savez(p, images=np.zeros((10, 28, 28), np.uint8), labels=np.arange(10) * 1.0),
      "labels must be any int type, got float64"),
@@ -231,6 +255,7 @@ def test_damaged_tensorrt_record_means_rebuild(tmp_path):
     (lambda p: np.save(p.with_suffix(".npy"), np.zeros((10, 28, 28), np.uint8)), "a single .npy array"),
     (lambda p: p.with_suffix(".npz").write_bytes(b"PK\x03\x04garbage"), "numpy cannot read it"),
     (lambda p: p.with_suffix(".npz").write_text("hello"), "not a samples file (not even an .npz"),
+    (lambda p: _two_members(p, "images.npy"), "two members named 'images.npy'"),
 ])
 def test_bad_samples_file_is_one_line(tmp_path, make, message):
     make(tmp_path / "s.npz")
@@ -308,3 +333,23 @@ def test_a_missing_onnx_package_is_one_line(tmp_path, monkeypatch):
         ddpm.load(tmp_path).generate(2, engine="onnx")
     with pytest.raises(ddpm.DdpmError, match="needs the onnx package"):
         add_generator(tmp_path / "exp", make_plan(ddpm.load(tmp_path).schedule, "ddim", 3), 0.0)
+
+
+def test_checkpoint_with_a_member_held_twice_is_refused(tmp_path):
+    """A ckpt.pt whose zip holds a member twice (which zip readers pick differently) is refused before torch reads
+    it, and checkpoint_step names no step from it."""
+    import zipfile
+
+    from ddpm.model.io import checkpoint_step
+
+    save_checkpoint(tmp_path / "ckpt.pt", {"step": 3})
+    assert checkpoint_step(tmp_path / "ckpt.pt") == 3
+    with zipfile.ZipFile(tmp_path / "ckpt.pt") as src, zipfile.ZipFile(tmp_path / "twice.pt", "w") as dst:
+        for m in src.infolist():
+            dst.writestr(m, src.read(m))
+        pkl = next(m for m in src.infolist() if m.filename.endswith("/data.pkl"))
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            dst.writestr(pkl, src.read(pkl))
+    with pytest.raises(CheckpointError, match=r"two members named '.*/data.pkl'"):
+        load_checkpoint(tmp_path / "twice.pt")
+    assert checkpoint_step(tmp_path / "twice.pt") is None

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -73,6 +74,29 @@ def test_safetensors_roundtrip_identical(tmp_path):
     assert loaded.cfg == TINY and loaded.info["step"] == 7
     assert loaded.hash == weights_hash(TINY, m.state_dict())
     assert (tmp_path / "model.safetensors").stat().st_mode & 0o044   # readable by others, not mkstemp's 0600
+
+
+def test_model_files_are_the_same_bytes_for_the_same_weights(tmp_path):
+    """Writing the same weights, config and info again gives the same file, byte for byte (a checksum of two
+    identical runs agrees): the metadata keys are sorted, not in a hash map's order. train writes step=, distill's
+    students step= and plan=; five writes each, as one pair could agree by chance."""
+    from safetensors import safe_open
+
+    from ddpm.train.distill import recorded_plan
+
+    state = _randomised().state_dict()
+    plan = recorded_plan(2, {"teacher": "abc", "steps_from": 4, "guidance": 1.0})
+    for name, info in (("model.safetensors", {"step": 7}), ("student2.safetensors", {"step": 9, "plan": plan})):
+        files = []
+        for k in range(5):
+            save_model(tmp_path / f"{k}{name}", TINY, state, **info)
+            files.append((tmp_path / f"{k}{name}").read_bytes())
+        assert all(f == files[0] for f in files), name
+        header = json.loads(files[0][8:8 + int.from_bytes(files[0][:8], "little")])
+        assert list(header["__metadata__"]) == sorted({"format", "config", *info}), name
+        with safe_open(str(tmp_path / f"0{name}"), "pt") as f:
+            assert all(torch.equal(f.get_tensor(k), state[k]) for k in state) and set(f.keys()) == set(state)
+    assert load_model(tmp_path / "0student2.safetensors").info["plan"] == plan
 
 
 def test_foreign_and_missing_checkpoints(tmp_path):

@@ -263,7 +263,7 @@ def test_resume_cuts_the_log_back_to_the_checkpoint(fake_mnist, tmp_path):
 
 
 def _outputs(run):
-    """samples.png's bytes, model.safetensors' metadata and tensors (its header's key order is not stable)."""
+    """samples.png's bytes, model.safetensors' metadata and tensors."""
     from safetensors import safe_open
 
     with safe_open(str(run / "model.safetensors"), "np") as f:

@@ -349,15 +349,17 @@ def _npz(path, members):
     (64, 20_000, "images declares"),         # a member that inflates to far more than its header declares
     (20_000, 20_000, "more than the 1 MiB"),  # as declared, but more than a samples file may hold (limit lowered)
 ])
-def test_samples_file_sizes_are_checked_before_reading(tmp_path, monkeypatch, n_declared, n_held, message):
+@pytest.mark.parametrize("fortran", [False, True])
+def test_samples_file_sizes_are_checked_before_reading(tmp_path, monkeypatch, n_declared, n_held, message, fortran):
     """A samples file's members are checked from their headers and the zip's directory (declared shape, the bytes it
-    implies, the member's size, the limit) before anything is inflated or allocated: one line, a few KB."""
+    implies, the member's size, the limit) before anything is inflated or allocated: one line, a few KB. The same
+    for images in Fortran order (read, then made C-contiguous)."""
     import ddpm.samples as samples
 
     monkeypatch.setattr(samples, "MAX_SAMPLES_BYTES", 1 << 20, raising=False)
     path = tmp_path / "s.npz"
     _npz(path, {"labels": ({"descr": "<i8", "fortran_order": False, "shape": (n_declared,)}, bytes(8 * n_held)),
-                "images": ({"descr": "|u1", "fortran_order": False, "shape": (n_declared, 28, 28)},
+                "images": ({"descr": "|u1", "fortran_order": fortran, "shape": (n_declared, 28, 28)},
                            bytes(784 * n_held))})
     assert path.stat().st_size < 200_000
 

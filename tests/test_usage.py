@@ -139,6 +139,27 @@ def test_batch_that_cannot_fit_fails_before_allocating(ckpt, tmp_path, monkeypat
     assert not (tmp_path / "x.npz").exists()
 
 
+def test_evaluate_and_eval_share_one_limit_on_n(ckpt, tmp_path, monkeypatch):
+    """ddpm.evaluate of a broadcast view of one digit (784 bytes that declare 10**8 digits), `ddpm eval -n` and
+    `ddpm eval --samples` meet one limit, with one line, before the data, the classifier or the model is read."""
+    import ddpm
+    from ddpm.samples import save_samples
+
+    monkeypatch.setattr(gen_mod, "available_memory", lambda device="cpu", cuda=None: 2 ** 28)
+    n = 10 ** 8
+    with pytest.raises(OutOfMemory) as e:
+        ddpm.evaluate(np.broadcast_to(np.zeros((28, 28), np.uint8), (n, 28, 28)), np.broadcast_to(np.int64(0), (n,)),
+                      data=tmp_path / "nodata", download=False)
+    line = str(e.value)
+    assert line.startswith(f"evaluating {n} samples needs ") and "evaluate fewer samples (at most" in line, line
+    r = invoke("eval", "--ckpt", ckpt, "-n", n, "--data", tmp_path / "nodata")
+    assert r.exit_code == 1 and r.output.strip() == f"Error: {line}", r.output
+    k = 150_000   # more than fit in 256 MiB at evaluation.SAMPLE_BYTES each; a 118 MB file read, not scored
+    save_samples(tmp_path / "s.npz", np.zeros(k, np.int64), [np.zeros((10_000, 28, 28), np.uint8)] * 15)
+    r = invoke("eval", "--samples", tmp_path / "s.npz", "--data", tmp_path / "nodata")
+    assert r.exit_code == 1 and f"Error: evaluating {k} samples needs " in r.output, r.output
+
+
 class ZeroEngine:
     """A stand-in engine: returns its starting noise scaled to the data range (fast, finite)."""
 
