@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import DdpmError, limit_message, writes_stdout
+from .errors import DdpmError, limit_message
 
 STALE_AFTER = 300.0          # seconds: a temporary of another host (or an untagged one) older than this is stale
 HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
@@ -403,11 +403,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             _fault_at("publish", Path(tmp))
         os.replace(tmp, path)
     except BaseException as e:
-        stdout = writes_stdout(e)   # a failed write to standard output is not this file's: the CLI's own line
-        full = not stdout and disk_full(e, path.parent)
+        full = disk_full(e, path.parent)
         Path(tmp).unlink(missing_ok=True)
-        if stdout:
-            raise
         if full:
             raise no_space(path) from None
         if isinstance(e, OSError) and e.errno in _NOT_WRITABLE:
@@ -457,14 +454,13 @@ def temp_dir(out: str | os.PathLike) -> Path:
 def building_dir(out: str | os.PathLike) -> Iterator[Path]:
     """The empty folder (temp_dir) in which a folder output `out` is built and from which the caller publishes it
     (publish_dir, publish_owned); removed when the block fails, and a failure from a full disk raised as
-    OutputError (no_space) naming `out` (a failed write to standard output in the block is raised as it is, for
-    the CLI's line). What `out` held stays as it was."""
+    OutputError (no_space) naming `out`. What `out` held stays as it was."""
     out = Path(out)
     tmp = temp_dir(out)
     try:
         yield tmp
     except BaseException as e:
-        full = not writes_stdout(e) and disk_full(e, out.parent)
+        full = disk_full(e, out.parent)
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
             raise no_space(out) from None
