@@ -601,14 +601,35 @@ def carry_over(old: Path, tmp: Path, kind: FolderKind, drop: Callable[[os.DirEnt
                               f"elsewhere")
 
 
+def keep_modes(old: Path, tmp: Path) -> None:
+    """Give each regular file in tmp (its subfolders included) the permission bits of the regular file it replaces,
+    the one at the same place in the folder `old`, as atomic_write does for one file: a private 600 file stays
+    private. Files without a counterpart keep theirs, and so do symbolic links and hard links (a file with more than
+    one name is another's: the export cache links the shipped files, an export the models it keeps)."""
+    for folder, _, names in os.walk(tmp):
+        rel = Path(folder).relative_to(tmp)
+        for name in names:
+            try:
+                st, new = os.lstat(old / rel / name), os.lstat(Path(folder) / name)
+                if stat.S_ISREG(st.st_mode) and stat.S_ISREG(new.st_mode) and new.st_nlink == 1:
+                    os.chmod(Path(folder) / name, stat.S_IMODE(st.st_mode) & 0o777)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+
+
 def publish_owned(tmp: Path, out: str | os.PathLike, kind: FolderKind, same: Callable[[Path], bool | None],
                   keep: Callable[[Path], bool] | None = None,
                   drop: Callable[[os.DirEntry], bool] | None = None) -> bool:
     """publish_dir for a folder output of `kind`: `out` is claimed again (claim_dir: it may have changed while tmp
-    was built), what it holds that tmp lacks is carried over when it is of the same source (carry_over; except what
-    drop names), then tmp is renamed in. keep, the return value and the errors: as publish_dir's and claim_dir's."""
-    if claim_dir(out, kind, same):
-        carry_over(output_path(out, folder=True), tmp, kind, drop)
+    was built), each file of tmp gets the permission bits of the file it replaces in `out` (keep_modes), what `out`
+    holds that tmp lacks is carried over when it is of the same source (carry_over; except what drop names), then
+    tmp is renamed in. keep, the return value and the errors: as publish_dir's and claim_dir's."""
+    carry = claim_dir(out, kind, same)
+    old = output_path(out, folder=True)
+    if old.is_dir():
+        keep_modes(old, tmp)
+    if carry:
+        carry_over(old, tmp, kind, drop)
     return publish_dir(tmp, out, keep)
 
 

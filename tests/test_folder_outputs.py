@@ -79,6 +79,25 @@ def test_claim_dir_keeps_or_refuses_what_the_command_did_not_write(tmp_path):
     assert (out / "a.bin").read_text() == "new" and (out / "thesis.tex").read_text() == "years of work"
 
 
+def test_publish_owned_keeps_the_mode_of_every_file_it_replaces(tmp_path):
+    """Every file of the new folder, in subfolders too, gets the permission bits of the file it replaces (a private
+    600 file stays private); a file new to the folder gets the umask's."""
+    same = lambda folder: True if (folder / "mark.json").is_file() else None
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    for name, mode in (("mark.json", 0o600), ("a.bin", 0o640), ("sub/b.bin", 0o604)):
+        (out / name).write_text("old")
+        (out / name).chmod(mode)
+    new = temp_dir(out)
+    (new / "sub").mkdir()
+    for name in ("mark.json", "a.bin", "sub/b.bin", "sub/c.bin"):
+        (new / name).write_text("new")
+        (new / name).chmod(0o644)
+    assert publish_owned(new, out, KIND, same)
+    modes = {name: os.stat(out / name).st_mode & 0o777 for name in ("mark.json", "a.bin", "sub/b.bin", "sub/c.bin")}
+    assert modes == {"mark.json": 0o600, "a.bin": 0o640, "sub/b.bin": 0o604, "sub/c.bin": 0o644}
+    assert (out / "a.bin").read_text() == "new"
+
 def test_the_export_cache_never_replaces_a_users_files(tmp_path):
     """The cache folder of the shipped weights is seeded by one rename (export.cache._seed): what a user put there is
     carried over, or the folder refused, as for `ddpm export --out`."""
