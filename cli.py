@@ -23,8 +23,8 @@ from .cli_edit import edit_cmd, inpaint, restore, upscale  # noqa: E402
 from .cli_options import check_output, done, prepare, refuse_same_path, sampling_options  # noqa: E402
 from .cli_tools import bench, eval_cmd, export_cmd  # noqa: E402
 from .cli_train import distill, train  # noqa: E402
-from .errors import (LESS_AT_ONCE, DdpmError, OptionError, Terminated, limit_message, printable,  # noqa: E402
-                     stdout_failure)
+from .errors import (LESS_AT_ONCE, DdpmError, OptionError, StdoutFailed, Terminated, checked_stdout,  # noqa: E402
+                     limit_message, printable, stdout_failure)
 from .model.io import WeightsChanged  # noqa: E402
 
 # OMP_WAIT_POLICY=PASSIVE is set by `import ddpm` (ddpm/__init__.py), before any command loads PyTorch.
@@ -83,7 +83,8 @@ class Group(click.Group):
     command) is one line and exit 2 (OneLineUsageError); any other DdpmError and a resource limit of the process
     (errors.limit_message, naming the running command's options that ask for less memory) one line and exit 1;
     Ctrl-C one line and exit 130 (SIGINT's code), SIGTERM the same with "terminated" and exit 143
-    (errors.Terminated)."""
+    (errors.Terminated). Standard output is written through errors.CheckedStdout: a failed write (`> /dev/full`)
+    is one line on standard error and exit 1 (errors.StdoutFailed)."""
 
     def main(self, *args, **kwargs):
         # run as the program (its own command line, ended by sys.exit): the handlers of exit_on_signals stay until
@@ -91,13 +92,12 @@ class Group(click.Group):
         # its line and status; called with arguments (a test, an embedding program), the caller's come back
         program = not args and kwargs.get("args") is None and kwargs.get("standalone_mode", True)
         try:
-            return super().main(*args, **kwargs)
-        except OSError as e:   # also from --version and --help, which print while the options are parsed
+            with checked_stdout():
+                return super().main(*args, **kwargs)
+        except StdoutFailed as e:   # also from --version and --help, which print while the options are parsed
             message = stdout_failure(e)
-            if message is None:
-                raise
             with contextlib.suppress(OSError):
-                click.echo(f"Error: {printable(message)}", err=True)
+                click.echo(f"Error: {message}", err=True)
             sys.exit(1)
         finally:   # the handlers installed while the CLI started (exit_on_signals): the caller's again
             if not program:
@@ -142,6 +142,8 @@ class Group(click.Group):
                     raise ErrorLine(f"{e.path} changed while this command read it (a run that is training rewrites "
                                     f"it at each checkpoint); run the command again, or copy the file and give the "
                                     f"copy") from None
+                except StdoutFailed:   # Group.main's line, once standard output is dropped
+                    raise
                 except DdpmError as e:
                     raise ErrorLine(str(e)) from None
                 except Exception as e:

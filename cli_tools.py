@@ -221,10 +221,10 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
 
 def _echo_keeping_going():
     """(echo, failed): click.echo for a command that builds outputs, and the list that holds the first failed write
-    to standard output (errors.writes_stdout: `> /dev/full`). After one, echo prints nothing more and the work goes
+    to standard output (errors.StdoutFailed: `> /dev/full`). After one, echo prints nothing more and the work goes
     on, so that what it builds is published; the caller raises failed[0] at its end for the CLI's line
     ("cannot write to standard output"). Any other error is raised at once."""
-    from .errors import writes_stdout
+    from .errors import StdoutFailed
 
     failed = []
 
@@ -233,9 +233,7 @@ def _echo_keeping_going():
             return
         try:
             click.echo(line)
-        except OSError as e:
-            if not writes_stdout(e):
-                raise
+        except StdoutFailed as e:
             failed.append(e)
 
     return echo, failed

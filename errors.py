@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import numbers
 import os
 import sys
@@ -190,44 +189,74 @@ def limit_message(e: BaseException, again: bool = True) -> str | None:
     return None
 
 
-def writes_stdout(e: BaseException) -> bool:
-    """Was `e` a failed write to standard output (a full disk, an I/O error: `ddpm gen > /dev/full`), not a closed
-    pipe (EPIPE)? True when the frame that raised it was writing to a stream on standard output's file descriptor
-    (click.echo's `file`). A writer of files (files.atomic_write, building_dir) leaves such an error as it is:
-    it is not its output's full disk."""
-    if not isinstance(e, OSError) or e.errno == errno.EPIPE or getattr(e, "filename", None) is not None \
-            or e.__traceback__ is None:
-        return False
-    try:
-        fd = sys.__stdout__.fileno()
-    except (AttributeError, ValueError, OSError):
-        return False
-    tb = e.__traceback__
-    while tb.tb_next is not None:
-        tb = tb.tb_next
+class StdoutFailed(DdpmError):
+    """A write to standard output failed (a full disk, an I/O error: `ddpm gen > /dev/full`), raised by the
+    CheckedStdout the CLI writes through (not a closed pipe: EPIPE stays a BrokenPipeError, which click ends with
+    exit status 1 and no line). A DdpmError, not an OSError, so that a writer of files (files.atomic_write,
+    building_dir) re-raises it as it is instead of taking it for its own output's full disk. `error` is the
+    OSError of the failed write; the message is the CLI's line, "cannot write to standard output: <reason>"."""
 
-    def on_stdout(value) -> bool:
+    def __init__(self, error: OSError, stream=None):
+        super().__init__(f"cannot write to standard output: {error.strerror or error}")
+        self.error = error
+        self.stream = stream   # the stream whose write failed: stdout_failure points its descriptor at os.devnull
+
+
+class CheckedStdout:
+    """A stream (standard output, or its binary `buffer`) whose failed write or flush raises StdoutFailed; every
+    other attribute is the wrapped stream's. A closed pipe (EPIPE) is raised as it is. The error is raised outside
+    the handler of the OSError, so that it carries no OSError as its context for files.disk_full to read."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _checked(self, method: str, *args):
         try:
-            return isinstance(value, io.IOBase) and value.fileno() == fd
-        except (ValueError, OSError):
-            return False
+            return getattr(self._stream, method)(*args)
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                raise
+            failed = StdoutFailed(e, self._stream)
+        raise failed
 
-    return any(on_stdout(v) for v in tb.tb_frame.f_locals.values())
+    def write(self, data):
+        return self._checked("write", data)
+
+    def writelines(self, lines):
+        return self._checked("writelines", lines)
+
+    def flush(self):
+        return self._checked("flush")
+
+    @property
+    def buffer(self):
+        return CheckedStdout(self._stream.buffer)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
-def stdout_failure(e: OSError) -> str | None:
-    """The one line for `e` when it is a write to standard output that failed (writes_stdout), else None. A closed
-    pipe (EPIPE: the reader is gone, `ddpm gen | head -c0`) is left to click, which exits 1 without a line. What
-    standard output still holds is then dropped (the descriptor pointed at os.devnull), so that Python's flush at
-    exit does not fail again with a traceback of its own."""
-    if not writes_stdout(e):
-        return None
-    fd = sys.__stdout__.fileno()
-    with contextlib.suppress(OSError):
+@contextlib.contextmanager
+def checked_stdout():
+    """sys.stdout is a CheckedStdout of itself while the block runs (the CLI's commands, from the parsing of their
+    options on), then the stream it was again."""
+    before = sys.stdout
+    sys.stdout = before if before is None or isinstance(before, CheckedStdout) else CheckedStdout(before)
+    try:
+        yield
+    finally:
+        sys.stdout = before
+
+
+def stdout_failure(e: StdoutFailed) -> str:
+    """The CLI's line for `e`. What the failed stream still holds is then dropped (its descriptor pointed at
+    os.devnull), so that Python's flush at exit does not fail again with a traceback of its own."""
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        fd = e.stream.fileno()
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, fd)
         os.close(null)
-    return f"cannot write to standard output: {e.strerror or e}"
+    return str(e)
 
 
 class Terminated(Interrupted):

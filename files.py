@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import DdpmError, limit_message, writes_stdout
+from .errors import DdpmError, limit_message
 
 STALE_AFTER = 300.0          # seconds: a temporary of another host (or an untagged one) older than this is stale
 HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
@@ -403,11 +403,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             _fault_at("publish", Path(tmp))
         os.replace(tmp, path)
     except BaseException as e:
-        stdout = writes_stdout(e)   # a failed write to standard output is not this file's: the CLI's own line
-        full = not stdout and disk_full(e, path.parent)
+        full = disk_full(e, path.parent)
         Path(tmp).unlink(missing_ok=True)
-        if stdout:
-            raise
         if full:
             raise no_space(path) from None
         if isinstance(e, OSError) and e.errno in _NOT_WRITABLE:
@@ -457,14 +454,13 @@ def temp_dir(out: str | os.PathLike) -> Path:
 def building_dir(out: str | os.PathLike) -> Iterator[Path]:
     """The empty folder (temp_dir) in which a folder output `out` is built and from which the caller publishes it
     (publish_dir, publish_owned); removed when the block fails, and a failure from a full disk raised as
-    OutputError (no_space) naming `out` (a failed write to standard output in the block is raised as it is, for
-    the CLI's line). What `out` held stays as it was."""
+    OutputError (no_space) naming `out`. What `out` held stays as it was."""
     out = Path(out)
     tmp = temp_dir(out)
     try:
         yield tmp
     except BaseException as e:
-        full = not writes_stdout(e) and disk_full(e, out.parent)
+        full = disk_full(e, out.parent)
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
             raise no_space(out) from None
@@ -605,14 +601,35 @@ def carry_over(old: Path, tmp: Path, kind: FolderKind, drop: Callable[[os.DirEnt
                               f"elsewhere")
 
 
+def keep_modes(old: Path, tmp: Path) -> None:
+    """Give each regular file in tmp (its subfolders included) the permission bits of the regular file it replaces,
+    the one at the same place in the folder `old`, as atomic_write does for one file: a private 600 file stays
+    private. Files without a counterpart keep theirs, and so do symbolic links and hard links (a file with more than
+    one name is another's: the export cache links the shipped files, an export the models it keeps)."""
+    for folder, _, names in os.walk(tmp):
+        rel = Path(folder).relative_to(tmp)
+        for name in names:
+            try:
+                st, new = os.lstat(old / rel / name), os.lstat(Path(folder) / name)
+                if stat.S_ISREG(st.st_mode) and stat.S_ISREG(new.st_mode) and new.st_nlink == 1:
+                    os.chmod(Path(folder) / name, stat.S_IMODE(st.st_mode) & 0o777)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+
+
 def publish_owned(tmp: Path, out: str | os.PathLike, kind: FolderKind, same: Callable[[Path], bool | None],
                   keep: Callable[[Path], bool] | None = None,
                   drop: Callable[[os.DirEntry], bool] | None = None) -> bool:
     """publish_dir for a folder output of `kind`: `out` is claimed again (claim_dir: it may have changed while tmp
-    was built), what it holds that tmp lacks is carried over when it is of the same source (carry_over; except what
-    drop names), then tmp is renamed in. keep, the return value and the errors: as publish_dir's and claim_dir's."""
-    if claim_dir(out, kind, same):
-        carry_over(output_path(out, folder=True), tmp, kind, drop)
+    was built), each file of tmp gets the permission bits of the file it replaces in `out` (keep_modes), what `out`
+    holds that tmp lacks is carried over when it is of the same source (carry_over; except what drop names), then
+    tmp is renamed in. keep, the return value and the errors: as publish_dir's and claim_dir's."""
+    carry = claim_dir(out, kind, same)
+    old = output_path(out, folder=True)
+    if old.is_dir():
+        keep_modes(old, tmp)
+    if carry:
+        carry_over(old, tmp, kind, drop)
     return publish_dir(tmp, out, keep)
 
 

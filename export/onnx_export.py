@@ -355,8 +355,6 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
         elif salvaged:
             meta["generators"] = salvaged
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        if (out / META_FILE).is_file():   # the permission bits of the one it replaces (a private 600 one stays 600)
-            shutil.copymode(out / META_FILE, tmp / META_FILE)
         keep = None if replace else lambda p: _holds(p, loaded.hash, list(files))
         if not publish_owned(tmp, out, EXPORT_FOLDER, same, keep, drop=_unlisted_model(meta)):
             return ExportResult(out, _holds(out, loaded.hash, list(files)))

@@ -125,6 +125,30 @@ def tiny_exported(tmp_path_factory):
     return copy
 
 
+@pytest.fixture(scope="session")
+def tiny_generator_exported(tmp_path_factory):
+    """tiny_generator_exported(seed, *options) -> (a new folder holding a tiny model (helpers.tiny_checkpoint(folder,
+    seed)) as model.safetensors, and its export in exp/ by `ddpm export --generator OPTIONS`). Each is made once
+    per session (an export with a generator and their verifications cost seconds) and copied for every call."""
+    from helpers import invoke, tiny_checkpoint
+
+    made = {}
+
+    def copy(seed: int, *options) -> Path:
+        key = (seed, *map(str, options))
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"tiny-{seed}-generator")
+            r = invoke("export", "--ckpt", tiny_checkpoint(root, seed=seed).path, "--out", root / "exp", "--generator",
+                       *options)
+            assert r.exit_code == 0, r.output
+            made[key] = root
+        dst = tmp_path_factory.mktemp(f"tiny-{seed}-generator-copy") / "m"
+        shutil.copytree(made[key], dst)
+        return dst
+
+    return copy
+
+
 @pytest.fixture(scope="module")
 def tiny_export(tiny_exported) -> Path:
     """The ONNX export folder (fp32) of the seed-0 tiny model (the model of `ckpt`), one per test module."""

@@ -36,6 +36,25 @@ def invoke(*args, env=None):
     return CliRunner().invoke(main, [str(a) for a in args], env=env)
 
 
+def invoke_to_full_stdout(capsys, *args) -> tuple[int, str]:
+    """Run `ddpm ARGS` in this process with standard output on /dev/full (a full disk: every write fails with
+    ENOSPC), as `ddpm ARGS > /dev/full` would: (exit status, what it wrote to standard error). Python's flush at
+    the exit of a process is not part of it: a subprocess test checks that."""
+    import sys
+
+    before = sys.stdout
+    with open("/dev/full", "w") as full:
+        sys.stdout = full
+        try:
+            main.main(args=[str(a) for a in args], prog_name="ddpm")
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        finally:
+            sys.stdout = before
+    return code, capsys.readouterr().err
+
+
 def traced_peak(fn) -> int:
     """Peak bytes Python and numpy allocated while fn runs, above what was in use before (tracemalloc)."""
     tracemalloc.start()

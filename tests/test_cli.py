@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import invoke, tiny_checkpoint
+from helpers import invoke, invoke_to_full_stdout, slow_except, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -313,28 +313,53 @@ def test_an_unconditional_set_is_not_named_by_a_guidance_it_did_not_use(ckpt, fa
     assert name.endswith(" uncond") and "w=" not in name, name
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full (Linux)")
-def test_a_standard_output_that_cannot_be_written_is_one_line(tiny_export, fake_mnist, tmp_path):
+FULL = pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+
+
+@FULL
+@pytest.mark.parametrize("command", slow_except(["--version", "gen", "eval"], "--version"))   # a process each
+def test_a_standard_output_that_cannot_be_written_is_one_line(tiny_export, fake_mnist, tmp_path, command):
     """Standard output on a full disk (`> /dev/full`): one line on stderr naming standard output and exit status 1,
-    no traceback, for --version (printed while the options are parsed), gen and eval; eval writes its --json before
-    it prints its table, so the scores computed are kept."""
+    no traceback (Python's flush at exit included), for --version (printed while the options are parsed), gen and
+    eval; eval writes its --json before it prints its table, so the scores computed are kept."""
     import os
     import subprocess
     import sys
 
+    if command == "eval":
+        r = invoke("gen", "--export", tiny_export, "-n", 4, "--steps", 2, "-q", "--out", tmp_path / "s.npz")
+        assert r.exit_code == 0, r.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = {"--version": ["--version"],
+            "gen": ["gen", "--export", tiny_export, "-n", 2, "--steps", 2, "-q", "--out", tmp_path / "g.npz"],
+            "eval": ["eval", "--samples", tmp_path / "s.npz", "--data", fake_mnist, "-q", "--json",
+                     tmp_path / "e.json"]}[command]
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "ddpm", *map(str, args)], stdout=full, stderr=subprocess.PIPE,
+                           text=True, env=env, timeout=300)
+    assert r.returncode == 1, (args, r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()   # eval's data notice ("note: ... unknown MD5") may come first
+    assert "Traceback" not in r.stderr and sum(line.startswith("Error") for line in lines) == 1, r.stderr[-2000:]
+    assert lines[-1] == "Error: cannot write to standard output: No space left on device", (args, r.stderr[-2000:])
+    if command == "gen":
+        assert (tmp_path / "g.npz").is_file()
+    if command == "eval":
+        assert len(json.loads((tmp_path / "e.json").read_text())) == 1
+
+
+@FULL
+def test_gen_and_eval_to_a_standard_output_that_cannot_be_written_say_so_in_one_line(tiny_export, fake_mnist,
+                                                                                     tmp_path, capsys):
+    """The commands of test_a_standard_output_that_cannot_be_written_is_one_line in this process: every write goes
+    through the CLI's errors.CheckedStdout, whose errors.StdoutFailed is the one line; the outputs are kept."""
     r = invoke("gen", "--export", tiny_export, "-n", 4, "--steps", 2, "-q", "--out", tmp_path / "s.npz")
     assert r.exit_code == 0, r.output
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for args in (["--version"],
-                 ["gen", "--export", tiny_export, "-n", 2, "--steps", 2, "-q", "--out", tmp_path / "g.npz"],
+    for args in (["--version"], ["gen", "--export", tiny_export, "-n", 2, "--steps", 2, "-q", "--out", tmp_path / "g.npz"],
                  ["eval", "--samples", tmp_path / "s.npz", "--data", fake_mnist, "-q", "--json", tmp_path / "e.json"]):
-        with open("/dev/full", "w") as full:
-            r = subprocess.run([sys.executable, "-m", "ddpm", *map(str, args)], stdout=full, stderr=subprocess.PIPE,
-                               text=True, env=env, timeout=300)
-        assert r.returncode == 1, (args, r.stderr[-2000:])
-        lines = r.stderr.strip().splitlines()   # eval's data notice ("note: ... unknown MD5") may come first
-        assert "Traceback" not in r.stderr and sum(line.startswith("Error") for line in lines) == 1, r.stderr[-2000:]
-        assert lines[-1] == "Error: cannot write to standard output: No space left on device", (args, r.stderr[-2000:])
+        code, err = invoke_to_full_stdout(capsys, *args)
+        lines = err.strip().splitlines()
+        assert code == 1 and "Traceback" not in err and sum(line.startswith("Error") for line in lines) == 1, err
+        assert lines[-1] == "Error: cannot write to standard output: No space left on device", (args, err)
     assert (tmp_path / "g.npz").is_file() and len(json.loads((tmp_path / "e.json").read_text())) == 1
 
 

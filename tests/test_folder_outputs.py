@@ -18,10 +18,11 @@ import pytest
 from ddpm.cli_options import refuse_same_path
 from ddpm.export import web
 from ddpm.export.cache import EXPORT_FOLDER, shipped_dir
+from ddpm.model.io import load_model
 from ddpm.export.web import WebExportError, write_page
 from ddpm.files import FolderKind, OutputError, claim_dir, publish_owned, temp_dir
 from ddpm.runtime.bundle import Bundle
-from helpers import TINY, invoke, slow_except, tiny_checkpoint
+from helpers import TINY, invoke, tiny_checkpoint
 
 KIND = FolderKind("a test folder", "mark.json", "a test folder of another source", "--out",
                   re.compile(r"^(a\.bin|sub/)$"))
@@ -79,6 +80,25 @@ def test_claim_dir_keeps_or_refuses_what_the_command_did_not_write(tmp_path):
     assert (out / "a.bin").read_text() == "new" and (out / "thesis.tex").read_text() == "years of work"
 
 
+def test_publish_owned_keeps_the_mode_of_every_file_it_replaces(tmp_path):
+    """Every file of the new folder, in subfolders too, gets the permission bits of the file it replaces (a private
+    600 file stays private); a file new to the folder gets the umask's."""
+    same = lambda folder: True if (folder / "mark.json").is_file() else None
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    for name, mode in (("mark.json", 0o600), ("a.bin", 0o640), ("sub/b.bin", 0o604)):
+        (out / name).write_text("old")
+        (out / name).chmod(mode)
+    new = temp_dir(out)
+    (new / "sub").mkdir()
+    for name in ("mark.json", "a.bin", "sub/b.bin", "sub/c.bin"):
+        (new / name).write_text("new")
+        (new / name).chmod(0o644)
+    assert publish_owned(new, out, KIND, same)
+    modes = {name: os.stat(out / name).st_mode & 0o777 for name in ("mark.json", "a.bin", "sub/b.bin", "sub/c.bin")}
+    assert modes == {"mark.json": 0o600, "a.bin": 0o640, "sub/b.bin": 0o604, "sub/c.bin": 0o644}
+    assert (out / "a.bin").read_text() == "new"
+
 def test_the_export_cache_never_replaces_a_users_files(tmp_path):
     """The cache folder of the shipped weights is seeded by one rename (export.cache._seed): what a user put there is
     carried over, or the folder refused, as for `ddpm export --out`."""
@@ -101,12 +121,11 @@ def test_the_export_cache_never_replaces_a_users_files(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------ the page
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A tiny model exported with a 4-step generator, and a stand-in for the onnxruntime-web tarball."""
-    root = tmp_path_factory.mktemp("page")
-    loaded = tiny_checkpoint(root, seed=3)
-    r = invoke("export", "--ckpt", loaded.path, "--out", root / "exp", "--generator", "--steps", 4)
-    assert r.exit_code == 0, r.output
+def exported(tiny_generator_exported):
+    """A tiny model exported with a 4-step generator (shared with test_web.py), and a stand-in for the
+    onnxruntime-web tarball."""
+    root = tiny_generator_exported(3, "--steps", 4)
+    loaded = load_model(root)
     fake = root / "onnxruntime-web.tgz"
     with tarfile.open(fake, "w:gz") as tar:
         for rel in web.ORT_FILES:
@@ -287,7 +306,9 @@ def test_every_folder_output_refuses_to_contain_an_input(tmp_path, fake_mnist):
 
 
 # ------------------------------------------------------------------------------------------ python -m, its messages
-@pytest.mark.parametrize("module", slow_except(["ddpm", "ddpm.cli"], "ddpm"))   # 4 subprocesses each
+# 4 subprocesses each: the inner loop runs `python -m ddpm` in test_cli.py::test_a_standard_output_that_cannot_be_written_is_one_line
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["ddpm", "ddpm.cli"])
 def test_python_m_runs_the_command_and_names_it_as_run(module, tmp_path):
     """`python -m ddpm` is the console script; a usage error's hint names the interpreter as it was typed."""
     for exe in {sys.executable, str(Path(sys.executable).with_name("python3"))}:

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import invoke, slow_except
+from helpers import invoke
 
 from ddpm import api
 from ddpm.export import int8
@@ -200,9 +200,11 @@ def _flip(path):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage, member", slow_except(   # the fp32 model's damage also costs the int8 beside it
-    [("missing", "model.onnx"), ("flipped", "model.onnx"), ("missing", "model_int8.onnx"),
-     ("flipped", "model_int8.onnx")], ("flipped", "model.onnx")))
+# Each case repairs and calibrates int8 again: in the loop, repairing runs in test_repairing_export_says_what_the_folder_lost
+# and test_repairing_export_keeps_the_entries_that_pass, int8 calibration in the module's int8_export
+@pytest.mark.slow
+@pytest.mark.parametrize("damage, member", [("missing", "model.onnx"), ("flipped", "model.onnx"),
+                                            ("missing", "model_int8.onnx"), ("flipped", "model_int8.onnx")])
 def test_repairing_export_remakes_a_missing_or_damaged_file(ckpt, int8_export, fake_mnist, tmp_path, member, damage):
     """export.json intact, a file it names missing or with a byte flipped: `ddpm export` into the folder says so,
     keeps what passes the readers' check (Bundle.onnx_path) and makes the rest again: a plain export remakes

@@ -56,3 +56,23 @@ def test_atomic_write_keeps_the_mode_of_a_file_it_is_made_to_replace(tmp_path):
     f.chmod(0o400)
     atomic_write(f, lambda tmp: open(tmp, "wb").write(b"b"))   # as `mv`: the entry replaced, the mode kept
     assert (f.read_bytes(), _mode(f)) == (b"b", 0o400)
+
+
+def test_an_export_run_again_keeps_the_modes_of_the_files_it_remakes(tiny_exported):
+    """A re-run of `ddpm export` into a folder whose model.onnx is damaged remakes it: the new model.onnx and
+    export.json keep the permission bits of the files they replace (files.publish_owned, as atomic_write for one
+    file), as the model it keeps keeps its own."""
+    from ddpm.export.onnx_export import export
+    from ddpm.model.io import load_model
+
+    root = tiny_exported(0, fp16=True)
+    exp = root / "exp"
+    model = exp / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    for name, mode in (("model.onnx", 0o600), ("export.json", 0o600), ("model_fp16.onnx", 0o640)):
+        (exp / name).chmod(mode)
+    export(load_model(root), exp, fp16=True, log=lambda *_: None)
+    assert model.read_bytes() != bytes(data)   # remade
+    assert (_mode(model), _mode(exp / "export.json"), _mode(exp / "model_fp16.onnx")) == (0o600, 0o600, 0o640)

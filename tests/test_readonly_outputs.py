@@ -14,7 +14,7 @@ from ddpm.train.loop import TrainConfig, TrainingError, train
 from helpers import invoke
 
 
-def test_train_resume_refuses_a_read_only_run_file(fake_mnist, tmp_path):
+def test_train_resume_refuses_a_read_only_run_file(fake_mnist, tmp_path, small_sample_grids):
     cfg = dict(data=str(fake_mnist), out=str(tmp_path / "run"), preset="tiny", batch_size=4, ckpt_every=2,
                log_every=2, warmup=1, timesteps=50, device="cpu")
     train(TrainConfig(**cfg, steps=2), progress=False, log=lambda *_: None)

@@ -288,6 +288,7 @@ def test_resume_completes_a_run_killed_in_its_last_checkpoint(fake_mnist, tmp_pa
         train(_cfg(fake_mnist, tmp_path, steps=3), resume=True, **quiet)
 
 
+@pytest.mark.slow   # 5 runs; `train --resume` on the command line is in the loop: test_resume_refuses_an_option_it_cannot_honour
 def test_cli_resume_keeps_the_options_the_run_was_given(fake_mnist, tmp_path):
     """`ddpm train --resume` with only --steps continues with the first run's --batch, --p-uncond, --seed, --lr,
     --ckpt-every ...: the same weights as the uninterrupted run. A given option that changes the run's maths is one

@@ -2,7 +2,9 @@
 options.json, no folder it made), and a run that fails after starting names its last checkpoint only when one
 exists."""
 
-from helpers import invoke, tiny_checkpoint
+import pytest
+
+from helpers import invoke, slow_except, tiny_checkpoint
 
 TRAIN = ("train", "--preset", "tiny", "--timesteps", 20, "--device", "cpu")
 
@@ -18,13 +20,16 @@ def test_a_batch_larger_than_the_data_writes_nothing(fake_mnist, tmp_path):
     assert [p.name for p in user.iterdir()] == ["notes.txt"]
 
 
-def test_a_diverged_run_without_a_checkpoint_says_there_is_none(fake_mnist, tmp_path):
+# the train case in the loop; a distillation runs in the loop in test_distill_ckpt.py (its `run` fixture)
+@pytest.mark.parametrize("command", slow_except(["train", "distill"], "train"))
+def test_a_diverged_run_without_a_checkpoint_says_there_is_none(fake_mnist, tmp_path, command):
     teacher = tmp_path / "teacher"
     teacher.mkdir()
     tiny_checkpoint(teacher)
-    for args in ((*TRAIN, "--steps", 20, "--batch", 4), ("distill", "--teacher", teacher, "--steps-from", 4,
-                                                           "--steps-to", 2, "--iters", 20, "--fold-iters", 0,
-                                                           "--batch", 4, "--device", "cpu")):
+    runs = {"train": (*TRAIN, "--steps", 20, "--batch", 4),
+            "distill": ("distill", "--teacher", teacher, "--steps-from", 4, "--steps-to", 2, "--iters", 20,
+                        "--fold-iters", 0, "--batch", 4, "--device", "cpu")}
+    for args in (runs[command],):
         out = tmp_path / args[0]
         r = invoke(*args, "--data", fake_mnist, "--lr", 1e30, "--out", out)
         assert r.exit_code == 1, r.output

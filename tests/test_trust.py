@@ -112,16 +112,9 @@ def test_md5_is_computed_once_per_file_version(fake_mnist, tmp_path, monkeypatch
 
 # ---------------------------------------------------------------------------------------------- kind 2: exports
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tiny_generator_exported):
     """A tiny model's export folder with the generator.onnx of `gen --sampler ddim --steps 4`."""
-    from helpers import tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("exp")
-    tiny_checkpoint(root, seed=3)
-    r = invoke("export", "--ckpt", root / "model.safetensors", "--out", root / "exp", "--generator", "--sampler",
-               "ddim", "--steps", 4)
-    assert r.exit_code == 0, r.output
-    return root
+    return tiny_generator_exported(3, "--sampler", "ddim", "--steps", 4)
 
 
 def _copy(exported, tmp_path):

@@ -15,9 +15,9 @@ from PIL import Image
 from ddpm.cli import main
 from ddpm.export import web
 from ddpm.export.web import WebExportError, ort_web_tarball, write_page
+from ddpm.model.io import load_model
 from ddpm.runtime.bundle import Bundle
 from ddpm.runtime.noise import normals
-from helpers import tiny_checkpoint
 
 HERE = Path(__file__).resolve().parent
 NOISE_JS = HERE.parent / "export" / "page" / "noise.mjs"
@@ -56,14 +56,10 @@ def test_js_noise_refuses_bad_seeds(seed):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A tiny model exported with a 4-step generator."""
-    root = tmp_path_factory.mktemp("web")
-    loaded = tiny_checkpoint(root, seed=3)
-    r = CliRunner().invoke(main, ["export", "--ckpt", str(loaded.path), "--out", str(root / "exp"), "--generator",
-                                  "--steps", "4"])
-    assert r.exit_code == 0, r.output
-    return loaded, root
+def exported(tiny_generator_exported):
+    """A tiny model exported with a 4-step generator (shared with test_folder_outputs.py)."""
+    root = tiny_generator_exported(3, "--steps", 4)
+    return load_model(root), root
 
 
 @pytest.mark.slow
