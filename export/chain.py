@@ -46,7 +46,7 @@ def export_folder(model, out: str | Path | None = None, fp16: bool = False, opse
     """Export `model` (api.Model with a checkpoint) into `out` (default: its weights' cache folder, where gen and
     bench look): model.onnx (+ model_fp16.onnx, + model_int8.onnx calibrated on int8 = (images, labels, name):
     onnx_export.export), then, with a plan, its generator (export/generator.py, verified
-    with the default guidance scale), then with trt_batches (lo, hi) a TensorRT engine per precision. log(line):
+    with the default guidance scale), and with int8 its int8 generator beside it, then with trt_batches (lo, hi) a TensorRT engine per precision. log(line):
     progress. Raises DdpmError (OptionError for a plan the generator cannot run, PictureChannels for a generator of
     a model whose images are not grey or RGB pictures: both checked before any work)."""
     from ..model.io import LoadedModel
@@ -63,12 +63,15 @@ def export_folder(model, out: str | Path | None = None, fp16: bool = False, opse
         res = export(loaded, out or cache_folder(model.hash), fp16=fp16, opset=opset, log=log, int8=int8)
     except ExportFailed as e:
         raise DdpmError(f"export failed, nothing written: {e}") from None
-    if plan is not None and _has_generator(res.out, plan, form):
-        log(f"generator.onnx for {plan.name} ({form}): kept (made and verified before)")
-    elif plan is not None:
-        log(f"building generator.onnx for {plan.name} in {res.out}")
+    precisions = [] if plan is None else ["fp32", "int8"] if int8 is not None else ["fp32"]
+    for precision in precisions:
+        what = "generator.onnx" if precision == "fp32" else f"the {precision} generator.onnx"
+        if _has_generator(res.out, plan, form, precision):
+            log(f"{what} for {plan.name} ({form}): kept (made and verified before)")
+            continue
+        log(f"building {what} for {plan.name} in {res.out}")
         try:
-            add_generator(res.out, plan, GUIDANCE, form, log=log)
+            add_generator(res.out, plan, GUIDANCE, form, log=log, precision=precision)
         except GeneratorFailed as e:
             raise DdpmError(f"generator export failed, nothing written: {e}") from None
     bundle = Bundle.load(res.out)
@@ -80,20 +83,22 @@ def export_folder(model, out: str | Path | None = None, fp16: bool = False, opse
     return bundle
 
 
-def _has_generator(root: Path, plan, form: str) -> bool:
-    """Whether the export folder `root` holds an intact generator of `plan` and `form` (recorded in export.json with
-    its verification, and matching its sha256): then it is kept, as the export keeps an intact model.onnx."""
+def _has_generator(root: Path, plan, form: str, precision: str = "fp32") -> bool:
+    """Whether the export folder `root` holds an intact generator of `plan`, `form` and `precision` (recorded in
+    export.json with its verification, matching its sha256, and for int8 holding the folder's model_int8.onnx): then
+    it is kept, as the export keeps an intact model.onnx."""
     from ..runtime.runner import plan_key
 
     try:
-        Bundle.load(root).generator_path(plan_key(plan), form)
+        Bundle.load(root).generator_path(plan_key(plan), form, precision)
     except ExportError:
         return False
     return True
 
 
-def write_web_page(bundle: Bundle, folder, plan, options: str, ort_web=None, log=print) -> Path:
-    """The static page around the generator of `plan` in the export folder `bundle` (export/web.py); DdpmError
+def write_web_page(bundle: Bundle, folder, plan, options: str, ort_web=None, log=print, int8: bool = False) -> Path:
+    """The static page around the generator of `plan` (int8: its int8 one) in the export folder `bundle`
+    (export/web.py); DdpmError
     (export.web.WebExportError, runtime.bundle.ExportError) when it fails, runtime.images.GreyOnly (before any
     work) for a colour model: the page draws grey levels."""
     from ..options import GUIDANCE
@@ -102,4 +107,5 @@ def write_web_page(bundle: Bundle, folder, plan, options: str, ort_web=None, log
     from .web import write_page
 
     check_image_shape(bundle.image_shape, page=True)
-    return write_page(bundle, folder, GUIDANCE, options, ort_web, log=log, plan_key=plan_key(plan))
+    return write_page(bundle, folder, GUIDANCE, options, ort_web, log=log, plan_key=plan_key(plan),
+                      precision="int8" if int8 else "fp32")
