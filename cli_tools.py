@@ -175,6 +175,10 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
     for folder, option in ((out, "--out"), (web_dir, "--web")):
         if folder:
             check_output(folder, option, folder=True)
+    if web_dir and int8:
+        from .export.web import INT8_REFUSAL
+
+        raise click.UsageError(INT8_REFUSAL)
     needs_torch("export")
     from . import api
     from .export.chain import check_trt, claim_outputs, export_folder, write_web_page
@@ -211,12 +215,12 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
     echo(f"export folder: {bundle.root}")
     if web_dir:
         shown = f"--sampler {sampler} --steps {plan.steps}" + (f" --guidance-rescale {guidance_rescale:g}"
-                                                                if guidance_rescale else "") + (" --int8" if int8 else "")
+                                                                if guidance_rescale else "")
         if bundle.meta["checkpoint_hash"] != read_model_info(default_model_path())[1]:
             # `ddpm gen` without --ckpt/--export runs the shipped model: the page's command names an export folder
             # of these weights as DIR, which the page explains by their hash; a published page holds no local path
             shown += " --export DIR"
-        page = write_web_page(bundle, web_dir, plan, shown, ort_web, log=echo, int8=int8)
+        page = write_web_page(bundle, web_dir, plan, shown, ort_web, log=echo)
         echo(f"web page: {page} (serve it, e.g. `python -m http.server -b 127.0.0.1 -d {page}`, and open "
              f"http://127.0.0.1:8000)")
     if stdout_failed:   # the folders are published: now the CLI's line for standard output

@@ -96,9 +96,8 @@ def _has_generator(root: Path, plan, form: str, precision: str = "fp32") -> bool
     return True
 
 
-def write_web_page(bundle: Bundle, folder, plan, options: str, ort_web=None, log=print, int8: bool = False) -> Path:
-    """The static page around the generator of `plan` (int8: its int8 one) in the export folder `bundle`
-    (export/web.py); DdpmError
+def write_web_page(bundle: Bundle, folder, plan, options: str, ort_web=None, log=print) -> Path:
+    """The static page around the generator of `plan` in the export folder `bundle` (export/web.py); DdpmError
     (export.web.WebExportError, runtime.bundle.ExportError) when it fails, runtime.images.GreyOnly (before any
     work) for a colour model: the page draws grey levels."""
     from ..options import GUIDANCE
@@ -107,5 +106,4 @@ def write_web_page(bundle: Bundle, folder, plan, options: str, ort_web=None, log
     from .web import write_page
 
     check_image_shape(bundle.image_shape, page=True)
-    return write_page(bundle, folder, GUIDANCE, options, ort_web, log=log, plan_key=plan_key(plan),
-                      precision="int8" if int8 else "fp32")
+    return write_page(bundle, folder, GUIDANCE, options, ort_web, log=log, plan_key=plan_key(plan))

@@ -26,8 +26,15 @@ Two forms of the same rows (README "generator" has their measured speed):
               the x0_hat history is loop-carried state, the network's nodes appear once.
     unrolled  S copies of the network's nodes (its weights stored once, shared), each row's coefficients constants.
 
+Two precisions (networks), side by side in an export folder (export.json "generators", each with its "precision"):
+    fp32      model.onnx on every row
+    int8      model_int8.onnx (export/int8.py), and model.onnx on the rows the int8 engine runs in fp32
+              (runtime.engines.int8_fp32_rows: sigma <= INT8_FP32_SIGMA, and the last row): the int8 engine's
+              digits, verified against it as the fp32 generator is against the onnx engine. In the loop form each
+              network's rows are one Loop (the int8 rows, then the fp32 ones).
+
 Only deterministic plans (no fresh noise after x_T) whose every row calls the network can be written this way.
-Nothing here imports PyTorch: a generator is built from an export folder's model.onnx alone.
+Nothing here imports PyTorch: a generator is built from an export folder's model.onnx (and model_int8.onnx) alone.
 """
 
 from __future__ import annotations
