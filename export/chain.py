@@ -46,9 +46,10 @@ def export_folder(model, out: str | Path | None = None, fp16: bool = False, opse
     """Export `model` (api.Model with a checkpoint) into `out` (default: its weights' cache folder, where gen and
     bench look): model.onnx (+ model_fp16.onnx, + model_int8.onnx calibrated on int8 = (images, labels, name):
     onnx_export.export), then, with a plan, its generator (export/generator.py, verified
-    with the default guidance scale), and with int8 its int8 generator beside it, then with trt_batches (lo, hi) a TensorRT engine per precision. log(line):
-    progress. Raises DdpmError (OptionError for a plan the generator cannot run, PictureChannels for a generator of
-    a model whose images are not grey or RGB pictures: both checked before any work)."""
+    with the default guidance scale), and with int8 its int8 generator beside it, then with trt_batches (lo, hi) a
+    TensorRT engine per precision. log(line): progress. Raises DdpmError (OptionError for a plan the generator
+    cannot run, PictureChannels for a generator of a model whose images are not grey or RGB pictures: both checked
+    before any work)."""
     from ..model.io import LoadedModel
     from ..options import GUIDANCE
     from .cache import cache_folder

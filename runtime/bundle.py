@@ -449,7 +449,7 @@ class Bundle:
         one also against model_int8.onnx's record (int8_sha256): it holds that model. ExportError when the folder
         has none for that plan, or it is damaged or of another int8 model."""
         gen = self.generator(plan_key, form, precision)
-        command = self.export_command("fp32" if precision == "fp32" else precision, flags=" --generator")
+        command = self.export_command(precision, flags=" --generator")
         if gen is None:
             have = plan_names([g for g in self.generators if g.get("precision", "fp32") == precision], plan_key)
             what = "generator" if precision == "fp32" else f"{precision} generator"

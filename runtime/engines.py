@@ -133,10 +133,11 @@ def make_engine(name: str, *, device: str = "cpu", model=None, null_label: int =
     largest batch the network will run at (runtime.generate.network_batch); trt runs an engine file that covers
     1..max_batch (runtime.trt.find_engine), and when there is none has build_trt build one optimised for max_batch
     (None: EngineUnavailable naming `ddpm export --trt`). plan: the plan the engine will run, which onnx-generator
-    needs to find its generator.onnx (with int8, its int8 one). threads: onnxruntime's CPU threads (runtime.nets.ort_cpu_options). log(line):
+    needs to find its generator.onnx. threads: onnxruntime's CPU threads (runtime.nets.ort_cpu_options). log(line):
     where a one-time build says what it does. int8: the onnx engine on a CPU with the export's model_int8.onnx
-    (its rows at sigma <= INT8_FP32_SIGMA, and each plan's last network row, with model.onnx). Raises
-    EngineUnavailable with what is missing.
+    (its rows at sigma <= INT8_FP32_SIGMA, and each plan's last network row, with model.onnx: int8_fp32_rows), or
+    onnx-generator with the plan's int8 generator (the same rows in one model). Raises EngineUnavailable with what
+    is missing.
     """
     device = str(device)
     if name not in ENGINES:
