@@ -53,12 +53,13 @@ def export_folder(model, out: str | Path | None = None, fp16: bool = False, opse
     from ..model.io import LoadedModel
     from ..options import GUIDANCE
     from .cache import cache_folder
-    from .generator import GeneratorFailed, add_generator, check_image_shape, check_plan
+    from .generator import GeneratorFailed, add_generator, check_form, check_image_shape, check_plan
     from .onnx_export import ExportFailed, export
 
     if plan is not None:
         check_image_shape(model.image_shape)
         check_plan(plan)
+        check_form(form, "fp32" if int8 is None else "int8")
     loaded = LoadedModel(model.torch_model, model.cfg, model.hash, model.path, model.info)
     try:
         res = export(loaded, out or cache_folder(model.hash), fp16=fp16, opset=opset, log=log, int8=int8)

@@ -93,6 +93,17 @@ def check_plan(plan: Plan) -> Plan:
     return plan
 
 
+def check_form(form: str, precision: str = "fp32") -> None:
+    """Return when a generator of `precision` can be written in `form`; OptionError (option "form") otherwise: the
+    int8 generator is a Loop per network only. Unrolled, onnxruntime optimizes the copies of model_int8.onnx's
+    nodes in one graph with the rest, and its quantized convolutions there round otherwise than in model_int8.onnx
+    alone: on the tiny test model the digits differed from the int8 engine's by 32 grey levels in 67 pixels (the
+    loop form: 0)."""
+    if precision == "int8" and form != "loop":
+        raise OptionError(f"the int8 generator is written in the loop form only: {form}, its digits differ from "
+                          f"the int8 engine's by more than {TOLERANCE_GREY} grey level", "form")
+
+
 class _Nodes:
     """Nodes and initializers of one graph, named uniquely through a counter shared by the graph and its subgraphs
     (ONNX names are one namespace across scopes)."""
@@ -391,13 +402,15 @@ def add_generator(root, plan: Plan, guidance: float, form: str = DEFAULT_FORM, l
     of its precision, and record it in export.json's "generators" (file, sha256, plan, form, precision, the
     verification's figures), beside the generators of other plans and precisions; one of the same plan, form and
     precision is replaced. int8 (the folder's model_int8.onnx, `ddpm export --int8`): the int8 engine's rows in
-    one model (networks), its record naming the rows at fp32 (fp32_timesteps) and model_int8.onnx's sha256.
+    one model (networks), its record naming the rows at fp32 (fp32_timesteps) and model_int8.onnx's sha256; loop
+    form only (check_form: OptionError).
 
     Nothing changes in the folder unless verification passes: the model is written to a temporary file, verified,
     then renamed into place, and export.json is replaced atomically. Raises GeneratorUnsupported (plan),
     PictureChannels (a model whose images are not grey or RGB pictures), GeneratorFailed (verification),
     runtime.bundle.ExportError (folder), model.io.TorchMissing (no onnx package).
     """
+    check_form(form, precision)
     onnx = require_onnx("building generator.onnx")
     root = Path(root)
     bundle = Bundle.load(root)

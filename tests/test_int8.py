@@ -398,3 +398,13 @@ def test_bench_times_the_int8_generator_beside_fp32(ckpt, int8_generator):
     res = run_bench(model, ["onnx-generator"], [2], model.plan(steps=4), repeat=1, int8=True, log=lambda m: None)
     assert [c["engine"] for c in res["results"]] == ["onnx-generator", "onnx-generator int8"], res["skipped"]
     assert res["versions"]["onnx-generator int8"]["precision"] == "int8"
+
+
+
+def test_int8_generator_in_the_loop_form_only(ckpt, int8_generator, fake_mnist):
+    """Unrolled, the int8 generator's digits differed from the int8 engine's (export/generator.py check_form):
+    `export --int8 --generator --form unrolled` is refused in one line, the folder left as it was."""
+    before = (int8_generator / "export.json").read_text()
+    r = _export_int8(ckpt, int8_generator, fake_mnist, "--generator", "--steps", 4, "--form", "unrolled")
+    assert r.exit_code == 2 and "the int8 generator is written in the loop form only" in r.output, r.output
+    assert "Traceback" not in r.output and (int8_generator / "export.json").read_text() == before
