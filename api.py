@@ -104,13 +104,13 @@ class Model:
             return export_cache.export_bundle(self, fp16, int8)
 
     @checked(plan=PLAN)
-    def generator_bundle(self, plan, form: str = "loop", log=None) -> Bundle:
-        """An export folder with a generator (export/generator.py) for `plan`: the model's own or the shipped one,
-        else its weights' folder in the cache, built there once (needs the onnx package) beside those of other plans
-        (export.cache.generator_bundle). log(line): what a build does (None: nowhere). Raises DdpmError for a plan
-        the generator cannot run, or an explicit export folder without one for it."""
+    def generator_bundle(self, plan, form: str = "loop", log=None, int8: bool = False) -> Bundle:
+        """An export folder with a generator (export/generator.py) for `plan` (int8: its int8 one): the model's own or
+        the shipped one, else its weights' folder in the cache, built there once (needs the onnx package) beside
+        those of other plans (export.cache.generator_bundle). log(line): what a build does (None: nowhere). Raises
+        DdpmError for a plan the generator cannot run, or an explicit export folder without one for it."""
         with self._lock:
-            return export_cache.generator_bundle(self, plan, form, log)
+            return export_cache.generator_bundle(self, plan, form, log, int8)
 
     @checked
     def engine(self, name: str = "auto", device: str = "auto", fp16: bool = False, cuda_graph: bool = True,
@@ -122,7 +122,7 @@ class Model:
         name: auto | torch | runtime-torch | onnx | trt | onnx-generator (auto: onnx on a CPU, runtime-torch on a
         GPU; onnx-generator needs the `plan` it will run). device: auto, cpu, cuda, cuda:N. max_batch: the largest
         network batch (runtime.generate.network_batch), what a TensorRT engine is made for. dist, log: see
-        export.cache.engine_bundle. int8: the onnx engine on a CPU with int8 convolutions (`ddpm export --int8`).
+        export.cache.engine_bundle. int8: onnx or onnx-generator on a CPU with int8 convolutions (docs/int8.md).
         Threads may share an engine (calls at once give the digits of the same calls one
         after another). Raises DdpmError when the engine cannot run here (the message says what is missing)."""
         from .pipeline import open_engine

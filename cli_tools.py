@@ -173,6 +173,10 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
     for folder, option in ((out, "--out"), (web_dir, "--web")):
         if folder:
             check_output(folder, option, folder=True)
+    if web_dir and int8:
+        from .export.web import INT8_REFUSAL
+
+        raise click.UsageError(INT8_REFUSAL)
     needs_torch("export")
     from . import api
     from .export.chain import check_trt, claim_outputs, export_folder, write_web_page
@@ -202,8 +206,10 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
     if plan is not None:
         from .runtime.runner import plan_key
 
-        gen = bundle.generator(plan_key(plan), form)
-        echo(f"generator: {bundle.root / gen['name']} ({gen['bytes'] / 1e6:.2f} MB, {gen['plan']}, {form})")
+        for precision in ("fp32", "int8") if int8 else ("fp32",):
+            gen = bundle.generator(plan_key(plan), form, precision)
+            echo(f"generator{'' if precision == 'fp32' else ' ' + precision}: {bundle.root / gen['name']} "
+                 f"({gen['bytes'] / 1e6:.2f} MB, {gen['plan']}, {form})")
     echo(f"export folder: {bundle.root}")
     if web_dir:
         shown = f"--sampler {sampler} --steps {plan.steps}" + (f" --guidance-rescale {guidance_rescale:g}"
@@ -309,8 +315,9 @@ def _engine_list(ctx, param, value):
               help="Classifier-free guidance (doubles the network batch when > 0).")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per engine and batch.")
 @click.option("--fp16", is_flag=True, help="Half-precision models for the runtime engines (eager stays fp32).")
-@click.option("--int8", is_flag=True, help="Also time the onnx engine with int8 convolutions (`ddpm export --int8`), "
-                                           "as 'onnx int8' beside fp32's onnx.")
+@click.option("--int8", is_flag=True, help="Also time the onnx engine and onnx-generator with int8 convolutions "
+                                           "(`ddpm export --int8 [--generator]`), as 'onnx int8' beside fp32's onnx "
+                                           "and 'onnx-generator int8' beside onnx-generator.")
 @click.option("--no-cuda-graph", is_flag=True, help="GPU: run the runtime's loop step by step.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also time eager PyTorch on DDIM-50 and give every engine's speedup over it (when the sampler is "
@@ -350,9 +357,9 @@ def bench(names, batches, sampler, steps, spacing, guidance_interval, guidance_r
                                    f"{' and '.join(given)}, or drop --quick")
         sampler = "ddim" if sampler == "ddpm" else sampler
         steps, batches, repeat = 3, [1, 2], 2
-    if int8 and "onnx" not in names:
-        raise click.UsageError("--int8 runs the onnx engine with int8 convolutions; add onnx to --engines, or leave "
-                               "out --int8")
+    if int8 and not {"onnx", "onnx-generator"} & set(names):
+        raise click.UsageError("--int8 runs the onnx engine (and onnx-generator) with int8 convolutions; add onnx to "
+                               "--engines, or leave out --int8")
     if int8 and fp16:   # the same refusal as gen's and the editing commands' (options.precision_refusal)
         raise click.UsageError(precision_refusal(None, "cpu", fp16, int8))
     set_threads(threads)

@@ -143,15 +143,15 @@ def check_guidance(guidance: float, given, labelled: bool, cli: bool = False, cl
 def precision_refusal(engine: str | None, device: str, fp16: bool, int8: bool) -> str | None:
     """Why the network cannot run in the precision asked for on this engine (a name, or None for an engine object,
     whose own make_engine checked it) and device, or None when it can: fp16 and int8 exclude each other, and int8
-    runs on the onnx engine on a CPU only (model_int8.onnx, `ddpm export --int8`). The message is
-    runtime.engines.make_engine's too."""
+    runs on the onnx and onnx-generator engines on a CPU only (model_int8.onnx, `ddpm export --int8`; its generator
+    `ddpm export --int8 --generator`). The message is runtime.engines.make_engine's too."""
     if int8 and fp16:
         return "choose one precision: fp16 or int8"
     gpu = str(device).startswith("cuda")
-    if int8 and ((engine is not None and engine not in ("onnx", "auto")) or gpu):
+    if int8 and ((engine is not None and engine not in ("onnx", "auto", "onnx-generator")) or gpu):
         name = "onnx" if engine in (None, "auto") else engine
-        return (f"int8 runs on the onnx engine on a CPU (model_int8.onnx), not on {name}{' on a GPU' if gpu else ''}"
-                + (" (generator.onnx wraps the fp32 model)" if engine == "onnx-generator" else ""))
+        return (f"int8 runs on the onnx engine (or onnx-generator) on a CPU (model_int8.onnx), not on "
+                f"{name}{' on a GPU' if gpu else ''}")
     return None
 
 

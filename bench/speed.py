@@ -151,7 +151,8 @@ def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False,
     eager engine also runs it, in the same alternation, and every case gets its speedup over that baseline. On a GPU
     also each engine's own peak memory (MemoryMeter, over torch.cuda or the stand-in `cuda`). Returns the results as
     a dict (see format_table). int8: the onnx engine is also timed with model_int8.onnx (`ddpm export --int8`), as
-    "onnx int8" beside the fp32 "onnx"; without an int8 model that row is skipped with the reason."""
+    "onnx int8" beside the fp32 "onnx", and onnx-generator with its int8 generator as "onnx-generator int8"; without
+    an int8 model (or generator) that row is skipped with the reason."""
     from ..api import DdpmError
     from ..runtime.generate import check_batch_fits
 
@@ -168,9 +169,10 @@ def run_bench(model, engines, batches, plan, guidance=1.0, repeat=3, fp16=False,
                                  else nullcontext())
     net_batch = network_batch(max(batches), guidance != 0)
     ready, skipped = {}, {}
-    # int8: the onnx engine is timed twice, fp32 as "onnx" and int8 as "onnx int8", alternating like any two engines
-    variants = [(name, name, {}) for name in engines] + ([("onnx int8", "onnx", {"int8": True})]
-                                                         if int8 and "onnx" in engines else [])
+    # int8: the onnx engine is timed twice, fp32 as "onnx" and int8 as "onnx int8", alternating like any two engines;
+    # onnx-generator likewise
+    variants = [(name, name, {}) for name in engines] + [(f"{name} int8", name, {"int8": True}) for name in
+                                                         ("onnx", "onnx-generator") if int8 and name in engines]
     for key, name, kw in variants:
         try:
             with metered((key, "create"), name):

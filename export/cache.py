@@ -162,7 +162,7 @@ def engine_bundle(model, name: str, fp16: bool = False, plan=None, dist=None, lo
 
     if name not in NEEDS_EXPORT:
         return None
-    prepare = (lambda: model.generator_bundle(plan, log=log)) if name == "onnx-generator" else \
+    prepare = (lambda: model.generator_bundle(plan, log=log, int8=int8)) if name == "onnx-generator" else \
         (lambda: model.bundle(fp16, int8))
     if dist is not None and dist.world > 1:
         if dist.rank == 0:
@@ -171,10 +171,12 @@ def engine_bundle(model, name: str, fp16: bool = False, plan=None, dist=None, lo
     return prepare()
 
 
-def generator_bundle(model, plan, form: str = "loop", log=None) -> Bundle:
+def generator_bundle(model, plan, form: str = "loop", log=None, int8: bool = False) -> Bundle:
     """An export folder with a generator for `plan` (export/generator.py): the model's own export folder, or the
     shipped one, when it has one; else the cache folder of the weights, where it is built and verified on first use
     (needs the onnx package), beside the generators of other plans, and found by every later call and process.
+    int8: the int8 generator, from a folder with model_int8.onnx (export_bundle(int8=True): never made on first
+    use, as its calibration reads MNIST).
     Raises DdpmError for a model whose images are not grey or RGB (generator.check_image_shape, before any export),
     a plan the generator cannot run, or the user's export folder without one for this plan."""
     from ..export.generator import GeneratorFailed, GeneratorUnsupported, add_generator, check_image_shape, check_plan
@@ -187,28 +189,30 @@ def generator_bundle(model, plan, form: str = "loop", log=None) -> Bundle:
         check_plan(plan)
     except GeneratorUnsupported as e:
         raise DdpmError(f"onnx-generator: {e}") from None
-    key = plan_key(plan)
-    source = export_bundle(model)
-    if source.generator(key) is not None:
+    key, precision = plan_key(plan), "int8" if int8 else "fp32"
+    source = export_bundle(model, int8=int8)
+    if source.generator(key, precision=precision) is not None:
         return source
     if source.root not in (shipped_dir(), cache_folder(model.hash)):
-        have = plan_names(source.generators, key, plan.name)
-        asked = plan.name + (f" (key {key[:8]})" if any(g["plan"] == plan.name for g in source.generators) else "")
-        raise DdpmError(f"{source.root} has {f'generators for {have}' if have else 'no generator'}, not one for "
-                        f"{asked}: run `{source.export_command(ckpt=model.path, flags=' --generator')}` with that "
+        gens = [g for g in source.generators if g.get("precision", "fp32") == precision]
+        have = plan_names(gens, key, plan.name)
+        asked = plan.name + (f" (key {key[:8]})" if any(g["plan"] == plan.name for g in gens) else "")
+        what = "generator" if precision == "fp32" else f"{precision} generator"
+        raise DdpmError(f"{source.root} has {f'{what}s for {have}' if have else f'no {what}'}, not one for "
+                        f"{asked}: run `{source.export_command(precision, model.path, ' --generator')}` with that "
                         f"sampler and --steps" + ("" if model.path is not None else f", {source.ckpt_word()}"))
     folder = cache_folder(model.hash)
     expected = model.hash
     with locked(folder):
-        ready = _has(folder, expected, False)
-        if ready is not None and ready.generator(key, form) is not None:
+        ready = _has(folder, expected, False, int8)
+        if ready is not None and ready.generator(key, form, precision) is not None:
             return ready
         require_onnx(f"building the generator for {plan.name}")
         if ready is None:            # the shipped weights: the cache folder starts as a copy of the shipped one
             _seed(source, folder)
         (log or (lambda *_: None))(f"building generator.onnx for {plan.name} in {folder} (once)")
         try:
-            add_generator(folder, plan, GUIDANCE, form, log=log or (lambda *_: None))
+            add_generator(folder, plan, GUIDANCE, form, log=log or (lambda *_: None), precision=precision)
         except GeneratorFailed as e:
             raise DdpmError(f"the generator for {plan.name}: {e}") from None
         except (OSError, ExportError) as e:

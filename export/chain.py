@@ -46,29 +46,34 @@ def export_folder(model, out: str | Path | None = None, fp16: bool = False, opse
     """Export `model` (api.Model with a checkpoint) into `out` (default: its weights' cache folder, where gen and
     bench look): model.onnx (+ model_fp16.onnx, + model_int8.onnx calibrated on int8 = (images, labels, name):
     onnx_export.export), then, with a plan, its generator (export/generator.py, verified
-    with the default guidance scale), then with trt_batches (lo, hi) a TensorRT engine per precision. log(line):
-    progress. Raises DdpmError (OptionError for a plan the generator cannot run, PictureChannels for a generator of
-    a model whose images are not grey or RGB pictures: both checked before any work)."""
+    with the default guidance scale), and with int8 its int8 generator beside it, then with trt_batches (lo, hi) a
+    TensorRT engine per precision. log(line): progress. Raises DdpmError (OptionError for a plan the generator
+    cannot run, PictureChannels for a generator of a model whose images are not grey or RGB pictures: both checked
+    before any work)."""
     from ..model.io import LoadedModel
     from ..options import GUIDANCE
     from .cache import cache_folder
-    from .generator import GeneratorFailed, add_generator, check_image_shape, check_plan
+    from .generator import GeneratorFailed, add_generator, check_form, check_image_shape, check_plan
     from .onnx_export import ExportFailed, export
 
     if plan is not None:
         check_image_shape(model.image_shape)
         check_plan(plan)
+        check_form(form, "fp32" if int8 is None else "int8")
     loaded = LoadedModel(model.torch_model, model.cfg, model.hash, model.path, model.info)
     try:
         res = export(loaded, out or cache_folder(model.hash), fp16=fp16, opset=opset, log=log, int8=int8)
     except ExportFailed as e:
         raise DdpmError(f"export failed, nothing written: {e}") from None
-    if plan is not None and _has_generator(res.out, plan, form):
-        log(f"generator.onnx for {plan.name} ({form}): kept (made and verified before)")
-    elif plan is not None:
-        log(f"building generator.onnx for {plan.name} in {res.out}")
+    precisions = [] if plan is None else ["fp32", "int8"] if int8 is not None else ["fp32"]
+    for precision in precisions:
+        what = "generator.onnx" if precision == "fp32" else f"the {precision} generator.onnx"
+        if _has_generator(res.out, plan, form, precision):
+            log(f"{what} for {plan.name} ({form}): kept (made and verified before)")
+            continue
+        log(f"building {what} for {plan.name} in {res.out}")
         try:
-            add_generator(res.out, plan, GUIDANCE, form, log=log)
+            add_generator(res.out, plan, GUIDANCE, form, log=log, precision=precision)
         except GeneratorFailed as e:
             raise DdpmError(f"generator export failed, nothing written: {e}") from None
     bundle = Bundle.load(res.out)
@@ -80,13 +85,14 @@ def export_folder(model, out: str | Path | None = None, fp16: bool = False, opse
     return bundle
 
 
-def _has_generator(root: Path, plan, form: str) -> bool:
-    """Whether the export folder `root` holds an intact generator of `plan` and `form` (recorded in export.json with
-    its verification, and matching its sha256): then it is kept, as the export keeps an intact model.onnx."""
+def _has_generator(root: Path, plan, form: str, precision: str = "fp32") -> bool:
+    """Whether the export folder `root` holds an intact generator of `plan`, `form` and `precision` (recorded in
+    export.json with its verification, matching its sha256, and for int8 holding the folder's model_int8.onnx): then
+    it is kept, as the export keeps an intact model.onnx."""
     from ..runtime.runner import plan_key
 
     try:
-        Bundle.load(root).generator_path(plan_key(plan), form)
+        Bundle.load(root).generator_path(plan_key(plan), form, precision)
     except ExportError:
         return False
     return True

@@ -26,8 +26,15 @@ Two forms of the same rows (README "generator" has their measured speed):
               the x0_hat history is loop-carried state, the network's nodes appear once.
     unrolled  S copies of the network's nodes (its weights stored once, shared), each row's coefficients constants.
 
+Two precisions (networks), side by side in an export folder (export.json "generators", each with its "precision"):
+    fp32      model.onnx on every row
+    int8      model_int8.onnx (export/int8.py), and model.onnx on the rows the int8 engine runs in fp32
+              (runtime.engines.int8_fp32_rows: sigma <= INT8_FP32_SIGMA, and the last row): the int8 engine's
+              digits, verified against it as the fp32 generator is against the onnx engine. In the loop form each
+              network's rows are one Loop (the int8 rows, then the fp32 ones).
+
 Only deterministic plans (no fresh noise after x_T) whose every row calls the network can be written this way.
-Nothing here imports PyTorch: a generator is built from an export folder's model.onnx alone.
+Nothing here imports PyTorch: a generator is built from an export folder's model.onnx (and model_int8.onnx) alone.
 """
 
 from __future__ import annotations
@@ -84,6 +91,17 @@ def check_plan(plan: Plan) -> Plan:
         raise GeneratorUnsupported(f"the generator runs plans whose every row calls the network; {plan.name} has "
                                    f"{int((~plan.calls_net).sum())} rows that do not")
     return plan
+
+
+def check_form(form: str, precision: str = "fp32") -> None:
+    """Return when a generator of `precision` can be written in `form`; OptionError (option "form") otherwise: the
+    int8 generator is a Loop per network only. Unrolled, onnxruntime optimizes the copies of model_int8.onnx's
+    nodes in one graph with the rest, and its quantized convolutions there round otherwise than in model_int8.onnx
+    alone: on the tiny test model the digits differed from the int8 engine's by 32 grey levels in 67 pixels (the
+    loop form: 0)."""
+    if precision == "int8" and form != "loop":
+        raise OptionError(f"the int8 generator is written in the loop form only: {form}, its digits differ from "
+                          f"the int8 engine's by more than {TOLERANCE_GREY} grey level", "form")
 
 
 class _Nodes:
@@ -170,14 +188,20 @@ def _row(g: _Nodes, ctx: dict, net_graph, plan: Plan, x: str, hist: list[str], c
 
 
 def build(net_model, plan: Plan, null_label: int, image_shape: tuple[int, int, int], form: str = DEFAULT_FORM,
-          meta=None):
-    """The generator of `plan` around `net_model` (model.onnx as an onnx.ModelProto: x, t, y -> eps, fp32) for
-    images of the model's image_shape (C, H, W) (Bundle.image_shape).
+          meta=None, row_nets=None):
+    """The generator of `plan` around `net_model` (model.onnx as an onnx.ModelProto: x, t, y -> eps, float32 in and
+    out) for images of the model's image_shape (C, H, W) (Bundle.image_shape).
+
+    net_model may be a sequence of such networks, with row_nets (S,) int the index of the network each row of the
+    plan calls (None: the first for every row). The int8 generator is [model_int8.onnx, model.onnx] with the rows of
+    runtime.engines.int8_fp32_rows on the second, as the int8 engine runs them. In the loop form each run of
+    consecutive rows on one network is its own Loop (the x0_hat history passed from one to the next); unrolled,
+    each row's copy is of its network.
 
     Returns an onnx.ModelProto with inputs x_T (B,C,H,W) float32, labels (B,) int64, guidance () float32 and output
     images (B,H,W) uint8, or (B,H,W,C) for C = 3 (module docstring). Raises GeneratorUnsupported for plans it cannot
     express, PictureChannels for a model whose images are not grey or RGB pictures (check_image_shape), ValueError
-    for an unknown form or a network that is not eps(x, t, y).
+    for an unknown form, a network that is not eps(x, t, y), or row_nets that do not index the networks row by row.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -186,19 +210,30 @@ def build(net_model, plan: Plan, null_label: int, image_shape: tuple[int, int, i
     check_plan(plan)
     if form not in FORMS:
         raise ValueError(f"unknown generator form {form!r} ({' or '.join(FORMS)})")
-    g0 = net_model.graph
-    if [i.name for i in g0.input] != ["x", "t", "y"] or [o.name for o in g0.output] != ["eps"]:
-        raise ValueError("the noise predictor must have inputs x, t, y and output eps (a `ddpm export` model.onnx)")
-    if g0.input[0].type.tensor_type.elem_type != TensorProto.FLOAT:
-        raise ValueError("the generator is built around the fp32 model (model.onnx)")
-    # the network's weights, named NET + name, stored once and read by every copy of its nodes: in the loop body's
-    # own initializers (onnxruntime only lays out a subgraph's convolutions for its CPU kernels (NCHWc) when their
+    nets = list(net_model) if isinstance(net_model, (list, tuple)) else [net_model]
+    row_nets = np.zeros(plan.steps, dtype=np.int64) if row_nets is None else np.asarray(row_nets, dtype=np.int64)
+    if row_nets.shape != (plan.steps,) or not ((row_nets >= 0) & (row_nets < len(nets))).all():
+        raise ValueError(f"row_nets must give each of the plan's {plan.steps} rows one of the {len(nets)} networks")
+    # the networks' weights, named NET + name (NET<k>/ for the k-th network after the first: the int8 and the fp32
+    # model share names), stored once per network and read by every copy of its nodes: in the loop body's own
+    # initializers (onnxruntime only lays out a subgraph's convolutions for its CPU kernels (NCHWc) when their
     # weights are the subgraph's constants, not outer-scope values: 1.7x slower otherwise), else at the top level
-    net_graph = onnx.compose.add_prefix_graph(g0, NET, rename_nodes=False, rename_edges=False, rename_inputs=False,
-                                              rename_outputs=False, rename_value_infos=False)
-    weights = list(net_graph.initializer)
-    del net_graph.initializer[:]
-    del net_graph.value_info[:]
+    net_graphs, net_weights = [], []
+    for k, net in enumerate(nets):
+        g0 = net.graph
+        if [i.name for i in g0.input] != ["x", "t", "y"] or [o.name for o in g0.output] != ["eps"]:
+            raise ValueError("the noise predictor must have inputs x, t, y and output eps (a `ddpm export` "
+                             "model.onnx)")
+        if g0.input[0].type.tensor_type.elem_type != TensorProto.FLOAT:
+            raise ValueError("the generator is built around float32 models (model.onnx, model_int8.onnx)")
+        prefix = NET if k == 0 else f"{NET[:-1]}{k}/"
+        net_graph = onnx.compose.add_prefix_graph(g0, prefix, rename_nodes=False, rename_edges=False,
+                                                  rename_inputs=False, rename_outputs=False,
+                                                  rename_value_infos=False)
+        net_weights.append(list(net_graph.initializer))
+        del net_graph.initializer[:]
+        del net_graph.value_info[:]
+        net_graphs.append(net_graph)
 
     C, H, W = image_shape
     S = plan.steps
@@ -221,30 +256,40 @@ def build(net_model, plan: Plan, null_label: int, image_shape: tuple[int, int, i
     terms = (bool(plan.w_x0_prev.any()), bool(plan.w_x0_prev2.any()))
     H_ = plan.history   # 0, 1 or 2 remembered predictions
     cols = ("x0_x", "x0_out", "w_x", "w_x0", "w_x0_prev", "w_x0_prev2")
+    weights = []   # the top level's initializers: the networks' in the unrolled form
     if form == "loop":
-        body = _Nodes(counter, "row/")
-        it = "row/i"
-        coef = {c: body.op("Gather", [top.const(f"plan_{c}", getattr(plan, c), f32), it]) for c in cols}
-        t = body.op("Gather", [top.const("plan_timesteps", plan.timesteps, np.int64), it])
-        cfg = body.op("Gather", [top.const("plan_cfg", plan.cfg, np.bool_), it])
-        guided_row = body.op("And", [guide, cfg])
-        hist_in = [f"row/x0_prev{k + 1}" for k in range(H_)]
-        x_out, hist_out = _row(body, ctx, net_graph, plan, "row/x", hist_in, coef, t, guided_row, terms)
-        cond_out = body.op("Identity", ["row/cond"])
-        tv = lambda name, elem, shape=None: helper.make_tensor_value_info(name, elem, shape)
-        body_graph = helper.make_graph(
-            body.nodes, "row",
-            [tv(it, TensorProto.INT64, []), tv("row/cond", TensorProto.BOOL, []), tv("row/x", TensorProto.FLOAT)]
-            + [tv(h, TensorProto.FLOAT) for h in hist_in],
-            [tv(cond_out, TensorProto.BOOL, []), tv(x_out, TensorProto.FLOAT)]
-            + [tv(h, TensorProto.FLOAT) for h in hist_out], initializer=weights + body.inits)
-        zeros = [top.op("ConstantOfShape", [top.op("Shape", ["x_T"])]) for _ in range(H_)]
-        outs = ["loop_x"] + [f"loop_x0_prev{k + 1}" for k in range(H_)]
-        top.nodes.append(helper.make_node("Loop", [top.const("rows", S, np.int64), "", "x_T", *zeros], outs,
-                                          name="reverse_loop", body=body_graph))
-        x = outs[0]
-        weights = []
+        # one Loop per run of consecutive rows on one network (one Loop for one network), each over its rows' slice
+        # of the plan's columns; the x and x0_hat history of one Loop are the next one's initial values
+        x, hist = "x_T", [top.op("ConstantOfShape", [top.op("Shape", ["x_T"])]) for _ in range(H_)]
+        starts = [0] + [i for i in range(1, S) if row_nets[i] != row_nets[i - 1]]
+        for k, (lo, hi) in enumerate(zip(starts, starts[1:] + [S])):
+            tag = "" if k == 0 else str(k + 1)   # names of the first Loop as with one network
+            rows = slice(lo, hi)
+            body = _Nodes(counter, f"row{tag}/")
+            it = f"row{tag}/i"
+            coef = {c: body.op("Gather", [top.const(f"plan{tag}_{c}", getattr(plan, c)[rows], f32), it])
+                    for c in cols}
+            t = body.op("Gather", [top.const(f"plan{tag}_timesteps", plan.timesteps[rows], np.int64), it])
+            cfg = body.op("Gather", [top.const(f"plan{tag}_cfg", plan.cfg[rows], np.bool_), it])
+            guided_row = body.op("And", [guide, cfg])
+            hist_in = [f"row{tag}/x0_prev{j + 1}" for j in range(H_)]
+            x_out, hist_out = _row(body, ctx, net_graphs[row_nets[lo]], plan, f"row{tag}/x", hist_in, coef, t,
+                                   guided_row, terms)
+            cond_out = body.op("Identity", [f"row{tag}/cond"])
+            tv = lambda name, elem, shape=None: helper.make_tensor_value_info(name, elem, shape)
+            body_graph = helper.make_graph(
+                body.nodes, f"row{tag}",
+                [tv(it, TensorProto.INT64, []), tv(f"row{tag}/cond", TensorProto.BOOL, []),
+                 tv(f"row{tag}/x", TensorProto.FLOAT)] + [tv(h, TensorProto.FLOAT) for h in hist_in],
+                [tv(cond_out, TensorProto.BOOL, []), tv(x_out, TensorProto.FLOAT)]
+                + [tv(h, TensorProto.FLOAT) for h in hist_out],
+                initializer=net_weights[row_nets[lo]] + body.inits)
+            outs = [f"loop{tag}_x"] + [f"loop{tag}_x0_prev{j + 1}" for j in range(H_)]
+            top.nodes.append(helper.make_node("Loop", [top.const(f"rows{tag}", hi - lo, np.int64), "", x, *hist],
+                                              outs, name=f"reverse_loop{tag}", body=body_graph))
+            x, hist = outs[0], outs[1:]
     else:
+        weights = [w for k, ws in enumerate(net_weights) if k in set(row_nets.tolist()) for w in ws]
         x = "x_T"
         hist = [top.op("ConstantOfShape", [top.op("Shape", ["x_T"])]) for _ in range(H_)]
         for i in range(S):
@@ -252,7 +297,8 @@ def build(net_model, plan: Plan, null_label: int, image_shape: tuple[int, int, i
             used = cols[:4] + tuple(c for c, u in zip(cols[4:], row_terms) if u)
             coef = {c: top.const(f"r{i}_{c}", getattr(plan, c)[i], f32) for c in used}
             t = top.const(f"r{i}_t", plan.timesteps[i], np.int64)
-            x, hist = _row(top, ctx, net_graph, plan, x, hist, coef, t, guide if plan.cfg[i] else None, row_terms)
+            x, hist = _row(top, ctx, net_graphs[row_nets[i]], plan, x, hist, coef, t,
+                           guide if plan.cfg[i] else None, row_terms)
     # x_0 -> uint8 exactly as runtime.images.to_uint8: clip(rint((x + 1) 127.5), 0, 255), then one channel's axis
     # dropped (grey: (B, H, W)) or the channels moved last (colour: (B, H, W, C))
     q = top.op("Round", [top.op("Mul", [top.op("Add", [x, top.const("one_f", 1.0, f32)]),
@@ -271,8 +317,13 @@ def build(net_model, plan: Plan, null_label: int, image_shape: tuple[int, int, i
          helper.make_tensor_value_info("guidance", TensorProto.FLOAT, [])],
         [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", H, W] + ([] if C == 1 else [C]))],
         initializer=weights + top.inits)
-    model = helper.make_model(graph, opset_imports=list(net_model.opset_import), producer_name="ddpm",
-                              ir_version=net_model.ir_version)
+    # every network's operator sets (quantize_static's model may add a domain), each at the highest version named
+    opsets = {}
+    for net in nets:
+        for o in net.opset_import:
+            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
+                              producer_name="ddpm", ir_version=max(net.ir_version for net in nets))
     info = {"plan": plan.name, "plan_key": plan_key(plan), "steps": S, "form": form, "null_label": int(null_label),
             "image_shape": [C, H, W], **(meta or {})}
     model.metadata_props.add(key="ddpm_generator", value=json.dumps(info))
@@ -286,16 +337,17 @@ CHECKS = (("classes 0-9, guided", 10, "turn", None), ("classes in turn, w=0", 3,
           ("unconditional", 2, None, 0.0))
 
 
-def verify(gen_path: Path, bundle: Bundle, plan: Plan, guidance: float, seed: int = 0) -> dict:
-    """Run the generator and the runtime (runtime.runner through the onnx engine, the same model.onnx) on the same
-    x_T from the seeded stream: conditional with guidance w, conditional with w=0, unconditional. Returns the
-    figures; GeneratorFailed when any pixel differs by more than TOLERANCE_GREY grey levels."""
+def verify(gen_path: Path, bundle: Bundle, plan: Plan, guidance: float, seed: int = 0,
+           precision: str = "fp32") -> dict:
+    """Run the generator and the runtime (runtime.runner through the onnx engine of the same precision: model.onnx,
+    or for int8 model_int8.onnx with its fp32 rows, runtime.engines.make_engine) on the same x_T from the seeded
+    stream: conditional with guidance w, conditional with w=0, unconditional. Returns the figures; GeneratorFailed
+    when any pixel differs by more than TOLERANCE_GREY grey levels."""
+    from ..runtime.engines import make_engine
     from ..runtime.generator import GeneratorEngine
-    from ..runtime.nets import OnnxNet
-    from ..runtime.runner import RuntimeEngine
 
     gen = GeneratorEngine(gen_path, {"plan": plan.name, "plan_key": plan_key(plan)}, bundle.null_label)
-    engine = RuntimeEngine(OnnxNet(bundle.onnx_path("fp32")), bundle.null_label, bundle.image_shape)
+    engine = make_engine("onnx", device="cpu", bundle=bundle, int8=precision == "int8")
     checks, start = [], 0
     for what, batch, labels, w in CHECKS:
         w = guidance if w is None else w
@@ -308,7 +360,8 @@ def verify(gen_path: Path, bundle: Bundle, plan: Plan, guidance: float, seed: in
                        "max_abs_grey": int(diff.max()), "pixels_differing": int((diff > 0).sum()),
                        "pixels": int(diff.size), "image_std_grey": float(ref.std())})
         start += batch
-    res = {"reference": "runtime/runner.py on the onnx engine (model.onnx), same x_T from runtime/noise.py",
+    reference = "model.onnx" if precision == "fp32" else "model_int8.onnx, model.onnx on its fp32 rows"
+    res = {"reference": f"runtime/runner.py on the onnx engine ({reference}), same x_T from runtime/noise.py",
            "tolerance_grey": TOLERANCE_GREY, "checks": checks,
            "max_abs_grey": max(c["max_abs_grey"] for c in checks)}
     if res["max_abs_grey"] > TOLERANCE_GREY:
@@ -319,43 +372,69 @@ def verify(gen_path: Path, bundle: Bundle, plan: Plan, guidance: float, seed: in
     return res
 
 
-def generator_file(plan: Plan, form: str = DEFAULT_FORM) -> str:
-    """The file name of a plan's generator in an export folder: generator-<plan name>-<plan_key[:8]>-<form>.onnx
-    (the plan name with characters other than letters, digits, '.', '_' and '-' as '_')."""
+def generator_file(plan: Plan, form: str = DEFAULT_FORM, precision: str = "fp32") -> str:
+    """The file name of a plan's generator in an export folder: generator-<plan name>-<plan_key[:8]>-<form>.onnx,
+    ...-<form>-int8.onnx for the int8 one (the plan name with characters other than letters, digits, '.', '_' and
+    '-' as '_')."""
     import re
 
-    return f"generator-{re.sub(r'[^A-Za-z0-9_.-]', '_', plan.name)}-{plan_key(plan)[:8]}-{form}.onnx"
+    return (f"generator-{re.sub(r'[^A-Za-z0-9_.-]', '_', plan.name)}-{plan_key(plan)[:8]}-{form}"
+            + ("" if precision == "fp32" else f"-{precision}") + ".onnx")
 
 
-def add_generator(root, plan: Plan, guidance: float, form: str = DEFAULT_FORM, log=print) -> dict:
-    """Build the generator of `plan` in the export folder `root` (generator_file), verify it against the runtime,
-    and record it in export.json's "generators" (file, sha256, plan, form, the verification's figures), beside the
-    generators of other plans; one of the same plan and form is replaced.
+def networks(bundle: Bundle, plan: Plan, precision: str = "fp32") -> tuple[list[Path], np.ndarray]:
+    """The networks a generator of `precision` calls and the index of each row's, build's (nets, row_nets): fp32
+    model.onnx on every row; int8 model_int8.onnx, and model.onnx on the rows the int8 engine runs in fp32
+    (runtime.engines.int8_fp32_rows). ExportError when the folder lacks a file (Bundle.onnx_path)."""
+    from ..runtime.engines import int8_fp32_rows
+
+    if precision == "fp32":
+        return [bundle.onnx_path("fp32")], np.zeros(plan.steps, dtype=np.int64)
+    if precision != "int8":
+        raise ValueError(f"a generator is fp32 or int8, not {precision!r}")
+    rows = int8_fp32_rows(plan, bundle.meta["alphas_cumprod"])
+    return [bundle.onnx_path("int8"), bundle.onnx_path("fp32")], rows.astype(np.int64)
+
+
+def add_generator(root, plan: Plan, guidance: float, form: str = DEFAULT_FORM, log=print,
+                  precision: str = "fp32") -> dict:
+    """Build the generator of `plan` in the export folder `root` (generator_file), verify it against the runtime
+    of its precision, and record it in export.json's "generators" (file, sha256, plan, form, precision, the
+    verification's figures), beside the generators of other plans and precisions; one of the same plan, form and
+    precision is replaced. int8 (the folder's model_int8.onnx, `ddpm export --int8`): the int8 engine's rows in
+    one model (networks), its record naming the rows at fp32 (fp32_timesteps) and model_int8.onnx's sha256; loop
+    form only (check_form: OptionError).
 
     Nothing changes in the folder unless verification passes: the model is written to a temporary file, verified,
     then renamed into place, and export.json is replaced atomically. Raises GeneratorUnsupported (plan),
     PictureChannels (a model whose images are not grey or RGB pictures), GeneratorFailed (verification),
     runtime.bundle.ExportError (folder), model.io.TorchMissing (no onnx package).
     """
+    check_form(form, precision)
     onnx = require_onnx("building generator.onnx")
     root = Path(root)
     bundle = Bundle.load(root)
     check_image_shape(bundle.image_shape)
     check_plan(plan)
-    net = onnx.load(str(bundle.onnx_path("fp32")))
-    model = build(net, plan, bundle.null_label, bundle.image_shape, form,
-                  meta={"checkpoint_hash": bundle.meta["checkpoint_hash"]})
-    name, info = generator_file(plan, form), {}
+    paths, row_nets = networks(bundle, plan, precision)
+    nets = [onnx.load(str(p)) for p in paths]
+    net = nets[-1]   # model.onnx: its opset is the generator's
+    model = build(nets, plan, bundle.null_label, bundle.image_shape, form, row_nets=row_nets,
+                  meta={"checkpoint_hash": bundle.meta["checkpoint_hash"], "precision": precision})
+    name, info = generator_file(plan, form, precision), {}
+    extra = {} if precision == "fp32" else {
+        "fp32_timesteps": [int(t) for t in plan.timesteps[row_nets == 1]],
+        "int8_sha256": bundle.meta["files"]["int8"]["sha256"]}
 
     def write(tmp: str) -> None:   # saved and verified as a temporary (files.atomic_write), renamed in if it passes
         tmp = Path(tmp)
         onnx.save(model, str(tmp))
-        parity = verify(tmp, bundle, plan, guidance)
-        log(f"{name} ({plan.name}, {form}): at most {parity['max_abs_grey']} grey level(s) from the "
+        parity = verify(tmp, bundle, plan, guidance, precision=precision)
+        log(f"{name} ({plan.name}, {form}, {precision}): at most {parity['max_abs_grey']} grey level(s) from the "
             f"runtime (tolerance {TOLERANCE_GREY})")
         info.update({"name": name, "sha256": file_sha256(tmp), "bytes": tmp.stat().st_size,
                      "plan": plan.name, "plan_key": plan_key(plan), "steps": plan.steps, "form": form,
-                     "opset": int(net.opset_import[0].version),
+                     "precision": precision, **extra, "opset": int(net.opset_import[0].version),
                      "inputs": {"x_T": "float32 (B,C,H,W)", "labels": "int64 (B,); the null label for unconditional",
                                 "guidance": "float32 scalar w >= 0"},
                      "outputs": {"images": "uint8 (B,H,W)" if bundle.image_shape[0] == 1 else "uint8 (B,H,W,C)"},
@@ -363,7 +442,8 @@ def add_generator(root, plan: Plan, guidance: float, form: str = DEFAULT_FORM, l
 
     atomic_write(root / name, write)
     meta = Bundle.load(root).meta     # as it is now: the records of generators added meanwhile are kept
-    others = [g for g in meta.get("generators", []) if (g["plan_key"], g["form"]) != (info["plan_key"], form)]
+    others = [g for g in meta.get("generators", [])
+              if (g["plan_key"], g["form"], g.get("precision", "fp32")) != (info["plan_key"], form, precision)]
     meta = dict(meta, generators=[*others, info])
     atomic_write(root / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
     return info

@@ -157,7 +157,7 @@ def _damage(root: Path, meta: dict, opset: int) -> str | None:
         for precision in meta["files"] if meta.get("opset") == opset else []:
             bundle.onnx_path(precision)
         for g in bundle.generators:
-            bundle.generator_path(g["plan_key"], g["form"])
+            bundle.generator_path(g["plan_key"], g["form"], g.get("precision", "fp32"))
     except ExportError as e:
         return _fault(e)
     return None
@@ -198,9 +198,10 @@ def _salvage(root: Path, loaded: LoadedModel, opset: int) -> tuple[dict, list]:
         files[precision] = entry
     gens = raw.get("generators")
     for g in gens if "fp32" in files and isinstance(gens, list) else []:
-        try:
-            Bundle.checked(root, {**own, "files": {"fp32": files["fp32"]}, "generators": [g]},
-                           loaded.hash).generator_path(g["plan_key"], g["form"])
+        try:   # an int8 generator holds model_int8.onnx too: kept only with it (Bundle.generator_path)
+            Bundle.checked(root, {**own, "files": {p: files[p] for p in ("fp32", "int8") if p in files},
+                                  "generators": [g]}, loaded.hash).generator_path(g["plan_key"], g["form"],
+                                                                                  g.get("precision", "fp32"))
         except ExportError:
             continue
         generators.append(g)

@@ -52,6 +52,18 @@ MARKER_KEYS = ("checkpoint_hash", "generator_sha256", "onnxruntime_web")
 MARKER_MAX_BYTES = 1 << 20   # a page's model.json is under 1 KB: a larger one is not read, and not a page's
 
 
+# `ddpm export --web --int8`: onnxruntime-web runs the int8 generator (QuantizeLinear/DequantizeLinear around int8
+# Convs) without error, but an int8 model's digits depend on the kernels that run it: a quantized activation one
+# rounding step off moves later ones, and the differences grow over the rows. Measured in headless Chromium on the
+# tiny test model (UniPC-4, 12 digits, seed 5, w = 1): the page's canvas differs from `ddpm gen --int8`'s by up to
+# 164 grey levels, 1428 of 74,896 pixels by more than 2 (mean 0.25), where the fp32 page stays within 2. Native
+# onnxruntime alone gives the same spread between its graph optimization levels (up to 129 grey levels), so this is
+# no fault of the page: the page's promise, the digits of `ddpm gen` for the same seed, holds at fp32 only.
+INT8_REFUSAL = ("--web writes the fp32 page only: onnxruntime-web runs the int8 generator, but int8 digits depend on "
+                "the kernels, and the page's differed from `ddpm gen --int8`'s by up to 164 grey levels for the same "
+                "seed; export --int8 without --web, and the page in its own `ddpm export --web`")
+
+
 class WebExportError(DdpmError):
     """The page cannot be written; the message says why and what to do."""
 

@@ -50,12 +50,17 @@ PARITY = Obj({"measure": _NAME, "error": Num(min=0), "tolerance": Num(min=0, min
 GENERATOR_PARITY = Obj({"tolerance_grey": Int(min=0, max=255), "max_abs_grey": Int(min=0, max=255),
                         "checks": List(Obj({"what": _NAME, "max_abs_grey": Int(min=0, max=255)}), min_len=1)},
                        {"reference": Str()}, what="a parity record (an object)")
+# a generator's networks: model.onnx on every row, or model_int8.onnx with model.onnx on the int8 engine's fp32
+# rows (export/generator.py networks); a record without "precision" is fp32
+GENERATOR_PRECISIONS = ("fp32", "int8")
 # an entry of export.json's "generators" (export/generator.py add_generator): what the runtime, the CLI and the web
 # page read
 GENERATOR = Obj({"name": _ONNX_NAME, "sha256": _SHA256, "bytes": Int(min=1, max=MAX_ONNX_BYTES),
                  "plan": _NAME, "plan_key": _PLAN_KEY, "steps": Int(min=1, max=MAX_T),
                  "form": Str(choices=("loop", "unrolled"))},
-                {"parity": GENERATOR_PARITY, "opset": Int(min=1)}, what="a generator record (an object)")
+                {"parity": GENERATOR_PARITY, "opset": Int(min=1), "precision": Str(choices=GENERATOR_PRECISIONS),
+                 "fp32_timesteps": List(Int(min=0)), "int8_sha256": _SHA256},
+                what="a generator record (an object)")
 # export.json: what a runtime reads from it (schema.py); T fixes the length of the schedule tables
 META = Schema("ddpm export metadata (export.json)", {
     "format": Const(EXPORT_FORMAT),
@@ -428,23 +433,34 @@ class Bundle:
         """export.json's records of the folder's generators (name, plan, plan_key, form, parity), one per plan."""
         return list(self.meta.get("generators", []))
 
-    def generator(self, plan_key: str | None = None, form: str | None = None) -> dict | None:
-        """The record of the generator for this plan_key (runtime.runner.plan_key; None: the only or first one) and
-        form (None: any, "loop" first), or None when the folder has none."""
-        found = [g for g in self.generators if plan_key in (None, g["plan_key"]) and form in (None, g["form"])]
+    def generator(self, plan_key: str | None = None, form: str | None = None,
+                  precision: str = "fp32") -> dict | None:
+        """The record of the generator for this plan_key (runtime.runner.plan_key; None: the only or first one),
+        form (None: any, "loop" first) and precision (fp32 or int8: GENERATOR_PRECISIONS), or None when the folder
+        has none."""
+        found = [g for g in self.generators if plan_key in (None, g["plan_key"]) and form in (None, g["form"])
+                 and g.get("precision", "fp32") == precision]
         found.sort(key=lambda g: g["form"] != "loop")
         return found[0] if found else None
 
-    def generator_path(self, plan_key: str | None = None, form: str | None = None) -> Path:
-        """The generator file of a plan (see `generator`), checked against its recorded sha256. ExportError when the
-        folder has none for that plan, or it is damaged."""
-        gen = self.generator(plan_key, form)
+    def generator_path(self, plan_key: str | None = None, form: str | None = None,
+                       precision: str = "fp32") -> Path:
+        """The generator file of a plan and precision (see `generator`), checked against its recorded sha256. An int8
+        one also against model_int8.onnx's record (int8_sha256): it holds that model. ExportError when the folder
+        has none for that plan, or it is damaged or of another int8 model."""
+        gen = self.generator(plan_key, form, precision)
+        command = self.export_command(precision, flags=" --generator")
         if gen is None:
-            have = plan_names(self.generators, plan_key)
-            raise ExportError(f"{self.root} has no generator" + (f" for the plan asked for (it has {have})" if have
-                              else "") + f"; create one with `{self.export_command(flags=' --generator')}` with that "
-                              f"sampler and --steps, {self.ckpt_word()}")
-        return self._member(gen, self.export_command(flags=" --generator"), "generator")
+            have = plan_names([g for g in self.generators if g.get("precision", "fp32") == precision], plan_key)
+            what = "generator" if precision == "fp32" else f"{precision} generator"
+            raise ExportError(f"{self.root} has no {what}" + (f" for the plan asked for (it has {have})" if have
+                              else "") + f"; create one with `{command}` with that sampler and --steps, "
+                              f"{self.ckpt_word()}")
+        if precision == "int8" and gen.get("int8_sha256") != self.meta["files"].get("int8", {}).get("sha256"):
+            what = "another int8 model than the folder's model_int8.onnx" if "int8" in self.meta["files"] \
+                else "an int8 model the folder no longer has"
+            raise ExportError(f"{self.root / gen['name']} holds {what}; re-run `{command}`")
+        return self._member(gen, command, "generator")
 
     def _member(self, entry: dict, redo: str, kind: str, precision: str | None = None) -> Path:
         """The ONNX file of an export.json entry (name, sha256, bytes), checked: a regular file that resolves inside
@@ -519,6 +535,9 @@ class Bundle:
         want = {"checkpoint_hash": meta["checkpoint_hash"]}
         if kind == "generator":
             want.update({k: entry[k] for k in ("plan_key", "plan", "steps", "form")})
+            # the networks it calls (GENERATOR_PRECISIONS): a record or a file without the field is fp32
+            recorded.setdefault("precision", "fp32")
+            want.update(precision=entry.get("precision", "fp32"))
             want.update(null_label=meta["null_label"], image_shape=meta["image_shape"])
         else:
             want.update({k: meta[k] for k in _SAME})

@@ -111,6 +111,18 @@ def int8_fp32_max_t(alphas_cumprod) -> int:
     return int(below[-1]) if len(below) else -1
 
 
+def int8_fp32_rows(plan: Plan, alphas_cumprod):
+    """(S,) bool: the rows of `plan` that the int8 engine runs with the fp32 model: those at t <= int8_fp32_max_t
+    and those at or below the plan's last network row (runtime.nets.OnnxNet.bind's rule). generator.onnx's int8 form
+    (export/generator.py) calls model.onnx on these rows and model_int8.onnx on the others."""
+    import numpy as np
+
+    ts = np.asarray(plan.timesteps, dtype=np.int64)
+    net_rows = np.flatnonzero(plan.calls_net)
+    last_t = int(ts[net_rows[-1]]) if len(net_rows) else -1
+    return ts <= max(int8_fp32_max_t(alphas_cumprod), last_t)
+
+
 def make_engine(name: str, *, device: str = "cpu", model=None, null_label: int = 10, bundle=None, fp16: bool = False,
                 cuda_graph: bool = True, max_batch: int = 512, threads: int | None = None, plan: Plan | None = None,
                 build_trt: BuildTrt | None = None, log=print, int8: bool = False) -> Engine:
@@ -123,8 +135,9 @@ def make_engine(name: str, *, device: str = "cpu", model=None, null_label: int =
     (None: EngineUnavailable naming `ddpm export --trt`). plan: the plan the engine will run, which onnx-generator
     needs to find its generator.onnx. threads: onnxruntime's CPU threads (runtime.nets.ort_cpu_options). log(line):
     where a one-time build says what it does. int8: the onnx engine on a CPU with the export's model_int8.onnx
-    (its rows at sigma <= INT8_FP32_SIGMA, and each plan's last network row, with model.onnx). Raises
-    EngineUnavailable with what is missing.
+    (its rows at sigma <= INT8_FP32_SIGMA, and each plan's last network row, with model.onnx: int8_fp32_rows), or
+    onnx-generator with the plan's int8 generator (the same rows in one model). Raises EngineUnavailable with what
+    is missing.
     """
     device = str(device)
     if name not in ENGINES:
@@ -142,10 +155,11 @@ def make_engine(name: str, *, device: str = "cpu", model=None, null_label: int =
         from .generator import GeneratorEngine
 
         if fp16:
-            raise EngineUnavailable("the onnx-generator engine is fp32 (generator.onnx wraps model.onnx)")
+            raise EngineUnavailable("the onnx-generator engine is fp32 or int8 (generator.onnx wraps model.onnx, "
+                                    "or model_int8.onnx)")
         if device.startswith("cuda"):
             raise EngineUnavailable("the onnx-generator engine runs on the CPU; on a GPU use runtime-torch or trt")
-        return GeneratorEngine.from_bundle(bundle, threads, plan)
+        return GeneratorEngine.from_bundle(bundle, threads, plan, int8)
     if name == "torch":
         from .eager import EagerEngine
 

@@ -34,18 +34,21 @@ class GeneratorEngine(CountedEngine):
         so = ort_cpu_options(ort, threads)   # the CPU thread defaults of runtime.nets (bench/threads.md)
         self.sess = ort_session(ort, path, so, ["CPUExecutionProvider"])
         self.supports = Supports(edits=False, states=False, plan_key=info["plan_key"])
+        # int8: model_int8.onnx on most rows, model.onnx on the int8 engine's fp32 rows (export/generator.py)
+        self.precision = info.get("precision", "fp32")
         self._init_uses()
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, threads: int | None = None, plan: Plan | None = None) -> "GeneratorEngine":
-        """The export folder's generator of `plan` (None: its only or first one; sha256-checked); EngineUnavailable
-        when it has none."""
-        key = None if plan is None else plan_key(plan)
+    def from_bundle(cls, bundle: Bundle, threads: int | None = None, plan: Plan | None = None,
+                    int8: bool = False) -> "GeneratorEngine":
+        """The export folder's generator of `plan` (None: its only or first one; sha256-checked), its int8 one with
+        int8 (`ddpm export --int8 --generator`); EngineUnavailable when it has none."""
+        key, precision = None if plan is None else plan_key(plan), "int8" if int8 else "fp32"
         try:
-            path = bundle.generator_path(key)
+            path = bundle.generator_path(key, precision=precision)
         except ExportError as e:
             raise EngineUnavailable(str(e)) from None
-        return cls(path, bundle.generator(key), bundle.null_label, threads)
+        return cls(path, bundle.generator(key, precision=precision), bundle.null_label, threads)
 
     def check_plan(self, plan: Plan) -> None:
         """ValueError unless `plan` is the plan the generator was exported for."""
@@ -84,7 +87,8 @@ class GeneratorEngine(CountedEngine):
     def versions(self) -> dict[str, str]:
         import onnxruntime as ort
 
-        return {"onnxruntime": ort.__version__, "provider": "CPUExecutionProvider", "form": self.info["form"]}
+        return {"onnxruntime": ort.__version__, "provider": "CPUExecutionProvider", "form": self.info["form"],
+                **({} if self.precision == "fp32" else {"precision": self.precision})}
 
     def _free(self) -> None:
         """Drop the onnxruntime session (freed with its last reference); close() calls it once no run is in

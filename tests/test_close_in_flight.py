@@ -115,10 +115,10 @@ def test_two_precisions_refused_before_any_file(model, ckpt, tmp_path):
     with pytest.raises(OptionError, match="choose one precision") as e:
         model.generate(2, int8=True, fp16=True)   # the tiny model has no int8 export: refused before looking
     assert e.value.option == "int8"
-    with pytest.raises(OptionError, match="generator.onnx wraps the fp32 model"):
-        model.generate(2, int8=True, engine="onnx-generator")
+    with pytest.raises(OptionError, match="int8 runs on the onnx engine"):
+        model.generate(2, int8=True, engine="torch")
     for extra, message in ((["--fp16"], "choose one precision"),
-                           (["--engine", "onnx-generator"], "generator.onnx wraps the fp32 model")):
+                           (["--engine", "torch"], "int8 runs on the onnx engine")):
         r = invoke("gen", "--ckpt", ckpt, "-n", 2, "--int8", *extra, "--out", tmp_path / "a.png")
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
         assert "ddpm export --int8" not in r.output and "has no generator" not in r.output

@@ -27,12 +27,12 @@ def int8_export(ckpt, fake_mnist, tmp_path_factory):
     return out
 
 
-def _export_int8(ckpt, out, fake_mnist):
-    """`ddpm export --ckpt ckpt --out out --int8` at int8_export's cost (its digits and bound)."""
+def _export_int8(ckpt, out, fake_mnist, *extra):
+    """`ddpm export --ckpt ckpt --out out --int8 [extra]` at int8_export's cost (its digits and bound)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(int8, "MAX_EPS_ERROR", 0.08)
         mp.setattr(int8, "make_int8", functools.partial(int8.make_int8, digits=(16, 8)))
-        return invoke("export", "--ckpt", ckpt, "--out", out, "--int8", "--data", fake_mnist)
+        return invoke("export", "--ckpt", ckpt, "--out", out, "--int8", "--data", fake_mnist, *extra)
 
 
 def test_export_records_the_int8_model(int8_export):
@@ -258,7 +258,7 @@ def test_int8_where_it_cannot_run(ckpt, tiny_export, int8_export, tmp_path):
     # a missing file: exit 1; options that contradict each other (options.precision_refusal): a usage error, exit 2
     cases = [(["--export", tiny_export], "no int8 model", 1),             # an export folder without one
              (["--engine", "torch"], "int8 runs on the onnx engine", 2),
-             (["--engine", "onnx-generator"], "generator.onnx wraps the fp32 model", 2),
+             (["--export", int8_export, "--engine", "onnx-generator"], "has no int8 generator", 1),
              (["--export", int8_export, "--fp16"], "choose one precision", 2)]
     for extra, message, code in cases:
         r = invoke("gen", "--ckpt", ckpt, "-n", 2, "--steps", 2, "--int8", "--out", tmp_path / "a.png", *extra)
@@ -338,3 +338,75 @@ def test_int8_calibration_needs_only_the_training_files(fake_mnist, tmp_path, mo
     monkeypatch.setattr(data, "MIRRORS", ("http://127.0.0.1:9/",))   # nothing listens there
     images, labels, name = _int8_data(tmp_path, (1, 28, 28))
     assert images.shape[1:] == (28, 28) and len(images) == len(labels) and name == "MNIST train"
+
+
+@pytest.fixture(scope="module")
+def int8_generator(ckpt, int8_export, fake_mnist, tmp_path_factory):
+    """int8_export with the fp32 and the int8 generator of the default sampler at 4 steps (`export --int8
+    --generator`: the folder's model_int8.onnx is kept, not calibrated again)."""
+    out = tmp_path_factory.mktemp("int8gen") / "exp"
+    shutil.copytree(int8_export, out)
+    r = _export_int8(ckpt, out, fake_mnist, "--generator", "--steps", 4)
+    assert r.exit_code == 0, r.output
+    assert "generator int8: " in r.output, r.output
+    return out
+
+
+def test_int8_generator_gives_the_int8_engine_digits(ckpt, int8_generator, tmp_path):
+    """`gen --engine onnx-generator --int8` and the API run generator.onnx's int8 form: model_int8.onnx on the rows
+    the int8 engine runs int8, model.onnx on its fp32 rows (runtime.engines.int8_fp32_rows), so the digits are the
+    int8 onnx engine's within the generator's tolerance, and not the fp32 generator's."""
+    from ddpm.export.generator import TOLERANCE_GREY
+
+    r = invoke("gen", "--ckpt", ckpt, "--export", int8_generator, "-n", 8, "--steps", 4, "--int8",
+               "--engine", "onnx-generator", "--out", tmp_path / "g.npz")
+    assert r.exit_code == 0, r.output
+    assert "onnx-generator int8" in r.output.strip().splitlines()[-1], r.output
+    got = read_samples(tmp_path / "g.npz")[0]
+    model = api.load(ckpt, int8_generator)
+    assert np.array_equal(model.generate(8, steps=4, engine="onnx-generator", int8=True), got)
+    ref = model.generate(8, steps=4, engine="onnx", int8=True)
+    assert np.abs(got.astype(int) - ref).max() <= TOLERANCE_GREY
+    fp32 = model.generate(8, steps=4, engine="onnx-generator")
+    assert np.abs(got.astype(int) - fp32).max() > TOLERANCE_GREY   # the int8 network ran
+
+
+def test_export_json_records_both_generators(ckpt, int8_generator):
+    """export.json holds the plan's fp32 and int8 generators side by side (a precision each), the int8 one naming
+    its fp32 rows and the model_int8.onnx it holds; both load back from the folder, sha256-checked."""
+    from ddpm.runtime.bundle import Bundle
+    from ddpm.runtime.runner import plan_key
+
+    meta = json.loads((int8_generator / "export.json").read_text())
+    gens = meta["generators"]
+    assert sorted(g["precision"] for g in gens) == ["fp32", "int8"] and len({g["plan_key"] for g in gens}) == 1
+    g8 = next(g for g in gens if g["precision"] == "int8")
+    plan = api.load(ckpt, int8_generator).plan(steps=4)
+    fp32_rows = engines.int8_fp32_rows(plan, meta["alphas_cumprod"])
+    assert 0 < fp32_rows.sum() < plan.steps   # both networks run: the test means something
+    assert g8["fp32_timesteps"] == [int(t) for t in plan.timesteps[fp32_rows]]
+    assert g8["int8_sha256"] == meta["files"]["int8"]["sha256"]
+    assert g8["parity"]["max_abs_grey"] <= g8["parity"]["tolerance_grey"]
+    b = Bundle.load(int8_generator)
+    paths = {p: b.generator_path(plan_key(plan), precision=p) for p in ("fp32", "int8")}
+    assert paths["fp32"] != paths["int8"] and all(p.is_file() for p in paths.values())
+
+
+def test_bench_times_the_int8_generator_beside_fp32(ckpt, int8_generator):
+    """ddpm bench --int8 with onnx-generator: the fp32 and the int8 generator timed in one run, alternating."""
+    from ddpm.bench.speed import run_bench
+
+    model = api.load(ckpt, int8_generator)
+    res = run_bench(model, ["onnx-generator"], [2], model.plan(steps=4), repeat=1, int8=True, log=lambda m: None)
+    assert [c["engine"] for c in res["results"]] == ["onnx-generator", "onnx-generator int8"], res["skipped"]
+    assert res["versions"]["onnx-generator int8"]["precision"] == "int8"
+
+
+
+def test_int8_generator_in_the_loop_form_only(ckpt, int8_generator, fake_mnist):
+    """Unrolled, the int8 generator's digits differed from the int8 engine's (export/generator.py check_form):
+    `export --int8 --generator --form unrolled` is refused in one line, the folder left as it was."""
+    before = (int8_generator / "export.json").read_text()
+    r = _export_int8(ckpt, int8_generator, fake_mnist, "--generator", "--steps", 4, "--form", "unrolled")
+    assert r.exit_code == 2 and "the int8 generator is written in the loop form only" in r.output, r.output
+    assert "Traceback" not in r.output and (int8_generator / "export.json").read_text() == before

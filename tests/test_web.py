@@ -175,3 +175,14 @@ def test_what_export_and_the_page_write_holds_no_local_path(exported, tmp_path, 
         assert not found, f"{path.relative_to(tmp_path)} holds {found}"
     meta = json.loads((page / "model.json").read_text())
     assert meta["gen_options"].endswith(" --export DIR") and len(meta["checkpoint_hash"]) == 64
+
+
+def test_web_page_with_int8_refused_in_one_line(exported, tmp_path):
+    """`export --int8 --web` is refused before any work (export/web.py INT8_REFUSAL: onnxruntime-web runs the int8
+    generator, but its digits are not `ddpm gen --int8`'s for the same seed); nothing is written."""
+    loaded, _ = exported
+    r = CliRunner().invoke(main, ["export", "--ckpt", str(loaded.path), "--out", str(tmp_path / "e"), "--int8",
+                                  "--web", str(tmp_path / "page")])
+    assert r.exit_code == 2 and "--web writes the fp32 page only" in r.output and "Traceback" not in r.output
+    assert len([ln for ln in r.output.splitlines() if ln.startswith("Error")]) == 1, r.output
+    assert not (tmp_path / "e").exists() and not (tmp_path / "page").exists()
