@@ -2,7 +2,16 @@ import functools
 import hashlib
 import os
 import shutil
+import sys
 from pathlib import Path
+
+# pytest keeps its assertion-rewritten test modules, and Python the project's compiled modules, in __pycache__ (git
+# ignores it) only where bytecode may be written. Under PYTHONDONTWRITEBYTECODE every worker of every run rewrote
+# and compiled all of them again (about 3 CPU-s per worker, measured on `pytest --collect-only`): the suite writes
+# its caches whatever the environment says. Set before the project is imported, for the workers and the `ddpm`
+# subprocesses the tests start.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 import numpy as np
 import pytest
