@@ -153,6 +153,26 @@ def whole_loop_refusal(engine: str, edit: bool) -> OptionError:
                        f"auto, torch, runtime-torch)", "engine" if edit else "trajectory")
 
 
+class _NoBar:
+    """What iter_generate counts its rows on when no progress is shown: tqdm is not even imported (about 50 ms of
+    CPU, and its monitor thread, that `ddpm gen -q` and the API without progress do without)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(progress: bool, **kwargs):
+    """A tqdm bar of these arguments when `progress`, else a bar that shows nothing (_NoBar)."""
+    if not progress:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(**kwargs)
+
+
 def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidance: float = 0.0, seed: int = 0,
                   batch: int = 64, start: int = 0, progress: bool = True, *, image_shape: tuple[int, int, int],
                   job=None, watch: StepCallback | None = None) -> Iterator[np.ndarray]:
@@ -168,8 +188,6 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
     a batch that comes out NaN or inf (naming the likely cause); ValueError for bad labels; OptionError (naming
     engine) for a plan the engine does not run or an edit's projection it cannot run, (naming trajectory) for a
     watch it cannot show (engine.supports); EngineUnavailable for a batch beyond the engine's."""
-    from tqdm import tqdm
-
     from .nets import EngineUnavailable
     from .runner import plan_key
 
@@ -207,10 +225,10 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
     # the bar counts what the engine reports as it happens: rows for an engine that steps row by row (can.states),
     # calls for one that runs the whole loop in one call (onnx-generator: its rows are known only once it returns)
     rows = can.states
-    bar = tqdm(total=-(-n // batch) * (plan.steps if rows else 1), disable=not progress,
-               unit="step" if rows else "batch", dynamic_ncols=True,
-               desc=f"{engine.name} {plan.name}" + ("" if rows else " (whole loop per call)"))
-    progress_bar = (lambda i, t, x, x0: bar.update(1)) if rows else None   # noqa: E731
+    bar = progress_bar(progress, total=-(-n // batch) * (plan.steps if rows else 1),
+                       unit="step" if rows else "batch", dynamic_ncols=True,
+                       desc=f"{engine.name} {plan.name}" + ("" if rows else " (whole loop per call)"))
+    count_row = (lambda i, t, x, x0: bar.update(1)) if rows else None   # noqa: E731
     try:
         for lo in range(0, n, batch):
             hi = min(n, lo + batch)
@@ -225,7 +243,7 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
                 x_T = job.start(x_T, x_input)
                 if edit is not None:
                     more.update(edit=edit, y=known, mask=mask)
-            callback = progress_bar
+            callback = count_row
             if watch is not None and lo == 0:
                 callback = lambda i, t, x, x0: (bar.update(1), watch(i, t, x, x0))   # noqa: E731
                 more["states"] = True

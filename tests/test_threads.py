@@ -55,3 +55,15 @@ def test_cli_sets_a_passive_omp_wait_policy_before_torch_loads(given, expected, 
     code = f"import os, sys, {module}; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert r.stdout.split() == [expected, "False"]   # set before PyTorch (and its OpenMP runtime) is loaded
+
+
+@pytest.mark.parametrize("given, expected", [(None, "4"), ("28", "28")])
+def test_import_ddpm_lets_idle_openblas_threads_sleep_before_numpy_loads(given, expected):
+    """numpy's OpenBLAS threads spin ~2^28 cycles before they sleep (about 40 ms of CPU per `ddpm` command on 2
+    cores): `import ddpm` asks for OpenBLAS's least timeout before numpy loads, and keeps a value of the user's."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if given:
+        env["OPENBLAS_THREAD_TIMEOUT"] = given
+    code = "import os, sys, ddpm.cli; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'), 'numpy' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert r.stdout.split() == [expected, "True"]   # ddpm.cli loads numpy: the variable was set before it
