@@ -327,6 +327,25 @@ def output_path(path: str | os.PathLike, folder: bool = False) -> Path:
     return Path(real)
 
 
+def refused(path: str | os.PathLike) -> str | None:
+    """"PATH cannot be used (REASON)" when the OS will not look at `path` (os.lstat fails for a reason other than
+    nothing being there): a name longer than its file system allows (ENAMETOOLONG), a folder on the way that cannot
+    be searched (EACCES), an I/O error. None when it can be looked at, whether or not something is there, and for a
+    loop of symbolic links, which the callers name as such. pathlib's is_dir/exists raise those errors, os.path's
+    hide them: a path the project looks at is asked here first, so that they come out as one line."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None
+        return f"{path} cannot be used ({e.strerror or e})"
+    except ValueError as e:   # an embedded NUL byte
+        return f"{path} cannot be used ({e})"
+    return None
+
+
 def input_path(path: str | os.PathLike, error: type[DdpmError], hint: str = "", name: str | None = None) -> Path:
     """`path` as a file to read: a regular file, or a symbolic link to one, that this process can open. Anything
     else raises error(one line) that says what is there, e.g. "EXPORT/export.json is a folder, not a file; re-run

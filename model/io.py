@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DdpmError, brief, clip, raise_if_limit
-from ..files import input_path, readable_name
+from ..files import input_path, readable_name, refused
 from ..files import atomic_write  # noqa: F401  (re-exported: model.io.atomic_write is used across the package)
 from ..options import MAX_GUIDANCE
 from ..runtime.samplers import SAMPLERS, SPACINGS
@@ -416,6 +416,9 @@ def read_model_info(path: str | os.PathLike) -> tuple[ModelConfig, str, dict, Pa
     TorchMissing."""
     from . import diffusers
 
+    why = refused(path)   # a name too long, a folder that cannot be searched: one line before anything looks there
+    if why is not None:
+        raise CheckpointError(f"checkpoint {why}")
     if diffusers.is_diffusers_folder(path):
         return diffusers.read_info(path)
     path = resolve_model_path(path)
