@@ -422,8 +422,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             _fault_at("publish", Path(tmp))
         os.replace(tmp, path)
     except BaseException as e:
-        full = disk_full(e, path.parent)
-        Path(tmp).unlink(missing_ok=True)
+        try:   # told before the removal frees the space; whatever fails in the telling, the temporary goes
+            full = disk_full(e, path.parent)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
         if full:
             raise no_space(path) from None
         if isinstance(e, OSError) and e.errno in _NOT_WRITABLE:
@@ -479,8 +481,10 @@ def building_dir(out: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
     except BaseException as e:
-        full = disk_full(e, out.parent)
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:   # told before the removal frees the space; whatever fails in the telling, the folder goes
+            full = disk_full(e, out.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         if full:
             raise no_space(out) from None
         raise

@@ -350,3 +350,27 @@ def test_a_full_disk_while_a_folder_is_built_is_one_line_and_leaves_the_old_fold
     assert sorted(p.relative_to(page) for p in page.rglob("*")) == before
     assert json.loads((page / "model.json").read_text())["guidance"] == 0.3
     assert [p.name for p in tmp_path.iterdir()] == ["site"]   # no half-built folder beside it
+
+
+def test_the_half_built_folder_goes_whatever_fails_while_the_failure_is_told(tmp_path, monkeypatch):
+    """building_dir removes its folder even when telling the failure fails too (an error of its own inside the
+    handler, as a stream without fileno() once gave): the error comes out, no `.out.*.tmp` is left."""
+    from ddpm import files
+
+    def broken(e, folder):
+        raise AttributeError("no fileno")
+
+    monkeypatch.setattr(files, "disk_full", broken)
+    with pytest.raises(AttributeError):
+        with files.building_dir(tmp_path / "out") as tmp:
+            (tmp / "half").write_bytes(b"x" * 10)
+            raise OSError(27, "File too large")
+    assert list(tmp_path.iterdir()) == []
+
+    def write(tmp):
+        Path(tmp).write_bytes(b"x" * 10)
+        raise OSError(27, "File too large")
+
+    with pytest.raises(AttributeError):   # atomic_write, the same for one file
+        files.atomic_write(tmp_path / "one.bin", write)
+    assert list(tmp_path.iterdir()) == []
