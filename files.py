@@ -261,6 +261,20 @@ def no_space(path: Path) -> OutputError:
                        f"{path.name}, if any, is kept); free some space", " and run again")
 
 
+def write_failure(path: Path, e: OSError) -> OutputError:
+    """The OutputError (one line naming `path`) of a write into `path` that failed with `e`, for a writer that
+    appends or writes in place rather than through atomic_write: a full disk (no_space), a file larger than the
+    file-size limit (too_large), else "cannot write PATH: REASON". Other limits of the process (too many open
+    files) are raised as they are, for errors.limit_message to name."""
+    if disk_full(e, path.parent):
+        return no_space(path)
+    if e.errno == errno.EFBIG:
+        return too_large(path)
+    if limit_message(e) is not None:
+        raise e
+    return _output_error(path, e)
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
