@@ -374,3 +374,26 @@ def test_the_half_built_folder_goes_whatever_fails_while_the_failure_is_told(tmp
     with pytest.raises(AttributeError):   # atomic_write, the same for one file
         files.atomic_write(tmp_path / "one.bin", write)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_read_only_file_of_a_page_is_refused_before_any_work(exported, fake_ort, tmp_path, monkeypatch):
+    """Each file a page holds, those in its subfolder ort/ included, made read-only by its owner: `export --web`
+    over the page is refused in one line before any work, and the file stays as it was."""
+    import stat
+
+    _, exp, _ = exported
+    bundle = Bundle.load(exp)
+    page = tmp_path / "site"
+    write_page(bundle, page, 0.3)
+    files_ = sorted(p for p in page.rglob("*") if p.is_file())
+    assert any(p.parent.name == "ort" for p in files_)
+    for path in files_:
+        before = path.read_bytes()
+        os.chmod(path, 0o444)
+        monkeypatch.setattr(web, "building_dir", lambda *a: pytest.fail("the work started"))
+        with pytest.raises(OutputError, match=f"cannot write {re.escape(str(path))}: it is read-only"):
+            write_page(bundle, page, 0.5)
+        monkeypatch.undo()
+        monkeypatch.setattr(web, "ort_web_tarball", lambda *args, **kw: exported[2])
+        assert path.read_bytes() == before and stat.S_IMODE(os.stat(path).st_mode) == 0o444
+        os.chmod(path, 0o644)
