@@ -181,6 +181,10 @@ def _load_failure(e: Exception) -> str:
     what a plain file of tensors never holds (a foreign pickle, code to run, not a pickle at all), without its
     advice to load with weights_only=False, which would run the code of a file of unknown origin."""
     text = str(e)
+    if isinstance(e, (LookupError, AttributeError, TypeError, AssertionError)):
+        # torch's reader tripping over bytes it cannot parse (a text file: IndexError "list index out of range"):
+        # its words are about its own code, not the file
+        return "its bytes are not a PyTorch file"
     if "weights_only" not in text:
         return f"{type(e).__name__}: {clip(e)}"
     found = _UNPICKLER.search(text)
