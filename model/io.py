@@ -185,6 +185,8 @@ def _load_failure(e: Exception) -> str:
         # torch's reader tripping over bytes it cannot parse (a text file: IndexError "list index out of range"):
         # its words are about its own code, not the file
         return "its bytes are not a PyTorch file"
+    if isinstance(e, EOFError):   # "Ran out of input", or nothing at all for an empty file
+        return "it ends before a PyTorch file would: empty or cut short"
     if "weights_only" not in text:
         return f"{type(e).__name__}: {clip(e)}"
     found = _UNPICKLER.search(text)
