@@ -75,8 +75,9 @@ def cache_dir(*parts: str) -> Path:
 def in_the_way(folder: str | os.PathLike) -> str | None:
     """What keeps `folder` from being a folder that can be made or used, found on its path (the nearest part that
     exists): "X is a symbolic link to T, which does not exist", "X is a loop of symbolic links", "X is not a folder",
-    "X cannot be searched (Permission denied)", "X cannot be used (File name too long)" (files.refused); None when that part is a folder (what is missing below it can be
-    created). For one line that says the truth where creating the folder would fail with "File exists"."""
+    "X cannot be searched (Permission denied)", "X cannot be used (File name too long)" (files.refused); None when
+    that part is a folder (what is missing below it can be created). For one line that says the truth where creating
+    the folder would fail with "File exists"."""
     for part in (Path(folder), *Path(folder).parents):
         why = refused(part)   # a name too long for its file system, a folder on the way that cannot be searched
         if why is not None:
