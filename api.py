@@ -31,8 +31,7 @@ from .errors import DdpmError, OptionError, clip
 from .export import cache as export_cache
 from .model.config import ModelConfig
 from .model.io import CheckpointError, TorchMissing, default_model_path, load_model, read_model_info
-from .options import (DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL, Sampling,
-                      recorded_plan)
+from .options import DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL, Sampling, recorded_plan
 from .runtime.bundle import META_FILE, Bundle, ExportError
 from .runtime.engine import EngineCache
 from .runtime.schedule import Schedule
@@ -140,18 +139,19 @@ class Model:
         return self._engines.get(key, lambda: open_engine(self, name, dev, fp16, cuda_graph, threads, max_batch,
                                                           plan, dist, log, int8))
 
+    @checked
     def close(self) -> None:
         """Close every engine the Model made (runtime.engine.Engine.close: runners, onnxruntime sessions, TensorRT
-        contexts, CUDA graphs); closing again does nothing. The Model stays usable: a later call makes the engines
-        it needs anew. Its methods running in other threads meanwhile finish: a batch that has picked up its engine
-        runs on it, which is closed when that batch ends (runtime.engine.EngineCache); later batches run on new ones.
-        An engine `engine` returned before refuses work (EngineClosed) once closed. `with ddpm.load() as m:` closes
-        on leaving the block."""
+        contexts, CUDA graphs); closing again does nothing, and a later call makes the engines it needs anew. Calls in
+        other threads finish on the engine their batch picked up, closed when that batch ends (EngineCache); an engine
+        `engine` returned before refuses work (EngineClosed) once closed. `with ddpm.load() as m:` closes."""
         self._engines.close()
 
+    @checked
     def __enter__(self) -> "Model":
         return self
 
+    @checked
     def __exit__(self, *exc) -> None:
         self.close()
 
@@ -326,7 +326,7 @@ def load(path: str | os.PathLike | None = None, export: str | os.PathLike | None
     """
     try:   # bound by absolute paths: a later chdir must not make them name other files
         path, export = (None if p is None else Path(p).absolute() for p in (path, export))
-        if path is not None and Path(path).is_dir() and os.path.lexists(Path(path) / META_FILE) and export is None:
+        if path is not None and os.path.isdir(path) and os.path.lexists(Path(path) / META_FILE) and export is None:
             export, path = path, None
         if path is None and export is not None:
             b = Bundle.load(export)

@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import DdpmError, LimitReached, limit_message
 from .options import MAX_GUIDANCE, MAX_LEVEL, MAX_SIGMA, MAX_THREADS, VARIANCES
-from .schema import Array, Bool, Int, Invalid, Num, Opt, Spec, Str, is_bool
+from .schema import Any, Array, Bool, Int, Invalid, Num, Opt, Spec, Str, is_bool
 
 
 class OneOf(Spec):
@@ -283,6 +283,7 @@ DEVICE = Str(pattern=r"auto|cpu|cuda|cuda:[0-9]+", what="auto, cpu, cuda or cuda
 # Every argument of every public function, by name. `checked` refuses at import time a function with an argument
 # missing here, so a new argument cannot go unchecked.
 ARGS: dict[str, Spec] = {
+    "exc": Any(),   # Model.__exit__'s: whatever the `with` statement passes
     # what to draw
     "n": COUNT,
     "label": Labels(),

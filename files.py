@@ -261,6 +261,20 @@ def no_space(path: Path) -> OutputError:
                        f"{path.name}, if any, is kept); free some space", " and run again")
 
 
+def write_failure(path: Path, e: OSError) -> OutputError:
+    """The OutputError (one line naming `path`) of a write into `path` that failed with `e`, for a writer that
+    appends or writes in place rather than through atomic_write: a full disk (no_space), a file larger than the
+    file-size limit (too_large), else "cannot write PATH: REASON". Other limits of the process (too many open
+    files) are raised as they are, for errors.limit_message to name."""
+    if disk_full(e, path.parent):
+        return no_space(path)
+    if e.errno == errno.EFBIG:
+        return too_large(path)
+    if limit_message(e) is not None:
+        raise e
+    return _output_error(path, e)
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -325,6 +339,25 @@ def output_path(path: str | os.PathLike, folder: bool = False) -> Path:
         raise OutputError(f"cannot write {p}: it is a symbolic link to {os.readlink(p)}, a file that has no name of "
                           f"its own to be replaced; remove the link or give another name")
     return Path(real)
+
+
+def refused(path: str | os.PathLike) -> str | None:
+    """"PATH cannot be used (REASON)" when the OS will not look at `path` (os.lstat fails for a reason other than
+    nothing being there): a name longer than its file system allows (ENAMETOOLONG), a folder on the way that cannot
+    be searched (EACCES), an I/O error. None when it can be looked at, whether or not something is there, and for a
+    loop of symbolic links, which the callers name as such. pathlib's is_dir/exists raise those errors, os.path's
+    hide them: a path the project looks at is asked here first, so that they come out as one line."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None
+        return f"{path} cannot be used ({e.strerror or e})"
+    except ValueError as e:   # an embedded NUL byte
+        return f"{path} cannot be used ({e})"
+    return None
 
 
 def input_path(path: str | os.PathLike, error: type[DdpmError], hint: str = "", name: str | None = None) -> Path:
@@ -403,8 +436,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             _fault_at("publish", Path(tmp))
         os.replace(tmp, path)
     except BaseException as e:
-        full = disk_full(e, path.parent)
-        Path(tmp).unlink(missing_ok=True)
+        try:   # told before the removal frees the space; whatever fails in the telling, the temporary goes
+            full = disk_full(e, path.parent)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
         if full:
             raise no_space(path) from None
         if isinstance(e, OSError) and e.errno in _NOT_WRITABLE:
@@ -460,8 +495,10 @@ def building_dir(out: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
     except BaseException as e:
-        full = disk_full(e, out.parent)
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:   # told before the removal frees the space; whatever fails in the telling, the folder goes
+            full = disk_full(e, out.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         if full:
             raise no_space(out) from None
         raise

@@ -21,6 +21,7 @@ import stat
 from pathlib import Path
 
 from .errors import DdpmError, brief
+from .files import refused
 
 _XDG = {"cache": ("XDG_CACHE_HOME", ".cache"), "config": ("XDG_CONFIG_HOME", ".config")}
 
@@ -55,10 +56,14 @@ def home(instead: str = "$XDG_CACHE_HOME") -> Path:
 
 def user_dir(kind: str = "cache") -> Path:
     """The package's folder of this kind ("cache" or "config"; module docstring), not created here. Raises
-    DdpmError when the home folder is needed and cannot be told (home())."""
+    DdpmError when the home folder is needed and cannot be told (home()), or when the OS will not look at the folder
+    (files.refused: a name longer than its file system allows, say)."""
     var, default = _XDG[kind]
     value = os.environ.get(var, "")
     base = Path(value) if os.path.isabs(value) else home(f"${var}") / default
+    why = refused(base / "ddpm")
+    if why is not None:
+        raise DdpmError(f"the {kind} folder {why}; set ${var} to another folder")
     return base / "ddpm"
 
 
@@ -70,9 +75,13 @@ def cache_dir(*parts: str) -> Path:
 def in_the_way(folder: str | os.PathLike) -> str | None:
     """What keeps `folder` from being a folder that can be made or used, found on its path (the nearest part that
     exists): "X is a symbolic link to T, which does not exist", "X is a loop of symbolic links", "X is not a folder",
-    "X cannot be searched (Permission denied)"; None when that part is a folder (what is missing below it can be
-    created). For one line that says the truth where creating the folder would fail with "File exists"."""
+    "X cannot be searched (Permission denied)", "X cannot be used (File name too long)" (files.refused); None when
+    that part is a folder (what is missing below it can be created). For one line that says the truth where creating
+    the folder would fail with "File exists"."""
     for part in (Path(folder), *Path(folder).parents):
+        why = refused(part)   # a name too long for its file system, a folder on the way that cannot be searched
+        if why is not None:
+            return why
         if not os.path.lexists(part):
             continue
         try:

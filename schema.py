@@ -97,13 +97,15 @@ class Opt(Spec):
 
 
 class Const(Spec):
-    """Exactly this value (a bool matches only a bool: True is not 1)."""
+    """Exactly this value, of its kind: a bool matches only a bool (True is not 1) and a float never an integer
+    (1.0 is not 1), as Int refuses a float."""
 
     def __init__(self, value):
         self.value, self.what = value, repr(value)
 
     def check(self, v, dims, path):
-        if is_bool(v) != is_bool(self.value) or v != self.value:
+        if is_bool(v) != is_bool(self.value) or v != self.value or \
+                isinstance(v, (float, np.floating)) != isinstance(self.value, (float, np.floating)):
             self.fail(v, path)
 
 

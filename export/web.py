@@ -50,6 +50,8 @@ PAGE_SRC = Path(__file__).with_name("page")
 MARKER = "model.json"   # a folder with the model.json of write_page (_page_of) is a page this command wrote
 MARKER_KEYS = ("checkpoint_hash", "generator_sha256", "onnxruntime_web")
 MARKER_MAX_BYTES = 1 << 20   # a page's model.json is under 1 KB: a larger one is not read, and not a page's
+# every file write_page writes, its subfolder's included: each one made read-only by its owner is refused (claim_page)
+PAGE_WRITES = (MARKER, *PAGE_FILES, "generator.onnx", *(f"ort/{Path(rel).name}" for rel in ORT_FILES))
 
 
 # `ddpm export --web --int8`: onnxruntime-web runs the int8 generator (QuantizeLinear/DequantizeLinear around int8
@@ -98,7 +100,7 @@ def claim_page(out: str | Path, checkpoint_hash: str) -> None:
     write_page does not write, or a file of the page made read-only by its owner (files.check_writable: refused,
     not replaced). Raises WebExportError, files.OutputError (a path that is not a folder, a read-only file)."""
     claim_dir(out, PAGE, _page_of(checkpoint_hash))
-    for name in (MARKER, "index.html", "app.mjs", "labels.mjs", "noise.mjs", "generator.onnx"):
+    for name in PAGE_WRITES:
         check_writable(Path(out) / name)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DdpmError, brief, clip, raise_if_limit
-from ..files import input_path, readable_name
+from ..files import input_path, readable_name, refused
 from ..files import atomic_write  # noqa: F401  (re-exported: model.io.atomic_write is used across the package)
 from ..options import MAX_GUIDANCE
 from ..runtime.samplers import SAMPLERS, SPACINGS
@@ -181,6 +181,12 @@ def _load_failure(e: Exception) -> str:
     what a plain file of tensors never holds (a foreign pickle, code to run, not a pickle at all), without its
     advice to load with weights_only=False, which would run the code of a file of unknown origin."""
     text = str(e)
+    if isinstance(e, (LookupError, AttributeError, TypeError, AssertionError)):
+        # torch's reader tripping over bytes it cannot parse (a text file: IndexError "list index out of range"):
+        # its words are about its own code, not the file
+        return "its bytes are not a PyTorch file"
+    if isinstance(e, EOFError):   # "Ran out of input", or nothing at all for an empty file
+        return "it ends before a PyTorch file would: empty or cut short"
     if "weights_only" not in text:
         return f"{type(e).__name__}: {clip(e)}"
     found = _UNPICKLER.search(text)
@@ -416,6 +422,9 @@ def read_model_info(path: str | os.PathLike) -> tuple[ModelConfig, str, dict, Pa
     TorchMissing."""
     from . import diffusers
 
+    why = refused(path)   # a name too long, a folder that cannot be searched: one line before anything looks there
+    if why is not None:
+        raise CheckpointError(f"checkpoint {why}")
     if diffusers.is_diffusers_folder(path):
         return diffusers.read_info(path)
     path = resolve_model_path(path)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DdpmError, brief, clip
-from ..files import input_path
+from ..files import input_path, refused
 from ..schema import Any, Const, Int, List, Map, Num, Obj, Opt, Schema, Str
 from .schedule import MAX_T, RECIPES, Schedule
 
@@ -318,7 +318,10 @@ class Bundle:
     def load(cls, root, expected_hash: str | None = None) -> "Bundle":
         root = Path(root)
         meta_path = root / META_FILE
-        if not root.exists():
+        why = refused(meta_path)   # a name too long, a folder that cannot be searched: not "no export.json"
+        if why is not None:
+            raise ExportError(f"{why}; give the folder `ddpm export` wrote")
+        if not os.path.exists(root):
             # an export killed between its two renames left the old folder aside (.NAME.<writer>.old): once its
             # writer is gone, put it back (files.clean_stale) rather than report no export
             from ..files import clean_stale

@@ -160,6 +160,25 @@ def test_a_call_that_does_not_fit_the_signature_is_a_ddpm_error(model, call):
         call(model)
 
 
+def test_every_public_callable_refuses_an_unknown_or_extra_argument_with_ddpm_error(model):
+    """Every method of Model a user calls, the context manager's included, and every function of ddpm goes through
+    the arguments checker: an unknown keyword (and, where it takes no more, an extra positional) is a DdpmError,
+    never a TypeError."""
+    methods = [n for n, _ in inspect.getmembers(Model, inspect.isfunction)
+               if not n.startswith("_") or n in ("__enter__", "__exit__")]
+    functions = [getattr(ddpm, n) for n in ddpm.__all__ if inspect.isfunction(getattr(ddpm, n))]
+    assert "close" in methods and "__enter__" in methods and ddpm.load in functions
+    for fn in [getattr(model, n) for n in methods] + functions:
+        assert hasattr(fn, "specs"), f"{fn.__qualname__} is not checked (arguments.checked)"
+        with pytest.raises(DdpmError, match=r"\(\): (got an unexpected keyword argument 'force'|missing)"):
+            fn(force=True)
+    for fn in (model.close, model.__enter__):
+        with pytest.raises(DdpmError, match="too many positional arguments"):
+            fn(1)
+    with model as m:   # what the with statement passes still fits
+        assert m is model
+
+
 @pytest.mark.slow
 def test_numpy_scalars_are_as_good_as_python_ones(model):
     a = model.generate(np.int64(2), seed=np.uint64(3), batch=np.int32(2), guidance=np.float32(0.5), steps=np.int16(2),

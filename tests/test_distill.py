@@ -215,9 +215,10 @@ def test_resume_is_bit_identical(fake_mnist, teacher, tmp_path, monkeypatch):
 
 def test_bad_options_are_one_line(fake_mnist, teacher, tmp_path):
     base = ["distill", "--teacher", teacher, "--data", fake_mnist, "--device", "cpu"]
-    # options that contradict each other: a usage error (exit 2); what the teacher decides: exit 1
+    # options that contradict each other or the teacher (its T, as `gen --steps` the model's): a usage error, exit 2
     for args, msg, code in ((["--steps-from", 12, "--steps-to", 4], "times a power of two", 2),
-                            (["--steps-from", 256, "--steps-to", 4], "exceeds the teacher's T=100", 1)):
+                            (["--steps-from", 256, "--steps-to", 4], "--steps-from: 256 exceeds the teacher's T=100",
+                             2)):
         r = invoke(*base, "--out", tmp_path / "x", *args)
         assert r.exit_code == code and "Traceback" not in r.output and msg in r.output, r.output
         assert not (tmp_path / "x" / "ckpt.pt").exists()

@@ -350,3 +350,50 @@ def test_a_full_disk_while_a_folder_is_built_is_one_line_and_leaves_the_old_fold
     assert sorted(p.relative_to(page) for p in page.rglob("*")) == before
     assert json.loads((page / "model.json").read_text())["guidance"] == 0.3
     assert [p.name for p in tmp_path.iterdir()] == ["site"]   # no half-built folder beside it
+
+
+def test_the_half_built_folder_goes_whatever_fails_while_the_failure_is_told(tmp_path, monkeypatch):
+    """building_dir removes its folder even when telling the failure fails too (an error of its own inside the
+    handler, as a stream without fileno() once gave): the error comes out, no `.out.*.tmp` is left."""
+    from ddpm import files
+
+    def broken(e, folder):
+        raise AttributeError("no fileno")
+
+    monkeypatch.setattr(files, "disk_full", broken)
+    with pytest.raises(AttributeError):
+        with files.building_dir(tmp_path / "out") as tmp:
+            (tmp / "half").write_bytes(b"x" * 10)
+            raise OSError(27, "File too large")
+    assert list(tmp_path.iterdir()) == []
+
+    def write(tmp):
+        Path(tmp).write_bytes(b"x" * 10)
+        raise OSError(27, "File too large")
+
+    with pytest.raises(AttributeError):   # atomic_write, the same for one file
+        files.atomic_write(tmp_path / "one.bin", write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_read_only_file_of_a_page_is_refused_before_any_work(exported, fake_ort, tmp_path, monkeypatch):
+    """Each file a page holds, those in its subfolder ort/ included, made read-only by its owner: `export --web`
+    over the page is refused in one line before any work, and the file stays as it was."""
+    import stat
+
+    _, exp, _ = exported
+    bundle = Bundle.load(exp)
+    page = tmp_path / "site"
+    write_page(bundle, page, 0.3)
+    files_ = sorted(p for p in page.rglob("*") if p.is_file())
+    assert any(p.parent.name == "ort" for p in files_)
+    for path in files_:
+        before = path.read_bytes()
+        os.chmod(path, 0o444)
+        monkeypatch.setattr(web, "building_dir", lambda *a: pytest.fail("the work started"))
+        with pytest.raises(OutputError, match=f"cannot write {re.escape(str(path))}: it is read-only"):
+            write_page(bundle, page, 0.5)
+        monkeypatch.undo()
+        monkeypatch.setattr(web, "ort_web_tarball", lambda *args, **kw: exported[2])
+        assert path.read_bytes() == before and stat.S_IMODE(os.stat(path).st_mode) == 0o444
+        os.chmod(path, 0o644)

@@ -353,3 +353,15 @@ def test_checkpoint_with_a_member_held_twice_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"two members named '.*/data.pkl'"):
         load_checkpoint(tmp_path / "twice.pt")
     assert checkpoint_step(tmp_path / "twice.pt") is None
+
+
+@pytest.mark.parametrize("content", [b"Name:\tcat\nState:\tR (running)\n", b"", b"\x80\x02garbage"])
+def test_a_file_that_is_no_checkpoint_is_named_without_torchs_internal_errors(tmp_path, content):
+    """A text file (or other bytes) given as a checkpoint: one line that says what the file is not, never the name
+    of an exception from inside torch's reader (IndexError: list index out of range)."""
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="is not a readable ddpm checkpoint") as e:
+        load_checkpoint(path)
+    assert not any(name in str(e.value) for name in ("IndexError", "KeyError", "AttributeError", "TypeError",
+                                                    "EOFError")), e.value

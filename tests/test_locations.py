@@ -159,3 +159,37 @@ def test_npm_offline_fails_fast_and_says_why(tmp_path, monkeypatch):
         web.ort_web_tarball(log=lambda *_: None)
     assert time.monotonic() - t < 30
     assert "refused the connection" in str(e.value) and "127.0.0.1:9" in str(e.value), str(e.value)
+
+
+LONG = "x" * 300   # one name over the 255 bytes a file system allows: the OS refuses to look (ENAMETOOLONG)
+
+
+@pytest.mark.parametrize("where", ["--data", "DDPM_DATA", "XDG_CACHE_HOME"])
+def test_a_location_the_os_refuses_to_name_is_one_line(tmp_path, monkeypatch, where):
+    monkeypatch.chdir(tmp_path)
+    tiny_checkpoint(tmp_path / "run")
+    long = tmp_path / LONG
+    if where == "--data":
+        r = invoke("eval", "-n", 2, "--data", LONG)
+    elif where == "DDPM_DATA":
+        r = invoke("eval", "-n", 2, env={"DDPM_DATA": str(long)})
+    else:
+        r = invoke("gen", "-n", 1, "--ckpt", tmp_path / "run", "--out", tmp_path / "x.png",
+                   env={"XDG_CACHE_HOME": str(long)})
+    assert r.exit_code == 1 and not isinstance(r.exception, OSError), r.output
+    assert "File name too long" in r.output and LONG in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_the_api_refuses_a_path_the_os_refuses_to_name_with_ddpm_error(tmp_path, monkeypatch):
+    import numpy as np
+
+    import ddpm
+
+    monkeypatch.chdir(tmp_path)
+    calls = {"load": lambda: ddpm.load(LONG), "load export": lambda: ddpm.load(export=LONG),
+             "load deep": lambda: ddpm.load("a/" * 3000),   # longer than a whole path may be (PATH_MAX)
+             "evaluate": lambda: ddpm.evaluate(np.zeros((4, 28, 28), np.uint8), np.zeros(4, np.int64), data=LONG)}
+    for name, call in calls.items():
+        with pytest.raises(DdpmError, match="File name too long"):
+            call()

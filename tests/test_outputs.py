@@ -282,6 +282,32 @@ def test_disk_full_during_checkpoint_is_one_line(fake_mnist, tmp_path, monkeypat
     assert _train(fake_mnist, tmp_path / "new", "--steps", 2, "--ckpt-every", 2).exit_code == 0
 
 
+@pytest.mark.parametrize("errno_", [errno.ENOSPC, errno.EFBIG])
+def test_a_failed_log_append_stops_the_run_in_one_line_naming_the_log_and_the_checkpoint(fake_mnist, tmp_path,
+                                                                                        monkeypatch, errno_):
+    """log.jsonl is appended to, not written through atomic_write: a full disk (or the file-size limit) there
+    stops the run with the line a checkpoint's full disk gives, naming the file and where to resume from."""
+    from ddpm.train import loop
+
+    run = tmp_path / "run"
+    real = loop.os.write
+    calls = []
+
+    def full(fd, data):   # the second window's append (step 4): after the checkpoint at step 2
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno_, os.strerror(errno_))
+        return real(fd, data)
+
+    monkeypatch.setattr(loop.os, "write", full)
+    r = _train(fake_mnist, run, "--steps", 4, "--ckpt-every", 2)
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("Error")]
+    assert r.exit_code == 1 and "Traceback" not in r.output and len(lines) == 1, r.output
+    said = "no space left" if errno_ == errno.ENOSPC else "file-size limit"
+    assert said in lines[0] and "log.jsonl" in lines[0] and "log at step 4" in lines[0], lines[0]
+    assert "last checkpoint at step 2" in lines[0] and "--resume" in lines[0], lines[0]
+
+
 # --------------------------------------------------------------------------------------------- writability first
 def _never(*a, **k):
     raise AssertionError("the work started before the output was checked")

@@ -420,12 +420,17 @@ def test_a_bool_is_never_an_integer():
     check_value(Const(True), True, "x")
     with pytest.raises(ValueError, match="must be True"):
         check_value(Const(True), 1, "x")
+    for value in (1.0, np.float32(1.0)):   # nor is a float: 1.0 is not 1, as Int refuses it
+        with pytest.raises(ValueError, match="must be 1"):
+            check_value(Const(1), value, "x")
+    check_value(Const(1), np.int64(1), "x")
 
 
 @pytest.mark.parametrize("change, message", [
     (lambda m: m.update(version=2), "version must be 1"),
     (lambda m: m.update(version="1"), "version must be 1"),
     (lambda m: m.update(version=True), "version must be 1"),   # Python's True == 1: a bool is never an integer
+    (lambda m: m.update(version=1.0), "version must be 1"),    # a float is never an integer, here as for T
     (lambda m: m["files"]["fp32"].pop("parity"), "files.fp32 records no parity"),
     (lambda m: m["generators"][0].pop("parity"), "generators[0] records no parity"),
     (lambda m: m.update(step="2000"), "step must be an integer >= 0"),

@@ -143,8 +143,8 @@ def check(cfg: DistillConfig, T: int | None = None) -> None:
     """The distillation's options checked against each other, before anything is read or written: steps_from and
     steps_to a power of two apart, iters >= 1, fold_iters >= 0, a guidance scale in [0, MAX_GUIDANCE] and an
     interval 0 <= lo < hi; each an errors.OptionError naming its option (on the command line a usage error, exit
-    status 2). With T (the teacher's, once it is read): steps_from within 1..T, with nested trailing grids, else a
-    TrainingError (the teacher decides)."""
+    status 2). With T (the teacher's, once it is read): steps_from within 1..T, with nested trailing grids, else an
+    OptionError on steps_from too, as `ddpm gen --steps` beyond the model's T is."""
     if not (isinstance(cfg.steps_to, int) and isinstance(cfg.steps_from, int)) or cfg.rounds == 0:
         raise OptionError(f"--steps-from {cfg.steps_from} must be --steps-to {cfg.steps_to} times a power of two "
                           f"(2, 4, 8, ...), e.g. --steps-from 32 --steps-to 4: each round halves the steps",
@@ -160,13 +160,14 @@ def check(cfg: DistillConfig, T: int | None = None) -> None:
                           "guidance_interval")
     if T is not None:
         if cfg.steps_from > T:
-            raise TrainingError(f"--steps-from {cfg.steps_from} exceeds the teacher's T={T}")
+            raise OptionError(f"{cfg.steps_from} exceeds the teacher's T={T}", "steps_from")
         sched_T = Schedule.make("linear", T)   # the grid depends on T alone
         for s in stages(cfg):
             if s.student_steps != s.teacher_steps and not np.array_equal(
                     timesteps(sched_T, s.teacher_steps, SPACING)[::2], timesteps(sched_T, s.student_steps, SPACING)):
-                raise TrainingError(f"with T={T} the {s.student_steps}-step grid is not every second timestep of the "
-                                    f"{s.teacher_steps}-step one; choose --steps-from so that its halvings divide T")
+                raise OptionError(f"with T={T} the {s.student_steps}-step grid is not every second timestep of the "
+                                  f"{s.teacher_steps}-step one; choose --steps-from so that its halvings divide T",
+                                  "steps_from")
 
 
 # ------------------------------------------------------------------------------------------------------ the maths
@@ -339,6 +340,8 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool, log, given) -> di
     try:   # the options given were checked (distill); these may be a resumed run's own
         check(run.cfg, run.mcfg.timesteps)
     except OptionError as e:
+        if not resume:   # the options given do not fit the teacher's T: a usage error, as gen's --steps beyond T
+            raise
         raise TrainingError(f"--resume: {run.out} was started with options that do not fit ({e}); start a new run "
                             f"with another --out") from None
     state = build_state(run)

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DdpmError, brief
-from ..files import OutputError, check_writable, clean_stale, folder_lock, output_path, readable_name, write_text
+from ..files import (OutputError, check_writable, clean_stale, folder_lock, output_path, readable_name, write_failure,
+                     write_text)
 from ..model import PRESETS, UNet
 from ..model.config import ModelConfig
 from ..model.io import (CKPT_FILE, MODEL_FILE, CheckpointError, check_fits, load_checkpoint, read_weights,
@@ -271,6 +272,14 @@ def _last(step: int | None) -> str:
     return "no checkpoint written yet" if step is None else f"last checkpoint at step {step}"
 
 
+def _stopped(what: str, e: OutputError, last: int | None) -> TrainingError:
+    """The error of a run stopped by a failed write of `what` (a full disk, say), saying how to go on from the last
+    checkpoint on disk (step `last`, None when there is none)."""
+    how = ("then continue with --resume" if last is not None else
+           "then run the same command again (without --resume: nothing to resume yet)")
+    return TrainingError(f"{what}: {e.fault}; {how} ({_last(last)})")
+
+
 def _complete_outputs(out: Path, step: int, ema: UNet, mcfg: ModelConfig, seed: int) -> list[str]:
     """Write the model.safetensors and samples.png of the checkpoint's `step` where they are missing or older (a
     run killed while it wrote them); returns the names written."""
@@ -303,13 +312,18 @@ def cut_log(path: Path, step: int) -> None:
 def append_log(path: Path, rows: list[dict]) -> None:
     """Append rows to log.jsonl in one write() (a kill leaves whole lines, or at worst one cut line that cut_log
     drops). A log.jsonl that is not a regular file (a device, a pipe, a dangling link) raises OutputError
-    (files.output_path); a link to a regular file is appended to."""
+    (files.output_path); a link to a regular file is appended to. A failed write (a full disk, the file-size limit)
+    raises OutputError naming the file (files.write_failure)."""
     data = "".join(json.dumps(r) + "\n" for r in rows).encode()
-    fd = os.open(output_path(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    path = output_path(path)
     try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise write_failure(path, e) from None
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print,
@@ -674,9 +688,7 @@ class Checkpoints:
                     if _identity(run.out / CKPT_FILE) not in (None, before):
                         self.last = step
             except OutputError as e:
-                how = ("then continue with --resume" if self.last is not None else
-                       "then run the same command again (without --resume: nothing to resume yet)")
-                raise TrainingError(f"checkpoint at step {step}: {e.fault}; {how} ({_last(self.last)})") from None
+                raise _stopped(f"checkpoint at step {step}", e, self.last) from None
         run.ctx.barrier()
         self.last = step
         self.seconds += time.perf_counter() - t
@@ -768,7 +780,11 @@ def _log_window(run: Run, losses: torch.Tensor, done: int, bar, last: int | None
         raise TrainingError(f"loss became non-finite by step {done}; stopped, {kept} (try a lower --lr)")
     values = window.tolist()
     if run.ctx.rank == 0:
-        append_log(run.out / LOG_FILE, [{"step": done - len(values) + k + 1, "loss": v} for k, v in enumerate(values)])
+        try:
+            append_log(run.out / LOG_FILE, [{"step": done - len(values) + k + 1, "loss": v}
+                                            for k, v in enumerate(values)])
+        except OutputError as e:
+            raise _stopped(f"log at step {done}", e, last) from None
     bar.set_postfix(loss=f"{window.mean().item():.4f}")
     bar.update(len(values))
     return values
