@@ -81,6 +81,31 @@ class OutputError(DdpmError):
         self.fault = fault
 
 
+class NoWorkingFolder(DdpmError):
+    """The process's working folder was deleted (a shell left in a removed folder): a relative path, or an output's
+    default name, means nothing there, and PyTorch cannot even be imported."""
+
+    def __init__(self):
+        super().__init__("the working folder no longer exists; cd to a folder that does")
+
+
+def check_working_folder() -> None:
+    """Return when the working folder exists; NoWorkingFolder otherwise (the CLI checks this as it starts)."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise NoWorkingFolder() from None
+
+
+def real_path(path: str | os.PathLike, links: bool = True) -> str:
+    """os.path.realpath(path) (links=False: os.path.abspath, symbolic links kept); NoWorkingFolder for a relative
+    path when the working folder was deleted."""
+    try:
+        return os.path.realpath(path) if links else os.path.abspath(path)
+    except FileNotFoundError:   # os.getcwd(): realpath itself tolerates missing components
+        raise NoWorkingFolder() from None
+
+
 def _parse_fault(spec: str | None) -> tuple[str, int, int] | None:
     """DDPM_FAULT (see the module docstring) as (point, n, signal number); None when unset or empty, and None with
     one warning line on stderr when malformed: a stray value in a user's environment must not stop every command."""
@@ -335,7 +360,7 @@ def output_path(path: str | os.PathLike, folder: bool = False) -> Path:
         raise OutputError(f"cannot write {p}{via}: it is {_kind(st.st_mode)}, not a regular file; give a file name")
     if not link:
         return p
-    real = os.path.realpath(p)
+    real = real_path(p)
     try:
         same = os.path.samestat(os.stat(real), st)
     except OSError:
