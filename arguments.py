@@ -22,12 +22,13 @@ import functools
 import inspect
 import math
 import os
+from typing import Callable
 
 import numpy as np
 
 from .errors import DdpmError, LimitReached, limit_message
 from .options import MAX_GUIDANCE, MAX_LEVEL, MAX_SIGMA, MAX_THREADS, VARIANCES
-from .schema import Any, Array, Bool, Int, Invalid, Num, Opt, Spec, Str, is_bool
+from .schema import Any, Array, Bool, Int, Invalid, Num, Opt, Spec, Str, is_bool, scan, shapes_first
 
 
 class OneOf(Spec):
@@ -164,8 +165,15 @@ class Labels(Spec):
             Int(min=0).check(v, dims, path)
             return
         a = np.asarray(v)
-        if a.dtype.kind not in "iu" or (a.size and a.min() < 0):
+        if a.dtype.kind not in "iu":
             self.fail(v, path)
+        if len(a) > MAX_COUNT:   # one label per result, from its shape alone
+            raise Invalid(f"{path} holds {len(a)} labels, more than the {MAX_COUNT} results one call makes")
+
+        def values():
+            if a.size and a.min() < 0:
+                self.fail(v, path)
+        scan(values)
 
 
 class Picture(Spec):
@@ -358,9 +366,13 @@ def given() -> frozenset:
     return _GIVEN.get()
 
 
-def checked(_fn=None, **overrides: Spec):
+def checked(_fn=None, limits: Callable[[dict], None] | None = None, **overrides: Spec):
     """Check the arguments of every call of the decorated function against ARGS (or `overrides`, for an argument
-    that means something else here) before it runs; DdpmError with one line naming the argument otherwise."""
+    that means something else here) before it runs; DdpmError with one line naming the argument otherwise.
+
+    The checks run in two passes: first every argument's type, shape and dtype (which bind the named dimensions,
+    e.g. N), then `limits` (a function of those dimensions, {name: (size, argument)}, raising a DdpmError: the
+    limits that follow from shapes alone), and only then the scans of the arrays' values (schema.shapes_first)."""
     def deco(fn):
         sig = inspect.signature(fn)
         specs = {}
@@ -381,15 +393,23 @@ def checked(_fn=None, **overrides: Spec):
                 raise DdpmError(f"{where}(): {e}") from None
             dims: dict = {}
             model = bound.arguments.get("self")
-            for name, value in bound.arguments.items():
-                if name != "self":
-                    try:
-                        specs[name].check(value, dims, name)
-                        if _is_plan(value) and hasattr(model, "schedule"):
-                            PlanArg.fits(model, value, name)
-                    except Invalid as e:
-                        raise DdpmError(f"{where}(): {e}") from None
-                    bound.arguments[name] = plain(value)
+            with shapes_first() as scans:
+                for name, value in bound.arguments.items():
+                    if name != "self":
+                        try:
+                            specs[name].check(value, dims, name)
+                            if _is_plan(value) and hasattr(model, "schedule"):
+                                PlanArg.fits(model, value, name)
+                        except Invalid as e:
+                            raise DdpmError(f"{where}(): {e}") from None
+                        bound.arguments[name] = plain(value)
+            if limits is not None:
+                limits(dims)
+            try:
+                for values in scans:
+                    values()
+            except Invalid as e:
+                raise DdpmError(f"{where}(): {e}") from None
             token = _GIVEN.set(frozenset(bound.arguments) - {"self"})
             try:
                 return fn(*bound.args, **bound.kwargs)

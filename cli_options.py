@@ -140,7 +140,9 @@ def _same_path(a, b) -> bool:
 
 
 def _real(path) -> str:
-    return os.path.normcase(os.path.realpath(path))
+    from .files import real_path
+
+    return os.path.normcase(real_path(path))
 
 
 def _inside(path, folder) -> bool:
@@ -235,7 +237,10 @@ def _folder_kinds(option: str, path) -> list[tuple[str, str, Callable[[str], boo
     """[(folder, what it is, the test of its own paths)] of the model input `path` given to `option`: the folder
     itself, or the folder of a file (--ckpt run/ckpt.pt reads the run), for each MODEL_FOLDERS kind whose marker it
     holds; an --export folder is an export folder even before it is made."""
-    folder = path if option == "--export" or os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    from .files import real_path
+
+    folder = path if option == "--export" or os.path.isdir(path) else \
+        os.path.dirname(real_path(path, links=False))
     return [(folder, what, owns) for what, markers, owns in MODEL_FOLDERS
             if any(os.path.isfile(os.path.join(folder, m)) for m in markers)
             or (option == "--export" and what == "export folder")]

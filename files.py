@@ -27,7 +27,8 @@ before anything is created. A symbolic link to a regular file (or, for a folder 
 through: the link's target is replaced atomically (its temporary is made beside the target, on its file system) and
 the link itself stays as it is.
 
-Fault injection (a test hook; read once at import, nothing is done when it is unset): DDPM_FAULT=POINT:N[:SIGNAL]
+Fault injection (a test hook, not for users; read once at import, nothing is done when it is unset or empty, and a
+malformed value is ignored with one warning line on stderr): DDPM_FAULT=POINT:N[:SIGNAL]
 sends SIGNAL (KILL, TERM or INT; default KILL) to this process at the N-th (1-based) atomic write of the process,
 counting `atomic_write` files and `publish_dir` folders together, so that a test can end a command at a chosen
 moment instead of at a moment chosen by a clock:
@@ -52,6 +53,7 @@ import shutil
 import signal
 import socket
 import stat
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -59,7 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import DdpmError, limit_message
+from .errors import DdpmError, brief, limit_message
 
 STALE_AFTER = 300.0          # seconds: a temporary of another host (or an untagged one) older than this is stale
 HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
@@ -79,14 +81,42 @@ class OutputError(DdpmError):
         self.fault = fault
 
 
+class NoWorkingFolder(DdpmError):
+    """The process's working folder was deleted (a shell left in a removed folder): a relative path, or an output's
+    default name, means nothing there, and PyTorch cannot even be imported."""
+
+    def __init__(self):
+        super().__init__("the working folder no longer exists; cd to a folder that does")
+
+
+def check_working_folder() -> None:
+    """Return when the working folder exists; NoWorkingFolder otherwise (the CLI checks this as it starts)."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise NoWorkingFolder() from None
+
+
+def real_path(path: str | os.PathLike, links: bool = True) -> str:
+    """os.path.realpath(path) (links=False: os.path.abspath, symbolic links kept); NoWorkingFolder for a relative
+    path when the working folder was deleted."""
+    try:
+        return os.path.realpath(path) if links else os.path.abspath(path)
+    except FileNotFoundError:   # os.getcwd(): realpath itself tolerates missing components
+        raise NoWorkingFolder() from None
+
+
 def _parse_fault(spec: str | None) -> tuple[str, int, int] | None:
-    """DDPM_FAULT (see the module docstring) as (point, n, signal number); None when unset or empty."""
+    """DDPM_FAULT (see the module docstring) as (point, n, signal number); None when unset or empty, and None with
+    one warning line on stderr when malformed: a stray value in a user's environment must not stop every command."""
     if not spec:
         return None
     m = re.fullmatch(r"(write|publish):([1-9][0-9]*)(?::(KILL|TERM|INT))?", spec.strip())
     if m is None:
-        raise ValueError(f"DDPM_FAULT={spec!r}: expected write:N or publish:N, optionally followed by :KILL, :TERM "
-                         f"or :INT (a test hook)")
+        print(f"ddpm: warning: ignoring DDPM_FAULT={brief(spec, 60)} (a test hook that ends the process at an "
+              f"atomic write; expected write:N or publish:N, optionally followed by :KILL, :TERM or :INT)",
+              file=sys.stderr)
+        return None
     return m[1], int(m[2]), getattr(signal, f"SIG{m[3] or 'KILL'}")
 
 
@@ -330,7 +360,7 @@ def output_path(path: str | os.PathLike, folder: bool = False) -> Path:
         raise OutputError(f"cannot write {p}{via}: it is {_kind(st.st_mode)}, not a regular file; give a file name")
     if not link:
         return p
-    real = os.path.realpath(p)
+    real = real_path(p)
     try:
         same = os.path.samestat(os.stat(real), st)
     except OSError:

@@ -24,7 +24,7 @@ from typing import Iterable
 import numpy as np
 
 from .errors import DdpmError, brief, clip
-from .files import atomic_write, input_path
+from .files import atomic_write, input_path, real_path
 from .schema import Array, Schema, repeated
 
 NUM_CLASSES = 10
@@ -199,7 +199,7 @@ def check_room(out: str, num: int, image_shape: tuple[int, int, int]) -> None:
     from .files import OutputError
     from .runtime.generate import gib
 
-    folder = Path(os.path.realpath(out)).parent
+    folder = Path(real_path(out)).parent
     while not folder.is_dir() and folder != folder.parent:   # missing folders are created when written
         folder = folder.parent
     try:

@@ -15,11 +15,13 @@ checked by duck typing (dtype, shape) without importing torch unless one is give
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any as AnyT, Mapping
+from typing import Any as AnyT, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -252,6 +254,32 @@ class Json(Spec):
         self.inner.check(value, dims, path)
 
 
+_SCANS_LATER: contextvars.ContextVar[list | None] = contextvars.ContextVar("ddpm_scans_later", default=None)
+
+
+def scan(check: Callable[[], None]) -> None:
+    """Run `check`, a look at every value of an array (its min, max, NaNs), now; inside `shapes_first`, keep it for
+    after the checks that read only shapes and dtypes."""
+    later = _SCANS_LATER.get()
+    if later is None:
+        check()
+    else:
+        later.append(check)
+
+
+@contextmanager
+def shapes_first() -> Iterator[list[Callable[[], None]]]:
+    """Within the block, specs check types, shapes and dtypes only, and their value scans (`scan`) are collected in
+    the list yielded, to be run by the caller once the limits that follow from the shapes alone have passed: a
+    np.broadcast_to view of one value may declare 2**40 of them, and scanning those takes minutes."""
+    later: list[Callable[[], None]] = []
+    token = _SCANS_LATER.set(later)
+    try:
+        yield later
+    finally:
+        _SCANS_LATER.reset(token)
+
+
 class Array(Spec):
     """A numpy array or torch tensor. dtypes: accepted dtype names ("uint8", "float32") or kinds ("int", "float");
     shape: a tuple of ints, dimension names and None (any size), or None for any shape; finite: no NaN/inf (floats);
@@ -282,12 +310,15 @@ class Array(Spec):
                 if isinstance(want, str):
                     _bind(dims, want, d, path, f"{path} has shape {brief(shape)}")
         if (self.finite or self.min is not None or self.max is not None) and int(np.prod(shape)):
-            a = _as_numpy(v)
-            if self.finite and a.dtype.kind in "fc" and not np.isfinite(a).all():
-                raise Invalid(f"{path} holds {int((~np.isfinite(a)).sum())} non-finite values (NaN or inf)")
-            if self.min is not None and a.min() < self.min or self.max is not None and a.max() > self.max:
-                raise Invalid(f"{path} must hold values{_bounds(self.min, self.max)}, got values from {a.min()} to "
-                              f"{a.max()}")
+            scan(lambda: self._check_values(v, path))
+
+    def _check_values(self, v, path):
+        a = _as_numpy(v)
+        if self.finite and a.dtype.kind in "fc" and not np.isfinite(a).all():
+            raise Invalid(f"{path} holds {int((~np.isfinite(a)).sum())} non-finite values (NaN or inf)")
+        if self.min is not None and a.min() < self.min or self.max is not None and a.max() > self.max:
+            raise Invalid(f"{path} must hold values{_bounds(self.min, self.max)}, got values from {a.min()} to "
+                          f"{a.max()}")
 
 
 def _as_numpy(v) -> np.ndarray:

@@ -111,7 +111,15 @@ def evaluate_sets(sets: Iterable[tuple[str, object, object]], data: str | os.Pat
     return [ref.evaluate(images, labels, name) for name, images, labels in sets]
 
 
-@checked(name=Str())
+def _count_limit(dims: dict) -> None:
+    """check_count of the N the images declare, from their shape alone (before their labels' values are read)."""
+    from .metrics import check_count
+
+    if "N" in dims:
+        check_count(dims["N"][0])
+
+
+@checked(name=Str(), limits=_count_limit)
 def evaluate(images, labels, data: str | os.PathLike | None = None, name: str = "samples",
              download: bool = True) -> dict:
     """Quality figures of generated digits, as `ddpm eval` reports them (evaluate_sets).

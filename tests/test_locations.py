@@ -193,3 +193,27 @@ def test_the_api_refuses_a_path_the_os_refuses_to_name_with_ddpm_error(tmp_path,
     for name, call in calls.items():
         with pytest.raises(DdpmError, match="File name too long"):
             call()
+
+
+def test_a_deleted_working_folder_is_one_line(tmp_path, monkeypatch, tiny_export):
+    """A shell left in a removed folder: every command says so in one line, exit 1, before PyTorch is imported
+    (which would print MKL's fatal line and exit 2); the path helpers raise the same line, not FileNotFoundError."""
+    from ddpm.cli_options import _real
+    from ddpm.files import NoWorkingFolder, real_path
+
+    line = "Error: the working folder no longer exists; cd to a folder that does"
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    r = subprocess.run(["sh", "-c", f'cd "{gone}" && rmdir "{gone}" && exec "{sys.executable}" -m ddpm train --preset '
+                                    f'tiny --steps 1 --batch 2 --out "{tmp_path / "run"}"'],
+                       capture_output=True, text=True, timeout=300)
+    assert (r.returncode, r.stdout + r.stderr) == (1, line + "\n"), r.stdout + r.stderr
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    r = invoke("gen", "--export", tiny_export, "-n", 1, "--steps", 1, "--out", "x.png")
+    assert (r.exit_code, r.output) == (1, line + "\n"), r.output
+    for helper in (_real, real_path, lambda p: real_path(p, links=False)):
+        with pytest.raises(NoWorkingFolder, match="^the working folder no longer exists; cd to a folder that does$"):
+            helper("x.png")
+    assert real_path(tmp_path) == os.path.realpath(tmp_path)

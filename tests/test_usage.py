@@ -160,6 +160,42 @@ def test_evaluate_and_eval_share_one_limit_on_n(ckpt, tmp_path, monkeypatch):
     assert r.exit_code == 1 and f"Error: evaluating {k} samples needs " in r.output, r.output
 
 
+class NoScan(np.ndarray):
+    """An array whose values must not be looked at: min, max and all raise."""
+
+    def min(self, *a, **k):
+        raise AssertionError("a value scan ran")
+
+    max = all = min
+
+
+def test_shape_limits_come_before_any_value_scan(monkeypatch):
+    """A np.broadcast_to view declaring 2**40 digits is refused from the shapes alone: ddpm.evaluate's N limit, and a
+    sequence of labels longer than any call's results, before any array's values are scanned (NoScan: numpy's
+    asarray keeps it)."""
+    import ddpm
+    from ddpm.arguments import checked
+
+    real = np.asarray
+    monkeypatch.setattr(np, "asarray", lambda v, *a, **k: real(v, *a, **k).view(NoScan) if isinstance(v, NoScan)
+                        else real(v, *a, **k))
+    n = 2 ** 40
+    labels = np.broadcast_to(np.int64(0), (n,)).view(NoScan)
+    with pytest.raises(OutOfMemory, match=f"^evaluating {n} samples needs "):
+        ddpm.evaluate(np.broadcast_to(np.zeros((28, 28), np.uint8), (n, 28, 28)), labels, download=False)
+
+    @checked
+    def draw(n=1, label=None):
+        return n
+
+    with pytest.raises(ddpm.DdpmError, match=f"label holds {n} labels, more than the "):
+        draw(2, label=labels)
+    with pytest.raises(AssertionError, match="a value scan ran"):   # the scans still run once the limits pass
+        ddpm.evaluate(np.zeros((2, 28, 28), np.uint8), labels[:2], download=False)
+    with pytest.raises(AssertionError, match="a value scan ran"):
+        draw(2, label=labels[:2])
+
+
 class ZeroEngine:
     """A stand-in engine: returns its starting noise scaled to the data range (fast, finite)."""
 
