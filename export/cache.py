@@ -59,9 +59,11 @@ def cache_folder(weights_hash: str) -> Path:
 
 
 @contextmanager
-def locked(folder: Path):
-    """Wait for, then hold, the lock of a cache folder: flock on `.<name>.lock` beside it (the folder itself is
-    replaced by renames). Released when the block ends or the process dies. Where files cannot be locked: nothing."""
+def locked(folder: Path, waiting=None, beside: str | None = None):
+    """Wait for, then hold, the lock of an export folder (the cache's or `ddpm export --out`'s): flock on
+    `.<name>.lock` beside it (the folder itself is replaced by renames). waiting(): called once when another process
+    holds it, before waiting. Released when the block ends or the process dies. Where files cannot be locked:
+    nothing. OutputError when the lock file cannot be made: beside, the hint of a folder that is not the cache's."""
     try:
         import fcntl
     except ImportError:
@@ -76,10 +78,16 @@ def locked(folder: Path):
         from ..locations import in_the_way
 
         why = in_the_way(folder.parent) or e.strerror   # "File exists" for a link to nothing on the way says little
+        if beside is not None:
+            raise OutputError(f"cannot write in {folder.parent} ({why}); {beside}") from None
         raise OutputError(f"cannot use the cache folder {folder.parent} ({why}); set $XDG_CACHE_HOME to a "
                           f"writable folder, pass an export folder (--export), or use --engine torch") from None
     try:
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting()
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:   # file systems without locks
             pass
