@@ -410,3 +410,26 @@ def test_int8_generator_in_the_loop_form_only(ckpt, int8_generator, fake_mnist):
     r = _export_int8(ckpt, int8_generator, fake_mnist, "--generator", "--steps", 4, "--form", "unrolled")
     assert r.exit_code == 2 and "the int8 generator is written in the loop form only" in r.output, r.output
     assert "Traceback" not in r.output and (int8_generator / "export.json").read_text() == before
+
+
+def test_the_docs_generator_snippet_picks_the_fp32_generator(ckpt, int8_generator, tmp_path):
+    """docs/export.md's Python snippet, run on a folder whose int8 record comes first (as when gen built the int8
+    generator on first use before `ddpm export --generator`): it opens the plan's fp32 generator, whose digits the
+    docs promise, not the int8 one."""
+    import re
+    from pathlib import Path
+
+    from ddpm.runtime.bundle import Bundle
+
+    copy = tmp_path / "copy"
+    shutil.copytree(int8_generator, copy)
+    meta = json.loads((copy / "export.json").read_text())
+    meta["generators"].sort(key=lambda g: g["precision"] != "int8")
+    (copy / "export.json").write_text(json.dumps(meta))
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "export.md").read_text()
+    snippet = next(b for b in re.findall(r"^```python\n(.*?)^```", doc, re.M | re.S) if "export.json" in b)
+    plan = api.load(ckpt, copy).plan(steps=4)
+    ns = {}
+    exec(snippet.replace("EXPORT_FOLDER", str(copy)).replace("unipc8-trailing-gi0.28-5.42", plan.name), ns)
+    assert meta["generators"][0]["precision"] == "int8"   # first: the test means something
+    assert ns["name"] == Bundle.load(copy).generator(precision="fp32")["name"] and ns["images"].shape == (8, 28, 28)
