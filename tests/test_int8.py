@@ -433,3 +433,41 @@ def test_the_docs_generator_snippet_picks_the_fp32_generator(ckpt, int8_generato
     exec(snippet.replace("EXPORT_FOLDER", str(copy)).replace("unipc8-trailing-gi0.28-5.42", plan.name), ns)
     assert meta["generators"][0]["precision"] == "int8"   # first: the test means something
     assert ns["name"] == Bundle.load(copy).generator(precision="fp32")["name"] and ns["images"].shape == (8, 28, 28)
+
+
+def test_export_at_another_opset_drops_and_names_the_int8_generators(ckpt, int8_generator, tmp_path):
+    """At another --opset model_int8.onnx goes (no calibration data), and the int8 generators that hold it go with
+    it, named beside it with a command that adds them back (--int8 --generator): the folder left is one every reader
+    accepts, and the next export says nothing is to repair. The fp32 generator, self-contained, stays."""
+    copy = tmp_path / "copy"
+    shutil.copytree(int8_generator, copy)
+    meta = json.loads((copy / "export.json").read_text())
+    g8, g32 = (next(g for g in meta["generators"] if g["precision"] == p) for p in ("int8", "fp32"))
+    r = invoke("export", "--ckpt", ckpt, "--out", copy, "--opset", 18)
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and f"{copy} no longer holds {g8['name']}, model_int8.onnx (made at opset 17" in said, said
+    assert f" --out {copy} --int8 --generator`" in said and not (copy / g8["name"]).exists(), said
+    assert [g["name"] for g in json.loads((copy / "export.json").read_text())["generators"]] == [g32["name"]]
+    r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 4, "--engine", "onnx-generator",
+               "--out", tmp_path / "a.png")
+    assert r.exit_code == 0, r.output
+    r = invoke("export", "--ckpt", ckpt, "--out", copy, "--opset", 18)
+    assert r.exit_code == 0 and "repairing" not in r.output and "no longer holds" not in r.output, r.output
+
+
+def test_a_lost_int8_generator_is_named_alone_with_int8_in_its_hint(ckpt, int8_generator, tmp_path):
+    """A damaged int8 generator file: the repairing export names it alone, with a command that makes it (--int8
+    --generator), and keeps the sound fp32 generator, at this opset and at another one (its models made again, the
+    fp32 generator self-contained)."""
+    meta = json.loads((int8_generator / "export.json").read_text())
+    g8, g32 = (next(g for g in meta["generators"] if g["precision"] == p) for p in ("int8", "fp32"))
+    for opset in (17, 18):
+        copy = tmp_path / f"copy{opset}"
+        shutil.copytree(int8_generator, copy)
+        _flip(copy / g8["name"])
+        r = invoke("export", "--ckpt", ckpt, "--out", copy, "--opset", opset)
+        said = " ".join(r.output.split())
+        assert r.exit_code == 0 and f"repairing {copy} ({copy / g8['name']} " in said, said
+        lost = g8["name"] if opset == 17 else f"{g8['name']}, model_int8.onnx"
+        assert f"{copy} no longer holds {lost} (" in said and f" --out {copy} --int8 --generator`" in said, said
+        assert [g["name"] for g in json.loads((copy / "export.json").read_text())["generators"]] == [g32["name"]]
