@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Callable
 
 from ..errors import DdpmError
 from ..files import FolderKind
-from ..runtime.bundle import META_FILE, Bundle, ExportError, plan_names
+from ..runtime.bundle import EXPORT_FORMAT, META_FILE, Bundle, ExportError, plan_names, read_meta
 
 # An export folder as a folder output (files.claim_dir), for every writer of one (onnx_export.export, _seed): besides
 # export.json, ddpm export writes the models, the generators (export/generator.py), TensorRT engines and their records
@@ -33,14 +34,21 @@ EXPORT_FOLDER = FolderKind("an export folder", META_FILE, "files of other weight
 
 def same_weights(weights_hash: str | None) -> Callable[[Path], bool | None]:
     """files.claim_dir's `same` for an export folder: None without export.json, True for a valid export of these
-    weights (of any weights for None), False for another (other weights, or an export.json that does not load)."""
+    weights (of any weights for None) and for a damaged one whose export.json, refused, still names these weights
+    (the export repairs it: the user's files in it are carried over, as from a valid one), False for another (other
+    weights, or an export.json that does not load and names no weights)."""
     def same(root: Path) -> bool | None:
         if not (root / META_FILE).is_file():
             return None
         try:
             Bundle.load(root, expected_hash=weights_hash)
         except ExportError:
-            return False
+            try:
+                raw = read_meta(root / META_FILE)
+            except ExportError:
+                return False
+            return (weights_hash is not None and isinstance(raw, dict) and raw.get("format") == EXPORT_FORMAT
+                    and raw.get("checkpoint_hash") == weights_hash)
         return True
 
     return same
@@ -118,7 +126,11 @@ def export_bundle(model, fp16: bool = False, int8: bool = False) -> Bundle:
     expected = model.hash   # an export folder that changed since load() read it is refused
     own = model.export_dir
     if own is not None and Path(own) != shipped_dir():
-        return Bundle.load(own, expected_hash=expected)          # the user's folder: as it is
+        try:
+            return Bundle.load(own, expected_hash=expected)      # the user's folder: as it is
+        except ExportError as e:   # the command that repairs it writes these weights into it, not into the cache
+            command = f"ddpm export --ckpt {shlex.quote(str(model.path or 'CKPT'))} --out {shlex.quote(str(own))}"
+            raise ExportError(re.sub(r"re-run `ddpm export`( for it)?$", f"re-run `{command}`", str(e))) from None
     shipped = _has(shipped_dir(), expected, fp16, int8) if own is not None else None
     if shipped is not None:
         return shipped

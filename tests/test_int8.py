@@ -471,3 +471,20 @@ def test_a_lost_int8_generator_is_named_alone_with_int8_in_its_hint(ckpt, int8_g
         lost = g8["name"] if opset == 17 else f"{g8['name']}, model_int8.onnx"
         assert f"{copy} no longer holds {lost} (" in said and f" --out {copy} --int8 --generator`" in said, said
         assert [g["name"] for g in json.loads((copy / "export.json").read_text())["generators"]] == [g32["name"]]
+
+
+def test_repairing_export_carries_the_users_file_over(ckpt, int8_export, tmp_path):
+    """A damaged export.json of these weights in a folder that also holds a user's file: gen's message names the
+    command that repairs this folder (--ckpt, --out), and that export repairs it as it does a folder without the
+    file (the loss named), carrying the user's file over, not refusing the folder as one of other weights."""
+    copy = _damaged(int8_export, tmp_path, lambda m: m["files"].update(int8=None))
+    (copy / "NOTES.txt").write_text("mine")
+    r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--out", tmp_path / "a.png")
+    said = " ".join(r.output.split())
+    assert r.exit_code == 1 and f"re-run `ddpm export --ckpt {ckpt / 'model.safetensors'} --out {copy}`" in said, said
+    r = invoke("export", "--ckpt", ckpt, "--out", copy)
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and f"{copy} no longer holds model_int8.onnx (its export.json was refused" in said, said
+    assert (copy / "NOTES.txt").read_text() == "mine"
+    r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--out", tmp_path / "a.png")
+    assert r.exit_code == 0, r.output
