@@ -156,8 +156,8 @@ def _damage(root: Path, meta: dict, opset: int) -> str | None:
     try:
         for precision in meta["files"] if meta.get("opset") == opset else []:
             bundle.onnx_path(precision)
-        for g in bundle.generators:
-            bundle.generator_path(g["plan_key"], g["form"], g.get("precision", "fp32"))
+        for g in bundle.generators:   # each record as itself, not only the first of its plan and precision
+            bundle.checked_generator(g)
     except ExportError as e:
         return _fault(e)
     return None
@@ -202,6 +202,9 @@ def _salvage(root: Path, loaded: LoadedModel, opset: int) -> tuple[dict, list]:
         files[precision] = entry
     gens = raw.get("generators")
     for g in gens if "fp32" in files and isinstance(gens, list) else []:
+        if isinstance(g, dict) and any(g.get("name") == k["name"] or all(g.get(f, "fp32") == k.get(f, "fp32") for f in
+                                       ("plan_key", "form", "precision")) for k in generators):
+            continue   # a second record of a kept one's file, or plan, form and precision
         try:   # an int8 generator holds model_int8.onnx too: kept only with it (Bundle.generator_path)
             Bundle.checked(root, {**own, "files": {p: files[p] for p in ("fp32", "int8") if p in files},
                                   "generators": [g]}, loaded.hash).generator_path(g["plan_key"], g["form"],

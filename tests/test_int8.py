@@ -488,3 +488,45 @@ def test_repairing_export_carries_the_users_file_over(ckpt, int8_export, tmp_pat
     assert (copy / "NOTES.txt").read_text() == "mine"
     r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--out", tmp_path / "a.png")
     assert r.exit_code == 0, r.output
+
+
+def _gen_records(folder):
+    meta = json.loads((folder / "export.json").read_text())
+    return meta, *(next(g for g in meta["generators"] if g["precision"] == p) for p in ("int8", "fp32"))
+
+
+@pytest.mark.parametrize("edit", ["int8 relabelled fp32", "fp32_timesteps []", "fp32_timesteps removed",
+                                  "int8 record twice"])
+def test_an_edited_generator_record_is_refused_and_repaired(ckpt, int8_generator, tmp_path, edit):
+    """export.json's int8 generator record hand-edited: its precision against the file's own record, its fp32 rows
+    against the rows the file records, a second record of one file. Each is refused by the readers in one line
+    (here the int8 generator engine), and `ddpm export` repairs the folder, checking every record as itself (not
+    only the first of its plan and precision): what it keeps is one record per file, each true."""
+    copy = tmp_path / "copy"
+    shutil.copytree(int8_generator, copy)
+    meta, g8, g32 = _gen_records(copy)
+    if edit == "int8 relabelled fp32":   # after the true fp32 record: a lookup by plan and precision never reaches it
+        meta["generators"] = [g32, {**g8, "precision": "fp32"}]
+    elif edit == "fp32_timesteps []":
+        assert g8["fp32_timesteps"]   # the file runs rows at fp32: the edit states a false fact
+        g8["fp32_timesteps"] = []
+    elif edit == "fp32_timesteps removed":
+        del g8["fp32_timesteps"]
+    else:
+        meta["generators"].append(dict(g8))
+    (copy / "export.json").write_text(json.dumps(meta))
+    r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 4, "--engine", "onnx-generator",
+               "--int8", "--out", tmp_path / "a.png")
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output, r.output
+    r = invoke("export", "--ckpt", ckpt, "--out", copy)
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0, said
+    names = [g["name"] for g in json.loads((copy / "export.json").read_text())["generators"]]
+    assert len(names) == len(set(names)) and g32["name"] in names, names
+    if edit == "int8 record twice":   # both records true: one kept, nothing lost
+        assert sorted(names) == sorted([g8["name"], g32["name"]]) and "no longer holds" not in said, said
+    else:
+        assert names == [g32["name"]] and f"no longer holds {g8['name']} (" in said and "--int8 --generator`" in said
+    r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 4, "--engine", "onnx-generator",
+               "--out", tmp_path / "a.png")
+    assert r.exit_code == 0, r.output
