@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Callable
 
 from ..errors import DdpmError
 from ..files import FolderKind
-from ..runtime.bundle import META_FILE, Bundle, ExportError, plan_names
+from ..runtime.bundle import EXPORT_FORMAT, META_FILE, Bundle, ExportError, plan_names, read_meta
 
 # An export folder as a folder output (files.claim_dir), for every writer of one (onnx_export.export, _seed): besides
 # export.json, ddpm export writes the models, the generators (export/generator.py), TensorRT engines and their records
@@ -33,14 +34,21 @@ EXPORT_FOLDER = FolderKind("an export folder", META_FILE, "files of other weight
 
 def same_weights(weights_hash: str | None) -> Callable[[Path], bool | None]:
     """files.claim_dir's `same` for an export folder: None without export.json, True for a valid export of these
-    weights (of any weights for None), False for another (other weights, or an export.json that does not load)."""
+    weights (of any weights for None) and for a damaged one whose export.json, refused, still names these weights
+    (the export repairs it: the user's files in it are carried over, as from a valid one), False for another (other
+    weights, or an export.json that does not load and names no weights)."""
     def same(root: Path) -> bool | None:
         if not (root / META_FILE).is_file():
             return None
         try:
             Bundle.load(root, expected_hash=weights_hash)
         except ExportError:
-            return False
+            try:
+                raw = read_meta(root / META_FILE)
+            except ExportError:
+                return False
+            return (weights_hash is not None and isinstance(raw, dict) and raw.get("format") == EXPORT_FORMAT
+                    and raw.get("checkpoint_hash") == weights_hash)
         return True
 
     return same
@@ -59,9 +67,11 @@ def cache_folder(weights_hash: str) -> Path:
 
 
 @contextmanager
-def locked(folder: Path):
-    """Wait for, then hold, the lock of a cache folder: flock on `.<name>.lock` beside it (the folder itself is
-    replaced by renames). Released when the block ends or the process dies. Where files cannot be locked: nothing."""
+def locked(folder: Path, waiting=None, beside: str | None = None):
+    """Wait for, then hold, the lock of an export folder (the cache's or `ddpm export --out`'s): flock on
+    `.<name>.lock` beside it (the folder itself is replaced by renames). waiting(): called once when another process
+    holds it, before waiting. Released when the block ends or the process dies. Where files cannot be locked:
+    nothing. OutputError when the lock file cannot be made: beside, the hint of a folder that is not the cache's."""
     try:
         import fcntl
     except ImportError:
@@ -76,10 +86,16 @@ def locked(folder: Path):
         from ..locations import in_the_way
 
         why = in_the_way(folder.parent) or e.strerror   # "File exists" for a link to nothing on the way says little
+        if beside is not None:
+            raise OutputError(f"cannot write in {folder.parent} ({why}); {beside}") from None
         raise OutputError(f"cannot use the cache folder {folder.parent} ({why}); set $XDG_CACHE_HOME to a "
                           f"writable folder, pass an export folder (--export), or use --engine torch") from None
     try:
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting()
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:   # file systems without locks
             pass
@@ -110,7 +126,11 @@ def export_bundle(model, fp16: bool = False, int8: bool = False) -> Bundle:
     expected = model.hash   # an export folder that changed since load() read it is refused
     own = model.export_dir
     if own is not None and Path(own) != shipped_dir():
-        return Bundle.load(own, expected_hash=expected)          # the user's folder: as it is
+        try:
+            return Bundle.load(own, expected_hash=expected)      # the user's folder: as it is
+        except ExportError as e:   # the command that repairs it writes these weights into it, not into the cache
+            command = f"ddpm export --ckpt {shlex.quote(str(model.path or 'CKPT'))} --out {shlex.quote(str(own))}"
+            raise ExportError(re.sub(r"re-run `ddpm export`( for it)?$", f"re-run `{command}`", str(e))) from None
     shipped = _has(shipped_dir(), expected, fp16, int8) if own is not None else None
     if shipped is not None:
         return shipped

@@ -51,18 +51,30 @@ def export_folder(model, out: str | Path | None = None, fp16: bool = False, opse
     cannot run, PictureChannels for a generator of a model whose images are not grey or RGB pictures: both checked
     before any work)."""
     from ..model.io import LoadedModel
-    from ..options import GUIDANCE
-    from .cache import cache_folder
-    from .generator import GeneratorFailed, add_generator, check_form, check_image_shape, check_plan
-    from .onnx_export import ExportFailed, export
+    from .cache import cache_folder, locked
+    from .generator import check_form, check_image_shape, check_plan
 
     if plan is not None:
         check_image_shape(model.image_shape)
         check_plan(plan)
         check_form(form, "fp32" if int8 is None else "int8")
     loaded = LoadedModel(model.torch_model, model.cfg, model.hash, model.path, model.info)
+    folder = Path(out or cache_folder(model.hash))
+    # one writer at a time (cache.locked, as gen's first-use builds): another export publishing the folder would
+    # sweep away the temporaries this one writes inside it
+    with locked(folder, waiting=lambda: log(f"waiting for another export into {folder} to end"),
+                beside=None if out is None else "choose another --out"):
+        return _export_folder(loaded, folder, fp16, opset, plan, form, trt_batches, log, int8)
+
+
+def _export_folder(loaded, folder: Path, fp16: bool, opset: int, plan, form: str, trt_batches, log, int8) -> Bundle:
+    """export_folder's work, in the export folder `folder` it holds the lock of."""
+    from ..options import GUIDANCE
+    from .generator import GeneratorFailed, add_generator
+    from .onnx_export import ExportFailed, export
+
     try:
-        res = export(loaded, out or cache_folder(model.hash), fp16=fp16, opset=opset, log=log, int8=int8)
+        res = export(loaded, folder, fp16=fp16, opset=opset, log=log, int8=int8)
     except ExportFailed as e:
         raise DdpmError(f"export failed, nothing written: {e}") from None
     precisions = [] if plan is None else ["fp32", "int8"] if int8 is not None else ["fp32"]

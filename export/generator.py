@@ -419,12 +419,12 @@ def add_generator(root, plan: Plan, guidance: float, form: str = DEFAULT_FORM, l
     paths, row_nets = networks(bundle, plan, precision)
     nets = [onnx.load(str(p)) for p in paths]
     net = nets[-1]   # model.onnx: its opset is the generator's
+    fp32_rows = {} if precision == "fp32" else {"fp32_timesteps": [int(t) for t in plan.timesteps[row_nets == 1]]}
+    # the file records its fp32 rows too: export.json's record is checked against it (runtime.bundle)
     model = build(nets, plan, bundle.null_label, bundle.image_shape, form, row_nets=row_nets,
-                  meta={"checkpoint_hash": bundle.meta["checkpoint_hash"], "precision": precision})
+                  meta={"checkpoint_hash": bundle.meta["checkpoint_hash"], "precision": precision, **fp32_rows})
     name, info = generator_file(plan, form, precision), {}
-    extra = {} if precision == "fp32" else {
-        "fp32_timesteps": [int(t) for t in plan.timesteps[row_nets == 1]],
-        "int8_sha256": bundle.meta["files"]["int8"]["sha256"]}
+    extra = {} if precision == "fp32" else {**fp32_rows, "int8_sha256": bundle.meta["files"]["int8"]["sha256"]}
 
     def write(tmp: str) -> None:   # saved and verified as a temporary (files.atomic_write), renamed in if it passes
         tmp = Path(tmp)

@@ -156,8 +156,8 @@ def _damage(root: Path, meta: dict, opset: int) -> str | None:
     try:
         for precision in meta["files"] if meta.get("opset") == opset else []:
             bundle.onnx_path(precision)
-        for g in bundle.generators:
-            bundle.generator_path(g["plan_key"], g["form"], g.get("precision", "fp32"))
+        for g in bundle.generators:   # each record as itself, not only the first of its plan and precision
+            bundle.checked_generator(g)
     except ExportError as e:
         return _fault(e)
     return None
@@ -173,19 +173,23 @@ def _salvage(root: Path, loaded: LoadedModel, opset: int) -> tuple[dict, list]:
     generators [entry]), each entry of that export.json that passes on its own every check a loaded folder's entry
     passes (Bundle.checked beside this checkpoint's own metadata: its record's schema and parity within its
     tolerance; Bundle._member: its file's size, sha256 and embedded record of these weights, config and schedule).
-    Only at this opset. model_int8.onnx and the generators were verified against model.onnx, so they are kept only
-    with it; model_fp16.onnx was verified against PyTorch and stands alone. A refused export.json is not trusted as
-    a whole, but an entry that passes these checks on its own is the same evidence a trusted folder's entry gives:
-    dropping it would lose an artifact that no fault touched."""
+    Its models only at this opset, its fp32 generators at any (they hold their whole network, as in a folder whose
+    export.json holds); model_int8.onnx and the generators were verified against model.onnx, so they are kept only
+    with it (checked at the folder's opset), and an int8 generator only with its model_int8.onnx (_holding);
+    model_fp16.onnx was verified against PyTorch and stands alone. A refused export.json is not trusted as a whole,
+    but an entry that passes these checks on its own is the same evidence a trusted folder's entry gives: dropping
+    it would lose an artifact that no fault touched."""
     from ..runtime.bundle import read_meta
 
     try:
         raw = read_meta(root / META_FILE)
     except ExportError:
         return {}, []
-    if not isinstance(raw, dict) or raw.get("opset") != opset or not isinstance(raw.get("files"), dict):
+    if not isinstance(raw, dict) or not isinstance(raw.get("opset"), int) or not isinstance(raw.get("files"), dict):
         return {}, []
-    own = metadata(loaded, {}, opset)   # this checkpoint's own entries: what each kept file must agree with
+    # this checkpoint's own entries: what each kept file must agree with (at the folder's opset: its models check
+    # its generators; only at this export's opset are the models themselves kept)
+    own = metadata(loaded, {}, raw["opset"])
     files, generators = {}, []
     for precision in FILES:   # fp32 first: int8 is kept only with it
         entry = raw["files"].get(precision)
@@ -198,6 +202,9 @@ def _salvage(root: Path, loaded: LoadedModel, opset: int) -> tuple[dict, list]:
         files[precision] = entry
     gens = raw.get("generators")
     for g in gens if "fp32" in files and isinstance(gens, list) else []:
+        if isinstance(g, dict) and any(g.get("name") == k["name"] or all(g.get(f, "fp32") == k.get(f, "fp32") for f in
+                                       ("plan_key", "form", "precision")) for k in generators):
+            continue   # a second record of a kept one's file, or plan, form and precision
         try:   # an int8 generator holds model_int8.onnx too: kept only with it (Bundle.generator_path)
             Bundle.checked(root, {**own, "files": {p: files[p] for p in ("fp32", "int8") if p in files},
                                   "generators": [g]}, loaded.hash).generator_path(g["plan_key"], g["form"],
@@ -205,7 +212,17 @@ def _salvage(root: Path, loaded: LoadedModel, opset: int) -> tuple[dict, list]:
         except ExportError:
             continue
         generators.append(g)
+    if raw["opset"] != opset:   # its models are made again: only the generators, self-contained, stay
+        return {}, _holding(generators, {})
     return files, generators
+
+
+def _holding(generators: list, files: dict) -> list:
+    """The generator records that stay with the models `files` of a new export.json: an int8 generator holds the
+    model_int8.onnx it was verified with (int8_sha256), so it goes when that model is not kept (dropped at another
+    opset, or made again by a new calibration); the fp32 ones hold their whole network and stay."""
+    int8 = (files.get("int8") or {}).get("sha256")
+    return [g for g in generators if g.get("precision", "fp32") != "int8" or g.get("int8_sha256") == int8]
 
 
 def _artifacts(root: Path) -> set[str]:
@@ -244,7 +261,8 @@ def _say_lost(root: Path, before: set[str], why: str, loaded: LoadedModel, log) 
     lost = sorted(before - _artifacts(root))
     if not lost:
         return
-    flags = [f for f, made in (("--fp16", FILES["fp16"] in lost), ("--int8", FILES["int8"] in lost),
+    int8 = FILES["int8"] in lost or any(n.startswith("generator-") and n.endswith("-int8.onnx") for n in lost)
+    flags = [f for f, made in (("--fp16", FILES["fp16"] in lost), ("--int8", int8),
                                  ("--generator", any(n.startswith("generator-") for n in lost)),
                                  ("--trt", any(n.endswith((".plan", ".plan.json", ".cache")) for n in lost))) if made]
     gens = " (with the --sampler and --steps of each generator)" if "--generator" in flags else ""
@@ -351,10 +369,9 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
             _embed_metadata(tmp / f["name"], meta)
             f["sha256"] = file_sha256(tmp / f["name"])
             f["bytes"] = (tmp / f["name"]).stat().st_size
-        if old is not None and old.get("generators"):   # carried over with the rest of the folder (_publish)
-            meta["generators"] = old["generators"]
-        elif salvaged:
-            meta["generators"] = salvaged
+        gens = old.get("generators", []) if old is not None else salvaged   # carried over with the folder (_publish)
+        if gens := _holding(gens, meta["files"]):
+            meta["generators"] = gens
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         keep = None if replace else lambda p: _holds(p, loaded.hash, list(files))
         if not publish_owned(tmp, out, EXPORT_FOLDER, same, keep, drop=_unlisted_model(meta)):

@@ -377,6 +377,19 @@ class Bundle:
         entries = [(f"files.{p}", f, ("error", "tolerance")) for p, f in meta["files"].items()]
         entries += [(f"generators[{i}]", g, ("max_abs_grey", "tolerance_grey"))
                     for i, g in enumerate(meta.get("generators", []))]
+        seen = {}
+        for i, g in enumerate(meta.get("generators", [])):
+            # one record per file and per plan, form and precision: a second one is one no reader would reach
+            for what, key in (("file", g["name"]), ("plan, form and precision",
+                                                    (g["plan_key"], g["form"], g.get("precision", "fp32")))):
+                if (what, key) in seen:
+                    raise ExportError(f"{meta_path}: generators[{i}] has the {what} of generators[{seen[what, key]}]; "
+                                      f"re-run `ddpm export`")
+                seen[what, key] = i
+            missing = [k for k in ("fp32_timesteps", "int8_sha256") if k not in g]
+            if g.get("precision") == "int8" and missing:
+                raise ExportError(f"{meta_path}: generators[{i}], an int8 generator, records no {missing[0]}; "
+                                  f"re-run `ddpm export`")
         for where, entry, (error, tolerance) in entries:
             if "parity" not in entry:
                 raise ExportError(f"{meta_path}: {where} records no parity (the verification `ddpm export` records "
@@ -459,6 +472,14 @@ class Bundle:
             raise ExportError(f"{self.root} has no {what}" + (f" for the plan asked for (it has {have})" if have
                               else "") + f"; create one with `{command}` with that sampler and --steps, "
                               f"{self.ckpt_word()}")
+        return self.checked_generator(gen)
+
+    def checked_generator(self, gen: dict) -> Path:
+        """The file of the generator record `gen` (one of `generators`), checked as generator_path checks the record
+        it finds: every record of the folder can be checked as itself (`ddpm export` does so before it keeps them),
+        not only the first of its plan and precision. ExportError when it is damaged or of another int8 model."""
+        precision = gen.get("precision", "fp32")
+        command = self.export_command(precision, flags=" --generator")
         if precision == "int8" and gen.get("int8_sha256") != self.meta["files"].get("int8", {}).get("sha256"):
             what = "another int8 model than the folder's model_int8.onnx" if "int8" in self.meta["files"] \
                 else "an int8 model the folder no longer has"
@@ -541,6 +562,8 @@ class Bundle:
             # the networks it calls (GENERATOR_PRECISIONS): a record or a file without the field is fp32
             recorded.setdefault("precision", "fp32")
             want.update(precision=entry.get("precision", "fp32"))
+            if "fp32_timesteps" in recorded or "fp32_timesteps" in entry:   # int8: the rows it runs at fp32
+                want.update(fp32_timesteps=entry.get("fp32_timesteps"))
             want.update(null_label=meta["null_label"], image_shape=meta["image_shape"])
         else:
             want.update({k: meta[k] for k in _SAME})

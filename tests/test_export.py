@@ -201,3 +201,30 @@ def test_fp16_verification_holds_for_a_network_whose_eps_is_near_0(tmp_path, sca
     onnx_export.to_onnx(net(1.05), tmp_path / "wrong.onnx", "fp16")   # eps 5% off at eps std about 0.3
     with pytest.raises(ExportFailed, match="disagrees"):
         onnx_export.verify(tmp_path / "wrong.onnx", net(1.0), "fp16", TINY.timesteps)
+
+
+def test_exports_into_one_folder_take_turns(tiny_exported):
+    """Two exports into one folder: the second waits for the first (export/cache.py locked, the lock gen's first-use
+    builds hold), saying so, instead of having the temporaries it writes inside the folder swept away when the
+    other publishes it (a FileNotFoundError traceback from add_generator). Here this test holds the lock."""
+    import threading
+
+    from ddpm import api
+    from ddpm.export.cache import locked
+    from ddpm.export.chain import export_folder
+
+    root = tiny_exported()
+    model, out = api.load(root / "model.safetensors"), root / "exp"
+    before = (out / "export.json").read_bytes()
+    said, done = [], []
+    with locked(out):
+        t = threading.Thread(target=lambda: done.append(export_folder(model, out, log=said.append)))
+        t.start()
+        for _ in range(600):   # the first line it says, at most 60 s
+            if said or not t.is_alive():
+                break
+            t.join(0.1)
+        assert t.is_alive() and not done and said == [f"waiting for another export into {out} to end"], said
+        assert (out / "export.json").read_bytes() == before
+    t.join(120)
+    assert done and done[0].root == out and "model.onnx: kept (made and verified before)" in said, said

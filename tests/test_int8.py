@@ -410,3 +410,123 @@ def test_int8_generator_in_the_loop_form_only(ckpt, int8_generator, fake_mnist):
     r = _export_int8(ckpt, int8_generator, fake_mnist, "--generator", "--steps", 4, "--form", "unrolled")
     assert r.exit_code == 2 and "the int8 generator is written in the loop form only" in r.output, r.output
     assert "Traceback" not in r.output and (int8_generator / "export.json").read_text() == before
+
+
+def test_the_docs_generator_snippet_picks_the_fp32_generator(ckpt, int8_generator, tmp_path):
+    """docs/export.md's Python snippet, run on a folder whose int8 record comes first (as when gen built the int8
+    generator on first use before `ddpm export --generator`): it opens the plan's fp32 generator, whose digits the
+    docs promise, not the int8 one."""
+    import re
+    from pathlib import Path
+
+    from ddpm.runtime.bundle import Bundle
+
+    copy = tmp_path / "copy"
+    shutil.copytree(int8_generator, copy)
+    meta = json.loads((copy / "export.json").read_text())
+    meta["generators"].sort(key=lambda g: g["precision"] != "int8")
+    (copy / "export.json").write_text(json.dumps(meta))
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "export.md").read_text()
+    snippet = next(b for b in re.findall(r"^```python\n(.*?)^```", doc, re.M | re.S) if "export.json" in b)
+    plan = api.load(ckpt, copy).plan(steps=4)
+    ns = {}
+    exec(snippet.replace("EXPORT_FOLDER", str(copy)).replace("unipc8-trailing-gi0.28-5.42", plan.name), ns)
+    assert meta["generators"][0]["precision"] == "int8"   # first: the test means something
+    assert ns["name"] == Bundle.load(copy).generator(precision="fp32")["name"] and ns["images"].shape == (8, 28, 28)
+
+
+def test_export_at_another_opset_drops_and_names_the_int8_generators(ckpt, int8_generator, tmp_path):
+    """At another --opset model_int8.onnx goes (no calibration data), and the int8 generators that hold it go with
+    it, named beside it with a command that adds them back (--int8 --generator): the folder left is one every reader
+    accepts, and the next export says nothing is to repair. The fp32 generator, self-contained, stays."""
+    copy = tmp_path / "copy"
+    shutil.copytree(int8_generator, copy)
+    meta = json.loads((copy / "export.json").read_text())
+    g8, g32 = (next(g for g in meta["generators"] if g["precision"] == p) for p in ("int8", "fp32"))
+    r = invoke("export", "--ckpt", ckpt, "--out", copy, "--opset", 18)
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and f"{copy} no longer holds {g8['name']}, model_int8.onnx (made at opset 17" in said, said
+    assert f" --out {copy} --int8 --generator`" in said and not (copy / g8["name"]).exists(), said
+    assert [g["name"] for g in json.loads((copy / "export.json").read_text())["generators"]] == [g32["name"]]
+    r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 4, "--engine", "onnx-generator",
+               "--out", tmp_path / "a.png")
+    assert r.exit_code == 0, r.output
+    r = invoke("export", "--ckpt", ckpt, "--out", copy, "--opset", 18)
+    assert r.exit_code == 0 and "repairing" not in r.output and "no longer holds" not in r.output, r.output
+
+
+def test_a_lost_int8_generator_is_named_alone_with_int8_in_its_hint(ckpt, int8_generator, tmp_path):
+    """A damaged int8 generator file: the repairing export names it alone, with a command that makes it (--int8
+    --generator), and keeps the sound fp32 generator, at this opset and at another one (its models made again, the
+    fp32 generator self-contained)."""
+    meta = json.loads((int8_generator / "export.json").read_text())
+    g8, g32 = (next(g for g in meta["generators"] if g["precision"] == p) for p in ("int8", "fp32"))
+    for opset in (17, 18):
+        copy = tmp_path / f"copy{opset}"
+        shutil.copytree(int8_generator, copy)
+        _flip(copy / g8["name"])
+        r = invoke("export", "--ckpt", ckpt, "--out", copy, "--opset", opset)
+        said = " ".join(r.output.split())
+        assert r.exit_code == 0 and f"repairing {copy} ({copy / g8['name']} " in said, said
+        lost = g8["name"] if opset == 17 else f"{g8['name']}, model_int8.onnx"
+        assert f"{copy} no longer holds {lost} (" in said and f" --out {copy} --int8 --generator`" in said, said
+        assert [g["name"] for g in json.loads((copy / "export.json").read_text())["generators"]] == [g32["name"]]
+
+
+def test_repairing_export_carries_the_users_file_over(ckpt, int8_export, tmp_path):
+    """A damaged export.json of these weights in a folder that also holds a user's file: gen's message names the
+    command that repairs this folder (--ckpt, --out), and that export repairs it as it does a folder without the
+    file (the loss named), carrying the user's file over, not refusing the folder as one of other weights."""
+    copy = _damaged(int8_export, tmp_path, lambda m: m["files"].update(int8=None))
+    (copy / "NOTES.txt").write_text("mine")
+    r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--out", tmp_path / "a.png")
+    said = " ".join(r.output.split())
+    assert r.exit_code == 1 and f"re-run `ddpm export --ckpt {ckpt / 'model.safetensors'} --out {copy}`" in said, said
+    r = invoke("export", "--ckpt", ckpt, "--out", copy)
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and f"{copy} no longer holds model_int8.onnx (its export.json was refused" in said, said
+    assert (copy / "NOTES.txt").read_text() == "mine"
+    r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--out", tmp_path / "a.png")
+    assert r.exit_code == 0, r.output
+
+
+def _gen_records(folder):
+    meta = json.loads((folder / "export.json").read_text())
+    return meta, *(next(g for g in meta["generators"] if g["precision"] == p) for p in ("int8", "fp32"))
+
+
+@pytest.mark.parametrize("edit", ["int8 relabelled fp32", "fp32_timesteps []", "fp32_timesteps removed",
+                                  "int8 record twice"])
+def test_an_edited_generator_record_is_refused_and_repaired(ckpt, int8_generator, tmp_path, edit):
+    """export.json's int8 generator record hand-edited: its precision against the file's own record, its fp32 rows
+    against the rows the file records, a second record of one file. Each is refused by the readers in one line
+    (here the int8 generator engine), and `ddpm export` repairs the folder, checking every record as itself (not
+    only the first of its plan and precision): what it keeps is one record per file, each true."""
+    copy = tmp_path / "copy"
+    shutil.copytree(int8_generator, copy)
+    meta, g8, g32 = _gen_records(copy)
+    if edit == "int8 relabelled fp32":   # after the true fp32 record: a lookup by plan and precision never reaches it
+        meta["generators"] = [g32, {**g8, "precision": "fp32"}]
+    elif edit == "fp32_timesteps []":
+        assert g8["fp32_timesteps"]   # the file runs rows at fp32: the edit states a false fact
+        g8["fp32_timesteps"] = []
+    elif edit == "fp32_timesteps removed":
+        del g8["fp32_timesteps"]
+    else:
+        meta["generators"].append(dict(g8))
+    (copy / "export.json").write_text(json.dumps(meta))
+    r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 4, "--engine", "onnx-generator",
+               "--int8", "--out", tmp_path / "a.png")
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output, r.output
+    r = invoke("export", "--ckpt", ckpt, "--out", copy)
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0, said
+    names = [g["name"] for g in json.loads((copy / "export.json").read_text())["generators"]]
+    assert len(names) == len(set(names)) and g32["name"] in names, names
+    if edit == "int8 record twice":   # both records true: one kept, nothing lost
+        assert sorted(names) == sorted([g8["name"], g32["name"]]) and "no longer holds" not in said, said
+    else:
+        assert names == [g32["name"]] and f"no longer holds {g8['name']} (" in said and "--int8 --generator`" in said
+    r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 4, "--engine", "onnx-generator",
+               "--out", tmp_path / "a.png")
+    assert r.exit_code == 0, r.output
