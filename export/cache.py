@@ -13,6 +13,7 @@ needs no lock (every file and export.json are replaced atomically).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shlex
@@ -66,12 +67,31 @@ def cache_folder(weights_hash: str) -> Path:
     return cache_dir("exports", weights_hash[:16])
 
 
+def _lock_file(folder: Path) -> Path:
+    """Where the lock of export folder `folder` lives (the folder itself is replaced by renames, so not in it): for
+    the cache's folders `.<name>.lock` beside them; for any other folder (a user's `--out`) a file of the cache's
+    `locks/` folder named by the hash of the folder's real path, so that nothing is left in the user's folders, or
+    beside the folder when the cache cannot be used."""
+    from ..locations import cache_dir
+
+    try:
+        exports = cache_dir("exports")
+        if os.path.realpath(folder.parent) != os.path.realpath(exports):
+            locks = cache_dir("locks")
+            locks.mkdir(parents=True, exist_ok=True)
+            return locks / f"{hashlib.sha256(os.fsencode(os.path.realpath(folder))).hexdigest()[:32]}.lock"
+    except (OSError, DdpmError):
+        pass
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return folder.parent / f".{folder.name}.lock"
+
+
 @contextmanager
 def locked(folder: Path, waiting=None, beside: str | None = None):
-    """Wait for, then hold, the lock of an export folder (the cache's or `ddpm export --out`'s): flock on
-    `.<name>.lock` beside it (the folder itself is replaced by renames). waiting(): called once when another process
-    holds it, before waiting. Released when the block ends or the process dies. Where files cannot be locked:
-    nothing. OutputError when the lock file cannot be made: beside, the hint of a folder that is not the cache's."""
+    """Wait for, then hold, the lock of an export folder (the cache's or `ddpm export --out`'s): flock on its lock
+    file (_lock_file). waiting(): called once when another process holds it, before waiting. Released when the block
+    ends or the process dies. Where files cannot be locked: nothing. OutputError when the lock file cannot be made:
+    beside, the hint of a folder that is not the cache's."""
     try:
         import fcntl
     except ImportError:
@@ -80,8 +100,7 @@ def locked(folder: Path, waiting=None, beside: str | None = None):
     from ..files import OutputError
 
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder.parent / f".{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(_lock_file(folder), os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
         from ..locations import in_the_way
 
