@@ -180,7 +180,7 @@ def test_mnist_is_not_downloaded_where_it_cannot_be_written(monkeypatch):
         ensure_mnist(data.Path("/proc/ddpm-no-such-mnist"), download=True, progress=lambda m: None)
 
 
-def test_a_cache_folder_under_a_link_to_nothing_says_so(tmp_path):
+def test_a_cache_folder_under_a_link_to_nothing_says_so(tmp_path, monkeypatch):
     """$XDG_CACHE_HOME a symbolic link to nothing: the export cache's line names the link (it said "File exists")."""
     import os
 
@@ -188,6 +188,7 @@ def test_a_cache_folder_under_a_link_to_nothing_says_so(tmp_path):
     from ddpm.files import OutputError
 
     os.symlink(tmp_path / "gone", tmp_path / "cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     with pytest.raises(OutputError) as e:
         with locked(tmp_path / "cache" / "ddpm" / "exports" / "0123"):
             pass
