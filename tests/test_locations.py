@@ -217,3 +217,17 @@ def test_a_deleted_working_folder_is_one_line(tmp_path, monkeypatch, tiny_export
         with pytest.raises(NoWorkingFolder, match="^the working folder no longer exists; cd to a folder that does$"):
             helper("x.png")
     assert real_path(tmp_path) == os.path.realpath(tmp_path)
+
+
+def test_the_api_in_a_deleted_working_folder_raises_ddpm_error(tmp_path, monkeypatch):
+    """ddpm.load() of a relative path in a removed working folder: the one line of the CLI, as a DdpmError (it was
+    os.getcwd()'s FileNotFoundError)."""
+    import ddpm
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    for kwargs in ({"path": "model.safetensors"}, {"export": "exp"}):
+        with pytest.raises(ddpm.DdpmError, match="^the working folder no longer exists; cd to a folder that does$"):
+            ddpm.load(**kwargs)
