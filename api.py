@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import locations
+from . import files, locations
 from .arguments import OPTIONAL_COUNT, PLAN, checked, given
 from .errors import DdpmError, OptionError, clip
 from .export import cache as export_cache
@@ -325,7 +325,7 @@ def load(path: str | os.PathLike | None = None, export: str | os.PathLike | None
     keeps absolute paths; a later read of them that finds other weights (a rewritten file) raises DdpmError.
     """
     try:   # bound by absolute paths: a later chdir must not make them name other files
-        path, export = (None if p is None else locations.absolute(p) for p in (path, export))
+        path, export = (None if p is None else files.absolute(p) for p in (path, export))
         if path is not None and os.path.isdir(path) and os.path.lexists(Path(path) / META_FILE) and export is None:
             export, path = path, None
         if path is None and export is not None:

@@ -97,6 +97,15 @@ def check_working_folder() -> None:
         raise NoWorkingFolder() from None
 
 
+def absolute(path: str | os.PathLike) -> Path:
+    """Path(path).absolute(): a relative `path` joined to the working folder, `..` and symbolic links kept as given
+    (ddpm.load() binds its files this way); NoWorkingFolder for a relative path when the working folder was deleted."""
+    try:
+        return Path(path).absolute()
+    except FileNotFoundError:   # os.getcwd()
+        raise NoWorkingFolder() from None
+
+
 def real_path(path: str | os.PathLike, links: bool = True) -> str:
     """os.path.realpath(path) (links=False: os.path.abspath, symbolic links kept); NoWorkingFolder for a relative
     path when the working folder was deleted."""

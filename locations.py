@@ -94,15 +94,3 @@ def in_the_way(folder: str | os.PathLike) -> str | None:
             return f"{part} cannot be searched ({e.strerror or e})"
         return None if stat.S_ISDIR(st.st_mode) else f"{part} is not a folder"
     return None
-
-
-def absolute(path: str | os.PathLike) -> Path:
-    """Path(path).absolute(): a relative `path` joined to the working folder, `..` and symbolic links kept as given
-    (ddpm.load() binds its files this way). Raises files.NoWorkingFolder (a DdpmError) for a relative path when the
-    working folder was deleted."""
-    from .files import NoWorkingFolder
-
-    try:
-        return Path(path).absolute()
-    except FileNotFoundError:   # os.getcwd()
-        raise NoWorkingFolder() from None
