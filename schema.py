@@ -55,7 +55,9 @@ def _describe(v) -> str:
 
 
 def _dtype_name(v) -> str:
-    return str(v.dtype).replace("torch.", "")
+    """numpy's name of the dtype ("int64" for '<i8' and '>i8' alike: byte order is not part of the type), or
+    torch's without its module prefix."""
+    return v.dtype.name if isinstance(v.dtype, np.dtype) else str(v.dtype).replace("torch.", "")
 
 
 def is_bool(v) -> bool:

@@ -243,6 +243,20 @@ def test_fortran_order_samples_are_read(tmp_path):
     assert np.array_equal(read_samples(tmp_path / "t.npz")[0], images)
 
 
+def test_big_endian_samples_are_read(tmp_path):
+    """Labels stored big-endian (numpy's '>i8', as a file written on another machine or by astype('>i8')) are ints
+    like any other: read as native int64, not refused as "not an int type"."""
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    labels = np.array([3, -1, 0, 9, 4])
+    np.savez(tmp_path / "s.npz", images=images, labels=labels.astype(">i8"))
+    got, got_labels = read_samples(tmp_path / "s.npz", (28, 28))
+    assert np.array_equal(got, images) and got_labels.dtype == np.int64 and got_labels.dtype.isnative
+    assert np.array_equal(got_labels, labels)
+    np.savez(tmp_path / "t.npz", images=images, labels=(labels + 20).astype(">i4"))
+    with pytest.raises(SamplesError, match="labels must hold values in -1..9"):
+        read_samples(tmp_path / "t.npz")
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: np.savez(p, images=np.zeros((10, 28, 28), np.uint8), labels=np.arange(10) * 1.0),
      "labels must be any int type, got float64"),
