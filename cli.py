@@ -25,7 +25,7 @@ from .cli_tools import bench, eval_cmd, export_cmd  # noqa: E402
 from .cli_train import distill, train  # noqa: E402
 from .errors import (LESS_AT_ONCE, DdpmError, OptionError, StdoutFailed, Terminated, checked_stdout,  # noqa: E402
                      limit_message, printable, stdout_failure)
-from .files import NoWorkingFolder, check_working_folder  # noqa: E402
+from .files import NoWorkingFolder, check_working_folder, hold_standard_descriptors  # noqa: E402
 from .model.io import WeightsChanged  # noqa: E402
 
 # OMP_WAIT_POLICY=PASSIVE is set by `import ddpm` (ddpm/__init__.py), before any command loads PyTorch.
@@ -92,6 +92,7 @@ class Group(click.Group):
         # the process ends, so that a signal while it shuts down (modules torn down, threads joined) still gives
         # its line and status; called with arguments (a test, an embedding program), the caller's come back
         program = not args and kwargs.get("args") is None and kwargs.get("standalone_mode", True)
+        hold_standard_descriptors()
         try:   # before any command imports PyTorch, which cannot load in a deleted folder (MKL's line, exit 2)
             check_working_folder()
         except NoWorkingFolder as e:

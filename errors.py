@@ -236,12 +236,32 @@ class CheckedStdout:
         return getattr(self._stream, name)
 
 
+class _Closed:
+    """The standard output of a process started with it closed (`>&-`), where Python's sys.stdout is None: every
+    write fails as a write to a closed descriptor does (EBADF)."""
+
+    def _fail(self, *args):
+        raise OSError(errno.EBADF, "it is closed")
+
+    write = writelines = _fail
+
+    def flush(self):   # nothing is ever pending
+        pass
+
+    def isatty(self):
+        return False
+
+    def fileno(self):
+        raise ValueError("standard output is closed")
+
+
 @contextlib.contextmanager
 def checked_stdout():
     """sys.stdout is a CheckedStdout of itself while the block runs (the CLI's commands, from the parsing of their
-    options on), then the stream it was again."""
+    options on), then the stream it was again. Where there is none (the process started with it closed, `>&-`), the
+    first write raises StdoutFailed, as `ls >&-` says "write error", instead of click dropping every line unsaid."""
     before = sys.stdout
-    sys.stdout = before if before is None or isinstance(before, CheckedStdout) else CheckedStdout(before)
+    sys.stdout = before if isinstance(before, CheckedStdout) else CheckedStdout(_Closed() if before is None else before)
     try:
         yield
     finally:

@@ -97,6 +97,21 @@ def check_working_folder() -> None:
         raise NoWorkingFolder() from None
 
 
+def hold_standard_descriptors() -> None:
+    """Open os.devnull on each of the descriptors 0, 1 and 2 that is closed (a process started with `>&-` or
+    `2>&-`), so that no file this process opens gets one of those numbers: a library that prints to standard output
+    (C code writes to descriptor 1 whatever Python's sys.stdout is) would write into that file. The CLI calls this as
+    it starts; what it prints to a closed standard output still fails (errors.checked_stdout)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)   # the lowest free number: `fd` itself when the lower ones are open
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def absolute(path: str | os.PathLike) -> Path:
     """Path(path).absolute(): a relative `path` joined to the working folder, `..` and symbolic links kept as given
     (ddpm.load() binds its files this way); NoWorkingFolder for a relative path when the working folder was deleted."""

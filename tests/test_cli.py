@@ -317,11 +317,13 @@ FULL = pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason=
 
 
 @FULL
+@pytest.mark.parametrize("closed", [False, True], ids=["full", "closed"])
 @pytest.mark.parametrize("command", slow_except(["--version", "gen", "eval"], "--version"))   # a process each
-def test_a_standard_output_that_cannot_be_written_is_one_line(tiny_export, fake_mnist, tmp_path, command):
-    """Standard output on a full disk (`> /dev/full`): one line on stderr naming standard output and exit status 1,
-    no traceback (Python's flush at exit included), for --version (printed while the options are parsed), gen and
-    eval; eval writes its --json before it prints its table, so the scores computed are kept."""
+def test_a_standard_output_that_cannot_be_written_is_one_line(tiny_export, fake_mnist, tmp_path, command, closed):
+    """Standard output on a full disk (`> /dev/full`) or closed (`>&-`, where Python's sys.stdout is None and click
+    would drop every line): one line on stderr naming standard output and exit status 1, no traceback (Python's
+    flush at exit included), for --version (printed while the options are parsed), gen and eval; eval writes its
+    --json before it prints its table, so the scores computed are kept."""
     import os
     import subprocess
     import sys
@@ -334,13 +336,15 @@ def test_a_standard_output_that_cannot_be_written_is_one_line(tiny_export, fake_
             "gen": ["gen", "--export", tiny_export, "-n", 2, "--steps", 2, "-q", "--out", tmp_path / "g.npz"],
             "eval": ["eval", "--samples", tmp_path / "s.npz", "--data", fake_mnist, "-q", "--json",
                      tmp_path / "e.json"]}[command]
+    command_line = [sys.executable, "-m", "ddpm", *map(str, args)]
     with open("/dev/full", "w") as full:
-        r = subprocess.run([sys.executable, "-m", "ddpm", *map(str, args)], stdout=full, stderr=subprocess.PIPE,
-                           text=True, env=env, timeout=300)
+        r = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", *command_line] if closed else command_line,
+                           stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=300)
     assert r.returncode == 1, (args, r.stderr[-2000:])
     lines = r.stderr.strip().splitlines()   # eval's data notice ("note: ... unknown MD5") may come first
     assert "Traceback" not in r.stderr and sum(line.startswith("Error") for line in lines) == 1, r.stderr[-2000:]
-    assert lines[-1] == "Error: cannot write to standard output: No space left on device", (args, r.stderr[-2000:])
+    reason = "it is closed" if closed else "No space left on device"
+    assert lines[-1] == f"Error: cannot write to standard output: {reason}", (args, r.stderr[-2000:])
     if command == "gen":
         assert (tmp_path / "g.npz").is_file()
     if command == "eval":
@@ -361,6 +365,22 @@ def test_gen_and_eval_to_a_standard_output_that_cannot_be_written_say_so_in_one_
         assert code == 1 and "Traceback" not in err and sum(line.startswith("Error") for line in lines) == 1, err
         assert lines[-1] == "Error: cannot write to standard output: No space left on device", (args, err)
     assert (tmp_path / "g.npz").is_file() and len(json.loads((tmp_path / "e.json").read_text())) == 1
+
+
+def test_closed_standard_descriptors_are_held_so_no_file_takes_their_number(tmp_path):
+    """A process started with standard output closed (`>&-`): files.hold_standard_descriptors (called as the CLI
+    starts) puts os.devnull on descriptor 1, so the next file opened does not get number 1, where C code that
+    prints (to descriptor 1, whatever sys.stdout is) would write into it."""
+    import subprocess
+    import sys
+
+    script = ("import os, sys; from ddpm.files import hold_standard_descriptors; hold_standard_descriptors(); "
+              f"fd = os.open({str(tmp_path / 'f')!r}, os.O_CREAT | os.O_WRONLY); os.write(1, b'printed'); "
+              "sys.stderr.write(str(fd))")
+    r = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-c", script], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and int(r.stderr) > 2, r.stderr[-2000:]
+    assert (tmp_path / "f").read_bytes() == b""
 
 
 def test_gen_refuses_an_npz_that_cannot_fit_the_free_space(tiny_export, tmp_path, monkeypatch):
