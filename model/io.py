@@ -22,8 +22,9 @@ from pathlib import Path
 from ..errors import DdpmError, brief, clip, raise_if_limit
 from ..files import input_path, readable_name, refused
 from ..files import atomic_write  # noqa: F401  (re-exported: model.io.atomic_write is used across the package)
-from ..options import MAX_GUIDANCE
+from ..options import MAX_GUIDANCE, MAX_LEVEL
 from ..runtime.samplers import SAMPLERS, SPACINGS
+from ..runtime.schedule import MAX_T
 from ..schema import Any, Array, Const, Int, Json, List, Map, Num, Obj, Opt, Schema, Str, repeated
 from .config import ModelConfig
 
@@ -150,9 +151,9 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 # would otherwise sample black images and even pass the export's parity check. PLAN: the plan a distilled student was
 # made for (train/distill.py recorded_plan), in its model files' metadata and, for the latest student, in the
 # distillation's ckpt.pt.
-PLAN = Obj({"sampler": Str(choices=SAMPLERS), "steps": Int(min=1), "spacing": Str(choices=SPACINGS),
+PLAN = Obj({"sampler": Str(choices=SAMPLERS), "steps": Int(min=1, max=MAX_T), "spacing": Str(choices=SPACINGS),
             "eta": Num(min=0, max=1), "guidance": Num(min=0, max=MAX_GUIDANCE),
-            "guidance_interval": Opt(List(Num(min=0), length=2))}, what="a sampling plan (an object)")
+            "guidance_interval": Opt(List(Num(min=0, max=MAX_LEVEL), length=2))}, what="a sampling plan (an object)")
 _WEIGHTS = Map(Array(("float",), finite=True), min_len=1, what="a state dict of float tensors")
 CKPT = Schema("ddpm training checkpoint", {
     "format": Const(CKPT_FORMAT),
@@ -360,6 +361,23 @@ def _config(path: Path, cfg_dict) -> ModelConfig:
         raise CheckpointError(f"{path}: invalid model config ({clip(e)})") from None
 
 
+def check_plan(path: Path, cfg: ModelConfig, info: dict) -> None:
+    """CheckpointError unless the plan the file records (info["plan"], a distilled student's; PLAN checked its
+    entries alone) fits the model: at most T steps and a guidance interval (lo, hi) with lo < hi. A file's plan is
+    not an option the user gave, so its faults are the file's, told before any option is resolved from it."""
+    plan = info.get("plan")
+    if not plan:
+        return
+    hint = "it was not written by `ddpm distill`; distil the student again"
+    if plan["steps"] > cfg.timesteps:
+        raise CheckpointError(f"{path}: its plan has {plan['steps']} steps, more than the model's T = "
+                              f"{cfg.timesteps}; {hint}")
+    interval = plan.get("guidance_interval")
+    if interval is not None and not interval[0] < interval[1]:
+        raise CheckpointError(f"{path}: its plan's guidance_interval {brief(interval)} is not (lo, hi) with lo < hi; "
+                              f"{hint}")
+
+
 def check_fits(path: Path, cfg: ModelConfig, state: dict) -> None:
     """CheckpointError unless the weights hold as many numbers as the network of `cfg` has parameters, checked from
     the config alone before a network is built from it (a small file cannot make a large network be built)."""
@@ -413,6 +431,7 @@ def read_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
                                   f"load {MODEL_FILE} or student<steps>.safetensors beside it")
     cfg = _config(path, cfg_dict)
     check_fits(path, cfg, state)
+    check_plan(path, cfg, info)
     return cfg, state, info
 
 
@@ -433,6 +452,7 @@ def read_model_info(path: str | os.PathLike) -> tuple[ModelConfig, str, dict, Pa
         cfg_dict, info = _parse_meta(path, meta)
         cfg = _config(path, cfg_dict)
         check_fits(path, cfg, state)
+        check_plan(path, cfg, info)
         return cfg, weights_hash(cfg, state), info, path
     cfg, state, info = read_weights(path)
     return cfg, weights_hash(cfg, state), info, path

@@ -38,13 +38,18 @@ MAX_META_BYTES = 8 << 20
 # an export writes a few per file and per generator, far below this
 MAX_META_CONTAINERS = 100_000
 MAX_ONNX_BYTES = 4 << 30    # an ONNX file: the largest model a config allows (model.config.MAX_PARAMS) is ~1 GiB
+# bounds of export.json's other integers, far beyond any export's: ONNX opsets (24 in 2025), a verification's batch
+# sizes, a training step (PyTorch's int64)
+MAX_OPSET = 1000
+MAX_BATCH = 1 << 32
+MAX_STEP = (1 << 63) - 1
 _PLAN_KEY = Str(pattern=r"[0-9a-f]{40}", what="a plan key (runtime.runner.plan_key: 40 hex digits)")
 # a plan's or a file's name, a measure: what messages quote
 _NAME = Str(pattern=r"[^\n]{1,200}", what="a string (one line of 1..200 characters)")
 # files.*.parity (export/onnx_export.py verify): the measured error of an ONNX file against PyTorch. Optional in the
 # schema, required by Bundle._check_consistent with the generators' (one rule, one message for every file)
 PARITY = Obj({"measure": _NAME, "error": Num(min=0), "tolerance": Num(min=0, min_open=True)},
-             {"max_abs_error": Num(min=0), "eps_std": Num(min=0), "batches": List(Int(min=1))},
+             {"max_abs_error": Num(min=0), "eps_std": Num(min=0), "batches": List(Int(min=1, max=MAX_BATCH))},
              what="a parity record (an object)")
 # generator.parity (export/generator.py verify): the generator's largest difference from the runtime, per check
 GENERATOR_PARITY = Obj({"tolerance_grey": Int(min=0, max=255), "max_abs_grey": Int(min=0, max=255),
@@ -58,8 +63,9 @@ GENERATOR_PRECISIONS = ("fp32", "int8")
 GENERATOR = Obj({"name": _ONNX_NAME, "sha256": _SHA256, "bytes": Int(min=1, max=MAX_ONNX_BYTES),
                  "plan": _NAME, "plan_key": _PLAN_KEY, "steps": Int(min=1, max=MAX_T),
                  "form": Str(choices=("loop", "unrolled"))},
-                {"parity": GENERATOR_PARITY, "opset": Int(min=1), "precision": Str(choices=GENERATOR_PRECISIONS),
-                 "fp32_timesteps": List(Int(min=0)), "int8_sha256": _SHA256},
+                {"parity": GENERATOR_PARITY, "opset": Int(min=1, max=MAX_OPSET),
+                 "precision": Str(choices=GENERATOR_PRECISIONS), "fp32_timesteps": List(Int(min=0, max=MAX_T - 1)),
+                 "int8_sha256": _SHA256},
                 what="a generator record (an object)")
 # export.json: what a runtime reads from it (schema.py); T fixes the length of the schedule tables
 META = Schema("ddpm export metadata (export.json)", {
@@ -77,7 +83,8 @@ META = Schema("ddpm export metadata (export.json)", {
     "files": Map(Obj({"name": _ONNX_NAME, "sha256": _SHA256, "bytes": Int(min=1, max=MAX_ONNX_BYTES)},
                      {"parity": PARITY}),
                  keys=Str(choices=PRECISIONS), min_len=1, what="an object of precision -> ONNX file"),
-}, optional={"generators": List(GENERATOR), "step": Opt(Int(min=0)), "checkpoint": _NAME, "opset": Int(min=1)},
+}, optional={"generators": List(GENERATOR), "step": Opt(Int(min=0, max=MAX_STEP)), "checkpoint": _NAME,
+             "opset": Int(min=1, max=MAX_OPSET)},
     hint="the folder is damaged or from another version; re-run `ddpm export`")
 
 

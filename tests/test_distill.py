@@ -2,8 +2,10 @@
 records its plan and `ddpm gen --ckpt` / the API sample with it, and a resumed run is bit-identical."""
 
 import json
+import re
 
 import numpy as np
+
 import pytest
 import torch
 
@@ -158,13 +160,26 @@ def test_student_file_round_trips_its_plan_and_gen_uses_it(tmp_path):
     assert ddpm.load(plain).plan().name == ddpm.load(plain).plan(sampler="unipc").name
 
 
-def test_a_bad_recorded_plan_is_one_clear_error(tmp_path):
+@pytest.mark.parametrize("change, message", [
+    ({"steps": 0}, "plan.steps must be an integer in 1..100000"),
+    ({"steps": 10**15}, "plan.steps must be an integer in 1..100000"),
+    ({"steps": TINY.timesteps + 1}, f"its plan has {TINY.timesteps + 1} steps, more than the model's T"),
+    ({"guidance": 0.45, "guidance_interval": [0.28, 1e300]}, "plan.guidance_interval[1] must be a finite number"),
+    ({"guidance": 0.45, "guidance_interval": [2.0, 1.0]}, "is not (lo, hi) with lo < hi"),
+])
+def test_a_bad_recorded_plan_is_one_clear_error(tmp_path, change, message):
+    """A model file's recorded plan is the file's, not an option: one that no sampling could run (steps beyond
+    the model's T, a guidance interval out of bounds or reversed) is refused as the file's fault when it is read,
+    exit 1 (not a usage error naming --steps, not model.plan()'s message), by the CLI and ddpm.load alike."""
     path = tmp_path / "bad.safetensors"
     save_model(path, TINY, randomised_unet(TINY).state_dict(), step=1,
-               plan={"sampler": "ddim", "steps": 0, "spacing": "trailing", "eta": 0.0, "guidance": 0.0,
-                     "guidance_interval": None})
+               plan={"sampler": "ddim", "steps": 2, "spacing": "trailing", "eta": 0.0, "guidance": 0.0,
+                     "guidance_interval": None, **change})
     r = invoke("gen", "--ckpt", path, "-n", 1, "--out", tmp_path / "d.png")
-    assert r.exit_code == 1 and "Traceback" not in r.output and "plan.steps must be an integer >= 1" in r.output
+    assert r.exit_code == 1 and "Traceback" not in r.output and r.output.count("\n") == 1, r.output
+    assert message in r.output and f"{path}: " in r.output and "--steps" not in r.output, r.output
+    with pytest.raises(ddpm.DdpmError, match=re.escape(message)):
+        ddpm.load(path)
 
 
 def _stop_at(monkeypatch, call: int):

@@ -433,7 +433,7 @@ def test_a_bool_is_never_an_integer():
     (lambda m: m.update(version=1.0), "version must be 1"),    # a float is never an integer, here as for T
     (lambda m: m["files"]["fp32"].pop("parity"), "files.fp32 records no parity"),
     (lambda m: m["generators"][0].pop("parity"), "generators[0] records no parity"),
-    (lambda m: m.update(step="2000"), "step must be an integer >= 0"),
+    (lambda m: m.update(step="2000"), "step must be an integer in 0..9223372036854775807"),
     (lambda m: m["files"]["fp32"].update(parity="verified"), "files['fp32'].parity must be a parity record"),
     (lambda m: m["files"]["fp32"]["parity"].update(error=None), "files['fp32'].parity.error must be a finite"),
     (lambda m: m["files"]["fp32"]["parity"].update(error=0.5), "failed its verification"),
@@ -586,6 +586,22 @@ def test_export_json_values_and_nesting_are_bounded(exported, tmp_path, text, me
     root, exp = _copy(exported, tmp_path)
     meta = exp / "export.json"
     meta.write_text(text(meta.read_text()))
+    line = one_line_error(_gen(root, "--engine", "onnx"))
+    assert message in line, line
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(opset=10**30), "opset must be an integer in 1..1000"),
+    (lambda m: m.update(step=10**30), "step must be an integer in 0..9223372036854775807"),
+    (lambda m: m["generators"][0].update(opset=10**30), "generators[0].opset must be an integer in 1..1000"),
+    (lambda m: m["generators"][0].update(fp32_timesteps=[10**30]), "fp32_timesteps[0] must be an integer in 0..99999"),
+    (lambda m: m["files"]["fp32"]["parity"].update(batches=[10**30]), "batches[0] must be an integer in 1..4294967296"),
+])
+def test_export_json_integers_are_bounded(exported, tmp_path, change, message):
+    """Every integer export.json holds has a bound far beyond any export's (an opset, a training step, a timestep
+    below runtime.schedule.MAX_T, a batch size): a huge one is refused in one line as the others are."""
+    root, exp = _copy(exported, tmp_path)
+    _edit_meta(exp, change)
     line = one_line_error(_gen(root, "--engine", "onnx"))
     assert message in line, line
 
