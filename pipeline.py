@@ -170,6 +170,7 @@ def edit(model, opts: Sampling, n: int, label, start: int, progress: bool, plan_
     """The API's edits: n results of (plan, runtime.edits.EditJob) (a job builder's); label None: the label the
     classifier reads from the input (Job.of), or the unconditional model when uncond or the edit reads none."""
     check_engine(opts.engine, edit=True)
+    check_holding(n, model.image_shape)
     plan, edit_job = plan_and_edit
     job = Job.of(model, n, plan, label, uncond, opts, start, edit_job)
     out = generate(model, opts, job, progress).view(Edited)
@@ -257,14 +258,20 @@ def stream(eng, opts: Sampling, job: Job, lo: int = 0, hi: int | None = None, pr
         a += len(part)
 
 
+def check_holding(n: int, image_shape: tuple[int, int, int]) -> None:
+    """runtime.generate.OutOfMemory when n results of image_shape (C, H, W), uint8, would not fit in host memory:
+    before anything is made per result (the labels an edit reads, the engine)."""
+    from .runtime.generate import ensure_memory
+
+    per = int(np.prod(image_shape))
+    ensure_memory(n * per, f"holding {n} samples", "lower -n, or stream them into a file (`ddpm gen --out x.npz`)",
+                  per_unit=per)
+
+
 def generate(model, opts: Sampling, job: Job, progress: bool = False, log=None) -> np.ndarray:
     """All of a job's samples, (n, H, W) uint8 (colour: (n, H, W, C); runtime.images), in this process
     (runtime.generate.generate: refuses what would not fit in memory)."""
-    from .runtime.generate import ensure_memory
-
-    per = int(np.prod(job.image_shape))
-    ensure_memory(job.n * per, f"holding {job.n} samples", "lower -n, or stream them into a file (`ddpm gen --out "
-                  "x.npz`)", per_unit=per)
+    check_holding(job.n, job.image_shape)
     eng = None if job.plan is None else engine(model, opts, job.plan, job.guided, log=log)
     out = np.empty((job.n, *picture_shape(job.image_shape)), dtype=np.uint8)
     lo = 0

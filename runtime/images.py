@@ -217,25 +217,53 @@ def _is_stack(image, channels: int) -> bool:
     return ndim == 3 if channels == 1 else ndim == 4 or ndim == 3 and np.shape(image)[-1] != channels
 
 
-def pictures(image, n: int | None, option: str = "image", channels: int = 1) -> tuple[list[np.ndarray], int]:
+def check_stack(stack: np.ndarray, option: str, size: tuple[int, int] | None, channels: int = 1) -> None:
+    """From a stack's shape alone, before any of its pictures is read: OptionError naming `option` when it holds
+    more pictures than one call makes results (arguments.MAX_COUNT), runtime.generate.OutOfMemory when its pictures
+    as read, resized to `size` (None: their own) and stacked, and one result each would not fit in host memory
+    (runtime.generate.ensure_memory, as `generate` refuses a count). stack: (N, H, W) or (N, H, W, C), any dtype (a
+    broadcast view holds one picture's bytes for all N)."""
+    from ..arguments import MAX_COUNT
+    from .generate import ensure_memory
+
+    count = len(stack)
+    if count > MAX_COUNT:
+        raise OptionError(f"{option} is a stack of {count} pictures, more than the {MAX_COUNT} results one call "
+                          f"makes", option)
+    read = math.prod(stack.shape[1:3]) * channels   # one picture as read, (H, W[, C]) uint8
+    fitted_ = math.prod(size or stack.shape[1:3]) * channels
+    per = read + 3 * fitted_   # as read, resized, stacked, and its result
+    ensure_memory(count * per, f"a stack of {count} pictures ({option})", f"give fewer {option} pictures",
+                  per_unit=per)
+
+
+def pictures(image, n: int | None, option: str = "image", channels: int = 1,
+             size: tuple[int, int] | None = None) -> tuple[list[np.ndarray], int]:
     """(pictures at their own size, n): one picture with n results (default 8), or a stack (N, H, W) (colour:
     (N, H, W, 3) too) with one result each (n None or N >= 1). Raises ImageError, also for a picture with a light
-    background (check_dark_background), or OptionError naming `option` (an empty stack) or n."""
+    background (check_dark_background), or OptionError naming `option` (an empty stack) or n; for a stack of more
+    pictures than fit (check_stack; size: the size they are resized to), OptionError or OutOfMemory before any
+    picture is read."""
     if not _is_stack(image, channels):
         return [_dark_picture(image, option, channels)], 8 if n is None else n
-    stack = np.asarray(image)
+    try:
+        stack = np.asarray(image)
+    except (ValueError, TypeError) as e:   # a ragged nested list
+        raise ImageError(f"{option} must be a picture file or {_form(channels)}, or a stack of them ({e})",
+                         option) from None
     if len(stack) == 0:
         raise OptionError(f"{option} is an empty stack of pictures (shape {stack.shape}): give at least one", option)
     if n not in (None, len(stack)):
         raise OptionError(f"a stack of {len(stack)} pictures gives one result each: n must be {len(stack)}, got {n}",
                           "n")
+    check_stack(stack, option, size, channels)
     return [check_dark_background(picture(p, option, channels=channels), f"{option} {i}", option)
             for i, p in enumerate(stack)], len(stack)
 
 
 def fitted(image, n: int | None, size: tuple[int, int], channels: int = 1) -> tuple[np.ndarray, int]:
     """(pictures (m, H', W') uint8, or (m, H', W', 3) for channels 3, resized to size, n): see pictures."""
-    raw, n = pictures(image, n, channels=channels)
+    raw, n = pictures(image, n, channels=channels, size=size)
     return np.stack([fit(p, size) for p in raw]), n
 
 
@@ -248,7 +276,7 @@ def inpaint_inputs(image, mask, n: int | None, size: tuple[int, int],
     pixel."""
     from .edits import half_mask
 
-    raw, n = pictures(image, n, channels=channels)   # at the file's size: a mask picture must match it
+    raw, n = pictures(image, n, channels=channels, size=size)   # at the file's size: a mask picture must match it
     images = np.stack([fit(p, size) for p in raw])
     if isinstance(mask, str) and mask in HALVES:
         if size[0] != size[1]:
@@ -257,9 +285,10 @@ def inpaint_inputs(image, mask, n: int | None, size: tuple[int, int],
     if isinstance(mask, str) and not Path(mask).suffix:
         raise OptionError(f"mask must be one of {', '.join(HALVES)} or a picture file, got {mask!r}", "mask")
     stack = not isinstance(mask, (str, os.PathLike)) and np.ndim(mask) == 3
+    count = len(mask) if stack else 1   # from the shape, before any mask is read
+    if count not in (1, len(raw)):
+        raise OptionError(f"{count} masks for {len(raw)} pictures", "mask")
     masks = [picture(m, "mask", allow_bool=True) for m in (mask if stack else [mask])]
-    if len(masks) not in (1, len(raw)):
-        raise OptionError(f"{len(masks)} masks for {len(raw)} pictures", "mask")
     for m in masks:
         if m.shape != raw[0].shape[:2]:
             raise OptionError(f"the mask is {m.shape[1]}x{m.shape[0]} pixels and the image {raw[0].shape[1]}x"

@@ -196,6 +196,41 @@ def test_shape_limits_come_before_any_value_scan(monkeypatch):
         draw(2, label=labels[:2])
 
 
+def test_editing_stacks_are_refused_from_their_shape(ckpt, monkeypatch):
+    """A broadcast view declaring 2**30 pictures (or masks), given to any editing method, is refused at once from its
+    shape (the memory its pictures and results need, or more than one call's results), before any picture is read:
+    no loop over its pictures."""
+    import ddpm
+    from ddpm.runtime import images
+
+    monkeypatch.setattr(gen_mod, "available_memory", lambda device="cpu", cuda=None: 2 ** 28)
+
+    def unread(a, where, option="image"):
+        raise AssertionError(f"{where} was read")
+
+    real = images.picture
+    monkeypatch.setattr(images, "check_dark_background", unread)
+    monkeypatch.setattr(images, "picture", lambda image, option="image", **k: unread(image, option) if
+                        option == "mask" else real(image, option, **k))
+    model = ddpm.load(ckpt)
+    H, W = model.image_shape[1:]
+    digit = np.zeros((H, W), np.uint8)
+    stack = np.broadcast_to(digit, (2 ** 30, H, W))
+    for method, kw in (("restore", dict(sigma=0.3)), ("inpaint", {}), ("edit", dict(label=1)), ("upscale", {}),
+                       ("inpaint_input", dict(mask="bottom"))):
+        with pytest.raises(OutOfMemory, match=f"^a stack of {2 ** 30} pictures \\(image\\) needs .*give fewer "
+                                              f"image pictures \\(at most"):
+            getattr(model, method)(stack, steps=2, **kw) if method != "inpaint_input" else model.inpaint_input(stack, **kw)
+        with pytest.raises(ddpm.DdpmError, match=f"^image is a stack of {2 ** 33} pictures, more than the "):
+            getattr(model, method)(np.broadcast_to(digit, (2 ** 33, H, W)), **dict(kw, sigma=0.3) if method ==
+                                   "restore" else kw)
+    monkeypatch.setattr(images, "check_dark_background", lambda a, where, option="image": a)
+    with pytest.raises(ddpm.DdpmError, match=f"^{2 ** 30} masks for 1 pictures"):
+        model.inpaint(digit, mask=np.broadcast_to(digit > 0, (2 ** 30, H, W)), steps=2)
+    with pytest.raises(OutOfMemory, match=f"^holding {2 ** 32} samples needs "):   # before the label is read
+        model.upscale(digit, n=2 ** 32, steps=2)
+
+
 class ZeroEngine:
     """A stand-in engine: returns its starting noise scaled to the data range (fast, finite)."""
 
