@@ -33,7 +33,16 @@ def __getattr__(name: str):
     import importlib
 
     if name in _PUBLIC:
-        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        try:
+            module = importlib.import_module(f".{_PUBLIC[name]}", __name__)
+        except Exception as e:   # numpy or a native library that cannot load under a resource limit: LimitReached
+            from .errors import LimitReached, limit_message   # (standard library only: loads where the rest cannot)
+
+            message = limit_message(e)
+            if message is None:
+                raise
+            raise LimitReached(f"ddpm.{name}: {message}") from None
+        value = getattr(module, name)
         globals()[name] = value
         return value
     if not name.startswith("_"):   # a submodule not imported yet: ddpm.api, ddpm.runtime, ...

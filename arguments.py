@@ -413,8 +413,13 @@ def checked(_fn=None, limits: Callable[[dict], None] | None = None, **overrides:
             token = _GIVEN.set(frozenset(bound.arguments) - {"self"})
             try:
                 return fn(*bound.args, **bound.kwargs)
-            except MemoryError as e:   # an allocation the memory checks did not foresee
-                raise LimitReached(f"{where}(): {limit_message(e)}") from None
+            except DdpmError:
+                raise
+            except Exception as e:   # a resource limit the checks did not foresee: an allocation, a native library
+                message = limit_message(e)   # that an import cannot map under ulimit -v, too many open files
+                if message is None:
+                    raise
+                raise LimitReached(f"{where}(): {message}") from None
             finally:
                 _GIVEN.reset(token)
         wrapper.specs = specs

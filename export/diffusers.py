@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DdpmError
+from ..errors import DdpmError, raise_if_limit
 from ..files import building_dir, is_temporary, publish_dir
 from ..model.config import ModelConfig
 from ..runtime.schedule import Schedule
@@ -252,7 +252,8 @@ def check_with_diffusers(folder: Path, net, cfg: ModelConfig, batch: int = 6, se
     not installed. Raises DiffusersExportError when the difference exceeds TOLERANCE."""
     try:
         from diffusers import UNet2DModel
-    except ImportError:
+    except ImportError as e:
+        raise_if_limit(e)   # installed, but its libraries cannot be mapped under a memory limit
         return None
     import torch
 

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import brief
+from ..errors import brief, raise_if_limit
 from .nets import EngineUnavailable, TorchOps, _CudaStream, _is_cuda, check_io
 
 if TYPE_CHECKING:   # annotations only: TensorRT is imported where it is used (its stubs type-check the calls)
@@ -38,7 +38,8 @@ def import_trt():
     """The tensorrt module, or TensorRTUnavailable with the install hint."""
     try:
         import tensorrt as trt
-    except ImportError:
+    except ImportError as e:
+        raise_if_limit(e)   # installed, but its libraries cannot be mapped under a memory limit
         raise TensorRTUnavailable(INSTALL_HINT) from None
     return trt
 

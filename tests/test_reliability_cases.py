@@ -60,6 +60,41 @@ def test_an_import_stopped_by_a_memory_limit_names_the_limit(monkeypatch):
         have_torch()
 
 
+UNMAPPED = "libdl.so.2: failed to map segment from shared object"   # an import under ulimit -v
+
+
+def _unmappable(monkeypatch, *names):
+    """Imports of `names` (top-level packages) fail as under a memory limit: their shared library cannot be mapped."""
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name.split(".")[0] in names:
+            raise ImportError(UNMAPPED)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+
+
+def test_every_api_call_names_a_memory_limit_that_stops_a_native_import(ckpt, monkeypatch):
+    """A native library that cannot be mapped under `ulimit -v` (safetensors' reader, reached by ddpm.load with no
+    check of its own; numpy, while ddpm's first public name loads; TensorRT) raises ddpm.LimitReached naming the
+    limit, a DdpmError: never the ImportError, never "not installed"."""
+    from ddpm.errors import LimitReached
+    from ddpm.runtime.trt import import_trt
+
+    _unmappable(monkeypatch, "safetensors", "tensorrt")
+    with pytest.raises(LimitReached, match=r"^ddpm\.load\(\): out of memory"):
+        ddpm.load(ckpt)
+    with pytest.raises(LimitReached, match="^out of memory"):
+        import_trt()
+    monkeypatch.undo()
+    monkeypatch.delitem(ddpm.__dict__, "load", raising=False)   # ddpm.load not imported yet: `import ddpm` only
+    monkeypatch.delitem(sys.modules, "ddpm.api")
+    _unmappable(monkeypatch, "numpy")
+    with pytest.raises(LimitReached, match=r"^ddpm\.load: out of memory"):
+        ddpm.load
+
+
 @pytest.mark.parametrize("module, require, message, missing", [
     ("torch", require_torch, "training needs PyTorch: " + TORCH_HINT, TorchMissing),
     ("onnx", require_onnx, "training needs the onnx package: " + TORCH_HINT, TorchMissing),
