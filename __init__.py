@@ -41,7 +41,7 @@ def __getattr__(name: str):
             message = limit_message(e)
             if message is None:
                 raise
-            raise LimitReached(f"ddpm.{name}: {message}") from None
+            raise LimitReached(message, f"ddpm.{name}") from None
         value = getattr(module, name)
         globals()[name] = value
         return value

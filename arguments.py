@@ -419,7 +419,7 @@ def checked(_fn=None, limits: Callable[[dict], None] | None = None, **overrides:
                 message = limit_message(e)   # that an import cannot map under ulimit -v, too many open files
                 if message is None:
                     raise
-                raise LimitReached(f"{where}(): {message}") from None
+                raise LimitReached(message, f"{where}()") from None
             finally:
                 _GIVEN.reset(token)
         wrapper.specs = specs

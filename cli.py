@@ -17,16 +17,39 @@ from .signals import exit_on_signals, file_size_limit_as_error, restore_signals,
 # Group.main puts back the caller's handlers when it returns
 _BEFORE_CLI = exit_on_signals()
 
-import click  # noqa: E402
+from .errors import (LESS_AT_ONCE, DdpmError, LimitReached, OptionError, StdoutFailed, Terminated,  # noqa: E402
+                     checked_stdout, limit_message, printable, start_refusal, stdout_failure)
 
-from .cli_edit import edit_cmd, inpaint, restore, upscale  # noqa: E402
-from .cli_options import check_output, done, prepare, refuse_same_path, sampling_options  # noqa: E402
-from .cli_tools import bench, eval_cmd, export_cmd  # noqa: E402
-from .cli_train import distill, train  # noqa: E402
-from .errors import (LESS_AT_ONCE, DdpmError, OptionError, StdoutFailed, Terminated, checked_stdout,  # noqa: E402
-                     limit_message, printable, stdout_failure)
-from .files import NoWorkingFolder, check_working_folder, hold_standard_descriptors  # noqa: E402
-from .model.io import WeightsChanged  # noqa: E402
+
+def _limit_exit(e: BaseException) -> None:
+    """Print "Error: <the limit>" and exit 1 when a resource limit caused `e` (errors.limit_message); return
+    otherwise. For what fails outside a command: the imports below, click's teardown of a context."""
+    message = limit_message(e)
+    if message is not None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(f"Error: {message}\n")
+            sys.stderr.flush()
+        sys.exit(1)
+
+
+# an address space too small for numpy (and OpenBLAS's threads) to load: one line now, instead of OpenBLAS's own
+# line or an import's traceback
+if start_refusal() is not None:
+    sys.stderr.write(f"Error: {start_refusal()}\n")
+    sys.exit(1)
+
+try:
+    import click
+
+    from .cli_edit import edit_cmd, inpaint, restore, upscale
+    from .cli_options import check_output, done, prepare, refuse_same_path, sampling_options
+    from .cli_tools import bench, eval_cmd, export_cmd
+    from .cli_train import distill, train
+    from .files import NoWorkingFolder, check_working_folder, hold_standard_descriptors
+    from .model.io import WeightsChanged
+except Exception as _e:   # MemoryError or an unmappable library: the limit's line
+    _limit_exit(_e)
+    raise
 
 # OMP_WAIT_POLICY=PASSIVE is set by `import ddpm` (ddpm/__init__.py), before any command loads PyTorch.
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -106,6 +129,9 @@ class Group(click.Group):
             with contextlib.suppress(OSError):
                 click.echo(f"Error: {message}", err=True)
             sys.exit(1)
+        except Exception as e:   # a limit met outside the command: in click's teardown of its context
+            _limit_exit(e)
+            raise
         finally:   # the handlers installed while the CLI started (exit_on_signals): the caller's again
             if not program:
                 restore_signals(_BEFORE_CLI)
@@ -151,6 +177,8 @@ class Group(click.Group):
                                     f"copy") from None
                 except StdoutFailed:   # Group.main's line, once standard output is dropped
                     raise
+                except LimitReached as e:   # the limit's line, without the API call it stopped
+                    raise ErrorLine(e.limit) from None
                 except DdpmError as e:
                     raise ErrorLine(str(e)) from None
                 except Exception as e:

@@ -108,7 +108,8 @@ _MEMORY_TEXTS = ("bad_alloc", "can't allocate memory", "cannot allocate memory",
 # ... of a failure that means memory only when the process has a memory limit (oneDNN, PyTorch's CPU kernels, says
 # this when it cannot allocate a kernel's workspace under ulimit -v)
 _LIMITED_MEMORY_TEXTS = ("could not create a primitive",)
-# ... and of an import whose shared library cannot be mapped into the address space left
+# ... and of an import whose shared library cannot be mapped into the address space left (an ImportError with one
+# of these texts or of _MEMORY_TEXTS: onnxruntime's is "Exception caught: std::bad_alloc")
 _MAP_TEXTS = ("failed to map segment", "cannot allocate memory")
 _FILES_TEXT = "too many open files"
 _FSIZE_TEXT = "file too large"
@@ -138,6 +139,11 @@ def _memory_limits() -> list[tuple[int, str, str]]:
     return found
 
 
+def memory_limited() -> bool:
+    """Whether the process has a memory limit (ulimit -v or -d)."""
+    return bool(_memory_limits())
+
+
 def limit_message(e: BaseException, again: bool = True) -> str | None:
     """One line for an exception that a resource limit of the process caused, naming the limit and how to raise it,
     or None when `e` is something else. Looked for in `e` and the exceptions it was raised from:
@@ -165,7 +171,7 @@ def limit_message(e: BaseException, again: bool = True) -> str | None:
         no = getattr(err, "errno", None) if isinstance(err, OSError) else None
         native = isinstance(err, RuntimeError) or type(err).__module__.startswith("onnxruntime")
         text = str(err).lower() if native else ""
-        unmapped = isinstance(err, ImportError) and any(t in str(err).lower() for t in _MAP_TEXTS)
+        unmapped = isinstance(err, ImportError) and any(t in str(err).lower() for t in _MAP_TEXTS + _MEMORY_TEXTS)
         if isinstance(err, MemoryError) or no == errno.ENOMEM or unmapped or any(t in text for t in _MEMORY_TEXTS) \
                 or (limits and any(t in text for t in _LIMITED_MEMORY_TEXTS)):
             if limits:
@@ -286,7 +292,52 @@ class Terminated(Interrupted):
 
 
 class LimitReached(DdpmError):
-    """A resource limit of the process (memory, open files, file size) stopped the work; the message names it."""
+    """A resource limit of the process (memory, open files, file size) stopped the work; the message names it.
+    where: the API call it stopped ("ddpm.load()"), which the message starts with; `limit` is the message without
+    it (the CLI's line)."""
+
+    def __init__(self, message: str, where: str | None = None):
+        super().__init__(f"{where}: {message}" if where else message)
+        self.limit = message
+
+
+# The address space the lightest `ddpm` command (--version) needs to start: the interpreter, click and numpy, whose
+# OpenBLAS gives each of its threads a buffer and a stack when it loads (one thread per CPU, at most 64, unless
+# OPENBLAS_NUM_THREADS/OMP_NUM_THREADS say fewer). Measured with `(ulimit -v N; python -m ddpm.cli --version)` on
+# Linux x86-64, Python 3.11, numpy 2 (scipy-openblas 0.3.31): it starts from N = 112000 KiB with one OpenBLAS thread
+# and 155000 with two, so about 68 MiB + 42 MiB per thread; 12 MiB of margin on the base. Below this OpenBLAS prints
+# its own line and exits, or an import fails halfway with a traceback.
+START_BASE = 80 << 20
+START_PER_BLAS_THREAD = 42 << 20
+
+
+def _blas_threads() -> int:
+    """The threads OpenBLAS starts when numpy loads: OPENBLAS_NUM_THREADS, GOTO_NUM_THREADS or OMP_NUM_THREADS,
+    else one per CPU this process may use, at most 64 (its MAX_THREADS)."""
+    for name in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
+        try:
+            n = int(os.environ.get(name, ""))
+        except ValueError:
+            continue
+        if n >= 1:
+            return min(n, 64)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 64))
+
+
+def start_refusal() -> str | None:
+    """The line for an address-space limit (ulimit -v) below what any `ddpm` command needs to start (START_BASE +
+    START_PER_BLAS_THREAD per OpenBLAS thread), or None: read as the CLI starts, before numpy is imported."""
+    soft = _limit("AS")
+    need = START_BASE + START_PER_BLAS_THREAD * _blas_threads()
+    if soft is None or soft >= need:
+        return None
+    return (f"out of memory: the process may use at most {soft >> 20} MiB of address space (ulimit -v "
+            f"{soft >> 10}), and ddpm needs about {need >> 20} MiB to start; raise the limit (ulimit -v "
+            f"{need >> 10} or more, or unlimited)")
 
 
 def raise_if_limit(e: BaseException) -> None:

@@ -11,6 +11,7 @@ half-written checkpoint behind:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -19,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DdpmError, brief, clip, raise_if_limit
+from ..errors import DdpmError, brief, clip, memory_limited, raise_if_limit
 from ..files import input_path, readable_name, refused
 from ..files import atomic_write  # noqa: F401  (re-exported: model.io.atomic_write is used across the package)
 from ..options import MAX_GUIDANCE, MAX_LEVEL
@@ -319,12 +320,22 @@ def _read_safetensors(path: Path, framework: str) -> tuple[dict, dict]:
     """(metadata, tensors) of a ddpm model.safetensors; framework "pt" (torch tensors) or "np" (numpy arrays)."""
     from safetensors import SafetensorError, safe_open
 
+    from ..runtime.nets import stderr_silenced
+
+    # under a memory limit, an allocation that fails inside the Rust reader panics: Rust prints the panic to the
+    # standard error before Python sees it, so that output is dropped and the panic named as the limit
+    quiet = stderr_silenced() if memory_limited() else contextlib.nullcontext()
     try:
-        with readable_name(path) as name, safe_open(name, framework=framework) as f:
+        with quiet, readable_name(path) as name, safe_open(name, framework=framework) as f:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
+        raise_if_limit(e)
         raise CheckpointError(f"{path} is not a readable safetensors file ({clip(e)})") from None
+    except BaseException as e:
+        if type(e).__name__ == "PanicException" and memory_limited():   # pyo3's, a BaseException
+            raise MemoryError(f"reading {path}") from None
+        raise
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a ddpm model (no '{FORMAT}' metadata)")
     MODEL_META.check(meta, path, CheckpointError)

@@ -59,7 +59,7 @@ _IMPORT_LOCK = threading.Lock()   # fd 2 is the process's: one quiet import at a
 
 
 @contextmanager
-def _stderr_silenced():
+def stderr_silenced():
     """While the block runs, what is written to file descriptor 2 (by C and C++ code too) is dropped, and Python's
     warnings are held and issued after it. Unchanged when no descriptor is left for the swap."""
     try:
@@ -99,7 +99,7 @@ def import_onnxruntime(what: str):
             if "onnxruntime" in sys.modules:
                 import onnxruntime as ort
             else:
-                with _stderr_silenced():
+                with stderr_silenced():
                     import onnxruntime as ort
                 ort.set_default_logger_severity(3)
         except ImportError as e:
@@ -137,7 +137,8 @@ def ort_session(ort, path, so, providers):
 
     try:
         with readable_name(path) as name:
-            return ort.InferenceSession(name, so, providers=providers)
+            # no fallback: onnxruntime would print an "EP Error" block and retry with the same CPU provider
+            return ort.InferenceSession(name, so, providers=providers, enable_fallback=0)
     except Exception as e:   # onnxruntime raises its own exception types for bad files
         if limit_message(e) is not None:
             raise

@@ -5,6 +5,7 @@ import errno
 import os
 import resource
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,7 @@ def test_limit_messages_name_the_limit(monkeypatch):
     assert "ulimit -v 400000" in limit_message(type("RuntimeException", (Exception,), {"__module__": "onnxruntime.x"})(
         "Non-zero status code returned while running Concat node. Status Message: std::bad_alloc"))
     assert "ulimit -v" in limit_message(ImportError("libfoo.so: failed to map segment from shared object"))
+    assert "ulimit -v" in limit_message(ImportError("Exception caught: std::bad_alloc"))   # onnxruntime's import
     assert "ulimit -n 64" in limit_message(OSError(errno.EMFILE, "Too many open files"))
     assert "ulimit -f 10" in limit_message(OSError(errno.EFBIG, "File too large"))
     try:   # found through the exceptions an error was raised from
@@ -102,3 +104,80 @@ def test_limit_messages_name_the_limit(monkeypatch):
     for other in (ValueError("bad"), RuntimeError("shape mismatch"), OSError(errno.ENOENT, "No such file"),
                   ImportError("No module named x")):
         assert limit_message(other) is None
+
+
+def test_an_address_space_too_small_to_start_is_one_line(tmp_path):
+    """Below what numpy and OpenBLAS's threads need to load (errors.start_refusal), `ddpm --version` printed
+    OpenBLAS's own line (exit 0) and a command an import's MemoryError traceback: one line naming the limit now,
+    read before numpy is imported."""
+    r = subprocess.run([sys.executable, "-m", "ddpm.cli", "--version"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (100 << 20, 100 << 20)))
+    assert r.returncode == 1 and r.stdout == "", r
+    assert r.stderr.startswith("Error: out of memory: the process may use at most 100 MiB of address space (ulimit "
+                               "-v 102400), and ddpm needs about ") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_start_refusal_counts_openblas_threads(monkeypatch):
+    import ddpm.errors as errors
+
+    monkeypatch.setattr(errors, "_limit", lambda name: (200 << 20) if name == "AS" else None)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    assert errors.start_refusal() is None
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "8")
+    line = errors.start_refusal()
+    assert "(ulimit -v 204800)" in line and f"needs about {(errors.START_BASE >> 20) + 8 * 42} MiB" in line, line
+
+
+def test_a_limit_in_clicks_teardown_is_the_one_line(monkeypatch):
+    """A MemoryError raised while click closes a command's context (after the command's own error) gave two chained
+    tracebacks: the limit's one line now."""
+    import click
+
+    def teardown(self, *exc):
+        raise MemoryError()
+
+    monkeypatch.setattr(click.Context, "_close_with_exception_info", teardown)
+    r = invoke("gen", "-n", 0)
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: out of memory"), (r.output, r.exception)
+
+
+def test_onnxruntime_sessions_have_no_fallback(monkeypatch, tiny_export):
+    """onnxruntime's fallback printed an "EP Error" block (its own print, on standard output) and retried with the
+    same CPU provider when a session could not be made under a memory limit: sessions are made without it, so the
+    failure is one exception, the limit's line."""
+    from ddpm.runtime import nets
+
+    ort = nets.import_onnxruntime("a test")
+    made = []
+
+    class Session:
+        def __init__(self, name, so=None, providers=None, **kw):
+            made.append(kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    nets.ort_session(ort, tiny_export / "model.onnx", None, ["CPUExecutionProvider"])
+    from ddpm.export.onnx_export import ort_session
+    ort_session(tiny_export / "model.onnx")
+    assert made == [{"enable_fallback": 0}] * 2
+
+
+def test_a_panic_of_the_safetensors_reader_under_a_memory_limit_is_the_limit(ckpt, monkeypatch):
+    """safetensors' Rust reader panics (pyo3's PanicException, a BaseException) when an allocation fails under
+    ulimit -v: ddpm.load raises LimitReached naming the limit."""
+    import safetensors
+
+    import ddpm
+    import ddpm.errors as errors
+    from ddpm.errors import LimitReached
+
+    class PanicException(BaseException):
+        pass
+
+    def safe_open(*a, **k):
+        raise PanicException("PyObject pointer is null")
+
+    monkeypatch.setattr(errors, "_limit", lambda name: (300 << 20) if name == "AS" else None)
+    monkeypatch.setattr(safetensors, "safe_open", safe_open)
+    with pytest.raises(LimitReached, match=r"^ddpm\.load\(\): out of memory: .*\(ulimit -v 307200\)"):
+        ddpm.load(ckpt)
