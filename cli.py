@@ -34,8 +34,9 @@ def _limit_exit(e: BaseException) -> None:
 
 # an address space too small for numpy (and OpenBLAS's threads) to load: one line now, instead of OpenBLAS's own
 # line or an import's traceback
-if start_refusal() is not None:
-    sys.stderr.write(f"Error: {start_refusal()}\n")
+_REFUSAL = start_refusal()
+if _REFUSAL is not None:
+    sys.stderr.write(f"Error: {_REFUSAL}\n")
     sys.exit(1)
 
 try:

@@ -25,6 +25,7 @@ from ..files import input_path, readable_name, refused
 from ..files import atomic_write  # noqa: F401  (re-exported: model.io.atomic_write is used across the package)
 from ..options import MAX_GUIDANCE, MAX_LEVEL
 from ..runtime.samplers import SAMPLERS, SPACINGS
+from ..runtime.bundle import MAX_STEP
 from ..runtime.schedule import MAX_T
 from ..schema import Any, Array, Const, Int, Json, List, Map, Num, Obj, Opt, Schema, Str, repeated
 from .config import ModelConfig
@@ -158,7 +159,7 @@ PLAN = Obj({"sampler": Str(choices=SAMPLERS), "steps": Int(min=1, max=MAX_T), "s
 _WEIGHTS = Map(Array(("float",), finite=True), min_len=1, what="a state dict of float tensors")
 CKPT = Schema("ddpm training checkpoint", {
     "format": Const(CKPT_FORMAT),
-    "step": Int(min=0),
+    "step": Int(min=0, max=MAX_STEP),
     "model_config": Map(Any(), what="a model config (an object)"),
     "ema": _WEIGHTS,                                    # the EMA weights: what inference uses
     "model": _WEIGHTS,                                  # the trained weights, for --resume
@@ -172,7 +173,7 @@ CKPT_WEIGHTS = Schema(CKPT.what, CKPT.subset("format", "step", "model_config", "
 MODEL_META = Schema("ddpm model (model.safetensors metadata)", {
     "format": Const(FORMAT),
     "config": Json(Map(Any(), what="a model config (an object)")),
-}, optional={"step": Json(Int(min=0)), "plan": Json(PLAN)}, hint="re-save it with `ddpm train` or use its ckpt.pt")
+}, optional={"step": Json(Int(min=0, max=MAX_STEP)), "plan": Json(PLAN)}, hint="re-save it with `ddpm train` or use its ckpt.pt")
 
 
 _UNPICKLER = re.compile(r"WeightsUnpickler error:\s*(.*?)(?:\.\s|\n|$)", re.S)

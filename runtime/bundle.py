@@ -39,7 +39,7 @@ MAX_META_BYTES = 8 << 20
 MAX_META_CONTAINERS = 100_000
 MAX_ONNX_BYTES = 4 << 30    # an ONNX file: the largest model a config allows (model.config.MAX_PARAMS) is ~1 GiB
 # bounds of export.json's other integers, far beyond any export's: ONNX opsets (24 in 2025), a verification's batch
-# sizes, a training step (PyTorch's int64)
+# sizes, a training step (PyTorch's int64; model/io.py bounds a checkpoint's step by it too)
 MAX_OPSET = 1000
 MAX_BATCH = 1 << 32
 MAX_STEP = (1 << 63) - 1

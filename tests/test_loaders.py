@@ -129,7 +129,8 @@ def test_incomplete_ckpt_is_one_line_for_gen_and_resume(fake_mnist, tmp_path, dr
 
 
 def test_ckpt_entries_of_the_wrong_kind(tmp_path):
-    for change, message in (({"step": "3"}, "step must be an integer >= 0"),
+    for change, message in (({"step": "3"}, "step must be an integer in 0..9223372036854775807"),
+                            ({"step": 2**70}, "step must be an integer in 0..9223372036854775807, got 1180591620717"),
                             ({"opt": [1, 2]}, "opt must be an optimizer state"),
                             ({"torch_rng": torch.zeros(3)}, "torch_rng must be uint8"),
                             ({"model": {"w": torch.tensor([float("inf")])}}, "non-finite")):
