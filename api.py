@@ -152,7 +152,7 @@ class Model:
         return self
 
     @checked
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type=None, exc=None, tb=None) -> None:
         self.close()
 
     # ------------------------------------------------------------------------------------------------- sampling

@@ -291,7 +291,8 @@ DEVICE = Str(pattern=r"auto|cpu|cuda|cuda:[0-9]+", what="auto, cpu, cuda or cuda
 # Every argument of every public function, by name. `checked` refuses at import time a function with an argument
 # missing here, so a new argument cannot go unchecked.
 ARGS: dict[str, Spec] = {
-    "exc": Any(),   # Model.__exit__'s: whatever the `with` statement passes
+    # Model.__exit__'s three: whatever the `with` statement passes (the exception's type, value and traceback)
+    "exc_type": Any(), "exc": Any(), "tb": Any(),
     # what to draw
     "n": COUNT,
     "label": Labels(),

@@ -172,9 +172,9 @@ def test_every_public_callable_refuses_an_unknown_or_extra_argument_with_ddpm_er
         assert hasattr(fn, "specs"), f"{fn.__qualname__} is not checked (arguments.checked)"
         with pytest.raises(DdpmError, match=r"\(\): (got an unexpected keyword argument 'force'|missing)"):
             fn(force=True)
-    for fn in (model.close, model.__enter__):
+    for fn, args in ((model.close, (1,)), (model.__enter__, (1,)), (model.__exit__, (1, 2, 3, 4))):
         with pytest.raises(DdpmError, match="too many positional arguments"):
-            fn(1)
+            fn(*args)
     with model as m:   # what the with statement passes still fits
         assert m is model
 
