@@ -40,6 +40,25 @@ def repeated(names) -> str | None:
     return None
 
 
+class DuplicateKey(ValueError):
+    """A JSON object holding one key twice (json_loads)."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    twice = repeated(k for k, _ in pairs)
+    if twice is not None:
+        raise DuplicateKey(f"the key {brief(twice)} appears twice in one JSON object")
+    return dict(pairs)
+
+
+def json_loads(text: str | bytes):
+    """json.loads for what a file holds: an object that holds one key twice raises DuplicateKey (a ValueError, as
+    json's own errors are). Python keeps the last value, other readers (browsers, Rust's serde) may keep the first
+    or refuse, so the same file would mean different things to each; the readers refuse it, as they refuse an
+    archive holding one member name twice (repeated). RecursionError for nesting deeper than the decoder goes."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 class Invalid(Exception):
     """One entry does not fit its spec (internal; Schema.check turns it into the caller's error type)."""
 
@@ -248,7 +267,7 @@ class Json(Spec):
         if not isinstance(v, str):
             self.fail(v, path)
         try:
-            value = json.loads(v)
+            value = json_loads(v)
         except ValueError as e:
             raise Invalid(f"{path} is not JSON ({e})") from None
         except RecursionError:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import DdpmError
+from ..schema import json_loads
 from ..files import FolderKind, building_dir, check_writable, claim_dir, input_path, publish_owned
 from ..runtime.bundle import Bundle
 
@@ -84,7 +85,7 @@ def _page_of(checkpoint_hash: str) -> Callable[[Path], bool | None]:
             path = input_path(folder / MARKER, WebExportError)
             if path.stat().st_size > MARKER_MAX_BYTES:
                 return None
-            record = json.loads(path.read_text(encoding="utf-8"))
+            record = json_loads(path.read_text(encoding="utf-8"))
         except (WebExportError, OSError, ValueError):   # UnicodeDecodeError and JSONDecodeError are ValueErrors
             return None
         if not isinstance(record, dict) or not all(k in record for k in MARKER_KEYS):

@@ -35,7 +35,7 @@ from pathlib import Path
 from ..errors import clip
 from ..files import input_path
 from ..runtime.schedule import MAX_T
-from ..schema import Any, Int, Opt, Schema, is_bool
+from ..schema import Any, Int, Opt, Schema, is_bool, json_loads
 from .config import MAX_PARAMS, ModelConfig
 from .io import CheckpointError, LoadedModel, TorchMissing, require, weights_hash
 
@@ -121,7 +121,7 @@ def _json(path: Path) -> dict:
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise DiffusersError(f"{path} holds more than {MAX_CONFIG_BYTES >> 20} MiB; not a diffusers config")
-        d = json.loads(path.read_bytes())
+        d = json_loads(path.read_bytes())
     except (OSError, ValueError, RecursionError) as e:
         raise DiffusersError(f"{path} is not readable JSON ({clip(e)})") from None
     if not isinstance(d, dict):

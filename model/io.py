@@ -27,7 +27,8 @@ from ..options import MAX_GUIDANCE, MAX_LEVEL
 from ..runtime.samplers import SAMPLERS, SPACINGS
 from ..runtime.bundle import MAX_STEP
 from ..runtime.schedule import MAX_T
-from ..schema import Any, Array, Const, Int, Json, List, Map, Num, Obj, Opt, Schema, Str, repeated
+from ..schema import (Any, Array, Const, DuplicateKey, Int, Json, List, Map, Num, Obj, Opt, Schema, Str, json_loads,
+                      repeated)
 from .config import ModelConfig
 
 FORMAT = "ddpm-model"
@@ -317,6 +318,27 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     return input_path(path, CheckpointError, name=f"checkpoint {path}")
 
 
+# safetensors' own bound on a header's length (its MAX_HEADER_SIZE): a longer one it refuses by itself
+_MAX_HEADER = 100_000_000
+
+
+def _check_header_keys(path: Path) -> None:
+    """CheckpointError when the safetensors header (8-byte little-endian length, then JSON) holds a key twice: a
+    tensor name or a metadata entry that readers would take differently (schema.json_loads). A header that is not
+    JSON or too long is left to safetensors' own message."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > min(_MAX_HEADER, os.fstat(f.fileno()).st_size):
+                return
+            json_loads(f.read(n))
+    except DuplicateKey as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-save it with `ddpm train`") \
+            from None
+    except (OSError, ValueError, RecursionError):
+        return
+
+
 def _read_safetensors(path: Path, framework: str) -> tuple[dict, dict]:
     """(metadata, tensors) of a ddpm model.safetensors; framework "pt" (torch tensors) or "np" (numpy arrays)."""
     from safetensors import SafetensorError, safe_open
@@ -326,6 +348,7 @@ def _read_safetensors(path: Path, framework: str) -> tuple[dict, dict]:
     # under a memory limit, an allocation that fails inside the Rust reader panics: Rust prints the panic to the
     # standard error before Python sees it, so that output is dropped and the panic named as the limit
     quiet = stderr_silenced() if memory_limited() else contextlib.nullcontext()
+    _check_header_keys(path)
     try:
         with quiet, readable_name(path) as name, safe_open(name, framework=framework) as f:
             meta = f.metadata() or {}
@@ -354,7 +377,7 @@ def _parse_meta(path: Path, meta: dict) -> tuple[dict, dict]:
         if k == "format":
             continue
         try:
-            out[k] = json.loads(v)
+            out[k] = json_loads(v)
         except ValueError:
             raise CheckpointError(f"{path}: metadata entry {brief(k)} is not JSON") from None
         except RecursionError:   # arrays or objects nested thousands deep: the decoder recurses per level

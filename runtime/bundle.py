@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shlex
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from ..errors import DdpmError, brief, clip
 from ..files import input_path, refused
-from ..schema import Any, Const, Int, List, Map, Num, Obj, Opt, Schema, Str
+from ..schema import Any, Const, Int, List, Map, Num, Obj, Opt, Schema, Str, json_loads
 from .schedule import MAX_T, RECIPES, Schedule
 
 EXPORT_FORMAT = "ddpm-export"
@@ -309,7 +308,7 @@ def read_meta(meta_path: Path):
         if containers > MAX_META_CONTAINERS:
             raise ExportError(f"{meta_path} holds {containers} JSON objects and arrays, more than an export's "
                               f"metadata ever does ({MAX_META_CONTAINERS}); re-run `ddpm export`")
-        return json.loads(text)
+        return json_loads(text)
     except (OSError, ValueError, RecursionError) as e:
         raise ExportError(f"{meta_path} is unreadable ({clip(e)}); re-run `ddpm export`") from None
 
@@ -557,7 +556,7 @@ class Bundle:
             raise ExportError(f"{path} lacks its {key!r} metadata (what it was exported from), which `ddpm export` "
                               f"always writes; re-run `{redo}`")
         try:
-            recorded = json.loads(props[key])
+            recorded = json_loads(props[key])
         except (ValueError, RecursionError):
             recorded = None
         if not isinstance(recorded, dict):

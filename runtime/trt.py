@@ -13,12 +13,12 @@ see the README. The calls are type-checked against the TensorRT 10.13 stubs (tes
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import brief, raise_if_limit
+from ..schema import json_loads
 from .nets import EngineUnavailable, TorchOps, _CudaStream, _is_cuda, check_io
 
 if TYPE_CHECKING:   # annotations only: TensorRT is imported where it is used (its stubs type-check the calls)
@@ -72,7 +72,7 @@ def engine_files(onnx_path: Path) -> list[tuple[Path, dict]]:
                 or {engine.resolve().parent, info.resolve().parent} != {onnx_path.parent.resolve()}:   # links out
             continue
         try:
-            meta = json.loads(info.read_text())
+            meta = json_loads(info.read_text())
         except (OSError, ValueError):
             continue
         if isinstance(meta, dict):

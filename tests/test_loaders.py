@@ -370,6 +370,48 @@ def test_checkpoint_with_a_member_held_twice_is_refused(tmp_path):
     assert checkpoint_step(tmp_path / "twice.pt") is None
 
 
+def _with_key_twice(src, dst, where):
+    """A copy of the safetensors file `src` whose header holds one key twice: a tensor name (where="tensor", its
+    entry repeated) or a metadata entry (where="metadata", "format" repeated). The data offsets count from the
+    data's start, so they stay valid."""
+    data = src.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__")
+    items = [(k, json.dumps(v)) for k, v in header.items()]
+    meta_items = [(k, json.dumps(v)) for k, v in meta.items()]
+    if where == "tensor":
+        items.append(items[0])
+    else:
+        meta_items.append(("format", json.dumps("ddpm-other")))
+    body = lambda pairs: "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in pairs) + "}"
+    text = body(items + [("__metadata__", body(meta_items))]).encode()
+    text += b" " * (-len(text) % 8)
+    dst.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+
+
+@pytest.mark.parametrize("where", ["tensor", "metadata"])
+def test_a_safetensors_header_holding_a_key_twice_is_refused(tmp_path, where):
+    """A model.safetensors whose JSON header names one tensor twice, or one metadata entry twice (which JSON
+    readers take differently: Python the last value, others the first), is refused in one line, by the API and
+    gen; a metadata value (JSON text itself) holding a key twice too."""
+    d = tmp_path / "run"
+    d.mkdir()
+    tiny_checkpoint(d)
+    bad = tmp_path / "twice.safetensors"
+    _with_key_twice(d / "model.safetensors", bad, where)
+    with pytest.raises(CheckpointError, match="appears twice in one JSON object"):
+        read_model_info(bad)
+    line = one_line_error(invoke("gen", "--ckpt", bad, "-n", 1, "--steps", 2, "--out", tmp_path / "x.png"))
+    assert "appears twice in one JSON object" in line and str(bad) in line, line
+    meta = _meta(d)
+    config = meta["config"]
+    meta["config"] = config[:-1] + ", " + config[1:]   # every config key twice
+    save_file(load_file(d / "model.safetensors"), tmp_path / "config.safetensors", metadata=meta)
+    with pytest.raises(CheckpointError, match="appears twice in one JSON object"):
+        read_model_info(tmp_path / "config.safetensors")
+
+
 @pytest.mark.parametrize("content", [b"Name:\tcat\nState:\tR (running)\n", b"", b"\x80\x02garbage"])
 def test_a_file_that_is_no_checkpoint_is_named_without_torchs_internal_errors(tmp_path, content):
     """A text file (or other bytes) given as a checkpoint: one line that says what the file is not, never the name

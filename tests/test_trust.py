@@ -606,6 +606,17 @@ def test_export_json_integers_are_bounded(exported, tmp_path, change, message):
     assert message in line, line
 
 
+def test_export_json_holding_a_key_twice_is_refused(exported, tmp_path):
+    """An export.json object that holds one key twice (`"files"` twice: Python's reader keeps the last, a browser's
+    may keep the first) is one line, not the last value used silently."""
+    root, exp = _copy(exported, tmp_path)
+    meta = exp / "export.json"
+    text = meta.read_text()
+    meta.write_text(text.replace('"files": ', '"files": {}, "files": ', 1))
+    line = one_line_error(_gen(root, "--engine", "onnx"))
+    assert "the key 'files' appears twice in one JSON object" in line and "export.json" in line, line
+
+
 def test_export_json_limits_hold_the_largest_export():
     """MAX_META_BYTES and MAX_META_CONTAINERS are above an export.json at the largest T (runtime.schedule.MAX_T)."""
     import json

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import DdpmError, brief, clip
 from ..locations import in_the_way
-from ..schema import Array, Schema
+from ..schema import Array, Schema, json_loads
 
 # name -> MD5 of the *uncompressed* file (recompressed .gz copies differ in their own MD5, not in their content)
 FILES = {
@@ -265,8 +265,6 @@ def _read_checks() -> dict:
     file (a pipe, a device, a link to one: files.input_path refuses it without opening it), larger than
     MAX_CHECKS_BYTES, not JSON (also JSON nested too deeply to decode), not an object. A cache: a bad one is ignored
     and the MD5s recomputed, never waited on or read without bound."""
-    import json
-
     from ..files import input_path
 
     try:
@@ -275,7 +273,7 @@ def _read_checks() -> dict:
             text = f.read(MAX_CHECKS_BYTES + 1)
         if len(text) > MAX_CHECKS_BYTES:
             return {}
-        recs = json.loads(text)
+        recs = json_loads(text)
     except (DdpmError, OSError, ValueError, RecursionError):
         return {}
     return recs if isinstance(recs, dict) else {}
