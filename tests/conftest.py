@@ -13,18 +13,23 @@ from pathlib import Path
 sys.dont_write_bytecode = False
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
-import numpy as np
 import pytest
 
 import ddpm  # noqa: F401  (first: it sets OMP_WAIT_POLICY=PASSIVE before PyTorch loads, as for every user)
-import torch
-
-from ddpm.train.data import write_idx
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# PyTorch and numpy are imported where they are used (the test modules, the fixtures), not here: the pytest-xdist
+# controller loads this file too and runs no test (importing PyTorch is about 2 CPU-s).
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads():
+    """PyTorch's intra-op threads: at most 2, one per core of the development machine."""
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,9 +40,11 @@ def private_cache(tmp_path_factory):
         yield
 
 
-def _trace_key(model: torch.nn.Module, precision: str, opset: int) -> str:
+def _trace_key(model, precision: str, opset: int) -> str:
     """What onnx_export.to_onnx's file is a function of: the module's class and config, every weight and buffer
     (name, dtype, shape, bytes), the precision and the opset (torch and the tracing code are fixed in a session)."""
+    import torch
+
     h = hashlib.sha256(repr((type(model).__module__, type(model).__qualname__, getattr(model, "cfg", None), precision,
                              opset)).encode())
     for name, v in model.state_dict().items():
@@ -84,6 +91,10 @@ def mnist_dir() -> Path:
 
 def make_fake_mnist(folder: Path, n: int = 256, seed: int = 0) -> Path:
     """Tiny MNIST-shaped data: class k is a bright bar at row 2k+4 (learnable, distinguishable)."""
+    import numpy as np
+
+    from ddpm.train.data import write_idx
+
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, n).astype(np.uint8)
     images = (rng.random((n, 28, 28)) * 30).astype(np.uint8)
