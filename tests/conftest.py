@@ -24,12 +24,34 @@ SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 # controller loads this file too and runs no test (importing PyTorch is about 2 CPU-s).
 
 
+
+
+def _pin_xdist_worker() -> None:
+    """A pytest-xdist worker runs on its share of the CPUs this run may use (worker i of n: the i-th of n equal
+    slices; one CPU each when there are more workers than CPUs), as `taskset` would pin it: PyTorch, onnxruntime
+    (runtime.nets.cpu_count follows the affinity mask) and the subprocesses the tests start size their thread
+    pools to it. Two workers on 2 cores, each with two intra-op threads, kept 4 busy threads on 2 cores: the
+    inner loop took about 9 CPU-s more of some 92 (measured on a busy machine)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus, i, n = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw")), int(count)
+    share = max(1, len(cpus) // n)
+    os.sched_setaffinity(0, cpus[i * share % len(cpus):][:share])
+
+
+_pin_xdist_worker()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def torch_threads():
-    """PyTorch's intra-op threads: at most 2, one per core of the development machine."""
+    """PyTorch's intra-op threads: at most 2 (one per core of the development machine), at most the CPUs this
+    process may use."""
     import torch
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    from ddpm.runtime.nets import cpu_count
+
+    torch.set_num_threads(min(2, cpu_count()))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,25 +77,39 @@ def _trace_key(model, precision: str, opset: int) -> str:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def traced_once():
-    """Each network is traced to ONNX once per session: onnx_export.to_onnx's file (some 200 KB for a tiny model; the
+def traced_once(tmp_path_factory):
+    """Each network is traced to ONNX once per run: onnx_export.to_onnx's file (some 200 KB for a tiny model; the
     trace is some 60% of an export's time under cProfile) is kept by _trace_key and written again for a later export
-    of the same weights; the rest of the chain (check, verify against PyTorch, metadata, publish) runs every time. A
-    test that patches to_onnx replaces this too. DDPM_TEST_TRACE_CHECK=1 traces every time and asserts the file is
-    byte for byte the one kept."""
+    of the same weights; the rest of the chain (check, verify against PyTorch, metadata, publish) runs every time.
+    The pytest-xdist workers of a run share the files through a folder of the run's temporary folder (each trace
+    is about 0.4 CPU-s). A test that patches to_onnx replaces this too. DDPM_TEST_TRACE_CHECK=1 traces every time
+    and asserts the file is byte for byte the one kept."""
     from ddpm.export import onnx_export
 
     real, made, check = onnx_export.to_onnx, {}, os.environ.get("DDPM_TEST_TRACE_CHECK") == "1"
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    shared = tmp_path_factory.getbasetemp().parent / "traced" if worker else None   # the run's, not the next run's
+    if shared:
+        shared.mkdir(exist_ok=True)
+
+    def kept(key: str) -> bytes | None:
+        if key not in made and shared and (shared / key).is_file():
+            made[key] = (shared / key).read_bytes()
+        return made.get(key)
 
     @functools.wraps(real)
     def to_onnx(model, path, precision, opset=17):
         key = _trace_key(model, precision, opset)
-        if key in made and not check:
+        if kept(key) is not None and not check:
             Path(path).write_bytes(made[key])
             return
         real(model, path, precision, opset)
         data = Path(path).read_bytes()
-        assert made.setdefault(key, data) == data, f"{path}: tracing the same network twice gave other bytes"
+        assert (kept(key) or data) == data, f"{path}: tracing the same network twice gave other bytes"
+        made[key] = data
+        if shared and not (shared / key).exists():   # published whole: a worker reads a file or none
+            (shared / f"{key}.{worker}").write_bytes(data)
+            os.replace(shared / f"{key}.{worker}", shared / key)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(onnx_export, "to_onnx", to_onnx)
