@@ -160,46 +160,75 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_exported(tmp_path_factory):
+def built_once(tmp_path_factory):
+    """built_once(name, build) -> a folder that build(folder) filled, made once per run: the pytest-xdist workers of
+    a run share it (the first to ask builds it while the others wait on a lock), a run without workers keeps it
+    for its session. Read the folder, never write into it: copy it."""
+    import fcntl
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    shared = tmp_path_factory.getbasetemp().parent / "built" if worker else None   # the run's, not the next run's
+    made: dict[str, Path] = {}
+
+    def get(name: str, build) -> Path:
+        if name in made:
+            return made[name]
+        if shared is None:
+            root = tmp_path_factory.mktemp(name)
+            build(root)
+        else:
+            shared.mkdir(exist_ok=True)
+            root = shared / name
+            with open(shared / f"{name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (shared / f"{name}.done").exists():   # a worker that failed half-way left no .done
+                    shutil.rmtree(root, ignore_errors=True)
+                    root.mkdir()
+                    build(root)
+                    (shared / f"{name}.done").touch()
+        made[name] = root
+        return root
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_exported(tmp_path_factory, built_once):
     """tiny_exported(seed=0, fp16=False) -> a new folder holding a tiny model (helpers.tiny_checkpoint(folder, seed))
     as model.safetensors and its ONNX export in exp/ (with the fp16 model when asked). Each export is made once per
     session (an export and its verification cost seconds) and copied for every call: the folder is the caller's."""
     from ddpm.export.onnx_export import export
     from helpers import tiny_checkpoint
 
-    made = {}
+    def build(root: Path, seed: int, fp16: bool) -> None:
+        export(tiny_checkpoint(root, seed=seed), root / "exp", fp16=fp16, log=lambda *_: None)
 
     def copy(seed: int = 0, fp16: bool = False) -> Path:
-        if (seed, fp16) not in made:
-            root = tmp_path_factory.mktemp(f"tiny-{seed}{'-fp16' if fp16 else ''}")
-            export(tiny_checkpoint(root, seed=seed), root / "exp", fp16=fp16, log=lambda *_: None)
-            made[seed, fp16] = root
+        made = built_once(f"tiny-{seed}{'-fp16' if fp16 else ''}", lambda root: build(root, seed, fp16))
         dst = tmp_path_factory.mktemp(f"tiny-{seed}-copy") / "m"
-        shutil.copytree(made[seed, fp16], dst)
+        shutil.copytree(made, dst)
         return dst
 
     return copy
 
 
 @pytest.fixture(scope="session")
-def tiny_generator_exported(tmp_path_factory):
+def tiny_generator_exported(tmp_path_factory, built_once):
     """tiny_generator_exported(seed, *options) -> (a new folder holding a tiny model (helpers.tiny_checkpoint(folder,
     seed)) as model.safetensors, and its export in exp/ by `ddpm export --generator OPTIONS`). Each is made once
     per session (an export with a generator and their verifications cost seconds) and copied for every call."""
     from helpers import invoke, tiny_checkpoint
 
-    made = {}
+    def build(root: Path, seed: int, options) -> None:
+        r = invoke("export", "--ckpt", tiny_checkpoint(root, seed=seed).path, "--out", root / "exp", "--generator",
+                   *options)
+        assert r.exit_code == 0, r.output
 
     def copy(seed: int, *options) -> Path:
-        key = (seed, *map(str, options))
-        if key not in made:
-            root = tmp_path_factory.mktemp(f"tiny-{seed}-generator")
-            r = invoke("export", "--ckpt", tiny_checkpoint(root, seed=seed).path, "--out", root / "exp", "--generator",
-                       *options)
-            assert r.exit_code == 0, r.output
-            made[key] = root
+        name = "-".join(["tiny", str(seed), "generator", *(str(o).strip("-") for o in options)])
+        made = built_once(name, lambda root: build(root, seed, options))
         dst = tmp_path_factory.mktemp(f"tiny-{seed}-generator-copy") / "m"
-        shutil.copytree(made[key], dst)
+        shutil.copytree(made, dst)
         return dst
 
     return copy
