@@ -13,18 +13,45 @@ from pathlib import Path
 sys.dont_write_bytecode = False
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
-import numpy as np
 import pytest
 
 import ddpm  # noqa: F401  (first: it sets OMP_WAIT_POLICY=PASSIVE before PyTorch loads, as for every user)
-import torch
-
-from ddpm.train.data import write_idx
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# PyTorch and numpy are imported where they are used (the test modules, the fixtures), not here: the pytest-xdist
+# controller loads this file too and runs no test (importing PyTorch is about 2 CPU-s).
+
+
+
+
+def _pin_xdist_worker() -> None:
+    """A pytest-xdist worker runs on its share of the CPUs this run may use (worker i of n: the i-th of n equal
+    slices; one CPU each when there are more workers than CPUs), as `taskset` would pin it: PyTorch, onnxruntime
+    (runtime.nets.cpu_count follows the affinity mask) and the subprocesses the tests start size their thread
+    pools to it. Two workers on 2 cores, each with two intra-op threads, kept 4 busy threads on 2 cores: the
+    inner loop took about 9 CPU-s more of some 92 (measured on a busy machine)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus, i, n = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw")), int(count)
+    share = max(1, len(cpus) // n)
+    os.sched_setaffinity(0, cpus[i * share % len(cpus):][:share])
+
+
+_pin_xdist_worker()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads():
+    """PyTorch's intra-op threads: at most 2 (one per core of the development machine), at most the CPUs this
+    process may use."""
+    import torch
+
+    from ddpm.runtime.nets import cpu_count
+
+    torch.set_num_threads(min(2, cpu_count()))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,9 +62,11 @@ def private_cache(tmp_path_factory):
         yield
 
 
-def _trace_key(model: torch.nn.Module, precision: str, opset: int) -> str:
+def _trace_key(model, precision: str, opset: int) -> str:
     """What onnx_export.to_onnx's file is a function of: the module's class and config, every weight and buffer
     (name, dtype, shape, bytes), the precision and the opset (torch and the tracing code are fixed in a session)."""
+    import torch
+
     h = hashlib.sha256(repr((type(model).__module__, type(model).__qualname__, getattr(model, "cfg", None), precision,
                              opset)).encode())
     for name, v in model.state_dict().items():
@@ -48,25 +77,39 @@ def _trace_key(model: torch.nn.Module, precision: str, opset: int) -> str:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def traced_once():
-    """Each network is traced to ONNX once per session: onnx_export.to_onnx's file (some 200 KB for a tiny model; the
+def traced_once(tmp_path_factory):
+    """Each network is traced to ONNX once per run: onnx_export.to_onnx's file (some 200 KB for a tiny model; the
     trace is some 60% of an export's time under cProfile) is kept by _trace_key and written again for a later export
-    of the same weights; the rest of the chain (check, verify against PyTorch, metadata, publish) runs every time. A
-    test that patches to_onnx replaces this too. DDPM_TEST_TRACE_CHECK=1 traces every time and asserts the file is
-    byte for byte the one kept."""
+    of the same weights; the rest of the chain (check, verify against PyTorch, metadata, publish) runs every time.
+    The pytest-xdist workers of a run share the files through a folder of the run's temporary folder (each trace
+    is about 0.4 CPU-s). A test that patches to_onnx replaces this too. DDPM_TEST_TRACE_CHECK=1 traces every time
+    and asserts the file is byte for byte the one kept."""
     from ddpm.export import onnx_export
 
     real, made, check = onnx_export.to_onnx, {}, os.environ.get("DDPM_TEST_TRACE_CHECK") == "1"
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    shared = tmp_path_factory.getbasetemp().parent / "traced" if worker else None   # the run's, not the next run's
+    if shared:
+        shared.mkdir(exist_ok=True)
+
+    def kept(key: str) -> bytes | None:
+        if key not in made and shared and (shared / key).is_file():
+            made[key] = (shared / key).read_bytes()
+        return made.get(key)
 
     @functools.wraps(real)
     def to_onnx(model, path, precision, opset=17):
         key = _trace_key(model, precision, opset)
-        if key in made and not check:
+        if kept(key) is not None and not check:
             Path(path).write_bytes(made[key])
             return
         real(model, path, precision, opset)
         data = Path(path).read_bytes()
-        assert made.setdefault(key, data) == data, f"{path}: tracing the same network twice gave other bytes"
+        assert (kept(key) or data) == data, f"{path}: tracing the same network twice gave other bytes"
+        made[key] = data
+        if shared and not (shared / key).exists():   # published whole: a worker reads a file or none
+            (shared / f"{key}.{worker}").write_bytes(data)
+            os.replace(shared / f"{key}.{worker}", shared / key)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(onnx_export, "to_onnx", to_onnx)
@@ -84,6 +127,10 @@ def mnist_dir() -> Path:
 
 def make_fake_mnist(folder: Path, n: int = 256, seed: int = 0) -> Path:
     """Tiny MNIST-shaped data: class k is a bright bar at row 2k+4 (learnable, distinguishable)."""
+    import numpy as np
+
+    from ddpm.train.data import write_idx
+
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, n).astype(np.uint8)
     images = (rng.random((n, 28, 28)) * 30).astype(np.uint8)
@@ -113,46 +160,75 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_exported(tmp_path_factory):
+def built_once(tmp_path_factory):
+    """built_once(name, build) -> a folder that build(folder) filled, made once per run: the pytest-xdist workers of
+    a run share it (the first to ask builds it while the others wait on a lock), a run without workers keeps it
+    for its session. Read the folder, never write into it: copy it."""
+    import fcntl
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    shared = tmp_path_factory.getbasetemp().parent / "built" if worker else None   # the run's, not the next run's
+    made: dict[str, Path] = {}
+
+    def get(name: str, build) -> Path:
+        if name in made:
+            return made[name]
+        if shared is None:
+            root = tmp_path_factory.mktemp(name)
+            build(root)
+        else:
+            shared.mkdir(exist_ok=True)
+            root = shared / name
+            with open(shared / f"{name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (shared / f"{name}.done").exists():   # a worker that failed half-way left no .done
+                    shutil.rmtree(root, ignore_errors=True)
+                    root.mkdir()
+                    build(root)
+                    (shared / f"{name}.done").touch()
+        made[name] = root
+        return root
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_exported(tmp_path_factory, built_once):
     """tiny_exported(seed=0, fp16=False) -> a new folder holding a tiny model (helpers.tiny_checkpoint(folder, seed))
     as model.safetensors and its ONNX export in exp/ (with the fp16 model when asked). Each export is made once per
     session (an export and its verification cost seconds) and copied for every call: the folder is the caller's."""
     from ddpm.export.onnx_export import export
     from helpers import tiny_checkpoint
 
-    made = {}
+    def build(root: Path, seed: int, fp16: bool) -> None:
+        export(tiny_checkpoint(root, seed=seed), root / "exp", fp16=fp16, log=lambda *_: None)
 
     def copy(seed: int = 0, fp16: bool = False) -> Path:
-        if (seed, fp16) not in made:
-            root = tmp_path_factory.mktemp(f"tiny-{seed}{'-fp16' if fp16 else ''}")
-            export(tiny_checkpoint(root, seed=seed), root / "exp", fp16=fp16, log=lambda *_: None)
-            made[seed, fp16] = root
+        made = built_once(f"tiny-{seed}{'-fp16' if fp16 else ''}", lambda root: build(root, seed, fp16))
         dst = tmp_path_factory.mktemp(f"tiny-{seed}-copy") / "m"
-        shutil.copytree(made[seed, fp16], dst)
+        shutil.copytree(made, dst)
         return dst
 
     return copy
 
 
 @pytest.fixture(scope="session")
-def tiny_generator_exported(tmp_path_factory):
+def tiny_generator_exported(tmp_path_factory, built_once):
     """tiny_generator_exported(seed, *options) -> (a new folder holding a tiny model (helpers.tiny_checkpoint(folder,
     seed)) as model.safetensors, and its export in exp/ by `ddpm export --generator OPTIONS`). Each is made once
     per session (an export with a generator and their verifications cost seconds) and copied for every call."""
     from helpers import invoke, tiny_checkpoint
 
-    made = {}
+    def build(root: Path, seed: int, options) -> None:
+        r = invoke("export", "--ckpt", tiny_checkpoint(root, seed=seed).path, "--out", root / "exp", "--generator",
+                   *options)
+        assert r.exit_code == 0, r.output
 
     def copy(seed: int, *options) -> Path:
-        key = (seed, *map(str, options))
-        if key not in made:
-            root = tmp_path_factory.mktemp(f"tiny-{seed}-generator")
-            r = invoke("export", "--ckpt", tiny_checkpoint(root, seed=seed).path, "--out", root / "exp", "--generator",
-                       *options)
-            assert r.exit_code == 0, r.output
-            made[key] = root
+        name = "-".join(["tiny", str(seed), "generator", *(str(o).strip("-") for o in options)])
+        made = built_once(name, lambda root: build(root, seed, options))
         dst = tmp_path_factory.mktemp(f"tiny-{seed}-generator-copy") / "m"
-        shutil.copytree(made[key], dst)
+        shutil.copytree(made, dst)
         return dst
 
     return copy

@@ -82,6 +82,8 @@ class LazyModule:
         self._name = name
 
     def __getattr__(self, attr: str):
+        if attr.startswith("_"):   # pytest's collection probes module attributes (`_mock_name`...): no import
+            raise AttributeError(attr)
         import importlib
 
         return getattr(importlib.import_module(self._name), attr)

@@ -291,7 +291,8 @@ def test_disk_full_during_checkpoint_is_one_line(fake_mnist, tmp_path, monkeypat
 
 @pytest.mark.parametrize("errno_", [errno.ENOSPC, errno.EFBIG])
 def test_a_failed_log_append_stops_the_run_in_one_line_naming_the_log_and_the_checkpoint(fake_mnist, tmp_path,
-                                                                                        monkeypatch, errno_):
+                                                                                        monkeypatch, errno_,
+                                                                                        small_sample_grids):
     """log.jsonl is appended to, not written through atomic_write: a full disk (or the file-size limit) there
     stops the run with the line a checkpoint's full disk gives, naming the file and where to resume from."""
     from ddpm.train import loop
