@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -314,12 +315,64 @@ def read_meta(meta_path: Path):
         raise ExportError(f"{meta_path} is unreadable ({clip(e)}); re-run `ddpm export`") from None
 
 
+def shipped_export_dir() -> Path:
+    """The verified ONNX export shipped with the default model, assets/default_export (export.cache.shipped_dir)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "default_export"
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_hash() -> str | None:
+    """The checkpoint_hash of the shipped weights, as the shipped export folder's export.json records it (None when
+    it cannot be read): the weights `ddpm export` exports without --ckpt."""
+    try:
+        meta = read_meta(shipped_export_dir() / META_FILE)
+    except ExportError:
+        return None
+    return meta.get("checkpoint_hash") if isinstance(meta, dict) else None
+
+
+def same_folder(a, b) -> bool:
+    """Whether two paths name one folder (their real paths agree)."""
+    try:
+        return os.path.realpath(a) == os.path.realpath(b)
+    except (OSError, ValueError):
+        return False
+
+
+def export_command(weights_hash: str, root=None, precision: str = "fp32", ckpt=None, flags: str = "") -> str:
+    """The command that writes the model of `precision` (and `flags`, e.g. " --generator") of the weights
+    `weights_hash` into the export folder `root`: `ddpm export [--ckpt PATH] [--out ROOT] [--fp16|--int8]FLAGS`, the
+    one builder of every hint that names an export (Bundle.export_command, export.cache's messages).
+    --ckpt: left out for the shipped weights (the command's default model), else the path `ckpt` when the caller
+    knows it, else the word CKPT (Bundle.ckpt_word says what it stands for). --out: left out for the cache folder of
+    these weights (the command's default, export.cache.cache_folder) and for root None or the shipped folder, which
+    is never written (the command then writes the cache folder)."""
+    from ..locations import cache_dir
+
+    parts = ["ddpm export"]
+    if weights_hash != shipped_hash():
+        parts.append(f"--ckpt {'CKPT' if ckpt is None else shlex.quote(str(ckpt))}")
+    if root is not None and not same_folder(root, shipped_export_dir()):
+        try:
+            default = same_folder(root, cache_dir("exports", weights_hash[:16]))
+        except DdpmError:   # no usable cache folder ($HOME unset): the folder is not the default one
+            default = False
+        if not default:
+            parts.append(f"--out {shlex.quote(str(root))}")
+    if precision != "fp32":
+        parts.append(f"--{precision}")
+    return " ".join(parts) + flags
+
+
 @dataclass
 class Bundle:
-    """An export folder, loaded: its root and its export.json (meta), checked (Bundle.load)."""
+    """An export folder, loaded: its root and its export.json (meta), checked (Bundle.load). ckpt: the path of the
+    checkpoint it was exported from when whoever loaded it knows it (export.cache gives the Model's), for the commands
+    its messages give (export_command); None: they name it CKPT."""
 
     root: Path
     meta: dict
+    ckpt: Path | None = None
 
     @classmethod
     def load(cls, root, expected_hash: str | None = None) -> "Bundle":
@@ -428,21 +481,31 @@ class Bundle:
 
     def onnx_path(self, precision: str = "fp32") -> Path:
         """The ONNX file of a precision, checked against the sha256 recorded at export time."""
+        why = self.missing(precision)
+        if why is not None:
+            raise ExportError(why)
+        return self._member(self.meta["files"][precision], self.export_command(precision), "model", precision)
+
+    def missing(self, precision: str) -> str | None:
+        """Why the folder has no model of `precision` (one line, with the command that adds it: `hint`), or None
+        when export.json lists one (its file is checked by onnx_path)."""
         files = self.meta["files"]
-        if precision not in files:
-            raise ExportError(f"{self.root} has no {precision} model (exported: {', '.join(files)}); add it with "
-                              f"`{self.export_command(precision)}`, CKPT the weights this folder was exported from "
-                              f"(none for the shipped model)")
-        return self._member(files[precision], self.export_command(precision), "model", precision)
+        if precision in files:
+            return None
+        return (f"{self.root} has no {precision} model (exported: {', '.join(files)}); add it with "
+                f"{self.hint(precision)}")
 
     def export_command(self, precision: str = "fp32", ckpt=None, flags: str = "") -> str:
-        """The command that writes this folder's model of `precision` (and `flags`, e.g. " --generator") again,
-        into this folder (not into the cache folder a plain `ddpm export` writes):
-        `ddpm export --ckpt CKPT --out ROOT [--fp16|--int8]FLAGS`, CKPT the path `ckpt` of the weights the folder
-        was exported from when the caller knows it, else the word CKPT (the folder does not know the path; see
-        `ckpt_word`). Without --ckpt the command would export the shipped model and replace this folder's."""
-        return (f"ddpm export --ckpt {'CKPT' if ckpt is None else shlex.quote(str(ckpt))} "
-                f"--out {shlex.quote(str(self.root))}" + ("" if precision == "fp32" else " --" + precision) + flags)
+        """The command that writes this folder's model of `precision` (and `flags`, e.g. " --generator") again, into
+        this folder: export.cache.export_command (the one builder of every export hint) with the checkpoint path
+        `ckpt`, else the one the folder's loader knows (self.ckpt), else the word CKPT (`ckpt_word`)."""
+        return export_command(self.meta["checkpoint_hash"], self.root, precision, ckpt or self.ckpt, flags)
+
+    def hint(self, precision: str = "fp32", ckpt=None, flags: str = "") -> str:
+        """export_command quoted for a message, followed by what CKPT stands for (`ckpt_word`) when it holds the
+        word."""
+        command = self.export_command(precision, ckpt, flags)
+        return f"`{command}`" + (f", {self.ckpt_word()}" if " CKPT" in command else "")
 
     def ckpt_word(self) -> str:
         """What CKPT of `export_command` stands for, as a hint's clause: the checkpoint this folder was exported
@@ -472,13 +535,13 @@ class Bundle:
         one also against model_int8.onnx's record (int8_sha256): it holds that model. ExportError when the folder
         has none for that plan, or it is damaged or of another int8 model."""
         gen = self.generator(plan_key, form, precision)
-        command = self.export_command(precision, flags=" --generator")
         if gen is None:
             have = plan_names([g for g in self.generators if g.get("precision", "fp32") == precision], plan_key)
             what = "generator" if precision == "fp32" else f"{precision} generator"
+            command = self.export_command(precision, flags=" --generator")
             raise ExportError(f"{self.root} has no {what}" + (f" for the plan asked for (it has {have})" if have
-                              else "") + f"; create one with `{command}` with that sampler and --steps, "
-                              f"{self.ckpt_word()}")
+                              else "") + f"; create one with `{command}` with that sampler and --steps"
+                              + (f", {self.ckpt_word()}" if " CKPT" in command else ""))
         return self.checked_generator(gen)
 
     def checked_generator(self, gen: dict) -> Path:

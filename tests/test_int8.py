@@ -127,14 +127,16 @@ def test_tampered_int8_file_refused(ckpt, int8_export, tmp_path):
     (copy / "model_int8.onnx").write_bytes(bytes(data))
     r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--int8", "--out", tmp_path / "a.png")
     assert r.exit_code == 1 and "sha256 differs" in r.output and "Traceback" not in r.output, r.output
-    # the hint writes the file into the folder given (--out), not into the cache folder a plain export writes
-    assert f"re-run `ddpm export --ckpt CKPT --out {copy} --int8`" in " ".join(r.output.split()), r.output
+    # the hint writes the file into the folder given (--out), not into the cache folder a plain export writes, from
+    # the checkpoint given (--ckpt): its path, not a placeholder
+    redo = f"`ddpm export --ckpt {ckpt / 'model.safetensors'} --out {copy} --int8`"
+    assert f"re-run {redo}" in " ".join(r.output.split()), r.output
     (copy / "model_int8.onnx").unlink()
     for said in ("is missing", "is a folder, not a file"):
         r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--int8", "--out",
                    tmp_path / "a.png")
         line = " ".join(r.output.split())
-        assert r.exit_code == 1 and said in line and f"`ddpm export --ckpt CKPT --out {copy} --int8`" in line, line
+        assert r.exit_code == 1 and said in line and redo in line, line
         (copy / "model_int8.onnx").mkdir(exist_ok=True)
 
 
@@ -254,9 +256,10 @@ def test_int8_where_it_cannot_run(ckpt, tiny_export, int8_export, tmp_path):
     for extra, message, code in cases:
         r = invoke("gen", "--ckpt", ckpt, "-n", 2, "--steps", 2, "--int8", "--out", tmp_path / "a.png", *extra)
         assert r.exit_code == code and message in r.output and "Traceback" not in r.output, (extra, r.output)
-    # the hint makes the int8 model in the folder given, not in the cache
+    # the hint makes the int8 model in the folder given, not in the cache, from the checkpoint given
     r = invoke("gen", "--ckpt", ckpt, "-n", 2, "--steps", 2, "--int8", "--export", tiny_export, "--out", tmp_path / "a.png")
-    assert f"ddpm export --ckpt CKPT --out {tiny_export} --int8" in " ".join(r.output.split()), r.output
+    line = " ".join(r.output.split())
+    assert f"ddpm export --ckpt {ckpt / 'model.safetensors'} --out {tiny_export} --int8`" in line, r.output
 
 
 @pytest.mark.slow
