@@ -22,7 +22,7 @@ import torch
 from ..errors import DdpmError
 from ..files import building_dir, check_writable, claim_dir, publish_owned, readable_name
 from ..model.io import LoadedModel, copy_to, require_onnx
-from ..runtime.bundle import EXPORT_FORMAT, META_FILE, Bundle, ExportError, file_sha256
+from ..runtime.bundle import EXPORT_FORMAT, META_FILE, Bundle, ExportError, export_command, file_sha256
 from ..runtime.schedule import Schedule
 from .cache import EXPORT_FOLDER, same_weights
 
@@ -272,9 +272,7 @@ def _unlisted_model(meta: dict):
 
 def _say_lost(root: Path, before: set[str], why: str, loaded: LoadedModel, log) -> None:
     """One line when the folder no longer holds artifacts it held before this export (names in `before`): which, why,
-    and the command that adds them back."""
-    import shlex
-
+    and the command that adds them back (runtime.bundle.export_command)."""
     lost = sorted(before - _artifacts(root))
     if not lost:
         return
@@ -283,9 +281,9 @@ def _say_lost(root: Path, before: set[str], why: str, loaded: LoadedModel, log) 
                                  ("--generator", any(n.startswith("generator-") for n in lost)),
                                  ("--trt", any(n.endswith((".plan", ".plan.json", ".cache")) for n in lost))) if made]
     gens = " (with the --sampler and --steps of each generator)" if "--generator" in flags else ""
+    command = export_command(loaded.hash, root, ckpt=loaded.path, flags="".join(" " + f for f in flags))
     log(f"{root} no longer holds {', '.join(lost)} ({why}); add {'it' if len(lost) == 1 else 'them'} back with "
-        f"`ddpm export --ckpt {shlex.quote(str(loaded.path))} --out {shlex.quote(str(root))} {' '.join(flags)}`"
-        f"{gens}")
+        f"`{command}`{gens}")
 
 
 @dataclass
