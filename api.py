@@ -47,8 +47,11 @@ class Model:
     Made by `load()`. `cfg` is the model config (ModelConfig: image size, classes, schedule, T). `hash` identifies
     the weights (sha256, model.io.weights_hash). `path` is the checkpoint file (None for an export folder alone);
     `export_dir` the export folder it was loaded with (the shipped one for the shipped model; None for a checkpoint,
-    whose export the onnx/trt engines find in the cache, export/cache.py). Engines are made once and kept until
-    `close()` (or the end of a `with` block).
+    whose export the onnx/trt engines find in the cache, export/cache.py); `export_given` whether that folder was
+    given (load's `export`, or `path` naming one): a folder given is read as it is, the shipped one included, while
+    the shipped model loaded by default finds what its folder does not ship (fp16, int8, generators of other plans)
+    in the cache folder of its weights (export.cache.export_bundle). Engines are made once and kept until `close()`
+    (or the end of a `with` block).
     """
 
     cfg: ModelConfig
@@ -56,6 +59,7 @@ class Model:
     path: Path | None
     export_dir: Path | None = None
     info: dict = field(default_factory=dict)
+    export_given: bool = False
     _torch_model: object = field(default=None, repr=False)
     _engines: EngineCache = field(default_factory=EngineCache, repr=False)   # guarded by its own lock
     # guards the other lazily made parts (the torch model, exports, generators): a Model is shared by threads
@@ -331,13 +335,14 @@ def load(path: str | os.PathLike | None = None, export: str | os.PathLike | None
         if path is None and export is not None:
             b = Bundle.load(export)
             cfg = ModelConfig.from_dict(b.meta["model_config"]).validate()
-            return Model(cfg, b.meta["checkpoint_hash"], None, Path(export), {"step": b.meta.get("step")})
+            return Model(cfg, b.meta["checkpoint_hash"], None, Path(export), {"step": b.meta.get("step")},
+                         export_given=True)
         default = path is None
         cfg, h, info, file = read_model_info(default_model_path() if default else path)
         shipped = export_cache.shipped_dir()
         export_dir = Path(export) if export is not None else (shipped if default and (shipped / META_FILE).is_file()
                                                              else None)
-        model = Model(cfg, h, file, export_dir, info)
+        model = Model(cfg, h, file, export_dir, info, export_given=export is not None)
         if export is not None:
             model.bundle()      # checks now that the export belongs to these weights
         return model

@@ -450,9 +450,9 @@ def prepare(o: dict, recorded: bool = False, labelled: bool = True):
 
 def done(r, n: int, what: str, detail: str, out: str, also: str = "") -> None:
     """The last line of gen and the editing commands: n results (detail: the plan and guidance, the engine and its
-    precision where not fp32, e.g. "onnx int8") in seconds -> out."""
+    precision where not fp32, e.g. "onnx int8", pipeline.ran) in seconds -> out."""
     from .runtime.engine import engine_label
 
     procs = f", {r.ctx.world} processes" if r.ctx.world > 1 else ""
-    click.echo(f"{n} {what if n != 1 else what[:-1]} ({detail}, {engine_label(r.engine)}{procs}) in "
+    click.echo(f"{n} {what if n != 1 else what[:-1]} ({detail}, {r.label or engine_label(r.engine)}{procs}) in "
                f"{r.seconds:.1f}s -> {out}{also}")

@@ -120,8 +120,9 @@ def _batch_range(ctx, param, value):
                    "files); one of other weights is replaced only if it holds nothing but ddpm export's files.")
 @click.option("--fp16", is_flag=True, help="Also write a half-precision model (model_fp16.onnx).")
 @click.option("--int8", is_flag=True,
-              help="Also write an int8 model (model_int8.onnx, for the CPU) calibrated on noised MNIST training "
-                   "digits, its most sensitive convolutions kept fp32, verified against model.onnx (docs/int8.md).")
+              help="Also write an int8 model (model_int8.onnx, for the CPU) calibrated on MNIST training digits "
+                   "noised to the timesteps of gen's default plan (UniPC-8 trailing, whatever --sampler and --steps "
+                   "say), its most sensitive convolutions kept fp32, verified against model.onnx (docs/int8.md).")
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="MNIST folder for --int8's calibration; else $DDPM_DATA or the cache folder (downloaded there "
                    "when missing, as `ddpm train` does).")
@@ -133,7 +134,8 @@ def _batch_range(ctx, param, value):
 @click.option("--generator", "with_generator", is_flag=True,
               help="Also write a generator: the whole loop of a deterministic sampler in one ONNX model (x_T, labels, "
                    "guidance -> uint8 images), verified against the runtime, beside those of other plans.")
-@solver_options(DEFAULT, "The generator's steps [default: the sampler's, as in gen].")
+@solver_options(DEFAULT, "The generator's steps (--generator, --web) [default: the sampler's, as in gen]; --int8 "
+                          "calibrates at the default plan's timesteps whatever these say.")
 @click.option("--form", type=click.Choice(FORMS), default=FORMS[0], show_default=True,
               help="The generator as one ONNX Loop over the rows, or the rows unrolled (the same speed on a CPU; "
                    "unrolled is 1.8x bigger and loads about 90x slower: README).")
@@ -168,6 +170,7 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
     if diffusers_dir:
         _export_diffusers(ckpt, diffusers_dir)
         return
+    _refuse_unused(with_generator or web_dir, build_trt, int8, web_dir)
     refuse_same_path({"--out": out, "--web": web_dir}, {"--ckpt": ckpt, "--data": data, "--ort-web": ort_web},
                      folders=("--out", "--web"))
     for folder, option in ((out, "--out"), (web_dir, "--web")):
@@ -223,6 +226,37 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
              f"http://127.0.0.1:8000)")
     if stdout_failed:   # the folders are published: now the CLI's line for standard output
         raise stdout_failed[0]
+
+
+# export's options that shape one artifact only, and the options that write it: given without them they shape nothing
+_SHAPES = (
+    (("sampler", "steps", "spacing", "guidance_interval", "guidance_rescale", "form"), "the generator",
+     "--generator or --web"),
+    (("batch_range",), "the TensorRT engines", "--trt"),
+    (("ort_web",), "the web page", "--web"),
+    (("data",), "the int8 model's calibration", "--int8"),
+)
+
+
+def _refuse_unused(generator: bool, trt: bool, int8: bool, web: bool) -> None:
+    """A usage error for options of `ddpm export` given without the option whose artifact they shape (_SHAPES): they
+    would be silently ignored. The generator's plan options say that --int8 calibrates at the default plan's
+    timesteps whatever they say."""
+    ctx = click.get_current_context()
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    made = {"--generator or --web": generator, "--trt": trt, "--web": web, "--int8": int8}
+    for names, what, needs in _SHAPES:
+        given = [flags[n] for n in names if on_command_line(n)]
+        if given and not made[needs]:
+            from .options import DEFAULT_SAMPLER
+            from .runtime.samplers import DEFAULT_SOLVER_STEPS
+
+            plural = len(given) > 1
+            note = (f"; --int8 calibrates at the timesteps of gen's default plan ({DEFAULT_SAMPLER}, "
+                    f"{DEFAULT_SOLVER_STEPS} steps) whatever they say" if what == "the generator" and int8 else "")
+            raise click.UsageError(f"{', '.join(given)} shape{'' if plural else 's'} {what} only, which needs "
+                                   f"{needs}: without it nothing uses {'them' if plural else 'it'}{note}; add "
+                                   f"{needs.split(' or ')[0]}, or leave {'them' if plural else 'it'} out")
 
 
 def _echo_keeping_going():

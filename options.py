@@ -67,13 +67,19 @@ class Sampling:
     threads: int | None = None             # CPU threads (torch and onnxruntime); None: the runtime's default
 
     def __post_init__(self) -> None:
-        # a contradiction among the options is found here, before any file is looked up
-        why = precision_refusal(self.engine if isinstance(self.engine, str) else None, self.device, self.fp16,
-                                self.int8)
+        # a contradiction among the options is found here, before any file is looked up; an engine object runs the
+        # precision it was made with, so a precision asked for beside it must be that one (engine_refusal)
+        engine = self.engine if isinstance(self.engine, str) else None
+        why = precision_refusal(engine, self.device, self.fp16, self.int8)
+        option = "int8"
+        if not why:
+            why, option = generator_refusal(engine, self.device, self.fp16)
+        if not why and engine is None:
+            why, option = engine_refusal(self.engine, self.fp16, self.int8)
         if why:
             from .errors import OptionError
 
-            raise OptionError(why, "int8")
+            raise OptionError(why, option)
 
     @classmethod
     def of(cls, values: dict, given=frozenset(), labelled: bool = True, cli: bool = False,
@@ -153,6 +159,34 @@ def precision_refusal(engine: str | None, device: str, fp16: bool, int8: bool) -
         return (f"int8 runs on the onnx engine (or onnx-generator) on a CPU (model_int8.onnx), not on "
                 f"{name}{' on a GPU' if gpu else ''}")
     return None
+
+
+def generator_refusal(engine: str | None, device: str, fp16: bool) -> tuple[str | None, str]:
+    """(why, option): why the onnx-generator engine (`engine`, a name) cannot run with these options, and the option
+    that asks for it, or (None, "") when it can: generator.onnx wraps model.onnx or model_int8.onnx (fp32 or int8,
+    never fp16) and runs on the CPU. runtime.engines.make_engine gives the same messages."""
+    if engine != "onnx-generator":
+        return None, ""
+    if fp16:
+        return "the onnx-generator engine is fp32 or int8 (generator.onnx wraps model.onnx, or model_int8.onnx)", "fp16"
+    if str(device).startswith("cuda"):
+        return "the onnx-generator engine runs on the CPU; on a GPU use runtime-torch or trt", "device"
+    return None, ""
+
+
+def engine_refusal(engine, fp16: bool, int8: bool) -> tuple[str | None, str]:
+    """(why, option): why an engine object (one Model.engine or runtime.engines.make_engine returned, or any object
+    with a `name`) cannot run the precision that fp16 or int8 asks for, and the argument that asks, or (None, "")
+    when it can: such an engine runs the precision it was made with (its `precision`, runtime.engine.Engine; fp32
+    when it says none), and a precision asked for beside it that is not that one would be silently ignored."""
+    asked = "fp16" if fp16 else "int8" if int8 else None
+    has = getattr(engine, "precision", "fp32") or "fp32"
+    if asked is None or asked == has:
+        return None, ""
+    name = getattr(engine, "name", type(engine).__name__)
+    return (f"the engine given (engine=) is an {has} {name} engine and runs {has}, not {asked}: leave out "
+            f"{asked}=True, or give an engine made with it (model.engine({name!r}, {asked}=True)) or the engine's "
+            f"name (engine={name!r}, {asked}=True)"), asked
 
 
 # The options that make a plan (Sampling.plan_args): a ready plan excludes them (Sampling.of)

@@ -68,7 +68,9 @@ class Job:
                 return read_edit_labels(cls, model, n, plan, opts, start, edit)
         if label is None or np.ndim(label) == 0:
             model.labels(min(n, 1), label, uncond)
-            labels = lambda lo, hi: model.labels(hi - lo, label, uncond, start=lo)
+            # the classes in turn follow the sample's index in the seed's stream (start + lo), as its noise does:
+            # sample k of a seed is the same digit whatever n and start
+            labels = lambda lo, hi: model.labels(hi - lo, label, uncond, start=start + lo)
         else:
             y = model.labels(n, label, uncond)
             labels = lambda lo, hi: y[lo:hi]
@@ -314,16 +316,33 @@ def processes(device: str = "auto"):
 @dataclass
 class Run:
     """A job in progress (`run`): the engine, the process group, and on the first process the batches of all the
-    job's samples in order (None on the others); seconds: the time from the first batch to the last gathered."""
+    job's samples in order (None on the others); seconds: the time from the first batch to the last gathered;
+    label: what ran, as the last line of gen and the editing commands says it (`ran`)."""
 
     engine: object
     ctx: object
     batches: Iterable[np.ndarray] | None
     started: float = field(default_factory=time.perf_counter)
+    label: str = ""
 
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.started
+
+
+def ran(model, eng, plan) -> str:
+    """What ran, for a line: the engine and its precision where not fp32 (runtime.engine.engine_label: "onnx",
+    "onnx int8"), and for an int8 engine whose every network row of `plan` runs fp32 (runtime.engines.int8_fp32_rows:
+    the rows at sigma <= 1 and the last network row; `gen --steps 1`, a restoration from sigma <= 0.95) that no int8
+    row ran: "onnx int8, every row fp32 at this plan". plan None (an edit that runs no row): the engine's label."""
+    from .runtime.engine import engine_label
+    from .runtime.engines import int8_fp32_rows
+
+    label = engine_label(eng)
+    if plan is not None and getattr(eng, "precision", "fp32") == "int8" and \
+            not (plan.calls_net & ~int8_fp32_rows(plan, model.schedule.alphas_cumprod)).any():
+        label += ", every row fp32 at this plan"
+    return label
 
 
 @contextmanager
@@ -340,12 +359,13 @@ def run(model, opts: Sampling, job: Job, progress: bool = False, log=None, watch
         lo, hi = ctx.shard(job.n)
         mine = stream(eng, opts, job, lo, hi, progress=progress and ctx.rank == 0,
                       watch=watch if ctx.rank == 0 else None)
+        label = "" if eng is None else ran(model, eng, job.plan)
         if ctx.world == 1:
-            yield Run(eng, ctx, mine)
+            yield Run(eng, ctx, mine, label=label)
         else:
             empty = np.empty((0, *picture_shape(job.image_shape)), np.uint8)
             parts = ctx.gather(np.concatenate([empty, *mine]))
-            yield Run(eng, ctx, parts)
+            yield Run(eng, ctx, parts, label=label)
     finally:
         ctx.teardown()
 

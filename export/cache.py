@@ -24,7 +24,8 @@ from typing import Callable
 
 from ..errors import DdpmError
 from ..files import FolderKind
-from ..runtime.bundle import EXPORT_FORMAT, META_FILE, Bundle, ExportError, plan_names, read_meta
+from ..runtime.bundle import (EXPORT_FORMAT, META_FILE, Bundle, ExportError, export_command, plan_names,
+                              read_meta, same_folder, shipped_export_dir)
 
 # An export folder as a folder output (files.claim_dir), for every writer of one (onnx_export.export, _seed): besides
 # export.json, ddpm export writes the models, the generators (export/generator.py), TensorRT engines and their records
@@ -57,7 +58,7 @@ def same_weights(weights_hash: str | None) -> Callable[[Path], bool | None]:
 
 def shipped_dir() -> Path:
     """The verified ONNX export shipped with the default model (with the default plan's generator)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "default_export"
+    return shipped_export_dir()
 
 
 def cache_folder(weights_hash: str) -> Path:
@@ -137,36 +138,53 @@ def _has(root: Path, weights_hash: str | None, fp16: bool, int8: bool = False) -
 
 
 def export_bundle(model, fp16: bool = False, int8: bool = False) -> Bundle:
-    """The export folder the onnx and trt engines of `model` (api.Model) read: its own export folder when it was
-    loaded with one, else the shipped one for the shipped weights (fp32), else the cache folder of its weights,
-    exported there on first use (needs PyTorch) with what the call needs: fp32, and fp16 when `fp16` asks for it
-    (added to the folder by the first call that does). An int8 model is never made on first use
-    (its calibration reads MNIST): `ddpm export --int8` makes it. Raises DdpmError."""
+    """The export folder the onnx and trt engines of `model` (api.Model) read, with a model of the precision asked
+    for (fp16, int8; else fp32). An export folder the model was loaded with (model.export_given: `ddpm.load(export=)`,
+    `--export`) is read as it is, whatever folder it is, the shipped one included: a precision it lacks is an error
+    naming it. Otherwise the shipped folder for the shipped weights when it holds that precision (fp32), else the
+    cache folder of the weights, exported there on first use (needs PyTorch) with what the call needs: fp32, and
+    fp16 when `fp16` asks for it (added to the folder by the first call that does). An int8 model is never made on
+    first use (its calibration reads MNIST): `ddpm export --int8` makes it. Raises DdpmError."""
     expected = model.hash   # an export folder that changed since load() read it is refused
     own = model.export_dir
-    if own is not None and Path(own) != shipped_dir():
+    asked = "fp16" if fp16 else "int8" if int8 else None
+    if own is not None and (getattr(model, "export_given", False) or not same_folder(own, shipped_dir())):
         try:
-            return Bundle.load(own, expected_hash=expected)      # the user's folder: as it is
+            b = Bundle.load(own, expected_hash=expected)      # the user's folder: as it is
         except ExportError as e:   # the command that repairs it writes these weights into it, not into the cache
-            command = f"ddpm export --ckpt {shlex.quote(str(model.path or 'CKPT'))} --out {shlex.quote(str(own))}"
-            raise ExportError(re.sub(r"re-run `ddpm export`( for it)?$", f"re-run `{command}`", str(e))) from None
+            raise ExportError(re.sub(r"re-run `ddpm export(?: --(fp16|int8))?`( for it)?$", lambda m: "re-run `"
+                                     + export_command(expected, own, m.group(1) or "fp32", model.path) + "`",
+                                     str(e))) from None
+        b.ckpt = model.path
+        why = None if asked is None else b.missing(asked)
+        if why is not None and same_folder(own, shipped_dir()):
+            why = (f"{own} has no {asked} model: the shipped export folder holds "
+                   f"{', '.join(b.meta['files'])} only and is never written; leave out --export (ddpm.load's "
+                   f"export=) to use the {asked} model of these weights in the cache folder, which "
+                   f"`{export_command(expected, None, asked)}` makes")
+        if why is not None:
+            raise ExportError(why)
+        return b
     shipped = _has(shipped_dir(), expected, fp16, int8) if own is not None else None
     if shipped is not None:
+        shipped.ckpt = model.path
         return shipped
     folder = cache_folder(model.hash)
     ready = _has(folder, expected, fp16, int8)
     if ready is not None:
+        ready.ckpt = model.path
         return ready
-    if int8:
-        raise ExportError(f"no int8 model of these weights in {folder}: make it with `ddpm export --int8"
-                          f"{'' if model.path is None else ' --ckpt ' + str(model.path)}` (calibrated on MNIST)")
-    if model.path is None:
-        raise ExportError(f"{own} has no fp16 model; re-run `ddpm export --fp16` for it")
+    if int8 or model.path is None:   # an int8 model is made by `ddpm export --int8` only; a model without weights
+        raise ExportError(f"no {asked} model of these weights in {folder}: make it with "   # cannot be exported
+                          f"`{export_command(expected, folder, asked, model.path)}`"
+                          + (" (calibrated on MNIST)" if int8 else ""))
     with locked(folder):
         ready = _has(folder, expected, fp16)   # another process may have made it meanwhile
         if ready is None:
             _export(model, folder, fp16)
-    return Bundle.load(folder, expected_hash=expected)
+    b = Bundle.load(folder, expected_hash=expected)
+    b.ckpt = model.path
+    return b
 
 
 def _export(model, folder: Path, fp16: bool) -> None:
@@ -226,25 +244,34 @@ def generator_bundle(model, plan, form: str = "loop", log=None, int8: bool = Fal
     check_image_shape(model.image_shape)
     try:
         check_plan(plan)
-    except GeneratorUnsupported as e:
-        raise DdpmError(f"onnx-generator: {e}") from None
+    except GeneratorUnsupported as e:   # a usage error naming the option that chose the plan
+        raise GeneratorUnsupported(f"the onnx-generator engine: {e}", e.option) from None
     key, precision = plan_key(plan), "int8" if int8 else "fp32"
     source = export_bundle(model, int8=int8)
     if source.generator(key, precision=precision) is not None:
         return source
-    if source.root not in (shipped_dir(), cache_folder(model.hash)):
+    shipped = same_folder(source.root, shipped_dir())
+    # a folder given (--export) is read as it is (export_bundle); the shipped one otherwise, and the cache folder,
+    # gain the generator in the cache folder
+    if not same_folder(source.root, cache_folder(model.hash)) and (getattr(model, "export_given", False)
+                                                                     or not shipped):
         gens = [g for g in source.generators if g.get("precision", "fp32") == precision]
         have = plan_names(gens, key, plan.name)
         asked = plan.name + (f" (key {key[:8]})" if any(g["plan"] == plan.name for g in gens) else "")
         what = "generator" if precision == "fp32" else f"{precision} generator"
-        raise DdpmError(f"{source.root} has {f'{what}s for {have}' if have else f'no {what}'}, not one for "
-                        f"{asked}: run `{source.export_command(precision, model.path, ' --generator')}` with that "
-                        f"sampler and --steps" + ("" if model.path is not None else f", {source.ckpt_word()}"))
+        lacks = f"{source.root} has {f'{what}s for {have}' if have else f'no {what}'}, not one for {asked}"
+        if shipped:
+            raise DdpmError(f"{lacks}: the shipped export folder is never written; leave out --export (ddpm.load's "
+                            f"export=) to build it in the cache folder of these weights")
+        command = source.export_command(precision, model.path, " --generator")
+        raise DdpmError(f"{lacks}: run `{command}` with that sampler and --steps"
+                        + (f", {source.ckpt_word()}" if " CKPT" in command else ""))
     folder = cache_folder(model.hash)
     expected = model.hash
     with locked(folder):
         ready = _has(folder, expected, False, int8)
         if ready is not None and ready.generator(key, form, precision) is not None:
+            ready.ckpt = model.path
             return ready
         require_onnx(f"building the generator for {plan.name}")
         if ready is None:            # the shipped weights: the cache folder starts as a copy of the shipped one
@@ -257,7 +284,9 @@ def generator_bundle(model, plan, form: str = "loop", log=None, int8: bool = Fal
         except (OSError, ExportError) as e:
             raise DdpmError(f"cannot add a generator to {folder}: {e}; set $XDG_CACHE_HOME to a writable folder, or "
                             f"make it with `ddpm export --generator` and pass that folder (--export)") from None
-    return Bundle.load(folder, expected_hash=expected)
+    b = Bundle.load(folder, expected_hash=expected)
+    b.ckpt = model.path
+    return b
 
 
 def _seed(source: Bundle, folder: Path) -> None:

@@ -61,10 +61,10 @@ NET = "eps_theta/"   # the noise predictor's names inside the generator
 
 class GeneratorUnsupported(OptionError):
     """A plan that the generator cannot express (stochastic, or with rows that do not call the network): a fault of
-    the sampler chosen."""
+    the sampler chosen, or of DDIM's eta (option "eta")."""
 
-    def __init__(self, message: str):
-        super().__init__(message, "sampler")
+    def __init__(self, message: str, option: str = "sampler"):
+        super().__init__(message, option)
 
 
 class GeneratorFailed(Exception):
@@ -81,12 +81,14 @@ def check_image_shape(image_shape: tuple[int, int, int], page: bool = False) -> 
 
 
 def check_plan(plan: Plan) -> Plan:
-    """The plan itself when a generator can run it; GeneratorUnsupported with the reason otherwise."""
+    """The plan itself when a generator can run it; GeneratorUnsupported with the reason otherwise, naming the
+    option that chose it: "eta" for DDIM with eta > 0, "sampler" for DDPM (its rows always add noise)."""
     if plan.stochastic:
         rows = int((plan.z_slot >= 0).sum())
+        option = "eta" if plan.name.startswith("ddim") else "sampler"   # runtime.samplers.make_plan's names
         raise GeneratorUnsupported(f"the generator runs deterministic plans only: {plan.name} adds fresh noise at "
                                    f"{rows} of its {plan.steps} rows (use DDIM with eta 0, or another deterministic "
-                                   f"sampler)")
+                                   f"sampler)", option)
     if not plan.calls_net.all():
         raise GeneratorUnsupported(f"the generator runs plans whose every row calls the network; {plan.name} has "
                                    f"{int((~plan.calls_net).sum())} rows that do not")

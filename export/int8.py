@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DdpmError
+from ..runtime.bundle import INT8_MAX_EPS_ERROR, INT8_TOLERANCE_MARGIN
 
 # The digits of each set (each digit at every row's t, with its label and with the null label: 2 S states each;
 # S = 8 for the default plan). 64 calibration digits (1024 states) gave ranges whose eps error differed from
@@ -47,7 +48,8 @@ MAX_EPS_ERROR = 0.03
 # verify(): the eps error on unseen states may exceed the held-out one by this. The shipped model's errors on the
 # held-out and the unseen states (32 digits each) were 2.09% and 2.08%, the tiny test model's 2.97% and 2.94%
 # (docs/int8.md), so an error 1 point above the bound is not sampling noise but a model that does not generalise.
-TOLERANCE_MARGIN = 0.01
+# A reader refuses a record whose tolerance exceeds the bound by more (runtime.bundle: one value for both).
+TOLERANCE_MARGIN = INT8_TOLERANCE_MARGIN
 # The Convs that read the image and write eps stay fp32: the sensitivity pass measured them as the shipped model's
 # two most sensitive (eps error 1.47% and 1.13% with either alone int8; the next 0.66%), and with them fp32 (and the
 # last row fp32, runtime.engines.INT8_FP32_SIGMA) the default sampler's digits differ from fp32's by 0.87 grey
@@ -226,6 +228,8 @@ def make_int8(fp32: Path, out: Path, images_u8: np.ndarray, labels: np.ndarray, 
     parity (verify) and quantization (the recipe, the per-Conv sensitivity, the Convs kept fp32). Raises Int8Failed;
     DdpmError when there are too few digits. max_error None: MAX_EPS_ERROR."""
     max_error = MAX_EPS_ERROR if max_error is None else max_error
+    if not 0 < max_error <= INT8_MAX_EPS_ERROR:   # what a reader of the record accepts (runtime.bundle)
+        raise ValueError(f"max_error must be in (0, {INT8_MAX_EPS_ERROR:g}], got {max_error!r}")
     n_cal, n_held = digits
     need = n_cal + 2 * n_held
     if len(images_u8) < need:

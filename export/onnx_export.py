@@ -22,7 +22,7 @@ import torch
 from ..errors import DdpmError
 from ..files import building_dir, check_writable, claim_dir, publish_owned, readable_name
 from ..model.io import LoadedModel, copy_to, require_onnx
-from ..runtime.bundle import EXPORT_FORMAT, META_FILE, Bundle, ExportError, file_sha256
+from ..runtime.bundle import EXPORT_FORMAT, META_FILE, Bundle, ExportError, export_command, file_sha256
 from ..runtime.schedule import Schedule
 from .cache import EXPORT_FOLDER, same_weights
 
@@ -211,11 +211,28 @@ def _salvage(root: Path, loaded: LoadedModel, opset: int) -> tuple[dict, list]:
                                   "generators": [g]}, loaded.hash).generator_path(g["plan_key"], g["form"],
                                                                                   g.get("precision", "fp32"))
         except ExportError:
-            continue
+            # an int8 generator whose own file passes, beside a model_int8.onnx that does not: kept for now, and
+            # after the export only if the int8 model made again is byte for byte the one it holds (_holding:
+            # calibration is deterministic, so a repair that remakes it usually makes that file)
+            if not (isinstance(g, dict) and g.get("precision") == "int8" and _passes_alone(root, own, files, g,
+                                                                                           loaded.hash)):
+                continue
         generators.append(g)
     if raw["opset"] != opset:   # its models are made again: only the generators, self-contained, stay
         return {}, _holding(generators, {})
     return files, generators
+
+
+def _passes_alone(root: Path, own: dict, files: dict, gen: dict, weights_hash: str) -> bool:
+    """Whether the int8 generator record `gen` and its file pass every check but the one against the folder's
+    model_int8.onnx (its int8_sha256): a record of export.json's schema beside the kept fp32 model, a file of its
+    size, sha256 and embedded record (Bundle._member)."""
+    try:
+        bundle = Bundle.checked(root, {**own, "files": {"fp32": files["fp32"]}, "generators": [gen]}, weights_hash)
+        bundle._member(gen, "ddpm export", "generator")
+    except ExportError:
+        return False
+    return True
 
 
 def _holding(generators: list, files: dict) -> list:
@@ -256,9 +273,7 @@ def _unlisted_model(meta: dict):
 
 def _say_lost(root: Path, before: set[str], why: str, loaded: LoadedModel, log) -> None:
     """One line when the folder no longer holds artifacts it held before this export (names in `before`): which, why,
-    and the command that adds them back."""
-    import shlex
-
+    and the command that adds them back (runtime.bundle.export_command)."""
     lost = sorted(before - _artifacts(root))
     if not lost:
         return
@@ -267,9 +282,9 @@ def _say_lost(root: Path, before: set[str], why: str, loaded: LoadedModel, log) 
                                  ("--generator", any(n.startswith("generator-") for n in lost)),
                                  ("--trt", any(n.endswith((".plan", ".plan.json", ".cache")) for n in lost))) if made]
     gens = " (with the --sampler and --steps of each generator)" if "--generator" in flags else ""
+    command = export_command(loaded.hash, root, ckpt=loaded.path, flags="".join(" " + f for f in flags))
     log(f"{root} no longer holds {', '.join(lost)} ({why}); add {'it' if len(lost) == 1 else 'them'} back with "
-        f"`ddpm export --ckpt {shlex.quote(str(loaded.path))} --out {shlex.quote(str(root))} {' '.join(flags)}`"
-        f"{gens}")
+        f"`{command}`{gens}")
 
 
 @dataclass
@@ -322,6 +337,8 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
         except ExportError as e:
             refused = f"its export.json was refused: {_fault(e)}"
             _say_other_weights(out, loaded, log)
+            if same(out):   # a damaged export.json of these weights (a hand-edited record): said, as a damaged file
+                log(f"repairing {out} ({refused}): what passes every check is kept, the rest made again")
     if old is not None:
         if old.get("opset") == opset:
             kept = dict(old["files"])
@@ -373,6 +390,9 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
         gens = old.get("generators", []) if old is not None else salvaged   # carried over with the folder (_publish)
         if gens := _holding(gens, meta["files"]):
             meta["generators"] = gens
+        for g in salvaged:   # an int8 generator of an int8 model not made again as it was: not published
+            if g not in gens:
+                (tmp / g["name"]).unlink(missing_ok=True)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         keep = None if replace else lambda p: _holds(p, loaded.hash, list(files))
         if not publish_owned(tmp, out, EXPORT_FOLDER, same, keep, drop=_unlisted_model(meta)):

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shlex
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from ..errors import DdpmError, brief, clip
 from ..files import input_path, refused
-from ..schema import Any, Const, Int, List, Map, Num, Obj, Opt, Schema, Str, json_loads
+from ..schema import Any, Const, Int, Invalid, List, Map, Num, Obj, Opt, Schema, Str, json_loads
 from .schedule import MAX_T, RECIPES, Schedule
 
 EXPORT_FORMAT = "ddpm-export"
@@ -66,6 +67,23 @@ GENERATOR = Obj({"name": _ONNX_NAME, "sha256": _SHA256, "bytes": Int(min=1, max=
                  "precision": Str(choices=GENERATOR_PRECISIONS), "fp32_timesteps": List(Int(min=0, max=MAX_T - 1)),
                  "int8_sha256": _SHA256},
                 what="a generator record (an object)")
+# files.int8 (export/int8.py make_int8): how model_int8.onnx was made, derived from the calibration that made it. Its
+# eps error bound (max_eps_error: 3% by default) may be at most INT8_MAX_EPS_ERROR: quantizing every op measured 42%,
+# Conv only 5%, so a bound above 10% admits a model that no longer computes the fp32 one; its verification's
+# tolerance (parity) is that bound plus INT8_TOLERANCE_MARGIN, the error on unseen states that is still sampling
+# noise (docs/int8.md). Checked when the folder is read (Bundle._check_int8), its Convs against the file's graph when
+# the file is (Bundle._check_source, int8_convs).
+INT8_MAX_EPS_ERROR = 0.1
+INT8_TOLERANCE_MARGIN = 0.01
+_ANY_LINE = Str(pattern=r"[^\n]{0,200}", what="a string (one line of at most 200 characters)")
+QUANTIZATION = Obj({"method": _NAME, "states": _NAME, "data": _ANY_LINE,
+                    "timesteps": List(Int(min=0, max=MAX_T - 1), min_len=1), "seed": Int(min=0, max=MAX_STEP),
+                    "calibration_digits": Int(min=1, max=MAX_BATCH), "held_out_digits": Int(min=1, max=MAX_BATCH),
+                    "max_eps_error": Num(min=0, max=INT8_MAX_EPS_ERROR, min_open=True),
+                    "eps_error_held_out": Num(min=0, max=INT8_MAX_EPS_ERROR),
+                    "convs": Int(min=1, max=MAX_BATCH), "kept_fp32": List(_NAME),
+                    "sensitivity": Map(Num(min=0), keys=_NAME, what="an object of Conv name -> eps error")},
+                   what="an int8 model's recipe (an object)")
 # export.json: what a runtime reads from it (schema.py); T fixes the length of the schedule tables
 META = Schema("ddpm export metadata (export.json)", {
     "format": Const(EXPORT_FORMAT),
@@ -238,6 +256,41 @@ def graph_signature(buf: bytes) -> tuple[dict[str, int], list[str], set[str]]:
     return inputs, outputs, ops
 
 
+def int8_convs(buf: bytes) -> tuple[list[str], list[str]]:
+    """(the names of an ONNX model's Conv nodes in graph order, those of them that run in fp32), read from the file's
+    bytes without the onnx package. In the QDQ form quantize_static writes (export/int8.py) an int8 Conv takes its
+    weight from a DequantizeLinear node; a Conv left fp32 (nodes_to_exclude) takes the float initializer itself.
+    ValueError when the bytes are not protobuf."""
+    p, dequantized, convs = _Proto(buf), set(), []
+
+    def text(span) -> str:
+        return bytes(buf[span[0]:span[1]]).decode("utf-8", "replace")
+
+    for field, wire, value in p.fields(0, len(buf)):
+        if field != 7 or wire != 2:   # ModelProto.graph
+            continue
+        for gfield, gwire, gvalue in p.fields(*value):
+            if gfield != 1 or gwire != 2:   # GraphProto.node
+                continue
+            inputs, outputs, name, op = [], [], "", ""
+            for f, w, v in p.fields(*gvalue):   # NodeProto: input = 1, output = 2, name = 3, op_type = 4
+                if w != 2:
+                    continue
+                if f == 1:
+                    inputs.append(text(v))
+                elif f == 2:
+                    outputs.append(text(v))
+                elif f == 3:
+                    name = text(v)
+                elif f == 4:
+                    op = text(v)
+            if op == "DequantizeLinear":
+                dequantized.update(outputs)
+            elif op == "Conv":
+                convs.append((name, inputs[1] if len(inputs) > 1 else ""))
+    return [name for name, _ in convs], [name for name, weight in convs if weight not in dequantized]
+
+
 def model_precision(inputs: dict[str, int], ops: set[str]) -> str | None:
     """The precision of an eps model from its graph (graph_signature): fp16 takes x in float16, int8 holds
     quantization nodes (export/int8.py writes QDQ), fp32 neither; None for another input type."""
@@ -313,12 +366,64 @@ def read_meta(meta_path: Path):
         raise ExportError(f"{meta_path} is unreadable ({clip(e)}); re-run `ddpm export`") from None
 
 
+def shipped_export_dir() -> Path:
+    """The verified ONNX export shipped with the default model, assets/default_export (export.cache.shipped_dir)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "default_export"
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_hash() -> str | None:
+    """The checkpoint_hash of the shipped weights, as the shipped export folder's export.json records it (None when
+    it cannot be read): the weights `ddpm export` exports without --ckpt."""
+    try:
+        meta = read_meta(shipped_export_dir() / META_FILE)
+    except ExportError:
+        return None
+    return meta.get("checkpoint_hash") if isinstance(meta, dict) else None
+
+
+def same_folder(a, b) -> bool:
+    """Whether two paths name one folder (their real paths agree)."""
+    try:
+        return os.path.realpath(a) == os.path.realpath(b)
+    except (OSError, ValueError):
+        return False
+
+
+def export_command(weights_hash: str, root=None, precision: str = "fp32", ckpt=None, flags: str = "") -> str:
+    """The command that writes the model of `precision` (and `flags`, e.g. " --generator") of the weights
+    `weights_hash` into the export folder `root`: `ddpm export [--ckpt PATH] [--out ROOT] [--fp16|--int8]FLAGS`, the
+    one builder of every hint that names an export (Bundle.export_command, export.cache's messages).
+    --ckpt: left out for the shipped weights (the command's default model), else the path `ckpt` when the caller
+    knows it, else the word CKPT (Bundle.ckpt_word says what it stands for). --out: left out for the cache folder of
+    these weights (the command's default, export.cache.cache_folder) and for root None or the shipped folder, which
+    is never written (the command then writes the cache folder)."""
+    from ..locations import cache_dir
+
+    parts = ["ddpm export"]
+    if weights_hash != shipped_hash():
+        parts.append(f"--ckpt {'CKPT' if ckpt is None else shlex.quote(str(ckpt))}")
+    if root is not None and not same_folder(root, shipped_export_dir()):
+        try:
+            default = same_folder(root, cache_dir("exports", weights_hash[:16]))
+        except DdpmError:   # no usable cache folder ($HOME unset): the folder is not the default one
+            default = False
+        if not default:
+            parts.append(f"--out {shlex.quote(str(root))}")
+    if precision != "fp32":
+        parts.append(f"--{precision}")
+    return " ".join(parts) + flags
+
+
 @dataclass
 class Bundle:
-    """An export folder, loaded: its root and its export.json (meta), checked (Bundle.load)."""
+    """An export folder, loaded: its root and its export.json (meta), checked (Bundle.load). ckpt: the path of the
+    checkpoint it was exported from when whoever loaded it knows it (export.cache gives the Model's), for the commands
+    its messages give (export_command); None: they name it CKPT."""
 
     root: Path
     meta: dict
+    ckpt: Path | None = None
 
     @classmethod
     def load(cls, root, expected_hash: str | None = None) -> "Bundle":
@@ -404,6 +509,60 @@ class Bundle:
             if error > tolerance:
                 raise ExportError(f"{meta_path}: {where}.parity records an error of {error:g}, over its tolerance "
                                   f"{tolerance:g}: that file failed its verification; re-run `ddpm export`")
+        if "int8" in meta["files"]:
+            Bundle._check_int8(meta_path, meta["files"]["int8"], meta["T"])
+
+    @staticmethod
+    def _check_int8(meta_path: Path, entry: dict, T: int) -> None:
+        """files.int8's recipe and verification, as make_int8 derives them: `quantization` present and within
+        QUANTIZATION, its timesteps below T and distinct, its held-out error within its bound, fewer Convs kept fp32
+        than the model has, each once; the parity tolerance at most the bound plus INT8_TOLERANCE_MARGIN (the error
+        within it was checked with every file's). ExportError naming the entry otherwise."""
+        where = f"{meta_path}: files.int8"
+        redo = "re-run `ddpm export --int8`"
+        if "quantization" not in entry:
+            raise ExportError(f"{where} records no quantization (the recipe `ddpm export --int8` records with the "
+                              f"file it makes); {redo}")
+        try:
+            QUANTIZATION.check(entry["quantization"], {}, "quantization")
+        except Invalid as e:
+            raise ExportError(f"{where}.{e}; {redo}") from None
+        q = entry["quantization"]
+        late = [t for t in q["timesteps"] if t >= T]
+        if late:
+            raise ExportError(f"{where}.quantization.timesteps holds {late[0]}, beyond the model's t = 0..{T - 1}; "
+                              f"{redo}")
+        for name in ("timesteps", "kept_fp32"):
+            if len(set(q[name])) != len(q[name]):
+                raise ExportError(f"{where}.quantization.{name} names an entry twice; {redo}")
+        if q["eps_error_held_out"] > q["max_eps_error"]:
+            raise ExportError(f"{where}.quantization records a held-out eps error of {q['eps_error_held_out']:g}, "
+                              f"over its bound {q['max_eps_error']:g}; {redo}")
+        if len(q["kept_fp32"]) >= q["convs"]:
+            raise ExportError(f"{where}.quantization keeps {len(q['kept_fp32'])} of its {q['convs']} Convs fp32: "
+                              f"an int8 model has at least one int8 Conv; {redo}")
+        bound = q["max_eps_error"] + INT8_TOLERANCE_MARGIN
+        if entry["parity"]["tolerance"] > bound + 1e-12:
+            raise ExportError(f"{where}.parity.tolerance is {entry['parity']['tolerance']:g}, above its bound "
+                              f"{bound:g} (quantization.max_eps_error + {INT8_TOLERANCE_MARGIN:g}); {redo}")
+
+    @staticmethod
+    def _check_int8_graph(path: Path, buf: bytes, entry: dict, where: str, redo: str) -> None:
+        """ExportError unless files.int8's recipe says what model_int8.onnx's graph holds (int8_convs): its number
+        of Convs and the ones kept fp32, by name. The rest of the recipe (errors, timesteps) is bounded when the
+        folder is read (_check_int8); this is what can be derived from the file."""
+        q = entry.get("quantization") or {}
+        try:
+            convs, fp32 = int8_convs(buf)
+        except ValueError as e:
+            raise ExportError(f"{path} is not a readable ONNX file ({clip(e)}); re-run `{redo}`") from None
+        if q.get("convs") != len(convs):
+            raise ExportError(f"{where}.quantization records {brief(q.get('convs'))} Convs, but {path.name} has "
+                              f"{len(convs)}: the record is not of this file; re-run `{redo}`")
+        kept = q.get("kept_fp32")
+        if not isinstance(kept, list) or sorted(map(str, kept)) != sorted(fp32):
+            raise ExportError(f"{where}.quantization.kept_fp32 is {brief(kept, 80)}, but {path.name} keeps "
+                              f"{brief(fp32, 80)} fp32: the record is not of this file; re-run `{redo}`")
 
     @property
     def config(self):
@@ -427,21 +586,31 @@ class Bundle:
 
     def onnx_path(self, precision: str = "fp32") -> Path:
         """The ONNX file of a precision, checked against the sha256 recorded at export time."""
+        why = self.missing(precision)
+        if why is not None:
+            raise ExportError(why)
+        return self._member(self.meta["files"][precision], self.export_command(precision), "model", precision)
+
+    def missing(self, precision: str) -> str | None:
+        """Why the folder has no model of `precision` (one line, with the command that adds it: `hint`), or None
+        when export.json lists one (its file is checked by onnx_path)."""
         files = self.meta["files"]
-        if precision not in files:
-            raise ExportError(f"{self.root} has no {precision} model (exported: {', '.join(files)}); add it with "
-                              f"`{self.export_command(precision)}`, CKPT the weights this folder was exported from "
-                              f"(none for the shipped model)")
-        return self._member(files[precision], self.export_command(precision), "model", precision)
+        if precision in files:
+            return None
+        return (f"{self.root} has no {precision} model (exported: {', '.join(files)}); add it with "
+                f"{self.hint(precision)}")
 
     def export_command(self, precision: str = "fp32", ckpt=None, flags: str = "") -> str:
-        """The command that writes this folder's model of `precision` (and `flags`, e.g. " --generator") again,
-        into this folder (not into the cache folder a plain `ddpm export` writes):
-        `ddpm export --ckpt CKPT --out ROOT [--fp16|--int8]FLAGS`, CKPT the path `ckpt` of the weights the folder
-        was exported from when the caller knows it, else the word CKPT (the folder does not know the path; see
-        `ckpt_word`). Without --ckpt the command would export the shipped model and replace this folder's."""
-        return (f"ddpm export --ckpt {'CKPT' if ckpt is None else shlex.quote(str(ckpt))} "
-                f"--out {shlex.quote(str(self.root))}" + ("" if precision == "fp32" else " --" + precision) + flags)
+        """The command that writes this folder's model of `precision` (and `flags`, e.g. " --generator") again, into
+        this folder: export.cache.export_command (the one builder of every export hint) with the checkpoint path
+        `ckpt`, else the one the folder's loader knows (self.ckpt), else the word CKPT (`ckpt_word`)."""
+        return export_command(self.meta["checkpoint_hash"], self.root, precision, ckpt or self.ckpt, flags)
+
+    def hint(self, precision: str = "fp32", ckpt=None, flags: str = "") -> str:
+        """export_command quoted for a message, followed by what CKPT stands for (`ckpt_word`) when it holds the
+        word."""
+        command = self.export_command(precision, ckpt, flags)
+        return f"`{command}`" + (f", {self.ckpt_word()}" if " CKPT" in command else "")
 
     def ckpt_word(self) -> str:
         """What CKPT of `export_command` stands for, as a hint's clause: the checkpoint this folder was exported
@@ -471,13 +640,13 @@ class Bundle:
         one also against model_int8.onnx's record (int8_sha256): it holds that model. ExportError when the folder
         has none for that plan, or it is damaged or of another int8 model."""
         gen = self.generator(plan_key, form, precision)
-        command = self.export_command(precision, flags=" --generator")
         if gen is None:
             have = plan_names([g for g in self.generators if g.get("precision", "fp32") == precision], plan_key)
             what = "generator" if precision == "fp32" else f"{precision} generator"
+            command = self.export_command(precision, flags=" --generator")
             raise ExportError(f"{self.root} has no {what}" + (f" for the plan asked for (it has {have})" if have
-                              else "") + f"; create one with `{command}` with that sampler and --steps, "
-                              f"{self.ckpt_word()}")
+                              else "") + f"; create one with `{command}` with that sampler and --steps"
+                              + (f", {self.ckpt_word()}" if " CKPT" in command else ""))
         return self.checked_generator(gen)
 
     def checked_generator(self, gen: dict) -> Path:
@@ -581,6 +750,8 @@ class Bundle:
                                   f"{brief(value, 64)}: export.json or the file is of another export; re-run `{redo}`")
         if kind == "generator":
             return
+        if precision == "int8":
+            self._check_int8_graph(path, buf, entry, where, redo)
         from ..model.config import ModelConfig
 
         try:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import OptionError, raise_if_limit
-from ..options import precision_refusal
+from ..options import generator_refusal, precision_refusal
 from .engine import Engine
 from .nets import EngineUnavailable, OnnxNet
 from .runner import RuntimeEngine
@@ -154,11 +154,9 @@ def make_engine(name: str, *, device: str = "cpu", model=None, null_label: int =
     if name == "onnx-generator":
         from .generator import GeneratorEngine
 
-        if fp16:
-            raise EngineUnavailable("the onnx-generator engine is fp32 or int8 (generator.onnx wraps model.onnx, "
-                                    "or model_int8.onnx)")
-        if device.startswith("cuda"):
-            raise EngineUnavailable("the onnx-generator engine runs on the CPU; on a GPU use runtime-torch or trt")
+        why, _ = generator_refusal(name, device, fp16)   # options.Sampling refuses the same as a usage error
+        if why:
+            raise EngineUnavailable(why)
         return GeneratorEngine.from_bundle(bundle, threads, plan, int8)
     if name == "torch":
         from .eager import EagerEngine

@@ -8,6 +8,7 @@ checked at export). The plan is fixed at export: a run with another plan is refu
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import numpy as np
 
@@ -36,6 +37,10 @@ class GeneratorEngine(CountedEngine):
         self.supports = Supports(edits=False, states=False, plan_key=info["plan_key"])
         # int8: model_int8.onnx on most rows, model.onnx on the int8 engine's fp32 rows (export/generator.py)
         self.precision = info.get("precision", "fp32")
+        # the command that exports a generator for another plan into its folder (from_bundle: with the checkpoint
+        # its loader knows, runtime.bundle.Bundle.hint)
+        self.redo = (f"`ddpm export --ckpt CKPT --out {shlex.quote(str(Path(path).parent))} --generator`, CKPT the "
+                     f"checkpoint that folder was exported from")
         self._init_uses()
 
     @classmethod
@@ -48,15 +53,15 @@ class GeneratorEngine(CountedEngine):
             path = bundle.generator_path(key, precision=precision)
         except ExportError as e:
             raise EngineUnavailable(str(e)) from None
-        return cls(path, bundle.generator(key, precision=precision), bundle.null_label, threads)
+        engine = cls(path, bundle.generator(key, precision=precision), bundle.null_label, threads)
+        engine.redo = bundle.hint(precision, flags=" --generator")
+        return engine
 
     def check_plan(self, plan: Plan) -> None:
         """ValueError unless `plan` is the plan the generator was exported for."""
         if plan_key(plan) != self.info["plan_key"]:
-            folder = shlex.quote(str(self.path.parent))
-            raise ValueError(f"{self.path} runs {self.info['plan']}, not {plan.name}; re-export it with "
-                             f"`ddpm export --ckpt CKPT --out {folder} --generator` for that plan (CKPT the "
-                             f"checkpoint that folder was exported from), or use --engine onnx")
+            raise ValueError(f"{self.path} runs {self.info['plan']}, not {plan.name}; re-export it for that plan "
+                             f"(its --sampler and --steps) with {self.redo}; or use --engine onnx")
 
     def run(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, plan: Plan, guidance: float,
             callback: StepCallback | None = None, edit=None, y=None, mask=None, states: bool = False) -> np.ndarray:

@@ -76,6 +76,25 @@ def test_readme_is_a_front_door():
     assert first <= 40, f"the first command is on line {first}"
 
 
+def test_readme_says_the_int8_model_is_not_shipped():
+    """The base install has no int8 model: README's line that makes it says so, and what making it needs."""
+    [line] = [s for s in README.read_text(encoding="utf-8").splitlines() if re.match(r"ddpm export --int8 +#", s)]
+    assert "not shipped" in line and "PyTorch" in line and "MNIST" in line, line
+
+
+def test_int8_speed_is_quoted_from_the_newest_result():
+    """docs/int8.md and docs/status.md give the int8 / fp32 ratio of `ddpm gen -n 64` that the newest result file
+    measuring it holds (a table row `| int8 | ... | S (R of fp32) |`), and link that file."""
+    row = re.compile(r"^\| int8 \|.*\(([\d.]+) of fp32\)", re.M)
+    found = [(p.name, m.group(1)) for p in sorted((ROOT / "bench" / "results").glob("*.md"))
+             if (m := row.search(p.read_text(encoding="utf-8")))]
+    assert found, "no result file holds the int8 timing of `ddpm gen -n 64`"
+    name, ratio = found[-1]
+    for page in ("int8.md", "status.md"):
+        text = (ROOT / "docs" / page).read_text(encoding="utf-8")
+        assert f"(../bench/results/{name})" in text and f"ratio {ratio}" in text, (page, name, ratio)
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_docs_name_no_workspace_paths(page):
     """The suite's own data lookup stays in tests/conftest.py and .ci/run; the docs speak to users."""

@@ -171,9 +171,10 @@ def test_cli_gen_and_export(setup, tmp_path):
     assert np.abs(a.astype(int) - b).max() <= 1
     r = invoke("gen", *common[:-1], "--engine", "onnx-generator", "--out", tmp_path / "c.npz", env=env)
     assert r.exit_code == 0 and "building" not in r.output                            # reused
-    # bad input: one clear message, no traceback
+    # bad input: one clear message, no traceback; a usage error naming the option, as export's
     r = invoke("gen", "--ckpt", ckpt, "-n", 2, "--sampler", "ddpm", "--engine", "onnx-generator", env=env)
-    assert r.exit_code == 1 and "deterministic plans only" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "deterministic plans only" in r.output and "Traceback" not in r.output
+    assert "Invalid value for --sampler" in r.output, r.output
     r = invoke("export", "--ckpt", ckpt, "--out", tmp_path / "e", "--generator", "--sampler", "ddpm")
     assert r.exit_code == 2 and "deterministic plans only" in r.output and not (tmp_path / "e").exists()
     # export --generator into a folder; gen against that folder with another plan is refused

@@ -1,11 +1,11 @@
 """`ddpm export --int8` and the int8 precision of gen, the editing commands and the API (export/int8.py)."""
 
-import functools
 import json
 import shutil
 
 import numpy as np
 import pytest
+from conftest import int8_calibration_patched
 from helpers import invoke
 
 from ddpm import api
@@ -15,23 +15,14 @@ from ddpm.samples import read_samples
 
 
 @pytest.fixture(scope="module")
-def int8_export(ckpt, fake_mnist, tmp_path_factory):
-    """The tiny model exported with --int8, calibrated on the fake MNIST digits. Its eps error with every Conv int8
-    was 5.6% (measured): the bound is raised above it so that the slow per-Conv pass is left to
-    test_sensitivity_keeps_the_costliest_convs. The digits are 16 for calibration and 8 for each check instead of
-    the command's 64 and 32 (int8.CALIBRATION_DIGITS, HELD_OUT_DIGITS: sized for a real model's ranges): the same
-    steps at a quarter of the cost."""
-    out = tmp_path_factory.mktemp("int8") / "exp"
-    r = _export_int8(ckpt, out, fake_mnist)
-    assert r.exit_code == 0, r.output
-    return out
+def int8_export(int8_exported):
+    """The tiny model exported with --int8 (conftest.int8_exported), one copy per module."""
+    return int8_exported()
 
 
 def _export_int8(ckpt, out, fake_mnist, *extra):
     """`ddpm export --ckpt ckpt --out out --int8 [extra]` at int8_export's cost (its digits and bound)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(int8, "MAX_EPS_ERROR", 0.08)
-        mp.setattr(int8, "make_int8", functools.partial(int8.make_int8, digits=(16, 8)))
+    with int8_calibration_patched():
         return invoke("export", "--ckpt", ckpt, "--out", out, "--int8", "--data", fake_mnist, *extra)
 
 
@@ -136,14 +127,16 @@ def test_tampered_int8_file_refused(ckpt, int8_export, tmp_path):
     (copy / "model_int8.onnx").write_bytes(bytes(data))
     r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--int8", "--out", tmp_path / "a.png")
     assert r.exit_code == 1 and "sha256 differs" in r.output and "Traceback" not in r.output, r.output
-    # the hint writes the file into the folder given (--out), not into the cache folder a plain export writes
-    assert f"re-run `ddpm export --ckpt CKPT --out {copy} --int8`" in " ".join(r.output.split()), r.output
+    # the hint writes the file into the folder given (--out), not into the cache folder a plain export writes, from
+    # the checkpoint given (--ckpt): its path, not a placeholder
+    redo = f"`ddpm export --ckpt {ckpt / 'model.safetensors'} --out {copy} --int8`"
+    assert f"re-run {redo}" in " ".join(r.output.split()), r.output
     (copy / "model_int8.onnx").unlink()
     for said in ("is missing", "is a folder, not a file"):
         r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 2, "--int8", "--out",
                    tmp_path / "a.png")
         line = " ".join(r.output.split())
-        assert r.exit_code == 1 and said in line and f"`ddpm export --ckpt CKPT --out {copy} --int8`" in line, line
+        assert r.exit_code == 1 and said in line and redo in line, line
         (copy / "model_int8.onnx").mkdir(exist_ok=True)
 
 
@@ -263,9 +256,10 @@ def test_int8_where_it_cannot_run(ckpt, tiny_export, int8_export, tmp_path):
     for extra, message, code in cases:
         r = invoke("gen", "--ckpt", ckpt, "-n", 2, "--steps", 2, "--int8", "--out", tmp_path / "a.png", *extra)
         assert r.exit_code == code and message in r.output and "Traceback" not in r.output, (extra, r.output)
-    # the hint makes the int8 model in the folder given, not in the cache
+    # the hint makes the int8 model in the folder given, not in the cache, from the checkpoint given
     r = invoke("gen", "--ckpt", ckpt, "-n", 2, "--steps", 2, "--int8", "--export", tiny_export, "--out", tmp_path / "a.png")
-    assert f"ddpm export --ckpt CKPT --out {tiny_export} --int8" in " ".join(r.output.split()), r.output
+    line = " ".join(r.output.split())
+    assert f"ddpm export --ckpt {ckpt / 'model.safetensors'} --out {tiny_export} --int8`" in line, r.output
 
 
 @pytest.mark.slow

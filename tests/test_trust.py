@@ -536,10 +536,17 @@ def test_export_json_agrees_with_its_onnx_files(exported, tmp_path, change, mess
                          line), line
 
 
+# a recipe export.json's schema takes (runtime.bundle.QUANTIZATION), so that an int8 entry gets to its file's checks
+RECIPE = {"method": "quantize_static", "states": "noised digits", "data": "MNIST train", "timesteps": [99, 50],
+          "seed": 0, "calibration_digits": 16, "held_out_digits": 8, "max_eps_error": 0.03,
+          "eps_error_held_out": 0.02, "convs": 27, "kept_fp32": ["/conv_in/Conv", "/conv_out/Conv"], "sensitivity": {}}
+
+
 @pytest.mark.parametrize("precision, entry, message", [
     ("fp16", lambda m: m["files"].update(fp16=m["files"]["fp32"]), "files.fp16 names model.onnx, which is an fp32 "
                                                                      "model, not an fp16 one"),
-    ("int8", lambda m: m["files"].update(int8=m["files"]["fp32"]), "files.int8 names model.onnx, which is an fp32 "
+    ("int8", lambda m: m["files"].update(int8={**m["files"]["fp32"], "quantization": RECIPE}),
+     "files.int8 names model.onnx, which is an fp32 "
                                                                      "model, not an int8 one"),
     ("fp32", lambda m: m["files"]["fp32"].update({k: m["generators"][0][k] for k in ("name", "sha256", "bytes")}),
      "which is a generator, not a model"),
