@@ -47,11 +47,9 @@ class Model:
     Made by `load()`. `cfg` is the model config (ModelConfig: image size, classes, schedule, T). `hash` identifies
     the weights (sha256, model.io.weights_hash). `path` is the checkpoint file (None for an export folder alone);
     `export_dir` the export folder it was loaded with (the shipped one for the shipped model; None for a checkpoint,
-    whose export the onnx/trt engines find in the cache, export/cache.py); `export_given` whether that folder was
-    given (load's `export`, or `path` naming one): a folder given is read as it is, the shipped one included, while
-    the shipped model loaded by default finds what its folder does not ship (fp16, int8, generators of other plans)
-    in the cache folder of its weights (export.cache.export_bundle). Engines are made once and kept until `close()`
-    (or the end of a `with` block).
+    whose export the onnx/trt engines find in the cache, export/cache.py). A folder given (`export_given`) is read as
+    it is; the shipped model loaded by default finds what its folder does not ship (fp16, int8, other plans'
+    generators) in its weights' cache folder (export.cache.export_bundle). Engines are kept until `close()`.
     """
 
     cfg: ModelConfig
@@ -94,8 +92,7 @@ class Model:
         with self._lock:
             if self._torch_model is None:
                 if self.path is None:
-                    raise DdpmError("this model is an export folder only; the torch engines need its checkpoint "
-                                    "(--ckpt)")
+                    raise DdpmError("this model is an export folder only: torch engines need its checkpoint (--ckpt)")
                 self._torch_model = load_model(self.path, self.hash).model   # the weights load() hashed, or one line
             return self._torch_model
 
@@ -126,8 +123,8 @@ class Model:
         GPU; onnx-generator needs the `plan` it will run). device: auto, cpu, cuda, cuda:N. max_batch: the largest
         network batch (runtime.generate.network_batch), what a TensorRT engine is made for. dist, log: see
         export.cache.engine_bundle. int8: onnx or onnx-generator on a CPU with int8 convolutions (docs/int8.md).
-        Threads may share an engine (calls at once give the digits of the same calls one
-        after another). Raises DdpmError when the engine cannot run here (the message says what is missing)."""
+        Threads may share an engine (calls at once give the digits of the same calls one after another). Raises
+        DdpmError when the engine cannot run here (the message says what is missing)."""
         from .pipeline import open_engine
         from .runtime.engines import auto_engine, resolve_device
         from .runtime.runner import plan_key
@@ -200,13 +197,12 @@ class Model:
         label: None (classes 0..9 in turn), an int, or n ints. uncond: the unconditional model (no label).
         guidance: classifier-free guidance w >= 0, eps = eps_c + w (eps_c - eps_u) (Ho & Salimans 2022, eq. 6).
         sampler/steps/eta/variance/spacing/guidance_interval/guidance_rescale: see `plan` (plan: a ready Plan
-        instead, never with them). seed: 0..2^64-1; sample k of a seed is the same digit whatever n, batch, engine or process
-        (runtime.noise); start: the index of the first. engine: a name (see `engine`) or an engine `engine`
-        returned. fp16, int8: the network's precision (see `engine`). A model whose file records a plan (a distilled
-        student) samples with it, guidance included, where these arguments are not passed (`Model.recorded`).
-        Raises DdpmError for bad arguments (every argument is checked against ddpm.arguments.ARGS) or an engine that
-        cannot run here.
-        """
+        instead, never with them). seed: 0..2^64-1; sample k of a seed is the same digit whatever n, batch, engine
+        or process (runtime.noise); start: the index of the first. engine: a name (see `engine`) or an engine
+        `engine` returned. fp16, int8: the network's precision (see `engine`). A model whose file records a plan (a
+        distilled student) samples with it, guidance included, where these arguments are not passed
+        (`Model.recorded`). Raises DdpmError for bad arguments (every argument is checked against
+        ddpm.arguments.ARGS) or an engine that cannot run here."""
         from . import pipeline
 
         opts = Sampling.of(locals(), given(), labelled=not uncond).with_recorded(self.recorded, given())
@@ -347,8 +343,7 @@ def load(path: str | os.PathLike | None = None, export: str | os.PathLike | None
             model.bundle()      # checks now that the export belongs to these weights
         return model
     except (CheckpointError, TorchMissing, ExportError) as e:
-        hint = " (the shipped default model is missing: reinstall the package)" if path is None and export is None \
-            else ""
+        hint = "" if path or export else " (the shipped default model is missing: reinstall the package)"
         raise DdpmError(f"{e}{hint}") from None
     except (TypeError, ValueError, KeyError) as e:
         raise DdpmError(f"{export or path}: not a usable model ({type(e).__name__}: {clip(e)})") from None

@@ -263,7 +263,8 @@ def gen(num, label, uncond, out, trajectory, **o):
     traj = Trajectory(min(4, num, opts.batch)) if trajectory else None
     with pipeline.run(model, opts, job, progress=not o["quiet"], log=log, watch=traj) as r:
         if r.batches is not None:   # an .npz is written batch by batch as they come
-            pipeline.save(out, r.batches, job.labels, num, model.image_shape, 10 if label is None and not uncond else None)
+            pipeline.save(out, r.batches, job.labels, num, model.image_shape,
+                          10 if label is None and not uncond else None)
     if r.ctx.rank == 0:
         if traj is not None:
             traj.save(trajectory)
