@@ -135,19 +135,28 @@ class ArrayLike(Spec):
     def check(self, v, dims, path):
         if isinstance(v, (str, bytes, os.PathLike)) or v is None:
             self.fail(v, path)
-        try:
-            a = np.asarray(v)
-        except (ValueError, TypeError):   # ragged nested lists
+        a = _array(v)
+        if a is None:
             self.fail(v, path)
         self.inner.check(a, dims, path)
 
 
-def _ndim(v) -> int:
-    """np.ndim(v), or -1 where numpy cannot make an array of v (a ragged nested list, a closed PIL image)."""
+def _array(v) -> np.ndarray | None:
+    """np.asarray(v), or None where numpy cannot make an array of v: a ragged nested list, a closed PIL image, an
+    object whose __array__ or __index__ raises (whatever it raises: the user's object, not ours). MemoryError goes
+    on, for the resource-limit rule (errors.limit_message)."""
     try:
-        return np.ndim(v)
-    except (ValueError, TypeError):
-        return -1
+        return np.asarray(v)
+    except MemoryError:
+        raise
+    except Exception:
+        return None
+
+
+def _ndim(v) -> int:
+    """np.ndim(v), or -1 where numpy cannot make an array of v (_array)."""
+    a = _array(v)
+    return -1 if a is None else a.ndim
 
 
 class Labels(Spec):
@@ -159,12 +168,12 @@ class Labels(Spec):
     def check(self, v, dims, path):
         if v is None:
             return
-        if isinstance(v, (str, bytes)) or _ndim(v) not in (0, 1):
+        a = None if isinstance(v, (str, bytes)) else _array(v)
+        if a is None or a.ndim not in (0, 1):
             self.fail(v, path)
-        if np.ndim(v) == 0:
+        if a.ndim == 0:
             Int(min=0).check(v, dims, path)
             return
-        a = np.asarray(v)
         if a.dtype.kind not in "iu":
             self.fail(v, path)
         if len(a) > MAX_COUNT:   # one label per result, from its shape alone

@@ -21,11 +21,28 @@ CLOSED = Image.fromarray(DIGIT)   # a closed PIL image: numpy cannot read it (Va
 CLOSED.close()
 PATHS = [3, True, b"x", ["a"], ""]
 
+
+class Raising:
+    """A user's object whose conversions to an array or an index raise (its own error, not a TypeError)."""
+
+    def __array__(self, *args, **kwargs):
+        raise RuntimeError("no array of this")
+
+    def __index__(self):
+        raise RuntimeError("no index of this")
+
+    def __repr__(self):
+        return "Raising()"
+
+
+RAISING = Raising()
+
 # Bad values of every argument, by name. Bools and floats for integers, NaN, inf and bools for numbers, other types
 # and unknown words for strings; what each function means by the name decides which are bad (see `bad`).
 BAD = {
-    "n": [1.5, True, -1, "2", np.float64(2), 2**64],
-    "label": [True, 1.5, "3", -1, 10, [1.5, 2.0], [[1, 2]], np.array([True, False]), [1, 2, 3], [[1, 2], [3]]],
+    "n": [1.5, True, -1, "2", np.float64(2), 2**64, RAISING],
+    "label": [True, 1.5, "3", -1, 10, [1.5, 2.0], [[1, 2]], np.array([True, False]), [1, 2, 3], [[1, 2], [3]],
+              RAISING, [RAISING, 1]],
     "uncond": ["yes", 1, None],
     "guidance": [-0.1, NAN, INF, True, "1", None, 100.5, 1e300],
     "seed": [-1, 1.5, True, 2**64, "0", None],
@@ -52,8 +69,9 @@ BAD = {
     "dist": [3, "rank0"],
     "log": [3, "print"],
     "form": [3, "folded", None],
-    "image": [3, None, b"x", "", np.zeros(5, np.uint8), np.zeros((0, 28, 28), np.uint8), [[1, 2], [3]], CLOSED],
-    "mask": [3, None, "middle", np.zeros(5, np.uint8), [[1, 2], [3]], CLOSED],
+    "image": [3, None, b"x", "", np.zeros(5, np.uint8), np.zeros((0, 28, 28), np.uint8), [[1, 2], [3]], CLOSED,
+              RAISING],
+    "mask": [3, None, "middle", np.zeros(5, np.uint8), [[1, 2], [3]], CLOSED, RAISING],
     "strength": [NAN, -0.1, 1.5, True, "0.5", None],
     "factor": [3, True, 2.0, "2", None],
     "method": [3, "bicubic", None],
@@ -65,8 +83,8 @@ BAD = {
     "export": PATHS,
     "data": PATHS,
     "download": ["yes", 1, None],
-    "images": [3, "x", np.zeros((4, 28, 28), np.float32), np.zeros((4, 14, 14), np.uint8)],
-    "labels": [3, np.zeros(4, np.float64), np.full(4, 10), np.zeros(3, np.int64)],
+    "images": [3, "x", np.zeros((4, 28, 28), np.float32), np.zeros((4, 14, 14), np.uint8), RAISING],
+    "labels": [3, np.zeros(4, np.float64), np.full(4, 10), np.zeros(3, np.int64), RAISING],
 }
 
 
