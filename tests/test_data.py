@@ -103,6 +103,35 @@ def test_missing_files_without_network(tmp_path, monkeypatch):
         ensure_mnist(tmp_path, download=False)
 
 
+@pytest.mark.parametrize("kind, said", [("folder", "is a folder, not a file"), ("pipe", "is a pipe, not a file"),
+                                         ("dangling link", "which does not exist")])
+@pytest.mark.parametrize("at", ["t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz"])
+def test_something_else_at_an_mnist_name_is_named_not_downloaded_over(tmp_path, monkeypatch, kind, said, at):
+    """A folder, a pipe or a dangling link standing at an MNIST file's name (plain or .gz) is said to be what it is,
+    by ensure_mnist (no download is tried over it) and load_mnist, instead of "missing"."""
+    import os
+
+    import ddpm.train.data as data
+
+    def fetch(*args):
+        raise AssertionError("a download was tried")
+
+    monkeypatch.setattr(data, "_fetch", fetch)
+    rng = np.random.default_rng(0)
+    for name in FILES:
+        if name != "t10k-images-idx3-ubyte":
+            shape = (8,) if "labels" in name else (8, 28, 28)
+            write_idx(tmp_path / f"{name}.gz", rng.integers(0, 10 if "labels" in name else 256, shape))
+    where = tmp_path / at
+    {"folder": where.mkdir, "pipe": lambda: os.mkfifo(where),
+     "dangling link": lambda: where.symlink_to(tmp_path / "nothing")}[kind]()
+    for call in (lambda: ensure_mnist(tmp_path, progress=lambda *_: None), lambda: load_mnist(tmp_path, "test")):
+        with pytest.raises(DataError) as e:
+            call()
+        assert str(e.value).startswith(f"{where} ") and said in str(e.value), str(e.value)
+        assert "files missing" not in str(e.value), str(e.value)
+
+
 def test_download_checks_md5(tmp_path, monkeypatch):
     """A mirror serving wrong content is rejected by the MD5 check and nothing is written."""
     import http.server

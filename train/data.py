@@ -211,10 +211,16 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def find_file(data_dir: Path, name: str) -> Path | None:
-    """The file of MNIST's `name` in data_dir: NAME (uncompressed) when it exists, else NAME.gz, else None."""
+    """The file of MNIST's `name` in data_dir: NAME (uncompressed) when it exists, else NAME.gz, else None.
+    DataError when something other than a file stands at one of those names (a folder, a pipe, a dangling link:
+    files.input_path says what), rather than calling the file missing and downloading over it."""
+    from ..files import input_path
+
     for cand in (data_dir / name, data_dir / f"{name}.gz"):
         if cand.is_file():
             return cand
+        if os.path.lexists(cand):
+            input_path(cand, DataError, f"; {FIX_HINT}")   # raises: it is not a file
     return None
 
 
