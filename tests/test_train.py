@@ -279,10 +279,18 @@ def test_resume_completes_a_run_killed_in_its_last_checkpoint(fake_mnist, tmp_pa
     (tmp_path / "samples.png").unlink()                          # killed while it wrote the last grid
     messages = []
     res = train(_cfg(fake_mnist, tmp_path, steps=3), resume=True, progress=False, log=messages.append)
-    assert res["steps"] == 0 and "wrote the missing samples.png" in messages[-1]
+    assert res["steps"] == 0 and messages[-1].endswith(": wrote samples.png (it was missing)"), messages[-1]
     assert _outputs(tmp_path) == want
     (tmp_path / "model.safetensors").write_bytes(b"cut")          # a damaged model is rewritten too
-    train(_cfg(fake_mnist, tmp_path, steps=3), resume=True, **quiet)
+    train(_cfg(fake_mnist, tmp_path, steps=3), resume=True, progress=False, log=messages.append)
+    assert messages[-1].endswith(": wrote model.safetensors (it was unreadable)"), messages[-1]
+    assert _outputs(tmp_path) == want
+    from safetensors.torch import load_file, save_file                # a model of an earlier step: said so
+
+    meta, _ = _outputs(tmp_path)[1]
+    save_file(load_file(tmp_path / "model.safetensors"), tmp_path / "model.safetensors", metadata={**meta, "step": "2"})
+    train(_cfg(fake_mnist, tmp_path, steps=3), resume=True, progress=False, log=messages.append)
+    assert messages[-1].endswith(": wrote model.safetensors (it held step 2)"), messages[-1]
     assert _outputs(tmp_path) == want
     with pytest.raises(TrainingError, match="already at step 3"):  # complete: nothing to do
         train(_cfg(fake_mnist, tmp_path, steps=3), resume=True, **quiet)

@@ -281,15 +281,18 @@ def _stopped(what: str, e: OutputError, last: int | None) -> TrainingError:
 
 
 def _complete_outputs(out: Path, step: int, ema: UNet, mcfg: ModelConfig, seed: int) -> list[str]:
-    """Write the model.safetensors and samples.png of the checkpoint's `step` where they are missing or older (a
-    run killed while it wrote them); returns the names written."""
+    """Write the model.safetensors and samples.png of the checkpoint's `step` where they are missing, unreadable or
+    of another step (a run killed while it wrote them); returns what was written, each with what it replaced
+    ("samples.png (it was missing)", "model.safetensors (it held step 10)")."""
     done = []
-    if _output_step(out / MODEL_FILE) != step:
-        save_model(out / MODEL_FILE, mcfg, ema.state_dict(), step=step)
-        done.append(MODEL_FILE)
-    if _output_step(out / SAMPLES_FILE) != step:
-        write_samples(ema, mcfg, out / SAMPLES_FILE, seed=seed, step=step)
-        done.append(SAMPLES_FILE)
+    for name, write in ((MODEL_FILE, lambda: save_model(out / MODEL_FILE, mcfg, ema.state_dict(), step=step)),
+                        (SAMPLES_FILE, lambda: write_samples(ema, mcfg, out / SAMPLES_FILE, seed=seed, step=step))):
+        held = _output_step(out / name)
+        if held != step:
+            was = ("it was missing" if not os.path.lexists(out / name) else
+                   "it was unreadable" if held is None else f"it held step {held}")
+            write()
+            done.append(f"{name} ({was})")
     return done
 
 
@@ -633,7 +636,7 @@ def _complete(run: Run, state: State, log, checkpoints: "Checkpoints") -> dict:
     if not done:
         raise TrainingError(f"--resume: the checkpoint is already at step {state.start} >= {run.cfg.steps}, "
                             f"the run's last ({type(run.cfg).train_on.format(out=run.out)})")
-    log(f"the run in {run.out} is complete at step {state.start}: wrote the missing {', '.join(done)}")
+    log(f"the run in {run.out} is complete at step {state.start}: wrote {', '.join(done)}")
     return {"steps": 0, "seconds": 0.0, "steps_per_s": 0.0, "checkpoint_seconds": 0.0, "loss": float("nan"),
             "losses": []}
 
