@@ -223,36 +223,44 @@ _FLOAT, _FLOAT16 = 1, 10
 _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul"}
 
 
-def graph_signature(buf: bytes) -> tuple[dict[str, int], list[str], set[str]]:
-    """An ONNX model's graph, read from the file's bytes without the onnx package: its inputs (name -> element type,
-    a TensorProto.DataType code, 0 when not a tensor), its output names, and the op types of its top-level nodes.
-    ValueError when the bytes are not protobuf."""
-    p, inputs, outputs, ops = _Proto(buf), {}, [], set()
+def _graph_entries(buf: bytes):
+    """(reader, text, entries) of an ONNX model's bytes: `entries` yields (field number, span) of each
+    length-delimited entry of its GraphProto (node = 1, input = 11, output = 12, ...); text(span) is a string field's
+    value. ValueError when the bytes are not protobuf."""
+    p = _Proto(buf)
 
     def text(span) -> str:
         return bytes(buf[span[0]:span[1]]).decode("utf-8", "replace")
 
-    for field, wire, value in p.fields(0, len(buf)):
-        if field != 7 or wire != 2:   # ModelProto.graph
-            continue
-        for gfield, gwire, gvalue in p.fields(*value):
-            if gwire != 2:
-                continue
-            if gfield == 1:   # NodeProto: op_type = 4
-                ops.update(text(v) for f, w, v in p.fields(*gvalue) if f == 4 and w == 2)
-            elif gfield in (11, 12):   # ValueInfoProto: name = 1, type = 2 (TypeProto.tensor_type = 1: elem_type = 1)
-                name, elem = "", 0
-                for f, w, v in p.fields(*gvalue):
-                    if f == 1 and w == 2:
-                        name = text(v)
-                    elif f == 2 and w == 2:
-                        for tf, tw, tv in p.fields(*v):
-                            if tf == 1 and tw == 2:
-                                elem = next((ev for ef, ew, ev in p.fields(*tv) if ef == 1 and ew == 0), 0)
-                if gfield == 11:
-                    inputs[name] = elem
-                else:
-                    outputs.append(name)
+    def entries():
+        for field, wire, value in p.fields(0, len(buf)):
+            if field == 7 and wire == 2:   # ModelProto.graph
+                yield from ((f, v) for f, w, v in p.fields(*value) if w == 2)
+    return p, text, entries()
+
+
+def graph_signature(buf: bytes) -> tuple[dict[str, int], list[str], set[str]]:
+    """An ONNX model's graph, read from the file's bytes without the onnx package: its inputs (name -> element type,
+    a TensorProto.DataType code, 0 when not a tensor), its output names, and the op types of its top-level nodes.
+    ValueError when the bytes are not protobuf."""
+    p, text, entries = _graph_entries(buf)
+    inputs, outputs, ops = {}, [], set()
+    for gfield, gvalue in entries:
+        if gfield == 1:   # NodeProto: op_type = 4
+            ops.update(text(v) for f, w, v in p.fields(*gvalue) if f == 4 and w == 2)
+        elif gfield in (11, 12):   # ValueInfoProto: name = 1, type = 2 (TypeProto.tensor_type = 1: elem_type = 1)
+            name, elem = "", 0
+            for f, w, v in p.fields(*gvalue):
+                if f == 1 and w == 2:
+                    name = text(v)
+                elif f == 2 and w == 2:
+                    for tf, tw, tv in p.fields(*v):
+                        if tf == 1 and tw == 2:
+                            elem = next((ev for ef, ew, ev in p.fields(*tv) if ef == 1 and ew == 0), 0)
+            if gfield == 11:
+                inputs[name] = elem
+            else:
+                outputs.append(name)
     return inputs, outputs, ops
 
 
@@ -261,33 +269,27 @@ def int8_convs(buf: bytes) -> tuple[list[str], list[str]]:
     bytes without the onnx package. In the QDQ form quantize_static writes (export/int8.py) an int8 Conv takes its
     weight from a DequantizeLinear node; a Conv left fp32 (nodes_to_exclude) takes the float initializer itself.
     ValueError when the bytes are not protobuf."""
-    p, dequantized, convs = _Proto(buf), set(), []
-
-    def text(span) -> str:
-        return bytes(buf[span[0]:span[1]]).decode("utf-8", "replace")
-
-    for field, wire, value in p.fields(0, len(buf)):
-        if field != 7 or wire != 2:   # ModelProto.graph
+    p, text, entries = _graph_entries(buf)
+    dequantized, convs = set(), []
+    for gfield, gvalue in entries:
+        if gfield != 1:   # GraphProto.node
             continue
-        for gfield, gwire, gvalue in p.fields(*value):
-            if gfield != 1 or gwire != 2:   # GraphProto.node
+        inputs, outputs, name, op = [], [], "", ""
+        for f, w, v in p.fields(*gvalue):   # NodeProto: input = 1, output = 2, name = 3, op_type = 4
+            if w != 2:
                 continue
-            inputs, outputs, name, op = [], [], "", ""
-            for f, w, v in p.fields(*gvalue):   # NodeProto: input = 1, output = 2, name = 3, op_type = 4
-                if w != 2:
-                    continue
-                if f == 1:
-                    inputs.append(text(v))
-                elif f == 2:
-                    outputs.append(text(v))
-                elif f == 3:
-                    name = text(v)
-                elif f == 4:
-                    op = text(v)
-            if op == "DequantizeLinear":
-                dequantized.update(outputs)
-            elif op == "Conv":
-                convs.append((name, inputs[1] if len(inputs) > 1 else ""))
+            if f == 1:
+                inputs.append(text(v))
+            elif f == 2:
+                outputs.append(text(v))
+            elif f == 3:
+                name = text(v)
+            elif f == 4:
+                op = text(v)
+        if op == "DequantizeLinear":
+            dequantized.update(outputs)
+        elif op == "Conv":
+            convs.append((name, inputs[1] if len(inputs) > 1 else ""))
     return [name for name, _ in convs], [name for name, weight in convs if weight not in dequantized]
 
 
