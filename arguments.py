@@ -51,7 +51,7 @@ class PathArg(Spec):
     what = "a path (str or os.PathLike)"
 
     def check(self, v, dims, path):
-        if not isinstance(v, (str, os.PathLike)) or v == "":
+        if not isinstance(v, (str, os.PathLike)) or not isinstance(os.fspath(v), str) or os.fspath(v) == "":
             self.fail(v, path)
 
 
@@ -357,6 +357,17 @@ ARGS: dict[str, Spec] = {
 _GIVEN: contextvars.ContextVar[frozenset] = contextvars.ContextVar("ddpm_given", default=frozenset())
 
 
+def exact(v):
+    """An argument of a subclass of int, float or str as the plain value it holds, read with the base type's own
+    method (int.__int__, float.__float__, str.__str__ return an exact copy for a subclass), so that no override of
+    the user's subclass runs in the checks or in the library (a comparison that raises, an __eq__ that lies);
+    anything else as it is."""
+    for base in (int, float, str):
+        if isinstance(v, base) and type(v) is not base and not isinstance(v, bool):
+            return getattr(base, f"__{base.__name__}__")(v)
+    return v
+
+
 def plain(v):
     """A numpy scalar as the Python int or float it holds (one level into a tuple or list too), anything else as it
     is: an argument that passed its check is used as a Python number, so arithmetic on it (n * 784 for np.uint8 n)
@@ -374,6 +385,16 @@ def given() -> frozenset:
     """The names of the arguments the caller passed to the innermost `checked` function running now (not those left
     at their defaults): how a model's recorded plan (options.recorded_plan) yields to what the caller asked for."""
     return _GIVEN.get()
+
+
+def _raise_unreadable(where: str, name: str, spec: Spec, value, e: Exception):
+    """The argument's DdpmError for an exception its own object raised while it was checked (an __array__,
+    __fspath__, __len__ or comparison of the user's that raises), or LimitReached when a resource limit caused it."""
+    message = limit_message(e)
+    if message is not None:
+        raise LimitReached(message, f"{where}()") from None
+    raise DdpmError(f"{where}(): {name} must be {spec.what}, got a {type(value).__name__} that raised "
+                    f"{type(e).__name__} when read") from None
 
 
 def checked(_fn=None, limits: Callable[[dict], None] | None = None, **overrides: Spec):
@@ -406,12 +427,15 @@ def checked(_fn=None, limits: Callable[[dict], None] | None = None, **overrides:
             with shapes_first() as scans:
                 for name, value in bound.arguments.items():
                     if name != "self":
+                        value = exact(value)
                         try:
                             specs[name].check(value, dims, name)
                             if _is_plan(value) and hasattr(model, "schedule"):
                                 PlanArg.fits(model, value, name)
                         except Invalid as e:
                             raise DdpmError(f"{where}(): {e}") from None
+                        except Exception as e:   # the user's object raised while it was looked at
+                            _raise_unreadable(where, name, specs[name], value, e)
                         bound.arguments[name] = plain(value)
             if limits is not None:
                 limits(dims)

@@ -19,7 +19,7 @@ DIGIT = np.zeros((28, 28), np.uint8)
 DIGIT[6:22, 12:16] = 255
 CLOSED = Image.fromarray(DIGIT)   # a closed PIL image: numpy cannot read it (ValueError), nor a ragged list
 CLOSED.close()
-PATHS = [3, True, b"x", ["a"], ""]
+PATHS = [3, True, b"x", ["a"], "", "RAISING_PATH"]
 
 
 class Raising:
@@ -36,6 +36,16 @@ class Raising:
 
 
 RAISING = Raising()
+
+
+class RaisingPath:
+    """A path object whose __fspath__ raises."""
+
+    def __fspath__(self):
+        raise RuntimeError("no path of this")
+
+    def __repr__(self):
+        return "RaisingPath()"
 
 # Bad values of every argument, by name. Bools and floats for integers, NaN, inf and bools for numbers, other types
 # and unknown words for strings; what each function means by the name decides which are bad (see `bad`).
@@ -139,7 +149,7 @@ def _cases():
 
 def bad(fn_name: str, arg: str) -> list:
     """The values of BAD that are bad for this function's argument (None means "the default" for some)."""
-    values = BAD[arg]
+    values = [RaisingPath() if isinstance(v, str) and v == "RAISING_PATH" else v for v in BAD[arg]]
     optional = {("inpaint", "n"), ("edit", "n"), ("upscale", "n"), ("restore", "n"), ("inpaint_input", "n")}
     if (fn_name, arg) in optional:
         values = [v for v in values if v is not None]
@@ -195,6 +205,39 @@ def test_every_public_callable_refuses_an_unknown_or_extra_argument_with_ddpm_er
             fn(*args)
     with model as m:   # what the with statement passes still fits
         assert m is model
+
+
+class _Int(int):
+    def __lt__(self, other):
+        raise RuntimeError("no comparison of this")
+
+    __gt__ = __le__ = __ge__ = __lt__
+
+
+class _Float(float):
+    def __lt__(self, other):
+        raise RuntimeError("no comparison of this")
+
+    __gt__ = __le__ = __ge__ = __lt__
+
+
+class _Str(str):
+    def __eq__(self, other):
+        raise RuntimeError("no comparison of this")
+
+    __hash__ = str.__hash__
+
+
+def test_subclasses_of_int_float_and_str_are_the_values_they_hold(model):
+    """An int, float or str subclass whose comparisons raise (the user's override) is checked and used as the plain
+    value it holds (arguments.exact): no override runs in the checks or the library, so no foreign exception."""
+    a = model.generate(_Int(2), seed=_Int(3), steps=_Int(2), guidance=_Float(0.5), sampler=_Str("ddim"),
+                       engine="torch", device="cpu")
+    b = model.generate(2, seed=3, steps=2, guidance=0.5, sampler="ddim", engine="torch", device="cpu")
+    assert np.array_equal(a, b)
+    assert list(model.labels(_Int(3))) == list(model.labels(3))
+    with pytest.raises(DdpmError, match=r"n must be an integer in 0\.\.4294967296, got -1"):
+        model.generate(_Int(-1))
 
 
 @pytest.mark.slow
