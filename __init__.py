@@ -36,12 +36,10 @@ def __getattr__(name: str):
         try:
             module = importlib.import_module(f".{_PUBLIC[name]}", __name__)
         except Exception as e:   # numpy or a native library that cannot load under a resource limit: LimitReached
-            from .errors import LimitReached, limit_message   # (standard library only: loads where the rest cannot)
+            from .errors import raise_if_limit   # (standard library only: loads where the rest cannot)
 
-            message = limit_message(e)
-            if message is None:
-                raise
-            raise LimitReached(message, f"ddpm.{name}") from None
+            raise_if_limit(e, f"ddpm.{name}")
+            raise
         value = getattr(module, name)
         globals()[name] = value
         return value

@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import DdpmError, LimitReached, limit_message
+from .errors import DdpmError, raise_if_limit
 from .options import MAX_GUIDANCE, MAX_LEVEL, MAX_SIGMA, MAX_THREADS, VARIANCES
 from .schema import Any, Array, Bool, Int, Invalid, Num, Opt, Spec, Str, is_bool, scan, shapes_first
 
@@ -390,9 +390,7 @@ def given() -> frozenset:
 def _raise_unreadable(where: str, name: str, spec: Spec, value, e: Exception):
     """The argument's DdpmError for an exception its own object raised while it was checked (an __array__,
     __fspath__, __len__ or comparison of the user's that raises), or LimitReached when a resource limit caused it."""
-    message = limit_message(e)
-    if message is not None:
-        raise LimitReached(message, f"{where}()") from None
+    raise_if_limit(e, f"{where}()")
     raise DdpmError(f"{where}(): {name} must be {spec.what}, got a {type(value).__name__} that raised "
                     f"{type(e).__name__} when read") from None
 
@@ -450,10 +448,8 @@ def checked(_fn=None, limits: Callable[[dict], None] | None = None, **overrides:
             except DdpmError:
                 raise
             except Exception as e:   # a resource limit the checks did not foresee: an allocation, a native library
-                message = limit_message(e)   # that an import cannot map under ulimit -v, too many open files
-                if message is None:
-                    raise
-                raise LimitReached(message, f"{where}()") from None
+                raise_if_limit(e, f"{where}()")   # that an import cannot map under ulimit -v, too many open files
+                raise
             finally:
                 _GIVEN.reset(token)
         wrapper.specs = specs

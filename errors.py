@@ -340,13 +340,13 @@ def start_refusal() -> str | None:
             f"{need >> 10} or more, or unlimited)")
 
 
-def raise_if_limit(e: BaseException) -> None:
-    """Raise LimitReached(limit_message(e)) when a resource limit caused `e` (e.g. an ImportError of a package that
-    is installed but whose library cannot be loaded under `ulimit -v`); return otherwise, so that the caller reports
-    the missing package."""
+def raise_if_limit(e: BaseException, where: str | None = None) -> None:
+    """Raise LimitReached(limit_message(e), where) when a resource limit caused `e` (e.g. an ImportError of a package
+    that is installed but whose library cannot be loaded under `ulimit -v`); return otherwise, so that the caller
+    reports or re-raises `e`. where: the API call it stopped ("ddpm.load()"), which the message starts with."""
     message = limit_message(e)
     if message is not None:
-        raise LimitReached(message) from None
+        raise LimitReached(message, where) from None
 
 
 def interrupted(e: KeyboardInterrupt, detail: str) -> Interrupted:
