@@ -26,16 +26,17 @@ from .files import refused
 _XDG = {"cache": ("XDG_CACHE_HOME", ".cache"), "config": ("XDG_CONFIG_HOME", ".config")}
 
 
-def home(instead: str = "$XDG_CACHE_HOME") -> Path:
+def home(instead: str = "$XDG_CACHE_HOME", state: str = "unset") -> Path:
     """The user's home folder: $HOME, or the password database's entry when HOME is unset. Raises DdpmError (one
-    line naming `instead`, the variable that would make the home unneeded) when HOME is set but empty or not an
-    absolute path (module docstring), or when nothing gives an absolute path."""
+    line naming `instead`, the variable that would make the home unneeded, and its `state`: "unset", "empty",
+    "not an absolute path (x)") when HOME is set but empty or not an absolute path (module docstring), or when
+    nothing gives an absolute path."""
     value = os.environ.get("HOME")
     if value is not None:
         if os.path.isabs(value):
             return Path(value)
         what = "empty" if not value else f"not an absolute path ({brief(value)})"
-        raise DdpmError(f"$HOME is {what}, and ddpm's folders are under it while {instead} is unset: set {instead} "
+        raise DdpmError(f"$HOME is {what}, and ddpm's folders are under it while {instead} is {state}: set {instead} "
                         f"or $HOME to an absolute folder")
     try:
         import pwd
@@ -49,8 +50,8 @@ def home(instead: str = "$XDG_CACHE_HOME") -> Path:
         except RuntimeError:
             value = ""
     if not os.path.isabs(value):
-        raise DdpmError(f"cannot tell where the home folder is ($HOME is unset, and the system names none): set "
-                        f"{instead} or $HOME to an absolute folder")
+        raise DdpmError(f"cannot tell where the home folder is ($HOME is unset, and the system names none; {instead} "
+                        f"is {state}): set {instead} or $HOME to an absolute folder")
     return Path(value)
 
 
@@ -59,8 +60,12 @@ def user_dir(kind: str = "cache") -> Path:
     DdpmError when the home folder is needed and cannot be told (home()), or when the OS will not look at the folder
     (files.refused: a name longer than its file system allows, say)."""
     var, default = _XDG[kind]
-    value = os.environ.get(var, "")
-    base = Path(value) if os.path.isabs(value) else home(f"${var}") / default
+    value = os.environ.get(var)
+    if value is not None and os.path.isabs(value):
+        base = Path(value)
+    else:
+        state = "unset" if value is None else "empty" if not value else f"not an absolute path ({brief(value)})"
+        base = home(f"${var}", state) / default
     why = refused(base / "ddpm")
     if why is not None:
         raise DdpmError(f"the {kind} folder {why}; set ${var} to another folder")

@@ -46,7 +46,7 @@ import numpy as np
 
 from ..errors import OptionError
 from ..model.io import atomic_write, require_onnx
-from ..runtime.bundle import META_FILE, Bundle, file_sha256
+from ..runtime.bundle import GREY_TOLERANCE as TOLERANCE_GREY, META_FILE, Bundle, file_sha256
 from ..runtime.images import check_channels, require_grey, to_uint8
 from ..runtime.noise import make_noise
 from ..runtime.runner import plan_key
@@ -55,7 +55,7 @@ from ..runtime.samplers import Plan
 GENERATOR_FILE = "generator.onnx"
 FORMS = ("loop", "unrolled")
 DEFAULT_FORM = "loop"
-TOLERANCE_GREY = 1   # verify(): max |generator - runtime| in grey levels of the uint8 images
+# verify(): max |generator - runtime| in grey levels of the uint8 images is at most TOLERANCE_GREY (runtime/bundle.py)
 NET = "eps_theta/"   # the noise predictor's names inside the generator
 
 

@@ -46,6 +46,12 @@ MAX_STEP = (1 << 63) - 1
 _PLAN_KEY = Str(pattern=r"[0-9a-f]{40}", what="a plan key (runtime.runner.plan_key: 40 hex digits)")
 # a plan's or a file's name, a measure: what messages quote
 _NAME = Str(pattern=r"[^\n]{1,200}", what="a string (one line of 1..200 characters)")
+# The verification tolerances `ddpm export` holds its files to, and a folder's records are checked against: an eps
+# model's (export/onnx_export.py verify: fp32 max abs error, fp16 max abs error relative to eps's scale; int8's is
+# derived from its recipe, _check_int8) and a generator's (export/generator.py verify: max |generator - runtime| in
+# grey levels of the uint8 images). A record with a looser tolerance vouches for nothing.
+PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+GREY_TOLERANCE = 1
 # files.*.parity (export/onnx_export.py verify): the measured error of an ONNX file against PyTorch. Optional in the
 # schema, required by Bundle._check_consistent with the generators' (one rule, one message for every file)
 PARITY = Obj({"measure": _NAME, "error": Num(min=0), "tolerance": Num(min=0, min_open=True)},
@@ -507,7 +513,12 @@ class Bundle:
             if "parity" not in entry:
                 raise ExportError(f"{meta_path}: {where} records no parity (the verification `ddpm export` records "
                                   f"for every file it writes): that file was not verified; re-run `ddpm export`")
-            error, tolerance = entry["parity"][error], entry["parity"][tolerance]
+            error, tolerance, key = entry["parity"][error], entry["parity"][tolerance], tolerance
+            bound = GREY_TOLERANCE if key == "tolerance_grey" else PARITY_TOLERANCE.get(where[len("files."):])
+            if bound is not None and tolerance > bound:
+                raise ExportError(f"{meta_path}: {where}.parity.{key} is {tolerance:g}, above the {bound:g} that "
+                                  f"`ddpm export` verifies with: that file's verification vouches for nothing; "
+                                  f"re-run `ddpm export`")
             if error > tolerance:
                 raise ExportError(f"{meta_path}: {where}.parity records an error of {error:g}, over its tolerance "
                                   f"{tolerance:g}: that file failed its verification; re-run `ddpm export`")

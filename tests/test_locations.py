@@ -61,6 +61,10 @@ def test_an_empty_or_relative_home_is_refused_and_an_unset_one_is_the_systems(tm
             api.cache_dir()
         with pytest.raises(DdpmError, match=re.escape("while $XDG_CONFIG_HOME is unset: set $XDG_CONFIG_HOME")):
             user_dir("config")
+        for xdg, state in (("", "empty"), ("rel/cache", "not an absolute path ('rel/cache')")):
+            monkeypatch.setenv("XDG_CACHE_HOME", xdg)   # ignored, and the line says what it is, not "unset"
+            with pytest.raises(DdpmError, match=re.escape(f"while $XDG_CACHE_HOME is {state}: set $XDG_CACHE_HOME")):
+                api.cache_dir()
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))   # not needed then
         assert api.cache_dir() == tmp_path / "xdg" / "ddpm"
         monkeypatch.delenv("XDG_CACHE_HOME")

@@ -52,6 +52,13 @@ def test_swapped_train_and_test_are_refused(mnist_dir, tmp_path, fresh_notices, 
     save_samples(tmp_path / "s.npz", np.zeros(2, np.int64), [np.zeros((2, 28, 28), np.uint8)])
     line = one_line_error(invoke("eval", "--samples", tmp_path / "s.npz", "--data", swapped))
     assert "swapped" in line, line
+    # the test files are copies of the training files: the line does not claim a swap it cannot see
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    for name in FILES:
+        (copied / f"{name}.gz").symlink_to(mnist_dir / f"{name.replace('t10k', 'train')}.gz")
+    line = one_line_error(invoke("eval", "--samples", tmp_path / "s.npz", "--data", copied))
+    assert "holds MNIST's training images" in line and "or one is a copy of the other" in line, line
     # MNIST's own files, one of them stored uncompressed: recognised by their content, no notice
     good = tmp_path / "good"
     shutil.copytree(mnist_dir, good)
@@ -439,6 +446,11 @@ def test_a_bool_is_never_an_integer():
     (lambda m: m["files"]["fp32"]["parity"].update(error=0.5), "failed its verification"),
     (lambda m: m["generators"][0].update(parity=[]), "generators[0].parity must be a parity record"),
     (lambda m: m["generators"][0]["parity"].update(max_abs_grey=9), "failed its verification"),
+    # a tolerance looser than the export's own lets any error through: the records' tolerances are the export's
+    (lambda m: m["files"]["fp32"]["parity"].update(error=0.5, tolerance=1e300),
+     "files.fp32.parity.tolerance is 1e+300, above the 0.0001 that `ddpm export` verifies with"),
+    (lambda m: m["generators"][0]["parity"].update(max_abs_grey=200, tolerance_grey=255),
+     "generators[0].parity.tolerance_grey is 255, above the 1 that `ddpm export` verifies with"),
     (lambda m: m["generators"][0].update(plan_key="x"), "generators[0].plan_key must be a plan key"),
     (lambda m: m["generators"][0].update(steps=10**9), "generators[0].steps must be an integer in 1..100000"),
 ])

@@ -357,7 +357,8 @@ def _check_roles(split: str, paths: list[Path], names: tuple[str, str], found: l
         if got is not None and got != want:
             swapped = got[:5] != want[:5]
             raise DataError(f"{path} holds MNIST's {ROLES[got]} ({got}), not its {ROLES[want]}: "
-                            + ("the train and test files are swapped" if swapped else "the files are mixed up")
+                            + ("the train and test files are swapped, or one is a copy of the other" if swapped
+                               else "the files are mixed up")
                             + "; rename them to what they hold, or point --data (or $DDPM_DATA) at a folder with "
                               "MNIST's own files")
     other = [p.name for p, got in zip(paths, found) if got is None]
