@@ -395,9 +395,11 @@ def _raise_unreadable(where: str, name: str, spec: Spec, value, e: Exception):
                     f"{type(e).__name__} when read") from None
 
 
-def checked(_fn=None, limits: Callable[[dict], None] | None = None, **overrides: Spec):
+def checked(_fn=None, limits: Callable[[dict], None] | None = None, error: type[DdpmError] = DdpmError,
+            **overrides: Spec):
     """Check the arguments of every call of the decorated function against ARGS (or `overrides`, for an argument
-    that means something else here) before it runs; DdpmError with one line naming the argument otherwise.
+    that means something else here) before it runs; `error` (a DdpmError) with one line naming the argument
+    otherwise.
 
     The checks run in two passes: first every argument's type, shape and dtype (which bind the named dimensions,
     e.g. N), then `limits` (a function of those dimensions, {name: (size, argument)}, raising a DdpmError: the
@@ -412,14 +414,14 @@ def checked(_fn=None, limits: Callable[[dict], None] | None = None, **overrides:
             if spec is None:
                 raise TypeError(f"{fn.__qualname__}: argument {p.name!r} has no spec in ddpm.arguments.ARGS")
             specs[p.name] = spec
-        where = fn.__qualname__.replace("Model.", "model.") if "." in fn.__qualname__ else f"ddpm.{fn.__name__}"
+        where = fn.__qualname__.replace("Model.", "model.").replace("Engine.", "engine.") if "." in fn.__qualname__ else f"ddpm.{fn.__name__}"
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             try:
                 bound = sig.bind(*args, **kwargs)
             except TypeError as e:
-                raise DdpmError(f"{where}(): {e}") from None
+                raise error(f"{where}(): {e}") from None
             dims: dict = {}
             model = bound.arguments.get("self")
             with shapes_first() as scans:
@@ -431,7 +433,7 @@ def checked(_fn=None, limits: Callable[[dict], None] | None = None, **overrides:
                             if _is_plan(value) and hasattr(model, "schedule"):
                                 PlanArg.fits(model, value, name)
                         except Invalid as e:
-                            raise DdpmError(f"{where}(): {e}") from None
+                            raise error(f"{where}(): {e}") from None
                         except Exception as e:   # the user's object raised while it was looked at
                             _raise_unreadable(where, name, specs[name], value, e)
                         bound.arguments[name] = plain(value)
@@ -441,7 +443,7 @@ def checked(_fn=None, limits: Callable[[dict], None] | None = None, **overrides:
                 for values in scans:
                     values()
             except Invalid as e:
-                raise DdpmError(f"{where}(): {e}") from None
+                raise error(f"{where}(): {e}") from None
             token = _GIVEN.set(frozenset(bound.arguments) - {"self"})
             try:
                 return fn(*bound.args, **bound.kwargs)

@@ -119,11 +119,13 @@ class EagerEngine(CountedEngine):
         self.device = str(self.torch_device)
         self.model: torch.nn.Module | None = copy_to(model, self.torch_device)   # the caller's model stays put
         self.null_label = null_label
+        cfg = getattr(model, "cfg", None)   # a network of this project says its image shape (Engine.run checks x_T)
+        self.image_shape = None if cfg is None else tuple(cfg.image_shape)
         self._init_uses()
 
     @torch.no_grad()
-    def run(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, plan: Plan, guidance: float,
-            callback: StepCallback | None = None, edit=None, y=None, mask=None, states: bool = False) -> np.ndarray:
+    def _run(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, plan: Plan, guidance: float,
+             callback: StepCallback | None = None, edit=None, y=None, mask=None, states: bool = False) -> np.ndarray:
         """x_T (B,C,H,W) float32, z (B,Q,C,H,W) or None, labels (B,) int64 or None -> x_0 (B,C,H,W) float32
         (runtime.engine.Engine.run).
 

@@ -121,15 +121,18 @@ class BoundProjection:
             self.inv_area = ops.scalars([1.0 / (f * f)])[0]   # a scalar made once (torch: a 0-d tensor)
 
     def load(self, y: np.ndarray | None, mask: np.ndarray | None) -> None:
-        """y (B,C,H,W) float32 in [-1, 1]; mask (B,C,H,W) float32 in {0, 1} (1: known), for the mask operator."""
+        """y (B,C,H,W) float32 in [-1, 1]; mask (B,C,H,W) float32 in {0, 1} (1: known), for the mask operator.
+        EngineInput (a ValueError) for a missing or wrong-shaped one."""
+        from .engine import EngineInput
+
         want = tuple(self.y.shape)
         if y is None or tuple(y.shape) != want:
-            raise ValueError(f"the projection needs the known image y of shape {want}, got "
+            raise EngineInput(f"the projection needs the known image y of shape {want}, got "
                              f"{None if y is None else tuple(y.shape)}")
         self.ops.load(self.y, np.asarray(y, dtype=np.float32))
         if self.proj.operator == "mask":
             if mask is None or tuple(mask.shape) != want:
-                raise ValueError(f"the mask projection needs a mask of shape {want}, got "
+                raise EngineInput(f"the mask projection needs a mask of shape {want}, got "
                                  f"{None if mask is None else tuple(mask.shape)}")
             m = np.asarray(mask, dtype=np.float32)
             self.ops.load(self.mask, m)

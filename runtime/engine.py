@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import numpy as np
 
+from ..arguments import checked
 from ..errors import DdpmError
 
 if TYPE_CHECKING:
@@ -41,6 +42,26 @@ StepCallback = Callable[[int, int, "np.ndarray | None", "np.ndarray | None"], No
 
 class EngineClosed(DdpmError):
     """Work asked of an engine after its close()."""
+
+
+class EngineInput(DdpmError, ValueError):
+    """Inputs an engine cannot run (Engine.run): a shape, dtype or value outside what it takes."""
+
+
+def _run_args() -> dict:
+    """Engine.run's argument specs (arguments.checked): one batch B of (C, H, W) images, a plan's Q noise slots."""
+    from ..arguments import ARGS, PLAN, Duck, Func
+    from ..schema import Array, Bool, Opt
+
+    image = Array(("float",), ("B", "C", "H", "W"), finite=True)
+    return {"x_T": image, "z": Opt(Array(("float",), ("B", "Q", "C", "H", "W"), finite=True)),
+            "labels": Opt(Array(("int",), ("B",), min=0)), "plan": PLAN, "guidance": ARGS["guidance"],
+            "callback": Opt(Func()), "y": Opt(image), "mask": Opt(image), "states": Bool(),
+            "edit": Opt(Duck(("bind", "validate"), "an edit's projection (runtime.edits.Projection)"))}
+
+
+def _float32(a):
+    return None if a is None else np.ascontiguousarray(a, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -67,7 +88,10 @@ class Engine(Protocol):
     closed: bool          # True after close()
     # what the network computes in: "fp32", "fp16" or "int8" (model_int8.onnx's convolutions, float32 in and out)
     precision: str = "fp32"
+    null_label: int | None = None                  # the largest label it takes (the unconditional one)
+    image_shape: tuple[int, int, int] | None = None   # the (C, H, W) of its images, where known
 
+    @checked(error=EngineInput, **_run_args())
     def run(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, plan: Plan, guidance: float,
             callback: StepCallback | None = None, edit=None, y: np.ndarray | None = None,
             mask: np.ndarray | None = None, states: bool = False) -> np.ndarray:
@@ -76,7 +100,31 @@ class Engine(Protocol):
         guidance, Ho & Salimans 2022) -> x_0 (B,C,H,W) float32 on the host, a copy the next run cannot overwrite
         (onnx-generator: the images (B,H,W) uint8). callback: see StepCallback; states: hand it x and x0_hat
         (Supports.states); edit, y, mask: an edit's projection with its known image and mask (Supports.edits,
-        runtime.edits). Raises EngineClosed after close(), ValueError for inputs the engine cannot run."""
+        runtime.edits). Every engine's inputs are checked here, before any work (arrays of any float or integer
+        dtype are taken as float32 and int64): EngineInput (a DdpmError and a ValueError, one line naming the
+        argument) for inputs the engine cannot run, EngineClosed after close()."""
+        self.check_open()
+        if self.image_shape is not None and tuple(x_T.shape[1:]) != tuple(self.image_shape):
+            raise EngineInput(f"engine.run(): x_T has shape {tuple(x_T.shape)}, this engine's images "
+                              f"are {tuple(self.image_shape)}")
+        if labels is not None and len(labels) and self.null_label is not None and int(np.max(labels)) > self.null_label:
+            raise EngineInput(f"engine.run(): labels holds {int(np.max(labels))}, beyond this model's "
+                              f"0..{self.null_label} ({self.null_label}: the unconditional label)")
+        Q = plan.num_slots + (0 if edit is None else edit.num_slots)   # the plan's noise slots, then the edit's
+        if (z is None) != (Q == 0) or (z is not None and z.shape[1] != Q):
+            want = "None" if Q == 0 else f"an array of shape (B, {Q}, C, H, W)"
+            raise EngineInput(f"engine.run(): the plan {plan.name}{'' if edit is None else ' with its edit'} draws "
+                              f"{Q} noise slots besides x_T, so z must be {want}, got "
+                              f"{None if z is None else tuple(z.shape)}")
+        if labels is not None:
+            labels = np.ascontiguousarray(labels, dtype=np.int64)
+        return self._run(_float32(x_T), _float32(z), labels, plan, float(guidance), callback, edit, _float32(y),
+                         _float32(mask), states)
+
+    def _run(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, plan: Plan, guidance: float,
+             callback: StepCallback | None, edit, y: np.ndarray | None, mask: np.ndarray | None,
+             states: bool) -> np.ndarray:
+        """run()'s work, on inputs it has checked (contiguous float32 arrays, int64 labels, a float guidance)."""
         ...
 
     def versions(self) -> dict[str, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, ExportError
-from .engine import CountedEngine, StepCallback, Supports
+from .engine import CountedEngine, EngineInput, StepCallback, Supports
 from .nets import EngineUnavailable, import_onnxruntime, ort_cpu_options, ort_session
 from .runner import plan_key
 from .samplers import Plan
@@ -54,32 +54,30 @@ class GeneratorEngine(CountedEngine):
         except ExportError as e:
             raise EngineUnavailable(str(e)) from None
         engine = cls(path, bundle.generator(key, precision=precision), bundle.null_label, threads)
+        engine.image_shape = bundle.image_shape
         engine.redo = bundle.hint(precision, flags=" --generator")
         return engine
 
     def check_plan(self, plan: Plan) -> None:
-        """ValueError unless `plan` is the plan the generator was exported for."""
+        """EngineInput (a ValueError) unless `plan` is the plan the generator was exported for."""
         if plan_key(plan) != self.info["plan_key"]:
-            raise ValueError(f"{self.path} runs {self.info['plan']}, not {plan.name}; re-export it for that plan "
+            raise EngineInput(f"{self.path} runs {self.info['plan']}, not {plan.name}; re-export it for that plan "
                              f"(its --sampler and --steps) with {self.redo}; or use --engine onnx")
 
-    def run(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, plan: Plan, guidance: float,
-            callback: StepCallback | None = None, edit=None, y=None, mask=None, states: bool = False) -> np.ndarray:
+    def _run(self, x_T: np.ndarray, z: np.ndarray | None, labels: np.ndarray | None, plan: Plan, guidance: float,
+             callback: StepCallback | None = None, edit=None, y=None, mask=None, states: bool = False) -> np.ndarray:
         """x_T (B,C,H,W) float32, labels (B,) int64 or None (unconditional: the null label, w = 0 as every engine
         does) -> images (B,H,W) uint8 (colour: (B,H,W,C)); callback(i, t, None, None) for every row after the one call. z must be None
-        (the generator's plans add no noise); ValueError otherwise, and for an edit or states (Supports)."""
+        (the generator's plans add no noise); EngineInput otherwise, and for an edit or states (Supports)."""
         self.check_open()
         self.check_plan(plan)
         if edit is not None or states:
-            raise ValueError(f"the {self.name} engine runs the whole loop in one call: it cannot "
+            raise EngineInput(f"the {self.name} engine runs the whole loop in one call: it cannot "
                              f"{'project onto a known image' if edit is not None else 'show every step'}")
         if z is not None:
-            raise ValueError("the generator runs deterministic plans: it takes no noise besides x_T")
-        B = x_T.shape[0]
+            raise EngineInput("the generator runs deterministic plans: it takes no noise besides x_T")
         if labels is None:
-            labels, guidance = np.full(B, self.null_label, dtype=np.int64), 0.0
-        elif len(labels) != B:
-            raise ValueError(f"{len(labels)} labels for a batch of {B}")
+            labels, guidance = np.full(x_T.shape[0], self.null_label, dtype=np.int64), 0.0
         with self.in_use():
             images = self.sess.run(["images"], {"x_T": np.ascontiguousarray(x_T, dtype=np.float32),
                                                 "labels": np.ascontiguousarray(labels, dtype=np.int64),

@@ -27,7 +27,7 @@ import warnings
 from collections import OrderedDict
 import numpy as np
 
-from .engine import Engine, EngineClosed, StepCallback, Supports
+from .engine import Engine, EngineClosed, EngineInput, StepCallback, Supports
 from .generate import network_batch
 from .samplers import Plan
 
@@ -202,16 +202,16 @@ class Runner:
 
         x_T (B,C,H,W) float32, z (B,num_slots,C,H,W) float32 or None (num_slots: the plan's, then the edit's),
         labels (B,) int64 or None (the null label), guidance w >= 0; with an edit, its known image y (B,C,H,W)
-        float32 and, for a mask projection, the mask (B,C,H,W) (1: known). ValueError for wrong shapes.
+        float32 and, for a mask projection, the mask (B,C,H,W) (1: known). EngineInput (a ValueError) for wrong shapes.
         """
         ops, B = self.ops, self.batch
         if x_T.shape != tuple(self.x.shape):
-            raise ValueError(f"x_T has shape {x_T.shape}, this runner takes {tuple(self.x.shape)}")
+            raise EngineInput(f"x_T has shape {x_T.shape}, this runner takes {tuple(self.x.shape)}")
         ops.load(self.x, x_T)
         if self.z is not None:
             want = (B, self.num_slots, *self.x.shape[1:])
             if z is None or z.shape != want:
-                raise ValueError(f"the plan needs noise z of shape {want}, got {None if z is None else z.shape}")
+                raise EngineInput(f"the plan needs noise z of shape {want}, got {None if z is None else z.shape}")
             ops.load(self.z, np.swapaxes(z, 0, 1))
         if labels is None:
             ops.fill_(self.y_in[:B], self.null_label)
@@ -352,8 +352,8 @@ class RuntimeEngine(Engine):
         self._give_back(key, runner)
         return runner
 
-    def run(self, x_T, z, labels, plan, guidance, callback: StepCallback | None = None, edit=None, y=None, mask=None,
-            states: bool = False) -> np.ndarray:
+    def _run(self, x_T, z, labels, plan, guidance, callback: StepCallback | None = None, edit=None, y=None, mask=None,
+             states: bool = False) -> np.ndarray:
         """x_T (B,C,H,W) float32, z (B,Q,C,H,W) or None, labels (B,) int64 or None -> x_0 (B,C,H,W) float32
         (runtime.engine.Engine.run).
 

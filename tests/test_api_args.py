@@ -382,3 +382,58 @@ def test_the_choices_come_from_the_modules_that_define_them(monkeypatch):
     assert ARGS["variance"].choices is options.VARIANCES
     for method in edits.UPSCALERS:
         ARGS["method"].check(method, {}, "method")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    with ddpm.load() as m:
+        yield m
+
+
+@pytest.mark.parametrize("engine", ["torch", "runtime-torch", "onnx", "onnx-generator"])
+def test_an_engine_taken_from_a_model_checks_what_it_runs(model, shipped, engine):
+    """Model.engine() hands out an engine whose run() is public too: every input is checked in one place
+    (runtime.engine.Engine.run) before any work, a bad one is an EngineInput (a DdpmError, and a ValueError as
+    run() always said), never a numpy broadcast error or onnxruntime's out-of-bounds Gather; arrays of another
+    float or integer dtype are taken as float32 and int64, giving the same digits."""
+    from ddpm.runtime.engine import EngineInput
+
+    m = model if engine in ("torch", "runtime-torch") else shipped
+    plan = m.plan("ddim", 2)
+    eng = m.engine(engine, plan=plan) if engine == "onnx-generator" else m.engine(engine)
+    C, H, W = m.image_shape
+    x = np.random.default_rng(0).standard_normal((2, C, H, W)).astype(np.float32)
+    labels = np.array([1, 2])
+    good = eng.run(x, None, labels, plan, 0.5)
+    assert np.array_equal(eng.run(x.astype(np.float64), None, labels.astype(np.uint8), plan, np.float32(0.5)), good)
+    bad = [
+        ((x[:, 0], None, labels, plan, 0.5), "x_T must be an array of any float type of shape (B, C, H, W)"),
+        ((x[:, :, 1:], None, labels, plan, 0.5), f"x_T has shape (2, {C}, {H - 1}, {W}), this engine's images"),
+        ((x.tolist(), None, labels, plan, 0.5), "x_T must be an array"),
+        ((x * NAN, None, labels, plan, 0.5), "x_T holds"),
+        ((x, None, np.array([1, 2, 3]), plan, 0.5), "labels has shape (3,), but B = 2 (from x_T)"),
+        ((x, None, np.array([1.0, 2.0]), plan, 0.5), "labels must be any int type"),
+        ((x, None, np.array([-1, 2]), plan, 0.5), "labels must hold values >= 0"),
+        ((x, None, np.array([1, 10**6]), plan, 0.5), "labels holds 1000000, beyond this model's"),
+        ((x, None, labels, "ddim", 0.5), "plan must be a sampler plan"),
+        ((x, None, labels, plan, -1.0), "guidance must be a finite number >= 0"),
+        ((x, None, labels, plan, NAN), "guidance must be a finite number >= 0"),
+        ((x, None, labels, plan, 0.5, 5), "callback must be a function"),
+        ((x, x[:, None], labels, plan, 0.5), "draws 0 noise slots besides x_T, so z must be None, got (2, 1, "),
+    ]
+    for args, message in bad:
+        with pytest.raises(EngineInput, match=re.escape(message)) as e:
+            eng.run(*args)
+        assert isinstance(e.value, DdpmError) and isinstance(e.value, ValueError)
+        assert str(e.value).startswith("engine.run(): "), e.value
+    ddpm_plan = m.plan("ddim", 2, eta=1.0)   # a plan with noise: z is (B, Q, C, H, W), Q its slots
+    if engine != "onnx-generator":
+        z = np.zeros((2, ddpm_plan.num_slots, C, H, W), np.float32)
+        for z_bad in (None, z[:, 1:]):
+            with pytest.raises(EngineInput, match=re.escape(f"noise slots besides x_T, so z must be an array of "
+                                                            f"shape (B, {ddpm_plan.num_slots}, C, H, W)")):
+                eng.run(x, z_bad, labels, ddpm_plan, 0.5)
+        eng.run(x, z, labels, ddpm_plan, 0.5)
+    with pytest.raises(EngineInput, match="states must be true or false, got 1"):
+        eng.run(x, None, labels, plan, 0.5, states=1)
+    assert np.array_equal(eng.run(x, None, labels, plan, 0.5), good)   # nothing a refusal left behind changes it
