@@ -340,6 +340,75 @@ def start_refusal() -> str | None:
             f"{need >> 10} or more, or unlimited)")
 
 
+# Importing PyTorch maps its shared libraries (torch/lib: 447 MiB for the 2.13 CPU build) and more: measured, the
+# address space grows by 487 MiB (VmSize before and after `import torch`, numpy loaded). Under a limit just short of
+# that, libtorch's static initialisers or glibc abort the process in native code (C++'s uncaught std::bad_alloc,
+# "cannot allocate memory for thread-local data: ABORT"), which no Python handler sees: so the limit is compared
+# before the import. The estimate: the libraries' sizes on disk plus IMPORT_MARGIN.
+IMPORT_MARGIN = 64 << 20
+
+
+def _in_use() -> int | None:
+    """The process's address space in use now (VmSize, bytes), or None where /proc does not say (not Linux)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmSize:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _libraries_size(module: str) -> int | None:
+    """The bytes of the shared libraries that importing the installed package `module` maps (its folder's and its
+    lib/ folder's .so files), or None when it is not installed as a folder."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    folder = os.path.dirname(spec.origin)
+    total = 0
+    for sub in (folder, os.path.join(folder, "lib")):
+        try:
+            names = os.listdir(sub)
+        except OSError:
+            continue
+        for name in names:
+            if ".so" in name or name.endswith(".dylib"):
+                try:
+                    total += os.path.getsize(os.path.join(sub, name))
+                except OSError:
+                    pass
+    return total
+
+
+def import_refusal(module: str, what: str) -> str | None:
+    """The line for an address-space limit (ulimit -v) too low to import the installed package `module` (what:
+    its name for people, "PyTorch"): the address space in use plus its libraries' size (_libraries_size) plus
+    IMPORT_MARGIN above the limit; None when it fits, when there is no limit, when `module` is imported already, or
+    where the sizes cannot be read. A refusal before the import, because a native library that fails to
+    initialise under the limit aborts the process instead of raising."""
+    import sys
+
+    soft = _limit("AS")
+    if soft is None or module in sys.modules:
+        return None
+    used, libs = _in_use(), _libraries_size(module)
+    if used is None or not libs:
+        return None
+    need = used + libs + IMPORT_MARGIN
+    if soft >= need:
+        return None
+    return (f"out of memory: the process may use at most {soft >> 20} MiB of address space (ulimit -v "
+            f"{soft >> 10}), {used >> 20} MiB are in use, and importing {what} maps about {(libs + IMPORT_MARGIN) >> 20} "
+            f"MiB more; raise the limit (ulimit -v {need >> 10} or more, or unlimited)")
+
+
 def raise_if_limit(e: BaseException, where: str | None = None) -> None:
     """Raise LimitReached(limit_message(e), where) when a resource limit caused `e` (e.g. an ImportError of a package
     that is installed but whose library cannot be loaded under `ulimit -v`); return otherwise, so that the caller

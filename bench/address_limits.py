@@ -58,13 +58,16 @@ def main() -> None:
     ap.add_argument("--commands", default=",".join(COMMANDS), help="comma-separated names of COMMANDS")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
     a = ap.parse_args()
+    names = a.commands.split(",")
+    unknown = [n for n in names if n not in COMMANDS]
+    if unknown:
+        ap.error(f"--commands: unknown {unknown[0]!r}; choose from {', '.join(COMMANDS)}")
     with tempfile.TemporaryDirectory(prefix="ddpm-limits-") as tmp:
         tmp = Path(tmp)
         prep = run(["gen", "-n", "200", "-q", "--out", "s.npz"], None, tmp)
         prep = prep if prep.returncode else run(["gen", "-n", "1", "--label", "3", "-q", "--out", "digit.png"], None, tmp)
         if prep.returncode:
             sys.exit(f"preparing the inputs failed: {prep.stderr}")
-        names = a.commands.split(",")
         fill = dict(digit=str(tmp / "digit.png"), samples=str(tmp / "s.npz"), data=a.data)
         rows = [f"| ulimit -v | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|"]
         print(rows[0], rows[1], sep="\n", flush=True)

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DdpmError, brief, clip, memory_limited, raise_if_limit
+from ..errors import DdpmError, LimitReached, brief, clip, import_refusal, memory_limited, raise_if_limit
 from ..files import input_path, readable_name, refused
 from ..files import atomic_write  # noqa: F401  (re-exported: model.io.atomic_write is used across the package)
 from ..options import MAX_GUIDANCE, MAX_LEVEL
@@ -62,7 +62,11 @@ TORCH_HINT = ("install it with the extra, in the ddpm folder: pip install \".[to
 def require(module: str, what: str, needs: str, hint: str = TORCH_HINT, missing: type[DdpmError] = TorchMissing):
     """The imported top-level `module` (e.g. "torch"), or `missing` with one line "<what> needs <needs>: <hint>"
     (e.g. "exporting to ONNX needs the onnx package: install it with ..."); LimitReached instead when a resource
-    limit stopped the import of an installed package (errors.raise_if_limit)."""
+    limit stopped the import of an installed package (errors.raise_if_limit), or would abort it in native code
+    (errors.import_refusal: checked before the import)."""
+    refusal = import_refusal(module, needs)
+    if refusal is not None:
+        raise LimitReached(refusal)
     try:
         return __import__(module)   # the import statement's hook (builtins.__import__): a replacement is honoured
     except ImportError as e:

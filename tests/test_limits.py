@@ -117,6 +117,39 @@ def test_an_address_space_too_small_to_start_is_one_line(tmp_path):
                                "-v 102400), and ddpm needs about ") and r.stderr.count("\n") == 1, r.stderr
 
 
+@pytest.mark.parametrize("kib", [400_000, 540_000])
+def test_an_address_space_too_small_to_import_torch_is_refused_before_the_import(tmp_path, kib):
+    """Between about 500 and 640 MiB, `eval --samples` died in native code as PyTorch loaded (C++'s uncaught
+    std::bad_alloc, glibc's "cannot allocate memory for thread-local data: ABORT"; measured on CI's 2-core machine
+    with the 2.13 CPU build at 510000-560000 and 600000 KiB), where no Python handler sees it: the limit is compared
+    with what the import maps before it starts (errors.import_refusal), one line at every such limit."""
+    from ddpm.samples import save_samples
+
+    import numpy as np
+
+    save_samples(tmp_path / "s.npz", np.zeros(2, np.int64), [np.zeros((2, 28, 28), np.uint8)])
+    r = _limited(resource.RLIMIT_AS, kib << 10, ["eval", "--samples", "s.npz", "--data", tmp_path], tmp_path)
+    line = _one_error_line(r)
+    assert line.startswith(f"Error: out of memory: the process may use at most {kib >> 10} MiB of address space "
+                           f"(ulimit -v {kib}), ") and "MiB are in use, and importing PyTorch maps about " in line, line
+
+
+def test_import_refusal_compares_the_limit_with_what_the_import_maps(monkeypatch):
+    import ddpm.errors as errors
+
+    monkeypatch.setattr(errors, "_in_use", lambda: 100 << 20)
+    monkeypatch.setattr(errors, "_libraries_size", lambda module: 400 << 20)
+    monkeypatch.setattr(errors, "_limit", lambda name: (500 << 20) if name == "AS" else None)
+    line = errors.import_refusal("not_imported_yet", "X")
+    assert "at most 500 MiB" in line and "100 MiB are in use, and importing X maps about 464 MiB more" in line, line
+    assert f"ulimit -v {(100 + 400 + 64) << 10} or more" in line, line
+    assert errors.import_refusal("os", "os") is None   # imported already: nothing to map
+    monkeypatch.setattr(errors, "_limit", lambda name: (564 << 20) if name == "AS" else None)
+    assert errors.import_refusal("not_imported_yet", "X") is None
+    monkeypatch.setattr(errors, "_limit", lambda name: None)
+    assert errors.import_refusal("not_imported_yet", "X") is None
+
+
 def test_start_refusal_counts_openblas_threads(monkeypatch):
     import ddpm.errors as errors
 
