@@ -11,11 +11,13 @@ import contextlib
 import copy
 import dataclasses
 import json
+import itertools
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Collection
+from typing import ClassVar, Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +25,15 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DdpmError, brief
-from ..files import (OutputError, check_writable, clean_stale, folder_lock, output_path, readable_name, write_failure,
-                     write_text)
+from ..files import (OutputError, atomic_write, check_writable, clean_stale, folder_lock, output_path, readable_name,
+                     write_failure, write_text)
 from ..model import PRESETS, UNet
 from ..model.config import ModelConfig
 from ..model.io import (CKPT_FILE, MODEL_FILE, CheckpointError, check_fits, load_checkpoint, read_weights,
                         resolve_model_path, save_checkpoint, save_model)
 from ..runtime.noise import check_seed
 from ..runtime.schedule import PREDICTIONS, Schedule
+from ..schema import json_loads
 from ..signals import stop_message
 from . import dist
 from .data import ensure_mnist, load_mnist, resolve_data_dir
@@ -296,20 +299,95 @@ def _complete_outputs(out: Path, step: int, ema: UNet, mcfg: ModelConfig, seed: 
     return done
 
 
+# log.jsonl holds one row per step, {"step": S, "loss": L} as append_log writes it: at most 64 bytes with the newline
+# (S up to 19 digits, PyTorch's int64; L a float's repr, up to 24 characters), 40 to 45 in a real run.
+MAX_LOG_LINE = 4096
+# The log's size at most, read (and cut) by every resumed run: 1 GiB holds 16.7 million rows of the longest form
+# (about 24 million of the usual), 1400 times the longest run in these docs (12,000 steps) and 20 times DDPM's own
+# longest schedule (800,000 steps, Ho et al. 2020 on CIFAR-10); checking such a log takes about a minute, and
+# cutting it (streamed, never held whole) another.
+MAX_LOG_BYTES = 1 << 30
+_ROW = re.compile(rb'\{"step": (0|[1-9][0-9]{0,18}), "loss": -?[0-9]+(?:\.[0-9]+)?(?:e[+-][0-9]+)?\}\n?')   # append_log's form
+_ROW_START = b'{"step": '
+
+
+def _row_step(line: bytes) -> int | None:
+    """The step of a line of log.jsonl that is a row ({"step": S, "loss": L}, S an integer >= 0, L a number; in
+    append_log's form, or any JSON object of those); None for anything else. `line` is at most MAX_LOG_LINE bytes:
+    JSON nested deeper than the decoder goes is not a row either."""
+    m = _ROW.fullmatch(line)
+    if m is not None:
+        return int(m[1])
+    try:
+        row = json_loads(line)
+    except (ValueError, RecursionError):
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    loss = row.get("loss") if isinstance(row, dict) else None
+    if type(step) is not int or step < 0 or type(loss) not in (int, float):
+        return None
+    return step
+
+
+def _refused_log(path: Path, why: str, then: str) -> TrainingError:
+    return TrainingError(f"{path} {why}; it is the run's record and is kept as it is: {then}, and run again")
+
+
+def log_rows(path: Path) -> Iterator[tuple[bytes, int | None]]:
+    """(line, its step) for each line of a run's log.jsonl, read line by line within MAX_LOG_BYTES and MAX_LOG_LINE.
+    The last line without its newline is an append cut by a kill: yielded with its step when it is a whole row, with
+    None when it is the start of one. Raises TrainingError (one line; the log is not changed) for a log over
+    MAX_LOG_BYTES, a line over MAX_LOG_LINE, or a line that is not a row (_row_step): not the run's, so not dropped."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise TrainingError(f"cannot read {path} ({e.strerror or e}); make it readable, and run again") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        read = 0
+        for number in itertools.count(1):
+            if max(size, read) > MAX_LOG_BYTES:
+                raise _refused_log(path, f"holds {max(size, read) >> 20} MiB, more than a run's log ever does "
+                                         f"({MAX_LOG_BYTES >> 20} MiB, over 16 million steps)",
+                                   "move it aside (a new log starts from the checkpoint)")
+            line = f.readline(MAX_LOG_LINE + 1)
+            if not line:
+                return
+            read += len(line)
+            if len(line) > MAX_LOG_LINE:
+                raise _refused_log(path, f"line {number} is longer than {MAX_LOG_LINE} bytes, which no row of the log "
+                                         f"({{\"step\": S, \"loss\": L}}) is", f"remove line {number}")
+            step = _row_step(line)
+            cut = not line.endswith(b"\n") and _ROW_START.startswith(line[:len(_ROW_START)])   # a row's start, last
+            if step is None and not cut:
+                held = brief(line.rstrip(b"\n"), 40)
+                raise _refused_log(path, f"line {number} is not a row of the log ({{\"step\": S, \"loss\": L}}): "
+                                         f"{held}", f"remove line {number}")
+            yield line, step
+
+
+def check_log(path: Path) -> None:
+    """Read a run's log.jsonl through (log_rows) before any work of a run that will cut it: TrainingError (one line)
+    for one that is too large or holds a line that is not a row. A missing log passes."""
+    if os.path.isfile(path):
+        for _ in log_rows(path):
+            pass
+
+
 def cut_log(path: Path, step: int) -> None:
-    """Keep the lines of log.jsonl up to `step` (the checkpoint a run resumes from), atomically: the steps after it
-    are trained again and logged again. A line cut by a kill is dropped."""
+    """Keep the rows of log.jsonl up to `step` (the checkpoint a run resumes from), atomically and line by line
+    (log_rows: bounded, and TrainingError for a line that is not a row, the log unchanged): the steps after it are
+    trained again and logged again. A row cut by a kill (the last line, without its newline) is dropped."""
     if not path.is_file():
         return
-    keep = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            s = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            continue
-        if isinstance(s, int) and s <= step:
-            keep.append(line + "\n")
-    write_text(path, "".join(keep))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as out:
+            for line, s in log_rows(path):
+                if s is not None and s <= step:
+                    out.write(line if line.endswith(b"\n") else line + b"\n")
+
+    atomic_write(path, write)
 
 
 def append_log(path: Path, rows: list[dict]) -> None:
@@ -347,7 +425,8 @@ def in_run_folder(cfg: TrainConfig, resume: bool, command: str, files: Collectio
     """body() run while this process holds the run folder cfg.out (files.folder_lock), after the checks that come
     before any work: the folder and the `files` the run writes there are writable (regular files or nothing, none
     read-only: files.check_writable), and without --resume it holds no run yet; a folder that is not a run folder
-    (no options.json, no ckpt.pt) and holds a file of one of those names is refused (it is the user's). Under
+    (no options.json, no ckpt.pt) and holds a file of one of those names is refused (it is the user's), and so is a
+    run's log.jsonl that is too large or holds a line that is not a row (check_log). Under
     torchrun only rank 0 checks and locks. Raises TrainingError."""
     out = Path(cfg.out)
     if int(os.environ.get("RANK", "0")):   # under torchrun only rank 0 writes
@@ -370,6 +449,7 @@ def in_run_folder(cfg: TrainConfig, resume: bool, command: str, files: Collectio
         if theirs:
             raise TrainingError(f"--out {out} is not a run folder (no options.json or {CKPT_FILE}) but holds "
                                 f"{', '.join(theirs)}, which {command} would replace; give another --out")
+    check_log(out / LOG_FILE)   # the run cuts it back to its checkpoint (cut_log): it must be a log to cut
     made = not os.path.lexists(out)
     try:
         with folder_lock(out, command):
