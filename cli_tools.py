@@ -378,11 +378,13 @@ def bench(names, batches, sampler, steps, spacing, guidance_interval, guidance_r
     from pathlib import Path
 
     from . import api
-    from .bench.speed import format_table, run_bench, write_outputs
+    from .bench.speed import format_table, output_files, run_bench, write_outputs
     from .runtime.engines import resolve_device
 
     refuse_same_path({"--out": out}, {"--ckpt": ckpt}, folders=("--out",))
     check_output(out, "--out", folder=True)
+    for path in output_files(Path(out)):   # and each file it writes there: nothing is written when one cannot be
+        check_output(path, "--out")
     if quick:
         given = [opt for opt, param in (("--batch", "batches"), ("--steps", "steps"), ("--repeat", "repeat"))
                  if on_command_line(param)]

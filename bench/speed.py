@@ -297,16 +297,26 @@ def plot(res: dict, path: Path) -> bool:
     return True
 
 
-def write_outputs(res: dict, out: Path) -> list[Path]:
-    """bench.json, bench.md and (with matplotlib) bench.png in `out`, each written atomically."""
-    from ..files import atomic_write, write_text
+OUTPUT_NAMES = ("bench.json", "bench.md", "bench.png")   # what `ddpm bench --out DIR` writes into DIR
 
-    files = [out / "bench.json", out / "bench.md"]
-    write_text(files[0], json.dumps(res, indent=1) + "\n")
-    write_text(files[1], format_table(res, markdown=True) + "\n")
+
+def output_files(out: Path) -> list[Path]:
+    """The files write_outputs writes into the folder `out`: bench.json, bench.md and, when matplotlib can be
+    imported, bench.png; the command checks each before any work (cli_options.check_output)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        return files
-    atomic_write(out / "bench.png", lambda tmp: plot(res, Path(tmp)))
-    return files + [out / "bench.png"]
+        return [out / name for name in OUTPUT_NAMES[:2]]
+    return [out / name for name in OUTPUT_NAMES]
+
+
+def write_outputs(res: dict, out: Path) -> list[Path]:
+    """output_files(out) (bench.json, bench.md, with matplotlib bench.png), each written atomically; returns them."""
+    from ..files import atomic_write, write_text
+
+    files = output_files(out)
+    write_text(files[0], json.dumps(res, indent=1) + "\n")
+    write_text(files[1], format_table(res, markdown=True) + "\n")
+    if len(files) > 2:
+        atomic_write(files[2], lambda tmp: plot(res, Path(tmp)))
+    return files

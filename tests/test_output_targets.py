@@ -129,12 +129,12 @@ def test_cli_outputs_refuse_what_is_not_theirs(ckpt, tmp_path, monkeypatch, cmd,
 
 @pytest.mark.slow
 def test_files_inside_a_run_folder_are_not_replaced_when_not_regular(ckpt, tmp_path):
-    """The writer refuses, wherever the output name comes from (here: bench.json inside bench's --out folder)."""
+    """Refused wherever the output name comes from (here: bench.json inside bench's --out folder), before any work."""
     out = tmp_path / "b"
     out.mkdir()
     (out / "bench.json").symlink_to("/dev/null")
     r = invoke("bench", "--quick", "--engines", "torch", "--ckpt", ckpt, "--out", out, "--no-baseline")
-    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert "bench.json" in r.output and "character device" in r.output
     assert (out / "bench.json").is_symlink() and sorted(p.name for p in out.iterdir()) == ["bench.json"]
 

@@ -62,3 +62,43 @@ def test_export_keeps_the_mode_of_the_export_json_it_replaces(tiny_exported):
     os.chmod(meta, 0o600)
     export(load_model(root), root / "exp", fp16=True, log=lambda *_: None)
     assert "model_fp16.onnx" in meta.read_text() and oct(os.stat(meta).st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("name, plant", [("bench.json", "read-only"), ("bench.md", "read-only"),
+                                         ("bench.png", "read-only"), ("bench.md", "folder"),
+                                         ("bench.json", "pipe"), ("bench.json", "dangling link")])
+def test_bench_checks_every_file_it_writes_before_any_work(ckpt, tmp_path, monkeypatch, name, plant):
+    """`bench --out DIR` checked the folder alone: a read-only bench.json or bench.md was replaced, and a folder, a
+    pipe or a dangling link at one of them was found after the timing runs, with bench.json already written."""
+    import sys
+    import types
+
+    from ddpm.bench import speed
+
+    if name == "bench.png":   # written when matplotlib can be imported: so checked then too
+        monkeypatch.setitem(sys.modules, "matplotlib", sys.modules.get("matplotlib") or types.ModuleType("matplotlib"))
+
+    def timed(*args, **kwargs):
+        raise RuntimeError("the benchmark ran before its outputs were checked")
+
+    monkeypatch.setattr(speed, "run_bench", timed)
+    out = tmp_path / "b"
+    out.mkdir()
+    target = out / name
+    if plant == "read-only":
+        target.write_text("mine")
+        os.chmod(target, 0o444)
+    elif plant == "folder":
+        target.mkdir()
+    elif plant == "pipe":
+        os.mkfifo(target)
+    else:
+        target.symlink_to(tmp_path / "nowhere")
+    before = sorted((p.name, p.is_dir()) for p in out.iterdir())
+    r = invoke("bench", "--quick", "--engines", "torch", "--no-baseline", "--ckpt", ckpt, "--out", out)
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert f"Invalid value for --out: cannot write {target}" in r.output, r.output
+    if plant == "read-only":
+        assert "it is read-only (mode 444)" in r.output and target.read_text() == "mine"
+        assert oct(os.stat(target).st_mode & 0o777) == "0o444"
+    assert sorted((p.name, p.is_dir()) for p in out.iterdir()) == before
