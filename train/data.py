@@ -1,7 +1,7 @@
 """MNIST from the four canonical IDX files (gzipped or not), with validation and an MD5-checked download.
 
-Every file read is recognised by the MD5 of its decompressed content (FILES; cached by path, size and mtime_ns in
-~/.cache/ddpm/mnist-checks.json, so a file is hashed once): MNIST's files in each other's places (train and test
+Every file read is recognised by the MD5 of its decompressed content (FILES; cached in ~/.cache/ddpm/mnist-checks.json
+by path, size, mtime_ns, inode and ctime_ns, so a file is hashed once): MNIST's files in each other's places (train and test
 swapped) are refused, other IDX data is used with a one-line notice. An IDX header's sizes are checked against the
 file and MAX_IDX_BYTES before anything is decompressed, and nothing beyond what it declares is ever inflated.
 """
@@ -255,7 +255,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 KNOWN = {md5: name for name, md5 in FILES.items()}
 ROLES = {"train-images-idx3-ubyte": "training images", "train-labels-idx1-ubyte": "training labels",
          "t10k-images-idx3-ubyte": "test images", "t10k-labels-idx1-ubyte": "test labels"}
-CHECKS_FILE = "mnist-checks.json"   # in the cache folder: path -> size, mtime_ns and the MD5 found then
+CHECKS_FILE = "mnist-checks.json"   # in the cache folder: path -> the file's identity (IDENTITY) and its MD5 then
+# What a record's file must still have for its MD5 to be trusted: the size and mtime_ns a copy can keep (cp -p,
+# rsync -t, tar, os.utime) and the inode and ctime_ns it cannot (every write or utime sets ctime to now); a record
+# without one of these (an older cache's) is a miss
+IDENTITY = ("size", "mtime_ns", "ino", "ctime_ns")
 _noticed: set = set()               # the notices given in this process (each said once)
 
 
@@ -285,24 +289,30 @@ def _read_checks() -> dict:
     return recs if isinstance(recs, dict) else {}
 
 
+def _identity(st: os.stat_result) -> dict:
+    """The IDENTITY fields of a file's stat, as a record holds them."""
+    return {name: getattr(st, f"st_{name}") for name in IDENTITY}
+
+
 def _cached_md5(path: Path, st: os.stat_result) -> str | None:
-    """The MD5 recorded for this file when its size and mtime_ns are still what they were, else None."""
+    """The MD5 recorded for this file when its IDENTITY (size, mtime_ns, inode, ctime_ns) is still what it was,
+    else None (also for a record that lacks one of them)."""
     rec = _read_checks().get(str(path.resolve()))
-    if isinstance(rec, dict) and rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns \
+    if isinstance(rec, dict) and all(type(rec.get(k)) is int and rec[k] == v for k, v in _identity(st).items()) \
             and isinstance(rec.get("md5"), str):
         return rec["md5"]
     return None
 
 
 def _remember_md5(path: Path, st: os.stat_result, md5: str) -> None:
-    """Record a file's MD5 under its size and mtime_ns (atomically; a cache that cannot be written is skipped)."""
+    """Record a file's MD5 under its IDENTITY (atomically; a cache that cannot be written is skipped)."""
     import json
 
     from ..files import atomic_write
 
     where = _checks_path()
     recs = _read_checks()
-    recs[str(path.resolve())] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "md5": md5}
+    recs[str(path.resolve())] = {**_identity(st), "md5": md5}
     try:
         where.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(where, lambda tmp: Path(tmp).write_text(json.dumps(recs, indent=0) + "\n"))
@@ -319,7 +329,7 @@ def _notice(msg: str) -> None:
 
 def _read_checked(path: Path, name: str) -> tuple[np.ndarray, str | None]:
     """(array, the MNIST file its content is, or None for other data) of the file that should be MNIST's `name`.
-    The content's MD5 is taken while reading and cached by (path, size, mtime_ns) in CHECKS_FILE."""
+    The content's MD5 is taken while reading and cached by path and IDENTITY in CHECKS_FILE."""
     st = path.stat()
     md5 = _cached_md5(path, st)
     array, found = _read(path, hash=md5 is None)
@@ -442,8 +452,8 @@ def ensure_mnist(data_dir: Path, download: bool = True, progress=print, splits=(
 def load_mnist(data_dir: str | os.PathLike, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N,28,28), labels int64 (N,)) of a split, validated.
 
-    Every file's content is identified by its MD5 (cached by path, size and mtime_ns in the cache folder's
-    CHECKS_FILE, so a file is hashed once): MNIST's files in the wrong place (train and test swapped) raise DataError;
+    Every file's content is identified by its MD5 (cached by path, size, mtime_ns, inode and ctime_ns in the cache
+    folder's CHECKS_FILE, so a file is hashed once): MNIST's files in the wrong place (train and test swapped) raise DataError;
     other IDX data is used with a one-line notice on stderr, as is the choice of NAME over NAME.gz when both exist."""
     data_dir = Path(data_dir)
     check_data_dir(data_dir)
