@@ -175,3 +175,17 @@ def test_integers_too_large_for_a_float_are_one_line(model, call, arg):
     with pytest.raises(DdpmError, match=rf"\(\): {arg} must be ") as e:
         call(model)
     assert "\n" not in str(e.value) and "OverflowError" not in str(e.value), e.value
+
+
+def test_a_checksum_cache_over_the_cap_is_not_read_whole(fake_mnist, tmp_path, monkeypatch):
+    """300 MB of spaces before `{}` (here 256 MiB, sparse): read up to MAX_CHECKS_BYTES, ignored and rewritten."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    where = tmp_path / "xdg" / "ddpm" / "mnist-checks.json"
+    where.parent.mkdir(parents=True)
+    with open(where, "wb") as f:
+        f.truncate(256 << 20)
+        f.seek(0, os.SEEK_END)
+        f.write(b"{}")
+    peak = traced_peak(lambda: load_mnist(fake_mnist, "train"))
+    assert peak < 3 * mnist_data.MAX_CHECKS_BYTES + (4 << 20), peak
+    assert where.stat().st_size < mnist_data.MAX_CHECKS_BYTES

@@ -267,7 +267,7 @@ def _checks_path() -> Path:
     return default_data_dir().parent / CHECKS_FILE
 
 
-MAX_CHECKS_BYTES = 1 << 20   # CHECKS_FILE's size at most (a record is ~150 bytes; the cache holds a few)
+MAX_CHECKS_BYTES = 1 << 20   # CHECKS_FILE's size at most (a record is ~200 bytes; the cache holds a few per folder)
 
 
 def _read_checks() -> dict:
