@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import DdpmError, OptionError
-from .engine import Engine, StepCallback
+from .engine import Engine, StepCallback, check_output
 from .images import picture_shape, to_uint8
 from .noise import check_seed, check_start, make_noise
 from .samplers import Plan
@@ -249,6 +249,7 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
                 more["states"] = True
             x = engine.run(x_T, z, y, plan, guidance, callback=callback, **more)
             del x_T, z
+            check_output(engine, x, hi - lo, image_shape)
             if not rows:
                 bar.update(1)
             if not np.isfinite(x).all():
