@@ -260,6 +260,11 @@ def pictures(image, n: int | None, option: str = "image", channels: int = 1,
                          option) from None
     if len(stack) == 0:
         raise OptionError(f"{option} is an empty stack of pictures (shape {stack.shape}): give at least one", option)
+    if channels == 1 and stack.ndim == 3 and stack.shape[-1] in (3, 4) and stack.shape[1] > stack.shape[-1]:
+        # (H, W, 3) read as H pictures of W x 3 pixels: one colour picture given to a grey model, most likely
+        raise ImageError(f"{option} of shape {stack.shape} is a stack of {stack.shape[0]} pictures of "
+                         f"{stack.shape[1]}x{stack.shape[2]} pixels for this grey model: for one colour picture "
+                         f"give its file, or its grey levels as an (H, W) array", option)
     if n not in (None, len(stack)):
         raise OptionError(f"a stack of {len(stack)} pictures gives one result each: n must be {len(stack)}, got {n}",
                           "n")

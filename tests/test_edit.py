@@ -604,6 +604,18 @@ def test_a_picture_without_a_digit_is_refused(tmp_path, level, ckpt):
     assert not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.parametrize("depth", [3, 4])
+def test_one_colour_array_given_to_a_grey_model_is_not_read_as_a_stack(ckpt, depth):
+    """A (28, 28, 3) array given to a grey model was read silently as 28 pictures of 28x3 pixels, each stretched to a
+    digit: one line now, saying how to give one colour picture."""
+    model = ddpm.load(ckpt)
+    rgb = np.repeat(_picture()[..., None], depth, axis=-1)
+    with pytest.raises(ImageError, match=f"image of shape \\(28, 28, {depth}\\) is a stack of 28 pictures of "
+                                         f"28x{depth} pixels for this grey model"):
+        model.edit(rgb, label=3, steps=2)
+    assert model.edit(np.stack([_picture()] * 2), label=3, steps=2).shape == (2, 28, 28)   # a stack stays one
+
+
 def test_read_image_refuses_what_it_cannot_use(tmp_path):
     _png_claiming(tmp_path / "bomb.png", 30000, 30000)       # over Pillow's own limit
     with pytest.raises(ImageError, match="decompression bomb"):
