@@ -481,3 +481,18 @@ def test_an_engine_object_must_run_the_model_it_is_given_to(model, shipped, tmp_
         model.generate(2, steps=2, engine=model.engine("torch"), device="cuda:1")
     assert e.value.option == "device"
     assert model.generate(2, steps=2, engine=model.engine("torch"), device="cpu").shape == (2, 28, 28)
+
+
+def test_the_apis_refusals_name_no_command_line_options(model, shipped):
+    """The API's user writes Python: a refusal found in the shared core (the sampler table, the engines) names what
+    to use in words both readers know, never a command-line option (--sampler, --engine)."""
+    from ddpm.errors import OptionError
+
+    calls = [lambda: model.generate(2, sampler="ddpm", steps=6),
+             lambda: shipped.inpaint(DIGIT, "bottom", n=1, engine="onnx-generator"),
+             lambda: shipped.generate(2, sampler="ddim", steps=3,
+                                      engine=shipped.engine("onnx-generator", plan=shipped.plan()))]
+    for call in calls:
+        with pytest.raises(OptionError) as e:
+            call()
+        assert "--" not in str(e.value), e.value
