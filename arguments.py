@@ -294,7 +294,10 @@ MAX_COUNT = 2**32   # results of one call: far beyond any memory (784 bytes each
 COUNT = Int(min=0, max=MAX_COUNT)
 OPTIONAL_COUNT = Opt(COUNT)
 ENGINE_NAME = Lazy("engine", "an engine name ({})")
-ENGINE = Either(ENGINE_NAME, Duck(("name", "run"), "an engine object"))
+# an engine object: what the pipeline reads of one (runtime.engine.Engine); pipeline.check_engine_fits checks that it
+# runs the model it is given to
+ENGINE = Either(ENGINE_NAME, Duck(("name", "device", "supports", "run"),
+                                  "an engine object (model.engine(...): name, device, supports, run)"))
 DEVICE = Str(pattern=r"auto|cpu|cuda|cuda:[0-9]+", what="auto, cpu, cuda or cuda:N")
 
 # Every argument of every public function, by name. `checked` refuses at import time a function with an argument

@@ -57,7 +57,7 @@ def _edit(o: dict, build, shown, what: str, detail: str, inputs: dict | None = N
     with pipeline.run(model, opts, job, progress=not o["quiet"], log=log) as r:
         if r.ctx.rank == 0 and job.reading is not None and not o["quiet"]:
             click.echo(job.reading.describe(), err=True)
-        elif r.ctx.rank == 0 and uncond is None and label < 0:
+        elif r.ctx.rank == 0 and uncond is None and label < 0 and not o["quiet"]:
             click.echo("no --label: using the unconditional model", err=True)
         if r.batches is not None:
             pipeline.save(o["out"], r.batches, job.labels, n, model.image_shape, min(n + 1, 12), shown=tile)

@@ -458,6 +458,28 @@ def input_path(path: str | os.PathLike, error: type[DdpmError], hint: str = "", 
     return p
 
 
+# The first bytes of files that a user may hand to a command expecting another kind (a picture or MNIST's .gz as a
+# checkpoint): named in the refusal, instead of the reader's words about bytes it cannot parse
+SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "a PNG picture"), (b"\xff\xd8\xff", "a JPEG picture"), (b"GIF8", "a GIF picture"),
+              (b"\x1f\x8b", "a gzip file"), (b"%PDF", "a PDF document"), (b"\x93NUMPY", "a numpy .npy array"))
+
+
+def file_kind(path: str | os.PathLike) -> str | None:
+    """What the file at `path` is by its first bytes (SIGNATURES: "a PNG picture"; a zip archive whose first member
+    is a .npy array: "a numpy .npz archive"), or None when it is none of those or cannot be read (the caller's reader
+    then says what it finds)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(30 + 256)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04") and len(head) >= 30:   # a zip's first local header: its name at 30
+        size = int.from_bytes(head[26:28], "little")
+        if head[30:30 + size].endswith(b".npy"):
+            return "a numpy .npz archive"
+    return next((what for magic, what in SIGNATURES if head.startswith(magic)), None)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`: readers see the old file or
     the complete new one, never a part, whatever happens (kill -9, Ctrl-C, an exception, a full disk).

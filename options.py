@@ -75,7 +75,7 @@ class Sampling:
         if not why:
             why, option = generator_refusal(engine, self.device, self.fp16)
         if not why and engine is None:
-            why, option = engine_refusal(self.engine, self.fp16, self.int8)
+            why, option = engine_refusal(self.engine, self.fp16, self.int8, self.device)
         if why:
             from .errors import OptionError
 
@@ -174,16 +174,28 @@ def generator_refusal(engine: str | None, device: str, fp16: bool) -> tuple[str 
     return None, ""
 
 
-def engine_refusal(engine, fp16: bool, int8: bool) -> tuple[str | None, str]:
+def _same_device(a: str, b: str) -> bool:
+    """Whether two device names name one device ("cuda" is "cuda:0")."""
+    full = lambda d: f"{d}:0" if d == "cuda" else d   # noqa: E731
+    return full(str(a)) == full(str(b))
+
+
+def engine_refusal(engine, fp16: bool, int8: bool, device: str = "auto") -> tuple[str | None, str]:
     """(why, option): why an engine object (one Model.engine or runtime.engines.make_engine returned, or any object
-    with a `name`) cannot run the precision that fp16 or int8 asks for, and the argument that asks, or (None, "")
-    when it can: such an engine runs the precision it was made with (its `precision`, runtime.engine.Engine; fp32
-    when it says none), and a precision asked for beside it that is not that one would be silently ignored."""
+    with a `name`) cannot run the precision that fp16 or int8 asks for, or on the device asked for (not auto), and
+    the argument that asks, or (None, "") when it can: such an engine runs the precision it was made with (its
+    `precision`, runtime.engine.Engine; fp32 when it says none) where it was made (its `device`), and a precision
+    or device asked for beside it that is not that one would be silently ignored."""
+    name = getattr(engine, "name", type(engine).__name__)
+    where = getattr(engine, "device", None)
+    if device != "auto" and isinstance(where, str) and not _same_device(device, where):
+        return (f"the engine given (engine=) is a {name} engine on {where}, not {device}: leave out device=, or give "
+                f"an engine made there (model.engine({name!r}, device={device!r})) or the engine's name "
+                f"(engine={name!r}, device={device!r})"), "device"
     asked = "fp16" if fp16 else "int8" if int8 else None
     has = getattr(engine, "precision", "fp32") or "fp32"
     if asked is None or asked == has:
         return None, ""
-    name = getattr(engine, "name", type(engine).__name__)
     return (f"the engine given (engine=) is an {has} {name} engine and runs {has}, not {asked}: leave out "
             f"{asked}=True, or give an engine made with it (model.engine({name!r}, {asked}=True)) or the engine's "
             f"name (engine={name!r}, {asked}=True)"), asked

@@ -203,16 +203,44 @@ def open_engine(model, name: str, device: str, fp16: bool, cuda_graph: bool, thr
     build_trt = None
     if name == "trt":
         from .export.trt import build_bundle_engine as build_trt
-    return make_engine(name, device=device, model=model.torch_model if torch else None, null_label=model.null_label,
+    made = make_engine(name, device=device, model=model.torch_model if torch else None, null_label=model.null_label,
                        bundle=engine_bundle(model, name, fp16, plan, dist, log, int8), fp16=fp16,
                        cuda_graph=cuda_graph, threads=threads, max_batch=max_batch, log=log or (lambda *_: None),
                        plan=plan, build_trt=build_trt, int8=int8)
+    if getattr(made, "weights", None) is None:   # the torch engines and TensorRT's: the Model's own weights
+        made.weights = model.hash
+    return made
+
+
+def check_engine_fits(model, engine) -> None:
+    """OptionError (option "engine") unless the engine object given to `model` (api.Model) runs this model: the same
+    weights where the engine knows them (runtime.engine.Engine.weights), its images' shape and its null label.
+    Another model's engine would draw that model's digits under this one's name."""
+    from .errors import OptionError
+
+    from .runtime.engine import Supports
+
+    weights = getattr(engine, "weights", None)
+    name = getattr(engine, "name", type(engine).__name__)
+    if not isinstance(getattr(engine, "supports", None), Supports):
+        raise OptionError(f"the engine given (engine=) says what it can do with a {type(engine.supports).__name__}, "
+                          f"not a runtime.engine.Supports: give an engine of model.engine(...) or a name", "engine")
+    if isinstance(weights, str) and weights != model.hash:
+        raise OptionError(f"the engine given (engine=) runs other weights (sha256 {weights[:12]}) than this "
+                          f"model's ({model.hash[:12]}): take it from this model (model.engine({name!r}, ...)) or "
+                          f"pass its name (engine={name!r})", "engine")
+    for what, want in (("image_shape", tuple(model.image_shape)), ("null_label", model.null_label)):
+        has = getattr(engine, what, None)
+        if has is not None and (tuple(has) if what == "image_shape" else has) != want:
+            raise OptionError(f"the engine given (engine=) has {what} {has}, this model {want}: it runs another "
+                              f"model; take it from this model (model.engine({name!r}, ...))", "engine")
 
 
 def engine(model, opts: Sampling, plan, guided: bool, dist=None, log=None):
     """The engine of opts.engine (a name: made once per Model, api.Model.engine, held by a JobEngine, which outlives
     the Model's close(); an engine object: itself), sized for the network batch of opts.batch."""
     if not isinstance(opts.engine, str):
+        check_engine_fits(model, opts.engine)
         return opts.engine
     return JobEngine(model, dict(name=opts.engine, device=opts.device, fp16=opts.fp16, cuda_graph=opts.cuda_graph,
                                  threads=opts.threads, max_batch=network_batch(opts.batch, guided), dist=dist,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DdpmError, LimitReached, brief, clip, import_refusal, memory_limited, raise_if_limit
-from ..files import input_path, readable_name, refused
+from ..files import file_kind, input_path, readable_name, refused
 from ..files import atomic_write  # noqa: F401  (re-exported: model.io.atomic_write is used across the package)
 from ..options import MAX_GUIDANCE, MAX_LEVEL
 from ..runtime.samplers import SAMPLERS, SPACINGS
@@ -206,6 +206,9 @@ def load_checkpoint(path: str | os.PathLike, schema: Schema = CKPT) -> dict:
     """The dict of a ckpt.pt, read with weights_only=True (no code runs), checked against `schema` (default: all a
     resume needs; CKPT_WEIGHTS: what loading the model needs). Raises CheckpointError, TorchMissing."""
     path = input_path(path, CheckpointError, name=f"checkpoint {path}")   # a file: not a folder, a pipe, a dead link
+    kind = file_kind(path)
+    if kind is not None:
+        raise CheckpointError(f"{path} is {kind}, not a ddpm checkpoint (ckpt.pt) or model file (.safetensors)")
     torch = require_torch(f"reading {path.name}")
     _check_archive(path)
     try:
@@ -352,6 +355,9 @@ def _read_safetensors(path: Path, framework: str) -> tuple[dict, dict]:
     # under a memory limit, an allocation that fails inside the Rust reader panics: Rust prints the panic to the
     # standard error before Python sees it, so that output is dropped and the panic named as the limit
     quiet = stderr_silenced() if memory_limited() else contextlib.nullcontext()
+    kind = file_kind(path)
+    if kind is not None:
+        raise CheckpointError(f"{path} is {kind}, not a safetensors model file")
     _check_header_keys(path)
     try:
         with quiet, readable_name(path) as name, safe_open(name, framework=framework) as f:

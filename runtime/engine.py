@@ -48,6 +48,24 @@ class EngineInput(DdpmError, ValueError):
     """Inputs an engine cannot run (Engine.run): a shape, dtype or value outside what it takes."""
 
 
+class EngineOutput(DdpmError):
+    """What an engine's run returned is not what Engine.run promises (an engine object given to the API)."""
+
+
+def check_output(engine, x, batch: int, image_shape: tuple[int, int, int]) -> None:
+    """EngineOutput unless `x`, what `engine`.run returned for `batch` samples of `image_shape` (C, H, W), is x_0
+    (batch, C, H, W) float or the images (batch, H, W) uint8 ((batch, H, W, C) for colour), as Engine.run says."""
+    C, H, W = image_shape
+    images = (batch, H, W) if C == 1 else (batch, H, W, C)
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    if isinstance(x, np.ndarray) and ((dtype.kind == "f" and shape == (batch, C, H, W))
+                                      or (dtype == np.uint8 and shape == images)):
+        return
+    got = f"{dtype} of shape {tuple(shape)}" if isinstance(x, np.ndarray) else f"a {type(x).__name__}"
+    raise EngineOutput(f"the {getattr(engine, 'name', type(engine).__name__)} engine returned {got} for a batch of "
+                       f"{batch}, not x_0 {(batch, C, H, W)} float32 or the images {images} uint8 (Engine.run)")
+
+
 def _run_args() -> dict:
     """Engine.run's argument specs (arguments.checked): one batch B of (C, H, W) images, a plan's Q noise slots."""
     from ..arguments import ARGS, PLAN, Duck, Func
@@ -89,6 +107,9 @@ class Engine(Protocol):
     # what the network computes in: "fp32", "fp16" or "int8" (model_int8.onnx's convolutions, float32 in and out)
     precision: str = "fp32"
     null_label: int | None = None                  # the largest label it takes (the unconditional one)
+    # the weights it runs (model.io.weights_hash: export.json's and an ONNX file's checkpoint_hash), where known: a
+    # Model takes only an engine of its own weights (pipeline.check_engine_fits)
+    weights: str | None = None
     image_shape: tuple[int, int, int] | None = None   # the (C, H, W) of its images, where known
 
     @checked(error=EngineInput, **_run_args())

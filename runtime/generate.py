@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import DdpmError, OptionError
-from .engine import Engine, StepCallback
+from .engine import Engine, StepCallback, check_output
 from .images import picture_shape, to_uint8
 from .noise import check_seed, check_start, make_noise
 from .samplers import Plan
@@ -149,7 +149,7 @@ def whole_loop_refusal(engine: str, edit: bool) -> OptionError:
     """The refusal of an edit (option "engine") or of a watch of every row (option "trajectory", the CLI's) by an
     engine that runs whole plans in one call (Supports.edits, Supports.states: onnx-generator)."""
     what = "project onto a known image between rows (edits run row by row)" if edit else "show every step"
-    return OptionError(f"the {engine} engine runs whole plans in one call: it cannot {what}; use --engine onnx (or "
+    return OptionError(f"the {engine} engine runs whole plans in one call: it cannot {what}; use the onnx engine (or "
                        f"auto, torch, runtime-torch)", "engine" if edit else "trajectory")
 
 
@@ -199,7 +199,7 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
     if watch is not None and not can.states:
         raise whole_loop_refusal(engine.name, edit=False)
     if can.plan_key is not None and can.plan_key != plan_key(plan):
-        raise OptionError(f"the {engine.name} engine runs one plan, not {plan.name}; use --engine onnx (or torch, "
+        raise OptionError(f"the {engine.name} engine runs one plan, not {plan.name}; use the onnx engine (or torch, "
                           f"runtime-torch)", "engine")
     if callable(labels):
         get = labels
@@ -249,6 +249,7 @@ def iter_generate(engine: Engine, n: int, plan: Plan, labels: np.ndarray, guidan
                 more["states"] = True
             x = engine.run(x_T, z, y, plan, guidance, callback=callback, **more)
             del x_T, z
+            check_output(engine, x, hi - lo, image_shape)
             if not rows:
                 bar.update(1)
             if not np.isfinite(x).all():

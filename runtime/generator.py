@@ -14,7 +14,7 @@ import numpy as np
 
 from .bundle import Bundle, ExportError
 from .engine import CountedEngine, EngineInput, StepCallback, Supports
-from .nets import EngineUnavailable, import_onnxruntime, ort_cpu_options, ort_session
+from .nets import EngineUnavailable, import_onnxruntime, ort_cpu_options, ort_session, recorded_weights
 from .runner import plan_key
 from .samplers import Plan
 
@@ -34,6 +34,7 @@ class GeneratorEngine(CountedEngine):
         self.path, self.info, self.null_label = path, info, int(null_label)
         so = ort_cpu_options(ort, threads)   # the CPU thread defaults of runtime.nets (bench/threads.md)
         self.sess = ort_session(ort, path, so, ["CPUExecutionProvider"])
+        self.weights = recorded_weights(self.sess, "ddpm_generator")
         self.supports = Supports(edits=False, states=False, plan_key=info["plan_key"])
         # int8: model_int8.onnx on most rows, model.onnx on the int8 engine's fp32 rows (export/generator.py)
         self.precision = info.get("precision", "fp32")

@@ -48,9 +48,10 @@ def read_image(path: str | os.PathLike, channels: int = 1) -> np.ndarray:
     Greyscale (1-, 8- or 16-bit; 16-bit scaled by 255/65535 and rounded), float (mode F: values all in 0..1 scaled
     by 255, else taken as grey levels 0..255; NaN, negative values or values above 255 refused), RGB (luma,
     ITU-R 601-2 as Pillow's "L" conversion), palette (through its RGBA colours). With an alpha channel (LA, RGBA,
-    palette with transparency): when the colour is the same in every pixel and alpha is not, the picture is a shape
-    on a transparent canvas and the digit is the alpha channel itself; otherwise the colour is composited over black
-    (luma x alpha / 255).
+    palette with transparency): when the colour is the same in every pixel that is not fully transparent and alpha
+    is not, the picture is a shape on a transparent canvas and the digit is the alpha channel itself (a black digit
+    on a transparent background too, whatever colour its transparent pixels hold); otherwise the colour is
+    composited over black (luma x alpha / 255).
     Raises ImageError for a missing or unreadable file, one of more than one frame (an animated GIF, a multi-page
     TIFF: which frame is meant is not known), a float one out of range, and for one over MAX_PIXELS pixels or
     Pillow's decompression-bomb limit (checked on the header, before any pixel is decoded).
@@ -106,7 +107,8 @@ def _grey(img, path="picture") -> np.ndarray:
     if mode in ("LA", "La", "RGBA", "RGBa", "PA"):
         rgba = np.asarray(img.convert("RGBA"))
         colour, alpha = rgba[..., :3], rgba[..., 3]
-        if (colour == colour.reshape(-1, 3)[0]).all() and (alpha != alpha.flat[0]).any():
+        seen = colour[alpha > 0]   # a fully transparent pixel's colour is not seen, whatever it holds
+        if (alpha != alpha.flat[0]).any() and len(seen) and (seen == seen[0]).all():
             return np.array(alpha, dtype=np.uint8)
         luma = np.asarray(img.convert("RGB").convert("L"), dtype=np.float64)
         return np.rint(luma * alpha / 255.0).astype(np.uint8)
@@ -182,9 +184,14 @@ LIGHT_FRAME = 224
 
 
 def check_dark_background(a: np.ndarray, where: str, option: str = "image") -> np.ndarray:
-    """a, an (H, W) uint8 picture, when its background is dark; ImageError (naming `where` and `option`) when the
-    median of its outer 1-pixel frame is LIGHT_FRAME or more: a black digit on white, to be inverted first. A colour
-    picture (H, W, C) is returned unchecked: white-on-black is MNIST's convention, not a colour model's."""
+    """a, an (H, W) uint8 picture, when its background is dark and it holds something; ImageError (naming `where`
+    and `option`) when every pixel has one value (no digit: an edit of it would draw from nothing, and a dark digit
+    on a transparent background is black on black once composited over black, picture), or when the median of its
+    outer 1-pixel frame is LIGHT_FRAME or more: a black digit on white, to be inverted first. A colour picture
+    (H, W, C) is checked for the first only: white-on-black is MNIST's convention, not a colour model's."""
+    if a.size and a.min() == a.max():
+        raise ImageError(f"{where} holds no digit: every pixel is {int(a.flat[0])} (a dark digit on a transparent "
+                         f"background disappears over black: draw it white on black)", option)
     if a.ndim == 2 and min(a.shape) > 2:
         frame = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
         level = int(np.median(frame))
@@ -253,6 +260,11 @@ def pictures(image, n: int | None, option: str = "image", channels: int = 1,
                          option) from None
     if len(stack) == 0:
         raise OptionError(f"{option} is an empty stack of pictures (shape {stack.shape}): give at least one", option)
+    if channels == 1 and stack.ndim == 3 and stack.shape[-1] in (3, 4) and stack.shape[1] > stack.shape[-1]:
+        # (H, W, 3) read as H pictures of W x 3 pixels: one colour picture given to a grey model, most likely
+        raise ImageError(f"{option} of shape {stack.shape} is a stack of {stack.shape[0]} pictures of "
+                         f"{stack.shape[1]}x{stack.shape[2]} pixels for this grey model: for one colour picture "
+                         f"give its file, or its grey levels as an (H, W) array", option)
     if n not in (None, len(stack)):
         raise OptionError(f"a stack of {len(stack)} pictures gives one result each: n must be {len(stack)}, got {n}",
                           "n")

@@ -128,6 +128,20 @@ def ort_cpu_options(ort, threads: int | None = None, spinning: bool | None = Non
     return so
 
 
+def recorded_weights(sess, key: str) -> str | None:
+    """The checkpoint_hash that an ONNX file's own record (its metadata_props entry `key`: "ddpm" for an eps model,
+    "ddpm_generator" for a generator; export/onnx_export.py, export/generator.py) names, read from the onnxruntime
+    session; None when the file holds no such record."""
+    import json
+
+    try:
+        record = json.loads(sess.get_modelmeta().custom_metadata_map.get(key, "null"))
+    except (ValueError, AttributeError):
+        return None
+    value = record.get("checkpoint_hash") if isinstance(record, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def ort_session(ort, path, so, providers):
     """ort.InferenceSession of the file `path` (any name the OS can give, files.readable_name). Raises
     EngineUnavailable for a file onnxruntime cannot load; a failure that a resource limit caused (out of memory, too
@@ -284,6 +298,7 @@ class OnnxNet(_CudaStream):
             providers = ["CPUExecutionProvider"]
         self.sess = ort_session(ort, onnx_path, so, providers)
         self.path = Path(onnx_path)
+        self.weights = recorded_weights(self.sess, "ddpm")   # the weights it computes (Engine.weights)
         # rows at t <= fp32_max_t run the fp32 model at fp32_path instead (the int8 model's last rows: runtime.engines),
         # and so do those at or below the plan's last network row (bind's last_t)
         self.fp32_max_t = fp32_max_t

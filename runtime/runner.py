@@ -293,6 +293,7 @@ class RuntimeEngine(Engine):
         self.net, self.null_label, self.image_shape, self.cuda_graph = net, null_label, tuple(image_shape), cuda_graph
         self.name, self.device, self.dtype = net.name, str(net.device), net.dtype
         self.precision = getattr(net, "precision", None) or ("fp16" if net.dtype == "float16" else "fp32")
+        self.weights = getattr(net, "weights", None)
         self.supports = Supports(edits=True, states=True, max_batch=net.max_batch)
         self.max_runners = max_runners
         self.runners: OrderedDict = OrderedDict()   # key -> idle runners of that key, most recently used last

@@ -477,7 +477,7 @@ def make_plan(sched: Schedule, sampler: str, steps: int | None = None, eta: floa
                           f"row already calls the network at its grid's last timestep", "final_t")
     if sampler == "ddpm":
         if steps not in (None, sched.T):
-            raise OptionError(f"the DDPM sampler runs all T={sched.T} steps; use --sampler ddim for fewer", "steps")
+            raise OptionError(f"the DDPM sampler runs all T={sched.T} steps; use the ddim sampler for fewer", "steps")
         if spacing not in (None, "linspace"):
             raise OptionError("the DDPM sampler runs every timestep: it has no spacing", "spacing")
         plan = ddpm_plan(sched, variance, top=top)

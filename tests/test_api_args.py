@@ -374,7 +374,7 @@ def test_the_choices_come_from_the_modules_that_define_them(monkeypatch):
     monkeypatch.setattr(images, "HALVES", (*images.HALVES, "centre"))
     monkeypatch.setattr(edits, "FACTORS", (*edits.FACTORS, 8))
     assert ARGS["engine"].what == ("an engine name (auto, torch, runtime-torch, onnx, trt, onnx-generator, tvm) or an "
-                                   "engine object")
+                                   "engine object (model.engine(...): name, device, supports, run)")
     assert ARGS["mask"].what.startswith("one of top, bottom, left, right, centre, a picture file")
     ARGS["factor"].check(8, {}, "factor")
     with pytest.raises(Invalid, match=r"^factor must be 2 or 4 or 8, got 3$"):
@@ -437,3 +437,62 @@ def test_an_engine_taken_from_a_model_checks_what_it_runs(model, shipped, engine
     with pytest.raises(EngineInput, match="states must be true or false, got 1"):
         eng.run(x, None, labels, plan, 0.5, states=1)
     assert np.array_equal(eng.run(x, None, labels, plan, 0.5), good)   # nothing a refusal left behind changes it
+
+
+def test_an_engine_object_must_run_the_model_it_is_given_to(model, shipped, tmp_path):
+    """engine= takes an engine object, and the digits must be that model's: another model's engine (its weights
+    known from Model.engine or from its ONNX file's own record) is an OptionError naming engine, whichever engine;
+    an object without what the pipeline reads of an engine (supports, device) is the argument's DdpmError; an
+    engine on another device than device= asks, or one that returns something else than Engine.run promises, one
+    line each. An engine of the same weights made by hand (docs/int8.md) draws this model's digits."""
+    from ddpm.errors import OptionError
+    from ddpm.runtime.engine import EngineOutput, Supports
+    from ddpm.runtime.nets import OnnxNet
+    from ddpm.runtime.runner import RuntimeEngine
+
+    for mine, theirs, name in ((model, shipped, "torch"), (model, shipped, "runtime-torch"), (shipped, model, "onnx"),
+                               (shipped, model, "torch")):
+        with pytest.raises(OptionError, match=f"runs other weights \\(sha256 {theirs.hash[:12]}\\) than this model's") as e:
+            mine.generate(2, steps=2, engine=theirs.engine(name))
+        assert e.value.option == "engine"
+    b = shipped.bundle()
+    by_hand = RuntimeEngine(OnnxNet(b.onnx_path("fp32")), b.null_label, b.image_shape)
+    assert by_hand.weights == shipped.hash
+    assert np.array_equal(shipped.generate(3, seed=4, steps=3, engine=by_hand), shipped.generate(3, seed=4, steps=3))
+    with pytest.raises(OptionError, match="runs other weights"):
+        model.generate(2, steps=2, engine=by_hand)
+
+    class Bare:   # what a user may think an engine is
+        name = "onnx"
+
+        def run(self, *args, **kwargs):
+            return None
+
+    with pytest.raises(DdpmError, match="engine must be an engine name .* or an engine object"):
+        model.generate(2, steps=2, engine=Bare())
+    Bare.device, Bare.supports = "cpu", 5
+    with pytest.raises(OptionError, match="says what it can do with a int, not a runtime.engine.Supports"):
+        model.generate(2, steps=2, engine=Bare())
+    Bare.supports = Supports(edits=False, states=False)
+    with pytest.raises(EngineOutput, match=r"the onnx engine returned a NoneType for a batch of 2, not x_0 "
+                                           r"\(2, 1, 28, 28\) float32 or the images \(2, 28, 28\) uint8"):
+        model.generate(2, steps=2, engine=Bare())
+    with pytest.raises(OptionError, match=r"is a torch engine on cpu, not cuda:1: leave out device=") as e:
+        model.generate(2, steps=2, engine=model.engine("torch"), device="cuda:1")
+    assert e.value.option == "device"
+    assert model.generate(2, steps=2, engine=model.engine("torch"), device="cpu").shape == (2, 28, 28)
+
+
+def test_the_apis_refusals_name_no_command_line_options(model, shipped):
+    """The API's user writes Python: a refusal found in the shared core (the sampler table, the engines) names what
+    to use in words both readers know, never a command-line option (--sampler, --engine)."""
+    from ddpm.errors import OptionError
+
+    calls = [lambda: model.generate(2, sampler="ddpm", steps=6),
+             lambda: shipped.inpaint(DIGIT, "bottom", n=1, engine="onnx-generator"),
+             lambda: shipped.generate(2, sampler="ddim", steps=3,
+                                      engine=shipped.engine("onnx-generator", plan=shipped.plan()))]
+    for call in calls:
+        with pytest.raises(OptionError) as e:
+            call()
+        assert "--" not in str(e.value), e.value

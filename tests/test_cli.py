@@ -446,3 +446,15 @@ def test_the_help_gives_the_samplers_own_defaults():
     for command in ("gen", "bench", "inpaint"):
         shown = " ".join(invoke(command, "--help").output.split())
         assert steps in shown and spacing in shown, (command, shown)
+
+
+@pytest.mark.parametrize("command", ["inpaint", "edit"])
+def test_quiet_silences_the_unconditional_notice(ckpt, tmp_path, command):
+    """-q leaves only the result line: the editing commands' "no --label" notice is silenced as upscale's is."""
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 12:16] = 255
+    Image.fromarray(digit).save(tmp_path / "d.png")
+    args = (command, "--ckpt", ckpt, "--image", tmp_path / "d.png", "-n", 1, "--steps", 2, "--out", tmp_path / "o.png")
+    loud, quiet = invoke(*args), invoke(*args, "-q")
+    assert loud.exit_code == 0 and "no --label: using the unconditional model" in loud.output, loud.output
+    assert quiet.exit_code == 0 and quiet.output.count("\n") == 1 and "-> " in quiet.output, quiet.output

@@ -446,8 +446,8 @@ def test_editing_commands_behave_like_gen(setup, files, tmp_path, command):
     base = [*args, "--ckpt", setup[2], "--steps", "4", "--seed", "3", "-q"]
     r = invoke(*base, "-n", "3", "--batch", "2", "--out", tmp_path / "a.npz")
     assert r.exit_code == 0, r.output
-    said = "; unconditional, onnx)" if command == "upscale" else "unconditional model"   # upscale: --uncond
-    assert said in r.output and f"-> {tmp_path / 'a.npz'}" in r.output and ", onnx)" in r.output
+    said = "; unconditional, onnx)"   # in the result line; -q silences the "no --label" notice
+    assert said in r.output and "no --label" not in r.output and f"-> {tmp_path / 'a.npz'}" in r.output and ", onnx)" in r.output
     a = np.load(tmp_path / "a.npz")
     assert a["images"].shape == (3, 28, 28) and a["labels"].tolist() == [-1] * 3 and a["input"].shape == (28, 28)
     r = invoke(*[a for a in base if a != "--uncond"], "-n", "1", "--engine", "torch", "--label", "5", "--out",
@@ -565,6 +565,11 @@ def test_read_image_modes(tmp_path):
     rgba[..., 3] = digit
     Image.fromarray(rgba).save(tmp_path / "alpha.png")
     assert np.array_equal(read_image(tmp_path / "alpha.png"), digit)
+    # a black digit on a transparent canvas whose unseen pixels hold white (an editor's usual file): the alpha
+    # channel too, not black composited over black
+    rgba[..., :3] = np.where(digit[..., None] > 0, 0, 255)
+    Image.fromarray(rgba).save(tmp_path / "alpha-black.png")
+    assert np.array_equal(read_image(tmp_path / "alpha-black.png"), digit)
     # RGBA with a picture in the colours: composited over black
     rgba[..., :3] = rgb
     rgba[..., 3] = 255
@@ -578,6 +583,37 @@ def test_read_image_modes(tmp_path):
     assert np.array_equal(fit(big, (28, 28)), digit)
     assert fit(digit, (14, 14)).shape == (14, 14) and fit(digit[:10, :13], (28, 28)).shape == (28, 28)
     assert np.array_equal(to_uint8(to_model(digit)), digit)          # the model's range and back, exactly
+
+
+@pytest.mark.parametrize("level", [0, 90])
+def test_a_picture_without_a_digit_is_refused(tmp_path, level, ckpt):
+    """A picture whose every pixel has one value holds no digit: an edit of it would draw from nothing, silently.
+    One line naming it, in the API (every editing method, pictures given as files or arrays) and the CLI."""
+    from ddpm.runtime.images import check_dark_background
+
+    blank = np.full((28, 28), level, np.uint8)
+    with pytest.raises(ImageError, match=f"^blank.png holds no digit: every pixel is {level} "):
+        check_dark_background(blank, "blank.png")
+    Image.fromarray(blank).save(tmp_path / "blank.png")
+    model = ddpm.load(ckpt)
+    for image in (tmp_path / "blank.png", blank, np.stack([_picture(), blank])):
+        with pytest.raises(ddpm.DdpmError, match=f"holds no digit: every pixel is {level}"):
+            model.edit(image, label=3, steps=2, **({} if np.ndim(image) == 3 else {"n": 1}))
+    r = invoke("inpaint", "--ckpt", ckpt, "--image", tmp_path / "blank.png", "-n", 1, "--out", tmp_path / "o.png")
+    assert r.exit_code == 2 and "blank.png holds no digit" in r.output and r.output.count("\n") == 1, r.output
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("depth", [3, 4])
+def test_one_colour_array_given_to_a_grey_model_is_not_read_as_a_stack(ckpt, depth):
+    """A (28, 28, 3) array given to a grey model was read silently as 28 pictures of 28x3 pixels, each stretched to a
+    digit: one line now, saying how to give one colour picture."""
+    model = ddpm.load(ckpt)
+    rgb = np.repeat(_picture()[..., None], depth, axis=-1)
+    with pytest.raises(ImageError, match=f"image of shape \\(28, 28, {depth}\\) is a stack of 28 pictures of "
+                                         f"28x{depth} pixels for this grey model"):
+        model.edit(rgb, label=3, steps=2)
+    assert model.edit(np.stack([_picture()] * 2), label=3, steps=2).shape == (2, 28, 28)   # a stack stays one
 
 
 def test_read_image_refuses_what_it_cannot_use(tmp_path):

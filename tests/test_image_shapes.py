@@ -261,9 +261,11 @@ def test_a_model_of_other_channels_is_refused_in_one_line(tmp_path):
     for engine in ("torch", "onnx-generator"):
         with pytest.raises(DdpmError, match=re.escape(refusal)):
             model.generate(2, engine=engine, sampler="ddim", steps=2)
+    bar = np.zeros((32, 32), np.uint8)
+    bar[8:24, 14:18] = 255
     with pytest.raises(DdpmError, match=re.escape(refusal)):
-        model.restore(np.zeros((32, 32), np.uint8), 0.3, n=1, steps=2, engine="torch")
-    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "in.png")
+        model.restore(bar, 0.3, n=1, steps=2, engine="torch")
+    Image.fromarray(bar).save(tmp_path / "in.png")
     for args in (["gen", "-n", 2], ["gen", "-n", 2, "--engine", "onnx-generator"],
                  ["upscale", "--image", tmp_path / "in.png", "--factor", 2, "-n", 1],
                  ["inpaint", "--image", tmp_path / "in.png", "-n", 1]):

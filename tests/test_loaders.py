@@ -422,3 +422,26 @@ def test_a_file_that_is_no_checkpoint_is_named_without_torchs_internal_errors(tm
         load_checkpoint(path)
     assert not any(name in str(e.value) for name in ("IndexError", "KeyError", "AttributeError", "TypeError",
                                                     "EOFError")), e.value
+
+
+def test_a_picture_or_archive_given_as_a_model_says_what_it_is(tmp_path, fake_mnist):
+    """`ddpm.load("samples.png")` said "not a PyTorch file of tensors alone: Unsupported operand 80" (the pickle
+    reader's words for a PNG's first byte): a file of a kind a user may mix up (a picture, MNIST's .gz, a samples
+    .npz) is named as what it is, for a checkpoint path and for a .safetensors one alike."""
+    import ddpm
+    from PIL import Image
+
+    from ddpm.samples import save_samples
+
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "p.png")
+    save_samples(tmp_path / "s.npz", np.zeros(2, np.int64), [np.zeros((2, 28, 28), np.uint8)])
+    gz = next(p for p in fake_mnist.iterdir() if p.name.endswith(".gz"))
+    for src, kind in ((tmp_path / "p.png", "a PNG picture"), (tmp_path / "s.npz", "a numpy .npz archive"),
+                      (gz, "a gzip file")):
+        for name, want in (("ckpt.pt", "not a ddpm checkpoint"), ("model.safetensors", "not a safetensors model")):
+            path = tmp_path / name
+            path.write_bytes(src.read_bytes())
+            with pytest.raises(DdpmError, match=f"^{path} is {kind}, {want}"):
+                ddpm.load(path)
+        line = one_line_error(invoke("gen", "--ckpt", src, "-n", 1, "--out", tmp_path / "o.png"))
+        assert f"{src} is {kind}, not a ddpm checkpoint" in line, line

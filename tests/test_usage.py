@@ -38,7 +38,9 @@ def usage_error(r, option):
 def png(tmp_path):
     from PIL import Image
 
-    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "d.png")
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 12:16] = 255   # a "1": a picture without a digit is refused
+    Image.fromarray(digit).save(tmp_path / "d.png")
     return tmp_path / "d.png"
 
 
