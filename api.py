@@ -76,8 +76,9 @@ class Model:
 
     @property
     def recorded(self) -> dict | None:
-        """The sampling plan the model file records (metadata "plan": sampler, steps, spacing, eta, guidance,
-        guidance_interval, and how it was distilled), None when it records none: a distilled student's."""
+        """The sampling plan the model records (a distilled student's: sampler, steps, spacing, eta, guidance,
+        guidance_interval, and how it was distilled), None when it records none: its model file's metadata "plan",
+        or for an export folder loaded alone its export.json's, or a diffusers folder's ddpm.json's."""
         plan = self.info.get("plan")
         return plan if isinstance(plan, dict) else None
 
@@ -331,8 +332,8 @@ def load(path: str | os.PathLike | None = None, export: str | os.PathLike | None
         if path is None and export is not None:
             b = Bundle.load(export)
             cfg = ModelConfig.from_dict(b.meta["model_config"]).validate()
-            return Model(cfg, b.meta["checkpoint_hash"], None, Path(export), {"step": b.meta.get("step")},
-                         export_given=True)
+            info = {"step": b.meta.get("step"), **({"plan": b.plan} if b.plan else {})}   # the model's own plan
+            return Model(cfg, b.meta["checkpoint_hash"], None, Path(export), info, export_given=True)
         default = path is None
         cfg, h, info, file = read_model_info(default_model_path() if default else path)
         shipped = export_cache.shipped_dir()

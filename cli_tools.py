@@ -121,8 +121,8 @@ def _batch_range(ctx, param, value):
 @click.option("--fp16", is_flag=True, help="Also write a half-precision model (model_fp16.onnx).")
 @click.option("--int8", is_flag=True,
               help="Also write an int8 model (model_int8.onnx, for the CPU) calibrated on MNIST training digits "
-                   "noised to the timesteps of gen's default plan (UniPC-8 trailing, whatever --sampler and --steps "
-                   "say), its most sensitive convolutions kept fp32, verified against model.onnx (docs/int8.md).")
+                   "noised to the timesteps of the plan gen samples the model with by default (UniPC-8 trailing, or "
+                   "the plan a distilled student records; whatever --sampler and --steps say), its most sensitive convolutions kept fp32, verified against model.onnx (docs/int8.md).")
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="MNIST folder for --int8's calibration; else $DDPM_DATA or the cache folder (downloaded there "
                    "when missing, as `ddpm train` does).")
@@ -135,7 +135,7 @@ def _batch_range(ctx, param, value):
               help="Also write a generator: the whole loop of a deterministic sampler in one ONNX model (x_T, labels, "
                    "guidance -> uint8 images), verified against the runtime, beside those of other plans.")
 @solver_options(DEFAULT, "The generator's steps (--generator, --web) [default: the sampler's, as in gen]; --int8 "
-                          "calibrates at the default plan's timesteps whatever these say.")
+                          "calibrates at the timesteps of gen's default plan for the model whatever these say.")
 @click.option("--form", type=click.Choice(FORMS), default=FORMS[0], show_default=True,
               help="The generator as one ONNX Loop over the rows, or the rows unrolled (the same speed on a CPU; "
                    "unrolled is 1.8x bigger and loads about 90x slower: README).")
@@ -199,11 +199,13 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
 
         ort_web = web.ort_web_tarball(ort_web, log=echo)
     calibration = _int8_data(data, model.image_shape) if int8 else None
-    # gen's defaults (eta 0, the default guidance interval), so that the generator gives gen's digits
-    plan = model.plan(sampler, steps, eta=0.0, spacing=spacing, guidance_interval=guidance_interval,
-                      guidance_rescale=guidance_rescale) if with_generator or web_dir else None
+    # gen's defaults (eta 0, the default guidance interval; a student's recorded plan for the options not given), so
+    # that the generator gives gen's digits
+    opts = Sampling(sampler, steps, spacing, guidance_interval=guidance_interval, guidance_rescale=guidance_rescale)
+    opts = opts.with_recorded(model.recorded, {n for n in _SHAPES[0][0] if on_command_line(n)})
+    plan = model.plan(**opts.plan_args()) if with_generator or web_dir else None
     bundle = export_folder(model, out, fp16, opset, plan, form, batch_range if build_trt else None, log=echo,
-                           int8=calibration)
+                           int8=calibration, guidance=opts.guidance)
     for precision, f in bundle.meta["files"].items():
         echo(f"{precision}: {bundle.root / f['name']} ({f['bytes'] / 1e6:.2f} MB)")
     if plan is not None:
@@ -215,13 +217,13 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
                  f"({gen['bytes'] / 1e6:.2f} MB, {gen['plan']}, {form})")
     echo(f"export folder: {bundle.root}")
     if web_dir:
-        shown = f"--sampler {sampler} --steps {plan.steps}" + (f" --guidance-rescale {guidance_rescale:g}"
-                                                                if guidance_rescale else "")
+        shown = f"--sampler {opts.sampler} --steps {plan.steps}" + (f" --guidance-rescale {guidance_rescale:g}"
+                                                                     if guidance_rescale else "")
         if bundle.meta["checkpoint_hash"] != read_model_info(default_model_path())[1]:
             # `ddpm gen` without --ckpt/--export runs the shipped model: the page's command names an export folder
             # of these weights as DIR, which the page explains by their hash; a published page holds no local path
             shown += " --export DIR"
-        page = write_web_page(bundle, web_dir, plan, shown, ort_web, log=echo)
+        page = write_web_page(bundle, web_dir, plan, shown, ort_web, log=echo, guidance=opts.guidance)
         echo(f"web page: {page} (serve it, e.g. `python -m http.server -b 127.0.0.1 -d {page}`, and open "
              f"http://127.0.0.1:8000)")
     if stdout_failed:   # the folders are published: now the CLI's line for standard output
@@ -240,8 +242,8 @@ _SHAPES = (
 
 def _refuse_unused(generator: bool, trt: bool, int8: bool, web: bool) -> None:
     """A usage error for options of `ddpm export` given without the option whose artifact they shape (_SHAPES): they
-    would be silently ignored. The generator's plan options say that --int8 calibrates at the default plan's
-    timesteps whatever they say."""
+    would be silently ignored. The generator's plan options say that --int8 calibrates at the timesteps of gen's
+    default plan for the model (a student's recorded one) whatever they say."""
     ctx = click.get_current_context()
     flags = {p.name: p.opts[0] for p in ctx.command.params}
     made = {"--generator or --web": generator, "--trt": trt, "--web": web, "--int8": int8}
@@ -253,7 +255,7 @@ def _refuse_unused(generator: bool, trt: bool, int8: bool, web: bool) -> None:
 
             plural = len(given) > 1
             note = (f"; --int8 calibrates at the timesteps of gen's default plan ({DEFAULT_SAMPLER}, "
-                    f"{DEFAULT_SOLVER_STEPS} steps) whatever they say" if what == "the generator" and int8 else "")
+                    f"{DEFAULT_SOLVER_STEPS} steps; a distilled student's recorded plan) whatever they say" if what == "the generator" and int8 else "")
             raise click.UsageError(f"{', '.join(given)} shape{'' if plural else 's'} {what} only, which needs "
                                    f"{needs}: without it nothing uses {'them' if plural else 'it'}{note}; add "
                                    f"{needs.split(' or ')[0]}, or leave {'them' if plural else 'it'} out")
@@ -404,12 +406,16 @@ def bench(names, batches, sampler, steps, spacing, guidance_interval, guidance_r
         model.bundle(int8=True)
     opts = Sampling(sampler, steps, spacing, guidance=guidance, guidance_interval=guidance_interval,
                     guidance_rescale=guidance_rescale)
+    # a student's recorded plan for the options not given (--quick gives its steps itself)
+    opts = opts.with_recorded(model.recorded, {n for n in ("sampler", "steps", "spacing", "guidance",
+                                                           "guidance_interval") if on_command_line(n)}
+                              | ({"steps"} if quick else set()))
     plan = model.plan(**opts.plan_args())
     ref = model.plan("ddim", 3 if quick else None, guidance_interval=None) if baseline else None
     if ref is not None and plan.name == ref.name:
         ref = None   # the sampler is the baseline itself
     device = resolve_device(device)   # OptionError naming --device (cli.Group)
-    res = run_bench(model, names, batches, plan, guidance=guidance, repeat=repeat, fp16=fp16, device=device,
+    res = run_bench(model, names, batches, plan, guidance=opts.guidance, repeat=repeat, fp16=fp16, device=device,
                     cuda_graph=not no_cuda_graph, threads=threads, log=lambda m: click.echo(m, err=True),
                     baseline=ref, int8=int8)
     click.echo(format_table(res))

@@ -25,7 +25,7 @@ from typing import Callable
 from ..errors import DdpmError
 from ..files import FolderKind
 from ..runtime.bundle import (EXPORT_FORMAT, META_FILE, Bundle, ExportError, export_command, plan_names,
-                              read_meta, same_folder, shipped_export_dir)
+                              plan_refusal, read_meta, same_folder, shipped_export_dir)
 
 # An export folder as a folder output (files.claim_dir), for every writer of one (onnx_export.export, _seed): besides
 # export.json, ddpm export writes the models, the generators (export/generator.py), TensorRT engines and their records
@@ -124,9 +124,9 @@ def locked(folder: Path, waiting=None, beside: str | None = None):
         os.close(fd)
 
 
-def _has(root: Path, weights_hash: str | None, fp16: bool, int8: bool = False) -> Bundle | None:
-    """The export folder at root when it is one of these weights (with an fp16 / int8 model when asked), else
-    None."""
+def _has(root: Path, weights_hash: str | None, fp16: bool, int8: bool = False, plan=None) -> Bundle | None:
+    """The export folder at root when it is one of these weights recording this plan (the model's, Model.recorded:
+    None for none), with an fp16 / int8 model when asked, else None."""
     if not (root / META_FILE).is_file():
         return None
     try:
@@ -134,7 +134,16 @@ def _has(root: Path, weights_hash: str | None, fp16: bool, int8: bool = False) -
     except ExportError:
         return None
     files = b.meta["files"]
-    return b if (not fp16 or "fp16" in files) and (not int8 or "int8" in files) else None
+    return b if (not fp16 or "fp16" in files) and (not int8 or "int8" in files) and b.plan == plan else None
+
+
+def _own_plan(model, b: Bundle) -> None:
+    """ExportError (one line) when the export folder `b` the model was loaded with records another plan than the
+    model file (Model.recorded; a folder loaded alone is its own record)."""
+    if model.path is not None:
+        why = plan_refusal(b.root, b.plan, model.recorded, f"the model file {model.path}")
+        if why is not None:
+            raise ExportError(why)
 
 
 def export_bundle(model, fp16: bool = False, int8: bool = False) -> Bundle:
@@ -156,6 +165,7 @@ def export_bundle(model, fp16: bool = False, int8: bool = False) -> Bundle:
                                      + export_command(expected, own, m.group(1) or "fp32", model.path) + "`",
                                      str(e))) from None
         b.ckpt = model.path
+        _own_plan(model, b)
         why = None if asked is None else b.missing(asked)
         if why is not None and same_folder(own, shipped_dir()):
             why = (f"{own} has no {asked} model: the shipped export folder holds "
@@ -165,12 +175,12 @@ def export_bundle(model, fp16: bool = False, int8: bool = False) -> Bundle:
         if why is not None:
             raise ExportError(why)
         return b
-    shipped = _has(shipped_dir(), expected, fp16, int8) if own is not None else None
+    shipped = _has(shipped_dir(), expected, fp16, int8, model.recorded) if own is not None else None
     if shipped is not None:
         shipped.ckpt = model.path
         return shipped
     folder = cache_folder(model.hash)
-    ready = _has(folder, expected, fp16, int8)
+    ready = _has(folder, expected, fp16, int8, model.recorded)
     if ready is not None:
         ready.ckpt = model.path
         return ready
@@ -179,7 +189,7 @@ def export_bundle(model, fp16: bool = False, int8: bool = False) -> Bundle:
                           f"`{export_command(expected, folder, asked, model.path)}`"
                           + (" (calibrated on MNIST)" if int8 else ""))
     with locked(folder):
-        ready = _has(folder, expected, fp16)   # another process may have made it meanwhile
+        ready = _has(folder, expected, fp16, plan=model.recorded)   # another process may have made it meanwhile
         if ready is None:
             _export(model, folder, fp16)
     b = Bundle.load(folder, expected_hash=expected)
@@ -238,7 +248,6 @@ def generator_bundle(model, plan, form: str = "loop", log=None, int8: bool = Fal
     a plan the generator cannot run, or the user's export folder without one for this plan."""
     from ..export.generator import GeneratorFailed, GeneratorUnsupported, add_generator, check_image_shape, check_plan
     from ..model.io import require_onnx
-    from ..options import GUIDANCE
     from ..runtime.runner import plan_key
 
     check_image_shape(model.image_shape)
@@ -269,7 +278,7 @@ def generator_bundle(model, plan, form: str = "loop", log=None, int8: bool = Fal
     folder = cache_folder(model.hash)
     expected = model.hash
     with locked(folder):
-        ready = _has(folder, expected, False, int8)
+        ready = _has(folder, expected, False, int8, model.recorded)
         if ready is not None and ready.generator(key, form, precision) is not None:
             ready.ckpt = model.path
             return ready
@@ -278,7 +287,8 @@ def generator_bundle(model, plan, form: str = "loop", log=None, int8: bool = Fal
             _seed(source, folder)
         (log or (lambda *_: None))(f"building generator.onnx for {plan.name} in {folder} (once)")
         try:
-            add_generator(folder, plan, GUIDANCE, form, log=log or (lambda *_: None), precision=precision)
+            add_generator(folder, plan, model_guidance(model), form, log=log or (lambda *_: None),
+                          precision=precision)
         except GeneratorFailed as e:
             raise DdpmError(f"the generator for {plan.name}: {e}") from None
         except (OSError, ExportError) as e:
@@ -287,6 +297,15 @@ def generator_bundle(model, plan, form: str = "loop", log=None, int8: bool = Fal
     b = Bundle.load(folder, expected_hash=expected)
     b.ckpt = model.path
     return b
+
+
+def model_guidance(model) -> float:
+    """The guidance scale gen samples `model` (api.Model) with by default: the default one, or the one its file
+    records (a distilled student's, guidance folded in: options.recorded_plan). What a generator is verified with
+    and a web page starts from."""
+    from ..options import Sampling
+
+    return Sampling().with_recorded(model.recorded, ()).guidance
 
 
 def _seed(source: Bundle, folder: Path) -> None:

@@ -42,16 +42,17 @@ def claim_outputs(model, out: str | Path | None = None, web: str | Path | None =
 
 
 def export_folder(model, out: str | Path | None = None, fp16: bool = False, opset: int = 17, plan=None,
-                  form: str = "loop", trt_batches: tuple[int, int] | None = None, log=print, int8=None) -> Bundle:
+                  form: str = "loop", trt_batches: tuple[int, int] | None = None, log=print, int8=None,
+                  guidance: float | None = None) -> Bundle:
     """Export `model` (api.Model with a checkpoint) into `out` (default: its weights' cache folder, where gen and
     bench look): model.onnx (+ model_fp16.onnx, + model_int8.onnx calibrated on int8 = (images, labels, name):
     onnx_export.export), then, with a plan, its generator (export/generator.py, verified
-    with the default guidance scale), and with int8 its int8 generator beside it, then with trt_batches (lo, hi) a
+    with the guidance scale `guidance`, None: the model's, cache.model_guidance), and with int8 its int8 generator beside it, then with trt_batches (lo, hi) a
     TensorRT engine per precision. log(line): progress. Raises DdpmError (OptionError for a plan the generator
     cannot run, PictureChannels for a generator of a model whose images are not grey or RGB pictures: both checked
     before any work)."""
     from ..model.io import LoadedModel
-    from .cache import cache_folder, locked
+    from .cache import cache_folder, locked, model_guidance
     from .generator import check_form, check_image_shape, check_plan
 
     if plan is not None:
@@ -64,12 +65,13 @@ def export_folder(model, out: str | Path | None = None, fp16: bool = False, opse
     # sweep away the temporaries this one writes inside it
     with locked(folder, waiting=lambda: log(f"waiting for another export into {folder} to end"),
                 beside=None if out is None else "choose another --out"):
-        return _export_folder(loaded, folder, fp16, opset, plan, form, trt_batches, log, int8)
+        return _export_folder(loaded, folder, fp16, opset, plan, form, trt_batches, log, int8,
+                              model_guidance(model) if guidance is None else guidance)
 
 
-def _export_folder(loaded, folder: Path, fp16: bool, opset: int, plan, form: str, trt_batches, log, int8) -> Bundle:
+def _export_folder(loaded, folder: Path, fp16: bool, opset: int, plan, form: str, trt_batches, log, int8,
+                   guidance: float) -> Bundle:
     """export_folder's work, in the export folder `folder` it holds the lock of."""
-    from ..options import GUIDANCE
     from .generator import GeneratorFailed, add_generator
     from .onnx_export import ExportFailed, export
 
@@ -85,7 +87,7 @@ def _export_folder(loaded, folder: Path, fp16: bool, opset: int, plan, form: str
             continue
         log(f"building {what} for {plan.name} in {res.out}")
         try:
-            add_generator(res.out, plan, GUIDANCE, form, log=log, precision=precision)
+            add_generator(res.out, plan, guidance, form, log=log, precision=precision)
         except GeneratorFailed as e:
             raise DdpmError(f"generator export failed, nothing written: {e}") from None
     bundle = Bundle.load(res.out)
@@ -110,14 +112,18 @@ def _has_generator(root: Path, plan, form: str, precision: str = "fp32") -> bool
     return True
 
 
-def write_web_page(bundle: Bundle, folder, plan, options: str, ort_web=None, log=print) -> Path:
-    """The static page around the generator of `plan` in the export folder `bundle` (export/web.py); DdpmError
+def write_web_page(bundle: Bundle, folder, plan, options: str, ort_web=None, log=print,
+                   guidance: float | None = None) -> Path:
+    """The static page around the generator of `plan` in the export folder `bundle` (export/web.py), starting at the
+    guidance scale `guidance` (None: the default one, or the plan the folder's model records: a student's); DdpmError
     (export.web.WebExportError, runtime.bundle.ExportError) when it fails, runtime.images.GreyOnly (before any
     work) for a colour model: the page draws grey levels."""
-    from ..options import GUIDANCE
+    from ..options import Sampling
     from ..runtime.runner import plan_key
     from .generator import check_image_shape
     from .web import write_page
 
     check_image_shape(bundle.image_shape, page=True)
-    return write_page(bundle, folder, GUIDANCE, options, ort_web, log=log, plan_key=plan_key(plan))
+    if guidance is None:
+        guidance = Sampling().with_recorded(bundle.plan, ()).guidance
+    return write_page(bundle, folder, guidance, options, ort_web, log=log, plan_key=plan_key(plan))

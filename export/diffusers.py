@@ -4,7 +4,8 @@
     DIR/unet/config.json                          UNet2DModel's config (unet_config)
     DIR/unet/diffusion_pytorch_model.safetensors  its weights, renamed (unet_state)
     DIR/scheduler/scheduler_config.json           DDPMScheduler's config: schedule, T, prediction (scheduler_config)
-    DIR/ddpm.json                                 what ddpm wrote: the checkpoint hash, the model config, the files
+    DIR/ddpm.json                                 what ddpm wrote: the checkpoint hash, the model config, the files,
+                                                  a distilled student's plan (read back: Model.recorded)
 
 The network maps onto diffusers' UNet2DModel one layer to one layer (diffusers' unet_2d.py, unet_2d_blocks.py,
 resnet.py, embeddings.py, checked with 0.42.1): conv_in, the sinusoidal embedding (sin then cos, frequencies
@@ -191,7 +192,7 @@ def export_diffusers(model, out: str | Path, log=print) -> DiffusersExport:
     out = Path(out)
     _check_replaceable(out)
     with building_dir(out) as tmp:
-        _write(tmp, model.cfg, net, model.hash)
+        _write(tmp, model.cfg, net, model.hash, model.recorded)
         checked = check_with_diffusers(tmp, net, model.cfg)
         if checked is None:
             log("not checked with diffusers (it is not installed here: pip install diffusers)")
@@ -225,8 +226,9 @@ def _json(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True) + "\n"   # as diffusers' save_pretrained writes its configs
 
 
-def _write(tmp: Path, cfg: ModelConfig, net, weights_hash: str) -> None:
-    """The pipeline folder's files (module docstring) into the empty folder `tmp`."""
+def _write(tmp: Path, cfg: ModelConfig, net, weights_hash: str, plan: dict | None = None) -> None:
+    """The pipeline folder's files (module docstring) into the empty folder `tmp`; plan: the plan the model records
+    (a distilled student's, Model.recorded), kept in ddpm.json, where loading the folder finds it."""
     from ..model.io import safetensors_bytes
     from ..runtime.bundle import file_sha256
 
@@ -242,7 +244,7 @@ def _write(tmp: Path, cfg: ModelConfig, net, weights_hash: str) -> None:
              for name in FILES if name != MARKER}
     (tmp / MARKER).write_text(_json({
         "format": "ddpm-diffusers-export", "checkpoint_hash": weights_hash, "model_config": cfg.to_dict(),
-        "null_class": cfg.null_label, "files": files}))
+        "null_class": cfg.null_label, "files": files, **({"plan": plan} if plan else {})}))
 
 
 def check_with_diffusers(folder: Path, net, cfg: ModelConfig, batch: int = 6, seed: int = 0) -> float | None:

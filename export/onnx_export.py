@@ -127,6 +127,8 @@ def metadata(loaded: LoadedModel, files: dict, opset: int) -> dict:
                               f"GroupNorm mean/variance (fp16 sums over {cfg.image_size}x{cfg.image_size}xC "
                               f"overflow precision)"],
         "files": files,
+        # the plan a distilled student was made for: part of the model (runtime.bundle.PLAN), none for another model
+        **({"plan": loaded.info["plan"]} if loaded.info.get("plan") else {}),
     }
 
 
@@ -340,9 +342,13 @@ def export(loaded: LoadedModel, out: str | Path, fp16: bool = False, opset: int 
             _say_other_weights(out, loaded, log)
             if same(out):   # a damaged export.json of these weights (a hand-edited record): said, as a damaged file
                 log(f"repairing {out} ({refused}): what passes every check is kept, the rest made again")
+    plan = loaded.info.get("plan") or None
     if old is not None:
-        if old.get("opset") == opset:
+        if old.get("opset") == opset and old.get("plan") == plan:
             kept = dict(old["files"])
+        elif old.get("plan") != plan:   # each model records the plan (its "ddpm" metadata): all made again
+            why = ("exported from a model file of these weights with another plan; int8 is made again only with "
+                   f"--int8")
         else:
             why = f"made at opset {old.get('opset')}; at opset {opset} int8 is made again only with --int8"
         # an int8 model needs its calibration data to be made again: at another opset it is dropped without it
@@ -417,15 +423,16 @@ def _say_other_weights(out: Path, loaded: LoadedModel, log) -> None:
 
 
 def _int8(loaded: LoadedModel, fp32: Path, path: Path, data, log) -> dict:
-    """model_int8.onnx from the verified fp32 model at `fp32` (export/int8.py), calibrated at the default plan's
-    rows; its export.json record. Raises ExportFailed."""
-    from ..options import DEFAULT_SAMPLER
+    """model_int8.onnx from the verified fp32 model at `fp32` (export/int8.py), calibrated at the rows of the plan
+    gen samples the model with by default (the default plan, or the plan its file records: a student's,
+    options.recorded_plan); its export.json record. Raises ExportFailed."""
+    from ..options import Sampling
     from ..runtime.samplers import make_plan
     from .int8 import Int8Failed, make_int8
 
     images, labels, name = data
     sched = Schedule.of(loaded.cfg)
-    plan = make_plan(sched, DEFAULT_SAMPLER)
+    plan = make_plan(sched, **Sampling().with_recorded(loaded.info.get("plan"), ()).plan_args())
     try:
         rec = make_int8(fp32, path, images, labels, sched.alphas_cumprod, plan.timesteps[plan.calls_net],
                         loaded.cfg.null_label, name, log=log)

@@ -34,10 +34,11 @@ from pathlib import Path
 
 from ..errors import clip
 from ..files import input_path
+from ..runtime.bundle import PLAN
 from ..runtime.schedule import MAX_T
 from ..schema import Any, Int, Opt, Schema, is_bool, json_loads
 from .config import MAX_PARAMS, ModelConfig
-from .io import CheckpointError, LoadedModel, TorchMissing, require, weights_hash
+from .io import CheckpointError, LoadedModel, TorchMissing, check_plan, require, weights_hash
 
 INDEX_FILE = "model_index.json"
 PIXEL_PIPELINES = ("DDPMPipeline", "DDIMPipeline")   # the pipelines whose UNet2DModel denoises the pictures themselves
@@ -54,6 +55,7 @@ DECLARATION = "ddpm.json"     # the user's declarations beside model_index.json 
 DECLARATION_SCHEMA = Schema("ddpm declaration (ddpm.json)", {}, optional={
     "null_class": Opt(Int(min=0)),
     "format": Any(), "checkpoint_hash": Any(), "model_config": Any(), "files": Any(),   # not read: see above
+    "plan": PLAN,   # the plan a distilled student was made for (`ddpm export --diffusers` of one): Model.recorded
 }, hint="it holds {\"null_class\": K-1} (docs/diffusers.md)")
 MAX_CONFIG_BYTES = 16 << 20   # a config JSON: a trained_betas table of MAX_T numbers is ~2 MB
 MAX_LAYERS = 32     # layers_per_block: as many residual blocks per level as a ddpm model may have (num_res_blocks)
@@ -231,6 +233,20 @@ def _declared_null(path: Path | None, classes: int) -> int | None:
     return null
 
 
+def _declared_plan(path: Path | None) -> dict | None:
+    """The plan a ddpm.json records (`ddpm export --diffusers` of a distilled student: PLAN), or None without one.
+    DiffusersError for content DECLARATION_SCHEMA refuses."""
+    if path is None:
+        return None
+    d = _json(path)
+    unknown = set(d) - set(DECLARATION_SCHEMA.optional)
+    if unknown:
+        raise DiffusersError(f"{path}: unknown field(s) {', '.join(sorted(map(clip, unknown)))}; it holds "
+                             f"{{\"null_class\": K-1}}")
+    DECLARATION_SCHEMA.check(d, path, DiffusersError)
+    return d.get("plan")
+
+
 def model_config(unet: dict, sched: dict, unet_where: str, sched_where: str, declaration: Path | None) -> ModelConfig:
     """The ModelConfig of a UNet2DModel config and a scheduler config (network "diffusers"); DiffusersError (one line
     naming the field) for what the runtime cannot follow."""
@@ -334,6 +350,10 @@ def read_info(path) -> tuple[ModelConfig, str, dict, Path]:
     h = _identity(unet, cfg, state)
     _notice(root, sched_path)
     info = {"schedule_source": source, "diffusers_folder": str(root)}
+    plan = _declared_plan(declaration)
+    if plan is not None:
+        info["plan"] = plan
+        check_plan(declaration, cfg, info)
     return cfg, h, info, root
 
 

@@ -23,12 +23,8 @@ from pathlib import Path
 from ..errors import DdpmError, LimitReached, brief, clip, import_refusal, memory_limited, raise_if_limit
 from ..files import file_kind, input_path, readable_name, refused
 from ..files import atomic_write  # noqa: F401  (re-exported: model.io.atomic_write is used across the package)
-from ..options import MAX_GUIDANCE, MAX_LEVEL
-from ..runtime.samplers import SAMPLERS, SPACINGS
-from ..runtime.bundle import MAX_STEP
-from ..runtime.schedule import MAX_T
-from ..schema import (Any, Array, Const, DuplicateKey, Int, Json, List, Map, Num, Obj, Opt, Schema, Str, json_loads,
-                      repeated)
+from ..runtime.bundle import MAX_STEP, PLAN
+from ..schema import Any, Array, Const, DuplicateKey, Int, Json, Map, Obj, Schema, json_loads, repeated
 from .config import ModelConfig
 
 FORMAT = "ddpm-model"
@@ -156,11 +152,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 
 # The entries of the formats (schema.py), checked when read. Weights must be finite: a diverged run's NaN weights
 # would otherwise sample black images and even pass the export's parity check. PLAN: the plan a distilled student was
-# made for (train/distill.py recorded_plan), in its model files' metadata and, for the latest student, in the
-# distillation's ckpt.pt.
-PLAN = Obj({"sampler": Str(choices=SAMPLERS), "steps": Int(min=1, max=MAX_T), "spacing": Str(choices=SPACINGS),
-            "eta": Num(min=0, max=1), "guidance": Num(min=0, max=MAX_GUIDANCE),
-            "guidance_interval": Opt(List(Num(min=0, max=MAX_LEVEL), length=2))}, what="a sampling plan (an object)")
+# made for (train/distill.py recorded_plan; runtime.bundle.PLAN), in its model files' metadata and, for the latest
+# student, in the distillation's ckpt.pt.
 _WEIGHTS = Map(Array(("float",), finite=True), min_len=1, what="a state dict of float tensors")
 CKPT = Schema("ddpm training checkpoint", {
     "format": Const(CKPT_FORMAT),

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from ..errors import DdpmError, brief, clip
 from ..files import input_path, refused
+from ..options import MAX_GUIDANCE, MAX_LEVEL
 from ..schema import Any, Const, Int, Invalid, List, Map, Num, Obj, Opt, Schema, Str, json_loads
+from .samplers import SAMPLERS, SPACINGS
 from .schedule import MAX_T, RECIPES, Schedule
 
 EXPORT_FORMAT = "ddpm-export"
@@ -90,6 +92,12 @@ QUANTIZATION = Obj({"method": _NAME, "states": _NAME, "data": _ANY_LINE,
                     "convs": Int(min=1, max=MAX_BATCH), "kept_fp32": List(_NAME),
                     "sensitivity": Map(Num(min=0), keys=_NAME, what="an object of Conv name -> eps error")},
                    what="an int8 model's recipe (an object)")
+# The plan a distilled student was made for (train/distill.py recorded_plan; options.recorded_plan applies it): part of
+# the model wherever its weights go, in its model files' metadata (model/io.py), the distillation's ckpt.pt, an export
+# folder's export.json and model.onnx's record (a model without one records none), and a diffusers folder's ddpm.json
+PLAN = Obj({"sampler": Str(choices=SAMPLERS), "steps": Int(min=1, max=MAX_T), "spacing": Str(choices=SPACINGS),
+            "eta": Num(min=0, max=1), "guidance": Num(min=0, max=MAX_GUIDANCE),
+            "guidance_interval": Opt(List(Num(min=0, max=MAX_LEVEL), length=2))}, what="a sampling plan (an object)")
 # export.json: what a runtime reads from it (schema.py); T fixes the length of the schedule tables
 META = Schema("ddpm export metadata (export.json)", {
     "format": Const(EXPORT_FORMAT),
@@ -107,7 +115,7 @@ META = Schema("ddpm export metadata (export.json)", {
                      {"parity": PARITY}),
                  keys=Str(choices=PRECISIONS), min_len=1, what="an object of precision -> ONNX file"),
 }, optional={"generators": List(GENERATOR), "step": Opt(Int(min=0, max=MAX_STEP)), "checkpoint": _NAME,
-             "opset": Int(min=1, max=MAX_OPSET)},
+             "opset": Int(min=1, max=MAX_OPSET), "plan": PLAN},
     hint="the folder is damaged or from another version; re-run `ddpm export`")
 
 
@@ -354,6 +362,26 @@ def plan_names(generators: list[dict], plan_key: str | None = None, plan: str | 
                                    for n, k in zip(names[:len(generators)], keys)))
 
 
+def plan_text(plan) -> str:
+    """A recorded plan (PLAN, or None) for a message: "ddim-4 trailing eta 0 guidance 0", or "none"."""
+    if not isinstance(plan, dict):
+        return "none" if plan is None else brief(plan, 64)
+    return brief(f"{plan.get('sampler')}-{plan.get('steps')} {plan.get('spacing')} eta {plan.get('eta')} guidance "
+                 f"{plan.get('guidance')}" + ("" if plan.get("guidance_interval") is None else
+                                              f" in {plan.get('guidance_interval')}"), 120)
+
+
+def plan_refusal(root, exported, model, whose: str = "the model file") -> str | None:
+    """Why the export folder `root`, whose export.json records the plan `exported` (None: none), cannot stand for a
+    model whose file records the plan `model` (None: none), or None when they are the same: the recorded plan is
+    part of the model (a distilled student's, options.recorded_plan), so an export of the same weights with another
+    plan would sample other digits by default."""
+    if exported == model:
+        return None
+    return (f"{root} records the plan {plan_text(exported)}, but {whose} records {plan_text(model)}: the folder was "
+            f"exported from another model file of these weights; re-run `ddpm export` for it")
+
+
 def read_meta(meta_path: Path):
     """export.json parsed, not yet checked (any JSON value), read within the bounds an export's metadata never
     exceeds (MAX_META_BYTES, MAX_META_CONTAINERS). ExportError (one line) for a file that is not one, too large or
@@ -490,6 +518,14 @@ class Bundle:
             if _tables_differ(meta[k], v):
                 raise ExportError(f"{meta_path}: {k} is not the {cfg.schedule} schedule's of T = {cfg.timesteps} "
                                   f"that its model_config says (beyond {TABLE_TOLERANCE:g}); re-run `ddpm export`")
+        plan = meta.get("plan")   # a student's plan (PLAN): one that fits the model, as model.io.check_plan asks
+        if plan is not None and plan["steps"] > cfg.timesteps:
+            raise ExportError(f"{meta_path}: plan.steps is {plan['steps']}, more than the model's T = {cfg.timesteps}; "
+                              f"re-run `ddpm export`")
+        interval = (plan or {}).get("guidance_interval")
+        if interval is not None and not interval[0] < interval[1]:
+            raise ExportError(f"{meta_path}: plan.guidance_interval {brief(interval)} is not (lo, hi) with lo < hi; "
+                              f"re-run `ddpm export`")
         # one rule for every ONNX file the folder names (the eps models and the generators): `ddpm export` verifies
         # each against its reference before it records it, so an entry without its parity record, or whose record
         # is over its tolerance, names a file that was not verified or failed: refused
@@ -588,6 +624,12 @@ class Bundle:
     def schedule(self) -> Schedule:
         """The schedule of the exported model's config (its tables checked against export.json's when loaded)."""
         return Schedule.of(self.config)
+
+    @property
+    def plan(self) -> dict | None:
+        """The sampling plan the exported model records (export.json "plan", PLAN: a distilled student's), None when
+        it records none."""
+        return self.meta.get("plan")
 
     @property
     def null_label(self) -> int:
@@ -755,6 +797,11 @@ class Bundle:
             want.update(null_label=meta["null_label"], image_shape=meta["image_shape"])
         else:
             want.update({k: meta[k] for k in _SAME})
+            # the plan the model was made for (a student's; none: absent from both): the file's record is the model's
+            if recorded.get("plan") != meta.get("plan"):
+                raise ExportError(f"{path} records the plan {plan_text(recorded.get('plan'))}, not export.json's "
+                                  f"{plan_text(meta.get('plan'))}: export.json or the file is of another export; "
+                                  f"re-run `{redo}`")
         for field, value in want.items():
             if field not in recorded:
                 raise ExportError(f"{path}: its {key!r} metadata lacks {field}; re-run `{redo}`")

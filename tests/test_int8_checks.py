@@ -117,15 +117,16 @@ def test_export_options_that_shape_nothing_are_refused(tmp_path, given, shaped, 
     r = invoke("export", "--out", tmp_path / "exp", *given)
     [line] = r.output.strip().splitlines()
     assert r.exit_code == 2 and shaped in line and f"add {needs}" in line, r.output
-    assert ("--int8 calibrates at the timesteps of gen's default plan (unipc, 8 steps)" in line) == \
+    assert ("--int8 calibrates at the timesteps of gen's default plan (unipc, 8 steps; a distilled student's recorded "
+            "plan) whatever they say" in line) == \
         ("--int8" in given), line
     assert not (tmp_path / "exp").exists()
 
 
 def test_export_help_says_which_plan_int8_calibrates_at():
     text = " ".join(invoke("export", "--help").output.split())
-    assert "noised to the timesteps of gen's default plan (UniPC-8 trailing, whatever --sampler and --steps say)" \
-        in text, text
+    assert ("noised to the timesteps of the plan gen samples the model with by default (UniPC-8 trailing, or the "
+            "plan a distilled student records; whatever --sampler and --steps say)") in text, text
 
 
 # ------------------------------------------------------------------------------------- export.json's int8 record
