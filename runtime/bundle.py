@@ -366,9 +366,9 @@ def plan_text(plan) -> str:
     """A recorded plan (PLAN, or None) for a message: "ddim-4 trailing eta 0 guidance 0", or "none"."""
     if not isinstance(plan, dict):
         return "none" if plan is None else brief(plan, 64)
-    return brief(f"{plan.get('sampler')}-{plan.get('steps')} {plan.get('spacing')} eta {plan.get('eta')} guidance "
-                 f"{plan.get('guidance')}" + ("" if plan.get("guidance_interval") is None else
-                                              f" in {plan.get('guidance_interval')}"), 120)
+    return clip(f"{plan.get('sampler')}-{plan.get('steps')} {plan.get('spacing')} eta {plan.get('eta')} guidance "
+                f"{plan.get('guidance')}" + ("" if plan.get("guidance_interval") is None else
+                                             f" in {plan.get('guidance_interval')}"), 120)
 
 
 def plan_refusal(root, exported, model, whose: str = "the model file") -> str | None:

@@ -101,7 +101,7 @@ def test_generator_and_bench_of_a_student_take_its_plan(student, tmp_path):
                "--out", tmp_path / "b")
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "b" / "bench.json").read_text())
-    assert res["plan"] == STUDENT_PLAN and res["steps"] == 2 and res["guidance"] == 0, res
+    assert res["sampler"] == STUDENT_PLAN and res["steps"] == 2 and res["guidance"] == 0, res
 
 
 def test_web_page_of_a_student_starts_at_its_plan(student, tmp_path):
