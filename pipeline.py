@@ -13,7 +13,6 @@ A job is what to draw (n samples of a plan, their labels, an edit's known image:
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -330,8 +329,11 @@ class Local:
 
 
 def processes(device: str = "auto"):
-    """Under torchrun (WORLD_SIZE > 1) the process group (train.dist.setup, needs PyTorch); else Local()."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    """Under torchrun (WORLD_SIZE > 1: launch.launch, checked) the process group (train.dist.setup, needs
+    PyTorch); else Local(). Raises launch.LaunchError for torchrun variables that do not fit."""
+    from .launch import launch
+
+    if launch().world > 1:
         from .model.io import require_torch
 
         require_torch("ddpm under torchrun")

@@ -215,8 +215,12 @@ def ort_web_tarball(given: str | Path | None = None, log=print) -> Path:
         for retries, limit in ((["--fetch-retries=0", "--fetch-timeout=30000"], NPM_FIRST_TRY_S),
                                (["--fetch-timeout=30000"], 3 * NPM_FIRST_TRY_S)):
             try:
-                r = subprocess.run([npm, "pack", spec, "--pack-destination", tmp, "--loglevel=error", *retries],
-                                   capture_output=True, text=True, timeout=limit)
+                # npm's own cache, logs and update check go into the temporary folder (removed after), not
+                # ~/.npm, and it runs there, so that no project .npmrc of the user's working folder applies; the
+                # user's ~/.npmrc (a registry, a proxy) still does
+                r = subprocess.run([npm, "pack", spec, "--pack-destination", tmp, "--loglevel=error",
+                                    f"--cache={Path(tmp) / 'npm-cache'}", "--no-update-notifier", *retries],
+                                   capture_output=True, text=True, timeout=limit, cwd=tmp)
             except subprocess.TimeoutExpired:
                 raise WebExportError(f"`npm pack {spec}` got no answer in {limit} s (is the npm registry reachable? "
                                      f"`npm config get registry` names it); pass the tarball of `npm pack {spec}` "

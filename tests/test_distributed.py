@@ -70,3 +70,48 @@ def test_ddp_inpainting_equals_single_process(tmp_path):
     assert "2 processes" in r.stdout
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert np.array_equal(one["images"], two["images"]) and one["images"].std() > 10
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "abc"}, "$WORLD_SIZE is 'abc', not a whole number >= 1"),
+    ({"WORLD_SIZE": "0"}, "$WORLD_SIZE is '0', not a whole number >= 1"),
+    ({"WORLD_SIZE": "2"}, "$WORLD_SIZE is 2 but $RANK is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "x"}, "$RANK is 'x', not a whole number in 0..1"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "$RANK is '2', not a whole number in 0..1"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "-1"}, "$LOCAL_RANK is '-1', not a whole number in 0..1"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "$WORLD_SIZE is 2 but $MASTER_ADDR is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "99999"},
+     "$MASTER_PORT is '99999', not a whole number in 1..65535"),
+])
+@pytest.mark.parametrize("command", ["gen", "train", "distill"])
+def test_torchrun_variables_that_do_not_fit_are_one_line(ckpt, fake_mnist, tmp_path, monkeypatch, env, message,
+                                                         command):
+    """WORLD_SIZE=abc gave a ValueError traceback, WORLD_SIZE=2 without RANK a KeyError, and without MASTER_ADDR
+    torch.distributed's own error, from gen (which needs no PyTorch) too: the torchrun variables are read and checked
+    in one place (ddpm.launch) before any work, one line naming the variable."""
+    from helpers import invoke
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = {"gen": ["gen", "--ckpt", ckpt, "-n", 2, "--steps", 2, "--out", tmp_path / "g.png"],
+            "train": ["train", "--preset", "tiny", "--steps", 1, "--data", fake_mnist, "--out", tmp_path / "r"],
+            "distill": ["distill", "--teacher", ckpt, "--steps-from", 4, "--steps-to", 2, "--data", fake_mnist,
+                        "--out", tmp_path / "d"]}[command]
+    r = invoke(*args)
+    lines = [line for line in r.output.splitlines() if line.startswith("Error")]
+    assert r.exit_code == 1 and len(lines) == 1 and "Traceback" not in r.output, r.output
+    assert message in lines[0], lines[0]
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "r").exists() and not (tmp_path / "d").exists()
+
+
+def test_rank_without_a_world_is_one_process(ckpt, fake_mnist, tmp_path, monkeypatch):
+    """RANK set by something else while WORLD_SIZE is unset or 1 is one process: rank 0, which writes its run (a
+    RANK=3 left in the environment made train skip its writes)."""
+    from helpers import invoke
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "3")
+    r = invoke("train", "--preset", "tiny", "--steps", 1, "--batch", 8, "--data", fake_mnist, "--out", tmp_path / "r")
+    assert r.exit_code == 0 and (tmp_path / "r" / "model.safetensors").is_file(), r.output

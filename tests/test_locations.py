@@ -151,6 +151,24 @@ def test_npm_failure_says_why_in_one_line(tmp_path, fake_npm, stderr, says, call
     assert list((tmp_path / "cache" / "ddpm" / "npm").iterdir()) == []   # nothing left in the cache
 
 
+def test_npm_keeps_its_cache_and_logs_out_of_home_and_ignores_the_working_folders_npmrc(tmp_path, fake_npm,
+                                                                                        monkeypatch):
+    """npm wrote its cache (a second copy of the tarball), logs and update check under ~/.npm and read a .npmrc in
+    the user's working folder: it runs in the build's temporary folder with its cache there, so nothing of it
+    outlives the export and only the ddpm cache folder holds the tarball."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    bin_dir = fake_npm(f"echo \"$PWD $*\" > '{tmp_path}/seen'\nexit 1")
+    with pytest.raises(web.WebExportError):
+        web.ort_web_tarball(log=lambda *_: None)
+    cwd, *args = (tmp_path / "seen").read_text().split()
+    npm_dir = tmp_path / "cache" / "ddpm" / "npm"
+    assert Path(cwd).parent == npm_dir and cwd != str(work), cwd
+    assert f"--cache={cwd}/npm-cache" in args and "--no-update-notifier" in args, args
+    assert list(npm_dir.iterdir()) == [] and (bin_dir / "calls").exists()
+
+
 @pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
 def test_npm_offline_fails_fast_and_says_why(tmp_path, monkeypatch):
     """The real npm, with a registry that refuses connections (as offline): npm's own retries took over a minute

@@ -6,7 +6,6 @@ wraps the model in DistributedDataParallel and averages logged losses over ranks
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -58,10 +57,14 @@ class DistContext:
 
 
 def setup(device: str = "auto") -> DistContext:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """This process's DistContext: one process unless torchrun's variables (launch.launch, checked: LaunchError
+    otherwise) say more; then the process group is initialised (NCCL on GPUs, gloo on the CPU)."""
+    from ..launch import launch
+
+    where = launch()
+    world, rank, local = where.world, where.rank, where.local
     if world <= 1:
         return DistContext()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device != "cpu"
     if use_cuda:
         torch.cuda.set_device(local)

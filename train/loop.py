@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DdpmError, brief
+from ..launch import launch
 from ..files import (OutputError, atomic_write, check_writable, clean_stale, folder_lock, output_path, readable_name,
                      write_failure, write_text)
 from ..model import PRESETS, UNet
@@ -429,7 +430,7 @@ def in_run_folder(cfg: TrainConfig, resume: bool, command: str, files: Collectio
     run's log.jsonl that is too large or holds a line that is not a row (check_log). Under
     torchrun only rank 0 checks and locks. Raises TrainingError."""
     out = Path(cfg.out)
-    if int(os.environ.get("RANK", "0")):   # under torchrun only rank 0 writes
+    if launch().rank:   # under torchrun only rank 0 writes
         return body()
     try:
         check_writable(out, folder=True)   # before the data, the model or a single step
