@@ -22,6 +22,7 @@ from pathlib import Path
 from ..errors import DdpmError, brief, clip
 from ..files import input_path, refused
 from ..options import MAX_GUIDANCE, MAX_LEVEL
+from ..arguments import Level
 from ..schema import Any, Const, Int, Invalid, List, Map, Num, Obj, Opt, Schema, Str, json_loads
 from .samplers import SAMPLERS, SPACINGS
 from .schedule import MAX_T, RECIPES, Schedule
@@ -97,7 +98,13 @@ QUANTIZATION = Obj({"method": _NAME, "states": _NAME, "data": _ANY_LINE,
 # folder's export.json and model.onnx's record (a model without one records none), and a diffusers folder's ddpm.json
 PLAN = Obj({"sampler": Str(choices=SAMPLERS), "steps": Int(min=1, max=MAX_T), "spacing": Str(choices=SPACINGS),
             "eta": Num(min=0, max=1), "guidance": Num(min=0, max=MAX_GUIDANCE),
-            "guidance_interval": Opt(List(Num(min=0, max=MAX_LEVEL), length=2))}, what="a sampling plan (an object)")
+            "guidance_interval": Opt(List(Num(min=0, max=MAX_LEVEL), length=2))},
+           # how it was distilled (train/distill.py): the guidance folded in, over which noise levels, from which
+           # teacher and its steps; `ddpm distill` of a student reads the guidance folded in already
+           {"distilled": Obj({"guidance": Num(min=0, max=MAX_GUIDANCE),
+                              "guidance_interval": List(Level(), length=2), "teacher": _SHA256,
+                              "teacher_steps": Int(min=1, max=MAX_T)}, what="a distillation record (an object)")},
+           what="a sampling plan (an object)")
 # export.json: what a runtime reads from it (schema.py); T fixes the length of the schedule tables
 META = Schema("ddpm export metadata (export.json)", {
     "format": Const(EXPORT_FORMAT),

@@ -68,3 +68,47 @@ def test_a_teacher_rewritten_between_its_two_reads_is_refused(fake_mnist, tmp_pa
     with pytest.raises(D.TrainingError, match="changed while it was read; run the command again"):
         D.distill(cfg, progress=False, log=lambda *_: None)
     assert not (tmp_path / "run" / "options.json").exists()
+
+
+def _with_plan(src, dst, change):
+    """The student file `src` copied to `dst` with its metadata's plan changed by change(plan)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    plan = json.loads(meta["plan"])
+    change(plan)
+    save_file(tensors, str(dst), metadata={**meta, "plan": json.dumps(plan)})
+    return dst
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p.update(distilled=[1]), "plan.distilled must be a distillation record"),
+    (lambda p: p["distilled"].update(guidance=1e308), "plan.distilled.guidance must be a finite number >= 0 and <= 100"),
+    (lambda p: p["distilled"].update(teacher="x"), "plan.distilled.teacher must be a sha256"),
+    (lambda p: p["distilled"].update(guidance_interval=[0.1]), "plan.distilled.guidance_interval"),
+])
+def test_a_students_distillation_record_is_checked(run, tmp_path, fake_mnist, change, message):
+    """The record of how a student was distilled is read by `ddpm distill` (the guidance folded in already): checked
+    as every other entry of the plan. `"distilled": [1]` was taken, and a further distillation then folded guidance
+    in a second time; a guidance of 1e308 was named as folded in."""
+    bad = _with_plan(run / "model.safetensors", tmp_path / "model.safetensors", change)
+    with pytest.raises(DdpmError, match=message):
+        ddpm.load(bad)
+    cfg = D.DistillConfig(data=str(fake_mnist), out=str(tmp_path / "more"), init=str(bad), steps_from=2, steps_to=1,
+                          iters=1, fold_iters=0, batch_size=4, device="cpu")
+    with pytest.raises(DdpmError, match=message):
+        D.distill(cfg, progress=False, log=lambda *_: None)
+
+
+def test_a_student_guided_at_every_level_loads(fake_mnist, tmp_path):
+    """A student distilled with guidance over every noise level records the interval (0, inf): its record holds."""
+    tiny_checkpoint(tmp_path / "teacher")
+    cfg = D.DistillConfig(data=str(fake_mnist), out=str(tmp_path / "run"), init=str(tmp_path / "teacher"),
+                          steps_from=4, steps_to=2, iters=1, fold_iters=0, batch_size=4, device="cpu",
+                          guidance_lo=0.0, guidance_hi=float("inf"))
+    D.distill(cfg, progress=False, log=lambda *_: None)
+    assert ddpm.load(tmp_path / "run").recorded["distilled"]["guidance_interval"] == [0.0, float("inf")]
