@@ -125,7 +125,7 @@ def test_a_few_steps_move_the_students_step_towards_the_teachers_two(fake_mnist,
 
 
 def _student_file(path, steps=2):
-    plan = D.recorded_plan(steps, {"guidance": 0.45, "guidance_interval": [0.28, 5.42], "teacher": "x",
+    plan = D.recorded_plan(steps, {"guidance": 0.45, "guidance_interval": [0.28, 5.42], "teacher": "0" * 64,
                                    "teacher_steps": 4})
     save_model(path, TINY, randomised_unet(TINY).state_dict(), step=1, plan=plan)
     return path

@@ -112,3 +112,12 @@ def test_a_student_guided_at_every_level_loads(fake_mnist, tmp_path):
                           guidance_lo=0.0, guidance_hi=float("inf"))
     D.distill(cfg, progress=False, log=lambda *_: None)
     assert ddpm.load(tmp_path / "run").recorded["distilled"]["guidance_interval"] == [0.0, float("inf")]
+
+
+def test_a_teacher_that_is_no_model_is_named_by_the_option_given(tmp_path, fake_mnist):
+    """distill's refusal of its teacher named --init, an option distill does not have: it names --teacher."""
+    (tmp_path / "empty").mkdir()
+    r = invoke("distill", "--teacher", tmp_path / "empty", "--steps-from", 4, "--steps-to", 2, "--data", fake_mnist,
+               "--out", tmp_path / "d")
+    assert r.exit_code == 1 and r.output.startswith("Error: --teacher: "), r.output
+    assert "--init" not in r.output

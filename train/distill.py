@@ -52,7 +52,8 @@ import numpy as np
 import torch
 
 from ..errors import OptionError
-from ..model.io import CKPT_FILE, MODEL_FILE, default_model_path, read_model_info, save_model, weights_hash
+from ..model.io import (CKPT_FILE, MODEL_FILE, CheckpointError, default_model_path, read_model_info, save_model,
+                        weights_hash)
 from ..options import GUIDANCE, GUIDANCE_INTERVAL, MAX_GUIDANCE
 from ..runtime.samplers import Plan, ddim_plan, timesteps
 from ..runtime.schedule import Schedule
@@ -326,7 +327,10 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, log
 def _distill(cfg: DistillConfig, resume: bool, progress: bool, log, given) -> dict:
     distilled = None
     if not resume:
-        _, teacher_hash, info, _ = read_model_info(cfg.init)
+        try:
+            _, teacher_hash, info, _ = read_model_info(cfg.init)
+        except CheckpointError as e:
+            raise TrainingError(f"{cfg.init_flag}: {e}") from None
         before = (info.get("plan") or {}).get("distilled") if isinstance(info.get("plan"), dict) else None
         folded = float(before.get("guidance", 0.0)) if isinstance(before, dict) else 0.0
         if folded and cfg.guidance:

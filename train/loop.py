@@ -637,8 +637,8 @@ def resolve_run(cfg: TrainConfig, resume: bool, log, given: Collection[str] | No
         try:
             model_given, init_state, _ = read_weights(cfg.init)
         except CheckpointError as e:
-            raise TrainingError(f"--init: {e}") from None
-        source = f"--init: {cfg.init}"
+            raise TrainingError(f"{type(cfg).init_flag}: {e}") from None
+        source = f"{type(cfg).init_flag}: {cfg.init}"
         cfg = dataclasses.replace(cfg, init=str(resolve_model_path(cfg.init).absolute()))   # the file, recorded
     mcfg = cfg.model_config(model_given, source)
     for key in ("prediction", "block"):   # --init: fine-tune to the other output, or to the other block
