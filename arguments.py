@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import DdpmError, raise_if_limit
+from .errors import DdpmError, brief, raise_if_limit
 from .options import MAX_GUIDANCE, MAX_LEVEL, MAX_SIGMA, MAX_THREADS, VARIANCES
 from .schema import Any, Array, Bool, Int, Invalid, Num, Opt, Spec, Str, is_bool, scan, shapes_first
 
@@ -269,6 +269,11 @@ class PlanArg(Spec):
     def check(self, v, dims, path):
         if not _is_plan(v):
             self.fail(v, path)
+        # its name names the files and records made for it (a generator, export.json's "generators"), which hold
+        # one printable line of 1..200 characters (runtime.bundle's _NAME)
+        if not (isinstance(v.name, str) and 1 <= len(v.name) <= 200 and v.name.isprintable()):
+            raise Invalid(f"{path} must be {self.what} named in one printable line of 1..200 characters, got the "
+                          f"name {brief(v.name)}")
 
     @staticmethod
     def fits(model, plan, path) -> None:

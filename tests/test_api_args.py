@@ -496,3 +496,17 @@ def test_the_apis_refusals_name_no_command_line_options(model, shipped):
         with pytest.raises(OptionError) as e:
             call()
         assert "--" not in str(e.value), e.value
+
+
+@pytest.mark.parametrize("name", ["x\ny", "", "x" * 201, "bell\a"])
+def test_a_plan_whose_name_cannot_name_its_files_is_refused(shipped, tmp_path, monkeypatch, name):
+    """A plan's name names the generator file and the export.json record made for it: a plan renamed to a name they
+    cannot hold (a newline, nothing, too long) was taken, its generator built, and the record refused when the folder
+    was read, which then called the whole cache folder damaged. The plan argument is refused before any work."""
+    import dataclasses
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    plan = dataclasses.replace(shipped.plan(steps=4), name=name)
+    with pytest.raises(DdpmError, match=r"plan must be a sampler plan \(Model.plan\) named in one printable line"):
+        shipped.generate(2, plan=plan, engine="onnx-generator")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("generator-*"))
