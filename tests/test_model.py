@@ -85,7 +85,8 @@ def test_model_files_are_the_same_bytes_for_the_same_weights(tmp_path):
     from ddpm.train.distill import recorded_plan
 
     state = _randomised().state_dict()
-    plan = recorded_plan(2, {"teacher": "abc", "steps_from": 4, "guidance": 1.0})
+    plan = recorded_plan(2, {"guidance": 1.0, "guidance_interval": [0.28, 5.42], "teacher": "0" * 64,
+                             "teacher_steps": 4})
     for name, info in (("model.safetensors", {"step": 7}), ("student2.safetensors", {"step": 9, "plan": plan})):
         files = []
         for k in range(5):
