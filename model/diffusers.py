@@ -213,18 +213,24 @@ def schedule_fields(sched: dict, where: str) -> dict:
     return out
 
 
-def _declared_null(path: Path | None, classes: int) -> int | None:
-    """The null class a ddpm.json declares ({"null_class": K-1}), or None without one. DiffusersError for any other
-    content: the null class must be the last index (ddpm's labels are 0..K-2 and the null label K-1)."""
+def _declaration(path: Path | None) -> dict:
+    """What a ddpm.json declares, checked (DECLARATION_SCHEMA: its fields and no others); {} without one.
+    DiffusersError for any other content."""
     if path is None:
-        return None
+        return {}
     d = _json(path)
     unknown = set(d) - set(DECLARATION_SCHEMA.optional)
     if unknown:
         raise DiffusersError(f"{path}: unknown field(s) {', '.join(sorted(map(clip, unknown)))}; it holds "
-                             f"{{\"null_class\": K-1}}")
+                             f"{{\"null_class\": K-1}} and, for a distilled student, its \"plan\"")
     DECLARATION_SCHEMA.check(d, path, DiffusersError)
-    null = d.get("null_class")
+    return d
+
+
+def _declared_null(path: Path | None, classes: int) -> int | None:
+    """The null class a ddpm.json declares ({"null_class": K-1}), or None without one. DiffusersError for any other
+    content (_declaration): the null class must be the last index (ddpm's labels are 0..K-2 and the null label K-1)."""
+    null = _declaration(path).get("null_class")
     if null is None:
         return None
     if null != classes - 1:
@@ -235,16 +241,8 @@ def _declared_null(path: Path | None, classes: int) -> int | None:
 
 def _declared_plan(path: Path | None) -> dict | None:
     """The plan a ddpm.json records (`ddpm export --diffusers` of a distilled student: PLAN), or None without one.
-    DiffusersError for content DECLARATION_SCHEMA refuses."""
-    if path is None:
-        return None
-    d = _json(path)
-    unknown = set(d) - set(DECLARATION_SCHEMA.optional)
-    if unknown:
-        raise DiffusersError(f"{path}: unknown field(s) {', '.join(sorted(map(clip, unknown)))}; it holds "
-                             f"{{\"null_class\": K-1}}")
-    DECLARATION_SCHEMA.check(d, path, DiffusersError)
-    return d.get("plan")
+    DiffusersError for content DECLARATION_SCHEMA refuses (_declaration)."""
+    return _declaration(path).get("plan")
 
 
 def model_config(unet: dict, sched: dict, unet_where: str, sched_where: str, declaration: Path | None) -> ModelConfig:
