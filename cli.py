@@ -58,7 +58,9 @@ FLAGS = {"n": "-n", "jump": "--jump-length", "top": "--strength", "plan": "--sam
 
 
 # options that ask for less memory at once: an out-of-memory message names those of the command that runs
-LESS_AT_ONCE_PARAMS = ("num", "batch", "batch_size", "batches", "batch_range")
+# the parameters that ask for less host memory at once: samples (-n), a batch of sampling or training, bench's
+# batches; not export's --batch (batch_range), which shapes TensorRT engines only
+LESS_AT_ONCE_PARAMS = ("num", "batch", "batch_size", "batches")
 _HELP_ERROR = getattr(click.exceptions, "NoArgsIsHelpError", ())   # `ddpm` alone: click shows the help (click >= 8.2)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ddpm
-from ddpm.errors import DdpmError
+from ddpm.errors import DdpmError, OptionError
 from ddpm.model.io import read_model_info
 from ddpm.train import distill as D
 from helpers import invoke, tiny_checkpoint
@@ -37,8 +37,21 @@ def test_a_distillations_ckpt_pt_gives_the_students_plan(run):
 def test_distilling_a_ckpt_pt_further_knows_its_folded_guidance(run, fake_mnist, tmp_path):
     cfg = D.DistillConfig(data=str(fake_mnist), out=str(tmp_path / "more"), init=str(run / "ckpt.pt"), steps_from=2,
                           steps_to=1, iters=1, fold_iters=0, batch_size=4, device="cpu")
-    with pytest.raises(D.TrainingError, match="has guidance 0.45 folded in already"):
+    with pytest.raises(OptionError, match="has guidance 0.45 folded in already") as e:
         D.distill(cfg, progress=False, log=lambda *_: None)
+    assert e.value.option == "guidance"   # options that do not fit the teacher: a usage error (docs/distill.md)
+    r = invoke("distill", "--teacher", run, "--steps-from", 2, "--steps-to", 1, "--data", fake_mnist, "--out",
+               tmp_path / "cli")
+    assert r.exit_code == 2 and "Invalid value for --guidance" in r.output, r.output
+
+
+def test_ordinary_training_from_a_student_is_refused(run, fake_mnist, tmp_path):
+    """train --init of a student dropped its plan without a word, and the result sampled with guidance on top of the
+    guidance folded into its weights: refused, naming what to do instead."""
+    for init in (run, run / "ckpt.pt", run / "model.safetensors"):
+        r = invoke("train", "--init", init, "--steps", 1, "--batch", 8, "--data", fake_mnist, "--out", tmp_path / "t")
+        assert r.exit_code == 1 and "is a distilled student (guidance 0.45 folded in, for ddim-2)" in r.output, r.output
+        assert not (tmp_path / "t").exists()
 
 
 def test_a_distillations_ckpt_pt_without_its_plan_is_refused(run, tmp_path):

@@ -214,3 +214,13 @@ def test_a_panic_of_the_safetensors_reader_under_a_memory_limit_is_the_limit(ckp
     monkeypatch.setattr(safetensors, "safe_open", safe_open)
     with pytest.raises(LimitReached, match=r"^ddpm\.load\(\): out of memory: .*\(ulimit -v 307200\)"):
         ddpm.load(ckpt)
+
+
+def test_out_of_memory_names_only_options_that_ask_for_less():
+    """export's out-of-memory line told the user to try a smaller --batch, which export refuses without --trt (it
+    shapes TensorRT engines only): a command names only the options that lower its host memory."""
+    from ddpm.cli import less_at_once, main
+
+    assert less_at_once(main.commands["export"]) is None
+    assert less_at_once(main.commands["gen"]) == "-n or --batch"
+    assert less_at_once(main.commands["train"]) == "--batch" and less_at_once(main.commands["bench"]) == "--batch"

@@ -334,8 +334,9 @@ def _distill(cfg: DistillConfig, resume: bool, progress: bool, log, given) -> di
         before = (info.get("plan") or {}).get("distilled") if isinstance(info.get("plan"), dict) else None
         folded = float(before.get("guidance", 0.0)) if isinstance(before, dict) else 0.0
         if folded and cfg.guidance:
-            raise TrainingError(f"the teacher {cfg.init} has guidance {folded:g} folded in already; give --guidance 0 "
-                                f"to distil it further")
+            # options that do not fit the teacher: a usage error (exit 2), as a --steps-from beyond its T
+            raise OptionError(f"the teacher {cfg.init} has guidance {folded:g} folded in already; give --guidance 0 "
+                              f"to distil it further", "guidance")
         distilled = {"guidance": cfg.guidance or folded, "guidance_interval": [cfg.guidance_lo, cfg.guidance_hi],
                      "teacher": teacher_hash, "teacher_steps": cfg.steps_from}
     run = resolve_run(cfg, resume, log, given)

@@ -635,9 +635,17 @@ def resolve_run(cfg: TrainConfig, resume: bool, log, given: Collection[str] | No
         _check_options(cfg)
     elif cfg.init:
         try:
-            model_given, init_state, _ = read_weights(cfg.init)
+            model_given, init_state, init_info = read_weights(cfg.init)
         except CheckpointError as e:
             raise TrainingError(f"{type(cfg).init_flag}: {e}") from None
+        plan = init_info.get("plan")
+        if type(cfg).init_flag == "--init" and isinstance(plan, dict) and plan.get("distilled"):
+            # a student's weights hold the guidance folded in for its plan: trained on as an ordinary model, it
+            # would lose that plan and be sampled with guidance again
+            raise TrainingError(f"--init: {cfg.init} is a distilled student (guidance "
+                                f"{plan['distilled'].get('guidance', 0):g} folded in, for {plan['sampler']}-"
+                                f"{plan['steps']}): train from its teacher, or distil it further with `ddpm distill "
+                                f"--teacher {cfg.init} --guidance 0`")
         source = f"{type(cfg).init_flag}: {cfg.init}"
         cfg = dataclasses.replace(cfg, init=str(resolve_model_path(cfg.init).absolute()))   # the file, recorded
     mcfg = cfg.model_config(model_given, source)
