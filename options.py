@@ -103,6 +103,18 @@ class Sampling:
                               f"they would make (model.plan(sampler=..., steps=...)); give the plan or them", "plan")
         opts = replace(cls(**{k: v for k, v in values.items() if k in names}), **changes)
         check_guidance(opts.guidance, given, labelled, cli)
+        if not isinstance(opts.engine, str):
+            # an engine object runs its own precision: fp16=False or int8=False given beside an fp16 or int8 engine
+            # contradicts it as fp16=True beside an fp32 one does (__post_init__, engine_refusal)
+            has = getattr(opts.engine, "precision", "fp32") or "fp32"
+            for name in ("fp16", "int8"):
+                if name in given and not getattr(opts, name) and has == name:
+                    from .errors import OptionError
+
+                    what = getattr(opts.engine, "name", type(opts.engine).__name__)
+                    raise OptionError(f"the engine given (engine=) is an {has} {what} engine and runs {has}: leave "
+                                      f"out {name}=False, or give an fp32 engine (model.engine({what!r})) or the "
+                                      f"engine's name (engine={what!r})", name)
         return opts
 
     def with_recorded(self, record: dict | None, given) -> "Sampling":

@@ -305,3 +305,15 @@ def test_the_class_cycle_follows_the_sample_index(ckpt, tiny_export):
     whole = model.generate(32, seed=5, steps=2)
     assert np.array_equal(model.generate(16, seed=5, steps=2, start=16), whole[16:])
     assert np.array_equal(model.generate(5, seed=5, steps=2, start=13, batch=2), whole[13:18])
+
+
+@pytest.mark.parametrize("has", ["fp16", "int8"])
+def test_a_precision_refused_explicitly_beside_an_engine_of_it_is_refused(has):
+    """fp16=False (or int8=False) given beside an fp16 (int8) engine object ran that engine's precision silently:
+    a precision given explicitly must be the engine's, whichever way it is given. Left out, the engine's runs."""
+    engine = SimpleNamespace(name="onnx", precision=has)
+    with pytest.raises(OptionError, match=f"is an {has} onnx engine and runs {has}: leave out {has}=False") as e:
+        Sampling.of({"engine": engine, has: False}, given={has})
+    assert e.value.option == has
+    Sampling.of({"engine": engine}, given=set())
+    Sampling.of({"engine": engine, "fp16": False, "int8": False}, given={"fp16" if has == "int8" else "int8"})
