@@ -714,13 +714,17 @@ class Bundle:
     def checked_generator(self, gen: dict) -> Path:
         """The file of the generator record `gen` (one of `generators`), checked as generator_path checks the record
         it finds: every record of the folder can be checked as itself (`ddpm export` does so before it keeps them),
-        not only the first of its plan and precision. ExportError when it is damaged or of another int8 model."""
+        not only the first of its plan and precision; an int8 one with model_int8.onnx and its record (onnx_path),
+        so that both engines refuse a folder whose int8 record is false. ExportError when it is damaged or of another
+        int8 model."""
         precision = gen.get("precision", "fp32")
         command = self.export_command(precision, flags=" --generator")
         if precision == "int8" and gen.get("int8_sha256") != self.meta["files"].get("int8", {}).get("sha256"):
             what = "another int8 model than the folder's model_int8.onnx" if "int8" in self.meta["files"] \
                 else "an int8 model the folder no longer has"
             raise ExportError(f"{self.root / gen['name']} holds {what}; re-run `{command}`")
+        if precision == "int8":   # the int8 model it holds is checked as the onnx engine checks it (its recipe too)
+            self.onnx_path("int8")
         return self._member(gen, command, "generator")
 
     def _member(self, entry: dict, redo: str, kind: str, precision: str | None = None) -> Path:

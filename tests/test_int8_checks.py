@@ -228,6 +228,14 @@ def test_export_int8_repairs_an_edited_record_and_keeps_the_generators_of_the_sa
     assert after["files"]["int8"] == before["files"]["int8"]   # the record again, of the same file
     assert _gen_records(copy) == gens and Bundle.load(copy).generator_path(precision="int8")
     assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in folder.iterdir())
+    if case == "kept_fp32 []":   # before the repair, the int8 generator was refused as the onnx engine's int8 is
+        broken = _edited(folder, tmp_path / "broken", edit)
+        with pytest.raises(ExportError, match="the record is not of this file"):
+            Bundle.load(broken).generator_path(precision="int8")
+        assert Bundle.load(broken).generator_path()   # the fp32 generator still runs
+        r = invoke("gen", "--ckpt", ckpt, "--export", broken, "-n", 2, "--steps", 4, "--int8", "--engine",
+                   "onnx-generator", "--out", tmp_path / "g.png")
+        assert r.exit_code == 1 and said in r.output and not (tmp_path / "g.png").exists(), r.output
 
 
 # --------------------------------------------------------------------------------------- the line: no int8 row ran
