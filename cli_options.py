@@ -390,6 +390,25 @@ def solver_options(defaults: Sampling = DEFAULT, steps_help: str = "Network call
     ])
 
 
+def plan_flags(opts: Sampling, steps: int) -> str:
+    """The `ddpm gen` options that make the plan of `opts` (a plan of `steps` network calls): --sampler and --steps,
+    then every other plan option that differs from gen's defaults (DEFAULT: --eta, --variance, --spacing,
+    --guidance-interval, --guidance-rescale), as the web page shows the command that gives its digits."""
+    flags = [f"--sampler {opts.sampler}", f"--steps {steps}"]
+    if opts.eta != DEFAULT.eta:
+        flags.append(f"--eta {opts.eta:g}")
+    if opts.variance != DEFAULT.variance:
+        flags.append(f"--variance {opts.variance}")
+    if opts.spacing is not None:
+        flags.append(f"--spacing {opts.spacing}")
+    if opts.guidance_interval != DEFAULT.guidance_interval:
+        interval = opts.guidance_interval
+        flags.append("--guidance-interval " + ("all" if interval is None else ",".join(map("{:g}".format, interval))))
+    if opts.guidance_rescale != DEFAULT.guidance_rescale:
+        flags.append(f"--guidance-rescale {opts.guidance_rescale:g}")
+    return " ".join(flags)
+
+
 def sampling_options(defaults: Sampling = DEFAULT):
     """The options.Sampling fields as options (gen, eval, the editing commands), with a command's defaults."""
     return lambda f: add_options(f, [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .cli_options import (DEFAULT, DEFAULT_STEPS_HELP, Finite, InputPath, check_output, comma_list, device_syntax,
-                          model_option, needs_torch, on_command_line, prepare, refuse_same_path, sampling,
+                          model_option, needs_torch, on_command_line, plan_flags, prepare, refuse_same_path, sampling,
                           sampling_options, set_threads, solver_options)
 from .export.generator import FORMS
 from .options import MAX_GUIDANCE, MAX_THREADS, Sampling, precision_refusal
@@ -217,8 +217,7 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
                  f"({gen['bytes'] / 1e6:.2f} MB, {gen['plan']}, {form})")
     echo(f"export folder: {bundle.root}")
     if web_dir:
-        shown = f"--sampler {opts.sampler} --steps {plan.steps}" + (f" --guidance-rescale {guidance_rescale:g}"
-                                                                     if guidance_rescale else "")
+        shown = plan_flags(opts, plan.steps)
         if bundle.meta["checkpoint_hash"] != read_model_info(default_model_path())[1]:
             # `ddpm gen` without --ckpt/--export runs the shipped model: the page's command names an export folder
             # of these weights as DIR, which the page explains by their hash; a published page holds no local path

@@ -37,6 +37,7 @@ from typing import Callable
 from ..errors import DdpmError
 from ..schema import json_loads
 from ..files import FolderKind, building_dir, check_writable, claim_dir, input_path, publish_owned
+from ..options import MAX_GUIDANCE
 from ..runtime.bundle import Bundle
 
 ORT_WEB = {
@@ -278,6 +279,7 @@ def write_page(bundle: Bundle, out: str | Path, guidance: float, gen_options: st
         _extract(tarball, tmp / "ort")
         gen, meta = bundle.generator(plan_key), bundle.meta
         model = {"plan": gen["plan"], "steps": gen["steps"], "form": gen["form"], "guidance": guidance,
+                 "max_guidance": MAX_GUIDANCE,   # gen's range of w, which the page's form holds to too
                  "gen_options": gen_options, "image_shape": meta["image_shape"], "num_classes": meta["num_classes"],
                  "null_label": meta["null_label"], "checkpoint_hash": meta["checkpoint_hash"],
                  "generator_sha256": gen["sha256"], "onnxruntime_web": ORT_WEB}

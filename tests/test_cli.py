@@ -1,6 +1,7 @@
 """The CLI end to end with a tiny model: gen, inpaint, bench --quick, and bad input."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -458,3 +459,37 @@ def test_quiet_silences_the_unconditional_notice(ckpt, tmp_path, command):
     loud, quiet = invoke(*args), invoke(*args, "-q")
     assert loud.exit_code == 0 and "no --label: using the unconditional model" in loud.output, loud.output
     assert quiet.exit_code == 0 and quiet.output.count("\n") == 1 and "-> " in quiet.output, quiet.output
+
+
+@pytest.mark.parametrize("options", [
+    dict(sampler="ddim", steps=12, spacing="trailing", guidance_interval=(0.5, 3.0), guidance_rescale=0.7),
+    dict(guidance_interval=None), dict(spacing="logsnr"), dict(sampler="ddim", steps=5, eta=1.0),
+    dict(sampler="ddpm", variance="large"), dict()])
+def test_the_web_pages_command_makes_its_plan(tmp_path, options):
+    """The page of `export --web` shows the `ddpm gen` command that gives its digits: it named --sampler and --steps
+    only, so a page of another spacing or guidance interval showed a command of other digits (up to 255 grey levels
+    apart). The options it shows, given to gen, make the page's plan."""
+    import ddpm
+    from ddpm.cli_options import plan_flags
+    from ddpm.options import Sampling
+
+    model = ddpm.load()
+    opts = Sampling(**options)
+    plan = model.plan(**opts.plan_args())
+    shown = plan_flags(opts, plan.steps)
+    r = invoke("gen", "-n", 1, *shown.split(), "--out", tmp_path / "g.npz")
+    assert r.exit_code == 0 and f"({plan.name}, " in r.output, (shown, plan.name, r.output)
+
+
+@pytest.mark.parametrize("steps, frames", [(8, 8), (100, 60)])
+def test_a_trajectory_gif_has_the_frames_the_docs_say(tmp_path, steps, frames):
+    """docs/sampling.md: `x.gif` animates every step of a plan of up to 60 steps, and 60 evenly spread steps of a
+    longer one (it said every step, and a 100-step plan gave 60 frames)."""
+    from PIL import Image
+
+    r = invoke("gen", "-n", 1, "--sampler", "ddim", "--steps", steps, "--trajectory", tmp_path / "t.gif", "--out",
+               tmp_path / "g.npz", "-q")
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "t.gif").n_frames == frames
+    assert "animates every step of a plan of up to 60 steps, and 60" in " ".join(
+        (Path(__file__).parents[1] / "docs" / "sampling.md").read_text().split())

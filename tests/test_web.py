@@ -175,6 +175,11 @@ def test_what_export_and_the_page_write_holds_no_local_path(exported, tmp_path, 
         assert not found, f"{path.relative_to(tmp_path)} holds {found}"
     meta = json.loads((page / "model.json").read_text())
     assert meta["gen_options"].endswith(" --export DIR") and len(meta["checkpoint_hash"]) == 64
+    # the page's form holds w to gen's range, from model.json (a page's w of 150 showed a command gen refuses)
+    from ddpm.options import MAX_GUIDANCE
+
+    assert meta["max_guidance"] == MAX_GUIDANCE
+    assert "guidance > meta.max_guidance" in (page / "app.mjs").read_text()
 
 
 def test_web_page_with_int8_refused_in_one_line(exported, tmp_path):

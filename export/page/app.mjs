@@ -22,7 +22,9 @@ function readForm(meta) {
   const count = Number($("count").value);
   if (!Number.isInteger(count) || count < 1 || count > 64) throw new RangeError("digits must be an integer in 1..64");
   let guidance = Number($("guidance").value);
-  if (!Number.isFinite(guidance) || guidance < 0) throw new RangeError("guidance must be a number >= 0");
+  if (!Number.isFinite(guidance) || guidance < 0 || guidance > meta.max_guidance) {
+    throw new RangeError(`guidance must be a number in 0..${meta.max_guidance}`);
+  }
   const seed = $("seed").value.trim();
   split64(seed, "seed");   // throws a RangeError outside 0..2^64-1
   const choice = $("label").value;
