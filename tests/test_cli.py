@@ -465,7 +465,7 @@ def test_quiet_silences_the_unconditional_notice(ckpt, tmp_path, command):
     dict(sampler="ddim", steps=12, spacing="trailing", guidance_interval=(0.5, 3.0), guidance_rescale=0.7),
     dict(guidance_interval=None), dict(spacing="logsnr"), dict(sampler="ddim", steps=5, eta=1.0),
     dict(sampler="ddpm", variance="large"), dict()])
-def test_the_web_pages_command_makes_its_plan(tmp_path, options):
+def test_the_web_pages_command_makes_its_plan(ckpt, tmp_path, options):
     """The page of `export --web` shows the `ddpm gen` command that gives its digits: it named --sampler and --steps
     only, so a page of another spacing or guidance interval showed a command of other digits (up to 255 grey levels
     apart). The options it shows, given to gen, make the page's plan."""
@@ -473,11 +473,11 @@ def test_the_web_pages_command_makes_its_plan(tmp_path, options):
     from ddpm.cli_options import plan_flags
     from ddpm.options import Sampling
 
-    model = ddpm.load()
+    model = ddpm.load(ckpt)
     opts = Sampling(**options)
     plan = model.plan(**opts.plan_args())
     shown = plan_flags(opts, plan.steps)
-    r = invoke("gen", "-n", 1, *shown.split(), "--out", tmp_path / "g.npz")
+    r = invoke("gen", "--ckpt", ckpt, "-n", 1, *shown.split(), "--out", tmp_path / "g.npz")
     assert r.exit_code == 0 and f"({plan.name}, " in r.output, (shown, plan.name, r.output)
 
 

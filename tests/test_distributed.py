@@ -106,6 +106,7 @@ def test_torchrun_variables_that_do_not_fit_are_one_line(ckpt, fake_mnist, tmp_p
     assert not (tmp_path / "g.png").exists() and not (tmp_path / "r").exists() and not (tmp_path / "d").exists()
 
 
+@pytest.mark.slow
 def test_rank_without_a_world_is_one_process(ckpt, fake_mnist, tmp_path, monkeypatch):
     """RANK set by something else while WORLD_SIZE is unset or 1 is one process: rank 0, which writes its run (a
     RANK=3 left in the environment made train skip its writes)."""

@@ -52,6 +52,7 @@ def test_a_log_over_the_bound_is_refused_unread(tmp_path, monkeypatch):
     assert log.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_the_log_is_cut_line_by_line(tmp_path):
     """read_text() and a list of every kept line: memory grew with the log (748 MB for 80 MB of lines)."""
     log = tmp_path / "log.jsonl"

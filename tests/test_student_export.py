@@ -104,6 +104,7 @@ def test_generator_and_bench_of_a_student_take_its_plan(student, tmp_path):
     assert res["sampler"] == STUDENT_PLAN and res["steps"] == 2 and res["guidance"] == 0, res
 
 
+@pytest.mark.slow
 def test_web_page_of_a_student_starts_at_its_plan(student, tmp_path):
     from ddpm.export.web import WebExportError, ort_web_tarball
 
@@ -118,6 +119,7 @@ def test_web_page_of_a_student_starts_at_its_plan(student, tmp_path):
     assert model["plan"] == STUDENT_PLAN and model["guidance"] == 0, model
 
 
+@pytest.mark.slow
 def test_int8_of_a_student_calibrates_at_its_plans_timesteps(student, tmp_path, fake_mnist):
     path, _ = student
     r = invoke("export", "--ckpt", path, "--out", tmp_path / "exp", "--int8", "--data", fake_mnist)
