@@ -194,7 +194,19 @@ def built_once(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_exported(tmp_path_factory, built_once):
+def fresh_copy(tmp_path_factory, built_once):
+    """fresh_copy(name, build, label) -> a new folder (tmp/LABEL-N/m) holding a copy of built_once(name, build): what
+    is made once per run, handed to each caller as its own."""
+    def copy(name: str, build, label: str) -> Path:
+        dst = tmp_path_factory.mktemp(label) / "m"
+        shutil.copytree(built_once(name, build), dst)
+        return dst
+
+    return copy
+
+
+@pytest.fixture(scope="session")
+def tiny_exported(fresh_copy):
     """tiny_exported(seed=0, fp16=False) -> a new folder holding a tiny model (helpers.tiny_checkpoint(folder, seed))
     as model.safetensors and its ONNX export in exp/ (with the fp16 model when asked). Each export is made once per
     session (an export and its verification cost seconds) and copied for every call: the folder is the caller's."""
@@ -205,16 +217,14 @@ def tiny_exported(tmp_path_factory, built_once):
         export(tiny_checkpoint(root, seed=seed), root / "exp", fp16=fp16, log=lambda *_: None)
 
     def copy(seed: int = 0, fp16: bool = False) -> Path:
-        made = built_once(f"tiny-{seed}{'-fp16' if fp16 else ''}", lambda root: build(root, seed, fp16))
-        dst = tmp_path_factory.mktemp(f"tiny-{seed}-copy") / "m"
-        shutil.copytree(made, dst)
-        return dst
+        return fresh_copy(f"tiny-{seed}{'-fp16' if fp16 else ''}", lambda root: build(root, seed, fp16),
+                          f"tiny-{seed}-copy")
 
     return copy
 
 
 @pytest.fixture(scope="session")
-def tiny_generator_exported(tmp_path_factory, built_once):
+def tiny_generator_exported(fresh_copy):
     """tiny_generator_exported(seed, *options) -> (a new folder holding a tiny model (helpers.tiny_checkpoint(folder,
     seed)) as model.safetensors, and its export in exp/ by `ddpm export --generator OPTIONS`). Each is made once
     per session (an export with a generator and their verifications cost seconds) and copied for every call."""
@@ -227,10 +237,7 @@ def tiny_generator_exported(tmp_path_factory, built_once):
 
     def copy(seed: int, *options) -> Path:
         name = "-".join(["tiny", str(seed), "generator", *(str(o).strip("-") for o in options)])
-        made = built_once(name, lambda root: build(root, seed, options))
-        dst = tmp_path_factory.mktemp(f"tiny-{seed}-generator-copy") / "m"
-        shutil.copytree(made, dst)
-        return dst
+        return fresh_copy(name, lambda root: build(root, seed, options), f"tiny-{seed}-generator-copy")
 
     return copy
 
