@@ -104,17 +104,12 @@ class Sampling:
         opts = replace(cls(**{k: v for k, v in values.items() if k in names}), **changes)
         check_guidance(opts.guidance, given, labelled, cli)
         if not isinstance(opts.engine, str):
-            # an engine object runs its own precision: fp16=False or int8=False given beside an fp16 or int8 engine
-            # contradicts it as fp16=True beside an fp32 one does (__post_init__, engine_refusal)
-            has = getattr(opts.engine, "precision", "fp32") or "fp32"
-            for name in ("fp16", "int8"):
-                if name in given and not getattr(opts, name) and has == name:
-                    from .errors import OptionError
+            # what the user gave (fp16=False included) beside an engine object (__post_init__ sees only values)
+            why, option = engine_refusal(opts.engine, opts.fp16, opts.int8, opts.device, given)
+            if why:
+                from .errors import OptionError
 
-                    what = getattr(opts.engine, "name", type(opts.engine).__name__)
-                    raise OptionError(f"the engine given (engine=) is an {has} {what} engine and runs {has}: leave "
-                                      f"out {name}=False, or give an fp32 engine (model.engine({what!r})) or the "
-                                      f"engine's name (engine={what!r})", name)
+                raise OptionError(why, option)
         return opts
 
     def with_recorded(self, record: dict | None, given) -> "Sampling":
@@ -192,20 +187,28 @@ def _same_device(a: str, b: str) -> bool:
     return full(str(a)) == full(str(b))
 
 
-def engine_refusal(engine, fp16: bool, int8: bool, device: str = "auto") -> tuple[str | None, str]:
+def engine_refusal(engine, fp16: bool, int8: bool, device: str = "auto",
+                   given=frozenset()) -> tuple[str | None, str]:
     """(why, option): why an engine object (one Model.engine or runtime.engines.make_engine returned, or any object
     with a `name`) cannot run the precision that fp16 or int8 asks for, or on the device asked for (not auto), and
     the argument that asks, or (None, "") when it can: such an engine runs the precision it was made with (its
     `precision`, runtime.engine.Engine; fp32 when it says none) where it was made (its `device`), and a precision
-    or device asked for beside it that is not that one would be silently ignored."""
+    or device asked for beside it that is not that one would be silently ignored. given: the names the user gave;
+    fp16=False or int8=False among them beside an fp16 or int8 engine contradicts it as fp16=True beside an fp32
+    one does."""
     name = getattr(engine, "name", type(engine).__name__)
     where = getattr(engine, "device", None)
     if device != "auto" and isinstance(where, str) and not _same_device(device, where):
         return (f"the engine given (engine=) is a {name} engine on {where}, not {device}: leave out device=, or give "
                 f"an engine made there (model.engine({name!r}, device={device!r})) or the engine's name "
                 f"(engine={name!r}, device={device!r})"), "device"
-    asked = "fp16" if fp16 else "int8" if int8 else None
     has = getattr(engine, "precision", "fp32") or "fp32"
+    for option, value in (("fp16", fp16), ("int8", int8)):
+        if option in given and not value and has == option:
+            return (f"the engine given (engine=) is an {has} {name} engine and runs {has}: leave out "
+                    f"{option}=False, or give an fp32 engine (model.engine({name!r})) or the engine's name "
+                    f"(engine={name!r})"), option
+    asked = "fp16" if fp16 else "int8" if int8 else None
     if asked is None or asked == has:
         return None, ""
     return (f"the engine given (engine=) is an {has} {name} engine and runs {has}, not {asked}: leave out "
