@@ -139,6 +139,19 @@ def _same_path(a, b) -> bool:
         return _real(a) == _real(b)
 
 
+def sample_names(files) -> list[str]:
+    """The row names of `ddpm eval --samples` files (paths, in the order given): each file's name, or the path as
+    given where two files share a name, so every row of the scores names one file. Raises click.UsageError (one
+    line, exit 2) for one file given twice (the same file by any path): it would be scored twice under two rows."""
+    files = [str(f) for f in files]
+    for i, a in enumerate(files):
+        for b in files[:i]:
+            if _same_path(a, b):
+                raise click.UsageError(f"--samples {b} and --samples {a} are the same file: give each file once")
+    base = [os.path.basename(f) for f in files]
+    return [b if base.count(b) == 1 else f for f, b in zip(files, base)]
+
+
 def _real(path) -> str:
     from .files import real_path
 

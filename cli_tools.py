@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from .cli_options import (DEFAULT, DEFAULT_STEPS_HELP, Finite, InputPath, check_output, comma_list, device_syntax,
-                          model_option, needs_torch, on_command_line, plan_flags, prepare, refuse_same_path, sampling,
-                          sampling_options, set_threads, solver_options)
+                          model_option, needs_torch, on_command_line, plan_flags, prepare, refuse_same_path,
+                          sample_names, sampling, sampling_options, set_threads, solver_options)
 from .export.generator import FORMS
 from .options import MAX_GUIDANCE, MAX_THREADS, Sampling, precision_refusal
 from .runtime.engines import ENGINES
@@ -60,13 +60,13 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
         check_output(json_out, "--json")
     needs_torch("eval (its MNIST classifier)")
     import json
-    from pathlib import Path
 
     from . import evaluation, pipeline
     from .files import write_text
     from .samples import read_samples
 
-    samples = [(Path(f).name, *read_samples(f, evaluation.IMAGE_SHAPE)) for f in sample_files]   # every file checked before the slow parts
+    samples = [(name, *read_samples(f, evaluation.IMAGE_SHAPE))   # every file checked before the slow parts
+               for name, f in zip(sample_names(sample_files), sample_files)]
     for f, (_, images, _) in zip(sample_files, samples):   # as -n: the scores need two samples
         if len(images) < 2:
             raise click.BadParameter(f"{f} holds {len(images)} sample{'s' if len(images) != 1 else ''}; the scores "

@@ -188,3 +188,20 @@ def test_the_legend_names_the_splits_the_scores_used(monkeypatch):
     assert [r["is_splits"] for r in rows.values()] == [1, 4, 10]
     assert "mean of 1 split (" in format_table([rows[3]]) and "mean of 10 splits" in format_table([rows[20]])
     assert "mean of 1 or 4 or 10 splits" in format_table(list(rows.values()))
+
+
+def test_eval_samples_rows_name_one_file_each(tmp_path):
+    """Two --samples files with one name (a/s.npz, b/s.npz) gave two rows named s.npz; one file given twice (by any
+    path) was scored twice. Rows are named by the path where names repeat, and a file given twice is one line."""
+    from ddpm.cli_options import sample_names
+
+    for d in "ab":
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "s.npz").write_bytes(b"")
+    (tmp_path / "t.npz").write_bytes(b"")
+    a, b, t = str(tmp_path / "a" / "s.npz"), str(tmp_path / "b" / "s.npz"), str(tmp_path / "t.npz")
+    assert sample_names([a, b, t]) == [a, b, "t.npz"]
+    assert sample_names([t]) == ["t.npz"]
+    (tmp_path / "link.npz").symlink_to(t)
+    r = CliRunner().invoke(main, ["eval", "--samples", t, "--samples", str(tmp_path / "link.npz")])
+    assert r.exit_code == 2 and "are the same file: give each file once" in r.output, r.output
