@@ -138,5 +138,11 @@ def evaluate(images, labels, data: str | os.PathLike | None = None, name: str = 
     DdpmError for bad arrays, missing data or no PyTorch."""
     from ..model.io import require_torch
 
+    from .metrics import EvaluationError, check_samples
+
+    try:   # what the arguments' types allow and the scores cannot take (labels out of range, N < 2)
+        check_samples(images, labels, name)
+    except EvaluationError as e:
+        raise EvaluationError(f"ddpm.evaluate(): {e}") from None
     require_torch("ddpm.evaluate")
     return evaluate_sets([(name, images, labels)], data, download=download, log=None, keep=True)[0]

@@ -132,7 +132,7 @@ def check_samples(images, labels, name: str = "samples") -> tuple[np.ndarray, np
             (len(labels) and (labels.min() < -1 or labels.max() > NUM_CLASSES - 1)):
         got = f"values from {labels.min()} to {labels.max()}" if labels.shape == images.shape[:1] and \
             np.issubdtype(labels.dtype, np.integer) else f"{labels.dtype} {labels.shape}"
-        raise EvaluationError(f"labels must be {len(images)} integers in -1..{NUM_CLASSES - 1} (one per image), got "
+        raise EvaluationError(f"{name}: labels must be {len(images)} integers in -1..{NUM_CLASSES - 1} (one per image), got "
                               f"{got}")
     if len(images) < 2:
         raise EvaluationError(f"{name}: need at least 2 images for a Frechet distance")

@@ -92,3 +92,13 @@ def test_evaluate_scores_real_digits_and_refuses_bad_labels(mnist_dir, tmp_path)
             ddpm.evaluate(test[:500], wrong, data=mnist_dir)
     with pytest.raises(ddpm.DdpmError, match="MNIST"):
         ddpm.evaluate(test[:500], labels[:500].astype(np.int64), data=tmp_path / "none", download=False)
+
+
+def test_evaluate_names_itself_in_every_refusal_of_its_samples(tmp_path):
+    """Labels out of -1..9 and fewer than 2 digits were refused without the `ddpm.evaluate():` every other bad
+    argument names, and only after the MNIST data was looked up. Both name the function, before any data is read."""
+    digits = np.zeros((4, 28, 28), np.uint8)
+    for images, labels, what in ((digits, np.full(4, 10), "labels must be 4 integers in -1..9"),
+                                 (digits[:1], np.zeros(1, np.int64), "need at least 2 images")):
+        with pytest.raises(ddpm.DdpmError, match=r"^ddpm\.evaluate\(\): samples: " + what):
+            ddpm.evaluate(images, labels, data=tmp_path / "none", download=False)
