@@ -266,7 +266,8 @@ MAX_CKPT_DEPTH = 32   # levels of nested dicts and lists in a ckpt.pt (`ddpm tra
 
 
 def _check_storage(path: Path, obj) -> None:
-    """Every tensor in `obj` (nested dicts and lists) must be a dense view whose storage holds all its elements:
+    """Every tensor in `obj` (nested dicts and lists) must be a dense (strided, not quantized or nested) view whose
+    storage holds all its elements (a sparse tensor has no storage to measure):
     an expanded or strided view (stride 0) declares more numbers than the file stores, and looking at its values
     (the finiteness check, a copy) would allocate by the declared shape. Nesting deeper than MAX_CKPT_DEPTH is
     refused too. Walked with an explicit stack, so that no nesting can exhaust Python's recursion limit.
@@ -277,6 +278,11 @@ def _check_storage(path: Path, obj) -> None:
     while stack:
         obj, where, depth = stack.pop()
         if isinstance(obj, torch.Tensor):
+            if obj.layout != torch.strided or obj.is_quantized or getattr(obj, "is_nested", False):
+                kind = "a quantized" if obj.is_quantized else "a nested" if getattr(obj, "is_nested", False) else \
+                    f"a {str(obj.layout).removeprefix('torch.')}"
+                raise CheckpointError(f"{path}: {clip(where, 80) or 'a tensor'} is {kind} tensor, not a dense one; it "
+                                      f"was not written by `ddpm train`: use an earlier checkpoint or train again")
             need = obj.numel() * obj.element_size()
             have = obj.untyped_storage().nbytes() - obj.storage_offset() * obj.element_size()
             if obj.numel() and (not obj.is_contiguous() or have < need):
