@@ -69,8 +69,10 @@ def test_limits_while_writing_are_one_line(ckpt, tmp_path, monkeypatch, raised):
         Path(tmp).write_bytes(b"half")
         raise raised
 
+    import ddpm.samples  # noqa: F401  (binds atomic_write as it is imported: not while the patch is on)
+
     real = files.atomic_write
-    monkeypatch.setattr(files, "atomic_write", lambda path, _: real(path, write))
+    monkeypatch.setattr(files, "atomic_write", lambda path, w: real(path, write if Path(path) == out else w))
     r = invoke("gen", "--ckpt", ckpt, "--engine", "torch", "-n", 2, "--steps", 2, "-q", "--out", out)
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     lines = [ln for ln in r.output.splitlines() if ln.startswith("Error")]
