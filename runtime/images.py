@@ -39,6 +39,15 @@ class ImageError(OptionError):
     mask) where that is known."""
 
 
+def check_pixels(h: int, w: int, where: str, option: str | None = None) -> None:
+    """ImageError (naming `where` and `option`) for a picture of h x w pixels over MAX_PIXELS, from its size alone:
+    a file's header or an array's shape (a broadcast view of a few bytes may declare any size), before any pixel
+    is decoded or read."""
+    if h * w > MAX_PIXELS:
+        raise ImageError(f"{where}: {w}x{h} pixels is more than this reader takes ({MAX_PIXELS} pixels; a digit "
+                         f"needs 28x28)", option)
+
+
 def read_image(path: str | os.PathLike, channels: int = 1) -> np.ndarray:
     """A picture file as (H, W) uint8 at the size it is shown, 0 black .. 255 white; with channels 3, as (H, W, 3)
     uint8 RGB (a grey file's levels in all three channels; colour composited over black where it has alpha:
@@ -67,9 +76,7 @@ def read_image(path: str | os.PathLike, channels: int = 1) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as img:
                 w, h = img.size
-                if w * h > MAX_PIXELS:
-                    raise ImageError(f"{path}: {w}x{h} pixels is more than this reader takes ({MAX_PIXELS} pixels; "
-                                     f"a digit needs 28x28)")
+                check_pixels(h, w, str(path))
                 if getattr(img, "is_animated", False):   # frames are not counted: that reads the whole file
                     raise ImageError(f"{path}: more than one frame (an animation or a multi-page file), which frame "
                                      f"is the digit is not known: save that frame as a picture of its own")
@@ -168,13 +175,15 @@ def picture(image, option: str = "image", allow_bool: bool = False, channels: in
         a = np.asarray(image)
     except (ValueError, TypeError) as e:   # a ragged nested list, a closed PIL image
         raise ImageError(f"{option} must be a picture file or {_form(channels)} ({e})", option) from None
-    if allow_bool and a.dtype == bool:
-        a = a.astype(np.uint8) * 255
-    if channels > 1 and a.ndim == 2:
-        a = np.repeat(a[..., None], channels, axis=-1)
-    if a.ndim != (2 if channels == 1 else 3) or a.shape[2:] not in ((), (channels,)) or a.dtype != np.uint8 or \
-            min(a.shape) < 1:
+    grey = a.ndim == 2
+    if not (grey or channels > 1 and a.ndim == 3 and a.shape[2] == channels) or min(a.shape) < 1 or \
+            a.dtype != np.uint8 and not (allow_bool and a.dtype == bool):
         raise ImageError(f"{option} must be a picture file or {_form(channels)}, got {a.dtype} {a.shape}", option)
+    check_pixels(a.shape[0], a.shape[1], option, option)   # from the shape, before any value is read or copied
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    if channels > 1 and grey:
+        a = np.repeat(a[..., None], channels, axis=-1)
     return a
 
 
@@ -300,11 +309,16 @@ def inpaint_inputs(image, mask, n: int | None, size: tuple[int, int],
     count = len(mask) if stack else 1   # from the shape, before any mask is read
     if count not in (1, len(raw)):
         raise OptionError(f"{count} masks for {len(raw)} pictures", "mask")
+    def same_size(shape) -> None:
+        if tuple(shape[:2]) != raw[0].shape[:2]:
+            raise OptionError(f"the mask is {shape[1]}x{shape[0]} pixels and the image {raw[0].shape[1]}x"
+                              f"{raw[0].shape[0]}: they must have the same size", "mask")
+
+    if not isinstance(mask, (str, os.PathLike)) and np.ndim(mask) in (2, 3):
+        same_size(np.shape(mask)[-2:])   # an array's size from its shape, before any of it is read
     masks = [picture(m, "mask", allow_bool=True) for m in (mask if stack else [mask])]
     for m in masks:
-        if m.shape != raw[0].shape[:2]:
-            raise OptionError(f"the mask is {m.shape[1]}x{m.shape[0]} pixels and the image {raw[0].shape[1]}x"
-                              f"{raw[0].shape[0]}: they must have the same size", "mask")
+        same_size(m.shape)
     kept = np.stack([fit(m, size) >= 128 for m in masks])
     for k in kept:
         if not k.any():

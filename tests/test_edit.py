@@ -690,3 +690,22 @@ def test_a_picture_of_several_frames_is_refused(tmp_path, suffix):
     assert "\n" not in str(e.value)
     frames[1].save(tmp_path / f"one{suffix}", save_all=True)
     assert np.array_equal(read_image(tmp_path / f"one{suffix}"), digit)
+
+
+def test_picture_arrays_are_sized_from_their_shape_before_any_value_is_read(model):
+    """A broadcast view of a few bytes may declare a picture of any size: an image array had no pixel limit (a
+    30000x30000 view was edited at +860 MB), and a mask array was copied whole (+765 MB at 20000x20000) before its
+    size was compared with the image's. Arrays have the files' pixel limit, and a mask's size is compared first,
+    both from the shape: a view of 10^10 pixels is refused before a byte of it is read or copied."""
+    import resource
+
+    huge = np.broadcast_to(np.uint8(200), (100_000, 100_000))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for call in (lambda: model.edit(huge, label=8, n=1, steps=2),
+                 lambda: model.upscale(huge, n=1, steps=2),
+                 lambda: model.edit(huge[None], label=8, steps=2)):
+        with pytest.raises(ImageError, match="100000x100000 pixels is more than this reader takes"):
+            call()
+    with pytest.raises(ddpm.DdpmError, match="the mask is 100000x100000 pixels and the image 28x28"):
+        model.inpaint_input(_picture(), np.broadcast_to(True, (100_000, 100_000)), n=1)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 50_000   # KiB: nothing of 10 GB was made
