@@ -51,12 +51,24 @@ def _unique_keys(pairs: list) -> dict:
     return dict(pairs)
 
 
+# The most digits an integer read from JSON may have: far more than any entry's bound (Python's own limit, 4300
+# digits, raises a ValueError that tells the user to call sys.set_int_max_str_digits)
+MAX_JSON_DIGITS = 100
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_JSON_DIGITS:
+        raise ValueError(f"an integer of {len(digits.lstrip('-'))} digits (at most {MAX_JSON_DIGITS} are read)")
+    return int(digits)
+
+
 def json_loads(text: str | bytes):
     """json.loads for what a file holds: an object that holds one key twice raises DuplicateKey (a ValueError, as
     json's own errors are). Python keeps the last value, other readers (browsers, Rust's serde) may keep the first
     or refuse, so the same file would mean different things to each; the readers refuse it, as they refuse an
-    archive holding one member name twice (repeated). RecursionError for nesting deeper than the decoder goes."""
-    return json.loads(text, object_pairs_hook=_unique_keys)
+    archive holding one member name twice (repeated). RecursionError for nesting deeper than the decoder goes; a
+    ValueError for an integer of more than MAX_JSON_DIGITS digits."""
+    return json.loads(text, object_pairs_hook=_unique_keys, parse_int=_bounded_int)
 
 
 class Invalid(Exception):
