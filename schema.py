@@ -51,9 +51,10 @@ def _unique_keys(pairs: list) -> dict:
     return dict(pairs)
 
 
-# The most digits an integer read from JSON may have: far more than any entry's bound (Python's own limit, 4300
-# digits, raises a ValueError that tells the user to call sys.set_int_max_str_digits)
-MAX_JSON_DIGITS = 100
+# The most digits an integer read from JSON may have: more than a float's range (309 digits; Num names that) and
+# any entry's bound. Python's own limit (4300) raises a ValueError that tells the user to call
+# sys.set_int_max_str_digits.
+MAX_JSON_DIGITS = 1000
 
 
 def _bounded_int(digits: str) -> int:

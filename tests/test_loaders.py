@@ -189,7 +189,7 @@ def test_an_integer_of_thousands_of_digits_is_one_line_in_our_words(export_dir, 
     meta = json.loads((bad / "export.json").read_text())
     (bad / "export.json").write_text(json.dumps(dict(meta, step=0)).replace('"step": 0', '"step": ' + "9" * 5000))
     line = one_line_error(invoke("gen", "--export", bad, "-n", 1, "--steps", 2, "--out", tmp_path / "x.png"))
-    assert "an integer of 5000 digits (at most 100 are read)" in line and "set_int_max_str_digits" not in line, line
+    assert "an integer of 5000 digits (at most 1000 are read)" in line and "set_int_max_str_digits" not in line, line
 
 
 def test_onnx_with_other_input_names_is_one_line(model_dir, export_dir, tmp_path):
