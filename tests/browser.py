@@ -61,12 +61,13 @@ def open_page(folder, chromium: str, width: int = 760, height: int = 560, load_t
             browser.close()
 
 
-def generate(page, label: str, count: int, guidance: float, seed, timeout_s: float = 600) -> dict:
+def generate(page, label: str, count: int, guidance: float | None, seed, timeout_s: float = 600) -> dict:
     """Fill the form, press Generate, wait; returns the state, the status text, the time the page measured (ms) and
     the canvas as a (H, W, 4) uint8 array."""
     page.select_option("#label", label)
     page.fill("#count", str(count))
-    page.fill("#guidance", str(guidance))
+    if guidance is not None:   # None: the value the page loaded (model.json's guidance)
+        page.fill("#guidance", str(guidance))
     page.fill("#seed", str(seed))
     page.click("#go")
     page.wait_for_selector("#status[data-state=done], #status[data-state=error]", timeout=timeout_s * 1000)

@@ -131,12 +131,16 @@ def test_page_in_chromium_draws_the_digits_of_ddpm_gen(site, tmp_path):
         pytest.skip("no chromium here (Debian: apt-get install chromium; or set DDPM_CHROMIUM): the page is not "
                     "tested in a browser")
     loaded, exp, page_dir = site
-    runs = [("turn", 12, 1.0, 2**40 + 5, ()), ("3", 5, 0.5, 7, ("--label", 3)), ("none", 3, 0.0, 11, ("--uncond",))]
+    # the first run at the guidance the page loads (gen's default, 0.45), then scales the browser's own number
+    # validation (step, max) blocked without a word: Generate did nothing
+    runs = [("turn", 4, None, 3, ()), ("turn", 12, 1.0, 2**40 + 5, ()), ("3", 5, 0.45, 7, ("--label", 3)),
+            ("2", 3, 25, 5, ("--label", 2)), ("none", 3, 0.0, 11, ("--uncond",))]
     with browser.open_page(page_dir, chromium) as page:
         for label, count, w, seed, flags in runs:
             res = browser.generate(page, label, count, w, seed, timeout_s=300)
             assert res["state"] == "done", res["status"]
-            ref = _gen_png(loaded, exp, tmp_path, "-n", count, "-w", w, "--seed", seed, *flags)
+            ref = _gen_png(loaded, exp, tmp_path, "-n", count, *(() if w is None else ("-w", w)), "--seed", seed,
+                           *flags)
             canvas = res["canvas"]
             assert canvas.shape[:2] == ref.shape and (canvas[..., 3] == 255).all()
             assert (canvas[..., 0] == canvas[..., 1]).all() and (canvas[..., 0] == canvas[..., 2]).all()
@@ -145,6 +149,9 @@ def test_page_in_chromium_draws_the_digits_of_ddpm_gen(site, tmp_path):
             assert f"--seed {seed}" in res["cli"] and res["ms"] > 0
         res = browser.generate(page, "turn", 2, 0.3, "-3")
         assert res["state"] == "error" and "seed must be an integer" in res["status"]
+        for w in ("", 101):   # an empty field is no guidance 0; over model.json's max_guidance (gen's)
+            res = browser.generate(page, "turn", 2, w, 0)
+            assert res["state"] == "error" and "guidance must be a number in 0..100" in res["status"], res["status"]
 
 
 def test_what_export_and_the_page_write_holds_no_local_path(exported, tmp_path, monkeypatch):

@@ -21,8 +21,9 @@ function setStatus(text, state) {
 function readForm(meta) {
   const count = Number($("count").value);
   if (!Number.isInteger(count) || count < 1 || count > 64) throw new RangeError("digits must be an integer in 1..64");
-  let guidance = Number($("guidance").value);
-  if (!Number.isFinite(guidance) || guidance < 0 || guidance > meta.max_guidance) {
+  const text = $("guidance").value.trim();   // "" for an empty field and for what a number field cannot parse
+  let guidance = Number(text);
+  if (text === "" || !Number.isFinite(guidance) || guidance < 0 || guidance > meta.max_guidance) {
     throw new RangeError(`guidance must be a number in 0..${meta.max_guidance}`);
   }
   const seed = $("seed").value.trim();
@@ -68,6 +69,7 @@ function draw(images, n, H, W, nrow) {
 async function main() {
   const meta = await (await fetch("model.json")).json();
   $("guidance").value = String(meta.guidance);
+  $("guidance").max = String(meta.max_guidance);   // gen's range (the form is not validated by the browser)
   $("label").replaceChildren(...classChoices(meta).map(([value, text]) => new Option(text, value)));
   const t0 = performance.now();
   const session = await ort.InferenceSession.create("generator.onnx", { executionProviders: ["wasm"] });
