@@ -10,7 +10,8 @@ import contextlib
 import os
 import sys
 
-from .signals import exit_on_signals, file_size_limit_as_error, restore_signals, said, signals_as_interrupt
+from .signals import (end_of_program, exit_on_signals, file_size_limit_as_error, restore_signals, said,
+                      signals_as_interrupt)
 
 # SIGTERM from here on prints "terminated" and exits 143, Ctrl-C "interrupted" and 130, before the imports below
 # (numpy and the rest: most of a second); a command's own handling (signals_as_interrupt) takes over while it runs;
@@ -114,9 +115,10 @@ class Group(click.Group):
     is one line on standard error and exit 1 (errors.StdoutFailed)."""
 
     def main(self, *args, **kwargs):
-        # run as the program (its own command line, ended by sys.exit): the handlers of exit_on_signals stay until
-        # the process ends, so that a signal while it shuts down (modules torn down, threads joined) still gives
-        # its line and status; called with arguments (a test, an embedding program), the caller's come back
+        # run as the program (its own command line, ended by sys.exit): the handlers of exit_on_signals stay while
+        # Python code still runs (threads joined, atexit callbacks), so that a signal then still gives its line and
+        # status, and the interpreter's teardown after ignores them (signals.end_of_program); called with
+        # arguments (a test, an embedding program), the caller's come back
         program = not args and kwargs.get("args") is None and kwargs.get("standalone_mode", True)
         hold_standard_descriptors()
         try:   # before any command imports PyTorch, which cannot load in a deleted folder (MKL's line, exit 2)
@@ -138,6 +140,8 @@ class Group(click.Group):
         finally:   # the handlers installed while the CLI started (exit_on_signals): the caller's again
             if not program:
                 restore_signals(_BEFORE_CLI)
+            else:
+                end_of_program(_BEFORE_CLI)
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:

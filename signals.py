@@ -85,6 +85,33 @@ def exit_on_signals() -> dict:
             if signal.getsignal(signum) is default}
 
 
+def end_of_program(handled: dict) -> None:
+    """Where `ddpm` run as the program ends (its status set, the interpreter about to shut down): what Python would
+    still run of its own is run now, under exit_on_signals's handlers (the signals of `handled`, what
+    exit_on_signals returned): the other threads that are not daemons are joined and the atexit callbacks run (a
+    signal meanwhile prints its line and exits with its status, as during the command), standard output and error
+    flushed; then those signals are ignored. The interpreter's teardown that follows (garbage collection, modules
+    torn down: a fraction of a second) runs no Python handler, and Python puts a signal's default action back
+    there, which killed the process without its line; the command is done by then and its status stands. Where
+    the atexit module cannot run its callbacks now (no `_run_exitfuncs`), nothing changes."""
+    import atexit
+    import sys
+
+    run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
+    if not handled or run_exitfuncs is None or not _main_thread():
+        return
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):   # a failed flush is Python's to report, as it would have been
+            if stream is not None:
+                stream.flush()
+    for signum in handled:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def restore_signals(previous: dict) -> None:
     """Put back the handlers that exit_on_signals replaced (`previous`, what it returned)."""
     global _said

@@ -438,6 +438,31 @@ def test_a_signal_while_the_program_shuts_down_prints_its_line(sig, code, word):
     assert "version" in r.stdout
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_in_the_interpreters_teardown_leaves_the_commands_status(sig):
+    """After the atexit callbacks Python runs no signal handler and puts the default action back while it tears the
+    modules down (a fraction of a second after the last line): a signal there killed the finished command (status
+    -15 or -2, no line). The command is done then: its status stands. Here the signal comes from an object that
+    the teardown destroys."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code_ = (f"import builtins, os, signal, sys\n"
+             f"class Late:\n"
+             f"    def __del__(self, kill=os.kill, pid=os.getpid(), sig=signal.{sig}):\n"
+             f"        kill(pid, sig)\n"
+             f"builtins.late = Late()\n"
+             f"sys.argv = ['ddpm', '--version']\n"
+             f"from ddpm.cli import main\n"
+             f"main()\n")
+    r = subprocess.run([sys.executable, "-c", code_], capture_output=True, text=True, timeout=120,
+                       env=os.environ, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert (r.returncode, r.stderr) == (0, ""), (r.returncode, r.stderr[-2000:])
+    assert "version" in r.stdout
+
+
 def test_the_help_gives_the_samplers_own_defaults():
     """--steps and --spacing defaults in the help come from runtime.samplers (a new default is one edit there)."""
     from ddpm.runtime.samplers import DEFAULT_SOLVER_STEPS, DEFAULT_SPACING, DEFAULT_STEPS
