@@ -19,7 +19,7 @@ from .signals import (end_of_program, exit_on_signals, file_size_limit_as_error,
 _BEFORE_CLI = exit_on_signals()
 
 from .errors import (LESS_AT_ONCE, DdpmError, LimitReached, OptionError, StdoutFailed, Terminated,  # noqa: E402
-                     checked_stdout, limit_message, printable, start_refusal, stdout_failure)
+                     checked_stdout, limit_message, printable, shown, start_refusal, stdout_failure)
 
 
 def _limit_exit(e: BaseException) -> None:
@@ -44,7 +44,7 @@ try:
     import click
 
     from .cli_edit import edit_cmd, inpaint, restore, upscale
-    from .cli_options import check_output, done, prepare, refuse_same_path, sampling_options
+    from .cli_options import PathArg, check_output, done, prepare, refuse_same_path, sampling_options
     from .cli_tools import bench, eval_cmd, export_cmd
     from .cli_train import distill, train
     from .files import NoWorkingFolder, check_working_folder, hold_standard_descriptors
@@ -228,10 +228,10 @@ def main():
               help="Draw only this class, one of the model's (0-9 for MNIST) [default: its classes in turn].")
 @click.option("--uncond", is_flag=True, help="Unconditional sampling (the reserved 'no label'). An explicit "
               "--guidance > 0 is refused with it: guidance steers a sample towards its label.")
-@click.option("--out", type=click.Path(dir_okay=False), default="digits.png", show_default=True,
+@click.option("--out", type=PathArg(dir_okay=False), default="digits.png", show_default=True,
               help="x.png: a grid image (n <= 10000); x.npz: images (N,H,W) uint8 and labels (N,) (-1 "
                    "unconditional), written as they are made (any n).")
-@click.option("--trajectory", type=click.Path(dir_okay=False), default=None,
+@click.option("--trajectory", type=PathArg(dir_okay=False), default=None,
               help="Also write the reverse process of the first few samples: x.png (x_t and predicted x0 at 10 "
                    "steps) or x.gif (an animation); not with onnx-generator, which runs the loop in one call.")
 @sampling_options()
@@ -275,7 +275,7 @@ def gen(num, label, uncond, out, trajectory, **o):
         if traj is not None:
             traj.save(trajectory)
         how = "unconditional" if uncond else f"guidance {opts.guidance:g}"
-        done(r, num, "digits", f"{plan.name}, {how}", out, f" (trajectory -> {trajectory})" if traj else "")
+        done(r, num, "digits", f"{plan.name}, {how}", out, f" (trajectory -> {shown(trajectory)})" if traj else "")
 
 
 for _command in (train, distill, inpaint, edit_cmd, upscale, restore, eval_cmd, export_cmd, bench):

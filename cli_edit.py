@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import click
 
-from .cli_options import Finite, InputPath, add_options, check_output, done, prepare, refuse_same_path, sampling_options
+from .cli_options import (Finite, InputPath, PathArg, add_options, check_output, done, prepare, refuse_same_path,
+                          sampling_options)
 from .options import EDIT_GUIDANCE, EDITING, MAX_SIGMA, Sampling
 from .runtime.edits import FACTORS, HALVES, UPSCALERS
 
@@ -29,7 +30,7 @@ def editing_command(name: str, out: str, defaults: Sampling = EDITING, image_hel
         click.option("-n", "num", type=click.IntRange(min=1), default=8, show_default=True, help="Results."),
         click.option("--label", type=click.IntRange(min=0), default=None, help=label_help),
         *uncond,
-        click.option("--out", type=click.Path(dir_okay=False), default=out, show_default=True,
+        click.option("--out", type=PathArg(dir_okay=False), default=out, show_default=True,
                      help="x.png: a grid, the input first, then the results; x.npz: images (N,H,W) uint8, labels "
                           "(N,) (-1: unconditional) and the input."),
         sampling_options(defaults)]))

@@ -12,6 +12,7 @@ from typing import Callable
 import click
 from click.core import ParameterSource
 
+from .errors import shown
 from .options import MAX_GUIDANCE, MAX_LEVEL, MAX_THREADS, Sampling, VARIANCES
 from .runtime.engines import ENGINES
 from .runtime.noise import MAX_SEED
@@ -45,8 +46,28 @@ def _missing_why(path) -> str | None:
     return None
 
 
-class InputPath(click.Path):
-    """click.Path(exists=True) whose usage error says why a path that is there cannot be read (_missing_why) instead
+def shown_path(value) -> str:
+    """A path as a usage error names it: repr of its text, with the bytes it holds that are not UTF-8 as their
+    surrogates (\\udcff) and control characters escaped, one line (click's format_filename puts U+FFFD in their
+    place, so the name is lost)."""
+    return repr(os.fsdecode(value))
+
+
+class PathArg(click.Path):
+    """click.Path whose usage errors name the path as shown_path writes it."""
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as e:
+            clicks = repr(click.format_filename(value))
+            if clicks != shown_path(value):
+                e.message = e.message.replace(clicks, shown_path(value))
+            raise
+
+
+class InputPath(PathArg):
+    """PathArg(exists=True) whose usage error says why a path that is there cannot be read (_missing_why) instead
     of "does not exist": "Invalid value for '--ckpt': Path 'm' is a loop of symbolic links"."""
 
     def __init__(self, **kwargs):
@@ -59,7 +80,7 @@ class InputPath(click.Path):
             why = _missing_why(value)
             if why is None:
                 raise
-            self.fail(f"Path {click.format_filename(value)!r} {why}.", param, ctx)
+            self.fail(f"Path {shown_path(value)} {why}.", param, ctx)
 
 
 class ExportFolder(InputPath):
@@ -73,7 +94,7 @@ class ExportFolder(InputPath):
         from .files import has_aside
 
         if not os.path.lexists(value) and has_aside(value):
-            return click.Path(file_okay=False).convert(value, param, ctx)
+            return PathArg(file_okay=False).convert(value, param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -487,4 +508,4 @@ def done(r, n: int, what: str, detail: str, out: str, also: str = "") -> None:
 
     procs = f", {r.ctx.world} processes" if r.ctx.world > 1 else ""
     click.echo(f"{n} {what if n != 1 else what[:-1]} ({detail}, {r.label or engine_label(r.engine)}{procs}) in "
-               f"{r.seconds:.1f}s -> {out}{also}")
+               f"{r.seconds:.1f}s -> {shown(out)}{also}")

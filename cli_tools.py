@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
-from .cli_options import (DEFAULT, DEFAULT_STEPS_HELP, Finite, InputPath, check_output, comma_list, device_syntax,
-                          model_option, needs_torch, on_command_line, plan_flags, prepare, refuse_same_path,
-                          sample_names, sampling, sampling_options, set_threads, solver_options)
+from .cli_options import (DEFAULT, DEFAULT_STEPS_HELP, Finite, InputPath, PathArg, check_output, comma_list,
+                          device_syntax, model_option, needs_torch, on_command_line, plan_flags, prepare,
+                          refuse_same_path, sample_names, sampling, sampling_options, set_threads, solver_options)
+from .errors import shown
 from .export.generator import FORMS
 from .options import MAX_GUIDANCE, MAX_THREADS, Sampling, precision_refusal
 from .runtime.engines import ENGINES
@@ -24,12 +25,12 @@ _SCORING = ("sample_files", "data", "classifier", "train_classifier", "json_out"
               help="Samples to generate when no --samples are given.")
 @click.option("--uncond", is_flag=True, help="Generate unconditional samples (class histogram) instead of 0-9 in turn; "
                                           "an explicit --guidance > 0 is refused with it (guidance needs a label).")
-@click.option("--data", type=click.Path(file_okay=False), default=None,
+@click.option("--data", type=PathArg(file_okay=False), default=None,
               help="MNIST folder (real test set, floor); else $DDPM_DATA or the cache folder.")
 @click.option("--classifier", type=InputPath(dir_okay=False), default=None,
               help="Classifier weights [default: the shipped one].")
 @click.option("--train-classifier", is_flag=True, help="Retrain the classifier (3 epochs) and use it.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+@click.option("--json", "json_out", type=PathArg(dir_okay=False), default=None,
               help="Also write the results here (JSON; missing folders are created).")
 @sampling_options()
 def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json_out, **o):
@@ -98,7 +99,7 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
         write_text(json_out, json.dumps(rows, indent=2) + "\n")
     click.echo(evaluation.format_table(rows))
     if json_out:
-        click.echo(f"Wrote {len(rows)} rows of scores to {json_out}")
+        click.echo(f"Wrote {len(rows)} rows of scores to {shown(json_out)}")
 
 
 # ---------------------------------------------------------------------------------------------------------- export
@@ -114,7 +115,7 @@ def _batch_range(ctx, param, value):
 
 @click.command("export")
 @model_option
-@click.option("--out", type=click.Path(file_okay=False), default=None,
+@click.option("--out", type=PathArg(file_okay=False), default=None,
               help="Export folder [default: ~/.cache/ddpm/exports/<weights hash>, where gen/bench look]. An export "
                    "folder of the same weights keeps what it holds (fp16 model, generators, TensorRT engines, your own "
                    "files); one of other weights is replaced only if it holds nothing but ddpm export's files.")
@@ -123,7 +124,7 @@ def _batch_range(ctx, param, value):
               help="Also write an int8 model (model_int8.onnx, for the CPU) calibrated on MNIST training digits "
                    "noised to the timesteps of the plan gen samples the model with by default (UniPC-8 trailing, or "
                    "the plan a distilled student records; whatever --sampler and --steps say), its most sensitive convolutions kept fp32, verified against model.onnx (docs/int8.md).")
-@click.option("--data", type=click.Path(file_okay=False), default=None,
+@click.option("--data", type=PathArg(file_okay=False), default=None,
               help="MNIST folder for --int8's calibration; else $DDPM_DATA or the cache folder (downloaded there "
                    "when missing, as `ddpm train` does).")
 @click.option("--opset", type=click.IntRange(17, 21), default=17, show_default=True, help="ONNX opset.")
@@ -139,13 +140,13 @@ def _batch_range(ctx, param, value):
 @click.option("--form", type=click.Choice(FORMS), default=FORMS[0], show_default=True,
               help="The generator as one ONNX Loop over the rows, or the rows unrolled (the same speed on a CPU; "
                    "unrolled is 1.8x bigger and loads about 90x slower: README).")
-@click.option("--web", "web_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--web", "web_dir", type=PathArg(file_okay=False), default=None,
               help="Also write a static page into this folder that generates digits in the browser "
                    "(implies --generator; fetches onnxruntime-web with npm once).")
 @click.option("--ort-web", "ort_web", type=InputPath(dir_okay=False), default=None,
               help="The onnxruntime-web tarball (`npm pack onnxruntime-web@VERSION`) instead of fetching it.")
 # another format
-@click.option("--diffusers", "diffusers_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--diffusers", "diffusers_dir", type=PathArg(file_okay=False), default=None,
               help="Instead of the ONNX export: write the model as a diffusers DDPMPipeline folder (UNet2DModel + "
                    "DDPMScheduler), checked with diffusers when installed; needs a model trained with --block "
                    "diffusers (docs/diffusers.md).")
@@ -265,7 +266,7 @@ def _echo_keeping_going():
     to standard output (errors.StdoutFailed: `> /dev/full`). After one, echo prints nothing more and the work goes
     on, so that what it builds is published; the caller raises failed[0] at its end for the CLI's line
     ("cannot write to standard output"). Any other error is raised at once."""
-    from .errors import StdoutFailed
+    from .errors import StdoutFailed, printable
 
     failed = []
 
@@ -273,7 +274,7 @@ def _echo_keeping_going():
         if failed:
             return
         try:
-            click.echo(line)
+            click.echo(printable(line))   # one line, a path in it shown as it is (errors.shown)
         except StdoutFailed as e:
             failed.append(e)
 
@@ -297,7 +298,7 @@ def _export_diffusers(ckpt, folder) -> None:
     model = api.load(ckpt)
     check_exportable(model.cfg)
     res = export_diffusers(model, folder, log=click.echo)
-    click.echo(f"diffusers folder: {res.out} (UNet2DModel.from_pretrained of its unet/ takes class_labels "
+    click.echo(f"diffusers folder: {shown(res.out)} (UNet2DModel.from_pretrained of its unet/ takes class_labels "
                f"0..{model.cfg.num_classes - 1}, {model.null_label} for no label; docs/diffusers.md)")
 
 
@@ -363,7 +364,7 @@ def _engine_list(ctx, param, value):
 @click.option("--device", default="auto", show_default=True, callback=device_syntax, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
               help=f"CPU threads, torch and onnxruntime alike (1..{MAX_THREADS}).")
-@click.option("--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
+@click.option("--out", type=PathArg(file_okay=False), default="bench-out", show_default=True,
               help="Folder for bench.json, bench.md and bench.png.")
 def bench(names, batches, sampler, steps, spacing, guidance_interval, guidance_rescale, guidance, repeat, fp16,
           int8, no_cuda_graph, baseline, quick, ckpt, device, threads, out):
@@ -419,4 +420,4 @@ def bench(names, batches, sampler, steps, spacing, guidance_interval, guidance_r
                     baseline=ref, int8=int8)
     click.echo(format_table(res))
     files = write_outputs(res, Path(out))
-    click.echo("wrote " + ", ".join(map(str, files)) + ("" if len(files) == 3 else " (no plot: pip install 'ddpm[plot]')"))
+    click.echo("wrote " + ", ".join(map(shown, files)) + ("" if len(files) == 3 else " (no plot: pip install 'ddpm[plot]')"))

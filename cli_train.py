@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from .cli_options import (Finite, InputPath, add_options, check_output, device_syntax, needs_torch, parse_interval,
-                          refuse_same_path)
-from .errors import LimitReached
+from .cli_options import (Finite, InputPath, PathArg, add_options, check_output, device_syntax, needs_torch,
+                          parse_interval, refuse_same_path)
+from .errors import LimitReached, shown
 from .model.config import BLOCKS, PRESETS
 from .options import GUIDANCE, GUIDANCE_INTERVAL, MAX_GUIDANCE, MAX_THREADS
 from .runtime.noise import MAX_SEED
@@ -71,9 +71,9 @@ def output_options(out: str, files: str, resumable: str):
     """--data, --out (default `out`, a run directory holding `files`), --resume (`resumable`: the options that may
     differ from the run's)."""
     return lambda f: add_options(f, [
-        click.option("--data", "data", type=click.Path(file_okay=False), default=None,
+        click.option("--data", "data", type=PathArg(file_okay=False), default=None,
                      help="MNIST folder (else $DDPM_DATA, else ~/.cache/ddpm/mnist; downloaded if missing)."),
-        click.option("--out", "out", type=click.Path(file_okay=False), default=out, show_default=True,
+        click.option("--out", "out", type=PathArg(file_okay=False), default=out, show_default=True,
                      help=f"Run directory ({files})."),
         click.option("--resume", is_flag=True,
                      help=f"Continue from --out/ckpt.pt with the run's own options; only {resumable} may differ from "
@@ -172,7 +172,7 @@ def train(threads, resume, **opts):
     if summary["steps"]:
         click.echo(f"trained {summary['steps']} steps in {summary['seconds']:.1f}s ({summary['steps_per_s']:.2f} steps/s; "
                    f"checkpoints took {summary['checkpoint_seconds']:.1f}s more), last loss {summary['loss']:.4f}; "
-                   f"run in {opts['out']}")
+                   f"run in {shown(opts['out'])}")
 
 
 # --------------------------------------------------------------------------------------------------------- distill
@@ -240,4 +240,4 @@ def distill(threads, resume, guidance_interval, **opts):
     if summary["steps"]:
         click.echo(f"distilled {summary['steps']} steps in {summary['seconds']:.1f}s ({summary['steps_per_s']:.2f} "
                    f"steps/s; checkpoints took {summary['checkpoint_seconds']:.1f}s more), last loss "
-                   f"{summary['loss']:.4g}; students: {', '.join(summary['students']) or 'none yet'}")
+                   f"{summary['loss']:.4g}; students: {', '.join(map(shown, summary['students'])) or 'none yet'}")

@@ -42,6 +42,12 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def shown(path) -> str:
+    """A path (str, bytes or os.PathLike) as a line of output names it: its text with the bytes that are not UTF-8
+    as their surrogates and every character that is not printable escaped (printable): one line that shows it."""
+    return printable(os.fsdecode(path))
+
+
 def brief(value, limit: int = 60) -> str:
     """A short text for a value read from a file, to put in a message: repr(value) when that is at most about
     `limit` characters, else a summary that says how much it left out, e.g. "(60000, 28, 28, 1, ... 255 items)",

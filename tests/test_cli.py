@@ -518,3 +518,27 @@ def test_a_trajectory_gif_has_the_frames_the_docs_say(tmp_path, steps, frames):
     assert Image.open(tmp_path / "t.gif").n_frames == frames
     assert "animates every step of a plan of up to 60 steps, and 60" in " ".join(
         (Path(__file__).parents[1] / "docs" / "sampling.md").read_text().split())
+
+
+def test_usage_errors_name_paths_with_undecodable_bytes_as_they_are(tmp_path, monkeypatch):
+    """click's path errors put U+FFFD in place of a file name's bytes that are not UTF-8, so the name shown was
+    not the name given ("Path 'a\\nb\ufffd' does not exist"): every path option's error shows them escaped as the
+    package's own messages do (\\udcff), for inputs and outputs."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    os.mkdir(os.fsencode(tmp_path) + b"/d\xfe")
+    for args, shown in ((["gen", "--ckpt", "a\nb\udcff"], r"Path 'a\nb\udcff' does not exist"),
+                        (["gen", "--out", "d\udcfe", "-n", 1], r"File 'd\udcfe' is a directory"),
+                        (["eval", "--samples", "s\udcfd.npz"], r"'s\udcfd.npz' does not exist")):
+        r = invoke(*args)
+        assert r.exit_code == 2 and shown in r.output and "\ufffd" not in r.output, r.output
+
+
+def test_result_lines_show_odd_output_names_on_one_line(ckpt, tmp_path, monkeypatch):
+    """gen's last line printed the output path raw: a newline in it split the line in two, and bytes that are not
+    UTF-8 went to the terminal as they are. Result lines show paths as error lines do (errors.shown)."""
+    monkeypatch.chdir(tmp_path)
+    for name, shown in (("g\nh.png", r"-> g\nh.png"), ("g\udcff.png", r"-> g\udcff.png")):
+        r = invoke("gen", "--ckpt", ckpt, "--engine", "torch", "-n", 1, "--steps", 2, "-q", "--out", name)
+        assert r.exit_code == 0 and r.output.count("\n") == 1 and r.output.rstrip().endswith(shown), r.output
