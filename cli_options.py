@@ -168,7 +168,8 @@ def sample_names(files) -> list[str]:
     for i, a in enumerate(files):
         for b in files[:i]:
             if _same_path(a, b):
-                raise click.UsageError(f"--samples {b} and --samples {a} are the same file: give each file once")
+                raise click.UsageError(f"--samples {shown(b)} and --samples {shown(a)} are the same file: give each "
+                                       f"file once")
     base = [os.path.basename(f) for f in files]
     return [b if base.count(b) == 1 else f for f, b in zip(files, base)]
 

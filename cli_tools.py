@@ -70,7 +70,7 @@ def eval_cmd(sample_files, num, uncond, data, classifier, train_classifier, json
                for name, f in zip(sample_names(sample_files), sample_files)]
     for f, (_, images, _) in zip(sample_files, samples):   # as -n: the scores need two samples
         if len(images) < 2:
-            raise click.BadParameter(f"{f} holds {len(images)} sample{'s' if len(images) != 1 else ''}; the scores "
+            raise click.BadParameter(f"{shown(f)} holds {len(images)} sample{'s' if len(images) != 1 else ''}; the scores "
                                      f"need at least 2", param_hint="--samples")
     if not sample_files:
         evaluation.check_count(num)   # the limit of --samples and ddpm.evaluate, before anything is generated
