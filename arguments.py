@@ -377,14 +377,14 @@ def exact(v):
 
 
 def plain(v):
-    """A numpy scalar as the Python int or float it holds (one level into a tuple or list too), anything else as it
-    is: an argument that passed its check is used as a Python number, so arithmetic on it (n * 784 for np.uint8 n)
-    cannot overflow the scalar's dtype."""
+    """A numpy scalar as the Python int or float it holds (one level into a tuple or list too), -0.0 as 0.0, anything
+    else as it is: an argument that passed its check is used as a Python number, so arithmetic on it (n * 784 for
+    np.uint8 n) cannot overflow the scalar's dtype, and a zero names one plan ("eta0", never "eta-0")."""
     if isinstance(v, np.integer):
         return int(v)
-    if isinstance(v, np.floating):
-        return float(v)
-    if isinstance(v, (tuple, list)) and any(isinstance(e, (np.integer, np.floating)) for e in v):
+    if isinstance(v, (float, np.floating)):
+        return float(v) + 0.0
+    if isinstance(v, (tuple, list)) and any(isinstance(e, (np.integer, np.floating, float)) for e in v):
         return type(v)(plain(e) for e in v)
     return v
 

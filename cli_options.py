@@ -23,13 +23,14 @@ DEFAULT = Sampling()
 
 
 class Finite(click.FloatRange):
-    """A FloatRange that also refuses NaN and +-inf (float('nan') passes every comparison-based range check)."""
+    """A FloatRange that also refuses NaN and +-inf (float('nan') passes every comparison-based range check), and
+    reads -0 as 0 (one plan, one name: "eta0", never "eta-0")."""
 
     def convert(self, value, param, ctx):
         v = super().convert(value, param, ctx)
         if not math.isfinite(v):
             self.fail(f"{value!r} is not a finite number", param, ctx)
-        return v
+        return v + 0.0
 
 
 def _missing_why(path) -> str | None:
@@ -128,7 +129,7 @@ def parse_interval(ctx, param, value):
     if value is None or value == "all":
         return None
     try:
-        lo, hi = (float(v) for v in value.split(","))
+        lo, hi = (float(v) + 0.0 for v in value.split(","))   # -0 as 0
     except ValueError:
         lo, hi = float("nan"), float("nan")
     if not (0 <= lo < hi and (hi <= MAX_LEVEL or hi == math.inf)):   # also refuses NaN
