@@ -398,11 +398,19 @@ def _parse_meta(path: Path, meta: dict) -> tuple[dict, dict]:
     return cfg_dict, out
 
 
-def _config(path: Path, cfg_dict) -> ModelConfig:
+def stored_config(path: Path, cfg_dict) -> ModelConfig:
+    """The config a model.safetensors or ckpt.pt stores, validated; CheckpointError otherwise. Such a file holds
+    this project's UNet (network "ddpm"), which is built from the config: another network (a diffusers UNet2DModel)
+    is read from its own folder, and its name here would skip the checks of the UNet's architecture and size."""
     try:
-        return ModelConfig.from_dict(cfg_dict).validate()
+        cfg = ModelConfig.from_dict(cfg_dict).validate()
     except (TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: invalid model config ({clip(e)})") from None
+    if cfg.network != "ddpm":
+        raise CheckpointError(f"{path}: its config names the network {cfg.network!r}, but a model file of ddpm holds "
+                              f"ddpm's UNet (network 'ddpm'); a diffusers model is read from its folder "
+                              f"(docs/diffusers.md)")
+    return cfg
 
 
 def check_plan(path: Path, cfg: ModelConfig, info: dict) -> None:
@@ -473,7 +481,7 @@ def read_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
         elif "distilled" in ckpt:
             raise CheckpointError(f"{path} is a distillation's checkpoint that does not record its student's plan; "
                                   f"load {MODEL_FILE} or student<steps>.safetensors beside it")
-    cfg = _config(path, cfg_dict)
+    cfg = stored_config(path, cfg_dict)
     check_fits(path, cfg, state)
     check_plan(path, cfg, info)
     return cfg, state, info
@@ -494,7 +502,7 @@ def read_model_info(path: str | os.PathLike) -> tuple[ModelConfig, str, dict, Pa
     if path.suffix == ".safetensors":
         meta, state = _read_safetensors(path, "np")
         cfg_dict, info = _parse_meta(path, meta)
-        cfg = _config(path, cfg_dict)
+        cfg = stored_config(path, cfg_dict)
         check_fits(path, cfg, state)
         check_plan(path, cfg, info)
         return cfg, weights_hash(cfg, state), info, path

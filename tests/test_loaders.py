@@ -128,6 +128,34 @@ def test_incomplete_ckpt_is_one_line_for_gen_and_resume(fake_mnist, tmp_path, dr
     assert message in two and "--resume" in two
 
 
+def test_a_model_file_naming_another_network_is_one_line(fake_mnist, tmp_path):
+    """`"network": "diffusers"` in a model.safetensors or ckpt.pt config skipped every check of the UNet's
+    architecture and size (validate leaves a diffusers network's to its folder) while the UNet was still built from
+    it: groups 3 gave a ValueError traceback, image_size 1024 tens of GB of activations. Such a file is refused."""
+    import ddpm
+
+    tiny_checkpoint(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta["config"] = json.dumps(dict(json.loads(meta["config"]), network="diffusers", groups=3))
+    save_file(state, str(tmp_path / "model.safetensors"), metadata=meta)
+    why = "its config names the network 'diffusers', but a model file of ddpm holds ddpm's UNet"
+    with pytest.raises(DdpmError, match=why):
+        ddpm.load(tmp_path / "model.safetensors").generate(1, steps=2, engine="torch")
+    line = one_line_error(invoke("gen", "--ckpt", tmp_path / "model.safetensors", "--engine", "torch", "-n", 1,
+                                 "--steps", 2, "--out", tmp_path / "x.png"))
+    assert why in line, line
+    ckpt = _ckpt_state()
+    ckpt["model_config"] = dict(ckpt["model_config"], network="diffusers", groups=3)
+    (tmp_path / "run").mkdir()
+    save_checkpoint(tmp_path / "run" / "ckpt.pt", ckpt)
+    for args in (["gen", "--ckpt", tmp_path / "run" / "ckpt.pt", "--engine", "torch", "-n", 1, "--steps", 2, "--out",
+                  tmp_path / "x.png"],
+                 ["train", "--data", fake_mnist, "--out", tmp_path / "run", "--resume", "--device", "cpu"]):
+        line = one_line_error(invoke(*args))
+        assert why in line, line
+
+
 def test_ckpt_entries_of_the_wrong_kind(tmp_path):
     for change, message in (({"step": "3"}, "step must be an integer in 0..9223372036854775807"),
                             ({"step": 2**70}, "step must be an integer in 0..9223372036854775807, got 1180591620717"),

@@ -31,7 +31,7 @@ from ..files import (OutputError, atomic_write, check_writable, clean_stale, fol
 from ..model import PRESETS, UNet
 from ..model.config import ModelConfig
 from ..model.io import (CKPT_FILE, MODEL_FILE, CheckpointError, check_fits, load_checkpoint, read_weights,
-                        resolve_model_path, save_checkpoint, save_model)
+                        resolve_model_path, save_checkpoint, save_model, stored_config)
 from ..runtime.noise import check_seed
 from ..runtime.schedule import PREDICTIONS, Schedule
 from ..schema import json_loads
@@ -535,7 +535,7 @@ def _read_resume(out: Path, cfg: TrainConfig) -> tuple[dict, ModelConfig]:
             wrote = "ddpm distill" if distill_run else "ddpm train"
             raise TrainingError(f"--resume: {out} holds a `{wrote}` run, not a `{type(cfg).command}` one; continue "
                                 f"it with `{wrote} --out {out} --resume`")
-        given = ModelConfig.from_dict(ckpt["model_config"]).validate()
+        given = stored_config(out / CKPT_FILE, ckpt["model_config"])
     except CheckpointError as e:
         raise TrainingError(f"--resume: {e}") from None
     except (TypeError, ValueError, KeyError) as e:
