@@ -46,7 +46,8 @@ def build_engine(onnx_path: Path, onnx_sha256: str, min_batch: int = 1, opt_batc
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    data = getattr(onnx_path, "data", None)   # the bytes an export folder's check read (runtime.bundle.CheckedPath)
+    if not (parser.parse(data, str(onnx_path)) if data is not None else parser.parse_from_file(str(onnx_path))):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
 

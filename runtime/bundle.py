@@ -32,6 +32,22 @@ EXPORT_VERSION = 1   # export.json's "version": what this runtime reads (export/
 META_FILE = "export.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 _SHA256 = Str(pattern=r"[0-9a-f]{64}", what="a sha256 (64 hex digits)")
+class CheckedPath(type(Path())):
+    """The path of an export folder's ONNX file that Bundle checked, with `data`, the bytes it checked (size, sha256,
+    graph): the readers (runtime.nets.ort_session, export.trt.build_engine) load those bytes rather than open the
+    path again, so that a file replaced after the check (another `ddpm export --out` of that folder, a hostile
+    swap) never runs under the check of the one before. A path made from it (parent, with_suffix) holds no data."""
+
+    data: bytes | None = None
+
+
+def checked_path(path: Path, data: bytes) -> CheckedPath:
+    """`path` as a CheckedPath holding `data`."""
+    checked = CheckedPath(path)
+    checked.data = data
+    return checked
+
+
 # a plain file name inside the folder: no separator, not hidden (so never "..")
 _ONNX_NAME = Str(pattern=r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\.onnx", what="an .onnx file name in the folder")
 # export.json: 4.9 MB at the largest T a model config allows (runtime.schedule.MAX_T: two tables of T numbers, as
@@ -753,7 +769,7 @@ class Bundle:
                               f"re-run `{redo}`")
         check_external_data(real, redo, buf)
         self._check_source(path, buf, entry, redo, kind, precision)
-        return path
+        return checked_path(path, buf)
 
     def _check_source(self, path: Path, buf: bytes, entry: dict, redo: str, kind: str,
                       precision: str | None) -> None:

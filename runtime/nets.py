@@ -143,15 +143,20 @@ def recorded_weights(sess, key: str) -> str | None:
 
 
 def ort_session(ort, path, so, providers):
-    """ort.InferenceSession of the file `path` (any name the OS can give, files.readable_name). Raises
-    EngineUnavailable for a file onnxruntime cannot load; a failure that a resource limit caused (out of memory, too
-    many open files: errors.limit_message) is raised as it is, for the CLI to name the limit."""
+    """ort.InferenceSession of the file `path` (any name the OS can give, files.readable_name), or of the bytes a
+    runtime.bundle.CheckedPath holds (those an export folder's check read: not the file again, which may have been
+    replaced since). Raises EngineUnavailable for a file onnxruntime cannot load; a failure that a resource limit
+    caused (out of memory, too many open files: errors.limit_message) is raised as it is, for the CLI to name the
+    limit."""
     from ..errors import limit_message
     from ..files import readable_name
 
+    data = getattr(path, "data", None)
     try:
+        # no fallback: onnxruntime would print an "EP Error" block and retry with the same CPU provider
+        if data is not None:
+            return ort.InferenceSession(data, so, providers=providers, enable_fallback=0)
         with readable_name(path) as name:
-            # no fallback: onnxruntime would print an "EP Error" block and retry with the same CPU provider
             return ort.InferenceSession(name, so, providers=providers, enable_fallback=0)
     except Exception as e:   # onnxruntime raises its own exception types for bad files
         if limit_message(e) is not None:

@@ -65,7 +65,10 @@ def fake_tensorrt(version="10.13.0.35"):
             self.network = network
 
         def parse_from_file(self, path):
-            for inp in onnx.load(path).graph.input:   # -1 for the dynamic batch, as TensorRT reports it
+            return self.parse(open(path, "rb").read(), path)
+
+        def parse(self, model, path=None):   # a serialized model; path only for external weights
+            for inp in onnx.load_from_string(bytes(model)).graph.input:   # -1 for the dynamic batch, as TensorRT
                 dims = [d.dim_value if d.HasField("dim_value") else -1 for d in inp.type.tensor_type.shape.dim]
                 self.network.inputs.append(Tensor(inp.name, dims))
             return True

@@ -762,3 +762,31 @@ def test_messages_quoting_a_file_are_bounded(exported, tmp_path):
         with pytest.raises(ValueError) as e:
             schema.check(bad, "f")
         assert len(str(e.value)) < MAX_LINE, str(e.value)
+
+
+# ------------------------------------------------------------------------------- kind 2: what was checked is what runs
+@pytest.mark.parametrize("engine", ["onnx", "onnx-generator"])
+def test_an_export_file_replaced_after_its_check_never_runs(tiny_generator_exported, tmp_path, monkeypatch, engine):
+    """A file of an export folder was checked (size, sha256, graph) from one read and opened again by onnxruntime:
+    replaced in between (another `ddpm export --out` landing, a swap), the other model ran under the check of the
+    first, exit 0. The engines load the bytes that were checked: the digits are those of the file as checked."""
+    import ddpm.runtime.bundle as bundle
+
+    root, other = tiny_generator_exported(0, "--steps", 2), tiny_generator_exported(1, "--steps", 2)
+    args = ["gen", "--export", root / "exp", "--engine", engine, "--steps", 2, "-n", 2, "-q"]
+    r = invoke(*args, "--out", tmp_path / "checked.npz")
+    assert r.exit_code == 0, r.output
+    real, swapped = bundle.check_external_data, []
+
+    def check_then_swap(path, redo="ddpm export", buf=None):   # after the one read that was hashed
+        real(path, redo, buf)
+        if not swapped:
+            swapped.append(path)
+            shutil.copyfile(other / "exp" / path.name, path)
+
+    monkeypatch.setattr(bundle, "check_external_data", check_then_swap)
+    r = invoke(*args, "--out", tmp_path / "raced.npz")
+    assert r.exit_code == 0 and swapped, r.output
+    with np.load(tmp_path / "checked.npz") as a, np.load(tmp_path / "raced.npz") as b:
+        assert np.array_equal(a["images"], b["images"])
+    assert (root / "exp" / swapped[0].name).read_bytes() == (other / "exp" / swapped[0].name).read_bytes()
