@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..errors import OptionError, raise_if_limit
+from ..errors import LimitReached, OptionError, import_refusal, raise_if_limit
 from ..options import generator_refusal, precision_refusal
 from .engine import Engine
 from .nets import EngineUnavailable, OnnxNet
@@ -45,7 +45,11 @@ def _nvidia_driver_absent() -> bool:
 
 def have_torch() -> bool:
     """Whether PyTorch can be imported; errors.LimitReached when it is installed but a resource limit (ulimit -v)
-    stops it from loading."""
+    stops it from loading, or would abort it in native code (errors.import_refusal, checked before the import, as
+    model.io.require does)."""
+    refusal = import_refusal("torch", "PyTorch")
+    if refusal is not None:
+        raise LimitReached(refusal)
     try:
         import torch  # noqa: F401
     except ImportError as e:

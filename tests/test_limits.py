@@ -136,6 +136,24 @@ def test_an_address_space_too_small_to_import_torch_is_refused_before_the_import
                            f"(ulimit -v {kib}), ") and "MiB are in use, and importing PyTorch maps about " in line, line
 
 
+def test_every_import_of_torch_compares_the_limit_first(monkeypatch):
+    """runtime.engines.have_torch (the torch engines, --device auto) imported PyTorch without errors.import_refusal:
+    under a limit it could not meet, the line advised "a smaller -n or --batch", which cannot help (or the import
+    aborted in native code). It is refused as model.io.require refuses it, naming the import."""
+    import sys
+
+    import ddpm.errors as errors
+    from ddpm.errors import LimitReached
+    from ddpm.runtime.engines import have_torch
+
+    monkeypatch.setattr(errors, "_in_use", lambda: 100 << 20)
+    monkeypatch.setattr(errors, "_libraries_size", lambda module: 400 << 20)
+    monkeypatch.setattr(errors, "_limit", lambda name: (500 << 20) if name == "AS" else None)
+    monkeypatch.delitem(sys.modules, "torch")
+    with pytest.raises(LimitReached, match="importing PyTorch maps about 464 MiB more"):
+        have_torch()
+
+
 def test_import_refusal_compares_the_limit_with_what_the_import_maps(monkeypatch):
     import ddpm.errors as errors
 
