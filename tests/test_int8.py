@@ -1,6 +1,7 @@
 """`ddpm export --int8` and the int8 precision of gen, the editing commands and the API (export/int8.py)."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -75,13 +76,21 @@ def test_last_row_runs_fp32_whatever_its_sigma(ckpt, int8_export, monkeypatch, s
     network call ran, i(nt8) or f(p32)."""
     import onnxruntime as ort
 
-    ran = []
-    run = ort.InferenceSession.run_with_iobinding
+    from ddpm.runtime import nets
+
+    ran, kind = [], {}   # kind: id of each session made -> f(p32) or i(nt8), from the file it was made of
+    run, make = ort.InferenceSession.run_with_iobinding, nets.ort_session
+
+    def made(ort_, path, *a, **kw):
+        sess = make(ort_, path, *a, **kw)
+        kind[id(sess)] = "f" if os.path.basename(path) == "model.onnx" else "i"
+        return sess
 
     def spy(sess, *a, **kw):
-        ran.append("f" if sess._model_path.endswith("model.onnx") else "i")
+        ran.append(kind[id(sess)])
         return run(sess, *a, **kw)
 
+    monkeypatch.setattr(nets, "ort_session", made)
     monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", spy)
     api.load(ckpt, int8_export).generate(2, steps=steps, engine="onnx", int8=True)
     assert "".join(ran) == rows
