@@ -101,7 +101,12 @@ def hold_standard_descriptors() -> None:
     """Open os.devnull on each of the descriptors 0, 1 and 2 that is closed (a process started with `>&-` or
     `2>&-`), so that no file this process opens gets one of those numbers: a library that prints to standard output
     (C code writes to descriptor 1 whatever Python's sys.stdout is) would write into that file. The CLI calls this as
-    it starts; what it prints to a closed standard output still fails (errors.checked_stdout)."""
+    it starts; what it prints to a closed standard output still fails (errors.checked_stdout). A closed standard
+    error (Python's sys.stderr is then None, and every progress bar and error line would raise) becomes a stream
+    on that os.devnull: what is written to it is dropped, as a shell's `2>/dev/null` drops it, and the command runs
+    to its end."""
+    import sys
+
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
@@ -110,6 +115,8 @@ def hold_standard_descriptors() -> None:
             if null != fd:
                 os.dup2(null, fd)
                 os.close(null)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False, errors="backslashreplace")
 
 
 def absolute(path: str | os.PathLike) -> Path:

@@ -384,6 +384,22 @@ def test_closed_standard_descriptors_are_held_so_no_file_takes_their_number(tmp_
     assert (tmp_path / "f").read_bytes() == b""
 
 
+@pytest.mark.slow
+def test_a_closed_standard_error_drops_what_is_written_there_and_the_command_runs(tiny_export, tmp_path):
+    """Started with standard error closed (`2>&-`), Python's sys.stderr is None: the first progress bar raised, and
+    the error line with it, so gen exited 1 with no output and no word. The CLI gives it a stream on os.devnull:
+    the command runs to its end, its result line on standard output."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "g.png"
+    command = [sys.executable, "-m", "ddpm", "gen", "--export", str(tiny_export), "-n", 2, "--steps", 2, "--out",
+               str(out)]
+    r = subprocess.run(["sh", "-c", 'exec "$@" 2>&-', "sh", *map(str, command)], stdout=subprocess.PIPE, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.count("\n") == 1 and f"-> {out}" in r.stdout and out.is_file(), r
+
+
 def test_gen_refuses_an_npz_that_cannot_fit_the_free_space(tiny_export, tmp_path, monkeypatch):
     """gen -n N --out x.npz streams N digits into a temporary: one that cannot fit the free space of its folder
     (the least the .npz can take: its members compressed as much as DEFLATE compresses anything) is refused up
