@@ -127,11 +127,14 @@ def labels(num_classes: int, n: int, label=None, uncond: bool = False, start: in
     """(n,) int64 labels of samples start..start+n-1 (api.Model.labels): the classes in turn (label None: sample k
     gets k % num_classes), one class, or one per sample (a sequence); -1 everywhere when uncond. OptionError (option
     label or uncond) otherwise: the one check of a label against the model's classes, for the API and the CLI (whose
-    --label is any integer >= 0 until the model is known)."""
+    --label is any integer >= 0 until the model is known); OptionError (option start) for samples past the seeded
+    stream (runtime.noise.check_start, as generate checks them)."""
     from .options import check_conditioning
     from .runtime.generate import labels_for
+    from .runtime.noise import check_start
 
     check_conditioning(label, uncond)
+    check_start(start, n)
     if uncond:
         return labels_for(n, None, True)
     k = num_classes

@@ -510,3 +510,15 @@ def test_a_plan_whose_name_cannot_name_its_files_is_refused(shipped, tmp_path, m
     with pytest.raises(DdpmError, match=r"plan must be a sampler plan \(Model.plan\) named in one printable line"):
         shipped.generate(2, plan=plan, engine="onnx-generator")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("generator-*"))
+
+
+def test_labels_checks_start_as_generate_does(ckpt):
+    """Model.labels took samples past the seeded stream (start + n - 1 > 2^64 - 1) that generate refuses."""
+    import ddpm
+    from ddpm.errors import OptionError
+
+    model = ddpm.load(ckpt)
+    assert model.labels(2, start=2**64 - 2).shape == (2,)
+    for call in (lambda: model.labels(4, start=2**64 - 2), lambda: model.generate(4, start=2**64 - 2, steps=2)):
+        with pytest.raises(OptionError, match=r"start must be in 0\.\.2\^64-1 - \(n - 1\)"):
+            call()
