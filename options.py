@@ -103,6 +103,13 @@ class Sampling:
                               f"they would make (model.plan(sampler=..., steps=...)); give the plan or them", "plan")
         opts = replace(cls(**{k: v for k, v in values.items() if k in names}), **changes)
         check_guidance(opts.guidance, given, labelled, cli)
+        if opts.guidance_rescale > 0 and (not labelled or opts.guidance == 0):
+            from .errors import OptionError
+
+            r, w = ("--guidance-rescale", "--guidance") if cli else ("guidance_rescale", "guidance")
+            why = "these samples have no label" if not labelled else "the guidance scale is 0"
+            raise OptionError(f"guidance rescale adjusts the guided output, and {why}, so it would change nothing: "
+                              f"leave out {r}, or give {w} > 0 with a label", "guidance_rescale")
         if not isinstance(opts.engine, str):
             # what the user gave (fp16=False included) beside an engine object (__post_init__ sees only values)
             why, option = engine_refusal(opts.engine, opts.fp16, opts.int8, opts.device, given)

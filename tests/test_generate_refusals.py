@@ -48,3 +48,33 @@ def test_another_plan_is_refused_naming_engine(plan):
     with pytest.raises(OptionError, match="runs one plan, not ddim") as e:
         generate(WholeLoop(plan_key="another plan"), 2, plan, np.array([1, 2]), 1.0, progress=False, image_shape=MNIST)
     assert e.value.option == "engine"
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--eta", "1"], "--eta"), (["--eta", "1", "--sampler", "dpm++2m"], "--eta"),
+    (["--variance", "large", "--sampler", "unipc"], "--variance"), (["--variance", "large", "--sampler", "ddim"],
+                                                                   "--variance"),
+    (["--uncond", "--guidance-rescale", "0.7"], "--guidance-rescale"),
+    (["--guidance-rescale", "0.5", "--guidance", "0"], "--guidance-rescale")])
+def test_a_setting_that_would_change_nothing_is_a_usage_error(args, option, tmp_path):
+    """--eta with a sampler other than DDIM, --variance large with one other than DDPM, --guidance-rescale without
+    guidance (unconditional samples, or w = 0) were accepted and ignored, exit 0 (a user asking for --eta 1 got
+    deterministic digits), while --spacing with DDPM was refused: each is one usage line naming the option."""
+    from helpers import invoke
+
+    r = invoke("gen", "-n", 1, *args, "--out", tmp_path / "x.png")
+    assert r.exit_code == 2 and f"Invalid value for {option}" in r.output and r.output.count("\n") == 1, r.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_the_api_refuses_them_too():
+    import ddpm
+    from ddpm.errors import OptionError
+
+    model = ddpm.load()
+    for kw, option in ((dict(eta=1.0), "eta"), (dict(sampler="ddim", variance="large"), "variance"),
+                       (dict(uncond=True, guidance_rescale=0.5), "guidance_rescale")):
+        with pytest.raises(OptionError) as e:
+            model.generate(1, **kw)
+        assert e.value.option == option
+    assert model.plan(sampler="ddim", steps=4, eta=1.0).name.startswith("ddim4-eta1")
