@@ -103,9 +103,19 @@ class Sampling:
                               f"they would make (model.plan(sampler=..., steps=...)); give the plan or them", "plan")
         opts = replace(cls(**{k: v for k, v in values.items() if k in names}), **changes)
         check_guidance(opts.guidance, given, labelled, cli)
-        if opts.guidance_rescale > 0 and (not labelled or opts.guidance == 0):
-            from .errors import OptionError
+        from .errors import OptionError
 
+        # a setting of one sampler given to another would be ignored without a word (a default of the editing
+        # commands, eta 1, is not given: it applies where it can)
+        for name, value, unused, owner in (("eta", opts.eta, 0.0, "ddim"), ("variance", opts.variance, "small",
+                                                                             "ddpm")):
+            if name in given and value != unused and opts.sampler != owner:
+                what = "DDIM's noise level (0 deterministic, 1 DDPM-like)" if name == "eta" else \
+                    "the DDPM sampler's choice of posterior noise"
+                flag = f"--{name}" if cli else name
+                raise OptionError(f"{name} is {what}; {opts.sampler} has none: leave out {flag}, or use the "
+                                  f"{owner} sampler", name)
+        if opts.guidance_rescale > 0 and (not labelled or opts.guidance == 0):
             r, w = ("--guidance-rescale", "--guidance") if cli else ("guidance_rescale", "guidance")
             why = "these samples have no label" if not labelled else "the guidance scale is 0"
             raise OptionError(f"guidance rescale adjusts the guided output, and {why}, so it would change nothing: "
@@ -114,8 +124,6 @@ class Sampling:
             # what the user gave (fp16=False included) beside an engine object (__post_init__ sees only values)
             why, option = engine_refusal(opts.engine, opts.fp16, opts.int8, opts.device, given)
             if why:
-                from .errors import OptionError
-
                 raise OptionError(why, option)
         return opts
 

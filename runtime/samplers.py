@@ -464,8 +464,8 @@ def make_plan(sched: Schedule, sampler: str, steps: int | None = None, eta: floa
     guidance_rescale phi in [0, 1]: the guided output rescaled (`Plan.with_guidance_rescale`); final_t: one more
     network row at t = final_t after the grid (FINAL_DENOISING; dpm++2m and unipc, whose grid ends above it).
     OptionError (a ValueError naming the argument) for what does not fit: steps outside 1..T, top outside
-    0..T-1, an unknown sampler or spacing, DDPM with fewer than T steps or a spacing, eta != 0 for another sampler
-    than DDIM, variance "large" for another than DDPM, a final_t that does not fit."""
+    0..T-1, an unknown sampler or spacing, DDPM with fewer than T steps or a spacing, a final_t that does not
+    fit."""
     if steps is not None and not 1 <= steps <= sched.T:
         raise OptionError(f"steps must be in 1..{sched.T} (the model's T), got {steps}", "steps")
     _check_top(sched.T, top)
@@ -473,13 +473,6 @@ def make_plan(sched: Schedule, sampler: str, steps: int | None = None, eta: floa
         raise OptionError(f"unknown sampler {sampler!r} ({', '.join(SAMPLERS)})", "sampler")
     if spacing is not None and spacing not in SPACINGS:
         raise OptionError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}", "spacing")
-    # a setting of one sampler given to another would be ignored without a word: refused, as spacing is for DDPM
-    if eta != 0 and sampler != "ddim":
-        raise OptionError(f"eta is DDIM's noise level (0 deterministic, 1 DDPM-like); {sampler} has none: leave out "
-                          f"eta, or use the ddim sampler", "eta")
-    if variance != "small" and sampler != "ddpm":
-        raise OptionError(f"variance is the DDPM sampler's choice of posterior noise; {sampler} has none: leave out "
-                          f"variance, or use the ddpm sampler", "variance")
     if final_t is not None and sampler not in ("dpm++2m", "unipc"):
         raise OptionError(f"a final denoising row is for the multistep solvers (dpm++2m, unipc); {sampler}'s last "
                           f"row already calls the network at its grid's last timestep", "final_t")

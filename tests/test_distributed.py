@@ -45,8 +45,8 @@ def test_ddp_training_matches_single_process(fake_mnist, tmp_path):
 @pytest.mark.slow
 def test_ddp_generation_equals_single_process(tmp_path):
     tiny_checkpoint(tmp_path)
-    args = ["gen", "--ckpt", str(tmp_path), "-n", "7", "--steps", "4", "--eta", "0.5", "--batch", "3", "-q", "--seed", "9",
-            "--device", "cpu"]
+    args = ["gen", "--ckpt", str(tmp_path), "-n", "7", "--sampler", "ddim", "--steps", "4", "--eta", "0.5",
+            "--batch", "3", "-q", "--seed", "9", "--device", "cpu"]
     _run([*args, "--out", str(tmp_path / "one.npz")])
     r = _run([*args, "--out", str(tmp_path / "two.npz")], nproc=2)
     assert "2 processes" in r.stdout

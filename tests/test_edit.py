@@ -516,7 +516,7 @@ def test_every_editing_command_refuses_a_light_background_before_any_work(setup,
 def test_gen_trajectory(setup, tmp_path, suffix, engine):
     traj = tmp_path / f"t{suffix}"
     r = invoke("gen", "--ckpt", setup[2], "--export", setup[2] / "exp", "-n", "5", "--batch", "3", "--steps", "6",
-               "--eta", "0.5", "-q", "--engine", engine, "--out", tmp_path / "g.npz", "--trajectory", traj)
+               "--sampler", "ddim", "--eta", "0.5", "-q", "--engine", engine, "--out", tmp_path / "g.npz", "--trajectory", traj)
     assert r.exit_code == 0, r.output
     assert f"trajectory -> {traj}" in r.output
     img = Image.open(traj)
