@@ -433,23 +433,29 @@ def test_a_file_that_is_no_checkpoint_gets_no_advice_to_run_its_code(tmp_path):
         assert "weights_only" not in r.output and "False" not in r.output, r.output
 
 
-@pytest.mark.parametrize("sig, code, word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
-def test_a_signal_while_the_program_shuts_down_prints_its_line(sig, code, word):
-    """`ddpm` run as the program keeps its signal handling until the process ends: a signal while the interpreter
-    shuts down after the command (modules torn down, threads joined: here an atexit hook sends it) prints its one
-    line and exits with its status, as during the command (Ctrl-C gave "Exception ignored" and a traceback)."""
+def _version_with(sender: str):
+    """`ddpm --version` run as the program (main() with sys.argv, as the console script runs it) after the Python
+    lines `sender`, which arrange for a signal to come while the interpreter shuts down; SIGINT's default action
+    in the child, as an interactive shell gives it."""
     import os
     import signal
     import subprocess
     import sys
 
-    code_ = (f"import atexit, os, signal, sys\n"
-             f"atexit.register(lambda: os.kill(os.getpid(), signal.{sig}))\n"
-             f"sys.argv = ['ddpm', '--version']\n"
-             f"from ddpm.cli import main\n"
-             f"main()\n")
-    r = subprocess.run([sys.executable, "-c", code_], capture_output=True, text=True, timeout=120,
-                       env=os.environ, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    code = (f"import atexit, builtins, os, signal, sys\n{sender}"
+            f"sys.argv = ['ddpm', '--version']\n"
+            f"from ddpm.cli import main\n"
+            f"main()\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=os.environ, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+@pytest.mark.parametrize("sig, code, word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_signal_while_the_program_shuts_down_prints_its_line(sig, code, word):
+    """`ddpm` run as the program keeps its signal handling while Python code still runs as it shuts down after the
+    command (threads joined, atexit callbacks: here an atexit hook sends it): the signal prints its one line and
+    exits with its status, as during the command (Ctrl-C gave "Exception ignored" and a traceback)."""
+    r = _version_with(f"atexit.register(lambda: os.kill(os.getpid(), signal.{sig}))\n")
     assert (r.returncode, r.stderr.strip()) == (code, word), (r.returncode, r.stderr[-2000:])
     assert "version" in r.stdout
 
@@ -460,21 +466,10 @@ def test_a_signal_in_the_interpreters_teardown_leaves_the_commands_status(sig):
     modules down (a fraction of a second after the last line): a signal there killed the finished command (status
     -15 or -2, no line). The command is done then: its status stands. Here the signal comes from an object that
     the teardown destroys."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    code_ = (f"import builtins, os, signal, sys\n"
-             f"class Late:\n"
-             f"    def __del__(self, kill=os.kill, pid=os.getpid(), sig=signal.{sig}):\n"
-             f"        kill(pid, sig)\n"
-             f"builtins.late = Late()\n"
-             f"sys.argv = ['ddpm', '--version']\n"
-             f"from ddpm.cli import main\n"
-             f"main()\n")
-    r = subprocess.run([sys.executable, "-c", code_], capture_output=True, text=True, timeout=120,
-                       env=os.environ, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    r = _version_with(f"class Late:\n"
+                      f"    def __del__(self, kill=os.kill, pid=os.getpid(), sig=signal.{sig}):\n"
+                      f"        kill(pid, sig)\n"
+                      f"builtins.late = Late()\n")
     assert (r.returncode, r.stderr) == (0, ""), (r.returncode, r.stderr[-2000:])
     assert "version" in r.stdout
 
