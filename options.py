@@ -91,8 +91,8 @@ class Sampling:
         given with uncond (values["uncond"]); OptionError (option "guidance") for a guidance scale w > 0 given for
         samples without labels: guidance steers a sample towards its label, so it would be silently ignored; OptionError
         (option "plan") for a ready plan (values["plan"], the API's) given with any option that makes a plan
-        (PLAN_OPTIONS): they would contradict or repeat it, and one of them would be ignored. cli: the message names
-        the CLI's options."""
+        (PLAN_OPTIONS): they would contradict or repeat it, and one of them would be ignored; OptionError for a
+        setting that would change nothing (check_settings_apply). cli: the message names the CLI's options."""
         check_conditioning(values.get("label"), values.get("uncond"), cli)
         names = {f.name for f in fields(cls)}
         both = [name for name in PLAN_OPTIONS if name in given]
@@ -103,27 +103,13 @@ class Sampling:
                               f"they would make (model.plan(sampler=..., steps=...)); give the plan or them", "plan")
         opts = replace(cls(**{k: v for k, v in values.items() if k in names}), **changes)
         check_guidance(opts.guidance, given, labelled, cli)
-        from .errors import OptionError
-
-        # a setting of one sampler given to another would be ignored without a word (a default of the editing
-        # commands, eta 1, is not given: it applies where it can)
-        for name, value, unused, owner in (("eta", opts.eta, 0.0, "ddim"), ("variance", opts.variance, "small",
-                                                                             "ddpm")):
-            if name in given and value != unused and opts.sampler != owner:
-                what = "DDIM's noise level (0 deterministic, 1 DDPM-like)" if name == "eta" else \
-                    "the DDPM sampler's choice of posterior noise"
-                flag = f"--{name}" if cli else name
-                raise OptionError(f"{name} is {what}; {opts.sampler} has none: leave out {flag}, or use the "
-                                  f"{owner} sampler", name)
-        if opts.guidance_rescale > 0 and (not labelled or opts.guidance == 0):
-            r, w = ("--guidance-rescale", "--guidance") if cli else ("guidance_rescale", "guidance")
-            why = "these samples have no label" if not labelled else "the guidance scale is 0"
-            raise OptionError(f"guidance rescale adjusts the guided output, and {why}, so it would change nothing: "
-                              f"leave out {r}, or give {w} > 0 with a label", "guidance_rescale")
+        check_settings_apply(opts, given, labelled, cli)
         if not isinstance(opts.engine, str):
             # what the user gave (fp16=False included) beside an engine object (__post_init__ sees only values)
             why, option = engine_refusal(opts.engine, opts.fp16, opts.int8, opts.device, given)
             if why:
+                from .errors import OptionError
+
                 raise OptionError(why, option)
         return opts
 
@@ -166,6 +152,27 @@ def check_guidance(guidance: float, given, labelled: bool, cli: bool = False, cl
                           f"to steer towards: leave out {g} (or give 0)", "guidance")
     raise OptionError(f"guidance steers samples towards their label, and {u} samples have none (an edit without "
                       f"{lab} uses the unconditional model): give {lab}, or leave out {g} (or give 0)", "guidance")
+
+
+def check_settings_apply(opts: "Sampling", given, labelled: bool, cli: bool = False) -> None:
+    """OptionError (naming the option) for a setting that would change nothing and be ignored without a word: one
+    sampler's setting given (in `given`) to another, eta != 0 without DDIM or variance large without DDPM (a default,
+    such as the editing commands' eta 1, applies where it can), and a guidance rescale for samples without guidance
+    (labelled False, or w = 0). cli: the message names the CLI's options."""
+    from .errors import OptionError
+
+    for name, value, unused, owner in (("eta", opts.eta, 0.0, "ddim"), ("variance", opts.variance, "small", "ddpm")):
+        if name in given and value != unused and opts.sampler != owner:
+            what = "DDIM's noise level (0 deterministic, 1 DDPM-like)" if name == "eta" else \
+                "the DDPM sampler's choice of posterior noise"
+            flag = f"--{name}" if cli else name
+            raise OptionError(f"{name} is {what}; {opts.sampler} has none: leave out {flag}, or use the {owner} "
+                              f"sampler", name)
+    if opts.guidance_rescale > 0 and (not labelled or opts.guidance == 0):
+        r, w = ("--guidance-rescale", "--guidance") if cli else ("guidance_rescale", "guidance")
+        why = "these samples have no label" if not labelled else "the guidance scale is 0"
+        raise OptionError(f"guidance rescale adjusts the guided output, and {why}, so it would change nothing: "
+                          f"leave out {r}, or give {w} > 0 with a label", "guidance_rescale")
 
 
 def precision_refusal(engine: str | None, device: str, fp16: bool, int8: bool) -> str | None:
