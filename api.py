@@ -31,7 +31,8 @@ from .errors import DdpmError, OptionError, clip
 from .export import cache as export_cache
 from .model.config import ModelConfig
 from .model.io import CheckpointError, TorchMissing, default_model_path, load_model, read_model_info
-from .options import DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL, Sampling, recorded_plan
+from .options import (DEFAULT_SAMPLER, EDIT_GUIDANCE, EDIT_SAMPLER, GUIDANCE, GUIDANCE_INTERVAL, Sampling,
+                      check_sampler_settings, recorded_plan)
 from .runtime.bundle import META_FILE, Bundle, ExportError
 from .runtime.engine import EngineCache
 from .runtime.schedule import Schedule
@@ -168,14 +169,16 @@ class Model:
         every step; top: start at t = top (editing, runtime.edits); guidance_rescale phi in [0, 1]: each guided
         sample's eps rescaled towards the conditional eps's standard deviation, eps (1 + phi (std(eps_c) / std(eps)
         - 1)) (Lin et al. 2024, eq. 15-16; diffusers' guidance_rescale; 0: off). Raises OptionError (a DdpmError
-        naming the argument) for steps outside 1..T, DDPM with fewer than T steps, eta outside [0, 1]. A model
-        whose file records a plan (a distilled student: `recorded_plan`) uses it for the arguments not passed."""
+        naming the argument) for steps outside 1..T, DDPM with fewer than T steps, eta outside [0, 1], eta != 0
+        without DDIM or variance large without DDPM (they would change nothing). A model whose file records a plan
+        (a distilled student: `recorded_plan`) uses it for the arguments not passed."""
         from .runtime.samplers import make_plan
 
         v = recorded_plan(self.recorded, dict(sampler=sampler, steps=steps, eta=eta, spacing=spacing,
                                               guidance_interval=guidance_interval), given())
         sampler, steps, eta, spacing, guidance_interval = (v[k] for k in ("sampler", "steps", "eta", "spacing",
                                                                          "guidance_interval"))
+        check_sampler_settings(sampler, eta, variance, given())
         return make_plan(self.schedule, sampler, steps, eta, variance, spacing, guidance_interval, top,
                          guidance_rescale)
 
@@ -206,7 +209,7 @@ class Model:
         ddpm.arguments.ARGS) or an engine that cannot run here."""
         from . import pipeline
 
-        opts = Sampling.of(locals(), given(), labelled=not uncond).with_recorded(self.recorded, given())
+        opts = Sampling.of(locals(), given(), labelled=not uncond, record=self.recorded)
         job = pipeline.Job.of(self, n, plan or self.plan(**opts.plan_args()), label, uncond, opts, start)
         return pipeline.generate(self, opts, job, progress)
 

@@ -480,13 +480,14 @@ def sampling_options(defaults: Sampling = DEFAULT):
     ])
 
 
-def sampling(o: dict, labelled: bool = True) -> Sampling:
+def sampling(o: dict, labelled: bool = True, record: dict | None = None, settings: bool = True) -> Sampling:
     """The options.Sampling of a sampling command's options; labelled: whether its samples have labels (not
-    --uncond; an edit's --label). Raises OptionError (a usage error naming its option) for options that contradict
-    each other, as options.Sampling.of finds them: --label with --uncond (o["label"], o["uncond"]), an explicit
-    --guidance for samples without labels, two precisions."""
-    return Sampling.of(o, {name for name in o if on_command_line(name)}, labelled, cli=True,
-                       cuda_graph=not o["no_cuda_graph"])
+    --uncond; an edit's --label); record: a model's recorded plan for the options not on the command line. Raises
+    OptionError (a usage error naming its option) for options that contradict each other, as options.Sampling.of
+    finds them: --label with --uncond (o["label"], o["uncond"]), an explicit --guidance for samples without labels,
+    two precisions, a setting that would change nothing (settings False: not yet, Sampling.of)."""
+    return Sampling.of(o, {name for name in o if on_command_line(name)}, labelled, cli=True, record=record,
+                       settings=settings, cuda_graph=not o["no_cuda_graph"])
 
 
 def prepare(o: dict, recorded: bool = False, labelled: bool = True):
@@ -496,10 +497,10 @@ def prepare(o: dict, recorded: bool = False, labelled: bool = True):
     from . import api
 
     set_threads(o["threads"])
-    opts = sampling(o, labelled)
+    opts = sampling(o, labelled, settings=not recorded)   # contradictions found before any file is read
     model = api.load(o["ckpt"], o["export_dir"])
-    if recorded:
-        opts = opts.with_recorded(model.recorded, {name for name in o if on_command_line(name)})
+    if recorded:   # the settings checked with the record in place: a student's DDIM takes --eta
+        opts = sampling(o, labelled, model.recorded)
     return model, opts, None if o["quiet"] else (lambda m: click.echo(m, err=True))
 
 

@@ -202,8 +202,9 @@ def export_cmd(ckpt, out, fp16, int8, data, opset, build_trt, batch_range, with_
     calibration = _int8_data(data, model.image_shape) if int8 else None
     # gen's defaults (eta 0, the default guidance interval; a student's recorded plan for the options not given), so
     # that the generator gives gen's digits
-    opts = Sampling(sampler, steps, spacing, guidance_interval=guidance_interval, guidance_rescale=guidance_rescale)
-    opts = opts.with_recorded(model.recorded, {n for n in _SHAPES[0][0] if on_command_line(n)})
+    opts = Sampling.of(dict(sampler=sampler, steps=steps, spacing=spacing, guidance_interval=guidance_interval,
+                            guidance_rescale=guidance_rescale), {n for n in _SHAPES[0][0] if on_command_line(n)},
+                       cli=True, record=model.recorded)
     plan = model.plan(**opts.plan_args()) if with_generator or web_dir else None
     bundle = export_folder(model, out, fp16, opset, plan, form, batch_range if build_trt else None, log=echo,
                            int8=calibration, guidance=opts.guidance)
@@ -404,12 +405,12 @@ def bench(names, batches, sampler, steps, spacing, guidance_interval, guidance_r
     model = api.load(ckpt)
     if int8:   # asked for, so not merely a skipped engine: its model is made by `ddpm export --int8` only
         model.bundle(int8=True)
-    opts = Sampling(sampler, steps, spacing, guidance=guidance, guidance_interval=guidance_interval,
-                    guidance_rescale=guidance_rescale)
     # a student's recorded plan for the options not given (--quick gives its steps itself)
-    opts = opts.with_recorded(model.recorded, {n for n in ("sampler", "steps", "spacing", "guidance",
-                                                           "guidance_interval") if on_command_line(n)}
-                              | ({"steps"} if quick else set()))
+    opts = Sampling.of(dict(sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
+                            guidance_interval=guidance_interval, guidance_rescale=guidance_rescale),
+                       {n for n in ("sampler", "steps", "spacing", "guidance", "guidance_interval",
+                                    "guidance_rescale") if on_command_line(n)} | ({"steps"} if quick else set()),
+                       cli=True, record=model.recorded)
     plan = model.plan(**opts.plan_args())
     ref = model.plan("ddim", 3 if quick else None, guidance_interval=None) if baseline else None
     if ref is not None and plan.name == ref.name:

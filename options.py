@@ -83,7 +83,7 @@ class Sampling:
 
     @classmethod
     def of(cls, values: dict, given=frozenset(), labelled: bool = True, cli: bool = False,
-           **changes) -> "Sampling":
+           record: dict | None = None, settings: bool = True, **changes) -> "Sampling":
         """The options among `values` (e.g. a function's locals(), or click's parameters), then `changes`; names
         that are not options are ignored. given: the names the user gave (not left at their defaults); labelled:
         whether the samples have labels (False: unconditional sampling; an edit without a label, which uses the
@@ -92,7 +92,10 @@ class Sampling:
         samples without labels: guidance steers a sample towards its label, so it would be silently ignored; OptionError
         (option "plan") for a ready plan (values["plan"], the API's) given with any option that makes a plan
         (PLAN_OPTIONS): they would contradict or repeat it, and one of them would be ignored; OptionError for a
-        setting that would change nothing (check_settings_apply). cli: the message names the CLI's options."""
+        setting that would change nothing (check_settings_apply). record: a model's recorded plan (a distilled
+        student's, recorded_plan), in place of the options not given before they are checked; settings False: the
+        settings a record may change are not checked yet (a command that finds contradictions before it reads the
+        model file checks them again with its record). cli: the message names the CLI's options."""
         check_conditioning(values.get("label"), values.get("uncond"), cli)
         names = {f.name for f in fields(cls)}
         both = [name for name in PLAN_OPTIONS if name in given]
@@ -101,9 +104,10 @@ class Sampling:
 
             raise OptionError(f"plan and {', '.join(both)} exclude each other: a plan is a ready sampler table that "
                               f"they would make (model.plan(sampler=..., steps=...)); give the plan or them", "plan")
-        opts = replace(cls(**{k: v for k, v in values.items() if k in names}), **changes)
+        opts = replace(cls(**{k: v for k, v in values.items() if k in names}), **changes).with_recorded(record, given)
         check_guidance(opts.guidance, given, labelled, cli)
-        check_settings_apply(opts, given, labelled, cli)
+        if settings:
+            check_settings_apply(opts, given, labelled, cli)
         if not isinstance(opts.engine, str):
             # what the user gave (fp16=False included) beside an engine object (__post_init__ sees only values)
             why, option = engine_refusal(opts.engine, opts.fp16, opts.int8, opts.device, given)
@@ -119,8 +123,10 @@ class Sampling:
         return replace(self, **recorded_plan(record, values, given))
 
     def plan_args(self) -> dict:
-        """Model.plan's keywords (PLAN_OPTIONS)."""
-        return {name: getattr(self, name) for name in PLAN_OPTIONS}
+        """Model.plan's keywords (PLAN_OPTIONS) that apply to this sampler: eta for DDIM, variance for DDPM only (a
+        default of another sampler's, such as the editing commands' eta 1, is not passed on)."""
+        return {name: getattr(self, name) for name in PLAN_OPTIONS
+                if name not in _SETTING_OF or _SETTING_OF[name] == self.sampler}
 
     @property
     def precision(self) -> str:
@@ -156,23 +162,37 @@ def check_guidance(guidance: float, given, labelled: bool, cli: bool = False, cl
 
 def check_settings_apply(opts: "Sampling", given, labelled: bool, cli: bool = False) -> None:
     """OptionError (naming the option) for a setting that would change nothing and be ignored without a word: one
-    sampler's setting given (in `given`) to another, eta != 0 without DDIM or variance large without DDPM (a default,
-    such as the editing commands' eta 1, applies where it can), and a guidance rescale for samples without guidance
-    (labelled False, or w = 0). cli: the message names the CLI's options."""
+    sampler's setting given (in `given`) to another (check_sampler_settings), and a guidance rescale for samples
+    without guidance (labelled False, or w = 0). cli: the message names the CLI's options."""
     from .errors import OptionError
 
-    for name, value, unused, owner in (("eta", opts.eta, 0.0, "ddim"), ("variance", opts.variance, "small", "ddpm")):
-        if name in given and value != unused and opts.sampler != owner:
-            what = "DDIM's noise level (0 deterministic, 1 DDPM-like)" if name == "eta" else \
-                "the DDPM sampler's choice of posterior noise"
-            flag = f"--{name}" if cli else name
-            raise OptionError(f"{name} is {what}; {opts.sampler} has none: leave out {flag}, or use the {owner} "
-                              f"sampler", name)
+    check_sampler_settings(opts.sampler, opts.eta, opts.variance, given, cli)
     if opts.guidance_rescale > 0 and (not labelled or opts.guidance == 0):
         r, w = ("--guidance-rescale", "--guidance") if cli else ("guidance_rescale", "guidance")
         why = "these samples have no label" if not labelled else "the guidance scale is 0"
         raise OptionError(f"guidance rescale adjusts the guided output, and {why}, so it would change nothing: "
                           f"leave out {r}, or give {w} > 0 with a label", "guidance_rescale")
+
+
+# The settings that belong to one sampler, and their values that change nothing (a default, such as the editing
+# commands' eta 1, applies where it can).
+_SETTING_OF = {"eta": "ddim", "variance": "ddpm"}
+_UNUSED = {"eta": 0.0, "variance": "small"}
+
+
+def check_sampler_settings(sampler: str, eta: float, variance: str, given, cli: bool = False) -> None:
+    """OptionError (naming the option) for one sampler's setting given (in `given`) to another, where it would be
+    ignored: eta != 0 without DDIM, variance large without DDPM. cli: the message names the CLI's options."""
+    from .errors import OptionError
+
+    for name, value in (("eta", eta), ("variance", variance)):
+        owner = _SETTING_OF[name]
+        if name in given and value != _UNUSED[name] and sampler != owner:
+            what = "DDIM's noise level (0 deterministic, 1 DDPM-like)" if name == "eta" else \
+                "the DDPM sampler's choice of posterior noise"
+            flag = f"--{name}" if cli else name
+            raise OptionError(f"{name} is {what}; {sampler} has none: leave out {flag}, or use the {owner} "
+                              f"sampler", name)
 
 
 def precision_refusal(engine: str | None, device: str, fp16: bool, int8: bool) -> str | None:

@@ -78,3 +78,42 @@ def test_the_api_refuses_them_too():
             model.generate(1, **kw)
         assert e.value.option == option
     assert model.plan(sampler="ddim", steps=4, eta=1.0).name.startswith("ddim4-eta1")
+
+
+def test_model_plan_refuses_another_samplers_setting():
+    """Model.plan, the API's other way to a plan, refuses what generate refuses: eta != 0 without DDIM, variance
+    large without DDPM (they were ignored); the editing commands' default eta 1 is not passed to another sampler."""
+    import ddpm
+    from ddpm.errors import OptionError
+
+    model = ddpm.load()
+    for kw, option in ((dict(sampler="unipc", eta=0.5), "eta"), (dict(sampler="ddim", variance="large"), "variance")):
+        with pytest.raises(OptionError) as e:
+            model.plan(**kw)
+        assert e.value.option == option
+    assert model.plan(sampler="ddpm", variance="large").name.startswith("ddpm")
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 12:16] = 255
+    assert model.inpaint(digit, n=1, sampler="unipc", steps=2, engine="onnx").shape[0] == 1
+
+
+def test_a_students_recorded_plan_is_what_the_settings_are_checked_against(tmp_path):
+    """A distilled student records DDIM and guidance 0 (options.recorded_plan): --eta is DDIM's setting and applies
+    (it was refused as if the sampler were the default UniPC), and --guidance-rescale with no guidance to rescale is
+    refused (it was accepted and ignored), by gen, export, bench and the API alike."""
+    import ddpm
+    from helpers import invoke
+    from test_distill import _student_file
+
+    path = _student_file(tmp_path / "student.safetensors")
+    model = ddpm.load(path)
+    assert model.generate(2, eta=0.5, engine="torch").shape == (2, 28, 28)
+    with pytest.raises(ddpm.DdpmError, match="the guidance scale is 0"):
+        model.generate(2, guidance_rescale=0.5)
+    r = invoke("gen", "--ckpt", path, "-n", 1, "--engine", "torch", "--eta", "0.5", "--out", tmp_path / "a.png")
+    assert r.exit_code == 0 and "ddim2-eta0.5-trailing" in r.output, r.output
+    for args in (["gen", "-n", 1, "--out", tmp_path / "b.png"], ["export", "--generator", "--out", tmp_path / "e"],
+                 ["bench", "--quick", "--engines", "torch"]):
+        r = invoke(*args[:1], "--ckpt", path, *args[1:], "--guidance-rescale", "0.5")
+        assert r.exit_code == 2 and "Invalid value for --guidance-rescale" in r.output, (args, r.output)
+    assert not (tmp_path / "b.png").exists() and not (tmp_path / "e").exists()
