@@ -13,7 +13,8 @@ import sys
 from .signals import (end_of_program, exit_on_signals, file_size_limit_as_error, restore_signals, said,
                       signals_as_interrupt)
 
-# SIGTERM from here on prints "terminated" and exits 143, Ctrl-C "interrupted" and 130, before the imports below
+# SIGTERM from here on prints "terminated" and exits 143, SIGHUP "hangup" and 129, Ctrl-C "interrupted" and 130,
+# before the imports below
 # (numpy and the rest: most of a second); a command's own handling (signals_as_interrupt) takes over while it runs;
 # Group.main puts back the caller's handlers when it returns
 _BEFORE_CLI = exit_on_signals()
@@ -110,8 +111,8 @@ class Group(click.Group):
     """The `ddpm` group: a usage error (a bad option value, an OptionError naming its option, an unknown option or
     command) is one line and exit 2 (OneLineUsageError); any other DdpmError and a resource limit of the process
     (errors.limit_message, naming the running command's options that ask for less memory) one line and exit 1;
-    Ctrl-C one line and exit 130 (SIGINT's code), SIGTERM the same with "terminated" and exit 143
-    (errors.Terminated). Standard output is written through errors.CheckedStdout: a failed write (`> /dev/full`)
+    Ctrl-C one line and exit 130 (SIGINT's code), SIGTERM the same with "terminated" and exit 143, SIGHUP (a closed
+    terminal) with "hangup" and exit 129 (errors.Terminated). Standard output is written through errors.CheckedStdout: a failed write (`> /dev/full`)
     is one line on standard error and exit 1 (errors.StdoutFailed)."""
 
     def main(self, *args, **kwargs):
@@ -193,10 +194,10 @@ class Group(click.Group):
                     if message is None:
                         raise
                     raise ErrorLine(message) from None
-        except Terminated as e:
-            click.echo(f"\n{printable(str(e)) or 'terminated'}", err=True)
+        except Terminated as e:   # SIGTERM 143, SIGHUP 129
+            click.echo(f"\n{printable(str(e)) or e.word}", err=True)
             said()
-            ctx.exit(143)
+            ctx.exit(128 + e.signum)
         except KeyboardInterrupt as e:
             click.echo(f"\n{printable(str(e)) or 'interrupted'}", err=True)
             said()

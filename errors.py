@@ -4,7 +4,7 @@ Every loader and writer raises a subclass of `DdpmError` whose message is one li
 what to do (model.io.CheckpointError, runtime.bundle.ExportError, train.data.DataError, samples.SamplesError,
 files.OutputError, ...); `ddpm.cli` prints any of them as "Error: <message>" with exit status 1. `Interrupted` is a
 KeyboardInterrupt that carries what a user needs to know after Ctrl-C (exit status 130); `Terminated`, one of them,
-is SIGTERM's (exit status 143). Code that catches a KeyboardInterrupt to say more re-raises `interrupted(e, ...)`,
+is SIGTERM's (exit status 143) and SIGHUP's (129). Code that catches a KeyboardInterrupt to say more re-raises `interrupted(e, ...)`,
 which keeps the signal's kind: supervisors (systemd, Kubernetes, `timeout`) read the exit status. The signals
 become these exceptions in signals.py.
 """
@@ -292,9 +292,19 @@ def stdout_failure(e: StdoutFailed) -> str:
 
 
 class Terminated(Interrupted):
-    """SIGTERM (what `kill`, `timeout` and supervisors send; signals.signals_as_interrupt turns it into this
-    exception in the main thread): unwound like Ctrl-C, so that temporaries are removed and nothing half-written
-    is published; exit status 143 (128 + 15) and the word "terminated"."""
+    """SIGTERM (what `kill`, `timeout` and supervisors send) or SIGHUP (the terminal or ssh session closed; an ignored
+    SIGHUP, as under `nohup`, stays ignored): signals.signals_as_interrupt turns them into this exception in the main
+    thread, unwound like Ctrl-C, so that temporaries are removed and nothing half-written is published. Exit status
+    128 + signum: 143 and the word "terminated" for SIGTERM, 129 and "hangup" for SIGHUP."""
+
+    def __init__(self, message: str = "", signum: int = 15):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def word(self) -> str:
+        """The signal's word: "hangup" (SIGHUP, 1) or "terminated" (SIGTERM, 15)."""
+        return "hangup" if self.signum == 1 else "terminated"
 
 
 class LimitReached(DdpmError):
@@ -426,8 +436,9 @@ def raise_if_limit(e: BaseException, where: str | None = None) -> None:
 
 def interrupted(e: KeyboardInterrupt, detail: str) -> Interrupted:
     """The exception to raise from `except KeyboardInterrupt as e` with `detail` (what the user needs to know, e.g.
-    the last checkpoint): Terminated("terminated; detail") when e came from SIGTERM, else
-    Interrupted("interrupted; detail")."""
-    made = Terminated(f"terminated; {detail}") if isinstance(e, Terminated) else Interrupted(f"interrupted; {detail}")
+    the last checkpoint): Terminated("terminated; detail") when e came from SIGTERM ("hangup; detail" from SIGHUP),
+    else Interrupted("interrupted; detail")."""
+    made = Terminated(f"{e.word}; {detail}", e.signum) if isinstance(e, Terminated) else \
+        Interrupted(f"interrupted; {detail}")
     made.detail = detail   # said once: an enclosing handler (signals.stop_message) passes it on as it is
     return made

@@ -29,7 +29,7 @@ the link itself stays as it is.
 
 Fault injection (a test hook, not for users; read once at import, nothing is done when it is unset or empty, and a
 malformed value is ignored with one warning line on stderr): DDPM_FAULT=POINT:N[:SIGNAL]
-sends SIGNAL (KILL, TERM or INT; default KILL) to this process at the N-th (1-based) atomic write of the process,
+sends SIGNAL (KILL, TERM, INT or HUP; default KILL) to this process at the N-th (1-based) atomic write of the process,
 counting `atomic_write` files and `publish_dir` folders together, so that a test can end a command at a chosen
 moment instead of at a moment chosen by a clock:
 
@@ -142,10 +142,10 @@ def _parse_fault(spec: str | None) -> tuple[str, int, int] | None:
     one warning line on stderr when malformed: a stray value in a user's environment must not stop every command."""
     if not spec:
         return None
-    m = re.fullmatch(r"(write|publish):([1-9][0-9]*)(?::(KILL|TERM|INT))?", spec.strip())
+    m = re.fullmatch(r"(write|publish):([1-9][0-9]*)(?::(KILL|TERM|INT|HUP))?", spec.strip())
     if m is None:
         print(f"ddpm: warning: ignoring DDPM_FAULT={brief(spec, 60)} (a test hook that ends the process at an "
-              f"atomic write; expected write:N or publish:N, optionally followed by :KILL, :TERM or :INT)",
+              f"atomic write; expected write:N or publish:N, optionally followed by :KILL, :TERM, :INT or :HUP)",
               file=sys.stderr)
         return None
     return m[1], int(m[2]), getattr(signal, f"SIG{m[3] or 'KILL'}")

@@ -253,7 +253,8 @@ def test_a_path_with_control_characters_is_shown_escaped(tmp_path):
     assert "\x00" not in str(e.value) and "a\\x00b" in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize("sig, code, word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+@pytest.mark.parametrize("sig, code, word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted"),
+                                             ("SIGHUP", 129, "hangup")])
 @pytest.mark.parametrize("heavy", ["numpy", "torch"])
 def test_a_signal_while_the_cli_imports_prints_its_line(tmp_path, heavy, sig, code, word):
     """SIGTERM while `ddpm train` imports its modules (most of a second, numpy first) killed the process by the

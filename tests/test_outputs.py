@@ -404,15 +404,21 @@ def test_ctrl_c_in_training_names_the_last_checkpoint(fake_mnist, tmp_path, monk
     assert r.exit_code == 130 and r.output.strip().splitlines()[-1] == "interrupted; no checkpoint written yet"
 
 
-def _signalled(fault: str, *args) -> subprocess.CompletedProcess:
-    """`ddpm ARGS` in a new process that DDPM_FAULT=fault signals at an atomic write (files.py's test hook)."""
+def _signalled(fault: str, *args, hangup=signal.SIG_DFL) -> subprocess.CompletedProcess:
+    """`ddpm ARGS` in a new process that DDPM_FAULT=fault signals at an atomic write (files.py's test hook), with
+    SIGHUP handled as `hangup` says (SIG_IGN: as under nohup)."""
     import sys
 
     env = dict(os.environ, OMP_NUM_THREADS="1", DDPM_FAULT=fault)
-    # SIGINT back to its default in the child: a test run started in the background of a non-interactive shell (as
-    # CI may be) inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt
+
+    def child():
+        # SIGINT back to its default in the child: a test run started in the background of a non-interactive shell
+        # (as CI may be) inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, hangup)
+
     return subprocess.run([sys.executable, "-m", "ddpm.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=600, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                          env=env, timeout=600, preexec_fn=child)
 
 
 @pytest.mark.parametrize("sig, code, word", slow_except([("INT", 130, "interrupted"), ("TERM", 143, "terminated")],
@@ -436,8 +442,23 @@ def test_a_stray_fault_hook_value_does_not_stop_a_command(tiny_export, tmp_path)
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "ignoring DDPM_FAULT='1'" in r.stderr, r.stderr
 
 
+def test_a_closed_terminal_unwinds_a_command_unless_sighup_is_ignored(tiny_export, tmp_path):
+    """SIGHUP (the terminal or ssh session closed) while `ddpm gen` writes its .npz killed the process by the
+    default action: no line, a half-written temporary left beside the output. It unwinds as SIGTERM does: the line
+    "hangup", exit 129, nothing left. An ignored SIGHUP (`nohup ddpm gen ...`) stays ignored: the command ends."""
+    out = tmp_path / "x.npz"
+    r = _signalled("write:1:HUP", "gen", "--export", tiny_export, "-n", 4, "--steps", 2, "--out", out)
+    assert r.returncode == 129, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].strip() == "hangup"
+    assert not out.exists() and _temporaries(tmp_path) == []
+    r = _signalled("write:1:HUP", "gen", "--export", tiny_export, "-n", 4, "--steps", 2, "-q", "--out", out,
+                   hangup=signal.SIG_IGN)
+    assert r.returncode == 0 and out.exists() and _temporaries(tmp_path) == [], r.stderr
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code, word", [("INT", 130, "interrupted"), ("TERM", 143, "terminated")])
+@pytest.mark.parametrize("sig, code, word", [("INT", 130, "interrupted"), ("TERM", 143, "terminated"),
+                                             ("HUP", 129, "hangup")])
 def test_a_signal_in_real_training_keeps_its_exit_code(fake_mnist, tmp_path, sig, code, word):
     """A real SIGTERM during `ddpm train` exits 143 with "terminated; <last checkpoint>", Ctrl-C 130 with
     "interrupted; ...": the training loop adds the last checkpoint to the message without turning one signal into
