@@ -22,16 +22,39 @@ MAX_T = 100_000   # diffusion steps: the tables are 13 float64 arrays of T (10 M
 PREDICTIONS = ("eps", "v")
 
 
+# The least abar_T = prod(1 - beta_t) a schedule may reach: its last noise level sigma_T = sqrt((1 - abar_T) / abar_T)
+# is then at most 1e15, and the plans' float32 coefficients (1 / sqrt(abar) and the like) stay far from overflow. The
+# schedules of this project and diffusers' reach 4e-5 (linear) and 2e-13 (cosine at T = 100000).
+MIN_ABAR = 1e-30
+
+
 def make_betas(name: str, T: int, beta_range: tuple[float, float] | None = None, betas=None) -> np.ndarray:
-    """beta_t, t = 0..T-1, float64, of the schedule `name` (RECIPES):
+    """beta_t, t = 0..T-1, float64, of the schedule `name` (RECIPES), checked (check_abar):
 
         linear         beta_range None: DDPM's 1e-4 .. 0.02, rescaled by 1000/T; else (beta_start, beta_end) as given
         scaled_linear  sqrt(beta) linear from sqrt(beta_start) to sqrt(beta_end) (diffusers' "scaled_linear")
         cosine         Nichol & Dhariwal 2021 (diffusers' "squaredcos_cap_v2")
         table          `betas` themselves (diffusers' trained_betas)
 
-    ValueError for an unknown name, or a recipe without what it needs (a table of T betas in (0, 1); scaled_linear
-    needs beta_range)."""
+    ValueError for an unknown name, a recipe without what it needs (a table of T betas in (0, 1); scaled_linear
+    needs beta_range), or betas whose abar_T is below MIN_ABAR."""
+    return check_abar(_betas(name, T, beta_range, betas))
+
+
+def check_abar(betas: np.ndarray) -> np.ndarray:
+    """`betas` (float64, in (0, 1)) when abar_T = prod(1 - beta_t) is at least MIN_ABAR; ValueError (one line) when
+    less (e.g. diffusers' default linear betas 1e-4 .. 0.02 over T = 100000, not rescaled: abar_T = 10^-434, 0 in
+    float64), before any table is computed from them."""
+    log10_abar = float(np.log1p(-betas).sum()) / math.log(10)
+    if not log10_abar >= math.log10(MIN_ABAR):
+        raise ValueError(f"the schedule's abar_T = prod(1 - beta_t) is 10^{log10_abar:.0f}, below {MIN_ABAR:g}: its "
+                         f"last noise level sigma_T = sqrt((1 - abar_T) / abar_T) is past what float32 sampling can "
+                         f"follow (give fewer or smaller betas)")
+    return betas
+
+
+def _betas(name: str, T: int, beta_range: tuple[float, float] | None, betas) -> np.ndarray:
+    """make_betas before its check."""
     if name == "table":
         b = np.asarray(betas if betas is not None else [], dtype=np.float64)
         if b.shape != (T,) or not ((b > 0) & (b < 1)).all():

@@ -211,6 +211,19 @@ def test_a_scheduler_config_the_runtime_cannot_follow_is_one_line(folders, tmp_p
     assert field in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("scheduler", [dict(num_train_timesteps=100000), dict(num_train_timesteps=3000, trained_betas=[0.3] * 3000)])
+def test_a_schedule_whose_abar_underflows_is_one_line(folders, tmp_path, scheduler):
+    """Betas in (0, 1) and T in 2..100000 whose abar_T underflows (diffusers' default betas 1e-4 .. 0.02 over T =
+    100000, which it does not rescale): the plans' coefficients were inf, a ValueError traceback from the CLI and
+    not a DdpmError from the API. One line naming the scheduler config, from both."""
+    folder = variant(folders["uncond28"], tmp_path / "f", **scheduler)
+    with pytest.raises(DdpmError, match="scheduler_config.json: the schedule's abar_T .* below 1e-30"):
+        ddpm.load(folder)
+    result = invoke("gen", "--ckpt", folder, "-n", 1, "--uncond", "--engine", "torch", "--out", tmp_path / "x.png")
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "below 1e-30" in result.output, \
+        result.output
+
+
 UNET_REFUSED = [("out_channels", 2), ("time_embedding_type", "fourier"), ("class_embed_type", "timestep"),
                 ("sample_size", [28, 32])]
 

@@ -297,6 +297,9 @@ def never_built(monkeypatch):
     (dict(image_size=1024, channel_mults=[1]), "MiB of activations per image"),
     (dict(timesteps=10**9), "timesteps must be an integer in 2..100000"),
     (dict(num_classes=10**9), "num_classes must be an integer in 1..100000"),
+    # betas in (0, 1) and T in range whose abar_T underflows: the plans' coefficients would be inf
+    (dict(timesteps=100000, beta_range=[1e-4, 0.02]), "below 1e-30: its last noise level sigma_T"),
+    (dict(schedule="table", timesteps=3000, betas=[0.3] * 3000), "below 1e-30: its last noise level sigma_T"),
 ])
 def test_model_sizes_are_checked_before_building(tmp_path, monkeypatch, change, message):
     """A 177 KB model.safetensors whose config describes a huge network (or schedule) is refused from its config and
