@@ -135,6 +135,23 @@ def _limit(name: str) -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
+def cut_at_file_size_limit(folder) -> OSError | None:
+    """OSError EFBIG (which limit_message names) for the first file under `folder` cut at the file-size limit (ulimit
+    -f: its size is the limit exactly), or None when there is no such limit or file: for a native library that writes a file
+    without reporting the failed write (onnx's C++ shape inference), so that what fails later on the cut file (a
+    parse error) is reported as the limit it is."""
+    soft = _limit("FSIZE")
+    if soft is None:
+        return None
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_size == soft:
+                    return OSError(errno.EFBIG, os.strerror(errno.EFBIG), path)
+    return None
+
+
 def _memory_limits() -> list[tuple[int, str, str]]:
     """(soft limit in bytes, ulimit flag, what it limits) of each memory limit the process has."""
     found = []

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DdpmError
+from ..errors import DdpmError, cut_at_file_size_limit
 from ..runtime.bundle import INT8_MAX_EPS_ERROR, INT8_TOLERANCE_MARGIN
 
 # The digits of each set (each digit at every row's t, with its label and with the null label: 2 S states each;
@@ -125,12 +126,21 @@ def _quiet():
 
 
 class Quantizer:
-    """quantize_static of one fp32 model with this module's settings, its activation ranges calibrated once."""
+    """quantize_static of one fp32 model with this module's settings, its activation ranges calibrated once.
+    Everything it writes goes to `workdir`: quantize_static writes a shape-inferred copy beside its input
+    (NAME-inferred.onnx), so the input is linked (or copied) into workdir first, and a kept model.onnx in the user's
+    export folder never gets a stray file beside it."""
 
     def __init__(self, fp32: Path, calibration: States, workdir: Path):
         from onnxruntime import quantization as q
 
-        self.q, self.fp32, self.calibration, self.workdir = q, Path(fp32), calibration, Path(workdir)
+        workdir = Path(workdir)
+        inside = workdir / Path(fp32).name
+        try:
+            os.link(fp32, inside)
+        except OSError:   # another file system, or links not allowed there
+            shutil.copy2(fp32, inside)
+        self.q, self.fp32, self.calibration, self.workdir = q, inside, calibration, workdir
         # where quantize_static can keep the ranges in a file it reuses them; elsewhere every call calibrates again
         self.cache = workdir / "ranges.json" \
             if "calibration_cache_path" in inspect.signature(q.quantize_static).parameters else None
@@ -245,6 +255,11 @@ def make_int8(fp32: Path, out: Path, images_u8: np.ndarray, labels: np.ndarray, 
         reference = eps_of(_session(fp32), states[1])
         found = sensitivity(quantizer, convs, states[1], reference, max_error, log)
         shutil.move(str(found["path"]), str(out))
+    except Exception as e:   # a file that onnx's C++ writer cut at the file-size limit without a word fails later
+        cut = cut_at_file_size_limit(work)
+        if cut is not None:
+            raise cut from e
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     parity = verify(out, fp32, states[2], max_error + TOLERANCE_MARGIN)

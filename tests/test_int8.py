@@ -533,3 +533,58 @@ def test_an_edited_generator_record_is_refused_and_repaired(ckpt, int8_generator
     r = invoke("gen", "--ckpt", ckpt, "--export", copy, "-n", 2, "--steps", 4, "--engine", "onnx-generator",
                "--out", tmp_path / "a.png")
     assert r.exit_code == 0, r.output
+
+
+def test_adding_int8_to_a_folder_writes_nothing_beside_its_files(ckpt, tiny_export, fake_mnist, tmp_path,
+                                                                monkeypatch):
+    """`ddpm export --int8` into a folder whose model.onnx is kept: onnxruntime's quantize_static writes a
+    shape-inferred copy beside its input (NAME-inferred.onnx), which was the user's folder: a kill or a file-size
+    limit then left model-inferred.onnx there. Every file it writes goes to the build's own folder: at no moment
+    does the export folder hold anything but its files."""
+    import onnx.shape_inference as shape_inference
+
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_export, folder)
+    (folder / "model_int8.onnx").unlink(missing_ok=True)
+    listed = sorted(p.name for p in folder.iterdir())
+    seen = []
+    infer = shape_inference.infer_shapes_path
+
+    def watched(*a, **k):
+        out = infer(*a, **k)
+        seen.append(sorted(p.name for p in folder.iterdir()))
+        return out
+
+    monkeypatch.setattr(shape_inference, "infer_shapes_path", watched)
+    r = _export_int8(ckpt, folder, fake_mnist)
+    assert r.exit_code == 0, r.output
+    assert seen and all(names == listed for names in seen), seen
+    assert sorted(p.name for p in folder.iterdir()) == sorted(listed + ["model_int8.onnx"])
+
+
+def test_a_cut_file_of_the_int8_pass_is_named_as_the_file_size_limit(tiny_export, fake_mnist, tmp_path):
+    """Under ulimit -f, onnx's C++ shape inference (inside quantize_static) cuts its copy of the model at the limit
+    without a word, and parsing it then raised protobuf's DecodeError: a traceback. The cut file is reported as the
+    limit it is: OSError EFBIG, which the CLI names as the limit in one line."""
+    import errno
+    import resource
+    import signal
+
+    from ddpm.errors import limit_message
+    from ddpm.runtime.bundle import Bundle
+    from ddpm.train.data import load_mnist
+
+    b = Bundle.load(tiny_export)
+    images, labels = load_mnist(fake_mnist)
+    size = b.onnx_path().stat().st_size
+    previous = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, previous[0][1]))
+    try:
+        with pytest.raises(OSError) as e:
+            int8.make_int8(b.onnx_path(), tmp_path / "q.onnx", images, labels, b.schedule.alphas_cumprod, [99, 50],
+                           b.null_label, max_error=0.08, digits=(16, 8), log=lambda *_: None)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous[0])
+        signal.signal(signal.SIGXFSZ, previous[1])
+    assert e.value.errno == errno.EFBIG and "file-size limit" in limit_message(e.value)
+    assert list(tmp_path.iterdir()) == []
