@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import tiny_checkpoint
+from helpers import slow_except, tiny_checkpoint
 
 
 def _run(args, nproc=None, cwd=None):
@@ -116,3 +116,35 @@ def test_rank_without_a_world_is_one_process(ckpt, fake_mnist, tmp_path, monkeyp
     monkeypatch.setenv("RANK", "3")
     r = invoke("train", "--preset", "tiny", "--steps", 1, "--batch", 8, "--data", fake_mnist, "--out", tmp_path / "r")
     assert r.exit_code == 0 and (tmp_path / "r" / "model.safetensors").is_file(), r.output
+
+
+@pytest.mark.parametrize("command", slow_except(["gen", "train"], "gen"))
+def test_a_signal_while_waiting_for_peers_ends_the_command(ckpt, fake_mnist, tmp_path, command):
+    """A torchrun rank whose peers never answer waits in c10d's rendezvous (a native call, up to 30 minutes): SIGTERM
+    and Ctrl-C did nothing there (Python runs its handlers in the main thread only, between bytecodes), so
+    `timeout` and supervisors had to SIGKILL it. Rank 1 here connects to a server that accepts and never answers;
+    once it has connected, SIGTERM gives the one line "terminated" and exit 143, with nothing written."""
+    import signal
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(120)
+    env = dict(os.environ, WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(server.getsockname()[1]), OMP_NUM_THREADS="1")
+    args = {"gen": ["gen", "--ckpt", ckpt, "-n", 2, "--engine", "torch", "--out", tmp_path / "x.png"],
+            "train": ["train", "--data", fake_mnist, "--preset", "tiny", "--steps", 2, "--batch", 8, "--device",
+                      "cpu", "--out", tmp_path / "run"]}[command]
+    p = subprocess.Popen([sys.executable, "-m", "ddpm.cli", *map(str, args)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        peer, _ = server.accept()   # the rank is in the rendezvous now
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+        server.close()
+    assert p.returncode == 143 and err.strip().splitlines()[-1].startswith("terminated"), (p.returncode, err[-2000:])
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists(), err[-2000:]
+    peer.close()

@@ -1,11 +1,14 @@
 """torchrun support: a tiny context that is a no-op in a single process.
 
 Under `torchrun --nproc_per_node N` (WORLD_SIZE > 1) it initialises the process group (NCCL on GPUs, gloo on CPU),
-wraps the model in DistributedDataParallel and averages logged losses over ranks.
+wraps the model in DistributedDataParallel and averages logged losses over ranks; its waits for the other ranks end
+on Ctrl-C, SIGTERM and SIGHUP (`interruptible`).
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -19,9 +22,10 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
+    # The collectives below wait for every rank: `interruptible`, so that a signal ends a rank whose peer hangs.
     def barrier(self) -> None:
         if self.world > 1:
-            td.barrier()
+            interruptible(td.barrier)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world == 1:
@@ -35,7 +39,7 @@ class DistContext:
         if self.world == 1:
             return t
         t = t.clone()
-        td.all_reduce(t, op=td.ReduceOp.SUM)
+        interruptible(lambda: td.all_reduce(t, op=td.ReduceOp.SUM))
         return t / self.world
 
     def gather(self, obj):
@@ -43,7 +47,7 @@ class DistContext:
         if self.world == 1:
             return [obj]
         out = [None] * self.world if self.rank == 0 else None
-        td.gather_object(obj, out, dst=0)
+        interruptible(lambda: td.gather_object(obj, out, dst=0))
         return out
 
     def shard(self, n: int) -> tuple[int, int]:
@@ -56,9 +60,39 @@ class DistContext:
             td.destroy_process_group()
 
 
+def interruptible(fn):
+    """fn()'s result, with fn run in a daemon thread while the main thread waits for it in 0.1 s slices; what fn
+    raises is raised here. A native call that blocks (c10d's rendezvous: the TCPStore waits up to 30 minutes for
+    peers that may never come) holds the thread it runs in, and Python runs signal handlers in the main thread
+    only, between bytecodes: run there, Ctrl-C, SIGTERM and SIGHUP did nothing until it returned. The thread blocks
+    those signals, so that the kernel delivers them to the main thread (an interrupted connect in the store's
+    client would be retried with a warning). Outside the main thread: fn() as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+    box: dict = {}
+    stops = {signal.SIGINT, signal.SIGTERM} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
+
+    def run():
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        try:
+            box["value"] = fn()
+        except BaseException as e:   # raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="ddpm-rendezvous", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
 def setup(device: str = "auto") -> DistContext:
     """This process's DistContext: one process unless torchrun's variables (launch.launch, checked: LaunchError
-    otherwise) say more; then the process group is initialised (NCCL on GPUs, gloo on the CPU)."""
+    otherwise) say more; then the process group is initialised (NCCL on GPUs, gloo on the CPU), a wait for the
+    peers that Ctrl-C, SIGTERM and SIGHUP interrupt (`interruptible`)."""
     from ..launch import launch
 
     where = launch()
@@ -69,6 +103,6 @@ def setup(device: str = "auto") -> DistContext:
     if use_cuda:
         torch.cuda.set_device(local)
     if not td.is_initialized():
-        td.init_process_group("nccl" if use_cuda else "gloo")
+        interruptible(lambda: td.init_process_group("nccl" if use_cuda else "gloo"))
     dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     return DistContext(rank, world, local, dev)
