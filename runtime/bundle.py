@@ -498,6 +498,9 @@ class Bundle:
 
             clean_stale(root.parent, root.name)
         if not os.path.lexists(meta_path):
+            if os.path.isfile(root):   # e.g. the folder's export.json given for the folder
+                raise ExportError(f"{root} is a file, not an export folder: give the folder that holds "
+                                  f"{META_FILE}")
             raise ExportError(f"{root} is not an export folder (no {META_FILE}); create one with `ddpm export`")
         return cls.checked(root, read_meta(meta_path), expected_hash)
 

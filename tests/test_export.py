@@ -104,6 +104,9 @@ def test_corrupted_and_truncated_onnx(exported, tmp_path):
         Bundle.load(copy)
     with pytest.raises(ExportError, match="not an export folder"):
         Bundle.load(tmp_path / "nothing")
+    # the folder's export.json given for the folder: said so, not "no export.json"
+    with pytest.raises(ExportError, match="export.json is a file, not an export folder: give the folder"):
+        Bundle.load(copy / "export.json")
 
 
 @pytest.mark.slow
