@@ -299,9 +299,10 @@ def _read_safetensors(path: Path, framework: str) -> dict:
     from safetensors import SafetensorError, safe_open
 
     from ..files import readable_name
-    from .io import _WEIGHTS_FILE
+    from .io import _WEIGHTS_FILE, check_header
 
     path = input_path(path, DiffusersError)
+    check_header(path, DiffusersError, "re-save it with save_pretrained")
     try:
         with readable_name(path) as name, safe_open(name, framework=framework) as f:
             # the header's shapes bound the weights before any is read (a file of GBs of tensors)

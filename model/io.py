@@ -328,21 +328,33 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
 _MAX_HEADER = 100_000_000
 
 
-def _check_header_keys(path: Path) -> None:
-    """CheckpointError when the safetensors header (8-byte little-endian length, then JSON) holds a key twice: a
-    tensor name or a metadata entry that readers would take differently (schema.json_loads). A header that is not
-    JSON or too long is left to safetensors' own message."""
+def check_header(path: Path, error: type[DdpmError] = None, hint: str = "re-save it with `ddpm train`") -> None:
+    """`error` (CheckpointError by default) when the safetensors header (8-byte little-endian length, then JSON)
+    holds a key twice (a tensor name or a metadata entry that readers would take differently: schema.json_loads),
+    or when its tensors' data does not end where the file does (bytes after it, e.g. a file grown to GBs: refused
+    from the header, before safetensors maps the whole file). A header that is not JSON, too long or malformed is
+    left to safetensors' own message."""
+    error = error or CheckpointError
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             n = int.from_bytes(f.read(8), "little")
-            if n > min(_MAX_HEADER, os.fstat(f.fileno()).st_size):
+            if n > min(_MAX_HEADER, size):
                 return
-            json_loads(f.read(n))
+            header = json_loads(f.read(n))
     except DuplicateKey as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-save it with `ddpm train`") \
-            from None
+        raise error(f"{path} is not a readable safetensors file ({e}); {hint}") from None
     except (OSError, ValueError, RecursionError):
         return
+    if not isinstance(header, dict):
+        return
+    ends = [entry.get("data_offsets") for key, entry in header.items() if key != "__metadata__"
+            and isinstance(entry, dict)]
+    ends = [e[1] for e in ends if isinstance(e, list) and len(e) == 2 and isinstance(e[1], int)]
+    end = 8 + n + max(ends, default=0)
+    if end < size:
+        raise error(f"{path} is not a readable safetensors file ({size - end:,} bytes after its tensors' data, which "
+                    f"ends at byte {end:,} of {size:,}); {hint}")
 
 
 def _read_safetensors(path: Path, framework: str) -> tuple[dict, dict]:
@@ -357,7 +369,7 @@ def _read_safetensors(path: Path, framework: str) -> tuple[dict, dict]:
     kind = file_kind(path)
     if kind is not None:
         raise CheckpointError(f"{path} is {kind}, not a safetensors model file")
-    _check_header_keys(path)
+    check_header(path)
     try:
         with quiet, readable_name(path) as name, safe_open(name, framework=framework) as f:
             meta = f.metadata() or {}

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import ddpm
+
 from ddpm import files
 from helpers import invoke
 
@@ -244,3 +246,33 @@ def test_out_of_memory_names_only_options_that_ask_for_less():
     assert less_at_once(main.commands["export"]) is None
     assert less_at_once(main.commands["gen"]) == "-n or --batch"
     assert less_at_once(main.commands["train"]) == "--batch" and less_at_once(main.commands["bench"]) == "--batch"
+
+
+@pytest.mark.parametrize("diffusers_weights", [False, True])
+def test_a_grown_weights_file_is_named_as_damaged_not_as_the_memory_limit(ckpt, tmp_path, diffusers_weights):
+    """A model.safetensors grown to 8 GiB (a hole after its data) was mapped whole by safetensors before its coverage
+    was checked: under `ulimit -v` 4 GB that failed as "out of memory ... raise the limit" for a file that is only
+    damaged. Its header says where the data ends: it is refused from the header, in the same words with or without
+    a limit."""
+    import shutil
+
+    if diffusers_weights:   # the same check for a diffusers folder's weights, on their reader
+        from ddpm.model.diffusers import _read_safetensors
+
+        path = tmp_path / "w.safetensors"
+        shutil.copy(Path(ckpt) / "model.safetensors", path)
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size + (1 << 20))
+        with pytest.raises(ddpm.DdpmError, match="bytes after its tensors' data"):
+            _read_safetensors(path, "np")
+        return
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(Path(ckpt) / "model.safetensors", folder / "model.safetensors")
+    with open(folder / "model.safetensors", "r+b") as f:
+        f.truncate(8 << 30)
+    args = ["gen", "--ckpt", folder, "--engine", "torch", "-n", 1, "--steps", 2, "-q", "--out", "d.png"]
+    for limited in (False, True):
+        r = _limited(resource.RLIMIT_AS, (4000 << 20) if limited else resource.RLIM_INFINITY, args, tmp_path)
+        line = _one_error_line(r)
+        assert "bytes after its tensors' data" in line and "out of memory" not in line, (limited, line)
