@@ -535,6 +535,7 @@ def test_an_edited_generator_record_is_refused_and_repaired(ckpt, int8_generator
     assert r.exit_code == 0, r.output
 
 
+@pytest.mark.slow
 def test_adding_int8_to_a_folder_writes_nothing_beside_its_files(ckpt, tiny_export, fake_mnist, tmp_path,
                                                                 monkeypatch):
     """`ddpm export --int8` into a folder whose model.onnx is kept: onnxruntime's quantize_static writes a
