@@ -445,7 +445,12 @@ def import_refusal(module: str, what: str) -> str | None:
 def raise_if_limit(e: BaseException, where: str | None = None) -> None:
     """Raise LimitReached(limit_message(e), where) when a resource limit caused `e` (e.g. an ImportError of a package
     that is installed but whose library cannot be loaded under `ulimit -v`); return otherwise, so that the caller
-    reports or re-raises `e`. where: the API call it stopped ("ddpm.load()"), which the message starts with."""
+    reports or re-raises `e`. where: the API call it stopped ("ddpm.load()"), which the message starts with. A
+    stopping signal received meanwhile is raised first (signals.raise_if_signalled): `e` may be what a native
+    library made of its exception."""
+    from .signals import raise_if_signalled
+
+    raise_if_signalled()
     message = limit_message(e)
     if message is not None:
         raise LimitReached(message, where) from None

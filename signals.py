@@ -34,6 +34,17 @@ if _HANGUP is not None:
 # The signals that end a command as errors.Terminated, and their handling by default, which exit_on_signals replaces
 _ENDING = {signal.SIGTERM: signal.SIG_DFL, **({_HANGUP: signal.SIG_DFL} if _HANGUP is not None else {})}
 _said = False   # a signal's line was printed (signals.said): a later signal exits without a second one
+_received: list[int] = []   # the stopping signals received while a command runs (signals_as_interrupt)
+
+
+def raise_if_signalled() -> None:
+    """Raise the exception of a stopping signal received while the command runs (errors.Terminated, or
+    KeyboardInterrupt for Ctrl-C), if one was: a native library may have turned the exception its handler raised
+    into another (an extension's initialisation: pybind11's ImportError "initialization failed", numpy's C API
+    "import numpy failed"), which must not pass for the failure it names (a package "not installed")."""
+    if _received:
+        signum = _received[-1]
+        raise KeyboardInterrupt("interrupted") if signum == signal.SIGINT else Terminated(_WORDS[signum], signum)
 
 
 def _exit_now(signum, frame):
@@ -64,7 +75,12 @@ def signals_as_interrupt():
         return
 
     def on_term(signum, frame):
+        _received.append(signum)
         raise Terminated(_WORDS[signum], signum)
+
+    def on_int(signum, frame):
+        _received.append(signum)
+        raise KeyboardInterrupt
 
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, *_ENDING)}
     try:
@@ -72,7 +88,8 @@ def signals_as_interrupt():
             if signum == signal.SIGTERM or previous[signum] in (_exit_now, _ENDING[signum]):
                 signal.signal(signum, on_term)
         if previous[signal.SIGINT] is _exit_now:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGINT, on_int)
+        _received.clear()
         yield
     finally:   # the handlers of before first: a signal that comes while they are restored exits at once
         for signum, handler in previous.items():

@@ -276,11 +276,14 @@ def test_a_signal_while_the_cli_imports_prints_its_line(tmp_path, heavy, sig, co
              f"sys.argv = ['ddpm', 'train', '--steps', '1', '--out', {str(tmp_path / 'run')!r}]\n"
              f"from ddpm.cli import main\n"
              f"main()\n")
-    # SIGINT at its default in the child (Python's KeyboardInterrupt): a test run in the background of a
-    # non-interactive shell inherits SIGINT ignored
+    # SIGINT and SIGHUP at their defaults in the child (Python's KeyboardInterrupt; the default action): a test run
+    # in the background of a non-interactive shell inherits SIGINT ignored, and one under nohup SIGHUP ignored
+    def child():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
     r = subprocess.run([sys.executable, "-c", code_], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=child)
     # numpy: before the command began ("terminated"); torch: inside it, which says what it left ("terminated; ...")
     assert r.returncode == code and r.stderr.strip().startswith(word), (r.returncode, r.stderr[-500:])
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr[-500:]
@@ -569,3 +572,38 @@ def test_minus_zero_is_zero_in_plans_and_lines(ckpt, tmp_path):
     r = invoke("gen", "--ckpt", ckpt, "--engine", "torch", "-n", 1, "--sampler", "ddim", "--steps", 6, "--eta", "-0",
                "-w", "-0", "--guidance-interval", "-0,3", "-q", "--out", tmp_path / "m.npz")
     assert r.exit_code == 0 and "-0" not in r.output and f"{zero.split('-gi')[0]}-gi0-3" in r.output, r.output
+
+
+@pytest.mark.parametrize("sig, stop", [("SIGTERM", "Terminated"), ("SIGINT", "KeyboardInterrupt")])
+def test_a_signal_that_a_native_import_turns_into_an_import_error_still_stops(monkeypatch, sig, stop):
+    """A signal while onnxruntime's extension initialises: pybind11 turns the handler's exception into ImportError
+    "initialization failed" (numpy's C API into "import numpy failed", no chain), and `bench` took it for
+    onnxruntime missing: it skipped the engine, wrote an empty result and exited 0. The signal stops the command."""
+    import os
+    import signal
+    import sys
+
+    from ddpm import errors, signals
+    from ddpm.runtime.nets import import_onnxruntime
+
+    class NativeInit:
+        def find_spec(self, name, path=None, target=None):
+            if name == "onnxruntime":
+                try:
+                    os.kill(os.getpid(), getattr(signal, sig))
+                    signal.sigtimedwait([], 1) if hasattr(signal, "sigtimedwait") else None
+                except BaseException:
+                    raise ImportError("import numpy failed") from None
+
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [NativeInit(), *sys.meta_path])
+    # SIGINT at its default (a test run in the background of a non-interactive shell inherits it ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    exit_now = signals.exit_on_signals()
+    try:
+        with pytest.raises(getattr(errors, stop, KeyboardInterrupt)) as e, signals.signals_as_interrupt():
+            import_onnxruntime("the onnx engine")
+    finally:
+        signals.restore_signals(exit_now)
+        signal.signal(signal.SIGINT, before)
+    assert not isinstance(e.value, errors.DdpmError)
