@@ -268,6 +268,28 @@ RECORDED = ("sampler", "steps", "spacing", "eta", "guidance", "guidance_interval
 _OF_SAMPLER = ("steps", "spacing", "eta")
 
 
+def recorded_plan_refusal(plan: dict | None, cfg) -> str | None:
+    """Why a model's recorded plan (its entries each checked alone by runtime.bundle.PLAN; at most T steps, a
+    guidance interval lo < hi, checked by its readers) cannot be sampled with on the model of config `cfg`
+    (model.config.ModelConfig), or None when it can or there is none: eta != 0 without DDIM, or what
+    runtime.samplers.make_plan refuses (DDPM with fewer than T steps or with a spacing). A file's plan is not an
+    option the user gave: its faults are the file's, told in its reader's words, not as a usage error."""
+    if not plan:
+        return None
+    from .errors import OptionError
+    from .runtime.samplers import make_plan
+    from .runtime.schedule import Schedule
+
+    interval = plan.get("guidance_interval")
+    try:
+        check_sampler_settings(plan["sampler"], plan["eta"], "small", {"eta"})
+        make_plan(Schedule.of(cfg), plan["sampler"], plan["steps"], plan["eta"], spacing=plan["spacing"],
+                  guidance_interval=tuple(interval) if interval is not None else None)
+    except (OptionError, ValueError) as e:
+        return f"cannot be sampled ({e})"
+    return None
+
+
 def recorded_plan(record: dict | None, values: dict, given) -> dict:
     """`values` (option name -> value, some of RECORDED) with the model's recorded plan in place of each option not
     in `given` (the names the user gave); when the user gives another sampler than the recorded one, the record's

@@ -254,10 +254,12 @@ class Map(Spec):
 
 
 class Obj(Spec):
-    """A mapping with these required fields (and these optional ones); other entries are allowed."""
+    """A mapping with these required fields (and these optional ones); other entries are allowed unless strict (a
+    record whose every entry is used as it is, e.g. a sampling plan: an entry it does not know would be ignored)."""
 
-    def __init__(self, fields: dict[str, Spec], optional: dict[str, Spec] | None = None, what: str = "an object"):
-        self.fields, self.optional, self.what = fields, optional or {}, what
+    def __init__(self, fields: dict[str, Spec], optional: dict[str, Spec] | None = None, what: str = "an object",
+                 strict: bool = False):
+        self.fields, self.optional, self.what, self.strict = fields, optional or {}, what, strict
 
     def check(self, v, dims, path):
         if not isinstance(v, Mapping):
@@ -265,6 +267,9 @@ class Obj(Spec):
         missing = [k for k in self.fields if k not in v]
         if missing:
             raise Invalid(f"{path + ' ' if path else ''}lacks {', '.join(map(repr, missing))}")
+        unknown = [k for k in v if k not in self.fields and k not in self.optional] if self.strict else []
+        if unknown:
+            raise Invalid(f"{path + ' ' if path else ''}has an entry it does not know: {brief(unknown[0], 60)}")
         for k, spec in {**self.fields, **self.optional}.items():
             if k in v:
                 spec.check(v[k], dims, f"{path}.{k}" if path else k)

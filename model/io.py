@@ -440,6 +440,11 @@ def check_plan(path: Path, cfg: ModelConfig, info: dict) -> None:
     if interval is not None and not interval[0] < interval[1]:
         raise CheckpointError(f"{path}: its plan's guidance_interval {brief(interval)} is not (lo, hi) with lo < hi; "
                               f"{hint}")
+    from ..options import recorded_plan_refusal
+
+    why = recorded_plan_refusal(plan, cfg)
+    if why:
+        raise CheckpointError(f"{path}: its plan {why}; {hint}")
 
 
 def check_fits(path: Path, cfg: ModelConfig, state: dict) -> None:

@@ -119,8 +119,9 @@ PLAN = Obj({"sampler": Str(choices=SAMPLERS), "steps": Int(min=1, max=MAX_T), "s
            # teacher and its steps; `ddpm distill` of a student reads the guidance folded in already
            {"distilled": Obj({"guidance": Num(min=0, max=MAX_GUIDANCE),
                               "guidance_interval": List(Level(), length=2), "teacher": _SHA256,
-                              "teacher_steps": Int(min=1, max=MAX_T)}, what="a distillation record (an object)")},
-           what="a sampling plan (an object)")
+                              "teacher_steps": Int(min=1, max=MAX_T)}, what="a distillation record (an object)",
+                             strict=True)},
+           what="a sampling plan (an object)", strict=True)
 # export.json: what a runtime reads from it (schema.py); T fixes the length of the schedule tables
 META = Schema("ddpm export metadata (export.json)", {
     "format": Const(EXPORT_FORMAT),
@@ -552,6 +553,11 @@ class Bundle:
         if interval is not None and not interval[0] < interval[1]:
             raise ExportError(f"{meta_path}: plan.guidance_interval {brief(interval)} is not (lo, hi) with lo < hi; "
                               f"re-run `ddpm export`")
+        from ..options import recorded_plan_refusal
+
+        why = recorded_plan_refusal(plan, cfg)
+        if why:
+            raise ExportError(f"{meta_path}: its plan {why}; re-run `ddpm export`")
         # one rule for every ONNX file the folder names (the eps models and the generators): `ddpm export` verifies
         # each against its reference before it records it, so an entry without its parity record, or whose record
         # is over its tolerance, names a file that was not verified or failed: refused

@@ -166,6 +166,10 @@ def test_student_file_round_trips_its_plan_and_gen_uses_it(tmp_path):
     ({"steps": TINY.timesteps + 1}, f"its plan has {TINY.timesteps + 1} steps, more than the model's T"),
     ({"guidance": 0.45, "guidance_interval": [0.28, 1e300]}, "plan.guidance_interval[1] must be a finite number"),
     ({"guidance": 0.45, "guidance_interval": [2.0, 1.0]}, "is not (lo, hi) with lo < hi"),
+    # entries each within bounds that no sampling runs together, and one the plan does not know (it was ignored)
+    ({"sampler": "ddpm"}, "its plan cannot be sampled (the DDPM sampler runs all"),
+    ({"sampler": "unipc", "eta": 0.5}, "its plan cannot be sampled (eta is DDIM's noise level"),
+    ({"guidance_rescale": 0.7}, "plan has an entry it does not know: 'guidance_rescale'"),
 ])
 def test_a_bad_recorded_plan_is_one_clear_error(tmp_path, change, message):
     """A model file's recorded plan is the file's, not an option: one that no sampling could run (steps beyond

@@ -4,6 +4,7 @@ reads the export samples the student's plan, as its model file does."""
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -84,6 +85,33 @@ def test_an_export_whose_plan_is_not_its_models_is_refused(student, tmp_path):
     with pytest.raises(DdpmError, match="records the plan ddim-2 .*, but the model file .*plain.safetensors records "
                                         "none"):
         ddpm.load(plain, export=exp)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bogus": 1}, "plan has an entry it does not know: 'bogus'"),
+    ({"variance": "large"}, "plan has an entry it does not know: 'variance'"),
+    ({"sampler": "ddpm"}, "its plan cannot be sampled (the DDPM sampler runs all"),
+    ({"eta": 0.5, "sampler": "unipc"}, "its plan cannot be sampled (eta is DDIM's noise level"),
+])
+def test_an_export_plan_that_no_sampling_runs_is_the_folders_fault(student, tmp_path, change, message):
+    """export.json's plan record with an entry it does not know (used by onnx-generator and the API, refused by
+    onnx with two plans that read alike), or entries that no sampling runs together (DDPM with a spacing, eta
+    without DDIM: a usage error naming an option the user never gave, exit 2): one line naming export.json, exit
+    1, on every engine and the API."""
+    import shutil
+
+    _, exp = student
+    edited = tmp_path / "edited"
+    shutil.copytree(exp, edited)
+    meta = json.loads((edited / "export.json").read_text())
+    meta["plan"].update(change)
+    (edited / "export.json").write_text(json.dumps(meta))
+    with pytest.raises(DdpmError, match=re.escape(message)) as e:
+        ddpm.load(export=edited).generate(2, engine="onnx-generator")
+    assert "export.json" in str(e.value)
+    for engine in ("onnx", "onnx-generator"):
+        r = invoke("gen", "--export", edited, "-n", 2, "--engine", engine, "--out", tmp_path / "g.npz")
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and message in r.output, r.output
 
 
 def test_generator_and_bench_of_a_student_take_its_plan(student, tmp_path):
