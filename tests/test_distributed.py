@@ -148,3 +148,36 @@ def test_a_signal_while_waiting_for_peers_ends_the_command(ckpt, fake_mnist, tmp
     assert p.returncode == 143 and err.strip().splitlines()[-1].startswith("terminated"), (p.returncode, err[-2000:])
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists(), err[-2000:]
     peer.close()
+
+
+@pytest.mark.slow
+def test_a_rank_whose_peer_dies_says_so_in_one_line(fake_mnist, tmp_path):
+    """Two torchrun ranks train; rank 1 is killed (-9) after the first checkpoint: rank 0's next gradient
+    all-reduce fails in gloo ("Connection closed by peer"), which was a RuntimeError traceback. One line: a process
+    of the job stopped, the last checkpoint and --resume; exit 1."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "ddpm.cli", "train", "--data", str(fake_mnist), "--preset", "tiny", "--timesteps",
+            "20", "--steps", "100000", "--batch", "8", "--ckpt-every", "2", "--device", "cpu", "--out", str(run)]
+    ranks = [subprocess.Popen(args, env=dict(os.environ, WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r),
+                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "ckpt.pt").exists() and time.monotonic() < deadline and ranks[0].poll() is None:
+            time.sleep(0.2)
+        ranks[1].send_signal(signal.SIGKILL)
+        _, err = ranks[0].communicate(timeout=300)
+    finally:
+        for p in ranks:
+            p.kill()
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and "step/s" not in ln and "%|" not in ln]
+    assert ranks[0].returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[-1].startswith("Error: another process of this torchrun job stopped or lost its connection"), lines
+    assert "continue with --resume" in lines[-1] and len([ln for ln in lines if ln.startswith("Error")]) == 1, lines

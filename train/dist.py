@@ -89,6 +89,19 @@ def interruptible(fn):
     return box.get("value")
 
 
+# What gloo's and NCCL's errors say when a peer process died or its connection broke (torch raises them as
+# RuntimeError, or its subclass DistBackendError)
+_PEER_TEXTS = ("connection reset by peer", "connection closed by peer", "broken pipe", "gloo/transport",
+               "nccl error", "ncclremoteerror", "socket timeout")
+
+
+def peer_failure(e: BaseException) -> bool:
+    """Whether `e`, raised by a collective (DDP's gradient all-reduce, a barrier), says that another rank of the job
+    stopped or its connection broke."""
+    dist_error = getattr(td, "DistBackendError", None)
+    return (dist_error is not None and isinstance(e, dist_error)) or any(t in str(e).lower() for t in _PEER_TEXTS)
+
+
 def setup(device: str = "auto") -> DistContext:
     """This process's DistContext: one process unless torchrun's variables (launch.launch, checked: LaunchError
     otherwise) say more; then the process group is initialised (NCCL on GPUs, gloo on the CPU), a wait for the

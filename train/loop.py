@@ -852,6 +852,12 @@ def run_steps(run: Run, st: State, progress: bool, one_step, checkpoints: Checkp
                     pending = 0
                 if at_ckpt:
                     checkpoints.save(done)
+        except RuntimeError as e:   # under torchrun: a collective whose peer died (gloo/NCCL), said in one line
+            if ctx.world > 1 and dist.peer_failure(e):
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise TrainingError(f"another process of this torchrun job stopped or lost its connection "
+                                    f"({brief(first, 160)}); {checkpoints.where()}") from None
+            raise
         finally:
             bar.close()             # whatever stops the run, its message starts on a line of its own
     seconds = time.perf_counter() - t0 - checkpoints.seconds   # training steps only, not checkpoints and grids
