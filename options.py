@@ -269,24 +269,29 @@ _OF_SAMPLER = ("steps", "spacing", "eta")
 
 
 def recorded_plan_refusal(plan: dict | None, cfg) -> str | None:
-    """Why a model's recorded plan (its entries each checked alone by runtime.bundle.PLAN; at most T steps, a
-    guidance interval lo < hi, checked by its readers) cannot be sampled with on the model of config `cfg`
-    (model.config.ModelConfig), or None when it can or there is none: eta != 0 without DDIM, or what
-    runtime.samplers.make_plan refuses (DDPM with fewer than T steps or with a spacing). A file's plan is not an
-    option the user gave: its faults are the file's, told in its reader's words, not as a usage error."""
+    """Why a model's recorded plan (its entries each checked alone by runtime.bundle.PLAN) cannot be sampled with on
+    the model of config `cfg` (model.config.ModelConfig), a phrase starting "its plan", or None when it can or there
+    is none: more than T steps, a guidance interval that is not (lo, hi) with lo < hi, eta != 0 without DDIM, or
+    what runtime.samplers.make_plan refuses (DDPM with fewer than T steps or with a spacing). A file's plan is not an
+    option the user gave: its faults are the file's, told by its reader (model.io.check_plan, runtime.bundle), not
+    as a usage error."""
     if not plan:
         return None
-    from .errors import OptionError
+    from .errors import OptionError, brief
     from .runtime.samplers import make_plan
     from .runtime.schedule import Schedule
 
+    if plan["steps"] > cfg.timesteps:
+        return f"its plan has {plan['steps']} steps, more than the model's T = {cfg.timesteps}"
     interval = plan.get("guidance_interval")
+    if interval is not None and not interval[0] < interval[1]:
+        return f"its plan's guidance_interval {brief(interval)} is not (lo, hi) with lo < hi"
     try:
         check_sampler_settings(plan["sampler"], plan["eta"], "small", {"eta"})
         make_plan(Schedule.of(cfg), plan["sampler"], plan["steps"], plan["eta"], spacing=plan["spacing"],
                   guidance_interval=tuple(interval) if interval is not None else None)
     except (OptionError, ValueError) as e:
-        return f"cannot be sampled ({e})"
+        return f"its plan cannot be sampled ({e})"
     return None
 
 

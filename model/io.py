@@ -328,13 +328,13 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
 _MAX_HEADER = 100_000_000
 
 
-def check_header(path: Path, error: type[DdpmError] = None, hint: str = "re-save it with `ddpm train`") -> None:
-    """`error` (CheckpointError by default) when the safetensors header (8-byte little-endian length, then JSON)
+def check_header(path: Path, error: type[DdpmError] = CheckpointError,
+                 hint: str = "re-save it with `ddpm train`") -> None:
+    """`error` when the safetensors header (8-byte little-endian length, then JSON)
     holds a key twice (a tensor name or a metadata entry that readers would take differently: schema.json_loads),
     or when its tensors' data does not end where the file does (bytes after it, e.g. a file grown to GBs: refused
     from the header, before safetensors maps the whole file). A header that is not JSON, too long or malformed is
     left to safetensors' own message."""
-    error = error or CheckpointError
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -427,24 +427,14 @@ def stored_config(path: Path, cfg_dict) -> ModelConfig:
 
 def check_plan(path: Path, cfg: ModelConfig, info: dict) -> None:
     """CheckpointError unless the plan the file records (info["plan"], a distilled student's; PLAN checked its
-    entries alone) fits the model: at most T steps and a guidance interval (lo, hi) with lo < hi. A file's plan is
-    not an option the user gave, so its faults are the file's, told before any option is resolved from it."""
+    entries alone) fits the model (options.recorded_plan_refusal). A file's plan is not an option the user gave, so
+    its faults are the file's, told before any option is resolved from it."""
     plan = info.get("plan")
-    if not plan:
-        return
-    hint = "it was not written by `ddpm distill`; distil the student again"
-    if plan["steps"] > cfg.timesteps:
-        raise CheckpointError(f"{path}: its plan has {plan['steps']} steps, more than the model's T = "
-                              f"{cfg.timesteps}; {hint}")
-    interval = plan.get("guidance_interval")
-    if interval is not None and not interval[0] < interval[1]:
-        raise CheckpointError(f"{path}: its plan's guidance_interval {brief(interval)} is not (lo, hi) with lo < hi; "
-                              f"{hint}")
     from ..options import recorded_plan_refusal
 
     why = recorded_plan_refusal(plan, cfg)
     if why:
-        raise CheckpointError(f"{path}: its plan {why}; {hint}")
+        raise CheckpointError(f"{path}: {why}; it was not written by `ddpm distill`; distil the student again")
 
 
 def check_fits(path: Path, cfg: ModelConfig, state: dict) -> None:
