@@ -112,8 +112,9 @@ class Group(click.Group):
     command) is one line and exit 2 (OneLineUsageError); any other DdpmError and a resource limit of the process
     (errors.limit_message, naming the running command's options that ask for less memory) one line and exit 1;
     Ctrl-C one line and exit 130 (SIGINT's code), SIGTERM the same with "terminated" and exit 143, SIGHUP (a closed
-    terminal) with "hangup" and exit 129 (errors.Terminated). Standard output is written through errors.CheckedStdout: a failed write (`> /dev/full`)
-    is one line on standard error and exit 1 (errors.StdoutFailed)."""
+    terminal) with "hangup" and exit 129 (errors.Terminated). Standard output is written through
+    errors.CheckedStdout: a failed write (`> /dev/full`) is one line on standard error and exit 1
+    (errors.StdoutFailed)."""
 
     def main(self, *args, **kwargs):
         # run as the program (its own command line, ended by sys.exit): the handlers of exit_on_signals stay while

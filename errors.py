@@ -4,9 +4,9 @@ Every loader and writer raises a subclass of `DdpmError` whose message is one li
 what to do (model.io.CheckpointError, runtime.bundle.ExportError, train.data.DataError, samples.SamplesError,
 files.OutputError, ...); `ddpm.cli` prints any of them as "Error: <message>" with exit status 1. `Interrupted` is a
 KeyboardInterrupt that carries what a user needs to know after Ctrl-C (exit status 130); `Terminated`, one of them,
-is SIGTERM's (exit status 143) and SIGHUP's (129). Code that catches a KeyboardInterrupt to say more re-raises `interrupted(e, ...)`,
-which keeps the signal's kind: supervisors (systemd, Kubernetes, `timeout`) read the exit status. The signals
-become these exceptions in signals.py.
+is SIGTERM's (exit status 143) and SIGHUP's (129). Code that catches a KeyboardInterrupt to say more re-raises
+`interrupted(e, ...)`, which keeps the signal's kind: supervisors (systemd, Kubernetes, `timeout`) read the exit
+status. The signals become these exceptions in signals.py.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import contextlib
 import errno
 import numbers
 import os
+import signal
 import sys
 from contextvars import ContextVar
 
@@ -137,9 +138,9 @@ def _limit(name: str) -> int | None:
 
 def cut_at_file_size_limit(folder) -> OSError | None:
     """OSError EFBIG (which limit_message names) for the first file under `folder` cut at the file-size limit (ulimit
-    -f: its size is the limit exactly), or None when there is no such limit or file: for a native library that writes a file
-    without reporting the failed write (onnx's C++ shape inference), so that what fails later on the cut file (a
-    parse error) is reported as the limit it is."""
+    -f: its size is the limit exactly), or None when there is no such limit or file: for a native library that
+    writes a file without reporting the failed write (onnx's C++ shape inference), so that what fails later on the
+    cut file (a parse error) is reported as the limit it is."""
     soft = _limit("FSIZE")
     if soft is None:
         return None
@@ -308,6 +309,12 @@ def stdout_failure(e: StdoutFailed) -> str:
     return str(e)
 
 
+# The word of each signal that stops a command: its line ("terminated; last checkpoint ..."), with exit status 128 + the
+# signal's number (signals.py; SIGHUP, a closed terminal or ssh session, where the system has it)
+SIGNAL_WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated",
+                **({signal.SIGHUP: "hangup"} if hasattr(signal, "SIGHUP") else {})}
+
+
 class Terminated(Interrupted):
     """SIGTERM (what `kill`, `timeout` and supervisors send) or SIGHUP (the terminal or ssh session closed; an ignored
     SIGHUP, as under `nohup`, stays ignored): signals.signals_as_interrupt turns them into this exception in the main
@@ -320,8 +327,8 @@ class Terminated(Interrupted):
 
     @property
     def word(self) -> str:
-        """The signal's word: "hangup" (SIGHUP, 1) or "terminated" (SIGTERM, 15)."""
-        return "hangup" if self.signum == 1 else "terminated"
+        """The signal's word (SIGNAL_WORDS): "terminated" (SIGTERM) or "hangup" (SIGHUP)."""
+        return SIGNAL_WORDS[self.signum]
 
 
 class LimitReached(DdpmError):

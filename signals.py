@@ -3,10 +3,9 @@
 `signals_as_interrupt` turns SIGTERM (what `kill`, `timeout` and supervisors send) and SIGHUP (a closed terminal)
 into errors.Terminated, a KeyboardInterrupt like Ctrl-C's, while a command runs; `exit_on_signals` prints the same
 "terminated" (exit 143), "hangup" (129) or "interrupted" (Ctrl-C, exit 130) and exits at once while the CLI starts
-and ends; `file_size_limit_as_error` turns
-a write past the file-size limit (ulimit -f) into an OSError EFBIG that errors.limit_message names, instead of
-SIGXFSZ killing the process. ddpm.cli enters both around every command; both leave the handlers alone outside the
-main thread (Python runs signal handlers there only).
+and ends; `file_size_limit_as_error` turns a write past the file-size limit (ulimit -f) into an OSError EFBIG that
+errors.limit_message names, instead of SIGXFSZ killing the process. ddpm.cli enters both around every command;
+both leave the handlers alone outside the main thread (Python runs signal handlers there only).
 `stop_message` lets a long job say where it stopped (train: the last checkpoint) whatever stopped it.
 """
 
@@ -18,21 +17,17 @@ import signal
 import threading
 from typing import Callable
 
-from .errors import DdpmError, LimitReached, Terminated, interrupted, limit_message
+from .errors import SIGNAL_WORDS, DdpmError, LimitReached, Terminated, interrupted, limit_message
 
 
 def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-# What each signal's line says and its exit status (128 + the signal's number), during a command and before it;
-# SIGHUP (a closed terminal or ssh session) where the system has it
-_WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
-_HANGUP = getattr(signal, "SIGHUP", None)
-if _HANGUP is not None:
-    _WORDS[_HANGUP] = "hangup"
-# The signals that end a command as errors.Terminated, and their handling by default, which exit_on_signals replaces
-_ENDING = {signal.SIGTERM: signal.SIG_DFL, **({_HANGUP: signal.SIG_DFL} if _HANGUP is not None else {})}
+# What each signal's line says and its exit status (128 + the signal's number), during a command and before it
+_WORDS = SIGNAL_WORDS
+# The signals that end a command as errors.Terminated (whose default action exit_on_signals replaces): all but SIGINT
+_ENDING = tuple(signum for signum in SIGNAL_WORDS if signum != signal.SIGINT)
 _said = False   # a signal's line was printed (signals.said): a later signal exits without a second one
 _received: list[int] = []   # the stopping signals received while a command runs (signals_as_interrupt)
 
@@ -85,7 +80,7 @@ def signals_as_interrupt():
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, *_ENDING)}
     try:
         for signum in _ENDING:
-            if signum == signal.SIGTERM or previous[signum] in (_exit_now, _ENDING[signum]):
+            if signum == signal.SIGTERM or previous[signum] in (_exit_now, signal.SIG_DFL):
                 signal.signal(signum, on_term)
         if previous[signal.SIGINT] is _exit_now:
             signal.signal(signal.SIGINT, on_int)
@@ -98,16 +93,17 @@ def signals_as_interrupt():
 
 def exit_on_signals() -> dict:
     """Until a command runs, and after it: SIGTERM prints the "terminated" line and exits with status 143, SIGHUP
-    "hangup" and 129, Ctrl-C (SIGINT) "interrupted" and 130, at once, as during a command (signals_as_interrupt, which takes over then).
+    "hangup" and 129, Ctrl-C (SIGINT) "interrupted" and 130, at once, as during a command (signals_as_interrupt,
+    which takes over then).
     ddpm.cli calls this before it imports the modules of its commands (numpy and the rest: most of a second), where
     SIGTERM's default action killed the process without the line and Ctrl-C gave a KeyboardInterrupt traceback.
     Nothing has been written yet then, so there is nothing to unwind. Only in the main thread, and for a signal
     with its default handling (SIGTERM's and SIGHUP's default action, SIGINT's KeyboardInterrupt): an ignored signal
-    (SIGHUP under `nohup`) and a handler of the embedding program are kept. Returns {signal: previous handler} of those it changed, to restore
-    (restore_signals)."""
+    (SIGHUP under `nohup`) and a handler of the embedding program are kept. Returns {signal: previous handler} of
+    those it changed, to restore (restore_signals)."""
     if not _main_thread():
         return {}
-    defaults = {**_ENDING, signal.SIGINT: signal.default_int_handler}
+    defaults = {**dict.fromkeys(_ENDING, signal.SIG_DFL), signal.SIGINT: signal.default_int_handler}
     return {signum: signal.signal(signum, _exit_now) for signum, default in defaults.items()
             if signal.getsignal(signum) is default}
 

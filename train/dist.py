@@ -69,12 +69,13 @@ def interruptible(fn):
     client would be retried with a warning). Outside the main thread: fn() as it is."""
     if threading.current_thread() is not threading.main_thread():
         return fn()
+    from ..errors import SIGNAL_WORDS
+
     box: dict = {}
-    stops = {signal.SIGINT, signal.SIGTERM} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
 
     def run():
         if hasattr(signal, "pthread_sigmask"):
-            signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+            signal.pthread_sigmask(signal.SIG_BLOCK, set(SIGNAL_WORDS))
         try:
             box["value"] = fn()
         except BaseException as e:   # raised in the caller's thread
